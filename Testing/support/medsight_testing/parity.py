@@ -1,0 +1,24 @@
+"""Comparison helper for the golden parity tests (tolerances of the fixtures' README, section 5)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT64_ATOL = 1e-10
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Float tensors: float64 within 1e-10 absolute; float32 within 1e-4 * max|ref| + 1e-6 (and exact for
+    integer and boolean tensors)."""
+    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not expected.is_floating_point():
+        mismatches = int((actual.cpu() != expected).sum())
+        assert mismatches == 0, f"{name}: {mismatches} entries differ"
+        return
+    actual = actual.detach().cpu()
+    if expected.dtype == torch.float64 and actual.dtype == torch.float64:
+        tol = FLOAT64_ATOL
+    else:
+        tol = 1e-4 * float(expected.abs().max()) + 1e-6
+    diff = float((actual.double() - expected.double()).abs().max())
+    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.1e}"

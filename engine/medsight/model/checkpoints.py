@@ -1,0 +1,216 @@
+"""Reading checkpoints: the released official files unchanged, and our own safetensors + JSON format.
+
+Official files:
+- UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed).
+- Stage 1, `region_perceiver/0079280.pt`: `{model, steps, args}` with `region_perceiver.*` keys; `args` is an
+  argparse Namespace, so the pickle is read with `weights_only=True` and an allow-list holding only that.
+- Stage 2 codebook: `{model, ...}` with `quantizer.*`, `region_perceiver.to_code.*`,
+  `region_perceiver.code_decoder.*` and `modality_predictor.*` keys.
+- `medsight_full_instruct/`: Hugging Face folder (config.json with model_type llava_qwen, safetensors shards,
+  tokenizer files with `added_tokens.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# The only non-tensor class a released checkpoint may contain.
+ALLOWED_PICKLE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message says which."""
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """`torch.load` with `weights_only=True`: tensors, containers and argparse.Namespace only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: refused to unpickle: it holds objects outside the allow-list (tensors, containers, "
+            f"argparse.Namespace). {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+
+
+def pick_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The official loaders take `ema`, else `model`, else `state_dict`, else the object itself."""
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict of tensors found (looked for ema, model, state_dict)")
+    return obj
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the DDP `module.` prefix, decided by the first key as open_clip does."""
+    if state and next(iter(state)).startswith("module."):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def select_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load strictly; a missing, unexpected or mis-shaped key raises a CheckpointError naming it."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s): {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"mis-shaped key(s): {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# -- official files -------------------------------------------------------------------------------------
+
+
+def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ViT tensors of an open_clip / UniMed-CLIP checkpoint (`visual.*`), text tower ignored."""
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    visual = select_prefix(state, "visual.") or select_prefix(state, "image_encoder.")
+    if not visual:
+        raise CheckpointError(f"{path}: no vision-encoder keys (expected 'visual.*')")
+    return visual
+
+
+def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `region_perceiver.*` tensors of a stage-1 checkpoint (the released 0079280.pt layout).
+
+    ViT keys (`image_encoder.*`, present in EMA saves) are skipped, as the official loader does; any other
+    key outside `region_perceiver.` is an error.
+    """
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    other = [k for k in state if not k.startswith(("region_perceiver.", "image_encoder."))]
+    # Stage-2 saves hold codebook keys; they belong to read_codebook_state, not here.
+    other = [k for k in other if not k.startswith(("quantizer.", "modality_predictor."))]
+    if other:
+        raise CheckpointError(f"{path}: unexpected key(s) in a perceiver checkpoint: {_listing(sorted(other))}")
+    perceiver = select_prefix(state, "region_perceiver.")
+    codebook_parts = ("to_code.", "code_decoder.", "quantizer.")
+    perceiver = {k: v for k, v in perceiver.items() if not k.startswith(codebook_parts)}
+    if not perceiver:
+        raise CheckpointError(f"{path}: no 'region_perceiver.*' keys")
+    return perceiver
+
+
+_CODEBOOK_KEY_MAP = (
+    ("region_perceiver.quantizer.codebooks.", "codebooks."),
+    ("quantizer.codebooks.", "codebooks."),
+    ("region_perceiver.to_code.", "to_code."),
+    ("region_perceiver.code_decoder.from_code.", "from_code."),
+    ("region_perceiver.code_decoder.segmentation_cls_head_quant.", "segmentation_cls_head_quant."),
+    ("modality_predictor.", "modality_predictor."),
+)
+
+
+def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The stage-2 tensors (codebooks, W_q, W_m, quantised head, modality predictor), renamed to our module."""
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    out = {}
+    for key, value in state.items():
+        for old, new in _CODEBOOK_KEY_MAP:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+    if not out:
+        raise CheckpointError(f"{path}: no stage-2 codebook keys (expected 'quantizer.codebooks.*')")
+    return out
+
+
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{folder}: no .safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
+        state.update(load_file(str(folder / shard)))
+    return state
+
+
+STAGE4_BASE = "model.embed_tokens.base_emb.weight"
+STAGE4_CODES = "model.embed_tokens.codebook_emb.weight"
+TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+def split_lvlm_state(
+    state: dict[str, torch.Tensor], first_code_id: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate the language-model tensors from a vision tower saved inside the LVLM (paper-time saves).
+
+    A stage-4 split embedding (`base_emb` + `codebook_emb`) is merged into one matrix, as stage 5 does.
+    """
+    tower = select_prefix(state, TOWER_PREFIX)
+    lm = {k: v for k, v in state.items() if not k.startswith(TOWER_PREFIX)}
+    if STAGE4_BASE in lm:
+        base = lm.pop(STAGE4_BASE).clone()
+        codes = lm.pop(STAGE4_CODES, None)
+        if codes is not None:
+            base[first_code_id : first_code_id + codes.shape[0]] = codes
+        lm["model.embed_tokens.weight"] = base
+    return lm, tower
+
+
+# -- our own format ---------------------------------------------------------------------------------------
+
+CONFIG_FILE = "medsight_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+
+
+def existing(paths: Iterable[Path]) -> list[Path]:
+    return [p for p in paths if p.exists()]

@@ -1,0 +1,234 @@
+"""`load_model`: a preset, our saved format, the official release layout, or a Hugging Face repo id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from medsight.config import MedSIGHTConfig, PerceiverConfig, VisionConfig, get_preset, PRESETS
+from medsight.model.checkpoints import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_into,
+    read_codebook_state,
+    read_perceiver_state,
+    read_safetensors_folder,
+    read_vision_state,
+    save_safetensors,
+    split_lvlm_state,
+)
+from medsight.model.lvlm import llm_config_from_released
+from medsight.model.medsight import MedSIGHTModel
+from medsight.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+LVLM_FOLDER = "medsight_full_instruct"
+PERCEIVER_FOLDER = "region_perceiver"
+RELEASE_REPO = "Caf0914/MedSIGHT"
+
+
+def build_model(config: MedSIGHTConfig, tokenizer=None, seed: int = 0) -> MedSIGHTModel:
+    """A model with freshly initialised weights (deterministic for a given seed, global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MedSIGHTModel(config, tokenizer)
+
+
+def save_pretrained(model: MedSIGHTModel, folder: str | Path) -> Path:
+    """Our format: `medsight_config.json`, `model.safetensors` and the tokenizer files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json(folder / CONFIG_FILE)
+    save_safetensors(model.state_dict(), folder / WEIGHTS_FILE, {"format": "pt", "medsight": model.config.name})
+    model.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def load_pretrained(folder: str | Path) -> MedSIGHTModel:
+    """Load a folder written by `save_pretrained`."""
+    folder = Path(folder)
+    config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
+    model = _empty_model(config, load_tokenizer(folder))
+    state = read_safetensors_folder(folder)
+    load_into(model, state, str(folder / WEIGHTS_FILE), assign=True)
+    return _finish(model)
+
+
+def infer_vision_config(state: dict[str, torch.Tensor], base: VisionConfig) -> VisionConfig:
+    """ViT sizes from its tensors; head width (not visible in shapes) comes from `base`."""
+    try:
+        width, _, patch, _ = state["conv1.weight"].shape
+        grid = round((state["positional_embedding"].shape[0] - 1) ** 0.5)
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        mlp = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
+        embed_dim = state["proj"].shape[1]
+    except KeyError as err:
+        raise CheckpointError(f"vision checkpoint lacks {err.args[0]!r}") from None
+    return replace(base, width=width, patch_size=patch, image_size=grid * patch, layers=layers,
+                   mlp_ratio=mlp, embed_dim=embed_dim)
+
+
+def infer_perceiver_config(state: dict[str, torch.Tensor], base: PerceiverConfig) -> PerceiverConfig:
+    """Perceiver sizes from its tensors; the head split of the attention width comes from `base`."""
+    try:
+        _, queries, dim = state["region_queries"].shape
+        inner = state["init_cross_attn.to_q.weight"].shape[0]
+        classes = state["segmentation_cls_head.class_embed.weight"].shape[0] - 1
+        ff_mult = state["init_ff.1.weight"].shape[0] // dim
+    except KeyError as err:
+        raise CheckpointError(f"perceiver checkpoint lacks {err.args[0]!r}") from None
+    stages = len({k.split(".")[1] for k in state if k.startswith("conv_adapters.")})
+    if inner % base.dim_head:
+        raise CheckpointError(f"perceiver attention width {inner} is not a multiple of dim_head {base.dim_head}")
+    return replace(base, dim=dim, num_queries=queries, num_stages=stages, heads=inner // base.dim_head,
+                   num_classes=classes, ff_mult=ff_mult)
+
+
+def load_official(
+    lvlm_folder: str | Path,
+    perceiver_file: str | Path,
+    vision_file: str | Path | None = None,
+    codebook_file: str | Path | None = None,
+    base: MedSIGHTConfig | None = None,
+) -> MedSIGHTModel:
+    """Load the released files unchanged.
+
+    Args:
+        lvlm_folder: the `medsight_full_instruct/` Hugging Face folder.
+        perceiver_file: `region_perceiver/0079280.pt` (stage 1).
+        vision_file: the UniMed-CLIP open_clip checkpoint; may be omitted only if the LVLM folder carries the
+            vision tower (paper-time saves did).
+        codebook_file: optional stage-2 file (not needed to answer questions).
+        base: config supplying what shapes cannot tell (attention head splits); default the `full` preset.
+    """
+    base = base or get_preset("full")
+    lvlm_folder = Path(lvlm_folder)
+    config_path = lvlm_folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{lvlm_folder}: no config.json (is this the medsight_full_instruct folder?)")
+    llm = llm_config_from_released(json.loads(config_path.read_text()))
+    tokenizer = load_tokenizer(lvlm_folder)
+    lm_state, tower = split_lvlm_state(read_safetensors_folder(lvlm_folder), llm.first_code_id)
+    perceiver_state = read_perceiver_state(perceiver_file)
+    if vision_file is not None:
+        vision_state = read_vision_state(vision_file)
+    elif tower:
+        vision_state = {k[len("image_encoder.") :]: v for k, v in tower.items() if k.startswith("image_encoder.")}
+    else:
+        raise CheckpointError(
+            f"no vision encoder weights: pass the UniMed-CLIP file (vision_file); {lvlm_folder} does not carry one"
+        )
+    config = MedSIGHTConfig(
+        name=base.name,
+        vision=infer_vision_config(vision_state, base.vision),
+        perceiver=infer_perceiver_config(perceiver_state, base.perceiver),
+        codebook=base.codebook,
+        llm=llm,
+    )
+    model = _empty_model(config, tokenizer)
+    load_into(model.image_encoder, vision_state, str(vision_file or lvlm_folder), assign=True)
+    load_into(model.region_perceiver, perceiver_state, str(perceiver_file), assign=True)
+    load_into(model.language_model, lm_state, str(lvlm_folder), assign=True)
+    if codebook_file is not None:
+        codebook_state = read_codebook_state(codebook_file)
+        code_dim = codebook_state["codebooks.0.embedding.weight"].shape[1]
+        model.config.codebook = replace(config.codebook, code_dim=code_dim)
+        load_into(model.attach_codebook(), codebook_state, str(codebook_file), assign=True)
+    return _finish(model)
+
+
+def _empty_model(config: MedSIGHTConfig, tokenizer) -> MedSIGHTModel:
+    # Parameters on the meta device: the checkpoint tensors are assigned without a second copy in memory.
+    with torch.device("meta"):
+        model = MedSIGHTModel(config, tokenizer)
+    return model
+
+
+def _finish(model: MedSIGHTModel) -> MedSIGHTModel:
+    """Rebuild the buffers that checkpoints do not carry (rotary frequencies), then switch to eval."""
+    lm = model.language_model
+    rotary = type(lm.model.rotary_emb)
+    lm.model.rotary_emb = rotary(config=lm.config, device="cpu")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"weights were never loaded for: {', '.join(leftover[:8])}")
+    return model.eval()
+
+
+def _find_official_files(folder: Path) -> dict[str, Path | None]:
+    lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
+    perceivers = sorted((folder / PERCEIVER_FOLDER).glob("*.pt"))
+    clip = sorted([*folder.glob("*clip*.pt"), *folder.glob("*CLIP*.pt")])
+    codebooks = sorted([*folder.glob("codebook*/*.pt"), *folder.glob("*codebook*.pt")])
+    return {
+        "lvlm": lvlm,
+        "perceiver": perceivers[-1] if perceivers else None,
+        "vision": clip[0] if clip else None,
+        "codebook": codebooks[-1] if codebooks else None,
+    }
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder as is; anything else is taken as a Hugging Face repo id and downloaded (or read from
+    the local cache when HF_HUB_OFFLINE=1)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+        raise CheckpointError(f"model source {source!r} is neither a folder nor a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=str(source)))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
+        raise CheckpointError(f"{source}: not in the local Hugging Face cache and {why}") from None
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"{source}: download failed ({err})") from None
+
+
+def load_model(
+    source: str | Path = "tiny",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    vision_file: str | Path | None = None,
+    codebook_file: str | Path | None = None,
+    seed: int = 0,
+) -> MedSIGHTModel:
+    """Load MedSIGHT from a preset name (random weights), our saved folder, the official layout, or a Hub id.
+
+    Args:
+        source: "tiny"/"full" (random weights), a folder, or a Hugging Face repo id such as "Caf0914/MedSIGHT".
+        device: default CUDA if available, else CPU.
+        dtype: default bfloat16 on CUDA, float32 on CPU.
+        vision_file: the UniMed-CLIP checkpoint for official layouts (else looked for as `*clip*.pt`).
+        codebook_file: optional stage-2 codebook file for official layouts.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if str(source) in PRESETS:
+        log.warning("preset %r: random weights, for testing the pipeline only", str(source))
+        model = build_model(get_preset(str(source)), seed=seed).eval()
+    else:
+        folder = resolve_source(source)
+        if (folder / CONFIG_FILE).is_file():
+            model = load_pretrained(folder)
+        else:
+            found = _find_official_files(folder)
+            if found["perceiver"] is None:
+                raise CheckpointError(
+                    f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
+                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
+                )
+            model = load_official(found["lvlm"], found["perceiver"], vision_file or found["vision"],
+                                  codebook_file or found["codebook"])
+    return model.to(device=device, dtype=dtype)

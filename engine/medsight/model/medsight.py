@@ -1,0 +1,213 @@
+"""The whole MedSIGHT model: image encoder, Region Perceiver, language model, and the optional codebook.
+
+Encode once, decode cheaply: `encode` computes the ViT grid and the 20 region tokens; `decode_regions` re-runs
+only the perceiver on that grid with the projected code states. No state is kept between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsight.answer import Answer, region_from_logits
+from medsight.config import MedSIGHTConfig
+from medsight.model.codebook import RegionCodebook
+from medsight.model.generation import GenerationOptions, GenerationOutput, generate
+from medsight.model.lvlm import MedSIGHTLanguageModel, hf_config
+from medsight.model.perceiver import RegionPerceiver
+from medsight.model.preprocess import ResizeMode, prepare_image
+from medsight.model.tokenizer import build_byte_tokenizer
+from medsight.model.vision import build_vision_encoder, encode_image
+from medsight.prompt import Message, strip_assistant_prefix, tokenize_prompt
+from medsight.tokens import CodeVocabulary, parse_code_labels
+
+
+@dataclass
+class ImageEncoding:
+    """Per-image features that a question needs: computed once, reusable for any number of questions.
+
+    Attributes:
+        cls: (B, C) CLS token of the selected ViT block.
+        patches: (B, N, C) patch tokens (N = 576 for the full model).
+        grid: (B, G, G, C) the patch tokens as the perceiver's input grid.
+        region_tokens: (B, Q, C) the perceiver's final learned queries (Q = 20).
+    """
+
+    cls: torch.Tensor
+    patches: torch.Tensor
+    grid: torch.Tensor
+    region_tokens: torch.Tensor
+
+    def select(self, index: int) -> ImageEncoding:
+        s = slice(index, index + 1)
+        return ImageEncoding(self.cls[s], self.patches[s], self.grid[s], self.region_tokens[s])
+
+
+@dataclass
+class ImageOptions:
+    """How an image becomes model input.
+
+    Attributes:
+        resize_mode: "crop" is the official centre crop; "letterbox" keeps the whole image.
+        round_pixels_to_bf16: the official chatbot rounds the pixel tensor to bfloat16 before the encoder.
+    """
+
+    resize_mode: ResizeMode = "letterbox"
+    round_pixels_to_bf16: bool = True
+
+
+class MedSIGHTModel(nn.Module):
+    """MedSIGHT: UniMed-CLIP ViT + Region Perceiver + Qwen3 with region-code decoding."""
+
+    def __init__(self, config: MedSIGHTConfig, tokenizer=None) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = build_vision_encoder(config.vision)
+        self.region_perceiver = RegionPerceiver(config.perceiver)
+        self.language_model = MedSIGHTLanguageModel(hf_config(config))
+        self.codebook: RegionCodebook | None = None
+        self.tokenizer = tokenizer if tokenizer is not None else build_byte_tokenizer(config.llm.max_sequence_length)
+        self.codes = CodeVocabulary.from_tokenizer(self.tokenizer)
+        if self.codes.first_id + self.codes.num_codes != config.llm.vocab_size:
+            raise ValueError(
+                f"tokenizer codes end at id {self.codes.first_id + self.codes.num_codes - 1} but the model "
+                f"vocabulary has {config.llm.vocab_size} rows"
+            )
+
+    def attach_codebook(self) -> RegionCodebook:
+        """Create the stage-2 codebook (needed for training stages 2 and 4, not for answering)."""
+        self.codebook = RegionCodebook(self.config.codebook, self.config.perceiver).to(
+            device=self.device, dtype=self.dtype
+        )
+        return self.codebook
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.region_perceiver.parameters()).dtype
+
+    # -- images -------------------------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, mode: ResizeMode = "letterbox"):
+        """8-bit (H, W[, 3]) image -> normalised (3, S, S) pixels and the transform back to the image."""
+        v = self.config.vision
+        return prepare_image(image, v.image_size, v.image_mean, v.image_std, mode)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True) -> ImageEncoding:
+        """Run the ViT and the perceiver with its learned queries on (B, 3, S, S) pixels."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        if round_pixels_to_bf16:
+            pixel_values = pixel_values.to(torch.bfloat16)
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        feats = encode_image(self.image_encoder, pixel_values, self.config.vision.select_layer)
+        grid = feats.grid
+        out = self.region_perceiver(grid)
+        return ImageEncoding(feats.cls, feats.patches, grid, out.queries)
+
+    def image_embeddings(self, encoding: ImageEncoding) -> torch.Tensor:
+        """(B, N + Q, H): [patch tokens ; region tokens] through `mm_projector`."""
+        tokens = torch.cat([encoding.patches, encoding.region_tokens], dim=1)
+        projector = self.language_model.mm_projector
+        return projector(tokens.to(next(projector.parameters()).dtype))
+
+    # -- language ----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        encodings: Sequence[ImageEncoding],
+        options: GenerationOptions,
+        on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        keep_logits: bool = False,
+    ) -> GenerationOutput:
+        """Generate answers for a batch of prompts; `encodings` supplies each prompt's images in order."""
+        with torch.inference_mode():
+            embeds = [e for enc in encodings for e in self.image_embeddings(enc)]
+            inputs, mask = self.language_model.embed_prompts(
+                [list(p) for p in prompts], embeds, self.config.llm.max_sequence_length
+            )
+            return generate(self.language_model, inputs, mask, self.config.llm.eos_token_id, options,
+                            on_step=on_step, should_stop=should_stop, keep_logits=keep_logits)
+
+    def code_states(self, output: GenerationOutput, row: int, options: GenerationOptions) -> tuple[list[int], torch.Tensor]:
+        """Token indices of the codes in one generated row and the states that decode them (K, H).
+
+        With no code: the official fallback (end-of-prompt state, K = 1) if enabled, else K = 0.
+        """
+        tokens = output.tokens[row, : output.lengths[row]]
+        where = torch.nonzero(self.codes.is_code(tokens)).flatten().tolist()
+        if not where:
+            if options.no_code_fallback:
+                return [], output.states[row, :1]
+            return [], output.states[row, :0]
+        shift = 1 if options.hidden_state_position == "at" else 0
+        index = torch.tensor(where, device=output.states.device) + shift
+        return where, output.states[row, index]
+
+    @torch.inference_mode()
+    def decode_regions(
+        self, grids: torch.Tensor, states: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Decode each sample's code states (K_b, H) on its grid (B, G, G, C) into (K_b, m, m) mask logits.
+
+        Samples are padded to the longest K and decoded as one batch; padding never changes a result.
+        """
+        keep = [i for i, s in enumerate(states) if s.shape[0] > 0]
+        results = [grids.new_zeros(0, 0, 0) for _ in states]
+        if not keep:
+            return results
+        longest = max(states[i].shape[0] for i in keep)
+        hidden = states[keep[0]].shape[1]
+        padded = states[keep[0]].new_zeros(len(keep), longest, hidden)
+        valid = torch.zeros(len(keep), longest, dtype=torch.bool, device=padded.device)
+        for j, i in enumerate(keep):
+            padded[j, : states[i].shape[0]] = states[i]
+            valid[j, : states[i].shape[0]] = True
+        codes = self.language_model.token_projection(padded)
+        logits, _ = self.region_perceiver.decode(grids[keep], codes.to(self.dtype), valid)
+        for j, i in enumerate(keep):
+            results[i] = logits[j, : states[i].shape[0]]
+        return results
+
+    # -- one question --------------------------------------------------------------------------------------
+    def ask(
+        self,
+        image: np.ndarray,
+        question: str | Sequence[Message],
+        options: GenerationOptions | None = None,
+        image_options: ImageOptions | None = None,
+    ) -> Answer:
+        """Answer a question about one 8-bit image; each generated code becomes a mask on the image's grid."""
+        options = options or GenerationOptions()
+        image_options = image_options or ImageOptions()
+        pixels, transform = self.prepare(image, image_options.resize_mode)
+        encoding = self.encode(pixels, image_options.round_pixels_to_bf16)
+        messages = [Message("user", question)] if isinstance(question, str) else list(question)
+        prompt = tokenize_prompt(self.tokenizer, messages, num_images=1)
+        output = self.generate([prompt], [encoding], options)
+        return self.build_answer(output, 0, encoding.grid, transform, options)
+
+    def build_answer(self, output: GenerationOutput, row: int, grid: torch.Tensor, transform, options) -> Answer:
+        """Turn one generated row into text and regions on the source image's grid."""
+        ids = output.tokens[row, : output.lengths[row]].tolist()
+        text = strip_assistant_prefix(self.tokenizer.decode(ids, skip_special_tokens=True))
+        where, states = self.code_states(output, row, options)
+        logits = self.decode_regions(grid, [states])[0]
+        labels = parse_code_labels(text)
+        regions = []
+        for k in range(logits.shape[0]):
+            code, label = None, ""
+            if where:
+                code = self.codes.name_of(ids[where[k]])
+                label = labels[k][1] if k < len(labels) and labels[k][0] == code else ""
+            source = transform.logits_to_source(logits[k : k + 1].float())[0]
+            regions.append(region_from_logits(code, label, k, logits[k], source))
+        return Answer(text=text, regions=regions, token_ids=ids, cancelled=output.cancelled)

@@ -1,0 +1,252 @@
+"""The Region Perceiver: learned region queries that read the ViT grid and produce region tokens and masks.
+
+Parameter names follow the released `region_perceiver/0079280.pt`, so its state dict loads unchanged.
+State is never cached on the module: `decode` takes the raw grid explicitly, which makes the module safe to
+share between concurrent requests (the official code keeps the last grid on the module).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsight.config import PerceiverConfig
+
+# The official masked attention *replaces* blocked scores by this value (not -inf), so a query whose keys
+# are all blocked attends uniformly to every pixel.
+MASK_FILL = -1e9
+
+
+def sine_position_encoding(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """DETR-style normalised sine encoding (1, h, w, dim), computed in float32 as the official code does.
+
+    The first dim/2 channels encode the row, the rest the column; sine and cosine are interleaved.
+    """
+    half = dim // 2
+    y = torch.arange(1, height + 1, dtype=torch.float32, device=device).view(1, height, 1).expand(1, height, width)
+    x = torch.arange(1, width + 1, dtype=torch.float32, device=device).view(1, 1, width).expand(1, height, width)
+    eps, scale = 1e-6, 2 * math.pi
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    exponent = 2 * torch.div(torch.arange(half, dtype=torch.float32, device=device), 2, rounding_mode="floor") / half
+    # The power is taken in float64 and rounded once: torch's vectorised float32 pow differs by one ulp
+    # between CPU instruction sets, while this matches the official (scalar) result on every machine.
+    dim_t = torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=device), exponent.double()).float()
+    pos_x = x[..., None] / dim_t
+    pos_y = y[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3)
+
+
+class CrossAttention(nn.Module):
+    """Pre-normed multi-head cross-attention without biases; `blocked` entries are replaced by MASK_FILL."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, kv: torch.Tensor, q: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """kv: (B, M, d) keys/values source; q: (B, N, d) queries; blocked: (B, N, M) bool, True = masked."""
+        b, n, _ = q.shape
+        kv = self.norm_media(kv)
+        q = self.norm_latents(q)
+        k, v = self.to_kv(kv).chunk(2, dim=-1)
+        q = self.to_q(q)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+        sim = (q * self.dim_head**-0.5) @ k.transpose(-1, -2)  # (B, H, N, M)
+        if blocked is not None:
+            sim = sim.masked_fill(blocked[:, None], MASK_FILL)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        out = sim.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Linear, no biases (indices 0..3 are the checkpoint's names)."""
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
+
+
+class ConvAdapter(nn.Module):
+    """x2 bilinear upsampling then a 3x3 convolution, on NHWC features."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
+class SegmentationHead(nn.Module):
+    """Mask logits <proj(q), pixel> and class logits from the raw query."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.class_embed = nn.Linear(dim, num_classes + 1)
+
+    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, N, d), features (B, h, w, d) -> mask logits (B, N, h, w), class logits (B, N, C+1)."""
+        masks = torch.einsum("bnd,bhwd->bnhw", self.proj(queries), features)
+        return masks, self.class_embed(queries)
+
+
+def next_stage_blocked(mask_logits: torch.Tensor) -> torch.Tensor:
+    """(B, N, h, w) logits -> (B, N, 4hw) blocked pixels at twice the resolution (sigmoid < 0.5)."""
+    up = F.interpolate(mask_logits, scale_factor=2, mode="bilinear", align_corners=False)
+    return (up.sigmoid() < 0.5).flatten(2)
+
+
+class BiDirectionalBlock(nn.Module):
+    """Masked region->image attention, then image->region attention, each followed by an FF (sandwich norms)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.region_to_image = CrossAttention(dim, heads, dim_head)
+        self.region_to_image_norm = nn.LayerNorm(dim)
+        self.ff_region = feed_forward(dim, ff_mult)
+        self.ff_region_norm = nn.LayerNorm(dim)
+        self.image_to_region = CrossAttention(dim, heads, dim_head)
+        self.image_to_region_norm = nn.LayerNorm(dim)
+        self.ff_image = feed_forward(dim, ff_mult)
+        self.ff_image_norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        features: torch.Tensor,
+        blocked: torch.Tensor,
+        query_padding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, N, d); features (B, h, w, d); blocked (B, N, hw); query_padding (B, N) True = padding."""
+        b, h, w, d = features.shape
+        flat = features.reshape(b, h * w, d)
+        queries = self.region_to_image_norm(self.region_to_image(flat, queries, blocked) + queries)
+        queries = self.ff_region_norm(self.ff_region(queries) + queries)
+        # Pixels attend to the regions; padded query slots must not be seen.
+        pad = None if query_padding is None else query_padding[:, None, :].expand(b, h * w, -1)
+        flat = self.image_to_region_norm(self.image_to_region(queries, flat, pad) + flat)
+        flat = self.ff_image_norm(self.ff_image(flat) + flat)
+        return queries, flat.reshape(b, h, w, d)
+
+
+@dataclass
+class PerceiverOutput:
+    """Everything one perceiver run produces.
+
+    `head_mask_logits`/`head_class_logits` hold the shared head's calls: init, one per stage, and the final.
+    `blocked_masks[s]` is the attention mask consumed by stage s.
+    """
+
+    queries: torch.Tensor
+    multi_scale_features: list[torch.Tensor]
+    seg_logits: torch.Tensor
+    class_logits: torch.Tensor
+    head_mask_logits: list[torch.Tensor] = field(default_factory=list)
+    head_class_logits: list[torch.Tensor] = field(default_factory=list)
+    blocked_masks: list[torch.Tensor] = field(default_factory=list)
+
+
+class RegionPerceiver(nn.Module):
+    """Region queries refined over a x2 upsampling pyramid of the ViT grid (24 -> 192 for the full model)."""
+
+    def __init__(self, cfg: PerceiverConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.region_queries = nn.Parameter(torch.empty(1, cfg.num_queries, d))
+        # Saved in the released checkpoint but never used by the official forward.
+        self.region_position_embed = nn.Embedding(cfg.num_queries, d)
+        self.init_cross_attn = CrossAttention(d, cfg.heads, cfg.dim_head)
+        self.init_cross_norm = nn.LayerNorm(d)
+        self.init_ff = feed_forward(d, cfg.ff_mult)
+        self.init_ff_norm = nn.LayerNorm(d)
+        self.conv_adapters = nn.ModuleList(ConvAdapter(d) for _ in range(cfg.num_stages))
+        self.bi_blocks = nn.ModuleList(
+            BiDirectionalBlock(d, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.num_stages)
+        )
+        self.segmentation_cls_head = SegmentationHead(d, cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: Xavier for queries and linears, Kaiming for convs."""
+        nn.init.xavier_uniform_(self.region_queries)
+        nn.init.xavier_uniform_(self.region_position_embed.weight)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        grid: torch.Tensor,
+        queries: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> PerceiverOutput:
+        """Run the perceiver on a raw ViT grid.
+
+        Args:
+            grid: (B, h, w, d) raw ViT patch features (no position encoding).
+            queries: optional (B, K, d) initial queries replacing the learned ones (region codes).
+            query_mask: optional (B, K) bool, True for real queries, False for padding. Padding never
+                changes the result of the real queries.
+        """
+        b, h, w, d = grid.shape
+        if queries is None:
+            queries = self.region_queries.expand(b, -1, -1)
+        elif queries.ndim != 3 or queries.shape[0] != b or queries.shape[2] != d:
+            raise ValueError(f"queries must be (B={b}, K, {d}), got {tuple(queries.shape)}")
+        queries = queries.to(grid.dtype)
+        padding = None if query_mask is None else ~query_mask.to(torch.bool)
+
+        features = grid + sine_position_encoding(h, w, d, grid.device).to(grid.dtype)
+        queries = self.init_cross_norm(self.init_cross_attn(features.reshape(b, h * w, d), queries) + queries)
+        queries = self.init_ff_norm(self.init_ff(queries) + queries)
+        mask_logits, class_logits = self.segmentation_cls_head(queries, features)
+        out = PerceiverOutput(queries, [features], mask_logits, class_logits, [mask_logits], [class_logits])
+        for adapter, block in zip(self.conv_adapters, self.bi_blocks, strict=True):
+            blocked = next_stage_blocked(mask_logits)
+            out.blocked_masks.append(blocked)
+            upsampled = adapter(features)
+            sh, sw = upsampled.shape[1:3]
+            upsampled = upsampled + sine_position_encoding(sh, sw, d, grid.device).to(grid.dtype)
+            queries, features = block(queries, upsampled, blocked, padding)
+            mask_logits, class_logits = self.segmentation_cls_head(queries, features)
+            out.multi_scale_features.append(features)
+            out.head_mask_logits.append(mask_logits)
+            out.head_class_logits.append(class_logits)
+        # The official code calls the head once more on the final features: same values as the last call.
+        out.queries, out.seg_logits, out.class_logits = queries, mask_logits, class_logits
+        return out
+
+    def decode(
+        self, grid: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode region codes into masks: the whole forward re-run with the codes as initial queries.
+
+        The K codes of one sample are decoded jointly (they interact through image->region attention).
+
+        Returns:
+            seg_logits (B, K, 8h, 8w) and class_logits (B, K, C+1).
+        """
+        out = self.forward(grid, codes, query_mask)
+        return out.seg_logits, out.class_logits

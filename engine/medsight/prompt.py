@@ -1,0 +1,71 @@
+"""The official prompt: bare ChatML, no generation header, `<image>\\n` at the start of the first user turn.
+
+Each message is tokenized on its own and the ids concatenated, as the official code does. The `<image>` text
+becomes the single id IMAGE_TOKEN_INDEX, which the model replaces by the image embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from medsight.model.lvlm import IMAGE_TOKEN_INDEX
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<image>"
+ASSISTANT_PREFIX = "assistant\n"
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn. `role` is user, assistant or system (the official data's human/gpt also work)."""
+
+    role: str
+    content: str
+
+
+def render_messages(messages: Sequence[Message], num_images: int = 1) -> list[str]:
+    """The ChatML text of each turn, system prompt first, images at the start of the first user turn."""
+    if num_images < 0:
+        raise ValueError("num_images must be >= 0")
+    turns = [Message(_ROLES.get(m.role, ""), m.content) for m in messages]
+    bad = [m.role for m, t in zip(messages, turns, strict=True) if not t.role]
+    if bad:
+        raise ValueError(f"unknown message role {bad[0]!r}; use user, assistant or system")
+    if not any(t.role == "user" for t in turns):
+        raise ValueError("the conversation has no user message")
+    if turns[0].role != "system":
+        turns.insert(0, Message("system", SYSTEM_PROMPT))
+    rendered, placed = [], False
+    for turn in turns:
+        content = turn.content.replace(IMAGE_PLACEHOLDER, "")
+        if turn.role == "user" and not placed:
+            content = (IMAGE_PLACEHOLDER + "\n") * num_images + content
+            placed = True
+        rendered.append(f"<|im_start|>{turn.role}\n{content}<|im_end|>\n")
+    return rendered
+
+
+def prompt_text(question: str, num_images: int = 1) -> str:
+    """The full prompt string for a single question (before the image placeholder is replaced)."""
+    return "".join(render_messages([Message("user", question)], num_images))
+
+
+def tokenize_prompt(tokenizer, messages: Sequence[Message], num_images: int = 1) -> list[int]:
+    """Token ids of the prompt, with one IMAGE_TOKEN_INDEX per image."""
+    ids: list[int] = []
+    for text in render_messages(messages, num_images):
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            if piece:
+                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def strip_assistant_prefix(text: str) -> str:
+    """The model writes its own `assistant\\n` header (no generation prompt is given): drop it."""
+    text = text.lstrip()
+    return text[len(ASSISTANT_PREFIX) :] if text.startswith(ASSISTANT_PREFIX) else text
