@@ -52,6 +52,7 @@ def test_batch_entries_never_mix(golden_model, perceiver_io):
     assert_matches(out.class_logits, batch["class_logits"], "batch2 class logits")
 
 
+@torch.no_grad()
 def test_padded_batch_decode_equals_per_sample_decode(golden_model, perceiver_io):
     """Samples with different numbers of codes decode as one padded batch without changing any result."""
     perceiver = golden_model.region_perceiver

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medsight.config import MedSIGHTConfig, PerceiverConfig, VisionConfig, get_preset, PRESETS
+from medsight.config import PRESETS, MedSIGHTConfig, PerceiverConfig, VisionConfig, get_preset
 from medsight.model.checkpoints import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -57,6 +57,8 @@ def load_pretrained(folder: str | Path) -> MedSIGHTModel:
     config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
     model = _empty_model(config, load_tokenizer(folder))
     state = read_safetensors_folder(folder)
+    if any(k.startswith("codebook.") for k in state):
+        model.attach_codebook()
     load_into(model, state, str(folder / WEIGHTS_FILE), assign=True)
     return _finish(model)
 
@@ -202,6 +204,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     vision_file: str | Path | None = None,
     codebook_file: str | Path | None = None,
+    base_config: str | MedSIGHTConfig = "full",
     seed: int = 0,
 ) -> MedSIGHTModel:
     """Load MedSIGHT from a preset name (random weights), our saved folder, the official layout, or a Hub id.
@@ -212,6 +215,7 @@ def load_model(
         dtype: default bfloat16 on CUDA, float32 on CPU.
         vision_file: the UniMed-CLIP checkpoint for official layouts (else looked for as `*clip*.pt`).
         codebook_file: optional stage-2 codebook file for official layouts.
+        base_config: preset (or config) giving what official files cannot tell, such as attention head splits.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -229,6 +233,7 @@ def load_model(
                     f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
                     f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
                 )
+            base = get_preset(base_config) if isinstance(base_config, str) else base_config
             model = load_official(found["lvlm"], found["perceiver"], vision_file or found["vision"],
-                                  codebook_file or found["codebook"])
+                                  codebook_file or found["codebook"], base=base)
     return model.to(device=device, dtype=dtype)

@@ -20,7 +20,7 @@ from medsight.model.generation import GenerationOptions, GenerationOutput, gener
 from medsight.model.lvlm import MedSIGHTLanguageModel, hf_config
 from medsight.model.perceiver import RegionPerceiver
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.model.tokenizer import build_byte_tokenizer
+from medsight.model.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from medsight.model.vision import build_vision_encoder, encode_image
 from medsight.prompt import Message, strip_assistant_prefix, tokenize_prompt
 from medsight.tokens import CodeVocabulary, parse_code_labels
@@ -70,8 +70,14 @@ class MedSIGHTModel(nn.Module):
         self.region_perceiver = RegionPerceiver(config.perceiver)
         self.language_model = MedSIGHTLanguageModel(hf_config(config))
         self.codebook: RegionCodebook | None = None
-        self.tokenizer = tokenizer if tokenizer is not None else build_byte_tokenizer(config.llm.max_sequence_length)
-        self.codes = CodeVocabulary.from_tokenizer(self.tokenizer)
+        if tokenizer is None and config.llm.vocab_size == BYTE_VOCAB_SIZE:
+            tokenizer = build_byte_tokenizer(config.llm.max_sequence_length)
+        # Without a tokenizer (e.g. shape-only full-size models) the code ids follow from the vocabulary size.
+        self.tokenizer = tokenizer
+        self.codes = (
+            CodeVocabulary.from_tokenizer(tokenizer) if tokenizer is not None
+            else CodeVocabulary(config.llm.first_code_id)
+        )
         if self.codes.first_id + self.codes.num_codes != config.llm.vocab_size:
             raise ValueError(
                 f"tokenizer codes end at id {self.codes.first_id + self.codes.num_codes - 1} but the model "
@@ -186,6 +192,8 @@ class MedSIGHTModel(nn.Module):
         image_options: ImageOptions | None = None,
     ) -> Answer:
         """Answer a question about one 8-bit image; each generated code becomes a mask on the image's grid."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
         options = options or GenerationOptions()
         image_options = image_options or ImageOptions()
         pixels, transform = self.prepare(image, image_options.resize_mode)

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from medsight.tokens import CodeVocabulary, all_code_names
 
 CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BYTE_VOCAB_SIZE = 256 + len(CHAT_SPECIAL_TOKENS) + 576
 
 
 def _byte_symbols() -> list[str]:

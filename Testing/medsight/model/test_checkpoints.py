@@ -1,0 +1,150 @@
+"""Official layouts load unchanged; bad checkpoints fail with errors that name the problem."""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+import huggingface_hub.constants
+import pytest
+import torch
+from medsight_testing.release import write_release
+from safetensors.torch import load_file, save_file
+
+from medsight.config import tiny_config
+from medsight.model.checkpoints import CheckpointError, read_perceiver_state, safe_torch_load
+from medsight.model.loading import load_model, load_official, load_pretrained, save_pretrained
+
+
+def load_tiny_release(root, **kwargs):
+    return load_official(
+        root / "medsight_full_instruct", root / "region_perceiver" / "0079280.pt",
+        kwargs.get("vision", root / "unimed_clip_vit_l14.pt"), kwargs.get("codebook"), base=tiny_config(),
+    )
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_layout_variant_loads_the_same_weights(golden, tmp_path, golden_model):
+    plain = write_release(golden, tmp_path / "plain", sharded=False, namespace_args=False)
+    model = load_tiny_release(plain)
+    ref = golden_model.to(torch.float32)
+    try:
+        assert same_weights(model.image_encoder, ref.image_encoder)
+        assert same_weights(model.region_perceiver, ref.region_perceiver)
+        assert same_weights(model.language_model, ref.language_model)
+    finally:
+        golden_model.to(torch.float64)
+
+
+def test_argparse_namespace_is_allowed_but_nothing_else(tmp_path, release_dir):
+    ckpt = safe_torch_load(release_dir / "region_perceiver" / "0079280.pt")
+    assert isinstance(ckpt["args"], argparse.Namespace)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "args": subprocess.Popen}, evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        safe_torch_load(evil)
+
+
+def test_missing_extra_and_misshaped_keys_are_named(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    path = root / "region_perceiver" / "0079280.pt"
+    ckpt = safe_torch_load(path)
+    model = ckpt["model"]
+    model.pop("region_perceiver.bi_blocks.1.ff_image.3.weight")
+    model["region_perceiver.extra_thing"] = torch.zeros(3)
+    model["region_perceiver.segmentation_cls_head.proj.bias"] = torch.zeros(7)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(root)
+    message = str(err.value)
+    assert "missing key(s): bi_blocks.1.ff_image.3.weight" in message
+    assert "unexpected key(s): extra_thing" in message
+    assert "segmentation_cls_head.proj.bias: checkpoint (7,) vs model (48,)" in message
+    assert str(path) in message
+
+
+def test_lvlm_key_errors_are_named(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    weights = root / "medsight_full_instruct" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.token_projection.2.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): model.token_projection.2.bias"):
+        load_tiny_release(root)
+
+
+def test_missing_files_give_clear_errors(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r")
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*nope.pt"):
+        load_tiny_release(root, vision=root / "nope.pt")
+    (root / "medsight_full_instruct" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors named in the index is missing"):
+        load_tiny_release(root)
+
+
+def test_stage1_ema_layout_skips_the_vit(golden, tmp_path):
+    state = torch.load(golden / "perceiver_stage1_ckpt.pt", weights_only=True)["model"]
+    vit = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)
+    ema = {**state, **{f"image_encoder.{k[7:]}": v for k, v in vit.items() if k.startswith("visual.")}}
+    torch.save({"ema": ema, "model": {}, "steps": 1}, tmp_path / "ema.pt")
+    assert read_perceiver_state(tmp_path / "ema.pt").keys() == {k[len("region_perceiver."):] for k in state}
+
+
+def test_vision_tower_inside_the_lvlm_and_stage4_split_embedding(golden, tmp_path, golden_model):
+    """Paper-time LVLM saves carry the tower; stage-4 saves split the embedding into base + codebook rows."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    weights = root / "medsight_full_instruct" / "model.safetensors"
+    state = load_file(str(weights))
+    vit = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)
+    for k, v in vit.items():
+        if k.startswith("visual."):
+            state[f"model.vision_tower.vision_tower.image_encoder.{k[7:]}"] = v
+    embed = state.pop("model.embed_tokens.weight")
+    state["model.embed_tokens.base_emb.weight"] = torch.cat([embed[:259], torch.zeros(576, 64)])
+    state["model.embed_tokens.codebook_emb.weight"] = embed[259:].clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    model = load_tiny_release(root, vision=None)
+    assert torch.equal(model.language_model.get_input_embeddings().weight, embed)
+    assert torch.equal(model.image_encoder.conv1.weight, vit["visual.conv1.weight"])
+
+
+def test_our_format_round_trip(tmp_path, release_dir):
+    model = load_tiny_release(release_dir, codebook=release_dir / "codebook" / "0035673.pt")
+    save_pretrained(model, tmp_path / "ours")
+    again = load_pretrained(tmp_path / "ours")
+    assert same_weights(model, again)
+    assert json.loads((tmp_path / "ours" / "medsight_config.json").read_text())["vision"]["image_size"] == 56
+    assert load_model(tmp_path / "ours", device="cpu").config == model.config
+
+
+def test_hub_repo_id_from_the_offline_cache(release_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    repo = cache / "models--Caf0914--MedSIGHT"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(release_dir, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
+    assert model.config.vision.image_size == 56 and model.codebook is not None
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache and offline mode is on"):
+        load_model("someone/absent-model", device="cpu", base_config="tiny")
+
+
+def test_loading_never_runs_arbitrary_code(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (code,))
+
+    torch.save({"model": {"w": torch.zeros(1)}, "args": Payload()}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError):
+        safe_torch_load(tmp_path / "bad.pt")
+    assert not marker.exists()
+    assert sys.modules.get("subprocess") is not None  # the test itself imported it; loading imported nothing
