@@ -1,0 +1,138 @@
+"""Every kind of bad input raises ImagingError naming the file and the problem."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+from medsight.imaging import ImagingError, read_dicom_series, read_volume
+
+
+def _raises(path, match, **kw):
+    with pytest.raises(ImagingError, match=match) as info:
+        read_volume(path, **kw)
+    assert str(path) in str(info.value) and info.value.path == str(path)
+    assert isinstance(info.value, ValueError)
+    return info.value
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    _raises(tmp_path / "nope.nii.gz", "no such file or folder")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00\x01not dicom at all" * 10)
+    _raises(junk, "unreadable DICOM file")
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_text("hello")
+    _raises(fake, "unreadable or corrupt NIfTI")
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    _raises(other, "unsupported file type")
+    pic = tmp_path / "broken.png"
+    pic.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    _raises(pic, "unreadable or corrupt image")
+    (tmp_path / "empty").mkdir()
+    _raises(tmp_path / "empty", "no DICOM image series found")
+
+
+def test_corrupt_files(pydicom_files, mni_t1, tmp_path):
+    _raises(pydicom_files / "MR_truncated.dcm", "corrupt or unreadable pixel data")
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(mni_t1.read_bytes()[:200_000])
+    _raises(cut, "unreadable or corrupt NIfTI")
+    nrrd.write(str(tmp_path / "v.nrrd"), np.zeros((8, 8, 8), np.int16), {"encoding": "raw"})
+    cut_nrrd = tmp_path / "cut.nrrd"
+    cut_nrrd.write_bytes((tmp_path / "v.nrrd").read_bytes()[:-100])
+    _raises(cut_nrrd, "unreadable or corrupt NRRD data")
+
+
+def test_mixed_series(dicomdir):
+    folder = dicomdir / "98892003" / "MR2"
+    err = _raises(folder, "3 series found; choose one with series_uid")
+    assert "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.481" in str(err)  # the listing
+    # A scout series of axial, sagittal and coronal images cannot be one volume.
+    _raises(
+        folder, "mixed series: orientations", series_uid="1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.136"
+    )
+    _raises(folder, "series 1.2.3 not found", series_uid="1.2.3")
+    _raises(dicomdir / "98892003" / "MR700", "mixed series: orientations")  # radial slices
+
+
+def test_mixed_sizes(ct_series, pydicom_files, tmp_path):
+    for f in sorted(ct_series.iterdir())[:2]:
+        shutil.copy(f, tmp_path / f.name)
+    ds = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    first = pydicom.dcmread(sorted(ct_series.iterdir())[0])
+    ds.SeriesInstanceUID = first.SeriesInstanceUID
+    ds.ImagePositionPatient = [float(x) for x in first.ImagePositionPatient[:2]] + [-3.7375]
+    ds.ImageOrientationPatient = first.ImageOrientationPatient
+    ds.save_as(tmp_path / "bigger.dcm")
+    _raises(tmp_path, "mixed series: rows")
+
+
+def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
+    err = _raises(dicomdir / "77654033" / "CT2", "uneven slice spacing: 202.500 mm between 17106 and 17136")
+    assert "missing slices" in str(err)
+    # Dropping a middle slice of a good series is caught too.
+    files = sorted(ct_series.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for f in files[:2] + files[3:]:
+        shutil.copy(f, gap / f.name)
+    _raises(gap, "uneven slice spacing: 5.000 mm")
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    for f in files:
+        shutil.copy(f, dup / f.name)
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dup / "copy")
+    _raises(dup, "duplicate slice position")
+
+
+def test_four_d_data(nibabel_data, tmp_path):
+    _raises(nibabel_data / "example4d.nii.gz", r"4D data \(shape \(128, 96, 24, 2\)\)")
+    nrrd.write(str(tmp_path / "t.nrrd"), np.zeros((4, 5, 6, 2), np.int16))
+    _raises(tmp_path / "t.nrrd", "4D data")
+
+
+def test_nan_and_inf(mni_t1, tmp_path):
+    img = nib.load(mni_t1)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[10, 20, 30] = np.nan
+    data[11, 20, 30] = np.inf
+    nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
+    _raises(tmp_path / "nan.nii.gz", "1 NaN and 1 infinite voxel values")
+    nrrd.write(str(tmp_path / "inf.nrrd"), np.full((3, 3, 3), -np.inf))
+    _raises(tmp_path / "inf.nrrd", "0 NaN and 27 infinite")
+
+
+def test_empty_arrays(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 0, 4), np.float32), np.eye(4)), tmp_path / "e.nii")
+    _raises(tmp_path / "e.nii", "empty image")
+    nrrd.write(str(tmp_path / "e.nrrd"), np.zeros((3, 0, 2)))
+    _raises(tmp_path / "e.nrrd", "empty image")
+
+
+def test_oversize(mni_t1, ct_series, pydicom_files):
+    _raises(mni_t1, "oversize image: 8675289 voxels", max_voxels=1_000_000)
+    _raises(ct_series, "oversize image: 1280 voxels", max_voxels=1000)
+    _raises(pydicom_files / "CT_small.dcm", "oversize image", max_voxels=1000)
+
+
+def test_non_image_dicom(pydicom_files, dicom_store):
+    _raises(pydicom_files / "test-SR.dcm", r"non-image DICOM \(Comprehensive SR Storage, modality SR\)")
+    _raises(pydicom_files / "rtplan.dcm", r"non-image DICOM \(RT Plan Storage")
+    _raises(dicom_store / "liver.dcm", "is a DICOM SEG, not an image; read it with read_dicom_seg")
+
+
+def test_gzip_nifti_in_disguise_and_not_a_folder(mni_t1, tmp_path):
+    raw = tmp_path / "raw.nii"
+    raw.write_bytes(gzip.decompress(mni_t1.read_bytes())[:1000])
+    _raises(raw, "unreadable or corrupt NIfTI")
+    with pytest.raises(ImagingError, match="not a folder"):
+        read_dicom_series(mni_t1)

@@ -1,0 +1,162 @@
+"""Exports read back by 3D Slicer's MRML, nibabel and highdicom, on real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from medsight.imaging import (
+    Code,
+    Segment,
+    Segmentation,
+    SegmentationBuilder,
+    Terminology,
+    iter_slices,
+    read_dicom_seg,
+    read_nifti_labelmap,
+    read_seg_nrrd,
+    read_volume,
+    write_dicom_seg,
+    write_nifti_labelmap,
+    write_seg_nrrd,
+)
+
+GM = Segment(
+    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("14271001", "SCT", "Grey matter"))
+)
+WM = Segment(
+    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("33835003", "SCT", "White matter"))
+)
+
+
+@pytest.fixture(scope="module")
+def mni_segmentation(mni_t1, mni_gm, mni_wm) -> Segmentation:
+    t1 = read_volume(mni_t1, modality="MR")
+    gm, wm = read_volume(mni_gm), read_volume(mni_wm)
+    assert gm.same_geometry(t1) and wm.same_geometry(t1)
+    labelmap = np.where(wm.array > 0, 2, np.where(gm.array > 0, 1, 0)).astype(np.uint8)
+    return Segmentation(t1, labelmap, [GM, WM])
+
+
+def _mrml_read(path):
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    out = []
+    segmentation = node.GetSegmentation()
+    for n in range(segmentation.GetNumberOfSegments()):
+        seg = segmentation.GetNthSegment(n)
+        tags = {}
+        for key in ("MedSIGHT.RegionCode", "TerminologyEntry"):
+            ref = vtk.reference("")
+            if seg.GetTag(key, ref):
+                tags[key] = str(ref)
+        image = seg.GetRepresentation("Binary labelmap")
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        ext = image.GetExtent()
+        dims = [ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1]
+        arr = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+        out.append(
+            {
+                "name": seg.GetName(),
+                "color": seg.GetColor(),
+                "label": seg.GetLabelValue(),
+                "tags": tags,
+                "matrix": np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]),
+                "extent": ext,
+                "array": arr,
+            }
+        )
+    # Keep the scene alive until the numpy copies are made.
+    return [dict(d, array=d["array"].copy()) for d in out]
+
+
+def test_seg_nrrd_loads_in_slicer_mrml(mni_segmentation, tmp_path):
+    path = write_seg_nrrd(mni_segmentation, tmp_path / "brain.seg.nrrd")
+    segs = _mrml_read(path)
+    ref = mni_segmentation.reference
+    assert [s["name"] for s in segs] == ["grey matter", "white matter"]
+    for s, ours in zip(segs, [GM, WM], strict=True):
+        assert np.allclose(s["color"], ours.color, atol=1e-6)
+        assert s["tags"]["MedSIGHT.RegionCode"] == ours.region_code
+        assert (
+            f"SCT^{ours.terminology.type.value}^{ours.terminology.type.meaning}"
+            in s["tags"]["TerminologyEntry"]
+        )
+        assert np.allclose(s["matrix"], ref.ijk_to_ras, atol=1e-6)
+        i0, _, j0, _, k0, _ = s["extent"]
+        full = np.zeros(ref.shape, np.uint8)
+        kk, jj, ii = s["array"].shape
+        full[k0 : k0 + kk, j0 : j0 + jj, i0 : i0 + ii] = s["array"]
+        assert np.array_equal(full == s["label"], mni_segmentation.labelmap == ours.label)
+    back = read_seg_nrrd(path)
+    assert back.segments == [GM, WM] and back.reference.same_geometry(ref)
+    assert np.array_equal(back.labelmap, mni_segmentation.labelmap)
+
+
+def test_nifti_labelmap_with_sidecar(mni_segmentation, tmp_path, mni_gm):
+    import nibabel as nib
+
+    nii, side = write_nifti_labelmap(mni_segmentation, tmp_path / "brain.nii.gz")
+    img = nib.load(nii)
+    assert np.allclose(img.affine, nib.load(mni_gm).affine)
+    meta = json.loads(Path(side).read_text())
+    assert [(d["value"], d["name"], d["region_code"]) for d in meta["labels"]] == [
+        (1, "grey matter", "[M1_0]"),
+        (2, "white matter", "[M1_1]"),
+    ]
+    back = read_nifti_labelmap(nii)
+    assert back.segments == [GM, WM] and np.array_equal(back.labelmap, mni_segmentation.labelmap)
+
+
+def test_liver_seg_to_slicer(dicom_store, tmp_path):
+    liver = read_dicom_seg(dicom_store / "liver.dcm")
+    assert [s.name for s in liver.segments] == ["Liver"] and liver.labelmap.shape == (3, 512, 512)
+    assert liver.reference.series_uid == "1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"
+    src = hd.seg.segread(dicom_store / "liver.dcm")
+    assert liver.labelmap.sum() == int((src.pixel_array > 0).sum())
+    path = write_seg_nrrd(liver, tmp_path / "liver.seg.nrrd")
+    (s,) = _mrml_read(path)
+    assert s["name"] == "Liver" and np.allclose(s["matrix"], liver.reference.ijk_to_ras, atol=1e-6)
+    assert int((s["array"] == s["label"]).sum()) == int(liver.labelmap.sum())
+    back = read_seg_nrrd(path)
+    assert np.array_equal(back.labelmap, liver.labelmap) and back.reference.same_geometry(liver.reference)
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional):
+    vol = read_volume(ct_series)
+    b = SegmentationBuilder(vol)
+    for s in iter_slices(vol, "axial"):
+        b.add(s, s.pixels > -100, Segment(1, "soft tissue", (1, 0, 0), "[M1_0]"))
+        b.add(s, (s.pixels < -500) * 0.8, Segment(3, "air", (0, 0, 1), "[M1_1]"))
+    seg = b.build(keep_probabilities=True)
+    path = write_dicom_seg(seg, tmp_path / "seg.dcm", fractional=fractional)
+    dseg = hd.seg.segread(path)
+    assert dseg.ReferencedSeriesSequence[0].SeriesInstanceUID == vol.series_uid
+    refs = {r.ReferencedSOPInstanceUID for r in dseg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == set(vol.sop_instance_uids)
+    non_empty = (
+        sum(int((seg.labelmap[k] == lab).any()) for k in range(5) for lab in (1, 3))
+        if not fractional
+        else sum(int(seg.probabilities[lab][k].any()) for k in range(5) for lab in (1, 3))
+    )
+    assert dseg.NumberOfFrames == non_empty
+    assert dseg.SegmentationType == ("FRACTIONAL" if fractional else "BINARY")
+    assert [d.TrackingID for d in dseg.SegmentSequence] == ["[M1_0]", "[M1_1]"]
+    back = read_dicom_seg(path, reference=vol)
+    assert np.array_equal(back.labelmap, np.where(seg.labelmap == 3, 2, seg.labelmap))
+    if fractional:
+        assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1

@@ -1,0 +1,96 @@
+"""DICOM readers on pydicom's and pydicom-data's real files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk  # noqa: N813
+from medsight.imaging import list_dicom_series, read_dicom, read_volume
+
+
+def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
+    vol = read_volume(ct_series)
+    assert vol.shape == (5, 16, 16) and vol.modality == "CT" and vol.array.dtype == np.int16
+    img = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(ct_series)))
+    assert np.array_equal(vol.array, sitk.GetArrayFromImage(img))
+    assert np.allclose(vol.spacing, img.GetSpacing()) and np.allclose(vol.origin, img.GetOrigin())
+    # Each slice is the pydicom pixel data with slope/intercept applied (Hounsfield units) ...
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert np.array_equal(vol.array[k], hu)
+        # ... lying where its ImagePositionPatient says.
+        assert np.allclose(
+            vol.ijk_to_lps @ [0, 0, k, 1], [*map(float, ds.ImagePositionPatient), 1], atol=1e-4
+        )
+        assert vol.sop_instance_uids[k] == ds.SOPInstanceUID
+    assert np.all(np.diff([vol.ijk_to_lps @ [0, 0, k, 1] for k in range(5)], axis=0)[:, 2] > 0)
+    assert vol.series_uid == pydicom.dcmread(vol.source_files[0]).SeriesInstanceUID
+    assert np.allclose(vol.ijk_to_ras, np.diag([-1, -1, 1, 1]) @ vol.ijk_to_lps)
+
+
+def test_volume_keeps_no_patient_identifiers(ct_series):
+    vol = read_volume(ct_series)
+    names = {f.name for f in dataclasses.fields(vol)}
+    assert not {n for n in names if n.lower().startswith("patient") or "birth" in n.lower()}
+    ds = pydicom.dcmread(vol.source_files[0])
+    text = repr({n: getattr(vol, n) for n in names if n != "array"})
+    for tag in ("PatientName", "PatientID"):
+        if ds.get(tag):
+            assert str(ds.get(tag)) not in text
+
+
+def test_single_ct_and_mr_files(pydicom_files):
+    ct = read_dicom(pydicom_files / "CT_small.dcm")
+    ds = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    assert ct.shape == (1, 128, 128)
+    assert np.array_equal(ct.array[0], ds.pixel_array.astype(np.int32) - 1024)
+    assert ct.array.min() == -896  # HU, as GDCM reads it too
+    assert np.allclose(ct.origin, [float(x) for x in ds.ImagePositionPatient])
+    mr = read_dicom(pydicom_files / "MR_small.dcm")
+    assert mr.modality == "MR" and mr.shape == (1, 64, 64)
+    assert np.array_equal(mr.array[0], pydicom.dcmread(pydicom_files / "MR_small.dcm").pixel_array)
+    # The same image in other transfer syntaxes reads identically.
+    for name in ("MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_implicit.dcm"):
+        assert np.array_equal(read_dicom(pydicom_files / name).array, mr.array)
+
+
+def test_enhanced_multiframe_ct_geometry(dicom_store):
+    path = dicom_store / "eCT_Supplemental.dcm"
+    vol = read_dicom(path)
+    ds = pydicom.dcmread(path)
+    assert vol.shape == (2, 512, 512) and vol.has_patient_geometry
+    for k, frame in enumerate(vol.frame_numbers):
+        ipp = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose(vol.ijk_to_lps @ [0, 0, k, 1], [*map(float, ipp), 1], atol=1e-4)
+
+
+def test_multiframe_without_positions_is_flagged(dicom_store):
+    vol = read_dicom(dicom_store / "emri_small.dcm")
+    assert vol.shape == (10, 64, 64) and not vol.has_patient_geometry
+
+
+def test_rt_dose_grid_scaling_and_offsets(pydicom_files):
+    vol = read_dicom(pydicom_files / "rtdose.dcm")
+    ds = pydicom.dcmread(pydicom_files / "rtdose.dcm")
+    assert vol.shape == (15, 10, 10) and vol.spacing[2] == 5.0
+    assert np.allclose(vol.array, ds.pixel_array * float(ds.DoseGridScaling), rtol=1e-6)
+
+
+def test_colour_ultrasound_is_rgb(dicom_store):
+    vol = read_dicom(dicom_store / "US1_UNCR.dcm")
+    assert vol.is_rgb and vol.array.shape == (1, 480, 640, 3) and vol.modality == "US"
+
+
+def test_series_listing_and_choice(dicomdir):
+    folder = dicomdir / "98892003" / "MR1"
+    series = list_dicom_series(folder)
+    assert len(series) == 3 and {s.modality for s in series} == {"MR"}
+    vol = read_volume(folder, series_uid=series[1].series_uid)
+    assert vol.series_uid == series[1].series_uid and vol.shape[0] == 1
+
+
+def test_user_modality_overrides(ct_series):
+    assert read_volume(ct_series, modality="mr").modality == "MR"

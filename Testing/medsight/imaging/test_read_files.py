@@ -1,0 +1,76 @@
+"""NIfTI, NRRD and 2D readers on nibabel's and nilearn's real volumes."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+from medsight.imaging import read_image2d, read_nifti, read_nrrd, read_volume
+from PIL import Image
+
+
+def test_mni_template_matches_nibabel(mni_t1):
+    img = nib.load(mni_t1)
+    vol = read_volume(mni_t1, modality="MR")
+    assert vol.shape == img.shape[::-1] and vol.modality == "MR"
+    assert np.array_equal(vol.array, np.transpose(np.asanyarray(img.dataobj), (2, 1, 0)))
+    assert np.allclose(vol.ijk_to_ras, img.affine)
+
+
+def test_nibabel_volumes_geometry(nibabel_data):
+    for name in ("anatomical.nii", "standard.nii.gz", "reoriented_anat_moved.nii"):
+        img = nib.load(nibabel_data / name)
+        vol = read_nifti(nibabel_data / name)
+        assert np.allclose(vol.ijk_to_ras, img.affine), name
+        assert vol.array.dtype.isnative
+        assert np.array_equal(
+            vol.array[2, 1, 0] if min(vol.shape) > 2 else vol.array[0, 0, 0],
+            np.asanyarray(img.dataobj)[0, 1, 2]
+            if min(vol.shape) > 2
+            else np.asanyarray(img.dataobj)[0, 0, 0],
+        )
+
+
+def test_nrrd_in_both_spaces_matches_nifti(mni_t1, tmp_path):
+    vol = read_nifti(mni_t1)
+    data = np.transpose(vol.array, (2, 1, 0))
+    lps = vol.ijk_to_lps
+    nrrd.write(
+        str(tmp_path / "lps.nrrd"),
+        data,
+        {"space": "left-posterior-superior", "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]},
+    )
+    ras = vol.ijk_to_ras
+    nrrd.write(
+        str(tmp_path / "ras.nhdr"),
+        data,
+        {
+            "space": "right-anterior-superior",
+            "space directions": ras[:3, :3].T,
+            "space origin": ras[:3, 3],
+            "encoding": "gzip",
+        },
+    )
+    for name in ("lps.nrrd", "ras.nhdr"):
+        back = read_nrrd(tmp_path / name)
+        assert back.same_geometry(vol) and np.array_equal(back.array, vol.array), name
+
+
+def test_png_and_tiff_from_a_real_dicom_slice(pydicom_files, tmp_path):
+    pixels = pydicom.dcmread(pydicom_files / "MR_small.dcm").pixel_array.astype(np.uint16)
+    for name in ("slice.png", "slice.tif"):
+        Image.fromarray(pixels).save(tmp_path / name)
+        vol = read_volume(tmp_path / name, modality="MR")
+        assert vol.shape == (1, 64, 64) and not vol.has_patient_geometry and vol.modality == "MR"
+        assert np.array_equal(vol.array[0], pixels), name
+
+
+def test_jpeg_colour_photo():
+    import matplotlib
+
+    path = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
+    vol = read_image2d(path)
+    with Image.open(path) as img:
+        assert vol.array.shape == (1, img.height, img.width, 3)
+        assert np.array_equal(vol.array[0], np.asarray(img.convert("RGB")))

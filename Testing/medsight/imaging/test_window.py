@@ -1,0 +1,46 @@
+"""Windowing to 8-bit RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
+
+
+def test_ct_presets_on_real_ct(pydicom_files):
+    vol = read_volume(pydicom_files / "CT_small.dcm")
+    hu = extract_slice(vol, "axial", 0).pixels
+    for name, w in CT_PRESETS.items():
+        rgb = to_rgb(hu, "CT", preset=name)
+        assert rgb.shape == (128, 128, 3) and rgb.dtype == np.uint8
+        assert np.array_equal(rgb[..., 0], rgb[..., 2])
+        expect = np.clip(np.rint((hu - w.low) * 255 / w.width), 0, 255)
+        assert np.abs(rgb[..., 0].astype(int) - expect).max() <= 1, name
+    assert np.array_equal(to_rgb(hu, "CT"), to_rgb(hu, "CT", preset="abdomen"))
+    assert (to_rgb(hu, "CT", preset="lung") == 0).sum() < (to_rgb(hu, "CT", preset="brain") == 0).sum()
+
+
+def test_exact_window_values():
+    v = np.array([[-1000, 40, 240, 2000]], dtype=np.int16)
+    rgb = to_rgb(v, "CT", center=40, width=400)
+    assert rgb[0, :, 0].tolist() == [0, 128, 255, 255]
+    assert Window(40, 400).low == -160
+
+
+def test_mr_robust_percentiles(pydicom_files):
+    mr = read_volume(pydicom_files / "MR_small.dcm").array[0]
+    rgb = to_rgb(mr, "MR")
+    lo, hi = np.percentile(mr, [0.5, 99.5])
+    assert rgb[mr <= lo].max() == 0 and rgb[mr >= hi].min() == 255
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+
+
+def test_rgb_passthrough_and_errors(dicom_store):
+    us = read_volume(dicom_store / "US1_UNCR.dcm").array[0]
+    assert np.array_equal(to_rgb(us, "US"), us)
+    with pytest.raises(ImagingError, match="needs CT"):
+        to_rgb(np.zeros((4, 4)), "MR", preset="lung")
+    with pytest.raises(ImagingError, match="unknown window preset 'spine'"):
+        to_rgb(np.zeros((4, 4)), "CT", preset="spine")
+    with pytest.raises(ImagingError, match="both window center and width"):
+        to_rgb(np.zeros((4, 4)), "CT", center=40)

@@ -1,0 +1,14 @@
+"""The one exception type raised for bad imaging input."""
+
+from __future__ import annotations
+
+import os
+
+
+class ImagingError(ValueError):
+    """Bad or unsupported imaging input; the message names the file and the problem."""
+
+    def __init__(self, problem: str, path: str | os.PathLike[str] | None = None) -> None:
+        self.problem = problem
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -1,0 +1,184 @@
+"""DICOM SEG (binary or fractional) through highdicom, referencing the source images; and reading one."""
+
+from __future__ import annotations
+
+import os
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from .. import __version__
+from .errors import ImagingError
+from .labelmap import Code, Segment, Segmentation, Terminology
+from .volume import Volume, volume_from_affine
+
+
+def _concept(c: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+
+
+def _lab(color: tuple[float, float, float]) -> hd.color.CIELabColor:
+    return hd.color.CIELabColor.from_rgb(*(round(float(c) * 255) for c in color))
+
+
+def _description(number: int, s: Segment) -> hd.seg.SegmentDescription:
+    t = s.terminology
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=s.name,
+        segmented_property_category=_concept(t.category),
+        segmented_property_type=_concept(t.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="MedSIGHT", family=codes.cid7162.ArtificialIntelligence, version=__version__
+        ),
+        # The model's region code travels as the tracking ID, so a SEG can be matched to an answer.
+        tracking_id=s.region_code or s.name,
+        tracking_uid=hd.UID(),
+        anatomic_regions=[_concept(t.anatomic_region)] if t.anatomic_region else None,
+        display_color=_lab(s.color),
+    )
+
+
+def write_dicom_seg(
+    seg: Segmentation,
+    path: str | os.PathLike[str],
+    fractional: bool = False,
+    series_number: int = 9901,
+    series_description: str = "MedSIGHT segmentation",
+) -> str:
+    """Write a DICOM SEG for ``seg`` referencing its source DICOM images; returns the path.
+
+    The reference volume must come from DICOM (a series folder or one multi-frame file).
+    ``fractional`` needs probabilities (``SegmentationBuilder.build(keep_probabilities=True)``).
+    """
+    path = os.fspath(path)
+    ref = seg.reference
+    if not ref.source_files or not ref.has_patient_geometry:
+        raise ImagingError(
+            "a DICOM SEG needs a reference volume read from DICOM images with patient geometry", ref.source
+        )
+    if not seg.segments:
+        raise ImagingError("nothing to export: the segmentation has no segments", path)
+    try:
+        sources = [pydicom.dcmread(f) for f in ref.source_files]
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise ImagingError(f"cannot re-read the source images ({exc})", ref.source) from exc
+    if fractional:
+        if not seg.probabilities:
+            raise ImagingError("fractional SEG needs probabilities: build(keep_probabilities=True)", path)
+        stack = np.stack([seg.probabilities[s.label].astype(np.float32) / 255.0 for s in seg.segments], -1)
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        stack = np.stack([seg.labelmap == s.label for s in seg.segments], -1).astype(np.uint8)
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
+    if len(sources) == 1 and ref.frame_numbers:
+        # A multi-frame source: put our position-sorted slices back in the file's frame order.
+        frames = np.empty_like(stack)
+        frames[np.asarray(ref.frame_numbers) - 1] = stack
+        stack = frames
+    elif len(sources) != stack.shape[0]:
+        raise ImagingError(f"{len(sources)} source images for {stack.shape[0]} slices", ref.source)
+    try:
+        out = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=stack,
+            segmentation_type=seg_type,
+            segment_descriptions=[_description(n + 1, s) for n, s in enumerate(seg.segments)],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="MedSIGHT",
+            manufacturer_model_name="MedSIGHT for 3D Slicer",
+            software_versions=__version__,
+            device_serial_number="0",
+            series_description=series_description,
+            content_label="MEDSIGHT",
+            max_fractional_value=255,
+        )
+        out.save_as(path)
+    except (ValueError, TypeError, AttributeError, OSError) as exc:
+        raise ImagingError(f"cannot build the DICOM SEG ({exc})", path) from exc
+    return path
+
+
+def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
+    segments = []
+    for d in dseg.SegmentSequence:
+        rgb = (0.5, 0.5, 0.5)
+        if "RecommendedDisplayCIELabValue" in d:
+            rgb = tuple(
+                c / 255
+                for c in hd.color.CIELabColor.from_dicom_value(d.RecommendedDisplayCIELabValue).to_rgb()
+            )
+        cat, typ = d.SegmentedPropertyCategoryCodeSequence[0], d.SegmentedPropertyTypeCodeSequence[0]
+        segments.append(
+            Segment(
+                label=int(d.SegmentNumber),
+                name=str(d.SegmentLabel),
+                color=rgb,  # type: ignore[arg-type]
+                region_code=str(d.TrackingID) if "TrackingID" in d else None,
+                terminology=Terminology(
+                    Code(cat.CodeValue, cat.CodingSchemeDesignator, cat.CodeMeaning),
+                    Code(typ.CodeValue, typ.CodingSchemeDesignator, typ.CodeMeaning),
+                ),
+            )
+        )
+    return segments
+
+
+def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None) -> Segmentation:
+    """Read a DICOM SEG into a labelmap (label = segment number).
+
+    With ``reference`` (the source series as a Volume) frames are placed by the source images they
+    reference, exactly on its grid; without, on the SEG's own plane positions (it must form a regular
+    stack, possibly in another slice order than the source). Fractional SEGs are thresholded at 0.5
+    and keep their probabilities; overlapping binary segments are refused.
+    """
+    path = os.fspath(path)
+    try:
+        dseg = hd.seg.segread(path)
+    except (OSError, ValueError, TypeError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        raise ImagingError(f"unreadable DICOM SEG ({exc})", path) from exc
+    segments = _segments_of(dseg)
+    numbers = [s.label for s in segments]
+    try:
+        if reference is not None:
+            if len(reference.sop_instance_uids) != reference.shape[0]:
+                raise ImagingError("reference must be a single-frame DICOM series", reference.source)
+            per_seg = dseg.get_pixels_by_source_instance(
+                list(reference.sop_instance_uids), segment_numbers=numbers, dtype=np.float32
+            )
+            volume = reference.with_array(np.zeros(reference.shape, np.uint8), modality="SEG")
+        else:
+            hvol = dseg.get_volume(segment_numbers=numbers, dtype=np.float32)
+            per_seg = np.asarray(hvol.array)
+            # highdicom's affine maps (slice, row, column) indices; ours maps (column, row, slice).
+            ijk_to_lps = np.asarray(hvol.affine, dtype=float)[:, [2, 1, 0, 3]]
+            ref_series = dseg.get("ReferencedSeriesSequence")
+            volume = volume_from_affine(
+                per_seg[..., 0],
+                ijk_to_lps,
+                modality="SEG",
+                source=path,
+                series_uid=str(ref_series[0].SeriesInstanceUID) if ref_series else None,
+                frame_of_reference_uid=str(dseg.FrameOfReferenceUID),
+            )
+    except ImagingError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
+        raise ImagingError(f"DICOM SEG frames do not map onto a regular 3D grid ({exc})", path) from exc
+    on = per_seg >= 0.5
+    if on.sum(-1).max(initial=0) > 1 and dseg.SegmentationType == "BINARY":
+        raise ImagingError("overlapping segments cannot share one labelmap", path)
+    best = np.argmax(np.where(on, per_seg, -1.0), axis=-1)
+    labelmap = np.where(on.any(-1), np.asarray(numbers)[best], 0)
+    labelmap = labelmap.astype(np.uint8 if max(numbers, default=0) < 256 else np.uint16)
+    probs = None
+    if dseg.SegmentationType == "FRACTIONAL":
+        probs = {n: np.rint(per_seg[..., i] * 255).astype(np.uint8) for i, n in enumerate(numbers)}
+    volume.array = labelmap
+    return Segmentation(volume, labelmap, segments, probs)

@@ -1,0 +1,109 @@
+"""NIfTI labelmap with a JSON sidecar describing the labels (names, colours, codes, source)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+
+from .errors import ImagingError
+from .labelmap import Code, Segment, Segmentation, Terminology
+from .read_files import read_nifti
+
+SIDECAR_FORMAT = "medsight-labels/1"
+
+
+def sidecar_path(nifti_path: str) -> str:
+    """``x.nii.gz`` / ``x.nii`` -> ``x.json``."""
+    base = nifti_path[:-7] if nifti_path.lower().endswith(".nii.gz") else os.path.splitext(nifti_path)[0]
+    return base + ".json"
+
+
+def _code_dict(c: Code | None) -> dict[str, str] | None:
+    return None if c is None else {"value": c.value, "scheme": c.scheme, "meaning": c.meaning}
+
+
+def _code_from(d: dict[str, str] | None) -> Code | None:
+    return None if not d else Code(d["value"], d["scheme"], d["meaning"])
+
+
+def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Write the labelmap (``.nii`` or ``.nii.gz``) and its ``.json`` sidecar; returns both paths."""
+    path = os.fspath(path)
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        raise ImagingError("a NIfTI labelmap must end in .nii or .nii.gz", path)
+    ref = seg.reference
+    dtype = np.uint8 if seg.labelmap.max(initial=0) < 256 else np.uint16
+    img = nib.Nifti1Image(np.transpose(seg.labelmap, (2, 1, 0)).astype(dtype), ref.ijk_to_ras)
+    img.set_sform(ref.ijk_to_ras, code=1)  # scanner anatomical
+    img.set_qform(ref.ijk_to_ras, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "labels": [
+            {
+                "value": s.label,
+                "name": s.name,
+                "color": [float(c) for c in s.color],
+                "region_code": s.region_code,
+                "terminology": {
+                    "category": _code_dict(s.terminology.category),
+                    "type": _code_dict(s.terminology.type),
+                    "anatomic_region": _code_dict(s.terminology.anatomic_region),
+                },
+            }
+            for s in seg.segments
+        ],
+        "reference": {
+            "series_uid": ref.series_uid,
+            "study_uid": ref.study_uid,
+            "frame_of_reference_uid": ref.frame_of_reference_uid,
+            "modality": ref.modality,
+        },
+        "ijk_to_ras": ref.ijk_to_ras.tolist(),
+    }
+    json_path = sidecar_path(path)
+    try:
+        nib.save(img, path)
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(sidecar, f, indent=2)
+    except OSError as exc:
+        raise ImagingError(f"cannot write labelmap ({exc})", path) from exc
+    return path, json_path
+
+
+def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
+    """Read a labelmap written by `write_nifti_labelmap` (the sidecar must sit next to it)."""
+    path = os.fspath(path)
+    vol = read_nifti(path, modality="SEG")
+    json_path = sidecar_path(path)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        segments = [
+            Segment(
+                label=int(d["value"]),
+                name=str(d["name"]),
+                color=tuple(d["color"]),
+                region_code=d.get("region_code"),
+                terminology=Terminology(
+                    _code_from(d["terminology"]["category"]),
+                    _code_from(d["terminology"]["type"]),
+                    _code_from(d["terminology"].get("anatomic_region")),
+                ),
+            )
+            for d in meta["labels"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImagingError(f"missing or malformed label sidecar ({exc})", json_path) from exc
+    if not np.issubdtype(vol.array.dtype, np.integer):
+        raise ImagingError(f"labelmap voxels must be integers, got {vol.array.dtype}", path)
+    ref = meta.get("reference", {})
+    vol.series_uid = ref.get("series_uid")
+    vol.frame_of_reference_uid = ref.get("frame_of_reference_uid")
+    return Segmentation(
+        vol, vol.array.astype(np.uint16 if vol.array.max(initial=0) > 255 else np.uint8), segments
+    )

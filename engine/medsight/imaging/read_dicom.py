@@ -1,0 +1,453 @@
+"""DICOM readers: a series folder (SimpleITK/GDCM) and single or multi-frame files (pydicom).
+
+Geometry is computed from the headers and validated (one orientation, one grid, evenly spaced
+slices, no duplicates); anything else is refused rather than resampled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk  # noqa: N813  (the universal alias)
+from pydicom.errors import InvalidDicomError
+
+from .errors import ImagingError
+from .volume import MAX_VOXELS, Volume, check_size, check_voxels
+
+# Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4).
+SPACING_RTOL = 0.01
+ORIENTATION_ATOL = 1e-4
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found in a folder (no patient identifiers)."""
+
+    series_uid: str
+    n_files: int
+    modality: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.series_uid}  {self.modality:<6} {self.n_files:>4} files  {self.description}"
+
+
+def _header(path: str) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise ImagingError(f"unreadable DICOM file ({exc})", path) from exc
+
+
+def _require_image(ds: pydicom.Dataset, path: str) -> None:
+    if ds.get("SOPClassUID") == SEG_SOP_CLASS:
+        raise ImagingError("is a DICOM SEG, not an image; read it with read_dicom_seg()", path)
+    has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if not has_pixels and not ("Rows" in ds and "Columns" in ds):
+        sop = ds.get("SOPClassUID")
+        name = getattr(sop, "name", sop) or "unknown SOP class"
+        raise ImagingError(
+            f"non-image DICOM ({name}, modality {ds.get('Modality', '?')}): no pixel data", path
+        )
+
+
+def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
+    """The image series in ``folder`` (not recursive), as GDCM groups them."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ImagingError("not a folder", folder)
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    out = []
+    for uid in uids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+        ds = _header(files[0])
+        out.append(
+            SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")))
+        )
+    return out
+
+
+def _vec(values: Sequence[float], n: int, what: str, path: str) -> np.ndarray:
+    try:
+        v = np.asarray([float(x) for x in values], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ImagingError(f"malformed {what} {values!r}", path) from exc
+    if v.shape != (n,) or not np.all(np.isfinite(v)):
+        raise ImagingError(f"malformed {what} {values!r}", path)
+    return v
+
+
+def _stack_geometry(
+    positions: list[np.ndarray],
+    iop: np.ndarray,
+    pixel_spacing: np.ndarray,
+    labels: list[str],
+    path: str,
+    default_dz: float,
+) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
+    """Sort slices along the normal and check they form one evenly spaced stack.
+
+    Returns (order, spacing (i, j, k), origin, direction) in LPS.
+    """
+    row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
+        raise ImagingError(f"ImageOrientationPatient {iop.tolist()} is not two orthonormal vectors", path)
+    normal = np.cross(row_dir, col_dir)
+    pos = np.asarray(positions)
+    dist = pos @ normal
+    order = np.argsort(dist, kind="stable")
+    dist = dist[order]
+    if len(pos) > 1:
+        steps = np.diff(dist)
+        dup = np.flatnonzero(steps < 1e-3)
+        if dup.size:
+            a, b = labels[order[dup[0]]], labels[order[dup[0] + 1]]
+            raise ImagingError(
+                f"{dup.size} duplicate slice position(s) (e.g. {a} and {b} at "
+                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data",
+                path,
+            )
+        dz = float(np.median(steps))
+        worst = int(np.argmax(np.abs(steps - dz)))
+        if abs(steps[worst] - dz) > SPACING_RTOL * dz:
+            raise ImagingError(
+                f"uneven slice spacing: {steps[worst]:.3f} mm between {labels[order[worst]]} and "
+                f"{labels[order[worst + 1]]}, {dz:.3f} mm elsewhere (missing slices?)",
+                path,
+            )
+        # In-plane drift means a tilted (sheared) stack that a direction matrix cannot express.
+        drift = pos[order] - pos[order[0]] - np.outer(dist - dist[0], normal)
+        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())):
+            raise ImagingError(
+                f"slices are not stacked along their normal (gantry tilt or shear of "
+                f"{np.abs(drift).max():.3f} mm)",
+                path,
+            )
+    else:
+        dz = default_dz
+    direction = np.stack([row_dir, col_dir, normal], axis=1)
+    spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), float(dz))
+    return order, spacing, tuple(pos[order[0]]), direction
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{float(x):.6g}" for x in values) + "]"
+
+
+def _slice_thickness(ds: pydicom.Dataset) -> float:
+    for tag in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            v = float(ds.get(tag) or 0)
+        except (TypeError, ValueError):
+            v = 0.0
+        if v > 0:
+            return v
+    return 1.0
+
+
+def _modality(ds: pydicom.Dataset, modality: str | None) -> str:
+    return (modality or str(ds.get("Modality", "") or "OT")).upper()
+
+
+def _uids(ds: pydicom.Dataset) -> dict[str, str | None]:
+    def get(tag: str) -> str | None:
+        v = ds.get(tag)
+        return str(v) if v else None
+
+    return {
+        "series_uid": get("SeriesInstanceUID"),
+        "study_uid": get("StudyInstanceUID"),
+        "frame_of_reference_uid": get("FrameOfReferenceUID"),
+    }
+
+
+def _compact(array: np.ndarray) -> np.ndarray:
+    """Integer HU stay integers (int16 when they fit) so labelmaps and windows stay exact."""
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        lo, hi = int(array.min()), int(array.max())
+        for dt in (np.int16, np.int32):
+            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+                return array.astype(dt, copy=False)
+    return array
+
+
+def read_dicom_series(
+    folder: str | os.PathLike[str],
+    series_uid: str | None = None,
+    modality: str | None = None,
+    max_voxels: int = MAX_VOXELS,
+) -> Volume:
+    """Read one series from a folder with SimpleITK's GDCM series reader.
+
+    With several series in the folder, ``series_uid`` must name one; the error lists them.
+    """
+    folder = os.fspath(folder)
+    series = list_dicom_series(folder)
+    if not series:
+        raise ImagingError("no DICOM image series found in this folder", folder)
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "\n  ".join(str(s) for s in series)
+            raise ImagingError(
+                f"{len(series)} series found; choose one with series_uid=:\n  {listing}", folder
+            )
+        series_uid = series[0].series_uid
+    elif series_uid not in {s.series_uid for s in series}:
+        raise ImagingError(
+            f"series {series_uid} not found; present: " + ", ".join(s.series_uid for s in series), folder
+        )
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+    headers = [_header(f) for f in files]
+    for f, ds in zip(files, headers, strict=True):
+        _require_image(ds, f)
+    if len(files) == 1:
+        return read_dicom_file(files[0], modality=modality, max_voxels=max_voxels)
+    first = headers[0]
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImagingError(
+            f"series {series_uid} mixes {len(files)} multi-frame files; read them one by one", folder
+        )
+
+    def same(tag: str, what: str, atol: float = 0.0) -> None:
+        ref = first.get(tag)
+        for f, ds in zip(files[1:], headers[1:], strict=True):
+            v = ds.get(tag)
+            if ref is None or v is None:
+                if ref is not v:
+                    raise ImagingError(f"mixed series: {what} missing in some files ({f})", folder)
+                continue
+            a, b = np.atleast_1d(np.asarray(ref, dtype=float)), np.atleast_1d(np.asarray(v, dtype=float))
+            if a.shape != b.shape or not np.allclose(a, b, atol=atol, rtol=0):
+                raise ImagingError(
+                    f"mixed series: {what} {_fmt(a)} in {os.path.basename(files[0])} but "
+                    f"{_fmt(b)} in {os.path.basename(f)}",
+                    folder,
+                )
+
+    same("Rows", "rows")
+    same("Columns", "columns")
+    same("SamplesPerPixel", "samples per pixel")
+    same("ImageOrientationPatient", "orientations", ORIENTATION_ATOL)
+    same("PixelSpacing", "pixel spacings", 1e-4)
+    for f, ds in zip(files, headers, strict=True):
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise ImagingError(f"no {tag}: cannot place the slice in patient space", f)
+    iop = _vec(first.ImageOrientationPatient, 6, "ImageOrientationPatient", files[0])
+    ps = _vec(first.PixelSpacing, 2, "PixelSpacing", files[0])
+    positions = [
+        _vec(ds.ImagePositionPatient, 3, "ImagePositionPatient", f)
+        for f, ds in zip(files, headers, strict=True)
+    ]
+    order, spacing, origin, direction = _stack_geometry(
+        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first)
+    )
+    files = [files[i] for i in order]
+    headers = [headers[i] for i in order]
+    spp = int(first.get("SamplesPerPixel", 1) or 1)
+    check_size((len(files), int(first.Rows), int(first.Columns), spp), folder, max_voxels)
+
+    slopes = {
+        (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in headers
+    }
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
+    if len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes):
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ImagingError(
+            f"corrupt or unreadable pixel data ({str(exc).strip().splitlines()[-1]})", folder
+        ) from exc
+    array = _compact(sitk.GetArrayFromImage(image))
+    want = (len(files), int(first.Rows), int(first.Columns)) + ((3,) if spp == 3 else ())
+    if array.shape != want:
+        raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
+    # Cross-check: GDCM's geometry must agree with ours, or something is off with the headers.
+    itk_m = np.asarray(image.GetDirection()).reshape(3, 3)
+    if not (np.allclose(itk_m, direction, atol=1e-4) and np.allclose(image.GetOrigin(), origin, atol=1e-3)):
+        raise ImagingError("GDCM and header geometry disagree (inconsistent slice headers)", folder)
+    check_voxels(array, folder)
+    return Volume(
+        array=array,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=_modality(first, modality),
+        **_uids(first),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in headers),
+        source_files=tuple(files),
+        source=folder,
+        invert_display=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+    )
+
+
+def _frame_rescale(ds: pydicom.Dataset, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame (slope, intercept): enhanced functional groups, then the top level, then RT Dose."""
+    slope = np.full(n_frames, float(ds.get("RescaleSlope", 1) or 1))
+    inter = np.full(n_frames, float(ds.get("RescaleIntercept", 0) or 0))
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    for f in range(n_frames):
+        for groups in ((per[f] if per and f < len(per) else None), (shared[0] if shared else None)):
+            seq = groups.get("PixelValueTransformationSequence") if groups is not None else None
+            if seq:
+                slope[f] = float(seq[0].get("RescaleSlope", 1) or 1)
+                inter[f] = float(seq[0].get("RescaleIntercept", 0) or 0)
+                break
+    if "DoseGridScaling" in ds:
+        slope[:] = float(ds.DoseGridScaling)
+    return slope, inter
+
+
+def _functional(ds: pydicom.Dataset, frame: int, seq_name: str) -> pydicom.Dataset | None:
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per and frame < len(per) and seq_name in per[frame]:
+        return per[frame][seq_name][0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and seq_name in shared[0]:
+        return shared[0][seq_name][0]
+    return None
+
+
+def _file_geometry(
+    ds: pydicom.Dataset, n_frames: int, path: str
+) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
+    """(frame order, spacing, origin, direction, has_patient_geometry) of one DICOM file."""
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        orients, positions, spacings = [], [], []
+        for f in range(n_frames):
+            o, p, m = (
+                _functional(ds, f, s)
+                for s in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
+            )
+            if o is None or p is None or m is None:
+                break
+            orients.append(_vec(o.ImageOrientationPatient, 6, "ImageOrientationPatient", path))
+            positions.append(_vec(p.ImagePositionPatient, 3, "ImagePositionPatient", path))
+            spacings.append(_vec(m.PixelSpacing, 2, "PixelSpacing", path))
+        if len(positions) == n_frames:
+            if not all(np.allclose(o, orients[0], atol=ORIENTATION_ATOL) for o in orients):
+                raise ImagingError("mixed orientations among the frames", path)
+            if not all(np.allclose(s, spacings[0], atol=1e-4) for s in spacings):
+                raise ImagingError("mixed pixel spacings among the frames", path)
+            m0 = _functional(ds, 0, "PixelMeasuresSequence")
+            order, spacing, origin, direction = _stack_geometry(
+                positions,
+                orients[0],
+                spacings[0],
+                [f"frame {f + 1}" for f in range(n_frames)],
+                path,
+                _slice_thickness(m0) if m0 is not None else 1.0,
+            )
+            return order, spacing, origin, direction, True
+    if all(t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+        iop = _vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path)
+        ipp = _vec(ds.ImagePositionPatient, 3, "ImagePositionPatient", path)
+        ps = _vec(ds.PixelSpacing, 2, "PixelSpacing", path)
+        if n_frames == 1:
+            order, spacing, origin, direction = _stack_geometry(
+                [ipp], iop, ps, ["frame 1"], path, _slice_thickness(ds)
+            )
+            return order, spacing, origin, direction, True
+        if "GridFrameOffsetVector" in ds:  # RT Dose: frames offset along the normal
+            offsets = np.asarray([float(v) for v in ds.GridFrameOffsetVector])
+            if len(offsets) != n_frames:
+                raise ImagingError(
+                    f"GridFrameOffsetVector has {len(offsets)} values for {n_frames} frames", path
+                )
+            normal = np.cross(iop[:3], iop[3:])
+            positions = [ipp + o * normal for o in offsets]
+            order, spacing, origin, direction = _stack_geometry(
+                positions, iop, ps, [f"frame {f + 1}" for f in range(n_frames)], path, 1.0
+            )
+            return order, spacing, origin, direction, True
+    # No patient geometry: a plain grid, flagged so nobody mistakes it for patient space.
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    sp = _vec(ps, 2, "PixelSpacing", path) if ps else np.ones(2)
+    if np.any(sp <= 0):
+        sp = np.ones(2)
+    return None, (float(sp[1]), float(sp[0]), _slice_thickness(ds)), (0.0, 0.0, 0.0), np.eye(3), False
+
+
+def read_dicom_file(
+    path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read a single-frame or multi-frame DICOM image file with pydicom (rescale applied)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImagingError("no such file", path)
+    ds = _header(path)
+    _require_image(ds, path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    check_size((n_frames, int(ds.Rows), int(ds.Columns), spp), path, max_voxels)
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad pixel data
+        raise ImagingError(f"corrupt or unreadable pixel data ({exc})", path) from exc
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+        spp = 3
+    rgb = spp == 3
+    if n_frames == 1:
+        pixels = pixels[None]
+    want = (n_frames, int(ds.Rows), int(ds.Columns)) + ((3,) if rgb else ())
+    if pixels.shape != want:
+        raise ImagingError(f"pixel data has shape {pixels.shape}, headers say {want}", path)
+    order, spacing, origin, direction, geo = _file_geometry(ds, n_frames, path)
+    if not rgb:
+        slope, inter = _frame_rescale(ds, n_frames)
+        if np.all(slope == 1) and np.all(inter == inter.astype(np.int64)):
+            pixels = pixels.astype(np.int64) + inter.astype(np.int64)[:, None, None]
+            pixels = _compact(pixels)
+        else:
+            pixels = (pixels.astype(np.float64) * slope[:, None, None] + inter[:, None, None]).astype(
+                np.float32
+            )
+    if order is not None:
+        pixels = pixels[order]
+    check_voxels(pixels, path)
+    return Volume(
+        array=np.ascontiguousarray(pixels),
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=_modality(ds, modality),
+        **_uids(ds),
+        sop_instance_uids=(str(ds.SOPInstanceUID),),
+        source_files=(path,),
+        source=path,
+        frame_numbers=tuple(int(f) + 1 for f in (order if order is not None else range(n_frames))),
+        has_patient_geometry=geo,
+        invert_display=photometric == "MONOCHROME1",
+    )
+
+
+def read_dicom(
+    path: str | os.PathLike[str],
+    series_uid: str | None = None,
+    modality: str | None = None,
+    max_voxels: int = MAX_VOXELS,
+) -> Volume:
+    """A folder is read as a series, a file as a single or multi-frame image."""
+    p = Path(path)
+    if p.is_dir():
+        return read_dicom_series(p, series_uid=series_uid, modality=modality, max_voxels=max_voxels)
+    return read_dicom_file(p, modality=modality, max_voxels=max_voxels)

@@ -1,0 +1,168 @@
+"""Readers for NIfTI (nibabel), NRRD incl. ``.seg.nrrd`` (pynrrd) and 2D PNG/JPG/TIFF (Pillow)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import nibabel as nib
+import nrrd
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImagingError
+from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine
+
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nrrd.NRRDError,
+    TypeError,
+    IndexError,
+)
+
+
+def _exists(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ImagingError("no such file", path)
+
+
+def _squeeze_to_3d(shape: tuple[int, ...], path: str) -> tuple[int, ...]:
+    """Allow trailing singleton axes (a 3D image saved as 1-frame 4D); refuse real 4D data."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        return (*shape, 1)
+    if len(shape) < 2:
+        raise ImagingError(f"{len(shape)}D data (shape {shape}): an image needs 2 or 3 dimensions", path)
+    if len(shape) > 3:
+        if any(s != 1 for s in shape[3:]):
+            raise ImagingError(
+                f"{len(shape)}D data (shape {shape}): one 3D volume is expected; "
+                "split time points or channels first",
+                path,
+            )
+        shape = shape[:3]
+    return shape
+
+
+def read_nifti(
+    path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read a NIfTI-1/2 file; scl_slope/inter applied; the sform/qform affine converted to LPS."""
+    path = os.fspath(path)
+    _exists(path)
+    try:
+        img = nib.load(path)
+        shape = _squeeze_to_3d(img.shape, path)
+        check_size(shape, path, max_voxels)
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=float)
+    except ImagingError:
+        raise
+    except _READ_ERRORS as exc:
+        raise ImagingError(f"unreadable or corrupt NIfTI ({exc})", path) from exc
+    if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays
+        raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
+    data = data.reshape(shape)
+    check_voxels(data, path)
+    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
+    return volume_from_affine(array, LPS_TO_RAS @ affine, modality=(modality or "OT").upper(), source=path)
+
+
+_SPACES = {
+    "left-posterior-superior": np.eye(3),
+    "lps": np.eye(3),
+    "right-anterior-superior": LPS_TO_RAS[:3, :3],
+    "ras": LPS_TO_RAS[:3, :3],
+    "left-anterior-superior": np.diag([1.0, -1.0, 1.0]),
+    "las": np.diag([1.0, -1.0, 1.0]),
+}
+
+
+def read_nrrd(
+    path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read a 3D NRRD (``.nrrd``, ``.nhdr``, ``.seg.nrrd`` single layer) with its LPS/RAS geometry."""
+    path = os.fspath(path)
+    _exists(path)
+    try:
+        header = nrrd.read_header(path)
+    except _READ_ERRORS as exc:
+        raise ImagingError(f"unreadable NRRD header ({exc})", path) from exc
+    sizes = tuple(int(s) for s in header.get("sizes", ()))
+    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
+    if len(sizes) == 4 and kinds[0] in ("list", "vector") and any(k.startswith("Segment") for k in header):
+        raise ImagingError(
+            f"multi-layer segmentation ({sizes[0]} layers of overlapping segments): "
+            "read each layer in Slicer or merge the segments first",
+            path,
+        )
+    shape = _squeeze_to_3d(sizes, path)
+    check_size(shape, path, max_voxels)
+    try:
+        data, header = nrrd.read(path, index_order="F")
+    except _READ_ERRORS as exc:
+        raise ImagingError(f"unreadable or corrupt NRRD data ({exc})", path) from exc
+    data = data.reshape(shape, order="A")
+    check_voxels(data, path)
+    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    space = str(header.get("space", "")).lower()
+    dirs = header.get("space directions")
+    is_seg = any(k.startswith("Segment") for k in header)
+    kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
+    if space in _SPACES and dirs is not None:
+        dirs = np.asarray(dirs, dtype=float)[: len(sizes)]
+        if dirs.shape[0] < 3 or not np.all(np.isfinite(dirs[:3])):
+            raise ImagingError(f"malformed space directions {header.get('space directions')}", path)
+        to_lps = _SPACES[space]
+        m = np.eye(4)
+        m[:3, :3] = to_lps @ dirs[:3].T  # NRRD lists one vector per axis
+        m[:3, 3] = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+        return volume_from_affine(array, m, **kw)
+    if space:
+        raise ImagingError(f"unsupported NRRD space {space!r}", path)
+    spacings = header.get("spacings")
+    sp = tuple(float(s) for s in spacings[:3]) if spacings is not None else (1.0, 1.0, 1.0)
+    return Volume(array=array, spacing=sp, has_patient_geometry=False, **kw)
+
+
+def read_image2d(
+    path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read a PNG/JPG/TIFF/BMP picture as a one-slice volume without patient geometry.
+
+    Grey stays grey (8 or 16 bit), colour becomes RGB; an alpha channel is accepted only if opaque.
+    """
+    path = os.fspath(path)
+    _exists(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            check_size((h, w), path, max_voxels)
+            if getattr(img, "n_frames", 1) > 1:
+                raise ImagingError(f"{img.n_frames} pages/frames; one 2D image is expected", path)
+            img.load()
+            mode = img.mode
+            if mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("L" if mode == "1" else "RGB")
+            elif mode == "LA":
+                img = img.convert("RGBA")
+            array = np.asarray(img)
+    except ImagingError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImagingError(f"unreadable or corrupt image ({exc})", path) from exc
+    if array.ndim == 3 and array.shape[2] == 4:
+        if np.any(array[..., 3] != 255):
+            raise ImagingError("image has transparent pixels; flatten the alpha channel first", path)
+        array = array[..., :3]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ImagingError(f"unsupported pixel layout {array.shape} (mode {mode})", path)
+    array = np.ascontiguousarray(array)[None]
+    check_voxels(array, path)
+    return Volume(array=array, modality=(modality or "OT").upper(), source=path, has_patient_geometry=False)

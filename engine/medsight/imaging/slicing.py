@@ -1,0 +1,203 @@
+"""Slices along anatomical planes, as exact array slabs with an exact pixel <-> voxel mapping.
+
+For each plane (axial, coronal, sagittal, in patient space) the array axis most aligned with the
+plane's normal is chosen, jointly for the three planes, so any direction matrix works. A slice is then
+a slab of the array, transposed and flipped so it displays in radiological convention (axial and
+coronal: patient right on the left of the image; axial: anterior up; coronal and sagittal: superior up;
+sagittal: anterior on the left). No voxel is interpolated: a truly oblique volume is sliced along its
+nearest array axis, and the slice says so (``oblique``, ``obliquity_deg``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ImagingError
+from .volume import Volume
+
+PLANES = ("axial", "coronal", "sagittal")
+# RAS normal, direction of increasing column, direction of increasing row (image top to bottom).
+_PLANE_FRAMES = {
+    "axial": (np.array([0.0, 0.0, 1.0]), np.array([-1.0, 0.0, 0.0]), np.array([0.0, -1.0, 0.0])),
+    "coronal": (np.array([0.0, 1.0, 0.0]), np.array([-1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0])),
+    "sagittal": (np.array([1.0, 0.0, 0.0]), np.array([0.0, -1.0, 0.0]), np.array([0.0, 0.0, -1.0])),
+}
+#: Slices whose normal is further than this from the anatomical normal are flagged oblique.
+OBLIQUE_TOL_DEG = 1e-3
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """How one plane maps onto array axes (0 = i, 1 = j, 2 = k)."""
+
+    plane: str
+    normal_axis: int
+    col_axis: int
+    row_axis: int
+    flip_cols: bool
+    flip_rows: bool
+    obliquity_deg: float
+
+
+@dataclass
+class Slice:
+    """A 2D slice of a volume and the exact map of its pixels to voxels and to patient space.
+
+    ``pixels`` is (rows, cols) or (rows, cols, 3); pixel (col, row) is the voxel
+    ``pixel_to_ijk @ (col, row, 0, 1)``; ``slice_to_ras`` maps the same vector to RAS millimetres.
+    ``index`` is the array index along ``layout.normal_axis``.
+    """
+
+    pixels: np.ndarray
+    plane: str
+    index: int
+    layout: SliceLayout
+    pixel_to_ijk: np.ndarray
+    slice_to_ras: np.ndarray
+    volume_shape: tuple[int, int, int]
+    pixel_spacing: tuple[float, float]  # (column step, row step) in mm
+    thickness: float
+
+    @property
+    def oblique(self) -> bool:
+        """True when the volume is tilted relative to the anatomical plane (the slab is still exact)."""
+        return self.layout.obliquity_deg > OBLIQUE_TOL_DEG
+
+    @property
+    def obliquity_deg(self) -> float:
+        return self.layout.obliquity_deg
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def slice_to_lps(self) -> np.ndarray:
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.slice_to_ras
+
+    def voxel_indices(self) -> np.ndarray:
+        """(rows, cols, 3) integer (i, j, k) voxel index of every pixel."""
+        rows, cols = self.shape
+        y, x = np.mgrid[0:rows, 0:cols]
+        pts = np.stack([x, y, np.zeros_like(x), np.ones_like(x)], axis=-1) @ self.pixel_to_ijk.T
+        return np.rint(pts[..., :3]).astype(np.int64)
+
+    def paste(self, target: np.ndarray, values: np.ndarray) -> None:
+        """Write a (rows, cols) array into a (k, j, i) array at exactly this slice's voxels."""
+        if tuple(target.shape[:3]) != self.volume_shape:
+            raise ImagingError(f"target shape {target.shape} is not the slice's volume {self.volume_shape}")
+        values = np.asarray(values)
+        if values.shape[:2] != self.shape:
+            raise ImagingError(
+                f"mask shape {values.shape} does not match the {self.plane} slice {self.shape}"
+            )
+        _slab(target, self.layout, self.index)[...] = _orient(values, self.layout)
+
+    def take(self, source: np.ndarray) -> np.ndarray:
+        """The values of a (k, j, i) array (e.g. a labelmap) on this slice's pixels."""
+        if tuple(source.shape[:3]) != self.volume_shape:
+            raise ImagingError(f"array shape {source.shape} is not the slice's volume {self.volume_shape}")
+        return np.ascontiguousarray(_orient(_slab(source, self.layout, self.index), self.layout))
+
+
+def _slab(array_kji: np.ndarray, layout: SliceLayout, index: int) -> np.ndarray:
+    """A (rows, cols[, 3]) *view* of the array at ``index`` along the normal, before flips."""
+    ijk = np.moveaxis(array_kji, (0, 1, 2), (2, 1, 0))  # view indexed [i, j, k, ...]
+    return np.moveaxis(ijk, (layout.row_axis, layout.col_axis, layout.normal_axis), (0, 1, 2))[:, :, index]
+
+
+def _orient(a: np.ndarray, layout: SliceLayout) -> np.ndarray:
+    """Apply the row/column flips (an involution, so it also undoes them)."""
+    return a[:: -1 if layout.flip_rows else 1, :: -1 if layout.flip_cols else 1]
+
+
+def plane_layouts(volume: Volume) -> dict[str, SliceLayout]:
+    """For each anatomical plane: the array axes and flips that show it (see module docstring)."""
+    d = volume.direction_ras  # columns: RAS directions of i, j, k
+    normals = [_PLANE_FRAMES[p][0] for p in PLANES]
+    # The three planes get three distinct axes: the permutation with the best total alignment.
+    best = max(
+        itertools.permutations(range(3)),
+        key=lambda perm: sum(abs(d[:, perm[n]] @ normals[n]) for n in range(3)),
+    )
+    out = {}
+    for plane, axis in zip(PLANES, best, strict=True):
+        normal, u, v = _PLANE_FRAMES[plane]
+        a, b = (x for x in range(3) if x != axis)
+        # The in-plane axis closer to the image's column direction becomes the columns.
+        if abs(d[:, a] @ u) + abs(d[:, b] @ v) >= abs(d[:, b] @ u) + abs(d[:, a] @ v):
+            col, row = a, b
+        else:
+            col, row = b, a
+        slab_normal = np.cross(d[:, col], d[:, row])
+        cos = abs(slab_normal @ normal) / np.linalg.norm(slab_normal)
+        out[plane] = SliceLayout(
+            plane,
+            axis,
+            col,
+            row,
+            bool(d[:, col] @ u < 0),
+            bool(d[:, row] @ v < 0),
+            float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))),
+        )
+    return out
+
+
+def _check_plane(plane: str) -> str:
+    p = plane.lower()
+    if p not in _PLANE_FRAMES:
+        raise ImagingError(f"unknown plane {plane!r}; use one of {', '.join(PLANES)}")
+    return p
+
+
+def slice_count(volume: Volume, plane: str) -> int:
+    """Number of slices of ``volume`` in ``plane``."""
+    return volume.size_ijk[plane_layouts(volume)[_check_plane(plane)].normal_axis]
+
+
+def extract_slice(volume: Volume, plane: str, index: int) -> Slice:
+    """Slice ``index`` (array index along the plane's axis) of ``volume`` in an anatomical plane."""
+    plane = _check_plane(plane)
+    layout = plane_layouts(volume)[plane]
+    size = volume.size_ijk
+    n = size[layout.normal_axis]
+    if not 0 <= index < n:
+        raise ImagingError(f"{plane} slice {index} is outside 0..{n - 1}", volume.source)
+    p2i = np.zeros((4, 4))
+    p2i[layout.col_axis, 0] = -1.0 if layout.flip_cols else 1.0
+    p2i[layout.row_axis, 1] = -1.0 if layout.flip_rows else 1.0
+    p2i[layout.normal_axis, 2] = 1.0
+    p2i[layout.col_axis, 3] = size[layout.col_axis] - 1 if layout.flip_cols else 0
+    p2i[layout.row_axis, 3] = size[layout.row_axis] - 1 if layout.flip_rows else 0
+    p2i[layout.normal_axis, 3] = index
+    p2i[3, 3] = 1.0
+    pixels = np.ascontiguousarray(_orient(_slab(volume.array, layout, index), layout))
+    sp = volume.spacing
+    return Slice(
+        pixels=pixels,
+        plane=plane,
+        index=int(index),
+        layout=layout,
+        pixel_to_ijk=p2i,
+        slice_to_ras=volume.ijk_to_ras @ p2i,
+        volume_shape=volume.shape,
+        pixel_spacing=(sp[layout.col_axis], sp[layout.row_axis]),
+        thickness=sp[layout.normal_axis],
+    )
+
+
+def iter_slices(volume: Volume, plane: str) -> Iterator[Slice]:
+    """All slices of ``volume`` in ``plane``, in array order."""
+    for index in range(slice_count(volume, plane)):
+        yield extract_slice(volume, plane, index)
+
+
+def slice_at_ras(volume: Volume, plane: str, ras: tuple[float, float, float]) -> Slice:
+    """The slice in ``plane`` containing the voxel nearest to a RAS point (e.g. Slicer's crosshair)."""
+    plane = _check_plane(plane)
+    ijk = np.linalg.solve(volume.ijk_to_ras, np.append(np.asarray(ras, dtype=float), 1.0))[:3]
+    return extract_slice(volume, plane, int(np.rint(ijk[plane_layouts(volume)[plane].normal_axis])))

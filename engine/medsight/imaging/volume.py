@@ -1,0 +1,154 @@
+"""`Volume`: a voxel array with its exact patient-space geometry and no patient identifiers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ImagingError
+
+# LPS (DICOM, ITK) and RAS (Slicer, NIfTI) differ by the sign of the first two axes.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Default upper bound on voxels (x components) a reader accepts: 1024^3, i.e. 2 GiB of int16.
+MAX_VOXELS = 1024**3
+
+
+@dataclass
+class Volume:
+    """A 3D image on a regular grid.
+
+    ``array`` is indexed ``[k, j, i]`` (slice, row, column), like SimpleITK and Slicer's
+    ``arrayFromVolume``; colour images carry a trailing axis of 3 (RGB). Geometry is stored the ITK way,
+    in LPS: ``spacing`` is (i, j, k) in mm, ``origin`` is the LPS centre of voxel (0, 0, 0) and the
+    columns of ``direction`` are the LPS unit vectors of the i, j and k axes.
+
+    Only the UIDs needed to reference the source are kept (series, study, frame of reference, and
+    per-slice SOP instance UIDs and file paths); names, IDs and dates of the patient never are.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    modality: str = "OT"
+    series_uid: str | None = None
+    study_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    sop_instance_uids: tuple[str, ...] = ()
+    source_files: tuple[str, ...] = ()
+    #: For a multi-frame file: the 1-based frame number of each k slice (frames are sorted by position).
+    frame_numbers: tuple[int, ...] = ()
+    source: str | None = None
+    #: False when the file has no patient geometry (PNG, a multi-frame file without positions):
+    #: the matrices then map indices to a unit grid only.
+    has_patient_geometry: bool = True
+    #: DICOM MONOCHROME1: low values are displayed white.
+    invert_display: bool = False
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if not self.array.dtype.isnative:  # big-endian files (NIfTI, DICOM) -> native for torch and VTK
+            self.array = self.array.astype(self.array.dtype.newbyteorder("="))
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        if self.array.ndim not in (3, 4) or (self.array.ndim == 4 and self.array.shape[3] != 3):
+            raise ImagingError(
+                f"a Volume needs a (k, j, i) or (k, j, i, 3) array, got {self.array.shape}", self.source
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(k, j, i) voxel counts."""
+        return tuple(int(n) for n in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def size_ijk(self) -> tuple[int, int, int]:
+        """(i, j, k) voxel counts, the order the matrices use."""
+        k, j, i = self.shape
+        return i, j, k
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.array.ndim == 4
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix from (i, j, k, 1) voxel indices to LPS millimetres."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
+        m[:3, 3] = self.origin
+        return m
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 matrix from (i, j, k, 1) voxel indices to RAS millimetres (Slicer's IJKToRAS)."""
+        return LPS_TO_RAS @ self.ijk_to_lps
+
+    @property
+    def direction_ras(self) -> np.ndarray:
+        """Columns: RAS unit vectors of the i, j and k axes."""
+        return LPS_TO_RAS[:3, :3] @ self.direction
+
+    def with_array(self, array: np.ndarray, modality: str | None = None) -> Volume:
+        """Same geometry and references, new voxels (e.g. a labelmap)."""
+        if tuple(array.shape[:3]) != self.shape:
+            raise ImagingError(
+                f"array shape {array.shape} does not match the volume's {self.shape}", self.source
+            )
+        return Volume(
+            array=array,
+            spacing=self.spacing,
+            origin=self.origin,
+            direction=self.direction.copy(),
+            modality=modality or self.modality,
+            series_uid=self.series_uid,
+            study_uid=self.study_uid,
+            frame_of_reference_uid=self.frame_of_reference_uid,
+            sop_instance_uids=self.sop_instance_uids,
+            source_files=self.source_files,
+            frame_numbers=self.frame_numbers,
+            source=self.source,
+            has_patient_geometry=self.has_patient_geometry,
+        )
+
+    def same_geometry(self, other: Volume, tol: float = 1e-4) -> bool:
+        """True when both volumes have the same grid in patient space."""
+        return self.shape == other.shape and bool(np.allclose(self.ijk_to_lps, other.ijk_to_lps, atol=tol))
+
+
+def volume_from_affine(array_kji: np.ndarray, ijk_to_lps: np.ndarray, **kwargs: object) -> Volume:
+    """Build a Volume from a 4x4 IJK-to-LPS matrix (spacing = column norms, direction = unit columns)."""
+    m = np.asarray(ijk_to_lps, dtype=float)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
+        raise ImagingError(f"degenerate voxel-to-patient matrix {m[:3, :3].tolist()}", kwargs.get("source"))  # type: ignore[arg-type]
+    return Volume(
+        array=array_kji,
+        spacing=tuple(spacing),
+        origin=tuple(m[:3, 3]),
+        direction=m[:3, :3] / spacing[None, :],
+        **kwargs,
+    )  # type: ignore[arg-type]
+
+
+def check_voxels(array: np.ndarray, path: str | None, allow_rgb: bool = True) -> None:
+    """Reject empty, NaN or infinite data, the shared last step of every reader."""
+    if array.size == 0 or 0 in array.shape:
+        raise ImagingError(f"empty image (shape {tuple(array.shape)})", path)
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            n_nan = int(np.isnan(array).sum())
+            raise ImagingError(f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values", path)
+
+
+def check_size(shape: tuple[int, ...], path: str | None, max_voxels: int) -> None:
+    """Refuse oversize data before it is read into memory."""
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    if n > max_voxels:
+        raise ImagingError(
+            f"oversize image: {n} voxels {tuple(shape)} exceeds the limit of {max_voxels}", path
+        )

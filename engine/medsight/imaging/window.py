@@ -1,0 +1,117 @@
+"""Intensity windowing to the 8-bit RGB the vision model expects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ImagingError
+
+
+@dataclass(frozen=True)
+class Window:
+    """A linear display window: ``center`` ± ``width`` / 2 maps to 0..255."""
+
+    center: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.center - self.width / 2
+
+    @property
+    def high(self) -> float:
+        return self.center + self.width / 2
+
+
+#: Standard CT windows in Hounsfield units (level, width).
+CT_PRESETS: dict[str, Window] = {
+    "abdomen": Window(50, 400),
+    "lung": Window(-600, 1500),
+    "bone": Window(400, 1800),
+    "brain": Window(40, 80),
+    "liver": Window(30, 150),
+}
+DEFAULT_CT_PRESET = "abdomen"
+#: Robust percentiles for modalities without absolute units (MR, US, PET, X-ray, ...).
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+
+def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Window:
+    """Window spanning the given percentiles of ``values`` (a slice or, for consistency, the volume)."""
+    v = np.asarray(values)
+    if v.size == 0:
+        raise ImagingError("cannot window an empty array")
+    lo, hi = (float(x) for x in np.percentile(v, percentiles))
+    if hi <= lo:  # constant image: any positive width shows it as mid-grey-or-black consistently
+        return Window(lo, 1.0)
+    return Window((lo + hi) / 2, hi - lo)
+
+
+def choose_window(
+    values: np.ndarray,
+    modality: str,
+    preset: str | None = None,
+    center: float | None = None,
+    width: float | None = None,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+) -> Window:
+    """An explicit center/width wins, then a named CT preset, then the CT default, else percentiles."""
+    if (center is None) != (width is None):
+        raise ImagingError("give both window center and width, or neither")
+    if center is not None and width is not None:
+        if not width > 0:
+            raise ImagingError(f"window width must be positive, got {width}")
+        return Window(float(center), float(width))
+    if preset is not None:
+        key = preset.lower()
+        if key in ("auto", "percentile", "robust"):
+            return robust_window(values, percentiles)
+        if key not in CT_PRESETS:
+            raise ImagingError(f"unknown window preset {preset!r}; known: {', '.join(CT_PRESETS)}, auto")
+        if modality.upper() != "CT":
+            raise ImagingError(f"preset {preset!r} is in Hounsfield units and needs CT, not {modality}")
+        return CT_PRESETS[key]
+    if modality.upper() == "CT":
+        return CT_PRESETS[DEFAULT_CT_PRESET]
+    return robust_window(values, percentiles)
+
+
+def apply_window(values: np.ndarray, window: Window, invert: bool = False) -> np.ndarray:
+    """Grey values -> uint8 RGB (``values.shape + (3,)``); colour input (last axis 3) is rescaled only."""
+    v = np.asarray(values)
+    if v.ndim >= 3 and v.shape[-1] == 3 and v.dtype == np.uint8:
+        return v.copy()  # already display RGB
+    scaled = (v.astype(np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if invert:
+        out = 255 - out
+    if v.ndim >= 3 and v.shape[-1] == 3:
+        return out
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+def to_rgb(
+    values: np.ndarray,
+    modality: str = "OT",
+    preset: str | None = None,
+    center: float | None = None,
+    width: float | None = None,
+    invert: bool = False,
+    window_from: np.ndarray | None = None,
+) -> np.ndarray:
+    """Window a 2D slice (H, W) or colour slice (H, W, 3) to uint8 (H, W, 3).
+
+    ``window_from`` (e.g. the whole volume) sets the percentile window so all slices match.
+    """
+    v = np.asarray(values)
+    if v.ndim == 3 and v.shape[-1] == 3:
+        if v.dtype == np.uint8:
+            return v.copy()
+        w = choose_window(v if window_from is None else window_from, "OT", None, center, width)
+        return apply_window(v, w, invert)
+    if v.ndim != 2:
+        raise ImagingError(f"to_rgb expects an (H, W) or (H, W, 3) slice, got shape {v.shape}")
+    w = choose_window(v if window_from is None else window_from, modality, preset, center, width)
+    return apply_window(v, w, invert)
