@@ -9,12 +9,11 @@ import sys
 import huggingface_hub.constants
 import pytest
 import torch
-from medsight_testing.release import write_release
-from safetensors.torch import load_file, save_file
-
 from medsight.config import tiny_config
 from medsight.model.checkpoints import CheckpointError, read_perceiver_state, safe_torch_load
 from medsight.model.loading import load_model, load_official, load_pretrained, save_pretrained
+from medsight_testing.release import write_release
+from safetensors.torch import load_file, save_file
 
 
 def load_tiny_release(root, **kwargs):
@@ -80,10 +79,10 @@ def test_lvlm_key_errors_are_named(golden, tmp_path):
 
 def test_missing_files_give_clear_errors(golden, tmp_path):
     root = write_release(golden, tmp_path / "r")
-    with pytest.raises(CheckpointError, match="checkpoint file not found: .*nope.pt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*nope\.pt"):
         load_tiny_release(root, vision=root / "nope.pt")
     (root / "medsight_full_instruct" / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors named in the index is missing"):
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors named in the index is missing"):
         load_tiny_release(root)
 
 

@@ -54,6 +54,7 @@ def test_unknown_key_falls_back_to_codebook_zero(golden_model, stage2_io):
 
 
 def test_training_warmup_doubling(golden_model, stage2_io):
-    q = golden_model.codebook.quantize(stage2_io["region_queries"][0], stage2_io["train_warmup_key"], warmup_doubling=True)
+    queries, key = stage2_io["region_queries"][0], stage2_io["train_warmup_key"]
+    q = golden_model.codebook.quantize(queries, key, warmup_doubling=True)
     assert_matches(q.z_q[None], stage2_io["train_warmup_z_q"], "warm-up value (2x code)")
     assert_matches(q.indices[None], stage2_io["train_warmup_indices"], "warm-up indices")

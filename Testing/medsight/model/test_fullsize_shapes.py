@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from medsight.config import get_preset
 from medsight.model.sizes import kv_cache_bytes_per_token, meta_model, model_size
 
@@ -19,7 +18,8 @@ def shapes(module, prefix=""):
 
 def test_regtok_keys_and_shapes(full_model, golden):
     expected = json.loads((golden / "fullsize_shapes_stage1.json").read_text())
-    ours = {**shapes(full_model.image_encoder, "image_encoder."), **shapes(full_model.region_perceiver, "region_perceiver.")}
+    ours = shapes(full_model.image_encoder, "image_encoder.")
+    ours.update(shapes(full_model.region_perceiver, "region_perceiver."))
     assert ours == expected
 
 

@@ -1,9 +1,8 @@
 """The Region Perceiver reproduces every official intermediate (golden perceiver_io.pt)."""
 
 import torch
-from medsight_testing.parity import assert_matches
-
 from medsight.model.perceiver import sine_position_encoding
+from medsight_testing.parity import assert_matches
 
 
 def test_sine_position_encoding_is_exact(perceiver_io):
@@ -58,7 +57,7 @@ def test_padded_batch_decode_equals_per_sample_decode(golden_model, perceiver_io
     perceiver = golden_model.region_perceiver
     grids = perceiver_io["batch2"]["patch_features"].reshape(2, 4, 4, -1)
     gen = torch.Generator().manual_seed(0)
-    codes = [torch.randn(3, 48, generator=gen, dtype=torch.float64), torch.randn(1, 48, generator=gen, dtype=torch.float64)]
+    codes = [torch.randn(k, 48, generator=gen, dtype=torch.float64) for k in (3, 1)]
     single = [perceiver.decode(grids[i : i + 1], codes[i][None])[0][0] for i in range(2)]
     padded = torch.zeros(2, 3, 48, dtype=torch.float64)
     valid = torch.zeros(2, 3, dtype=torch.bool)

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from medsight_testing.parity import assert_matches
-
 from medsight.model.vision import encode_image
+from medsight_testing.parity import assert_matches
 
 
 def test_block_outputs_match_golden(golden_model, perceiver_io):

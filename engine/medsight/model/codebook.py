@@ -24,7 +24,8 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     """
     hidden = max(d_in, d_out)
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, d_out), nn.GELU(), nn.LayerNorm(d_out)
+        nn.Linear(d_in, hidden), nn.GELU(), nn.LayerNorm(hidden),
+        nn.Linear(hidden, d_out), nn.GELU(), nn.LayerNorm(d_out),
     )
 
 

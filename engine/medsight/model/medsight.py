@@ -143,7 +143,9 @@ class MedSIGHTModel(nn.Module):
             return generate(self.language_model, inputs, mask, self.config.llm.eos_token_id, options,
                             on_step=on_step, should_stop=should_stop, keep_logits=keep_logits)
 
-    def code_states(self, output: GenerationOutput, row: int, options: GenerationOptions) -> tuple[list[int], torch.Tensor]:
+    def code_states(
+        self, output: GenerationOutput, row: int, options: GenerationOptions
+    ) -> tuple[list[int], torch.Tensor]:
         """Token indices of the codes in one generated row and the states that decode them (K, H).
 
         With no code: the official fallback (end-of-prompt state, K = 1) if enabled, else K = 0.

@@ -110,7 +110,7 @@ def prepare_image(
     resized = np.asarray(pil.resize((new_w, new_h), Image.BICUBIC))
     if mode == "crop":
         # torchvision's centre crop offsets (Python round: half to even).
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
         canvas = resized[top : top + size, left : left + size]
         shift_y, shift_x = -float(top), -float(left)
     else:
@@ -118,7 +118,7 @@ def prepare_image(
         canvas = np.zeros((size, size, 3), dtype=np.uint8)
         canvas[top : top + new_h, left : left + new_w] = resized
         shift_y, shift_x = float(top), float(left)
-    pixels = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1).float().div(255.0)
+    pixels = torch.from_numpy(np.array(canvas, copy=True)).permute(2, 0, 1).float().div(255.0)
     pixels = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     transform = InputTransform(
         source_height=height,

@@ -46,7 +46,7 @@ class VisionFeatures:
     @property
     def grid(self) -> torch.Tensor:
         b, n, c = self.patches.shape
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         return self.patches.reshape(b, side, side, c)
 
 

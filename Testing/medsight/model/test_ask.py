@@ -1,0 +1,87 @@
+"""`ask` end to end on the tiny model, and batching that never changes an answer."""
+
+import medsight
+import numpy as np
+import pytest
+import torch
+from medsight.model.generation import GenerationOptions
+from medsight.prompt import Message, tokenize_prompt
+from transformers import LogitsProcessor
+
+
+class ForceText(LogitsProcessor):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.ids[min(input_ids.shape[1], len(self.ids) - 1)]] = 0
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return medsight.load_model("tiny", device="cpu", dtype=torch.float64)
+
+
+def test_ask_returns_masks_on_the_image_grid(tiny):
+    image = np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    text = "assistant\nLiver [M0_16], spleen [M0_7]."
+    ids = [257, *tiny.tokenizer(text, add_special_tokens=False)["input_ids"], 258]
+    options = GenerationOptions(logits_processors=[ForceText(ids)])
+    answer = tiny.ask(image, "Please segment the liver and spleen.", options)
+    assert answer.text == "Liver [M0_16], spleen [M0_7]."
+    assert [(r.code, r.label) for r in answer.regions] == [("[M0_16]", "Liver"), ("[M0_7]", "spleen")]
+    for region in answer.regions:
+        assert region.mask.shape == (70, 50) and region.mask.dtype == bool
+        assert region.mask_logits.shape == (32, 32)
+        assert region.modality == 0
+        if region.mask.any():
+            r0, c0, r1, c1 = region.bbox
+            assert region.mask[r0 : r1 + 1, c0 : c1 + 1].sum() == region.mask.sum()
+            assert 0.5 < region.probability <= 1.0
+
+
+def test_no_code_means_no_mask_unless_the_official_fallback_is_on(tiny):
+    image = np.zeros((56, 56), dtype=np.uint8)
+    ids = [257] + tiny.tokenizer("assistant\nNo.", add_special_tokens=False)["input_ids"] + [258]
+    answer = tiny.ask(image, "Is there a tumour?", GenerationOptions(logits_processors=[ForceText(ids)]))
+    assert answer.text == "No." and answer.regions == []
+    official = GenerationOptions(logits_processors=[ForceText(ids)], no_code_fallback=True)
+    regions = tiny.ask(image, "Is there a tumour?", official).regions
+    assert len(regions) == 1 and regions[0].code is None
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    questions = ["Segment the kidney.", "Is this CT or MRI? Answer in one word please.", "Where?"]
+    encodings = [tiny.encode(tiny.prepare(im)[0]) for im in images]
+    prompts = [tokenize_prompt(tiny.tokenizer, [Message("user", q)]) for q in questions]
+    options = GenerationOptions(max_new_tokens=10)
+    batched = tiny.generate(prompts, encodings, options)
+    for i in range(3):
+        single = tiny.generate([prompts[i]], [encodings[i]], options)
+        n = single.lengths[0]
+        assert batched.lengths[i] == n
+        assert torch.equal(batched.tokens[i, :n], single.tokens[0, :n])
+        _, s_states = tiny.code_states(single, 0, options)
+        _, b_states = tiny.code_states(batched, i, options)
+        if s_states.shape[0]:
+            s_masks = tiny.decode_regions(encodings[i].grid, [s_states])[0]
+            grids = torch.cat([e.grid for e in encodings])
+            b_masks = tiny.decode_regions(grids, [b_states if j == i else b_states[:0] for j in range(3)])[i]
+            assert float((s_masks - b_masks).abs().max()) <= 1e-5
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    image = np.zeros((56, 56, 3), dtype=np.uint8)
+    options = GenerationOptions(do_sample=True, temperature=0.7, top_p=0.9, top_k=50, seed=3, max_new_tokens=8)
+    assert tiny.ask(image, "Describe.", options).token_ids == tiny.ask(image, "Describe.", options).token_ids
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="hidden_state_position must be 'before'"):
+        GenerationOptions(hidden_state_position="after")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GenerationOptions(temperature=0)
