@@ -113,3 +113,23 @@ def test_free_greedy_generation(golden_model, lvlm_io, encoding, prompt):
     assert_matches(golden_model.decode_regions(encoding.grid, [states])[0][None], ref["mask_logits"], "masks")
     text = golden_model.tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True)
     assert text == ref["answer_text"]
+
+
+def test_float32_run_within_the_float32_tolerance(golden_model, lvlm_io, perceiver_io, prompt):
+    """float32 throughout: <= 1e-4 * max|ref| + 1e-6 per tensor, identical tokens."""
+    import copy
+
+    model = copy.deepcopy(golden_model).float()
+    ref = lvlm_io["forced"]
+    encoding = model.encode(lvlm_io["pixel_values_fp32"][None])
+    assert_matches(torch.cat([encoding.patches, encoding.region_tokens], 1).float(), lvlm_io["tower_features"].float(),
+                   "float32 tower")
+    options = GenerationOptions(logits_processors=[ForceTokens(ref["forced_ids"].tolist())])
+    out = model.generate([prompt], [encoding], options)
+    _, states = model.code_states(out, 0, options)
+    masks = model.decode_regions(encoding.grid, [states])[0][None]
+    assert_matches(masks, ref["mask_logits"].float(), "float32 mask logits")
+    free = model.generate([prompt], [encoding], GenerationOptions(max_new_tokens=12))
+    assert free.tokens[0].tolist() == lvlm_io["free"]["sequences"].tolist()
+    seg = model.region_perceiver(perceiver_io["perceiver"]["grid_in"].float()).seg_logits
+    assert_matches(seg, perceiver_io["perceiver"]["seg_logits"].float(), "float32 perceiver seg logits")
