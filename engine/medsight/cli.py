@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
+
+    download = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local cache")
+    download.add_argument("repo", nargs="?", default="Caf0914/MedSIGHT")
+    download.add_argument("--revision")
+    download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
     return parser
 
 
@@ -102,11 +107,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id=args.repo, revision=args.revision, local_dir=args.dir)
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{args.repo}: not in the local cache, and the Hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as err:
+        raise ValueError(f"{args.repo}: download failed ({err})") from None
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        return {"ask": _ask, "info": _info}[args.command](args)
+        return {"ask": _ask, "info": _info, "download": _download}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.
         print(f"medsight: error: {err}", file=sys.stderr)

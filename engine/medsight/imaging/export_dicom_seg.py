@@ -9,7 +9,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from .. import __version__
+from medsight._version import __version__
+
 from .errors import ImagingError
 from .labelmap import Code, Segment, Segmentation, Terminology
 from .volume import Volume, volume_from_affine

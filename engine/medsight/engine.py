@@ -1,0 +1,421 @@
+"""`Engine`: one loaded MedSIGHT model answering questions about images or volume slices.
+
+One ask = prepare every slice (CPU) -> encode the slices not in the feature cache (one batch) -> generate all
+answers as one left-padded batch -> decode every slice's region codes in one padded perceiver call -> map masks
+back onto each slice's pixel grid. Batching never changes an answer: results equal one-by-one asks.
+
+Streaming (`on_token`, `on_region`) and cancellation (`cancel`) are plain callables and a `threading.Event`, so
+the HTTP server, the CLI and tests drive the same code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medsight.answer import Region, region_from_logits
+from medsight.feature_cache import CacheStats, FeatureCache, content_key
+from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
+from medsight.model.generation import GenerationOptions, GenerationOutput
+from medsight.model.loading import load_model
+from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
+from medsight.model.preprocess import InputTransform
+from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
+from medsight.tokens import parse_code_labels
+
+#: Default feature-cache bound. Encodings live on the model's device; 1 GiB (~400 slices of the full model in
+#: bf16) keeps the full model within its 18.5 GB GPU budget.
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Slices encoded per ViT call: bounds activation memory when a whole volume is asked at once.
+DEFAULT_ENCODE_BATCH = 32
+
+TokenCallback = Callable[[int, str], None]
+RegionCallback = Callable[[int, "SliceRegion"], None]
+
+
+@dataclass
+class VolumeSlices:
+    """Slices of a volume to ask about.
+
+    Attributes:
+        volume: the volume (raw intensities, e.g. HU for CT).
+        plane: "axial", "coronal" or "sagittal".
+        indices: slice indices along the plane's axis (unique).
+        window: a CT preset name ("abdomen", "lung", ..., or "auto"), an explicit `Window`, or None for the
+            modality default. The window is computed once for the whole volume, so a slice's pixels (and so its
+            answer and cache entry) never depend on which other slices are asked with it.
+    """
+
+    volume: Volume
+    plane: str
+    indices: Sequence[int]
+    window: str | Window | None = None
+
+
+@dataclass
+class SliceRegion(Region):
+    """A Region plus the slice it lies on (see `SliceAnswer.slice_index`)."""
+
+    slice_index: int = 0
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage. Per slice, a batched stage's time is shared equally among its slices."""
+
+    encode: float = 0.0
+    generate: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.generate + self.decode
+
+
+@dataclass
+class SliceAnswer:
+    """The answer about one slice.
+
+    Attributes:
+        slice_index: the volume slice index, or the image's position in the list for plain images.
+        text: answer text without special tokens or the `assistant` header.
+        regions: one per generated code, masks on the slice's pixel grid.
+        token_ids: generated ids, end-of-turn included when reached.
+        cancelled: the answer was cut short by the caller.
+        cached: the image features came from the cache (no encode ran for this slice).
+        slice: geometry of a volume slice (pixel -> voxel -> RAS); None for plain images.
+    """
+
+    slice_index: int
+    text: str
+    regions: list[SliceRegion] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    cancelled: bool = False
+    cached: bool = False
+    slice: Slice | None = None
+
+
+@dataclass
+class EngineAnswer:
+    """All slices' answers to one question, in request order, and the whole ask's timings."""
+
+    answers: list[SliceAnswer]
+    timings: Timings
+    cancelled: bool = False
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def __getitem__(self, i: int) -> SliceAnswer:
+        return self.answers[i]
+
+    def __iter__(self):
+        return iter(self.answers)
+
+
+@dataclass
+class _Input:
+    """One prepared slice of a request."""
+
+    slice_index: int
+    pixels: torch.Tensor
+    transform: InputTransform
+    key: str
+    slice: Slice | None = None
+
+
+class _TextStream:
+    """Incremental text of one generated row, for `on_token`.
+
+    Re-decodes the row each step (the tokenizer owns the byte/BPE merging rules), holds back text that may still
+    become the `assistant\\n` header or an incomplete UTF-8 character, and emits only what is new.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or ASSISTANT_PREFIX.startswith(text.lstrip()):
+            return ""
+        return self._advance(strip_assistant_prefix(text))
+
+    def flush(self, final_text: str) -> str:
+        """Whatever the final answer has beyond what was streamed (held-back tail)."""
+        return self._advance(final_text)
+
+    def _advance(self, visible: str) -> str:
+        if not visible.startswith(self.emitted):
+            return ""  # cannot happen for prefix-stable tokenizers; never emit text that contradicts the past
+        delta = visible[len(self.emitted) :]
+        self.emitted = visible
+        return delta
+
+
+class Engine:
+    """Holds one MedSIGHTModel and answers questions about 8-bit images or volume slices.
+
+    Thread-safe: concurrent `ask` calls are serialised around the model by one lock, because one device runs one
+    batch at a time and interleaving two generations would only add memory, not speed; batching many slices into
+    one ask is the way to throughput. Preparing images and hashing them runs outside the lock. Callbacks run on
+    the asking thread while the lock is held, so they must be quick and must not call `ask` on this engine.
+    """
+
+    def __init__(
+        self, model: MedSIGHTModel, cache_bytes: int = DEFAULT_CACHE_BYTES, encode_batch: int = DEFAULT_ENCODE_BATCH
+    ) -> None:
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
+        if encode_batch < 1:
+            raise ValueError("encode_batch must be >= 1")
+        self.model = model.eval()
+        self.encode_batch = encode_batch
+        self.cache = FeatureCache(cache_bytes)
+        self._model_lock = threading.Lock()
+        self.encode_calls = 0  # number of model.encode batches run (observability and tests)
+
+    @classmethod
+    def load(
+        cls,
+        source: str = "tiny",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        **load_kwargs,
+    ) -> Engine:
+        """Load a model (see `medsight.load_model`) and wrap it."""
+        return cls(load_model(source, device=device, dtype=dtype, **load_kwargs), cache_bytes=cache_bytes)
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats
+
+    # -- public --------------------------------------------------------------------------------------------------
+    def ask(
+        self,
+        images: Sequence[np.ndarray] | VolumeSlices,
+        messages: str | Sequence[Message],
+        options: GenerationOptions | None = None,
+        image_options: ImageOptions | None = None,
+        on_token: TokenCallback | None = None,
+        on_region: RegionCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> EngineAnswer:
+        """Ask the same question about every image (or volume slice); one answer per slice, in order.
+
+        Args:
+            images: 8-bit (H, W) or (H, W, 3) arrays, or `VolumeSlices`.
+            messages: a question, or a conversation (the image goes in the first user turn).
+            on_token: called with (slice_index, text delta) as text is generated.
+            on_region: called with (slice_index, region) once that slice's masks are decoded.
+            cancel: when set, generation stops after the current step; the partial answers come back with
+                `cancelled=True`.
+        Raises:
+            ValueError: empty input, a non-8-bit image, a slice index out of range, a bad conversation.
+        """
+        options = options or GenerationOptions()
+        image_options = image_options or ImageOptions()
+        prompt = self._prompt(messages)
+        inputs = self._prepare(images, image_options)
+        if cancel is not None and cancel.is_set():
+            empty = [SliceAnswer(x.slice_index, "", cancelled=True, slice=x.slice) for x in inputs]
+            return EngineAnswer(empty, Timings(), cancelled=True)
+        with self._model_lock:
+            return self._run(inputs, prompt, options, image_options, on_token, on_region, cancel)
+
+    def clear_cache(self) -> None:
+        """Forget all cached features (needed only if the model's weights were changed in place)."""
+        self.cache.clear()
+
+    # -- request preparation -------------------------------------------------------------------------------------
+    def _prompt(self, messages: str | Sequence[Message]) -> list[int]:
+        if isinstance(messages, str):
+            turns = [Message("user", messages)]
+        else:
+            turns = list(messages)
+            if not turns:
+                raise ValueError("messages is empty; give a question or a conversation")
+            bad = [m for m in turns if not isinstance(m, Message)]
+            if bad:
+                raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
+        return tokenize_prompt(self.model.tokenizer, turns, num_images=1)
+
+    def _prepare(self, images: Sequence[np.ndarray] | VolumeSlices, image_options: ImageOptions) -> list[_Input]:
+        """8-bit pixels of every requested slice -> model input, inverse transform and cache key."""
+        if isinstance(images, VolumeSlices):
+            sources = self._volume_images(images)
+        else:
+            if isinstance(images, np.ndarray):
+                raise ValueError("images must be a list of arrays; wrap a single image as [image]")
+            sources = [(i, np.asarray(image), None) for i, image in enumerate(images)]
+        if not sources:
+            raise ValueError("no images given; pass at least one image or slice index")
+        identity = self._model_identity()
+        prepared = []
+        for index, image, geometry in sources:
+            if image.dtype != np.uint8:
+                raise ValueError(
+                    f"image {index} has dtype {image.dtype}; expected uint8 (window it with medsight.imaging.to_rgb)"
+                )
+            pixels, transform = self.model.prepare(image, image_options.resize_mode)
+            key = content_key(pixels, image_options.resize_mode, image_options.round_pixels_to_bf16, identity)
+            prepared.append(_Input(index, pixels, transform, key, geometry))
+        return prepared
+
+    def _volume_images(self, request: VolumeSlices) -> list[tuple[int, np.ndarray, Slice]]:
+        volume, plane = request.volume, request.plane
+        indices = [int(i) for i in request.indices]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"slice indices must be unique, got {indices}")
+        count = slice_count(volume, plane)
+        outside = [i for i in indices if not 0 <= i < count]
+        if outside:
+            raise ValueError(f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
+        window = request.window
+        if not isinstance(window, Window) and not volume.is_rgb:
+            # One window for the whole volume (see VolumeSlices.window).
+            window = choose_window(volume.array, volume.modality, window)
+        out = []
+        for index in indices:
+            geometry = extract_slice(volume, plane, index)
+            if volume.is_rgb:
+                rgb = to_rgb(geometry.pixels)
+            else:
+                rgb = to_rgb(geometry.pixels, volume.modality, center=window.center, width=window.width,
+                             invert=volume.invert_display)
+            out.append((index, rgb, geometry))
+        return out
+
+    def _model_identity(self) -> str:
+        # The engine keeps its model alive, so id() is unique for the cache's lifetime; dtype and device are part
+        # of the key because moving the model changes its features.
+        return f"{type(self.model).__name__}:{id(self.model)}:{self.model.dtype}:{self.model.device}"
+
+    # -- model work (called with the model lock held) ------------------------------------------------------------
+    def _run(self, inputs, prompt, options, image_options, on_token, on_region, cancel) -> EngineAnswer:
+        start = time.perf_counter()
+        encodings, fresh = self._encode(inputs, image_options)
+        encoded = time.perf_counter()
+        output, streams = self._generate(inputs, prompt, encodings, options, on_token, cancel)
+        generated = time.perf_counter()
+        answers = self._decode(inputs, encodings, output, options, streams, on_token, on_region)
+        done = time.perf_counter()
+        total = Timings(encoded - start, generated - encoded, done - generated)
+        for answer, is_fresh in zip(answers, fresh, strict=True):
+            answer.cached = not is_fresh
+            answer.timings = Timings(
+                total.encode / max(1, sum(fresh)) if is_fresh else 0.0,
+                total.generate / len(answers),
+                total.decode / len(answers),
+            )
+        return EngineAnswer(answers, total, cancelled=output.cancelled)
+
+    def _encode(self, inputs: list[_Input], image_options: ImageOptions) -> tuple[list[ImageEncoding], list[bool]]:
+        """Each input's encoding, from the cache or from batched encode calls; also which were computed."""
+        found: dict[str, ImageEncoding] = {}
+        for x in inputs:
+            if x.key not in found:
+                hit = self.cache.get(x.key)
+                if hit is not None:
+                    found[x.key] = hit
+        # The same image twice in one request is encoded once.
+        missing = list({x.key: x for x in inputs if x.key not in found}.values())
+        for start in range(0, len(missing), self.encode_batch):
+            chunk = missing[start : start + self.encode_batch]
+            batch = self.model.encode(torch.stack([x.pixels for x in chunk]), image_options.round_pixels_to_bf16)
+            self.encode_calls += 1
+            for row, x in enumerate(chunk):
+                found[x.key] = batch.select(row)
+                self.cache.put(x.key, found[x.key])
+        _sync(self.model.device)
+        computed = {x.key for x in missing}
+        fresh, seen = [], set()
+        for x in inputs:
+            fresh.append(x.key in computed and x.key not in seen)
+            seen.add(x.key)
+        return [found[x.key] for x in inputs], fresh
+
+    def _generate(
+        self, inputs, prompt, encodings, options, on_token, cancel
+    ) -> tuple[GenerationOutput, list[_TextStream] | None]:
+        """One batch for all slices; streams text deltas and polls `cancel` between steps."""
+        streams = [_TextStream(self.model.tokenizer) for _ in inputs] if on_token is not None else None
+        done = [False] * len(inputs)
+
+        def on_step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+            if streams is None:
+                return
+            ids, ended = tokens.tolist(), finished.tolist()
+            for row, x in enumerate(inputs):
+                if done[row]:
+                    continue  # rows past their end-of-turn only repeat it
+                delta = streams[row].push(ids[row])
+                done[row] = ended[row]
+                if delta:
+                    on_token(x.slice_index, delta)
+
+        should_stop = cancel.is_set if cancel is not None else None
+        output = self.model.generate([prompt] * len(inputs), encodings, options, on_step=on_step,
+                                     should_stop=should_stop)
+        return output, streams
+
+    def _decode(self, inputs, encodings, output, options, streams, on_token, on_region) -> list[SliceAnswer]:
+        """All rows' codes through one padded perceiver decode, then masks onto each slice's grid."""
+        rows = [self._row(output, row, options) for row in range(len(inputs))]
+        if on_token is not None:
+            for x, stream, (_, text, _, _) in zip(inputs, streams, rows, strict=True):
+                tail = stream.flush(text)
+                if tail:
+                    on_token(x.slice_index, tail)
+        grids = torch.cat([e.grid for e in encodings])
+        logits = self.model.decode_regions(grids, [states for *_, states in rows])
+        answers = []
+        eos = self.model.config.llm.eos_token_id
+        for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):
+            regions = self._regions(x, ids, text, where, mask_logits)
+            cancelled = output.cancelled and (not ids or ids[-1] != eos)
+            answers.append(SliceAnswer(x.slice_index, text, regions, ids, cancelled=cancelled, slice=x.slice))
+            if on_region is not None:
+                for region in regions:
+                    on_region(x.slice_index, region)
+        _sync(self.model.device)
+        return answers
+
+    def _row(self, output: GenerationOutput, row: int, options: GenerationOptions):
+        ids = output.tokens[row, : output.lengths[row]].tolist()
+        text = strip_assistant_prefix(self.model.tokenizer.decode(ids, skip_special_tokens=True))
+        where, states = self.model.code_states(output, row, options)
+        return ids, text, where, states
+
+    def _regions(
+        self, x: _Input, ids: list[int], text: str, where: list[int], mask_logits: torch.Tensor
+    ) -> list[SliceRegion]:
+        """One region per decoded mask; the code's label is the phrase the answer puts before it."""
+        if mask_logits.shape[0] == 0:
+            return []
+        source = x.transform.logits_to_source(mask_logits.float())
+        labels = parse_code_labels(text)
+        regions = []
+        for k in range(mask_logits.shape[0]):
+            code, label = None, ""
+            if where:
+                code = self.model.codes.name_of(ids[where[k]])
+                label = labels[k][1] if k < len(labels) and labels[k][0] == code else ""
+            region = region_from_logits(code, label, k, mask_logits[k], source[k])
+            regions.append(SliceRegion(**vars(region), slice_index=x.slice_index))
+        return regions
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so stage timings measure the work, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
