@@ -1,0 +1,45 @@
+"""Golden fixtures for the training-loss tests (conftest fixtures of sibling folders are not shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsight.config import tiny_config
+from medsight.model.loading import load_official
+from medsight_testing.release import write_release
+
+
+@pytest.fixture(scope="session")
+def train_release_dir(golden: Path, tmp_path_factory) -> Path:
+    return write_release(golden, tmp_path_factory.mktemp("train_release"))
+
+
+@pytest.fixture(scope="session")
+def golden_model(train_release_dir: Path):
+    """The tiny golden model (with its codebook) loaded from the official layout, in float64 like the fixtures."""
+    model = load_official(
+        train_release_dir / "medsight_full_instruct",
+        train_release_dir / "region_perceiver" / "0079280.pt",
+        train_release_dir / "unimed_clip_vit_l14.pt",
+        train_release_dir / "codebook" / "0035673.pt",
+        base=tiny_config(),
+    )
+    return model.to(torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def perceiver_io(golden: Path) -> dict:
+    return torch.load(golden / "perceiver_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def stage2_io(golden: Path) -> dict:
+    return torch.load(golden / "stage2_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def lvlm_io(golden: Path) -> dict:
+    return torch.load(golden / "lvlm_io.pt", weights_only=True)
