@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -31,6 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ask.add_argument("--overlay", help="write the slice with the masks drawn on it to this PNG")
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions)")
+
+    serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
+    serve.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
+    serve.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token", default=os.environ.get("MEDSIGHT_TOKEN"),
+                       help="bearer token required from clients (needed for any non-loopback host)")
+    serve.add_argument("--device")
+    serve.add_argument("--max-upload-mb", type=int, default=1024)
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
 
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
@@ -93,6 +105,22 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import medsight
+    from medsight.server.app import create_app
+    from medsight.server.security import check_bind
+
+    check_bind(args.host, args.token)
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file)
+    app = create_app(engine, token=args.token, max_upload_bytes=args.max_upload_mb * 1024**2,
+                     request_timeout_s=args.timeout, model_name=str(args.model))
+    print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from medsight.config import get_preset
     from medsight.model.sizes import kv_cache_bytes_per_token, model_size
@@ -125,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        return {"ask": _ask, "info": _info, "download": _download}[args.command](args)
+        commands = {"ask": _ask, "serve": _serve, "info": _info, "download": _download}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.
         print(f"medsight: error: {err}", file=sys.stderr)

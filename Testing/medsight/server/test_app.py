@@ -1,0 +1,218 @@
+"""End to end through a real HTTP server on a loopback port with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from medsight.engine import VolumeSlices
+from medsight.imaging import Volume
+from medsight.model.generation import GenerationOptions
+from medsight.prompt import Message
+from medsight.server.app import create_app
+from medsight.server.rle import decode_mask, encode_mask
+from medsight.server.security import check_bind
+from medsight_testing.arrays import npy
+from medsight_testing.live_server import live_server
+
+QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
+
+
+def sse_events(response: httpx.Response):
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[len("data: "):])
+
+
+def upload(client: httpx.Client, body: bytes, params: dict) -> str:
+    r = client.post("/v1/volumes", content=body, params=params, headers={"content-type": "application/x-npy"})
+    assert r.status_code == 201, r.text
+    return r.json()["volume_id"]
+
+
+def test_rle_round_trip():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 9), (64, 80)]:
+        mask = rng.random(shape) > 0.5
+        assert np.array_equal(decode_mask(encode_mask(mask)), mask)
+    full = np.ones((3, 4), bool)
+    assert encode_mask(full)["counts"] == [0, 12]
+
+
+def test_health_model_card_and_openapi(server):
+    with httpx.Client(base_url=server) as c:
+        assert c.get("/v1/health").json()["status"] == "ok"
+        card = c.get("/v1/model").json()
+        assert card["random_weights"] and card["mask_size"] == 32 and card["num_region_codes"] == 576
+        assert "/v1/ask" in c.get("/openapi.json").json()["paths"]
+
+
+def test_stream_three_slices_of_a_real_volume(server, mni, mni_upload):
+    data = mni[0]
+    with httpx.Client(base_url=server, timeout=60) as c:
+        vid = upload(c, *mni_upload)
+        info = c.get(f"/v1/volumes/{vid}").json()
+        assert info["shape"] == list(data.shape) and info["modality"] == "MR"
+        request = {"volume_id": vid, "slices": {"plane": "axial", "indices": [30, 40, 50]}, "messages": QUESTION,
+                   "options": {"max_new_tokens": 12}, "stream": True}
+        kinds, regions, done = [], [], None
+        with c.stream("POST", "/v1/ask", json=request) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for kind, payload in sse_events(r):
+                kinds.append(kind)
+                if kind == "region":
+                    regions.append(payload)
+                if kind == "done":
+                    done = payload
+    assert kinds[0] == "job" and "token" in kinds and kinds[-1] == "done"
+    assert kinds.index("token") < kinds.index("region") if regions else True
+    assert len(done["answers"]) == 3
+    for answer in done["answers"]:
+        rows_cols = [data.shape[1], data.shape[2]]  # axial slices of a (k, j, i) volume are j x i
+        for region in answer["regions"]:
+            assert region["mask"]["shape"] == rows_cols
+            assert decode_mask(region["mask"]).shape == tuple(rows_cols)
+        assert np.asarray(answer["slice_to_ras"]).shape == (4, 4)
+    assert len(regions) == sum(len(a["regions"]) for a in done["answers"])
+
+
+def test_batched_answers_equal_one_by_one(server, mni_upload):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        vid = upload(c, *mni_upload)
+        ask = {"volume_id": vid, "messages": QUESTION, "options": {"max_new_tokens": 8}}
+        batched = c.post("/v1/ask", json={**ask, "slices": {"indices": [35, 45]}}).json()["answers"]
+        for i, index in enumerate([35, 45]):
+            single = c.post("/v1/ask", json={**ask, "slices": {"indices": [index]}}).json()["answers"][0]
+            assert single["text"] == batched[i]["text"]
+            assert [r["mask"] for r in single["regions"]] == [r["mask"] for r in batched[i]["regions"]]
+
+
+def test_cancel_mid_stream_stops_generation(server, mni_upload):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        vid = upload(c, *mni_upload)
+        base = {"volume_id": vid, "slices": {"indices": [40]}, "messages": QUESTION,
+                "options": {"max_new_tokens": 400, "repetition_penalty": 1.0}}
+        t0 = time.monotonic()
+        full = c.post("/v1/ask", json=base).json()
+        full_time = time.monotonic() - t0
+        job_id, tokens, done = None, 0, None
+        t0 = time.monotonic()
+        with c.stream("POST", "/v1/ask", json={**base, "stream": True}) as r:
+            for kind, payload in sse_events(r):
+                if kind == "job":
+                    job_id = payload["job_id"]
+                elif kind == "token":
+                    tokens += 1
+                    if tokens == 2:
+                        assert c.post(f"/v1/jobs/{job_id}/cancel").json() == {"job_id": job_id, "cancelled": True}
+                elif kind == "done":
+                    done = payload
+        cancelled_time = time.monotonic() - t0
+    assert done["cancelled"] and done["answers"][0]["cancelled"]
+    assert len(done["answers"][0]["text"]) < len(full["answers"][0]["text"])
+    assert cancelled_time < full_time, (cancelled_time, full_time)
+    with httpx.Client(base_url=server) as c:  # the job is over: cancelling again is a no-op, unknown ids 404
+        assert c.post(f"/v1/jobs/{job_id}/cancel").json()["cancelled"] is False
+        assert c.post("/v1/jobs/nope/cancel").status_code == 404
+
+
+def test_concurrent_clients_get_their_own_masks(server, engine):
+    """16 clients x 20 questions on different images; each answer must match the engine run on that image."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (24, 20), dtype=np.uint8) for _ in range(16)]
+    with httpx.Client(base_url=server, timeout=60) as c:
+        ids = [upload(c, npy(im), {"modality": "OT"}) for im in images]
+    options = {"max_new_tokens": 3}
+
+    def client(i: int) -> list[dict]:
+        with httpx.Client(base_url=server, timeout=120) as c:
+            out = []
+            for _ in range(20):
+                r = c.post("/v1/ask", json={"volume_id": ids[i], "messages": QUESTION, "options": options})
+                assert r.status_code == 200, r.text
+                out.append(r.json()["answers"][0])
+            return out
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(16)))
+    for i, answers in enumerate(results):
+        # Expected: the engine itself, asked directly about the same image.
+        volume = Volume(images[i][None], modality="OT")
+        expected = engine.ask(VolumeSlices(volume, "axial", [0]), [Message("user", QUESTION[0]["content"])],
+                              GenerationOptions(max_new_tokens=3))[0]
+        want = [encode_mask(r.mask) for r in expected.regions]
+        for got in answers:
+            assert got["text"] == expected.text
+            assert [r["mask"] for r in got["regions"]] == want
+
+
+def test_errors_are_json_and_the_server_recovers(engine, mni_upload):
+    with live_server(create_app(engine, token="s3cret", max_upload_bytes=100_000, model_name="tiny")) as url:
+        auth = {"authorization": "Bearer s3cret"}
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.get("/v1/health")
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+            assert c.get("/v1/health", headers={"authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/v1/health", headers=auth).status_code == 200
+            good = npy(np.zeros((2, 30, 30), np.float32))
+
+            def ok() -> str:
+                return c.post("/v1/volumes", content=good, headers=auth).json()["volume_id"]
+
+            r = c.post("/v1/volumes", content=mni_upload[0], headers=auth)
+            assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
+            vid = ok()
+            nan = np.zeros((2, 30, 30), np.float32)
+            nan[0, 1, 2] = np.nan
+            r = c.post("/v1/volumes", content=npy(nan), headers=auth)
+            assert r.status_code == 422 and "NaN" in r.json()["message"]
+            assert ok() == vid
+            r = c.post("/v1/ask", json={"volume_id": "0" * 64, "messages": QUESTION}, headers=auth)
+            assert r.status_code == 422 and r.json()["code"] == "unknown_volume"
+            r = c.post("/v1/ask", content=b"{not json", headers={**auth, "content-type": "application/json"})
+            assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+            r = c.post("/v1/ask", json={"volume_id": vid, "messages": []}, headers=auth)
+            assert r.status_code == 422 and "messages" in r.json()["message"]
+            r = c.post("/v1/ask", json={"volume_id": vid, "slices": {"indices": [5]}, "messages": QUESTION},
+                       headers=auth)
+            assert r.status_code == 422 and "slice index 5" in r.json()["message"]
+            r = c.post("/v1/volumes", content=b"garbage", headers=auth)
+            assert r.status_code == 422 and ".npy" in r.json()["message"]
+            r = c.post("/v1/ask", json={"volume_id": vid, "messages": QUESTION, "options": {"max_new_tokens": 2}},
+                       headers=auth)
+            assert r.status_code == 200 and len(r.json()["answers"]) == 1
+
+
+def test_non_loopback_bind_needs_a_token():
+    with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without a token"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "token")
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+
+
+def test_client_disconnect_cancels_the_job(server, mni_upload):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        vid = upload(c, *mni_upload)
+        request = {"volume_id": vid, "slices": {"indices": [40]}, "messages": QUESTION,
+                   "options": {"max_new_tokens": 2000, "repetition_penalty": 1.0}, "stream": True}
+        with c.stream("POST", "/v1/ask", json=request) as r:
+            for kind, _ in sse_events(r):
+                if kind == "token":
+                    break  # hang up
+        # The engine is free again quickly (its lock is released once the job notices the disconnect).
+        t0 = time.monotonic()
+        r = c.post("/v1/ask", json={"volume_id": vid, "slices": {"indices": [40]}, "messages": QUESTION,
+                                    "options": {"max_new_tokens": 2}})
+        assert r.status_code == 200
+        assert time.monotonic() - t0 < 30
+    assert threading.active_count() < 200

@@ -1,0 +1,131 @@
+"""The /v1 API contract as pydantic models. FastAPI serves it as OpenAPI at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Plane = Literal["axial", "coronal", "sagittal"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Strict):
+    """Every error response: a machine-readable code and a message for people."""
+
+    code: str
+    message: str
+
+
+class Health(Strict):
+    status: Literal["ok"] = "ok"
+    version: str
+    model: str
+    device: str
+    dtype: str
+
+
+class ModelCard(Strict):
+    name: str
+    version: str
+    parameters: int
+    image_size: int
+    mask_size: int
+    num_region_codes: int
+    first_code_id: int
+    random_weights: bool
+    intended_use: str
+    config: dict
+
+
+class VolumeInfo(Strict):
+    """An uploaded image or volume. The id is the SHA-256 of its voxels and geometry."""
+
+    volume_id: str
+    shape: list[int] = Field(description="(k, j, i) voxels, or (1, H, W) for a 2D image")
+    modality: str
+    slices: dict[str, int] = Field(description="number of slices per plane")
+    bytes: int
+
+
+class MessageIn(Strict):
+    role: Literal["user", "assistant", "system"]
+    content: str = Field(max_length=16_000)
+
+
+class WindowIn(Strict):
+    """Display window for 8-bit conversion: a CT preset name, or an explicit centre and width."""
+
+    preset: str | None = None
+    center: float | None = None
+    width: float | None = Field(default=None, gt=0)
+
+
+class AskOptions(Strict):
+    max_new_tokens: int = Field(default=256, ge=1, le=2048)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0, le=10)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float = Field(default=1.2, gt=0, le=10)
+    seed: int | None = None
+    resize_mode: Literal["letterbox", "crop"] = "letterbox"
+    hidden_state_position: Literal["before", "at"] = "before"
+    no_code_fallback: bool = False
+
+
+class SliceSelection(Strict):
+    plane: Plane = "axial"
+    indices: list[int] = Field(min_length=1, max_length=1024)
+
+
+class AskRequest(Strict):
+    """A question about one or more slices of an uploaded volume (a 2D image has one axial slice)."""
+
+    volume_id: str
+    slices: SliceSelection = SliceSelection(indices=[0])
+    messages: list[MessageIn] = Field(min_length=1, max_length=64)
+    options: AskOptions = AskOptions()
+    window: WindowIn | None = None
+    stream: bool = False
+
+
+class MaskRLE(Strict):
+    """Row-major run lengths alternating False/True, starting with False; counts sum to H * W."""
+
+    shape: list[int]
+    counts: list[int]
+
+
+class RegionOut(Strict):
+    code: str | None
+    label: str
+    index: int
+    mask: MaskRLE
+    probability: float
+    bbox: list[int] | None = Field(description="row0, col0, row1, col1 (inclusive) in the slice grid")
+
+
+class SliceAnswer(Strict):
+    plane: Plane
+    index: int
+    text: str
+    regions: list[RegionOut]
+    slice_to_ras: list[list[float]] | None = Field(description="4x4: (col, row, 0, 1) pixel -> RAS millimetres")
+    cancelled: bool = False
+
+
+class AskResponse(Strict):
+    job_id: str
+    model: str
+    answers: list[SliceAnswer]
+    timings: dict[str, float]
+    cancelled: bool = False
+
+
+class CancelResponse(Strict):
+    job_id: str
+    cancelled: bool

@@ -1,0 +1,36 @@
+"""Who may talk to the engine: loopback by default; any other bind address requires a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token (patient images would be exposed)."""
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"refusing to listen on {host} without a token: pass --token (or MEDSIGHT_TOKEN), "
+            "or bind 127.0.0.1"
+        )
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an `Authorization: Bearer <token>` header."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
