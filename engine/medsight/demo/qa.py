@@ -1,0 +1,192 @@
+"""Question/answer templates for the LVLM stages (3-5) and region-code placeholder filling.
+
+Answers mention masks through placeholders ``{code:<mask_id>}``; once the stage-2 codebook exists,
+`fill_codes` turns them into ``[M{m}_{k}]`` tokens and fills ``mask_codes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from .catalog import LESION_FINDING, LESION_SITE
+from .samples import Sample2D
+
+PLACEHOLDER = re.compile(r"\{code:([^{}]+)\}")
+CODE = re.compile(r"^\[?(M\d+_\d+)\]?$")
+CODE_TOKEN = re.compile(r"\[M\d+_\d+\]")
+
+
+def placeholder(mask_id: str) -> str:
+    """The text standing for a mask's region code until codes are known."""
+    return "{code:" + mask_id + "}"
+
+
+def mask_id(sample_id: str, structure: str) -> str:
+    """Globally unique mask id, also the mask PNG's stem (so a code can be looked up from either)."""
+    return f"{sample_id}_{structure.replace(' ', '_')}"
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+SEG_Q = (
+    "Please segment the {s}.", "Segment the {s}.", "Can you outline the {s}?", "Where is the {s}? Please segment it."
+)
+SEG_A = ("{S} segmented as {c}.", "The {s} is segmented as {c}.", "{S}: {c}.")
+MULTI_Q = ("Please segment all the structures.", "Segment the {list}.", "Please segment the {list}.")
+MODALITY_Q = (
+    "What imaging modality is this?", "Which modality was used to acquire this image?", "What kind of scan is this?"
+)
+DIAG_Q = ("What abnormality is seen in this image?", "Is there anything abnormal in this image?",
+          "What is the main finding?")
+
+
+def _seg_turn(sample: Sample2D, rng: np.random.Generator, names: list[str]) -> tuple[str, str, list[str]]:
+    """A single- or multi-structure segmentation exchange; returns (question, answer, mask ids in order)."""
+    ids = [mask_id(sample.sample_id, n) for n in names]
+    if len(names) == 1:
+        s = names[0]
+        q = SEG_Q[rng.integers(len(SEG_Q))].format(s=s)
+        a = SEG_A[rng.integers(len(SEG_A))].format(s=s, S=_cap(s), c=placeholder(ids[0]))
+        return q, a, ids
+    q = MULTI_Q[rng.integers(len(MULTI_Q))].format(list=_join(names))
+    parts = [f"{n} {placeholder(i)}" for n, i in zip(names, ids, strict=True)]
+    a = _cap(", ".join(parts)) + "." if rng.random() < 0.5 else "Segmentations: " + ", ".join(parts) + "."
+    return q, a, ids
+
+
+def _modality_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    name = sample.source.modality_name
+    return MODALITY_Q[rng.integers(len(MODALITY_Q))], f"This is {_article(name)} {name}.", []
+
+
+def _presence_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    """Yes/no about the lesion; a "yes" is grounded with its code, a "no" with the organ's when present."""
+    site = LESION_SITE[sample.source.key]
+    q = f"Is there a lesion in the {site}?"
+    if rng.random() < 0.4:
+        q += " Answer yes or no."
+    if "lesion" in sample.masks:
+        mid = mask_id(sample.sample_id, "lesion")
+        return q, f"Yes, there is {LESION_FINDING[sample.source.key]}, segmented as {placeholder(mid)}.", [mid]
+    if site in sample.masks and rng.random() < 0.5:  # like the official "Liver segmented as ... so the answer is no."
+        mid = mask_id(sample.sample_id, site)
+        return q, f"{_cap(site)} segmented as {placeholder(mid)}. No focal lesion is seen, so the answer is no.", [mid]
+    return q, f"No, there is no visible lesion in the {site}.", []
+
+
+def _visible_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]] | None:
+    """Is an organ visible? Only asked when the answer is certain (clearly present or no pixel at all)."""
+    organs = [s for s in sample.source.structures if s != "lesion"]
+    name = organs[rng.integers(len(organs))]
+    q = f"Is the {name} visible in this image?"
+    if name in sample.masks:
+        return q, "Yes.", []
+    if name in sample.absent:
+        return q, "No.", []
+    return None
+
+
+def _diagnosis_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    q = DIAG_Q[rng.integers(len(DIAG_Q))]
+    if "lesion" in sample.masks:
+        mid = mask_id(sample.sample_id, "lesion")
+        finding = LESION_FINDING[sample.source.key]
+        return q, f"The image shows {finding}, segmented as {placeholder(mid)}.", [mid]
+    return q, "No abnormality is seen in this image.", []
+
+
+def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rng: np.random.Generator) -> list[dict]:
+    """Two LLaVA-style items per sample: a segmentation one and a VQA one (modality/presence/diagnosis).
+
+    ``image_path`` and ``mask_paths`` (structure -> path) are written as given (relative to the data root).
+    """
+    present = list(sample.masks)
+    items = []
+    # Item 1: segmentation, single structure or several (in a shuffled order so order is learned from text).
+    if len(present) > 1 and rng.random() < 0.4:
+        k = int(rng.integers(2, len(present) + 1))
+        names = [present[i] for i in rng.permutation(len(present))[:k]]
+    else:
+        names = [present[rng.integers(len(present))]]
+    turns = [_seg_turn(sample, rng, names)]
+    if rng.random() < 0.3:
+        turns.append(_modality_turn(sample, rng))
+    items.append(turns)
+    # Item 2: VQA, one to three turns of different kinds.
+    makers = [_modality_turn, _presence_turn, _diagnosis_turn, _visible_turn]
+    turns = []
+    for i in rng.permutation(len(makers))[: int(rng.integers(1, 4))]:
+        t = makers[i](sample, rng)
+        if t is not None:
+            turns.append(t)
+    if not turns:
+        turns.append(_modality_turn(sample, rng))
+    items.append(turns)
+
+    out = []
+    for n, turns in enumerate(items):
+        conv, order = [], []
+        for j, (q, a, ids) in enumerate(turns):
+            conv.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
+            conv.append({"from": "gpt", "value": a})
+            order += ids
+        used = sorted(set(order), key=order.index)
+        files = {m: mask_paths[m] for m in used}
+        out.append({
+            "id": f"{sample.sample_id}_q{n}",
+            "image": image_path,
+            "conversations": conv,
+            "mask_files": files or None,
+            "mask_codes": None,
+            "mask_orders": order,
+            "modality_label": sample.modality_label,
+        })
+    return out
+
+
+def placeholder_order(item: dict) -> list[str]:
+    """Mask ids in the order their placeholders appear across the whole conversation."""
+    return [m for turn in item["conversations"] for m in PLACEHOLDER.findall(turn["value"])]
+
+
+def fill_codes(items: list[dict], code_for_mask: Callable[[str], str]) -> list[dict]:
+    """Copies of ``items`` with every ``{code:<mask_id>}`` replaced by ``[M{m}_{k}]`` and ``mask_codes`` filled.
+
+    ``code_for_mask(mask_id)`` returns ``"M0_16"`` or ``"[M0_16]"``. Raises ValueError on a malformed code or
+    when ``mask_orders`` disagrees with the placeholders (the official loader pairs them by position).
+    """
+    out = []
+    for item in items:
+        new = copy.deepcopy(item)
+        order = placeholder_order(item)
+        if order != list(item.get("mask_orders") or []):
+            raise ValueError(f"item {item.get('id')}: mask_orders {item.get('mask_orders')} != placeholders {order}")
+        codes: dict[str, str] = {}
+        for m in order:
+            if m not in codes:
+                match = CODE.match(str(code_for_mask(m)).strip())
+                if match is None:
+                    raise ValueError(f"code for mask {m!r} is {code_for_mask(m)!r}, expected M<m>_<k>")
+                codes[m] = match.group(1)
+        def token(mt: re.Match, table: dict[str, str] = codes) -> str:
+            return f"[{table[mt.group(1)]}]"
+
+        for turn in new["conversations"]:
+            turn["value"] = PLACEHOLDER.sub(token, turn["value"])
+        new["mask_codes"] = codes or None
+        out.append(new)
+    return out

@@ -1,0 +1,132 @@
+"""2D samples: product-identical slicing/windowing of the sources, square padding and resizing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from medsight.imaging import Volume, extract_slice, slice_count, to_rgb
+
+from .catalog import CT_ABDOMEN, CXR, MRI_BRAIN, Source
+from .sources import Image2D, Phantom, make_brain_subject, make_ct_phantom, make_cxr
+
+#: A mask smaller than this (pixels, after resizing) is dropped: it would be noise for a 56-112 px model.
+MIN_MASK_PIXELS = 8
+
+
+@dataclass
+class Sample2D:
+    """One 8-bit RGB image with its binary structure masks and provenance."""
+
+    sample_id: str
+    source: Source
+    subject: str
+    split: str
+    image: np.ndarray  # (S, S, 3) uint8
+    masks: dict[str, np.ndarray]  # structure -> (S, S) bool, only non-empty ones
+    #: Structures with no pixel at all in the source slice: safe to answer "no" about.
+    absent: tuple[str, ...] = ()
+    info: dict = field(default_factory=dict)
+
+    @property
+    def modality_label(self) -> int:
+        return self.source.modality_label
+
+
+def _square(a: np.ndarray) -> np.ndarray:
+    """Pad (H, W[, C]) symmetrically with zeros to a square: zero is black/air after windowing."""
+    h, w = a.shape[:2]
+    n = max(h, w)
+    pad = [((n - h) // 2, n - h - (n - h) // 2), ((n - w) // 2, n - w - (n - w) // 2)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad)
+
+
+def _resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    sq = _square(rgb)
+    if sq.shape[0] == size:
+        return sq
+    return np.asarray(Image.fromarray(sq).resize((size, size), Image.BILINEAR))
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    sq = _square(mask.astype(np.uint8) * 255)
+    if sq.shape[0] != size:
+        # Bilinear then > 50%: nearest-neighbour would make ragged, biased edges when shrinking.
+        sq = np.asarray(Image.fromarray(sq).resize((size, size), Image.BILINEAR))
+    return sq > 127
+
+
+def _finish(
+    sample_id: str, source: Source, subject: str, split: str, rgb: np.ndarray, masks: dict[str, np.ndarray],
+    size: int, info: dict,
+) -> Sample2D | None:
+    """Resize image and masks; None when a lesion is present but too small to label (a wrong "no" otherwise)."""
+    out, absent = {}, []
+    for name in source.structures:
+        m = masks.get(name)
+        if m is None or not m.any():
+            absent.append(name)
+            continue
+        r = _resize_mask(m, size)
+        if r.sum() >= MIN_MASK_PIXELS:
+            out[name] = r
+        elif name == "lesion":
+            return None
+    if not out:
+        return None
+    return Sample2D(sample_id, source, subject, split, _resize_rgb(rgb, size), out, tuple(absent), info)
+
+
+def _volume_slices(
+    phantom: Phantom, source: Source, subject: str, split: str, rng: np.random.Generator, n: int, size: int,
+    window: dict,
+) -> list[Sample2D]:
+    """``n`` axial slices of a volume, half of them through lesions when there are any."""
+    vol: Volume = phantom.volume
+    count = slice_count(vol, "axial")
+    slabs = [extract_slice(vol, "axial", k) for k in range(count)]
+    areas = {name: np.array([s.take(m).sum() for s in slabs]) for name, m in phantom.masks.items()}
+    organ_area = sum(a for name, a in areas.items() if name != "lesion")
+    candidates = np.flatnonzero(organ_area >= 0.15 * organ_area.max())
+    lesion_k = np.flatnonzero(areas["lesion"] >= 4)
+    picks: list[int] = []
+    if len(lesion_k):
+        picks += list(rng.choice(lesion_k, size=min(len(lesion_k), (n + 1) // 2), replace=False))
+    rest = [k for k in candidates if k not in picks]
+    picks += list(rng.choice(rest, size=min(len(rest), n - len(picks)), replace=False))
+    out = []
+    for k in sorted(int(k) for k in picks):
+        s = slabs[k]
+        # Exactly the product's display path: whole-volume window for MR, the abdomen preset for CT.
+        rgb = to_rgb(s.pixels, vol.modality, window_from=vol.array, **window)
+        masks = {name: s.take(m) for name, m in phantom.masks.items()}
+        smp = _finish(f"{subject}_z{k:03d}", source, subject, split, rgb, masks, size, {"plane": "axial", "index": k})
+        if smp is not None:
+            out.append(smp)
+    return out
+
+
+def ct_samples(rng: np.random.Generator, subject: str, split: str, n: int, size: int) -> tuple[list[Sample2D], Phantom]:
+    """Axial slices of one abdominal CT phantom, abdomen window."""
+    ph = make_ct_phantom(rng)
+    return _volume_slices(ph, CT_ABDOMEN, subject, split, rng, n, size, {"preset": "abdomen"}), ph
+
+
+def brain_samples(
+    rng: np.random.Generator, subject: str, split: str, n: int, size: int
+) -> tuple[list[Sample2D], Phantom]:
+    """Axial slices of one synthetic MNI152-based T1 subject, robust-percentile window."""
+    ph = make_brain_subject(rng)
+    return _volume_slices(ph, MRI_BRAIN, subject, split, rng, n, size, {}), ph
+
+
+def cxr_samples(
+    rng: np.random.Generator, subject: str, split: str, n: int, size: int
+) -> tuple[list[Sample2D], Image2D]:
+    """One chest X-ray-like image per subject (``n`` is ignored beyond 1: a radiograph has one view here)."""
+    im = make_cxr(rng, size=max(size, 64))
+    rgb = to_rgb(im.pixels, CXR.dicom_modality)
+    smp = _finish(f"{subject}_pa", CXR, subject, split, rgb, im.masks, size, {"plane": "pa"})
+    return ([smp] if smp is not None else []), im
