@@ -1,0 +1,524 @@
+"""HTTP client of the MedSIGHT engine's /v1 API, for 3D Slicer's Python (standard library and numpy only).
+
+Typical use::
+
+    client = MedSIGHTClient("http://127.0.0.1:8765", token=None)
+    info = client.upload_volume(voxels_kji, spacing, origin, direction, modality="CT")
+    result = client.ask(info.volume_id, "Where is the liver?", plane="axial", indices=[40, 41])
+    for answer in result.answers:
+        print(answer.index, answer.text, [r.mask.shape for r in answer.regions])
+
+    with client.ask_stream(info.volume_id, "Describe the slice.", indices=[40]) as stream:
+        for event in stream:
+            if event.kind == "token":
+                print(event.text, end="")
+
+Every failure (connection, timeout, HTTP error, malformed reply) raises ``MedSIGHTError``; invalid arguments
+raise ``ValueError`` before anything is sent. Only idempotent GET requests are retried. Each call opens its own
+connection, so one client may be shared between threads (e.g. to ``cancel`` a job that another thread is
+streaming). Pixel data is never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .protocol import (
+    AskResult,
+    CancelResult,
+    Health,
+    ModelCard,
+    SSEParser,
+    StreamEvent,
+    VolumeInfo,
+    build_ask_request,
+    npy_bytes,
+    volume_query,
+)
+
+__all__ = ["DEFAULT_URL", "AskStream", "MedSIGHTClient", "MedSIGHTError"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+API_PREFIX = "/v1"
+#: HTTP statuses worth retrying for an idempotent request (the engine or a proxy is briefly unavailable).
+RETRY_STATUSES = frozenset({502, 503, 504})
+_MAX_ERROR_TEXT = 2000
+_READ_CHUNK = 64 * 1024
+
+
+class MedSIGHTError(Exception):
+    """Any failure talking to the engine.
+
+    Attributes:
+        status: the HTTP status, or None when no response came (connection refused, timeout, DNS, ...).
+        code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
+            client's: "connection_error", "timeout", "bad_response", "stream_truncated", "http_<status>".
+        message: what went wrong, for people.
+        body: the response body (decoded JSON when it was JSON, else text; None without a response).
+        url: the request URL.
+    """
+
+    def __init__(
+        self, message: str, status: int | None = None, code: str = "error", body: Any = None, url: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+        self.url = url
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}" if self.status is not None else "no response"
+        return f"{self.message} ({where}, {self.code})"
+
+    def __repr__(self) -> str:
+        return f"MedSIGHTError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
+
+
+def _error_from_response(status: int, raw: bytes, url: str, reason: str = "") -> MedSIGHTError:
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        body: Any = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        body = text
+    code, message = f"http_{status}", ""
+    if isinstance(body, dict):
+        if isinstance(body.get("code"), str):
+            code = body["code"]
+        if isinstance(body.get("message"), str):
+            message = body["message"]
+        elif "detail" in body:  # a framework's default error shape
+            detail = body["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)[:_MAX_ERROR_TEXT]
+    elif isinstance(body, str) and body.strip():
+        message = body.strip()[:_MAX_ERROR_TEXT]
+    if not message:
+        message = f"{reason or 'HTTP error'} from {url}"
+    return MedSIGHTError(message, status=status, code=code, body=body, url=url)
+
+
+class AskStream:
+    """The events of a streamed ask, read from the connection as they arrive.
+
+    Iterate it for ``StreamEvent`` objects; iteration stops after the "done" or "error" event. ``close()`` (or
+    leaving a ``with`` block, or dropping the iterator) closes the connection; the engine then stops the job.
+    After the "job" event ``job_id`` is set, and after "done" ``result`` holds the complete ``AskResult``.
+    An "error" event is yielded, not raised: inspect ``event.error`` (or call ``raise_for_error``).
+    """
+
+    def __init__(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse, url: str):
+        self._connection = connection
+        self._response = response
+        self._url = url
+        self._parser = SSEParser()
+        self._pending: list[tuple[str, str]] = []
+        self._finished = False
+        self.job_id: str | None = None
+        self.result: AskResult | None = None
+        self.error: MedSIGHTError | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._response is None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        if self._finished:
+            raise StopIteration
+        while not self._pending:
+            if self._response is None:
+                self._finished = True
+                raise StopIteration
+            chunk = self._read()
+            if chunk:
+                self._pending.extend(self._parser.feed(chunk))
+                continue
+            self._pending.extend(self._parser.close())
+            if not self._pending:
+                self.close()
+                raise MedSIGHTError(
+                    f"the event stream from {self._url} ended before its 'done' event",
+                    status=200,
+                    code="stream_truncated",
+                    url=self._url,
+                )
+        kind, payload = self._pending.pop(0)
+        try:
+            event = StreamEvent.from_sse(kind, payload)
+        except ValueError as err:
+            self.close()
+            raise MedSIGHTError(
+                f"malformed {kind!r} event from {self._url}: {err}", status=200, code="bad_response", url=self._url
+            ) from None
+        if event.job_id is not None:
+            self.job_id = event.job_id
+        if event.kind == "done":
+            self.result = event.result
+        if event.kind == "error" and event.error is not None:
+            self.error = MedSIGHTError(
+                event.error.message, status=200, code=event.error.code, body=event.data, url=self._url
+            )
+        if event.final:
+            self._finished = True
+            self.close()
+        return event
+
+    def _read(self) -> bytes:
+        try:
+            return self._response.read1(_READ_CHUNK)
+        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+            self.close()
+            raise MedSIGHTError(
+                f"no event from {self._url} within the timeout", code="timeout", url=self._url
+            ) from None
+        except (OSError, http.client.HTTPException) as err:
+            self.close()
+            raise MedSIGHTError(
+                f"the event stream from {self._url} broke: {err}", code="connection_error", url=self._url
+            ) from None
+
+    def raise_for_error(self) -> None:
+        """Raise the stream's "error" event as a ``MedSIGHTError``, if there was one."""
+        if self.error is not None:
+            raise self.error
+
+    def collect(self) -> AskResult:
+        """Read the remaining events and return the final result (raises on an "error" event)."""
+        for _ in self:
+            pass
+        self.raise_for_error()
+        if self.result is None:
+            raise MedSIGHTError(f"the event stream from {self._url} was closed before it finished", code="closed")
+        return self.result
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        response, self._response = self._response, None
+        self._finished = True
+        if response is not None:
+            try:
+                response.close()
+            finally:
+                self._connection.close()
+
+    def __enter__(self) -> AskStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finaliser
+            self.close()
+
+
+class MedSIGHTClient:
+    """Client of one MedSIGHT engine.
+
+    Args:
+        base_url: the engine's address, e.g. "http://127.0.0.1:8765" (a path prefix such as
+            "https://host/medsight" is kept; "/v1/..." is appended).
+        token: bearer token when the engine was started with one (always when it listens beyond this machine).
+        timeout: seconds to wait for a connection or for data, for every call unless the call passes its own.
+        retries: extra attempts for idempotent GET requests after a connection failure, a timeout or HTTP
+            502/503/504, with exponential backoff. POST requests (uploads, asks, cancels) are never retried.
+        backoff: seconds before the first retry; doubled for each further one.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.25,
+    ) -> None:
+        parts = urllib.parse.urlsplit(base_url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def __repr__(self) -> str:
+        return f"MedSIGHTClient({self.base_url!r}, token={'***' if self.token else None})"
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+    def health(self, timeout: float | None = None) -> Health:
+        """GET /v1/health: whether the engine is up, and its version, model, device and dtype."""
+        return self._json("GET", "/health", timeout=timeout, parse=Health.from_json)
+
+    def model_card(self, timeout: float | None = None) -> ModelCard:
+        """GET /v1/model: the loaded model's card (name, size, whether its weights are random, intended use)."""
+        return self._json("GET", "/model", timeout=timeout, parse=ModelCard.from_json)
+
+    def upload_volume(
+        self,
+        array: np.ndarray,
+        spacing: Iterable[float] = (1.0, 1.0, 1.0),
+        origin: Iterable[float] = (0.0, 0.0, 0.0),
+        direction: Iterable[float] | np.ndarray = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        modality: str = "CT",
+        timeout: float | None = None,
+    ) -> VolumeInfo:
+        """POST /v1/volumes: send a volume (or a 2D image) once; ask about it by its ``volume_id`` afterwards.
+
+        Args:
+            array: (k, j, i) voxels with raw intensities (HU for CT), e.g. ``slicer.util.arrayFromVolume``; or
+                an (H, W) / (H, W, 3) uint8 image.
+            spacing: (i, j, k) voxel size in mm.
+            origin: LPS position of voxel (0, 0, 0) in mm.
+            direction: LPS direction matrix, 3x3 or 9 numbers row-major; its columns are the i, j, k axes.
+                (Slicer's IJKToRAS directions become LPS by negating their first two rows.)
+            modality: "CT", "MR", ... (chooses the default display window).
+        The same voxels and geometry always give the same ``volume_id``, so uploading twice is harmless.
+        """
+        query = volume_query(spacing, origin, direction, modality)
+        body = npy_bytes(array)
+        log.debug(
+            "uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), len(body)
+        )
+        return self._json(
+            "POST",
+            "/volumes",
+            query=query,
+            body=body,
+            content_type="application/x-npy",
+            timeout=timeout,
+            parse=VolumeInfo.from_json,
+        )
+
+    def volume_info(self, volume_id: str, timeout: float | None = None) -> VolumeInfo:
+        """GET /v1/volumes/{volume_id}. Raises ``MedSIGHTError`` with status 404 when the engine no longer has it
+        (it forgets the least recently used volumes when memory runs short): upload it again."""
+        return self._json("GET", f"/volumes/{_segment(volume_id)}", timeout=timeout, parse=VolumeInfo.from_json)
+
+    def ask(
+        self,
+        volume_id: str,
+        messages: str | Iterable[Any],
+        plane: str = "axial",
+        indices: Iterable[int] = (0,),
+        options: Mapping[str, Any] | None = None,
+        window: Any = None,
+        timeout: float | None = None,
+    ) -> AskResult:
+        """POST /v1/ask: ask the same question about each slice; one ``SliceAnswer`` per index, in order.
+
+        Args:
+            messages: a question, or a conversation as (role, content) pairs.
+            plane, indices: which slices ("axial", "coronal" or "sagittal"; indices along that axis).
+            options: generation settings, e.g. {"max_new_tokens": 128, "seed": 0} (see the engine's AskOptions).
+            window: display window: a CT preset name, a (center, width) pair, or None for the modality default.
+            timeout: seconds to wait for the whole answer (generation may take a while on a CPU).
+        """
+        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=False)
+        return self._json("POST", "/ask", body=_json_bytes(body), timeout=timeout, parse=AskResult.from_json)
+
+    def ask_stream(
+        self,
+        volume_id: str,
+        messages: str | Iterable[Any],
+        plane: str = "axial",
+        indices: Iterable[int] = (0,),
+        options: Mapping[str, Any] | None = None,
+        window: Any = None,
+        timeout: float | None = None,
+    ) -> AskStream:
+        """POST /v1/ask with streaming: an ``AskStream`` of "job", "token", "region", then "done" (or "error").
+
+        Same arguments as ``ask``; ``timeout`` here bounds the wait for each piece of data, not the whole answer.
+        The request is sent before this returns, so HTTP errors (401, 404, 422, ...) raise here. Close the
+        stream (or use it in a ``with`` block) to hang up early; ``cancel(stream.job_id)`` stops the job too.
+        """
+        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=True)
+        url = self._url("/ask")
+        connection, response = self._send(
+            "POST", "/ask", None, _json_bytes(body), "application/json", timeout, accept="text/event-stream"
+        )
+        if response.status >= 300:
+            try:
+                raise _error_from_response(response.status, response.read(), url, response.reason)
+            finally:
+                connection.close()
+        content_type = response.getheader("Content-Type", "")
+        if "text/event-stream" not in content_type:
+            try:
+                raw = response.read()
+            finally:
+                connection.close()
+            raise MedSIGHTError(
+                f"expected an event stream from {url}, got {content_type or 'no content type'}",
+                status=response.status,
+                code="bad_response",
+                body=raw.decode("utf-8", "replace")[:_MAX_ERROR_TEXT],
+                url=url,
+            )
+        return AskStream(connection, response, url)
+
+    def cancel(self, job_id: str, timeout: float | None = None) -> CancelResult:
+        """POST /v1/jobs/{job_id}/cancel: stop a running ask; it returns its partial answers marked cancelled.
+
+        Raises ``MedSIGHTError`` (404) for a job id the engine does not know.
+        """
+        return self._json("POST", f"/jobs/{_segment(job_id)}/cancel", timeout=timeout, parse=CancelResult.from_json)
+
+    # -- transport ---------------------------------------------------------------------------------------------
+    def _url(self, path: str, query: Mapping[str, str] | None = None) -> str:
+        url = f"{self.base_url}{API_PREFIX}{path}"
+        return f"{url}?{urllib.parse.urlencode(query)}" if query else url
+
+    def _headers(self, content_type: str | None, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": "MedSIGHTSlicer"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: bytes | None,
+        content_type: str | None,
+        timeout: float | None,
+        accept: str = "application/json",
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """One attempt: open a connection, send, return it with the response headers read (body unread)."""
+        url = self._url(path, query)
+        seconds = self.timeout if timeout is None else timeout
+        connection_class = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(self._host, self._port, timeout=seconds)
+        target = f"{self._prefix}{API_PREFIX}{path}"
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        try:
+            connection.request(method, target, body=body, headers=self._headers(content_type, accept))
+            return connection, connection.getresponse()
+        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+            connection.close()
+            raise MedSIGHTError(f"{method} {url} timed out after {seconds} s", code="timeout", url=url) from None
+        except (OSError, http.client.HTTPException) as err:
+            connection.close()
+            raise MedSIGHTError(
+                f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}",
+                code="connection_error",
+                url=url,
+            ) from None
+
+    def _json(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = "application/json",
+        timeout: float | None = None,
+        parse: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """Send, read the whole JSON reply (through `parse`, if given); retry idempotent GETs on connection failures
+        and 502/503/504. A reply that `parse` rejects becomes a "bad_response" error."""
+        url = self._url(path, query)
+        attempts = 1 + (self.retries if method == "GET" else 0)
+        if body is None:
+            content_type = None
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                status, reason, raw = self._exchange(method, path, query, body, content_type, timeout)
+            except MedSIGHTError as err:
+                if last:
+                    raise
+                log.info("%s %s failed (%s); retrying", method, url, err.code)
+            else:
+                if status < 300:
+                    data = _parse_json(raw, status, url)
+                    if parse is None:
+                        return data
+                    try:
+                        return parse(data)
+                    except (ValueError, TypeError, KeyError) as err:
+                        raise MedSIGHTError(
+                            f"unexpected reply from {url}: {err}",
+                            status=status,
+                            code="bad_response",
+                            body=data,
+                            url=url,
+                        ) from None
+                if last or status not in RETRY_STATUSES:
+                    raise _error_from_response(status, raw, url, reason)
+                log.info("%s %s returned HTTP %d; retrying", method, url, status)
+            time.sleep(self.backoff * (2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: bytes | None,
+        content_type: str | None,
+        timeout: float | None,
+    ) -> tuple[int, str, bytes]:
+        connection, response = self._send(method, path, query, body, content_type, timeout)
+        url = self._url(path, query)
+        try:
+            return response.status, response.reason, response.read()
+        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+            raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
+        except (OSError, http.client.HTTPException) as err:
+            raise MedSIGHTError(
+                f"{method} {url}: the connection broke while reading the reply: {err}",
+                code="connection_error",
+                url=url,
+            ) from None
+        finally:
+            connection.close()
+
+
+def _parse_json(raw: bytes, status: int, url: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = raw.decode("utf-8", errors="replace")[:_MAX_ERROR_TEXT]
+        raise MedSIGHTError(
+            f"the reply from {url} is not JSON", status=status, code="bad_response", body=text, url=url
+        ) from None
+
+
+def _json_bytes(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _segment(value: str) -> str:
+    value = str(value)
+    if not value:
+        raise ValueError("an id must not be empty")
+    return urllib.parse.quote(value, safe="")

@@ -1,0 +1,373 @@
+"""The client against a scripted stdlib HTTP server: requests it sends, error mapping, retries, streaming."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError
+
+HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
+VOLUME = {"volume_id": "ab" * 32, "shape": [4, 5, 6], "modality": "CT", "slices": {"axial": 4}, "bytes": 480}
+ANSWER = {"plane": "axial", "index": 1, "text": "ok", "regions": [], "slice_to_ras": np.eye(4).tolist()}
+DONE = {"job_id": "j1", "model": "tiny", "answers": [ANSWER], "timings": {"generate": 0.5}}
+
+
+def client_for(fake, **kwargs) -> MedSIGHTClient:
+    kwargs.setdefault("backoff", 0.0)
+    return MedSIGHTClient(fake.url, **kwargs)
+
+
+def sse(kind: str, data) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- requests ---------------------------------------------------------------------------------------------------
+def test_health_and_bearer_token(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH))
+    health = client_for(fake, token="s3cret").health()
+    assert (health.status, health.model, health.device) == ("ok", "tiny", "cpu")
+    assert fake.requests[0].headers["Authorization"] == "Bearer s3cret"
+    client_for(fake).health()
+    assert "Authorization" not in fake.requests[1].headers
+
+
+def test_base_url_path_prefix_is_kept(fake):
+    fake.add("GET", "/engine/v1/health", fake.reply(200, HEALTH))
+    assert MedSIGHTClient(fake.url + "/engine/").health().version == "0.1.0"
+
+
+def test_upload_sends_npy_and_geometry(fake):
+    fake.add("POST", "/v1/volumes", fake.reply(200, VOLUME))
+    voxels = np.arange(120, dtype=np.int16).reshape(4, 5, 6) - 1000
+    direction = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)
+    info = client_for(fake).upload_volume(voxels, (0.5, 0.75, 2.0), (-10, 20.5, 3), direction, modality="CT")
+    assert info.volume_id == "ab" * 32
+    assert info.shape == (4, 5, 6)
+    assert info.bytes == 480
+    request = fake.requests[0]
+    assert request.headers["Content-Type"] == "application/x-npy"
+    np.testing.assert_array_equal(np.load(io.BytesIO(request.body), allow_pickle=False), voxels)
+    assert request.query == {
+        "modality": "CT",
+        "spacing": "0.5,0.75,2.0",
+        "origin": "-10.0,20.5,3.0",
+        "direction": "1.0,0.0,0.0,0.0,0.0,1.0,0.0,-1.0,0.0",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"array": np.zeros((2, 2, 2), dtype=object)}, "dtype"),
+        ({"array": np.zeros(5)}, "dimensions"),
+        ({"spacing": (1, 1)}, "spacing needs 3"),
+        ({"spacing": (1, 0, 1)}, "positive"),
+        ({"origin": (0, float("nan"), 0)}, "finite"),
+        ({"direction": np.eye(2)}, "direction needs 9"),
+        ({"modality": ""}, "modality"),
+    ],
+)
+def test_upload_rejects_bad_input_before_sending(fake, kwargs, words):
+    args = {"array": np.zeros((2, 3, 4), np.float32)} | kwargs
+    with pytest.raises(ValueError, match=words):
+        client_for(fake).upload_volume(**args)
+    assert fake.requests == []
+
+
+def test_ask_sends_the_request_and_parses_the_answer(fake):
+    fake.add("POST", "/v1/ask", fake.reply(200, DONE))
+    result = client_for(fake).ask(
+        "ab" * 32,
+        [("system", "be brief"), ("user", "where?")],
+        plane="coronal",
+        indices=[1, np.int64(2)],
+        options={"max_new_tokens": 8},
+        window=(40, 400),
+    )
+    assert result.job_id == "j1"
+    assert result.answers[0].slice_to_ras.shape == (4, 4)
+    assert result.timings == {"generate": 0.5}
+    assert json.loads(fake.requests[0].body) == {
+        "volume_id": "ab" * 32,
+        "slices": {"plane": "coronal", "indices": [1, 2]},
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "where?"}],
+        "options": {"max_new_tokens": 8},
+        "window": {"center": 40.0, "width": 400.0},
+        "stream": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"plane": "oblique"}, "plane"),
+        ({"indices": []}, "indices is empty"),
+        ({"indices": [1.5]}, "integers"),
+        ({"messages": []}, "messages is empty"),
+        ({"messages": [("robot", "hi")]}, "role"),
+        ({"messages": [("user", 3)]}, "content"),
+        ({"window": (40, -1)}, "positive width"),
+    ],
+)
+def test_ask_rejects_bad_arguments_before_sending(fake, kwargs, words):
+    args = {"volume_id": "v", "messages": "where?"} | kwargs
+    with pytest.raises(ValueError, match=words):
+        client_for(fake).ask(**args)
+    assert fake.requests == []
+
+
+def test_cancel_quotes_the_job_id(fake):
+    fake.add("POST", "/v1/jobs/a%2Fb/cancel", fake.reply(200, {"job_id": "a/b", "cancelled": True}))
+    assert client_for(fake).cancel("a/b").cancelled is True
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+def test_error_body_becomes_medsight_error(fake):
+    fake.add("GET", "/v1/volumes/nope", fake.reply(404, {"code": "not_found", "message": "unknown volume nope"}))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).volume_info("nope")
+    err = info.value
+    assert (err.status, err.code, err.message) == (404, "not_found", "unknown volume nope")
+    assert err.body == {"code": "not_found", "message": "unknown volume nope"}
+    assert err.url == f"{fake.url}/v1/volumes/nope"
+    assert "HTTP 404" in str(err)
+    assert fake.hits("GET", "/v1/volumes/nope") == 1  # a 404 is not retried
+
+
+def test_non_json_error_body(fake):
+    fake.add("POST", "/v1/ask", fake.reply(500, b"Internal Server Error", content_type="text/plain"))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask("v", "q")
+    assert (info.value.status, info.value.code, info.value.message) == (500, "http_500", "Internal Server Error")
+
+
+def test_framework_detail_error_body(fake):
+    detail = [{"loc": ["body", "messages"], "msg": "Field required"}]
+    fake.add("POST", "/v1/ask", fake.reply(422, {"detail": detail}))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask("v", "q")
+    assert info.value.status == 422
+    assert "Field required" in info.value.message
+
+
+def test_unauthorized(fake):
+    fake.add("GET", "/v1/model", fake.reply(401, {"code": "unauthorized", "message": "missing bearer token"}))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).model_card()
+    assert (info.value.status, info.value.code) == (401, "unauthorized")
+
+
+def test_success_without_json_is_a_bad_response(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, b"<html>proxy</html>", content_type="text/html"))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).health()
+    assert (info.value.status, info.value.code) == (200, "bad_response")
+    assert info.value.body == "<html>proxy</html>"
+
+
+def test_reply_missing_fields_is_a_bad_response(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, {"status": "ok"}))
+    with pytest.raises(MedSIGHTError, match="lacks") as info:
+        client_for(fake).health()
+    assert (info.value.status, info.value.code, info.value.body) == (200, "bad_response", {"status": "ok"})
+
+
+def test_stream_with_a_malformed_event_is_a_bad_response(fake):
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"}), sse("token", {"slice": 0})]))
+    stream = client_for(fake).ask_stream("v", "q")
+    assert next(stream).kind == "job"
+    with pytest.raises(MedSIGHTError) as info:
+        next(stream)
+    assert info.value.code == "bad_response"
+    assert stream.closed
+
+
+def test_connection_refused_names_the_url():
+    url = f"http://127.0.0.1:{closed_port()}"
+    client = MedSIGHTClient(url, retries=1, backoff=0.0)
+    with pytest.raises(MedSIGHTError) as info:
+        client.health()
+    assert info.value.status is None
+    assert info.value.code == "connection_error"
+    assert f"{url}/v1/health" in info.value.message
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask("v", "q")
+    assert info.value.status is None
+
+
+def test_timeouts_are_configurable_per_call(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5))
+    client = client_for(fake, timeout=0.1, retries=0)
+    start = time.monotonic()
+    with pytest.raises(MedSIGHTError) as info:
+        client.health()
+    assert time.monotonic() - start < 0.45
+    assert (info.value.status, info.value.code) == (None, "timeout")
+    assert client.health(timeout=5).model == "tiny"
+
+
+# -- retries ----------------------------------------------------------------------------------------------------
+def test_get_is_retried_on_503_then_succeeds(fake):
+    busy = fake.reply(503, {"code": "unavailable", "message": "loading"})
+    fake.add("GET", "/v1/health", busy, busy, fake.reply(200, HEALTH))
+    assert client_for(fake, retries=2).health().status == "ok"
+    assert fake.hits("GET", "/v1/health") == 3
+
+
+def test_get_gives_up_after_its_retries(fake):
+    fake.add("GET", "/v1/health", fake.reply(503, {"code": "unavailable", "message": "loading"}))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, retries=2).health()
+    assert (info.value.status, info.value.code) == (503, "unavailable")
+    assert fake.hits("GET", "/v1/health") == 3
+
+
+def test_get_is_retried_after_a_timeout(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5), fake.reply(200, HEALTH))
+    assert client_for(fake, timeout=0.1, retries=1).health().model == "tiny"
+    assert fake.hits("GET", "/v1/health") == 2
+
+
+def test_backoff_grows(fake):
+    fake.add("GET", "/v1/health", fake.reply(503, {"code": "unavailable", "message": "x"}))
+    start = time.monotonic()
+    with pytest.raises(MedSIGHTError):
+        MedSIGHTClient(fake.url, retries=2, backoff=0.1).health()
+    assert time.monotonic() - start >= 0.3  # 0.1 + 0.2
+
+
+@pytest.mark.parametrize("call", ["ask", "ask_stream", "cancel", "upload_volume"])
+def test_posts_are_never_retried(fake, call):
+    busy = fake.reply(503, {"code": "unavailable", "message": "busy"})
+    for path in ("/v1/ask", "/v1/jobs/j/cancel", "/v1/volumes"):
+        fake.add("POST", path, busy)
+    client = client_for(fake, retries=3)
+    with pytest.raises(MedSIGHTError) as info:
+        if call == "cancel":
+            client.cancel("j")
+        elif call == "upload_volume":
+            client.upload_volume(np.zeros((2, 2), np.uint8))
+        else:
+            getattr(client, call)("v", "q")
+    assert info.value.status == 503
+    assert len(fake.requests) == 1
+
+
+# -- streaming --------------------------------------------------------------------------------------------------
+def test_stream_yields_events_incrementally_and_stops_at_done(fake):
+    region = {
+        "code": None,
+        "label": "",
+        "index": 0,
+        "mask": {"shape": [2, 3], "counts": [1, 2, 3]},
+        "probability": 0.5,
+        "bbox": [0, 1, 0, 2],
+    }
+    body = sse("job", {"job_id": "j1"}) + sse("token", {"slice": 0, "text": "he"})
+    body += (
+        b": keep-alive\n\n" + sse("token", {"slice": 0, "text": "llo"}) + sse("region", {"slice": 0, "region": region})
+    )
+    body += sse("done", DONE) + sse("token", {"slice": 0, "text": "after done"})
+    chunks = [body[i : i + 7] for i in range(0, len(body), 7)]  # events split across chunks
+    fake.add("POST", "/v1/ask", fake.sse(chunks))
+    stream = client_for(fake).ask_stream("v", "q", indices=[3], options={"max_new_tokens": 4})
+    assert isinstance(stream, AskStream)
+    assert json.loads(fake.requests[0].body)["stream"] is True
+    assert fake.requests[0].headers["Accept"] == "text/event-stream"
+    events = list(stream)
+    assert [e.kind for e in events] == ["job", "token", "token", "region", "done"]
+    assert "".join(e.text for e in events if e.kind == "token") == "hello"
+    assert events[3].region.mask.tolist() == [[False, True, True], [False, False, False]]
+    assert stream.job_id == "j1"
+    assert stream.result.answers[0].text == "ok"
+    assert stream.closed
+    assert list(stream) == []
+
+
+def test_stream_collect(fake):
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"}), sse("done", DONE)]))
+    assert client_for(fake).ask_stream("v", "q").collect().job_id == "j1"
+
+
+def test_stream_error_event_is_yielded_then_the_stream_ends(fake):
+    error = {"code": "internal", "message": "out of memory"}
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"}), sse("error", error), sse("done", DONE)]))
+    stream = client_for(fake).ask_stream("v", "q")
+    events = list(stream)
+    assert [e.kind for e in events] == ["job", "error"]
+    assert events[-1].error.message == "out of memory"
+    with pytest.raises(MedSIGHTError) as info:
+        stream.raise_for_error()
+    assert (info.value.code, info.value.message) == ("internal", "out of memory")
+
+
+def test_stream_http_error_raises_on_the_call(fake):
+    fake.add("POST", "/v1/ask", fake.reply(404, {"code": "not_found", "message": "unknown volume"}))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask_stream("v", "q")
+    assert (info.value.status, info.value.code) == (404, "not_found")
+
+
+def test_stream_that_is_not_an_event_stream(fake):
+    fake.add("POST", "/v1/ask", fake.reply(200, DONE))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask_stream("v", "q")
+    assert info.value.code == "bad_response"
+
+
+def test_truncated_stream_raises(fake):
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"}), sse("token", {"slice": 0, "text": "a"})]))
+    stream = client_for(fake).ask_stream("v", "q")
+    assert next(stream).kind == "job"
+    assert next(stream).kind == "token"
+    with pytest.raises(MedSIGHTError) as info:
+        next(stream)
+    assert info.value.code == "stream_truncated"
+    assert stream.closed
+
+
+def test_closing_the_stream_hangs_up(fake):
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"})], hold=10))
+    with client_for(fake).ask_stream("v", "q") as stream:
+        assert next(stream).job_id == "j1"
+    assert stream.closed
+    assert fake.disconnected.wait(5), "the server kept writing to an open connection"
+
+
+def test_stream_idle_timeout(fake):
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"})], pause=1.0))
+    stream = client_for(fake).ask_stream("v", "q", timeout=0.2)
+    assert next(stream).kind == "job"
+    with pytest.raises(MedSIGHTError) as info:
+        next(stream)
+    assert info.value.code == "timeout"
+    assert stream.closed
+
+
+def test_imports_only_the_standard_library_and_numpy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package_root = Path(__file__).resolve().parents[2] / "MedSIGHTSlicer"
+    code = (
+        "import sys; before = set(sys.modules); import MedSIGHTSlicerLib; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(' '.join(sorted(new - set(sys.stdlib_module_names) - {'numpy', 'MedSIGHTSlicerLib'})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == []

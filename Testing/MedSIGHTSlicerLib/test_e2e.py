@@ -1,0 +1,168 @@
+"""The client against the real engine server (tiny random-weight model on the CPU) and a real MR volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Gate while the server is being written; remove once medsight.server.app has landed.
+import medsight
+import medsight.server.app
+from medsight_testing.live_server import live_server
+from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+
+TOKEN = "e2e-secret"
+INDICES = [40, 47, 54]
+OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True}
+UNKNOWN_ID = "0" * 64
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return medsight.Engine.load("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with live_server(medsight.server.app.create_app(engine)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def secured_url(engine):
+    with live_server(medsight.server.app.create_app(engine, token=TOKEN)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return MedSIGHTClient(url, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mni():
+    """The MNI152 T1 template (2 mm) as (k, j, i) float32 voxels with LPS geometry, and its RAS affine."""
+    from nilearn.datasets import load_mni152_template
+
+    image = load_mni152_template(resolution=2)
+    voxels = np.ascontiguousarray(np.asarray(image.get_fdata(), np.float32).transpose(2, 1, 0))
+    ras = np.asarray(image.affine, float)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return {"voxels": voxels, "spacing": spacing, "origin": lps[:3, 3], "direction": direction, "ras": ras}
+
+
+@pytest.fixture(scope="module")
+def volume(client, mni):
+    return client.upload_volume(mni["voxels"], mni["spacing"], mni["origin"], mni["direction"], modality="MR")
+
+
+def test_health_and_model_card(client):
+    health = client.health()
+    assert health.status == "ok"
+    assert health.device == "cpu"
+    card = client.model_card()
+    assert isinstance(card.random_weights, bool)
+    assert card.parameters > 0
+    assert card.config
+
+
+def test_upload_and_volume_info(client, volume, mni):
+    assert len(volume.volume_id) == 64
+    assert volume.shape == mni["voxels"].shape == (95, 117, 99)
+    assert volume.modality == "MR"
+    assert volume.slices["axial"] == 95
+    assert client.volume_info(volume.volume_id) == volume
+    again = client.upload_volume(mni["voxels"], mni["spacing"], mni["origin"], mni["direction"], modality="MR")
+    assert again.volume_id == volume.volume_id
+
+
+def test_ask_three_axial_slices(client, volume, mni):
+    result = client.ask(volume.volume_id, "Where is the brain?", indices=INDICES, options=OPTIONS)
+    assert [a.index for a in result.answers] == INDICES
+    assert not result.cancelled
+    rows, cols = volume.shape[1], volume.shape[2]
+    for answer in result.answers:
+        assert answer.plane == "axial"
+        assert answer.regions, "no_code_fallback guarantees at least one region"
+        for region in answer.regions:
+            assert region.mask.shape == (rows, cols)
+            assert region.mask.dtype == bool
+        # Every pixel of axial slice k lies at the slice's superior coordinate in RAS.
+        corners = np.array([[0, 0, 0, 1], [cols - 1, 0, 0, 1], [0, rows - 1, 0, 1], [cols - 1, rows - 1, 0, 1]])
+        world = corners @ answer.slice_to_ras.T
+        expected_s = (mni["ras"] @ [0, 0, answer.index, 1])[2]
+        np.testing.assert_allclose(world[:, 2], expected_s, atol=1e-3)
+
+
+def test_stream_tokens_then_regions(client, volume):
+    events = []
+    with client.ask_stream(volume.volume_id, "Where is the brain?", indices=INDICES, options=OPTIONS) as stream:
+        events = list(stream)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "job"
+    assert kinds[-1] == "done"
+    assert "token" in kinds and "region" in kinds
+    assert max(i for i, k in enumerate(kinds) if k == "token") < min(i for i, k in enumerate(kinds) if k == "region")
+    result = stream.result
+    assert result.job_id == stream.job_id == events[0].job_id
+    rows, cols = volume.shape[1], volume.shape[2]
+    for position, answer in enumerate(result.answers):
+        streamed = "".join(e.text for e in events if e.kind == "token" and e.slice == position)
+        assert streamed == answer.text
+        regions = [e.region for e in events if e.kind == "region" and e.slice == position]
+        assert len(regions) == len(answer.regions)
+        for region, final in zip(regions, answer.regions):  # noqa: B905 - lengths checked above
+            assert region.mask.shape == (rows, cols)
+            np.testing.assert_array_equal(region.mask, final.mask)
+
+
+def test_token_is_required_when_the_server_has_one(secured_url):
+    with pytest.raises(MedSIGHTError) as info:
+        MedSIGHTClient(secured_url).model_card()
+    assert (info.value.status, info.value.code) == (401, "unauthorized")
+    with pytest.raises(MedSIGHTError) as info:
+        MedSIGHTClient(secured_url, token="wrong").model_card()
+    assert info.value.status == 401
+    assert MedSIGHTClient(secured_url, token=TOKEN).model_card().parameters > 0
+
+
+def test_unknown_volume_is_404(client):
+    with pytest.raises(MedSIGHTError) as info:
+        client.volume_info(UNKNOWN_ID)
+    assert info.value.status == 404
+    assert info.value.message
+    # Asking about a volume the engine does not hold is a bad request body (422), not a missing URL.
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask(UNKNOWN_ID, "Where?")
+    assert (info.value.status, info.value.code) == (422, "unknown_volume")
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask_stream(UNKNOWN_ID, "Where?")
+    assert (info.value.status, info.value.code) == (422, "unknown_volume")
+
+
+def test_bad_request_is_rejected(client, volume):
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask(volume.volume_id, "Where?", indices=[10_000])
+    assert info.value.status in (400, 422)
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask(volume.volume_id, "Where?", options={"no_such_option": 1})
+    assert info.value.status == 422
+
+
+def test_cancel_a_streamed_job(client, volume):
+    options = {"max_new_tokens": 2048, "no_code_fallback": True}
+    with client.ask_stream(volume.volume_id, "Describe everything.", indices=INDICES, options=options) as stream:
+        first = next(stream)
+        assert first.kind == "job"
+        assert client.cancel(first.job_id).cancelled is True
+        result = stream.collect()
+    assert result.cancelled is True
+    assert len(result.answers) == len(INDICES)
+
+
+def test_cancel_unknown_job_is_404(client):
+    with pytest.raises(MedSIGHTError) as info:
+        client.cancel("no-such-job")
+    assert info.value.status == 404
