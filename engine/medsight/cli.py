@@ -6,9 +6,8 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
-
-import numpy as np
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -17,21 +16,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: ask questions, get answers and masks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ask = sub.add_parser("ask", help="answer a question about an image or one slice of a volume")
+    ask = sub.add_parser("ask", help="answer a question about an image or slices of a volume")
     ask.add_argument("path", help="PNG/JPG/TIFF, DICOM file or series folder, NIfTI or NRRD")
     ask.add_argument("question")
     ask.add_argument("--model", default="tiny", help="preset (tiny: random weights), folder, or Hugging Face id")
     ask.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
     ask.add_argument("--plane", choices=PLANES, default="axial")
-    ask.add_argument("--slice", type=int, help="slice index along the plane (default: the middle slice)")
+    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice)")
+    ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     ask.add_argument("--modality", help="override the modality (CT, MR, US, ...)")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
     ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ask.add_argument("--overlay", help="write the slice with the masks drawn on it to this PNG")
-    ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions)")
+    ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
+    ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this PNG")
+    ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions, slices)")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
@@ -54,55 +56,132 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_slice(args: argparse.Namespace) -> tuple[np.ndarray, str]:
-    """Read the input, pick the slice and window it to 8-bit RGB."""
-    from medsight.imaging import extract_slice, read_volume, slice_count, to_rgb
+def parse_slices(spec: str | None, count: int) -> list[int]:
+    """'all', 'a:b' (Python range, b excluded), '3,7,9' or one index -> sorted unique indices."""
+    if spec is None:
+        return [count // 2]
+    spec = spec.strip()
+    try:
+        if spec == "all":
+            indices = list(range(count))
+        elif ":" in spec:
+            start, stop = (int(x) if x else None for x in spec.split(":", 1))
+            indices = list(range(count))[slice(start, stop)]
+        else:
+            indices = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--slices {spec!r}: use 'all', 'a:b' or a comma-separated list of integers") from None
+    outside = [i for i in indices if not 0 <= i < count]
+    if outside or not indices:
+        raise ValueError(f"--slices {spec!r} selects no slice or slices outside 0..{count - 1}")
+    return sorted(set(indices))
 
-    volume = read_volume(args.path, modality=args.modality)
-    count = slice_count(volume, args.plane)
-    index = count // 2 if args.slice is None else args.slice
-    if not 0 <= index < count:
-        raise ValueError(f"--slice {index} is outside the volume's {count} {args.plane} slices")
-    slab = extract_slice(volume, args.plane, index)
-    rgb = to_rgb(slab.pixels, volume.modality, preset=args.window, window_from=volume.array)
-    return rgb, f"{args.plane} slice {index} of {count}"
+
+def _finding(region) -> str:
+    """The segment a region belongs to: its label, else its code; printable ASCII (file headers need it)."""
+    name = re.sub(r"[^\x20-\x7e]", "", region.label).replace("|", " ").strip()
+    return name or region.code or "region"
+
+
+def _segments(answers) -> dict[str, int]:
+    """One 3D segment per finding: regions with the same label (or code, if unlabelled) share a label value."""
+    labels: dict[str, int] = {}
+    for answer in answers:
+        for region in answer.regions:
+            labels.setdefault(_finding(region), len(labels) + 1)
+    return labels
+
+
+def _write_segmentation(path: str, volume, answers) -> None:
+    from medsight.imaging import Segment, SegmentationBuilder, write_dicom_seg, write_nifti_labelmap, write_seg_nrrd
+    from medsight.overlay import PALETTE
+
+    labels = _segments(answers)
+    codes: dict[str, str | None] = {}
+    for answer in answers:
+        for region in answer.regions:
+            codes.setdefault(_finding(region), region.code)
+    segments = {
+        name: Segment(value, name[:64], tuple(c / 255 for c in PALETTE[(value - 1) % len(PALETTE)]), codes[name])
+        for name, value in labels.items()
+    }
+    builder = SegmentationBuilder(volume)
+    for answer in answers:
+        for region in answer.regions:
+            builder.add(answer.slice, region.mask, segments[_finding(region)])
+    if not labels:
+        raise ValueError(f"the answer has no regions: nothing to write to {path}")
+    seg = builder.build()
+    lower = path.lower()
+    if lower.endswith(".seg.nrrd") or lower.endswith(".nrrd"):
+        write_seg_nrrd(seg, path)
+    elif lower.endswith((".nii", ".nii.gz")):
+        write_nifti_labelmap(seg, path)
+    elif lower.endswith(".dcm"):
+        write_dicom_seg(seg, path)
+    else:
+        raise ValueError(f"--out {path}: use .seg.nrrd, .nii, .nii.gz or .dcm")
 
 
 def _ask(args: argparse.Namespace) -> int:
-    import torch
+    from tqdm import tqdm
 
     import medsight
+    from medsight.engine import VolumeSlices
+    from medsight.imaging import read_volume, slice_count
     from medsight.model.medsight import ImageOptions
     from medsight.overlay import save_overlay
 
-    image, where = _load_slice(args)
-    model = medsight.load_model(args.model, device=args.device, vision_file=args.vision_file)
+    volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
+    indices = parse_slices(args.slices, slice_count(volume, args.plane))
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file)
     if args.model in medsight.config.PRESETS:
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
     options = medsight.GenerationOptions(max_new_tokens=args.max_new_tokens)
-    with torch.inference_mode():
-        answer = model.ask(image, args.question, options, ImageOptions(resize_mode=args.resize_mode))
+    image_options = ImageOptions(resize_mode=args.resize_mode)
+    answers = []
+    chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]
+    with tqdm(total=len(indices), unit="slice", disable=len(indices) < 2, file=sys.stderr) as bar:
+        for chunk in chunks:
+            result = engine.ask(VolumeSlices(volume, args.plane, chunk, args.window), args.question,
+                                options, image_options)
+            answers.extend(result.answers)
+            bar.update(len(chunk))
+    if args.out:
+        _write_segmentation(args.out, volume, answers)
     if args.overlay:
-        save_overlay(args.overlay, image, answer.regions)
+        from medsight.imaging import to_rgb
+
+        shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
+        rgb = to_rgb(shown.slice.pixels, volume.modality, preset=args.window, window_from=volume.array)
+        save_overlay(args.overlay, rgb, shown.regions)
+    _report(args, answers)
+    return 0
+
+
+def _report(args: argparse.Namespace, answers) -> None:
+    def region_json(r) -> dict:
+        return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
+                "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
+
     if args.json:
+        main_answer = answers[len(answers) // 2] if len(answers) > 1 else answers[0]
         print(json.dumps({
-            "answer": answer.text,
-            "input": where,
-            "regions": [
-                {"code": r.code, "label": r.label, "index": r.index, "pixels": int(r.mask.sum()),
-                 "probability": round(r.probability, 4), "bbox": r.bbox}
-                for r in answer.regions
-            ],
+            "answer": main_answer.text,
+            "regions": [region_json(r) for a in answers for r in a.regions],
+            "slices": [{"plane": args.plane, "index": a.slice_index, "answer": a.text} for a in answers],
+            "out": args.out,
             "overlay": args.overlay,
         }))
-    else:
-        print(f"[{where}] {answer.text}")
-        for r in answer.regions:
+        return
+    for a in answers:
+        print(f"[{args.plane} slice {a.slice_index}] {a.text}")
+        for r in a.regions:
             print(f"  region {r.index}: {r.code} {r.label!r} {int(r.mask.sum())} pixels, p={r.probability:.2f}")
-        if args.overlay:
-            print(f"overlay written to {args.overlay}")
-    return 0
+    for name, path in (("segmentation", args.out), ("overlay", args.overlay)):
+        if path:
+            print(f"{name} written to {path}")
 
 
 def _serve(args: argparse.Namespace) -> int:

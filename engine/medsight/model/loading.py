@@ -236,4 +236,5 @@ def load_model(
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             model = load_official(found["lvlm"], found["perceiver"], vision_file or found["vision"],
                                   codebook_file or found["codebook"], base=base)
+    model.weights_source = f"random ({source} preset)" if str(source) in PRESETS else str(source)
     return model.to(device=device, dtype=dtype)

@@ -70,6 +70,8 @@ class MedSIGHTModel(nn.Module):
         self.region_perceiver = RegionPerceiver(config.perceiver)
         self.language_model = MedSIGHTLanguageModel(hf_config(config))
         self.codebook: RegionCodebook | None = None
+        # Where the weights came from (set by load_model); "random" until weights are loaded.
+        self.weights_source = "random"
         if tokenizer is None and config.llm.vocab_size == BYTE_VOCAB_SIZE:
             tokenizer = build_byte_tokenizer(config.llm.max_sequence_length)
         # Without a tokenizer (e.g. shape-only full-size models) the code ids follow from the vocabulary size.

@@ -72,7 +72,7 @@ def create_app(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     store_bytes: int = DEFAULT_STORE_BYTES,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-    model_name: str = "medsight",
+    model_name: str | None = None,
 ) -> FastAPI:
     """Build the app around a loaded engine.
 
@@ -90,7 +90,8 @@ def create_app(
     store = VolumeStore(store_bytes)
     jobs = JobRegistry()
     model = engine.model
-    random_weights = model_name in ("tiny", "full")
+    model_name = model_name or model.weights_source
+    random_weights = model.weights_source.startswith("random")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
