@@ -1,0 +1,386 @@
+"""The trainer core shared by all five stages: config, seeding, loop, logs, plot, checkpoints and exact resume.
+
+Layout of an output folder::
+
+    out_dir/
+      train_config.json          the stage config the run was started with
+      loss_log.jsonl             one record per logged optimizer step (step, lr, loss, loss terms, grad_norm)
+      loss.png                   loss curves (rewritten at every save)
+      checkpoints/step-0000010/  `save_pretrained` folder + trainer_state.pt (optimizer, scheduler, step, RNG)
+      final/                     `save_pretrained` folder of the last step
+
+Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
+seeded generator, consumed continuously across epoch ends. A resumed run therefore needs no sampler state, and the
+step after a resume sees exactly the samples (and, with the restored RNG/optimizer/scheduler, the loss) of an
+uninterrupted run.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) every rank takes its own slice of each step's samples (what a
+DistributedSampler does) and gradients are averaged with an all-reduce before clipping. The model is not wrapped in
+DistributedDataParallel because the stage losses call submodules (`region_perceiver`, `language_model`, ...)
+directly, which bypasses DDP's forward hooks; the explicit all-reduce gives the same averaged gradients. Only
+rank 0 writes logs and checkpoints. Only the single-process path is tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medsight.model.checkpoints import load_into, read_safetensors_folder
+from medsight.model.loading import save_pretrained
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "loss_log.jsonl"
+PLOT_FILE = "loss.png"
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Settings common to every stage (the stage configs override the defaults with the official values).
+
+    Attributes:
+        init_from: model to start from when run from the CLI: a preset name ("tiny", "full") or a folder written
+            by `save_pretrained` (e.g. the previous stage's `final/`).
+        lr: peak learning rate.
+        max_steps: optimizer steps; 0 derives them from `epochs`.
+        epochs: passes over the data when `max_steps` is 0 (may be fractional).
+        batch_size: samples per micro-batch on each process.
+        grad_accum: micro-batches per optimizer step.
+        grad_clip: max global gradient norm (<= 0 disables clipping).
+        optimizer: "adam" or "adamw" (torch implementations).
+        betas, weight_decay, eps: optimizer hyper-parameters.
+        warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay.
+        min_lr: floor of the cosine decay.
+        seed: seeds python, numpy and torch, and the data order.
+        bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
+        gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
+        log_every: write a loss record every this many steps (the last step is always written).
+        save_every: write a resumable checkpoint every this many steps (0: only at the end).
+        device: "" picks CUDA when available, else CPU.
+    """
+
+    init_from: str = "tiny"
+    lr: float = 1e-4
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_ratio: float = 0.0
+    min_lr: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    save_every: int = 0
+    device: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a JSON-like dict; unknown fields are an error (typos would otherwise be silently ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls: type[C], path: str | Path) -> C:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: the per-step records written (this process) and where things are."""
+
+    records: list[dict[str, float]] = field(default_factory=list)
+    final_dir: Path | None = None
+    last_step: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def distributed_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed_info()[2])
+    return torch.device("cpu")
+
+
+def cosine_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warm-up, then cosine from 1 down to `min_ratio`."""
+    warmup = math.ceil(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if config.optimizer not in kinds:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'adamw'")
+    return kinds[config.optimizer](
+        list(params), lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
+
+
+def total_steps(config: TrainConfig, num_samples: int, world_size: int = 1) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil(config.epochs * num_samples / per_step))
+
+
+class SampleOrder:
+    """Global sample index for any position in the stream: one seeded permutation per epoch."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        if num_samples <= 0:
+            raise ValueError("the training data set is empty")
+        self.num_samples, self.seed = num_samples, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch not in self._cache:
+            self._cache = {epoch: self._permutation(epoch)}  # one epoch at a time is enough: positions only grow
+        return self._cache[epoch][offset]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint folder with the highest step that has a trainer state, or None."""
+    folders = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"))
+    folders = [f for f in folders if (f / STATE_FILE).is_file()]
+    return folders[-1] if folders else None
+
+
+def read_log(out_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(out_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: str = "") -> None:
+    """One PNG with the total loss and every logged term against the step (log-scaled y when all positive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on training machines
+    import matplotlib.pyplot as plt
+
+    skip = {"step", "lr", "grad_norm", "time", "epoch"}
+    keys = [k for k in (records[0] if records else {}) if k not in skip]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    steps = [r["step"] for r in records]
+    for key in keys:
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key, linewidth=2 if key == "loss" else 1)
+    values = [r[k] for r in records for k in keys if k in r]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    dataset: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    loss_fn: Callable[[Any], dict[str, torch.Tensor]],
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    name: str = "train",
+) -> TrainResult:
+    """Optimise `params` of `model` on `dataset` with `loss_fn(collate(samples))["loss"]`.
+
+    Args:
+        model: the MedSIGHTModel (saved whole with `save_pretrained`; loaded back strictly on resume).
+        params: the trainable parameters (the caller has already set `requires_grad`).
+        dataset: indexable samples.
+        collate: list of samples -> the batch `loss_fn` takes.
+        loss_fn: batch -> dict with "loss" (backpropagated) and other scalar terms (logged).
+        resume: continue from the latest checkpoint in `out_dir/checkpoints` (fresh start if there is none).
+        name: run name for logs and the plot title.
+    """
+    out = Path(out_dir)
+    rank, world, _ = distributed_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main_process = rank == 0
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    seed_everything(config.seed)
+    steps = total_steps(config, len(dataset), world)
+    optimizer = build_optimizer(params, config)
+    min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, config.warmup_ratio, min_ratio))
+    device = next(model.parameters()).device
+
+    step = 0
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        # Weights first (strict: the model must be the same architecture), then the trainer state.
+        load_into(model, read_safetensors_folder(checkpoint), str(checkpoint))
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+        log.info("%s: resumed from %s at step %d", name, checkpoint, step)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        # Drop records past the resumed step so the log reads as one uninterrupted run.
+        kept = [r for r in read_log(out) if r["step"] <= step]
+        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    order = SampleOrder(len(dataset), config.seed)
+    per_step = config.batch_size * config.grad_accum * world
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    )
+    result = TrainResult()
+    started = time.perf_counter()
+    while step < steps:
+        sums: dict[str, float] = {}
+        base = step * per_step
+        for micro in range(config.grad_accum):
+            first = base + (micro * world + rank) * config.batch_size
+            batch = collate([dataset[order[first + i]] for i in range(config.batch_size)])
+            with autocast:
+                terms = loss_fn(batch)
+            (terms["loss"] / config.grad_accum).backward()
+            for key, value in terms.items():
+                if torch.is_tensor(value) and value.ndim == 0:
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
+        if world > 1:
+            _average_gradients(params, world)
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        record = {"step": step, "lr": lr, **sums, "grad_norm": grad_norm,
+                  "time": round(time.perf_counter() - started, 3)}
+        result.records.append(record)
+        if main_process and (step % max(1, config.log_every) == 0 or step == steps):
+            with (out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
+        if main_process and ((config.save_every > 0 and step % config.save_every == 0) or step == steps):
+            save_checkpoint(model, optimizer, scheduler, step, out / CHECKPOINT_DIR / f"step-{step:07d}")
+            plot_losses(read_log(out), out / PLOT_FILE, name)
+    if main_process:
+        result.final_dir = save_pretrained(model, out / FINAL_DIR)
+    if world > 1:
+        dist.barrier()
+    result.last_step = step
+    return result
+
+
+def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path) -> Path:
+    """Model in our format plus everything the loop needs to continue exactly."""
+    save_pretrained(model, folder)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
+    torch.save(state, folder / STATE_FILE)
+    return folder
+
+
+def _average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # every rank must join every all-reduce
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+

@@ -1,0 +1,363 @@
+"""The five MedSIGHT training stages on top of the shared loop (`medsight.train.loop.train`).
+
+| stage | trains | loss |
+|---|---|---|
+| 1 | Region Perceiver (+ ViT with `train_vision`) | Hungarian Dice + BCE + class CE on the final head |
+| 2 | codebook: to_code, codebooks, from_code, quantised head, modality predictor | `stage2_losses` + modality CE |
+| 3 | `mm_projector` | LM CE |
+| 4 | `token_projection` + the 576 code rows of the input embedding | LM CE + mask Dice + BCE |
+| 5 | the whole language model with both projectors (vision side frozen) | LM CE + mask Dice + BCE |
+
+Defaults of the stage configs are the official settings (spec: perceiver-and-codebook.md section 4,
+lvlm-and-inference.md section 7.1); tests and the demo override steps, batch sizes and learning rates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medsight.model.medsight import MedSIGHTModel
+from medsight.model.preprocess import ResizeMode
+from medsight.model.vision import encode_image
+from medsight.train.data import (
+    ConversationDataset,
+    ConversationSample,
+    SegmentationBatch,
+    SegmentationDataset,
+    collate_conversations,
+    collate_segmentation,
+)
+from medsight.train.loop import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
+from medsight.train.losses import EOS_COEF, lvlm_losses, stage1_losses, stage2_losses
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs (official defaults)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Stage1Config(TrainConfig):
+    """Stage 1: Adam(0.9, 0.99) lr 1e-4, global batch 48, 20 epochs, cosine to 1e-6, clip 1.0, fp32, seed 0.
+
+    The official schedule steps once per epoch; here the same cosine is evaluated per optimizer step.
+    `train_vision` also trains the ViT (official: frozen), for models without pretrained vision weights.
+    """
+
+    batch_size: int = 48
+    epochs: float = 20.0
+    min_lr: float = 1e-6
+    train_vision: bool = False
+    eos_coef: float = EOS_COEF
+    resize_mode: ResizeMode = "crop"
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    """Stage 2: Adam(0.9, 0.99) lr 1e-4, batch 16, 3 epochs, cosine; only the codebook side trains.
+
+    `warmup_doubling` reproduces the official soft-assignment warm-up value (2x the code) on every step; off by
+    default because the soft gradient path of that warm-up is not reproduced by `RegionCodebook.quantize`.
+    """
+
+    batch_size: int = 16
+    epochs: float = 3.0
+    min_lr: float = 1e-6
+    modality_loss_weight: float = 1.0
+    warmup_doubling: bool = False
+    resize_mode: ResizeMode = "crop"
+
+
+@dataclass
+class LVLMConfig(TrainConfig):
+    """Stages 3-5 (HF Trainer settings): AdamW (0.9, 0.999), no weight decay, warm-up 3 %, cosine, clip 1.0,
+    batch 1 x grad-accum 8. The official runs used bf16; here `bf16` stays opt-in (autocast)."""
+
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    batch_size: int = 1
+    grad_accum: int = 8
+    round_pixels_to_bf16: bool = True  # as at inference (the official tower ran in bf16)
+    resize_mode: ResizeMode = "crop"
+    data_root: str = ""  # where relative image/mask paths live; "" tries the JSON's folder and its parent
+
+
+@dataclass
+class Stage3Config(LVLMConfig):
+    """Stage 3: mm_projector only, lr 2e-5, 1 epoch, LM CE."""
+
+    lr: float = 2e-5
+    epochs: float = 1.0
+
+
+@dataclass
+class Stage4Config(LVLMConfig):
+    """Stage 4: token_projection + code embedding rows, lr 5e-4, 3 epochs, CE + mask loss.
+
+    `init_code_embeddings` writes mm_projector(from_code(unit codebook[m][k])) into each code's embedding row
+    first (needs the stage-2 codebook on the model).
+    """
+
+    lr: float = 5e-4
+    epochs: float = 3.0
+    init_code_embeddings: bool = True
+
+
+@dataclass
+class Stage5Config(LVLMConfig):
+    """Stage 5: the full language model + both projectors, lr 2e-5, 3 epochs, gradient checkpointing on."""
+
+    lr: float = 2e-5
+    epochs: float = 3.0
+    gradient_checkpointing: bool = True
+
+
+STAGE_CONFIGS: dict[int, type[TrainConfig]] = {
+    1: Stage1Config, 2: Stage2Config, 3: Stage3Config, 4: Stage4Config, 5: Stage5Config,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _prepare(model: MedSIGHTModel, config: TrainConfig) -> torch.device:
+    """Move to the training device in float32 and freeze everything (each stage then unfreezes its part)."""
+    device = resolve_device(config)
+    model.to(device=device, dtype=torch.float32)
+    model.requires_grad_(False)
+    model.eval()  # frozen parts stay in eval mode; trainable parts are switched to train below
+    return device
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _segmentation_data(data: Any, model: MedSIGHTModel, resize_mode: ResizeMode) -> SegmentationDataset:
+    if isinstance(data, (str, Path)):
+        v = model.config.vision
+        return SegmentationDataset(find_segmentation_meta(data), v.image_size, v.image_mean, v.image_std,
+                                   resize_mode, model.config.perceiver.num_classes)
+    return data
+
+
+def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> ConversationDataset:
+    if isinstance(data, (str, Path)):
+        v = model.config.vision
+        return ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
+                                   v.image_std, config.resize_mode, config.data_root or None)
+    return data
+
+
+def find_segmentation_meta(data: str | Path) -> Path:
+    """A meta JSON itself, or the train meta file inside a data folder (demo layout)."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    for name in ("biomedparse_meta_train.json", "biomedparse_meta.json"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{data}: no biomedparse_meta_train.json or biomedparse_meta.json")
+
+
+def find_conversations(data: str | Path) -> Path:
+    """A conversation JSON itself, or `lvlm/train.json` / `train.json` inside a data folder."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    for name in ("lvlm/train.json", "train.json"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{data}: no lvlm/train.json or train.json")
+
+
+def _grid_and_cls(model: MedSIGHTModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = encode_image(model.image_encoder, pixels, model.config.vision.select_layer)
+    return feats.grid, feats.cls
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1
+# ----------------------------------------------------------------------------------------------------------------
+def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: str | Path,
+               resume: bool = False) -> TrainResult:
+    """Train the Region Perceiver (and optionally the ViT) with the Hungarian Dice + BCE + CE criterion.
+
+    Args:
+        data: a `SegmentationDataset`, a meta JSON, or a folder holding `biomedparse_meta_train.json`.
+    """
+    device = _prepare(model, config)
+    dataset = _segmentation_data(data, model, config.resize_mode)
+    model.region_perceiver.requires_grad_(True).train()
+    if config.train_vision:
+        model.image_encoder.requires_grad_(True).train()
+
+    def loss_fn(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
+        pixels = batch.pixels.to(device)
+        with torch.set_grad_enabled(config.train_vision):  # a frozen ViT needs no graph
+            grid, _ = _grid_and_cls(model, pixels)
+        out = model.region_perceiver(grid)
+        masks = [m.to(device) for m in batch.masks]
+        classes = [c.to(device) for c in batch.classes]
+        terms = stage1_losses(out.seg_logits.float(), out.class_logits.float(), masks, classes,
+                              eos_coef=config.eos_coef)
+        loss = terms["dice"] + terms["bce"] + terms["cls"]
+        return {"loss": loss, "dice": terms["dice"], "bce": terms["bce"], "cls": terms["cls"]}
+
+    return train(model, trainable_parameters(model), dataset, collate_segmentation, loss_fn, config, out_dir,
+                 resume, name="stage1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2
+# ----------------------------------------------------------------------------------------------------------------
+def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: str | Path,
+               resume: bool = False) -> TrainResult:
+    """Train the modality codebook with the perceiver frozen; samples route to their GT modality's codebook."""
+    if model.codebook is None:
+        model.attach_codebook()
+    device = _prepare(model, config)
+    dataset = _segmentation_data(data, model, config.resize_mode)
+    codebook = model.codebook
+    assert codebook is not None
+    codebook.requires_grad_(True).train()
+    num_modalities = codebook.cfg.num_modalities
+
+    def loss_fn(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
+        bad = [m for m in batch.modalities if not 0 <= m < num_modalities]
+        if bad:
+            raise ValueError(f"modality labels {bad} outside the codebook's {num_modalities} modalities")
+        with torch.no_grad():  # frozen ViT and perceiver
+            grid, cls = _grid_and_cls(model, batch.pixels.to(device))
+            out = model.region_perceiver(grid)
+        masks = [m.to(device) for m in batch.masks]
+        classes = [c.to(device) for c in batch.classes]
+        terms = stage2_losses(out, codebook, batch.modalities, masks, classes, config.warmup_doubling)
+        target = torch.tensor(batch.modalities, device=device)
+        modality_ce = F.cross_entropy(codebook.modality_predictor(cls).float(), target)
+        loss = terms["loss"] + config.modality_loss_weight * modality_ce
+        keys = ("dice_quant", "bce_quant", "cls_quant", "vq_loss", "commit_loss", "recon_mse")
+        return {"loss": loss, **{k: terms[k] for k in keys}, "modality_ce": modality_ce}
+
+    return train(model, trainable_parameters(model), dataset, collate_segmentation, loss_fn, config, out_dir,
+                 resume, name="stage2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages 3-5
+# ----------------------------------------------------------------------------------------------------------------
+def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device, with_masks: bool):
+    def loss_fn(batch: list[ConversationSample]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([s.pixels for s in batch]).to(device)
+        encoding = model.encode(pixels, config.round_pixels_to_bf16)  # frozen vision side, no graph
+        masks = [None if s.masks is None else s.masks.to(device) for s in batch]
+        out = lvlm_losses(model, [s.input_ids for s in batch], [s.labels for s in batch], encoding, masks)
+        if not with_masks:
+            return {"loss": out.ce_loss, "ce": out.ce_loss}
+        return {"loss": out.loss, "ce": out.ce_loss, "mask": out.mask_loss, "dice": out.dice_loss,
+                "bce": out.bce_loss}
+
+    return loss_fn
+
+
+def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool, name: str,
+              with_masks: bool) -> TrainResult:
+    device = next(model.parameters()).device
+    lm = model.language_model
+    if config.gradient_checkpointing:
+        # Non-reentrant: works when the checkpointed inputs (embeddings) do not require grad themselves.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return train(model, trainable_parameters(model), dataset, collate_conversations,
+                     _lvlm_loss_fn(model, config, device, with_masks), config, out_dir, resume, name=name)
+    finally:
+        if config.gradient_checkpointing:
+            lm.gradient_checkpointing_disable()
+
+
+def run_stage3(model: MedSIGHTModel, data: Any, config: Stage3Config, out_dir: str | Path,
+               resume: bool = False) -> TrainResult:
+    """Vision -> text alignment: only `mm_projector` trains, on the LM cross-entropy."""
+    _prepare(model, config)
+    dataset = _conversation_data(data, model, config)
+    model.language_model.train()  # no dropout in Qwen3; train mode matters for gradient checkpointing
+    model.language_model.mm_projector.requires_grad_(True)
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage3", with_masks=False)
+
+
+@torch.no_grad()
+def init_code_embeddings(model: MedSIGHTModel) -> torch.Tensor:
+    """Write mm_projector(from_code(unit code)) into the input-embedding row of every region code.
+
+    Rows are in the official `m * codebook_size + k` order; with fewer code vectors than code tokens they wrap
+    around (official behaviour). Returns the (num_codes, hidden) rows written.
+    """
+    codebook = model.codebook
+    if codebook is None:
+        raise ValueError("stage-4 embedding initialisation needs the stage-2 codebook on the model "
+                         "(start from a stage-2/3 output, or set init_code_embeddings=false)")
+    units = [F.normalize(codebook.codebooks[str(m)].embedding.weight, p=2, dim=-1)
+             for m in range(codebook.cfg.num_modalities)]
+    lm = model.language_model
+    projector = lm.mm_projector
+    vectors = projector(codebook.from_code(torch.cat(units).to(model.dtype)).to(next(projector.parameters()).dtype))
+    first, count = model.codes.first_id, model.codes.num_codes
+    rows = vectors[torch.arange(count, device=vectors.device) % vectors.shape[0]]
+    weight = lm.get_input_embeddings().weight
+    weight[first : first + count] = rows.to(weight.dtype)
+    return rows
+
+
+def code_row_mask(model: MedSIGHTModel) -> torch.Tensor:
+    """(vocab, 1) float: 1 on the region-code rows of the input embedding, 0 elsewhere."""
+    weight = model.language_model.get_input_embeddings().weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[model.codes.first_id : model.codes.first_id + model.codes.num_codes] = 1
+    return mask
+
+
+def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: str | Path,
+               resume: bool = False) -> TrainResult:
+    """Text -> vision alignment: `token_projection` and the 576 code embedding rows train (CE + mask loss).
+
+    The code rows are trained in place: the whole `embed_tokens` weight requires grad and a gradient hook zeroes
+    every non-code row. With zero gradient and weight decay 0, Adam/AdamW leave those rows exactly unchanged
+    (equivalent to the official SplitEmbedding, and the checkpoint keeps the plain `embed_tokens.weight` key).
+    """
+    if config.weight_decay != 0:
+        raise ValueError("stage 4 needs weight_decay=0: decoupled decay would also move the frozen embedding rows")
+    _prepare(model, config)
+    dataset = _conversation_data(data, model, config)
+    if config.init_code_embeddings and not (resume and latest_checkpoint(out_dir)):
+        # A resumed run takes the rows from its checkpoint instead.
+        init_code_embeddings(model)
+    lm = model.language_model
+    lm.train()
+    lm.token_projection.requires_grad_(True)
+    weight = lm.get_input_embeddings().weight
+    weight.requires_grad_(True)
+    mask = code_row_mask(model)
+    handle = weight.register_hook(lambda grad: grad * mask)
+    try:
+        return _run_lvlm(model, dataset, config, out_dir, resume, "stage4", with_masks=True)
+    finally:
+        handle.remove()
+
+
+def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: str | Path,
+               resume: bool = False) -> TrainResult:
+    """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen)."""
+    _prepare(model, config)
+    dataset = _conversation_data(data, model, config)
+    model.language_model.requires_grad_(True).train()
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True)
+
+
+RUNNERS = {1: run_stage1, 2: run_stage2, 3: run_stage3, 4: run_stage4, 5: run_stage5}
