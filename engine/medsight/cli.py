@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=int, default=1024)
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
 
+    train = sub.add_parser("train", help="run one training stage: medsight train stage1 --config C --data D --out O",
+                           add_help=False)
+    train.add_argument("stage_args", nargs=argparse.REMAINDER)
+
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
 
@@ -200,6 +204,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from medsight.train.cli import main as train_main
+
+    stage_args = args.stage_args[1:] if args.stage_args[:1] == ["--"] else args.stage_args
+    return train_main(stage_args)
+
+
 def _info(args: argparse.Namespace) -> int:
     from medsight.config import get_preset
     from medsight.model.sizes import kv_cache_bytes_per_token, model_size
@@ -230,9 +241,12 @@ def _download(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the stage trainers own their arguments (and --help)
+        argv = ["train", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     try:
-        commands = {"ask": _ask, "serve": _serve, "info": _info, "download": _download}
+        commands = {"ask": _ask, "serve": _serve, "train": _train, "info": _info, "download": _download}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.
