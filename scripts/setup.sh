@@ -13,4 +13,4 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   # torch and torchvision must be a matching pair for open_clip/timm to import; override for other CUDA builds.
   python -m pip install -q ${MEDSIGHT_TORCH_SPEC:-"torch==2.14.1" "torchvision==0.29.1"}
 fi
-python -m pip install -q -e ".[server,slicer-test,dev]"
+python -m pip install -q -e ".[server,onnx,slicer-test,dev]"

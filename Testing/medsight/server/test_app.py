@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -216,3 +217,19 @@ def test_client_disconnect_cancels_the_job(server, mni_upload):
         assert r.status_code == 200
         assert time.monotonic() - t0 < 30
     assert threading.active_count() < 200
+
+
+def test_logs_carry_no_question_text_or_pixels(server, caplog):
+    """Questions may name the patient; pixel data is patient data. Neither may reach the logs."""
+    secret = "Patient Jane Doe born 1970-01-01: segment the liver"
+    caplog.set_level(logging.DEBUG)
+    image = np.full((8, 8), 123, np.uint8)
+    with httpx.Client(base_url=server, timeout=60) as c:
+        vid = upload(c, npy(image), {"modality": "OT"})
+        r = c.post("/v1/ask", json={"volume_id": vid, "messages": [{"role": "user", "content": secret}],
+                                    "options": {"max_new_tokens": 2}})
+        assert r.status_code == 200
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Jane" not in logged and "1970" not in logged
+    assert "123, 123" not in logged
+    assert any("job" in record.getMessage() for record in caplog.records), "the job itself is logged"
