@@ -1,6 +1,7 @@
 """Configs are data: presets round-trip through JSON and bad values are refused with a reason."""
 
 import pytest
+
 from medsight.config import MedSIGHTConfig, get_preset
 
 

@@ -4,10 +4,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
+
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.prompt import Message, prompt_text, render_messages, strip_assistant_prefix, tokenize_prompt
 from medsight.tokens import CodeVocabulary, all_code_names, parse_code_labels
-from transformers import AutoTokenizer
 
 SPEC_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

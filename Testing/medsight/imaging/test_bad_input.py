@@ -10,6 +10,7 @@ import nrrd
 import numpy as np
 import pydicom
 import pytest
+
 from medsight.imaging import ImagingError, read_dicom_series, read_volume
 
 

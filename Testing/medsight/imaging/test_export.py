@@ -8,6 +8,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+
 from medsight.imaging import (
     Code,
     Segment,

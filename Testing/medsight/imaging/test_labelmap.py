@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from medsight.imaging import ImagingError, Segment, SegmentationBuilder, Volume, extract_slice
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pydicom
 import SimpleITK as sitk  # noqa: N813
+
 from medsight.imaging import list_dicom_series, read_dicom, read_volume
 
 

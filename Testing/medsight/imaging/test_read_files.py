@@ -6,8 +6,9 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pydicom
-from medsight.imaging import read_image2d, read_nifti, read_nrrd, read_volume
 from PIL import Image
+
+from medsight.imaging import read_image2d, read_nifti, read_nrrd, read_volume
 
 
 def test_mni_template_matches_nibabel(mni_t1):

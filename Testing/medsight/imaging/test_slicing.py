@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
+
 from medsight.imaging import (
     PLANES,
     ImagingError,
@@ -16,7 +18,6 @@ from medsight.imaging import (
     slice_at_ras,
     slice_count,
 )
-from scipy.spatial.transform import Rotation
 
 # RAS directions the image columns and rows should follow (radiological display).
 EXPECT = {

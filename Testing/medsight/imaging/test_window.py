@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from medsight.config import tiny_config
 from medsight.model.loading import load_official
 from medsight_testing.release import write_release

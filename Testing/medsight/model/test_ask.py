@@ -1,12 +1,13 @@
 """`ask` end to end on the tiny model, and batching that never changes an answer."""
 
-import medsight
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessor
+
+import medsight
 from medsight.model.generation import GenerationOptions
 from medsight.prompt import Message, tokenize_prompt
-from transformers import LogitsProcessor
 
 
 class ForceText(LogitsProcessor):

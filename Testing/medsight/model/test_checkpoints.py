@@ -9,11 +9,12 @@ import sys
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from medsight.config import tiny_config
 from medsight.model.checkpoints import CheckpointError, read_perceiver_state, safe_torch_load
 from medsight.model.loading import load_model, load_official, load_pretrained, save_pretrained
 from medsight_testing.release import write_release
-from safetensors.torch import load_file, save_file
 
 
 def load_tiny_release(root, **kwargs):

@@ -1,6 +1,7 @@
 """The stage-2 codebook reproduces the official codes and quantised outputs (golden stage2_io.pt)."""
 
 import torch
+
 from medsight_testing.parity import assert_matches
 
 

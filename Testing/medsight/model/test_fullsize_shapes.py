@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from medsight.config import get_preset
 from medsight.model.sizes import kv_cache_bytes_per_token, meta_model, model_size
 

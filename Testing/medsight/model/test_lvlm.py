@@ -3,10 +3,11 @@ mask logits (golden lvlm_io.pt), with the model loaded from the official release
 
 import pytest
 import torch
+from transformers import LogitsProcessor
+
 from medsight.model.generation import GenerationOptions
 from medsight.prompt import Message, prompt_text, tokenize_prompt
 from medsight_testing.parity import assert_matches
-from transformers import LogitsProcessor
 
 
 class ForceTokens(LogitsProcessor):

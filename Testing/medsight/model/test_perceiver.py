@@ -1,6 +1,7 @@
 """The Region Perceiver reproduces every official intermediate (golden perceiver_io.pt)."""
 
 import torch
+
 from medsight.model.perceiver import sine_position_encoding
 from medsight_testing.parity import assert_matches
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from medsight.config import CLIP_MEAN, CLIP_STD
 from medsight.model.preprocess import UNSEEN_LOGIT, prepare_image
 

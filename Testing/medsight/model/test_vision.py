@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from medsight.model.vision import encode_image
 from medsight_testing.parity import assert_matches
 
