@@ -1,8 +1,14 @@
-"""MedSIGHT for 3D Slicer: the engine's HTTP client and its message types (standard library and numpy only)."""
+"""MedSIGHT for 3D Slicer: the engine's HTTP client and its message types (standard library and numpy only).
+
+The MRML-dependent helpers (``geometry``, ``suggestions``, ``export``) import vtk and slicer, so they are imported
+as submodules (``from MedSIGHTSlicerLib.suggestions import SuggestionManager``), not from here.
+"""
 
 # ruff: noqa: N999 - 3D Slicer names a module's helper package <Module>Lib
 
 from .client import DEFAULT_URL, AskStream, MedSIGHTClient, MedSIGHTError
+from .history import ChatHistory, RegionRef, Turn
+from .jobs import JobEvent, JobRunner
 from .protocol import (
     AskResult,
     CancelResult,
@@ -21,14 +27,19 @@ __all__ = [
     "AskResult",
     "AskStream",
     "CancelResult",
+    "ChatHistory",
     "ErrorInfo",
     "Health",
+    "JobEvent",
+    "JobRunner",
     "MedSIGHTClient",
     "MedSIGHTError",
     "ModelCard",
     "Region",
+    "RegionRef",
     "SliceAnswer",
     "StreamEvent",
+    "Turn",
     "VolumeInfo",
     "decode_mask",
 ]

@@ -1,0 +1,209 @@
+"""Voxel geometry between Slicer nodes, the engine's upload format and the engine's slice answers.
+
+Slicer nodes describe voxels in RAS (``IJKToRAS``); the engine takes LPS geometry (as DICOM and ITK do) and
+answers with ``slice_to_ras`` matrices mapping a slice pixel (col, row, 0, 1) to RAS millimetres. Everything here
+uses the node's *local* IJKToRAS (parent transforms are ignored on both the way out and the way back, so the
+round trip is exact whatever transform the volume sits under).
+
+Only numpy, vtk and Slicer's MRML classes: no Qt, no ``slicer.util`` application helpers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+__all__ = [
+    "GRID_TOLERANCE",
+    "GeometryError",
+    "array_from_image",
+    "ijk_to_ras",
+    "labelmap_from_array",
+    "mask_to_ijk",
+    "pixel_to_ijk",
+    "segment_array",
+    "volume_upload_arrays",
+]
+
+# A mapped pixel must land this close (in voxels) to an integer voxel index, else the slice is not on the grid.
+GRID_TOLERANCE = 1e-3
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+class GeometryError(ValueError):
+    """A mask or array does not fit the volume's voxel grid."""
+
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    """The node's 4x4 IJKToRAS matrix as a numpy array."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return _matrix_to_numpy(matrix)
+
+
+def _volume_shape(volume_node) -> tuple[int, int, int]:
+    """(k, j, i) voxel counts of the node's image."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise GeometryError(f"volume {volume_node.GetName()!r} has no image data")
+    i, j, k = image.GetDimensions()
+    return int(k), int(j), int(i)
+
+
+def array_from_image(image) -> np.ndarray:
+    """A (k, j, i[, c]) numpy *copy* of a vtkImageData's scalars (copy: VTK may free or reuse its buffer)."""
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        raise GeometryError("image has no scalars")
+    i, j, k = image.GetDimensions()
+    components = scalars.GetNumberOfComponents()
+    array = numpy_support.vtk_to_numpy(scalars).copy()
+    shape = (k, j, i) if components == 1 else (k, j, i, components)
+    return array.reshape(shape)
+
+
+def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    """What ``MedSIGHTClient.upload_volume`` needs from a scalar volume node.
+
+    Returns:
+        (array_kji, spacing, origin_lps, direction_lps): the voxels as a (k, j, i) array; spacing (i, j, k) mm;
+        origin in LPS mm; the 3x3 LPS direction matrix (columns: i, j, k axes) as 9 row-major numbers.
+    """
+    array = array_from_image(volume_node.GetImageData())
+    if array.ndim != 3:
+        raise GeometryError(f"volume {volume_node.GetName()!r} has {array.shape[-1]} components; expected a scalar")
+    matrix = ijk_to_ras(volume_node)
+    axes = matrix[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"volume {volume_node.GetName()!r} has a degenerate IJKToRAS matrix")
+    direction_lps = _RAS_TO_LPS @ (axes / spacing)
+    origin_lps = _RAS_TO_LPS @ matrix[:3, 3]
+    return (
+        array,
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in origin_lps),
+        tuple(float(d) for d in direction_lps.reshape(-1)),
+    )
+
+
+def pixel_to_ijk(
+    plane_axis: int, index: int, col_axis: int, row_axis: int, shape_ijk=None, flip_cols=False, flip_rows=False
+) -> np.ndarray:
+    """A 4x4 map (col, row, 0, 1) -> (i, j, k, 1) for a slice that is an array slab (axes: 0=i, 1=j, 2=k).
+
+    With a flip, pixel 0 is the last voxel along that axis (``shape_ijk`` is then needed).
+    """
+    if sorted((plane_axis, col_axis, row_axis)) != [0, 1, 2]:
+        raise ValueError("plane, column and row axes must be a permutation of 0, 1, 2")
+    matrix = np.zeros((4, 4))
+    matrix[col_axis, 0] = -1.0 if flip_cols else 1.0
+    matrix[row_axis, 1] = -1.0 if flip_rows else 1.0
+    matrix[plane_axis, 3] = float(index)
+    if flip_cols:
+        matrix[col_axis, 3] = shape_ijk[col_axis] - 1
+    if flip_rows:
+        matrix[row_axis, 3] = shape_ijk[row_axis] - 1
+    matrix[3, 3] = 1.0
+    return matrix
+
+
+def mask_to_ijk(slice_to_ras: np.ndarray, mask: np.ndarray, volume_node) -> np.ndarray:
+    """The (k, j, i) voxel indices of a slice mask's pixels, as an (N, 3) int64 array.
+
+    Each set pixel (col, row) goes through ``slice_to_ras`` then the volume's RASToIJK. The result must be an
+    integer voxel (within ``GRID_TOLERANCE``) inside the volume: the engine slices along array axes, so anything
+    else means the answer was computed on another volume or another geometry.
+    """
+    matrix = np.asarray(slice_to_ras, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise GeometryError(f"slice_to_ras must be 4x4, got {matrix.shape}")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise GeometryError(f"mask must be (rows, cols), got shape {mask.shape}")
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    pixels = np.stack([cols, rows, np.zeros_like(cols), np.ones_like(cols)]).astype(np.float64)
+    ijk = (np.linalg.inv(ijk_to_ras(volume_node)) @ matrix @ pixels)[:3]
+    nearest = np.rint(ijk)
+    error = float(np.max(np.abs(ijk - nearest)))
+    if error > GRID_TOLERANCE:
+        raise GeometryError(
+            f"the answer's slice is not on the grid of volume {volume_node.GetName()!r} "
+            f"(pixels land {error:.3g} voxels off); was it asked about another volume?"
+        )
+    ijk_int = nearest.astype(np.int64)
+    k, j, i = _volume_shape(volume_node)
+    inside = np.all((ijk_int >= 0) & (ijk_int < np.array([[i], [j], [k]])), axis=0)
+    if not np.all(inside):
+        raise GeometryError(
+            f"{int((~inside).sum())} mask pixels fall outside volume {volume_node.GetName()!r} ({i}x{j}x{k} voxels)"
+        )
+    return np.ascontiguousarray(ijk_int[::-1].T)
+
+
+def _reference_labelmap(volume_node):
+    """An empty uint8 vtkOrientedImageData on the volume's grid."""
+    import slicer  # deferred: importing MRML is slow and this module's pure-numpy parts don't need it
+
+    k, j, i = _volume_shape(volume_node)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(volume_node)))
+    return image
+
+
+def labelmap_from_array(array_kji: np.ndarray, volume_node):
+    """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array."""
+    array = np.asarray(array_kji)
+    shape = _volume_shape(volume_node)
+    if array.shape != shape:
+        raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
+    image = _reference_labelmap(volume_node)
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    scalars[:] = (array.reshape(-1) != 0).astype(np.uint8)
+    image.Modified()
+    return image
+
+
+def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment's voxels as a boolean (k, j, i) array on the volume's grid (a copy).
+
+    Segments may share one labelmap layer (told apart by label value) and may have a cropped extent, so the layer
+    is resampled (nearest neighbour) onto the volume's grid and compared with the segment's label value.
+    """
+    import slicer
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise KeyError(f"no segment {segment_id!r} in {segmentation_node.GetName()!r}")
+    layer = slicer.vtkOrientedImageData()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, layer, False):
+        return np.zeros(_volume_shape(volume_node), dtype=bool)
+    reference = _reference_labelmap(volume_node)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        layer, reference, resampled, False, False
+    ):
+        raise GeometryError(f"could not resample segment {segment_id!r} onto the volume's grid")
+    values = array_from_image(resampled)
+    if values.shape != _volume_shape(volume_node):
+        # Resampling pads to the reference extent; a mismatch means the reference geometry itself differs.
+        raise GeometryError(f"segment {segment_id!r} resampled to {values.shape}, not the volume's grid")
+    return values == segment.GetLabelValue()

@@ -1,0 +1,503 @@
+"""Suggested segments: the engine's regions shown in a preview, accepted into or rejected from the user's work.
+
+The engine never writes into the user's segmentation. Its regions become *suggestions* in a separate preview
+segmentation node; ``accept`` copies a suggestion into the user's segmentation of the same volume as a new
+segment (renamed on a name clash, so nothing the user made is overwritten) and ``reject`` drops it. Both are
+undoable: each operation keeps snapshots (cropped boolean masks) of only the segments it touched.
+
+Invariant, checked by the tests: the user's own segments are never modified. Accepted segments are added as
+their own labelmap layer (never merged into a shared layer), and undoing an accept removes a segment only if it
+is still exactly what was accepted.
+
+Main-thread only (MRML is not thread-safe); no Qt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import naming
+from .geometry import GeometryError, labelmap_from_array, mask_to_ijk, segment_array
+from .protocol import AskResult, SliceAnswer
+
+__all__ = [
+    "ALL",
+    "TAG_CONFIDENCE",
+    "TAG_LABEL",
+    "TAG_MODEL",
+    "TAG_QUESTION",
+    "TAG_REGION_CODE",
+    "TAG_SLICE",
+    "SegmentSnapshot",
+    "SuggestionError",
+    "SuggestionManager",
+    "get_tag",
+    "mask_digest",
+]
+
+ALL = "all"
+TAG_REGION_CODE = "MedSIGHT.RegionCode"
+TAG_MODEL = "MedSIGHT.Model"
+TAG_QUESTION = "MedSIGHT.Question"
+TAG_CONFIDENCE = "MedSIGHT.Confidence"
+TAG_SLICE = "MedSIGHT.Slice"
+TAG_LABEL = "MedSIGHT.Label"
+PREVIEW_ATTRIBUTE = "MedSIGHT.Preview"
+_ID_PREFIX = "MedSIGHT"
+
+
+class SuggestionError(RuntimeError):
+    """An accept, reject, undo or redo that cannot be done (unknown id, segment edited since, ...)."""
+
+
+@dataclass(frozen=True)
+class SegmentSnapshot:
+    """Everything needed to re-create a segment: identity, look, tags and its voxels (cropped to their box)."""
+
+    segment_id: str
+    name: str
+    color: tuple[float, float, float]
+    tags: dict[str, str]
+    offset: tuple[int, int, int]
+    crop: np.ndarray = field(repr=False)
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def from_mask(cls, segment_id: str, name: str, color, tags: dict[str, str], mask: np.ndarray) -> SegmentSnapshot:
+        # Cropping to the bounding box keeps undo history small: a region is a sliver of a 512x512x300 volume.
+        mask = np.asarray(mask, dtype=bool)
+        nonzero = np.nonzero(mask)
+        if nonzero[0].size == 0:
+            offset, crop = (0, 0, 0), np.zeros((0, 0, 0), dtype=bool)
+        else:
+            lo = [int(a.min()) for a in nonzero]
+            hi = [int(a.max()) + 1 for a in nonzero]
+            offset = tuple(lo)
+            crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy()
+        return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape))
+
+    def mask(self) -> np.ndarray:
+        """The full (k, j, i) boolean mask."""
+        full = np.zeros(self.shape, dtype=bool)
+        k, j, i = self.offset
+        dk, dj, di = self.crop.shape
+        full[k : k + dk, j : j + dj, i : i + di] = self.crop
+        return full
+
+    def digest(self) -> str:
+        return mask_digest(self.mask())
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """A hash of a boolean mask's voxels (and shape), to detect edits."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    return hashlib.sha1(repr(mask.shape).encode() + mask.tobytes()).hexdigest()
+
+
+@dataclass
+class _Item:
+    suggestion: SegmentSnapshot
+    before_id: str = ""  # the preview segment it stood before, to restore the list order on undo
+    user_id: str = ""
+    user_name: str = ""
+    digest: str = ""
+
+
+@dataclass
+class _Operation:
+    kind: str  # "accept" or "reject"
+    items: list[_Item]
+
+
+@dataclass
+class _Group:
+    """Regions that become one suggested segment."""
+
+    label: str
+    codes: list[str] = field(default_factory=list)
+    slices: list[str] = field(default_factory=list)
+    voxels: list[np.ndarray] = field(default_factory=list)
+    weights: list[tuple[float, int]] = field(default_factory=list)
+
+
+def _segment_ids(segmentation) -> list[str]:
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    segmentation.GetSegmentIDs(ids)
+    return [ids.GetValue(n) for n in range(ids.GetNumberOfValues())]
+
+
+def get_tag(segment, name: str) -> str | None:
+    """A segment tag's value, or None (the wrapped vtkSegment.GetTag fills an output argument)."""
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+def _segment_tags(segment) -> dict[str, str]:
+    # vtkSegment's tag map is not listable from Python, so carry over the tags this module writes.
+    known = [TAG_REGION_CODE, TAG_MODEL, TAG_QUESTION, TAG_CONFIDENCE, TAG_SLICE, TAG_LABEL, _terminology_tag()]
+    tags = {key: get_tag(segment, key) for key in known}
+    return {key: value for key, value in tags.items() if value is not None}
+
+
+def _terminology_tag() -> str:
+    import slicer
+
+    return slicer.vtkSegment.GetTerminologyEntryTagName()
+
+
+class SuggestionManager:
+    """Suggested segments for one volume, and their accept / reject / undo / redo.
+
+    Args:
+        scene: the vtkMRMLScene holding ``volume_node`` (``slicer.mrmlScene`` in the application).
+        volume_node: the scalar volume the answers are about; it is the reference geometry of both the preview and
+            the user's segmentation.
+        model: default for the "MedSIGHT.Model" tag (e.g. the engine's model name and version).
+
+    Example::
+
+        manager = SuggestionManager(slicer.mrmlScene, volume_node, model="medsight-7b 0.1.0")
+        ids = manager.add_result(result, question="Where is the liver?")
+        manager.accept(ids[0]); manager.reject(ALL); manager.undo()
+    """
+
+    def __init__(self, scene, volume_node, model: str = "") -> None:
+        self.scene = scene
+        self.volume_node = volume_node
+        self.model = model
+        self.user_node = None  # the user's segmentation; found or created on the first accept
+        self._undo: list[_Operation] = []
+        self._redo: list[_Operation] = []
+        self._preview_node = self._create_preview_node()
+
+    # -- nodes -------------------------------------------------------------------------------------------------
+    def _create_preview_node(self):
+        import slicer
+
+        node = slicer.vtkMRMLSegmentationNode()
+        node.SetName(f"{self.volume_node.GetName()} MedSIGHT suggestions")
+        node.SetAttribute(PREVIEW_ATTRIBUTE, "1")
+        # Not saved with the scene: suggestions are transient until accepted.
+        node.SetSaveWithScene(False)
+        self.scene.AddNode(node)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(self.volume_node)
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity(0.6)  # suggestions look tentative next to the user's segments
+        return node
+
+    @property
+    def preview_node(self):
+        """The preview segmentation node (re-created if the user deleted it from the scene)."""
+        if self._preview_node.GetScene() is None:
+            self._preview_node = self._create_preview_node()
+        return self._preview_node
+
+    def find_user_node(self):
+        """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
+        preferring one named "<volume> segmentation"."""
+        import slicer
+
+        if self.user_node is not None and self.user_node.GetScene() is not None:
+            return self.user_node
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        candidates = []
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for n in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(n)
+            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
+                continue
+            if node.GetNodeReference(role) is self.volume_node:
+                candidates.append(node)
+        wanted = f"{self.volume_node.GetName()} segmentation"
+        candidates.sort(key=lambda node: node.GetName() != wanted)
+        return candidates[0] if candidates else None
+
+    def user_segmentation_node(self):
+        """The user's segmentation of this volume, created (named "<volume> segmentation") if there is none."""
+        import slicer
+
+        node = self.find_user_node()
+        if node is None:
+            node = slicer.vtkMRMLSegmentationNode()
+            node.SetName(f"{self.volume_node.GetName()} segmentation")
+            self.scene.AddNode(node)
+            node.SetReferenceImageGeometryParameterFromVolumeNode(self.volume_node)
+            node.CreateDefaultDisplayNodes()
+        self.user_node = node
+        return node
+
+    # -- adding suggestions ------------------------------------------------------------------------------------
+    def add_result(self, result: AskResult, question: str = "") -> list[str]:
+        """All answers of an ask; the model tag comes from the result."""
+        return self.add_answers(result.answers, question=question, model=result.model)
+
+    def add_answer(self, answer: SliceAnswer, question: str = "", model: str | None = None) -> list[str]:
+        """One slice's answer: each region with voxels becomes one suggested segment. Returns their ids."""
+        groups = [self._group_of([(answer, region)]) for region in answer.regions]
+        return self._add_groups(groups, question, model)
+
+    def add_answers(self, answers: Sequence[SliceAnswer], question: str = "", model: str | None = None) -> list[str]:
+        """Answers about several slices: regions with the same label become ONE 3D suggested segment.
+
+        A single answer behaves as ``add_answer`` (two "lesion" regions on one slice stay two suggestions).
+        """
+        answers = list(answers)
+        if len(answers) == 1:
+            return self.add_answer(answers[0], question, model)
+        by_label: dict[str, list] = {}
+        for answer in answers:
+            for region in answer.regions:
+                key = naming.normalise_label(region.label) or (region.code or "region")
+                by_label.setdefault(key, []).append((answer, region))
+        return self._add_groups([self._group_of(pairs) for pairs in by_label.values()], question, model)
+
+    def _group_of(self, pairs) -> _Group:
+        """Map each region's mask onto the volume (raises GeometryError when an answer is off this grid)."""
+        group = _Group(label=pairs[0][1].label)
+        for answer, region in pairs:
+            voxels = mask_to_ijk(answer.slice_to_ras, region.mask, self.volume_node)
+            if region.code and region.code not in group.codes:
+                group.codes.append(region.code)
+            slice_name = f"{answer.plane}:{answer.index}"
+            if slice_name not in group.slices:
+                group.slices.append(slice_name)
+            group.voxels.append(voxels)
+            group.weights.append((float(region.probability), len(voxels)))
+        return group
+
+    def _add_groups(self, groups: Iterable[_Group], question: str, model: str | None) -> list[str]:
+        shape = self._shape()
+        ids = []
+        for group in groups:
+            mask = np.zeros(shape, dtype=bool)
+            for voxels in group.voxels:
+                mask[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+            if not mask.any():
+                continue  # an empty region has nothing to show or accept
+            ids.append(self._add_suggestion(group, mask, question, self.model if model is None else model))
+        return ids
+
+    def _shape(self) -> tuple[int, int, int]:
+        i, j, k = self.volume_node.GetImageData().GetDimensions()
+        return (k, j, i)
+
+    def _add_suggestion(self, group: _Group, mask: np.ndarray, question: str, model: str) -> str:
+        fallback = ", ".join(group.codes) or "Region"
+        name = naming.display_name(group.label, fallback=fallback)
+        tags = {
+            TAG_REGION_CODE: ",".join(group.codes),
+            TAG_MODEL: model,
+            TAG_QUESTION: question,
+            TAG_CONFIDENCE: f"{_weighted_confidence(group.weights):.4f}",
+            TAG_SLICE: ";".join(group.slices),
+            TAG_LABEL: group.label,
+        }
+        entry = naming.terminology_entry(group.label)
+        if entry:
+            tags[_terminology_tag()] = entry
+        colour = naming.colour_for(group.label or fallback, avoid=self._colours_in_use())
+        segmentation = self.preview_node.GetSegmentation()
+        segment_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+        snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
+        _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
+        return segment_id
+
+    def _colours_in_use(self) -> list[tuple[float, float, float]]:
+        segmentation = self.preview_node.GetSegmentation()
+        return [tuple(segmentation.GetSegment(sid).GetColor()) for sid in _segment_ids(segmentation)]
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def suggestion_ids(self) -> list[str]:
+        """Ids of the current suggestions, in display order."""
+        return _segment_ids(self.preview_node.GetSegmentation())
+
+    def suggestion(self, segment_id: str):
+        """The preview vtkSegment of a suggestion."""
+        segment = self.preview_node.GetSegmentation().GetSegment(segment_id)
+        if segment is None:
+            raise SuggestionError(f"no suggestion {segment_id!r}")
+        return segment
+
+    def suggestion_mask(self, segment_id: str) -> np.ndarray:
+        """A suggestion's voxels as a boolean (k, j, i) array."""
+        self.suggestion(segment_id)
+        return segment_array(self.preview_node, segment_id, self.volume_node)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    # -- accept / reject ---------------------------------------------------------------------------------------
+    def _resolve(self, segment_ids) -> list[str]:
+        current = self.suggestion_ids()
+        if segment_ids == ALL or segment_ids is None:
+            return current
+        wanted = [segment_ids] if isinstance(segment_ids, str) else list(segment_ids)
+        unknown = [sid for sid in wanted if sid not in current]
+        if unknown:
+            raise SuggestionError(f"no suggestion {', '.join(map(repr, unknown))}")
+        return list(dict.fromkeys(wanted))
+
+    def accept(self, segment_ids=ALL) -> list[str]:
+        """Move suggestions (an id, ids, or ALL) into the user's segmentation. Returns the new segment ids there."""
+        items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
+        if not items:
+            return []
+        operation = _Operation("accept", items)
+        self._do_accept(operation)
+        self._push(operation)
+        return [item.user_id for item in items]
+
+    def reject(self, segment_ids=ALL) -> list[str]:
+        """Drop suggestions (an id, ids, or ALL). Returns the dropped ids."""
+        items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
+        if not items:
+            return []
+        operation = _Operation("reject", items)
+        self._remove_suggestions(operation.items)
+        self._push(operation)
+        return [item.suggestion.segment_id for item in items]
+
+    def _push(self, operation: _Operation) -> None:
+        self._undo.append(operation)
+        self._redo.clear()  # a new action forks history: the undone branch is gone, as in any editor
+
+    def _snapshot_item(self, segment_id: str) -> _Item:
+        segment = self.suggestion(segment_id)
+        ids = self.suggestion_ids()
+        position = ids.index(segment_id)
+        before = ids[position + 1] if position + 1 < len(ids) else ""
+        snapshot = SegmentSnapshot.from_mask(
+            segment_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), self.suggestion_mask(segment_id)
+        )
+        return _Item(suggestion=snapshot, before_id=before)
+
+    def _do_accept(self, operation: _Operation) -> None:
+        user = self.user_segmentation_node()
+        segmentation = user.GetSegmentation()
+        taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
+        for item in operation.items:
+            name = _unique_name(item.suggestion.name, taken)
+            taken.add(name.lower())
+            user_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+            mask = item.suggestion.mask()
+            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask)
+            item.user_id, item.user_name, item.digest = user_id, name, mask_digest(mask)
+        self._remove_suggestions(operation.items)
+
+    def _remove_suggestions(self, items: list[_Item]) -> None:
+        segmentation = self.preview_node.GetSegmentation()
+        for item in items:
+            segmentation.RemoveSegment(item.suggestion.segment_id)
+
+    def _restore_suggestions(self, items: list[_Item]) -> None:
+        # Reverse order so that each item's "before" neighbour is back before it is needed.
+        for item in reversed(items):
+            _add_segment(self.preview_node, item.suggestion, self.volume_node, before_id=item.before_id)
+
+    # -- undo / redo -------------------------------------------------------------------------------------------
+    def undo(self) -> bool:
+        """Revert the last accept or reject. False when there is nothing to undo."""
+        if not self._undo:
+            return False
+        operation = self._undo[-1]
+        if operation.kind == "accept":
+            self._check_accepted_unchanged(operation)
+            segmentation = self.user_segmentation_node().GetSegmentation()
+            for item in operation.items:
+                segmentation.RemoveSegment(item.user_id)
+        self._restore_suggestions(operation.items)
+        self._redo.append(self._undo.pop())
+        return True
+
+    def redo(self) -> bool:
+        """Re-apply the last undone accept or reject. False when there is nothing to redo."""
+        if not self._redo:
+            return False
+        operation = self._redo[-1]
+        present = set(self.suggestion_ids())
+        missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
+        if missing:
+            raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
+        if operation.kind == "accept":
+            self._do_accept(operation)
+        else:
+            self._remove_suggestions(operation.items)
+        self._undo.append(self._redo.pop())
+        return True
+
+    def _check_accepted_unchanged(self, operation: _Operation) -> None:
+        """Undoing an accept deletes segments from the user's node: only if they are exactly what was accepted."""
+        user = self.find_user_node()
+        for item in operation.items:
+            segment = None if user is None else user.GetSegmentation().GetSegment(item.user_id)
+            if segment is None:
+                raise SuggestionError(f"cannot undo: accepted segment {item.user_name!r} was deleted")
+            if mask_digest(segment_array(user, item.user_id, self.volume_node)) != item.digest:
+                raise SuggestionError(f"cannot undo: accepted segment {item.user_name!r} was edited since")
+
+    def clear(self) -> None:
+        """Remove every suggestion without history (e.g. when the volume changes)."""
+        segmentation = self.preview_node.GetSegmentation()
+        for segment_id in self.suggestion_ids():
+            segmentation.RemoveSegment(segment_id)
+        self._undo.clear()
+        self._redo.clear()
+
+
+def _weighted_confidence(weights: list[tuple[float, int]]) -> float:
+    """Mean probability over all voxels of the merged regions (a large region weighs more than a sliver)."""
+    total = sum(n for _, n in weights)
+    if total == 0:
+        return float(np.mean([p for p, _ in weights])) if weights else 0.0
+    return sum(p * n for p, n in weights) / total
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or "name (2)", "name (3)", ... whichever is not taken (case-insensitive)."""
+    if name.lower() not in taken:
+        return name
+    n = 2
+    while f"{name} ({n})".lower() in taken:
+        n += 1
+    return f"{name} ({n})"
+
+
+def _add_segment(
+    node,
+    snapshot: SegmentSnapshot,
+    volume_node,
+    segment_id: str | None = None,
+    name: str | None = None,
+    mask: np.ndarray | None = None,
+    before_id: str = "",
+) -> None:
+    """Add a segment with its own labelmap layer (so no other segment's voxels are rewritten)."""
+    import slicer
+
+    segment = slicer.vtkSegment()
+    segment.SetName(name or snapshot.name)
+    segment.SetColor(*snapshot.color)
+    for key, value in snapshot.tags.items():
+        segment.SetTag(key, value)
+    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
+    segmentation = node.GetSegmentation()
+    if before_id and segmentation.GetSegment(before_id) is None:
+        before_id = ""
+    if not segmentation.AddSegment(segment, segment_id or snapshot.segment_id, before_id):
+        raise GeometryError(f"could not add segment {segment.GetName()!r} to {node.GetName()!r}")

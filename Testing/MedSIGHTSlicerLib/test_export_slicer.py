@@ -1,0 +1,113 @@
+"""export.py with real MRML nodes: .seg.nrrd round trip (names, colours, tags) and a NIfTI labelmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from MedSIGHTSlicerLib.export import ExportError, export_nifti, export_seg_nrrd, read_seg_nrrd  # noqa: E402
+from MedSIGHTSlicerLib.geometry import array_from_image, pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.suggestions import TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, SuggestionManager, get_tag  # noqa: E402
+
+SHAPE = (6, 7, 8)
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def volume(scene):
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName("MR")
+    scene.AddNode(node)
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.5, 0.75, 3.0)
+    node.SetOrigin(10.0, -4.0, 2.0)
+    return node
+
+
+def accepted(scene, volume, tmp_path):
+    """A user segmentation with two accepted suggestions (liver, lesion)."""
+    manager = SuggestionManager(scene, volume, model="medsight-test 0.2")
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    a = np.zeros((SHAPE[1], SHAPE[2]), bool)
+    a[1:4, 2:6] = True
+    b = np.zeros_like(a)
+    b[5, 1] = True
+    matrix = ijk_to_ras @ pixel_to_ijk(2, 3, 0, 1)
+    answer = SliceAnswer(
+        "axial",
+        3,
+        "Liver [M0_1] and lesion [M0_2].",
+        [Region("[M0_1]", "liver", 0, a, 0.8, None), Region("[M0_2]", "lesion", 1, b, 0.6, None)],
+        matrix,
+    )
+    manager.add_answer(answer, question="What is on this slice?")
+    manager.accept()
+    return manager, manager.user_segmentation_node()
+
+
+def test_seg_nrrd_round_trip(scene, volume, tmp_path):
+    _, user = accepted(scene, volume, tmp_path)
+    path = export_seg_nrrd(user, tmp_path / "out" / "MR.seg.nrrd")
+    assert path.is_file()
+    fresh_scene = slicer.vtkMRMLScene()
+    fresh = read_seg_nrrd(path, fresh_scene)
+    ids_a, ids_b = vtk.vtkStringArray(), vtk.vtkStringArray()
+    user.GetSegmentation().GetSegmentIDs(ids_a)
+    fresh.GetSegmentation().GetSegmentIDs(ids_b)
+    assert ids_a.GetNumberOfValues() == ids_b.GetNumberOfValues() == 2
+    for n in range(2):
+        orig = user.GetSegmentation().GetSegment(ids_a.GetValue(n))
+        back = fresh.GetSegmentation().GetSegment(ids_b.GetValue(n))
+        assert back.GetName() == orig.GetName()
+        np.testing.assert_allclose(back.GetColor(), orig.GetColor(), atol=1e-3)
+        for tag in (TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, slicer.vtkSegment.GetTerminologyEntryTagName()):
+            assert get_tag(back, tag) == get_tag(orig, tag)
+    names = [user.GetSegmentation().GetSegment(ids_a.GetValue(n)).GetName() for n in range(2)]
+    assert names == ["Liver", "Lesion"]
+    liver = fresh.GetSegmentation().GetSegment(ids_b.GetValue(0))
+    assert "SCT^10200004^Liver" in get_tag(liver, slicer.vtkSegment.GetTerminologyEntryTagName())
+    # The voxels survive too (the file's geometry is the volume's, so the same grid reads it).
+    np.testing.assert_array_equal(
+        segment_array(fresh, ids_b.GetValue(0), volume),
+        segment_array(user, ids_a.GetValue(0), volume),
+    )
+
+
+def test_nifti_labelmap(scene, volume, tmp_path):
+    _, user = accepted(scene, volume, tmp_path)
+    path = tmp_path / "MR-seg.nii.gz"
+    names = export_nifti(user, volume, path)
+    assert names == {1: "Liver", 2: "Lesion"}
+    assert path.is_file()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    back = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(back)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(back)
+    values = array_from_image(back.GetImageData())
+    assert values.shape == SHAPE
+    assert int((values == 1).sum()) == 12 and int((values == 2).sum()) == 1
+    assert values[3, 5, 1] == 2
+
+
+def test_bad_names_are_refused(scene, volume, tmp_path):
+    _, user = accepted(scene, volume, tmp_path)
+    with pytest.raises(ExportError):
+        export_seg_nrrd(user, tmp_path / "x.nrrd")
+    with pytest.raises(ExportError):
+        export_nifti(user, volume, tmp_path / "x.nrrd")
+    with pytest.raises(ExportError):
+        read_seg_nrrd(tmp_path / "missing.seg.nrrd", scene)

@@ -1,0 +1,162 @@
+"""geometry.py against real MRML nodes: upload arrays, and slice masks landing exactly on an oblique volume's voxels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from MedSIGHTSlicerLib.geometry import (  # noqa: E402
+    GeometryError,
+    ijk_to_ras,
+    labelmap_from_array,
+    mask_to_ijk,
+    pixel_to_ijk,
+    segment_array,
+    volume_upload_arrays,
+)
+
+SHAPE_KJI = (9, 11, 13)
+# (plane axis, column axis, row axis) with axes 0=i, 1=j, 2=k; flips exercise reversed pixel grids.
+PLANES = {
+    "axial": (2, 0, 1, False, False),
+    "coronal": (1, 0, 2, False, True),
+    "sagittal": (0, 1, 2, True, True),
+}
+
+
+def oblique_matrix() -> np.ndarray:
+    """IJKToRAS with anisotropic spacing, a rotation about a tilted axis and an off-origin offset."""
+    axis = np.array([0.3, -0.5, 0.8])
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(23.0)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([0.8, 1.1, 2.5])
+    matrix[:3, 3] = [-12.5, 40.25, 7.0]
+    return matrix
+
+
+def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "CT"):
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    k, j, i = array_kji.shape
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array_kji.reshape(-1)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    node.SetAndObserveImageData(image)
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, matrix[r, c])
+    node.SetIJKToRASMatrix(vtk_matrix)
+    return node
+
+
+def sphere(shape=SHAPE_KJI, centre=(4, 5, 6), radius=3.2) -> np.ndarray:
+    k, j, i = np.indices(shape)
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+
+
+def slice_geometry(plane: str, index: int, shape_kji=SHAPE_KJI):
+    """(pixel_to_ijk, rows, cols) of an array-slab slice, in the engine's (col, row) convention."""
+    normal, col, row, flip_cols, flip_rows = PLANES[plane]
+    shape_ijk = shape_kji[::-1]
+    p2i = pixel_to_ijk(normal, index, col, row, shape_ijk, flip_cols, flip_rows)
+    return p2i, shape_ijk[row], shape_ijk[col]
+
+
+def slice_mask(array_kji: np.ndarray, p2i: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The values of a (k, j, i) array on a slice's pixel grid, computed pixel by pixel through ``p2i``."""
+    r, c = np.mgrid[0:rows, 0:cols]
+    pts = np.stack([c.ravel(), r.ravel(), np.zeros(r.size), np.ones(r.size)])
+    i, j, k = np.rint(p2i @ pts)[:3].astype(int)
+    return array_kji[k, j, i].reshape(rows, cols)
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def volume(scene):
+    rng = np.random.default_rng(0)
+    return make_volume(scene, rng.integers(-1000, 1000, SHAPE_KJI).astype(np.int16), oblique_matrix())
+
+
+def test_upload_arrays_round_trip_geometry(volume):
+    array, spacing, origin, direction = volume_upload_arrays(volume)
+    assert array.shape == SHAPE_KJI and array.dtype == np.int16
+    np.testing.assert_allclose(spacing, [0.8, 1.1, 2.5])
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    rebuilt = np.eye(4)
+    rebuilt[:3, :3] = lps_to_ras @ np.reshape(direction, (3, 3)) @ np.diag(spacing)
+    rebuilt[:3, 3] = lps_to_ras @ np.asarray(origin)
+    np.testing.assert_allclose(rebuilt, oblique_matrix(), atol=1e-9)
+    np.testing.assert_allclose(ijk_to_ras(volume), oblique_matrix(), atol=1e-12)
+
+
+def test_upload_array_is_a_copy(volume):
+    array, *_ = volume_upload_arrays(volume)
+    array[:] = 0
+    again, *_ = volume_upload_arrays(volume)
+    assert again.any()
+
+
+@pytest.mark.parametrize("plane", list(PLANES))
+def test_masks_land_on_the_sphere_voxels(volume, plane):
+    ball = sphere()
+    normal = PLANES[plane][0]
+    found = np.zeros(SHAPE_KJI, dtype=bool)
+    for index in range(SHAPE_KJI[::-1][normal]):
+        p2i, rows, cols = slice_geometry(plane, index)
+        mask = slice_mask(ball, p2i, rows, cols)
+        voxels = mask_to_ijk(oblique_matrix() @ p2i, mask, volume)
+        assert voxels.shape == (int(mask.sum()), 3)
+        found[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+    np.testing.assert_array_equal(found, ball)
+
+
+def test_off_grid_slice_is_refused(volume):
+    p2i, rows, cols = slice_geometry("axial", 4)
+    shifted = oblique_matrix() @ p2i
+    shifted[:3, 3] += oblique_matrix()[:3, 2] * 0.5  # half a slice along k
+    with pytest.raises(GeometryError, match="not on the grid"):
+        mask_to_ijk(shifted, np.ones((rows, cols), bool), volume)
+
+
+def test_outside_volume_is_refused(volume):
+    p2i, rows, cols = slice_geometry("axial", 4)
+    with pytest.raises(GeometryError, match="outside"):
+        mask_to_ijk(oblique_matrix() @ p2i, np.ones((rows + 2, cols), bool), volume)
+
+
+def test_empty_mask_and_bad_shapes(volume):
+    p2i, rows, cols = slice_geometry("axial", 0)
+    assert mask_to_ijk(oblique_matrix() @ p2i, np.zeros((rows, cols), bool), volume).shape == (0, 3)
+    with pytest.raises(GeometryError):
+        mask_to_ijk(np.eye(3), np.zeros((rows, cols), bool), volume)
+    with pytest.raises(GeometryError):
+        mask_to_ijk(oblique_matrix() @ p2i, np.zeros((2, rows, cols), bool), volume)
+
+
+def test_segment_array_round_trip(scene, volume):
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segment = slicer.vtkSegment()
+    segment.SetName("ball")
+    labelmap = labelmap_from_array(sphere(), volume)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
+    assert node.GetSegmentation().AddSegment(segment, "ball")
+    np.testing.assert_array_equal(segment_array(node, "ball", volume), sphere())
+    with pytest.raises(GeometryError):
+        labelmap_from_array(np.zeros((2, 2, 2)), volume)

@@ -1,0 +1,244 @@
+"""SuggestionManager with real MRML nodes: answers to 3D suggestions, accept/reject/undo/redo, user segments intact."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from MedSIGHTSlicerLib.geometry import GeometryError, labelmap_from_array, pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
+    ALL,
+    TAG_CONFIDENCE,
+    TAG_MODEL,
+    TAG_QUESTION,
+    TAG_REGION_CODE,
+    TAG_SLICE,
+    SuggestionError,
+    SuggestionManager,
+    get_tag,
+)
+
+SHAPE = (8, 10, 12)  # (k, j, i)
+
+
+def oblique_matrix() -> np.ndarray:
+    c, s = np.cos(np.radians(17)), np.sin(np.radians(17))
+    rotation = np.array([[c, -s, 0], [s * 0.8, c * 0.8, -0.6], [s * 0.6, c * 0.6, 0.8]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([0.7, 0.9, 2.0])
+    matrix[:3, 3] = [5.0, -20.0, 33.0]
+    return matrix
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def volume(scene):
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = 0
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName("CT")
+    scene.AddNode(node)
+    node.SetAndObserveImageData(image)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, oblique_matrix()[r, c])
+    node.SetIJKToRASMatrix(matrix)
+    return node
+
+
+def ball(centre=(4, 5, 6), radius=2.6) -> np.ndarray:
+    k, j, i = np.indices(SHAPE)
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+
+
+def answer(plane: str, index: int, regions: list[tuple[str, np.ndarray]], prob: float = 0.9) -> SliceAnswer:
+    """An engine answer about an array-slab slice whose region masks are the given 3D masks cut at that slice."""
+    normal, col, row = {"axial": (2, 0, 1), "coronal": (1, 0, 2), "sagittal": (0, 1, 2)}[plane]
+    p2i = pixel_to_ijk(normal, index, col, row)
+    shape_ijk = SHAPE[::-1]
+    rows, cols = shape_ijk[row], shape_ijk[col]
+    r, c = np.mgrid[0:rows, 0:cols]
+    i, j, k = np.rint(p2i @ np.stack([c.ravel(), r.ravel(), 0 * r.ravel(), 1 + 0 * r.ravel()]))[:3].astype(int)
+    out = [
+        Region(f"[M{index}_{n}]", label, n, mask3d[k, j, i].reshape(rows, cols), prob, None)
+        for n, (label, mask3d) in enumerate(regions)
+    ]
+    return SliceAnswer(plane, index, f"The {regions[0][0]} is here.", out, oblique_matrix() @ p2i)
+
+
+def add_user_segment(node, volume, name: str, mask: np.ndarray) -> str:
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap_from_array(mask, volume)
+    )
+    segment_id = node.GetSegmentation().GenerateUniqueSegmentID("user")
+    assert node.GetSegmentation().AddSegment(segment, segment_id)
+    return segment_id
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture
+def user_node(scene, volume):
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName("CT segmentation")
+    scene.AddNode(node)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return node
+
+
+def user_hashes(node, volume, ids) -> dict[str, str]:
+    return {sid: hashlib.sha1(segment_array(node, sid, volume).tobytes()).hexdigest() for sid in ids}
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_whole_volume_answer_is_one_3d_segment(scene, volume, plane):
+    manager = SuggestionManager(scene, volume, model="medsight-test 0.1")
+    target = ball()
+    normal = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]  # array axis of the plane's normal, (k, j, i)
+    answers = [answer(plane, n, [("liver", target)]) for n in range(SHAPE[normal])]
+    ids = manager.add_answers(answers, question="Where is the liver?")
+    assert len(ids) == 1
+    assert dice(manager.suggestion_mask(ids[0]), target) == 1.0
+    segment = manager.suggestion(ids[0])
+    assert segment.GetName() == "Liver"
+    assert get_tag(segment, TAG_MODEL) == "medsight-test 0.1"
+    assert get_tag(segment, TAG_QUESTION) == "Where is the liver?"
+    assert float(get_tag(segment, TAG_CONFIDENCE)) == pytest.approx(0.9)
+    assert get_tag(segment, TAG_SLICE).startswith(f"{plane}:")
+    assert "[M" in get_tag(segment, TAG_REGION_CODE)
+    assert "SCT^10200004^Liver" in get_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName())
+    [user_id] = manager.accept(ids[0])
+    user = manager.user_segmentation_node()
+    assert user.GetName() == "CT segmentation"
+    assert dice(segment_array(user, user_id, volume), target) == 1.0
+    assert manager.suggestion_ids() == []
+
+
+def test_single_answer_regions_stay_separate_with_distinct_colours(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    a, b = ball((4, 3, 3), 1.5), ball((4, 6, 8), 1.5)
+    ids = manager.add_answer(answer("axial", 4, [("lesion", a), ("lesion", b), ("", ball((4, 5, 5), 0.5))]))
+    assert len(ids) == 3
+    names = [manager.suggestion(sid).GetName() for sid in ids]
+    assert names[:2] == ["Lesion", "Lesion"] and names[2] == "[M4_2]"  # no label: the code names it
+    colours = {tuple(round(c, 3) for c in manager.suggestion(sid).GetColor()) for sid in ids}
+    assert len(colours) == 3
+
+
+def test_name_clash_gets_a_suffix_and_user_segment_is_untouched(scene, volume, user_node):
+    user_id = add_user_segment(user_node, volume, "Liver", ball((2, 2, 2), 1.5))
+    before = user_hashes(user_node, volume, [user_id])
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [new_id] = manager.accept(ids)
+    assert manager.user_segmentation_node() is user_node
+    assert user_node.GetSegmentation().GetSegment(new_id).GetName() == "Liver (2)"
+    assert user_hashes(user_node, volume, [user_id]) == before
+
+
+def test_reject_undo_redo(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    assert manager.reject(ids[0]) == [ids[0]]
+    assert manager.suggestion_ids() == [ids[1]]
+    assert manager.undo()
+    assert manager.suggestion_ids() == ids  # order restored
+    assert manager.redo()
+    assert manager.suggestion_ids() == [ids[1]]
+    assert not manager.redo()
+    with pytest.raises(SuggestionError):
+        manager.reject("nope")
+
+
+def test_undo_accept_refuses_when_user_edited_it(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [user_id] = manager.accept(ids)
+    user = manager.user_segmentation_node()
+    edited = ball((4, 5, 6), 1.0)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap_from_array(edited, volume), user, user_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
+    with pytest.raises(SuggestionError, match="edited"):
+        manager.undo()
+    np.testing.assert_array_equal(segment_array(user, user_id, volume), edited)
+
+
+def test_off_grid_answer_is_refused(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    bad = answer("axial", 4, [("liver", ball())])
+    matrix = bad.slice_to_ras.copy()
+    matrix[:3, 3] += 0.3
+    with pytest.raises(GeometryError):
+        manager.add_answer(SliceAnswer("axial", 4, "", bad.regions, matrix))
+    assert manager.suggestion_ids() == []
+
+
+def test_random_sequences_never_change_user_segments(scene, volume, user_node):
+    # Two user segments sharing one labelmap layer (as the Segment Editor makes them), overlapping the suggestions.
+    ids = [
+        add_user_segment(user_node, volume, "Liver", ball((4, 5, 6), 2.0)),
+        add_user_segment(user_node, volume, "Lesion", ball((3, 3, 3), 2.0)),
+    ]
+    user_node.GetSegmentation().CollapseBinaryLabelmaps(False)
+    before = user_hashes(user_node, volume, ids)
+    rng = np.random.default_rng(7)
+    manager = SuggestionManager(scene, volume)
+    labels = ["liver", "lesion", "spleen", "kidney"]
+    for _step in range(60):
+        action = rng.choice(["add", "accept", "accept_all", "reject", "reject_all", "undo", "redo"])
+        current = manager.suggestion_ids()
+        if action == "add":
+            regions = [(str(rng.choice(labels)), ball(tuple(rng.integers(1, 7, 3)), float(rng.uniform(1, 3))))]
+            manager.add_answer(answer("axial", int(rng.integers(0, SHAPE[0])), regions))
+        elif action in ("accept", "reject") and current:
+            getattr(manager, action)(str(rng.choice(current)))
+        elif action == "accept_all":
+            manager.accept(ALL)
+        elif action == "reject_all":
+            manager.reject(ALL)
+        elif action == "undo":
+            manager.undo()
+        elif action == "redo":
+            manager.redo()
+        assert user_hashes(user_node, volume, ids) == before
+        names = [user_node.GetSegmentation().GetSegment(s).GetName() for s in ids]
+        assert names == ["Liver", "Lesion"]
+    while manager.undo():
+        pass
+    assert user_hashes(user_node, volume, ids) == before
+    assert user_node.GetSegmentation().GetNumberOfSegments() == 2  # every accept undone
+
+
+def test_accept_all_then_undo_restores_everything(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    masks = [manager.suggestion_mask(s) for s in ids]
+    new_ids = manager.accept(ALL)
+    assert len(new_ids) == 2 and manager.suggestion_ids() == []
+    assert manager.undo()
+    assert manager.suggestion_ids() == ids
+    for sid, mask in zip(ids, masks, strict=True):
+        np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+    assert manager.user_segmentation_node().GetSegmentation().GetNumberOfSegments() == 0
+    assert manager.redo()
+    assert manager.user_segmentation_node().GetSegmentation().GetNumberOfSegments() == 2
