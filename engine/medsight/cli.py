@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                            add_help=False)
     train.add_argument("stage_args", nargs=argparse.REMAINDER)
 
+    evaluate = sub.add_parser("eval", help="benchmarks: medsight eval diagseg|vqa|mc --data F --report D",
+                              add_help=False)
+    evaluate.add_argument("eval_args", nargs=argparse.REMAINDER)
+
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
 
@@ -211,6 +215,12 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(stage_args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from medsight.evaluate.cli import main as eval_main
+
+    return eval_main(args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args)
+
+
 def _info(args: argparse.Namespace) -> int:
     from medsight.config import get_preset
     from medsight.model.sizes import kv_cache_bytes_per_token, model_size
@@ -242,11 +252,11 @@ def _download(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # the stage trainers own their arguments (and --help)
-        argv = ["train", "--", *argv[1:]]
+    if argv[:1] in (["train"], ["eval"]):  # the trainers and evaluators own their arguments (and --help)
+        argv = [argv[0], "--", *argv[1:]]
     args = _parser().parse_args(argv)
     try:
-        commands = {"ask": _ask, "serve": _serve, "train": _train, "info": _info, "download": _download}
+        commands = {"ask": _ask, "serve": _serve, "train": _train, "eval": _eval, "info": _info, "download": _download}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.

@@ -1,0 +1,132 @@
+"""Hand-computed cases for the official-compatible metrics and their quirks."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medsight.evaluate.metrics import (
+    bootstrap_ci,
+    closed_hit,
+    dice,
+    dice_from_logits,
+    macro_bootstrap_ci,
+    macro_mean,
+    mc_hit,
+    most_similar,
+    normalize_word,
+    official_exact_match,
+    open_scores,
+    parse_yes_no,
+    precision_recall_f1,
+    sentence_bleu,
+    strict_closed_hit,
+)
+
+
+def test_normalize_word():
+    assert normalize_word('The "Left" kidney, an organ.') == "left kidney organ"
+    assert normalize_word("Size 2.5 cm. Done.") == "size 2.5 cm done"
+    assert normalize_word("CT/MRI") == "ctmri"
+    assert normalize_word("It isnt A tumor") == "it isn't tumor"
+
+
+def test_exact_match_is_not_exact():
+    # GT words {brain, tumor} both found; 5 prediction tokens after dropping "a" -> 2/5.
+    assert official_exact_match("a brain tumor in brain tissue", "brain tumor") == pytest.approx(2 / 5)
+    # Distinct GT words count once: "tumor tumor" GT, prediction "tumor" -> 1/1.
+    assert official_exact_match("tumor", "tumor tumor") == 1.0
+    assert official_exact_match("", "tumor") == 0.0
+    s = open_scores("a brain tumor in brain tissue", "brain tumor")
+    assert s.exact_match == pytest.approx(0.4) and s.strict_exact == 0.0
+    assert open_scores("tumor", "brain tumor").exact_match == 1.0  # a partial answer scores 100
+    assert open_scores("The brain tumor.", "brain tumor").strict_exact == 1.0
+
+
+def test_precision_recall_f1_counts_candidate_tokens():
+    # pred tokens: brain, brain, mass (tumor/brain after articles); GT: brain tumor.
+    # tp = 2 (both "brain" tokens), fp = 1 (mass), fn = 1 (tumor).
+    p, r, f = precision_recall_f1("brain brain mass", "brain tumor")
+    assert p == pytest.approx(2 / 3) and r == pytest.approx(2 / 3) and f == pytest.approx(2 / 3)
+    # Repeats of a matched word push recall to 1 even though "tumor" part is matched only once.
+    assert precision_recall_f1("tumor tumor tumor", "tumor") == (1.0, 1.0, 1.0)
+    assert precision_recall_f1("", "tumor") == (0.0, 0.0, 0.0)
+    assert precision_recall_f1("nothing", "tumor") == (0.0, 0.0, 0.0)
+    # recall 1/2 when only one of two GT words appears: tp 1, fn 1; precision 1/3.
+    p, r, _ = precision_recall_f1("benign lesion seen", "benign tumor")
+    assert (p, r) == (pytest.approx(1 / 3), pytest.approx(1 / 2))
+
+
+def test_bleu_tiny_case():
+    ref = ["the", "cat", "is", "on", "the", "mat"]
+    hyp = ["the", "cat", "is", "on", "mat"]
+    # p1 = 5/5, p2 = 3/4, p3 = 2/3, p4 = 1/2; c = 5 < r = 6 -> BP = exp(1 - 6/5).
+    expected = math.exp(-0.2) * (1 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert sentence_bleu(ref, hyp) == pytest.approx(expected, rel=1e-12)
+    assert sentence_bleu(ref, hyp, (1, 0, 0, 0)) == pytest.approx(math.exp(-0.2))
+    assert sentence_bleu(ref, hyp, (0, 1, 0, 0)) == pytest.approx(math.exp(-0.2) * 3 / 4)
+    # Longer hypothesis: BP = 1; identical -> 1.
+    assert sentence_bleu(ref, ref) == pytest.approx(1.0)
+    # No unigram match -> exactly 0; a missing 4-gram -> tiny but positive (NLTK without smoothing).
+    assert sentence_bleu(ref, ["dog"]) == 0.0
+    tiny = sentence_bleu(["a", "b", "c"], ["a", "b", "c"])
+    assert tiny == pytest.approx(sys.float_info.min ** 0.25, rel=1e-9) and 0 < tiny < 1e-70
+
+
+def test_closed_substring_quirk():
+    assert closed_hit("Yes, there is a lesion.", "yes") == 1.0
+    assert closed_hit("No.", "yes") == 0.0
+    # "no" inside "normal" triggers the branch, and GT "no" is a substring of "normal": a hit.
+    assert closed_hit("The heart looks normal", "no") == 1.0
+    assert closed_hit("a nodule is seen", "no") == 1.0
+    # Neither yes nor no anywhere -> 0 even if the GT is contained ("left" question).
+    assert closed_hit("left", "left") == 0.0
+    # The strict variant reads the first yes/no word.
+    assert strict_closed_hit("The heart looks normal", "no") == 0.0
+    assert strict_closed_hit("No, yes", "no") == 1.0
+    assert parse_yes_no("Well, yes.") == "yes"
+
+
+def test_multiple_choice_difflib():
+    options = ["Liver", "Lung", "Kidney", "Brain"]
+    assert most_similar("The image shows the lungs", options) == 1
+    assert mc_hit("lung", "Lung", options) == 1.0
+    assert mc_hit("kidney", "Liver", options) == 0.0
+    assert most_similar("", ["ab", "cd"]) == 0  # all ratios 0: first option
+
+
+def test_dice_and_empty_masks():
+    a = np.zeros((4, 4), bool)
+    b = a.copy()
+    assert dice(a, b) == 1.0  # two empty masks agree perfectly (eps in numerator and denominator)
+    a[0, :2] = True
+    b[0, 1:3] = True
+    assert dice(a, b) == pytest.approx((2 * 1 + 1e-8) / (2 + 2 + 1e-8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice(a, np.zeros((3, 3), bool))
+
+
+def test_dice_from_logits_resizes_bilinear():
+    # 2x2 logits -> 4x4 with align_corners=False: the left column's +1 and right column's -1 blend only in the
+    # middle columns; columns 0-1 stay > 0.
+    logits = torch.tensor([[[1.0, -1.0], [1.0, -1.0]]])
+    gt = np.zeros((4, 4), bool)
+    gt[:, :2] = True
+    assert dice_from_logits(logits, gt) == pytest.approx(2 * 8 / (16 + 1e-6))
+    # Two channels: the second is empty -> mean of (1, 0).
+    two = torch.cat([logits, -torch.ones(1, 2, 2)])
+    assert dice_from_logits(two, gt) == pytest.approx((16 / (16 + 1e-6)) / 2)
+    assert dice_from_logits(torch.zeros(0, 2, 2), gt) == 0.0
+
+
+def test_macro_and_bootstrap():
+    values, groups = [1.0, 0.0, 0.0, 1.0], ["CT", "CT", "CT", "MRI"]
+    assert macro_mean(values, groups) == pytest.approx((1 / 3 + 1) / 2)
+    lo, hi = bootstrap_ci(values, n_boot=500, seed=1)
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    assert bootstrap_ci(values, n_boot=500, seed=1) == (lo, hi)  # seeded
+    mlo, mhi = macro_bootstrap_ci(values, groups, n_boot=500, seed=1)
+    assert mlo <= macro_mean(values, groups) <= mhi and mhi <= 1.0
+    assert bootstrap_ci([0.3]) == (0.3, 0.3)

@@ -1,0 +1,78 @@
+"""Readers of the official files on small hand-written examples, including their error messages."""
+
+import json
+
+import pytest
+
+from medsight.evaluate.readers import MC_SUFFIX, DataError, read_diagseg, read_llava_vqa, read_omnimed
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_diagseg_seg_and_vqa(tmp_path):
+    seg = _write(tmp_path / "seg.json", [{
+        "qa_id": 7, "question": "What is it? Segment it.", "answer": "A tumor <mask>.", "short_answer": "Benign tumor",
+        "image_file": "/abs/img.png", "mask_ids": [3, 54], "masks": [[3, "a.png"], [54, "b.png"], [54, ["c.png"]]],
+        "answer_type": "open", "modality": "Dermatoscopy",
+    }])
+    (item,) = read_diagseg(seg)
+    assert item.id == "7" and item.answer == "Benign tumor" and item.modality == "Dermoscopy"
+    assert str(item.image) == "/abs/img.png"
+    assert [p.name for p in item.masks] == ["b.png", "c.png"]  # only the last mask id's files
+    assert item.masks[0].parent == tmp_path
+    vqa = _write(tmp_path / "vqa.json", [{"qa_id": "q1", "question": "<image>\nWhat?", "answer": "long",
+                                           "image_file": "i.png", "modality": "CT"}])
+    (v,) = read_diagseg(vqa, image_root="/data")
+    assert v.answer == "long" and v.question == "What?" and str(v.image) == "/data/i.png" and v.masks == []
+
+
+def test_diagseg_errors(tmp_path):
+    bad = _write(tmp_path / "bad.json", [{"qa_id": "x", "question": "q", "short_answer": "a"}])
+    with pytest.raises(DataError, match=r"bad\.json: item 0 \(id 'x'\): missing field 'image_file'"):
+        read_diagseg(bad)
+    no_mask = _write(tmp_path / "nm.json", [{"qa_id": "y", "question": "q", "short_answer": "a", "image_file": "i",
+                                             "mask_ids": [2], "masks": [[1, "m.png"]]}])
+    with pytest.raises(DataError, match="no entry of 'masks' has the last mask id '2'"):
+        read_diagseg(no_mask)
+    dup = _write(tmp_path / "dup.json", [{"qa_id": 1, "question": "q", "answer": "a", "image_file": "i"}] * 2)
+    with pytest.raises(DataError, match="duplicate id '1'"):
+        read_diagseg(dup)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
+        read_diagseg(tmp_path / "broken.json")
+    _write(tmp_path / "obj.json", {"a": 1})
+    with pytest.raises(DataError, match="expected a JSON list"):
+        read_diagseg(tmp_path / "obj.json")
+
+
+def test_llava_vqa(tmp_path):
+    path = _write(tmp_path / "test.json", [
+        {"id": 1, "image": "synpic1.jpg", "answer_type": "CLOSED",
+         "conversations": [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": 2, "image": "synpic2.jpg", "answer_type": "OPEN",
+         "conversations": [{"from": "human", "value": "Which organ?"}, {"from": "gpt", "value": "Liver"}]},
+    ])
+    a, b = read_llava_vqa(path)
+    assert (a.answer_type, a.question, a.answer) == ("closed", "Is it normal?", "yes")
+    assert b.answer_type == "open" and b.image == tmp_path / "synpic2.jpg"
+    bad = _write(tmp_path / "b.json", [{"id": 3, "image": "x", "answer_type": "OPEN",
+                                        "conversations": [{"from": "human", "value": "q"}]}])
+    with pytest.raises(DataError, match=r"item 0 \(id 3\): missing field 'conversations.1.value'"):
+        read_llava_vqa(bad)
+
+
+def test_omnimed(tmp_path):
+    item = {"question_id": "ct_1", "question": "Which organ", "gt_answer": "Liver", "option_A": "Liver",
+            "option_B": "Lung", "option_C": "Brain", "image_path": "img/1.png"}
+    _write(tmp_path / "Modality_CT.json", [item])
+    _write(tmp_path / "Modality_MRI.json", [{**item, "question_id": "mr_1", "option_C": None}])
+    ct, mr = read_omnimed(tmp_path)
+    assert ct.modality == "CT" and ct.options == ["Liver", "Lung", "Brain"] and ct.question == "Which organ" + MC_SUFFIX
+    assert mr.modality == "MRI" and mr.options == ["Liver", "Lung"] and ct.answer_type == "mc"
+    bad = _write(tmp_path / "x" / "Modality_US.json" if (tmp_path / "x").mkdir() is None else None,
+                 [{"question_id": "u", "question": "q", "gt_answer": "a", "option_A": "a", "image_path": "p"}])
+    with pytest.raises(DataError, match=r"Modality_US.json: item 0 \(id 'u'\): missing field 'option_B'"):
+        read_omnimed(bad)

@@ -1,0 +1,43 @@
+"""Scoring VQA and multiple-choice predictions without a model; report files."""
+
+from pathlib import Path
+
+import pytest
+
+from medsight.evaluate.readers import EvalItem
+from medsight.evaluate.report import build_report, write_report
+
+
+def _item(i, answer, kind, modality="CT", options=()):
+    return EvalItem(str(i), "q", answer, kind, Path("/x.png"), modality, list(options))
+
+
+def test_vqa_report(tmp_path):
+    items = [_item(1, "yes", "closed"), _item(2, "no", "closed"), _item(3, "brain tumor", "open"),
+             _item(4, "liver", "open")]
+    preds = [{"question_id": i, "text": t} for i, t in
+             [("1", "Yes."), ("2", "It is normal"), ("3", "tumor"), ("4", "the liver")]]
+    report = build_report("vqa", items, preds, n_boot=50, benchmark="vqa-rad")
+    rows = {(r["metric"], r["aggregate"]): r for r in report["metrics"]}
+    assert rows[("closed_accuracy", "per_sample_mean")]["value"] == 100.0  # "no" in "normal" counts
+    assert rows[("strict_closed_accuracy", "per_sample_mean")]["value"] == 50.0
+    assert rows[("recall", "per_sample_mean")]["value"] == pytest.approx(75.0)  # (1/2 + 1) / 2
+    assert rows[("recall", "per_sample_mean")]["paper"] == 61.4
+    assert rows[("exact_match", "per_sample_mean")]["value"] == 100.0 and rows[("strict_exact", "per_sample_mean")][
+        "value"] == 50.0
+    paths = write_report(report, tmp_path)
+    assert paths["recall"].is_file() and "| recall | all | per_sample_mean | 75.00 |" in paths["md"].read_text()
+
+
+def test_mc_report_per_modality_and_missing():
+    opts = ["Liver", "Lung", "Brain"]
+    items = [_item(1, "Liver", "mc", "CT", opts), _item(2, "Lung", "mc", "CT", opts),
+             _item(3, "Brain", "mc", "MRI", opts), _item(4, "Brain", "mc", "MRI", opts)]
+    preds = [{"question_id": "1", "text": "liver"}, {"question_id": "2", "text": "brain"},
+             {"question_id": "3", "text": "The brain"}]
+    report = build_report("mc", items, preds, n_boot=50)
+    assert report["n_missing"] == 1
+    rows = {(r["group"], r["aggregate"]): r for r in report["metrics"]}
+    assert rows[("CT", "mean")]["value"] == 50.0 and rows[("MRI", "mean")]["value"] == 100.0
+    assert rows[("all", "macro_mean")]["value"] == 75.0 and rows[("all", "macro_mean")]["paper"] == 68.9
+    assert rows[("all", "per_sample_mean")]["value"] == pytest.approx(200 / 3, abs=1e-3)

@@ -1,0 +1,154 @@
+"""Resumable predictions, a two-process sharded run, and `medsight eval diagseg` end to end on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsight.demo import build_demo_data
+from medsight.evaluate.cli import main
+from medsight.evaluate.demo_diagseg import demo_to_diagseg
+from medsight.evaluate.metrics import dice_from_logits, precision_recall_f1
+from medsight.evaluate.readers import read_diagseg
+from medsight.evaluate.runner import (
+    RunOptions,
+    merge_shards,
+    read_predictions,
+    rle_decode,
+    rle_encode,
+    run_predictions,
+    select_items,
+)
+
+ARGS = ["--model", "tiny", "--max-new-tokens", "6", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def diagseg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_data(root, size="tiny")
+    return demo_to_diagseg(root, "test")
+
+
+@pytest.fixture(scope="module")
+def single_run(diagseg, tmp_path_factory):
+    """The single-process end-to-end run every other test compares with."""
+    out = tmp_path_factory.mktemp("single")
+    assert main(["diagseg", "--data", str(diagseg[0]), "--report", str(out), *ARGS]) == 0
+    return out
+
+
+class SimulatedCrashError(Exception):
+    pass
+
+
+class FlakyEngine:
+    """Delegates to an engine and dies after `fail_after` asks, like a killed job."""
+
+    def __init__(self, engine, fail_after):
+        self.engine, self.left = engine, fail_after
+
+    def ask(self, *a, **k):
+        if self.left == 0:
+            raise SimulatedCrashError
+        self.left -= 1
+        return self.engine.ask(*a, **k)
+
+
+def test_rle_roundtrip():
+    m = np.zeros((3, 4), bool)
+    m[0, 0] = m[1, 1:3] = m[2, 3] = True
+    assert rle_encode(m)[:2] == [0, 1]
+    assert np.array_equal(rle_decode(rle_encode(m), m.shape), m)
+    assert np.array_equal(rle_decode(rle_encode(~m), m.shape), ~m)
+
+
+def test_select_items_shards_after_limit():
+    items = list("abcdefg")
+    assert [x for _, x in select_items(items, 1, 2, limit=5)] == ["b", "d"]
+    assert sorted(i for s in range(3) for i, _ in select_items(items, s, 3)) == list(range(7))
+
+
+def test_resume_after_interruption(diagseg, single_run, tmp_path):
+    from medsight import Engine
+
+    items = read_diagseg(diagseg[0])
+    engine = Engine.load("tiny", device="cpu")
+    options = RunOptions("diagseg", max_new_tokens=6)
+    path = tmp_path / "p.jsonl"
+    with pytest.raises(SimulatedCrashError):
+        run_predictions(FlakyEngine(engine, 3), items, path, options)
+    assert len(read_predictions(path)) == 3
+    with open(path, "a") as f:
+        f.write('{"question_id": "half-writ')  # a write cut by the crash
+    resumed = run_predictions(FlakyEngine(engine, len(items) - 3), items, path, options)
+    assert [r["question_id"] for r in resumed] == [it.id for it in items]
+    assert resumed == read_predictions(single_run / "predictions.jsonl")
+    # The stored masks are the official binarisation of the engine's logits.
+    answer = engine.ask([np.asarray(Image.open(items[0].image).convert("RGB"))], items[0].question,
+                        options.generation(), __import__("medsight").ImageOptions(resize_mode="crop"))
+    gt = np.asarray(Image.open(items[0].masks[0]).convert("L")) > 127
+    import torch
+
+    expected = dice_from_logits(torch.stack([r.mask_logits for r in answer[0].regions]), gt)
+    masks = resumed[0]["masks"]
+    stored = np.stack([rle_decode(r, masks["shape"]) for r in masks["rle"]])
+    from medsight.evaluate.metrics import item_dice
+
+    assert item_dice(stored, gt) == pytest.approx(expected)
+
+
+def test_two_process_sharded_run_equals_single(diagseg, single_run, tmp_path):
+    code = "import sys; from medsight.evaluate.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, "diagseg", "--data", str(diagseg[0]), "--report",
+                               str(tmp_path), "--shard", str(i), "--num-shards", "2", *ARGS], env=env)
+             for i in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    shards = sorted(tmp_path.glob("predictions.shard*-of-2.jsonl"))
+    assert len(shards) == 2
+    ids = [it.id for it in read_diagseg(diagseg[0])]
+    single = read_predictions(single_run / "predictions.jsonl")
+    assert merge_shards(shards, ids) == single
+    assert merge_shards([*shards, shards[0]], ids) == single  # duplicates collapse
+    # Rerun without --shard: merges, needs no model, and reports the same numbers.
+    assert main(["diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), *ARGS]) == 0
+    assert read_predictions(tmp_path / "predictions.jsonl") == single
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metrics"] == json.loads((single_run / "report.json").read_text())["metrics"]
+
+
+def test_end_to_end_report_matches_predictions(diagseg, single_run):
+    report = json.loads((single_run / "report.json").read_text())
+    assert report["n_items"] == report["n_scored"] == 7 and report["n_missing"] == 0
+    assert {"report.md", "dice.png", "recall.png"} <= {p.name for p in single_run.iterdir()}
+    rows = {(r["metric"], r["group"], r["aggregate"]): r for r in report["metrics"]}
+    items = {it.id: it for it in read_diagseg(diagseg[0])}
+    dices, recalls, mods = [], [], []
+    for rec in read_predictions(single_run / "predictions.jsonl"):
+        item = items[rec["question_id"]]
+        gt = np.zeros((0,))
+        for p in item.masks:
+            m = np.asarray(Image.open(p).convert("L")) > 127
+            gt = m if gt.size == 0 else gt | m
+        masks = [rle_decode(r, rec["masks"]["shape"]) for r in rec["masks"]["rle"]]
+        d = [2 * (m & gt).sum() / (m.sum() + gt.sum() + 1e-6) for m in masks]
+        dices.append(float(np.mean(d)) if d else 0.0)
+        recalls.append(precision_recall_f1(rec["text"], item.answer)[1])
+        mods.append(item.modality)
+    assert rows[("dice", "all", "per_sample_mean")]["value"] == pytest.approx(100 * np.mean(dices), abs=1e-4)
+    assert rows[("dice", "all", "per_sample_mean")]["n"] == 7
+    for mod in set(mods):
+        sel = [d for d, m in zip(dices, mods, strict=True) if m == mod]
+        assert rows[("dice", mod, "mean")]["value"] == pytest.approx(100 * np.mean(sel), abs=1e-4)
+        assert rows[("dice", mod, "mean")]["n"] == len(sel)
+    macro = np.mean([np.mean([d for d, m in zip(dices, mods, strict=True) if m == mod]) for mod in set(mods)])
+    assert rows[("dice", "all", "macro_mean")]["value"] == pytest.approx(100 * macro, abs=1e-4)
+    assert rows[("recall", "all", "per_sample_mean")]["value"] == pytest.approx(100 * np.mean(recalls), abs=1e-4)
+    lo, hi = rows[("dice", "all", "per_sample_mean")]["ci95"]
+    assert lo <= rows[("dice", "all", "per_sample_mean")]["value"] <= hi
+    assert rows[("dice", "MRI", "mean")]["paper"] == 82.3

@@ -1,0 +1,159 @@
+"""`medsight eval diagseg|vqa|mc ...`: run (or resume) inference, merge shards, score, write the report.
+
+Sharded runs (``--shard i --num-shards n``, or torchrun's RANK/WORLD_SIZE) each write their own predictions file.
+Under torchrun the processes meet at a gloo barrier and rank 0 merges and reports; otherwise rerun the command
+without ``--shard``: it merges the shard files, answers whatever is still missing and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medsight.evaluate.readers import EvalItem, read_diagseg, read_items
+from medsight.evaluate.report import build_report, write_report
+from medsight.evaluate.runner import (
+    RunOptions,
+    append_predictions,
+    merge_shards,
+    prediction_path,
+    read_predictions,
+    run_predictions,
+    shard_from_env,
+)
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
+    p.add_argument("task", choices=("diagseg", "vqa", "mc"),
+                   help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
+    p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
+    p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder)")
+    p.add_argument("--model", default="tiny", help="preset (tiny: random weights), folder or Hugging Face id")
+    p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    p.add_argument("--report", required=True, help="output folder: predictions*.jsonl, report.json/.md, PNGs")
+    p.add_argument("--vqa-data", help="diagseg: the _vqa.json file; recall then comes from a separate sampled "
+                                      "VQA-path run, as in the paper")
+    p.add_argument("--benchmark", choices=("vqa-rad", "slake", "pathvqa"), help="vqa: paper reference numbers")
+    p.add_argument("--shard", type=int)
+    p.add_argument("--num-shards", type=int)
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--sampling", choices=("official", "greedy"), default="official",
+                   help="official: VQA path sampled at T=0.2 (segmentation greedy); greedy: deterministic")
+    p.add_argument("--batch", type=int, default=1, help="same-question items per engine call (greedy only)")
+    p.add_argument("--resize-mode", choices=("crop", "letterbox"), default="crop")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK under torchrun, else auto)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+class _LazyEngine:
+    """Loads the model only when some item still needs an answer (a resumed or merge-only run needs none)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.engine = args, None
+
+    def ask(self, *a, **k):
+        if self.engine is None:
+            import torch
+
+            from medsight.engine import Engine
+
+            device = self.args.device
+            if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+                device = f"cuda:{os.environ['LOCAL_RANK']}"
+            dtype = getattr(torch, self.args.dtype) if self.args.dtype else None
+            kwargs = {"vision_file": self.args.vision_file} if self.args.vision_file else {}
+            self.engine = Engine.load(self.args.model, device=device, dtype=dtype, **kwargs)
+        return self.engine.ask(*a, **k)
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, list[EvalItem], RunOptions]]:
+    """(predictions file stem, items, options) for each generation the task needs."""
+    common = {"max_new_tokens": args.max_new_tokens, "sampling": args.sampling, "seed": args.seed,
+              "batch": args.batch, "resize_mode": args.resize_mode}
+    runs = [("predictions", read_items(args.task, args.data, args.images), RunOptions(args.task, **common))]
+    if args.task == "diagseg" and args.vqa_data:
+        runs.append(("predictions_vqa", read_diagseg(args.vqa_data, args.images), RunOptions("vqa", **common)))
+    return runs
+
+
+def _progress(name: str, quiet: bool):
+    def report(done: int, total: int) -> None:
+        if not quiet:
+            print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -> Path:
+    """Fold any shard files into the single predictions file (ids already there are kept)."""
+    path = prediction_path(report_dir, name)
+    shards = sorted(report_dir.glob(f"{name}.shard*-of-*.jsonl"))
+    if shards:
+        have = {str(r["question_id"]) for r in read_predictions(path, repair=True)}
+        merged = merge_shards(shards, [it.id for it in items])
+        append_predictions(path, [r for r in merged if str(r["question_id"]) not in have])
+    return path
+
+
+def _finish(args: argparse.Namespace, runs, report_dir: Path) -> dict:
+    """Merge, answer what is missing, score and write the report (single process or rank 0)."""
+    engine = _LazyEngine(args)
+    results = {}
+    for name, items, options in runs:
+        path = _merge_existing_shards(report_dir, name, items)
+        results[name] = run_predictions(engine, items, path, options, limit=args.limit,
+                                        progress=_progress(name, args.quiet))
+    items = runs[0][1][: args.limit] if args.limit is not None else runs[0][1]
+    report = build_report(args.task, items, results["predictions"], n_boot=args.bootstrap, seed=args.seed,
+                          benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"))
+    paths = write_report(report, report_dir)
+    if not args.quiet:
+        print(f"report: {paths['json']}", file=sys.stderr)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``medsight eval ...`` (argv excludes the word "eval"); returns the exit code."""
+    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    shard, num_shards = shard_from_env(args.shard, args.num_shards)
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    runs = _runs(args)
+    if num_shards == 1:
+        _finish(args, runs, report_dir)
+        return 0
+    engine = _LazyEngine(args)
+    for name, items, options in runs:
+        run_predictions(engine, items, prediction_path(report_dir, name, shard, num_shards), options, shard,
+                        num_shards, args.limit, _progress(f"{name} shard {shard}/{num_shards}", args.quiet))
+    if "MASTER_ADDR" in os.environ and args.shard is None:
+        # torchrun: wait for every rank, then rank 0 merges and reports. gloo works on CPU and GPU hosts; the long
+        # timeout covers shards finishing hours apart.
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+        dist.barrier()
+        if shard == 0:
+            _finish(args, runs, report_dir)
+        dist.barrier()
+        dist.destroy_process_group()
+    elif not args.quiet:
+        print(f"shard {shard}/{num_shards} done; rerun without --shard to merge and report", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

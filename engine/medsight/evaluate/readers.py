@@ -1,0 +1,201 @@
+"""Readers for the official evaluation files, validated item by item with errors naming the file and the item.
+
+Every reader returns `EvalItem`s. Relative image and mask paths are joined to ``image_root`` (default: the data
+file's folder); absolute ones are kept, as the official ``os.path.join(image_folder, abs)`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality
+
+#: OmniMedVQA prompt suffix (the options are NOT shown to the model, as officially).
+MC_SUFFIX = ". Answer this question shortly by only selecting one option."
+_IMAGE_TAG = re.compile(r"<image>\s*")
+
+
+class DataError(ValueError):
+    """A data file or one of its items is malformed."""
+
+
+@dataclass
+class EvalItem:
+    """One question to ask and what to score it against.
+
+    Attributes:
+        id: question id (unique in its file).
+        question: the prompt text (without any ``<image>`` tag; the engine places the image).
+        answer: the GT string scored by the text metrics.
+        answer_type: "open", "closed" or "mc".
+        image: absolute image path.
+        modality: canonical modality name ("unknown" if the file has none).
+        options: multiple-choice options (A..D order), else empty.
+        masks: GT mask PNGs whose union is the Dice target (segmentation items), else empty.
+    """
+
+    id: str
+    question: str
+    answer: str
+    answer_type: str
+    image: Path
+    modality: str = "unknown"
+    options: list[str] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+
+
+def _load_list(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
+    return data
+
+
+def _where(path: Path, index: int, item) -> str:
+    ident = None
+    if isinstance(item, Mapping):
+        ident = next((item[k] for k in ("qa_id", "question_id", "id") if k in item), None)
+    return f"{path}: item {index}" + (f" (id {ident!r})" if ident is not None else "")
+
+
+def _field(path: Path, index: int, item, dotted: str):
+    """Resolve a dotted field path ("conversations.1.value") or raise naming the file, item and field."""
+    if not isinstance(item, Mapping):
+        raise DataError(f"{_where(path, index, item)}: expected an object, got {type(item).__name__}")
+    node = item
+    for part in dotted.split("."):
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise DataError(f"{_where(path, index, item)}: missing field {dotted!r}") from None
+    if node is None:
+        raise DataError(f"{_where(path, index, item)}: field {dotted!r} is null")
+    return node
+
+
+def _resolve(root: Path, value) -> Path:
+    p = Path(str(value))
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
+    seen: set[str] = set()
+    for i, it in enumerate(items):
+        if it.id in seen:
+            raise DataError(f"{path}: item {i}: duplicate id {it.id!r} (ids must be unique to resume and merge)")
+        seen.add(it.id)
+    return items
+
+
+def _clean_question(text: str) -> str:
+    return _IMAGE_TAG.sub("", str(text)).strip()
+
+
+def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
+    """DiagSeg ``SegVQA_Diagnostic_test_v2.json`` (with masks) or ``..._vqa.json`` (text only).
+
+    GT text: ``conversations[1].value``, else ``short_answer``, else ``answer`` (the official order). The Dice
+    target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    items = []
+    for i, raw in enumerate(_load_list(path)):
+        where = _where(path, i, raw)
+        qid = str(_field(path, i, raw, "qa_id"))
+        if isinstance(raw.get("conversations"), list) and len(raw["conversations"]) > 1:
+            gt = _field(path, i, raw, "conversations.1.value")
+        elif raw.get("short_answer") is not None:
+            gt = raw["short_answer"]
+        else:
+            gt = _field(path, i, raw, "answer")
+        masks: list[Path] = []
+        if "masks" in raw or "mask_ids" in raw:
+            mask_ids = _field(path, i, raw, "mask_ids")
+            if not isinstance(mask_ids, list) or not mask_ids:
+                raise DataError(f"{where}: 'mask_ids' must be a non-empty list")
+            target = str(mask_ids[-1])
+            for entry in _field(path, i, raw, "masks"):
+                if not isinstance(entry, list | tuple) or len(entry) != 2:
+                    raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
+                if str(entry[0]) == target:
+                    files = entry[1] if isinstance(entry[1], list) else [entry[1]]
+                    masks += [_resolve(root, f) for f in files]
+            if not masks:
+                raise DataError(f"{where}: no entry of 'masks' has the last mask id {target!r}")
+        items.append(EvalItem(
+            id=qid, question=_clean_question(_field(path, i, raw, "question")), answer=str(gt),
+            answer_type=str(raw.get("answer_type") or "open").lower(), image=_resolve(root, _field(path, i, raw,
+            "image_file")), modality=canonical_modality(raw.get("modality")), masks=masks,
+        ))
+    return _check_unique(path, items)
+
+
+def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
+    """VQA-RAD / SLAKE / PathVQA in LLaVA(-Med) format: id, image, conversations, answer_type."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    items = []
+    for i, raw in enumerate(_load_list(path)):
+        answer_type = str(_field(path, i, raw, "answer_type")).lower()
+        items.append(EvalItem(
+            id=str(_field(path, i, raw, "id")),
+            question=_clean_question(_field(path, i, raw, "conversations.0.value")),
+            answer=str(_field(path, i, raw, "conversations.1.value")),
+            answer_type="closed" if answer_type.startswith("close") else "open",
+            image=_resolve(root, _field(path, i, raw, "image")),
+            modality=canonical_modality(raw.get("modality")),
+        ))
+    return _check_unique(path, items)
+
+
+def _omni_modality(path: Path) -> str:
+    stem = path.stem
+    return stem[len("Modality_"):] if stem.startswith("Modality_") else stem
+
+
+def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
+    """OmniMedVQA: one ``Modality_{m}.json`` file, or a folder of them (read in name order).
+
+    The modality is taken from the file name, as the official per-file accuracy is.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("Modality_*.json")) or sorted(path.glob("*.json"))
+        if not files:
+            raise DataError(f"{path}: no Modality_*.json files in this folder")
+        items = [it for f in files for it in read_omnimed(f, image_root)]
+        return _check_unique(path, items)
+    root = Path(image_root) if image_root is not None else path.parent
+    modality = _omni_modality(path)
+    items = []
+    for i, raw in enumerate(_load_list(path)):
+        for key in OPTION_KEYS[:2]:
+            _field(path, i, raw, key)
+        options = [str(raw[k]) for k in OPTION_KEYS if raw.get(k) is not None]
+        question = _clean_question(_field(path, i, raw, "question"))
+        items.append(EvalItem(
+            id=str(_field(path, i, raw, "question_id")), question=question + MC_SUFFIX,
+            answer=str(_field(path, i, raw, "gt_answer")), answer_type="mc",
+            image=_resolve(root, _field(path, i, raw, "image_path")), modality=modality, options=options,
+        ))
+    return _check_unique(path, items)
+
+
+READERS = {"diagseg": read_diagseg, "vqa": read_llava_vqa, "mc": read_omnimed}
+
+
+def read_items(task: str, path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
+    """Dispatch on the task name: diagseg, vqa or mc."""
+    if task not in READERS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(READERS)}")
+    return READERS[task](path, image_root)

@@ -1,0 +1,235 @@
+"""Scores predictions and writes report.json, report.md and PNG charts.
+
+Every reported number is a dict ``{metric, group, aggregate, value, n, ci95, unit}`` with values in percent, as
+the official tables print them. Per-item scores are recomputed from the predictions file (masks from its
+run-length encodings), so a report can always be rebuilt without the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medsight.evaluate.metrics import (
+    bootstrap_ci,
+    closed_hit,
+    is_closed,
+    item_dice,
+    macro_bootstrap_ci,
+    macro_mean,
+    mc_hit,
+    open_scores,
+    strict_closed_hit,
+)
+from medsight.evaluate.readers import DataError, EvalItem
+from medsight.evaluate.runner import Prediction, load_gt_mask, rle_decode
+
+#: MedSIGHT's published DiagSeg numbers (Table 2, project page), by modality as the files spell them.
+PAPER_DIAGSEG = {
+    "dice": {"CT": 65.8, "MRI": 82.3, "X-ray": 57.7, "Pathology": 52.9, "US": 65.8, "Endoscopy": 70.0,
+             "Dermoscopy": 87.7, "OCT": 55.6, "avg": 69.9},
+    "recall": {"CT": 54.6, "MRI": 54.4, "X-ray": 59.1, "Pathology": 80.1, "US": 51.7, "Endoscopy": 62.4,
+               "Dermoscopy": 40.2, "OCT": 69.3, "avg": 58.9},
+}
+#: Table 1: closed accuracy ("close") and open recall ("all") per VQA benchmark, and the OmniMedVQA accuracy.
+PAPER_VQA = {"vqa-rad": {"closed_accuracy": 79.9, "recall": 61.4}, "slake": {"closed_accuracy": 70.9, "recall": 60.2},
+             "pathvqa": {"closed_accuracy": 66.3, "recall": 42.6}}
+PAPER_MC = {"avg": 68.9}
+OPEN_METRICS = ("exact_match", "f1", "precision", "recall", "bleu", "bleu1", "bleu2", "bleu3", "strict_exact")
+
+
+@dataclass
+class ItemScore:
+    """Per-item scores in [0, 1] (only the metrics that apply to the item)."""
+
+    id: str
+    modality: str
+    scores: dict[str, float]
+
+
+def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[tuple[EvalItem, Prediction]]:
+    """Pair items and predictions by id (the official scripts zip by order, which silently misaligns on a gap)."""
+    by_id = {str(p["question_id"]): p for p in predictions}
+    return [(it, by_id[it.id]) for it in items if it.id in by_id]
+
+
+def text_scores(item: EvalItem, text: str) -> dict[str, float]:
+    """Official and strict text metrics of one answer, chosen by the item's answer type."""
+    if item.answer_type == "mc":
+        return {"accuracy": mc_hit(text, item.answer, item.options)}
+    if is_closed(item.answer_type):
+        return {"closed_accuracy": closed_hit(text, item.answer),
+                "strict_closed_accuracy": strict_closed_hit(text, item.answer)}
+    s = open_scores(text, item.answer)
+    return {m: getattr(s, m) for m in OPEN_METRICS}
+
+
+def mask_dice(item: EvalItem, prediction: Prediction) -> float:
+    """Dice of the stored binarised masks against the union of the item's GT masks."""
+    masks = prediction.get("masks")
+    if masks is None:
+        raise DataError(f"prediction {prediction['question_id']!r} has no masks (not a segmentation run?)")
+    gt = load_gt_mask(item.masks)
+    if tuple(masks["shape"]) != gt.shape:
+        raise DataError(f"prediction {prediction['question_id']!r}: mask shape {masks['shape']} != GT {gt.shape}")
+    pred = np.stack([rle_decode(r, gt.shape) for r in masks["rle"]]) if masks["rle"] else np.zeros((0, *gt.shape))
+    return item_dice(pred, gt)
+
+
+def score_items(items: Sequence[EvalItem], predictions: Sequence[Prediction], with_dice: bool = False,
+                text_predictions: Sequence[Prediction] | None = None) -> list[ItemScore]:
+    """Per-item scores. ``text_predictions`` (DiagSeg's separate VQA-path run) replaces the text of
+    ``predictions`` for the text metrics when given, as the paper's recall comes from another generation."""
+    text_by_id = None if text_predictions is None else {str(p["question_id"]): p["text"] for p in text_predictions}
+    out = []
+    for item, pred in _join(items, predictions):
+        text = pred["text"] if text_by_id is None else text_by_id.get(item.id)
+        scores = {} if text is None else text_scores(item, text)
+        if with_dice:
+            scores["dice"] = mask_dice(item, pred)
+        out.append(ItemScore(item.id, item.modality, scores))
+    return out
+
+
+def _entry(metric: str, group: str, aggregate: str, values: Sequence[float], ci: tuple[float, float],
+           value: float | None = None, paper: float | None = None) -> dict:
+    v = float(np.mean(values)) if value is None else value
+    return {"metric": metric, "group": group, "aggregate": aggregate, "value": round(100 * v, 4), "n": len(values),
+            "ci95": [round(100 * c, 4) for c in ci], "unit": "%", "paper": paper}
+
+
+def aggregate(scores: Sequence[ItemScore], metric: str, n_boot: int = 1000, seed: int = 0,
+              paper: dict[str, float] | None = None, paper_avg: str = "macro_mean") -> list[dict]:
+    """Per-modality means, the per-sample mean and (with several modalities) the macro mean, each with a CI.
+
+    ``paper_avg`` names the aggregate the paper's "avg" is compared with ("macro_mean" or "per_sample_mean").
+    """
+    pairs = [(s.scores[metric], s.modality) for s in scores if metric in s.scores]
+    if not pairs:
+        return []
+    values, groups = [p[0] for p in pairs], [p[1] for p in pairs]
+    paper = paper or {}
+    rows = []
+    modalities = sorted(set(groups))
+    if len(modalities) > 1:
+        for m in modalities:
+            vals = [v for v, g in pairs if g == m]
+            rows.append(_entry(metric, m, "mean", vals, bootstrap_ci(vals, n_boot=n_boot, seed=seed),
+                               paper=paper.get(m)))
+        rows.append(_entry(metric, "all", "macro_mean", values, macro_bootstrap_ci(values, groups, n_boot, seed),
+                           value=macro_mean(values, groups),
+                           paper=paper.get("avg") if paper_avg == "macro_mean" else None))
+    rows.append(_entry(metric, "all", "per_sample_mean", values, bootstrap_ci(values, n_boot=n_boot, seed=seed),
+                       paper=paper.get("avg") if paper_avg == "per_sample_mean" or len(modalities) == 1 else None))
+    return rows
+
+
+def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Prediction], n_boot: int = 1000,
+                 seed: int = 0, benchmark: str | None = None,
+                 text_predictions: Sequence[Prediction] | None = None) -> dict:
+    """The report dict: task, counts, notes and every metric row."""
+    scores = score_items(items, predictions, with_dice=task == "diagseg", text_predictions=text_predictions)
+    rows: list[dict] = []
+    if task == "diagseg":
+        # The paper's Dice avg (69.9) fits a per-sample mean, its recall avg (58.9) the macro mean (spec 8.4).
+        rows += aggregate(scores, "dice", n_boot, seed, PAPER_DIAGSEG["dice"], paper_avg="per_sample_mean")
+        rows += aggregate(scores, "recall", n_boot, seed, PAPER_DIAGSEG["recall"])
+        for m in OPEN_METRICS:
+            if m != "recall":
+                rows += aggregate(scores, m, n_boot, seed)
+    elif task == "vqa":
+        ref = PAPER_VQA.get((benchmark or "").lower(), {})
+        for m in (*OPEN_METRICS, "closed_accuracy", "strict_closed_accuracy"):
+            rows += aggregate(scores, m, n_boot, seed, {"avg": ref[m]} if m in ref else None)
+    elif task == "mc":
+        rows += aggregate(scores, "accuracy", n_boot, seed, PAPER_MC)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    notes = [
+        "values are percentages; ci95 = seeded percentile bootstrap over items (stratified by modality for "
+        "macro means)",
+        "exact_match is the official score (distinct GT words found / prediction tokens), not an exact match; "
+        "strict_exact is the real one",
+        "closed_accuracy is the official substring rule ('no' inside 'normal' counts); strict_closed_accuracy "
+        "compares the first yes/no word",
+        "predictions are paired with items by id, not by order",
+    ]
+    if task == "diagseg":
+        notes.append("paper Dice avg 69.9 matches a per-sample mean better than the macro mean (67.2) [inferred]; "
+                     "paper Recall avg 58.9 is the macro mean")
+        if text_predictions is None:
+            notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
+                         "VQA-path run (pass --vqa-data to reproduce that)")
+    return {"task": task, "benchmark": benchmark, "n_items": len(items), "n_scored": len(scores),
+            "n_missing": len(items) - len(scores), "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes,
+            "metrics": rows}
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def _fmt(v: float | None) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def to_markdown(report: dict) -> str:
+    """One table row per metric entry."""
+    lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
+             "", f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
+             "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
+    for r in report["metrics"]:
+        ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"
+        lines.append(f"| {r['metric']} | {r['group']} | {r['aggregate']} | {_fmt(r['value'])} | {ci} | {r['n']} | "
+                     f"{_fmt(r['paper'])} |")
+    lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+def _chart(report: dict, metric: str, path: Path) -> Path | None:
+    """Per-modality bars with CI whiskers, the paper's values beside them where the modality matches."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["metrics"] if r["metric"] == metric and r["aggregate"] != "macro_mean"]
+    if not rows:
+        return None
+    labels = [r["group"] if r["aggregate"] == "mean" else "all (per sample)" for r in rows]
+    values = [r["value"] for r in rows]
+    err = np.array([[max(0.0, r["value"] - r["ci95"][0]), max(0.0, r["ci95"][1] - r["value"])] for r in rows]).T
+    err = np.nan_to_num(err)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 3.6))
+    ax.bar(x - 0.2, values, 0.4, yerr=err, capsize=3, label="this run")
+    paper = [r["paper"] for r in rows]
+    if any(p is not None for p in paper):
+        ax.bar(x + 0.2, [p if p is not None else 0 for p in paper], 0.4, label="paper (MedSIGHT)", alpha=0.7)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+CHART_METRICS = {"diagseg": ("dice", "recall"), "vqa": ("recall", "closed_accuracy"), "mc": ("accuracy",)}
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """report.json, report.md and one PNG per headline metric; returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    paths["md"].write_text(to_markdown(report), encoding="utf-8")
+    for metric in CHART_METRICS.get(report["task"], ()):
+        png = _chart(report, metric, out / f"{metric}.png")
+        if png is not None:
+            paths[metric] = png
+    return paths

@@ -1,0 +1,268 @@
+"""Inference for evaluation: resumable JSONL predictions, sharding, and merging shards.
+
+One JSON line per item, written and fsync'ed as soon as the item is answered, so an interrupted run loses at most
+the item in flight and a rerun skips every id already in the file. Shard i of n takes items i::n (after
+``limit``); each item's sampling seed depends on its position in the input file, never on the shard, so a
+sharded run with batch 1 reproduces the single-process predictions exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medsight.evaluate.metrics import binarize_logits
+from medsight.evaluate.readers import DataError, EvalItem
+
+#: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
+Prediction = dict
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How items are asked.
+
+    Attributes:
+        task: "diagseg" (greedy segmentation path, masks kept), "vqa" or "mc" (VQA path, text only).
+        sampling: "official" (VQA path sampled at T=0.2 as `inference.py`; segmentation greedy) or "greedy".
+        batch: consecutive items with the same question asked in one engine call (1 = official batch size).
+        resize_mode: "crop" is the official preprocessing (the mask frame the official Dice assumes).
+    """
+
+    task: str
+    max_new_tokens: int = 512
+    sampling: str = "official"
+    seed: int = 0
+    batch: int = 1
+    resize_mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.task not in ("diagseg", "vqa", "mc"):
+            raise ValueError(f"unknown task {self.task!r}")
+        if self.sampling not in ("official", "greedy"):
+            raise ValueError("sampling must be 'official' or 'greedy'")
+        if self.batch < 1:
+            raise ValueError("batch must be >= 1")
+
+    @property
+    def segment(self) -> bool:
+        return self.task == "diagseg"
+
+    @property
+    def sampled(self) -> bool:
+        return self.sampling == "official" and not self.segment
+
+    def generation(self, seed: int | None = None):
+        """GenerationOptions of the official path for this task."""
+        from medsight.model.generation import GenerationOptions
+
+        if self.sampled:
+            # inference.py: sampled T=0.2, penalty 1.2; top_k/top_p from Qwen3's generation_config (inferred).
+            return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=0.2, top_k=20,
+                                     top_p=0.95, repetition_penalty=1.2, seed=seed)
+        # Segmentation path: greedy, penalty 1.2 kept; DiagSeg scores the no-code fallback mask, so keep it.
+        return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.2,
+                                 no_code_fallback=self.segment)
+
+
+# -- sharding ------------------------------------------------------------------------------------------------------
+def shard_from_env(shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """Explicit --shard/--num-shards, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard is None and num_shards is None:
+        shard, num_shards = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    shard, num_shards = int(shard or 0), int(num_shards or 1)
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards}: need 0 <= shard < num_shards")
+    return shard, num_shards
+
+
+def select_items(items: Sequence[EvalItem], shard: int = 0, num_shards: int = 1,
+                 limit: int | None = None) -> list[tuple[int, EvalItem]]:
+    """(position in the input file, item) for items[:limit][shard::num_shards]."""
+    indexed = list(enumerate(items))[: limit if limit is not None else None]
+    return indexed[shard::num_shards]
+
+
+def prediction_path(report_dir: str | Path, name: str = "predictions", shard: int = 0, num_shards: int = 1) -> Path:
+    """predictions.jsonl, or predictions.shard{i}-of-{n}.jsonl for a shard."""
+    suffix = "" if num_shards == 1 else f".shard{shard}-of-{num_shards}"
+    return Path(report_dir) / f"{name}{suffix}.jsonl"
+
+
+# -- JSONL ---------------------------------------------------------------------------------------------------------
+def read_predictions(path: str | Path, repair: bool = False) -> list[Prediction]:
+    """All complete records of a JSONL file (missing file: none).
+
+    A last line without its newline is an interrupted write: it is ignored, and with ``repair`` cut off so the
+    next append starts on a fresh line. A bad line anywhere else is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    out = []
+    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {n} is not valid JSON ({err})") from None
+    return out
+
+
+def append_predictions(path: str | Path, records: Iterable[Prediction]) -> None:
+    """Append records, one line each, and fsync so a crash cannot lose an acknowledged item."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge_shards(paths: Sequence[str | Path], order: Sequence[str] | None = None) -> list[Prediction]:
+    """Records of all shard files, deduplicated by question_id (first wins), in ``order`` (input-file ids)."""
+    by_id: dict[str, Prediction] = {}
+    for p in paths:
+        for rec in read_predictions(p):
+            by_id.setdefault(str(rec["question_id"]), rec)
+    if order is None:
+        return list(by_id.values())
+    rank = {qid: i for i, qid in enumerate(order)}
+    return sorted(by_id.values(), key=lambda r: rank.get(str(r["question_id"]), len(rank)))
+
+
+# -- masks ---------------------------------------------------------------------------------------------------------
+def rle_encode(mask: np.ndarray) -> list[int]:
+    """Run lengths of the C-order flattened bool mask, starting with a (possibly empty) run of False."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    return [int(r) for r in runs]
+
+
+def rle_decode(runs: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Inverse of `rle_encode`."""
+    values = np.arange(len(runs)) % 2 == 1
+    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
+    if flat.size != int(np.prod(shape)):
+        raise DataError(f"mask run lengths cover {flat.size} pixels, shape {tuple(shape)} needs {np.prod(shape)}")
+    return flat.reshape(tuple(shape))
+
+
+def load_image(path: Path) -> np.ndarray:
+    """8-bit RGB pixels (the official chatbot converts every image to RGB)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+
+
+def load_gt_mask(paths: Sequence[Path]) -> np.ndarray:
+    """Union of the GT mask PNGs, read as grayscale and binarised at > 127 (as the notebooks)."""
+    union = None
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                m = np.asarray(im.convert("L")) > 127
+        except FileNotFoundError:
+            raise DataError(f"mask not found: {p}") from None
+        if union is not None and union.shape != m.shape:
+            raise DataError(f"mask {p} is {m.shape}, the other masks of its item are {union.shape}")
+        union = m if union is None else union | m
+    if union is None:
+        raise DataError("item has no GT mask")
+    return union
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterable[list[tuple[int, EvalItem]]]:
+    """Consecutive items sharing a question, up to ``batch``; sampled runs ask one item at a time so each item
+    keeps its own seed."""
+    size = 1 if options.sampled else options.batch
+    group: list[tuple[int, EvalItem]] = []
+    for entry in pending:
+        if group and (len(group) == size or group[-1][1].question != entry[1].question):
+            yield group
+            group = []
+        group.append(entry)
+    if group:
+        yield group
+
+
+def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None) -> Prediction:
+    rec: Prediction = {
+        "question_id": item.id, "prompt": item.question, "text": answer.text, "gt_ans": item.answer,
+        "answer_type": item.answer_type, "modality": item.modality,
+        "metadata": {"index": index, "codes": [r.code for r in answer.regions], "seed": seed,
+                     "task": options.task, "sampling": options.sampling},
+    }
+    if options.segment:
+        gt = load_gt_mask(item.masks)
+        logits = [r.mask_logits for r in answer.regions]
+        import torch
+
+        stacked = torch.stack(logits) if logits else torch.zeros(0, 1, 1)
+        masks = binarize_logits(stacked, gt.shape)
+        rec["masks"] = {"shape": list(gt.shape), "rle": [rle_encode(m) for m in masks]}
+    return rec
+
+
+def run_predictions(
+    engine,
+    items: Sequence[EvalItem],
+    out_path: str | Path,
+    options: RunOptions,
+    shard: int = 0,
+    num_shards: int = 1,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Prediction]:
+    """Answer this shard's items not yet in ``out_path`` and append them; returns the shard's records in order.
+
+    ``engine`` is a `medsight.Engine` (or anything with the same ``ask``).
+    """
+    from medsight.model.medsight import ImageOptions
+
+    selected = select_items(items, shard, num_shards, limit)
+    done = {str(r["question_id"]) for r in read_predictions(out_path, repair=True)}
+    pending = [(i, it) for i, it in selected if it.id not in done]
+    image_options = ImageOptions(resize_mode=options.resize_mode)
+    finished = len(selected) - len(pending)
+    for group in _groups(pending, options):
+        seed = options.seed * 1_000_003 + group[0][0] if options.sampled else None
+        answers = engine.ask([load_image(it.image) for _, it in group], group[0][1].question,
+                             options.generation(seed), image_options)
+        append_predictions(out_path, [_record(i, it, a, options, seed)
+                                      for (i, it), a in zip(group, answers, strict=True)])
+        finished += len(group)
+        if progress is not None:
+            progress(finished, len(selected))
+    wanted = {it.id for _, it in selected}
+    records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
+    return _ordered(records, [it.id for _, it in selected])
+
+
+def _ordered(records: list[Prediction], order: Sequence[str]) -> list[Prediction]:
+    by_id: dict[str, Prediction] = {}
+    for r in records:
+        by_id.setdefault(str(r["question_id"]), r)
+    return [by_id[q] for q in order if q in by_id]
