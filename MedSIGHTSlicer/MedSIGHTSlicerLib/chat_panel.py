@@ -1,0 +1,607 @@
+"""The conversation panel: ask the engine about slices of a volume and watch the answer stream in.
+
+The panel never blocks the user interface: uploads and asks run in a worker thread that only talks to the
+network and reports what it learns through ``jobs.JobRunner``; a QTimer on the main thread polls it and updates the
+widgets (Qt objects must only be touched from the thread that owns them). It knows nothing about MRML: the host
+(the Slicer module, or a test) plugs in callables:
+
+- ``volume_provider()`` -> ``VolumeData`` to upload, an existing ``volume_id`` string, or None (nothing chosen).
+- ``current_slice_provider()`` -> the slice index the "Current slice" scope means (None: 0).
+- ``before_upload(url)`` -> False to refuse sending images to that engine (the first-use consent prompt).
+- ``on_volume_uploaded(key, volume_id)``: an upload finished (the host may cache the id).
+- ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
+- ``on_region_clicked(slice, index)``: a region chip in the conversation was clicked.
+- ``on_accept_all()``: the "Accept all" button was pressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import ipaddress
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from .client import MedSIGHTClient, MedSIGHTError
+from .jobs import Job, JobRunner
+from .protocol import Region, SliceAnswer
+from .qt_shim import connect, grab_png, prop, qt
+
+__all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
+
+#: Scope choices, in the order of the selector.
+SCOPES = ("current", "range", "volume")
+_SCOPE_LABELS = ("Current slice", "Slice range", "Whole volume")
+#: Slices per request of a multi-slice job: small enough for steady progress and a prompt cancel.
+CHUNK_SLICES = 16
+POLL_MS = 40
+_REGION_URL = re.compile(r"^region://([0-9.]+)/(\d+)/?$")
+_HINTS = {
+    "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
+    "timeout": "The engine did not answer in time; it may be busy or overloaded.",
+    "unauthorized": "Check the token in the connection settings.",
+    "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
+}
+
+
+@dataclass
+class VolumeData:
+    """A volume to upload: (k, j, i) voxels and LPS geometry, as ``MedSIGHTClient.upload_volume`` takes them.
+
+    ``key`` identifies the voxels (e.g. node ID and modification time): the panel uploads each key once.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: Any = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    modality: str = "CT"
+    key: str | None = None
+
+
+VolumeSource = Union[VolumeData, str]  # noqa: UP007 - evaluated at run time: Slicer 5.8 has Python 3.9
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window."""
+    return "CT" if array.size and float(np.min(array)) < -500.0 else "MR"
+
+
+def describe_error(err: BaseException) -> str:
+    """A plain sentence for the error line (no tracebacks: the user cannot act on them)."""
+    if isinstance(err, MedSIGHTError):
+        hint = _HINTS.get(err.code, "")
+        where = f" (HTTP {err.status})" if err.status and err.status != 200 else ""
+        return f"{err.message}{where}. {hint}".strip() if hint else f"{err.message}{where}"
+    if isinstance(err, ValueError):
+        return str(err)
+    return f"Unexpected error: {type(err).__name__}: {err}"
+
+
+def parse_region_url(url: str) -> tuple[int, int] | None:
+    """'region://<slice>/<index>' -> (slice, index); None for any other link."""
+    match = _REGION_URL.match(url.strip())
+    if match is None:
+        return None
+    host = match.group(1)
+    # QUrl reads a number in the host position as an IPv4 address: "region://40/3" reaches the anchorClicked
+    # slot as "region://0.0.0.40/3". Both spellings give back the number.
+    try:
+        slice_index = int(host) if host.isdigit() else int(ipaddress.IPv4Address(host))
+    except ValueError:
+        return None
+    return slice_index, int(match.group(2))
+
+
+def _region_name(region: Region) -> str:
+    label = region.label.replace("\ufffd", "").strip()
+    return label or region.code or f"region {region.index}"
+
+
+@dataclass
+class _Turn:
+    """One question and its answers, as shown in the conversation."""
+
+    question: str
+    scope: str
+    texts: dict[int, str] = field(default_factory=dict)
+    regions: dict[int, list[Region]] = field(default_factory=dict)
+    status: str = ""
+
+
+@dataclass
+class _Job:
+    """What the worker of one question needs; ``runner`` (its ``jobs.Job``) carries events and the cancel flag."""
+
+    question: str
+    scope: tuple[str, int, int]
+    plane: str
+    source: VolumeSource
+    cached_id: str | None
+    options: dict[str, Any]
+    job_id: str | None = None
+    runner: Job | None = None
+    answers: list[SliceAnswer] = field(default_factory=list)
+
+    @property
+    def serial(self) -> int:
+        return self.runner.job_id if self.runner is not None else 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.runner is not None and self.runner.cancelled
+
+    def emit(self, kind: str, *payload: Any) -> None:
+        self.runner.emit((kind, *payload))
+
+
+class ChatPanel:
+    """The conversation widget (``panel.widget``) and its behaviour.
+
+    Args:
+        client: the engine client (replace it with ``set_client`` when the connection settings change).
+        parent: optional parent widget.
+    """
+
+    def __init__(self, client: MedSIGHTClient | None = None, parent: Any = None) -> None:
+        self.client = client
+        self.plane = "axial"
+        #: Generation options sent with every question (see the engine's AskOptions).
+        self.options: dict[str, Any] = {"max_new_tokens": 256}
+        self.volume_provider: Callable[[], VolumeSource | None] | None = None
+        self.current_slice_provider: Callable[[], int | None] | None = None
+        self.before_upload: Callable[[str], bool] | None = None
+        self.on_volume_uploaded: Callable[[str, str], None] | None = None
+        self.on_regions: Callable[[SliceAnswer], None] | None = None
+        #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
+        #: one finding into one 3D segment); also after a cancel, with what had arrived.
+        self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
+        self.on_region_clicked: Callable[[int, int], None] | None = None
+        self.on_accept_all: Callable[[], None] | None = None
+        #: The question being (or last) answered, for hosts that tag suggestions with it.
+        self.last_question = ""
+
+        self._turns: list[_Turn] = []
+        self._regions: dict[tuple[int, int], Region] = {}
+        self._volume_ids: dict[str, str] = {}
+        self._runner = JobRunner()
+        self._job: _Job | None = None
+        self._dirty = False
+        self._started = 0.0
+        self._build(parent)
+
+    # -- widgets -------------------------------------------------------------------------------------------------
+    def _build(self, parent: Any) -> None:
+        self.widget = qt.QWidget(parent) if parent is not None else qt.QWidget()
+        self.widget.setObjectName("MedSIGHTChatPanel")
+        layout = qt.QVBoxLayout(self.widget)
+        layout.setContentsMargins(0, 0, 0, 0)
+
+        self.conversation = qt.QTextBrowser()
+        self.conversation.setObjectName("conversationView")
+        # Links are region chips: handle them here instead of letting the browser navigate away.
+        self.conversation.setOpenLinks(False)
+        self.conversation.setOpenExternalLinks(False)
+        self.conversation.setMinimumHeight(180)
+        connect(self.conversation, "anchorClicked", self._anchor_clicked)
+        layout.addWidget(self.conversation, 1)
+
+        scope_row = qt.QHBoxLayout()
+        scope_row.addWidget(qt.QLabel("Ask about:"))
+        self.scope = qt.QComboBox()
+        self.scope.setObjectName("scopeComboBox")
+        for label in _SCOPE_LABELS:
+            self.scope.addItem(label)
+        scope_row.addWidget(self.scope)
+        self.range_from = qt.QSpinBox()
+        self.range_from.setObjectName("rangeFromSpinBox")
+        self.range_to = qt.QSpinBox()
+        self.range_to.setObjectName("rangeToSpinBox")
+        for box in (self.range_from, self.range_to):
+            box.setRange(0, 9999)
+        scope_row.addWidget(self.range_from)
+        scope_row.addWidget(qt.QLabel("to"))
+        scope_row.addWidget(self.range_to)
+        scope_row.addStretch(1)
+        layout.addLayout(scope_row)
+        connect(self.scope, "currentIndexChanged", self._scope_changed)
+
+        self.question = qt.QPlainTextEdit()
+        self.question.setObjectName("questionEdit")
+        self.question.setPlaceholderText("Ask about the image, e.g. 'Where is the liver?'  (Ctrl+Enter sends)")
+        self.question.setMaximumHeight(80)
+        layout.addWidget(self.question)
+        self._shortcuts = []
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), self.question)
+            shortcut.setContext(qt.Qt.WidgetShortcut)
+            connect(shortcut, "activated", self.send)
+            self._shortcuts.append(shortcut)  # PythonQt and PySide both need a Python reference to keep it
+
+        buttons = qt.QHBoxLayout()
+        self.send_button = qt.QPushButton("Send")
+        self.send_button.setObjectName("sendButton")
+        self.send_button.setToolTip("Send the question (Ctrl+Enter)")
+        self.cancel_button = qt.QPushButton("Cancel")
+        self.cancel_button.setObjectName("cancelButton")
+        self.cancel_button.setEnabled(False)
+        self.accept_all_button = qt.QPushButton("Accept all")
+        self.accept_all_button.setObjectName("acceptAllButton")
+        self.accept_all_button.setToolTip("Keep every suggested region as a segment")
+        self.accept_all_button.setEnabled(False)
+        for button in (self.send_button, self.cancel_button, self.accept_all_button):
+            buttons.addWidget(button)
+        layout.addLayout(buttons)
+        connect(self.send_button, "clicked", lambda *_: self.send())
+        connect(self.cancel_button, "clicked", lambda *_: self.cancel())
+        connect(self.accept_all_button, "clicked", lambda *_: self._accept_all())
+
+        self.progress = qt.QProgressBar()
+        self.progress.setObjectName("jobProgressBar")
+        self.progress.setVisible(False)
+        layout.addWidget(self.progress)
+        self.status = qt.QLabel("")
+        self.status.setObjectName("statusLabel")
+        layout.addWidget(self.status)
+        self.error = qt.QLabel("")
+        self.error.setObjectName("errorLabel")
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet("color: #c62828;")
+        self.error.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)  # so users can copy it into a report
+        layout.addWidget(self.error)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        connect(self._timer, "timeout", self._poll)
+        self._scope_changed(0)
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def set_client(self, client: MedSIGHTClient | None) -> None:
+        """Use another engine; volume ids belong to an engine, so the upload cache starts afresh."""
+        self.client = client
+        self._volume_ids.clear()
+
+    def set_slice_count(self, count: int) -> None:
+        """Limit the range spin boxes to a volume of ``count`` slices along the current plane."""
+        top = max(int(count) - 1, 0)
+        for box in (self.range_from, self.range_to):
+            box.setMaximum(top)
+        self.range_to.setValue(top)
+
+    def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
+        """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
+        self.scope.setCurrentIndex(SCOPES.index(scope))
+        if first is not None:
+            self.range_from.setValue(int(first))
+        if last is not None:
+            self.range_to.setValue(int(last))
+
+    def region(self, slice_index: int, index: int) -> Region | None:
+        """The latest region shown for a chip."""
+        return self._regions.get((slice_index, index))
+
+    def region_links(self) -> list[str]:
+        """The chip links of the conversation, in order (for tests and accessibility tools)."""
+        return re.findall(r'href="(region://[^"]+)"', self.conversation.toHtml())
+
+    def conversation_text(self) -> str:
+        return str(self.conversation.toPlainText())
+
+    def clear(self) -> None:
+        """Forget the conversation (not the uploaded volumes)."""
+        self._turns.clear()
+        self._regions.clear()
+        self.accept_all_button.setEnabled(False)
+        self._render()
+
+    def show_error(self, message: str) -> None:
+        self.error.setText(message)
+
+    def save_screenshot(self, path: str) -> bool:
+        return grab_png(self.widget, path)
+
+    def send(self, question: str | None = None) -> bool:
+        """Ask ``question`` (default: the text in the question box) about the selected scope. Returns False,
+        with the reason in the error line, when the question could not be sent."""
+        if self.busy:
+            return False
+        text = (self.question.toPlainText() if question is None else question).strip()
+        self.error.setText("")
+        if not text:
+            self.show_error("Type a question first.")
+            return False
+        if self.client is None:
+            self.show_error("Not connected: set the engine URL in the connection settings.")
+            return False
+        source = self.volume_provider() if self.volume_provider is not None else None
+        if source is None:
+            self.show_error("Select a volume first.")
+            return False
+        cached_id = source if isinstance(source, str) else self._volume_ids.get(source.key or "")
+        if cached_id is None and self.before_upload is not None and not self.before_upload(self.client.base_url):
+            self.show_error("Not sent: sending images to this engine was not allowed.")
+            return False
+        scope = SCOPES[max(int(prop(self.scope, "currentIndex")), 0)]
+        current = self.current_slice_provider() if self.current_slice_provider is not None else None
+        first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
+        if scope == "current":
+            first = last = int(current or 0)
+        job = _Job(text, (scope, first, last), self.plane, source, cached_id, dict(self.options))
+        self._turns.append(_Turn(text, self._scope_text(scope, first, last)))
+        self.last_question = text
+        self._job = job
+        self._started = time.monotonic()
+        if question is None:
+            self.question.setPlainText("")
+        self._set_busy(True, "Sending the volume…" if cached_id is None else "Asking…")
+        self._render()
+        client = self.client
+        job.runner = self._runner.start(lambda runner: _run_job(client, job, runner), name="MedSIGHT ask")
+        self._timer.start()
+        return True
+
+    def cancel(self) -> None:
+        """Stop the running question. The panel is usable again at once; the engine stops generating shortly."""
+        job = self._job
+        if job is None:
+            return
+        if job.runner is not None:
+            job.runner.cancel()
+        client, job_id = self.client, job.job_id
+        if client is not None and job_id is not None:
+            # A network call: never on the main thread.
+            threading.Thread(target=_cancel_quietly, args=(client, job_id), daemon=True).start()
+        if self._turns:
+            self._turns[-1].status = "cancelled"
+        self._finish("Cancelled.")
+
+    # -- main-thread side ------------------------------------------------------------------------------------------
+    def _scope_text(self, scope: str, first: int, last: int) -> str:
+        if scope == "volume":
+            return "whole volume"
+        if scope == "range":
+            return f"slices {min(first, last)}–{max(first, last)}"
+        return f"slice {first}"
+
+    def _scope_changed(self, index: Any = 0) -> None:
+        ranged = int(index) == SCOPES.index("range")
+        self.range_from.setEnabled(ranged)
+        self.range_to.setEnabled(ranged)
+
+    def _set_busy(self, busy: bool, status: str) -> None:
+        self.send_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        self.status.setText(status)
+        if not busy:
+            self.progress.setVisible(False)
+
+    def _finish(self, status: str) -> None:
+        self._job = None
+        self._timer.stop()
+        self._set_busy(False, status)
+        self._render()
+
+    def _poll(self) -> None:
+        """Drain the worker's events (main thread, from the QTimer)."""
+        for event in self._runner.poll():
+            job = self._job
+            current = job is not None and event.job_id == job.serial
+            if event.kind == "progress":
+                kind, *payload = event.data
+                if current:
+                    self._handle(job, kind, payload)
+                elif kind == "uploaded":  # still worth remembering after a cancel
+                    self._remember_volume(*payload)
+            elif current and event.kind == "error":  # only what escaped _run_job (it reports its own errors)
+                self._handle(job, "error", [RuntimeError(event.message)])
+            elif current and event.kind in ("done", "cancelled"):
+                self._handle(job, "finished", [bool(event.data) or event.kind == "cancelled"])
+            # Anything else is a cancelled job's late event: ignored.
+        if self._dirty:
+            self._render()
+
+    def _remember_volume(self, key: str | None, volume_id: str) -> None:
+        if key:
+            self._volume_ids[key] = volume_id
+            if self.on_volume_uploaded is not None:
+                self.on_volume_uploaded(key, volume_id)
+
+    def _handle(self, job: _Job, kind: str, payload: list[Any]) -> None:
+        turn = self._turns[-1]
+        if kind == "uploaded":
+            self._remember_volume(*payload)
+            self.status.setText("Asking…")
+        elif kind == "job":
+            job.job_id = payload[0]
+            self.status.setText("Thinking…")
+        elif kind == "token":
+            slice_index, text = payload
+            turn.texts[slice_index] = turn.texts.get(slice_index, "") + text
+            self._dirty = True
+        elif kind == "region":
+            slice_index, region = payload
+            turn.regions.setdefault(slice_index, []).append(region)
+            self._regions[(slice_index, region.index)] = region
+            self._dirty = True
+        elif kind == "answer":
+            answer: SliceAnswer = payload[0]
+            turn.texts[answer.index] = answer.text  # the engine's final text (token pieces may be regrouped)
+            turn.regions[answer.index] = list(answer.regions)
+            for region in answer.regions:
+                self._regions[(answer.index, region.index)] = region
+            self._dirty = True
+            if answer.regions:
+                job.answers.append(answer)
+                self.accept_all_button.setEnabled(True)
+                if self.on_regions is not None:
+                    self._call_hook(self.on_regions, answer)
+        elif kind == "progress":
+            done, total = payload
+            if total > 1:
+                self.progress.setVisible(True)
+                self.progress.setRange(0, total)
+                self.progress.setValue(done)
+        elif kind == "finished":
+            cancelled = payload[0]
+            if job.answers and self.on_answers is not None:
+                self._call_hook(self.on_answers, list(job.answers))
+            turn.status = "cancelled" if cancelled else ""
+            seconds = time.monotonic() - self._started
+            self._finish("Cancelled." if cancelled else f"Answered in {seconds:.1f} s.")
+        elif kind == "error":
+            message = describe_error(payload[0])
+            turn.status = "error"
+            self.show_error(message)
+            self._finish("Failed.")
+
+    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        # A failing host callback must not stop the conversation; report it like any other error.
+        try:
+            hook(*args)
+        except Exception as err:
+            self.show_error(f"Could not apply the answer: {type(err).__name__}: {err}")
+
+    def _anchor_clicked(self, url: Any) -> None:
+        target = parse_region_url(url.toString())
+        if target is not None and self.on_region_clicked is not None:
+            self._call_hook(self.on_region_clicked, *target)
+
+    def _accept_all(self) -> None:
+        if self.on_accept_all is not None:
+            self._call_hook(self.on_accept_all)
+
+    def _render(self) -> None:
+        self._dirty = False
+        self.conversation.setHtml(render_html(self._turns))
+        bar = self.conversation.verticalScrollBar()
+        bar.setValue(int(prop(bar, "maximum")))
+
+
+def render_html(turns: list[_Turn]) -> str:
+    """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips."""
+    parts = []
+    for turn in turns:
+        parts.append(
+            '<p style="margin-top:8px"><b style="color:#1565c0">You</b> '
+            f'<span style="color:#757575">({html.escape(turn.scope)})</span><br>'
+            f"{html.escape(turn.question).replace(chr(10), '<br>')}</p>"
+        )
+        slices = sorted(set(turn.texts) | set(turn.regions))
+        body = []
+        for slice_index in slices:
+            text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
+            prefix = f'<span style="color:#757575">slice {slice_index}:</span> ' if len(slices) > 1 else ""
+            chips = " ".join(
+                f'<a href="region://{slice_index}/{r.index}" style="background-color:#e8f5e9;color:#2e7d32;'
+                f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
+                for r in turn.regions.get(slice_index, [])
+            )
+            body.append(prefix + text + (f"<br>{chips}" if chips else ""))
+        if not slices and not turn.status:
+            body.append('<i style="color:#757575">…</i>')
+        if turn.status == "cancelled":
+            body.append('<i style="color:#757575">(cancelled)</i>')
+        parts.append('<p><b style="color:#2e7d32">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
+    return "".join(parts)
+
+
+# -- worker side (no Qt here) ------------------------------------------------------------------------------------
+def _cancel_quietly(client: MedSIGHTClient, job_id: str) -> None:
+    # The job may have ended already, or the engine be gone: either way nothing more is generated.
+    with contextlib.suppress(MedSIGHTError):
+        client.cancel(job_id, timeout=10)
+
+
+def _upload(client: MedSIGHTClient, data: VolumeData, job: _Job) -> Any:
+    info = client.upload_volume(data.array, data.spacing, data.origin, data.direction, modality=data.modality)
+    job.emit("uploaded", data.key, info.volume_id)
+    return info
+
+
+def _resolve_indices(scope: tuple[str, int, int], count: int) -> list[int]:
+    kind, first, last = scope
+    if count <= 0:
+        raise ValueError("the volume has no slices along this plane")
+    if kind == "volume":
+        return list(range(count))
+    first, last = sorted((first, last))
+    first, last = max(first, 0), min(last, count - 1)
+    if first > last:
+        raise ValueError(f"slice {scope[1]} is outside the volume (0–{count - 1})")
+    return list(range(first, last + 1))
+
+
+def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
+    """Upload if needed, then ask chunk by chunk. Returns whether the job was cancelled (the runner's "done"
+    event); failures are emitted as an "error" event carrying the exception (for ``describe_error``)."""
+    job.runner = runner  # set here too: the thread may run before ``JobRunner.start`` returns it
+    try:
+        data = job.source if isinstance(job.source, VolumeData) else None
+        if job.cached_id is not None:
+            volume_id = job.cached_id
+            info = client.volume_info(volume_id) if job.scope[0] != "current" else None
+        else:
+            assert data is not None
+            info = _upload(client, data, job)
+            volume_id = info.volume_id
+        if info is not None:
+            indices = _resolve_indices(job.scope, int(info.slices.get(job.plane, 0)))
+        else:
+            indices = [job.scope[1]]
+        total = len(indices)
+        cancelled = False
+        for start in range(0, total, CHUNK_SLICES):
+            if job.cancelled:
+                cancelled = True
+                break
+            part = indices[start : start + CHUNK_SLICES]
+            try:
+                stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
+            except MedSIGHTError as err:
+                if err.code != "unknown_volume" or data is None:
+                    raise
+                volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
+                stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
+            cancelled = _read_stream(client, stream, job, part) or cancelled
+            job.emit("progress", start + len(part), total)
+            if cancelled:
+                break
+        return cancelled or job.cancelled
+    except Exception as err:  # every failure is shown in the error line, never raised into Slicer
+        job.emit("error", err)
+        return False
+
+
+def _read_stream(client: MedSIGHTClient, stream: Any, job: _Job, part: list[int]) -> bool:
+    """Forward one stream's events; returns whether the engine reports the job cancelled."""
+    cancel_sent = False
+    with stream:
+        for event in stream:
+            if event.kind == "job":
+                job.job_id = event.job_id
+                job.emit("job", event.job_id)
+            elif event.kind == "token":
+                job.emit("token", part[event.slice], event.text)
+            elif event.kind == "region":
+                job.emit("region", part[event.slice], event.region)
+            elif event.kind == "done":
+                for answer in event.result.answers:
+                    job.emit("answer", answer)
+                return bool(event.result.cancelled)
+            elif event.kind == "error":
+                stream.raise_for_error()
+            if job.cancelled and not cancel_sent and job.job_id is not None:
+                # The main thread may have pressed Cancel before it knew the job id.
+                _cancel_quietly(client, job.job_id)
+                cancel_sent = True
+    return job.cancelled

@@ -1,0 +1,105 @@
+"""Connection settings of the MedSIGHT module, kept in a QSettings-like store (Qt-free: any object with
+``value(key, default)`` and ``setValue(key, value)`` will do, e.g. ``qt.QSettings()`` or a dict wrapper)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import DEFAULT_URL
+
+__all__ = ["DEFAULT_SERVE_COMMAND", "ConnectionSettings", "host_of", "is_loopback_url", "split_command"]
+
+PREFIX = "MedSIGHT/"
+#: What "Start local engine" runs when nothing else is configured: the engine from the venv on PATH.
+DEFAULT_SERVE_COMMAND = "medsight serve --model tiny --host 127.0.0.1 --port 8765"
+
+
+def host_of(url: str) -> str:
+    """The host name of an engine URL, lower-case ('' when the URL has none)."""
+    return (urllib.parse.urlsplit(url.strip()).hostname or "").lower()
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when the engine runs on this computer, so images never leave it (no consent needed)."""
+    host = host_of(url)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_command(command: str) -> list[str]:
+    """A shell-like command line -> program and arguments (raises ValueError on unbalanced quotes)."""
+    parts = shlex.split(command)
+    if not parts:
+        raise ValueError("the engine command is empty")
+    return parts
+
+
+def _as_bool(value: Any) -> bool:
+    # QSettings gives back strings ("true"/"false") for values written by another binding or an INI file.
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    return [str(v) for v in value]
+
+
+@dataclass
+class ConnectionSettings:
+    """What the module remembers between sessions.
+
+    Attributes:
+        url: the engine's address.
+        token: bearer token (only needed when the engine was started with one).
+        serve_command: the command "Start local engine" runs.
+        stop_engine_on_exit: stop an engine this module started when Slicer closes.
+        consented_hosts: non-loopback hosts the user agreed to send images to.
+    """
+
+    url: str = DEFAULT_URL
+    token: str = ""
+    serve_command: str = DEFAULT_SERVE_COMMAND
+    stop_engine_on_exit: bool = True
+    consented_hosts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, store: Any) -> ConnectionSettings:
+        default = cls()
+        return cls(
+            url=str(store.value(PREFIX + "url", default.url) or default.url),
+            token=str(store.value(PREFIX + "token", "") or ""),
+            serve_command=str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command),
+            stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True)),
+            consented_hosts=_as_list(store.value(PREFIX + "consentedHosts", "")),
+        )
+
+    def save(self, store: Any) -> None:
+        store.setValue(PREFIX + "url", self.url)
+        store.setValue(PREFIX + "token", self.token)
+        store.setValue(PREFIX + "serveCommand", self.serve_command)
+        store.setValue(PREFIX + "stopEngineOnExit", "true" if self.stop_engine_on_exit else "false")
+        # A comma-joined string: QSettings round-trips lists differently in PythonQt and PySide.
+        store.setValue(PREFIX + "consentedHosts", ",".join(self.consented_hosts))
+
+    def needs_consent(self, url: str | None = None) -> bool:
+        """Uploading to ``url`` (default: ``self.url``) sends images off this computer and was not agreed to."""
+        url = self.url if url is None else url
+        return not is_loopback_url(url) and host_of(url) not in self.consented_hosts
+
+    def record_consent(self, url: str | None = None) -> None:
+        host = host_of(self.url if url is None else url)
+        if host and host not in self.consented_hosts:
+            self.consented_hosts.append(host)

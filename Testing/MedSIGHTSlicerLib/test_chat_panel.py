@@ -1,0 +1,298 @@
+"""The chat panel (offscreen Qt) against a live engine server with the tiny random-weight model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qtpy.QtTest import QTest
+
+import medsight
+import medsight.server.app
+from medsight_testing.live_server import free_port, live_server
+from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, describe_error, parse_region_url
+from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.protocol import SliceAnswer
+from MedSIGHTSlicerLib.qt_shim import qt
+from MedSIGHTSlicerLib.settings import ConnectionSettings, is_loopback_url
+
+TOKEN = "panel-secret"
+SHORT = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
+SCREENSHOT_COPY = Path("/tmp/medsight_chat_panel.png")
+
+
+@pytest.fixture(scope="module")
+def app():
+    return qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return medsight.Engine.load("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with live_server(medsight.server.app.create_app(engine)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def secured_url(engine):
+    with live_server(medsight.server.app.create_app(engine, token=TOKEN)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def volume() -> VolumeData:
+    """Three 64 x 64 CT-like slices: a bright disc ("organ") in soft tissue, LPS geometry."""
+    k, j, i = np.mgrid[0:3, 0:64, 0:64]
+    voxels = np.where((j - 30) ** 2 + (i - 34) ** 2 < 15**2, 180.0, 40.0) + 10.0 * k
+    direction = np.diag([-1.0, -1.0, 1.0])  # RAS identity, as Slicer makes new volumes, in LPS
+    return VolumeData(voxels.astype(np.int16), (0.8, 0.8, 2.5), (10.0, 20.0, -5.0), direction, "CT", key="disc")
+
+
+def pump(app, until, timeout: float = 60.0, step=None) -> None:
+    """Run the Qt event loop until ``until()`` holds (``step()`` runs on each turn); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s")
+        app.processEvents()
+        if step is not None:
+            step()
+        time.sleep(0.005)
+    app.processEvents()
+
+
+def make_panel(url: str, volume: VolumeData, token: str | None = None) -> ChatPanel:
+    panel = ChatPanel(MedSIGHTClient(url, token=token, timeout=60, retries=0))
+    panel.volume_provider = lambda: volume
+    panel.current_slice_provider = lambda: 1
+    panel.options = dict(SHORT)
+    panel.widget.resize(520, 620)
+    panel.widget.show()
+    return panel
+
+
+def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path):
+    panel = make_panel(url, volume)
+    uploaded, answers, clicks = [], [], []
+    panel.on_volume_uploaded = lambda key, volume_id: uploaded.append((key, volume_id))
+    panel.on_regions = answers.append
+    panel.on_region_clicked = lambda s, i: clicks.append((s, i))
+
+    panel.question.setPlainText("Where is the liver?")
+    QTest.mouseClick(panel.send_button, qt.Qt.LeftButton)
+    assert panel.busy
+    assert not panel.send_button.isEnabled() and panel.cancel_button.isEnabled()
+    assert panel.question.toPlainText() == ""
+    pump(app, lambda: not panel.busy)
+
+    assert panel.error.text() == ""
+    assert panel.status.text().startswith("Answered in")
+    text = panel.conversation_text()
+    assert "Where is the liver?" in text
+    assert "MedSIGHT" in text
+    assert len(uploaded) == 1 and uploaded[0][0] == "disc" and len(uploaded[0][1]) == 64
+    assert len(answers) == 1 and isinstance(answers[0], SliceAnswer)
+    assert answers[0].index == 1
+    answer_text = answers[0].text.replace("\ufffd", "").strip()
+    assert answer_text and answer_text[:5] in text  # the streamed answer is in the conversation
+    links = panel.region_links()
+    assert links, panel.conversation.toHtml()
+    assert all(parse_region_url(link)[0] == 1 for link in links)
+    assert panel.accept_all_button.isEnabled()
+    assert panel.region(1, 0) is not None and panel.region(1, 0).mask.shape == (64, 64)
+
+    # A chip click reaches the host with the slice and region index (QTextBrowser's signal for a link click).
+    panel.conversation.anchorClicked.emit(qt.QUrl(links[-1]))
+    assert clicks == [parse_region_url(links[-1])]
+    accepted = []
+    panel.on_accept_all = lambda: accepted.append(True)
+    panel.accept_all_button.click()
+    assert accepted == [True]
+
+    shot = tmp_path / "chat_panel.png"
+    assert panel.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    # The second question reuses the uploaded volume.
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert len(uploaded) == 1
+    assert panel.conversation_text().count("You") == 2
+
+
+def test_ctrl_enter_sends(app, url, volume):
+    panel = make_panel(url, volume)
+    panel.widget.activateWindow()
+    panel.question.setFocus()
+    pump(app, lambda: True)
+    panel.question.setPlainText("What is this?")
+    QTest.keyClick(panel.question, qt.Qt.Key_Return, qt.Qt.ControlModifier)
+    assert panel.busy
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert "What is this?" in panel.conversation_text()
+
+
+def test_cancel_mid_stream_then_ask_again(app, url, volume):
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2048, "seed": 0}
+    assert panel.send("Describe everything in detail.")
+    pump(app, lambda: bool(panel._turns[-1].texts))  # the first token has arrived
+    panel.cancel_button.click()
+    assert not panel.busy
+    assert panel.send_button.isEnabled() and not panel.cancel_button.isEnabled()
+    assert "(cancelled)" in panel.conversation_text()
+    assert panel.status.text() == "Cancelled."
+
+    panel.options = dict(SHORT)
+    started = time.monotonic()
+    assert panel.send("Where is the liver?")
+    # The engine serialises work: this is quick only because the cancelled job really stopped.
+    pump(app, lambda: not panel.busy, timeout=30)
+    assert time.monotonic() - started < 15
+    assert panel.error.text() == ""
+    assert panel.status.text().startswith("Answered")
+    assert panel.conversation_text().count("(cancelled)") == 1
+
+
+def test_slice_range_reports_progress(app, url, volume):
+    panel = make_panel(url, volume)
+    progress, per_slice, per_question = [], [], []
+    panel.on_regions = per_slice.append
+    panel.on_answers = per_question.append
+    panel.set_slice_count(3)
+    panel.set_scope("range", 0, 2)
+    assert panel.range_from.isEnabled()
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy, step=lambda: progress.append(panel.progress.value()))
+    # One call per question with every answer that has regions: the host merges slices into 3D findings.
+    assert len(per_question) == 1 and [a.index for a in per_question[0]] == [a.index for a in per_slice]
+    text = panel.conversation_text()
+    assert all(f"slice {k}:" in text for k in range(3)), text
+    assert max(progress) == 3
+    assert "slices 0–2" in text
+
+
+def test_whole_volume_scope(app, url, volume):
+    panel = make_panel(url, volume)
+    panel.set_scope("volume")
+    assert not panel.range_from.isEnabled()
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert sorted(panel._turns[-1].texts) == [0, 1, 2]
+
+
+def test_engine_down_is_shown_not_raised(app, volume):
+    panel = make_panel(f"http://127.0.0.1:{free_port()}", volume)
+    assert panel.send("Anyone there?")
+    pump(app, lambda: not panel.busy)
+    assert "cannot reach the MedSIGHT engine" in panel.error.text()
+    assert "medsight serve" in panel.error.text()
+    assert panel.send_button.isEnabled()
+
+
+def test_wrong_token_is_shown_not_raised(app, secured_url, volume):
+    panel = make_panel(secured_url, volume, token="wrong")
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert "token" in panel.error.text()
+    assert "401" in panel.error.text()
+    # With the right token the same panel works.
+    panel.set_client(MedSIGHTClient(secured_url, token=TOKEN, timeout=60))
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+
+
+def test_refusals_before_sending(app, url, volume):
+    panel = make_panel(url, volume)
+    assert not panel.send("   ")
+    assert panel.error.text() == "Type a question first."
+    panel.volume_provider = lambda: None
+    assert not panel.send("Where?")
+    assert panel.error.text() == "Select a volume first."
+    asked = []
+    panel.volume_provider = lambda: volume
+    panel.before_upload = lambda target: asked.append(target) or False
+    assert not panel.send("Where?")
+    assert asked == [url]
+    assert "not allowed" in panel.error.text()
+    assert not panel.busy
+
+
+def test_volume_id_source_and_eviction_message(app, url, volume):
+    client = MedSIGHTClient(url, timeout=60)
+    info = client.upload_volume(volume.array, volume.spacing, volume.origin, volume.direction, modality="CT")
+    panel = make_panel(url, volume)
+    panel.volume_provider = lambda: info.volume_id  # the host already uploaded it
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    panel.volume_provider = lambda: "0" * 64
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert "no longer has this volume" in panel.error.text()
+
+
+def test_helpers():
+    assert parse_region_url("region://40/3") == (40, 3)
+    assert parse_region_url(qt.QUrl("region://300/2").toString()) == (300, 2)  # QUrl's IPv4 reading of the host
+    assert parse_region_url("region://x/3") is None
+    assert parse_region_url("https://example.org") is None
+    err = MedSIGHTError("missing or wrong bearer token", status=401, code="unauthorized")
+    assert describe_error(err) == (
+        "missing or wrong bearer token (HTTP 401). Check the token in the connection settings."
+    )
+    assert is_loopback_url("http://localhost:8765") and is_loopback_url("http://[::1]:1")
+    assert not is_loopback_url("https://gpu.example.org")
+
+
+def test_settings_round_trip_and_consent():
+    class Store(dict):
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+        def setValue(self, key, value):  # noqa: N802 - QSettings' name
+            self[key] = value
+
+    store = Store()
+    settings = ConnectionSettings.load(store)
+    assert settings.url == "http://127.0.0.1:8765" and not settings.needs_consent()
+    settings.url = "https://gpu.example.org:8765"
+    assert settings.needs_consent()
+    settings.record_consent()
+    settings.token = "t"
+    settings.save(store)
+    again = ConnectionSettings.load(store)
+    assert again == settings
+    assert not again.needs_consent()
+    assert again.needs_consent("http://other.example.org")
+
+
+def test_engine_process_start_and_stop(app):
+    lines = []
+    finished = []
+    process = EngineProcess(on_output=lines.append, on_finished=finished.append)
+    command = f'"{sys.executable}" -c "import time; print(\'engine up\', flush=True); time.sleep(60)"'
+    process.start(command)
+    assert process.running
+    pump(app, lambda: "engine up" in process.output, timeout=30)
+    process.stop()
+    assert not process.running
+    with pytest.raises(RuntimeError):
+        process.start("/nonexistent/medsight serve")

@@ -1,0 +1,184 @@
+"""Checks of the Slicer module's files that need no Slicer: syntax, lint, CMake lists, .ui, requirements, icons."""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "MedSIGHTSlicer"
+LIB = MODULE / "MedSIGHTSlicerLib"
+SCRIPT = MODULE / "MedSIGHTSlicer.py"
+SELF_TEST = MODULE / "Testing" / "Python" / "MedSIGHTSlicerSelfTest.py"
+UI = MODULE / "Resources" / "UI" / "MedSIGHTSlicer.ui"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+MODULE_PY = sorted(MODULE.rglob("*.py"))
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    """The items of ``set(VARIABLE item ...)`` in a CMakeLists.txt."""
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert match, f"no set({variable} ...)"
+    items = [line.split("#", 1)[0].strip() for line in match.group(1).splitlines()]
+    return [item for item in items if item]
+
+
+def ui_widgets() -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
+
+
+@pytest.mark.parametrize("path", MODULE_PY, ids=lambda p: str(p.relative_to(MODULE)))
+def test_compiles_for_slicer_python(path, tmp_path):
+    """Slicer 5.8 runs Python 3.9: no newer syntax, and annotations stay unevaluated."""
+    py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+    has_functions = any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(tree))
+    if has_functions:
+        futures = [
+            alias.name
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.module == "__future__"
+            for alias in node.names
+        ]
+        assert "annotations" in futures, f"{path.name} needs 'from __future__ import annotations' (Python 3.9)"
+
+
+def test_ruff_passes():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed")
+    done = subprocess.run(
+        [ruff, "check", "MedSIGHTSlicer", "Testing/MedSIGHTSlicerLib"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_module_cmakelists_lists_every_file():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert re.search(r"set\(MODULE_NAME MedSIGHTSlicer\)", text)
+    assert "slicerMacroBuildScriptedModule(" in text
+    scripts = [s.replace("${MODULE_NAME}", "MedSIGHTSlicer") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    resources = [r.replace("${MODULE_NAME}", "MedSIGHTSlicer") for r in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
+    on_disk = {"MedSIGHTSlicer.py"} | {f"MedSIGHTSlicerLib/{p.name}" for p in LIB.glob("*.py")}
+    missing, stale = sorted(on_disk - set(scripts)), sorted(set(scripts) - on_disk)
+    assert not missing and not stale, f"CMakeLists.txt lacks {missing}; lists {stale} that do not exist"
+    resource_files = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
+    assert set(resources) == resource_files
+    assert "add_subdirectory(Testing/Python)" in text
+    testing = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}SelfTest.py)" in testing
+    assert SELF_TEST.is_file()
+
+
+def test_extension_cmakelists_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(MedSIGHT\)", text, re.M)
+    for variable in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
+        value = re.search(rf'set\(EXTENSION_{variable} "([^"]*)"\)', text)
+        assert value and value.group(1).strip(), f"EXTENSION_{variable} is empty"
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "NA")' in text
+    assert "add_subdirectory(MedSIGHTSlicer)" in text
+    assert "include(${Slicer_EXTENSION_CPACK})" in text
+
+
+def test_ui_names_every_widget_the_module_uses():
+    widgets = ui_widgets()
+    root = ET.parse(UI).getroot()
+    assert root.findtext("class") == "MedSIGHTSlicer"
+    assert widgets["MedSIGHTSlicer"] == "qMRMLWidget"  # setMRMLScene() is called on it
+    used = set(re.findall(r"\.ui\.(\w+)", SCRIPT.read_text() + SELF_TEST.read_text()))
+    assert used, "the widget looks up no .ui widgets?"
+    assert used <= set(widgets), f"not in the .ui: {sorted(used - set(widgets))}"
+    assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+    assert widgets["tokenLineEdit"] == "QLineEdit"
+    placeholder = next(w for w in root.iter("widget") if w.get("name") == "chatPanelPlaceholder")
+    assert placeholder.find("layout") is not None, "the chat panel is added to the placeholder's layout"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    assert {"ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLWidget"} <= declared
+    connections = [(c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")]
+    assert ("inputVolumeSelector", "setMRMLScene(vtkMRMLScene*)") in connections
+
+
+def test_module_classes_and_lib_imports():
+    tree = ast.parse(SCRIPT.read_text())
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {"MedSIGHTSlicer", "MedSIGHTSlicerWidget", "MedSIGHTSlicerLogic", "MedSIGHTSlicerTest"} <= classes
+    # Every name imported from the Lib exists there (the Lib's MRML modules need vtk, so check by parsing).
+    for path in (SCRIPT, SELF_TEST):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("MedSIGHTSlicerLib"):
+                target = LIB / (node.module.split(".", 1)[1] + ".py") if "." in node.module else LIB / "__init__.py"
+                assert target.is_file(), f"{path.name}: no {target.name}"
+                source = ast.parse(target.read_text())
+                defined = {n.name for n in source.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+                defined |= {t.id for n in source.body if isinstance(n, ast.Assign) for t in n.targets
+                            if isinstance(t, ast.Name)}
+                defined |= {a.asname or a.name for n in source.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                            for a in n.names}
+                for alias in node.names:
+                    if target.name == "__init__.py" and (LIB / f"{alias.name}.py").is_file():
+                        continue  # a submodule: `from MedSIGHTSlicerLib import geometry`
+                    assert alias.name in defined, f"{path.name}: {node.module} has no {alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] != "MedSIGHTSlicerLib" or (LIB / "__init__.py").is_file()
+
+
+def test_module_script_is_thin():
+    """The module file only wires the Lib to Slicer: behaviour belongs in MedSIGHTSlicerLib (tested here)."""
+    lines = [line for line in SCRIPT.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) < 350
+
+
+def test_requirements_are_pinned_sanely():
+    text = (MODULE / "Resources" / "requirements.txt").read_text()
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    requirements = [Requirement(line) for line in lines if line]
+    assert requirements
+    for req in requirements:
+        operators = {spec.operator for spec in req.specifier}
+        assert ">=" in operators, f"{req}: needs a lower bound"
+        assert "<" in operators or "<=" in operators or "~=" in operators, f"{req}: needs an upper bound"
+        assert "==" not in operators, f"{req}: an exact pin would fight Slicer's own packages"
+        assert not req.url, f"{req}: no direct URLs"
+    names = {req.name.lower() for req in requirements}
+    assert not names & {"torch", "transformers", "medsight"}, "the engine runs outside Slicer"
+
+
+@pytest.mark.parametrize(
+    "path", [MODULE / "Resources" / "Icons" / "MedSIGHTSlicer.png", REPO / "Resources" / "Icons" / "MedSIGHT.png"]
+)
+def test_icons_are_small_valid_pngs(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
+    assert len(data) < 30 * 1024
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+
+
+def test_install_doc_commands_exist():
+    """INSTALL.md only names engine options that exist."""
+    text = (MODULE / "INSTALL.md").read_text()
+    from medsight.cli import _parser
+
+    parser = _parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # argparse keeps sub-parsers here
+    known = {option for action in serve._actions for option in action.option_strings}
+    for command in re.findall(r"medsight serve([^\n`]*)", text):
+        for option in re.findall(r"(--[a-z-]+)", command):
+            assert option in known, f"INSTALL.md: `medsight serve {option}` does not exist"
+    assert "Additional module paths" in text and "Extension Wizard" in text
