@@ -171,8 +171,10 @@ def test_icons_are_small_valid_pngs(path):
 
 
 def test_install_doc_commands_exist():
-    """INSTALL.md only names engine options that exist."""
-    text = (MODULE / "INSTALL.md").read_text()
+    """The README's "Install in 3D Slicer" section only names engine options and commands that exist."""
+    readme = (REPO / "README.md").read_text()
+    text = readme[readme.index("## Install in 3D Slicer") :]
+    text = text[: text.index("\n## ", 1)]
     from medsight.cli import _parser
 
     parser = _parser()
@@ -180,5 +182,5 @@ def test_install_doc_commands_exist():
     known = {option for action in serve._actions for option in action.option_strings}
     for command in re.findall(r"medsight serve([^\n`]*)", text):
         for option in re.findall(r"(--[a-z-]+)", command):
-            assert option in known, f"INSTALL.md: `medsight serve {option}` does not exist"
+            assert option in known, f"README: `medsight serve {option}` does not exist"
     assert "Additional module paths" in text and "Extension Wizard" in text
