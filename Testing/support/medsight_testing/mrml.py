@@ -1,0 +1,48 @@
+"""Real MRML volume nodes for Slicer-side tests (slicer-core)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHAPE_KJI = (9, 11, 13)
+
+
+def oblique_matrix() -> np.ndarray:
+    """IJKToRAS with anisotropic spacing, a rotation about a tilted axis and an off-origin offset."""
+    axis = np.array([0.3, -0.5, 0.8])
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(23.0)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([0.8, 1.1, 2.5])
+    matrix[:3, 3] = [-12.5, 40.25, 7.0]
+    return matrix
+
+
+def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "CT"):
+    """A vtkMRMLScalarVolumeNode holding int16 ``array_kji`` with IJKToRAS ``matrix``, added to ``scene``."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    k, j, i = array_kji.shape
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array_kji.reshape(-1)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    node.SetAndObserveImageData(image)
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, matrix[r, c])
+    node.SetIJKToRASMatrix(vtk_matrix)
+    return node
+
+
+def sphere(shape=SHAPE_KJI, centre=(4, 5, 6), radius=3.2) -> np.ndarray:
+    k, j, i = np.indices(shape)
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
