@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                               add_help=False)
     evaluate.add_argument("eval_args", nargs=argparse.REMAINDER)
 
+    onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
+    onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
+    onnx.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
 
@@ -221,6 +228,19 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args)
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    import medsight
+    from medsight.onnx_export import export_onnx
+
+    model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file)
+    paths = export_onnx(model, args.out, args.opset, args.exporter)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from medsight.config import get_preset
     from medsight.model.sizes import kv_cache_bytes_per_token, model_size
@@ -256,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], "--", *argv[1:]]
     args = _parser().parse_args(argv)
     try:
-        commands = {"ask": _ask, "serve": _serve, "train": _train, "eval": _eval, "info": _info, "download": _download}
+        commands = {"ask": _ask, "serve": _serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
+                    "info": _info, "download": _download}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.

@@ -171,13 +171,22 @@ class Engine:
     """
 
     def __init__(
-        self, model: MedSIGHTModel, cache_bytes: int = DEFAULT_CACHE_BYTES, encode_batch: int = DEFAULT_ENCODE_BATCH
+        self,
+        model: MedSIGHTModel,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        encode_batch: int = DEFAULT_ENCODE_BATCH,
+        vision_backend=None,
     ) -> None:
+        """Args:
+        vision_backend: optional `medsight.onnx_backend.OnnxVisionBackend` that runs the ViT and the perceiver
+            (encode and decode) in ONNX Runtime; the language model stays in PyTorch.
+        """
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
         if encode_batch < 1:
             raise ValueError("encode_batch must be >= 1")
         self.model = model.eval()
+        self.vision_backend = vision_backend
         self.encode_batch = encode_batch
         self.cache = FeatureCache(cache_bytes)
         self._model_lock = threading.Lock()
@@ -190,10 +199,18 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        onnx_dir: str | None = None,
         **load_kwargs,
     ) -> Engine:
-        """Load a model (see `medsight.load_model`) and wrap it."""
-        return cls(load_model(source, device=device, dtype=dtype, **load_kwargs), cache_bytes=cache_bytes)
+        """Load a model (see `medsight.load_model`) and wrap it; `onnx_dir` (from `medsight export-onnx`) runs
+        the vision side in ONNX Runtime."""
+        backend = None
+        if onnx_dir is not None:
+            from medsight.onnx_backend import OnnxVisionBackend
+
+            backend = OnnxVisionBackend(onnx_dir)
+        model = load_model(source, device=device, dtype=dtype, **load_kwargs)
+        return cls(model, cache_bytes=cache_bytes, vision_backend=backend)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -295,10 +312,21 @@ class Engine:
             out.append((index, rgb, geometry))
         return out
 
+    def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions) -> ImageEncoding:
+        if self.vision_backend is None:
+            return self.model.encode(pixels, image_options.round_pixels_to_bf16)
+        batch = self.vision_backend.encode(pixels, image_options.round_pixels_to_bf16)
+        device, dtype = self.model.device, self.model.dtype
+        parts = (batch.cls, batch.patches, batch.grid, batch.region_tokens)
+        return ImageEncoding(*(t.to(device, dtype) for t in parts))
+
     def _model_identity(self) -> str:
         # The engine keeps its model alive, so id() is unique for the cache's lifetime; dtype and device are part
         # of the key because moving the model changes its features.
-        return f"{type(self.model).__name__}:{id(self.model)}:{self.model.dtype}:{self.model.device}"
+        identity = f"{type(self.model).__name__}:{id(self.model)}:{self.model.dtype}:{self.model.device}"
+        if self.vision_backend is not None:  # features of the two backends differ slightly: never mix them
+            identity += f":onnx={self.vision_backend.folder}"
+        return identity
 
     # -- model work (called with the model lock held) ------------------------------------------------------------
     def _run(self, inputs, prompt, options, image_options, on_token, on_region, cancel) -> EngineAnswer:
@@ -331,7 +359,7 @@ class Engine:
         missing = list({x.key: x for x in inputs if x.key not in found}.values())
         for start in range(0, len(missing), self.encode_batch):
             chunk = missing[start : start + self.encode_batch]
-            batch = self.model.encode(torch.stack([x.pixels for x in chunk]), image_options.round_pixels_to_bf16)
+            batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options)
             self.encode_calls += 1
             for row, x in enumerate(chunk):
                 found[x.key] = batch.select(row)
@@ -377,7 +405,11 @@ class Engine:
                 if tail:
                     on_token(x.slice_index, tail)
         grids = torch.cat([e.grid for e in encodings])
-        logits = self.model.decode_regions(grids, [states for *_, states in rows])
+        code_states = [states for *_, states in rows]
+        if self.vision_backend is not None:
+            logits = self.vision_backend.decode_regions(self.model, grids, code_states)
+        else:
+            logits = self.model.decode_regions(grids, code_states)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):

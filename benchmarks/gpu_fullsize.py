@@ -1,0 +1,153 @@
+"""Full-size MedSIGHT with random weights: one-slice latency, volume throughput and peak memory vs the budget.
+
+Sized for one 10-minute GPU run (model built directly on the device in bf16, no checkpoint download). The full
+preset has no tokenizer, so prompts are built from ids directly (14 text ids, the <image> slot, 12 text ids), and a
+logits processor forces one region code per answer so that a mask is always decoded.
+
+Usage:
+    python benchmarks/gpu_fullsize.py                       # full model on CUDA, bf16
+    python benchmarks/gpu_fullsize.py --tiny --device cpu   # tiny config on the CPU: proves the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from transformers import LogitsProcessor
+
+from medsight.config import full_config, tiny_config
+from medsight.model.generation import GenerationOptions
+from medsight.model.lvlm import IMAGE_TOKEN_INDEX
+from medsight.model.medsight import ImageEncoding, MedSIGHTModel
+
+BUDGET_LATENCY_S = 0.30
+BUDGET_SLICES_PER_S = 25.0
+BUDGET_MEMORY_GB = 18.5
+
+
+class ForceCode(LogitsProcessor):
+    """Exactly one region code per answer: `code_id` at generation step `step`, no code at any other step."""
+
+    def __init__(self, code_id: int, step: int, first_code_id: int) -> None:
+        self.code_id, self.step, self.first_code_id = code_id, step, first_code_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] == self.step:
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.code_id] = 0.0
+            return forced
+        scores[:, self.first_code_id :] = float("-inf")
+        return scores
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(config, device: torch.device, dtype: torch.dtype) -> MedSIGHTModel:
+    """Random weights created directly on the device in `dtype` (no float32 copy of the full model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MedSIGHTModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def answer(model: MedSIGHTModel, pixels: torch.Tensor, prompt: list[int], options: GenerationOptions,
+           encode_batch: int, decode_batch: int) -> list[torch.Tensor]:
+    """Encode (chunked), generate all rows as one batch, decode every row's codes (chunked); returns mask logits."""
+    chunks = [model.encode(pixels[i : i + encode_batch]) for i in range(0, pixels.shape[0], encode_batch)]
+    enc = ImageEncoding(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("cls", "patches", "grid",
+                                                                                 "region_tokens")))
+    encodings = [enc.select(i) for i in range(pixels.shape[0])]
+    output = model.generate([prompt] * len(encodings), encodings, options)
+    states = [model.code_states(output, row, options)[1] for row in range(len(encodings))]
+    masks: list[torch.Tensor] = []
+    for i in range(0, len(states), decode_batch):
+        masks.extend(model.decode_regions(enc.grid[i : i + decode_batch], states[i : i + decode_batch]))
+    return masks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny config instead of the full model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="default bfloat16 on CUDA, float32 on the CPU (CPU bf16 matmuls are slow)")
+    parser.add_argument("--tokens", type=int, default=40, help="new tokens per answer (min = max)")
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--gen-batch", type=int, default=200, help="rows per generate call")
+    parser.add_argument("--encode-batch", type=int, default=32)
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="one-slice latency: best of this many")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    config = tiny_config() if args.tiny else full_config()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = build(config, device, dtype)
+    sync(device)
+    built = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+
+    size, first_code = config.vision.image_size, model.codes.first_id
+    gen = torch.Generator().manual_seed(0)
+    prompt = [*torch.randint(0, first_code, (14,), generator=gen).tolist(), IMAGE_TOKEN_INDEX,
+              *torch.randint(0, first_code, (12,), generator=gen).tolist()]
+    options = GenerationOptions(max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                logits_processors=[ForceCode(first_code + 3, min(5, args.tokens - 1), first_code)])
+    pixels = torch.randn(args.slices, 3, size, size, generator=gen).to(device)
+
+    answer(model, pixels[:2], prompt, options, args.encode_batch, args.decode_batch)  # warm-up
+    latencies = []
+    for _ in range(args.repeats):
+        sync(device)
+        t = time.perf_counter()
+        masks = answer(model, pixels[:1], prompt, options, args.encode_batch, args.decode_batch)
+        sync(device)
+        latencies.append(time.perf_counter() - t)
+    if masks[0].shape[0] != 1:
+        raise RuntimeError(f"expected one mask per answer, got {masks[0].shape[0]}")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t = time.perf_counter()
+    count = 0
+    for i in range(0, args.slices, args.gen_batch):
+        masks = answer(model, pixels[i : i + args.gen_batch], prompt, options, args.encode_batch, args.decode_batch)
+        count += sum(m.shape[0] for m in masks)
+    sync(device)
+    volume = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {name} ({device}), torch {torch.__version__}, dtype {dtype}, "
+          f"config {'tiny' if args.tiny else 'full'} ({params / 1e9:.2f} B parameters, built in {built:.1f} s)")
+    print(f"answer: {args.tokens} new tokens, one forced region code, mask {masks[0].shape[-1]}^2; "
+          f"prompt {len(prompt) - 1} text ids + {config.vision.num_patches + config.perceiver.num_queries} image "
+          f"embeddings")
+    best = min(latencies)
+    rate = args.slices / volume
+    print(f"{'measure':28s} {'measured':>12s} {'budget':>12s}  ok")
+    print(f"{'one-slice latency (s)':28s} {best:12.3f} {'<= ' + str(BUDGET_LATENCY_S):>12s}  "
+          f"{best <= BUDGET_LATENCY_S}")
+    print(f"{f'{args.slices}-slice throughput (sl/s)':28s} {rate:12.2f} {'>= ' + str(BUDGET_SLICES_PER_S):>12s}  "
+          f"{rate >= BUDGET_SLICES_PER_S}")
+    mem_ok = peak <= BUDGET_MEMORY_GB if peak == peak else "n/a (CPU)"
+    print(f"{'peak GPU memory (GB)':28s} {peak:12.2f} {'<= ' + str(BUDGET_MEMORY_GB):>12s}  {mem_ok}")
+    print(f"({args.slices} slices in {volume:.2f} s, generate batch {args.gen_batch}, {count} masks decoded; "
+          f"latency runs: {', '.join(f'{x:.3f}' for x in latencies)} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""An onnxruntime backend for the image side of MedSIGHT (vision encoder + Region Perceiver encode/decode).
+
+Reads a folder written by `medsight.onnx_export.export_onnx` and runs its three graphs with onnxruntime: the
+CUDA execution provider when onnxruntime-gpu is installed, the CPU provider otherwise. Inputs and outputs are
+torch tensors, so the backend slots in where `MedSIGHTModel.encode` and `RegionPerceiver.decode` are called.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsight.model.medsight import ImageEncoding
+from medsight.onnx_export import MANIFEST_FILE
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxVisionBackend:
+    """The exported vision encoder and perceiver behind `encode` / `decode`, on onnxruntime.
+
+    Args:
+        out_dir: the export folder (graphs + manifest.json).
+        providers: onnxruntime execution providers; default CUDA if available, else CPU.
+        intra_op_threads: CPU threads per session (0 = onnxruntime's default).
+    """
+
+    def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(out_dir)
+        self.manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
+        self.providers = list(providers) if providers is not None else default_providers()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.sessions = {
+            name: ort.InferenceSession(str(self.folder / graph["file"]), options, providers=self.providers)
+            for name, graph in self.manifest["graphs"].items()
+        }
+        self.image_size = int(self.manifest["image_size"])
+        self.grid_size = int(self.manifest["grid_size"])
+
+    @property
+    def provider(self) -> str:
+        """The provider that actually runs the graphs (the first one onnxruntime accepted)."""
+        return self.sessions["vision_encoder"].get_providers()[0]
+
+    def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        return self.sessions[name].run(None, inputs)
+
+    def encode(self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True) -> ImageEncoding:
+        """(B, 3, S, S) or (3, S, S) pixels -> ImageEncoding (float32 CPU tensors), as `MedSIGHTModel.encode`."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        if round_pixels_to_bf16:
+            pixel_values = pixel_values.to(torch.bfloat16)
+        pixels = pixel_values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        cls, patches = self._run("vision_encoder", pixel_values=pixels)
+        b, _, c = patches.shape
+        grid = patches.reshape(b, self.grid_size, self.grid_size, c)
+        (tokens,) = self._run("perceiver_encode", grid=grid)
+        return ImageEncoding(torch.from_numpy(cls), torch.from_numpy(patches), torch.from_numpy(grid),
+                             torch.from_numpy(tokens))
+
+    def decode(
+        self, grids: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """grids (B, G, G, C), projected codes (B, K, C), query_mask (B, K) bool (True = real)
+        -> seg_logits (B, K, 8G, 8G) and class_logits (B, K, classes + 1), as `RegionPerceiver.decode`."""
+        if query_mask is None:
+            query_mask = torch.ones(codes.shape[:2], dtype=torch.bool)
+
+        def arr(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+            return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+        seg, cls = self._run("perceiver_decode", grid=arr(grids, torch.float32), codes=arr(codes, torch.float32),
+                             query_mask=arr(query_mask, torch.bool))
+        return torch.from_numpy(seg), torch.from_numpy(cls)
+
+    def decode_regions(self, model, grids: torch.Tensor, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`MedSIGHTModel.decode_regions` with the perceiver on onnxruntime (token_projection stays in PyTorch).
+
+        Each sample's code states (K_b, H) become (K_b, m, m) mask logits; samples are padded to the longest K.
+        """
+        keep = [i for i, s in enumerate(states) if s.shape[0] > 0]
+        results = [grids.new_zeros(0, 0, 0) for _ in states]
+        if not keep:
+            return results
+        longest = max(states[i].shape[0] for i in keep)
+        padded = states[keep[0]].new_zeros(len(keep), longest, states[keep[0]].shape[1])
+        valid = torch.zeros(len(keep), longest, dtype=torch.bool)
+        for j, i in enumerate(keep):
+            padded[j, : states[i].shape[0]] = states[i]
+            valid[j, : states[i].shape[0]] = True
+        with torch.inference_mode():
+            codes = model.language_model.token_projection(padded)
+        logits, _ = self.decode(grids[keep], codes, valid)
+        logits = logits.to(device=grids.device, dtype=grids.dtype)
+        for j, i in enumerate(keep):
+            results[i] = logits[j, : states[i].shape[0]]
+        return results

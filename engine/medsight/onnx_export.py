@@ -1,0 +1,251 @@
+"""Export the image side of MedSIGHT to ONNX: the vision encoder and the Region Perceiver (encode and decode).
+
+Three graphs, all with a dynamic batch dimension (and a dynamic number of codes K for decode):
+
+- ``vision_encoder.onnx``: pixels (B, 3, S, S) -> cls (B, C), patches (B, N, C) of the selected ViT block.
+- ``perceiver_encode.onnx``: grid (B, G, G, C) -> region_tokens (B, Q, C).
+- ``perceiver_decode.onnx``: grid (B, G, G, C), codes (B, K, C), query_mask (B, K) bool
+  -> seg_logits (B, K, 8G, 8G), class_logits (B, K, classes + 1).
+
+Pixel rounding to bfloat16 (the official chatbot's habit) is *not* in the graph: the backend applies it before
+the session, exactly as `MedSIGHTModel.encode` does.
+
+Sine position encoding: the grid size G is fixed by the config, so every pyramid level's encoding is a
+constant. It is computed once in PyTorch (the float64 power that matches the official values on every CPU) and
+baked into the graphs as initializers, one per level; `manifest.json` records this (``"position_encoding":
+"constant"``). For the full model that is (24² + 48² + 96² + 192²) x 1024 floats ≈ 200 MB per perceiver graph,
+stored as ONNX external data beside the graph file when a graph passes the 2 GB protobuf limit.
+
+`torch.onnx.export` with the dynamo exporter is tried first; if it fails, the TorchScript exporter with
+``dynamic_axes`` is used. The manifest records which one produced each graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import medsight.model.perceiver as perceiver_module
+from medsight.model.medsight import MedSIGHTModel
+from medsight.model.vision import encode_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+VISION_FILE = "vision_encoder.onnx"
+ENCODE_FILE = "perceiver_encode.onnx"
+DECODE_FILE = "perceiver_decode.onnx"
+MANIFEST_FILE = "manifest.json"
+
+GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
+    "vision_encoder": (["pixel_values"], ["cls", "patches"]),
+    "perceiver_encode": (["grid"], ["region_tokens"]),
+    "perceiver_decode": (["grid", "codes", "query_mask"], ["seg_logits", "class_logits"]),
+}
+
+
+class VisionEncoderGraph(nn.Module):
+    """pixels (B, 3, S, S) -> (cls (B, C), patches (B, N, C)) of the configured block."""
+
+    def __init__(self, model: MedSIGHTModel) -> None:
+        super().__init__()
+        self.encoder = model.image_encoder
+        self.select_layer = model.config.vision.select_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = encode_image(self.encoder, pixel_values, self.select_layer)
+        return feats.cls, feats.patches
+
+
+class PerceiverEncodeGraph(nn.Module):
+    """grid (B, G, G, C) -> the learned queries after the perceiver, (B, Q, C)."""
+
+    def __init__(self, model: MedSIGHTModel) -> None:
+        super().__init__()
+        self.perceiver = model.region_perceiver
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.perceiver(grid).queries
+
+
+class PerceiverDecodeGraph(nn.Module):
+    """grid (B, G, G, C), codes (B, K, C), query_mask (B, K) -> seg_logits (B, K, 8G, 8G), class_logits."""
+
+    def __init__(self, model: MedSIGHTModel) -> None:
+        super().__init__()
+        self.perceiver = model.region_perceiver
+
+    def forward(
+        self, grid: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.perceiver.decode(grid, codes, query_mask)
+
+
+def pyramid_sizes(model: MedSIGHTModel) -> list[int]:
+    """Grid side of every perceiver level: G, 2G, ..., G * 2**num_stages."""
+    g = model.config.vision.grid_size
+    return [g * 2**s for s in range(model.config.perceiver.num_stages + 1)]
+
+
+@contextlib.contextmanager
+def constant_position_encoding(model: MedSIGHTModel) -> Iterator[dict[tuple[int, int, int], torch.Tensor]]:
+    """Within the block, the perceiver reads precomputed sine encodings instead of computing them.
+
+    The values are exactly those of `sine_position_encoding` (computed here once), so the exported graph carries
+    them as constants and needs neither float64 nor the arange/pow chain at run time.
+    """
+    original = perceiver_module.sine_position_encoding
+    dim = model.config.perceiver.dim
+    table = {(s, s, dim): original(s, s, dim) for s in pyramid_sizes(model)}
+
+    def lookup(height: int, width: int, d: int, device: torch.device | None = None) -> torch.Tensor:
+        key = (int(height), int(width), int(d))
+        if key not in table:  # a size the config does not predict: compute it (and bake it) as usual
+            table[key] = original(height, width, d)
+        return table[key].to(device) if device is not None else table[key]
+
+    perceiver_module.sine_position_encoding = lookup
+    try:
+        yield table
+    finally:
+        perceiver_module.sine_position_encoding = original
+
+
+def _example_inputs(model: MedSIGHTModel, batch: int = 2, codes: int = 3) -> dict[str, tuple[torch.Tensor, ...]]:
+    v, p = model.config.vision, model.config.perceiver
+    g = v.grid_size
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, codes, dtype=torch.bool)
+    mask[0, -1] = False
+    return {
+        "vision_encoder": (torch.randn(batch, 3, v.image_size, v.image_size, generator=gen),),
+        "perceiver_encode": (torch.randn(batch, g, g, p.dim, generator=gen),),
+        "perceiver_decode": (
+            torch.randn(batch, g, g, p.dim, generator=gen),
+            torch.randn(batch, codes, p.dim, generator=gen),
+            mask,
+        ),
+    }
+
+
+def _dynamic_shapes(name: str) -> tuple[dict[str, dict[int, str]], tuple]:
+    """(TorchScript dynamic_axes, dynamo dynamic_shapes) of one graph."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    codes = torch.export.Dim("codes", min=1, max=1024)
+    if name == "vision_encoder":
+        return {"pixel_values": {0: "batch"}, "cls": {0: "batch"}, "patches": {0: "batch"}}, ({0: batch},)
+    if name == "perceiver_encode":
+        return {"grid": {0: "batch"}, "region_tokens": {0: "batch"}}, ({0: batch},)
+    axes = {
+        "grid": {0: "batch"},
+        "codes": {0: "batch", 1: "codes"},
+        "query_mask": {0: "batch", 1: "codes"},
+        "seg_logits": {0: "batch", 1: "codes"},
+        "class_logits": {0: "batch", 1: "codes"},
+    }
+    return axes, ({0: batch}, {0: batch, 1: codes}, {0: batch, 1: codes})
+
+
+def _export_one(
+    module: nn.Module, name: str, args: tuple[torch.Tensor, ...], path: Path, opset: int, exporter: str,
+    optimize: bool = True,
+) -> str:
+    """Export one graph; returns "dynamo" or "torchscript" (whichever produced the file)."""
+    inputs, outputs = GRAPH_IO[name]
+    axes, shapes = _dynamic_shapes(name)
+    if exporter in ("auto", "dynamo"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                    dynamic_shapes=shapes, opset_version=opset, optimize=optimize, verbose=False,
+                )
+                program.save(str(path), external_data=_needs_external_data(module))
+            return "dynamo"
+        except Exception as err:  # any exporter failure means "try the other exporter"
+            if exporter == "dynamo":
+                raise
+            log.warning("dynamo export of %s failed (%s: %s); falling back to TorchScript", name,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    # With autograd on, nn.MultiheadAttention takes its plain path (the fused fast path has no ONNX symbolic).
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=opset, do_constant_folding=True,
+        )
+    return "torchscript"
+
+
+def _needs_external_data(module: nn.Module) -> bool:
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    return size > (1 << 30)  # leave headroom below protobuf's 2 GB for the baked position encodings
+
+
+def export_onnx(
+    model: MedSIGHTModel, out_dir: str | Path, opset: int = DEFAULT_OPSET, exporter: str = "auto",
+    optimize: bool = True,
+) -> dict[str, Path]:
+    """Write the three graphs and `manifest.json` to `out_dir`; returns their paths by name.
+
+    Args:
+        model: a MedSIGHT model; it is exported in float32 on the CPU (a copy is made if it is not already).
+        out_dir: created if missing; existing files are overwritten.
+        opset: ONNX opset, at least 17.
+        exporter: "auto" (dynamo, then TorchScript on failure), "dynamo" or "torchscript".
+        optimize: run the dynamo exporter's graph optimiser (onnxruntime optimises again at load time).
+    """
+    if opset < 17:
+        raise ValueError("opset must be >= 17 (LayerNormalization)")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError("exporter must be 'auto', 'dynamo' or 'torchscript'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        import copy
+
+        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+    model = model.eval()
+    modules = {
+        "vision_encoder": VisionEncoderGraph(model),
+        "perceiver_encode": PerceiverEncodeGraph(model),
+        "perceiver_decode": PerceiverDecodeGraph(model),
+    }
+    files = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
+    examples = _example_inputs(model)
+    paths: dict[str, Path] = {}
+    used: dict[str, str] = {}
+    with torch.no_grad(), constant_position_encoding(model):
+        for name, module in modules.items():
+            path = out / files[name]
+            used[name] = _export_one(module.eval(), name, examples[name], path, opset, exporter, optimize)
+            paths[name] = path
+    v = model.config.vision
+    manifest = {
+        "format": "medsight-onnx/1",
+        "config": model.config.to_dict(),
+        "opset": opset,
+        "dtype": "float32",
+        "image_size": v.image_size,
+        "grid_size": v.grid_size,
+        "mask_size": v.grid_size * 2**model.config.perceiver.num_stages,
+        "position_encoding": "constant",
+        "pixel_rounding": "bfloat16 before the graph (ImageOptions.round_pixels_to_bf16), done by the backend",
+        "weights_source": model.weights_source,
+        "graphs": {
+            name: {"file": files[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
+                   "outputs": GRAPH_IO[name][1]}
+            for name in modules
+        },
+    }
+    paths["manifest"] = out / MANIFEST_FILE
+    paths["manifest"].write_text(json.dumps(manifest, indent=2))
+    return paths
