@@ -95,7 +95,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def cleanup(self) -> None:
         if self.panel is not None:
-            self.panel.cancel()  # stop generating for a panel that is going away
+            self.panel.close()  # stop generating and polling for a panel that is going away
         self._save_settings()
         if self.engine.running and self.settings.stop_engine_on_exit:
             self.engine.stop()

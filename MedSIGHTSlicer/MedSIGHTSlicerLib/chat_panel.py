@@ -350,6 +350,17 @@ class ChatPanel:
         self._timer.start()
         return True
 
+    def close(self) -> None:
+        """Stop polling, cancel any running question and close the widget (module cleanup, application exit).
+
+        Qt objects must go before the application object does; leaving a live QTimer to interpreter shutdown
+        crashes PySide at exit.
+        """
+        self.cancel()
+        self._timer.stop()
+        self.widget.close()
+        self.widget.deleteLater()
+
     def cancel(self) -> None:
         """Stop the running question. The panel is usable again at once; the engine stops generating shortly."""
         job = self._job

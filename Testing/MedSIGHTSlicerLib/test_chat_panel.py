@@ -30,9 +30,17 @@ SHORT = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
 SCREENSHOT_COPY = Path("/tmp/medsight_chat_panel.png")
 
 
+PANELS: list[ChatPanel] = []
+
+
 @pytest.fixture(scope="module")
 def app():
-    return qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    application = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    yield application
+    # Close every panel (timers, widgets) while the application still exists.
+    while PANELS:
+        PANELS.pop().close()
+    application.processEvents()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,7 @@ def pump(app, until, timeout: float = 60.0, step=None) -> None:
 
 def make_panel(url: str, volume: VolumeData, token: str | None = None) -> ChatPanel:
     panel = ChatPanel(MedSIGHTClient(url, token=token, timeout=60, retries=0))
+    PANELS.append(panel)
     panel.volume_provider = lambda: volume
     panel.current_slice_provider = lambda: 1
     panel.options = dict(SHORT)
