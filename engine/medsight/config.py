@@ -200,3 +200,32 @@ def get_preset(name: str) -> MedSIGHTConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def demo_config() -> MedSIGHTConfig:
+    """The CPU demo model (`medsight.demo.train_demo`): a 112-pixel ViT-4x96 trained from scratch (no pretrained
+    UniMed-CLIP offline), a 96-wide perceiver with 64x64 masks, 16-d codes and a 3-layer 128-wide Qwen3 on the byte
+    tokenizer (vocabulary 259 bytes/specials + 576 region codes)."""
+    return MedSIGHTConfig(
+        name="demo",
+        vision=VisionConfig(image_size=112, patch_size=14, width=96, layers=4, head_width=32, embed_dim=32),
+        perceiver=PerceiverConfig(dim=96, num_queries=20, num_stages=3, heads=4, dim_head=32, ff_mult=2,
+                                  num_classes=10),
+        codebook=CodebookConfig(code_dim=16),
+        llm=LLMConfig(
+            vocab_size=835,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_sequence_length=1024,
+            bos_token_id=256,
+            eos_token_id=258,
+            pad_token_id=256,
+        ),
+    )
+
+
+PRESETS["demo"] = demo_config

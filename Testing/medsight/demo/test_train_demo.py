@@ -1,0 +1,152 @@
+"""The one-command demo trainer (`python -m medsight.demo.train_demo --smoke`), its evaluation and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medsight
+from medsight.demo.evaluate_demo import dice, markdown, modality_correct, question_kind, summarise, yes_no
+from medsight.demo.qa import PLACEHOLDER
+from medsight.demo.train_demo import CARD_FILE, EncodingCache
+from medsight.model.loading import build_model
+from medsight.train.data import read_rgb
+
+pytest.importorskip("nilearn")  # the demo data builder needs the MNI152 template
+
+CODE_TOKEN = re.compile(r"\[M\d+_\d+\]")
+ASSET = Path(medsight.__file__).parent / "assets" / "demo_model"
+MAX_MB = 30
+
+
+def _mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("train_demo") / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one command, smoke-sized
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_runs_all_stages_quickly(smoke):
+    out, seconds = smoke
+    assert seconds < 90
+    summary = json.loads((out / "summary.json").read_text())
+    for stage in range(1, 6):
+        assert summary["stages"][str(stage)]["steps"] == 2
+        assert (out / f"stage{stage}" / "final" / "model.safetensors").is_file()
+        assert (out / f"stage{stage}" / "loss_log.jsonl").is_file()
+    assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
+
+
+@pytest.mark.slow
+def test_smoke_fills_codes_from_the_codebook(smoke):
+    out, _ = smoke
+    for split in ("train", "val", "test"):
+        items = json.loads((out / "data" / "lvlm" / f"{split}_coded.json").read_text())
+        for item in items:
+            text = " ".join(t["value"] for t in item["conversations"])
+            assert not PLACEHOLDER.search(text)
+            assert len(CODE_TOKEN.findall(text)) == len(item["mask_orders"])
+            for code in (item["mask_codes"] or {}).values():
+                assert code.startswith(f"M{item['modality_label']}_")  # routed by the sample's modality label
+    stats = json.loads((out / "data" / "lvlm" / "code_stats.json").read_text())
+    assert stats["train"]["masks"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_checkpoint_loads_and_answers_through_the_engine(smoke):
+    out, _ = smoke
+    model_dir = out / "model"
+    assert _mb(model_dir) <= MAX_MB
+    card = (model_dir / CARD_FILE).read_text().lower()
+    assert "not for clinical use" in card and "test split" in card
+    engine = medsight.Engine(medsight.load_model(model_dir, device="cpu"))
+    image = read_rgb(next((out / "data" / "cxr" / "images").glob("*.png")))
+    answers = engine.ask([image], "Please segment the heart.", medsight.GenerationOptions(max_new_tokens=8))
+    assert len(answers) == 1 and isinstance(answers[0].text, str)
+    for name in ("report.md", "scores.json", "scores.png"):
+        assert (out / "report" / name).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation helpers and the encoding cache (fast)
+# ---------------------------------------------------------------------------------------------------------------
+def test_question_kinds_and_answer_parsing():
+    assert question_kind("What imaging modality is this?") == "modality"
+    assert question_kind("Is there a lesion in the liver? Answer yes or no.") == "presence"
+    assert question_kind("Is the heart visible in this image?") == "visible"
+    assert question_kind("What is the main finding?") == "diagnosis"
+    assert question_kind("Segment the liver and spleen.") == "segmentation"
+    assert yes_no("Yes, there is a rounded pulmonary nodule, segmented as [M2_3].") == "yes"
+    assert yes_no("Liver segmented as [M0_1]. No focal lesion is seen, so the answer is no.") == "no"
+    assert yes_no("No.") == "no"
+    assert yes_no("Nothing to say") is None
+    assert modality_correct("This is a chest X-ray.", 2)
+    assert not modality_correct("This is a chest X-ray.", 0)
+    assert not modality_correct("This is an abdominal CT scan or a chest X-ray.", 0)
+
+
+def test_dice_and_summary():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[:1] = True
+    assert dice(a, a) == 1.0 and dice(a, b) == pytest.approx(2 * 4 / 12)
+    assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    records = [
+        {"kind": "segmentation", "dice": 0.5, "dice_at": 0.7, "n_pred": 1, "structures": ["liver"],
+         "modality_label": 0},
+        {"kind": "modality", "correct": True, "modality_label": 1},
+        {"kind": "presence", "correct": False, "modality_label": 2},
+        {"kind": "visible", "correct": True, "modality_label": 2},
+    ]
+    s = summarise(records)
+    assert s["dice_mean"] == 0.5 and s["modality_accuracy"] == 1.0 and s["yes_no_accuracy"] == 0.5
+    assert "| liver | 0.500 | 1 |" in markdown(s)
+
+
+def test_encoding_cache_returns_the_same_encodings():
+    model = build_model(medsight.get_preset("tiny"), seed=0)
+    pixels = torch.randn(2, 3, 56, 56)
+    direct = model.encode(pixels)
+    cache = EncodingCache(model)
+    first, second = model.encode(pixels), model.encode(pixels)
+    cache.remove()
+    assert cache.misses == 2 and cache.hits == 2
+    for enc in (first, second):
+        torch.testing.assert_close(enc.region_tokens, direct.region_tokens)
+        torch.testing.assert_close(enc.patches, direct.patches)
+    assert "encode" not in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped demo checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="no shipped demo model")
+def test_shipped_demo_model_loads_and_answers():
+    assert _mb(ASSET) <= MAX_MB
+    assert "not for clinical use" in (ASSET / CARD_FILE).read_text().lower()
+    model = medsight.load_model(ASSET, device="cpu")
+    assert model.config.name == "demo"
+    image = np.zeros((112, 112, 3), np.uint8)
+    answers = medsight.Engine(model).ask([image], "What imaging modality is this?",
+                                         medsight.GenerationOptions(max_new_tokens=40))
+    assert isinstance(answers[0].text, str)

@@ -1,0 +1,279 @@
+"""Evaluate a demo model on the demo test split: ``python -m medsight.demo.evaluate_demo MODEL DATA --report DIR``.
+
+Every question of the test LVLM JSON (``lvlm/test.json``; placeholders are fine, only the GT masks and reference
+answers are read) is asked alone with its image, with the default (official) greedy decoding:
+
+* segmentation questions: Dice between the union of the answer's masks and the union of the GT masks the reference
+  answer mentions. Mask logits are resized bilinearly onto the image grid and thresholded at 0 (as in the official
+  DiagSeg evaluation); an answer without a code scores 0. ``dice_mean`` decodes each code from the state *before*
+  it (official inference, what `medsight.Engine` does), ``dice_mean_at`` from the state *at* it (as in training).
+* modality questions: correct when the answer names the sample's modality and no other.
+* yes/no questions (lesion presence, organ visibility): the answer's yes/no (a leading "yes"/"no", or "... so the
+  answer is no") must equal the reference's.
+* diagnosis questions (extra): correct when the answer and reference agree on "lesion" vs "no abnormality".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsight.model.generation import GenerationOptions
+from medsight.model.loading import load_pretrained
+from medsight.model.medsight import ImageOptions, MedSIGHTModel
+from medsight.prompt import Message, tokenize_prompt
+from medsight.train.data import read_mask, read_rgb
+
+from .catalog import SOURCES
+from .qa import DIAG_Q, MODALITY_Q, PLACEHOLDER
+
+MAX_NEW_TOKENS = 160  # the longest demo answer (all structures of a CT slice) is ~130 bytes
+_YES = re.compile(r"^\W*yes\b", re.IGNORECASE)
+_NO = re.compile(r"^\W*no\b|\bthe answer is no\b", re.IGNORECASE)
+
+
+def question_kind(question: str) -> str:
+    q = question.strip()
+    if q in MODALITY_Q:
+        return "modality"
+    if q.startswith("Is there a lesion"):
+        return "presence"
+    if q.startswith("Is the ") and "visible" in q:
+        return "visible"
+    if q in DIAG_Q:
+        return "diagnosis"
+    return "segmentation"
+
+
+def yes_no(text: str) -> str | None:
+    if _YES.search(text):
+        return "yes"
+    if _NO.search(text):
+        return "no"
+    return None
+
+
+def modality_correct(text: str, label: int) -> bool:
+    low = text.lower()
+    named = {s.modality_label for s in SOURCES if s.modality_name.lower() in low}
+    return named == {label}
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    total = pred.sum() + gt.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
+
+
+def _union(regions, shape) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    for r in regions:
+        out |= r.mask
+    return out
+
+
+def _resolve(data_root: Path, rel: str) -> Path:
+    return data_root / rel
+
+
+def evaluate(model_dir: str | Path | MedSIGHTModel, data_dir: str | Path, split: str = "test",
+             max_questions: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = 16) -> dict:
+    """Scores of a demo model on a demo data split (see the module docstring); ``questions`` lists every answer."""
+    model = model_dir if isinstance(model_dir, MedSIGHTModel) else load_pretrained(model_dir)
+    model = model.to(torch.float32).eval()
+    data_root = Path(data_dir)
+    items = json.loads((data_root / "lvlm" / f"{split}.json").read_text())
+    before = GenerationOptions(max_new_tokens=max_new_tokens)
+    at = GenerationOptions(max_new_tokens=max_new_tokens, hidden_state_position="at")
+    image_options = ImageOptions()
+    t0 = time.perf_counter()
+    # Every question with its image, then generation in batches (the LM is small: per-step overhead dominates).
+    jobs = []
+    encodings: dict[str, tuple] = {}
+    for item in items:
+        if item["image"] not in encodings:
+            image = read_rgb(_resolve(data_root, item["image"]))
+            pixels, transform = model.prepare(image, image_options.resize_mode)
+            encodings[item["image"]] = (image, model.encode(pixels, image_options.round_pixels_to_bf16), transform)
+        conv = item["conversations"]
+        for j in range(0, len(conv) - 1, 2):
+            if max_questions is not None and len(jobs) >= max_questions:
+                break
+            question = conv[j]["value"].replace("<image>", "").strip()
+            jobs.append((item, question, conv[j + 1]["value"]))
+    records = []
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b : b + batch_size]
+        prompts = [tokenize_prompt(model.tokenizer, [Message("user", q)], num_images=1) for _, q, _ in chunk]
+        output = model.generate(prompts, [encodings[it["image"]][1] for it, _, _ in chunk], before)
+        for row, (item, question, reference) in enumerate(chunk):
+            image, encoding, transform = encodings[item["image"]]
+            records.append(_score(model, output, row, encoding, transform, image, item, question, reference,
+                                  data_root, before, at))
+    return summarise(records, time.perf_counter() - t0)
+
+
+def _score(model, output, row, encoding, transform, image, item, question, reference, data_root, before, at):
+    kind = question_kind(question)
+    answer = model.build_answer(output, row, encoding.grid, transform, before)
+    rec = {"id": item["id"], "kind": kind, "question": question, "reference": reference, "answer": answer.text,
+           "modality_label": item["modality_label"], "codes": [r.code for r in answer.regions]}
+    if kind == "segmentation":
+        ids = PLACEHOLDER.findall(reference)
+        files = item.get("mask_files") or {}
+        gt = np.zeros(image.shape[:2], dtype=bool)
+        for m in ids:
+            gt |= read_mask(_resolve(data_root, files[m])).numpy() > 0.5
+        answer_at = model.build_answer(output, row, encoding.grid, transform, at)
+        rec.update(
+            structures=sorted({_structure_of(m, item) for m in ids}),
+            dice=dice(_union(answer.regions, gt.shape), gt) if answer.regions else 0.0,
+            dice_at=dice(_union(answer_at.regions, gt.shape), gt) if answer_at.regions else 0.0,
+            n_gt=len(ids), n_pred=len(answer.regions),
+        )
+    elif kind == "modality":
+        rec["correct"] = modality_correct(answer.text, item["modality_label"])
+    elif kind in ("presence", "visible"):
+        rec["expected"], rec["predicted"] = yes_no(reference), yes_no(answer.text)
+        rec["correct"] = rec["expected"] == rec["predicted"]
+    else:
+        low = answer.text.lower()
+        expected = "no abnormality" not in reference.lower()
+        predicted = "no abnormality" not in low and ("lesion" in low or "nodule" in low)
+        rec["correct"] = expected == predicted
+    return rec
+
+
+def _structure_of(mask_id: str, item: dict) -> str:
+    """The structure name of a mask id ``<sample_id>_<structure with underscores>``."""
+    sample_id = item["id"].rsplit("_q", 1)[0]
+    return mask_id[len(sample_id) + 1 :].replace("_", " ")
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return float(np.mean(values)) if values else None
+
+
+def summarise(records: list[dict], seconds: float = 0.0) -> dict:
+    seg = [r for r in records if r["kind"] == "segmentation"]
+    mod = [r for r in records if r["kind"] == "modality"]
+    yn = [r for r in records if r["kind"] in ("presence", "visible")]
+    diag = [r for r in records if r["kind"] == "diagnosis"]
+    per_structure = defaultdict(list)
+    per_source = defaultdict(list)
+    names = {s.modality_label: s.key for s in SOURCES}
+    for r in seg:
+        per_structure[r["structures"][0] if len(r["structures"]) == 1 else "several structures"].append(r["dice"])
+        per_source[names.get(r["modality_label"], str(r["modality_label"]))].append(r["dice"])
+    return {
+        "dice_mean": _mean(r["dice"] for r in seg),
+        "dice_mean_at": _mean(r["dice_at"] for r in seg),
+        "modality_accuracy": _mean(r["correct"] for r in mod),
+        "yes_no_accuracy": _mean(r["correct"] for r in yn),
+        "presence_accuracy": _mean(r["correct"] for r in yn if r["kind"] == "presence"),
+        "visible_accuracy": _mean(r["correct"] for r in yn if r["kind"] == "visible"),
+        "diagnosis_accuracy": _mean(r["correct"] for r in diag),
+        "answers_with_codes": _mean(r["n_pred"] > 0 for r in seg),
+        "n_segmentation": len(seg), "n_modality": len(mod), "n_yes_no": len(yn), "n_diagnosis": len(diag),
+        "dice_per_structure": {k: {"mean": _mean(v), "n": len(v)} for k, v in sorted(per_structure.items())},
+        "dice_per_source": {k: {"mean": _mean(v), "n": len(v)} for k, v in sorted(per_source.items())},
+        "seconds": round(seconds, 1),
+        "questions": records,
+    }
+
+
+TARGETS = {"dice_mean": 0.80, "modality_accuracy": 0.95, "yes_no_accuracy": 0.90}
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def markdown(scores: dict) -> str:
+    rows = [
+        ("Mean Dice, segmentation questions (official: state before the code)", "dice_mean", "n_segmentation"),
+        ("Mean Dice, state at the code (as in training)", "dice_mean_at", "n_segmentation"),
+        ("Modality accuracy", "modality_accuracy", "n_modality"),
+        ("Yes/no accuracy (presence + visibility)", "yes_no_accuracy", "n_yes_no"),
+        ("  lesion presence", "presence_accuracy", None),
+        ("  organ visibility", "visible_accuracy", None),
+        ("Diagnosis agreement (lesion vs none)", "diagnosis_accuracy", "n_diagnosis"),
+        ("Segmentation answers with at least one code", "answers_with_codes", None),
+    ]
+    lines = ["# Demo model evaluation (test split)", "", "| metric | value | target | n |", "|---|---|---|---|"]
+    for title, key, n in rows:
+        target = TARGETS.get(key)
+        lines.append(f"| {title} | {_fmt(scores.get(key))} | {'>= ' + str(target) if target else ''} | "
+                     f"{scores.get(n, '') if n else ''} |")
+    lines += ["", "| structure | mean Dice | n |", "|---|---|---|"]
+    for name, v in scores["dice_per_structure"].items():
+        lines.append(f"| {name} | {_fmt(v['mean'])} | {v['n']} |")
+    lines += ["", "| source | mean Dice | n |", "|---|---|---|"]
+    for name, v in scores["dice_per_source"].items():
+        lines.append(f"| {name} | {_fmt(v['mean'])} | {v['n']} |")
+    lines += ["", f"Evaluation time: {scores.get('seconds', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot(scores: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    keys = ["dice_mean", "modality_accuracy", "yes_no_accuracy", "diagnosis_accuracy"]
+    labels = ["Dice", "modality", "yes/no", "diagnosis"]
+    values = [scores.get(k) or 0.0 for k in keys]
+    axes[0].bar(labels, values, color=["tab:blue", "tab:green", "tab:orange", "tab:gray"])
+    for i, k in enumerate(keys):
+        if k in TARGETS:
+            axes[0].hlines(TARGETS[k], i - 0.4, i + 0.4, colors="red", linestyles="dashed")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("test split (red: target)")
+    per = scores["dice_per_structure"]
+    axes[1].barh(list(per), [v["mean"] or 0.0 for v in per.values()], color="tab:blue")
+    axes[1].set_xlim(0, 1)
+    axes[1].set_title("Dice per structure")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(scores: dict, report_dir: str | Path) -> Path:
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown(scores))
+    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    plot(scores, out / "scores.png")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medsight.demo.evaluate_demo",
+                                description="Evaluate a demo model on the demo test split.")
+    p.add_argument("model", type=Path, help="model folder (save_pretrained format)")
+    p.add_argument("data", type=Path, help="demo data folder (python -m medsight.demo)")
+    p.add_argument("--report", type=Path, help="write report.md, scores.json and scores.png here")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-questions", type=int)
+    args = p.parse_args(argv)
+    scores = evaluate(args.model, args.data, args.split, args.max_questions)
+    if args.report:
+        write_report(scores, args.report)
+    print(markdown(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
