@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-MODEL=${MEDSIGHT_MODEL:-tiny}
+MODEL=${MEDSIGHT_MODEL:-demo}
 mkdir -p outputs
 python -c "import nibabel, nilearn.datasets as d; nibabel.save(d.load_mni152_template(resolution=2), 'outputs/mni152_t1.nii.gz')"
 medsight ask outputs/mni152_t1.nii.gz "Please segment the white matter." --model "$MODEL" --plane axial \

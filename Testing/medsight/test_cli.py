@@ -21,8 +21,8 @@ def mni_path(tmp_path_factory):
 
 def test_ask_json_with_segmentation_and_overlay(mni_path, tmp_path, capsys):
     out, overlay = tmp_path / "answer.seg.nrrd", tmp_path / "overlay.png"
-    rc = main(["ask", str(mni_path), "Please segment the white matter.", "--slices", "40:43", "--json",
-               "--max-new-tokens", "6", "--device", "cpu", "--out", str(out), "--overlay", str(overlay)])
+    rc = main(["ask", str(mni_path), "Please segment the white matter.", "--slices", "40:43", "--json", "--model",
+               "tiny", "--max-new-tokens", "6", "--device", "cpu", "--out", str(out), "--overlay", str(overlay)])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert isinstance(result["answer"], str) and [s["index"] for s in result["slices"]] == [40, 41, 42]
@@ -34,6 +34,17 @@ def test_ask_json_with_segmentation_and_overlay(mni_path, tmp_path, capsys):
     # Voxels are only ever written on the asked slices (axial = array axis k for this template).
     touched = sorted({int(k) for k in seg.labelmap.nonzero()[0]})
     assert set(touched) <= {40, 41, 42}
+
+
+def test_default_model_is_the_embedded_demo_model(mni_path, tmp_path, capsys):
+    """No --model: the trained demo model answers about the real MRI with a labelled white-matter mask."""
+    out = tmp_path / "wm.seg.nrrd"
+    assert main(["ask", str(mni_path), "Please segment the white matter.", "--json", "--device", "cpu",
+                 "--max-new-tokens", "48", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    labels = [r["label"].lower() for r in result["regions"]]
+    assert "white matter" in labels, result
+    assert [s.name for s in read_seg_nrrd(out).segments] == ["White matter"]
 
 
 def test_parse_slices():

@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question about an image or slices of a volume")
     ask.add_argument("path", help="PNG/JPG/TIFF, DICOM file or series folder, NIfTI or NRRD")
     ask.add_argument("question")
-    ask.add_argument("--model", default="tiny", help="preset (tiny: random weights), folder, or Hugging Face id")
+    ask.add_argument("--model", default="demo",
+                     help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
     ask.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
     ask.add_argument("--plane", choices=PLANES, default="axial")
     ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice)")
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions, slices)")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
-    serve.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
+    serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     serve.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
@@ -150,7 +151,7 @@ def _ask(args: argparse.Namespace) -> int:
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file)
-    if args.model in medsight.config.PRESETS:
+    if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
     options = medsight.GenerationOptions(max_new_tokens=args.max_new_tokens)

@@ -195,7 +195,7 @@ class Engine:
     @classmethod
     def load(
         cls,
-        source: str = "tiny",
+        source: str = "demo",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,

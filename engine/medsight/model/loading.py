@@ -30,6 +30,8 @@ from medsight.model.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 LVLM_FOLDER = "medsight_full_instruct"
+# Trained checkpoints that ship inside the package, by name (they take precedence over same-named presets).
+EMBEDDED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo_model"}
 PERCEIVER_FOLDER = "region_perceiver"
 RELEASE_REPO = "Caf0914/MedSIGHT"
 
@@ -199,7 +201,7 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def load_model(
-    source: str | Path = "tiny",
+    source: str | Path = "demo",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     vision_file: str | Path | None = None,
@@ -210,7 +212,8 @@ def load_model(
     """Load MedSIGHT from a preset name (random weights), our saved folder, the official layout, or a Hub id.
 
     Args:
-        source: "tiny"/"full" (random weights), a folder, or a Hugging Face repo id such as "Caf0914/MedSIGHT".
+        source: "demo" (the embedded trained demo model), "tiny"/"full" (random weights), a folder, or a Hugging
+            Face repo id such as "Caf0914/MedSIGHT".
         device: default CUDA if available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
         vision_file: the UniMed-CLIP checkpoint for official layouts (else looked for as `*clip*.pt`).
@@ -219,7 +222,9 @@ def load_model(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if str(source) in PRESETS:
+    if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
+        model = load_pretrained(EMBEDDED[str(source)])
+    elif str(source) in PRESETS:
         log.warning("preset %r: random weights, for testing the pipeline only", str(source))
         model = build_model(get_preset(str(source)), seed=seed).eval()
     else:
@@ -236,5 +241,10 @@ def load_model(
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             model = load_official(found["lvlm"], found["perceiver"], vision_file or found["vision"],
                                   codebook_file or found["codebook"], base=base)
-    model.weights_source = f"random ({source} preset)" if str(source) in PRESETS else str(source)
+    if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
+        model.weights_source = f"{source} (embedded, trained; not for clinical use)"
+    elif str(source) in PRESETS:
+        model.weights_source = f"random ({source} preset)"
+    else:
+        model.weights_source = str(source)
     return model.to(device=device, dtype=dtype)
