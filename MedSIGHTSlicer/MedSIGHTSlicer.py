@@ -89,6 +89,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
         self.ui.startEngineButton.connect("clicked(bool)", lambda _: self.onStartEngine())
         self.ui.stopEngineButton.connect("clicked(bool)", lambda _: self.onStopEngine())
+        self.ui.exportButton.connect("clicked(bool)", lambda _: self.onExport())
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
         self._volume_changed(self.ui.inputVolumeSelector.currentNode())
         self._update_engine_buttons()
@@ -203,6 +204,24 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is not None:
             self.logic.jump_to_region(node, slice_index, index)
 
+    def onExport(self) -> None:
+        node = self._node()
+        if node is None:
+            self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
+            return
+        nifti = self.ui.exportFormatComboBox.currentIndex == 1
+        pattern = "NIfTI (*.nii.gz)" if nifti else "Segmentation (*.seg.nrrd)"
+        suffix = ".nii.gz" if nifti else ".seg.nrrd"
+        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", node.GetName() + suffix, pattern)
+        if not path:
+            return
+        try:
+            written = self.logic.export(node, path)
+        except Exception as err:  # shown plainly, never a traceback in the user's face
+            self.panel.show_error(f"Export failed: {err}")
+            return
+        self.ui.connectionStatusLabel.text = f"Exported to {written}"
+
     def _accept_all(self) -> None:
         node = self._node()
         if node is not None:
@@ -284,6 +303,18 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
         if not answers:
             return []
         return self.suggestion_manager(node).add_answers(answers, question=question, model=model)
+
+    def export(self, node, path: str) -> str:
+        """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, or .nii/.nii.gz plus a JSON of labels.
+
+        DICOM SEG needs the source series' UIDs: use Slicer's DICOM module (Export to DICOM) on the same node.
+        """
+        from MedSIGHTSlicerLib.export import export_labelmap_file
+
+        user = self.suggestion_manager(node).find_user_node()
+        if user is None:
+            raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")
+        return str(export_labelmap_file(user, node, path))
 
     def accept_all(self, node) -> list[str]:
         return self.suggestion_manager(node).accept()

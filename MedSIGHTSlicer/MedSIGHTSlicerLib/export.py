@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 __all__ = ["ExportError", "export_nifti", "export_seg_nrrd", "read_seg_nrrd"]
@@ -106,3 +107,21 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
         scene.RemoveNode(storage)
         scene.RemoveNode(labelmap)
     return names
+
+
+def export_labelmap_file(segmentation_node, volume_node, path: str | Path) -> Path:
+    """One entry point for the module's Export button: the format follows the file name.
+
+    ``.seg.nrrd`` keeps names, colours and tags; ``.nii``/``.nii.gz`` writes a labelmap on the volume's grid and
+    a ``<name>.json`` beside it mapping label values to segment names.
+    """
+    path = Path(path)
+    if path.name.endswith(".seg.nrrd"):
+        return export_seg_nrrd(segmentation_node, path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        labels = export_nifti(segmentation_node, volume_node, path)
+        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
+        sidecar = path.with_name(stem + ".json")
+        sidecar.write_text(json.dumps({"labels": {str(k): v for k, v in labels.items()}}, indent=2))
+        return path
+    raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii or .nii.gz file name")

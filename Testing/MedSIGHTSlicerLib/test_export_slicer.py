@@ -111,3 +111,20 @@ def test_bad_names_are_refused(scene, volume, tmp_path):
         export_nifti(user, volume, tmp_path / "x.nrrd")
     with pytest.raises(ExportError):
         read_seg_nrrd(tmp_path / "missing.seg.nrrd", scene)
+
+
+def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
+    """What the module's Export button calls: the file name decides the format; NIfTI gets a labels sidecar."""
+    import json
+
+    from MedSIGHTSlicerLib.export import export_labelmap_file
+
+    _, user = accepted(scene, volume, tmp_path)
+    seg = export_labelmap_file(user, volume, tmp_path / "out.seg.nrrd")
+    node = read_seg_nrrd(seg, scene)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+    nii = export_labelmap_file(user, volume, tmp_path / "out.nii.gz")
+    assert nii.is_file()
+    assert json.loads((tmp_path / "out.json").read_text()) == {"labels": {"1": "Liver", "2": "Lesion"}}
+    with pytest.raises(ExportError, match=r"choose a \.seg\.nrrd"):
+        export_labelmap_file(user, volume, tmp_path / "out.png")
