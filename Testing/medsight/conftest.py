@@ -1,4 +1,5 @@
-"""Fixtures that lay the golden weights out in the official release layouts, the way users receive them."""
+"""Golden fixtures shared by the model and training tests: the golden weights laid out in the official release
+layouts (the way users receive them) and loaded through the user-facing loader."""
 
 from __future__ import annotations
 
