@@ -24,7 +24,7 @@ from medsight.evaluate.runner import (
     select_items,
 )
 
-ARGS = ["--model", "tiny", "--max-new-tokens", "6", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
+ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_resume_after_interruption(diagseg, single_run, tmp_path):
     from medsight import Engine
 
     items = read_diagseg(diagseg[0])
-    engine = Engine.load("tiny", device="cpu")
-    options = RunOptions("diagseg", max_new_tokens=6)
+    engine = Engine.load("demo", device="cpu")  # the embedded demo model, as ARGS
+    options = RunOptions("diagseg", max_new_tokens=40)
     path = tmp_path / "p.jsonl"
     with pytest.raises(SimulatedCrashError):
         run_predictions(FlakyEngine(engine, 3), items, path, options)
