@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
     p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
     p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder)")
-    p.add_argument("--model", default="tiny", help="preset (tiny: random weights), folder or Hugging Face id")
+    p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
     p.add_argument("--report", required=True, help="output folder: predictions*.jsonl, report.json/.md, PNGs")
     p.add_argument("--vqa-data", help="diagseg: the _vqa.json file; recall then comes from a separate sampled "
