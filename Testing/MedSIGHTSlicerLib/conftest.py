@@ -145,3 +145,21 @@ def fake():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The tiny random-weight engine that the end-to-end tests talk to through a real server."""
+    import medsight
+
+    return medsight.Engine.load("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    """Base URL of a real uvicorn server on a free loopback port, serving ``engine``."""
+    import medsight.server.app
+    from medsight_testing.live_server import live_server
+
+    with live_server(medsight.server.app.create_app(engine)) as base_url:
+        yield base_url

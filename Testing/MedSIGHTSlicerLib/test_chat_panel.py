@@ -44,17 +44,6 @@ def app():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return medsight.Engine.load("tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with live_server(medsight.server.app.create_app(engine)) as base_url:
-        yield base_url
-
-
-@pytest.fixture(scope="module")
 def secured_url(engine):
     with live_server(medsight.server.app.create_app(engine, token=TOKEN)) as base_url:
         yield base_url
