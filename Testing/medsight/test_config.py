@@ -5,7 +5,7 @@ import pytest
 from medsight.config import MedSIGHTConfig, get_preset
 
 
-@pytest.mark.parametrize("name", ["full", "tiny"])
+@pytest.mark.parametrize("name", ["full", "tiny", "demo"])
 def test_presets_round_trip_through_json(name, tmp_path):
     config = get_preset(name)
     config.to_json(tmp_path / "c.json")
@@ -34,3 +34,15 @@ def test_bad_configs_are_refused():
     data["perceiver"]["dim"] = 64
     with pytest.raises(ValueError, match=r"vision\.width \(48\) must equal perceiver\.dim \(64\)"):
         MedSIGHTConfig.from_dict(data)
+    data = get_preset("tiny").to_dict()
+    data["code_state_position"] = "after"
+    with pytest.raises(ValueError, match="code_state_position must be 'before' or 'at', not 'after'"):
+        MedSIGHTConfig.from_dict(data)
+
+
+def test_code_state_position_official_by_default_and_at_for_our_demo_model():
+    assert get_preset("full").code_state_position == get_preset("tiny").code_state_position == "before"
+    assert get_preset("demo").code_state_position == "at"
+    legacy = get_preset("demo").to_dict()
+    del legacy["code_state_position"]  # configs written before the field existed
+    assert MedSIGHTConfig.from_dict(legacy).code_state_position == "before"

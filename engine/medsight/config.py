@@ -110,8 +110,14 @@ class MedSIGHTConfig:
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    #: Which last-layer state decodes a region code when a request does not say: "before" (the state that
+    #: predicted the code: the official inference path, right for the released checkpoints) or "at" (the state
+    #: of the code token itself, which is what training optimises: right for models trained by `medsight.train`).
+    code_state_position: str = "before"
 
     def __post_init__(self) -> None:
+        if self.code_state_position not in ("before", "at"):
+            raise ValueError(f"code_state_position must be 'before' or 'at', not {self.code_state_position!r}")
         if self.vision.width != self.perceiver.dim:
             # The perceiver works directly on the ViT grid, so the widths must agree.
             raise ValueError(
@@ -141,7 +147,7 @@ class MedSIGHTConfig:
         for key, value in data.items():
             if key in parts:
                 kwargs[key] = _dataclass_from_dict(parts[key], value, key)
-            elif key == "name":
+            elif key in ("name", "code_state_position"):
                 kwargs[key] = value
             else:
                 raise ValueError(f"unknown MedSIGHT config field {key!r}")
@@ -225,6 +231,7 @@ def demo_config() -> MedSIGHTConfig:
             eos_token_id=258,
             pad_token_id=256,
         ),
+        code_state_position="at",  # trained by our pipeline, whose losses use the state at the code
     )
 
 

@@ -86,3 +86,24 @@ def test_bad_options_are_refused():
         GenerationOptions(hidden_state_position="after")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         GenerationOptions(temperature=0)
+
+
+def test_unset_state_position_follows_the_model_config(tiny):
+    """Options without a position decode from the model's own `code_state_position`; explicit options win."""
+    image = np.random.default_rng(2).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    ids = [257, *tiny.tokenizer("assistant\nLiver [M0_16] and more.", add_special_tokens=False)["input_ids"], 258]
+
+    def logits(position):
+        options = GenerationOptions(logits_processors=[ForceText(ids)], hidden_state_position=position)
+        return tiny.ask(image, "Segment the liver.", options).regions[0].mask_logits
+
+    assert tiny.config.code_state_position == "before"  # the official default
+    before, at, unset = logits("before"), logits("at"), logits(None)
+    assert np.abs(before - at).max() > 1e-6  # the two states really differ
+    assert np.array_equal(unset, before)
+    tiny.config.code_state_position = "at"
+    try:
+        assert np.array_equal(logits(None), at)
+        assert np.array_equal(logits("before"), before)
+    finally:
+        tiny.config.code_state_position = "before"

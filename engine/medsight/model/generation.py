@@ -33,6 +33,7 @@ class GenerationOptions:
     Attributes:
         hidden_state_position: which last-layer state decodes a region code. "before" (official inference):
             the state that predicted the code. "at" (as in training): the state of the code token itself.
+            None: the model's own `MedSIGHTConfig.code_state_position`.
         no_code_fallback: official behaviour when no code is generated: decode one mask from the state at the
             end of the prompt. Off by default: no code, no mask.
         logits_processors: extra `transformers` logits processors, applied after the built-in ones.
@@ -46,7 +47,7 @@ class GenerationOptions:
     top_p: float | None = None
     repetition_penalty: float = 1.2
     seed: int | None = None
-    hidden_state_position: StatePosition = "before"
+    hidden_state_position: StatePosition | None = None
     no_code_fallback: bool = False
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -63,7 +64,7 @@ class GenerationOptions:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be >= 1")
-        if self.hidden_state_position not in ("before", "at"):
+        if self.hidden_state_position not in (None, "before", "at"):
             raise ValueError("hidden_state_position must be 'before' (official inference) or 'at' (training)")
 
     def processors(self, eos_token_id: int) -> LogitsProcessorList:
@@ -166,7 +167,7 @@ def generate(
         last_step = step == options.max_new_tokens - 1
         if cancelled or bool(finished.all()):
             break
-        if last_step and options.hidden_state_position != "at":
+        if last_step and options.hidden_state_position == "before":
             break
         # Feed the new token; the resulting state is the state *at* that token (needed for "at").
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)

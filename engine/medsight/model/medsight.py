@@ -158,7 +158,8 @@ class MedSIGHTModel(nn.Module):
             if options.no_code_fallback:
                 return [], output.states[row, :1]
             return [], output.states[row, :0]
-        shift = 1 if options.hidden_state_position == "at" else 0
+        position = options.hidden_state_position or self.config.code_state_position
+        shift = 1 if position == "at" else 0
         index = torch.tensor(where, device=output.states.device) + shift
         return where, output.states[row, index]
 

@@ -73,7 +73,7 @@ class AskOptions(Strict):
     repetition_penalty: float = Field(default=1.2, gt=0, le=10)
     seed: int | None = None
     resize_mode: Literal["letterbox", "crop"] = "letterbox"
-    hidden_state_position: Literal["before", "at"] = "before"
+    hidden_state_position: Literal["before", "at"] | None = None  # None: the model's own default
     no_code_fallback: bool = False
 
 
