@@ -112,7 +112,7 @@ def test_dice_and_summary():
     assert dice(a, a) == 1.0 and dice(a, b) == pytest.approx(2 * 4 / 12)
     assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
     records = [
-        {"kind": "segmentation", "dice": 0.5, "dice_at": 0.7, "n_pred": 1, "structures": ["liver"],
+        {"kind": "segmentation", "dice": 0.5, "dice_other": 0.7, "n_pred": 1, "structures": ["liver"],
          "modality_label": 0},
         {"kind": "modality", "correct": True, "modality_label": 1},
         {"kind": "presence", "correct": False, "modality_label": 2},

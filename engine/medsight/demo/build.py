@@ -30,10 +30,10 @@ class DemoSize:
 
 
 SIZES: dict[str, DemoSize] = {
-    # ~600 / 100 / 100 2D samples.
+    # ~1100 / 100 / 150 2D samples.
     "default": DemoSize(
-        {"ct_abdomen": {"train": 30, "val": 5, "test": 5}, "mri_brain": {"train": 30, "val": 5, "test": 5},
-         "cxr": {"train": 120, "val": 20, "test": 20}},
+        {"ct_abdomen": {"train": 60, "val": 5, "test": 8}, "mri_brain": {"train": 60, "val": 5, "test": 8},
+         "cxr": {"train": 240, "val": 20, "test": 32}},
         {"ct_abdomen": 8, "mri_brain": 8, "cxr": 1},
     ),
     # <= 30 samples, a few seconds: for tests.

@@ -1,12 +1,13 @@
 """Evaluate a demo model on the demo test split: ``python -m medsight.demo.evaluate_demo MODEL DATA --report DIR``.
 
 Every question of the test LVLM JSON (``lvlm/test.json``; placeholders are fine, only the GT masks and reference
-answers are read) is asked alone with its image, with the default (official) greedy decoding:
+answers are read) is asked alone with its image, with the default greedy decoding:
 
 * segmentation questions: Dice between the union of the answer's masks and the union of the GT masks the reference
   answer mentions. Mask logits are resized bilinearly onto the image grid and thresholded at 0 (as in the official
-  DiagSeg evaluation); an answer without a code scores 0. ``dice_mean`` decodes each code from the state *before*
-  it (official inference, what `medsight.Engine` does), ``dice_mean_at`` from the state *at* it (as in training).
+  DiagSeg evaluation); an answer without a code scores 0. ``dice_mean`` decodes each code from the model's own
+  ``code_state_position`` (what `medsight.Engine` does by default: "at" for models trained by `medsight.train`),
+  ``dice_mean_other`` from the other position ("before" is the official inference path).
 * modality questions: correct when the answer names the sample's modality and no other.
 * yes/no questions (lesion presence, organ visibility): the answer's yes/no (a leading "yes"/"no", or "... so the
   answer is no") must equal the reference's.
@@ -92,8 +93,10 @@ def evaluate(model_dir: str | Path | MedSIGHTModel, data_dir: str | Path, split:
     model = model.to(torch.float32).eval()
     data_root = Path(data_dir)
     items = json.loads((data_root / "lvlm" / f"{split}.json").read_text())
-    before = GenerationOptions(max_new_tokens=max_new_tokens)
-    at = GenerationOptions(max_new_tokens=max_new_tokens, hidden_state_position="at")
+    position = model.config.code_state_position
+    default = GenerationOptions(max_new_tokens=max_new_tokens)
+    other = GenerationOptions(max_new_tokens=max_new_tokens,
+                              hidden_state_position="before" if position == "at" else "at")
     image_options = ImageOptions()
     t0 = time.perf_counter()
     # Every question with its image, then generation in batches (the LM is small: per-step overhead dominates).
@@ -114,17 +117,17 @@ def evaluate(model_dir: str | Path | MedSIGHTModel, data_dir: str | Path, split:
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b : b + batch_size]
         prompts = [tokenize_prompt(model.tokenizer, [Message("user", q)], num_images=1) for _, q, _ in chunk]
-        output = model.generate(prompts, [encodings[it["image"]][1] for it, _, _ in chunk], before)
+        output = model.generate(prompts, [encodings[it["image"]][1] for it, _, _ in chunk], default)
         for row, (item, question, reference) in enumerate(chunk):
             image, encoding, transform = encodings[item["image"]]
             records.append(_score(model, output, row, encoding, transform, image, item, question, reference,
-                                  data_root, before, at))
-    return summarise(records, time.perf_counter() - t0)
+                                  data_root, default, other))
+    return {"code_state_position": position, **summarise(records, time.perf_counter() - t0)}
 
 
-def _score(model, output, row, encoding, transform, image, item, question, reference, data_root, before, at):
+def _score(model, output, row, encoding, transform, image, item, question, reference, data_root, default, other):
     kind = question_kind(question)
-    answer = model.build_answer(output, row, encoding.grid, transform, before)
+    answer = model.build_answer(output, row, encoding.grid, transform, default)
     rec = {"id": item["id"], "kind": kind, "question": question, "reference": reference, "answer": answer.text,
            "modality_label": item["modality_label"], "codes": [r.code for r in answer.regions]}
     if kind == "segmentation":
@@ -133,11 +136,11 @@ def _score(model, output, row, encoding, transform, image, item, question, refer
         gt = np.zeros(image.shape[:2], dtype=bool)
         for m in ids:
             gt |= read_mask(_resolve(data_root, files[m])).numpy() > 0.5
-        answer_at = model.build_answer(output, row, encoding.grid, transform, at)
+        answer_other = model.build_answer(output, row, encoding.grid, transform, other)
         rec.update(
             structures=sorted({_structure_of(m, item) for m in ids}),
             dice=dice(_union(answer.regions, gt.shape), gt) if answer.regions else 0.0,
-            dice_at=dice(_union(answer_at.regions, gt.shape), gt) if answer_at.regions else 0.0,
+            dice_other=dice(_union(answer_other.regions, gt.shape), gt) if answer_other.regions else 0.0,
             n_gt=len(ids), n_pred=len(answer.regions),
         )
     elif kind == "modality":
@@ -177,7 +180,7 @@ def summarise(records: list[dict], seconds: float = 0.0) -> dict:
         per_source[names.get(r["modality_label"], str(r["modality_label"]))].append(r["dice"])
     return {
         "dice_mean": _mean(r["dice"] for r in seg),
-        "dice_mean_at": _mean(r["dice_at"] for r in seg),
+        "dice_mean_other": _mean(r["dice_other"] for r in seg),
         "modality_accuracy": _mean(r["correct"] for r in mod),
         "yes_no_accuracy": _mean(r["correct"] for r in yn),
         "presence_accuracy": _mean(r["correct"] for r in yn if r["kind"] == "presence"),
@@ -200,9 +203,12 @@ def _fmt(x) -> str:
 
 
 def markdown(scores: dict) -> str:
+    position = scores.get("code_state_position", "before")
+    other = "before" if position == "at" else "at"
     rows = [
-        ("Mean Dice, segmentation questions (official: state before the code)", "dice_mean", "n_segmentation"),
-        ("Mean Dice, state at the code (as in training)", "dice_mean_at", "n_segmentation"),
+        (f"Mean Dice, segmentation questions (model default: state {position} the code)", "dice_mean",
+         "n_segmentation"),
+        (f"Mean Dice, state {other} the code", "dice_mean_other", "n_segmentation"),
         ("Modality accuracy", "modality_accuracy", "n_modality"),
         ("Yes/no accuracy (presence + visibility)", "yes_no_accuracy", "n_yes_no"),
         ("  lesion presence", "presence_accuracy", None),

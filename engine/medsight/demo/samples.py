@@ -14,6 +14,14 @@ from .sources import Image2D, Phantom, make_brain_subject, make_ct_phantom, make
 
 #: A mask smaller than this (pixels, after resizing) is dropped: it would be noise for a 56-112 px model.
 MIN_MASK_PIXELS = 8
+#: A lesion must cover at least this many pixels of a 112 px image (scaled with the image area) to be labelled; a
+#: slice that cuts a lesion more thinly is left out, since "is there a lesion?" has no clear answer there and a
+#: 2-3 px fleck is below what a 14 px-patch ViT can see.
+MIN_LESION_PIXELS_AT_112 = 36
+
+
+#: Slab pixels a lesion must cover for its slice to be picked as a lesion slice (slabs are ~100-128 px wide).
+LESION_SLICE_AREA = 40
 
 
 @dataclass
@@ -64,12 +72,15 @@ def _finish(
 ) -> Sample2D | None:
     """Resize image and masks; None when a lesion is present but too small to label (a wrong "no" otherwise)."""
     out, absent = {}, []
+    min_lesion = MIN_LESION_PIXELS_AT_112 * (size / 112) ** 2
     for name in source.structures:
         m = masks.get(name)
         if m is None or not m.any():
             absent.append(name)
             continue
         r = _resize_mask(m, size)
+        if name == "lesion" and r.sum() < min_lesion:
+            return None
         if r.sum() >= MIN_MASK_PIXELS:
             out[name] = r
         elif name == "lesion":
@@ -90,7 +101,7 @@ def _volume_slices(
     areas = {name: np.array([s.take(m).sum() for s in slabs]) for name, m in phantom.masks.items()}
     organ_area = sum(a for name, a in areas.items() if name != "lesion")
     candidates = np.flatnonzero(organ_area >= 0.15 * organ_area.max())
-    lesion_k = np.flatnonzero(areas["lesion"] >= 4)
+    lesion_k = np.flatnonzero(areas["lesion"] >= LESION_SLICE_AREA)
     picks: list[int] = []
     if len(lesion_k):
         picks += list(rng.choice(lesion_k, size=min(len(lesion_k), (n + 1) // 2), replace=False))

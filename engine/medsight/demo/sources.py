@@ -27,7 +27,7 @@ CT_HU = {
     "medulla": 30.0,
     "bone": 700.0,
     "vessel": 170.0,
-    "lesion": 20.0,
+    "lesion": 10.0,
 }
 
 
@@ -116,7 +116,7 @@ def make_ct_phantom(
     idx = np.argwhere(core)
     for _ in range(n_lesions if len(idx) else 0):
         k, j, i = idx[rng.integers(len(idx))]
-        rad = u(6, 15)
+        rad = u(10, 20)  # mm: 7-14 px across on the 112 px slices
         lesion |= _ellipsoid(grid, (x[i], y[j], z[k]), (rad, rad * u(0.8, 1.2), rad * u(0.8, 1.2))) & liver
     vol[lesion] = hu["lesion"] + rng.normal(0, 4)
     organs["lesion"] = lesion
@@ -206,7 +206,7 @@ def make_brain_subject(rng: np.random.Generator, template: MNITemplate | None = 
         ii, jj, kk = np.meshgrid(*(np.arange(n) for n in t1.shape), indexing="ij")
         for _ in range(int(rng.integers(1, 3))):
             c = idx[rng.integers(len(idx))]
-            r = u(2.5, 6.0, 3)
+            r = u(4.0, 7.0, 3)
             d2 = ((ii - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((kk - c[2]) / r[2]) ** 2
             one = (d2 <= 1) & tissue
             # Soft edge so the lesion blends like a real one; hypo- or hyperintense at random.
@@ -283,7 +283,7 @@ def make_cxr(rng: np.random.Generator, size: int = 128, nodule_p: float = 0.4) -
         idx = np.argwhere(ndimage.binary_erosion(lung, iterations=4))
         if len(idx):
             r0, c0 = idx[rng.integers(len(idx))]
-            rad = u(0.045, 0.09) * size / 2
+            rad = u(0.07, 0.12) * size / 2
             yy, xx = np.mgrid[0:size, 0:size]
             lesion = ((yy - r0) ** 2 + (xx - c0) ** 2 <= rad**2) & lung
             img[lesion] += u(0.3, 0.45)

@@ -58,9 +58,9 @@ log = logging.getLogger("medsight.demo.train_demo")
 
 PRESET = "demo"
 #: Share of the training budget per stage (stage 1 matters most for Dice, stage 5 for the text).
-STAGE_SHARES = {1: 0.42, 2: 0.04, 3: 0.04, 4: 0.16, 5: 0.34}
+STAGE_SHARES = {1: 0.45, 2: 0.04, 3: 0.03, 4: 0.14, 5: 0.34}
 #: Seconds kept aside for code filling, evaluation and writing the checkpoint (default data size).
-RESERVE_S = 240.0
+RESERVE_S = 300.0
 PROBE_STEPS = 4
 CODE_BATCH = 16
 SMOKE_STEPS = 2
@@ -263,6 +263,8 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
     if not (resume and (data_root / "summary.json").is_file()):
         build_demo_data(data_root, "tiny" if smoke else "default", seed)
     summary["data_seconds"] = round(time.perf_counter() - t0, 1)
+    data_counts = json.loads((data_root / "summary.json").read_text())
+    summary["images"] = {split: data_counts[split]["images"] for split in SPLITS}
     log.info("data ready in %s (%.0f s)", data_root, summary["data_seconds"])
 
     configs = stage_configs(smoke)
@@ -358,7 +360,8 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         f"seed {summary.get('seed', 0)}): abdominal CT phantoms (liver, spleen, kidneys, liver lesions; modality "
         "label 0), T1 brain MRI built on the MNI152 template with synthetic lesions (grey/white matter, lesion; "
         "label 1) and chest X-ray-like images (lungs, heart, nodules; label 2). Split by subject into "
-        "train/val/test (default size: 580/100/100 images at 112 px). Region codes in the answers come from the "
+        f"train/val/test ({'/'.join(str(n) for n in summary.get('images', {}).values())} images at "
+        f"{v['image_size']} px). Region codes in the answers come from the "
         "trained stage-2 codebook (Hungarian-matched query of each GT mask, quantised under the modality label).",
         "",
         "## Training",
