@@ -29,6 +29,28 @@ from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 MODEL_CARD_TIMEOUT_S = 5.0
+#: Export combo box entries: (file dialog pattern, default suffix); the suffix picks the writer.
+EXPORT_FORMATS = (
+    ("Segmentation (*.seg.nrrd)", ".seg.nrrd"),
+    ("NIfTI (*.nii.gz)", ".nii.gz"),
+    ("DICOM SEG (*.dcm)", ".dcm"),
+)
+
+
+def ensure_packages(names: list[str], purpose: str) -> bool:
+    """Import ``names``, installing the missing ones into Slicer's Python after the user agrees."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if not missing:
+        return True
+    question = f"{purpose} needs the Python package(s) {', '.join(missing)}. Install them into 3D Slicer now?"
+    if not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"):
+        return False
+    with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
+        slicer.util.pip_install(" ".join(missing))
+        return True
+    return False
 
 
 class MedSIGHTSlicer(ScriptedLoadableModule):
@@ -209,9 +231,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is None:
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
-        nifti = self.ui.exportFormatComboBox.currentIndex == 1
-        pattern = "NIfTI (*.nii.gz)" if nifti else "Segmentation (*.seg.nrrd)"
-        suffix = ".nii.gz" if nifti else ".seg.nrrd"
+        pattern, suffix = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]
         path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", node.GetName() + suffix, pattern)
         if not path:
             return
@@ -305,16 +325,16 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
         return self.suggestion_manager(node).add_answers(answers, question=question, model=model)
 
     def export(self, node, path: str) -> str:
-        """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, or .nii/.nii.gz plus a JSON of labels.
-
-        DICOM SEG needs the source series' UIDs: use Slicer's DICOM module (Export to DICOM) on the same node.
-        """
+        """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or
+        a DICOM SEG (.dcm) referencing the series ``node`` was loaded from."""
         from MedSIGHTSlicerLib.export import export_labelmap_file
 
         user = self.suggestion_manager(node).find_user_node()
         if user is None:
             raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")
-        return str(export_labelmap_file(user, node, path))
+        if path.lower().endswith(".dcm") and not ensure_packages(["highdicom"], "DICOM SEG export"):
+            raise ValueError("DICOM SEG export needs the highdicom package")
+        return str(export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None)))
 
     def accept_all(self, node) -> list[str]:
         return self.suggestion_manager(node).accept()

@@ -5,8 +5,8 @@
 - NIfTI (``.nii`` / ``.nii.gz``): a single labelmap on the reference volume's grid, label value n = n-th segment;
   names and colours are not stored in NIfTI, so ``export_nifti`` returns the value -> name table (the caller may
   save it next to the file).
-- DICOM SEG: not written here. It needs the source DICOM series' UIDs and highdicom/dcmqi; the module asks the
-  engine (medsight, which ships highdicom) to write it, or hands the node to Slicer's DICOM module exporter.
+- DICOM SEG (``.dcm``): `dicom_seg.export_dicom_seg`, referencing the DICOM series the volume was loaded from
+  (found through Slicer's DICOM database).
 """
 
 from __future__ import annotations
@@ -109,13 +109,18 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     return names
 
 
-def export_labelmap_file(segmentation_node, volume_node, path: str | Path) -> Path:
+def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom_database=None) -> Path:
     """One entry point for the module's Export button: the format follows the file name.
 
     ``.seg.nrrd`` keeps names, colours and tags; ``.nii``/``.nii.gz`` writes a labelmap on the volume's grid and
-    a ``<name>.json`` beside it mapping label values to segment names.
+    a ``<name>.json`` beside it mapping label values to segment names; ``.dcm`` writes a DICOM SEG referencing
+    the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``).
     """
     path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        from .dicom_seg import export_dicom_seg, source_files
+
+        return export_dicom_seg(segmentation_node, volume_node, source_files(volume_node, dicom_database), path)
     if path.name.endswith(".seg.nrrd"):
         return export_seg_nrrd(segmentation_node, path)
     if path.name.endswith((".nii", ".nii.gz")):
@@ -124,4 +129,4 @@ def export_labelmap_file(segmentation_node, volume_node, path: str | Path) -> Pa
         sidecar = path.with_name(stem + ".json")
         sidecar.write_text(json.dumps({"labels": {str(k): v for k, v in labels.items()}}, indent=2))
         return path
-    raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii or .nii.gz file name")
+    raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii, .nii.gz or .dcm (DICOM SEG) file name")

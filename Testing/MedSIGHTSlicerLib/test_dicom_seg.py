@@ -1,0 +1,127 @@
+"""DICOM SEG export from real MRML nodes, referencing pydicom's real CT series; read back with highdicom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+hd = pytest.importorskip("highdicom")
+
+from medsight.imaging import read_volume  # noqa: E402
+from medsight_testing.mrml import make_volume  # noqa: E402
+from MedSIGHTSlicerLib.dicom_seg import INSTANCE_UIDS_ATTRIBUTE, export_dicom_seg, source_files  # noqa: E402
+from MedSIGHTSlicerLib.export import ExportError, export_labelmap_file  # noqa: E402
+from MedSIGHTSlicerLib.geometry import pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.suggestions import SuggestionManager  # noqa: E402
+
+
+class DicomDatabase:
+    """The one call of Slicer's ctkDICOMDatabase that the export uses: SOP Instance UID -> file path."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+
+    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (Slicer's name)
+        return self.files.get(uid, "")
+
+
+@pytest.fixture
+def ct(ct_series_dir):
+    return read_volume(ct_series_dir)
+
+
+@pytest.fixture
+def ct_series_dir():
+    import pydicom.data
+
+    return Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def loaded_as_slicer_does(scene, ct):
+    """The volume node Slicer's DICOM plugin would make: same grid, instance UIDs in slice order."""
+    node = make_volume(scene, ct.array.astype(np.int16), ct.ijk_to_ras, name="CT5N")
+    node.SetAttribute(INSTANCE_UIDS_ATTRIBUTE, " ".join(ct.sop_instance_uids))
+    database = DicomDatabase({uid: str(f) for uid, f in zip(ct.sop_instance_uids, ct.source_files, strict=True)})
+    return node, database
+
+
+def accepted_user_segmentation(scene, volume):
+    """Liver on slice 1 and a lesion on slice 3, suggested by the model and accepted; returns (node, masks)."""
+    manager = SuggestionManager(scene, volume, model="medsight-demo 0.3")
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    liver = np.zeros((16, 16), bool)
+    liver[3:9, 2:12] = True
+    lesion = np.zeros((16, 16), bool)
+    lesion[10:13, 5:7] = True
+    for k, code, label, mask in ((1, "[M0_1]", "liver", liver), (3, "[M0_2]", "lesion", lesion)):
+        answer = SliceAnswer("axial", k, f"{label} {code}", [Region(code, label, 0, mask, 0.9, None)],
+                             ijk_to_ras @ pixel_to_ijk(2, k, 0, 1))
+        manager.add_answer(answer, question=f"Segment the {label}.")
+    manager.accept()
+    return manager, manager.user_segmentation_node()
+
+
+def test_seg_references_each_source_image_and_holds_the_accepted_voxels(scene, ct, tmp_path):
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _, user = accepted_user_segmentation(scene, volume)
+    files = source_files(volume, database)
+    assert [str(f) for f in files] == [str(f) for f in ct.source_files]
+    path = export_dicom_seg(user, volume, files, tmp_path / "out" / "seg.dcm", version="0.3")
+
+    seg = hd.seg.segread(str(path))
+    assert [str(d.SegmentLabel) for d in seg.SegmentSequence] == ["Liver", "Lesion"]
+    liver_type = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (liver_type.CodeValue, liver_type.CodingSchemeDesignator) == ("10200004", "SCT")
+    assert [str(d.TrackingID) for d in seg.SegmentSequence] == ["[M0_1]", "[M0_2]"]
+    assert all(d.SegmentAlgorithmType == "SEMIAUTOMATIC" for d in seg.SegmentSequence)
+    assert seg.SeriesInstanceUID != ct.series_uid and seg.StudyInstanceUID  # a new series in the same study
+    # Frame by frame against the source images: exactly the user's voxels (Dice 1.0).
+    ids = vtk.vtkStringArray()
+    user.GetSegmentation().GetSegmentIDs(ids)
+    expected = np.stack([segment_array(user, ids.GetValue(n), volume) for n in range(2)], -1)
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(ct.sop_instance_uids),
+                                            segment_numbers=[1, 2])
+    assert got.shape == expected.shape == (5, 16, 16, 2)
+    assert np.array_equal(got.astype(bool), expected) and expected[1, ..., 0].sum() == 60
+    # The module's Export button: the .dcm name picks this writer and the database supplies the files.
+    again = hd.seg.segread(str(export_labelmap_file(user, volume, tmp_path / "button.dcm", database)))
+    assert np.array_equal(again.get_pixels_by_source_instance(list(ct.sop_instance_uids), segment_numbers=[1, 2]),
+                          got)
+
+
+def test_volumes_not_from_dicom_or_moved_since_are_refused_plainly(scene, ct, tmp_path):
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _, user = accepted_user_segmentation(scene, volume)
+    files = source_files(volume, database)
+    with pytest.raises(ExportError, match=r"must end in \.dcm"):
+        export_dicom_seg(user, volume, files, tmp_path / "seg.nrrd")
+    with pytest.raises(ExportError, match="has 5 slices but its DICOM series has 4 images"):
+        export_dicom_seg(user, volume, files[:4], tmp_path / "seg.dcm")
+    moved = make_volume(scene, ct.array.astype(np.int16), ct.ijk_to_ras + _shift(1.5), name="moved")
+    with pytest.raises(ExportError, match="resampled or cropped"):
+        export_dicom_seg(user, moved, files, tmp_path / "seg.dcm")
+    plain = make_volume(scene, ct.array.astype(np.int16), ct.ijk_to_ras, name="from NIfTI")
+    with pytest.raises(ExportError, match="was not loaded from DICOM"):
+        source_files(plain, database)
+    database.files.pop(ct.sop_instance_uids[0])
+    with pytest.raises(ExportError, match="1 of the 5 source DICOM files are no longer in the DICOM database"):
+        source_files(volume, database)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def _shift(mm: float) -> np.ndarray:
+    out = np.zeros((4, 4))
+    out[0, 3] = mm
+    return out
