@@ -2,24 +2,28 @@
 
 Needs a MedSIGHT engine. It uses the one at MEDSIGHT_TEST_URL (default http://127.0.0.1:8765, token from
 MEDSIGHT_TEST_TOKEN); when none answers and MEDSIGHT_TEST_SERVE holds a command (e.g.
-"/path/to/.venv/bin/medsight serve --model tiny --port 8765"), the test starts that engine and stops it after.
+"/path/to/.venv/bin/medsight serve --port 8765"), the test starts that engine and stops it after.
 
-The golden check is recorded for the ``tiny`` preset on the CPU (random but seeded weights, greedy decoding): it
-pins the whole Slicer path (node -> upload bytes and geometry -> answer -> suggested segment voxels). With another
-model it is skipped, with a message; the rest still runs.
+The golden check is recorded for the embedded demo model on the CPU (greedy decoding): a CT phantom NRRD, "Please
+segment the liver.", and the liver mask it gave. It pins the whole Slicer path (file -> node -> upload bytes and
+geometry -> answer -> suggested segment voxels). With another model it is skipped, with a message; the rest still
+runs.
 
 Run it from Slicer's Python console::
 
+    import runpy
     path = "/path/to/MedSIGHTSlicer/Testing/Python/MedSIGHTSlicerSelfTest.py"
-    exec(open(path).read()); MedSIGHTSlicerSelfTestTest().runTest()
+    runpy.run_path(path)["MedSIGHTSlicerSelfTestTest"]().runTest()
 """
 
 # ruff: noqa: N802 - unittest/Slicer method names and the file name are fixed
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import slicer
@@ -28,6 +32,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 from MedSIGHTSlicerLib.chat_panel import parse_region_url
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.rle import decode_mask
 
 ENGINE_URL = os.environ.get("MEDSIGHT_TEST_URL", "http://127.0.0.1:8765")
 ENGINE_TOKEN = os.environ.get("MEDSIGHT_TEST_TOKEN") or None
@@ -37,34 +42,14 @@ ANSWER_TIMEOUT_S = 300.0
 DICE_MIN = 0.99
 
 # -- the golden case --------------------------------------------------------------------------------------------
-# Three 64 x 64 slices: a bright disc in soft tissue (int16), spacing (0.8, 0.8, 2.5) mm, origin RAS (-10, -20, -5),
-# identity IJK-to-RAS directions (what Slicer gives a new volume). Recorded with the `tiny` preset on the CPU via
-# `medsight serve --model tiny`, asking GOLDEN_QUESTION about axial slice GOLDEN_SLICE with GOLDEN_OPTIONS.
-GOLDEN_MODEL = "tiny"
-GOLDEN_QUESTION = "What is this?"
-GOLDEN_SLICE = 0
-GOLDEN_OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
-#: The engine's id of exactly these voxels and this LPS geometry (sha256 of the upload): equal ids prove the
-#: module sent the node byte for byte with the right geometry.
-GOLDEN_VOLUME_ID = "5fd5dc2689db10c3d29a2dee80d61ae1d23a594ddf43555e70a1fcbb4cd8acd9"
-#: region index -> (row, col) pixels of its mask on the 64 x 64 slice grid; the other regions are empty.
-GOLDEN_REGIONS = {
-    1: [(0, 6), (0, 7), (0, 8), (0, 9), (0, 10)],
-    2: [(0, 6), (0, 7), (0, 8), (0, 9), (0, 10), (0, 11)],
-    5: [(0, 6), (0, 7), (0, 8), (0, 9), (0, 10), (0, 11)],
-}
+# golden/ct_phantom.nrrd (three axial slices of a seeded demo CT phantom) and golden/golden.json (question, options,
+# the engine's volume id and the recorded masks as run lengths), recorded with the embedded demo model on the CPU.
+# Testing/MedSIGHTSlicerLib/test_self_test_golden.py replays the same case headless on every CI run and re-records it.
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
-def golden_voxels() -> np.ndarray:
-    k, j, i = np.mgrid[0:3, 0:64, 0:64]
-    return (np.where((j - 30) ** 2 + (i - 34) ** 2 < 15**2, 180.0, 40.0) + 10.0 * k).astype(np.int16)
-
-
-def golden_mask(index: int, shape=(64, 64)) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for row, col in GOLDEN_REGIONS.get(index, []):
-        mask[row, col] = True
-    return mask
+def golden_case() -> dict:
+    return json.loads((GOLDEN_DIR / "golden.json").read_text())
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,7 +91,8 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
             if not ENGINE_COMMAND:
                 raise AssertionError(
                     f"no MedSIGHT engine at {ENGINE_URL} ({err.message}); start one with "
-                    "`medsight serve --model tiny`, or set MEDSIGHT_TEST_SERVE to the command that starts it"
+                    "`medsight serve` (the embedded demo model), or set MEDSIGHT_TEST_SERVE to the command that "
+                    "starts it"
                 ) from None
         engine = EngineProcess()
         engine.start(ENGINE_COMMAND)
@@ -176,13 +162,14 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Sample-data conversation passed")
 
     def test_golden_mask(self) -> None:
-        """The stored golden regions, through node -> upload -> ask -> suggested segment voxels."""
+        """The stored golden case, through node -> upload -> ask -> suggested segment voxels."""
+        golden = golden_case()
         card = self.client.model_card(timeout=10)
         health = self.client.health(timeout=10)
-        if card.name != GOLDEN_MODEL or health.device != "cpu":
+        if card.name != golden["model"] or health.device != golden["device"]:
             self.delayDisplay(
-                f"Golden mask check skipped: recorded for model {GOLDEN_MODEL!r} on the CPU, the engine runs "
-                f"{card.name!r} on {health.device!r}"
+                f"Golden mask check skipped: recorded for {golden['model']!r} on {golden['device']!r}, the engine "
+                f"runs {card.name!r} on {health.device!r}"
             )
             return
         from MedSIGHTSlicer import MedSIGHTSlicerLogic
@@ -190,34 +177,29 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
         logic = MedSIGHTSlicerLogic()
         logic.connect(ENGINE_URL, ENGINE_TOKEN, timeout=ANSWER_TIMEOUT_S)
 
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MedSIGHT golden disc")
-        slicer.util.updateVolumeFromArray(node, golden_voxels())
-        node.SetSpacing(0.8, 0.8, 2.5)
-        node.SetOrigin(-10.0, -20.0, -5.0)
-        node.SetAttribute("MedSIGHT.Modality", "CT")
-
+        node = slicer.util.loadVolume(str(GOLDEN_DIR / golden["volume_file"]))
+        node.SetAttribute("MedSIGHT.Modality", golden["modality"])
         volume_id = logic.upload(node)
-        self.assertEqual(volume_id, GOLDEN_VOLUME_ID, "the uploaded voxels or geometry differ from the recording")
+        self.assertEqual(volume_id, golden["volume_id"], "the uploaded voxels or geometry differ from the recording")
 
-        result = logic.ask(node, GOLDEN_QUESTION, [GOLDEN_SLICE], options=GOLDEN_OPTIONS)
+        index = golden["slice"]
+        result = logic.ask(node, golden["question"], [index], options=golden["options"])
         answer = result.answers[0]
-        self.assertEqual(answer.index, GOLDEN_SLICE)
-        self.assertTrue(answer.regions, "the golden answer has regions")
-        indices = {region.index for region in answer.regions}
-        self.assertTrue(set(GOLDEN_REGIONS) <= indices, f"regions {sorted(indices)} lack {sorted(GOLDEN_REGIONS)}")
-        for region in answer.regions:
-            score = dice(region.mask, golden_mask(region.index, region.mask.shape))
+        self.assertEqual(answer.index, index)
+        self.assertEqual([(r.index, r.code) for r in answer.regions],
+                         [(g["index"], g["code"]) for g in golden["regions"]])
+        expected = np.zeros(slicer.util.arrayFromVolume(node).shape, dtype=bool)
+        for region, recorded in zip(answer.regions, golden["regions"], strict=True):
+            mask = decode_mask(recorded["mask"])
+            score = dice(region.mask, mask)
             self.assertGreaterEqual(score, DICE_MIN, f"region {region.index} ({region.code}): Dice {score:.3f}")
+            expected[index] |= mask
 
-        # The suggested segments hold the same voxels, on slice k = GOLDEN_SLICE of the node.
+        # The suggested segments hold the same voxels, on slice k = index of the node.
         manager = logic.suggestion_manager(node)
-        expected = np.zeros(golden_voxels().shape, dtype=bool)
-        for index in GOLDEN_REGIONS:
-            expected[GOLDEN_SLICE] |= golden_mask(index)
         placed = np.zeros_like(expected)
         for segment_id in manager.suggestion_ids():
             placed |= manager.suggestion_mask(segment_id)
         score = dice(placed, expected)
         self.assertGreaterEqual(score, DICE_MIN, f"suggested segments vs golden: Dice {score:.3f}")
         self.delayDisplay(f"Golden mask check passed (Dice {score:.3f})")
-
