@@ -24,11 +24,12 @@ from slicer.ScriptedLoadableModule import (
 
 from MedSIGHTSlicerLib import geometry
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, guess_modality
-from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
-MODEL_CARD_TIMEOUT_S = 5.0
+MODEL_CARD_TIMEOUT_S = 10.0
 #: Export combo box entries: (file dialog pattern, default suffix); the suffix picks the writer.
 EXPORT_FORMATS = (
     ("Segmentation (*.seg.nrrd)", ".seg.nrrd"),
@@ -78,6 +79,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.panel: ChatPanel | None = None
         self.engine = EngineProcess(on_output=self._engine_output, on_finished=self._engine_finished)
         self.settings = ConnectionSettings()
+        self.connection_check = ConnectionCheck()
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -109,6 +111,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.serveCommandLineEdit.connect("editingFinished()", self._save_settings)
         self.ui.stopOnExitCheckBox.connect("toggled(bool)", lambda _: self._save_settings())
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
+        self.check_timer = qt.QTimer()
+        self.check_timer.setInterval(50)
+        self.check_timer.connect("timeout()", self._poll_connection_check)
         self.ui.startEngineButton.connect("clicked(bool)", lambda _: self.onStartEngine())
         self.ui.stopEngineButton.connect("clicked(bool)", lambda _: self.onStopEngine())
         self.ui.exportButton.connect("clicked(bool)", lambda _: self.onExport())
@@ -117,6 +122,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._update_engine_buttons()
 
     def cleanup(self) -> None:
+        self.check_timer.stop()
+        self.connection_check.close()
         if self.panel is not None:
             self.panel.close()  # stop generating and polling for a panel that is going away
         self._save_settings()
@@ -145,18 +152,21 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._apply_connection()
         if self.logic.client is None:
             return
-        # Short timeout: a blocking call on the main thread, so fail fast rather than freeze Slicer.
-        with slicer.util.tryWithErrorDisplay("Cannot reach the MedSIGHT engine.", waitCursor=True):
-            try:
-                card = self.logic.client.model_card(timeout=MODEL_CARD_TIMEOUT_S)
-            except MedSIGHTError as err:
-                self.ui.connectionStatusLabel.text = err.message
-                return
-            self.logic.model_name = f"{card.name} {card.version}"
-            warning = "  RANDOM WEIGHTS: answers are meaningless." if card.random_weights else ""
-            self.ui.connectionStatusLabel.text = (
-                f"Connected: {card.name} {card.version}, {card.parameters:,} parameters.{warning}\n{card.intended_use}"
-            )
+        # The request runs on a worker thread; the timer brings the outcome back, so Slicer never freezes.
+        if self.connection_check.start(self.logic.client, MODEL_CARD_TIMEOUT_S):
+            self.ui.connectionStatusLabel.text = "Checking the engine..."
+            self.ui.testConnectionButton.enabled = False
+            self.check_timer.start()
+
+    def _poll_connection_check(self) -> None:
+        outcome = self.connection_check.poll()
+        if outcome is None:
+            return
+        self.check_timer.stop()
+        self.ui.testConnectionButton.enabled = True
+        self.ui.connectionStatusLabel.text = outcome.text
+        if outcome.ok:
+            self.logic.model_name = f"{outcome.card.name} {outcome.card.version}"
 
     def onStartEngine(self) -> None:
         self._save_settings()

@@ -1,0 +1,56 @@
+""""Test connection" off the main thread: start returns at once, the outcome comes through poll, errors read plainly."""
+
+from __future__ import annotations
+
+import time
+
+from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.connection_check import ConnectionCheck
+
+CARD = {"name": "demo (embedded)", "version": "0.3.0", "parameters": 2_550_000, "image_size": 112, "mask_size": 64,
+        "num_region_codes": 576, "first_code_id": 259, "random_weights": False,
+        "intended_use": "Research use only.", "config": {}}
+
+
+def wait_for(check: ConnectionCheck, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = check.poll()
+        if outcome is not None:
+            return outcome
+        time.sleep(0.01)
+    raise AssertionError("no outcome")
+
+
+def test_slow_engine_does_not_block_the_caller(fake):
+    fake.add("GET", "/v1/model", fake.reply(200, CARD, delay=1.0))
+    check = ConnectionCheck()
+    t0 = time.monotonic()
+    assert check.start(MedSIGHTClient(fake.url), timeout=5)
+    assert time.monotonic() - t0 < 0.2  # the 1 s reply is awaited on a worker thread
+    assert check.busy and not check.start(MedSIGHTClient(fake.url), timeout=5)  # one check at a time
+    assert check.poll() is None
+    outcome = wait_for(check)
+    assert outcome.ok and outcome.card.name == "demo (embedded)" and not check.busy
+    assert outcome.text.startswith("Connected: demo (embedded) 0.3.0, 2,550,000 parameters.")
+    assert "RANDOM" not in outcome.text and check.poll() is None  # reported once
+    assert fake.hits("GET", "/v1/model") == 1
+
+
+def test_random_weights_are_flagged(fake):
+    fake.add("GET", "/v1/model", fake.reply(200, {**CARD, "random_weights": True}))
+    check = ConnectionCheck()
+    check.start(MedSIGHTClient(fake.url), timeout=5)
+    assert "RANDOM WEIGHTS: answers are meaningless." in wait_for(check).text
+
+
+def test_errors_come_back_as_plain_text(fake):
+    fake.add("GET", "/v1/model", fake.reply(401, {"code": "unauthorized", "message": "missing bearer token"}))
+    check = ConnectionCheck()
+    check.start(MedSIGHTClient(fake.url), timeout=5)
+    outcome = wait_for(check)
+    assert not outcome.ok and outcome.text == "missing bearer token"
+    check.start(MedSIGHTClient("http://127.0.0.1:9"), timeout=2)  # nothing listens on the discard port
+    outcome = wait_for(check)
+    assert not outcome.ok and outcome.text and "Traceback" not in outcome.text
+    check.close()
