@@ -1,5 +1,6 @@
 """The Region Perceiver reproduces every official intermediate (golden perceiver_io.pt)."""
 
+import pytest
 import torch
 
 from medsight.model.perceiver import sine_position_encoding
@@ -73,3 +74,31 @@ def test_padded_batch_decode_equals_per_sample_decode(golden_model, perceiver_io
         assert diff <= 1e-5, f"sample {i}: padded decode differs by {diff}"
     unmasked, _ = perceiver.decode(grids, padded)
     assert float((unmasked[1, :1] - single[1]).abs().max()) > 1e-3, "without the mask padding must matter"
+
+
+def test_cached_position_encoding_is_the_same_tensor_values():
+    from medsight.model.perceiver import cached_position_encoding
+
+    first = cached_position_encoding(6, 6, 48, torch.device("cpu"))
+    assert torch.equal(first, sine_position_encoding(6, 6, 48))
+    assert cached_position_encoding(6, 6, 48, torch.device("cpu")) is first  # computed once
+
+
+def test_sdpa_attention_reproduces_the_official_decode(golden_model, perceiver_io):
+    """The fused kernel gives the golden forward and decode, fully blocked (uniform) rows included."""
+    perceiver = golden_model.region_perceiver
+    ref = perceiver_io["decode_mask"]
+    grid = perceiver_io["perceiver"]["grid_in"]
+    assert perceiver.attention_implementation == "eager"
+    try:
+        perceiver.attention_implementation = "sdpa"
+        out = perceiver(grid, ref["codes"])
+        assert any(b.all(dim=-1).any() for b in out.blocked_masks)  # the uniform-row branch really runs
+        assert_matches(out.seg_logits, ref["seg_logits"], "sdpa decode seg logits")
+        assert_matches(out.class_logits, ref["class_logits"], "sdpa decode class logits")
+        full = perceiver(grid)
+        assert_matches(full.seg_logits, perceiver_io["perceiver"]["seg_logits"], "sdpa forward seg logits")
+    finally:
+        perceiver.attention_implementation = "eager"
+    with pytest.raises(ValueError, match=r"must be one of \('eager', 'sdpa'\), not 'flash'"):
+        perceiver.attention_implementation = "flash"

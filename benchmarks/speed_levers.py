@@ -1,0 +1,136 @@
+"""The engine's speed levers, each measured side by side in one process on identical weights (not a test).
+
+Usage: python benchmarks/speed_levers.py [--presets demo full-perceiver] [--slices 16] [--repeats 3]
+
+Levers (each against the same baseline, best of alternating repeats, with the largest difference from it):
+
+* position encoding cache: the perceiver's sine encodings computed once per size instead of on every call;
+* SDPA: torch's fused attention in the perceiver's cross-attentions instead of the official eager arithmetic;
+* bf16: the whole model in bfloat16 (on CPU; on GPUs this is the default way to run the 8B model);
+* batching and the feature cache: measured by benchmarks/engine_throughput.py and official_style.py.
+
+"full-perceiver" decodes with the full-size Region Perceiver (1024-d, 24x24 grid -> 192x192 masks, random
+weights): the shapes where the attention kernels matter. Static KV cache + torch.compile only pays off for
+GPU decoding of the 8B LM; see the closing notes of the performance issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import medsight.model.perceiver as perceiver_module
+from medsight.config import get_preset
+from medsight.model.generation import GenerationOptions
+from medsight.model.perceiver import RegionPerceiver
+
+
+def best_of(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Alternating timings (best of ``repeats``) and each candidate's max |difference| from the first one."""
+    times = {k: float("inf") for k in fns}
+    outputs = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                outputs[name] = fn()
+            times[name] = min(times[name], time.perf_counter() - start)
+    base = next(iter(outputs.values())).float()
+    diffs = {k: float((v.float() - base).abs().max()) for k, v in outputs.items()}
+    return times, diffs
+
+
+class NoPositionCache:
+    """Within the block, the perceiver recomputes its sine encodings on every call (the official behaviour)."""
+
+    def __enter__(self):
+        self.saved = perceiver_module.cached_position_encoding
+        perceiver_module.cached_position_encoding = perceiver_module.sine_position_encoding
+        return self
+
+    def __exit__(self, *exc):
+        perceiver_module.cached_position_encoding = self.saved
+
+
+def perceiver_levers(name: str, perceiver: RegionPerceiver, grid: torch.Tensor, codes: torch.Tensor,
+                     repeats: int) -> None:
+    def run(impl: str, cache: bool = True, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            perceiver.to(dtype).attention_implementation = impl
+            if cache:
+                return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
+            with NoPositionCache():
+                return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
+        return fn
+
+    fns = {"eager, PE recomputed (official)": run("eager", cache=False), "eager + PE cache": run("eager"),
+           "sdpa + PE cache": run("sdpa"), "sdpa + PE cache, bf16": run("sdpa", dtype=torch.bfloat16)}
+    times, diffs = best_of(fns, repeats)
+    perceiver.to(torch.float32).attention_implementation = "eager"
+    base = next(iter(times.values()))
+    batch, k = codes.shape[:2]
+    print(f"\n{name}: perceiver decode, batch {batch} x {k} codes, grid {tuple(grid.shape[1:3])}")
+    for label, t in times.items():
+        print(f"  {label:34s} {1000 * t:9.1f} ms  {base / t:5.2f}x  max|diff| {diffs[label]:.2e}")
+
+
+def engine_levers(slices: int, repeats: int) -> None:
+    """Whole `Engine.ask` on MNI152 slices with the demo model: float32 vs bfloat16, eager vs SDPA."""
+    from official_style import mni_volume
+
+    import medsight
+    from medsight.engine import VolumeSlices
+
+    volume = mni_volume()
+    voxels = volume.array
+    indices = list(np.linspace(20, voxels.shape[0] - 20, slices).astype(int))
+    options = GenerationOptions(max_new_tokens=32)
+    engines = {"float32, eager": medsight.Engine.load("demo", device="cpu"),
+               "float32, sdpa": medsight.Engine.load("demo", device="cpu"),
+               "bfloat16, sdpa": medsight.Engine.load("demo", device="cpu", dtype=torch.bfloat16)}
+    engines["float32, sdpa"].model.region_perceiver.attention_implementation = "sdpa"
+    engines["bfloat16, sdpa"].model.region_perceiver.attention_implementation = "sdpa"
+
+    def run(engine) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            engine.clear_cache()  # every repeat encodes again: the lever must not hide behind the feature cache
+            answer = engine.ask(VolumeSlices(volume, "axial", indices), "Please segment the white matter.", options)
+            masks = [r.mask_logits.float() for s in answer.answers for r in s.regions]
+            return torch.stack(masks) if masks else torch.zeros(1)
+        return fn
+
+    times, diffs = best_of({k: run(e) for k, e in engines.items()}, repeats)
+    base = next(iter(times.values()))
+    print(f"\ndemo model, Engine.ask on {slices} MNI152 slices (32 new tokens, encode + generate + decode)")
+    for label, t in times.items():
+        print(f"  {label:34s} {1000 * t / slices:9.1f} ms/slice  {base / t:5.2f}x  max|diff| {diffs[label]:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["demo", "full-perceiver", "engine"])
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--codes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.manual_seed(0)
+    for preset in args.presets:
+        if preset == "engine":
+            engine_levers(args.slices, args.repeats)
+            continue
+        cfg = get_preset("full" if preset == "full-perceiver" else preset)
+        perceiver = RegionPerceiver(cfg.perceiver).eval()
+        side = cfg.vision.grid_size
+        batch = 1 if preset == "full-perceiver" else args.slices
+        grid = torch.randn(batch, side, side, cfg.perceiver.dim)
+        codes = torch.randn(batch, args.codes, cfg.perceiver.dim)
+        perceiver_levers(preset, perceiver, grid, codes, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
