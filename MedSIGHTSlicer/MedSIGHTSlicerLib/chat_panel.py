@@ -40,6 +40,8 @@ SCOPES = ("current", "range", "volume")
 _SCOPE_LABELS = ("Current slice", "Slice range", "Whole volume")
 #: Slices per request of a multi-slice job: small enough for steady progress and a prompt cancel.
 CHUNK_SLICES = 16
+#: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
+MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
 _REGION_URL = re.compile(r"^region://([0-9.]+)/(\d+)/?$")
 _HINTS = {
@@ -113,13 +115,17 @@ class _Turn:
     texts: dict[int, str] = field(default_factory=dict)
     regions: dict[int, list[Region]] = field(default_factory=dict)
     status: str = ""
+    #: (plane, slice) for a one-slice question, else None; with ``volumes`` (the volume's key and engine id) it
+    #: says which later questions are follow-ups of this one.
+    place: tuple[str, int] | None = None
+    volumes: set[str] = field(default_factory=set)
 
 
 @dataclass
 class _Job:
     """What the worker of one question needs; ``runner`` (its ``jobs.Job``) carries events and the cancel flag."""
 
-    question: str
+    question: str | list[tuple[str, str]]
     scope: tuple[str, int, int]
     plane: str
     source: VolumeSource
@@ -154,6 +160,8 @@ class ChatPanel:
         self.plane = "axial"
         #: Generation options sent with every question (see the engine's AskOptions).
         self.options: dict[str, Any] = {"max_new_tokens": 256}
+        #: Send earlier questions and answers about the same slice as conversation context (`follow_up_messages`).
+        self.follow_ups = True
         self.volume_provider: Callable[[], VolumeSource | None] | None = None
         self.current_slice_provider: Callable[[], int | None] | None = None
         self.before_upload: Callable[[str], bool] | None = None
@@ -336,8 +344,11 @@ class ChatPanel:
         first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
         if scope == "current":
             first = last = int(current or 0)
-        job = _Job(text, (scope, first, last), self.plane, source, cached_id, dict(self.options))
-        self._turns.append(_Turn(text, self._scope_text(scope, first, last)))
+        place = (self.plane, first) if first == last and scope != "volume" else None
+        volumes = {v for v in (source if isinstance(source, str) else source.key, cached_id) if v}
+        messages = self.follow_up_messages(text, place, volumes)
+        job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options))
+        self._turns.append(_Turn(text, self._scope_text(scope, first, last), place=place, volumes=volumes))
         self.last_question = text
         self._job = job
         self._started = time.monotonic()
@@ -349,6 +360,20 @@ class ChatPanel:
         job.runner = self._runner.start(lambda runner: _run_job(client, job, runner), name="MedSIGHT ask")
         self._timer.start()
         return True
+
+    def follow_up_messages(self, text: str, place: tuple[str, int] | None,
+                           volumes: set[str]) -> str | list[tuple[str, str]]:
+        """The question alone, or, when earlier answered questions were about this same slice of this volume, the
+        conversation so far (up to ``MAX_CONTEXT_TURNS`` of them) followed by the question, so the model sees what
+        it said before ("and the spleen?", "is it larger than the liver?")."""
+        if not self.follow_ups or place is None:
+            return text
+        earlier = [t for t in self._turns if t.place == place and t.volumes & volumes and not t.status
+                   and t.texts.get(place[1])][-MAX_CONTEXT_TURNS:]
+        if not earlier:
+            return text
+        messages = [m for t in earlier for m in (("user", t.question), ("assistant", t.texts[place[1]]))]
+        return [*messages, ("user", text)]
 
     def close(self) -> None:
         """Stop polling, cancel any running question and close the widget (module cleanup, application exit).
@@ -431,6 +456,7 @@ class ChatPanel:
         turn = self._turns[-1]
         if kind == "uploaded":
             self._remember_volume(*payload)
+            turn.volumes.add(payload[1])  # later questions may name the volume by its engine id
             self.status.setText("Asking…")
         elif kind == "job":
             job.job_id = payload[0]

@@ -132,6 +132,33 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     assert panel.conversation_text().count("You") == 2
 
 
+def test_follow_up_questions_carry_the_conversation_about_that_slice(app, url, volume):
+    panel = make_panel(url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    first = panel._turns[-1].texts[1]
+    assert first
+    here, volumes = ("axial", 1), {"disc"}
+    assert panel.follow_up_messages("And the kidney?", here, volumes) == [
+        ("user", "Where is the liver?"), ("assistant", first), ("user", "And the kidney?")]
+    # Another slice, another volume, or a multi-slice scope: the question goes alone.
+    assert panel.follow_up_messages("And the kidney?", ("axial", 2), volumes) == "And the kidney?"
+    assert panel.follow_up_messages("And the kidney?", here, {"other volume"}) == "And the kidney?"
+    assert panel.follow_up_messages("And the kidney?", None, volumes) == "And the kidney?"
+
+    # Through the live engine: the follow-up's answer is the engine's answer to the whole conversation.
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    volume_id = panel._volume_ids["disc"]
+    expected = panel.client.ask(volume_id, [("user", "Where is the liver?"), ("assistant", first),
+                                            ("user", "And the kidney?")], indices=[1], options=SHORT)
+    assert panel._turns[-1].texts[1] == expected.answers[0].text
+    # Both answered questions are context for a third; the option turns follow-ups off.
+    assert len(panel.follow_up_messages("Third?", here, {volume_id})) == 5
+    panel.follow_ups = False
+    assert panel.follow_up_messages("Third?", here, volumes) == "Third?"
+
+
 def test_ctrl_enter_sends(app, url, volume):
     panel = make_panel(url, volume)
     panel.widget.activateWindow()
