@@ -7,6 +7,7 @@ logits processor forces one region code per answer so that a mask is always deco
 Usage:
     python benchmarks/gpu_fullsize.py                       # full model on CUDA, bf16
     python benchmarks/gpu_fullsize.py --tiny --device cpu   # tiny config on the CPU: proves the script works
+    python benchmarks/gpu_fullsize.py --perceiver-attention eager   # the official attention arithmetic
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--encode-batch", type=int, default=32)
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="one-slice latency: best of this many")
+    parser.add_argument("--perceiver-attention", default="sdpa", choices=["eager", "sdpa"],
+                        help="the perceiver's attention kernel (eager = the official arithmetic)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -95,6 +98,7 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = build(config, device, dtype)
+    model.region_perceiver.attention_implementation = args.perceiver_attention
     sync(device)
     built = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
@@ -131,7 +135,8 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {name} ({device}), torch {torch.__version__}, dtype {dtype}, "
+    print(f"device: {name} ({device}), torch {torch.__version__}, dtype {dtype}, perceiver attention "
+          f"{args.perceiver_attention}, "
           f"config {'tiny' if args.tiny else 'full'} ({params / 1e9:.2f} B parameters, built in {built:.1f} s)")
     print(f"answer: {args.tokens} new tokens, one forced region code, mask {masks[0].shape[-1]}^2; "
           f"prompt {len(prompt) - 1} text ids + {config.vision.num_patches + config.perceiver.num_queries} image "

@@ -1,0 +1,31 @@
+"""The benchmark scripts stay runnable: each one's smallest CPU configuration, end to end, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_gpu_fullsize_runs_on_cpu_with_the_tiny_config():
+    out = run("gpu_fullsize.py", "--tiny", "--device", "cpu", "--slices", "4", "--gen-batch", "4", "--tokens", "8",
+              "--repeats", "1")
+    assert "config tiny" in out and "perceiver attention sdpa" in out
+    assert "4-slice throughput" in out and "one-slice latency" in out
+
+
+def test_speed_levers_runs_on_the_demo_perceiver():
+    out = run("speed_levers.py", "--presets", "demo", "--slices", "2", "--repeats", "1")
+    for lever in ("eager, PE recomputed (official)", "eager + PE cache", "sdpa + PE cache"):
+        assert lever in out
