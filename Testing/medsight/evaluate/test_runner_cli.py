@@ -137,7 +137,8 @@ def test_torchrun_two_ranks_meet_at_a_gloo_barrier_and_rank0_reports(diagseg, si
 
 def test_end_to_end_report_matches_predictions(diagseg, single_run):
     report = json.loads((single_run / "report.json").read_text())
-    assert report["n_items"] == report["n_scored"] == 7 and report["n_missing"] == 0
+    n_items = len(read_diagseg(diagseg[0]))
+    assert n_items >= 5 and report["n_items"] == report["n_scored"] == n_items and report["n_missing"] == 0
     assert {"report.md", "dice.png", "recall.png"} <= {p.name for p in single_run.iterdir()}
     rows = {(r["metric"], r["group"], r["aggregate"]): r for r in report["metrics"]}
     items = {it.id: it for it in read_diagseg(diagseg[0])}
@@ -154,7 +155,7 @@ def test_end_to_end_report_matches_predictions(diagseg, single_run):
         recalls.append(precision_recall_f1(rec["text"], item.answer)[1])
         mods.append(item.modality)
     assert rows[("dice", "all", "per_sample_mean")]["value"] == pytest.approx(100 * np.mean(dices), abs=1e-4)
-    assert rows[("dice", "all", "per_sample_mean")]["n"] == 7
+    assert rows[("dice", "all", "per_sample_mean")]["n"] == n_items == len(dices)
     for mod in set(mods):
         sel = [d for d, m in zip(dices, mods, strict=True) if m == mod]
         assert rows[("dice", mod, "mean")]["value"] == pytest.approx(100 * np.mean(sel), abs=1e-4)
