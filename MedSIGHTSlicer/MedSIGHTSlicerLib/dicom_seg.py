@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import ExportError
-from .geometry import segment_array
+from .geometry import ijk_to_ras, segment_array
 from .suggestions import TAG_MODEL, TAG_REGION_CODE, get_tag
 
 __all__ = ["INSTANCE_UIDS_ATTRIBUTE", "export_dicom_seg", "source_files"]
@@ -60,12 +60,7 @@ def _segment_arrays(segmentation_node, volume_node) -> list[tuple[object, np.nda
 
 
 def _ijk_to_lps(volume_node) -> np.ndarray:
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras(volume_node)
 
 
 def _order_sources(datasets: list, volume_node) -> list:
@@ -116,8 +111,8 @@ def _description(number: int, segment, version: str):
     from pydicom.sr.codedict import codes
 
     category, kind = _terminology(segment)
-    model = get_tag(segment, TAG_MODEL)
-    from_model = model is not None or get_tag(segment, TAG_REGION_CODE) is not None
+    model, region_code = get_tag(segment, TAG_MODEL), get_tag(segment, TAG_REGION_CODE)
+    from_model = model is not None or region_code is not None
     colour = segment.GetColor()
     return hd.seg.SegmentDescription(
         segment_number=number,
@@ -130,8 +125,8 @@ def _description(number: int, segment, version: str):
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=(model or "MedSIGHT")[:64], family=codes.cid7162.ArtificialIntelligence, version=version
         ) if from_model else None,
-        tracking_id=get_tag(segment, TAG_REGION_CODE) or None,
-        tracking_uid=hd.UID() if get_tag(segment, TAG_REGION_CODE) else None,
+        tracking_id=region_code or None,
+        tracking_uid=hd.UID() if region_code else None,
         display_color=hd.color.CIELabColor.from_rgb(*(round(float(c) * 255) for c in colour)),
     )
 

@@ -23,6 +23,7 @@ slicer = pytest.importorskip("slicer")
 
 import medsight  # noqa: E402
 import medsight.server.app  # noqa: E402
+from medsight.server.rle import encode_mask  # noqa: E402
 from medsight_testing.live_server import live_server  # noqa: E402
 from MedSIGHTSlicerLib.client import MedSIGHTClient  # noqa: E402
 from MedSIGHTSlicerLib.geometry import volume_upload_arrays  # noqa: E402
@@ -70,13 +71,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def rle(mask: np.ndarray) -> dict:
-    flat = np.concatenate([[False], mask.reshape(-1), [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(flat))
-    runs = np.diff(np.concatenate([[0], edges, [mask.size]]))
-    return {"shape": list(mask.shape), "counts": [int(r) for r in runs]}
-
-
 @pytest.fixture(scope="module")
 def demo_url():
     with live_server(medsight.server.app.create_app(medsight.Engine.load("demo", device="cpu"))) as base_url:
@@ -107,7 +101,7 @@ def test_golden_case_through_the_lib_path(demo_url):
         spec = {"model": client.model_card().name, "device": "cpu", "volume_file": volume_path.name,
                 "modality": "CT", "volume_id": info.volume_id, "question": question, "slice": index,
                 "options": options, "answer": answer.text,
-                "regions": [{"index": r.index, "code": r.code, "label": r.label, "mask": rle(r.mask)}
+                "regions": [{"index": r.index, "code": r.code, "label": r.label, "mask": encode_mask(r.mask)}
                             for r in answer.regions]}
         spec_path.write_text(json.dumps(spec, indent=1) + "\n")
 
