@@ -325,6 +325,18 @@ def _folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
 
 
+def _targets_line(scores: dict) -> str:
+    """Which of the project's targets (`evaluate_demo.TARGETS`) the scores meet, in words."""
+    from .evaluate_demo import TARGETS
+
+    def verdict(key: str) -> str:
+        value = scores.get(key)
+        return "met" if value is not None and value >= TARGETS[key] else "**not met**"
+
+    return ("Project targets: " + ", ".join(f"{key} >= {target}: {verdict(key)}" for key, target in TARGETS.items())
+            + ".")
+
+
 def write_model_card(model_dir: Path, summary: dict) -> Path:
     cfg = json.loads((model_dir / "medsight_config.json").read_text())
     v, p, c, llm = cfg["vision"], cfg["perceiver"], cfg["codebook"], cfg["llm"]
@@ -394,8 +406,11 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         f"- Yes/no accuracy: **{pct(s.get('yes_no_accuracy'))}** ({s.get('n_yes_no', 0)} lesion-presence and "
         "organ-visibility questions).",
         "",
-        "Each question is asked alone with its image through `MedSIGHTModel.generate` with the default (official) "
-        "greedy decoding; see `EVALUATION.md` for the per-structure table.",
+        "Each question is asked alone with its image through `MedSIGHTModel.generate` with the default greedy "
+        "decoding, region codes decoded from the model's `code_state_position`; see `EVALUATION.md` for the "
+        "per-structure table.",
+        "",
+        _targets_line(s),
         "",
         "## Limits",
         "",
