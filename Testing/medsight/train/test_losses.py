@@ -159,6 +159,34 @@ def test_lvlm_batch_of_two_equals_single(golden_model, lvlm_io, lvlm_train):
     _close(batch.logits[0, : single.logits.shape[1]], single.logits[0], 1e-12)
 
 
+def test_lvlm_mixed_code_counts_need_padding_and_padding_changes_no_slot(golden_model, lvlm_io, lvlm_train):
+    """pad_code_slots: each sample's own slots keep their values; the mask loss sums are those of the singles."""
+    ids, labels, single = lvlm_train
+    ref = lvlm_io["train"]
+    k_first = single.mask_logits.shape[1]
+    one_ids, one_labels = training_labels(
+        golden_model.tokenizer, [Message("user", "Kidney?"), Message("assistant", "Here [M0_1].")]
+    )
+    pixels = lvlm_io["pixel_values_fp32"]
+    encoding = golden_model.encode(torch.stack([pixels, pixels.flip(-1)]))
+    second_masks = ref["mask_labels"][1:2]
+    args = ([ids, one_ids], [labels, one_labels], encoding, [ref["mask_labels"], second_masks])
+    assert k_first > 1
+    with pytest.raises(ValueError, match="pad_code_slots"):
+        lvlm_losses(golden_model, *args)
+    with torch.no_grad():
+        mixed = lvlm_losses(golden_model, *args, pad_code_slots=True)
+        alone = lvlm_losses(golden_model, [one_ids], [one_labels], encoding.select(1), [second_masks])
+    assert mixed.mask_logits.shape[:2] == (2, k_first)
+    assert mixed.code_positions[1][1:] == [0] * (k_first - 1)
+    _close(mixed.mask_logits[0], single.mask_logits[0], 1e-12)
+    _close(mixed.mask_logits[1, :1], alone.mask_logits[0], 1e-12)
+    # Padding slots have no target, so they add nothing to the sums; only the denominator is B * K_max.
+    for term in ("dice_loss", "bce_loss"):
+        summed = getattr(single, term) * k_first + getattr(alone, term) * 1
+        _close(getattr(mixed, term) * (2 * k_first), summed, 1e-6)
+
+
 def test_lvlm_without_codes_decodes_position_zero(golden_model, lvlm_io):
     messages = [Message("user", "Is there a kidney?"), Message("assistant", "No.")]
     ids, labels = training_labels(golden_model.tokenizer, messages)

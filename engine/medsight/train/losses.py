@@ -334,6 +334,7 @@ def lvlm_losses(
     labels: Sequence[Sequence[int]],
     encoding,
     mask_labels: Sequence[torch.Tensor | None],
+    pad_code_slots: bool = False,
 ) -> LVLMLosses:
     """The official stage 3-5 training forward: CE + Dice + BCE (all weights 1).
 
@@ -342,9 +343,13 @@ def lvlm_losses(
         input_ids, labels: per sample, from `training_labels` (one image placeholder each).
         encoding: `ImageEncoding` of the batch's images (one per sample, in order). The vision side is frozen.
         mask_labels: per sample, (n, 1, H, W) binary masks in the order of the codes, or None.
+        pad_code_slots: deviation, off by default. Officially every sample of a batch must have the same number
+            of codes K (the collator stacks them), which in practice means batch size 1. When True, samples with
+            fewer codes are padded to the batch's largest K with empty slots: state at position 0, zero target,
+            masked out of the perceiver's attention. The mask loss ignores them as it ignores a pure-VQA sample's
+            slot; they do count in the B*K denominator, as that slot does officially. This makes batches > 1 usable.
 
-    Every sample must have the same number of codes K (the official collator stacks them); with no code, the
-    state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
+    With no code, the state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
     """
     if not (len(input_ids) == len(labels) == len(mask_labels) == encoding.grid.shape[0]):
         raise ValueError("input_ids, labels, mask_labels and the encoding must describe the same samples")
@@ -373,8 +378,18 @@ def lvlm_losses(
         is_code = model.codes.is_code(torch.tensor(ids))
         # Training decodes the states AT the codes (inference uses the state before); no code -> position 0.
         code_pos.append([positions[i] for i in torch.nonzero(is_code).flatten().tolist()] or [0])
-    if len({len(p) for p in code_pos}) != 1:
-        raise ValueError("every sample of a batch must have the same number of region codes")
+    counts = [len(p) for p in code_pos]
+    query_mask = None
+    if len(set(counts)) != 1:
+        if not pad_code_slots:
+            raise ValueError("every sample of a batch must have the same number of region codes "
+                             "(official collator); pass pad_code_slots=True to pad them")
+        slots = max(counts)
+        code_pos = [p + [0] * (slots - len(p)) for p in code_pos]
+        # A sample's own masks fill its own slots only; the padding slots keep a zero target.
+        mask_labels = [None if m is None else m[:n] for m, n in zip(mask_labels, counts, strict=True)]
+        # The K codes of a sample are decoded jointly: padding must be invisible to the real slots.
+        query_mask = torch.tensor([[k < n for k in range(slots)] for n in counts])
 
     # Right padding, as in the official collator.
     length = max(r.shape[0] for r in rows)
@@ -392,7 +407,9 @@ def lvlm_losses(
     index = torch.tensor(code_pos, device=states.device)
     seg = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
     codes = lm.token_projection(seg)
-    mask_logits, _ = model.region_perceiver.decode(grid, codes.to(grid.dtype))
+    if query_mask is not None:
+        query_mask = query_mask.to(grid.device)
+    mask_logits, _ = model.region_perceiver.decode(grid, codes.to(grid.dtype), query_mask)
     size = tuple(mask_logits.shape[-2:])
     targets = torch.stack([
         mask_targets(m, mask_logits.shape[1], size, mask_logits.dtype, mask_logits.device) for m in mask_labels

@@ -87,6 +87,7 @@ class LVLMConfig(TrainConfig):
     round_pixels_to_bf16: bool = True  # as at inference (the official tower ran in bf16)
     resize_mode: ResizeMode = "crop"
     data_root: str = ""  # where relative image/mask paths live; "" tries the JSON's folder and its parent
+    pad_code_slots: bool = False  # deviation: batch samples with different code counts (see `lvlm_losses`)
 
 
 @dataclass
@@ -258,7 +259,8 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
         pixels = torch.stack([s.pixels for s in batch]).to(device)
         encoding = model.encode(pixels, config.round_pixels_to_bf16)  # frozen vision side, no graph
         masks = [None if s.masks is None else s.masks.to(device) for s in batch]
-        out = lvlm_losses(model, [s.input_ids for s in batch], [s.labels for s in batch], encoding, masks)
+        out = lvlm_losses(model, [s.input_ids for s in batch], [s.labels for s in batch], encoding, masks,
+                          pad_code_slots=config.pad_code_slots)
         if not with_masks:
             return {"loss": out.ce_loss, "ce": out.ce_loss}
         return {"loss": out.loss, "ce": out.ce_loss, "mask": out.mask_loss, "dice": out.dice_loss,
