@@ -47,6 +47,20 @@ def test_default_model_is_the_embedded_demo_model(mni_path, tmp_path, capsys):
     assert [s.name for s in read_seg_nrrd(out).segments] == ["White matter"]
 
 
+def test_sdpa_perceiver_flag_gives_the_eager_answer(mni_path, capsys):
+    base = ["ask", str(mni_path), "Please segment the white matter.", "--json", "--model", "tiny",
+            "--max-new-tokens", "6", "--device", "cpu"]
+    results = []
+    for kernel in ("eager", "sdpa"):
+        assert main([*base, "--perceiver-attention", kernel]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    eager, sdpa = results
+    assert eager["answer"] == sdpa["answer"] and eager["regions"]
+    for a, b in zip(eager["regions"], sdpa["regions"], strict=True):
+        assert a["code"] == b["code"] and abs(a["probability"] - b["probability"]) <= 1e-4
+        assert abs(a["pixels"] - b["pixels"]) <= 2  # a logit within float rounding of 0 may flip
+
+
 def test_parse_slices():
     assert parse_slices(None, 9) == [4]
     assert parse_slices("all", 3) == [0, 1, 2]

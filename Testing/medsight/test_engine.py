@@ -228,3 +228,18 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
 def test_load_builds_an_engine():
     engine = Engine.load("tiny", device="cpu", cache_bytes=0)
     assert isinstance(engine.model, medsight.MedSIGHTModel) and engine.cache.max_bytes == 0
+
+
+def test_load_selects_the_perceiver_attention():
+    """`perceiver_attention="sdpa"` gives the official (eager) answer; an unknown kernel is a clear error."""
+    eager = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0)
+    sdpa = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0, perceiver_attention="sdpa")
+    assert eager.model.region_perceiver.attention_implementation == "eager"
+    assert sdpa.model.region_perceiver.attention_implementation == "sdpa"
+    options = GenerationOptions(logits_processors=[ForceRows([script(eager.model, "assistant\nKidney [M0_4].")])])
+    a = eager.ask(images(1, seed=5), "Segment the kidney.", options)[0]
+    b = sdpa.ask(images(1, seed=5), "Segment the kidney.", options)[0]
+    assert len(a.regions) == 1
+    assert_same(a, b, tol=1e-9)
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        Engine.load("tiny", device="cpu", perceiver_attention="flash")

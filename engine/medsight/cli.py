@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=512)
     ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ask.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
+                     help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, faster)")
     ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
     ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this PNG")
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions, slices)")
@@ -44,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=os.environ.get("MEDSIGHT_TOKEN"),
                        help="bearer token required from clients (needed for any non-loopback host)")
     serve.add_argument("--device")
+    serve.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
+                       help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, faster)")
     serve.add_argument("--max-upload-mb", type=int, default=1024)
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
 
@@ -150,7 +154,8 @@ def _ask(args: argparse.Namespace) -> int:
 
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
-    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file)
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
+                                  perceiver_attention=args.perceiver_attention)
     if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
@@ -208,7 +213,8 @@ def _serve(args: argparse.Namespace) -> int:
     from medsight.server.security import check_bind
 
     check_bind(args.host, args.token)
-    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file)
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
+                                  perceiver_attention=args.perceiver_attention)
     app = create_app(engine, token=args.token, max_upload_bytes=args.max_upload_mb * 1024**2,
                      request_timeout_s=args.timeout, model_name=str(args.model))
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
