@@ -1,6 +1,6 @@
 """The engine's speed levers, each measured side by side in one process on identical weights (not a test).
 
-Usage: python benchmarks/speed_levers.py [--presets demo full-perceiver] [--slices 16] [--repeats 3]
+Usage: python benchmarks/speed_levers.py [--presets demo full-perceiver engine kv-cache] [--slices 16] [--repeats 3]
 
 Levers (each against the same baseline, best of alternating repeats, with the largest difference from it):
 
@@ -10,8 +10,10 @@ Levers (each against the same baseline, best of alternating repeats, with the la
 * batching and the feature cache: measured by benchmarks/engine_throughput.py and official_style.py.
 
 "full-perceiver" decodes with the full-size Region Perceiver (1024-d, 24x24 grid -> 192x192 masks, random
-weights): the shapes where the attention kernels matter. Static KV cache + torch.compile only pays off for
-GPU decoding of the 8B LM; see the closing notes of the performance issue.
+weights): the shapes where the attention kernels matter.
+
+"kv-cache" (opt-in, ~40 s of compilation): the demo language model's greedy decoding with HF `generate`, dynamic
+KV cache (what the engine uses) vs static cache vs static cache + `torch.compile`, same tokens required.
 """
 
 from __future__ import annotations
@@ -110,6 +112,37 @@ def engine_levers(slices: int, repeats: int) -> None:
         print(f"  {label:34s} {1000 * t / slices:9.1f} ms/slice  {base / t:5.2f}x  max|diff| {diffs[label]:.2e}")
 
 
+def kv_cache_levers(repeats: int, prompt: int = 300, new_tokens: int = 32) -> None:
+    """Greedy decoding of the demo LM: dynamic vs static KV cache, then static + torch.compile (batch 1)."""
+    from medsight.model.loading import load_model
+
+    lm = load_model("demo", device="cpu").language_model.eval()
+    embeds = torch.randn(1, prompt, lm.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def run(**kwargs) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            return lm.generate(inputs_embeds=embeds, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, **kwargs)
+        return fn
+
+    fns = {"dynamic cache (engine)": run(), "static cache": run(cache_implementation="static")}
+    times, _ = best_of(fns, repeats)
+    with torch.inference_mode():
+        outputs = {k: fn() for k, fn in fns.items()}
+    lm.forward = torch.compile(lm.forward, dynamic=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        outputs["static + torch.compile"] = run(cache_implementation="static")()
+    compile_s = time.perf_counter() - start
+    times.update(best_of({"static + torch.compile": run(cache_implementation="static")}, repeats)[0])
+    base = times["dynamic cache (engine)"]
+    same = all(torch.equal(o, outputs["dynamic cache (engine)"]) for o in outputs.values())
+    print(f"\ndemo LM greedy decoding, batch 1, {prompt} prompt embeddings, {new_tokens} new tokens "
+          f"(same tokens: {same}; first compiled call {compile_s:.0f} s)")
+    for label, t in times.items():
+        print(f"  {label:34s} {1000 * t:9.1f} ms  {base / t:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["demo", "full-perceiver", "engine"])
@@ -122,6 +155,9 @@ def main() -> None:
     for preset in args.presets:
         if preset == "engine":
             engine_levers(args.slices, args.repeats)
+            continue
+        if preset == "kv-cache":
+            kv_cache_levers(args.repeats)
             continue
         cfg = get_preset("full" if preset == "full-perceiver" else preset)
         perceiver = RegionPerceiver(cfg.perceiver).eval()
