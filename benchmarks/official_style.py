@@ -140,9 +140,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of both paths; best is reported")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--onnx-dir", help="run the Engine's vision side in ONNX Runtime (medsight export-onnx of the "
+                        "same model); the official path stays in PyTorch")
     args = parser.parse_args()
 
-    engine = medsight.Engine.load(args.model, device=args.device)
+    engine = medsight.Engine.load(args.model, device=args.device, onnx_dir=args.onnx_dir)
     model, device = engine.model, engine.model.device
     volume = mni_volume()
     first = max(0, (volume.array.shape[0] - args.slices) // 2)
