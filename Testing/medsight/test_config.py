@@ -1,8 +1,10 @@
 """Configs are data: presets round-trip through JSON and bad values are refused with a reason."""
 
 import pytest
+import torch
 
 from medsight.config import MedSIGHTConfig, get_preset
+from medsight.model.perceiver import RegionPerceiver
 
 
 @pytest.mark.parametrize("name", ["full", "tiny", "demo"])
@@ -46,3 +48,12 @@ def test_code_state_position_official_by_default_and_at_for_our_demo_model():
     legacy = get_preset("demo").to_dict()
     del legacy["code_state_position"]  # configs written before the field existed
     assert MedSIGHTConfig.from_dict(legacy).code_state_position == "before"
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo"])
+def test_mask_size_is_what_the_perceiver_outputs(name):
+    cfg = get_preset(name)
+    grid = torch.randn(1, cfg.vision.grid_size, cfg.vision.grid_size, cfg.perceiver.dim)
+    with torch.no_grad():
+        logits = RegionPerceiver(cfg.perceiver).eval()(grid).seg_logits
+    assert tuple(logits.shape[-2:]) == (cfg.mask_size, cfg.mask_size)

@@ -126,6 +126,11 @@ class MedSIGHTConfig:
         if self.llm.vocab_size <= self.codebook.num_codes:
             raise ValueError(f"llm.vocab_size ({self.llm.vocab_size}) leaves no room for the region codes")
 
+    @property
+    def mask_size(self) -> int:
+        """Side of the perceiver's mask logits: the ViT grid doubled by each perceiver stage."""
+        return self.vision.grid_size * 2**self.perceiver.num_stages
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

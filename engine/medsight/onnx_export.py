@@ -236,7 +236,7 @@ def export_onnx(
         "dtype": "float32",
         "image_size": v.image_size,
         "grid_size": v.grid_size,
-        "mask_size": v.grid_size * 2**model.config.perceiver.num_stages,
+        "mask_size": model.config.mask_size,
         "position_encoding": "constant",
         "pixel_rounding": "bfloat16 before the graph (ImageOptions.round_pixels_to_bf16), done by the backend",
         "weights_source": model.weights_source,

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsight.config import get_preset
+from medsight.config import MedSIGHTConfig, get_preset
 from medsight.model.loading import build_model, load_pretrained, save_pretrained
 from medsight.model.medsight import ImageEncoding, MedSIGHTModel
 from medsight.model.preprocess import prepare_image
@@ -343,6 +343,7 @@ def _targets_line(scores: dict) -> str:
 def write_model_card(model_dir: Path, summary: dict) -> Path:
     cfg = json.loads((model_dir / "medsight_config.json").read_text())
     v, p, c, llm = cfg["vision"], cfg["perceiver"], cfg["codebook"], cfg["llm"]
+    mask_size = MedSIGHTConfig.from_dict(cfg).mask_size
     s = summary.get("scores", {})
 
     def pct(x):
@@ -360,7 +361,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         f"- Preset `demo`: ViT {v['layers']} layers x width {v['width']} on {v['image_size']} px images "
         f"(patch {v['patch_size']}, {v['image_size'] // v['patch_size']}x{v['image_size'] // v['patch_size']} grid), "
         f"Region Perceiver dim {p['dim']} ({p['num_queries']} queries, {p['num_stages']} stages -> "
-        f"{(v['image_size'] // v['patch_size']) * 2 ** p['num_stages']} px masks, {p['num_classes']} classes), "
+        f"{mask_size} px masks, {p['num_classes']} classes), "
         f"codebook {c['num_modalities']} x {c['codebook_size']} codes of dim {c['code_dim']}, Qwen3-style LM "
         f"{llm['num_hidden_layers']} layers x hidden {llm['hidden_size']} on a byte tokenizer "
         f"(vocabulary {llm['vocab_size']} = 259 bytes/special tokens + 576 region codes).",
@@ -419,8 +420,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "",
         "- Synthetic data only; no real anatomy variability, scanners or pathology. Do not use on patients.",
         "- Fixed answer templates; the language model knows nothing beyond them.",
-        f"- 2D slices at {v['image_size']} px; small lesions are coarse at the "
-        f"{(v['image_size'] // v['patch_size']) * 2 ** p['num_stages']} px mask resolution.",
+        f"- 2D slices at {v['image_size']} px; small lesions are coarse at the {mask_size} px mask resolution.",
     ]
     path = model_dir / CARD_FILE
     path.write_text("\n".join(lines) + "\n")

@@ -135,7 +135,7 @@ def create_app(
         cfg = model.config
         return schemas.ModelCard(
             name=model_name, version=__version__, parameters=model_size(cfg).total,
-            image_size=cfg.vision.image_size, mask_size=cfg.vision.grid_size * 8,
+            image_size=cfg.vision.image_size, mask_size=cfg.mask_size,
             num_region_codes=model.codes.num_codes, first_code_id=model.codes.first_id,
             random_weights=random_weights,
             intended_use="Research and annotation assistance. Not for clinical use.",
