@@ -32,8 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=512)
     ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ask.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
-                     help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, faster)")
     ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
     ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this PNG")
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions, slices)")
@@ -46,10 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=os.environ.get("MEDSIGHT_TOKEN"),
                        help="bearer token required from clients (needed for any non-loopback host)")
     serve.add_argument("--device")
-    serve.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
-                       help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, faster)")
     serve.add_argument("--max-upload-mb", type=int, default=1024)
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
+
+    for command in (ask, serve):
+        # Mirrors medsight.model.perceiver.ATTENTION_IMPLEMENTATIONS (not imported: `--help` stays free of torch).
+        command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
+                             help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, "
+                             "faster)")
 
     train = sub.add_parser("train", help="run one training stage: medsight train stage1 --config C --data D --out O",
                            add_help=False)

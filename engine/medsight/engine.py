@@ -207,7 +207,7 @@ class Engine:
         the vision side in ONNX Runtime.
 
         `perceiver_attention`: "eager" (the official einsum attention) or "sdpa" (PyTorch's fused kernel: same
-        values within float rounding, 1.13x faster per slice for the demo model on CPU, `benchmarks/speed_levers`).
+        values within float rounding, 1.12x faster per slice for the demo model on CPU, `benchmarks/speed_levers`).
         """
         backend = None
         if onnx_dir is not None:

@@ -389,7 +389,7 @@ def lvlm_losses(
         # A sample's own masks fill its own slots only; the padding slots keep a zero target.
         mask_labels = [None if m is None else m[:n] for m, n in zip(mask_labels, counts, strict=True)]
         # The K codes of a sample are decoded jointly: padding must be invisible to the real slots.
-        query_mask = torch.tensor([[k < n for k in range(slots)] for n in counts])
+        query_mask = torch.tensor([[k < n for k in range(slots)] for n in counts], device=grid.device)
 
     # Right padding, as in the official collator.
     length = max(r.shape[0] for r in rows)
@@ -407,8 +407,6 @@ def lvlm_losses(
     index = torch.tensor(code_pos, device=states.device)
     seg = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
     codes = lm.token_projection(seg)
-    if query_mask is not None:
-        query_mask = query_mask.to(grid.device)
     mask_logits, _ = model.region_perceiver.decode(grid, codes.to(grid.dtype), query_mask)
     size = tuple(mask_logits.shape[-2:])
     targets = torch.stack([
