@@ -403,7 +403,7 @@ class Engine:
         return output, streams
 
     def _decode(self, inputs, encodings, output, options, streams, on_token, on_region) -> list[SliceAnswer]:
-        """All rows' codes through one padded perceiver decode, then masks onto each slice's grid."""
+        """All rows' codes through the perceiver (batched by code count), then masks onto each slice's grid."""
         rows = [self._row(output, row, options) for row in range(len(inputs))]
         if on_token is not None:
             for x, stream, (_, text, _, _) in zip(inputs, streams, rows, strict=True):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsight.model.medsight import ImageEncoding
+from medsight.model.medsight import ImageEncoding, groups_by_count
 from medsight.onnx_export import MANIFEST_FILE
 
 
@@ -92,22 +92,14 @@ class OnnxVisionBackend:
     def decode_regions(self, model, grids: torch.Tensor, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`MedSIGHTModel.decode_regions` with the perceiver on onnxruntime (token_projection stays in PyTorch).
 
-        Each sample's code states (K_b, H) become (K_b, m, m) mask logits; samples are padded to the longest K.
+        Each sample's code states (K_b, H) become (K_b, m, m) mask logits; samples are batched by equal K.
         """
-        keep = [i for i, s in enumerate(states) if s.shape[0] > 0]
         results = [grids.new_zeros(0, 0, 0) for _ in states]
-        if not keep:
-            return results
-        longest = max(states[i].shape[0] for i in keep)
-        padded = states[keep[0]].new_zeros(len(keep), longest, states[keep[0]].shape[1])
-        valid = torch.zeros(len(keep), longest, dtype=torch.bool)
-        for j, i in enumerate(keep):
-            padded[j, : states[i].shape[0]] = states[i]
-            valid[j, : states[i].shape[0]] = True
-        with torch.inference_mode():
-            codes = model.language_model.token_projection(padded)
-        logits, _ = self.decode(grids[keep], codes, valid)
-        logits = logits.to(device=grids.device, dtype=grids.dtype)
-        for j, i in enumerate(keep):
-            results[i] = logits[j, : states[i].shape[0]]
+        for rows in groups_by_count(states):
+            with torch.inference_mode():
+                codes = model.language_model.token_projection(torch.stack([states[i] for i in rows]))
+            logits, _ = self.decode(grids[rows], codes)
+            logits = logits.to(device=grids.device, dtype=grids.dtype)
+            for j, i in enumerate(rows):
+                results[i] = logits[j]
         return results

