@@ -45,14 +45,35 @@ class Answer:
     cancelled: bool = False
 
 
-def region_from_logits(
-    code: str | None, label: str, index: int, mask_logits: torch.Tensor, source_logits: torch.Tensor
-) -> Region:
-    """Build a Region from model-input logits and the same logits mapped onto the source grid."""
-    mask = (source_logits > 0).cpu().numpy()
-    prob = float(torch.sigmoid(source_logits.float())[torch.from_numpy(mask)].mean()) if mask.any() else 0.0
-    bbox = None
-    if mask.any():
-        rows, cols = np.nonzero(mask)
-        bbox = (int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max()))
-    return Region(code, label, index, mask_logits.float().cpu(), mask, prob, bbox)
+def regions_from_logits(
+    names: list[tuple[str | None, str]], mask_logits: torch.Tensor, source_logits: torch.Tensor
+) -> list[Region]:
+    """One Region per channel: `names[k]` is (code, label), `mask_logits` (K, m, m) are the logits over the model
+    input and `source_logits` (K, H, W) the same logits mapped onto the source grid.
+
+    All K masks are thresholded and summarised in one pass (a volume answer has hundreds of regions).
+    """
+    if len(names) != mask_logits.shape[0] or source_logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(f"{len(names)} names for {mask_logits.shape[0]} mask channels "
+                         f"and {source_logits.shape[0]} source channels")
+    source = source_logits.float()
+    mask = source > 0
+    counts = mask.sum(dim=(1, 2))
+    probability = torch.where(mask, torch.sigmoid(source), 0).sum(dim=(1, 2)) / counts.clamp(min=1)
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (K, H), (K, W)
+
+    def first_last(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(hit.shape[1], device=hit.device)
+        return torch.where(hit, index, hit.shape[1]).amin(1), torch.where(hit, index, -1).amax(1)
+
+    (r0, r1), (c0, c1) = first_last(rows), first_last(cols)
+    masks = mask.cpu().numpy()
+    stats = torch.stack([counts, r0, c0, r1, c1]).cpu().tolist()
+    probability = probability.cpu().tolist()
+    logits = mask_logits.float().cpu()
+    regions = []
+    for k, (code, label) in enumerate(names):
+        count, *box = (column[k] for column in stats)
+        bbox = tuple(int(v) for v in box) if count else None
+        regions.append(Region(code, label, k, logits[k], masks[k], float(probability[k]) if count else 0.0, bbox))
+    return regions

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medsight.answer import Region, region_from_logits
+from medsight.answer import Region, regions_from_logits
 from medsight.feature_cache import CacheStats, FeatureCache, content_key
 from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
 from medsight.model.generation import GenerationOptions, GenerationOutput
@@ -26,7 +26,6 @@ from medsight.model.loading import load_model
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
 from medsight.model.preprocess import InputTransform
 from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
-from medsight.tokens import parse_code_labels
 
 #: Default feature-cache bound. Encodings live on the model's device; 1 GiB (~400 slices of the full model in
 #: bf16) keeps the full model within its 18.5 GB GPU budget.
@@ -200,14 +199,15 @@ class Engine:
         dtype: torch.dtype | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         onnx_dir: str | None = None,
-        perceiver_attention: str = "eager",
+        perceiver_attention: str = "sdpa",
         **load_kwargs,
     ) -> Engine:
         """Load a model (see `medsight.load_model`) and wrap it; `onnx_dir` (from `medsight export-onnx`) runs
         the vision side in ONNX Runtime.
 
-        `perceiver_attention`: "eager" (the official einsum attention) or "sdpa" (PyTorch's fused kernel: same
-        values within float rounding, 1.12x faster per slice for the demo model on CPU, `benchmarks/speed_levers`).
+        `perceiver_attention`: "sdpa" (default: PyTorch's fused attention kernel, the same function as the official
+        arithmetic within float rounding; 1.2-1.4x faster perceiver on CPU, `benchmarks/official_style.py`) or
+        "eager" (the official fill-and-softmax arithmetic, what the golden parity tests run).
         """
         backend = None
         if onnx_dir is not None:
@@ -441,16 +441,9 @@ class Engine:
         if mask_logits.shape[0] == 0:
             return []
         source = x.transform.logits_to_source(mask_logits.float())
-        labels = parse_code_labels(text)
-        regions = []
-        for k in range(mask_logits.shape[0]):
-            code, label = None, ""
-            if where:
-                code = self.model.codes.name_of(ids[where[k]])
-                label = labels[k][1] if k < len(labels) and labels[k][0] == code else ""
-            region = region_from_logits(code, label, k, mask_logits[k], source[k])
-            regions.append(SliceRegion(**vars(region), slice_index=x.slice_index))
-        return regions
+        names = self.model.region_names(ids, text, where, mask_logits.shape[0])
+        return [SliceRegion(**vars(region), slice_index=x.slice_index)
+                for region in regions_from_logits(names, mask_logits, source)]
 
 
 def _sync(device: torch.device) -> None:

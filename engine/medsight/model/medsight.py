@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsight.answer import Answer, region_from_logits
+from medsight.answer import Answer, regions_from_logits
 from medsight.config import MedSIGHTConfig
 from medsight.model.codebook import RegionCodebook
 from medsight.model.generation import GenerationOptions, GenerationOutput, generate
@@ -213,19 +213,26 @@ class MedSIGHTModel(nn.Module):
         output = self.generate([prompt], [encoding], options)
         return self.build_answer(output, 0, encoding.grid, transform, options)
 
+    def region_names(self, ids: list[int], text: str, where: list[int], count: int) -> list[tuple[str | None, str]]:
+        """(code, label) of each of the `count` decoded masks: the code token at `where[k]` and the phrase the
+        answer puts before it; (None, "") for the no-code fallback mask."""
+        if not where:
+            return [(None, "")] * count
+        labels = parse_code_labels(text)
+        names = []
+        for k in range(count):
+            code = self.codes.name_of(ids[where[k]])
+            names.append((code, labels[k][1] if k < len(labels) and labels[k][0] == code else ""))
+        return names
+
     def build_answer(self, output: GenerationOutput, row: int, grid: torch.Tensor, transform, options) -> Answer:
         """Turn one generated row into text and regions on the source image's grid."""
         ids = output.tokens[row, : output.lengths[row]].tolist()
         text = strip_assistant_prefix(self.tokenizer.decode(ids, skip_special_tokens=True))
         where, states = self.code_states(output, row, options)
         logits = self.decode_regions(grid, [states])[0]
-        labels = parse_code_labels(text)
         regions = []
-        for k in range(logits.shape[0]):
-            code, label = None, ""
-            if where:
-                code = self.codes.name_of(ids[where[k]])
-                label = labels[k][1] if k < len(labels) and labels[k][0] == code else ""
-            source = transform.logits_to_source(logits[k : k + 1].float())[0]
-            regions.append(region_from_logits(code, label, k, logits[k], source))
+        if logits.shape[0]:
+            source = transform.logits_to_source(logits.float())
+            regions = regions_from_logits(self.region_names(ids, text, where, logits.shape[0]), logits, source)
         return Answer(text=text, regions=regions, token_ids=ids, cancelled=output.cancelled)
