@@ -142,9 +142,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--onnx-dir", help="run the Engine's vision side in ONNX Runtime (medsight export-onnx of the "
                         "same model); the official path stays in PyTorch")
+    parser.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default=None,
+                        help="the Engine's perceiver kernel (default: the Engine's default); the official path "
+                        "always runs eager")
     args = parser.parse_args()
 
-    engine = medsight.Engine.load(args.model, device=args.device, onnx_dir=args.onnx_dir)
+    kernel = {} if args.perceiver_attention is None else {"perceiver_attention": args.perceiver_attention}
+    engine = medsight.Engine.load(args.model, device=args.device, onnx_dir=args.onnx_dir, **kernel)
     model, device = engine.model, engine.model.device
     volume = mni_volume()
     first = max(0, (volume.array.shape[0] - args.slices) // 2)
@@ -158,9 +162,16 @@ def main() -> None:
         engine.clear_cache()
         engine.ask(request, QUESTION, options)
 
+    engine_kernel = model.region_perceiver.attention_implementation
+
     def run_official() -> None:
-        for image in images:
-            official_slice(model, image, prompt, args.tokens)
+        # The same weights, with the official attention arithmetic.
+        model.region_perceiver.attention_implementation = "eager"
+        try:
+            for image in images:
+                official_slice(model, image, prompt, args.tokens)
+        finally:
+            model.region_perceiver.attention_implementation = engine_kernel
 
     official_slice(model, images[0], prompt, args.tokens)  # warm-up both paths
     engine.ask(VolumeSlices(volume, "axial", indices[:2]), QUESTION, options)
@@ -171,11 +182,14 @@ def main() -> None:
     one_engine = min(timed(lambda: (engine.clear_cache(), engine.ask(VolumeSlices(volume, "axial", [indices[0]]),
                                                                       QUESTION, options)), device)[0]
                      for _ in range(3))
+    model.region_perceiver.attention_implementation = "eager"
     one_official = min(timed(lambda: official_slice(model, images[0], prompt, args.tokens), device)[0]
                        for _ in range(3))
+    model.region_perceiver.attention_implementation = engine_kernel
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {device}, dtype {model.dtype}, model {args.model}")
+          f"torch {torch.__version__}, device {device}, dtype {model.dtype}, model {args.model}, "
+          f"engine perceiver attention {engine_kernel}")
     print(f"{args.slices} axial MNI152 slices, {args.tokens} new tokens each (min = max), >= 1 mask per slice; "
           f"best of {args.repeats} alternating runs")
     best = {k: min(v, key=lambda r: r[0]) for k, v in results.items()}

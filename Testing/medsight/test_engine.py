@@ -231,9 +231,9 @@ def test_load_builds_an_engine():
 
 
 def test_load_selects_the_perceiver_attention():
-    """`perceiver_attention="sdpa"` gives the official (eager) answer; an unknown kernel is a clear error."""
-    eager = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0)
-    sdpa = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0, perceiver_attention="sdpa")
+    """The default fused kernel ("sdpa") gives the official ("eager") answer; an unknown kernel is a clear error."""
+    eager = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0, perceiver_attention="eager")
+    sdpa = Engine.load("tiny", device="cpu", dtype=torch.float64, cache_bytes=0)
     assert eager.model.region_perceiver.attention_implementation == "eager"
     assert sdpa.model.region_perceiver.attention_implementation == "sdpa"
     options = GenerationOptions(logits_processors=[ForceRows([script(eager.model, "assistant\nKidney [M0_4].")])])

@@ -49,9 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in (ask, serve):
         # Mirrors medsight.model.perceiver.ATTENTION_IMPLEMENTATIONS (not imported: `--help` stays free of torch).
-        command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="eager",
-                             help="eager is the official attention; sdpa is PyTorch's fused kernel (same values, "
-                             "faster)")
+        command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="sdpa",
+                             help="sdpa (default) is PyTorch's fused attention kernel (same values within float "
+                             "rounding, faster); eager is the official arithmetic")
 
     train = sub.add_parser("train", help="run one training stage: medsight train stage1 --config C --data D --out O",
                            add_help=False)
