@@ -74,6 +74,7 @@ def test_volume_slices_batched_equal_one_by_one(model, volume):
     )
     assert [a.slice_index for a in batched] == SLICES and not batched.cancelled
     assert [len(a.regions) for a in batched] == [2, 0, 3]
+    assert [[r.index for r in a.regions] for a in batched] == [[0, 1], [], [0, 1, 2]]  # per slice, not per volume
     single_engine = Engine(model, cache_bytes=0)
     for i, index in enumerate(SLICES):
         options = GenerationOptions(logits_processors=[ForceRows([scripts[i]])])
