@@ -25,6 +25,7 @@ from medsight.demo import (
     make_cxr,
     placeholder_order,
 )
+from medsight.demo.build import SIZES, DemoSize, generate_samples
 
 pytest.importorskip("nilearn")
 
@@ -202,3 +203,22 @@ def test_deterministic(tiny, tmp_path):
     assert _digest(ds.root) == _digest(again.root)
     other = build_demo_data(tmp_path / "c", size="tiny", seed=1)
     assert _digest(ds.root) != _digest(other.root)
+
+
+def test_more_training_subjects_leave_val_and_test_unchanged():
+    """Sizes differ only in training subjects ("large" vs "default"), so their scores share one test split."""
+    small = SIZES["tiny"]
+    bigger = DemoSize({k: {**v, "train": v["train"] + 1} for k, v in small.subjects.items()},
+                      small.slices_per_subject, small.image_size)
+    a, b = generate_samples(small), generate_samples(bigger)
+    held_out = {s.sample_id: s for s in a if s.split != "train"}
+    assert held_out and held_out.keys() == {s.sample_id for s in b if s.split != "train"}
+    for s in b:
+        if s.split != "train":
+            assert np.array_equal(s.image, held_out[s.sample_id].image)
+            assert s.masks.keys() == held_out[s.sample_id].masks.keys()
+    assert sum(s.split == "train" for s in b) > sum(s.split == "train" for s in a)
+    large, default = SIZES["large"], SIZES["default"]
+    for source, splits in large.subjects.items():
+        assert splits["val"] == default.subjects[source]["val"] and splits["test"] == default.subjects[source]["test"]
+        assert splits["train"] == 3 * default.subjects[source]["train"]

@@ -254,17 +254,18 @@ def _stage_data(stage: int, data_root: Path):
 
 
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
-              start: float | None = None) -> dict:
+              start: float | None = None, data_size: str = "default") -> dict:
     """Build data, run the five stages, fill codes, evaluate, write ``out/model``; returns the summary."""
     start = time.perf_counter() if start is None else start
     deadline = start + minutes * 60.0
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed, "stages": {}}
+    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed,
+                     "data_size": "tiny" if smoke else data_size, "stages": {}}
 
     t0 = time.perf_counter()
     if not (resume and (data_root / "summary.json").is_file()):
-        build_demo_data(data_root, "tiny" if smoke else "default", seed)
+        build_demo_data(data_root, "tiny" if smoke else data_size, seed)
     summary["data_seconds"] = round(time.perf_counter() - t0, 1)
     data_counts = json.loads((data_root / "summary.json").read_text())
     summary["images"] = {split: data_counts[split]["images"] for split in SPLITS}
@@ -440,6 +441,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished stages (their final/ folders)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--data-size", default="default", choices=("default", "large"),
+                   help="demo data size (medsight.demo.build.SIZES); --smoke always uses tiny")
     return p
 
 
@@ -452,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     np.seterr(all="ignore")
-    summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start)
+    summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size)
     print(json.dumps({"model": str(args.out_dir / "model"), "total_seconds": summary["total_seconds"],
                       **summary["scores"]}, indent=1))
     return 0
