@@ -54,6 +54,8 @@ def test_smoke_runs_all_stages_quickly(smoke):
         assert (out / f"stage{stage}" / "final" / "model.safetensors").is_file()
         assert (out / f"stage{stage}" / "loss_log.jsonl").is_file()
     assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
+    assert summary["data_size"] == "tiny"
+    assert "--data-size tiny" in (out / "model" / CARD_FILE).read_text()  # the card names the command that made it
 
 
 @pytest.mark.slow

@@ -254,7 +254,7 @@ def _stage_data(stage: int, data_root: Path):
 
 
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
-              start: float | None = None, data_size: str = "default") -> dict:
+              start: float | None = None, data_size: str = "large") -> dict:
     """Build data, run the five stages, fill codes, evaluate, write ``out/model``; returns the summary."""
     start = time.perf_counter() if start is None else start
     deadline = start + minutes * 60.0
@@ -374,7 +374,8 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "## Data",
         "",
         "Synthetic, seeded and generated offline by `python -m medsight.demo` (`medsight.demo.build_demo_data`, "
-        f"seed {summary.get('seed', 0)}): abdominal CT phantoms (liver, spleen, kidneys, liver lesions; modality "
+        f"size `{summary.get('data_size', 'default')}`, seed {summary.get('seed', 0)}): abdominal CT phantoms "
+        "(liver, spleen, kidneys, liver lesions; modality "
         "label 0), T1 brain MRI built on the MNI152 template with synthetic lesions (grey/white matter, lesion; "
         "label 1) and chest X-ray-like images (lungs, heart, nodules; label 2). Split by subject into "
         f"train/val/test ({'/'.join(str(n) for n in summary.get('images', {}).values())} images at "
@@ -384,7 +385,8 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "## Training",
         "",
         "`python -m medsight.demo.train_demo OUT_DIR --minutes "
-        f"{summary.get('minutes')}` (one command: data, five stages, codes, evaluation, this folder).",
+        f"{summary.get('minutes')} --data-size {summary.get('data_size', 'default')}` (one command: data, five "
+        "stages, codes, evaluation, this folder).",
         "",
         "| stage | trains | steps | seconds | last loss |",
         "|---|---|---|---|---|",
@@ -441,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="reuse finished stages (their final/ folders)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--data-size", default="default", choices=("default", "large"),
+    p.add_argument("--data-size", default="large", choices=("default", "large"),
                    help="demo data size (medsight.demo.build.SIZES); --smoke always uses tiny")
     return p
 
