@@ -19,6 +19,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import medsight
 from medsight.engine import VolumeSlices
 from medsight.model.medsight import MedSIGHTModel
+from medsight.model.perceiver import ATTENTION_IMPLEMENTATIONS
 from medsight.model.vision import encode_image
 from medsight.prompt import Message, tokenize_prompt
 
@@ -142,7 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--onnx-dir", help="run the Engine's vision side in ONNX Runtime (medsight export-onnx of the "
                         "same model); the official path stays in PyTorch")
-    parser.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default=None,
+    parser.add_argument("--perceiver-attention", choices=ATTENTION_IMPLEMENTATIONS, default=None,
                         help="the Engine's perceiver kernel (default: the Engine's default); the official path "
                         "always runs eager")
     args = parser.parse_args()
@@ -164,14 +166,19 @@ def main() -> None:
 
     engine_kernel = model.region_perceiver.attention_implementation
 
-    def run_official() -> None:
-        # The same weights, with the official attention arithmetic.
+    @contextmanager
+    def official_kernel():
+        """The same weights, with the official attention arithmetic."""
         model.region_perceiver.attention_implementation = "eager"
         try:
-            for image in images:
-                official_slice(model, image, prompt, args.tokens)
+            yield
         finally:
             model.region_perceiver.attention_implementation = engine_kernel
+
+    def run_official() -> None:
+        with official_kernel():
+            for image in images:
+                official_slice(model, image, prompt, args.tokens)
 
     official_slice(model, images[0], prompt, args.tokens)  # warm-up both paths
     engine.ask(VolumeSlices(volume, "axial", indices[:2]), QUESTION, options)
@@ -182,10 +189,9 @@ def main() -> None:
     one_engine = min(timed(lambda: (engine.clear_cache(), engine.ask(VolumeSlices(volume, "axial", [indices[0]]),
                                                                       QUESTION, options)), device)[0]
                      for _ in range(3))
-    model.region_perceiver.attention_implementation = "eager"
-    one_official = min(timed(lambda: official_slice(model, images[0], prompt, args.tokens), device)[0]
-                       for _ in range(3))
-    model.region_perceiver.attention_implementation = engine_kernel
+    with official_kernel():
+        one_official = min(timed(lambda: official_slice(model, images[0], prompt, args.tokens), device)[0]
+                           for _ in range(3))
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {device}, dtype {model.dtype}, model {args.model}, "

@@ -59,6 +59,7 @@ def regions_from_logits(
     source = source_logits.float()
     mask = source > 0
     counts = mask.sum(dim=(1, 2))
+    # An empty mask sums to 0 over a count clamped to 1: probability 0.
     probability = torch.where(mask, torch.sigmoid(source), 0).sum(dim=(1, 2)) / counts.clamp(min=1)
     rows, cols = mask.any(dim=2), mask.any(dim=1)  # (K, H), (K, W)
 
@@ -75,5 +76,5 @@ def regions_from_logits(
     for k, (code, label) in enumerate(names):
         count, *box = (column[k] for column in stats)
         bbox = tuple(int(v) for v in box) if count else None
-        regions.append(Region(code, label, k, logits[k], masks[k], float(probability[k]) if count else 0.0, bbox))
+        regions.append(Region(code, label, k, logits[k], masks[k], float(probability[k]), bbox))
     return regions

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsight.model.medsight import ImageEncoding, groups_by_count
+from medsight.model.medsight import ImageEncoding
 from medsight.onnx_export import MANIFEST_FILE
 
 
@@ -92,14 +92,11 @@ class OnnxVisionBackend:
     def decode_regions(self, model, grids: torch.Tensor, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`MedSIGHTModel.decode_regions` with the perceiver on onnxruntime (token_projection stays in PyTorch).
 
-        Each sample's code states (K_b, H) become (K_b, m, m) mask logits; samples are batched by equal K.
+        Each sample's code states (K_b, H) become (K_b, m, m) mask logits, grouped by K as the model does it.
         """
-        results = [grids.new_zeros(0, 0, 0) for _ in states]
-        for rows in groups_by_count(states):
-            with torch.inference_mode():
-                codes = model.language_model.token_projection(torch.stack([states[i] for i in rows]))
-            logits, _ = self.decode(grids[rows], codes)
-            logits = logits.to(device=grids.device, dtype=grids.dtype)
-            for j, i in enumerate(rows):
-                results[i] = logits[j]
-        return results
+
+        def decode(grid: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, classes = self.decode(grid, codes)
+            return logits.to(device=grids.device, dtype=grids.dtype), classes
+
+        return model.decode_regions(grids, states, decode)

@@ -178,17 +178,22 @@ class MedSIGHTModel(nn.Module):
 
     @torch.inference_mode()
     def decode_regions(
-        self, grids: torch.Tensor, states: Sequence[torch.Tensor]
+        self,
+        grids: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> list[torch.Tensor]:
         """Decode each sample's code states (K_b, H) on its grid (B, G, G, C) into (K_b, m, m) mask logits.
 
         Samples with the same K are decoded as one batch (`groups_by_count`): no padding slots to compute and
-        no attention mask, and each sample's result is the one it gets alone.
+        no attention mask, and each sample's result is the one it gets alone. `decode` (grids, projected codes)
+        -> (mask logits, class logits) replaces `region_perceiver.decode` (the ONNX backend passes its graph).
         """
+        decode = decode or self.region_perceiver.decode
         results = [grids.new_zeros(0, 0, 0) for _ in states]
         for rows in groups_by_count(states):
             codes = self.language_model.token_projection(torch.stack([states[i] for i in rows]))
-            logits, _ = self.region_perceiver.decode(grids[rows], codes.to(self.dtype))
+            logits, _ = decode(grids[rows], codes.to(self.dtype))
             for j, i in enumerate(rows):
                 results[i] = logits[j]
         return results
