@@ -11,6 +11,7 @@ from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.prompt import Message
 from medsight.train.losses import (
     IGNORE_INDEX,
+    answer_starts,
     causal_lm_loss,
     class_weights,
     embedding_positions,
@@ -23,6 +24,7 @@ from medsight.train.losses import (
     stage1_losses,
     stage2_losses,
     training_labels,
+    yes_no_starts,
 )
 
 TOL = 1e-10
@@ -123,6 +125,55 @@ def test_causal_lm_loss_equals_hf_loss(golden_model, lvlm_train):
         result.logits[0, :-1].float(), expanded[0, 1:], ignore_index=IGNORE_INDEX
     )
     _close(causal_lm_loss(result.logits, expanded), lm_loss, 0.0)
+
+
+def test_answer_starts_are_the_first_answer_tokens(golden_model):
+    tok = golden_model.tokenizer
+    messages = [Message("user", "<image>\nIs there a lesion?"), Message("assistant", "Yes."),
+                Message("user", "Where?"), Message("assistant", "No idea.")]
+    ids, labels = training_labels(tok, messages)
+    starts = answer_starts(ids, tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    assert len(starts) == 2
+    assert tok.decode(ids[starts[0] :]).startswith("Yes.<|im_end|>")
+    assert tok.decode(ids[starts[1] :]).startswith("No idea.<|im_end|>")
+    assert all(labels[i] == ids[i] for i in starts)  # both are supervised tokens
+    assert answer_starts(ids, []) == []
+
+
+def test_yes_no_starts_pick_only_yes_no_verdicts(golden_model):
+    tok = golden_model.tokenizer
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    messages = [Message("user", "<image>\nIs there a lesion?"), Message("assistant", "No, none."),
+                Message("user", "Which modality?"), Message("assistant", "Nothing like it; a CT."),
+                Message("user", "Is the liver visible?"), Message("assistant", "yes")]
+    ids, _ = training_labels(tok, messages)
+    starts = answer_starts(ids, header)
+    assert yes_no_starts(tok, ids, header) == [starts[0], starts[2]]  # "Nothing" is not "No"
+
+
+def test_yes_no_weight_is_a_weighted_mean_of_the_token_losses(golden_model, lvlm_io):
+    """Weight 1 is the official loss exactly; weight w counts a yes/no answer's first token w times."""
+    meta, ref = lvlm_io["meta"], lvlm_io["train"]
+    messages = [Message("user", meta["question"]), Message("assistant", "Yes, " + meta["forced_answer"])]
+    ids, labels = training_labels(golden_model.tokenizer, messages)
+    encoding = golden_model.encode(lvlm_io["pixel_values_fp32"])
+    with torch.no_grad():
+        official = lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]])
+        same = lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]], yes_no_weight=1.0)
+        weighted = lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]], yes_no_weight=7.0)
+    _close(same.ce_loss, official.ce_loss, 0.0)
+    header = golden_model.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    starts = [embedding_positions(ids, 36)[i] for i in yes_no_starts(golden_model.tokenizer, ids, header)]
+    assert len(starts) == 1
+    expanded = torch.tensor(expand_labels(labels, ids, 36))
+    per_token = torch.nn.functional.cross_entropy(
+        official.logits[0, :-1].double(), expanded[1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counted = (expanded[1:] != IGNORE_INDEX).double()
+    counted[starts[0] - 1] *= 7.0  # the logits at p - 1 predict the label at p
+    _close(weighted.ce_loss, (per_token * counted).sum() / counted.sum(), 1e-6)
+    assert abs(weighted.ce_loss.item() - official.ce_loss.item()) > 1e-4  # the weight does change the loss
+    _close(weighted.mask_loss, official.mask_loss, 0.0)
 
 
 def test_lvlm_losses_backpropagate_to_trainable_parts(golden_model, lvlm_io):

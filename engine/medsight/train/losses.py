@@ -12,6 +12,7 @@ what the released weights were trained with.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -268,12 +269,34 @@ def expand_labels(labels: Sequence[int], input_ids: Sequence[int], image_length:
     return out
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF causal-LM CE: logits cast to float32, shifted by one, mean over labelled tokens."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """HF causal-LM CE: logits cast to float32, shifted by one, mean over labelled tokens.
+
+    ``weights`` (B, L), aligned with ``labels``, turns the mean into a weighted mean (None: the official loss).
+    """
     logits = logits.float()
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    if weights is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    w = weights[:, 1:].reshape(-1).to(per_token) * (shift_labels != IGNORE_INDEX)
+    return (per_token * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def answer_starts(input_ids: Sequence[int], header: Sequence[int]) -> list[int]:
+    """Indices of the first id after each occurrence of ``header`` (the assistant turn's opening ids)."""
+    n, ids, head = len(header), list(input_ids), list(header)
+    return [i + n for i in range(len(ids) - n) if ids[i : i + n] == head]
+
+
+_YES_NO = re.compile(r"(yes|no)\b", re.IGNORECASE)
+
+
+def yes_no_starts(tokenizer, input_ids: Sequence[int], header: Sequence[int]) -> list[int]:
+    """The `answer_starts` whose answer opens with the word "yes" or "no": a closed question's verdict."""
+    return [i for i in answer_starts(input_ids, header)
+            if _YES_NO.match(tokenizer.decode([t for t in input_ids[i : i + 8] if t >= 0]))]
 
 
 def mask_targets(mask_labels: torch.Tensor | None, num_slots: int, size: tuple[int, int], dtype=None,
@@ -335,6 +358,7 @@ def lvlm_losses(
     encoding,
     mask_labels: Sequence[torch.Tensor | None],
     pad_code_slots: bool = False,
+    yes_no_weight: float = 1.0,
 ) -> LVLMLosses:
     """The official stage 3-5 training forward: CE + Dice + BCE (all weights 1).
 
@@ -348,6 +372,10 @@ def lvlm_losses(
             fewer codes are padded to the batch's largest K with empty slots: state at position 0, zero target,
             masked out of the perceiver's attention. The mask loss ignores them as it ignores a pure-VQA sample's
             slot; they do count in the B*K denominator, as that slot does officially. This makes batches > 1 usable.
+        yes_no_weight: deviation, 1 (official) by default. The CE weight of the first token of each answer that
+            opens with "yes" or "no" (`yes_no_starts`); the CE becomes the weighted mean. That token is a closed
+            question's verdict, one among hundreds of easy template tokens. Other answers' first tokens keep
+            weight 1: many are a random template choice, and weighting that noise garbled the demo model's text.
 
     With no code, the state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
     """
@@ -360,7 +388,9 @@ def lvlm_losses(
     image_length = image_embeds.shape[1]
     embed = lm.get_input_embeddings()
 
-    rows, row_labels, code_pos = [], [], []
+    header = model.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"] \
+        if yes_no_weight != 1.0 else []
+    rows, row_labels, code_pos, starts = [], [], [], []
     for b, (ids, labs) in enumerate(zip(input_ids, labels, strict=True)):
         ids = list(ids)
         # Placeholder ids are embedded as id 0 and then replaced by the image rows.
@@ -375,6 +405,7 @@ def lvlm_losses(
         rows.append(torch.cat(pieces, dim=0))
         row_labels.append(expand_labels(labs, ids, image_length))
         positions = embedding_positions(ids, image_length)
+        starts.append([positions[i] for i in yes_no_starts(model.tokenizer, ids, header)] if header else [])
         is_code = model.codes.is_code(torch.tensor(ids))
         # Training decodes the states AT the codes (inference uses the state before); no code -> position 0.
         code_pos.append([positions[i] for i in torch.nonzero(is_code).flatten().tolist()] or [0])
@@ -402,7 +433,12 @@ def lvlm_losses(
         label_tensor[b, : row.shape[0]] = torch.tensor(labs)
 
     out = lm(inputs_embeds=inputs, attention_mask=attention, output_hidden_states=True, use_cache=False)
-    ce = causal_lm_loss(out.logits, label_tensor)
+    weights = None
+    if yes_no_weight != 1.0:
+        weights = torch.ones(label_tensor.shape, dtype=torch.float32, device=inputs.device)
+        for b, pos in enumerate(starts):
+            weights[b, pos] = yes_no_weight
+    ce = causal_lm_loss(out.logits, label_tensor, weights)
     states = out.hidden_states[-1]
     index = torch.tensor(code_pos, device=states.device)
     seg = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))

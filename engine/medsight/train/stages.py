@@ -88,6 +88,7 @@ class LVLMConfig(TrainConfig):
     resize_mode: ResizeMode = "crop"
     data_root: str = ""  # where relative image/mask paths live; "" tries the JSON's folder and its parent
     pad_code_slots: bool = False  # deviation: batch samples with different code counts (see `lvlm_losses`)
+    yes_no_weight: float = 1.0  # deviation when != 1: CE weight of a yes/no answer's first token (`lvlm_losses`)
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
         encoding = model.encode(pixels, config.round_pixels_to_bf16)  # frozen vision side, no graph
         masks = [None if s.masks is None else s.masks.to(device) for s in batch]
         out = lvlm_losses(model, [s.input_ids for s in batch], [s.labels for s in batch], encoding, masks,
-                          pad_code_slots=config.pad_code_slots)
+                          pad_code_slots=config.pad_code_slots, yes_no_weight=config.yes_no_weight)
         if not with_masks:
             return {"loss": out.ce_loss, "ce": out.ce_loss}
         return {"loss": out.loss, "ce": out.ce_loss, "mask": out.mask_loss, "dice": out.dice_loss,
