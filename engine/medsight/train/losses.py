@@ -287,6 +287,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Te
 def answer_starts(input_ids: Sequence[int], header: Sequence[int]) -> list[int]:
     """Indices of the first id after each occurrence of ``header`` (the assistant turn's opening ids)."""
     n, ids, head = len(header), list(input_ids), list(header)
+    if not head:
+        return []  # no header, no answer to find
     return [i + n for i in range(len(ids) - n) if ids[i : i + n] == head]
 
 
