@@ -174,6 +174,8 @@ def test_yes_no_weight_is_a_weighted_mean_of_the_token_losses(golden_model, lvlm
     _close(weighted.ce_loss, (per_token * counted).sum() / counted.sum(), 1e-6)
     assert abs(weighted.ce_loss.item() - official.ce_loss.item()) > 1e-4  # the weight does change the loss
     _close(weighted.mask_loss, official.mask_loss, 0.0)
+    with pytest.raises(ValueError, match="yes_no_weight must be positive"):
+        lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]], yes_no_weight=0.0)
 
 
 def test_lvlm_losses_backpropagate_to_trainable_parts(golden_model, lvlm_io):

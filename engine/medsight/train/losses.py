@@ -377,10 +377,13 @@ def lvlm_losses(
         yes_no_weight: deviation, 1 (official) by default. The CE weight of the first token of each answer that
             opens with "yes" or "no" (`yes_no_starts`); the CE becomes the weighted mean. That token is a closed
             question's verdict, one among hundreds of easy template tokens. Other answers' first tokens keep
-            weight 1: many are a random template choice, and weighting that noise garbled the demo model's text.
+            weight 1: many are a random template choice; weighting every answer's first token x10 garbled the demo
+            model's text (modality accuracy 100 % -> 57 %).
 
     With no code, the state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
     """
+    if yes_no_weight <= 0:
+        raise ValueError(f"yes_no_weight must be positive, got {yes_no_weight}")
     if not (len(input_ids) == len(labels) == len(mask_labels) == encoding.grid.shape[0]):
         raise ValueError("input_ids, labels, mask_labels and the encoding must describe the same samples")
     lm = model.language_model
