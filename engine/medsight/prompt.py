@@ -14,6 +14,7 @@ from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"
 ASSISTANT_PREFIX = "assistant\n"
+ASSISTANT_HEADER = "<|im_start|>" + ASSISTANT_PREFIX  # opens every assistant turn
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 

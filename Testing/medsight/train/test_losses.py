@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
-from medsight.prompt import Message
+from medsight.prompt import ASSISTANT_HEADER, Message
 from medsight.train.losses import (
     IGNORE_INDEX,
     answer_starts,
@@ -132,7 +132,7 @@ def test_answer_starts_are_the_first_answer_tokens(golden_model):
     messages = [Message("user", "<image>\nIs there a lesion?"), Message("assistant", "Yes."),
                 Message("user", "Where?"), Message("assistant", "No idea.")]
     ids, labels = training_labels(tok, messages)
-    starts = answer_starts(ids, tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    starts = answer_starts(ids, tok(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
     assert len(starts) == 2
     assert tok.decode(ids[starts[0] :]).startswith("Yes.<|im_end|>")
     assert tok.decode(ids[starts[1] :]).startswith("No idea.<|im_end|>")
@@ -142,7 +142,7 @@ def test_answer_starts_are_the_first_answer_tokens(golden_model):
 
 def test_yes_no_starts_pick_only_yes_no_verdicts(golden_model):
     tok = golden_model.tokenizer
-    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    header = tok(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
     messages = [Message("user", "<image>\nIs there a lesion?"), Message("assistant", "No, none."),
                 Message("user", "Which modality?"), Message("assistant", "Nothing like it; a CT."),
                 Message("user", "Is the liver visible?"), Message("assistant", "yes")]
@@ -162,7 +162,7 @@ def test_yes_no_weight_is_a_weighted_mean_of_the_token_losses(golden_model, lvlm
         same = lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]], yes_no_weight=1.0)
         weighted = lvlm_losses(golden_model, [ids], [labels], encoding, [ref["mask_labels"]], yes_no_weight=7.0)
     _close(same.ce_loss, official.ce_loss, 0.0)
-    header = golden_model.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    header = golden_model.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
     starts = [embedding_positions(ids, 36)[i] for i in yes_no_starts(golden_model.tokenizer, ids, header)]
     assert len(starts) == 1
     expanded = torch.tensor(expand_labels(labels, ids, 36))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
-from medsight.prompt import IMAGE_PLACEHOLDER, Message, render_messages
+from medsight.prompt import ASSISTANT_HEADER, IMAGE_PLACEHOLDER, Message, render_messages
 
 IGNORE_INDEX = -100  # HF / LLaVA "no label"
 EOS_COEF = 0.1  # weight of the "no object" class; it is never a target, so it has no effect (kept for fidelity)
@@ -232,7 +232,7 @@ def training_labels(
     ids: list[int] = []
     labels: list[int] = []
     for text in turns:
-        assistant = text.startswith("<|im_start|>assistant\n")
+        assistant = text.startswith(ASSISTANT_HEADER)
         for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
                 ids.append(image_token_index)
@@ -393,8 +393,7 @@ def lvlm_losses(
     image_length = image_embeds.shape[1]
     embed = lm.get_input_embeddings()
 
-    header = model.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"] \
-        if yes_no_weight != 1.0 else []
+    header = model.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"] if yes_no_weight != 1.0 else []
     rows, row_labels, code_pos, starts = [], [], [], []
     for b, (ids, labs) in enumerate(zip(input_ids, labels, strict=True)):
         ids = list(ids)
@@ -410,7 +409,7 @@ def lvlm_losses(
         rows.append(torch.cat(pieces, dim=0))
         row_labels.append(expand_labels(labs, ids, image_length))
         positions = embedding_positions(ids, image_length)
-        starts.append([positions[i] for i in yes_no_starts(model.tokenizer, ids, header)] if header else [])
+        starts.append([positions[i] for i in yes_no_starts(model.tokenizer, ids, header)])
         is_code = model.codes.is_code(torch.tensor(ids))
         # Training decodes the states AT the codes (inference uses the state before); no code -> position 0.
         code_pos.append([positions[i] for i in torch.nonzero(is_code).flatten().tolist()] or [0])
@@ -432,17 +431,15 @@ def lvlm_losses(
     inputs = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
     attention = torch.zeros(len(rows), length, dtype=torch.long, device=inputs.device)
     label_tensor = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=inputs.device)
+    weights = torch.ones(label_tensor.shape, device=inputs.device) if header else None
     for b, (row, labs) in enumerate(zip(rows, row_labels, strict=True)):
         inputs[b, : row.shape[0]] = row
         attention[b, : row.shape[0]] = 1
         label_tensor[b, : row.shape[0]] = torch.tensor(labs)
+        if weights is not None:
+            weights[b, starts[b]] = yes_no_weight
 
     out = lm(inputs_embeds=inputs, attention_mask=attention, output_hidden_states=True, use_cache=False)
-    weights = None
-    if yes_no_weight != 1.0:
-        weights = torch.ones(label_tensor.shape, dtype=torch.float32, device=inputs.device)
-        for b, pos in enumerate(starts):
-            weights[b, pos] = yes_no_weight
     ce = causal_lm_loss(out.logits, label_tensor, weights)
     states = out.hidden_states[-1]
     index = torch.tensor(code_pos, device=states.device)
