@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from medsight.imaging import Volume, extract_slice, slice_count, to_rgb
 
@@ -19,6 +20,14 @@ MIN_MASK_PIXELS = 8
 #: 2-3 px fleck is below what a 14 px-patch ViT can see.
 MIN_LESION_PIXELS_AT_112 = 36
 
+
+#: A lesion must stand out from the tissue around it in the displayed image to be labelled: its mean grey level must
+#: differ from that of a thin ring around it by this many standard deviations of the ring. Fainter ones (T1-bright
+#: lesions clipped by the window, nodules blending into the chest wall) are left out like thin cuts: a reader would
+#: answer "no lesion" there, and such labels taught the demo model that "yes" cannot be read from the image.
+MIN_LESION_CONTRAST = 1.5
+#: Width of that ring at 112 px (scaled with the image size).
+CONTRAST_RING_AT_112 = 3
 
 #: Slab pixels a lesion must cover for its slice to be picked as a lesion slice (slabs are ~100-128 px wide).
 LESION_SLICE_AREA = 40
@@ -66,12 +75,24 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return sq > 127
 
 
+def lesion_contrast(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """|mean(lesion) - mean(ring)| / std(ring) on the displayed grey levels; ring width scales with the size."""
+    grey = rgb.astype(np.float64).mean(axis=-1) if rgb.ndim == 3 else rgb.astype(np.float64)
+    width = max(1, round(CONTRAST_RING_AT_112 * mask.shape[0] / 112))
+    ring = ndimage.binary_dilation(mask, iterations=width) & ~mask
+    if not mask.any() or not ring.any():
+        return 0.0
+    return float(abs(grey[mask].mean() - grey[ring].mean()) / (grey[ring].std() + 1e-6))
+
+
 def _finish(
     sample_id: str, source: Source, subject: str, split: str, rgb: np.ndarray, masks: dict[str, np.ndarray],
     size: int, info: dict,
 ) -> Sample2D | None:
-    """Resize image and masks; None when a lesion is present but too small to label (a wrong "no" otherwise)."""
+    """Resize image and masks; None when a lesion is present but too small or too faint to label (a "no" from a
+    reader would be marked wrong)."""
     out, absent = {}, []
+    image = _resize_rgb(rgb, size)
     min_lesion = MIN_LESION_PIXELS_AT_112 * (size / 112) ** 2
     for name in source.structures:
         m = masks.get(name)
@@ -79,7 +100,7 @@ def _finish(
             absent.append(name)
             continue
         r = _resize_mask(m, size)
-        if name == "lesion" and r.sum() < min_lesion:
+        if name == "lesion" and (r.sum() < min_lesion or lesion_contrast(image, r) < MIN_LESION_CONTRAST):
             return None
         if r.sum() >= MIN_MASK_PIXELS:
             out[name] = r
@@ -87,7 +108,7 @@ def _finish(
             return None
     if not out:
         return None
-    return Sample2D(sample_id, source, subject, split, _resize_rgb(rgb, size), out, tuple(absent), info)
+    return Sample2D(sample_id, source, subject, split, image, out, tuple(absent), info)
 
 
 def _volume_slices(

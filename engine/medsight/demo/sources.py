@@ -209,8 +209,9 @@ def make_brain_subject(rng: np.random.Generator, template: MNITemplate | None = 
             r = u(4.0, 7.0, 3)
             d2 = ((ii - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((kk - c[2]) / r[2]) ** 2
             one = (d2 <= 1) & tissue
-            # Soft edge so the lesion blends like a real one; hypo- or hyperintense at random.
-            factor = u(0.35, 0.6) if rng.random() < 0.5 else u(1.3, 1.6)
+            # Soft edge so the lesion blends like a real one. Mostly T1-hypointense (infarcts, demyelination,
+            # tumours); the rarer bright ones often vanish in the window's clipped white matter and are then unlabelled.
+            factor = u(0.35, 0.6) if rng.random() < 0.75 else u(1.3, 1.6)
             weight = np.clip(1.5 - d2, 0, 1) * tissue
             t1 = t1 * (1 + (factor - 1) * weight)
             lesion |= one
