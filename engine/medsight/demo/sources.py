@@ -91,15 +91,23 @@ def make_ct_phantom(
     for side, name in ((-1, "right kidney"), (1, "left kidney")):
         c = (cx + side * u(55, 72), cy + 0.42 * b + rng.normal(0, 5), (-12.0 if side < 0 else 0.0) + rng.normal(0, 8))
         r = (u(22, 28), u(28, 36), u(45, 60))
+        # Perirenal fat first: in a real abdomen the fat around kidneys and spleen is what outlines them.
+        rim = u(5, 12)
+        vol[_ellipsoid(grid, c, tuple(v + rim for v in r)) & inner & (vol < 100)] = hu["fat"]  # spares bone, vessels
         kid = _ellipsoid(grid, c, r) & inner
         vol[kid] = hu["kidney"]
         vol[_ellipsoid(grid, c, tuple(0.5 * v for v in r)) & kid] = hu["medulla"]  # renal sinus / medulla
         organs[name] = kid
     c = (cx + u(0.45, 0.6) * a, cy + u(0.15, 0.35) * b, u(15, 45))
-    spleen = _ellipsoid(grid, c, (u(22, 32), u(35, 50), u(40, 55))) & inner
+    r = (u(22, 32), u(35, 50), u(40, 55))
+    rim = u(4, 9)
+    spleen_fat = _ellipsoid(grid, c, tuple(v + rim for v in r)) & inner
+    vol[spleen_fat] = hu["fat"]
+    spleen = _ellipsoid(grid, c, r) & inner
     vol[spleen] = hu["spleen"]
     organs["spleen"] = spleen
-    organs["left kidney"] &= ~spleen  # painted over: keep masks exclusive, like the voxel values
+    for name in ("right kidney", "left kidney"):  # painted over: keep masks exclusive, like the voxel values
+        organs[name] &= ~spleen_fat
     c = (cx - u(0.3, 0.42) * a, cy - u(0.0, 0.2) * b, u(10, 40))
     r = (u(55, 75), u(50, 70), u(55, 75))
     lobe_c = (c[0] + u(35, 55), c[1] - u(15, 35), c[2] + u(5, 20))
