@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medsight.demo.catalog import CT_ABDOMEN
-from medsight.demo.qa import make_items, mask_id
+from medsight.demo.qa import balance_lesion_presence, make_items, mask_id
 from medsight.demo.samples import Sample2D
 
 PRESENCE = "Is there a lesion"
@@ -66,3 +66,23 @@ def test_closed_questions_are_frequent_and_visibility_is_balanced():
     assert closed / 400 >= 1.4  # the uniform mix asked about one per image
     # Two organs shown and two absent: "no" must be about as frequent as "yes", not one in ten.
     assert 0.4 <= visible_no / visible <= 0.6
+
+
+def _presence_counts(items: list[dict]) -> tuple[int, int]:
+    answers = [a for it in items for q, a in _turns(it) if PRESENCE in q]
+    return sum(a.startswith("Yes") for a in answers), sum(not a.startswith("Yes") for a in answers)
+
+
+def test_balancing_repeats_lesion_items_until_yes_matches_no():
+    items = [it for seed in range(60) for lesion in (True, False, False, False)
+             for it in _items(_ct_slice(lesion), seed)]
+    items = [{**it, "id": f"{it['id']}_{n}"} for n, it in enumerate(items)]
+    yes, no = _presence_counts(items)
+    assert no > 2.5 * yes  # lesion slices are a minority, as in the brain MRI data
+    balanced = balance_lesion_presence(items)
+    yes_b, no_b = _presence_counts(balanced)
+    assert no_b == no and 0.75 < yes_b / no_b < 1.25
+    assert len({it["id"] for it in balanced}) == len(balanced)  # repeats get their own ids
+    repeats = balanced[len(items):]
+    assert repeats and all(any(PRESENCE in q and a.startswith("Yes") for q, a in _turns(it)) for it in repeats)
+    assert balanced[: len(items)] == items  # the originals are untouched

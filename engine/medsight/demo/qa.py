@@ -208,3 +208,33 @@ def fill_codes(items: list[dict], code_for_mask: Callable[[str], str]) -> list[d
         new["mask_codes"] = codes or None
         out.append(new)
     return out
+
+
+def _finds_lesion(item: dict) -> bool:
+    conv = item["conversations"]
+    return any(q["value"].split("\n")[-1].startswith("Is there a lesion") and a["value"].startswith("Yes")
+               for q, a in zip(conv[::2], conv[1::2], strict=False))
+
+
+def _asks_presence(item: dict) -> bool:
+    return any("Is there a lesion" in q["value"] for q in item["conversations"][::2])
+
+
+def balance_lesion_presence(items: list[dict]) -> list[dict]:
+    """``items`` plus repeats of those whose presence question is answered "yes", so that per modality "yes" is
+    about as frequent as "no" (brain MRI has ~4 lesion-free slices per lesion slice).
+
+    A demo training choice, not the official recipe: with 1 "yes" in 4 the small language model learned to
+    answer "no" and not to look for the lesion. Repeats get ids ending in ``_r<n>``.
+    """
+    by_label: dict[int, list[dict]] = {}
+    for item in items:
+        by_label.setdefault(item["modality_label"], []).append(item)
+    out = list(items)
+    for group in by_label.values():
+        yes = [it for it in group if _finds_lesion(it)]
+        no = sum(1 for it in group if _asks_presence(it) and not _finds_lesion(it))
+        repeats = round(no / len(yes)) - 1 if yes else 0
+        out += [{**copy.deepcopy(it), "id": f"{it['id']}_r{n}"} for n in range(1, repeats + 1) for it in yes]
+    return out
+

@@ -52,7 +52,8 @@ from medsight.train.stages import (
 
 from .build import build_demo_data
 from .catalog import SOURCES, SPLITS
-from .qa import fill_codes
+from .qa import balance_lesion_presence, fill_codes
+from .samples import MIN_LESION_CONTRAST
 
 log = logging.getLogger("medsight.demo.train_demo")
 
@@ -252,7 +253,14 @@ def run_one_stage(stage: int, model: MedSIGHTModel, data, config, out_dir: Path,
 
 
 def _stage_data(stage: int, data_root: Path):
-    return data_root if stage <= 2 else data_root / "lvlm" / "train_coded.json"
+    if stage <= 2:
+        return data_root
+    coded = data_root / "lvlm" / "train_coded.json"
+    if stage < 5:
+        return coded
+    balanced = data_root / "lvlm" / "train_stage5.json"
+    balanced.write_text(json.dumps(balance_lesion_presence(json.loads(coded.read_text())), indent=1) + "\n")
+    return balanced
 
 
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
@@ -372,7 +380,9 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "UniMed-CLIP offline) and the language model is not pretrained either; learning rates are higher than the "
         "official ones and step counts are set by a wall-clock budget. Stages 3-5 use batches of 8 with padded code "
         f"slots (`pad_code_slots`) and stage 5 weights the verdict token of yes/no answers x{YES_NO_WEIGHT:g} in the "
-        "cross-entropy (`yes_no_weight`); the official values are batch 1 and no weighting.",
+        "cross-entropy (`yes_no_weight`), and repeats conversations whose lesion-presence answer is \"yes\" until "
+        "\"yes\" is about as frequent as \"no\" per modality (`balance_lesion_presence`); the official values are "
+        "batch 1, no weighting and no repeats.",
         f"- Size: {_folder_mb(model_dir):.1f} MB (float32 safetensors, codebook included).",
         "",
         "## Data",
@@ -386,7 +396,10 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         f"{v['image_size']} px). Region codes in the answers come from the "
         "trained stage-2 codebook (Hungarian-matched query of each GT mask, quantised under the modality label). "
         "Every VQA conversation opens with a closed question (lesion presence or organ visibility, with \"no\" as "
-        "likely as \"yes\" for organs when the slice allows both) and half the segmentation ones add one.",
+        "likely as \"yes\" for organs when the slice allows both) and half the segmentation ones add one. A lesion "
+        f"is labelled only where it stands out in the displayed slice (mean grey level >= {MIN_LESION_CONTRAST:g} "
+        "standard deviations from a ring around it); slices that cut a lesion too thinly or too faintly are left "
+        "out.",
         "",
         "## Training",
         "",
