@@ -210,14 +210,14 @@ def fill_codes(items: list[dict], code_for_mask: Callable[[str], str]) -> list[d
     return out
 
 
-def _finds_lesion(item: dict) -> bool:
+def _presence_answers(item: dict) -> list[str]:
     conv = item["conversations"]
-    return any(q["value"].split("\n")[-1].startswith("Is there a lesion") and a["value"].startswith("Yes")
-               for q, a in zip(conv[::2], conv[1::2], strict=False))
+    return [a["value"] for q, a in zip(conv[::2], conv[1::2], strict=False)
+            if q["value"].split("\n")[-1].startswith("Is there a lesion")]
 
 
-def _asks_presence(item: dict) -> bool:
-    return any("Is there a lesion" in q["value"] for q in item["conversations"][::2])
+def _finds_lesion(item: dict) -> bool:
+    return any(a.startswith("Yes") for a in _presence_answers(item))
 
 
 def balance_lesion_presence(items: list[dict]) -> list[dict]:
@@ -233,7 +233,7 @@ def balance_lesion_presence(items: list[dict]) -> list[dict]:
     out = list(items)
     for group in by_label.values():
         yes = [it for it in group if _finds_lesion(it)]
-        no = sum(1 for it in group if _asks_presence(it) and not _finds_lesion(it))
+        no = sum(1 for it in group if _presence_answers(it) and not _finds_lesion(it))
         repeats = round(no / len(yes)) - 1 if yes else 0
         out += [{**copy.deepcopy(it), "id": f"{it['id']}_r{n}"} for n in range(1, repeats + 1) for it in yes]
     return out
