@@ -50,6 +50,8 @@ MULTI_Q = ("Please segment all the structures.", "Segment the {list}.", "Please 
 MODALITY_Q = (
     "What imaging modality is this?", "Which modality was used to acquire this image?", "What kind of scan is this?"
 )
+#: How every lesion-presence question opens; evaluation and the stage-5 balancing recognise them by it.
+PRESENCE_Q = "Is there a lesion"
 DIAG_Q = ("What abnormality is seen in this image?", "Is there anything abnormal in this image?",
           "What is the main finding?")
 
@@ -76,7 +78,7 @@ def _modality_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str
 def _presence_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
     """Yes/no about the lesion; a "yes" is grounded with its code, a "no" with the organ's when present."""
     site = LESION_SITE[sample.source.key]
-    q = f"Is there a lesion in the {site}?"
+    q = f"{PRESENCE_Q} in the {site}?"
     if rng.random() < 0.4:
         q += " Answer yes or no."
     if "lesion" in sample.masks:
@@ -213,7 +215,7 @@ def fill_codes(items: list[dict], code_for_mask: Callable[[str], str]) -> list[d
 def _presence_answers(item: dict) -> list[str]:
     conv = item["conversations"]
     return [a["value"] for q, a in zip(conv[::2], conv[1::2], strict=False)
-            if q["value"].split("\n")[-1].startswith("Is there a lesion")]
+            if q["value"].split("\n")[-1].startswith(PRESENCE_Q)]
 
 
 def _finds_lesion(item: dict) -> bool:
