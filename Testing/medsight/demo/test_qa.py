@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from medsight.demo.catalog import CT_ABDOMEN
-from medsight.demo.qa import balance_lesion_presence, make_items, mask_id
+from medsight.demo.qa import (
+    MAX_REPEATS,
+    PLACEHOLDER,
+    balance_closed_answers,
+    closed_kind,
+    closed_question_items,
+    make_items,
+    mask_id,
+)
 from medsight.demo.samples import Sample2D
 
 PRESENCE = "Is there a lesion"
@@ -79,10 +87,77 @@ def test_balancing_repeats_lesion_items_until_yes_matches_no():
     items = [{**it, "id": f"{it['id']}_{n}"} for n, it in enumerate(items)]
     yes, no = _presence_counts(items)
     assert no > 2.5 * yes  # lesion slices are a minority, as in the brain MRI data
-    balanced = balance_lesion_presence(items)
+    balanced = balance_closed_answers(items, kinds=("presence",))
     yes_b, no_b = _presence_counts(balanced)
     assert no_b == no and 0.75 < yes_b / no_b < 1.25
     assert len({it["id"] for it in balanced}) == len(balanced)  # repeats get their own ids
     repeats = balanced[len(items):]
     assert repeats and all(any(PRESENCE in q and a.startswith("Yes") for q, a in _turns(it)) for it in repeats)
     assert balanced[: len(items)] == items  # the originals are untouched
+
+
+def _visible_counts(items: list[dict]) -> tuple[int, int]:
+    verdicts = [{a == "Yes." for q, a in _turns(it) if VISIBLE in q} for it in items]
+    return sum(v == {True} for v in verdicts), sum(v == {False} for v in verdicts)
+
+
+def _full_ct_slice(seed: int) -> Sample2D:
+    """Every organ shown, or every organ but one kidney: "visible?" is mostly "yes"."""
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    names = ["liver", "spleen", "left kidney", "right kidney"][: 3 if seed % 2 == 0 else 4]
+    return Sample2D(f"ct_{seed}_z001", CT_ABDOMEN, f"ct_{seed}", "train", np.zeros((8, 8, 3), np.uint8),
+                    dict.fromkeys(names, mask), absent=("lesion",) + (("right kidney",) if len(names) == 3 else ()))
+
+
+def test_balancing_repeats_the_rarer_visibility_answer_too():
+    items = [it for seed in range(200) for it in _items(_full_ct_slice(seed), seed)]
+    yes, no = _visible_counts(items)
+    assert yes > 3 * no > 0
+    balanced = balance_closed_answers(items)
+    yes_b, no_b = _visible_counts(balanced)
+    assert yes_b == yes and 0.75 < no_b / yes_b < 1.25
+    assert len({it["id"] for it in balanced}) == len(balanced)
+    assert balance_closed_answers(items, kinds=("presence",)) == items  # no lesion anywhere: nothing to balance
+
+
+def test_balancing_repeats_a_conversation_at_most_max_repeats_times():
+    items = [it for seed in range(200) for it in _items(_full_ct_slice(seed), seed) if seed % 2 or seed == 0]
+    _, no = _visible_counts(items)
+    assert 0 < no <= 2  # one slice lacks a kidney: far too few "no" to balance by repeating
+    balanced = balance_closed_answers(items, kinds=("visible",))
+    assert len(balanced) - len(items) == MAX_REPEATS * no
+
+
+def test_closed_question_items_keep_only_yes_no_turns_with_their_masks():
+    items = [{**it, "id": f"{it['id']}_{seed}"} for seed in range(40) for it in _items(_ct_slice(seed % 2 == 0), seed)]
+    cut = closed_question_items(items)
+    by_id = {it["id"]: it for it in items}
+    assert cut and len(cut) < len(items) + 1
+    for item in cut:
+        original = by_id[item["id"].removesuffix("_closed")]
+        turns = _turns(item)
+        assert turns and all(closed_kind(q) for q, _ in turns)
+        # Same questions and answers, in the same order, as the original's closed turns.
+        assert turns == [(q, a) for q, a in _turns(original) if closed_kind(q)]
+        conv = item["conversations"]
+        assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+        # Masks: those of the kept answers' placeholders, in order, with their files.
+        order = [m for t in conv for m in PLACEHOLDER.findall(t["value"])]
+        assert item["mask_orders"] == order
+        assert set(item["mask_files"] or {}) == set(order)
+    # Every item with a closed turn has its copy (the VQA item always opens with one).
+    assert {it["id"] for it in cut} == {it["id"] + "_closed" for it in items if any(closed_kind(q) for q, _ in
+                                                                                    _turns(it))}
+    assert sum("_q1" in it["id"] for it in cut) == 40
+
+
+def test_closed_question_items_reject_masks_that_do_not_match_the_answers():
+    item = next(it for seed in range(40) for it in _items(_ct_slice(True), seed) if it["mask_orders"])
+    broken = {**item, "mask_orders": item["mask_orders"] + ["extra"]}
+    try:
+        closed_question_items([broken])
+    except ValueError as err:
+        assert "mask_orders" in str(err)
+    else:
+        raise AssertionError("a mask_orders longer than the answers' codes was accepted")

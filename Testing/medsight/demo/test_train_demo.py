@@ -16,7 +16,7 @@ import torch
 import medsight
 from medsight.demo.evaluate_demo import dice, markdown, modality_correct, question_kind, summarise, yes_no
 from medsight.demo.qa import PLACEHOLDER
-from medsight.demo.train_demo import CARD_FILE, EncodingCache
+from medsight.demo.train_demo import CARD_FILE, PHASES, EncodingCache
 from medsight.model.loading import build_model
 from medsight.train.data import read_rgb
 
@@ -49,10 +49,15 @@ def test_smoke_runs_all_stages_quickly(smoke):
     out, seconds = smoke
     assert seconds < 90
     summary = json.loads((out / "summary.json").read_text())
-    for stage in range(1, 6):
-        assert summary["stages"][str(stage)]["steps"] == 2
-        assert (out / f"stage{stage}" / "final" / "model.safetensors").is_file()
-        assert (out / f"stage{stage}" / "loss_log.jsonl").is_file()
+    for phase in PHASES:
+        assert summary["stages"][phase]["steps"] == 2
+        assert (out / phase / "final" / "model.safetensors").is_file()
+        assert (out / phase / "loss_log.jsonl").is_file()
+    # The finish phase trains on stage 5's conversations plus their closed-question-only copies.
+    stage5 = json.loads((out / "data" / "lvlm" / "train_stage5.json").read_text())
+    finish = json.loads((out / "data" / "lvlm" / "train_finish.json").read_text())
+    assert finish[: len(stage5)] == stage5 and len(finish) > len(stage5)
+    assert all(it["id"].endswith("_closed") for it in finish[len(stage5):])
     assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
     assert summary["data_size"] == "tiny"
     assert "--data-size tiny" in (out / "model" / CARD_FILE).read_text()  # the card names the command that made it

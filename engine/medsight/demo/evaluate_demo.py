@@ -35,7 +35,7 @@ from medsight.prompt import Message, tokenize_prompt
 from medsight.train.data import read_mask, read_rgb
 
 from .catalog import SOURCES
-from .qa import DIAG_Q, MODALITY_Q, PLACEHOLDER, PRESENCE_Q
+from .qa import DIAG_Q, MODALITY_Q, PLACEHOLDER, closed_kind
 
 MAX_NEW_TOKENS = 160  # the longest demo answer (all structures of a CT slice) is ~130 bytes
 _YES = re.compile(r"^\W*yes\b", re.IGNORECASE)
@@ -46,10 +46,9 @@ def question_kind(question: str) -> str:
     q = question.strip()
     if q in MODALITY_Q:
         return "modality"
-    if q.startswith(PRESENCE_Q):
-        return "presence"
-    if q.startswith("Is the ") and "visible" in q:
-        return "visible"
+    kind = closed_kind(q)
+    if kind is not None:
+        return kind
     if q in DIAG_Q:
         return "diagnosis"
     return "segmentation"

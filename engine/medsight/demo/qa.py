@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -52,6 +52,7 @@ MODALITY_Q = (
 )
 #: How every lesion-presence question opens; evaluation and the stage-5 balancing recognise them by it.
 PRESENCE_Q = "Is there a lesion"
+VISIBLE_Q = "Is the {s} visible in this image?"
 DIAG_Q = ("What abnormality is seen in this image?", "Is there anything abnormal in this image?",
           "What is the main finding?")
 
@@ -103,7 +104,7 @@ def _visible_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str,
     if not pool:
         return None
     name = pool[rng.integers(len(pool))]
-    q = f"Is the {name} visible in this image?"
+    q = VISIBLE_Q.format(s=name)
     return q, ("Yes." if name in sample.masks else "No."), []
 
 
@@ -212,31 +213,87 @@ def fill_codes(items: list[dict], code_for_mask: Callable[[str], str]) -> list[d
     return out
 
 
-def _presence_answers(item: dict) -> list[str]:
+def closed_kind(question: str) -> str | None:
+    """"presence" or "visible" for the two closed (yes/no) question kinds, else None."""
+    q = question.split("\n")[-1].strip()
+    if q.startswith(PRESENCE_Q):
+        return "presence"
+    head, tail = VISIBLE_Q.split("{s}")
+    if q.startswith(head) and q.endswith(tail):
+        return "visible"
+    return None
+
+
+def _answers(item: dict, kind: str) -> list[str]:
     conv = item["conversations"]
-    return [a["value"] for q, a in zip(conv[::2], conv[1::2], strict=False)
-            if q["value"].split("\n")[-1].startswith(PRESENCE_Q)]
+    return [a["value"] for q, a in zip(conv[::2], conv[1::2], strict=False) if closed_kind(q["value"]) == kind]
 
 
-def _finds_lesion(item: dict) -> bool:
-    return any(a.startswith("Yes") for a in _presence_answers(item))
+#: At most this many repeats of one conversation: brain MRI has 14 "no, not visible" conversations for 1100 "yes"
+#: ones, and repeating those 14 eighty times would teach them by heart, not the question.
+MAX_REPEATS = 3
 
 
-def balance_lesion_presence(items: list[dict]) -> list[dict]:
-    """``items`` plus repeats of those whose presence question is answered "yes", so that per modality "yes" is
-    about as frequent as "no" (brain MRI has ~4 lesion-free slices per lesion slice).
+def balance_closed_answers(items: list[dict], kinds: Sequence[str] = ("presence", "visible")) -> list[dict]:
+    """``items`` plus repeats of conversations with the rarer answer, so that per modality and question kind
+    "yes" is about as frequent as "no" (brain MRI has ~4 lesion-free slices per lesion slice; most CT slices show
+    every organ, so "is the ... visible?" is "yes" 3 times in 4).
 
     A demo training choice, not the official recipe: with 1 "yes" in 4 the small language model learned to
-    answer "no" and not to look for the lesion. Repeats get ids ending in ``_r<n>``.
+    answer "no" and not to look for the lesion. Counted per conversation (those answering one kind both ways are
+    left out of the count); at most `MAX_REPEATS` per conversation, with ids ending in ``_<p|v><n>``. Kinds are
+    balanced in turn, each counting the repeats already added.
     """
-    by_label: dict[int, list[dict]] = {}
-    for item in items:
-        by_label.setdefault(item["modality_label"], []).append(item)
     out = list(items)
-    for group in by_label.values():
-        yes = [it for it in group if _finds_lesion(it)]
-        no = sum(1 for it in group if _presence_answers(it) and not _finds_lesion(it))
-        repeats = round(no / len(yes)) - 1 if yes else 0
-        out += [{**copy.deepcopy(it), "id": f"{it['id']}_r{n}"} for n in range(1, repeats + 1) for it in yes]
+    for kind in kinds:
+        by_label: dict[int, list[dict]] = {}
+        for item in out:
+            by_label.setdefault(item["modality_label"], []).append(item)
+        for group in by_label.values():
+            verdicts = [(it, {a.startswith("Yes") for a in _answers(it, kind)}) for it in group]
+            yes = [it for it, v in verdicts if v == {True}]
+            no = [it for it, v in verdicts if v == {False}]
+            rare, common = (yes, no) if len(yes) < len(no) else (no, yes)
+            repeats = min(MAX_REPEATS, round(len(common) / len(rare)) - 1) if rare else 0
+            out += [{**copy.deepcopy(it), "id": f"{it['id']}_{kind[0]}{n}"} for n in range(1, repeats + 1)
+                    for it in rare]
     return out
 
+
+def closed_question_items(items: list[dict]) -> list[dict]:
+    """Copies of ``items`` cut down to their closed (yes/no) turns; conversations without one are dropped.
+
+    For a short final phase of stage 5 (a demo choice): the same image with only the questions whose single
+    verdict token must come from the image. ``mask_orders``, ``mask_files`` and ``mask_codes`` keep the masks of
+    the kept answers (a "yes" is grounded with its code). Works on coded and on placeholder items; ids end in
+    ``_closed``.
+    """
+    out = []
+    for item in items:
+        conv, order = item["conversations"], list(item.get("mask_orders") or [])
+        kept: list[dict] = []
+        kept_order: list[str] = []
+        pos = 0
+        for q, a in zip(conv[::2], conv[1::2], strict=True):
+            n = len(CODE_TOKEN.findall(a["value"])) + len(PLACEHOLDER.findall(a["value"]))
+            ids, pos = order[pos:pos + n], pos + n
+            if closed_kind(q["value"]) is None:
+                continue
+            question = q["value"].removeprefix("<image>\n")
+            kept += [{**q, "value": ("" if kept else "<image>\n") + question}, dict(a)]
+            kept_order += ids
+        if pos != len(order):
+            raise ValueError(f"item {item.get('id')}: {len(order)} mask_orders for {pos} codes in the answers")
+        if not kept:
+            continue
+        used = list(dict.fromkeys(kept_order))
+        files, codes = item.get("mask_files") or {}, item.get("mask_codes") or {}
+        out.append({
+            **copy.deepcopy(item),
+            "id": f"{item['id']}_closed",
+            "conversations": kept,
+            "mask_orders": kept_order,
+            "mask_files": {m: files[m] for m in used} or None,
+            "mask_codes": ({m: codes[m] for m in used} or None) if item.get("mask_codes") else None,
+        })
+    return out
