@@ -119,7 +119,7 @@ def test_unset_state_position_follows_the_model_config(tiny):
 
     assert tiny.config.code_state_position == "before"  # the official default
     before, at, unset = logits("before"), logits("at"), logits(None)
-    assert np.abs(before - at).max() > 1e-6  # the two states really differ
+    assert np.abs(np.asarray(before) - np.asarray(at)).max() > 1e-6  # the two states really differ
     assert np.array_equal(unset, before)
     tiny.config.code_state_position = "at"
     try:
