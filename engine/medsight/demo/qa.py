@@ -50,7 +50,8 @@ MULTI_Q = ("Please segment all the structures.", "Segment the {list}.", "Please 
 MODALITY_Q = (
     "What imaging modality is this?", "Which modality was used to acquire this image?", "What kind of scan is this?"
 )
-#: How every lesion-presence question opens; evaluation and the stage-5 balancing recognise them by it.
+#: How every lesion-presence question opens, and the organ-visibility question: `closed_kind` recognises the two
+#: closed (yes/no) kinds by them, for the evaluation and the stage-5 balancing.
 PRESENCE_Q = "Is there a lesion"
 VISIBLE_Q = "Is the {s} visible in this image?"
 DIAG_Q = ("What abnormality is seen in this image?", "Is there anything abnormal in this image?",
