@@ -77,6 +77,9 @@ def test_errors_are_one_line_with_exit_code_2(mni_path, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["ask", str(mni_path), "q", "--slices", "999", "--device", "cpu"]) == 2
     assert "outside 0.." in capsys.readouterr().err
+    for blank in ("", "   "):
+        assert main(["ask", str(mni_path), blank, "--device", "cpu"]) == 2
+        assert "question is empty" in capsys.readouterr().err
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "without a token" in capsys.readouterr().err
 

@@ -222,6 +222,11 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
         engine.ask(VolumeSlices(volume, "axial", [3, 3]), "Q?")
     with pytest.raises(ValueError, match="messages is empty"):
         engine.ask(images(1), [])
+    for blank in ("", " \n\t"):
+        with pytest.raises(ValueError, match="question is empty"):
+            engine.ask(images(1), blank)
+    with pytest.raises(ValueError, match="question is empty"):
+        engine.ask(images(1), [Message("user", "Q?"), Message("assistant", "A."), Message("user", "  ")])
     with pytest.raises(ValueError, match="cache_bytes"):
         Engine(model, cache_bytes=-1)
 

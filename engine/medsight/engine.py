@@ -270,6 +270,10 @@ class Engine:
             bad = [m for m in turns if not isinstance(m, Message)]
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
+        questions = [m.content for m in turns if m.role == "user"]
+        if not questions or not questions[-1].strip():
+            # A blank question still makes a prompt, and the model answers it with whatever it likes.
+            raise ValueError("the question is empty; ask something about the image")
         return tokenize_prompt(self.model.tokenizer, turns, num_images=1)
 
     def _prepare(self, images: Sequence[np.ndarray] | VolumeSlices, image_options: ImageOptions) -> list[_Input]:
