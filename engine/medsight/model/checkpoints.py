@@ -2,8 +2,10 @@
 
 Official files:
 - UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed).
-- Stage 1, `region_perceiver/0079280.pt`: `{model, steps, args}` with `region_perceiver.*` keys; `args` is an
-  argparse Namespace, so the pickle is read with `weights_only=True` and an allow-list holding only that.
+- Stage 1, `region_perceiver/0079280.pt`: `{model, optimizer, steps, args}` with `region_perceiver.*` keys;
+  `args` is an argparse Namespace.
+Pickles are read with `weights_only=True` and the allow-list of `medsight.model.unpickling`, memory-mapped, and
+each reader keeps (copies) only the tensors it needs.
 - Stage 2 codebook: `{model, ...}` with `quantizer.*`, `region_perceiver.to_code.*`,
   `region_perceiver.code_decoder.*` and `modality_predictor.*` keys.
 - `medsight_full_instruct/`: Hugging Face folder (config.json with model_type llava_qwen, safetensors shards,
@@ -12,9 +14,9 @@ Official files:
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# The only non-tensor class a released checkpoint may contain.
-ALLOWED_PICKLE_GLOBALS = [argparse.Namespace]
+from medsight.model.unpickling import allowed_globals, refusal_message
 
 
 class CheckpointError(ValueError):
@@ -32,21 +33,43 @@ class CheckpointError(ValueError):
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """`torch.load` with `weights_only=True`: tensors, containers and argparse.Namespace only."""
+    """`torch.load` with `weights_only=True` and the allow-list of `medsight.model.unpickling`.
+
+    Zip-format files (everything torch has written since 1.6) are memory-mapped: tensors are read from disk only
+    when touched, so a reader that keeps a part of a large file (the vision tower of a UniMed-CLIP training
+    checkpoint) never holds the rest in memory. A `.safetensors` file (what `convert_trusted` writes) is read as is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(
-            f"{path}: refused to unpickle: it holds objects outside the allow-list (tensors, containers, "
-            f"argparse.Namespace). {first}"
-        ) from None
+        raise CheckpointError(refusal_message(path, _unsafe_globals(path), first)) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Every global the file names outside the allow-list (torch reads them without running the pickle)."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+        return []  # a legacy (non-zip) file: the unpickler's own first complaint is all there is
+
+
+def owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the kept tensors, so that the memory map of the whole file is released with the loaded object."""
+    return {k: v.clone() for k, v in state.items()}
 
 
 def pick_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
@@ -108,7 +131,7 @@ def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
     visual = select_prefix(state, "visual.") or select_prefix(state, "image_encoder.")
     if not visual:
         raise CheckpointError(f"{path}: no vision-encoder keys (expected 'visual.*')")
-    return visual
+    return owned(visual)
 
 
 def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -128,7 +151,7 @@ def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
     perceiver = {k: v for k, v in perceiver.items() if not k.startswith(codebook_parts)}
     if not perceiver:
         raise CheckpointError(f"{path}: no 'region_perceiver.*' keys")
-    return perceiver
+    return owned(perceiver)
 
 
 _CODEBOOK_KEY_MAP = (
@@ -152,7 +175,7 @@ def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not out:
         raise CheckpointError(f"{path}: no stage-2 codebook keys (expected 'quantizer.codebooks.*')")
-    return out
+    return owned(out)
 
 
 def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
