@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,12 +33,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message says which."""
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """`torch.load` with `weights_only=True` and the allow-list of `medsight.model.unpickling`.
 
-    Zip-format files (everything torch has written since 1.6) are memory-mapped: tensors are read from disk only
-    when touched, so a reader that keeps a part of a large file (the vision tower of a UniMed-CLIP training
-    checkpoint) never holds the rest in memory. A `.safetensors` file (what `convert_trusted` writes) is read as is.
+    `mmap=True` memory-maps zip-format files (everything torch has written since 1.6): tensors are read from disk
+    only when touched, so a reader that keeps a part of a large file (the vision tower of a UniMed-CLIP training
+    checkpoint) never holds the rest in memory. Such tensors are views of the file: copy what you keep (`owned`)
+    and never rewrite the file while they live. A `.safetensors` file (what `convert_trusted` writes) is read as is.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,7 +49,7 @@ def safe_torch_load(path: str | Path) -> Any:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    mmap = zipfile.is_zipfile(path)
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -127,7 +129,7 @@ def _listing(items: list[str], limit: int = 8) -> str:
 
 def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ViT tensors of an open_clip / UniMed-CLIP checkpoint (`visual.*`), text tower ignored."""
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     visual = select_prefix(state, "visual.") or select_prefix(state, "image_encoder.")
     if not visual:
         raise CheckpointError(f"{path}: no vision-encoder keys (expected 'visual.*')")
@@ -140,7 +142,7 @@ def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
     ViT keys (`image_encoder.*`, present in EMA saves) are skipped, as the official loader does; any other
     key outside `region_perceiver.` is an error.
     """
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     other = [k for k in state if not k.startswith(("region_perceiver.", "image_encoder."))]
     # Stage-2 saves hold codebook keys; they belong to read_codebook_state, not here.
     other = [k for k in other if not k.startswith(("quantizer.", "modality_predictor."))]
@@ -166,7 +168,7 @@ _CODEBOOK_KEY_MAP = (
 
 def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The stage-2 tensors (codebooks, W_q, W_m, quantised head, modality predictor), renamed to our module."""
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     out = {}
     for key, value in state.items():
         for old, new in _CODEBOOK_KEY_MAP:
@@ -178,9 +180,8 @@ def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
     return owned(out)
 
 
-def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
-    folder = Path(folder)
+def _shards(folder: Path) -> list[str]:
+    """The weight files of a Hugging Face folder: the shards its index names, else `model.safetensors`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -193,6 +194,27 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"{folder}: no .safetensors weights found")
+    return shards
+
+
+def safetensors_names(folder: str | Path) -> set[str]:
+    """The tensor names of a Hugging Face folder, from its index or the shards' headers (no tensor is read)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        _shards(folder)  # validates the index
+        return set(json.loads(index.read_text())["weight_map"])
+    names: set[str] = set()
+    for shard in _shards(folder):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
+    folder = Path(folder)
+    shards = _shards(folder)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (folder / shard).is_file():
