@@ -52,6 +52,9 @@ def test_hub_address_parsing():
     assert parse_hub_file(f"{VISION_REPO}:{VISION_FILE}").revision is None
     for local in ("unimed.pt", "C:\\models\\unimed.pt", "/abs/path/unimed.pt", "relative/dir/unimed.pt"):
         assert parse_hub_file(local) is None
+    # The bare file name the README once showed: not found locally, and the error gives the Hub address.
+    with pytest.raises(CheckpointError, match=f"pass {VISION_REPO}:{VISION_FILE}"):
+        resolve_file(VISION_FILE)
 
 
 def test_repo_file_address_resolves_through_the_cache_offline(cache, unimed_file, vision_tower, release_dir):

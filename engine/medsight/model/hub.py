@@ -70,6 +70,9 @@ def resolve_file(spec: str | Path) -> Path:
     if path.exists():
         return path
     hub = parse_hub_file(str(spec))
+    if hub is None and path.name == UNIMED_CLIP.filename:  # the README of old: a bare file name meant the Hub's file
+        raise CheckpointError(f"checkpoint file not found: {path}; for the copy on the Hugging Face Hub pass "
+                              f"{UNIMED_CLIP} (or --fetch-vision)")
     return path if hub is None else fetch_file(hub)
 
 
@@ -143,6 +146,7 @@ class DownloadPlan:
     revision: str | None
     files: list[tuple[str, int]]
     extra: list[tuple[HubFile, int]]
+    licence: str | None = None
 
     @property
     def total(self) -> int:
@@ -151,7 +155,8 @@ class DownloadPlan:
     def lines(self) -> list[str]:
         rows = [f"{_size(size):>10}  {name}" for name, size in self.files]
         rows += [f"{_size(size):>10}  {hub} (licence {hub.licence})" for hub, size in self.extra]
-        head = f"{self.repo_id} at {self.revision or 'main'}: {len(rows)} file(s), {_size(self.total)}"
+        licence = f", licence {self.licence}" if self.licence else ""
+        head = f"{self.repo_id} at {self.revision or 'main'}{licence}: {len(rows)} file(s), {_size(self.total)}"
         return [head, *rows]
 
 
@@ -169,11 +174,20 @@ def plan_release(repo_id: str, revision: str | None = None, codebook: bool = Fal
                               f"{PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)")
     extra = []
     if vision and not any("clip" in f.lower() for f in files):
-        (entry,) = _hub_call(lambda: HfApi().get_paths_info(UNIMED_CLIP.repo_id, [UNIMED_CLIP.filename],
-                                                             revision=UNIMED_CLIP.revision),
-                             UNIMED_CLIP.describe())
-        extra.append((UNIMED_CLIP, entry.size))
-    return DownloadPlan(repo_id, revision, [(f, sizes[f]) for f in files], extra)
+        extra.append((UNIMED_CLIP, plan_file(UNIMED_CLIP).total))
+    licence = getattr(info.card_data, "license", None)
+    return DownloadPlan(repo_id, revision, [(f, sizes[f]) for f in files], extra, licence)
+
+
+def plan_file(hub: HubFile) -> DownloadPlan:
+    """One file of a repository, with its size (`get_paths_info`)."""
+    from huggingface_hub import HfApi
+
+    found = _hub_call(lambda: HfApi().get_paths_info(hub.repo_id, [hub.filename], revision=hub.revision),
+                      hub.describe())
+    if not found:
+        raise CheckpointError(f"{hub.describe()}: the repository has no such file")
+    return DownloadPlan(hub.repo_id, hub.revision, [(hub.filename, found[0].size)], [], hub.licence)
 
 
 def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Path:
