@@ -40,6 +40,14 @@ def test_numpy1_training_checkpoint_loads_only_the_visual_tensors(golden, tmp_pa
     assert float(safe_torch_load(path)["best_zero_shot"]) == pytest.approx(0.7321)
 
 
+def test_legacy_format_file_loads_without_memory_map(golden, tmp_path):
+    """Files from torch < 1.6 are not zip archives and cannot be memory-mapped; they load the plain way."""
+    visual = tower(golden)
+    path = tmp_path / "legacy.pt"
+    torch.save(unimed_clip_checkpoint(visual, text_tower(8)), path, _use_new_zipfile_serialization=False)
+    assert read_vision_state(path).keys() == visual.keys()
+
+
 def test_a_global_outside_the_allow_list_is_refused_by_name(golden, tmp_path):
     marker = tmp_path / "ran"
 
@@ -83,6 +91,7 @@ PEAK_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak-RSS reset needs Linux /proc")
 def test_peak_memory_is_a_small_multiple_of_the_tower_not_of_the_file(tmp_path):
     """The non-visual part (text tower + Adam state) is 20x the tower; reading the tower stays under 3x it."""

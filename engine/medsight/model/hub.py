@@ -76,11 +76,13 @@ def resolve_file(spec: str | Path) -> Path:
     return path if hub is None else fetch_file(hub)
 
 
-def fetch_file(hub: HubFile) -> Path:
-    """`hf_hub_download`: the cached copy if there is one for that revision, else a download (never when offline)."""
+def fetch_file(hub: HubFile, local_dir: str | Path | None = None) -> Path:
+    """`hf_hub_download`: the cached copy if there is one for that revision, else a download (never when offline);
+    with `local_dir`, a copy there too."""
     from huggingface_hub import hf_hub_download
 
-    return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision), hub.describe()))
+    return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
+                                                  local_dir=local_dir), hub.describe()))
 
 
 def cached_file(hub: HubFile) -> Path | None:
@@ -197,8 +199,8 @@ def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Pa
     folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
                                                  allow_patterns=[name for name, _ in plan.files]),
                        f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}")
-    for hub, _ in plan.extra:
-        fetch_file(hub)
+    for hub, _ in plan.extra:  # into the folder too, where the loader looks for `*clip*.pt`
+        fetch_file(hub, local_dir=local_dir)
     return Path(folder)
 
 

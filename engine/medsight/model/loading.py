@@ -213,7 +213,11 @@ def _vision_needed(found: dict[str, Path | None]) -> bool:
     if found["vision"] is not None:
         return False
     tower = "model.vision_tower.vision_tower.image_encoder."
-    return not any(name.startswith(tower) for name in safetensors_names(found["lvlm"]))
+    try:
+        names = safetensors_names(found["lvlm"])
+    except CheckpointError:
+        return False  # a broken LVLM folder: load_official names its problem
+    return not any(name.startswith(tower) for name in names)
 
 
 def load_model(
