@@ -69,11 +69,13 @@ def convert_trusted(source: str | Path, target: str | Path) -> Path:
     This is the one place that unpickles without the allow-list, so it runs only when a person asks for it by
     name, for one file, in its own process.
     """
+    import zipfile
+
     import torch
 
     from medsight.model.checkpoints import pick_state_dict, save_safetensors
 
-    obj = torch.load(source, map_location="cpu", weights_only=False, mmap=True)
+    obj = torch.load(source, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(source))
     state = pick_state_dict(obj, source)
     # Copies: safetensors refuses tensors that share storage, and the copies no longer need the mapped file.
     save_safetensors({k: v.clone() for k, v in state.items()}, target)
