@@ -48,7 +48,7 @@ OFFICIAL_PATTERNS = (
     f"{LVLM_FOLDER}/model*.safetensors",
     f"{LVLM_FOLDER}/model.safetensors.index.json",
     *(f"{LVLM_FOLDER}/{name}" for name in TOKENIZER_FILES),
-    "*clip*.pt",  # a UniMed-CLIP file placed beside the release (the loader looks for it there)
+    "*clip*.pt", "*CLIP*.pt",  # a UniMed-CLIP file beside the release (where the loader looks for it)
 )
 CODEBOOK_PATTERNS = ("codebook*/*.pt", "*codebook*.pt")
 OURS_PATTERNS = (CONFIG_FILE, "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
