@@ -10,6 +10,8 @@ import re
 import sys
 
 PLANES = ("axial", "coronal", "sagittal")
+VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
+                    "Hugging Face Hub (downloaded once into its cache)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--model", default="demo",
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
-    ask.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    ask.add_argument("--vision-file", help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES, default="axial")
     ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice)")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
-    serve.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    serve.add_argument("--vision-file", help=VISION_FILE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--token", default=os.environ.get("MEDSIGHT_TOKEN"),
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
     onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
-    onnx.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    onnx.add_argument("--vision-file", help=VISION_FILE_HELP)
     onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
@@ -71,10 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full")
 
-    download = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local cache")
-    download.add_argument("repo", nargs="?", default="Caf0914/MedSIGHT")
+    download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
+                              "into the local cache")
+    download.add_argument("repo", nargs="?", default="Caf0914/MedSIGHT",
+                          help="repository id, or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
     download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
+    download.add_argument("--codebook", action="store_true",
+                          help="also the stage-2 codebook file (not needed to answer questions)")
+    download.add_argument("--yes", action="store_true", help="do not ask before a large download")
+    download.add_argument("--confirm-above", type=float, default=1.0, metavar="GB",
+                          help="ask before downloading more than this (default 1 GB; only on a terminal)")
+
+    from medsight.model.hub import UNIMED_CLIP
+
+    for command in (ask, serve, onnx, download):
+        command.add_argument("--fetch-vision", action="store_true",
+                             help=f"download the vision file the release needs, {UNIMED_CLIP} ({UNIMED_CLIP.size}, "
+                             f"licence {UNIMED_CLIP.licence}), when the Hugging Face cache lacks it")
     return parser
 
 
@@ -157,7 +173,7 @@ def _ask(args: argparse.Namespace) -> int:
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
-                                  perceiver_attention=args.perceiver_attention)
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention)
     if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
@@ -216,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     check_bind(args.host, args.token)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
-                                  perceiver_attention=args.perceiver_attention)
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention)
     app = create_app(engine, token=args.token, max_upload_bytes=args.max_upload_mb * 1024**2,
                      request_timeout_s=args.timeout, model_name=str(args.model))
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
@@ -243,7 +259,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import medsight
     from medsight.onnx_export import export_onnx
 
-    model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file)
+    model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file,
+                                fetch_vision=args.fetch_vision)
     paths = export_onnx(model, args.out, args.opset, args.exporter)
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -265,16 +282,25 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """Show what will be fetched (files and sizes) first, ask before a large download, then fetch with the Hub's
+    own progress bars: only the layout's files (allow-patterns), the codebook and UniMed-CLIP only when asked."""
+    from dataclasses import replace
 
-    try:
-        path = snapshot_download(repo_id=args.repo, revision=args.revision, local_dir=args.dir)
-    except LocalEntryNotFoundError:
-        raise ValueError(f"{args.repo}: not in the local cache, and the Hub cannot be reached (offline?)") from None
-    except HfHubHTTPError as err:
-        raise ValueError(f"{args.repo}: download failed ({err})") from None
-    print(path)
+    from medsight.model.hub import fetch_release, parse_hub_file, plan_file, plan_release
+
+    hub = parse_hub_file(args.repo)
+    if hub is not None:
+        hub = replace(hub, revision=hub.revision or args.revision)
+        plan = plan_file(hub)
+    else:
+        plan = plan_release(args.repo, args.revision, codebook=args.codebook, vision=args.fetch_vision)
+    print("\n".join(plan.lines()), file=sys.stderr, flush=True)
+    ask_first = plan.total > args.confirm_above * 1e9 and not args.yes and sys.stdin.isatty()
+    if ask_first and input(f"Download {plan.total / 1e9:.2f} GB? [y/N] ").strip().lower() not in ("y", "yes"):
+        print("nothing downloaded", file=sys.stderr)
+        return 1
+    folder = fetch_release(plan, local_dir=args.dir)
+    print(folder / hub.filename if hub is not None else folder)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from medsight.config import tiny_config
 from medsight.model.checkpoints import CheckpointError, read_perceiver_state, safe_torch_load
 from medsight.model.loading import load_model, load_official, load_pretrained, save_pretrained
+from medsight_testing.hub_cache import cache_repo, folder_files
 from medsight_testing.release import write_release
 
 
@@ -124,10 +124,7 @@ def test_our_format_round_trip(tmp_path, release_dir):
 
 def test_hub_repo_id_from_the_offline_cache(release_dir, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
-    repo = cache / "models--Caf0914--MedSIGHT"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    shutil.copytree(release_dir, repo / "snapshots" / ("0" * 40))
+    cache_repo(cache, "Caf0914/MedSIGHT", folder_files(release_dir))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
     assert model.config.vision.image_size == 56 and model.codebook is not None

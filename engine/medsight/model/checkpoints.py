@@ -2,8 +2,10 @@
 
 Official files:
 - UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed).
-- Stage 1, `region_perceiver/0079280.pt`: `{model, steps, args}` with `region_perceiver.*` keys; `args` is an
-  argparse Namespace, so the pickle is read with `weights_only=True` and an allow-list holding only that.
+- Stage 1, `region_perceiver/0079280.pt`: `{model, optimizer, steps, args}` with `region_perceiver.*` keys;
+  `args` is an argparse Namespace.
+Pickles are read with `weights_only=True` and the allow-list of `medsight.model.unpickling`, memory-mapped, and
+each reader keeps (copies) only the tensors it needs.
 - Stage 2 codebook: `{model, ...}` with `quantizer.*`, `region_perceiver.to_code.*`,
   `region_perceiver.code_decoder.*` and `modality_predictor.*` keys.
 - `medsight_full_instruct/`: Hugging Face folder (config.json with model_type llava_qwen, safetensors shards,
@@ -12,41 +14,64 @@ Official files:
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# The only non-tensor class a released checkpoint may contain.
-ALLOWED_PICKLE_GLOBALS = [argparse.Namespace]
+from medsight.model.unpickling import allowed_globals, refusal_message
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message says which."""
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """`torch.load` with `weights_only=True`: tensors, containers and argparse.Namespace only."""
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """`torch.load` with `weights_only=True` and the allow-list of `medsight.model.unpickling`.
+
+    `mmap=True` memory-maps zip-format files (everything torch has written since 1.6): tensors are read from disk
+    only when touched, so a reader that keeps a part of a large file (the vision tower of a UniMed-CLIP training
+    checkpoint) never holds the rest in memory. Such tensors are views of the file: copy what you keep (`owned`)
+    and never rewrite the file while they live. A `.safetensors` file (what `convert_trusted` writes) is read as is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(ALLOWED_PICKLE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(
-            f"{path}: refused to unpickle: it holds objects outside the allow-list (tensors, containers, "
-            f"argparse.Namespace). {first}"
-        ) from None
+        raise CheckpointError(refusal_message(path, _unsafe_globals(path), first)) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Every global the file names outside the allow-list (torch reads them without running the pickle)."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+        return []  # a legacy (non-zip) file: the unpickler's own first complaint is all there is
+
+
+def owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the kept tensors, so that the memory map of the whole file is released with the loaded object."""
+    return {k: v.clone() for k, v in state.items()}
 
 
 def pick_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,11 +129,11 @@ def _listing(items: list[str], limit: int = 8) -> str:
 
 def read_vision_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ViT tensors of an open_clip / UniMed-CLIP checkpoint (`visual.*`), text tower ignored."""
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     visual = select_prefix(state, "visual.") or select_prefix(state, "image_encoder.")
     if not visual:
         raise CheckpointError(f"{path}: no vision-encoder keys (expected 'visual.*')")
-    return visual
+    return owned(visual)
 
 
 def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -117,7 +142,7 @@ def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
     ViT keys (`image_encoder.*`, present in EMA saves) are skipped, as the official loader does; any other
     key outside `region_perceiver.` is an error.
     """
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     other = [k for k in state if not k.startswith(("region_perceiver.", "image_encoder."))]
     # Stage-2 saves hold codebook keys; they belong to read_codebook_state, not here.
     other = [k for k in other if not k.startswith(("quantizer.", "modality_predictor."))]
@@ -128,7 +153,7 @@ def read_perceiver_state(path: str | Path) -> dict[str, torch.Tensor]:
     perceiver = {k: v for k, v in perceiver.items() if not k.startswith(codebook_parts)}
     if not perceiver:
         raise CheckpointError(f"{path}: no 'region_perceiver.*' keys")
-    return perceiver
+    return owned(perceiver)
 
 
 _CODEBOOK_KEY_MAP = (
@@ -143,7 +168,7 @@ _CODEBOOK_KEY_MAP = (
 
 def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The stage-2 tensors (codebooks, W_q, W_m, quantised head, modality predictor), renamed to our module."""
-    state = strip_module_prefix(pick_state_dict(safe_torch_load(path), path))
+    state = strip_module_prefix(pick_state_dict(safe_torch_load(path, mmap=True), path))
     out = {}
     for key, value in state.items():
         for old, new in _CODEBOOK_KEY_MAP:
@@ -152,12 +177,11 @@ def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not out:
         raise CheckpointError(f"{path}: no stage-2 codebook keys (expected 'quantizer.codebooks.*')")
-    return out
+    return owned(out)
 
 
-def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
-    folder = Path(folder)
+def _shards(folder: Path) -> list[str]:
+    """The weight files of a Hugging Face folder: the shards its index names, else `model.safetensors`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -170,6 +194,27 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"{folder}: no .safetensors weights found")
+    return shards
+
+
+def safetensors_names(folder: str | Path) -> set[str]:
+    """The tensor names of a Hugging Face folder, from its index or the shards' headers (no tensor is read)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        _shards(folder)  # validates the index
+        return set(json.loads(index.read_text())["weight_map"])
+    names: set[str] = set()
+    for shard in _shards(folder):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
+    folder = Path(folder)
+    shards = _shards(folder)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (folder / shard).is_file():

@@ -1,10 +1,11 @@
-"""`load_model`: a preset, our saved format, the official release layout, or a Hugging Face repo id."""
+"""`load_model`: a preset, our saved format, the official release layout, or a Hugging Face repo id.
+
+Every file argument also takes a Hub address `REPO_ID:FILENAME[@REVISION]` (see `medsight.model.hub`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +21,18 @@ from medsight.model.checkpoints import (
     read_perceiver_state,
     read_safetensors_folder,
     read_vision_state,
+    safetensors_names,
     save_safetensors,
     split_lvlm_state,
+)
+from medsight.model.hub import (
+    LVLM_FOLDER,
+    PERCEIVER_FOLDER,
+    cached_release,
+    fetch_release,
+    plan_release,
+    resolve_file,
+    vision_file_for_release,
 )
 from medsight.model.lvlm import llm_config_from_released
 from medsight.model.medsight import MedSIGHTModel
@@ -29,11 +40,8 @@ from medsight.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-LVLM_FOLDER = "medsight_full_instruct"
 # Trained checkpoints that ship inside the package, by name (they take precedence over same-named presets).
 EMBEDDED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo_model"}
-PERCEIVER_FOLDER = "region_perceiver"
-RELEASE_REPO = "Caf0914/MedSIGHT"
 
 
 def build_model(config: MedSIGHTConfig, tokenizer=None, seed: int = 0) -> MedSIGHTModel:
@@ -110,9 +118,13 @@ def load_official(
         vision_file: the UniMed-CLIP open_clip checkpoint; may be omitted only if the LVLM folder carries the
             vision tower (paper-time saves did).
         codebook_file: optional stage-2 file (not needed to answer questions).
+        Each file may be a local path or a Hub address `REPO_ID:FILENAME[@REVISION]`.
         base: config supplying what shapes cannot tell (attention head splits); default the `full` preset.
     """
     base = base or get_preset("full")
+    perceiver_file = resolve_file(perceiver_file)
+    vision_file = None if vision_file is None else resolve_file(vision_file)
+    codebook_file = None if codebook_file is None else resolve_file(codebook_file)
     lvlm_folder = Path(lvlm_folder)
     config_path = lvlm_folder / "config.json"
     if not config_path.is_file():
@@ -180,24 +192,32 @@ def _find_official_files(folder: Path) -> dict[str, Path | None]:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A local folder as is; anything else is taken as a Hugging Face repo id and downloaded (or read from
-    the local cache when HF_HUB_OFFLINE=1)."""
+    """A local folder as is; anything else is taken as a Hugging Face repo id: only the files its layout needs are
+    downloaded (sizes logged first), or, with HF_HUB_OFFLINE=1, the cached snapshot is used as it is."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
         raise CheckpointError(f"model source {source!r} is neither a folder nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:
+        return cached_release(str(source))
+    plan = plan_release(str(source))
+    log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
+    return fetch_release(plan)
+
+
+def _vision_needed(found: dict[str, Path | None]) -> bool:
+    """True when the release folder has no UniMed-CLIP file and its LVLM does not carry the tower either."""
+    if found["vision"] is not None:
+        return False
+    tower = "model.vision_tower.vision_tower.image_encoder."
     try:
-        return Path(snapshot_download(repo_id=str(source)))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
-        raise CheckpointError(f"{source}: not in the local Hugging Face cache and {why}") from None
-    except HfHubHTTPError as err:
-        raise CheckpointError(f"{source}: download failed ({err})") from None
+        names = safetensors_names(found["lvlm"])
+    except CheckpointError:
+        return False  # a broken LVLM folder: load_official names its problem
+    return not any(name.startswith(tower) for name in names)
 
 
 def load_model(
@@ -208,6 +228,7 @@ def load_model(
     codebook_file: str | Path | None = None,
     base_config: str | MedSIGHTConfig = "full",
     seed: int = 0,
+    fetch_vision: bool = False,
 ) -> MedSIGHTModel:
     """Load MedSIGHT from a preset name (random weights), our saved folder, the official layout, or a Hub id.
 
@@ -216,9 +237,12 @@ def load_model(
             Face repo id such as "Caf0914/MedSIGHT".
         device: default CUDA if available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
-        vision_file: the UniMed-CLIP checkpoint for official layouts (else looked for as `*clip*.pt`).
-        codebook_file: optional stage-2 codebook file for official layouts.
+        vision_file: the UniMed-CLIP checkpoint for official layouts, a path or `REPO_ID:FILENAME[@REVISION]` (else
+            looked for as `*clip*.pt` beside the release, then in the Hugging Face cache).
+        codebook_file: optional stage-2 codebook file for official layouts (path or Hub address).
         base_config: preset (or config) giving what official files cannot tell, such as attention head splits.
+        fetch_vision: download the UniMed-CLIP file from its authors' repository when the release needs it and
+            the cache does not hold it (else the error says what to fetch, from where, under which licence).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -239,8 +263,11 @@ def load_model(
                     f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
                 )
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
-            model = load_official(found["lvlm"], found["perceiver"], vision_file or found["vision"],
-                                  codebook_file or found["codebook"], base=base)
+            vision = vision_file or found["vision"]
+            if vision is None and _vision_needed(found):
+                vision = vision_file_for_release(fetch=fetch_vision)
+            model = load_official(found["lvlm"], found["perceiver"], vision, codebook_file or found["codebook"],
+                                  base=base)
     if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
         model.weights_source = f"{source} (embedded, trained; not for clinical use)"
     elif str(source) in PRESETS:

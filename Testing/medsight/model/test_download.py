@@ -1,0 +1,120 @@
+"""`medsight download` and hub-id loading against a local server speaking the Hub's API, with the real
+`huggingface_hub` client: only the chosen layout's files are fetched, sizes are shown first, with progress bars."""
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsight.model.hub import UNIMED_CLIP, release_files
+from medsight_testing.fake_hub import FakeRepo, serve_hub
+from medsight_testing.hub_cache import folder_files
+from medsight_testing.unimed_clip import save_like_numpy1, unimed_clip_checkpoint
+
+GIB = 2**30
+# Files a release repository may hold that no layout needs; declared with their size, never served.
+OTHERS = {"region_perceiver/0040000.pt": 2 * GIB, "medsight_full_instruct/optimizer.pt": 3 * GIB,
+          "medsight_full_instruct/training_args.bin": GIB, "stage3/mm_projector.bin": GIB}
+
+
+@pytest.fixture
+def repos(release_dir, golden, tmp_path) -> dict[str, FakeRepo]:
+    files = {k: v for k, v in folder_files(release_dir).items() if "clip" not in k}  # the release ships no tower
+    clip = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)
+    visual = {k[len("visual."):]: v for k, v in clip.items() if k.startswith("visual.")}
+    vision = save_like_numpy1(unimed_clip_checkpoint(visual, {"w": torch.randn(8, 8)}), tmp_path / "u.pt")
+    return {"Caf0914/MedSIGHT": FakeRepo({**files, **OTHERS}, license="apache-2.0"),
+            UNIMED_CLIP.repo_id: FakeRepo({UNIMED_CLIP.filename: vision, "unimed_clip_vit_b16.pt": 2 * GIB},
+                                          commit="d" * 40, license=UNIMED_CLIP.licence.lower())}
+
+
+def run(hub, cache: Path, args: list[str], stdin=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300,
+                          stdin=stdin)
+
+
+def needed(repos, codebook=False) -> set[str]:
+    return set(release_files(list(repos["Caf0914/MedSIGHT"].files), codebook))
+
+
+@pytest.mark.slow
+def test_download_fetches_only_the_layout_and_shows_sizes_first(repos, tmp_path):
+    layout = needed(repos)
+    assert layout and not layout & set(OTHERS) and not any("codebook" in f for f in layout)
+    with serve_hub(repos) as hub:
+        out = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download"])
+    assert out.returncode == 0, out.stderr
+    assert set(hub.downloads) == layout and set(hub.requested) == layout
+    snapshot = Path(out.stdout.strip().splitlines()[-1])
+    assert set(folder_files(snapshot)) == layout
+    # Sizes before the download: a head line with count and total, then one line per file; then progress bars.
+    err = out.stderr
+    total = sum(repos["Caf0914/MedSIGHT"].size(f) for f in layout)
+    head = f"Caf0914/MedSIGHT at main, licence apache-2.0: {len(layout)} file(s), {total / 1e6:.2f} MB"
+    assert head in err, err
+    shard = "medsight_full_instruct/model-00001-of-00002.safetensors"
+    size = repos["Caf0914/MedSIGHT"].size(shard)
+    assert f"{size / 1e6:.2f} MB  {shard}" in err or f"{size / 1e3:.2f} kB  {shard}" in err
+    assert f"Fetching {len(layout)} files" in err and "100%" in err
+    assert err.index(head) < err.index("Fetching")
+
+
+@pytest.mark.slow
+def test_download_codebook_and_vision_only_on_request_into_a_folder(repos, tmp_path):
+    layout = needed(repos, codebook=True)
+    assert any("codebook" in f for f in layout)
+    target = tmp_path / "medsight"
+    with serve_hub(repos) as hub:
+        out = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--codebook", "--fetch-vision",
+                                          "--dir", str(target)])
+    assert out.returncode == 0, out.stderr
+    assert set(hub.downloads) == layout | {UNIMED_CLIP.filename}
+    assert f"{UNIMED_CLIP} (licence CC-BY-NC-4.0)" in out.stderr
+    # One self-contained folder in the release layout, the vision file where the loader looks for `*clip*.pt`.
+    files = {k for k in folder_files(target) if not k.startswith(".cache/")}
+    assert files == layout | {UNIMED_CLIP.filename}
+
+
+@pytest.mark.slow
+def test_large_download_asks_first_on_a_terminal(repos, tmp_path):
+    primary, secondary = pty.openpty()
+    os.write(primary, b"n\n")
+    try:
+        with serve_hub(repos) as hub:
+            out = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--confirm-above", "0"],
+                      stdin=secondary)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert out.returncode == 1 and "nothing downloaded" in out.stderr
+    assert hub.downloads == []
+
+
+LOAD = """
+import sys, torch
+from medsight.model.loading import load_model
+model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny", fetch_vision="--fetch-vision" in sys.argv)
+print(float(model.image_encoder.conv1.weight.double().sum()))
+"""
+
+
+@pytest.mark.slow
+def test_hub_id_fetches_the_layout_and_the_vision_file_only_with_fetch_vision(repos, tmp_path, golden):
+    with serve_hub(repos) as hub:
+        refused = run(hub, tmp_path / "hub", ["-c", LOAD])
+        assert refused.returncode != 0
+        assert f"{UNIMED_CLIP.filename} (4.97 GB) from Hugging Face repository {UNIMED_CLIP.repo_id}, licence " \
+               f"CC-BY-NC-4.0" in refused.stderr
+        assert UNIMED_CLIP.filename not in hub.downloads
+        loaded = run(hub, tmp_path / "hub", ["-c", LOAD, "--fetch-vision"])
+    assert loaded.returncode == 0, loaded.stderr
+    assert set(hub.downloads) == needed(repos) | {UNIMED_CLIP.filename}
+    expected = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)["visual.conv1.weight"]
+    assert float(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(float(expected.double().sum()))

@@ -1,0 +1,128 @@
+"""Hub-addressable files, read through the Hugging Face cache offline (laid out in the hub's own cache format)."""
+
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from medsight.model.checkpoints import CheckpointError
+from medsight.model.hub import UNIMED_CLIP, parse_hub_file, resolve_file
+from medsight.model.loading import load_model
+from medsight_testing.hub_cache import cache_repo, folder_files, repo_folder
+from medsight_testing.unimed_clip import save_like_numpy1, unimed_clip_checkpoint
+
+VISION_REPO = "UzairK/unimed_clip_vit_l14_base_text_encoder"
+VISION_FILE = "unimed_clip_vit_l14_base_text_encoder.pt"
+COMMIT = "a" * 40
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # these tests must never reach the network
+    return folder
+
+
+@pytest.fixture
+def vision_tower(golden) -> dict[str, torch.Tensor]:
+    clip = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)
+    return {k[len("visual."):]: v for k, v in clip.items() if k.startswith("visual.")}
+
+
+@pytest.fixture
+def unimed_file(tmp_path, vision_tower) -> Path:
+    """A UniMed-CLIP file in the published layout (training checkpoint, numpy 1 pickle)."""
+    text = {"embeddings.word_embeddings.weight": torch.randn(50, 16)}
+    return save_like_numpy1(unimed_clip_checkpoint(vision_tower, text), tmp_path / VISION_FILE)
+
+
+def release_needed(release_dir: Path) -> dict[str, Path]:
+    """What the release repository holds that the engine needs: perceiver checkpoint and the instruct folder."""
+    return {k: v for k, v in folder_files(release_dir).items() if k.startswith(("region_perceiver/",
+                                                                                 "medsight_full_instruct/"))}
+
+
+def test_hub_address_parsing():
+    assert parse_hub_file(f"{VISION_REPO}:{VISION_FILE}@v1.0") == parse_hub_file(f"{VISION_REPO}:{VISION_FILE}@v1.0")
+    hub = parse_hub_file(f"{VISION_REPO}:sub/dir/{VISION_FILE}@{COMMIT}")
+    assert (hub.repo_id, hub.filename, hub.revision) == (VISION_REPO, f"sub/dir/{VISION_FILE}", COMMIT)
+    assert parse_hub_file(f"{VISION_REPO}:{VISION_FILE}").revision is None
+    for local in ("unimed.pt", "C:\\models\\unimed.pt", "/abs/path/unimed.pt", "relative/dir/unimed.pt"):
+        assert parse_hub_file(local) is None
+    # The bare file name the README once showed: not found locally, and the error gives the Hub address.
+    with pytest.raises(CheckpointError, match=f"pass {VISION_REPO}:{VISION_FILE}"):
+        resolve_file(VISION_FILE)
+
+
+def test_repo_file_address_resolves_through_the_cache_offline(cache, unimed_file, vision_tower, release_dir):
+    snapshot = cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file}, commit=COMMIT)
+    for spec in (f"{VISION_REPO}:{VISION_FILE}", f"{VISION_REPO}:{VISION_FILE}@main",
+                 f"{VISION_REPO}:{VISION_FILE}@{COMMIT}"):
+        assert resolve_file(spec) == snapshot / VISION_FILE
+    # Through the loader, as --vision-file passes it: the tower is the cached file's.
+    model = load_model(release_dir, device="cpu", base_config="tiny", vision_file=f"{VISION_REPO}:{VISION_FILE}")
+    assert torch.equal(model.image_encoder.conv1.weight, vision_tower["conv1.weight"])
+
+
+@pytest.mark.parametrize(("spec", "revision"), [
+    (f"{VISION_REPO}:missing.pt", "main"),
+    (f"{VISION_REPO}:{VISION_FILE}@v2", "v2"),
+    (f"someone/absent:{VISION_FILE}@{COMMIT}", COMMIT),
+])
+def test_missing_hub_file_gives_one_message_naming_repo_file_and_revision(cache, unimed_file, spec, revision):
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file}, commit=COMMIT)
+    hub = parse_hub_file(spec)
+    with pytest.raises(CheckpointError) as err:
+        resolve_file(spec)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"file {hub.filename} of Hugging Face repository {hub.repo_id} at revision {revision}" in message
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in message
+
+
+def test_release_without_vision_file_says_which_file_from_which_repository(cache, release_dir):
+    cache_repo(cache, "Caf0914/MedSIGHT", release_needed(release_dir))
+    with pytest.raises(CheckpointError) as err:
+        load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
+    message = str(err.value)
+    assert (UNIMED_CLIP.repo_id, UNIMED_CLIP.filename, UNIMED_CLIP.licence) == (VISION_REPO, VISION_FILE,
+                                                                             "CC-BY-NC-4.0")
+    for part in (VISION_REPO, VISION_FILE, "CC-BY-NC-4.0", "--fetch-vision",
+                 f"--vision-file {VISION_REPO}:{VISION_FILE}"):
+        assert part in message
+    # --fetch-vision offline, with nothing cached: the download is refused with the file, repository and revision.
+    with pytest.raises(CheckpointError, match=f"file {VISION_FILE} of Hugging Face repository {VISION_REPO} at "
+                                              "revision main: not in the local Hugging Face cache"):
+        load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny", fetch_vision=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches file opens with Linux inotify")
+def test_offline_loading_opens_only_the_needed_files(cache, release_dir, unimed_file, vision_tower):
+    """A partial snapshot (only what the layout needs) plus other large files: loading opens only the needed."""
+    from inotify_simple import INotify, flags
+
+    gib = 2**30
+    others = {"region_perceiver/0040000.pt": 2 * gib, "medsight_full_instruct/optimizer.pt": 3 * gib,
+              "medsight_full_instruct/training_args.bin": gib, "stage3/mm_projector.bin": gib}
+    release = cache_repo(cache, "Caf0914/MedSIGHT", {**release_needed(release_dir), **others})
+    vision = cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file, "unimed_clip_vit_b16.pt": 2 * gib})
+    blob_to_file = {link.resolve().name: f"{repo}:{name}"
+                    for repo, snapshot in (("Caf0914/MedSIGHT", release), (VISION_REPO, vision))
+                    for name, link in folder_files(snapshot).items()}
+    needed = {f"Caf0914/MedSIGHT:{k}" for k in release_needed(release_dir)} | {f"{VISION_REPO}:{VISION_FILE}"}
+
+    watcher = INotify()
+    for repo in ("Caf0914/MedSIGHT", VISION_REPO):
+        watcher.add_watch(str(repo_folder(cache, repo) / "blobs"), flags.OPEN | flags.ACCESS)
+    try:
+        model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
+        opened = {blob_to_file[event.name] for event in watcher.read(timeout=0) if event.name}
+    finally:
+        watcher.close()
+    assert opened - needed == set()
+    assert {f"Caf0914/MedSIGHT:{k}" for k in others} & opened == set()
+    assert {"Caf0914/MedSIGHT:region_perceiver/0079280.pt", f"{VISION_REPO}:{VISION_FILE}"} <= opened
+    assert torch.equal(model.image_encoder.conv1.weight, vision_tower["conv1.weight"])

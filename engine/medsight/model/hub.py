@@ -1,0 +1,250 @@
+"""Files on the Hugging Face Hub: `REPO_ID:FILENAME[@REVISION]` addresses, the release layout's file selection, and
+the UniMed-CLIP file the release needs but does not ship.
+
+Everything goes through `huggingface_hub` and its cache (downloaded once, shared with other tools; with
+`HF_HUB_OFFLINE=1` only the cache is read).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsight.model.checkpoints import CONFIG_FILE, CheckpointError
+
+RELEASE_REPO = "Caf0914/MedSIGHT"
+LVLM_FOLDER = "medsight_full_instruct"
+PERCEIVER_FOLDER = "region_perceiver"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: str | None = None
+    licence: str | None = None
+    size: str | None = None  # as published, for messages
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}:{self.filename}" + (f"@{self.revision}" if self.revision else "")
+
+    def describe(self) -> str:
+        return (f"file {self.filename} of Hugging Face repository {self.repo_id} "
+                f"at revision {self.revision or 'main'}")
+
+
+# The official code loads this file from its authors' own repository; it is not part of the MedSIGHT release.
+UNIMED_CLIP = HubFile("UzairK/unimed_clip_vit_l14_base_text_encoder", "unimed_clip_vit_l14_base_text_encoder.pt",
+                      licence="CC-BY-NC-4.0", size="4.97 GB")
+
+# The files each layout needs (fnmatch patterns, as `huggingface_hub` filters them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+OFFICIAL_PATTERNS = (
+    f"{PERCEIVER_FOLDER}/*.pt",
+    f"{LVLM_FOLDER}/config.json",
+    f"{LVLM_FOLDER}/generation_config.json",
+    f"{LVLM_FOLDER}/model*.safetensors",
+    f"{LVLM_FOLDER}/model.safetensors.index.json",
+    *(f"{LVLM_FOLDER}/{name}" for name in TOKENIZER_FILES),
+    "*clip*.pt", "*CLIP*.pt",  # a UniMed-CLIP file beside the release (where the loader looks for it)
+)
+CODEBOOK_PATTERNS = ("codebook*/*.pt", "*codebook*.pt")
+OURS_PATTERNS = (CONFIG_FILE, "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+
+_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^@:]+?)(?:@(?P<rev>[^@\s]+))?$")
+
+
+def parse_hub_file(spec: str) -> HubFile | None:
+    """`REPO_ID:FILENAME[@REVISION]` -> HubFile; anything else (a local path) -> None."""
+    match = _SPEC.match(str(spec).strip())
+    if match is None:
+        return None
+    return HubFile(match["repo"], match["file"], match["rev"])
+
+
+def resolve_file(spec: str | Path) -> Path:
+    """A local file as is; a `REPO_ID:FILENAME[@REVISION]` from the Hugging Face cache (downloaded once)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    hub = parse_hub_file(str(spec))
+    if hub is None and path.name == UNIMED_CLIP.filename:  # the README of old: a bare file name meant the Hub's file
+        raise CheckpointError(f"checkpoint file not found: {path}; for the copy on the Hugging Face Hub pass "
+                              f"{UNIMED_CLIP} (or --fetch-vision)")
+    return path if hub is None else fetch_file(hub)
+
+
+def fetch_file(hub: HubFile, local_dir: str | Path | None = None) -> Path:
+    """`hf_hub_download`: the cached copy if there is one for that revision, else a download (never when offline);
+    with `local_dir`, a copy there too."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
+                                                  local_dir=local_dir), hub.describe()))
+
+
+def cached_file(hub: HubFile) -> Path | None:
+    """The cached copy of a hub file, without any network access; None when the cache has none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub.repo_id, hub.filename, revision=hub.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def vision_file_for_release(fetch: bool) -> Path:
+    """The UniMed-CLIP file for a release that does not carry the tower: from the cache, fetched when asked, or an
+    error that says exactly what to get, from where, and under which licence."""
+    found = cached_file(UNIMED_CLIP)
+    if found is not None:
+        return found
+    if fetch:
+        return fetch_file(UNIMED_CLIP)
+    raise CheckpointError(
+        f"the MedSIGHT release does not ship its vision encoder: it is the UniMed-CLIP checkpoint "
+        f"{UNIMED_CLIP.filename} ({UNIMED_CLIP.size}) from Hugging Face repository {UNIMED_CLIP.repo_id}, licence "
+        f"{UNIMED_CLIP.licence} (non-commercial use). Fetch it into the Hugging Face cache with --fetch-vision "
+        f"(Python: fetch_vision=True), or pass --vision-file {UNIMED_CLIP} (or a local copy's path)"
+    )
+
+
+def release_files(listing: list[str], codebook: bool = False) -> list[str]:
+    """The files of a repository that its layout needs: ours (`medsight_config.json` + safetensors + tokenizer) or
+    the official release (the latest perceiver checkpoint, the instruct folder's config, shards and tokenizer;
+    the stage-2 codebook only when asked, since answering never uses it)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    if CONFIG_FILE in listing:
+        return sorted(filter_repo_objects(listing, allow_patterns=list(OURS_PATTERNS)))
+    patterns = [*OFFICIAL_PATTERNS, *(CODEBOOK_PATTERNS if codebook else ())]
+    chosen = sorted(filter_repo_objects(listing, allow_patterns=patterns))
+    # One checkpoint per stage, the one the loader takes (the last in sorted order: the latest step).
+    for stage in (lambda f: f.startswith(f"{PERCEIVER_FOLDER}/"), lambda f: "codebook" in f):
+        older = sorted(f for f in chosen if stage(f))[:-1]
+        chosen = [f for f in chosen if f not in older]
+    return chosen
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _why_not_downloaded() -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1): run once without it to download"
+    return "the Hub could not be reached"
+
+
+@dataclass
+class DownloadPlan:
+    """What a download will fetch: repository files (path, size in bytes) and extra files from other repositories."""
+
+    repo_id: str
+    revision: str | None
+    files: list[tuple[str, int]]
+    extra: list[tuple[HubFile, int]]
+    licence: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.files) + sum(size for _, size in self.extra)
+
+    def lines(self) -> list[str]:
+        rows = [f"{_size(size):>10}  {name}" for name, size in self.files]
+        rows += [f"{_size(size):>10}  {hub} (licence {hub.licence})" for hub, size in self.extra]
+        licence = f", licence {self.licence}" if self.licence else ""
+        head = f"{self.repo_id} at {self.revision or 'main'}{licence}: {len(rows)} file(s), {_size(self.total)}"
+        return [head, *rows]
+
+
+def plan_release(repo_id: str, revision: str | None = None, codebook: bool = False,
+                 vision: bool = False) -> DownloadPlan:
+    """List the repository with sizes (one `model_info` call) and select what its layout needs."""
+    from huggingface_hub import HfApi
+
+    info = _hub_call(lambda: HfApi().model_info(repo_id, revision=revision, files_metadata=True),
+                     f"Hugging Face repository {repo_id} at revision {revision or 'main'}")
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    files = release_files(list(sizes), codebook)
+    if not files:
+        raise CheckpointError(f"Hugging Face repository {repo_id}: no MedSIGHT files (neither {CONFIG_FILE} nor "
+                              f"{PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)")
+    extra = []
+    if vision and not any("clip" in f.lower() for f in files):
+        extra.append((UNIMED_CLIP, plan_file(UNIMED_CLIP).total))
+    licence = getattr(info.card_data, "license", None)
+    return DownloadPlan(repo_id, revision, [(f, sizes[f]) for f in files], extra, licence)
+
+
+def plan_file(hub: HubFile) -> DownloadPlan:
+    """One file of a repository, with its size (`get_paths_info`)."""
+    from huggingface_hub import HfApi
+
+    found = _hub_call(lambda: HfApi().get_paths_info(hub.repo_id, [hub.filename], revision=hub.revision),
+                      hub.describe())
+    if not found:
+        raise CheckpointError(f"{hub.describe()}: the repository has no such file")
+    return DownloadPlan(hub.repo_id, hub.revision, [(hub.filename, found[0].size)], [], hub.licence)
+
+
+def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Path:
+    """`snapshot_download` of exactly the planned files (the Hub's own progress bars), then the extra files."""
+    from huggingface_hub import snapshot_download
+
+    folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
+                                                 allow_patterns=[name for name, _ in plan.files]),
+                       f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}")
+    for hub, _ in plan.extra:  # into the folder too, where the loader looks for `*clip*.pt`
+        fetch_file(hub, local_dir=local_dir)
+    return Path(folder)
+
+
+def cached_release(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot of a repository, without network access (what `HF_HUB_OFFLINE=1` allows)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {_why_not_downloaded()}") from None
+
+
+def _hub_call(call, what: str):
+    """Run a Hub request; its failures become one CheckpointError naming what was asked for."""
+    import requests
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return call()
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError):
+        raise CheckpointError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
+                              f"{_why_not_downloaded()}") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{what}: the repository does not exist or needs a login (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{what}: the repository has no such revision") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{what}: the repository has no such file") from None
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"{what}: request failed ({err})") from None
+
+
+def _size(n: int) -> str:
+    """Decimal units, as the Hub shows file sizes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
