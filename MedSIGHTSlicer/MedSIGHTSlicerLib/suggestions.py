@@ -7,9 +7,9 @@ one) as a new segment (renamed on a name clash, so nothing the user made is over
 keeps snapshots (cropped boolean masks) of only the segments it touched.
 
 Invariant, checked by the tests: the user's own segments are never modified, except the one a merge names.
-Accepted segments are added as their own labelmap layer (never merged into a shared layer), a merge target is
-first moved to a layer of its own (so the segments it shared a layer with keep their voxels), and undoing an
-accept or a merge touches the user's node only if what it wrote is still exactly there.
+Accepted segments are added as their own labelmap layer (never merged into a shared layer), a merge rewrites
+only the named segment (the segments it shares a layer with keep their voxels), and undoing an accept or a
+merge touches the user's node only if what it wrote is still exactly there.
 
 Multi-slice asks can stream in: ``add_streamed_answer`` grows one 3D suggestion per finding as each slice's
 answer arrives, instead of waiting for the whole ask.
@@ -601,18 +601,14 @@ def _merge_group(group: _Group, part: _Group) -> None:
 def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -> None:
     """Set one segment's voxels to ``mask`` (k, j, i) without touching any other segment.
 
-    A segment may share its labelmap layer with others (the Segment Editor's default), where writing its voxels
-    would take them from its neighbours; so it is moved to a layer of its own first.
+    A segment may share its labelmap layer with others (the Segment Editor's default); Slicer's
+    SetBinaryLabelmapToSegment then moves it out of that layer where the new voxels overlap a neighbour, so the
+    neighbours keep theirs (checked by test_review with user segments in one shared layer).
     """
     import slicer
 
-    segmentation = node.GetSegmentation()
-    if segmentation.GetSegment(segment_id) is None:
+    if node.GetSegmentation().GetSegment(segment_id) is None:
         raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
-    sharing: list[str] = []  # filled by the wrapped C++ output argument
-    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, False)
-    if sharing:
-        segmentation.SeparateSegmentLabelmap(segment_id)
     labelmap = labelmap_from_array(mask, volume_node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
