@@ -11,12 +11,18 @@ import pytest
 
 pytest.importorskip("slicer")
 
-import slicer.util
-from vtk.util import numpy_support
+import slicer
 
 from medsight_testing.mrml import make_volume, oblique_matrix
+from medsight_testing.review_scene import (
+    add_shared_user_segments,
+    check_segments,
+    ct_voxels,
+    paint,
+    user_segmentation,
+)
 from MedSIGHTSlicerLib.client import MedSIGHTClient
-from MedSIGHTSlicerLib.geometry import labelmap_from_array, segment_array, volume_upload_arrays
+from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
 from MedSIGHTSlicerLib.review import Review, describe_slices
 from MedSIGHTSlicerLib.suggestions import SuggestionError, SuggestionManager
@@ -25,96 +31,21 @@ OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
 SLICES = (2, 3, 4)
 
 
-def ct_volume() -> np.ndarray:
-    """A bright disc (an "organ") in soft tissue on 7 slices of 32 x 40 voxels, air corners: CT-like int16.
-
-    (On this grid the tiny random-weight engine answers with several non-empty regions per slice.)"""
-    k, j, i = np.mgrid[0:7, 0:32, 0:40]
-    voxels = np.where((j - 16) ** 2 + (i - 20) ** 2 < 64, 180.0, 40.0) + 3.0 * k
-    voxels[:, :3, :3] = -1000.0
-    return voxels.astype(np.int16)
-
-
-def user_labelmap(node, volume, ids) -> np.ndarray:
-    """The segmentation as one label array on the volume's grid: segment n of ``ids`` has label n + 1."""
-    out = np.zeros(volume_shape(volume), dtype=np.int16)
-    for n, segment_id in enumerate(ids):
-        out[segment_array(node, segment_id, volume)] = n + 1
-    return out
-
-
-def volume_shape(volume) -> tuple[int, int, int]:
-    i, j, k = volume.GetImageData().GetDimensions()
-    return (k, j, i)
-
-
-def expected_labelmap(masks: dict[str, np.ndarray], ids, shape) -> np.ndarray:
-    out = np.zeros(shape, dtype=np.int16)
-    for n, segment_id in enumerate(ids):
-        out[masks[segment_id]] = n + 1
-    return out
-
-
-def check(node, volume, expected: dict[str, np.ndarray]) -> None:
-    """The user's node holds exactly ``expected`` (segment id -> mask), segment by segment and as a labelmap."""
-    segmentation = node.GetSegmentation()
-    ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-    assert sorted(ids) == sorted(expected)
-    for segment_id, mask in expected.items():
-        got = segment_array(node, segment_id, volume)
-        assert np.array_equal(got, mask), f"{segment_id}: {int((got != mask).sum())} voxels differ"
-    np.testing.assert_array_equal(
-        user_labelmap(node, volume, ids), expected_labelmap(expected, ids, volume_shape(volume))
-    )
-
-
-def paint(node, segment_id: str, stroke: np.ndarray, volume) -> None:
-    """Add ``stroke``'s voxels to a segment the way the Segment Editor's Paint effect does (merge, max)."""
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), node, segment_id, logic.MODE_MERGE_MAX)
-
-
-def add_shared_user_segments(node, volume, masks: dict[str, np.ndarray]) -> list[str]:
-    """User segments in ONE shared labelmap layer (one image, a label value each), as the Segment Editor makes them."""
-    labels = np.zeros(volume_shape(volume), dtype=np.uint8)
-    for value, mask in enumerate(masks.values(), start=1):
-        labels[mask] = value
-    layer = labelmap_from_array(labels > 0, volume)
-    numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())[:] = labels.reshape(-1)
-    layer.Modified()
-    ids = []
-    for value, name in enumerate(masks, start=1):
-        segment = slicer.vtkSegment()
-        segment.SetName(name)
-        segment.SetLabelValue(value)
-        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
-        segment_id = node.GetSegmentation().GenerateUniqueSegmentID("user")
-        assert node.GetSegmentation().AddSegment(segment, segment_id)
-        ids.append(segment_id)
-    sharing: list[str] = []
-    node.GetSegmentation().GetSegmentIDsSharingBinaryLabelmapRepresentation(ids[0], sharing, False)
-    assert sharing == ids[1:]
-    return ids
-
-
 def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
     scene = slicer.vtkMRMLScene()
-    voxels = ct_volume()
+    voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     shape = voxels.shape
 
     # The user's own work: two segments sharing one labelmap layer, before any suggestion exists.
-    user = slicer.vtkMRMLSegmentationNode()
-    user.SetName("CT segmentation")
-    scene.AddNode(user)
-    user.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    user = user_segmentation(scene, volume)
     liver = np.zeros(shape, dtype=bool)
     liver[1:5, 4:10, 4:12] = True
     kidney = np.zeros(shape, dtype=bool)
     kidney[1:5, 14:20, 16:24] = True
     liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
     expected = {liver_id: liver.copy(), kidney_id: kidney.copy()}
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
 
     # Ask about 3 slices: each slice's regions become suggestions as its answer arrives.
     client = MedSIGHTClient(url, timeout=60, retries=0)
@@ -132,14 +63,14 @@ def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
     assert [r.segment_id for r in rows] == ids
     assert all(r.question == "Where is the liver?" and r.slices.startswith("axial ") for r in rows)
     assert all(r.confidence is not None and 0.0 <= r.confidence <= 1.0 for r in rows)
-    check(user, volume, expected)  # suggestions live in the preview only
+    check_segments(user, volume, expected)  # suggestions live in the preview only
     rejected, corrected, merged = ids[0], ids[1], ids[2]
     merged_mask = manager.suggestion_mask(merged)
 
     # Reject one suggestion.
     review.reject([rejected])
     assert rejected not in manager.suggestion_ids()
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
 
     # Correct another in its preview segment (as the Segment Editor's paint effect would), then accept it.
     stroke = np.zeros(shape, dtype=bool)
@@ -150,17 +81,17 @@ def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
     (accepted_id,) = review.accept([corrected])
     assert accepted_id not in (liver_id, kidney_id)
     expected[accepted_id] = painted
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
 
     # Undo puts the corrected suggestion back (with the correction); redo accepts it again.
     assert review.undo()
     del expected[accepted_id]
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
     assert corrected in manager.suggestion_ids()
     assert np.array_equal(manager.suggestion_mask(corrected), painted)
     assert review.redo()
     expected[accepted_id] = painted
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
 
     # Merge a third into the user's liver; extend it into the kidney's voxels first, so a merge that wrote into
     # the shared layer would take voxels from the kidney.
@@ -170,28 +101,28 @@ def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
     review.set_target(user, merge_into=liver_id)
     assert review.accept([merged]) == [liver_id]
     expected[liver_id] = liver | grown
-    check(user, volume, expected)  # the kidney, not named by the merge, is unchanged
+    check_segments(user, volume, expected)  # the kidney, not named by the merge, is unchanged
     assert user.GetSegmentation().GetSegment(liver_id).GetName() == "Liver"
 
     # Undo and redo the merge.
     assert review.undo()
     expected[liver_id] = liver.copy()
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
     assert merged in manager.suggestion_ids()
     assert review.redo()
     expected[liver_id] = liver | grown
-    check(user, volume, expected)
+    check_segments(user, volume, expected)
 
     # Back to the start, one undo at a time: the user's own segments are exactly what they were.
     while review.undo():
         pass
-    check(user, volume, {liver_id: liver, kidney_id: kidney})
+    check_segments(user, volume, {liver_id: liver, kidney_id: kidney})
     assert sorted(manager.suggestion_ids()) == sorted(ids)
 
 
 def test_merge_and_target_are_checked(url):
     scene = slicer.vtkMRMLScene()
-    voxels = ct_volume()
+    voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     manager = SuggestionManager(scene, volume)
     review = Review(manager)
@@ -223,7 +154,7 @@ def test_merge_and_target_are_checked(url):
 
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
     scene = slicer.vtkMRMLScene()
-    voxels = ct_volume()
+    voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     client = MedSIGHTClient(url, timeout=60, retries=0)
     array, spacing, origin, direction = volume_upload_arrays(volume)
