@@ -489,7 +489,9 @@ class SuggestionManager:
         for item in operation.items:
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
-            user_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+            # A redo gives the segment back its first id, so references to it (scripts, the list) stay valid.
+            reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
+            user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             mask = item.suggestion.mask()
             _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask)
             item.user_id, item.user_name, item.digest = user_id, name, mask_digest(mask)

@@ -93,3 +93,15 @@ def paint(node, segment_id: str, stroke: np.ndarray, volume) -> None:
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), node, segment_id, logic.MODE_MERGE_MAX)
+
+
+def register_segmentation_converters() -> None:
+    """Register the labelmap <-> closed surface rules, as Slicer's Segmentations module does at start-up (slicer-core
+    leaves the factory empty). Segmentations copy the rules when they are created, so call this first."""
+    import slicer
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
