@@ -40,6 +40,9 @@ SCOPES = ("current", "range", "volume")
 _SCOPE_LABELS = ("Current slice", "Slice range", "Whole volume")
 #: Slices per request of a multi-slice job: small enough for steady progress and a prompt cancel.
 CHUNK_SLICES = 16
+#: The first request of a multi-slice job asks about this many slices; each next one twice as many (up to
+#: CHUNK_SLICES), so the first suggestions appear after one slice, not after a whole chunk (streamed review).
+FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
@@ -174,6 +177,11 @@ class ChatPanel:
         self.on_accept_all: Callable[[], None] | None = None
         #: The question being (or last) answered, for hosts that tag suggestions with it.
         self.last_question = ""
+        #: Counts questions sent; with ``last_scope`` it tells hosts which streamed answers belong together.
+        self.ask_serial = 0
+        self.last_scope = "current"
+        #: Slices answered so far in the running (or last) question.
+        self.answered_slices = 0
 
         self._turns: list[_Turn] = []
         self._regions: dict[tuple[int, int], Region] = {}
@@ -350,6 +358,9 @@ class ChatPanel:
         job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options))
         self._turns.append(_Turn(text, self._scope_text(scope, first, last), place=place, volumes=volumes))
         self.last_question = text
+        self.ask_serial += 1
+        self.last_scope = scope
+        self.answered_slices = 0
         self._job = job
         self._started = time.monotonic()
         if question is None:
@@ -460,7 +471,8 @@ class ChatPanel:
             self.status.setText("Asking…")
         elif kind == "job":
             job.job_id = payload[0]
-            self.status.setText("Thinking…")
+            if not self.answered_slices:  # later chunks keep the progress line
+                self.status.setText("Thinking…")
         elif kind == "token":
             slice_index, text = payload
             turn.texts[slice_index] = turn.texts.get(slice_index, "") + text
@@ -472,6 +484,7 @@ class ChatPanel:
             self._dirty = True
         elif kind == "answer":
             answer: SliceAnswer = payload[0]
+            self.answered_slices += 1
             turn.texts[answer.index] = answer.text  # the engine's final text (token pieces may be regrouped)
             turn.regions[answer.index] = list(answer.regions)
             for region in answer.regions:
@@ -488,6 +501,7 @@ class ChatPanel:
                 self.progress.setVisible(True)
                 self.progress.setRange(0, total)
                 self.progress.setValue(done)
+                self.status.setText(progress_text(done, total, time.monotonic() - self._started))
         elif kind == "finished":
             cancelled = payload[0]
             if job.answers and self.on_answers is not None:
@@ -522,6 +536,15 @@ class ChatPanel:
         self.conversation.setHtml(render_html(self._turns))
         bar = self.conversation.verticalScrollBar()
         bar.setValue(int(prop(bar, "maximum")))
+
+
+def progress_text(done: int, total: int, seconds: float) -> str:
+    """"Answered 5 of 20 slices, about 12 s left" (the rate so far predicts the rest)."""
+    text = f"Answered {done} of {total} slices"
+    if 0 < done < total:
+        left = seconds / done * (total - done)
+        text += f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+    return text
 
 
 def render_html(turns: list[_Turn]) -> str:
@@ -578,6 +601,15 @@ def _resolve_indices(scope: tuple[str, int, int], count: int) -> list[int]:
     return list(range(first, last + 1))
 
 
+def chunk_bounds(total: int) -> list[tuple[int, int]]:
+    """(start, stop) of each request: FIRST_CHUNK_SLICES, then doubling up to CHUNK_SLICES."""
+    bounds, start, size = [], 0, FIRST_CHUNK_SLICES
+    while start < total:
+        bounds.append((start, min(start + size, total)))
+        start, size = start + size, min(size * 2, CHUNK_SLICES)
+    return bounds
+
+
 def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
     """Upload if needed, then ask chunk by chunk. Returns whether the job was cancelled (the runner's "done"
     event); failures are emitted as an "error" event carrying the exception (for ``describe_error``)."""
@@ -597,11 +629,11 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             indices = [job.scope[1]]
         total = len(indices)
         cancelled = False
-        for start in range(0, total, CHUNK_SLICES):
+        for start, stop in chunk_bounds(total):
             if job.cancelled:
                 cancelled = True
                 break
-            part = indices[start : start + CHUNK_SLICES]
+            part = indices[start:stop]
             try:
                 stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
             except MedSIGHTError as err:
@@ -610,7 +642,7 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
                 volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
                 stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
             cancelled = _read_stream(client, stream, job, part) or cancelled
-            job.emit("progress", start + len(part), total)
+            job.emit("progress", stop, total)
             if cancelled:
                 break
         return cancelled or job.cancelled

@@ -26,7 +26,7 @@ from .suggestions import (
     get_tag,
 )
 
-__all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices"]
+__all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices", "take_answer"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,15 @@ def describe_slices(tag: str) -> str:
         spans = [str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs]
         texts.append(f"{plane} {', '.join(spans)}")
     return "; ".join(texts)
+
+
+def take_answer(manager: SuggestionManager, answer, ask_serial: int, scope: str, question: str = "",
+                model: str | None = None) -> list[str]:
+    """A slice's answer as it arrives (the chat panel's ``on_regions``): a one-slice ask's regions are each a
+    suggestion; a range or volume ask grows one suggestion per finding, slice by slice, while it runs."""
+    if scope == "current":
+        return manager.add_answer(answer, question=question, model=model)
+    return manager.add_streamed_answer(answer, f"ask-{ask_serial}", question=question, model=model)
 
 
 class Review:
