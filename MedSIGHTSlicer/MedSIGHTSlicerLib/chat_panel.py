@@ -175,6 +175,8 @@ class ChatPanel:
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
         self.on_region_clicked: Callable[[int, int], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
+        #: Every error shown in the error line (e.g. into the engine log).
+        self.on_error: Callable[[str], None] | None = None
         #: The question being (or last) answered, for hosts that tag suggestions with it.
         self.last_question = ""
         #: Counts questions sent; with ``last_scope`` it tells hosts which streamed answers belong together.
@@ -322,6 +324,8 @@ class ChatPanel:
 
     def show_error(self, message: str) -> None:
         self.error.setText(message)
+        if message and self.on_error is not None:
+            self.on_error(message)
 
     def save_screenshot(self, path: str) -> bool:
         return grab_png(self.widget, path)
