@@ -281,7 +281,6 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
         self._volume_ids: dict[str, str] = {}
         self._answers: dict[tuple[str, int], object] = {}
         self._managers: dict[str, object] = {}
-        self._reviews: dict[str, object] = {}
 
     def connect(self, url: str, token: str | None = None, timeout: float = 600.0) -> MedSIGHTClient:
         """Talk to the engine at ``url`` from now on (raises ValueError for a malformed URL)."""
@@ -334,15 +333,6 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
             manager = SuggestionManager(slicer.mrmlScene, node, model=self.model_name)
             self._managers[node.GetID()] = manager
         return manager
-
-    def review(self, node):
-        """The review state (accept target, merge choice, Show 3D) of ``node``'s suggestions."""
-        manager = self.suggestion_manager(node)
-        review = self._reviews.get(node.GetID())
-        if review is None or review.manager is not manager:
-            review = review_lib.Review(manager)
-            self._reviews[node.GetID()] = review
-        return review
 
     def take_answer(self, node, answer, ask_serial: int, scope: str, question: str = "") -> list[str]:
         """One slice's answer as it streams in (see ``review.take_answer``)."""

@@ -32,6 +32,7 @@ from .client import MedSIGHTClient, MedSIGHTError
 from .jobs import Job, JobRunner
 from .protocol import Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
+from .theme import Colours, colours_of
 
 __all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
 
@@ -270,7 +271,7 @@ class ChatPanel:
         self.error = qt.QLabel("")
         self.error.setObjectName("errorLabel")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #c62828;")
+        self.error.setStyleSheet(f"color: {colours_of(self.error).error};")
         self.error.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)  # so users can copy it into a report
         layout.addWidget(self.error)
 
@@ -320,6 +321,11 @@ class ChatPanel:
         self._turns.clear()
         self._regions.clear()
         self.accept_all_button.setEnabled(False)
+        self._render()
+
+    def apply_palette(self) -> None:
+        """Re-colour after a theme change (the conversation and error line take their colours from the palette)."""
+        self.error.setStyleSheet(f"color: {colours_of(self.error).error};")
         self._render()
 
     def show_error(self, message: str) -> None:
@@ -537,7 +543,7 @@ class ChatPanel:
 
     def _render(self) -> None:
         self._dirty = False
-        self.conversation.setHtml(render_html(self._turns))
+        self.conversation.setHtml(render_html(self._turns, colours_of(self.conversation)))
         bar = self.conversation.verticalScrollBar()
         bar.setValue(int(prop(bar, "maximum")))
 
@@ -551,31 +557,38 @@ def progress_text(done: int, total: int, seconds: float) -> str:
     return text
 
 
-def render_html(turns: list[_Turn]) -> str:
-    """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips."""
+#: The light-theme colours, for callers without a widget.
+LIGHT = Colours(text="#000000", base="#ffffff", secondary="#757575", accent="#1565c0", error="#c62828",
+                success="#2e7d32", dark=False)
+
+
+def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
+    """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips, in the
+    palette's colours (``theme.colours_of(widget)``), so it reads in Slicer's light and dark themes."""
+    grey, chip_bg = colours.secondary, colours.base if colours.dark else "#e8f5e9"
     parts = []
     for turn in turns:
         parts.append(
-            '<p style="margin-top:8px"><b style="color:#1565c0">You</b> '
-            f'<span style="color:#757575">({html.escape(turn.scope)})</span><br>'
+            f'<p style="margin-top:8px"><b style="color:{colours.accent}">You</b> '
+            f'<span style="color:{grey}">({html.escape(turn.scope)})</span><br>'
             f"{html.escape(turn.question).replace(chr(10), '<br>')}</p>"
         )
         slices = sorted(set(turn.texts) | set(turn.regions))
         body = []
         for slice_index in slices:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
-            prefix = f'<span style="color:#757575">slice {slice_index}:</span> ' if len(slices) > 1 else ""
+            prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
             chips = " ".join(
-                f'<a href="region://{slice_index}/{r.index}" style="background-color:#e8f5e9;color:#2e7d32;'
+                f'<a href="region://{slice_index}/{r.index}" style="background-color:{chip_bg};color:{colours.success};'
                 f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
                 for r in turn.regions.get(slice_index, [])
             )
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
         if not slices and not turn.status:
-            body.append('<i style="color:#757575">…</i>')
+            body.append(f'<i style="color:{grey}">…</i>')
         if turn.status == "cancelled":
-            body.append('<i style="color:#757575">(cancelled)</i>')
-        parts.append('<p><b style="color:#2e7d32">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
+            body.append(f'<i style="color:{grey}">(cancelled)</i>')
+        parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
 
 

@@ -22,7 +22,8 @@ class ReviewHost:
     """Args:
         panel: the ChatPanel whose answers become suggestions.
         volume: () -> the selected volume node (or None).
-        logic: the module logic (``suggestion_manager(node)``, ``review(node)``, ``take_answer(...)``).
+        logic: the module logic (``suggestion_manager(node)`` and ``take_answer(node, answer, serial, scope,
+            question)``).
         main_window: where Ctrl+Z / Ctrl+Y live while the module is shown.
     """
 
@@ -37,6 +38,7 @@ class ReviewHost:
         self.module_keys.set_enabled(False)  # enabled between the module's enter() and exit()
         self.engine_log = EngineLog()
         self.settings_page: SettingsPage | None = None
+        self._reviews: dict[int, review_lib.Review] = {}  # by id() of the volume's SuggestionManager
         panel.on_regions = self.take_answer  # suggestions appear slice by slice while an ask runs
         panel.on_answers = self.answers_done
         panel.on_error = self.engine_log.append_error
@@ -55,14 +57,25 @@ class ReviewHost:
     def set_shown(self, shown: bool) -> None:
         self.module_keys.set_enabled(shown)
 
+    def review(self, node: Any) -> review_lib.Review:
+        """The review state (accept target, merge choice, Show 3D) of ``node``'s suggestions, kept per manager."""
+        manager = self.logic.suggestion_manager(node)
+        review = self._reviews.get(id(manager))
+        if review is None or review.manager is not manager:
+            review = self._reviews[id(manager)] = review_lib.Review(manager)
+        return review
+
     def volume_changed(self, node: Any) -> None:
-        self.list.set_review(None if node is None else self.logic.review(node))
+        self.list.set_review(None if node is None else self.review(node))
 
     def take_answer(self, answer: Any) -> None:
         node = self.volume()
         if node is not None:
             self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question)
-            self.list.refresh()
+            if self.list.review is None or self.list.review.manager is not self.logic.suggestion_manager(node):
+                self.list.set_review(self.review(node))
+            else:
+                self.list.refresh()
 
     def answers_done(self, _answers: Any) -> None:
         node = self.volume()
@@ -72,8 +85,11 @@ class ReviewHost:
     def accept_all(self) -> None:
         node = self.volume()
         if node is not None:
-            self.logic.review(node).accept(self.logic.suggestion_manager(node).suggestion_ids())
-            self.list.refresh()
+            review = self.review(node)
+            if self.list.review is not review:
+                self.list.set_review(review)
+            self.list.select(review.manager.suggestion_ids())
+            self.list.accept()
 
     def close(self) -> None:
         self.module_keys.close()
