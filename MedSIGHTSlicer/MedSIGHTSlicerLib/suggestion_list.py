@@ -211,19 +211,21 @@ class SuggestionList:
     def selected_ids(self) -> list[str]:
         """Segment ids of the selected rows, in list order."""
         ids = []
-        for n in range(self.table.topLevelItemCount()):
+        for n in range(int(prop(self.table, "topLevelItemCount"))):
             item = self.table.topLevelItem(n)
             if item.isSelected():
                 ids.append(str(item.data(0, qt.Qt.UserRole)))
         return ids
 
     def row_ids(self) -> list[str]:
-        return [str(self.table.topLevelItem(n).data(0, qt.Qt.UserRole)) for n in range(self.table.topLevelItemCount())]
+        """Segment ids of all rows, in list order."""
+        count = int(prop(self.table, "topLevelItemCount"))  # a property in PythonQt, a method in PySide
+        return [str(self.table.topLevelItem(n).data(0, qt.Qt.UserRole)) for n in range(count)]
 
     def select(self, segment_ids) -> None:
         wanted = set(segment_ids)
         current = None
-        for n in range(self.table.topLevelItemCount()):
+        for n in range(int(prop(self.table, "topLevelItemCount"))):
             item = self.table.topLevelItem(n)
             chosen = str(item.data(0, qt.Qt.UserRole)) in wanted
             item.setSelected(chosen)
