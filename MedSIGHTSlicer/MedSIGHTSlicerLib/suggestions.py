@@ -188,6 +188,7 @@ class SuggestionManager:
         self._redo: list[_Operation] = []
         #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answer
         self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
+        self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = self._create_preview_node()
 
     # -- nodes -------------------------------------------------------------------------------------------------
@@ -366,7 +367,9 @@ class SuggestionManager:
             tags[_terminology_tag()] = entry
         colour = naming.colour_for(group.label or fallback, avoid=self._colours_in_use())
         segmentation = self.preview_node.GetSegmentation()
-        segment_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+        # Never reuse an id of this manager's history: an undone reject must find its id free.
+        self._issued += 1
+        segment_id = segmentation.GenerateUniqueSegmentID(f"{_ID_PREFIX}_{self._issued}")
         snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
         _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
         return segment_id

@@ -24,8 +24,8 @@ from medsight_testing.review_scene import (
 from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
-from MedSIGHTSlicerLib.review import Review, describe_slices
-from MedSIGHTSlicerLib.suggestions import SuggestionError, SuggestionManager
+from MedSIGHTSlicerLib.review import Review, describe_slices, take_answer
+from MedSIGHTSlicerLib.suggestions import TAG_SLICE, SuggestionError, SuggestionManager, get_tag
 
 OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
 SLICES = (2, 3, 4)
@@ -179,3 +179,30 @@ def test_describe_slices():
     assert describe_slices("axial:3;axial:4;axial:5;axial:9") == "axial 3–5, 9"
     assert describe_slices("coronal:7") == "coronal 7"
     assert describe_slices("") == ""
+
+
+def test_a_finding_reviewed_mid_stream_is_not_grown_again():
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    manager = SuggestionManager(scene, volume)
+    disc = np.zeros(voxels.shape[1:], dtype=bool)
+    disc[10:20, 12:26] = True
+
+    def slab_answer(k: int) -> SliceAnswer:
+        slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
+        return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+
+    (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
+    assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the same finding
+    assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum()
+    assert get_tag(manager.suggestion(first), TAG_SLICE) == "axial:1;axial:2"
+    manager.reject([first])
+    (second,) = take_answer(manager, slab_answer(3), ask_serial=7, scope="range")
+    assert second != first and manager.suggestion_mask(second).sum() == disc.sum()  # a new one, slice 3 only
+    manager.undo()  # the rejected finding comes back as it was when rejected
+    assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum() and not manager.suggestion_mask(first)[3].any()
+    # A one-slice ask keeps each region its own suggestion (two "liver" regions stay two).
+    two = SliceAnswer("axial", 4, "Two.", [Region("[M0_2]", "liver", 0, disc, 0.9, None),
+                                            Region("[M0_3]", "liver", 1, disc, 0.8, None)], slab_answer(4).slice_to_ras)
+    assert len(take_answer(manager, two, ask_serial=8, scope="current")) == 2
