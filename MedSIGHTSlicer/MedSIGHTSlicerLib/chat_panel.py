@@ -176,7 +176,8 @@ class ChatPanel:
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
         self.on_region_clicked: Callable[[int, int], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
-        #: Every error shown in the error line (e.g. into the engine log).
+        #: Errors of a question (the engine's answer or the connection), e.g. for the engine log; not the refusals
+        #: before sending ("Type a question first.").
         self.on_error: Callable[[str], None] | None = None
         #: The question being (or last) answered, for hosts that tag suggestions with it.
         self.last_question = ""
@@ -330,8 +331,6 @@ class ChatPanel:
 
     def show_error(self, message: str) -> None:
         self.error.setText(message)
-        if message and self.on_error is not None:
-            self.on_error(message)
 
     def save_screenshot(self, path: str) -> bool:
         return grab_png(self.widget, path)
@@ -523,6 +522,8 @@ class ChatPanel:
             message = describe_error(payload[0])
             turn.status = "error"
             self.show_error(message)
+            if self.on_error is not None:
+                self._call_hook(self.on_error, message)
             self._finish("Failed.")
 
     def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:

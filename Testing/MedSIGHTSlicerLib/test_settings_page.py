@@ -105,3 +105,32 @@ def test_engine_log_collapses_keeps_the_tail_and_colours_errors(app):
     assert not log.text.isVisible()
     log.widget.close()
     log.widget.deleteLater()
+
+
+def test_question_errors_reach_the_engine_log_refusals_do_not(app):
+    import time
+
+    import numpy as np
+
+    from medsight_testing.live_server import free_port
+    from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
+    from MedSIGHTSlicerLib.client import MedSIGHTClient
+
+    log = EngineLog()
+    panel = ChatPanel(MedSIGHTClient(f"http://127.0.0.1:{free_port()}", timeout=5, retries=0))
+    panel.on_error = log.append_error
+    panel.volume_provider = lambda: VolumeData(np.zeros((2, 8, 8), dtype=np.int16), key="empty")
+    try:
+        assert not panel.send("   ")
+        assert panel.error.text() == "Type a question first." and log.errors == 0
+        assert panel.send("Anyone there?")
+        deadline = time.monotonic() + 30
+        while panel.busy:
+            assert time.monotonic() < deadline
+            app.processEvents()
+            time.sleep(0.01)
+        assert log.errors == 1 and "cannot reach the MedSIGHT engine" in log.lines()[-1]
+    finally:
+        panel.close()
+        log.widget.deleteLater()
+        app.processEvents()
