@@ -23,10 +23,13 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from MedSIGHTSlicerLib import geometry
+from MedSIGHTSlicerLib import review as review_lib
+from MedSIGHTSlicerLib import shortcuts as review_shortcuts
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, guess_modality
 from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 MODEL_CARD_TIMEOUT_S = 10.0
@@ -66,7 +69,7 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         self.parent.helpText = (
             "Ask questions about the selected volume. Answers stream into the conversation; regions the model "
             "names become suggested segments that you accept or reject. Research use only, not for clinical use."
-        )
+        ) + review_shortcuts.help_html()
         self.parent.acknowledgementText = "Uses the MedSIGHT model (ICML 2026) through a local or remote engine."
 
 
@@ -92,8 +95,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.settings = ConnectionSettings.load(qt.QSettings())
         self.ui.urlLineEdit.text = self.settings.url
         self.ui.tokenLineEdit.text = self.settings.token
-        self.ui.serveCommandLineEdit.text = self.settings.serve_command
-        self.ui.stopOnExitCheckBox.checked = self.settings.stop_engine_on_exit
+        self.ui.rememberTokenCheckBox.checked = self.settings.remember_token
 
         self.panel = ChatPanel(None)
         self.ui.chatPanelPlaceholder.layout().addWidget(self.panel.widget)
@@ -101,15 +103,14 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.panel.current_slice_provider = self._current_slice
         self.panel.before_upload = self._consent
         self.panel.on_volume_uploaded = self.logic.remember_volume_id
-        self.panel.on_answers = self._apply_answers
         self.panel.on_region_clicked = self._jump_to_region
-        self.panel.on_accept_all = self._accept_all
+        self.panel.on_accept_all = lambda: self.review_host.accept_all()
         self._apply_connection()
 
         self.ui.urlLineEdit.connect("editingFinished()", self._apply_connection)
         self.ui.tokenLineEdit.connect("editingFinished()", self._apply_connection)
-        self.ui.serveCommandLineEdit.connect("editingFinished()", self._save_settings)
-        self.ui.stopOnExitCheckBox.connect("toggled(bool)", lambda _: self._save_settings())
+        self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda _: self._save_settings())
+        self._setup_review()
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
         self.check_timer = qt.QTimer()
         self.check_timer.setInterval(50)
@@ -121,7 +122,25 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._volume_changed(self.ui.inputVolumeSelector.currentNode())
         self._update_engine_buttons()
 
+    # -- annotator review (issue 20): the widgets live in MedSIGHTSlicerLib.review_host ---------------------
+    def _setup_review(self) -> None:
+        self.review_host = ReviewHost(self.panel, self._node, self.logic, slicer.util.mainWindow())
+        self.ui.chatPanelPlaceholder.layout().addWidget(self.review_host.list.widget)
+        self.ui.connectionCollapsibleButton.layout().addRow(self.review_host.engine_log.widget)
+        if not slicer.app.commandOptions().noMainWindow:
+            self.review_host.add_settings_page(self.settings, qt.QSettings(), lambda _: self._update_engine_buttons())
+
+    def enter(self) -> None:
+        if getattr(self, "review_host", None) is not None:
+            self.review_host.set_shown(True)
+
+    def exit(self) -> None:
+        if getattr(self, "review_host", None) is not None:
+            self.review_host.set_shown(False)
+
     def cleanup(self) -> None:
+        if getattr(self, "review_host", None) is not None:
+            self.review_host.close()
         self.check_timer.stop()
         self.connection_check.close()
         if self.panel is not None:
@@ -134,9 +153,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _save_settings(self) -> None:
         self.settings.url = self.ui.urlLineEdit.text.strip()
         self.settings.token = self.ui.tokenLineEdit.text
-        self.settings.serve_command = self.ui.serveCommandLineEdit.text.strip()
-        self.settings.stop_engine_on_exit = bool(self.ui.stopOnExitCheckBox.checked)
-        self.settings.save(qt.QSettings())
+        self.settings.remember_token = bool(self.ui.rememberTokenCheckBox.checked)
+        self.settings.save(qt.QSettings())  # the engine command and "stop on exit" come from the settings page
+        if getattr(self, "review_host", None) is not None and self.review_host.settings_page is not None:
+            self.review_host.settings_page.load()
 
     def _apply_connection(self) -> None:
         self._save_settings()
@@ -185,6 +205,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.stopEngineButton.enabled = self.engine.running
 
     def _engine_output(self, text: str) -> None:
+        self.review_host.engine_log.append(text)
         for line in text.splitlines():
             if line.strip():
                 logging.info("medsight engine: %s", line)
@@ -217,6 +238,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _volume_changed(self, node) -> None:
         if node is not None and node.GetImageData() is not None:
             self.panel.set_slice_count(node.GetImageData().GetDimensions()[2])
+        if getattr(self, "review_host", None) is not None:
+            self.review_host.volume_changed(node)
 
     def _volume_source(self):
         node = self._node()
@@ -225,11 +248,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _current_slice(self) -> int | None:
         node = self._node()
         return None if node is None else self.logic.red_slice_index(node)
-
-    def _apply_answers(self, answers) -> None:
-        node = self._node()
-        if node is not None:
-            self.logic.apply_answers(node, answers, question=self.panel.last_question)
 
     def _jump_to_region(self, slice_index: int, index: int) -> None:
         node = self._node()
@@ -251,11 +269,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.panel.show_error(f"Export failed: {err}")
             return
         self.ui.connectionStatusLabel.text = f"Exported to {written}"
-
-    def _accept_all(self) -> None:
-        node = self._node()
-        if node is not None:
-            self.logic.accept_all(node)
 
 
 class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
@@ -320,6 +333,11 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
             manager = SuggestionManager(slicer.mrmlScene, node, model=self.model_name)
             self._managers[node.GetID()] = manager
         return manager
+
+    def take_answer(self, node, answer, ask_serial: int, scope: str, question: str = "") -> list[str]:
+        """One slice's answer as it streams in (see ``review.take_answer``)."""
+        self._answers[(node.GetID(), answer.index)] = answer
+        return review_lib.take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question)
 
     def apply_answer(self, node, answer, question: str = "", model: str | None = None) -> list[str]:
         """The answer's regions become suggested segments of ``node``; returns their segment ids."""

@@ -32,6 +32,7 @@ from .client import MedSIGHTClient, MedSIGHTError
 from .jobs import Job, JobRunner
 from .protocol import Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
+from .theme import Colours, colours_of
 
 __all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
 
@@ -40,6 +41,9 @@ SCOPES = ("current", "range", "volume")
 _SCOPE_LABELS = ("Current slice", "Slice range", "Whole volume")
 #: Slices per request of a multi-slice job: small enough for steady progress and a prompt cancel.
 CHUNK_SLICES = 16
+#: The first request of a multi-slice job asks about this many slices; each next one twice as many (up to
+#: CHUNK_SLICES), so the first suggestions appear after one slice, not after a whole chunk (streamed review).
+FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
@@ -172,8 +176,16 @@ class ChatPanel:
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
         self.on_region_clicked: Callable[[int, int], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
+        #: Errors of a question (the engine's answer or the connection), e.g. for the engine log; not the refusals
+        #: before sending ("Type a question first.").
+        self.on_error: Callable[[str], None] | None = None
         #: The question being (or last) answered, for hosts that tag suggestions with it.
         self.last_question = ""
+        #: Counts questions sent; with ``last_scope`` it tells hosts which streamed answers belong together.
+        self.ask_serial = 0
+        self.last_scope = "current"
+        #: Slices answered so far in the running (or last) question.
+        self.answered_slices = 0
 
         self._turns: list[_Turn] = []
         self._regions: dict[tuple[int, int], Region] = {}
@@ -260,7 +272,7 @@ class ChatPanel:
         self.error = qt.QLabel("")
         self.error.setObjectName("errorLabel")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #c62828;")
+        self.error.setStyleSheet(f"color: {colours_of(self.error).error};")
         self.error.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)  # so users can copy it into a report
         layout.addWidget(self.error)
 
@@ -312,6 +324,11 @@ class ChatPanel:
         self.accept_all_button.setEnabled(False)
         self._render()
 
+    def apply_palette(self) -> None:
+        """Re-colour after a theme change (the conversation and error line take their colours from the palette)."""
+        self.error.setStyleSheet(f"color: {colours_of(self.error).error};")
+        self._render()
+
     def show_error(self, message: str) -> None:
         self.error.setText(message)
 
@@ -350,6 +367,9 @@ class ChatPanel:
         job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options))
         self._turns.append(_Turn(text, self._scope_text(scope, first, last), place=place, volumes=volumes))
         self.last_question = text
+        self.ask_serial += 1
+        self.last_scope = scope
+        self.answered_slices = 0
         self._job = job
         self._started = time.monotonic()
         if question is None:
@@ -460,7 +480,8 @@ class ChatPanel:
             self.status.setText("Asking…")
         elif kind == "job":
             job.job_id = payload[0]
-            self.status.setText("Thinking…")
+            if not self.answered_slices:  # later chunks keep the progress line
+                self.status.setText("Thinking…")
         elif kind == "token":
             slice_index, text = payload
             turn.texts[slice_index] = turn.texts.get(slice_index, "") + text
@@ -472,6 +493,7 @@ class ChatPanel:
             self._dirty = True
         elif kind == "answer":
             answer: SliceAnswer = payload[0]
+            self.answered_slices += 1
             turn.texts[answer.index] = answer.text  # the engine's final text (token pieces may be regrouped)
             turn.regions[answer.index] = list(answer.regions)
             for region in answer.regions:
@@ -488,6 +510,7 @@ class ChatPanel:
                 self.progress.setVisible(True)
                 self.progress.setRange(0, total)
                 self.progress.setValue(done)
+                self.status.setText(progress_text(done, total, time.monotonic() - self._started))
         elif kind == "finished":
             cancelled = payload[0]
             if job.answers and self.on_answers is not None:
@@ -499,6 +522,8 @@ class ChatPanel:
             message = describe_error(payload[0])
             turn.status = "error"
             self.show_error(message)
+            if self.on_error is not None:
+                self._call_hook(self.on_error, message)
             self._finish("Failed.")
 
     def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
@@ -519,36 +544,52 @@ class ChatPanel:
 
     def _render(self) -> None:
         self._dirty = False
-        self.conversation.setHtml(render_html(self._turns))
+        self.conversation.setHtml(render_html(self._turns, colours_of(self.conversation)))
         bar = self.conversation.verticalScrollBar()
         bar.setValue(int(prop(bar, "maximum")))
 
 
-def render_html(turns: list[_Turn]) -> str:
-    """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips."""
+def progress_text(done: int, total: int, seconds: float) -> str:
+    """"Answered 5 of 20 slices, about 12 s left" (the rate so far predicts the rest)."""
+    text = f"Answered {done} of {total} slices"
+    if 0 < done < total:
+        left = seconds / done * (total - done)
+        text += f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
+    return text
+
+
+#: The light-theme colours, for callers without a widget.
+LIGHT = Colours(text="#000000", base="#ffffff", secondary="#757575", accent="#1565c0", error="#c62828",
+                success="#2e7d32", dark=False)
+
+
+def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
+    """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips, in the
+    palette's colours (``theme.colours_of(widget)``), so it reads in Slicer's light and dark themes."""
+    grey, chip_bg = colours.secondary, colours.base if colours.dark else "#e8f5e9"
     parts = []
     for turn in turns:
         parts.append(
-            '<p style="margin-top:8px"><b style="color:#1565c0">You</b> '
-            f'<span style="color:#757575">({html.escape(turn.scope)})</span><br>'
+            f'<p style="margin-top:8px"><b style="color:{colours.accent}">You</b> '
+            f'<span style="color:{grey}">({html.escape(turn.scope)})</span><br>'
             f"{html.escape(turn.question).replace(chr(10), '<br>')}</p>"
         )
         slices = sorted(set(turn.texts) | set(turn.regions))
         body = []
         for slice_index in slices:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
-            prefix = f'<span style="color:#757575">slice {slice_index}:</span> ' if len(slices) > 1 else ""
+            prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
             chips = " ".join(
-                f'<a href="region://{slice_index}/{r.index}" style="background-color:#e8f5e9;color:#2e7d32;'
+                f'<a href="region://{slice_index}/{r.index}" style="background-color:{chip_bg};color:{colours.success};'
                 f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
                 for r in turn.regions.get(slice_index, [])
             )
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
         if not slices and not turn.status:
-            body.append('<i style="color:#757575">…</i>')
+            body.append(f'<i style="color:{grey}">…</i>')
         if turn.status == "cancelled":
-            body.append('<i style="color:#757575">(cancelled)</i>')
-        parts.append('<p><b style="color:#2e7d32">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
+            body.append(f'<i style="color:{grey}">(cancelled)</i>')
+        parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
 
 
@@ -578,6 +619,15 @@ def _resolve_indices(scope: tuple[str, int, int], count: int) -> list[int]:
     return list(range(first, last + 1))
 
 
+def chunk_bounds(total: int) -> list[tuple[int, int]]:
+    """(start, stop) of each request: FIRST_CHUNK_SLICES, then doubling up to CHUNK_SLICES."""
+    bounds, start, size = [], 0, FIRST_CHUNK_SLICES
+    while start < total:
+        bounds.append((start, min(start + size, total)))
+        start, size = start + size, min(size * 2, CHUNK_SLICES)
+    return bounds
+
+
 def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
     """Upload if needed, then ask chunk by chunk. Returns whether the job was cancelled (the runner's "done"
     event); failures are emitted as an "error" event carrying the exception (for ``describe_error``)."""
@@ -597,11 +647,11 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             indices = [job.scope[1]]
         total = len(indices)
         cancelled = False
-        for start in range(0, total, CHUNK_SLICES):
+        for start, stop in chunk_bounds(total):
             if job.cancelled:
                 cancelled = True
                 break
-            part = indices[start : start + CHUNK_SLICES]
+            part = indices[start:stop]
             try:
                 stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
             except MedSIGHTError as err:
@@ -610,7 +660,7 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
                 volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
                 stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
             cancelled = _read_stream(client, stream, job, part) or cancelled
-            job.emit("progress", start + len(part), total)
+            job.emit("progress", stop, total)
             if cancelled:
                 break
         return cancelled or job.cancelled

@@ -63,7 +63,9 @@ class ConnectionSettings:
 
     Attributes:
         url: the engine's address.
-        token: bearer token (only needed when the engine was started with one).
+        token: bearer token (only needed when the engine was started with one); kept on disk only when
+            ``remember_token`` is set (the user ticked "Remember"), else for this session only.
+        remember_token: store the token in Slicer's settings file.
         serve_command: the command "Start local engine" runs.
         stop_engine_on_exit: stop an engine this module started when Slicer closes.
         consented_hosts: non-loopback hosts the user agreed to send images to.
@@ -71,6 +73,7 @@ class ConnectionSettings:
 
     url: str = DEFAULT_URL
     token: str = ""
+    remember_token: bool = False
     serve_command: str = DEFAULT_SERVE_COMMAND
     stop_engine_on_exit: bool = True
     consented_hosts: list[str] = field(default_factory=list)
@@ -78,9 +81,11 @@ class ConnectionSettings:
     @classmethod
     def load(cls, store: Any) -> ConnectionSettings:
         default = cls()
+        remember = _as_bool(store.value(PREFIX + "rememberToken", False))
         return cls(
             url=str(store.value(PREFIX + "url", default.url) or default.url),
-            token=str(store.value(PREFIX + "token", "") or ""),
+            token=str(store.value(PREFIX + "token", "") or "") if remember else "",
+            remember_token=remember,
             serve_command=str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command),
             stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True)),
             consented_hosts=_as_list(store.value(PREFIX + "consentedHosts", "")),
@@ -88,7 +93,9 @@ class ConnectionSettings:
 
     def save(self, store: Any) -> None:
         store.setValue(PREFIX + "url", self.url)
-        store.setValue(PREFIX + "token", self.token)
+        # A token not to be remembered is blanked on disk (also one an earlier version wrote unasked).
+        store.setValue(PREFIX + "token", self.token if self.remember_token else "")
+        store.setValue(PREFIX + "rememberToken", "true" if self.remember_token else "false")
         store.setValue(PREFIX + "serveCommand", self.serve_command)
         store.setValue(PREFIX + "stopEngineOnExit", "true" if self.stop_engine_on_exit else "false")
         # A comma-joined string: QSettings round-trips lists differently in PythonQt and PySide.

@@ -1,13 +1,18 @@
 """Suggested segments: the engine's regions shown in a preview, accepted into or rejected from the user's work.
 
 The engine never writes into the user's segmentation. Its regions become *suggestions* in a separate preview
-segmentation node; ``accept`` copies a suggestion into the user's segmentation of the same volume as a new
-segment (renamed on a name clash, so nothing the user made is overwritten) and ``reject`` drops it. Both are
-undoable: each operation keeps snapshots (cropped boolean masks) of only the segments it touched.
+segmentation node; ``accept`` copies a suggestion into a segmentation of the same volume (default: the user's
+one) as a new segment (renamed on a name clash, so nothing the user made is overwritten), or, only when asked with
+``merge_into``, unites it with one named existing segment; ``reject`` drops it. All are undoable: each operation
+keeps snapshots (cropped boolean masks) of only the segments it touched.
 
-Invariant, checked by the tests: the user's own segments are never modified. Accepted segments are added as
-their own labelmap layer (never merged into a shared layer), and undoing an accept removes a segment only if it
-is still exactly what was accepted.
+Invariant, checked by the tests: the user's own segments are never modified, except the one a merge names.
+Accepted segments are added as their own labelmap layer (never merged into a shared layer), a merge rewrites
+only the named segment (the segments it shares a layer with keep their voxels), and undoing an accept or a
+merge touches the user's node only if what it wrote is still exactly there.
+
+Multi-slice asks can stream in: ``add_streamed_answer`` grows one 3D suggestion per finding as each slice's
+answer arrives, instead of waiting for the whole ask.
 
 Main-thread only (MRML is not thread-safe); no Qt.
 """
@@ -37,6 +42,7 @@ __all__ = [
     "SuggestionManager",
     "get_tag",
     "mask_digest",
+    "replace_segment_mask",
 ]
 
 ALL = "all"
@@ -111,6 +117,10 @@ class _Item:
 class _Operation:
     kind: str  # "accept" or "reject"
     items: list[_Item]
+    target: object = None  # the segmentation node an accept wrote into
+    merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
+    merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
+    merge_digest: str = ""  # the merge target right after the merge (undo refuses if it was edited since)
 
 
 @dataclass
@@ -176,6 +186,9 @@ class SuggestionManager:
         self.user_node = None  # the user's segmentation; found or created on the first accept
         self._undo: list[_Operation] = []
         self._redo: list[_Operation] = []
+        #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answer
+        self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
+        self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = self._create_preview_node()
 
     # -- nodes -------------------------------------------------------------------------------------------------
@@ -261,6 +274,53 @@ class SuggestionManager:
                 by_label.setdefault(key, []).append((answer, region))
         return self._add_groups([self._group_of(pairs) for pairs in by_label.values()], question, model)
 
+    def add_streamed_answer(
+        self, answer: SliceAnswer, stream: str, question: str = "", model: str | None = None
+    ) -> list[str]:
+        """One slice's answer of a multi-slice ask that is still running (``stream`` names the ask).
+
+        Regions with the same label as an earlier slice of the same stream grow that suggestion (one 3D
+        finding, as ``add_answers`` makes at the end); new labels become new suggestions. Returns the ids of the
+        suggestions this answer added or grew. A suggestion the user already accepted or rejected is not grown:
+        its later slices start a new suggestion.
+        """
+        findings = self._streams.setdefault(stream, {})
+        touched: list[str] = []
+        current = set(self.suggestion_ids())
+        for region in answer.regions:
+            key = naming.normalise_label(region.label) or (region.code or "region")
+            part = self._group_of([(answer, region)])
+            if not len(part.voxels[0]):
+                continue
+            known = findings.get(key)
+            if known is not None and known[0] in current:
+                segment_id, group = known
+                _merge_group(group, part)
+                self._grow_suggestion(segment_id, group, part.voxels[0])
+            else:
+                ids = self._add_groups([part], question, model)
+                if not ids:
+                    continue
+                segment_id, group = ids[0], part
+                current.add(segment_id)
+            findings[key] = (segment_id, group)
+            if segment_id not in touched:
+                touched.append(segment_id)
+        return touched
+
+    def end_stream(self, stream: str) -> None:
+        """The ask is over: its findings no longer grow."""
+        self._streams.pop(stream, None)
+
+    def _grow_suggestion(self, segment_id: str, group: _Group, voxels: np.ndarray) -> None:
+        mask = self.suggestion_mask(segment_id)
+        mask[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+        replace_segment_mask(self.preview_node, segment_id, mask, self.volume_node)
+        segment = self.suggestion(segment_id)
+        segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
+        segment.SetTag(TAG_SLICE, ";".join(group.slices))
+        segment.SetTag(TAG_CONFIDENCE, f"{_weighted_confidence(group.weights):.4f}")
+
     def _group_of(self, pairs) -> _Group:
         """Map each region's mask onto the volume (raises GeometryError when an answer is off this grid)."""
         group = _Group(label=pairs[0][1].label)
@@ -307,7 +367,9 @@ class SuggestionManager:
             tags[_terminology_tag()] = entry
         colour = naming.colour_for(group.label or fallback, avoid=self._colours_in_use())
         segmentation = self.preview_node.GetSegmentation()
-        segment_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+        # Never reuse an id of this manager's history: an undone reject must find its id free.
+        self._issued += 1
+        segment_id = segmentation.GenerateUniqueSegmentID(f"{_ID_PREFIX}_{self._issued}")
         snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
         _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
         return segment_id
@@ -352,15 +414,46 @@ class SuggestionManager:
             raise SuggestionError(f"no suggestion {', '.join(map(repr, unknown))}")
         return list(dict.fromkeys(wanted))
 
-    def accept(self, segment_ids=ALL) -> list[str]:
-        """Move suggestions (an id, ids, or ALL) into the user's segmentation. Returns the new segment ids there."""
+    def accept(self, segment_ids=ALL, target=None, merge_into: str | None = None) -> list[str]:
+        """Move suggestions (an id, ids, or ALL) into a segmentation of this volume. Returns the segment ids there.
+
+        Args:
+            target: the segmentation node to accept into (default: the user's, created if there is none).
+            merge_into: an existing segment of ``target`` to unite the suggestions with (its name, colour and
+                tags stay); without it every suggestion becomes a new segment and no existing one is touched.
+        """
+        target = self._check_target(target, merge_into)
         items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
         if not items:
             return []
-        operation = _Operation("accept", items)
+        operation = _Operation("accept", items, target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
         return [item.user_id for item in items]
+
+    def target_nodes(self) -> list:
+        """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
+        the user's own (``find_user_node``) first."""
+        import slicer
+
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+        found = [n for n in found if n.GetAttribute(PREVIEW_ATTRIBUTE) != "1"]
+        found = [n for n in found if n.GetNodeReference(role) is self.volume_node]
+        own = self.find_user_node()
+        return sorted(found, key=lambda node: node is not own)
+
+    def _check_target(self, target, merge_into: str | None):
+        if target is None:
+            target = self.user_segmentation_node()
+        elif target.GetScene() is not self.scene or not target.IsA("vtkMRMLSegmentationNode"):
+            raise SuggestionError("the chosen segmentation is not a segmentation node of this scene")
+        elif target.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
+            raise SuggestionError("suggestions cannot be accepted into the suggestions' own preview")
+        if merge_into and target.GetSegmentation().GetSegment(merge_into) is None:
+            raise SuggestionError(f"no segment {merge_into!r} in {target.GetName()!r} to merge into")
+        return target
 
     def reject(self, segment_ids=ALL) -> list[str]:
         """Drop suggestions (an id, ids, or ALL). Returns the dropped ids."""
@@ -387,17 +480,42 @@ class SuggestionManager:
         return _Item(suggestion=snapshot, before_id=before)
 
     def _do_accept(self, operation: _Operation) -> None:
-        user = self.user_segmentation_node()
+        if operation.target is None or operation.target.GetScene() is None:
+            operation.target = self.user_segmentation_node()
+        user = operation.target
+        if operation.merge_id:
+            self._do_merge(operation)
+            self._remove_suggestions(operation.items)
+            return
         segmentation = user.GetSegmentation()
         taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
         for item in operation.items:
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
-            user_id = segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
+            # A redo gives the segment back its first id, so references to it (scripts, the list) stay valid.
+            reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
+            user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             mask = item.suggestion.mask()
             _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask)
             item.user_id, item.user_name, item.digest = user_id, name, mask_digest(mask)
         self._remove_suggestions(operation.items)
+
+    def _do_merge(self, operation: _Operation) -> None:
+        node, merge_id = operation.target, operation.merge_id
+        segment = node.GetSegmentation().GetSegment(merge_id)
+        if segment is None:
+            raise SuggestionError(f"the segment to merge into ({merge_id!r}) is gone from {node.GetName()!r}")
+        before = segment_array(node, merge_id, self.volume_node)
+        merged = before.copy()
+        for item in operation.items:
+            merged |= item.suggestion.mask()
+        operation.merge_before = SegmentSnapshot.from_mask(
+            merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
+        )
+        replace_segment_mask(node, merge_id, merged, self.volume_node)
+        operation.merge_digest = mask_digest(merged)
+        for item in operation.items:
+            item.user_id, item.user_name, item.digest = merge_id, segment.GetName(), operation.merge_digest
 
     def _remove_suggestions(self, items: list[_Item]) -> None:
         segmentation = self.preview_node.GetSegmentation()
@@ -417,9 +535,13 @@ class SuggestionManager:
         operation = self._undo[-1]
         if operation.kind == "accept":
             self._check_accepted_unchanged(operation)
-            segmentation = self.user_segmentation_node().GetSegmentation()
-            for item in operation.items:
-                segmentation.RemoveSegment(item.user_id)
+            if operation.merge_id:
+                before = operation.merge_before
+                replace_segment_mask(operation.target, operation.merge_id, before.mask(), self.volume_node)
+            else:
+                segmentation = operation.target.GetSegmentation()
+                for item in operation.items:
+                    segmentation.RemoveSegment(item.user_id)
         self._restore_suggestions(operation.items)
         self._redo.append(self._undo.pop())
         return True
@@ -441,8 +563,17 @@ class SuggestionManager:
         return True
 
     def _check_accepted_unchanged(self, operation: _Operation) -> None:
-        """Undoing an accept deletes segments from the user's node: only if they are exactly what was accepted."""
-        user = self.find_user_node()
+        """Undoing an accept deletes segments from the user's node (or puts a merged one back as it was): only if
+        they are exactly what the accept wrote."""
+        user = operation.target if operation.target is not None and operation.target.GetScene() is not None else None
+        if operation.merge_id:
+            segment = None if user is None else user.GetSegmentation().GetSegment(operation.merge_id)
+            name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
+            if segment is None:
+                raise SuggestionError(f"cannot undo: the merged segment {name!r} was deleted")
+            if mask_digest(segment_array(user, operation.merge_id, self.volume_node)) != operation.merge_digest:
+                raise SuggestionError(f"cannot undo: the merged segment {name!r} was edited since")
+            return
         for item in operation.items:
             segment = None if user is None else user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
@@ -457,6 +588,36 @@ class SuggestionManager:
             segmentation.RemoveSegment(segment_id)
         self._undo.clear()
         self._redo.clear()
+        self._streams.clear()
+
+
+def _merge_group(group: _Group, part: _Group) -> None:
+    """Add one slice's region (``part``) to a streamed finding's group."""
+    for code in part.codes:
+        if code not in group.codes:
+            group.codes.append(code)
+    for name in part.slices:
+        if name not in group.slices:
+            group.slices.append(name)
+    group.voxels.extend(part.voxels)
+    group.weights.extend(part.weights)
+
+
+def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -> None:
+    """Set one segment's voxels to ``mask`` (k, j, i) without touching any other segment.
+
+    A segment may share its labelmap layer with others (the Segment Editor's default); Slicer's
+    SetBinaryLabelmapToSegment then moves it out of that layer where the new voxels overlap a neighbour, so the
+    neighbours keep theirs (checked by test_review with user segments in one shared layer).
+    """
+    import slicer
+
+    if node.GetSegmentation().GetSegment(segment_id) is None:
+        raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
+    labelmap = labelmap_from_array(mask, volume_node)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
+        raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
 
 
 def _weighted_confidence(weights: list[tuple[float, int]]) -> float:

@@ -302,6 +302,7 @@ def test_settings_round_trip_and_consent():
     assert settings.needs_consent()
     settings.record_consent()
     settings.token = "t"
+    settings.remember_token = True
     settings.save(store)
     again = ConnectionSettings.load(store)
     assert again == settings

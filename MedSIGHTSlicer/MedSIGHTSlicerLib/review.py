@@ -1,0 +1,236 @@
+"""Annotator review of one volume's suggestions: what the suggestion list shows and does, over real MRML.
+
+``Review`` wraps a ``suggestions.SuggestionManager`` with what the list needs beyond accept / reject / undo /
+redo: one row per suggestion (colour, name, slices, confidence, question), the accept target (a segmentation of
+the volume, default the user's own; new segments or, on request, a merge into one named segment), per-suggestion
+visibility, the "Show 3D" closed surfaces, where to jump to, and which node / segment to open in the Segment
+Editor for correcting a suggestion before accepting it.
+
+Main-thread only (MRML is not thread-safe); no Qt, so every decision is tested with slicer-core's MRML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import ijk_to_ras
+from .suggestions import (
+    TAG_CONFIDENCE,
+    TAG_QUESTION,
+    TAG_SLICE,
+    SuggestionError,
+    SuggestionManager,
+    get_tag,
+)
+
+__all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices", "take_answer"]
+
+
+@dataclass(frozen=True)
+class SuggestionRow:
+    """One row of the suggestion list."""
+
+    segment_id: str
+    name: str
+    color: tuple[float, float, float]
+    slices: str
+    confidence: float | None
+    question: str
+    visible: bool
+
+
+@dataclass(frozen=True)
+class EditorSelection:
+    """What the Segment Editor must show to correct a suggestion: the preview node, its volume and the segment."""
+
+    segmentation_node: object
+    volume_node: object
+    segment_id: str
+
+
+def describe_slices(tag: str) -> str:
+    """"axial:3;axial:4;axial:5;axial:9" -> "axial 3–5, 9" (runs of consecutive slices are shortened)."""
+    by_plane: dict[str, list[int]] = {}
+    for part in filter(None, (tag or "").split(";")):
+        plane, _, index = part.partition(":")
+        if index.lstrip("-").isdigit():
+            by_plane.setdefault(plane, []).append(int(index))
+    texts = []
+    for plane, indices in by_plane.items():
+        indices = sorted(set(indices))
+        runs: list[list[int]] = []
+        for index in indices:
+            if runs and index == runs[-1][-1] + 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        spans = [str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs]
+        texts.append(f"{plane} {', '.join(spans)}")
+    return "; ".join(texts)
+
+
+def take_answer(manager: SuggestionManager, answer, ask_serial: int, scope: str, question: str = "",
+                model: str | None = None) -> list[str]:
+    """A slice's answer as it arrives (the chat panel's ``on_regions``): a one-slice ask's regions are each a
+    suggestion; a range or volume ask grows one suggestion per finding, slice by slice, while it runs."""
+    if scope == "current":
+        return manager.add_answer(answer, question=question, model=model)
+    return manager.add_streamed_answer(answer, f"ask-{ask_serial}", question=question, model=model)
+
+
+class Review:
+    """The review actions of one volume's suggestions.
+
+    Args:
+        manager: the volume's SuggestionManager (keep it referenced: it owns the undo history).
+
+    Attributes:
+        target: the segmentation node accepts go into (None: the user's own, created on the first accept).
+        merge_into: a segment id of the target that accepts are united with (""; new segments).
+    """
+
+    def __init__(self, manager: SuggestionManager) -> None:
+        self.manager = manager
+        self.target = None
+        self.merge_into = ""
+        self.show_3d = False
+
+    # -- rows --------------------------------------------------------------------------------------------------
+    def rows(self) -> list[SuggestionRow]:
+        display = self.manager.preview_node.GetDisplayNode()
+        rows = []
+        for segment_id in self.manager.suggestion_ids():
+            segment = self.manager.suggestion(segment_id)
+            confidence = get_tag(segment, TAG_CONFIDENCE)
+            rows.append(
+                SuggestionRow(
+                    segment_id=segment_id,
+                    name=segment.GetName(),
+                    color=tuple(float(c) for c in segment.GetColor()),
+                    slices=describe_slices(get_tag(segment, TAG_SLICE) or ""),
+                    confidence=float(confidence) if confidence else None,
+                    question=get_tag(segment, TAG_QUESTION) or "",
+                    visible=True if display is None else bool(display.GetSegmentVisibility(segment_id)),
+                )
+            )
+        return rows
+
+    # -- accept target -----------------------------------------------------------------------------------------
+    def targets(self) -> list:
+        """Segmentation nodes of this volume to accept into (the user's own first)."""
+        return self.manager.target_nodes()
+
+    def set_target(self, node, merge_into: str = "") -> None:
+        """Accept into ``node`` (None: the user's own) as new segments, or merged into its ``merge_into``."""
+        if merge_into:
+            owner = node if node is not None else self.manager.find_user_node()
+            if owner is None or owner.GetSegmentation().GetSegment(merge_into) is None:
+                raise SuggestionError(f"no segment {merge_into!r} to merge into")
+        self.target, self.merge_into = node, merge_into
+
+    @staticmethod
+    def segments_of(node) -> list[tuple[str, str]]:
+        """(segment id, name) of every segment of ``node``, in order (the "merge into" choices)."""
+        if node is None:
+            return []
+        segmentation = node.GetSegmentation()
+        return [
+            (segmentation.GetNthSegmentID(n), segmentation.GetNthSegment(n).GetName())
+            for n in range(segmentation.GetNumberOfSegments())
+        ]
+
+    # -- actions -----------------------------------------------------------------------------------------------
+    def accept(self, segment_ids: Sequence[str]) -> list[str]:
+        """Accept into the chosen target (merging only when a merge segment was chosen)."""
+        if not segment_ids:
+            return []
+        target = self.target if self.target is not None and self.target.GetScene() is not None else None
+        ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)
+        self._refresh_3d()
+        return ids
+
+    def reject(self, segment_ids: Sequence[str]) -> list[str]:
+        return self.manager.reject(list(segment_ids)) if segment_ids else []
+
+    def undo(self) -> bool:
+        done = self.manager.undo()
+        self._refresh_3d()
+        return done
+
+    def redo(self) -> bool:
+        done = self.manager.redo()
+        self._refresh_3d()
+        return done
+
+    # -- display -----------------------------------------------------------------------------------------------
+    def set_visible(self, segment_ids: Sequence[str], visible: bool) -> None:
+        display = self.manager.preview_node.GetDisplayNode()
+        if display is None:
+            return
+        for segment_id in segment_ids:
+            display.SetSegmentVisibility(segment_id, bool(visible))
+
+    def toggle_visible(self, segment_ids: Sequence[str]) -> bool:
+        """Hide them all if any is shown, else show them all; returns the new visibility."""
+        display = self.manager.preview_node.GetDisplayNode()
+        if display is None or not segment_ids:
+            return True
+        visible = not any(display.GetSegmentVisibility(sid) for sid in segment_ids)
+        self.set_visible(segment_ids, visible)
+        return visible
+
+    def set_show_3d(self, show: bool) -> None:
+        """Closed surfaces of the preview and the accept target in the 3D view (or none)."""
+        self.show_3d = bool(show)
+        self._refresh_3d()
+
+    def _3d_nodes(self) -> list:
+        nodes = [self.manager.preview_node]
+        target = self.target if self.target is not None else self.manager.find_user_node()
+        if target is not None and target.GetScene() is not None:
+            nodes.append(target)
+        return nodes
+
+    def _refresh_3d(self) -> None:
+        for node in self._3d_nodes():
+            display = node.GetDisplayNode()
+            if self.show_3d:
+                node.CreateClosedSurfaceRepresentation()
+            elif node.GetSegmentation().GetSourceRepresentationName() != _closed_surface_name():
+                # Surfaces cost memory and time on every edit; drop them unless the source is a surface.
+                node.RemoveClosedSurfaceRepresentation()
+            if display is not None:
+                display.SetVisibility3D(self.show_3d)
+
+    # -- navigation --------------------------------------------------------------------------------------------
+    def centre_ras(self, segment_id: str) -> np.ndarray:
+        """The centre of a suggestion's voxels in the volume's RAS coordinates (where "Jump" centres the views)."""
+        mask = self.manager.suggestion_mask(segment_id)
+        voxels = np.argwhere(mask)
+        if not len(voxels):
+            raise SuggestionError(f"suggestion {segment_id!r} has no voxels to jump to")
+        k, j, i = voxels.mean(axis=0)
+        return (ijk_to_ras(self.manager.volume_node) @ np.array([i, j, k, 1.0]))[:3]
+
+    def neighbour(self, current: str | None, step: int) -> str | None:
+        """The suggestion ``step`` rows after ``current`` (wrapping; the first or last when there is none)."""
+        ids = self.manager.suggestion_ids()
+        if not ids:
+            return None
+        if current not in ids:
+            return ids[0] if step >= 0 else ids[-1]
+        return ids[(ids.index(current) + step) % len(ids)]
+
+    def editor_selection(self, segment_id: str) -> EditorSelection:
+        """Correcting a suggestion edits it in the preview node, so an accept then takes the corrected voxels."""
+        self.manager.suggestion(segment_id)  # raises for an unknown id
+        return EditorSelection(self.manager.preview_node, self.manager.volume_node, segment_id)
+
+
+def _closed_surface_name() -> str:
+    import slicer
+
+    return slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()

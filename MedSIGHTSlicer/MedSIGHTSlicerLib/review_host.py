@@ -1,0 +1,116 @@
+"""The review widgets put together for the Slicer module: suggestion list, module shortcuts, engine log and the
+settings page, wired to the chat panel. Keeps the module file thin; the Slicer-only calls (jump, Segment Editor,
+settings dialog) are the three small functions at the bottom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import review as review_lib
+from . import shortcuts
+from .engine_log import EngineLog
+from .qt_shim import qt
+from .settings_page import SettingsPage
+from .suggestion_list import SuggestionList
+
+__all__ = ["ReviewHost"]
+
+
+class ReviewHost:
+    """Args:
+        panel: the ChatPanel whose answers become suggestions.
+        volume: () -> the selected volume node (or None).
+        logic: the module logic (``suggestion_manager(node)`` and ``take_answer(node, answer, serial, scope,
+            question)``).
+        main_window: where Ctrl+Z / Ctrl+Y live while the module is shown.
+    """
+
+    def __init__(self, panel: Any, volume: Callable[[], Any], logic: Any, main_window: Any) -> None:
+        self.panel, self.volume, self.logic = panel, volume, logic
+        self.list = SuggestionList()
+        self.list.on_jump = jump_to
+        self.list.on_edit = open_in_segment_editor
+        self.module_keys = shortcuts.ShortcutSet(
+            main_window, shortcuts.MODULE_SHORTCUTS, self.list.actions(), qt.Qt.WindowShortcut
+        )
+        self.module_keys.set_enabled(False)  # enabled between the module's enter() and exit()
+        self.engine_log = EngineLog()
+        self.settings_page: SettingsPage | None = None
+        self._reviews: dict[int, review_lib.Review] = {}  # by id() of the volume's SuggestionManager
+        panel.on_regions = self.take_answer  # suggestions appear slice by slice while an ask runs
+        panel.on_answers = self.answers_done
+        panel.on_error = self.engine_log.append_error
+
+    def add_settings_page(self, settings: Any, store: Any, on_changed: Callable[[Any], None]) -> None:
+        """Application Settings > MedSIGHT (Slicer only: needs ctk and the settings dialog)."""
+        import ctk
+        import slicer
+
+        self.settings_page = SettingsPage(settings, store)
+        self.settings_page.on_changed = on_changed
+        self._settings_panel = ctk.ctkSettingsPanel()  # referenced: the dialog does not own the Python wrapper
+        qt.QVBoxLayout(self._settings_panel).addWidget(self.settings_page.widget)
+        slicer.app.settingsDialog().addPanel("MedSIGHT", self._settings_panel)
+
+    def set_shown(self, shown: bool) -> None:
+        self.module_keys.set_enabled(shown)
+
+    def review(self, node: Any) -> review_lib.Review:
+        """The review state (accept target, merge choice, Show 3D) of ``node``'s suggestions, kept per manager."""
+        manager = self.logic.suggestion_manager(node)
+        review = self._reviews.get(id(manager))
+        if review is None or review.manager is not manager:
+            review = self._reviews[id(manager)] = review_lib.Review(manager)
+        return review
+
+    def volume_changed(self, node: Any) -> None:
+        self.list.set_review(None if node is None else self.review(node))
+
+    def take_answer(self, answer: Any) -> None:
+        node = self.volume()
+        if node is not None:
+            self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question)
+            if self.list.review is None or self.list.review.manager is not self.logic.suggestion_manager(node):
+                self.list.set_review(self.review(node))
+            else:
+                self.list.refresh()
+
+    def answers_done(self, _answers: Any) -> None:
+        node = self.volume()
+        if node is not None:
+            self.logic.suggestion_manager(node).end_stream(f"ask-{self.panel.ask_serial}")
+
+    def accept_all(self) -> None:
+        node = self.volume()
+        if node is not None:
+            review = self.review(node)
+            if self.list.review is not review:
+                self.list.set_review(review)
+            self.list.select(review.manager.suggestion_ids())
+            self.list.accept()
+
+    def close(self) -> None:
+        self.module_keys.close()
+        self.list.close()
+
+
+
+def jump_to(ras: Any) -> None:
+    """Centre every slice view on a point (Slicer only)."""
+    import slicer
+
+    r, a, s = (float(v) for v in ras)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+def open_in_segment_editor(selection: review_lib.EditorSelection) -> None:
+    """Correct a suggestion in the Segment Editor on the preview node; the list stays in MedSIGHT to accept it."""
+    import slicer
+
+    slicer.util.selectModule("SegmentEditor")
+    editor = slicer.modules.SegmentEditorWidget.editor
+    editor.setSegmentationNode(selection.segmentation_node)
+    editor.setSourceVolumeNode(selection.volume_node)
+    editor.setCurrentSegmentID(selection.segment_id)

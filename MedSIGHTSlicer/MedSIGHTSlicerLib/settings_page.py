@@ -1,0 +1,91 @@
+"""The MedSIGHT page of Slicer's Application Settings: the settings a user sets once.
+
+The module panel keeps what is used while working (engine URL, token and its "Remember" box, Test connection,
+Start/Stop engine); this page holds the rest: the command that starts the local engine, whether it stops with
+Slicer, and the remote engines the user agreed to send images to (with a way to withdraw that). Every edit is
+saved at once through ``ConnectionSettings.save`` and reported to the host (``on_changed``), so the module and the
+page never disagree.
+
+In Slicer the host wraps ``page.widget`` in a ``ctk.ctkSettingsPanel`` and adds it with
+``slicer.app.settingsDialog().addPanel("MedSIGHT", panel)``; the tests use the widget directly (PySide6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .qt_shim import connect, prop, qt
+from .settings import DEFAULT_SERVE_COMMAND, ConnectionSettings
+
+__all__ = ["SettingsPage"]
+
+
+class SettingsPage:
+    """Form widgets over ``settings`` (a ``ConnectionSettings``), saved into ``store`` (QSettings-like)."""
+
+    def __init__(self, settings: ConnectionSettings, store: Any, parent: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_changed: Callable[[ConnectionSettings], None] | None = None
+        self.widget = qt.QWidget(parent) if parent is not None else qt.QWidget()
+        self.widget.setObjectName("MedSIGHTSettingsPage")
+        form = qt.QFormLayout(self.widget)
+
+        self.serve_command = qt.QLineEdit()
+        self.serve_command.setObjectName("serveCommandLineEdit")
+        self.serve_command.setToolTip("The command 'Start local engine' runs, e.g. " + DEFAULT_SERVE_COMMAND)
+        form.addRow("Local engine command:", self.serve_command)
+        self.stop_on_exit = qt.QCheckBox("Stop the local engine when Slicer exits")
+        self.stop_on_exit.setObjectName("stopOnExitCheckBox")
+        form.addRow("", self.stop_on_exit)
+
+        self.consents = qt.QListWidget()
+        self.consents.setObjectName("consentedHostsList")
+        self.consents.setToolTip("Remote engines you agreed to send images to")
+        self.consents.setMaximumHeight(90)
+        form.addRow("Images may be sent to:", self.consents)
+        self.forget_button = qt.QPushButton("Forget these agreements")
+        self.forget_button.setObjectName("forgetConsentsButton")
+        self.forget_button.setToolTip("Ask again before the next upload to any remote engine")
+        form.addRow("", self.forget_button)
+        self.forget_token_button = qt.QPushButton("Forget the remembered token")
+        self.forget_token_button.setObjectName("forgetTokenButton")
+        form.addRow("", self.forget_token_button)
+
+        self.load()
+        connect(self.serve_command, "editingFinished", lambda *_: self._edited())
+        connect(self.stop_on_exit, "toggled", lambda *_: self._edited())
+        connect(self.forget_button, "clicked", lambda *_: self.forget_consents())
+        connect(self.forget_token_button, "clicked", lambda *_: self.forget_token())
+
+    def load(self) -> None:
+        """Show ``self.settings`` (after the module changed them)."""
+        self.serve_command.setText(self.settings.serve_command)
+        self.stop_on_exit.setChecked(self.settings.stop_engine_on_exit)
+        self.consents.clear()
+        for host in self.settings.consented_hosts:
+            self.consents.addItem(host)
+        self.forget_button.setEnabled(bool(self.settings.consented_hosts))
+        self.forget_token_button.setEnabled(self.settings.remember_token and bool(self.settings.token))
+
+    def _edited(self) -> None:
+        command = str(prop(self.serve_command, "text")).strip()
+        self.settings.serve_command = command or DEFAULT_SERVE_COMMAND
+        self.settings.stop_engine_on_exit = bool(self.stop_on_exit.isChecked())
+        self._save()
+
+    def forget_consents(self) -> None:
+        self.settings.consented_hosts = []
+        self._save()
+
+    def forget_token(self) -> None:
+        """Stop remembering the token (it stays in use for this session)."""
+        self.settings.remember_token = False
+        self._save()
+
+    def _save(self) -> None:
+        self.settings.save(self.store)
+        self.load()
+        if self.on_changed is not None:
+            self.on_changed(self.settings)

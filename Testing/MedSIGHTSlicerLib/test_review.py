@@ -1,0 +1,208 @@
+"""Annotator review over slicer-core's MRML and a live tiny-model engine: reject, correct, accept, undo, redo, merge.
+
+After every step the user segmentation's labelmap must equal the expected array, and a segment the user had
+before must be unchanged unless a merge named it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+import slicer
+
+from medsight_testing.mrml import make_volume, oblique_matrix
+from medsight_testing.review_scene import (
+    add_shared_user_segments,
+    check_segments,
+    ct_voxels,
+    paint,
+    user_segmentation,
+)
+from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
+from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+from MedSIGHTSlicerLib.review import Review, describe_slices, take_answer
+from MedSIGHTSlicerLib.suggestions import TAG_SLICE, SuggestionError, SuggestionManager, get_tag
+
+OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
+SLICES = (2, 3, 4)
+
+
+def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    shape = voxels.shape
+
+    # The user's own work: two segments sharing one labelmap layer, before any suggestion exists.
+    user = user_segmentation(scene, volume)
+    liver = np.zeros(shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
+    expected = {liver_id: liver.copy(), kidney_id: kidney.copy()}
+    check_segments(user, volume, expected)
+
+    # Ask about 3 slices: each slice's regions become suggestions as its answer arrives.
+    client = MedSIGHTClient(url, timeout=60, retries=0)
+    array, spacing, origin, direction = volume_upload_arrays(volume)
+    info = client.upload_volume(array, spacing, origin, direction, modality="CT")
+    manager = SuggestionManager(scene, volume, model="tiny")
+    review = Review(manager)
+    for index in SLICES:
+        result = client.ask(info.volume_id, "Where is the liver?", indices=[index], options=OPTIONS)
+        for answer in result.answers:
+            manager.add_answer(answer, question="Where is the liver?", model=result.model)
+    ids = manager.suggestion_ids()
+    assert len(ids) >= 3, f"the tiny engine gave {len(ids)} non-empty regions on slices {SLICES}"
+    rows = review.rows()
+    assert [r.segment_id for r in rows] == ids
+    assert all(r.question == "Where is the liver?" and r.slices.startswith("axial ") for r in rows)
+    assert all(r.confidence is not None and 0.0 <= r.confidence <= 1.0 for r in rows)
+    check_segments(user, volume, expected)  # suggestions live in the preview only
+    rejected, corrected, merged = ids[0], ids[1], ids[2]
+    merged_mask = manager.suggestion_mask(merged)
+
+    # Reject one suggestion.
+    review.reject([rejected])
+    assert rejected not in manager.suggestion_ids()
+    check_segments(user, volume, expected)
+
+    # Correct another in its preview segment (as the Segment Editor's paint effect would), then accept it.
+    stroke = np.zeros(shape, dtype=bool)
+    stroke[5:7, 10:13, 2:5] = True
+    paint(manager.preview_node, corrected, stroke, volume)
+    painted = manager.suggestion_mask(corrected)
+    assert painted.sum() > stroke.sum() and painted[stroke].all()
+    (accepted_id,) = review.accept([corrected])
+    assert accepted_id not in (liver_id, kidney_id)
+    expected[accepted_id] = painted
+    check_segments(user, volume, expected)
+
+    # Undo puts the corrected suggestion back (with the correction); redo accepts it again.
+    assert review.undo()
+    del expected[accepted_id]
+    check_segments(user, volume, expected)
+    assert corrected in manager.suggestion_ids()
+    assert np.array_equal(manager.suggestion_mask(corrected), painted)
+    assert review.redo()
+    expected[accepted_id] = painted
+    check_segments(user, volume, expected)
+
+    # Merge a third into the user's liver; extend it into the kidney's voxels first, so a merge that wrote into
+    # the shared layer would take voxels from the kidney.
+    paint(manager.preview_node, merged, kidney, volume)
+    grown = merged_mask | kidney
+    assert np.array_equal(manager.suggestion_mask(merged), grown)
+    review.set_target(user, merge_into=liver_id)
+    assert review.accept([merged]) == [liver_id]
+    expected[liver_id] = liver | grown
+    check_segments(user, volume, expected)  # the kidney, not named by the merge, is unchanged
+    assert user.GetSegmentation().GetSegment(liver_id).GetName() == "Liver"
+
+    # Undo and redo the merge.
+    assert review.undo()
+    expected[liver_id] = liver.copy()
+    check_segments(user, volume, expected)
+    assert merged in manager.suggestion_ids()
+    assert review.redo()
+    expected[liver_id] = liver | grown
+    check_segments(user, volume, expected)
+
+    # Back to the start, one undo at a time: the user's own segments are exactly what they were.
+    while review.undo():
+        pass
+    check_segments(user, volume, {liver_id: liver, kidney_id: kidney})
+    assert sorted(manager.suggestion_ids()) == sorted(ids)
+
+
+def test_merge_and_target_are_checked(url):
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    other = slicer.vtkMRMLSegmentationNode()
+    other.SetName("Second opinion")
+    scene.AddNode(other)
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    mask = np.zeros(voxels.shape, dtype=bool)
+    mask[2:4, 5:9, 5:9] = True
+    # An answer whose one region is slice 2 of ``mask`` (the array's axial slab, pixel (col, row) = (i, j)).
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    region = Region("[M1_1]", "lesion", 0, mask[2], 0.8, None)
+    (sid,) = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [region], slice_to_ras), question="Lesion?")
+    assert np.array_equal(manager.suggestion_mask(sid)[2], mask[2])
+
+    with pytest.raises(SuggestionError, match="no segment 'nope'"):
+        review.set_target(other, merge_into="nope")
+    with pytest.raises(SuggestionError, match="preview"):
+        manager.accept([sid], target=manager.preview_node)
+    # Accept into a chosen segmentation that is not the module's own.
+    assert review.targets() == [other]
+    review.set_target(other)
+    (new_id,) = review.accept([sid])
+    only_slice_2 = np.zeros_like(mask)
+    only_slice_2[2] = mask[2]
+    assert np.array_equal(segment_array(other, new_id, volume), only_slice_2)
+    assert manager.find_user_node() is other  # the only segmentation of this volume
+
+
+def test_streamed_answers_grow_one_suggestion_per_finding(url):
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    client = MedSIGHTClient(url, timeout=60, retries=0)
+    array, spacing, origin, direction = volume_upload_arrays(volume)
+    info = client.upload_volume(array, spacing, origin, direction, modality="CT")
+    result = client.ask(info.volume_id, "Where is the liver?", indices=list(range(voxels.shape[0])), options=OPTIONS)
+
+    streamed = SuggestionManager(scene, volume)
+    seen = []
+    for answer in result.answers:
+        streamed.add_streamed_answer(answer, "ask-1", question="Where is the liver?")
+        seen.append(len(streamed.suggestion_ids()))
+    at_end = SuggestionManager(scene, volume)
+    at_end.add_answers([a for a in result.answers if a.regions], question="Where is the liver?")
+    # Streaming ends where the one-shot grouping does: the same findings with the same voxels.
+    assert seen[0] >= 1
+    streamed_masks = sorted(streamed.suggestion_mask(s).tobytes() for s in streamed.suggestion_ids())
+    final_masks = sorted(at_end.suggestion_mask(s).tobytes() for s in at_end.suggestion_ids())
+    assert streamed_masks == final_masks
+
+
+def test_describe_slices():
+    assert describe_slices("axial:3;axial:4;axial:5;axial:9") == "axial 3–5, 9"
+    assert describe_slices("coronal:7") == "coronal 7"
+    assert describe_slices("") == ""
+
+
+def test_a_finding_reviewed_mid_stream_is_not_grown_again():
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    manager = SuggestionManager(scene, volume)
+    disc = np.zeros(voxels.shape[1:], dtype=bool)
+    disc[10:20, 12:26] = True
+
+    def slab_answer(k: int) -> SliceAnswer:
+        slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
+        return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+
+    (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
+    assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the same finding
+    assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum()
+    assert get_tag(manager.suggestion(first), TAG_SLICE) == "axial:1;axial:2"
+    manager.reject([first])
+    (second,) = take_answer(manager, slab_answer(3), ask_serial=7, scope="range")
+    assert second != first and manager.suggestion_mask(second).sum() == disc.sum()  # a new one, slice 3 only
+    manager.undo()  # the rejected finding comes back as it was when rejected
+    assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum() and not manager.suggestion_mask(first)[3].any()
+    # A one-slice ask keeps each region its own suggestion (two "liver" regions stay two).
+    two = SliceAnswer("axial", 4, "Two.", [Region("[M0_2]", "liver", 0, disc, 0.9, None),
+                                            Region("[M0_3]", "liver", 1, disc, 0.8, None)], slab_answer(4).slice_to_ras)
+    assert len(take_answer(manager, two, ask_serial=8, scope="current")) == 2

@@ -1,0 +1,170 @@
+"""The module's review wiring (ReviewHost) with the embedded demo model: a range ask about the abdominal CT phantom
+streams suggestions into the list, Accept all goes through the list, the module keys follow enter()/exit();
+screenshots of the conversation with its suggestion list in light and dark palettes (test-outputs/)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+import slicer
+
+import medsight
+import medsight.server.app
+from medsight.demo.sources import make_ct_phantom
+from medsight_testing.live_server import live_server
+from medsight_testing.mrml import make_volume
+from medsight_testing.review_scene import check_segments, user_segmentation
+from MedSIGHTSlicerLib import review as review_lib
+from MedSIGHTSlicerLib import theme
+from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
+from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
+from MedSIGHTSlicerLib.qt_shim import qt
+from MedSIGHTSlicerLib.review_host import ReviewHost
+from MedSIGHTSlicerLib.suggestions import SuggestionManager
+
+OUTPUTS = Path(os.environ.get("MEDSIGHT_TEST_OUTPUTS", Path(__file__).resolve().parents[2] / "test-outputs"))
+QUESTION = "Please segment the liver and the spleen."
+
+
+@pytest.fixture(scope="module")
+def app():
+    application = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    application.setStyle("Fusion")
+    yield application
+    application.processEvents()
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    engine = medsight.Engine.load("demo", device="cpu")
+    with live_server(medsight.server.app.create_app(engine)) as base_url:
+        yield base_url
+
+
+class Logic:
+    """What ReviewHost needs of the module logic, built from the same Lib calls (one volume)."""
+
+    def __init__(self, scene, volume) -> None:
+        self.manager = SuggestionManager(scene, volume, model="medsight-demo")
+
+    def suggestion_manager(self, node):
+        return self.manager
+
+    def take_answer(self, node, answer, serial, scope, question=""):
+        return review_lib.take_answer(self.manager, answer, serial, scope, question)
+
+
+def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
+    phantom = make_ct_phantom(np.random.default_rng(7))
+    scene = slicer.vtkMRMLScene()
+    volume = make_volume(scene, phantom.volume.array.astype(np.int16), phantom.volume.ijk_to_ras, name="Abdomen CT")
+    user = user_segmentation(scene, volume, "Abdomen CT segmentation")
+    array, spacing, origin, direction = volume_upload_arrays(volume)
+    liver_slices = np.nonzero(phantom.masks["liver"].any(axis=(1, 2)))[0]
+    first = int(liver_slices.mean()) - 2
+
+    window = qt.QMainWindow()
+    central = qt.QWidget()
+    layout = qt.QVBoxLayout(central)
+    window.setCentralWidget(central)
+    panel = ChatPanel(MedSIGHTClient(demo_url, timeout=120, retries=0))
+    panel.options = {"max_new_tokens": 40, "seed": 0}
+    panel.volume_provider = lambda: VolumeData(array, spacing, origin, direction, "CT", key="abdomen")
+    logic = Logic(scene, volume)
+    host = ReviewHost(panel, lambda: volume, logic, window)
+    layout.addWidget(panel.widget, 3)
+    layout.addWidget(host.list.widget, 2)
+    layout.addWidget(host.engine_log.widget)
+    host.volume_changed(volume)
+    window.resize(560, 860)
+    window.show()
+    try:
+        assert not host.module_keys.shortcuts[0].isEnabled()  # Ctrl+Z only while the module is shown
+        host.set_shown(True)
+        assert all(s.isEnabled() for s in host.module_keys.shortcuts)
+
+        panel.set_slice_count(array.shape[0])
+        panel.set_scope("range", first, first + 4)
+        assert panel.send(QUESTION)
+        rows_seen = []
+        deadline = time.monotonic() + 120
+        while panel.busy:
+            assert time.monotonic() < deadline
+            app.processEvents()
+            rows_seen.append(host.list.table.topLevelItemCount())
+            time.sleep(0.01)
+        app.processEvents()
+        assert panel.error.text() == ""
+        names = sorted(host.list.table.topLevelItem(n).text(0) for n in range(host.list.table.topLevelItemCount()))
+        assert names == ["Liver", "Spleen"], names
+        assert rows_seen[0] == 0 and max(rows_seen) == 2  # rows appeared while the ask ran
+        for n in range(2):
+            item = host.list.table.topLevelItem(n)
+            assert item.text(1) == f"axial {first}–{first + 4}" and item.text(3) == QUESTION
+        # The demo model's liver matches the phantom's on the asked slices.
+        liver_id = next(sid for sid in logic.manager.suggestion_ids()
+                        if logic.manager.suggestion(sid).GetName() == "Liver")
+        got = logic.manager.suggestion_mask(liver_id)[first : first + 5]
+        truth = phantom.masks["liver"][first : first + 5]
+        dice = 2 * (got & truth).sum() / (got.sum() + truth.sum())
+        assert dice > 0.7, dice
+
+        OUTPUTS.mkdir(parents=True, exist_ok=True)
+        host.list.select([liver_id])
+        for name, palette in (("light", qt.QPalette(app.style().standardPalette())), ("dark", _dark())):
+            window.setPalette(palette)
+            host.list.apply_palette()
+            panel.apply_palette()
+            app.processEvents()
+            colours = theme.colours_of(panel.conversation)
+            assert colours.dark == (name == "dark")
+            conversation = panel.conversation.toHtml()
+            assert colours.secondary in conversation and colours.success in conversation
+            assert qt.QWidget.grab(window).save(str(OUTPUTS / f"review_panel_{name}.png"), "PNG")
+
+        # Accept all goes through the list (one undoable step); Ctrl+Z on the window undoes it.
+        masks = {sid: logic.manager.suggestion_mask(sid) for sid in logic.manager.suggestion_ids()}
+        host.accept_all()
+        assert host.list.table.topLevelItemCount() == 0
+        accepted = {user.GetSegmentation().GetNthSegment(n).GetName(): user.GetSegmentation().GetNthSegmentID(n)
+                    for n in range(user.GetSegmentation().GetNumberOfSegments())}
+        assert sorted(accepted) == ["Liver", "Spleen"]
+        assert np.array_equal(segment_array(user, accepted["Liver"], volume), masks[liver_id])
+        window.activateWindow()
+        host.list.table.setFocus()
+        from qtpy.QtTest import QTest
+
+        QTest.keyClick(host.list.table, qt.Qt.Key_Z, qt.Qt.ControlModifier)
+        app.processEvents()
+        check_segments(user, volume, {})
+        assert host.list.table.topLevelItemCount() == 2
+    finally:
+        host.close()
+        panel.close()
+        window.close()
+        window.deleteLater()
+        app.processEvents()
+
+
+def _dark():
+    palette = qt.QPalette()
+    for role, rgb in (
+        (qt.QPalette.Window, (42, 42, 42)), (qt.QPalette.Base, (30, 30, 30)), (qt.QPalette.AlternateBase, (45, 45, 45)),
+        (qt.QPalette.Text, (230, 230, 230)), (qt.QPalette.WindowText, (230, 230, 230)),
+        (qt.QPalette.Button, (53, 53, 53)), (qt.QPalette.ButtonText, (230, 230, 230)),
+        (qt.QPalette.Highlight, (42, 130, 218)), (qt.QPalette.HighlightedText, (255, 255, 255)),
+    ):
+        palette.setColor(role, qt.QColor(*rgb))
+    return palette

@@ -1,0 +1,273 @@
+"""The suggestion list (offscreen PySide6) over slicer-core's MRML and a live tiny-model engine: multi-select accept
+and reject, Show/Hide, Jump, Accept into / Merge into, and the keyboard shortcuts; screenshots in light and dark
+palettes (saved under test-outputs/)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+import slicer
+from qtpy.QtTest import QTest
+
+from medsight_testing.mrml import make_volume, oblique_matrix
+from medsight_testing.review_scene import (
+    add_shared_user_segments,
+    check_segments,
+    ct_voxels,
+    register_segmentation_converters,
+    user_segmentation,
+)
+from MedSIGHTSlicerLib import shortcuts, theme
+from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.geometry import ijk_to_ras, segment_array, volume_upload_arrays
+from MedSIGHTSlicerLib.qt_shim import qt
+from MedSIGHTSlicerLib.review import Review
+from MedSIGHTSlicerLib.suggestion_list import SuggestionList
+from MedSIGHTSlicerLib.suggestions import SuggestionManager
+
+OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
+OUTPUTS = Path(os.environ.get("MEDSIGHT_TEST_OUTPUTS", Path(__file__).resolve().parents[2] / "test-outputs"))
+
+
+@pytest.fixture(scope="module")
+def app():
+    application = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    application.setStyle("Fusion")  # the style that draws whatever palette it is given (as Slicer's themes do)
+    yield application
+    application.processEvents()
+
+
+@pytest.fixture
+def setup(app, url):
+    """A volume with two user segments in one shared layer, suggestions from 3 live asks, and the list on screen."""
+    register_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    user = user_segmentation(scene, volume)
+    liver = np.zeros(voxels.shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(voxels.shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
+
+    client = MedSIGHTClient(url, timeout=60, retries=0)
+    info = client.upload_volume(*volume_upload_arrays(volume), modality="CT")
+    manager = SuggestionManager(scene, volume, model="tiny")
+    for index in (2, 3, 4):
+        result = client.ask(info.volume_id, "Where is the liver?", indices=[index], options=OPTIONS)
+        for answer in result.answers:
+            manager.add_answer(answer, question="Where is the liver?", model=result.model)
+    assert len(manager.suggestion_ids()) >= 6, "the tiny engine's answers on this grid give several regions"
+
+    host = qt.QWidget()
+    host.setWindowTitle("MedSIGHT review")
+    layout = qt.QVBoxLayout(host)
+    panel = SuggestionList()
+    layout.addWidget(panel.widget)
+    panel.set_review(Review(manager))
+    # The module's undo/redo keys, as the Slicer module installs them on its window while it is shown.
+    module_keys = shortcuts.ShortcutSet(host, shortcuts.MODULE_SHORTCUTS, panel.actions(), qt.Qt.WindowShortcut)
+    host.resize(640, 420)
+    host.show()
+    host.activateWindow()
+    QTest.qWaitForWindowExposed(host)
+    app.processEvents()
+    state = {
+        "scene": scene, "volume": volume, "user": user, "manager": manager, "panel": panel, "host": host,
+        "expected": {liver_id: liver, kidney_id: kidney}, "liver": liver_id, "kidney": kidney_id, "keys": module_keys,
+    }
+    yield state
+    module_keys.close()
+    panel.close()
+    host.close()
+    host.deleteLater()
+    app.processEvents()
+
+
+def press(app, widget, key, modifier=None) -> None:
+    widget.setFocus()
+    app.processEvents()
+    if modifier is None:
+        QTest.keyClick(widget, key)
+    else:
+        QTest.keyClick(widget, key, modifier)
+    app.processEvents()
+
+
+def test_rows_multi_select_accept_reject_undo_redo(app, setup):
+    panel, manager, user, volume = setup["panel"], setup["manager"], setup["user"], setup["volume"]
+    expected = dict(setup["expected"])
+    ids = manager.suggestion_ids()
+    assert panel.row_ids() == ids
+    item = panel.table.topLevelItem(0)
+    assert item.text(0) == manager.suggestion(ids[0]).GetName()
+    assert item.text(1).startswith("axial ") and item.text(3) == "Where is the liver?"
+    assert item.text(2).endswith("%")
+
+    # Two rows at once: click the first, Ctrl+click the third.
+    for n, modifier in ((0, qt.Qt.NoModifier), (2, qt.Qt.ControlModifier)):
+        rect = panel.table.visualItemRect(panel.table.topLevelItem(n))
+        QTest.mouseClick(panel.table.viewport(), qt.Qt.LeftButton, modifier, rect.center())
+    assert panel.selected_ids() == [ids[0], ids[2]]
+    masks = {sid: manager.suggestion_mask(sid) for sid in ids}
+    QTest.mouseClick(panel.accept_button, qt.Qt.LeftButton)
+    accepted = [sid for sid in user_ids(user) if sid not in expected]
+    assert len(accepted) == 2
+    for new_id, source in zip(accepted, (ids[0], ids[2])):  # noqa: B905 - two of each
+        expected[new_id] = masks[source]
+    check_segments(user, volume, expected)
+    assert panel.row_ids() == [sid for sid in ids if sid not in (ids[0], ids[2])]
+    assert "Accepted 2 suggestions as new segments" in panel.message.text()
+
+    # Ctrl+Z anywhere in the module's window undoes; Ctrl+Y redoes.
+    press(app, panel.table, qt.Qt.Key_Z, qt.Qt.ControlModifier)
+    check_segments(user, volume, setup["expected"])
+    assert panel.row_ids() == ids
+    press(app, panel.table, qt.Qt.Key_Y, qt.Qt.ControlModifier)
+    check_segments(user, volume, expected)
+
+    # Keys in the list: N selects the next row, R rejects it (and selects the row that took its place).
+    rows = panel.row_ids()
+    panel.select([rows[0]])
+    press(app, panel.table, qt.Qt.Key_N)
+    assert panel.selected_ids() == [rows[1]]
+    press(app, panel.table, qt.Qt.Key_P)
+    assert panel.selected_ids() == [rows[0]]
+    press(app, panel.table, qt.Qt.Key_R)
+    assert panel.row_ids() == rows[1:]
+    assert panel.selected_ids() == [rows[1]]
+    check_segments(user, volume, expected)  # a reject never touches the user's node
+
+    # H hides the selection in the preview, again shows it; J centres the views on it.
+    display = manager.preview_node.GetDisplayNode()
+    press(app, panel.table, qt.Qt.Key_H)
+    assert not display.GetSegmentVisibility(rows[1])
+    press(app, panel.table, qt.Qt.Key_H)
+    assert display.GetSegmentVisibility(rows[1])
+    jumps = []
+    panel.on_jump = jumps.append
+    press(app, panel.table, qt.Qt.Key_J)
+    k, j, i = np.argwhere(manager.suggestion_mask(rows[1])).mean(axis=0)
+    np.testing.assert_allclose(jumps[0], (ijk_to_ras(volume) @ [i, j, k, 1.0])[:3], atol=1e-6)
+
+    # A accepts the selection; typing in another widget is not taken over by the list's letter keys.
+    edit = qt.QLineEdit(setup["host"])
+    edit.show()
+    press(app, edit, qt.Qt.Key_A)
+    assert edit.text() == "a" and panel.row_ids() == rows[1:]
+    press(app, panel.table, qt.Qt.Key_A)
+    assert panel.row_ids() == rows[2:]
+
+
+def test_merge_into_a_chosen_segment_and_show_3d(app, setup):
+    panel, manager, user, volume = setup["panel"], setup["manager"], setup["user"], setup["volume"]
+    expected = dict(setup["expected"])
+    liver_id = setup["liver"]
+    assert [panel.target_combo.itemText(n) for n in range(panel.target_combo.count())] == ["CT segmentation"]
+    modes = [panel.mode_combo.itemText(n) for n in range(panel.mode_combo.count())]
+    assert modes == ["New segments", "Merge into 'Liver'", "Merge into 'Kidney'"]
+    panel.mode_combo.setCurrentIndex(1)
+    first = manager.suggestion_ids()[0]
+    grown = manager.suggestion_mask(first)
+    panel.select([first])
+    QTest.mouseClick(panel.accept_button, qt.Qt.LeftButton)
+    expected[liver_id] = expected[liver_id] | grown
+    check_segments(user, volume, expected)  # only the named segment changed; the kidney is as it was
+    assert "merged into 'Liver'" in panel.message.text()
+    QTest.mouseClick(panel.undo_button, qt.Qt.LeftButton)
+    check_segments(user, volume, setup["expected"])
+
+    # Show 3D builds closed surfaces of the preview and the target and shows them in 3D.
+    panel.show_3d.setChecked(True)
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    for node in (manager.preview_node, user):
+        assert node.GetSegmentation().ContainsRepresentation(surface)
+        assert node.GetDisplayNode().GetVisibility3D()
+    polydata = manager.preview_node.GetSegmentation().GetSegment(first).GetRepresentation(surface)
+    assert polydata.GetNumberOfPoints() > 0
+    panel.show_3d.setChecked(False)
+    assert not manager.preview_node.GetSegmentation().ContainsRepresentation(surface)
+
+    # An undo the history refuses (the merged segment was edited since) is shown, not raised.
+    panel.mode_combo.setCurrentIndex(1)
+    panel.select([first])
+    panel.accept()
+    edited = segment_array(user, liver_id, volume)
+    edited[0, 0, 0] = True
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        _labelmap(edited, volume), user, liver_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
+    assert not panel.undo()
+    assert "edited since" in panel.message.text()
+    assert panel.message.styleSheet() == f"color: {theme.colours_of(panel.widget).error};"
+
+
+def _labelmap(mask, volume):
+    from MedSIGHTSlicerLib.geometry import labelmap_from_array
+
+    return labelmap_from_array(mask, volume)
+
+
+def user_ids(node) -> list[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def dark_palette():
+    palette = qt.QPalette()
+    for role, rgb in (
+        (qt.QPalette.Window, (42, 42, 42)), (qt.QPalette.Base, (30, 30, 30)), (qt.QPalette.AlternateBase, (45, 45, 45)),
+        (qt.QPalette.Text, (230, 230, 230)), (qt.QPalette.WindowText, (230, 230, 230)),
+        (qt.QPalette.Button, (53, 53, 53)), (qt.QPalette.ButtonText, (230, 230, 230)),
+        (qt.QPalette.Highlight, (42, 130, 218)), (qt.QPalette.HighlightedText, (255, 255, 255)),
+    ):
+        palette.setColor(role, qt.QColor(*rgb))
+    return palette
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two #rrggbb colours."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(colour[n : n + 2], 16) / 255 for n in (1, 3, 5)]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_light_and_dark_palettes_are_legible_and_screenshotted(app, setup):
+    panel, host = setup["panel"], setup["host"]
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    panel.select(panel.row_ids()[:2])
+    shots = {}
+    for name, palette in (("light", qt.QPalette(app.style().standardPalette())), ("dark", dark_palette())):
+        host.setPalette(palette)
+        panel.widget.setPalette(palette)
+        panel.apply_palette()
+        panel._show_message("cannot undo: the merged segment 'Liver' was edited since", error=True)
+        app.processEvents()
+        colours = theme.colours_of(panel.widget)
+        assert colours.dark == (name == "dark")
+        for colour, minimum in ((colours.text, 7.0), (colours.error, 4.5), (colours.secondary, 3.0)):
+            assert contrast(colour, colours.base) >= minimum, (name, colour, colours.base)
+        path = OUTPUTS / f"suggestion_list_{name}.png"
+        assert panel.save_screenshot(str(path))
+        image = qt.QImage(str(path))
+        assert image.width() > 300 and image.height() > 200
+        # The rendered background follows the palette (sampled at the panel's bottom-right corner).
+        pixel = qt.QColor(image.pixel(image.width() - 2, image.height() - 2))
+        shots[name] = (pixel.red() + pixel.green() + pixel.blue()) / 3
+    assert shots["light"] > 160 and shots["dark"] < 90

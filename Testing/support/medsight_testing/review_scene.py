@@ -1,0 +1,107 @@
+"""A CT-like volume, user segments in one shared labelmap layer, and labelmap checks for review tests (slicer-core)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ct_voxels() -> np.ndarray:
+    """A bright disc (an "organ") in soft tissue on 7 slices of 32 x 40 voxels, air corners: CT-like int16.
+
+    (On this grid the tiny random-weight engine answers with several non-empty regions per slice.)"""
+    k, j, i = np.mgrid[0:7, 0:32, 0:40]
+    voxels = np.where((j - 16) ** 2 + (i - 20) ** 2 < 64, 180.0, 40.0) + 3.0 * k
+    voxels[:, :3, :3] = -1000.0
+    return voxels.astype(np.int16)
+
+
+def volume_shape(volume) -> tuple[int, int, int]:
+    i, j, k = volume.GetImageData().GetDimensions()
+    return (k, j, i)
+
+
+def segment_ids(node) -> list[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def add_shared_user_segments(node, volume, masks: dict[str, np.ndarray]) -> list[str]:
+    """User segments in ONE shared labelmap layer (one image, a label value each), as the Segment Editor makes them."""
+    import slicer
+    from vtk.util import numpy_support
+
+    from MedSIGHTSlicerLib.geometry import labelmap_from_array
+
+    labels = np.zeros(volume_shape(volume), dtype=np.uint8)
+    for value, mask in enumerate(masks.values(), start=1):
+        labels[mask] = value
+    layer = labelmap_from_array(labels > 0, volume)
+    numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())[:] = labels.reshape(-1)
+    layer.Modified()
+    ids = []
+    for value, name in enumerate(masks, start=1):
+        segment = slicer.vtkSegment()
+        segment.SetName(name)
+        segment.SetLabelValue(value)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
+        segment_id = node.GetSegmentation().GenerateUniqueSegmentID("user")
+        assert node.GetSegmentation().AddSegment(segment, segment_id)
+        ids.append(segment_id)
+    sharing: list[str] = []
+    node.GetSegmentation().GetSegmentIDsSharingBinaryLabelmapRepresentation(ids[0], sharing, False)
+    assert sharing == ids[1:]
+    return ids
+
+
+def user_segmentation(scene, volume, name: str = "CT segmentation"):
+    import slicer
+
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def labelmap(masks: dict[str, np.ndarray], ids, shape) -> np.ndarray:
+    """One label array: segment n of ``ids`` has label n + 1 (later segments win where they overlap)."""
+    out = np.zeros(shape, dtype=np.int16)
+    for n, segment_id in enumerate(ids):
+        out[masks[segment_id]] = n + 1
+    return out
+
+
+def check_segments(node, volume, expected: dict[str, np.ndarray]) -> None:
+    """``node`` holds exactly ``expected`` (segment id -> mask), segment by segment and as one labelmap."""
+    from MedSIGHTSlicerLib.geometry import segment_array
+
+    ids = segment_ids(node)
+    assert sorted(ids) == sorted(expected)
+    got = {segment_id: segment_array(node, segment_id, volume) for segment_id in ids}
+    for segment_id, mask in expected.items():
+        assert np.array_equal(got[segment_id], mask), f"{segment_id}: {int((got[segment_id] != mask).sum())} differ"
+    shape = volume_shape(volume)
+    np.testing.assert_array_equal(labelmap(got, ids, shape), labelmap(expected, ids, shape))
+
+
+def paint(node, segment_id: str, stroke: np.ndarray, volume) -> None:
+    """Add ``stroke``'s voxels to a segment the way the Segment Editor's Paint effect does (merge, max)."""
+    import slicer
+
+    from MedSIGHTSlicerLib.geometry import labelmap_from_array
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), node, segment_id, logic.MODE_MERGE_MAX)
+
+
+def register_segmentation_converters() -> None:
+    """Register the labelmap <-> closed surface rules, as Slicer's Segmentations module does at start-up (slicer-core
+    leaves the factory empty). Segmentations copy the rules when they are created, so call this first."""
+    import slicer
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
