@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="sdpa (default) is PyTorch's fused attention kernel (same values within float "
                              "rounding, faster); eager is the official arithmetic")
 
-    train = sub.add_parser("train", help="run one training stage: medsight train stage1 --config C --data D --out O",
+    train = sub.add_parser("train", help="run one training stage: medsight train stage1|...|stage5|lora --config C "
+                           "--data D --out O; medsight train plan (memory per GPU); medsight train merge (LoRA)",
                            add_help=False)
     train.add_argument("stage_args", nargs=argparse.REMAINDER)
 

@@ -4,7 +4,8 @@
 
 1. trains 5 steps from START (a `save_pretrained` folder) and records the losses and each rank's parameter count;
 2. runs the probe (logits and mask logits of the first sample) on the sharded model;
-3. resumes from the step-3 checkpoint into a differently initialised model and records steps 4-5.
+3. resumes from the step-3 checkpoint into a differently initialised model and records steps 4-5;
+4. trains stage 4 for 2 steps (its gradient mask works on the embedding's shards) and records which rows moved.
 Rank 0 writes OUT/result.json and OUT/probe.pt; the test compares them with single-process runs.
 """
 
@@ -22,7 +23,7 @@ from medsight.config import tiny_config
 from medsight.model.loading import build_model, load_pretrained
 from medsight.train import fsdp
 from medsight.train.loop import CHECKPOINT_DIR
-from medsight.train.stages import Stage5Config, run_stage5
+from medsight.train.stages import Stage4Config, Stage5Config, run_stage4, run_stage5
 from medsight_testing.train_data import probe
 
 
@@ -51,7 +52,13 @@ def main(start: str, data: str, out: str, config_json: str) -> None:
     dist.barrier()
     other = build_model(tiny_config(), seed=123)  # different weights: they must come from the checkpoint
     resumed = run_stage5(other, data, config, resumed_dir, resume=True)
+    stage4 = build_model(tiny_config(), seed=0)
+    stage4.attach_codebook()
+    before = stage4.language_model.get_input_embeddings().weight.detach().clone()
+    result4 = run_stage4(stage4, data, Stage4Config(max_steps=2, grad_accum=1, warmup_ratio=0.0), out_dir / "stage4")
     if rank == 0:
+        after = load_pretrained(result4.final_dir).language_model.get_input_embeddings().weight
+        moved = torch.nonzero((after != before).any(dim=1)).flatten().tolist()
         torch.save({k: v.detach().cpu() for k, v in outputs.items()}, out_dir / "probe.pt")
         (out_dir / "result.json").write_text(json.dumps({
             "losses": [r["loss"] for r in result.records],
@@ -59,6 +66,8 @@ def main(start: str, data: str, out: str, config_json: str) -> None:
             "resumed_losses": [r["loss"] for r in resumed.records],
             "counts": counts,
             "final": str(result.final_dir),
+            "stage4_moved_rows": moved,
+            "stage4_code_rows": [stage4.codes.first_id, stage4.codes.num_codes],
         }))
     dist.barrier()
     dist.destroy_process_group()

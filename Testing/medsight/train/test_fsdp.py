@@ -4,7 +4,7 @@ One torchrun launch (`fsdp_worker.py`) does the whole sharded side; this process
 on the same global batch and loads the gathered exports. Checked: losses within 1e-5 of the single-process run,
 each rank stores about half of the parameters, resume from the step-3 checkpoint gives the same next losses, and
 `final/` (our format) and `final_official/` (release layout) load through the model-core loaders with outputs
-identical to the sharded model's.
+identical to the sharded model's. Stage 4's row mask also holds on the embedding's shards.
 """
 
 from __future__ import annotations
@@ -87,6 +87,11 @@ def test_resume_gives_the_same_next_losses(sharded_run):
     assert sharded_run["resumed_steps"] == list(range(k + 1, SHARDED.max_steps + 1))
     for got, want in zip(sharded_run["resumed_losses"], sharded_run["losses"][k:], strict=True):
         assert abs(got - want) <= 1e-6, (got, want)
+
+
+def test_stage4_moves_only_code_rows_when_sharded(sharded_run):
+    first, count = sharded_run["stage4_code_rows"]
+    assert sharded_run["stage4_moved_rows"] == list(range(first, first + count))
 
 
 @pytest.mark.parametrize("layout", ["ours", "official"])

@@ -4,7 +4,8 @@ Parameter counts come from the model built on PyTorch's meta device (`medsight.m
 parameter, as our trainer stores them:
 
 - plain: every GPU holds the whole model in float32 (4 B/param) plus, per trainable parameter, a float32 gradient
-  and AdamW's two float32 moments (12 B): 16 B per trainable parameter in all (the issue's "16 bytes per parameter").
+  and AdamW's two float32 moments (12 B): 16 B per trainable parameter in all. On N GPUs this is data-parallel
+  replication (what a DDP run would need); our torchrun path always shards (fsdp).
 - fsdp: the same float32 master weights, gradients and moments divided over N GPUs, plus the working copies: the
   root unit (vision encoder, perceiver, codebook) unsharded in bf16 and three bf16 copies of the largest FSDP unit
   (the one computing, the one prefetched, and its gradient before the reduce-scatter).
@@ -144,11 +145,8 @@ def plan_table(config: MedSIGHTConfig, gpu_gib: float, batches: dict[int, int] |
         for mode in MODES:
             if mode == "lora" and stage != 5:
                 continue
-            if mode == "plain":
-                cells = [_cell(memory_per_gpu(config, counts, stage, mode, 1, batches.get(stage, 1)), gpu_gib)] * 4
-            else:
-                cells = [_cell(memory_per_gpu(config, counts, stage, mode, n, batches.get(stage, 1)), gpu_gib)
-                         for n in GPU_COUNTS]
+            cells = [_cell(memory_per_gpu(config, counts, stage, mode, n, batches.get(stage, 1)), gpu_gib)
+                     for n in GPU_COUNTS]
             label = f"{stage} (LoRA)" if mode == "lora" else str(stage)
             lines.append(f"| {label} | {trainable(counts, stage, mode) / 1e9:.3f} B | {mode} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -169,7 +167,7 @@ def check_fits(config: MedSIGHTConfig, stage: int, mode: str, gpus: int, gpu_gib
     for option in MODES:
         if option == "lora" and stage != 5:
             continue
-        for n in (1,) if option == "plain" else GPU_COUNTS:
+        for n in GPU_COUNTS:
             size = memory_per_gpu(config, counts, stage, option, n, batch) / GIB
             if size <= gpu_gib:
                 options.append(f"{option} on {n} GPU{'s' if n > 1 else ''} ({size:.1f} GiB each)")

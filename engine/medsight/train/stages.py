@@ -7,6 +7,7 @@
 | 3 | `mm_projector` | LM CE |
 | 4 | `token_projection` + the 576 code rows of the input embedding | LM CE + mask Dice + BCE |
 | 5 | the whole language model with both projectors (vision side frozen) | LM CE + mask Dice + BCE |
+| 5 LoRA (`lora`) | LoRA adapters (PEFT) + `mm_projector` + `token_projection` | as stage 5 |
 
 Defaults of the stage configs are the official settings (spec: perceiver-and-codebook.md section 4,
 lvlm-and-inference.md section 7.1); tests and the demo override steps, batch sizes and learning rates.
@@ -15,7 +16,7 @@ lvlm-and-inference.md section 7.1); tests and the demo override steps, batch siz
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,9 @@ class Stage5Config(LVLMConfig):
     With `lora` the language model is frozen and trains LoRA adapters (PEFT) on `lora_targets` plus the
     `non_lora_trainables` (names in the language model, saved to `non_lora_trainables.bin`); `final/` is then the
     adapter folder in the official layout (`medsight.model.adapter`). `projector_lr` (> 0) is the learning rate of
-    `mm_projector` (the official `mm_projector_lr`); `frozen_dtype` stores the frozen base weights in that dtype
-    (bfloat16 halves their memory; needs `bf16` autocast, as the trainable parts stay float32).
+    `mm_projector` (the official `mm_projector_lr`); `frozen_dtype` stores the frozen base weights of a LoRA run in
+    that dtype: "auto" is bfloat16 on CUDA (half the memory; the run then computes under bf16 autocast, as the
+    trained parts stay float32) and float32 elsewhere.
     """
 
     lr: float = 2e-5
@@ -135,7 +137,7 @@ class Stage5Config(LVLMConfig):
     lora_targets: tuple[str, ...] = LORA_TARGETS
     non_lora_trainables: tuple[str, ...] = ("model.mm_projector", "model.token_projection")
     projector_lr: float = 0.0
-    frozen_dtype: str = "float32"
+    frozen_dtype: str = "auto"
 
 
 @dataclass
@@ -395,6 +397,8 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
         model.language_model.requires_grad_(True).train()
         return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True)
     peft_model, groups, non_lora = add_lora_for_training(model, config)
+    if lora_frozen_dtype(config, model.device) != torch.float32:
+        config = replace(config, bf16=True)  # float32 trainables meet a bf16 base: autocast makes them agree
 
     def finalize(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         lm_state = None if state is None else select_prefix(state, "language_model.")
@@ -404,16 +408,21 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
                      finalize=finalize)
 
 
+def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype:
+    if config.frozen_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if config.frozen_dtype not in dtypes:
+        raise ValueError(f"frozen_dtype {config.frozen_dtype!r}: use auto, float32 or bfloat16")
+    return dtypes[config.frozen_dtype]
+
+
 def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
     """Inject LoRA, unfreeze the non-LoRA trainables, store the frozen base in `frozen_dtype`.
 
     Returns (the PeftModel, optimizer param groups, the non-LoRA parameter names in the language model).
     """
-    frozen_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.frozen_dtype)
-    if frozen_dtype is None:
-        raise ValueError(f"frozen_dtype {config.frozen_dtype!r}: use float32 or bfloat16")
-    if frozen_dtype != torch.float32 and not config.bf16:
-        raise ValueError("frozen_dtype bfloat16 needs bf16=true (autocast): the trained parts stay float32")
+    frozen_dtype = lora_frozen_dtype(config, model.device)
     lm = model.language_model
     peft_model = add_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
                                               tuple(config.lora_targets)))
