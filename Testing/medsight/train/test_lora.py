@@ -78,7 +78,7 @@ def test_reloaded_adapter_gives_identical_logits(run, merge):
         diff = (got[key] - want).abs().max().item()
         print(f"merge={merge} {key}: max abs diff {diff:.2e}")
         # Unmerged runs the same arithmetic; merging folds B @ A into W, which rounds differently in float32.
-        assert diff <= (1e-6 if merge else 0.0) * max(1.0, want.abs().max().item()), (key, diff)
+        assert diff <= (2e-6 if merge else 0.0) * max(1.0, want.abs().max().item()), (key, diff)
 
 
 def write_official_adapter(base: Path, folder: Path) -> dict[str, torch.Tensor]:
