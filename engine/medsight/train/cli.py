@@ -31,7 +31,8 @@ COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage.")
+    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
+                                "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
     p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
                    help="which stage to train; lora: stage 5 with the official LoRA recipe")
     p.add_argument("--config", type=Path, help="JSON with stage config fields (default: official settings)")
