@@ -50,12 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
 
     for command in (ask, serve):
+        command.add_argument("--adapter", help="LoRA adapter folder (official layout: adapter_config.json, adapter "
+                             "weights, non_lora_trainables.bin) applied to --model")
         # Mirrors medsight.model.perceiver.ATTENTION_IMPLEMENTATIONS (not imported: `--help` stays free of torch).
         command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="sdpa",
                              help="sdpa (default) is PyTorch's fused attention kernel (same values within float "
                              "rounding, faster); eager is the official arithmetic")
 
-    train = sub.add_parser("train", help="run one training stage: medsight train stage1 --config C --data D --out O",
+    train = sub.add_parser("train", help="run one training stage: medsight train stage1|...|stage5|lora --config C "
+                           "--data D --out O; medsight train plan (memory per GPU); medsight train merge (LoRA)",
                            add_help=False)
     train.add_argument("stage_args", nargs=argparse.REMAINDER)
 
@@ -173,7 +176,8 @@ def _ask(args: argparse.Namespace) -> int:
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
-                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention)
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
+                                  adapter=args.adapter)
     if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
@@ -232,7 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     check_bind(args.host, args.token)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
-                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention)
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
+                                  adapter=args.adapter)
     app = create_app(engine, token=args.token, max_upload_bytes=args.max_upload_mb * 1024**2,
                      request_timeout_s=args.timeout, model_name=str(args.model))
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)

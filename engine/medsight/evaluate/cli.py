@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder)")
     p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
+    p.add_argument("--adapter", help="LoRA adapter folder (official layout) applied to --model")
     p.add_argument("--report", required=True, help="output folder: predictions*.jsonl, report.json/.md, PNGs")
     p.add_argument("--vqa-data", help="diagseg: the _vqa.json file; recall then comes from a separate sampled "
                                       "VQA-path run, as in the paper")
@@ -73,6 +74,8 @@ class _LazyEngine:
                 device = f"cuda:{os.environ['LOCAL_RANK']}"
             dtype = getattr(torch, self.args.dtype) if self.args.dtype else None
             kwargs = {"vision_file": self.args.vision_file} if self.args.vision_file else {}
+            if self.args.adapter:
+                kwargs["adapter"] = self.args.adapter
             self.engine = Engine.load(self.args.model, device=device, dtype=dtype, **kwargs)
         return self.engine.ask(*a, **k)
 

@@ -51,12 +51,15 @@ def build_model(config: MedSIGHTConfig, tokenizer=None, seed: int = 0) -> MedSIG
         return MedSIGHTModel(config, tokenizer)
 
 
-def save_pretrained(model: MedSIGHTModel, folder: str | Path) -> Path:
-    """Our format: `medsight_config.json`, `model.safetensors` and the tokenizer files."""
+def save_pretrained(model: MedSIGHTModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Our format: `medsight_config.json`, `model.safetensors` and the tokenizer files.
+
+    `state` replaces `model.state_dict()` (a sharded trainer passes the state it gathered on one rank)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.to_json(folder / CONFIG_FILE)
-    save_safetensors(model.state_dict(), folder / WEIGHTS_FILE, {"format": "pt", "medsight": model.config.name})
+    state = model.state_dict() if state is None else state
+    save_safetensors(state, folder / WEIGHTS_FILE, {"format": "pt", "medsight": model.config.name})
     model.tokenizer.save_pretrained(str(folder))
     return folder
 
@@ -229,6 +232,7 @@ def load_model(
     base_config: str | MedSIGHTConfig = "full",
     seed: int = 0,
     fetch_vision: bool = False,
+    adapter: str | Path | None = None,
 ) -> MedSIGHTModel:
     """Load MedSIGHT from a preset name (random weights), our saved folder, the official layout, or a Hub id.
 
@@ -243,6 +247,8 @@ def load_model(
         base_config: preset (or config) giving what official files cannot tell, such as attention head splits.
         fetch_vision: download the UniMed-CLIP file from its authors' repository when the release needs it and
             the cache does not hold it (else the error says what to fetch, from where, under which licence).
+        adapter: a LoRA adapter folder in the official layout, merged into the loaded model
+            (`medsight.model.adapter.load_adapter`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -274,4 +280,10 @@ def load_model(
         model.weights_source = f"random ({source} preset)"
     else:
         model.weights_source = str(source)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    if adapter is not None:
+        from medsight.model.adapter import load_adapter
+
+        load_adapter(model, adapter, merge=True)
+        model.weights_source += f" + LoRA adapter {adapter}"
+    return model

@@ -1,10 +1,14 @@
-"""`medsight train stageN --config cfg.json --data DIR --out DIR [--resume]`.
+"""`medsight train stageN|lora --config cfg.json --data DIR --out DIR [--resume]`, `medsight train plan`, and
+`medsight train merge`.
 
 `main(argv)` takes the arguments after `train` (e.g. `["stage1", "--config", ...]`). The config JSON holds fields
-of the stage's config dataclass (`Stage1Config` ... `Stage5Config`); missing fields keep the official defaults.
-The starting model is `init_from` (a preset name or a `save_pretrained` folder such as the previous stage's
-`final/`). Under `torchrun --nproc_per_node N -m medsight.train.cli stageN ...` the same command trains on N
-processes (see `medsight.train.loop`).
+of the stage's config dataclass (`Stage1Config` ... `Stage5Config`, `LoraConfig` for `lora`); missing fields keep
+the official defaults. The starting model is `init_from` (a preset name or a `save_pretrained` folder such as the
+previous stage's `final/`). Under `torchrun --nproc-per-node N -m medsight.train.cli stageN ...` the same command
+trains sharded with FSDP on N processes (see `medsight.train.loop`).
+
+Before building the model a run is checked against the GPU's memory (`medsight.train.plan`); one that cannot fit
+is refused with the configurations that would.
 """
 
 from __future__ import annotations
@@ -16,28 +20,60 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.config import PRESETS, get_preset
+from medsight.config import PRESETS, MedSIGHTConfig, get_preset
+from medsight.model.checkpoints import CONFIG_FILE
 from medsight.model.loading import build_model, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
-from medsight.train.loop import TrainConfig
-from medsight.train.stages import RUNNERS, STAGE_CONFIGS
+from medsight.train.loop import TrainConfig, distributed_info
+from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS
+
+COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage.")
-    p.add_argument("stage", choices=[f"stage{n}" for n in sorted(RUNNERS)], help="which stage to train")
+    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
+                                "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
+    p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
+                   help="which stage to train; lora: stage 5 with the official LoRA recipe")
     p.add_argument("--config", type=Path, help="JSON with stage config fields (default: official settings)")
     p.add_argument("--data", type=Path, required=True,
                    help="stages 1-2: meta JSON or folder with biomedparse_meta_train.json; "
                         "stages 3-5: conversation JSON or folder with lvlm/train.json")
     p.add_argument("--out", type=Path, required=True, help="output folder (logs, plot, checkpoints, final/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--gpu-memory", type=float,
+                   help="GiB per GPU to plan for (default: the CUDA device's memory; no check on CPU)")
     return p
 
 
-def load_config(stage: int, path: Path | None) -> TrainConfig:
-    kind = STAGE_CONFIGS[stage]
+def plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medsight train plan",
+                                description="Memory per GPU of each stage: plain, FSDP and LoRA on 1-8 GPUs.")
+    p.add_argument("--model", default="full", help="preset name or a save_pretrained folder (default: full)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medsight train merge",
+                                description="Merge a LoRA adapter (official layout) into its base model.")
+    p.add_argument("--model", required=True, help="the base model (preset, folder or Hub id)")
+    p.add_argument("--adapter", required=True, type=Path, help="adapter folder (adapter_config.json ...)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the merged model in our format")
+    return p
+
+
+def load_config(stage: int, path: Path | None, kind: type[TrainConfig] | None = None) -> TrainConfig:
+    kind = kind or STAGE_CONFIGS[stage]
     return kind.from_json(path) if path is not None else kind()
+
+
+def model_config(init_from: str) -> MedSIGHTConfig | None:
+    """The architecture a run starts from, without building it (None when it cannot be told cheaply)."""
+    if init_from in PRESETS:
+        return get_preset(init_from)
+    path = Path(init_from) / CONFIG_FILE
+    return MedSIGHTConfig.from_json(path) if path.is_file() else None
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -47,18 +83,84 @@ def initial_model(config: TrainConfig) -> MedSIGHTModel:
     return load_pretrained(config.init_from)
 
 
+def gpu_memory_gib(requested: float | None) -> float | None:
+    if requested is not None:
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(distributed_info()[2]).total_memory / 1024**3
+
+
+def check_memory(stage: int, config: TrainConfig, requested: float | None) -> None:
+    from medsight.train.plan import check_fits
+
+    gib = gpu_memory_gib(requested)
+    arch = model_config(config.init_from)
+    if gib is None or arch is None:
+        return
+    world = distributed_info()[1]
+    mode = "lora" if getattr(config, "lora", False) else ("fsdp" if world > 1 else "plain")
+    batch = config.batch_size * world if stage in (1, 2) else 1
+    check_fits(arch, stage, mode, world, gib, batch)
+
+
+def plan_main(argv: Sequence[str]) -> int:
+    from medsight.train.plan import GIB, count_parameters, memory_per_gpu, plan_table
+
+    args = plan_parser().parse_args(argv)
+    config = model_config(args.model)
+    if config is None:
+        raise ValueError(f"{args.model}: not a preset or a folder with {CONFIG_FILE}")
+    counts = count_parameters(config)
+    batches = {1: STAGE_CONFIGS[1]().batch_size, 2: STAGE_CONFIGS[2]().batch_size}
+    print(f"{config.name} model: {counts.total:,} parameters ({counts.language_model:,} in the language model); "
+          f"GiB per GPU, * = more than {args.gpu_memory:g} GiB\n")
+    print(plan_table(config, args.gpu_memory, batches))
+    lora = memory_per_gpu(config, counts, 5, "lora", 1) / GIB
+    fits = [gb for gb in COMMON_GPU_GB if gb * 1e9 / GIB >= lora]
+    smallest = f"a {fits[0]} GB GPU" if fits else "no single GPU"
+    print(f"\nLoRA (stage 5 / fine-tuning) needs {lora:.1f} GiB on one GPU: the smallest that fits is {smallest}.")
+    return 0
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    import torch
+
+    from medsight.model.loading import load_model, save_pretrained
+
+    args = merge_parser().parse_args(argv)
+    model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter)
+    print(save_pretrained(model, args.out))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stage = int(args.stage.removeprefix("stage"))
-    config = load_config(stage, args.config)
+    if args.stage in RECIPES:
+        stage, kind = RECIPES[args.stage]
+    else:
+        stage, kind = int(args.stage.removeprefix("stage")), None
+    config = load_config(stage, args.config, kind)
+    check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
     last = result.records[-1] if result.records else {}
-    print(json.dumps({"stage": stage, "steps": result.last_step, "final": str(result.final_dir),
+    print(json.dumps({"stage": args.stage, "steps": result.last_step, "final": str(result.final_dir),
                       "last_loss": last.get("loss")}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as err:  # CheckpointError too: the message, not a traceback
+        print(f"medsight train: error: {err}", file=sys.stderr)
+        sys.exit(2)

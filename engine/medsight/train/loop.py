@@ -6,7 +6,8 @@ Layout of an output folder::
       train_config.json          the stage config the run was started with
       loss_log.jsonl             one record per logged optimizer step (step, lr, loss, loss terms, grad_norm)
       loss.png                   loss curves (rewritten at every save)
-      checkpoints/step-0000010/  `save_pretrained` folder + trainer_state.pt (optimizer, scheduler, step, RNG)
+      checkpoints/step-0000010/  single process: `save_pretrained` folder + trainer_state.pt (optimizer, scheduler,
+                                 step, RNG); torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
       final/                     `save_pretrained` folder of the last step
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
@@ -14,11 +15,12 @@ seeded generator, consumed continuously across epoch ends. A resumed run therefo
 step after a resume sees exactly the samples (and, with the restored RNG/optimizer/scheduler, the loss) of an
 uninterrupted run.
 
-Distributed: under `torchrun` (WORLD_SIZE > 1) every rank takes its own slice of each step's samples (what a
-DistributedSampler does) and gradients are averaged with an all-reduce before clipping. The model is not wrapped in
-DistributedDataParallel because the stage losses call submodules (`region_perceiver`, `language_model`, ...)
-directly, which bypasses DDP's forward hooks; the explicit all-reduce gives the same averaged gradients. Only
-rank 0 writes logs and checkpoints. Only the single-process path is tested.
+Distributed: under `torchrun` (WORLD_SIZE > 1) the model is sharded with PyTorch's FSDP2 (`medsight.train.fsdp`:
+per decoder layer, mixed precision over float32 master weights) and every rank takes its own slice of each step's
+samples (what a DistributedSampler does); gradients are reduce-scattered by FSDP. Checkpoints are then
+`torch.distributed.checkpoint` shards; `final/` is gathered on rank 0 into our format. Only rank 0 writes logs.
+
+Trainer state is read back without unpickling arbitrary objects (`medsight.train.state`).
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medsight.model.checkpoints import load_into, read_safetensors_folder
+from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
 from medsight.model.loading import save_pretrained
+from medsight.train import fsdp
+from medsight.train import state as trainer_state
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
+OFFICIAL_DIR = "final_official"
 STATE_FILE = "trainer_state.pt"
+SHARDED_STATE_FILE = "trainer_state.json"
 LOG_FILE = "loss_log.jsonl"
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "train_config.json"
@@ -73,6 +79,9 @@ class TrainConfig:
         min_lr: floor of the cosine decay.
         seed: seeds python, numpy and torch, and the data order.
         bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
+        fsdp_param_dtype: under torchrun, the dtype FSDP units compute in over float32 master weights: "auto"
+            (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16" or "float32".
+        export_official: also write `final_official/` in the release layout (`medsight.train.export`).
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
@@ -94,6 +103,8 @@ class TrainConfig:
     min_lr: float = 0.0
     seed: int = 0
     bf16: bool = False
+    fsdp_param_dtype: str = "auto"
+    export_official: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 0
@@ -126,6 +137,7 @@ class TrainResult:
     records: list[dict[str, float]] = field(default_factory=list)
     final_dir: Path | None = None
     last_step: int = 0
+    runner: nn.Module | None = None  # the model, or under torchrun its FSDP root (a LossModule)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,21 +148,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def distributed_info() -> tuple[int, int, int]:
@@ -179,7 +176,8 @@ def cosine_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable
     return factor
 
 
-def build_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]],
+                    config: TrainConfig) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if config.optimizer not in kinds:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'adamw'")
@@ -218,7 +216,7 @@ class SampleOrder:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint folder with the highest step that has a trainer state, or None."""
     folders = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"))
-    folders = [f for f in folders if (f / STATE_FILE).is_file()]
+    folders = [f for f in folders if (f / STATE_FILE).is_file() or (f / SHARDED_STATE_FILE).is_file()]
     return folders[-1] if folders else None
 
 
@@ -259,9 +257,12 @@ def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: st
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
+Finalize = Callable[[Path, "dict[str, torch.Tensor] | None"], Path]
+
+
 def train(
     model: nn.Module,
-    params: Sequence[nn.Parameter],
+    params: Sequence[nn.Parameter] | Sequence[dict[str, Any]],
     dataset: Sequence[Any],
     collate: Callable[[list[Any]], Any],
     loss_fn: Callable[[Any], dict[str, torch.Tensor]],
@@ -269,43 +270,56 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     name: str = "train",
+    grad_masks: dict[str, torch.Tensor] | None = None,
+    finalize: Finalize | None = None,
 ) -> TrainResult:
     """Optimise `params` of `model` on `dataset` with `loss_fn(collate(samples))["loss"]`.
 
     Args:
         model: the MedSIGHTModel (saved whole with `save_pretrained`; loaded back strictly on resume).
-        params: the trainable parameters (the caller has already set `requires_grad`).
+        params: the trainable parameters (the caller has already set `requires_grad`), or optimizer param groups
+            (dicts with "params" and per-group settings such as "lr").
         dataset: indexable samples.
         collate: list of samples -> the batch `loss_fn` takes.
         loss_fn: batch -> dict with "loss" (backpropagated) and other scalar terms (logged).
         resume: continue from the latest checkpoint in `out_dir/checkpoints` (fresh start if there is none).
         name: run name for logs and the plot title.
+        grad_masks: parameter name (in `model`) -> mask multiplied into its gradient before clipping (stage 4
+            trains only some rows of the input embedding this way).
+        finalize: writes `final/` from (folder, gathered state or None for `model.state_dict()`); default
+            `save_pretrained`. Runs on rank 0 only.
     """
     out = Path(out_dir)
     rank, world, _ = distributed_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     main_process = rank == 0
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    groups = _param_groups(params)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter requires a gradient")
     seed_everything(config.seed)
     steps = total_steps(config, len(dataset), world)
-    optimizer = build_optimizer(params, config)
+    device = next(model.parameters()).device
+    sharded = world > 1
+    runner: nn.Module = model
+    if sharded:
+        # Parameters are replaced by their shards: remember the groups by name and look them up afterwards.
+        names = {id(p): n for n, p in model.named_parameters()}
+        named_groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in groups]
+        mesh = fsdp.init_process_group(device)
+        runner = fsdp.shard(model, loss_fn, mesh, fsdp.resolve_param_dtype(config.fsdp_param_dtype, device))
+        current = dict(model.named_parameters())
+        groups = [{**g, "params": [current[n] for n in g["params"]]} for g in named_groups]
+        local, total = fsdp.local_numel(model)
+        log.info("%s: FSDP over %d ranks; rank %d holds %d of %d parameters", name, world, rank, local, total)
+    optimizer = build_optimizer(groups, config)
     min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, config.warmup_ratio, min_ratio))
-    device = next(model.parameters()).device
+    params = [p for g in groups for p in g["params"]]
+    masked = {n: m for n, m in (grad_masks or {}).items()}
 
     step = 0
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        # Weights first (strict: the model must be the same architecture), then the trainer state.
-        load_into(model, read_safetensors_folder(checkpoint), str(checkpoint))
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
+        step = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded)
         log.info("%s: resumed from %s at step %d", name, checkpoint, step)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -327,19 +341,24 @@ def train(
         for micro in range(config.grad_accum):
             first = base + (micro * world + rank) * config.batch_size
             batch = collate([dataset[order[first + i]] for i in range(config.batch_size)])
+            if sharded:
+                fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
             with autocast:
-                terms = loss_fn(batch)
+                terms = runner(fsdp.Opaque(batch)) if sharded else loss_fn(batch)
             (terms["loss"] / config.grad_accum).backward()
             for key, value in terms.items():
                 if torch.is_tensor(value) and value.ndim == 0:
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-        if world > 1:
-            _average_gradients(params, world)
+        if sharded:
+            sums = _mean_over_ranks(sums, world)
+        current = dict(model.named_parameters())
+        for key, mask in masked.items():
+            fsdp.mask_gradient(current[key], mask)
+        with_grad = [p for p in params if p.grad is not None]
         if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            grad_norm = fsdp.as_float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
         else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -353,34 +372,100 @@ def train(
             with (out / LOG_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
-        if main_process and ((config.save_every > 0 and step % config.save_every == 0) or step == steps):
-            save_checkpoint(model, optimizer, scheduler, step, out / CHECKPOINT_DIR / f"step-{step:07d}")
-            plot_losses(read_log(out), out / PLOT_FILE, name)
+        if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
+            folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None)
+            if main_process:
+                plot_losses(read_log(out), out / PLOT_FILE, name)
+    state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
-        result.final_dir = save_pretrained(model, out / FINAL_DIR)
-    if world > 1:
+        result.final_dir = (finalize or _finalize_full(model, config, step))(out / FINAL_DIR, state)
+    result.runner = runner
+    if sharded:
         dist.barrier()
     result.last_step = step
     return result
 
 
-def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path) -> Path:
-    """Model in our format plus everything the loop needs to continue exactly."""
-    save_pretrained(model, folder)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-    }
-    torch.save(state, folder / STATE_FILE)
+def _finalize_full(model: nn.Module, config: TrainConfig, step: int) -> Finalize:
+    """The default `final/`: our format, and with `export_official` also the release layout in `final_official/`."""
+
+    def write(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
+        full = model.state_dict() if state is None else state
+        save_pretrained(model, folder, state=full)
+        if config.export_official:
+            from medsight.train.export import export_official
+
+            export_official(model.config, model.tokenizer, full, folder.parent / OFFICIAL_DIR, step)
+        return folder
+
+    return write
+
+
+def _param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
+    """Param groups of the trainable parameters (a plain list becomes one group)."""
+    is_groups = bool(params) and isinstance(params[0], dict)
+    groups = [dict(g) for g in params] if is_groups else [{"params": list(params)}]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    return [g for g in groups if g["params"]]
+
+
+def _mean_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+    """The logged terms of a sharded step: the mean over ranks, i.e. over the global batch."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(keys, values, strict=True)}
+
+
+def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
+                    root: nn.Module | None = None) -> Path:
+    """Everything the loop needs to continue exactly.
+
+    Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
+    back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
+    `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank.
+    """
+    if root is None:
+        save_pretrained(model, folder)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": trainer_state.rng_state()}
+        trainer_state.save_tensors(folder / STATE_FILE, state)
+        return folder
+    rank = dist.get_rank()
+    groups = fsdp.save_sharded(folder, root, optimizer)
+    trainer_state.write_json(folder / f"rng-rank{rank}.json", trainer_state.rng_state())
+    dist.barrier()
+    if rank == 0:
+        plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
+                 "world_size": dist.get_world_size()}
+        # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
+        trainer_state.write_json(folder / SHARDED_STATE_FILE, plain)
+    dist.barrier()
     return folder
 
 
-def _average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # every rank must join every all-reduce
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-
+def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step. A checkpoint of the other kind is an error."""
+    is_sharded = (folder / SHARDED_STATE_FILE).is_file()
+    if is_sharded != sharded:
+        kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
+        raise CheckpointError(f"{folder} was written by {kind}; resume it the same way "
+                              f"({'under torchrun' if is_sharded else 'without torchrun'})")
+    if not sharded:
+        # Weights first (strict: the model must be the same architecture), then the trainer state.
+        load_into(model, read_safetensors_folder(folder), str(folder))
+        state = trainer_state.load_tensors(folder / STATE_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        trainer_state.set_rng_state(state["rng"])
+        return int(state["step"])
+    plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
+    fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+    scheduler.load_state_dict(plain["scheduler"])
+    rank = dist.get_rank()
+    rng_file = folder / f"rng-rank{rank}.json"
+    if rng_file.is_file():  # a different world size has no RNG for the new ranks: they keep the seeded one
+        trainer_state.set_rng_state(trainer_state.read_json(rng_file))
+    return int(plain["step"])

@@ -7,6 +7,7 @@
 | 3 | `mm_projector` | LM CE |
 | 4 | `token_projection` + the 576 code rows of the input embedding | LM CE + mask Dice + BCE |
 | 5 | the whole language model with both projectors (vision side frozen) | LM CE + mask Dice + BCE |
+| 5 LoRA (`lora`) | LoRA adapters (PEFT) + `mm_projector` + `token_projection` | as stage 5 |
 
 Defaults of the stage configs are the official settings (spec: perceiver-and-codebook.md section 4,
 lvlm-and-inference.md section 7.1); tests and the demo override steps, batch sizes and learning rates.
@@ -15,13 +16,15 @@ lvlm-and-inference.md section 7.1); tests and the demo override steps, batch siz
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
+from medsight.model.checkpoints import select_prefix
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.preprocess import ResizeMode
 from medsight.model.vision import encode_image
@@ -114,16 +117,46 @@ class Stage4Config(LVLMConfig):
 
 @dataclass
 class Stage5Config(LVLMConfig):
-    """Stage 5: the full language model + both projectors, lr 2e-5, 3 epochs, gradient checkpointing on."""
+    """Stage 5: the full language model + both projectors, lr 2e-5, 3 epochs, gradient checkpointing on.
+
+    With `lora` the language model is frozen and trains LoRA adapters (PEFT) on `lora_targets` plus the
+    `non_lora_trainables` (names in the language model, saved to `non_lora_trainables.bin`); `final/` is then the
+    adapter folder in the official layout (`medsight.model.adapter`). `projector_lr` (> 0) is the learning rate of
+    `mm_projector` (the official `mm_projector_lr`); `frozen_dtype` stores the frozen base weights of a LoRA run in
+    that dtype: "auto" is bfloat16 on CUDA (half the memory; the run then computes under bf16 autocast, as the
+    trained parts stay float32) and float32 elsewhere.
+    """
 
     lr: float = 2e-5
     epochs: float = 3.0
     gradient_checkpointing: bool = True
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    non_lora_trainables: tuple[str, ...] = ("model.mm_projector", "model.token_projection")
+    projector_lr: float = 0.0
+    frozen_dtype: str = "auto"
+
+
+@dataclass
+class LoraConfig(Stage5Config):
+    """The official downstream LoRA recipe (`finetune_lora_slake.sh`): r 16, alpha 32, dropout 0.05 on
+    q/k/v/o/gate/up/down (not `lm_head`), lr 2e-4, `mm_projector` lr 2e-5, 6 epochs, batch 1 x grad-accum 4."""
+
+    lora: bool = True
+    lr: float = 2e-4
+    projector_lr: float = 2e-5
+    epochs: float = 6.0
+    grad_accum: int = 4
 
 
 STAGE_CONFIGS: dict[int, type[TrainConfig]] = {
     1: Stage1Config, 2: Stage2Config, 3: Stage3Config, 4: Stage4Config, 5: Stage5Config,
 }
+# Named recipes beyond the five stages: `medsight train lora` is stage 5 with the official LoRA defaults.
+RECIPES: dict[str, tuple[int, type[TrainConfig]]] = {"lora": (5, LoraConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,15 +304,16 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
 
 
 def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool, name: str,
-              with_masks: bool) -> TrainResult:
+              with_masks: bool, params=None, grad_masks=None, finalize=None) -> TrainResult:
     device = next(model.parameters()).device
     lm = model.language_model
     if config.gradient_checkpointing:
         # Non-reentrant: works when the checkpointed inputs (embeddings) do not require grad themselves.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        return train(model, trainable_parameters(model), dataset, collate_conversations,
-                     _lvlm_loss_fn(model, config, device, with_masks), config, out_dir, resume, name=name)
+        return train(model, params or trainable_parameters(model), dataset, collate_conversations,
+                     _lvlm_loss_fn(model, config, device, with_masks), config, out_dir, resume, name=name,
+                     grad_masks=grad_masks, finalize=finalize)
     finally:
         if config.gradient_checkpointing:
             lm.gradient_checkpointing_disable()
@@ -318,6 +352,9 @@ def init_code_embeddings(model: MedSIGHTModel) -> torch.Tensor:
     return rows
 
 
+EMBED_WEIGHT = "language_model.model.embed_tokens.weight"
+
+
 def code_row_mask(model: MedSIGHTModel) -> torch.Tensor:
     """(vocab, 1) float: 1 on the region-code rows of the input embedding, 0 elsewhere."""
     weight = model.language_model.get_input_embeddings().weight
@@ -330,8 +367,9 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
                resume: bool = False) -> TrainResult:
     """Text -> vision alignment: `token_projection` and the 576 code embedding rows train (CE + mask loss).
 
-    The code rows are trained in place: the whole `embed_tokens` weight requires grad and a gradient hook zeroes
-    every non-code row. With zero gradient and weight decay 0, Adam/AdamW leave those rows exactly unchanged
+    The code rows are trained in place: the whole `embed_tokens` weight requires grad and every non-code row of its
+    gradient is zeroed before each optimizer step (also on the shards of a torchrun run).
+    With zero gradient and weight decay 0, Adam/AdamW leave those rows exactly unchanged
     (equivalent to the official SplitEmbedding, and the checkpoint keeps the plain `embed_tokens.weight` key).
     """
     if config.weight_decay != 0:
@@ -344,23 +382,68 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
     lm = model.language_model
     lm.train()
     lm.token_projection.requires_grad_(True)
-    weight = lm.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    mask = code_row_mask(model)
-    handle = weight.register_hook(lambda grad: grad * mask)
-    try:
-        return _run_lvlm(model, dataset, config, out_dir, resume, "stage4", with_masks=True)
-    finally:
-        handle.remove()
+    lm.get_input_embeddings().weight.requires_grad_(True)
+    masks = {EMBED_WEIGHT: code_row_mask(model)}
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage4", with_masks=True, grad_masks=masks)
 
 
 def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: str | Path,
                resume: bool = False) -> TrainResult:
-    """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen)."""
+    """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen),
+    or with `config.lora` LoRA adapters and the listed non-LoRA parameters."""
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
-    model.language_model.requires_grad_(True).train()
-    return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True)
+    if not config.lora:
+        model.language_model.requires_grad_(True).train()
+        return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True)
+    peft_model, groups, non_lora = add_lora_for_training(model, config)
+    if lora_frozen_dtype(config, model.device) != torch.float32:
+        config = replace(config, bf16=True)  # float32 trainables meet a bf16 base: autocast makes them agree
+
+    def finalize(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
+        lm_state = None if state is None else select_prefix(state, "language_model.")
+        return save_adapter(peft_model, folder, non_lora, lm_state)
+
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
+                     finalize=finalize)
+
+
+def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype:
+    if config.frozen_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if config.frozen_dtype not in dtypes:
+        raise ValueError(f"frozen_dtype {config.frozen_dtype!r}: use auto, float32 or bfloat16")
+    return dtypes[config.frozen_dtype]
+
+
+def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
+    """Inject LoRA, unfreeze the non-LoRA trainables, store the frozen base in `frozen_dtype`.
+
+    Returns (the PeftModel, optimizer param groups, the non-LoRA parameter names in the language model).
+    """
+    frozen_dtype = lora_frozen_dtype(config, model.device)
+    lm = model.language_model
+    peft_model = add_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                              tuple(config.lora_targets)))
+    lm.train()
+    named = dict(lm.named_parameters())
+    non_lora = [n for n in named
+                if any(n == p or n.startswith(p + ".") for p in config.non_lora_trainables)]
+    unmatched = [p for p in config.non_lora_trainables if not any(n == p or n.startswith(p + ".") for n in non_lora)]
+    if unmatched:
+        raise ValueError(f"non_lora_trainables not found in the language model: {', '.join(unmatched)}")
+    for name in non_lora:
+        named[name].requires_grad_(True)
+    for param in lm.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(frozen_dtype)
+    projector = [p for n, p in named.items() if p.requires_grad and "mm_projector" in n]
+    rest = [p for n, p in named.items() if p.requires_grad and "mm_projector" not in n]
+    groups = [{"params": rest}]
+    if projector:
+        groups.append({"params": projector, "lr": config.projector_lr or config.lr})
+    return peft_model, groups, non_lora
 
 
 RUNNERS = {1: run_stage1, 2: run_stage2, 3: run_stage3, 4: run_stage4, 5: run_stage5}

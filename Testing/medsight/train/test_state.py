@@ -1,0 +1,56 @@
+"""Trainer state is read back without unpickling arbitrary objects (issue 19 point 12, issue 21 point 4)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsight.config import tiny_config
+from medsight.model.checkpoints import CheckpointError
+from medsight.model.loading import build_model, save_pretrained
+from medsight.train import state as trainer_state
+from medsight.train.loop import CHECKPOINT_DIR, STATE_FILE, TrainConfig, train
+
+
+class Payload:
+    """Unpickling this runs code: it touches a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_rng_state_round_trips_through_plain_data():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    saved = trainer_state.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    trainer_state.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_resume_refuses_a_state_file_with_objects(tmp_path):
+    """A checkpoint whose trainer_state.pt carries a pickled object is refused, and the object never runs."""
+    model = build_model(tiny_config(), seed=0)
+    folder = save_pretrained(model, tmp_path / CHECKPOINT_DIR / "step-0000001")
+    marker = tmp_path / "unpickled"
+    torch.save({"step": 1, "optimizer": {}, "scheduler": {}, "rng": Payload(marker)}, folder / STATE_FILE)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.sum() for p in params) * 0}
+
+    config = TrainConfig(max_steps=2, device="cpu")
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        train(model, params, [0, 1], lambda samples: samples, loss_fn, config, tmp_path, resume=True)
+    assert not marker.exists()

@@ -1,0 +1,137 @@
+"""LoRA adapters through PEFT, in the official release's layout.
+
+The official LoRA recipe (`finetune_lora_slake.sh`) writes a PEFT folder:
+
+    adapter_config.json            PEFT LoraConfig (r 16, alpha 32, dropout 0.05, q/k/v/o/gate/up/down)
+    adapter_model.safetensors      the LoRA A/B matrices (or adapter_model.bin from older PEFT)
+    non_lora_trainables.bin        the other trained tensors (e.g. mm_projector), keys prefixed `base_model.model.`
+    config.json                    the language model's config
+
+LoRA is injected into the language model in place (`model.language_model` stays the same object, its targeted
+Linear layers become PEFT LoRA layers), so every caller of the MedSIGHT model keeps working unmerged; `merge`
+folds the adapter into the base weights and removes the LoRA layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medsight.model.checkpoints import CheckpointError, safe_torch_load
+
+ADAPTER_CONFIG = "adapter_config.json"
+NON_LORA_FILE = "non_lora_trainables.bin"
+NON_LORA_PREFIX = "base_model.model."  # the PEFT wrapper's prefix of the language model's own names
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """The official recipe's defaults; `lm_head` and the projectors are not LoRA targets."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+def add_lora(model, settings: LoraSettings):
+    """Inject fresh LoRA layers into `model.language_model` and freeze everything else in it.
+
+    Returns the PeftModel (needed to save the adapter); `model.language_model` is still the same module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model.language_model, config)
+
+
+def is_lora_name(name: str) -> bool:
+    return "lora_" in name
+
+
+def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the official layout: PEFT files, `non_lora_trainables.bin` with the named tensors, config.json.
+
+    Args:
+        peft_model: what `add_lora` returned.
+        non_lora: names (in the language model) of the other trained parameters.
+        state: the language model's state dict (with LoRA layers) gathered by a sharded trainer; default: its own.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm = peft_model.get_base_model()
+    state = lm.state_dict() if state is None else state
+    missing = [n for n in non_lora if n not in state]
+    if missing:
+        raise ValueError(f"non-LoRA trainables not in the language model: {', '.join(missing)}")
+    lora = {NON_LORA_PREFIX + k: v for k, v in state.items() if is_lora_name(k)}
+    peft_model.save_pretrained(str(folder), state_dict=lora, safe_serialization=True)
+    torch.save({NON_LORA_PREFIX + n: state[n].detach().cpu().contiguous() for n in non_lora}, folder / NON_LORA_FILE)
+    lm.config.to_json_file(str(folder / "config.json"))
+    return folder
+
+
+def read_non_lora(folder: Path) -> dict[str, torch.Tensor]:
+    """`non_lora_trainables.bin` with the official loader's prefix stripping (`base_model.model.`)."""
+    path = folder / NON_LORA_FILE
+    if not path.is_file():
+        return {}
+    data = safe_torch_load(path)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return {k.removeprefix(NON_LORA_PREFIX): v for k, v in data.items()}
+
+
+def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
+    """Apply an adapter in the official layout to `model` (a MedSIGHTModel) in place; returns its language model.
+
+    The LoRA layers go in through PEFT (`PeftModel.from_pretrained`), the non-LoRA tensors replace the base ones of
+    the same names (every key must exist with the same shape). With `merge`, LoRA is folded into the base weights
+    (`merge_and_unload`), as the official chatbot does.
+    """
+    from peft import PeftModel
+
+    folder = Path(folder)
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG} (is this a LoRA adapter folder?)")
+    try:
+        peft_type = json.loads(config_path.read_text()).get("peft_type")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if peft_type != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type {peft_type!r}; only LORA adapters are supported")
+    if not any((folder / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    non_lora = read_non_lora(folder)
+    lm = model.language_model
+    expected = lm.state_dict()
+    unknown = sorted(k for k in non_lora if k not in expected)
+    wrong = sorted(k for k in non_lora if k in expected and non_lora[k].shape != expected[k].shape)
+    if unknown or wrong:
+        raise CheckpointError(f"{folder / NON_LORA_FILE} does not fit the model: unknown {unknown[:8]}, "
+                              f"mis-shaped {wrong[:8]}")
+    try:
+        peft_model = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{folder}: the adapter does not fit the model ({err})") from None
+    device, dtype = expected[next(iter(expected))].device, model.dtype
+    peft_model.to(device)
+    with torch.no_grad():
+        params = dict(lm.named_parameters())
+        for key, value in non_lora.items():
+            # After injection a targeted layer's weight lives at `...base_layer.weight`; others keep their names.
+            owner, leaf = key.rsplit(".", 1)
+            target = params[key] if key in params else params[f"{owner}.base_layer.{leaf}"]
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if merge:
+        peft_model.merge_and_unload()
+    lm.to(dtype=dtype)
+    return lm.eval()

@@ -1,0 +1,163 @@
+"""Sharded training with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) under torchrun.
+
+What gets sharded: the stage losses call several submodules directly (`mm_projector`, the input embedding,
+`language_model`, `token_projection`, the perceiver's `decode`), so a single FSDP root over the MedSIGHT model would
+leave most of them sharded when they run. Instead a `LossModule` whose `forward` *is* the stage loss becomes the
+root, and every submodule the loss calls on its own is an FSDP unit of its own:
+
+- each Qwen3 decoder layer (the official `fsdp_transformer_layer_cls_to_wrap`), all-gathered one at a time;
+- `embed_tokens`, `mm_projector`, `token_projection` (called outside the language model's forward);
+- the language model itself (what is left: final norm and `lm_head`);
+- the root: the vision encoder, the perceiver and the codebook (frozen in stages 3-5; trained in stages 1-2,
+  where they are small).
+
+Precision (`MixedPrecisionPolicy`): the sharded parameters, gradients and optimizer states stay float32 (master
+weights); each unit computes in `param_dtype` (bf16 on GPU by default; float32 on CPU, where bf16 kernels are
+slow and parity tests want exact float32) and gradients are reduce-scattered in float32.
+
+Checkpoints: `torch.distributed.checkpoint` (DCP) writes the sharded model and optimizer tensors, each rank its own
+part, and reads them back into any world size. Only tensors go into DCP (its loader unpickles non-tensor values);
+the optimizer's hyper-parameters, the step and each rank's RNG are JSON next to it (`medsight.train.state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint
+PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class Opaque:
+    """Hands the batch to the root's forward untouched (FSDP's root moves and casts tensors it can see)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class LossModule(nn.Module):
+    """The FSDP root: holds the model, and its forward is the stage loss (batch -> dict of scalar terms)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Opaque) -> dict[str, torch.Tensor]:
+        return self.loss_fn(batch.value)
+
+
+def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of the FSDP units: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in PARAM_DTYPES:
+        raise ValueError(f"unknown fsdp_param_dtype {name!r}; use auto, {', '.join(PARAM_DTYPES)}")
+    return PARAM_DTYPES[name]
+
+
+def init_process_group(device: torch.device) -> DeviceMesh:
+    """Join the torchrun group (NCCL on CUDA, gloo on CPU) and return a 1-D mesh over all ranks."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules sharded as units of their own, innermost first (see the module docstring)."""
+    lm = model.language_model
+    inner = lm.model
+    return [*inner.layers, inner.embed_tokens, inner.mm_projector, inner.token_projection, lm]
+
+
+def shard(model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]], mesh: DeviceMesh,
+          param_dtype: torch.dtype) -> LossModule:
+    """Wrap `model` in a LossModule and shard it in place with `fully_shard` (per decoder layer, then the rest)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    root = LossModule(model, loss_fn)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    return root
+
+
+def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of an accumulated step."""
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(enabled)
+
+
+def local_numel(module: nn.Module) -> tuple[int, int]:
+    """(parameters this rank stores, parameters of the whole model)."""
+    local = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return local, total
+
+
+def mask_gradient(param: torch.Tensor, mask: torch.Tensor) -> None:
+    """grad *= mask, where `mask` is a full (unsharded) tensor broadcastable to the full parameter."""
+    if param.grad is None:
+        return
+    if isinstance(param.grad, DTensor):
+        grad = param.grad
+        mask = distribute_tensor(mask.to(grad.device, grad.dtype), grad.device_mesh, grad.placements)
+        grad.mul_(mask)
+    else:
+        param.grad.mul_(mask.to(param.grad.device, param.grad.dtype))
+
+
+def as_float(value: torch.Tensor) -> float:
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def save_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Write model and optimizer tensors with DCP (collective); returns the optimizer's param groups (plain)."""
+    model_state, optim_state = get_state_dict(root, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state["state"]}, checkpoint_id=str(folder / SHARDED_DIR))
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+            for group in optim_state["param_groups"]]
+
+
+def load_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer,
+                 param_groups: list[dict[str, Any]]) -> None:
+    """Read what `save_sharded` wrote into the sharded model and optimizer (collective)."""
+    # get_state_dict gives the target layout (it creates the optimizer moments of a fresh optimizer first).
+    model_state, optim_state = get_state_dict(root, optimizer)
+    target = {"model": model_state, "optimizer": optim_state["state"]}
+    dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in param_groups]
+    set_state_dict(root, optimizer, model_state_dict=target["model"],
+                   optim_state_dict={"state": target["optimizer"], "param_groups": groups})
+
+
+def gathered_state(root: LossModule) -> dict[str, torch.Tensor]:
+    """The full model state dict on rank 0, in CPU memory (collective; other ranks get an empty dict).
+
+    Keys are the MedSIGHT model's own (the LossModule's `model.` prefix removed).
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(root, options=options)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
