@@ -24,6 +24,7 @@ from .slicing import (
     iter_slices,
     plane_layouts,
     slice_at_ras,
+    slice_for_view,
     slice_count,
 )
 from .volume import MAX_VOXELS, Volume
@@ -62,6 +63,7 @@ __all__ = [
     "read_volume",
     "robust_window",
     "slice_at_ras",
+    "slice_for_view",
     "slice_count",
     "to_rgb",
     "write_dicom_seg",
