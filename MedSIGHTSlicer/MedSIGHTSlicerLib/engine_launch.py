@@ -40,7 +40,7 @@ def split_windows_command(command: str) -> list[str]:
 
     Backslashes are literal (``C:\\Users\\me\\medsight.exe`` survives) except before a double quote: 2n of them and
     a quote give n backslashes and open or close a quoted part; 2n+1 give n backslashes and a literal quote. Inside
-    quotes, ``""`` is a literal quote.
+    quotes, ``""`` is a literal quote; an unclosed quote runs to the end.
     """
     args: list[str] = []
     current: list[str] = []
@@ -81,9 +81,7 @@ def split_windows_command(command: str) -> list[str]:
         current.append(ch)
         in_arg = True
         i += 1
-    if in_quotes:
-        raise ValueError("the engine command has an unbalanced double quote")
-    if in_arg:
+    if in_arg:  # an unclosed quote runs to the end of the line, as in the C runtime
         args.append("".join(current))
     return args
 

@@ -20,7 +20,6 @@ import medsight.server.app
 from medsight_testing.live_server import free_port, live_server
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, describe_error, parse_region_url
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
-from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.protocol import SliceAnswer
 from MedSIGHTSlicerLib.qt_shim import qt
 from MedSIGHTSlicerLib.settings import ConnectionSettings, is_loopback_url
@@ -307,17 +306,3 @@ def test_settings_round_trip_and_consent():
     assert again == settings
     assert not again.needs_consent()
     assert again.needs_consent("http://other.example.org")
-
-
-def test_engine_process_start_and_stop(app):
-    lines = []
-    finished = []
-    process = EngineProcess(on_output=lines.append, on_finished=finished.append)
-    command = f'"{sys.executable}" -c "import time; print(\'engine up\', flush=True); time.sleep(60)"'
-    process.start(command)
-    assert process.running
-    pump(app, lambda: "engine up" in process.output, timeout=30)
-    process.stop()
-    assert not process.running
-    with pytest.raises(RuntimeError):
-        process.start("/nonexistent/medsight serve")
