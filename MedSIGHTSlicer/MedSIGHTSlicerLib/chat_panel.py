@@ -68,7 +68,7 @@ class VolumeData:
     key: str | None = None
 
 
-VolumeSource = Union[VolumeData, str]  # noqa: UP007 - evaluated at run time: Slicer 5.8 has Python 3.9
+VolumeSource = Union[VolumeData, str]  # evaluated at run time: Slicer 5.8 has Python 3.9
 
 
 def guess_modality(array: np.ndarray) -> str:

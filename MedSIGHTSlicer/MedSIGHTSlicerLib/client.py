@@ -181,7 +181,7 @@ class AskStream:
     def _read(self) -> bytes:
         try:
             return self._response.read1(_READ_CHUNK)
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             self.close()
             raise MedSIGHTError(
                 f"no event from {self._url} within the timeout", code="timeout", url=self._url
@@ -426,7 +426,7 @@ class MedSIGHTClient:
         try:
             connection.request(method, target, body=body, headers=self._headers(content_type, accept))
             return connection, connection.getresponse()
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             connection.close()
             raise MedSIGHTError(f"{method} {url} timed out after {seconds} s", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
@@ -495,7 +495,7 @@ class MedSIGHTClient:
         url = self._url(path, query)
         try:
             return response.status, response.reason, response.read()
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
             raise MedSIGHTError(

@@ -82,9 +82,12 @@ class MedSIGHTSession:
         self._observers = []
 
     def _scene_closing(self, *_: Any) -> None:
-        self.reset()
+        if "_volumes" in self.__dict__:  # not while Python is tearing this object down at exit
+            self.reset()
 
     def _node_removed(self, *_: Any) -> None:
+        if "_volumes" not in self.__dict__:
+            return
         # The removed node is not handed to a plain Python observer; a node no longer in the scene is the one.
         for node_id, state in list(self._volumes.items()):
             if state.node.GetScene() is not self.scene:
