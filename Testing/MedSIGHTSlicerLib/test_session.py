@@ -4,6 +4,8 @@ segments under the volume's transform, centring on a region, no empty nodes, tag
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -36,16 +38,16 @@ def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver"
 
 
 def add_slice_views(scene) -> dict:
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # what the application does at start-up
     views = {}
     for name, orient in zip(VIEW_NAMES, ("Axial", "Sagittal", "Coronal"), strict=True):
-        node = slicer.vtkMRMLSliceNode()
+        node = scene.AddNewNodeByClass("vtkMRMLSliceNode")  # gets the scene's default orientation presets
         node.SetName(name)
         node.SetLayoutName(name)
         node.SetDefaultOrientation(orient)
         node.SetOrientation(orient)
         node.SetDimensions(256, 256, 1)
         node.SetFieldOfView(250.0, 250.0, 1.0)
-        scene.AddNode(node)
         views[name] = node
     return views
 
@@ -91,6 +93,11 @@ def test_scene_close_then_same_node_id_gets_a_fresh_start(url):
     for segment_id in manager.suggestion_ids():
         assert manager.suggestion_mask(segment_id).shape == second_array.shape
     assert first_result.answers[0].index == 1
+    # Free MRML on the main thread (scene -> observer -> session -> scene is a cycle the collector could otherwise
+    # break on the live server's worker thread).
+    session.stop_observing()
+    scene.Clear(1)
+    gc.collect()
 
 
 def test_answers_land_on_the_volume_the_question_was_about():
