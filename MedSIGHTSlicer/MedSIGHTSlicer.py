@@ -25,6 +25,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 from MedSIGHTSlicerLib.views import VIEW_NAMES
@@ -90,6 +91,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSIGHTSlicerLogic()
         self.logic.on_reset = self._scene_reset
+        # Our terminology context, so the segment editor's terminology picker knows every label we write.
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
         self.settings = ConnectionSettings.load(qt.QSettings())
         self.ui.urlLineEdit.text = self.settings.url

@@ -24,8 +24,8 @@ from .slicing import (
     iter_slices,
     plane_layouts,
     slice_at_ras,
-    slice_for_view,
     slice_count,
+    slice_for_view,
 )
 from .volume import MAX_VOXELS, Volume
 from .window import CT_PRESETS, Window, apply_window, choose_window, robust_window, to_rgb
@@ -63,8 +63,8 @@ __all__ = [
     "read_volume",
     "robust_window",
     "slice_at_ras",
-    "slice_for_view",
     "slice_count",
+    "slice_for_view",
     "to_rgb",
     "write_dicom_seg",
     "write_nifti_labelmap",
