@@ -24,7 +24,7 @@ from MedSIGHTSlicerLib import packages
 from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
-from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
@@ -207,7 +207,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.stopEngineButton.enabled = self.engine.running
 
     def _engine_output(self, text: str) -> None:
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = output_lines(text)
         for line in lines:
             logging.info("medsight engine: %s", line)
         if lines:

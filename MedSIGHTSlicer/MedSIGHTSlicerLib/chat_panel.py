@@ -34,7 +34,7 @@ from .jobs import Job, JobRunner
 from .protocol import Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 
-__all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
+__all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url", "theme_colours"]
 
 #: Scope choices, in the order of the selector.
 SCOPES = ("current", "range", "volume")
@@ -51,6 +51,19 @@ _HINTS = {
     "unauthorized": "Check the token in the connection settings.",
     "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
 }
+
+
+#: Conversation colours for light and dark application themes (Slicer has both); each meets WCAG AA contrast (4.5:1)
+#: on its theme's background.
+_LIGHT_COLOURS = {"you": "#1565c0", "bot": "#2e7d32", "muted": "#616161", "chip_bg": "#e8f5e9", "chip_fg": "#1b5e20",
+                  "error": "#c62828"}
+_DARK_COLOURS = {"you": "#90caf9", "bot": "#a5d6a7", "muted": "#bdbdbd", "chip_bg": "#1b5e20", "chip_fg": "#e8f5e9",
+                 "error": "#ef9a9a"}
+
+
+def theme_colours(background_lightness: int) -> dict[str, str]:
+    """The conversation's colours for a background of this HSL lightness (0..255)."""
+    return dict(_DARK_COLOURS if background_lightness < 128 else _LIGHT_COLOURS)
 
 
 @dataclass
@@ -264,7 +277,7 @@ class ChatPanel:
         self.error = qt.QLabel("")
         self.error.setObjectName("errorLabel")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #c62828;")
+        self.error.setStyleSheet(f"color: {self._colours()['error']};")
         self.error.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)  # so users can copy it into a report
         layout.addWidget(self.error)
 
@@ -550,6 +563,9 @@ class ChatPanel:
         if self.on_accept_all is not None:
             self._call_hook(self.on_accept_all)
 
+    def _colours(self) -> dict[str, str]:
+        return theme_colours(int(self.widget.palette().color(qt.QPalette.Base).lightness()))
+
     def _render(self) -> None:
         bar = self.conversation.verticalScrollBar()
         if self._job is not None and self.conversation.textCursor().hasSelection():
@@ -557,36 +573,39 @@ class ChatPanel:
         self._dirty = False
         at_end = int(prop(bar, "value")) >= int(prop(bar, "maximum")) - 4
         position = int(prop(bar, "value"))
-        self.conversation.setHtml(render_html(self._turns))
+        colours = self._colours()
+        self.error.setStyleSheet(f"color: {colours['error']};")
+        self.conversation.setHtml(render_html(self._turns, colours))
         # Follow the answer only when the reader was at the end; otherwise leave them where they were reading.
         bar.setValue(int(prop(bar, "maximum")) if at_end else position)
 
 
-def render_html(turns: list[_Turn]) -> str:
+def render_html(turns: list[_Turn], colours: dict[str, str] | None = None) -> str:
     """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips."""
+    c = colours or _LIGHT_COLOURS
     parts = []
     for turn in turns:
         parts.append(
-            '<p style="margin-top:8px"><b style="color:#1565c0">You</b> '
-            f'<span style="color:#757575">({html.escape(turn.scope)})</span><br>'
+            f'<p style="margin-top:8px"><b style="color:{c["you"]}">You</b> '
+            f'<span style="color:{c["muted"]}">({html.escape(turn.scope)})</span><br>'
             f"{html.escape(turn.question).replace(chr(10), '<br>')}</p>"
         )
         slices = sorted(set(turn.texts) | set(turn.regions))
         body = []
         for slice_index in slices:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
-            prefix = f'<span style="color:#757575">slice {slice_index}:</span> ' if len(slices) > 1 else ""
+            prefix = f'<span style="color:{c["muted"]}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
             chips = " ".join(
-                f'<a href="region://{slice_index}/{r.index}" style="background-color:#e8f5e9;color:#2e7d32;'
-                f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
+                f'<a href="region://{slice_index}/{r.index}" style="background-color:{c["chip_bg"]};'
+                f'color:{c["chip_fg"]};text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
                 for r in turn.regions.get(slice_index, [])
             )
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
         if not slices and not turn.status:
-            body.append('<i style="color:#757575">…</i>')
+            body.append(f'<i style="color:{c["muted"]}">…</i>')
         if turn.status == "cancelled":
-            body.append('<i style="color:#757575">(cancelled)</i>')
-        parts.append('<p><b style="color:#2e7d32">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
+            body.append(f'<i style="color:{c["muted"]}">(cancelled)</i>')
+        parts.append(f'<p><b style="color:{c["bot"]}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
 
 

@@ -16,9 +16,14 @@ from typing import Any
 
 from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess"]
+__all__ = ["EngineProcess", "output_lines"]
 
 _TAIL_CHARS = 4000
+
+
+def output_lines(text: str) -> list[str]:
+    """The non-blank lines of a piece of engine output (whitespace-only output has none)."""
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
 
 
 def _popen_options(detached: bool) -> dict[str, Any]:

@@ -369,3 +369,38 @@ def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
     assert panel.send("Where is the spleen?")
     pump(app, lambda: not panel.busy)
     assert bar.value() == 0
+
+
+def _contrast(fg: str, bg) -> float:
+    """WCAG contrast ratio of a #rrggbb colour on a QColor."""
+    def luminance(rgb) -> float:
+        channels = [c / 255 for c in rgb]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    a = luminance([int(fg[i : i + 2], 16) for i in (1, 3, 5)])
+    b = luminance([bg.red(), bg.green(), bg.blue()])
+    return (max(a, b) + 0.05) / (min(a, b) + 0.05)
+
+
+@pytest.mark.parametrize("background", ["#202124", "#ffffff"], ids=["dark", "light"])
+def test_conversation_is_readable_in_both_themes(app, url, volume, background):
+    import re
+
+    panel = make_panel(url, volume)
+    palette = panel.widget.palette()
+    palette.setColor(qt.QPalette.Base, qt.QColor(background))
+    panel.widget.setPalette(palette)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    page = panel.conversation.toHtml()
+    base = qt.QColor(background)
+    texts = set(re.findall(r"(?<!background-)color:\s*(#[0-9a-fA-F]{6})", page))
+    backgrounds = set(re.findall(r"background-color:\s*(#[0-9a-fA-F]{6})", page))
+    assert len(texts) >= 3 and len(backgrounds) == 1, page  # speakers, notes and region chips were all drawn
+    chip_bg = qt.QColor(backgrounds.pop())
+    for colour in texts:
+        # A chip's text sits on the chip; everything else on the page's background.
+        on = chip_bg if _contrast(colour, chip_bg) > _contrast(colour, base) else base
+        assert _contrast(colour, on) >= 4.5, (colour, on.name(), background)
+    assert _contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base) >= 4.5

@@ -25,7 +25,7 @@ from MedSIGHTSlicerLib.engine_launch import (
     split_command,
     startup_environment,
 )
-from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 # Microsoft's documented examples of the C runtime's argument parsing, plus the paths users paste.
@@ -96,6 +96,13 @@ def test_settings_detect_real_connection_changes():
     assert settings.set_connection("http://127.0.0.1:9000", "")
     assert settings.set_connection("http://127.0.0.1:9000", "secret")
     assert not settings.set_connection("http://127.0.0.1:9000", "secret")
+
+
+def test_whitespace_only_engine_output_has_no_lines():
+    """The old status-line code took ``splitlines()[-1]`` of the output and raised on "\\n  \\n"."""
+    assert output_lines("\n  \r\n\t") == []
+    assert output_lines("loading\n\nMedSIGHT engine on http://127.0.0.1:8765/v1  \n") == [
+        "loading", "MedSIGHT engine on http://127.0.0.1:8765/v1"]
 
 
 def _wait(predicate, timeout: float) -> bool:
