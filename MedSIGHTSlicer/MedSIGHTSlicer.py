@@ -31,6 +31,8 @@ from MedSIGHTSlicerLib.settings import ConnectionSettings
 from MedSIGHTSlicerLib.views import VIEW_NAMES
 
 MODEL_CARD_TIMEOUT_S = 10.0
+#: The README's Slicer section (the extension's homepage + its anchor).
+HELP_URL = "https://github.com/medsight/MedSIGHTSlicer#install-in-3d-slicer"
 #: Export combo box entries: (file dialog pattern, default suffix); the suffix picks the writer.
 EXPORT_FORMATS = (
     ("Segmentation (*.seg.nrrd)", ".seg.nrrd"),
@@ -63,10 +65,11 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         self.parent.title = "MedSIGHT"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedSIGHT for 3D Slicer developers"]
+        self.parent.contributors = ["MedSIGHT developers (MedSIGHT for 3D Slicer project)"]
         self.parent.helpText = (
             "Ask questions about the selected volume. Answers stream into the conversation; regions the model "
-            "names become suggested segments that you accept or reject. Research use only, not for clinical use."
+            "names become suggested segments that you accept or reject. Research use only, not for clinical use. "
+            f'See the <a href="{HELP_URL}">user guide</a> for starting the engine and connecting.'
         )
         self.parent.acknowledgementText = "Uses the MedSIGHT model (ICML 2026) through a local or remote engine."
 

@@ -92,6 +92,32 @@ def test_extension_cmakelists_metadata():
     assert "include(${Slicer_EXTENSION_CPACK})" in text
 
 
+
+def test_extensions_index_readiness():
+    """LICENSE, contributors as "Name (Organisation)", a real screenshot in Resources/ and a help link to the README's
+    Slicer section."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert "Apache License" in (REPO / "LICENSE").read_text()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', text).group(1)
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
+    assert all(re.fullmatch(r"[^(),]+ \([^()]+\)", c.strip()) for c in contributors.split(","))
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    assert urls
+    for url in urls:
+        path = REPO / url.split("/main/", 1)[1]
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) < 400 * 1024
+        width, height = struct.unpack(">II", data[16:24])
+        assert width >= 800 and height >= 400
+    module = SCRIPT.read_text()
+    assert re.search(r'contributors = \["[^"(]+ \([^)]+\)"\]', module)
+    help_url = re.search(r'HELP_URL = "([^"]+)"', module).group(1)
+    assert help_url.startswith(homepage + "#")
+    anchor = help_url.split("#", 1)[1]
+    headings = re.findall(r"^## (.+)$", (REPO / "README.md").read_text(), re.M)
+    assert anchor in {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def test_ui_names_every_widget_the_module_uses():
     widgets = ui_widgets()
     root = ET.parse(UI).getroot()
