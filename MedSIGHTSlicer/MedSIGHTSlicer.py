@@ -24,7 +24,7 @@ from MedSIGHTSlicerLib import packages
 from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
-from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
+from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
@@ -219,8 +219,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _engine_finished(self, code: int) -> None:
         self.engine_timer.stop()
         self._update_engine_buttons()
-        if code not in (0, 15, -15):
-            self.ui.connectionStatusLabel.text = f"The engine stopped (exit code {code}). {self.engine.output[-300:]}"
+        message = exit_message(code, self.engine.output)
+        if message:
+            self.ui.connectionStatusLabel.text = message
 
     def _consent(self, url: str) -> bool:
         """Before the first upload to another computer: the images (possibly patient data) leave this one."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess", "output_lines"]
+__all__ = ["EngineProcess", "exit_message", "output_lines"]
 
 _TAIL_CHARS = 4000
 
@@ -24,6 +24,15 @@ _TAIL_CHARS = 4000
 def output_lines(text: str) -> list[str]:
     """The non-blank lines of a piece of engine output (whitespace-only output has none)."""
     return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+def exit_message(code: int, output: str) -> str | None:
+    """What to tell the user when the engine ended: None for a normal exit or a stop (SIGTERM; on Windows
+    TerminateProcess gives 1 after ``stop()`` too, so only unexpected codes with output explain themselves)."""
+    if code in (0, 15, -15):
+        return None
+    tail = " ".join(output_lines(output)[-3:])[-300:]
+    return f"The engine stopped (exit code {code}). {tail}".strip()
 
 
 def _popen_options(detached: bool) -> dict[str, Any]:

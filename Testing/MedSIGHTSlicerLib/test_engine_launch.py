@@ -25,7 +25,7 @@ from MedSIGHTSlicerLib.engine_launch import (
     split_command,
     startup_environment,
 )
-from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
+from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 # Microsoft's documented examples of the C runtime's argument parsing, plus the paths users paste.
@@ -103,6 +103,12 @@ def test_whitespace_only_engine_output_has_no_lines():
     assert output_lines("\n  \r\n\t") == []
     assert output_lines("loading\n\nMedSIGHT engine on http://127.0.0.1:8765/v1  \n") == [
         "loading", "MedSIGHT engine on http://127.0.0.1:8765/v1"]
+
+
+def test_exit_messages():
+    assert exit_message(0, "bye") is None and exit_message(-15, "") is None
+    message = exit_message(1, "Traceback ...\nModuleNotFoundError: No module named 'encodings'\n\n")
+    assert message.startswith("The engine stopped (exit code 1).") and "encodings" in message
 
 
 def _wait(predicate, timeout: float) -> bool:

@@ -53,6 +53,20 @@ def test_compiles_for_slicer_python(path, tmp_path):
         assert "annotations" in futures, f"{path.name} needs 'from __future__ import annotations' (Python 3.9)"
 
 
+@pytest.mark.parametrize("path", MODULE_PY, ids=lambda p: str(p.relative_to(MODULE)))
+def test_no_python_310_only_calls(path):
+    """Calls that parse on Python 3.9 but fail when run there (Slicer 5.8): zip(strict=), dataclass(slots=/kw_only=),
+    itertools.pairwise."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        keywords = {k.arg for k in node.keywords}
+        assert not (name == "zip" and "strict" in keywords), f"{path.name}:{node.lineno}: zip(strict=)"
+        assert not (name == "dataclass" and keywords & {"slots", "kw_only"}), f"{path.name}:{node.lineno}"
+        assert name != "pairwise", f"{path.name}:{node.lineno}: itertools.pairwise"
+
+
 def test_ruff_passes():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():
