@@ -12,6 +12,7 @@ Main thread only (MRML); no Qt. The Slicer module's Logic is this class.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,19 @@ def volume_key(node) -> str:
     node.GetIJKToRASMatrix(matrix)
     elements = ",".join(repr(matrix.GetElement(r, c)) for r in range(3) for c in range(4))
     return f"{node.GetID()}|{node.GetImageData().GetMTime()}|{elements}"
+
+
+def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
+    """An observer callback that does not keep its session alive: scene -> observer -> session -> scene would be a
+    cycle, and the garbage collector may break it at any moment, on any thread, while VTK objects are mid-use."""
+    ref = weakref.WeakMethod(method)
+
+    def callback(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return callback
 
 
 @dataclass
@@ -71,9 +85,9 @@ class MedSIGHTSession:
             return
         scene_class = slicer.vtkMRMLScene
         self._observers = [
-            self.scene.AddObserver(scene_class.StartCloseEvent, self._scene_closing),
-            self.scene.AddObserver(scene_class.EndCloseEvent, self._scene_closing),
-            self.scene.AddObserver(scene_class.NodeRemovedEvent, self._node_removed),
+            self.scene.AddObserver(scene_class.StartCloseEvent, _weak_callback(self._scene_closing)),
+            self.scene.AddObserver(scene_class.EndCloseEvent, _weak_callback(self._scene_closing)),
+            self.scene.AddObserver(scene_class.NodeRemovedEvent, _weak_callback(self._node_removed)),
         ]
 
     def stop_observing(self) -> None:
@@ -82,12 +96,9 @@ class MedSIGHTSession:
         self._observers = []
 
     def _scene_closing(self, *_: Any) -> None:
-        if "_volumes" in self.__dict__:  # not while Python is tearing this object down at exit
-            self.reset()
+        self.reset()
 
     def _node_removed(self, *_: Any) -> None:
-        if "_volumes" not in self.__dict__:
-            return
         # The removed node is not handed to a plain Python observer; a node no longer in the scene is the one.
         for node_id, state in list(self._volumes.items()):
             if state.node.GetScene() is not self.scene:
