@@ -28,7 +28,7 @@ from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
-from MedSIGHTSlicerLib.views import VIEW_NAMES
+from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane
 
 MODEL_CARD_TIMEOUT_S = 10.0
 #: The README's Slicer section (the extension's homepage + its anchor).
@@ -257,7 +257,11 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def _current_view(self):
         node = self._node()
-        return None if node is None else self.logic.current_view(node, self.ui.viewComboBox.currentText)
+        if node is None:
+            return None
+        view = self.logic.current_view(node, self.ui.viewComboBox.currentText)
+        self.panel.plane = anatomical_plane(view)  # slice ranges and the whole volume go along the chosen view
+        return view
 
     def _apply_answers(self, answers) -> None:
         self.logic.apply_bound_answers(answers, question=self.panel.last_question,

@@ -16,11 +16,18 @@ import vtk
 
 from .geometry import GeometryError, _matrix_to_numpy
 
-__all__ = ["VIEW_NAMES", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
+__all__ = ["VIEW_NAMES", "anatomical_plane", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
            "view_in_volume_frame"]
 
 #: The slice views a question can be about (their layout names).
 VIEW_NAMES = ("Red", "Yellow", "Green")
+
+
+def anatomical_plane(slice_to_ras) -> str:
+    """The anatomical plane ("axial", "coronal", "sagittal") closest to a view's plane: the plane a slice range or
+    the whole volume is asked along when that view is the chosen one."""
+    normal = np.abs(np.asarray(slice_to_ras, dtype=float)[:3, 2])
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
 
 
 def slice_node(scene, view_name: str):
