@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -22,17 +20,21 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from MedSIGHTSlicerLib import geometry
-from MedSIGHTSlicerLib import review as review_lib
+from MedSIGHTSlicerLib import packages
 from MedSIGHTSlicerLib import shortcuts as review_shortcuts
-from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, guess_modality
-from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
-from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
+from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
+from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
+from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane
 
 MODEL_CARD_TIMEOUT_S = 10.0
+#: The README's Slicer section (the extension's homepage + its anchor).
+HELP_URL = "https://github.com/medsight/MedSIGHTSlicer#install-in-3d-slicer"
 #: Export combo box entries: (file dialog pattern, default suffix); the suffix picks the writer.
 EXPORT_FORMATS = (
     ("Segmentation (*.seg.nrrd)", ".seg.nrrd"),
@@ -41,18 +43,18 @@ EXPORT_FORMATS = (
 )
 
 
-def ensure_packages(names: list[str], purpose: str) -> bool:
-    """Import ``names``, installing the missing ones into Slicer's Python after the user agrees."""
-    import importlib.util
-
-    missing = [n for n in names if importlib.util.find_spec(n) is None]
+def ensure_packages(requirements: list[str], purpose: str) -> bool:
+    """Install missing packages into Slicer's Python after the user agrees, never changing what Slicer ships."""
+    missing = packages.missing(requirements)
     if not missing:
         return True
-    question = f"{purpose} needs the Python package(s) {', '.join(missing)}. Install them into 3D Slicer now?"
+    names = ", ".join(packages.requirement_name(r) for r in missing)
+    question = f"{purpose} needs the Python package(s) {names}. Install them into 3D Slicer now?"
     if not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"):
         return False
     with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-        slicer.util.pip_install(" ".join(missing))
+        with packages.constraints_file() as constraints:
+            slicer.util.pip_install([*missing, "--constraint", constraints])
         return True
     return False
 
@@ -65,16 +67,18 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         self.parent.title = "MedSIGHT"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedSIGHT for 3D Slicer developers"]
+        self.parent.contributors = ["MedSIGHT developers (MedSIGHT for 3D Slicer project)"]
         self.parent.helpText = (
             "Ask questions about the selected volume. Answers stream into the conversation; regions the model "
-            "names become suggested segments that you accept or reject. Research use only, not for clinical use."
+            "names become suggested segments that you accept or reject. Research use only, not for clinical use. "
+            f'See the <a href="{HELP_URL}">user guide</a> for starting the engine and connecting.'
         ) + review_shortcuts.help_html()
         self.parent.acknowledgementText = "Uses the MedSIGHT model (ICML 2026) through a local or remote engine."
 
 
 class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
-    """The module panel: connection settings, input volume, and the conversation."""
+    """The module panel: connection settings, input volume, and the conversation. Wiring only: every decision is
+    in MedSIGHTSlicerLib (session, settings, engine_launch, views)."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -91,40 +95,49 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSIGHTSlicerLogic()
+        self.logic.on_reset = self._scene_reset
+        # Our terminology context, so the segment editor's terminology picker knows every label we write.
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
         self.settings = ConnectionSettings.load(qt.QSettings())
         self.ui.urlLineEdit.text = self.settings.url
         self.ui.tokenLineEdit.text = self.settings.token
         self.ui.rememberTokenCheckBox.checked = self.settings.remember_token
+        for name in VIEW_NAMES:
+            self.ui.viewComboBox.addItem(name)
 
         self.panel = ChatPanel(None)
         self.ui.chatPanelPlaceholder.layout().addWidget(self.panel.widget)
         self.panel.volume_provider = self._volume_source
-        self.panel.current_slice_provider = self._current_slice
+        self.panel.current_slice_provider = self._current_view
         self.panel.before_upload = self._consent
         self.panel.on_volume_uploaded = self.logic.remember_volume_id
         self.panel.on_region_clicked = self._jump_to_region
         self.panel.on_accept_all = lambda: self.review_host.accept_all()
-        self._apply_connection()
+        self._connect()
 
-        self.ui.urlLineEdit.connect("editingFinished()", self._apply_connection)
-        self.ui.tokenLineEdit.connect("editingFinished()", self._apply_connection)
+        self.ui.urlLineEdit.connect("editingFinished()", self._connection_edited)
+        self.ui.tokenLineEdit.connect("editingFinished()", self._connection_edited)
         self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda _: self._save_settings())
         self._setup_review()
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
         self.check_timer = qt.QTimer()
         self.check_timer.setInterval(50)
         self.check_timer.connect("timeout()", self._poll_connection_check)
+        self.engine_timer = qt.QTimer()
+        self.engine_timer.setInterval(500)
+        self.engine_timer.connect("timeout()", self.engine.poll)
         self.ui.startEngineButton.connect("clicked(bool)", lambda _: self.onStartEngine())
         self.ui.stopEngineButton.connect("clicked(bool)", lambda _: self.onStopEngine())
         self.ui.exportButton.connect("clicked(bool)", lambda _: self.onExport())
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
-        self._volume_changed(self.ui.inputVolumeSelector.currentNode())
         self._update_engine_buttons()
 
     # -- annotator review (issue 20): the widgets live in MedSIGHTSlicerLib.review_host ---------------------
     def _setup_review(self) -> None:
-        self.review_host = ReviewHost(self.panel, self._node, self.logic, slicer.util.mainWindow())
+        self.review_host = ReviewHost(self.panel, self._node, self.logic, slicer.util.mainWindow(),
+                                      answer_volume=lambda: self.logic.bound_volume)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
+        self._volume_changed(self._node())
         self.ui.chatPanelPlaceholder.layout().addWidget(self.review_host.list.widget)
         self.ui.connectionCollapsibleButton.layout().addRow(self.review_host.engine_log.widget)
         if not slicer.app.commandOptions().noMainWindow:
@@ -142,12 +155,18 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if getattr(self, "review_host", None) is not None:
             self.review_host.close()
         self.check_timer.stop()
+        self.engine_timer.stop()
         self.connection_check.close()
         if self.panel is not None:
             self.panel.close()  # stop generating and polling for a panel that is going away
+        if self.logic is not None:
+            self.logic.stop_observing()
         self._save_settings()
-        if self.engine.running and self.settings.stop_engine_on_exit:
-            self.engine.stop()
+        if self.engine.running:
+            if self.settings.stop_engine_on_exit:
+                self.engine.stop()
+            else:
+                self.engine.release()
 
     # -- connection ------------------------------------------------------------------------------------------
     def _save_settings(self) -> None:
@@ -158,7 +177,13 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if getattr(self, "review_host", None) is not None and self.review_host.settings_page is not None:
             self.review_host.settings_page.load()
 
-    def _apply_connection(self) -> None:
+    def _connection_edited(self) -> None:
+        if self.settings.set_connection(self.ui.urlLineEdit.text, self.ui.tokenLineEdit.text):
+            self._connect()  # only a real change drops the client and the engine's volume ids
+        self._save_settings()
+
+    def _connect(self) -> None:
+        self.settings.set_connection(self.ui.urlLineEdit.text, self.ui.tokenLineEdit.text)
         self._save_settings()
         try:
             self.logic.connect(self.settings.url, self.settings.token or None)
@@ -169,7 +194,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.panel.set_client(self.logic.client)
 
     def onTestConnection(self) -> None:
-        self._apply_connection()
+        if self.logic.client is None:
+            self._connect()
         if self.logic.client is None:
             return
         # The request runs on a worker thread; the timer brings the outcome back, so Slicer never freezes.
@@ -191,9 +217,12 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def onStartEngine(self) -> None:
         self._save_settings()
         try:
-            self.engine.start(self.settings.serve_command)
+            plan = launch_plan(self.settings.serve_command, startup_environment(slicer.util),
+                               self.settings.stop_engine_on_exit)
+            self.engine.start(plan)
         except (ValueError, RuntimeError) as err:
             slicer.util.errorDisplay(f"Could not start the engine: {err}")
+        self.engine_timer.start()
         self._update_engine_buttons()
 
     def onStopEngine(self) -> None:
@@ -206,15 +235,18 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def _engine_output(self, text: str) -> None:
         self.review_host.engine_log.append(text)
-        for line in text.splitlines():
-            if line.strip():
-                logging.info("medsight engine: %s", line)
-        self.ui.connectionStatusLabel.text = self.engine.output.strip().splitlines()[-1][:200]
+        lines = output_lines(text)
+        for line in lines:
+            logging.info("medsight engine: %s", line)
+        if lines:
+            self.ui.connectionStatusLabel.text = lines[-1][:200]
 
     def _engine_finished(self, code: int) -> None:
+        self.engine_timer.stop()
         self._update_engine_buttons()
-        if code not in (0, 15, -15):
-            self.ui.connectionStatusLabel.text = f"The engine stopped (exit code {code}). {self.engine.output[-300:]}"
+        message = exit_message(code, self.engine.output)
+        if message:
+            self.ui.connectionStatusLabel.text = message
 
     def _consent(self, url: str) -> bool:
         """Before the first upload to another computer: the images (possibly patient data) leave this one."""
@@ -236,21 +268,33 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         return self.ui.inputVolumeSelector.currentNode()
 
     def _volume_changed(self, node) -> None:
-        if node is not None and node.GetImageData() is not None:
-            self.panel.set_slice_count(node.GetImageData().GetDimensions()[2])
         if getattr(self, "review_host", None) is not None:
             self.review_host.volume_changed(node)
 
+    def _scene_reset(self) -> None:
+        if self.panel is not None:
+            self.panel.cancel()
+            self.panel.set_client(self.logic.client)  # the engine's volume ids belong to the closed scene
+            self.panel.clear()
+        self._volume_changed(self._node())  # the list showed suggestions of the closed scene
+
     def _volume_source(self):
         node = self._node()
-        return None if node is None else self.logic.volume_source(node)
+        if node is None:
+            return None
+        self.logic.bind(node)  # the question about to be sent is about this volume
+        return self.logic.volume_source(node)
 
-    def _current_slice(self) -> int | None:
+    def _current_view(self):
         node = self._node()
-        return None if node is None else self.logic.red_slice_index(node)
+        if node is None:
+            return None
+        view = self.logic.current_view(node, self.ui.viewComboBox.currentText)
+        self.panel.plane = anatomical_plane(view)  # slice ranges and the whole volume go along the chosen view
+        return view
 
     def _jump_to_region(self, slice_index: int, index: int) -> None:
-        node = self._node()
+        node = self.logic.bound_volume or self._node()
         if node is not None:
             self.logic.jump_to_region(node, slice_index, index)
 
@@ -271,121 +315,25 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.connectionStatusLabel.text = f"Exported to {written}"
 
 
-class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
-    """Uploads volume nodes (once each), asks, and turns answers into suggested segments."""
+class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic, MedSIGHTSession):
+    """The module's logic: ``MedSIGHTSession`` (tested with real MRML nodes) on Slicer's scene, plus export."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.client: MedSIGHTClient | None = None
-        self.model_name = ""
-        self._volume_ids: dict[str, str] = {}
-        self._answers: dict[tuple[str, int], object] = {}
-        self._managers: dict[str, object] = {}
-
-    def connect(self, url: str, token: str | None = None, timeout: float = 600.0) -> MedSIGHTClient:
-        """Talk to the engine at ``url`` from now on (raises ValueError for a malformed URL)."""
-        self.client = MedSIGHTClient(url, token=token, timeout=timeout)
-        self._volume_ids.clear()  # volume ids belong to one engine
-        return self.client
-
-    @staticmethod
-    def volume_key(node) -> str:
-        """Changes whenever the voxels or the geometry change, so an edited volume is uploaded again."""
-        matrix = vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(matrix)
-        elements = ",".join(repr(matrix.GetElement(r, c)) for r in range(3) for c in range(4))
-        return f"{node.GetID()}|{node.GetImageData().GetMTime()}|{elements}"
-
-    def remember_volume_id(self, key: str, volume_id: str) -> None:
-        self._volume_ids[key] = volume_id
-
-    def volume_source(self, node):
-        """The engine's id for ``node`` if it has it, else what to upload."""
-        key = self.volume_key(node)
-        if key in self._volume_ids:
-            return self._volume_ids[key]
-        array, spacing, origin, direction = geometry.volume_upload_arrays(node)
-        modality = node.GetAttribute("MedSIGHT.Modality") or guess_modality(array)
-        return VolumeData(array, spacing, origin, direction, modality, key=key)
-
-    def upload(self, node) -> str:
-        """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
-        source = self.volume_source(node)
-        if isinstance(source, str):
-            return source
-        info = self.client.upload_volume(
-            source.array, source.spacing, source.origin, source.direction, modality=source.modality
-        )
-        self.remember_volume_id(source.key, info.volume_id)
-        return info.volume_id
-
-    def ask(self, node, question: str, indices, options=None, plane: str = "axial"):
-        """Upload if needed, ask (blocking), and add the regions as suggestions. Returns the ``AskResult``."""
-        result = self.client.ask(self.upload(node), question, plane=plane, indices=list(indices), options=options)
-        self.apply_answers(node, [a for a in result.answers if a.regions], question=question, model=result.model)
-        return result
-
-    def suggestion_manager(self, node):
-        from MedSIGHTSlicerLib.suggestions import SuggestionManager
-
-        manager = self._managers.get(node.GetID())
-        if manager is None:
-            manager = SuggestionManager(slicer.mrmlScene, node, model=self.model_name)
-            self._managers[node.GetID()] = manager
-        return manager
-
-    def take_answer(self, node, answer, ask_serial: int, scope: str, question: str = "") -> list[str]:
-        """One slice's answer as it streams in (see ``review.take_answer``)."""
-        self._answers[(node.GetID(), answer.index)] = answer
-        return review_lib.take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question)
-
-    def apply_answer(self, node, answer, question: str = "", model: str | None = None) -> list[str]:
-        """The answer's regions become suggested segments of ``node``; returns their segment ids."""
-        self._answers[(node.GetID(), answer.index)] = answer
-        return self.suggestion_manager(node).add_answer(answer, question=question, model=model)
-
-    def apply_answers(self, node, answers, question: str = "", model: str | None = None) -> list[str]:
-        """One question's answers: regions of the same finding on several slices become one 3D suggestion."""
-        for answer in answers:
-            self._answers[(node.GetID(), answer.index)] = answer
-        if not answers:
-            return []
-        return self.suggestion_manager(node).add_answers(answers, question=question, model=model)
+        MedSIGHTSession.__init__(self, slicer.mrmlScene)
 
     def export(self, node, path: str) -> str:
         """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or
         a DICOM SEG (.dcm) referencing the series ``node`` was loaded from."""
         from MedSIGHTSlicerLib.export import export_labelmap_file
 
-        user = self.suggestion_manager(node).find_user_node()
+        user = self.user_segmentation(node)
         if user is None:
             raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")
-        if path.lower().endswith(".dcm") and not ensure_packages(["highdicom"], "DICOM SEG export"):
+        if path.lower().endswith(".dcm") and not ensure_packages(packages.dicom_seg_requirements(),
+                                                                 "DICOM SEG export"):
             raise ValueError("DICOM SEG export needs the highdicom package")
         return str(export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None)))
-
-    def accept_all(self, node) -> list[str]:
-        return self.suggestion_manager(node).accept()
-
-    def red_slice_index(self, node) -> int:
-        """The k index of ``node`` shown in the Red slice view (what "Current slice" means for axial asks)."""
-        slice_node = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        ras = [slice_node.GetSliceToRAS().GetElement(r, 3) for r in range(3)] + [1.0]
-        ras_to_ijk = np.linalg.inv(geometry.ijk_to_ras(node))
-        k = round(float((ras_to_ijk @ np.asarray(ras))[2]))
-        return min(max(k, 0), node.GetImageData().GetDimensions()[2] - 1)
-
-    def jump_to_region(self, node, slice_index: int, index: int) -> bool:
-        """Centre the slice views on a region of the latest answer about ``slice_index``."""
-        answer = self._answers.get((node.GetID(), slice_index))
-        region = None if answer is None else next((r for r in answer.regions if r.index == index), None)
-        if region is None or region.bbox is None:
-            return False
-        row0, col0, row1, col1 = region.bbox
-        pixel = np.array([(col0 + col1) / 2.0, (row0 + row1) / 2.0, 0.0, 1.0])
-        r, a, s = (answer.slice_to_ras @ pixel)[:3]
-        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, float(r), float(a), float(s))
-        return True
 
 
 class MedSIGHTSlicerTest(ScriptedLoadableModuleTest):

@@ -6,7 +6,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 (the Slicer module, or a test) plugs in callables:
 
 - ``volume_provider()`` -> ``VolumeData`` to upload, an existing ``volume_id`` string, or None (nothing chosen).
-- ``current_slice_provider()`` -> the slice index the "Current slice" scope means (None: 0).
+- ``current_slice_provider()`` -> what the "Current slice" scope means: a slice index (None: 0) along the panel's
+  plane, or the 4x4 slice-to-RAS of the view the user looks at (the engine then picks plane and index).
 - ``before_upload(url)`` -> False to refuse sending images to that engine (the first-use consent prompt).
 - ``on_volume_uploaded(key, volume_id)``: an upload finished (the host may cache the id).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
@@ -56,6 +57,8 @@ _HINTS = {
 }
 
 
+
+
 @dataclass
 class VolumeData:
     """A volume to upload: (k, j, i) voxels and LPS geometry, as ``MedSIGHTClient.upload_volume`` takes them.
@@ -71,7 +74,7 @@ class VolumeData:
     key: str | None = None
 
 
-VolumeSource = Union[VolumeData, str]  # noqa: UP007 - evaluated at run time: Slicer 5.8 has Python 3.9
+VolumeSource = Union[VolumeData, str]  # evaluated at run time: Slicer 5.8 has Python 3.9
 
 
 def guess_modality(array: np.ndarray) -> str:
@@ -135,6 +138,7 @@ class _Job:
     source: VolumeSource
     cached_id: str | None
     options: dict[str, Any]
+    view: Any = None  # 4x4 slice-to-RAS of the view asked about (instead of scope indices)
     job_id: str | None = None
     runner: Job | None = None
     answers: list[SliceAnswer] = field(default_factory=list)
@@ -186,6 +190,8 @@ class ChatPanel:
         self.last_scope = "current"
         #: Slices answered so far in the running (or last) question.
         self.answered_slices = 0
+        #: The model that gave the latest answer (from the engine's reply), for hosts that tag suggestions with it.
+        self.last_model = ""
 
         self._turns: list[_Turn] = []
         self._regions: dict[tuple[int, int], Region] = {}
@@ -357,15 +363,26 @@ class ChatPanel:
             self.show_error("Not sent: sending images to this engine was not allowed.")
             return False
         scope = SCOPES[max(int(prop(self.scope, "currentIndex")), 0)]
-        current = self.current_slice_provider() if self.current_slice_provider is not None else None
+        try:
+            current = self.current_slice_provider() if self.current_slice_provider is not None else None
+        except ValueError as err:
+            self.show_error(str(err))
+            return False
+        view = None
+        if current is not None and not isinstance(current, (int, np.integer)):
+            view = np.asarray(current, dtype=float)  # a view's slice-to-RAS: the engine resolves the slice
+            current = None
         first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
         if scope == "current":
             first = last = int(current or 0)
-        place = (self.plane, first) if first == last and scope != "volume" else None
+        else:
+            view = None
+        place = (self.plane, first) if first == last and scope != "volume" and view is None else None
         volumes = {v for v in (source if isinstance(source, str) else source.key, cached_id) if v}
         messages = self.follow_up_messages(text, place, volumes)
-        job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options))
-        self._turns.append(_Turn(text, self._scope_text(scope, first, last), place=place, volumes=volumes))
+        job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options), view)
+        scope_text = "slice in view" if view is not None else self._scope_text(scope, first, last)
+        self._turns.append(_Turn(text, scope_text, place=place, volumes=volumes))
         self.last_question = text
         self.ask_serial += 1
         self.last_scope = scope
@@ -419,6 +436,8 @@ class ChatPanel:
             threading.Thread(target=_cancel_quietly, args=(client, job_id), daemon=True).start()
         if self._turns:
             self._turns[-1].status = "cancelled"
+        if job.answers and self.on_answers is not None:
+            self._call_hook(self.on_answers, list(job.answers))  # what arrived before Cancel is kept
         self._finish("Cancelled.")
 
     # -- main-thread side ------------------------------------------------------------------------------------------
@@ -443,7 +462,10 @@ class ChatPanel:
 
     def _finish(self, status: str) -> None:
         self._job = None
-        self._timer.stop()
+        # The timer keeps polling while worker threads live: each tick gives Python (and so the worker and the
+        # cancel request's thread) a turn, which PythonQt's idle Slicer otherwise would not.
+        if not self._runner.busy:
+            self._timer.stop()
         self._set_busy(False, status)
         self._render()
 
@@ -465,6 +487,8 @@ class ChatPanel:
             # Anything else is a cancelled job's late event: ignored.
         if self._dirty:
             self._render()
+        if self._job is None and not self._runner.busy:
+            self._timer.stop()
 
     def _remember_volume(self, key: str | None, volume_id: str) -> None:
         if key:
@@ -482,6 +506,17 @@ class ChatPanel:
             job.job_id = payload[0]
             if not self.answered_slices:  # later chunks keep the progress line
                 self.status.setText("Thinking…")
+        elif kind == "resolved":  # the engine picked the slice a view shows
+            plane, index = payload
+            turn.scope = f"{plane} slice {index} (in view)"
+            turn.place = (plane, index)
+            self._dirty = True
+        elif kind == "slices":
+            count = int(payload[0].get(self.plane, 0))
+            if count and int(prop(self.range_from, "maximum")) != count - 1:
+                self.set_slice_count(count)
+        elif kind == "model":
+            self.last_model = str(payload[0])
         elif kind == "token":
             slice_index, text = payload
             turn.texts[slice_index] = turn.texts.get(slice_index, "") + text
@@ -543,10 +578,17 @@ class ChatPanel:
             self._call_hook(self.on_accept_all)
 
     def _render(self) -> None:
-        self._dirty = False
-        self.conversation.setHtml(render_html(self._turns, colours_of(self.conversation)))
         bar = self.conversation.verticalScrollBar()
-        bar.setValue(int(prop(bar, "maximum")))
+        if self._job is not None and self.conversation.textCursor().hasSelection():
+            return  # the user is selecting text: re-render once the answer is complete
+        self._dirty = False
+        at_end = int(prop(bar, "value")) >= int(prop(bar, "maximum")) - 4
+        position = int(prop(bar, "value"))
+        colours = colours_of(self.conversation)
+        self.error.setStyleSheet(f"color: {colours.error};")
+        self.conversation.setHtml(render_html(self._turns, colours))
+        # Follow the answer only when the reader was at the end; otherwise leave them where they were reading.
+        bar.setValue(int(prop(bar, "maximum")) if at_end else position)
 
 
 def progress_text(done: int, total: int, seconds: float) -> str:
@@ -603,6 +645,7 @@ def _cancel_quietly(client: MedSIGHTClient, job_id: str) -> None:
 def _upload(client: MedSIGHTClient, data: VolumeData, job: _Job) -> Any:
     info = client.upload_volume(data.array, data.spacing, data.origin, data.direction, modality=data.modality)
     job.emit("uploaded", data.key, info.volume_id)
+    job.emit("slices", dict(info.slices))
     return info
 
 
@@ -641,7 +684,11 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             assert data is not None
             info = _upload(client, data, job)
             volume_id = info.volume_id
-        if info is not None:
+        if info is not None and job.cached_id is not None:
+            job.emit("slices", dict(info.slices))
+        if job.view is not None:
+            indices = [-1]  # the engine says which slice in its "job" event
+        elif info is not None:
             indices = _resolve_indices(job.scope, int(info.slices.get(job.plane, 0)))
         else:
             indices = [job.scope[1]]
@@ -652,13 +699,14 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
                 cancelled = True
                 break
             part = indices[start:stop]
+            ask_part = None if job.view is not None else part
             try:
-                stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
+                stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
             except MedSIGHTError as err:
                 if err.code != "unknown_volume" or data is None:
                     raise
                 volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
-                stream = client.ask_stream(volume_id, job.question, job.plane, part, job.options)
+                stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
             cancelled = _read_stream(client, stream, job, part) or cancelled
             job.emit("progress", stop, total)
             if cancelled:
@@ -677,11 +725,15 @@ def _read_stream(client: MedSIGHTClient, stream: Any, job: _Job, part: list[int]
             if event.kind == "job":
                 job.job_id = event.job_id
                 job.emit("job", event.job_id)
+                if job.view is not None and event.indices:
+                    part[:] = event.indices
+                    job.emit("resolved", event.plane, event.indices[0])
             elif event.kind == "token":
                 job.emit("token", part[event.slice], event.text)
             elif event.kind == "region":
                 job.emit("region", part[event.slice], event.region)
             elif event.kind == "done":
+                job.emit("model", event.result.model)
                 for answer in event.result.answers:
                     job.emit("answer", answer)
                 return bool(event.result.cancelled)

@@ -181,7 +181,7 @@ class AskStream:
     def _read(self) -> bytes:
         try:
             return self._response.read1(_READ_CHUNK)
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             self.close()
             raise MedSIGHTError(
                 f"no event from {self._url} within the timeout", code="timeout", url=self._url
@@ -327,6 +327,7 @@ class MedSIGHTClient:
         options: Mapping[str, Any] | None = None,
         window: Any = None,
         timeout: float | None = None,
+        view: Any = None,
     ) -> AskResult:
         """POST /v1/ask: ask the same question about each slice; one ``SliceAnswer`` per index, in order.
 
@@ -336,8 +337,10 @@ class MedSIGHTClient:
             options: generation settings, e.g. {"max_new_tokens": 128, "seed": 0} (see the engine's AskOptions).
             window: display window: a CT preset name, a (center, width) pair, or None for the modality default.
             timeout: seconds to wait for the whole answer (generation may take a while on a CPU).
+            view: the 4x4 slice-to-RAS of the view the user looks at, instead of plane and indices: the engine
+                picks the slice (each answer's plane, index and slice_to_ras say which).
         """
-        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=False)
+        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=False, view=view)
         return self._json("POST", "/ask", body=_json_bytes(body), timeout=timeout, parse=AskResult.from_json)
 
     def ask_stream(
@@ -349,6 +352,7 @@ class MedSIGHTClient:
         options: Mapping[str, Any] | None = None,
         window: Any = None,
         timeout: float | None = None,
+        view: Any = None,
     ) -> AskStream:
         """POST /v1/ask with streaming: an ``AskStream`` of "job", "token", "region", then "done" (or "error").
 
@@ -356,7 +360,7 @@ class MedSIGHTClient:
         The request is sent before this returns, so HTTP errors (401, 404, 422, ...) raise here. Close the
         stream (or use it in a ``with`` block) to hang up early; ``cancel(stream.job_id)`` stops the job too.
         """
-        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=True)
+        body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=True, view=view)
         url = self._url("/ask")
         connection, response = self._send(
             "POST", "/ask", None, _json_bytes(body), "application/json", timeout, accept="text/event-stream"
@@ -422,7 +426,7 @@ class MedSIGHTClient:
         try:
             connection.request(method, target, body=body, headers=self._headers(content_type, accept))
             return connection, connection.getresponse()
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             connection.close()
             raise MedSIGHTError(f"{method} {url} timed out after {seconds} s", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
@@ -491,7 +495,7 @@ class MedSIGHTClient:
         url = self._url(path, query)
         try:
             return response.status, response.reason, response.read()
-        except (socket.timeout, TimeoutError):  # noqa: UP041 - distinct classes before Python 3.10 (Slicer 5.8)
+        except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
             raise MedSIGHTError(

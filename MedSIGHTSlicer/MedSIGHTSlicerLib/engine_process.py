@@ -1,25 +1,56 @@
-"""A local ``medsight serve`` started and stopped from the module (a QProcess, so Slicer's event loop keeps running
-and the engine's output can be shown without a thread)."""
+"""A local ``medsight serve`` started and stopped from the module.
+
+A plain ``subprocess`` child, not a QProcess: a QProcess owned by Python kills its child when it is destroyed, so an
+engine the user wants kept alive after Slicer exits could not survive. The engine writes to a log file; the module
+polls ``poll()`` from a QTimer (main thread) for new output and the exit code, so no thread touches the GUI.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from .qt_shim import connect, qt
-from .settings import split_command
+from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess"]
+__all__ = ["EngineProcess", "exit_message", "output_lines"]
 
 _TAIL_CHARS = 4000
 
 
+def output_lines(text: str) -> list[str]:
+    """The non-blank lines of a piece of engine output (whitespace-only output has none)."""
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+def exit_message(code: int, output: str) -> str | None:
+    """What to tell the user when the engine ended: None for a normal exit or a stop (SIGTERM; on Windows
+    TerminateProcess gives 1 after ``stop()`` too, so only unexpected codes with output explain themselves)."""
+    if code in (0, 15, -15):
+        return None
+    tail = " ".join(output_lines(output)[-3:])[-300:]
+    return f"The engine stopped (exit code {code}). {tail}".strip()
+
+
+def _popen_options(detached: bool) -> dict[str, Any]:
+    """Keep the engine out of Slicer's process group when it must outlive Slicer; hide its console on Windows."""
+    if os.name == "nt":
+        flags = subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        if detached:
+            flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        return {"creationflags": flags}
+    return {"start_new_session": detached}
+
+
 class EngineProcess:
-    """Runs one engine command line; ``stop()`` ends it (and only it).
+    """Runs one engine command; ``stop()`` ends it (and only it).
 
     Args:
-        on_output: called on the main thread with each new piece of the engine's output (stdout and stderr merged).
-        on_finished: called with the exit code when the process ends (also after ``stop()``).
+        on_output: called (from ``poll()``) with each new piece of the engine's output (stdout and stderr merged).
+        on_finished: called (from ``poll()``) with the exit code when the process has ended, also after ``stop()``.
     """
 
     def __init__(
@@ -27,65 +58,96 @@ class EngineProcess:
         on_output: Callable[[str], None] | None = None,
         on_finished: Callable[[int], None] | None = None,
     ) -> None:
-        self._process: Any = None
+        self._process: subprocess.Popen | None = None
+        self._log: Any = None
+        self.log_path = ""
+        self._read_at = 0
         self._on_output = on_output
         self._on_finished = on_finished
         self.output = ""
+        self.detached = False
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.state() != qt.QProcess.NotRunning
+        return self._process is not None and self._process.poll() is None
 
-    def start(self, command: str) -> None:
-        """Start ``command`` (e.g. "medsight serve --port 8765"); raises ValueError for an empty command and
-        RuntimeError when the program cannot be started (not found, not executable)."""
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self, plan: LaunchPlan) -> None:
+        """Start the planned command; RuntimeError when it is already running or cannot be started."""
         if self.running:
             raise RuntimeError("the engine is already running; stop it first")
-        program, *arguments = split_command(command)
-        process = qt.QProcess()
-        # Merged channels: the engine reports its address and errors on stderr, progress on stdout.
-        process.setProcessChannelMode(qt.QProcess.MergedChannels)
-        connect(process, "readyReadStandardOutput", self._read)
-        connect(process, "finished", self._finished)
+        handle, self.log_path = tempfile.mkstemp(prefix="medsight-engine-", suffix=".log")
+        self._log = os.fdopen(handle, "wb")
+        try:
+            self._process = subprocess.Popen(
+                plan.argv, env=plan.environment, stdin=subprocess.DEVNULL, stdout=self._log,
+                stderr=subprocess.STDOUT, **_popen_options(plan.detached),
+            )
+        except OSError as err:
+            self._close_log()
+            raise RuntimeError(f"cannot start {plan.program!r}: {err.strerror or err}") from None
+        self.detached = plan.detached
         self.output = ""
-        process.start(program, arguments)
-        if not process.waitForStarted(10000):
-            message = process.errorString()
-            raise RuntimeError(f"cannot start {program!r}: {message}")
-        self._process = process
+        self._read_at = 0
 
-    def stop(self, wait_ms: int = 5000) -> None:
-        """Ask the engine to exit (SIGTERM on POSIX), then kill it if it is still running after ``wait_ms``."""
+    def poll(self) -> int | None:
+        """Hand new output to ``on_output``; when the process has ended, its exit code (once, to ``on_finished``)."""
+        process = self._process
+        if process is None:
+            return None
+        self._read_new_output()
+        code = process.poll()
+        if code is None:
+            return None
+        self._read_new_output()
+        self._process = None
+        self._close_log()
+        if self._on_finished is not None:
+            self._on_finished(int(code))
+        return int(code)
+
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Ask the engine to exit (SIGTERM on POSIX), then kill it if it still runs after ``wait_s``."""
         process = self._process
         if process is None:
             return
-        if process.state() != qt.QProcess.NotRunning:
+        if process.poll() is None:
             process.terminate()
-            if not process.waitForFinished(wait_ms):
+            try:
+                process.wait(wait_s)
+            except subprocess.TimeoutExpired:
                 process.kill()
-                process.waitForFinished(wait_ms)
-        self._process = None
+                process.wait(wait_s)
+        self.poll()
 
-    def _read(self, *_: Any) -> None:
-        if self._process is None:
+    def release(self) -> None:
+        """Forget a detached engine without stopping it (Slicer exits and the user wants it kept)."""
+        self._process = None
+        self._close_log()
+
+    def _read_new_output(self) -> None:
+        if not self.log_path:
             return
-        text = _text(self._process.readAllStandardOutput())
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._read_at)
+                data = log.read()
+        except OSError:
+            return
+        if not data:
+            return
+        self._read_at += len(data)
+        text = data.decode("utf-8", errors="replace")
         # Keep only the tail: the engine can run for days, and only its last lines matter for an error.
         self.output = (self.output + text)[-_TAIL_CHARS:]
-        if self._on_output is not None and text:
+        if self._on_output is not None:
             self._on_output(text)
 
-    def _finished(self, *args: Any) -> None:
-        code = int(args[0]) if args else -1
-        if self._on_finished is not None:
-            self._on_finished(code)
-
-
-def _text(data: Any) -> str:
-    """A QByteArray (PySide: ``bytes(qba)``; PythonQt: ``qba.data()``) or str -> text."""
-    if isinstance(data, str):
-        return data
-    raw = data.data() if hasattr(data, "data") else data
-    if isinstance(raw, str):  # some PythonQt builds hand back str from data()
-        return raw
-    return bytes(raw).decode("utf-8", errors="replace")
+    def _close_log(self) -> None:
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None

@@ -261,7 +261,8 @@ class StreamEvent:
 
     ``kind`` is the SSE event name; the matching attribute is set:
 
-    - "job": ``job_id`` (pass it to ``MedSIGHTClient.cancel``).
+    - "job": ``job_id`` (pass it to ``MedSIGHTClient.cancel``); ``plane`` and ``indices``: the slices the engine
+      answers about (the ones it picked when the ask named a view; None from engines that do not say).
     - "token": ``slice`` (position in the request's indices) and ``text`` (the new text).
     - "region": ``slice`` and ``region``.
     - "done": ``result`` (the complete ``AskResult``); the stream ends.
@@ -278,6 +279,8 @@ class StreamEvent:
     region: Region | None = None
     result: AskResult | None = None
     error: ErrorInfo | None = None
+    plane: str | None = None
+    indices: list[int] | None = None
 
     @property
     def final(self) -> bool:
@@ -288,7 +291,9 @@ class StreamEvent:
     def from_json(cls, kind: str, data: Any) -> StreamEvent:
         if kind == "job":
             data = _require(data, "job event", "job_id")
-            return cls(kind, data, job_id=str(data["job_id"]))
+            indices = data.get("indices")
+            return cls(kind, data, job_id=str(data["job_id"]), plane=data.get("plane"),
+                       indices=None if indices is None else [int(i) for i in indices])
         if kind == "token":
             data = _require(data, "token event", "slice", "text")
             return cls(kind, data, slice=int(data["slice"]), text=str(data["text"]))
@@ -438,6 +443,7 @@ def build_ask_request(
     options: Mapping[str, Any] | None = None,
     window: Any = None,
     stream: bool = False,
+    view: Any = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/ask.
 
@@ -449,7 +455,14 @@ def build_ask_request(
         options: generation settings by name, e.g. {"max_new_tokens": 64, "no_code_fallback": True}; the engine
             rejects unknown names (HTTP 422).
         window: see ``build_window``; None uses the modality's default.
+        view: instead of ``plane`` and ``indices``, the 4x4 slice-to-RAS of the view the user looks at (in the
+            uploaded volume's frame): the engine picks plane and index and says which in its answer.
     """
+    if view is not None:
+        matrix = np.asarray(view, dtype=np.float64)
+        if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+            raise ValueError(f"view must be a finite 4x4 slice-to-RAS matrix, got shape {matrix.shape}")
+        plane, indices = "axial", ()
     if plane not in PLANES:
         raise ValueError(f"plane must be one of {', '.join(PLANES)}, got {plane!r}")
     if isinstance(indices, (int, np.integer)):
@@ -459,11 +472,14 @@ def build_ask_request(
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
             raise ValueError(f"slice indices must be integers, got {i!r}")
         index_list.append(int(i))
-    if not index_list:
+    if not index_list and view is None:
         raise ValueError("indices is empty; ask about at least one slice")
+    slices: dict[str, Any] = {"plane": plane, "indices": index_list}
+    if view is not None:
+        slices = {"view": [[float(v) for v in row] for row in np.asarray(view, dtype=np.float64)]}
     body: dict[str, Any] = {
         "volume_id": str(volume_id),
-        "slices": {"plane": plane, "indices": index_list},
+        "slices": slices,
         "messages": build_messages(messages),
         "stream": bool(stream),
     }

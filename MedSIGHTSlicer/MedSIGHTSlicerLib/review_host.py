@@ -25,10 +25,14 @@ class ReviewHost:
         logic: the module logic (``suggestion_manager(node)`` and ``take_answer(node, answer, serial, scope,
             question)``).
         main_window: where Ctrl+Z / Ctrl+Y live while the module is shown.
+        answer_volume: () -> the volume the running question is about (its answers go there even if the selection
+            changed meanwhile; None drops them, e.g. the volume was removed); default ``volume``.
     """
 
-    def __init__(self, panel: Any, volume: Callable[[], Any], logic: Any, main_window: Any) -> None:
+    def __init__(self, panel: Any, volume: Callable[[], Any], logic: Any, main_window: Any,
+                 answer_volume: Callable[[], Any] | None = None) -> None:
         self.panel, self.volume, self.logic = panel, volume, logic
+        self.answer_volume = answer_volume or volume
         self.list = SuggestionList()
         self.list.on_jump = jump_to
         self.list.on_edit = open_in_segment_editor
@@ -69,16 +73,17 @@ class ReviewHost:
         self.list.set_review(None if node is None else self.review(node))
 
     def take_answer(self, answer: Any) -> None:
-        node = self.volume()
+        node = self.answer_volume()
         if node is not None:
-            self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question)
+            self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question,
+                                   model=getattr(self.panel, "last_model", "") or None)
             if self.list.review is None or self.list.review.manager is not self.logic.suggestion_manager(node):
                 self.list.set_review(self.review(node))
             else:
                 self.list.refresh()
 
     def answers_done(self, _answers: Any) -> None:
-        node = self.volume()
+        node = self.answer_volume()
         if node is not None:
             self.logic.suggestion_manager(node).end_stream(f"ask-{self.panel.ask_serial}")
 

@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import ipaddress
-import shlex
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
 from .client import DEFAULT_URL
+from .engine_launch import DEFAULT_SERVE_COMMAND, split_command
 
 __all__ = ["DEFAULT_SERVE_COMMAND", "ConnectionSettings", "host_of", "is_loopback_url", "split_command"]
 
 PREFIX = "MedSIGHT/"
-#: What "Start local engine" runs when nothing else is configured: the engine from the venv on PATH.
-DEFAULT_SERVE_COMMAND = "medsight serve --model tiny --host 127.0.0.1 --port 8765"
+#: Earlier defaults, saved by older versions without the user choosing them: read back as today's default.
+_OLD_DEFAULT_COMMANDS = ("medsight serve --model tiny --host 127.0.0.1 --port 8765",)
 
 
 def host_of(url: str) -> str:
@@ -32,14 +32,6 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def split_command(command: str) -> list[str]:
-    """A shell-like command line -> program and arguments (raises ValueError on unbalanced quotes)."""
-    parts = shlex.split(command)
-    if not parts:
-        raise ValueError("the engine command is empty")
-    return parts
 
 
 def _as_bool(value: Any) -> bool:
@@ -82,11 +74,12 @@ class ConnectionSettings:
     def load(cls, store: Any) -> ConnectionSettings:
         default = cls()
         remember = _as_bool(store.value(PREFIX + "rememberToken", False))
+        command = str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command)
         return cls(
             url=str(store.value(PREFIX + "url", default.url) or default.url),
             token=str(store.value(PREFIX + "token", "") or "") if remember else "",
             remember_token=remember,
-            serve_command=str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command),
+            serve_command=default.serve_command if command in _OLD_DEFAULT_COMMANDS else command,
             stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True)),
             consented_hosts=_as_list(store.value(PREFIX + "consentedHosts", "")),
         )
@@ -100,6 +93,14 @@ class ConnectionSettings:
         store.setValue(PREFIX + "stopEngineOnExit", "true" if self.stop_engine_on_exit else "false")
         # A comma-joined string: QSettings round-trips lists differently in PythonQt and PySide.
         store.setValue(PREFIX + "consentedHosts", ",".join(self.consented_hosts))
+
+    def set_connection(self, url: str, token: str) -> bool:
+        """Take the URL and token from the form; True only when either really changed (so the client, and the
+        engine's volume ids with it, are kept when the user merely leaves a field)."""
+        url, token = url.strip(), token.strip()
+        changed = (url, token) != (self.url.strip(), self.token.strip())
+        self.url, self.token = url, token
+        return changed
 
     def needs_consent(self, url: str | None = None) -> bool:
         """Uploading to ``url`` (default: ``self.url``) sends images off this computer and was not agreed to."""

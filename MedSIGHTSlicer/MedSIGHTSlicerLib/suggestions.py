@@ -142,12 +142,32 @@ def _segment_ids(segmentation) -> list[str]:
     return [ids.GetValue(n) for n in range(ids.GetNumberOfValues())]
 
 
+#: Free-text tags. Slicer stores a segment's tags as "key:value|key:value|" without escaping, so a "|" or ":" in a
+#: question would split it on reload; these are percent-encoded on write and decoded by ``get_tag``.
+_TEXT_TAGS = (TAG_QUESTION, TAG_LABEL, TAG_MODEL)
+_TAG_ESCAPES = (("%", "%25"), ("|", "%7C"), (":", "%3A"))
+
+
+def encode_tag_value(text: str) -> str:
+    for raw, escaped in _TAG_ESCAPES:
+        text = text.replace(raw, escaped)
+    return text
+
+
+def decode_tag_value(text: str) -> str:
+    for raw, escaped in reversed(_TAG_ESCAPES):
+        text = text.replace(escaped, raw)
+    return text
+
+
 def get_tag(segment, name: str) -> str | None:
     """A segment tag's value, or None (the wrapped vtkSegment.GetTag fills an output argument)."""
     import vtk
 
     value = vtk.reference("")
-    return str(value) if segment.GetTag(name, value) else None
+    if not segment.GetTag(name, value):
+        return None
+    return decode_tag_value(str(value)) if name in _TEXT_TAGS else str(value)
 
 
 def _segment_tags(segment) -> dict[str, str]:
@@ -189,7 +209,7 @@ class SuggestionManager:
         #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answer
         self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
-        self._preview_node = self._create_preview_node()
+        self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
 
     # -- nodes -------------------------------------------------------------------------------------------------
     def _create_preview_node(self):
@@ -201,7 +221,7 @@ class SuggestionManager:
         # Not saved with the scene: suggestions are transient until accepted.
         node.SetSaveWithScene(False)
         self.scene.AddNode(node)
-        node.SetReferenceImageGeometryParameterFromVolumeNode(self.volume_node)
+        _follow_volume(node, self.volume_node)
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         if display is not None:
@@ -211,9 +231,18 @@ class SuggestionManager:
     @property
     def preview_node(self):
         """The preview segmentation node (re-created if the user deleted it from the scene)."""
-        if self._preview_node.GetScene() is None:
+        if self._preview_node is None or self._preview_node.GetScene() is None:
             self._preview_node = self._create_preview_node()
         return self._preview_node
+
+    def forget(self) -> None:
+        """Drop this manager's nodes and history (its volume left the scene, or the scene closes)."""
+        preview = self._preview_node
+        if preview is not None and preview.GetScene() is not None:
+            preview.GetScene().RemoveNode(preview)
+        self._preview_node = self.user_node = None
+        self._undo.clear()
+        self._redo.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -244,7 +273,7 @@ class SuggestionManager:
             node = slicer.vtkMRMLSegmentationNode()
             node.SetName(f"{self.volume_node.GetName()} segmentation")
             self.scene.AddNode(node)
-            node.SetReferenceImageGeometryParameterFromVolumeNode(self.volume_node)
+            _follow_volume(node, self.volume_node)
             node.CreateDefaultDisplayNodes()
         self.user_node = node
         return node
@@ -381,6 +410,8 @@ class SuggestionManager:
     # -- queries -----------------------------------------------------------------------------------------------
     def suggestion_ids(self) -> list[str]:
         """Ids of the current suggestions, in display order."""
+        if self._preview_node is None or self._preview_node.GetScene() is None:
+            return []
         return _segment_ids(self.preview_node.GetSegmentation())
 
     def suggestion(self, segment_id: str):
@@ -620,6 +651,12 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
 
 
+def _follow_volume(segmentation_node, volume_node) -> None:
+    """Same grid and same parent transform as the volume, so segments sit on its voxels wherever it is moved."""
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+
+
 def _weighted_confidence(weights: list[tuple[float, int]]) -> float:
     """Mean probability over all voxels of the merged regions (a large region weighs more than a sliver)."""
     total = sum(n for _, n in weights)
@@ -654,7 +691,7 @@ def _add_segment(
     segment.SetName(name or snapshot.name)
     segment.SetColor(*snapshot.color)
     for key, value in snapshot.tags.items():
-        segment.SetTag(key, value)
+        segment.SetTag(key, encode_tag_value(value) if key in _TEXT_TAGS else value)
     labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     segmentation = node.GetSegmentation()

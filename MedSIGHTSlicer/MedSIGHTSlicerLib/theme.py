@@ -11,7 +11,7 @@ from typing import Any
 
 from .qt_shim import qt
 
-__all__ = ["Colours", "colours_of", "is_dark", "mix"]
+__all__ = ["Colours", "colours_of", "contrast", "is_dark", "mix", "readable"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,33 @@ def _hex(rgb: tuple[float, float, float]) -> str:
 
 def mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[float, float, float]:
     """``a`` moved a fraction ``t`` of the way to ``b``."""
-    return tuple(x + (y - x) * t for x, y in zip(a, b))  # noqa: B905 - two RGB triples
+    return tuple(x + (y - x) * t for x, y in zip(a, b))
 
 
 def _luma(rgb: tuple[float, float, float]) -> float:
     return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+
+def _linear(channel: float) -> float:
+    c = channel / 255
+    return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+
+def contrast(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """WCAG 2 contrast ratio of two RGB colours (1 to 21)."""
+    la, lb = (0.2126 * _linear(c[0]) + 0.7152 * _linear(c[1]) + 0.0722 * _linear(c[2]) for c in (a, b))
+    return (max(la, lb) + 0.05) / (min(la, lb) + 0.05)
+
+
+def readable(colour: tuple[float, float, float], base: tuple[int, int, int], text: tuple[int, int, int],
+             ratio: float = 4.5) -> tuple[float, float, float]:
+    """``colour``, moved towards the text colour just enough to reach WCAG AA ``ratio`` on ``base`` (a palette's
+    highlight is often too dark to read as text on a dark theme's base)."""
+    for step in range(11):
+        mixed = mix(colour, text, step / 10)
+        if contrast(mixed, base) >= ratio:
+            return mixed
+    return text
 
 
 def is_dark(widget: Any) -> bool:
@@ -60,9 +82,9 @@ def colours_of(widget: Any) -> Colours:
     return Colours(
         text=_hex(text),
         base=_hex(base),
-        secondary=_hex(mix(text, base, 0.45)),
-        accent=_hex(_rgb(palette.color(qt.QPalette.Highlight))),
-        error=_hex(red),
-        success=_hex(green),
+        secondary=_hex(readable(mix(text, base, 0.45), base, text)),
+        accent=_hex(readable(_rgb(palette.color(qt.QPalette.Highlight)), base, text)),
+        error=_hex(readable(red, base, text)),
+        success=_hex(readable(green, base, text)),
         dark=dark,
     )

@@ -20,7 +20,6 @@ import medsight.server.app
 from medsight_testing.live_server import free_port, live_server
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, describe_error, parse_region_url
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
-from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.protocol import SliceAnswer
 from MedSIGHTSlicerLib.qt_shim import qt
 from MedSIGHTSlicerLib.settings import ConnectionSettings, is_loopback_url
@@ -310,15 +309,101 @@ def test_settings_round_trip_and_consent():
     assert again.needs_consent("http://other.example.org")
 
 
-def test_engine_process_start_and_stop(app):
-    lines = []
-    finished = []
-    process = EngineProcess(on_output=lines.append, on_finished=finished.append)
-    command = f'"{sys.executable}" -c "import time; print(\'engine up\', flush=True); time.sleep(60)"'
-    process.start(command)
-    assert process.running
-    pump(app, lambda: "engine up" in process.output, timeout=30)
-    process.stop()
-    assert not process.running
-    with pytest.raises(RuntimeError):
-        process.start("/nonexistent/medsight serve")
+def test_cancel_keeps_the_answers_that_arrived_and_polls_until_workers_end(app, url, volume, monkeypatch):
+    """Issue 18 defect 8: Cancel after the first chunk's answers must hand them to the host, and the poll timer keeps
+    giving Python turns while the worker (and the cancel request's thread) still run."""
+    import MedSIGHTSlicerLib.chat_panel as chat_panel
+
+    monkeypatch.setattr(chat_panel, "CHUNK_SLICES", 1)  # one request per slice: answers arrive chunk by chunk
+    panel = make_panel(url, volume)
+    delivered = []
+    panel.on_answers = delivered.append
+    panel.set_slice_count(3)
+    panel.set_scope("range", 0, 2)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: panel._job is not None and bool(panel._job.answers))
+    arrived = list(panel._job.answers)
+    panel.cancel()
+    assert not panel.busy
+    assert len(delivered) == 1 and [a.index for a in delivered[0]] == [a.index for a in arrived]
+    assert panel._timer.isActive() == panel._runner.busy
+    pump(app, lambda: not panel._runner.busy, timeout=60)
+    pump(app, lambda: not panel._timer.isActive(), timeout=5)
+    assert len(delivered) == 1  # late events of the cancelled job are not applied a second time
+
+
+def test_model_tag_comes_with_the_answer(app, url, volume):
+    """Issue 18 defect 12: the model name is known from the answer itself, without pressing Test connection."""
+    panel = make_panel(url, volume)
+    assert panel.last_model == ""
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.last_model and panel.last_model == MedSIGHTClient(url).health().model
+
+
+def test_current_slice_named_by_the_view(app, url, volume):
+    """"Current slice" as the view's slice-to-RAS: the engine picks plane and index and the panel shows which."""
+    panel = make_panel(url, volume)
+    # The volume: RAS identity directions, origin RAS (-10, -20, -5), 2.5 mm slices -> k = 2 lies at S = 0.
+    view = np.eye(4)
+    view[:3, 3] = [3.0, -1.0, 0.4]
+    panel.current_slice_provider = lambda: view
+    answers = []
+    panel.on_regions = answers.append
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert answers and answers[0].plane == "axial" and answers[0].index == 2
+    assert "axial slice 2 (in view)" in panel.conversation_text()
+    assert int(panel.range_from.maximum()) == 2  # the engine's slice count of the plane limits the range boxes
+
+
+def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
+    panel = make_panel(url, volume)
+    panel.widget.resize(320, 260)
+    for n in range(3):
+        assert panel.send(f"Where is the liver? ({n})")
+        pump(app, lambda: not panel.busy)
+    bar = panel.conversation.verticalScrollBar()
+    assert bar.maximum() > 0
+    bar.setValue(0)  # the reader scrolls back up to an earlier answer
+    assert panel.send("Where is the spleen?")
+    pump(app, lambda: not panel.busy)
+    assert bar.value() == 0
+
+
+def _contrast(fg: str, bg) -> float:
+    """WCAG contrast ratio of a #rrggbb colour on a QColor."""
+    def luminance(rgb) -> float:
+        channels = [c / 255 for c in rgb]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    a = luminance([int(fg[i : i + 2], 16) for i in (1, 3, 5)])
+    b = luminance([bg.red(), bg.green(), bg.blue()])
+    return (max(a, b) + 0.05) / (min(a, b) + 0.05)
+
+
+@pytest.mark.parametrize(("background", "text"), [("#202124", "#e8eaed"), ("#ffffff", "#000000")],
+                         ids=["dark", "light"])
+def test_conversation_is_readable_in_both_themes(app, url, volume, background, text):
+    import re
+
+    panel = make_panel(url, volume)
+    palette = panel.widget.palette()
+    palette.setColor(qt.QPalette.Base, qt.QColor(background))
+    palette.setColor(qt.QPalette.Text, qt.QColor(text))  # a theme swaps both (Slicer's dark theme does)
+    panel.widget.setPalette(palette)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    page = panel.conversation.toHtml()
+    base = qt.QColor(background)
+    texts = set(re.findall(r"(?<!background-)color:\s*(#[0-9a-fA-F]{6})", page))
+    backgrounds = set(re.findall(r"background-color:\s*(#[0-9a-fA-F]{6})", page))
+    assert len(texts) >= 3 and len(backgrounds) == 1, page  # speakers, notes and region chips were all drawn
+    chip_bg = qt.QColor(backgrounds.pop())
+    for colour in texts:
+        # A chip's text sits on the chip; everything else on the page's background.
+        on = chip_bg if _contrast(colour, chip_bg) > _contrast(colour, base) else base
+        assert _contrast(colour, on) >= 4.5, (colour, on.name(), background)
+    assert _contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base) >= 4.5

@@ -362,10 +362,14 @@ def test_imports_only_the_standard_library_and_numpy():
     from pathlib import Path
 
     package_root = Path(__file__).resolve().parents[2] / "MedSIGHTSlicer"
+    # Where each new top-level module comes from (sys.stdlib_module_names is 3.10+; Slicer 5.8 runs 3.9).
     code = (
-        "import sys; before = set(sys.modules); import MedSIGHTSlicerLib; "
-        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-        "print(' '.join(sorted(new - set(sys.stdlib_module_names) - {'numpy', 'MedSIGHTSlicerLib'})))"
+        "import sys, sysconfig; before = set(sys.modules); import MedSIGHTSlicerLib; "
+        "std = sysconfig.get_paths()['stdlib']; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before} - {'numpy', 'MedSIGHTSlicerLib'}; "
+        "where = {m: getattr(sys.modules.get(m), '__file__', None) or '' for m in new}; "
+        "print(' '.join(sorted(m for m, f in where.items() if f and not (f.startswith(std) "
+        "and 'site-packages' not in f))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True, check=True

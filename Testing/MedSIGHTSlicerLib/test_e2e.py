@@ -102,7 +102,7 @@ def test_stream_tokens_then_regions(client, volume):
         assert streamed == answer.text
         regions = [e.region for e in events if e.kind == "region" and e.slice == position]
         assert len(regions) == len(answer.regions)
-        for region, final in zip(regions, answer.regions):  # noqa: B905 - lengths checked above
+        for region, final in zip(regions, answer.regions):  # lengths checked above
             assert region.mask.shape == (rows, cols)
             np.testing.assert_array_equal(region.mask, final.mask)
 

@@ -23,7 +23,7 @@ def test_fallback_and_normalise():
 def test_liver_entry_has_slicer_format():
     entry = terminology_entry("liver")
     assert entry == (
-        "Segmentation category and type - 3D Slicer General Anatomy list"
+        "Segmentation category and type - MedSIGHT"
         "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^"
         "~Anatomic codes - DICOM master list~^^~^^"
     )

@@ -25,14 +25,13 @@ from medsight.demo.sources import make_ct_phantom
 from medsight_testing.live_server import live_server
 from medsight_testing.mrml import make_volume
 from medsight_testing.review_scene import check_segments, user_segmentation
-from MedSIGHTSlicerLib import review as review_lib
 from MedSIGHTSlicerLib import theme
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
 from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
 from MedSIGHTSlicerLib.qt_shim import qt
 from MedSIGHTSlicerLib.review_host import ReviewHost
-from MedSIGHTSlicerLib.suggestions import SuggestionManager
+from MedSIGHTSlicerLib.session import MedSIGHTSession
 
 OUTPUTS = Path(os.environ.get("MEDSIGHT_TEST_OUTPUTS", Path(__file__).resolve().parents[2] / "test-outputs"))
 QUESTION = "Please segment the liver and the spleen."
@@ -53,19 +52,6 @@ def demo_url():
         yield base_url
 
 
-class Logic:
-    """What ReviewHost needs of the module logic, built from the same Lib calls (one volume)."""
-
-    def __init__(self, scene, volume) -> None:
-        self.manager = SuggestionManager(scene, volume, model="medsight-demo")
-
-    def suggestion_manager(self, node):
-        return self.manager
-
-    def take_answer(self, node, answer, serial, scope, question=""):
-        return review_lib.take_answer(self.manager, answer, serial, scope, question)
-
-
 def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
     phantom = make_ct_phantom(np.random.default_rng(7))
     scene = slicer.vtkMRMLScene()
@@ -82,7 +68,9 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
     panel = ChatPanel(MedSIGHTClient(demo_url, timeout=120, retries=0))
     panel.options = {"max_new_tokens": 40, "seed": 0}
     panel.volume_provider = lambda: VolumeData(array, spacing, origin, direction, "CT", key="abdomen")
-    logic = Logic(scene, volume)
+    logic = MedSIGHTSession(scene)  # the module's logic (without Slicer's module base class)
+    logic.model_name = "medsight-demo"
+    manager = logic.suggestion_manager(volume)
     host = ReviewHost(panel, lambda: volume, logic, window)
     layout.addWidget(panel.widget, 3)
     layout.addWidget(host.list.widget, 2)
@@ -114,9 +102,9 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
             item = host.list.table.topLevelItem(n)
             assert item.text(1) == f"axial {first}–{first + 4}" and item.text(3) == QUESTION
         # The demo model's liver matches the phantom's on the asked slices.
-        liver_id = next(sid for sid in logic.manager.suggestion_ids()
-                        if logic.manager.suggestion(sid).GetName() == "Liver")
-        got = logic.manager.suggestion_mask(liver_id)[first : first + 5]
+        liver_id = next(sid for sid in manager.suggestion_ids()
+                        if manager.suggestion(sid).GetName() == "Liver")
+        got = manager.suggestion_mask(liver_id)[first : first + 5]
         truth = phantom.masks["liver"][first : first + 5]
         dice = 2 * (got & truth).sum() / (got.sum() + truth.sum())
         assert dice > 0.7, dice
@@ -135,7 +123,7 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
             assert qt.QWidget.grab(window).save(str(OUTPUTS / f"review_panel_{name}.png"), "PNG")
 
         # Accept all goes through the list (one undoable step); Ctrl+Z on the window undoes it.
-        masks = {sid: logic.manager.suggestion_mask(sid) for sid in logic.manager.suggestion_ids()}
+        masks = {sid: manager.suggestion_mask(sid) for sid in manager.suggestion_ids()}
         host.accept_all()
         assert host.list.table.topLevelItemCount() == 0
         accepted = {user.GetSegmentation().GetNthSegment(n).GetName(): user.GetSegmentation().GetNthSegmentID(n)

@@ -124,7 +124,7 @@ def test_rows_multi_select_accept_reject_undo_redo(app, setup):
     QTest.mouseClick(panel.accept_button, qt.Qt.LeftButton)
     accepted = [sid for sid in user_ids(user) if sid not in expected]
     assert len(accepted) == 2
-    for new_id, source in zip(accepted, (ids[0], ids[2])):  # noqa: B905 - two of each
+    for new_id, source in zip(accepted, (ids[0], ids[2])):
         expected[new_id] = masks[source]
     check_segments(user, volume, expected)
     assert panel.row_ids() == [sid for sid in ids if sid not in (ids[0], ids[2])]

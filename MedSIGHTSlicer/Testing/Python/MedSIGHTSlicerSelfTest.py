@@ -2,7 +2,8 @@
 
 Needs a MedSIGHT engine. It uses the one at MEDSIGHT_TEST_URL (default http://127.0.0.1:8765, token from
 MEDSIGHT_TEST_TOKEN); when none answers and MEDSIGHT_TEST_SERVE holds a command (e.g.
-"/path/to/.venv/bin/medsight serve --port 8765"), the test starts that engine and stops it after.
+"/path/to/.venv/bin/medsight serve --port 8765"), the test starts that engine and stops it after. With neither (an
+extension build machine), it says so and passes: there is nothing to test against.
 
 The golden check is recorded for the embedded demo model on the CPU (greedy decoding): a CT phantom NRRD, "Please
 segment the liver.", and the liver mask it gave. It pins the whole Slicer path (file -> node -> upload bytes and
@@ -31,6 +32,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 from MedSIGHTSlicerLib.chat_panel import parse_region_url
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.rle import decode_mask
 
@@ -67,7 +69,7 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
     def setUp(self) -> None:
         slicer.mrmlScene.Clear(0)
         self.client = MedSIGHTClient(ENGINE_URL, token=ENGINE_TOKEN, timeout=ANSWER_TIMEOUT_S)
-        self._ensure_engine()
+        self.available = self._ensure_engine()
 
     def tearDown(self) -> None:
         if self.engine is not None:
@@ -76,6 +78,9 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.setUp()
+        if not self.available:
+            self.delayDisplay(f"MedSIGHT self-test skipped: no engine at {ENGINE_URL} and no MEDSIGHT_TEST_SERVE")
+            return
         try:
             self.test_sample_data_conversation()
             self.test_golden_mask()
@@ -83,26 +88,23 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
             self.tearDown()
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def _ensure_engine(self) -> None:
+    def _ensure_engine(self) -> bool:
+        """True when an engine answers (started from MEDSIGHT_TEST_SERVE if needed); False when there is none."""
         try:
             self.client.health(timeout=5)
-            return
-        except MedSIGHTError as err:
+            return True
+        except MedSIGHTError:
             if not ENGINE_COMMAND:
-                raise AssertionError(
-                    f"no MedSIGHT engine at {ENGINE_URL} ({err.message}); start one with "
-                    "`medsight serve` (the embedded demo model), or set MEDSIGHT_TEST_SERVE to the command that "
-                    "starts it"
-                ) from None
+                return False
         engine = EngineProcess()
-        engine.start(ENGINE_COMMAND)
+        engine.start(launch_plan(ENGINE_COMMAND, startup_environment(slicer.util), stop_on_exit=True))
         type(self).engine = engine
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            slicer.app.processEvents()  # lets the QProcess collect the engine's output
+            engine.poll()  # collects the engine's output
             try:
                 self.client.health(timeout=2)
-                return
+                return True
             except MedSIGHTError:
                 time.sleep(0.5)
             if not engine.running:
@@ -130,7 +132,7 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
         widget = slicer.modules.medsightslicer.widgetRepresentation().self()
         widget.ui.urlLineEdit.text = ENGINE_URL
         widget.ui.tokenLineEdit.text = ENGINE_TOKEN or ""
-        widget._apply_connection()
+        widget._connect()
         widget.ui.inputVolumeSelector.setCurrentNode(node)
         panel = widget.panel
         panel.options = {"max_new_tokens": 24, "no_code_fallback": True, "seed": 0}
@@ -189,7 +191,8 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
         self.assertEqual([(r.index, r.code) for r in answer.regions],
                          [(g["index"], g["code"]) for g in golden["regions"]])
         expected = np.zeros(slicer.util.arrayFromVolume(node).shape, dtype=bool)
-        for region, recorded in zip(answer.regions, golden["regions"], strict=True):
+        self.assertEqual(len(answer.regions), len(golden["regions"]))
+        for region, recorded in zip(answer.regions, golden["regions"]):  # no strict=: Slicer 5.8 has Python 3.9
             mask = decode_mask(recorded["mask"])
             score = dice(region.mask, mask)
             self.assertGreaterEqual(score, DICE_MIN, f"region {region.index} ({region.code}): Dice {score:.3f}")

@@ -25,6 +25,7 @@ from .slicing import (
     plane_layouts,
     slice_at_ras,
     slice_count,
+    slice_for_view,
 )
 from .volume import MAX_VOXELS, Volume
 from .window import CT_PRESETS, Window, apply_window, choose_window, robust_window, to_rgb
@@ -63,6 +64,7 @@ __all__ = [
     "robust_window",
     "slice_at_ras",
     "slice_count",
+    "slice_for_view",
     "to_rgb",
     "write_dicom_seg",
     "write_nifti_labelmap",

@@ -201,3 +201,32 @@ def slice_at_ras(volume: Volume, plane: str, ras: tuple[float, float, float]) ->
     plane = _check_plane(plane)
     ijk = np.linalg.solve(volume.ijk_to_ras, np.append(np.asarray(ras, dtype=float), 1.0))[:3]
     return extract_slice(volume, plane, int(np.rint(ijk[plane_layouts(volume)[plane].normal_axis])))
+
+
+def slice_for_view(volume: Volume, view_to_ras: np.ndarray) -> Slice:
+    """The slice a viewer shows: plane and index from a view's slice-to-RAS matrix (e.g. Slicer's SliceToRAS).
+
+    ``view_to_ras`` is 4x4; its third column is the view's normal and its fourth a point on the view's plane,
+    both in the volume's RAS frame. The plane is the one whose array axis is closest to the view's normal (so a
+    sagittally acquired volume shown in an axial view answers about its axial slab); the index is the voxel layer
+    nearest to the view's point. Raises ImagingError for a malformed matrix or a view outside the volume.
+    """
+    matrix = np.asarray(view_to_ras, dtype=float)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise ImagingError("the view's slice-to-RAS must be a finite 4x4 matrix")
+    normal = matrix[:3, 2]
+    length = float(np.linalg.norm(normal))
+    if length < 1e-9:
+        raise ImagingError("the view's slice-to-RAS has no normal (third column is zero)")
+    normal = normal / length
+    layouts = plane_layouts(volume)
+    axes = volume.direction_ras
+    plane = max(PLANES, key=lambda p: abs(float(axes[:, layouts[p].normal_axis] @ normal)))
+    axis = layouts[plane].normal_axis
+    ijk = np.linalg.solve(volume.ijk_to_ras, np.append(matrix[:3, 3], 1.0))[:3]
+    index = int(np.rint(ijk[axis]))
+    count = volume.size_ijk[axis]
+    if not 0 <= index < count:
+        raise ImagingError(f"the view shows no slice of the volume ({plane} position {ijk[axis]:.1f} is outside "
+                           f"0..{count - 1})", volume.source)
+    return extract_slice(volume, plane, index)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import ImagingError, slice_count
+from medsight.imaging import ImagingError, slice_count, slice_for_view
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
@@ -217,9 +217,18 @@ def create_app(
         finally:
             timer.cancel()
 
+    def resolve_view(req: schemas.AskRequest) -> schemas.AskRequest:
+        """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
+        volume = store.get(req.volume_id)
+        if req.slices.view is None or volume is None:
+            return req
+        picked = slice_for_view(volume, np.array(req.slices.view))
+        return req.model_copy(update={"slices": schemas.SliceSelection(plane=picked.plane, indices=[picked.index])})
+
     @app.post("/v1/ask", response_model=schemas.AskResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def ask(req: schemas.AskRequest, request: Request):
+        req = resolve_view(req)
         engine_request(req)  # fail fast (before a stream starts) on unknown volumes and bad windows
         job_id, cancel = jobs.start()
         started = time.monotonic()
@@ -259,7 +268,7 @@ def create_app(
 
         worker = threading.Thread(target=work, name=f"ask-{job_id[:8]}", daemon=True)
         worker.start()
-        yield _sse("job", {"job_id": job_id})
+        yield _sse("job", {"job_id": job_id, "plane": plane, "indices": list(req.slices.indices)})
         while True:
             try:
                 kind, data = events.get_nowait()

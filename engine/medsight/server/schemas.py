@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Plane = Literal["axial", "coronal", "sagittal"]
 
@@ -78,8 +78,22 @@ class AskOptions(Strict):
 
 
 class SliceSelection(Strict):
+    """Slices by plane and indices, or the one slice a viewer shows (``view``): then the engine picks plane and
+    index for the volume's acquisition, and the answer says which it took (plane, index, slice_to_ras)."""
+
     plane: Plane = "axial"
-    indices: list[int] = Field(min_length=1, max_length=1024)
+    indices: list[int] = Field(default_factory=list, max_length=1024)
+    view: list[list[float]] | None = Field(
+        default=None, description="4x4 slice-to-RAS of the view (normal in column 3, a point in column 4), in the "
+        "frame of the uploaded geometry; replaces plane and indices")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SliceSelection:
+        if self.view is None and not self.indices:
+            raise ValueError("give indices (at least one) or a view")
+        if self.view is not None and (len(self.view) != 4 or any(len(row) != 4 for row in self.view)):
+            raise ValueError("view must be a 4x4 matrix")
+        return self
 
 
 class AskRequest(Strict):

@@ -1,0 +1,84 @@
+"""Python packages the module installs into Slicer, without touching the ones Slicer ships.
+
+DICOM SEG export needs highdicom. highdicom 0.23 and later need pydicom 3 and Python 3.10; Slicer 5.8 (Python 3.9)
+and 5.10 (Python 3.12) both bundle pydicom 2.4. An unpinned install would either fail to find a release that has
+what ``dicom_seg`` calls (Slicer 5.8) or upgrade Slicer's own pydicom and pillow (Slicer 5.10). So the highdicom
+requirement follows the installed pydicom, and a pip constraints file pins everything Slicer already has.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from importlib.util import find_spec
+
+__all__ = ["PINNED", "constraints_file", "constraints_text", "dicom_seg_requirements", "installed_versions",
+           "missing", "requirement_name"]
+
+#: Packages Slicer ships that an install must never up- or downgrade.
+PINNED = ("numpy", "pydicom", "pillow", "packaging", "typing-extensions")
+_IMPORT_NAMES = {"pillow": "PIL", "typing-extensions": "typing_extensions"}
+
+
+def requirement_name(requirement: str) -> str:
+    """'highdicom>=0.22,<0.23' -> 'highdicom'."""
+    return re.split(r"[<>=!~;\[\s]", requirement.strip(), maxsplit=1)[0]
+
+
+def installed_versions(names: Sequence[str] = PINNED) -> dict[str, str]:
+    """Distribution name -> installed version, for those installed."""
+    versions = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def _major(version: str) -> int:
+    match = re.match(r"\d+", version)
+    return int(match.group()) if match else 0
+
+
+def dicom_seg_requirements(versions: Mapping[str, str] | None = None) -> list[str]:
+    """The highdicom that fits the installed pydicom (pydicom 2.x: highdicom 0.22; pydicom 3: 0.23 or later)."""
+    versions = installed_versions() if versions is None else versions
+    pydicom = versions.get("pydicom")
+    if pydicom is not None and _major(pydicom) < 3:
+        return ["highdicom>=0.22,<0.23"]
+    return ["highdicom>=0.23,<1"]
+
+
+def constraints_text(versions: Mapping[str, str] | None = None) -> str:
+    """pip constraints that hold every shipped package at its installed version."""
+    versions = installed_versions() if versions is None else versions
+    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items()))
+
+
+@contextlib.contextmanager
+def constraints_file(versions: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A temporary constraints file (its path) for ``pip install --constraint``."""
+    handle, path = tempfile.mkstemp(prefix="medsight-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(constraints_text(versions))
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def missing(requirements: Sequence[str]) -> list[str]:
+    """The requirements whose package cannot be imported."""
+    out = []
+    for requirement in requirements:
+        name = requirement_name(requirement)
+        module = _IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
+        if find_spec(module) is None:
+            out.append(requirement)
+    return out

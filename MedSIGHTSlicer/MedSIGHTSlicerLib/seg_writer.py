@@ -1,0 +1,158 @@
+"""The DICOM SEG itself, from plain arrays and the source datasets (no MRML): highdicom on both API generations.
+
+Slicer 5.8 and 5.10 bundle pydicom 2.4, which only highdicom 0.22 supports; Slicer builds with pydicom 3 get 0.23 or
+later (see ``packages.dicom_seg_requirements``). 0.22 has no ``CIELabColor.from_rgb`` and no ``display_color``
+argument, so there the colour is converted with Pillow's colour management (lcms, D50 white: within a few CIELab
+units of highdicom's D65 conversion) and set on the segment description directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SegWriteError", "SegmentInfo", "display_colour", "order_sources", "terminology_codes", "write_seg"]
+
+#: Millimetres a slice may sit off its DICOM image position and still be the same slice.
+POSITION_TOLERANCE_MM = 0.01
+_TISSUE = ("SCT", "85756007", "Tissue")
+
+
+class SegWriteError(ValueError):
+    """The SEG cannot be written (the message says why, for the user)."""
+
+
+@dataclass
+class SegmentInfo:
+    """One segment as the SEG describes it."""
+
+    name: str
+    colour: tuple[float, float, float]  # RGB, 0..1
+    terminology: str = ""  # Slicer's TerminologyEntry tag
+    model: str | None = None  # set for segments that came from the model
+    region_code: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(category, type) codes (scheme, value, meaning) from a TerminologyEntry tag; generic "Tissue" without one."""
+    parts = (entry or "").split("~")
+
+    def code(text: str) -> tuple[str, str, str] | None:
+        fields = text.split("^")
+        return (fields[0], fields[1], fields[2]) if len(fields) == 3 and all(fields) else None
+
+    category = code(parts[1]) if len(parts) > 2 else None
+    kind = code(parts[2]) if len(parts) > 2 else None
+    return (category, kind) if category and kind else (_TISSUE, _TISSUE)
+
+
+def display_colour(colour: Sequence[float]) -> Any:
+    """A highdicom CIELabColor for an RGB colour in 0..1, on either highdicom generation."""
+    import highdicom as hd
+
+    rgb = tuple(min(max(round(float(c) * 255), 0), 255) for c in colour)
+    from_rgb = getattr(hd.color.CIELabColor, "from_rgb", None)
+    if from_rgb is not None:
+        return from_rgb(*rgb)
+    from PIL import Image, ImageCms
+
+    transform = ImageCms.buildTransformFromOpenProfiles(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    lightness, a, b = ImageCms.applyTransform(Image.new("RGB", (1, 1), rgb), transform).getpixel((0, 0))
+    # lcms' 8-bit Lab: L* 0..100 as 0..255, a* and b* offset by 128.
+    return hd.color.CIELabColor(lightness * 100.0 / 255.0, float(a) - 128.0, float(b) - 128.0)
+
+
+def _description(number: int, info: SegmentInfo, version: str) -> Any:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    category, kind = terminology_codes(info.terminology)
+    from_model = info.model is not None or info.region_code is not None
+    arguments = dict(
+        segment_number=number,
+        segment_label=info.name or f"Segment {number}",
+        segmented_property_category=hd.sr.CodedConcept(category[1], category[0], category[2]),
+        segmented_property_type=hd.sr.CodedConcept(kind[1], kind[0], kind[2]),
+        # Suggested by the model and accepted by the user: semi-automatic. The user's own drawing: manual.
+        algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if from_model
+                        else hd.seg.SegmentAlgorithmTypeValues.MANUAL),
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=(info.model or "MedSIGHT")[:64], family=codes.cid7162.ArtificialIntelligence, version=version
+        ) if from_model else None,
+        tracking_id=info.region_code or None,
+        tracking_uid=hd.UID() if info.region_code else None,
+    )
+    colour = display_colour(info.colour)
+    if "display_color" in inspect.signature(hd.seg.SegmentDescription.__init__).parameters:
+        return hd.seg.SegmentDescription(**arguments, display_color=colour)
+    description = hd.seg.SegmentDescription(**arguments)  # highdicom 0.22
+    description.RecommendedDisplayCIELabValue = list(colour.value)
+    return description
+
+
+def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int]) -> list:
+    """The datasets in the volume's slice order (k = 0, 1, ...); refuses any grid that is not the series' grid."""
+    if len(datasets) != dims_ijk[2]:
+        raise SegWriteError(f"the volume has {dims_ijk[2]} slices but its DICOM series has {len(datasets)} images")
+    m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)  # IJK -> LPS
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    row_dir, col_dir = m[:3, 0] / spacing[0], m[:3, 1] / spacing[1]
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    ordered = []
+    for k in range(dims_ijk[2]):
+        origin = (m @ [0, 0, k, 1])[:3]
+        distance = np.linalg.norm(positions - origin, axis=1)
+        best = int(np.argmin(distance))
+        if distance[best] > POSITION_TOLERANCE_MM:
+            raise SegWriteError(
+                f"slice {k} of the volume lies {distance[best]:.2f} mm from the nearest DICOM image: the volume was "
+                "resampled or cropped after loading, so a DICOM SEG cannot reference it; export .seg.nrrd instead"
+            )
+        ds = datasets[best]
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        if (int(ds.Columns), int(ds.Rows)) != tuple(dims_ijk[:2]) or not (
+            np.allclose(orientation[:3], row_dir, atol=1e-4) and np.allclose(orientation[3:], col_dir, atol=1e-4)
+        ):
+            raise SegWriteError(f"slice {k}: the volume's rows, columns or orientation differ from its DICOM image")
+        ordered.append(ds)
+    return ordered
+
+
+def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[SegmentInfo], path: str | Path,
+              series_description: str = "MedSIGHT segmentation", series_number: int = 9901,
+              version: str = "1") -> Path:
+    """A binary SEG of (K, J, I) boolean ``masks`` on the grid of ``ordered`` (one dataset per k). Returns ``path``."""
+    import highdicom as hd
+
+    path = Path(path)
+    # (K, J, I) per segment -> (frames, rows, columns, segments); the volume's j axis is the image row.
+    stack = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=-1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=ordered,
+            pixel_array=stack,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[_description(n + 1, info, version) for n, info in enumerate(infos)],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="MedSIGHT",
+            manufacturer_model_name="MedSIGHT for 3D Slicer",
+            software_versions=version,
+            device_serial_number="0",
+            series_description=series_description,
+            content_label="MEDSIGHT",
+        )
+        seg.save_as(str(path))
+    except (ValueError, TypeError, AttributeError, OSError) as exc:
+        raise SegWriteError(f"cannot build the DICOM SEG ({exc})") from exc
+    return path

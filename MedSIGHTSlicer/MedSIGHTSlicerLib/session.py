@@ -1,0 +1,270 @@
+"""What the module remembers about the scene: the engine connection, each volume's upload id, answers and
+suggestions, and which volume the running question is about. Dropped when the scene closes or a volume is removed.
+
+Slicer restarts node ID numbering after File > Close scene, so the next volume may get the ID of the last one: state
+keyed by ID alone would hand the old volume's suggestions, answers and engine id to the new one. Every entry keeps
+the node it belongs to, is discarded when that node leaves the scene (NodeRemovedEvent), and everything is discarded
+on StartCloseEvent / EndCloseEvent.
+
+Main thread only (MRML); no Qt. The Slicer module's Logic is this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import vtk
+
+from . import geometry, views
+from .chat_panel import VolumeData, guess_modality
+from .client import MedSIGHTClient
+from .protocol import SliceAnswer
+
+__all__ = ["MedSIGHTSession", "volume_key"]
+
+log = logging.getLogger("MedSIGHT")
+
+
+def volume_key(node) -> str:
+    """Changes whenever the voxels or the geometry change, so an edited volume is uploaded again."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    elements = ",".join(repr(matrix.GetElement(r, c)) for r in range(3) for c in range(4))
+    return f"{node.GetID()}|{node.GetImageData().GetMTime()}|{elements}"
+
+
+def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
+    """An observer callback that does not keep its session alive: scene -> observer -> session -> scene would be a
+    cycle, and the garbage collector may break it at any moment, on any thread, while VTK objects are mid-use."""
+    ref = weakref.WeakMethod(method)
+
+    def callback(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return callback
+
+
+@dataclass
+class _VolumeState:
+    node: Any
+    upload_ids: dict[str, str] = field(default_factory=dict)
+    answers: dict[tuple[str, int], SliceAnswer] = field(default_factory=dict)
+    manager: Any = None
+
+
+class MedSIGHTSession:
+    """State of the module for one scene.
+
+    Args:
+        scene: the vtkMRMLScene (``slicer.mrmlScene``).
+        on_reset: called after the state was dropped (scene closed), e.g. to clear the conversation panel.
+    """
+
+    def __init__(self, scene, on_reset: Callable[[], None] | None = None) -> None:
+        self.scene = scene
+        self.client: MedSIGHTClient | None = None
+        self.model_name = ""
+        self.on_reset = on_reset
+        self._volumes: dict[str, _VolumeState] = {}
+        self._bound: Any = None  # the volume of the question being answered
+        self._observers: list[int] = []
+        self.observe_scene()
+
+    # -- scene life cycle -----------------------------------------------------------------------------------------
+    def observe_scene(self) -> None:
+        import slicer
+
+        if self._observers:
+            return
+        scene_class = slicer.vtkMRMLScene
+        self._observers = [
+            self.scene.AddObserver(scene_class.StartCloseEvent, _weak_callback(self._scene_closing)),
+            self.scene.AddObserver(scene_class.EndCloseEvent, _weak_callback(self._scene_closing)),
+            self.scene.AddObserver(scene_class.NodeRemovedEvent, _weak_callback(self._node_removed)),
+        ]
+
+    def stop_observing(self) -> None:
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
+
+    def _scene_closing(self, *_: Any) -> None:
+        self.reset()
+
+    def _node_removed(self, *_: Any) -> None:
+        # The removed node is not handed to a plain Python observer; a node no longer in the scene is the one.
+        for node_id, state in list(self._volumes.items()):
+            if state.node.GetScene() is not self.scene:
+                self._drop(node_id)
+        if self._bound is not None and self._bound.GetScene() is not self.scene:
+            self._bound = None
+
+    def _drop(self, node_id: str) -> None:
+        state = self._volumes.pop(node_id, None)
+        if state is not None and state.manager is not None:
+            state.manager.forget()
+
+    def reset(self) -> None:
+        """Forget every volume, answer, upload id and the bound question (scene closed)."""
+        for node_id in list(self._volumes):
+            self._drop(node_id)
+        self._bound = None
+        if self.on_reset is not None:
+            self.on_reset()
+
+    def _state(self, node) -> _VolumeState:
+        """The state of ``node``; a fresh one if the ID was last used by another node."""
+        state = self._volumes.get(node.GetID())
+        if state is None or state.node is not node:
+            if state is not None:
+                self._drop(node.GetID())
+            state = _VolumeState(node)
+            self._volumes[node.GetID()] = state
+        return state
+
+    def tracked_volumes(self) -> list[Any]:
+        return [state.node for state in self._volumes.values()]
+
+    # -- connection -----------------------------------------------------------------------------------------------
+    def connect(self, url: str, token: str | None = None, timeout: float = 600.0) -> MedSIGHTClient:
+        """Talk to the engine at ``url`` from now on (raises ValueError for a malformed URL)."""
+        self.client = MedSIGHTClient(url, token=token, timeout=timeout)
+        for state in self._volumes.values():
+            state.upload_ids.clear()  # volume ids belong to one engine
+        return self.client
+
+    # -- uploads --------------------------------------------------------------------------------------------------
+    volume_key = staticmethod(volume_key)
+
+    def remember_volume_id(self, key: str, volume_id: str) -> None:
+        for state in self._volumes.values():
+            if key.startswith(f"{state.node.GetID()}|") and key == volume_key(state.node):
+                state.upload_ids[key] = volume_id
+
+    def volume_source(self, node):
+        """The engine's id for ``node`` if it has it, else what to upload."""
+        state = self._state(node)
+        key = volume_key(node)
+        if key in state.upload_ids:
+            return state.upload_ids[key]
+        array, spacing, origin, direction = geometry.volume_upload_arrays(node)
+        modality = node.GetAttribute("MedSIGHT.Modality") or guess_modality(array)
+        return VolumeData(array, spacing, origin, direction, modality, key=key)
+
+    def upload(self, node) -> str:
+        """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
+        source = self.volume_source(node)
+        if isinstance(source, str):
+            return source
+        info = self.client.upload_volume(source.array, source.spacing, source.origin, source.direction,
+                                         modality=source.modality)
+        self._state(node).upload_ids[source.key] = info.volume_id
+        return info.volume_id
+
+    # -- binding a question to its volume -------------------------------------------------------------------------
+    def bind(self, node) -> None:
+        """The question about to be sent is about ``node``: its answers go there, whatever is selected later."""
+        self._bound = node
+
+    @property
+    def bound_volume(self):
+        return self._bound
+
+    def apply_bound_answers(self, answers: Sequence[SliceAnswer], question: str = "",
+                            model: str | None = None) -> list[str]:
+        """Answers of the bound question land on the bound volume (none if it left the scene meanwhile)."""
+        node = self._bound
+        if node is None or node.GetScene() is not self.scene:
+            if answers:
+                log.info("MedSIGHT: answers dropped, their volume was removed")
+            return []
+        return self.apply_answers(node, answers, question=question, model=model)
+
+    # -- answers and suggestions ----------------------------------------------------------------------------------
+    def suggestion_manager(self, node):
+        from .suggestions import SuggestionManager
+
+        state = self._state(node)
+        if state.manager is None:
+            state.manager = SuggestionManager(self.scene, node, model=self.model_name)
+        return state.manager
+
+    def apply_answer(self, node, answer: SliceAnswer, question: str = "", model: str | None = None) -> list[str]:
+        self._state(node).answers[(answer.plane, answer.index)] = answer
+        return self.suggestion_manager(node).add_answer(answer, question=question, model=model or self.model_name)
+
+    def apply_answers(self, node, answers: Sequence[SliceAnswer], question: str = "",
+                      model: str | None = None) -> list[str]:
+        """One question's answers: regions of the same finding on several slices become one 3D suggestion."""
+        state = self._state(node)
+        for answer in answers:
+            state.answers[(answer.plane, answer.index)] = answer
+        answers = [a for a in answers if a.regions]
+        if not answers:
+            return []
+        return self.suggestion_manager(node).add_answers(answers, question=question, model=model or self.model_name)
+
+    def take_answer(self, node, answer: SliceAnswer, ask_serial: int, scope: str, question: str = "",
+                    model: str | None = None) -> list[str]:
+        """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
+        from .review import take_answer
+
+        self._state(node).answers[(answer.plane, answer.index)] = answer
+        return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
+                           model=model or self.model_name)
+
+    def answer(self, node, slice_index: int, plane: str | None = None) -> SliceAnswer | None:
+        """The latest answer about a slice of ``node`` (any plane when ``plane`` is None)."""
+        answers = self._state(node).answers
+        if plane is not None:
+            return answers.get((plane, slice_index))
+        found = [a for (p, i), a in answers.items() if i == slice_index]
+        return found[-1] if found else None
+
+    def ask(self, node, question: str, indices=None, options=None, plane: str = "axial", view=None):
+        """Upload if needed, ask (blocking), add the regions as suggestions. ``view``: a view's slice node (or its
+        4x4 SliceToRAS in the volume's frame) instead of plane and indices. Returns the ``AskResult``."""
+        if view is not None and not isinstance(view, np.ndarray):
+            view = views.view_in_volume_frame(view, node)
+        result = self.client.ask(self.upload(node), question, plane=plane,
+                                 indices=list(indices) if indices is not None else (0,), options=options, view=view)
+        self.apply_answers(node, result.answers, question=question, model=result.model)
+        return result
+
+    def current_view(self, node, view_name: str = "Red") -> np.ndarray:
+        """The 4x4 SliceToRAS of the view ``view_name``, in ``node``'s frame: what "Current slice" asks about."""
+        slice_node = views.slice_node(self.scene, view_name)
+        if slice_node is None:
+            raise ValueError(f"there is no {view_name} slice view in this scene")
+        return views.view_in_volume_frame(slice_node, node)
+
+    def jump_to_region(self, node, slice_index: int, index: int, plane: str | None = None) -> bool:
+        """Centre the slice views on a region of the latest answer about ``slice_index``."""
+        answer = self.answer(node, slice_index, plane)
+        region = None if answer is None else next((r for r in answer.regions if r.index == index), None)
+        if region is None or region.bbox is None or answer.slice_to_ras is None:
+            return False
+        views.centre_views_on(self.scene, views.region_centre_ras(answer.slice_to_ras, region.bbox), node)
+        return True
+
+    def accept_all(self, node) -> list[str]:
+        """Accept every suggestion of ``node`` (nothing, and no new node, when there are none)."""
+        state = self._state(node)
+        if state.manager is None or not state.manager.suggestion_ids():
+            return []
+        return state.manager.accept()
+
+    def user_segmentation(self, node):
+        """The user's segmentation of ``node`` (None when nothing was accepted or drawn): found, never created."""
+        from .suggestions import SuggestionManager
+
+        state = self._state(node)
+        manager = state.manager or SuggestionManager(self.scene, node, model=self.model_name)
+        return manager.find_user_node()

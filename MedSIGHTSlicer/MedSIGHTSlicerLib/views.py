@@ -1,0 +1,79 @@
+"""Slice views and the volume's frame: which plane the user looks at, and where "Centre on region" goes.
+
+Slicer shows slices in *world* coordinates; the module uploads a volume in its own (local) frame, the one its
+IJKToRAS describes, so that a volume under a parent transform uploads the same voxels and geometry whatever the
+transform does. The view's SliceToRAS is therefore brought into the volume's frame before it goes to the engine, and
+answers come back in that frame (the suggested segments sit under the same parent transform, see ``suggestions``).
+
+MRML only (no Qt, no layout manager): slice nodes are found in the scene by their layout name, which works in
+every layout, also those that show no Red view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+from .geometry import GeometryError, _matrix_to_numpy
+
+__all__ = ["VIEW_NAMES", "anatomical_plane", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
+           "view_in_volume_frame"]
+
+#: The slice views a question can be about (their layout names).
+VIEW_NAMES = ("Red", "Yellow", "Green")
+
+
+def anatomical_plane(slice_to_ras) -> str:
+    """The anatomical plane ("axial", "coronal", "sagittal") closest to a view's plane: the plane a slice range or
+    the whole volume is asked along when that view is the chosen one."""
+    normal = np.abs(np.asarray(slice_to_ras, dtype=float)[:3, 2])
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
+def slice_node(scene, view_name: str):
+    """The slice node shown in the view ``view_name`` ("Red", "Yellow", "Green"), or None."""
+    nodes = scene.GetNodesByClass("vtkMRMLSliceNode")
+    for n in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(n)
+        if node.GetLayoutName() == view_name:
+            return node
+    return None
+
+
+def parent_to_world(node) -> np.ndarray:
+    """The 4x4 map from ``node``'s own frame to world coordinates (identity without a parent transform).
+
+    Raises GeometryError for a non-linear (warping) transform: no single plane then matches the view.
+    """
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    matrix = vtk.vtkMatrix4x4()
+    if not transform.GetMatrixTransformToWorld(matrix):
+        raise GeometryError(f"{node.GetName()!r} is under a non-linear transform: harden it first "
+                            "(Data module: right-click the transform > Harden transform)")
+    return _matrix_to_numpy(matrix)
+
+
+def view_in_volume_frame(slice_node_, volume_node) -> np.ndarray:
+    """The view's SliceToRAS expressed in the volume's own frame (what the engine's ``view`` takes)."""
+    slice_to_world = _matrix_to_numpy(slice_node_.GetSliceToRAS())
+    return np.linalg.inv(parent_to_world(volume_node)) @ slice_to_world
+
+
+def region_centre_ras(slice_to_ras, bbox) -> np.ndarray:
+    """RAS (in the volume's frame) of the centre of a region's bounding box (row0, col0, row1, col1)."""
+    row0, col0, row1, col1 = bbox
+    pixel = np.array([(col0 + col1) / 2.0, (row0 + row1) / 2.0, 0.0, 1.0])
+    return (np.asarray(slice_to_ras, dtype=float) @ pixel)[:3]
+
+
+def centre_views_on(scene, point_ras_local, volume_node) -> np.ndarray:
+    """Centre every slice view on a point of the volume's frame (not just move each view's plane through it, which
+    is what the default jump mode does). Returns the world point."""
+    import slicer
+
+    world = (parent_to_world(volume_node) @ np.append(np.asarray(point_ras_local, dtype=float), 1.0))[:3]
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, float(world[0]), float(world[1]), float(world[2]),
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    return world

@@ -1,0 +1,223 @@
+"""Start local engine: command splitting (Windows rules on every OS), the child's environment, detached starts, and a
+real engine answering /v1/health while the host carries a foreign Python's variables (issue 18, defects 1, 3, 13).
+
+Needs no MRML and no Qt: it also runs under Slicer's Pythons (scripts/test_slicer_pythons.sh).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from MedSIGHTSlicerLib.engine_launch import (
+    DEFAULT_SERVE_COMMAND,
+    PYTHON_VARIABLES,
+    engine_environment,
+    launch_plan,
+    split_command,
+    startup_environment,
+)
+from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.settings import ConnectionSettings
+
+# Microsoft's documented examples of the C runtime's argument parsing, plus the paths users paste.
+WINDOWS_CASES = [
+    (r"C:\Users\me\.venv\Scripts\medsight.exe serve", [r"C:\Users\me\.venv\Scripts\medsight.exe", "serve"]),
+    (r'"C:\Program Files\MedSIGHT\medsight.exe" serve --port 8765',
+     [r"C:\Program Files\MedSIGHT\medsight.exe", "serve", "--port", "8765"]),
+    (r'medsight serve --model "D:\models\medsight full\\"',
+     ["medsight", "serve", "--model", "D:\\models\\medsight full\\"]),
+    (r'"abc" d e', ["abc", "d", "e"]),
+    (r'a\\b d"e f"g h', [r"a\\b", "de fg", "h"]),
+    (r'a\\\"b c d', [r'a\"b', "c", "d"]),
+    (r'a\\\\"b c" d e', [r"a\\b c", "d", "e"]),
+    (r'a"b"" c d', ['ab" c d']),
+    ('  spaced\t\targs  ', ["spaced", "args"]),
+    ('empty "" arg', ["empty", "", "arg"]),
+]
+
+
+@pytest.mark.parametrize(("command", "expected"), WINDOWS_CASES)
+def test_windows_commands_survive_splitting(command, expected):
+    assert split_command(command, windows=True) == expected
+
+
+def test_posix_splitting_and_errors():
+    assert split_command("/opt/venv/bin/medsight serve --port 8765", windows=False) == [
+        "/opt/venv/bin/medsight", "serve", "--port", "8765"]
+    assert split_command("'/my dir/medsight' serve", windows=False) == ["/my dir/medsight", "serve"]
+    with pytest.raises(ValueError, match="empty"):
+        split_command("   ", windows=True)
+    with pytest.raises(ValueError, match="cannot read"):
+        split_command('medsight "serve', windows=False)
+
+
+def test_engine_environment_drops_python_variables():
+    host = {"PATH": "/usr/bin", "HOME": "/home/me", "PYTHONHOME": "/slicer/lib/Python",
+            "PYTHONPATH": "/slicer/lib/Python/lib/python3.9", "PYTHONNOUSERSITE": "1", "pythonpath": "x"}
+    env = engine_environment(host)
+    assert not {k.upper() for k in env} & set(PYTHON_VARIABLES)
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/home/me" and env["PYTHONUNBUFFERED"] == "1"
+    assert "PYTHONHOME" in host  # the host's own environment is left alone
+
+
+def test_startup_environment_comes_from_slicer_when_there():
+    util = types.SimpleNamespace(startupEnvironment=lambda: {"PATH": "/before/slicer", "": "dropped"})
+    assert startup_environment(util) == {"PATH": "/before/slicer"}
+    assert startup_environment(None) == dict(os.environ)
+
+
+def test_default_command_serves_the_embedded_demo_model():
+    program, *arguments = split_command(DEFAULT_SERVE_COMMAND)
+    assert Path(program).name == "medsight" and arguments[0] == "serve"
+    model = arguments[arguments.index("--model") + 1]
+    assert model == "demo"
+    # A default saved by an older version (serving random weights) reads back as today's default.
+    store = {"MedSIGHT/serveCommand": "medsight serve --model tiny --host 127.0.0.1 --port 8765"}
+    loaded = ConnectionSettings.load(types.SimpleNamespace(value=lambda k, d=None: store.get(k, d)))
+    assert loaded.serve_command == DEFAULT_SERVE_COMMAND
+    store["MedSIGHT/serveCommand"] = "medsight serve --model tiny --port 9000"  # the user's own choice is kept
+    loaded = ConnectionSettings.load(types.SimpleNamespace(value=lambda k, d=None: store.get(k, d)))
+    assert loaded.serve_command.endswith("9000")
+
+
+def test_settings_detect_real_connection_changes():
+    settings = ConnectionSettings()
+    assert not settings.set_connection(settings.url, settings.token)  # leaving a field unchanged
+    assert not settings.set_connection(f"  {settings.url} ", "")  # only whitespace differs
+    assert settings.set_connection("http://127.0.0.1:9000", "")
+    assert settings.set_connection("http://127.0.0.1:9000", "secret")
+    assert not settings.set_connection("http://127.0.0.1:9000", "secret")
+
+
+def test_whitespace_only_engine_output_has_no_lines():
+    """The old status-line code took ``splitlines()[-1]`` of the output and raised on "\\n  \\n"."""
+    assert output_lines("\n  \r\n\t") == []
+    assert output_lines("loading\n\nMedSIGHT engine on http://127.0.0.1:8765/v1  \n") == [
+        "loading", "MedSIGHT engine on http://127.0.0.1:8765/v1"]
+
+
+def test_exit_messages():
+    assert exit_message(0, "bye") is None and exit_message(-15, "") is None
+    message = exit_message(1, "Traceback ...\nModuleNotFoundError: No module named 'encodings'\n\n")
+    assert message.startswith("The engine stopped (exit code 1).") and "encodings" in message
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":
+        import subprocess
+
+        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True).stdout
+        return str(pid) in out
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _says_up(process: EngineProcess) -> bool:
+    process.poll()
+    return "engine up" in process.output
+
+
+def _sleeper(stop_on_exit: bool):
+    command = f'"{sys.executable}" -c "import time; print(\'engine up\'); time.sleep(120)"'
+    return launch_plan(command, os.environ, stop_on_exit=stop_on_exit)
+
+
+def test_engine_process_start_output_and_stop():
+    lines, finished = [], []
+    process = EngineProcess(on_output=lines.append, on_finished=finished.append)
+    process.start(_sleeper(stop_on_exit=True))
+    assert process.running
+    assert _wait(lambda: _says_up(process), 30), process.output
+    assert "engine up" in "".join(lines)
+    process.stop()
+    assert not process.running and len(finished) == 1
+    with pytest.raises(RuntimeError, match="cannot start"):
+        process.start(launch_plan("/nonexistent/medsight serve", os.environ, True))
+
+
+def test_engine_kept_alive_outlives_its_owner():
+    """Unchecking "Stop the local engine when Slicer exits": the engine runs in its own session and survives the
+    object that started it (a QProcess would kill it when destroyed)."""
+    process = EngineProcess()
+    process.start(_sleeper(stop_on_exit=False))
+    pid = process.pid
+    try:
+        assert _wait(lambda: _says_up(process), 30)
+        if os.name != "nt":
+            assert os.getsid(pid) != os.getsid(0)  # Ctrl+C or a closed terminal of Slicer does not reach it
+        process.release()
+        process = None
+        gc.collect()
+        time.sleep(0.3)
+        assert _alive(pid)
+    finally:
+        os.kill(pid, 9)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
+    """Slicer's launcher sets PYTHONHOME/PYTHONPATH/PYTHONNOUSERSITE for its own Python; the engine (this
+    repository's environment) must still start and answer /v1/health."""
+    pytest.importorskip("medsight")
+    medsight_exe = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
+    if not medsight_exe.is_file():
+        pytest.skip("no medsight executable beside this Python")
+    foreign = Path(os.path.expanduser("~/.pyenv/versions/3.9.18"))
+    if not foreign.is_dir():
+        pytest.skip("no foreign CPython 3.9 to borrow PYTHONHOME from")
+    host = dict(os.environ, PYTHONHOME=str(foreign), PYTHONPATH=str(foreign / "lib" / "python3.9"),
+                PYTHONNOUSERSITE="1")
+    # Inheriting them, as a QProcess with Slicer's environment did, kills the engine's interpreter at start-up.
+    import subprocess
+
+    broken = subprocess.run([sys.executable, "-c", "import typing, encodings"], env=host, capture_output=True)
+    assert broken.returncode != 0
+
+    port = _free_port()
+    plan = launch_plan(f'"{medsight_exe}" serve --model tiny --host 127.0.0.1 --port {port}', host, True)
+    process = EngineProcess()
+    process.start(plan)
+    try:
+        def healthy() -> bool:
+            process.poll()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
+    finally:
+        process.stop()

@@ -1,0 +1,50 @@
+"""What the module pip-installs into Slicer: a highdicom that fits Slicer's pydicom, never touching Slicer's own
+packages (issue 18, defect 2). Standard library only: also runs under Slicer's Pythons."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from MedSIGHTSlicerLib.packages import (
+    PINNED,
+    constraints_file,
+    constraints_text,
+    dicom_seg_requirements,
+    installed_versions,
+    missing,
+    requirement_name,
+)
+
+
+def test_highdicom_follows_the_bundled_pydicom():
+    assert dicom_seg_requirements({"pydicom": "2.4.4"}) == ["highdicom>=0.22,<0.23"]  # Slicer 5.8 and 5.10
+    assert dicom_seg_requirements({"pydicom": "3.0.1"}) == ["highdicom>=0.23,<1"]
+    assert dicom_seg_requirements({}) == ["highdicom>=0.23,<1"]
+
+
+def test_constraints_pin_what_slicer_ships():
+    versions = {"pydicom": "2.4.4", "pillow": "10.4.0", "numpy": "1.26.4"}
+    assert constraints_text(versions) == "numpy==1.26.4\npillow==10.4.0\npydicom==2.4.4\n"
+    with constraints_file(versions) as path:
+        assert Path(path).read_text() == constraints_text(versions)
+    assert not Path(path).exists()
+    here = installed_versions()
+    assert set(here) <= set(PINNED) and "numpy" in here
+
+
+def test_requirement_names_and_missing():
+    assert requirement_name("highdicom>=0.22,<0.23") == "highdicom"
+    assert requirement_name("typing-extensions; python_version<'3.10'") == "typing-extensions"
+    assert missing(["numpy>=1", "pillow", "medsight-no-such-package<2"]) == ["medsight-no-such-package<2"]
+
+
+def test_pip_honours_the_constraints(tmp_path):
+    """pip itself refuses a plan that would change a pinned package (resolution only, nothing is installed)."""
+    versions = installed_versions(["numpy"])
+    pinned = f"numpy=={versions['numpy']}"
+    with constraints_file({"numpy": "0.0.1"}) as path:
+        refused = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                                  "--constraint", path, pinned], capture_output=True, text=True)
+    assert refused.returncode != 0 and "numpy" in (refused.stderr + refused.stdout)

@@ -1,0 +1,102 @@
+"""The DICOM SEG writer without MRML, on pydicom's real CT series: runs with whichever highdicom generation the
+interpreter has (0.22 with pydicom 2.4 under Slicer's Pythons via scripts/test_slicer_pythons.sh, 0.23+ here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hd = pytest.importorskip("highdicom")
+pydicom = pytest.importorskip("pydicom")
+
+from MedSIGHTSlicerLib.seg_writer import (  # noqa: E402
+    SegmentInfo,
+    SegWriteError,
+    display_colour,
+    order_sources,
+    terminology_codes,
+    write_seg,
+)
+
+LIVER_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+               "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+@pytest.fixture
+def series():
+    import pydicom.data
+
+    folder = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    datasets = [pydicom.dcmread(str(f)) for f in sorted(folder.iterdir())]
+    # The volume Slicer would load: k along the slice normal, from the lowest position up.
+    normal = np.cross(*np.reshape([float(v) for v in datasets[0].ImageOrientationPatient], (2, 3)))
+    datasets.sort(key=lambda ds: float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
+    first = datasets[0]
+    row, col = np.reshape([float(v) for v in first.ImageOrientationPatient], (2, 3))
+    dy, dx = (float(v) for v in first.PixelSpacing)
+    step = np.subtract([float(v) for v in datasets[1].ImagePositionPatient],
+                       [float(v) for v in first.ImagePositionPatient])
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, 0], ijk_to_lps[:3, 1], ijk_to_lps[:3, 2] = row * dx, col * dy, step
+    ijk_to_lps[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+    dims = (int(first.Columns), int(first.Rows), len(datasets))
+    return datasets, np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps, dims
+
+
+def _lab(value) -> tuple[float, float, float]:
+    return value[0] * 100 / 65535, value[1] * 255 / 65535 - 128, value[2] * 255 / 65535 - 128
+
+
+def test_seg_holds_the_voxels_names_codes_and_colours(series, tmp_path):
+    datasets, ijk_to_ras, dims = series
+    shuffled = datasets[::-1]  # order_sources puts them back in the volume's slice order
+    ordered = order_sources(shuffled, ijk_to_ras, dims)
+    assert [ds.SOPInstanceUID for ds in ordered] == [ds.SOPInstanceUID for ds in datasets]
+    shape = (dims[2], dims[1], dims[0])
+    liver = np.zeros(shape, bool)
+    liver[1, 3:9, 2:12] = True
+    manual = np.zeros(shape, bool)
+    manual[3, 10:13, 5:7] = True
+    infos = [SegmentInfo("Liver", (0.8, 0.2, 0.1), LIVER_ENTRY, "medsight-demo 0.3", "[M0_1]"),
+             SegmentInfo("Drawn", (0.1, 0.5, 1.0))]
+    path = write_seg(ordered, [liver, manual], infos, tmp_path / "out" / "seg.dcm", version="0.3")
+
+    seg = hd.seg.segread(str(path))
+    described = seg.SegmentSequence
+    assert [str(d.SegmentLabel) for d in described] == ["Liver", "Drawn"]
+    kind = described[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (kind.CodeValue, kind.CodingSchemeDesignator) == ("10200004", "SCT")
+    assert described[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"  # no terminology: Tissue
+    assert [d.SegmentAlgorithmType for d in described] == ["SEMIAUTOMATIC", "MANUAL"]
+    assert str(described[0].TrackingID) == "[M0_1]"
+    # The recommended display colour on either highdicom generation: sRGB (204, 51, 26) and (26, 128, 255) in CIELab
+    # as highdicom 0.23+ converts them (D65), within the difference of lcms' D50 conversion used with 0.22.
+    for d, expected in zip(described, ((46.0, 58.4, 49.8), (54.9, 19.6, -70.5))):
+        lab = _lab([int(v) for v in d.RecommendedDisplayCIELabValue])
+        assert abs(lab[0] - expected[0]) < 2.5 and max(abs(lab[1] - expected[1]), abs(lab[2] - expected[2])) < 12.0, lab
+    uids = [ds.SOPInstanceUID for ds in datasets]
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2])
+    assert got.shape == (*shape, 2)
+    assert np.array_equal(got[..., 0].astype(bool), liver) and np.array_equal(got[..., 1].astype(bool), manual)
+
+
+def test_grid_mismatches_are_refused_plainly(series, tmp_path):
+    datasets, ijk_to_ras, dims = series
+    with pytest.raises(SegWriteError, match="has 5 slices but its DICOM series has 4 images"):
+        order_sources(datasets[:4], ijk_to_ras, dims)
+    moved = ijk_to_ras.copy()
+    moved[0, 3] += 1.5
+    with pytest.raises(SegWriteError, match="resampled or cropped"):
+        order_sources(datasets, moved, dims)
+    with pytest.raises(SegWriteError, match="rows, columns or orientation"):
+        order_sources(datasets, ijk_to_ras, (dims[0] - 1, dims[1], dims[2]))
+
+
+def test_terminology_and_colour_helpers():
+    category, kind = terminology_codes(LIVER_ENTRY)
+    assert category == ("SCT", "123037004", "Anatomical Structure") and kind == ("SCT", "10200004", "Liver")
+    assert terminology_codes("")[1][1] == "85756007"
+    white = _lab(display_colour((1.0, 1.0, 1.0)).value)
+    assert abs(white[0] - 100) < 0.5 and abs(white[1]) < 1 and abs(white[2]) < 1

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The Slicer-side tests that need no MRML, under the Pythons 3D Slicer ships: CPython 3.9 (Slicer 5.8) and 3.12
+# (Slicer 5.10 and later). Each runs in a throwaway venv holding only what those tests need, with the numpy, pydicom
+# and pillow Slicer bundles; highdicom is then installed the way the module installs it into Slicer
+# (MedSIGHTSlicerLib.packages: the generation that fits the pydicom, with a constraints file pinning the rest).
+# Needs pyenv's 3.9.18 and 3.12.1 (PYENV_ROOT, default ~/.pyenv) and PyPI. Usage: bash scripts/test_slicer_pythons.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PYENV_ROOT=${PYENV_ROOT:-$HOME/.pyenv}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# Tests of MedSIGHTSlicerLib that import neither MRML nor the engine.
+TESTS=(
+  Testing/MedSIGHTSlicerLib/test_client.py
+  Testing/MedSIGHTSlicerLib/test_connection_check.py
+  Testing/MedSIGHTSlicerLib/test_engine_launch.py
+  Testing/MedSIGHTSlicerLib/test_history.py
+  Testing/MedSIGHTSlicerLib/test_jobs.py
+  Testing/MedSIGHTSlicerLib/test_naming.py
+  Testing/MedSIGHTSlicerLib/test_packages.py
+  Testing/MedSIGHTSlicerLib/test_seg_writer.py
+)
+
+# version  packages Slicer bundles (what the module must live with)
+for spec in "3.9.18 numpy==1.26.4 pydicom==2.4.4 pillow==10.4.0" \
+            "3.12.1 numpy==1.26.4 pydicom==2.4.4 pillow==10.4.0"; do
+  read -r version bundled <<<"$spec"
+  python="$PYENV_ROOT/versions/$version/bin/python"
+  if [ ! -x "$python" ]; then
+    echo "test_slicer_pythons: no CPython $version at $python" >&2
+    exit 1
+  fi
+  venv="$WORK/py$version"
+  echo "== Slicer-side tests under CPython $version ($bundled)"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check $bundled pytest
+  # Everything under MedSIGHTSlicer/ must compile on this Python (the module file too, which needs Slicer to run).
+  "$venv/bin/python" -m compileall -q MedSIGHTSlicer >/dev/null
+  find MedSIGHTSlicer -name __pycache__ -type d -prune -exec rm -rf {} +
+  # highdicom exactly as the module's Export installs it into Slicer.
+  requirements=$(PYTHONPATH=MedSIGHTSlicer "$venv/bin/python" -c \
+    "from MedSIGHTSlicerLib.packages import dicom_seg_requirements as r; print(' '.join(r()))")
+  PYTHONPATH=MedSIGHTSlicer "$venv/bin/python" -c \
+    "from MedSIGHTSlicerLib.packages import constraints_text; print(constraints_text(), end='')" >"$venv/constraints.txt"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --constraint "$venv/constraints.txt" $requirements
+  # The install must have left Slicer's packages as they were.
+  PYTHONPATH=MedSIGHTSlicer "$venv/bin/python" -c \
+    "from MedSIGHTSlicerLib.packages import constraints_text; import sys; sys.exit(constraints_text() != open(sys.argv[1]).read())" \
+    "$venv/constraints.txt"
+  "$venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE "^(highdicom|pydicom|numpy|pillow) "
+  PYTHONPATH="$REPO/MedSIGHTSlicer:$REPO/Testing/support" QT_QPA_PLATFORM=offscreen \
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+done
