@@ -30,7 +30,7 @@ def test_forward_matches_every_intermediate(golden_model, perceiver_io):
     for i, (ours, theirs) in enumerate(zip(out.multi_scale_features, ref["multi_scale_image_features"], strict=True)):
         assert_matches(ours, theirs, f"multi-scale features {i}")
     # Head calls: init + one per stage, then the final call (which repeats the last stage's).
-    stages = len(ref["conv_adapter_out"])
+    stages = len(ref["multi_scale_image_features"]) - 1  # the input grid, then one map per stage
     assert len(ref["head_mask_logits"]) == stages + 2
     for i in range(stages + 1):
         assert_matches(out.head_mask_logits[i], ref["head_mask_logits"][i], f"head call {i} masks")

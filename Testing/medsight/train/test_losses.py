@@ -208,9 +208,12 @@ def test_lvlm_batch_of_two_equals_single(golden_model, lvlm_io, lvlm_train):
     """Right-padded batching: a shorter second sample must not change the first one's states or masks."""
     ids, labels, single = lvlm_train
     ref = lvlm_io["train"]
+    # As many codes as the fixture's answer (the official collator needs one K per batch), in a shorter text.
+    codes = " and ".join(f"[M0_{k}]" for k in range(len(ref["code_seq_pos"])))
     short_ids, short_labels = training_labels(
-        golden_model.tokenizer, [Message("user", "Kidney?"), Message("assistant", "Here [M0_1] and [M0_2].")]
+        golden_model.tokenizer, [Message("user", "Kidney?"), Message("assistant", f"Here {codes}.")]
     )
+    assert len(short_ids) < len(ids)
     pixels = lvlm_io["pixel_values_fp32"]
     encoding = golden_model.encode(torch.stack([pixels, pixels.flip(-1)]))
     with torch.no_grad():
