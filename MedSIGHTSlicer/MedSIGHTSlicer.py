@@ -321,11 +321,6 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic):
             self._managers[node.GetID()] = manager
         return manager
 
-    def apply_answer(self, node, answer, question: str = "", model: str | None = None) -> list[str]:
-        """The answer's regions become suggested segments of ``node``; returns their segment ids."""
-        self._answers[(node.GetID(), answer.index)] = answer
-        return self.suggestion_manager(node).add_answer(answer, question=question, model=model)
-
     def apply_answers(self, node, answers, question: str = "", model: str | None = None) -> list[str]:
         """One question's answers: regions of the same finding on several slices become one 3D suggestion."""
         for answer in answers:

@@ -8,8 +8,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
+from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.export import ExportError, export_nifti, export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import array_from_image, pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import array_from_image, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, SuggestionManager, get_tag  # noqa: E402
 

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="full")
 
     download = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into the local cache")
-    download.add_argument("repo", nargs="?", default="Caf0914/MedSIGHT")
+    download.add_argument("repo", nargs="?", help="Hugging Face repo id (default: the released MedSIGHT)")
     download.add_argument("--revision")
     download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
     return parser
@@ -268,12 +268,15 @@ def _download(args: argparse.Namespace) -> int:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from medsight.model.loading import RELEASE_REPO
+
+    repo = args.repo or RELEASE_REPO
     try:
-        path = snapshot_download(repo_id=args.repo, revision=args.revision, local_dir=args.dir)
+        path = snapshot_download(repo_id=repo, revision=args.revision, local_dir=args.dir)
     except LocalEntryNotFoundError:
-        raise ValueError(f"{args.repo}: not in the local cache, and the Hub cannot be reached (offline?)") from None
+        raise ValueError(f"{repo}: not in the local cache, and the Hub cannot be reached (offline?)") from None
     except HfHubHTTPError as err:
-        raise ValueError(f"{args.repo}: download failed ({err})") from None
+        raise ValueError(f"{repo}: download failed ({err})") from None
     print(path)
     return 0
 

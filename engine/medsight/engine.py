@@ -284,12 +284,14 @@ class Engine:
             raise ValueError("no images given; pass at least one image or slice index")
         identity = self._model_identity()
         prepared = []
+        transforms: dict = {}  # equal transforms (same image shape) share one object and so its sampling grid
         for index, image, geometry in sources:
             if image.dtype != np.uint8:
                 raise ValueError(
                     f"image {index} has dtype {image.dtype}; expected uint8 (window it with medsight.imaging.to_rgb)"
                 )
             pixels, transform = self.model.prepare(image, image_options.resize_mode)
+            transform = transforms.setdefault(transform, transform)
             key = content_key(pixels, image_options.resize_mode, image_options.round_pixels_to_bf16, identity)
             prepared.append(_Input(index, pixels, transform, key, geometry))
         return prepared

@@ -88,12 +88,14 @@ def test_padded_batch_decode_equals_per_sample_decode(golden_model, perceiver_io
     assert float((unmasked[1, :1] - single[1]).abs().max()) > 1e-3, "without the mask padding must matter"
 
 
-def test_cached_position_encoding_is_the_same_tensor_values():
-    from medsight.model.perceiver import cached_position_encoding
-
-    first = cached_position_encoding(6, 6, 48, torch.device("cpu"))
-    assert torch.equal(first, sine_position_encoding(6, 6, 48))
-    assert cached_position_encoding(6, 6, 48, torch.device("cpu")) is first  # computed once
+def test_cached_position_encoding_is_the_same_tensor_values(golden_model):
+    """The perceiver keeps its encodings itself (no module-level cache): same values, computed once per size."""
+    perceiver = golden_model.region_perceiver
+    dim = perceiver.cfg.dim
+    first = perceiver.position_encoding(6, 6, torch.device("cpu"))
+    assert torch.equal(first, sine_position_encoding(6, 6, dim))
+    assert perceiver.position_encoding(6, 6, torch.device("cpu")) is first  # computed once
+    assert (6, 6, "cpu") in perceiver.position_encodings
 
 
 def test_sdpa_attention_reproduces_the_official_decode(golden_model, perceiver_io):

@@ -17,10 +17,11 @@ from medsight.imaging import Volume
 from medsight.model.generation import GenerationOptions
 from medsight.prompt import Message
 from medsight.server.app import create_app
-from medsight.server.rle import decode_mask, encode_mask
+from medsight.server.rle import encode_mask
 from medsight.server.security import check_bind
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
+from MedSIGHTSlicerLib.rle import decode_mask  # the client's decoder: what the server sends must decode there
 
 QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
 

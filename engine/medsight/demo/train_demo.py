@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medsight.config import MedSIGHTConfig, get_preset
@@ -493,7 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING if args.smoke else logging.INFO)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    np.seterr(all="ignore")
     summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size)
     print(json.dumps({"model": str(args.out_dir / "model"), "total_seconds": summary["total_seconds"],
                       **summary["scores"]}, indent=1))

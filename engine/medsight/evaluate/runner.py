@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,28 +235,31 @@ def run_predictions(
     shard: int = 0,
     num_shards: int = 1,
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: str | None = None,
 ) -> list[Prediction]:
     """Answer this shard's items not yet in ``out_path`` and append them; returns the shard's records in order.
 
-    ``engine`` is a `medsight.Engine` (or anything with the same ``ask``).
+    ``engine`` is a `medsight.Engine` (or anything with the same ``ask``). ``progress`` labels a progress bar on
+    stderr (None: no bar).
     """
+    from tqdm import tqdm
+
     from medsight.model.medsight import ImageOptions
 
     selected = select_items(items, shard, num_shards, limit)
     done = {str(r["question_id"]) for r in read_predictions(out_path, repair=True)}
     pending = [(i, it) for i, it in selected if it.id not in done]
     image_options = ImageOptions(resize_mode=options.resize_mode)
-    finished = len(selected) - len(pending)
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
+               disable=progress is None, file=sys.stderr)
     for group in _groups(pending, options):
         seed = options.seed * 1_000_003 + group[0][0] if options.sampled else None
         answers = engine.ask([load_image(it.image) for _, it in group], group[0][1].question,
                              options.generation(seed), image_options)
         append_predictions(out_path, [_record(i, it, a, options, seed)
                                       for (i, it), a in zip(group, answers, strict=True)])
-        finished += len(group)
-        if progress is not None:
-            progress(finished, len(selected))
+        bar.update(len(group))
+    bar.close()
     wanted = {it.id for _, it in selected}
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
     return _ordered(records, [it.id for _, it in selected])

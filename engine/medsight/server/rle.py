@@ -20,13 +20,3 @@ def encode_mask(mask: np.ndarray) -> dict:
     if flat[0]:
         counts.insert(0, 0)
     return {"shape": [int(s) for s in mask.shape], "counts": [int(c) for c in counts]}
-
-
-def decode_mask(rle: dict) -> np.ndarray:
-    """Inverse of `encode_mask`."""
-    shape = tuple(int(s) for s in rle["shape"])
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    if counts.sum() != int(np.prod(shape)):
-        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {int(np.prod(shape))} for shape {shape}")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(shape)
