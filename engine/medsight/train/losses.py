@@ -377,8 +377,8 @@ def lvlm_losses(
         yes_no_weight: deviation, 1 (official) by default. The CE weight of the first token of each answer that
             opens with "yes" or "no" (`yes_no_starts`); the CE becomes the weighted mean. That token is a closed
             question's verdict, one among hundreds of easy template tokens. Other answers' first tokens keep
-            weight 1: many are a random template choice; weighting every answer's first token x10 garbled the demo
-            model's text (modality accuracy 100 % -> 57 %).
+            weight 1: many are a random template choice, and weighting every answer's first token garbled the demo
+            model's other answers.
 
     With no code, the state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
     """
