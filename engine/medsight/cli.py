@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-PLANES = ("axial", "coronal", "sagittal")
+from medsight.imaging import PLANES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
-    ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
     ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
@@ -161,7 +161,8 @@ def _ask(args: argparse.Namespace) -> int:
     if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
-    options = medsight.GenerationOptions(max_new_tokens=args.max_new_tokens)
+    limit = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    options = medsight.GenerationOptions(**limit)
     image_options = ImageOptions(resize_mode=args.resize_mode)
     answers = []
     chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]

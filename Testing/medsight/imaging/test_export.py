@@ -26,10 +26,10 @@ from medsight.imaging import (
 )
 
 GM = Segment(
-    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("14271001", "SCT", "Grey matter"))
+    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("SCT", "14271001", "Grey matter"))
 )
 WM = Segment(
-    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("33835003", "SCT", "White matter"))
+    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("SCT", "33835003", "White matter"))
 )
 
 

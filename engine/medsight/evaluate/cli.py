@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int)
     p.add_argument("--num-shards", type=int)
     p.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     p.add_argument("--sampling", choices=("official", "greedy"), default="official",
                    help="official: VQA path sampled at T=0.2 (segmentation greedy); greedy: deterministic")

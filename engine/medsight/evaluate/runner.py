@@ -20,6 +20,7 @@ from PIL import Image
 
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
+from medsight.server.rle import decode_mask, encode_mask
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -37,7 +38,7 @@ class RunOptions:
     """
 
     task: str
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: GenerationOptions' default
     sampling: str = "official"
     seed: int = 0
     batch: int = 1
@@ -61,14 +62,15 @@ class RunOptions:
 
     def generation(self, seed: int | None = None):
         """GenerationOptions of the official path for this task."""
-        from medsight.model.generation import GenerationOptions
+        from medsight.model.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
+        limit = DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
         if self.sampled:
             # inference.py: sampled T=0.2, penalty 1.2; top_k/top_p from Qwen3's generation_config (inferred).
-            return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=0.2, top_k=20,
+            return GenerationOptions(max_new_tokens=limit, do_sample=True, temperature=0.2, top_k=20,
                                      top_p=0.95, repetition_penalty=1.2, seed=seed)
         # Segmentation path: greedy, penalty 1.2 kept; DiagSeg scores the no-code fallback mask, so keep it.
-        return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.2,
+        return GenerationOptions(max_new_tokens=limit, do_sample=False, repetition_penalty=1.2,
                                  no_code_fallback=self.segment)
 
 
@@ -148,24 +150,19 @@ def merge_shards(paths: Sequence[str | Path], order: Sequence[str] | None = None
 
 
 # -- masks ---------------------------------------------------------------------------------------------------------
-def rle_encode(mask: np.ndarray) -> list[int]:
-    """Run lengths of the C-order flattened bool mask, starting with a (possibly empty) run of False."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    return [int(r) for r in runs]
+def encode_masks(masks: Sequence[np.ndarray], shape: Sequence[int]) -> dict:
+    """(K, H, W) masks of one prediction as stored in the predictions file: the grid shape and each mask's RLE
+    counts (the API's run-length encoding, `medsight.server.rle`)."""
+    return {"shape": [int(s) for s in shape], "rle": [encode_mask(m)["counts"] for m in masks]}
 
 
-def rle_decode(runs: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """Inverse of `rle_encode`."""
-    values = np.arange(len(runs)) % 2 == 1
-    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
-    if flat.size != int(np.prod(shape)):
-        raise DataError(f"mask run lengths cover {flat.size} pixels, shape {tuple(shape)} needs {np.prod(shape)}")
-    return flat.reshape(tuple(shape))
+def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
+    """(K, H, W) masks of a stored prediction on a grid of ``shape``; a DataError names a corrupt one."""
+    try:
+        masks = [decode_mask({"shape": list(shape), "counts": counts}) for counts in stored["rle"]]
+    except ValueError as err:
+        raise DataError(f"stored mask: {err}") from None
+    return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -223,7 +220,7 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
 
         stacked = torch.stack(logits) if logits else torch.zeros(0, 1, 1)
         masks = binarize_logits(stacked, gt.shape)
-        rec["masks"] = {"shape": list(gt.shape), "rle": [rle_encode(m) for m in masks]}
+        rec["masks"] = encode_masks(masks, gt.shape)
     return rec
 
 

@@ -26,7 +26,7 @@ def _code_dict(c: Code | None) -> dict[str, str] | None:
 
 
 def _code_from(d: dict[str, str] | None) -> Code | None:
-    return None if not d else Code(d["value"], d["scheme"], d["meaning"])
+    return None if not d else Code(scheme=d["scheme"], value=d["value"], meaning=d["meaning"])
 
 
 def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tuple[str, str]:

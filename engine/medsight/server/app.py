@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import ImagingError, slice_count
+from medsight.imaging import PLANES, ImagingError, slice_count
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
@@ -38,7 +38,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 1024**3
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024
 DEFAULT_STORE_BYTES = 4 * 1024**3
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
-PLANES = ("axial", "coronal", "sagittal")
 
 
 class ApiError(Exception):
