@@ -115,7 +115,7 @@ def _segments(answers) -> dict[str, int]:
 
 
 def _write_segmentation(path: str, volume, answers) -> None:
-    from medsight.imaging import Segment, SegmentationBuilder, write_dicom_seg, write_nifti_labelmap, write_seg_nrrd
+    from medsight.imaging import Segment, SegmentationBuilder, write_segmentation
     from medsight.overlay import PALETTE
 
     labels = _segments(answers)
@@ -134,15 +134,7 @@ def _write_segmentation(path: str, volume, answers) -> None:
     if not labels:
         raise ValueError(f"the answer has no regions: nothing to write to {path}")
     seg = builder.build()
-    lower = path.lower()
-    if lower.endswith(".seg.nrrd") or lower.endswith(".nrrd"):
-        write_seg_nrrd(seg, path)
-    elif lower.endswith((".nii", ".nii.gz")):
-        write_nifti_labelmap(seg, path)
-    elif lower.endswith(".dcm"):
-        write_dicom_seg(seg, path)
-    else:
-        raise ValueError(f"--out {path}: use .seg.nrrd, .nii, .nii.gz or .dcm")
+    write_segmentation(seg, path)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -150,10 +142,12 @@ def _ask(args: argparse.Namespace) -> int:
 
     import medsight
     from medsight.engine import VolumeSlices
-    from medsight.imaging import read_volume, slice_count
+    from medsight.imaging import read_volume, slice_count, writer_for
     from medsight.model.medsight import ImageOptions
     from medsight.overlay import save_overlay
 
+    if args.out:
+        writer_for(args.out)  # an unknown format fails before the model runs
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
