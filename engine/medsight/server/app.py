@@ -1,4 +1,4 @@
-"""The FastAPI application: the /v1 contract of ARCHITECTURE.md over one `Engine`.
+"""The FastAPI application: the /v1 contract (`schemas.py`, docs/ARCHITECTURE.md) over one `Engine`.
 
 Blocking model work runs in worker threads; the engine serialises it. Streams are server-sent events fed by the
 engine's token and region callbacks through a queue. Logs carry job ids, sizes and timings only: never pixels,
