@@ -111,3 +111,17 @@ def test_one_list_of_planes():
 
     assert protocol.PLANES == PLANES
     assert typing.get_args(schemas.Plane) == PLANES
+
+
+def test_naming_is_one_implementation_in_two_places():
+    """The engine's `medsight.naming` is the Slicer module's `naming.py` verbatim below the docstring: the CLI and
+    the Slicer module group, name, colour and code the same answer the same way."""
+    from pathlib import Path
+
+    import medsight.naming
+
+    def body(path: Path) -> str:
+        text = path.read_text()
+        return text[text.index('"""', 3) + 3 :]
+
+    assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))

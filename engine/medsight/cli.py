@@ -99,42 +99,48 @@ def parse_slices(spec: str | None, count: int) -> list[int]:
     return sorted(set(indices))
 
 
-def _finding(region) -> str:
-    """The segment a region belongs to: its label, else its code; printable ASCII (file headers need it)."""
-    name = re.sub(r"[^\x20-\x7e]", "", region.label).replace("|", " ").strip()
-    return name or region.code or "region"
+def _findings(answers) -> dict[str, list]:
+    """Regions grouped into findings by the Slicer module's rule: the normalised label, else the code."""
+    from medsight.naming import normalise_label
 
-
-def _segments(answers) -> dict[str, int]:
-    """One 3D segment per finding: regions with the same label (or code, if unlabelled) share a label value."""
-    labels: dict[str, int] = {}
+    groups: dict[str, list] = {}
     for answer in answers:
         for region in answer.regions:
-            labels.setdefault(_finding(region), len(labels) + 1)
-    return labels
+            groups.setdefault(normalise_label(region.label) or (region.code or "region"), []).append((answer, region))
+    return groups
+
+
+def _segment(value: int, pairs: list, used: list):
+    """A finding's segment, named, coloured and coded as the Slicer module names its suggestion."""
+    from dataclasses import astuple
+
+    from medsight.imaging import Code, Segment, Terminology
+    from medsight.naming import colour_for, display_name, term_for
+
+    label = pairs[0][1].label
+    codes = list(dict.fromkeys(r.code for _, r in pairs if r.code))
+    fallback = ", ".join(codes) or "Region"
+    # Printable ASCII without "|": file headers need it.
+    name = re.sub(r"[^\x20-\x7e]", "", display_name(label, fallback=fallback)).replace("|", " ").strip()[:64]
+    term = term_for(label)
+    terminology = Terminology(Code(*astuple(term.category)), Code(*astuple(term.type))) if term else Terminology()
+    colour = colour_for(label or fallback, avoid=used)
+    return Segment(value, name or "Region", colour, codes[0] if codes else None, terminology)
 
 
 def _write_segmentation(path: str, volume, answers) -> None:
-    from medsight.imaging import Segment, SegmentationBuilder, write_segmentation
-    from medsight.overlay import PALETTE
+    from medsight.imaging import SegmentationBuilder, write_segmentation
 
-    labels = _segments(answers)
-    codes: dict[str, str | None] = {}
-    for answer in answers:
-        for region in answer.regions:
-            codes.setdefault(_finding(region), region.code)
-    segments = {
-        name: Segment(value, name[:64], tuple(c / 255 for c in PALETTE[(value - 1) % len(PALETTE)]), codes[name])
-        for name, value in labels.items()
-    }
-    builder = SegmentationBuilder(volume)
-    for answer in answers:
-        for region in answer.regions:
-            builder.add(answer.slice, region.mask, segments[_finding(region)])
-    if not labels:
+    findings = _findings(answers)
+    if not findings:
         raise ValueError(f"the answer has no regions: nothing to write to {path}")
-    seg = builder.build()
-    write_segmentation(seg, path)
+    builder, used = SegmentationBuilder(volume), []
+    for value, pairs in enumerate(findings.values(), start=1):
+        segment = _segment(value, pairs, used)
+        used.append(segment.color)
+        for answer, region in pairs:
+            builder.add(answer.slice, region.mask, segment)
+    write_segmentation(builder.build(), path)
 
 
 def _ask(args: argparse.Namespace) -> int:
