@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from medsight.config import MedSIGHTConfig, get_preset
+from medsight.feature_cache import FeatureCache, content_key
 from medsight.model.loading import build_model, load_pretrained, save_pretrained
 from medsight.model.medsight import ImageEncoding, MedSIGHTModel
 from medsight.model.preprocess import prepare_image
@@ -97,28 +97,34 @@ def stage_configs(smoke: bool) -> dict[int, object]:
 # Cached vision encodings (stages 3-5 freeze the ViT and the perceiver)
 # ----------------------------------------------------------------------------------------------------------------
 class EncodingCache:
-    """Replaces ``model.encode`` by a per-image cache keyed on the pixel bytes; `remove` restores it."""
+    """Replaces ``model.encode`` by the engine's `FeatureCache` (same store, same content keys) while the frozen
+    stages 3-5 train; `remove` restores the method. The trainer calls ``model.encode`` itself, hence the shadowing."""
 
-    def __init__(self, model: MedSIGHTModel) -> None:
+    def __init__(self, model: MedSIGHTModel, max_bytes: int = 8 << 30) -> None:
         self.model = model
         self.original = model.encode
-        self.table: dict[tuple[str, bool], ImageEncoding] = {}
-        self.hits = self.misses = 0
+        self.cache = FeatureCache(max_bytes)
         model.encode = self  # instance attribute shadows the method
+
+    @property
+    def hits(self) -> int:
+        return self.cache.stats.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.stats.misses
 
     def __call__(self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True) -> ImageEncoding:
         if pixel_values.ndim == 3:
             pixel_values = pixel_values[None]
-        keys = [(hashlib.sha1(p.detach().cpu().float().numpy().tobytes()).hexdigest(), round_pixels_to_bf16)
-                for p in pixel_values]
         parts = []
-        for i, key in enumerate(keys):
-            if key not in self.table:
-                self.table[key] = self.original(pixel_values[i : i + 1], round_pixels_to_bf16)
-                self.misses += 1
-            else:
-                self.hits += 1
-            parts.append(self.table[key])
+        for i in range(pixel_values.shape[0]):
+            key = content_key(pixel_values[i], "prepared", round_pixels_to_bf16, "train_demo")
+            encoding = self.cache.get(key)
+            if encoding is None:
+                encoding = self.original(pixel_values[i : i + 1], round_pixels_to_bf16)
+                self.cache.put(key, encoding)
+            parts.append(encoding)
         if len(parts) == 1:
             return parts[0]
         return ImageEncoding(*(torch.cat([getattr(p, f) for p in parts]) for f in
