@@ -125,3 +125,16 @@ def test_naming_is_one_implementation_in_two_places():
         return text[text.index('"""', 3) + 3 :]
 
     assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))
+
+
+def test_terminology_strings_agree():
+    """The engine's .seg.nrrd writer and the Slicer module write the same TerminologyEntry for a known structure."""
+    from dataclasses import astuple
+
+    from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
+
+    for label in ("liver", "white matter", "lesion"):
+        term = naming.term_for(label)
+        engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)))
+        assert terminology_entry(engine) == naming.terminology_entry(label)
+        assert parse_terminology_entry(naming.terminology_entry(label)) == engine
