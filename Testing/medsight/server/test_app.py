@@ -85,6 +85,7 @@ def test_stream_three_slices_of_a_real_volume(server, mni, mni_upload):
             assert decode_mask(region["mask"]).shape == tuple(rows_cols)
         assert np.asarray(answer["slice_to_ras"]).shape == (4, 4)
     assert len(regions) == sum(len(a["regions"]) for a in done["answers"])
+    assert all(event["region"]["mask"] is None for event in regions), "each mask is sent once, in done"
 
 
 def test_batched_answers_equal_one_by_one(server, mni_upload):

@@ -242,7 +242,9 @@ def create_app(
             events.put(("token", {"slice": position[slice_index], "text": text}))
 
         def on_region(slice_index: int, region) -> None:
-            events.put(("region", {"slice": position[slice_index], "region": convert.region(region).model_dump()}))
+            # The mask follows once, in the done event's answer.
+            wire = convert.region(region, with_mask=False).model_dump()
+            events.put(("region", {"slice": position[slice_index], "region": wire}))
 
         def work() -> None:
             try:

@@ -107,7 +107,7 @@ class RegionOut(Strict):
     code: str | None
     label: str
     index: int
-    mask: MaskRLE
+    mask: MaskRLE | None = Field(description="null in streamed region events: each mask is sent once, in done")
     probability: float
     bbox: list[int] | None = Field(description="row0, col0, row1, col1 (inclusive) in the slice grid")
 
