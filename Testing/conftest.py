@@ -1,6 +1,6 @@
 """Test-wide settings and fixtures.
 
-Golden fixtures are read from MEDSIGHT_GOLDEN_DIR (default ../shared/golden beside the checkout).
+Golden parity fixtures are read from MEDSIGHT_GOLDEN_DIR (default: Testing/golden in this repository).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def golden_dir() -> Path:
-    return Path(os.environ.get("MEDSIGHT_GOLDEN_DIR", REPO.parent / "shared" / "golden")).resolve()
+    return Path(os.environ.get("MEDSIGHT_GOLDEN_DIR", REPO / "Testing" / "golden")).resolve()
 
 
 @pytest.fixture(scope="session")

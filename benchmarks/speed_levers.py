@@ -49,13 +49,20 @@ def best_of(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> tuple[d
 class NoPositionCache:
     """Within the block, the perceiver recomputes its sine encodings on every call (the official behaviour)."""
 
+    def __init__(self, perceiver: RegionPerceiver) -> None:
+        self.perceiver = perceiver
+
     def __enter__(self):
-        self.saved = perceiver_module.cached_position_encoding
-        perceiver_module.cached_position_encoding = perceiver_module.sine_position_encoding
+        dim = self.perceiver.cfg.dim
+
+        def recompute(height: int, width: int, device: torch.device) -> torch.Tensor:
+            return perceiver_module.sine_position_encoding(height, width, dim, device)
+
+        self.perceiver.position_encoding = recompute
         return self
 
     def __exit__(self, *exc):
-        perceiver_module.cached_position_encoding = self.saved
+        del self.perceiver.position_encoding  # the class's cached method again
 
 
 def perceiver_levers(name: str, perceiver: RegionPerceiver, grid: torch.Tensor, codes: torch.Tensor,
@@ -65,7 +72,7 @@ def perceiver_levers(name: str, perceiver: RegionPerceiver, grid: torch.Tensor, 
             perceiver.to(dtype).attention_implementation = impl
             if cache:
                 return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
-            with NoPositionCache():
+            with NoPositionCache(perceiver):
                 return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
         return fn
 

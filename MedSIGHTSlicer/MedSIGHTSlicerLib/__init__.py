@@ -7,7 +7,6 @@ as submodules (``from MedSIGHTSlicerLib.suggestions import SuggestionManager``),
 # ruff: noqa: N999 - 3D Slicer names a module's helper package <Module>Lib
 
 from .client import DEFAULT_URL, AskStream, MedSIGHTClient, MedSIGHTError
-from .history import ChatHistory, RegionRef, Turn
 from .jobs import JobEvent, JobRunner
 from .protocol import (
     AskResult,
@@ -27,7 +26,6 @@ __all__ = [
     "AskResult",
     "AskStream",
     "CancelResult",
-    "ChatHistory",
     "ErrorInfo",
     "Health",
     "JobEvent",
@@ -36,10 +34,8 @@ __all__ = [
     "MedSIGHTError",
     "ModelCard",
     "Region",
-    "RegionRef",
     "SliceAnswer",
     "StreamEvent",
-    "Turn",
     "VolumeInfo",
     "decode_mask",
 ]

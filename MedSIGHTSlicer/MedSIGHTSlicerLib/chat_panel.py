@@ -166,8 +166,8 @@ class ChatPanel:
     def __init__(self, client: MedSIGHTClient | None = None, parent: Any = None) -> None:
         self.client = client
         self.plane = "axial"
-        #: Generation options sent with every question (see the engine's AskOptions).
-        self.options: dict[str, Any] = {"max_new_tokens": 256}
+        #: Generation options sent with every question (see the engine's AskOptions; unset ones take its defaults).
+        self.options: dict[str, Any] = {}
         #: Send earlier questions and answers about the same slice as conversation context (`follow_up_messages`).
         self.follow_ups = True
         self.volume_provider: Callable[[], VolumeSource | None] | None = None

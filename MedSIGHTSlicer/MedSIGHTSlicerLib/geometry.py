@@ -21,7 +21,6 @@ __all__ = [
     "ijk_to_ras",
     "labelmap_from_array",
     "mask_to_ijk",
-    "pixel_to_ijk",
     "segment_array",
     "volume_upload_arrays",
 ]
@@ -98,27 +97,6 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
         tuple(float(o) for o in origin_lps),
         tuple(float(d) for d in direction_lps.reshape(-1)),
     )
-
-
-def pixel_to_ijk(
-    plane_axis: int, index: int, col_axis: int, row_axis: int, shape_ijk=None, flip_cols=False, flip_rows=False
-) -> np.ndarray:
-    """A 4x4 map (col, row, 0, 1) -> (i, j, k, 1) for a slice that is an array slab (axes: 0=i, 1=j, 2=k).
-
-    With a flip, pixel 0 is the last voxel along that axis (``shape_ijk`` is then needed).
-    """
-    if sorted((plane_axis, col_axis, row_axis)) != [0, 1, 2]:
-        raise ValueError("plane, column and row axes must be a permutation of 0, 1, 2")
-    matrix = np.zeros((4, 4))
-    matrix[col_axis, 0] = -1.0 if flip_cols else 1.0
-    matrix[row_axis, 1] = -1.0 if flip_rows else 1.0
-    matrix[plane_axis, 3] = float(index)
-    if flip_cols:
-        matrix[col_axis, 3] = shape_ijk[col_axis] - 1
-    if flip_rows:
-        matrix[row_axis, 3] = shape_ijk[row_axis] - 1
-    matrix[3, 3] = 1.0
-    return matrix
 
 
 def mask_to_ijk(slice_to_ras: np.ndarray, mask: np.ndarray, volume_node) -> np.ndarray:

@@ -159,7 +159,8 @@ class Region:
         code: the region-code token that produced it (e.g. "[M3_17]"); None for the no-code fallback mask.
         label: the text the answer attached to the region.
         index: position of the region within its slice's answer.
-        mask: boolean (rows, cols) array on the slice's pixel grid (row = j, col = i for axial slices).
+        mask: boolean (rows, cols) array on the slice's pixel grid (row = j, col = i for axial slices); None in a
+            streamed "region" event (the engine sends each mask once, with the slice's answer in "done").
         probability: the model's mean probability over the mask.
         bbox: (row0, col0, row1, col1), inclusive, in the slice grid; None for an empty mask.
     """
@@ -167,20 +168,20 @@ class Region:
     code: str | None
     label: str
     index: int
-    mask: np.ndarray = field(repr=False, compare=False)
+    mask: np.ndarray | None = field(repr=False, compare=False)
     probability: float
     bbox: tuple[int, int, int, int] | None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Region:
-        data = _require(data, "Region", "label", "index", "mask", "probability")
+        data = _require(data, "Region", "label", "index", "probability")
         bbox = data.get("bbox")
         code = data.get("code")
         return cls(
             code=None if code is None else str(code),
             label=str(data["label"]),
             index=int(data["index"]),
-            mask=decode_mask(data["mask"]),
+            mask=None if data.get("mask") is None else decode_mask(data["mask"]),
             probability=float(data["probability"]),
             bbox=None if bbox is None else tuple(int(b) for b in bbox),
         )

@@ -12,10 +12,10 @@ vtk = pytest.importorskip("vtk")
 hd = pytest.importorskip("highdicom")
 
 from medsight.imaging import read_volume  # noqa: E402
-from medsight_testing.mrml import make_volume  # noqa: E402
+from medsight_testing.mrml import make_volume, pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.dicom_seg import INSTANCE_UIDS_ATTRIBUTE, export_dicom_seg, source_files  # noqa: E402
 from MedSIGHTSlicerLib.export import ExportError, export_labelmap_file  # noqa: E402
-from MedSIGHTSlicerLib.geometry import pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import SuggestionManager  # noqa: E402
 

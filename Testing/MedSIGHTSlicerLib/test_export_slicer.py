@@ -8,8 +8,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
+from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.export import ExportError, export_nifti, export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import array_from_image, pixel_to_ijk, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import array_from_image, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, SuggestionManager, get_tag  # noqa: E402
 
@@ -128,3 +129,17 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     assert json.loads((tmp_path / "out.json").read_text()) == {"labels": {"1": "Liver", "2": "Lesion"}}
     with pytest.raises(ExportError, match=r"choose a \.seg\.nrrd"):
         export_labelmap_file(user, volume, tmp_path / "out.png")
+
+
+def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
+    """The module's NIfTI export (labelmap + label sidecar) is readable by the engine's reader: same voxels, the
+    segment names by label value (the two sidecar formats used to be unreadable by each other)."""
+    from medsight.imaging import read_nifti_labelmap
+    from MedSIGHTSlicerLib.export import export_labelmap_file
+
+    _, user = accepted(scene, volume, tmp_path)
+    path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
+    seg = read_nifti_labelmap(path)
+    assert [(s.label, s.name) for s in seg.segments] == [(1, "Liver"), (2, "Lesion")]
+    assert seg.labelmap.shape == SHAPE
+    assert int((seg.labelmap == 1).sum()) == 12 and int((seg.labelmap == 2).sum()) == 1

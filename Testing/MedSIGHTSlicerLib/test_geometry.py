@@ -8,13 +8,12 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import make_volume, oblique_matrix, sphere  # noqa: E402
+from medsight_testing.mrml import make_volume, oblique_matrix, pixel_to_ijk, sphere  # noqa: E402
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
     ijk_to_ras,
     labelmap_from_array,
     mask_to_ijk,
-    pixel_to_ijk,
     segment_array,
     volume_upload_arrays,
 )

@@ -12,9 +12,8 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import make_volume, oblique_matrix  # noqa: E402
+from medsight_testing.mrml import make_volume, oblique_matrix, pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, get_tag  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from MedSIGHTSlicerLib.geometry import GeometryError, labelmap_from_array, pixel_to_ijk, segment_array  # noqa: E402
+from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
+from MedSIGHTSlicerLib.geometry import GeometryError, labelmap_from_array, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
     ALL,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsight.config import tiny_config
 from medsight.model.loading import load_official
+from medsight_testing.golden import golden_base_config
 from medsight_testing.release import write_release
 
 
@@ -19,14 +19,14 @@ def release_dir(golden: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def golden_model(release_dir: Path):
+def golden_model(golden: Path, release_dir: Path):
     """The tiny golden model loaded through the official-layout loader, in float64 like the fixtures."""
     model = load_official(
         release_dir / "medsight_full_instruct",
         release_dir / "region_perceiver" / "0079280.pt",
         release_dir / "unimed_clip_vit_l14.pt",
         release_dir / "codebook" / "0035673.pt",
-        base=tiny_config(),
+        base=golden_base_config(golden),
     )
     return model.to(torch.float64)
 

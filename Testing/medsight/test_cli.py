@@ -88,3 +88,23 @@ def test_info_prints_the_computed_sizes(capsys):
     assert main(["info", "--preset", "full"]) == 0
     text = capsys.readouterr().out
     assert "8,642,412,562 parameters" in text and "bf16 16.10 GiB" in text
+
+
+def test_findings_group_name_and_code_as_the_slicer_module_does():
+    """"The liver", "Liver." and "liver" are one finding named "Liver" with the SNOMED liver code; an unlabelled
+    region is its own finding named by its code."""
+    from types import SimpleNamespace
+
+    from medsight.cli import _findings, _segment
+
+    def region(label, code):
+        return SimpleNamespace(label=label, code=code)
+
+    answers = [SimpleNamespace(regions=[region("The liver", "[M0_1]"), region("", "[M0_9]")]),
+               SimpleNamespace(regions=[region("Liver.", "[M0_2]"), region("liver", "[M0_1]")])]
+    findings = _findings(answers)
+    assert list(findings) == ["liver", "[M0_9]"]
+    liver = _segment(1, findings["liver"], [])
+    assert (liver.name, liver.region_code, liver.terminology.type.value) == ("Liver", "[M0_1]", "10200004")
+    assert _segment(2, findings["[M0_9]"], [liver.color]).name == "[M0_9]"
+    assert _segment(2, findings["[M0_9]"], [liver.color]).color != liver.color

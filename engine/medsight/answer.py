@@ -1,11 +1,19 @@
-"""What the model returns for a question: the answer text and one region per generated code."""
+"""What the model returns for a question: the answer text and one region per generated code.
+
+One type for every caller: `Engine.ask` returns one `Answer` per slice, `MedSIGHTModel.ask` (which runs the
+engine) one for its image, and the server converts these to its wire schema.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from medsight.imaging import Slice
 
 
 @dataclass
@@ -20,6 +28,7 @@ class Region:
         mask: (H, W) boolean mask on the input image's pixel grid (logit > 0).
         probability: mean sigmoid probability over the mask's pixels (0 for an empty mask).
         bbox: (row0, col0, row1, col1) inclusive bounds of the mask, or None if it is empty.
+        slice_index: the slice it lies on (see `Answer.slice_index`).
     """
 
     code: str | None
@@ -29,6 +38,7 @@ class Region:
     mask: np.ndarray
     probability: float
     bbox: tuple[int, int, int, int] | None
+    slice_index: int = 0
 
     @property
     def modality(self) -> int | None:
@@ -36,17 +46,45 @@ class Region:
 
 
 @dataclass
+class Timings:
+    """Seconds spent per stage. Per slice, a batched stage's time is shared equally among its slices."""
+
+    encode: float = 0.0
+    generate: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.generate + self.decode
+
+
+@dataclass
 class Answer:
-    """The answer to one question about one image."""
+    """The answer to one question about one image or volume slice.
+
+    Attributes:
+        text: answer text without special tokens or the `assistant` header.
+        regions: one per generated code, masks on the slice's pixel grid.
+        token_ids: generated ids, end-of-turn included when reached.
+        cancelled: the answer was cut short by the caller.
+        slice_index: the volume slice index, or the image's position in the list for plain images.
+        timings: this slice's share of the ask's stage times.
+        cached: the image features came from the cache (no encode ran for this slice).
+        slice: geometry of a volume slice (pixel -> voxel -> RAS); None for plain images.
+    """
 
     text: str
     regions: list[Region] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+    slice_index: int = 0
+    timings: Timings = field(default_factory=Timings)
+    cached: bool = False
+    slice: Slice | None = None
 
 
 def regions_from_logits(
-    names: list[tuple[str | None, str]], mask_logits: torch.Tensor, source_logits: torch.Tensor
+    names: list[tuple[str | None, str]], mask_logits: torch.Tensor, source_logits: torch.Tensor, slice_index: int = 0
 ) -> list[Region]:
     """One Region per channel: `names[k]` is (code, label), `mask_logits` (K, m, m) are the logits over the model
     input and `source_logits` (K, H, W) the same logits mapped onto the source grid.
@@ -76,5 +114,5 @@ def regions_from_logits(
     for k, (code, label) in enumerate(names):
         count, *box = (column[k] for column in stats)
         bbox = tuple(int(v) for v in box) if count else None
-        regions.append(Region(code, label, k, logits[k], masks[k], float(probability[k]), bbox))
+        regions.append(Region(code, label, k, logits[k], masks[k], float(probability[k]), bbox, slice_index))
     return regions

@@ -9,7 +9,8 @@ import os
 import re
 import sys
 
-PLANES = ("axial", "coronal", "sagittal")
+from medsight.imaging import PLANES
+
 VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
                     "Hugging Face Hub (downloaded once into its cache)")
 
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
-    ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
     ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
@@ -78,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
     download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
                               "into the local cache")
-    download.add_argument("repo", nargs="?", default="Caf0914/MedSIGHT",
-                          help="repository id, or one file as REPO_ID:FILENAME[@REVISION]")
+    download.add_argument("repo", nargs="?", help="repository id (default: the released MedSIGHT), or "
+                          "one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
     download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
     download.add_argument("--codebook", action="store_true",
@@ -118,50 +119,48 @@ def parse_slices(spec: str | None, count: int) -> list[int]:
     return sorted(set(indices))
 
 
-def _finding(region) -> str:
-    """The segment a region belongs to: its label, else its code; printable ASCII (file headers need it)."""
-    name = re.sub(r"[^\x20-\x7e]", "", region.label).replace("|", " ").strip()
-    return name or region.code or "region"
+def _findings(answers) -> dict[str, list]:
+    """Regions grouped into findings by the Slicer module's rule: the normalised label, else the code."""
+    from medsight.naming import normalise_label
 
-
-def _segments(answers) -> dict[str, int]:
-    """One 3D segment per finding: regions with the same label (or code, if unlabelled) share a label value."""
-    labels: dict[str, int] = {}
+    groups: dict[str, list] = {}
     for answer in answers:
         for region in answer.regions:
-            labels.setdefault(_finding(region), len(labels) + 1)
-    return labels
+            groups.setdefault(normalise_label(region.label) or (region.code or "region"), []).append((answer, region))
+    return groups
+
+
+def _segment(value: int, pairs: list, used: list):
+    """A finding's segment, named, coloured and coded as the Slicer module names its suggestion."""
+    from dataclasses import astuple
+
+    from medsight.imaging import Code, Segment, Terminology
+    from medsight.naming import colour_for, display_name, term_for
+
+    label = pairs[0][1].label
+    codes = list(dict.fromkeys(r.code for _, r in pairs if r.code))
+    fallback = ", ".join(codes) or "Region"
+    # Printable ASCII without "|": file headers need it.
+    name = re.sub(r"[^\x20-\x7e]", "", display_name(label, fallback=fallback)).replace("|", " ").strip()[:64]
+    term = term_for(label)
+    terminology = Terminology(Code(*astuple(term.category)), Code(*astuple(term.type))) if term else Terminology()
+    colour = colour_for(label or fallback, avoid=used)
+    return Segment(value, name or "Region", colour, codes[0] if codes else None, terminology)
 
 
 def _write_segmentation(path: str, volume, answers) -> None:
-    from medsight.imaging import Segment, SegmentationBuilder, write_dicom_seg, write_nifti_labelmap, write_seg_nrrd
-    from medsight.overlay import PALETTE
+    from medsight.imaging import SegmentationBuilder, write_segmentation
 
-    labels = _segments(answers)
-    codes: dict[str, str | None] = {}
-    for answer in answers:
-        for region in answer.regions:
-            codes.setdefault(_finding(region), region.code)
-    segments = {
-        name: Segment(value, name[:64], tuple(c / 255 for c in PALETTE[(value - 1) % len(PALETTE)]), codes[name])
-        for name, value in labels.items()
-    }
-    builder = SegmentationBuilder(volume)
-    for answer in answers:
-        for region in answer.regions:
-            builder.add(answer.slice, region.mask, segments[_finding(region)])
-    if not labels:
+    findings = _findings(answers)
+    if not findings:
         raise ValueError(f"the answer has no regions: nothing to write to {path}")
-    seg = builder.build()
-    lower = path.lower()
-    if lower.endswith(".seg.nrrd") or lower.endswith(".nrrd"):
-        write_seg_nrrd(seg, path)
-    elif lower.endswith((".nii", ".nii.gz")):
-        write_nifti_labelmap(seg, path)
-    elif lower.endswith(".dcm"):
-        write_dicom_seg(seg, path)
-    else:
-        raise ValueError(f"--out {path}: use .seg.nrrd, .nii, .nii.gz or .dcm")
+    builder, used = SegmentationBuilder(volume), []
+    for value, pairs in enumerate(findings.values(), start=1):
+        segment = _segment(value, pairs, used)
+        used.append(segment.color)
+        for answer, region in pairs:
+            builder.add(answer.slice, region.mask, segment)
+    write_segmentation(builder.build(), path)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -169,10 +168,12 @@ def _ask(args: argparse.Namespace) -> int:
 
     import medsight
     from medsight.engine import VolumeSlices
-    from medsight.imaging import read_volume, slice_count
+    from medsight.imaging import read_volume, slice_count, writer_for
     from medsight.model.medsight import ImageOptions
     from medsight.overlay import save_overlay
 
+    if args.out:
+        writer_for(args.out)  # an unknown format fails before the model runs
     volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
@@ -181,7 +182,8 @@ def _ask(args: argparse.Namespace) -> int:
     if engine.model.weights_source.startswith("random"):
         print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
               "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
-    options = medsight.GenerationOptions(max_new_tokens=args.max_new_tokens)
+    limit = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    options = medsight.GenerationOptions(**limit)
     image_options = ImageOptions(resize_mode=args.resize_mode)
     answers = []
     chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]
@@ -291,14 +293,15 @@ def _download(args: argparse.Namespace) -> int:
     own progress bars: only the layout's files (allow-patterns), the codebook and UniMed-CLIP only when asked."""
     from dataclasses import replace
 
-    from medsight.model.hub import fetch_release, parse_hub_file, plan_file, plan_release
+    from medsight.model.hub import RELEASE_REPO, fetch_release, parse_hub_file, plan_file, plan_release
 
-    hub = parse_hub_file(args.repo)
+    repo = args.repo or RELEASE_REPO
+    hub = parse_hub_file(repo)
     if hub is not None:
         hub = replace(hub, revision=hub.revision or args.revision)
         plan = plan_file(hub)
     else:
-        plan = plan_release(args.repo, args.revision, codebook=args.codebook, vision=args.fetch_vision)
+        plan = plan_release(repo, args.revision, codebook=args.codebook, vision=args.fetch_vision)
     print("\n".join(plan.lines()), file=sys.stderr, flush=True)
     ask_first = plan.total > args.confirm_above * 1e9 and not args.yes and sys.stdin.isatty()
     if ask_first and input(f"Download {plan.total / 1e9:.2f} GB? [y/N] ").strip().lower() not in ("y", "yes"):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from medsight.answer import Region, regions_from_logits
+from medsight.answer import Answer, Region, Timings, regions_from_logits
 from medsight.feature_cache import CacheStats, FeatureCache, content_key
 from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
 from medsight.model.generation import GenerationOptions, GenerationOutput
@@ -34,7 +34,7 @@ DEFAULT_CACHE_BYTES = 1 << 30
 DEFAULT_ENCODE_BATCH = 32
 
 TokenCallback = Callable[[int, str], None]
-RegionCallback = Callable[[int, "SliceRegion"], None]
+RegionCallback = Callable[[int, Region], None]
 
 
 @dataclass
@@ -56,62 +56,24 @@ class VolumeSlices:
     window: str | Window | None = None
 
 
-@dataclass
-class SliceRegion(Region):
-    """A Region plus the slice it lies on (see `SliceAnswer.slice_index`)."""
-
-    slice_index: int = 0
-
-
-@dataclass
-class Timings:
-    """Seconds spent per stage. Per slice, a batched stage's time is shared equally among its slices."""
-
-    encode: float = 0.0
-    generate: float = 0.0
-    decode: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.encode + self.generate + self.decode
-
-
-@dataclass
-class SliceAnswer:
-    """The answer about one slice.
-
-    Attributes:
-        slice_index: the volume slice index, or the image's position in the list for plain images.
-        text: answer text without special tokens or the `assistant` header.
-        regions: one per generated code, masks on the slice's pixel grid.
-        token_ids: generated ids, end-of-turn included when reached.
-        cancelled: the answer was cut short by the caller.
-        cached: the image features came from the cache (no encode ran for this slice).
-        slice: geometry of a volume slice (pixel -> voxel -> RAS); None for plain images.
-    """
-
-    slice_index: int
-    text: str
-    regions: list[SliceRegion] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    timings: Timings = field(default_factory=Timings)
-    cancelled: bool = False
-    cached: bool = False
-    slice: Slice | None = None
+# The engine's answers are `medsight.answer.Answer`/`Region` (one type for every caller); these names remain for
+# the callers written against them.
+SliceAnswer = Answer
+SliceRegion = Region
 
 
 @dataclass
 class EngineAnswer:
     """All slices' answers to one question, in request order, and the whole ask's timings."""
 
-    answers: list[SliceAnswer]
+    answers: list[Answer]
     timings: Timings
     cancelled: bool = False
 
     def __len__(self) -> int:
         return len(self.answers)
 
-    def __getitem__(self, i: int) -> SliceAnswer:
+    def __getitem__(self, i: int) -> Answer:
         return self.answers[i]
 
     def __iter__(self):
@@ -206,7 +168,7 @@ class Engine:
         the vision side in ONNX Runtime.
 
         `perceiver_attention`: "sdpa" (default: PyTorch's fused attention kernel, the same function as the official
-        arithmetic within float rounding; 1.2-1.4x faster perceiver on CPU, `benchmarks/official_style.py`) or
+        arithmetic within float rounding, and faster: measure with `benchmarks/official_style.py`) or
         "eager" (the official fill-and-softmax arithmetic, what the golden parity tests run).
         """
         backend = None
@@ -250,7 +212,7 @@ class Engine:
         prompt = self._prompt(messages)
         inputs = self._prepare(images, image_options)
         if cancel is not None and cancel.is_set():
-            empty = [SliceAnswer(x.slice_index, "", cancelled=True, slice=x.slice) for x in inputs]
+            empty = [Answer("", cancelled=True, slice_index=x.slice_index, slice=x.slice) for x in inputs]
             return EngineAnswer(empty, Timings(), cancelled=True)
         with self._model_lock:
             return self._run(inputs, prompt, options, image_options, on_token, on_region, cancel)
@@ -288,12 +250,14 @@ class Engine:
             raise ValueError("no images given; pass at least one image or slice index")
         identity = self._model_identity()
         prepared = []
+        transforms: dict = {}  # equal transforms (same image shape) share one object and so its sampling grid
         for index, image, geometry in sources:
             if image.dtype != np.uint8:
                 raise ValueError(
                     f"image {index} has dtype {image.dtype}; expected uint8 (window it with medsight.imaging.to_rgb)"
                 )
             pixels, transform = self.model.prepare(image, image_options.resize_mode)
+            transform = transforms.setdefault(transform, transform)
             key = content_key(pixels, image_options.resize_mode, image_options.round_pixels_to_bf16, identity)
             prepared.append(_Input(index, pixels, transform, key, geometry))
         return prepared
@@ -406,7 +370,7 @@ class Engine:
                                      should_stop=should_stop)
         return output, streams
 
-    def _decode(self, inputs, encodings, output, options, streams, on_token, on_region) -> list[SliceAnswer]:
+    def _decode(self, inputs, encodings, output, options, streams, on_token, on_region) -> list[Answer]:
         """All rows' codes through the perceiver (batched by code count), then masks onto each slice's grid."""
         rows = [self._row(output, row, options) for row in range(len(inputs))]
         if on_token is not None:
@@ -425,7 +389,7 @@ class Engine:
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):
             regions = self._regions(x, ids, text, where, mask_logits)
             cancelled = output.cancelled and (not ids or ids[-1] != eos)
-            answers.append(SliceAnswer(x.slice_index, text, regions, ids, cancelled=cancelled, slice=x.slice))
+            answers.append(Answer(text, regions, ids, cancelled=cancelled, slice_index=x.slice_index, slice=x.slice))
             if on_region is not None:
                 for region in regions:
                     on_region(x.slice_index, region)
@@ -440,14 +404,13 @@ class Engine:
 
     def _regions(
         self, x: _Input, ids: list[int], text: str, where: list[int], mask_logits: torch.Tensor
-    ) -> list[SliceRegion]:
+    ) -> list[Region]:
         """One region per decoded mask; the code's label is the phrase the answer puts before it."""
         if mask_logits.shape[0] == 0:
             return []
         source = x.transform.logits_to_source(mask_logits.float())
         names = self.model.region_names(ids, text, where, mask_logits.shape[0])
-        return [SliceRegion(**vars(region), slice_index=x.slice_index)
-                for region in regions_from_logits(names, mask_logits, source)]
+        return regions_from_logits(names, mask_logits, source, x.slice_index)
 
 
 def _sync(device: torch.device) -> None:

@@ -22,17 +22,14 @@ stored as ONNX external data beside the graph file when a graph passes the 2 GB 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import medsight.model.perceiver as perceiver_module
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.vision import encode_image
 
@@ -92,30 +89,6 @@ def pyramid_sizes(model: MedSIGHTModel) -> list[int]:
     """Grid side of every perceiver level: G, 2G, ..., G * 2**num_stages."""
     g = model.config.vision.grid_size
     return [g * 2**s for s in range(model.config.perceiver.num_stages + 1)]
-
-
-@contextlib.contextmanager
-def constant_position_encoding(model: MedSIGHTModel) -> Iterator[dict[tuple[int, int, int], torch.Tensor]]:
-    """Within the block, the perceiver reads precomputed sine encodings instead of computing them.
-
-    The values are exactly those of `sine_position_encoding` (computed here once), so the exported graph carries
-    them as constants and needs neither float64 nor the arange/pow chain at run time.
-    """
-    original = perceiver_module.sine_position_encoding
-    dim = model.config.perceiver.dim
-    table = {(s, s, dim): original(s, s, dim) for s in pyramid_sizes(model)}
-
-    def lookup(height: int, width: int, d: int, device: torch.device | None = None) -> torch.Tensor:
-        key = (int(height), int(width), int(d))
-        if key not in table:  # a size the config does not predict: compute it (and bake it) as usual
-            table[key] = original(height, width, d)
-        return table[key].to(device) if device is not None else table[key]
-
-    perceiver_module.sine_position_encoding = lookup
-    try:
-        yield table
-    finally:
-        perceiver_module.sine_position_encoding = original
 
 
 def _example_inputs(model: MedSIGHTModel, batch: int = 2, codes: int = 3) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -223,7 +196,11 @@ def export_onnx(
     examples = _example_inputs(model)
     paths: dict[str, Path] = {}
     used: dict[str, str] = {}
-    with torch.no_grad(), constant_position_encoding(model):
+    # The perceiver's own cache holds every level's encoding before tracing, so the graphs read them as constants
+    # and need neither float64 nor the arange/pow chain at run time.
+    for side in pyramid_sizes(model):
+        model.region_perceiver.position_encoding(side, side, torch.device("cpu"))
+    with torch.no_grad():
         for name, module in modules.items():
             path = out / files[name]
             used[name] = _export_one(module.eval(), name, examples[name], path, opset, exporter, optimize)

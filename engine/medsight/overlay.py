@@ -9,18 +9,19 @@ from PIL import Image
 from scipy import ndimage
 
 from medsight.answer import Region
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+from medsight.naming import colour_for
 
 
 def draw_overlay(image: np.ndarray, regions: list[Region], alpha: float = 0.4) -> np.ndarray:
-    """uint8 (H, W, 3) image with the regions' masks blended in and their borders drawn opaque."""
+    """uint8 (H, W, 3) image with the regions' masks blended in and their borders drawn opaque, each in the colour
+    the Slicer module gives its segment (`naming.colour_for`)."""
     out = np.asarray(image, dtype=np.float64).copy()
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=-1)
+    used: list[tuple[float, float, float]] = []
     for region in regions:
-        colour = np.array(PALETTE[region.index % len(PALETTE)], dtype=np.float64)
+        used.append(colour_for(region.label or region.code or "Region", avoid=used))
+        colour = 255 * np.array(used[-1], dtype=np.float64)
         mask = region.mask
         out[mask] = (1 - alpha) * out[mask] + alpha * colour
         border = mask & ~ndimage.binary_erosion(mask)

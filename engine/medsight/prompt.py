@@ -53,17 +53,24 @@ def prompt_text(question: str, num_images: int = 1) -> str:
     return "".join(render_messages([Message("user", question)], num_images))
 
 
-def tokenize_prompt(tokenizer, messages: Sequence[Message], num_images: int = 1) -> list[int]:
-    """Token ids of the prompt, with one IMAGE_TOKEN_INDEX per image."""
-    ids: list[int] = []
+def tokenize_turns(tokenizer, messages: Sequence[Message], num_images: int = 1) -> list[tuple[str, list[int]]]:
+    """Each rendered turn (system first) with its token ids, one IMAGE_TOKEN_INDEX per image: the one tokenisation
+    of prompts (`tokenize_prompt`) and of training conversations (`medsight.train.losses.training_labels`)."""
+    turns = []
     for text in render_messages(messages, num_images):
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
+        ids: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
                 ids.append(IMAGE_TOKEN_INDEX)
             if piece:
                 ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-    return ids
+        turns.append((text, ids))
+    return turns
+
+
+def tokenize_prompt(tokenizer, messages: Sequence[Message], num_images: int = 1) -> list[int]:
+    """Token ids of the prompt, with one IMAGE_TOKEN_INDEX per image."""
+    return [t for _, ids in tokenize_turns(tokenizer, messages, num_images) for t in ids]
 
 
 def strip_assistant_prefix(text: str) -> str:

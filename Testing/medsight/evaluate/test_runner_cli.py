@@ -13,13 +13,13 @@ from medsight.demo import build_demo_data
 from medsight.evaluate.cli import main
 from medsight.evaluate.demo_diagseg import demo_to_diagseg
 from medsight.evaluate.metrics import dice_from_logits, precision_recall_f1
-from medsight.evaluate.readers import read_diagseg
+from medsight.evaluate.readers import DataError, read_diagseg
 from medsight.evaluate.runner import (
     RunOptions,
+    decode_masks,
+    encode_masks,
     merge_shards,
     read_predictions,
-    rle_decode,
-    rle_encode,
     run_predictions,
     select_items,
 )
@@ -59,12 +59,15 @@ class FlakyEngine:
         return self.engine.ask(*a, **k)
 
 
-def test_rle_roundtrip():
+def test_stored_masks_roundtrip_and_corrupt_ones_are_named():
     m = np.zeros((3, 4), bool)
     m[0, 0] = m[1, 1:3] = m[2, 3] = True
-    assert rle_encode(m)[:2] == [0, 1]
-    assert np.array_equal(rle_decode(rle_encode(m), m.shape), m)
-    assert np.array_equal(rle_decode(rle_encode(~m), m.shape), ~m)
+    stored = encode_masks([m, ~m], m.shape)
+    assert stored["rle"][0][:2] == [0, 1]
+    assert np.array_equal(decode_masks(stored, m.shape), np.stack([m, ~m]))
+    assert decode_masks(encode_masks([], m.shape), m.shape).shape == (0, 3, 4)
+    with pytest.raises(DataError, match="RLE counts sum to 11, expected 12"):
+        decode_masks({"shape": [3, 4], "rle": [[0, 11]]}, m.shape)
 
 
 def test_select_items_shards_after_limit():
@@ -96,7 +99,7 @@ def test_resume_after_interruption(diagseg, single_run, tmp_path):
 
     expected = dice_from_logits(torch.stack([r.mask_logits for r in answer[0].regions]), gt)
     masks = resumed[0]["masks"]
-    stored = np.stack([rle_decode(r, masks["shape"]) for r in masks["rle"]])
+    stored = decode_masks(masks, masks["shape"])
     from medsight.evaluate.metrics import item_dice
 
     assert item_dice(stored, gt) == pytest.approx(expected)
@@ -149,7 +152,7 @@ def test_end_to_end_report_matches_predictions(diagseg, single_run):
         for p in item.masks:
             m = np.asarray(Image.open(p).convert("L")) > 127
             gt = m if gt.size == 0 else gt | m
-        masks = [rle_decode(r, rec["masks"]["shape"]) for r in rec["masks"]["rle"]]
+        masks = decode_masks(rec["masks"], rec["masks"]["shape"])
         d = [2 * (m & gt).sum() / (m.sum() + gt.sum() + 1e-6) for m in masks]
         dices.append(float(np.mean(d)) if d else 0.0)
         recalls.append(precision_recall_f1(rec["text"], item.answer)[1])

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from medsight.imaging import (
+    WRITERS,
     Code,
+    ImagingError,
     Segment,
     Segmentation,
     SegmentationBuilder,
@@ -23,13 +25,14 @@ from medsight.imaging import (
     write_dicom_seg,
     write_nifti_labelmap,
     write_seg_nrrd,
+    write_segmentation,
 )
 
 GM = Segment(
-    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("14271001", "SCT", "Grey matter"))
+    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("SCT", "14271001", "Grey matter"))
 )
 WM = Segment(
-    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("33835003", "SCT", "White matter"))
+    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("SCT", "33835003", "White matter"))
 )
 
 
@@ -161,3 +164,17 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional)
     assert np.array_equal(back.labelmap, np.where(seg.labelmap == 3, 2, seg.labelmap))
     if fractional:
         assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1
+
+
+def test_write_segmentation_picks_the_writer_by_file_name(mni_segmentation, tmp_path):
+    """One suffix -> writer table: each ending gives the file its reader reads back; others are refused."""
+    readers = {".seg.nrrd": read_seg_nrrd, ".nii.gz": read_nifti_labelmap, ".nii": read_nifti_labelmap}
+    for suffix, read in readers.items():
+        path = tmp_path / f"answer{suffix.upper() if suffix == '.nii' else suffix}"
+        write_segmentation(mni_segmentation, path)
+        back = read(path)
+        assert np.array_equal(back.labelmap, mni_segmentation.labelmap), suffix
+        assert [s.name for s in back.segments] == ["grey matter", "white matter"]
+    assert [s for s, _ in WRITERS] == [".seg.nrrd", ".nii.gz", ".nii", ".dcm"]
+    with pytest.raises(ImagingError, match=r"unknown segmentation format; use \.seg\.nrrd, \.nii\.gz, \.nii, \.dcm"):
+        write_segmentation(mni_segmentation, tmp_path / "answer.nrrd")

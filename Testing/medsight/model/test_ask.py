@@ -127,3 +127,20 @@ def test_unset_state_position_follows_the_model_config(tiny):
         assert np.array_equal(logits("before"), before)
     finally:
         tiny.config.code_state_position = "before"
+
+
+def test_model_ask_is_the_engine_path(tiny):
+    """`MedSIGHTModel.ask` runs `Engine.ask`: the same answer type and identical answers, by construction."""
+    from medsight.engine import Engine
+
+    image = np.random.default_rng(4).integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    ids = [257, *tiny.tokenizer("assistant\nLiver [M0_16], spleen [M0_7].", add_special_tokens=False)["input_ids"], 258]
+    options = GenerationOptions(logits_processors=[ForceText(ids)])
+    alone = tiny.ask(image, "Segment the liver and spleen.", options)
+    engine = Engine(tiny).ask([image], "Segment the liver and spleen.", options)[0]
+    assert type(alone) is type(engine)
+    assert (alone.text, alone.token_ids) == (engine.text, engine.token_ids)
+    assert len(alone.regions) == len(engine.regions) == 2
+    for a, b in zip(alone.regions, engine.regions, strict=True):
+        assert (a.code, a.label, a.bbox) == (b.code, b.label, b.bbox)
+        assert np.array_equal(a.mask, b.mask)

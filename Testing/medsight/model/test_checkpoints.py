@@ -10,17 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medsight.config import tiny_config
 from medsight.model.checkpoints import CheckpointError, read_perceiver_state, safe_torch_load
+from medsight.model.hub import RELEASE_REPO
 from medsight.model.loading import load_model, load_official, load_pretrained, save_pretrained
+from medsight_testing.golden import golden_base_config
 from medsight_testing.hub_cache import cache_repo, folder_files
 from medsight_testing.release import write_release
 
 
-def load_tiny_release(root, **kwargs):
+def load_tiny_release(golden, root, **kwargs):
     return load_official(
         root / "medsight_full_instruct", root / "region_perceiver" / "0079280.pt",
-        kwargs.get("vision", root / "unimed_clip_vit_l14.pt"), kwargs.get("codebook"), base=tiny_config(),
+        kwargs.get("vision", root / "unimed_clip_vit_l14.pt"), kwargs.get("codebook"),
+        base=golden_base_config(golden),
     )
 
 
@@ -31,7 +33,7 @@ def same_weights(a, b) -> bool:
 
 def test_every_layout_variant_loads_the_same_weights(golden, tmp_path, golden_model):
     plain = write_release(golden, tmp_path / "plain", sharded=False, namespace_args=False)
-    model = load_tiny_release(plain)
+    model = load_tiny_release(golden, plain)
     ref = golden_model.to(torch.float32)
     try:
         assert same_weights(model.image_encoder, ref.image_encoder)
@@ -55,16 +57,19 @@ def test_missing_extra_and_misshaped_keys_are_named(golden, tmp_path):
     path = root / "region_perceiver" / "0079280.pt"
     ckpt = safe_torch_load(path)
     model = ckpt["model"]
-    model.pop("region_perceiver.bi_blocks.1.ff_image.3.weight")
+    dropped = next(k for k in model if ".bi_blocks." in k)[len("region_perceiver."):]
+    model.pop(f"region_perceiver.{dropped}")
     model["region_perceiver.extra_thing"] = torch.zeros(3)
-    model["region_perceiver.segmentation_cls_head.proj.bias"] = torch.zeros(7)
+    bias = "region_perceiver.segmentation_cls_head.proj.bias"
+    width = model[bias].shape[0]
+    model[bias] = torch.zeros(width + 1)
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError) as err:
-        load_tiny_release(root)
+        load_tiny_release(golden, root)
     message = str(err.value)
-    assert "missing key(s): bi_blocks.1.ff_image.3.weight" in message
+    assert f"missing key(s): {dropped}" in message
     assert "unexpected key(s): extra_thing" in message
-    assert "segmentation_cls_head.proj.bias: checkpoint (7,) vs model (48,)" in message
+    assert f"segmentation_cls_head.proj.bias: checkpoint ({width + 1},) vs model ({width},)" in message
     assert str(path) in message
 
 
@@ -75,16 +80,16 @@ def test_lvlm_key_errors_are_named(golden, tmp_path):
     del state["model.token_projection.2.bias"]
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=r"missing key\(s\): model.token_projection.2.bias"):
-        load_tiny_release(root)
+        load_tiny_release(golden, root)
 
 
 def test_missing_files_give_clear_errors(golden, tmp_path):
     root = write_release(golden, tmp_path / "r")
     with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*nope\.pt"):
-        load_tiny_release(root, vision=root / "nope.pt")
+        load_tiny_release(golden, root, vision=root / "nope.pt")
     (root / "medsight_full_instruct" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors named in the index is missing"):
-        load_tiny_release(root)
+        load_tiny_release(golden, root)
 
 
 def test_stage1_ema_layout_skips_the_vit(golden, tmp_path):
@@ -105,31 +110,35 @@ def test_vision_tower_inside_the_lvlm_and_stage4_split_embedding(golden, tmp_pat
         if k.startswith("visual."):
             state[f"model.vision_tower.vision_tower.image_encoder.{k[7:]}"] = v
     embed = state.pop("model.embed_tokens.weight")
-    state["model.embed_tokens.base_emb.weight"] = torch.cat([embed[:259], torch.zeros(576, 64)])
-    state["model.embed_tokens.codebook_emb.weight"] = embed[259:].clone()
+    first = golden_model.codes.first_id  # the region-code rows follow the base vocabulary
+    state["model.embed_tokens.base_emb.weight"] = torch.cat([embed[:first], torch.zeros_like(embed[first:])])
+    state["model.embed_tokens.codebook_emb.weight"] = embed[first:].clone()
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
-    model = load_tiny_release(root, vision=None)
+    model = load_tiny_release(golden, root, vision=None)
     assert torch.equal(model.language_model.get_input_embeddings().weight, embed)
     assert torch.equal(model.image_encoder.conv1.weight, vit["visual.conv1.weight"])
 
 
-def test_our_format_round_trip(tmp_path, release_dir):
-    model = load_tiny_release(release_dir, codebook=release_dir / "codebook" / "0035673.pt")
+def test_our_format_round_trip(golden, tmp_path, release_dir):
+    model = load_tiny_release(golden, release_dir, codebook=release_dir / "codebook" / "0035673.pt")
     save_pretrained(model, tmp_path / "ours")
     again = load_pretrained(tmp_path / "ours")
     assert same_weights(model, again)
-    assert json.loads((tmp_path / "ours" / "medsight_config.json").read_text())["vision"]["image_size"] == 56
+    image_size = json.loads((golden / "tiny_vit_openclip_config.json").read_text())["vision_cfg"]["image_size"]
+    assert json.loads((tmp_path / "ours" / "medsight_config.json").read_text())["vision"]["image_size"] == image_size
     assert load_model(tmp_path / "ours", device="cpu").config == model.config
 
 
-def test_hub_repo_id_from_the_offline_cache(release_dir, tmp_path, monkeypatch):
+def test_hub_repo_id_from_the_offline_cache(golden, release_dir, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
-    cache_repo(cache, "Caf0914/MedSIGHT", folder_files(release_dir))
+    cache_repo(cache, RELEASE_REPO, folder_files(release_dir))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
-    assert model.config.vision.image_size == 56 and model.codebook is not None
+    base = golden_base_config(golden)
+    model = load_model(RELEASE_REPO, device="cpu", base_config=base)
+    image_size = json.loads((golden / "tiny_vit_openclip_config.json").read_text())["vision_cfg"]["image_size"]
+    assert model.config.vision.image_size == image_size and model.codebook is not None
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache and offline mode is on"):
-        load_model("someone/absent-model", device="cpu", base_config="tiny")
+        load_model("someone/absent-model", device="cpu", base_config=base)
 
 
 def test_loading_never_runs_arbitrary_code(tmp_path):

@@ -1,6 +1,7 @@
 """The `full` preset has exactly the released parameter names and shapes (golden fullsize_shapes_*.json)."""
 
 import json
+import math
 
 import pytest
 
@@ -49,9 +50,13 @@ def test_stage2_keys_and_shapes(full_model, golden):
     assert renamed == expected
 
 
-def test_memory_figures_follow_from_the_counts():
+def test_memory_figures_follow_from_the_counts(golden):
     size = model_size(get_preset("full"))
-    assert size.perceiver == 102_895_634  # spec: stage-1 parameter count
+    stage1 = json.loads((golden / "fullsize_shapes_stage1.json").read_text())
+    assert size.perceiver == sum(math.prod(s) for k, s in stage1.items() if k.startswith("region_perceiver."))
     assert size.weight_bytes() == 2 * size.total
-    # 36 layers x (K + V) x 8 heads x 128 x 2 bytes
-    assert kv_cache_bytes_per_token(get_preset("full")) == 36 * 2 * 8 * 128 * 2
+    # Layers x (K + V) x the k_proj output width x 2 bytes (bfloat16).
+    lvlm = dict(json.loads((golden / "fullsize_shapes_lvlm.json").read_text())["all_parameters"])
+    layers = len({k.split(".")[2] for k in lvlm if k.startswith("model.layers.")})
+    kv_width = lvlm["model.layers.0.self_attn.k_proj.weight"][0]
+    assert kv_cache_bytes_per_token(get_preset("full")) == layers * 2 * kv_width * 2

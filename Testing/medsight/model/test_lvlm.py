@@ -48,7 +48,8 @@ def test_tower_projector_and_merged_embeddings(golden_model, lvlm_io, encoding, 
     assert_matches(tower, lvlm_io["tower_features"], "vision tower output")
     projected = golden_model.image_embeddings(encoding)
     assert_matches(projected, lvlm_io["projected_image_features"], "mm_projector output")
-    embeds, mask = golden_model.language_model.embed_prompts([prompt], list(projected), 2048)
+    limit = golden_model.config.llm.max_sequence_length
+    embeds, mask = golden_model.language_model.embed_prompts([prompt], list(projected), limit)
     assert_matches(embeds, lvlm_io["inputs_embeds"], "merged input embeddings")
     assert mask.all()
 
@@ -102,12 +103,13 @@ def test_no_code_fallback_is_a_switch(golden_model, lvlm_io, encoding, prompt):
 
 def test_free_greedy_generation(golden_model, lvlm_io, encoding, prompt):
     ref = lvlm_io["free"]
-    out = run(golden_model, prompt, encoding, max_new_tokens=12)
+    steps = len(ref["sequences"])  # the official run stopped at its max_new_tokens
+    out = run(golden_model, prompt, encoding, max_new_tokens=steps)
     assert_matches(out.tokens[0], ref["sequences"], "greedy tokens")
     assert_matches(out.raw_logits[0], ref["raw_logits"], "raw logits")
     assert_matches(out.scores[0], ref["processed_scores"], "processed scores (penalty, min-new-tokens)")
-    assert_matches(out.states[:, :12], ref["last_layer_states"], "states")
-    options = GenerationOptions(max_new_tokens=12)
+    assert_matches(out.states[:, :steps], ref["last_layer_states"], "states")
+    options = GenerationOptions(max_new_tokens=steps)
     where, states = golden_model.code_states(out, 0, options)
     assert where == ref["code_new_token_index"].tolist()
     assert_matches(states, ref["seg_embeddings"], "code states")
@@ -130,7 +132,7 @@ def test_float32_run_within_the_float32_tolerance(golden_model, lvlm_io, perceiv
     _, states = model.code_states(out, 0, options)
     masks = model.decode_regions(encoding.grid, [states])[0][None]
     assert_matches(masks, ref["mask_logits"].float(), "float32 mask logits")
-    free = model.generate([prompt], [encoding], GenerationOptions(max_new_tokens=12))
+    free = model.generate([prompt], [encoding], GenerationOptions(max_new_tokens=len(lvlm_io["free"]["sequences"])))
     assert free.tokens[0].tolist() == lvlm_io["free"]["sequences"].tolist()
     seg = model.region_perceiver(perceiver_io["perceiver"]["grid_in"].float()).seg_logits
     assert_matches(seg, perceiver_io["perceiver"]["seg_logits"].float(), "float32 perceiver seg logits")

@@ -10,9 +10,15 @@ from medsight.model.preprocess import UNSEEN_LOGIT, prepare_image
 
 
 def test_official_crop_is_bit_exact(perceiver_io):
-    pixels, transform = prepare_image(perceiver_io["raw_image_uint8"].numpy(), 56, CLIP_MEAN, CLIP_STD, "crop")
+    side = perceiver_io["cropped_uint8"].shape[0]
+    pixels, transform = prepare_image(perceiver_io["raw_image_uint8"].numpy(), side, CLIP_MEAN, CLIP_STD, "crop")
     assert torch.equal(pixels, perceiver_io["pixel_values"])
-    assert (transform.shift_y, transform.shift_x) == (0.0, -7.0)  # crop offsets top 0, left 7
+    # The official centre crop of the resized image: offsets round((H - S) / 2) and round((W - S) / 2).
+    height, width = perceiver_io["resized_uint8"].shape[:2]
+    top, left = round((height - side) / 2), round((width - side) / 2)
+    cropped = perceiver_io["resized_uint8"][top : top + side, left : left + side]
+    assert torch.equal(cropped, perceiver_io["cropped_uint8"])
+    assert (transform.shift_y, transform.shift_x) == (-top, -left)
 
 
 def rectangle_logits(size: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:

@@ -11,14 +11,14 @@ def test_block_outputs_match_golden(golden_model, perceiver_io):
     pixels = perceiver_io["pixel_values"][None].double()
     feats = encode_image(golden_model.image_encoder, pixels, select_layer=-1)
     assert_matches(feats.patches, perceiver_io["regtok_patch_features"], "patch features (block -1)")
-    assert_matches(feats.cls, perceiver_io["vit"]["block_outputs"][1][:, 0], "CLS of block -1")
+    assert_matches(feats.cls, perceiver_io["vit"]["block_outputs"][-1][:, 0], "CLS of block -1")
     assert_matches(feats.grid, perceiver_io["perceiver"]["grid_in"], "perceiver input grid")
 
 
 def test_select_layer_minus_two_is_the_previous_block(golden_model, perceiver_io):
     pixels = perceiver_io["pixel_values"][None].double()
     feats = encode_image(golden_model.image_encoder, pixels, select_layer=-2)
-    assert_matches(feats.patches, perceiver_io["vit"]["block_outputs"][0][:, 1:], "block -2 patches")
+    assert_matches(feats.patches, perceiver_io["vit"]["block_outputs"][-2][:, 1:], "block -2 patches")
 
 
 def test_batch_of_two(golden_model, perceiver_io):
@@ -28,5 +28,8 @@ def test_batch_of_two(golden_model, perceiver_io):
 
 
 def test_select_layer_out_of_range_is_rejected(golden_model, perceiver_io):
-    with pytest.raises(ValueError, match="outside the encoder's 2 blocks"):
-        encode_image(golden_model.image_encoder, torch.zeros(1, 3, 56, 56, dtype=torch.float64), select_layer=5)
+    blocks = len(perceiver_io["vit"]["block_outputs"])
+    pixels = torch.zeros_like(perceiver_io["pixel_values"][None], dtype=torch.float64)
+    for layer in (blocks, -blocks - 1):
+        with pytest.raises(ValueError, match=f"select_layer {layer} is outside the encoder's {blocks} blocks"):
+            encode_image(golden_model.image_encoder, pixels, select_layer=layer)

@@ -17,10 +17,11 @@ from medsight.imaging import Volume
 from medsight.model.generation import GenerationOptions
 from medsight.prompt import Message
 from medsight.server.app import create_app
-from medsight.server.rle import decode_mask, encode_mask
+from medsight.server.rle import encode_mask
 from medsight.server.security import check_bind
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
+from MedSIGHTSlicerLib.rle import decode_mask  # the client's decoder: what the server sends must decode there
 
 QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
 
@@ -84,6 +85,7 @@ def test_stream_three_slices_of_a_real_volume(server, mni, mni_upload):
             assert decode_mask(region["mask"]).shape == tuple(rows_cols)
         assert np.asarray(answer["slice_to_ras"]).shape == (4, 4)
     assert len(regions) == sum(len(a["regions"]) for a in done["answers"])
+    assert all(event["region"]["mask"] is None for event in regions), "each mask is sent once, in done"
 
 
 def test_batched_answers_equal_one_by_one(server, mni_upload):

@@ -46,3 +46,24 @@ def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "C
 def sphere(shape=SHAPE_KJI, centre=(4, 5, 6), radius=3.2) -> np.ndarray:
     k, j, i = np.indices(shape)
     return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+
+
+def pixel_to_ijk(
+    plane_axis: int, index: int, col_axis: int, row_axis: int, shape_ijk=None, flip_cols=False, flip_rows=False
+) -> np.ndarray:
+    """A 4x4 map (col, row, 0, 1) -> (i, j, k, 1) for a slice that is an array slab (axes: 0=i, 1=j, 2=k).
+
+    With a flip, pixel 0 is the last voxel along that axis (``shape_ijk`` is then needed).
+    """
+    if sorted((plane_axis, col_axis, row_axis)) != [0, 1, 2]:
+        raise ValueError("plane, column and row axes must be a permutation of 0, 1, 2")
+    matrix = np.zeros((4, 4))
+    matrix[col_axis, 0] = -1.0 if flip_cols else 1.0
+    matrix[row_axis, 1] = -1.0 if flip_rows else 1.0
+    matrix[plane_axis, 3] = float(index)
+    if flip_cols:
+        matrix[col_axis, 3] = shape_ijk[col_axis] - 1
+    if flip_rows:
+        matrix[row_axis, 3] = shape_ijk[row_axis] - 1
+    matrix[3, 3] = 1.0
+    return matrix

@@ -1,4 +1,4 @@
-"""Comparison helper for the golden parity tests (tolerances of the fixtures' README, section 5)."""
+"""Comparison helper for the golden parity tests (Testing/golden: the tolerances the fixtures were checked to)."""
 
 from __future__ import annotations
 

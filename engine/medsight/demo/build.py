@@ -16,6 +16,7 @@ from PIL import Image
 from .catalog import CLASS_IDS, SOURCES, SPLITS, STRUCTURES, Source
 from .qa import make_items, mask_id
 from .samples import Sample2D, brain_samples, ct_samples, cxr_samples
+from .sources import load_mni
 
 _MAKERS = {"ct_abdomen": ct_samples, "mri_brain": brain_samples, "cxr": cxr_samples}
 
@@ -74,12 +75,18 @@ def generate_samples(size: str | DemoSize = "default", seed: int = 0) -> list[Sa
     """All 2D samples in memory, ordered by source, split, subject, slice."""
     spec = SIZES[size] if isinstance(size, str) else size
     out = []
+    template = None  # the MNI152 template, loaded once for all brain subjects
     for source in SOURCES:
         for split in SPLITS:
             for n in range(spec.subjects[source.key][split]):
                 subject = f"{source.key}_{split}{n:03d}"
                 rng = _subject_rng(seed, source, split, n)
-                smp, _ = _MAKERS[source.key](rng, subject, split, spec.slices_per_subject[source.key], spec.image_size)
+                extra = {}
+                if source.key == "mri_brain":
+                    template = template or load_mni(2)
+                    extra["template"] = template
+                smp, _ = _MAKERS[source.key](rng, subject, split, spec.slices_per_subject[source.key], spec.image_size,
+                                             **extra)
                 out += smp
     return out
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsight.engine import Engine
 from medsight.model.generation import GenerationOptions
 from medsight.model.loading import load_pretrained
-from medsight.model.medsight import ImageOptions, MedSIGHTModel
-from medsight.prompt import Message, tokenize_prompt
+from medsight.model.medsight import MedSIGHTModel
 from medsight.train.data import read_mask, read_rgb
 
 from .catalog import SOURCES
@@ -89,44 +89,48 @@ def evaluate(model_dir: str | Path | MedSIGHTModel, data_dir: str | Path, split:
              batch_size: int = 16) -> dict:
     """Scores of a demo model on a demo data split (see the module docstring); ``questions`` lists every answer."""
     model = model_dir if isinstance(model_dir, MedSIGHTModel) else load_pretrained(model_dir)
-    model = model.to(torch.float32).eval()
+    engine = Engine(model.to(torch.float32).eval())  # the product's code path; its cache encodes each image once
     data_root = Path(data_dir)
     items = json.loads((data_root / "lvlm" / f"{split}.json").read_text())
     position = model.config.code_state_position
     default = GenerationOptions(max_new_tokens=max_new_tokens)
     other = GenerationOptions(max_new_tokens=max_new_tokens,
                               hidden_state_position="before" if position == "at" else "at")
-    image_options = ImageOptions()
     t0 = time.perf_counter()
-    # Every question with its image, then generation in batches (the LM is small: per-step overhead dominates).
+    # Every question with its image, then the images of one question in batches (the LM is small: per-step
+    # overhead dominates, and one ask batches the same question over many images).
     jobs = []
-    encodings: dict[str, tuple] = {}
+    images: dict[str, np.ndarray] = {}
     for item in items:
-        if item["image"] not in encodings:
-            image = read_rgb(_resolve(data_root, item["image"]))
-            pixels, transform = model.prepare(image, image_options.resize_mode)
-            encodings[item["image"]] = (image, model.encode(pixels, image_options.round_pixels_to_bf16), transform)
+        if item["image"] not in images:
+            images[item["image"]] = read_rgb(_resolve(data_root, item["image"]))
         conv = item["conversations"]
         for j in range(0, len(conv) - 1, 2):
             if max_questions is not None and len(jobs) >= max_questions:
                 break
             question = conv[j]["value"].replace("<image>", "").strip()
             jobs.append((item, question, conv[j + 1]["value"]))
-    records = []
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b : b + batch_size]
-        prompts = [tokenize_prompt(model.tokenizer, [Message("user", q)], num_images=1) for _, q, _ in chunk]
-        output = model.generate(prompts, [encodings[it["image"]][1] for it, _, _ in chunk], default)
-        for row, (item, question, reference) in enumerate(chunk):
-            image, encoding, transform = encodings[item["image"]]
-            records.append(_score(model, output, row, encoding, transform, image, item, question, reference,
-                                  data_root, default, other))
+    by_question: dict[str, list[int]] = defaultdict(list)
+    for n, (_, question, _) in enumerate(jobs):
+        by_question[question].append(n)
+    records: list[dict | None] = [None] * len(jobs)
+    for question, numbers in by_question.items():
+        segmentation = question_kind(question) == "segmentation"
+        for b in range(0, len(numbers), batch_size):
+            chunk = numbers[b : b + batch_size]
+            pictures = [images[jobs[n][0]["image"]] for n in chunk]
+            answers = engine.ask(pictures, question, default)
+            # The other state position decodes the same greedy text differently: only the masks are needed.
+            others = engine.ask(pictures, question, other) if segmentation else [None] * len(chunk)
+            for n, answer, answer_other in zip(chunk, answers, others, strict=True):
+                item, _, reference = jobs[n]
+                records[n] = _score(answer, answer_other, images[item["image"]], item, question, reference,
+                                    data_root)
     return {"code_state_position": position, **summarise(records, time.perf_counter() - t0)}
 
 
-def _score(model, output, row, encoding, transform, image, item, question, reference, data_root, default, other):
+def _score(answer, answer_other, image, item, question, reference, data_root):
     kind = question_kind(question)
-    answer = model.build_answer(output, row, encoding.grid, transform, default)
     rec = {"id": item["id"], "kind": kind, "question": question, "reference": reference, "answer": answer.text,
            "modality_label": item["modality_label"], "codes": [r.code for r in answer.regions]}
     if kind == "segmentation":
@@ -135,7 +139,6 @@ def _score(model, output, row, encoding, transform, image, item, question, refer
         gt = np.zeros(image.shape[:2], dtype=bool)
         for m in ids:
             gt |= read_mask(_resolve(data_root, files[m])).numpy() > 0.5
-        answer_other = model.build_answer(output, row, encoding.grid, transform, other)
         rec.update(
             structures=sorted({_structure_of(m, item) for m in ids}),
             dice=dice(_union(answer.regions, gt.shape), gt) if answer.regions else 0.0,

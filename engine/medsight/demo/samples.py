@@ -11,7 +11,7 @@ from scipy import ndimage
 from medsight.imaging import Volume, extract_slice, slice_count, to_rgb
 
 from .catalog import CT_ABDOMEN, CXR, MRI_BRAIN, Source
-from .sources import Image2D, Phantom, make_brain_subject, make_ct_phantom, make_cxr
+from .sources import Image2D, MNITemplate, Phantom, make_brain_subject, make_ct_phantom, make_cxr
 
 #: A mask smaller than this (pixels, after resizing) is dropped: it would be noise for a 56-112 px model.
 MIN_MASK_PIXELS = 8
@@ -147,10 +147,10 @@ def ct_samples(rng: np.random.Generator, subject: str, split: str, n: int, size:
 
 
 def brain_samples(
-    rng: np.random.Generator, subject: str, split: str, n: int, size: int
+    rng: np.random.Generator, subject: str, split: str, n: int, size: int, template: MNITemplate | None = None
 ) -> tuple[list[Sample2D], Phantom]:
     """Axial slices of one synthetic MNI152-based T1 subject, robust-percentile window."""
-    ph = make_brain_subject(rng)
+    ph = make_brain_subject(rng, template)
     return _volume_slices(ph, MRI_BRAIN, subject, split, rng, n, size, {}), ph
 
 

@@ -6,7 +6,6 @@ Everything is generated offline from a ``numpy.random.Generator``; the same gene
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -157,9 +156,9 @@ class MNITemplate:
     affine: np.ndarray
 
 
-@lru_cache(maxsize=2)
 def load_mni(resolution: int = 2) -> MNITemplate:
-    """nilearn's bundled MNI152 template (no download); cached because loading takes about a second."""
+    """nilearn's bundled MNI152 template (no download). Loading takes about a second: callers that make many
+    subjects load it once and pass it on (`build.generate_samples`)."""
     from nilearn import datasets  # test/dev dependency: import only when the brain source is used
 
     def arr(img) -> np.ndarray:

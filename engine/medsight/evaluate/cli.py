@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int)
     p.add_argument("--num-shards", type=int)
     p.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     p.add_argument("--sampling", choices=("official", "greedy"), default="official",
                    help="official: VQA path sampled at T=0.2 (segmentation greedy); greedy: deterministic")
@@ -90,14 +90,6 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, list[EvalItem], RunOption
     return runs
 
 
-def _progress(name: str, quiet: bool):
-    def report(done: int, total: int) -> None:
-        if not quiet:
-            print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    return report
-
-
 def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -> Path:
     """Fold any shard files into the single predictions file (ids already there are kept)."""
     path = prediction_path(report_dir, name)
@@ -116,7 +108,7 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path) -> dict:
     for name, items, options in runs:
         path = _merge_existing_shards(report_dir, name, items)
         results[name] = run_predictions(engine, items, path, options, limit=args.limit,
-                                        progress=_progress(name, args.quiet))
+                                        progress=None if args.quiet else name)
     items = runs[0][1][: args.limit] if args.limit is not None else runs[0][1]
     report = build_report(args.task, items, results["predictions"], n_boot=args.bootstrap, seed=args.seed,
                           benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"))
@@ -139,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = _LazyEngine(args)
     for name, items, options in runs:
         run_predictions(engine, items, prediction_path(report_dir, name, shard, num_shards), options, shard,
-                        num_shards, args.limit, _progress(f"{name} shard {shard}/{num_shards}", args.quiet))
+                        num_shards, args.limit, None if args.quiet else f"{name} shard {shard}/{num_shards}")
     if "MASTER_ADDR" in os.environ and args.shard is None:
         # torchrun: wait for every rank, then rank 0 merges and reports. gloo works on CPU and GPU hosts; the long
         # timeout covers shards finishing hours apart.

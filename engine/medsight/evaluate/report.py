@@ -27,7 +27,7 @@ from medsight.evaluate.metrics import (
     strict_closed_hit,
 )
 from medsight.evaluate.readers import DataError, EvalItem
-from medsight.evaluate.runner import Prediction, load_gt_mask, rle_decode
+from medsight.evaluate.runner import Prediction, decode_masks, load_gt_mask
 
 #: MedSIGHT's published DiagSeg numbers (Table 2, project page), by modality as the files spell them.
 PAPER_DIAGSEG = {
@@ -77,7 +77,7 @@ def mask_dice(item: EvalItem, prediction: Prediction) -> float:
     gt = load_gt_mask(item.masks)
     if tuple(masks["shape"]) != gt.shape:
         raise DataError(f"prediction {prediction['question_id']!r}: mask shape {masks['shape']} != GT {gt.shape}")
-    pred = np.stack([rle_decode(r, gt.shape) for r in masks["rle"]]) if masks["rle"] else np.zeros((0, *gt.shape))
+    pred = decode_masks(masks, gt.shape)
     return item_dice(pred, gt)
 
 

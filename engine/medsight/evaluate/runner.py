@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
+from medsight.server.rle import decode_mask, encode_mask
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -36,7 +38,7 @@ class RunOptions:
     """
 
     task: str
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: GenerationOptions' default
     sampling: str = "official"
     seed: int = 0
     batch: int = 1
@@ -60,14 +62,15 @@ class RunOptions:
 
     def generation(self, seed: int | None = None):
         """GenerationOptions of the official path for this task."""
-        from medsight.model.generation import GenerationOptions
+        from medsight.model.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
+        limit = DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
         if self.sampled:
             # inference.py: sampled T=0.2, penalty 1.2; top_k/top_p from Qwen3's generation_config (inferred).
-            return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=0.2, top_k=20,
+            return GenerationOptions(max_new_tokens=limit, do_sample=True, temperature=0.2, top_k=20,
                                      top_p=0.95, repetition_penalty=1.2, seed=seed)
         # Segmentation path: greedy, penalty 1.2 kept; DiagSeg scores the no-code fallback mask, so keep it.
-        return GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.2,
+        return GenerationOptions(max_new_tokens=limit, do_sample=False, repetition_penalty=1.2,
                                  no_code_fallback=self.segment)
 
 
@@ -147,24 +150,19 @@ def merge_shards(paths: Sequence[str | Path], order: Sequence[str] | None = None
 
 
 # -- masks ---------------------------------------------------------------------------------------------------------
-def rle_encode(mask: np.ndarray) -> list[int]:
-    """Run lengths of the C-order flattened bool mask, starting with a (possibly empty) run of False."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    return [int(r) for r in runs]
+def encode_masks(masks: Sequence[np.ndarray], shape: Sequence[int]) -> dict:
+    """(K, H, W) masks of one prediction as stored in the predictions file: the grid shape and each mask's RLE
+    counts (the API's run-length encoding, `medsight.server.rle`)."""
+    return {"shape": [int(s) for s in shape], "rle": [encode_mask(m)["counts"] for m in masks]}
 
 
-def rle_decode(runs: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """Inverse of `rle_encode`."""
-    values = np.arange(len(runs)) % 2 == 1
-    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
-    if flat.size != int(np.prod(shape)):
-        raise DataError(f"mask run lengths cover {flat.size} pixels, shape {tuple(shape)} needs {np.prod(shape)}")
-    return flat.reshape(tuple(shape))
+def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
+    """(K, H, W) masks of a stored prediction on a grid of ``shape``; a DataError names a corrupt one."""
+    try:
+        masks = [decode_mask({"shape": list(shape), "counts": counts}) for counts in stored["rle"]]
+    except ValueError as err:
+        raise DataError(f"stored mask: {err}") from None
+    return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -222,7 +220,7 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
 
         stacked = torch.stack(logits) if logits else torch.zeros(0, 1, 1)
         masks = binarize_logits(stacked, gt.shape)
-        rec["masks"] = {"shape": list(gt.shape), "rle": [rle_encode(m) for m in masks]}
+        rec["masks"] = encode_masks(masks, gt.shape)
     return rec
 
 
@@ -234,28 +232,31 @@ def run_predictions(
     shard: int = 0,
     num_shards: int = 1,
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: str | None = None,
 ) -> list[Prediction]:
     """Answer this shard's items not yet in ``out_path`` and append them; returns the shard's records in order.
 
-    ``engine`` is a `medsight.Engine` (or anything with the same ``ask``).
+    ``engine`` is a `medsight.Engine` (or anything with the same ``ask``). ``progress`` labels a progress bar on
+    stderr (None: no bar).
     """
+    from tqdm import tqdm
+
     from medsight.model.medsight import ImageOptions
 
     selected = select_items(items, shard, num_shards, limit)
     done = {str(r["question_id"]) for r in read_predictions(out_path, repair=True)}
     pending = [(i, it) for i, it in selected if it.id not in done]
     image_options = ImageOptions(resize_mode=options.resize_mode)
-    finished = len(selected) - len(pending)
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
+               disable=progress is None, file=sys.stderr)
     for group in _groups(pending, options):
         seed = options.seed * 1_000_003 + group[0][0] if options.sampled else None
         answers = engine.ask([load_image(it.image) for _, it in group], group[0][1].question,
                              options.generation(seed), image_options)
         append_predictions(out_path, [_record(i, it, a, options, seed)
                                       for (i, it), a in zip(group, answers, strict=True)])
-        finished += len(group)
-        if progress is not None:
-            progress(finished, len(selected))
+        bar.update(len(group))
+    bar.close()
     wanted = {it.id for _, it in selected}
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
     return _ordered(records, [it.id for _, it in selected])

@@ -4,11 +4,13 @@ Read: `read_volume` (DICOM folder or file, NIfTI, NRRD, PNG/JPG/TIFF) -> `Volume
 Show: `to_rgb` (CT presets or robust percentiles) -> uint8 (H, W, 3).
 Slice: `extract_slice` / `iter_slices` -> `Slice` with its exact pixel <-> voxel <-> RAS mapping.
 Assemble: `SegmentationBuilder` -> `Segmentation` on the source grid.
-Export: `write_seg_nrrd` (3D Slicer), `write_nifti_labelmap` (+ JSON), `write_dicom_seg` (highdicom).
+Export: `write_segmentation` picks by file name among `write_seg_nrrd` (3D Slicer), `write_nifti_labelmap` (+ JSON)
+and `write_dicom_seg` (highdicom).
 Bad input raises `ImagingError` naming the file and the problem.
 """
 
 from .errors import ImagingError
+from .export import WRITERS, write_segmentation, writer_for
 from .export_dicom_seg import read_dicom_seg, write_dicom_seg
 from .export_nifti import read_nifti_labelmap, write_nifti_labelmap
 from .export_nrrd import read_seg_nrrd, write_seg_nrrd
@@ -34,6 +36,7 @@ __all__ = [
     "CT_PRESETS",
     "MAX_VOXELS",
     "PLANES",
+    "WRITERS",
     "Code",
     "ImagingError",
     "Segment",
@@ -69,4 +72,6 @@ __all__ = [
     "write_dicom_seg",
     "write_nifti_labelmap",
     "write_seg_nrrd",
+    "write_segmentation",
+    "writer_for",
 ]

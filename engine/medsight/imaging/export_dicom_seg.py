@@ -123,8 +123,8 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
                 color=rgb,  # type: ignore[arg-type]
                 region_code=str(d.TrackingID) if "TrackingID" in d else None,
                 terminology=Terminology(
-                    Code(cat.CodeValue, cat.CodingSchemeDesignator, cat.CodeMeaning),
-                    Code(typ.CodeValue, typ.CodingSchemeDesignator, typ.CodeMeaning),
+                    Code(cat.CodingSchemeDesignator, cat.CodeValue, cat.CodeMeaning),
+                    Code(typ.CodingSchemeDesignator, typ.CodeValue, typ.CodeMeaning),
                 ),
             )
         )

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import ImagingError
-from .labelmap import Code, Segment, Segmentation, Terminology
+from .labelmap import TISSUE, Code, Segment, Segmentation, Terminology
 from .read_files import read_nifti
 
 SIDECAR_FORMAT = "medsight-labels/1"
@@ -26,7 +26,7 @@ def _code_dict(c: Code | None) -> dict[str, str] | None:
 
 
 def _code_from(d: dict[str, str] | None) -> Code | None:
-    return None if not d else Code(d["value"], d["scheme"], d["meaning"])
+    return None if not d else Code(scheme=d["scheme"], value=d["value"], meaning=d["meaning"])
 
 
 def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -76,13 +76,18 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
 
 
 def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
-    """Read a labelmap written by `write_nifti_labelmap` (the sidecar must sit next to it)."""
+    """Read a labelmap written by `write_nifti_labelmap`, or by the Slicer module's NIfTI export (whose sidecar
+    holds only ``{"labels": {"<value>": "<name>"}}``); the sidecar must sit next to it."""
     path = os.fspath(path)
     vol = read_nifti(path, modality="SEG")
     json_path = sidecar_path(path)
     try:
         with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
+        if isinstance(meta.get("labels"), dict):  # the Slicer module's sidecar: value -> name
+            meta = {**meta, "labels": [{"value": int(k), "name": str(v), "color": (0.5, 0.5, 0.5),
+                                        "terminology": {"category": None, "type": None}}
+                                       for k, v in meta["labels"].items()]}
         segments = [
             Segment(
                 label=int(d["value"]),
@@ -90,8 +95,8 @@ def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
                 color=tuple(d["color"]),
                 region_code=d.get("region_code"),
                 terminology=Terminology(
-                    _code_from(d["terminology"]["category"]),
-                    _code_from(d["terminology"]["type"]),
+                    _code_from(d["terminology"]["category"]) or TISSUE,
+                    _code_from(d["terminology"]["type"]) or TISSUE,
                     _code_from(d["terminology"].get("anatomic_region")),
                 ),
             )

@@ -14,14 +14,15 @@ from .volume import Volume
 
 @dataclass(frozen=True)
 class Code:
-    """A coded concept (DICOM style): value, coding scheme designator, meaning."""
+    """A coded concept (DICOM style): coding scheme designator, value, meaning (the order of Slicer's
+    ``scheme^value^meaning`` strings and of the Slicer module's copy, `MedSIGHTSlicerLib.naming.Code`)."""
 
-    value: str
     scheme: str
+    value: str
     meaning: str
 
 
-TISSUE = Code("85756007", "SCT", "Tissue")
+TISSUE = Code("SCT", "85756007", "Tissue")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +254,3 @@ WEIGHTS_FILE = "model.safetensors"
 def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
-
-
-def existing(paths: Iterable[Path]) -> list[Path]:
-    return [p for p in paths if p.exists()]

@@ -26,6 +26,10 @@ from medsight.model.lvlm import MedSIGHTLanguageModel
 StatePosition = Literal["before", "at"]
 
 
+#: The official chatbot's limit; every front end (API, CLI, evaluation) defaults to it.
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 @dataclass
 class GenerationOptions:
     """Decoding settings. The defaults are the official segmentation path (greedy, penalty 1.2).
@@ -39,7 +43,7 @@ class GenerationOptions:
         logits_processors: extra `transformers` logits processors, applied after the built-in ones.
     """
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_new_tokens: int = 1
     do_sample: bool = False
     temperature: float = 1.0

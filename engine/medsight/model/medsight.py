@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsight.answer import Answer, regions_from_logits
+from medsight.answer import Answer
 from medsight.config import MedSIGHTConfig
 from medsight.model.codebook import RegionCodebook
 from medsight.model.generation import GenerationOptions, GenerationOutput, generate
@@ -22,7 +22,7 @@ from medsight.model.perceiver import RegionPerceiver
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.model.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from medsight.model.vision import build_vision_encoder, encode_image
-from medsight.prompt import Message, strip_assistant_prefix, tokenize_prompt
+from medsight.prompt import Message
 from medsight.tokens import CodeVocabulary, parse_code_labels
 
 
@@ -30,7 +30,7 @@ def groups_by_count(states: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of the samples with K > 0 codes, grouped by K (first appearance order).
 
     The K codes of a sample are decoded jointly, so a batch needs one K: grouping avoids padding, whose
-    slots cost as much perceiver work as real ones (1.3x faster decode for 64 tiny slices with K of 10-15).
+    slots cost as much perceiver work as real ones (`benchmarks/speed_levers.py` measures the difference).
     """
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(states):
@@ -206,17 +206,13 @@ class MedSIGHTModel(nn.Module):
         options: GenerationOptions | None = None,
         image_options: ImageOptions | None = None,
     ) -> Answer:
-        """Answer a question about one 8-bit image; each generated code becomes a mask on the image's grid."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
-        options = options or GenerationOptions()
-        image_options = image_options or ImageOptions()
-        pixels, transform = self.prepare(image, image_options.resize_mode)
-        encoding = self.encode(pixels, image_options.round_pixels_to_bf16)
-        messages = [Message("user", question)] if isinstance(question, str) else list(question)
-        prompt = tokenize_prompt(self.tokenizer, messages, num_images=1)
-        output = self.generate([prompt], [encoding], options)
-        return self.build_answer(output, 0, encoding.grid, transform, options)
+        """Answer a question about one 8-bit image; each generated code becomes a mask on the image's grid.
+
+        The same code path as `medsight.Engine.ask` (it runs one, without a feature cache): identical answers.
+        """
+        from medsight.engine import Engine  # the engine wraps this class
+
+        return Engine(self, cache_bytes=0).ask([image], question, options, image_options)[0]
 
     def region_names(self, ids: list[int], text: str, where: list[int], count: int) -> list[tuple[str | None, str]]:
         """(code, label) of each of the `count` decoded masks: the code token at `where[k]` and the phrase the
@@ -229,15 +225,3 @@ class MedSIGHTModel(nn.Module):
             code = self.codes.name_of(ids[where[k]])
             names.append((code, labels[k][1] if k < len(labels) and labels[k][0] == code else ""))
         return names
-
-    def build_answer(self, output: GenerationOutput, row: int, grid: torch.Tensor, transform, options) -> Answer:
-        """Turn one generated row into text and regions on the source image's grid."""
-        ids = output.tokens[row, : output.lengths[row]].tolist()
-        text = strip_assistant_prefix(self.tokenizer.decode(ids, skip_special_tokens=True))
-        where, states = self.code_states(output, row, options)
-        logits = self.decode_regions(grid, [states])[0]
-        regions = []
-        if logits.shape[0]:
-            source = transform.logits_to_source(logits.float())
-            regions = regions_from_logits(self.region_names(ids, text, where, logits.shape[0]), logits, source)
-        return Answer(text=text, regions=regions, token_ids=ids, cancelled=output.cancelled)

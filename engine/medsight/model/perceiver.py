@@ -1,13 +1,13 @@
 """The Region Perceiver: learned region queries that read the ViT grid and produce region tokens and masks.
 
 Parameter names follow the released `region_perceiver/0079280.pt`, so its state dict loads unchanged.
-State is never cached on the module: `decode` takes the raw grid explicitly, which makes the module safe to
-share between concurrent requests (the official code keeps the last grid on the module).
+No request state is kept on the module (only the position encodings of its fixed sizes): `decode` takes the raw
+grid explicitly, which makes the module safe to share between concurrent requests (the official code keeps the
+last grid on the module).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -20,22 +20,6 @@ from medsight.config import PerceiverConfig
 # The official masked attention *replaces* blocked scores by this value (not -inf), so a query whose keys
 # are all blocked attends uniformly to every pixel.
 MASK_FILL = -1e9
-
-
-def cached_position_encoding(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
-    """`sine_position_encoding`, computed once per (size, device): the same values, not recomputed on every call
-    (benchmarks/speed_levers.py, 2 CPU threads: 1.18x for the demo perceiver's batched decode, 0.98x for the
-    full-size one, i.e. noise where the attention dominates; kept as it costs nothing).
-
-    The cached tensor is shared: callers must not modify it in place.
-    """
-    return _position_encoding_cache(height, width, dim, str(device))
-
-
-@functools.lru_cache(maxsize=32)
-def _position_encoding_cache(height: int, width: int, dim: int, device: str) -> torch.Tensor:
-    with torch.inference_mode(False), torch.no_grad():
-        return sine_position_encoding(height, width, dim, torch.device(device))
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -220,7 +204,19 @@ class RegionPerceiver(nn.Module):
             BiDirectionalBlock(d, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.num_stages)
         )
         self.segmentation_cls_head = SegmentationHead(d, cfg.num_classes)
+        # (height, width, device) -> sine encoding; see `position_encoding`.
+        self.position_encodings: dict[tuple[int, int, str], torch.Tensor] = {}
         self.reset_parameters()
+
+    def position_encoding(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """`sine_position_encoding`, computed once per (size, device) and kept by this module: the same values,
+        not recomputed on every call (the pyramid sizes are fixed by the config; the ONNX export bakes these
+        tensors into its graphs). The cached tensor is shared: callers must not modify it in place."""
+        key = (int(height), int(width), str(device))
+        if key not in self.position_encodings:
+            with torch.inference_mode(False), torch.no_grad():
+                self.position_encodings[key] = sine_position_encoding(height, width, self.cfg.dim, device)
+        return self.position_encodings[key]
 
     def reset_parameters(self) -> None:
         """The official initialisation: Xavier for queries and linears, Kaiming for convs."""
@@ -257,7 +253,7 @@ class RegionPerceiver(nn.Module):
         queries = queries.to(grid.dtype)
         padding = None if query_mask is None else ~query_mask.to(torch.bool)
 
-        features = grid + cached_position_encoding(h, w, d, grid.device).to(grid.dtype)
+        features = grid + self.position_encoding(h, w, grid.device).to(grid.dtype)
         queries = self.init_cross_norm(self.init_cross_attn(features.reshape(b, h * w, d), queries) + queries)
         queries = self.init_ff_norm(self.init_ff(queries) + queries)
         mask_logits, class_logits = self.segmentation_cls_head(queries, features)
@@ -267,7 +263,7 @@ class RegionPerceiver(nn.Module):
             out.blocked_masks.append(blocked)
             upsampled = adapter(features)
             sh, sw = upsampled.shape[1:3]
-            upsampled = upsampled + cached_position_encoding(sh, sw, d, grid.device).to(grid.dtype)
+            upsampled = upsampled + self.position_encoding(sh, sw, grid.device).to(grid.dtype)
             queries, features = block(queries, upsampled, blocked, padding)
             mask_logits, class_logits = self.segmentation_cls_head(queries, features)
             out.multi_scale_features.append(features)

@@ -12,7 +12,7 @@ Coordinates are continuous pixel coordinates with pixel i covering [i, i + 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -60,26 +60,24 @@ class InputTransform:
         """
         if logits.ndim != 3:
             raise ValueError(f"expected (K, m, m) mask logits, got shape {tuple(logits.shape)}")
-        grid, seen = _sampling_grid(self)
+        grid, seen = self._sampling_grid
         out = F.grid_sample(
             logits.unsqueeze(0), grid.to(device=logits.device, dtype=logits.dtype), mode="bilinear",
             padding_mode="border", align_corners=False,
         )[0]
         return out.masked_fill(~seen.to(out.device), UNSEEN_LOGIT)
 
-
-@lru_cache(maxsize=64)
-def _sampling_grid(transform: InputTransform) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (1, H, W, 2) `grid_sample` grid of a transform's source pixel centres and the (H, W) mask of the pixels
-    the model saw; cached because every slice of a volume shares one transform."""
-    t = transform
-    h, w = t.source_height, t.source_width
-    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * t.scale_y + t.shift_y
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * t.scale_x + t.shift_x
-    gy = (2 * ys / t.size - 1).view(h, 1).expand(h, w)
-    gx = (2 * xs / t.size - 1).view(1, w).expand(h, w)
-    seen = ((ys >= 0) & (ys < t.size)).view(h, 1) & ((xs >= 0) & (xs < t.size)).view(1, w)
-    return torch.stack([gx, gy], -1).unsqueeze(0), seen
+    @cached_property
+    def _sampling_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (1, H, W, 2) `grid_sample` grid of the source pixel centres and the (H, W) mask of the pixels the
+        model saw; kept by the transform because every slice of a volume shares one (`Engine` reuses it)."""
+        h, w = self.source_height, self.source_width
+        ys = (torch.arange(h, dtype=torch.float64) + 0.5) * self.scale_y + self.shift_y
+        xs = (torch.arange(w, dtype=torch.float64) + 0.5) * self.scale_x + self.shift_x
+        gy = (2 * ys / self.size - 1).view(h, 1).expand(h, w)
+        gx = (2 * xs / self.size - 1).view(1, w).expand(h, w)
+        seen = ((ys >= 0) & (ys < self.size)).view(h, 1) & ((xs >= 0) & (xs < self.size)).view(1, w)
+        return torch.stack([gx, gy], -1).unsqueeze(0), seen
 
 
 def _resized_shape(height: int, width: int, size: int, mode: ResizeMode) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The FastAPI application: the /v1 contract of ARCHITECTURE.md over one `Engine`.
+"""The FastAPI application: the /v1 contract (`schemas.py`, docs/ARCHITECTURE.md) over one `Engine`.
 
 Blocking model work runs in worker threads; the engine serialises it. Streams are server-sent events fed by the
 engine's token and region callbacks through a queue. Logs carry job ids, sizes and timings only: never pixels,
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import ImagingError, slice_count, slice_for_view
+from medsight.imaging import PLANES, ImagingError, slice_count, slice_for_view
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
@@ -38,7 +38,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 1024**3
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024
 DEFAULT_STORE_BYTES = 4 * 1024**3
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
-PLANES = ("axial", "coronal", "sagittal")
 
 
 class ApiError(Exception):
@@ -252,7 +251,9 @@ def create_app(
             events.put(("token", {"slice": position[slice_index], "text": text}))
 
         def on_region(slice_index: int, region) -> None:
-            events.put(("region", {"slice": position[slice_index], "region": convert.region(region).model_dump()}))
+            # The mask follows once, in the done event's answer.
+            wire = convert.region(region, with_mask=False).model_dump()
+            events.put(("region", {"slice": position[slice_index], "region": wire}))
 
         def work() -> None:
             try:

@@ -38,12 +38,13 @@ def window(spec: schemas.WindowIn | None) -> str | Window | None:
     return spec.preset
 
 
-def region(r: SliceRegion) -> schemas.RegionOut:
+def region(r: SliceRegion, with_mask: bool = True) -> schemas.RegionOut:
+    """The wire form of a region; streamed region events leave the mask out (the done event carries it once)."""
     return schemas.RegionOut(
         code=r.code,
         label=r.label,
         index=r.index,
-        mask=schemas.MaskRLE(**encode_mask(r.mask)),
+        mask=schemas.MaskRLE(**encode_mask(r.mask)) if with_mask else None,
         probability=round(float(r.probability), 6),
         bbox=list(r.bbox) if r.bbox is not None else None,
     )

@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Plane = Literal["axial", "coronal", "sagittal"]
+from medsight.imaging import PLANES
+from medsight.model.generation import DEFAULT_MAX_NEW_TOKENS
+
+Plane = Literal[PLANES]  # the engine's one list of planes (medsight.imaging.slicing)
 
 
 class Strict(BaseModel):
@@ -65,7 +68,7 @@ class WindowIn(Strict):
 
 
 class AskOptions(Strict):
-    max_new_tokens: int = Field(default=256, ge=1, le=2048)
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=2048)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0, le=10)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -118,7 +121,7 @@ class RegionOut(Strict):
     code: str | None
     label: str
     index: int
-    mask: MaskRLE
+    mask: MaskRLE | None = Field(description="null in streamed region events: each mask is sent once, in done")
     probability: float
     bbox: list[int] | None = Field(description="row0, col0, row1, col1 (inclusive) in the slice grid")
 
@@ -128,7 +131,8 @@ class SliceAnswer(Strict):
     index: int
     text: str
     regions: list[RegionOut]
-    slice_to_ras: list[list[float]] | None = Field(description="4x4: (col, row, 0, 1) pixel -> RAS millimetres")
+    # Every answer is about a volume slice (a 2D image is a one-slice volume), so it always has its geometry.
+    slice_to_ras: list[list[float]] = Field(description="4x4: (col, row, 0, 1) pixel -> RAS millimetres")
     cancelled: bool = False
 
 

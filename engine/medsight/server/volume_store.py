@@ -87,7 +87,3 @@ class VolumeStore:
             if volume is not None:
                 self._items.move_to_end(key)
             return volume
-
-    @property
-    def total_bytes(self) -> int:
-        return self._bytes

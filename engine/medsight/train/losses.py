@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
-from medsight.prompt import ASSISTANT_HEADER, IMAGE_PLACEHOLDER, Message, render_messages
+from medsight.prompt import ASSISTANT_HEADER, Message, tokenize_turns
 
 IGNORE_INDEX = -100  # HF / LLaVA "no label"
 EOS_COEF = 0.1  # weight of the "no object" class; it is never a target, so it has no effect (kept for fidelity)
@@ -219,29 +219,20 @@ def _single_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def training_labels(
-    tokenizer, messages: Sequence[Message], num_images: int = 1, image_token_index: int = IMAGE_TOKEN_INDEX
-) -> tuple[list[int], list[int]]:
+def training_labels(tokenizer, messages: Sequence[Message], num_images: int = 1) -> tuple[list[int], list[int]]:
     """Ids and labels of a full training conversation, with the official (LLaVA-NeXT `preprocess_qwen`) rule.
 
     System and user turns are -100 except every newline, `<|im_start|>` and `<|im_end|>` id (the official code
     unmasks these anywhere); assistant turns are labelled in full, header included; image placeholders are -100.
     """
     keep = {_single_id(tokenizer, "\n"), _single_id(tokenizer, "<|im_start|>"), _single_id(tokenizer, "<|im_end|>")}
-    turns = render_messages(messages, num_images)
     ids: list[int] = []
     labels: list[int] = []
-    for text in turns:
+    for text, turn_ids in tokenize_turns(tokenizer, messages, num_images):
         assistant = text.startswith(ASSISTANT_HEADER)
-        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i:
-                ids.append(image_token_index)
-                labels.append(IGNORE_INDEX)
-            if not piece:
-                continue
-            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            ids.extend(piece_ids)
-            labels.extend(t if assistant or t in keep else IGNORE_INDEX for t in piece_ids)
+        ids.extend(turn_ids)
+        labels.extend(IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t if assistant or t in keep else IGNORE_INDEX
+                      for t in turn_ids)
     return ids, labels
 
 
@@ -377,8 +368,8 @@ def lvlm_losses(
         yes_no_weight: deviation, 1 (official) by default. The CE weight of the first token of each answer that
             opens with "yes" or "no" (`yes_no_starts`); the CE becomes the weighted mean. That token is a closed
             question's verdict, one among hundreds of easy template tokens. Other answers' first tokens keep
-            weight 1: many are a random template choice; weighting every answer's first token x10 garbled the demo
-            model's text (modality accuracy 100 % -> 57 %).
+            weight 1: many are a random template choice, and weighting every answer's first token garbled the demo
+            model's other answers.
 
     With no code, the state at position 0 is decoded (K = 1), which the loss ignores when there are no targets.
     """
@@ -391,22 +382,14 @@ def lvlm_losses(
     patches, regions, grid = (t.clone() for t in (encoding.patches, encoding.region_tokens, encoding.grid))
     image_embeds = lm.mm_projector(torch.cat([patches, regions], dim=1).to(next(lm.parameters()).dtype))
     image_length = image_embeds.shape[1]
-    embed = lm.get_input_embeddings()
+    limit = model.config.llm.max_sequence_length
 
     header = model.tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"] if yes_no_weight != 1.0 else []
     rows, row_labels, code_pos, starts = [], [], [], []
     for b, (ids, labs) in enumerate(zip(input_ids, labels, strict=True)):
         ids = list(ids)
-        # Placeholder ids are embedded as id 0 and then replaced by the image rows.
-        text = torch.tensor([max(t, 0) for t in ids], device=embed.weight.device)
-        tokens = embed(text)
-        pieces, start = [], 0
-        for i, t in enumerate(ids):
-            if t == IMAGE_TOKEN_INDEX:
-                pieces += [tokens[start:i], image_embeds[b]]
-                start = i + 1
-        pieces.append(tokens[start:])
-        rows.append(torch.cat(pieces, dim=0))
+        # The inference path's embedding (text rows, the image's rows at its placeholder); one sample, no padding.
+        rows.append(lm.embed_prompts([ids], [image_embeds[b]], limit)[0][0])
         row_labels.append(expand_labels(labs, ids, image_length))
         positions = embedding_positions(ids, image_length)
         starts.append([positions[i] for i in yes_no_starts(model.tokenizer, ids, header)])

@@ -1,0 +1,141 @@
+"""Copies that must stay apart agree: the Slicer module may not import the engine, so it keeps its own wire types,
+RLE decoder and terminology code; these tests hold the two sides to one contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import numpy as np
+import pytest
+
+from medsight.imaging import labelmap
+from medsight.model.generation import GenerationOptions
+from medsight.server import convert, schemas
+from medsight.server.rle import decode_mask as engine_decode
+from medsight.server.rle import encode_mask
+from MedSIGHTSlicerLib import naming, protocol
+from MedSIGHTSlicerLib.rle import decode_mask as client_decode
+
+# Client type -> the server schema it is read from.
+WIRE_TYPES = [
+    (protocol.ErrorInfo, schemas.ErrorBody),
+    (protocol.Health, schemas.Health),
+    (protocol.ModelCard, schemas.ModelCard),
+    (protocol.VolumeInfo, schemas.VolumeInfo),
+    (protocol.Region, schemas.RegionOut),
+    (protocol.SliceAnswer, schemas.SliceAnswer),
+    (protocol.AskResult, schemas.AskResponse),
+    (protocol.CancelResult, schemas.CancelResponse),
+]
+
+# A client annotation -> the JSON Schema type the server must send for it.
+JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object",
+              "tuple": "array", "list": "array", "np.ndarray": "array"}
+
+
+def _json_types(prop: dict, defs: dict) -> set[str]:
+    """The JSON types a schema property allows ("null" included), references resolved."""
+    if "$ref" in prop:
+        return _json_types(defs[prop["$ref"].split("/")[-1]], defs)
+    if "anyOf" in prop:
+        return set().union(*(_json_types(p, defs) for p in prop["anyOf"]))
+    return {prop.get("type", "object")}
+
+
+def _client_types(annotation: str) -> set[str]:
+    types = set()
+    for part in annotation.split("|"):
+        part = part.strip()
+        base = part.split("[")[0]
+        types.add("null" if part == "None" else JSON_TYPES.get(base, "object"))
+    return types
+
+
+@pytest.mark.parametrize(("client", "server"), WIRE_TYPES, ids=lambda t: t.__name__)
+def test_client_types_match_the_openapi_schema_field_by_field(client, server):
+    schema = server.model_json_schema(ref_template="#/$defs/{model}")
+    defs, props = schema.get("$defs", {}), schema["properties"]
+    fields = {f.name: f for f in dataclasses.fields(client)}
+    assert set(fields) == set(props), f"{client.__name__} fields vs {server.__name__} properties"
+    hints = {f.name: str(f.type) for f in dataclasses.fields(client)}
+    for name, prop in props.items():
+        sent, read = _json_types(prop, defs), _client_types(hints[name])
+        if name == "mask":  # the client decodes the RLE object into an array; null in streamed region events
+            refs = [p.get("$ref", "") for p in prop.get("anyOf", [prop])]
+            assert any(r.endswith("MaskRLE") for r in refs) and read == {"array", "null"}
+            continue
+        assert sent == read, f"{client.__name__}.{name}: server sends {sent}, client reads {read}"
+    required = set(schema.get("required", []))
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            # The server serialises every field, but one the client cannot do without must not be optional.
+            assert name in required or "null" in _client_types(hints[name]) or server is schemas.Health, name
+
+
+def test_server_rle_decodes_in_the_client():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((7, 9)) > 0.5, np.ones((3, 4), bool), np.zeros((5, 2), bool), rng.random((1, 1)) > 0.5,
+             rng.random((64, 80)) > 0.9]
+    for mask in masks:
+        rle = encode_mask(mask)
+        assert np.array_equal(client_decode(rle), mask)
+        assert np.array_equal(engine_decode(rle), mask)
+    corrupt = {"shape": [3, 4], "counts": [0, 11]}
+    for decode in (client_decode, engine_decode):
+        with pytest.raises(ValueError, match="11"):
+            decode(corrupt)
+
+
+def test_api_defaults_are_the_engine_defaults():
+    """An ask without options decodes exactly as `GenerationOptions()` (one default per setting)."""
+    api = convert.generation_options(schemas.AskOptions())
+    assert api == GenerationOptions()
+
+
+def test_code_types_agree():
+    engine_fields = [f.name for f in dataclasses.fields(labelmap.Code)]
+    client_fields = [f.name for f in dataclasses.fields(naming.Code)]
+    assert engine_fields == client_fields
+    tissue = labelmap.TISSUE
+    assert naming.Code(*dataclasses.astuple(tissue)).serialise() == f"{tissue.scheme}^{tissue.value}^{tissue.meaning}"
+
+
+def test_wire_type_hints_resolve():
+    """The client's annotations name real types (a typo would make the field-by-field check compare nothing)."""
+    for client, _ in WIRE_TYPES:
+        typing.get_type_hints(client, vars(protocol))
+
+
+def test_one_list_of_planes():
+    from medsight.imaging import PLANES
+
+    assert protocol.PLANES == PLANES
+    assert typing.get_args(schemas.Plane) == PLANES
+
+
+def test_naming_is_one_implementation_in_two_places():
+    """The engine's `medsight.naming` is the Slicer module's `naming.py` verbatim below the docstring: the CLI and
+    the Slicer module group, name, colour and code the same answer the same way."""
+    from pathlib import Path
+
+    import medsight.naming
+
+    def body(path: Path) -> str:
+        text = path.read_text()
+        return text[text.index('"""', 3) + 3 :]
+
+    assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))
+
+
+def test_terminology_strings_agree():
+    """The engine's .seg.nrrd writer and the Slicer module write the same TerminologyEntry for a known structure."""
+    from dataclasses import astuple
+
+    from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
+
+    for label in ("liver", "white matter", "lesion"):
+        term = naming.term_for(label)
+        engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)))
+        assert terminology_entry(engine) == naming.terminology_entry(label)
+        assert parse_terminology_entry(naming.terminology_entry(label)) == engine

@@ -1,0 +1,168 @@
+"""Names, colours and standard terminology for the regions the engine labels, as the Slicer module gives them.
+
+Below this docstring, a verbatim copy of `MedSIGHTSlicer/MedSIGHTSlicerLib/naming.py` (the module cannot import
+the engine, the engine does not ship the module): the CLI's exports then group, name, colour and code findings
+exactly as the Slicer module's suggestions do. `Testing/test_contracts.py` checks that the copies are identical.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "PALETTE",
+    "Term",
+    "colour_for",
+    "display_name",
+    "normalise_label",
+    "term_for",
+    "terminology_entry",
+]
+
+# Slicer's serialised TerminologyEntry: context~category~type~type modifier~anatomic context~region~region modifier,
+# each code as scheme^value^meaning ("^^" when absent). The same layout as vtkSegment's default tag value.
+_CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+_EMPTY_CODE = "^^"
+
+# Twelve well-separated colours (RGB 0..1), chosen to stay readable over grey CT/MR and against each other.
+PALETTE: tuple[tuple[float, float, float], ...] = (
+    (0.90, 0.30, 0.24),
+    (0.18, 0.55, 0.85),
+    (0.30, 0.75, 0.35),
+    (0.95, 0.75, 0.15),
+    (0.62, 0.35, 0.80),
+    (0.10, 0.75, 0.75),
+    (0.95, 0.50, 0.10),
+    (0.85, 0.35, 0.65),
+    (0.55, 0.80, 0.20),
+    (0.40, 0.45, 0.95),
+    (0.75, 0.55, 0.35),
+    (0.95, 0.40, 0.45),
+)
+
+
+@dataclass(frozen=True)
+class Code:
+    """One coded concept: coding scheme designator, code value and meaning (as in DICOM)."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def serialise(self) -> str:
+        return f"{self.scheme}^{self.value}^{self.meaning}"
+
+
+@dataclass(frozen=True)
+class Term:
+    """A segment's terminology: category, type and optional type modifier (laterality)."""
+
+    category: Code
+    type: Code
+    modifier: Code | None = None
+
+    def entry(self) -> str:
+        """The string Slicer stores in the segment's "TerminologyEntry" tag."""
+        modifier = self.modifier.serialise() if self.modifier else _EMPTY_CODE
+        return "~".join(
+            (
+                _CATEGORY_CONTEXT,
+                self.category.serialise(),
+                self.type.serialise(),
+                modifier,
+                _ANATOMIC_CONTEXT,
+                _EMPTY_CODE,
+                _EMPTY_CODE,
+            )
+        )
+
+
+_ANATOMY = Code("SCT", "123037004", "Anatomical Structure")
+_ALTERED = Code("SCT", "49755003", "Morphologically Altered Structure")
+_LEFT = Code("SCT", "7771000", "Left")
+_RIGHT = Code("SCT", "24028007", "Right")
+
+_TYPES: dict[str, tuple[Code, Code]] = {
+    "liver": (_ANATOMY, Code("SCT", "10200004", "Liver")),
+    "spleen": (_ANATOMY, Code("SCT", "78961009", "Spleen")),
+    "kidney": (_ANATOMY, Code("SCT", "64033007", "Kidney")),
+    "pancreas": (_ANATOMY, Code("SCT", "15776009", "Pancreas")),
+    "stomach": (_ANATOMY, Code("SCT", "69695003", "Stomach")),
+    "aorta": (_ANATOMY, Code("SCT", "15825003", "Aorta")),
+    "lung": (_ANATOMY, Code("SCT", "39607008", "Lung")),
+    "heart": (_ANATOMY, Code("SCT", "80891009", "Heart")),
+    "brain": (_ANATOMY, Code("SCT", "12738006", "Brain")),
+    # DICOM CID 7140 (brain structures for volumetric measurement) codes.
+    "grey matter": (_ANATOMY, Code("SCT", "40146001", "Cerebral gray matter")),
+    "white matter": (_ANATOMY, Code("SCT", "68523003", "Cerebral white matter")),
+    "tumour": (_ALTERED, Code("SCT", "108369006", "Tumor")),
+    "lesion": (_ALTERED, Code("SCT", "52988006", "Lesion")),
+}
+
+# Spelling variants and plurals the model writes, mapped to the table's keys.
+_SYNONYMS: dict[str, str] = {
+    "kidneys": "kidney",
+    "lungs": "lung",
+    "gray matter": "grey matter",
+    "tumor": "tumour",
+    "tumors": "tumour",
+    "tumours": "tumour",
+    "lesions": "lesion",
+}
+
+_ARTICLES = re.compile(r"^(the|a|an)\s+")
+
+
+def normalise_label(label: str) -> str:
+    """Lower-case, single-spaced, without a leading article or trailing punctuation: the key labels group by."""
+    text = " ".join(str(label or "").replace("_", " ").split()).lower()
+    text = text.strip(" .,;:!?\"'()[]")
+    return _ARTICLES.sub("", text)
+
+
+def display_name(label: str, fallback: str = "Region") -> str:
+    """The segment name for a label: normalised, first letter capitalised ("left kidney" -> "Left kidney")."""
+    text = normalise_label(label)
+    if not text:
+        return fallback
+    return text[0].upper() + text[1:]
+
+
+def term_for(label: str) -> Term | None:
+    """The terminology of a known structure (with laterality for "left/right ..."), else None."""
+    key = normalise_label(label)
+    modifier = None
+    side = re.match(r"^(left|right)\s+(.+)$", key)
+    if side:
+        modifier = _LEFT if side.group(1) == "left" else _RIGHT
+        key = side.group(2)
+    key = _SYNONYMS.get(key, key)
+    if key not in _TYPES:
+        return None
+    category, type_code = _TYPES[key]
+    return Term(category, type_code, modifier)
+
+
+def terminology_entry(label: str) -> str | None:
+    """Slicer's TerminologyEntry tag string for a known label, else None."""
+    term = term_for(label)
+    return term.entry() if term else None
+
+
+def colour_for(label: str, avoid: Iterable[tuple[float, float, float]] = ()) -> tuple[float, float, float]:
+    """A stable palette colour for a label, skipping colours in ``avoid`` while the palette has others left.
+
+    The start index is a CRC of the normalised label (Python's ``hash`` is salted per process, so it would give a
+    structure a different colour in every session).
+    """
+    avoided = {tuple(round(c, 3) for c in colour) for colour in avoid}
+    start = zlib.crc32(normalise_label(label).encode("utf-8")) % len(PALETTE)
+    for step in range(len(PALETTE)):
+        colour = PALETTE[(start + step) % len(PALETTE)]
+        if tuple(round(c, 3) for c in colour) not in avoided:
+            return colour
+    return PALETTE[start]
