@@ -7,6 +7,7 @@ exactly as the Slicer module's suggestions do. `Testing/test_contracts.py` check
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from collections.abc import Iterable
@@ -14,17 +15,24 @@ from dataclasses import dataclass
 
 __all__ = [
     "PALETTE",
+    "TERMINOLOGY_CONTEXT",
+    "TERMINOLOGY_FILE",
     "Term",
     "colour_for",
     "display_name",
     "normalise_label",
     "term_for",
     "terminology_entry",
+    "terminology_json",
 ]
 
 # Slicer's serialised TerminologyEntry: context~category~type~type modifier~anatomic context~region~region modifier,
 # each code as scheme^value^meaning ("^^" when absent). The same layout as vtkSegment's default tag value.
-_CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# Our own context, shipped as Resources/<TERMINOLOGY_FILE> (written by ``terminology_json``) and loaded by the module:
+# Slicer's lists lack "Lesion" and call the tumour "Neoplasm", so entries in their context found no match.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - MedSIGHT"
+TERMINOLOGY_FILE = "SegmentationCategoryTypeModifier-MedSIGHT.term.json"
+_CATEGORY_CONTEXT = TERMINOLOGY_CONTEXT
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 _EMPTY_CODE = "^^"
 
@@ -115,6 +123,8 @@ _SYNONYMS: dict[str, str] = {
 }
 
 _ARTICLES = re.compile(r"^(the|a|an)\s+")
+#: Structures that come in left and right (their entries may carry a laterality modifier).
+_PAIRED = ("kidney", "lung")
 
 
 def normalise_label(label: str) -> str:
@@ -166,3 +176,31 @@ def colour_for(label: str, avoid: Iterable[tuple[float, float, float]] = ()) -> 
         if tuple(round(c, 3) for c in colour) not in avoided:
             return colour
     return PALETTE[start]
+
+
+def _code_json(code: Code) -> dict:
+    return {"CodingSchemeDesignator": code.scheme, "CodeValue": code.value, "CodeMeaning": code.meaning}
+
+
+def terminology_json() -> dict:
+    """The terminology context of every structure ``term_for`` knows, in Slicer's .term.json layout."""
+    categories: dict[Code, list[dict]] = {}
+    for key, (category, type_code) in _TYPES.items():
+        rgb = [round(c * 255) for c in colour_for(key)]
+        entry = {**_code_json(type_code), "recommendedDisplayRGBValue": rgb, "3dSlicerLabel": key}
+        if key in _PAIRED:
+            entry["Modifier"] = [{**_code_json(side), "3dSlicerLabel": f"{side.meaning.lower()} {key}",
+                                  "recommendedDisplayRGBValue": rgb} for side in (_RIGHT, _LEFT)]
+        categories.setdefault(category, []).append(entry)
+    return {
+        "SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
+        "@schema": "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#",
+        "SegmentationCodes": {"Category": [
+            {**_code_json(category), "showAnatomy": False, "Type": types} for category, types in categories.items()
+        ]},
+    }
+
+
+def terminology_text() -> str:
+    """``terminology_json`` as the shipped file's text."""
+    return json.dumps(terminology_json(), indent=2) + "\n"

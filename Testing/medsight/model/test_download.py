@@ -98,9 +98,12 @@ def test_large_download_asks_first_on_a_terminal(repos, tmp_path):
 
 
 LOAD = """
-import sys, torch
+import sys
+from pathlib import Path
 from medsight.model.loading import load_model
-model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny", fetch_vision="--fetch-vision" in sys.argv)
+from medsight_testing.golden import golden_base_config
+base = golden_base_config(Path(sys.argv[1]))
+model = load_model("Caf0914/MedSIGHT", device="cpu", base_config=base, fetch_vision="--fetch-vision" in sys.argv)
 print(float(model.image_encoder.conv1.weight.double().sum()))
 """
 
@@ -108,12 +111,12 @@ print(float(model.image_encoder.conv1.weight.double().sum()))
 @pytest.mark.slow
 def test_hub_id_fetches_the_layout_and_the_vision_file_only_with_fetch_vision(repos, tmp_path, golden):
     with serve_hub(repos) as hub:
-        refused = run(hub, tmp_path / "hub", ["-c", LOAD])
+        refused = run(hub, tmp_path / "hub", ["-c", LOAD, str(golden)])
         assert refused.returncode != 0
         assert f"{UNIMED_CLIP.filename} (4.97 GB) from Hugging Face repository {UNIMED_CLIP.repo_id}, licence " \
                f"CC-BY-NC-4.0" in refused.stderr
         assert UNIMED_CLIP.filename not in hub.downloads
-        loaded = run(hub, tmp_path / "hub", ["-c", LOAD, "--fetch-vision"])
+        loaded = run(hub, tmp_path / "hub", ["-c", LOAD, str(golden), "--fetch-vision"])
     assert loaded.returncode == 0, loaded.stderr
     assert set(hub.downloads) == needed(repos) | {UNIMED_CLIP.filename}
     expected = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)["visual.conv1.weight"]

@@ -10,6 +10,7 @@ import torch
 from medsight.model.checkpoints import CheckpointError
 from medsight.model.hub import UNIMED_CLIP, parse_hub_file, resolve_file
 from medsight.model.loading import load_model
+from medsight_testing.golden import golden_base_config
 from medsight_testing.hub_cache import cache_repo, folder_files, repo_folder
 from medsight_testing.unimed_clip import save_like_numpy1, unimed_clip_checkpoint
 
@@ -57,13 +58,14 @@ def test_hub_address_parsing():
         resolve_file(VISION_FILE)
 
 
-def test_repo_file_address_resolves_through_the_cache_offline(cache, unimed_file, vision_tower, release_dir):
+def test_repo_file_address_resolves_through_the_cache_offline(cache, unimed_file, vision_tower, release_dir, golden):
     snapshot = cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file}, commit=COMMIT)
     for spec in (f"{VISION_REPO}:{VISION_FILE}", f"{VISION_REPO}:{VISION_FILE}@main",
                  f"{VISION_REPO}:{VISION_FILE}@{COMMIT}"):
         assert resolve_file(spec) == snapshot / VISION_FILE
     # Through the loader, as --vision-file passes it: the tower is the cached file's.
-    model = load_model(release_dir, device="cpu", base_config="tiny", vision_file=f"{VISION_REPO}:{VISION_FILE}")
+    model = load_model(release_dir, device="cpu", base_config=golden_base_config(golden),
+                       vision_file=f"{VISION_REPO}:{VISION_FILE}")
     assert torch.equal(model.image_encoder.conv1.weight, vision_tower["conv1.weight"])
 
 
@@ -83,10 +85,10 @@ def test_missing_hub_file_gives_one_message_naming_repo_file_and_revision(cache,
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in message
 
 
-def test_release_without_vision_file_says_which_file_from_which_repository(cache, release_dir):
+def test_release_without_vision_file_says_which_file_from_which_repository(cache, release_dir, golden):
     cache_repo(cache, "Caf0914/MedSIGHT", release_needed(release_dir))
     with pytest.raises(CheckpointError) as err:
-        load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
+        load_model("Caf0914/MedSIGHT", device="cpu", base_config=golden_base_config(golden))
     message = str(err.value)
     assert (UNIMED_CLIP.repo_id, UNIMED_CLIP.filename, UNIMED_CLIP.licence) == (VISION_REPO, VISION_FILE,
                                                                              "CC-BY-NC-4.0")
@@ -96,11 +98,11 @@ def test_release_without_vision_file_says_which_file_from_which_repository(cache
     # --fetch-vision offline, with nothing cached: the download is refused with the file, repository and revision.
     with pytest.raises(CheckpointError, match=f"file {VISION_FILE} of Hugging Face repository {VISION_REPO} at "
                                               "revision main: not in the local Hugging Face cache"):
-        load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny", fetch_vision=True)
+        load_model("Caf0914/MedSIGHT", device="cpu", base_config=golden_base_config(golden), fetch_vision=True)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches file opens with Linux inotify")
-def test_offline_loading_opens_only_the_needed_files(cache, release_dir, unimed_file, vision_tower):
+def test_offline_loading_opens_only_the_needed_files(cache, release_dir, unimed_file, vision_tower, golden):
     """A partial snapshot (only what the layout needs) plus other large files: loading opens only the needed."""
     from inotify_simple import INotify, flags
 
@@ -118,7 +120,7 @@ def test_offline_loading_opens_only_the_needed_files(cache, release_dir, unimed_
     for repo in ("Caf0914/MedSIGHT", VISION_REPO):
         watcher.add_watch(str(repo_folder(cache, repo) / "blobs"), flags.OPEN | flags.ACCESS)
     try:
-        model = load_model("Caf0914/MedSIGHT", device="cpu", base_config="tiny")
+        model = load_model("Caf0914/MedSIGHT", device="cpu", base_config=golden_base_config(golden))
         opened = {blob_to_file[event.name] for event in watcher.read(timeout=0) if event.name}
     finally:
         watcher.close()

@@ -12,13 +12,16 @@ import os
 import nrrd
 import numpy as np
 
+from medsight.naming import TERMINOLOGY_CONTEXT
+
 from .errors import ImagingError
 from .labelmap import Code, Segment, Segmentation, Terminology
 from .read_files import read_nrrd
 
 REGION_CODE_TAG = "MedSIGHT.RegionCode"
 TERMINOLOGY_TAG = "TerminologyEntry"
-_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# Our own terminology context (the Slicer module loads its .term.json): Slicer's lists lack "Lesion".
+_CONTEXT = TERMINOLOGY_CONTEXT
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
