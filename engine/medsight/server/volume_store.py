@@ -64,8 +64,8 @@ def read_npy_header(prefix: bytes | bytearray, max_voxels: int) -> NpyHeader | N
     try:
         stream = io.BytesIO(bytes(prefix[8:offset]))
         shape, fortran, dtype = reader(stream, max_header_size=_MAX_HEADER)
-    except (ValueError, SyntaxError, TypeError) as err:
-        raise ImagingError(f"unreadable .npy header ({err})", "upload") from None
+    except Exception as err:  # numpy's parser of untrusted text raises many kinds (ValueError, TokenError, ...)
+        raise ImagingError(f"unreadable .npy header ({type(err).__name__})", "upload") from None
     if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype:
         raise ImagingError(f"unsupported array dtype {dtype} (need integers or floats)", "upload")
     if len(shape) not in (2, 3, 4):
