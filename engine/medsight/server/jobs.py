@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +54,17 @@ class Job:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.cancel.set()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What is kept of a finished job (timings and outcome, not its request or answer)."""
+
+    id: str
+    submitted: float
+    started: float
+    finished: float
+    stop_reason: str | None
 
 
 def release_memory() -> None:
@@ -109,6 +120,7 @@ class JobQueue:
         self._lock = threading.Lock()
         self._waiting = 0
         self._running: Job | None = None
+        self.history: deque[JobRecord] = deque(maxlen=64)  # the latest finished jobs, for operators and tests
         self._mean_s = 5.0  # running mean of job durations, for Retry-After
         self._worker: threading.Thread | None = None
 
@@ -190,6 +202,7 @@ class JobQueue:
                 while len(self._finished) > self._remember:
                     self._finished.popitem(last=False)
                 self._mean_s = 0.8 * self._mean_s + 0.2 * (job.finished - job.started)
+                self.history.append(JobRecord(job.id, job.submitted, job.started, job.finished, job.stop_reason))
             with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is gone (shutdown)
                 job.loop.call_soon_threadsafe(_settle, job.future, outcome, value)
             del job, value  # the worker must not keep the last result alive while it waits
