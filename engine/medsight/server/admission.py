@@ -41,6 +41,13 @@ class MemoryEstimate:
                 f"masks {self.regions / mb:.0f})")
 
 
+def prompt_tokens(engine, messages) -> int:
+    """Tokens of the prompt the model sees for one slice: the conversation plus the image's tokens (an upper
+    bound: patches and the class token). Raises ValueError for a conversation the model cannot take."""
+    vision = engine.model.config.vision
+    return len(engine._prompt(messages)) + (vision.image_size // vision.patch_size) ** 2 + 1
+
+
 def estimate_ask_memory(config, dtype: torch.dtype, slices: int, prompt_tokens: int, new_tokens: int,
                         slice_pixels: int, num_region_codes: int) -> MemoryEstimate:
     """Upper bound of the memory one ask adds while it runs.

@@ -30,7 +30,7 @@ from medsight.imaging import ImagingError, slice_count
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
-from medsight.server.admission import estimate_ask_memory
+from medsight.server.admission import estimate_ask_memory, prompt_tokens
 from medsight.server.audit import AuditLog
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
@@ -133,8 +133,6 @@ def create_app(
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
     audit = AuditLog.for_model(audit_path, model, model_name) if audit_path else None
-    vision = model.config.vision
-    image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     app.state.jobs, app.state.store = jobs, store  # for tests and operators
     app.add_middleware(Guard, policy=HostPolicy(host, allowed_hosts), token=token, read_grace_s=read_grace_s,
                        min_read_rate=min_read_rate)
@@ -265,11 +263,11 @@ def create_app(
         messages = [Message(m.role, m.content) for m in req.messages]
         try:
             convert.generation_options(req.options)
-            prompt = engine._prompt(messages)
+            prompt = prompt_tokens(engine, messages)
         except ValueError as err:
             raise ApiError(422, "invalid_request", str(err)) from None
         estimate = estimate_ask_memory(
-            model.config, model.dtype, len(indices), len(prompt) + image_tokens, req.options.max_new_tokens,
+            model.config, model.dtype, len(indices), prompt, req.options.max_new_tokens,
             int(np.prod(volume.shape)) // count, model.codes.num_codes)
         if estimate.total > ask_memory_bytes:
             raise ApiError(422, "over_memory_budget",
