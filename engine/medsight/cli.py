@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ask-memory-mb", type=int, default=8192,
                        help="memory budget of one ask (estimated before it starts; larger asks are refused)")
     serve.add_argument("--threads", type=int, default=None,
-                       help="compute threads of the model (default: the CPU cores this process may use)")
+                       help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
+                       "parameters, else the CPU cores this process may use)")
     serve.add_argument("--audit", metavar="FILE", help="append one JSON line per job to FILE: model, weights hash, "
                        "volume hash, slices, options, region codes, outcome; never text, pixels or identifiers")
 
@@ -223,15 +224,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     import medsight
+    from medsight.model.sizes import model_size
     from medsight.server.app import create_app
+    from medsight.server.jobs import default_compute_threads
     from medsight.server.security import check_bind
 
     token = _serve_token(args)
     check_bind(args.host, token)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   perceiver_attention=args.perceiver_attention)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or cores  # one thread team for the one worker thread (no oversubscription)
+    threads = args.threads or default_compute_threads(model_size(engine.model.config).total, engine.model.device.type)
     app = create_app(engine, token=token, max_upload_bytes=args.max_upload_mb * 1024**2,
                      request_timeout_s=args.timeout, model_name=str(args.model), host=args.host,
                      allowed_hosts=tuple(args.allow_host), max_waiting=args.max_waiting,
