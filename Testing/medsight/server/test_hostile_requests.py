@@ -231,7 +231,7 @@ def _mutated_npy(rng: np.random.Generator) -> bytes:
 def test_seeded_fuzz_over_every_endpoint_gives_no_5xx(hardened, volume_id):
     rng = np.random.default_rng(20260419)
     count, statuses, t0 = 2100, {}, time.monotonic()
-    with httpx.Client(base_url=hardened, timeout=30) as c:
+    with httpx.Client(base_url=hardened, timeout=120) as c:
         for n in range(count):
             which = n % 7
             headers, params, content = {}, None, None
@@ -267,6 +267,9 @@ def test_seeded_fuzz_over_every_endpoint_gives_no_5xx(hardened, volume_id):
             # The server may close a connection it refused early; httpx refuses to send some inputs at all.
             except (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.InvalidURL):
                 continue
+            except httpx.TimeoutException:  # a hang is a failure too: say which request
+                raise AssertionError(f"request {n} hung: {method} {path} {headers} {params} "
+                                     f"{(content or b'')[:300]!r}") from None
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
         valid_ask(c, volume_id)
