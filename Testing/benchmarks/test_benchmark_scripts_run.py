@@ -29,3 +29,8 @@ def test_speed_levers_runs_on_the_demo_perceiver():
     out = run("speed_levers.py", "--presets", "demo", "--slices", "2", "--repeats", "1")
     for lever in ("eager, PE recomputed (official)", "eager + PE cache", "sdpa + PE cache"):
         assert lever in out
+
+
+def test_plain_vs_stream_runs_with_the_tiny_model():
+    out = run("plain_vs_stream.py", "--slices", "2", "--tokens", "4", "--repeats", "1", "--threads", "1")
+    assert "plain / streamed wall time" in out and "streamed  wall" in out

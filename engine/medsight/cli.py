@@ -44,11 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--vision-file", help=VISION_FILE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--token", default=os.environ.get("MEDSIGHT_TOKEN"),
-                       help="bearer token required from clients (needed for any non-loopback host)")
+    serve.add_argument("--token-file", help="file holding the bearer token clients must send (needed for any "
+                       "non-loopback host); or set MEDSIGHT_TOKEN. Never on the command line: others can read it")
+    serve.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: visible in the process list
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name clients may use (e.g. behind a proxy); loopback names and --host "
+                       "are always allowed, any other Host header is refused (DNS rebinding)")
     serve.add_argument("--device")
     serve.add_argument("--max-upload-mb", type=int, default=1024)
-    serve.add_argument("--timeout", type=float, default=600.0, help="seconds before a running ask is cancelled")
+    serve.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds an ask may run before it is cancelled (time waiting in the queue not counted)")
+    serve.add_argument("--max-waiting", type=int, default=64, help="asks that may wait; more get 429 (busy)")
+    serve.add_argument("--ask-memory-mb", type=int, default=8192,
+                       help="memory budget of one ask (estimated before it starts; larger asks are refused)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
+                       "parameters, else the CPU cores this process may use)")
+    serve.add_argument("--audit", metavar="FILE", help="append one JSON line per job to FILE: model, weights hash, "
+                       "volume hash, slices, options, region codes, outcome; never text, pixels or identifiers")
 
     for command in (ask, serve):
         command.add_argument("--adapter", help="LoRA adapter folder (official layout: adapter_config.json, adapter "
@@ -233,18 +246,42 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     import medsight
+    from medsight.model.sizes import model_size
     from medsight.server.app import create_app
+    from medsight.server.jobs import default_compute_threads
     from medsight.server.security import check_bind
 
-    check_bind(args.host, args.token)
+    token = _serve_token(args)
+    check_bind(args.host, token)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
                                   adapter=args.adapter)
-    app = create_app(engine, token=args.token, max_upload_bytes=args.max_upload_mb * 1024**2,
-                     request_timeout_s=args.timeout, model_name=str(args.model))
+    threads = args.threads or default_compute_threads(model_size(engine.model.config).total, engine.model.device.type)
+    app = create_app(engine, token=token, max_upload_bytes=args.max_upload_mb * 1024**2,
+                     request_timeout_s=args.timeout, model_name=str(args.model), host=args.host,
+                     allowed_hosts=tuple(args.allow_host), max_waiting=args.max_waiting,
+                     ask_memory_bytes=args.ask_memory_mb * 1024**2, compute_threads=threads, audit_path=args.audit)
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _serve_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file or MEDSIGHT_TOKEN (a --token argument still works, with a warning)."""
+    if args.token:
+        print("warning: --token is visible to every user of this computer (process list); use MEDSIGHT_TOKEN or "
+              "--token-file", file=sys.stderr)
+        return args.token
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise ValueError(f"cannot read the token file {args.token_file}: {err.strerror}") from None
+        if not token:
+            raise ValueError(f"the token file {args.token_file} is empty")
+        return token
+    return os.environ.get("MEDSIGHT_TOKEN") or None
 
 
 def _train(args: argparse.Namespace) -> int:

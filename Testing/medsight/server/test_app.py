@@ -23,6 +23,7 @@ from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
 from MedSIGHTSlicerLib.rle import decode_mask  # the client's decoder: what the server sends must decode there
 
+NPY = {"content-type": "application/octet-stream"}
 QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
 
 
@@ -169,14 +170,14 @@ def test_errors_are_json_and_the_server_recovers(engine, mni_upload):
             good = npy(np.zeros((2, 30, 30), np.float32))
 
             def ok() -> str:
-                return c.post("/v1/volumes", content=good, headers=auth).json()["volume_id"]
+                return c.post("/v1/volumes", content=good, headers={**auth, **NPY}).json()["volume_id"]
 
-            r = c.post("/v1/volumes", content=mni_upload[0], headers=auth)
+            r = c.post("/v1/volumes", content=mni_upload[0], headers={**auth, **NPY})
             assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
             vid = ok()
             nan = np.zeros((2, 30, 30), np.float32)
             nan[0, 1, 2] = np.nan
-            r = c.post("/v1/volumes", content=npy(nan), headers=auth)
+            r = c.post("/v1/volumes", content=npy(nan), headers={**auth, **NPY})
             assert r.status_code == 422 and "NaN" in r.json()["message"]
             assert ok() == vid
             r = c.post("/v1/ask", json={"volume_id": "0" * 64, "messages": QUESTION}, headers=auth)
@@ -188,7 +189,7 @@ def test_errors_are_json_and_the_server_recovers(engine, mni_upload):
             r = c.post("/v1/ask", json={"volume_id": vid, "slices": {"indices": [5]}, "messages": QUESTION},
                        headers=auth)
             assert r.status_code == 422 and "slice index 5" in r.json()["message"]
-            r = c.post("/v1/volumes", content=b"garbage", headers=auth)
+            r = c.post("/v1/volumes", content=b"garbage", headers={**auth, **NPY})
             assert r.status_code == 422 and ".npy" in r.json()["message"]
             r = c.post("/v1/ask", json={"volume_id": vid, "messages": QUESTION, "options": {"max_new_tokens": 2}},
                        headers=auth)

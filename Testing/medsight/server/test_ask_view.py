@@ -10,7 +10,8 @@ import numpy as np
 
 def _upload(server, mni_upload) -> dict:
     body, params = mni_upload
-    reply = httpx.post(f"{server}/v1/volumes", params=params, content=body, timeout=60)
+    reply = httpx.post(f"{server}/v1/volumes", params=params, content=body, timeout=60,
+                       headers={"Content-Type": "application/octet-stream"})
     assert reply.status_code == 201, reply.text
     return reply.json()
 

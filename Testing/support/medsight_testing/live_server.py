@@ -18,9 +18,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT)."""
-    port = free_port()
+def live_server(app, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT). `port`: a given free port."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -152,3 +152,28 @@ def check_size(shape: tuple[int, ...], path: str | None, max_voxels: int) -> Non
         raise ImagingError(
             f"oversize image: {n} voxels {tuple(shape)} exceeds the limit of {max_voxels}", path
         )
+
+
+#: Largest voxel spacing and origin coordinate accepted from outside (mm): beyond them matrices overflow or lose
+#: all precision, and no scanner produces them.
+MAX_SPACING_MM = 1e5
+MAX_ORIGIN_MM = 1e9
+
+
+def check_geometry(spacing, origin, direction, path: str | None, atol: float = 1e-3) -> None:
+    """Refuse geometry that would misplace masks: non-positive or absurd spacing, a non-finite or absurd origin,
+    or a direction matrix whose columns are not orthonormal (a shear has determinant 1 but is not a rotation)."""
+    spacing = np.asarray(spacing, dtype=float)
+    origin = np.asarray(origin, dtype=float)
+    direction = np.asarray(direction, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) \
+            or np.any(spacing > MAX_SPACING_MM):
+        raise ImagingError(f"spacing must be 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm, got "
+                           f"{spacing.tolist()}", path)
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)) or np.any(np.abs(origin) > MAX_ORIGIN_MM):
+        raise ImagingError(f"origin must be 3 finite numbers within +-{MAX_ORIGIN_MM:g} mm, got {origin.tolist()}",
+                           path)
+    if direction.shape != (3, 3) or not np.all(np.isfinite(direction)) \
+            or not np.allclose(direction.T @ direction, np.eye(3), atol=atol):
+        raise ImagingError("direction must be a 3x3 rotation or reflection (orthonormal unit columns), got "
+                           f"{np.round(direction, 6).tolist()}", path)

@@ -1,26 +1,28 @@
 """The FastAPI application: the /v1 contract (`schemas.py`, docs/ARCHITECTURE.md) over one `Engine`.
 
-Blocking model work runs in worker threads; the engine serialises it. Streams are server-sent events fed by the
-engine's token and region callbacks through a queue. Logs carry job ids, sizes and timings only: never pixels,
-questions, answers or DICOM identifiers.
+Every ask goes through one bounded job queue (`jobs.JobQueue`): a single worker thread runs the model, waiting asks
+hold no thread, and handlers never block the event loop, so health, cancel and volume look-ups answer at once
+however many asks wait. Asks get their job id at once (header or first event) and a client that hangs up stops its
+job. Before admission an ask's memory is estimated against a budget (`admission`). Requests first pass `guard.Guard`
+(host allow-list, origin, token, body read deadline). Logs carry job ids, sizes and timings only: never pixels,
+questions, answers or DICOM identifiers; the optional audit trail (`audit`) likewise.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
@@ -28,9 +30,12 @@ from medsight.imaging import PLANES, ImagingError, slice_count, slice_for_view
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
-from medsight.server.jobs import JobRegistry
-from medsight.server.security import token_matches
-from medsight.server.volume_store import VolumeStore, parse_npy, volume_from_upload
+from medsight.server.admission import estimate_ask_memory, prompt_tokens
+from medsight.server.audit import AuditLog
+from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
+from medsight.server.jobs import Job, JobQueue, QueueFullError
+from medsight.server.responses import JOB_ID_HEADER, EventFeed, JobResponse
+from medsight.server.volume_store import VolumeStore, array_from_npy, read_npy_header, volume_from_upload
 
 log = logging.getLogger("medsight.server")
 
@@ -38,18 +43,29 @@ DEFAULT_MAX_UPLOAD_BYTES = 1024**3
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024
 DEFAULT_STORE_BYTES = 4 * 1024**3
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+DEFAULT_MAX_WAITING = 64
+DEFAULT_ASK_MEMORY_BYTES = 8 * 1024**3
 
 
 class ApiError(Exception):
     """An error with an HTTP status and a machine code; rendered as ErrorBody."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"code": code, "message": message})
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"code": code, "message": message}, headers=headers)
+
+
+def _error_json(err: BaseException) -> str:
+    """The ErrorBody of an exception raised by a job after its response started."""
+    if isinstance(err, ApiError):
+        body = {"code": err.code, "message": err.message}
+    else:
+        body = {"code": "internal_error", "message": f"the engine failed: {type(err).__name__}"}
+    return json.dumps(body, separators=(",", ":"))
 
 
 def _floats(text: str | None, n: int, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -72,39 +88,62 @@ def create_app(
     store_bytes: int = DEFAULT_STORE_BYTES,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     model_name: str | None = None,
+    host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    ask_memory_bytes: int = DEFAULT_ASK_MEMORY_BYTES,
+    compute_threads: int | None = None,
+    audit_path: str | None = None,
+    read_grace_s: float = 10.0,
+    min_read_rate: float = 64 * 1024,
 ) -> FastAPI:
     """Build the app around a loaded engine.
 
     Args:
         token: when set, every /v1 request needs `Authorization: Bearer <token>`.
-        max_upload_bytes / max_voxels: larger uploads get 413.
+        max_upload_bytes / max_voxels: larger uploads get 413 (checked on the .npy header, before the voxels).
         store_bytes: memory for uploaded volumes (least recently used are evicted).
-        request_timeout_s: an ask running longer is cancelled and returns what it has.
+        request_timeout_s: an ask *running* longer is cancelled and returns what it has (queue time not counted).
+        host / allowed_hosts: the bound host and extra names the `Host` header may carry (see `guard`).
+        max_waiting: asks that may wait behind the running one; more get 429 with Retry-After.
+        ask_memory_bytes: budget for one ask's estimated memory (`admission`); larger asks get 422 with the numbers.
+        compute_threads: the model's compute threads, set once on the engine's worker thread (None: library default).
+        audit_path: append one JSON line per job to this file (`audit`).
+        read_grace_s / min_read_rate: a request body must arrive at `min_read_rate` bytes/s on average after
+            `read_grace_s` seconds, or the request is cut with 408.
     """
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        jobs.start()
+        yield
+        jobs.close()
+        if audit is not None:
+            audit.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="MedSIGHT engine",
         version=__version__,
         description="Answers and segmentation masks for questions about medical images. Not for clinical use.",
     )
     store = VolumeStore(store_bytes)
-    jobs = JobRegistry()
+    jobs = JobQueue(max_waiting=max_waiting, threads=compute_threads)
     model = engine.model
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        guarded = token and request.url.path.startswith("/v1")
-        if guarded and not token_matches(request.headers.get("authorization"), token):
-            return _error(401, "unauthorized", "missing or wrong bearer token")
-        return await call_next(request)
+    audit = AuditLog.for_model(audit_path, model, model_name) if audit_path else None
+    app.state.jobs, app.state.store = jobs, store  # for tests and operators
+    app.add_middleware(Guard, policy=HostPolicy(host, allowed_hosts), token=token, read_grace_s=read_grace_s,
+                       min_read_rate=min_read_rate)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.code, err.message)
+        return _error(err.status, err.code, err.message, err.headers)
 
     @app.exception_handler(ImagingError)
     async def imaging_error(_: Request, err: ImagingError) -> JSONResponse:
+        if "oversize" in str(err):
+            return _error(413, "too_large", str(err))
         return _error(422, "invalid_image", str(err))
 
     @app.exception_handler(RequestValidationError)
@@ -119,18 +158,29 @@ def create_app(
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error(err.status_code, "http_error", str(err.detail))
 
+    @app.exception_handler(BodyTimeoutError)
+    async def body_timeout(_: Request, __: BodyTimeoutError) -> JSONResponse:
+        log.info("request body too slow: connection cut")
+        return _error(408, "body_timeout", f"the request body arrived too slowly (under {min_read_rate:.0f} bytes/s "
+                      f"after {read_grace_s:g} s)", {"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, __: ClientDisconnect) -> Response:
+        log.info("client disconnected before its request was read")
+        return Response(status_code=400)  # nobody reads it; uvicorn drops it
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, err: Exception) -> JSONResponse:
         log.error("internal error: %s", type(err).__name__)
         return _error(500, "internal_error", f"the engine failed: {type(err).__name__}")
 
     @app.get("/v1/health", response_model=schemas.Health)
-    def health() -> schemas.Health:
+    async def health() -> schemas.Health:
         return schemas.Health(version=__version__, model=model_name, device=str(model.device),
                               dtype=str(model.dtype).removeprefix("torch."))
 
     @app.get("/v1/model", response_model=schemas.ModelCard)
-    def model_card() -> schemas.ModelCard:
+    async def model_card() -> schemas.ModelCard:
         cfg = model.config
         return schemas.ModelCard(
             name=model_name, version=__version__, parameters=model_size(cfg).total,
@@ -158,40 +208,43 @@ def create_app(
         origin: str | None = Query(None, description="LPS position of voxel (0,0,0) in mm"),
         direction: str | None = Query(None, description="9 numbers, row-major 3x3, columns = i, j, k in LPS"),
     ) -> schemas.VolumeInfo:
+        """Body: one array as .npy bytes, sent as `application/octet-stream` (or `application/x-npy`)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
             raise ApiError(413, "too_large", f"upload of {declared} bytes exceeds the limit of {max_upload_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > max_upload_bytes:
-                raise ApiError(413, "too_large", f"upload exceeds the limit of {max_upload_bytes} bytes")
-        if len(body) > max_voxels * 8 + 4096:
-            raise ApiError(413, "too_large", f"upload exceeds the voxel limit of {max_voxels}")
         geometry = (
             _floats(spacing, 3, "spacing", (1.0, 1.0, 1.0)),
             _floats(origin, 3, "origin", (0.0, 0.0, 0.0)),
             np.array(_floats(direction, 9, "direction", tuple(np.eye(3).ravel()))).reshape(3, 3),
         )
+        body, header = bytearray(), None
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if header is None:  # the header decides the size before any voxel is kept
+                header = read_npy_header(body, max_voxels)
+                if header is not None and header.total_bytes > max_upload_bytes:
+                    raise ApiError(413, "too_large", f"the .npy header declares {header.total_bytes} bytes, over "
+                                   f"the limit of {max_upload_bytes}")
+            if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
+                raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
+                               "the body is longer than its .npy header declares" if header
+                               else f"upload exceeds the limit of {max_upload_bytes} bytes")
+        if header is None:
+            raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
 
         def build() -> str:
-            try:
-                array = parse_npy(bytes(body), max_voxels)
-            except ImagingError as err:
-                if "oversize" in str(err):
-                    raise ApiError(413, "too_large", str(err)) from None
-                raise
-            return store.put(volume_from_upload(array, *geometry, modality))
+            return store.put(volume_from_upload(array_from_npy(header, body), *geometry, modality))
 
         volume_id = await run_in_threadpool(build)
         log.info("volume stored: %d bytes", len(body))
         return volume_info(volume_id)
 
     @app.get("/v1/volumes/{volume_id}", response_model=schemas.VolumeInfo)
-    def get_volume(volume_id: str) -> schemas.VolumeInfo:
+    async def get_volume(volume_id: str) -> schemas.VolumeInfo:
         return volume_info(volume_id)
 
-    def engine_request(req: schemas.AskRequest) -> tuple[VolumeSlices, list[Message]]:
+    def admit(req: schemas.AskRequest) -> tuple[VolumeSlices, list[Message], list[int]]:
+        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
         volume = store.get(req.volume_id)
         if volume is None:
             raise ApiError(422, "unknown_volume", f"no volume {req.volume_id!r}: upload it first (or again)")
@@ -199,22 +252,71 @@ def create_app(
             win = convert.window(req.window)
         except ValueError as err:
             raise ApiError(422, "invalid_window", str(err)) from None
-        slices = VolumeSlices(volume, req.slices.plane, list(req.slices.indices), win)
-        return slices, [Message(m.role, m.content) for m in req.messages]
-
-    def run(req: schemas.AskRequest, cancel: threading.Event, on_token=None, on_region=None) -> EngineAnswer:
-        slices, messages = engine_request(req)
-        timer = threading.Timer(request_timeout_s, cancel.set)
-        timer.daemon = True
-        timer.start()
+        plane, indices = req.slices.plane, list(req.slices.indices)
+        if len(set(indices)) != len(indices):
+            raise ApiError(422, "invalid_request", f"slice indices must be unique, got {indices[:16]}")
+        count = slice_count(volume, plane)
+        outside = [i for i in indices if not 0 <= i < count]
+        if outside:
+            raise ApiError(422, "invalid_request", f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
+        messages = [Message(m.role, m.content) for m in req.messages]
         try:
-            return engine.ask(slices, messages, convert.generation_options(req.options),
-                              convert.image_options(req.options), on_token=on_token, on_region=on_region,
-                              cancel=cancel)
+            convert.generation_options(req.options)
+            prompt = prompt_tokens(engine, messages)
         except ValueError as err:
             raise ApiError(422, "invalid_request", str(err)) from None
+        estimate = estimate_ask_memory(
+            model.config, model.dtype, len(indices), prompt, req.options.max_new_tokens,
+            int(np.prod(volume.shape)) // count, model.codes.num_codes)
+        if estimate.total > ask_memory_bytes:
+            raise ApiError(422, "over_memory_budget",
+                           f"this ask may need {estimate.describe()}, over the engine's budget of "
+                           f"{ask_memory_bytes / 1024**2:.0f} MiB per ask: ask about fewer slices or fewer new "
+                           f"tokens (or raise --ask-memory-mb)")
+        return VolumeSlices(volume, plane, indices, win), messages, indices
+
+    def run_job(job: Job, req: schemas.AskRequest, slices: VolumeSlices, messages: list[Message],
+                feed: EventFeed | None) -> str:
+        """On the engine's worker thread: run the ask, return the JSON of its AskResponse."""
+        position = {index: i for i, index in enumerate(slices.indices)}
+        on_token = on_region = None
+        if feed is not None:
+            def on_token(slice_index: int, text: str) -> None:
+                feed.put("token", json.dumps({"slice": position[slice_index], "text": text}))
+
+            def on_region(slice_index: int, region) -> None:
+                wire = convert.region(region, with_mask=False).model_dump()  # the mask follows once, in "done"
+                payload = {"slice": position[slice_index], "region": wire}
+                feed.put("region", json.dumps(payload, separators=(",", ":")))
+
+        deadline = threading.Timer(request_timeout_s, job.stop, args=("timeout",))  # running time only
+        deadline.daemon = True
+        deadline.start()
+        result: EngineAnswer | None = None
+        outcome = "error"
+        try:
+            result = engine.ask(slices, messages, convert.generation_options(req.options),
+                                convert.image_options(req.options), on_token=on_token, on_region=on_region,
+                                cancel=job.cancel)
+            outcome = (job.stop_reason or "cancelled") if result.cancelled else "completed"
+            return convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
+        except ValueError as err:
+            outcome = "invalid_request"
+            raise ApiError(422, "invalid_request", str(err)) from None
+        except Exception as err:
+            log.error("job %s failed: %s", job.id, type(err).__name__)
+            raise
         finally:
-            timer.cancel()
+            deadline.cancel()
+            elapsed = time.monotonic() - (job.started or time.monotonic())
+            log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
+            if audit is not None:
+                audit.record(
+                    job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
+                    options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
+                    regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
+                             for a in (result.answers if result is not None else []) for r in a.regions],
+                    duration_s=elapsed, outcome=outcome)
 
     def resolve_view(req: schemas.AskRequest) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
@@ -225,73 +327,26 @@ def create_app(
         return req.model_copy(update={"slices": schemas.SliceSelection(plane=picked.plane, indices=[picked.index])})
 
     @app.post("/v1/ask", response_model=schemas.AskResponse,
-              responses={200: {"content": {"text/event-stream": {}}}})
-    async def ask(req: schemas.AskRequest, request: Request):
-        req = resolve_view(req)
-        engine_request(req)  # fail fast (before a stream starts) on unknown volumes and bad windows
-        job_id, cancel = jobs.start()
-        started = time.monotonic()
-        if not req.stream:
-            try:
-                result = await run_in_threadpool(run, req, cancel)
-            finally:
-                jobs.finish(job_id)
-            log.info("job %s: %d slice(s) in %.2fs", job_id, len(result.answers), time.monotonic() - started)
-            return convert.ask_response(job_id, model_name, req.slices.plane, result)
-        return StreamingResponse(stream(req, request, job_id, cancel), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def stream(req: schemas.AskRequest, request: Request, job_id: str,
-                     cancel: threading.Event) -> AsyncIterator[str]:
-        events: queue.Queue = queue.Queue()
-        position = {index: i for i, index in enumerate(req.slices.indices)}
-        plane = req.slices.plane
-
-        def on_token(slice_index: int, text: str) -> None:
-            events.put(("token", {"slice": position[slice_index], "text": text}))
-
-        def on_region(slice_index: int, region) -> None:
-            # The mask follows once, in the done event's answer.
-            wire = convert.region(region, with_mask=False).model_dump()
-            events.put(("region", {"slice": position[slice_index], "region": wire}))
-
-        def work() -> None:
-            try:
-                result = run(req, cancel, on_token, on_region)
-                events.put(("done", convert.ask_response(job_id, model_name, plane, result).model_dump()))
-            except ApiError as err:
-                events.put(("error", {"code": err.code, "message": err.message}))
-            except Exception as err:  # the stream must end with an event, never hang
-                log.error("job %s failed: %s", job_id, type(err).__name__)
-                events.put(("error", {"code": "internal_error", "message": f"the engine failed: {type(err).__name__}"}))
-            finally:
-                jobs.finish(job_id)
-
-        worker = threading.Thread(target=work, name=f"ask-{job_id[:8]}", daemon=True)
-        worker.start()
-        yield _sse("job", {"job_id": job_id, "plane": plane, "indices": list(req.slices.indices)})
-        while True:
-            try:
-                kind, data = events.get_nowait()
-            except queue.Empty:
-                if await request.is_disconnected():
-                    cancel.set()  # nobody is listening: stop generating
-                    return
-                await asyncio.sleep(0.005)
-                continue
-            yield _sse(kind, data)
-            if kind in ("done", "error"):
-                return
+              responses={200: {"content": {"text/event-stream": {}},
+                               "headers": {JOB_ID_HEADER: {"description": "the job id, sent at once"}}}})
+    async def ask(req: schemas.AskRequest):
+        """Plain asks send `200` with the `X-Job-Id` header at once and the AskResponse when done; streams send
+        the "job" event first (with the plane and slices answered, which a view-named ask learns there). Closing
+        the connection cancels the job."""
+        req = await run_in_threadpool(resolve_view, req)
+        slices, messages, _ = await run_in_threadpool(admit, req)
+        feed = EventFeed() if req.stream else None
+        try:
+            job = jobs.submit(lambda job: run_job(job, req, slices, messages, feed))
+        except QueueFullError as err:
+            raise ApiError(429, "busy", str(err), {"Retry-After": str(err.retry_after)}) from None
+        return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)})
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.CancelResponse)
-    def cancel_job(job_id: str) -> schemas.CancelResponse:
+    async def cancel_job(job_id: str) -> schemas.CancelResponse:
         state = jobs.cancel(job_id)
         if state is None:
             raise ApiError(404, "unknown_job", f"no job {job_id!r}")
         return schemas.CancelResponse(job_id=job_id, cancelled=state)
 
     return app
-
-
-def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -70,7 +70,7 @@ class WindowIn(Strict):
 class AskOptions(Strict):
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=2048)
     do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0, le=10)
+    temperature: float = Field(default=1.0, ge=0.01, le=10)  # below 0.01 sampling overflows to NaN
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
     repetition_penalty: float = Field(default=1.2, gt=0, le=10)

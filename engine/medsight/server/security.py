@@ -20,7 +20,7 @@ def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token (patient images would be exposed)."""
     if not is_loopback(host) and not token:
         raise ValueError(
-            f"refusing to listen on {host} without a token: pass --token (or MEDSIGHT_TOKEN), "
+            f"refusing to listen on {host} without a token: set MEDSIGHT_TOKEN or pass --token-file, "
             "or bind 127.0.0.1"
         )
 

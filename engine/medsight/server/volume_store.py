@@ -6,26 +6,81 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
 from medsight.imaging import ImagingError, Volume
-from medsight.imaging.volume import check_voxels
+from medsight.imaging.volume import check_geometry, check_size, check_voxels
 
-_ALLOWED_KINDS = "biuf"  # bool, signed, unsigned, float: no objects, strings or complex numbers
+_ALLOWED_KINDS = "iuf"  # signed, unsigned, float: no booleans (a mask is not an image), objects, strings, complex
+_NPY_MAGIC = b"\x93NUMPY"
+_MAX_HEADER = 10_000
 
 
-def parse_npy(data: bytes, max_voxels: int) -> np.ndarray:
-    """Read NPY bytes without ever unpickling; refuse what is not a plain numeric array."""
+@dataclass(frozen=True)
+class NpyHeader:
+    """What an .npy header declares; `offset` is where the voxels start."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int
+
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.offset + self.data_bytes
+
+
+def read_npy_header(prefix: bytes | bytearray, max_voxels: int) -> NpyHeader | None:
+    """Parse the header at the start of an upload, before its voxels are read; None while more bytes are needed.
+
+    Raises ImagingError for anything but a plain 2D/3D numeric array (a zip/.npz, a pickle, booleans, objects) and
+    for shapes over `max_voxels` ("oversize"), so nothing is allocated for a body that would be refused.
+    """
+    head = bytes(prefix[:len(_NPY_MAGIC)])
+    if head != _NPY_MAGIC[:len(head)]:
+        kind = "a zip archive (.npz)" if head.startswith(b"PK") else "not a .npy array"
+        raise ImagingError(f"the body is {kind}; upload one array as .npy bytes", "upload")
+    if len(prefix) < 10:
+        return None
+    major = prefix[6]
+    if major not in (1, 2):
+        raise ImagingError(f"unsupported .npy format version {major}.{prefix[7]}", "upload")
+    size_bytes = 2 if major == 1 else 4
+    if len(prefix) < 8 + size_bytes:
+        return None
+    header_len = int.from_bytes(prefix[8:8 + size_bytes], "little")
+    offset = 8 + size_bytes + header_len
+    if header_len > _MAX_HEADER:
+        raise ImagingError(f".npy header of {header_len} bytes is too long", "upload")
+    if len(prefix) < offset:
+        return None
+    reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ImagingError(f"the body is not a readable .npy array ({err})", "upload") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in _ALLOWED_KINDS:
-        raise ImagingError(f"unsupported array dtype {getattr(array, 'dtype', '?')}", "upload")
-    if array.size > max_voxels:
-        raise ImagingError(f"oversize image: {array.size} voxels exceeds the limit of {max_voxels}", "upload")
-    return array
+        stream = io.BytesIO(bytes(prefix[8:offset]))
+        shape, fortran, dtype = reader(stream, max_header_size=_MAX_HEADER)
+    except Exception as err:  # numpy's parser of untrusted text raises many kinds (ValueError, TokenError, ...)
+        raise ImagingError(f"unreadable .npy header ({type(err).__name__})", "upload") from None
+    if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype:
+        raise ImagingError(f"unsupported array dtype {dtype} (need integers or floats)", "upload")
+    if len(shape) not in (2, 3, 4):
+        raise ImagingError(f"an upload must be a 2D image or a (k, j, i) volume, got shape {shape}", "upload")
+    check_size(shape, "upload", max_voxels)
+    return NpyHeader(tuple(int(n) for n in shape), dtype, bool(fortran), offset)
+
+
+def array_from_npy(header: NpyHeader, body: bytearray) -> np.ndarray:
+    """The voxels of a complete upload whose header was checked (no copy; never unpickles)."""
+    if len(body) != header.total_bytes:
+        raise ImagingError(f"the .npy body has {len(body) - header.offset} bytes of voxels, its header declares "
+                           f"{header.data_bytes}", "upload")
+    return np.ndarray(header.shape, header.dtype, buffer=body, offset=header.offset,
+                      order="F" if header.fortran_order else "C")
 
 
 def volume_from_upload(
@@ -38,11 +93,8 @@ def volume_from_upload(
     """A Volume from an uploaded (k, j, i) array, or a 2D (H, W[, 3]) image as one axial slice."""
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
         array = array[None]
+    check_geometry(spacing, origin, direction, "upload")
     check_voxels(array, "upload")
-    if not np.all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise ImagingError(f"spacing must be positive, got {spacing}", "upload")
-    if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
-        raise ImagingError("direction must be a 3x3 rotation (orthonormal columns)", "upload")
     return Volume(array, spacing=spacing, origin=origin, direction=direction, modality=modality.upper())
 
 

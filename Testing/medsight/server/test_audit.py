@@ -1,0 +1,82 @@
+"""The audit trail: one JSON line per job with the model, weights and settings that made each mask, and nothing
+that identifies the patient or repeats the question."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+
+from medsight.imaging import read_volume
+from medsight.server.app import create_app
+from medsight.server.audit import weights_sha256
+from medsight_testing.arrays import npy
+from medsight_testing.live_server import live_server
+
+PATIENT_NAME, PATIENT_ID = "Quillfeather^Araminta", "AUDIT-PID-7741"
+PHRASE = "the zebra-striped nodule Araminta mentioned"
+
+
+@pytest.fixture
+def named_series(tmp_path):
+    """pydicom's five-slice CT series, its header naming a (made-up) patient."""
+    source = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    folder = tmp_path / "ct"
+    shutil.copytree(source, folder)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+        ds.save_as(path)
+    return folder
+
+
+def test_audit_has_one_line_per_job_and_no_identifiers_or_question(engine, named_series, tmp_path):
+    volume = read_volume(named_series)
+    assert str(pydicom.dcmread(volume.source_files[0]).PatientName) == PATIENT_NAME
+    audit = tmp_path / "audit.jsonl"
+    app = create_app(engine, model_name="tiny", audit_path=str(audit))
+    params = {"modality": volume.modality, "spacing": ",".join(map(str, volume.spacing)),
+              "origin": ",".join(map(str, volume.origin)), "direction": ",".join(map(str, volume.direction.ravel()))}
+    question = [{"role": "user", "content": f"Patient {PATIENT_NAME} ({PATIENT_ID}): please segment {PHRASE}."}]
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        r = c.post("/v1/volumes", content=npy(volume.array), params=params,
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+        vid = r.json()["volume_id"]
+        ask = {"volume_id": vid, "messages": question, "slices": {"plane": "axial", "indices": [1, 3]},
+               "options": {"max_new_tokens": 24, "repetition_penalty": 1.0, "seed": 5}}
+        plain = c.post("/v1/ask", json=ask).json()
+        with c.stream("POST", "/v1/ask", json={**ask, "stream": True, "slices": {"plane": "coronal",
+                                                                                  "indices": [0]}}) as s:
+            s.read()
+        cancelled_id = None
+        with c.stream("POST", "/v1/ask", json={**ask, "options": {"max_new_tokens": 2000}}) as s:
+            cancelled_id = s.headers["x-job-id"]
+            c.post(f"/v1/jobs/{cancelled_id}/cancel")
+            s.read()
+        assert c.post("/v1/ask", json={**ask, "slices": {"indices": [99]}}).status_code == 422  # not a job
+    text = audit.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == 3, text
+    for forbidden in (PATIENT_NAME, "Quillfeather", "Araminta", PATIENT_ID, "zebra", PHRASE):
+        assert forbidden not in text
+    first = lines[0]
+    assert set(first) == {"time", "job_id", "model", "volume_sha256", "plane", "slices", "options", "regions",
+                          "queued_s", "duration_s", "outcome"}
+    assert first["job_id"] == plain["job_id"] and first["outcome"] == "completed"
+    assert first["model"] == {"name": "tiny", "version": first["model"]["version"],
+                              "weights_sha256": weights_sha256(engine.model)}
+    assert first["volume_sha256"] == vid and first["plane"] == "axial" and first["slices"] == [1, 3]
+    assert first["options"]["max_new_tokens"] == 24 and first["options"]["seed"] == 5
+    expected = [{"slice": a["index"], "code": r["code"], "label": r["label"]}
+                for a in plain["answers"] for r in a["regions"]]
+    assert first["regions"] == expected and first["duration_s"] > 0
+    assert lines[1]["plane"] == "coronal" and lines[1]["slices"] == [0]
+    assert lines[2]["job_id"] == cancelled_id and lines[2]["outcome"] == "cancelled"
+    assert np.all([line["time"].endswith("+00:00") for line in lines])

@@ -1,0 +1,277 @@
+"""Hostile and broken requests through a real uvicorn server: every one is a 4xx with a clear message, never a 5xx,
+and the server answers a valid ask afterwards. Includes the four inputs that used to give 500 and a seeded fuzz run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import time
+import zipfile
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import pytest
+
+from medsight.server.app import create_app
+from medsight_testing.arrays import npy
+from medsight_testing.live_server import live_server
+
+NPY = {"content-type": "application/octet-stream"}
+QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
+
+
+@pytest.fixture(scope="module")
+def hardened(engine):
+    """A server with small limits, so that the fuzz run stays fast whatever it generates."""
+    app = create_app(engine, model_name="tiny", max_upload_bytes=2_000_000, max_voxels=200_000,
+                     request_timeout_s=2.0, ask_memory_bytes=64 * 1024**2, read_grace_s=1.0, min_read_rate=10_000)
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def volume_id(hardened):
+    image = np.random.default_rng(3).integers(0, 400, (4, 24, 20)).astype(np.int16)
+    with httpx.Client(base_url=hardened) as c:
+        r = c.post("/v1/volumes", content=npy(image), headers=NPY)
+        assert r.status_code == 201, r.text
+        return r.json()["volume_id"]
+
+
+def valid_ask(client: httpx.Client, vid: str) -> None:
+    r = client.post("/v1/ask", json={"volume_id": vid, "messages": QUESTION, "options": {"max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["answers"]) == 1 and r.headers["x-job-id"] == r.json()["job_id"]
+
+
+def npy_header_only(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """The bytes of an .npy header declaring `shape`, without its voxels (what a hostile client can send)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+# -- the four inputs that gave 500 ----------------------------------------------------------------------------------
+def test_npy_header_declaring_a_huge_shape_is_413_before_reading(hardened):
+    header = npy_header_only((4096, 4096, 4096))
+    with httpx.Client(base_url=hardened) as c:
+        r = c.post("/v1/volumes", content=header + b"\0" * 64, headers=NPY)
+    assert r.status_code == 413 and "oversize" in r.json()["message"] and "4096" in r.json()["message"]
+
+
+def test_npz_zip_body_is_422(hardened):
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.zeros((4, 4), np.float32))
+    assert zipfile.is_zipfile(io.BytesIO(buffer.getvalue()))
+    with httpx.Client(base_url=hardened) as c:
+        r = c.post("/v1/volumes", content=buffer.getvalue(), headers=NPY)
+    assert r.status_code == 422 and "zip" in r.json()["message"]
+
+
+def test_boolean_volume_is_422(hardened):
+    with httpx.Client(base_url=hardened) as c:
+        r = c.post("/v1/volumes", content=npy(np.ones((2, 8, 8), bool)), headers=NPY)
+    assert r.status_code == 422 and "bool" in r.json()["message"]
+
+
+def test_tiny_temperature_with_sampling_is_422(hardened, volume_id):
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
+                                    "options": {"do_sample": True, "temperature": 1e-300, "max_new_tokens": 2}})
+        assert r.status_code == 422 and "temperature" in r.json()["message"]
+        valid_ask(c, volume_id)
+
+
+# -- geometry ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("params", "words"), [
+    ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation
+    ({"spacing": "1e308,1,1"}, "spacing"),
+    ({"spacing": "0,1,1"}, "spacing"),
+    ({"origin": "1e300,0,0"}, "origin"),
+])
+def test_bad_geometry_is_422(hardened, params, words):
+    sheared = np.array([[1, 0.5, 0], [0, 1, 0], [0, 0, 1]])
+    assert abs(np.linalg.det(sheared) - 1) < 1e-12  # what the old determinant check accepted
+    with httpx.Client(base_url=hardened) as c:
+        r = c.post("/v1/volumes", content=npy(np.zeros((2, 8, 8), np.float32)), params=params, headers=NPY)
+    assert r.status_code == 422 and words in r.json()["message"], r.text
+
+
+# -- browsers' simple requests and DNS rebinding --------------------------------------------------------------------
+ENDPOINTS = [("GET", "/v1/health"), ("GET", "/v1/model"), ("POST", "/v1/volumes"), ("GET", "/v1/volumes/x"),
+             ("POST", "/v1/ask"), ("POST", "/v1/jobs/x/cancel"), ("GET", "/openapi.json"), ("GET", "/docs")]
+
+
+def test_foreign_host_header_is_refused_on_every_endpoint(hardened, volume_id):
+    body = {"/v1/volumes": (npy(np.zeros((2, 4, 4), np.float32)), NPY),
+            "/v1/ask": (json.dumps({"volume_id": volume_id, "messages": QUESTION}).encode(),
+                        {"content-type": "application/json"})}
+    with httpx.Client(base_url=hardened) as c:
+        for method, path in ENDPOINTS:
+            content, headers = body.get(path, (None, {}))
+            for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example", ""):
+                r = c.request(method, path, content=content, headers={**headers, "host": host})
+                assert r.status_code == 421, (method, path, host, r.status_code)
+                assert r.json()["code"] == "unknown_host"
+            assert c.request(method, path, content=content, headers={**headers, "host": "localhost"}).status_code \
+                < 500
+
+
+def test_uploads_need_a_binary_content_type_and_asks_json(hardened, volume_id):
+    data = npy(np.zeros((2, 4, 4), np.float32))
+    ask = json.dumps({"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 1}}).encode()
+    with httpx.Client(base_url=hardened) as c:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = c.post("/v1/volumes", content=data, headers={"content-type": content_type})
+            assert r.status_code == 415 and "octet-stream" in r.json()["message"]
+            assert c.post("/v1/ask", content=ask, headers={"content-type": content_type}).status_code == 415
+        assert c.post("/v1/volumes", content=data).status_code == 415  # no Content-Type at all
+        assert c.post("/v1/ask", content=ask).status_code == 415
+        assert c.post("/v1/volumes", content=data, headers={"content-type": "application/x-npy"}).status_code == 201
+
+
+def test_cross_site_origin_is_refused(hardened):
+    with httpx.Client(base_url=hardened) as c:
+        assert c.get("/v1/health", headers={"origin": "https://evil.example"}).status_code == 403
+        assert c.post("/v1/jobs/x/cancel", headers={"origin": "null"}).status_code == 403
+        assert c.get("/v1/health", headers={"origin": hardened}).status_code == 200  # /docs on the engine itself
+
+
+# -- slow and broken connections ------------------------------------------------------------------------------------
+def _raw_upload(url: str, declared: int, payload: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(f"POST /v1/volumes HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/octet-stream\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + payload)
+    return s
+
+
+def test_slow_half_open_uploads_are_cut(hardened):
+    """Bodies trickling in under the minimum rate get 408 after the grace period (1 s here)."""
+    body = npy(np.zeros((4, 64, 64), np.float32))
+    sockets = [_raw_upload(hardened, len(body), body[:100]) for _ in range(8)]
+    t0 = time.monotonic()
+    try:
+        for s in sockets:
+            s.settimeout(10)
+            reply = s.recv(4096).decode("latin-1")
+            assert reply.startswith("HTTP/1.1 408"), reply[:80]
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id, caplog):
+    caplog.set_level(logging.INFO, logger="medsight.server")
+    body = npy(np.zeros((4, 64, 64), np.float32))
+    s = _raw_upload(hardened, len(body), body[:len(body) // 2])
+    time.sleep(0.2)
+    s.close()
+    time.sleep(0.5)
+    logged = [r for r in caplog.records if r.name == "medsight.server"]
+    assert not [r for r in logged if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in logged]
+    assert any("disconnected" in r.getMessage() for r in logged)
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        valid_ask(c, volume_id)
+
+
+# -- fuzz -------------------------------------------------------------------------------------------------------------
+def _weird_value(rng: np.random.Generator):
+    choices = [None, True, -1, 0, 2**63, -(2**70), 1e308, -1e-300, float("nan"), "", "x" * 20_000, "\u0000\ud7ff",
+               [], {}, [[[[[]]]]], {"a": {"b": [1, "2"]}}, "axial", 3.5, "1e999"]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _mutated_ask(rng: np.random.Generator, vid: str) -> dict | list | str:
+    ask = {"volume_id": vid, "slices": {"plane": "axial", "indices": [0, 1]}, "messages": [dict(m) for m in QUESTION],
+           "options": {"max_new_tokens": 2, "do_sample": bool(rng.integers(2)), "temperature": 0.7,
+                       "top_p": 0.9, "top_k": 5, "seed": 1},
+           "window": {"center": 40, "width": 400}, "stream": bool(rng.integers(2))}
+    for _ in range(int(rng.integers(1, 4))):
+        targets = [ask, ask["slices"], ask["options"], ask["window"],
+                   ask["messages"][0] if isinstance(ask["messages"], list) and ask["messages"] else None]
+        target = targets[int(rng.integers(5))]
+        if not isinstance(target, dict):
+            continue
+        keys = [*target.keys(), "extra"]
+        target[keys[int(rng.integers(len(keys)))]] = _weird_value(rng)
+    if rng.random() < 0.05:
+        return [ask]
+    return ask
+
+
+def _mutated_npy(rng: np.random.Generator) -> bytes:
+    kind = int(rng.integers(6))
+    if kind == 0:  # a header declaring a random shape/dtype, with too few or too many bytes
+        dtype = ["<f4", "|b1", "|O", "<c8", "<U3", "<i2", ">f8", "|V4", "<M8[s]"][int(rng.integers(9))]
+        shape = tuple(int(n) for n in rng.integers(0, 2000, int(rng.integers(0, 6))))
+        return npy_header_only(shape, dtype) + rng.bytes(int(rng.integers(0, 300)))
+    if kind == 1:  # a valid array, truncated or extended
+        data = npy(rng.random((2, 8, 8)).astype(np.float32))
+        return data[: int(rng.integers(len(data)))] if rng.random() < 0.5 else data + b"\0" * 4
+    if kind == 2:  # bytes flipped in a valid header
+        data = bytearray(npy(rng.integers(0, 9, (2, 6, 6)).astype(np.uint8)))
+        for _ in range(3):
+            data[int(rng.integers(min(len(data), 128)))] = int(rng.integers(256))
+        return bytes(data)
+    if kind == 3:
+        return rng.bytes(int(rng.integers(0, 2000)))
+    if kind == 4:  # NaN voxels, empty arrays, odd dimensions
+        arrays = [np.full((2, 3, 3), np.nan, np.float32), np.zeros((0, 4, 4), np.float32),
+                  np.zeros((2, 2, 2, 2, 2), np.float32), np.zeros(7, np.int16), np.zeros((3, 3, 3, 4), np.uint8)]
+        return npy(arrays[int(rng.integers(len(arrays)))])
+    return b"\x93NUMPY\x03\x00" + rng.bytes(40)
+
+
+def test_seeded_fuzz_over_every_endpoint_gives_no_5xx(hardened, volume_id):
+    rng = np.random.default_rng(20260419)
+    count, statuses, t0 = 2100, {}, time.monotonic()
+    with httpx.Client(base_url=hardened, timeout=120) as c:
+        for n in range(count):
+            which = n % 7
+            headers, params, content = {}, None, None
+            if which == 0:
+                method, path = "POST", "/v1/ask"
+                body = _mutated_ask(rng, volume_id)
+                content = json.dumps(body).encode() if rng.random() < 0.9 else json.dumps(body).encode()[:20]
+                headers = {"content-type": "application/json"}
+            elif which == 1:
+                method, path = "POST", "/v1/volumes"
+                content, headers = _mutated_npy(rng), dict(NPY)
+                params = {k: ",".join(str(_weird_value(rng))[:200] for _ in range(int(rng.integers(1, 10))))
+                          for k in ("spacing", "origin", "direction", "modality") if rng.random() < 0.3}
+            elif which == 2:
+                method, path = "GET", "/v1/volumes/" + quote(str(_weird_value(rng)), safe="", errors="replace")
+            elif which == 3:
+                method, path = "POST", f"/v1/jobs/{rng.bytes(8).hex()}/cancel"
+            elif which == 4:
+                method = ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"][int(rng.integers(6))]
+                path = ["/v1/health", "/v1/model", "/v1/ask", "/v1/volumes", "/nope", "/v1/jobs//cancel"][
+                    int(rng.integers(6))]
+            elif which == 5:  # header games
+                method, path = ["GET", "POST"][int(rng.integers(2))], "/v1/health"
+                values = ["evil.example", "null", "a" * 5000, "localhost:99999", "[::1]", "a b"]
+                names = ["host", "origin", "content-type", "authorization"]
+                headers = {names[int(rng.integers(4))]: values[int(rng.integers(6))]}
+            else:
+                method, path = "POST", "/v1/ask"
+                content = rng.bytes(int(rng.integers(0, 500)))
+                headers = {"content-type": "application/json"}
+            try:
+                r = c.request(method, path, content=content, headers=headers, params=params)
+            # The server may close a connection it refused early; httpx refuses to send some inputs at all.
+            except (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.InvalidURL):
+                continue
+            except httpx.TimeoutException:  # a hang is a failure too: say which request
+                raise AssertionError(f"request {n} hung: {method} {path} {headers} {params} "
+                                     f"{(content or b'')[:300]!r}") from None
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+        valid_ask(c, volume_id)
+    assert sum(statuses.values()) >= 2000, statuses
+    assert time.monotonic() - t0 < 300

@@ -1,0 +1,151 @@
+"""The job queue through a real server: hang-ups free the model, queued asks never starve health or cancel, the
+bound gives 429, and `--timeout` counts running time only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from medsight.server.app import create_app
+from medsight_testing.arrays import npy
+from medsight_testing.live_server import live_server
+
+NPY = {"content-type": "application/octet-stream"}
+QUESTION = [{"role": "user", "content": "Please segment the white matter."}]
+LONG = {"max_new_tokens": 2000, "repetition_penalty": 1.0}  # the tiny model rarely ends early: a long job
+
+
+@pytest.fixture(scope="module")
+def queue_server(engine):
+    app = create_app(engine, model_name="tiny", max_waiting=45)
+    with live_server(app) as url, httpx.Client(base_url=url) as c:
+        image = np.random.default_rng(5).integers(0, 255, (3, 32, 32)).astype(np.uint8)
+        r = c.post("/v1/volumes", content=npy(image), headers=NPY)
+        yield url, app, r.json()["volume_id"]
+
+
+def ask_body(vid: str, options: dict, stream: bool = False, index: int = 1) -> dict:
+    return {"volume_id": vid, "slices": {"indices": [index]}, "messages": QUESTION, "options": options,
+            "stream": stream}
+
+
+def next_job_start_after(app, url: str, vid: str, hung_up: float) -> float:
+    """Send a short ask and return how long after `hung_up` it started running (the model was free)."""
+    jobs = app.state.jobs
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}, index=2))
+    assert r.status_code == 200
+    [record] = [j for j in jobs.history if j.id == r.headers["x-job-id"]]
+    return record.started - hung_up
+
+
+def test_closing_a_stream_frees_the_model_within_half_a_second(queue_server):
+    url, app, vid = queue_server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/v1/ask", json=ask_body(vid, LONG, stream=True)) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break
+            running = app.state.jobs.running
+            assert running is not None  # mid-generation
+        hung_up = time.monotonic()
+    delay = next_job_start_after(app, url, vid, hung_up)
+    print(f"stream hang-up -> next job started: {delay * 1000:.0f} ms")
+    assert delay < 0.5, delay
+    assert running.stop_reason == "disconnected"
+
+
+def test_closing_a_plain_ask_frees_the_model_and_its_id_comes_first(queue_server):
+    url, app, vid = queue_server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        t0 = time.monotonic()
+        with c.stream("POST", "/v1/ask", json=ask_body(vid, LONG)) as r:
+            job_id = r.headers["x-job-id"]  # before any answer: the plain ask can be cancelled by id
+            assert time.monotonic() - t0 < 5 and len(job_id) == 32
+            while app.state.jobs.running is None or app.state.jobs.running.id != job_id:
+                time.sleep(0.005)
+            time.sleep(0.2)  # let it generate
+        hung_up = time.monotonic()
+    delay = next_job_start_after(app, url, vid, hung_up)
+    print(f"plain hang-up -> next job started: {delay * 1000:.0f} ms")
+    assert delay < 0.5, delay
+
+
+def test_plain_ask_cancelled_by_its_header_id(queue_server):
+    url, app, vid = queue_server
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/ask", json=ask_body(vid, LONG)) as r:
+        job_id = r.headers["x-job-id"]
+        while app.state.jobs.running is None:
+            time.sleep(0.005)
+        assert c.post(f"/v1/jobs/{job_id}/cancel").json()["cancelled"] is True
+        r.read()
+        body = r.json()
+    assert body["job_id"] == job_id and body["cancelled"] is True
+
+
+def test_45_queued_asks_leave_health_and_cancel_fast_and_more_get_429(queue_server):
+    url, app, vid = queue_server
+    jobs = app.state.jobs
+    ids: list[str] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def queued_ask(i: int) -> int:
+        with httpx.Client(base_url=url, timeout=120) as c, c.stream(
+                "POST", "/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}, index=i % 3)) as r:
+            if r.status_code != 200:
+                return r.status_code
+            with lock:
+                ids.append(r.headers["x-job-id"])
+            release.wait(120)
+            r.read()
+            return r.status_code
+
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/ask", json=ask_body(vid, LONG)) as blocker:
+        blocker_id = blocker.headers["x-job-id"]
+        with ThreadPoolExecutor(45) as pool:
+            futures = [pool.submit(queued_ask, i) for i in range(45)]
+            deadline = time.monotonic() + 60
+            while len(ids) < 45 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(ids) == 45 and jobs.waiting == 45
+            latencies = {}
+            for name, call in (("health", lambda: c.get("/v1/health")),
+                               ("volume", lambda: c.get(f"/v1/volumes/{vid}")),
+                               ("cancel", lambda: c.post(f"/v1/jobs/{ids[-1]}/cancel"))):
+                t0 = time.monotonic()
+                r = call()
+                latencies[name] = time.monotonic() - t0
+                assert r.status_code == 200, r.text
+            print("with 45 queued:", {k: f"{v * 1000:.1f} ms" for k, v in latencies.items()})
+            assert max(latencies.values()) < 0.2, latencies
+            refused = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))  # one more than the bound
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert "45 asks are already waiting" in refused.json()["message"]
+            assert c.post(f"/v1/jobs/{blocker_id}/cancel").json()["cancelled"] is True
+            release.set()
+            assert [f.result() for f in futures] == [200] * 45
+        blocker.read()
+
+
+def test_queue_wait_does_not_count_against_the_timeout(engine):
+    app = create_app(engine, model_name="tiny", request_timeout_s=1.5)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        image = np.random.default_rng(6).integers(0, 255, (2, 24, 24)).astype(np.uint8)
+        vid = c.post("/v1/volumes", content=npy(image), headers=NPY).json()["volume_id"]
+        with c.stream("POST", "/v1/ask", json=ask_body(vid, LONG, index=0)) as first:
+            while app.state.jobs.running is None:
+                time.sleep(0.005)
+            # Queued behind a job the timeout will cut at 1.5 s: the second ask's own clock starts after that.
+            t0 = time.monotonic()
+            second = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 3}, index=1))
+            waited = time.monotonic() - t0
+            first.read()
+        assert first.json()["cancelled"] is True  # the running job was cut by the timeout
+        assert waited > 1.0
+        assert second.status_code == 200 and second.json()["cancelled"] is False

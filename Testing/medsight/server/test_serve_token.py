@@ -1,0 +1,37 @@
+"""`medsight serve` takes its token from MEDSIGHT_TOKEN or --token-file, never needing it on the command line
+(where every local user can read it in the process list)."""
+
+from __future__ import annotations
+
+import pytest
+
+from medsight.cli import _parser, _serve_token
+
+
+def serve_args(*argv: str):
+    return _parser().parse_args(["serve", *argv])
+
+
+def test_token_from_file_env_or_deprecated_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MEDSIGHT_TOKEN", raising=False)
+    assert _serve_token(serve_args()) is None
+    monkeypatch.setenv("MEDSIGHT_TOKEN", "from-env")
+    assert _serve_token(serve_args()) == "from-env"
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    assert _serve_token(serve_args("--token-file", str(path))) == "from-file"
+    assert _serve_token(serve_args("--token", "on-the-line")) == "on-the-line"
+    assert "process list" in capsys.readouterr().err
+
+
+def test_unreadable_or_empty_token_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        _serve_token(serve_args("--token-file", str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        _serve_token(serve_args("--token-file", str(tmp_path / "empty")))
+
+
+def test_help_no_longer_offers_a_token_argument():
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]  # argparse keeps sub-parsers here
+    assert "--token-file" in serve.format_help() and "--token " not in serve.format_help()

@@ -1,0 +1,82 @@
+"""The audit trail (`medsight serve --audit FILE`): one JSON line per job, so that any mask can be traced to the
+model, weights and settings that made it.
+
+A line holds the time, job id, model name, version and weights hash, the volume's content hash (the volume id: a
+SHA-256 of voxels and geometry), plane and slice indices, generation options, region codes and labels, durations and
+the outcome. It never holds question or answer text, pixels, or anything from a DICOM header: the volume store keeps
+no identifiers, and the line is built from an explicit list of fields, not from the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from medsight._version import __version__
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes) in name order: the same weights give
+    the same hash whatever file or format they came from."""
+    digest = hashlib.sha256()
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+    weights_sha256: str
+
+
+class AuditLog:
+    """Appends one line per job to a file, flushed and fsynced so that a crash loses at most the line in flight."""
+
+    def __init__(self, path: str, model: ModelIdentity) -> None:
+        self.path, self.model = path, model
+        self._lock = threading.Lock()
+        # Open once in append mode; 0o600: the trail describes a patient's studies, even without identifiers.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+
+    @classmethod
+    def for_model(cls, path: str, model: torch.nn.Module, name: str) -> AuditLog:
+        return cls(path, ModelIdentity(name, __version__, weights_sha256(model)))
+
+    def record(self, *, job_id: str, volume_id: str, plane: str, slices: list[int], options: dict,
+               regions: list[dict], queued_s: float, duration_s: float, outcome: str) -> None:
+        line = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "job_id": job_id,
+            "model": {"name": self.model.name, "version": self.model.version,
+                      "weights_sha256": self.model.weights_sha256},
+            "volume_sha256": volume_id,
+            "plane": plane,
+            "slices": [int(i) for i in slices],
+            "options": options,
+            "regions": regions,
+            "queued_s": round(queued_s, 3),
+            "duration_s": round(duration_s, 3),
+            "outcome": outcome,
+        }
+        text = json.dumps(line, separators=(",", ":"), sort_keys=True) + "\n"
+        with self._lock:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

@@ -1,0 +1,112 @@
+"""The response of an admitted ask: headers (with the job id) go out at once, then the answer.
+
+A plain ask sends `200` and `X-Job-Id` immediately and its JSON body when the job ends; a stream sends the "job"
+event first, then "token"/"region" events as the engine produces them and "done" (or "error"). Both watch the
+connection: a client that goes away stops its job, whether it was waiting or running. No thread waits or polls:
+the worker hands events to the event loop with `loop.call_soon_threadsafe` into an `asyncio.Queue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from starlette.responses import Response
+
+from medsight.server.jobs import Job
+
+JOB_ID_HEADER = "X-Job-Id"
+
+
+def sse(event: str, data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+class EventFeed:
+    """Thread-safe producer side of an asyncio.Queue: the worker calls `put`, the event loop reads `queue`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def put(self, kind: str, payload: str) -> None:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+class JobResponse(Response):
+    """ASGI response for an admitted job. `job.future` resolves to the JSON text of the answer, or raises
+    an `ApiError`-like exception with `status`, `code` and `message`."""
+
+    def __init__(self, job: Job, feed: EventFeed | None, error_body, job_event: dict | None = None) -> None:
+        self.job, self.feed, self.error_body = job, feed, error_body
+        self.job_event = {"job_id": job.id, **(job_event or {})}  # a stream's first event
+        self.background = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        streaming = self.feed is not None
+        content_type = b"text/event-stream" if streaming else b"application/json"
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache"),
+                   (JOB_ID_HEADER.lower().encode(), self.job.id.encode())]
+        if streaming:
+            headers.append((b"x-accel-buffering", b"no"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            if streaming:
+                await send(_body(sse("job", self.job_event)))
+                finished = await self._stream(send, gone)
+            else:
+                finished = await self._plain(send, gone)
+            if not finished:
+                self.job.stop("disconnected")
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+            if not self.job.future.done():  # cancelled by the server (shutdown) or the client went away
+                self.job.stop("disconnected")
+
+    async def _plain(self, send, gone: asyncio.Future) -> bool:
+        await asyncio.wait({self.job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.job.future.done():
+            return False
+        err = self.job.future.exception()
+        body = self.error_body(err) if err is not None else self.job.future.result()
+        await send(_body(body.encode()))
+        return True
+
+    async def _stream(self, send, gone: asyncio.Future) -> bool:
+        queue = self.feed.queue
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, self.job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                kind, payload = getter.result()
+                await send(_body(sse(kind, payload)))
+                continue
+            getter.cancel()
+            if not self.job.future.done():
+                return False
+            while not queue.empty():  # events scheduled before the job settled come first
+                kind, payload = queue.get_nowait()
+                await send(_body(sse(kind, payload)))
+            err = self.job.future.exception()
+            if err is None:
+                await send(_body(sse("done", self.job.future.result())))
+            else:
+                await send(_body(sse("error", self.error_body(err))))
+            return True
+
+
+def _body(chunk: bytes) -> dict:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+async def _disconnected(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
