@@ -24,6 +24,7 @@ from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
+from medsight.model.perceiver import GridFeatures
 from medsight.model.preprocess import InputTransform
 from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
 
@@ -32,6 +33,9 @@ from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, t
 DEFAULT_CACHE_BYTES = 1 << 30
 #: Slices encoded per ViT call: bounds activation memory when a whole volume is asked at once.
 DEFAULT_ENCODE_BATCH = 32
+#: The perceiver's query-independent start (`GridFeatures`, ~5x a grid) is kept from encode to decode within one ask
+#: while the ask's fresh slices need at most this much (~40 full-size slices in bf16); larger asks recompute it.
+KEPT_GRID_FEATURES_BYTES = 256 << 20
 
 TokenCallback = Callable[[int, str], None]
 RegionCallback = Callable[[int, "SliceRegion"], None]
@@ -318,9 +322,9 @@ class Engine:
             out.append((index, rgb, geometry))
         return out
 
-    def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions) -> ImageEncoding:
+    def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions, keep: bool = False) -> ImageEncoding:
         if self.vision_backend is None:
-            return self.model.encode(pixels, image_options.round_pixels_to_bf16)
+            return self.model.encode(pixels, image_options.round_pixels_to_bf16, keep_grid_features=keep)
         batch = self.vision_backend.encode(pixels, image_options.round_pixels_to_bf16)
         device, dtype = self.model.device, self.model.dtype
         parts = (batch.cls, batch.patches, batch.grid, batch.region_tokens)
@@ -363,9 +367,10 @@ class Engine:
                     found[x.key] = hit
         # The same image twice in one request is encoded once.
         missing = list({x.key: x for x in inputs if x.key not in found}.values())
+        keep = len(missing) * self._grid_features_bytes() <= KEPT_GRID_FEATURES_BYTES
         for start in range(0, len(missing), self.encode_batch):
             chunk = missing[start : start + self.encode_batch]
-            batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options)
+            batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options, keep)
             self.encode_calls += 1
             for row, x in enumerate(chunk):
                 found[x.key] = batch.select(row)
@@ -377,6 +382,11 @@ class Engine:
             fresh.append(x.key in computed and x.key not in seen)
             seen.add(x.key)
         return [found[x.key] for x in inputs], fresh
+
+    def _grid_features_bytes(self) -> int:
+        """Bytes of one slice's `GridFeatures`: the grid (g x g) and stage 0's upsampled grid (2g x 2g)."""
+        side, dim = self.model.config.vision.grid_size, self.model.config.perceiver.dim
+        return 5 * side * side * dim * self.model.dtype.itemsize
 
     def _generate(
         self, inputs, prompt, encodings, options, on_token, cancel
@@ -415,7 +425,9 @@ class Engine:
         if self.vision_backend is not None:
             logits = self.vision_backend.decode_regions(self.model, grids, code_states)
         else:
-            logits = self.model.decode_regions(grids, code_states)
+            kept = [e.grid_features for e in encodings]
+            shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
+            logits = self.model.decode_regions(grids, code_states, grid_features=shared)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):
