@@ -24,7 +24,7 @@ from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
-from medsight.model.perceiver import GridFeatures
+from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
 from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
 
@@ -179,10 +179,13 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         encode_batch: int = DEFAULT_ENCODE_BATCH,
         vision_backend=None,
+        mask_decode_dtype: torch.dtype | None = None,
     ) -> None:
         """Args:
         vision_backend: optional `medsight.onnx_backend.OnnxVisionBackend` that runs the ViT and the perceiver
             (encode and decode) in ONNX Runtime; the language model stays in PyTorch.
+        mask_decode_dtype: decode masks with a copy of the perceiver in this dtype (e.g. torch.bfloat16):
+            approximate, off by default; text and region tokens stay exact (`perceiver.CastDecode`).
         """
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
@@ -194,6 +197,9 @@ class Engine:
         self.cache = FeatureCache(cache_bytes)
         self._model_lock = threading.Lock()
         self.encode_calls = 0  # number of model.encode batches run (observability and tests)
+        self.mask_decode = None
+        if mask_decode_dtype is not None and mask_decode_dtype != model.dtype:
+            self.mask_decode = CastDecode(model.region_perceiver, mask_decode_dtype)
 
     @classmethod
     def load(
@@ -204,6 +210,7 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         onnx_dir: str | None = None,
         perceiver_attention: str = "sdpa",
+        mask_decode_dtype: torch.dtype | None = None,
         **load_kwargs,
     ) -> Engine:
         """Load a model (see `medsight.load_model`) and wrap it; `onnx_dir` (from `medsight export-onnx`) runs
@@ -212,6 +219,7 @@ class Engine:
         `perceiver_attention`: "sdpa" (default: PyTorch's fused attention kernel, the same function as the official
         arithmetic within float rounding; 1.2-1.4x faster perceiver on CPU, `benchmarks/official_style.py`) or
         "eager" (the official fill-and-softmax arithmetic, what the golden parity tests run).
+        `mask_decode_dtype`: see `Engine.__init__` (approximate, off by default).
         """
         backend = None
         if onnx_dir is not None:
@@ -220,7 +228,7 @@ class Engine:
             backend = OnnxVisionBackend(onnx_dir)
         model = load_model(source, device=device, dtype=dtype, **load_kwargs)
         model.region_perceiver.attention_implementation = perceiver_attention
-        return cls(model, cache_bytes=cache_bytes, vision_backend=backend)
+        return cls(model, cache_bytes=cache_bytes, vision_backend=backend, mask_decode_dtype=mask_decode_dtype)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -427,7 +435,7 @@ class Engine:
         else:
             kept = [e.grid_features for e in encodings]
             shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
-            logits = self.model.decode_regions(grids, code_states, grid_features=shared)
+            logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):
