@@ -217,7 +217,7 @@ class Engine:
         the vision side in ONNX Runtime.
 
         `perceiver_attention`: "sdpa" (default: PyTorch's fused attention kernel, the same function as the official
-        arithmetic within float rounding; 1.2-1.4x faster perceiver on CPU, `benchmarks/official_style.py`) or
+        arithmetic within float rounding; 1.2-1.4x faster perceiver on CPU, `benchmarks/speed_levers.py`) or
         "eager" (the official fill-and-softmax arithmetic, what the golden parity tests run).
         `mask_decode_dtype`: see `Engine.__init__` (approximate, off by default).
         """
