@@ -1,12 +1,19 @@
 """The engine's speed levers, each measured side by side in one process on identical weights (not a test).
 
 Usage: python benchmarks/speed_levers.py [--presets demo full-perceiver engine kv-cache] [--slices 16] [--repeats 3]
+       [--compile]
 
 Levers (each against the same baseline, best of alternating repeats, with the largest difference from it):
 
+* encode shortcut (`RegionPerceiver.region_tokens`): the region tokens without the last stage's image path and the
+  final mask head, which only feed masks (exact);
+* shared grid features (`RegionPerceiver.grid_features`): the grid + PE and stage 0's convolution, which do not
+  depend on the queries, computed once per slice by the encode pass and reused by the decode pass (exact);
 * position encoding cache: the perceiver's sine encodings computed once per size instead of on every call;
 * SDPA: torch's fused attention in the perceiver's cross-attentions instead of the official eager arithmetic;
 * bf16: the whole model in bfloat16 (on CPU; on GPUs this is the default way to run the 8B model);
+* `torch.compile` of the perceiver (`--compile`, inductor, shapes fixed; its compile time is printed);
+* ONNX Runtime: benchmarks/onnx_vs_torch.py (batch 16);
 * batching and the feature cache: measured by benchmarks/engine_throughput.py and official_style.py.
 
 "full-perceiver" decodes with the full-size Region Perceiver (1024-d, 24x24 grid -> 192x192 masks, random
@@ -19,6 +26,7 @@ KV cache (what the engine uses) vs static cache vs static cache + `torch.compile
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -66,25 +74,59 @@ class NoPositionCache:
 
 
 def perceiver_levers(name: str, perceiver: RegionPerceiver, grid: torch.Tensor, codes: torch.Tensor,
-                     repeats: int) -> None:
-    def run(impl: str, cache: bool = True, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+                     repeats: int, compile_: bool = False) -> None:
+    # bf16 runs on its own copy: a float32 -> bf16 -> float32 round trip would round the other rows' weights.
+    copies = {torch.float32: perceiver, torch.bfloat16: copy.deepcopy(perceiver).to(torch.bfloat16)}
+
+    def run(impl: str, cache: bool = True, dtype: torch.dtype = torch.float32, shared: bool = False,
+            decode=None) -> Callable[[], torch.Tensor]:
+        model, g, c = copies[dtype], grid.to(dtype), codes.to(dtype)
+        with torch.inference_mode():
+            kept = model.grid_features(g) if shared else None  # computed by the encode pass, not timed here
+
         def fn() -> torch.Tensor:
-            perceiver.to(dtype).attention_implementation = impl
+            model.attention_implementation = impl
+            if decode is not None:
+                return decode(g, c)[0]
             if cache:
-                return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
-            with NoPositionCache(perceiver):
-                return perceiver.decode(grid.to(dtype), codes.to(dtype))[0]
+                return model.decode(g, c, grid_features=kept)[0]
+            with NoPositionCache(model):
+                return model.decode(g, c)[0]
         return fn
 
-    fns = {"eager, PE recomputed (official)": run("eager", cache=False), "eager + PE cache": run("eager"),
-           "sdpa + PE cache": run("sdpa"), "sdpa + PE cache, bf16": run("sdpa", dtype=torch.bfloat16)}
-    times, diffs = best_of(fns, repeats)
-    perceiver.to(torch.float32).attention_implementation = "eager"
-    base = next(iter(times.values()))
     batch, k = codes.shape[:2]
-    print(f"\n{name}: perceiver decode, batch {batch} x {k} codes, grid {tuple(grid.shape[1:3])}")
+    perceiver.attention_implementation = "sdpa"
+    with torch.inference_mode():
+        encode = {"full forward (before)": lambda: perceiver(grid).queries,
+                  "region_tokens": lambda: perceiver.region_tokens(grid)}
+        times, diffs = best_of(encode, repeats)
+    base = next(iter(times.values()))
+    print(f"\n{name}: perceiver encode (sdpa), batch {batch}, grid {tuple(grid.shape[1:3])}")
     for label, t in times.items():
         print(f"  {label:34s} {1000 * t:9.1f} ms  {base / t:5.2f}x  max|diff| {diffs[label]:.2e}")
+
+    fns = {"eager, PE recomputed (official)": run("eager", cache=False), "eager + PE cache": run("eager"),
+           "sdpa + PE cache (before)": run("sdpa"), "sdpa + shared grid features": run("sdpa", shared=True),
+           "sdpa + PE cache, bf16": run("sdpa", dtype=torch.bfloat16)}
+    if compile_:
+        perceiver.attention_implementation = "sdpa"
+        compiled = torch.compile(perceiver.decode, dynamic=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(grid, codes)
+        print(f"\n  (torch.compile: first call {time.perf_counter() - start:.0f} s)")
+        fns["sdpa, torch.compile"] = run("sdpa", decode=compiled)
+    times, diffs = best_of(fns, repeats)
+    with torch.inference_mode():
+        before = fns["sdpa + PE cache (before)"]()
+        against_before = {k: float((fns[k]().float() - before).abs().max()) for k in fns if "sdpa" in k}
+    perceiver.attention_implementation = "eager"
+    base = times["sdpa + PE cache (before)"]
+    print(f"\n{name}: perceiver decode, batch {batch} x {k} codes, grid {tuple(grid.shape[1:3])} (speed vs 'before', "
+          f"diff vs the official row)")
+    for label, t in times.items():
+        print(f"  {label:34s} {1000 * t:9.1f} ms  {base / t:5.2f}x  max|diff| {diffs[label]:.2e}")
+    print("  max|diff| from 'before': " + ", ".join(f"{k} {v:.2e}" for k, v in against_before.items()))
 
 
 def engine_levers(slices: int, repeats: int) -> None:
@@ -156,6 +198,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--codes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the perceiver decode")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     torch.manual_seed(0)
@@ -172,7 +215,7 @@ def main() -> None:
         batch = 1 if preset == "full-perceiver" else args.slices
         grid = torch.randn(batch, side, side, cfg.perceiver.dim)
         codes = torch.randn(batch, args.codes, cfg.perceiver.dim)
-        perceiver_levers(preset, perceiver, grid, codes, args.repeats)
+        perceiver_levers(preset, perceiver, grid, codes, args.repeats, args.compile)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,24 @@ def test_gpu_fullsize_runs_on_cpu_with_the_tiny_config():
               "--repeats", "1")
     assert "config tiny" in out and "perceiver attention sdpa" in out
     assert "4-slice throughput" in out and "one-slice latency" in out
+    assert "auto batches" in out
 
 
 def test_speed_levers_runs_on_the_demo_perceiver():
     out = run("speed_levers.py", "--presets", "demo", "--slices", "2", "--repeats", "1")
-    for lever in ("eager, PE recomputed (official)", "eager + PE cache", "sdpa + PE cache"):
+    for lever in ("eager, PE recomputed (official)", "eager + PE cache", "sdpa + PE cache", "region_tokens",
+                  "sdpa + shared grid features"):
         assert lever in out
+    # The exact levers are exact: zero difference from the path they replace.
+    encode_row = next(line for line in out.splitlines() if line.strip().startswith("region_tokens"))
+    assert encode_row.endswith("max|diff| 0.00e+00")
+    assert "sdpa + shared grid features 0.00e+00" in out
+
+
+def test_official_style_runs_with_the_real_qwen3_tokenizer():
+    out = run("official_style.py", "--models", "tiny", "--slices", "2", "--tokens", "4", "--repeats", "1")
+    assert "of which tokenizer copy + ids" in out
+    assert "ratio Engine batched" in out and "ratio Engine one at a time" in out
 
 
 def test_plain_vs_stream_runs_with_the_tiny_model():

@@ -24,6 +24,7 @@ from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
+from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
 from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
 
@@ -32,6 +33,9 @@ from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, t
 DEFAULT_CACHE_BYTES = 1 << 30
 #: Slices encoded per ViT call: bounds activation memory when a whole volume is asked at once.
 DEFAULT_ENCODE_BATCH = 32
+#: The perceiver's query-independent start (`GridFeatures`, ~5x a grid) is kept from encode to decode within one ask
+#: while the ask's fresh slices need at most this much (~40 full-size slices in bf16); larger asks recompute it.
+KEPT_GRID_FEATURES_BYTES = 256 << 20
 
 TokenCallback = Callable[[int, str], None]
 RegionCallback = Callable[[int, Region], None]
@@ -137,10 +141,13 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         encode_batch: int = DEFAULT_ENCODE_BATCH,
         vision_backend=None,
+        mask_decode_dtype: torch.dtype | None = None,
     ) -> None:
         """Args:
         vision_backend: optional `medsight.onnx_backend.OnnxVisionBackend` that runs the ViT and the perceiver
             (encode and decode) in ONNX Runtime; the language model stays in PyTorch.
+        mask_decode_dtype: decode masks with a copy of the perceiver in this dtype (e.g. torch.bfloat16):
+            approximate, off by default; text and region tokens stay exact (`perceiver.CastDecode`).
         """
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
@@ -152,6 +159,9 @@ class Engine:
         self.cache = FeatureCache(cache_bytes)
         self._model_lock = threading.Lock()
         self.encode_calls = 0  # number of model.encode batches run (observability and tests)
+        self.mask_decode = None
+        if mask_decode_dtype is not None and mask_decode_dtype != model.dtype:
+            self.mask_decode = CastDecode(model.region_perceiver, mask_decode_dtype)
 
     @classmethod
     def load(
@@ -162,6 +172,7 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         onnx_dir: str | None = None,
         perceiver_attention: str = "sdpa",
+        mask_decode_dtype: torch.dtype | None = None,
         **load_kwargs,
     ) -> Engine:
         """Load a model (see `medsight.load_model`) and wrap it; `onnx_dir` (from `medsight export-onnx`) runs
@@ -170,6 +181,7 @@ class Engine:
         `perceiver_attention`: "sdpa" (default: PyTorch's fused attention kernel, the same function as the official
         arithmetic within float rounding, and faster: measure with `benchmarks/official_style.py`) or
         "eager" (the official fill-and-softmax arithmetic, what the golden parity tests run).
+        `mask_decode_dtype`: see `Engine.__init__` (approximate, off by default).
         """
         backend = None
         if onnx_dir is not None:
@@ -178,7 +190,7 @@ class Engine:
             backend = OnnxVisionBackend(onnx_dir)
         model = load_model(source, device=device, dtype=dtype, **load_kwargs)
         model.region_perceiver.attention_implementation = perceiver_attention
-        return cls(model, cache_bytes=cache_bytes, vision_backend=backend)
+        return cls(model, cache_bytes=cache_bytes, vision_backend=backend, mask_decode_dtype=mask_decode_dtype)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -286,9 +298,9 @@ class Engine:
             out.append((index, rgb, geometry))
         return out
 
-    def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions) -> ImageEncoding:
+    def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions, keep: bool = False) -> ImageEncoding:
         if self.vision_backend is None:
-            return self.model.encode(pixels, image_options.round_pixels_to_bf16)
+            return self.model.encode(pixels, image_options.round_pixels_to_bf16, keep_grid_features=keep)
         batch = self.vision_backend.encode(pixels, image_options.round_pixels_to_bf16)
         device, dtype = self.model.device, self.model.dtype
         parts = (batch.cls, batch.patches, batch.grid, batch.region_tokens)
@@ -331,9 +343,10 @@ class Engine:
                     found[x.key] = hit
         # The same image twice in one request is encoded once.
         missing = list({x.key: x for x in inputs if x.key not in found}.values())
+        keep = len(missing) * self._grid_features_bytes() <= KEPT_GRID_FEATURES_BYTES
         for start in range(0, len(missing), self.encode_batch):
             chunk = missing[start : start + self.encode_batch]
-            batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options)
+            batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options, keep)
             self.encode_calls += 1
             for row, x in enumerate(chunk):
                 found[x.key] = batch.select(row)
@@ -345,6 +358,11 @@ class Engine:
             fresh.append(x.key in computed and x.key not in seen)
             seen.add(x.key)
         return [found[x.key] for x in inputs], fresh
+
+    def _grid_features_bytes(self) -> int:
+        """Bytes of one slice's `GridFeatures`: the grid (g x g) and stage 0's upsampled grid (2g x 2g)."""
+        side, dim = self.model.config.vision.grid_size, self.model.config.perceiver.dim
+        return 5 * side * side * dim * self.model.dtype.itemsize
 
     def _generate(
         self, inputs, prompt, encodings, options, on_token, cancel
@@ -383,7 +401,9 @@ class Engine:
         if self.vision_backend is not None:
             logits = self.vision_backend.decode_regions(self.model, grids, code_states)
         else:
-            logits = self.model.decode_regions(grids, code_states)
+            kept = [e.grid_features for e in encodings]
+            shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
+            logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):

@@ -62,14 +62,14 @@ class VisionEncoderGraph(nn.Module):
 
 
 class PerceiverEncodeGraph(nn.Module):
-    """grid (B, G, G, C) -> the learned queries after the perceiver, (B, Q, C)."""
+    """grid (B, G, G, C) -> the learned queries after the perceiver, (B, Q, C) (`region_tokens`: no mask work)."""
 
     def __init__(self, model: MedSIGHTModel) -> None:
         super().__init__()
         self.perceiver = model.region_perceiver
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.perceiver(grid).queries
+        return self.perceiver.region_tokens(grid)
 
 
 class PerceiverDecodeGraph(nn.Module):

@@ -130,7 +130,7 @@ def generate(
     """
     batch = inputs_embeds.shape[0]
     device = inputs_embeds.device
-    processors = options.processors(eos_token_id)
+    processors = list(options.processors(eos_token_id))
     generator = None
     if options.do_sample and options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
@@ -142,13 +142,18 @@ def generate(
     state = out.last_hidden_state[:, -1]
     states, tokens, raw, processed = [state], [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = [False] * batch  # `finished` on the host: one transfer per step, not one per row
     lengths = [0] * batch
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
     cancelled = False
     next_position = positions[:, -1:] + 1
+    cache_position = torch.tensor([inputs_embeds.shape[1]], device=device)
+    step_mask = _unpadded_step_mask(lm, mask)
+    embed = lm.get_input_embeddings()
     for step in range(options.max_new_tokens):
         logits = lm.lm_head(state).float()
-        scores = processors(generated, logits.clone())
+        # Processors may write into their input: keep the raw logits intact only when they are returned.
+        scores = _process(processors, generated, logits.clone() if keep_logits else logits)
         if options.do_sample:
             probs = torch.softmax(scores, dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -156,9 +161,10 @@ def generate(
             token = scores.argmax(dim=-1)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
         for i in range(batch):
-            if not finished[i]:
+            if not done[i]:
                 lengths[i] = step + 1
         finished = finished | (token == eos_token_id)
+        done = finished.tolist()
         generated = torch.cat([generated, token[:, None]], dim=1)
         tokens.append(token)
         if keep_logits:
@@ -169,15 +175,18 @@ def generate(
         if should_stop is not None and should_stop():
             cancelled = True
         last_step = step == options.max_new_tokens - 1
-        if cancelled or bool(finished.all()):
+        if cancelled or all(done):
             break
         if last_step and options.hidden_state_position == "before":
             break
         # Feed the new token; the resulting state is the state *at* that token (needed for "at").
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = lm.model(inputs_embeds=lm.get_input_embeddings()(token[:, None]), attention_mask=mask,
-                       position_ids=next_position, past_key_values=cache, use_cache=True)
+        if step_mask is None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = lm.model(inputs_embeds=embed(token[:, None]), attention_mask=mask if step_mask is None else step_mask,
+                       position_ids=next_position, past_key_values=cache, use_cache=True,
+                       cache_position=cache_position)
         next_position = next_position + 1
+        cache_position = cache_position + 1
         state = out.last_hidden_state[:, -1]
         states.append(state)
         if last_step:
@@ -190,3 +199,30 @@ def generate(
         scores=torch.stack(processed, dim=1) if keep_logits else None,
         cancelled=cancelled,
     )
+
+
+def _process(processors: list[LogitsProcessor], generated: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`LogitsProcessorList.__call__` without its per-call signature inspection (none of ours takes extra
+    arguments), skipping the minimum-length processor once it can no longer change anything."""
+    for processor in processors:
+        if isinstance(processor, MinNewTokensLengthLogitsProcessor) and (
+            generated.shape[-1] - processor.prompt_length_to_skip >= processor.min_new_tokens
+        ):
+            continue  # from here on it returns its input unchanged
+        scores = processor(generated, scores)
+    return scores
+
+
+def _unpadded_step_mask(lm: MedSIGHTLanguageModel, mask: torch.Tensor) -> dict[str, None] | None:
+    """The ready-made attention masks of a one-token step when no row has padding (every one-slice ask), else None.
+
+    With SDPA and no padding, transformers' `create_causal_mask` returns None for a one-token query (all cached
+    keys are visible); handing that result over directly skips rebuilding and checking a growing 2-D mask on
+    every step, with the same attention call. Padded batches keep the 2-D mask path.
+    """
+    config = lm.model.config
+    if config._attn_implementation != "sdpa" or getattr(lm.model, "has_sliding_layers", False):
+        return None
+    if not bool(mask.all()):
+        return None
+    return {"full_attention": None}

@@ -18,7 +18,7 @@ from medsight.config import MedSIGHTConfig
 from medsight.model.codebook import RegionCodebook
 from medsight.model.generation import GenerationOptions, GenerationOutput, generate
 from medsight.model.lvlm import MedSIGHTLanguageModel, hf_config
-from medsight.model.perceiver import RegionPerceiver
+from medsight.model.perceiver import GridFeatures, RegionPerceiver
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.model.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from medsight.model.vision import build_vision_encoder, encode_image
@@ -48,16 +48,20 @@ class ImageEncoding:
         patches: (B, N, C) patch tokens (N = 576 for the full model).
         grid: (B, G, G, C) the patch tokens as the perceiver's input grid.
         region_tokens: (B, Q, C) the perceiver's final learned queries (Q = 20).
+        grid_features: the perceiver's query-independent start on `grid` (`encode(keep_grid_features=True)`), so
+            that decoding the same slice in the same request skips it; never cached (4x the grid's memory).
     """
 
     cls: torch.Tensor
     patches: torch.Tensor
     grid: torch.Tensor
     region_tokens: torch.Tensor
+    grid_features: GridFeatures | None = None
 
     def select(self, index: int) -> ImageEncoding:
         s = slice(index, index + 1)
-        return ImageEncoding(self.cls[s], self.patches[s], self.grid[s], self.region_tokens[s])
+        kept = None if self.grid_features is None else self.grid_features[s]
+        return ImageEncoding(self.cls[s], self.patches[s], self.grid[s], self.region_tokens[s], kept)
 
 
 @dataclass
@@ -121,8 +125,14 @@ class MedSIGHTModel(nn.Module):
         return prepare_image(image, v.image_size, v.image_mean, v.image_std, mode)
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True) -> ImageEncoding:
-        """Run the ViT and the perceiver with its learned queries on (B, 3, S, S) pixels."""
+    def encode(
+        self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True, keep_grid_features: bool = False
+    ) -> ImageEncoding:
+        """Run the ViT and the perceiver with its learned queries on (B, 3, S, S) pixels.
+
+        Only the region tokens of the perceiver are computed (`RegionPerceiver.region_tokens`, half the work of its
+        full forward). `keep_grid_features` keeps its query-independent start for `decode_regions`.
+        """
         if pixel_values.ndim == 3:
             pixel_values = pixel_values[None]
         if round_pixels_to_bf16:
@@ -130,8 +140,9 @@ class MedSIGHTModel(nn.Module):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         feats = encode_image(self.image_encoder, pixel_values, self.config.vision.select_layer)
         grid = feats.grid
-        out = self.region_perceiver(grid)
-        return ImageEncoding(feats.cls, feats.patches, grid, out.queries)
+        shared = self.region_perceiver.grid_features(grid)
+        tokens = self.region_perceiver.region_tokens(grid, shared)
+        return ImageEncoding(feats.cls, feats.patches, grid, tokens, shared if keep_grid_features else None)
 
     def image_embeddings(self, encoding: ImageEncoding) -> torch.Tensor:
         """(B, N + Q, H): [patch tokens ; region tokens] through `mm_projector`."""
@@ -182,18 +193,25 @@ class MedSIGHTModel(nn.Module):
         grids: torch.Tensor,
         states: Sequence[torch.Tensor],
         decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        grid_features: GridFeatures | None = None,
     ) -> list[torch.Tensor]:
         """Decode each sample's code states (K_b, H) on its grid (B, G, G, C) into (K_b, m, m) mask logits.
 
         Samples with the same K are decoded as one batch (`groups_by_count`): no padding slots to compute and
         no attention mask, and each sample's result is the one it gets alone. `decode` (grids, projected codes)
         -> (mask logits, class logits) replaces `region_perceiver.decode` (the ONNX backend passes its graph).
+        `grid_features`: the encode pass's `GridFeatures` of these grids (`encode(keep_grid_features=True)`): the
+        same masks without recomputing them (PyTorch path only).
         """
+        shared = grid_features if decode is None else None
         decode = decode or self.region_perceiver.decode
         results = [grids.new_zeros(0, 0, 0) for _ in states]
         for rows in groups_by_count(states):
             codes = self.language_model.token_projection(torch.stack([states[i] for i in rows]))
-            logits, _ = decode(grids[rows], codes.to(self.dtype))
+            if shared is None:
+                logits, _ = decode(grids[rows], codes.to(self.dtype))
+            else:
+                logits, _ = self.region_perceiver.decode(grids[rows], codes.to(self.dtype), None, shared[rows])
             for j, i in enumerate(rows):
                 results[i] = logits[j]
         return results

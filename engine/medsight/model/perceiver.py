@@ -8,6 +8,7 @@ last grid on the module).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -159,13 +160,47 @@ class BiDirectionalBlock(nn.Module):
         """queries (B, N, d); features (B, h, w, d); blocked (B, N, hw); query_padding (B, N) True = padding."""
         b, h, w, d = features.shape
         flat = features.reshape(b, h * w, d)
-        queries = self.region_to_image_norm(self.region_to_image(flat, queries, blocked) + queries)
-        queries = self.ff_region_norm(self.ff_region(queries) + queries)
+        queries = self.region_path(queries, features, blocked)
         # Pixels attend to the regions; padded query slots must not be seen.
         pad = None if query_padding is None else query_padding[:, None, :].expand(b, h * w, -1)
         flat = self.image_to_region_norm(self.image_to_region(queries, flat, pad) + flat)
         flat = self.ff_image_norm(self.ff_image(flat) + flat)
         return queries, flat.reshape(b, h, w, d)
+
+    def region_path(self, queries: torch.Tensor, features: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """The block's new queries: masked region->image attention and the region FF (the image path not run)."""
+        b, h, w, d = features.shape
+        queries = self.region_to_image_norm(self.region_to_image(features.reshape(b, h * w, d), queries, blocked)
+                                            + queries)
+        return self.ff_region_norm(self.ff_region(queries) + queries)
+
+
+@dataclass
+class GridFeatures:
+    """The start of a perceiver run that does not depend on the queries, computed once per grid and shared by the
+    encode pass (learned queries) and the decode pass (region codes) on that grid: the same tensors either way,
+    so sharing them changes no output bit.
+
+    Attributes:
+        features: (B, h, w, d) the grid plus its sine position encoding (read by the initial cross-attention and
+            the initial head).
+        upsampled: (B, 2h, 2w, d) stage 0's conv adapter on `features` plus the position encoding (read by stage
+            0's block); the queries only start to change the image features inside that block.
+    """
+
+    features: torch.Tensor
+    upsampled: torch.Tensor
+
+    def __getitem__(self, rows) -> GridFeatures:
+        return GridFeatures(self.features[rows], self.upsampled[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.features, self.upsampled))
+
+    @staticmethod
+    def cat(parts: list[GridFeatures]) -> GridFeatures:
+        return GridFeatures(torch.cat([p.features for p in parts]), torch.cat([p.upsampled for p in parts]))
 
 
 @dataclass
@@ -231,11 +266,20 @@ class RegionPerceiver(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def grid_features(self, grid: torch.Tensor) -> GridFeatures:
+        """The query-independent start of a run on the raw (B, h, w, d) grid (see `GridFeatures`)."""
+        h, w = grid.shape[1:3]
+        features = grid + self.position_encoding(h, w, grid.device).to(grid.dtype)
+        upsampled = self.conv_adapters[0](features)
+        sh, sw = upsampled.shape[1:3]
+        return GridFeatures(features, upsampled + self.position_encoding(sh, sw, grid.device).to(grid.dtype))
+
     def forward(
         self,
         grid: torch.Tensor,
         queries: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
+        grid_features: GridFeatures | None = None,
     ) -> PerceiverOutput:
         """Run the perceiver on a raw ViT grid.
 
@@ -244,7 +288,17 @@ class RegionPerceiver(nn.Module):
             queries: optional (B, K, d) initial queries replacing the learned ones (region codes).
             query_mask: optional (B, K) bool, True for real queries, False for padding. Padding never
                 changes the result of the real queries.
+            grid_features: `grid_features(grid)` when already computed for this grid (saves the stage-0 conv).
         """
+        return self._run(grid, queries, query_mask, grid_features, region_tokens_only=False)
+
+    def region_tokens(self, grid: torch.Tensor, grid_features: GridFeatures | None = None) -> torch.Tensor:
+        """The final learned queries (B, Q, d) of `forward(grid).queries`, bit for bit, at about half the cost:
+        the last stage's image path (image->region attention and image FF) and the final mask head only feed the
+        masks, so they are skipped."""
+        return self._run(grid, None, None, grid_features, region_tokens_only=True).queries
+
+    def _run(self, grid, queries, query_mask, grid_features, region_tokens_only: bool) -> PerceiverOutput:
         b, h, w, d = grid.shape
         if queries is None:
             queries = self.region_queries.expand(b, -1, -1)
@@ -252,18 +306,30 @@ class RegionPerceiver(nn.Module):
             raise ValueError(f"queries must be (B={b}, K, {d}), got {tuple(queries.shape)}")
         queries = queries.to(grid.dtype)
         padding = None if query_mask is None else ~query_mask.to(torch.bool)
+        if grid_features is None:
+            grid_features = self.grid_features(grid)
+        elif tuple(grid_features.features.shape) != (b, h, w, d):
+            raise ValueError(f"grid_features are for shape {tuple(grid_features.features.shape)}, not the grid's "
+                             f"{(b, h, w, d)}")
 
-        features = grid + self.position_encoding(h, w, grid.device).to(grid.dtype)
+        features = grid_features.features
         queries = self.init_cross_norm(self.init_cross_attn(features.reshape(b, h * w, d), queries) + queries)
         queries = self.init_ff_norm(self.init_ff(queries) + queries)
         mask_logits, class_logits = self.segmentation_cls_head(queries, features)
         out = PerceiverOutput(queries, [features], mask_logits, class_logits, [mask_logits], [class_logits])
-        for adapter, block in zip(self.conv_adapters, self.bi_blocks, strict=True):
+        last = len(self.bi_blocks) - 1
+        for stage, (adapter, block) in enumerate(zip(self.conv_adapters, self.bi_blocks, strict=True)):
             blocked = next_stage_blocked(mask_logits)
             out.blocked_masks.append(blocked)
-            upsampled = adapter(features)
-            sh, sw = upsampled.shape[1:3]
-            upsampled = upsampled + self.position_encoding(sh, sw, grid.device).to(grid.dtype)
+            if stage == 0:
+                upsampled = grid_features.upsampled
+            else:
+                upsampled = adapter(features)
+                sh, sw = upsampled.shape[1:3]
+                upsampled = upsampled + self.position_encoding(sh, sw, grid.device).to(grid.dtype)
+            if region_tokens_only and stage == last:
+                out.queries = block.region_path(queries, upsampled, blocked)
+                return out
             queries, features = block(queries, upsampled, blocked, padding)
             mask_logits, class_logits = self.segmentation_cls_head(queries, features)
             out.multi_scale_features.append(features)
@@ -286,14 +352,38 @@ class RegionPerceiver(nn.Module):
                 module.implementation = name
 
     def decode(
-        self, grid: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor | None = None
+        self,
+        grid: torch.Tensor,
+        codes: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        grid_features: GridFeatures | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode region codes into masks: the whole forward re-run with the codes as initial queries.
 
         The K codes of one sample are decoded jointly (they interact through image->region attention).
+        `grid_features`: the encode pass's `GridFeatures` of the same grid, when kept (same result, less work).
 
         Returns:
             seg_logits (B, K, 8h, 8w) and class_logits (B, K, C+1).
         """
-        out = self.forward(grid, codes, query_mask)
+        out = self.forward(grid, codes, query_mask, grid_features)
         return out.seg_logits, out.class_logits
+
+
+class CastDecode:
+    """Mask decoding by a copy of the perceiver in another dtype (the `decode` of `MedSIGHTModel.decode_regions`).
+
+    An approximate speed lever, off by default: the region tokens, and so the generated text, come from the model's
+    own perceiver and stay exact; only the mask logits move (bf16 on a CPU with bf16 units: 2.3-2.5x faster demo
+    decode, mask logits within ~0.55, benchmarks/speed_levers.py). The copy follows the source's attention kernel.
+    """
+
+    def __init__(self, perceiver: RegionPerceiver, dtype: torch.dtype) -> None:
+        self.source = perceiver
+        self.dtype = dtype
+        self.perceiver = copy.deepcopy(perceiver).to(dtype)
+
+    def __call__(self, grids: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.perceiver.attention_implementation = self.source.attention_implementation
+        masks, classes = self.perceiver.decode(grids.to(self.dtype), codes.to(self.dtype))
+        return masks.to(grids.dtype), classes.to(grids.dtype)
