@@ -20,9 +20,9 @@ from medsight.prompt import IMAGE_PLACEHOLDER, Message, render_messages
 
 from .qa import CODE_TOKEN, PLACEHOLDER, WORD
 
-#: Merges learned by default: the demo's whole vocabulary (~200 distinct words with their leading space) needs
-#: far fewer; the rest go to frequent word pairs and prompt pieces. Fewer ids also keep each embedding well trained.
-DEMO_MERGES = 384
+#: Merges learned by default: on the "default" data (59 distinct answer words, capitalised and spaced variants) 512
+#: make every answer word one token; 384 left 4 rare ones (e.g. "gallbladder") at 3-5 tokens, 256 left 17.
+DEMO_MERGES = 512
 #: Text the merges must not cross: chat specials, the image placeholder and region codes (tokens of their own).
 _SEPARATORS = re.compile("|".join([*(re.escape(t) for t in CHAT_SPECIAL_TOKENS), re.escape(IMAGE_PLACEHOLDER),
                                    CODE_TOKEN.pattern, PLACEHOLDER.pattern]))
