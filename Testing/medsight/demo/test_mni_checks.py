@@ -30,7 +30,7 @@ def small() -> tuple[Volume, Volume]:
     """A 6 x 7 x 9 MR-like volume (anisotropic voxels) with a blob as its "brain"."""
     rng = np.random.default_rng(0)
     k, j, i = np.meshgrid(np.arange(6), np.arange(7), np.arange(9), indexing="ij")
-    blob = ((k - 2.5) / 3) ** 2 + ((j - 3) / 3) ** 2 + ((i - 4) / 4) ** 2 <= 1
+    blob = ((k - 2.5) / 2.2) ** 2 + ((j - 3) / 3) ** 2 + ((i - 4) / 4) ** 2 <= 1  # not on the end slices
     t1 = (blob * 400 + rng.normal(0, 20, blob.shape)).astype(np.float32)
     geometry = {"spacing": (1.0, 1.2, 2.0), "modality": "MR"}
     return Volume(t1, **geometry), Volume(blob.astype(np.float32), **geometry)

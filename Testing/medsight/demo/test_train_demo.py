@@ -192,3 +192,25 @@ def test_smoke_model_card_lists_earlier_runs_with_their_seeds(smoke, tmp_path):
     assert [int(r.split("|")[1].split()[0]) for r in rows] == [7, 8, summary["seed"]]
     assert "| 0.831 |" in rows[0] and "| 0.845 |" in rows[1] and "(this checkpoint)" in rows[2]
     assert "BPE tokenizer learned on the training conversations" in card
+
+
+def test_answers_with_words_outside_the_training_answers_are_counted_per_kind():
+    from medsight.demo.qa import answer_vocabulary, words
+
+    train = [{"conversations": [{"from": "human", "value": "<image>\nWhat is the main finding?"},
+                                {"from": "gpt", "value": "No abnormality is seen in this image."},
+                                {"from": "human", "value": "Segment the liver."},
+                                {"from": "gpt", "value": "Liver segmented as {code:ct_abdomen_train000_z001_liver}."}]}]
+    vocabulary = answer_vocabulary(train)
+    assert vocabulary == {"no", "abnormality", "is", "seen", "in", "this", "image", "liver", "segmented", "as"}
+    answers = {"diagnosis": ["No abnormalivigesiseen in this image.", "No abnormality is seen in this image."],
+               "segmentation": ["Liver segmented as [M0_3].", "Liver segmentedd as [M0_3]."]}
+    records = [{"kind": kind, "answer": a, "unknown_words": sorted(words(a) - vocabulary), "modality_label": 0,
+                "dice": 1.0, "dice_other": 1.0, "n_pred": 1, "structures": ["liver"], "correct": True}
+               for kind, texts in answers.items() for a in texts]
+    assert [r["unknown_words"] for r in records] == [["abnormalivigesiseen"], [], [], ["segmentedd"]]
+    counts = summarise(records)["unknown_word_answers"]
+    assert counts["n"] == 4 and counts["with_unknown"] == 2 and counts["share"] == 0.5
+    assert counts["per_kind"] == {"diagnosis": {"n": 2, "with_unknown": 1}, "segmentation": {"n": 2, "with_unknown": 1}}
+    report = markdown(summarise(records))
+    assert "| diagnosis | 2 | 1 |" in report and "| all | 4 | 2 |" in report and "abnormalivigesiseen" in report
