@@ -59,7 +59,7 @@ def test_smoke_runs_all_stages_quickly(smoke):
     assert finish[: len(stage5)] == stage5 and len(finish) > len(stage5)
     assert all(it["id"].endswith("_closed") for it in finish[len(stage5):])
     assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
-    assert summary["data_size"] == "tiny" and summary["seed"] == 3
+    assert summary["data_size"] == "tiny" and summary["seed"] == 3 and summary["data_seed"] == 0
     assert "--data-size tiny" in (out / "model" / CARD_FILE).read_text()  # the card names the command that made it
 
 

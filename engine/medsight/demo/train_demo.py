@@ -17,7 +17,9 @@ Steps (all under OUT_DIR):
 
 The language model reads a BPE tokenizer learned on the training conversations (`medsight.demo.tokenizer`), built
 right after the data. ``--previous-run DIR`` (repeatable) lists earlier runs (their ``summary.json``) next to this
-one in the model card, so runs with different ``--seed`` are reported together.
+one in the model card, so runs with different ``--seed`` are reported together. ``--seed`` seeds the training
+(initial weights, codebook, batch order); ``--data-seed`` the data, so runs with different training seeds are
+scored on the same test split.
 
 ``--resume`` skips every phase whose ``final/`` folder exists (and reuses data and filled codes).
 Vision features are frozen in stages 3-5, so their encodings are cached per image (same values, less time).
@@ -291,18 +293,18 @@ def _stage_data(phase: str, data_root: Path):
 
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
               start: float | None = None, data_size: str = "large",
-              previous_runs: Sequence[Path] = ()) -> dict:
+              previous_runs: Sequence[Path] = (), data_seed: int = 0) -> dict:
     """Build data, run the five stages, fill codes, evaluate, write ``out/model``; returns the summary."""
     start = time.perf_counter() if start is None else start
     deadline = start + minutes * 60.0
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed,
+    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed, "data_seed": data_seed,
                      "data_size": "tiny" if smoke else data_size, "stages": {}}
 
     t0 = time.perf_counter()
     if not (resume and (data_root / "summary.json").is_file()):
-        build_demo_data(data_root, "tiny" if smoke else data_size, seed)
+        build_demo_data(data_root, "tiny" if smoke else data_size, data_seed)
     summary["data_seconds"] = round(time.perf_counter() - t0, 1)
     data_counts = json.loads((data_root / "summary.json").read_text())
     summary["images"] = {split: data_counts[split]["images"] for split in SPLITS}
@@ -380,7 +382,8 @@ def run_entry(summary: dict) -> dict:
     mni = s.get("mni") or {}
     unknown = s.get("unknown_word_answers") or {}
     return {
-        "seed": summary.get("seed"), "minutes": summary.get("minutes"), "data_size": summary.get("data_size"),
+        "seed": summary.get("seed"), "data_seed": summary.get("data_seed", summary.get("seed")),
+        "minutes": summary.get("minutes"), "data_size": summary.get("data_size"),
         "smoke": summary.get("smoke", False), "total_seconds": summary.get("total_seconds"),
         **{k: s.get(k) for k in ("dice_mean", "modality_accuracy", "yes_no_accuracy", "not_visible_accuracy")},
         "unknown_word_answers": unknown.get("with_unknown"), "answers": unknown.get("n"),
@@ -497,7 +500,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "## Data",
         "",
         "Synthetic, seeded and generated offline by `python -m medsight.demo` (`medsight.demo.build_demo_data`, "
-        f"size `{summary.get('data_size', 'default')}`, seed {summary.get('seed', 0)}): abdominal CT phantoms "
+        f"size `{summary.get('data_size', 'default')}`, seed {summary.get('data_seed', 0)}): abdominal CT phantoms "
         "(liver, spleen, kidneys, liver lesions; modality "
         "label 0), T1 brain MRI built on the MNI152 template with synthetic lesions (grey/white matter, lesion; "
         "label 1) and chest X-ray-like images (lungs, heart, nodules; label 2). Split by subject into "
@@ -539,7 +542,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "## Runs",
         "",
         "Every run of the training command listed with `--previous-run`, this one last (same data size and "
-        "budget, different `--seed`):",
+        "budget and data seed, different `--seed`):",
         "",
         *_runs_table(summary.get("runs") or [run_entry(summary)], summary.get("seed")),
         "",
@@ -580,7 +583,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole command")
     p.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed: initial weights, codebook, batch order")
+    p.add_argument("--data-seed", type=int, default=0, help="demo data seed (the same test split for every --seed)")
     p.add_argument("--resume", action="store_true", help="reuse finished stages (their final/ folders)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--data-size", default="large", choices=("default", "large"),
@@ -600,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     np.seterr(all="ignore")
     summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size,
-                        args.previous_run)
+                        args.previous_run, args.data_seed)
     print(json.dumps({"model": str(args.out_dir / "model"), "total_seconds": summary["total_seconds"],
                       **summary["scores"]}, indent=1))
     return 0
