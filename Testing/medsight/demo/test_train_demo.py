@@ -35,7 +35,7 @@ def _mb(folder: Path) -> float:
 def smoke(tmp_path_factory) -> tuple[Path, float]:
     out = tmp_path_factory.mktemp("train_demo") / "run"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke"],
+    proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke", "--seed", "3"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, time.perf_counter() - t0
@@ -59,7 +59,7 @@ def test_smoke_runs_all_stages_quickly(smoke):
     assert finish[: len(stage5)] == stage5 and len(finish) > len(stage5)
     assert all(it["id"].endswith("_closed") for it in finish[len(stage5):])
     assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
-    assert summary["data_size"] == "tiny"
+    assert summary["data_size"] == "tiny" and summary["seed"] == 3 and summary["data_seed"] == 0
     assert "--data-size tiny" in (out / "model" / CARD_FILE).read_text()  # the card names the command that made it
 
 
@@ -157,3 +157,60 @@ def test_shipped_demo_model_loads_and_answers():
     answers = medsight.Engine(model).ask([image], "What imaging modality is this?",
                                          medsight.GenerationOptions(max_new_tokens=40))
     assert isinstance(answers[0].text, str)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several runs (seeds) in one model card
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_model_card_lists_earlier_runs_with_their_seeds(smoke, tmp_path):
+    import shutil
+
+    from medsight.demo.train_demo import collect_runs, run_entry, write_model_card
+
+    out, _ = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == [run_entry(summary)] and summary["runs"][0]["seed"] == summary["seed"]
+    # Two earlier runs with other seeds and scores, then this one: the card has a row per run, in order.
+    folders = []
+    for seed, dice_mean in ((7, 0.831), (8, 0.845)):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        earlier = {**summary, "seed": seed, "scores": {**summary["scores"], "dice_mean": dice_mean}}
+        earlier["runs"] = [run_entry(earlier)]
+        (folder / "summary.json").write_text(json.dumps(earlier))
+        folders.append(folder)
+    runs = collect_runs(folders)
+    assert [(r["seed"], r["dice_mean"]) for r in runs] == [(7, 0.831), (8, 0.845)]
+    assert collect_runs([folders[1], folders[1]]) == runs[1:]  # a run is listed once
+    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
+        collect_runs([tmp_path])
+    model_dir = tmp_path / "model"
+    shutil.copytree(out / "model", model_dir)
+    card = write_model_card(model_dir, {**summary, "runs": [*runs, run_entry(summary)]}).read_text()
+    rows = [line for line in card.splitlines() if re.match(r"^\| \d", line)]
+    assert [int(r.split("|")[1].split()[0]) for r in rows] == [7, 8, summary["seed"]]
+    assert "| 0.831 |" in rows[0] and "| 0.845 |" in rows[1] and "(this checkpoint)" in rows[2]
+    assert "BPE tokenizer learned on the training conversations" in card
+
+
+def test_answers_with_words_outside_the_training_answers_are_counted_per_kind():
+    from medsight.demo.qa import answer_vocabulary, words
+
+    train = [{"conversations": [{"from": "human", "value": "<image>\nWhat is the main finding?"},
+                                {"from": "gpt", "value": "No abnormality is seen in this image."},
+                                {"from": "human", "value": "Segment the liver."},
+                                {"from": "gpt", "value": "Liver segmented as {code:ct_abdomen_train000_z001_liver}."}]}]
+    vocabulary = answer_vocabulary(train)
+    assert vocabulary == {"no", "abnormality", "is", "seen", "in", "this", "image", "liver", "segmented", "as"}
+    answers = {"diagnosis": ["No abnormalivigesiseen in this image.", "No abnormality is seen in this image."],
+               "segmentation": ["Liver segmented as [M0_3].", "Liver segmentedd as [M0_3]."]}
+    records = [{"kind": kind, "answer": a, "unknown_words": sorted(words(a) - vocabulary), "modality_label": 0,
+                "dice": 1.0, "dice_other": 1.0, "n_pred": 1, "structures": ["liver"], "correct": True}
+               for kind, texts in answers.items() for a in texts]
+    assert [r["unknown_words"] for r in records] == [["abnormalivigesiseen"], [], [], ["segmentedd"]]
+    counts = summarise(records)["unknown_word_answers"]
+    assert counts["n"] == 4 and counts["with_unknown"] == 2 and counts["share"] == 0.5
+    assert counts["per_kind"] == {"diagnosis": {"n": 2, "with_unknown": 1}, "segmentation": {"n": 2, "with_unknown": 1}}
+    report = markdown(summarise(records))
+    assert "| diagnosis | 2 | 1 |" in report and "| all | 4 | 2 |" in report and "abnormalivigesiseen" in report

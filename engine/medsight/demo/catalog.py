@@ -37,6 +37,25 @@ STRUCTURES: tuple[str, ...] = (
     "right lung",
     "left lung",
     "heart",
+    # Whole organs, each the union of parts above (`WHOLES`); appended so the parts keep their class ids.
+    "kidneys",
+    "brain",
+    "lungs",
+)
+#: Whole organs a user naturally asks for, per source: the union of the source's parts (a brain MRI's lesion is
+#: brain too). Their masks are built from the parts' masks (`samples.add_wholes`), never drawn on their own.
+WHOLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "ct_abdomen": {"kidneys": ("left kidney", "right kidney")},
+    "mri_brain": {"brain": ("grey matter", "white matter", "lesion")},
+    "cxr": {"lungs": ("right lung", "left lung")},
+}
+#: Names spoken in the plural ("The kidneys are ...").
+PLURAL: frozenset[str] = frozenset({"kidneys", "lungs"})
+#: Structures the demo data never shows, asked about so that the model learns to answer "... is not visible in this
+#: image." instead of inventing a mask. None is drawn in any phantom (no aorta, spine or stomach: the CT phantom
+#: paints vessels, vertebrae and bowel gas).
+UNKNOWN_STRUCTURES: tuple[str, ...] = (
+    "pancreas", "gallbladder", "bladder", "thyroid", "prostate", "uterus", "appendix",
 )
 CLASS_IDS: dict[str, int] = {name: i for i, name in enumerate(STRUCTURES)}
 

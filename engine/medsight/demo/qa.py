@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .catalog import LESION_FINDING, LESION_SITE
+from .catalog import LESION_FINDING, LESION_SITE, PLURAL, SOURCES, UNKNOWN_STRUCTURES, WHOLES
 from .samples import Sample2D
 
 PLACEHOLDER = re.compile(r"\{code:([^{}]+)\}")
@@ -43,9 +43,13 @@ def _join(parts: list[str]) -> str:
 
 
 SEG_Q = (
-    "Please segment the {s}.", "Segment the {s}.", "Can you outline the {s}?", "Where is the {s}? Please segment it."
+    "Please segment the {s}.", "Segment the {s}.", "Can you outline the {s}?",
+    "Where {be} the {s}? Please segment {it}.",
 )
-SEG_A = ("{S} segmented as {c}.", "The {s} is segmented as {c}.", "{S}: {c}.")
+SEG_A = ("{S} segmented as {c}.", "The {s} {be} segmented as {c}.", "{S}: {c}.")
+#: The answer to a segmentation question about a structure the slice does not show or the model does not know.
+NOT_VISIBLE_A = "The {s} {be} not visible in this image."
+NOT_VISIBLE = "not visible in this image"
 MULTI_Q = ("Please segment all the structures.", "Segment the {list}.", "Please segment the {list}.")
 MODALITY_Q = (
     "What imaging modality is this?", "Which modality was used to acquire this image?", "What kind of scan is this?"
@@ -58,18 +62,37 @@ DIAG_Q = ("What abnormality is seen in this image?", "Is there anything abnormal
           "What is the main finding?")
 
 
+def _forms(name: str) -> dict[str, str]:
+    """Template fields for a structure name: singular or plural verb and pronoun."""
+    plural = name in PLURAL
+    return {"s": name, "S": _cap(name), "be": "are" if plural else "is", "it": "them" if plural else "it"}
+
+
 def _seg_turn(sample: Sample2D, rng: np.random.Generator, names: list[str]) -> tuple[str, str, list[str]]:
     """A single- or multi-structure segmentation exchange; returns (question, answer, mask ids in order)."""
     ids = [mask_id(sample.sample_id, n) for n in names]
     if len(names) == 1:
         s = names[0]
-        q = SEG_Q[rng.integers(len(SEG_Q))].format(s=s)
-        a = SEG_A[rng.integers(len(SEG_A))].format(s=s, S=_cap(s), c=placeholder(ids[0]))
+        q = SEG_Q[rng.integers(len(SEG_Q))].format(**_forms(s))
+        a = SEG_A[rng.integers(len(SEG_A))].format(**_forms(s), c=placeholder(ids[0]))
         return q, a, ids
     q = MULTI_Q[rng.integers(len(MULTI_Q))].format(list=_join(names))
     parts = [f"{n} {placeholder(i)}" for n, i in zip(names, ids, strict=True)]
     a = _cap(", ".join(parts)) + "." if rng.random() < 0.5 else "Segmentations: " + ", ".join(parts) + "."
     return q, a, ids
+
+
+def _not_visible_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    """"Segment the X." about a structure the slice lacks: half the time one of its own source that has no pixel
+    here (an organ above or below the slice, the lesion of a healthy slice), else one of another source or one the
+    demo data never shows (`UNKNOWN_STRUCTURES`). Answered "The X is not visible in this image.", no code."""
+    own = [*sample.source.structures, *WHOLES[sample.source.key]]
+    others = sorted({n for src in SOURCES for n in (*src.structures, *WHOLES[src.key])} - set(own))
+    missing = [n for n in own if n in sample.absent]
+    pool = missing if missing and rng.random() < 0.5 else others + list(UNKNOWN_STRUCTURES)
+    name = pool[rng.integers(len(pool))]
+    q = SEG_Q[rng.integers(len(SEG_Q))].format(**_forms(name))
+    return q, NOT_VISIBLE_A.format(**_forms(name)), []
 
 
 def _modality_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
@@ -128,6 +151,10 @@ def _same_question(question: str) -> str:
     return question.split("?")[0]  # "... in the liver?" and "... in the liver? Answer yes or no." ask the same
 
 
+#: Share of segmentation conversations that also ask about a structure the slice lacks.
+NOT_VISIBLE_P = 0.35
+
+
 def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rng: np.random.Generator) -> list[dict]:
     """Two LLaVA-style items per sample: a segmentation one and a VQA one (modality/presence/diagnosis).
 
@@ -137,14 +164,19 @@ def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rn
     ``image_path`` and ``mask_paths`` (structure -> path) are written as given (relative to the data root).
     """
     present = list(sample.masks)
+    parts = [n for n in present if n not in WHOLES[sample.source.key]]  # a whole organ overlaps its parts
     items = []
-    # Item 1: segmentation, single structure or several (in a shuffled order so order is learned from text).
-    if len(present) > 1 and rng.random() < 0.4:
-        k = int(rng.integers(2, len(present) + 1))
-        names = [present[i] for i in rng.permutation(len(present))[:k]]
+    # Item 1: segmentation, single structure (a part or a whole organ) or several parts (in a shuffled order so
+    # order is learned from text), sometimes with a question about a structure the slice lacks before or after.
+    if len(parts) > 1 and rng.random() < 0.4:
+        k = int(rng.integers(2, len(parts) + 1))
+        names = [parts[i] for i in rng.permutation(len(parts))[:k]]
     else:
         names = [present[rng.integers(len(present))]]
     turns = [_seg_turn(sample, rng, names)]
+    if rng.random() < NOT_VISIBLE_P:
+        absent = _not_visible_turn(sample, rng)
+        turns.insert(int(rng.integers(2)), absent)
     if rng.random() < 0.5:
         turns.append(_yes_no_turn(sample, rng))
     if rng.random() < 0.3:
@@ -178,6 +210,21 @@ def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rn
             "modality_label": sample.modality_label,
         })
     return out
+
+
+WORD = re.compile(r"[a-z]+", re.IGNORECASE)
+
+
+def words(text: str) -> set[str]:
+    """The lower-cased words (letter runs) of a text, region codes and placeholders left out."""
+    return {w.lower() for w in WORD.findall(PLACEHOLDER.sub(" ", CODE_TOKEN.sub(" ", text)))}
+
+
+def answer_vocabulary(items: Sequence[dict]) -> set[str]:
+    """Every word of the answers (``gpt`` turns) of LVLM items: an answer with a word outside the training
+    answers' vocabulary is garbled (a tiny model misspelling inside a word), whatever else it says."""
+    return {w for item in items for turn in item["conversations"] if turn["from"] == "gpt"
+            for w in words(turn["value"])}
 
 
 def placeholder_order(item: dict) -> list[str]:

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from medsight.imaging import Volume, extract_slice, slice_count, to_rgb
 
-from .catalog import CT_ABDOMEN, CXR, MRI_BRAIN, Source
+from .catalog import CT_ABDOMEN, CXR, MRI_BRAIN, WHOLES, Source
 from .sources import Image2D, MNITemplate, Phantom, make_brain_subject, make_ct_phantom, make_cxr
 
 #: A mask smaller than this (pixels, after resizing) is dropped: it would be noise for a 56-112 px model.
@@ -108,7 +108,19 @@ def _finish(
             return None
     if not out:
         return None
+    add_wholes(source, out, absent)
     return Sample2D(sample_id, source, subject, split, image, out, tuple(absent), info)
+
+
+def add_wholes(source: Source, masks: dict[str, np.ndarray], absent: list[str]) -> None:
+    """Add each whole organ of ``source`` (`WHOLES`) to ``masks`` as the union of its parts' masks, or to
+    ``absent`` when none of its parts has a pixel in the slice (in place)."""
+    for whole, parts in WHOLES[source.key].items():
+        shown = [masks[p] for p in parts if p in masks]
+        if shown:
+            masks[whole] = np.logical_or.reduce(shown)
+        elif all(p in absent for p in parts):
+            absent.append(whole)
 
 
 def _volume_slices(

@@ -12,7 +12,14 @@ Steps (all under OUT_DIR):
    GT mask, the code of its Hungarian-matched perceiver query under the sample's modality label
    (``data/lvlm/<split>_coded.json``).
 4. ``model/``: the final checkpoint (our format) with ``MODEL_CARD.md``; ``report/``: the test-split evaluation
-   (`medsight.demo.evaluate_demo`).
+   (`medsight.demo.evaluate_demo`) and, except with ``--smoke``, the checks on the README's MNI152 volume
+   (`medsight.demo.mni_checks`).
+
+The language model reads a BPE tokenizer learned on the training conversations (`medsight.demo.tokenizer`), built
+right after the data. ``--previous-run DIR`` (repeatable) lists earlier runs (their ``summary.json``) next to this
+one in the model card, so runs with different ``--seed`` are reported together. ``--seed`` seeds the training
+(initial weights, codebook, batch order); ``--data-seed`` the data, so runs with different training seeds are
+scored on the same test split.
 
 ``--resume`` skips every phase whose ``final/`` folder exists (and reuses data and filled codes).
 Vision features are frozen in stages 3-5, so their encodings are cached per image (same values, less time).
@@ -51,9 +58,10 @@ from medsight.train.stages import (
 )
 
 from .build import build_demo_data
-from .catalog import SOURCES, SPLITS
+from .catalog import SOURCES, SPLITS, STRUCTURES
 from .qa import balance_closed_answers, closed_question_items, fill_codes
 from .samples import MIN_LESION_CONTRAST
+from .tokenizer import build_demo_tokenizer
 
 log = logging.getLogger("medsight.demo.train_demo")
 
@@ -67,9 +75,9 @@ PHASE_SHARES = {"stage1": 0.41, "stage2": 0.03, "stage3": 0.02, "stage4": 0.07, 
 #: The finish phase restarts the cosine schedule from this peak (stage 5 peaks at 1e-3): a lower rate after stage 5
 #: improves the yes/no answers without losing Dice, which closed-question-only steps would cost.
 FINISH_LR = 3e-4
-#: Seconds kept aside for code filling, evaluation and writing the checkpoint (default data size).
-RESERVE_S = 300.0
-PROBE_STEPS = 10  # fewer made the time-per-step estimate noisy
+#: Seconds kept aside for code filling, evaluation (test split and MNI152 checks) and writing the checkpoint.
+RESERVE_S = 420.0
+PROBE_STEPS = 10  # fewer made the estimate noisy
 CODE_BATCH = 16
 YES_NO_WEIGHT = 5.0
 SMOKE_STEPS = 2
@@ -91,6 +99,15 @@ def stage_configs(smoke: bool) -> dict[int, object]:
         # A yes/no answer's first token is its verdict; weighted x YES_NO_WEIGHT in the CE (deviation).
         5: Stage5Config(lr=1e-3, gradient_checkpointing=False, yes_no_weight=YES_NO_WEIGHT, **lvlm, **common),
     }
+
+
+def demo_model_config(tokenizer) -> MedSIGHTConfig:
+    """The "demo" preset sized for the demo data's classes (parts and whole organs) and ``tokenizer``'s vocabulary
+    (the learned BPE merges sit between the chat specials and the region codes)."""
+    config = get_preset(PRESET)
+    config.perceiver.num_classes = len(STRUCTURES)
+    config.llm.vocab_size = len(tokenizer)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,18 +297,19 @@ def _stage_data(phase: str, data_root: Path):
 
 
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
-              start: float | None = None, data_size: str = "large") -> dict:
+              start: float | None = None, data_size: str = "large",
+              previous_runs: Sequence[Path] = (), data_seed: int = 0) -> dict:
     """Build data, run the five stages, fill codes, evaluate, write ``out/model``; returns the summary."""
     start = time.perf_counter() if start is None else start
     deadline = start + minutes * 60.0
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed,
+    summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed, "data_seed": data_seed,
                      "data_size": "tiny" if smoke else data_size, "stages": {}}
 
     t0 = time.perf_counter()
     if not (resume and (data_root / "summary.json").is_file()):
-        build_demo_data(data_root, "tiny" if smoke else data_size, seed)
+        build_demo_data(data_root, "tiny" if smoke else data_size, data_seed)
     summary["data_seconds"] = round(time.perf_counter() - t0, 1)
     data_counts = json.loads((data_root / "summary.json").read_text())
     summary["images"] = {split: data_counts[split]["images"] for split in SPLITS}
@@ -310,7 +328,8 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
             log.info("%s: reusing %s", phase, final)
         else:
             if model is None:
-                model = build_model(get_preset(PRESET), seed=seed)
+                tokenizer = build_demo_tokenizer(json.loads((data_root / "lvlm" / "train.json").read_text()))
+                model = build_model(demo_model_config(tokenizer), tokenizer, seed=seed)
             if stage == 2 and model.codebook is None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
@@ -342,9 +361,17 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
     t0 = time.perf_counter()
     scores = evaluate(model_dir, data_root, **({"max_questions": 8, "max_new_tokens": 24} if smoke else {}))
     summary["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if not smoke:
+        from .evaluate_demo import training_vocabulary
+        from .mni_checks import mni_checks
+
+        t0 = time.perf_counter()
+        scores["mni"] = mni_checks(load_pretrained(model_dir).to(torch.float32), training_vocabulary(data_root))
+        summary["mni_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(scores, out / "report")
     summary["scores"] = {k: v for k, v in scores.items() if k not in ("questions",)}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    summary["runs"] = [*collect_runs(previous_runs), run_entry(summary)]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     write_model_card(model_dir, summary)
     shutil.copy(out / "report" / "report.md", model_dir / "EVALUATION.md")
@@ -352,22 +379,92 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model card
+# Runs (one per seed) and the model card
 # ----------------------------------------------------------------------------------------------------------------
+def run_entry(summary: dict) -> dict:
+    """One run's line for the model card: seed, budget, wall time and headline scores."""
+    s = summary.get("scores", {})
+    mni = s.get("mni") or {}
+    unknown = s.get("unknown_word_answers") or {}
+    return {
+        "seed": summary.get("seed"), "data_seed": summary.get("data_seed", summary.get("seed")),
+        "minutes": summary.get("minutes"), "data_size": summary.get("data_size"),
+        "smoke": summary.get("smoke", False), "total_seconds": summary.get("total_seconds"),
+        **{k: s.get(k) for k in ("dice_mean", "modality_accuracy", "yes_no_accuracy", "not_visible_accuracy")},
+        "unknown_word_answers": unknown.get("with_unknown"), "answers": unknown.get("n"),
+        "mni_white_matter_unknown_share": (mni.get("white_matter") or {}).get("share"),
+        "mni_brain_dice": (mni.get("brain") or {}).get("dice_mean"),
+    }
+
+
+def collect_runs(folders: Sequence[Path]) -> list[dict]:
+    """The runs recorded in earlier output folders' ``summary.json`` (each folder's own list, in order)."""
+    runs: list[dict] = []
+    for folder in folders:
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--previous-run {folder}: no summary.json (is it a finished train_demo output?)")
+        summary = json.loads(path.read_text())
+        runs += [r for r in summary.get("runs") or [run_entry(summary)] if r not in runs]
+    return runs
+
+
+def _runs_table(runs: Sequence[dict], seed: int | None) -> list[str]:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f} %"
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = ["| seed | Dice | modality | yes/no | not visible | test answers with an unknown word | MNI152 white "
+             "matter: unknown-word share | MNI152 brain Dice | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        mark = " (this checkpoint)" if r is runs[-1] and r.get("seed") == seed else ""
+        lines.append(
+            f"| {r.get('seed')}{mark} | {num(r.get('dice_mean'))} | {pct(r.get('modality_accuracy'))} | "
+            f"{pct(r.get('yes_no_accuracy'))} | {pct(r.get('not_visible_accuracy'))} | "
+            f"{r.get('unknown_word_answers', 'n/a')} of {r.get('answers', 'n/a')} | "
+            f"{pct(r.get('mni_white_matter_unknown_share'))} | {num(r.get('mni_brain_dice'))} | "
+            f"{(r.get('total_seconds') or 0) / 60:.0f} |")
+    return lines
+
+
 def _folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
 
 
 def _targets_line(scores: dict) -> str:
     """Which of the project's targets (`evaluate_demo.TARGETS`) the scores meet, in words."""
-    from .evaluate_demo import TARGETS
+    from .evaluate_demo import MNI_BRAIN_DICE_MIN, MNI_UNKNOWN_SHARE_MAX, TARGETS
 
     def verdict(key: str) -> str:
         value = scores.get(key)
         return "met" if value is not None and value >= TARGETS[key] else "**not met**"
 
+    unknown = (scores.get("unknown_word_answers") or {}).get("with_unknown")
+    mni = scores.get("mni") or {}
+    share = (mni.get("white_matter") or {}).get("share")
+    brain = (mni.get("brain") or {}).get("dice_mean")
+
+    def met(ok: bool | None) -> str:
+        return "not run" if ok is None else "met" if ok else "**not met**"
+
     return ("Project targets: " + ", ".join(f"{key} >= {target}: {verdict(key)}" for key, target in TARGETS.items())
+            + f", no test answer with an unknown word: {met(None if unknown is None else unknown == 0)}"
+            + f", MNI152 white-matter answers with an unknown word <= {100 * MNI_UNKNOWN_SHARE_MAX:g} %: "
+            + f"{met(None if share is None else share <= MNI_UNKNOWN_SHARE_MAX)}"
+            + f", MNI152 brain Dice >= {MNI_BRAIN_DICE_MIN}: "
+            + f"{met(None if brain is None else brain >= MNI_BRAIN_DICE_MIN)}"
             + ".")
+
+
+def _tokenizer_words(vocab_size: int) -> str:
+    merges = vocab_size - 259 - 576
+    if merges == 0:
+        return "a byte tokenizer (vocabulary 835 = 259 bytes/special tokens + 576 region codes)"
+    return (f"a byte-level BPE tokenizer learned on the training conversations (`medsight.demo.tokenizer`; "
+            f"vocabulary {vocab_size} = 259 bytes/special tokens + {merges} merges + 576 region codes; every answer "
+            f"word is one or two tokens)")
 
 
 def write_model_card(model_dir: Path, summary: dict) -> Path:
@@ -393,8 +490,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         f"Region Perceiver dim {p['dim']} ({p['num_queries']} queries, {p['num_stages']} stages -> "
         f"{mask_size} px masks, {p['num_classes']} classes), "
         f"codebook {c['num_modalities']} x {c['codebook_size']} codes of dim {c['code_dim']}, Qwen3-style LM "
-        f"{llm['num_hidden_layers']} layers x hidden {llm['hidden_size']} on a byte tokenizer "
-        f"(vocabulary {llm['vocab_size']} = 259 bytes/special tokens + 576 region codes).",
+        f"{llm['num_hidden_layers']} layers x hidden {llm['hidden_size']} on {_tokenizer_words(llm['vocab_size'])}.",
         "- Deviation from the published recipe: the ViT is trained from scratch in stage 1 (no pretrained "
         "UniMed-CLIP offline) and the language model is not pretrained either; learning rates are higher than the "
         "official ones and step counts are set by a wall-clock budget. Stages 3-5 use batches of 8 with padded code "
@@ -409,7 +505,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "## Data",
         "",
         "Synthetic, seeded and generated offline by `python -m medsight.demo` (`medsight.demo.build_demo_data`, "
-        f"size `{summary.get('data_size', 'default')}`, seed {summary.get('seed', 0)}): abdominal CT phantoms "
+        f"size `{summary.get('data_size', 'default')}`, seed {summary.get('data_seed', 0)}): abdominal CT phantoms "
         "(liver, spleen, kidneys, liver lesions; modality "
         "label 0), T1 brain MRI built on the MNI152 template with synthetic lesions (grey/white matter, lesion; "
         "label 1) and chest X-ray-like images (lungs, heart, nodules; label 2). Split by subject into "
@@ -420,7 +516,10 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "likely as \"yes\" for organs when the slice allows both) and half the segmentation ones add one. A lesion "
         f"is labelled only where it stands out in the displayed slice (mean grey level >= {MIN_LESION_CONTRAST:g} "
         "standard deviations from a ring around it); slices that cut a lesion too thinly or too faintly are left "
-        "out.",
+        "out. Whole organs (brain = grey matter + white matter + lesion, both lungs, both kidneys) are segmentation "
+        "targets of their own, their masks the union of the parts'; a segmentation question about a structure the "
+        "slice lacks, another source's or one the data never shows is answered \"The ... is not visible in this "
+        "image.\"",
         "",
         "## Training",
         "",
@@ -444,6 +543,13 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "",
         f"Total wall time of the command: {summary.get('total_seconds', 0):.0f} s "
         f"(training incl. data and codes: {summary.get('train_seconds', 0):.0f} s).",
+        "",
+        "## Runs",
+        "",
+        "Every run of the training command listed with `--previous-run`, this one last (same data size and "
+        "budget and data seed, different `--seed`):",
+        "",
+        *_runs_table(summary.get("runs") or [run_entry(summary)], summary.get("seed")),
         "",
         "## Scores on the held-out test split",
         "",
@@ -482,11 +588,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole command")
     p.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed: initial weights, codebook, batch order")
+    p.add_argument("--data-seed", type=int, default=0, help="demo data seed (the same test split for every --seed)")
     p.add_argument("--resume", action="store_true", help="reuse finished stages (their final/ folders)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--data-size", default="large", choices=("default", "large"),
                    help="demo data size (medsight.demo.build.SIZES); --smoke always uses tiny")
+    p.add_argument("--previous-run", type=Path, action="append", default=[], metavar="DIR",
+                   help="an earlier output folder whose runs the model card lists with this one (repeatable)")
     return p
 
 
@@ -498,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING if args.smoke else logging.INFO)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size)
+    summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size,
+                        args.previous_run, args.data_seed)
     print(json.dumps({"model": str(args.out_dir / "model"), "total_seconds": summary["total_seconds"],
                       **summary["scores"]}, indent=1))
     return 0
