@@ -3,8 +3,8 @@
 - ``.seg.nrrd``: Slicer's own format (vtkMRMLSegmentationStorageNode); keeps names, colours, tags (including the
   MedSIGHT provenance tags and TerminologyEntry) and reloads in any Slicer.
 - NIfTI (``.nii`` / ``.nii.gz``): a single labelmap on the reference volume's grid, label value n = n-th segment;
-  names and colours are not stored in NIfTI, so ``export_nifti`` returns the value -> name table (the caller may
-  save it next to the file).
+  NIfTI stores no names or colours, so ``export_nifti`` writes them (with region codes and terminology codes) to
+  the engine's JSON sidecar beside the file (`nifti_sidecar`).
 - DICOM SEG (``.dcm``): `dicom_seg.export_dicom_seg`, referencing the DICOM series the volume was loaded from
   (found through Slicer's DICOM database).
 """
@@ -72,7 +72,8 @@ def read_seg_nrrd(path: str | Path, scene, name: str | None = None):
 
 
 def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, str]:
-    """Write all segments as one labelmap on ``volume_node``'s grid. Returns {label value: segment name}.
+    """Write all segments as one labelmap on ``volume_node``'s grid and its ``<name>.json`` label sidecar (the
+    engine's format). Returns {label value: segment name}.
 
     Overlapping segments: the later segment's value wins (a single-label image cannot hold both).
     """
@@ -88,7 +89,8 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     id_array = vtk.vtkStringArray()
     segmentation.GetSegmentIDs(id_array)
     ids = [id_array.GetValue(n) for n in range(id_array.GetNumberOfValues())]
-    names = {n + 1: segmentation.GetSegment(segment_id).GetName() for n, segment_id in enumerate(ids)}
+    segments = [segmentation.GetSegment(segment_id) for segment_id in ids]
+    names = {n + 1: segment.GetName() for n, segment in enumerate(segments)}
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     scene.AddNode(labelmap)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -106,14 +108,34 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     finally:
         scene.RemoveNode(storage)
         scene.RemoveNode(labelmap)
+    _write_sidecar(segments, volume_node, path)
     return names
+
+
+def _write_sidecar(segments, volume_node, path: Path) -> Path:
+    import slicer
+
+    from .geometry import ijk_to_ras
+    from .nifti_sidecar import label_record, sidecar, sidecar_path
+    from .suggestions import TAG_REGION_CODE, get_tag
+
+    terminology_tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    labels = [label_record(n + 1, s.GetName(), s.GetColor(), get_tag(s, terminology_tag), get_tag(s, TAG_REGION_CODE))
+              for n, s in enumerate(segments)]
+    document = sidecar(labels, ijk_to_ras(volume_node).tolist())
+    json_path = sidecar_path(path)
+    try:
+        json_path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise ExportError(f"could not write the label sidecar {json_path.name} ({exc})") from exc
+    return json_path
 
 
 def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom_database=None) -> Path:
     """One entry point for the module's Export button: the format follows the file name.
 
     ``.seg.nrrd`` keeps names, colours and tags; ``.nii``/``.nii.gz`` writes a labelmap on the volume's grid and
-    a ``<name>.json`` beside it mapping label values to segment names; ``.dcm`` writes a DICOM SEG referencing
+    the engine's ``<name>.json`` label sidecar beside it; ``.dcm`` writes a DICOM SEG referencing
     the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``).
     """
     path = Path(path)
@@ -124,9 +146,6 @@ def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom
     if path.name.endswith(".seg.nrrd"):
         return export_seg_nrrd(segmentation_node, path)
     if path.name.endswith((".nii", ".nii.gz")):
-        labels = export_nifti(segmentation_node, volume_node, path)
-        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
-        sidecar = path.with_name(stem + ".json")
-        sidecar.write_text(json.dumps({"labels": {str(k): v for k, v in labels.items()}}, indent=2))
+        export_nifti(segmentation_node, volume_node, path)
         return path
     raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii, .nii.gz or .dcm (DICOM SEG) file name")
