@@ -193,3 +193,21 @@ def test_nifti_label_sidecars_are_one_format(tmp_path):
     back = read_nifti_labelmap(module_nii)
     assert back.segments == seg.segments == read_nifti_labelmap(nii).segments
     assert np.array_equal(back.labelmap, seg.labelmap)
+
+
+def test_export_suffixes_agree():
+    """The module's Export dispatch and the engine's suffix -> writer table accept exactly the same file endings,
+    and the module's format combo box (the .ui file) has one entry per `EXPORT_FORMATS` row, naming its suffix."""
+    import xml.etree.ElementTree as ET
+
+    from medsight.imaging.export import WRITERS
+    from MedSIGHTSlicerLib.export import EXPORT_FORMATS, EXPORT_SUFFIXES
+
+    assert sorted(EXPORT_SUFFIXES) == sorted(suffix for suffix, _ in WRITERS)
+    assert len(set(EXPORT_SUFFIXES)) == len(EXPORT_SUFFIXES)
+    ui = Path(protocol.__file__).parents[1] / "Resources" / "UI" / "MedSIGHTSlicer.ui"
+    combo = ET.parse(ui).getroot().find(".//widget[@name='exportFormatComboBox']")
+    texts = [item.findtext("property/string") for item in combo.findall("item")]
+    assert len(texts) == len(EXPORT_FORMATS)
+    for text, (pattern, suffixes) in zip(texts, EXPORT_FORMATS, strict=True):
+        assert suffixes[0] in text and all(f"*{s}" in pattern for s in suffixes), (text, pattern)

@@ -14,7 +14,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["ExportError", "export_nifti", "export_seg_nrrd", "read_seg_nrrd"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_labelmap_file", "export_nifti",
+           "export_seg_nrrd", "read_seg_nrrd"]
+
+#: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
+#: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
+#: (``medsight.imaging.export.WRITERS``; Testing/test_contracts.py checks that they agree).
+EXPORT_FORMATS = (
+    ("3D Slicer segmentation (*.seg.nrrd)", (".seg.nrrd",)),
+    ("NIfTI labelmap (*.nii.gz *.nii)", (".nii.gz", ".nii")),
+    ("DICOM SEG (*.dcm)", (".dcm",)),
+)
+EXPORT_SUFFIXES = tuple(suffix for _, suffixes in EXPORT_FORMATS for suffix in suffixes)
 
 
 class ExportError(RuntimeError):
@@ -33,7 +44,7 @@ def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     import slicer
 
     path = Path(path)
-    if not path.name.endswith(".seg.nrrd"):
+    if not path.name.lower().endswith(".seg.nrrd"):
         raise ExportError(f"{path.name}: a segmentation file name must end in .seg.nrrd")
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -81,7 +92,7 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     import vtk
 
     path = Path(path)
-    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise ExportError(f"{path.name}: a NIfTI file name must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = _scene_of(segmentation_node)
@@ -102,7 +113,7 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node, full_grid):
             raise ExportError("could not convert the segments to a labelmap")
         storage.SetFileName(str(path))
-        storage.SetUseCompression(path.name.endswith(".gz"))
+        storage.SetUseCompression(path.name.lower().endswith(".gz"))
         if not storage.WriteData(labelmap):
             raise ExportError(f"could not write {path}")
     finally:
@@ -139,13 +150,16 @@ def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom
     the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``).
     """
     path = Path(path)
-    if path.suffix.lower() == ".dcm":
+    name = path.name.lower()
+    suffix = next((s for s in EXPORT_SUFFIXES if name.endswith(s)), None)
+    if suffix == ".dcm":
         from .dicom_seg import export_dicom_seg, source_files
 
         return export_dicom_seg(segmentation_node, volume_node, source_files(volume_node, dicom_database), path)
-    if path.name.endswith(".seg.nrrd"):
+    if suffix == ".seg.nrrd":
         return export_seg_nrrd(segmentation_node, path)
-    if path.name.endswith((".nii", ".nii.gz")):
+    if suffix in (".nii", ".nii.gz"):
         export_nifti(segmentation_node, volume_node, path)
         return path
-    raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii, .nii.gz or .dcm (DICOM SEG) file name")
+    raise ExportError(f"{path.name}: choose a file name ending in {', '.join(EXPORT_SUFFIXES)} "
+                      "(.dcm writes a DICOM SEG)")

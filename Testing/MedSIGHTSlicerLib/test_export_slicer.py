@@ -118,7 +118,7 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     """What the module's Export button calls: the file name decides the format; NIfTI gets a labels sidecar."""
     import json
 
-    from MedSIGHTSlicerLib.export import export_labelmap_file
+    from MedSIGHTSlicerLib.export import EXPORT_SUFFIXES, export_labelmap_file
 
     _, user = accepted(scene, volume, tmp_path)
     seg = export_labelmap_file(user, volume, tmp_path / "out.seg.nrrd")
@@ -130,8 +130,12 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     assert meta["format"] == "medsight-labels/1"  # the engine's sidecar, not a bare value -> name table
     assert [(d["value"], d["name"], d["region_code"]) for d in meta["labels"]] == [(1, "Liver", "[M0_1]"),
                                                                                   (2, "Lesion", "[M0_2]")]
-    with pytest.raises(ExportError, match=r"choose a \.seg\.nrrd"):
+    with pytest.raises(ExportError, match=r"choose a file name ending in \.seg\.nrrd, \.nii\.gz, \.nii, \.dcm"):
         export_labelmap_file(user, volume, tmp_path / "out.png")
+    # Every suffix the Lib lists is written (DICOM SEG needs a DICOM-loaded volume: test_dicom_seg.py).
+    for suffix in EXPORT_SUFFIXES:
+        if suffix != ".dcm":
+            assert export_labelmap_file(user, volume, tmp_path / f"all{suffix}").stat().st_size > 0
 
 
 def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
