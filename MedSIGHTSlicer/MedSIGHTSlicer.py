@@ -26,6 +26,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
@@ -35,12 +36,6 @@ from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane
 MODEL_CARD_TIMEOUT_S = 10.0
 #: The README's Slicer section (the extension's homepage + its anchor).
 HELP_URL = "https://github.com/medsight/MedSIGHTSlicer#install-in-3d-slicer"
-#: Export combo box entries: (file dialog pattern, default suffix); the suffix picks the writer.
-EXPORT_FORMATS = (
-    ("Segmentation (*.seg.nrrd)", ".seg.nrrd"),
-    ("NIfTI (*.nii.gz)", ".nii.gz"),
-    ("DICOM SEG (*.dcm)", ".dcm"),
-)
 
 
 def ensure_packages(requirements: list[str], purpose: str) -> bool:
@@ -303,8 +298,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is None:
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
-        pattern, suffix = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]
-        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", node.GetName() + suffix, pattern)
+        pattern, suffixes = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]  # the file name picks the writer
+        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", node.GetName() + suffixes[0], pattern)
         if not path:
             return
         try:
@@ -325,8 +320,6 @@ class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic, MedSIGHTSession):
     def export(self, node, path: str) -> str:
         """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or
         a DICOM SEG (.dcm) referencing the series ``node`` was loaded from."""
-        from MedSIGHTSlicerLib.export import export_labelmap_file
-
         user = self.user_segmentation(node)
         if user is None:
             raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")

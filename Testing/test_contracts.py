@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,74 @@ def test_terminology_strings_agree():
         engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)))
         assert terminology_entry(engine) == naming.terminology_entry(label)
         assert parse_terminology_entry(naming.terminology_entry(label)) == engine
+
+
+
+def _sidecar_segmentation() -> labelmap.Segmentation:
+    """A small engine segmentation: a coded structure with region code and anatomic region, and an uncoded one."""
+    from medsight.imaging import Volume
+
+    voxels = np.zeros((3, 4, 5), np.uint8)
+    voxels[1, 1:3, 2:4], voxels[2, 0, 0] = 1, 2
+    term = naming.term_for("liver")
+    coded = labelmap.Terminology(labelmap.Code(*dataclasses.astuple(term.category)),
+                                 labelmap.Code(*dataclasses.astuple(term.type)),
+                                 labelmap.Code("SCT", "818981001", "Abdomen"))
+    segments = [labelmap.Segment(1, "Liver", (0.9, 0.3, 0.24), "[M0_1]", coded),
+                labelmap.Segment(2, "My region", (0.2, 0.5, 1.0))]
+    volume = Volume(np.zeros(voxels.shape, np.int16), spacing=(0.5, 0.75, 3.0), origin=(10.0, -4.0, 2.0))
+    return labelmap.Segmentation(volume, voxels, segments)
+
+
+def _module_labels(seg: labelmap.Segmentation) -> list[dict]:
+    """The module's sidecar entries for the same segments, from what a Slicer segment holds (name, colour, the
+    TerminologyEntry tag, the region-code tag)."""
+    from medsight.imaging.export_nrrd import terminology_entry
+    from MedSIGHTSlicerLib.nifti_sidecar import label_record
+
+    return [label_record(s.label, s.name, s.color, terminology_entry(s.terminology), s.region_code)
+            for s in seg.segments]
+
+
+def test_nifti_label_sidecars_are_one_format(tmp_path):
+    """The module's NIfTI sidecar is the engine's: same document for the same segments, and the engine's reader
+    gives identical names, values, colours, region codes and terminology codes from either side's file."""
+    import json
+
+    from medsight.imaging import read_nifti_labelmap, write_nifti_labelmap
+    from MedSIGHTSlicerLib.nifti_sidecar import SIDECAR_FORMAT, sidecar, sidecar_path
+
+    seg = _sidecar_segmentation()
+    nii, engine_json = write_nifti_labelmap(seg, tmp_path / "engine.nii.gz")
+    engine_doc = json.loads(Path(engine_json).read_text())
+    assert sidecar_path(nii) == Path(engine_json) and sidecar_path(tmp_path / "x.nii") == tmp_path / "x.json"
+    ref = seg.reference
+    module_doc = sidecar(_module_labels(seg), ref.ijk_to_ras.tolist(), ref.modality, ref.series_uid, ref.study_uid,
+                         ref.frame_of_reference_uid)
+    assert module_doc["format"] == SIDECAR_FORMAT
+    assert module_doc == engine_doc  # field by field, engine -> module direction included
+    # The module's file read by the engine's reader (the labelmap voxels are the same file's).
+    module_nii = tmp_path / "module.nii.gz"
+    module_nii.write_bytes(Path(nii).read_bytes())
+    sidecar_path(module_nii).write_text(json.dumps(module_doc, indent=2))
+    back = read_nifti_labelmap(module_nii)
+    assert back.segments == seg.segments == read_nifti_labelmap(nii).segments
+    assert np.array_equal(back.labelmap, seg.labelmap)
+
+
+def test_export_suffixes_agree():
+    """The module's Export dispatch and the engine's suffix -> writer table accept exactly the same file endings,
+    and the module's format combo box (the .ui file) has one entry per `EXPORT_FORMATS` row, naming its suffix."""
+    import xml.etree.ElementTree as ET
+
+    from medsight.imaging.export import WRITERS
+    from MedSIGHTSlicerLib.export import EXPORT_FORMATS, EXPORT_SUFFIXES
+
+    assert sorted(EXPORT_SUFFIXES) == sorted(suffix for suffix, _ in WRITERS)
+    assert len(set(EXPORT_SUFFIXES)) == len(EXPORT_SUFFIXES)
+    ui = Path(protocol.__file__).parents[1] / "Resources" / "UI" / "MedSIGHTSlicer.ui"
+    combo = ET.parse(ui).getroot().find(".//widget[@name='exportFormatComboBox']")
+    texts = [item.findtext("property/string") for item in combo.findall("item")]
+    assert len(texts) == len(EXPORT_FORMATS)
+    for text, (pattern, suffixes) in zip(texts, EXPORT_FORMATS, strict=True):
+        assert suffixes[0] in text and all(f"*{s}" in pattern for s in suffixes), (text, pattern)

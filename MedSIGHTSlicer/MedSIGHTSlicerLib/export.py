@@ -3,8 +3,8 @@
 - ``.seg.nrrd``: Slicer's own format (vtkMRMLSegmentationStorageNode); keeps names, colours, tags (including the
   MedSIGHT provenance tags and TerminologyEntry) and reloads in any Slicer.
 - NIfTI (``.nii`` / ``.nii.gz``): a single labelmap on the reference volume's grid, label value n = n-th segment;
-  names and colours are not stored in NIfTI, so ``export_nifti`` returns the value -> name table (the caller may
-  save it next to the file).
+  NIfTI stores no names or colours, so ``export_nifti`` writes them (with region codes and terminology codes) to
+  the engine's JSON sidecar beside the file (`nifti_sidecar`).
 - DICOM SEG (``.dcm``): `dicom_seg.export_dicom_seg`, referencing the DICOM series the volume was loaded from
   (found through Slicer's DICOM database).
 """
@@ -14,7 +14,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["ExportError", "export_nifti", "export_seg_nrrd", "read_seg_nrrd"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_labelmap_file", "export_nifti",
+           "export_seg_nrrd", "read_seg_nrrd"]
+
+#: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
+#: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
+#: (``medsight.imaging.export.WRITERS``; Testing/test_contracts.py checks that they agree).
+EXPORT_FORMATS = (
+    ("3D Slicer segmentation (*.seg.nrrd)", (".seg.nrrd",)),
+    ("NIfTI labelmap (*.nii.gz *.nii)", (".nii.gz", ".nii")),
+    ("DICOM SEG (*.dcm)", (".dcm",)),
+)
+EXPORT_SUFFIXES = tuple(suffix for _, suffixes in EXPORT_FORMATS for suffix in suffixes)
 
 
 class ExportError(RuntimeError):
@@ -33,7 +44,7 @@ def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     import slicer
 
     path = Path(path)
-    if not path.name.endswith(".seg.nrrd"):
+    if not path.name.lower().endswith(".seg.nrrd"):
         raise ExportError(f"{path.name}: a segmentation file name must end in .seg.nrrd")
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -72,7 +83,8 @@ def read_seg_nrrd(path: str | Path, scene, name: str | None = None):
 
 
 def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, str]:
-    """Write all segments as one labelmap on ``volume_node``'s grid. Returns {label value: segment name}.
+    """Write all segments as one labelmap on ``volume_node``'s grid and its ``<name>.json`` label sidecar (the
+    engine's format). Returns {label value: segment name}.
 
     Overlapping segments: the later segment's value wins (a single-label image cannot hold both).
     """
@@ -80,7 +92,7 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     import vtk
 
     path = Path(path)
-    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise ExportError(f"{path.name}: a NIfTI file name must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = _scene_of(segmentation_node)
@@ -88,7 +100,8 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     id_array = vtk.vtkStringArray()
     segmentation.GetSegmentIDs(id_array)
     ids = [id_array.GetValue(n) for n in range(id_array.GetNumberOfValues())]
-    names = {n + 1: segmentation.GetSegment(segment_id).GetName() for n, segment_id in enumerate(ids)}
+    segments = [segmentation.GetSegment(segment_id) for segment_id in ids]
+    names = {n + 1: segment.GetName() for n, segment in enumerate(segments)}
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     scene.AddNode(labelmap)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -100,33 +113,53 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node, full_grid):
             raise ExportError("could not convert the segments to a labelmap")
         storage.SetFileName(str(path))
-        storage.SetUseCompression(path.name.endswith(".gz"))
+        storage.SetUseCompression(path.name.lower().endswith(".gz"))
         if not storage.WriteData(labelmap):
             raise ExportError(f"could not write {path}")
     finally:
         scene.RemoveNode(storage)
         scene.RemoveNode(labelmap)
+    _write_sidecar(segments, volume_node, path)
     return names
+
+
+def _write_sidecar(segments, volume_node, path: Path) -> Path:
+    import slicer
+
+    from .geometry import ijk_to_ras
+    from .nifti_sidecar import label_record, sidecar, sidecar_path
+    from .suggestions import TAG_REGION_CODE, get_tag
+
+    terminology_tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    labels = [label_record(n + 1, s.GetName(), s.GetColor(), get_tag(s, terminology_tag), get_tag(s, TAG_REGION_CODE))
+              for n, s in enumerate(segments)]
+    document = sidecar(labels, ijk_to_ras(volume_node).tolist())
+    json_path = sidecar_path(path)
+    try:
+        json_path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise ExportError(f"could not write the label sidecar {json_path.name} ({exc})") from exc
+    return json_path
 
 
 def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom_database=None) -> Path:
     """One entry point for the module's Export button: the format follows the file name.
 
     ``.seg.nrrd`` keeps names, colours and tags; ``.nii``/``.nii.gz`` writes a labelmap on the volume's grid and
-    a ``<name>.json`` beside it mapping label values to segment names; ``.dcm`` writes a DICOM SEG referencing
+    the engine's ``<name>.json`` label sidecar beside it; ``.dcm`` writes a DICOM SEG referencing
     the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``).
     """
     path = Path(path)
-    if path.suffix.lower() == ".dcm":
+    name = path.name.lower()
+    suffix = next((s for s in EXPORT_SUFFIXES if name.endswith(s)), None)
+    if suffix == ".dcm":
         from .dicom_seg import export_dicom_seg, source_files
 
         return export_dicom_seg(segmentation_node, volume_node, source_files(volume_node, dicom_database), path)
-    if path.name.endswith(".seg.nrrd"):
+    if suffix == ".seg.nrrd":
         return export_seg_nrrd(segmentation_node, path)
-    if path.name.endswith((".nii", ".nii.gz")):
-        labels = export_nifti(segmentation_node, volume_node, path)
-        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
-        sidecar = path.with_name(stem + ".json")
-        sidecar.write_text(json.dumps({"labels": {str(k): v for k, v in labels.items()}}, indent=2))
+    if suffix in (".nii", ".nii.gz"):
+        export_nifti(segmentation_node, volume_node, path)
         return path
-    raise ExportError(f"{path.name}: choose a .seg.nrrd, .nii, .nii.gz or .dcm (DICOM SEG) file name")
+    raise ExportError(f"{path.name}: choose a file name ending in {', '.join(EXPORT_SUFFIXES)} "
+                      "(.dcm writes a DICOM SEG)")

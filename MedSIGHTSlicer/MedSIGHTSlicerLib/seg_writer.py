@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SegWriteError", "SegmentInfo", "display_colour", "order_sources", "terminology_codes", "write_seg"]
+__all__ = [
+    "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources", "terminology_codes", "write_seg",
+]
 
 #: Millimetres a slice may sit off its DICOM image position and still be the same slice.
 POSITION_TOLERANCE_MM = 0.01
@@ -39,8 +41,9 @@ class SegmentInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
-    """(category, type) codes (scheme, value, meaning) from a TerminologyEntry tag; generic "Tissue" without one."""
+def entry_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str], tuple[str, str, str] | None]:
+    """(category, type, anatomic region) codes (scheme, value, meaning) from a TerminologyEntry tag: generic
+    "Tissue" and no region unless category and type are both coded (as the engine's `parse_terminology_entry`)."""
     parts = (entry or "").split("~")
 
     def code(text: str) -> tuple[str, str, str] | None:
@@ -49,7 +52,14 @@ def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str,
 
     category = code(parts[1]) if len(parts) > 2 else None
     kind = code(parts[2]) if len(parts) > 2 else None
-    return (category, kind) if category and kind else (_TISSUE, _TISSUE)
+    region = code(parts[5]) if len(parts) > 5 else None
+    return (category, kind, region) if category and kind else (_TISSUE, _TISSUE, None)
+
+
+def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(category, type) codes (scheme, value, meaning) from a TerminologyEntry tag; generic "Tissue" without one."""
+    category, kind, _ = entry_codes(entry)
+    return category, kind
 
 
 def display_colour(colour: Sequence[float]) -> Any:

@@ -118,7 +118,7 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     """What the module's Export button calls: the file name decides the format; NIfTI gets a labels sidecar."""
     import json
 
-    from MedSIGHTSlicerLib.export import export_labelmap_file
+    from MedSIGHTSlicerLib.export import EXPORT_SUFFIXES, export_labelmap_file
 
     _, user = accepted(scene, volume, tmp_path)
     seg = export_labelmap_file(user, volume, tmp_path / "out.seg.nrrd")
@@ -126,20 +126,38 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     assert node.GetSegmentation().GetNumberOfSegments() == 2
     nii = export_labelmap_file(user, volume, tmp_path / "out.nii.gz")
     assert nii.is_file()
-    assert json.loads((tmp_path / "out.json").read_text()) == {"labels": {"1": "Liver", "2": "Lesion"}}
-    with pytest.raises(ExportError, match=r"choose a \.seg\.nrrd"):
+    meta = json.loads((tmp_path / "out.json").read_text())
+    assert meta["format"] == "medsight-labels/1"  # the engine's sidecar, not a bare value -> name table
+    assert [(d["value"], d["name"], d["region_code"]) for d in meta["labels"]] == [(1, "Liver", "[M0_1]"),
+                                                                                  (2, "Lesion", "[M0_2]")]
+    with pytest.raises(ExportError, match=r"choose a file name ending in \.seg\.nrrd, \.nii\.gz, \.nii, \.dcm"):
         export_labelmap_file(user, volume, tmp_path / "out.png")
+    # Every suffix the Lib lists is written (DICOM SEG needs a DICOM-loaded volume: test_dicom_seg.py).
+    for suffix in EXPORT_SUFFIXES:
+        if suffix != ".dcm":
+            assert export_labelmap_file(user, volume, tmp_path / f"all{suffix}").stat().st_size > 0
 
 
 def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
-    """The module's NIfTI export (labelmap + label sidecar) is readable by the engine's reader: same voxels, the
-    segment names by label value (the two sidecar formats used to be unreadable by each other)."""
+    """The module's NIfTI export (labelmap + label sidecar) is read by the engine's reader with the segments'
+    names, values, colours, region codes and terminology codes, on the volume's grid."""
     from medsight.imaging import read_nifti_labelmap
+    from medsight.imaging.export_nrrd import parse_terminology_entry
     from MedSIGHTSlicerLib.export import export_labelmap_file
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
 
     _, user = accepted(scene, volume, tmp_path)
     path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
     seg = read_nifti_labelmap(path)
-    assert [(s.label, s.name) for s in seg.segments] == [(1, "Liver"), (2, "Lesion")]
+    assert [(s.label, s.name, s.region_code) for s in seg.segments] == [(1, "Liver", "[M0_1]"), (2, "Lesion", "[M0_2]")]
+    ids = vtk.vtkStringArray()
+    user.GetSegmentation().GetSegmentIDs(ids)
+    for n, back in enumerate(seg.segments):
+        segment = user.GetSegmentation().GetSegment(ids.GetValue(n))
+        assert back.color == pytest.approx(segment.GetColor(), abs=1e-12)
+        entry = get_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName())
+        assert back.terminology == parse_terminology_entry(entry)
+    assert seg.segments[0].terminology.type.meaning == "Liver"
+    np.testing.assert_allclose(seg.reference.ijk_to_ras, ijk_to_ras(volume), atol=1e-9)
     assert seg.labelmap.shape == SHAPE
     assert int((seg.labelmap == 1).sum()) == 12 and int((seg.labelmap == 2).sum()) == 1

@@ -98,7 +98,7 @@ def test_decode_regions_matches_the_model(model, backend):
     hidden = model.config.llm.hidden_size
     states = [torch.randn(2, hidden, generator=gen), torch.randn(0, hidden), torch.randn(4, hidden, generator=gen)]
     ref = model.decode_regions(grids, states)
-    got = backend.decode_regions(model, grids, states)
+    got = model.decode_regions(grids, states, backend.region_decode)  # what the Engine runs with the backend
     assert [tuple(r.shape) for r in got] == [tuple(r.shape) for r in ref]
     for g, r in zip(got, ref, strict=True):
         if r.numel():
@@ -147,3 +147,13 @@ def test_engine_with_the_onnx_backend_answers_like_pytorch(tmp_path):
             assert float((ra.mask_logits - rb.mask_logits).abs().max()) <= tol
             regions += 1
     assert regions > 0
+
+
+def test_onnx_backend_with_a_mask_decode_dtype_is_refused(model, backend):
+    """The ONNX perceiver decodes in float32: asking for another mask-decode dtype as well is a clear error, not
+    a setting silently ignored."""
+    import medsight
+
+    with pytest.raises(ValueError, match=r"mask_decode_dtype .* ONNX backend"):
+        medsight.Engine(model, vision_backend=backend, mask_decode_dtype=torch.bfloat16)
+    assert medsight.Engine(model, vision_backend=backend).mask_decode == backend.region_decode

@@ -147,7 +147,8 @@ class Engine:
         vision_backend: optional `medsight.onnx_backend.OnnxVisionBackend` that runs the ViT and the perceiver
             (encode and decode) in ONNX Runtime; the language model stays in PyTorch.
         mask_decode_dtype: decode masks with a copy of the perceiver in this dtype (e.g. torch.bfloat16):
-            approximate, off by default; text and region tokens stay exact (`perceiver.CastDecode`).
+            approximate, off by default; text and region tokens stay exact (`perceiver.CastDecode`). Not with a
+            `vision_backend`, whose perceiver graph decodes in float32.
         """
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer; load one with the model (load_model) to ask questions")
@@ -159,8 +160,15 @@ class Engine:
         self.cache = FeatureCache(cache_bytes)
         self._model_lock = threading.Lock()
         self.encode_calls = 0  # number of model.encode batches run (observability and tests)
+        # The perceiver decode that `model.decode_regions` runs: None = the model's own (which may reuse the encode
+        # pass's grid features), the ONNX graph, or a copy in another dtype. One mask path for every backend.
         self.mask_decode = None
-        if mask_decode_dtype is not None and mask_decode_dtype != model.dtype:
+        if vision_backend is not None:
+            if mask_decode_dtype is not None:
+                raise ValueError("mask_decode_dtype applies to the PyTorch perceiver; the ONNX backend decodes in "
+                                 "float32: choose one")
+            self.mask_decode = vision_backend.region_decode
+        elif mask_decode_dtype is not None and mask_decode_dtype != model.dtype:
             self.mask_decode = CastDecode(model.region_perceiver, mask_decode_dtype)
 
     @classmethod
@@ -398,12 +406,9 @@ class Engine:
                     on_token(x.slice_index, tail)
         grids = torch.cat([e.grid for e in encodings])
         code_states = [states for *_, states in rows]
-        if self.vision_backend is not None:
-            logits = self.vision_backend.decode_regions(self.model, grids, code_states)
-        else:
-            kept = [e.grid_features for e in encodings]
-            shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
-            logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared)
+        kept = [e.grid_features for e in encodings]
+        shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
+        logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):

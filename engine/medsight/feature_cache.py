@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +114,38 @@ class FeatureCache:
             return CacheStats(
                 self._stats.hits, self._stats.misses, self._stats.evictions, len(self._entries), self._bytes
             )
+
+
+def encode_through_cache(
+    cache: FeatureCache,
+    encode: Callable[[torch.Tensor, bool], ImageEncoding],
+    pixels: torch.Tensor,
+    round_pixels_to_bf16: bool,
+    model_identity: str,
+) -> ImageEncoding:
+    """``encode(pixels, round_pixels_to_bf16)`` for a (B, 3, H, W) batch of prepared pixels, taking each image from
+    `cache` when it is there and encoding the misses in one batch (so a batch that misses entirely is encoded
+    exactly as without a cache). Used by trainers whose vision side is frozen; the Engine keeps its own loop
+    because it also reports which inputs were computed."""
+    keys = [content_key(p, "prepared", round_pixels_to_bf16, model_identity) for p in pixels]
+    found: dict[str, ImageEncoding] = {}
+    missing: dict[str, int] = {}  # key -> first row with it: an image twice in a batch is encoded once
+    for row, key in enumerate(keys):
+        if key not in found and key not in missing:
+            hit = cache.get(key)
+            if hit is None:
+                missing[key] = row
+            else:
+                found[key] = hit
+    if missing:
+        batch = encode(pixels[list(missing.values())], round_pixels_to_bf16)
+        if len(missing) == len(keys):  # nothing cached: exactly the uncached result
+            for i, key in enumerate(missing):
+                cache.put(key, batch.select(i))
+            return batch
+        for i, key in enumerate(missing):
+            found[key] = batch.select(i)
+            cache.put(key, found[key])
+    parts = [found[key] for key in keys]
+    fields = ("cls", "patches", "grid", "region_tokens")
+    return ImageEncoding(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))

@@ -89,14 +89,8 @@ class OnnxVisionBackend:
                              query_mask=arr(query_mask, torch.bool))
         return torch.from_numpy(seg), torch.from_numpy(cls)
 
-    def decode_regions(self, model, grids: torch.Tensor, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """`MedSIGHTModel.decode_regions` with the perceiver on onnxruntime (token_projection stays in PyTorch).
-
-        Each sample's code states (K_b, H) become (K_b, m, m) mask logits, grouped by K as the model does it.
-        """
-
-        def decode(grid: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, classes = self.decode(grid, codes)
-            return logits.to(device=grids.device, dtype=grids.dtype), classes
-
-        return model.decode_regions(grids, states, decode)
+    def region_decode(self, grids: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``decode`` argument of `MedSIGHTModel.decode_regions` (the Engine passes it): `decode` on
+        onnxruntime, mask logits back on the grids' device and dtype (token_projection stays in PyTorch)."""
+        logits, classes = self.decode(grids, codes)
+        return logits.to(device=grids.device, dtype=grids.dtype), classes

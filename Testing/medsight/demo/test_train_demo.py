@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import medsight
 from medsight.demo.evaluate_demo import dice, markdown, modality_correct, question_kind, summarise, yes_no
 from medsight.demo.qa import PLACEHOLDER
-from medsight.demo.train_demo import CARD_FILE, PHASES, EncodingCache
-from medsight.model.loading import build_model
+from medsight.demo.train_demo import CARD_FILE, PHASES
 from medsight.train.data import read_rgb
 
 pytest.importorskip("nilearn")  # the demo data builder needs the MNI152 template
@@ -128,20 +126,6 @@ def test_dice_and_summary():
     s = summarise(records)
     assert s["dice_mean"] == 0.5 and s["modality_accuracy"] == 1.0 and s["yes_no_accuracy"] == 0.5
     assert "| liver | 0.500 | 1 |" in markdown(s)
-
-
-def test_encoding_cache_returns_the_same_encodings():
-    model = build_model(medsight.get_preset("tiny"), seed=0)
-    pixels = torch.randn(2, 3, 56, 56)
-    direct = model.encode(pixels)
-    cache = EncodingCache(model)
-    first, second = model.encode(pixels), model.encode(pixels)
-    cache.remove()
-    assert cache.misses == 2 and cache.hits == 2
-    for enc in (first, second):
-        torch.testing.assert_close(enc.region_tokens, direct.region_tokens)
-        torch.testing.assert_close(enc.patches, direct.patches)
-    assert "encode" not in model.__dict__
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from medsight.config import tiny_config
+from medsight.feature_cache import FeatureCache
 from medsight.model.loading import build_model, load_pretrained
 from medsight.train.cli import main as train_main
 from medsight.train.loop import CHECKPOINT_DIR, LOG_FILE, PLOT_FILE, STATE_FILE, read_log
@@ -151,3 +152,20 @@ def test_cli_runs_and_resumes(data, tmp_path):
                        "--resume"]) == 0
     assert [r["step"] for r in read_log(out)] == [1, 2]
     assert (out / LOG_FILE).is_file()
+
+
+@pytest.mark.parametrize("stage", [3, 5])
+def test_lvlm_stage_with_a_feature_cache_trains_as_without(runs, data, stage, tmp_path):
+    """Stages 3-5 take the engine's `FeatureCache` explicitly (the vision side is frozen): the same losses as the
+    uncached chained run, images encoded once per distinct image, and `model.encode` left alone."""
+    model = load_pretrained(runs[stage - 1]["final"])
+    cache = FeatureCache(1 << 30)
+    result = RUNNERS[stage](model, data["lvlm"], CONFIGS[stage], tmp_path, cache=cache)
+    assert "encode" not in model.__dict__
+    stats = cache.stats
+    seen = CONFIGS[stage].max_steps * CONFIGS[stage].batch_size * CONFIGS[stage].grad_accum
+    assert stats.entries == stats.misses > 0 and stats.hits == seen - stats.misses > 0  # later epochs hit
+    expected = runs[stage]["records"]
+    assert len(result.records) == len(expected)
+    for got, want in zip(result.records, expected, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (got, want)

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from medsight.config import MedSIGHTConfig, get_preset
-from medsight.feature_cache import FeatureCache, content_key
+from medsight.feature_cache import FeatureCache
 from medsight.model.loading import build_model, load_pretrained, save_pretrained
-from medsight.model.medsight import ImageEncoding, MedSIGHTModel
+from medsight.model.medsight import MedSIGHTModel
 from medsight.model.preprocess import prepare_image
 from medsight.train.data import read_mask, read_rgb
 from medsight.train.losses import hungarian_match
@@ -79,6 +79,7 @@ FINISH_LR = 3e-4
 RESERVE_S = 420.0
 PROBE_STEPS = 10  # fewer made the estimate noisy
 CODE_BATCH = 16
+ENCODING_CACHE_BYTES = 8 << 30  # stages 3-5 keep every training image's encoding (the demo data fits easily)
 YES_NO_WEIGHT = 5.0
 SMOKE_STEPS = 2
 CARD_FILE = "MODEL_CARD.md"
@@ -108,48 +109,6 @@ def demo_model_config(tokenizer) -> MedSIGHTConfig:
     config.perceiver.num_classes = len(STRUCTURES)
     config.llm.vocab_size = len(tokenizer)
     return config
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cached vision encodings (stages 3-5 freeze the ViT and the perceiver)
-# ----------------------------------------------------------------------------------------------------------------
-class EncodingCache:
-    """Replaces ``model.encode`` by the engine's `FeatureCache` (same store, same content keys) while the frozen
-    stages 3-5 train; `remove` restores the method. The trainer calls ``model.encode`` itself, hence the shadowing."""
-
-    def __init__(self, model: MedSIGHTModel, max_bytes: int = 8 << 30) -> None:
-        self.model = model
-        self.original = model.encode
-        self.cache = FeatureCache(max_bytes)
-        model.encode = self  # instance attribute shadows the method
-
-    @property
-    def hits(self) -> int:
-        return self.cache.stats.hits
-
-    @property
-    def misses(self) -> int:
-        return self.cache.stats.misses
-
-    def __call__(self, pixel_values: torch.Tensor, round_pixels_to_bf16: bool = True) -> ImageEncoding:
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        parts = []
-        for i in range(pixel_values.shape[0]):
-            key = content_key(pixel_values[i], "prepared", round_pixels_to_bf16, "train_demo")
-            encoding = self.cache.get(key)
-            if encoding is None:
-                encoding = self.original(pixel_values[i : i + 1], round_pixels_to_bf16)
-                self.cache.put(key, encoding)
-            parts.append(encoding)
-        if len(parts) == 1:
-            return parts[0]
-        return ImageEncoding(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                               ("cls", "patches", "grid", "region_tokens")))
-
-    def remove(self) -> None:
-        if self.model.__dict__.get("encode") is self:
-            del self.model.encode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,18 +194,19 @@ def _seconds_per_step(records: Sequence[dict]) -> float:
     return records[-1]["time"] / max(1, len(records))
 
 
+def _encoding_cache(stage: int) -> dict[str, FeatureCache]:
+    """Stages 3-5 freeze the ViT and the perceiver: each gets a fresh cache of image encodings (keyword for its
+    runner; stages 1-2 train the vision side and take none)."""
+    return {"cache": FeatureCache(ENCODING_CACHE_BYTES)} if stage >= 3 else {}
+
+
 def probe_speed(stage: int, model: MedSIGHTModel, data, config) -> float:
     """Seconds per optimizer step, from a few steps on a throw-away copy of the model."""
     trial = copy.deepcopy(model)
-    cache = EncodingCache(trial) if stage >= 3 else None
     probe = copy.deepcopy(config)
     probe.max_steps, probe.save_every = PROBE_STEPS, 0
     with tempfile.TemporaryDirectory(prefix=f"medsight_probe{stage}_") as tmp:
-        try:
-            result = RUNNERS[stage](trial, data, probe, tmp)
-        finally:
-            if cache is not None:
-                cache.remove()
+        result = RUNNERS[stage](trial, data, probe, tmp, **_encoding_cache(stage))
     # With the cache, later steps are cheaper than the probe's first visits: the estimate errs on the safe side.
     return _seconds_per_step(result.records)
 
@@ -265,13 +225,8 @@ def run_one_stage(stage: int, model: MedSIGHTModel, data, config, out_dir: Path,
         log.info("stage %d: %.2f s/step (probe %.0f s) -> %d steps for %.0f s", stage, sps, spent,
                  config.max_steps, budget_s)
     config.save_every = config.max_steps if smoke else max(1, config.max_steps // 3)  # intermediate checkpoints
-    cache = EncodingCache(model) if stage >= 3 else None
     t0 = time.perf_counter()
-    try:
-        result = RUNNERS[stage](model, data, config, out_dir)
-    finally:
-        if cache is not None:
-            cache.remove()
+    result = RUNNERS[stage](model, data, config, out_dir, **_encoding_cache(stage))
     report.seconds = time.perf_counter() - t0
     report.steps = result.last_step
     if result.records:

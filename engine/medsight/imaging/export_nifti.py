@@ -76,15 +76,16 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
 
 
 def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
-    """Read a labelmap written by `write_nifti_labelmap`, or by the Slicer module's NIfTI export (whose sidecar
-    holds only ``{"labels": {"<value>": "<name>"}}``); the sidecar must sit next to it."""
+    """Read a labelmap written by `write_nifti_labelmap` or by the Slicer module's NIfTI export (the same sidecar,
+    `MedSIGHTSlicerLib.nifti_sidecar`); the sidecar must sit next to it. Files exported by earlier module versions,
+    whose sidecar held only ``{"labels": {"<value>": "<name>"}}``, still read (names only)."""
     path = os.fspath(path)
     vol = read_nifti(path, modality="SEG")
     json_path = sidecar_path(path)
     try:
         with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
-        if isinstance(meta.get("labels"), dict):  # the Slicer module's sidecar: value -> name
+        if isinstance(meta.get("labels"), dict):  # an earlier Slicer module's sidecar: value -> name
             meta = {**meta, "labels": [{"value": int(k), "name": str(v), "color": (0.5, 0.5, 0.5),
                                         "terminology": {"category": None, "type": None}}
                                        for k, v in meta["labels"].items()]}

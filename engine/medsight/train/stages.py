@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medsight.feature_cache import FeatureCache, encode_through_cache
 from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
 from medsight.model.checkpoints import select_prefix
 from medsight.model.medsight import MedSIGHTModel
@@ -288,10 +289,17 @@ def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: s
 # ----------------------------------------------------------------------------------------------------------------
 # Stages 3-5
 # ----------------------------------------------------------------------------------------------------------------
-def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device, with_masks: bool):
+def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device, with_masks: bool,
+                  cache: FeatureCache | None):
+    # The vision side is frozen in stages 3-5, so a caller may hand a cache that keeps each image's encoding.
+    identity = f"train:{id(model)}:{model.dtype}:{device}"
+
     def loss_fn(batch: list[ConversationSample]) -> dict[str, torch.Tensor]:
         pixels = torch.stack([s.pixels for s in batch]).to(device)
-        encoding = model.encode(pixels, config.round_pixels_to_bf16)  # frozen vision side, no graph
+        if cache is None:
+            encoding = model.encode(pixels, config.round_pixels_to_bf16)  # frozen vision side, no graph
+        else:
+            encoding = encode_through_cache(cache, model.encode, pixels, config.round_pixels_to_bf16, identity)
         masks = [None if s.masks is None else s.masks.to(device) for s in batch]
         out = lvlm_losses(model, [s.input_ids for s in batch], [s.labels for s in batch], encoding, masks,
                           pad_code_slots=config.pad_code_slots, yes_no_weight=config.yes_no_weight)
@@ -304,7 +312,8 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
 
 
 def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool, name: str,
-              with_masks: bool, params=None, grad_masks=None, finalize=None) -> TrainResult:
+              with_masks: bool, params=None, grad_masks=None, finalize=None,
+              cache: FeatureCache | None = None) -> TrainResult:
     device = next(model.parameters()).device
     lm = model.language_model
     if config.gradient_checkpointing:
@@ -312,7 +321,7 @@ def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         return train(model, params or trainable_parameters(model), dataset, collate_conversations,
-                     _lvlm_loss_fn(model, config, device, with_masks), config, out_dir, resume, name=name,
+                     _lvlm_loss_fn(model, config, device, with_masks, cache), config, out_dir, resume, name=name,
                      grad_masks=grad_masks, finalize=finalize)
     finally:
         if config.gradient_checkpointing:
@@ -320,13 +329,13 @@ def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume
 
 
 def run_stage3(model: MedSIGHTModel, data: Any, config: Stage3Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
     """Vision -> text alignment: only `mm_projector` trains, on the LM cross-entropy."""
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
     model.language_model.train()  # no dropout in Qwen3; train mode matters for gradient checkpointing
     model.language_model.mm_projector.requires_grad_(True)
-    return _run_lvlm(model, dataset, config, out_dir, resume, "stage3", with_masks=False)
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage3", with_masks=False, cache=cache)
 
 
 @torch.no_grad()
@@ -364,7 +373,7 @@ def code_row_mask(model: MedSIGHTModel) -> torch.Tensor:
 
 
 def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
     """Text -> vision alignment: `token_projection` and the 576 code embedding rows train (CE + mask loss).
 
     The code rows are trained in place: the whole `embed_tokens` weight requires grad and every non-code row of its
@@ -384,18 +393,19 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
     lm.token_projection.requires_grad_(True)
     lm.get_input_embeddings().weight.requires_grad_(True)
     masks = {EMBED_WEIGHT: code_row_mask(model)}
-    return _run_lvlm(model, dataset, config, out_dir, resume, "stage4", with_masks=True, grad_masks=masks)
+    return _run_lvlm(model, dataset, config, out_dir, resume, "stage4", with_masks=True, grad_masks=masks,
+                     cache=cache)
 
 
 def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
     """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen),
     or with `config.lora` LoRA adapters and the listed non-LoRA parameters."""
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
     if not config.lora:
         model.language_model.requires_grad_(True).train()
-        return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True)
+        return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True, cache=cache)
     peft_model, groups, non_lora = add_lora_for_training(model, config)
     if lora_frozen_dtype(config, model.device) != torch.float32:
         config = replace(config, bf16=True)  # float32 trainables meet a bf16 base: autocast makes them agree
@@ -405,7 +415,7 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
         return save_adapter(peft_model, folder, non_lora, lm_state)
 
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
-                     finalize=finalize)
+                     finalize=finalize, cache=cache)
 
 
 def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype:
