@@ -1,5 +1,5 @@
-"""`EventFeed`: the engine thread's stream events reach the event loop complete, in order, before anything the
-thread schedules after them (the job's result), and a burst of events wakes the loop once, not once per event."""
+"""`EventFeed`: the engine thread's stream events reach the event loop complete and in order, those produced before
+the job's result is settled included, and a burst of events wakes the loop once, not once per event."""
 
 from __future__ import annotations
 
@@ -27,7 +27,12 @@ async def _feed_from_a_thread(events: int) -> tuple[list, int, int]:
     def worker() -> None:
         for i in range(events):
             feed.put("token", str(i))
-        schedule(lambda: (seen_at_settle.append(feed.queue.qsize()), settled.set_result(None)))
+        schedule(settle)
+
+    def settle() -> None:  # what the stream does when the job's future is done
+        feed.flush()
+        seen_at_settle.append(feed.queue.qsize())
+        settled.set_result(None)
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -42,5 +47,5 @@ def test_a_burst_arrives_whole_in_order_with_one_wakeup():
     events = 500
     received, queued_at_settle, wakeups = asyncio.run(_feed_from_a_thread(events))
     assert received == [("token", str(i)) for i in range(events)]
-    assert queued_at_settle == events  # all of them were in the queue when the result settled
+    assert queued_at_settle == events  # all of them were in the queue when the result was read
     assert wakeups == 1  # waking the loop per token made the loop and the model's thread fight over the GIL
