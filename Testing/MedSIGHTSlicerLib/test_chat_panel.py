@@ -18,6 +18,7 @@ from qtpy.QtTest import QTest
 import medsight
 import medsight.server.app
 from medsight_testing.live_server import free_port, live_server
+from medsight_testing.palettes import contrast
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, describe_error, parse_region_url
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 from MedSIGHTSlicerLib.protocol import SliceAnswer
@@ -372,18 +373,6 @@ def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
     assert bar.value() == 0
 
 
-def _contrast(fg: str, bg) -> float:
-    """WCAG contrast ratio of a #rrggbb colour on a QColor."""
-    def luminance(rgb) -> float:
-        channels = [c / 255 for c in rgb]
-        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
-        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
-
-    a = luminance([int(fg[i : i + 2], 16) for i in (1, 3, 5)])
-    b = luminance([bg.red(), bg.green(), bg.blue()])
-    return (max(a, b) + 0.05) / (min(a, b) + 0.05)
-
-
 @pytest.mark.parametrize(("background", "text"), [("#202124", "#e8eaed"), ("#ffffff", "#000000")],
                          ids=["dark", "light"])
 def test_conversation_is_readable_in_both_themes(app, url, volume, background, text):
@@ -404,6 +393,6 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
     chip_bg = qt.QColor(backgrounds.pop())
     for colour in texts:
         # A chip's text sits on the chip; everything else on the page's background.
-        on = chip_bg if _contrast(colour, chip_bg) > _contrast(colour, base) else base
-        assert _contrast(colour, on) >= 4.5, (colour, on.name(), background)
-    assert _contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base) >= 4.5
+        on = chip_bg if contrast(colour, chip_bg.name()) > contrast(colour, base.name()) else base
+        assert contrast(colour, on.name()) >= 4.5, (colour, on.name(), background)
+    assert contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base.name()) >= 4.5

@@ -24,6 +24,7 @@ import medsight.server.app
 from medsight.demo.sources import make_ct_phantom
 from medsight_testing.live_server import live_server
 from medsight_testing.mrml import make_volume
+from medsight_testing.palettes import dark_palette
 from medsight_testing.review_scene import check_segments, user_segmentation
 from MedSIGHTSlicerLib import theme
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
@@ -111,7 +112,7 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
 
         OUTPUTS.mkdir(parents=True, exist_ok=True)
         host.list.select([liver_id])
-        for name, palette in (("light", qt.QPalette(app.style().standardPalette())), ("dark", _dark())):
+        for name, palette in (("light", qt.QPalette(app.style().standardPalette())), ("dark", dark_palette())):
             window.setPalette(palette)
             host.list.apply_palette()
             panel.apply_palette()
@@ -144,15 +145,3 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
         window.close()
         window.deleteLater()
         app.processEvents()
-
-
-def _dark():
-    palette = qt.QPalette()
-    for role, rgb in (
-        (qt.QPalette.Window, (42, 42, 42)), (qt.QPalette.Base, (30, 30, 30)), (qt.QPalette.AlternateBase, (45, 45, 45)),
-        (qt.QPalette.Text, (230, 230, 230)), (qt.QPalette.WindowText, (230, 230, 230)),
-        (qt.QPalette.Button, (53, 53, 53)), (qt.QPalette.ButtonText, (230, 230, 230)),
-        (qt.QPalette.Highlight, (42, 130, 218)), (qt.QPalette.HighlightedText, (255, 255, 255)),
-    ):
-        palette.setColor(role, qt.QColor(*rgb))
-    return palette

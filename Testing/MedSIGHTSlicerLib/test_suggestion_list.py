@@ -20,11 +20,13 @@ import slicer
 from qtpy.QtTest import QTest
 
 from medsight_testing.mrml import make_volume, oblique_matrix
+from medsight_testing.palettes import contrast, dark_palette
 from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
     ct_voxels,
     register_segmentation_converters,
+    segment_ids,
     user_segmentation,
 )
 from MedSIGHTSlicerLib import shortcuts, theme
@@ -122,7 +124,7 @@ def test_rows_multi_select_accept_reject_undo_redo(app, setup):
     assert panel.selected_ids() == [ids[0], ids[2]]
     masks = {sid: manager.suggestion_mask(sid) for sid in ids}
     QTest.mouseClick(panel.accept_button, qt.Qt.LeftButton)
-    accepted = [sid for sid in user_ids(user) if sid not in expected]
+    accepted = [sid for sid in segment_ids(user) if sid not in expected]
     assert len(accepted) == 2
     for new_id, source in zip(accepted, (ids[0], ids[2])):
         expected[new_id] = masks[source]
@@ -217,35 +219,6 @@ def _labelmap(mask, volume):
     from MedSIGHTSlicerLib.geometry import labelmap_from_array
 
     return labelmap_from_array(mask, volume)
-
-
-def user_ids(node) -> list[str]:
-    segmentation = node.GetSegmentation()
-    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-
-
-def dark_palette():
-    palette = qt.QPalette()
-    for role, rgb in (
-        (qt.QPalette.Window, (42, 42, 42)), (qt.QPalette.Base, (30, 30, 30)), (qt.QPalette.AlternateBase, (45, 45, 45)),
-        (qt.QPalette.Text, (230, 230, 230)), (qt.QPalette.WindowText, (230, 230, 230)),
-        (qt.QPalette.Button, (53, 53, 53)), (qt.QPalette.ButtonText, (230, 230, 230)),
-        (qt.QPalette.Highlight, (42, 130, 218)), (qt.QPalette.HighlightedText, (255, 255, 255)),
-    ):
-        palette.setColor(role, qt.QColor(*rgb))
-    return palette
-
-
-def contrast(a: str, b: str) -> float:
-    """WCAG contrast ratio of two #rrggbb colours."""
-
-    def luminance(colour: str) -> float:
-        channels = [int(colour[n : n + 2], 16) / 255 for n in (1, 3, 5)]
-        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
-        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
-
-    high, low = sorted((luminance(a), luminance(b)), reverse=True)
-    return (high + 0.05) / (low + 0.05)
 
 
 def test_light_and_dark_palettes_are_legible_and_screenshotted(app, setup):
