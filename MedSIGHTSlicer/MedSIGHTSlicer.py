@@ -130,7 +130,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     # -- annotator review (issue 20): the widgets live in MedSIGHTSlicerLib.review_host ---------------------
     def _setup_review(self) -> None:
         self.review_host = ReviewHost(self.panel, self._node, self.logic, slicer.util.mainWindow(),
-                                      answer_volume=lambda: self.logic.bound_volume)
+                                      answer_volume=self.logic.answer_volume)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
         self._volume_changed(self._node())
         self.ui.chatPanelPlaceholder.layout().addWidget(self.review_host.list.widget)

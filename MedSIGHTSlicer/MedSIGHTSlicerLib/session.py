@@ -177,11 +177,19 @@ class MedSIGHTSession:
     def bound_volume(self):
         return self._bound
 
+    def answer_volume(self):
+        """Where answers of the bound question go: the bound volume, or None if it left the scene meanwhile (its
+        answers are then dropped). The module's review list takes streamed answers through this."""
+        node = self._bound
+        if node is None or node.GetScene() is not self.scene:
+            return None
+        return node
+
     def apply_bound_answers(self, answers: Sequence[SliceAnswer], question: str = "",
                             model: str | None = None) -> list[str]:
         """Answers of the bound question land on the bound volume (none if it left the scene meanwhile)."""
-        node = self._bound
-        if node is None or node.GetScene() is not self.scene:
+        node = self.answer_volume()
+        if node is None:
             if answers:
                 log.info("MedSIGHT: answers dropped, their volume was removed")
             return []

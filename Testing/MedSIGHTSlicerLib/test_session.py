@@ -106,6 +106,7 @@ def test_answers_land_on_the_volume_the_question_was_about():
     other = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="other")
     session.bind(asked)
     # ... the user selects another volume while the engine works; then the answer arrives:
+    assert session.answer_volume() is asked  # where the module's review list puts streamed answers
     ids = session.apply_bound_answers([slab_answer(asked, 2, slice(3, 6), slice(2, 5))], question="q", model="m")
     assert ids and session.suggestion_manager(asked).suggestion_ids() == ids
     assert session.suggestion_manager(other).suggestion_ids() == []
@@ -121,6 +122,7 @@ def test_removed_volume_takes_its_state_and_late_answers_are_dropped():
     scene.RemoveNode(node)
     assert session.tracked_volumes() == [] and session.bound_volume is None
     assert preview_nodes(scene) == []
+    assert session.answer_volume() is None
     assert session.apply_bound_answers([slab_answer(node, 1, slice(2, 4), slice(2, 4))]) == []
 
 
