@@ -135,28 +135,42 @@ def test_terminology_strings_agree():
 
     from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
 
-    for label in ("liver", "white matter", "lesion"):
+    for label in ("liver", "white matter", "lesion", "left kidney", "Right lung"):
         term = naming.term_for(label)
-        engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)))
+        engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)),
+                                      modifier=labelmap.Code(*astuple(term.modifier)) if term.modifier else None)
         assert terminology_entry(engine) == naming.terminology_entry(label)
         assert parse_terminology_entry(naming.terminology_entry(label)) == engine
+    assert parse_terminology_entry(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
 
+
+
+def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labelmap.Terminology:
+    """The engine's terminology of a structure the Slicer module codes (laterality included)."""
+    term = naming.term_for(label)
+
+    def code(c: naming.Code | None) -> labelmap.Code | None:
+        return labelmap.Code(*dataclasses.astuple(c)) if c else None
+
+    return labelmap.Terminology(code(term.category), code(term.type), region, code(term.modifier))
+
+
+def _segments() -> list[labelmap.Segment]:
+    """A coded structure with region code and anatomic region, a lateral one, and an uncoded one."""
+    return [labelmap.Segment(1, "Liver", (0.9, 0.3, 0.24), "[M0_1]",
+                             _engine_terminology("liver", labelmap.Code("SCT", "818981001", "Abdomen"))),
+            labelmap.Segment(2, "Left kidney", (0.3, 0.75, 0.35), "[M0_4]", _engine_terminology("left kidney")),
+            labelmap.Segment(3, "My region", (0.2, 0.5, 1.0))]
 
 
 def _sidecar_segmentation() -> labelmap.Segmentation:
-    """A small engine segmentation: a coded structure with region code and anatomic region, and an uncoded one."""
+    """A small engine segmentation of `_segments`."""
     from medsight.imaging import Volume
 
     voxels = np.zeros((3, 4, 5), np.uint8)
-    voxels[1, 1:3, 2:4], voxels[2, 0, 0] = 1, 2
-    term = naming.term_for("liver")
-    coded = labelmap.Terminology(labelmap.Code(*dataclasses.astuple(term.category)),
-                                 labelmap.Code(*dataclasses.astuple(term.type)),
-                                 labelmap.Code("SCT", "818981001", "Abdomen"))
-    segments = [labelmap.Segment(1, "Liver", (0.9, 0.3, 0.24), "[M0_1]", coded),
-                labelmap.Segment(2, "My region", (0.2, 0.5, 1.0))]
+    voxels[1, 1:3, 2:4], voxels[2, 0, 0], voxels[0, 3, 4] = 1, 3, 2
     volume = Volume(np.zeros(voxels.shape, np.int16), spacing=(0.5, 0.75, 3.0), origin=(10.0, -4.0, 2.0))
-    return labelmap.Segmentation(volume, voxels, segments)
+    return labelmap.Segmentation(volume, voxels, _segments())
 
 
 def _module_labels(seg: labelmap.Segmentation) -> list[dict]:
@@ -192,7 +206,75 @@ def test_nifti_label_sidecars_are_one_format(tmp_path):
     sidecar_path(module_nii).write_text(json.dumps(module_doc, indent=2))
     back = read_nifti_labelmap(module_nii)
     assert back.segments == seg.segments == read_nifti_labelmap(nii).segments
+    assert back.segments[1].terminology.modifier.meaning == "Left"
     assert np.array_equal(back.labelmap, seg.labelmap)
+
+
+def _described(path: Path) -> list[dict]:
+    """What a DICOM SEG says of each segment, as plain values."""
+    import pydicom
+
+    def code(item) -> tuple[str, str, str]:
+        return (str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning))
+
+    described = []
+    for d in pydicom.dcmread(str(path)).SegmentSequence:
+        kind = d.SegmentedPropertyTypeCodeSequence[0]
+        described.append({
+            "number": int(d.SegmentNumber),
+            "label": str(d.SegmentLabel),
+            "category": code(d.SegmentedPropertyCategoryCodeSequence[0]),
+            "type": code(kind),
+            "modifier": [code(m) for m in kind.get("SegmentedPropertyTypeModifierCodeSequence") or []],
+            "anatomic_region": [code(r) for r in d.get("AnatomicRegionSequence") or []],
+            "colour": [int(v) for v in d.RecommendedDisplayCIELabValue],
+            "tracking_id": str(d.get("TrackingID", "")),
+            "algorithm": [str(a.AlgorithmName) for a in d.get("SegmentationAlgorithmIdentificationSequence") or []],
+            "algorithm_type": str(d.SegmentAlgorithmType),
+        })
+    return described
+
+
+def test_dicom_seg_writers_describe_segments_alike(tmp_path):
+    """The engine's DICOM SEG writer (CLI) and the module's (`seg_writer`, from a Slicer segment's name, colour and
+    tags) describe the same segments with the same codes, laterality, anatomic region, colour and tracking ID.
+    They differ by design in one field: the engine's masks are the model's alone (AUTOMATIC); the module's were
+    accepted or drawn by a person (SEMIAUTOMATIC or MANUAL), and a segment without a region code is the user's."""
+    import pydicom
+    import pydicom.data
+
+    from medsight.imaging import read_volume, write_dicom_seg
+    from medsight.imaging.export_nrrd import terminology_entry
+    from MedSIGHTSlicerLib.seg_writer import SegmentInfo, write_seg
+
+    volume = read_volume(Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N")
+    segments = _segments()
+    masks = []
+    for n in range(len(segments)):
+        mask = np.zeros(volume.shape, bool)
+        mask[n % volume.shape[0], n : n + 3, 2 * n : 2 * n + 4] = True
+        masks.append(mask)
+    seg = labelmap.Segmentation(volume, np.zeros(volume.shape, np.uint8), segments)
+    for segment, mask in zip(segments, masks, strict=True):
+        seg.labelmap[mask] = segment.label
+    engine_path = write_dicom_seg(seg, tmp_path / "engine.dcm")
+    # The module writes from the volume's own source images, in slice order, and its segments' tags.
+    ordered = [pydicom.dcmread(f) for f in volume.source_files]
+    infos = [SegmentInfo(s.name, s.color, terminology_entry(s.terminology) if s.terminology != labelmap.Terminology()
+                         else "", "MedSIGHT" if s.region_code else None, s.region_code) for s in segments]
+    module_path = write_seg(ordered, masks, infos, tmp_path / "module.dcm")
+
+    engine, module = _described(Path(engine_path)), _described(module_path)
+    assert [e["algorithm_type"] for e in engine] == ["AUTOMATIC"] * len(segments)
+    assert [m["algorithm_type"] for m in module] == ["SEMIAUTOMATIC", "SEMIAUTOMATIC", "MANUAL"]
+    for e, m, segment in zip(engine, module, segments, strict=True):
+        e.pop("algorithm_type"), m.pop("algorithm_type")
+        if segment.region_code is None:  # the user's own segment: no algorithm, no tracking ID on the module's side
+            for d in (e, m):
+                d.pop("algorithm"), d.pop("tracking_id")
+        assert e == m, (segment.name, e, m)
+    assert engine[1]["modifier"] == [("SCT", "7771000", "Left")]
+    assert engine[0]["anatomic_region"] == [("SCT", "818981001", "Abdomen")]
 
 
 def test_export_suffixes_agree():

@@ -37,13 +37,14 @@ def label_record(value: int, name: str, colour: Sequence[float], terminology_ent
                  region_code: str | None) -> dict[str, Any]:
     """One label: value, segment name, RGB colour (0..1), the model's region code and the codes of the segment's
     TerminologyEntry tag (generic "Tissue" when it has none, as in the engine)."""
-    category, kind, region = entry_codes(terminology_entry or "")
+    codes = entry_codes(terminology_entry or "")
     return {
         "value": int(value),
         "name": name,
         "color": [float(c) for c in colour],
         "region_code": region_code,
-        "terminology": {"category": _code(category), "type": _code(kind), "anatomic_region": _code(region)},
+        "terminology": {"category": _code(codes.category), "type": _code(codes.type),
+                        "anatomic_region": _code(codes.anatomic_region), "modifier": _code(codes.modifier)},
     }
 
 

@@ -12,12 +12,13 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
-    "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources", "terminology_codes", "write_seg",
+    "EntryCodes", "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources",
+    "terminology_codes", "write_seg",
 ]
 
 #: Millimetres a slice may sit off its DICOM image position and still be the same slice.
@@ -41,25 +42,38 @@ class SegmentInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def entry_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str], tuple[str, str, str] | None]:
-    """(category, type, anatomic region) codes (scheme, value, meaning) from a TerminologyEntry tag: generic
-    "Tissue" and no region unless category and type are both coded (as the engine's `parse_terminology_entry`)."""
+CodeTuple = tuple[str, str, str]  # (scheme, value, meaning)
+
+
+class EntryCodes(NamedTuple):
+    """The codes of a TerminologyEntry tag, as the engine's `medsight.imaging.Terminology` holds them."""
+
+    category: CodeTuple
+    type: CodeTuple
+    modifier: CodeTuple | None  # the type modifier: laterality for "Left kidney"
+    anatomic_region: CodeTuple | None
+
+
+def entry_codes(entry: str) -> EntryCodes:
+    """The codes of a TerminologyEntry tag (context~category~type~type modifier~anatomic context~region~region
+    modifier): generic "Tissue", no modifier and no region unless category and type are both coded (as the engine's
+    `parse_terminology_entry`)."""
     parts = (entry or "").split("~")
 
-    def code(text: str) -> tuple[str, str, str] | None:
-        fields = text.split("^")
+    def code(index: int) -> CodeTuple | None:
+        fields = parts[index].split("^") if len(parts) > index else []
         return (fields[0], fields[1], fields[2]) if len(fields) == 3 and all(fields) else None
 
-    category = code(parts[1]) if len(parts) > 2 else None
-    kind = code(parts[2]) if len(parts) > 2 else None
-    region = code(parts[5]) if len(parts) > 5 else None
-    return (category, kind, region) if category and kind else (_TISSUE, _TISSUE, None)
+    category, kind = (code(1), code(2)) if len(parts) > 2 else (None, None)
+    if not (category and kind):
+        return EntryCodes(_TISSUE, _TISSUE, None, None)
+    return EntryCodes(category, kind, code(3), code(5))
 
 
 def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     """(category, type) codes (scheme, value, meaning) from a TerminologyEntry tag; generic "Tissue" without one."""
-    category, kind, _ = entry_codes(entry)
-    return category, kind
+    codes = entry_codes(entry)
+    return codes.category, codes.type
 
 
 def display_colour(colour: Sequence[float]) -> Any:
@@ -83,13 +97,14 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    category, kind = terminology_codes(info.terminology)
+    entry = entry_codes(info.terminology)
+    category, kind = entry.category, entry.type
     from_model = info.model is not None or info.region_code is not None
     arguments = dict(
         segment_number=number,
         segment_label=info.name or f"Segment {number}",
-        segmented_property_category=hd.sr.CodedConcept(category[1], category[0], category[2]),
-        segmented_property_type=hd.sr.CodedConcept(kind[1], kind[0], kind[2]),
+        segmented_property_category=_concept(category),
+        segmented_property_type=_concept(kind),
         # Suggested by the model and accepted by the user: semi-automatic. The user's own drawing: manual.
         algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if from_model
                         else hd.seg.SegmentAlgorithmTypeValues.MANUAL),
@@ -98,13 +113,25 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
         ) if from_model else None,
         tracking_id=info.region_code or None,
         tracking_uid=hd.UID() if info.region_code else None,
+        anatomic_regions=[_concept(entry.anatomic_region)] if entry.anatomic_region else None,
     )
     colour = display_colour(info.colour)
     if "display_color" in inspect.signature(hd.seg.SegmentDescription.__init__).parameters:
-        return hd.seg.SegmentDescription(**arguments, display_color=colour)
-    description = hd.seg.SegmentDescription(**arguments)  # highdicom 0.22
-    description.RecommendedDisplayCIELabValue = list(colour.value)
+        description = hd.seg.SegmentDescription(**arguments, display_color=colour)
+    else:
+        description = hd.seg.SegmentDescription(**arguments)  # highdicom 0.22
+        description.RecommendedDisplayCIELabValue = list(colour.value)
+    if entry.modifier:
+        # highdicom has no argument for it; DICOM nests the modifier in the property type's code item.
+        type_item = description.SegmentedPropertyTypeCodeSequence[0]
+        type_item.SegmentedPropertyTypeModifierCodeSequence = [_concept(entry.modifier)]
     return description
+
+
+def _concept(code: CodeTuple) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(code[1], code[0], code[2])
 
 
 def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int]) -> list:

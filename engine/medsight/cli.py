@@ -145,9 +145,7 @@ def _findings(answers) -> dict[str, list]:
 
 def _segment(value: int, pairs: list, used: list):
     """A finding's segment, named, coloured and coded as the Slicer module names its suggestion."""
-    from dataclasses import astuple
-
-    from medsight.imaging import Code, Segment, Terminology
+    from medsight.imaging import Segment, Terminology
     from medsight.naming import colour_for, display_name, term_for
 
     label = pairs[0][1].label
@@ -156,7 +154,7 @@ def _segment(value: int, pairs: list, used: list):
     # Printable ASCII without "|": file headers need it.
     name = re.sub(r"[^\x20-\x7e]", "", display_name(label, fallback=fallback)).replace("|", " ").strip()[:64]
     term = term_for(label)
-    terminology = Terminology(Code(*astuple(term.category)), Code(*astuple(term.type))) if term else Terminology()
+    terminology = Terminology(term.category, term.type, modifier=term.modifier) if term else Terminology()
     colour = colour_for(label or fallback, avoid=used)
     return Segment(value, name or "Region", colour, codes[0] if codes else None, terminology)
 

@@ -26,7 +26,7 @@ def _lab(color: tuple[float, float, float]) -> hd.color.CIELabColor:
 
 def _description(number: int, s: Segment) -> hd.seg.SegmentDescription:
     t = s.terminology
-    return hd.seg.SegmentDescription(
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=s.name,
         segmented_property_category=_concept(t.category),
@@ -41,6 +41,15 @@ def _description(number: int, s: Segment) -> hd.seg.SegmentDescription:
         anatomic_regions=[_concept(t.anatomic_region)] if t.anatomic_region else None,
         display_color=_lab(s.color),
     )
+    if t.modifier:
+        # highdicom has no argument for it; DICOM nests the modifier in the property type's code item.
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _concept(t.modifier)]
+    return description
+
+
+def _code(item) -> Code:
+    return Code(str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning))
 
 
 def write_dicom_seg(
@@ -116,6 +125,8 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
                 for c in hd.color.CIELabColor.from_dicom_value(d.RecommendedDisplayCIELabValue).to_rgb()
             )
         cat, typ = d.SegmentedPropertyCategoryCodeSequence[0], d.SegmentedPropertyTypeCodeSequence[0]
+        modifiers = typ.get("SegmentedPropertyTypeModifierCodeSequence") or []
+        regions = d.get("AnatomicRegionSequence") or []
         segments.append(
             Segment(
                 label=int(d.SegmentNumber),
@@ -123,8 +134,10 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
                 color=rgb,  # type: ignore[arg-type]
                 region_code=str(d.TrackingID) if "TrackingID" in d else None,
                 terminology=Terminology(
-                    Code(cat.CodingSchemeDesignator, cat.CodeValue, cat.CodeMeaning),
-                    Code(typ.CodingSchemeDesignator, typ.CodeValue, typ.CodeMeaning),
+                    _code(cat),
+                    _code(typ),
+                    anatomic_region=_code(regions[0]) if regions else None,
+                    modifier=_code(modifiers[0]) if modifiers else None,
                 ),
             )
         )

@@ -53,6 +53,7 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
                     "category": _code_dict(s.terminology.category),
                     "type": _code_dict(s.terminology.type),
                     "anatomic_region": _code_dict(s.terminology.anatomic_region),
+                    "modifier": _code_dict(s.terminology.modifier),
                 },
             }
             for s in seg.segments
@@ -99,6 +100,7 @@ def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
                     _code_from(d["terminology"]["category"]) or TISSUE,
                     _code_from(d["terminology"]["type"]) or TISSUE,
                     _code_from(d["terminology"].get("anatomic_region")),
+                    _code_from(d["terminology"].get("modifier")),
                 ),
             )
             for d in meta["labels"]

@@ -26,7 +26,7 @@ _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
 def _code(c: Code | None) -> str:
-    return "^^" if c is None else f"{c.scheme}^{c.value}^{c.meaning}"
+    return "^^" if c is None else c.serialise()
 
 
 def _parse_code(text: str) -> Code | None:
@@ -38,9 +38,8 @@ def _parse_code(text: str) -> Code | None:
 
 def terminology_entry(t: Terminology) -> str:
     """Slicer's terminology string: context~category~type~modifier~anatomic context~region~modifier."""
-    return "~".join(
-        [_CONTEXT, _code(t.category), _code(t.type), "^^", _ANATOMIC_CONTEXT, _code(t.anatomic_region), "^^"]
-    )
+    return "~".join([_CONTEXT, _code(t.category), _code(t.type), _code(t.modifier), _ANATOMIC_CONTEXT,
+                     _code(t.anatomic_region), "^^"])
 
 
 def parse_terminology_entry(text: str) -> Terminology | None:
@@ -50,7 +49,8 @@ def parse_terminology_entry(text: str) -> Terminology | None:
     category, type_ = _parse_code(parts[1]), _parse_code(parts[2])
     if category is None or type_ is None:
         return None
-    return Terminology(category, type_, _parse_code(parts[5]) if len(parts) > 5 else None)
+    return Terminology(category, type_, _parse_code(parts[5]) if len(parts) > 5 else None,
+                       _parse_code(parts[3]) if len(parts) > 3 else None)
 
 
 def _check_tag_value(value: str, what: str) -> str:

@@ -7,31 +7,24 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from medsight.naming import Code
+
 from .errors import ImagingError
 from .slicing import Slice
 from .volume import Volume
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept (DICOM style): coding scheme designator, value, meaning (the order of Slicer's
-    ``scheme^value^meaning`` strings and of the Slicer module's copy, `MedSIGHTSlicerLib.naming.Code`)."""
-
-    scheme: str
-    value: str
-    meaning: str
-
 
 TISSUE = Code("SCT", "85756007", "Tissue")
 
 
 @dataclass(frozen=True)
 class Terminology:
-    """What a segment is: category and type (required), optional anatomic region."""
+    """What a segment is: category and type (required), optional anatomic region and type modifier (laterality,
+    as `medsight.naming.Term` gives it for "left kidney"). Codes are `medsight.naming.Code`, the Slicer module's."""
 
     category: Code = TISSUE
     type: Code = TISSUE
     anatomic_region: Code | None = None
+    modifier: Code | None = None
 
 
 @dataclass(frozen=True)
