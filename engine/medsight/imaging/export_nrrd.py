@@ -12,7 +12,7 @@ import os
 import nrrd
 import numpy as np
 
-from medsight.naming import TERMINOLOGY_CONTEXT
+from medsight.naming import Term
 
 from .errors import ImagingError
 from .labelmap import Code, Segment, Segmentation, Terminology
@@ -20,15 +20,6 @@ from .read_files import read_nrrd
 
 REGION_CODE_TAG = "MedSIGHT.RegionCode"
 TERMINOLOGY_TAG = "TerminologyEntry"
-# Our own terminology context (the Slicer module loads its .term.json): Slicer's lists lack "Lesion".
-_CONTEXT = TERMINOLOGY_CONTEXT
-_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
-
-def _code(c: Code | None) -> str:
-    return "^^" if c is None else c.serialise()
-
-
 def _parse_code(text: str) -> Code | None:
     parts = text.split("^")
     if len(parts) != 3 or not parts[1]:
@@ -37,9 +28,12 @@ def _parse_code(text: str) -> Code | None:
 
 
 def terminology_entry(t: Terminology) -> str:
-    """Slicer's terminology string: context~category~type~modifier~anatomic context~region~modifier."""
-    return "~".join([_CONTEXT, _code(t.category), _code(t.type), _code(t.modifier), _ANATOMIC_CONTEXT,
-                     _code(t.anatomic_region), "^^"])
+    """Slicer's terminology string (context~category~type~modifier~anatomic context~region~modifier), in our own
+    terminology context, as the Slicer module writes it (`medsight.naming.Term.entry`), plus the anatomic region."""
+    parts = Term(t.category, t.type, t.modifier).entry().split("~")
+    if t.anatomic_region is not None:
+        parts[5] = t.anatomic_region.serialise()
+    return "~".join(parts)
 
 
 def parse_terminology_entry(text: str) -> Terminology | None:
