@@ -100,3 +100,22 @@ def test_terminology_and_colour_helpers():
     assert terminology_codes("")[1][1] == "85756007"
     white = _lab(display_colour((1.0, 1.0, 1.0)).value)
     assert abs(white[0] - 100) < 0.5 and abs(white[1]) < 1 and abs(white[2]) < 1
+
+
+def test_laterality_and_anatomic_region_reach_the_seg(series, tmp_path):
+    """A TerminologyEntry's type modifier (laterality) and anatomic region are written where DICOM keeps them: the
+    modifier inside the property type's code item, the region as the segment's anatomic region."""
+    datasets, ijk_to_ras, dims = series
+    entry = ("Segmentation category and type - MedSIGHT~SCT^123037004^Anatomical Structure~SCT^64033007^Kidney"
+             "~SCT^7771000^Left~Anatomic codes - DICOM master list~SCT^818981001^Abdomen~^^")
+    mask = np.zeros((dims[2], dims[1], dims[0]), bool)
+    mask[2, 4:8, 4:8] = True
+    path = write_seg(order_sources(datasets, ijk_to_ras, dims), [mask],
+                     [SegmentInfo("Left kidney", (0.3, 0.75, 0.35), entry, "MedSIGHT", "[M0_4]")], tmp_path / "k.dcm")
+    (described,) = pydicom.dcmread(str(path)).SegmentSequence
+    kind = described.SegmentedPropertyTypeCodeSequence[0]
+    assert (kind.CodeValue, kind.CodeMeaning) == ("64033007", "Kidney")
+    (modifier,) = kind.SegmentedPropertyTypeModifierCodeSequence
+    assert (modifier.CodingSchemeDesignator, modifier.CodeValue, modifier.CodeMeaning) == ("SCT", "7771000", "Left")
+    (region,) = described.AnatomicRegionSequence
+    assert (region.CodeValue, region.CodeMeaning) == ("818981001", "Abdomen")
