@@ -374,7 +374,7 @@ def _runs_table(runs: Sequence[dict], seed: int | None) -> list[str]:
     lines = ["| seed | Dice | modality | yes/no | not visible | test answers with an unknown word | MNI152 white "
              "matter: unknown-word share | MNI152 brain Dice | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        mark = " (this checkpoint)" if r is runs[-1] and r.get("seed") == seed else ""
+        mark = " (this checkpoint)" if r.get("seed") == seed else ""
         lines.append(
             f"| {r.get('seed')}{mark} | {num(r.get('dice_mean'))} | {pct(r.get('modality_accuracy'))} | "
             f"{pct(r.get('yes_no_accuracy'))} | {pct(r.get('not_visible_accuracy'))} | "
@@ -501,8 +501,8 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "",
         "## Runs",
         "",
-        "Every run of the training command listed with `--previous-run`, this one last (same data size and "
-        "budget and data seed, different `--seed`):",
+        "Every run of the training command recorded with this one (`--previous-run`), in the order they ran (same "
+        "data size, budget and data seed, different `--seed`):",
         "",
         *_runs_table(summary.get("runs") or [run_entry(summary)], summary.get("seed")),
         "",
