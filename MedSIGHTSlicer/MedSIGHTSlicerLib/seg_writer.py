@@ -17,8 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
-    "EntryCodes", "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources",
-    "terminology_codes", "write_seg",
+    "EntryCodes", "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources", "write_seg",
 ]
 
 #: Millimetres a slice may sit off its DICOM image position and still be the same slice.
@@ -68,12 +67,6 @@ def entry_codes(entry: str) -> EntryCodes:
     if not (category and kind):
         return EntryCodes(_TISSUE, _TISSUE, None, None)
     return EntryCodes(category, kind, code(3), code(5))
-
-
-def terminology_codes(entry: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
-    """(category, type) codes (scheme, value, meaning) from a TerminologyEntry tag; generic "Tissue" without one."""
-    codes = entry_codes(entry)
-    return codes.category, codes.type
 
 
 def display_colour(colour: Sequence[float]) -> Any:

@@ -15,8 +15,8 @@ from MedSIGHTSlicerLib.seg_writer import (  # noqa: E402
     SegmentInfo,
     SegWriteError,
     display_colour,
+    entry_codes,
     order_sources,
-    terminology_codes,
     write_seg,
 )
 
@@ -95,9 +95,9 @@ def test_grid_mismatches_are_refused_plainly(series, tmp_path):
 
 
 def test_terminology_and_colour_helpers():
-    category, kind = terminology_codes(LIVER_ENTRY)
+    category, kind = entry_codes(LIVER_ENTRY)[:2]
     assert category == ("SCT", "123037004", "Anatomical Structure") and kind == ("SCT", "10200004", "Liver")
-    assert terminology_codes("")[1][1] == "85756007"
+    assert entry_codes("").type[1] == "85756007"
     white = _lab(display_colour((1.0, 1.0, 1.0)).value)
     assert abs(white[0] - 100) < 0.5 and abs(white[1]) < 1 and abs(white[2]) < 1
 
