@@ -176,7 +176,8 @@ def test_smoke_model_card_lists_earlier_runs_with_their_seeds(smoke, tmp_path):
     assert [int(r.split("|")[1].split()[0]) for r in rows] == [7, 8, summary["seed"]]
     assert "| 0.831 |" in rows[0] and "| 0.845 |" in rows[1] and "(this checkpoint)" in rows[2]
     # An earlier run embedded after a later one: the card marks its own row, wherever it stands.
-    card = write_model_card(model_dir, {**summary, "seed": 7, "runs": [*runs, run_entry(summary)]}).read_text()
+    first = json.loads((folders[0] / "summary.json").read_text())
+    card = write_model_card(model_dir, {**first, "runs": [*runs, run_entry(summary)]}).read_text()
     rows = [line for line in card.splitlines() if re.match(r"^\| \d", line)]
     assert ["(this checkpoint)" in r for r in rows] == [True, False, False]
     assert "BPE tokenizer learned on the training conversations" in card

@@ -364,7 +364,9 @@ def collect_runs(folders: Sequence[Path]) -> list[dict]:
     return runs
 
 
-def _runs_table(runs: Sequence[dict], seed: int | None) -> list[str]:
+def _runs_table(runs: Sequence[dict], this: dict) -> list[str]:
+    """The runs as table rows; the row equal to ``this`` (the checkpoint's own `run_entry`) is marked."""
+
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -374,7 +376,7 @@ def _runs_table(runs: Sequence[dict], seed: int | None) -> list[str]:
     lines = ["| seed | Dice | modality | yes/no | not visible | test answers with an unknown word | MNI152 white "
              "matter: unknown-word share | MNI152 brain Dice | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        mark = " (this checkpoint)" if r.get("seed") == seed else ""
+        mark = " (this checkpoint)" if r == this else ""
         lines.append(
             f"| {r.get('seed')}{mark} | {num(r.get('dice_mean'))} | {pct(r.get('modality_accuracy'))} | "
             f"{pct(r.get('yes_no_accuracy'))} | {pct(r.get('not_visible_accuracy'))} | "
@@ -504,7 +506,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "Every run of the training command recorded with this one (`--previous-run`), in the order they ran (same "
         "data size, budget and data seed, different `--seed`):",
         "",
-        *_runs_table(summary.get("runs") or [run_entry(summary)], summary.get("seed")),
+        *_runs_table(summary.get("runs") or [run_entry(summary)], run_entry(summary)),
         "",
         "## Scores on the held-out test split",
         "",
