@@ -129,22 +129,6 @@ def test_naming_is_one_implementation_in_two_places():
     assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))
 
 
-def test_terminology_strings_agree():
-    """The engine's .seg.nrrd writer and the Slicer module write the same TerminologyEntry for a known structure."""
-    from dataclasses import astuple
-
-    from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
-
-    for label in ("liver", "white matter", "lesion", "left kidney", "Right lung"):
-        term = naming.term_for(label)
-        engine = labelmap.Terminology(labelmap.Code(*astuple(term.category)), labelmap.Code(*astuple(term.type)),
-                                      modifier=labelmap.Code(*astuple(term.modifier)) if term.modifier else None)
-        assert terminology_entry(engine) == naming.terminology_entry(label)
-        assert parse_terminology_entry(naming.terminology_entry(label)) == engine
-    assert parse_terminology_entry(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
-
-
-
 def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labelmap.Terminology:
     """The engine's terminology of a structure the Slicer module codes (laterality included)."""
     term = naming.term_for(label)
@@ -153,6 +137,18 @@ def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labe
         return labelmap.Code(*dataclasses.astuple(c)) if c else None
 
     return labelmap.Terminology(code(term.category), code(term.type), region, code(term.modifier))
+
+
+def test_terminology_strings_agree():
+    """The engine's .seg.nrrd writer and the Slicer module write the same TerminologyEntry for a known structure."""
+    from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
+
+    for label in ("liver", "white matter", "lesion", "left kidney", "Right lung"):
+        engine = _engine_terminology(label)
+        assert terminology_entry(engine) == naming.terminology_entry(label)
+        assert parse_terminology_entry(naming.terminology_entry(label)) == engine
+    assert parse_terminology_entry(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
+
 
 
 def _segments() -> list[labelmap.Segment]:

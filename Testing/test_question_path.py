@@ -54,7 +54,7 @@ def _walkthrough() -> str:
 def traced_question() -> tuple[set[str], int]:
     """The files of ours that run while one volume question is asked in the panel and its masks become suggested
     segments, as ``medsight/...`` or ``MedSIGHTSlicerLib/...`` paths; and the number of suggestions."""
-    roots = [str(root) + os.sep for root in _roots()]
+    prefixes = {str(root) + os.sep: root.name for root in _roots()}  # folder path -> package folder name
     seen: set[str] = set()
     tracing = threading.Event()
 
@@ -100,11 +100,8 @@ def traced_question() -> tuple[set[str], int]:
     finally:
         sys.settrace(None)
         threading.settrace(None)
-    files = set()
-    for name in seen:
-        for root, prefix in zip(_roots(), roots, strict=True):
-            if name.startswith(prefix):
-                files.add(f"{root.name}/{Path(name[len(prefix):]).as_posix()}")
+    files = {f"{package}/{Path(name[len(prefix):]).as_posix()}"
+             for name in seen for prefix, package in prefixes.items() if name.startswith(prefix)}
     return files, suggestions
 
 
