@@ -180,6 +180,11 @@ def test_smoke_model_card_lists_earlier_runs_with_their_seeds(smoke, tmp_path):
     card = write_model_card(model_dir, {**first, "runs": [*runs, run_entry(summary)]}).read_text()
     rows = [line for line in card.splitlines() if re.match(r"^\| \d", line)]
     assert ["(this checkpoint)" in r for r in rows] == [True, False, False]
+    # A rerun with the same seed is another run: only the checkpoint's own row is marked.
+    rerun = {**summary, "scores": {**summary["scores"], "dice_mean": 0.5}}
+    card = write_model_card(model_dir, {**summary, "runs": [run_entry(rerun), run_entry(summary)]}).read_text()
+    rows = [line for line in card.splitlines() if re.match(r"^\| \d", line)]
+    assert ["(this checkpoint)" in r for r in rows] == [False, True]
     assert "BPE tokenizer learned on the training conversations" in card
 
 
