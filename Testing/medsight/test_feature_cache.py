@@ -33,3 +33,20 @@ def test_encode_through_cache_encodes_only_misses_and_returns_the_direct_encodin
     for got, rows in ((first, [0, 1]), (mixed, [2, 0, 2]), (again, [1, 0])):
         for name in FIELDS:
             torch.testing.assert_close(getattr(got, name), getattr(direct, name)[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_object():
+    import copy
+
+    from medsight.feature_cache import weights_fingerprint
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(torch.bfloat16)
+    twin = copy.deepcopy(module)
+    assert weights_fingerprint(module) == weights_fingerprint(twin)
+    with torch.no_grad():
+        twin[0].weight[0, 0] += 1.0
+    assert weights_fingerprint(module) != weights_fingerprint(twin)
+    other = copy.deepcopy(module)
+    other[1].running_mean.fill_(0.5)  # a buffer counts too
+    assert weights_fingerprint(module) != weights_fingerprint(other)

@@ -26,6 +26,18 @@ def content_key(pixels: torch.Tensor, resize_mode: str, round_pixels_to_bf16: bo
     return digest.hexdigest()
 
 
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """sha256 of the modules' parameters and buffers: equal for copies with equal weights (a trainer's throw-away
+    copy, the same weights reloaded for the next stage), so they can share cached encodings; any change of a weight
+    gives another fingerprint."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def encoding_bytes(encoding: ImageEncoding) -> int:
     """Memory held by one encoding's tensors."""
     tensors = (encoding.cls, encoding.patches, encoding.grid, encoding.region_tokens)

@@ -169,3 +169,18 @@ def test_lvlm_stage_with_a_feature_cache_trains_as_without(runs, data, stage, tm
     assert len(result.records) == len(expected)
     for got, want in zip(result.records, expected, strict=True):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (got, want)
+
+
+def test_one_cache_serves_later_stages_with_the_same_frozen_weights(runs, data, tmp_path):
+    """The demo trainer hands one cache to stages 3-5: stage 5, on stage 4's weights reloaded (another model object,
+    equal vision weights), encodes nothing again and trains exactly as the uncached chained run."""
+    cache = FeatureCache(1 << 30)
+    RUNNERS[4](load_pretrained(runs[3]["final"]), data["lvlm"], CONFIGS[4], tmp_path / "s4", cache=cache)
+    after_stage4 = cache.stats
+    result = RUNNERS[5](load_pretrained(runs[4]["final"]), data["lvlm"], CONFIGS[5], tmp_path / "s5", cache=cache)
+    stats = cache.stats
+    assert stats.misses == after_stage4.misses and stats.entries == after_stage4.entries > 0
+    expected = runs[5]["records"]
+    assert len(result.records) == len(expected)
+    for got, want in zip(result.records, expected, strict=True):
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (got, want)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medsight.feature_cache import FeatureCache, encode_through_cache
+from medsight.feature_cache import FeatureCache, encode_through_cache, weights_fingerprint
 from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
 from medsight.model.checkpoints import select_prefix
 from medsight.model.medsight import MedSIGHTModel
@@ -291,8 +291,10 @@ def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: s
 # ----------------------------------------------------------------------------------------------------------------
 def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device, with_masks: bool,
                   cache: FeatureCache | None):
-    # The vision side is frozen in stages 3-5, so a caller may hand a cache that keeps each image's encoding.
-    identity = f"train:{id(model)}:{model.dtype}:{device}"
+    # The vision side is frozen in stages 3-5, so a caller may hand a cache that keeps each image's encoding. The
+    # key names the frozen weights, not the model object: one cache serves every stage and copy with those weights.
+    identity = "" if cache is None else (
+        f"train:{weights_fingerprint(model.image_encoder, model.region_perceiver)}:{model.dtype}:{device}")
 
     def loss_fn(batch: list[ConversationSample]) -> dict[str, torch.Tensor]:
         pixels = torch.stack([s.pixels for s in batch]).to(device)
