@@ -129,25 +129,26 @@ def test_naming_is_one_implementation_in_two_places():
     assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))
 
 
-def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labelmap.Terminology:
+def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labelmap.Term:
     """The engine's terminology of a structure the Slicer module codes (laterality included)."""
-    term = naming.term_for(label)
+    import medsight.naming
 
-    def code(c: naming.Code | None) -> labelmap.Code | None:
-        return labelmap.Code(*dataclasses.astuple(c)) if c else None
-
-    return labelmap.Terminology(code(term.category), code(term.type), region, code(term.modifier))
+    return dataclasses.replace(medsight.naming.term_for(label), anatomic_region=region)
 
 
 def test_terminology_strings_agree():
-    """The engine's .seg.nrrd writer and the Slicer module write the same TerminologyEntry for a known structure."""
-    from medsight.imaging.export_nrrd import parse_terminology_entry, terminology_entry
-
+    """The engine's writers (`Term.entry`, as a segment's terminology) and the Slicer module write the same
+    TerminologyEntry for a known structure, and each reads the other's back, anatomic region included."""
+    region = labelmap.Code("SCT", "818981001", "Abdomen")
     for label in ("liver", "white matter", "lesion", "left kidney", "Right lung"):
         engine = _engine_terminology(label)
-        assert terminology_entry(engine) == naming.terminology_entry(label)
-        assert parse_terminology_entry(naming.terminology_entry(label)) == engine
-    assert parse_terminology_entry(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
+        assert engine.entry() == naming.terminology_entry(label)
+        assert labelmap.Term.parse(naming.terminology_entry(label)) == engine
+        with_region = _engine_terminology(label, region)
+        module = naming.Term.parse(with_region.entry())
+        assert module.anatomic_region == naming.Code(*dataclasses.astuple(region))
+        assert module.entry() == with_region.entry()
+    assert labelmap.Term.parse(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
 
 
 
@@ -172,10 +173,9 @@ def _sidecar_segmentation() -> labelmap.Segmentation:
 def _module_labels(seg: labelmap.Segmentation) -> list[dict]:
     """The module's sidecar entries for the same segments, from what a Slicer segment holds (name, colour, the
     TerminologyEntry tag, the region-code tag)."""
-    from medsight.imaging.export_nrrd import terminology_entry
     from MedSIGHTSlicerLib.nifti_sidecar import label_record
 
-    return [label_record(s.label, s.name, s.color, terminology_entry(s.terminology), s.region_code)
+    return [label_record(s.label, s.name, s.color, s.terminology.entry(), s.region_code)
             for s in seg.segments]
 
 
@@ -240,7 +240,6 @@ def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     import pydicom.data
 
     from medsight.imaging import read_volume, write_dicom_seg
-    from medsight.imaging.export_nrrd import terminology_entry
     from MedSIGHTSlicerLib.seg_writer import SegmentInfo, write_seg
 
     volume = read_volume(Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N")
@@ -256,7 +255,7 @@ def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     engine_path = write_dicom_seg(seg, tmp_path / "engine.dcm")
     # The module writes from the volume's own source images, in slice order, and its segments' tags.
     ordered = [pydicom.dcmread(f) for f in volume.source_files]
-    infos = [SegmentInfo(s.name, s.color, terminology_entry(s.terminology) if s.terminology != labelmap.Terminology()
+    infos = [SegmentInfo(s.name, s.color, s.terminology.entry() if s.terminology != labelmap.UNCODED
                          else "", "MedSIGHT" if s.region_code else None, s.region_code) for s in segments]
     module_path = write_seg(ordered, masks, infos, tmp_path / "module.dcm")
 

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .naming import Code, Term
+
 __all__ = [
     "EntryCodes", "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources", "write_seg",
 ]
@@ -45,7 +47,7 @@ CodeTuple = tuple[str, str, str]  # (scheme, value, meaning)
 
 
 class EntryCodes(NamedTuple):
-    """The codes of a TerminologyEntry tag, as the engine's `medsight.imaging.Terminology` holds them."""
+    """The codes of a `naming.Term` as (scheme, value, meaning) tuples, the form highdicom's codes take."""
 
     category: CodeTuple
     type: CodeTuple
@@ -54,19 +56,16 @@ class EntryCodes(NamedTuple):
 
 
 def entry_codes(entry: str) -> EntryCodes:
-    """The codes of a TerminologyEntry tag (context~category~type~type modifier~anatomic context~region~region
-    modifier): generic "Tissue", no modifier and no region unless category and type are both coded (as the engine's
-    `parse_terminology_entry`)."""
-    parts = (entry or "").split("~")
-
-    def code(index: int) -> CodeTuple | None:
-        fields = parts[index].split("^") if len(parts) > index else []
-        return (fields[0], fields[1], fields[2]) if len(fields) == 3 and all(fields) else None
-
-    category, kind = (code(1), code(2)) if len(parts) > 2 else (None, None)
-    if not (category and kind):
+    """The codes of a TerminologyEntry tag as tuples for highdicom (`naming.Term.parse`, as the engine reads it):
+    generic "Tissue", no modifier and no region unless category and type are both coded."""
+    term = Term.parse(entry)
+    if term is None:
         return EntryCodes(_TISSUE, _TISSUE, None, None)
-    return EntryCodes(category, kind, code(3), code(5))
+
+    def fields(code: Code | None) -> CodeTuple | None:
+        return None if code is None else (code.scheme, code.value, code.meaning)
+
+    return EntryCodes(fields(term.category), fields(term.type), fields(term.modifier), fields(term.anatomic_region))
 
 
 def display_colour(colour: Sequence[float]) -> Any:

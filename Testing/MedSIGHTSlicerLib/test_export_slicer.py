@@ -142,7 +142,7 @@ def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
     """The module's NIfTI export (labelmap + label sidecar) is read by the engine's reader with the segments'
     names, values, colours, region codes and terminology codes, on the volume's grid."""
     from medsight.imaging import read_nifti_labelmap
-    from medsight.imaging.export_nrrd import parse_terminology_entry
+    from medsight.naming import Term
     from MedSIGHTSlicerLib.export import export_labelmap_file
     from MedSIGHTSlicerLib.geometry import ijk_to_ras
 
@@ -156,7 +156,7 @@ def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
         segment = user.GetSegmentation().GetSegment(ids.GetValue(n))
         assert back.color == pytest.approx(segment.GetColor(), abs=1e-12)
         entry = get_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName())
-        assert back.terminology == parse_terminology_entry(entry)
+        assert back.terminology == Term.parse(entry)
     assert seg.segments[0].terminology.type.meaning == "Liver"
     np.testing.assert_allclose(seg.reference.ijk_to_ras, ijk_to_ras(volume), atol=1e-9)
     assert seg.labelmap.shape == SHAPE

@@ -145,7 +145,7 @@ def _findings(answers) -> dict[str, list]:
 
 def _segment(value: int, pairs: list, used: list):
     """A finding's segment, named, coloured and coded as the Slicer module names its suggestion."""
-    from medsight.imaging import Segment, Terminology
+    from medsight.imaging import UNCODED, Segment
     from medsight.naming import colour_for, display_name, term_for
 
     label = pairs[0][1].label
@@ -153,10 +153,8 @@ def _segment(value: int, pairs: list, used: list):
     fallback = ", ".join(codes) or "Region"
     # Printable ASCII without "|": file headers need it.
     name = re.sub(r"[^\x20-\x7e]", "", display_name(label, fallback=fallback)).replace("|", " ").strip()[:64]
-    term = term_for(label)
-    terminology = Terminology(term.category, term.type, modifier=term.modifier) if term else Terminology()
     colour = colour_for(label or fallback, avoid=used)
-    return Segment(value, name or "Region", colour, codes[0] if codes else None, terminology)
+    return Segment(value, name or "Region", colour, codes[0] if codes else None, term_for(label) or UNCODED)
 
 
 def _write_segmentation(path: str, volume, answers) -> None:

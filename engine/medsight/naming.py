@@ -64,29 +64,46 @@ class Code:
     def serialise(self) -> str:
         return f"{self.scheme}^{self.value}^{self.meaning}"
 
+    @classmethod
+    def parse(cls, text: str) -> Code | None:
+        """The code of a "scheme^value^meaning" field, or None when it is empty or has no code value."""
+        fields = text.split("^")
+        if len(fields) != 3 or not fields[1]:
+            return None
+        return cls(*fields)
+
 
 @dataclass(frozen=True)
 class Term:
-    """A segment's terminology: category, type and optional type modifier (laterality)."""
+    """A segment's terminology: category, type, optional type modifier (laterality) and anatomic region."""
 
     category: Code
     type: Code
     modifier: Code | None = None
+    anatomic_region: Code | None = None
 
     def entry(self) -> str:
         """The string Slicer stores in the segment's "TerminologyEntry" tag."""
-        modifier = self.modifier.serialise() if self.modifier else _EMPTY_CODE
         return "~".join(
             (
                 _CATEGORY_CONTEXT,
                 self.category.serialise(),
                 self.type.serialise(),
-                modifier,
+                self.modifier.serialise() if self.modifier else _EMPTY_CODE,
                 _ANATOMIC_CONTEXT,
-                _EMPTY_CODE,
+                self.anatomic_region.serialise() if self.anatomic_region else _EMPTY_CODE,
                 _EMPTY_CODE,
             )
         )
+
+    @classmethod
+    def parse(cls, entry: str) -> Term | None:
+        """The terminology of a "TerminologyEntry" tag (any context), or None unless category and type are coded."""
+        parts = (entry or "").split("~")
+        codes = [Code.parse(part) for part in parts[:6]] + [None] * (6 - len(parts[:6]))
+        if codes[1] is None or codes[2] is None:
+            return None
+        return cls(codes[1], codes[2], codes[3], codes[5])
 
 
 _ANATOMY = Code("SCT", "123037004", "Anatomical Structure")

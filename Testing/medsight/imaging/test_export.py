@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from medsight.imaging import (
+    UNCODED,
     WRITERS,
     Code,
     ImagingError,
     Segment,
     Segmentation,
     SegmentationBuilder,
-    Terminology,
+    Term,
     iter_slices,
     read_dicom_seg,
     read_nifti_labelmap,
@@ -29,10 +30,10 @@ from medsight.imaging import (
 )
 
 GM = Segment(
-    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Terminology(type=Code("SCT", "14271001", "Grey matter"))
+    1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Term(UNCODED.category, Code("SCT", "14271001", "Grey matter"))
 )
 WM = Segment(
-    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Terminology(type=Code("SCT", "33835003", "White matter"))
+    2, "white matter", (0.9, 0.9, 0.7), "[M1_1]", Term(UNCODED.category, Code("SCT", "33835003", "White matter"))
 )
 
 

@@ -14,7 +14,7 @@ from .export import WRITERS, write_segmentation, writer_for
 from .export_dicom_seg import read_dicom_seg, write_dicom_seg
 from .export_nifti import read_nifti_labelmap, write_nifti_labelmap
 from .export_nrrd import read_seg_nrrd, write_seg_nrrd
-from .labelmap import Code, Segment, Segmentation, SegmentationBuilder, Terminology
+from .labelmap import UNCODED, Code, Segment, Segmentation, SegmentationBuilder, Term
 from .read import read_volume
 from .read_dicom import SeriesInfo, list_dicom_series, read_dicom, read_dicom_file, read_dicom_series
 from .read_files import read_image2d, read_nifti, read_nrrd
@@ -36,6 +36,7 @@ __all__ = [
     "CT_PRESETS",
     "MAX_VOXELS",
     "PLANES",
+    "UNCODED",
     "WRITERS",
     "Code",
     "ImagingError",
@@ -45,7 +46,7 @@ __all__ = [
     "SeriesInfo",
     "Slice",
     "SliceLayout",
-    "Terminology",
+    "Term",
     "Volume",
     "Window",
     "apply_window",

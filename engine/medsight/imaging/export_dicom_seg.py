@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes
 from medsight._version import __version__
 
 from .errors import ImagingError
-from .labelmap import Code, Segment, Segmentation, Terminology
+from .labelmap import Code, Segment, Segmentation, Term
 from .volume import Volume, volume_from_affine
 
 
@@ -133,7 +133,7 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
                 name=str(d.SegmentLabel),
                 color=rgb,  # type: ignore[arg-type]
                 region_code=str(d.TrackingID) if "TrackingID" in d else None,
-                terminology=Terminology(
+                terminology=Term(
                     _code(cat),
                     _code(typ),
                     anatomic_region=_code(regions[0]) if regions else None,

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import ImagingError
-from .labelmap import TISSUE, Code, Segment, Segmentation, Terminology
+from .labelmap import TISSUE, Code, Segment, Segmentation, Term
 from .read_files import read_nifti
 
 SIDECAR_FORMAT = "medsight-labels/1"
@@ -96,11 +96,11 @@ def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
                 name=str(d["name"]),
                 color=tuple(d["color"]),
                 region_code=d.get("region_code"),
-                terminology=Terminology(
+                terminology=Term(
                     _code_from(d["terminology"]["category"]) or TISSUE,
                     _code_from(d["terminology"]["type"]) or TISSUE,
-                    _code_from(d["terminology"].get("anatomic_region")),
-                    _code_from(d["terminology"].get("modifier")),
+                    modifier=_code_from(d["terminology"].get("modifier")),
+                    anatomic_region=_code_from(d["terminology"].get("anatomic_region")),
                 ),
             )
             for d in meta["labels"]

@@ -15,38 +15,11 @@ import numpy as np
 from medsight.naming import Term
 
 from .errors import ImagingError
-from .labelmap import Code, Segment, Segmentation, Terminology
+from .labelmap import UNCODED, Segment, Segmentation
 from .read_files import read_nrrd
 
 REGION_CODE_TAG = "MedSIGHT.RegionCode"
 TERMINOLOGY_TAG = "TerminologyEntry"
-def _parse_code(text: str) -> Code | None:
-    parts = text.split("^")
-    if len(parts) != 3 or not parts[1]:
-        return None
-    return Code(value=parts[1], scheme=parts[0], meaning=parts[2])
-
-
-def terminology_entry(t: Terminology) -> str:
-    """Slicer's terminology string (context~category~type~modifier~anatomic context~region~modifier), in our own
-    terminology context, as the Slicer module writes it (`medsight.naming.Term.entry`), plus the anatomic region."""
-    parts = Term(t.category, t.type, t.modifier).entry().split("~")
-    if t.anatomic_region is not None:
-        parts[5] = t.anatomic_region.serialise()
-    return "~".join(parts)
-
-
-def parse_terminology_entry(text: str) -> Terminology | None:
-    parts = text.split("~")
-    if len(parts) < 3:
-        return None
-    category, type_ = _parse_code(parts[1]), _parse_code(parts[2])
-    if category is None or type_ is None:
-        return None
-    return Terminology(category, type_, _parse_code(parts[5]) if len(parts) > 5 else None,
-                       _parse_code(parts[3]) if len(parts) > 3 else None)
-
-
 def _check_tag_value(value: str, what: str) -> str:
     if any(ch in value for ch in "|\n"):
         raise ImagingError(f"{what} {value!r} may not contain '|' or newlines")
@@ -82,7 +55,7 @@ def write_seg_nrrd(seg: Segmentation, path: str | os.PathLike[str], compress: bo
             ]
         else:
             extent = [0, -1, 0, -1, 0, -1]  # Slicer's empty extent
-        tags = {TERMINOLOGY_TAG: terminology_entry(s.terminology)}
+        tags = {TERMINOLOGY_TAG: s.terminology.entry()}
         if s.region_code:
             tags[REGION_CODE_TAG] = _check_tag_value(s.region_code, "region code")
         p = f"Segment{n}_"
@@ -133,7 +106,7 @@ def read_seg_nrrd(path: str | os.PathLike[str]) -> Segmentation:
                     k, v = item.split(":", 1)
                     tags[k] = v
             color = tuple(float(c) for c in str(header.get(p + "Color", "0.5 0.5 0.5")).split())
-            term = parse_terminology_entry(tags.get(TERMINOLOGY_TAG, "")) or Terminology()
+            term = Term.parse(tags.get(TERMINOLOGY_TAG, "")) or UNCODED
             segments.append(
                 Segment(
                     label=int(header.get(p + "LabelValue", n + 1)),

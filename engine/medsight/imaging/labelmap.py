@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from medsight.naming import Code
+from medsight.naming import Code, Term
 
 from .errors import ImagingError
 from .slicing import Slice
 from .volume import Volume
 
 TISSUE = Code("SCT", "85756007", "Tissue")
-
-
-@dataclass(frozen=True)
-class Terminology:
-    """What a segment is: category and type (required), optional anatomic region and type modifier (laterality,
-    as `medsight.naming.Term` gives it for "left kidney"). Codes are `medsight.naming.Code`, the Slicer module's."""
-
-    category: Code = TISSUE
-    type: Code = TISSUE
-    anatomic_region: Code | None = None
-    modifier: Code | None = None
+#: The terminology of a segment nobody coded: generic tissue.
+UNCODED = Term(TISSUE, TISSUE)
 
 
 @dataclass(frozen=True)
@@ -35,7 +26,7 @@ class Segment:
     name: str
     color: tuple[float, float, float] = (0.5, 0.5, 0.5)  # RGB in 0..1
     region_code: str | None = None
-    terminology: Terminology = field(default_factory=Terminology)
+    terminology: Term = UNCODED
 
     def __post_init__(self) -> None:
         if not 0 < int(self.label) < 65536:
