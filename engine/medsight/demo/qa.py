@@ -101,7 +101,14 @@ def _modality_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str
 
 
 def _presence_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
-    """Yes/no about the lesion; a "yes" is grounded with its code, a "no" with the organ's when present."""
+    """Yes/no about the lesion, the verdict first; a "yes" is grounded with the lesion's code, half the "no"s with
+    the organ's (which also teaches the whole organs: brain, lungs).
+
+    The official data writes "Liver segmented as [M0_16]. ... so the answer is no.", and the demo data used to give
+    half its "no" answers that form. Then a "no" opened with one of two tokens and a "yes" always with "Yes": an
+    unsure model's first token was "Yes", and it called 16 of 18 lesion-free test chest X-rays positive while a
+    linear probe of its own image tokens told them apart 9 times in 10.
+    """
     site = LESION_SITE[sample.source.key]
     q = f"{PRESENCE_Q} in the {site}?"
     if rng.random() < 0.4:
@@ -109,9 +116,9 @@ def _presence_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str
     if "lesion" in sample.masks:
         mid = mask_id(sample.sample_id, "lesion")
         return q, f"Yes, there is {LESION_FINDING[sample.source.key]}, segmented as {placeholder(mid)}.", [mid]
-    if site in sample.masks and rng.random() < 0.5:  # like the official "Liver segmented as ... so the answer is no."
+    if site in sample.masks and rng.random() < 0.5:
         mid = mask_id(sample.sample_id, site)
-        return q, f"{_cap(site)} segmented as {placeholder(mid)}. No focal lesion is seen, so the answer is no.", [mid]
+        return q, f"No. {_cap(site)} segmented as {placeholder(mid)}; no focal lesion is seen.", [mid]
     return q, f"No, there is no visible lesion in the {site}.", []
 
 
