@@ -20,6 +20,8 @@ from .read_files import read_nrrd
 
 REGION_CODE_TAG = "MedSIGHT.RegionCode"
 TERMINOLOGY_TAG = "TerminologyEntry"
+
+
 def _check_tag_value(value: str, what: str) -> str:
     if any(ch in value for ch in "|\n"):
         raise ImagingError(f"{what} {value!r} may not contain '|' or newlines")
