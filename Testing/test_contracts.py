@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medsight import naming as engine_naming
 from medsight.imaging import labelmap
 from medsight.model.generation import GenerationOptions
 from medsight.server import convert, schemas
@@ -95,10 +96,10 @@ def test_api_defaults_are_the_engine_defaults():
 
 
 def test_code_types_agree():
-    engine_fields = [f.name for f in dataclasses.fields(labelmap.Code)]
+    engine_fields = [f.name for f in dataclasses.fields(engine_naming.Code)]
     client_fields = [f.name for f in dataclasses.fields(naming.Code)]
     assert engine_fields == client_fields
-    tissue = labelmap.TISSUE
+    tissue = engine_naming.TISSUE
     assert naming.Code(*dataclasses.astuple(tissue)).serialise() == f"{tissue.scheme}^{tissue.value}^{tissue.meaning}"
 
 
@@ -129,33 +130,31 @@ def test_naming_is_one_implementation_in_two_places():
     assert body(Path(medsight.naming.__file__)) == body(Path(naming.__file__))
 
 
-def _engine_terminology(label: str, region: labelmap.Code | None = None) -> labelmap.Term:
+def _engine_terminology(label: str, region: engine_naming.Code | None = None) -> engine_naming.Term:
     """The engine's terminology of a structure the Slicer module codes (laterality included)."""
-    import medsight.naming
-
-    return dataclasses.replace(medsight.naming.term_for(label), anatomic_region=region)
+    return dataclasses.replace(engine_naming.term_for(label), anatomic_region=region)
 
 
 def test_terminology_strings_agree():
     """The engine's writers (`Term.entry`, as a segment's terminology) and the Slicer module write the same
     TerminologyEntry for a known structure, and each reads the other's back, anatomic region included."""
-    region = labelmap.Code("SCT", "818981001", "Abdomen")
+    region = engine_naming.Code("SCT", "818981001", "Abdomen")
     for label in ("liver", "white matter", "lesion", "left kidney", "Right lung"):
         engine = _engine_terminology(label)
         assert engine.entry() == naming.terminology_entry(label)
-        assert labelmap.Term.parse(naming.terminology_entry(label)) == engine
+        assert engine_naming.Term.parse(naming.terminology_entry(label)) == engine
         with_region = _engine_terminology(label, region)
         module = naming.Term.parse(with_region.entry())
         assert module.anatomic_region == naming.Code(*dataclasses.astuple(region))
         assert module.entry() == with_region.entry()
-    assert labelmap.Term.parse(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
+    assert engine_naming.Term.parse(naming.terminology_entry("left kidney")).modifier.meaning == "Left"
 
 
 
 def _segments() -> list[labelmap.Segment]:
     """A coded structure with region code and anatomic region, a lateral one, and an uncoded one."""
     return [labelmap.Segment(1, "Liver", (0.9, 0.3, 0.24), "[M0_1]",
-                             _engine_terminology("liver", labelmap.Code("SCT", "818981001", "Abdomen"))),
+                             _engine_terminology("liver", engine_naming.Code("SCT", "818981001", "Abdomen"))),
             labelmap.Segment(2, "Left kidney", (0.3, 0.75, 0.35), "[M0_4]", _engine_terminology("left kidney")),
             labelmap.Segment(3, "My region", (0.2, 0.5, 1.0))]
 
@@ -255,7 +254,7 @@ def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     engine_path = write_dicom_seg(seg, tmp_path / "engine.dcm")
     # The module writes from the volume's own source images, in slice order, and its segments' tags.
     ordered = [pydicom.dcmread(f) for f in volume.source_files]
-    infos = [SegmentInfo(s.name, s.color, s.terminology.entry() if s.terminology != labelmap.UNCODED
+    infos = [SegmentInfo(s.name, s.color, s.terminology.entry() if s.terminology != engine_naming.UNCODED
                          else "", "MedSIGHT" if s.region_code else None, s.region_code) for s in segments]
     module_path = write_seg(ordered, masks, infos, tmp_path / "module.dcm")
 

@@ -19,6 +19,8 @@ __all__ = [
     "PALETTE",
     "TERMINOLOGY_CONTEXT",
     "TERMINOLOGY_FILE",
+    "TISSUE",
+    "UNCODED",
     "Term",
     "colour_for",
     "display_name",
@@ -106,6 +108,11 @@ class Term:
         if codes[1] is None or codes[2] is None:
             return None
         return cls(codes[1], codes[2], codes[3], codes[5])
+
+
+TISSUE = Code("SCT", "85756007", "Tissue")
+#: The terminology of a segment nobody coded (and of an entry ``Term.parse`` cannot read): generic tissue.
+UNCODED = Term(TISSUE, TISSUE)
 
 
 _ANATOMY = Code("SCT", "123037004", "Anatomical Structure")

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .seg_writer import entry_codes
+from .naming import UNCODED, Code, Term
 
 __all__ = ["SIDECAR_FORMAT", "label_record", "sidecar", "sidecar_path"]
 
 SIDECAR_FORMAT = "medsight-labels/1"
-
-_Code = Optional[tuple[str, str, str]]
-
 
 def sidecar_path(nifti_path: str | Path) -> Path:
     """``x.nii.gz`` / ``x.nii`` -> ``x.json``."""
@@ -29,15 +26,15 @@ def sidecar_path(nifti_path: str | Path) -> Path:
     return path.with_name(stem + ".json")
 
 
-def _code(code: _Code) -> dict[str, str] | None:
-    return None if code is None else {"value": code[1], "scheme": code[0], "meaning": code[2]}
+def _code(code: Code | None) -> dict[str, str] | None:
+    return None if code is None else {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
 
 
 def label_record(value: int, name: str, colour: Sequence[float], terminology_entry: str | None,
                  region_code: str | None) -> dict[str, Any]:
     """One label: value, segment name, RGB colour (0..1), the model's region code and the codes of the segment's
     TerminologyEntry tag (generic "Tissue" when it has none, as in the engine)."""
-    codes = entry_codes(terminology_entry or "")
+    codes = Term.parse(terminology_entry or "") or UNCODED
     return {
         "value": int(value),
         "name": name,

@@ -12,19 +12,18 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from .naming import Code, Term
+from .naming import UNCODED, Code, Term
 
 __all__ = [
-    "EntryCodes", "SegWriteError", "SegmentInfo", "display_colour", "entry_codes", "order_sources", "write_seg",
+    "SegWriteError", "SegmentInfo", "display_colour", "order_sources", "write_seg",
 ]
 
 #: Millimetres a slice may sit off its DICOM image position and still be the same slice.
 POSITION_TOLERANCE_MM = 0.01
-_TISSUE = ("SCT", "85756007", "Tissue")
 
 
 class SegWriteError(ValueError):
@@ -41,31 +40,6 @@ class SegmentInfo:
     model: str | None = None  # set for segments that came from the model
     region_code: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-CodeTuple = tuple[str, str, str]  # (scheme, value, meaning)
-
-
-class EntryCodes(NamedTuple):
-    """The codes of a `naming.Term` as (scheme, value, meaning) tuples, the form highdicom's codes take."""
-
-    category: CodeTuple
-    type: CodeTuple
-    modifier: CodeTuple | None  # the type modifier: laterality for "Left kidney"
-    anatomic_region: CodeTuple | None
-
-
-def entry_codes(entry: str) -> EntryCodes:
-    """The codes of a TerminologyEntry tag as tuples for highdicom (`naming.Term.parse`, as the engine reads it):
-    generic "Tissue", no modifier and no region unless category and type are both coded."""
-    term = Term.parse(entry)
-    if term is None:
-        return EntryCodes(_TISSUE, _TISSUE, None, None)
-
-    def fields(code: Code | None) -> CodeTuple | None:
-        return None if code is None else (code.scheme, code.value, code.meaning)
-
-    return EntryCodes(fields(term.category), fields(term.type), fields(term.modifier), fields(term.anatomic_region))
 
 
 def display_colour(colour: Sequence[float]) -> Any:
@@ -89,14 +63,14 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    entry = entry_codes(info.terminology)
-    category, kind = entry.category, entry.type
+    # Generic "Tissue", no modifier and no region unless the entry codes category and type (as the engine reads it).
+    entry = Term.parse(info.terminology) or UNCODED
     from_model = info.model is not None or info.region_code is not None
     arguments = dict(
         segment_number=number,
         segment_label=info.name or f"Segment {number}",
-        segmented_property_category=_concept(category),
-        segmented_property_type=_concept(kind),
+        segmented_property_category=_concept(entry.category),
+        segmented_property_type=_concept(entry.type),
         # Suggested by the model and accepted by the user: semi-automatic. The user's own drawing: manual.
         algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if from_model
                         else hd.seg.SegmentAlgorithmTypeValues.MANUAL),
@@ -120,10 +94,10 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
     return description
 
 
-def _concept(code: CodeTuple) -> Any:
+def _concept(code: Code) -> Any:
     import highdicom as hd
 
-    return hd.sr.CodedConcept(code[1], code[0], code[2])
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int]) -> list:

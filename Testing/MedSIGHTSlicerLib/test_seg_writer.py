@@ -3,6 +3,7 @@ interpreter has (0.22 with pydicom 2.4 under Slicer's Pythons via scripts/test_s
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,11 @@ import pytest
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
 
+from MedSIGHTSlicerLib.naming import UNCODED, Term  # noqa: E402
 from MedSIGHTSlicerLib.seg_writer import (  # noqa: E402
     SegmentInfo,
     SegWriteError,
     display_colour,
-    entry_codes,
     order_sources,
     write_seg,
 )
@@ -95,9 +96,10 @@ def test_grid_mismatches_are_refused_plainly(series, tmp_path):
 
 
 def test_terminology_and_colour_helpers():
-    category, kind = entry_codes(LIVER_ENTRY)[:2]
+    liver = Term.parse(LIVER_ENTRY)
+    category, kind = astuple(liver.category), astuple(liver.type)
     assert category == ("SCT", "123037004", "Anatomical Structure") and kind == ("SCT", "10200004", "Liver")
-    assert entry_codes("").type[1] == "85756007"
+    assert Term.parse("") is None and UNCODED.type.value == "85756007"
     white = _lab(display_colour((1.0, 1.0, 1.0)).value)
     assert abs(white[0] - 100) < 0.5 and abs(white[1]) < 1 and abs(white[2]) < 1
 

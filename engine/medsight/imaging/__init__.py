@@ -9,12 +9,14 @@ and `write_dicom_seg` (highdicom).
 Bad input raises `ImagingError` naming the file and the problem.
 """
 
+from medsight.naming import UNCODED, Code, Term
+
 from .errors import ImagingError
 from .export import WRITERS, write_segmentation, writer_for
 from .export_dicom_seg import read_dicom_seg, write_dicom_seg
 from .export_nifti import read_nifti_labelmap, write_nifti_labelmap
 from .export_nrrd import read_seg_nrrd, write_seg_nrrd
-from .labelmap import UNCODED, Code, Segment, Segmentation, SegmentationBuilder, Term
+from .labelmap import Segment, Segmentation, SegmentationBuilder
 from .read import read_volume
 from .read_dicom import SeriesInfo, list_dicom_series, read_dicom, read_dicom_file, read_dicom_series
 from .read_files import read_image2d, read_nifti, read_nrrd

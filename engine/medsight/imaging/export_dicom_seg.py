@@ -10,9 +10,10 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from medsight._version import __version__
+from medsight.naming import Code, Term
 
 from .errors import ImagingError
-from .labelmap import Code, Segment, Segmentation, Term
+from .labelmap import Segment, Segmentation
 from .volume import Volume, volume_from_affine
 
 

@@ -8,8 +8,10 @@ import os
 import nibabel as nib
 import numpy as np
 
+from medsight.naming import TISSUE, Code, Term
+
 from .errors import ImagingError
-from .labelmap import TISSUE, Code, Segment, Segmentation, Term
+from .labelmap import Segment, Segmentation
 from .read_files import read_nifti
 
 SIDECAR_FORMAT = "medsight-labels/1"

@@ -12,10 +12,10 @@ import os
 import nrrd
 import numpy as np
 
-from medsight.naming import Term
+from medsight.naming import UNCODED, Term
 
 from .errors import ImagingError
-from .labelmap import UNCODED, Segment, Segmentation
+from .labelmap import Segment, Segmentation
 from .read_files import read_nrrd
 
 REGION_CODE_TAG = "MedSIGHT.RegionCode"

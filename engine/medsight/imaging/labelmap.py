@@ -7,15 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medsight.naming import Code, Term
+from medsight.naming import UNCODED, Term
 
 from .errors import ImagingError
 from .slicing import Slice
 from .volume import Volume
-
-TISSUE = Code("SCT", "85756007", "Tissue")
-#: The terminology of a segment nobody coded: generic tissue.
-UNCODED = Term(TISSUE, TISSUE)
 
 
 @dataclass(frozen=True)
