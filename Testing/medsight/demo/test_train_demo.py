@@ -59,6 +59,11 @@ def test_smoke_runs_all_stages_quickly(smoke):
     assert {"dice_mean", "modality_accuracy", "yes_no_accuracy"} <= set(summary["scores"])
     assert summary["data_size"] == "tiny" and summary["seed"] == 3 and summary["data_seed"] == 0
     assert "--data-size tiny" in (out / "model" / CARD_FILE).read_text()  # the card names the command that made it
+    # The language stages label the answers only (a named deviation): the saved settings say so.
+    lvlm_phases = [phase for phase, stage in PHASES.items() if stage >= 3]
+    assert lvlm_phases and all(
+        json.loads((out / phase / "train_config.json").read_text())["label_prompt_markup"] is False
+        for phase in lvlm_phases)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
-from medsight.prompt import ASSISTANT_HEADER, Message
+from medsight.prompt import ASSISTANT_HEADER, Message, tokenize_turns
 from medsight.train.losses import (
     IGNORE_INDEX,
     answer_starts,
@@ -146,6 +146,25 @@ def test_answer_starts_are_the_first_answer_tokens(golden_model):
     assert tok.decode(ids[starts[1] :]).startswith("No idea.<|im_end|>")
     assert all(labels[i] == ids[i] for i in starts)  # both are supervised tokens
     assert answer_starts(ids, []) == []
+
+
+def test_label_prompt_markup_off_labels_the_assistant_turns_only(golden_model):
+    """Official rule: newline and chat-marker ids of the prompt are labels too (so a newline is followed by
+    `<|im_start|>` in most labelled positions). Off: the labelled tokens are exactly the assistant turns'."""
+    tok = golden_model.tokenizer
+    messages = [Message("user", "<image>\nIs there a lesion?"), Message("assistant", "Yes."),
+                Message("user", "Where?"), Message("assistant", "No idea.")]
+    ids, official = training_labels(tok, messages)
+    same_ids, labels = training_labels(tok, messages, label_prompt_markup=False)
+    assert same_ids == ids
+    in_answer = [text.startswith(ASSISTANT_HEADER) for text, turn in tokenize_turns(tok, messages) for _ in turn]
+    assert sum(in_answer) < len(ids)
+    labelled = [label != IGNORE_INDEX for label in labels]
+    assert labelled == in_answer
+    assert all(labels[i] == ids[i] for i in range(len(ids)) if labelled[i])
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    prompt_markup = [i for i in range(len(ids)) if not in_answer[i] and official[i] != IGNORE_INDEX]
+    assert any(ids[i] == im_start for i in prompt_markup)  # the official rule labels prompt markup
 
 
 def test_yes_no_starts_pick_only_yes_no_verdicts(golden_model):

@@ -93,7 +93,10 @@ def stage_configs(smoke: bool) -> dict[int, object]:
     common = dict(init_from=PRESET, device="cpu", seed=0, log_every=1)
     # Batches of 8 conversations with padded code slots (a named deviation, see `lvlm_losses`): more samples per
     # second than the official batch of 1, and the gradient of 8 answers per step.
-    lvlm = dict(batch_size=2 if smoke else 8, grad_accum=1, warmup_ratio=0.03, min_lr=1e-5, pad_code_slots=True)
+    # Only the answers are labelled (a named deviation, `training_labels`): with the official rule the model also
+    # learns "newline -> <|im_start|>" and opened answers on blank slices with a new chat header.
+    lvlm = dict(batch_size=2 if smoke else 8, grad_accum=1, warmup_ratio=0.03, min_lr=1e-5, pad_code_slots=True,
+                label_prompt_markup=False)
     return {
         1: Stage1Config(lr=6e-4, batch_size=2 if smoke else 8, warmup_ratio=0.03, min_lr=1e-5, train_vision=True,
                         **common),
@@ -456,12 +459,13 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "- Deviation from the published recipe: the ViT is trained from scratch in stage 1 (no pretrained "
         "UniMed-CLIP offline) and the language model is not pretrained either; learning rates are higher than the "
         "official ones and step counts are set by a wall-clock budget. Stages 3-5 use batches of 8 with padded code "
-        f"slots (`pad_code_slots`) and stage 5 weights the verdict token of yes/no answers x{YES_NO_WEIGHT:g} in the "
+        "slots (`pad_code_slots`) and label the answers only, not the prompt's newlines and chat markers "
+        f"(`label_prompt_markup`); stage 5 weights the verdict token of yes/no answers x{YES_NO_WEIGHT:g} in the "
         "cross-entropy (`yes_no_weight`), and repeats conversations with the rarer answer to a closed question "
         "until \"yes\" is about as frequent as \"no\" per modality and question kind (`balance_closed_answers`). "
         "A final phase (`finish`) continues stage 5 at a lower learning rate on the same data plus copies cut down "
-        "to their closed questions (`closed_question_items`). The official recipe has batch 1, no weighting, no "
-        "repeats and no finish phase.",
+        "to their closed questions (`closed_question_items`). The official recipe has batch 1, labelled prompt "
+        "markup, no weighting, no repeats and no finish phase.",
         f"- Size: {_folder_mb(model_dir):.1f} MB (float32 safetensors, codebook included).",
         "",
         "## Data",

@@ -132,15 +132,17 @@ class ConversationSample:
 
 
 class ConversationDataset:
-    """Reads the official LVLM JSON list; labels follow `training_labels` (the LLaVA-NeXT rule)."""
+    """Reads the official LVLM JSON list; labels follow `training_labels` (the LLaVA-NeXT rule by default)."""
 
     def __init__(self, json_path: str | Path, tokenizer, image_size: int, mean, std,
-                 resize_mode: ResizeMode = "crop", data_root: str | Path | None = None) -> None:
+                 resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
+                 label_prompt_markup: bool = True) -> None:
         json_path = Path(json_path)
         self.items = json.loads(json_path.read_text())
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
+        self.label_prompt_markup = label_prompt_markup
         for item in self.items:
             images = item["image"] if isinstance(item["image"], list) else [item["image"]]
             if len(images) != 1:
@@ -165,7 +167,8 @@ class ConversationDataset:
         pixels, _ = prepare_image(read_rgb(self.resolve(image)), self.image_size, self.mean, self.std,
                                   self.resize_mode)
         messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
-        ids, labels = training_labels(self.tokenizer, messages, num_images=1)
+        ids, labels = training_labels(self.tokenizer, messages, num_images=1,
+                                      label_prompt_markup=self.label_prompt_markup)
         order = item.get("mask_orders") or []
         masks = None
         if order:

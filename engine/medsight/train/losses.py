@@ -219,13 +219,19 @@ def _single_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def training_labels(tokenizer, messages: Sequence[Message], num_images: int = 1) -> tuple[list[int], list[int]]:
+def training_labels(tokenizer, messages: Sequence[Message], num_images: int = 1,
+                    label_prompt_markup: bool = True) -> tuple[list[int], list[int]]:
     """Ids and labels of a full training conversation, with the official (LLaVA-NeXT `preprocess_qwen`) rule.
 
     System and user turns are -100 except every newline, `<|im_start|>` and `<|im_end|>` id (the official code
     unmasks these anywhere); assistant turns are labelled in full, header included; image placeholders are -100.
+
+    ``label_prompt_markup=False`` (deviation) labels the assistant turns only. With the official rule a newline is
+    most often followed by `<|im_start|>` in the labels, so a small model can open its answer with a new chat
+    header on an image unlike its training data (the text then reads "assistant...").
     """
-    keep = {_single_id(tokenizer, "\n"), _single_id(tokenizer, "<|im_start|>"), _single_id(tokenizer, "<|im_end|>")}
+    markup = ("\n", "<|im_start|>", "<|im_end|>") if label_prompt_markup else ()
+    keep = {_single_id(tokenizer, text) for text in markup}
     ids: list[int] = []
     labels: list[int] = []
     for text, turn_ids in tokenize_turns(tokenizer, messages, num_images):

@@ -93,6 +93,7 @@ class LVLMConfig(TrainConfig):
     data_root: str = ""  # where relative image/mask paths live; "" tries the JSON's folder and its parent
     pad_code_slots: bool = False  # deviation: batch samples with different code counts (see `lvlm_losses`)
     yes_no_weight: float = 1.0  # deviation when != 1: CE weight of a yes/no answer's first token (`lvlm_losses`)
+    label_prompt_markup: bool = True  # False (deviation): label assistant turns only (`training_labels`)
 
 
 @dataclass
@@ -188,7 +189,8 @@ def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> C
     if isinstance(data, (str, Path)):
         v = model.config.vision
         return ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
-                                   v.image_std, config.resize_mode, config.data_root or None)
+                                   v.image_std, config.resize_mode, config.data_root or None,
+                                   label_prompt_markup=config.label_prompt_markup)
     return data
 
 
