@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsight.demo.catalog import CT_ABDOMEN
+from medsight.demo.catalog import CT_ABDOMEN, WHOLES
 from medsight.demo.qa import (
     MAX_REPEATS,
     PLACEHOLDER,
@@ -161,3 +161,20 @@ def test_closed_question_items_reject_masks_that_do_not_match_the_answers():
     broken = {**item, "mask_orders": item["mask_orders"] + ["extra"]}
     with pytest.raises(ValueError, match="mask_orders"):
         closed_question_items([broken])
+
+
+def test_a_slice_beyond_the_anatomy_is_answered_not_visible_and_no():
+    blank = Sample2D("ct_x_z000", CT_ABDOMEN, "ct_x", "train", np.zeros((8, 8, 3), np.uint8), {},
+                     absent=(*CT_ABDOMEN.structures,))
+    for seed in range(50):
+        items = _items(blank, seed)
+        seg_question, seg_answer = _turns(items[0])[0]
+        named = seg_answer.removeprefix("The ").split(" is ")[0].split(" are ")[0]
+        assert seg_answer.endswith("not visible in this image.") and named in seg_question
+        assert named in (*CT_ABDOMEN.structures, *WHOLES[CT_ABDOMEN.key])  # one of its own source's structures
+        for item in items:
+            assert item["mask_orders"] == [] and not PLACEHOLDER.search(str(item["conversations"]))
+            for question, answer in _turns(item):
+                assert "modality" not in question and "kind of scan" not in question  # a blank slice cannot tell
+                if PRESENCE in question or VISIBLE in question:
+                    assert answer.startswith("No"), (question, answer)

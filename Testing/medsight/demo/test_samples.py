@@ -53,3 +53,18 @@ def test_every_labelled_lesion_stands_out():
     with_lesion = [s for s in samples if "lesion" in s.masks]
     assert {s.source.key for s in with_lesion} == {"ct_abdomen", "mri_brain", "cxr"}
     assert min(lesion_contrast(s.image, s.masks["lesion"]) for s in with_lesion) >= MIN_LESION_CONTRAST
+
+
+def test_volume_subjects_also_give_slices_beyond_their_anatomy():
+    """Some volume subjects add a slice with none of their structures (a blank slice above the brain): kept with
+    every structure absent, so the model learns "not visible" there instead of seeing a blank slice first in use."""
+    spec = DemoSize(subjects={"ct_abdomen": {"train": 0, "val": 0, "test": 0},
+                              "mri_brain": {"train": 8, "val": 0, "test": 0}, "cxr": {"train": 0, "val": 0, "test": 0}},
+                    slices_per_subject={"ct_abdomen": 4, "mri_brain": 4, "cxr": 1}, image_size=SIZE)
+    samples = generate_samples(spec, seed=0)
+    empty = [s for s in samples if not s.masks]
+    assert 0 < len(empty) < len(samples) / 2
+    for s in empty:
+        assert set(s.source.structures) <= set(s.absent)
+    # The other slices keep the sample rule: each shows at least one structure.
+    assert all(s.masks for s in samples if s not in empty)

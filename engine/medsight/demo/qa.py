@@ -85,11 +85,12 @@ def _seg_turn(sample: Sample2D, rng: np.random.Generator, names: list[str]) -> t
 def _not_visible_turn(sample: Sample2D, rng: np.random.Generator) -> tuple[str, str, list[str]]:
     """"Segment the X." about a structure the slice lacks: half the time one of its own source that has no pixel
     here (an organ above or below the slice, the lesion of a healthy slice), else one of another source or one the
-    demo data never shows (`UNKNOWN_STRUCTURES`). Answered "The X is not visible in this image.", no code."""
+    demo data never shows (`UNKNOWN_STRUCTURES`); always one of its own on a slice that shows none of them.
+    Answered "The X is not visible in this image.", no code."""
     own = [*sample.source.structures, *WHOLES[sample.source.key]]
     others = sorted({n for src in SOURCES for n in (*src.structures, *WHOLES[src.key])} - set(own))
     missing = [n for n in own if n in sample.absent]
-    pool = missing if missing and rng.random() < 0.5 else others + list(UNKNOWN_STRUCTURES)
+    pool = missing if missing and (not sample.masks or rng.random() < 0.5) else others + list(UNKNOWN_STRUCTURES)
     name = pool[rng.integers(len(pool))]
     q = SEG_Q[rng.integers(len(SEG_Q))].format(**_forms(name))
     return q, NOT_VISIBLE_A.format(**_forms(name)), []
@@ -170,6 +171,8 @@ def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rn
     a small language model to learn, so it needs many examples (about 1.7x the uniform mix's count).
     ``image_path`` and ``mask_paths`` (structure -> path) are written as given (relative to the data root).
     """
+    if not sample.masks:
+        return _items(sample, _empty_slice_turns(sample, rng), mask_paths, image_path)
     present = list(sample.masks)
     parts = [n for n in present if n not in WHOLES[sample.source.key]]  # a whole organ overlaps its parts
     items = []
@@ -197,7 +200,26 @@ def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rn
         if t is not None and _same_question(t[0]) not in [_same_question(q) for q, _, _ in turns]:
             turns.append(t)
     items.append(turns)
+    return _items(sample, items, mask_paths, image_path)
 
+
+def _empty_slice_turns(sample: Sample2D, rng: np.random.Generator) -> list[list[tuple[str, str, list[str]]]]:
+    """A slice with none of its source's structures (beyond the anatomy): "Segment the X." about one of them is
+    answered "not visible", and the closed questions "no". No modality question: a blank slice does not tell."""
+    seg = [_not_visible_turn(sample, rng)]
+    if rng.random() < 0.5:
+        seg.append(_yes_no_turn(sample, rng))
+    vqa = [_yes_no_turn(sample, rng)]
+    for maker in (_diagnosis_turn, _presence_turn):
+        t = maker(sample, rng)
+        if rng.random() < 0.5 and _same_question(t[0]) not in [_same_question(q) for q, _, _ in vqa]:
+            vqa.append(t)
+    return [seg, vqa]
+
+
+def _items(sample: Sample2D, items: list[list[tuple[str, str, list[str]]]], mask_paths: dict[str, str],
+           image_path: str) -> list[dict]:
+    """LLaVA-style items, one per list of (question, answer, mask ids) turns."""
     out = []
     for n, turns in enumerate(items):
         conv, order = [], []

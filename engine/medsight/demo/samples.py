@@ -31,6 +31,10 @@ CONTRAST_RING_AT_112 = 3
 
 #: Slab pixels a lesion must cover for its slice to be picked as a lesion slice (slabs are ~100-128 px wide).
 LESION_SLICE_AREA = 40
+#: Chance that a volume subject also gives one slice with none of its structures (beyond the anatomy, such as the
+#: blank slices above and below the brain), if it has one. Without them the model never saw a blank slice and, asked
+#: to segment the white matter on one, answered with broken text ("The white matter isNo.").
+EMPTY_SLICE_P = 0.5
 
 
 @dataclass
@@ -87,10 +91,10 @@ def lesion_contrast(rgb: np.ndarray, mask: np.ndarray) -> float:
 
 def _finish(
     sample_id: str, source: Source, subject: str, split: str, rgb: np.ndarray, masks: dict[str, np.ndarray],
-    size: int, info: dict,
+    size: int, info: dict, empty_ok: bool = False,
 ) -> Sample2D | None:
     """Resize image and masks; None when a lesion is present but too small or too faint to label (a "no" from a
-    reader would be marked wrong)."""
+    reader would be marked wrong), or when no structure is left and ``empty_ok`` is False."""
     out, absent = {}, []
     image = _resize_rgb(rgb, size)
     min_lesion = MIN_LESION_PIXELS_AT_112 * (size / 112) ** 2
@@ -106,7 +110,7 @@ def _finish(
             out[name] = r
         elif name == "lesion":
             return None
-    if not out:
+    if not out and not (empty_ok and len(absent) == len(source.structures)):
         return None
     add_wholes(source, out, absent)
     return Sample2D(sample_id, source, subject, split, image, out, tuple(absent), info)
@@ -127,7 +131,8 @@ def _volume_slices(
     phantom: Phantom, source: Source, subject: str, split: str, rng: np.random.Generator, n: int, size: int,
     window: dict,
 ) -> list[Sample2D]:
-    """``n`` axial slices of a volume, half of them through lesions when there are any."""
+    """``n`` axial slices of a volume, half of them through lesions when there are any; with `EMPTY_SLICE_P` one
+    more that shows none of the structures."""
     vol: Volume = phantom.volume
     count = slice_count(vol, "axial")
     slabs = [extract_slice(vol, "axial", k) for k in range(count)]
@@ -140,13 +145,17 @@ def _volume_slices(
         picks += list(rng.choice(lesion_k, size=min(len(lesion_k), (n + 1) // 2), replace=False))
     rest = [k for k in candidates if k not in picks]
     picks += list(rng.choice(rest, size=min(len(rest), n - len(picks)), replace=False))
+    empty_k = np.flatnonzero(sum(areas.values()) == 0)
+    if len(empty_k) and rng.random() < EMPTY_SLICE_P:
+        picks.append(int(rng.choice(empty_k)))
     out = []
     for k in sorted(int(k) for k in picks):
         s = slabs[k]
         # Exactly the product's display path: whole-volume window for MR, the abdomen preset for CT.
         rgb = to_rgb(s.pixels, vol.modality, window_from=vol.array, **window)
         masks = {name: s.take(m) for name, m in phantom.masks.items()}
-        smp = _finish(f"{subject}_z{k:03d}", source, subject, split, rgb, masks, size, {"plane": "axial", "index": k})
+        smp = _finish(f"{subject}_z{k:03d}", source, subject, split, rgb, masks, size, {"plane": "axial", "index": k},
+                      empty_ok=k in empty_k)
         if smp is not None:
             out.append(smp)
     return out

@@ -61,7 +61,7 @@ from medsight.train.stages import (
 from .build import build_demo_data
 from .catalog import SOURCES, SPLITS, STRUCTURES
 from .qa import balance_closed_answers, closed_question_items, fill_codes
-from .samples import MIN_LESION_CONTRAST
+from .samples import EMPTY_SLICE_P, MIN_LESION_CONTRAST
 from .tokenizer import build_demo_tokenizer
 
 log = logging.getLogger("medsight.demo.train_demo")
@@ -480,7 +480,9 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "trained stage-2 codebook (Hungarian-matched query of each GT mask, quantised under the modality label). "
         "Every VQA conversation opens with a closed question (lesion presence or organ visibility, with \"no\" as "
         "likely as \"yes\" for organs when the slice allows both; every closed answer opens with its verdict) and half "
-        "the segmentation ones add one. A lesion "
+        "the segmentation ones add one. About half the CT and MRI subjects also give one slice beyond their anatomy "
+        f"(p = {EMPTY_SLICE_P:g}), where every structure asked for is \"not visible\" and every closed answer is "
+        "\"no\". A lesion "
         f"is labelled only where it stands out in the displayed slice (mean grey level >= {MIN_LESION_CONTRAST:g} "
         "standard deviations from a ring around it); slices that cut a lesion too thinly or too faintly are left "
         "out. Whole organs (brain = grey matter + white matter + lesion, both lungs, both kidneys) are segmentation "
