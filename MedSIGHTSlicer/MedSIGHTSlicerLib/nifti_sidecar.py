@@ -18,6 +18,7 @@ __all__ = ["SIDECAR_FORMAT", "label_record", "sidecar", "sidecar_path"]
 
 SIDECAR_FORMAT = "medsight-labels/1"
 
+
 def sidecar_path(nifti_path: str | Path) -> Path:
     """``x.nii.gz`` / ``x.nii`` -> ``x.json``."""
     path = Path(nifti_path)

@@ -159,6 +159,11 @@ def _same_question(question: str) -> str:
     return question.split("?")[0]  # "... in the liver?" and "... in the liver? Answer yes or no." ask the same
 
 
+def _asks_anew(turns: list[tuple[str, str, list[str]]], turn: tuple[str, str, list[str]] | None) -> bool:
+    """``turn`` exists and asks what none of ``turns`` asks already."""
+    return turn is not None and _same_question(turn[0]) not in [_same_question(q) for q, _, _ in turns]
+
+
 #: Share of segmentation conversations that also ask about a structure the slice lacks.
 NOT_VISIBLE_P = 0.35
 
@@ -197,7 +202,7 @@ def make_items(sample: Sample2D, image_path: str, mask_paths: dict[str, str], rn
     makers = [_modality_turn, _presence_turn, _diagnosis_turn, _visible_turn]
     for i in rng.permutation(len(makers))[: int(rng.integers(0, 3))]:
         t = makers[i](sample, rng)
-        if t is not None and _same_question(t[0]) not in [_same_question(q) for q, _, _ in turns]:
+        if _asks_anew(turns, t):
             turns.append(t)
     items.append(turns)
     return _items(sample, items, mask_paths, image_path)
@@ -212,7 +217,7 @@ def _empty_slice_turns(sample: Sample2D, rng: np.random.Generator) -> list[list[
     vqa = [_yes_no_turn(sample, rng)]
     for maker in (_diagnosis_turn, _presence_turn):
         t = maker(sample, rng)
-        if rng.random() < 0.5 and _same_question(t[0]) not in [_same_question(q) for q, _, _ in vqa]:
+        if rng.random() < 0.5 and _asks_anew(vqa, t):
             vqa.append(t)
     return [seg, vqa]
 
