@@ -8,6 +8,7 @@ import pytest
 from medsight.demo.catalog import CT_ABDOMEN, WHOLES
 from medsight.demo.qa import (
     MAX_REPEATS,
+    OWN_MISSING_P,
     PLACEHOLDER,
     balance_closed_answers,
     closed_kind,
@@ -178,3 +179,15 @@ def test_a_slice_beyond_the_anatomy_is_answered_not_visible_and_no():
                 assert "modality" not in question and "kind of scan" not in question  # a blank slice cannot tell
                 if PRESENCE in question or VISIBLE in question:
                     assert answer.startswith("No"), (question, answer)
+
+
+def test_not_visible_questions_ask_about_the_slices_own_missing_organs_at_the_set_share():
+    sample = _ct_slice(False)
+    own = {*CT_ABDOMEN.structures, *WHOLES[CT_ABDOMEN.key]}
+    named = [answer.removeprefix("The ").split(" is ")[0].split(" are ")[0]
+             for seed in range(600) for item in _items(sample, seed) for _, answer in _turns(item)
+             if answer.endswith("not visible in this image.")]
+    share = np.mean([name in own for name in named])
+    assert len(named) > 100  # enough for a binomial standard error of at most 0.05
+    assert abs(share - OWN_MISSING_P) < 0.1, share
+    assert {name for name in named if name in own} <= set(sample.absent)
