@@ -15,7 +15,7 @@ import pytest
 import medsight
 from medsight.demo.evaluate_demo import dice, markdown, modality_correct, question_kind, summarise, yes_no
 from medsight.demo.qa import PLACEHOLDER
-from medsight.demo.train_demo import CARD_FILE, PHASES
+from medsight.demo.train_demo import CARD_FILE, PHASES, _seconds_per_step
 from medsight.train.data import read_rgb
 
 pytest.importorskip("nilearn")  # the demo data builder needs the MNI152 template
@@ -213,3 +213,10 @@ def test_answers_with_words_outside_the_training_answers_are_counted_per_kind():
     assert counts["per_kind"] == {"diagnosis": {"n": 2, "with_unknown": 1}, "segmentation": {"n": 2, "with_unknown": 1}}
     report = markdown(summarise(records))
     assert "| diagnosis | 2 | 1 |" in report and "| all | 4 | 2 |" in report and "abnormalivigesiseen" in report
+
+
+def test_step_time_estimate_ignores_a_few_slow_steps():
+    steady, slow = 0.5, 3.0
+    times = np.cumsum([4.0] + [slow if n in (3, 4) else steady for n in range(1, 10)])  # first step: one-off costs
+    records = [{"step": n + 1, "time": float(t)} for n, t in enumerate(times)]
+    assert _seconds_per_step(records) == pytest.approx(steady)
