@@ -41,6 +41,11 @@ def _turns(item: dict) -> list[tuple[str, str]]:
     return [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(conv[::2], conv[1::2], strict=True)]
 
 
+def _named(answer: str) -> str:
+    """The structure a "The X is/are ..." answer is about."""
+    return answer.removeprefix("The ").split(" is ")[0].split(" are ")[0]
+
+
 def _expected(sample: Sample2D, question: str) -> bool:
     if PRESENCE in question:
         return "lesion" in sample.masks
@@ -170,7 +175,7 @@ def test_a_slice_beyond_the_anatomy_is_answered_not_visible_and_no():
     for seed in range(50):
         items = _items(blank, seed)
         seg_question, seg_answer = _turns(items[0])[0]
-        named = seg_answer.removeprefix("The ").split(" is ")[0].split(" are ")[0]
+        named = _named(seg_answer)
         assert seg_answer.endswith("not visible in this image.") and named in seg_question
         assert named in (*CT_ABDOMEN.structures, *WHOLES[CT_ABDOMEN.key])  # one of its own source's structures
         for item in items:
@@ -184,8 +189,7 @@ def test_a_slice_beyond_the_anatomy_is_answered_not_visible_and_no():
 def test_not_visible_questions_ask_about_the_slices_own_missing_organs_at_the_set_share():
     sample = _ct_slice(False)
     own = {*CT_ABDOMEN.structures, *WHOLES[CT_ABDOMEN.key]}
-    named = [answer.removeprefix("The ").split(" is ")[0].split(" are ")[0]
-             for seed in range(600) for item in _items(sample, seed) for _, answer in _turns(item)
+    named = [_named(answer) for seed in range(600) for item in _items(sample, seed) for _, answer in _turns(item)
              if answer.endswith("not visible in this image.")]
     share = np.mean([name in own for name in named])
     assert len(named) > 100  # enough for a binomial standard error of at most 0.05
