@@ -2,8 +2,9 @@
 
 Slicer nodes describe voxels in RAS (``IJKToRAS``); the engine takes LPS geometry (as DICOM and ITK do) and
 answers with ``slice_to_ras`` matrices mapping a slice pixel (col, row, 0, 1) to RAS millimetres. Everything here
-uses the node's *local* IJKToRAS (parent transforms are ignored on both the way out and the way back, so the
-round trip is exact whatever transform the volume sits under).
+uses the volume's *local* IJKToRAS (its parent transform is ignored on both the way out and the way back, so the
+round trip is exact whatever transform the volume sits under); only a segmentation under another transform than
+its volume's gets its voxels mapped between the two frames.
 
 Only numpy, vtk and Slicer's MRML classes: no Qt, no ``slicer.util`` application helpers.
 """
@@ -134,25 +135,45 @@ def mask_to_ijk(slice_to_ras: np.ndarray, mask: np.ndarray, volume_node) -> np.n
     return np.ascontiguousarray(ijk_int[::-1].T)
 
 
-def _reference_labelmap(volume_node):
-    """An empty uint8 vtkOrientedImageData on the volume's grid."""
+def _volume_to_node(volume_node, node) -> np.ndarray:
+    """The 4x4 map from the volume's own frame into ``node``'s own frame (identity under the same transform).
+
+    A segmentation need not sit under its volume's transform (the Segment Editor allows it), so voxels written for
+    or read from it must cross between the two frames. Raises GeometryError when that map warps.
+    """
+    if node is None or node.GetTransformNodeID() == volume_node.GetTransformNodeID():
+        return np.eye(4)
+    import slicer
+
+    matrix = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            volume_node.GetParentTransformNode(), node.GetParentTransformNode(), matrix):
+        raise GeometryError(f"{node.GetName()!r} and {volume_node.GetName()!r} sit under different transforms and "
+                            "one of them warps: harden it first (Data module: right-click the transform > Harden "
+                            "transform)")
+    return _matrix_to_numpy(matrix)
+
+
+def _reference_labelmap(volume_node, node=None):
+    """An empty uint8 vtkOrientedImageData on the volume's grid, in ``node``'s frame (default: the volume's)."""
     import slicer  # deferred: importing MRML is slow and this module's pure-numpy parts don't need it
 
     k, j, i = _volume_shape(volume_node)
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(volume_node)))
+    image.SetImageToWorldMatrix(_numpy_to_matrix(_volume_to_node(volume_node, node) @ ijk_to_ras(volume_node)))
     return image
 
 
-def labelmap_from_array(array_kji: np.ndarray, volume_node):
-    """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array."""
+def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None):
+    """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array, placed for the
+    segmentation ``node`` it goes into (default: a node under the volume's own transform)."""
     array = np.asarray(array_kji)
     shape = _volume_shape(volume_node)
     if array.shape != shape:
         raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
-    image = _reference_labelmap(volume_node)
+    image = _reference_labelmap(volume_node, node)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = (array.reshape(-1) != 0).astype(np.uint8)
     image.Modified()
@@ -163,7 +184,8 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
     """A segment's voxels as a boolean (k, j, i) array on the volume's grid (a copy).
 
     Segments may share one labelmap layer (told apart by label value) and may have a cropped extent, so the layer
-    is resampled (nearest neighbour) onto the volume's grid and compared with the segment's label value.
+    is resampled (nearest neighbour) onto the volume's grid and compared with the segment's label value. The grid is
+    taken where the volume is shown, also when the segmentation sits under another transform.
     """
     import slicer
 
@@ -174,7 +196,7 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, layer, False):
         return np.zeros(_volume_shape(volume_node), dtype=bool)
-    reference = _reference_labelmap(volume_node)
+    reference = _reference_labelmap(volume_node, segmentation_node)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         layer, reference, resampled, False, False

@@ -25,6 +25,7 @@ from .suggestions import (
     SuggestionManager,
     get_tag,
 )
+from .views import centre_views_on
 
 __all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices", "take_answer"]
 
@@ -97,10 +98,17 @@ class Review:
         self.target = None
         self.merge_into = ""
         self.show_3d = False
+        #: node ID -> (had a closed surface, shown in 3D) of each accept target before "Show 3D" changed it, so turning
+        #: it off gives the user's segmentation back its own 3D display
+        self._target_3d_before: dict[str, tuple[bool, bool]] = {}
 
     # -- rows --------------------------------------------------------------------------------------------------
+    def _preview_display(self):
+        preview = self.manager.existing_preview_node()
+        return None if preview is None else preview.GetDisplayNode()
+
     def rows(self) -> list[SuggestionRow]:
-        display = self.manager.preview_node.GetDisplayNode()
+        display = self._preview_display()
         rows = []
         for segment_id in self.manager.suggestion_ids():
             segment = self.manager.suggestion(segment_id)
@@ -130,6 +138,8 @@ class Review:
             if owner is None or owner.GetSegmentation().GetSegment(merge_into) is None:
                 raise SuggestionError(f"no segment {merge_into!r} to merge into")
         self.target, self.merge_into = node, merge_into
+        if self.show_3d:
+            self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back
 
     @staticmethod
     def segments_of(node) -> list[tuple[str, str]]:
@@ -167,7 +177,7 @@ class Review:
 
     # -- display -----------------------------------------------------------------------------------------------
     def set_visible(self, segment_ids: Sequence[str], visible: bool) -> None:
-        display = self.manager.preview_node.GetDisplayNode()
+        display = self._preview_display()
         if display is None:
             return
         for segment_id in segment_ids:
@@ -175,7 +185,7 @@ class Review:
 
     def toggle_visible(self, segment_ids: Sequence[str]) -> bool:
         """Hide them all if any is shown, else show them all; returns the new visibility."""
-        display = self.manager.preview_node.GetDisplayNode()
+        display = self._preview_display()
         if display is None or not segment_ids:
             return True
         visible = not any(display.GetSegmentVisibility(sid) for sid in segment_ids)
@@ -187,33 +197,49 @@ class Review:
         self.show_3d = bool(show)
         self._refresh_3d()
 
-    def _3d_nodes(self) -> list:
-        nodes = [self.manager.preview_node]
+    def _target_node(self):
         target = self.target if self.target is not None else self.manager.find_user_node()
-        if target is not None and target.GetScene() is not None:
-            nodes.append(target)
-        return nodes
+        return target if target is not None and target.GetScene() is not None else None
 
     def _refresh_3d(self) -> None:
-        for node in self._3d_nodes():
-            display = node.GetDisplayNode()
-            if self.show_3d:
-                node.CreateClosedSurfaceRepresentation()
-            elif node.GetSegmentation().GetSourceRepresentationName() != _closed_surface_name():
-                # Surfaces cost memory and time on every edit; drop them unless the source is a surface.
-                node.RemoveClosedSurfaceRepresentation()
-            if display is not None:
-                display.SetVisibility3D(self.show_3d)
+        preview = self.manager.existing_preview_node()
+        if preview is not None:
+            _set_3d(preview, self.show_3d, had_surface=False)
+        target = self._target_node() if self.show_3d else None
+        # Only what Show 3D turned on is turned off again (it is off, or the target changed): the user's own surfaces
+        # and 3D display come back as they were.
+        for node_id, (had_surface, shown) in list(self._target_3d_before.items()):
+            if target is not None and node_id == target.GetID():
+                continue
+            del self._target_3d_before[node_id]
+            node = self.manager.scene.GetNodeByID(node_id)
+            if node is not None:
+                _set_3d(node, False, had_surface=had_surface)
+                if node.GetDisplayNode() is not None:
+                    node.GetDisplayNode().SetVisibility3D(shown)
+        if target is None:
+            return
+        if target.GetID() not in self._target_3d_before:
+            display = target.GetDisplayNode()
+            self._target_3d_before[target.GetID()] = (
+                target.GetSegmentation().ContainsRepresentation(_closed_surface_name()),
+                display is not None and bool(display.GetVisibility3D()),
+            )
+        _set_3d(target, True, had_surface=self._target_3d_before[target.GetID()][0])
 
     # -- navigation --------------------------------------------------------------------------------------------
     def centre_ras(self, segment_id: str) -> np.ndarray:
-        """The centre of a suggestion's voxels in the volume's RAS coordinates (where "Jump" centres the views)."""
+        """The centre of a suggestion's voxels in the volume's own RAS frame (its IJKToRAS, before any transform)."""
         mask = self.manager.suggestion_mask(segment_id)
         voxels = np.argwhere(mask)
         if not len(voxels):
             raise SuggestionError(f"suggestion {segment_id!r} has no voxels to jump to")
         k, j, i = voxels.mean(axis=0)
         return (ijk_to_ras(self.manager.volume_node) @ np.array([i, j, k, 1.0]))[:3]
+
+    def jump_to(self, segment_id: str) -> np.ndarray:
+        """Centre every slice view on a suggestion, wherever its volume's transform puts it; returns the world point."""
+        return centre_views_on(self.manager.scene, self.centre_ras(segment_id), self.manager.volume_node)
 
     def neighbour(self, current: str | None, step: int) -> str | None:
         """The suggestion ``step`` rows after ``current`` (wrapping; the first or last when there is none)."""
@@ -228,6 +254,18 @@ class Review:
         """Correcting a suggestion edits it in the preview node, so an accept then takes the corrected voxels."""
         self.manager.suggestion(segment_id)  # raises for an unknown id
         return EditorSelection(self.manager.preview_node, self.manager.volume_node, segment_id)
+
+
+def _set_3d(node, shown: bool, had_surface: bool) -> None:
+    """Show ``node``'s segments in 3D (making closed surfaces) or hide them, dropping the surfaces unless the node
+    had them before or keeps its segments as surfaces (surfaces cost memory and time on every edit)."""
+    if shown:
+        node.CreateClosedSurfaceRepresentation()
+    elif not had_surface and node.GetSegmentation().GetSourceRepresentationName() != _closed_surface_name():
+        node.RemoveClosedSurfaceRepresentation()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility3D(bool(shown))
 
 
 def _closed_surface_name() -> str:

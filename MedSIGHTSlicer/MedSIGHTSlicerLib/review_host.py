@@ -34,7 +34,6 @@ class ReviewHost:
         self.panel, self.volume, self.logic = panel, volume, logic
         self.answer_volume = answer_volume or volume
         self.list = SuggestionList()
-        self.list.on_jump = jump_to
         self.list.on_edit = open_in_segment_editor
         self.module_keys = shortcuts.ShortcutSet(
             main_window, shortcuts.MODULE_SHORTCUTS, self.list.actions(), qt.Qt.WindowShortcut
@@ -100,14 +99,6 @@ class ReviewHost:
         self.module_keys.close()
         self.list.close()
 
-
-
-def jump_to(ras: Any) -> None:
-    """Centre every slice view on a point (Slicer only)."""
-    import slicer
-
-    r, a, s = (float(v) for v in ras)
-    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
 def open_in_segment_editor(selection: review_lib.EditorSelection) -> None:

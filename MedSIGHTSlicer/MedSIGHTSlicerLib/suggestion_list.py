@@ -7,8 +7,8 @@ suggestions become new segments or are merged into one named segment. All decisi
 this widget only shows its rows and forwards the user's actions. Qt goes through the shim, so the same code runs
 under PythonQt in Slicer and PySide6 in the tests.
 
-Host hooks: ``on_jump(ras)`` (centre the views on a point), ``on_edit(EditorSelection)`` (open the Segment
-Editor), ``on_changed()`` (anything was accepted, rejected, undone or redone).
+Host hooks: ``on_edit(EditorSelection)`` (open the Segment Editor), ``on_changed()`` (anything was accepted,
+rejected, undone or redone).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import shortcuts, theme
+from .geometry import GeometryError
 from .qt_shim import connect, grab_png, prop, qt
 from .review import EditorSelection, Review
 from .suggestions import SuggestionError
@@ -33,7 +34,6 @@ class SuggestionList:
 
     def __init__(self, parent: Any = None) -> None:
         self.review: Review | None = None
-        self.on_jump: Callable[[Any], None] | None = None
         self.on_edit: Callable[[EditorSelection], None] | None = None
         self.on_changed: Callable[[], None] | None = None
         self._building = False
@@ -258,7 +258,7 @@ class SuggestionList:
             return None
         try:
             result = action()
-        except SuggestionError as err:
+        except (SuggestionError, GeometryError) as err:  # GeometryError: e.g. a jump under a warping transform
             self._show_message(str(err), error=True)
             self.refresh()
             return None
@@ -331,9 +331,7 @@ class SuggestionList:
         ids = self.selected_ids()
         if not ids or self.review is None:
             return
-        point = self._run(lambda: self.review.centre_ras(ids[0]), changed=False)
-        if point is not None and self.on_jump is not None:
-            self.on_jump(point)
+        self._run(lambda: self.review.jump_to(ids[0]), changed=False)
 
     def edit(self) -> None:
         ids = self.selected_ids()

@@ -230,9 +230,26 @@ class SuggestionManager:
 
     @property
     def preview_node(self):
-        """The preview segmentation node (re-created if the user deleted it from the scene)."""
-        if self._preview_node is None or self._preview_node.GetScene() is None:
+        """The preview segmentation node (re-created if the user deleted it from the scene).
+
+        The user's segmentation is made first when there is none: Slicer's Segment Editor opens on the scene's first
+        segmentation node, and the user's drawing must not land in the preview, which is not saved with the scene.
+        """
+        if self.existing_preview_node() is None:
+            if self.find_user_node() is None:
+                self.user_segmentation_node()
             self._preview_node = self._create_preview_node()
+        return self._preview_node
+
+    def existing_preview_node(self):
+        """The preview node if it is in the scene, else None (never creates it: looking must not add nodes).
+
+        Suggestions are voxels of the volume, so the preview follows the volume's transform, also one set later.
+        """
+        if self._preview_node is None or self._preview_node.GetScene() is None:
+            return None
+        if self._preview_node.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
+            self._preview_node.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
         return self._preview_node
 
     def forget(self) -> None:
@@ -409,17 +426,19 @@ class SuggestionManager:
 
     # -- queries -----------------------------------------------------------------------------------------------
     def suggestion_ids(self) -> list[str]:
-        """Ids of the current suggestions, in display order."""
-        if self._preview_node is None or self._preview_node.GetScene() is None:
+        """Ids of the current suggestions, in display order: only the segments this manager put in the preview, so a
+        segment the user drew there (the Segment Editor can be pointed at the preview) is never rejected or accepted
+        with "all"."""
+        preview = self.existing_preview_node()
+        if preview is None:
             return []
-        return _segment_ids(self.preview_node.GetSegmentation())
+        return [sid for sid in _segment_ids(preview.GetSegmentation()) if sid.startswith(f"{_ID_PREFIX}_")]
 
     def suggestion(self, segment_id: str):
         """The preview vtkSegment of a suggestion."""
-        segment = self.preview_node.GetSegmentation().GetSegment(segment_id)
-        if segment is None:
+        if segment_id not in self.suggestion_ids():
             raise SuggestionError(f"no suggestion {segment_id!r}")
-        return segment
+        return self.preview_node.GetSegmentation().GetSegment(segment_id)
 
     def suggestion_mask(self, segment_id: str) -> np.ndarray:
         """A suggestion's voxels as a boolean (k, j, i) array."""
@@ -614,9 +633,9 @@ class SuggestionManager:
 
     def clear(self) -> None:
         """Remove every suggestion without history (e.g. when the volume changes)."""
-        segmentation = self.preview_node.GetSegmentation()
+        preview = self.existing_preview_node()
         for segment_id in self.suggestion_ids():
-            segmentation.RemoveSegment(segment_id)
+            preview.GetSegmentation().RemoveSegment(segment_id)
         self._undo.clear()
         self._redo.clear()
         self._streams.clear()
@@ -645,7 +664,7 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -
 
     if node.GetSegmentation().GetSegment(segment_id) is None:
         raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
-    labelmap = labelmap_from_array(mask, volume_node)
+    labelmap = labelmap_from_array(mask, volume_node, node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
@@ -692,7 +711,7 @@ def _add_segment(
     segment.SetColor(*snapshot.color)
     for key, value in snapshot.tags.items():
         segment.SetTag(key, encode_tag_value(value) if key in _TEXT_TAGS else value)
-    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node)
+    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node, node)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     segmentation = node.GetSegmentation()
     if before_id and segmentation.GetSegment(before_id) is None:

@@ -16,6 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MedSIGHTSlicer"))
 
+try:
+    import slicer  # noqa: F401  (slicer-core; absent under the Slicer Pythons' MRML-free runs)
+except ImportError:
+    pass
+else:
+    from medsight_testing.mrml import register_segmentation_converters
+
+    register_segmentation_converters()
+
 
 @dataclass
 class Recorded:

@@ -12,12 +12,19 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import make_volume, oblique_matrix, pixel_to_ijk  # noqa: E402
+from medsight_testing.mrml import (  # noqa: E402
+    add_slice_views,
+    make_volume,
+    oblique_matrix,
+    pixel_to_ijk,
+    put_under_transform,
+    view_origin,
+)
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, get_tag  # noqa: E402
-from MedSIGHTSlicerLib.views import VIEW_NAMES, parent_to_world  # noqa: E402
+from MedSIGHTSlicerLib.views import parent_to_world  # noqa: E402
 
 SHORT = {"max_new_tokens": 8, "no_code_fallback": True, "seed": 0}
 
@@ -34,21 +41,6 @@ def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver"
     bbox = [rows.start, cols.start, rows.stop - 1, cols.stop - 1]
     region = Region("[M0_1]", label, 0, mask, 0.8, bbox)
     return SliceAnswer("axial", index, f"The {label}.", [region], ijk_to_ras @ p2i)
-
-
-def add_slice_views(scene) -> dict:
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # what the application does at start-up
-    views = {}
-    for name, orient in zip(VIEW_NAMES, ("Axial", "Sagittal", "Coronal"), strict=True):
-        node = scene.AddNewNodeByClass("vtkMRMLSliceNode")  # gets the scene's default orientation presets
-        node.SetName(name)
-        node.SetLayoutName(name)
-        node.SetDefaultOrientation(orient)
-        node.SetOrientation(orient)
-        node.SetDimensions(256, 256, 1)
-        node.SetFieldOfView(250.0, 250.0, 1.0)
-        views[name] = node
-    return views
 
 
 def preview_nodes(scene) -> list:
@@ -131,13 +123,7 @@ def test_segments_sit_under_the_volume_transform_and_views_centre_on_regions():
     session = MedSIGHTSession(scene)
     views = add_slice_views(scene)
     node = make_volume(scene, np.zeros((5, 20, 16), np.int16), oblique_matrix(), name="moved")
-    transform = slicer.vtkMRMLLinearTransformNode()
-    scene.AddNode(transform)
-    rotation = vtk.vtkTransform()
-    rotation.Translate(30.0, -12.0, 8.0)
-    rotation.RotateZ(35.0)
-    transform.SetMatrixTransformToParent(rotation.GetMatrix())
-    node.SetAndObserveTransformNodeID(transform.GetID())
+    transform = put_under_transform(scene, node)
 
     session.bind(node)
     answer = slab_answer(node, 3, slice(4, 9), slice(6, 11))
@@ -151,8 +137,7 @@ def test_segments_sit_under_the_volume_transform_and_views_centre_on_regions():
     region_ijk = np.array([(6 + 10) / 2.0, (4 + 8) / 2.0, 3.0, 1.0])
     expected = (parent_to_world(node) @ oblique_matrix() @ region_ijk)[:3]
     for view in views.values():
-        origin = np.array([view.GetSliceToRAS().GetElement(r, 3) for r in range(3)])
-        np.testing.assert_allclose(origin, expected, atol=1e-6)  # centred, not just moved along the normal
+        np.testing.assert_allclose(view_origin(view), expected, atol=1e-6)  # centred, not just moved along the normal
 
 
 def test_accept_all_and_export_lookup_add_no_empty_nodes():

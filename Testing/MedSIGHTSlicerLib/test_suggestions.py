@@ -10,9 +10,10 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
-from MedSIGHTSlicerLib.geometry import GeometryError, labelmap_from_array, segment_array  # noqa: E402
+from medsight_testing.mrml import pixel_to_ijk, put_under_transform  # noqa: E402
+from MedSIGHTSlicerLib.geometry import GeometryError, ijk_to_ras, labelmap_from_array, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.review import Review  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
     ALL,
     TAG_CONFIDENCE,
@@ -243,3 +244,111 @@ def test_accept_all_then_undo_restores_everything(scene, volume):
     assert manager.user_segmentation_node().GetSegmentation().GetNumberOfSegments() == 0
     assert manager.redo()
     assert manager.user_segmentation_node().GetSegmentation().GetNumberOfSegments() == 2
+
+
+def segmentation_nodes(scene) -> list:
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    return [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+
+
+def test_looking_adds_no_node_and_the_segment_editor_opens_on_the_users_segmentation(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    assert review.rows() == []
+    review.set_visible([], False)
+    review.toggle_visible([])
+    review.set_show_3d(False)
+    assert segmentation_nodes(scene) == []  # selecting a volume or refreshing the list adds nothing
+
+    manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    # The Segment Editor, opened with no segmentation chosen, takes the scene's first one: the user's, which is saved
+    # with the scene, not the preview, which is not.
+    first = scene.GetFirstNode(None, "vtkMRMLSegmentationNode")
+    assert first is manager.find_user_node() and first is not manager.preview_node
+    assert first.GetSaveWithScene() and not manager.preview_node.GetSaveWithScene()
+
+
+def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    drawn = ball((3, 7, 8), 1.5)
+    drawn_id = add_user_segment(manager.preview_node, volume, "my drawing", drawn)
+    assert manager.suggestion_ids() == ids
+    assert manager.reject(ALL) == ids[:1] + ids[1:]
+    np.testing.assert_array_equal(segment_array(manager.preview_node, drawn_id, volume), drawn)
+    assert manager.undo()
+    assert sorted(manager.accept(ALL)) == sorted(segment_ids_of(manager.find_user_node()))
+    assert segment_ids_of(manager.preview_node) == [drawn_id]
+    with pytest.raises(SuggestionError, match="no suggestion"):
+        manager.accept(drawn_id)
+
+
+def segment_ids_of(node) -> list[str]:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def world_points(node, segment_id: str) -> np.ndarray:
+    """The world RAS of every voxel of a segment, from its own labelmap and its node's transform (sorted rows)."""
+    from MedSIGHTSlicerLib.geometry import array_from_image
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    image_to_node = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = image.GetExtent()
+    k, j, i = np.nonzero(array_from_image(image) == segment.GetLabelValue())
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
+    points = (parent_to_world(node) @ image_to_node @ ijk)[:3].T
+    return points[np.lexsort(points.T[::-1])]
+
+
+def test_accepts_and_merges_land_where_shown_when_the_target_sits_under_another_transform(scene, volume, user_node):
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    put_under_transform(scene, volume)  # the volume moved; the user's segmentation stayed where it was
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    shown = world_points(manager.preview_node, sid)
+    k, j, i = np.nonzero(mask)
+    expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    np.testing.assert_allclose(shown, expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+
+    [accepted] = manager.accept(sid, target=user_node)
+    np.testing.assert_allclose(world_points(user_node, accepted), shown, atol=1e-6)
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), mask)
+    assert manager.undo() and manager.redo()  # the digests match what was written: nothing looks "edited since"
+
+    [second] = manager.add_answer(answer("axial", 5, [("liver", ball())]))
+    more = manager.suggestion_mask(second)
+    manager.accept(second, target=user_node, merge_into=accepted)
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), mask | more)
+    assert manager.undo()
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), mask)
+
+
+def test_show_3d_gives_the_users_own_3d_display_back(scene, volume, user_node):
+    user_node.CreateDefaultDisplayNodes()
+    display = user_node.GetDisplayNode()
+    assert display.GetVisibility3D()
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    review.accept(ids[:1])  # Show 3D is off: the user's 3D display is not MedSIGHT's to change
+    assert display.GetVisibility3D()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert not user_node.GetSegmentation().ContainsRepresentation(surface)
+
+    review.set_show_3d(True)
+    assert user_node.GetSegmentation().ContainsRepresentation(surface)
+    preview_display = manager.preview_node.GetDisplayNode()
+    assert preview_display.GetVisibility3D()
+    display.SetVisibility3D(False)  # the user hides it while Show 3D is on
+    review.accept(ids[1:])
+    review.set_show_3d(False)
+    assert display.GetVisibility3D()  # as it was before Show 3D, which is what turning it off restores
+    assert not user_node.GetSegmentation().ContainsRepresentation(surface)
+    assert not preview_display.GetVisibility3D()

@@ -67,3 +67,58 @@ def pixel_to_ijk(
         matrix[row_axis, 3] = shape_ijk[row_axis] - 1
     matrix[3, 3] = 1.0
     return matrix
+
+
+def add_slice_views(scene) -> dict:
+    """Red, Yellow and Green slice nodes (axial, sagittal, coronal) as the application makes them, by name."""
+    import slicer
+
+    from MedSIGHTSlicerLib.views import VIEW_NAMES
+
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # what the application does at start-up
+    views = {}
+    for name, orient in zip(VIEW_NAMES, ("Axial", "Sagittal", "Coronal"), strict=True):
+        node = scene.AddNewNodeByClass("vtkMRMLSliceNode")  # gets the scene's default orientation presets
+        node.SetName(name)
+        node.SetLayoutName(name)
+        node.SetDefaultOrientation(orient)
+        node.SetOrientation(orient)
+        node.SetDimensions(256, 256, 1)
+        node.SetFieldOfView(250.0, 250.0, 1.0)
+        views[name] = node
+    return views
+
+
+def view_origin(view) -> np.ndarray:
+    """Where a slice view is centred, in world RAS."""
+    return np.array([view.GetSliceToRAS().GetElement(r, 3) for r in range(3)])
+
+
+def put_under_transform(scene, node, translate=(30.0, -12.0, 8.0), rotate_z: float = 35.0):
+    """Put ``node`` under a new linear transform (a shift, then a turn about S). Returns the transform node."""
+    import slicer
+    import vtk
+
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    motion = vtk.vtkTransform()
+    motion.Translate(*translate)
+    motion.RotateZ(rotate_z)
+    transform.SetMatrixTransformToParent(motion.GetMatrix())
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def register_segmentation_converters() -> None:
+    """The segmentation conversion rules Slicer's Segmentations module registers at start-up (slicer-core has none),
+    so closed surfaces ("Show 3D", surface-based segmentations) exist in tests as in the application."""
+    import slicer
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if len(factory.GetConverterRules()):
+        return
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                 slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+                 slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+        factory.RegisterConverterRule(rule())
