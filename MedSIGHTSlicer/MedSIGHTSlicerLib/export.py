@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_labelmap_file", "export_nifti",
@@ -40,24 +42,49 @@ def _scene_of(node):
 
 
 def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
-    """Write a segmentation node to ``path`` (must end in .seg.nrrd). Returns the path."""
+    """Write a segmentation node to ``path`` (must end in .seg.nrrd). Returns the path.
+
+    Slicer's writer stores a segmentation in its source representation, so one kept as closed surfaces (imported
+    models) would come out as a VTK multi-block file under the .seg.nrrd name: such a node is written through a
+    copy converted to labelmaps, and the user's node stays as it is.
+    """
     import slicer
 
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ExportError(f"{path.name}: a segmentation file name must end in .seg.nrrd")
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
     scene = _scene_of(segmentation_node)
-    scene.AddNode(storage)
-    try:
-        storage.SetFileName(str(path))
-        if not storage.WriteData(segmentation_node):
-            raise ExportError(f"could not write {path}")
-    finally:
+    with _temporary_nodes(scene):
+        node = segmentation_node
+        labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        if node.GetSegmentation().GetSourceRepresentationName() != labelmap:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+            node.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+            if not node.GetSegmentation().CreateRepresentation(labelmap):
+                raise ExportError(f"could not convert {segmentation_node.GetName()!r} to labelmaps for {path.name}")
+            node.GetSegmentation().SetSourceRepresentationName(labelmap)
         # A temporary storage node: the user's node keeps whatever storage it had.
-        scene.RemoveNode(storage)
+        storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.WriteData(node):
+            raise ExportError(f"could not write {path}")
     return path
+
+
+@contextmanager
+def _temporary_nodes(scene) -> Iterator[None]:
+    """Every node added to ``scene`` inside the block is removed after it (Slicer's exporters add helper nodes,
+    such as a colour table and a display node, that the user did not ask for)."""
+    before = {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+        for node in added:
+            # Removing a node may take its display nodes with it: only what is still in the scene is removed.
+            if node.GetID() not in before and node.GetScene() is scene:
+                scene.RemoveNode(node)
 
 
 def read_seg_nrrd(path: str | Path, scene, name: str | None = None):
@@ -102,11 +129,9 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     ids = [id_array.GetValue(n) for n in range(id_array.GetNumberOfValues())]
     segments = [segmentation.GetSegment(segment_id) for segment_id in ids]
     names = {n + 1: segment.GetName() for n, segment in enumerate(segments)}
-    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
-    scene.AddNode(labelmap)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    try:
+    with _temporary_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         # The reference volume fixes the grid: the file then overlays the image voxel for voxel.
         full_grid = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
@@ -116,9 +141,6 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
         storage.SetUseCompression(path.name.lower().endswith(".gz"))
         if not storage.WriteData(labelmap):
             raise ExportError(f"could not write {path}")
-    finally:
-        scene.RemoveNode(storage)
-        scene.RemoveNode(labelmap)
     _write_sidecar(segments, volume_node, path)
     return names
 

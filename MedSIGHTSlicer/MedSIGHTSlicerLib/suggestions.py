@@ -273,7 +273,7 @@ class SuggestionManager:
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
         for n in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(n)
-            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
+            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" or not _holds_labelmaps(node):
                 continue
             if node.GetNodeReference(role) is self.volume_node:
                 candidates.append(node)
@@ -489,7 +489,7 @@ class SuggestionManager:
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
         found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
-        found = [n for n in found if n.GetAttribute(PREVIEW_ATTRIBUTE) != "1"]
+        found = [n for n in found if n.GetAttribute(PREVIEW_ATTRIBUTE) != "1" and _holds_labelmaps(n)]
         found = [n for n in found if n.GetNodeReference(role) is self.volume_node]
         own = self.find_user_node()
         return sorted(found, key=lambda node: node is not own)
@@ -501,6 +501,11 @@ class SuggestionManager:
             raise SuggestionError("the chosen segmentation is not a segmentation node of this scene")
         elif target.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
             raise SuggestionError("suggestions cannot be accepted into the suggestions' own preview")
+        elif not _holds_labelmaps(target):
+            raise SuggestionError(
+                f"{target.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: "
+                "accept into another segmentation, or make Binary labelmap its source representation first "
+                "(Segmentations module > Representations)")
         if merge_into and target.GetSegmentation().GetSegment(merge_into) is None:
             raise SuggestionError(f"no segment {merge_into!r} in {target.GetName()!r} to merge into")
         return target
@@ -668,6 +673,15 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
+
+
+def _holds_labelmaps(node) -> bool:
+    """Whether a segmentation keeps its segments as binary labelmaps (its source representation), the only kind voxels
+    can be written into: Slicer turns anything added to a surface-based one into surfaces."""
+    import slicer
+
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    return node.GetSegmentation().GetSourceRepresentationName() == labelmap
 
 
 def _follow_volume(segmentation_node, volume_node) -> None:

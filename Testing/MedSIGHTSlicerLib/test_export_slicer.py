@@ -161,3 +161,58 @@ def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
     np.testing.assert_allclose(seg.reference.ijk_to_ras, ijk_to_ras(volume), atol=1e-9)
     assert seg.labelmap.shape == SHAPE
     assert int((seg.labelmap == 1).sum()) == 12 and int((seg.labelmap == 2).sum()) == 1
+
+
+def node_counts(scene) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in range(scene.GetNumberOfNodes()):
+        name = scene.GetNthNode(n).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_exports_leave_no_nodes_behind(scene, volume, tmp_path):
+    _, user = accepted(scene, volume, tmp_path)
+    before = node_counts(scene)
+    export_nifti(user, volume, tmp_path / "MR-seg.nii.gz")
+    export_seg_nrrd(user, tmp_path / "MR.seg.nrrd")
+    assert node_counts(scene) == before  # Slicer's labelmap export adds a colour table and a display node
+
+
+def surface_segmentation(scene, volume, radius: float):
+    """A user segmentation kept as closed surfaces (as after importing a model): one ball in the volume."""
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName("imported")
+    scene.AddNode(node)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    centre = [m.GetElement(r, 3) + sum(m.GetElement(r, c) * (n - 1) / 2 for c, n in enumerate(SHAPE[::-1]))
+              for r in range(3)]
+    ball = vtk.vtkSphereSource()
+    ball.SetCenter(*centre)
+    ball.SetRadius(radius)
+    ball.SetThetaResolution(32)
+    ball.SetPhiResolution(32)
+    ball.Update()
+    node.AddSegmentFromClosedSurfaceRepresentation(ball.GetOutput(), "ball")
+    return node
+
+
+def test_a_surface_segmentation_exports_as_a_real_seg_nrrd(scene, volume, tmp_path):
+    node = surface_segmentation(scene, volume, radius=2.5)
+    [segment_id] = [node.GetSegmentation().GetNthSegmentID(0)]
+    voxels = segment_array(node, segment_id, volume)
+    assert voxels.any()
+    before = node_counts(scene)
+    path = export_seg_nrrd(node, tmp_path / "imported.seg.nrrd")
+    assert path.read_bytes()[:4] == b"NRRD"
+    assert not (tmp_path / "imported.seg").exists()
+    assert node_counts(scene) == before
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert node.GetSegmentation().GetSourceRepresentationName() == surface  # the user's node is as it was
+    back = read_seg_nrrd(path, scene)
+    assert back.GetSegmentation().GetNthSegment(0).GetName() == "ball"
+    np.testing.assert_array_equal(segment_array(back, back.GetSegmentation().GetNthSegmentID(0), volume), voxels)

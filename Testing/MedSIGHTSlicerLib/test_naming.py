@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from MedSIGHTSlicerLib.naming import PALETTE, colour_for, display_name, normalise_label, term_for, terminology_entry
+from MedSIGHTSlicerLib.naming import (
+    _TYPES,
+    PALETTE,
+    colour_for,
+    display_name,
+    normalise_label,
+    term_for,
+    terminology_entry,
+    terminology_json,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +48,19 @@ def test_laterality_and_synonyms():
     assert term_for("tumor").category.meaning == "Morphologically Altered Structure"
     assert term_for("lesions").type.value == "52988006"
     assert "~SCT^7771000^Left~" in terminology_entry("Left kidney")
+
+
+def test_every_laterality_written_is_listed_in_the_terminology_file():
+    """Slicer's terminology picker and DICOM SEG readers look a type modifier up in the context: one the file does not
+    list for that type leaves the segment's laterality unreadable."""
+    listed = {(t["CodeValue"], m["CodeValue"]) for c in terminology_json()["SegmentationCodes"]["Category"]
+              for t in c["Type"] for m in t.get("Modifier", [])}
+    written = {(term.type.value, term.modifier.value) for key in _TYPES for side in ("left", "right")
+               if (term := term_for(f"{side} {key}")).modifier is not None}
+    assert written == listed
+    assert {key for key in _TYPES if term_for(f"left {key}").modifier} == {"kidney", "lung", "grey matter",
+                                                                           "white matter"}
+    assert term_for("left liver").modifier is None and term_for("left liver").type == term_for("liver").type
 
 
 @pytest.mark.parametrize(

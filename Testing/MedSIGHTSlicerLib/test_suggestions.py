@@ -352,3 +352,25 @@ def test_show_3d_gives_the_users_own_3d_display_back(scene, volume, user_node):
     assert display.GetVisibility3D()  # as it was before Show 3D, which is what turning it off restores
     assert not user_node.GetSegmentation().ContainsRepresentation(surface)
     assert not preview_display.GetVisibility3D()
+
+
+def test_a_surface_based_segmentation_is_never_an_accept_target(scene, volume):
+    surfaces = slicer.vtkMRMLSegmentationNode()
+    surfaces.SetName("CT segmentation")  # the name the default target is looked up by
+    scene.AddNode(surfaces)
+    surfaces.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    surfaces.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    assert surfaces not in manager.target_nodes()
+    with pytest.raises(SuggestionError, match="closed surfaces"):
+        manager.accept(sid, target=surfaces)
+    assert manager.suggestion_ids() == [sid] and surfaces.GetSegmentation().GetNumberOfSegments() == 0
+
+    [accepted] = manager.accept(sid)  # the default target is a labelmap segmentation of the volume
+    user = manager.find_user_node()
+    assert user is not surfaces
+    np.testing.assert_array_equal(segment_array(user, accepted, volume), mask)
+    assert manager.undo() and manager.suggestion_ids() == [sid]

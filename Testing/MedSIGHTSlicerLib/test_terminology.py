@@ -26,7 +26,7 @@ def test_shipped_file_is_the_generated_one():
     assert SHIPPED.read_text() == terminology_text(), "regenerate it from naming.terminology_text()"
 
 
-@pytest.mark.parametrize("label", [*_TYPES, "left kidney", "right lung", "tumors", "Lesions"])
+@pytest.mark.parametrize("label", [*_TYPES, "left kidney", "right lung", "left white matter", "tumors", "Lesions"])
 def test_entries_are_found_by_slicer(label):
     logic = slicer.vtkSlicerTerminologiesModuleLogic()
     assert logic.LoadTerminologyFromFile(str(SHIPPED)) == TERMINOLOGY_CONTEXT

@@ -147,8 +147,9 @@ _SYNONYMS: dict[str, str] = {
 }
 
 _ARTICLES = re.compile(r"^(the|a|an)\s+")
-#: Structures that come in left and right (their entries may carry a laterality modifier).
-_PAIRED = ("kidney", "lung")
+#: Structures that come in left and right: only their entries carry a laterality modifier, and the terminology file
+#: lists the modifiers for exactly these (Slicer's picker and DICOM SEG readers look a modifier up there).
+_PAIRED = ("kidney", "lung", "grey matter", "white matter")
 
 
 def normalise_label(label: str) -> str:
@@ -167,17 +168,18 @@ def display_name(label: str, fallback: str = "Region") -> str:
 
 
 def term_for(label: str) -> Term | None:
-    """The terminology of a known structure (with laterality for "left/right ..."), else None."""
+    """The terminology of a known structure (with laterality for "left/right ..." of a paired one), else None."""
     key = normalise_label(label)
-    modifier = None
     side = re.match(r"^(left|right)\s+(.+)$", key)
     if side:
-        modifier = _LEFT if side.group(1) == "left" else _RIGHT
         key = side.group(2)
     key = _SYNONYMS.get(key, key)
     if key not in _TYPES:
         return None
     category, type_code = _TYPES[key]
+    modifier = None
+    if side and key in _PAIRED:
+        modifier = _LEFT if side.group(1) == "left" else _RIGHT
     return Term(category, type_code, modifier)
 
 
