@@ -20,6 +20,7 @@ Main-thread only (MRML is not thread-safe); no Qt.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -218,8 +219,8 @@ class SuggestionManager:
         node = slicer.vtkMRMLSegmentationNode()
         node.SetName(f"{self.volume_node.GetName()} MedSIGHT suggestions")
         node.SetAttribute(PREVIEW_ATTRIBUTE, "1")
-        # Not saved with the scene: suggestions are transient until accepted.
-        node.SetSaveWithScene(False)
+        # Saved with the scene (Slicer's default), so suggestions still under review, and corrections made to them in
+        # the Segment Editor, come back with the scene (``existing_preview_node`` adopts the saved node).
         self.scene.AddNode(node)
         _follow_volume(node, self.volume_node)
         node.CreateDefaultDisplayNodes()
@@ -233,7 +234,7 @@ class SuggestionManager:
         """The preview segmentation node (re-created if the user deleted it from the scene).
 
         The user's segmentation is made first when there is none: Slicer's Segment Editor opens on the scene's first
-        segmentation node, and the user's drawing must not land in the preview, which is not saved with the scene.
+        segmentation node, and the user's drawing belongs in their own segmentation, not among the suggestions.
         """
         if self.existing_preview_node() is None:
             if self.find_user_node() is None:
@@ -247,10 +248,28 @@ class SuggestionManager:
         Suggestions are voxels of the volume, so the preview follows the volume's transform, also one set later.
         """
         if self._preview_node is None or self._preview_node.GetScene() is None:
-            return None
+            self._preview_node = self._saved_preview_node()
+            if self._preview_node is None:
+                return None
         if self._preview_node.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
             self._preview_node.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
         return self._preview_node
+
+    def _saved_preview_node(self):
+        """This volume's preview as a reloaded scene holds it (the scene was saved with suggestions under review), or
+        None; new suggestion ids then count on from the highest saved one."""
+        import slicer
+
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for n in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(n)
+            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" and node.GetNodeReference(role) is self.volume_node:
+                numbers = [int(m.group(1)) for sid in _segment_ids(node.GetSegmentation())
+                           if (m := re.fullmatch(rf"{_ID_PREFIX}_(\d+).*", sid))]
+                self._issued = max([self._issued, *numbers])
+                return node
+        return None
 
     def forget(self) -> None:
         """Drop this manager's nodes and history (its volume left the scene, or the scene closes)."""

@@ -261,11 +261,9 @@ def test_looking_adds_no_node_and_the_segment_editor_opens_on_the_users_segmenta
     assert segmentation_nodes(scene) == []  # selecting a volume or refreshing the list adds nothing
 
     manager.add_answer(answer("axial", 4, [("liver", ball())]))
-    # The Segment Editor, opened with no segmentation chosen, takes the scene's first one: the user's, which is saved
-    # with the scene, not the preview, which is not.
+    # The Segment Editor, opened with no segmentation chosen, takes the scene's first one: the user's, not the preview.
     first = scene.GetFirstNode(None, "vtkMRMLSegmentationNode")
     assert first is manager.find_user_node() and first is not manager.preview_node
-    assert first.GetSaveWithScene() and not manager.preview_node.GetSaveWithScene()
 
 
 def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, volume):
@@ -374,3 +372,41 @@ def test_a_surface_based_segmentation_is_never_an_accept_target(scene, volume):
     assert user is not surfaces
     np.testing.assert_array_equal(segment_array(user, accepted, volume), mask)
     assert manager.undo() and manager.suggestion_ids() == [sid]
+
+
+def saved_and_reloaded(scene, volume, preview, folder):
+    """``scene`` written as Slicer saves it (scene file, volume, segmentation files) and read back as a new scene."""
+    for node, storage, name in ((volume, "vtkMRMLVolumeArchetypeStorageNode", "volume.nrrd"),
+                                (preview, "vtkMRMLSegmentationStorageNode", "preview.seg.nrrd")):
+        writer = scene.AddNewNodeByClass(storage)
+        writer.SetFileName(str(folder / name))
+        node.SetAndObserveStorageNodeID(writer.GetID())
+        assert writer.WriteData(node)
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(folder / "scene.mrml"))
+    assert reloaded.Import()
+    return reloaded, reloaded.GetNodeByID(volume.GetID())
+
+
+def test_suggestions_under_review_and_their_corrections_come_back_with_a_saved_scene(scene, volume, tmp_path):
+    from MedSIGHTSlicerLib.suggestions import replace_segment_mask
+
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    corrected = manager.suggestion_mask(ids[0]).copy()
+    corrected[4, 0:2, 0:3] = True  # what a Segment Editor correction of the preview does
+    replace_segment_mask(manager.preview_node, ids[0], corrected, volume)
+    spleen = manager.suggestion_mask(ids[1])
+
+    reloaded, volume_again = saved_and_reloaded(scene, volume, manager.preview_node, tmp_path)
+    again = SuggestionManager(reloaded, volume_again)
+    assert again.suggestion_ids() == ids
+    assert [row.name for row in Review(again).rows()] == ["Liver", "Spleen"]
+    np.testing.assert_array_equal(again.suggestion_mask(ids[0]), corrected)
+    np.testing.assert_array_equal(again.suggestion_mask(ids[1]), spleen)
+    [new] = again.add_answer(answer("axial", 3, [("kidney", ball((3, 5, 6), 1.5))]))
+    assert new not in ids
+    [accepted] = again.accept(ids[0])
+    np.testing.assert_array_equal(segment_array(again.find_user_node(), accepted, volume_again), corrected)
