@@ -35,8 +35,11 @@ class ReviewHost:
         self.answer_volume = answer_volume or volume
         self.list = SuggestionList()
         self.list.on_edit = open_in_segment_editor
+        # Slicer started with --no-main-window (its generic module tests are) has no main window: a QShortcut needs a
+        # parent widget, so the keys then live on the list (the same window-wide context once it is shown).
+        owner = main_window if main_window is not None else self.list.widget
         self.module_keys = shortcuts.ShortcutSet(
-            main_window, shortcuts.MODULE_SHORTCUTS, self.list.actions(), qt.Qt.WindowShortcut
+            owner, shortcuts.MODULE_SHORTCUTS, self.list.actions(), qt.Qt.WindowShortcut
         )
         self.module_keys.set_enabled(False)  # enabled between the module's enter() and exit()
         self.engine_log = EngineLog()

@@ -145,3 +145,16 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
         window.close()
         window.deleteLater()
         app.processEvents()
+
+
+def test_without_a_main_window_the_module_keys_still_have_a_parent(app):
+    """Slicer's generic module test builds the widget with --no-main-window: a QShortcut without a parent widget is a
+    warning in release Qt and an assertion failure in debug Qt."""
+    panel = ChatPanel(MedSIGHTClient("http://127.0.0.1:9", timeout=1, retries=0))
+    host = ReviewHost(panel, lambda: None, MedSIGHTSession(slicer.vtkMRMLScene()), None)
+    try:
+        assert host.module_keys.shortcuts
+        assert all(shortcut.parent() is host.list.widget for shortcut in host.module_keys.shortcuts)
+    finally:
+        host.close()
+        panel.close()
