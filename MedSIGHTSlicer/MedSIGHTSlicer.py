@@ -25,12 +25,13 @@ from MedSIGHTSlicerLib import shortcuts as review_shortcuts
 from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
-from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
 from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
+from MedSIGHTSlicerLib.settings_page import ConnectionForm
 from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane
 
 MODEL_CARD_TIMEOUT_S = 10.0
@@ -95,9 +96,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
         self.settings = ConnectionSettings.load(qt.QSettings())
-        self.ui.urlLineEdit.text = self.settings.url
-        self.ui.tokenLineEdit.text = self.settings.token
-        self.ui.rememberTokenCheckBox.checked = self.settings.remember_token
+        # The form saves URL and token; "Remember" changes only when the user toggles the box (see ConnectionForm).
+        self.connection_form = ConnectionForm(self.settings, qt.QSettings(), self.ui.urlLineEdit,
+                                              self.ui.tokenLineEdit, self.ui.rememberTokenCheckBox)
+        self.connection_form.on_saved = lambda _: self._settings_saved()
         for name in VIEW_NAMES:
             self.ui.viewComboBox.addItem(name)
 
@@ -107,13 +109,13 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.panel.current_slice_provider = self._current_view
         self.panel.before_upload = self._consent
         self.panel.on_volume_uploaded = self.logic.remember_volume_id
+        self.panel.on_volume_unknown = self.logic.forget_volume_id  # engine restarted: drop the id, send again
         self.panel.on_region_clicked = self._jump_to_region
         self.panel.on_accept_all = lambda: self.review_host.accept_all()
         self._connect()
 
         self.ui.urlLineEdit.connect("editingFinished()", self._connection_edited)
         self.ui.tokenLineEdit.connect("editingFinished()", self._connection_edited)
-        self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda _: self._save_settings())
         self._setup_review()
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
         self.check_timer = qt.QTimer()
@@ -136,7 +138,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.chatPanelPlaceholder.layout().addWidget(self.review_host.list.widget)
         self.ui.connectionCollapsibleButton.layout().addRow(self.review_host.engine_log.widget)
         if not slicer.app.commandOptions().noMainWindow:
-            self.review_host.add_settings_page(self.settings, qt.QSettings(), lambda _: self._update_engine_buttons())
+            self.review_host.add_settings_page(self.settings, qt.QSettings(), lambda _: self._settings_changed())
 
     def enter(self) -> None:
         if getattr(self, "review_host", None) is not None:
@@ -159,18 +161,22 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._save_settings()
         if self.engine.running:
             if self.settings.stop_engine_on_exit:
-                self.engine.stop()
+                self.engine.stop(wait=True)  # no timer polls after this: wait here for the engine to go
             else:
                 self.engine.release()
 
     # -- connection ------------------------------------------------------------------------------------------
     def _save_settings(self) -> None:
-        self.settings.url = self.ui.urlLineEdit.text.strip()
-        self.settings.token = self.ui.tokenLineEdit.text
-        self.settings.remember_token = bool(self.ui.rememberTokenCheckBox.checked)
-        self.settings.save(qt.QSettings())  # the engine command and "stop on exit" come from the settings page
+        self.connection_form.save()  # the engine command and "stop on exit" come from the settings page
+
+    def _settings_saved(self) -> None:
         if getattr(self, "review_host", None) is not None and self.review_host.settings_page is not None:
             self.review_host.settings_page.load()
+
+    def _settings_changed(self) -> None:
+        """The settings page changed them (e.g. forgot the token): show that in the panel's fields."""
+        self.connection_form.load()
+        self._update_engine_buttons()
 
     def _connection_edited(self) -> None:
         if self.settings.set_connection(self.ui.urlLineEdit.text, self.ui.tokenLineEdit.text):
@@ -221,7 +227,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._update_engine_buttons()
 
     def onStopEngine(self) -> None:
-        self.engine.stop()
+        self.engine.stop()  # returns at once; the timer's poll() reports the exit (and kills a stuck engine)
+        self.engine_timer.start()
         self._update_engine_buttons()
 
     def _update_engine_buttons(self) -> None:
@@ -239,7 +246,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _engine_finished(self, code: int) -> None:
         self.engine_timer.stop()
         self._update_engine_buttons()
-        message = exit_message(code, self.engine.output)
+        message = self.engine.finished_message(code)  # None after the user's Stop, whatever the exit code
         if message:
             self.ui.connectionStatusLabel.text = message
 

@@ -10,6 +10,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
   plane, or the 4x4 slice-to-RAS of the view the user looks at (the engine then picks plane and index).
 - ``before_upload(url)`` -> False to refuse sending images to that engine (the first-use consent prompt).
 - ``on_volume_uploaded(key, volume_id)``: an upload finished (the host may cache the id).
+- ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
+  (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
 - ``on_region_clicked(slice, index)``: a region chip in the conversation was clicked.
 - ``on_accept_all()``: the "Accept all" button was pressed.
@@ -55,6 +57,9 @@ _HINTS = {
     "unauthorized": "Check the token in the connection settings.",
     "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
 }
+#: The volume was sent again and the engine still does not have it: asking again would not help.
+_RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
+                "of memory for volumes; check the engine log.")
 
 
 
@@ -82,10 +87,11 @@ def guess_modality(array: np.ndarray) -> str:
     return "CT" if array.size and float(np.min(array)) < -500.0 else "MR"
 
 
-def describe_error(err: BaseException) -> str:
-    """A plain sentence for the error line (no tracebacks: the user cannot act on them)."""
+def describe_error(err: BaseException, resent: bool = False) -> str:
+    """A plain sentence for the error line (no tracebacks: the user cannot act on them). ``resent``: the volume was
+    already sent again for this question (so "ask again" would not help)."""
     if isinstance(err, MedSIGHTError):
-        hint = _HINTS.get(err.code, "")
+        hint = _RESENT_HINT if resent and err.code == "unknown_volume" else _HINTS.get(err.code, "")
         where = f" (HTTP {err.status})" if err.status and err.status != 200 else ""
         return f"{err.message}{where}. {hint}".strip() if hint else f"{err.message}{where}"
     if isinstance(err, ValueError):
@@ -142,6 +148,8 @@ class _Job:
     job_id: str | None = None
     runner: Job | None = None
     answers: list[SliceAnswer] = field(default_factory=list)
+    #: The volume was already sent again after an "unknown_volume" answer: a second one is an error, not a loop.
+    resent: bool = False
 
     @property
     def serial(self) -> int:
@@ -174,6 +182,7 @@ class ChatPanel:
         self.current_slice_provider: Callable[[], int | None] | None = None
         self.before_upload: Callable[[str], bool] | None = None
         self.on_volume_uploaded: Callable[[str, str], None] | None = None
+        self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
         self.on_regions: Callable[[SliceAnswer], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
         #: one finding into one 3D segment); also after a cancel, with what had arrived.
@@ -554,12 +563,40 @@ class ChatPanel:
             seconds = time.monotonic() - self._started
             self._finish("Cancelled." if cancelled else f"Answered in {seconds:.1f} s.")
         elif kind == "error":
-            message = describe_error(payload[0])
+            if self._send_again(job, payload[0]):
+                return
+            message = describe_error(payload[0], resent=job.resent)
             turn.status = "error"
             self.show_error(message)
             if self.on_error is not None:
                 self._call_hook(self.on_error, message)
             self._finish("Failed.")
+
+    def _send_again(self, job: _Job, err: BaseException) -> bool:
+        """The engine forgot the volume id this job reused (engine restarted, or evicted it): drop the id, upload
+        the voxels once more and ask the same question again, without bothering the user. False: not that case,
+        or nothing to send (the caller shows the error)."""
+        if not isinstance(err, MedSIGHTError) or err.code != "unknown_volume" or job.resent or job.cached_id is None:
+            return False
+        stale = job.cached_id
+        for key in [k for k, v in self._volume_ids.items() if v == stale]:
+            del self._volume_ids[key]
+        data = job.source if isinstance(job.source, VolumeData) else None
+        if data is None and self.on_volume_unknown is not None:
+            try:
+                data = self.on_volume_unknown(stale)  # the host drops its cached id and hands back the voxels
+            except Exception:  # a failing host must not stop the panel: the engine's error is shown instead
+                data = None
+        if data is None or self.client is None:
+            return False
+        if self.before_upload is not None and not self.before_upload(self.client.base_url):
+            return False
+        again = _Job(job.question, job.scope, job.plane, data, None, job.options, job.view, resent=True)
+        self._job = again
+        self.status.setText("The engine lost the volume; sending it again…")
+        client = self.client
+        again.runner = self._runner.start(lambda runner: _run_job(client, again, runner), name="MedSIGHT ask")
+        return True
 
     def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
         # A failing host callback must not stop the conversation; report it like any other error.
@@ -703,8 +740,9 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             try:
                 stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
             except MedSIGHTError as err:
-                if err.code != "unknown_volume" or data is None:
+                if err.code != "unknown_volume" or data is None or job.resent:
                     raise
+                job.resent = True  # once: a second refusal is reported, not retried forever
                 volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
                 stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
             cancelled = _read_stream(client, stream, job, part) or cancelled

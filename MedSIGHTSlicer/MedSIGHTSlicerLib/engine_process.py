@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,10 @@ def output_lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if line.strip()]
 
 
-def exit_message(code: int, output: str) -> str | None:
-    """What to tell the user when the engine ended: None for a normal exit or a stop (SIGTERM; on Windows
-    TerminateProcess gives 1 after ``stop()`` too, so only unexpected codes with output explain themselves)."""
-    if code in (0, 15, -15):
+def exit_message(code: int, output: str, stopped: bool = False) -> str | None:
+    """What to tell the user when the engine ended: None for a normal exit or a stop. ``stopped``: the user asked
+    for it, whatever the code says (Windows' TerminateProcess gives 1, the kill after an ignored SIGTERM -9)."""
+    if stopped or code in (0, 15, -15):
         return None
     tail = " ".join(output_lines(output)[-3:])[-300:]
     return f"The engine stopped (exit code {code}). {tail}".strip()
@@ -66,6 +67,9 @@ class EngineProcess:
         self._on_finished = on_finished
         self.output = ""
         self.detached = False
+        #: ``stop()`` was called for the running (or last) engine: its exit is the user's doing, not a crash.
+        self.stop_requested = False
+        self._kill_at: float | None = None  # monotonic time when poll() kills an engine that ignored stop()
 
     @property
     def running(self) -> bool:
@@ -92,6 +96,8 @@ class EngineProcess:
         self.detached = plan.detached
         self.output = ""
         self._read_at = 0
+        self.stop_requested = False
+        self._kill_at = None
 
     def poll(self) -> int | None:
         """Hand new output to ``on_output``; when the process has ended, its exit code (once, to ``on_finished``)."""
@@ -101,6 +107,9 @@ class EngineProcess:
         self._read_new_output()
         code = process.poll()
         if code is None:
+            if self._kill_at is not None and time.monotonic() >= self._kill_at:
+                process.kill()  # it ignored stop(); the next poll() reports the exit
+                self._kill_at = None
             return None
         self._read_new_output()
         self._process = None
@@ -109,19 +118,31 @@ class EngineProcess:
             self._on_finished(int(code))
         return int(code)
 
-    def stop(self, wait_s: float = 5.0) -> None:
-        """Ask the engine to exit (SIGTERM on POSIX), then kill it if it still runs after ``wait_s``."""
+    def stop(self, wait_s: float = 5.0, wait: bool = False) -> None:
+        """Ask the engine to exit (SIGTERM on POSIX), and kill it if it still runs after ``wait_s``.
+
+        Returns at once: ``poll()`` (the module's timer) does the kill and reports the exit, so Slicer does not freeze
+        while uvicorn waits for an open answer stream to end. ``wait``: block until the engine is gone (module exit,
+        where no timer will poll again)."""
         process = self._process
         if process is None:
             return
+        self.stop_requested = True
         if process.poll() is None:
             process.terminate()
-            try:
-                process.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(wait_s)
+            if self._kill_at is None:  # a second Stop does not postpone the kill
+                self._kill_at = time.monotonic() + wait_s
+            if wait:
+                try:
+                    process.wait(wait_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(wait_s)
         self.poll()
+
+    def finished_message(self, code: int) -> str | None:
+        """What to tell the user about the exit ``code`` ``on_finished`` got: None after a normal exit or a stop."""
+        return exit_message(code, self.output, stopped=self.stop_requested)
 
     def release(self) -> None:
         """Forget a detached engine without stopping it (Slicer exits and the user wants it kept)."""

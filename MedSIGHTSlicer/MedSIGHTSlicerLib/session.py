@@ -158,6 +158,20 @@ class MedSIGHTSession:
         modality = node.GetAttribute("MedSIGHT.Modality") or guess_modality(array)
         return VolumeData(array, spacing, origin, direction, modality, key=key)
 
+    def forget_volume_id(self, volume_id: str) -> VolumeData | None:
+        """The engine no longer has ``volume_id`` (it restarted, or evicted it): forget it, so no later question
+        reuses it, and return the voxels to upload again (None when its volume left the scene). The chat panel's
+        ``on_volume_unknown``."""
+        again = None
+        for state in list(self._volumes.values()):
+            stale = [key for key, known in state.upload_ids.items() if known == volume_id]
+            for key in stale:
+                del state.upload_ids[key]  # identical voxels share one id: drop it everywhere
+            if stale and again is None and state.node.GetScene() is self.scene:
+                source = self.volume_source(state.node)
+                again = source if isinstance(source, VolumeData) else None
+        return again
+
     def upload(self, node) -> str:
         """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
         source = self.volume_source(node)

@@ -18,7 +18,45 @@ from typing import Any
 from .qt_shim import connect, prop, qt
 from .settings import DEFAULT_SERVE_COMMAND, ConnectionSettings
 
-__all__ = ["SettingsPage"]
+__all__ = ["ConnectionForm", "SettingsPage"]
+
+
+class ConnectionForm:
+    """The module panel's connection fields (engine URL, token and its "Remember" box) over the settings the page
+    shares.
+
+    "Remember" changes only when the box is toggled (by the user): ``save`` never reads the box back. So a token
+    forgotten on the settings page stays forgotten, also through the save at Slicer's exit, until the user ticks
+    "Remember" again; ``load`` (the module calls it when the page changed the settings) unticks the box to match.
+    """
+
+    def __init__(self, settings: ConnectionSettings, store: Any, url_edit: Any, token_edit: Any,
+                 remember_box: Any) -> None:
+        self.settings, self.store = settings, store
+        self.url_edit, self.token_edit, self.remember_box = url_edit, token_edit, remember_box
+        #: Called after every save (the module refreshes the settings page with it).
+        self.on_saved: Callable[[ConnectionSettings], None] | None = None
+        self.load()
+        connect(remember_box, "toggled", self._remember_toggled)
+
+    def load(self) -> None:
+        """Show ``self.settings`` in the fields."""
+        self.url_edit.setText(self.settings.url)
+        self.token_edit.setText(self.settings.token)
+        self.remember_box.blockSignals(True)  # showing the setting is not the user ticking the box
+        self.remember_box.setChecked(self.settings.remember_token)
+        self.remember_box.blockSignals(False)
+
+    def save(self) -> None:
+        """Take the URL and token from the fields and save; "Remember" stays as the settings have it."""
+        self.settings.set_connection(str(prop(self.url_edit, "text")), str(prop(self.token_edit, "text")))
+        self.settings.save(self.store)
+        if self.on_saved is not None:
+            self.on_saved(self.settings)
+
+    def _remember_toggled(self, checked: Any) -> None:
+        self.settings.remember_token = bool(checked)
+        self.save()
 
 
 class SettingsPage:

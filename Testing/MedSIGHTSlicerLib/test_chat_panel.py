@@ -396,3 +396,99 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
         on = chip_bg if contrast(colour, chip_bg.name()) > contrast(colour, base.name()) else base
         assert contrast(colour, on.name()) >= 4.5, (colour, on.name(), background)
     assert contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base.name()) >= 4.5
+
+
+def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app, engine):
+    """Wired as the module wires it (the session caches the engine id, the panel asks with it): after the engine
+    restarts on the same URL, the next question uploads the volume once more and gets its answer, no error shown."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, (np.arange(3 * 16 * 18).reshape(3, 16, 18) % 83).astype(np.int16), np.eye(4), "CT")
+    port = free_port()
+    panel = ChatPanel(None)
+    PANELS.append(panel)
+    uploads, unknown = [], []
+
+    def source():  # MedSIGHTSlicerWidget._volume_source
+        session.bind(node)
+        return session.volume_source(node)
+
+    def forget(volume_id: str):
+        unknown.append(volume_id)
+        return session.forget_volume_id(volume_id)
+
+    def uploaded(key: str, volume_id: str) -> None:
+        uploads.append(volume_id)
+        session.remember_volume_id(key, volume_id)
+
+    panel.volume_provider = source
+    panel.current_slice_provider = lambda: 1
+    panel.on_volume_uploaded = uploaded
+    panel.on_volume_unknown = forget
+    panel.options = dict(SHORT)
+
+    def ask() -> None:
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+
+    try:
+        with live_server(medsight.server.app.create_app(engine), port=port) as base_url:
+            panel.set_client(session.connect(base_url))
+            ask()
+            assert panel.error.text() == "" and len(uploads) == 1
+            assert session.volume_source(node) == uploads[0]  # cached: the next question names the volume by id
+        # "Stop" then "Start local engine": the same URL, a fresh engine that holds no volumes.
+        with live_server(medsight.server.app.create_app(engine), port=port):
+            ask()
+            assert panel.error.text() == ""
+            assert panel.status.text().startswith("Answered in")
+            assert unknown == [uploads[0]]  # the stale id was dropped once ...
+            assert len(uploads) == 2  # ... and the volume sent once more
+            assert panel.client.volume_info(uploads[1]).slices["axial"] == 3  # the new engine holds it
+            assert session.volume_source(node) == uploads[1]
+            ask()  # the next question reuses the fresh id: no more uploads
+            assert panel.error.text() == "" and len(uploads) == 2 and len(unknown) == 1
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
+def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fake, volume):
+    """An engine that keeps refusing the volume: one re-upload, then an error that does not say "ask again"."""
+    info = {"volume_id": "ab" * 32, "shape": [3, 64, 64], "modality": "CT", "slices": {"axial": 3}, "bytes": 24576}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.reply(422, {"code": "unknown_volume", "message": "no volume: upload it first"}))
+    panel = make_panel(fake.url, volume)
+    unknown = []
+    panel.volume_provider = lambda: "cd" * 32  # the host's cached id from before the engine restarted
+    panel.on_volume_unknown = lambda volume_id: unknown.append(volume_id) or volume
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert unknown == ["cd" * 32]
+    assert fake.hits("POST", "/v1/volumes") == 1  # sent again once, never in a loop
+    assert fake.hits("POST", "/v1/ask") == 2
+    assert "sent again" in panel.error.text() and "ask again" not in panel.error.text()
+    assert panel.status.text() == "Failed."
+
+
+def test_slice_range_after_an_engine_restart_sends_the_volume_again(app, engine, volume):
+    """The panel's own upload cache: a range question first asks the engine about the cached id (volume_info); after
+    a restart that answers "unknown_volume", and the panel sends the voxels again instead of failing."""
+    port = free_port()
+    uploads = []
+    with live_server(medsight.server.app.create_app(engine), port=port) as base_url:
+        panel = make_panel(base_url, volume)
+        panel.on_volume_uploaded = lambda key, volume_id: uploads.append(volume_id)
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "" and len(uploads) == 1
+    with live_server(medsight.server.app.create_app(engine), port=port):
+        panel.set_scope("range", 0, 1)
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == ""
+        assert len(uploads) == 2 and panel.answered_slices == 2

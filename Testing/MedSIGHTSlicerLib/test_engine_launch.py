@@ -109,6 +109,7 @@ def test_exit_messages():
     assert exit_message(0, "bye") is None and exit_message(-15, "") is None
     message = exit_message(1, "Traceback ...\nModuleNotFoundError: No module named 'encodings'\n\n")
     assert message.startswith("The engine stopped (exit code 1).") and "encodings" in message
+    assert exit_message(1, "", stopped=True) is None and exit_message(-9, "", stopped=True) is None
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -156,10 +157,60 @@ def test_engine_process_start_output_and_stop():
     assert process.running
     assert _wait(lambda: _says_up(process), 30), process.output
     assert "engine up" in "".join(lines)
-    process.stop()
+    process.stop()  # returns at once; poll() (the module's timer) reports the exit
+    assert _wait(lambda: process.poll() is not None or finished, 10)
     assert not process.running and len(finished) == 1
     with pytest.raises(RuntimeError, match="cannot start"):
         process.start(launch_plan("/nonexistent/medsight serve", os.environ, True))
+
+
+def _engine_like(on_sigterm: str):
+    """A child that prints "engine up" once its SIGTERM handler is set: ``exit1`` exits with 1 (what Windows'
+    TerminateProcess gives after Stop), ``ignore`` ignores it (uvicorn waiting for an open answer stream)."""
+    handler = {"exit1": "lambda *_: sys.exit(1)", "ignore": "signal.SIG_IGN"}[on_sigterm]
+    code = (f"import signal, sys, time; signal.signal(signal.SIGTERM, {handler}); print('engine up'); "
+            "time.sleep(120)")
+    return launch_plan(f'"{sys.executable}" -c "{code}"', os.environ, stop_on_exit=True)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals stand in for TerminateProcess' exit code 1")
+def test_a_requested_stop_is_reported_as_stopped_whatever_the_exit_code():
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    process.start(_engine_like("exit1"))
+    assert _wait(lambda: _says_up(process), 30), process.output
+    process.stop()
+    assert _wait(lambda: process.poll() is not None or finished, 10)
+    assert finished == [1]
+    assert process.finished_message(1) is None  # the user's Stop, not "The engine stopped (exit code 1)"
+
+    # The same exit without a Stop is still explained.
+    process.start(launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(1)"', os.environ, True))
+    assert not process.stop_requested
+    assert _wait(lambda: process.poll() is not None, 30)
+    assert finished == [1, 1]
+    assert process.finished_message(1) == "The engine stopped (exit code 1). boom"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="needs a child that ignores SIGTERM")
+def test_stop_returns_at_once_and_poll_kills_an_engine_that_ignores_it():
+    """Stop must not freeze Slicer while the engine ignores SIGTERM: it returns at once, the timer's poll() kills
+    the engine ``wait_s`` later, and the exit (-9) is reported as the user's stop."""
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    process.start(_engine_like("ignore"))
+    try:
+        assert _wait(lambda: _says_up(process), 30), process.output
+        started = time.monotonic()
+        process.stop(wait_s=1.0)
+        assert time.monotonic() - started < 0.5
+        assert process.running and finished == []  # it ignored SIGTERM; nothing is reported yet
+        assert _wait(lambda: process.poll() is not None or finished, 10)
+        assert time.monotonic() - started >= 1.0  # killed after the grace time, not before
+        assert finished == [-9] and process.finished_message(-9) is None
+    finally:
+        if process.running:
+            process.stop(wait_s=0.1, wait=True)
 
 
 def test_engine_kept_alive_outlives_its_owner():
@@ -220,4 +271,4 @@ def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
 
         assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
     finally:
-        process.stop()
+        process.stop(wait=True)

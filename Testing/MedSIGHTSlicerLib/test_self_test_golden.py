@@ -117,3 +117,40 @@ def test_golden_case_through_the_lib_path(demo_url):
     # The suggested segments hold the same voxels, on slice k = index of the node; and the case is not trivial.
     assert dice(placed, expected) >= DICE_MIN
     assert expected.sum() >= 100, "the golden liver mask should be a real region, not a speck"
+
+
+def test_self_test_skips_without_an_engine_under_slicers_ctest_runner(monkeypatch):
+    """ctest runs the self-test through ``slicer.testing.runUnitTest``: ``unittest.TestLoader().loadTestsFromName``,
+    which calls each test_* method after setUp (never runTest). With nothing listening at MEDSIGHT_TEST_URL and no
+    MEDSIGHT_TEST_SERVE, every test must skip with the reason, not error (the extension build machines' case)."""
+    import sys
+    import types
+    import unittest
+
+    from medsight_testing.live_server import free_port
+
+    # slicer-core has MRML but not the application's Python pieces: a real scene for setUp's Clear, and Slicer's
+    # ScriptedLoadableModuleTest reduced to what the self-test uses of it (a TestCase with delayDisplay).
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, requestedDelay=None, msec=None):  # noqa: N802 - Slicer's name
+            pass
+
+    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setenv("MEDSIGHT_TEST_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.delenv("MEDSIGHT_TEST_SERVE", raising=False)
+    monkeypatch.syspath_prepend(str(GOLDEN.parent))
+    monkeypatch.delitem(sys.modules, "MedSIGHTSlicerSelfTest", raising=False)  # read the URL afresh
+
+    suite = unittest.TestLoader().loadTestsFromName("MedSIGHTSlicerSelfTest")
+    result = unittest.TestResult()
+    suite.run(result)
+    assert result.testsRun == 2
+    assert result.errors == [] and result.failures == []
+    assert len(result.skipped) == 2
+    assert all("no MedSIGHT engine at http://127.0.0.1:" in reason for _, reason in result.skipped)
+    assert result.wasSuccessful()
+    monkeypatch.delitem(sys.modules, "MedSIGHTSlicerSelfTest", raising=False)

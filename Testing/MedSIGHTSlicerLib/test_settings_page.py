@@ -13,7 +13,7 @@ import pytest
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
 from MedSIGHTSlicerLib.qt_shim import qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings
-from MedSIGHTSlicerLib.settings_page import SettingsPage
+from MedSIGHTSlicerLib.settings_page import ConnectionForm, SettingsPage
 from MedSIGHTSlicerLib.theme import colours_of
 
 
@@ -84,6 +84,45 @@ def test_settings_page_saves_at_once(app):
     assert page.settings.token == "t"  # still used in this session
     assert len(seen) == 5 and all(s is page.settings for s in seen)
     page.widget.deleteLater()
+
+
+def test_forgotten_token_stays_forgotten_until_remember_is_ticked_again(app):
+    """The module panel's fields (ConnectionForm) and the settings page share the settings, wired as the module
+    wires them: "Forget the remembered token" unticks "Remember", and the form's later saves (any URL edit, Slicer's
+    exit) never write the token back; ticking "Remember" again does."""
+    store = Store()
+    settings = ConnectionSettings()
+    url, token, remember = qt.QLineEdit(), qt.QLineEdit(), qt.QCheckBox("Remember")
+    form = ConnectionForm(settings, store, url, token, remember)
+    page = SettingsPage(settings, store)
+    page.on_changed = lambda _: form.load()  # MedSIGHTSlicerWidget._settings_changed
+    form.on_saved = lambda _: page.load()  # MedSIGHTSlicerWidget._settings_saved
+    try:
+        token.setText("s3cret")
+        remember.setChecked(True)  # the user ticks "Remember"
+        assert store[PREFIX + "token"] == "s3cret" and store[PREFIX + "rememberToken"] == "true"
+        assert page.forget_token_button.isEnabled()
+
+        page.forget_token_button.click()
+        assert not remember.isChecked()
+        assert store[PREFIX + "token"] == "" and store[PREFIX + "rememberToken"] == "false"
+        form.save()  # what cleanup() does when Slicer exits
+        assert store[PREFIX + "token"] == "" and ConnectionSettings.load(store).token == ""
+        assert token.text() == "s3cret" and settings.token == "s3cret"  # still used in this session
+
+        # Even a box left ticked (a host that does not refresh the form) is not read back by a save.
+        remember.blockSignals(True)
+        remember.setChecked(True)
+        remember.blockSignals(False)
+        form.save()
+        assert store[PREFIX + "token"] == ""
+
+        remember.setChecked(False)
+        remember.setChecked(True)  # the user really ticks it again
+        assert store[PREFIX + "token"] == "s3cret" and ConnectionSettings.load(store).token == "s3cret"
+    finally:
+        for widget in (url, token, remember, page.widget):
+            widget.deleteLater()
 
 
 def test_engine_log_collapses_keeps_the_tail_and_colours_errors(app):

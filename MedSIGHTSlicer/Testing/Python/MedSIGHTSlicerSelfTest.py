@@ -3,7 +3,8 @@
 Needs a MedSIGHT engine. It uses the one at MEDSIGHT_TEST_URL (default http://127.0.0.1:8765, token from
 MEDSIGHT_TEST_TOKEN); when none answers and MEDSIGHT_TEST_SERVE holds a command (e.g.
 "/path/to/.venv/bin/medsight serve --port 8765"), the test starts that engine and stops it after. With neither (an
-extension build machine), it says so and passes: there is nothing to test against.
+extension build machine), it says so and passes: there is nothing to test against (each test method skips itself,
+so also under Slicer's ctest runner, which calls the test_* methods rather than runTest).
 
 The golden check is recorded for the embedded demo model on the CPU (greedy decoding): a CT phantom NRRD, "Please
 segment the liver.", and the liver mask it gave. It pins the whole Slicer path (file -> node -> upload bytes and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ ENGINE_COMMAND = os.environ.get("MEDSIGHT_TEST_SERVE", "")
 STARTUP_TIMEOUT_S = 180.0
 ANSWER_TIMEOUT_S = 300.0
 DICE_MIN = 0.99
+NO_ENGINE = f"no MedSIGHT engine at {ENGINE_URL} and no MEDSIGHT_TEST_SERVE to start one"
 
 # -- the golden case --------------------------------------------------------------------------------------------
 # golden/ct_phantom.nrrd (three axial slices of a seeded demo CT phantom) and golden/golden.json (question, options,
@@ -73,13 +76,13 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
 
     def tearDown(self) -> None:
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(wait=True)  # nothing polls it later
             type(self).engine = None
 
     def runTest(self) -> None:
         self.setUp()
         if not self.available:
-            self.delayDisplay(f"MedSIGHT self-test skipped: no engine at {ENGINE_URL} and no MEDSIGHT_TEST_SERVE")
+            self.delayDisplay(f"MedSIGHT self-test skipped: {NO_ENGINE}")
             return
         try:
             self.test_sample_data_conversation()
@@ -88,6 +91,13 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
             self.tearDown()
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    def _require_engine(self) -> None:
+        """Skip this test without an engine. Slicer's ctest runner (``slicer.testing.runUnitTest``, through
+        ``unittest.TestLoader().loadTestsFromName``) calls each test_* method after setUp, never runTest, so every
+        test that needs the engine checks for it itself."""
+        if not self.available:
+            raise unittest.SkipTest(NO_ENGINE)
+
     def _ensure_engine(self) -> bool:
         """True when an engine answers (started from MEDSIGHT_TEST_SERVE if needed); False when there is none."""
         try:
@@ -122,6 +132,7 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
     # -- tests ---------------------------------------------------------------------------------------------------
     def test_sample_data_conversation(self) -> None:
         """MRHead through the module panel: upload, streamed answer, suggestions, accept all."""
+        self._require_engine()
         import SampleData
 
         self.delayDisplay("Loading sample data (MRHead)")
@@ -165,6 +176,7 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
 
     def test_golden_mask(self) -> None:
         """The stored golden case, through node -> upload -> ask -> suggested segment voxels."""
+        self._require_engine()
         golden = golden_case()
         card = self.client.model_card(timeout=10)
         health = self.client.health(timeout=10)
