@@ -37,17 +37,34 @@ def exit_message(code: int, output: str, stopped: bool = False) -> str | None:
 
 
 def _popen_options(detached: bool) -> dict[str, Any]:
-    """Keep the engine out of Slicer's process group when it must outlive Slicer; hide its console on Windows."""
+    """Keep the engine out of Slicer's process group when it must outlive Slicer; hide its console on Windows.
+
+    On POSIX the engine always leads a session of its own, so Stop reaches everything it started: a wrapper command
+    (``sh -c``, ``conda run``) that exits leaves no engine behind holding the port."""
     if os.name == "nt":
         flags = subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
         if detached:
             flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         return {"creationflags": flags}
-    return {"start_new_session": detached}
+    return {"start_new_session": True}
+
+
+def _signal_tree(process: subprocess.Popen, kill: bool) -> None:
+    """Ask (or, with ``kill``, force) the engine and every process it started to end."""
+    if os.name == "nt":
+        # TerminateProcess ends only the one process; taskkill /T takes its children too.
+        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                       creationflags=subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
+        return
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)  # the engine's session is its group
 
 
 class EngineProcess:
-    """Runs one engine command; ``stop()`` ends it (and only it).
+    """Runs one engine command; ``stop()`` ends it and what it started (nothing else).
 
     Args:
         on_output: called (from ``poll()``) with each new piece of the engine's output (stdout and stderr merged).
@@ -108,12 +125,15 @@ class EngineProcess:
         code = process.poll()
         if code is None:
             if self._kill_at is not None and time.monotonic() >= self._kill_at:
-                process.kill()  # it ignored stop(); the next poll() reports the exit
+                _signal_tree(process, kill=True)  # it ignored stop(); the next poll() reports the exit
                 self._kill_at = None
             return None
+        if self.stop_requested:
+            _signal_tree(process, kill=True)  # the command ended: what it started (behind a wrapper) ends too
         self._read_new_output()
         self._process = None
         self._close_log()
+        self._remove_log()  # its tail is in ``output``; one file per start would pile up in the temp folder
         if self._on_finished is not None:
             self._on_finished(int(code))
         return int(code)
@@ -129,14 +149,14 @@ class EngineProcess:
             return
         self.stop_requested = True
         if process.poll() is None:
-            process.terminate()
+            _signal_tree(process, kill=False)
             if self._kill_at is None:  # a second Stop does not postpone the kill
                 self._kill_at = time.monotonic() + wait_s
             if wait:
                 try:
                     process.wait(wait_s)
                 except subprocess.TimeoutExpired:
-                    process.kill()
+                    _signal_tree(process, kill=True)
                     process.wait(wait_s)
         self.poll()
 
@@ -166,6 +186,12 @@ class EngineProcess:
         self.output = (self.output + text)[-_TAIL_CHARS:]
         if self._on_output is not None:
             self._on_output(text)
+
+    def _remove_log(self) -> None:
+        if self.log_path:
+            with contextlib.suppress(OSError):
+                os.remove(self.log_path)
+            self.log_path = ""
 
     def _close_log(self) -> None:
         if self._log is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import socket
 import sys
 import time
@@ -137,7 +138,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    try:  # a zombie (an orphan that a container's PID 1 never reaps) has ended: state Z in /proc
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _says_up(process: EngineProcess) -> bool:
@@ -157,9 +161,12 @@ def test_engine_process_start_output_and_stop():
     assert process.running
     assert _wait(lambda: _says_up(process), 30), process.output
     assert "engine up" in "".join(lines)
+    log = Path(process.log_path)
+    assert log.is_file()
     process.stop()  # returns at once; poll() (the module's timer) reports the exit
     assert _wait(lambda: process.poll() is not None or finished, 10)
     assert not process.running and len(finished) == 1
+    assert not log.exists() and "engine up" in process.output  # its tail is kept, the file is not
     with pytest.raises(RuntimeError, match="cannot start"):
         process.start(launch_plan("/nonexistent/medsight serve", os.environ, True))
 
@@ -211,6 +218,29 @@ def test_stop_returns_at_once_and_poll_kills_an_engine_that_ignores_it():
     finally:
         if process.running:
             process.stop(wait_s=0.1, wait=True)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell wrapper")
+@pytest.mark.parametrize("grandchild", ["exits", "ignores"])
+def test_stop_ends_an_engine_behind_a_wrapper_command(grandchild):
+    """An engine command like ``sh -c '...'`` or ``conda run ...``: Stop must end the engine the wrapper started, not
+    only the wrapper, or it keeps the port (also when the engine ignores SIGTERM)."""
+    handler = "signal.SIG_IGN" if grandchild == "ignores" else "signal.SIG_DFL"
+    engine = (f"import os, signal, time; signal.signal(signal.SIGTERM, {handler}); "
+              "print('engine up', os.getpid(), flush=True); time.sleep(120)")
+    script = f"'{sys.executable}' -c \"{engine}\"; echo wrapper done"
+    process = EngineProcess()
+    process.start(launch_plan(f"/bin/sh -c {shlex.quote(script)}", os.environ, stop_on_exit=True))
+    assert _wait(lambda: _says_up(process), 30), process.output
+    pid = int(process.output.split("engine up")[1].split()[0])
+    assert pid != process.pid  # the engine runs behind the wrapper
+    try:
+        process.stop(wait_s=1.0)
+        assert _wait(lambda: process.poll() is not None or not process.running, 10)
+        assert _wait(lambda: not _alive(pid), 10), "the engine outlived Stop"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
 
 
 def test_engine_kept_alive_outlives_its_owner():
