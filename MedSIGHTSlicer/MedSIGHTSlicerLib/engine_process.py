@@ -109,7 +109,13 @@ class EngineProcess:
             )
         except OSError as err:
             self._close_log()
-            raise RuntimeError(f"cannot start {plan.program!r}: {err.strerror or err}") from None
+            self._remove_log()
+            hint = ""
+            if isinstance(err, FileNotFoundError) and os.path.basename(plan.program) == plan.program:
+                # Slicer started from the Finder, the Dock or a desktop menu does not see the shell's PATH.
+                hint = (". Give its full path in Application Settings > MedSIGHT > Local engine command (the output "
+                        f"of 'which {plan.program}' or 'where {plan.program}' in the environment it is installed in)")
+            raise RuntimeError(f"cannot start {plan.program!r}: {err.strerror or err}{hint}") from None
         self.detached = plan.detached
         self.output = ""
         self._read_at = 0

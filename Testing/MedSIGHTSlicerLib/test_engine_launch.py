@@ -167,8 +167,12 @@ def test_engine_process_start_output_and_stop():
     assert _wait(lambda: process.poll() is not None or finished, 10)
     assert not process.running and len(finished) == 1
     assert not log.exists() and "engine up" in process.output  # its tail is kept, the file is not
-    with pytest.raises(RuntimeError, match="cannot start"):
+    with pytest.raises(RuntimeError, match="cannot start") as refused:
         process.start(launch_plan("/nonexistent/medsight serve", os.environ, True))
+    assert "full path" not in str(refused.value)  # a path that does not exist is wrong, not just not found on PATH
+    with pytest.raises(RuntimeError, match="Give its full path in Application Settings") as refused:
+        process.start(launch_plan("medsight-not-on-this-path serve", os.environ, True))
+    assert "which medsight-not-on-this-path" in str(refused.value) and not process.log_path
 
 
 def _engine_like(on_sigterm: str):
