@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import naming
-from .geometry import GeometryError, labelmap_from_array, mask_to_ijk, segment_array
+from .geometry import GeometryError, ijk_to_ras, labelmap_from_array, mask_to_ijk, segment_array
 from .protocol import AskResult, SliceAnswer
 
 __all__ = [
@@ -211,6 +211,7 @@ class SuggestionManager:
         self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
+        self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
 
     # -- nodes -------------------------------------------------------------------------------------------------
     def _create_preview_node(self):
@@ -240,6 +241,7 @@ class SuggestionManager:
             if self.find_user_node() is None:
                 self.user_segmentation_node()
             self._preview_node = self._create_preview_node()
+            self._volume_grid = ijk_to_ras(self.volume_node)
         return self._preview_node
 
     def existing_preview_node(self):
@@ -251,9 +253,19 @@ class SuggestionManager:
             self._preview_node = self._saved_preview_node()
             if self._preview_node is None:
                 return None
-        if self._preview_node.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
-            self._preview_node.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
+            self._volume_grid = ijk_to_ras(self.volume_node)
+        self._follow_volume_moves(self._preview_node)
         return self._preview_node
+
+    def _follow_volume_moves(self, preview) -> None:
+        """Keep the suggestions on the volume's voxels when the volume is moved under a transform (the preview moves
+        with it) or its transform is hardened into its grid (the preview's is hardened too, so it stays put)."""
+        grid = ijk_to_ras(self.volume_node)
+        if preview.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
+            if self._volume_grid is not None and not np.allclose(grid, self._volume_grid, atol=1e-9):
+                preview.HardenTransform()
+            preview.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
+        self._volume_grid = grid
 
     def _saved_preview_node(self):
         """This volume's preview as a reloaded scene holds it (the scene was saved with suggestions under review), or
@@ -264,7 +276,9 @@ class SuggestionManager:
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
         for n in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(n)
-            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" and node.GetNodeReference(role) is self.volume_node:
+            # By ID: while the volume's NodeRemovedEvent runs (``forget``), the reference no longer resolves to it.
+            volume_id = self.volume_node.GetID()
+            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" and node.GetNodeReferenceID(role) == volume_id:
                 numbers = [int(m.group(1)) for sid in _segment_ids(node.GetSegmentation())
                            if (m := re.fullmatch(rf"{_ID_PREFIX}_(\d+).*", sid))]
                 self._issued = max([self._issued, *numbers])
@@ -273,9 +287,9 @@ class SuggestionManager:
 
     def forget(self) -> None:
         """Drop this manager's nodes and history (its volume left the scene, or the scene closes)."""
-        preview = self._preview_node
+        preview = self._preview_node if self._preview_node is not None else self._saved_preview_node()
         if preview is not None and preview.GetScene() is not None:
-            preview.GetScene().RemoveNode(preview)
+            preview.GetScene().RemoveNode(preview)  # also a saved one no list has shown yet
         self._preview_node = self.user_node = None
         self._undo.clear()
         self._redo.clear()

@@ -410,3 +410,35 @@ def test_suggestions_under_review_and_their_corrections_come_back_with_a_saved_s
     assert new not in ids
     [accepted] = again.accept(ids[0])
     np.testing.assert_array_equal(segment_array(again.find_user_node(), accepted, volume_again), corrected)
+
+
+@pytest.mark.parametrize("move", ["put under a transform", "transform hardened"])
+def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, volume, move):
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    if move == "transform hardened":
+        put_under_transform(scene, volume)
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    if move == "put under a transform":
+        put_under_transform(scene, volume)  # the volume's voxels move in the world: the suggestion goes with them
+    else:
+        volume.HardenTransform()  # the voxels stay where they are in the world: so does the suggestion
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+    k, j, i = np.nonzero(mask)
+    expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    np.testing.assert_allclose(world_points(manager.preview_node, sid), expected[np.lexsort(expected.T[::-1])],
+                               atol=1e-6)
+
+
+def test_forgetting_a_volume_removes_its_saved_preview_never_shown(scene, volume, tmp_path):
+    manager = SuggestionManager(scene, volume)
+    manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    reloaded, volume_again = saved_and_reloaded(scene, volume, manager.preview_node, tmp_path)
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    session = MedSIGHTSession(reloaded)
+    session.suggestion_manager(volume_again)  # the list never showed its suggestions
+    reloaded.RemoveNode(volume_again)  # the session forgets the volume's manager
+    assert [n.GetName() for n in segmentation_nodes(reloaded)] == ["CT segmentation"]
