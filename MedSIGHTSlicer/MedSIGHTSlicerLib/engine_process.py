@@ -153,8 +153,8 @@ class EngineProcess:
         process = self._process
         if process is None:
             return
-        self.stop_requested = True
         if process.poll() is None:
+            self.stop_requested = True  # not for an engine that had already ended: its crash is still reported
             _signal_tree(process, kill=False)
             if self._kill_at is None:  # a second Stop does not postpone the kill
                 self._kill_at = time.monotonic() + wait_s

@@ -195,11 +195,17 @@ def test_a_requested_stop_is_reported_as_stopped_whatever_the_exit_code():
     assert finished == [1]
     assert process.finished_message(1) is None  # the user's Stop, not "The engine stopped (exit code 1)"
 
+    # A crash the timer had not reported yet when the user pressed Stop is still explained.
+    process.start(launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(3)"', os.environ, True))
+    assert _wait(lambda: not process.running, 30)
+    process.stop()
+    assert finished == [1, 3] and process.finished_message(3) == "The engine stopped (exit code 3). boom"
+
     # The same exit without a Stop is still explained.
     process.start(launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(1)"', os.environ, True))
     assert not process.stop_requested
     assert _wait(lambda: process.poll() is not None, 30)
-    assert finished == [1, 1]
+    assert finished == [1, 3, 1]
     assert process.finished_message(1) == "The engine stopped (exit code 1). boom"
 
 
