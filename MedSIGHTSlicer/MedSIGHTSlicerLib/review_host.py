@@ -65,6 +65,7 @@ class ReviewHost:
 
     def review(self, node: Any) -> review_lib.Review:
         """The review state (accept target, merge choice, Show 3D) of ``node``'s suggestions, kept per manager."""
+        self._drop_gone_reviews()
         manager = self.logic.suggestion_manager(node)
         review = self._reviews.get(id(manager))
         if review is None or review.manager is not manager:
@@ -72,7 +73,16 @@ class ReviewHost:
         return review
 
     def volume_changed(self, node: Any) -> None:
-        self.list.set_review(None if node is None else self.review(node))
+        """Show ``node``'s suggestions (none for no volume, or one that left the scene, e.g. on scene close)."""
+        if node is None or node.GetScene() is None:
+            self._drop_gone_reviews()
+            self.list.set_review(None)
+            return
+        self.list.set_review(self.review(node))
+
+    def _drop_gone_reviews(self) -> None:
+        """Reviews of volumes that left the scene go: each holds its volume node, and with it the voxels."""
+        self._reviews = {key: r for key, r in self._reviews.items() if r.manager.volume_node.GetScene() is not None}
 
     def take_answer(self, answer: Any) -> None:
         node = self.answer_volume()

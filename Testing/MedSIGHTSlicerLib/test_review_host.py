@@ -158,3 +158,26 @@ def test_without_a_main_window_the_module_keys_still_have_a_parent(app):
     finally:
         host.close()
         panel.close()
+
+
+def test_removed_volumes_are_let_go(app):
+    """A review holds its volume node and so its voxels: once the volume left the scene (deleted, scene closed), the
+    host keeps no review of it, also when the module shows the departed node once more on scene close."""
+    scene = slicer.vtkMRMLScene()
+    panel = ChatPanel(MedSIGHTClient("http://127.0.0.1:9", timeout=1, retries=0))
+    logic = MedSIGHTSession(scene)
+    volumes = [make_volume(scene, np.zeros((3, 8, 8), np.int16), np.eye(4), name=f"CT {n}") for n in range(2)]
+    host = ReviewHost(panel, lambda: volumes[1], logic, None)
+    try:
+        for volume in volumes:
+            host.volume_changed(volume)
+        assert len(host._reviews) == 2
+        scene.RemoveNode(volumes[0])
+        host.volume_changed(volumes[1])
+        assert [r.manager.volume_node for r in host._reviews.values()] == [volumes[1]]
+        scene.Clear(0)  # File > Close scene
+        host.volume_changed(volumes[1])  # what the module's scene reset does with the selector's last node
+        assert host._reviews == {} and host.list.review is None
+    finally:
+        host.close()
+        panel.close()
