@@ -110,13 +110,14 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.panel.before_upload = self._consent
         self.panel.on_volume_uploaded = self.logic.remember_volume_id
         self.panel.on_volume_unknown = self.logic.forget_volume_id  # engine restarted: drop the id, send again
-        self.panel.on_region_clicked = self._jump_to_region
+        self.panel.on_region_clicked = self.logic.jump_to_region_link  # the chip's own answer and volume
         self.panel.on_accept_all = lambda: self.review_host.accept_all()
         self._connect()
 
         self.ui.urlLineEdit.connect("editingFinished()", self._connection_edited)
         self.ui.tokenLineEdit.connect("editingFinished()", self._connection_edited)
         self._setup_review()
+        self.ui.viewComboBox.connect("currentIndexChanged(int)", lambda _: self._view_changed())
         self.ui.testConnectionButton.connect("clicked(bool)", lambda _: self.onTestConnection())
         self.check_timer = qt.QTimer()
         self.check_timer.setInterval(50)
@@ -284,8 +285,15 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         node = self._node()
         if node is None:
             return None
+        source = self.logic.volume_source(node)  # a ValueError (no image data) goes to the panel's error line
         self.logic.bind(node)  # the question about to be sent is about this volume
-        return self.logic.volume_source(node)
+        return source
+
+    def _view_changed(self) -> None:
+        node = self._node()
+        plane = None if node is None else self.logic.view_plane(node, self.ui.viewComboBox.currentText)
+        if plane is not None:
+            self.panel.plane = plane  # the slice-range boxes take that plane's slice count before Send
 
     def _current_view(self):
         node = self._node()
@@ -294,11 +302,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         view = self.logic.current_view(node, self.ui.viewComboBox.currentText)
         self.panel.plane = anatomical_plane(view)  # slice ranges and the whole volume go along the chosen view
         return view
-
-    def _jump_to_region(self, slice_index: int, index: int) -> None:
-        node = self.logic.bound_volume or self._node()
-        if node is not None:
-            self.logic.jump_to_region(node, slice_index, index)
 
     def onExport(self) -> None:
         node = self._node()

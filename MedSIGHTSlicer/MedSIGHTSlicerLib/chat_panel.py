@@ -5,7 +5,8 @@ network and reports what it learns through ``jobs.JobRunner``; a QTimer on the m
 widgets (Qt objects must only be touched from the thread that owns them). It knows nothing about MRML: the host
 (the Slicer module, or a test) plugs in callables:
 
-- ``volume_provider()`` -> ``VolumeData`` to upload, an existing ``volume_id`` string, or None (nothing chosen).
+- ``volume_provider()`` -> ``VolumeData`` to upload, an existing ``volume_id`` string, or None (nothing chosen); a
+  ValueError (e.g. the volume has no image data) is shown in the error line and nothing is sent.
 - ``current_slice_provider()`` -> what the "Current slice" scope means: a slice index (None: 0) along the panel's
   plane, or the 4x4 slice-to-RAS of the view the user looks at (the engine then picks plane and index).
 - ``before_upload(url)`` -> False to refuse sending images to that engine (the first-use consent prompt).
@@ -13,7 +14,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 - ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
-- ``on_region_clicked(slice, index)``: a region chip in the conversation was clicked.
+- ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
+  question (``ask_serial``), plane, slice and region of that chip's answer.
 - ``on_accept_all()``: the "Accept all" button was pressed.
 """
 
@@ -27,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from .protocol import Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 from .theme import Colours, colours_of
 
-__all__ = ["SCOPES", "ChatPanel", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
+__all__ = ["SCOPES", "ChatPanel", "RegionLink", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
 
 #: Scope choices, in the order of the selector.
 SCOPES = ("current", "range", "volume")
@@ -50,7 +52,7 @@ FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
-_REGION_URL = re.compile(r"^region://([0-9.]+)/(\d+)/?$")
+_REGION_URL = re.compile(r"^region://([0-9.]+)/(axial|coronal|sagittal)/(\d+)/(\d+)/?$")
 _HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
     "timeout": "The engine did not answer in time; it may be busy or overloaded.",
@@ -99,19 +101,33 @@ def describe_error(err: BaseException, resent: bool = False) -> str:
     return f"Unexpected error: {type(err).__name__}: {err}"
 
 
-def parse_region_url(url: str) -> tuple[int, int] | None:
-    """'region://<slice>/<index>' -> (slice, index); None for any other link."""
+class RegionLink(NamedTuple):
+    """What a region chip names: the region ``index`` of the answer about ``slice`` along ``plane`` to the question
+    ``serial`` (the panel's ``ask_serial`` when it was sent), so a chip finds its own answer, never a later one about
+    the same slice number (of another plane or volume)."""
+
+    serial: int
+    plane: str
+    slice: int
+    index: int
+
+    def url(self) -> str:
+        return f"region://{self.serial}/{self.plane}/{self.slice}/{self.index}"
+
+
+def parse_region_url(url: str) -> RegionLink | None:
+    """'region://<serial>/<plane>/<slice>/<index>' -> its ``RegionLink``; None for any other link."""
     match = _REGION_URL.match(url.strip())
     if match is None:
         return None
     host = match.group(1)
-    # QUrl reads a number in the host position as an IPv4 address: "region://40/3" reaches the anchorClicked
-    # slot as "region://0.0.0.40/3". Both spellings give back the number.
+    # QUrl reads a number in the host position as an IPv4 address: "region://40/axial/3/0" reaches the
+    # anchorClicked slot as "region://0.0.0.40/axial/3/0". Both spellings give back the number.
     try:
-        slice_index = int(host) if host.isdigit() else int(ipaddress.IPv4Address(host))
+        serial = int(host) if host.isdigit() else int(ipaddress.IPv4Address(host))
     except ValueError:
         return None
-    return slice_index, int(match.group(2))
+    return RegionLink(serial, match.group(2), int(match.group(3)), int(match.group(4)))
 
 
 def _region_name(region: Region) -> str:
@@ -125,6 +141,10 @@ class _Turn:
 
     question: str
     scope: str
+    #: The panel's ``ask_serial`` of this question and the plane its answers lie in: with the slice, they name an
+    #: answer exactly (region chips, ``RegionLink``).
+    serial: int = 0
+    plane: str = "axial"
     texts: dict[int, str] = field(default_factory=dict)
     regions: dict[int, list[Region]] = field(default_factory=dict)
     status: str = ""
@@ -132,6 +152,8 @@ class _Turn:
     #: says which later questions are follow-ups of this one.
     place: tuple[str, int] | None = None
     volumes: set[str] = field(default_factory=set)
+    #: The answered slice's slice-to-RAS (for ``place``): tells which slice a later view shows (``_view_place``).
+    frame: np.ndarray | None = None
 
 
 @dataclass
@@ -173,7 +195,9 @@ class ChatPanel:
 
     def __init__(self, client: MedSIGHTClient | None = None, parent: Any = None) -> None:
         self.client = client
-        self.plane = "axial"
+        self._plane = "axial"  # see ``plane``
+        #: Slices per plane of the volume last sent or asked about (the engine's ``VolumeInfo.slices``).
+        self._slice_counts: dict[str, int] = {}
         #: Generation options sent with every question (see the engine's AskOptions; unset ones take its defaults).
         self.options: dict[str, Any] = {}
         #: Send earlier questions and answers about the same slice as conversation context (`follow_up_messages`).
@@ -187,7 +211,7 @@ class ChatPanel:
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
         #: one finding into one 3D segment); also after a cancel, with what had arrived.
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
-        self.on_region_clicked: Callable[[int, int], None] | None = None
+        self.on_region_clicked: Callable[[RegionLink], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
         #: Errors of a question (the engine's answer or the connection), e.g. for the engine log; not the refusals
         #: before sending ("Type a question first.").
@@ -203,7 +227,6 @@ class ChatPanel:
         self.last_model = ""
 
         self._turns: list[_Turn] = []
-        self._regions: dict[tuple[int, int], Region] = {}
         self._volume_ids: dict[str, str] = {}
         self._runner = JobRunner()
         self._job: _Job | None = None
@@ -298,6 +321,20 @@ class ChatPanel:
 
     # -- public API ------------------------------------------------------------------------------------------------
     @property
+    def plane(self) -> str:
+        """The plane slice ranges and the whole volume are asked along (the host sets it from the chosen view)."""
+        return self._plane
+
+    @plane.setter
+    def plane(self, plane: str) -> None:
+        self._plane = plane
+        count = self._slice_counts.get(plane)
+        if count:
+            # The range boxes follow the plane at once, so the user can type that plane's slices before sending.
+            for box in (self.range_from, self.range_to):
+                box.setMaximum(max(count - 1, 0))
+
+    @property
     def busy(self) -> bool:
         return self._job is not None
 
@@ -321,9 +358,11 @@ class ChatPanel:
         if last is not None:
             self.range_to.setValue(int(last))
 
-    def region(self, slice_index: int, index: int) -> Region | None:
-        """The latest region shown for a chip."""
-        return self._regions.get((slice_index, index))
+    def region(self, link: RegionLink) -> Region | None:
+        """The region a chip shows."""
+        turn = next((t for t in self._turns if t.serial == link.serial and t.plane == link.plane), None)
+        regions = [] if turn is None else turn.regions.get(link.slice, [])
+        return next((r for r in regions if r.index == link.index), None)
 
     def region_links(self) -> list[str]:
         """The chip links of the conversation, in order (for tests and accessibility tools)."""
@@ -335,7 +374,6 @@ class ChatPanel:
     def clear(self) -> None:
         """Forget the conversation (not the uploaded volumes)."""
         self._turns.clear()
-        self._regions.clear()
         self.accept_all_button.setEnabled(False)
         self._render()
 
@@ -363,7 +401,11 @@ class ChatPanel:
         if self.client is None:
             self.show_error("Not connected: set the engine URL in the connection settings.")
             return False
-        source = self.volume_provider() if self.volume_provider is not None else None
+        try:
+            source = self.volume_provider() if self.volume_provider is not None else None
+        except ValueError as err:  # e.g. a volume without image data, a geometry the upload cannot describe
+            self.show_error(str(err))
+            return False
         if source is None:
             self.show_error("Select a volume first.")
             return False
@@ -372,6 +414,8 @@ class ChatPanel:
             self.show_error("Not sent: sending images to this engine was not allowed.")
             return False
         scope = SCOPES[max(int(prop(self.scope, "currentIndex")), 0)]
+        # Read before the provider may change ``plane`` (and so the boxes' maximum): the range the user typed is asked.
+        first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
         try:
             current = self.current_slice_provider() if self.current_slice_provider is not None else None
         except ValueError as err:
@@ -381,19 +425,23 @@ class ChatPanel:
         if current is not None and not isinstance(current, (int, np.integer)):
             view = np.asarray(current, dtype=float)  # a view's slice-to-RAS: the engine resolves the slice
             current = None
-        first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
         if scope == "current":
             first = last = int(current or 0)
         else:
             view = None
-        place = (self.plane, first) if first == last and scope != "volume" and view is None else None
         volumes = {v for v in (source if isinstance(source, str) else source.key, cached_id) if v}
+        if view is not None:
+            # The engine picks the slice only once asked; an earlier answer says which one it will be, so a
+            # follow-up about the slice in view still carries its conversation (README: "and the spleen?").
+            place = self._view_place(view, volumes)
+        else:
+            place = (self.plane, first) if first == last and scope != "volume" else None
         messages = self.follow_up_messages(text, place, volumes)
         job = _Job(messages, (scope, first, last), self.plane, source, cached_id, dict(self.options), view)
         scope_text = "slice in view" if view is not None else self._scope_text(scope, first, last)
-        self._turns.append(_Turn(text, scope_text, place=place, volumes=volumes))
-        self.last_question = text
         self.ask_serial += 1
+        self._turns.append(_Turn(text, scope_text, self.ask_serial, self.plane, place=place, volumes=volumes))
+        self.last_question = text
         self.last_scope = scope
         self.answered_slices = 0
         self._job = job
@@ -420,6 +468,22 @@ class ChatPanel:
             return text
         messages = [m for t in earlier for m in (("user", t.question), ("assistant", t.texts[place[1]]))]
         return [*messages, ("user", text)]
+
+    def _view_place(self, view: np.ndarray, volumes: set[str]) -> tuple[str, int] | None:
+        """The (plane, slice) the engine will answer about for ``view``, worked out from the latest earlier answer
+        about one slice of this volume (None when none tells). The engine (``slice_for_view``) takes the volume axis
+        nearest to the view's normal and the voxel layer nearest to the view's point; an answer's slice-to-RAS holds
+        the volume's axes (columns 0-2, the slice's normal last) and a point of that slice."""
+        normal = view[:3, 2] / (float(np.linalg.norm(view[:3, 2])) or 1.0)
+        for turn in reversed(self._turns):
+            if turn.place is None or turn.frame is None or not turn.volumes & volumes:
+                continue
+            axes = turn.frame[:3, :3] / np.linalg.norm(turn.frame[:3, :3], axis=0)
+            if int(np.argmax(np.abs(axes.T @ normal))) != 2:
+                continue  # the view cuts the volume along another axis: another plane
+            offset = float(np.linalg.solve(turn.frame, np.append(view[:3, 3], 1.0))[2])  # in slices
+            return turn.place[0], int(np.rint(turn.place[1] + offset))
+        return None
 
     def close(self) -> None:
         """Stop polling, cancel any running question and close the widget (module cleanup, application exit).
@@ -519,9 +583,11 @@ class ChatPanel:
             plane, index = payload
             turn.scope = f"{plane} slice {index} (in view)"
             turn.place = (plane, index)
+            turn.plane = plane
             self._dirty = True
         elif kind == "slices":
-            count = int(payload[0].get(self.plane, 0))
+            self._slice_counts = {str(p): int(n) for p, n in payload[0].items()}
+            count = self._slice_counts.get(self.plane, 0)
             if count and int(prop(self.range_from, "maximum")) != count - 1:
                 self.set_slice_count(count)
         elif kind == "model":
@@ -533,15 +599,14 @@ class ChatPanel:
         elif kind == "region":
             slice_index, region = payload
             turn.regions.setdefault(slice_index, []).append(region)
-            self._regions[(slice_index, region.index)] = region
             self._dirty = True
         elif kind == "answer":
             answer: SliceAnswer = payload[0]
             self.answered_slices += 1
             turn.texts[answer.index] = answer.text  # the engine's final text (token pieces may be regrouped)
             turn.regions[answer.index] = list(answer.regions)
-            for region in answer.regions:
-                self._regions[(answer.index, region.index)] = region
+            if turn.place == (answer.plane, answer.index):
+                turn.frame = np.asarray(answer.slice_to_ras, dtype=float)
             self._dirty = True
             if answer.regions:
                 job.answers.append(answer)
@@ -589,13 +654,19 @@ class ChatPanel:
                 data = None
         if data is None or self.client is None:
             return False
-        if self.before_upload is not None and not self.before_upload(self.client.base_url):
-            return False
         again = _Job(job.question, job.scope, job.plane, data, None, job.options, job.view, resent=True)
+        # The new job is the current one before the consent dialog: its nested event loop may poll, and the old
+        # job's late "done" event must then be stale, not finish the panel under the new job.
         self._job = again
-        self.status.setText("The engine lost the volume; sending it again…")
+        if self.before_upload is not None and not self.before_upload(self.client.base_url):
+            self._job = job  # refused: the caller reports the engine's error on the old job and finishes
+            return False
+        if self._job is not again:
+            return True  # cancelled or reset while the dialog was open: nothing more to send
         client = self.client
         again.runner = self._runner.start(lambda runner: _run_job(client, again, runner), name="MedSIGHT ask")
+        self._set_busy(True, "The engine lost the volume; sending it again…")
+        self._timer.start()  # whatever the dialog's event loop did to the timer, the new job must be polled
         return True
 
     def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
@@ -606,9 +677,9 @@ class ChatPanel:
             self.show_error(f"Could not apply the answer: {type(err).__name__}: {err}")
 
     def _anchor_clicked(self, url: Any) -> None:
-        target = parse_region_url(url.toString())
-        if target is not None and self.on_region_clicked is not None:
-            self._call_hook(self.on_region_clicked, *target)
+        link = parse_region_url(url.toString())
+        if link is not None and self.on_region_clicked is not None:
+            self._call_hook(self.on_region_clicked, link)
 
     def _accept_all(self) -> None:
         if self.on_accept_all is not None:
@@ -659,7 +730,8 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
             prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
             chips = " ".join(
-                f'<a href="region://{slice_index}/{r.index}" style="background-color:{chip_bg};color:{colours.success};'
+                f'<a href="{RegionLink(turn.serial, turn.plane, slice_index, r.index).url()}" '
+                f'style="background-color:{chip_bg};color:{colours.success};'
                 f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
                 for r in turn.regions.get(slice_index, [])
             )

@@ -21,7 +21,7 @@ import numpy as np
 import vtk
 
 from . import geometry, views
-from .chat_panel import VolumeData, guess_modality
+from .chat_panel import RegionLink, VolumeData, guess_modality
 from .client import MedSIGHTClient
 from .protocol import SliceAnswer
 
@@ -35,7 +35,8 @@ def volume_key(node) -> str:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     elements = ",".join(repr(matrix.GetElement(r, c)) for r in range(3) for c in range(4))
-    return f"{node.GetID()}|{node.GetImageData().GetMTime()}|{elements}"
+    image = node.GetImageData()
+    return f"{node.GetID()}|{image.GetMTime() if image is not None else 'empty'}|{elements}"
 
 
 def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
@@ -74,6 +75,9 @@ class MedSIGHTSession:
         self.on_reset = on_reset
         self._volumes: dict[str, _VolumeState] = {}
         self._bound: Any = None  # the volume of the question being answered
+        #: (ask serial, plane, slice) -> (volume, slice-to-RAS, region index -> bbox) of the panel's streamed answers:
+        #: where a region chip centres the views. No masks: a long session asks about thousands of slices.
+        self._asked: dict[tuple[int, str, int], tuple[Any, Any, dict[int, Any]]] = {}
         self._observers: list[int] = []
         self.observe_scene()
 
@@ -105,6 +109,7 @@ class MedSIGHTSession:
                 self._drop(node_id)
         if self._bound is not None and self._bound.GetScene() is not self.scene:
             self._bound = None
+        self._asked = {key: kept for key, kept in self._asked.items() if kept[0].GetScene() is self.scene}
 
     def _drop(self, node_id: str) -> None:
         state = self._volumes.pop(node_id, None)
@@ -116,6 +121,7 @@ class MedSIGHTSession:
         for node_id in list(self._volumes):
             self._drop(node_id)
         self._bound = None
+        self._asked.clear()
         if self.on_reset is not None:
             self.on_reset()
 
@@ -149,7 +155,11 @@ class MedSIGHTSession:
                 state.upload_ids[key] = volume_id
 
     def volume_source(self, node):
-        """The engine's id for ``node`` if it has it, else what to upload."""
+        """The engine's id for ``node`` if it has it, else what to upload. Raises ValueError for a volume without
+        voxels (the panel shows it in its error line)."""
+        if node.GetImageData() is None:
+            # Listed by the volume selector all the same: e.g. Crop Volume's new output before Apply, a failed load.
+            raise ValueError(f"The volume {node.GetName()!r} has no image data: choose a volume that holds an image.")
         state = self._state(node)
         key = volume_key(node)
         if key in state.upload_ids:
@@ -162,15 +172,19 @@ class MedSIGHTSession:
         """The engine no longer has ``volume_id`` (it restarted, or evicted it): forget it, so no later question
         reuses it, and return the voxels to upload again (None when its volume left the scene). The chat panel's
         ``on_volume_unknown``."""
-        again = None
+        holders = []
         for state in list(self._volumes.values()):
             stale = [key for key, known in state.upload_ids.items() if known == volume_id]
             for key in stale:
                 del state.upload_ids[key]  # identical voxels share one id: drop it everywhere
-            if stale and again is None and state.node.GetScene() is self.scene:
-                source = self.volume_source(state.node)
-                again = source if isinstance(source, VolumeData) else None
-        return again
+            if stale and state.node.GetScene() is self.scene:
+                holders.append(state.node)
+        if not holders:
+            return None
+        # The question was asked about the bound volume: its key must get the new id (others may share the voxels).
+        node = self._bound if any(n is self._bound for n in holders) else holders[0]
+        source = self.volume_source(node)
+        return source if isinstance(source, VolumeData) else None
 
     def upload(self, node) -> str:
         """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
@@ -239,6 +253,8 @@ class MedSIGHTSession:
         from .review import take_answer
 
         self._state(node).answers[(answer.plane, answer.index)] = answer
+        self._asked[(ask_serial, answer.plane, answer.index)] = (
+            node, answer.slice_to_ras, {r.index: r.bbox for r in answer.regions})
         return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
                            model=model or self.model_name)
 
@@ -267,13 +283,34 @@ class MedSIGHTSession:
             raise ValueError(f"there is no {view_name} slice view in this scene")
         return views.view_in_volume_frame(slice_node, node)
 
+    def view_plane(self, node, view_name: str) -> str | None:
+        """The plane slice ranges and the whole volume of ``node`` are asked along when the view ``view_name`` is the
+        chosen one (None: no such view, or ``node`` is under a warping transform)."""
+        try:
+            return views.anatomical_plane(self.current_view(node, view_name))
+        except ValueError:
+            return None
+
     def jump_to_region(self, node, slice_index: int, index: int, plane: str | None = None) -> bool:
         """Centre the slice views on a region of the latest answer about ``slice_index``."""
         answer = self.answer(node, slice_index, plane)
-        region = None if answer is None else next((r for r in answer.regions if r.index == index), None)
-        if region is None or region.bbox is None or answer.slice_to_ras is None:
+        if answer is None:
             return False
-        views.centre_views_on(self.scene, views.region_centre_ras(answer.slice_to_ras, region.bbox), node)
+        region = next((r for r in answer.regions if r.index == index), None)
+        return self._centre_on(node, answer.slice_to_ras, None if region is None else region.bbox)
+
+    def jump_to_region_link(self, link: RegionLink) -> bool:
+        """Centre the slice views on the region a chip names (a ``chat_panel.RegionLink``): that question's answer
+        about that slice and plane, on the volume it was asked about. False when it is gone (volume removed)."""
+        node, slice_to_ras, boxes = self._asked.get((link.serial, link.plane, link.slice), (None, None, {}))
+        if node is None or node.GetScene() is not self.scene:
+            return False
+        return self._centre_on(node, slice_to_ras, boxes.get(link.index))
+
+    def _centre_on(self, node, slice_to_ras, bbox) -> bool:
+        if bbox is None or slice_to_ras is None:
+            return False
+        views.centre_views_on(self.scene, views.region_centre_ras(slice_to_ras, bbox), node)
         return True
 
     def accept_all(self, node) -> list[str]:

@@ -87,7 +87,7 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     uploaded, answers, clicks = [], [], []
     panel.on_volume_uploaded = lambda key, volume_id: uploaded.append((key, volume_id))
     panel.on_regions = answers.append
-    panel.on_region_clicked = lambda s, i: clicks.append((s, i))
+    panel.on_region_clicked = clicks.append
 
     panel.question.setPlainText("Where is the liver?")
     QTest.mouseClick(panel.send_button, qt.Qt.LeftButton)
@@ -108,11 +108,12 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     assert answer_text and answer_text[:5] in text  # the streamed answer is in the conversation
     links = panel.region_links()
     assert links, panel.conversation.toHtml()
-    assert all(parse_region_url(link)[0] == 1 for link in links)
+    assert all(parse_region_url(link)[:3] == (1, "axial", 1) for link in links)  # question 1, axial slice 1
     assert panel.accept_all_button.isEnabled()
-    assert panel.region(1, 0) is not None and panel.region(1, 0).mask.shape == (64, 64)
+    first_chip = parse_region_url(links[0])
+    assert panel.region(first_chip) is not None and panel.region(first_chip).mask.shape == (64, 64)
 
-    # A chip click reaches the host with the slice and region index (QTextBrowser's signal for a link click).
+    # A chip click reaches the host with its link (QTextBrowser's signal for a link click).
     panel.conversation.anchorClicked.emit(qt.QUrl(links[-1]))
     assert clicks == [parse_region_url(links[-1])]
     accepted = []
@@ -275,9 +276,14 @@ def test_volume_id_source_and_eviction_message(app, url, volume):
 
 
 def test_helpers():
-    assert parse_region_url("region://40/3") == (40, 3)
-    assert parse_region_url(qt.QUrl("region://300/2").toString()) == (300, 2)  # QUrl's IPv4 reading of the host
-    assert parse_region_url("region://x/3") is None
+    from MedSIGHTSlicerLib.chat_panel import RegionLink
+
+    assert parse_region_url("region://40/coronal/7/3") == (40, "coronal", 7, 3)
+    # QUrl's IPv4 reading of the host
+    assert parse_region_url(qt.QUrl("region://300/axial/12/2").toString()) == (300, "axial", 12, 2)
+    assert parse_region_url(RegionLink(5, "sagittal", 0, 1).url()) == (5, "sagittal", 0, 1)
+    assert parse_region_url("region://40/3") is None  # no plane: which answer it means is unknown
+    assert parse_region_url("region://x/axial/3/0") is None
     assert parse_region_url("https://example.org") is None
     err = MedSIGHTError("missing or wrong bearer token", status=401, code="unauthorized")
     assert describe_error(err) == (
@@ -359,6 +365,71 @@ def test_current_slice_named_by_the_view(app, url, volume):
     assert int(panel.range_from.maximum()) == 2  # the engine's slice count of the plane limits the range boxes
 
 
+def test_follow_up_about_the_slice_in_view_carries_the_conversation(app, url, volume):
+    """Audit F1: Slicer's "Current slice" always sends the view, so the panel learns the slice only from the engine;
+    an earlier answer about that slice tells it beforehand, and the follow-up goes with the conversation."""
+    panel = make_panel(url, volume)
+    sent = []
+    real_ask = panel.client.ask_stream
+
+    def spy(volume_id, messages, *args, **kwargs):
+        sent.append(messages)
+        return real_ask(volume_id, messages, *args, **kwargs)
+
+    panel.client.ask_stream = spy
+    # RAS identity directions, origin RAS (-10, -20, -5), 2.5 mm slices: S = 0.4 lies on axial slice 2.
+    view = np.eye(4)
+    view[:3, 3] = [3.0, -1.0, 0.4]
+    panel.current_slice_provider = lambda: view
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    first = panel._turns[-1].texts[2]
+    assert panel.error.text() == "" and first and panel._turns[-1].place == ("axial", 2)
+
+    view = view.copy()
+    view[:3, 3] = [12.0, 7.5, 0.4]  # panned within the same slice
+    assert panel.send("And the spleen?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert sent[1] == [("user", "Where is the liver?"), ("assistant", first), ("user", "And the spleen?")]
+    assert panel._turns[-1].place == ("axial", 2)
+
+    view = view.copy()
+    view[:3, 3] = [3.0, -1.0, -2.1]  # scrolled to axial slice 1: nothing was said about it yet
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert sent[2] == "And the kidney?" and panel._turns[-1].place == ("axial", 1)
+    assert len(sent) == 3
+
+
+def test_slice_range_boxes_follow_the_chosen_plane(app, url):
+    """Audit F5: after a question along one plane, choosing a view along another plane (the module sets ``plane``)
+    lets the range boxes take that plane's slices: 10-20 of 32 sagittal slices, not clamped to the 3 axial ones."""
+    volume = VolumeData(np.full((3, 32, 32), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                        np.diag([-1.0, -1.0, 1.0]), "CT", key="slab")
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2, "seed": 0}
+    red = np.eye(4)
+    red[:3, 3] = [-5.0, -5.0, 2.0]
+    panel.current_slice_provider = lambda: red
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == "" and int(panel.range_to.maximum()) == 2  # 3 axial slices
+
+    panel.plane = "sagittal"  # "Current slice of: Yellow" (MedSIGHTSlicerWidget._view_changed)
+    assert int(panel.range_to.maximum()) == 31 and int(panel.range_from.maximum()) == 31
+    panel.set_scope("range", 10, 20)
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (10, 20)
+    panel.current_slice_provider = lambda: None
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert sorted(panel._turns[-1].texts) == list(range(10, 21)) and panel.answered_slices == 11
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (10, 20)  # the user's range stays
+    panel.plane = "axial"
+    assert int(panel.range_to.maximum()) == 2 and int(panel.range_to.value()) == 2
+
+
 def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
     panel = make_panel(url, volume)
     panel.widget.resize(320, 260)
@@ -396,6 +467,28 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
         on = chip_bg if contrast(colour, chip_bg.name()) > contrast(colour, base.name()) else base
         assert contrast(colour, on.name()) >= 4.5, (colour, on.name(), background)
     assert contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base.name()) >= 4.5
+
+
+def test_volume_without_image_data_is_refused_with_a_plain_error(app, fake):
+    """Audit F3: the selector lists empty scalar volumes (Crop Volume's output before Apply): Send says so, no raise."""
+    slicer = pytest.importorskip("slicer")
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    empty.SetName("Cropped")
+    panel = ChatPanel(MedSIGHTClient(fake.url, timeout=5, retries=0))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(empty)
+    try:
+        assert panel.send("Where is the liver?") is False
+        assert panel.error.text() == "The volume 'Cropped' has no image data: choose a volume that holds an image."
+        assert not panel.busy and panel._turns == [] and fake.requests == []
+        assert session.tracked_volumes() == []  # nothing remembered for it
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
 
 
 def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app, engine):
@@ -473,6 +566,67 @@ def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fa
     assert fake.hits("POST", "/v1/ask") == 2
     assert "sent again" in panel.error.text() and "ask again" not in panel.error.text()
     assert panel.status.text() == "Failed."
+
+
+def test_consent_dialog_during_a_resend_leaves_the_new_question_polled(app, fake, volume, monkeypatch):
+    """Review note: the consent dialog before sending the volume again is modal; a poll inside its event loop drains
+    the old job's late "done" event. That must not finish the panel: the new question runs, is polled, is answered.
+    When the user refuses instead, the panel ends in a plain failure, idle."""
+    import json
+
+    import MedSIGHTSlicerLib.chat_panel as chat_panel
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    stale, fresh = "cd" * 32, "ab" * 32
+    answer = {"plane": "axial", "index": 1, "text": "ok", "regions": [], "slice_to_ras": np.eye(4).tolist()}
+    done = {"job_id": "j2", "model": "tiny", "answers": [answer], "timings": {}}
+    unknown = fake.reply(422, {"code": "unknown_volume", "message": "no volume: upload it first"})
+    answered = fake.sse([sse("job", {"job_id": "j2", "plane": "axial", "indices": [1]}), sse("done", done)])
+    info = {"volume_id": fresh, "shape": [3, 64, 64], "modality": "CT", "slices": {"axial": 3}, "bytes": 24576}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", unknown, answered, unknown)
+    real_run = chat_panel._run_job
+
+    def slow_to_end(client, job, runner):
+        cancelled = real_run(client, job, runner)
+        if not job.resent:
+            time.sleep(0.3)  # the worker is slow to end: its "done" comes after the panel has seen its error
+        return cancelled
+
+    monkeypatch.setattr(chat_panel, "_run_job", slow_to_end)
+    panel = make_panel(fake.url, volume)
+    panel.volume_provider = lambda: stale  # the host's cached id from before the engine restarted
+    panel.on_volume_unknown = lambda volume_id: volume
+    consents, agree = [], [True]
+
+    def consent(url: str) -> bool:  # the module's modal dialog: an event loop runs until the user answers
+        consents.append(url)
+        deadline = time.monotonic() + 10
+        while panel._runner.busy and time.monotonic() < deadline:  # the old job ends meanwhile
+            app.processEvents()
+            time.sleep(0.005)
+        panel._poll()  # a poll in the dialog's loop (Qt does not re-enter the panel's own timer slot)
+        app.processEvents()
+        return agree[0]
+
+    panel.before_upload = consent
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy, timeout=10)
+    assert consents == [fake.url]
+    assert panel.error.text() == "" and panel.status.text().startswith("Answered in")
+    assert panel._turns[-1].texts == {1: "ok"} and panel._turns[-1].status == ""
+    assert fake.hits("POST", "/v1/volumes") == 1 and fake.hits("POST", "/v1/ask") == 2
+
+    agree[0] = False  # the next restart: this time the user does not allow sending the volume
+    assert panel.send("And the spleen?")
+    pump(app, lambda: not panel.busy, timeout=10)
+    assert len(consents) == 2 and fake.hits("POST", "/v1/volumes") == 1 and fake.hits("POST", "/v1/ask") == 3
+    assert panel.status.text() == "Failed." and panel._turns[-1].status == "error"
+    assert "no volume" in panel.error.text()
+    assert panel.send_button.isEnabled() and not panel.cancel_button.isEnabled()
+    pump(app, lambda: not panel._timer.isActive(), timeout=5)  # idle again: the timer stops
 
 
 def test_slice_range_after_an_engine_restart_sends_the_volume_again(app, engine, volume):

@@ -104,6 +104,30 @@ def test_answers_land_on_the_volume_the_question_was_about():
     assert session.suggestion_manager(other).suggestion_ids() == []
 
 
+def test_forgotten_volume_id_sends_the_bound_volume_again(url):
+    """Two volumes with the same voxels and geometry get one engine id; when the engine forgets it, the voxels to send
+    again are the bound volume's (its key then gets the new id), not the first volume that held the id."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = (np.arange(3 * 12 * 10).reshape(3, 12, 10) % 61).astype(np.int16)
+    first = make_volume(scene, voxels, np.diag([0.8, 0.8, 2.0, 1.0]), name="first")
+    twin = make_volume(scene, voxels, np.diag([0.8, 0.8, 2.0, 1.0]), name="twin")
+    shared = session.upload(first)
+    assert session.upload(twin) == shared  # the engine's id is a hash of voxels and geometry
+    session.bind(twin)  # the question that met "unknown_volume" was about the twin
+    again = session.forget_volume_id(shared)
+    assert again is not None and again.key == session.volume_key(twin) and again.key.startswith(f"{twin.GetID()}|")
+    np.testing.assert_array_equal(again.array, voxels)
+    assert not isinstance(session.volume_source(first), str)  # the stale id is gone from both
+    assert not isinstance(session.volume_source(twin), str)
+    session.bind(None)
+    session.upload(first)
+    session.upload(twin)
+    assert session.forget_volume_id(shared).key == session.volume_key(first)  # nothing bound: the first holder
+    session.stop_observing()
+
+
 def test_removed_volume_takes_its_state_and_late_answers_are_dropped():
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
@@ -138,6 +162,59 @@ def test_segments_sit_under_the_volume_transform_and_views_centre_on_regions():
     expected = (parent_to_world(node) @ oblique_matrix() @ region_ijk)[:3]
     for view in views.values():
         np.testing.assert_allclose(view_origin(view), expected, atol=1e-6)  # centred, not just moved along the normal
+
+
+def test_region_chip_centres_on_its_own_answer_and_volume():
+    """Audit F2: a chip names its question, plane and slice; clicking the chip of an older axial answer after a coronal
+    answer about the same slice number (and an answer on another volume) centres the views on the axial region."""
+    from MedSIGHTSlicerLib.chat_panel import RegionLink, parse_region_url
+    from MedSIGHTSlicerLib.qt_shim import qt
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    views = add_slice_views(scene)
+    first = make_volume(scene, np.zeros((40, 40, 40), np.int16), np.eye(4), name="first")
+    other = make_volume(scene, np.zeros((40, 40, 40), np.int16), oblique_matrix(), name="other")
+    put_under_transform(scene, other)
+
+    def answer(node, plane: str, axis: int, col: int, row: int, bbox) -> SliceAnswer:
+        matrix = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(matrix)
+        ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        mask = np.zeros((40, 40), bool)
+        mask[bbox[0]:bbox[2] + 1, bbox[1]:bbox[3] + 1] = True
+        region = Region("[M0_1]", "liver", 0, mask, 0.9, list(bbox))
+        return SliceAnswer(plane, 5, "x", [region], ijk_to_ras @ pixel_to_ijk(axis, 5, col, row))
+
+    # As the module's review list takes streamed answers: question 1 axial, 2 coronal, 3 axial on the other volume.
+    session.take_answer(first, answer(first, "axial", 2, 0, 1, (30, 30, 35, 35)), 1, "current", "q1")
+    session.take_answer(first, answer(first, "coronal", 1, 0, 2, (2, 2, 4, 4)), 2, "current", "q2")
+    session.take_answer(other, answer(other, "axial", 2, 0, 1, (10, 12, 14, 16)), 3, "current", "q3")
+
+    chip = parse_region_url(qt.QUrl(RegionLink(1, "axial", 5, 0).url()).toString())  # as anchorClicked gives it
+    assert session.jump_to_region_link(chip)
+    for view in views.values():
+        np.testing.assert_allclose(view_origin(view), [32.5, 32.5, 5.0], atol=1e-6)  # the axial region's centre
+    assert session.jump_to_region_link(RegionLink(2, "coronal", 5, 0))
+    np.testing.assert_allclose(view_origin(views["Red"]), [3.0, 5.0, 3.0], atol=1e-6)
+    assert session.jump_to_region_link(RegionLink(3, "axial", 5, 0))
+    expected = (parent_to_world(other) @ oblique_matrix() @ [14.0, 12.0, 5.0, 1.0])[:3]  # col 14, row 12
+    np.testing.assert_allclose(view_origin(views["Red"]), expected, atol=1e-6)
+    assert not session.jump_to_region_link(RegionLink(1, "coronal", 5, 0))  # question 1 said nothing coronal
+    scene.RemoveNode(other)
+    assert not session.jump_to_region_link(RegionLink(3, "axial", 5, 0))  # its volume is gone
+    session.stop_observing()
+
+
+def test_view_plane_follows_the_chosen_view():
+    """Audit F5 (module side): the plane the range boxes follow when another view is chosen."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, np.zeros((3, 32, 32), np.int16), np.diag([1.0, 1.0, 2.0, 1.0]), name="slab")
+    assert session.view_plane(node, "Yellow") is None  # no slice views in this scene yet
+    add_slice_views(scene)
+    assert [session.view_plane(node, name) for name in ("Red", "Yellow", "Green")] == ["axial", "sagittal", "coronal"]
+    session.stop_observing()
 
 
 def test_accept_all_and_export_lookup_add_no_empty_nodes():

@@ -160,7 +160,7 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
 
         manager = widget.logic.suggestion_manager(node)
         chips = [parse_region_url(link) for link in panel.region_links()]
-        if any(panel.region(*chip).mask.any() for chip in chips):
+        if any(panel.region(chip).mask.any() for chip in chips):
             self.assertTrue(manager.suggestion_ids(), "regions with voxels must become suggestions")
 
         # A second question must reuse the upload (the node's id is cached per node and voxel version).
