@@ -92,6 +92,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSIGHTSlicerLogic()
         self.logic.on_reset = self._scene_reset
+        self.logic.dicom_database = lambda: getattr(slicer, "dicomDatabase", None)
         # Our terminology context, so the segment editor's terminology picker knows every label we write.
         slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 

@@ -12,6 +12,7 @@ Needs ``highdicom`` (installed into Slicer on first use, after asking) and ``pyd
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +23,22 @@ from .geometry import ijk_to_ras, segment_array
 from .seg_writer import SegmentInfo, SegWriteError, order_sources, write_seg
 from .suggestions import TAG_MODEL, TAG_REGION_CODE, get_tag
 
-__all__ = ["INSTANCE_UIDS_ATTRIBUTE", "export_dicom_seg", "source_files"]
+__all__ = ["INSTANCE_UIDS_ATTRIBUTE", "MODALITY_TAG", "dicom_modality", "export_dicom_seg", "source_files"]
 
 #: The volume node attribute Slicer's DICOM scalar volume plugin sets: space-separated SOP Instance UIDs.
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+#: DICOM Modality, as Slicer's database names a tag (``ctkDICOMDatabase.instanceValue(uid, tag)``).
+MODALITY_TAG = "0008,0060"
+
+
+def dicom_modality(volume_node, database) -> str | None:
+    """The DICOM Modality (0008,0060: "CT", "MR", ...) of a volume loaded from DICOM, read through Slicer's DICOM
+    database; None for any other volume, or when the database cannot tell."""
+    uids = (volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if not uids or database is None:
+        return None
+    value = str(database.instanceValue(uids[0], MODALITY_TAG) or "").strip().upper()
+    return value if re.fullmatch(r"[A-Z0-9]{1,16}", value) else None
 
 
 def source_files(volume_node, database) -> list[Path]:

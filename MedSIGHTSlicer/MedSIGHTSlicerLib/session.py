@@ -23,6 +23,7 @@ import vtk
 from . import geometry, views
 from .chat_panel import RegionLink, VolumeData, guess_modality
 from .client import MedSIGHTClient
+from .dicom_seg import dicom_modality
 from .protocol import SliceAnswer
 
 __all__ = ["MedSIGHTSession", "volume_key"]
@@ -75,6 +76,9 @@ class MedSIGHTSession:
         self.on_reset = on_reset
         self._volumes: dict[str, _VolumeState] = {}
         self._bound: Any = None  # the volume of the question being answered
+        #: () -> Slicer's DICOM database (``slicer.dicomDatabase``) or None: a volume loaded from DICOM is sent with
+        #: its own Modality, so a CT that shows no air (cropped inside the body) still gets CT windowing.
+        self.dicom_database: Callable[[], Any] = lambda: None
         #: (ask serial, plane, slice) -> (volume, slice-to-RAS, region index -> bbox) of the panel's streamed answers:
         #: where a region chip centres the views. No masks: a long session asks about thousands of slices.
         self._asked: dict[tuple[int, str, int], tuple[Any, Any, dict[int, Any]]] = {}
@@ -165,7 +169,8 @@ class MedSIGHTSession:
         if key in state.upload_ids:
             return state.upload_ids[key]
         array, spacing, origin, direction = geometry.volume_upload_arrays(node)
-        modality = node.GetAttribute("MedSIGHT.Modality") or guess_modality(array)
+        modality = (node.GetAttribute("MedSIGHT.Modality") or dicom_modality(node, self.dicom_database())
+                    or guess_modality(array))
         return VolumeData(array, spacing, origin, direction, modality, key=key)
 
     def forget_volume_id(self, volume_id: str) -> VolumeData | None:

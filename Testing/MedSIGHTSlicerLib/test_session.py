@@ -246,3 +246,32 @@ def test_tags_with_separators_survive_a_seg_nrrd_reload(tmp_path):
     assert get_tag(segment, TAG_QUESTION) == question
     assert get_tag(segment, TAG_MODEL) == "demo: v1|b"
     assert get_tag(segment, TAG_LABEL) == "liver|x"
+
+
+class DicomDatabase:
+    """The one call of Slicer's ctkDICOMDatabase the session makes (slicer-core has no DICOM database)."""
+
+    def __init__(self, values: dict[tuple[str, str], str]) -> None:
+        self.values = values
+
+    def instanceValue(self, uid: str, tag: str) -> str:  # noqa: N802 (ctkDICOMDatabase's name)
+        return self.values.get((uid, tag), "")
+
+
+def test_a_volume_from_dicom_is_sent_with_its_own_modality():
+    """A CT cropped inside the body has no air, so its voxels alone look like MR (percentile window instead of the
+    CT window): its DICOM Modality decides."""
+    from MedSIGHTSlicerLib.dicom_seg import INSTANCE_UIDS_ATTRIBUTE, MODALITY_TAG
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, np.full((3, 8, 8), 40, np.int16), np.eye(4), name="cropped CT")
+    assert session.volume_source(node).modality == "MR"  # what the voxels alone suggest
+    node.SetAttribute(INSTANCE_UIDS_ATTRIBUTE, "1.2.3.1 1.2.3.2 1.2.3.3")
+    session.dicom_database = lambda: DicomDatabase({("1.2.3.1", MODALITY_TAG): "CT "})
+    assert session.volume_source(node).modality == "CT"
+    session.dicom_database = lambda: DicomDatabase({})  # the database no longer knows the series
+    assert session.volume_source(node).modality == "MR"
+    node.SetAttribute("MedSIGHT.Modality", "PT")  # set by a script: it wins
+    session.dicom_database = lambda: DicomDatabase({("1.2.3.1", MODALITY_TAG): "CT"})
+    assert session.volume_source(node).modality == "PT"
