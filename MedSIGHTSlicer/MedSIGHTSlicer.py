@@ -32,7 +32,7 @@ from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 from MedSIGHTSlicerLib.settings_page import ConnectionForm
-from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane
+from MedSIGHTSlicerLib.views import VIEW_NAMES
 
 MODEL_CARD_TIMEOUT_S = 10.0
 #: The README's Slicer section (the extension's homepage + its anchor).
@@ -301,7 +301,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is None:
             return None
         view = self.logic.current_view(node, self.ui.viewComboBox.currentText)
-        self.panel.plane = anatomical_plane(view)  # slice ranges and the whole volume go along the chosen view
+        plane = self.logic.view_plane(node, self.ui.viewComboBox.currentText)
+        if plane is not None:
+            self.panel.plane = plane  # slice ranges and the whole volume go along the chosen view
         return view
 
     def onExport(self) -> None:

@@ -292,7 +292,7 @@ class MedSIGHTSession:
         """The plane slice ranges and the whole volume of ``node`` are asked along when the view ``view_name`` is the
         chosen one (None: no such view, or ``node`` is under a warping transform)."""
         try:
-            return views.anatomical_plane(self.current_view(node, view_name))
+            return views.view_plane(self.current_view(node, view_name), geometry.ijk_to_ras(node))
         except ValueError:
             return None
 

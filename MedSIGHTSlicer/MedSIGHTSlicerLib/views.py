@@ -11,23 +11,42 @@ every layout, also those that show no Red view.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import vtk
 
 from .geometry import GeometryError, _matrix_to_numpy
 
-__all__ = ["VIEW_NAMES", "anatomical_plane", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
-           "view_in_volume_frame"]
+__all__ = ["PLANE_NORMALS", "VIEW_NAMES", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
+           "view_in_volume_frame", "view_plane"]
 
 #: The slice views a question can be about (their layout names).
 VIEW_NAMES = ("Red", "Yellow", "Green")
 
 
-def anatomical_plane(slice_to_ras) -> str:
-    """The anatomical plane ("axial", "coronal", "sagittal") closest to a view's plane: the plane a slice range or
-    the whole volume is asked along when that view is the chosen one."""
-    normal = np.abs(np.asarray(slice_to_ras, dtype=float)[:3, 2])
-    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+#: The anatomical planes and their RAS normals, in the engine's order (``medsight.imaging.slicing``: ``PLANES`` and
+#: the normals of its plane frames; Testing/test_contracts.py checks that both sides name a view's plane alike).
+PLANE_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
+
+
+def view_plane(view_to_ras, ijk_to_ras_matrix) -> str:
+    """The plane ("axial", "coronal", "sagittal") the engine answers a view with, for a volume with this IJKToRAS:
+    the plane a slice range or the whole volume is asked along when that view is the chosen one, so a range scrolls
+    the way the view does.
+
+    As the engine does: the volume's three array axes are named by the assignment to the three planes with the best
+    total alignment, and the view gets the axis nearest to its normal. On a double-oblique acquisition (a cardiac
+    short axis) that is not always the anatomical plane nearest to the view's normal.
+    """
+    axes = np.asarray(ijk_to_ras_matrix, dtype=float)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    normals = np.array(list(PLANE_NORMALS.values()))
+    best = max(itertools.permutations(range(3)),
+               key=lambda perm: sum(abs(axes[:, perm[n]] @ normals[n]) for n in range(3)))
+    normal = np.asarray(view_to_ras, dtype=float)[:3, 2]
+    closeness = {plane: abs(axes[:, best[n]] @ normal) for n, plane in enumerate(PLANE_NORMALS)}
+    return max(PLANE_NORMALS, key=lambda plane: closeness[plane])
 
 
 def slice_node(scene, view_name: str):

@@ -15,7 +15,7 @@ vtk = pytest.importorskip("vtk")
 from medsight_testing.mrml import make_volume, oblique_matrix  # noqa: E402
 from MedSIGHTSlicerLib.geometry import _matrix_to_numpy, ijk_to_ras  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
-from MedSIGHTSlicerLib.views import VIEW_NAMES, anatomical_plane, parent_to_world, slice_node  # noqa: E402
+from MedSIGHTSlicerLib.views import VIEW_NAMES, parent_to_world, slice_node, view_plane  # noqa: E402
 
 SHORT = {"max_new_tokens": 2, "seed": 0}
 STEP = 3  # MNI152 at 2 mm, every 3rd voxel: 6 mm voxels keep the uploads small
@@ -124,8 +124,8 @@ def check_views(scene, session, node, kind: str) -> None:
             assert angle < 1e-3, (name, fraction, angle)
             assert distance <= thickness / 2 + 1e-6, (name, fraction, distance, thickness)
             seen.add((answer.plane, answer.index))
-            if kind == "sagittal":  # views along the anatomical axes: ranges go along the same plane as the answer
-                assert anatomical_plane(session.current_view(node, name)) == answer.plane
+            # A slice range asked from this view goes along the plane the engine answered the view about.
+            assert view_plane(session.current_view(node, name), ijk_to_ras(node)) == answer.plane
             assert session.answer(node, answer.index, answer.plane) is answer
     assert len({plane for plane, _ in seen}) == 3  # Red, Yellow and Green each resolved to their own plane
     assert len(seen) == len(VIEW_NAMES) * len(FRACTIONS)
