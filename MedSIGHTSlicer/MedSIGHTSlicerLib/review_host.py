@@ -61,7 +61,12 @@ class ReviewHost:
         slicer.app.settingsDialog().addPanel("MedSIGHT", self._settings_panel)
 
     def set_shown(self, shown: bool) -> None:
+        """The module was entered or left: its keys follow, and on entering the colours follow Slicer's theme (which
+        may have changed meanwhile, in Application Settings > Appearance)."""
         self.module_keys.set_enabled(shown)
+        if shown:
+            self.panel.apply_palette()
+            self.list.apply_palette()
 
     def review(self, node: Any) -> review_lib.Review:
         """The review state (accept target, merge choice, Show 3D) of ``node``'s suggestions, kept per manager."""

@@ -13,7 +13,6 @@ rejected, undone or redone).
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +104,7 @@ class SuggestionList:
         self.message = qt.QLabel("")
         self.message.setObjectName("reviewMessageLabel")
         self.message.setWordWrap(True)
+        self.message.setTextFormat(qt.Qt.PlainText)  # segment names are the user's text: never read as HTML
         layout.addWidget(self.message)
 
         self.shortcuts = shortcuts.ShortcutSet(
@@ -126,8 +126,7 @@ class SuggestionList:
                 "toggle": self.toggle, "jump": self.jump, "edit": self.edit, "undo": self.undo, "redo": self.redo}
 
     def apply_palette(self) -> None:
-        """Re-read the colours after a theme change (the message line's colours come from the palette)."""
-        self._colours = theme.colours_of(self.widget)
+        """Re-colour the message line after a theme change (its colours come from the palette)."""
         self._show_message(prop(self.message, "text"), error=getattr(self, "_error_shown", False))
 
     # -- state -----------------------------------------------------------------------------------------------------
@@ -249,8 +248,8 @@ class SuggestionList:
     def _show_message(self, text: str, error: bool = False) -> None:
         self._error_shown = error
         self.message.setText(text)
-        colour = self._colours.error if error else self._colours.secondary
-        self.message.setStyleSheet(f"color: {colour};")
+        colours = theme.colours_of(self.widget)  # read now: Slicer's theme can change while the module is shown
+        self.message.setStyleSheet(f"color: {colours.error if error else colours.secondary};")
 
     def _run(self, action: Callable[[], Any], changed: bool = True) -> Any:
         """Run a review action; a refusal (edited since, gone, ...) is shown, never raised into Slicer."""
@@ -341,7 +340,7 @@ class SuggestionList:
         if selection is not None and self.on_edit is not None:
             self.on_edit(selection)
             self._show_message(
-                f"Correct '{html.escape(self.review.manager.suggestion(ids[0]).GetName())}' in the Segment "
+                f"Correct '{self.review.manager.suggestion(ids[0]).GetName()}' in the Segment "
                 "Editor, then come back and accept it."
             )
 

@@ -113,9 +113,8 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
         OUTPUTS.mkdir(parents=True, exist_ok=True)
         host.list.select([liver_id])
         for name, palette in (("light", qt.QPalette(app.style().standardPalette())), ("dark", dark_palette())):
-            window.setPalette(palette)
-            host.list.apply_palette()
-            panel.apply_palette()
+            window.setPalette(palette)  # Slicer's theme changed while another module was shown
+            host.set_shown(True)  # the module is entered again
             app.processEvents()
             colours = theme.colours_of(panel.conversation)
             assert colours.dark == (name == "dark")

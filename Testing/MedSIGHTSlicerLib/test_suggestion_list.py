@@ -248,3 +248,31 @@ def test_light_and_dark_palettes_are_legible_and_screenshotted(app, setup):
         pixel = qt.QColor(image.pixel(image.width() - 2, image.height() - 2))
         shots[name] = (pixel.red() + pixel.green() + pixel.blue()) / 3
     assert shots["light"] > 160 and shots["dark"] < 90
+
+
+def test_a_segment_name_shows_as_typed_in_the_message_line(app, setup):
+    """Names are the user's text (renamed in the Segment Editor): the message line shows them as typed, neither as
+    HTML entities nor as markup."""
+    panel, manager = setup["panel"], setup["manager"]
+    first = manager.suggestion_ids()[0]
+    name = "Patient's liver & <b>spleen</b>"
+    manager.suggestion(first).SetName(name)
+    panel.refresh()
+    panel.on_edit = lambda selection: None
+    panel.select([first])
+    panel.edit()
+    assert f"Correct '{name}'" in panel.message.text()
+    assert panel.message.textFormat() == qt.Qt.PlainText
+
+
+def test_the_message_line_follows_a_theme_change_while_shown(app, setup):
+    """Slicer's theme can change while the module is shown: the next message takes the new palette's colours."""
+    panel, host = setup["panel"], setup["host"]
+    host.setPalette(dark_palette())
+    app.processEvents()
+    panel.select(setup["manager"].suggestion_ids()[:1])
+    panel.accept()
+    colours = theme.colours_of(panel.widget)
+    assert colours.dark
+    assert colours.secondary in panel.message.styleSheet()
+    assert contrast(colours.secondary, colours.base) >= 4.5
