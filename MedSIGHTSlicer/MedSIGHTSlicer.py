@@ -301,9 +301,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is None:
             return None
         view = self.logic.current_view(node, self.ui.viewComboBox.currentText)
-        plane = self.logic.view_plane(node, self.ui.viewComboBox.currentText)
-        if plane is not None:
-            self.panel.plane = plane  # slice ranges and the whole volume go along the chosen view
+        self._view_changed()  # slice ranges and the whole volume go along the chosen view
         return view
 
     def onExport(self) -> None:

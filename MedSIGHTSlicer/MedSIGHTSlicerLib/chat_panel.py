@@ -35,7 +35,7 @@ import numpy as np
 
 from .client import MedSIGHTClient, MedSIGHTError
 from .jobs import Job, JobRunner
-from .protocol import Region, SliceAnswer
+from .protocol import PLANES, Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 from .theme import Colours, colours_of
 
@@ -52,7 +52,7 @@ FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
-_REGION_URL = re.compile(r"^region://([0-9.]+)/(axial|coronal|sagittal)/(\d+)/(\d+)/?$")
+_REGION_URL = re.compile(rf"^region://([0-9.]+)/({'|'.join(PLANES)})/(\d+)/(\d+)/?$")
 _HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
     "timeout": "The engine did not answer in time; it may be busy or overloaded.",

@@ -273,11 +273,11 @@ class SuggestionManager:
         import slicer
 
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        # By ID: while the volume's NodeRemovedEvent runs (``forget``), the reference no longer resolves to it.
+        volume_id = self.volume_node.GetID()
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
         for n in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(n)
-            # By ID: while the volume's NodeRemovedEvent runs (``forget``), the reference no longer resolves to it.
-            volume_id = self.volume_node.GetID()
             if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" and node.GetNodeReferenceID(role) == volume_id:
                 numbers = [int(m.group(1)) for sid in _segment_ids(node.GetSegmentation())
                            if (m := re.fullmatch(rf"{_ID_PREFIX}_(\d+).*", sid))]
@@ -297,22 +297,21 @@ class SuggestionManager:
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
         preferring one named "<volume> segmentation"."""
-        import slicer
-
         if self.user_node is not None and self.user_node.GetScene() is not None:
             return self.user_node
-        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-        candidates = []
-        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        for n in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(n)
-            if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" or not _holds_labelmaps(node):
-                continue
-            if node.GetNodeReference(role) is self.volume_node:
-                candidates.append(node)
         wanted = f"{self.volume_node.GetName()} segmentation"
-        candidates.sort(key=lambda node: node.GetName() != wanted)
+        candidates = sorted(self._accept_candidates(), key=lambda node: node.GetName() != wanted)
         return candidates[0] if candidates else None
+
+    def _accept_candidates(self) -> list:
+        """The segmentations suggestions may go into: labelmap-based, not a preview, referencing this volume."""
+        import slicer
+
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+        return [node for node in found if node.GetAttribute(PREVIEW_ATTRIBUTE) != "1" and _holds_labelmaps(node)
+                and node.GetNodeReference(role) is self.volume_node]
 
     def user_segmentation_node(self):
         """The user's segmentation of this volume, created (named "<volume> segmentation") if there is none."""
@@ -465,13 +464,15 @@ class SuggestionManager:
         preview = self.existing_preview_node()
         if preview is None:
             return []
-        return [sid for sid in _segment_ids(preview.GetSegmentation()) if sid.startswith(f"{_ID_PREFIX}_")]
+        return [sid for sid in _segment_ids(preview.GetSegmentation()) if _is_suggestion_id(sid)]
 
     def suggestion(self, segment_id: str):
         """The preview vtkSegment of a suggestion."""
-        if segment_id not in self.suggestion_ids():
+        preview = self.existing_preview_node()
+        segment = None if preview is None else preview.GetSegmentation().GetSegment(segment_id)
+        if segment is None or not _is_suggestion_id(segment_id):
             raise SuggestionError(f"no suggestion {segment_id!r}")
-        return self.preview_node.GetSegmentation().GetSegment(segment_id)
+        return segment
 
     def suggestion_mask(self, segment_id: str) -> np.ndarray:
         """A suggestion's voxels as a boolean (k, j, i) array."""
@@ -517,15 +518,8 @@ class SuggestionManager:
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
         the user's own (``find_user_node``) first."""
-        import slicer
-
-        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
-        found = [n for n in found if n.GetAttribute(PREVIEW_ATTRIBUTE) != "1" and _holds_labelmaps(n)]
-        found = [n for n in found if n.GetNodeReference(role) is self.volume_node]
         own = self.find_user_node()
-        return sorted(found, key=lambda node: node is not own)
+        return sorted(self._accept_candidates(), key=lambda node: node is not own)
 
     def _check_target(self, target, merge_into: str | None):
         if target is None:
@@ -706,6 +700,11 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
+
+
+def _is_suggestion_id(segment_id: str) -> bool:
+    """Ids this module gives suggestions; a segment the user drew in the preview has another (Slicer's "Segment_1")."""
+    return segment_id.startswith(f"{_ID_PREFIX}_")
 
 
 def _holds_labelmaps(node) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import vtk
 
 from .geometry import GeometryError, _matrix_to_numpy
+from .protocol import PLANES
 
 __all__ = ["PLANE_NORMALS", "VIEW_NAMES", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
            "view_in_volume_frame", "view_plane"]
@@ -27,7 +28,7 @@ VIEW_NAMES = ("Red", "Yellow", "Green")
 
 #: The anatomical planes and their RAS normals, in the engine's order (``medsight.imaging.slicing``: ``PLANES`` and
 #: the normals of its plane frames; Testing/test_contracts.py checks that both sides name a view's plane alike).
-PLANE_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
+PLANE_NORMALS = dict(zip(PLANES, ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))))
 
 
 def view_plane(view_to_ras, ijk_to_ras_matrix) -> str:
