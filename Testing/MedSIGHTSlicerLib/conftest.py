@@ -21,7 +21,7 @@ try:
 except ImportError:
     pass
 else:
-    from medsight_testing.mrml import register_segmentation_converters
+    from medsight_testing.review_scene import register_segmentation_converters
 
     register_segmentation_converters()
 

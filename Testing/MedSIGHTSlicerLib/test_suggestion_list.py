@@ -25,7 +25,6 @@ from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
     ct_voxels,
-    register_segmentation_converters,
     segment_ids,
     user_segmentation,
 )
@@ -53,7 +52,6 @@ def app():
 @pytest.fixture
 def setup(app, url):
     """A volume with two user segments in one shared layer, suggestions from 3 live asks, and the list on screen."""
-    register_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")

@@ -107,18 +107,3 @@ def put_under_transform(scene, node, translate=(30.0, -12.0, 8.0), rotate_z: flo
     transform.SetMatrixTransformToParent(motion.GetMatrix())
     node.SetAndObserveTransformNodeID(transform.GetID())
     return transform
-
-
-def register_segmentation_converters() -> None:
-    """The segmentation conversion rules Slicer's Segmentations module registers at start-up (slicer-core has none),
-    so closed surfaces ("Show 3D", surface-based segmentations) exist in tests as in the application."""
-    import slicer
-
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    if len(factory.GetConverterRules()):
-        return
-    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
-                 slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
-                 slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
-        factory.RegisterConverterRule(rule())

@@ -96,12 +96,16 @@ def paint(node, segment_id: str, stroke: np.ndarray, volume) -> None:
 
 
 def register_segmentation_converters() -> None:
-    """Register the labelmap <-> closed surface rules, as Slicer's Segmentations module does at start-up (slicer-core
-    leaves the factory empty). Segmentations copy the rules when they are created, so call this first."""
+    """Register the four conversion rules Slicer's Segmentations module registers at start-up (slicer-core leaves
+    the factory empty). Segmentations copy the rules when they are created, so the Slicer-side conftest calls this
+    before any test."""
     import slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     if factory.GetConverterRules():
         return
-    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                 slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+                 slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+        factory.RegisterConverterRule(rule())
