@@ -11,6 +11,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from medsight_testing.mrml import pixel_to_ijk, put_under_transform  # noqa: E402
+from medsight_testing.review_scene import segment_ids  # noqa: E402
 from MedSIGHTSlicerLib.geometry import GeometryError, ijk_to_ras, labelmap_from_array, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.review import Review  # noqa: E402
@@ -275,15 +276,10 @@ def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, vol
     assert manager.reject(ALL) == ids[:1] + ids[1:]
     np.testing.assert_array_equal(segment_array(manager.preview_node, drawn_id, volume), drawn)
     assert manager.undo()
-    assert sorted(manager.accept(ALL)) == sorted(segment_ids_of(manager.find_user_node()))
-    assert segment_ids_of(manager.preview_node) == [drawn_id]
+    assert sorted(manager.accept(ALL)) == sorted(segment_ids(manager.find_user_node()))
+    assert segment_ids(manager.preview_node) == [drawn_id]
     with pytest.raises(SuggestionError, match="no suggestion"):
         manager.accept(drawn_id)
-
-
-def segment_ids_of(node) -> list[str]:
-    segmentation = node.GetSegmentation()
-    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
 
 
 def world_points(node, segment_id: str) -> np.ndarray:
