@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+import ctk
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
@@ -31,7 +32,7 @@ from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
 from MedSIGHTSlicerLib.settings import ConnectionSettings
-from MedSIGHTSlicerLib.settings_page import ConnectionForm
+from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm
 from MedSIGHTSlicerLib.views import VIEW_NAMES
 
 MODEL_CARD_TIMEOUT_S = 10.0
@@ -70,6 +71,21 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
             f'See the <a href="{HELP_URL}">user guide</a> for starting the engine and connecting.'
         ) + review_shortcuts.help_html()
         self.parent.acknowledgementText = "Uses the MedSIGHT model (ICML 2026) through a local or remote engine."
+        # One settings page per Slicer session, in Application Settings from start-up on (see ApplicationSettings).
+        self.application_settings = ApplicationSettings(qt.QSettings)
+        slicer.app.connect("startupCompleted()", self.add_settings_page)
+
+    def add_settings_page(self) -> None:
+        """Application Settings > MedSIGHT; once (the widget calls it too, for a module loaded after start-up)."""
+        if not slicer.app.commandOptions().noMainWindow:
+            self.application_settings.add_page(_add_settings_panel)
+
+
+def _add_settings_panel(page_widget: qt.QWidget) -> ctk.ctkSettingsPanel:
+    panel = ctk.ctkSettingsPanel()
+    qt.QVBoxLayout(panel).addWidget(page_widget)
+    slicer.app.settingsDialog().addPanel("MedSIGHT", panel)
+    return panel
 
 
 class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
@@ -96,11 +112,14 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         # Our terminology context, so the segment editor's terminology picker knows every label we write.
         slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
-        self.settings = ConnectionSettings.load(qt.QSettings())
+        module = slicer.modules.MedSIGHTSlicerInstance
+        module.add_settings_page()
+        self.application_settings = module.application_settings
+        self.settings = self.application_settings.attach(lambda _: self._settings_changed())
         # The form saves URL and token; "Remember" changes only when the user toggles the box (see ConnectionForm).
         self.connection_form = ConnectionForm(self.settings, qt.QSettings(), self.ui.urlLineEdit,
                                               self.ui.tokenLineEdit, self.ui.rememberTokenCheckBox)
-        self.connection_form.on_saved = lambda _: self._settings_saved()
+        self.connection_form.on_saved = lambda _: self.application_settings.show_saved()
         for name in VIEW_NAMES:
             self.ui.viewComboBox.addItem(name)
 
@@ -139,8 +158,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self._volume_changed(self._node())
         self.ui.chatPanelPlaceholder.layout().addWidget(self.review_host.list.widget)
         self.ui.connectionCollapsibleButton.layout().addRow(self.review_host.engine_log.widget)
-        if not slicer.app.commandOptions().noMainWindow:
-            self.review_host.add_settings_page(self.settings, qt.QSettings(), lambda _: self._settings_changed())
 
     def enter(self) -> None:
         if getattr(self, "review_host", None) is not None:
@@ -170,10 +187,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     # -- connection ------------------------------------------------------------------------------------------
     def _save_settings(self) -> None:
         self.connection_form.save()  # the engine command and "stop on exit" come from the settings page
-
-    def _settings_saved(self) -> None:
-        if getattr(self, "review_host", None) is not None and self.review_host.settings_page is not None:
-            self.review_host.settings_page.load()
 
     def _settings_changed(self) -> None:
         """The settings page changed them (e.g. forgot the token): show that in the panel's fields."""

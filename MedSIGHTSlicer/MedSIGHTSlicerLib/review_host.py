@@ -1,6 +1,6 @@
-"""The review widgets put together for the Slicer module: suggestion list, module shortcuts, engine log and the
-settings page, wired to the chat panel. Keeps the module file thin; the Slicer-only calls (jump, Segment Editor,
-settings dialog) are the three small functions at the bottom.
+"""The review widgets put together for the Slicer module: suggestion list, module shortcuts and engine log, wired
+to the chat panel. Keeps the module file thin; the one Slicer-only call (open the Segment Editor) is the function
+at the bottom.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from . import review as review_lib
 from . import shortcuts
 from .engine_log import EngineLog
 from .qt_shim import qt
-from .settings_page import SettingsPage
 from .suggestion_list import SuggestionList
 
 __all__ = ["ReviewHost"]
@@ -43,22 +42,10 @@ class ReviewHost:
         )
         self.module_keys.set_enabled(False)  # enabled between the module's enter() and exit()
         self.engine_log = EngineLog()
-        self.settings_page: SettingsPage | None = None
         self._reviews: dict[int, review_lib.Review] = {}  # by id() of the volume's SuggestionManager
         panel.on_regions = self.take_answer  # suggestions appear slice by slice while an ask runs
         panel.on_answers = self.answers_done
         panel.on_error = self.engine_log.append_error
-
-    def add_settings_page(self, settings: Any, store: Any, on_changed: Callable[[Any], None]) -> None:
-        """Application Settings > MedSIGHT (Slicer only: needs ctk and the settings dialog)."""
-        import ctk
-        import slicer
-
-        self.settings_page = SettingsPage(settings, store)
-        self.settings_page.on_changed = on_changed
-        self._settings_panel = ctk.ctkSettingsPanel()  # referenced: the dialog does not own the Python wrapper
-        qt.QVBoxLayout(self._settings_panel).addWidget(self.settings_page.widget)
-        slicer.app.settingsDialog().addPanel("MedSIGHT", self._settings_panel)
 
     def set_shown(self, shown: bool) -> None:
         """The module was entered or left: its keys follow, and on entering the colours follow Slicer's theme (which
@@ -116,7 +103,6 @@ class ReviewHost:
     def close(self) -> None:
         self.module_keys.close()
         self.list.close()
-
 
 
 def open_in_segment_editor(selection: review_lib.EditorSelection) -> None:

@@ -6,8 +6,9 @@ Slicer, and the remote engines the user agreed to send images to (with a way to 
 saved at once through ``ConnectionSettings.save`` and reported to the host (``on_changed``), so the module and the
 page never disagree.
 
-In Slicer the host wraps ``page.widget`` in a ``ctk.ctkSettingsPanel`` and adds it with
-``slicer.app.settingsDialog().addPanel("MedSIGHT", panel)``; the tests use the widget directly (PySide6).
+In Slicer the module object owns one ``ApplicationSettings``: it adds the page to Application Settings once, at
+start-up, and each module widget Slicer makes (a developer's Reload makes another) attaches to it. The module file
+wraps ``page.widget`` in a ``ctk.ctkSettingsPanel``; the tests use the widget directly (PySide6).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from .qt_shim import connect, prop, qt
 from .settings import DEFAULT_SERVE_COMMAND, ConnectionSettings
 
-__all__ = ["ConnectionForm", "SettingsPage"]
+__all__ = ["ApplicationSettings", "ConnectionForm", "SettingsPage"]
 
 
 class ConnectionForm:
@@ -127,3 +128,45 @@ class SettingsPage:
         self.load()
         if self.on_changed is not None:
             self.on_changed(self.settings)
+
+
+class ApplicationSettings:
+    """The one ``ConnectionSettings`` and the one settings page of a Slicer session.
+
+    Slicer makes the module object once, at start-up, but its widget only when the module is first shown, and again
+    on a developer's Reload. A page added by each widget would be missing until the module was shown, and a Reload
+    would add a second page whose edits went to a widget already cleaned up. So the module object owns this: the page
+    is added once, and each widget ``attach``es, sharing the settings and becoming the one told of the page's edits.
+
+    Args:
+        store: () -> a QSettings-like store (a new one per use, as Slicer code does with ``qt.QSettings()``).
+    """
+
+    def __init__(self, store: Callable[[], Any]) -> None:
+        self.store = store
+        self.settings = ConnectionSettings.load(store())
+        self.page: SettingsPage | None = None
+        self.panel: Any = None  # what ``add_panel`` made of the page (kept: the dialog does not own the wrapper)
+        self._on_changed: Callable[[ConnectionSettings], None] | None = None
+
+    def add_page(self, add_panel: Callable[[Any], Any]) -> SettingsPage:
+        """Make the page and give its widget to ``add_panel`` (which puts it in the settings dialog); only once."""
+        if self.page is None:
+            self.page = SettingsPage(self.settings, self.store())
+            self.page.on_changed = self._page_changed
+            self.panel = add_panel(self.page.widget)
+        return self.page
+
+    def attach(self, on_changed: Callable[[ConnectionSettings], None]) -> ConnectionSettings:
+        """A new module widget: from now on the page's edits go to ``on_changed`` (not to an earlier widget)."""
+        self._on_changed = on_changed
+        return self.settings
+
+    def show_saved(self) -> None:
+        """The module saved the settings (URL, token, "Remember"): the page shows them."""
+        if self.page is not None:
+            self.page.load()
+
+    def _page_changed(self, settings: ConnectionSettings) -> None:
+        if self._on_changed is not None:
+            self._on_changed(settings)

@@ -13,7 +13,7 @@ import pytest
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
 from MedSIGHTSlicerLib.qt_shim import qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings
-from MedSIGHTSlicerLib.settings_page import ConnectionForm, SettingsPage
+from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage
 from MedSIGHTSlicerLib.theme import colours_of
 
 
@@ -91,12 +91,12 @@ def test_forgotten_token_stays_forgotten_until_remember_is_ticked_again(app):
     wires them: "Forget the remembered token" unticks "Remember", and the form's later saves (any URL edit, Slicer's
     exit) never write the token back; ticking "Remember" again does."""
     store = Store()
-    settings = ConnectionSettings()
+    shared = ApplicationSettings(lambda: store)
+    page = shared.add_page(lambda widget: None)
     url, token, remember = qt.QLineEdit(), qt.QLineEdit(), qt.QCheckBox("Remember")
-    form = ConnectionForm(settings, store, url, token, remember)
-    page = SettingsPage(settings, store)
-    page.on_changed = lambda _: form.load()  # MedSIGHTSlicerWidget._settings_changed
-    form.on_saved = lambda _: page.load()  # MedSIGHTSlicerWidget._settings_saved
+    form = ConnectionForm(shared.settings, store, url, token, remember)
+    settings = shared.attach(lambda _: form.load())  # MedSIGHTSlicerWidget.setup
+    form.on_saved = lambda _: shared.show_saved()
     try:
         token.setText("s3cret")
         remember.setChecked(True)  # the user ticks "Remember"
@@ -123,6 +123,31 @@ def test_forgotten_token_stays_forgotten_until_remember_is_ticked_again(app):
     finally:
         for widget in (url, token, remember, page.widget):
             widget.deleteLater()
+
+
+def test_one_settings_page_per_session_through_widget_reloads(app):
+    """The module object adds the page at start-up, before any widget exists; the first widget and one made by a
+    developer's Reload add none, share the one settings object, and the page's edits reach only the newest widget
+    (the first one is cleaned up by then)."""
+    store = Store({PREFIX + "serveCommand": "/opt/venv/bin/medsight serve"})
+    shared = ApplicationSettings(lambda: store)
+    added = []
+    page = shared.add_page(lambda widget: added.append(widget) or f"panel {len(added)}")
+    page.stop_on_exit.setChecked(not shared.settings.stop_engine_on_exit)  # an edit before any widget is fine
+    assert shared.panel == "panel 1" and shared.settings.serve_command == "/opt/venv/bin/medsight serve"
+
+    first, reloaded = [], []
+    for told in (first, reloaded):
+        assert shared.add_page(lambda widget: added.append(widget)) is page  # MedSIGHTSlicerWidget.setup
+        assert shared.attach(told.append) is shared.settings
+    page.forget_consents()
+    assert added == [page.widget] and shared.panel == "panel 1"
+    assert first == [] and reloaded == [shared.settings]
+
+    shared.settings.serve_command = "medsight serve --port 9000"  # the module saves a change of its own
+    shared.show_saved()
+    assert page.serve_command.text() == "medsight serve --port 9000"
+    page.widget.deleteLater()
 
 
 def test_engine_log_collapses_keeps_the_tail_and_colours_errors(app):
