@@ -398,7 +398,8 @@ def _runs_table(runs: Sequence[dict], this: dict) -> list[str]:
 
 
 def _folder_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
+    """The folder's size in MB (10**6 bytes, as the card and the README say MB)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
 
 
 def _targets_line(scores: dict) -> str:
@@ -469,7 +470,7 @@ def write_model_card(model_dir: Path, summary: dict) -> Path:
         "A final phase (`finish`) continues stage 5 at a lower learning rate on the same data plus copies cut down "
         "to their closed questions (`closed_question_items`). The official recipe has batch 1, labelled prompt "
         "markup, no weighting, no repeats and no finish phase.",
-        f"- Size: {_folder_mb(model_dir):.1f} MB (float32 safetensors, codebook included).",
+        f"- Size: {_folder_mb(model_dir):.1f} MB, the whole folder (float32 safetensors, codebook included).",
         "",
         "## Data",
         "",
