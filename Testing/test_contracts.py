@@ -75,6 +75,14 @@ def test_client_types_match_the_openapi_schema_field_by_field(client, server):
             assert name in required or "null" in _client_types(hints[name]) or server is schemas.Health, name
 
 
+def test_client_recognises_the_server_error_body_under_a_200():
+    """A job that fails after its 200 sends an ErrorBody: the client must tell it from an answer, and only it."""
+    body = schemas.ErrorBody(code="invalid_request", message="no").model_dump()
+    assert protocol.ErrorInfo.in_reply(body) == protocol.ErrorInfo("invalid_request", "no")
+    answer = {**body, **{name: None for name in schemas.AskResponse.model_fields}}
+    assert protocol.ErrorInfo.in_reply(answer) is None
+
+
 def test_server_rle_decodes_in_the_client():
     rng = np.random.default_rng(0)
     masks = [rng.random((7, 9)) > 0.5, np.ones((3, 4), bool), np.zeros((5, 2), bool), rng.random((1, 1)) > 0.5,

@@ -36,6 +36,7 @@ import numpy as np
 from .protocol import (
     AskResult,
     CancelResult,
+    ErrorInfo,
     Health,
     ModelCard,
     SSEParser,
@@ -62,7 +63,9 @@ class MedSIGHTError(Exception):
     """Any failure talking to the engine.
 
     Attributes:
-        status: the HTTP status, or None when no response came (connection refused, timeout, DNS, ...).
+        status: the HTTP status, or None when no response came (connection refused, timeout, DNS, ...). An ask
+            sends its status before its job runs, so a job that fails while running (a plain ask's error body, or a
+            stream's "error" event) raises with status 200 and the engine's own code and message.
         code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
             client's: "connection_error", "timeout", "bad_response", "stream_truncated", "http_<status>".
         message: what went wrong, for people.
@@ -464,6 +467,9 @@ class MedSIGHTClient:
             else:
                 if status < 300:
                     data = _parse_json(raw, status, url)
+                    failed = ErrorInfo.in_reply(data)
+                    if failed is not None:  # the job failed after its 200 went out: the engine's own error
+                        raise MedSIGHTError(failed.message, status=status, code=failed.code, body=data, url=url)
                     if parse is None:
                         return data
                     try:

@@ -66,6 +66,15 @@ class ErrorInfo:
         data = _require(data, "ErrorBody", "code", "message")
         return cls(code=str(data["code"]), message=str(data["message"]))
 
+    @classmethod
+    def in_reply(cls, data: Any) -> ErrorInfo | None:
+        """The error a successful reply's body reports, if it is exactly an error body: a plain ask's status 200
+        goes out before its job runs, so a job that fails sends ``{code, message}`` under that 200."""
+        exact = isinstance(data, Mapping) and set(data) == {"code", "message"}
+        if exact and isinstance(data["code"], str) and isinstance(data["message"], str):
+            return cls(code=data["code"], message=data["message"])
+        return None
+
 
 @dataclass(frozen=True)
 class Health:
@@ -129,7 +138,8 @@ class VolumeInfo:
     Attributes:
         volume_id: SHA-256 of the voxels and geometry; the same upload always gets the same id.
         shape: (k, j, i) voxels, or (1, H, W) for a 2D image.
-        slices: number of slices per plane, e.g. {"axial": 95, "coronal": 117, "sagittal": 99}.
+        slices: number of slices per plane, e.g. {"axial": 95, "coronal": 117, "sagittal": 99}; only the planes
+            that can be asked about (a 2D image has just the plane it lies in, e.g. {"axial": 1}).
         bytes: memory the engine uses for it.
     """
 

@@ -146,6 +146,16 @@ def test_error_body_becomes_medsight_error(fake):
     assert fake.hits("GET", "/v1/volumes/nope") == 1  # a 404 is not retried
 
 
+def test_error_body_under_200_is_the_engines_error(fake):
+    """A plain ask's 200 goes out before its job runs; a job that fails sends its error body under it."""
+    failure = {"code": "internal_error", "message": "the engine failed: RuntimeError"}
+    fake.add("POST", "/v1/ask", fake.reply(200, failure))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask("v", "q")
+    err = info.value
+    assert (err.status, err.code, err.message, err.body) == (200, "internal_error", failure["message"], failure)
+
+
 def test_non_json_error_body(fake):
     fake.add("POST", "/v1/ask", fake.reply(500, b"Internal Server Error", content_type="text/plain"))
     with pytest.raises(MedSIGHTError) as info:

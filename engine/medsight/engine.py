@@ -24,6 +24,7 @@ from medsight.feature_cache import CacheStats, FeatureCache, content_key
 from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
+from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
 from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
@@ -279,7 +280,24 @@ class Engine:
         if not questions or not questions[-1].strip():
             # A blank question still makes a prompt, and the model answers it with whatever it likes.
             raise ValueError("the question is empty; ask something about the image")
-        return tokenize_prompt(self.model.tokenizer, turns, num_images=1)
+        prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
+        # Checked here, before any image is encoded (the language model would refuse it only after).
+        length, limit = self.prompt_length(prompt), self.model.config.llm.max_sequence_length
+        if length > limit:
+            raise ValueError(f"the prompt is {length} embeddings long ({self.image_embeddings} of them the image's), "
+                             f"more than the model's {limit}; shorten the question or the conversation")
+        return prompt
+
+    @property
+    def image_embeddings(self) -> int:
+        """Embeddings one image adds to a prompt: its patch tokens and the perceiver's region tokens."""
+        config = self.model.config
+        return config.vision.num_patches + config.perceiver.num_queries
+
+    def prompt_length(self, prompt: Sequence[int]) -> int:
+        """Embeddings the language model sees for a tokenized prompt (each image placeholder becomes the image's)."""
+        images = sum(1 for token in prompt if token == IMAGE_TOKEN_INDEX)
+        return len(prompt) + images * (self.image_embeddings - 1)
 
     def _prepare(self, images: Sequence[np.ndarray] | VolumeSlices, image_options: ImageOptions) -> list[_Input]:
         """8-bit pixels of every requested slice -> model input, inverse transform and cache key."""

@@ -18,6 +18,7 @@ from medsight.imaging import (
     slice_at_ras,
     slice_count,
 )
+from medsight.imaging.slicing import check_sliceable, slice_planes
 
 # RAS directions the image columns and rows should follow (radiological display).
 EXPECT = {
@@ -117,3 +118,28 @@ def test_slice_errors(ct_series):
     s = extract_slice(vol, "axial", 0)
     with pytest.raises(ImagingError, match="does not match the axial slice"):
         s.paste(np.zeros(vol.shape), np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize(("direction", "plane"), [(np.eye(3), "axial"),
+                                                  (DIRECTIONS["sagittal_acquisition"], "sagittal")])
+def test_a_2d_image_has_only_the_plane_it_lies_in(direction, plane):
+    """Its other planes would be 1-voxel lines: refused by name, wherever slicing is asked for (CLI, engine, server)."""
+    image = Volume(np.zeros((1, 12, 10), np.float32), direction=direction, source="scan.png")
+    assert slice_planes(image) == (plane,)
+    assert slice_count(image, plane) == 1 and extract_slice(image, plane, 0).shape in ((12, 10), (10, 12))
+    for other in (p for p in PLANES if p != plane):
+        expected = rf"scan\.png: this volume \(1 x 12 x 10 voxels\) is a single 2D image: only the {plane} plane"
+        for call, args in ((slice_count, (image, other)), (extract_slice, (image, other, 0)),
+                           (iter_slices, (image, other))):
+            with pytest.raises(ImagingError, match=expected):
+                list(call(*args)) if call is iter_slices else call(*args)
+
+
+def test_a_line_of_voxels_has_no_plane():
+    line = Volume(np.zeros((1, 1, 10), np.float32))
+    assert slice_planes(line) == ()
+    with pytest.raises(ImagingError, match="no plane has slices"):
+        check_sliceable(line)
+    with pytest.raises(ImagingError, match=r"its axial slices would be 1 x 10 voxels"):
+        slice_count(line, "axial")
+    check_sliceable(Volume(np.zeros((1, 2, 2), np.float32)))  # a 2 x 2 image is enough

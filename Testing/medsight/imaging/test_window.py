@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
+from medsight.imaging.window import preset_window
 
 
 def test_ct_presets_on_real_ct(pydicom_files):
@@ -45,3 +46,22 @@ def test_rgb_passthrough_and_errors(dicom_store):
         to_rgb(np.zeros((4, 4)), "CT", preset="spine")
     with pytest.raises(ImagingError, match="both window center and width"):
         to_rgb(np.zeros((4, 4)), "CT", center=40)
+
+
+@pytest.mark.parametrize(("center", "width", "words"), [
+    (float("nan"), 400, "finite"), (40, float("inf"), "finite"), (1e300, 1e300, "beyond"),
+    (-1e35, 10, "beyond"),
+])
+def test_explicit_window_must_be_finite(center, width, words):
+    """NaN or infinite bounds used to make every pixel the same grey, silently."""
+    with pytest.raises(ImagingError, match=words):
+        to_rgb(np.zeros((4, 4)), "CT", center=center, width=width)
+
+
+def test_preset_window_is_the_one_rule_for_names_and_modalities():
+    assert preset_window("Lung", "ct") == CT_PRESETS["lung"]
+    assert preset_window("auto", "MR") is None
+    with pytest.raises(ImagingError, match="unknown window preset 'lungs'"):
+        preset_window("lungs", "CT")
+    with pytest.raises(ImagingError, match="needs CT, not MR"):
+        preset_window("bone", "MR")

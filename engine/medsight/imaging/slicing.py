@@ -154,15 +154,59 @@ def _check_plane(plane: str) -> str:
     return p
 
 
+def _has_slices(volume: Volume, layout: SliceLayout) -> bool:
+    """Whether the plane's slices are more than one voxel wide and high (else they are lines, not images)."""
+    size = volume.size_ijk
+    return size[layout.col_axis] > 1 and size[layout.row_axis] > 1
+
+
+def slice_planes(volume: Volume) -> tuple[str, ...]:
+    """The planes that can be asked about: those whose slices are at least 2 x 2 voxels.
+
+    A 2D image (one voxel thick) has only the plane it lies in; its other planes would cut it into 1-voxel lines.
+    """
+    layouts = plane_layouts(volume)
+    return tuple(p for p in PLANES if _has_slices(volume, layouts[p]))
+
+
+def _thin_volume(volume: Volume) -> str:
+    """What a volume that is one voxel thick along some axis is, for error messages."""
+    k, j, i = volume.shape
+    usable = slice_planes(volume)
+    if len(usable) == 1:  # one voxel thick along one axis: an image lying in that plane
+        kind = f"a single 2D image: only the {usable[0]} plane has slices"
+    else:
+        kind = "one voxel wide in two or more directions: no plane has slices"
+    return f"this volume ({k} x {j} x {i} voxels) is {kind}"
+
+
+def check_sliceable(volume: Volume) -> None:
+    """Raise ImagingError for a volume no plane of which has slices (a line of voxels)."""
+    if not slice_planes(volume):
+        raise ImagingError(_thin_volume(volume), volume.source)
+
+
+def _sliceable_layout(volume: Volume, plane: str) -> SliceLayout:
+    """The layout of a known plane whose slices are images; ImagingError naming the geometry otherwise."""
+    layout = plane_layouts(volume)[_check_plane(plane)]
+    if _has_slices(volume, layout):
+        return layout
+    size = volume.size_ijk
+    raise ImagingError(f"{_thin_volume(volume)}; its {layout.plane} slices would be {size[layout.row_axis]} x "
+                       f"{size[layout.col_axis]} voxels", volume.source)
+
+
 def slice_count(volume: Volume, plane: str) -> int:
-    """Number of slices of ``volume`` in ``plane``."""
-    return volume.size_ijk[plane_layouts(volume)[_check_plane(plane)].normal_axis]
+    """Number of slices of ``volume`` in ``plane``. Raises ImagingError for a plane whose slices would be one voxel
+    wide or high (a 2D image's coronal and sagittal planes): see `slice_planes`."""
+    return volume.size_ijk[_sliceable_layout(volume, plane).normal_axis]
 
 
 def extract_slice(volume: Volume, plane: str, index: int) -> Slice:
-    """Slice ``index`` (array index along the plane's axis) of ``volume`` in an anatomical plane."""
+    """Slice ``index`` (array index along the plane's axis) of ``volume`` in an anatomical plane (one of
+    `slice_planes`)."""
     plane = _check_plane(plane)
-    layout = plane_layouts(volume)[plane]
+    layout = _sliceable_layout(volume, plane)
     size = volume.size_ijk
     n = size[layout.normal_axis]
     if not 0 <= index < n:

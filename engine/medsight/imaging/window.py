@@ -49,6 +49,38 @@ def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT
     return Window((lo + hi) / 2, hi - lo)
 
 
+#: Preset names that ask for the percentile window of any modality.
+AUTO_PRESETS = ("auto", "percentile", "robust")
+#: Beyond this magnitude a window bound overflows the float32 arithmetic of `apply_window` (to inf, then NaN).
+MAX_WINDOW_VALUE = 1e30
+
+
+def explicit_window(center: float, width: float) -> Window:
+    """A window from a center and width; ImagingError unless both are finite and the width positive."""
+    window = Window(float(center), float(width))
+    if not (np.isfinite(window.center) and np.isfinite(window.width) and window.width > 0):
+        raise ImagingError(f"a window needs a finite center and a positive finite width, got center {center}, "
+                           f"width {width}")
+    if max(abs(window.low), abs(window.high)) > MAX_WINDOW_VALUE:
+        raise ImagingError(f"window {window.low:g}..{window.high:g} is beyond +-{MAX_WINDOW_VALUE:g}")
+    return window
+
+
+def preset_window(preset: str, modality: str) -> Window | None:
+    """The CT window a preset names, or None for a percentile preset ("auto").
+
+    Raises ImagingError for an unknown name, or a CT preset (Hounsfield units) on another modality.
+    """
+    key = preset.lower()
+    if key in AUTO_PRESETS:
+        return None
+    if key not in CT_PRESETS:
+        raise ImagingError(f"unknown window preset {preset!r}; known: {', '.join(CT_PRESETS)}, auto")
+    if modality.upper() != "CT":
+        raise ImagingError(f"preset {preset!r} is in Hounsfield units and needs CT, not {modality}")
+    return CT_PRESETS[key]
+
+
 def choose_window(
     values: np.ndarray,
     modality: str,
@@ -61,18 +93,9 @@ def choose_window(
     if (center is None) != (width is None):
         raise ImagingError("give both window center and width, or neither")
     if center is not None and width is not None:
-        if not width > 0:
-            raise ImagingError(f"window width must be positive, got {width}")
-        return Window(float(center), float(width))
+        return explicit_window(center, width)
     if preset is not None:
-        key = preset.lower()
-        if key in ("auto", "percentile", "robust"):
-            return robust_window(values, percentiles)
-        if key not in CT_PRESETS:
-            raise ImagingError(f"unknown window preset {preset!r}; known: {', '.join(CT_PRESETS)}, auto")
-        if modality.upper() != "CT":
-            raise ImagingError(f"preset {preset!r} is in Hounsfield units and needs CT, not {modality}")
-        return CT_PRESETS[key]
+        return preset_window(preset, modality) or robust_window(values, percentiles)
     if modality.upper() == "CT":
         return CT_PRESETS[DEFAULT_CT_PRESET]
     return robust_window(values, percentiles)

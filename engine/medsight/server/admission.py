@@ -42,10 +42,9 @@ class MemoryEstimate:
 
 
 def prompt_tokens(engine, messages) -> int:
-    """Tokens of the prompt the model sees for one slice: the conversation plus the image's tokens (an upper
-    bound: patches and the class token). Raises ValueError for a conversation the model cannot take."""
-    vision = engine.model.config.vision
-    return len(engine._prompt(messages)) + (vision.image_size // vision.patch_size) ** 2 + 1
+    """Embeddings of the prompt the model sees for one slice, the image's included, as the engine counts them.
+    Raises ValueError for a conversation the model cannot take (a too long one included)."""
+    return engine.prompt_length(engine._prompt(messages))
 
 
 def estimate_ask_memory(config, dtype: torch.dtype, slices: int, prompt_tokens: int, new_tokens: int,

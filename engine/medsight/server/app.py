@@ -17,7 +17,7 @@ import threading
 import time
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +26,8 @@ from starlette.requests import ClientDisconnect
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import PLANES, ImagingError, slice_count, slice_for_view
+from medsight.imaging import ImagingError, slice_count, slice_for_view
+from medsight.imaging.slicing import slice_planes
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
@@ -80,6 +81,22 @@ def _floats(text: str | None, n: int, name: str, default: tuple[float, ...]) -> 
     return values
 
 
+def _known_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare, or declares once and gets twice: a typo such as
+    `spaceing` would otherwise be ignored and the default used in its place, silently."""
+    route = request.scope.get("route")
+    known = {p.alias for p in route.dependant.query_params} if route is not None else set()
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise ApiError(422, "invalid_request", f"unknown query parameter(s): {', '.join(unknown)} (this endpoint "
+                       f"takes: {allowed})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ApiError(422, "invalid_request", f"query parameter(s) given more than once: {', '.join(repeated)}")
+
+
 def create_app(
     engine: Engine,
     token: str | None = None,
@@ -122,6 +139,7 @@ def create_app(
 
     app = FastAPI(
         lifespan=lifespan,
+        dependencies=[Depends(_known_query)],
         title="MedSIGHT engine",
         version=__version__,
         description="Answers and segmentation masks for questions about medical images. Not for clinical use.",
@@ -197,7 +215,7 @@ def create_app(
             raise ApiError(404, "unknown_volume", f"no volume {volume_id!r} (never uploaded, or evicted)")
         return schemas.VolumeInfo(
             volume_id=volume_id, shape=list(volume.array.shape[:3]), modality=volume.modality,
-            slices={p: slice_count(volume, p) for p in PLANES}, bytes=int(volume.array.nbytes),
+            slices={p: slice_count(volume, p) for p in slice_planes(volume)}, bytes=int(volume.array.nbytes),
         )
 
     @app.post("/v1/volumes", response_model=schemas.VolumeInfo, status_code=201)
@@ -249,7 +267,7 @@ def create_app(
         if volume is None:
             raise ApiError(422, "unknown_volume", f"no volume {req.volume_id!r}: upload it first (or again)")
         try:
-            win = convert.window(req.window)
+            win = convert.window(req.window, volume.modality)
         except ValueError as err:
             raise ApiError(422, "invalid_window", str(err)) from None
         plane, indices = req.slices.plane, list(req.slices.indices)

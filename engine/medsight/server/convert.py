@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medsight.engine import EngineAnswer, SliceAnswer, SliceRegion
 from medsight.imaging import Window
+from medsight.imaging.window import explicit_window, preset_window
 from medsight.model.generation import GenerationOptions
 from medsight.model.medsight import ImageOptions
 from medsight.server import schemas
@@ -28,13 +29,23 @@ def image_options(options: schemas.AskOptions) -> ImageOptions:
     return ImageOptions(resize_mode=options.resize_mode)
 
 
-def window(spec: schemas.WindowIn | None) -> str | Window | None:
+def window(spec: schemas.WindowIn | None, modality: str) -> str | Window | None:
+    """The engine's window for an ask about a volume of `modality`, checked by the engine's own rules (preset
+    names, which modalities a preset fits, finite values) so a bad window is refused before the job starts.
+    Raises ValueError (ImagingError) naming the problem."""
     if spec is None:
         return None
-    if spec.center is not None and spec.width is not None:
-        return Window(spec.center, spec.width)
-    if spec.center is not None or spec.width is not None:
-        raise ValueError("a window needs both center and width (or a preset name)")
+    explicit = spec.center is not None or spec.width is not None
+    if explicit and spec.preset is not None:
+        # The engine would silently prefer center/width: refuse the ambiguous request instead.
+        raise ValueError(f"give a window preset or a center and width, not both (got preset {spec.preset!r}, "
+                         f"center {spec.center}, width {spec.width})")
+    if explicit:
+        if spec.center is None or spec.width is None:
+            raise ValueError("a window needs both center and width (or a preset name)")
+        return explicit_window(spec.center, spec.width)
+    if spec.preset is not None:
+        preset_window(spec.preset, modality)
     return spec.preset
 
 

@@ -10,6 +10,8 @@ from medsight.imaging import PLANES
 from medsight.model.generation import DEFAULT_MAX_NEW_TOKENS
 
 Plane = Literal[PLANES]  # the engine's one list of planes (medsight.imaging.slicing)
+#: The seeds torch's generator takes (a 64-bit integer, signed or not); beyond them the job would fail after its 200.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class Strict(BaseModel):
@@ -50,7 +52,8 @@ class VolumeInfo(Strict):
     volume_id: str
     shape: list[int] = Field(description="(k, j, i) voxels, or (1, H, W) for a 2D image")
     modality: str
-    slices: dict[str, int] = Field(description="number of slices per plane")
+    slices: dict[str, int] = Field(description="number of slices per plane, for the planes that can be asked about "
+                                   "(a 2D image: only the plane it lies in)")
     bytes: int
 
 
@@ -63,8 +66,8 @@ class WindowIn(Strict):
     """Display window for 8-bit conversion: a CT preset name, or an explicit centre and width."""
 
     preset: str | None = None
-    center: float | None = None
-    width: float | None = Field(default=None, gt=0)
+    center: float | None = Field(default=None, allow_inf_nan=False)
+    width: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class AskOptions(Strict):
@@ -74,7 +77,7 @@ class AskOptions(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
     repetition_penalty: float = Field(default=1.2, gt=0, le=10)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     resize_mode: Literal["letterbox", "crop"] = "letterbox"
     hidden_state_position: Literal["before", "at"] | None = None  # None: the model's own default
     no_code_fallback: bool = False

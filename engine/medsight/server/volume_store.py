@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsight.imaging import ImagingError, Volume
+from medsight.imaging.slicing import check_sliceable
 from medsight.imaging.volume import check_geometry, check_size, check_voxels
 
 _ALLOWED_KINDS = "iuf"  # signed, unsigned, float: no booleans (a mask is not an image), objects, strings, complex
@@ -70,8 +71,17 @@ def read_npy_header(prefix: bytes | bytearray, max_voxels: int) -> NpyHeader | N
         raise ImagingError(f"unsupported array dtype {dtype} (need integers or floats)", "upload")
     if len(shape) not in (2, 3, 4):
         raise ImagingError(f"an upload must be a 2D image or a (k, j, i) volume, got shape {shape}", "upload")
+    _check_dimensions(shape)
     check_size(shape, "upload", max_voxels)
     return NpyHeader(tuple(int(n) for n in shape), dtype, bool(fortran), offset)
+
+
+def _check_dimensions(shape: tuple[int, ...]) -> None:
+    """numpy's header parser takes any integers: a negative size would make the byte count (and the array) wrong."""
+    if any(n < 0 for n in shape):
+        raise ImagingError(f"the .npy header declares shape {shape}, with a negative dimension", "upload")
+    if any(n == 0 for n in shape):
+        raise ImagingError(f"the .npy header declares shape {shape}: an empty image", "upload")
 
 
 def array_from_npy(header: NpyHeader, body: bytearray) -> np.ndarray:
@@ -95,7 +105,9 @@ def volume_from_upload(
         array = array[None]
     check_geometry(spacing, origin, direction, "upload")
     check_voxels(array, "upload")
-    return Volume(array, spacing=spacing, origin=origin, direction=direction, modality=modality.upper())
+    volume = Volume(array, spacing=spacing, origin=origin, direction=direction, modality=modality.upper())
+    check_sliceable(volume)  # e.g. (1, 1, W): a line of voxels, nothing to ask about
+    return volume
 
 
 def volume_id(volume: Volume) -> str:
