@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import nibabel as nib
+import numpy as np
+import pydicom.data
 import pytest
+import torch
 from nilearn.datasets import load_mni152_template
+from PIL import Image
 
 from medsight.cli import main, parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
@@ -72,6 +80,15 @@ def test_parse_slices():
         parse_slices("a-b", 9)
 
 
+def test_slice_range_reaching_outside_the_plane_is_refused():
+    """Python slicing clipped '180:300' on 189 slices to 180..188 (and took '-3:' as the last three)."""
+    assert parse_slices("180:189", 189) == list(range(180, 189))
+    assert parse_slices(":2", 189) == [0, 1]
+    for spec in ("180:300", "-3:", "5:5"):
+        with pytest.raises(ValueError, match=r"outside 0\.\.188"):
+            parse_slices(spec, 189)
+
+
 def test_errors_are_one_line_with_exit_code_2(mni_path, tmp_path, capsys):
     assert main(["ask", str(tmp_path / "missing.nii"), "q"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -108,3 +125,160 @@ def test_findings_group_name_and_code_as_the_slicer_module_does():
     assert (liver.name, liver.region_code, liver.terminology.type.value) == ("Liver", "[M0_1]", "10200004")
     assert _segment(2, findings["[M0_9]"], [liver.color]).name == "[M0_9]"
     assert _segment(2, findings["[M0_9]"], [liver.color]).color != liver.color
+
+
+# -- outputs, messages and refusals ---------------------------------------------------------------------------------
+
+Q = "Please segment the white matter."
+TINY = ["--model", "tiny", "--max-new-tokens", "6", "--device", "cpu"]
+# A model that cannot load: a check that must come before the model shows its own message, not this one's.
+NO_MODEL = ["--model", "/no/such/model/folder", "--device", "cpu"]
+PYDICOM_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+
+
+@pytest.fixture
+def brain(mni_path, tmp_path) -> Path:
+    """A copy of the MNI volume beside a BIDS-style sidecar the user wrote."""
+    path = tmp_path / "data" / "brain.nii.gz"
+    path.parent.mkdir()
+    shutil.copy(mni_path, path)
+    path.with_name("brain.json").write_text('{"RepetitionTime": 2.0}')
+    return path
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_outputs_never_replace_the_input(brain, tmp_path, capsys):
+    before = brain.read_bytes()
+    os.link(brain, tmp_path / "link.nii.gz")
+    for out in (brain, tmp_path / "data" / ".." / "data" / "brain.nii.gz", tmp_path / "link.nii.gz"):
+        for overwrite in ([], ["--overwrite"]):  # not even with --overwrite
+            assert main(["ask", str(brain), Q, "--out", str(out), *overwrite, *NO_MODEL]) == 2
+            assert f"--out {out} is the input" in _err(capsys)
+    picture = tmp_path / "xray.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(picture)
+    picture_bytes = picture.read_bytes()
+    assert main(["ask", str(picture), Q, "--overlay", str(picture), "--overwrite", *NO_MODEL]) == 2
+    assert "--overlay" in _err(capsys)
+    series = shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N", tmp_path / "ct")
+    assert main(["ask", str(series), Q, "--out", str(series / "seg.dcm"), *NO_MODEL]) == 2
+    assert "is inside the input" in _err(capsys)
+    assert brain.read_bytes() == before and picture.read_bytes() == picture_bytes
+    assert not (series / "seg.dcm").exists()
+
+
+def test_existing_outputs_are_kept_unless_overwrite(brain, tmp_path, capsys):
+    """The user's brain.json next to --out brain.nii is a sidecar we would write: refused like the file itself."""
+    sidecar_owner = brain.with_name("brain.nii")
+    assert main(["ask", str(brain), Q, "--out", str(sidecar_owner), *NO_MODEL]) == 2
+    assert "its labels sidecar" in _err(capsys) and brain.with_name("brain.json").read_text().startswith('{"Rep')
+    out, overlay = tmp_path / "old.seg.nrrd", tmp_path / "old.png"
+    out.write_text("keep me")
+    overlay.write_text("keep me too")
+    for option, path in (("--out", out), ("--overlay", overlay)):
+        assert main(["ask", str(brain), Q, option, str(path), *NO_MODEL]) == 2
+        assert f"{option} {path} already exists: pass --overwrite" in _err(capsys)
+    assert out.read_text() == "keep me" and overlay.read_text() == "keep me too"
+    assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), "--overwrite", *TINY]) == 0
+    assert read_seg_nrrd(out).labelmap.any() and Image.open(overlay).format == "PNG"
+
+
+def test_missing_output_folders_are_created(brain, tmp_path):
+    out, overlay = tmp_path / "a" / "b" / "wm.seg.nrrd", tmp_path / "c" / "ov.png"
+    assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), *TINY]) == 0
+    assert out.is_file() and overlay.is_file()
+
+
+def _unwritable(folder: str) -> bool:
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_bad_output_paths_fail_before_the_model_naming_the_option(brain, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "folder.seg.nrrd").mkdir()
+    picture = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(picture)
+    cases = [
+        (["--out", str(tmp_path / "x.dcm")], "--out", "needs an input read from DICOM images"),
+        (["--overlay", str(tmp_path / "ov.jpg")], "--overlay", "ending in .png"),
+        (["--overlay", str(tmp_path / "folder.png")], "--overlay", "is a folder"),
+        (["--out", str(tmp_path / "folder.seg.nrrd")], "--out", "is a folder"),
+        (["--overlay", str(picture / "ov.png")], "--overlay", "is a file, not a folder"),
+    ]
+    if _unwritable("/sys"):  # sysfs refuses new files, even to root
+        cases.append((["--overlay", "/sys/ov.png"], "--overlay", "cannot create files in /sys"))
+    for extra, option, problem in cases:
+        assert main(["ask", str(brain), Q, *extra, *NO_MODEL]) == 2, extra
+        err = _err(capsys)
+        assert err.startswith(f"medsight: error: {option} ") and problem in err, err
+
+
+def test_answers_are_printed_when_a_write_fails(brain, tmp_path, capsys):
+    """The demo model finds no white matter on the first slices: --out has nothing to write, after the answers."""
+    out, overlay = tmp_path / "wm.seg.nrrd", tmp_path / "ov.png"
+    args = ["ask", str(brain), Q, "--slices", "0:2", "--device", "cpu", "--max-new-tokens", "24", "--out", str(out)]
+    assert main([*args, "--json", "--overlay", str(overlay)]) == 2
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert [s["index"] for s in result["slices"]] == [0, 1] and result["regions"] == []
+    assert result["out"] is None and result["overlay"] == str(overlay) and overlay.is_file()
+    assert result["errors"] == [f"--out {out} not written: the answer has no regions: nothing to write"]
+    assert result["errors"][0] in captured.err and not out.exists()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("[axial slice 0] ") and "[axial slice 1] " in captured.out
+    assert "not written" in captured.err
+
+
+def test_clear_errors_instead_of_tracebacks(brain, tmp_path, capsys):
+    assert main(["ask", str(brain), Q, "--model", "tiny", "--device", "gpu"]) == 2
+    assert "device 'gpu' is not a device name: use cpu, cuda" in _err(capsys)
+    if not torch.cuda.is_available():
+        assert main(["ask", str(brain), Q, "--model", "tiny", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in _err(capsys)
+    (tmp_path / "audit").mkdir()
+    assert main(["serve", "--model", "tiny", "--audit", str(tmp_path / "audit")]) == 2
+    assert f"--audit {tmp_path / 'audit'}" in _err(capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "99999"])
+    assert exit_info.value.code == 2 and "outside 1..65535" in _err(capsys)
+    assert main(["export-onnx", "--out", str(brain)]) == 2
+    assert f"--out {brain} is a file" in _err(capsys)
+
+
+def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["export-onnx", "--model", "tiny", "--out", str(tmp_path)]) == 2
+    assert "already holds manifest.json: pass --overwrite" in _err(capsys)
+    assert (tmp_path / "manifest.json").read_text() == "{}"
+
+
+def test_vision_file_is_refused_for_a_model_that_ignores_it(brain, capsys):
+    assert main(["ask", str(brain), Q, "--vision-file", "nofile.pt", *TINY]) == 2
+    assert "--model tiny does not use a vision file" in _err(capsys)
+
+
+def test_series_is_refused_for_an_input_that_is_not_a_dicom_folder(brain, capsys):
+    assert main(["ask", str(brain), Q, "--series", "1.2.3", *TINY]) == 2
+    assert "--series 1.2.3: only a DICOM folder holds several series" in _err(capsys)
+
+
+def test_dicom_messages_speak_of_the_command_line(capsys):
+    import data_store  # pydicom-data: a real DICOM SEG
+
+    folder = PYDICOM_FILES / "dicomdirtests" / "98892003" / "MR2"
+    assert main(["ask", str(folder), Q, *NO_MODEL]) == 2
+    err = _err(capsys)
+    assert "3 series found; choose one with --series" in err and "series_uid" not in err
+    seg = Path(data_store.__file__).parent / "data" / "liver.dcm"
+    for path, kind in ((PYDICOM_FILES / "rtstruct.dcm", "RT Structure Set Storage"), (seg, "a DICOM SEG")):
+        assert main(["ask", str(path), Q, *NO_MODEL]) == 2
+        err = _err(capsys)
+        assert kind in err and "not an image: medsight ask needs an image" in err, err
+        assert "force=True" not in err and "read_dicom_seg" not in err

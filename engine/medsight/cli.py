@@ -8,8 +8,10 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from medsight.imaging import PLANES
+from medsight.output_paths import check_export_folder, check_output
 
 VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
                     "Hugging Face Hub (downloaded once into its cache)")
@@ -26,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
     ask.add_argument("--vision-file", help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES, default="axial")
-    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice)")
-    ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9', all within the plane "
+                     "(default: the middle slice)")
+    ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
     ask.add_argument("--modality", help="override the modality (CT, MR, US, ...)")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
@@ -35,15 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
     ask.add_argument("--batch", type=int, default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ JSON labels), .dcm")
-    ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this PNG")
-    ask.add_argument("--json", action="store_true", help="print one JSON object (answer, regions, slices)")
+    ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json labels "
+                     "sidecar), .dcm (DICOM input only); never the input; missing folders are created")
+    ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this .png")
+    ask.add_argument("--overwrite", action="store_true",
+                     help="replace existing --out (and its sidecar) and --overlay files (else they are refused)")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
+                     "when a write failed) and errors (one message per output not written)")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     serve.add_argument("--vision-file", help=VISION_FILE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=_port, default=8765, help="1..65535 (default 8765)")
     serve.add_argument("--token-file", help="file holding the bearer token clients must send (needed for any "
                        "non-loopback host); or set MEDSIGHT_TOKEN. Never on the command line: others can read it")
     serve.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: visible in the process list
@@ -83,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
     onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
     onnx.add_argument("--vision-file", help=VISION_FILE_HELP)
-    onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json")
+    onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json (created if "
+                      "missing)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace the graphs and manifest the folder holds")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
 
@@ -111,8 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port (the server would fail with a traceback on one outside 1..65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
+    return port
+
+
 def parse_slices(spec: str | None, count: int) -> list[int]:
-    """'all', 'a:b' (Python range, b excluded), '3,7,9' or one index -> sorted unique indices."""
+    """'all', 'a:b' (b excluded; a defaults to 0, b to the count), '3,7,9' or one index -> sorted unique indices.
+
+    A range reaching outside 0..count is refused like a list: Python's slicing would silently clip it."""
     if spec is None:
         return [count // 2]
     spec = spec.strip()
@@ -120,8 +143,10 @@ def parse_slices(spec: str | None, count: int) -> list[int]:
         if spec == "all":
             indices = list(range(count))
         elif ":" in spec:
-            start, stop = (int(x) if x else None for x in spec.split(":", 1))
-            indices = list(range(count))[slice(start, stop)]
+            first, last = spec.split(":", 1)
+            start, stop = int(first) if first.strip() else 0, int(last) if last.strip() else count
+            # Not Python's slicing, which clips: one index past the plane stays in, so the check below sees it.
+            indices = list(range(max(start, -1), min(stop, count + 1)))
         else:
             indices = [int(x) for x in spec.split(",")]
     except ValueError:
@@ -162,7 +187,7 @@ def _write_segmentation(path: str, volume, answers) -> None:
 
     findings = _findings(answers)
     if not findings:
-        raise ValueError(f"the answer has no regions: nothing to write to {path}")
+        raise ValueError("the answer has no regions: nothing to write")
     builder, used = SegmentationBuilder(volume), []
     for value, pairs in enumerate(findings.values(), start=1):
         segment = _segment(value, pairs, used)
@@ -173,18 +198,34 @@ def _write_segmentation(path: str, volume, answers) -> None:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    from medsight.imaging import slice_count
+
+    _check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
+    _check_vision_file(args)
+    volume = _read_input(args)
+    indices = parse_slices(args.slices, slice_count(volume, args.plane))
+    answers = _answers(args, volume, indices)
+    if not args.json:
+        _print_answers(args, answers)  # before writing: a failed write must not lose them
+    written, errors = _write_outputs(args, volume, answers)
+    if args.json:
+        _print_json(args, answers, written, errors)
+    else:
+        for name, path in written.items():
+            if path:
+                print(f"{'segmentation' if name == 'out' else name} written to {path}")
+    for error in errors:
+        print(f"medsight: error: {error}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
     from tqdm import tqdm
 
     import medsight
     from medsight.engine import VolumeSlices
-    from medsight.imaging import read_volume, slice_count, writer_for
     from medsight.model.medsight import ImageOptions
-    from medsight.overlay import save_overlay
 
-    if args.out:
-        writer_for(args.out)  # an unknown format fails before the model runs
-    volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
-    indices = parse_slices(args.slices, slice_count(volume, args.plane))
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
                                   adapter=args.adapter)
@@ -202,40 +243,131 @@ def _ask(args: argparse.Namespace) -> int:
                                 options, image_options)
             answers.extend(result.answers)
             bar.update(len(chunk))
+    return answers
+
+
+def _read_input(args: argparse.Namespace):
+    """The input volume, with the reader's Python-API advice put in command-line terms; --series and a .dcm --out
+    are checked against what was read."""
+    from medsight.imaging import read_volume
+    from medsight.imaging.export import check_reference
+    from medsight.imaging.read_dicom import NotAnImageError, SeriesChoiceError, series_listing
+
+    try:
+        volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
+    except SeriesChoiceError as err:
+        raise ValueError(f"{err.path}: {len(err.series)} series found; choose one with --series:\n  "
+                         f"{series_listing(err.series)}") from None
+    except NotAnImageError as err:
+        raise ValueError(f"{err.path}: {err.kind}, not an image: medsight ask needs an image (DICOM image file or "
+                         "series folder, NIfTI, NRRD, PNG/JPG/TIFF)") from None
+    if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
+        what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
+        raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")
     if args.out:
-        _write_segmentation(args.out, volume, answers)
+        _named("--out", check_reference, args.out, volume)
+    return volume
+
+
+def _check_ask_outputs(args: argparse.Namespace) -> None:
+    """--out (and a NIfTI's sidecar) and --overlay: known format, not an input, not kept files, writable."""
+    from medsight.imaging import writer_for
+    from medsight.imaging.export_nifti import sidecar_path
+
+    if args.out:
+        _named("--out", writer_for, args.out)  # an unknown format fails before the model runs
+        check_output(args.out, "--out", args.path, args.overwrite)
+        if args.out.lower().endswith((".nii", ".nii.gz")):
+            check_output(sidecar_path(args.out), f"--out {args.out}: its labels sidecar", args.path, args.overwrite)
     if args.overlay:
-        from medsight.imaging import to_rgb
-
-        shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
-        rgb = to_rgb(shown.slice.pixels, volume.modality, preset=args.window, window_from=volume.array)
-        save_overlay(args.overlay, rgb, shown.regions)
-    _report(args, answers)
-    return 0
+        if not args.overlay.lower().endswith(".png"):
+            raise ValueError(f"--overlay {args.overlay}: the overlay is a PNG; give a file name ending in .png")
+        check_output(args.overlay, "--overlay", args.path, args.overwrite)
 
 
-def _report(args: argparse.Namespace, answers) -> None:
-    def region_json(r) -> dict:
-        return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
-                "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
+def _named(option: str, check, path: str, *more) -> None:
+    """Run an imaging check on an output path; its ImagingError is reworded to name the option."""
+    from medsight.imaging import ImagingError
 
-    if args.json:
-        main_answer = answers[len(answers) // 2] if len(answers) > 1 else answers[0]
-        print(json.dumps({
-            "answer": main_answer.text,
-            "regions": [region_json(r) for a in answers for r in a.regions],
-            "slices": [{"plane": args.plane, "index": a.slice_index, "answer": a.text} for a in answers],
-            "out": args.out,
-            "overlay": args.overlay,
-        }))
+    try:
+        check(path, *more)
+    except ImagingError as err:
+        raise ValueError(f"{option} {path}: {err.problem}") from None
+
+
+def _check_vision_file(args: argparse.Namespace) -> None:
+    """load_model reads a vision file only for a model in the official release layout: refuse one it would ignore."""
+    if not args.vision_file:
         return
+    from medsight.config import PRESETS
+    from medsight.model.checkpoints import CONFIG_FILE
+    from medsight.model.loading import EMBEDDED
+
+    model = str(args.model)
+    if model in EMBEDDED or model in PRESETS or (Path(model).expanduser() / CONFIG_FILE).is_file():
+        raise ValueError(f"--vision-file {args.vision_file}: --model {model} does not use a vision file (only a "
+                         "model in the official release layout does)")
+
+
+def _write_outputs(args: argparse.Namespace, volume, answers) -> tuple[dict[str, str | None], list[str]]:
+    """Write --out and --overlay; returns each one's path (None when not written) and the errors of those that
+    failed, so that one failed write neither loses the answers nor stops the other output."""
+    written: dict[str, str | None] = {}
+    errors: list[str] = []
+    writers = {"out": lambda path: _write_segmentation(path, volume, answers),
+               "overlay": lambda path: _write_overlay(path, volume, answers, args.window)}
+    for name, write in writers.items():
+        path = getattr(args, name)
+        if not path:
+            written[name] = None
+            continue
+        try:
+            write(path)
+            written[name] = path
+        except (ValueError, OSError) as err:
+            written[name] = None
+            errors.append(f"--{name} {path} not written: {_message(err)}")
+    return written, errors
+
+
+def _write_overlay(path: str, volume, answers, window: str | None) -> None:
+    from medsight.imaging import to_rgb
+    from medsight.overlay import save_overlay
+
+    shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
+    rgb = to_rgb(shown.slice.pixels, volume.modality, preset=window, window_from=volume.array)
+    save_overlay(path, rgb, shown.regions)
+
+
+def _print_answers(args: argparse.Namespace, answers) -> None:
     for a in answers:
         print(f"[{args.plane} slice {a.slice_index}] {a.text}")
         for r in a.regions:
             print(f"  region {r.index}: {r.code} {r.label!r} {int(r.mask.sum())} pixels, p={r.probability:.2f}")
-    for name, path in (("segmentation", args.out), ("overlay", args.overlay)):
-        if path:
-            print(f"{name} written to {path}")
+    sys.stdout.flush()
+
+
+def _print_json(args: argparse.Namespace, answers, written: dict[str, str | None], errors: list[str]) -> None:
+    def region_json(r) -> dict:
+        return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
+                "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
+
+    main_answer = answers[len(answers) // 2] if len(answers) > 1 else answers[0]
+    print(json.dumps({
+        "answer": main_answer.text,
+        "regions": [region_json(r) for a in answers for r in a.regions],
+        "slices": [{"plane": args.plane, "index": a.slice_index, "answer": a.text} for a in answers],
+        **written,
+        "errors": errors,
+    }))
+
+
+def _message(err: Exception) -> str:
+    """An OSError as 'file: reason' (its str() is '[Errno 13] Permission denied: ...'); anything else as is."""
+    if isinstance(err, OSError) and err.strerror:
+        files = [f for f in (err.filename, err.filename2) if f is not None]
+        return f"{' -> '.join(map(str, files))}: {err.strerror}" if files else err.strerror
+    return str(err)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -249,6 +381,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     token = _serve_token(args)
     check_bind(args.host, token)
+    _check_vision_file(args)
+    if args.audit:
+        _check_audit(args.audit)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
                                   adapter=args.adapter)
@@ -260,6 +395,15 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _check_audit(path: str) -> None:
+    """Open the audit file as the server's AuditLog will (append; created 0600) so that a folder, a missing folder
+    or a read-only place fails now, not after the model has loaded."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as err:
+        raise ValueError(f"--audit {path}: cannot append to it ({err.strerror})") from None
 
 
 def _serve_token(args: argparse.Namespace) -> str | None:
@@ -299,6 +443,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import medsight
     from medsight.onnx_export import export_onnx
 
+    _check_vision_file(args)
+    check_export_folder(args.out, args.overwrite)
     model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file,
                                 fetch_vision=args.fetch_vision)
     paths = export_onnx(model, args.out, args.opset, args.exporter)
@@ -355,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"ask": _ask, "serve": _serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
                     "info": _info, "download": _download}
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        # ImagingError and CheckpointError are ValueErrors: show the message, not a traceback.
-        print(f"medsight: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # ImagingError and CheckpointError are ValueErrors, and a file that cannot be read or written an OSError:
+        # show the message, not a traceback. Other exceptions are our bugs and keep theirs.
+        print(f"medsight: error: {_message(err)}", file=sys.stderr)
         return 2
 
 

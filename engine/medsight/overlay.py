@@ -9,6 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medsight.answer import Region
+from medsight.imaging.export import make_parent_folder
 from medsight.naming import colour_for
 
 
@@ -31,6 +32,6 @@ def draw_overlay(image: np.ndarray, regions: list[Region], alpha: float = 0.4) -
 
 def save_overlay(path: str | Path, image: np.ndarray, regions: list[Region]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(path)
     Image.fromarray(draw_overlay(image, regions)).save(path)
     return path

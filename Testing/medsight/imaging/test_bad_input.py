@@ -137,3 +137,20 @@ def test_gzip_nifti_in_disguise_and_not_a_folder(mni_t1, tmp_path):
     _raises(raw, "unreadable or corrupt NIfTI")
     with pytest.raises(ImagingError, match="not a folder"):
         read_dicom_series(mni_t1)
+
+
+def test_malformed_integer_attribute_names_the_file_and_the_attribute(pydicom_files):
+    """badVR.dcm holds NumberOfFrames '1A': int() alone said "invalid literal for int()", naming neither."""
+    _raises(pydicom_files / "badVR.dcm", r"NumberOfFrames '1A'")
+
+
+def test_dicom_without_preamble_is_identified(pydicom_files):
+    """rtstruct.dcm lacks the 'DICM' prefix: say what it is, not pydicom's "Use force=True" advice."""
+    err = _raises(pydicom_files / "rtstruct.dcm", r"non-image DICOM \(RT Structure Set Storage, modality RTSTRUCT\)")
+    assert "force=True" not in str(err)
+
+
+def test_failed_pixel_decode_logs_no_traceback(pydicom_files, caplog):
+    """pydicom logs each failed decoder's traceback before raising; the ImagingError is the report."""
+    _raises(pydicom_files / "JPEG-lossy.dcm", "corrupt or unreadable pixel data")
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

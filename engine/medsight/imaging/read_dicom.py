@@ -6,8 +6,10 @@ slices, no duplicates); anything else is refused rather than resampled.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,24 @@ ORIENTATION_ATOL = 1e-4
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
+class NotAnImageError(ImagingError):
+    """A DICOM object without an image (SEG, RT Structure Set, SR, ...); ``kind`` says what it is, so that a caller
+    (the command line) can word its own advice."""
+
+    def __init__(self, problem: str, path: str, kind: str) -> None:
+        self.kind = kind
+        super().__init__(problem, path)
+
+
+class SeriesChoiceError(ImagingError):
+    """A folder holds several series and none was chosen; ``series`` lists them."""
+
+    def __init__(self, series: list[SeriesInfo], folder: str) -> None:
+        self.series = series
+        listing = series_listing(series)
+        super().__init__(f"{len(series)} series found; choose one with series_uid=:\n  {listing}", folder)
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
     """One series found in a folder (no patient identifiers)."""
@@ -38,23 +58,72 @@ class SeriesInfo:
         return f"{self.series_uid}  {self.modality:<6} {self.n_files:>4} files  {self.description}"
 
 
+_HEADER_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError)
+
+
+def series_listing(series: list[SeriesInfo]) -> str:
+    return "\n  ".join(str(s) for s in series)
+
+
 def _header(path: str) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except InvalidDicomError as exc:
+        # No 128-byte preamble and 'DICM' prefix: older writers omit them (pydicom's test rtstruct.dcm).
+        ds = _header_without_preamble(path)
+        if ds is None:
+            raise ImagingError("unreadable DICOM file (no 'DICM' prefix and no DICOM header)", path) from exc
+        return ds
+    except _HEADER_ERRORS as exc:
         raise ImagingError(f"unreadable DICOM file ({exc})", path) from exc
+
+
+def _header_without_preamble(path: str) -> pydicom.Dataset | None:
+    """The header read without the 'DICM' check, when it is a DICOM object (has a SOP class), else None."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except _HEADER_ERRORS:
+        return None
+    return ds if "SOPClassUID" in ds else None
+
+
+def _int(ds: pydicom.Dataset, tag: str, path: str, default: int | None = None) -> int:
+    """An integer attribute; a malformed value names the file and the attribute (int() alone names neither)."""
+    value = ds.get(tag)
+    try:
+        return int(value) if default is None else int(value or default)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ImagingError(f"missing or malformed {tag} {value!r} (an integer is expected)", path) from None
 
 
 def _require_image(ds: pydicom.Dataset, path: str) -> None:
     if ds.get("SOPClassUID") == SEG_SOP_CLASS:
-        raise ImagingError("is a DICOM SEG, not an image; read it with read_dicom_seg()", path)
+        raise NotAnImageError("is a DICOM SEG, not an image; read it with read_dicom_seg()", path,
+                              "a DICOM SEG (a segmentation)")
     has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     if not has_pixels and not ("Rows" in ds and "Columns" in ds):
         sop = ds.get("SOPClassUID")
         name = getattr(sop, "name", sop) or "unknown SOP class"
-        raise ImagingError(
-            f"non-image DICOM ({name}, modality {ds.get('Modality', '?')}): no pixel data", path
-        )
+        modality = ds.get("Modality", "?")
+        raise NotAnImageError(f"non-image DICOM ({name}, modality {modality}): no pixel data", path,
+                              f"a DICOM {name} object (modality {modality}) with no pixel data")
+
+
+@contextlib.contextmanager
+def _decoder_tracebacks_unlogged() -> Iterator[None]:
+    """pydicom logs each failed decoder's traceback before it raises; the ImagingError we raise reports it."""
+    loggers = [logging.getLogger(name) for name in ("pydicom", "pydicom.pixels.decoders.base")]
+    for logger in loggers:
+        logger.addFilter(_without_traceback)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None  # warnings and plain messages still show
 
 
 def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
@@ -197,10 +266,7 @@ def read_dicom_series(
         raise ImagingError("no DICOM image series found in this folder", folder)
     if series_uid is None:
         if len(series) > 1:
-            listing = "\n  ".join(str(s) for s in series)
-            raise ImagingError(
-                f"{len(series)} series found; choose one with series_uid=:\n  {listing}", folder
-            )
+            raise SeriesChoiceError(series, folder)
         series_uid = series[0].series_uid
     elif series_uid not in {s.series_uid for s in series}:
         raise ImagingError(
@@ -213,7 +279,7 @@ def read_dicom_series(
     if len(files) == 1:
         return read_dicom_file(files[0], modality=modality, max_voxels=max_voxels)
     first = headers[0]
-    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+    if _int(first, "NumberOfFrames", files[0], 1) > 1:
         raise ImagingError(
             f"series {series_uid} mixes {len(files)} multi-frame files; read them one by one", folder
         )
@@ -254,8 +320,9 @@ def read_dicom_series(
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
-    spp = int(first.get("SamplesPerPixel", 1) or 1)
-    check_size((len(files), int(first.Rows), int(first.Columns), spp), folder, max_voxels)
+    spp = _int(first, "SamplesPerPixel", files[0], 1)
+    rows, columns = _int(first, "Rows", files[0]), _int(first, "Columns", files[0])
+    check_size((len(files), rows, columns, spp), folder, max_voxels)
 
     slopes = {
         (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in headers
@@ -272,7 +339,7 @@ def read_dicom_series(
             f"corrupt or unreadable pixel data ({str(exc).strip().splitlines()[-1]})", folder
         ) from exc
     array = _compact(sitk.GetArrayFromImage(image))
-    want = (len(files), int(first.Rows), int(first.Columns)) + ((3,) if spp == 3 else ())
+    want = (len(files), rows, columns) + ((3,) if spp == 3 else ())
     if array.shape != want:
         raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
     # Cross-check: GDCM's geometry must agree with ours, or something is off with the headers.
@@ -391,12 +458,14 @@ def read_dicom_file(
         raise ImagingError("no such file", path)
     ds = _header(path)
     _require_image(ds, path)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    check_size((n_frames, int(ds.Rows), int(ds.Columns), spp), path, max_voxels)
+    n_frames = _int(ds, "NumberOfFrames", path, 1)
+    spp = _int(ds, "SamplesPerPixel", path, 1)
+    rows, columns = _int(ds, "Rows", path), _int(ds, "Columns", path)
+    check_size((n_frames, rows, columns, spp), path, max_voxels)
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
+        with _decoder_tracebacks_unlogged():
+            ds = pydicom.dcmread(path, force=ds.preamble is None)  # no preamble: _header read it forced
+            pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
         raise ImagingError(f"corrupt or unreadable pixel data ({exc})", path) from exc
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -408,7 +477,7 @@ def read_dicom_file(
     rgb = spp == 3
     if n_frames == 1:
         pixels = pixels[None]
-    want = (n_frames, int(ds.Rows), int(ds.Columns)) + ((3,) if rgb else ())
+    want = (n_frames, rows, columns) + ((3,) if rgb else ())
     if pixels.shape != want:
         raise ImagingError(f"pixel data has shape {pixels.shape}, headers say {want}", path)
     order, spacing, origin, direction, geo = _file_geometry(ds, n_frames, path)

@@ -223,6 +223,31 @@ def _vision_needed(found: dict[str, Path | None]) -> bool:
     return not any(name.startswith(tower) for name in names)
 
 
+DEVICE_FORMS = "cpu, cuda, cuda:N (N: the GPU's index) or mps"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (default CUDA when available, else CPU); a ValueError says plainly what is wrong with
+    a malformed or absent one (torch's own errors list its internal device types, or fail later in CUDA init)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a device name: use {DEVICE_FORMS}") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported: use {DEVICE_FORMS}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this computer (no NVIDIA GPU or driver, "
+                         "or a PyTorch build without CUDA); use cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {str(device)!r}: this computer has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: Apple's MPS is not available on this computer; use cpu")
+    return resolved
+
+
 def load_model(
     source: str | Path = "demo",
     device: str | torch.device | None = None,
@@ -250,7 +275,7 @@ def load_model(
         adapter: a LoRA adapter folder in the official layout, merged into the loaded model
             (`medsight.model.adapter.load_adapter`).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
         model = load_pretrained(EMBEDDED[str(source)])

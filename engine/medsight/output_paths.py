@@ -1,0 +1,66 @@
+"""Where a command may write: never over a file it reads, not over an existing file unless asked, and only where new
+files can be made. Checked before any work, so a refused output costs no model load or inference."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
+    """Refuse an output that is a file the command reads, an existing file (unless --overwrite), a folder, or in a
+    folder where no file can be created. `what` names the option in the message."""
+    if _is_input(Path(path), Path(source)):
+        raise ValueError(f"{what} {path} is {'inside ' if os.path.isdir(source) else ''}the input {source}: "
+                         "choose another file name (the input is never replaced)")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder: give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{what} {path} already exists: pass --overwrite to replace it")
+    check_folder_writable(path, f"{what} {path}")
+
+
+def _is_input(target: Path, source: Path) -> bool:
+    """Whether writing `target` would change the input: the same file (a link or another spelling of it), one of an
+    Analyze .hdr/.img pair, or any file inside a DICOM series folder."""
+    if source.is_dir():
+        return target.resolve().is_relative_to(source.resolve())
+    pair = {".hdr": ".img", ".img": ".hdr"}.get(source.suffix.lower())
+    return any(_same_file(target, read) for read in ((source, source.with_suffix(pair)) if pair else (source,)))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    # samefile also sees hard links; the resolved paths cover a file not written yet.
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def check_folder_writable(path: str, label: str) -> None:
+    """The nearest existing folder above `path` must take a new file (missing folders below it are created when
+    writing). A real probe file, because os.access says yes to root even on read-only file systems. `label` (the
+    option and its value) starts the message."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{label}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{label}: cannot create files in {folder} ({err.strerror})") from None
+
+
+def check_export_folder(out: str, overwrite: bool) -> None:
+    """--out must be a folder (or not exist yet) where new files can be made, holding none of the files the export
+    writes unless --overwrite."""
+    from medsight.onnx_export import DECODE_FILE, ENCODE_FILE, MANIFEST_FILE, VISION_FILE
+
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: give a folder (created if missing)")
+    graphs = (VISION_FILE, ENCODE_FILE, DECODE_FILE)
+    names = [*graphs, MANIFEST_FILE, *(g + ".data" for g in graphs)]  # .data: a large graph's external weights
+    present = [name for name in names if os.path.lexists(os.path.join(out, name))]
+    if present and not overwrite:
+        raise ValueError(f"--out {out} already holds {', '.join(present)}: pass --overwrite to replace them")
+    check_folder_writable(os.path.join(out, MANIFEST_FILE), f"--out {out}")
