@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device")
     serve.add_argument("--max-upload-mb", type=int, default=1024)
     serve.add_argument("--timeout", type=float, default=600.0,
-                       help="seconds an ask may run before it is cancelled (time waiting in the queue not counted)")
+                       help="seconds an ask may run before it is cancelled (time waiting in the queue not counted; "
+                       "generation stops at its next step, the masks of the text so far are still decoded)")
     serve.add_argument("--max-waiting", type=int, default=64, help="asks that may wait; more get 429 (busy)")
     serve.add_argument("--ask-memory-mb", type=int, default=8192,
                        help="memory budget of one ask (estimated before it starts; larger asks are refused)")
@@ -69,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
                        "parameters, else the CPU cores this process may use)")
     serve.add_argument("--audit", metavar="FILE", help="append one JSON line per job to FILE: model, weights hash, "
-                       "volume hash, slices, options, region codes, outcome; never text, pixels or identifiers")
+                       "volume hash, slices, options, region codes and labels, outcome; never question or answer "
+                       "text, pixels or identifiers")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="what the engine prints: info (default) adds a line per job and upload (ids, sizes, "
+                       "timings; never questions, answers or pixels)")
 
     for command in (ask, serve):
         command.add_argument("--adapter", help="LoRA adapter folder (official layout: adapter_config.json, adapter "
@@ -379,6 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
     from medsight.server.jobs import default_compute_threads
     from medsight.server.security import check_bind
 
+    logging.getLogger("medsight").setLevel(args.log_level.upper())
     token = _serve_token(args)
     check_bind(args.host, token)
     _check_vision_file(args)
@@ -420,8 +426,17 @@ def _serve_token(args: argparse.Namespace) -> str | None:
             raise ValueError(f"cannot read the token file {args.token_file}: {err.strerror}") from None
         if not token:
             raise ValueError(f"the token file {args.token_file} is empty")
+        _warn_if_others_can_read(args.token_file)
         return token
     return os.environ.get("MEDSIGHT_TOKEN") or None
+
+
+def _warn_if_others_can_read(path: str) -> None:
+    """A token file other users can read gives them the engine (POSIX permissions; Windows has no such bits)."""
+    mode = os.stat(path).st_mode
+    if os.name == "posix" and mode & 0o077:
+        print(f"warning: other users of this computer can read the token file {path} (mode {mode & 0o777:o}); "
+              f"make it yours only: chmod 600 {path}", file=sys.stderr)
 
 
 def _train(args: argparse.Namespace) -> int:

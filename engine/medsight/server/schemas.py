@@ -149,4 +149,6 @@ class AskResponse(Strict):
 
 class CancelResponse(Strict):
     job_id: str
-    cancelled: bool
+    cancelled: bool = Field(description="true: the job was waiting or running and is told to stop (text generation "
+                            "stops at its next step; the masks of the text generated so far are still decoded, so an "
+                            "ask told to stop after its text was complete still completes); false: it had finished")

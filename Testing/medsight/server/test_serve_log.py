@@ -1,0 +1,67 @@
+"""What `medsight serve` prints: a line per job and upload by default (ids, sizes, timings, never the question),
+fewer with --log-level warning; and a warning when other users can read the token file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from medsight.cli import _parser, _serve_token
+from medsight_testing.live_server import free_port
+from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+
+QUESTION = "Where is the secret-looking liver?"
+
+
+def _serve_and_ask(*options: str) -> str:
+    """Start `medsight serve` on the tiny model, upload a volume and ask one question; its stderr after it stops."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--model", "tiny", "--port", str(port),
+                                *options], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        client = MedSIGHTClient(f"http://127.0.0.1:{port}", timeout=60, retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.health()
+                break
+            except MedSIGHTError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    pytest.fail(f"the engine did not start: {process.communicate(timeout=30)[1]}")
+                time.sleep(0.2)
+        volume = np.random.default_rng(0).integers(-200, 200, (3, 16, 16)).astype(np.int16)
+        info = client.upload_volume(volume)
+        client.ask(info.volume_id, QUESTION, indices=[1], options={"max_new_tokens": 4})
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    return err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals and permissions")
+def test_jobs_are_logged_by_default_without_the_question():
+    default, quiet = _serve_and_ask(), _serve_and_ask("--log-level", "warning")
+    job_lines = [line for line in default.splitlines() if " job " in line]
+    assert len(job_lines) == 1 and "completed" in job_lines[0], default
+    assert any("volume stored" in line for line in default.splitlines()), default
+    assert QUESTION not in default and "liver" not in default
+    assert not [line for line in quiet.splitlines() if " job " in line or "volume stored" in line], quiet
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file permissions")
+def test_a_token_file_others_can_read_is_warned_about(tmp_path, capsys):
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        path.chmod(mode)
+        assert _serve_token(_parser().parse_args(["serve", "--token-file", str(path)])) == "s3cret"
+        err = capsys.readouterr().err
+        assert ("chmod 600" in err) is warned, (oct(mode), err)
+        assert "s3cret" not in err
