@@ -3,6 +3,9 @@
 Sharded runs (``--shard i --num-shards n``, or torchrun's RANK/WORLD_SIZE) each write their own predictions file.
 Under torchrun the processes meet at a gloo barrier and rank 0 merges and reports; otherwise rerun the command
 without ``--shard``: it merges the shard files, answers whatever is still missing and writes the report.
+The report folder records the model and options its predictions were made with (``settings.json``); a rerun, shard
+or merge with other ones is refused (`medsight.evaluate.provenance`), so resumed answers are never reported under
+another model's name.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.evaluate.provenance import answer_settings, check_settings
 from medsight.evaluate.readers import EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import build_report, write_report
 from medsight.evaluate.runner import (
@@ -90,6 +94,25 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, list[EvalItem], RunOption
     return runs
 
 
+def _check_args(args: argparse.Namespace) -> Path:
+    """Refuse values that would silently give a wrong or empty report; returns the report folder."""
+    for option, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
+                          ("--bootstrap", args.bootstrap), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} {value}: must be at least 1")
+    report_dir = Path(args.report)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ValueError(f"--report {report_dir} is a file; the report goes into a folder (new or from an earlier "
+                         "run of the same evaluation)")
+    return report_dir
+
+
+def _settings(args: argparse.Namespace, runs) -> dict:
+    """What produced the folder's predictions (`medsight.evaluate.provenance`)."""
+    return answer_settings(args.task, args.model, args.adapter, args.vision_file, [o for _, _, o in runs],
+                           args.dtype)
+
+
 def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -> Path:
     """Fold any shard files into the single predictions file (ids already there are kept)."""
     path = prediction_path(report_dir, name)
@@ -101,7 +124,7 @@ def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -
     return path
 
 
-def _finish(args: argparse.Namespace, runs, report_dir: Path) -> dict:
+def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) -> dict:
     """Merge, answer what is missing, score and write the report (single process or rank 0)."""
     engine = _LazyEngine(args)
     results = {}
@@ -111,7 +134,8 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path) -> dict:
                                         progress=None if args.quiet else name)
     items = runs[0][1][: args.limit] if args.limit is not None else runs[0][1]
     report = build_report(args.task, items, results["predictions"], n_boot=args.bootstrap, seed=args.seed,
-                          benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"))
+                          benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"),
+                          settings=settings)
     paths = write_report(report, report_dir)
     if not args.quiet:
         print(f"report: {paths['json']}", file=sys.stderr)
@@ -122,11 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``medsight eval ...`` (argv excludes the word "eval"); returns the exit code."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     shard, num_shards = shard_from_env(args.shard, args.num_shards)
-    report_dir = Path(args.report)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = _check_args(args)
     runs = _runs(args)
+    settings = _settings(args, runs)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    # Before any answer is asked or reused: a folder answered with other settings is refused.
+    check_settings(report_dir, settings)
     if num_shards == 1:
-        _finish(args, runs, report_dir)
+        _finish(args, runs, report_dir, settings)
         return 0
     engine = _LazyEngine(args)
     for name, items, options in runs:
@@ -142,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group("gloo", timeout=timedelta(hours=24))
         dist.barrier()
         if shard == 0:
-            _finish(args, runs, report_dir)
+            _finish(args, runs, report_dir, settings)
         dist.barrier()
         dist.destroy_process_group()
     elif not args.quiet:

@@ -1,5 +1,6 @@
 """Readers for the official evaluation files, validated item by item with errors naming the file and the item.
 
+A data file is one JSON list of items, or JSON Lines (one item per line) when its name ends in ``.jsonl``.
 Every reader returns `EvalItem`s. Relative image and mask paths are joined to ``image_root`` (default: the data
 file's folder); absolute ones are kept, as the official ``os.path.join(image_folder, abs)`` does.
 """
@@ -49,15 +50,39 @@ class EvalItem:
 
 
 def _load_list(path: Path) -> list:
+    """The items of a data file: one JSON list, or JSON Lines (one item per line) when the name ends in .jsonl
+    (the LLaVA-Med question files are JSON Lines). Told apart by the suffix so an error names the right format."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder; expected a JSON data file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the data file ({err})") from None
+    if path.suffix.lower() == ".jsonl":
+        return _json_lines(path, text)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+        raise DataError(f"{path}: not valid JSON ({err}); the file must be one JSON list of items "
+                        "(JSON Lines, one item per line, are read from files named *.jsonl)") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
     return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {n} is not valid JSON ({err}); a .jsonl file holds one item per "
+                            "line") from None
+    return items
 
 
 def _where(path: Path, index: int, item) -> str:

@@ -131,8 +131,9 @@ def aggregate(scores: Sequence[ItemScore], metric: str, n_boot: int = 1000, seed
 
 def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Prediction], n_boot: int = 1000,
                  seed: int = 0, benchmark: str | None = None,
-                 text_predictions: Sequence[Prediction] | None = None) -> dict:
-    """The report dict: task, counts, notes and every metric row."""
+                 text_predictions: Sequence[Prediction] | None = None, settings: dict | None = None) -> dict:
+    """The report dict: task, what produced the predictions (`settings`, from `medsight.evaluate.provenance`),
+    counts, notes and every metric row."""
     scores = score_items(items, predictions, with_dice=task == "diagseg", text_predictions=text_predictions)
     rows: list[dict] = []
     if task == "diagseg":
@@ -165,7 +166,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         if text_predictions is None:
             notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
                          "VQA-path run (pass --vqa-data to reproduce that)")
-    return {"task": task, "benchmark": benchmark, "n_items": len(items), "n_scored": len(scores),
+    return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes,
             "metrics": rows}
 
@@ -175,10 +176,22 @@ def _fmt(v: float | None) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def _settings_lines(settings: dict | None) -> list[str]:
+    """Which model and options produced the predictions (a report without them cannot be attributed)."""
+    if not settings:
+        return []
+    model = f"{settings['model']} ({settings['model_weights']})"
+    extras = [f"{k} {settings[k]}" for k in ("adapter", "vision_file") if settings.get(k)]
+    options = [f"{k} {settings[k]}" for k in ("sampling", "max_new_tokens", "seed", "batch", "resize_mode", "dtype")
+               if settings.get(k) is not None]
+    return [f"Model: {', '.join([model, *extras])}.", "", f"Options: {', '.join(options)}.", ""]
+
+
 def to_markdown(report: dict) -> str:
     """One table row per metric entry."""
     lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
-             "", f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
+             "", *_settings_lines(report.get("settings")),
+             f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
              "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
     for r in report["metrics"]:
         ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"

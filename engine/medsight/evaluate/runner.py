@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ def shard_from_env(shard: int | None, num_shards: int | None) -> tuple[int, int]
 def select_items(items: Sequence[EvalItem], shard: int = 0, num_shards: int = 1,
                  limit: int | None = None) -> list[tuple[int, EvalItem]]:
     """(position in the input file, item) for items[:limit][shard::num_shards]."""
+    if limit is not None and limit < 1:  # a negative slice would silently drop items from the end
+        raise ValueError(f"--limit {limit}: must be at least 1 (leave it out for every item)")
     indexed = list(enumerate(items))[: limit if limit is not None else None]
     return indexed[shard::num_shards]
 
@@ -165,13 +168,27 @@ def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
     return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
 
+#: What PIL raises for a file it cannot decode: OSError mostly (truncated, not an image, a folder), the others from
+#: some damaged files' headers, and the decompression-bomb guard.
+READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
+
+
+def _unreadable(kind: str, path: Path, err: Exception) -> DataError:
+    """The DataError for an image or mask file PIL cannot read (missing, a folder, truncated, not an image)."""
+    if isinstance(err, FileNotFoundError):
+        return DataError(f"{kind} not found: {path}")
+    if isinstance(err, IsADirectoryError):
+        return DataError(f"{kind} {path} is a folder, not an image file")
+    return DataError(f"cannot read {kind} {path}: {err}")
+
+
 def load_image(path: Path) -> np.ndarray:
     """8-bit RGB pixels (the official chatbot converts every image to RGB)."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+    except READ_ERRORS as err:
+        raise _unreadable("image", path, err) from None
 
 
 def load_gt_mask(paths: Sequence[Path]) -> np.ndarray:
@@ -181,8 +198,8 @@ def load_gt_mask(paths: Sequence[Path]) -> np.ndarray:
         try:
             with Image.open(p) as im:
                 m = np.asarray(im.convert("L")) > 127
-        except FileNotFoundError:
-            raise DataError(f"mask not found: {p}") from None
+        except READ_ERRORS as err:
+            raise _unreadable("mask", p, err) from None
         if union is not None and union.shape != m.shape:
             raise DataError(f"mask {p} is {m.shape}, the other masks of its item are {union.shape}")
         union = m if union is None else union | m
@@ -206,6 +223,24 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
         yield group
 
 
+def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
+    """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
+    stop a long run part-way). Their contents are checked when read (`item_image`)."""
+    for _, item in pending:
+        for kind, path in [("image", item.image), *(("mask", m) for m in (item.masks if options.segment else []))]:
+            if not path.is_file():
+                state = "is a folder, not an image file" if path.is_dir() else "not found"
+                raise DataError(f"item {item.id!r}: {kind} {path} {state}")
+
+
+def item_image(item: EvalItem) -> np.ndarray:
+    """The item's pixels; an unreadable file is a DataError naming the item and the file."""
+    try:
+        return load_image(item.image)
+    except DataError as err:
+        raise DataError(f"item {item.id!r}: {err}") from None
+
+
 def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None) -> Prediction:
     rec: Prediction = {
         "question_id": item.id, "prompt": item.question, "text": answer.text, "gt_ans": item.answer,
@@ -214,7 +249,10 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
                      "task": options.task, "sampling": options.sampling},
     }
     if options.segment:
-        gt = load_gt_mask(item.masks)
+        try:
+            gt = load_gt_mask(item.masks)
+        except DataError as err:
+            raise DataError(f"item {item.id!r}: {err}") from None
         logits = [r.mask_logits for r in answer.regions]
         import torch
 
@@ -246,12 +284,13 @@ def run_predictions(
     selected = select_items(items, shard, num_shards, limit)
     done = {str(r["question_id"]) for r in read_predictions(out_path, repair=True)}
     pending = [(i, it) for i, it in selected if it.id not in done]
+    check_files(pending, options)
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
                disable=progress is None, file=sys.stderr)
     for group in _groups(pending, options):
         seed = options.seed * 1_000_003 + group[0][0] if options.sampled else None
-        answers = engine.ask([load_image(it.image) for _, it in group], group[0][1].question,
+        answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
                              options.generation(seed), image_options)
         append_predictions(out_path, [_record(i, it, a, options, seed)
                                       for (i, it), a in zip(group, answers, strict=True)])

@@ -24,7 +24,7 @@ from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE
 from medsight.model.loading import build_model, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
-from medsight.train.loop import TrainConfig, distributed_info
+from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
 from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
@@ -66,6 +66,19 @@ def merge_parser() -> argparse.ArgumentParser:
 def load_config(stage: int, path: Path | None, kind: type[TrainConfig] | None = None) -> TrainConfig:
     kind = kind or STAGE_CONFIGS[stage]
     return kind.from_json(path) if path is not None else kind()
+
+
+def check_init_from(init_from: str) -> None:
+    """`init_from` must name a preset or a folder written by `save_pretrained` (checked before anything is built)."""
+    if init_from in PRESETS:
+        return
+    folder = Path(init_from)
+    if not folder.is_dir():
+        raise ValueError(f"init_from {init_from!r}: unknown preset or folder; use a preset "
+                         f"({', '.join(sorted(PRESETS))}) or a folder written by save_pretrained (e.g. a run's final/)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"init_from {init_from!r}: the folder has no {CONFIG_FILE}; use a folder written by "
+                         "save_pretrained (e.g. a run's final/)")
 
 
 def model_config(init_from: str) -> MedSIGHTConfig | None:
@@ -149,18 +162,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         stage, kind = int(args.stage.removeprefix("stage")), None
     config = load_config(stage, args.config, kind)
+    check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
+    check_init_from(config.init_from)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
-    last = result.records[-1] if result.records else {}
-    print(json.dumps({"stage": args.stage, "steps": result.last_step, "final": str(result.final_dir),
-                      "last_loss": last.get("loss")}))
+    print(json.dumps(summary(args.stage, result, args.out)))
     return 0
+
+
+def summary(stage: str, result: TrainResult, out: Path) -> dict:
+    """The line `medsight train` prints: `new_steps` says how many steps this command trained; a resume of a run
+    that had already finished trains none and reports the loss its log holds for that step."""
+    if result.records:
+        last = result.records[-1]
+    else:
+        last = next((r for r in read_log(out) if r.get("step") == result.last_step), {})
+    return {"stage": stage, "steps": result.last_step, "new_steps": len(result.records),
+            "final": str(result.final_dir), "last_loss": last.get("loss")}
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as err:  # CheckpointError too: the message, not a traceback
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError too: the message, not a traceback
         print(f"medsight train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -15,6 +15,7 @@ folder and its parent (the demo builder writes them relative to its output root,
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,21 +24,41 @@ import torch
 from PIL import Image
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import Message
+from medsight.prompt import Message, render_messages
+from medsight.train.checks import json_kind, read_json_file
 from medsight.train.losses import training_labels
+
+#: What PIL raises for a file it cannot decode (a folder, a truncated or non-image file, a damaged header, the
+#: decompression-bomb guard): reported naming the file, not as a PIL traceback.
+READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """8-bit (H, W, 3) image."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        raise ValueError(f"cannot read the image {path}: {err}") from None
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
     """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`."""
-    with Image.open(path) as im:
-        grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        raise ValueError(f"cannot read the mask {path}: {err}") from None
     return torch.from_numpy((grey > 0.5).astype(np.float32))
+
+
+def _item_name(path: Path, index: int, item: object) -> str:
+    ident = item.get("id") if isinstance(item, dict) else None
+    return f"{path}: item {index}" + (f" (id {ident!r})" if ident is not None else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +88,7 @@ class SegmentationDataset:
     def __init__(self, meta_path: str | Path, image_size: int, mean, std, resize_mode: ResizeMode = "crop",
                  num_classes: int | None = None) -> None:
         meta_path = Path(meta_path)
-        meta = json.loads(meta_path.read_text())
+        meta = _check_meta(meta_path, read_json_file(meta_path, "segmentation meta file"))
         base = meta_path.parent
         roots, jsons, labels = meta["roots"], meta["json_paths"], meta["modality_labels"]
         mask_roots = meta.get("mask_roots") or roots
@@ -76,9 +97,9 @@ class SegmentationDataset:
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.records: list[_ImageRecord] = []
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
-            doc = json.loads((base / json_path).read_text())
+            doc_path = base / json_path
             grouped: dict[object, _ImageRecord] = {}
-            for ann in doc.get("annotations", []):
+            for ann in _annotations(doc_path, read_json_file(doc_path, "annotation file")):
                 record = grouped.setdefault(
                     ann["image_id"], _ImageRecord(base / root / ann["file_name"], [], [], int(label))
                 )
@@ -98,6 +119,37 @@ class SegmentationDataset:
         pixels, _ = prepare_image(read_rgb(record.image), self.image_size, self.mean, self.std, self.resize_mode)
         masks = torch.stack([read_mask(p) for p in record.masks])
         return SegmentationSample(pixels, masks, torch.tensor(record.classes, dtype=torch.long), record.modality)
+
+
+META_FIELDS = ("roots", "json_paths", "modality_labels")
+ANNOTATION_FIELDS = ("image_id", "file_name", "mask_file", "category_id")
+
+
+def _check_meta(path: Path, meta: object) -> dict:
+    """Stages 1-2 read a meta object; a conversation list here means stage-3-5 data was given to stage 1 or 2."""
+    expected = f"stages 1-2 expect a segmentation meta JSON object with {', '.join(META_FIELDS)}"
+    if isinstance(meta, list):
+        raise ValueError(f"{path}: {expected}; this file is a list (conversation data is for stages 3-5)")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: {expected}; got a {json_kind(meta)}")
+    missing = [k for k in META_FIELDS if not isinstance(meta.get(k), list)]
+    if missing:
+        raise ValueError(f"{path}: {expected}; missing or not a list: {', '.join(missing)}")
+    return meta
+
+
+def _annotations(path: Path, doc: object) -> list[dict]:
+    """The `annotations` of a COCO-like file, each checked for the fields the dataset reads."""
+    annotations = doc.get("annotations", []) if isinstance(doc, dict) else None
+    if not isinstance(annotations, list):
+        raise ValueError(f"{path}: expected a JSON object with an 'annotations' list")
+    for i, ann in enumerate(annotations):
+        missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
+        if not isinstance(ann["category_id"], int) or isinstance(ann["category_id"], bool):
+            raise ValueError(f"{path}: annotation {i}: category_id {ann['category_id']!r} is not an integer")
+    return annotations
 
 
 @dataclass
@@ -138,19 +190,33 @@ class ConversationDataset:
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
                  label_prompt_markup: bool = True) -> None:
         json_path = Path(json_path)
-        self.items = json.loads(json_path.read_text())
+        self.items = read_json_file(json_path, "conversation file")
+        if not isinstance(self.items, list):
+            hint = " (a segmentation meta file is for stages 1-2)" if isinstance(self.items, dict) else ""
+            raise ValueError(f"{json_path}: stages 3-5 expect a JSON list of conversation items, got a "
+                             f"{json_kind(self.items)}{hint}")
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
+        for index, item in enumerate(self.items):
+            where = _item_name(json_path, index, item)
+            check_conversation_item(where, item)
+            self._check_files(where, item)
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
-        for item in self.items:
-            images = item["image"] if isinstance(item["image"], list) else [item["image"]]
-            if len(images) != 1:
-                # `lvlm_losses` pairs one encoding with each sample.
-                raise ValueError(f"item {item.get('id')}: {len(images)} images; only one image per item is supported")
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _check_files(self, where: str, item: dict) -> None:
+        """Every image and mask the item names exists (a missing one would otherwise stop the run mid-way)."""
+        image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        files = item.get("mask_files") or {}
+        try:
+            for path in [image, *(files[str(m)] for m in item.get("mask_orders") or [])]:
+                if not self.resolve(path).exists():  # an absolute path is not looked up by `resolve`
+                    raise FileNotFoundError(f"{path} not found")
+        except FileNotFoundError as err:
+            raise ValueError(f"{where}: {err}") from None
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path)
@@ -175,6 +241,36 @@ class ConversationDataset:
             files = item.get("mask_files") or {}
             masks = torch.stack([read_mask(self.resolve(files[str(m)])) for m in order])[:, None]
         return ConversationSample(ids, labels, pixels, masks)
+
+
+def check_conversation_item(where: str, item: object) -> None:
+    """An item must have one image, a conversation the prompt renders, and a file for every mask it orders;
+    checked up front so a bad item stops the run before training, named, rather than as a KeyError mid-run."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected an object with image and conversations, got a {json_kind(item)}")
+    missing = [k for k in ("image", "conversations") if k not in item]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    if len(images) != 1:  # `lvlm_losses` pairs one encoding with each sample
+        raise ValueError(f"{where}: {len(images)} images; only one image per item is supported")
+    if not isinstance(images[0], str) or not images[0]:
+        raise ValueError(f"{where}: field 'image' must be a file path, got {json.dumps(images[0])}")
+    turns = item["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} turns")
+    bad = [i for i, t in enumerate(turns)
+           if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str)]
+    if bad:
+        raise ValueError(f"{where}: conversations[{bad[0]}] must be an object with string 'from' and 'value'")
+    try:
+        render_messages([Message(t["from"], t["value"]) for t in turns])
+    except ValueError as err:  # unknown role, no user turn
+        raise ValueError(f"{where}: {err}") from None
+    files = item.get("mask_files") or {}
+    absent = [m for m in item.get("mask_orders") or [] if not isinstance(files, dict) or str(m) not in files]
+    if absent:
+        raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
 
 
 def collate_conversations(samples: list[ConversationSample]) -> list[ConversationSample]:

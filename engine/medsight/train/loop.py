@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch import nn
 
 from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
 from medsight.model.loading import save_pretrained
-from medsight.train import fsdp
+from medsight.train import checks, fsdp
 from medsight.train import state as trainer_state
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,16 @@ SHARDED_STATE_FILE = "trainer_state.json"
 LOG_FILE = "loss_log.jsonl"
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "train_config.json"
+
+
+def _is_device(name: str) -> bool:
+    if not name:
+        return True
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
@@ -110,21 +120,59 @@ class TrainConfig:
     save_every: int = 0
     device: str = ""
 
+    # Range of each field (types come from the annotations); subclasses add theirs in their own `_limits`
+    # (a ClassVar, so not a dataclass field).
+    _limits: ClassVar[dict[str, checks.Limit]] = {
+        "init_from": ((lambda v: bool(str(v).strip())), "a preset name or a model folder"),
+        "lr": checks.positive(),
+        "max_steps": checks.at_least(0, note="0: derive the steps from epochs"),
+        "epochs": checks.positive(),
+        "batch_size": checks.at_least(1),
+        "grad_accum": checks.at_least(1),
+        "optimizer": checks.one_of("adam", "adamw"),
+        "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers from 0 to 1 (excluded)"),
+        "weight_decay": checks.at_least(0, "a number"),
+        "eps": checks.positive(),
+        "warmup_ratio": checks.fraction(),
+        "min_lr": checks.at_least(0, "a number"),
+        "seed": checks.at_least(0),
+        "fsdp_param_dtype": checks.one_of("auto", *fsdp.PARAM_DTYPES),
+        "log_every": checks.at_least(1),
+        "save_every": checks.at_least(0, note="0: only at the end"),
+        "device": (_is_device, '"" (auto), "cpu", "cuda" or "cuda:N"'),
+    }
+
+    def __post_init__(self) -> None:
+        # Also guards configs built in code: a bad value fails here, not steps later inside the loop.
+        limits: dict[str, checks.Limit] = {}
+        for klass in reversed(type(self).__mro__):
+            limits.update(vars(klass).get("_limits", {}))
+        checks.check_limits(self.to_dict(), limits)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Build from a JSON-like dict; unknown fields are an error (typos would otherwise be silently ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+    def from_dict(cls: type[C], data: Any) -> C:
+        """Build from a JSON-like dict, checking each value's type and range.
+
+        Unknown fields are an error (typos would otherwise be silently ignored).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object of {cls.__name__} fields, got a {checks.json_kind(data)}")
+        unknown = checks.unknown_fields(data, (f.name for f in dataclasses.fields(cls)))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        hints = get_type_hints(cls)
+        return cls(**{k: checks.coerce(k, v, hints[k]) for k, v in data.items()})
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        data = checks.read_json_file(path, f"{cls.__name__} config file")
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -220,6 +268,46 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+#: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.
+RUN_MARKERS = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FINAL_DIR)
+#: Config fields a resume may change: they lengthen the run (max_steps, epochs; the cosine then spans the new
+#: length), or change what is written or where it runs, never what a step computes. Any other difference is refused.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "export_official", "device",
+                     "gradient_checkpointing")
+
+
+def check_out_dir(out_dir: str | Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds one (it would overwrite its config, log and `final/`, and
+    leave its checkpoints for a later --resume to pick up), and an --out that is a file."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the output must be a folder")
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found and not resume:
+        raise ValueError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                         "or choose another --out folder")
+
+
+def check_resume_config(out_dir: str | Path, config: TrainConfig) -> None:
+    """Refuse a resume whose config differs from the run's saved one outside `RESUMABLE_CHANGES`."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        return  # checkpoints copied on their own, or a run that never started: nothing to compare with
+    saved = checks.read_json_file(path, "saved training config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got a {checks.json_kind(saved)}")
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as saved
+    missing = object()
+    differ = [k for k in sorted(saved.keys() | current.keys())
+              if k not in RESUMABLE_CHANGES and saved.get(k, missing) != current.get(k, missing)]
+    if differ:
+        changes = "; ".join(f"{k}: {json.dumps(saved.get(k))} in the run, {json.dumps(current.get(k))} now"
+                            for k in differ)
+        raise ValueError(f"cannot resume the run in {path.parent}: the config differs from its {CONFIG_FILE} "
+                         f"({changes}). Resume with the run's settings (only {', '.join(RESUMABLE_CHANGES)} may "
+                         "change), or start a new run in another --out folder")
+
+
 def read_log(out_dir: str | Path) -> list[dict[str, float]]:
     path = Path(out_dir) / LOG_FILE
     if not path.is_file():
@@ -282,7 +370,9 @@ def train(
         dataset: indexable samples.
         collate: list of samples -> the batch `loss_fn` takes.
         loss_fn: batch -> dict with "loss" (backpropagated) and other scalar terms (logged).
-        resume: continue from the latest checkpoint in `out_dir/checkpoints` (fresh start if there is none).
+        resume: continue from the latest checkpoint in `out_dir/checkpoints` (fresh start if there is none). Without
+            it, an `out_dir` that holds a run is refused; with it, a config that differs from the run's saved one
+            outside `RESUMABLE_CHANGES` is refused (`check_out_dir`, `check_resume_config`).
         name: run name for logs and the plot title.
         grad_masks: parameter name (in `model`) -> mask multiplied into its gradient before clipping (stage 4
             trains only some rows of the input embedding this way).
@@ -290,6 +380,10 @@ def train(
             `save_pretrained`. Runs on rank 0 only.
     """
     out = Path(out_dir)
+    # Before anything is written (and, under torchrun, before the ranks meet, so no rank sees rank 0's files).
+    check_out_dir(out, resume)
+    if resume:
+        check_resume_config(out, config)
     rank, world, _ = distributed_info()
     main_process = rank == 0
     groups = _param_groups(params)
@@ -321,6 +415,11 @@ def train(
     if checkpoint is not None:
         step = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded)
         log.info("%s: resumed from %s at step %d", name, checkpoint, step)
+        if step > steps:
+            raise ValueError(f"cannot resume {checkpoint} (step {step}) with {steps} steps in all: a resume can "
+                             "lengthen a run, not shorten it (raise max_steps or epochs)")
+        if step == steps:
+            log.info("%s: the run is already at its last step (%d); nothing to train", name, step)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from medsight.model.checkpoints import select_prefix
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.preprocess import ResizeMode
 from medsight.model.vision import encode_image
+from medsight.train import checks
 from medsight.train.data import (
     ConversationDataset,
     ConversationSample,
@@ -61,6 +62,8 @@ class Stage1Config(TrainConfig):
     eos_coef: float = EOS_COEF
     resize_mode: ResizeMode = "crop"
 
+    _limits: ClassVar[dict[str, checks.Limit]] = {"eos_coef": checks.at_least(0, "a number")}
+
 
 @dataclass
 class Stage2Config(TrainConfig):
@@ -76,6 +79,8 @@ class Stage2Config(TrainConfig):
     modality_loss_weight: float = 1.0
     warmup_doubling: bool = False
     resize_mode: ResizeMode = "crop"
+
+    _limits: ClassVar[dict[str, checks.Limit]] = {"modality_loss_weight": checks.at_least(0, "a number")}
 
 
 @dataclass
@@ -94,6 +99,8 @@ class LVLMConfig(TrainConfig):
     pad_code_slots: bool = False  # deviation: batch samples with different code counts (see `lvlm_losses`)
     yes_no_weight: float = 1.0  # deviation when != 1: CE weight of a yes/no answer's first token (`lvlm_losses`)
     label_prompt_markup: bool = True  # False (deviation): label assistant turns only (`training_labels`)
+
+    _limits: ClassVar[dict[str, checks.Limit]] = {"yes_no_weight": checks.at_least(0, "a number")}
 
 
 @dataclass
@@ -140,6 +147,15 @@ class Stage5Config(LVLMConfig):
     non_lora_trainables: tuple[str, ...] = ("model.mm_projector", "model.token_projection")
     projector_lr: float = 0.0
     frozen_dtype: str = "auto"
+
+    _limits: ClassVar[dict[str, checks.Limit]] = {
+        "lora_r": checks.at_least(1),
+        "lora_alpha": checks.at_least(1),
+        "lora_dropout": checks.fraction(closed_top=False),
+        "lora_targets": ((lambda v: len(v) > 0), "a non-empty list of module names"),
+        "projector_lr": checks.at_least(0, "a number", "0: the main lr"),
+        "frozen_dtype": checks.one_of("auto", "float32", "bfloat16"),
+    }
 
 
 @dataclass

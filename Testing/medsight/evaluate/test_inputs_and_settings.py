@@ -1,0 +1,119 @@
+"""`medsight eval` inputs and report folders: a report records the model and options its predictions were made with
+and refuses a rerun with others; unreadable images, a file as report folder and a limit below 1 are named errors;
+JSON Lines data files are read."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsight.evaluate.cli import main
+from medsight.evaluate.provenance import source_identity
+from medsight.evaluate.readers import DataError, read_llava_vqa
+from medsight.evaluate.runner import read_predictions, select_items
+
+ARGS = ["--bootstrap", "5", "--quiet", "--dtype", "float32", "--max-new-tokens", "5"]
+
+
+def _item(qid: str, image: str, question: str, answer: str, kind: str) -> dict:
+    return {"id": qid, "image": image, "answer_type": kind,
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+
+@pytest.fixture
+def vqa(tmp_path) -> Path:
+    """Two questions on one small image, as a LLaVA VQA file."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    items = [_item("q0", "img.png", "Is this an MRI?", "yes", "CLOSED"),
+             _item("q1", "img.png", "What organ is shown?", "brain", "OPEN")]
+    path = tmp_path / "vqa.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def _eval(vqa: Path, report: Path, *extra: str) -> int:
+    return main(["vqa", "--data", str(vqa), "--report", str(report), *ARGS, *extra])
+
+
+def test_rerun_with_another_model_or_options_is_refused_and_the_report_names_them(vqa, tmp_path):
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo") == 0
+    predictions = (report / "predictions.jsonl").read_text()
+    for extra, named in [
+        (["--model", "tiny"],
+         r"model: 'demo' \(embedded demo model\) there, 'tiny' \(tiny preset, random weights\) now"),
+        (["--model", "demo", "--sampling", "greedy"], r"sampling: \"official\" there, \"greedy\" now"),
+        (["--model", "demo", "--max-new-tokens", "7"], r"max_new_tokens: 5 there, 7 now"),
+        (["--model", "demo", "--seed", "3"], r"seed: 0 there, 3 now"),
+    ]:
+        with pytest.raises(DataError, match=rf"{report} holds predictions made with other settings \({named}\)\. "
+                                            r"Rerun with the settings in .*settings\.json to resume, or choose "
+                                            r"another --report folder"):
+            _eval(vqa, report, *extra)
+    assert (report / "predictions.jsonl").read_text() == predictions
+    # The same settings resume (nothing to answer) and the report says what produced it.
+    assert _eval(vqa, report, "--model", "demo", "--bootstrap", "7") == 0
+    written = json.loads((report / "report.json").read_text())
+    assert written["settings"]["model"] == "demo" and written["settings"]["model_weights"] == "embedded demo model"
+    assert written["settings"]["sampling"] == "official" and written["settings"]["max_new_tokens"] == 5
+    text = (report / "report.md").read_text()
+    assert "Model: demo (embedded demo model)." in text and "max_new_tokens 5" in text
+
+
+def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    first = source_identity(str(folder))
+    assert source_identity(os.path.relpath(folder)) == first
+    moved = folder.rename(tmp_path / "moved")
+    assert source_identity(str(moved)) == first
+    (moved / "model.safetensors").write_bytes(b"retrained")  # same folder, new weights
+    assert source_identity(str(moved)) != first
+
+
+def test_unreadable_images_are_named(vqa, tmp_path):
+    (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
+    (tmp_path / "adir").mkdir()
+    for image, problem in [("trunc.png", r"cannot read image .*trunc\.png: "),
+                           ("adir", r"image .*adir is a folder, not an image file")]:
+        bad = tmp_path / f"bad_{image}.json"
+        bad.write_text(json.dumps([_item("q0", "img.png", "Is this an MRI?", "yes", "CLOSED"),
+                                   _item("q1", image, "What organ?", "brain", "OPEN")]))
+        with pytest.raises(DataError, match=rf"item 'q1': {problem}"):
+            main(["vqa", "--data", str(bad), "--report", str(tmp_path / f"rep_{image}"), "--model", "demo", *ARGS])
+
+
+def test_a_file_as_report_folder_is_refused(vqa):
+    with pytest.raises(ValueError, match=rf"--report {vqa} is a file; the report goes into a folder"):
+        _eval(vqa, vqa, "--model", "demo")
+    assert read_llava_vqa(vqa)  # untouched
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_a_limit_below_one_is_refused(vqa, tmp_path, limit):
+    with pytest.raises(ValueError, match=rf"--limit {limit}: must be at least 1"):
+        _eval(vqa, tmp_path / "report", "--model", "demo", "--limit", str(limit))
+    assert not (tmp_path / "report" / "report.json").exists()
+    with pytest.raises(ValueError, match=rf"--limit {limit}: must be at least 1"):
+        select_items(list("abc"), limit=limit)
+
+
+def test_json_lines_data_is_read_and_a_json_file_of_lines_says_so(vqa, tmp_path):
+    items = json.loads(vqa.read_text())
+    lines = "".join(json.dumps(it) + "\n" for it in items)
+    (tmp_path / "vqa.jsonl").write_text(lines + "\n")
+    assert read_llava_vqa(tmp_path / "vqa.jsonl") == read_llava_vqa(vqa)
+    assert _eval(tmp_path / "vqa.jsonl", tmp_path / "rep", "--model", "demo") == 0
+    assert [r["question_id"] for r in read_predictions(tmp_path / "rep" / "predictions.jsonl")] == ["q0", "q1"]
+    (tmp_path / "lines.json").write_text(lines)
+    with pytest.raises(DataError, match=r"lines\.json: not valid JSON \(Extra data.*\); the file must be one JSON "
+                                        r"list of items \(JSON Lines, one item per line, are read from files named "
+                                        r"\*\.jsonl\)"):
+        read_llava_vqa(tmp_path / "lines.json")

@@ -1,0 +1,131 @@
+"""What `medsight train` is handed: config files, data files and the --out folder. Bad input gets a ValueError
+naming the file, field or item (the CLI prints it as one line), and a folder holding a run is never overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medsight.train.cli import main as train_main
+from medsight.train.data import ConversationDataset, SegmentationDataset
+from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log
+from medsight.train.stages import Stage3Config
+from medsight_testing.train_data import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config files
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("content", "message"), [
+    ({"max_steps": -3}, r"field 'max_steps' is -3 \(number\); expected an integer >= 0"),
+    ({"batch_size": 0}, r"field 'batch_size' is 0 \(number\); expected an integer >= 1"),
+    ({"lr": "1e-4"}, r"field 'lr' is \"1e-4\" \(string\); expected a finite number"),
+    ([1, 2], r"expected a JSON object of Stage3Config fields, got a list"),
+    ({"betas": [0.9]}, r"field 'betas' is \[0.9\] \(list\); expected a list of 2 values"),
+    ({"max_step": 3}, r"unknown Stage3Config field\(s\): max_step \(did you mean max_steps\?\)"),
+])
+def test_bad_config_values_are_named(tmp_path, content, message):
+    path = _write(tmp_path / "cfg.json", content)
+    with pytest.raises(ValueError, match=rf"cfg\.json: {message}"):
+        Stage3Config.from_json(path)
+
+
+def test_a_folder_as_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path} is a folder; expected the Stage3Config config file"):
+        Stage3Config.from_json(tmp_path)
+
+
+def test_unknown_init_from_lists_the_presets(data, tmp_path):
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tinyy"})
+    with pytest.raises(ValueError, match=r"init_from 'tinyy': unknown preset or folder; use a preset \(demo, full, "
+                                         r"tiny\)"):
+        train_main(["stage3", "--config", str(config), "--data", str(data["lvlm"]), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data files
+# ---------------------------------------------------------------------------------------------------------------
+def _conversations(data: dict[str, Path], path: Path, items) -> ConversationDataset:
+    # Items are checked when the dataset is built, before the tokenizer is used.
+    return ConversationDataset(_write(path, items), None, 56, (0.5,) * 3, (0.5,) * 3, data_root=data["root"])
+
+
+def test_conversation_item_without_image_is_named(data, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.json: item 0 \(id 'x'\): missing field\(s\) image"):
+        _conversations(data, tmp_path / "train.json", [{"id": "x", "conversations": []}])
+
+
+def test_conversation_item_with_a_missing_image_file_is_named_before_training(data, tmp_path):
+    items = json.loads(data["lvlm"].read_text())
+    items[1]["image"] = "nope.png"
+    with pytest.raises(ValueError, match=rf"train\.json: item 1 \(id {items[1]['id']!r}\): nope\.png not found"):
+        _conversations(data, tmp_path / "train.json", items)
+
+
+def test_stage1_given_conversation_data_says_what_it_expects(data):
+    with pytest.raises(ValueError, match=r"stages 1-2 expect a segmentation meta JSON object with roots, json_paths, "
+                                         r"modality_labels; this file is a list \(conversation data is for stages "
+                                         r"3-5\)"):
+        SegmentationDataset(data["lvlm"], 56, (0.5,) * 3, (0.5,) * 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The --out folder
+# ---------------------------------------------------------------------------------------------------------------
+def _train(data, out: Path, config: dict, tmp_path: Path, *extra: str) -> None:
+    path = _write(tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}.json", {"init_from": "tiny", **config})
+    assert train_main(["stage3", "--config", str(path), "--data", str(data["lvlm"]), "--out", str(out), *extra]) == 0
+
+
+def test_a_run_is_never_overwritten_and_a_resume_must_match_it(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = {"max_steps": 2, "save_every": 1, "grad_accum": 1}
+    _train(data, out, run, tmp_path)
+    log, weights, saved = (out / LOG_FILE).read_text(), (out / FINAL_DIR / "model.safetensors").read_bytes(), \
+        (out / CONFIG_FILE).read_text()
+
+    # A new run into the same folder, without --resume: refused, nothing touched.
+    with pytest.raises(ValueError, match=rf"{out} already holds a training run \(train_config\.json, "
+                                         r"loss_log\.jsonl, checkpoints, final\); pass --resume to continue it, or "
+                                         r"choose another --out folder"):
+        _train(data, out, {"max_steps": 1, "lr": 1e-3}, tmp_path)
+    # --resume with a config that changes what a step computes: refused, naming the field.
+    with pytest.raises(ValueError, match=r"cannot resume the run in .*: the config differs from its "
+                                         r"train_config\.json \(lr: 2e-05 in the run, 0\.001 now\)"):
+        _train(data, out, {**run, "lr": 1e-3}, tmp_path, "--resume")
+    assert (out / LOG_FILE).read_text() == log and (out / CONFIG_FILE).read_text() == saved
+    assert (out / FINAL_DIR / "model.safetensors").read_bytes() == weights
+
+    # Resuming the finished run trains nothing and says so, with the loss its log holds for the last step.
+    capsys.readouterr()
+    _train(data, out, run, tmp_path, "--resume")
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and printed["new_steps"] == 0
+    assert printed["last_loss"] == read_log(out)[-1]["loss"] is not None
+    # An allowed change: more steps (and another save interval) continue the run.
+    _train(data, out, {**run, "max_steps": 3, "save_every": 2}, tmp_path, "--resume")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    # A resume cannot shorten a run.
+    with pytest.raises(ValueError, match=r"step-0000003 \(step 3\) with 1 steps in all: a resume can lengthen a run, "
+                                         r"not shorten it"):
+        _train(data, out, {**run, "max_steps": 1}, tmp_path, "--resume")
+
+
+def test_out_that_is_a_file_is_refused(data, tmp_path):
+    target = _write(tmp_path / "notes.json", {"keep": "me"})
+    with pytest.raises(ValueError, match=rf"--out {target} is a file; the output must be a folder"):
+        _train(data, target, {"max_steps": 1}, tmp_path)
+    assert json.loads(target.read_text()) == {"keep": "me"}
