@@ -67,6 +67,24 @@ def test_smoke_runs_all_stages_quickly(smoke):
 
 
 @pytest.mark.slow
+def test_resume_restarts_an_interrupted_phase(smoke, tmp_path):
+    """--resume reuses finished phases and restarts one that was cut short (its folder holds a run but no final/),
+    which the trainer alone would refuse to overwrite."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke[0], out)
+    last = list(PHASES)[-1]
+    shutil.rmtree(out / last / "final")  # killed before its end: log and checkpoints, no final/
+    proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke", "--seed", "3",
+                           "--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p for p in PHASES if summary["stages"][p].get("skipped")] == list(PHASES)[:-1]
+    assert summary["stages"][last]["steps"] == 2 and (out / last / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_smoke_fills_codes_from_the_codebook(smoke):
     out, _ = smoke
     for split in ("train", "val", "test"):

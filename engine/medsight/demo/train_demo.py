@@ -293,6 +293,10 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
             summary["stages"][phase] = {"skipped": True}
             log.info("%s: reusing %s", phase, final)
         else:
+            if resume and (out / phase).is_dir():
+                # An interrupted phase restarts from scratch (the trainer refuses a folder that holds a run).
+                log.info("%s: restarting (its earlier run did not finish)", phase)
+                shutil.rmtree(out / phase)
             if model is None:
                 tokenizer = build_demo_tokenizer(json.loads((data_root / "lvlm" / "train.json").read_text()))
                 model = build_model(demo_model_config(tokenizer), tokenizer, seed=seed)
