@@ -208,3 +208,14 @@ def test_install_doc_commands_exist():
         for option in re.findall(r"(--[a-z-]+)", command):
             assert option in known, f"README: `medsight serve {option}` does not exist"
     assert "Additional module paths" in text and "Extension Wizard" in text
+
+
+def test_readme_vision_files_are_hub_addresses():
+    """A bare file name after --vision-file is a local path that no reader has: every one the README shows is a Hub
+    address (REPO_ID:FILENAME), which the engine downloads once."""
+    from medsight.model.hub import parse_hub_file
+
+    values = re.findall(r"--vision-file[ =]([^\s`]+)", (REPO / "README.md").read_text())
+    assert values, "the README shows no --vision-file"
+    for value in values:
+        assert parse_hub_file(value) is not None, f"README: --vision-file {value} is not a Hub address"
