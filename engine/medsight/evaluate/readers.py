@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality
+from medsight.user_files import read_user_text
 
 #: OmniMedVQA prompt suffix (the options are NOT shown to the model, as officially).
 MC_SUFFIX = ". Answer this question shortly by only selecting one option."
@@ -52,14 +53,7 @@ class EvalItem:
 def _load_list(path: Path) -> list:
     """The items of a data file: one JSON list, or JSON Lines (one item per line) when the name ends in .jsonl
     (the LLaVA-Med question files are JSON Lines). Told apart by the suffix so an error names the right format."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a folder; expected a JSON data file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the data file ({err})") from None
+    text = read_user_text(path, "data file", DataError)
     if path.suffix.lower() == ".jsonl":
         return _json_lines(path, text)
     try:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from medsight.user_files import read_user_text
+
 #: A range rule: predicate on the (already type-checked) value, and the expectation the error states.
 Limit = tuple[Callable[[Any], bool], str]
 
@@ -26,15 +28,7 @@ def json_kind(value: Any) -> str:
 
 def read_json_file(path: str | Path, what: str) -> Any:
     """The decoded JSON of `path`; a missing, unreadable or malformed file is a ValueError naming it and `what`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder; expected the {what} (a JSON file)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read the {what} {path}: {err}") from None
+    text = read_user_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
