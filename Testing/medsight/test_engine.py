@@ -249,3 +249,16 @@ def test_load_selects_the_perceiver_attention():
     assert_same(a, b, tol=1e-9)
     with pytest.raises(ValueError, match="attention implementation must be one of"):
         Engine.load("tiny", device="cpu", perceiver_attention="flash")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_prompt_length_counts_the_embeddings_the_language_model_gets(preset):
+    """The engine checks a prompt's length before encoding any image, so it counts the image's embeddings from the
+    config; that count must be what the model really inserts for one image."""
+    engine = Engine.load(preset, device="cpu")
+    size = engine.model.config.vision.image_size
+    with torch.no_grad():
+        inserted = engine.model.image_embeddings(engine.model.encode(torch.zeros(1, 3, size, size)))
+    assert [e.shape[0] for e in inserted] == [engine.image_embeddings]
+    prompt = engine._prompt([Message("user", "Where is the liver?")])
+    assert engine.prompt_length(prompt) == len(prompt) - 1 + inserted[0].shape[0]
