@@ -31,15 +31,23 @@ def _write(path: Path, obj) -> Path:
 @pytest.mark.parametrize(("content", "message"), [
     ({"max_steps": -3}, r"field 'max_steps' is -3 \(number\); expected an integer >= 0"),
     ({"batch_size": 0}, r"field 'batch_size' is 0 \(number\); expected an integer >= 1"),
-    ({"lr": "1e-4"}, r"field 'lr' is \"1e-4\" \(string\); expected a finite number"),
+    ({"lr": "fast"}, r"field 'lr' is \"fast\" \(string\): Input should be a valid number"),
+    ({"lr": float("nan")}, r"field 'lr' is NaN \(number\): Input should be a finite number"),
+    ({"max_steps": 2.5}, r"field 'max_steps' is 2.5 \(number\): Input should be a valid integer"),
     ([1, 2], r"expected a JSON object of Stage3Config fields, got a list"),
-    ({"betas": [0.9]}, r"field 'betas' is \[0.9\] \(list\); expected a list of 2 values"),
+    ({"betas": [0.9]}, r"field 'betas' is \[0.9\] \(list\): Field required \(item 1\)"),
     ({"max_step": 3}, r"unknown Stage3Config field\(s\): max_step \(did you mean max_steps\?\)"),
 ])
 def test_bad_config_values_are_named(tmp_path, content, message):
     path = _write(tmp_path / "cfg.json", content)
     with pytest.raises(ValueError, match=rf"cfg\.json: {message}"):
         Stage3Config.from_json(path)
+
+
+def test_json_spellings_of_unambiguous_values_are_taken(tmp_path):
+    path = _write(tmp_path / "cfg.json", {"lr": "1e-4", "max_steps": 1e3, "betas": [0.8, 0.9]})
+    config = Stage3Config.from_json(path)
+    assert (config.lr, config.max_steps, config.betas) == (1e-4, 1000, (0.8, 0.9))
 
 
 def test_a_folder_as_config_is_refused(tmp_path):

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from medsight.user_files import read_user_text
 
+#: Non-finite numbers are never a setting (JSON itself has none; Python's json module reads NaN and Infinity).
+_FIELD_CONFIG = ConfigDict(allow_inf_nan=False)
 #: A range rule: predicate on the (already type-checked) value, and the expectation the error states.
 Limit = tuple[Callable[[Any], bool], str]
 
@@ -50,45 +53,17 @@ def _bad(name: str, value: Any, expected: str) -> ValueError:
 
 
 def coerce(name: str, value: Any, hint: Any) -> Any:
-    """`value` (decoded JSON) as the dataclass field type `hint`, or a ValueError naming field, value and type.
+    """`value` (decoded JSON) as the dataclass field type `hint`, or a ValueError naming field, value and why.
 
-    JSON has no tuples (lists become tuples) and writes 1e3 as a float (an integral float is taken as an int).
-    """
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise _bad(name, value, "one of " + ", ".join(json.dumps(a) for a in args))
-    if origin is tuple:
-        return _coerce_tuple(name, value, args)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad(name, value, "true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _bad(name, value, "an integer")
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise _bad(name, value, "a finite number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(name, value, "a string")
-    return value
-
-
-def _coerce_tuple(name: str, value: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    variable = len(args) == 2 and args[1] is Ellipsis
-    if not isinstance(value, list | tuple) or (not variable and len(value) != len(args)):
-        what = "a list" if variable else f"a list of {len(args)} values"
-        raise _bad(name, value, what)
-    kinds = [args[0]] * len(value) if variable else list(args)
-    return tuple(coerce(f"{name}[{i}]", v, k) for i, (v, k) in enumerate(zip(value, kinds, strict=True)))
+    pydantic does the validation, in its lax JSON mode: a list becomes a tuple, 1e3 an int, "1e-4" a float (the value
+    is unambiguous); a fraction for an int, a word for a number and non-finite numbers are refused."""
+    try:
+        return TypeAdapter(hint, config=_FIELD_CONFIG).validate_json(json.dumps(value))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = f" (item {', '.join(map(str, first['loc']))})" if first["loc"] else ""
+        raise ValueError(f"field {name!r} is {json.dumps(value, default=str)} ({json_kind(value)}): "
+                         f"{first['msg']}{where}") from None
 
 
 def check_limits(values: dict[str, Any], limits: dict[str, Limit]) -> None:
