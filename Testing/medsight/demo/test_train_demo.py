@@ -81,6 +81,12 @@ def test_resume_restarts_an_interrupted_phase(smoke, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [p for p in PHASES if summary["stages"][p].get("skipped")] == list(PHASES)[:-1]
+    # Without --resume the earlier run is refused at once, in one line, before the data is rebuilt.
+    data_mtime = (out / "data" / "summary.json").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "holds an earlier demo run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "data" / "summary.json").stat().st_mtime_ns == data_mtime
     assert summary["stages"][last]["steps"] == 2 and (out / last / "final" / "model.safetensors").is_file()
 
 

@@ -261,12 +261,22 @@ def _stage_data(phase: str, data_root: Path):
     return path
 
 
+def _check_out(out: Path, resume: bool) -> None:
+    """A folder holding an earlier demo run is refused before any work (rebuilding the data would cost minutes and
+    the first stage would then refuse it anyway): --resume reuses its finished phases, else another folder."""
+    earlier = [name for name in ("data", "model", *PHASES) if (out / name).exists()]
+    if earlier and not resume:
+        raise ValueError(f"{out} holds an earlier demo run ({', '.join(earlier)}): pass --resume to reuse its "
+                         "finished phases, or give another output folder")
+
+
 def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, resume: bool = False,
               start: float | None = None, data_size: str = "large",
               previous_runs: Sequence[Path] = (), data_seed: int = 0) -> dict:
     """Build data, run the five stages, fill codes, evaluate, write ``out/model``; returns the summary."""
     start = time.perf_counter() if start is None else start
     deadline = start + minutes * 60.0
+    _check_out(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
     summary: dict = {"preset": PRESET, "minutes": minutes, "smoke": smoke, "seed": seed, "data_seed": data_seed,
@@ -584,8 +594,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING if args.smoke else logging.INFO)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size,
-                        args.previous_run, args.data_seed)
+    try:
+        summary = train_all(args.out_dir, args.minutes, args.smoke, args.seed, args.resume, start, args.data_size,
+                            args.previous_run, args.data_seed)
+    except ValueError as err:  # what the user gave (folder, data, settings): one line, not a traceback
+        print(f"train_demo: error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"model": str(args.out_dir / "model"), "total_seconds": summary["total_seconds"],
                       **summary["scores"]}, indent=1))
     return 0
