@@ -226,17 +226,24 @@ def _vision_needed(found: dict[str, Path | None]) -> bool:
 DEVICE_FORMS = "cpu, cuda, cuda:N (N: the GPU's index) or mps"
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to load onto (default CUDA when available, else CPU); a ValueError says plainly what is wrong with
-    a malformed or absent one (torch's own errors list its internal device types, or fail later in CUDA init)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device name as a torch.device; a ValueError for a malformed or unsupported one (torch's own errors list
+    its internal device types). Says nothing of whether this computer has it: see `resolve_device`."""
     try:
-        resolved = torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {str(device)!r} is not a device name: use {DEVICE_FORMS}") from None
-    if resolved.type not in ("cpu", "cuda", "mps"):
+    if parsed.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {str(device)!r} is not supported: use {DEVICE_FORMS}")
+    return parsed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto: None or "" is CUDA when available, else CPU; a named one must exist here (a
+    ValueError says plainly what is missing, where torch would fail later inside CUDA's start-up)."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available on this computer (no NVIDIA GPU or driver, "
                          "or a PyTorch build without CUDA); use cpu")

@@ -57,6 +57,10 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
 
     pydantic does the validation, in its lax JSON mode: a list becomes a tuple, 1e3 an int, "1e-4" a float (the value
     is unambiguous); a fraction for an int, a word for a number and non-finite numbers are refused."""
+    if isinstance(value, bool) and hint is not bool:
+        # Lax mode reads true as 1: a learning rate of 1.0 from `"lr": true` would be a silent, ruinous setting.
+        expected = getattr(hint, "__name__", hint)
+        raise ValueError(f"field {name!r} is {json.dumps(value)} (true/false): expected {expected}")
     try:
         return TypeAdapter(hint, config=_FIELD_CONFIG).validate_json(json.dumps(value))
     except ValidationError as err:

@@ -43,8 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medsight.model import loading
 from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
-from medsight.model.loading import save_pretrained
+from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
 from medsight.train import checks, fsdp
 from medsight.train import state as trainer_state
 
@@ -61,13 +62,11 @@ CONFIG_FILE = "train_config.json"
 
 
 def _is_device(name: str) -> bool:
-    if not name:
-        return True
+    """A config's device is checked as a name only: it may be written on a computer without that device."""
     try:
-        torch.device(name)
-    except RuntimeError:
+        return not name or bool(parse_device(name))
+    except ValueError:
         return False
-    return True
 
 
 @dataclass
@@ -139,7 +138,7 @@ class TrainConfig:
         "fsdp_param_dtype": checks.one_of("auto", *fsdp.PARAM_DTYPES),
         "log_every": checks.at_least(1),
         "save_every": checks.at_least(0, note="0: only at the end"),
-        "device": (_is_device, '"" (auto), "cpu", "cuda" or "cuda:N"'),
+        "device": (_is_device, f'"" (auto), {DEVICE_FORMS}'),
     }
 
     def __post_init__(self) -> None:
@@ -204,8 +203,10 @@ def distributed_info() -> tuple[int, int, int]:
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
+    """The config's device (which must exist on this computer), else this process's GPU (its torchrun local rank),
+    else the CPU."""
     if config.device:
-        return torch.device(config.device)
+        return loading.resolve_device(config.device)
     if torch.cuda.is_available():
         return torch.device("cuda", distributed_info()[2])
     return torch.device("cpu")
@@ -297,15 +298,25 @@ def check_resume_config(out_dir: str | Path, config: TrainConfig) -> None:
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: expected a JSON object of config fields, got a {checks.json_kind(saved)}")
     current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as saved
+    # A field the run's version did not have yet took its default there (a newer version must resume older runs).
+    defaults = json.loads(json.dumps(type(config)().to_dict()))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     missing = object()
     differ = [k for k in sorted(saved.keys() | current.keys())
-              if k not in RESUMABLE_CHANGES and saved.get(k, missing) != current.get(k, missing)]
+              if k not in RESUMABLE_CHANGES and not _same_setting(k, saved.get(k, missing), current.get(k, missing))]
     if differ:
         changes = "; ".join(f"{k}: {json.dumps(saved.get(k))} in the run, {json.dumps(current.get(k))} now"
                             for k in differ)
         raise ValueError(f"cannot resume the run in {path.parent}: the config differs from its {CONFIG_FILE} "
                          f"({changes}). Resume with the run's settings (only {', '.join(RESUMABLE_CHANGES)} may "
                          "change), or start a new run in another --out folder")
+
+
+def _same_setting(name: str, saved: Any, current: Any) -> bool:
+    """Equal settings; `init_from` names a folder in either spelling (relative or absolute) or a preset."""
+    if name == "init_from" and isinstance(saved, str) and isinstance(current, str) and saved != current:
+        return Path(saved).exists() and Path(current).exists() and Path(saved).resolve() == Path(current).resolve()
+    return saved == current
 
 
 def read_log(out_dir: str | Path) -> list[dict[str, float]]:
