@@ -282,3 +282,16 @@ def test_dicom_messages_speak_of_the_command_line(capsys):
         err = _err(capsys)
         assert kind in err and "not an image: medsight ask needs an image" in err, err
         assert "force=True" not in err and "read_dicom_seg" not in err
+
+
+def test_a_2d_image_in_another_plane_is_asked_about_in_that_plane(tmp_path, capsys):
+    """A coronal radiograph saved as NIfTI (one voxel thick front to back) has only coronal slices: without --plane
+    the command asks about it there instead of refusing the default axial plane."""
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 1, 32)).astype(np.int16)
+    path = tmp_path / "coronal.nii.gz"
+    nib.save(nib.Nifti1Image(pixels, np.eye(4)), path)
+    assert main(["ask", str(path), "Where is the heart?", "--model", "tiny", "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["plane"] for s in result["slices"]] == ["coronal"]
+    assert main(["ask", str(path), "Where is the heart?", "--model", "tiny", "--plane", "axial"]) == 2
+    assert "only the coronal plane has slices" in capsys.readouterr().err

@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default="demo",
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
     ask.add_argument("--vision-file", help=VISION_FILE_HELP)
-    ask.add_argument("--plane", choices=PLANES, default="axial")
+    ask.add_argument("--plane", choices=PLANES,
+                     help="default: axial, or the plane a 2D image lies in (its only plane with slices)")
     ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9', all within the plane "
                      "(default: the middle slice)")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
@@ -208,6 +209,7 @@ def _ask(args: argparse.Namespace) -> int:
     _check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
     _check_vision_file(args)
     volume = _read_input(args)
+    args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     answers = _answers(args, volume, indices)
     if not args.json:
@@ -222,6 +224,14 @@ def _ask(args: argparse.Namespace) -> int:
     for error in errors:
         print(f"medsight: error: {error}", file=sys.stderr)
     return 2 if errors else 0
+
+
+def _default_plane(volume) -> str:
+    """Axial, unless the volume is a 2D image lying in another plane: then that plane, the only one it has."""
+    from medsight.imaging.slicing import slice_planes
+
+    planes = slice_planes(volume)
+    return planes[0] if len(planes) == 1 else "axial"
 
 
 def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
