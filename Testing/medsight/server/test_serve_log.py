@@ -18,24 +18,33 @@ from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 QUESTION = "Where is the secret-looking liver?"
 
 
-def _serve_and_ask(*options: str) -> str:
-    """Start `medsight serve` on the tiny model, upload a volume and ask one question; its stderr after it stops."""
-    port = free_port()
+def _start_engine(*options: str) -> tuple[subprocess.Popen, MedSIGHTClient]:
+    """`medsight serve` on the tiny model and a free port, answering health. The port is free when chosen but the
+    engine binds it seconds later: if something took it meanwhile, another port is tried."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--model", "tiny", "--port", str(port),
-                                *options], stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    for _ in range(3):
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--model", "tiny", "--port",
+                                    str(port), *options], stderr=subprocess.PIPE, text=True, env=env)
         client = MedSIGHTClient(f"http://127.0.0.1:{port}", timeout=60, retries=0)
         deadline = time.monotonic() + 120
-        while True:
+        while process.poll() is None and time.monotonic() < deadline:
             try:
                 client.health()
-                break
+                return process, client
             except MedSIGHTError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    pytest.fail(f"the engine did not start: {process.communicate(timeout=30)[1]}")
                 time.sleep(0.2)
+        process.kill()
+        err = process.communicate(timeout=30)[1]
+        if "address already in use" not in err.lower():
+            pytest.fail(f"the engine did not start: {err}")
+    pytest.fail("no free port for the engine in 3 tries")
+
+
+def _serve_and_ask(*options: str) -> str:
+    """Upload a volume to a fresh engine and ask one question; the engine's stderr after it stops."""
+    process, client = _start_engine(*options)
+    try:
         volume = np.random.default_rng(0).integers(-200, 200, (3, 16, 16)).astype(np.int16)
         info = client.upload_volume(volume)
         client.ask(info.volume_id, QUESTION, indices=[1], options={"max_new_tokens": 4})
