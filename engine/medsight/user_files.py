@@ -1,8 +1,17 @@
-"""Reading a file the user named (a config, a data list), with errors that name the file and what it should be."""
+"""Reading a file the user named (a config, a data list, an image), with errors that name the file and what it
+should be."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: What PIL raises for a file it cannot decode: OSError mostly (truncated, not an image), the others from some
+#: damaged files' headers, and the decompression-bomb guard.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
 
 
 def read_user_text(path: str | Path, what: str, error: type[ValueError] = ValueError) -> str:
@@ -11,9 +20,26 @@ def read_user_text(path: str | Path, what: str, error: type[ValueError] = ValueE
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a folder; expected the {what}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise error(f"cannot read the {what} {path}: {err}") from None
+        raise _unreadable(path, what, err, error) from None
+
+
+def read_user_image(path: str | Path, what: str, mode: str = "RGB",
+                    error: type[ValueError] = ValueError) -> np.ndarray:
+    """The 8-bit pixels of `path` converted to PIL `mode` ("RGB": (H, W, 3), "L": (H, W)); a missing, folder or
+    undecodable file raises `error` naming it and `what` (e.g. "image", "mask")."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except IMAGE_READ_ERRORS as err:
+        raise _unreadable(path, what, err, error) from None
+
+
+def _unreadable(path: Path, what: str, err: Exception, error: type[ValueError]) -> ValueError:
+    """The one-line error for a user's file that cannot be read, saying whether it is missing or a folder."""
+    if isinstance(err, FileNotFoundError):
+        return error(f"{what} not found: {path}")
+    if isinstance(err, IsADirectoryError):
+        return error(f"{path} is a folder; expected the {what}")
+    return error(f"cannot read the {what} {path}: {err}")

@@ -81,7 +81,7 @@ def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
 def test_unreadable_images_are_named(vqa, tmp_path):
     (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
     (tmp_path / "adir").mkdir()
-    for image, problem in [("trunc.png", r"cannot read image .*trunc\.png: "),
+    for image, problem in [("trunc.png", r"cannot read the image .*trunc\.png: "),
                            ("adir", r"image .*adir is a folder, not an image file")]:
         bad = tmp_path / f"bad_{image}.json"
         bad.write_text(json.dumps([_item("q0", "img.png", "Is this an MRI?", "yes", "CLOSED"),
@@ -117,3 +117,32 @@ def test_json_lines_data_is_read_and_a_json_file_of_lines_says_so(vqa, tmp_path)
                                         r"list of items \(JSON Lines, one item per line, are read from files named "
                                         r"\*\.jsonl\)"):
         read_llava_vqa(tmp_path / "lines.json")
+
+
+def test_a_folder_an_older_medsight_answered_is_resumed_only_when_adopted(vqa, tmp_path):
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo") == 0
+    recorded = (report / "settings.json").read_text()
+    answers = read_predictions(report / "predictions.jsonl")
+    # What the older medsight left: each shard's predictions, no settings.json, no merge or report yet.
+    for f in report.iterdir():
+        f.unlink()
+    for shard, rec in enumerate(answers):
+        (report / f"predictions.shard{shard}-of-2.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match=rf"{report} holds predictions but no settings\.json \(an older medsight made "
+                                        r"them\), so which model and options produced them is unknown\. If this "
+                                        r"command's model and options made them, rerun it with --adopt-settings to "
+                                        r"record these settings and resume; otherwise choose another --report "
+                                        r"folder"):
+        _eval(vqa, report, "--model", "demo")
+    assert not (report / "settings.json").exists()
+    # Adopted: the shards merge into the report (nothing answered again) under the recorded settings.
+    assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
+    assert (report / "settings.json").read_text() == recorded
+    assert read_predictions(report / "predictions.jsonl") == answers
+    assert json.loads((report / "report.json").read_text())["settings"]["model_weights"] == "embedded demo model"
+    # The flag never replaces recorded settings.
+    with pytest.raises(DataError, match=r"holds predictions made with other settings \(model: 'demo' .*\)\..* for "
+                                        r"these ones \(--adopt-settings only records settings where none are\)"):
+        _eval(vqa, report, "--model", "tiny", "--adopt-settings")
+    assert (report / "settings.json").read_text() == recorded

@@ -4,12 +4,13 @@ naming the file, field or item (the CLI prints it as one line), and a folder hol
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from medsight.train.cli import main as train_main
-from medsight.train.data import ConversationDataset, SegmentationDataset
+from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
 from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log
 from medsight.train.stages import Stage3Config
 from medsight_testing.train_data import write_synthetic
@@ -88,6 +89,43 @@ def test_stage1_given_conversation_data_says_what_it_expects(data):
                                          r"modality_labels; this file is a list \(conversation data is for stages "
                                          r"3-5\)"):
         SegmentationDataset(data["lvlm"], 56, (0.5,) * 3, (0.5,) * 3)
+
+
+def _segmentation(data: dict[str, Path], tmp_path: Path, category_ids: list) -> SegmentationDataset:
+    """The synthetic CT annotations with these category_id values (one per image), through a meta file here."""
+    doc = json.loads((data["root"] / "ct.json").read_text())
+    for ann, category in zip(doc["annotations"], category_ids, strict=False):
+        ann["category_id"] = category
+    meta = {"roots": [str(data["root"] / "ct" / "images")], "mask_roots": [str(data["root"] / "ct" / "masks")],
+            "json_paths": [str(_write(tmp_path / "ct.json", doc))], "modality_labels": [0]}
+    return SegmentationDataset(_write(tmp_path / "meta.json", meta), 56, (0.5,) * 3, (0.5,) * 3, num_classes=4)
+
+
+def test_integral_category_ids_written_as_floats_or_strings_are_taken(data, tmp_path):
+    # pandas exports write 3.0 or "3"; the class is the same.
+    dataset = _segmentation(data, tmp_path, [3, 3.0, "2", " 1.0 "])
+    assert [r.classes for r in dataset.records] == [[3], [3], [2], [1]]
+    assert all(type(c) is int for r in dataset.records for c in r.classes)
+
+
+@pytest.mark.parametrize("bad", [1.5, "one", "1.5", True, None, "nan", [1]])
+def test_a_category_id_that_is_no_integer_is_named(data, tmp_path, bad):
+    with pytest.raises(ValueError, match=rf"ct\.json: annotation 1: category_id {re.escape(json.dumps(bad))} is not "
+                                         r"an integer"):
+        _segmentation(data, tmp_path, [0, bad])
+
+
+def test_unreadable_training_images_and_masks_are_named(data, tmp_path):
+    image = next((data["root"] / "ct" / "images").glob("*.png"))
+    (tmp_path / "trunc.png").write_bytes(image.read_bytes()[:60])
+    for read, path, message in [
+        (read_rgb, tmp_path / "missing.png", rf"image not found: {tmp_path}/missing\.png"),
+        (read_rgb, tmp_path, rf"{tmp_path} is a folder; expected the image"),
+        (read_mask, tmp_path / "trunc.png", rf"cannot read the mask {tmp_path}/trunc\.png: "),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            read(path)
+    assert read_rgb(image).shape == (56, 56, 3) and read_mask(image).shape == (56, 56)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Under torchrun the processes meet at a gloo barrier and rank 0 merges and report
 without ``--shard``: it merges the shard files, answers whatever is still missing and writes the report.
 The report folder records the model and options its predictions were made with (``settings.json``); a rerun, shard
 or merge with other ones is refused (`medsight.evaluate.provenance`), so resumed answers are never reported under
-another model's name.
+another model's name. A folder whose predictions an older medsight made without settings is resumed only with
+``--adopt-settings``, which records this command's settings as theirs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.evaluate.provenance import answer_settings, check_settings
+from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings
 from medsight.evaluate.readers import EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import build_report, write_report
 from medsight.evaluate.runner import (
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK under torchrun, else auto)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(ADOPT_FLAG, action="store_true",
+                   help="the --report folder holds predictions but no settings.json (an older medsight made them): "
+                        "record this command's model and options as theirs and resume (never replaces settings)")
     return p
 
 
@@ -107,10 +111,10 @@ def _check_args(args: argparse.Namespace) -> Path:
     return report_dir
 
 
-def _settings(args: argparse.Namespace, runs) -> dict:
+def _settings(args: argparse.Namespace, runs, report_dir: Path) -> dict:
     """What produced the folder's predictions (`medsight.evaluate.provenance`)."""
     return answer_settings(args.task, args.model, args.adapter, args.vision_file, [o for _, _, o in runs],
-                           args.dtype)
+                           args.dtype, report_dir)
 
 
 def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -> Path:
@@ -148,10 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard, num_shards = shard_from_env(args.shard, args.num_shards)
     report_dir = _check_args(args)
     runs = _runs(args)
-    settings = _settings(args, runs)
+    settings = _settings(args, runs, report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     # Before any answer is asked or reused: a folder answered with other settings is refused.
-    check_settings(report_dir, settings)
+    check_settings(report_dir, settings, adopt=args.adopt_settings)
     if num_shards == 1:
         _finish(args, runs, report_dir, settings)
         return 0

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.server.rle import decode_mask, encode_mask
+from medsight.user_files import read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -168,38 +167,11 @@ def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
     return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
 
-#: What PIL raises for a file it cannot decode: OSError mostly (truncated, not an image, a folder), the others from
-#: some damaged files' headers, and the decompression-bomb guard.
-READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
-
-
-def _unreadable(kind: str, path: Path, err: Exception) -> DataError:
-    """The DataError for an image or mask file PIL cannot read (missing, a folder, truncated, not an image)."""
-    if isinstance(err, FileNotFoundError):
-        return DataError(f"{kind} not found: {path}")
-    if isinstance(err, IsADirectoryError):
-        return DataError(f"{kind} {path} is a folder, not an image file")
-    return DataError(f"cannot read {kind} {path}: {err}")
-
-
-def load_image(path: Path) -> np.ndarray:
-    """8-bit RGB pixels (the official chatbot converts every image to RGB)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except READ_ERRORS as err:
-        raise _unreadable("image", path, err) from None
-
-
 def load_gt_mask(paths: Sequence[Path]) -> np.ndarray:
     """Union of the GT mask PNGs, read as grayscale and binarised at > 127 (as the notebooks)."""
     union = None
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                m = np.asarray(im.convert("L")) > 127
-        except READ_ERRORS as err:
-            raise _unreadable("mask", p, err) from None
+        m = read_user_image(p, "mask", "L", DataError) > 127
         if union is not None and union.shape != m.shape:
             raise DataError(f"mask {p} is {m.shape}, the other masks of its item are {union.shape}")
         union = m if union is None else union | m
@@ -236,7 +208,7 @@ def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) ->
 def item_image(item: EvalItem) -> np.ndarray:
     """The item's pixels; an unreadable file is a DataError naming the item and the file."""
     try:
-        return load_image(item.image)
+        return read_user_image(item.image, "image", error=DataError)  # RGB, as the official chatbot converts
     except DataError as err:
         raise DataError(f"item {item.id!r}: {err}") from None
 

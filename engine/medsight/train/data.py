@@ -15,44 +15,27 @@ folder and its parent (the demo builder writes them relative to its output root,
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
 from medsight.train.checks import json_kind, read_json_file
 from medsight.train.losses import training_labels
-
-#: What PIL raises for a file it cannot decode (a folder, a truncated or non-image file, a damaged header, the
-#: decompression-bomb guard): reported naming the file, not as a PIL traceback.
-READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
+from medsight.user_files import read_user_image
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """8-bit (H, W, 3) image."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise
-    except READ_ERRORS as err:
-        raise ValueError(f"cannot read the image {path}: {err}") from None
+    """8-bit (H, W, 3) image; an unreadable one is a ValueError naming it."""
+    return read_user_image(path, "image")
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
     """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`."""
-    try:
-        with Image.open(path) as im:
-            grey = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise
-    except READ_ERRORS as err:
-        raise ValueError(f"cannot read the mask {path}: {err}") from None
+    grey = read_user_image(path, "mask", "L").astype(np.float32) / 255.0
     return torch.from_numpy((grey > 0.5).astype(np.float32))
 
 
@@ -104,7 +87,7 @@ class SegmentationDataset:
                     ann["image_id"], _ImageRecord(base / root / ann["file_name"], [], [], int(label))
                 )
                 record.masks.append(base / mask_root / ann["mask_file"])
-                record.classes.append(int(ann["category_id"]))
+                record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
         if num_classes is not None:
             bad = sorted({c for r in self.records for c in r.classes if not 0 <= c < num_classes})
@@ -143,13 +126,32 @@ def _annotations(path: Path, doc: object) -> list[dict]:
     annotations = doc.get("annotations", []) if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         raise ValueError(f"{path}: expected a JSON object with an 'annotations' list")
+    checked = []
     for i, ann in enumerate(annotations):
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
-        if not isinstance(ann["category_id"], int) or isinstance(ann["category_id"], bool):
-            raise ValueError(f"{path}: annotation {i}: category_id {ann['category_id']!r} is not an integer")
-    return annotations
+        checked.append({**ann, "category_id": _category_id(f"{path}: annotation {i}", ann["category_id"])})
+    return checked
+
+
+def _category_id(where: str, value: object) -> int:
+    """`value` as an int: an integral number or numeric string is taken (pandas exports write 3.0 or "3"), a
+    fraction, a word, a boolean or NaN is refused naming `where`."""
+    number = _number(value.strip()) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not float(number).is_integer():
+        raise ValueError(f"{where}: category_id {json.dumps(value)} is not an integer")
+    return int(number)
+
+
+def _number(text: str) -> int | float | None:
+    """The number a string spells ("3", "3.0", "1e1"), exact for integers; None for anything else."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return None
 
 
 @dataclass
