@@ -414,10 +414,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_audit(path: str) -> None:
-    """Open the audit file as the server's AuditLog will (append; created 0600) so that a folder, a missing folder
-    or a read-only place fails now, not after the model has loaded."""
+    """Open the audit file as the server's AuditLog will, so that a folder, a missing folder or a read-only place
+    fails now, not after the model has loaded."""
+    from medsight.server.audit import open_audit_file
+
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.close(open_audit_file(path))
     except OSError as err:
         raise ValueError(f"--audit {path}: cannot append to it ({err.strerror})") from None
 

@@ -3,8 +3,10 @@ should be."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,15 @@ def read_user_text(path: str | Path, what: str, error: type[ValueError] = ValueE
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise _unreadable(path, what, err, error) from None
+
+
+def read_user_json(path: str | Path, what: str, error: type[ValueError] = ValueError) -> Any:
+    """The decoded JSON of `path`; a missing, unreadable or malformed file raises `error` naming it and `what`."""
+    text = read_user_text(path, what, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: the {what} is not valid JSON ({err})") from None
 
 
 def read_user_image(path: str | Path, what: str, mode: str = "RGB",

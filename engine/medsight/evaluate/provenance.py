@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from medsight.evaluate.readers import DataError
+from medsight.user_files import read_user_json
 
 SETTINGS_FILE = "settings.json"
 #: Shown in messages and reports, not compared (a folder may move; its files identify it).
@@ -225,10 +226,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _parse(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read the report's recorded settings ({err})") from None
+    data = read_user_json(path, "report's recorded settings", DataError)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of settings")
     return data

@@ -41,15 +41,19 @@ class ModelIdentity:
     weights_sha256: str
 
 
+def open_audit_file(path: str) -> int:
+    """A descriptor appending to `path`, created 0o600: the trail describes a patient's studies, even without
+    identifiers."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
 class AuditLog:
     """Appends one line per job to a file, flushed and fsynced so that a crash loses at most the line in flight."""
 
     def __init__(self, path: str, model: ModelIdentity) -> None:
         self.path, self.model = path, model
         self._lock = threading.Lock()
-        # Open once in append mode; 0o600: the trail describes a patient's studies, even without identifiers.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._file = os.fdopen(open_audit_file(path), "a", encoding="utf-8")  # open once, for every job
 
     @classmethod
     def for_model(cls, path: str, model: torch.nn.Module, name: str) -> AuditLog:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
-
-from medsight.user_files import read_user_text
 
 #: Non-finite numbers are never a setting (JSON itself has none; Python's json module reads NaN and Infinity).
 _FIELD_CONFIG = ConfigDict(allow_inf_nan=False)
@@ -27,15 +24,6 @@ def json_kind(value: Any) -> str:
     kinds = ((bool, "true/false"), (int, "number"), (float, "number"), (str, "string"), (list | tuple, "list"),
              (dict, "object"), (type(None), "null"))
     return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
-
-
-def read_json_file(path: str | Path, what: str) -> Any:
-    """The decoded JSON of `path`; a missing, unreadable or malformed file is a ValueError naming it and `what`."""
-    text = read_user_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the {what} is not valid JSON ({err})") from None
 
 
 def unknown_fields(given: Iterable[str], known: Iterable[str]) -> list[str]:

@@ -23,9 +23,9 @@ import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
-from medsight.train.checks import json_kind, read_json_file
+from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
-from medsight.user_files import read_user_image
+from medsight.user_files import read_user_image, read_user_json
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -71,7 +71,7 @@ class SegmentationDataset:
     def __init__(self, meta_path: str | Path, image_size: int, mean, std, resize_mode: ResizeMode = "crop",
                  num_classes: int | None = None) -> None:
         meta_path = Path(meta_path)
-        meta = _check_meta(meta_path, read_json_file(meta_path, "segmentation meta file"))
+        meta = _check_meta(meta_path, read_user_json(meta_path, "segmentation meta file"))
         base = meta_path.parent
         roots, jsons, labels = meta["roots"], meta["json_paths"], meta["modality_labels"]
         mask_roots = meta.get("mask_roots") or roots
@@ -82,7 +82,7 @@ class SegmentationDataset:
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
             grouped: dict[object, _ImageRecord] = {}
-            for ann in _annotations(doc_path, read_json_file(doc_path, "annotation file")):
+            for ann in _annotations(doc_path, read_user_json(doc_path, "annotation file")):
                 record = grouped.setdefault(
                     ann["image_id"], _ImageRecord(base / root / ann["file_name"], [], [], int(label))
                 )
@@ -192,7 +192,7 @@ class ConversationDataset:
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
                  label_prompt_markup: bool = True) -> None:
         json_path = Path(json_path)
-        self.items = read_json_file(json_path, "conversation file")
+        self.items = read_user_json(json_path, "conversation file")
         if not isinstance(self.items, list):
             hint = " (a segmentation meta file is for stages 1-2)" if isinstance(self.items, dict) else ""
             raise ValueError(f"{json_path}: stages 3-5 expect a JSON list of conversation items, got a "

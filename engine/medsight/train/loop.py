@@ -48,6 +48,7 @@ from medsight.model.checkpoints import CheckpointError, load_into, read_safetens
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
 from medsight.train import checks, fsdp
 from medsight.train import state as trainer_state
+from medsight.user_files import read_user_json
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
-        data = checks.read_json_file(path, f"{cls.__name__} config file")
+        data = read_user_json(path, f"{cls.__name__} config file")
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -294,7 +295,7 @@ def check_resume_config(out_dir: str | Path, config: TrainConfig) -> None:
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
         return  # checkpoints copied on their own, or a run that never started: nothing to compare with
-    saved = checks.read_json_file(path, "saved training config")
+    saved = read_user_json(path, "saved training config")
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: expected a JSON object of config fields, got a {checks.json_kind(saved)}")
     current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as saved
