@@ -146,3 +146,64 @@ def test_a_folder_an_older_medsight_answered_is_resumed_only_when_adopted(vqa, t
                                         r"these ones \(--adopt-settings only records settings where none are\)"):
         _eval(vqa, report, "--model", "tiny", "--adopt-settings")
     assert (report / "settings.json").read_text() == recorded
+
+
+def _noise(path: Path, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+def test_answers_to_other_data_are_refused_naming_the_items(vqa, tmp_path):
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo") == 0
+    predictions = (report / "predictions.jsonl").read_text()
+    items = json.loads(vqa.read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    _noise(other / "img.png", 1)
+    (other / "img2.png").write_bytes((tmp_path / "img.png").read_bytes())
+    edited_question = [_item("q0", "img.png", "Is there a fracture?", "no", "CLOSED"), items[1]]
+    new_image = [items[0], _item("q1", "img2.png", "What organ is shown?", "brain", "OPEN")]
+    for data, images, named in [
+        (edited_question, None, r"'q0' \(question\)"),  # another --data file, or the same one edited
+        (new_image, str(other), r"'q0' \(image or mask file\)"),  # another --images folder: q0's img.png differs
+        ([items[1], items[0]], None, r"'q0' \(position in the data file, which seeds its sampling\), 'q1'"),
+    ]:
+        changed = tmp_path / "changed.json"
+        changed.write_text(json.dumps(data))
+        extra = ["--images", images] if images else []
+        with pytest.raises(DataError, match=rf"{report / 'predictions.jsonl'} holds answers to \d item\(s\) that "
+                                            rf"this command's data asks otherwise: {named}.*\. They were asked about "
+                                            r"another --data file, an edited one or another --images folder; choose "
+                                            r"another --report folder for this data"):
+            _eval(changed, report, "--model", "demo", *extra)
+        assert (report / "predictions.jsonl").read_text() == predictions
+    # The same data moved elsewhere still matches; a corrected GT answer is rescored from the kept answers.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "img.png").write_bytes((tmp_path / "img.png").read_bytes())
+    text = read_predictions(report / "predictions.jsonl")[1]["text"]
+    (moved / "vqa.json").write_text(json.dumps([items[0], _item("q1", "img.png", "What organ is shown?", text,
+                                                                "OPEN")]))
+    assert _eval(moved / "vqa.json", report, "--model", "demo") == 0
+    assert (report / "predictions.jsonl").read_text() == predictions
+    rows = {(r["metric"], r["aggregate"]): r for r in json.loads((report / "report.json").read_text())["metrics"]}
+    assert rows[("strict_exact", "per_sample_mean")]["value"] == 100.0
+    assert "Data: " + str(moved / "vqa.json") in (report / "report.md").read_text()
+
+
+def test_the_dtype_is_recorded_as_loaded_and_an_older_auto_is_adopted_only_on_request(vqa, tmp_path):
+    report = tmp_path / "report"
+    assert main(["vqa", "--data", str(vqa), "--report", str(report), "--model", "demo", "--device", "cpu",
+                 "--bootstrap", "5", "--quiet", "--max-new-tokens", "5"]) == 0
+    settings = json.loads((report / "settings.json").read_text())
+    assert settings["dtype"] == "float32"  # what "auto" is on the CPU; bfloat16 on a GPU would be refused
+    with pytest.raises(DataError, match=r"other settings \(dtype: \"float32\" there, \"bfloat16\" now\)"):
+        _eval(vqa, report, "--model", "demo", "--dtype", "bfloat16")
+    # An older medsight recorded "auto", which names neither.
+    (report / "settings.json").write_text(json.dumps({**settings, "dtype": "auto"}))
+    with pytest.raises(DataError, match=r"settings\.json does not say which dtype made its predictions \(an older "
+                                        r"medsight wrote it\)\. If this command's \(dtype \"float32\"\) did, rerun it "
+                                        r"with --adopt-settings to record that and resume"):
+        _eval(vqa, report, "--model", "demo")
+    assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
+    assert json.loads((report / "settings.json").read_text()) == settings

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings
+from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
 from medsight.evaluate.readers import EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import build_report, write_report
 from medsight.evaluate.runner import (
@@ -77,15 +77,33 @@ class _LazyEngine:
 
             from medsight.engine import Engine
 
-            device = self.args.device
-            if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-                device = f"cuda:{os.environ['LOCAL_RANK']}"
+            device = _device(self.args)
             dtype = getattr(torch, self.args.dtype) if self.args.dtype else None
             kwargs = {"vision_file": self.args.vision_file} if self.args.vision_file else {}
             if self.args.adapter:
                 kwargs["adapter"] = self.args.adapter
             self.engine = Engine.load(self.args.model, device=device, dtype=dtype, **kwargs)
         return self.engine.ask(*a, **k)
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """--device, else cuda:LOCAL_RANK under torchrun on a GPU host, else None (the loader's choice)."""
+    import torch
+
+    if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return args.device
+
+
+def _dtype_name(args: argparse.Namespace) -> str:
+    """The dtype the model will load in: --dtype, else the loader's default for the device (bfloat16 on CUDA), so a
+    run resumed on another kind of device without --dtype is told its answers would come from another dtype."""
+    from medsight.model.loading import default_dtype, parse_device, resolve_device
+
+    if args.dtype:
+        return args.dtype
+    device = _device(args)
+    return str(default_dtype(parse_device(device) if device else resolve_device(None))).removeprefix("torch.")
 
 
 def _runs(args: argparse.Namespace) -> list[tuple[str, list[EvalItem], RunOptions]]:
@@ -113,8 +131,9 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def _settings(args: argparse.Namespace, runs, report_dir: Path) -> dict:
     """What produced the folder's predictions (`medsight.evaluate.provenance`)."""
-    return answer_settings(args.task, args.model, args.adapter, args.vision_file, [o for _, _, o in runs],
-                           args.dtype, report_dir)
+    return {**answer_settings(args.task, args.model, args.adapter, args.vision_file, [o for _, _, o in runs],
+                             _dtype_name(args), report_dir),
+            **data_settings(args.data, args.images, args.vqa_data if args.task == "diagseg" else None)}
 
 
 def _merge_existing_shards(report_dir: Path, name: str, items: list[EvalItem]) -> Path:

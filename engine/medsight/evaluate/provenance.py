@@ -9,8 +9,12 @@ lies or when it was copied (a moved folder, or each node's own copy under torchr
 names and sizes, the whole content of small files (configs, tokenizer), and of large ones the safetensors header
 (tensor names, shapes, dtypes) plus evenly spaced samples, so an 8B model costs a few MiB of reading. Hidden files
 and report folders inside the model folder are left out. A retraining that changes only bytes between the samples
-goes unnoticed: use a new --report folder for it. Not recorded: the device, and the contents behind a Hub id.
-A folder answered by a medsight that wrote no settings is adopted only on request (``--adopt-settings``).
+goes unnoticed: use a new --report folder for it. The data files and images folder are recorded for the report
+only: each answer carries what it was asked (`medsight.evaluate.runner.input_fingerprint`), checked item by item on
+resume. The dtype is recorded as resolved ("auto" is bfloat16 on CUDA, float32 elsewhere). Not recorded: the device
+(at one dtype, CPU and GPU differ by float rounding), and the contents behind a Hub id. A folder answered by a
+medsight that wrote no settings, or settings with an unresolved dtype, is adopted only on request
+(``--adopt-settings``), which records what is missing and replaces nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from medsight.user_files import read_user_json
 
 SETTINGS_FILE = "settings.json"
 #: Shown in messages and reports, not compared (a folder may move; its files identify it).
-DISPLAY_ONLY = ("model", "model_path")
+DISPLAY_ONLY = ("model", "model_path", "data", "vqa_data", "images")
+#: Values older medsight versions recorded that do not say what produced the answers ("auto": either dtype).
+UNRESOLVED = {"dtype": "auto"}
 ADOPT_FLAG = "--adopt-settings"
 #: Files up to this size are hashed whole; larger ones by `SAMPLES` chunks of `SAMPLE_BYTES` (and their header).
 SMALL_FILE = 1 << 20
@@ -114,9 +120,10 @@ def source_identity(spec: str | None, skip: Path | None = None) -> str | None:
 
 
 def answer_settings(task: str, model: str, adapter: str | None, vision_file: str | None, options: Sequence[Any],
-                    dtype: str | None, report_dir: Path | None = None) -> dict[str, Any]:
-    """The settings that change answers, for the `RunOptions` of every generation the task runs (`report_dir` is
-    left out of local model files: it may lie inside the model folder)."""
+                    dtype: str, report_dir: Path | None = None) -> dict[str, Any]:
+    """The settings that change answers, for the `RunOptions` of every generation the task runs (`dtype`: the one
+    the model loads in, resolved; `report_dir` is left out of local model files: it may lie inside the model
+    folder)."""
     from medsight.model.generation import DEFAULT_MAX_NEW_TOKENS
 
     first = options[0]
@@ -135,15 +142,25 @@ def answer_settings(task: str, model: str, adapter: str | None, vision_file: str
         "seed": first.seed if any(o.sampled for o in options) else None,
         "batch": first.batch if any(not o.sampled for o in options) else None,
         "resize_mode": first.resize_mode,
-        "dtype": dtype or "auto",
+        "dtype": dtype,
     }
+
+
+def data_settings(data: str | Path, images: str | Path | None, vqa_data: str | Path | None) -> dict[str, Any]:
+    """Which data files and images folder were evaluated, shown in the report (not compared: each answer records
+    its own inputs, `medsight.evaluate.runner.input_fingerprint`)."""
+    data = Path(data).expanduser().resolve()
+    return {"data": str(data), "vqa_data": str(Path(vqa_data).expanduser().resolve()) if vqa_data else None,
+            "images": str(Path(images).expanduser().resolve() if images is not None
+                          else data if data.is_dir() else data.parent)}
 
 
 def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = False) -> None:
     """Record `settings` in a fresh report folder, or refuse if its predictions were made with other ones.
 
-    `adopt` records them in a folder whose predictions have no settings (an older medsight made them): the user
-    vouches that these settings produced them. It never replaces recorded settings.
+    `adopt` records them in a folder whose predictions have no settings, or settings an older medsight wrote
+    without some of them (e.g. "auto" for the dtype): the user vouches that these settings produced them. It never
+    replaces a recorded value.
     """
     path = report_dir / SETTINGS_FILE
     if not path.exists():
@@ -154,8 +171,9 @@ def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = Fal
                             "otherwise choose another --report folder")
         _write_once(path, settings)
     recorded = _read(path)
+    unrecorded = [k for k in settings if k not in DISPLAY_ONLY and _unrecorded(recorded, k)]
     differ = [k for k in sorted(recorded.keys() | settings.keys())
-              if k not in DISPLAY_ONLY and recorded.get(k) != settings.get(k)]
+              if k not in DISPLAY_ONLY and k not in unrecorded and recorded.get(k) != settings.get(k)]
     if differ:
         # seed/batch are null where they do not apply: that follows from a sampling or task change, named anyway.
         shown = [k for k in differ if not (k in ("seed", "batch") and None in (recorded.get(k), settings.get(k)))]
@@ -163,6 +181,17 @@ def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = Fal
         note = f" ({ADOPT_FLAG} only records settings where none are)" if adopt else ""
         raise DataError(f"{report_dir} holds predictions made with other settings ({changes}). Rerun with the "
                         f"settings in {path} to resume, or choose another --report folder for these ones{note}")
+    if unrecorded and not adopt:
+        now = ", ".join(f"{k} {json.dumps(settings[k])}" for k in unrecorded)
+        raise DataError(f"{path} does not say which {', '.join(unrecorded)} made its predictions (an older medsight "
+                        f"wrote it). If this command's ({now}) did, rerun it with {ADOPT_FLAG} to record that and "
+                        "resume; otherwise choose another --report folder")
+    if unrecorded:
+        _replace(path, {**recorded, **{k: settings[k] for k in unrecorded}})
+
+
+def _unrecorded(recorded: dict[str, Any], key: str) -> bool:
+    return key not in recorded or (key in UNRESOLVED and recorded[key] == UNRESOLVED[key])
 
 
 def _difference(key: str, recorded: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -187,6 +216,17 @@ def _write_once(path: Path, settings: dict[str, Any]) -> None:
             _link_or_create(Path(tmp), path, text)
         finally:
             os.unlink(tmp)
+    except OSError as err:
+        raise DataError(f"cannot record the report's settings in {path}: {err}") from None
+
+
+def _replace(path: Path, settings: dict[str, Any]) -> None:
+    """Rewrite the recorded settings with `settings` (adopting what an older medsight left unrecorded), atomically."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps(settings, indent=1) + "\n").encode())
+        os.replace(tmp, path)
     except OSError as err:
         raise DataError(f"cannot record the report's settings in {path}: {err}") from None
 

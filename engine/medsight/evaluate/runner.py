@@ -1,13 +1,16 @@
 """Inference for evaluation: resumable JSONL predictions, sharding, and merging shards.
 
 One JSON line per item, written and fsync'ed as soon as the item is answered, so an interrupted run loses at most
-the item in flight and a rerun skips every id already in the file. Shard i of n takes items i::n (after
+the item in flight and a rerun skips every id already in the file. Each line records what its item was asked
+(`input_fingerprint`); a rerun whose data gives an answered id another question, image, GT mask or position is
+refused, so answers to different data are never mixed in one report. Shard i of n takes items i::n (after
 ``limit``); each item's sampling seed depends on its position in the input file, never on the shard, so a
 sharded run with batch 1 reproduces the single-process predictions exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -24,6 +27,10 @@ from medsight.user_files import read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
+#: Image and mask files are known by their size and first bytes (a PNG's header and first rows of pixels).
+INPUT_SAMPLE = 1 << 16
+#: Items named in the error for answers to other inputs.
+SHOWN_ITEMS = 5
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,54 @@ def merge_shards(paths: Sequence[str | Path], order: Sequence[str] | None = None
     return sorted(by_id.values(), key=lambda r: rank.get(str(r["question_id"]), len(rank)))
 
 
+# -- inputs --------------------------------------------------------------------------------------------------------
+def item_seed(options: RunOptions, index: int) -> int | None:
+    """The sampling seed of the item at `index` in the input file (None for greedy runs)."""
+    return options.seed * 1_000_003 + index if options.sampled else None
+
+
+def input_fingerprint(item: EvalItem, options: RunOptions) -> dict[str, str]:
+    """What an answer was asked: a hash of the question, and of the image's (and, for segmentation, the GT masks':
+    stored masks lie on their grid) sizes and first bytes. Paths are left out, so a moved data set still matches."""
+    files = [item.image, *(item.masks if options.segment else [])]
+    return {"question": hashlib.sha256(item.question.encode()).hexdigest()[:16],
+            "files": hashlib.sha256(json.dumps([_file_sample(f) for f in files]).encode()).hexdigest()[:16]}
+
+
+def _file_sample(f: Path) -> str:
+    try:
+        with open(f, "rb") as fh:
+            return f"{os.fstat(fh.fileno()).st_size} {hashlib.sha256(fh.read(INPUT_SAMPLE)).hexdigest()}"
+    except OSError:
+        return "unreadable"  # a pending item's file is named by check_files; an answered one's now differs
+
+
+def check_inputs(path: Path, records: Sequence[Prediction], selected: Sequence[tuple[int, EvalItem]],
+                 options: RunOptions) -> None:
+    """Refuse `records` that answered another question, image, GT mask or position than their ids have now (another
+    --data file, an edited one, another --images folder); records of older medsight versions carry no inputs."""
+    current = {it.id: (i, it) for i, it in selected}
+    changed = []
+    for rec in records:
+        index, item = current.get(str(rec["question_id"]), (None, None))
+        meta = rec.get("metadata") or {}
+        if item is None:
+            continue
+        stored, what = meta.get("input"), []
+        if isinstance(stored, dict):
+            now = input_fingerprint(item, options)
+            what += [{"question": "question", "files": "image or mask file"}[k] for k in now if stored.get(k) != now[k]]
+        if "seed" in meta and meta["seed"] != item_seed(options, index):
+            what.append("position in the data file, which seeds its sampling")
+        if what:
+            changed.append(f"{item.id!r} ({', '.join(what)})")
+    if changed:
+        more = f" and {len(changed) - SHOWN_ITEMS} more" if len(changed) > SHOWN_ITEMS else ""
+        raise DataError(f"{path} holds answers to {len(changed)} item(s) that this command's data asks otherwise: "
+                        f"{', '.join(changed[:SHOWN_ITEMS])}{more}. They were asked about another --data file, an "
+                        "edited one or another --images folder; choose another --report folder for this data")
+
+
 # -- masks ---------------------------------------------------------------------------------------------------------
 def encode_masks(masks: Sequence[np.ndarray], shape: Sequence[int]) -> dict:
     """(K, H, W) masks of one prediction as stored in the predictions file: the grid shape and each mask's RLE
@@ -218,7 +273,7 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
         "question_id": item.id, "prompt": item.question, "text": answer.text, "gt_ans": item.answer,
         "answer_type": item.answer_type, "modality": item.modality,
         "metadata": {"index": index, "codes": [r.code for r in answer.regions], "seed": seed,
-                     "task": options.task, "sampling": options.sampling},
+                     "task": options.task, "sampling": options.sampling, "input": input_fingerprint(item, options)},
     }
     if options.segment:
         try:
@@ -254,14 +309,16 @@ def run_predictions(
     from medsight.model.medsight import ImageOptions
 
     selected = select_items(items, shard, num_shards, limit)
-    done = {str(r["question_id"]) for r in read_predictions(out_path, repair=True)}
+    existing = read_predictions(out_path, repair=True)
+    check_inputs(Path(out_path), existing, selected, options)
+    done = {str(r["question_id"]) for r in existing}
     pending = [(i, it) for i, it in selected if it.id not in done]
     check_files(pending, options)
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
                disable=progress is None, file=sys.stderr)
     for group in _groups(pending, options):
-        seed = options.seed * 1_000_003 + group[0][0] if options.sampled else None
+        seed = item_seed(options, group[0][0])
         answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
                              options.generation(seed), image_options)
         append_predictions(out_path, [_record(i, it, a, options, seed)

@@ -255,6 +255,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model loads in when none is named: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(
     source: str | Path = "demo",
     device: str | torch.device | None = None,
@@ -283,7 +288,7 @@ def load_model(
             (`medsight.model.adapter.load_adapter`).
     """
     device = resolve_device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
         model = load_pretrained(EMBEDDED[str(source)])
     elif str(source) in PRESETS:
