@@ -94,7 +94,10 @@ def test_multiple_choice_difflib():
     assert most_similar("The image shows the lungs", options) == 1
     assert mc_hit("lung", "Lung", options) == 1.0
     assert mc_hit("kidney", "Liver", options) == 0.0
-    assert most_similar("", ["ab", "cd"]) == 0  # all ratios 0: first option
+    # An empty answer, or one sharing no character with any option, chooses none (not the first option).
+    assert most_similar("", ["ab", "cd"]) is None and most_similar("xyz", ["ab", "cd"]) is None
+    assert mc_hit("", "Liver", options) == 0.0
+    assert mc_hit("", "", options) == 1.0  # the official quirk: no option for either, None == None
 
 
 def test_dice_and_empty_masks():

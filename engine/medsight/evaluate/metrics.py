@@ -172,16 +172,19 @@ def options_of(item: Mapping) -> list[str]:
     return [str(item[k]) for k in OPTION_KEYS if k in item and item[k] is not None]
 
 
-def most_similar(text: str, options: Sequence[str]) -> int:
-    """Index of the option with the highest difflib ratio against `text` (first one on ties)."""
+def most_similar(text: str, options: Sequence[str]) -> int | None:
+    """Index of the option with the highest difflib ratio against `text` (first one on ties), or None when every
+    ratio is 0 (an empty answer, or one sharing no character with any option), as the official search for a ratio
+    above 0 finds none."""
     if not options:
         raise ValueError("no options to choose from")
     ratios = [difflib.SequenceMatcher(None, text, o).ratio() for o in options]
-    return int(np.argmax(ratios))
+    return int(np.argmax(ratios)) if max(ratios) > 0 else None
 
 
 def mc_hit(pred: str, gt_answer: str, options: Sequence[str]) -> float:
-    """1 when the option closest to the raw prediction is the option closest to the GT answer."""
+    """1 when the option closest to the raw prediction is the option closest to the GT answer (an answer like no
+    option is a miss, unless the GT answer is like none either: the official comparison of two Nones)."""
     return float(most_similar(pred, options) == most_similar(gt_answer, options))
 
 
