@@ -169,3 +169,26 @@ def test_end_to_end_report_matches_predictions(diagseg, single_run):
     lo, hi = rows[("dice", "all", "per_sample_mean")]["ci95"]
     assert lo <= rows[("dice", "all", "per_sample_mean")]["value"] <= hi
     assert rows[("dice", "MRI", "mean")]["paper"] == 82.3
+
+
+def test_vqa_data_must_ask_every_scored_item_and_gives_each_its_recall(diagseg, tmp_path):
+    seg, vqa = diagseg
+    items = json.loads(vqa.read_text())
+    renamed = tmp_path / "other_vqa.json"
+    renamed.write_text(json.dumps([{**it, "qa_id": f"other_{it['qa_id']}"} for it in items]))
+    reordered = tmp_path / "reordered_vqa.json"
+    reordered.write_text(json.dumps(items[::-1]))
+    common = ["diagseg", "--data", str(seg), *ARGS, "--max-new-tokens", "8"]
+    for data, extra, named in [
+        (renamed, [], rf"--vqa-data {renamed} lack {len(items)} item\(s\) of --data {seg} \('{items[0]['qa_id']}'"),
+        (reordered, ["--limit", "2"], rf"the first 2 items of --vqa-data {reordered} lack 2 item\(s\)"),
+    ]:
+        with pytest.raises(DataError, match=rf"{named}.*whose diagnosis recall comes from that file: pass the "
+                                            r"_vqa\.json file made with this data"):
+            main([*common, "--vqa-data", str(data), "--report", str(tmp_path / data.stem), *extra])
+        assert not (tmp_path / data.stem / "predictions.jsonl").exists()
+    # The matching file: every scored item has its recall, from the separate VQA-path run.
+    assert main([*common, "--vqa-data", str(vqa), "--report", str(tmp_path / "ok"), "--limit", "2"]) == 0
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    rows = {(r["metric"], r["aggregate"]): r for r in report["metrics"]}
+    assert rows[("recall", "per_sample_mean")]["n"] == rows[("dice", "per_sample_mean")]["n"] == 2

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
-from medsight.evaluate.readers import EvalItem, read_diagseg, read_items
+from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import build_report, write_report
 from medsight.evaluate.runner import (
     RunOptions,
@@ -112,8 +112,23 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, list[EvalItem], RunOption
               "batch": args.batch, "resize_mode": args.resize_mode}
     runs = [("predictions", read_items(args.task, args.data, args.images), RunOptions(args.task, **common))]
     if args.task == "diagseg" and args.vqa_data:
-        runs.append(("predictions_vqa", read_diagseg(args.vqa_data, args.images), RunOptions("vqa", **common)))
+        vqa_items = read_diagseg(args.vqa_data, args.images)
+        _check_covers(args, runs[0][1], vqa_items)
+        runs.append(("predictions_vqa", vqa_items, RunOptions("vqa", **common)))
     return runs
+
+
+def _check_covers(args: argparse.Namespace, items: list[EvalItem], vqa_items: list[EvalItem]) -> None:
+    """The --vqa-data run (with --limit: its first N items) asks every scored item of --data: the recall comes
+    from it, and a missing item would silently leave the report without that item's recall (or any recall)."""
+    have = {it.id for it in vqa_items[: args.limit]}
+    missing = [it.id for it in items[: args.limit] if it.id not in have]
+    if missing:
+        where = f"the first {args.limit} items of --vqa-data" if args.limit is not None else "--vqa-data"
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"{where} {args.vqa_data} lack {len(missing)} item(s) of --data {args.data} ({shown}), whose "
+                        "diagnosis recall comes from that file: pass the _vqa.json file made with this data"
+                        + (" (its items in the same order, or leave out --limit)" if args.limit is not None else ""))
 
 
 def _check_args(args: argparse.Namespace) -> Path:
