@@ -22,6 +22,7 @@ from medsight.evaluate.runner import (
     read_predictions,
     run_predictions,
     select_items,
+    shard_from_env,
 )
 
 ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
@@ -68,6 +69,15 @@ def test_stored_masks_roundtrip_and_corrupt_ones_are_named():
     assert decode_masks(encode_masks([], m.shape), m.shape).shape == (0, 3, 4)
     with pytest.raises(DataError, match="RLE counts sum to 11, expected 12"):
         decode_masks({"shape": [3, 4], "rle": [[0, 11]]}, m.shape)
+
+
+def test_a_shard_needs_both_its_number_and_the_count():
+    for shard, count, named in [(None, 2, "--num-shards needs --shard too"), (1, None, "--shard needs --num-shards")]:
+        with pytest.raises(ValueError, match=rf"{named}.*: each process takes --shard i \(0 <= i < n\) of "):
+            shard_from_env(shard, count)
+    assert shard_from_env(1, 2) == (1, 2)
+    with pytest.raises(ValueError, match="shard 2 of 2: need 0 <= shard < num_shards"):
+        shard_from_env(2, 2)
 
 
 def test_select_items_shards_after_limit():

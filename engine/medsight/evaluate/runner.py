@@ -86,7 +86,12 @@ def shard_from_env(shard: int | None, num_shards: int | None) -> tuple[int, int]
     """Explicit --shard/--num-shards, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
     if shard is None and num_shards is None:
         shard, num_shards = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    shard, num_shards = int(shard or 0), int(num_shards or 1)
+    elif shard is None or num_shards is None:
+        # --num-shards alone was shard 0 on every machine: one shard answered (and appended to) twice, none else.
+        given = "--num-shards" if shard is None else "--shard"
+        raise ValueError(f"{given} needs {'--shard' if shard is None else '--num-shards'} too: each process takes "
+                         "--shard i (0 <= i < n) of --num-shards n")
+    shard, num_shards = int(shard), int(num_shards)
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}: need 0 <= shard < num_shards")
     return shard, num_shards
