@@ -202,3 +202,15 @@ def test_vqa_data_must_ask_every_scored_item_and_gives_each_its_recall(diagseg, 
     report = json.loads((tmp_path / "ok" / "report.json").read_text())
     rows = {(r["metric"], r["aggregate"]): r for r in report["metrics"]}
     assert rows[("recall", "per_sample_mean")]["n"] == rows[("dice", "per_sample_mean")]["n"] == 2
+
+
+def test_torchrun_entry_point_names_bad_input_without_a_traceback(tmp_path):
+    missing = tmp_path / "missing.json"
+    done = subprocess.run([sys.executable, "-m", "medsight.evaluate.cli", "vqa", "--data", str(missing), "--report",
+                           str(tmp_path / "rep"), "--num-shards", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("medsight eval: error: --num-shards needs --shard too")
+    done = subprocess.run([sys.executable, "-m", "medsight.evaluate.cli", "vqa", "--data", str(missing), "--report",
+                           str(tmp_path / "rep")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("medsight eval: error: ") and str(missing) in done.stderr

@@ -216,4 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The entry point under torchrun (`-m medsight.evaluate.cli`): bad input is a message, not a traceback per rank.
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as err:  # DataError and CheckpointError too
+        print(f"medsight eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
