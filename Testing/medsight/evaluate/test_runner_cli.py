@@ -214,3 +214,26 @@ def test_torchrun_entry_point_names_bad_input_without_a_traceback(tmp_path):
                            str(tmp_path / "rep")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("medsight eval: error: ") and str(missing) in done.stderr
+
+
+def test_a_shard_resumed_on_another_number_of_processes_asks_nothing_answered(diagseg, single_run, tmp_path,
+                                                                            monkeypatch):
+    from medsight.engine import Engine
+
+    def no_model(*a, **k):
+        raise AssertionError("every item is answered: no model may be loaded")
+
+    answers = read_predictions(single_run / "predictions.jsonl")
+    (tmp_path / "settings.json").write_bytes((single_run / "settings.json").read_bytes())
+    # Answered before by one process (item 0) and by 4 shards (the rest), now resumed as shard i of 2.
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(answers[0]) + "\n")
+    for k in range(4):
+        (tmp_path / f"predictions.shard{k}-of-4.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in answers[1:][k::4]))
+    monkeypatch.setattr(Engine, "load", no_model)
+    for i in range(2):
+        assert main(["diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), "--shard", str(i),
+                     "--num-shards", "2", *ARGS]) == 0
+    assert not list(tmp_path.glob("predictions.shard*-of-2.jsonl"))
+    assert main(["diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), *ARGS]) == 0
+    assert read_predictions(tmp_path / "predictions.jsonl") == answers

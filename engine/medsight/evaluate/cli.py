@@ -195,8 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     engine = _LazyEngine(args)
     for name, items, options in runs:
-        run_predictions(engine, items, prediction_path(report_dir, name, shard, num_shards), options, shard,
-                        num_shards, args.limit, None if args.quiet else f"{name} shard {shard}/{num_shards}")
+        path = prediction_path(report_dir, name, shard, num_shards)
+        others = [prediction_path(report_dir, name), *sorted(report_dir.glob(f"{name}.shard*-of-*.jsonl"))]
+        run_predictions(engine, items, path, options, shard, num_shards, args.limit,
+                        None if args.quiet else f"{name} shard {shard}/{num_shards}",
+                        answered=[p for p in others if p != path])
     if "MASTER_ADDR" in os.environ and args.shard is None:
         # torchrun: wait for every rank, then rank 0 merges and reports. gloo works on CPU and GPU hosts; the long
         # timeout covers shards finishing hours apart.

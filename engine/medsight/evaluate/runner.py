@@ -303,11 +303,14 @@ def run_predictions(
     num_shards: int = 1,
     limit: int | None = None,
     progress: str | None = None,
+    answered: Sequence[str | Path] = (),
 ) -> list[Prediction]:
     """Answer this shard's items not yet in ``out_path`` and append them; returns the shard's records in order.
 
     ``engine`` is a `medsight.Engine` (or anything with the same ``ask``). ``progress`` labels a progress bar on
-    stderr (None: no bar).
+    stderr (None: no bar). ``answered``: the report's other predictions files (merged, or shards of another
+    number of processes), read only: their answers count as done, so a run resumed on more or fewer processes
+    does not ask again what is answered (the final merge takes every file).
     """
     from tqdm import tqdm
 
@@ -317,6 +320,10 @@ def run_predictions(
     existing = read_predictions(out_path, repair=True)
     check_inputs(Path(out_path), existing, selected, options)
     done = {str(r["question_id"]) for r in existing}
+    for other in answered:
+        records = read_predictions(other)  # a shard still being written ends at its last complete line
+        check_inputs(Path(other), records, selected, options)
+        done |= {str(r["question_id"]) for r in records}
     pending = [(i, it) for i, it in selected if it.id not in done]
     check_files(pending, options)
     image_options = ImageOptions(resize_mode=options.resize_mode)
