@@ -189,6 +189,10 @@ def test_answers_to_other_data_are_refused_naming_the_items(vqa, tmp_path):
     rows = {(r["metric"], r["aggregate"]): r for r in json.loads((report / "report.json").read_text())["metrics"]}
     assert rows[("strict_exact", "per_sample_mean")]["value"] == 100.0
     assert "Data: " + str(moved / "vqa.json") in (report / "report.md").read_text()
+    # A report rebuilt where the images are not (nothing to answer): the questions are still compared.
+    (moved / "img.png").unlink()
+    assert _eval(moved / "vqa.json", report, "--model", "demo") == 0
+    assert (report / "predictions.jsonl").read_text() == predictions
 
 
 def test_the_dtype_is_recorded_as_loaded_and_an_older_auto_is_adopted_only_on_request(vqa, tmp_path):

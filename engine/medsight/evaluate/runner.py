@@ -169,20 +169,21 @@ def item_seed(options: RunOptions, index: int) -> int | None:
     return options.seed * 1_000_003 + index if options.sampled else None
 
 
-def input_fingerprint(item: EvalItem, options: RunOptions) -> dict[str, str]:
+def input_fingerprint(item: EvalItem, options: RunOptions) -> dict[str, str | None]:
     """What an answer was asked: a hash of the question, and of the image's (and, for segmentation, the GT masks':
-    stored masks lie on their grid) sizes and first bytes. Paths are left out, so a moved data set still matches."""
-    files = [item.image, *(item.masks if options.segment else [])]
+    stored masks lie on their grid) sizes and first bytes. Paths are left out, so a moved data set still matches.
+    "files" is None while a file cannot be read (a report rebuilt where the images are not: nothing to compare)."""
+    samples = [_file_sample(f) for f in [item.image, *(item.masks if options.segment else [])]]
     return {"question": hashlib.sha256(item.question.encode()).hexdigest()[:16],
-            "files": hashlib.sha256(json.dumps([_file_sample(f) for f in files]).encode()).hexdigest()[:16]}
+            "files": None if None in samples else hashlib.sha256(json.dumps(samples).encode()).hexdigest()[:16]}
 
 
-def _file_sample(f: Path) -> str:
+def _file_sample(f: Path) -> str | None:
     try:
         with open(f, "rb") as fh:
             return f"{os.fstat(fh.fileno()).st_size} {hashlib.sha256(fh.read(INPUT_SAMPLE)).hexdigest()}"
     except OSError:
-        return "unreadable"  # a pending item's file is named by check_files; an answered one's now differs
+        return None
 
 
 def check_inputs(path: Path, records: Sequence[Prediction], selected: Sequence[tuple[int, EvalItem]],
@@ -199,7 +200,8 @@ def check_inputs(path: Path, records: Sequence[Prediction], selected: Sequence[t
         stored, what = meta.get("input"), []
         if isinstance(stored, dict):
             now = input_fingerprint(item, options)
-            what += [{"question": "question", "files": "image or mask file"}[k] for k in now if stored.get(k) != now[k]]
+            what += [{"question": "question", "files": "image or mask file"}[k] for k in now
+                     if now[k] is not None and stored.get(k) != now[k]]
         if "seed" in meta and meta["seed"] != item_seed(options, index):
             what.append("position in the data file, which seeds its sampling")
         if what:
