@@ -80,6 +80,17 @@ def test_a_shard_needs_both_its_number_and_the_count():
         shard_from_env(2, 2)
 
 
+def test_a_predictions_line_that_is_no_prediction_is_named(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    for n, bad in [(2, '{"text": "yes"}'), (2, "[1, 2]"), (2, '{"question_id": "q1"}')]:
+        path.write_text('{"question_id": "q0", "text": "no"}\n' + bad + "\n")
+        with pytest.raises(DataError, match=rf"predictions\.jsonl: line {n} is not a prediction \(a JSON object with "
+                                            r"'question_id' and 'text'\)"):
+            read_predictions(path)
+    path.write_text('{"question_id": "q0", "text": "no"}\n{"question_id": 1, "text": ""}\n')
+    assert [r["question_id"] for r in read_predictions(path)] == ["q0", 1]
+
+
 def test_select_items_shards_after_limit():
     items = list("abcdefg")
     assert [x for _, x in select_items(items, 1, 2, limit=5)] == ["b", "d"]

@@ -27,6 +27,8 @@ from medsight.user_files import read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
+#: Fields every prediction record has (the official inference.py's answers too).
+RECORD_KEYS = ("question_id", "text")
 #: Image and mask files are known by their size and first bytes (a PNG's header and first rows of pixels).
 INPUT_SAMPLE = 1 << 16
 #: Items named in the error for answers to other inputs.
@@ -134,9 +136,14 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[Prediction]
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {n} is not valid JSON ({err})") from None
+        # Resume, merge and report index every record by these (a hand-merged file may lack them).
+        if not isinstance(rec, dict) or not all(k in rec for k in RECORD_KEYS):
+            raise DataError(f"{path}: line {n} is not a prediction (a JSON object with "
+                            f"{' and '.join(repr(k) for k in RECORD_KEYS)})")
+        out.append(rec)
     return out
 
 
