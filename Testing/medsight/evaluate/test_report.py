@@ -41,3 +41,25 @@ def test_mc_report_per_modality_and_missing():
     assert rows[("CT", "mean")]["value"] == 50.0 and rows[("MRI", "mean")]["value"] == 100.0
     assert rows[("all", "macro_mean")]["value"] == 75.0 and rows[("all", "macro_mean")]["paper"] == 68.9
     assert rows[("all", "per_sample_mean")]["value"] == pytest.approx(200 / 3, abs=1e-3)
+
+
+@pytest.mark.parametrize("width", [12, 8])
+def test_diagseg_report_says_when_dice_stretches_the_square_input_frame(tmp_path, width):
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.runner import encode_masks
+
+    gt = np.zeros((8, width), bool)
+    gt[2:6, 3:7] = True
+    Image.fromarray(np.zeros((8, width, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    items = [EvalItem("1", "q", "lesion", "open", tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])]
+    preds = [{"question_id": "1", "text": "lesion", "masks": encode_masks([gt], gt.shape)}]
+    report = build_report("diagseg", items, preds, n_boot=5)
+    assert report["metrics"][0]["metric"] == "dice" and report["metrics"][0]["value"] == 100.0
+    stretched = [n for n in report["notes"] if "images are not square" in n]
+    note = ("1 of 1 images are not square: their Dice follows the official notebooks, which stretch the model's "
+            "square input frame (the centre crop, or the letterbox) over the whole GT mask, so it does not measure the "
+            "mask on the image (DiagSeg's images are square)")
+    assert stretched == ([] if width == 8 else [note])

@@ -166,9 +166,29 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         if text_predictions is None:
             notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
                          "VQA-path run (pass --vqa-data to reproduce that)")
+        nonsquare = _nonsquare_images(items)
+        if nonsquare:
+            notes.append(f"{nonsquare} of {len(items)} images are not square: their Dice follows the official "
+                         "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
+                         "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
+                         "square)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes,
             "metrics": rows}
+
+
+def _nonsquare_images(items: Sequence[EvalItem]) -> int:
+    """How many items' images are not square (read from their headers; unreadable ones are not counted)."""
+    from PIL import Image
+
+    count = 0
+    for item in items:
+        try:
+            with Image.open(item.image) as im:
+                count += im.width != im.height
+        except (OSError, ValueError):
+            continue
+    return count
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
