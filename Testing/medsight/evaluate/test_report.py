@@ -55,11 +55,15 @@ def test_diagseg_report_says_when_dice_stretches_the_square_input_frame(tmp_path
     Image.fromarray(np.zeros((8, width, 3), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     items = [EvalItem("1", "q", "lesion", "open", tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])]
-    preds = [{"question_id": "1", "text": "lesion", "masks": encode_masks([gt], gt.shape)}]
+    half = gt.copy()
+    half[2:4] = False
+    preds = [{"question_id": "1", "text": "lesion", "masks": encode_masks([gt], gt.shape),
+              "masks_image": encode_masks([half], gt.shape)}]
     report = build_report("diagseg", items, preds, n_boot=5)
-    assert report["metrics"][0]["metric"] == "dice" and report["metrics"][0]["value"] == 100.0
+    rows = {r["metric"]: r["value"] for r in report["metrics"]}
+    assert rows["dice"] == 100.0 and rows["strict_dice"] == pytest.approx(100 * 2 * 8 / (16 + 8), abs=1e-4)
     stretched = [n for n in report["notes"] if "images are not square" in n]
     note = ("1 of 1 images are not square: their Dice follows the official notebooks, which stretch the model's "
             "square input frame (the centre crop, or the letterbox) over the whole GT mask, so it does not measure the "
-            "mask on the image (DiagSeg's images are square)")
+            "mask on the image (DiagSeg's images are square); strict_dice does")
     assert stretched == ([] if width == 8 else [note])

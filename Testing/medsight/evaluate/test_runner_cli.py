@@ -248,3 +248,30 @@ def test_a_shard_resumed_on_another_number_of_processes_asks_nothing_answered(di
     assert not list(tmp_path.glob("predictions.shard*-of-2.jsonl"))
     assert main(["diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), *ARGS]) == 0
     assert read_predictions(tmp_path / "predictions.jsonl") == answers
+
+
+def test_strict_dice_scores_the_masks_on_non_square_images(diagseg, single_run, tmp_path):
+    """The same images padded left and right: the model sees the same centre crop and answers alike; the official
+    Dice stretches that square frame over the wider mask, the strict Dice scores the masks on the image."""
+    items = json.loads(diagseg[0].read_text())[:2]
+    padded = []
+    for it in items:
+        for key, path in (("image_file", it["image_file"]), ("mask", it["masks"][0][1])):
+            pixels = np.asarray(Image.open(path))
+            pad = [(0, 0), (pixels.shape[0] // 4,) * 2] + [(0, 0)] * (pixels.ndim - 2)
+            Image.fromarray(np.pad(pixels, pad)).save(tmp_path / f"{it['qa_id']}_{key}.png")
+        padded.append({**it, "image_file": str(tmp_path / f"{it['qa_id']}_image_file.png"),
+                       "masks": [[0, str(tmp_path / f"{it['qa_id']}_mask.png")]]})
+    (tmp_path / "padded.json").write_text(json.dumps(padded))
+    assert main(["diagseg", "--data", str(tmp_path / "padded.json"), "--report", str(tmp_path / "rep"), *ARGS]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
+    originals = {it.id: it for it in read_diagseg(diagseg[0])}
+    square = []
+    for rec in read_predictions(single_run / "predictions.jsonl")[:2]:
+        gt = np.asarray(Image.open(originals[rec["question_id"]].masks[0]).convert("L")) > 127
+        masks = decode_masks(rec["masks"], gt.shape)
+        square.append(np.mean([2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in masks]))
+    assert rows["strict_dice"]["value"] == pytest.approx(100 * np.mean(square), abs=1e-3)
+    assert rows["dice"]["value"] < rows["strict_dice"]["value"] - 10
+    assert any(n.startswith("2 of 2 images are not square") for n in report["notes"])

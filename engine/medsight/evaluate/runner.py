@@ -300,7 +300,18 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
         stacked = torch.stack(logits) if logits else torch.zeros(0, 1, 1)
         masks = binarize_logits(stacked, gt.shape)
         rec["masks"] = encode_masks(masks, gt.shape)
+        # The engine's masks on the image (crop or letterbox inverted), for the strict Dice on non-square images.
+        rec["masks_image"] = encode_masks([_on_grid(r.mask, gt.shape) for r in answer.regions], gt.shape)
     return rec
+
+
+def _on_grid(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask on the image's grid, resized (nearest) to a GT mask of another resolution."""
+    if mask.shape == tuple(shape):
+        return mask
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(shape[::-1], Image.Resampling.NEAREST)) > 0
 
 
 def run_predictions(
