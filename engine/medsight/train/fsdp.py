@@ -22,7 +22,7 @@ the optimizer's hyper-parameters, the step and each rank's RNG are JSON next to 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,24 @@ class Opaque:
 class LossModule(nn.Module):
     """The FSDP root: holds the model, and its forward is the stage loss (batch -> dict of scalar terms)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]],
+                 own_trainable: Sequence[str] = ()) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.own_trainable = tuple(own_trainable)  # names in `model` of the trainable parameters of the root unit
 
     def forward(self, batch: Opaque) -> dict[str, torch.Tensor]:
-        return self.loss_fn(batch.value)
+        terms = self.loss_fn(batch.value)
+        if self.own_trainable and torch.is_grad_enabled():
+            # FSDP2 reduce-scatters only the parameters that have a gradient on *this* rank. A trainable part that
+            # one rank's samples skip (stage 2 routes each sample to its modality's codebook) would make the ranks'
+            # collectives differ (gloo aborts: "Received data size doesn't match"; NCCL hangs). A zero-weighted
+            # term gives each of them a (zero) gradient on every rank. (Unlike a single process, which leaves a part
+            # without a gradient untouched, Adam then still applies its momentum to a part no rank used in a step.)
+            touch = sum(self.model.get_parameter(n).sum() for n in self.own_trainable)
+            terms = {**terms, "loss": terms["loss"] + 0.0 * touch}
+        return terms
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -94,9 +105,12 @@ def shard(model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]], m
           param_dtype: torch.dtype) -> LossModule:
     """Wrap `model` in a LossModule and shard it in place with `fully_shard` (per decoder layer, then the rest)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for unit in fsdp_units(model):
+    units = fsdp_units(model)
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    own = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_units]
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    root = LossModule(model, loss_fn)
+    root = LossModule(model, loss_fn, own)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
 
