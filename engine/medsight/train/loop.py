@@ -471,7 +471,7 @@ def train(
                 if torch.is_tensor(value) and value.ndim == 0:
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
         if sharded:
-            sums = _mean_over_ranks(sums, world)
+            sums = _mean_over_ranks(sums, world, device)
         current = dict(model.named_parameters())
         for key, mask in masked.items():
             fsdp.mask_gradient(current[key], mask)
@@ -533,10 +533,12 @@ def _param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _mean_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """The logged terms of a sharded step: the mean over ranks, i.e. over the global batch."""
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    # On the training device: NCCL (the backend on GPUs) reduces only CUDA tensors ("No backend type associated
+    # with device type cpu" for a CPU one).
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     return {k: float(v) / world for k, v in zip(keys, values, strict=True)}
 
