@@ -20,7 +20,8 @@ are counted from the samples left).
 Distributed: under `torchrun` (WORLD_SIZE > 1) the model is sharded with PyTorch's FSDP2 (`medsight.train.fsdp`:
 per decoder layer, mixed precision over float32 master weights) and every rank takes its own slice of each step's
 samples (what a DistributedSampler does); gradients are reduce-scattered by FSDP. Checkpoints are then
-`torch.distributed.checkpoint` shards; `final/` is gathered on rank 0 into our format. Only rank 0 writes logs.
+`torch.distributed.checkpoint` shards; `final/` is gathered on rank 0 into our format. Only rank 0 writes logs;
+the loss terms it logs are means over all ranks (the global batch) and `grad_norm` is the whole gradient's norm.
 
 Trainer state is read back without unpickling arbitrary objects (`medsight.train.state`).
 """
