@@ -217,12 +217,13 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def cosine_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier per optimizer step: linear warm-up, then cosine from 1 down to `min_ratio`."""
+    """LR multiplier per optimizer step: linear warm-up from 0, then cosine from 1 down to `min_ratio` (Hugging Face's
+    cosine schedule with warm-up, which the official stages 3-5 used through its Trainer)."""
     warmup = math.ceil(total * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
