@@ -437,9 +437,11 @@ def train(
             # Resumed on another number of processes: the steps left are those the samples left need.
             steps = step + max(0, math.ceil((config.epochs * len(dataset) - position) / per_step))
             scheduler.lr_lambdas = [cosine_lambda(steps, config.warmup_ratio, min_ratio)] * len(optimizer.param_groups)
-            for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
-                                              strict=True):
-                group["lr"] = base_lr * factor(scheduler.last_epoch)
+        # The restored lr is the old schedule's; a lengthened run's next step takes the new one (the same value when
+        # the length is unchanged: LambdaLR computes it the same way).
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                          strict=True):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if step > steps:
             raise ValueError(f"cannot resume {checkpoint} (step {step}) with {steps} steps in all: a resume can "
                              "lengthen a run, not shorten it (raise max_steps or epochs)")
