@@ -52,6 +52,7 @@ class Stage1Config(TrainConfig):
     """Stage 1: Adam(0.9, 0.99) lr 1e-4, global batch 48, 20 epochs, cosine to 1e-6, clip 1.0, fp32, seed 0.
 
     The official schedule steps once per epoch; here the same cosine is evaluated per optimizer step.
+    `batch_size` is per process: the official run was 12 on each of 4 GPUs, so under torchrun use 48 / N.
     `train_vision` also trains the ViT (official: frozen), for models without pretrained vision weights.
     """
 
