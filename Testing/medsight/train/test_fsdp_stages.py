@@ -4,7 +4,8 @@ the same batches.
 Stage 2 routes each sample to its modality's codebook, so in a step where the ranks' samples have different
 modalities each rank leaves a different codebook without a gradient; FSDP2 reduce-scatters only the parameters
 with a gradient, and the ranks' collectives then differ (codebook 0's gradient was summed into codebook 1's, or gloo
-aborted). Both stages also create random parameters before training (the codebook, lora_A): every rank must draw
+aborted). A codebook no rank uses in a step must stay untouched, as in one process (Adam's momentum moved it).
+Both stages also create random parameters before training (the codebook, lora_A): every rank must draw
 the same ones, or the sharded model is a patchwork of different initialisations. Each command is a fresh launch,
 so nothing has seeded the RNG before those draws.
 """
@@ -29,7 +30,7 @@ from medsight_testing.train_data import write_synthetic
 
 WORLD = 2
 # Batch 1 per rank x 2 ranks = the single-process batch 1 x grad-accum 2 (same samples per step).
-STAGE2 = Stage2Config(lr=3e-3, max_steps=3, batch_size=1, min_lr=0.0, device="cpu")
+STAGE2 = Stage2Config(lr=3e-3, max_steps=4, batch_size=1, min_lr=0.0, seed=1, device="cpu")
 LORA = LoraConfig(lr=1e-2, projector_lr=1e-3, max_steps=3, grad_accum=1, warmup_ratio=0.0, lora_dropout=0.0,
                   device="cpu")
 
@@ -80,6 +81,9 @@ def test_ranks_with_different_codebooks_train_stage2_like_one_process(setup, sta
     modalities = [[dataset[order[step * WORLD + r]].modality for r in range(WORLD)]
                   for step in range(STAGE2.max_steps)]
     assert any(len(set(pair)) > 1 for pair in modalities), modalities
+    # ... and in a later step no rank routes to a codebook that an earlier step trained.
+    trained_before = [{m for pair in modalities[:i] for m in pair} for i in range(len(modalities))]
+    assert any(trained_before[i] - set(pair) for i, pair in enumerate(modalities)), modalities
     single = run_stage2(start, setup["data"]["root"], replace(STAGE2, grad_accum=WORLD), tmp_path)
     want = [r["loss"] for r in single.records]
     print("sharded", stage2[0], "single", want, "modalities per step", modalities)

@@ -69,8 +69,8 @@ class LossModule(nn.Module):
             # FSDP2 reduce-scatters only the parameters that have a gradient on *this* rank. A trainable part that
             # one rank's samples skip (stage 2 routes each sample to its modality's codebook) would make the ranks'
             # collectives differ (gloo aborts: "Received data size doesn't match"; NCCL hangs). A zero-weighted
-            # term gives each of them a (zero) gradient on every rank. (Unlike a single process, which leaves a part
-            # without a gradient untouched, Adam then still applies its momentum to a part no rank used in a step.)
+            # term gives each of them a (zero) gradient on every rank; `drop_unused_gradients` then gives back None
+            # to those no rank used.
             touch = sum(self.model.get_parameter(n).sum() for n in self.own_trainable)
             terms = {**terms, "loss": terms["loss"] + 0.0 * touch}
         return terms
@@ -119,6 +119,22 @@ def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of an accumulated step."""
     if isinstance(root, FSDPModule):
         root.set_requires_gradient_sync(enabled)
+
+
+def drop_unused_gradients(root: nn.Module) -> None:
+    """After a step's backward (collective): set the gradient of each trainable parameter of the root unit that no
+    rank used (all zero everywhere) back to None, so that the optimizer leaves it untouched as in one process (Adam
+    would otherwise still apply its momentum to, e.g., a stage-2 codebook no sample of the step routed to)."""
+    if not isinstance(root, LossModule) or not root.own_trainable:
+        return
+    params = [root.model.get_parameter(n) for n in root.own_trainable]
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    device = next((g.device for g in grads if g is not None), params[0].device)
+    used = torch.stack([torch.zeros((), device=device) if g is None else g.ne(0).any().float() for g in grads])
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    for param, flag in zip(params, used.tolist(), strict=True):
+        if not flag:
+            param.grad = None
 
 
 def local_numel(module: nn.Module) -> tuple[int, int]:

@@ -476,6 +476,7 @@ def train(
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
         if sharded:
             sums = _mean_over_ranks(sums, world, device)
+            fsdp.drop_unused_gradients(runner)
         current = dict(model.named_parameters())
         for key, mask in masked.items():
             fsdp.mask_gradient(current[key], mask)
