@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +57,47 @@ def test_resume_refuses_a_state_file_with_objects(tmp_path):
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         train(model, params, [0, 1], lambda samples: samples, loss_fn, config, tmp_path, resume=True)
     assert not marker.exists()
+
+
+KILLED_WHILE_SAVING = """
+import io, os, sys
+from pathlib import Path
+import torch
+from medsight.config import tiny_config
+from medsight.model.loading import build_model
+from medsight.train.loop import TrainConfig, train
+
+real_save, saves = torch.save, []
+
+
+def torn_save(obj, target, *args, **kwargs):
+    # The second trainer state: write half of its bytes where torch.save was asked to, then die (like a SIGKILL).
+    saves.append(target)
+    if len(saves) == 2:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os._exit(9)
+    return real_save(obj, target, *args, **kwargs)
+
+
+torch.save = torn_save
+model = build_model(tiny_config(), seed=0)
+params = list(model.language_model.model.mm_projector.parameters())
+train(model, params, [0, 1, 2], lambda samples: samples, lambda batch: {"loss": sum(p.square().sum() for p in params)},
+      TrainConfig(max_steps=3, save_every=1, device="cpu"), sys.argv[1])
+"""
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path):
+    """A state file torn by a kill during the save must not mark its checkpoint complete."""
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 9, done.stderr[-3000:]
+    assert (tmp_path / CHECKPOINT_DIR / "step-0000002").is_dir()  # killed inside the second checkpoint's save
+    model = build_model(tiny_config(), seed=1)
+    params = list(model.language_model.model.mm_projector.parameters())
+    result = train(model, params, [0, 1, 2], lambda samples: samples,
+                   lambda batch: {"loss": sum(p.square().sum() for p in params)},
+                   TrainConfig(max_steps=3, save_every=1, device="cpu"), tmp_path, resume=True)
+    assert [r["step"] for r in result.records] == [2, 3]

@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
-    print(json.dumps(summary(args.stage, result, args.out)))
+    if distributed_info()[0] == 0:  # under torchrun one line, from the rank that wrote final/
+        print(json.dumps(summary(args.stage, result, args.out)))
     return 0
 
 

@@ -22,7 +22,7 @@ the optimizer's hyper-parameters, the step and each rank's RNG are JSON next to 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,24 @@ class Opaque:
 class LossModule(nn.Module):
     """The FSDP root: holds the model, and its forward is the stage loss (batch -> dict of scalar terms)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]],
+                 own_trainable: Sequence[str] = ()) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.own_trainable = tuple(own_trainable)  # names in `model` of the trainable parameters of the root unit
 
     def forward(self, batch: Opaque) -> dict[str, torch.Tensor]:
-        return self.loss_fn(batch.value)
+        terms = self.loss_fn(batch.value)
+        if self.own_trainable and torch.is_grad_enabled():
+            # FSDP2 reduce-scatters only the parameters that have a gradient on *this* rank. A trainable part that
+            # one rank's samples skip (stage 2 routes each sample to its modality's codebook) would make the ranks'
+            # collectives differ (gloo aborts: "Received data size doesn't match"; NCCL hangs). A zero-weighted
+            # term gives each of them a (zero) gradient on every rank; `drop_unused_gradients` then gives back None
+            # to those no rank used.
+            touch = sum(self.model.get_parameter(n).sum() for n in self.own_trainable)
+            terms = {**terms, "loss": terms["loss"] + 0.0 * touch}
+        return terms
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -94,9 +105,12 @@ def shard(model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]], m
           param_dtype: torch.dtype) -> LossModule:
     """Wrap `model` in a LossModule and shard it in place with `fully_shard` (per decoder layer, then the rest)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for unit in fsdp_units(model):
+    units = fsdp_units(model)
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    own = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_units]
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    root = LossModule(model, loss_fn)
+    root = LossModule(model, loss_fn, own)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
 
@@ -105,6 +119,22 @@ def set_gradient_sync(root: nn.Module, enabled: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of an accumulated step."""
     if isinstance(root, FSDPModule):
         root.set_requires_gradient_sync(enabled)
+
+
+def drop_unused_gradients(root: nn.Module) -> None:
+    """After a step's backward (collective): set the gradient of each trainable parameter of the root unit that no
+    rank used (all zero everywhere) back to None, so that the optimizer leaves it untouched as in one process (Adam
+    would otherwise still apply its momentum to, e.g., a stage-2 codebook no sample of the step routed to)."""
+    if not isinstance(root, LossModule) or not root.own_trainable:
+        return
+    params = [root.model.get_parameter(n) for n in root.own_trainable]
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    device = next((g.device for g in grads if g is not None), params[0].device)
+    used = torch.stack([torch.zeros((), device=device) if g is None else g.ne(0).any().float() for g in grads])
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    for param, flag in zip(params, used.tolist(), strict=True):
+        if not flag:
+            param.grad = None
 
 
 def local_numel(module: nn.Module) -> tuple[int, int]:

@@ -11,14 +11,17 @@ Layout of an output folder::
       final/                     `save_pretrained` folder of the last step
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
-seeded generator, consumed continuously across epoch ends. A resumed run therefore needs no sampler state, and the
-step after a resume sees exactly the samples (and, with the restored RNG/optimizer/scheduler, the loss) of an
-uninterrupted run.
+seeded generator, consumed continuously across epoch ends. A checkpoint therefore only records how many samples the
+run has consumed (its position), and the step after a resume sees exactly the samples (and, with the restored
+RNG/optimizer/scheduler, the loss) of an uninterrupted run. A torchrun run resumed on another number of processes
+continues from that position (its global batch changes with the number of processes; with `epochs`, the steps left
+are counted from the samples left).
 
 Distributed: under `torchrun` (WORLD_SIZE > 1) the model is sharded with PyTorch's FSDP2 (`medsight.train.fsdp`:
 per decoder layer, mixed precision over float32 master weights) and every rank takes its own slice of each step's
 samples (what a DistributedSampler does); gradients are reduce-scattered by FSDP. Checkpoints are then
-`torch.distributed.checkpoint` shards; `final/` is gathered on rank 0 into our format. Only rank 0 writes logs.
+`torch.distributed.checkpoint` shards; `final/` is gathered on rank 0 into our format. Only rank 0 writes logs;
+the loss terms it logs are means over all ranks (the global batch) and `grad_norm` is the whole gradient's norm.
 
 Trainer state is read back without unpickling arbitrary objects (`medsight.train.state`).
 """
@@ -214,12 +217,13 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def cosine_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier per optimizer step: linear warm-up, then cosine from 1 down to `min_ratio`."""
+    """LR multiplier per optimizer step: linear warm-up from 0, then cosine from 1 down to `min_ratio` (Hugging Face's
+    cosine schedule with warm-up, which the official stages 3-5 used through its Trainer)."""
     warmup = math.ceil(total * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -422,11 +426,22 @@ def train(
     params = [p for g in groups for p in g["params"]]
     masked = {n: m for n, m in (grad_masks or {}).items()}
 
-    step = 0
+    step = position = 0  # optimizer steps done; samples consumed (all ranks)
+    per_step = config.batch_size * config.grad_accum * world
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded)
-        log.info("%s: resumed from %s at step %d", name, checkpoint, step)
+        step, position = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded,
+                                         config.batch_size * config.grad_accum)
+        log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
+        if config.max_steps <= 0 and position != step * per_step:
+            # Resumed on another number of processes: the steps left are those the samples left need.
+            steps = step + max(0, math.ceil((config.epochs * len(dataset) - position) / per_step))
+            scheduler.lr_lambdas = [cosine_lambda(steps, config.warmup_ratio, min_ratio)] * len(optimizer.param_groups)
+        # The restored lr is the old schedule's; a lengthened run's next step takes the new one (the same value when
+        # the length is unchanged: LambdaLR computes it the same way).
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                          strict=True):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if step > steps:
             raise ValueError(f"cannot resume {checkpoint} (step {step}) with {steps} steps in all: a resume can "
                              "lengthen a run, not shorten it (raise max_steps or epochs)")
@@ -440,7 +455,6 @@ def train(
         (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     order = SampleOrder(len(dataset), config.seed)
-    per_step = config.batch_size * config.grad_accum * world
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     )
@@ -448,7 +462,7 @@ def train(
     started = time.perf_counter()
     while step < steps:
         sums: dict[str, float] = {}
-        base = step * per_step
+        base = position
         for micro in range(config.grad_accum):
             first = base + (micro * world + rank) * config.batch_size
             batch = collate([dataset[order[first + i]] for i in range(config.batch_size)])
@@ -461,7 +475,8 @@ def train(
                 if torch.is_tensor(value) and value.ndim == 0:
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
         if sharded:
-            sums = _mean_over_ranks(sums, world)
+            sums = _mean_over_ranks(sums, world, device)
+            fsdp.drop_unused_gradients(runner)
         current = dict(model.named_parameters())
         for key, mask in masked.items():
             fsdp.mask_gradient(current[key], mask)
@@ -475,6 +490,7 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        position += per_step
 
         record = {"step": step, "lr": lr, **sums, "grad_norm": grad_norm,
                   "time": round(time.perf_counter() - started, 3)}
@@ -485,7 +501,7 @@ def train(
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None)
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position)
             if main_process:
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
@@ -522,26 +538,29 @@ def _param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _mean_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """The logged terms of a sharded step: the mean over ranks, i.e. over the global batch."""
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    # On the training device: NCCL (the backend on GPUs) reduces only CUDA tensors ("No backend type associated
+    # with device type cpu" for a CPU one).
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     return {k: float(v) / world for k, v in zip(keys, values, strict=True)}
 
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
-                    root: nn.Module | None = None) -> Path:
+                    root: nn.Module | None = None, samples: int | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
-    `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank.
+    `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
+    the run has consumed (its data position).
     """
     if root is None:
         save_pretrained(model, folder)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": trainer_state.rng_state()}
+                 "rng": trainer_state.rng_state(), **({} if samples is None else {"samples": samples})}
         trainer_state.save_tensors(folder / STATE_FILE, state)
         return folder
     rank = dist.get_rank()
@@ -550,15 +569,17 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     dist.barrier()
     if rank == 0:
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
-                 "world_size": dist.get_world_size()}
+                 "world_size": dist.get_world_size(), **({} if samples is None else {"samples": samples})}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
         trainer_state.write_json(folder / SHARDED_STATE_FILE, plain)
     dist.barrier()
     return folder
 
 
-def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step. A checkpoint of the other kind is an error."""
+def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
+                    samples_per_rank_step: int) -> tuple[int, int]:
+    """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A checkpoint of the other kind is an
+    error. `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
     if is_sharded != sharded:
         kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
@@ -571,7 +592,7 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer_state.set_rng_state(state["rng"])
-        return int(state["step"])
+        return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
     fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
     scheduler.load_state_dict(plain["scheduler"])
@@ -579,4 +600,5 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
     rng_file = folder / f"rng-rank{rank}.json"
     if rng_file.is_file():  # a different world size has no RNG for the new ranks: they keep the seeded one
         trainer_state.set_rng_state(trainer_state.read_json(rng_file))
-    return int(plain["step"])
+    done = int(plain["step"]) * samples_per_rank_step * int(plain.get("world_size", dist.get_world_size()))
+    return int(plain["step"]), int(plain.get("samples", done))

@@ -38,7 +38,7 @@ from medsight.train.data import (
     collate_conversations,
     collate_segmentation,
 )
-from medsight.train.loop import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
+from medsight.train.loop import TrainConfig, TrainResult, latest_checkpoint, resolve_device, seed_everything, train
 from medsight.train.losses import EOS_COEF, lvlm_losses, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Stage1Config(TrainConfig):
     """Stage 1: Adam(0.9, 0.99) lr 1e-4, global batch 48, 20 epochs, cosine to 1e-6, clip 1.0, fp32, seed 0.
 
     The official schedule steps once per epoch; here the same cosine is evaluated per optimizer step.
+    `batch_size` is per process: the official run was 12 on each of 4 GPUs, so under torchrun use 48 / N.
     `train_vision` also trains the ViT (official: frozen), for models without pretrained vision weights.
     """
 
@@ -276,6 +277,9 @@ def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: s
                resume: bool = False) -> TrainResult:
     """Train the modality codebook with the perceiver frozen; samples route to their GT modality's codebook."""
     if model.codebook is None:
+        # Seeded: a run is reproducible from its seed, and under torchrun every rank starts from the same codebook
+        # (FSDP shards each rank's own copy without comparing them).
+        seed_everything(config.seed)
         model.attach_codebook()
     device = _prepare(model, config)
     dataset = _segmentation_data(data, model, config.resize_mode)
@@ -454,6 +458,7 @@ def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
     """
     frozen_dtype = lora_frozen_dtype(config, model.device)
     lm = model.language_model
+    seed_everything(config.seed)  # PEFT draws lora_A at random: same on every rank, reproducible from the seed
     peft_model = add_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
                                               tuple(config.lora_targets)))
     lm.train()

@@ -1,0 +1,55 @@
+"""A torchrun run resumed on another number of processes continues from the sample where it stopped.
+
+Two CPU ranks train 2 steps (a checkpoint), then three ranks resume the same run to the end of its epoch. The
+steps had read `step x batch x 2` samples; the resume must continue there (it restarted at `step x batch x 3`,
+skipping samples) and count the steps left from the samples left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from medsight.train.loop import SampleOrder, TrainConfig
+
+WORKER = Path(__file__).with_name("fsdp_resume_worker.py")
+NUM_SAMPLES = 12
+FIRST, THEN = 2, 3  # processes before and after the interruption
+FIRST_STEPS = 2
+
+
+def _launch(world: int, out: Path, max_steps: int, resume: bool) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+               str(port), str(WORKER), str(out), str(NUM_SAMPLES), str(max_steps), "1" if resume else "0"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def _seen(out: Path, world: int) -> list[int]:
+    return [i for r in range(world) for i in json.loads((out / f"seen-{world}-rank{r}.json").read_text())]
+
+
+def test_resume_on_more_processes_reads_each_remaining_sample_once(tmp_path):
+    batch = TrainConfig().batch_size
+    _launch(FIRST, tmp_path, FIRST_STEPS, resume=False)  # max_steps: the interruption after the checkpoint
+    _launch(THEN, tmp_path, 0, resume=True)  # to the end of the epoch
+    consumed = FIRST_STEPS * batch * FIRST
+    steps_left = math.ceil((NUM_SAMPLES - consumed) / (batch * THEN))
+    assert json.loads((tmp_path / f"steps-{THEN}.json").read_text()) == list(
+        range(FIRST_STEPS + 1, FIRST_STEPS + steps_left + 1))
+    order = SampleOrder(NUM_SAMPLES, TrainConfig().seed)
+    read = consumed + steps_left * batch * THEN
+    assert sorted(_seen(tmp_path, FIRST)) == sorted(order[p] for p in range(consumed))
+    assert sorted(_seen(tmp_path, THEN)) == sorted(order[p] for p in range(consumed, read))
+    # Together: the whole epoch once, plus what the last step took from the next one.
+    assert set(_seen(tmp_path, FIRST) + _seen(tmp_path, THEN)) == set(range(NUM_SAMPLES))

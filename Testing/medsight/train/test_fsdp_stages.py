@@ -1,0 +1,112 @@
+"""Stage 2 and LoRA under torchrun (`medsight train` on two CPU ranks, gloo, FSDP2) against single-process runs on
+the same batches.
+
+Stage 2 routes each sample to its modality's codebook, so in a step where the ranks' samples have different
+modalities each rank leaves a different codebook without a gradient; FSDP2 reduce-scatters only the parameters
+with a gradient, and the ranks' collectives then differ (codebook 0's gradient was summed into codebook 1's, or gloo
+aborted). A codebook no rank uses in a step must stay untouched, as in one process (Adam's momentum moved it).
+Both stages also create random parameters before training (the codebook, lora_A): every rank must draw
+the same ones, or the sharded model is a patchwork of different initialisations. Each command is a fresh launch,
+so nothing has seeded the RNG before those draws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from medsight.config import tiny_config
+from medsight.model.loading import build_model, load_pretrained, save_pretrained
+from medsight.train.data import SegmentationDataset
+from medsight.train.loop import SampleOrder, read_log
+from medsight.train.stages import LoraConfig, Stage2Config, find_segmentation_meta, run_stage2, run_stage5
+from medsight_testing.train_data import write_synthetic
+
+WORLD = 2
+# Batch 1 per rank x 2 ranks = the single-process batch 1 x grad-accum 2 (same samples per step).
+STAGE2 = Stage2Config(lr=3e-3, max_steps=4, batch_size=1, min_lr=0.0, seed=1, device="cpu")
+LORA = LoraConfig(lr=1e-2, projector_lr=1e-3, max_steps=3, grad_accum=1, warmup_ratio=0.0, lora_dropout=0.0,
+                  device="cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fsdp_stages")
+    data = write_synthetic(root / "data")
+    start = save_pretrained(build_model(tiny_config(), seed=0), root / "start")
+    return {"root": root, "data": data, "start": start}
+
+
+def _torchrun_train(setup: dict, command: str, config) -> tuple[list[float], list[str]]:
+    """`torchrun -m medsight.train.cli COMMAND` from the start model; (logged losses, lines printed)."""
+    root = setup["root"]
+    (root / f"{command}.json").write_text(json.dumps({**config.to_dict(), "init_from": str(setup["start"])}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = root / command
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(port),
+         "-m", "medsight.train.cli", command, "--config", str(root / f"{command}.json"), "--data",
+         str(setup["data"]["root"]), "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return [r["loss"] for r in read_log(out)], done.stdout.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def stage2(setup) -> tuple[list[float], list[str]]:
+    return _torchrun_train(setup, "stage2", STAGE2)
+
+
+@pytest.fixture(scope="module")
+def lora(setup) -> tuple[list[float], list[str]]:
+    return _torchrun_train(setup, "lora", LORA)
+
+
+def test_ranks_with_different_codebooks_train_stage2_like_one_process(setup, stage2, tmp_path):
+    # The case under test happens: in some step the two ranks' samples route to different codebooks.
+    start = load_pretrained(setup["start"])
+    v = start.config.vision
+    dataset = SegmentationDataset(find_segmentation_meta(setup["data"]["root"]), v.image_size, v.image_mean,
+                                  v.image_std)
+    order = SampleOrder(len(dataset), STAGE2.seed)
+    modalities = [[dataset[order[step * WORLD + r]].modality for r in range(WORLD)]
+                  for step in range(STAGE2.max_steps)]
+    assert any(len(set(pair)) > 1 for pair in modalities), modalities
+    # ... and in a later step no rank routes to a codebook that an earlier step trained.
+    trained_before = [{m for pair in modalities[:i] for m in pair} for i in range(len(modalities))]
+    assert any(trained_before[i] - set(pair) for i, pair in enumerate(modalities)), modalities
+    single = run_stage2(start, setup["data"]["root"], replace(STAGE2, grad_accum=WORLD), tmp_path)
+    want = [r["loss"] for r in single.records]
+    print("sharded", stage2[0], "single", want, "modalities per step", modalities)
+    assert len(stage2[0]) == STAGE2.max_steps
+    for got, expected in zip(stage2[0], want, strict=True):
+        assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected)), (got, expected)
+
+
+def test_lora_ranks_start_from_the_same_adapters(setup, lora, tmp_path):
+    # lora_B starts at zero, so step 1 cannot tell; the later steps use lora_A.
+    single = run_stage5(load_pretrained(setup["start"]), setup["data"]["lvlm"], replace(LORA, grad_accum=WORLD),
+                        tmp_path)
+    want = [r["loss"] for r in single.records]
+    print("sharded", lora[0], "single", want)
+    assert len(lora[0]) == LORA.max_steps
+    for got, expected in zip(lora[0], want, strict=True):
+        # lr 1e-2: Adam turns float rounding (sum of micro-batches vs reduce-scatter mean) into ~1e-5 differences.
+        assert abs(got - expected) <= 1e-4, (got, expected)
+
+
+def test_torchrun_prints_one_summary(setup, stage2, lora):
+    for command, (losses, lines) in {"stage2": stage2, "lora": lora}.items():
+        assert len(lines) == 1, lines  # every rank printed one, the others with "final": "None"
+        summary = json.loads(lines[0])
+        assert summary["final"] == str(setup["root"] / command / "final")
+        assert summary["new_steps"] == len(losses) and summary["last_loss"] == losses[-1]

@@ -1,0 +1,52 @@
+"""The trainer's learning-rate schedule against the Hugging Face Trainer's (official stages 3-5)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import TrainingArguments
+from transformers.optimization import get_cosine_schedule_with_warmup
+
+from medsight.config import tiny_config
+from medsight.model.loading import build_model
+from medsight.train.loop import TrainConfig, cosine_lambda, train
+from medsight.train.stages import Stage5Config
+
+
+@pytest.mark.parametrize("total", [7, 100, 1337])
+def test_warmup_and_cosine_follow_the_hf_trainer(total, tmp_path):
+    config = Stage5Config()  # warm-up 3 % and cosine to 0, as the official scripts
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_ratio=config.warmup_ratio, lr_scheduler_type="cosine",
+                             report_to=[])
+    warmup = args.get_warmup_steps(total)
+    optimizers = [torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=config.lr) for _ in range(2)]
+    ours = torch.optim.lr_scheduler.LambdaLR(optimizers[0], cosine_lambda(total, config.warmup_ratio, 0.0))
+    hf = get_cosine_schedule_with_warmup(optimizers[1], warmup, total)
+    got, want = [], []
+    for _ in range(total):  # the lr each optimizer step uses
+        got.append(ours.get_last_lr()[0])
+        want.append(hf.get_last_lr()[0])
+        for optimizer in optimizers:
+            optimizer.step()  # no gradients: nothing moves; the schedulers expect a step first
+        ours.step()
+        hf.step()
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-12 * config.lr, (got[:3], want[:3])
+
+
+def test_a_lengthened_run_continues_on_the_new_schedule(tmp_path):
+    """--resume with a larger max_steps: the cosine spans the new length from the first resumed step on."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    first = TrainConfig(lr=1e-3, max_steps=2, device="cpu")
+    train(model, params, [0, 1], lambda samples: samples, loss_fn, first, tmp_path)
+    longer = replace(first, max_steps=4)
+    result = train(model, params, [0, 1], lambda samples: samples, loss_fn, longer, tmp_path, resume=True)
+    factor = cosine_lambda(longer.max_steps, longer.warmup_ratio, 0.0)
+    # (The finished run's scheduler had left the lr at the end of the old cosine, 0, for the first resumed step.)
+    assert [r["lr"] for r in result.records] == pytest.approx([longer.lr * factor(s) for s in (2, 3)], rel=1e-12)
