@@ -154,3 +154,28 @@ def test_loading_never_runs_arbitrary_code(tmp_path):
         safe_torch_load(tmp_path / "bad.pt")
     assert not marker.exists()
     assert sys.modules.get("subprocess") is not None  # the test itself imported it; loading imported nothing
+
+
+def test_damaged_and_placeholder_weight_files_are_named(golden, tmp_path):
+    """What a first download can leave behind: a partial shard, Git LFS pointers (a clone without LFS), an HTML
+    page saved under the file's name; and a folder passed for a file."""
+    root = write_release(golden, tmp_path / "r")
+    shard = root / "medsight_full_instruct" / "model-00002-of-00002.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: not a readable safetensors file, damaged or partly"):
+        load_tiny_release(golden, root)
+    shard.write_bytes(whole)
+    perceiver = root / "region_perceiver" / "0079280.pt"
+    perceiver.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 411000000\n")
+    with pytest.raises(CheckpointError, match=r"0079280\.pt is a Git LFS pointer, not the weights.*git lfs pull"):
+        load_tiny_release(golden, root)
+    write_release(golden, tmp_path / "again")
+    (root / "unimed_clip_vit_l14.pt").write_text("<!DOCTYPE html><html><body>Access to this file is restricted")
+    (tmp_path / "again" / "region_perceiver" / "0079280.pt").replace(perceiver)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, root)
+    assert "unimed_clip_vit_l14.pt: not a readable PyTorch checkpoint (damaged or not a checkpoint" in str(err.value)
+    assert "refused" not in str(err.value)  # nothing was refused: no advice to unpickle it without the allow-list
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; a checkpoint file is needed"):
+        load_tiny_release(golden, root, vision=root / "medsight_full_instruct")
