@@ -179,3 +179,23 @@ def test_damaged_and_placeholder_weight_files_are_named(golden, tmp_path):
     assert "refused" not in str(err.value)  # nothing was refused: no advice to unpickle it without the allow-list
     with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; a checkpoint file is needed"):
         load_tiny_release(golden, root, vision=root / "medsight_full_instruct")
+
+
+def test_unreadable_configs_and_tokenizers_name_their_file(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    released = (lvlm / "config.json").read_text()
+    (lvlm / "config.json").write_text(released[: len(released) // 2])  # a partial download
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct/config\.json: Expecting"):
+        load_tiny_release(golden, root)
+    (lvlm / "config.json").write_text(json.dumps({**json.loads(released), "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: config\.json has model_type 'llama'"):
+        load_tiny_release(golden, root)
+    (lvlm / "config.json").write_text(released)
+    (lvlm / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct: the tokenizer files are not readable"):
+        load_tiny_release(golden, root)
+    ours = save_pretrained(load_model("tiny", device="cpu"), tmp_path / "ours")
+    (ours / "medsight_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"ours/medsight_config\.json: not a valid MedSIGHT config"):
+        load_model(ours, device="cpu")

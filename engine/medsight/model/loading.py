@@ -67,7 +67,10 @@ def save_pretrained(model: MedSIGHTModel, folder: str | Path, state: dict[str, t
 def load_pretrained(folder: str | Path) -> MedSIGHTModel:
     """Load a folder written by `save_pretrained`."""
     folder = Path(folder)
-    config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
+    try:
+        config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
+    except (ValueError, TypeError, AttributeError) as err:  # bad JSON, unknown fields, a list instead of an object
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not a valid MedSIGHT config ({err})") from None
     model = _empty_model(config, load_tokenizer(folder))
     state = read_safetensors_folder(folder)
     if any(k.startswith("codebook.") for k in state):
@@ -132,7 +135,13 @@ def load_official(
     config_path = lvlm_folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{lvlm_folder}: no config.json (is this the medsight_full_instruct folder?)")
-    llm = llm_config_from_released(json.loads(config_path.read_text()))
+    try:
+        released = json.loads(config_path.read_text())
+        if not isinstance(released, dict):
+            raise ValueError("not a JSON object")
+        llm = llm_config_from_released(released)
+    except ValueError as err:  # malformed JSON, or a config of another kind of model
+        raise CheckpointError(f"{config_path}: {err}") from None
     tokenizer = load_tokenizer(lvlm_folder)
     lm_state, tower = split_lvlm_state(read_safetensors_folder(lvlm_folder), llm.first_code_id)
     perceiver_state = read_perceiver_state(perceiver_file)
