@@ -199,3 +199,16 @@ def test_unreadable_configs_and_tokenizers_name_their_file(golden, tmp_path):
     (ours / "medsight_config.json").write_text("[]")
     with pytest.raises(CheckpointError, match=r"ours/medsight_config\.json: not a valid MedSIGHT config"):
         load_model(ours, device="cpu")
+
+
+def test_a_vision_file_of_another_vit_width_is_named(golden, tmp_path, release_dir):
+    """A ViT of another size (a ViT-B file for a ViT-L release) cannot feed the perceiver: the error names the
+    vision file and the perceiver file, not only two config fields."""
+    clip = safe_torch_load(release_dir / "unimed_clip_vit_l14.pt")["state_dict"]
+    width = clip["module.visual.conv1.weight"].shape[0]
+    wider = {k: torch.zeros([width + 4 if n == width else n for n in v.shape]) for k, v in clip.items()}
+    torch.save({"state_dict": wider}, tmp_path / "vit_other.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, release_dir, vision=tmp_path / "vit_other.pt")
+    assert f"vit_other.pt: a ViT of width {width + 4}, but " in str(err.value)
+    assert f"0079280.pt reads features of width {width}" in str(err.value)

@@ -28,6 +28,7 @@ from medsight.model.checkpoints import (
 from medsight.model.hub import (
     LVLM_FOLDER,
     PERCEIVER_FOLDER,
+    UNIMED_CLIP,
     cached_release,
     fetch_release,
     plan_release,
@@ -153,10 +154,17 @@ def load_official(
         raise CheckpointError(
             f"no vision encoder weights: pass the UniMed-CLIP file (vision_file); {lvlm_folder} does not carry one"
         )
+    vision = infer_vision_config(vision_state, base.vision)
+    perceiver = infer_perceiver_config(perceiver_state, base.perceiver)
+    if vision.width != perceiver.dim:  # another ViT (e.g. a ViT-B file): the perceiver reads its grid directly
+        raise CheckpointError(
+            f"{vision_file or lvlm_folder}: a ViT of width {vision.width}, but {perceiver_file} reads features of "
+            f"width {perceiver.dim}; the release's vision encoder is {UNIMED_CLIP}"
+        )
     config = MedSIGHTConfig(
         name=base.name,
-        vision=infer_vision_config(vision_state, base.vision),
-        perceiver=infer_perceiver_config(perceiver_state, base.perceiver),
+        vision=vision,
+        perceiver=perceiver,
         codebook=base.codebook,
         llm=llm,
     )
