@@ -215,6 +215,10 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
         raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {_why_not_downloaded()}") from None
 
 
+class HubUnreachableError(CheckpointError):
+    """The Hub could not be asked (offline mode, no connection, a timeout): the cache may still hold the files."""
+
+
 def _hub_call(call, what: str):
     """Run a Hub request; its failures become one CheckpointError naming what was asked for."""
     import requests
@@ -229,8 +233,8 @@ def _hub_call(call, what: str):
 
     try:
         return call()
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError):
-        raise CheckpointError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):
+        raise HubUnreachableError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
                               f"{_why_not_downloaded()}") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{what}: the repository does not exist or needs a login (`hf auth login`)") from None

@@ -29,6 +29,7 @@ from medsight.model.hub import (
     LVLM_FOLDER,
     PERCEIVER_FOLDER,
     UNIMED_CLIP,
+    HubUnreachableError,
     cached_release,
     fetch_release,
     plan_release,
@@ -223,7 +224,15 @@ def resolve_source(source: str | Path) -> Path:
 
     if constants.HF_HUB_OFFLINE:
         return cached_release(str(source))
-    plan = plan_release(str(source))
+    try:
+        plan = plan_release(str(source))
+    except HubUnreachableError as unreachable:
+        try:  # as huggingface_hub does for single files: without a connection, a cached snapshot serves
+            folder = cached_release(str(source))
+        except CheckpointError:
+            raise unreachable from None  # the error about the Hub, which also says the cache has none
+        log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
+        return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
     return fetch_release(plan)
 
