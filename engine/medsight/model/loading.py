@@ -309,6 +309,10 @@ def load_model(
             (`medsight.model.adapter.load_adapter`).
     """
     device = resolve_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # Checked before any weights are read: torch would refuse it only after the whole model had loaded.
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch.dtype: use torch.bfloat16, "
+                         "torch.float32 or torch.float16")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
         model = load_pretrained(EMBEDDED[str(source)])
