@@ -146,3 +146,20 @@ def test_a_cached_release_loads_when_the_hub_cannot_be_reached(cache, release_di
     with pytest.raises(CheckpointError, match=r"someone/absent at revision main: not in the local Hugging Face "
                                               r"cache .* and the Hub could not be reached"):
         load_model("someone/absent", device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_gated_repository_is_not_called_missing():
+    """huggingface_hub's GatedRepoError is a RepositoryNotFoundError: it was reported as 'does not exist'."""
+    from huggingface_hub.errors import GatedRepoError
+
+    from medsight.model.hub import HubFile, fetch_file
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("403 Client Error. Cannot access gated repo for url https://huggingface.co/...")
+
+    hub = HubFile("someone/gated-model", "weights.pt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("huggingface_hub.hf_hub_download", gated)
+        with pytest.raises(CheckpointError, match=r"file weights\.pt of Hugging Face repository someone/gated-model "
+                                                  r"at revision main: the repository is gated: request access"):
+            fetch_file(hub)

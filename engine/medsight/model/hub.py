@@ -224,6 +224,7 @@ def _hub_call(call, what: str):
     import requests
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -236,6 +237,9 @@ def _hub_call(call, what: str):
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):
         raise HubUnreachableError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
                               f"{_why_not_downloaded()}") from None
+    except GatedRepoError:  # a RepositoryNotFoundError too, but it exists: the user has to ask for access
+        raise CheckpointError(f"{what}: the repository is gated: request access on its Hugging Face page, then log "
+                              "in here with the same account (`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{what}: the repository does not exist or needs a login (`hf auth login`)") from None
     except RevisionNotFoundError:
