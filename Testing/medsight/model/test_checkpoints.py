@@ -212,3 +212,13 @@ def test_a_vision_file_of_another_vit_width_is_named(golden, tmp_path, release_d
         load_tiny_release(golden, release_dir, vision=tmp_path / "vit_other.pt")
     assert f"vit_other.pt: a ViT of width {width + 4}, but " in str(err.value)
     assert f"0079280.pt reads features of width {width}" in str(err.value)
+
+
+def test_a_vocabulary_that_disagrees_with_the_tokenizer_names_the_folder(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    config = root / "medsight_full_instruct" / "config.json"
+    released = json.loads(config.read_text())
+    config.write_text(json.dumps({**released, "vocab_size": released["vocab_size"] + 64}))  # e.g. a padded vocab
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct: its tokenizer and config\.json disagree: "
+                                              rf"tokenizer codes end at id {released['vocab_size'] - 1} but"):
+        load_tiny_release(golden, root)

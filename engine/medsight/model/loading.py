@@ -169,7 +169,10 @@ def load_official(
         codebook=base.codebook,
         llm=llm,
     )
-    model = _empty_model(config, tokenizer)
+    try:
+        model = _empty_model(config, tokenizer)
+    except ValueError as err:  # the tokenizer's region codes do not end where config.json's vocabulary does
+        raise CheckpointError(f"{lvlm_folder}: its tokenizer and config.json disagree: {err}") from None
     load_into(model.image_encoder, vision_state, str(vision_file or lvlm_folder), assign=True)
     load_into(model.region_perceiver, perceiver_state, str(perceiver_file), assign=True)
     load_into(model.language_model, lm_state, str(lvlm_folder), assign=True)
