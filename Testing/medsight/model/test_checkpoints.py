@@ -222,3 +222,10 @@ def test_a_vocabulary_that_disagrees_with_the_tokenizer_names_the_folder(golden,
     with pytest.raises(CheckpointError, match=r"medsight_full_instruct: its tokenizer and config\.json disagree: "
                                               rf"tokenizer codes end at id {released['vocab_size'] - 1} but"):
         load_tiny_release(golden, root)
+
+
+def test_a_stage2_file_without_its_codebooks_is_named(golden, tmp_path, release_dir):
+    state = torch.load(golden / "codebook_stage2_ckpt.pt", weights_only=True)["model"]
+    torch.save({"model": {k: v for k, v in state.items() if ".codebooks." not in k}}, tmp_path / "stage2.pt")
+    with pytest.raises(CheckpointError, match=r"stage2\.pt: no codebook tensors \(quantizer\.codebooks\.\*\)"):
+        load_tiny_release(golden, release_dir, codebook=tmp_path / "stage2.pt")

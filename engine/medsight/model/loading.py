@@ -178,6 +178,8 @@ def load_official(
     load_into(model.language_model, lm_state, str(lvlm_folder), assign=True)
     if codebook_file is not None:
         codebook_state = read_codebook_state(codebook_file)
+        if "codebooks.0.embedding.weight" not in codebook_state:
+            raise CheckpointError(f"{codebook_file}: no codebook tensors (quantizer.codebooks.*) among its keys")
         code_dim = codebook_state["codebooks.0.embedding.weight"].shape[1]
         model.config.codebook = replace(config.codebook, code_dim=code_dim)
         load_into(model.attach_codebook(), codebook_state, str(codebook_file), assign=True)
