@@ -229,3 +229,15 @@ def test_a_stage2_file_without_its_codebooks_is_named(golden, tmp_path, release_
     torch.save({"model": {k: v for k, v in state.items() if ".codebooks." not in k}}, tmp_path / "stage2.pt")
     with pytest.raises(CheckpointError, match=r"stage2\.pt: no codebook tensors \(quantizer\.codebooks\.\*\)"):
         load_tiny_release(golden, release_dir, codebook=tmp_path / "stage2.pt")
+
+
+def test_a_mistyped_model_source_says_what_it_was_looked_for_as(tmp_path, monkeypatch):
+    """`--model runs/final` (one slash) that is no folder was reported only as a Hub repository missing from the
+    cache, with advice to download it; a bare word only as 'neither a folder nor a repo id'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"runs/final: not in the local Hugging Face cache .*\(nor is there a "
+                                              rf"folder {tmp_path / 'runs' / 'final'}\)"):
+        load_model("runs/final", device="cpu")
+    with pytest.raises(CheckpointError, match=r"'dmeo' is neither a folder, a built-in model \(demo, full, tiny\) "
+                                              r"nor a Hugging Face repo id"):
+        load_model("dmeo", device="cpu")

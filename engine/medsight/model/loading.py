@@ -224,7 +224,15 @@ def resolve_source(source: str | Path) -> Path:
     if path.exists():
         return path
     if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
-        raise CheckpointError(f"model source {source!r} is neither a folder nor a Hugging Face repo id")
+        raise CheckpointError(f"model source {source!r} is neither a folder, a built-in model "
+                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME)")
+    try:
+        return _from_hub(str(source))
+    except CheckpointError as err:  # OWNER/NAME may also have been meant as a folder (`runs/final`): say it is not
+        raise type(err)(f"{err} (nor is there a folder {path.resolve()})") from None
+
+
+def _from_hub(source: str) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
