@@ -241,3 +241,12 @@ def test_a_mistyped_model_source_says_what_it_was_looked_for_as(tmp_path, monkey
     with pytest.raises(CheckpointError, match=r"'dmeo' is neither a folder, a built-in model \(demo, full, tiny\) "
                                               r"nor a Hugging Face repo id"):
         load_model("dmeo", device="cpu")
+
+
+def test_a_part_of_the_layout_or_an_adapter_given_as_the_model_says_what_to_pass(tmp_path, release_dir):
+    with pytest.raises(CheckpointError, match=rf"it is a part of the release layout: pass the folder that holds it, "
+                                              rf"{release_dir.resolve()}$"):
+        load_model(release_dir / "medsight_full_instruct", device="cpu")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(CheckpointError, match=r"it is a LoRA adapter: pass it with --adapter"):
+        load_model(tmp_path, device="cpu")

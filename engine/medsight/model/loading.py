@@ -250,6 +250,15 @@ def _from_hub(source: str) -> Path:
     return fetch_release(plan)
 
 
+def _what_it_is(folder: Path) -> str:
+    """A hint for the folders users pass by mistake: an adapter, or a part of the release layout."""
+    if (folder / "adapter_config.json").is_file():
+        return "; it is a LoRA adapter: pass it with --adapter (Python: adapter=) and its base model as the model"
+    if folder.name in (LVLM_FOLDER, PERCEIVER_FOLDER):
+        return f"; it is a part of the release layout: pass the folder that holds it, {folder.resolve().parent}"
+    return ""
+
+
 def _vision_needed(found: dict[str, Path | None]) -> bool:
     """True when the release folder has no UniMed-CLIP file and its LVLM does not carry the tower either."""
     if found["vision"] is not None:
@@ -341,7 +350,7 @@ def load_model(
             if found["perceiver"] is None:
                 raise CheckpointError(
                     f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
-                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
+                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/){_what_it_is(folder)}"
                 )
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             vision = vision_file or found["vision"]
