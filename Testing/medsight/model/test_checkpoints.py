@@ -250,3 +250,22 @@ def test_a_part_of_the_layout_or_an_adapter_given_as_the_model_says_what_to_pass
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(CheckpointError, match=r"it is a LoRA adapter: pass it with --adapter"):
         load_model(tmp_path, device="cpu")
+
+
+def test_a_vision_file_for_another_image_size_is_not_loaded_silently(golden, tmp_path, release_dir, caplog):
+    """A ViT of the same width for another resolution (e.g. a 224-pixel ViT-L/14 for the 336-pixel UniMed-CLIP)
+    fits every shape check and answers from other features: the load says so."""
+    clip = safe_torch_load(release_dir / "unimed_clip_vit_l14.pt")["state_dict"]
+    patch = clip["module.visual.conv1.weight"].shape[-1]
+    tokens, width = clip["module.visual.positional_embedding"].shape
+    side = round((tokens - 1) ** 0.5) + 2
+    other = {**clip, "module.visual.positional_embedding": torch.zeros(side * side + 1, width)}
+    torch.save({"state_dict": other}, tmp_path / "vit_other_size.pt")
+    with caplog.at_level("WARNING", logger="medsight.model.loading"):
+        model = load_tiny_release(golden, release_dir, vision=tmp_path / "vit_other_size.pt")
+    assert model.config.vision.image_size == side * patch
+    assert f"vit_other_size.pt is a ViT for {side * patch}-pixel images, but base config 'golden'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medsight.model.loading"):
+        load_tiny_release(golden, release_dir)
+    assert "pixel images" not in caplog.text

@@ -162,6 +162,10 @@ def load_official(
             f"{vision_file or lvlm_folder}: a ViT of width {vision.width}, but {perceiver_file} reads features of "
             f"width {perceiver.dim}; the release's vision encoder is {UNIMED_CLIP}"
         )
+    if vision.image_size != base.vision.image_size:  # same shapes otherwise: it loads, and answers from other features
+        log.warning("%s is a ViT for %d-pixel images, but base config %r (what the perceiver was trained with) "
+                    "expects %d: answers will be wrong unless this is the intended vision encoder",
+                    vision_file or lvlm_folder, vision.image_size, base.name, base.vision.image_size)
     config = MedSIGHTConfig(
         name=base.name,
         vision=vision,
