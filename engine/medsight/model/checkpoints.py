@@ -46,7 +46,7 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    _refuse_lfs_pointer(path)
+    refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return read_safetensors_file(path)
     mmap = mmap and zipfile.is_zipfile(path)
@@ -71,7 +71,7 @@ _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def _refuse_lfs_pointer(path: Path) -> None:
+def refuse_lfs_pointer(path: Path) -> None:
     """A repository cloned without Git LFS holds small text pointers in place of its weight files."""
     with open(path, "rb") as f:
         if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
@@ -82,7 +82,7 @@ def _refuse_lfs_pointer(path: Path) -> None:
 def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file; a damaged or partial file is a CheckpointError naming it."""
     path = Path(path)
-    _refuse_lfs_pointer(path)
+    refuse_lfs_pointer(path)
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
@@ -236,7 +236,7 @@ def safetensors_names(folder: str | Path) -> set[str]:
         return set(json.loads(index.read_text())["weight_map"])
     names: set[str] = set()
     for shard in _shards(folder):
-        _refuse_lfs_pointer(folder / shard)
+        refuse_lfs_pointer(folder / shard)
         try:
             with safe_open(str(folder / shard), framework="pt") as f:
                 names.update(f.keys())

@@ -236,7 +236,7 @@ def _hub_call(call, what: str):
         return call()
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):
         raise HubUnreachableError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
-                              f"{_why_not_downloaded()}") from None
+                                  f"{_why_not_downloaded()}") from None
     except GatedRepoError:  # a RepositoryNotFoundError too, but it exists: the user has to ask for access
         raise CheckpointError(f"{what}: the repository is gated: request access on its Hugging Face page, then log "
                               "in here with the same account (`hf auth login`)") from None

@@ -73,11 +73,11 @@ def convert_trusted(source: str | Path, target: str | Path) -> Path:
 
     import torch
 
-    from medsight.model.checkpoints import _refuse_lfs_pointer, pick_state_dict, save_safetensors
+    from medsight.model.checkpoints import pick_state_dict, refuse_lfs_pointer, save_safetensors
 
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {source}")
-    _refuse_lfs_pointer(Path(source))
+    refuse_lfs_pointer(Path(source))
     obj = torch.load(source, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(source))
     state = pick_state_dict(obj, source)
     # Copies: safetensors refuses tensors that share storage, and the copies no longer need the mapped file.
