@@ -269,3 +269,12 @@ def test_a_vision_file_for_another_image_size_is_not_loaded_silently(golden, tmp
     with caplog.at_level("WARNING", logger="medsight.model.loading"):
         load_tiny_release(golden, release_dir)
     assert "pixel images" not in caplog.text
+
+
+def test_a_release_cloned_without_git_lfs_says_so_before_asking_for_the_vision_file(golden, tmp_path):
+    root = write_release(golden, tmp_path / "clone")
+    (root / "unimed_clip_vit_l14.pt").unlink()  # the release ships no vision file
+    for weights in [*root.rglob("*.pt"), *root.rglob("*.safetensors")]:
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1000\n")
+    with pytest.raises(CheckpointError, match=r"0079280\.pt is a Git LFS pointer"):
+        load_model(root, device="cpu", base_config=golden_base_config(golden))

@@ -21,6 +21,7 @@ from medsight.model.checkpoints import (
     read_perceiver_state,
     read_safetensors_folder,
     read_vision_state,
+    refuse_lfs_pointer,
     safetensors_names,
     save_safetensors,
     split_lvlm_state,
@@ -357,6 +358,8 @@ def load_model(
                     f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/){_what_it_is(folder)}"
                 )
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
+            # A clone without Git LFS: say so before asking for a 5 GB vision file the clone could not use anyway.
+            refuse_lfs_pointer(found["perceiver"])
             vision = vision_file or found["vision"]
             if vision is None and _vision_needed(found):
                 vision = vision_file_for_release(fetch=fetch_vision)
