@@ -154,3 +154,127 @@ def test_loading_never_runs_arbitrary_code(tmp_path):
         safe_torch_load(tmp_path / "bad.pt")
     assert not marker.exists()
     assert sys.modules.get("subprocess") is not None  # the test itself imported it; loading imported nothing
+
+
+def test_damaged_and_placeholder_weight_files_are_named(golden, tmp_path):
+    """What a first download can leave behind: a partial shard, Git LFS pointers (a clone without LFS), an HTML
+    page saved under the file's name; and a folder passed for a file."""
+    root = write_release(golden, tmp_path / "r")
+    shard = root / "medsight_full_instruct" / "model-00002-of-00002.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: not a readable safetensors file, damaged or partly"):
+        load_tiny_release(golden, root)
+    shard.write_bytes(whole)
+    perceiver = root / "region_perceiver" / "0079280.pt"
+    perceiver.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 411000000\n")
+    with pytest.raises(CheckpointError, match=r"0079280\.pt is a Git LFS pointer, not the weights.*git lfs pull"):
+        load_tiny_release(golden, root)
+    write_release(golden, tmp_path / "again")
+    (root / "unimed_clip_vit_l14.pt").write_text("<!DOCTYPE html><html><body>Access to this file is restricted")
+    (tmp_path / "again" / "region_perceiver" / "0079280.pt").replace(perceiver)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, root)
+    assert "unimed_clip_vit_l14.pt: not a readable PyTorch checkpoint (damaged or not a checkpoint" in str(err.value)
+    assert "refused" not in str(err.value)  # nothing was refused: no advice to unpickle it without the allow-list
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; a checkpoint file is needed"):
+        load_tiny_release(golden, root, vision=root / "medsight_full_instruct")
+
+
+def test_unreadable_configs_and_tokenizers_name_their_file(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    released = (lvlm / "config.json").read_text()
+    (lvlm / "config.json").write_text(released[: len(released) // 2])  # a partial download
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct/config\.json: Expecting"):
+        load_tiny_release(golden, root)
+    (lvlm / "config.json").write_text(json.dumps({**json.loads(released), "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: config\.json has model_type 'llama'"):
+        load_tiny_release(golden, root)
+    (lvlm / "config.json").write_text(released)
+    (lvlm / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct: the tokenizer files are not readable"):
+        load_tiny_release(golden, root)
+    ours = save_pretrained(load_model("tiny", device="cpu"), tmp_path / "ours")
+    (ours / "medsight_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"ours/medsight_config\.json: not a valid MedSIGHT config"):
+        load_model(ours, device="cpu")
+
+
+def test_a_vision_file_of_another_vit_width_is_named(golden, tmp_path, release_dir):
+    """A ViT of another size (a ViT-B file for a ViT-L release) cannot feed the perceiver: the error names the
+    vision file and the perceiver file, not only two config fields."""
+    clip = safe_torch_load(release_dir / "unimed_clip_vit_l14.pt")["state_dict"]
+    width = clip["module.visual.conv1.weight"].shape[0]
+    wider = {k: torch.zeros([width + 4 if n == width else n for n in v.shape]) for k, v in clip.items()}
+    torch.save({"state_dict": wider}, tmp_path / "vit_other.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, release_dir, vision=tmp_path / "vit_other.pt")
+    assert f"vit_other.pt: a ViT of width {width + 4}, but " in str(err.value)
+    assert f"0079280.pt reads features of width {width}" in str(err.value)
+
+
+def test_a_vocabulary_that_disagrees_with_the_tokenizer_names_the_folder(golden, tmp_path):
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    config = root / "medsight_full_instruct" / "config.json"
+    released = json.loads(config.read_text())
+    config.write_text(json.dumps({**released, "vocab_size": released["vocab_size"] + 64}))  # e.g. a padded vocab
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct: its tokenizer and config\.json disagree: "
+                                              rf"tokenizer codes end at id {released['vocab_size'] - 1} but"):
+        load_tiny_release(golden, root)
+
+
+def test_a_stage2_file_without_its_codebooks_is_named(golden, tmp_path, release_dir):
+    state = torch.load(golden / "codebook_stage2_ckpt.pt", weights_only=True)["model"]
+    torch.save({"model": {k: v for k, v in state.items() if ".codebooks." not in k}}, tmp_path / "stage2.pt")
+    with pytest.raises(CheckpointError, match=r"stage2\.pt: no codebook tensors \(quantizer\.codebooks\.\*\)"):
+        load_tiny_release(golden, release_dir, codebook=tmp_path / "stage2.pt")
+
+
+def test_a_mistyped_model_source_says_what_it_was_looked_for_as(tmp_path, monkeypatch):
+    """`--model runs/final` (one slash) that is no folder was reported only as a Hub repository missing from the
+    cache, with advice to download it; a bare word only as 'neither a folder nor a repo id'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"runs/final: not in the local Hugging Face cache .*\(nor is there a "
+                                              rf"folder {tmp_path / 'runs' / 'final'}\)"):
+        load_model("runs/final", device="cpu")
+    with pytest.raises(CheckpointError, match=r"'dmeo' is neither a folder, a built-in model \(demo, full, tiny\) "
+                                              r"nor a Hugging Face repo id"):
+        load_model("dmeo", device="cpu")
+
+
+def test_a_part_of_the_layout_or_an_adapter_given_as_the_model_says_what_to_pass(tmp_path, release_dir):
+    with pytest.raises(CheckpointError, match=rf"it is a part of the release layout: pass the folder that holds it, "
+                                              rf"{release_dir.resolve()}$"):
+        load_model(release_dir / "medsight_full_instruct", device="cpu")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(CheckpointError, match=r"it is a LoRA adapter: pass it with --adapter"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_a_vision_file_for_another_image_size_is_not_loaded_silently(golden, tmp_path, release_dir, caplog):
+    """A ViT of the same width for another resolution (e.g. a 224-pixel ViT-L/14 for the 336-pixel UniMed-CLIP)
+    fits every shape check and answers from other features: the load says so."""
+    clip = safe_torch_load(release_dir / "unimed_clip_vit_l14.pt")["state_dict"]
+    patch = clip["module.visual.conv1.weight"].shape[-1]
+    tokens, width = clip["module.visual.positional_embedding"].shape
+    side = round((tokens - 1) ** 0.5) + 2
+    other = {**clip, "module.visual.positional_embedding": torch.zeros(side * side + 1, width)}
+    torch.save({"state_dict": other}, tmp_path / "vit_other_size.pt")
+    with caplog.at_level("WARNING", logger="medsight.model.loading"):
+        model = load_tiny_release(golden, release_dir, vision=tmp_path / "vit_other_size.pt")
+    assert model.config.vision.image_size == side * patch
+    assert f"vit_other_size.pt is a ViT for {side * patch}-pixel images, but base config 'golden'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medsight.model.loading"):
+        load_tiny_release(golden, release_dir)
+    assert "pixel images" not in caplog.text
+
+
+def test_a_release_cloned_without_git_lfs_says_so_before_asking_for_the_vision_file(golden, tmp_path):
+    root = write_release(golden, tmp_path / "clone")
+    (root / "unimed_clip_vit_l14.pt").unlink()  # the release ships no vision file
+    for weights in [*root.rglob("*.pt"), *root.rglob("*.safetensors")]:
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1000\n")
+    with pytest.raises(CheckpointError, match=r"0079280\.pt is a Git LFS pointer"):
+        load_model(root, device="cpu", base_config=golden_base_config(golden))

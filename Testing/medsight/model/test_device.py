@@ -22,3 +22,13 @@ def test_names_are_checked_before_the_computer_is():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available on this computer"):
             resolve_device("cuda")
+
+
+def test_a_dtype_that_is_not_a_float_dtype_is_refused_before_loading(tmp_path):
+    """A string (`dtype="bfloat16"`) or an integer dtype reached torch only after every weight was read (minutes
+    for the released model), then failed with torch's TypeError; the folder here is never opened."""
+    from medsight.model.loading import load_model
+
+    for bad in ("bfloat16", torch.int8):
+        with pytest.raises(ValueError, match=rf"dtype {bad!r} is not a floating-point torch.dtype: use torch.bf"):
+            load_model(tmp_path / "never_read", device="cpu", dtype=bad)

@@ -128,3 +128,38 @@ def test_offline_loading_opens_only_the_needed_files(cache, release_dir, unimed_
     assert {f"Caf0914/MedSIGHT:{k}" for k in others} & opened == set()
     assert {"Caf0914/MedSIGHT:region_perceiver/0079280.pt", f"{VISION_REPO}:{VISION_FILE}"} <= opened
     assert torch.equal(model.image_encoder.conv1.weight, vision_tower["conv1.weight"])
+
+
+def test_a_cached_release_loads_when_the_hub_cannot_be_reached(cache, release_dir, golden, monkeypatch):
+    """Online mode without a connection (a firewalled hospital network): the cached snapshot serves, as
+    huggingface_hub does for single files; the error said the cache lacked a model it held."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: every connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    cache_repo(cache, "Caf0914/MedSIGHT", folder_files(release_dir))
+    model = load_model("Caf0914/MedSIGHT", device="cpu", base_config=golden_base_config(golden))
+    assert model.config.vision.grid_size > 0 and model.weights_source == "Caf0914/MedSIGHT"
+    with pytest.raises(CheckpointError, match=r"someone/absent at revision main: not in the local Hugging Face "
+                                              r"cache .* and the Hub could not be reached"):
+        load_model("someone/absent", device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_gated_repository_is_not_called_missing():
+    """huggingface_hub's GatedRepoError is a RepositoryNotFoundError: it was reported as 'does not exist'."""
+    from huggingface_hub.errors import GatedRepoError
+
+    from medsight.model.hub import HubFile, fetch_file
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("403 Client Error. Cannot access gated repo for url https://huggingface.co/...")
+
+    hub = HubFile("someone/gated-model", "weights.pt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("huggingface_hub.hf_hub_download", gated)
+        with pytest.raises(CheckpointError, match=r"file weights\.pt of Hugging Face repository someone/gated-model "
+                                                  r"at revision main: the repository is gated: request access"):
+            fetch_file(hub)

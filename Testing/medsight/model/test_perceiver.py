@@ -116,3 +116,23 @@ def test_sdpa_attention_reproduces_the_official_decode(golden_model, perceiver_i
         perceiver.attention_implementation = "eager"
     with pytest.raises(ValueError, match=r"must be one of \('eager', 'sdpa'\), not 'flash'"):
         perceiver.attention_implementation = "flash"
+
+
+def test_official_attention_runs_in_float16(golden_model, perceiver_io):
+    """A model loaded with dtype=torch.float16 (GPUs without bfloat16): the official arithmetic's fill value -1e9
+    overflowed float16 (a RuntimeError at the first question); it now gives the float64 decode within float16's
+    rounding, fully blocked (uniform) rows included, as the fused kernel does."""
+    import copy
+
+    half = copy.deepcopy(golden_model.region_perceiver).to(torch.float16)
+    ref = perceiver_io["decode_mask"]
+    grid = perceiver_io["perceiver"]["grid_in"].to(torch.float16)
+    eager = half(grid, ref["codes"].to(torch.float16))
+    assert any(b.all(dim=-1).any() for b in eager.blocked_masks)
+    half.attention_implementation = "sdpa"
+    fused = half(grid, ref["codes"].to(torch.float16))
+    scale = ref["seg_logits"].abs().max().item()
+    for name, out in (("eager", eager), ("sdpa", fused)):
+        diff = (out.seg_logits.double() - ref["seg_logits"]).abs().max().item()
+        print(f"float16 {name}: max abs diff {diff:.2e} (logits up to {scale:.2e})")
+        assert diff <= 1e-2 * scale, (name, diff)

@@ -113,3 +113,17 @@ def test_peak_memory_is_a_small_multiple_of_the_tower_not_of_the_file(tmp_path):
     assert measured["kept"] == visual_bytes
     assert measured["peak"] < 3 * visual_bytes, f"peak {measured['peak'] / 2**20:.0f} MiB for a " \
         f"{visual_bytes / 2**20:.0f} MiB tower in a {path.stat().st_size / 2**20:.0f} MiB file"
+
+
+def test_the_converter_reports_bad_input_in_one_line(golden, tmp_path, capsys):
+    """`python -m medsight.model.unpickling`, the command refusals advise, gave tracebacks for a missing, damaged or
+    unwritable file."""
+    (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>rate limited</html>")
+    clean = save_like_numpy1(unimed_clip_checkpoint(tower(golden), text_tower(8)), tmp_path / "trusted.pt")
+    cases = ((tmp_path / "absent.pt", tmp_path / "a.safetensors", "checkpoint file not found: "),
+             (tmp_path / "page.pt", tmp_path / "b.safetensors", "page.pt: not a readable PyTorch checkpoint ("),
+             (clean, tmp_path / "no_such_folder" / "c.safetensors", "cannot write "))
+    for source, target, expected in cases:
+        assert convert_main([str(source), str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err, err

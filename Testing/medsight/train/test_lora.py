@@ -11,6 +11,7 @@ import torch
 from medsight.cli import main as cli_main
 from medsight.config import tiny_config
 from medsight.model.adapter import ADAPTER_CONFIG, NON_LORA_FILE, NON_LORA_PREFIX, load_adapter
+from medsight.model.checkpoints import CheckpointError
 from medsight.model.loading import build_model, load_model, load_pretrained, save_pretrained
 from medsight.train.cli import main as train_main
 from medsight.train.stages import LoraConfig, run_stage5
@@ -135,3 +136,26 @@ def test_lora_recipe_from_the_cli(run, tmp_path):
     out = tmp_path / "out"
     assert train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(out)]) == 0
     assert (out / "final" / ADAPTER_CONFIG).is_file()
+
+
+def test_adapter_whose_layers_the_file_lacks_is_refused_not_a_silent_no_op(run, tmp_path):
+    """PEFT only warns when the file misses LoRA tensors (an adapter saved from another model's module names, or a
+    partial file) and leaves those layers at B = 0: the model would answer as if no adapter were given."""
+    from safetensors.torch import load_file, save_file
+
+    for name, rename in (("other", lambda k: k.replace(".layers.", ".h.")), ("partial", None)):
+        folder = tmp_path / name
+        write_official_adapter(run["base"], folder)
+        weights = folder / "adapter_model.safetensors"
+        state = load_file(str(weights))
+        if rename is None:
+            dropped = sorted(state)[0]
+            state.pop(dropped)
+        else:
+            state = {rename(k): v for k, v in state.items()}
+        save_file(state, str(weights))
+        with pytest.raises(CheckpointError, match=r"the adapter does not fit the model \(is it for another base"):
+            load_model(str(run["base"]), device="cpu", adapter=folder)
+    weights.write_bytes(weights.read_bytes()[:100])  # a partial download
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        load_model(str(run["base"]), device="cpu", adapter=folder)

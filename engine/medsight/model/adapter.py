@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medsight.model.checkpoints import CheckpointError, safe_torch_load
+from medsight.model.checkpoints import CheckpointError, read_safetensors_file, safe_torch_load
 
 ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_FILE = "non_lora_trainables.bin"
@@ -89,6 +89,17 @@ def read_non_lora(folder: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(NON_LORA_PREFIX): v for k, v in data.items()}
 
 
+def _saved_adapter_names(folder: Path) -> set[str]:
+    """The tensor names in the adapter's weight file (a damaged file is a CheckpointError naming it)."""
+    path = folder / "adapter_model.safetensors"
+    if path.is_file():
+        return set(read_safetensors_file(path))
+    data = safe_torch_load(folder / "adapter_model.bin")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder / 'adapter_model.bin'}: expected a dict of tensors")
+    return set(data)
+
+
 def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
     """Apply an adapter in the official layout to `model` (a MedSIGHTModel) in place; returns its language model.
 
@@ -110,6 +121,7 @@ def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
         raise CheckpointError(f"{config_path}: peft_type {peft_type!r}; only LORA adapters are supported")
     if not any((folder / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    saved = _saved_adapter_names(folder)
     non_lora = read_non_lora(folder)
     lm = model.language_model
     expected = lm.state_dict()
@@ -121,7 +133,18 @@ def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
     try:
         peft_model = PeftModel.from_pretrained(lm, str(folder), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"{folder}: the adapter does not fit the model ({err})") from None
+        detail = " ".join(str(err).split())  # torch's size-mismatch report spans lines: one line here
+        raise CheckpointError(f"{folder}: the adapter does not fit the model ({detail})") from None
+    # PEFT loads adapter weights leniently: a layer the file lacks keeps its fresh LoRA (B = 0, a no-op) with only
+    # a warning, so an adapter of another model would silently change nothing. Every layer must be in the file.
+    from peft.utils import get_peft_model_state_dict
+
+    lora = set(get_peft_model_state_dict(peft_model))
+    missing, unexpected = sorted(lora - saved), sorted(saved - lora)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the adapter does not fit the model (is it for another base model?): "
+                              f"{len(missing)} of its {len(lora)} LoRA tensors missing {missing[:3]}, "
+                              f"{len(unexpected)} not in the model {unexpected[:3]}")
     device, dtype = expected[next(iter(expected))].device, model.dtype
     peft_model.to(device)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,52 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     and never rewrite the file while they live. A `.safetensors` file (what `convert_trusted` writes) is read as is.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return read_safetensors_file(path)
     mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(refusal_message(path, _unsafe_globals(path), first)) from None
+        offenders = _unsafe_globals(path) or _UNSUPPORTED_GLOBAL.findall(str(err))
+        if not offenders:  # not a pickle at all (an HTML page, a partial download): nothing was refused
+            reason = _UNPICKLER_ERROR.search(str(err))
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or not a checkpoint: "
+                                  f"{reason[1].strip() if reason else 'unreadable pickle'})") from None
+        raise CheckpointError(refusal_message(path, offenders, "")) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err or 'empty or cut short'})") from None
+
+
+# torch's weights-only unpickler names a refused global as "Unsupported global: GLOBAL module.name"; its other
+# complaints (an unknown opcode: the bytes are not a pickle) follow "WeightsUnpickler error:".
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: Path) -> None:
+    """A repository cloned without Git LFS holds small text pointers in place of its weight files."""
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: the repository was cloned without "
+                                  "Git LFS; run `git lfs pull` in it, or get the model with `medsight download`")
+
+
+def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a damaged or partial file is a CheckpointError naming it."""
+    path = Path(path)
+    refuse_lfs_pointer(path)
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
+        raise CheckpointError(f"{path}: not a readable safetensors file, damaged or partly downloaded "
+                              f"({err})") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -205,8 +236,12 @@ def safetensors_names(folder: str | Path) -> set[str]:
         return set(json.loads(index.read_text())["weight_map"])
     names: set[str] = set()
     for shard in _shards(folder):
-        with safe_open(str(folder / shard), framework="pt") as f:
-            names.update(f.keys())
+        refuse_lfs_pointer(folder / shard)
+        try:
+            with safe_open(str(folder / shard), framework="pt") as f:
+                names.update(f.keys())
+        except Exception as err:  # SafetensorError: a damaged or partial header
+            raise CheckpointError(f"{folder / shard}: not a readable safetensors file ({err})") from None
     return names
 
 
@@ -218,7 +253,7 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         if not (folder / shard).is_file():
             raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
-        state.update(load_file(str(folder / shard)))
+        state.update(read_safetensors_file(folder / shard))
     return state
 
 

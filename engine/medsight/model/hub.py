@@ -215,11 +215,16 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
         raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {_why_not_downloaded()}") from None
 
 
+class HubUnreachableError(CheckpointError):
+    """The Hub could not be asked (offline mode, no connection, a timeout): the cache may still hold the files."""
+
+
 def _hub_call(call, what: str):
     """Run a Hub request; its failures become one CheckpointError naming what was asked for."""
     import requests
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -229,9 +234,12 @@ def _hub_call(call, what: str):
 
     try:
         return call()
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError):
-        raise CheckpointError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
-                              f"{_why_not_downloaded()}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):
+        raise HubUnreachableError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
+                                  f"{_why_not_downloaded()}") from None
+    except GatedRepoError:  # a RepositoryNotFoundError too, but it exists: the user has to ask for access
+        raise CheckpointError(f"{what}: the repository is gated: request access on its Hugging Face page, then log "
+                              "in here with the same account (`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{what}: the repository does not exist or needs a login (`hf auth login`)") from None
     except RevisionNotFoundError:

@@ -21,6 +21,7 @@ from medsight.model.checkpoints import (
     read_perceiver_state,
     read_safetensors_folder,
     read_vision_state,
+    refuse_lfs_pointer,
     safetensors_names,
     save_safetensors,
     split_lvlm_state,
@@ -28,6 +29,8 @@ from medsight.model.checkpoints import (
 from medsight.model.hub import (
     LVLM_FOLDER,
     PERCEIVER_FOLDER,
+    UNIMED_CLIP,
+    HubUnreachableError,
     cached_release,
     fetch_release,
     plan_release,
@@ -67,7 +70,10 @@ def save_pretrained(model: MedSIGHTModel, folder: str | Path, state: dict[str, t
 def load_pretrained(folder: str | Path) -> MedSIGHTModel:
     """Load a folder written by `save_pretrained`."""
     folder = Path(folder)
-    config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
+    try:
+        config = MedSIGHTConfig.from_json(folder / CONFIG_FILE)
+    except (ValueError, TypeError, AttributeError) as err:  # bad JSON, unknown fields, a list instead of an object
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not a valid MedSIGHT config ({err})") from None
     model = _empty_model(config, load_tokenizer(folder))
     state = read_safetensors_folder(folder)
     if any(k.startswith("codebook.") for k in state):
@@ -132,7 +138,13 @@ def load_official(
     config_path = lvlm_folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{lvlm_folder}: no config.json (is this the medsight_full_instruct folder?)")
-    llm = llm_config_from_released(json.loads(config_path.read_text()))
+    try:
+        released = json.loads(config_path.read_text())
+        if not isinstance(released, dict):
+            raise ValueError("not a JSON object")
+        llm = llm_config_from_released(released)
+    except ValueError as err:  # malformed JSON, or a config of another kind of model
+        raise CheckpointError(f"{config_path}: {err}") from None
     tokenizer = load_tokenizer(lvlm_folder)
     lm_state, tower = split_lvlm_state(read_safetensors_folder(lvlm_folder), llm.first_code_id)
     perceiver_state = read_perceiver_state(perceiver_file)
@@ -144,19 +156,35 @@ def load_official(
         raise CheckpointError(
             f"no vision encoder weights: pass the UniMed-CLIP file (vision_file); {lvlm_folder} does not carry one"
         )
+    vision = infer_vision_config(vision_state, base.vision)
+    perceiver = infer_perceiver_config(perceiver_state, base.perceiver)
+    if vision.width != perceiver.dim:  # another ViT (e.g. a ViT-B file): the perceiver reads its grid directly
+        raise CheckpointError(
+            f"{vision_file or lvlm_folder}: a ViT of width {vision.width}, but {perceiver_file} reads features of "
+            f"width {perceiver.dim}; the release's vision encoder is {UNIMED_CLIP}"
+        )
+    if vision.image_size != base.vision.image_size:  # same shapes otherwise: it loads, and answers from other features
+        log.warning("%s is a ViT for %d-pixel images, but base config %r (what the perceiver was trained with) "
+                    "expects %d: answers will be wrong unless this is the intended vision encoder",
+                    vision_file or lvlm_folder, vision.image_size, base.name, base.vision.image_size)
     config = MedSIGHTConfig(
         name=base.name,
-        vision=infer_vision_config(vision_state, base.vision),
-        perceiver=infer_perceiver_config(perceiver_state, base.perceiver),
+        vision=vision,
+        perceiver=perceiver,
         codebook=base.codebook,
         llm=llm,
     )
-    model = _empty_model(config, tokenizer)
+    try:
+        model = _empty_model(config, tokenizer)
+    except ValueError as err:  # the tokenizer's region codes do not end where config.json's vocabulary does
+        raise CheckpointError(f"{lvlm_folder}: its tokenizer and config.json disagree: {err}") from None
     load_into(model.image_encoder, vision_state, str(vision_file or lvlm_folder), assign=True)
     load_into(model.region_perceiver, perceiver_state, str(perceiver_file), assign=True)
     load_into(model.language_model, lm_state, str(lvlm_folder), assign=True)
     if codebook_file is not None:
         codebook_state = read_codebook_state(codebook_file)
+        if "codebooks.0.embedding.weight" not in codebook_state:
+            raise CheckpointError(f"{codebook_file}: no codebook tensors (quantizer.codebooks.*) among its keys")
         code_dim = codebook_state["codebooks.0.embedding.weight"].shape[1]
         model.config.codebook = replace(config.codebook, code_dim=code_dim)
         load_into(model.attach_codebook(), codebook_state, str(codebook_file), assign=True)
@@ -201,14 +229,39 @@ def resolve_source(source: str | Path) -> Path:
     if path.exists():
         return path
     if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
-        raise CheckpointError(f"model source {source!r} is neither a folder nor a Hugging Face repo id")
+        raise CheckpointError(f"model source {source!r} is neither a folder, a built-in model "
+                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME)")
+    try:
+        return _from_hub(str(source))
+    except CheckpointError as err:  # OWNER/NAME may also have been meant as a folder (`runs/final`): say it is not
+        raise type(err)(f"{err} (nor is there a folder {path.resolve()})") from None
+
+
+def _from_hub(source: str) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return cached_release(str(source))
-    plan = plan_release(str(source))
+    try:
+        plan = plan_release(str(source))
+    except HubUnreachableError as unreachable:
+        try:  # as huggingface_hub does for single files: without a connection, a cached snapshot serves
+            folder = cached_release(str(source))
+        except CheckpointError:
+            raise unreachable from None  # the error about the Hub, which also says the cache has none
+        log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
+        return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
     return fetch_release(plan)
+
+
+def _what_it_is(folder: Path) -> str:
+    """A hint for the folders users pass by mistake: an adapter, or a part of the release layout."""
+    if (folder / "adapter_config.json").is_file():
+        return "; it is a LoRA adapter: pass it with --adapter (Python: adapter=) and its base model as the model"
+    if folder.name in (LVLM_FOLDER, PERCEIVER_FOLDER):
+        return f"; it is a part of the release layout: pass the folder that holds it, {folder.resolve().parent}"
+    return ""
 
 
 def _vision_needed(found: dict[str, Path | None]) -> bool:
@@ -288,6 +341,10 @@ def load_model(
             (`medsight.model.adapter.load_adapter`).
     """
     device = resolve_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # Checked before any weights are read: torch would refuse it only after the whole model had loaded.
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch.dtype: use torch.bfloat16, "
+                         "torch.float32 or torch.float16")
     dtype = dtype or default_dtype(device)
     if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
         model = load_pretrained(EMBEDDED[str(source)])
@@ -303,9 +360,11 @@ def load_model(
             if found["perceiver"] is None:
                 raise CheckpointError(
                     f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
-                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
+                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/){_what_it_is(folder)}"
                 )
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
+            # A clone without Git LFS: say so before asking for a 5 GB vision file the clone could not use anyway.
+            refuse_lfs_pointer(found["perceiver"])
             vision = vision_file or found["vision"]
             if vision is None and _vision_needed(found):
                 vision = vision_file_for_release(fetch=fetch_vision)

@@ -90,7 +90,8 @@ class CrossAttention(nn.Module):
             return self.to_out(sdpa_attention(q, k, v, blocked).transpose(1, 2).reshape(b, n, -1))
         sim = (q * self.dim_head**-0.5) @ k.transpose(-1, -2)  # (B, H, N, M)
         if blocked is not None:
-            sim = sim.masked_fill(blocked[:, None], MASK_FILL)
+            # float16 cannot hold MASK_FILL; its lowest value masks the same (exp underflows to 0 either way).
+            sim = sim.masked_fill(blocked[:, None], max(MASK_FILL, torch.finfo(sim.dtype).min))
         sim = sim - sim.amax(dim=-1, keepdim=True).detach()
         out = sim.softmax(dim=-1) @ v
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))

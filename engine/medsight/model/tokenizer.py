@@ -14,6 +14,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from medsight.model.checkpoints import CheckpointError
 from medsight.tokens import CodeVocabulary, all_code_names
 
 CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -81,6 +82,12 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer files in {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    CodeVocabulary.from_tokenizer(tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # the `tokenizers` parser raises a bare Exception for a malformed tokenizer.json
+        raise CheckpointError(f"{folder}: the tokenizer files are not readable ({err})") from None
+    try:
+        CodeVocabulary.from_tokenizer(tokenizer)
+    except ValueError as err:  # e.g. a plain Qwen3 folder: the MedSIGHT tokenizer adds the region codes
+        raise CheckpointError(f"{folder}: {err}; a MedSIGHT tokenizer is needed") from None
     return tokenizer

@@ -73,8 +73,11 @@ def convert_trusted(source: str | Path, target: str | Path) -> Path:
 
     import torch
 
-    from medsight.model.checkpoints import pick_state_dict, save_safetensors
+    from medsight.model.checkpoints import pick_state_dict, refuse_lfs_pointer, save_safetensors
 
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {source}")
+    refuse_lfs_pointer(Path(source))
     obj = torch.load(source, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(source))
     state = pick_state_dict(obj, source)
     # Copies: safetensors refuses tensors that share storage, and the copies no longer need the mapped file.
@@ -89,7 +92,20 @@ def main(argv: list[str] | None = None) -> int:
               "Unpickles a checkpoint you trust without the allow-list, once, and writes its state dict to "
               "safetensors, which MedSIGHT then loads by default.", file=sys.stderr)
         return 2
-    print(convert_trusted(argv[0], argv[1]))
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        print(convert_trusted(argv[0], argv[1]))
+    except SafetensorError as err:  # the target cannot be written
+        print(f"error: cannot write {argv[1]}: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # a missing or damaged file
+        text = str(err)
+        print(f"error: {text if argv[0] in text else f'{argv[0]}: not a readable PyTorch checkpoint ({text})'}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
