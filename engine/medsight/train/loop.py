@@ -94,7 +94,8 @@ class TrainConfig:
         bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
         fsdp_param_dtype: under torchrun, the dtype FSDP units compute in over float32 master weights: "auto"
             (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16" or "float32".
-        export_official: also write `final_official/` in the release layout (`medsight.train.export`).
+        export_official: also write `final_official/` in the release layout (`medsight.train.export`); refused
+            for LoRA runs, whose `final/` is already the official adapter layout.
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).

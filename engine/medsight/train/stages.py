@@ -158,6 +158,14 @@ class Stage5Config(LVLMConfig):
         "frozen_dtype": checks.one_of("auto", "float32", "bfloat16"),
     }
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora and self.export_official:
+            # Refused, not ignored: the option promises a final_official/ folder a LoRA run would not write.
+            raise ValueError("export_official does not apply to a LoRA run (lora: true): its final/ already is the "
+                             "official adapter layout (adapter_config.json, adapter_model.safetensors, "
+                             "non_lora_trainables.bin); set export_official to false")
+
 
 @dataclass
 class LoraConfig(Stage5Config):
