@@ -269,10 +269,15 @@ class SampleOrder:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint folder with the highest step that has a trainer state, or None."""
-    folders = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"))
-    folders = [f for f in folders if (f / STATE_FILE).is_file() or (f / SHARDED_STATE_FILE).is_file()]
-    return folders[-1] if folders else None
+    """The checkpoint folder with the highest step that has a trainer state, or None.
+
+    Ordered by the step number, not the name: `step-{step:07d}` grows an eighth digit past 9,999,999 steps."""
+    steps = {}
+    for folder in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and ((folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()):
+            steps[int(number)] = folder
+    return steps[max(steps)] if steps else None
 
 
 #: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.
