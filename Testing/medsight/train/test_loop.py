@@ -11,7 +11,15 @@ from transformers.optimization import get_cosine_schedule_with_warmup
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
-from medsight.train.loop import TrainConfig, cosine_lambda, train
+from medsight.train import state as trainer_state
+from medsight.train.loop import (
+    CHECKPOINT_DIR,
+    SHARDED_STATE_FILE,
+    TrainConfig,
+    cosine_lambda,
+    latest_checkpoint,
+    train,
+)
 from medsight.train.stages import Stage5Config
 
 
@@ -50,3 +58,14 @@ def test_a_lengthened_run_continues_on_the_new_schedule(tmp_path):
     factor = cosine_lambda(longer.max_steps, longer.warmup_ratio, 0.0)
     # (The finished run's scheduler had left the lr at the end of the old cosine, 0, for the first resumed step.)
     assert [r["lr"] for r in result.records] == pytest.approx([longer.lr * factor(s) for s in (2, 3)], rel=1e-12)
+
+
+def test_latest_checkpoint_orders_by_step_number_past_seven_digits(tmp_path):
+    """Folders are named `step-{step:07d}` as the loop writes them; step 10,000,000 sorts before 9,999,999 by name."""
+    for step in (9_999_999, 10_000_000, 10_000_001):
+        folder = tmp_path / CHECKPOINT_DIR / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        if step != 10_000_001:  # the last one was cut off before its state was written: incomplete
+            trainer_state.write_json(folder / SHARDED_STATE_FILE, {"step": step})
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and trainer_state.read_json(latest / SHARDED_STATE_FILE)["step"] == 10_000_000

@@ -159,3 +159,16 @@ def test_adapter_whose_layers_the_file_lacks_is_refused_not_a_silent_no_op(run, 
     weights.write_bytes(weights.read_bytes()[:100])  # a partial download
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
         load_model(str(run["base"]), device="cpu", adapter=folder)
+
+
+def test_export_official_is_refused_for_lora_not_ignored(tmp_path, capsys):
+    with pytest.raises(ValueError, match="export_official does not apply to a LoRA run"):
+        LoraConfig(export_official=True)
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps({"init_from": "tiny", "export_official": True}))
+    out = tmp_path / "out"
+    args = ["train", "lora", "--config", str(config), "--data", str(tmp_path), "--out", str(out)]
+    assert cli_main(args) == 2  # refused before a model is built or anything written
+    err = capsys.readouterr().err
+    assert str(config) in err and "export_official" in err and "final/ already is the official adapter" in err
+    assert not out.exists()

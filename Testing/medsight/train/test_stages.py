@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from medsight.feature_cache import FeatureCache
 from medsight.model.loading import build_model, load_pretrained
 from medsight.train.cli import main as train_main
 from medsight.train.loop import CHECKPOINT_DIR, LOG_FILE, PLOT_FILE, STATE_FILE, read_log
+from medsight.train.plan import count_parameters, device_parameters, state_bytes, trainable
 from medsight.train.stages import (
     RUNNERS,
     Stage1Config,
@@ -184,3 +186,30 @@ def test_one_cache_serves_later_stages_with_the_same_frozen_weights(runs, data, 
     assert len(result.records) == len(expected)
     for got, want in zip(result.records, expected, strict=True):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (got, want)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stages_1_and_2_leave_the_language_model_off_the_device(data, tmp_path, stage):
+    """The device holds what the plan counts for the stage: the vision side in float32, not the language model.
+
+    The language model is held in bfloat16 on the CPU beforehand, so a move or cast of it shows on a CPU-only
+    computer too; with CUDA the stage trains on the GPU and the bytes on it are counted.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(tiny_config(), seed=0)
+    model.language_model.to(torch.bfloat16)
+    host = {n: p.data_ptr() for n, p in model.language_model.named_parameters()}
+    config = replace(CONFIGS[stage], max_steps=1, save_every=0, device=device)
+    result = RUNNERS[stage](model, data["meta"], config, tmp_path)
+    placed = sum(p.numel() * p.element_size() for p in model.parameters()
+                 if p.device.type == device and p.dtype == torch.float32)
+    counts = count_parameters(tiny_config())
+    assert placed == 4 * device_parameters(counts, stage)
+    assert state_bytes(counts, stage, "plain", 1) == placed + 12 * trainable(counts, stage, "plain")
+    lm = dict(model.language_model.named_parameters())
+    assert {n: p.data_ptr() for n, p in lm.items()} == host  # not copied anywhere
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in lm.values())
+    # final/ still holds the whole model, the language model's weights included.
+    loaded = load_pretrained(result.final_dir)
+    for name, value in loaded.language_model.state_dict().items():
+        assert torch.equal(value, model.language_model.state_dict()[name]), name

@@ -105,13 +105,16 @@ def shard(model: nn.Module, loss_fn: Callable[[Any], dict[str, torch.Tensor]], m
           param_dtype: torch.dtype) -> LossModule:
     """Wrap `model` in a LossModule and shard it in place with `fully_shard` (per decoder layer, then the rest)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    units = fsdp_units(model)
+    # What the stage left off the training device (stages 1-2: the language model, on the CPU) stays there, whole:
+    # FSDP would otherwise move its shards to the GPUs.
+    ignored = {p for p in model.parameters() if p.device.type != mesh.device_type}
+    units = [unit for unit in fsdp_units(model) if any(p not in ignored for p in unit.parameters())]
     in_units = {id(p) for unit in units for p in unit.parameters()}
     own = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_units]
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     root = LossModule(model, loss_fn, own)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return root
 
 

@@ -94,7 +94,8 @@ class TrainConfig:
         bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
         fsdp_param_dtype: under torchrun, the dtype FSDP units compute in over float32 master weights: "auto"
             (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16" or "float32".
-        export_official: also write `final_official/` in the release layout (`medsight.train.export`).
+        export_official: also write `final_official/` in the release layout (`medsight.train.export`); refused
+            for LoRA runs, whose `final/` is already the official adapter layout.
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
@@ -268,10 +269,15 @@ class SampleOrder:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint folder with the highest step that has a trainer state, or None."""
-    folders = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"))
-    folders = [f for f in folders if (f / STATE_FILE).is_file() or (f / SHARDED_STATE_FILE).is_file()]
-    return folders[-1] if folders else None
+    """The checkpoint folder with the highest step that has a trainer state, or None.
+
+    Ordered by the step number, not the name: `step-{step:07d}` grows an eighth digit past 9,999,999 steps."""
+    steps = {}
+    for folder in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and ((folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()):
+            steps[int(number)] = folder
+    return steps[max(steps)] if steps else None
 
 
 #: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.

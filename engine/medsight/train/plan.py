@@ -4,8 +4,9 @@ Parameter counts come from the model built on PyTorch's meta device (`medsight.m
 parameter, as our trainer stores them:
 
 - plain: every GPU holds the whole model in float32 (4 B/param) plus, per trainable parameter, a float32 gradient
-  and AdamW's two float32 moments (12 B): 16 B per trainable parameter in all. On N GPUs this is data-parallel
-  replication (what a DDP run would need); our torchrun path always shards (fsdp).
+  and AdamW's two float32 moments (12 B): 16 B per trainable parameter in all. Stages 1-2 leave the language model
+  on the CPU: their GPUs hold only the vision encoder, the perceiver and the codebook (`device_parameters`). On N
+  GPUs this is data-parallel replication (what a DDP run would need); our torchrun path always shards (fsdp).
 - fsdp: the same float32 master weights, gradients and moments divided over N GPUs, plus the working copies: the
   root unit (vision encoder, perceiver, codebook) unsharded in bf16 and three bf16 copies of the largest FSDP unit
   (the one computing, the one prefetched, and its gradient before the reduce-scatter).
@@ -118,21 +119,34 @@ def activation_bytes(config: MedSIGHTConfig, stage: int, gpus: int, batch: int =
     return layers + logits + (perceiver if stage in (4, 5) else 0)
 
 
-def memory_per_gpu(config: MedSIGHTConfig, counts: Counts, stage: int, mode: str, gpus: int,
-                   batch: int = 1) -> int:
-    """Bytes one GPU needs for `stage` under `mode` on `gpus` GPUs (see the module docstring)."""
+def device_parameters(counts: Counts, stage: int) -> int:
+    """Parameters a stage keeps on the training device: stages 1-2 never run the language model and leave it on the
+    CPU (`medsight.train.stages`), so only the vision encoder, the perceiver and (stage 2, which creates it) the
+    codebook go there."""
+    return {1: counts.vision + counts.perceiver, 2: counts.root_unit}.get(stage, counts.total)
+
+
+def state_bytes(counts: Counts, stage: int, mode: str, gpus: int) -> float:
+    """Bytes of weights, gradients, optimizer moments and FSDP working copies on one GPU (no activations)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     train = trainable(counts, stage, mode)
+    on_device = device_parameters(counts, stage)
     if mode == "plain":
-        states = 4 * counts.total + 12 * train
-        working = 0
-    else:
-        frozen_bytes = 2 if mode == "lora" else 4
-        states = (frozen_bytes * (counts.total - train) + 16 * train) / gpus
-        working = 2 * (counts.root_unit + 3 * counts.largest_unit) if gpus > 1 else 0
+        return 4 * on_device + 12 * train
+    frozen_bytes = 2 if mode == "lora" else 4
+    states = (frozen_bytes * (on_device - train) + 16 * train) / gpus
+    # Stages 1-2 shard only the root unit: the language model's units stay on the CPU.
+    units = 0 if stage in (1, 2) else 3 * counts.largest_unit
+    working = 2 * (counts.root_unit + units) if gpus > 1 else 0
+    return states + working
+
+
+def memory_per_gpu(config: MedSIGHTConfig, counts: Counts, stage: int, mode: str, gpus: int,
+                   batch: int = 1) -> int:
+    """Bytes one GPU needs for `stage` under `mode` on `gpus` GPUs (see the module docstring)."""
     activations = activation_bytes(config, stage, gpus, batch)
-    return int((states + working + activations) * FRAGMENTATION + OVERHEAD_BYTES)
+    return int((state_bytes(counts, stage, mode, gpus) + activations) * FRAGMENTATION + OVERHEAD_BYTES)
 
 
 def plan_table(config: MedSIGHTConfig, gpu_gib: float, batches: dict[int, int] | None = None) -> str:

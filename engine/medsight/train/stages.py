@@ -158,6 +158,14 @@ class Stage5Config(LVLMConfig):
         "frozen_dtype": checks.one_of("auto", "float32", "bfloat16"),
     }
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora and self.export_official:
+            # Refused, not ignored: the option promises a final_official/ folder a LoRA run would not write.
+            raise ValueError("export_official does not apply to a LoRA run (lora: true): its final/ already is the "
+                             "official adapter layout (adapter_config.json, adapter_model.safetensors, "
+                             "non_lora_trainables.bin); set export_official to false")
+
 
 @dataclass
 class LoraConfig(Stage5Config):
@@ -181,10 +189,21 @@ RECIPES: dict[str, tuple[int, type[TrainConfig]]] = {"lora": (5, LoraConfig)}
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _prepare(model: MedSIGHTModel, config: TrainConfig) -> torch.device:
-    """Move to the training device in float32 and freeze everything (each stage then unfreezes its part)."""
+def _prepare(model: MedSIGHTModel, config: TrainConfig, vision_side_only: bool = False) -> torch.device:
+    """Move to the training device in float32 and freeze everything (each stage then unfreezes its part).
+
+    `vision_side_only` (stages 1-2, which never run the language model): only the vision encoder, the perceiver and
+    the codebook go to the device; the language model stays on the CPU as loaded (dtype unchanged), so the device
+    holds what the stage needs (`medsight.train.plan.device_parameters`) and checkpoints still hold the whole model.
+    """
     device = resolve_device(config)
-    model.to(device=device, dtype=torch.float32)
+    if vision_side_only:
+        model.language_model.to("cpu")
+        for part in (model.image_encoder, model.region_perceiver, model.codebook):
+            if part is not None:
+                part.to(device=device, dtype=torch.float32)
+    else:
+        model.to(device=device, dtype=torch.float32)
     model.requires_grad_(False)
     model.eval()  # frozen parts stay in eval mode; trainable parts are switched to train below
     return device
@@ -248,7 +267,7 @@ def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: s
     Args:
         data: a `SegmentationDataset`, a meta JSON, or a folder holding `biomedparse_meta_train.json`.
     """
-    device = _prepare(model, config)
+    device = _prepare(model, config, vision_side_only=True)
     dataset = _segmentation_data(data, model, config.resize_mode)
     model.region_perceiver.requires_grad_(True).train()
     if config.train_vision:
@@ -281,7 +300,7 @@ def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: s
         # (FSDP shards each rank's own copy without comparing them).
         seed_everything(config.seed)
         model.attach_codebook()
-    device = _prepare(model, config)
+    device = _prepare(model, config, vision_side_only=True)
     dataset = _segmentation_data(data, model, config.resize_mode)
     codebook = model.codebook
     assert codebook is not None
