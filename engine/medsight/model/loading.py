@@ -209,17 +209,33 @@ def _finish(model: MedSIGHTModel) -> MedSIGHTModel:
     return model.eval()
 
 
+# A trusted file the allow-list refuses is converted once (`python -m medsight.model.unpickling A.pt A.safetensors`)
+# and the copy written beside it: the search takes both suffixes, and of one checkpoint the safetensors copy.
+def _checkpoints(folder: Path, *patterns: str) -> list[Path]:
+    """Matching .pt and .safetensors files by name (the step), a converted .safetensors copy before its .pt."""
+    found = {p for pattern in patterns for suffix in (".pt", ".safetensors") for p in folder.glob(pattern + suffix)}
+    return sorted(found, key=lambda p: (p.with_suffix("").as_posix(), p.suffix != ".safetensors"))
+
+
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    perceivers = sorted((folder / PERCEIVER_FOLDER).glob("*.pt"))
-    clip = sorted([*folder.glob("*clip*.pt"), *folder.glob("*CLIP*.pt")])
-    codebooks = sorted([*folder.glob("codebook*/*.pt"), *folder.glob("*codebook*.pt")])
+    perceivers = _checkpoints(folder, f"{PERCEIVER_FOLDER}/*")
+    clip = _checkpoints(folder, "*clip*", "*CLIP*")
+    codebooks = _checkpoints(folder, "codebook*/*", "*codebook*")
     return {
         "lvlm": lvlm,
-        "perceiver": perceivers[-1] if perceivers else None,
+        "perceiver": _latest(perceivers),
         "vision": clip[0] if clip else None,
-        "codebook": codebooks[-1] if codebooks else None,
+        "codebook": _latest(codebooks),
     }
+
+
+def _latest(found: list[Path]) -> Path | None:
+    """The last step's checkpoint (its converted copy if there is one)."""
+    if not found:
+        return None
+    stem = found[-1].with_suffix("")
+    return next(p for p in found if p.with_suffix("") == stem)
 
 
 def resolve_source(source: str | Path) -> Path:
