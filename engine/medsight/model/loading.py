@@ -33,6 +33,7 @@ from medsight.model.hub import (
     HubUnreachableError,
     cached_release,
     fetch_release,
+    parse_repo,
     plan_release,
     resolve_file,
     vision_file_for_release,
@@ -239,32 +240,34 @@ def _latest(found: list[Path]) -> Path | None:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A local folder as is; anything else is taken as a Hugging Face repo id: only the files its layout needs are
-    downloaded (sizes logged first), or, with HF_HUB_OFFLINE=1, the cached snapshot is used as it is."""
+    """A local folder as is; anything else is taken as a Hugging Face repo id, `OWNER/NAME[@REVISION]`: only the
+    files its layout needs are downloaded (sizes logged first), or, with HF_HUB_OFFLINE=1, the cached snapshot of
+    that revision (default main) is used as it is."""
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+    hub = parse_repo(str(source))
+    if hub is None:
         raise CheckpointError(f"model source {source!r} is neither a folder, a built-in model "
-                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME)")
+                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME, "
+                              "or OWNER/NAME@REVISION)")
     try:
-        return _from_hub(str(source))
+        return _from_hub(*hub)
     except CheckpointError as err:  # OWNER/NAME may also have been meant as a folder (`runs/final`): say it is not
         raise type(err)(f"{err} (nor is there a folder {path.resolve()})") from None
 
 
-def _from_hub(source: str) -> Path:
+def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return cached_release(str(source))
+        return cached_release(repo_id, revision)
     try:
-        plan = plan_release(str(source))
-    except HubUnreachableError as unreachable:
-        try:  # as huggingface_hub does for single files: without a connection, a cached snapshot serves
-            folder = cached_release(str(source))
-        except CheckpointError:
-            raise unreachable from None  # the error about the Hub, which also says the cache has none
+        plan = plan_release(repo_id, revision)
+    except HubUnreachableError:
+        # As huggingface_hub does for single files: without a connection, a cached snapshot serves (or the error
+        # says the cache has none, and which revisions it has).
+        folder = cached_release(repo_id, revision)
         log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
         return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
@@ -344,7 +347,7 @@ def load_model(
 
     Args:
         source: "demo" (the embedded trained demo model), "tiny"/"full" (random weights), a folder, or a Hugging
-            Face repo id such as "Caf0914/MedSIGHT".
+            Face repo id such as "Caf0914/MedSIGHT" (at a revision other than main: "Caf0914/MedSIGHT@REVISION").
         device: default CUDA if available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
         vision_file: the UniMed-CLIP checkpoint for official layouts, a path or `REPO_ID:FILENAME[@REVISION]` (else
