@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 
     download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
                               "into the local cache")
-    download.add_argument("repo", nargs="?", help="repository id (default: the released MedSIGHT), or "
-                          "one file as REPO_ID:FILENAME[@REVISION]")
+    download.add_argument("repo", nargs="?", help="repository id, REPO_ID[@REVISION] (default: the released "
+                          "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
     download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
     download.add_argument("--codebook", action="store_true",
