@@ -236,7 +236,9 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
 
 def cached_revisions(repo_id: str) -> list[str]:
     """The revisions the cache holds a snapshot of: its refs (branches, tags) and commits no ref names."""
-    folder = Path(_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
     snapshots = {p.name for p in (folder / "snapshots").glob("*") if p.is_dir()}
     refs = {p.relative_to(folder / "refs").as_posix(): p.read_text().strip()
             for p in (folder / "refs").rglob("*") if p.is_file()}
@@ -254,10 +256,10 @@ def missing_from_cache(folder: Path, codebook: bool = False, vision: bool = Fals
     index = f"{root}model.safetensors.index.json"
     if index in have:
         try:
-            shards = json.loads((folder / index).read_text())["weight_map"].values()
-        except (ValueError, KeyError, TypeError, AttributeError):
-            shards = ["(the shards of a readable index)"]
-        needed += [[root + shard] for shard in sorted(set(shards))]
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            needed += [[root + shard] for shard in shards]
+        except (ValueError, KeyError, TypeError, AttributeError):  # cut short: its shards are not known
+            needed.append([f"a readable {index}"])
     else:
         needed.append([f"{root}model.safetensors"])
     needed += [[f"{root}tokenizer_config.json"], [f"{root}tokenizer.json", f"{root}vocab.json"]]
