@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 
     download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
                               "into the local cache")
-    download.add_argument("repo", nargs="?", help="repository id (default: the released MedSIGHT), or "
-                          "one file as REPO_ID:FILENAME[@REVISION]")
+    download.add_argument("repo", nargs="?", help="repository id, REPO_ID[@REVISION] (default: the released "
+                          "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
     download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
     download.add_argument("--codebook", action="store_true",
@@ -499,15 +499,37 @@ def _download(args: argparse.Namespace) -> int:
     own progress bars: only the layout's files (allow-patterns), the codebook and UniMed-CLIP only when asked."""
     from dataclasses import replace
 
-    from medsight.model.hub import RELEASE_REPO, fetch_release, parse_hub_file, plan_file, plan_release
+    from medsight.model.hub import (
+        RELEASE_REPO,
+        HubUnreachableError,
+        cached_download,
+        fetch_release,
+        parse_hub_file,
+        parse_repo,
+        plan_file,
+        plan_release,
+        why_offline,
+    )
 
     repo = args.repo or RELEASE_REPO
     hub = parse_hub_file(repo)
-    if hub is not None:
-        hub = replace(hub, revision=hub.revision or args.revision)
-        plan = plan_file(hub)
-    else:
-        plan = plan_release(repo, args.revision, codebook=args.codebook, vision=args.fetch_vision)
+    repo, revision = parse_repo(repo) or (repo, None)  # REPO_ID@REVISION, as --model takes it
+    revision = revision or args.revision
+    try:
+        if hub is not None:
+            hub = replace(hub, revision=hub.revision or args.revision)
+            plan = plan_file(hub)
+        else:
+            plan = plan_release(repo, revision, codebook=args.codebook, vision=args.fetch_vision)
+    except HubUnreachableError:  # nothing can be listed: say what the cache holds instead
+        found = cached_download(hub, repo, revision, args.codebook, args.fetch_vision)
+        if args.dir:
+            raise ValueError(f"{why_offline()}: nothing was copied into {args.dir}; the local Hugging Face cache "
+                             f"holds what is needed at {found}") from None
+        print(f"not checked against the Hub ({why_offline()}): the local Hugging Face cache holds everything "
+              "needed", file=sys.stderr)
+        print(found)
+        return 0
     print("\n".join(plan.lines()), file=sys.stderr, flush=True)
     ask_first = plan.total > args.confirm_above * 1e9 and not args.yes and sys.stdin.isatty()
     if ask_first and input(f"Download {plan.total / 1e9:.2f} GB? [y/N] ").strip().lower() not in ("y", "yes"):

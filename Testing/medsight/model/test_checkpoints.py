@@ -137,7 +137,7 @@ def test_hub_repo_id_from_the_offline_cache(golden, release_dir, tmp_path, monke
     model = load_model(RELEASE_REPO, device="cpu", base_config=base)
     image_size = json.loads((golden / "tiny_vit_openclip_config.json").read_text())["vision_cfg"]["image_size"]
     assert model.config.vision.image_size == image_size and model.codebook is not None
-    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache and offline mode is on"):
+    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache \(.*\) and offline mode is on"):
         load_model("someone/absent-model", device="cpu", base_config=base)
 
 
@@ -235,8 +235,8 @@ def test_a_mistyped_model_source_says_what_it_was_looked_for_as(tmp_path, monkey
     """`--model runs/final` (one slash) that is no folder was reported only as a Hub repository missing from the
     cache, with advice to download it; a bare word only as 'neither a folder nor a repo id'."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"runs/final: not in the local Hugging Face cache .*\(nor is there a "
-                                              rf"folder {tmp_path / 'runs' / 'final'}\)"):
+    with pytest.raises(CheckpointError, match=r"runs/final at revision main: not in the local Hugging Face cache "
+                                              rf".*\(nor is there a folder {tmp_path / 'runs' / 'final'}\)"):
         load_model("runs/final", device="cpu")
     with pytest.raises(CheckpointError, match=r"'dmeo' is neither a folder, a built-in model \(demo, full, tiny\) "
                                               r"nor a Hugging Face repo id"):
@@ -278,3 +278,38 @@ def test_a_release_cloned_without_git_lfs_says_so_before_asking_for_the_vision_f
         weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1000\n")
     with pytest.raises(CheckpointError, match=r"0079280\.pt is a Git LFS pointer"):
         load_model(root, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_converted_safetensors_in_a_release_folder_are_found_and_preferred(golden, tmp_path, golden_model):
+    """A trusted perceiver / UniMed-CLIP / codebook file the allow-list refuses is converted beside itself
+    (`python -m medsight.model.unpickling X.pt X.safetensors`); the release-folder search looked for .pt only, so the
+    converted copies were never found and the refused .pt was read again."""
+    import datetime
+
+    from medsight.model.unpickling import convert_trusted
+
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    pickles = [root / "region_perceiver" / "0079280.pt", root / "unimed_clip_vit_l14.pt",
+               root / "codebook" / "0035673.pt"]
+    for pt in pickles:
+        convert_trusted(pt, pt.with_suffix(".safetensors"))
+        # The .pt beside it now names a global outside the allow-list (harmless here): only its copy can load.
+        torch.save({**torch.load(pt, weights_only=False), "saved": datetime.date(2024, 1, 1)}, pt)
+        with pytest.raises(CheckpointError, match="refused to unpickle"):
+            safe_torch_load(pt)
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    ref = golden_model.to(torch.float32)
+    try:
+        assert same_weights(model.image_encoder, ref.image_encoder)
+        assert same_weights(model.region_perceiver, ref.region_perceiver)
+        assert same_weights(model.codebook, ref.codebook)
+    finally:
+        golden_model.to(torch.float64)
+    # Only the converted copies, .pt gone: found all the same; an older step's .pt does not win over the latest.
+    for pt in pickles:
+        pt.unlink()
+    older = torch.load(golden / "perceiver_stage1_ckpt.pt", weights_only=True)
+    older["model"] = {k: v + 1 for k, v in older["model"].items()}
+    torch.save(older, root / "region_perceiver" / "0040000.pt")
+    only = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    assert same_weights(only.region_perceiver, model.region_perceiver) and only.codebook is not None

@@ -121,3 +121,37 @@ def test_hub_id_fetches_the_layout_and_the_vision_file_only_with_fetch_vision(re
     assert set(hub.downloads) == needed(repos) | {UNIMED_CLIP.filename}
     expected = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)["visual.conv1.weight"]
     assert float(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(float(expected.double().sum()))
+
+
+LOAD_OFFLINE = """
+import sys
+from pathlib import Path
+from medsight.model.loading import load_model
+from medsight_testing.golden import golden_base_config
+model = load_model(sys.argv[2], device="cpu", base_config=golden_base_config(Path(sys.argv[1])))
+print(model.weights_source)
+"""
+
+
+@pytest.mark.slow
+def test_a_revision_downloaded_with_revision_loads_offline(repos, tmp_path, golden):
+    """`download --revision v1.0` caches refs/v1.0; offline a model source found only main, and could name no other."""
+    with serve_hub(repos) as hub:
+        out = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--revision", "v1.0", "--fetch-vision"])
+    assert out.returncode == 0, out.stderr
+    assert "Caf0914/MedSIGHT at v1.0" in out.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    load = [sys.executable, "-c", LOAD_OFFLINE, str(golden)]
+    loaded = subprocess.run([*load, "Caf0914/MedSIGHT@v1.0"], env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().splitlines()[-1] == "Caf0914/MedSIGHT@v1.0"
+    main = subprocess.run([*load, "Caf0914/MedSIGHT"], env=env, capture_output=True, text=True, timeout=300)
+    assert main.returncode != 0
+    assert "Caf0914/MedSIGHT at revision main: not in the local Hugging Face cache" in main.stderr
+    assert "the cache holds it at revision(s) v1.0: pass Caf0914/MedSIGHT@REVISION" in main.stderr
+    # The download command takes the same spelling, and offline finds that revision complete in the cache.
+    again = subprocess.run([sys.executable, "-m", "medsight.cli", "download", "Caf0914/MedSIGHT@v1.0"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "holds everything needed" in again.stderr, again.stderr
+    assert Path(again.stdout.strip()) == Path(out.stdout.strip().splitlines()[-1])

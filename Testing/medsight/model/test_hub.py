@@ -163,3 +163,73 @@ def test_a_gated_repository_is_not_called_missing():
         with pytest.raises(CheckpointError, match=r"file weights\.pt of Hugging Face repository someone/gated-model "
                                                   r"at revision main: the repository is gated: request access"):
             fetch_file(hub)
+
+
+def test_offline_a_hub_id_finds_the_revision_it_was_downloaded_at(cache, release_dir, unimed_file, golden):
+    """`medsight download --revision v1.0` caches the snapshot under refs/v1.0; offline only `main` was looked up, and
+    a model source could name no revision at all."""
+    commit = "b" * 40
+    cache_repo(cache, "Caf0914/MedSIGHT", release_needed(release_dir), commit=commit, ref="v1.0")  # no main
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file})
+    base = golden_base_config(golden)
+    for source in ("Caf0914/MedSIGHT@v1.0", f"Caf0914/MedSIGHT@{commit}"):
+        model = load_model(source, device="cpu", base_config=base)
+        assert model.weights_source == source and model.config.vision.grid_size > 0
+    # main is not cached: the error names the revision asked for and the revisions the cache holds.
+    with pytest.raises(CheckpointError, match=r"Hugging Face repository Caf0914/MedSIGHT at revision main: not in "
+                                              r"the local Hugging Face cache \(.*\) and offline mode is on .*the cache "
+                                              r"holds it at revision\(s\) v1.0: pass Caf0914/MedSIGHT@REVISION"):
+        load_model("Caf0914/MedSIGHT", device="cpu", base_config=base)
+    with pytest.raises(CheckpointError, match=r"Caf0914/MedSIGHT at revision v2: not in the local Hugging Face cache"):
+        load_model("Caf0914/MedSIGHT@v2", device="cpu", base_config=base)
+
+
+def test_download_offline_reports_what_the_cache_holds(cache, release_dir, unimed_file, capsys):
+    """`medsight download` offline said 'not in the local Hugging Face cache' without looking there (the Hub's
+    listing call failed first): now it checks the cached snapshot against the layout."""
+    from medsight.cli import main
+
+    def download(*args: str) -> tuple[int, str, str]:
+        code = main(["download", *args])
+        out = capsys.readouterr()
+        return code, out.out.strip(), out.err.strip()
+
+    needed = release_needed(release_dir)
+    shard = "medsight_full_instruct/model-00002-of-00002.safetensors"
+    assert shard in needed  # the fixture's LVLM is sharded: a download cut short lacks a shard its index names
+    cache_repo(cache, "Caf0914/MedSIGHT", {k: v for k, v in needed.items() if k != shard})
+    code, out, err = download()
+    assert code == 2 and out == ""
+    assert f"the local Hugging Face cache ({repo_folder(cache, 'Caf0914/MedSIGHT')}" in err
+    assert f"lacks {shard}, and offline mode is on (HF_HUB_OFFLINE=1)" in err and "\n" not in err
+
+    snapshot = cache_repo(cache, "Caf0914/MedSIGHT", {shard: needed[shard]})  # the rest of the download
+    code, out, err = download()
+    assert (code, out) == (0, str(snapshot)) and "the local Hugging Face cache holds everything needed" in err
+    # The vision file and the codebook are checked when asked for, by name.
+    code, out, err = download("--fetch-vision", "--codebook")
+    assert code == 2 and f"lacks codebook*/*.pt or *codebook*.pt, {UNIMED_CLIP}, and offline mode" in err
+    vision = cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file})
+    assert download("--fetch-vision")[:2] == (0, str(snapshot))
+    assert download(f"{VISION_REPO}:{VISION_FILE}")[:2] == (0, str(vision / VISION_FILE))
+    # A revision not cached, and a file not cached: said as such.
+    code, _, err = download("--revision", "v2")
+    assert code == 2 and "Caf0914/MedSIGHT at revision v2: not in the local Hugging Face cache" in err
+    code, _, err = download(f"{VISION_REPO}:other.pt")
+    assert code == 2 and f"file other.pt of Hugging Face repository {VISION_REPO} at revision main: not in the " \
+                         "local Hugging Face cache" in err
+    # --dir cannot be filled from the Hub: nothing is claimed to have been copied.
+    code, out, err = download("--dir", str(cache.parent / "copy"))
+    assert code == 2 and out == "" and f"nothing was copied into {cache.parent / 'copy'}" in err
+
+    # Online, with the Hub unreachable (a firewalled network): the same answer from the cache, for that reason.
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: every connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+        code, out, err = download()
+    assert (code, out) == (0, str(snapshot)) and "(the Hub could not be reached)" in err

@@ -127,3 +127,15 @@ def test_the_converter_reports_bad_input_in_one_line(golden, tmp_path, capsys):
         assert convert_main([str(source), str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+def test_the_converter_runs_as_a_module_without_a_runpy_warning(golden, tmp_path):
+    """The package imported medsight.model.unpickling before `python -m` ran it: runpy warned of 'unpredictable
+    behaviour' on every conversion."""
+    clean = save_like_numpy1(unimed_clip_checkpoint(tower(golden), text_tower(8)), tmp_path / "trusted.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-W", "default", "-m", "medsight.model.unpickling", str(clean),
+                          str(tmp_path / "trusted.safetensors")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeWarning" not in out.stderr and "Warning" not in out.stderr, out.stderr
+    assert read_vision_state(tmp_path / "trusted.safetensors").keys() == tower(golden).keys()

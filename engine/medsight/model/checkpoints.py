@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medsight.model.unpickling import allowed_globals, refusal_message
+# medsight.model.unpickling is imported where it is used: importing it with the package would make
+# `python -m medsight.model.unpickling` (the converter) warn that the module ran after being imported.
 
 
 class CheckpointError(ValueError):
@@ -49,6 +50,8 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return read_safetensors_file(path)
+    from medsight.model.unpickling import allowed_globals, refusal_message
+
     mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
@@ -92,6 +95,8 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """Every global the file names outside the allow-list (torch reads them without running the pickle)."""
+    from medsight.model.unpickling import allowed_globals
+
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -7,6 +7,8 @@ Everything goes through `huggingface_hub` and its cache (downloaded once, shared
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,14 @@ CODEBOOK_PATTERNS = ("codebook*/*.pt", "*codebook*.pt")
 OURS_PATTERNS = (CONFIG_FILE, "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
 
 _SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^@:]+?)(?:@(?P<rev>[^@\s]+))?$")
+_REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^@\s]+))?$")
+
+
+def parse_repo(spec: str) -> tuple[str, str | None] | None:
+    """`REPO_ID[@REVISION]` (a branch, tag or commit, as `medsight download --revision` takes it) -> (repo id,
+    revision or None); anything else -> None."""
+    match = _REPO_SPEC.match(str(spec).strip())
+    return None if match is None else (match["repo"], match["rev"])
 
 
 def parse_hub_file(spec: str) -> HubFile | None:
@@ -132,12 +142,16 @@ def _cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
+def why_offline() -> str:
+    from huggingface_hub import constants
+
+    return "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+
+
 def _why_not_downloaded() -> str:
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return "offline mode is on (HF_HUB_OFFLINE=1): run once without it to download"
-    return "the Hub could not be reached"
+    return why_offline() + (": run once without it to download" if constants.HF_HUB_OFFLINE else "")
 
 
 @dataclass
@@ -205,14 +219,72 @@ def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Pa
 
 
 def cached_release(repo_id: str, revision: str | None = None) -> Path:
-    """The cached snapshot of a repository, without network access (what `HF_HUB_OFFLINE=1` allows)."""
+    """The cached snapshot of a repository at a revision (a branch or tag through the cache's `refs/<revision>`, or a
+    commit), without network access (what `HF_HUB_OFFLINE=1` allows)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {_why_not_downloaded()}") from None
+        held = cached_revisions(repo_id)
+        other = (f"; the cache holds it at revision(s) {', '.join(held)}: pass {repo_id}@REVISION to use one"
+                 if held else "")
+        raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: not in the local "
+                              f"Hugging Face cache ({_cache_dir()}) and {_why_not_downloaded()}{other}") from None
+
+
+def cached_revisions(repo_id: str) -> list[str]:
+    """The revisions the cache holds a snapshot of: its refs (branches, tags) and commits no ref names."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshots = {p.name for p in (folder / "snapshots").glob("*") if p.is_dir()}
+    refs = {p.relative_to(folder / "refs").as_posix(): p.read_text().strip()
+            for p in (folder / "refs").rglob("*") if p.is_file()}
+    named = sorted(ref for ref, commit in refs.items() if commit in snapshots)
+    return named + sorted(snapshots - {refs[ref] for ref in named})
+
+
+def missing_from_cache(folder: Path, codebook: bool = False, vision: bool = False) -> list[str]:
+    """The files a cached snapshot's layout needs that it lacks (a download cut short, or made without
+    `--codebook` / `--fetch-vision`): what can be said of a release without asking the Hub for its listing."""
+    have = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # a dangling link: missing
+    root = "" if CONFIG_FILE in have else f"{LVLM_FOLDER}/"
+    # Each entry: one of these must be there (fnmatch patterns, as the layout's selection uses).
+    needed = [] if not root else [[f"{PERCEIVER_FOLDER}/*.pt"], [f"{root}config.json"]]
+    index = f"{root}model.safetensors.index.json"
+    if index in have:
+        try:
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            needed += [[root + shard] for shard in shards]
+        except (ValueError, KeyError, TypeError, AttributeError):  # cut short: its shards are not known
+            needed.append([f"a readable {index}"])
+    else:
+        needed.append([f"{root}model.safetensors"])
+    needed += [[f"{root}tokenizer_config.json"], [f"{root}tokenizer.json", f"{root}vocab.json"]]
+    if codebook:
+        needed.append(list(CODEBOOK_PATTERNS))
+    missing = [" or ".join(names) for names in needed
+               if not any(fnmatch.fnmatchcase(f, name) for f in have for name in names)]
+    # The vision file: beside the release (where the loader looks for `*clip*.pt`) or cached from its repository.
+    if vision and cached_file(UNIMED_CLIP) is None and not any("clip" in f.lower() for f in have):
+        missing.append(str(UNIMED_CLIP))
+    return missing
+
+
+def cached_download(hub: HubFile | None, repo_id: str, revision: str | None = None, codebook: bool = False,
+                    vision: bool = False) -> Path:
+    """What a download can do without the Hub: the cached file, or the cached snapshot when it holds every file its
+    layout needs; else an error saying what the cache lacks."""
+    if hub is not None:
+        return fetch_file(hub)  # offline, huggingface_hub answers from its cache or says it has no copy
+    folder = cached_release(repo_id, revision)
+    missing = missing_from_cache(folder, codebook, vision)
+    if missing:
+        raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: the local Hugging "
+                              f"Face cache ({folder}) lacks {', '.join(missing)}, and {_why_not_downloaded()}")
+    return folder
 
 
 class HubUnreachableError(CheckpointError):
@@ -234,9 +306,11 @@ def _hub_call(call, what: str):
 
     try:
         return call()
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):
+    except LocalEntryNotFoundError:  # a download: huggingface_hub looked in its cache before saying so
         raise HubUnreachableError(f"{what}: not in the local Hugging Face cache ({_cache_dir()}) and "
                                   f"{_why_not_downloaded()}") from None
+    except (OfflineModeIsEnabled, requests.ConnectionError, requests.Timeout):  # a listing: the cache was not asked
+        raise HubUnreachableError(f"{what}: cannot ask the Hugging Face Hub: {_why_not_downloaded()}") from None
     except GatedRepoError:  # a RepositoryNotFoundError too, but it exists: the user has to ask for access
         raise CheckpointError(f"{what}: the repository is gated: request access on its Hugging Face page, then log "
                               "in here with the same account (`hf auth login`)") from None

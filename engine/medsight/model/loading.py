@@ -33,6 +33,7 @@ from medsight.model.hub import (
     HubUnreachableError,
     cached_release,
     fetch_release,
+    parse_repo,
     plan_release,
     resolve_file,
     vision_file_for_release,
@@ -209,46 +210,64 @@ def _finish(model: MedSIGHTModel) -> MedSIGHTModel:
     return model.eval()
 
 
+# A trusted file the allow-list refuses is converted once (`python -m medsight.model.unpickling A.pt A.safetensors`)
+# and the copy written beside it: the search takes both suffixes, and of one checkpoint the safetensors copy.
+def _checkpoints(folder: Path, *patterns: str) -> list[Path]:
+    """Matching .pt and .safetensors files by name (the step), a converted .safetensors copy before its .pt."""
+    found = {p for pattern in patterns for suffix in (".pt", ".safetensors") for p in folder.glob(pattern + suffix)}
+    return sorted(found, key=lambda p: (p.with_suffix("").as_posix(), p.suffix != ".safetensors"))
+
+
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    perceivers = sorted((folder / PERCEIVER_FOLDER).glob("*.pt"))
-    clip = sorted([*folder.glob("*clip*.pt"), *folder.glob("*CLIP*.pt")])
-    codebooks = sorted([*folder.glob("codebook*/*.pt"), *folder.glob("*codebook*.pt")])
+    perceivers = _checkpoints(folder, f"{PERCEIVER_FOLDER}/*")
+    clip = _checkpoints(folder, "*clip*", "*CLIP*")
+    codebooks = _checkpoints(folder, "codebook*/*", "*codebook*")
     return {
         "lvlm": lvlm,
-        "perceiver": perceivers[-1] if perceivers else None,
+        "perceiver": _latest(perceivers),
         "vision": clip[0] if clip else None,
-        "codebook": codebooks[-1] if codebooks else None,
+        "codebook": _latest(codebooks),
     }
 
 
+def _latest(found: list[Path]) -> Path | None:
+    """The last step's checkpoint (its converted copy if there is one)."""
+    if not found:
+        return None
+    stem = found[-1].with_suffix("")
+    return next(p for p in found if p.with_suffix("") == stem)
+
+
 def resolve_source(source: str | Path) -> Path:
-    """A local folder as is; anything else is taken as a Hugging Face repo id: only the files its layout needs are
-    downloaded (sizes logged first), or, with HF_HUB_OFFLINE=1, the cached snapshot is used as it is."""
+    """A local folder as is; anything else is taken as a Hugging Face repo id, `OWNER/NAME[@REVISION]`: only the
+    files its layout needs are downloaded (sizes logged first), or, with HF_HUB_OFFLINE=1, the cached snapshot of
+    that revision (default main) is used as it is."""
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if str(source).count("/") != 1 or str(source).startswith((".", "/", "~")):
+    hub = parse_repo(str(source))
+    if hub is None:
         raise CheckpointError(f"model source {source!r} is neither a folder, a built-in model "
-                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME)")
+                              f"({', '.join(sorted({*EMBEDDED, *PRESETS}))}) nor a Hugging Face repo id (OWNER/NAME, "
+                              "or OWNER/NAME@REVISION)")
     try:
-        return _from_hub(str(source))
+        return _from_hub(*hub)
     except CheckpointError as err:  # OWNER/NAME may also have been meant as a folder (`runs/final`): say it is not
         raise type(err)(f"{err} (nor is there a folder {path.resolve()})") from None
 
 
-def _from_hub(source: str) -> Path:
+def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return cached_release(str(source))
+        return cached_release(repo_id, revision)
     try:
-        plan = plan_release(str(source))
-    except HubUnreachableError as unreachable:
-        try:  # as huggingface_hub does for single files: without a connection, a cached snapshot serves
-            folder = cached_release(str(source))
-        except CheckpointError:
-            raise unreachable from None  # the error about the Hub, which also says the cache has none
+        plan = plan_release(repo_id, revision)
+    except HubUnreachableError:
+        # As huggingface_hub does for single files: without a connection, a cached snapshot serves (or the error
+        # says the cache has none, and which revisions it has).
+        folder = cached_release(repo_id, revision)
         log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
         return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
@@ -328,7 +347,7 @@ def load_model(
 
     Args:
         source: "demo" (the embedded trained demo model), "tiny"/"full" (random weights), a folder, or a Hugging
-            Face repo id such as "Caf0914/MedSIGHT".
+            Face repo id such as "Caf0914/MedSIGHT" (at a revision other than main: "Caf0914/MedSIGHT@REVISION").
         device: default CUDA if available, else CPU.
         dtype: default bfloat16 on CUDA, float32 on CPU.
         vision_file: the UniMed-CLIP checkpoint for official layouts, a path or `REPO_ID:FILENAME[@REVISION]` (else

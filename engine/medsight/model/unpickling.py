@@ -57,8 +57,9 @@ def refusal_message(path: Path, offenders: list[str], detail: str) -> str:
     named = ", ".join(sorted(offenders)) if offenders else detail
     return (
         f"{path}: refused to unpickle: it names {named}, outside the allow-list ({allowed_summary()}); nothing in it "
-        f"was run. If you trust where this file comes from, convert its weights once to safetensors and pass the "
-        f"converted file instead (the allow-list stays as it is): "
+        f"was run. If you trust where this file comes from, convert its weights once to safetensors beside it (a "
+        f"release folder's copy is then taken in place of the .pt) or pass the converted file instead (the "
+        f"allow-list stays as it is): "
         f"python -m medsight.model.unpickling {path} {path.with_suffix('.safetensors')}"
     )
 
