@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import ImagingError, slice_count, slice_for_view
+from medsight.imaging import ImagingError, Volume, slice_count, slice_for_view
 from medsight.imaging.slicing import slice_planes
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
@@ -209,8 +209,8 @@ def create_app(
             config=cfg.to_dict(),
         )
 
-    def volume_info(volume_id: str) -> schemas.VolumeInfo:
-        volume = store.get(volume_id)
+    def volume_info(volume_id: str, volume: Volume | None = None) -> schemas.VolumeInfo:
+        volume = volume if volume is not None else store.get(volume_id)
         if volume is None:
             raise ApiError(404, "unknown_volume", f"no volume {volume_id!r} (never uploaded, or evicted)")
         return schemas.VolumeInfo(
@@ -250,12 +250,13 @@ def create_app(
         if header is None:
             raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
 
-        def build() -> str:
-            return store.put(volume_from_upload(array_from_npy(header, body), *geometry, modality))
+        def build() -> tuple[str, Volume]:
+            volume = volume_from_upload(array_from_npy(header, body), *geometry, modality)
+            return store.put(volume), volume
 
-        volume_id = await run_in_threadpool(build)
+        volume_id, volume = await run_in_threadpool(build)
         log.info("volume stored: %d bytes", len(body))
-        return volume_info(volume_id)
+        return volume_info(volume_id, volume)  # not a new look-up: a concurrent upload may have evicted it already
 
     @app.get("/v1/volumes/{volume_id}", response_model=schemas.VolumeInfo)
     async def get_volume(volume_id: str) -> schemas.VolumeInfo:
