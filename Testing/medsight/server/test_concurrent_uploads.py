@@ -3,6 +3,8 @@ and the bytes of uploads in flight stay within the store's bound (more are told 
 
 from __future__ import annotations
 
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,6 +24,7 @@ def test_concurrent_uploads_evicting_each_other_all_get_201(engine):
     volumes = [np.full((8, 128, 128), i, np.float32) for i in range(UPLOADS)]
     size = volumes[0].nbytes
     app = create_app(engine, model_name="tiny", store_bytes=int(size * 1.5))  # one volume fits
+    app.state.uploads.max_bytes = 2 * UPLOADS * size  # all at once (the bound on uploads in flight is tested below)
     with live_server(app) as url:
         def upload(volume: np.ndarray) -> httpx.Response:
             with httpx.Client(base_url=url, timeout=60) as c:
@@ -32,3 +35,38 @@ def test_concurrent_uploads_evicting_each_other_all_get_201(engine):
     assert [r.status_code for r in replies] == [201] * UPLOADS, [r.text[:120] for r in replies]
     assert len({r.json()["volume_id"] for r in replies}) == UPLOADS
     assert all(r.json()["shape"] == list(volumes[0].shape) and r.json()["bytes"] == size for r in replies)
+
+
+def _send_part(url: str, body: bytes, part: int) -> socket.socket:
+    """Start an upload of `body` and send only its first `part` bytes (the rest stays in flight)."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(f"POST /v1/volumes HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/octet-stream\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:part])
+    return s
+
+
+def test_uploads_in_flight_beyond_the_store_bound_get_429_with_retry_after(engine):
+    """Before the fix every upload was buffered at once: 6 uploads of 64 MiB into a store bounded at 96 MiB took
+    1.2 GiB more memory at their peak (3.5 times each body: the body, its growth, the hash's copy)."""
+    first, second = (npy(np.full((8, 128, 128), i, np.float32)) for i in range(2))
+    app = create_app(engine, model_name="tiny", store_bytes=int(len(first) * 1.5), read_grace_s=60)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        s = _send_part(url, first, len(first) // 2)
+        try:
+            deadline = time.monotonic() + 5
+            while app.state.uploads.in_flight == 0 and time.monotonic() < deadline:  # the first header is read
+                time.sleep(0.01)
+            busy = c.post("/v1/volumes", content=second, headers=NPY)
+            assert busy.status_code == 429 and busy.json()["code"] == "busy", busy.text
+            assert app.state.uploads.in_flight == len(first)
+            assert int(busy.headers["retry-after"]) >= 1 and "other uploads" in busy.json()["message"]
+
+            s.sendall(first[len(first) // 2:])
+            s.settimeout(30)
+            assert s.recv(4096).startswith(b"HTTP/1.1 201")
+        finally:
+            s.close()
+        assert app.state.uploads.in_flight == 0
+        assert c.post("/v1/volumes", content=second, headers=NPY).status_code == 201
+        assert app.state.uploads.in_flight == 0

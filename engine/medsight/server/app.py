@@ -36,7 +36,7 @@ from medsight.server.audit import AuditLog
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
 from medsight.server.responses import JOB_ID_HEADER, EventFeed, JobResponse
-from medsight.server.volume_store import VolumeStore, array_from_npy, read_npy_header, volume_from_upload
+from medsight.server.volume_store import UploadBudget, VolumeStore, array_from_npy, read_npy_header, volume_from_upload
 
 log = logging.getLogger("medsight.server")
 
@@ -145,12 +145,13 @@ def create_app(
         description="Answers and segmentation masks for questions about medical images. Not for clinical use.",
     )
     store = VolumeStore(store_bytes)
+    uploads = UploadBudget(store_bytes)  # bytes of uploads being received at once
     jobs = JobQueue(max_waiting=max_waiting, threads=compute_threads)
     model = engine.model
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
     audit = AuditLog.for_model(audit_path, model, model_name) if audit_path else None
-    app.state.jobs, app.state.store = jobs, store  # for tests and operators
+    app.state.jobs, app.state.store, app.state.uploads = jobs, store, uploads  # for tests and operators
     app.add_middleware(Guard, policy=HostPolicy(host, allowed_hosts), token=token, read_grace_s=read_grace_s,
                        min_read_rate=min_read_rate)
 
@@ -235,26 +236,35 @@ def create_app(
             _floats(origin, 3, "origin", (0.0, 0.0, 0.0)),
             np.array(_floats(direction, 9, "direction", tuple(np.eye(3).ravel()))).reshape(3, 3),
         )
-        body, header = bytearray(), None
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if header is None:  # the header decides the size before any voxel is kept
-                header = read_npy_header(body, max_voxels)
-                if header is not None and header.total_bytes > max_upload_bytes:
-                    raise ApiError(413, "too_large", f"the .npy header declares {header.total_bytes} bytes, over "
-                                   f"the limit of {max_upload_bytes}")
-            if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
-                raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
-                               "the body is longer than its .npy header declares" if header
-                               else f"upload exceeds the limit of {max_upload_bytes} bytes")
-        if header is None:
-            raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
+        body, header, reserved = bytearray(), None, 0
+        try:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if header is None:  # the header decides the size before any voxel is kept
+                    header = read_npy_header(body, max_voxels)
+                    if header is not None:
+                        if header.total_bytes > max_upload_bytes:
+                            raise ApiError(413, "too_large", f"the .npy header declares {header.total_bytes} bytes,"
+                                           f" over the limit of {max_upload_bytes}")
+                        if not uploads.reserve(header.total_bytes):
+                            raise ApiError(429, "busy", f"the engine is receiving other uploads ({uploads.in_flight}"
+                                           f" bytes, its volume memory is {store_bytes}); retry when they are done",
+                                           {"Retry-After": "1"})
+                        reserved = header.total_bytes
+                if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
+                    raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
+                                   "the body is longer than its .npy header declares" if header
+                                   else f"upload exceeds the limit of {max_upload_bytes} bytes")
+            if header is None:
+                raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
 
-        def build() -> tuple[str, Volume]:
-            volume = volume_from_upload(array_from_npy(header, body), *geometry, modality)
-            return store.put(volume), volume
+            def build() -> tuple[str, Volume]:
+                volume = volume_from_upload(array_from_npy(header, body), *geometry, modality)
+                return store.put(volume), volume
 
-        volume_id, volume = await run_in_threadpool(build)
+            volume_id, volume = await run_in_threadpool(build)
+        finally:
+            uploads.release(reserved)
         log.info("volume stored: %d bytes", len(body))
         return volume_info(volume_id, volume)  # not a new look-up: a concurrent upload may have evicted it already
 

@@ -151,3 +151,26 @@ class VolumeStore:
             if volume is not None:
                 self._items.move_to_end(key)
             return volume
+
+
+class UploadBudget:
+    """Bytes of the uploads being received at once, bounded like the store: each upload holds its body (and, while
+    it is checked and hashed, copies of it) until it is stored, so uploads at once would otherwise take memory
+    without limit. A lone upload is always let through: the store refuses it if it can never fit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        """Count `size` more bytes in flight; False (nothing counted) if that would go over the bound."""
+        with self._lock:
+            if self.in_flight and self.in_flight + size > self.max_bytes:
+                return False
+            self.in_flight += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.in_flight -= size
