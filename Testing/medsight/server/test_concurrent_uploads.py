@@ -70,3 +70,31 @@ def test_uploads_in_flight_beyond_the_store_bound_get_429_with_retry_after(engin
         assert app.state.uploads.in_flight == 0
         assert c.post("/v1/volumes", content=second, headers=NPY).status_code == 201
         assert app.state.uploads.in_flight == 0
+
+
+def test_volumes_of_waiting_asks_stay_counted_and_uploads_beyond_them_get_429(engine):
+    """Before the fix an upload evicted the volume of a waiting ask from the store, but the ask kept it alive: with
+    asks waiting on evicted volumes, the volumes in memory grew past the store's bound without limit (here 3 volumes
+    in a store of 2)."""
+    volumes = [np.full((8, 128, 128), i, np.float32) for i in range(3)]
+    size = volumes[0].nbytes
+    app = create_app(engine, model_name="tiny", store_bytes=int(size * 2.5))  # two volumes fit
+    question = [{"role": "user", "content": "Please segment the white matter."}]
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        ids = [c.post("/v1/volumes", content=npy(v), headers=NPY).json()["volume_id"] for v in volumes[:2]]
+        long = {"max_new_tokens": 2000, "repetition_penalty": 1.0}  # the tiny model rarely ends early
+        with ThreadPoolExecutor(2) as pool:
+            asks = [pool.submit(c.post, "/v1/ask", json={"volume_id": vid, "slices": {"indices": [0]},
+                                                         "messages": question, "options": long}) for vid in ids]
+            deadline = time.monotonic() + 30
+            while app.state.jobs.running is None or app.state.jobs.waiting < 1:  # one runs, one waits
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            busy = c.post("/v1/volumes", content=npy(volumes[2]), headers=NPY)
+            assert busy.status_code == 429 and busy.json()["code"] == "busy", busy.text
+            assert int(busy.headers["retry-after"]) >= 1 and "in use" in busy.json()["message"]
+            assert [c.get(f"/v1/volumes/{vid}").status_code for vid in ids] == [200, 200]
+            for job_id in list(app.state.jobs._jobs):
+                c.post(f"/v1/jobs/{job_id}/cancel")
+            assert [a.result().status_code for a in asks] == [200, 200]
+        assert c.post("/v1/volumes", content=npy(volumes[2]), headers=NPY).status_code == 201  # no longer in use

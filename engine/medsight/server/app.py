@@ -36,7 +36,14 @@ from medsight.server.audit import AuditLog
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
 from medsight.server.responses import JOB_ID_HEADER, EventFeed, JobResponse
-from medsight.server.volume_store import UploadBudget, VolumeStore, array_from_npy, read_npy_header, volume_from_upload
+from medsight.server.volume_store import (
+    StoreBusyError,
+    UploadBudget,
+    VolumeStore,
+    array_from_npy,
+    read_npy_header,
+    volume_from_upload,
+)
 
 log = logging.getLogger("medsight.server")
 
@@ -263,6 +270,8 @@ def create_app(
                 return store.put(volume), volume
 
             volume_id, volume = await run_in_threadpool(build)
+        except StoreBusyError as err:
+            raise ApiError(429, "busy", str(err), {"Retry-After": str(jobs.retry_after())}) from None
         finally:
             uploads.release(reserved)
         log.info("volume stored: %d bytes", len(body))
@@ -273,10 +282,18 @@ def create_app(
         return volume_info(volume_id)
 
     def admit(req: schemas.AskRequest) -> tuple[VolumeSlices, list[Message], list[int]]:
-        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
-        volume = store.get(req.volume_id)
+        """Pin the ask's volume in the store (the caller unpins it when the ask ends) and check the ask."""
+        volume = store.get(req.volume_id, pin=True)
         if volume is None:
             raise ApiError(422, "unknown_volume", f"no volume {req.volume_id!r}: upload it first (or again)")
+        try:
+            return check_ask(req, volume)
+        except BaseException:
+            store.unpin(req.volume_id)
+            raise
+
+    def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
+        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
         try:
             win = convert.window(req.window, volume.modality)
         except ValueError as err:
@@ -337,6 +354,7 @@ def create_app(
             raise
         finally:
             deadline.cancel()
+            store.unpin(req.volume_id)
             elapsed = time.monotonic() - (job.started or time.monotonic())
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
@@ -368,6 +386,7 @@ def create_app(
         try:
             job = jobs.submit(lambda job: run_job(job, req, slices, messages, feed))
         except QueueFullError as err:
+            store.unpin(req.volume_id)
             raise ApiError(429, "busy", str(err), {"Retry-After": str(err.retry_after)}) from None
         return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)})
 

@@ -120,12 +120,18 @@ def volume_id(volume: Volume) -> str:
     return digest.hexdigest()
 
 
+class StoreBusyError(Exception):
+    """No room for a new volume: the rest of the store is held by volumes that asks are using."""
+
+
 class VolumeStore:
-    """Thread-safe LRU of volumes bounded by their total bytes."""
+    """Thread-safe LRU of volumes bounded by their total bytes. A pinned volume (one that an ask waits for or runs
+    on) is not evicted: the ask would keep it in memory anyway, outside the bound."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, Volume] = OrderedDict()
+        self._pins: dict[str, int] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -138,19 +144,31 @@ class VolumeStore:
             if key in self._items:
                 self._items.move_to_end(key)
                 return key
-            while self._items and self._bytes + size > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.array.nbytes
+            while self._bytes + size > self.max_bytes:
+                victim = next((k for k in self._items if not self._pins.get(k)), None)
+                if victim is None:
+                    raise StoreBusyError(f"the engine's volume memory ({self.max_bytes} bytes) is held by volumes "
+                                         "in use by asks; retry when they are done")
+                self._bytes -= self._items.pop(victim).array.nbytes
             self._items[key] = volume
             self._bytes += size
         return key
 
-    def get(self, key: str) -> Volume | None:
+    def get(self, key: str, pin: bool = False) -> Volume | None:
+        """The volume (now the most recently used), or None; `pin`: keep it until as many `unpin` calls."""
         with self._lock:
             volume = self._items.get(key)
             if volume is not None:
                 self._items.move_to_end(key)
+                if pin:
+                    self._pins[key] = self._pins.get(key, 0) + 1
             return volume
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            left = self._pins.pop(key) - 1
+            if left:
+                self._pins[key] = left
 
 
 class UploadBudget:
