@@ -68,6 +68,9 @@ def test_uploads_in_flight_beyond_the_store_bound_get_429_with_retry_after(engin
         finally:
             s.close()
         assert app.state.uploads.in_flight == 0
+        _send_part(url, second, len(second) // 2).close()  # a client gone mid-upload frees its share too
+        time.sleep(0.5)
+        assert app.state.uploads.in_flight == 0
         assert c.post("/v1/volumes", content=second, headers=NPY).status_code == 201
         assert app.state.uploads.in_flight == 0
 
@@ -97,4 +100,7 @@ def test_volumes_of_waiting_asks_stay_counted_and_uploads_beyond_them_get_429(en
             for job_id in list(app.state.jobs._jobs):
                 c.post(f"/v1/jobs/{job_id}/cancel")
             assert [a.result().status_code for a in asks] == [200, 200]
+        refused = c.post("/v1/ask", json={"volume_id": ids[0], "slices": {"indices": [99]}, "messages": question})
+        assert refused.status_code == 422
+        assert app.state.store._pins == {}  # every ask unpinned its volume: the one cancelled while waiting too
         assert c.post("/v1/volumes", content=npy(volumes[2]), headers=NPY).status_code == 201  # no longer in use
