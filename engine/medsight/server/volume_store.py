@@ -114,7 +114,7 @@ def volume_id(volume: Volume) -> str:
     """SHA-256 of the voxels and geometry: the same upload always gets the same id."""
     digest = hashlib.sha256()
     digest.update(str((volume.array.dtype.str, volume.array.shape)).encode())
-    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    digest.update(np.ascontiguousarray(volume.array))  # the buffer itself: tobytes() would copy the volume
     geometry = (volume.spacing, volume.origin, volume.direction.round(9).tolist(), volume.modality)
     digest.update(repr(geometry).encode())
     return digest.hexdigest()
