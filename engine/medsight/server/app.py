@@ -182,7 +182,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, "http_error", str(err.detail))
+        return _error(err.status_code, "too_large" if err.status_code == 413 else "http_error", str(err.detail))
 
     @app.exception_handler(BodyTimeoutError)
     async def body_timeout(_: Request, __: BodyTimeoutError) -> JSONResponse:
