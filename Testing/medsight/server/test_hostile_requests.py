@@ -167,6 +167,20 @@ def test_slow_half_open_uploads_are_cut(hardened):
             s.close()
 
 
+def test_a_slow_ask_body_is_408_like_a_slow_upload(hardened):
+    """Before the fix the deadline's error, raised while the framework parsed the ask's JSON, became 400 "There was
+    an error parsing the body"."""
+    host, port = hardened.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: 1000\r\n\r\n{{".encode())
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in reply, reply[:200]
+
+
 def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id, caplog):
     caplog.set_level(logging.INFO, logger="medsight.server")
     body = npy(np.zeros((4, 64, 64), np.float32))

@@ -35,8 +35,12 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdom
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
-class BodyTimeoutError(Exception):
-    """The request body stopped arriving fast enough."""
+class BodyTimeoutError(HTTPException):
+    """The request body stopped arriving fast enough. An HTTPException, so that the framework's body parsing (an
+    ask's JSON) lets it through instead of turning it into a 400."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "the request body arrived too slowly")
 
 
 def host_name(value: str) -> str:
