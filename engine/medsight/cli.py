@@ -385,6 +385,10 @@ def _message(err: Exception) -> str:
     return str(err)
 
 
+#: Seconds `medsight serve` gives open requests when it is stopped, before it cancels them.
+SHUTDOWN_GRACE_S = 3
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -409,7 +413,10 @@ def _serve(args: argparse.Namespace) -> int:
                      allowed_hosts=tuple(args.allow_host), max_waiting=args.max_waiting,
                      ask_memory_bytes=args.ask_memory_mb * 1024**2, compute_threads=threads, audit_path=args.audit)
     print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # Stopping (Ctrl+C, SIGTERM) waits this long for open asks, then cancels them: it used to wait for every queued
+    # ask to run, minutes with a real model.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 

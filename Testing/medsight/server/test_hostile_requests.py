@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from medsight.server.app import create_app
+from medsight.server.schemas import MAX_ASK_BODY_BYTES
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
 
@@ -166,6 +167,20 @@ def test_slow_half_open_uploads_are_cut(hardened):
             s.close()
 
 
+def test_a_slow_ask_body_is_408_like_a_slow_upload(hardened):
+    """Before the fix the deadline's error, raised while the framework parsed the ask's JSON, became 400 "There was
+    an error parsing the body"."""
+    host, port = hardened.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: 1000\r\n\r\n{{".encode())
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in reply, reply[:200]
+
+
 def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id, caplog):
     caplog.set_level(logging.INFO, logger="medsight.server")
     body = npy(np.zeros((4, 64, 64), np.float32))
@@ -178,6 +193,33 @@ def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id
     assert any("disconnected" in r.getMessage() for r in logged)
     with httpx.Client(base_url=hardened, timeout=30) as c:
         valid_ask(c, volume_id)
+
+
+def test_an_oversized_ask_body_is_413_before_it_is_read(hardened):
+    """Before the fix an ask body was read whole whatever its size (200 MiB took 850 MiB of memory) and only then
+    refused as invalid; now a declared length over the limit is refused at once, a body without one when it passes
+    the limit."""
+    host, port = hardened.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {200 * 1024**2}\r\n\r\n{{".encode())
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):  # the engine closes the connection after its reply
+            reply += chunk
+        reply = reply.decode("latin-1")
+    assert reply.startswith("HTTP/1.1 413") and '"too_large"' in reply, reply[:200]
+    assert str(MAX_ASK_BODY_BYTES) in reply
+
+    def chunks():  # no Content-Length: sent chunked
+        yield b'{"volume_id": "x", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_ASK_BODY_BYTES // 2**20 + 2):
+            yield b"a" * 2**20
+        yield b'"}]}'
+
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "too_large", r.text[:200]
 
 
 # -- fuzz -------------------------------------------------------------------------------------------------------------

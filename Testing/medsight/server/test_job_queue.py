@@ -127,10 +127,12 @@ def test_45_queued_asks_leave_health_and_cancel_fast_and_more_get_429(queue_serv
             refused = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))  # one more than the bound
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
             assert "45 asks are already waiting" in refused.json()["message"]
+            assert app.state.store._pins == {vid: 46}  # the running ask and the waiting ones; not the refused one
             assert c.post(f"/v1/jobs/{blocker_id}/cancel").json()["cancelled"] is True
             release.set()
             assert [f.result() for f in futures] == [200] * 45
         blocker.read()
+    assert app.state.store._pins == {}
 
 
 def test_queue_wait_does_not_count_against_the_timeout(engine):

@@ -1,17 +1,20 @@
 """What `medsight serve` prints: a line per job and upload by default (ids, sizes, timings, never the question),
-fewer with --log-level warning; and a warning when other users can read the token file."""
+fewer with --log-level warning; and a warning when other users can read the token file. How it stops with asks open."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 
-from medsight.cli import _parser, _serve_token
+from medsight.cli import SHUTDOWN_GRACE_S, _parser, _serve_token
 from medsight_testing.live_server import free_port
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 
@@ -74,3 +77,34 @@ def test_a_token_file_others_can_read_is_warned_about(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("chmod 600" in err) is warned, (oct(mode), err)
         assert "s3cret" not in err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_stopping_with_asks_running_and_waiting_takes_the_grace_not_the_queue():
+    """Before the fix SIGTERM waited for every queued ask to run (20 long asks of the tiny model: 63 s; with a
+    real model, minutes); now open asks get SHUTDOWN_GRACE_S, then are cancelled."""
+    process, client = _start_engine()
+    try:
+        volume = np.random.default_rng(0).integers(-200, 200, (3, 16, 16)).astype(np.int16)
+        vid = client.upload_volume(volume).volume_id
+        body = {"volume_id": vid, "slices": {"indices": [0, 1, 2]}, "messages": [{"role": "user", "content": QUESTION}],
+                "options": {"max_new_tokens": 2048, "repetition_penalty": 1.0}}  # the tiny model rarely ends early
+
+        def ask() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # cut by the shutdown
+                httpx.post(f"{client.base_url}/v1/ask", json=body, timeout=120)
+
+        asks = [threading.Thread(target=ask, daemon=True) for _ in range(20)]
+        for thread in asks:
+            thread.start()
+        time.sleep(1)  # all admitted: one runs, the others wait
+    finally:
+        stopped = time.monotonic()
+        process.terminate()
+        try:
+            process.communicate(timeout=90)
+        finally:
+            process.kill()
+    took = time.monotonic() - stopped
+    print(f"SIGTERM with 20 asks open -> exit in {took:.1f} s")
+    assert process.returncode is not None and took < SHUTDOWN_GRACE_S + 7, took

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
-from medsight.imaging import ImagingError, slice_count, slice_for_view
+from medsight.imaging import ImagingError, Volume, slice_count, slice_for_view
 from medsight.imaging.slicing import slice_planes
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
@@ -36,7 +36,14 @@ from medsight.server.audit import AuditLog
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
 from medsight.server.responses import JOB_ID_HEADER, EventFeed, JobResponse
-from medsight.server.volume_store import VolumeStore, array_from_npy, read_npy_header, volume_from_upload
+from medsight.server.volume_store import (
+    StoreBusyError,
+    UploadBudget,
+    VolumeStore,
+    array_from_npy,
+    read_npy_header,
+    volume_from_upload,
+)
 
 log = logging.getLogger("medsight.server")
 
@@ -145,12 +152,13 @@ def create_app(
         description="Answers and segmentation masks for questions about medical images. Not for clinical use.",
     )
     store = VolumeStore(store_bytes)
+    uploads = UploadBudget(store_bytes)  # bytes of uploads being received at once
     jobs = JobQueue(max_waiting=max_waiting, threads=compute_threads)
     model = engine.model
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
     audit = AuditLog.for_model(audit_path, model, model_name) if audit_path else None
-    app.state.jobs, app.state.store = jobs, store  # for tests and operators
+    app.state.jobs, app.state.store, app.state.uploads = jobs, store, uploads  # for tests and operators
     app.add_middleware(Guard, policy=HostPolicy(host, allowed_hosts), token=token, read_grace_s=read_grace_s,
                        min_read_rate=min_read_rate)
 
@@ -174,7 +182,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, "http_error", str(err.detail))
+        return _error(err.status_code, "too_large" if err.status_code == 413 else "http_error", str(err.detail))
 
     @app.exception_handler(BodyTimeoutError)
     async def body_timeout(_: Request, __: BodyTimeoutError) -> JSONResponse:
@@ -209,8 +217,8 @@ def create_app(
             config=cfg.to_dict(),
         )
 
-    def volume_info(volume_id: str) -> schemas.VolumeInfo:
-        volume = store.get(volume_id)
+    def volume_info(volume_id: str, volume: Volume | None = None) -> schemas.VolumeInfo:
+        volume = volume if volume is not None else store.get(volume_id)
         if volume is None:
             raise ApiError(404, "unknown_volume", f"no volume {volume_id!r} (never uploaded, or evicted)")
         return schemas.VolumeInfo(
@@ -235,37 +243,57 @@ def create_app(
             _floats(origin, 3, "origin", (0.0, 0.0, 0.0)),
             np.array(_floats(direction, 9, "direction", tuple(np.eye(3).ravel()))).reshape(3, 3),
         )
-        body, header = bytearray(), None
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if header is None:  # the header decides the size before any voxel is kept
-                header = read_npy_header(body, max_voxels)
-                if header is not None and header.total_bytes > max_upload_bytes:
-                    raise ApiError(413, "too_large", f"the .npy header declares {header.total_bytes} bytes, over "
-                                   f"the limit of {max_upload_bytes}")
-            if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
-                raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
-                               "the body is longer than its .npy header declares" if header
-                               else f"upload exceeds the limit of {max_upload_bytes} bytes")
-        if header is None:
-            raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
+        body, header, reserved = bytearray(), None, 0
+        try:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if header is None:  # the header decides the size before any voxel is kept
+                    header = read_npy_header(body, max_voxels)
+                    if header is not None:
+                        if header.total_bytes > max_upload_bytes:
+                            raise ApiError(413, "too_large", f"the .npy header declares {header.total_bytes} bytes,"
+                                           f" over the limit of {max_upload_bytes}")
+                        if not uploads.reserve(header.total_bytes):
+                            raise ApiError(429, "busy", f"the engine is receiving other uploads ({uploads.in_flight}"
+                                           f" bytes, its volume memory is {store_bytes}); retry when they are done",
+                                           {"Retry-After": "1"})
+                        reserved = header.total_bytes
+                if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
+                    raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
+                                   "the body is longer than its .npy header declares" if header
+                                   else f"upload exceeds the limit of {max_upload_bytes} bytes")
+            if header is None:
+                raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
 
-        def build() -> str:
-            return store.put(volume_from_upload(array_from_npy(header, body), *geometry, modality))
+            def build() -> tuple[str, Volume]:
+                volume = volume_from_upload(array_from_npy(header, body), *geometry, modality)
+                return store.put(volume), volume
 
-        volume_id = await run_in_threadpool(build)
+            volume_id, volume = await run_in_threadpool(build)
+        except StoreBusyError as err:
+            raise ApiError(429, "busy", str(err), {"Retry-After": str(jobs.retry_after())}) from None
+        finally:
+            uploads.release(reserved)
         log.info("volume stored: %d bytes", len(body))
-        return volume_info(volume_id)
+        return volume_info(volume_id, volume)  # not a new look-up: a concurrent upload may have evicted it already
 
     @app.get("/v1/volumes/{volume_id}", response_model=schemas.VolumeInfo)
     async def get_volume(volume_id: str) -> schemas.VolumeInfo:
         return volume_info(volume_id)
 
     def admit(req: schemas.AskRequest) -> tuple[VolumeSlices, list[Message], list[int]]:
-        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
-        volume = store.get(req.volume_id)
+        """Pin the ask's volume in the store (the caller unpins it when the ask ends) and check the ask."""
+        volume = store.get(req.volume_id, pin=True)
         if volume is None:
             raise ApiError(422, "unknown_volume", f"no volume {req.volume_id!r}: upload it first (or again)")
+        try:
+            return check_ask(req, volume)
+        except BaseException:
+            store.unpin(req.volume_id)
+            raise
+
+    def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
+        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
         try:
             win = convert.window(req.window, volume.modality)
         except ValueError as err:
@@ -326,6 +354,7 @@ def create_app(
             raise
         finally:
             deadline.cancel()
+            store.unpin(req.volume_id)
             elapsed = time.monotonic() - (job.started or time.monotonic())
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
@@ -357,6 +386,7 @@ def create_app(
         try:
             job = jobs.submit(lambda job: run_job(job, req, slices, messages, feed))
         except QueueFullError as err:
+            store.unpin(req.volume_id)
             raise ApiError(429, "busy", str(err), {"Retry-After": str(err.retry_after)}) from None
         return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)})
 

@@ -18,6 +18,9 @@ import json
 import time
 from urllib.parse import urlsplit
 
+from starlette.exceptions import HTTPException
+
+from medsight.server.schemas import MAX_ASK_BODY_BYTES
 from medsight.server.security import is_loopback, token_matches
 
 #: Bodies the engine reads, by path: none of them is a type a web page may send without a CORS preflight
@@ -26,12 +29,18 @@ BODY_TYPES = {
     "/v1/ask": ("application/json",),
     "/v1/volumes": ("application/octet-stream", "application/x-npy"),
 }
+#: Largest bodies, by path, for those whose handler does not bound its own (the upload's is checked on its header).
+BODY_LIMITS = {"/v1/ask": MAX_ASK_BODY_BYTES}
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
-class BodyTimeoutError(Exception):
-    """The request body stopped arriving fast enough."""
+class BodyTimeoutError(HTTPException):
+    """The request body stopped arriving fast enough. An HTTPException, so that the framework's body parsing (an
+    ask's JSON) lets it through instead of turning it into a 400."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "the request body arrived too slowly")
 
 
 def host_name(value: str) -> str:
@@ -90,7 +99,7 @@ class Guard:
         if refusal is not None:
             await _send_error(send, *refusal)
             return
-        await self.app(scope, self._deadline(receive), send)
+        await self.app(scope, self._deadline(receive, BODY_LIMITS.get(scope["path"])), send)
 
     def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str, str] | None:
         host = host_name(headers.get("host", ""))
@@ -112,10 +121,14 @@ class Guard:
         guarded = self.token and scope["path"].startswith("/v1")
         if guarded and not token_matches(headers.get("authorization"), self.token):
             return 401, "unauthorized", "missing or wrong bearer token"
+        limit, declared = BODY_LIMITS.get(scope["path"]), headers.get("content-length", "")
+        if limit is not None and declared.isdigit() and int(declared) > limit:
+            return 413, "too_large", f"{scope['path']} takes at most {limit} bytes, got {declared}"
         return None
 
-    def _deadline(self, receive):
-        """`receive` that raises BodyTimeoutError when the body falls behind grace + bytes / min_rate."""
+    def _deadline(self, receive, limit: int | None = None):
+        """`receive` that raises BodyTimeoutError when the body falls behind grace + bytes / min_rate, and a 413
+        HTTPException past `limit` bytes (a body sent without its length)."""
         start = time.monotonic()
         received = 0
         body_done = False
@@ -133,6 +146,8 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
+                if limit is not None and received > limit:
+                    raise HTTPException(413, f"this request takes at most {limit} bytes")
             return message
 
         return timed_receive

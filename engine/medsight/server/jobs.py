@@ -161,6 +161,10 @@ class JobQueue:
                 return True
             return False if job_id in self._finished else None
 
+    def retry_after(self) -> int:
+        """Seconds until the jobs waiting now have probably run (for a Retry-After header)."""
+        return self._retry_after()
+
     @property
     def waiting(self) -> int:
         return self._waiting

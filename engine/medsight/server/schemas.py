@@ -57,9 +57,15 @@ class VolumeInfo(Strict):
     bytes: int
 
 
+MAX_MESSAGES, MAX_MESSAGE_CHARACTERS = 64, 16_000
+#: The largest valid ask as JSON, with room to spare: every character of every message escaped at worst (12 bytes,
+#: a surrogate pair as two \uXXXX). A larger body is refused before it is read (it was read whole: 200 MiB took 850).
+MAX_ASK_BODY_BYTES = MAX_MESSAGES * MAX_MESSAGE_CHARACTERS * 12 + 1024**2
+
+
 class MessageIn(Strict):
     role: Literal["user", "assistant", "system"]
-    content: str = Field(max_length=16_000)
+    content: str = Field(max_length=MAX_MESSAGE_CHARACTERS)
 
 
 class WindowIn(Strict):
@@ -107,7 +113,7 @@ class AskRequest(Strict):
 
     volume_id: str
     slices: SliceSelection = SliceSelection(indices=[0])
-    messages: list[MessageIn] = Field(min_length=1, max_length=64)
+    messages: list[MessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     options: AskOptions = AskOptions()
     window: WindowIn | None = None
     stream: bool = False

@@ -26,10 +26,11 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def token_matches(header: str | None, token: str) -> bool:
-    """Constant-time check of an `Authorization: Bearer <token>` header."""
-    if not header or not header.startswith("Bearer "):
+    """Constant-time check of an `Authorization: Bearer <token>` header (the scheme's name in any case: RFC 9110)."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 def new_token() -> str:

@@ -114,18 +114,24 @@ def volume_id(volume: Volume) -> str:
     """SHA-256 of the voxels and geometry: the same upload always gets the same id."""
     digest = hashlib.sha256()
     digest.update(str((volume.array.dtype.str, volume.array.shape)).encode())
-    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    digest.update(np.ascontiguousarray(volume.array))  # the buffer itself: tobytes() would copy the volume
     geometry = (volume.spacing, volume.origin, volume.direction.round(9).tolist(), volume.modality)
     digest.update(repr(geometry).encode())
     return digest.hexdigest()
 
 
+class StoreBusyError(Exception):
+    """No room for a new volume: the rest of the store is held by volumes that asks are using."""
+
+
 class VolumeStore:
-    """Thread-safe LRU of volumes bounded by their total bytes."""
+    """Thread-safe LRU of volumes bounded by their total bytes. A pinned volume (one that an ask waits for or runs
+    on) is not evicted: the ask would keep it in memory anyway, outside the bound."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, Volume] = OrderedDict()
+        self._pins: dict[str, int] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -138,16 +144,51 @@ class VolumeStore:
             if key in self._items:
                 self._items.move_to_end(key)
                 return key
-            while self._items and self._bytes + size > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.array.nbytes
+            while self._bytes + size > self.max_bytes:
+                victim = next((k for k in self._items if not self._pins.get(k)), None)
+                if victim is None:
+                    raise StoreBusyError(f"the engine's volume memory ({self.max_bytes} bytes) is held by volumes "
+                                         "in use by asks; retry when they are done")
+                self._bytes -= self._items.pop(victim).array.nbytes
             self._items[key] = volume
             self._bytes += size
         return key
 
-    def get(self, key: str) -> Volume | None:
+    def get(self, key: str, pin: bool = False) -> Volume | None:
+        """The volume (now the most recently used), or None; `pin`: keep it until as many `unpin` calls."""
         with self._lock:
             volume = self._items.get(key)
             if volume is not None:
                 self._items.move_to_end(key)
+                if pin:
+                    self._pins[key] = self._pins.get(key, 0) + 1
             return volume
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            left = self._pins.pop(key) - 1
+            if left:
+                self._pins[key] = left
+
+
+class UploadBudget:
+    """Bytes of the uploads being received at once, bounded like the store: each upload holds its body (and, while
+    it is checked and hashed, copies of it) until it is stored, so uploads at once would otherwise take memory
+    without limit. A lone upload is always let through: the store refuses it if it can never fit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        """Count `size` more bytes in flight; False (nothing counted) if that would go over the bound."""
+        with self._lock:
+            if self.in_flight and self.in_flight + size > self.max_bytes:
+                return False
+            self.in_flight += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.in_flight -= size
