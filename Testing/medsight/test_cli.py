@@ -16,7 +16,8 @@ import torch
 from nilearn.datasets import load_mni152_template
 from PIL import Image
 
-from medsight.cli import main, parse_slices
+from medsight.cli import main
+from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
 
 
@@ -112,7 +113,7 @@ def test_findings_group_name_and_code_as_the_slicer_module_does():
     region is its own finding named by its code."""
     from types import SimpleNamespace
 
-    from medsight.cli import _findings, _segment
+    from medsight.commands.ask_outputs import _findings, _segment
 
     def region(label, code):
         return SimpleNamespace(label=label, code=code)

@@ -14,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from medsight.cli import SHUTDOWN_GRACE_S, _parser, _serve_token
+from medsight.cli import _parser
+from medsight.commands.serve import SHUTDOWN_GRACE_S, _serve_token
 from medsight_testing.live_server import free_port
 from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from medsight.cli import _parser, _serve_token
+from medsight.cli import _parser
+from medsight.commands.serve import _serve_token
 
 
 def serve_args(*argv: str):

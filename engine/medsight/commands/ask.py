@@ -1,0 +1,140 @@
+"""`medsight ask`: read the input, answer the question about the chosen slices, print the answers, then write the
+requested outputs (`medsight.commands.ask_outputs`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from medsight.commands.ask_outputs import check_ask_outputs, check_out_against_input, write_outputs
+from medsight.commands.options import check_vision_file
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from medsight.imaging import slice_count
+
+    check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
+    check_vision_file(args)
+    volume = _read_input(args)
+    args.plane = args.plane or _default_plane(volume)
+    indices = parse_slices(args.slices, slice_count(volume, args.plane))
+    answers = _answers(args, volume, indices)
+    if not args.json:
+        _print_answers(args, answers)  # before writing: a failed write must not lose them
+    written, errors = write_outputs(args, volume, answers)
+    if args.json:
+        _print_json(args, answers, written, errors)
+    else:
+        for name, path in written.items():
+            if path:
+                print(f"{'segmentation' if name == 'out' else name} written to {path}")
+    for error in errors:
+        print(f"medsight: error: {error}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def parse_slices(spec: str | None, count: int) -> list[int]:
+    """'all', 'a:b' (b excluded; a defaults to 0, b to the count), '3,7,9' or one index -> sorted unique indices.
+
+    A range reaching outside 0..count is refused like a list: Python's slicing would silently clip it."""
+    if spec is None:
+        return [count // 2]
+    spec = spec.strip()
+    try:
+        if spec == "all":
+            indices = list(range(count))
+        elif ":" in spec:
+            first, last = spec.split(":", 1)
+            start, stop = int(first) if first.strip() else 0, int(last) if last.strip() else count
+            # Not Python's slicing, which clips: one index past the plane stays in, so the check below sees it.
+            indices = list(range(max(start, -1), min(stop, count + 1)))
+        else:
+            indices = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--slices {spec!r}: use 'all', 'a:b' or a comma-separated list of integers") from None
+    outside = [i for i in indices if not 0 <= i < count]
+    if outside or not indices:
+        raise ValueError(f"--slices {spec!r} selects no slice or slices outside 0..{count - 1}")
+    return sorted(set(indices))
+
+
+def _default_plane(volume) -> str:
+    """Axial, unless the volume is a 2D image lying in another plane: then that plane, the only one it has."""
+    from medsight.imaging.slicing import slice_planes
+
+    planes = slice_planes(volume)
+    return planes[0] if len(planes) == 1 else "axial"
+
+
+def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
+    from tqdm import tqdm
+
+    import medsight
+    from medsight.engine import VolumeSlices
+    from medsight.model.medsight import ImageOptions
+
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
+                                  adapter=args.adapter)
+    if engine.model.weights_source.startswith("random"):
+        print(f"note: preset {args.model!r} has random weights; its answers are gibberish "
+              "(it shows the pipeline works, not what the model knows)", file=sys.stderr)
+    limit = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    options = medsight.GenerationOptions(**limit)
+    image_options = ImageOptions(resize_mode=args.resize_mode)
+    answers = []
+    chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]
+    with tqdm(total=len(indices), unit="slice", disable=len(indices) < 2, file=sys.stderr) as bar:
+        for chunk in chunks:
+            result = engine.ask(VolumeSlices(volume, args.plane, chunk, args.window), args.question,
+                                options, image_options)
+            answers.extend(result.answers)
+            bar.update(len(chunk))
+    return answers
+
+
+def _read_input(args: argparse.Namespace):
+    """The input volume, with the reader's Python-API advice put in command-line terms; --series and a .dcm --out
+    are checked against what was read."""
+    from medsight.imaging import read_volume
+    from medsight.imaging.read_dicom import NotAnImageError, SeriesChoiceError, series_listing
+
+    try:
+        volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
+    except SeriesChoiceError as err:
+        raise ValueError(f"{err.path}: {len(err.series)} series found; choose one with --series:\n  "
+                         f"{series_listing(err.series)}") from None
+    except NotAnImageError as err:
+        raise ValueError(f"{err.path}: {err.kind}, not an image: medsight ask needs an image (DICOM image file or "
+                         "series folder, NIfTI, NRRD, PNG/JPG/TIFF)") from None
+    if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
+        what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
+        raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")
+    if args.out:
+        check_out_against_input(args.out, volume)
+    return volume
+
+
+def _print_answers(args: argparse.Namespace, answers) -> None:
+    for a in answers:
+        print(f"[{args.plane} slice {a.slice_index}] {a.text}")
+        for r in a.regions:
+            print(f"  region {r.index}: {r.code} {r.label!r} {int(r.mask.sum())} pixels, p={r.probability:.2f}")
+    sys.stdout.flush()
+
+
+def _print_json(args: argparse.Namespace, answers, written: dict[str, str | None], errors: list[str]) -> None:
+    def region_json(r) -> dict:
+        return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
+                "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
+
+    main_answer = answers[len(answers) // 2] if len(answers) > 1 else answers[0]
+    print(json.dumps({
+        "answer": main_answer.text,
+        "regions": [region_json(r) for a in answers for r in a.regions],
+        "slices": [{"plane": args.plane, "index": a.slice_index, "answer": a.text} for a in answers],
+        **written,
+        "errors": errors,
+    }))

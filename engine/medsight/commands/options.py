@@ -1,0 +1,20 @@
+"""Checks of options that several commands share, made before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def check_vision_file(args: argparse.Namespace) -> None:
+    """load_model reads a vision file only for a model in the official release layout: refuse one it would ignore."""
+    if not args.vision_file:
+        return
+    from medsight.config import PRESETS
+    from medsight.model.checkpoints import CONFIG_FILE
+    from medsight.model.loading import EMBEDDED
+
+    model = str(args.model)
+    if model in EMBEDDED or model in PRESETS or (Path(model).expanduser() / CONFIG_FILE).is_file():
+        raise ValueError(f"--vision-file {args.vision_file}: --model {model} does not use a vision file (only a "
+                         "model in the official release layout does)")

@@ -1,0 +1,83 @@
+"""`medsight serve`: the token (file, environment, deprecated argument), the audit file and the bind address are
+checked before the model loads; then the engine's HTTP server runs until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from medsight.commands.options import check_vision_file
+
+#: Seconds `medsight serve` gives open requests when it is stopped, before it cancels them.
+SHUTDOWN_GRACE_S = 3
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import medsight
+    from medsight.model.sizes import model_size
+    from medsight.server.app import create_app
+    from medsight.server.jobs import default_compute_threads
+    from medsight.server.security import check_bind
+
+    logging.getLogger("medsight").setLevel(args.log_level.upper())
+    token = _serve_token(args)
+    check_bind(args.host, token)
+    check_vision_file(args)
+    if args.audit:
+        _check_audit(args.audit)
+    engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
+                                  fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
+                                  adapter=args.adapter)
+    threads = args.threads or default_compute_threads(model_size(engine.model.config).total, engine.model.device.type)
+    app = create_app(engine, token=token, max_upload_bytes=args.max_upload_mb * 1024**2,
+                     request_timeout_s=args.timeout, model_name=str(args.model), host=args.host,
+                     allowed_hosts=tuple(args.allow_host), max_waiting=args.max_waiting,
+                     ask_memory_bytes=args.ask_memory_mb * 1024**2, compute_threads=threads, audit_path=args.audit)
+    print(f"MedSIGHT engine ({args.model}) on http://{args.host}:{args.port}/v1  (API docs: /docs)", file=sys.stderr)
+    # Stopping (Ctrl+C, SIGTERM) waits this long for open asks, then cancels them: it used to wait for every queued
+    # ask to run, minutes with a real model.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    return 0
+
+
+def _check_audit(path: str) -> None:
+    """Open the audit file as the server's AuditLog will, so that a folder, a missing folder or a read-only place
+    fails now, not after the model has loaded."""
+    from medsight.server.audit import open_audit_file
+
+    try:
+        os.close(open_audit_file(path))
+    except OSError as err:
+        raise ValueError(f"--audit {path}: cannot append to it ({err.strerror})") from None
+
+
+def _serve_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file or MEDSIGHT_TOKEN (a --token argument still works, with a warning)."""
+    if args.token:
+        print("warning: --token is visible to every user of this computer (process list); use MEDSIGHT_TOKEN or "
+              "--token-file", file=sys.stderr)
+        return args.token
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise ValueError(f"cannot read the token file {args.token_file}: {err.strerror}") from None
+        if not token:
+            raise ValueError(f"the token file {args.token_file} is empty")
+        _warn_if_others_can_read(args.token_file)
+        return token
+    return os.environ.get("MEDSIGHT_TOKEN") or None
+
+
+def _warn_if_others_can_read(path: str) -> None:
+    """A token file other users can read gives them the engine (POSIX permissions; Windows has no such bits)."""
+    mode = os.stat(path).st_mode
+    if os.name == "posix" and mode & 0o077:
+        print(f"warning: other users of this computer can read the token file {path} (mode {mode & 0o777:o}); "
+              f"make it yours only: chmod 600 {path}", file=sys.stderr)
