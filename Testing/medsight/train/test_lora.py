@@ -82,6 +82,27 @@ def test_reloaded_adapter_gives_identical_logits(run, merge):
         assert diff <= (2e-6 if merge else 0.0) * max(1.0, want.abs().max().item()), (key, diff)
 
 
+def test_adapter_naming_a_base_of_another_vocabulary_loads(run, tmp_path):
+    """The official adapters name their base (`Qwen/Qwen3-8B`, whose vocabulary lacks the region codes). Where PEFT
+    can read that base's config, its default counts the embeddings as adapter tensors; the completeness check must
+    not then refuse the adapter for lacking them."""
+    import shutil
+
+    folder = shutil.copytree(run["final"], tmp_path / "adapter")
+    lm_config = load_pretrained(run["base"]).language_model.config.to_dict()
+    other = tmp_path / "base-of-another-vocabulary"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**lm_config, "vocab_size": lm_config["vocab_size"] + 7}))
+    adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(other)}))
+    model = load_pretrained(run["base"])
+    load_adapter(model, folder, merge=False)
+    with torch.no_grad():
+        got = probe(model, run["data"]["lvlm"])
+    for key, want in run["logits"].items():
+        assert torch.equal(got[key], want), key
+
+
 def write_official_adapter(base: Path, folder: Path) -> dict[str, torch.Tensor]:
     """An adapter as the official recipe leaves it, written with PEFT itself plus a non_lora_trainables.bin."""
     from peft import LoraConfig as PeftLoraConfig

@@ -139,8 +139,12 @@ def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
     # a warning, so an adapter of another model would silently change nothing. Every layer must be in the file.
     from peft.utils import get_peft_model_state_dict
 
-    lora = set(get_peft_model_state_dict(peft_model))
-    missing, unexpected = sorted(lora - saved), sorted(saved - lora)
+    # The LoRA tensors must all be there; the embeddings may be (PEFT saves them where the vocabulary grew), but are
+    # not required: PEFT's default "auto" would require them wherever the base named in the adapter's config is
+    # reachable and has another vocabulary, as the official adapters' Qwen/Qwen3-8B has.
+    lora = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    allowed = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    missing, unexpected = sorted(lora - saved), sorted(saved - allowed)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: the adapter does not fit the model (is it for another base model?): "
                               f"{len(missing)} of its {len(lora)} LoRA tensors missing {missing[:3]}, "
