@@ -97,6 +97,10 @@ class JobResponse(Response):
                 self.job.stop("disconnected")
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            # The server is stopping and its grace has run out (uvicorn cancels open requests): the job stops below,
+            # and ending quietly spares the terminal uvicorn's traceback for every ask still open.
+            return
         finally:
             gone.cancel()
             if not self.job.future.done():  # cancelled by the server (shutdown) or the client went away
