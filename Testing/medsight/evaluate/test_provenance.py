@@ -52,7 +52,7 @@ def test_copies_with_other_modification_times_are_the_same_model(tmp_path):
 def test_a_report_folder_or_hidden_files_inside_the_model_folder_change_nothing(tmp_path):
     folder = _model(tmp_path / "final")
     report = folder / "reports" / "vqa"
-    settings = provenance.answer_settings("vqa", str(folder), None, None, [RunOptions("vqa")], None, report)
+    settings = provenance.answer_settings("vqa", str(folder), None, None, [RunOptions("vqa")], "float32", report)
     first = settings["model_weights"]
     report.mkdir(parents=True)
     check_settings(report, SETTINGS)

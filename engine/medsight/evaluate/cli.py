@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(ADOPT_FLAG, action="store_true",
-                   help="the --report folder holds predictions but no settings.json (an older medsight made them): "
-                        "record this command's model and options as theirs and resume (never replaces settings)")
+                   help="the --report folder holds predictions but no settings.json, or one without some settings "
+                        "(an older medsight made them): record this command's as theirs where unrecorded, and resume")
     return p
 
 

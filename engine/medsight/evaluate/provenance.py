@@ -14,7 +14,7 @@ only: each answer carries what it was asked (`medsight.evaluate.runner.input_fin
 resume. The dtype is recorded as resolved ("auto" is bfloat16 on CUDA, float32 elsewhere). Not recorded: the device
 (at one dtype, CPU and GPU differ by float rounding), and the contents behind a Hub id. A folder answered by a
 medsight that wrote no settings, or settings with an unresolved dtype, is adopted only on request
-(``--adopt-settings``), which records what is missing and replaces nothing.
+(``--adopt-settings``), which records what is missing (a dtype "auto" counts as missing) and changes nothing else.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from medsight.atomic_files import replace_file, sync_folder, write_temporary
 from medsight.evaluate.readers import DataError
 from medsight.user_files import read_user_json
 
@@ -209,13 +209,12 @@ def _write_once(path: Path, settings: dict[str, Any]) -> None:
     """
     text = (json.dumps(settings, indent=1) + "\n").encode()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = write_temporary(path, lambda target: target.write_bytes(text))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(text)
-            _link_or_create(Path(tmp), path, text)
+            _link_or_create(tmp, path, text)
         finally:
             os.unlink(tmp)
+        sync_folder(path.parent)
     except OSError as err:
         raise DataError(f"cannot record the report's settings in {path}: {err}") from None
 
@@ -223,10 +222,7 @@ def _write_once(path: Path, settings: dict[str, Any]) -> None:
 def _replace(path: Path, settings: dict[str, Any]) -> None:
     """Rewrite the recorded settings with `settings` (adopting what an older medsight left unrecorded), atomically."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(settings, indent=1) + "\n").encode())
-        os.replace(tmp, path)
+        replace_file(path, lambda target: target.write_text(json.dumps(settings, indent=1) + "\n"))
     except OSError as err:
         raise DataError(f"cannot record the report's settings in {path}: {err}") from None
 

@@ -10,7 +10,6 @@ folders instead (`medsight.train.fsdp`).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsight.atomic_files import replace_file
 from medsight.model.checkpoints import CheckpointError
 
 
@@ -46,16 +46,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temporary file renamed into place: a run killed while saving leaves no torn state file,
-    so `latest_checkpoint` (which takes a folder by its state file) falls back to the previous checkpoint."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def write_json(path: Path, data: Any) -> None:
-    _write_atomically(path, lambda target: target.write_text(json.dumps(data)))
+    # Atomic: a run killed while saving leaves no torn state file marking its checkpoint complete, so
+    # `latest_checkpoint` (which takes a folder by its state file) falls back to the previous checkpoint.
+    replace_file(path, lambda target: target.write_text(json.dumps(data)))
 
 
 def read_json(path: Path) -> Any:
@@ -68,7 +62,7 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, data: dict[str, Any]) -> None:
-    _write_atomically(path, lambda target: torch.save(data, target))
+    replace_file(path, lambda target: torch.save(data, target))  # atomic, as write_json
 
 
 def load_tensors(path: Path) -> dict[str, Any]:
