@@ -40,6 +40,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from medsight.model.loading import default_dtype
+
 SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -79,7 +81,7 @@ class LossModule(nn.Module):
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype of the FSDP units: "auto" is bfloat16 on CUDA and float32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     if name not in PARAM_DTYPES:
         raise ValueError(f"unknown fsdp_param_dtype {name!r}; use auto, {', '.join(PARAM_DTYPES)}")
     return PARAM_DTYPES[name]

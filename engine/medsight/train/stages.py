@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from medsight.feature_cache import FeatureCache, encode_through_cache, weights_fingerprint
 from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
 from medsight.model.checkpoints import select_prefix
+from medsight.model.loading import default_dtype
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.preprocess import ResizeMode
 from medsight.model.vision import encode_image
@@ -463,7 +464,7 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
 
 def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype:
     if config.frozen_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if config.frozen_dtype not in dtypes:
         raise ValueError(f"frozen_dtype {config.frozen_dtype!r}: use auto, float32 or bfloat16")
