@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from medsight.train import state as trainer_state
 from medsight.train.loop import (
     CHECKPOINT_DIR,
     SHARDED_STATE_FILE,
+    STATE_FILE,
     TrainConfig,
     cosine_lambda,
     latest_checkpoint,
@@ -69,3 +71,28 @@ def test_latest_checkpoint_orders_by_step_number_past_seven_digits(tmp_path):
             trainer_state.write_json(folder / SHARDED_STATE_FILE, {"step": step})
     latest = latest_checkpoint(tmp_path)
     assert latest is not None and trainer_state.read_json(latest / SHARDED_STATE_FILE)["step"] == 10_000_000
+
+
+def test_fewer_epochs_on_another_number_of_processes_are_refused(tmp_path):
+    """A resume can lengthen a run, not shorten it. On another number of processes (here: a checkpoint that read
+    twice the samples per step, as a 2-process run does) the steps left are worked out from the samples read; fewer
+    epochs than were read must be refused as at the same number of processes, not pass as "nothing to train"."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+    data = list(range(8))
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    config = TrainConfig(lr=1e-3, epochs=1.0, batch_size=2, device="cpu")
+    steps = len(train(model, params, data, lambda samples: samples, loss_fn, config, tmp_path).records)
+    state_path = latest_checkpoint(tmp_path) / STATE_FILE
+    read = 2 * steps * config.batch_size  # what 2 processes would have read in as many steps
+    trainer_state.save_tensors(state_path, {**trainer_state.load_tensors(state_path), "samples": read})
+    with pytest.raises(ValueError, match="a resume can lengthen a run, not shorten it"):
+        train(model, params, data, lambda samples: samples, loss_fn, replace(config, epochs=1.5), tmp_path,
+              resume=True)
+    # Lengthened past what was read, it trains on the samples left, at this run's samples per step.
+    longer = replace(config, epochs=3.0)
+    result = train(model, params, data, lambda samples: samples, loss_fn, longer, tmp_path, resume=True)
+    assert len(result.records) == math.ceil((longer.epochs * len(data) - read) / config.batch_size)

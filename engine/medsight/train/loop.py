@@ -440,8 +440,11 @@ def train(
                                          config.batch_size * config.grad_accum)
         log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
         if config.max_steps <= 0 and position != step * per_step:
-            # Resumed on another number of processes: the steps left are those the samples left need.
-            steps = step + max(0, math.ceil((config.epochs * len(dataset) - position) / per_step))
+            # Resumed on another number of processes: the steps left are those the samples left need. The run had
+            # read everything the epochs ask for before its last step: it would be shortened (refused below).
+            needed = config.epochs * len(dataset)
+            shortened = step > 0 and position - position // step >= needed
+            steps = step - 1 if shortened else step + max(0, math.ceil((needed - position) / per_step))
             scheduler.lr_lambdas = [cosine_lambda(steps, config.warmup_ratio, min_ratio)] * len(optimizer.param_groups)
         # The restored lr is the old schedule's; a lengthened run's next step takes the new one (the same value when
         # the length is unchanged: LambdaLR computes it the same way).
