@@ -202,6 +202,9 @@ def _download(args: argparse.Namespace) -> int:
     repo = args.repo or RELEASE_REPO
     hub = parse_hub_file(repo)
     repo, revision = parse_repo(repo) or (repo, None)  # REPO_ID@REVISION, as --model takes it
+    named = hub.revision if hub is not None else revision
+    if named and args.revision and named != args.revision:
+        raise ValueError(f"two revisions asked for: @{named} in {args.repo} and --revision {args.revision}; give one")
     revision = revision or args.revision
     try:
         if hub is not None:

@@ -233,3 +233,15 @@ def test_download_offline_reports_what_the_cache_holds(cache, release_dir, unime
         patch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
         code, out, err = download()
     assert (code, out) == (0, str(snapshot)) and "(the Hub could not be reached)" in err
+
+
+@pytest.mark.parametrize("source", ["Caf0914/MedSIGHT@v1", f"{VISION_REPO}:{VISION_FILE}@v1"])
+def test_download_refuses_two_different_revisions(source, capsys):
+    """`download REPO@A --revision B` fetched A without a word about B."""
+    from medsight.cli import main
+
+    assert main(["download", source, "--revision", "v2"]) == 2
+    err = capsys.readouterr().err
+    assert "two revisions asked for: @v1" in err and "--revision v2" in err and "\n" not in err.strip()
+    assert main(["download", source, "--revision", "v1", "--dir", "/nonexistent/never"]) == 2  # the same one: on
+    assert "two revisions" not in capsys.readouterr().err
