@@ -18,6 +18,9 @@ from starlette.responses import Response
 from medsight.server.jobs import Job
 
 JOB_ID_HEADER = "X-Job-Id"
+#: The error an ask still open when the server stops (after its grace) receives, in place of a cut connection.
+STOPPING = json.dumps({"code": "stopping", "message": "the engine is stopping; ask again once it runs"},
+                      separators=(",", ":"))
 
 
 def sse(event: str, data: dict | str) -> bytes:
@@ -98,8 +101,12 @@ class JobResponse(Response):
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            # The server is stopping and its grace has run out (uvicorn cancels open requests): the job stops below,
-            # and ending quietly spares the terminal uvicorn's traceback for every ask still open.
+            # The server is stopping and its grace has run out (uvicorn cancels open requests): the client is told
+            # so, and the finished response spares the terminal uvicorn's error for every ask still open. The job
+            # stops below.
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await send(_body(sse("error", STOPPING) if streaming else STOPPING.encode()))
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         finally:
             gone.cancel()
