@@ -35,7 +35,7 @@ import numpy as np
 
 from .client import MedSIGHTClient, MedSIGHTError
 from .jobs import Job, JobRunner
-from .protocol import PLANES, Region, SliceAnswer
+from .protocol import ENGINE_ERRORS, PLANES, Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 from .theme import Colours, colours_of
 
@@ -778,7 +778,7 @@ def _while_busy(job: _Job, what: str, call: Callable[[], Any]) -> Any:
             return call()
         except MedSIGHTError as err:
             pause = min(max(err.retry_after or 0.0, BUSY_MIN_PAUSE_S), BUSY_WAIT_S - waited)
-            if err.status != 429 or err.code != "busy" or pause <= 0 or job.cancelled:
+            if err.code != "busy" or err.status not in ENGINE_ERRORS["busy"] or pause <= 0 or job.cancelled:
                 raise
             job.emit("busy", what, pause)
             deadline = time.monotonic() + pause
