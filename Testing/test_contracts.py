@@ -327,3 +327,36 @@ def test_both_sides_name_a_views_plane_alike():
         other_than_nearest += nearest != engine_plane
     print(f"\n{other_than_nearest} of 400 views answered about another plane than the nearest anatomical one")
     assert other_than_nearest > 0  # the sample holds the views a "nearest anatomical plane" rule got wrong
+
+
+def _server_error_codes() -> set[tuple[int, str]]:
+    """(status, code) pairs the engine's server code sends: each 4xx/5xx literal followed by a code literal, in a
+    call (``ApiError(429, "busy", ...)``, ``_error(413, "too_large", ...)``) or a tuple (the guard's refusals)."""
+    import ast
+    import itertools
+
+    import medsight.server
+
+    pairs = set()
+    for source in Path(medsight.server.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            items = node.args if isinstance(node, ast.Call) else node.elts if isinstance(node, ast.Tuple) else []
+            for status, code in itertools.pairwise(items):
+                if (isinstance(status, ast.Constant) and isinstance(status.value, int) and 400 <= status.value < 600
+                        and isinstance(code, ast.Constant) and isinstance(code.value, str)):
+                    pairs.add((status.value, code.value))
+    return pairs
+
+
+def test_the_error_codes_the_client_acts_on_are_the_engines():
+    """Every engine error code the Slicer side acts on (hints, the wait on 429 busy) is sent by the engine with the
+    status the Slicer side expects; every code the chat panel has a hint for is one of those, or the client's own."""
+    from MedSIGHTSlicerLib.chat_panel import _HINTS
+
+    sent = _server_error_codes()
+    assert {(429, "busy"), (413, "too_large"), (408, "body_timeout"), (401, "unauthorized")} <= sent  # the reader
+    for code, statuses in protocol.ENGINE_ERRORS.items():
+        for status in statuses:
+            assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
+    client_codes = {"connection_error", "timeout"}
+    assert set(_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)

@@ -35,7 +35,7 @@ import numpy as np
 
 from .client import MedSIGHTClient, MedSIGHTError
 from .jobs import Job, JobRunner
-from .protocol import PLANES, Region, SliceAnswer
+from .protocol import ENGINE_ERRORS, PLANES, Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 from .theme import Colours, colours_of
 
@@ -52,12 +52,21 @@ FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
+#: How long in all one question waits for an engine that answers 429 "busy" (another client's upload holds its
+#: upload memory, or waiting asks hold its volumes or fill its queue) before the refusal is shown; each wait is the
+#: engine's Retry-After (at least BUSY_MIN_PAUSE_S), and Stop ends it at once.
+BUSY_WAIT_S = 30.0
+BUSY_MIN_PAUSE_S = 0.5
 _REGION_URL = re.compile(rf"^region://([0-9.]+)/({'|'.join(PLANES)})/(\d+)/(\d+)/?$")
 _HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
     "timeout": "The engine did not answer in time; it may be busy or overloaded.",
     "unauthorized": "Check the token in the connection settings.",
     "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
+    "busy": "The engine is busy with other uploads or questions; ask again in a moment.",
+    "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
+    "or resampled) volume.",
+    "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
 }
 #: The volume was sent again and the engine still does not have it: asking again would not help.
 _RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
@@ -575,6 +584,11 @@ class ChatPanel:
             self._remember_volume(*payload)
             turn.volumes.add(payload[1])  # later questions may name the volume by its engine id
             self.status.setText("Asking…")
+        elif kind == "busy":  # the worker waits for the engine, then tries again by itself
+            what, seconds = payload
+            again = "sending the volume" if what == "upload" else "asking"
+            self.status.setText(f"The engine is busy with other uploads or questions; {again} again in "
+                                f"{seconds:.0f} s… (Stop to give up)")
         elif kind == "job":
             job.job_id = payload[0]
             if not self.answered_slices:  # later chunks keep the progress line
@@ -751,11 +765,41 @@ def _cancel_quietly(client: MedSIGHTClient, job_id: str) -> None:
         client.cancel(job_id, timeout=10)
 
 
+class _StoppedError(Exception):
+    """Stop was pressed while the worker waited for a busy engine."""
+
+
+def _while_busy(job: _Job, what: str, call: Callable[[], Any]) -> Any:
+    """``call()``; while the engine answers 429 "busy", wait its Retry-After and call again, up to BUSY_WAIT_S in
+    all (then its refusal is raised). ``what`` ("upload" or "ask") names the retry in the status line."""
+    waited = 0.0
+    while True:
+        try:
+            return call()
+        except MedSIGHTError as err:
+            pause = min(max(err.retry_after or 0.0, BUSY_MIN_PAUSE_S), BUSY_WAIT_S - waited)
+            if err.code != "busy" or err.status not in ENGINE_ERRORS["busy"] or pause <= 0 or job.cancelled:
+                raise
+            job.emit("busy", what, pause)
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline:  # short naps: Stop ends the wait at once
+                if job.cancelled:
+                    raise _StoppedError from None
+                time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+            waited += pause
+
+
 def _upload(client: MedSIGHTClient, data: VolumeData, job: _Job) -> Any:
-    info = client.upload_volume(data.array, data.spacing, data.origin, data.direction, modality=data.modality)
+    info = _while_busy(job, "upload", lambda: client.upload_volume(
+        data.array, data.spacing, data.origin, data.direction, modality=data.modality))
     job.emit("uploaded", data.key, info.volume_id)
     job.emit("slices", dict(info.slices))
     return info
+
+
+def _ask(client: MedSIGHTClient, job: _Job, volume_id: str, part: list[int] | None) -> Any:
+    return _while_busy(job, "ask", lambda: client.ask_stream(
+        volume_id, job.question, job.plane, part, job.options, view=job.view))
 
 
 def _resolve_indices(scope: tuple[str, int, int], count: int) -> list[int]:
@@ -810,18 +854,20 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             part = indices[start:stop]
             ask_part = None if job.view is not None else part
             try:
-                stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
+                stream = _ask(client, job, volume_id, ask_part)
             except MedSIGHTError as err:
                 if err.code != "unknown_volume" or data is None or job.resent:
                     raise
                 job.resent = True  # once: a second refusal is reported, not retried forever
                 volume_id = _upload(client, data, job).volume_id  # the engine evicted it: send it again
-                stream = client.ask_stream(volume_id, job.question, job.plane, ask_part, job.options, view=job.view)
+                stream = _ask(client, job, volume_id, ask_part)
             cancelled = _read_stream(client, stream, job, part) or cancelled
             job.emit("progress", stop, total)
             if cancelled:
                 break
         return cancelled or job.cancelled
+    except _StoppedError:
+        return True
     except Exception as err:  # every failure is shown in the error line, never raised into Slicer
         job.emit("error", err)
         return False

@@ -71,10 +71,18 @@ class MedSIGHTError(Exception):
         message: what went wrong, for people.
         body: the response body (decoded JSON when it was JSON, else text; None without a response).
         url: the request URL.
+        retry_after: seconds the engine asks to wait before trying again (its Retry-After header, e.g. with
+            429 "busy"), or None when it named none.
     """
 
     def __init__(
-        self, message: str, status: int | None = None, code: str = "error", body: Any = None, url: str | None = None
+        self,
+        message: str,
+        status: int | None = None,
+        code: str = "error",
+        body: Any = None,
+        url: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -82,6 +90,7 @@ class MedSIGHTError(Exception):
         self.message = message
         self.body = body
         self.url = url
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         where = f"HTTP {self.status}" if self.status is not None else "no response"
@@ -91,7 +100,18 @@ class MedSIGHTError(Exception):
         return f"MedSIGHTError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
 
 
-def _error_from_response(status: int, raw: bytes, url: str, reason: str = "") -> MedSIGHTError:
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; the HTTP-date form (which the engine never sends) and nonsense give None."""
+    try:
+        seconds = float((value or "").strip())
+    except ValueError:
+        return None
+    return seconds if 0.0 <= seconds < float("inf") else None
+
+
+def _error_from_response(
+    status: int, raw: bytes, url: str, reason: str = "", retry_after: str | None = None
+) -> MedSIGHTError:
     text = raw.decode("utf-8", errors="replace")
     try:
         body: Any = json.loads(text) if text else None
@@ -110,7 +130,7 @@ def _error_from_response(status: int, raw: bytes, url: str, reason: str = "") ->
         message = body.strip()[:_MAX_ERROR_TEXT]
     if not message:
         message = f"{reason or 'HTTP error'} from {url}"
-    return MedSIGHTError(message, status=status, code=code, body=body, url=url)
+    return MedSIGHTError(message, status=status, code=code, body=body, url=url, retry_after=_retry_after(retry_after))
 
 
 class AskStream:
@@ -370,7 +390,9 @@ class MedSIGHTClient:
         )
         if response.status >= 300:
             try:
-                raise _error_from_response(response.status, response.read(), url, response.reason)
+                raise _error_from_response(
+                    response.status, response.read(), url, response.reason, response.getheader("Retry-After")
+                )
             finally:
                 connection.close()
         content_type = response.getheader("Content-Type", "")
@@ -427,7 +449,13 @@ class MedSIGHTClient:
         if query:
             target += "?" + urllib.parse.urlencode(query)
         try:
-            connection.request(method, target, body=body, headers=self._headers(content_type, accept))
+            try:
+                connection.request(method, target, body=body, headers=self._headers(content_type, accept))
+            except (BrokenPipeError, ConnectionResetError):
+                # The engine may refuse a body on its declared length (413 too_large) and hang up before it is all
+                # sent: its answer is then waiting to be read, and names the problem; without one, this raises.
+                if body is None:
+                    raise
             return connection, connection.getresponse()
         except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             connection.close()
@@ -459,7 +487,7 @@ class MedSIGHTClient:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                status, reason, raw = self._exchange(method, path, query, body, content_type, timeout)
+                status, reason, raw, retry_after = self._exchange(method, path, query, body, content_type, timeout)
             except MedSIGHTError as err:
                 if last:
                     raise
@@ -483,7 +511,7 @@ class MedSIGHTClient:
                             url=url,
                         ) from None
                 if last or status not in RETRY_STATUSES:
-                    raise _error_from_response(status, raw, url, reason)
+                    raise _error_from_response(status, raw, url, reason, retry_after)
                 log.info("%s %s returned HTTP %d; retrying", method, url, status)
             time.sleep(self.backoff * (2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -496,11 +524,12 @@ class MedSIGHTClient:
         body: bytes | None,
         content_type: str | None,
         timeout: float | None,
-    ) -> tuple[int, str, bytes]:
+    ) -> tuple[int, str, bytes, str | None]:
+        """Status, reason, body and the Retry-After header of one attempt."""
         connection, response = self._send(method, path, query, body, content_type, timeout)
         url = self._url(path, query)
         try:
-            return response.status, response.reason, response.read()
+            return response.status, response.reason, response.read(), response.getheader("Retry-After")
         except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:

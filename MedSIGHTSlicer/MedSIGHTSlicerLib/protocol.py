@@ -20,6 +20,7 @@ import numpy as np
 from .rle import decode_mask
 
 __all__ = [
+    "ENGINE_ERRORS",
     "PLANES",
     "ROLES",
     "AskResult",
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 PLANES = ("axial", "coronal", "sagittal")
+#: The engine's error codes this module acts on (the chat panel's hints, its wait on "busy"), with the HTTP statuses
+#: the engine sends them with; a contract test checks the engine still sends each so.
+ENGINE_ERRORS = {
+    "unauthorized": (401,),
+    "unknown_volume": (404, 422),
+    "busy": (429,),  # uploads (upload memory or volume store held) and asks (queue full), with Retry-After
+    "too_large": (413,),  # uploads over the engine's limit; asks over the largest valid ask
+    "body_timeout": (408,),  # a request body that arrived too slowly
+}
 ROLES = ("user", "assistant", "system")
 STREAM_EVENTS = ("job", "token", "region", "done", "error")
 

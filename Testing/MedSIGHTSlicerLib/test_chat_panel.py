@@ -646,3 +646,111 @@ def test_slice_range_after_an_engine_restart_sends_the_volume_again(app, engine,
         pump(app, lambda: not panel.busy)
         assert panel.error.text() == ""
         assert len(uploads) == 2 and panel.answered_slices == 2
+
+
+# -- a busy engine (429 "busy" with Retry-After), requests too large -------------------------------------------------
+STALLED_BYTES = 1 << 20  # what the other client's upload declares: the engine's whole upload memory
+
+
+@pytest.fixture()
+def busy_engine(engine):
+    """A real server whose upload memory another client's upload holds (its .npy header sent, its voxels not yet):
+    yields (base URL, release) where release() hangs that upload up, which frees the memory."""
+    import io
+    import socket
+
+    server = medsight.server.app.create_app(engine, store_bytes=STALLED_BYTES, read_grace_s=120.0)
+    with live_server(server) as base_url:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (1, 1024, STALLED_BYTES // 1024)})
+        head = header.getvalue()
+        port = int(base_url.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            f"POST /v1/volumes?modality=CT HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/x-npy\r\nContent-Length: {len(head) + STALLED_BYTES}\r\n\r\n".encode() + head
+        )
+        deadline = time.monotonic() + 10
+        while server.state.uploads.in_flight < STALLED_BYTES:
+            assert time.monotonic() < deadline, "the stalled upload was never counted"
+            time.sleep(0.01)
+        try:
+            yield base_url, stalled.close
+        finally:
+            stalled.close()
+
+
+def test_upload_refused_busy_is_sent_again_after_retry_after(app, busy_engine, volume):
+    """Another client's upload holds the engine's upload memory: the engine answers 429 "busy" with Retry-After;
+    the panel says so in its status line, waits, and sends the volume again by itself once the memory is free."""
+    base_url, release = busy_engine
+    with pytest.raises(MedSIGHTError) as refused:  # what the engine answers now (a lone upload would go through)
+        MedSIGHTClient(base_url, retries=0).upload_volume(volume.array, volume.spacing, volume.origin,
+                                                          volume.direction, modality="CT")
+    assert (refused.value.status, refused.value.code, refused.value.retry_after) == (429, "busy", 1.0)
+    panel = make_panel(base_url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: "busy" in panel.status.text())
+    assert panel.busy and panel.cancel_button.isEnabled() and panel.error.text() == ""
+    assert "sending the volume again in 1 s" in panel.status.text()
+    time.sleep(1.5)  # still held: the panel keeps waiting, it does not give up after one refusal
+    app.processEvents()
+    assert panel.busy and panel.error.text() == ""
+    release()
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert panel.status.text().startswith("Answered in")
+    assert 1 in panel._turns[-1].texts  # the question was answered about slice 1
+
+
+def test_busy_wait_ends_at_once_with_stop(app, busy_engine, volume, monkeypatch):
+    import MedSIGHTSlicerLib.chat_panel as chat_panel
+
+    monkeypatch.setattr(chat_panel, "BUSY_MIN_PAUSE_S", 30.0)  # a long Retry-After: Stop must not wait it out
+    panel = make_panel(busy_engine[0], volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: "busy" in panel.status.text())
+    assert "again in 30 s" in panel.status.text()
+    panel.cancel()
+    assert not panel.busy and panel.status.text() == "Cancelled."
+    started = time.monotonic()
+    pump(app, lambda: not panel._runner.busy, timeout=5.0)
+    assert time.monotonic() - started < 0.5  # the worker thread ended too: it sends nothing more
+    assert panel.error.text() == ""
+
+
+def test_engine_busy_beyond_the_wait_is_a_clear_error(app, busy_engine, volume, monkeypatch):
+    import MedSIGHTSlicerLib.chat_panel as chat_panel
+
+    monkeypatch.setattr(chat_panel, "BUSY_WAIT_S", 2.0)
+    panel = make_panel(busy_engine[0], volume)
+    started = time.monotonic()
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert 2.0 <= time.monotonic() - started < 10.0
+    text = panel.error.text()
+    assert "receiving other uploads" in text and "(HTTP 429)" in text
+    assert "busy with other uploads or questions; ask again in a moment" in text
+    assert "Traceback" not in text and "lacks" not in text
+    assert panel.status.text() == "Failed." and panel.send_button.isEnabled()
+
+
+def test_question_over_the_largest_ask_is_a_clear_error(url, volume):
+    """The engine's own 413 (the body's declared length is over the largest valid ask) read as the panel shows it."""
+    from medsight.server.schemas import MAX_ASK_BODY_BYTES
+
+    with pytest.raises(MedSIGHTError) as refused:
+        MedSIGHTClient(url, retries=0).ask("0" * 64, "x" * (MAX_ASK_BODY_BYTES + 1), indices=[1])
+    assert (refused.value.status, refused.value.code) == (413, "too_large")
+    text = describe_error(refused.value)
+    assert "(HTTP 413)" in text and "shorten the question, or send a smaller" in text
+
+
+def test_slow_request_body_names_the_network():
+    err = MedSIGHTError("the request body arrived too slowly (under 65536 bytes/s after 10 s)", status=408,
+                        code="body_timeout")
+    assert describe_error(err) == (
+        "the request body arrived too slowly (under 65536 bytes/s after 10 s) (HTTP 408). The request reached the "
+        "engine too slowly; check the network connection to the engine."
+    )

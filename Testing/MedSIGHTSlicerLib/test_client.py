@@ -146,6 +146,34 @@ def test_error_body_becomes_medsight_error(fake):
     assert fake.hits("GET", "/v1/volumes/nope") == 1  # a 404 is not retried
 
 
+def busy_reply(retry_after: str):
+    def handler(h) -> None:
+        data = json.dumps({"code": "busy", "message": "the engine is receiving other uploads"}).encode()
+        h.send_response(429)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Retry-After", retry_after)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    return handler
+
+
+@pytest.mark.parametrize(("header", "seconds"), [("3", 3.0), ("0.5", 0.5), ("Wed, 21 Oct 2026 07:28:00 GMT", None)])
+def test_busy_refusal_carries_retry_after(fake, header, seconds):
+    """429 "busy" with Retry-After (uploads and asks): the seconds reach the caller, which waits them out; the
+    HTTP-date form, which the engine never sends, gives None. A POST is still never retried by the client itself."""
+    fake.add("POST", "/v1/volumes", busy_reply(header))
+    fake.add("POST", "/v1/ask", busy_reply(header))
+    with pytest.raises(MedSIGHTError) as upload:
+        client_for(fake).upload_volume(np.zeros((2, 3, 4), np.int16))
+    with pytest.raises(MedSIGHTError) as stream:
+        client_for(fake).ask_stream("v" * 64, "Where?", indices=[0])
+    for err in (upload.value, stream.value):
+        assert (err.status, err.code, err.retry_after) == (429, "busy", seconds)
+    assert fake.hits("POST", "/v1/volumes") == 1 and fake.hits("POST", "/v1/ask") == 1
+
+
 def test_error_body_under_200_is_the_engines_error(fake):
     """A plain ask's 200 goes out before its job runs; a job that fails sends its error body under it."""
     failure = {"code": "internal_error", "message": "the engine failed: RuntimeError"}

@@ -312,3 +312,54 @@ def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
         assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
     finally:
         process.stop(wait=True)
+
+
+def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
+    """`medsight serve` gives open asks a short grace, then cancels them: Stop (SIGTERM) ends the engine by itself
+    well before ``stop()``'s kill timer, and the exit is reported as the user's stop, not as a crash."""
+    pytest.importorskip("medsight")
+    if os.name == "nt":
+        pytest.skip("Windows' Stop is TerminateProcess: no graceful shutdown to time")
+    import numpy as np
+
+    from MedSIGHTSlicerLib.client import MedSIGHTClient
+
+    medsight_exe = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
+    if not medsight_exe.is_file():
+        pytest.skip("no medsight executable beside this Python")
+    port = _free_port()
+    process = EngineProcess()
+    process.start(launch_plan(f'"{medsight_exe}" serve --model tiny --host 127.0.0.1 --port {port}',
+                              dict(os.environ), True))
+    streams = []
+    try:
+        client = MedSIGHTClient(f"http://127.0.0.1:{port}", timeout=60, retries=0)
+
+        def healthy() -> bool:
+            process.poll()
+            try:
+                return client.health(timeout=2) is not None
+            except Exception:
+                return False
+
+        assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
+        voxels = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 97).astype(np.int16)
+        volume_id = client.upload_volume(voxels, modality="CT").volume_id
+        options = {"max_new_tokens": 512, "no_code_fallback": True, "seed": 0}
+        for _ in range(3):  # one running, two waiting: without the grace, Stop would wait for all of them
+            streams.append(client.ask_stream(volume_id, "Describe the slice.", "axial", range(8), options))
+        assert next(iter(streams[0])).kind == "job"
+        stopped_at = time.monotonic()
+        process.stop()  # the module's Stop: kill timer at 5 s
+        codes = []
+        assert _wait(lambda: codes.append(process.poll()) or codes[-1] is not None, 30)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        for stream in streams:
+            stream.close()
+        process.stop(wait=True)
+    assert elapsed < 4.5, f"the engine took {elapsed:.1f} s to stop"  # ended by itself, not by the kill at 5 s
+    # uvicorn ends by its own SIGTERM handling (0, or the signal raised again: -15), never the kill (-9)
+    assert codes[-1] in (0, -15), process.output[-2000:]
+    assert process.finished_message(codes[-1]) is None  # the user's stop, not a crash
+    assert "timeout graceful shutdown exceeded" in process.output  # an ask was open: the grace was used up
