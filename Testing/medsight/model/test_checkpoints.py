@@ -31,16 +31,21 @@ def same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def assert_golden_parts(model, golden_model, parts: tuple[str, ...]) -> None:
+    """`model`'s `parts` hold the golden model's weights (compared in float32, as loaded; the shared golden model
+    goes back to float64 for the other tests)."""
+    ref = golden_model.to(torch.float32)
+    try:
+        for part in parts:
+            assert same_weights(getattr(model, part), getattr(ref, part)), part
+    finally:
+        golden_model.to(torch.float64)
+
+
 def test_every_layout_variant_loads_the_same_weights(golden, tmp_path, golden_model):
     plain = write_release(golden, tmp_path / "plain", sharded=False, namespace_args=False)
     model = load_tiny_release(golden, plain)
-    ref = golden_model.to(torch.float32)
-    try:
-        assert same_weights(model.image_encoder, ref.image_encoder)
-        assert same_weights(model.region_perceiver, ref.region_perceiver)
-        assert same_weights(model.language_model, ref.language_model)
-    finally:
-        golden_model.to(torch.float64)
+    assert_golden_parts(model, golden_model, ("image_encoder", "region_perceiver", "language_model"))
 
 
 def test_argparse_namespace_is_allowed_but_nothing_else(tmp_path, release_dir):
@@ -298,13 +303,7 @@ def test_converted_safetensors_in_a_release_folder_are_found_and_preferred(golde
         with pytest.raises(CheckpointError, match="refused to unpickle"):
             safe_torch_load(pt)
     model = load_model(root, device="cpu", base_config=golden_base_config(golden))
-    ref = golden_model.to(torch.float32)
-    try:
-        assert same_weights(model.image_encoder, ref.image_encoder)
-        assert same_weights(model.region_perceiver, ref.region_perceiver)
-        assert same_weights(model.codebook, ref.codebook)
-    finally:
-        golden_model.to(torch.float64)
+    assert_golden_parts(model, golden_model, ("image_encoder", "region_perceiver", "codebook"))
     # Only the converted copies, .pt gone: found all the same; an older step's .pt does not win over the latest.
     for pt in pickles:
         pt.unlink()

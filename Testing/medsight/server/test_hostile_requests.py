@@ -151,6 +151,19 @@ def _raw_upload(url: str, declared: int, payload: bytes) -> socket.socket:
     return s
 
 
+def _raw_ask_reply(url: str, declared: int) -> str:
+    """The engine's whole reply to an ask that declares `declared` body bytes and sends only its first one."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {declared}\r\n\r\n{{".encode())
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):  # the engine closes the connection after its reply
+            reply += chunk
+    return reply.decode("latin-1")
+
+
 def test_slow_half_open_uploads_are_cut(hardened):
     """Bodies trickling in under the minimum rate get 408 after the grace period (1 s here)."""
     body = npy(np.zeros((4, 64, 64), np.float32))
@@ -170,15 +183,8 @@ def test_slow_half_open_uploads_are_cut(hardened):
 def test_a_slow_ask_body_is_408_like_a_slow_upload(hardened):
     """Before the fix the deadline's error, raised while the framework parsed the ask's JSON, became 400 "There was
     an error parsing the body"."""
-    host, port = hardened.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as s:
-        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: 1000\r\n\r\n{{".encode())
-        s.settimeout(10)
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
-    assert reply.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in reply, reply[:200]
+    reply = _raw_ask_reply(hardened, declared=1000)
+    assert reply.startswith("HTTP/1.1 408") and '"body_timeout"' in reply, reply[:200]
 
 
 def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id, caplog):
@@ -199,15 +205,7 @@ def test_an_oversized_ask_body_is_413_before_it_is_read(hardened):
     """Before the fix an ask body was read whole whatever its size (200 MiB took 850 MiB of memory) and only then
     refused as invalid; now a declared length over the limit is refused at once, a body without one when it passes
     the limit."""
-    host, port = hardened.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as s:
-        s.sendall(f"POST /v1/ask HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {200 * 1024**2}\r\n\r\n{{".encode())
-        s.settimeout(10)
-        reply = b""
-        while chunk := s.recv(4096):  # the engine closes the connection after its reply
-            reply += chunk
-        reply = reply.decode("latin-1")
+    reply = _raw_ask_reply(hardened, declared=200 * 1024**2)
     assert reply.startswith("HTTP/1.1 413") and '"too_large"' in reply, reply[:200]
     assert str(MAX_ASK_BODY_BYTES) in reply
 
