@@ -95,3 +95,19 @@ def test_series_listing_and_choice(dicomdir):
 
 def test_user_modality_overrides(ct_series):
     assert read_volume(ct_series, modality="mr").modality == "MR"
+
+
+def test_monochrome1_series_keeps_its_rescaled_values(ct_series, tmp_path):
+    # pydicom's real CT series relabelled MONOCHROME1 (low values shown white): GDCM inverted the stored values, so
+    # the series reader returned e.g. -2038 where the file reader and the rescale give -11.
+    for f in sorted(ct_series.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / f.name)
+    vol = read_volume(tmp_path)
+    assert vol.invert_display and vol.shape[0] == len(list(ct_series.iterdir()))
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert np.array_equal(vol.array[k], hu), f
+        assert np.array_equal(vol.array[k], read_dicom(f).array[0])
