@@ -393,6 +393,20 @@ def _functional(ds: pydicom.Dataset, frame: int, seq_name: str) -> pydicom.Datas
     return None
 
 
+def _relative_offsets(offsets: np.ndarray, ipp: np.ndarray, iop: np.ndarray, path: str) -> np.ndarray:
+    """RT Dose GridFrameOffsetVector as offsets from the first frame. DICOM allows two kinds: relative (the first
+    value is 0) or, for axial frames only, the frames' z coordinates (the first value is the position's z)."""
+    if abs(offsets[0]) <= 1e-3:
+        return offsets
+    if abs(offsets[0] - ipp[2]) <= 1e-3 and np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=ORIENTATION_ATOL):
+        return offsets - ipp[2]
+    raise ImagingError(
+        f"GridFrameOffsetVector starts at {offsets[0]:g}: neither 0 (offsets from the first frame) nor the "
+        f"ImagePositionPatient z {ipp[2]:g} of axial frames (their z coordinates), so the frames cannot be placed",
+        path,
+    )
+
+
 def _file_geometry(
     ds: pydicom.Dataset, n_frames: int, path: str
 ) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
@@ -440,6 +454,7 @@ def _file_geometry(
                     f"GridFrameOffsetVector has {len(offsets)} values for {n_frames} frames", path
                 )
             normal = np.cross(iop[:3], iop[3:])
+            offsets = _relative_offsets(offsets, ipp, iop, path)
             positions = [ipp + o * normal for o in offsets]
             order, spacing, origin, direction = _stack_geometry(
                 positions, iop, ps, [f"frame {f + 1}" for f in range(n_frames)], path, 1.0
