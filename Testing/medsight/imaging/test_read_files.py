@@ -92,3 +92,16 @@ def test_nifti_whose_qform_and_sform_disagree_is_refused(nibabel_data, tmp_path)
     img.set_sform(img.header.get_qform(), code=2)  # agreeing forms (as in nibabel's own files) still read
     nib.save(img, tmp_path / "agree.nii")
     assert np.allclose(read_volume(tmp_path / "agree.nii").ijk_to_ras, img.header.get_qform())
+
+
+def test_sheared_nifti_is_refused(nibabel_data, tmp_path):
+    # An sform with a shear (affine registration output) has no rotation for its axes: it was read with a
+    # non-orthonormal direction, and an --out NIfTI then held that sform beside a different (rotation-only) qform.
+    img = nib.load(nibabel_data / "anatomical.nii")
+    sheared = img.affine.copy()
+    sheared[:3, 1] += 0.3 * sheared[:3, 0]
+    img.set_sform(sheared, code=2)
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "sheared.nii")
+    with pytest.raises(ImagingError, match="direction must be a 3x3 rotation or reflection"):
+        read_volume(tmp_path / "sheared.nii")
