@@ -124,6 +124,16 @@ def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int
             np.allclose(orientation[:3], row_dir, atol=1e-4) and np.allclose(orientation[3:], col_dir, atol=1e-4)
         ):
             raise SegWriteError(f"slice {k}: the volume's rows, columns or orientation differ from its DICOM image")
+        # A volume whose pixel spacing was changed (Volumes module) keeps its slice origins: the SEG would stretch
+        # the masks onto the image's grid, so its far pixels must still land on the image's own.
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        off = max(abs(spacing[0] - dx) * (dims_ijk[0] - 1), abs(spacing[1] - dy) * (dims_ijk[1] - 1))
+        if off > POSITION_TOLERANCE_MM:
+            raise SegWriteError(
+                f"slice {k}: the volume's pixel spacing ({spacing[0]:.4g} x {spacing[1]:.4g} mm) is not its DICOM "
+                f"image's ({dx:.4g} x {dy:.4g} mm): the volume was resampled or edited after loading, so a DICOM SEG "
+                "cannot reference it; export .seg.nrrd instead"
+            )
         ordered.append(ds)
     return ordered
 

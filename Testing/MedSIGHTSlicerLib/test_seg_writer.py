@@ -121,3 +121,15 @@ def test_laterality_and_anatomic_region_reach_the_seg(series, tmp_path):
     assert (modifier.CodingSchemeDesignator, modifier.CodeValue, modifier.CodeMeaning) == ("SCT", "7771000", "Left")
     (region,) = described.AnatomicRegionSequence
     assert (region.CodeValue, region.CodeMeaning) == ("818981001", "Abdomen")
+
+
+def test_a_volume_with_edited_pixel_spacing_is_refused(series):
+    # Same slice origins, rows, columns and orientation, but columns 5% wider: the SEG, written on the images' grid,
+    # would put the far column's mask several mm from where it was drawn.
+    datasets, ijk_to_ras, dims = series
+    stretched = ijk_to_ras.copy()
+    stretched[:3, 0] *= 1.05
+    dx = float(datasets[0].PixelSpacing[1])
+    with pytest.raises(SegWriteError, match=rf"pixel spacing \({dx * 1.05:.4g} x .* is not its DICOM image's "
+                                            rf"\({dx:.4g} x "):
+        order_sources(datasets, stretched, dims)

@@ -179,3 +179,19 @@ def test_write_segmentation_picks_the_writer_by_file_name(mni_segmentation, tmp_
     assert [s for s, _ in WRITERS] == [".seg.nrrd", ".nii.gz", ".nii", ".dcm"]
     with pytest.raises(ImagingError, match=r"unknown segmentation format; use \.seg\.nrrd, \.nii\.gz, \.nii, \.dcm"):
         write_segmentation(mni_segmentation, tmp_path / "answer.nrrd")
+
+
+def test_dicom_seg_of_an_rt_dose_is_refused_before_any_work(pydicom_files, tmp_path):
+    # pydicom's RT Dose: multi-frame with patient geometry but no functional groups, which a SEG needs to reference
+    # its frames. check_reference let it through, so `ask --out x.dcm` ran the model, then failed inside highdicom
+    # ("'FileDataset' object has no attribute 'SharedFunctionalGroupsSequence'").
+    from medsight.imaging import read_dicom
+    from medsight.imaging.export import check_reference
+
+    dose = read_dicom(pydicom_files / "rtdose.dcm")
+    with pytest.raises(ImagingError, match=r"only with functional groups .* RT Dose Storage has none; use \.seg\.nrrd"):
+        check_reference(tmp_path / "dose.dcm", dose)
+    check_reference(tmp_path / "dose.nii.gz", dose)  # other formats still fine
+    seg = Segmentation(dose, np.zeros(dose.shape, np.uint8), [Segment(1, "PTV")])
+    with pytest.raises(ImagingError, match="only with functional groups"):
+        write_dicom_seg(seg, tmp_path / "dose.dcm")

@@ -6,9 +6,10 @@ import dataclasses
 
 import numpy as np
 import pydicom
+import pytest
 import SimpleITK as sitk  # noqa: N813
 
-from medsight.imaging import list_dicom_series, read_dicom, read_volume
+from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
 
 
 def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
@@ -95,3 +96,36 @@ def test_series_listing_and_choice(dicomdir):
 
 def test_user_modality_overrides(ct_series):
     assert read_volume(ct_series, modality="mr").modality == "MR"
+
+
+def test_monochrome1_series_keeps_its_rescaled_values(ct_series, tmp_path):
+    # pydicom's real CT series relabelled MONOCHROME1 (low values shown white): GDCM inverted the stored values, so
+    # the series reader returned e.g. -2038 where the file reader and the rescale give -11.
+    for f in sorted(ct_series.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / f.name)
+    vol = read_volume(tmp_path)
+    assert vol.invert_display and vol.shape[0] == len(list(ct_series.iterdir()))
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert np.array_equal(vol.array[k], hu), f
+        assert np.array_equal(vol.array[k], read_dicom(f).array[0])
+
+
+def test_rt_dose_with_absolute_frame_offsets(pydicom_files, tmp_path):
+    # DICOM's other GridFrameOffsetVector kind: the frames' z coordinates (first value = ImagePositionPatient z).
+    # Taken as offsets, it put pydicom's dose grid 761.87 mm below the patient.
+    relative = read_dicom(pydicom_files / "rtdose.dcm")
+    ds = pydicom.dcmread(pydicom_files / "rtdose.dcm")
+    z = float(ds.ImagePositionPatient[2])
+    ds.GridFrameOffsetVector = [z + float(o) for o in ds.GridFrameOffsetVector]
+    ds.save_as(tmp_path / "absolute.dcm")
+    absolute = read_dicom(tmp_path / "absolute.dcm")
+    assert absolute.same_geometry(relative) and np.array_equal(absolute.array, relative.array)
+    assert np.allclose(absolute.origin, [float(v) for v in ds.ImagePositionPatient])
+    ds.GridFrameOffsetVector = [o + 7.0 for o in ds.GridFrameOffsetVector]  # neither kind: refused, not guessed
+    ds.save_as(tmp_path / "neither.dcm")
+    with pytest.raises(ImagingError, match=r"GridFrameOffsetVector starts at -754\.87: neither 0"):
+        read_dicom(tmp_path / "neither.dcm")

@@ -6,9 +6,10 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 
-from medsight.imaging import read_image2d, read_nifti, read_nrrd, read_volume
+from medsight.imaging import ImagingError, read_image2d, read_nifti, read_nrrd, read_volume
 
 
 def test_mni_template_matches_nibabel(mni_t1):
@@ -75,3 +76,32 @@ def test_jpeg_colour_photo():
     with Image.open(path) as img:
         assert vol.array.shape == (1, img.height, img.width, 3)
         assert np.array_equal(vol.array[0], np.asarray(img.convert("RGB")))
+
+
+def test_nifti_whose_qform_and_sform_disagree_is_refused(nibabel_data, tmp_path):
+    # nibabel (this reader) takes the sform, ITK (3D Slicer) the qform when the sform code is not 1: a mask
+    # written on the sform's grid sat 8 mm off the image as Slicer shows it.
+    img = nib.load(nibabel_data / "anatomical.nii")
+    sform = img.affine.copy()
+    sform[:3, 3] += (8.0, 0.0, 0.0)
+    img.set_sform(sform, code=2)
+    img.set_qform(img.header.get_qform(), code=1)
+    nib.save(img, tmp_path / "disagree.nii")
+    with pytest.raises(ImagingError, match=r"qform \(code 1\) and sform \(code 2\) .* 8 mm apart"):
+        read_volume(tmp_path / "disagree.nii")
+    img.set_sform(img.header.get_qform(), code=2)  # agreeing forms (as in nibabel's own files) still read
+    nib.save(img, tmp_path / "agree.nii")
+    assert np.allclose(read_volume(tmp_path / "agree.nii").ijk_to_ras, img.header.get_qform())
+
+
+def test_sheared_nifti_is_refused(nibabel_data, tmp_path):
+    # An sform with a shear (affine registration output) has no rotation for its axes: it was read with a
+    # non-orthonormal direction, and an --out NIfTI then held that sform beside a different (rotation-only) qform.
+    img = nib.load(nibabel_data / "anatomical.nii")
+    sheared = img.affine.copy()
+    sheared[:3, 1] += 0.3 * sheared[:3, 0]
+    img.set_sform(sheared, code=2)
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "sheared.nii")
+    with pytest.raises(ImagingError, match="direction must be a 3x3 rotation or reflection"):
+        read_volume(tmp_path / "sheared.nii")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ImagingError
-from .export_dicom_seg import write_dicom_seg
+from .export_dicom_seg import multiframe_problem, write_dicom_seg
 from .export_nifti import write_nifti_labelmap
 from .export_nrrd import write_seg_nrrd
 from .labelmap import Segmentation
@@ -35,6 +35,10 @@ def check_reference(path: str | os.PathLike[str], reference: Volume) -> None:
         raise ImagingError("a DICOM SEG (.dcm) needs an input read from DICOM images with patient geometry; "
                            f"use {', '.join(s for s, w in WRITERS if w is not write_dicom_seg)} for "
                            f"{reference.source}", os.fspath(path))
+    problem = multiframe_problem(reference) if writer_for(path) is write_dicom_seg else None
+    if problem:
+        raise ImagingError(f"{problem}; use {', '.join(s for s, w in WRITERS if w is not write_dicom_seg)}",
+                           os.fspath(path))
 
 
 def make_parent_folder(path: str | os.PathLike[str]) -> None:

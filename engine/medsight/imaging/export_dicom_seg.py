@@ -53,6 +53,22 @@ def _code(item) -> Code:
     return Code(str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning))
 
 
+def multiframe_problem(ref: Volume) -> str | None:
+    """Why a DICOM SEG cannot reference the frames of ``ref``'s one multi-frame source (None when it can): frames
+    are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose."""
+    if len(ref.source_files) != 1 or len(ref.frame_numbers) < 2:
+        return None
+    try:
+        ds = pydicom.dcmread(ref.source_files[0], stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        return f"cannot re-read the source image ({exc})"
+    if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+        return None
+    sop = ds.get("SOPClassUID")
+    return (f"a DICOM SEG can reference the frames of a multi-frame image only with functional groups (an enhanced "
+            f"image); this {getattr(sop, 'name', sop) or 'image'} has none")
+
+
 def write_dicom_seg(
     seg: Segmentation,
     path: str | os.PathLike[str],
@@ -73,6 +89,9 @@ def write_dicom_seg(
         )
     if not seg.segments:
         raise ImagingError("nothing to export: the segmentation has no segments", path)
+    problem = multiframe_problem(ref)
+    if problem:
+        raise ImagingError(problem, ref.source)
     try:
         sources = [pydicom.dcmread(f) for f in ref.source_files]
     except (OSError, pydicom.errors.InvalidDicomError) as exc:

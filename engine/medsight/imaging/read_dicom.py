@@ -339,6 +339,10 @@ def read_dicom_series(
             f"corrupt or unreadable pixel data ({str(exc).strip().splitlines()[-1]})", folder
         ) from exc
     array = _compact(sitk.GetArrayFromImage(image))
+    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
+        # (HU) and, with invert_display, inverts the display twice: take pydicom's values, as read_dicom_file does.
+        array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
     want = (len(files), rows, columns) + ((3,) if spp == 3 else ())
     if array.shape != want:
         raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
@@ -389,6 +393,20 @@ def _functional(ds: pydicom.Dataset, frame: int, seq_name: str) -> pydicom.Datas
     return None
 
 
+def _relative_offsets(offsets: np.ndarray, ipp: np.ndarray, iop: np.ndarray, path: str) -> np.ndarray:
+    """RT Dose GridFrameOffsetVector as offsets from the first frame. DICOM allows two kinds: relative (the first
+    value is 0) or, for axial frames only, the frames' z coordinates (the first value is the position's z)."""
+    if abs(offsets[0]) <= 1e-3:
+        return offsets
+    if abs(offsets[0] - ipp[2]) <= 1e-3 and np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=ORIENTATION_ATOL):
+        return offsets - ipp[2]
+    raise ImagingError(
+        f"GridFrameOffsetVector starts at {offsets[0]:g}: neither 0 (offsets from the first frame) nor the "
+        f"ImagePositionPatient z {ipp[2]:g} of axial frames (their z coordinates), so the frames cannot be placed",
+        path,
+    )
+
+
 def _file_geometry(
     ds: pydicom.Dataset, n_frames: int, path: str
 ) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
@@ -436,6 +454,7 @@ def _file_geometry(
                     f"GridFrameOffsetVector has {len(offsets)} values for {n_frames} frames", path
                 )
             normal = np.cross(iop[:3], iop[3:])
+            offsets = _relative_offsets(offsets, ipp, iop, path)
             positions = [ipp + o * normal for o in offsets]
             order, spacing, origin, direction = _stack_geometry(
                 positions, iop, ps, [f"frame {f + 1}" for f in range(n_frames)], path, 1.0

@@ -48,6 +48,28 @@ def _squeeze_to_3d(shape: tuple[int, ...], path: str) -> tuple[int, ...]:
     return shape
 
 
+def _check_qform_sform(img: nib.Nifti1Image, shape: tuple[int, ...], path: str) -> None:
+    """Refuse a header whose qform and sform both claim a place but disagree: nibabel (and so this reader) takes
+    the sform, ITK (and so 3D Slicer) the qform unless the sform code is 1, so a mask written on one would sit
+    millimetres away from the image shown with the other."""
+    if not hasattr(img.header, "get_qform"):  # Analyze: neither
+        return
+    qform, q_code = img.header.get_qform(coded=True)
+    sform, s_code = img.header.get_sform(coded=True)
+    if not q_code or not s_code:
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    gap = float(np.linalg.norm((qform - sform) @ corners, axis=0).max())
+    voxel = float(np.linalg.norm(sform[:3, :3], axis=0).min())
+    if gap > 0.01 * voxel:  # the qform's float32 quaternion rounds well below this
+        raise ImagingError(
+            f"the qform (code {int(q_code)}) and sform (code {int(s_code)}) place the voxels up to {gap:.3g} mm "
+            "apart; viewers disagree on which to use: make them agree (or set one code to 0) first",
+            path,
+        )
+
+
 def read_nifti(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -60,6 +82,7 @@ def read_nifti(
         check_size(shape, path, max_voxels)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=float)
+        _check_qform_sform(img, shape, path)
     except ImagingError:
         raise
     except _READ_ERRORS as exc:

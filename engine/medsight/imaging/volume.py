@@ -125,6 +125,8 @@ def volume_from_affine(array_kji: np.ndarray, ijk_to_lps: np.ndarray, **kwargs: 
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
         raise ImagingError(f"degenerate voxel-to-patient matrix {m[:3, :3].tolist()}", kwargs.get("source"))  # type: ignore[arg-type]
+    # A sheared matrix (a NIfTI sform after an affine registration) has no direction matrix: refused, as uploads are.
+    check_geometry(spacing, m[:3, 3], m[:3, :3] / spacing[None, :], kwargs.get("source"))  # type: ignore[arg-type]
     return Volume(
         array=array_kji,
         spacing=tuple(spacing),
