@@ -89,6 +89,9 @@ def test_nifti_whose_qform_and_sform_disagree_is_refused(nibabel_data, tmp_path)
     nib.save(img, tmp_path / "disagree.nii")
     with pytest.raises(ImagingError, match=r"qform \(code 1\) and sform \(code 2\) .* 8 mm apart"):
         read_volume(tmp_path / "disagree.nii")
+    img.set_sform(sform, code=1)  # a scanner-space sform is the one both ITK and nibabel take: read, at its place
+    nib.save(img, tmp_path / "scanner.nii")
+    assert np.allclose(read_volume(tmp_path / "scanner.nii").ijk_to_ras, sform)
     img.set_sform(img.header.get_qform(), code=2)  # agreeing forms (as in nibabel's own files) still read
     nib.save(img, tmp_path / "agree.nii")
     assert np.allclose(read_volume(tmp_path / "agree.nii").ijk_to_ras, img.header.get_qform())

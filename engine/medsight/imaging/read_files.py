@@ -56,7 +56,7 @@ def _check_qform_sform(img: nib.Nifti1Image, shape: tuple[int, ...], path: str) 
         return
     qform, q_code = img.header.get_qform(coded=True)
     sform, s_code = img.header.get_sform(coded=True)
-    if not q_code or not s_code:
+    if not q_code or not s_code or int(s_code) == 1:  # sform code 1 (scanner): ITK takes the sform too
         return
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
                         for k in (0, shape[2] - 1)]).T
