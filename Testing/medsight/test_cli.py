@@ -192,6 +192,20 @@ def test_missing_output_folders_are_created(brain, tmp_path):
     assert out.is_file() and overlay.is_file()
 
 
+def test_nifti_out_stays_in_the_input_space(mni_path, tmp_path):
+    """--out x.nii.gz for an MNI152-space input (codes 4) is labelled MNI152 with the input's affine, not scanner."""
+    src = nib.load(mni_path)
+    mni = nib.Nifti1Image(np.asanyarray(src.dataobj), None, src.header.copy())
+    mni.set_qform(src.affine, code=4)
+    mni.set_sform(src.affine, code=4)
+    nib.save(mni, tmp_path / "mni4.nii.gz")
+    out = tmp_path / "mask.nii.gz"
+    assert main(["ask", str(tmp_path / "mni4.nii.gz"), Q, "--slices", "40:42", "--out", str(out), *TINY]) == 0
+    mask = nib.load(out)
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (4, 4)
+    assert np.allclose(mask.header.get_qform(), src.affine) and np.allclose(mask.affine, src.affine)
+
+
 def _unwritable(folder: str) -> bool:
     try:
         tempfile.TemporaryFile(dir=folder).close()

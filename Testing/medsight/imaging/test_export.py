@@ -126,6 +126,46 @@ def test_nifti_labelmap_with_sidecar(mni_segmentation, tmp_path, mni_gm):
     assert back.segments == [GM, WM] and np.array_equal(back.labelmap, mni_segmentation.labelmap)
 
 
+def _header_spaces(path) -> tuple[int, int, np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    h = nib.load(path).header
+    return int(h["qform_code"]), int(h["sform_code"]), h.get_qform(), h.get_sform()
+
+
+def test_nifti_labelmap_keeps_the_input_nifti_space(mni_segmentation, mni_t1, tmp_path):
+    """A mask of a NIfTI image carries the image's qform/sform and their codes (nilearn's MNI152: qform 0, sform 2,
+    aligned; the same header relabelled 4, MNI152): labelled scanner space (1), tools that go by the codes put it in
+    another space than its image."""
+    import nibabel as nib
+
+    q_code, s_code, qform, sform = _header_spaces(mni_t1)
+    assert (q_code, s_code) == (0, 2)  # what nilearn ships: the test below must not pass on a scanner-space header
+    nii, _ = write_nifti_labelmap(mni_segmentation, tmp_path / "brain.nii.gz")
+    got = _header_spaces(nii)
+    assert got[:2] == (q_code, s_code) and np.allclose(got[2], qform) and np.allclose(got[3], sform)
+    t1 = nib.load(mni_t1)
+    mni = nib.Nifti1Image(np.asanyarray(t1.dataobj), None, t1.header.copy())
+    mni.set_qform(t1.affine, code=4)
+    mni.set_sform(t1.affine, code=4)
+    nib.save(mni, tmp_path / "t1_mni.nii.gz")
+    ref = read_volume(tmp_path / "t1_mni.nii.gz", modality="MR")
+    nii, _ = write_nifti_labelmap(Segmentation(ref, mni_segmentation.labelmap, [GM, WM]), tmp_path / "mni.nii.gz")
+    q_code, s_code, qform, sform = _header_spaces(nii)
+    assert (q_code, s_code) == (4, 4) and np.allclose(qform, t1.affine) and np.allclose(sform, t1.affine)
+    assert np.allclose(nib.load(nii).affine, t1.affine)
+
+
+def test_nifti_labelmap_of_dicom_is_in_scanner_space(ct_series, tmp_path):
+    ref = read_volume(ct_series)
+    labelmap = np.zeros(ref.shape, np.uint8)
+    labelmap[:, :4, :4] = 1
+    nii, _ = write_nifti_labelmap(Segmentation(ref, labelmap, [GM]), tmp_path / "ct.nii.gz")
+    q_code, s_code, qform, sform = _header_spaces(nii)
+    assert (q_code, s_code) == (1, 1) and np.allclose(qform, ref.ijk_to_ras, atol=1e-4)
+    assert np.allclose(sform, ref.ijk_to_ras, atol=1e-4)
+
+
 def test_liver_seg_to_slicer(dicom_store, tmp_path):
     liver = read_dicom_seg(dicom_store / "liver.dcm")
     assert [s.name for s in liver.segments] == ["Liver"] and liver.labelmap.shape == (3, 512, 512)

@@ -13,6 +13,7 @@ from medsight.naming import TISSUE, Code, Term
 from .errors import ImagingError
 from .labelmap import Segment, Segmentation
 from .read_files import read_nifti
+from .volume import Volume
 
 SIDECAR_FORMAT = "medsight-labels/1"
 
@@ -31,6 +32,20 @@ def _code_from(d: dict[str, str] | None) -> Code | None:
     return None if not d else Code(scheme=d["scheme"], value=d["value"], meaning=d["meaning"])
 
 
+def _header_xforms(ref: Volume) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]:
+    """The input NIfTI's qform and sform with their codes (its space: scanner, aligned, MNI152, ...), so the mask
+    overlays its image in every viewer; code 1 (scanner) for other inputs (DICOM, NRRD), or when the grid no
+    longer is the one those transforms describe."""
+    scanner = ((ref.ijk_to_ras, 1), (ref.ijk_to_ras, 1))
+    if ref.nifti_xforms is None:
+        return scanner
+    (qform, q_code), (sform, s_code) = ref.nifti_xforms
+    used = sform if s_code else qform  # the one nibabel, and so this Volume, took
+    if not np.allclose(used, ref.ijk_to_ras, atol=1e-4):
+        return scanner
+    return (qform, q_code), (sform, s_code)
+
+
 def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tuple[str, str]:
     """Write the labelmap (``.nii`` or ``.nii.gz``) and its ``.json`` sidecar; returns both paths."""
     path = os.fspath(path)
@@ -39,8 +54,9 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
     ref = seg.reference
     dtype = np.uint8 if seg.labelmap.max(initial=0) < 256 else np.uint16
     img = nib.Nifti1Image(np.transpose(seg.labelmap, (2, 1, 0)).astype(dtype), ref.ijk_to_ras)
-    img.set_sform(ref.ijk_to_ras, code=1)  # scanner anatomical
-    img.set_qform(ref.ijk_to_ras, code=1)
+    (qform, q_code), (sform, s_code) = _header_xforms(ref)
+    img.set_sform(sform, code=s_code)
+    img.set_qform(qform, code=q_code)
     img.header.set_xyzt_units("mm")
     img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
     sidecar = {

@@ -92,7 +92,11 @@ def read_nifti(
     data = data.reshape(shape)
     check_voxels(data, path)
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
-    return volume_from_affine(array, LPS_TO_RAS @ affine, modality=(modality or "OT").upper(), source=path)
+    vol = volume_from_affine(array, LPS_TO_RAS @ affine, modality=(modality or "OT").upper(), source=path)
+    if hasattr(img.header, "get_qform"):  # NIfTI, not Analyze: keep the header's spaces for masks written on it
+        h = img.header
+        vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
+    return vol
 
 
 _SPACES = {

@@ -46,6 +46,9 @@ class Volume:
     has_patient_geometry: bool = True
     #: DICOM MONOCHROME1: low values are displayed white.
     invert_display: bool = False
+    #: A NIfTI input's header transforms, ((qform, qform_code), (sform, sform_code)), 4x4 voxel-to-RAS: a mask
+    #: written for it repeats them, so that it stays in the image's space (MNI152, aligned, ...) in every viewer.
+    nifti_xforms: tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]] | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -112,6 +115,7 @@ class Volume:
             frame_numbers=self.frame_numbers,
             source=self.source,
             has_patient_geometry=self.has_patient_geometry,
+            nifti_xforms=self.nifti_xforms,
         )
 
     def same_geometry(self, other: Volume, tol: float = 1e-4) -> bool:
