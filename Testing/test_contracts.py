@@ -231,7 +231,8 @@ def _described(path: Path) -> list[dict]:
             "modifier": [code(m) for m in kind.get("SegmentedPropertyTypeModifierCodeSequence") or []],
             "anatomic_region": [code(r) for r in d.get("AnatomicRegionSequence") or []],
             "colour": [int(v) for v in d.RecommendedDisplayCIELabValue],
-            "tracking_id": str(d.get("TrackingID", "")),
+            "tracking_id": str(d.TrackingID) if "TrackingID" in d else None,
+            "tracking_uid": "TrackingUID" in d,
             "algorithm": [str(a.AlgorithmName) for a in d.get("SegmentationAlgorithmIdentificationSequence") or []],
             "algorithm_type": str(d.SegmentAlgorithmType),
         })
@@ -240,13 +241,14 @@ def _described(path: Path) -> list[dict]:
 
 def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     """The engine's DICOM SEG writer (CLI) and the module's (`seg_writer`, from a Slicer segment's name, colour and
-    tags) describe the same segments with the same codes, laterality, anatomic region, colour and tracking ID.
+    tags) describe the same segments with the same codes, laterality, anatomic region, colour and tracking ID (none
+    for a segment without a region code).
     They differ by design in one field: the engine's masks are the model's alone (AUTOMATIC); the module's were
     accepted or drawn by a person (SEMIAUTOMATIC or MANUAL), and a segment without a region code is the user's."""
     import pydicom
     import pydicom.data
 
-    from medsight.imaging import read_volume, write_dicom_seg
+    from medsight.imaging import read_dicom_seg, read_volume, write_dicom_seg
     from MedSIGHTSlicerLib.seg_writer import SegmentInfo, write_seg
 
     volume = read_volume(Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N")
@@ -271,10 +273,13 @@ def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     assert [m["algorithm_type"] for m in module] == ["SEMIAUTOMATIC", "SEMIAUTOMATIC", "MANUAL"]
     for e, m, segment in zip(engine, module, segments, strict=True):
         e.pop("algorithm_type"), m.pop("algorithm_type")
-        if segment.region_code is None:  # the user's own segment: no algorithm, no tracking ID on the module's side
+        if segment.region_code is None:  # the user's own segment: no algorithm on the module's side
             for d in (e, m):
-                d.pop("algorithm"), d.pop("tracking_id")
+                d.pop("algorithm")
         assert e == m, (segment.name, e, m)
+    # A segment without a region code has no tracking ID in either (read back, the name is no region code).
+    assert engine[2]["tracking_id"] is None and not engine[2]["tracking_uid"]
+    assert [s.region_code for s in read_dicom_seg(engine_path).segments] == [s.region_code for s in segments]
     assert engine[1]["modifier"] == [("SCT", "7771000", "Left")]
     assert engine[0]["anatomic_region"] == [("SCT", "818981001", "Abdomen")]
 

@@ -36,9 +36,10 @@ def _description(number: int, s: Segment) -> hd.seg.SegmentDescription:
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="MedSIGHT", family=codes.cid7162.ArtificialIntelligence, version=__version__
         ),
-        # The model's region code travels as the tracking ID, so a SEG can be matched to an answer.
-        tracking_id=s.region_code or s.name,
-        tracking_uid=hd.UID(),
+        # The model's region code travels as the tracking ID, so a SEG can be matched to an answer; a segment
+        # without one has none (as the Slicer module writes it), else reading back takes the name for a code.
+        tracking_id=s.region_code or None,
+        tracking_uid=hd.UID() if s.region_code else None,
         anatomic_regions=[_concept(t.anatomic_region)] if t.anatomic_region else None,
         display_color=_lab(s.color),
     )
