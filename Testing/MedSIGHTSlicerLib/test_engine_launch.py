@@ -345,21 +345,20 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
         assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
         voxels = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 97).astype(np.int16)
         volume_id = client.upload_volume(voxels, modality="CT").volume_id
-        options = {"max_new_tokens": 512, "no_code_fallback": True, "seed": 0}
+        # Long asks (the tiny model rarely ends early without a repetition penalty): three of them outlast the grace.
+        options = {"max_new_tokens": 2048, "repetition_penalty": 1.0, "no_code_fallback": True, "seed": 0}
         for _ in range(3):  # one running, two waiting: without the grace, Stop would wait for all of them
             streams.append(client.ask_stream(volume_id, "Describe the slice.", "axial", range(8), options))
         assert next(iter(streams[0])).kind == "job"
-        stopped_at = time.monotonic()
         process.stop()  # the module's Stop: kill timer at 5 s
         codes = []
         assert _wait(lambda: codes.append(process.poll()) or codes[-1] is not None, 30)
-        elapsed = time.monotonic() - stopped_at
     finally:
         for stream in streams:
             stream.close()
         process.stop(wait=True)
-    assert elapsed < 4.5, f"the engine took {elapsed:.1f} s to stop"  # ended by itself, not by the kill at 5 s
-    # uvicorn ends by its own SIGTERM handling (0, or the signal raised again: -15), never the kill (-9)
+    # Ended by itself, within the grace: by uvicorn's own SIGTERM handling (0, or the signal raised again: -15), not
+    # by the kill timer (-9).
     assert codes[-1] in (0, -15), process.output[-2000:]
     assert process.finished_message(codes[-1]) is None  # the user's stop, not a crash
     assert "timeout graceful shutdown exceeded" in process.output  # an ask was open: the grace was used up
