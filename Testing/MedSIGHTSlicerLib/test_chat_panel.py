@@ -714,9 +714,8 @@ def test_busy_wait_ends_at_once_with_stop(app, busy_engine, volume, monkeypatch)
     assert "again in 30 s" in panel.status.text()
     panel.cancel()
     assert not panel.busy and panel.status.text() == "Cancelled."
-    started = time.monotonic()
-    pump(app, lambda: not panel._runner.busy, timeout=5.0)
-    assert time.monotonic() - started < 0.5  # the worker thread ended too: it sends nothing more
+    # The worker thread ends too (it sends nothing more): well within the 30 s it would otherwise wait.
+    pump(app, lambda: not panel._runner.busy, timeout=chat_panel.BUSY_MIN_PAUSE_S / 6)
     assert panel.error.text() == ""
 
 
@@ -728,7 +727,7 @@ def test_engine_busy_beyond_the_wait_is_a_clear_error(app, busy_engine, volume, 
     started = time.monotonic()
     assert panel.send("Where is the liver?")
     pump(app, lambda: not panel.busy)
-    assert 2.0 <= time.monotonic() - started < 10.0
+    assert time.monotonic() - started >= chat_panel.BUSY_WAIT_S  # it waited, then gave up
     text = panel.error.text()
     assert "receiving other uploads" in text and "(HTTP 429)" in text
     assert "busy with other uploads or questions; ask again in a moment" in text
