@@ -84,10 +84,24 @@ def refuse_lfs_pointer(path: Path) -> None:
 
 def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file; a damaged or partial file is a CheckpointError naming it."""
-    path = Path(path)
+    return _read_safetensors(Path(path), load_file)
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    """The tensor names in a safetensors file's header (no tensor is read)."""
+
+    def names(name: str) -> set[str]:
+        with safe_open(name, framework="pt") as f:
+            return set(f.keys())
+
+    return _read_safetensors(path, names)
+
+
+def _read_safetensors(path: Path, read):
+    """`read(str(path))`, with a Git LFS pointer or a damaged or partial file as a CheckpointError naming it."""
     refuse_lfs_pointer(path)
     try:
-        return load_file(str(path))
+        return read(str(path))
     except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
         raise CheckpointError(f"{path}: not a readable safetensors file, damaged or partly downloaded "
                               f"({err})") from None
@@ -241,12 +255,7 @@ def safetensors_names(folder: str | Path) -> set[str]:
         return set(json.loads(index.read_text())["weight_map"])
     names: set[str] = set()
     for shard in _shards(folder):
-        refuse_lfs_pointer(folder / shard)
-        try:
-            with safe_open(str(folder / shard), framework="pt") as f:
-                names.update(f.keys())
-        except Exception as err:  # SafetensorError: a damaged or partial header
-            raise CheckpointError(f"{folder / shard}: not a readable safetensors file ({err})") from None
+        names |= _safetensors_names(folder / shard)
     return names
 
 
