@@ -31,14 +31,15 @@ def writer_for(path: str | os.PathLike[str]) -> Callable[[Segmentation, str], ob
 def check_reference(path: str | os.PathLike[str], reference: Volume) -> None:
     """Refuse, before any work, a DICOM SEG file name for a volume that a DICOM SEG cannot reference (the test
     `write_dicom_seg` makes when it writes)."""
-    if writer_for(path) is write_dicom_seg and not (reference.source_files and reference.has_patient_geometry):
+    if writer_for(path) is not write_dicom_seg:
+        return
+    others = ", ".join(s for s, w in WRITERS if w is not write_dicom_seg)
+    if not (reference.source_files and reference.has_patient_geometry):
         raise ImagingError("a DICOM SEG (.dcm) needs an input read from DICOM images with patient geometry; "
-                           f"use {', '.join(s for s, w in WRITERS if w is not write_dicom_seg)} for "
-                           f"{reference.source}", os.fspath(path))
-    problem = multiframe_problem(reference) if writer_for(path) is write_dicom_seg else None
+                           f"use {others} for {reference.source}", os.fspath(path))
+    problem = multiframe_problem(reference)
     if problem:
-        raise ImagingError(f"{problem}; use {', '.join(s for s, w in WRITERS if w is not write_dicom_seg)}",
-                           os.fspath(path))
+        raise ImagingError(f"{problem}; use {others}", os.fspath(path))
 
 
 def make_parent_folder(path: str | os.PathLike[str]) -> None:
