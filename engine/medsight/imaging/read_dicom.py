@@ -338,11 +338,13 @@ def read_dicom_series(
         raise ImagingError(
             f"corrupt or unreadable pixel data ({str(exc).strip().splitlines()[-1]})", folder
         ) from exc
-    array = _compact(sitk.GetArrayFromImage(image))
     if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
-        # (HU) and, with invert_display, inverts the display twice: take pydicom's values, as read_dicom_file does.
+        # (HU) and, with invert_display, inverts the display twice: take pydicom's values, as read_dicom_file does
+        # (GDCM's image still serves the geometry cross-check below).
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
+    else:
+        array = _compact(sitk.GetArrayFromImage(image))
     want = (len(files), rows, columns) + ((3,) if spp == 3 else ())
     if array.shape != want:
         raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
