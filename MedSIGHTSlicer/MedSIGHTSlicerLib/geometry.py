@@ -22,6 +22,7 @@ __all__ = [
     "ijk_to_ras",
     "labelmap_from_array",
     "mask_to_ijk",
+    "nodes_by_class",
     "segment_array",
     "volume_upload_arrays",
 ]
@@ -45,6 +46,18 @@ def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
         for c in range(4):
             matrix.SetElement(r, c, float(array[r, c]))
     return matrix
+
+
+def nodes_by_class(scene, class_name: str) -> list:
+    """The nodes of ``scene`` of class ``class_name``, in scene order.
+
+    ``vtkMRMLScene.GetNodesByClass`` returns a new collection the caller must delete (vtkMRMLScene.h); from Python it
+    is never deleted, so it, and a reference to every node in it, would outlive the call: a segmentation removed from
+    the scene later would keep its voxels in memory. Released here as ``slicer.util.getNodesByClass`` does.
+    """
+    collection = scene.GetNodesByClass(class_name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(n) for n in range(collection.GetNumberOfItems())]
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:

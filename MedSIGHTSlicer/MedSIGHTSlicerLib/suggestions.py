@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import naming
-from .geometry import GeometryError, ijk_to_ras, labelmap_from_array, mask_to_ijk, segment_array
+from .geometry import GeometryError, ijk_to_ras, labelmap_from_array, mask_to_ijk, nodes_by_class, segment_array
 from .protocol import AskResult, SliceAnswer
 
 __all__ = [
@@ -275,9 +275,7 @@ class SuggestionManager:
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
         # By ID: while the volume's NodeRemovedEvent runs (``forget``), the reference no longer resolves to it.
         volume_id = self.volume_node.GetID()
-        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        for n in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(n)
+        for node in nodes_by_class(self.scene, "vtkMRMLSegmentationNode"):
             if node.GetAttribute(PREVIEW_ATTRIBUTE) == "1" and node.GetNodeReferenceID(role) == volume_id:
                 numbers = [int(m.group(1)) for sid in _segment_ids(node.GetSegmentation())
                            if (m := re.fullmatch(rf"{_ID_PREFIX}_(\d+).*", sid))]
@@ -308,8 +306,7 @@ class SuggestionManager:
         import slicer
 
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
-        found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+        found = nodes_by_class(self.scene, "vtkMRMLSegmentationNode")
         return [node for node in found if node.GetAttribute(PREVIEW_ATTRIBUTE) != "1" and _holds_labelmaps(node)
                 and node.GetNodeReference(role) is self.volume_node]
 

@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import vtk
 
-from .geometry import GeometryError, _matrix_to_numpy
+from .geometry import GeometryError, _matrix_to_numpy, nodes_by_class
 from .protocol import PLANES
 
 __all__ = ["PLANE_NORMALS", "VIEW_NAMES", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
@@ -52,12 +52,8 @@ def view_plane(view_to_ras, ijk_to_ras_matrix) -> str:
 
 def slice_node(scene, view_name: str):
     """The slice node shown in the view ``view_name`` ("Red", "Yellow", "Green"), or None."""
-    nodes = scene.GetNodesByClass("vtkMRMLSliceNode")
-    for n in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(n)
-        if node.GetLayoutName() == view_name:
-            return node
-    return None
+    return next((node for node in nodes_by_class(scene, "vtkMRMLSliceNode") if node.GetLayoutName() == view_name),
+                None)
 
 
 def parent_to_world(node) -> np.ndarray:

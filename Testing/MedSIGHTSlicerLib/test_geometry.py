@@ -14,6 +14,7 @@ from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     ijk_to_ras,
     labelmap_from_array,
     mask_to_ijk,
+    nodes_by_class,
     segment_array,
     volume_upload_arrays,
 )
@@ -122,3 +123,16 @@ def test_segment_array_round_trip(scene, volume):
     np.testing.assert_array_equal(segment_array(node, "ball", volume), sphere())
     with pytest.raises(GeometryError):
         labelmap_from_array(np.zeros((2, 2, 2)), volume)
+
+
+def test_nodes_by_class_keeps_no_node_alive(scene, volume):
+    """The scene's collection is released: listing nodes leaves every node's reference count as it was, so a node
+    removed from the scene later is freed (with its voxels)."""
+    nodes = [scene.AddNewNodeByClass("vtkMRMLSegmentationNode") for _ in range(3)]
+    counts = [node.GetReferenceCount() for node in nodes]
+    for _ in range(len(nodes)):
+        found = nodes_by_class(scene, "vtkMRMLSegmentationNode")
+    assert found == nodes
+    assert nodes_by_class(scene, "vtkMRMLScalarVolumeNode") == [volume]
+    del found
+    assert [node.GetReferenceCount() for node in nodes] == counts

@@ -67,6 +67,19 @@ def test_no_python_310_only_calls(path):
         assert name != "pairwise", f"{path.name}:{node.lineno}: itertools.pairwise"
 
 
+#: vtkMRMLScene methods returning a collection the caller must delete (Slicer v5.8.0 Libs/MRML/Core/vtkMRMLScene.h:
+#: "You are responsible for deleting the returned collection"); from Python it is never deleted, and every node in it
+#: stays alive. Only geometry.nodes_by_class calls one, and releases it.
+CALLER_DELETES = ("GetNodesByClass", "GetNodesByClassByName", "GetReferencedNodes")
+
+
+@pytest.mark.parametrize("path", MODULE_PY, ids=lambda p: str(p.relative_to(MODULE)))
+def test_scene_collections_are_listed_through_nodes_by_class(path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CALLER_DELETES:
+            assert path == LIB / "geometry.py", f"{path.name}:{node.lineno}: use geometry.nodes_by_class"
+
+
 def test_ruff_passes():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():

@@ -12,7 +12,13 @@ vtk = pytest.importorskip("vtk")
 
 from medsight_testing.mrml import pixel_to_ijk, put_under_transform  # noqa: E402
 from medsight_testing.review_scene import segment_ids  # noqa: E402
-from MedSIGHTSlicerLib.geometry import GeometryError, ijk_to_ras, labelmap_from_array, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import (  # noqa: E402
+    GeometryError,
+    ijk_to_ras,
+    labelmap_from_array,
+    nodes_by_class,
+    segment_array,
+)
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.review import Review  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
@@ -248,8 +254,25 @@ def test_accept_all_then_undo_restores_everything(scene, volume):
 
 
 def segmentation_nodes(scene) -> list:
-    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-    return [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+    return nodes_by_class(scene, "vtkMRMLSegmentationNode")
+
+
+def test_a_segmentation_removed_after_the_list_looked_for_targets_is_freed(scene, volume):
+    """Refreshing the list looks for accept targets (every refresh, every streamed answer); that look must hold on to
+    no segmentation, else one the user deletes keeps its voxels in memory until Slicer exits."""
+    manager = SuggestionManager(scene, volume)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.CreateDefaultDisplayNodes()
+    freed = []
+    node.AddObserver(vtk.vtkCommand.DeleteEvent, lambda *_: freed.append(True))
+    refreshes = 3
+    for _ in range(refreshes):
+        assert manager.target_nodes() == [node] and manager.find_user_node() is node
+    scene.RemoveNode(node)
+    del node
+    assert freed == [True]
+    assert manager.target_nodes() == []
 
 
 def test_looking_adds_no_node_and_the_segment_editor_opens_on_the_users_segmentation(scene, volume):
