@@ -334,8 +334,11 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.connectionStatusLabel.text = f"Exported to {written}"
 
 
-class MedSIGHTSlicerLogic(ScriptedLoadableModuleLogic, MedSIGHTSession):
-    """The module's logic: ``MedSIGHTSession`` (tested with real MRML nodes) on Slicer's scene, plus export."""
+class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
+    """The module's logic: ``MedSIGHTSession`` (tested with real MRML nodes) on Slicer's scene, plus export.
+
+    MedSIGHTSession comes first: Slicer's ScriptedLoadableModuleLogic.__init__ calls ``super().__init__()`` with no
+    arguments, which must reach ``object``, not MedSIGHTSession (it needs the scene)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)

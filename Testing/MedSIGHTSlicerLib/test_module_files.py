@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -186,6 +187,47 @@ def test_module_classes_and_lib_imports():
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] != "MedSIGHTSlicerLib" or (LIB / "__init__.py").is_file()
+
+
+class _SlicerLogicBase:
+    """``__init__`` of Slicer's ScriptedLoadableModuleLogic as written in Base/Python/slicer/ScriptedLoadableModule.py
+    (the same in v5.8.0, v5.10.0, v5.12.0 and master): it calls ``super().__init__()`` without arguments, so the next
+    class in the subclass's MRO is constructed with none."""
+
+    def __init__(self, parent=None):
+        super().__init__()
+        self.moduleName = self.__class__.__name__
+        if self.moduleName.endswith("Logic"):
+            self.moduleName = self.moduleName[:-5]
+        self.isSingletonParameterNode = True
+
+
+def test_module_logic_constructs_under_slicers_logic_base():
+    """The module's Logic (the class statement of MedSIGHTSlicer.py, run against Slicer's base ``__init__`` and the
+    real MedSIGHTSession on a slicer-core scene) constructs and watches its scene. With MedSIGHTSession after the
+    Slicer base, the base's ``super().__init__()`` reached MedSIGHTSession.__init__ without its scene: a TypeError in
+    the widget's setup(), so the module panel never opened."""
+    slicer = pytest.importorskip("slicer")
+    import __future__
+
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleLogic": _SlicerLogicBase,
+                 "MedSIGHTSession": MedSIGHTSession, "slicer": types.SimpleNamespace(mrmlScene=scene)}
+    logic_class = next(node for node in ast.parse(SCRIPT.read_text()).body
+                       if isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerLogic")
+    code = compile(ast.Module([logic_class], []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag)
+    exec(code, namespace)
+    logic = namespace["MedSIGHTSlicerLogic"]()
+    try:
+        assert logic.moduleName == "MedSIGHTSlicer" and logic.scene is scene
+        resets = []
+        logic.on_reset = lambda: resets.append(True)
+        scene.Clear(0)
+        assert len(resets) == 2  # StartCloseEvent and EndCloseEvent of the scene it was given
+    finally:
+        logic.stop_observing()
 
 
 def test_module_script_is_thin():
