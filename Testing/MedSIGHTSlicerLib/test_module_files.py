@@ -81,6 +81,42 @@ def test_scene_collections_are_listed_through_nodes_by_class(path):
             assert path == LIB / "geometry.py", f"{path.name}:{node.lineno}: use geometry.nodes_by_class"
 
 
+#: The slicer.util functions the module calls, with their parameters in Slicer 5.8 and 5.10 (Base/Python/slicer/util.py
+#: at v5.8.0 and v5.10.0; later versions only add keyword parameters, e.g. pip_install(constraints=) in 5.12), and
+#: whether they take **kwargs (passed on to QMessageBox).
+SLICER_UTIL = {
+    "arrayFromVolume": (("volumeNode",), False),
+    "childWidgetVariables": (("widget",), False),
+    "confirmOkCancelDisplay": (("text", "windowTitle", "parent"), True),
+    "confirmYesNoDisplay": (("text", "windowTitle", "parent"), True),
+    "errorDisplay": (("text", "windowTitle", "parent", "standardButtons"), True),
+    "loadUI": (("path",), False),
+    "loadVolume": (("filename", "properties", "returnNode"), False),
+    "mainWindow": ((), False),
+    "pip_install": (("requirements",), False),
+    "selectModule": (("module",), False),
+    "startupEnvironment": ((), False),
+    "tryWithErrorDisplay": (("message", "show", "waitCursor"), False),
+}
+
+
+@pytest.mark.parametrize("path", MODULE_PY, ids=lambda p: str(p.relative_to(MODULE)))
+def test_slicer_util_calls_fit_slicer_5_8(path):
+    """Every ``slicer.util.f(...)`` call names a function Slicer 5.8 has, with arguments its signature takes there."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        func = node.func if isinstance(node, ast.Call) else None
+        if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute)
+                and func.value.attr == "util" and isinstance(func.value.value, ast.Name)
+                and func.value.value.id == "slicer"):
+            continue
+        where = f"{path.name}:{node.lineno}: slicer.util.{func.attr}"
+        assert func.attr in SLICER_UTIL, f"{where}: not in the table (check it in Slicer 5.8's util.py, then add it)"
+        params, takes_kwargs = SLICER_UTIL[func.attr]
+        assert len(node.args) <= len(params), f"{where}: {len(node.args)} positional arguments"
+        keywords = {k.arg for k in node.keywords}
+        assert takes_kwargs or keywords <= set(params[len(node.args):]), f"{where}: {sorted(keywords)}"
+
+
 def test_ruff_passes():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():
