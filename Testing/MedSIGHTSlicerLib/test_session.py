@@ -21,6 +21,7 @@ from medsight_testing.mrml import (  # noqa: E402
     view_origin,
 )
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
+from MedSIGHTSlicerLib.geometry import nodes_by_class  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, get_tag  # noqa: E402
@@ -44,8 +45,7 @@ def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver"
 
 
 def preview_nodes(scene) -> list:
-    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-    found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+    found = nodes_by_class(scene, "vtkMRMLSegmentationNode")
     return [n for n in found if n.GetAttribute("MedSIGHT.Preview") == "1"]
 
 
