@@ -637,6 +637,12 @@ class SuggestionManager:
         missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
             raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
+        # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
+        # correction would be lost with the preview segment.
+        for item in operation.items:
+            if mask_digest(self.suggestion_mask(item.suggestion.segment_id)) != item.suggestion.digest():
+                raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} was edited since the undo; "
+                                      "accept or reject it again")
         if operation.kind == "accept":
             self._do_accept(operation)
         else:

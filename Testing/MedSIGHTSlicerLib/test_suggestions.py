@@ -186,6 +186,28 @@ def test_undo_accept_refuses_when_user_edited_it(scene, volume):
     np.testing.assert_array_equal(segment_array(user, user_id, volume), edited)
 
 
+def test_redo_refuses_when_the_suggestion_was_corrected_after_the_undo(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    (sid,) = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [user_id] = manager.accept([sid])
+    user = manager.user_segmentation_node()
+    assert manager.undo()
+    # Corrected in the Segment Editor after the undo (as its Paint effect writes it).
+    stroke = ball((4, 5, 9), 1.5)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
+                                            logic.MODE_MERGE_MAX)
+    corrected = manager.suggestion_mask(sid)
+    assert corrected.sum() > stroke.sum()
+    with pytest.raises(SuggestionError, match="edited since the undo"):
+        manager.redo()  # it would accept the voxels from before the correction and drop the corrected suggestion
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), corrected)
+    assert user.GetSegmentation().GetSegment(user_id) is None
+    # Accepting it again takes the correction.
+    [again] = manager.accept([sid])
+    np.testing.assert_array_equal(segment_array(user, again, volume), corrected)
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
