@@ -563,6 +563,11 @@ class SuggestionManager:
 
     def _do_accept(self, operation: _Operation) -> None:
         if operation.target is None or operation.target.GetScene() is None:
+            if operation.merge_id:
+                # Never the user's own node instead: a segment there may have the same id ("Segment_1") and would
+                # be changed without the user ever naming it.
+                name = operation.target.GetName() if operation.target is not None else ""
+                raise SuggestionError(f"the segmentation {name!r} the suggestions were merged into was removed")
             operation.target = self.user_segmentation_node()
         user = operation.target
         if operation.merge_id:
