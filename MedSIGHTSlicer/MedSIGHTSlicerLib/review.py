@@ -137,6 +137,9 @@ class Review:
             owner = node if node is not None else self.manager.find_user_node()
             if owner is None or owner.GetSegmentation().GetSegment(merge_into) is None:
                 raise SuggestionError(f"no segment {merge_into!r} to merge into")
+            # The merge names a segment of this very node: kept, so that if it goes, the merge is refused instead of
+            # landing in whichever segmentation is the user's own by then (segment ids repeat across nodes).
+            node = owner
         self.target, self.merge_into = node, merge_into
         if self.show_3d:
             self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back

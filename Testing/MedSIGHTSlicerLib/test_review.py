@@ -185,6 +185,18 @@ def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
     expected[2] = lesion
     check_segments(own, volume, {own_id: liver, new_id: expected})
 
+    # The same with the default target (the user's own, as the list starts): a merge into its segment is refused
+    # once it is removed, not redirected to the segmentation that is the user's own after it.
+    review.undo()
+    other = user_segmentation(scene, volume, name="Second opinion")
+    (other_id,) = add_shared_user_segments(other, volume, {"Kidney": kidney})
+    assert manager.find_user_node() is own and other_id == own_id
+    review.set_target(None, merge_into=own_id)
+    scene.RemoveNode(own)
+    with pytest.raises(SuggestionError, match="CT segmentation"):
+        review.accept([sid])
+    check_segments(other, volume, {other_id: kidney})
+
 
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
     scene = slicer.vtkMRMLScene()
