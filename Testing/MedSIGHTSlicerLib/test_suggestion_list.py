@@ -274,3 +274,46 @@ def test_the_message_line_follows_a_theme_change_while_shown(app, setup):
     assert colours.dark
     assert colours.secondary in panel.message.styleSheet()
     assert contrast(colours.secondary, colours.base) >= 4.5
+
+
+def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what_it_shows(app):
+    """Accept into "Second opinion", which is then removed (Data module): the boxes show the user's own with its
+    segments, and a merge chosen there lands in the segment shown, nowhere else."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver = np.zeros(voxels.shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(voxels.shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    own = user_segmentation(scene, volume)
+    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    other = user_segmentation(scene, volume, name="Second opinion")
+    add_shared_user_segments(other, volume, {"Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    lesion = np.zeros(voxels.shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
+                                         slice_to_ras))
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        panel.target_combo.setCurrentIndex(1)
+        assert [panel.mode_combo.itemText(n) for n in range(panel.mode_combo.count())] == [
+            "New segments", "Merge into 'Kidney'"]
+        scene.RemoveNode(other)
+        panel.refresh()
+        assert [panel.target_combo.itemText(n) for n in range(panel.target_combo.count())] == ["CT segmentation"]
+        assert [panel.mode_combo.itemText(n) for n in range(panel.mode_combo.count())] == [
+            "New segments", "Merge into 'Liver'"]
+        panel.mode_combo.setCurrentIndex(1)
+        panel.select(ids)
+        assert panel.accept() == [liver_id]
+        grown = liver.copy()
+        grown[2] |= lesion
+        check_segments(own, volume, {liver_id: grown})
+    finally:
+        panel.close()
