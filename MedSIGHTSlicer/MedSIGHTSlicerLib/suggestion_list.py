@@ -132,6 +132,10 @@ class SuggestionList:
     # -- state -----------------------------------------------------------------------------------------------------
     def set_review(self, review: Review | None) -> None:
         """Show another volume's suggestions (None: none)."""
+        if review is not self.review:
+            # Suggestion ids repeat across volumes ("MedSIGHT_2" in each): a selection made in one volume's rows must
+            # not select, and then accept, another's.
+            self.table.clearSelection()
         self.review = review
         if review is not None:
             self.show_3d.setChecked(review.show_3d)

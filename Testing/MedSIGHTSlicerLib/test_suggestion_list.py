@@ -317,3 +317,41 @@ def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what
         check_segments(own, volume, {liver_id: grown})
     finally:
         panel.close()
+
+
+def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
+    """Select a row of volume A, then the list shows volume B (the selector changed, or B's streamed answer came in):
+    no row of B is selected, so an Accept takes nothing of B's that the user did not pick."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    reviews = []
+    for name in ("CT", "CT follow-up"):
+        volume = make_volume(scene, voxels, oblique_matrix(), name=name)
+        manager = SuggestionManager(scene, volume)
+        regions = []
+        for n, label in enumerate(("liver", "lesion")):
+            mask = np.zeros(voxels.shape[1:], dtype=bool)
+            mask[4 + 10 * n : 8 + 10 * n, 4:8] = True
+            regions.append(Region(f"[M1_{n}]", label, n, mask, 0.8, None))
+        manager.add_answer(SliceAnswer("axial", 2, "Two.", regions, slice_to_ras))
+        reviews.append(Review(manager))
+    first, second = reviews
+    assert first.manager.suggestion_ids() == second.manager.suggestion_ids()  # the ids repeat
+    panel = SuggestionList()
+    try:
+        panel.set_review(first)
+        panel.select(first.manager.suggestion_ids()[1:])
+        panel.set_review(second)
+        assert panel.selected_ids() == []
+        assert panel.accept() == []
+        assert len(second.manager.suggestion_ids()) == 2
+        assert second.manager.find_user_node().GetSegmentation().GetNumberOfSegments() == 0
+        panel.refresh()  # the same review: its selection stays
+        panel.select(second.manager.suggestion_ids()[:1])
+        panel.set_review(second)
+        assert panel.selected_ids() == second.manager.suggestion_ids()[:1]
+    finally:
+        panel.close()
