@@ -190,7 +190,11 @@ class SuggestionList:
             self.mode_combo.addItem(f"Merge into '{name}'", segment_id)
         wanted = review.merge_into if review is not None else ""
         ids = [self.mode_combo.itemData(n) or "" for n in range(int(prop(self.mode_combo, "count")))]
-        self.mode_combo.setCurrentIndex(ids.index(wanted) if wanted in ids else 0)
+        if wanted not in ids:
+            # The segment to merge into was deleted (Segment Editor): the box shows "New segments", and so it is;
+            # else every Accept would fail on the gone segment while the box offered nothing to pick it away with.
+            wanted = review.merge_into = ""
+        self.mode_combo.setCurrentIndex(ids.index(wanted))
 
     def _shown_target(self) -> Any:
         """The segmentation the "Accept into" box shows (None: the user's own, not made yet)."""

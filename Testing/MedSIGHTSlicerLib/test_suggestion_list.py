@@ -355,3 +355,42 @@ def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
         assert panel.selected_ids() == second.manager.suggestion_ids()[:1]
     finally:
         panel.close()
+
+
+def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app):
+    """Merge into 'Liver' is chosen, then the user deletes Liver (Segment Editor): the refused Accept leaves the list
+    showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver = np.zeros(voxels.shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(voxels.shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    own = user_segmentation(scene, volume)
+    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    lesion = np.zeros(voxels.shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
+                                         slice_to_ras))
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        panel.mode_combo.setCurrentIndex(1)
+        assert panel.review.merge_into == liver_id
+        own.GetSegmentation().RemoveSegment(liver_id)
+        panel.select(ids)
+        assert panel.accept() == []  # refused: the segment it names is gone
+        assert "to merge into" in panel.message.text()
+        assert panel.mode_combo.currentText() == "New segments"
+        panel.select(ids)
+        (new_id,) = panel.accept()
+        added = np.zeros(voxels.shape, dtype=bool)
+        added[2] = lesion
+        check_segments(own, volume, {kidney_id: kidney, new_id: added})
+    finally:
+        panel.close()
