@@ -327,7 +327,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if not path:
             return
         try:
-            written = self.logic.export(node, path)
+            written = self.logic.export(node, path, self.review_host.review(node).target)
         except Exception as err:  # shown plainly, never a traceback in the user's face
             self.panel.show_error(f"Export failed: {err}")
             return
@@ -344,10 +344,11 @@ class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         MedSIGHTSession.__init__(self, slicer.mrmlScene)
 
-    def export(self, node, path: str) -> str:
-        """Write the user's (accepted) segmentation of ``node``: .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or
-        a DICOM SEG (.dcm) referencing the series ``node`` was loaded from."""
-        user = self.user_segmentation(node)
+    def export(self, node, path: str, chosen=None) -> str:
+        """Write the user's (accepted) segmentation of ``node`` (``chosen``: the one picked under "Accept into"):
+        .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or a DICOM SEG (.dcm) referencing the series ``node`` was
+        loaded from."""
+        user = self.user_segmentation(node, chosen)
         if user is None:
             raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")
         if path.lower().endswith(".dcm") and not ensure_packages(packages.dicom_seg_requirements(),

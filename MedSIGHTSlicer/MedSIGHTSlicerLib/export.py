@@ -41,6 +41,14 @@ def _scene_of(node):
     return scene
 
 
+def _require_segments(segmentation_node) -> None:
+    """The module makes the user's segmentation as soon as suggestions arrive, so it may still be empty: say so,
+    instead of an empty .seg.nrrd or Slicer's NIfTI writer failing as if the disk were at fault."""
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise ExportError(f"nothing to export: {segmentation_node.GetName()!r} has no segments (accept suggestions "
+                          "or draw segments first)")
+
+
 def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     """Write a segmentation node to ``path`` (must end in .seg.nrrd). Returns the path.
 
@@ -53,6 +61,7 @@ def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ExportError(f"{path.name}: a segmentation file name must end in .seg.nrrd")
+    _require_segments(segmentation_node)
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = _scene_of(segmentation_node)
     with _temporary_nodes(scene):
@@ -121,6 +130,7 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise ExportError(f"{path.name}: a NIfTI file name must end in .nii or .nii.gz")
+    _require_segments(segmentation_node)
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = _scene_of(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()

@@ -137,6 +137,9 @@ class Review:
             owner = node if node is not None else self.manager.find_user_node()
             if owner is None or owner.GetSegmentation().GetSegment(merge_into) is None:
                 raise SuggestionError(f"no segment {merge_into!r} to merge into")
+            # The merge names a segment of this very node: kept, so that if it goes, the merge is refused instead of
+            # landing in whichever segmentation is the user's own by then (segment ids repeat across nodes).
+            node = owner
         self.target, self.merge_into = node, merge_into
         if self.show_3d:
             self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back
@@ -157,7 +160,15 @@ class Review:
         """Accept into the chosen target (merging only when a merge segment was chosen)."""
         if not segment_ids:
             return []
-        target = self.target if self.target is not None and self.target.GetScene() is not None else None
+        target = self.target
+        if target is not None and target.GetScene() is None:
+            # The chosen segmentation was removed: new segments go to the user's own, but a merge is refused (the
+            # segment it names is gone, and one with the same id elsewhere is not the one the user chose).
+            merging, target_name = bool(self.merge_into), target.GetName()
+            self.target, self.merge_into, target = None, "", None
+            if merging:
+                raise SuggestionError(f"the segmentation to merge into ({target_name!r}) was removed: choose "
+                                      "where to accept again")
         ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)
         self._refresh_3d()
         return ids

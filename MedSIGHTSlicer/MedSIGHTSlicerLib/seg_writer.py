@@ -24,6 +24,10 @@ __all__ = [
 
 #: Millimetres a slice may sit off its DICOM image position and still be the same slice.
 POSITION_TOLERANCE_MM = 0.01
+#: DICOM's LO (Long String), the Segment Label's VR: at most 64 characters, and "\\" separates values.
+LO_MAX = 64
+#: SpecificCharacterSet for UTF-8: a label in any script, not only the source images' (often Latin-1) one.
+UTF8 = "ISO_IR 192"
 
 
 class SegWriteError(ValueError):
@@ -68,7 +72,7 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
     from_model = info.model is not None or info.region_code is not None
     arguments = dict(
         segment_number=number,
-        segment_label=info.name or f"Segment {number}",
+        segment_label=segment_label(info.name, number),
         segmented_property_category=_concept(entry.category),
         segmented_property_type=_concept(entry.type),
         # Suggested by the model and accepted by the user: semi-automatic. The user's own drawing: manual.
@@ -92,6 +96,12 @@ def _description(number: int, info: SegmentInfo, version: str) -> Any:
         type_item = description.SegmentedPropertyTypeCodeSequence[0]
         type_item.SegmentedPropertyTypeModifierCodeSequence = [_concept(entry.modifier)]
     return description
+
+
+def segment_label(name: str, number: int) -> str:
+    """A segment name as a valid Segment Label: a "\\" would split it into two values, so it becomes "/", and a
+    name longer than LO allows is cut (a segment's name may be the model's whole phrase, or anything typed)."""
+    return (name or f"Segment {number}").replace("\\", "/")[:LO_MAX]
 
 
 def _concept(code: Code) -> Any:
@@ -165,6 +175,10 @@ def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[Segmen
             series_description=series_description,
             content_label="MEDSIGHT",
         )
+        if not all(info.name.isascii() for info in infos):
+            # highdicom copies the source images' character set; one that cannot hold a name (Latin-1 and "肝")
+            # would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
+            seg.SpecificCharacterSet = UTF8
         seg.save_as(str(path))
     except (ValueError, TypeError, AttributeError, OSError) as exc:
         raise SegWriteError(f"cannot build the DICOM SEG ({exc})") from exc

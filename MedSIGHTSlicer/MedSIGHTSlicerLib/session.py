@@ -325,10 +325,16 @@ class MedSIGHTSession:
             return []
         return state.manager.accept()
 
-    def user_segmentation(self, node):
-        """The user's segmentation of ``node`` (None when nothing was accepted or drawn): found, never created."""
+    def user_segmentation(self, node, chosen=None):
+        """The user's segmentation of ``node`` (None when nothing was accepted or drawn): found, never created.
+
+        ``chosen``: the segmentation picked under "Accept into" (``Review.target``); it is the one returned while it
+        is still a segmentation of ``node``, so Export writes the segments that were accepted, not the own one's.
+        """
         from .suggestions import SuggestionManager
 
         state = self._state(node)
         manager = state.manager or SuggestionManager(self.scene, node, model=self.model_name)
+        if chosen is not None and chosen in manager.target_nodes():
+            return chosen
         return manager.find_user_node()

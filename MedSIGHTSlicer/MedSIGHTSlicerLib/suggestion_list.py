@@ -132,6 +132,10 @@ class SuggestionList:
     # -- state -----------------------------------------------------------------------------------------------------
     def set_review(self, review: Review | None) -> None:
         """Show another volume's suggestions (None: none)."""
+        if review is not self.review:
+            # Suggestion ids repeat across volumes ("MedSIGHT_2" in each): a selection made in one volume's rows must
+            # not select, and then accept, another's.
+            self.table.clearSelection()
         self.review = review
         if review is not None:
             self.show_3d.setChecked(review.show_3d)
@@ -173,9 +177,9 @@ class SuggestionList:
             self.target_combo.addItem(f"{review.manager.volume_node.GetName()} segmentation (new)", "")
         for node in nodes:
             self.target_combo.addItem(node.GetName(), node.GetID())
-        current = review.target if review.target is not None else (nodes[0] if nodes else None)
-        index = nodes.index(current) if current in nodes else 0
-        self.target_combo.setCurrentIndex(index)
+        # A chosen segmentation that left the scene is not offered: the first one is shown, with its segments.
+        current = review.target if review.target in nodes else (nodes[0] if nodes else None)
+        self.target_combo.setCurrentIndex(nodes.index(current) if current in nodes else 0)
         self._fill_modes(current)
 
     def _fill_modes(self, node: Any) -> None:
@@ -186,13 +190,21 @@ class SuggestionList:
             self.mode_combo.addItem(f"Merge into '{name}'", segment_id)
         wanted = review.merge_into if review is not None else ""
         ids = [self.mode_combo.itemData(n) or "" for n in range(int(prop(self.mode_combo, "count")))]
-        self.mode_combo.setCurrentIndex(ids.index(wanted) if wanted in ids else 0)
+        if wanted not in ids:
+            # The segment to merge into was deleted (Segment Editor): the box shows "New segments", and so it is;
+            # else every Accept would fail on the gone segment while the box offered nothing to pick it away with.
+            wanted = review.merge_into = ""
+        self.mode_combo.setCurrentIndex(ids.index(wanted))
+
+    def _shown_target(self) -> Any:
+        """The segmentation the "Accept into" box shows (None: the user's own, not made yet)."""
+        node_id = self.target_combo.itemData(int(prop(self.target_combo, "currentIndex")))
+        return self.review.manager.scene.GetNodeByID(node_id) if node_id else None
 
     def _target_changed(self, *_: Any) -> None:
         if self._building or self.review is None:
             return
-        node_id = self.target_combo.itemData(int(prop(self.target_combo, "currentIndex")))
-        node = self.review.manager.scene.GetNodeByID(node_id) if node_id else None
+        node = self._shown_target()
         self.review.set_target(node)
         self._building = True
         try:
@@ -205,7 +217,8 @@ class SuggestionList:
             return
         index = int(prop(self.mode_combo, "currentIndex"))
         merge_id = self.mode_combo.itemData(index) or ""
-        self._run(lambda: self.review.set_target(self.review.target, merge_into=merge_id), changed=False)
+        # The merge choices are the shown segmentation's segments, so the merge names a segment of that one.
+        self._run(lambda: self.review.set_target(self._shown_target(), merge_into=merge_id), changed=False)
 
     def selected_ids(self) -> list[str]:
         """Segment ids of the selected rows, in list order."""

@@ -560,6 +560,11 @@ class SuggestionManager:
 
     def _do_accept(self, operation: _Operation) -> None:
         if operation.target is None or operation.target.GetScene() is None:
+            if operation.merge_id:
+                # Never the user's own node instead: a segment there may have the same id ("Segment_1") and would
+                # be changed without the user ever naming it.
+                name = operation.target.GetName() if operation.target is not None else ""
+                raise SuggestionError(f"the segmentation {name!r} the suggestions were merged into was removed")
             operation.target = self.user_segmentation_node()
         user = operation.target
         if operation.merge_id:
@@ -634,6 +639,12 @@ class SuggestionManager:
         missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
             raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
+        # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
+        # correction would be lost with the preview segment.
+        for item in operation.items:
+            if mask_digest(self.suggestion_mask(item.suggestion.segment_id)) != item.suggestion.digest():
+                raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} was edited since the undo; "
+                                      "accept or reject it again")
         if operation.kind == "accept":
             self._do_accept(operation)
         else:

@@ -114,6 +114,21 @@ def test_bad_names_are_refused(scene, volume, tmp_path):
         read_seg_nrrd(tmp_path / "missing.seg.nrrd", scene)
 
 
+def test_a_segmentation_without_segments_is_refused_plainly(scene, volume, tmp_path):
+    """Suggestions arrived (so the user's segmentation exists) but nothing was accepted yet."""
+    from MedSIGHTSlicerLib.export import EXPORT_SUFFIXES, export_labelmap_file
+
+    manager, user = accepted(scene, volume, tmp_path)
+    while manager.undo():
+        pass
+    assert user.GetSegmentation().GetNumberOfSegments() == 0 and len(manager.suggestion_ids()) == 2
+    for suffix in EXPORT_SUFFIXES:
+        if suffix != ".dcm":  # DICOM SEG: "every segment is empty" (test_dicom_seg.py)
+            with pytest.raises(ExportError, match="nothing to export: 'MR segmentation' has no segments"):
+                export_labelmap_file(user, volume, tmp_path / f"empty{suffix}")
+            assert not (tmp_path / f"empty{suffix}").exists()
+
+
 def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     """What the module's Export button calls: the file name decides the format; NIfTI gets a labels sidecar."""
     import json

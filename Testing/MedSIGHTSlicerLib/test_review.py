@@ -152,6 +152,52 @@ def test_merge_and_target_are_checked(url):
     assert manager.find_user_node() is other  # the only segmentation of this volume
 
 
+def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    shape = voxels.shape
+    liver = np.zeros(shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    own = user_segmentation(scene, volume)
+    (own_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    other = user_segmentation(scene, volume, name="Second opinion")
+    (other_id,) = add_shared_user_segments(other, volume, {"Kidney": kidney})
+    assert own_id == other_id  # segment ids repeat across segmentations
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    lesion = np.zeros(shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    (sid,) = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
+                                            slice_to_ras))
+    review.set_target(other, merge_into=other_id)
+    scene.RemoveNode(other)  # the chosen segmentation goes (Data module) before the accept
+    with pytest.raises(SuggestionError, match="Second opinion"):
+        review.accept([sid])
+    check_segments(own, volume, {own_id: liver})  # the same-id segment of the user's own was not merged into
+    assert manager.suggestion_ids() == [sid]
+    assert (review.target, review.merge_into) == (None, "")  # the next accept goes to new segments of the own
+    (new_id,) = review.accept([sid])
+    expected = np.zeros(shape, dtype=bool)
+    expected[2] = lesion
+    check_segments(own, volume, {own_id: liver, new_id: expected})
+
+    # The same with the default target (the user's own, as the list starts): a merge into its segment is refused
+    # once it is removed, not redirected to the segmentation that is the user's own after it.
+    review.undo()
+    other = user_segmentation(scene, volume, name="Second opinion")
+    (other_id,) = add_shared_user_segments(other, volume, {"Kidney": kidney})
+    assert manager.find_user_node() is own and other_id == own_id
+    review.set_target(None, merge_into=own_id)
+    scene.RemoveNode(own)
+    with pytest.raises(SuggestionError, match="CT segmentation"):
+        review.accept([sid])
+    check_segments(other, volume, {other_id: kidney})
+
+
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()

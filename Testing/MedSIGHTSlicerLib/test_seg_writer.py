@@ -83,6 +83,25 @@ def test_seg_holds_the_voxels_names_codes_and_colours(series, tmp_path):
     assert np.array_equal(got[..., 0].astype(bool), liver) and np.array_equal(got[..., 1].astype(bool), manual)
 
 
+def test_any_segment_name_becomes_a_valid_label_that_reads_back(series, tmp_path):
+    """Names are the user's text (or the model's whole phrase): any script, a backslash, more than 64 characters."""
+    datasets, ijk_to_ras, dims = series
+    ordered = order_sources(datasets, ijk_to_ras, dims)
+    shape = (dims[2], dims[1], dims[0])
+    names = ["Leber Läsion 肝", "L\\R kidney", "lesion " * 12]
+    masks = [np.zeros(shape, bool) for _ in names]
+    for n, mask in enumerate(masks):
+        mask[n, 2:5, 3:7] = True
+    infos = [SegmentInfo(name, (0.8, 0.2, 0.1)) for name in names]
+    path = write_seg(ordered, masks, infos, tmp_path / "labels.dcm")
+    described = pydicom.dcmread(str(path)).SegmentSequence
+    labels = [d.SegmentLabel for d in described]
+    assert labels[0] == "Leber Läsion 肝"
+    assert labels[1] == "L/R kidney"  # one value, not ["L", "R kidney"]
+    assert labels[2] == names[2][:64] and len(names[2]) > 64
+    assert all(isinstance(label, str) for label in labels)
+
+
 def test_grid_mismatches_are_refused_plainly(series, tmp_path):
     datasets, ijk_to_ras, dims = series
     with pytest.raises(SegWriteError, match="has 5 slices but its DICOM series has 4 images"):

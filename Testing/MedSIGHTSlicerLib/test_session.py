@@ -21,8 +21,9 @@ from medsight_testing.mrml import (  # noqa: E402
     view_origin,
 )
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import nodes_by_class  # noqa: E402
+from MedSIGHTSlicerLib.geometry import nodes_by_class, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.review import Review  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, get_tag  # noqa: E402
 from MedSIGHTSlicerLib.views import parent_to_world  # noqa: E402
@@ -226,6 +227,31 @@ def test_accept_all_and_export_lookup_add_no_empty_nodes():
     assert session.user_segmentation(node) is None
     assert session.suggestion_manager(node).suggestion_ids() == []
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+
+
+def test_export_takes_the_segmentation_accepted_into(tmp_path):
+    """Two segmentations of the volume; the user accepts into the second ("Accept into"): Export writes that one."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="CT")
+    nodes = {}
+    for name in ("CT segmentation", "Second opinion"):
+        nodes[name] = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        nodes[name].SetReferenceImageGeometryParameterFromVolumeNode(node)
+    own, chosen = nodes.values()
+    ids = session.apply_answers(node, [slab_answer(node, 1, slice(2, 6), slice(3, 7))])
+    review = Review(session.suggestion_manager(node))
+    review.set_target(chosen)
+    (accepted,) = review.accept(ids)
+    assert session.user_segmentation(node) is own  # no choice given: the volume's own
+    assert session.user_segmentation(node, review.target) is chosen
+    written = read_seg_nrrd(export_seg_nrrd(session.user_segmentation(node, review.target), tmp_path / "x.seg.nrrd"),
+                            scene)
+    assert written.GetSegmentation().GetNumberOfSegments() == 1
+    np.testing.assert_array_equal(segment_array(written, accepted, node), segment_array(chosen, accepted, node))
+    scene.RemoveNode(chosen)  # the choice left the scene: back to the own one
+    assert session.user_segmentation(node, review.target) is own
+    session.stop_observing()
 
 
 def test_tags_with_separators_survive_a_seg_nrrd_reload(tmp_path):

@@ -274,3 +274,123 @@ def test_the_message_line_follows_a_theme_change_while_shown(app, setup):
     assert colours.dark
     assert colours.secondary in panel.message.styleSheet()
     assert contrast(colours.secondary, colours.base) >= 4.5
+
+
+def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what_it_shows(app):
+    """Accept into "Second opinion", which is then removed (Data module): the boxes show the user's own with its
+    segments, and a merge chosen there lands in the segment shown, nowhere else."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver = np.zeros(voxels.shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(voxels.shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    own = user_segmentation(scene, volume)
+    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    other = user_segmentation(scene, volume, name="Second opinion")
+    add_shared_user_segments(other, volume, {"Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    lesion = np.zeros(voxels.shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
+                                         slice_to_ras))
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        panel.target_combo.setCurrentIndex(1)
+        assert [panel.mode_combo.itemText(n) for n in range(panel.mode_combo.count())] == [
+            "New segments", "Merge into 'Kidney'"]
+        scene.RemoveNode(other)
+        panel.refresh()
+        assert [panel.target_combo.itemText(n) for n in range(panel.target_combo.count())] == ["CT segmentation"]
+        assert [panel.mode_combo.itemText(n) for n in range(panel.mode_combo.count())] == [
+            "New segments", "Merge into 'Liver'"]
+        panel.mode_combo.setCurrentIndex(1)
+        panel.select(ids)
+        assert panel.accept() == [liver_id]
+        grown = liver.copy()
+        grown[2] |= lesion
+        check_segments(own, volume, {liver_id: grown})
+    finally:
+        panel.close()
+
+
+def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
+    """Select a row of volume A, then the list shows volume B (the selector changed, or B's streamed answer came in):
+    no row of B is selected, so an Accept takes nothing of B's that the user did not pick."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    reviews = []
+    for name in ("CT", "CT follow-up"):
+        volume = make_volume(scene, voxels, oblique_matrix(), name=name)
+        manager = SuggestionManager(scene, volume)
+        regions = []
+        for n, label in enumerate(("liver", "lesion")):
+            mask = np.zeros(voxels.shape[1:], dtype=bool)
+            mask[4 + 10 * n : 8 + 10 * n, 4:8] = True
+            regions.append(Region(f"[M1_{n}]", label, n, mask, 0.8, None))
+        manager.add_answer(SliceAnswer("axial", 2, "Two.", regions, slice_to_ras))
+        reviews.append(Review(manager))
+    first, second = reviews
+    assert first.manager.suggestion_ids() == second.manager.suggestion_ids()  # the ids repeat
+    panel = SuggestionList()
+    try:
+        panel.set_review(first)
+        panel.select(first.manager.suggestion_ids()[1:])
+        panel.set_review(second)
+        assert panel.selected_ids() == []
+        assert panel.accept() == []
+        assert len(second.manager.suggestion_ids()) == 2
+        assert second.manager.find_user_node().GetSegmentation().GetNumberOfSegments() == 0
+        panel.refresh()  # the same review: its selection stays
+        panel.select(second.manager.suggestion_ids()[:1])
+        panel.set_review(second)
+        assert panel.selected_ids() == second.manager.suggestion_ids()[:1]
+    finally:
+        panel.close()
+
+
+def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app):
+    """Merge into 'Liver' is chosen, then the user deletes Liver (Segment Editor): the refused Accept leaves the list
+    showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver = np.zeros(voxels.shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(voxels.shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    own = user_segmentation(scene, volume)
+    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    lesion = np.zeros(voxels.shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
+                                         slice_to_ras))
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        panel.mode_combo.setCurrentIndex(1)
+        assert panel.review.merge_into == liver_id
+        own.GetSegmentation().RemoveSegment(liver_id)
+        panel.select(ids)
+        assert panel.accept() == []  # refused: the segment it names is gone
+        assert "to merge into" in panel.message.text()
+        assert panel.mode_combo.currentText() == "New segments"
+        panel.select(ids)
+        (new_id,) = panel.accept()
+        added = np.zeros(voxels.shape, dtype=bool)
+        added[2] = lesion
+        check_segments(own, volume, {kidney_id: kidney, new_id: added})
+    finally:
+        panel.close()

@@ -192,6 +192,48 @@ def test_undo_accept_refuses_when_user_edited_it(scene, volume):
     np.testing.assert_array_equal(segment_array(user, user_id, volume), edited)
 
 
+def test_redo_refuses_when_the_suggestion_was_corrected_after_the_undo(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    (sid,) = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [user_id] = manager.accept([sid])
+    user = manager.user_segmentation_node()
+    assert manager.undo()
+    # Corrected in the Segment Editor after the undo (as its Paint effect writes it).
+    stroke = ball((4, 5, 9), 1.5)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
+                                            logic.MODE_MERGE_MAX)
+    corrected = manager.suggestion_mask(sid)
+    assert corrected.sum() > stroke.sum()
+    with pytest.raises(SuggestionError, match="edited since the undo"):
+        manager.redo()  # it would accept the voxels from before the correction and drop the corrected suggestion
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), corrected)
+    assert user.GetSegmentation().GetSegment(user_id) is None
+    # Accepting it again takes the correction.
+    [again] = manager.accept([sid])
+    np.testing.assert_array_equal(segment_array(user, again, volume), corrected)
+
+
+def test_redo_of_a_merge_into_a_removed_segmentation_touches_no_other(scene, volume, user_node):
+    own_id = add_user_segment(user_node, volume, "Liver", ball((4, 5, 6), 2.0))
+    other = slicer.vtkMRMLSegmentationNode()
+    other.SetName("Second opinion")
+    scene.AddNode(other)
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    other_id = add_user_segment(other, volume, "Kidney", ball((2, 2, 2), 1.5))
+    assert other_id == own_id  # the same id in both: the merge must never land in the wrong node
+    before = user_hashes(user_node, volume, [own_id])
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("lesion", ball((4, 7, 8), 1.5))]))
+    assert manager.accept(ids, target=other, merge_into=other_id) == [other_id]
+    assert manager.undo()
+    scene.RemoveNode(other)
+    with pytest.raises(SuggestionError, match="Second opinion"):
+        manager.redo()
+    assert user_hashes(user_node, volume, [own_id]) == before
+    assert manager.suggestion_ids() == ids
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
