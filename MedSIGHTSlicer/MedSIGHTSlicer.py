@@ -41,19 +41,20 @@ HELP_URL = "https://github.com/medsight/MedSIGHTSlicer#install-in-3d-slicer"
 
 
 def ensure_packages(requirements: list[str], purpose: str) -> bool:
-    """Install missing packages into Slicer's Python after the user agrees, never changing what Slicer ships."""
-    missing = packages.missing(requirements)
-    if not missing:
-        return True
-    names = ", ".join(packages.requirement_name(r) for r in missing)
-    question = f"{purpose} needs the Python package(s) {names}. Install them into 3D Slicer now?"
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"):
-        return False
-    with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-        with packages.constraints_file() as constraints:
-            slicer.util.pip_install([*missing, "--constraint", constraints])
-        return True
-    return False
+    """Install missing packages into Slicer's Python after the user agrees (packages.ensure decides), with a wait
+    cursor while pip runs. A failed install raises ValueError, which the caller shows once."""
+
+    def install(args: list[str]) -> None:
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            slicer.util.pip_install(args)
+        finally:
+            slicer.app.restoreOverrideCursor()
+
+    def confirm(question: str) -> bool:
+        return bool(slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"))
+
+    return packages.ensure(requirements, purpose, confirm, install)
 
 
 class MedSIGHTSlicer(ScriptedLoadableModule):

@@ -538,3 +538,42 @@ def test_extension_wizard_finds_the_module():
     assert data.isascii(), f"non-ASCII byte at {next(i for i, b in enumerate(data) if b > 127)}"
     module_class = next(n for n in ast.parse(data).body if isinstance(n, ast.ClassDef) and n.name == SCRIPT.stem)
     assert "ScriptedLoadableModule" in [getattr(base, "id", None) for base in module_class.bases]
+
+
+def test_module_package_install_failure_reaches_the_user_once_and_clearly():
+    """The module file's ensure_packages, run with a real pip that fails and the slicer.util behaviour it relies on:
+    Slicer's tryWithErrorDisplay shows a dialog and then re-raises (Base/Python/slicer/util.py, v5.8.0 l.3279-3320,
+    same in v5.12.0), and pip_install raises CalledProcessError. Before, the install ran inside tryWithErrorDisplay
+    with a ``return False`` after it that never ran: the user got the dialog, then Export's own message with a pip
+    command line in it. Now the one error is a ValueError naming the package, the wait cursor is restored."""
+    import __future__
+
+    import contextlib
+
+    from medsight_testing.pip import UNINSTALLABLE, pip_install
+    from MedSIGHTSlicerLib import packages
+
+    dialogs, cursor = [], []
+
+    @contextlib.contextmanager
+    def try_with_error_display(message=None, show=True, waitCursor=False):
+        try:
+            yield
+        except Exception as err:
+            dialogs.append(f"{message}\n\n{err}")
+            raise
+
+    util = types.SimpleNamespace(confirmOkCancelDisplay=lambda text, windowTitle=None: True,
+                                 pip_install=pip_install, tryWithErrorDisplay=try_with_error_display)
+    app = types.SimpleNamespace(setOverrideCursor=lambda shape: cursor.append(shape),
+                                restoreOverrideCursor=lambda: cursor.pop())
+    namespace = {"packages": packages, "slicer": types.SimpleNamespace(util=util, app=app),
+                 "qt": types.SimpleNamespace(Qt=types.SimpleNamespace(WaitCursor="wait"))}
+    function = next(node for node in ast.parse(SCRIPT.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "ensure_packages")
+    exec(compile(ast.Module([function], []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag),
+         namespace)
+    with pytest.raises(ValueError, match=r"^installing medsight-no-such-package into Slicer's Python failed \(pip "
+                                         r"exit status 1\)"):
+        namespace["ensure_packages"]([UNINSTALLABLE], "DICOM SEG export")
+    assert dialogs == [] and cursor == []
