@@ -133,7 +133,8 @@ def test_module_cmakelists_lists_every_file():
     assert "slicerMacroBuildScriptedModule(" in text
     scripts = [s.replace("${MODULE_NAME}", "MedSIGHTSlicer") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     resources = [r.replace("${MODULE_NAME}", "MedSIGHTSlicer") for r in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
-    on_disk = {"MedSIGHTSlicer.py"} | {f"MedSIGHTSlicerLib/{p.name}" for p in LIB.glob("*.py")}
+    # rglob: a sub-package of the Lib must be listed too (ctkMacroCompilePythonScript keeps relative paths).
+    on_disk = {"MedSIGHTSlicer.py"} | {p.relative_to(MODULE).as_posix() for p in LIB.rglob("*.py")}
     missing, stale = sorted(on_disk - set(scripts)), sorted(set(scripts) - on_disk)
     assert not missing and not stale, f"CMakeLists.txt lacks {missing}; lists {stale} that do not exist"
     resource_files = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
