@@ -579,3 +579,43 @@ def test_module_package_install_failure_reaches_the_user_once_and_clearly():
                                          r"exit status 1\)"):
         namespace["ensure_packages"]([UNINSTALLABLE], "DICOM SEG export")
     assert dialogs == [] and cursor == []
+
+
+def _required_positional(function: ast.FunctionDef | ast.Lambda, bound: bool) -> int:
+    """Positional parameters without a default (``self`` not counted for a bound method); -1: takes ``*args``."""
+    args = function.args
+    if args.vararg is not None:
+        return -1
+    positional = args.posonlyargs + args.args
+    return len(positional) - len(args.defaults) - (1 if bound else 0)
+
+
+def test_module_slots_take_what_the_signal_passes():
+    """PythonQt calls a slot with the signal's arguments, dropping those beyond the slot's own positional parameters
+    (PythonQtSignalTarget::call, commontk/PythonQt), but never supplies missing ones: a slot needing more than the
+    signal carries raises TypeError each time it fires. Every slot the module file connects takes at most what its
+    signal passes."""
+    tree = ast.parse(SCRIPT.read_text())
+    methods = {node.name: node for cls in tree.body if isinstance(cls, ast.ClassDef) for node in cls.body
+               if isinstance(node, ast.FunctionDef)}
+    lib_classes = {"engine": (LIB / "engine_process.py", "EngineProcess")}
+    checked = 0
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)
+                and re.fullmatch(r"\w+\(.*\)", str(node.args[0].value))):
+            continue
+        signal, slot = node.args[0].value, node.args[1]
+        passed = len([a for a in signal[signal.index("(") + 1:-1].split(",") if a.strip()])
+        if isinstance(slot, ast.Lambda):
+            needed = _required_positional(slot, bound=False)
+        elif isinstance(slot, ast.Attribute) and isinstance(slot.value, ast.Name) and slot.value.id == "self":
+            needed = _required_positional(methods[slot.attr], bound=True)
+        else:  # self.<lib object>.<method>
+            path, cls_name = lib_classes[slot.value.attr]
+            cls = next(c for c in ast.parse(path.read_text()).body
+                       if isinstance(c, ast.ClassDef) and c.name == cls_name)
+            needed = _required_positional(next(f for f in cls.body if getattr(f, "name", "") == slot.attr), bound=True)
+        assert needed <= passed, f"MedSIGHTSlicer.py:{node.lineno}: {ast.unparse(slot)} needs {needed}, {signal} passes"
+        checked += 1
+    assert checked == len(module_connections(SCRIPT.read_text()))
