@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import py_compile
 import re
 import shutil
@@ -619,3 +620,61 @@ def test_module_slots_take_what_the_signal_passes():
         assert needed <= passed, f"MedSIGHTSlicer.py:{node.lineno}: {ast.unparse(slot)} needs {needed}, {signal} passes"
         checked += 1
     assert checked == len(module_connections(SCRIPT.read_text()))
+
+
+class _SlicerModuleBase:
+    """What the module class uses of Slicer's ScriptedLoadableModule (Base/Python/slicer/ScriptedLoadableModule.py,
+    v5.8.0 to v5.12.0): the parent kept, and resourcePath = <folder of parent.path>/Resources/<filename>."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def resourcePath(self, filename):  # noqa: N802 - Slicer's name
+        return str(Path(self.parent.path).parent / "Resources" / filename)
+
+
+def test_terminology_is_loaded_at_startup_not_only_when_the_panel_opens():
+    """Slicer 5.8's terminology picker finds an entry only in a loaded context: for any other it logs "Failed to find
+    terminology with context name" and selects nothing (qSlicerTerminologyNavigatorWidget::setTerminologyEntry,
+    Modules/Loadable/Terminologies/Widgets/qSlicerTerminologyNavigatorWidget.cxx at v5.8.0). Segments the module
+    wrote name its context ("... - MedSIGHT"), which the module loaded only in the widget's setup(): reopening a saved
+    segmentation in a later session, its terms could not be shown or edited until the MedSIGHT panel had been opened.
+    The module now loads the context at start-up (as SlicerMONAIAuto3DSeg does), once: the widget's call adds none."""
+    import __future__
+
+    from MedSIGHTSlicerLib import naming
+
+    connections, loads = {}, []
+
+    class Terminologies:
+        def LoadTerminologyFromFile(self, path):  # noqa: N802 - Slicer's name
+            loads.append(path)
+            return json.loads(Path(path).read_text())["SegmentationCategoryTypeContextName"]
+
+    class Store(dict):
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+    app = types.SimpleNamespace(connect=lambda signal, slot: connections.setdefault(signal, []).append(slot),
+                                commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
+    slicer = types.SimpleNamespace(app=app, modules=types.SimpleNamespace(
+        terminologies=types.SimpleNamespace(logic=Terminologies)))
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModule": _SlicerModuleBase, "slicer": slicer,
+                 "qt": types.SimpleNamespace(QSettings=Store)}
+    tree = ast.parse(SCRIPT.read_text())
+    def wanted(node: ast.stmt) -> bool:  # the Lib imports, the constants and the module class
+        if isinstance(node, ast.ImportFrom):
+            return (node.module or "").startswith("MedSIGHTSlicerLib")
+        if isinstance(node, ast.Assign):
+            return all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets)
+        return isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicer"
+
+    nodes = [node for node in tree.body if wanted(node)]
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    module = namespace["MedSIGHTSlicer"](types.SimpleNamespace(path=str(SCRIPT)))
+    for slot in connections.get("startupCompleted()", []):
+        slot()
+    assert loads == [str(MODULE / "Resources" / naming.TERMINOLOGY_FILE)]
+    assert module.terminology_context == naming.TERMINOLOGY_CONTEXT  # the name its entries carry
+    module.load_terminology()  # what the widget's setup() calls, for a module loaded after start-up
+    assert len(loads) == 1
