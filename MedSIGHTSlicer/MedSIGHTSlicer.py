@@ -41,19 +41,20 @@ HELP_URL = "https://github.com/medsight/MedSIGHTSlicer#install-in-3d-slicer"
 
 
 def ensure_packages(requirements: list[str], purpose: str) -> bool:
-    """Install missing packages into Slicer's Python after the user agrees, never changing what Slicer ships."""
-    missing = packages.missing(requirements)
-    if not missing:
-        return True
-    names = ", ".join(packages.requirement_name(r) for r in missing)
-    question = f"{purpose} needs the Python package(s) {names}. Install them into 3D Slicer now?"
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"):
-        return False
-    with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-        with packages.constraints_file() as constraints:
-            slicer.util.pip_install([*missing, "--constraint", constraints])
-        return True
-    return False
+    """Install missing packages into Slicer's Python after the user agrees (packages.ensure decides), with a wait
+    cursor while pip runs. A failed install raises ValueError, which the caller shows once."""
+
+    def install(args: list[str]) -> None:
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            slicer.util.pip_install(args)
+        finally:
+            slicer.app.restoreOverrideCursor()
+
+    def confirm(question: str) -> bool:
+        return bool(slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"))
+
+    return packages.ensure(requirements, purpose, confirm, install)
 
 
 class MedSIGHTSlicer(ScriptedLoadableModule):
@@ -73,12 +74,21 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         self.parent.acknowledgementText = "Uses the MedSIGHT model (ICML 2026) through a local or remote engine."
         # One settings page per Slicer session, in Application Settings from start-up on (see ApplicationSettings).
         self.application_settings = ApplicationSettings(qt.QSettings)
+        self.terminology_context = ""
         slicer.app.connect("startupCompleted()", self.add_settings_page)
+        slicer.app.connect("startupCompleted()", self.load_terminology)
 
     def add_settings_page(self) -> None:
         """Application Settings > MedSIGHT; once (the widget calls it too, for a module loaded after start-up)."""
         if not slicer.app.commandOptions().noMainWindow:
             self.application_settings.add_page(_add_settings_panel)
+
+    def load_terminology(self) -> None:
+        """Our terminology context, from start-up on and once (the widget calls it too): Slicer 5.8's terminology
+        picker shows a segment's terms only from a loaded context, also for segmentations saved in earlier sessions."""
+        if not self.terminology_context:
+            logic = slicer.modules.terminologies.logic()
+            self.terminology_context = logic.LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
 
 def _add_settings_panel(page_widget: qt.QWidget) -> ctk.ctkSettingsPanel:
@@ -109,10 +119,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.logic = MedSIGHTSlicerLogic()
         self.logic.on_reset = self._scene_reset
         self.logic.dicom_database = lambda: getattr(slicer, "dicomDatabase", None)
-        # Our terminology context, so the segment editor's terminology picker knows every label we write.
-        slicer.modules.terminologies.logic().LoadTerminologyFromFile(self.resourcePath(TERMINOLOGY_FILE))
 
         module = slicer.modules.MedSIGHTSlicerInstance
+        module.load_terminology()  # a module loaded after start-up (Extension Wizard) missed startupCompleted()
         module.add_settings_page()
         self.application_settings = module.application_settings
         self.settings = self.application_settings.attach(lambda _: self._settings_changed())

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from importlib.util import find_spec
 
-__all__ = ["PINNED", "constraints_file", "constraints_text", "dicom_seg_requirements", "installed_versions",
+__all__ = ["PINNED", "constraints_file", "constraints_text", "dicom_seg_requirements", "ensure", "installed_versions",
            "missing", "requirement_name"]
 
 #: Packages Slicer ships that an install must never up- or downgrade.
@@ -82,3 +83,32 @@ def missing(requirements: Sequence[str]) -> list[str]:
         if find_spec(module) is None:
             out.append(requirement)
     return out
+
+
+def ensure(requirements: Sequence[str], purpose: str, confirm: Callable[[str], bool],
+           install: Callable[[list[str]], object]) -> bool:
+    """Install the missing ``requirements`` once the user agrees, keeping every package Slicer ships as it is.
+
+    Args:
+        purpose: what needs them, for the question (e.g. "DICOM SEG export").
+        confirm: (question) -> whether the user agreed.
+        install: (pip arguments) -> None; Slicer's ``slicer.util.pip_install``, which prints pip's output to the
+            Python console and raises CalledProcessError (its text a pip command line) when pip fails.
+
+    Returns False when the user declined. Raises ValueError naming the packages when the install failed.
+    """
+    todo = missing(requirements)
+    if not todo:
+        return True
+    names = ", ".join(requirement_name(r) for r in todo)
+    if not confirm(f"{purpose} needs the Python package(s) {names}. Install them into 3D Slicer now?"):
+        return False
+    with constraints_file() as constraints:
+        try:
+            install([*todo, "--constraint", constraints])
+        except (subprocess.CalledProcessError, OSError, RuntimeError) as err:
+            code = getattr(err, "returncode", None)
+            why = f"pip exit status {code}" if code is not None else str(err)
+            raise ValueError(f"installing {names} into Slicer's Python failed ({why}); pip's output is in the "
+                             "Python console") from err
+    return True

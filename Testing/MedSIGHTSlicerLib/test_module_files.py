@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import py_compile
 import re
 import shutil
@@ -133,7 +134,8 @@ def test_module_cmakelists_lists_every_file():
     assert "slicerMacroBuildScriptedModule(" in text
     scripts = [s.replace("${MODULE_NAME}", "MedSIGHTSlicer") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     resources = [r.replace("${MODULE_NAME}", "MedSIGHTSlicer") for r in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
-    on_disk = {"MedSIGHTSlicer.py"} | {f"MedSIGHTSlicerLib/{p.name}" for p in LIB.glob("*.py")}
+    # rglob: a sub-package of the Lib must be listed too (ctkMacroCompilePythonScript keeps relative paths).
+    on_disk = {"MedSIGHTSlicer.py"} | {p.relative_to(MODULE).as_posix() for p in LIB.rglob("*.py")}
     missing, stale = sorted(on_disk - set(scripts)), sorted(set(scripts) - on_disk)
     assert not missing and not stale, f"CMakeLists.txt lacks {missing}; lists {stale} that do not exist"
     resource_files = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
@@ -310,3 +312,369 @@ def test_readme_vision_files_are_hub_addresses():
     assert values, "the README shows no --vision-file"
     for value in values:
         assert parse_hub_file(value) is not None, f"README: --vision-file {value} is not a Hub address"
+
+
+# -- the .ui and the module file's wiring, checked against the classes Slicer gives them -----------------------------
+#: What PythonQt offers on each class the module's .ui and wiring use: properties (read and written as attributes:
+#: PythonQt looks a name up as a property before a method, PythonQtClassInfo::member in commontk/PythonQt, so
+#: ``label.text()`` is a TypeError there), signals by normalized signature (a signature the class lacks connects
+#: nothing: PythonQt only prints a warning) and the methods the module calls. Taken from Slicer v5.8.0 (unchanged at
+#: v5.12.0) Libs/MRML/Widgets/qMRMLNodeComboBox.h and qMRMLWidget.h, Base/QTGUI/qSlicerApplication.h
+#: (startupCompleted), CTK Libs/Widgets/ctkCollapsibleButton.h, and the Qt 5.15 class references.
+_QOBJECT = {"base": None, "properties": {"objectName"},
+            "signals": {"destroyed()", "destroyed(QObject*)", "objectNameChanged(QString)"},
+            "methods": {"connect", "disconnect", "blockSignals", "deleteLater", "setObjectName"}}
+_QWIDGET = {"base": "QObject",
+            "properties": {"enabled", "visible", "geometry", "toolTip", "statusTip", "whatsThis", "windowTitle",
+                           "styleSheet", "sizePolicy", "minimumSize", "maximumSize", "minimumWidth", "minimumHeight",
+                           "maximumWidth", "maximumHeight", "font", "palette", "focusPolicy", "layoutDirection"},
+            "signals": {"customContextMenuRequested(QPoint)", "windowTitleChanged(QString)"},
+            "methods": {"layout", "setLayout", "show", "hide", "setEnabled", "setVisible", "setToolTip"}}
+UI_CLASSES: dict[str, dict] = {
+    "QObject": _QOBJECT,
+    "QWidget": _QWIDGET,
+    "QAbstractButton": {"base": "QWidget",
+                        "properties": {"text", "icon", "iconSize", "shortcut", "checkable", "checked", "autoRepeat",
+                                       "autoExclusive", "down"},
+                        "signals": {"clicked(bool)", "clicked()", "pressed()", "released()", "toggled(bool)"},
+                        "methods": {"click", "setText", "setChecked", "isChecked"}},
+    "QPushButton": {"base": "QAbstractButton", "properties": {"autoDefault", "default", "flat"}, "signals": set(),
+                    "methods": set()},
+    "QCheckBox": {"base": "QAbstractButton", "properties": {"tristate"}, "signals": {"stateChanged(int)"},
+                  "methods": set()},
+    "QLineEdit": {"base": "QWidget",
+                  "properties": {"text", "echoMode", "placeholderText", "readOnly", "maxLength", "inputMask", "frame",
+                                 "alignment", "modified", "clearButtonEnabled", "cursorPosition"},
+                  "signals": {"editingFinished()", "returnPressed()", "textChanged(QString)", "textEdited(QString)",
+                              "selectionChanged()", "cursorPositionChanged(int,int)", "inputRejected()"},
+                  "methods": {"setText", "clear"}},
+    "QLabel": {"base": "QWidget",
+               "properties": {"text", "wordWrap", "textFormat", "alignment", "margin", "indent", "pixmap",
+                              "openExternalLinks", "textInteractionFlags", "scaledContents"},
+               "signals": {"linkActivated(QString)", "linkHovered(QString)"}, "methods": {"setText"}},
+    "QComboBox": {"base": "QWidget",
+                  "properties": {"currentIndex", "currentText", "currentData", "count", "editable", "maxVisibleItems",
+                                 "maxCount", "insertPolicy", "sizeAdjustPolicy", "placeholderText"},
+                  "signals": {"currentIndexChanged(int)", "currentTextChanged(QString)", "activated(int)",
+                              "highlighted(int)", "editTextChanged(QString)", "textActivated(QString)"},
+                  "methods": {"addItem", "addItems", "clear", "setCurrentIndex", "findText", "itemText"}},
+    "QTimer": {"base": "QObject", "properties": {"singleShot", "interval", "remainingTime", "timerType", "active"},
+               "signals": {"timeout()"}, "methods": {"start", "stop", "setInterval", "setSingleShot"}},
+    "ctkCollapsibleButton": {"base": "QAbstractButton",
+                             "properties": {"collapsed", "collapsedHeight", "flat", "contentsFrameShape",
+                                            "contentsFrameShadow", "contentsLineWidth", "contentsMidLineWidth",
+                                            "buttonTextAlignment", "indicatorAlignment"},
+                             "signals": {"contentsCollapsed(bool)"}, "methods": set()},
+    "qMRMLWidget": {"base": "QWidget", "properties": set(), "signals": {"mrmlSceneChanged(vtkMRMLScene*)"},
+                    "methods": {"setMRMLScene", "mrmlScene"}},
+    "qMRMLNodeComboBox": {"base": "QWidget",
+                          "properties": {"currentNodeID", "currentNodeId", "nodeTypes", "showHidden",
+                                         "showChildNodeTypes", "hideChildNodeTypes", "baseName", "noneEnabled",
+                                         "addEnabled", "removeEnabled", "editEnabled", "renameEnabled",
+                                         "interactionNodeSingletonTag", "selectNodeUponCreation", "noneDisplay",
+                                         "sizeAdjustPolicy"},
+                          "signals": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)",
+                                      "currentNodeIDChanged(QString)", "nodeActivated(vtkMRMLNode*)",
+                                      "nodeAdded(vtkMRMLNode*)", "nodeAddedByUser(vtkMRMLNode*)",
+                                      "nodeAboutToBeRemoved(vtkMRMLNode*)", "currentNodeRenamed(QString)",
+                                      "nodeAboutToBeEdited(vtkMRMLNode*)"},
+                          "methods": {"setMRMLScene", "mrmlScene", "currentNode", "setCurrentNode", "setCurrentNodeID",
+                                      "nodeCount", "nodeFromIndex"}},
+    "qSlicerApplication": {"base": "QObject", "properties": set(), "signals": {"startupCompleted()"},
+                           "methods": set()},
+}
+
+
+def class_members(name: str, kind: str) -> set[str]:
+    """``kind`` ("properties", "signals", "methods") of class ``name`` and its bases in UI_CLASSES."""
+    found: set[str] = set()
+    while name is not None:
+        assert name in UI_CLASSES, f"{name} is not in UI_CLASSES: look it up in Slicer/CTK/Qt sources and add it"
+        found |= UI_CLASSES[name][kind]
+        name = UI_CLASSES[name]["base"]
+    return found
+
+
+def normalized_signature(signature: str) -> str:
+    """Qt's normalized form for the signatures used here: no spaces, ``const T&`` -> ``T``."""
+    signature = re.sub(r"\bconst\s+", "", signature).replace("&", "")
+    return re.sub(r"\s+", "", signature)
+
+
+def test_ui_widget_classes_and_properties_exist():
+    """Every widget class in the .ui is one Slicer's UI loader knows (in the table above), and every property the .ui
+    sets is one that class has: QUiLoader skips an unknown property with only a warning."""
+    root = ET.parse(UI).getroot()
+    for widget in root.iter("widget"):
+        cls, name = widget.get("class"), widget.get("name")
+        properties = class_members(cls, "properties")
+        for prop in widget.findall("property"):
+            assert prop.get("name") in properties, f"{name} ({cls}) has no property {prop.get('name')!r}"
+    for connection in root.iter("connection"):
+        sender, receiver = connection.findtext("sender"), connection.findtext("receiver")
+        signal, slot = connection.findtext("signal"), connection.findtext("slot")
+        classes = ui_widgets()
+        assert signal in class_members(classes[sender], "signals"), f".ui connection: {sender} has no {signal}"
+        assert slot.split("(")[0] in class_members(classes[receiver], "methods"), f".ui: {receiver} has no {slot}"
+
+
+def _ui_chain(node: ast.AST) -> str | None:
+    """``x.ui.<name>`` -> ``<name>``."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
+        return node.attr
+    return None
+
+
+def _qt_assignments(tree: ast.AST) -> dict[str, str]:
+    """``self.<attr> = qt.<Class>(...)`` in the module file -> {attr: Class}."""
+    found = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute) and isinstance(node.value.func.value, ast.Name)
+                and node.value.func.value.id == "qt"):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute):
+                    found[target.attr] = node.value.func.attr
+    return found
+
+
+def _receiver_class(node: ast.AST, qt_objects: dict[str, str]) -> str | None:
+    widgets = ui_widgets()
+    name = _ui_chain(node)
+    if name is not None:
+        return widgets[name]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return qt_objects.get(node.attr)
+    if ast.unparse(node) == "slicer.app":
+        return "qSlicerApplication"
+    return None
+
+
+def module_connections(source: str) -> list[tuple[int, str, str]]:
+    """(line, receiver class, signal) of every ``receiver.connect("signal(...)", slot)`` in ``source``."""
+    tree = ast.parse(source)
+    qt_objects = _qt_assignments(tree)
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and node.args and isinstance(node.args[0], ast.Constant)
+                and re.fullmatch(r"\w+\(.*\)", str(node.args[0].value))):  # not the logic's connect(url)
+            cls = _receiver_class(node.func.value, qt_objects)
+            assert cls is not None, f"line {node.lineno}: connect on {ast.unparse(node.func.value)}: add its class"
+            found.append((node.lineno, cls, node.args[0].value))
+    return found
+
+
+def test_module_connects_only_signals_the_widgets_have():
+    """Each ``.connect("signal(args)", slot)`` in the module file names a signal its receiver's class has. PythonQt
+    looks the signature up (normalized, PythonQtSignalReceiver::getSignalIndex) and, for one the class lacks, only
+    prints "signal ... does not exist" and connects nothing (PythonQtStdDecorators::connect, commontk/PythonQt)."""
+    connections = module_connections(SCRIPT.read_text())
+    assert len(connections) >= 8  # the module's buttons, fields, selector, timers and Slicer's startup
+    for line, cls, signal in connections:
+        signals = class_members(cls, "signals")
+        assert normalized_signature(signal) in signals, f"MedSIGHTSlicer.py:{line}: {cls} has no signal {signal}"
+
+
+def test_module_reads_ui_properties_as_attributes_and_calls_only_methods():
+    """``self.ui.<name>.<attr>`` in the module file and the self-test: an attribute read or written is a property of
+    that widget's class, a call is a method of it (never a property called like a method)."""
+    widgets = ui_widgets()
+    for path in (SCRIPT, SELF_TEST):
+        tree = ast.parse(path.read_text())
+        called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or _ui_chain(node.value) is None:
+                continue
+            cls = widgets[_ui_chain(node.value)]
+            where = f"{path.name}:{node.lineno}: {ast.unparse(node)} ({cls})"
+            if id(node) in called:
+                assert node.attr not in class_members(cls, "properties"), f"{where}: a property, read it unbound"
+                assert node.attr in class_members(cls, "methods"), f"{where}: no such method"
+            else:
+                assert node.attr in class_members(cls, "properties"), f"{where}: no such property"
+
+
+def test_ui_layouts_fit_what_the_module_adds():
+    """The module adds rows to the Engine section (QFormLayout.addRow) and widgets to the conversation placeholder
+    (a box layout's addWidget)."""
+    root = ET.parse(UI).getroot()
+    layouts = {w.get("name"): w.find("layout").get("class") for w in root.iter("widget")
+               if w.find("layout") is not None}
+    source = SCRIPT.read_text()
+    for name, method in re.findall(r"self\.ui\.(\w+)\.layout\(\)\.(\w+)\(", source):
+        expected = {"addRow": {"QFormLayout"}, "addWidget": {"QVBoxLayout", "QHBoxLayout", "QFormLayout"}}[method]
+        assert layouts.get(name) in expected, f"{name} has a {layouts.get(name)}, the module calls {method}"
+
+
+def test_resources_the_module_opens_are_installed():
+    """Every ``self.resourcePath(...)`` the module opens is listed in MODULE_PYTHON_RESOURCES (so the extension
+    package has it), as is the module icon ScriptedLoadableModule looks for (Resources/Icons/<module name>.png,
+    Base/Python/slicer/ScriptedLoadableModule.py at v5.8.0)."""
+    from MedSIGHTSlicerLib import naming
+
+    text = (MODULE / "CMakeLists.txt").read_text()
+    resources = {r.replace("${MODULE_NAME}", "MedSIGHTSlicer") for r in cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    constants = {"TERMINOLOGY_FILE": naming.TERMINOLOGY_FILE}
+    opened = []
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "resourcePath":
+            arg = node.args[0]
+            value = arg.value if isinstance(arg, ast.Constant) else constants.get(getattr(arg, "id", ""))
+            assert value is not None, f"line {node.lineno}: resourcePath({ast.unparse(arg)}): add it to `constants`"
+            opened.append(f"Resources/{value}")
+    assert len(opened) >= 2  # the .ui and the terminology context
+    missing = sorted({*opened, "Resources/Icons/MedSIGHTSlicer.png"} - resources)
+    assert not missing, f"opened at run time but not installed: {missing}"
+    for path in opened:
+        assert (MODULE / path).is_file(), path
+
+
+def test_extension_wizard_finds_the_module():
+    """Slicer's Extension Wizard (README: "Select Extension") loads a folder's modules with ModuleInfo.findModules
+    (Modules/Scripted/ExtensionWizard/ExtensionWizardLib/ModuleInfo.py, v5.8.0 to v5.12.0): it reads each .py with the
+    platform's default encoding (cp1252 on Windows, where a UTF-8 byte above 127 may fail and hide the module), skips
+    folders holding an __init__.py and wants a class named like the file whose base is the bare name
+    ``ScriptedLoadableModule``."""
+    assert not (MODULE / "__init__.py").exists() and not (REPO / "__init__.py").exists()
+    data = SCRIPT.read_bytes()
+    assert data.isascii(), f"non-ASCII byte at {next(i for i, b in enumerate(data) if b > 127)}"
+    module_class = next(n for n in ast.parse(data).body if isinstance(n, ast.ClassDef) and n.name == SCRIPT.stem)
+    assert "ScriptedLoadableModule" in [getattr(base, "id", None) for base in module_class.bases]
+
+
+def test_module_package_install_failure_reaches_the_user_once_and_clearly():
+    """The module file's ensure_packages, run with a real pip that fails and the slicer.util behaviour it relies on:
+    Slicer's tryWithErrorDisplay shows a dialog and then re-raises (Base/Python/slicer/util.py, v5.8.0 l.3279-3320,
+    same in v5.12.0), and pip_install raises CalledProcessError. Before, the install ran inside tryWithErrorDisplay
+    with a ``return False`` after it that never ran: the user got the dialog, then Export's own message with a pip
+    command line in it. Now the one error is a ValueError naming the package, the wait cursor is restored."""
+    import __future__
+
+    import contextlib
+
+    from medsight_testing.pip import UNINSTALLABLE, pip_install
+    from MedSIGHTSlicerLib import packages
+
+    dialogs, cursor = [], []
+
+    @contextlib.contextmanager
+    def try_with_error_display(message=None, show=True, waitCursor=False):
+        try:
+            yield
+        except Exception as err:
+            dialogs.append(f"{message}\n\n{err}")
+            raise
+
+    util = types.SimpleNamespace(confirmOkCancelDisplay=lambda text, windowTitle=None: True,
+                                 pip_install=pip_install, tryWithErrorDisplay=try_with_error_display)
+    app = types.SimpleNamespace(setOverrideCursor=lambda shape: cursor.append(shape),
+                                restoreOverrideCursor=lambda: cursor.pop())
+    namespace = {"packages": packages, "slicer": types.SimpleNamespace(util=util, app=app),
+                 "qt": types.SimpleNamespace(Qt=types.SimpleNamespace(WaitCursor="wait"))}
+    function = next(node for node in ast.parse(SCRIPT.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "ensure_packages")
+    exec(compile(ast.Module([function], []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag),
+         namespace)
+    with pytest.raises(ValueError, match=r"^installing medsight-no-such-package into Slicer's Python failed \(pip "
+                                         r"exit status 1\)"):
+        namespace["ensure_packages"]([UNINSTALLABLE], "DICOM SEG export")
+    assert dialogs == [] and cursor == []
+
+
+def _required_positional(function: ast.FunctionDef | ast.Lambda, bound: bool) -> int:
+    """Positional parameters without a default (``self`` not counted for a bound method); -1: takes ``*args``."""
+    args = function.args
+    if args.vararg is not None:
+        return -1
+    positional = args.posonlyargs + args.args
+    return len(positional) - len(args.defaults) - (1 if bound else 0)
+
+
+def test_module_slots_take_what_the_signal_passes():
+    """PythonQt calls a slot with the signal's arguments, dropping those beyond the slot's own positional parameters
+    (PythonQtSignalTarget::call, commontk/PythonQt), but never supplies missing ones: a slot needing more than the
+    signal carries raises TypeError each time it fires. Every slot the module file connects takes at most what its
+    signal passes."""
+    tree = ast.parse(SCRIPT.read_text())
+    methods = {node.name: node for cls in tree.body if isinstance(cls, ast.ClassDef) for node in cls.body
+               if isinstance(node, ast.FunctionDef)}
+    lib_classes = {"engine": (LIB / "engine_process.py", "EngineProcess")}
+    checked = 0
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)
+                and re.fullmatch(r"\w+\(.*\)", str(node.args[0].value))):
+            continue
+        signal, slot = node.args[0].value, node.args[1]
+        passed = len([a for a in signal[signal.index("(") + 1:-1].split(",") if a.strip()])
+        if isinstance(slot, ast.Lambda):
+            needed = _required_positional(slot, bound=False)
+        elif isinstance(slot, ast.Attribute) and isinstance(slot.value, ast.Name) and slot.value.id == "self":
+            needed = _required_positional(methods[slot.attr], bound=True)
+        else:  # self.<lib object>.<method>
+            path, cls_name = lib_classes[slot.value.attr]
+            cls = next(c for c in ast.parse(path.read_text()).body
+                       if isinstance(c, ast.ClassDef) and c.name == cls_name)
+            needed = _required_positional(next(f for f in cls.body if getattr(f, "name", "") == slot.attr), bound=True)
+        assert needed <= passed, f"MedSIGHTSlicer.py:{node.lineno}: {ast.unparse(slot)} needs {needed}, {signal} passes"
+        checked += 1
+    assert checked == len(module_connections(SCRIPT.read_text()))
+
+
+class _SlicerModuleBase:
+    """What the module class uses of Slicer's ScriptedLoadableModule (Base/Python/slicer/ScriptedLoadableModule.py,
+    v5.8.0 to v5.12.0): the parent kept, and resourcePath = <folder of parent.path>/Resources/<filename>."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def resourcePath(self, filename):  # noqa: N802 - Slicer's name
+        return str(Path(self.parent.path).parent / "Resources" / filename)
+
+
+def test_terminology_is_loaded_at_startup_not_only_when_the_panel_opens():
+    """Slicer 5.8's terminology picker finds an entry only in a loaded context: for any other it logs "Failed to find
+    terminology with context name" and selects nothing (qSlicerTerminologyNavigatorWidget::setTerminologyEntry,
+    Modules/Loadable/Terminologies/Widgets/qSlicerTerminologyNavigatorWidget.cxx at v5.8.0). Segments the module
+    wrote name its context ("... - MedSIGHT"), which the module loaded only in the widget's setup(): reopening a saved
+    segmentation in a later session, its terms could not be shown or edited until the MedSIGHT panel had been opened.
+    The module now loads the context at start-up (as SlicerMONAIAuto3DSeg does), once: the widget's call adds none."""
+    import __future__
+
+    from MedSIGHTSlicerLib import naming
+
+    connections, loads = {}, []
+
+    class Terminologies:
+        def LoadTerminologyFromFile(self, path):  # noqa: N802 - Slicer's name
+            loads.append(path)
+            return json.loads(Path(path).read_text())["SegmentationCategoryTypeContextName"]
+
+    class Store(dict):
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+    app = types.SimpleNamespace(connect=lambda signal, slot: connections.setdefault(signal, []).append(slot),
+                                commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
+    slicer = types.SimpleNamespace(app=app, modules=types.SimpleNamespace(
+        terminologies=types.SimpleNamespace(logic=Terminologies)))
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModule": _SlicerModuleBase, "slicer": slicer,
+                 "qt": types.SimpleNamespace(QSettings=Store)}
+    tree = ast.parse(SCRIPT.read_text())
+    def wanted(node: ast.stmt) -> bool:  # the Lib imports, the constants and the module class
+        if isinstance(node, ast.ImportFrom):
+            return (node.module or "").startswith("MedSIGHTSlicerLib")
+        if isinstance(node, ast.Assign):
+            return all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets)
+        return isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicer"
+
+    nodes = [node for node in tree.body if wanted(node)]
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    module = namespace["MedSIGHTSlicer"](types.SimpleNamespace(path=str(SCRIPT)))
+    for slot in connections.get("startupCompleted()", []):
+        slot()
+    assert loads == [str(MODULE / "Resources" / naming.TERMINOLOGY_FILE)]
+    assert module.terminology_context == naming.TERMINOLOGY_CONTEXT  # the name its entries carry
+    module.load_terminology()  # what the widget's setup() calls, for a module loaded after start-up
+    assert len(loads) == 1

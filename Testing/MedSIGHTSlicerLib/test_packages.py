@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from medsight_testing.pip import UNINSTALLABLE, pip_install
 from MedSIGHTSlicerLib.packages import (
     PINNED,
     constraints_file,
     constraints_text,
     dicom_seg_requirements,
+    ensure,
     installed_versions,
     missing,
     requirement_name,
@@ -48,3 +52,33 @@ def test_pip_honours_the_constraints(tmp_path):
         refused = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
                                   "--constraint", path, pinned], capture_output=True, text=True)
     assert refused.returncode != 0 and "numpy" in (refused.stderr + refused.stdout)
+
+
+def test_ensure_asks_first_and_declining_installs_nothing():
+    questions, installs = [], []
+    assert ensure(["numpy"], "Export", questions.append, installs.append) is True  # nothing missing: no question
+    assert ensure([UNINSTALLABLE, "numpy"], "DICOM SEG export", lambda q: questions.append(q) or False,
+                  installs.append) is False
+    assert questions == ["DICOM SEG export needs the Python package(s) medsight-no-such-package. "
+                         "Install them into 3D Slicer now?"]
+    assert installs == []
+
+
+def test_ensure_installs_with_the_constraints_and_a_failed_pip_is_one_clear_error():
+    """pip's failure becomes a ValueError naming the package and pip's exit status (Slicer's CalledProcessError reads
+    as a pip command line with a temporary file in it); the constraints file is gone afterwards. Before, the module's
+    ensure_packages let CalledProcessError through after its own error dialog, so the user got two errors."""
+    calls = []
+
+    def install(args: list[str]) -> None:
+        constraints = args[args.index("--constraint") + 1]
+        calls.append((args, Path(constraints).read_text()))
+        pip_install(args)
+
+    with pytest.raises(ValueError) as failed:
+        ensure([UNINSTALLABLE], "DICOM SEG export", lambda q: True, install)
+    assert str(failed.value) == ("installing medsight-no-such-package into Slicer's Python failed (pip exit status 1); "
+                                 "pip's output is in the Python console")
+    (args, constraints_seen), = calls
+    assert args[0] == UNINSTALLABLE and constraints_seen == constraints_text()
+    assert not Path(args[args.index("--constraint") + 1]).exists()
