@@ -182,7 +182,7 @@ def test_damaged_and_placeholder_weight_files_are_named(golden, tmp_path):
         load_tiny_release(golden, root)
     assert "unimed_clip_vit_l14.pt: not a readable PyTorch checkpoint (damaged or not a checkpoint" in str(err.value)
     assert "refused" not in str(err.value)  # nothing was refused: no advice to unpickle it without the allow-list
-    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; a checkpoint file is needed"):
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; expected the checkpoint file"):
         load_tiny_release(golden, root, vision=root / "medsight_full_instruct")
 
 

@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsight.user_files import check_user_file
+
 # medsight.model.unpickling is imported where it is used: importing it with the package would make
 # `python -m medsight.model.unpickling` (the converter) warn that the module ran after being imported.
 
@@ -43,10 +45,7 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     and never rewrite the file while they live. A `.safetensors` file (what `convert_trusted` writes) is read as is.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    check_user_file(path, "checkpoint file", CheckpointError)
     refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return read_safetensors_file(path)
