@@ -27,11 +27,15 @@ from medsight.model.checkpoints import (
     split_lvlm_state,
 )
 from medsight.model.hub import (
+    CODEBOOK_FILES,
     LVLM_FOLDER,
+    PERCEIVER_FILES,
     PERCEIVER_FOLDER,
     UNIMED_CLIP,
+    VISION_FILES,
     HubUnreachableError,
     cached_release,
+    checkpoint_patterns,
     fetch_release,
     parse_repo,
     plan_release,
@@ -214,15 +218,15 @@ def _finish(model: MedSIGHTModel) -> MedSIGHTModel:
 # and the copy written beside it: the search takes both suffixes, and of one checkpoint the safetensors copy.
 def _checkpoints(folder: Path, *patterns: str) -> list[Path]:
     """Matching .pt and .safetensors files by name (the step), a converted .safetensors copy before its .pt."""
-    found = {p for pattern in patterns for suffix in (".pt", ".safetensors") for p in folder.glob(pattern + suffix)}
+    found = {p for pattern in checkpoint_patterns(patterns) for p in folder.glob(pattern)}
     return sorted(found, key=lambda p: (p.with_suffix("").as_posix(), p.suffix != ".safetensors"))
 
 
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    perceivers = _checkpoints(folder, f"{PERCEIVER_FOLDER}/*")
-    clip = _checkpoints(folder, "*clip*", "*CLIP*")
-    codebooks = _checkpoints(folder, "codebook*/*", "*codebook*")
+    perceivers = _checkpoints(folder, *PERCEIVER_FILES)
+    clip = _checkpoints(folder, *VISION_FILES)
+    codebooks = _checkpoints(folder, *CODEBOOK_FILES)
     return {
         "lvlm": lvlm,
         "perceiver": _latest(perceivers),
