@@ -365,3 +365,36 @@ def test_the_error_codes_the_client_acts_on_are_the_engines():
             assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
     client_codes = {"connection_error", "timeout"}
     assert set(_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
+
+
+def test_one_list_of_message_roles():
+    """The roles the client lets a message have are the ones the engine's request schema accepts."""
+    assert typing.get_args(schemas.MessageIn.model_fields["role"].annotation) == protocol.ROLES
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost", "0.0.0.0", "10.0.0.2", "::",
+                                  "example.org", "localhost.example.org", "128.0.0.1"])
+def test_both_sides_count_the_same_hosts_as_this_computer(host):
+    """The engine asks for a token when it listens beyond this computer; the module asks for consent before sending
+    images beyond it: one rule of which hosts are this computer."""
+    from medsight.server.security import is_loopback
+    from MedSIGHTSlicerLib.settings import is_loopback_url
+
+    url = f"http://[{host}]:8765" if ":" in host else f"http://{host}:8765"
+    assert is_loopback_url(url) == is_loopback(host)
+
+
+def test_the_default_serve_command_serves_where_the_module_connects_by_default():
+    """'Start local engine' runs DEFAULT_SERVE_COMMAND and then talks to DEFAULT_URL: the engine's own parser reads
+    the command's host and port, and its defaults are the same address."""
+    from urllib.parse import urlsplit
+
+    from medsight.cli import _parser
+    from MedSIGHTSlicerLib.client import DEFAULT_URL
+    from MedSIGHTSlicerLib.engine_launch import DEFAULT_SERVE_COMMAND, split_command
+
+    _, *arguments = split_command(DEFAULT_SERVE_COMMAND)
+    given, defaults = _parser().parse_args(arguments), _parser().parse_args(["serve"])
+    url = urlsplit(DEFAULT_URL)
+    assert (given.host, given.port) == (defaults.host, defaults.port) == (url.hostname, url.port)
+    assert given.model == defaults.model
