@@ -51,7 +51,6 @@ ENGINE_ERRORS = {
     "body_timeout": (408,),  # a request body that arrived too slowly
 }
 ROLES = ("user", "assistant", "system")
-STREAM_EVENTS = ("job", "token", "region", "done", "error")
 
 
 def _require(data: Any, name: str, *keys: str) -> Mapping[str, Any]:
