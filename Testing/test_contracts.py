@@ -398,3 +398,31 @@ def test_the_default_serve_command_serves_where_the_module_connects_by_default()
     url = urlsplit(DEFAULT_URL)
     assert (given.host, given.port) == (defaults.host, defaults.port) == (url.hostname, url.port)
     assert given.model == defaults.model
+
+
+def test_every_array_the_client_uploads_the_engine_reads():
+    """`protocol.npy_bytes` refuses what it cannot send before the upload; what it sends, the engine must take (a
+    boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""
+    import io
+
+    from medsight.imaging.errors import ImagingError
+    from medsight.server.volume_store import array_from_npy, read_npy_header, volume_from_upload
+
+    arrays = [np.zeros((4, 5, 6), dtype) for dtype in (bool, np.int8, np.int16, np.uint16, np.int32, np.float16,
+                                                        np.float32, np.float64, np.complex64)]
+    arrays += [np.zeros((5, 6), np.float32), np.zeros((5, 6, 3), np.uint8), np.zeros(5, np.float32),
+               np.zeros((4, 5, 6, 3), np.uint8)]
+    sent = 0
+    for array in arrays:
+        try:
+            body = bytearray(protocol.npy_bytes(array))
+        except ValueError:
+            continue
+        sent += 1
+        try:
+            header = read_npy_header(body, array.size)
+            volume_from_upload(array_from_npy(header, body), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT")
+        except ImagingError as err:
+            pytest.fail(f"the client sends {array.dtype} {array.shape}, the engine refuses it: {err}")
+        assert np.array_equal(np.load(io.BytesIO(bytes(body))), array)
+    assert sent == len(arrays) - 4  # bool, complex, 1D and the 4D colour volume (the module sends scalars) stay here
