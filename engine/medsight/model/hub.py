@@ -79,6 +79,8 @@ OFFICIAL_LAYOUT = (
     LayoutPart(checkpoint_patterns(VISION_FILES), needed=False),  # beside the release, where the loader looks
 )
 CODEBOOK = LayoutPart(checkpoint_patterns(CODEBOOK_FILES))
+#: What a folder or repository is when it is neither layout, for errors.
+NO_LAYOUT = f"neither our format ({CONFIG_FILE}) nor the official layout ({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
 
 
 def _layout(files: list[str], codebook: bool) -> tuple[LayoutPart, ...]:
@@ -224,8 +226,7 @@ def plan_release(repo_id: str, revision: str | None = None, codebook: bool = Fal
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     files = release_files(list(sizes), codebook)
     if not files:
-        raise CheckpointError(f"Hugging Face repository {repo_id}: no MedSIGHT files (neither {CONFIG_FILE} nor "
-                              f"{PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)")
+        raise CheckpointError(f"Hugging Face repository {repo_id}: no MedSIGHT files ({NO_LAYOUT})")
     extra = []
     if vision and not _any_match(files, checkpoint_patterns(VISION_FILES)):
         extra.append((UNIMED_CLIP, plan_file(UNIMED_CLIP).total))

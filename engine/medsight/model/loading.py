@@ -29,6 +29,7 @@ from medsight.model.checkpoints import (
 from medsight.model.hub import (
     CODEBOOK_FILES,
     LVLM_FOLDER,
+    NO_LAYOUT,
     PERCEIVER_FILES,
     PERCEIVER_FOLDER,
     UNIMED_CLIP,
@@ -381,10 +382,7 @@ def load_model(
         else:
             found = _find_official_files(folder)
             if found["perceiver"] is None:
-                raise CheckpointError(
-                    f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
-                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/){_what_it_is(folder)}"
-                )
+                raise CheckpointError(f"{folder}: {NO_LAYOUT}{_what_it_is(folder)}")
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             # A clone without Git LFS: say so before asking for a 5 GB vision file the clone could not use anyway.
             refuse_lfs_pointer(found["perceiver"])
