@@ -365,3 +365,64 @@ def test_the_error_codes_the_client_acts_on_are_the_engines():
             assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
     client_codes = {"connection_error", "timeout"}
     assert set(_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
+
+
+def test_one_list_of_message_roles():
+    """The roles the client lets a message have are the ones the engine's request schema accepts."""
+    assert typing.get_args(schemas.MessageIn.model_fields["role"].annotation) == protocol.ROLES
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost", "0.0.0.0", "10.0.0.2", "::",
+                                  "example.org", "localhost.example.org", "128.0.0.1"])
+def test_both_sides_count_the_same_hosts_as_this_computer(host):
+    """The engine asks for a token when it listens beyond this computer; the module asks for consent before sending
+    images beyond it: one rule of which hosts are this computer."""
+    from medsight.server.security import is_loopback
+    from MedSIGHTSlicerLib.settings import is_loopback_url
+
+    url = f"http://[{host}]:8765" if ":" in host else f"http://{host}:8765"
+    assert is_loopback_url(url) == is_loopback(host)
+
+
+def test_the_default_serve_command_serves_where_the_module_connects_by_default():
+    """'Start local engine' runs DEFAULT_SERVE_COMMAND and then talks to DEFAULT_URL: the engine's own parser reads
+    the command's host and port, and its defaults are the same address."""
+    from urllib.parse import urlsplit
+
+    from medsight.cli import _parser
+    from MedSIGHTSlicerLib.client import DEFAULT_URL
+    from MedSIGHTSlicerLib.engine_launch import DEFAULT_SERVE_COMMAND, split_command
+
+    _, *arguments = split_command(DEFAULT_SERVE_COMMAND)
+    given, defaults = _parser().parse_args(arguments), _parser().parse_args(["serve"])
+    url = urlsplit(DEFAULT_URL)
+    assert (given.host, given.port) == (defaults.host, defaults.port) == (url.hostname, url.port)
+    assert given.model == defaults.model
+
+
+def test_every_array_the_client_uploads_the_engine_reads():
+    """`protocol.npy_bytes` refuses what it cannot send before the upload; what it sends, the engine must take (a
+    boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""
+    import io
+
+    from medsight.imaging.errors import ImagingError
+    from medsight.server.volume_store import array_from_npy, read_npy_header, volume_from_upload
+
+    arrays = [np.zeros((4, 5, 6), dtype) for dtype in (bool, np.int8, np.int16, np.uint16, np.int32, np.float16,
+                                                        np.float32, np.float64, np.complex64)]
+    arrays += [np.zeros((5, 6), np.float32), np.zeros((5, 6, 3), np.uint8), np.zeros(5, np.float32),
+               np.zeros((4, 5, 6, 3), np.uint8)]
+    sent = 0
+    for array in arrays:
+        try:
+            body = bytearray(protocol.npy_bytes(array))
+        except ValueError:
+            continue
+        sent += 1
+        try:
+            header = read_npy_header(body, array.size)
+            volume_from_upload(array_from_npy(header, body), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT")
+        except ImagingError as err:
+            pytest.fail(f"the client sends {array.dtype} {array.shape}, the engine refuses it: {err}")
+        assert np.array_equal(np.load(io.BytesIO(bytes(body))), array)
+    assert sent == len(arrays) - 4  # bool, complex, 1D and the 4D colour volume (the module sends scalars) stay here

@@ -11,23 +11,10 @@ import argparse
 import platform
 import time
 
-import numpy as np
 import torch
 
 import medsight
 from medsight.engine import VolumeSlices
-from medsight.imaging import Volume
-
-
-def mni_volume() -> Volume:
-    from nilearn.datasets import load_mni152_template
-
-    img = load_mni152_template(resolution=2)
-    data = np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return Volume(data, spacing=tuple(spacing), origin=tuple(lps[:3, 3]), direction=lps[:3, :3] / spacing,
-                  modality="MR")
 
 
 def timed(fn) -> float:
@@ -43,6 +30,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+
+    from official_style import mni_volume  # one MNI152 volume for every benchmark
 
     engine = medsight.Engine.load(args.model, device=args.device)
     volume = mni_volume()

@@ -50,17 +50,13 @@ QUESTION = "Please segment the white matter."
 
 
 def mni_volume():
-    """The MNI152 template as a medsight Volume (same as benchmarks/engine_throughput.py)."""
+    """The MNI152 template as a medsight Volume (also benchmarks/engine_throughput.py's and speed_levers.py's)."""
     from nilearn.datasets import load_mni152_template
 
-    from medsight.imaging import Volume
+    from medsight.imaging.volume import volume_from_ras
 
     img = load_mni152_template(resolution=2)
-    data = np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return Volume(data, spacing=tuple(spacing), origin=tuple(lps[:3, 3]), direction=lps[:3, :3] / spacing,
-                  modality="MR")
+    return volume_from_ras(np.asarray(img.get_fdata(), dtype=np.float32), img.affine, modality="MR")
 
 
 def slice_images(volume, indices: list[int]) -> list[np.ndarray]:

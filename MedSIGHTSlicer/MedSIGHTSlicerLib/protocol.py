@@ -51,7 +51,6 @@ ENGINE_ERRORS = {
     "body_timeout": (408,),  # a request body that arrived too slowly
 }
 ROLES = ("user", "assistant", "system")
-STREAM_EVENTS = ("job", "token", "region", "done", "error")
 
 
 def _require(data: Any, name: str, *keys: str) -> Mapping[str, Any]:
@@ -549,10 +548,11 @@ def volume_query(
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
-    """The upload body: the array in NPY format (no pickles). Accepts numeric (bool/int/uint/float) arrays."""
+    """The upload body: the array in NPY format (no pickles). Accepts integer and float arrays (the engine refuses
+    booleans: a mask is not an image)."""
     array = np.asarray(array)
-    if array.dtype.kind not in "biuf":
-        raise ValueError(f"cannot upload an array of dtype {array.dtype}; use a numeric array")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"cannot upload an array of dtype {array.dtype}; use an integer or float array")
     if array.ndim not in (2, 3):
         raise ValueError(f"expected a (k, j, i) volume or an (H, W[, 3]) image, got {array.ndim} dimensions")
     buffer = io.BytesIO()

@@ -237,10 +237,6 @@ class MedSIGHTSession:
             state.manager = SuggestionManager(self.scene, node, model=self.model_name)
         return state.manager
 
-    def apply_answer(self, node, answer: SliceAnswer, question: str = "", model: str | None = None) -> list[str]:
-        self._state(node).answers[(answer.plane, answer.index)] = answer
-        return self.suggestion_manager(node).add_answer(answer, question=question, model=model or self.model_name)
-
     def apply_answers(self, node, answers: Sequence[SliceAnswer], question: str = "",
                       model: str | None = None) -> list[str]:
         """One question's answers: regions of the same finding on several slices become one 3D suggestion."""

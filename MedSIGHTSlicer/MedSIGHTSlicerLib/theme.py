@@ -11,7 +11,7 @@ from typing import Any
 
 from .qt_shim import qt
 
-__all__ = ["Colours", "colours_of", "contrast", "is_dark", "mix", "readable"]
+__all__ = ["Colours", "colours_of", "contrast", "mix", "readable"]
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,6 @@ def readable(colour: tuple[float, float, float], base: tuple[int, int, int], tex
         if contrast(mixed, base) >= ratio:
             return mixed
     return text
-
-
-def is_dark(widget: Any) -> bool:
-    """Whether the widget's background is dark (Slicer's dark theme)."""
-    return colours_of(widget).dark
 
 
 def colours_of(widget: Any) -> Colours:

@@ -3,8 +3,9 @@
 import pytest
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
-from medsight.prompt import Message, prompt_text, render_messages, strip_assistant_prefix, tokenize_prompt
+from medsight.prompt import Message, render_messages, strip_assistant_prefix, tokenize_prompt
 from medsight.tokens import CodeVocabulary, parse_code_labels
+from medsight_testing.prompts import prompt_text
 from medsight_testing.qwen import qwen3_tokenizer
 
 SPEC_PROMPT = (

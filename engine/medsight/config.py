@@ -56,10 +56,6 @@ class PerceiverConfig:
     ff_mult: int = 4
     num_classes: int = 17  # plus one "no object" logit
 
-    @property
-    def inner_dim(self) -> int:
-        return self.heads * self.dim_head
-
 
 @dataclass
 class CodebookConfig:

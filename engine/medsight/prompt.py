@@ -48,11 +48,6 @@ def render_messages(messages: Sequence[Message], num_images: int = 1) -> list[st
     return rendered
 
 
-def prompt_text(question: str, num_images: int = 1) -> str:
-    """The full prompt string for a single question (before the image placeholder is replaced)."""
-    return "".join(render_messages([Message("user", question)], num_images))
-
-
 def tokenize_turns(tokenizer, messages: Sequence[Message], num_images: int = 1) -> list[tuple[str, list[int]]]:
     """Each rendered turn (system first) with its token ids, one IMAGE_TOKEN_INDEX per image: the one tokenisation
     of prompts (`tokenize_prompt`) and of training conversations (`medsight.train.losses.training_labels`)."""

@@ -47,6 +47,16 @@ def read_user_image(path: str | Path, what: str, mode: str = "RGB",
         raise _unreadable(path, what, err, error) from None
 
 
+def check_user_file(path: str | Path, what: str, error: type[ValueError] = ValueError) -> None:
+    """A file the user named is there and is a file, checked before long work that reads it later; a missing one or
+    a folder raises `error` in the words the readers above use."""
+    path = Path(path)
+    if path.is_dir():
+        raise _unreadable(path, what, IsADirectoryError(), error)
+    if not path.is_file():
+        raise _unreadable(path, what, FileNotFoundError(), error)
+
+
 def _unreadable(path: Path, what: str, err: Exception, error: type[ValueError]) -> ValueError:
     """The one-line error for a user's file that cannot be read, saying whether it is missing or a folder."""
     if isinstance(err, FileNotFoundError):

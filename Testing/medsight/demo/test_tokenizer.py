@@ -9,11 +9,12 @@ import torch
 
 from medsight.config import tiny_config
 from medsight.demo import fill_codes
-from medsight.demo.tokenizer import build_demo_tokenizer, corpus, learn_merges, tokens_per_word
+from medsight.demo.tokenizer import build_demo_tokenizer, corpus, learn_merges
 from medsight.model.loading import build_model, load_pretrained, save_pretrained
 from medsight.model.tokenizer import CHAT_SPECIAL_TOKENS, build_bpe_tokenizer, build_byte_tokenizer
-from medsight.prompt import Message, prompt_text, tokenize_prompt
+from medsight.prompt import Message, tokenize_prompt
 from medsight.tokens import CodeVocabulary, all_code_names
+from medsight_testing.prompts import prompt_text, tokens_per_word
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,16 @@ def test_missing_files_give_clear_errors(golden, tmp_path):
         load_tiny_release(golden, root)
 
 
+
+@pytest.mark.parametrize("weight_map", [[], "model.safetensors", {"lm_head.weight": 3}])
+def test_a_malformed_safetensors_index_is_named(golden, tmp_path, weight_map):
+    """An index whose weight_map is no map of names to shard files raised AttributeError / TypeError."""
+    root = write_release(golden, tmp_path / "r")
+    index = root / "medsight_full_instruct" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"{index}: not a valid safetensors index"):
+        load_tiny_release(golden, root)
+
 def test_stage1_ema_layout_skips_the_vit(golden, tmp_path):
     state = torch.load(golden / "perceiver_stage1_ckpt.pt", weights_only=True)["model"]
     vit = torch.load(golden / "vision_encoder_clip.pt", weights_only=True)
@@ -182,7 +192,7 @@ def test_damaged_and_placeholder_weight_files_are_named(golden, tmp_path):
         load_tiny_release(golden, root)
     assert "unimed_clip_vit_l14.pt: not a readable PyTorch checkpoint (damaged or not a checkpoint" in str(err.value)
     assert "refused" not in str(err.value)  # nothing was refused: no advice to unpickle it without the allow-list
-    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; a checkpoint file is needed"):
+    with pytest.raises(CheckpointError, match=r"medsight_full_instruct is a folder; expected the checkpoint file"):
         load_tiny_release(golden, root, vision=root / "medsight_full_instruct")
 
 

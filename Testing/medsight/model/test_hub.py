@@ -208,7 +208,8 @@ def test_download_offline_reports_what_the_cache_holds(cache, release_dir, unime
     assert (code, out) == (0, str(snapshot)) and "the local Hugging Face cache holds everything needed" in err
     # The vision file and the codebook are checked when asked for, by name.
     code, out, err = download("--fetch-vision", "--codebook")
-    assert code == 2 and f"lacks codebook*/*.pt or *codebook*.pt, {UNIMED_CLIP}, and offline mode" in err
+    codebook = "codebook*/*.pt or codebook*/*.safetensors or *codebook*.pt or *codebook*.safetensors"
+    assert code == 2 and f"lacks {codebook}, {UNIMED_CLIP}, and offline mode" in err
     vision = cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file})
     assert download("--fetch-vision")[:2] == (0, str(snapshot))
     assert download(f"{VISION_REPO}:{VISION_FILE}")[:2] == (0, str(vision / VISION_FILE))
@@ -245,3 +246,30 @@ def test_download_refuses_two_different_revisions(source, capsys):
     assert "two revisions asked for: @v1" in err and "--revision v2" in err and "\n" not in err.strip()
     assert main(["download", source, "--revision", "v1", "--dir", "/nonexistent/never"]) == 2  # the same one: on
     assert "two revisions" not in capsys.readouterr().err
+
+
+def test_download_and_cache_check_take_the_files_the_loader_loads(cache, golden, tmp_path):
+    """The release layout was written three times: the download took `*.pt` checkpoints only and the cache check
+    asked for them, while the loader also finds the .safetensors copies `medsight.model.unpickling` converts; a
+    release of converted checkpoints loaded from a folder, but its download left them out and was called
+    incomplete."""
+    from medsight.model.hub import missing_from_cache, release_files
+    from medsight.model.unpickling import convert_trusted
+    from medsight_testing.release import write_release
+
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    converted = []
+    for pt in (root / "region_perceiver" / "0079280.pt", root / "unimed_clip_vit_l14.pt",
+               root / "codebook" / "0035673.pt"):
+        convert_trusted(pt, pt.with_suffix(".safetensors"))
+        pt.unlink()
+        converted.append(pt.with_suffix(".safetensors").relative_to(root).as_posix())
+    chosen = release_files(list(folder_files(root)), codebook=True)
+    assert set(converted) <= set(chosen)
+    snapshot = cache_repo(cache, "Caf0914/MedSIGHT", {name: root / name for name in chosen})
+    assert missing_from_cache(snapshot, codebook=True, vision=True) == []
+    from_folder = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    downloaded = load_model(snapshot, device="cpu", base_config=golden_base_config(golden))
+    for part in ("image_encoder", "region_perceiver", "codebook"):
+        a, b = getattr(from_folder, part).state_dict(), getattr(downloaded, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part

@@ -6,8 +6,9 @@ import torch
 from transformers import LogitsProcessor
 
 from medsight.model.generation import GenerationOptions
-from medsight.prompt import Message, prompt_text, tokenize_prompt
+from medsight.prompt import Message, tokenize_prompt
 from medsight_testing.parity import assert_matches
+from medsight_testing.prompts import prompt_text
 
 
 class ForceTokens(LogitsProcessor):

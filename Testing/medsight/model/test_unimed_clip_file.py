@@ -121,6 +121,7 @@ def test_the_converter_reports_bad_input_in_one_line(golden, tmp_path, capsys):
     (tmp_path / "page.pt").write_text("<!DOCTYPE html><html>rate limited</html>")
     clean = save_like_numpy1(unimed_clip_checkpoint(tower(golden), text_tower(8)), tmp_path / "trusted.pt")
     cases = ((tmp_path / "absent.pt", tmp_path / "a.safetensors", "checkpoint file not found: "),
+             (tmp_path, tmp_path / "d.safetensors", f"{tmp_path} is a folder; expected the checkpoint file"),
              (tmp_path / "page.pt", tmp_path / "b.safetensors", "page.pt: not a readable PyTorch checkpoint ("),
              (clean, tmp_path / "no_such_folder" / "c.safetensors", "cannot write "))
     for source, target, expected in cases:

@@ -84,6 +84,15 @@ def test_conversation_item_with_a_missing_image_file_is_named_before_training(da
         _conversations(data, tmp_path / "train.json", items)
 
 
+
+def test_conversation_item_whose_image_is_a_folder_is_named_before_training(data, tmp_path):
+    items = json.loads(data["lvlm"].read_text())
+    (tmp_path / "folder.png").mkdir()
+    items[1]["image"] = str(tmp_path / "folder.png")
+    with pytest.raises(ValueError, match=rf"train\.json: item 1 \(id {items[1]['id']!r}\): {tmp_path}/folder\.png is "
+                                         r"a folder; expected the image"):
+        _conversations(data, tmp_path / "train.json", items)
+
 def test_stage1_given_conversation_data_says_what_it_expects(data):
     with pytest.raises(ValueError, match=r"stages 1-2 expect a segmentation meta JSON object with roots, json_paths, "
                                          r"modality_labels; this file is a list \(conversation data is for stages "

@@ -42,6 +42,18 @@ def test_rng_state_round_trips_through_plain_data():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+
+def test_a_damaged_or_misplaced_json_state_file_is_named(tmp_path):
+    """read_json let a non-UTF-8 file or a folder through as UnicodeDecodeError / IsADirectoryError tracebacks."""
+    (tmp_path / "rng-rank0.json").write_bytes(b"\xff\xfe damaged")
+    (tmp_path / "trainer_state.json").mkdir()
+    cases = [("rng-rank0.json", r"cannot read the trainer state file .*rng-rank0\.json"),
+             ("trainer_state.json", r"trainer_state\.json is a folder; expected the trainer state file"),
+             ("absent.json", r"trainer state file not found: .*absent\.json")]
+    for name, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            trainer_state.read_json(tmp_path / name)
+
 def test_resume_refuses_a_state_file_with_objects(tmp_path):
     """A checkpoint whose trainer_state.pt carries a pickled object is refused, and the object never runs."""
     model = build_model(tiny_config(), seed=0)

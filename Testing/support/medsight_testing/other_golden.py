@@ -23,8 +23,9 @@ from medsight.model.loading import build_model
 from medsight.model.perceiver import next_stage_blocked, sine_position_encoding
 from medsight.model.tokenizer import load_tokenizer
 from medsight.model.vision import encode_image
-from medsight.prompt import Message, prompt_text, tokenize_prompt
+from medsight.prompt import Message, tokenize_prompt
 from medsight.train.losses import lvlm_losses, stage1_losses, stage2_losses, training_labels
+from medsight_testing.prompts import prompt_text
 
 # Deliberately unlike the official fixtures: odd grid, 2 perceiver stages, 12 queries, 9 classes, 3 LLM layers.
 OTHER = MedSIGHTConfig(

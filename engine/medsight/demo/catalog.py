@@ -23,7 +23,6 @@ MRI_BRAIN = Source("mri_brain", 1, "T1-weighted brain MRI", "MR", ("grey matter"
 CXR = Source("cxr", 2, "chest X-ray", "DX", ("right lung", "left lung", "heart", "lesion"))
 
 SOURCES: tuple[Source, ...] = (CT_ABDOMEN, MRI_BRAIN, CXR)
-SOURCE_BY_KEY: dict[str, Source] = {s.key: s for s in SOURCES}
 
 #: Global class list; the index is the COCO ``category_id`` (0-based so it is directly a class-head target).
 STRUCTURES: tuple[str, ...] = (

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsight.imaging import Volume
+from medsight.imaging.volume import volume_from_ras
 
 # ----------------------------------------------------------------------------------------------------------------
 # Abdominal CT phantom (Hounsfield units)
@@ -171,20 +172,6 @@ def load_mni(resolution: int = 2) -> MNITemplate:
     return MNITemplate(arr(t1), arr(gm), arr(wm), arr(brain) > 0.5, np.asarray(t1.affine, dtype=float))
 
 
-def _volume_from_ras(arr_xyz: np.ndarray, affine: np.ndarray, modality: str, source: str) -> Volume:
-    """A Volume (``[k, j, i]``, LPS geometry) from a NIfTI-style ``[x, y, z]`` array and RAS affine."""
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return Volume(
-        np.ascontiguousarray(arr_xyz.transpose(2, 1, 0)),
-        spacing=tuple(spacing),
-        origin=tuple(lps[:3, 3]),
-        direction=lps[:3, :3] / spacing,
-        modality=modality,
-        source=source,
-    )
-
-
 def make_brain_subject(rng: np.random.Generator, template: MNITemplate | None = None, lesion_p: float = 0.5) -> Phantom:
     """One synthetic T1 subject: the MNI template under a random affine, bias field, contrast and noise,
     with grey/white matter masks (probability >= 0.5) and, with probability ``lesion_p``, 1-2 ellipsoid lesions.
@@ -237,7 +224,7 @@ def make_brain_subject(rng: np.random.Generator, template: MNITemplate | None = 
     sigma = u(0.01, 0.04) * float(t1.max())
     t1 = np.hypot(t1 + rng.normal(0, sigma, t1.shape), rng.normal(0, sigma, t1.shape)).astype(np.float32)
 
-    volume = _volume_from_ras(t1, t.affine, "MR", "demo:mni152")
+    volume = volume_from_ras(t1, t.affine, modality="MR", source="demo:mni152")
     masks = {
         name: np.ascontiguousarray(mk.transpose(2, 1, 0))
         for name, mk in (("grey matter", gm), ("white matter", wm), ("lesion", lesion))

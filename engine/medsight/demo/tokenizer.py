@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from medsight.model.tokenizer import CHAT_SPECIAL_TOKENS, build_bpe_tokenizer
 from medsight.prompt import IMAGE_PLACEHOLDER, Message, render_messages
 
-from .qa import CODE_TOKEN, PLACEHOLDER, WORD
+from .qa import CODE_TOKEN, PLACEHOLDER
 
 #: Merges learned by default: on the "default" data (59 distinct answer words, capitalised and spaced variants) 512
 #: make every answer word one token; 384 left 4 rare ones (e.g. "gallbladder") at 3-5 tokens, 256 left 17.
@@ -56,14 +56,3 @@ def build_demo_tokenizer(items: Iterable[dict], num_merges: int = DEMO_MERGES,
                          max_length: int = 2048) -> PreTrainedTokenizerFast:
     """The demo tokenizer for a set of (training) LVLM items, placeholders or codes in their answers."""
     return build_bpe_tokenizer(learn_merges(corpus(items), num_merges), max_length)
-
-
-def tokens_per_word(tokenizer, text: str) -> list[tuple[str, int]]:
-    """Each word (letter run, `qa.WORD`; region codes and placeholders are no words) of ``text`` with the number
-    of tokens that cover part of it, as ``tokenizer`` splits the whole text (a leading space shares the word's
-    token)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(s, e) for s, e in enc["offset_mapping"] if e > s]
-    codes = [m.span() for pattern in (CODE_TOKEN, PLACEHOLDER) for m in pattern.finditer(text)]
-    return [(m.group(), sum(1 for s, e in spans if s < m.end() and e > m.start())) for m in WORD.finditer(text)
-            if not any(s <= m.start() < e for s, e in codes)]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality
+from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality, options_of
 from medsight.user_files import read_user_text
 
 #: OmniMedVQA prompt suffix (the options are NOT shown to the model, as officially).
@@ -200,7 +200,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
     for i, raw in enumerate(_load_list(path)):
         for key in OPTION_KEYS[:2]:
             _field(path, i, raw, key)
-        options = [str(raw[k]) for k in OPTION_KEYS if raw.get(k) is not None]
+        options = options_of(raw)
         question = _clean_question(_field(path, i, raw, "question"))
         items.append(EvalItem(
             id=str(_field(path, i, raw, "question_id")), question=question + MC_SUFFIX,

@@ -23,7 +23,7 @@ import numpy as np
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.server.rle import decode_mask, encode_mask
-from medsight.user_files import read_user_image
+from medsight.user_files import check_user_file, read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -269,9 +269,10 @@ def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) ->
     stop a long run part-way). Their contents are checked when read (`item_image`)."""
     for _, item in pending:
         for kind, path in [("image", item.image), *(("mask", m) for m in (item.masks if options.segment else []))]:
-            if not path.is_file():
-                state = "is a folder, not an image file" if path.is_dir() else "not found"
-                raise DataError(f"item {item.id!r}: {kind} {path} {state}")
+            try:
+                check_user_file(path, kind, DataError)
+            except DataError as err:
+                raise DataError(f"item {item.id!r}: {err}") from None
 
 
 def item_image(item: EvalItem) -> np.ndarray:

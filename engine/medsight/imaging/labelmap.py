@@ -59,10 +59,6 @@ class Segmentation:
     def mask(self, label: int) -> np.ndarray:
         return self.labelmap == label
 
-    def as_volume(self) -> Volume:
-        """The labelmap as a Volume on the reference geometry."""
-        return self.reference.with_array(self.labelmap, modality="SEG")
-
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndimage.label(mask)

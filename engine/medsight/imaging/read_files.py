@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImagingError
-from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine
+from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine, volume_from_ras
 
 _READ_ERRORS = (
     OSError,
@@ -91,8 +91,7 @@ def read_nifti(
         raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
     data = data.reshape(shape)
     check_voxels(data, path)
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
-    vol = volume_from_affine(array, LPS_TO_RAS @ affine, modality=(modality or "OT").upper(), source=path)
+    vol = volume_from_ras(data, affine, modality=(modality or "OT").upper(), source=path)
     if hasattr(img.header, "get_qform"):  # NIfTI, not Analyze: keep the header's spaces for masks written on it
         h = img.header
         vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))

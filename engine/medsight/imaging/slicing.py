@@ -75,10 +75,6 @@ class Slice:
     def shape(self) -> tuple[int, int]:
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
-    @property
-    def slice_to_lps(self) -> np.ndarray:
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.slice_to_ras
-
     def voxel_indices(self) -> np.ndarray:
         """(rows, cols, 3) integer (i, j, k) voxel index of every pixel."""
         rows, cols = self.shape

@@ -140,6 +140,12 @@ def volume_from_affine(array_kji: np.ndarray, ijk_to_lps: np.ndarray, **kwargs: 
     )  # type: ignore[arg-type]
 
 
+def volume_from_ras(array_ijk: np.ndarray, ijk_to_ras: np.ndarray, **kwargs: object) -> Volume:
+    """Build a Volume from NIfTI's order and space: an ``[i, j, k]`` (x, y, z) array and its 4x4 IJK-to-RAS affine."""
+    array = np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
+    return volume_from_affine(array, LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float), **kwargs)
+
+
 def check_voxels(array: np.ndarray, path: str | None, allow_rgb: bool = True) -> None:
     """Reject empty, NaN or infinite data, the shared last step of every reader."""
     if array.size == 0 or 0 in array.shape:

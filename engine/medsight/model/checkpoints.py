@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsight.user_files import check_user_file
+
 # medsight.model.unpickling is imported where it is used: importing it with the package would make
 # `python -m medsight.model.unpickling` (the converter) warn that the module ran after being imported.
 
@@ -43,10 +45,7 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     and never rewrite the file while they live. A `.safetensors` file (what `convert_trusted` writes) is read as is.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; a checkpoint file is needed here")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    check_user_file(path, "checkpoint file", CheckpointError)
     refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
         return read_safetensors_file(path)
@@ -229,14 +228,22 @@ def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
     return owned(out)
 
 
-def _shards(folder: Path) -> list[str]:
-    """The weight files of a Hugging Face folder: the shards its index names, else `model.safetensors`."""
-    index = folder / "model.safetensors.index.json"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded Hugging Face folder's map of tensor name -> shard
+
+
+def shard_names(folder: Path) -> list[str]:
+    """The weight files of a Hugging Face folder: the shards its index names, else `model.safetensors` (else its
+    .safetensors files); a malformed index or no weights at all is a CheckpointError."""
+    index = folder / INDEX_FILE
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:  # not JSON, or no object with a weight_map
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map must map tensor names "
+                                  "to shard file names)")
+        shards = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -249,12 +256,12 @@ def _shards(folder: Path) -> list[str]:
 def safetensors_names(folder: str | Path) -> set[str]:
     """The tensor names of a Hugging Face folder, from its index or the shards' headers (no tensor is read)."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.is_file():
-        _shards(folder)  # validates the index
+        shard_names(folder)  # validates the index
         return set(json.loads(index.read_text())["weight_map"])
     names: set[str] = set()
-    for shard in _shards(folder):
+    for shard in shard_names(folder):
         names |= _safetensors_names(folder / shard)
     return names
 
@@ -262,7 +269,7 @@ def safetensors_names(folder: str | Path) -> set[str]:
 def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
     folder = Path(folder)
-    shards = _shards(folder)
+    shards = shard_names(folder)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (folder / shard).is_file():

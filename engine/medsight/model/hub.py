@@ -8,12 +8,11 @@ Everything goes through `huggingface_hub` and its cache (downloaded once, shared
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsight.model.checkpoints import CONFIG_FILE, CheckpointError
+from medsight.model.checkpoints import CONFIG_FILE, INDEX_FILE, CheckpointError, shard_names
 
 RELEASE_REPO = "Caf0914/MedSIGHT"
 LVLM_FOLDER = "medsight_full_instruct"
@@ -40,20 +39,60 @@ class HubFile:
 UNIMED_CLIP = HubFile("UzairK/unimed_clip_vit_l14_base_text_encoder", "unimed_clip_vit_l14_base_text_encoder.pt",
                       licence="CC-BY-NC-4.0", size="4.97 GB")
 
-# The files each layout needs (fnmatch patterns, as `huggingface_hub` filters them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
-OFFICIAL_PATTERNS = (
-    f"{PERCEIVER_FOLDER}/*.pt",
-    f"{LVLM_FOLDER}/config.json",
-    f"{LVLM_FOLDER}/generation_config.json",
-    f"{LVLM_FOLDER}/model*.safetensors",
-    f"{LVLM_FOLDER}/model.safetensors.index.json",
-    *(f"{LVLM_FOLDER}/{name}" for name in TOKENIZER_FILES),
-    "*clip*.pt", "*CLIP*.pt",  # a UniMed-CLIP file beside the release (where the loader looks for it)
+# The release's checkpoints as the loader finds them: these names with either suffix (.pt as published, .safetensors
+# as `python -m medsight.model.unpickling` converts one; of one step the loader takes the converted copy).
+CHECKPOINT_SUFFIXES = (".pt", ".safetensors")
+PERCEIVER_FILES = (f"{PERCEIVER_FOLDER}/*",)
+VISION_FILES = ("*clip*", "*CLIP*")  # a UniMed-CLIP file beside the release
+CODEBOOK_FILES = ("codebook*/*", "*codebook*")
+
+
+def checkpoint_patterns(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name + suffix for name in names for suffix in CHECKPOINT_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class LayoutPart:
+    """Files of a layout that serve as one (fnmatch patterns, as `huggingface_hub` filters a listing): a download
+    selects every part; the model cannot load without one file of each `needed` part (`missing_from_cache`)."""
+
+    patterns: tuple[str, ...]
+    needed: bool = True
+    index: str | None = None  # the weights: what is needed is the shards this index names, else model.safetensors
+
+
+def _model_folder(root: str) -> tuple[LayoutPart, ...]:
+    """A Hugging Face model folder's weights and tokenizer (ours at the top, the release's in `LVLM_FOLDER/`)."""
+    extras = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+    return (LayoutPart((f"{root}model*.safetensors", root + INDEX_FILE), index=root + INDEX_FILE),
+            LayoutPart((f"{root}tokenizer_config.json",)),
+            LayoutPart((f"{root}tokenizer.json", f"{root}vocab.json")),
+            LayoutPart(tuple(root + name for name in extras), needed=False))
+
+
+OURS_LAYOUT = (LayoutPart((CONFIG_FILE,)), *_model_folder(""))
+OFFICIAL_LAYOUT = (
+    LayoutPart(checkpoint_patterns(PERCEIVER_FILES)),
+    LayoutPart((f"{LVLM_FOLDER}/config.json",)),
+    LayoutPart((f"{LVLM_FOLDER}/generation_config.json",), needed=False),
+    *_model_folder(f"{LVLM_FOLDER}/"),
+    LayoutPart(checkpoint_patterns(VISION_FILES), needed=False),  # beside the release, where the loader looks
 )
-CODEBOOK_PATTERNS = ("codebook*/*.pt", "*codebook*.pt")
-OURS_PATTERNS = (CONFIG_FILE, "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+CODEBOOK = LayoutPart(checkpoint_patterns(CODEBOOK_FILES))
+#: What a folder or repository is when it is neither layout, for errors.
+NO_LAYOUT = f"neither our format ({CONFIG_FILE}) nor the official layout ({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)"
+
+
+def _layout(files: list[str], codebook: bool) -> tuple[LayoutPart, ...]:
+    """Ours when the files hold `medsight_config.json`, else the official release (with its codebook if asked)."""
+    if CONFIG_FILE in files:
+        return OURS_LAYOUT
+    return (*OFFICIAL_LAYOUT, CODEBOOK) if codebook else OFFICIAL_LAYOUT
+
+
+def _any_match(files: list[str], patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(f, pattern) for f in files for pattern in patterns)
+
 
 _SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^@:]+?)(?:@(?P<rev>[^@\s]+))?$")
 _REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^@\s]+))?$")
@@ -125,13 +164,14 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     the stage-2 codebook only when asked, since answering never uses it)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    if CONFIG_FILE in listing:
-        return sorted(filter_repo_objects(listing, allow_patterns=list(OURS_PATTERNS)))
-    patterns = [*OFFICIAL_PATTERNS, *(CODEBOOK_PATTERNS if codebook else ())]
-    chosen = sorted(filter_repo_objects(listing, allow_patterns=patterns))
-    # One checkpoint per stage, the one the loader takes (the last in sorted order: the latest step).
-    for stage in (lambda f: f.startswith(f"{PERCEIVER_FOLDER}/"), lambda f: "codebook" in f):
-        older = sorted(f for f in chosen if stage(f))[:-1]
+    layout = _layout(listing, codebook)
+    chosen = sorted(filter_repo_objects(listing, allow_patterns=[p for part in layout for p in part.patterns]))
+    if layout is OURS_LAYOUT:
+        return chosen
+    # One checkpoint per stage, the one the loader takes (the last in sorted order: the latest step, of one step the
+    # .safetensors copy).
+    for stage in (PERCEIVER_FILES, CODEBOOK_FILES):
+        older = sorted(f for f in chosen if _any_match([f], checkpoint_patterns(stage)))[:-1]
         chosen = [f for f in chosen if f not in older]
     return chosen
 
@@ -186,10 +226,9 @@ def plan_release(repo_id: str, revision: str | None = None, codebook: bool = Fal
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     files = release_files(list(sizes), codebook)
     if not files:
-        raise CheckpointError(f"Hugging Face repository {repo_id}: no MedSIGHT files (neither {CONFIG_FILE} nor "
-                              f"{PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/)")
+        raise CheckpointError(f"Hugging Face repository {repo_id}: no MedSIGHT files ({NO_LAYOUT})")
     extra = []
-    if vision and not any("clip" in f.lower() for f in files):
+    if vision and not _any_match(files, checkpoint_patterns(VISION_FILES)):
         extra.append((UNIMED_CLIP, plan_file(UNIMED_CLIP).total))
     licence = getattr(info.card_data, "license", None)
     return DownloadPlan(repo_id, revision, [(f, sizes[f]) for f in files], extra, licence)
@@ -250,27 +289,26 @@ def missing_from_cache(folder: Path, codebook: bool = False, vision: bool = Fals
     """The files a cached snapshot's layout needs that it lacks (a download cut short, or made without
     `--codebook` / `--fetch-vision`): what can be said of a release without asking the Hub for its listing."""
     have = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # a dangling link: missing
-    root = "" if CONFIG_FILE in have else f"{LVLM_FOLDER}/"
-    # Each entry: one of these must be there (fnmatch patterns, as the layout's selection uses).
-    needed = [] if not root else [[f"{PERCEIVER_FOLDER}/*.pt"], [f"{root}config.json"]]
-    index = f"{root}model.safetensors.index.json"
-    if index in have:
-        try:
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            needed += [[root + shard] for shard in shards]
-        except (ValueError, KeyError, TypeError, AttributeError):  # cut short: its shards are not known
-            needed.append([f"a readable {index}"])
-    else:
-        needed.append([f"{root}model.safetensors"])
-    needed += [[f"{root}tokenizer_config.json"], [f"{root}tokenizer.json", f"{root}vocab.json"]]
-    if codebook:
-        needed.append(list(CODEBOOK_PATTERNS))
-    missing = [" or ".join(names) for names in needed
-               if not any(fnmatch.fnmatchcase(f, name) for f in have for name in names)]
-    # The vision file: beside the release (where the loader looks for `*clip*.pt`) or cached from its repository.
-    if vision and cached_file(UNIMED_CLIP) is None and not any("clip" in f.lower() for f in have):
+    needed: list[tuple[str, ...]] = []  # each entry: one of these must be there
+    for part in _layout(have, codebook):
+        if part.index is not None:
+            needed += _weights_needed(folder, part.index, have)
+        elif part.needed:
+            needed.append(part.patterns)
+    missing = [" or ".join(names) for names in needed if not _any_match(have, names)]
+    # The vision file: beside the release (where the loader looks for it) or cached from its repository.
+    if vision and cached_file(UNIMED_CLIP) is None and not _any_match(have, checkpoint_patterns(VISION_FILES)):
         missing.append(str(UNIMED_CLIP))
     return missing
+
+
+def _weights_needed(folder: Path, index: str, have: list[str]) -> list[tuple[str, ...]]:
+    """The weight files the loader would read (`shard_names`), or what is missing when it would find none."""
+    root = index[: -len(INDEX_FILE)]
+    try:
+        return [(root + shard,) for shard in shard_names(folder / root)]
+    except CheckpointError:  # a download cut short: an index without its shards known, or no weights
+        return [(f"a readable {index}",) if index in have else (f"{root}model.safetensors",)]
 
 
 def cached_download(hub: HubFile | None, repo_id: str, revision: str | None = None, codebook: bool = False,

@@ -27,11 +27,16 @@ from medsight.model.checkpoints import (
     split_lvlm_state,
 )
 from medsight.model.hub import (
+    CODEBOOK_FILES,
     LVLM_FOLDER,
+    NO_LAYOUT,
+    PERCEIVER_FILES,
     PERCEIVER_FOLDER,
     UNIMED_CLIP,
+    VISION_FILES,
     HubUnreachableError,
     cached_release,
+    checkpoint_patterns,
     fetch_release,
     parse_repo,
     plan_release,
@@ -214,15 +219,15 @@ def _finish(model: MedSIGHTModel) -> MedSIGHTModel:
 # and the copy written beside it: the search takes both suffixes, and of one checkpoint the safetensors copy.
 def _checkpoints(folder: Path, *patterns: str) -> list[Path]:
     """Matching .pt and .safetensors files by name (the step), a converted .safetensors copy before its .pt."""
-    found = {p for pattern in patterns for suffix in (".pt", ".safetensors") for p in folder.glob(pattern + suffix)}
+    found = {p for pattern in checkpoint_patterns(patterns) for p in folder.glob(pattern)}
     return sorted(found, key=lambda p: (p.with_suffix("").as_posix(), p.suffix != ".safetensors"))
 
 
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    perceivers = _checkpoints(folder, f"{PERCEIVER_FOLDER}/*")
-    clip = _checkpoints(folder, "*clip*", "*CLIP*")
-    codebooks = _checkpoints(folder, "codebook*/*", "*codebook*")
+    perceivers = _checkpoints(folder, *PERCEIVER_FILES)
+    clip = _checkpoints(folder, *VISION_FILES)
+    codebooks = _checkpoints(folder, *CODEBOOK_FILES)
     return {
         "lvlm": lvlm,
         "perceiver": _latest(perceivers),
@@ -377,10 +382,7 @@ def load_model(
         else:
             found = _find_official_files(folder)
             if found["perceiver"] is None:
-                raise CheckpointError(
-                    f"{folder}: neither our format ({CONFIG_FILE}) nor the official layout "
-                    f"({PERCEIVER_FOLDER}/*.pt + {LVLM_FOLDER}/){_what_it_is(folder)}"
-                )
+                raise CheckpointError(f"{folder}: {NO_LAYOUT}{_what_it_is(folder)}")
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             # A clone without Git LFS: say so before asking for a 5 GB vision file the clone could not use anyway.
             refuse_lfs_pointer(found["perceiver"])

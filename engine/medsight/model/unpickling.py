@@ -74,10 +74,10 @@ def convert_trusted(source: str | Path, target: str | Path) -> Path:
 
     import torch
 
-    from medsight.model.checkpoints import pick_state_dict, refuse_lfs_pointer, save_safetensors
+    from medsight.model.checkpoints import CheckpointError, pick_state_dict, refuse_lfs_pointer, save_safetensors
+    from medsight.user_files import check_user_file
 
-    if not Path(source).is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {source}")
+    check_user_file(source, "checkpoint file", CheckpointError)
     refuse_lfs_pointer(Path(source))
     obj = torch.load(source, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(source))
     state = pick_state_dict(obj, source)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import secrets
 
 
 def is_loopback(host: str) -> bool:
@@ -31,7 +30,3 @@ def token_matches(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(given.encode(), token.encode())
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)

@@ -25,7 +25,7 @@ from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
-from medsight.user_files import read_user_image, read_user_json
+from medsight.user_files import check_user_file, read_user_image, read_user_json
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -210,14 +210,14 @@ class ConversationDataset:
         return len(self.items)
 
     def _check_files(self, where: str, item: dict) -> None:
-        """Every image and mask the item names exists (a missing one would otherwise stop the run mid-way)."""
+        """Every image and mask the item names is a file (a missing one would otherwise stop the run mid-way)."""
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         files = item.get("mask_files") or {}
+        masks = [("mask", files[str(m)]) for m in item.get("mask_orders") or []]
         try:
-            for path in [image, *(files[str(m)] for m in item.get("mask_orders") or [])]:
-                if not self.resolve(path).exists():  # an absolute path is not looked up by `resolve`
-                    raise FileNotFoundError(f"{path} not found")
-        except FileNotFoundError as err:
+            for what, path in [("image", image), *masks]:
+                check_user_file(self.resolve(path), what)  # an absolute path is not looked up by `resolve`
+        except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from None
 
     def resolve(self, path: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medsight.config import MedSIGHTConfig
-from medsight.model.checkpoints import save_safetensors, select_prefix
+from medsight.model.checkpoints import INDEX_FILE, save_safetensors, select_prefix
 from medsight.model.lvlm import hf_config
 
 LVLM_DIR = "medsight_full_instruct"
@@ -89,4 +89,4 @@ def write_hf_folder(state: dict[str, torch.Tensor], folder: Path, shard_bytes: i
     total = sum(v.numel() * v.element_size() for v in state.values())
     index = {"metadata": {"total_size": total},
              "weight_map": {k: name for name, part in zip(names, shards, strict=True) for k in part}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -233,24 +233,23 @@ def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> C
 
 def find_segmentation_meta(data: str | Path) -> Path:
     """A meta JSON itself, or the train meta file inside a data folder (demo layout)."""
-    path = Path(data)
-    if path.is_file():
-        return path
-    for name in ("biomedparse_meta_train.json", "biomedparse_meta.json"):
-        if (path / name).is_file():
-            return path / name
-    raise FileNotFoundError(f"{data}: no biomedparse_meta_train.json or biomedparse_meta.json")
+    return _file_or_inside(data, ("biomedparse_meta_train.json", "biomedparse_meta.json"))
 
 
 def find_conversations(data: str | Path) -> Path:
     """A conversation JSON itself, or `lvlm/train.json` / `train.json` inside a data folder."""
+    return _file_or_inside(data, ("lvlm/train.json", "train.json"))
+
+
+def _file_or_inside(data: str | Path, names: tuple[str, ...]) -> Path:
+    """`data` when it is a file, else the first of `names` inside it."""
     path = Path(data)
     if path.is_file():
         return path
-    for name in ("lvlm/train.json", "train.json"):
+    for name in names:
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{data}: no lvlm/train.json or train.json")
+    raise FileNotFoundError(f"{data}: no {' or '.join(names)}")
 
 
 def _grid_and_cls(model: MedSIGHTModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 
 from medsight.atomic_files import replace_file
 from medsight.model.checkpoints import CheckpointError
+from medsight.user_files import read_user_json
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,12 +54,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"trainer state file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    """A state file's JSON; a missing, unreadable or damaged one is a CheckpointError naming it."""
+    return read_user_json(path, "trainer state file", CheckpointError)
 
 
 def save_tensors(path: Path, data: dict[str, Any]) -> None:
