@@ -343,7 +343,7 @@ def create_app(
         try:
             result = engine.ask(slices, messages, convert.generation_options(req.options),
                                 convert.image_options(req.options), on_token=on_token, on_region=on_region,
-                                cancel=job.cancel)
+                                cancel=job.cancel, abandon=job.abandoned)
             outcome = (job.stop_reason or "cancelled") if result.cancelled else "completed"
             return convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
         except ValueError as err:
