@@ -444,7 +444,8 @@ class Engine:
     def _decode(self, inputs, encodings, output, options, streams, on_token, on_region,
                 abandoned: Callable[[], bool]) -> list[Answer]:
         """All rows' codes through the perceiver (batched by code count), then masks onto each slice's grid.
-        Once `abandoned()`, no more masks are decoded: every answer keeps its text only and is marked cancelled."""
+        Once `abandoned()`, no more masks are decoded or mapped: the answers from then on keep their text only and
+        are marked cancelled."""
         rows = [self._row(output, row, options) for row in range(len(inputs))]
         if on_token is not None:
             for x, stream, (_, text, _, _) in zip(inputs, streams, rows, strict=True):
