@@ -262,3 +262,29 @@ def test_prompt_length_counts_the_embeddings_the_language_model_gets(preset):
     assert [e.shape[0] for e in inserted] == [engine.image_embeddings]
     prompt = engine._prompt([Message("user", "Where is the liver?")])
     assert engine.prompt_length(prompt) == len(prompt) - 1 + inserted[0].shape[0]
+
+
+def test_abandon_stops_the_mask_decoding_before_the_next_perceiver_batch(model, monkeypatch):
+    """An ask nobody will read (`abandon`, set when its client went away) decodes no more masks: before the fix
+    the worker decoded every region of an ask whose text was complete."""
+    texts = ["A [M0_1].", "A [M0_1] B [M0_2].", "A [M0_1] B [M0_2] C [M0_3]."]  # one perceiver batch per count
+    options = GenerationOptions(logits_processors=[ForceRows([script(model, t) for t in texts])])
+    pictures = images(len(texts), seed=11)
+    plain = Engine(model, cache_bytes=0).ask(pictures, "Segment.", options)
+    kept = Engine(model, cache_bytes=0).ask(pictures, "Segment.", options, abandon=threading.Event())
+    assert [len(a.regions) for a in plain] == [1, 2, 3] and not kept.cancelled
+    for a, b in zip(plain, kept, strict=True):
+        assert_same(a, b, tol=0)  # an abandon flag never set changes nothing
+
+    abandon, decode, calls = threading.Event(), model.region_perceiver.decode, []
+
+    def first_batch_abandons(*args, **kwargs):
+        calls.append(1)
+        abandon.set()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model.region_perceiver, "decode", first_batch_abandons)
+    cut = Engine(model, cache_bytes=0).ask(pictures, "Segment.", options, abandon=abandon)
+    assert len(calls) == 1, f"{len(calls) - 1} of {len(texts)} perceiver batches ran after the abandon"
+    assert cut.cancelled and all(a.cancelled and a.regions == [] for a in cut)
+    assert [a.text for a in cut] == [a.text for a in plain]

@@ -238,6 +238,7 @@ class Engine:
         on_token: TokenCallback | None = None,
         on_region: RegionCallback | None = None,
         cancel: threading.Event | None = None,
+        abandon: threading.Event | None = None,
     ) -> EngineAnswer:
         """Ask the same question about every image (or volume slice); one answer per slice, in order.
 
@@ -247,7 +248,10 @@ class Engine:
             on_token: called with (slice_index, text delta) as text is generated.
             on_region: called with (slice_index, region) once that slice's masks are decoded.
             cancel: when set, generation stops after the current step; the partial answers come back with
-                `cancelled=True`.
+                `cancelled=True`, with the masks of the text generated so far.
+            abandon: when set, nobody will read the answer (the client went away): like `cancel`, and the mask
+                decoding stops too, before its next perceiver batch; the answers come back with their text, no
+                masks and `cancelled=True`.
         Raises:
             ValueError: empty input, a non-8-bit image, a slice index out of range, a bad conversation.
         """
@@ -255,11 +259,12 @@ class Engine:
         image_options = image_options or ImageOptions()
         prompt = self._prompt(messages)
         inputs = self._prepare(images, image_options)
-        if cancel is not None and cancel.is_set():
+        stop = _StopFlags(cancel, abandon)
+        if stop.cancelled():
             empty = [Answer("", cancelled=True, slice_index=x.slice_index, slice=x.slice) for x in inputs]
             return EngineAnswer(empty, Timings(), cancelled=True)
         with self._model_lock:
-            return self._run(inputs, prompt, options, image_options, on_token, on_region, cancel)
+            return self._run(inputs, prompt, options, image_options, on_token, on_region, stop)
 
     def clear_cache(self) -> None:
         """Forget all cached features (needed only if the model's weights were changed in place)."""
@@ -364,13 +369,13 @@ class Engine:
         return identity
 
     # -- model work (called with the model lock held) ------------------------------------------------------------
-    def _run(self, inputs, prompt, options, image_options, on_token, on_region, cancel) -> EngineAnswer:
+    def _run(self, inputs, prompt, options, image_options, on_token, on_region, stop: _StopFlags) -> EngineAnswer:
         start = time.perf_counter()
         encodings, fresh = self._encode(inputs, image_options)
         encoded = time.perf_counter()
-        output, streams = self._generate(inputs, prompt, encodings, options, on_token, cancel)
+        output, streams = self._generate(inputs, prompt, encodings, options, on_token, stop.cancelled)
         generated = time.perf_counter()
-        answers = self._decode(inputs, encodings, output, options, streams, on_token, on_region)
+        answers = self._decode(inputs, encodings, output, options, streams, on_token, on_region, stop.abandoned)
         done = time.perf_counter()
         total = Timings(encoded - start, generated - encoded, done - generated)
         for answer, is_fresh in zip(answers, fresh, strict=True):
@@ -380,7 +385,7 @@ class Engine:
                 total.generate / len(answers),
                 total.decode / len(answers),
             )
-        return EngineAnswer(answers, total, cancelled=output.cancelled)
+        return EngineAnswer(answers, total, cancelled=output.cancelled or any(a.cancelled for a in answers))
 
     def _encode(self, inputs: list[_Input], image_options: ImageOptions) -> tuple[list[ImageEncoding], list[bool]]:
         """Each input's encoding, from the cache or from batched encode calls; also which were computed."""
@@ -414,9 +419,9 @@ class Engine:
         return 5 * side * side * dim * self.model.dtype.itemsize
 
     def _generate(
-        self, inputs, prompt, encodings, options, on_token, cancel
+        self, inputs, prompt, encodings, options, on_token, should_stop: Callable[[], bool]
     ) -> tuple[GenerationOutput, list[_TextStream] | None]:
-        """One batch for all slices; streams text deltas and polls `cancel` between steps."""
+        """One batch for all slices; streams text deltas and polls `should_stop` between steps."""
         streams = [_TextStream(self.model.tokenizer) for _ in inputs] if on_token is not None else None
         done = [False] * len(inputs)
 
@@ -432,13 +437,15 @@ class Engine:
                 if delta:
                     on_token(x.slice_index, delta)
 
-        should_stop = cancel.is_set if cancel is not None else None
         output = self.model.generate([prompt] * len(inputs), encodings, options, on_step=on_step,
                                      should_stop=should_stop)
         return output, streams
 
-    def _decode(self, inputs, encodings, output, options, streams, on_token, on_region) -> list[Answer]:
-        """All rows' codes through the perceiver (batched by code count), then masks onto each slice's grid."""
+    def _decode(self, inputs, encodings, output, options, streams, on_token, on_region,
+                abandoned: Callable[[], bool]) -> list[Answer]:
+        """All rows' codes through the perceiver (batched by code count), then masks onto each slice's grid.
+        Once `abandoned()`, no more masks are decoded or mapped: the answers from then on keep their text only and
+        are marked cancelled."""
         rows = [self._row(output, row, options) for row in range(len(inputs))]
         if on_token is not None:
             for x, stream, (_, text, _, _) in zip(inputs, streams, rows, strict=True):
@@ -449,10 +456,14 @@ class Engine:
         code_states = [states for *_, states in rows]
         kept = [e.grid_features for e in encodings]
         shared = GridFeatures.cat(kept) if all(k is not None for k in kept) else None
-        logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared)
+        logits = self.model.decode_regions(grids, code_states, self.mask_decode, grid_features=shared,
+                                           should_stop=abandoned)
         answers = []
         eos = self.model.config.llm.eos_token_id
         for x, (ids, text, where, _), mask_logits in zip(inputs, rows, logits, strict=True):
+            if abandoned():  # some masks were never decoded: an answer missing them must not pass as complete
+                answers.append(Answer(text, [], ids, cancelled=True, slice_index=x.slice_index, slice=x.slice))
+                continue
             regions = self._regions(x, ids, text, where, mask_logits)
             cancelled = output.cancelled and (not ids or ids[-1] != eos)
             answers.append(Answer(text, regions, ids, cancelled=cancelled, slice_index=x.slice_index, slice=x.slice))
@@ -477,6 +488,21 @@ class Engine:
         source = x.transform.logits_to_source(mask_logits.float())
         names = self.model.region_names(ids, text, where, mask_logits.shape[0])
         return regions_from_logits(names, mask_logits, source, x.slice_index)
+
+
+@dataclass(frozen=True)
+class _StopFlags:
+    """An ask's two stop signals: `cancel` ends generation (the text so far still gets its masks); `abandon` ends
+    the mask decoding too (nobody reads the answer), and so implies `cancel`."""
+
+    cancel: threading.Event | None
+    abandon: threading.Event | None
+
+    def abandoned(self) -> bool:
+        return self.abandon is not None and self.abandon.is_set()
+
+    def cancelled(self) -> bool:
+        return self.abandoned() or (self.cancel is not None and self.cancel.is_set())
 
 
 def _sync(device: torch.device) -> None:

@@ -52,3 +52,42 @@ def test_ask_by_view_errors_are_plain(server, mni_upload):
         reply = httpx.post(f"{server}/v1/ask", json={**base, "slices": slices}, timeout=60)
         assert reply.status_code == 422 and reply.json()["code"] == code, reply.text
         assert words in reply.json()["message"]
+
+
+def test_a_view_named_ask_racing_uploads_is_answered_or_refused_never_failed_after_its_200(engine):
+    """Before the fix the volume was looked up twice (for the view, then for the ask): when it was uploaded again
+    between the two, the ask passed with no slice and failed after its 200 with "no images given" (23 of 260 asks
+    while two clients kept evicting it). Now every ask is answered, or refused with 422 unknown_volume."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medsight.server.app import create_app
+    from medsight_testing.arrays import npy
+    from medsight_testing.live_server import live_server
+
+    volumes = [np.full((4, 64, 64), value, np.float32) for value in (0, 1)]
+    app = create_app(engine, model_name="tiny", store_bytes=int(volumes[0].nbytes * 1.5))  # one volume fits
+    npy_type = {"Content-Type": "application/octet-stream"}
+    asks = 80  # the old code failed about 1 in 11 of them
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        vid = c.post("/v1/volumes", content=npy(volumes[0]), headers=npy_type).json()["volume_id"]
+        ask = {"volume_id": vid, "slices": {"view": np.eye(4).tolist()}, "options": {"max_new_tokens": 1},
+               "messages": [{"role": "user", "content": "Where?"}]}
+        done = False
+
+        def churn() -> None:  # each upload evicts the other volume
+            with httpx.Client(base_url=url, timeout=60) as uploader:
+                while not done:
+                    for volume in volumes:
+                        uploader.post("/v1/volumes", content=npy(volume), headers=npy_type)
+
+        with ThreadPoolExecutor(2) as pool:
+            churners = [pool.submit(churn) for _ in range(2)]
+            try:
+                replies = [c.post("/v1/ask", json=ask) for _ in range(asks)]
+            finally:
+                done = True
+            for churner in churners:
+                churner.result()
+    outcomes = [(r.status_code, r.json().get("code", "answer")) for r in replies]
+    assert set(outcomes) <= {(200, "answer"), (422, "unknown_volume")}, sorted(set(outcomes))
+    assert (200, "answer") in outcomes

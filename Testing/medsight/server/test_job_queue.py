@@ -151,3 +151,43 @@ def test_queue_wait_does_not_count_against_the_timeout(engine):
         assert first.json()["cancelled"] is True  # the running job was cut by the timeout
         assert waited > 1.0
         assert second.status_code == 200 and second.json()["cancelled"] is False
+
+
+def test_a_client_gone_after_its_text_stops_the_mask_decoding(queue_server, engine, monkeypatch):
+    """Before the fix a hang-up after the text was complete left the worker decoding every region of the ask for
+    nobody: 13 more perceiver batches of 14 here. Now the decoding stops before its next batch."""
+    url, app, _ = queue_server
+    volume = np.random.default_rng(8).integers(0, 255, (16, 48, 48)).astype(np.uint8)
+    perceiver, decode = engine.model.region_perceiver, engine.model.region_perceiver.decode
+    calls: list[int] = []
+    decoding = threading.Event()
+
+    def first_batch_waits_for_the_hang_up(*args, **kwargs):
+        calls.append(1)
+        if not decoding.is_set():
+            decoding.set()
+            job = app.state.jobs.running
+            job.cancel.wait(60)  # until the handler sees the hang-up
+        return decode(*args, **kwargs)
+
+    with httpx.Client(base_url=url, timeout=60) as c:
+        vid = c.post("/v1/volumes", content=npy(volume), headers=NPY).json()["volume_id"]
+        body = {**ask_body(vid, {"max_new_tokens": 128, "repetition_penalty": 1.0}, stream=True),
+                "slices": {"indices": list(range(len(volume)))}}
+        monkeypatch.setattr(perceiver, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+        full = c.post("/v1/ask", json={**body, "stream": False}).json()
+        batches = len(calls)
+        assert batches > 1 and not full["cancelled"]
+
+        calls.clear()
+        monkeypatch.setattr(perceiver, "decode", first_batch_waits_for_the_hang_up)
+        with c.stream("POST", "/v1/ask", json=body) as r:
+            job_id = r.headers["x-job-id"]
+            assert decoding.wait(60)  # the text is complete: hang up while the masks are decoded
+    deadline = time.monotonic() + 60
+    while not [j for j in app.state.jobs.history if j.id == job_id]:
+        assert time.monotonic() < deadline, "the abandoned job never finished"
+        time.sleep(0.01)
+    [record] = [j for j in app.state.jobs.history if j.id == job_id]
+    assert record.stop_reason == "disconnected"
+    assert len(calls) == 1, f"{len(calls) - 1} perceiver batches of {batches} ran after the hang-up"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -118,3 +120,30 @@ def test_stopping_with_asks_running_and_waiting_cancels_them_instead_of_running_
     assert "Traceback" not in err and "without completing" not in err, err[-3000:]
     stopped = [reply for reply in replies if '"code":"stopping"' in reply]
     assert stopped and len(stopped) + outcomes.count("completed") >= len(replies), replies
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_during_an_upload_tells_its_client_instead_of_a_traceback():
+    """Before the fix an upload still arriving when Ctrl+C's grace ran out got uvicorn's plain-text 500 and the
+    terminal its traceback ("Exception in ASGI application", a CancelledError); now it gets 503 `stopping`."""
+    from medsight_testing.arrays import npy
+
+    process, client = _start_engine()
+    body = npy(np.zeros((4, 64, 64), np.float32))
+    host, port = client.base_url.removeprefix("http://").split(":")
+    upload = socket.create_connection((host, int(port)))
+    try:
+        upload.sendall(f"POST /v1/volumes HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/octet-stream"
+                       f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        time.sleep(0.5)  # the handler holds the first half and waits for the rest
+        process.send_signal(signal.SIGINT)
+        upload.settimeout(60)
+        reply = b""
+        while chunk := upload.recv(4096):  # the engine closes the connection after its reply
+            reply += chunk
+    finally:
+        upload.close()
+        _, err = process.communicate(timeout=120)
+    text = reply.decode("latin-1")
+    assert text.startswith("HTTP/1.1 503") and '"code": "stopping"' in text, text[:300]
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err[-3000:]

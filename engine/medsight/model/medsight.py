@@ -194,6 +194,7 @@ class MedSIGHTModel(nn.Module):
         states: Sequence[torch.Tensor],
         decode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         grid_features: GridFeatures | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[torch.Tensor]:
         """Decode each sample's code states (K_b, H) on its grid (B, G, G, C) into (K_b, m, m) mask logits.
 
@@ -202,11 +203,15 @@ class MedSIGHTModel(nn.Module):
         -> (mask logits, class logits) replaces `region_perceiver.decode` (the ONNX backend passes its graph).
         `grid_features`: the encode pass's `GridFeatures` of these grids (`encode(keep_grid_features=True)`): the
         same masks without recomputing them (PyTorch path only).
+        `should_stop`: polled before each batch; once it returns True the samples not decoded yet get no masks
+        (K = 0), for an ask whose answer nobody will read.
         """
         shared = grid_features if decode is None else None
         decode = decode or self.region_perceiver.decode
         results = [grids.new_zeros(0, 0, 0) for _ in states]
         for rows in groups_by_count(states):
+            if should_stop is not None and should_stop():
+                break
             codes = self.language_model.token_projection(torch.stack([states[i] for i in rows]))
             if shared is None:
                 logits, _ = decode(grids[rows], codes.to(self.dtype))

@@ -282,12 +282,14 @@ def create_app(
         return volume_info(volume_id)
 
     def admit(req: schemas.AskRequest) -> tuple[VolumeSlices, list[Message], list[int]]:
-        """Pin the ask's volume in the store (the caller unpins it when the ask ends) and check the ask."""
+        """Pin the ask's volume in the store (the caller unpins it when the ask ends) and check the ask. One look-up
+        for the view and the ask: with two, a volume uploaded between them let a view-named ask through with no
+        slice, and it failed after its 200 with "no images given"."""
         volume = store.get(req.volume_id, pin=True)
         if volume is None:
             raise ApiError(422, "unknown_volume", f"no volume {req.volume_id!r}: upload it first (or again)")
         try:
-            return check_ask(req, volume)
+            return check_ask(resolve_view(req, volume), volume)
         except BaseException:
             store.unpin(req.volume_id)
             raise
@@ -343,7 +345,7 @@ def create_app(
         try:
             result = engine.ask(slices, messages, convert.generation_options(req.options),
                                 convert.image_options(req.options), on_token=on_token, on_region=on_region,
-                                cancel=job.cancel)
+                                cancel=job.cancel, abandon=job.abandoned)
             outcome = (job.stop_reason or "cancelled") if result.cancelled else "completed"
             return convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
         except ValueError as err:
@@ -365,10 +367,9 @@ def create_app(
                              for a in (result.answers if result is not None else []) for r in a.regions],
                     duration_s=elapsed, outcome=outcome)
 
-    def resolve_view(req: schemas.AskRequest) -> schemas.AskRequest:
+    def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
-        volume = store.get(req.volume_id)
-        if req.slices.view is None or volume is None:
+        if req.slices.view is None:
             return req
         picked = slice_for_view(volume, np.array(req.slices.view))
         return req.model_copy(update={"slices": schemas.SliceSelection(plane=picked.plane, indices=[picked.index])})
@@ -380,7 +381,6 @@ def create_app(
         """Plain asks send `200` with the `X-Job-Id` header at once and the AskResponse when done; streams send
         the "job" event first (with the plane and slices answered, which a view-named ask learns there). Closing
         the connection cancels the job."""
-        req = await run_in_threadpool(resolve_view, req)
         slices, messages, _ = await run_in_threadpool(admit, req)
         feed = EventFeed() if req.stream else None
         try:

@@ -9,6 +9,7 @@
 - Bearer token, when the engine has one (constant-time comparison).
 - Body read deadline: a body must keep arriving at a minimum average rate after a grace period, so slow or half-open
   uploads are cut (408) instead of holding connections and memory.
+- A request the server's stop cuts before its response started (e.g. an upload still arriving) gets 503 `stopping`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 
+from medsight.server.responses import STOPPING_ERROR
 from medsight.server.schemas import MAX_ASK_BODY_BYTES
 from medsight.server.security import is_loopback, token_matches
 
@@ -99,7 +101,21 @@ class Guard:
         if refusal is not None:
             await _send_error(send, *refusal)
             return
-        await self.app(scope, self._deadline(receive, BODY_LIMITS.get(scope["path"])), send)
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, self._deadline(receive, BODY_LIMITS.get(scope["path"])), tracked_send)
+        except asyncio.CancelledError:
+            # The server is stopping and its grace ran out (uvicorn cancels open requests), e.g. mid-upload: the
+            # client is told so, instead of uvicorn's traceback in the terminal and a plain-text 500.
+            if started:
+                raise
+            await _send_error(send, 503, STOPPING_ERROR["code"], STOPPING_ERROR["message"])
 
     def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str, str] | None:
         host = host_name(headers.get("host", ""))

@@ -45,6 +45,9 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: Set when nobody will read the answer (the client went away, the server stops): the engine then skips the
+    #: masks too, which a client that cancels and still waits gets (`Engine.ask`'s `abandon`).
+    abandoned: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -54,6 +57,8 @@ class Job:
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+        if reason == "disconnected":
+            self.abandoned.set()
         self.cancel.set()
 
 

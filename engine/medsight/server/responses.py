@@ -18,9 +18,10 @@ from starlette.responses import Response
 from medsight.server.jobs import Job
 
 JOB_ID_HEADER = "X-Job-Id"
-#: The error an ask still open when the server stops (after its grace) receives, in place of a cut connection.
-STOPPING = json.dumps({"code": "stopping", "message": "the engine is stopping; ask again once it runs"},
-                      separators=(",", ":"))
+#: The error a request still open when the server stops (after its grace) receives, in place of a cut connection:
+#: an ask in its started response (`JobResponse`), any other request as a 503 (`guard.Guard`).
+STOPPING_ERROR = {"code": "stopping", "message": "the engine is stopping; try again once it runs"}
+STOPPING = json.dumps(STOPPING_ERROR, separators=(",", ":"))
 
 
 def sse(event: str, data: dict | str) -> bytes:
