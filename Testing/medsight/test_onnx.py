@@ -105,6 +105,26 @@ def test_decode_regions_matches_the_model(model, backend):
             assert_close(g, r)
 
 
+def test_a_model_on_the_sdpa_kernel_exports_graphs_that_match_pytorch(tmp_path):
+    """`Engine.load` puts the perceiver on the sdpa kernel, whose fix-up of fully blocked rows is a Python branch on
+    the data: traced as is, the example input's branch would be frozen into the graphs. Exported from such a model,
+    the graphs still match PyTorch on other inputs, and the model keeps its kernel."""
+    model = load_model("tiny", device="cpu", dtype=torch.float32)
+    model.region_perceiver.attention_implementation = "sdpa"
+    export_onnx(model, tmp_path, exporter="torchscript")
+    assert model.region_perceiver.attention_implementation == "sdpa"
+    backend = OnnxVisionBackend(tmp_path, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    size, dim = model.config.vision.image_size, model.config.perceiver.dim
+    pixels = torch.randn(2, 3, size, size, generator=gen)
+    ref = model.encode(pixels)
+    assert_close(backend.encode(pixels).region_tokens, ref.region_tokens)
+    queries = torch.randn(2, 3, dim, generator=gen)
+    ref_seg, _ = torch_decode(model, ref.grid, queries, torch.ones(2, 3, dtype=torch.bool))
+    seg, _ = backend.decode(ref.grid, queries)
+    assert_close(seg, ref_seg)
+
+
 def test_dynamo_export_matches_pytorch(model, tmp_path):
     paths = export_onnx(model, tmp_path, optimize=False)  # exporter="auto": dynamo first
     manifest = json.loads(paths["manifest"].read_text())

@@ -16,6 +16,9 @@ baked into the graphs as initializers, one per level; `manifest.json` records th
 "constant"``). For the full model that is (24² + 48² + 96² + 192²) x 1024 floats ≈ 200 MB per perceiver graph,
 stored as ONNX external data beside the graph file when a graph passes the 2 GB protobuf limit.
 
+Attention: the perceiver is traced with its "eager" kernel (the official arithmetic) whatever kernel the model runs,
+because the "sdpa" kernel's fix-up of fully blocked rows is a branch on the data that tracing would freeze.
+
 `torch.onnx.export` with the dynamo exporter is tried first; if it fails, the TorchScript exporter with
 ``dynamic_axes`` is used. The manifest records which one produced each graph.
 """
@@ -40,6 +43,7 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
+GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 
 GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
     "vision_encoder": (["pixel_values"], ["cls", "patches"]),
@@ -187,24 +191,14 @@ def export_onnx(
 
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     model = model.eval()
-    modules = {
-        "vision_encoder": VisionEncoderGraph(model),
-        "perceiver_encode": PerceiverEncodeGraph(model),
-        "perceiver_decode": PerceiverDecodeGraph(model),
-    }
-    files = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
-    examples = _example_inputs(model)
-    paths: dict[str, Path] = {}
-    used: dict[str, str] = {}
-    # The perceiver's own cache holds every level's encoding before tracing, so the graphs read them as constants
-    # and need neither float64 nor the arange/pow chain at run time.
-    for side in pyramid_sizes(model):
-        model.region_perceiver.position_encoding(side, side, torch.device("cpu"))
-    with torch.no_grad():
-        for name, module in modules.items():
-            path = out / files[name]
-            used[name] = _export_one(module.eval(), name, examples[name], path, opset, exporter, optimize)
-            paths[name] = path
+    # The sdpa kernel fixes up fully blocked rows behind a Python branch on the data, which tracing would freeze
+    # at the example input's value: the graphs are traced with the eager (official, branch-free) arithmetic.
+    kernel = model.region_perceiver.attention_implementation
+    model.region_perceiver.attention_implementation = "eager"
+    try:
+        used = _export_graphs(model, out, opset, exporter, optimize)
+    finally:
+        model.region_perceiver.attention_implementation = kernel
     v = model.config.vision
     manifest = {
         "format": "medsight-onnx/1",
@@ -218,11 +212,30 @@ def export_onnx(
         "pixel_rounding": "bfloat16 before the graph (ImageOptions.round_pixels_to_bf16), done by the backend",
         "weights_source": model.weights_source,
         "graphs": {
-            name: {"file": files[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
+            name: {"file": GRAPH_FILES[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
                    "outputs": GRAPH_IO[name][1]}
-            for name in modules
+            for name in GRAPH_FILES
         },
     }
+    paths = {name: out / file for name, file in GRAPH_FILES.items()}
     paths["manifest"] = out / MANIFEST_FILE
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
+
+
+def _export_graphs(model: MedSIGHTModel, out: Path, opset: int, exporter: str, optimize: bool) -> dict[str, str]:
+    """Write the three graphs into `out`; returns the exporter that produced each, by graph name."""
+    modules = {
+        "vision_encoder": VisionEncoderGraph(model),
+        "perceiver_encode": PerceiverEncodeGraph(model),
+        "perceiver_decode": PerceiverDecodeGraph(model),
+    }
+    examples = _example_inputs(model)
+    # The perceiver's own cache holds every level's encoding before tracing, so the graphs read them as constants
+    # and need neither float64 nor the arange/pow chain at run time.
+    for side in pyramid_sizes(model):
+        model.region_perceiver.position_encoding(side, side, torch.device("cpu"))
+    with torch.no_grad():
+        return {name: _export_one(module.eval(), name, examples[name], out / GRAPH_FILES[name], opset, exporter,
+                                  optimize)
+                for name, module in modules.items()}
