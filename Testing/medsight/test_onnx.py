@@ -177,3 +177,36 @@ def test_onnx_backend_with_a_mask_decode_dtype_is_refused(model, backend):
     with pytest.raises(ValueError, match=r"mask_decode_dtype .* ONNX backend"):
         medsight.Engine(model, vision_backend=backend, mask_decode_dtype=torch.bfloat16)
     assert medsight.Engine(model, vision_backend=backend).mask_decode == backend.region_decode
+
+
+def test_an_export_of_other_weights_is_refused(model, backend):
+    """A stale export (same config, weights of another training run) must never run silently: the Engine refuses
+    it, and takes the export of its own weights in any dtype (the graphs run float32)."""
+    import copy
+
+    import medsight
+    from medsight.model.loading import build_model
+
+    other = build_model(model.config, model.tokenizer, seed=1)
+    with pytest.raises(ValueError, match=r"other weights.*export-onnx"):
+        medsight.Engine(other, vision_backend=backend)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        medsight.Engine(copy.deepcopy(model).to(dtype), vision_backend=backend)
+
+
+def test_an_export_of_another_model_is_refused(backend, exported, tmp_path):
+    """The demo model with the tiny model's graphs: a clear error naming what differs, not an onnxruntime shape
+    error at the first ask; an export without the weights record (older format) is refused the same way."""
+    import shutil
+
+    import medsight
+
+    with pytest.raises(ValueError, match=r"image_size"):
+        medsight.Engine.load("demo", device="cpu", dtype=torch.float32, onnx_dir=str(exported["manifest"].parent))
+    old = tmp_path / "old"
+    shutil.copytree(exported["manifest"].parent, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["weights_fingerprint"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"export-onnx"):
+        medsight.Engine.load("tiny", device="cpu", dtype=torch.float32, onnx_dir=str(old))

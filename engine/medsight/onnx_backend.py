@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from medsight.model.medsight import ImageEncoding
-from medsight.onnx_export import MANIFEST_FILE
+from medsight.onnx_export import MANIFEST_FILE, weights_fingerprint
+
+REEXPORT = "run `medsight export-onnx` for this model"
 
 
 def default_providers() -> list[str]:
@@ -51,6 +53,27 @@ class OnnxVisionBackend:
         }
         self.image_size = int(self.manifest["image_size"])
         self.grid_size = int(self.manifest["grid_size"])
+
+    def check_model(self, model) -> None:
+        """Refuse a model these graphs were not exported from (another config, other weights, an older export):
+        a stale folder would otherwise answer with another model's image features, without any error."""
+        from medsight.config import MedSIGHTConfig
+
+        exported = MedSIGHTConfig.from_dict(self.manifest["config"])
+        for part in ("vision", "perceiver"):
+            ours, theirs = getattr(model.config, part), getattr(exported, part)
+            if ours != theirs:
+                differ = [k for k, v in vars(ours).items() if getattr(theirs, k, None) != v]
+                raise ValueError(f"the ONNX export in {self.folder} is of another model ({part} config differs in "
+                                 f"{', '.join(differ)}): {REEXPORT}")
+        fingerprints = self.manifest.get("weights_fingerprint")
+        if not isinstance(fingerprints, dict):
+            raise ValueError(f"the ONNX export in {self.folder} has no record of its weights (an older export): "
+                             f"{REEXPORT}")
+        dtype = str(model.dtype).removeprefix("torch.")
+        if fingerprints.get(dtype) != weights_fingerprint(model):
+            raise ValueError(f"the ONNX export in {self.folder} was made from other weights than this model's "
+                             f"(a stale export?): {REEXPORT}")
 
     @property
     def provider(self) -> str:

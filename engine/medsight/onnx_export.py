@@ -25,6 +25,7 @@ because the "sdpa" kernel's fix-up of fully blocked rows is a branch on the data
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -87,6 +88,27 @@ class PerceiverDecodeGraph(nn.Module):
         self, grid: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.perceiver.decode(grid, codes, query_mask)
+
+
+#: The dtypes an Engine may run the model in; the manifest records the exported weights' fingerprint in each.
+FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def weights_fingerprint(model: MedSIGHTModel, dtype: torch.dtype | None = None) -> str:
+    """sha256 of the exported parts' weights (vision encoder and perceiver) as `dtype` (default: the model's).
+
+    In the model's own dtype, so that a bfloat16 model loaded from a float32 checkpoint has the fingerprint its
+    float32 export recorded for bfloat16 (one rounding either way)."""
+    dtype = dtype or model.dtype
+    digest = hashlib.sha256()
+    for part in ("image_encoder", "region_perceiver"):
+        for name, tensor in getattr(model, part).state_dict().items():
+            values = tensor.detach().cpu()
+            if values.is_floating_point():
+                values = values.to(dtype)
+            digest.update(f"{part}.{name}:{tuple(values.shape)}:{values.dtype}".encode())
+            digest.update(values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pyramid_sizes(model: MedSIGHTModel) -> list[int]:
@@ -211,6 +233,8 @@ def export_onnx(
         "position_encoding": "constant",
         "pixel_rounding": "bfloat16 before the graph (ImageOptions.round_pixels_to_bf16), done by the backend",
         "weights_source": model.weights_source,
+        "weights_fingerprint": {str(d).removeprefix("torch."): weights_fingerprint(model, d)
+                                for d in FINGERPRINT_DTYPES},
         "graphs": {
             name: {"file": GRAPH_FILES[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
                    "outputs": GRAPH_IO[name][1]}
