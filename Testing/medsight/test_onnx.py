@@ -210,3 +210,19 @@ def test_an_export_of_another_model_is_refused(backend, exported, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"export-onnx"):
         medsight.Engine.load("tiny", device="cpu", dtype=torch.float32, onnx_dir=str(old))
+
+
+def test_missing_onnx_packages_are_named(exported, tmp_path, monkeypatch, capsys):
+    """Without the `onnx` extra: an error naming the missing package and how to install it, not a traceback from
+    deep inside torch.onnx (export) or onnxruntime's import (backend)."""
+    import sys
+
+    from medsight.cli import main as cli_main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what an environment without the package imports
+    assert cli_main(["export-onnx", "--model", "tiny", "--out", str(tmp_path / "onnx")]) == 2
+    assert "needs onnx: pip install 'medsight[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match=r"needs onnxruntime: pip install 'medsight\[onnx\]'"):
+        OnnxVisionBackend(exported["manifest"].parent)

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from medsight.model.medsight import ImageEncoding
-from medsight.onnx_export import MANIFEST_FILE, weights_fingerprint
+from medsight.onnx_export import MANIFEST_FILE, require_packages, weights_fingerprint
 
 REEXPORT = "run `medsight export-onnx` for this model"
 
 
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    require_packages("onnxruntime")
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -38,6 +39,7 @@ class OnnxVisionBackend:
     """
 
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        require_packages("onnxruntime")
         import onnxruntime as ort
 
         self.folder = Path(out_dir)

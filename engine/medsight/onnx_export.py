@@ -90,6 +90,25 @@ class PerceiverDecodeGraph(nn.Module):
         return self.perceiver.decode(grid, codes, query_mask)
 
 
+ONNX_EXTRA = "pip install 'medsight[onnx]' (onnxruntime-gpu instead of onnxruntime on a GPU machine)"
+
+
+def require_packages(*names: str) -> None:
+    """Name the missing packages of the ONNX path and how to install them, before any work (torch.onnx and the
+    backend would otherwise fail with a traceback deep inside, after the model was loaded)."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"the ONNX path needs {', '.join(missing)}: {ONNX_EXTRA}")
+
+
+def export_packages(exporter: str) -> tuple[str, ...]:
+    """Packages an export needs: onnx always (both exporters write through it), onnxscript for dynamo only ("auto"
+    falls back to TorchScript without it)."""
+    return ("onnx", "onnxscript") if exporter == "dynamo" else ("onnx",)
+
+
 #: The dtypes an Engine may run the model in; the manifest records the exported weights' fingerprint in each.
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -206,6 +225,7 @@ def export_onnx(
         raise ValueError("opset must be >= 17 (LayerNormalization)")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError("exporter must be 'auto', 'dynamo' or 'torchscript'")
+    require_packages(*export_packages(exporter))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model.device.type != "cpu" or model.dtype != torch.float32:
