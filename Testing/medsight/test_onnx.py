@@ -226,3 +226,29 @@ def test_missing_onnx_packages_are_named(exported, tmp_path, monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ValueError, match=r"needs onnxruntime: pip install 'medsight\[onnx\]'"):
         OnnxVisionBackend(exported["manifest"].parent)
+
+
+def test_an_interrupted_overwrite_leaves_no_manifest(model, exported, tmp_path, monkeypatch):
+    """Overwriting an export and stopping after its first graph (Ctrl-C during a long export) must not leave the old
+    manifest vouching for a mix of new and old graphs: the folder is then refused as having no manifest."""
+    import shutil
+
+    from medsight import onnx_export
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    real_export_one, calls = onnx_export._export_one, []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real_export_one(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, folder, exporter="torchscript")
+    assert calls == ["vision_encoder"]
+    assert not (folder / "manifest.json").exists()
+    with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
+        OnnxVisionBackend(folder)

@@ -43,6 +43,9 @@ class OnnxVisionBackend:
         import onnxruntime as ort
 
         self.folder = Path(out_dir)
+        if not (self.folder / MANIFEST_FILE).is_file():
+            raise ValueError(f"{self.folder} holds no ONNX export ({MANIFEST_FILE} is missing, or an export was "
+                             f"interrupted): {REEXPORT}")
         self.manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
         self.providers = list(providers) if providers is not None else default_providers()
         options = ort.SessionOptions()

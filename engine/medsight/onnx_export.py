@@ -228,6 +228,9 @@ def export_onnx(
     require_packages(*export_packages(exporter))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest vouches for the graphs beside it: gone while they are rewritten, so that an interrupted
+    # overwrite leaves a folder the backend refuses, not old promises over a mix of new and old graphs.
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     if model.device.type != "cpu" or model.dtype != torch.float32:
         import copy
 
