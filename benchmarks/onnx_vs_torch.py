@@ -1,7 +1,8 @@
 """Encode / decode throughput: onnxruntime (CPU provider) vs PyTorch (CPU), same weights, same process (not a test).
 
-Usage: python benchmarks/onnx_vs_torch.py [--models tiny demo] [--batch 16] [--codes 2] [--repeats 5]
+Usage: python benchmarks/onnx_vs_torch.py [--models tiny demo] [--batch 16] [--codes 2] [--repeats 5] [--threads N]
 Exports each model to a temporary folder, checks parity, then times alternating runs and prints the best of each.
+Both sides get the same compute threads (default: torch's count); onnxruntime's own default would be one per core.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--codes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="compute threads of both sides (default: torch's count)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, K = {args.codes}")
-    print(f"{'model':6s} {'stage':7s} {'torch ms':>10s} {'ort ms':>10s} {'ort/torch speed':>16s} {'max|diff|':>10s}")
+    args.threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}; batch {args.batch}, K = {args.codes}")
     for name in args.models:
         bench_model(name, args)
 
@@ -47,7 +50,11 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     model = load_model(name, device="cpu", dtype=torch.float32)
     with tempfile.TemporaryDirectory() as folder:
         export_onnx(model, folder, exporter="torchscript" if name == "tiny" else "auto")
-        ort = OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
+        ort = OnnxVisionBackend(folder, providers=["CPUExecutionProvider"], intra_op_threads=args.threads)
+        ort_threads = ort.sessions["vision_encoder"].get_session_options().intra_op_num_threads
+        print(f"threads: torch {torch.get_num_threads()}, onnxruntime {ort_threads or 'one per core'}")
+        print(f"{'model':6s} {'stage':7s} {'torch ms':>10s} {'ort ms':>10s} {'ort/torch speed':>16s} "
+              f"{'max|diff|':>10s}")
         size, dim = model.config.vision.image_size, model.config.perceiver.dim
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(args.batch, 3, size, size, generator=gen)

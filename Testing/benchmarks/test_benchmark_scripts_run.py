@@ -46,3 +46,13 @@ def test_official_style_runs_with_the_real_qwen3_tokenizer():
 def test_plain_vs_stream_runs_with_the_tiny_model():
     out = run("plain_vs_stream.py", "--slices", "2", "--tokens", "4", "--repeats", "1", "--threads", "1")
     assert "plain / streamed wall time" in out and "streamed  wall" in out
+
+
+def test_onnx_vs_torch_gives_both_sides_the_same_threads():
+    """onnxruntime's default is a thread per core whatever torch was given: the script sets both to one count
+    (OMP_NUM_THREADS=1 here, on a machine with more cores than that) and prints a row per stage."""
+    out = run("onnx_vs_torch.py", "--models", "tiny", "--batch", "1", "--codes", "1", "--repeats", "1")
+    assert "threads: torch 1, onnxruntime 1" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
+    assert [row[1] for row in rows] == ["encode", "decode"]
+    assert all(row[4].endswith("x") for row in rows)

@@ -105,6 +105,26 @@ def test_decode_regions_matches_the_model(model, backend):
             assert_close(g, r)
 
 
+def test_a_model_on_the_sdpa_kernel_exports_graphs_that_match_pytorch(tmp_path):
+    """`Engine.load` puts the perceiver on the sdpa kernel, whose fix-up of fully blocked rows is a Python branch on
+    the data: traced as is, the example input's branch would be frozen into the graphs. Exported from such a model,
+    the graphs still match PyTorch on other inputs, and the model keeps its kernel."""
+    model = load_model("tiny", device="cpu", dtype=torch.float32)
+    model.region_perceiver.attention_implementation = "sdpa"
+    export_onnx(model, tmp_path, exporter="torchscript")
+    assert model.region_perceiver.attention_implementation == "sdpa"
+    backend = OnnxVisionBackend(tmp_path, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    size, dim = model.config.vision.image_size, model.config.perceiver.dim
+    pixels = torch.randn(2, 3, size, size, generator=gen)
+    ref = model.encode(pixels)
+    assert_close(backend.encode(pixels).region_tokens, ref.region_tokens)
+    queries = torch.randn(2, 3, dim, generator=gen)
+    ref_seg, _ = torch_decode(model, ref.grid, queries, torch.ones(2, 3, dtype=torch.bool))
+    seg, _ = backend.decode(ref.grid, queries)
+    assert_close(seg, ref_seg)
+
+
 def test_dynamo_export_matches_pytorch(model, tmp_path):
     paths = export_onnx(model, tmp_path, optimize=False)  # exporter="auto": dynamo first
     manifest = json.loads(paths["manifest"].read_text())
@@ -157,3 +177,78 @@ def test_onnx_backend_with_a_mask_decode_dtype_is_refused(model, backend):
     with pytest.raises(ValueError, match=r"mask_decode_dtype .* ONNX backend"):
         medsight.Engine(model, vision_backend=backend, mask_decode_dtype=torch.bfloat16)
     assert medsight.Engine(model, vision_backend=backend).mask_decode == backend.region_decode
+
+
+def test_an_export_of_other_weights_is_refused(model, backend):
+    """A stale export (same config, weights of another training run) must never run silently: the Engine refuses
+    it, and takes the export of its own weights in any dtype (the graphs run float32)."""
+    import copy
+
+    import medsight
+    from medsight.model.loading import build_model
+
+    other = build_model(model.config, model.tokenizer, seed=1)
+    with pytest.raises(ValueError, match=r"other weights.*export-onnx"):
+        medsight.Engine(other, vision_backend=backend)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        medsight.Engine(copy.deepcopy(model).to(dtype), vision_backend=backend)
+
+
+def test_an_export_of_another_model_is_refused(backend, exported, tmp_path):
+    """The demo model with the tiny model's graphs: a clear error naming what differs, not an onnxruntime shape
+    error at the first ask; an export without the weights record (older format) is refused the same way."""
+    import shutil
+
+    import medsight
+
+    with pytest.raises(ValueError, match=r"image_size"):
+        medsight.Engine.load("demo", device="cpu", dtype=torch.float32, onnx_dir=str(exported["manifest"].parent))
+    old = tmp_path / "old"
+    shutil.copytree(exported["manifest"].parent, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["weights_fingerprint"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"export-onnx"):
+        medsight.Engine.load("tiny", device="cpu", dtype=torch.float32, onnx_dir=str(old))
+
+
+def test_missing_onnx_packages_are_named(exported, tmp_path, monkeypatch, capsys):
+    """Without the `onnx` extra: an error naming the missing package and how to install it, not a traceback from
+    deep inside torch.onnx (export) or onnxruntime's import (backend)."""
+    import sys
+
+    from medsight.cli import main as cli_main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what an environment without the package imports
+    assert cli_main(["export-onnx", "--model", "tiny", "--out", str(tmp_path / "onnx")]) == 2
+    assert "needs onnx: pip install 'medsight[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match=r"needs onnxruntime: pip install 'medsight\[onnx\]'"):
+        OnnxVisionBackend(exported["manifest"].parent)
+
+
+def test_an_interrupted_overwrite_leaves_no_manifest(model, exported, tmp_path, monkeypatch):
+    """Overwriting an export and stopping after its first graph (Ctrl-C during a long export) must not leave the old
+    manifest vouching for a mix of new and old graphs: the folder is then refused as having no manifest."""
+    import shutil
+
+    from medsight import onnx_export
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    real_export_one, calls = onnx_export._export_one, []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real_export_one(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, folder, exporter="torchscript")
+    assert calls == ["vision_encoder"]
+    assert not (folder / "manifest.json").exists()
+    with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
+        OnnxVisionBackend(folder)

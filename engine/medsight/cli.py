@@ -156,8 +156,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import medsight
-    from medsight.onnx_export import export_onnx
+    from medsight.onnx_export import export_onnx, export_packages, require_packages
 
+    require_packages(*export_packages(args.exporter))
     check_vision_file(args)
     check_export_folder(args.out, args.overwrite)
     model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file,

@@ -191,6 +191,7 @@ class Engine:
             if mask_decode_dtype is not None:
                 raise ValueError("mask_decode_dtype applies to the PyTorch perceiver; the ONNX backend decodes in "
                                  "float32: choose one")
+            vision_backend.check_model(model)
             self.mask_decode = vision_backend.region_decode
         elif mask_decode_dtype is not None and mask_decode_dtype != model.dtype:
             self.mask_decode = CastDecode(model.region_perceiver, mask_decode_dtype)

@@ -15,11 +15,14 @@ import numpy as np
 import torch
 
 from medsight.model.medsight import ImageEncoding
-from medsight.onnx_export import MANIFEST_FILE
+from medsight.onnx_export import MANIFEST_FILE, require_packages, weights_fingerprint
+
+REEXPORT = "run `medsight export-onnx` for this model"
 
 
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    require_packages("onnxruntime")
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -36,9 +39,13 @@ class OnnxVisionBackend:
     """
 
     def __init__(self, out_dir: str | Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        require_packages("onnxruntime")
         import onnxruntime as ort
 
         self.folder = Path(out_dir)
+        if not (self.folder / MANIFEST_FILE).is_file():
+            raise ValueError(f"{self.folder} holds no ONNX export ({MANIFEST_FILE} is missing, or an export was "
+                             f"interrupted): {REEXPORT}")
         self.manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
         self.providers = list(providers) if providers is not None else default_providers()
         options = ort.SessionOptions()
@@ -51,6 +58,27 @@ class OnnxVisionBackend:
         }
         self.image_size = int(self.manifest["image_size"])
         self.grid_size = int(self.manifest["grid_size"])
+
+    def check_model(self, model) -> None:
+        """Refuse a model these graphs were not exported from (another config, other weights, an older export):
+        a stale folder would otherwise answer with another model's image features, without any error."""
+        from medsight.config import MedSIGHTConfig
+
+        exported = MedSIGHTConfig.from_dict(self.manifest["config"])
+        for part in ("vision", "perceiver"):
+            ours, theirs = getattr(model.config, part), getattr(exported, part)
+            if ours != theirs:
+                differ = [k for k, v in vars(ours).items() if getattr(theirs, k, None) != v]
+                raise ValueError(f"the ONNX export in {self.folder} is of another model ({part} config differs in "
+                                 f"{', '.join(differ)}): {REEXPORT}")
+        fingerprints = self.manifest.get("weights_fingerprint")
+        if not isinstance(fingerprints, dict):
+            raise ValueError(f"the ONNX export in {self.folder} has no record of its weights (an older export): "
+                             f"{REEXPORT}")
+        dtype = str(model.dtype).removeprefix("torch.")
+        if fingerprints.get(dtype) != weights_fingerprint(model):
+            raise ValueError(f"the ONNX export in {self.folder} was made from other weights than this model's "
+                             f"(a stale export?): {REEXPORT}")
 
     @property
     def provider(self) -> str:

@@ -16,12 +16,16 @@ baked into the graphs as initializers, one per level; `manifest.json` records th
 "constant"``). For the full model that is (24² + 48² + 96² + 192²) x 1024 floats ≈ 200 MB per perceiver graph,
 stored as ONNX external data beside the graph file when a graph passes the 2 GB protobuf limit.
 
+Attention: the perceiver is traced with its "eager" kernel (the official arithmetic) whatever kernel the model runs,
+because the "sdpa" kernel's fix-up of fully blocked rows is a branch on the data that tracing would freeze.
+
 `torch.onnx.export` with the dynamo exporter is tried first; if it fails, the TorchScript exporter with
 ``dynamic_axes`` is used. The manifest records which one produced each graph.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -40,6 +44,7 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
+GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 
 GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
     "vision_encoder": (["pixel_values"], ["cls", "patches"]),
@@ -83,6 +88,46 @@ class PerceiverDecodeGraph(nn.Module):
         self, grid: torch.Tensor, codes: torch.Tensor, query_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.perceiver.decode(grid, codes, query_mask)
+
+
+ONNX_EXTRA = "pip install 'medsight[onnx]' (onnxruntime-gpu instead of onnxruntime on a GPU machine)"
+
+
+def require_packages(*names: str) -> None:
+    """Name the missing packages of the ONNX path and how to install them, before any work (torch.onnx and the
+    backend would otherwise fail with a traceback deep inside, after the model was loaded)."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"the ONNX path needs {', '.join(missing)}: {ONNX_EXTRA}")
+
+
+def export_packages(exporter: str) -> tuple[str, ...]:
+    """Packages an export needs: onnx always (both exporters write through it), onnxscript for dynamo only ("auto"
+    falls back to TorchScript without it)."""
+    return ("onnx", "onnxscript") if exporter == "dynamo" else ("onnx",)
+
+
+#: The dtypes an Engine may run the model in; the manifest records the exported weights' fingerprint in each.
+FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def weights_fingerprint(model: MedSIGHTModel, dtype: torch.dtype | None = None) -> str:
+    """sha256 of the exported parts' weights (vision encoder and perceiver) as `dtype` (default: the model's).
+
+    In the model's own dtype, so that a bfloat16 model loaded from a float32 checkpoint has the fingerprint its
+    float32 export recorded for bfloat16 (one rounding either way)."""
+    dtype = dtype or model.dtype
+    digest = hashlib.sha256()
+    for part in ("image_encoder", "region_perceiver"):
+        for name, tensor in getattr(model, part).state_dict().items():
+            values = tensor.detach().cpu()
+            if values.is_floating_point():
+                values = values.to(dtype)
+            digest.update(f"{part}.{name}:{tuple(values.shape)}:{values.dtype}".encode())
+            digest.update(values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pyramid_sizes(model: MedSIGHTModel) -> list[int]:
@@ -180,31 +225,25 @@ def export_onnx(
         raise ValueError("opset must be >= 17 (LayerNormalization)")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError("exporter must be 'auto', 'dynamo' or 'torchscript'")
+    require_packages(*export_packages(exporter))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest vouches for the graphs beside it: gone while they are rewritten, so that an interrupted
+    # overwrite leaves a folder the backend refuses, not old promises over a mix of new and old graphs.
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     if model.device.type != "cpu" or model.dtype != torch.float32:
         import copy
 
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     model = model.eval()
-    modules = {
-        "vision_encoder": VisionEncoderGraph(model),
-        "perceiver_encode": PerceiverEncodeGraph(model),
-        "perceiver_decode": PerceiverDecodeGraph(model),
-    }
-    files = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
-    examples = _example_inputs(model)
-    paths: dict[str, Path] = {}
-    used: dict[str, str] = {}
-    # The perceiver's own cache holds every level's encoding before tracing, so the graphs read them as constants
-    # and need neither float64 nor the arange/pow chain at run time.
-    for side in pyramid_sizes(model):
-        model.region_perceiver.position_encoding(side, side, torch.device("cpu"))
-    with torch.no_grad():
-        for name, module in modules.items():
-            path = out / files[name]
-            used[name] = _export_one(module.eval(), name, examples[name], path, opset, exporter, optimize)
-            paths[name] = path
+    # The sdpa kernel fixes up fully blocked rows behind a Python branch on the data, which tracing would freeze
+    # at the example input's value: the graphs are traced with the eager (official, branch-free) arithmetic.
+    kernel = model.region_perceiver.attention_implementation
+    model.region_perceiver.attention_implementation = "eager"
+    try:
+        used = _export_graphs(model, out, opset, exporter, optimize)
+    finally:
+        model.region_perceiver.attention_implementation = kernel
     v = model.config.vision
     manifest = {
         "format": "medsight-onnx/1",
@@ -217,12 +256,33 @@ def export_onnx(
         "position_encoding": "constant",
         "pixel_rounding": "bfloat16 before the graph (ImageOptions.round_pixels_to_bf16), done by the backend",
         "weights_source": model.weights_source,
+        "weights_fingerprint": {str(d).removeprefix("torch."): weights_fingerprint(model, d)
+                                for d in FINGERPRINT_DTYPES},
         "graphs": {
-            name: {"file": files[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
+            name: {"file": GRAPH_FILES[name], "exporter": used[name], "inputs": GRAPH_IO[name][0],
                    "outputs": GRAPH_IO[name][1]}
-            for name in modules
+            for name in GRAPH_FILES
         },
     }
+    paths = {name: out / file for name, file in GRAPH_FILES.items()}
     paths["manifest"] = out / MANIFEST_FILE
     paths["manifest"].write_text(json.dumps(manifest, indent=2))
     return paths
+
+
+def _export_graphs(model: MedSIGHTModel, out: Path, opset: int, exporter: str, optimize: bool) -> dict[str, str]:
+    """Write the three graphs into `out`; returns the exporter that produced each, by graph name."""
+    modules = {
+        "vision_encoder": VisionEncoderGraph(model),
+        "perceiver_encode": PerceiverEncodeGraph(model),
+        "perceiver_decode": PerceiverDecodeGraph(model),
+    }
+    examples = _example_inputs(model)
+    # The perceiver's own cache holds every level's encoding before tracing, so the graphs read them as constants
+    # and need neither float64 nor the arange/pow chain at run time.
+    for side in pyramid_sizes(model):
+        model.region_perceiver.position_encoding(side, side, torch.device("cpu"))
+    with torch.no_grad():
+        return {name: _export_one(module.eval(), name, examples[name], out / GRAPH_FILES[name], opset, exporter,
+                                  optimize)
+                for name, module in modules.items()}
