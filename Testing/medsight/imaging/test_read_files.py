@@ -59,6 +59,26 @@ def test_nrrd_in_both_spaces_matches_nifti(mni_t1, tmp_path):
         assert back.same_geometry(vol) and np.array_equal(back.array, vol.array), name
 
 
+def test_nrrd_with_space_dimension_but_no_named_space_is_placed_as_itk_places_it(mni_t1, tmp_path):
+    # NRRD may give "space dimension: 3" with space directions and origin but no named space. ITK (so 3D Slicer)
+    # takes the vectors as LPS; this reader ignored them and returned a 1 mm grid at 0 without patient geometry,
+    # so `ask --out x.seg.nrrd` wrote the mask 1 mm-spaced at the origin, away from the image shown in Slicer.
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    vol = read_nifti(mni_t1)
+    lps = vol.ijk_to_lps
+    path = tmp_path / "no_space.nrrd"
+    nrrd.write(str(path), np.transpose(vol.array, (2, 1, 0)),
+               {"space dimension": 3, "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+    back = read_nrrd(path)
+    itk = sitk.ReadImage(str(path))
+    itk_lps = np.eye(4)
+    itk_lps[:3, :3] = np.asarray(itk.GetDirection()).reshape(3, 3) * np.asarray(itk.GetSpacing())
+    itk_lps[:3, 3] = itk.GetOrigin()
+    assert back.has_patient_geometry and back.same_geometry(vol)
+    assert np.abs(back.ijk_to_lps - itk_lps).max() < 1e-4
+
+
 def test_png_and_tiff_from_a_real_dicom_slice(pydicom_files, tmp_path):
     pixels = pydicom.dcmread(pydicom_files / "MR_small.dcm").pixel_array.astype(np.uint16)
     for name in ("slice.png", "slice.tif"):

@@ -138,6 +138,9 @@ def read_nrrd(
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     space = str(header.get("space", "")).lower()
     dirs = header.get("space directions")
+    if not space and dirs is not None and int(header.get("space dimension", 0)) == 3:
+        # No named space, but vectors and an origin: ITK (and so 3D Slicer) takes them as they stand, i.e. as LPS.
+        space = "lps"
     is_seg = any(k.startswith("Segment") for k in header)
     kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
     if space in _SPACES and dirs is not None:
