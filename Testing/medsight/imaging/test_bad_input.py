@@ -95,6 +95,26 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     _raises(dup, "duplicate slice position")
 
 
+@pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])
+def test_truncated_end_slice_of_a_series_is_named_not_dropped(ct_series, pydicom_files, tmp_path, kept):
+    # GDCM leaves out files it cannot parse: with the first or last slice truncated (pixel data cut at 98 %, header
+    # cut at 50 % or at 10 %, before it names its series), the series read one slice short and nothing said so.
+    files = sorted(ct_series.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    for end in (files[0], files[-1]):
+        folder = tmp_path / f"{end.name}_{kept}"
+        shutil.copytree(ct_series, folder)
+        data = end.read_bytes()
+        (folder / end.name).write_bytes(data[: int(len(data) * kept)])
+        _raises(folder, f"{end.name} .*cannot be read as an image \\(truncated or damaged file\\?\\)")
+    # Other objects GDCM does not list (an RT Structure Set, a DICOMDIR, a text file) still do not count.
+    extras = tmp_path / "extras"
+    shutil.copytree(ct_series, extras)
+    shutil.copy(pydicom_files / "rtstruct.dcm", extras / "rtstruct.dcm")
+    shutil.copy(pydicom_files / "dicomdirtests" / "DICOMDIR", extras / "DICOMDIR")
+    (extras / "README.txt").write_text("notes")
+    assert read_volume(extras).shape[0] == len(files)
+
+
 def test_four_d_data(nibabel_data, tmp_path):
     _raises(nibabel_data / "example4d.nii.gz", r"4D data \(shape \(128, 96, 24, 2\)\)")
     nrrd.write(str(tmp_path / "t.nrrd"), np.zeros((4, 5, 6, 2), np.int16))

@@ -142,6 +142,43 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
     return out
 
 
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[SeriesInfo]) -> None:
+    """GDCM leaves out, without a word, the files it cannot parse (a truncated copy, a damaged disk): a lost first
+    or last slice would give a shorter volume that nothing flags. Refuse a left-out DICOM file that may be one of
+    the slices of ``first``'s series."""
+    listed = {os.path.realpath(f) for s in series
+              for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s.series_uid)}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file() or os.path.realpath(entry.path) in listed:
+            continue
+        try:
+            with open(entry.path, "rb") as f:
+                if f.read(132)[128:] != b"DICM":
+                    continue  # not DICOM (a README, a picture)
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+        except _HEADER_ERRORS:
+            ds = None
+        if ds is None or _may_be_a_slice_of(ds, first):
+            named = ds is not None and "SeriesInstanceUID" in ds
+            raise ImagingError(
+                f"{entry.name} {'belongs to this series but ' if named else ''}cannot be read as an image "
+                "(truncated or damaged file?): the series would miss a slice; replace or remove the file",
+                folder,
+            )
+
+
+def _may_be_a_slice_of(ds: pydicom.Dataset, first: pydicom.Dataset) -> bool:
+    """A header of the same kind of image in the same series, or one that breaks off before it says which."""
+    if "SOPClassUID" in ds and ds.SOPClassUID != first.get("SOPClassUID"):
+        return False  # another kind of object (RT Structure Set, SR, ...)
+    if "SeriesInstanceUID" in ds:
+        return ds.SeriesInstanceUID == first.get("SeriesInstanceUID")
+    return "SOPClassUID" not in ds and ds.file_meta.get("MediaStorageSOPClassUID") != DICOMDIR_SOP_CLASS
+
+
 def _vec(values: Sequence[float], n: int, what: str, path: str) -> np.ndarray:
     try:
         v = np.asarray([float(x) for x in values], dtype=float)
@@ -274,6 +311,7 @@ def read_dicom_series(
         )
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
     headers = [_header(f) for f in files]
+    _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
         _require_image(ds, f)
     if len(files) == 1:
