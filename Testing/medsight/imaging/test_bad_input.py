@@ -115,6 +115,16 @@ def test_truncated_end_slice_of_a_series_is_named_not_dropped(ct_series, pydicom
     assert read_volume(extras).shape[0] == len(files)
 
 
+def test_folder_that_gdcm_cannot_scan(ct_series, pydicom_files, tmp_path):
+    # GDCM's series scan stops with a RuntimeError (no folder, no advice) at pydicom's rtdose_1frame.dcm: the whole
+    # pydicom test folder, or a series folder holding it, gave `medsight ask` a traceback.
+    folder = tmp_path / "with_dose"
+    shutil.copytree(ct_series, folder)
+    shutil.copy(pydicom_files / "rtdose_1frame.dcm", folder / "dose.dcm")
+    _raises(folder, "GDCM cannot scan this folder for series: a file in it is malformed")
+    assert read_volume(folder / "dose.dcm").shape[0] == 1  # the advice holds: the file itself reads
+
+
 def test_four_d_data(nibabel_data, tmp_path):
     _raises(nibabel_data / "example4d.nii.gz", r"4D data \(shape \(128, 96, 24, 2\)\)")
     nrrd.write(str(tmp_path / "t.nrrd"), np.zeros((4, 5, 6, 2), np.int16))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,15 +126,29 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return record.exc_info is None  # warnings and plain messages still show
 
 
+def _gdcm_scan(scan: Callable[..., tuple[str, ...]], folder: str, *args: str) -> tuple[str, ...]:
+    """A GDCM folder scan; GDCM stops at the first file it cannot parse (pydicom's rtdose_1frame.dcm does it) with a
+    RuntimeError that names neither the folder nor the way out."""
+    try:
+        return scan(folder, *args)
+    except RuntimeError as exc:
+        why = str(exc).strip().splitlines()[-1]
+        raise ImagingError(
+            f"GDCM cannot scan this folder for series: a file in it is malformed ({why}); "
+            "put the series' files in a folder of their own, or read the image file directly",
+            folder,
+        ) from exc
+
+
 def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
     """The image series in ``folder`` (not recursive), as GDCM groups them."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImagingError("not a folder", folder)
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    uids = _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesIDs, folder)
     out = []
     for uid in uids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+        files = _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, uid)
         ds = _header(files[0])
         out.append(
             SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")))
@@ -150,7 +164,7 @@ def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[Se
     or last slice would give a shorter volume that nothing flags. Refuse a left-out DICOM file that may be one of
     the slices of ``first``'s series."""
     listed = {os.path.realpath(f) for s in series
-              for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, s.series_uid)}
+              for f in _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, s.series_uid)}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_file() or os.path.realpath(entry.path) in listed:
             continue
@@ -309,7 +323,7 @@ def read_dicom_series(
         raise ImagingError(
             f"series {series_uid} not found; present: " + ", ".join(s.series_uid for s in series), folder
         )
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+    files = list(_gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, series_uid))
     headers = [_header(f) for f in files]
     _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
