@@ -131,6 +131,12 @@ def test_four_d_data(nibabel_data, tmp_path):
     _raises(tmp_path / "t.nrrd", "4D data")
 
 
+def test_cifti_file_is_refused_as_no_volume(nibabel_data):
+    # nibabel loads a .nii holding CIFTI-2 (surface vertices x vertices) as a Cifti2Image, which has no affine:
+    # the reader raised AttributeError ("'Cifti2Image' object has no attribute 'affine'"), a traceback in `ask`.
+    _raises(nibabel_data / "row_major.dconn.nii", r"a Cifti2 file \(shape \(10, 10\)\) holds no voxel grid")
+
+
 def test_nan_and_inf(mni_t1, tmp_path):
     img = nib.load(mni_t1)
     data = np.asanyarray(img.dataobj).astype(np.float32)

@@ -78,6 +78,9 @@ def read_nifti(
     _exists(path)
     try:
         img = nib.load(path)
+        if not isinstance(img, nib.spatialimages.SpatialImage):  # CIFTI-2: rows of brain surface vertices
+            raise ImagingError(f"a {type(img).__name__.replace('Image', '')} file (shape {img.shape}) holds no "
+                               "voxel grid in patient space; a NIfTI volume is expected", path)
         shape = _squeeze_to_3d(img.shape, path)
         check_size(shape, path, max_voxels)
         data = np.asanyarray(img.dataobj)
