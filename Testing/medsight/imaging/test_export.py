@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -154,6 +155,41 @@ def test_nifti_labelmap_keeps_the_input_nifti_space(mni_segmentation, mni_t1, tm
     q_code, s_code, qform, sform = _header_spaces(nii)
     assert (q_code, s_code) == (4, 4) and np.allclose(qform, t1.affine) and np.allclose(sform, t1.affine)
     assert np.allclose(nib.load(nii).affine, t1.affine)
+
+
+def _itk_ijk_to_lps(path) -> np.ndarray:
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    img = sitk.ReadImage(str(path))
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    m[:3, 3] = img.GetOrigin()
+    return m
+
+
+def test_masks_of_a_nifti_without_qform_and_sform_sit_where_itk_shows_it(nibabel_data, tmp_path):
+    # With both codes 0, nibabel makes up an x-flipped grid centred on 0, ITK (so 3D Slicer) lays the voxel sizes
+    # along the LPS axes from 0. The reader took nibabel's: masks written for such an image (nibabel's
+    # anatomical.nii with its codes cleared) sat flipped in i and j and tens of mm away from it in Slicer.
+    img = nib.load(nibabel_data / "anatomical.nii")
+    img.set_sform(img.affine, code=0)
+    img.set_qform(img.affine, code=0)
+    path = tmp_path / "uncoded.nii"
+    nib.save(img, path)
+    vol = read_volume(path)
+    image_in_itk = _itk_ijk_to_lps(path)
+    assert not vol.has_patient_geometry and np.abs(vol.ijk_to_lps - image_in_itk).max() < 1e-4
+    k, j, i = vol.shape
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[: k // 2, : j // 3, : i // 4] = 1
+    seg = Segmentation(vol, labelmap, [GM])
+    for name in ("mask.seg.nrrd", "mask.nii.gz"):
+        write_segmentation(seg, tmp_path / name)
+        assert np.abs(_itk_ijk_to_lps(tmp_path / name) - image_in_itk).max() < 1e-4, name
+    # The NIfTI mask keeps the codes 0, so nibabel too places it as it places the image.
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (0, 0)
+    assert np.allclose(mask.affine, nib.load(path).affine)
 
 
 def test_nifti_labelmap_of_dicom_is_in_scanner_space(ct_series, tmp_path):
