@@ -167,7 +167,7 @@ def _itk_ijk_to_lps(path) -> np.ndarray:
     return m
 
 
-def test_masks_of_a_nifti_without_qform_and_sform_sit_where_itk_shows_it(nibabel_data, tmp_path):
+def test_masks_of_a_nifti_without_qform_and_sform_or_analyze_sit_where_itk_shows_it(nibabel_data, tmp_path):
     # With both codes 0, nibabel makes up an x-flipped grid centred on 0, ITK (so 3D Slicer) lays the voxel sizes
     # along the LPS axes from 0. The reader took nibabel's: masks written for such an image (nibabel's
     # anatomical.nii with its codes cleared) sat flipped in i and j and tens of mm away from it in Slicer.
@@ -190,6 +190,13 @@ def test_masks_of_a_nifti_without_qform_and_sform_sit_where_itk_shows_it(nibabel
     mask = nib.load(tmp_path / "mask.nii.gz")
     assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (0, 0)
     assert np.allclose(mask.affine, nib.load(path).affine)
+    # Analyze (no transforms at all) alike.
+    analyze = tmp_path / "analyze.hdr"
+    nib.save(nib.AnalyzeImage(np.asanyarray(img.dataobj), img.affine), analyze)
+    vol = read_volume(analyze)
+    assert not vol.has_patient_geometry and np.abs(vol.ijk_to_lps - _itk_ijk_to_lps(analyze)).max() < 1e-4
+    write_segmentation(Segmentation(vol, labelmap, [GM]), tmp_path / "analyze_mask.seg.nrrd")
+    assert np.abs(_itk_ijk_to_lps(tmp_path / "analyze_mask.seg.nrrd") - _itk_ijk_to_lps(analyze)).max() < 1e-4
 
 
 def test_nifti_labelmap_of_dicom_is_in_scanner_space(ct_series, tmp_path):

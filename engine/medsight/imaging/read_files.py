@@ -96,18 +96,18 @@ def read_nifti(
     check_voxels(data, path)
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
     kw = {"modality": (modality or "OT").upper(), "source": path}
-    if not hasattr(img.header, "get_qform"):  # Analyze
-        return volume_from_affine(array, LPS_TO_RAS @ affine, **kw)
     h = img.header
-    if not int(h["qform_code"]) and not int(h["sform_code"]):
-        # Neither transform is in use: nibabel makes up an x-flipped grid centred on 0, ITK (and so 3D Slicer) lays
-        # the voxel sizes along the LPS axes from 0. Take ITK's, or masks would sit flipped and shifted in Slicer.
+    is_nifti = hasattr(h, "get_qform")
+    if not is_nifti or (not int(h["qform_code"]) and not int(h["sform_code"])):
+        # Analyze, or NIfTI with neither transform in use: nibabel makes up an x-flipped grid centred on 0, ITK (and
+        # so 3D Slicer) lays the voxel sizes along the LPS axes from 0. Take ITK's, or masks would sit flipped and
+        # shifted in Slicer.
         zooms = [float(z) for z in h.get_zooms()[:3]] + [1.0] * (3 - len(h.get_zooms()[:3]))
         vol = volume_from_affine(array, np.diag([*zooms, 1.0]), has_patient_geometry=False, **kw)
     else:
         vol = volume_from_affine(array, LPS_TO_RAS @ affine, **kw)
-    # Keep the header's spaces for masks written on it.
-    vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
+    if is_nifti:  # keep the header's spaces for masks written on it
+        vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
     return vol
 
 
