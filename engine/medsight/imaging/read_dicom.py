@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,8 @@ class SeriesInfo:
     n_files: int
     modality: str
     description: str
+    #: The series' files in GDCM's order (each GDCM call rescans the whole folder: kept, not asked again).
+    files: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.series_uid}  {self.modality:<6} {self.n_files:>4} files  {self.description}"
@@ -151,7 +153,8 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
         files = _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, uid)
         ds = _header(files[0])
         out.append(
-            SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")))
+            SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")),
+                       tuple(files))
         )
     return out
 
@@ -163,8 +166,7 @@ def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[Se
     """GDCM leaves out, without a word, the files it cannot parse (a truncated copy, a damaged disk): a lost first
     or last slice would give a shorter volume that nothing flags. Refuse a left-out DICOM file that may be one of
     the slices of ``first``'s series."""
-    listed = {os.path.realpath(f) for s in series
-              for f in _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, s.series_uid)}
+    listed = {os.path.realpath(f) for s in series for f in s.files}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_file() or os.path.realpath(entry.path) in listed:
             continue
@@ -323,7 +325,7 @@ def read_dicom_series(
         raise ImagingError(
             f"series {series_uid} not found; present: " + ", ".join(s.series_uid for s in series), folder
         )
-    files = list(_gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, series_uid))
+    files = list(next(s.files for s in series if s.series_uid == series_uid))
     headers = [_header(f) for f in files]
     _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
