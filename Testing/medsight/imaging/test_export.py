@@ -250,6 +250,21 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional)
         assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1
 
 
+def test_dicom_seg_read_against_images_it_does_not_reference(ct_series, pydicom_files, tmp_path):
+    # Read against another series, the error spoke of "frames that do not map onto a regular 3D grid" and of
+    # highdicom's "assert_missing_frames_are_empty" parameter, not of the SEG being made on other images.
+    vol = read_volume(ct_series)
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[vol.shape[0] // 2] = 1
+    path = write_dicom_seg(Segmentation(vol, labelmap, [GM]), tmp_path / "seg.dcm")
+    other = read_volume(pydicom_files / "CT_small.dcm")
+    with pytest.raises(ImagingError, match=f"does not reference 1 of the reference's 1 images: it was made on series "
+                                           f"{vol.series_uid}, the reference is series {other.series_uid}") as info:
+        read_dicom_seg(path, reference=other)
+    assert "assert_missing_frames_are_empty" not in str(info.value)
+    assert np.array_equal(read_dicom_seg(path, reference=vol).labelmap, labelmap)
+
+
 def test_write_segmentation_picks_the_writer_by_file_name(mni_segmentation, tmp_path):
     """One suffix -> writer table: each ending gives the file its reader reads back; others are refused."""
     readers = {".seg.nrrd": read_seg_nrrd, ".nii.gz": read_nifti_labelmap, ".nii": read_nifti_labelmap}

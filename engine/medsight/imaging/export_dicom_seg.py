@@ -165,6 +165,20 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
     return segments
 
 
+def _check_referenced(dseg: hd.seg.Segmentation, reference: Volume, path: str) -> None:
+    """Every image of ``reference`` must be one the SEG references: else highdicom's error speaks of its own
+    API ("assert_missing_frames_are_empty") and ours of a grid, while the SEG was made on other images."""
+    refs = dseg.get_source_image_uids()
+    known = {sop for _, _, sop in refs}
+    missing = [uid for uid in reference.sop_instance_uids if uid not in known]
+    if missing:
+        seg_series = ", ".join(sorted({series for _, series, _ in refs})) or "none"
+        raise ImagingError(
+            f"the SEG does not reference {len(missing)} of the reference's {len(reference.sop_instance_uids)} "
+            f"images: it was made on series {seg_series}, the reference is series {reference.series_uid}", path
+        )
+
+
 def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None) -> Segmentation:
     """Read a DICOM SEG into a labelmap (label = segment number).
 
@@ -184,6 +198,7 @@ def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None
         if reference is not None:
             if len(reference.sop_instance_uids) != reference.shape[0]:
                 raise ImagingError("reference must be a single-frame DICOM series", reference.source)
+            _check_referenced(dseg, reference, path)
             per_seg = dseg.get_pixels_by_source_instance(
                 list(reference.sop_instance_uids), segment_numbers=numbers, dtype=np.float32
             )
