@@ -117,6 +117,24 @@ def test_nifti_whose_qform_and_sform_disagree_is_refused(nibabel_data, tmp_path)
     assert np.allclose(read_volume(tmp_path / "agree.nii").ijk_to_ras, img.header.get_qform())
 
 
+def test_nifti_whose_pixdim_and_sform_disagree_is_refused(nibabel_data, tmp_path):
+    # nibabel's standard.nii.gz places its voxels by the sform alone (qform code 0); with pixdim no longer matching
+    # it, nibabel (this reader) kept the sform's voxel sizes while ITK (3D Slicer) takes pixdim's: masks written on
+    # the sform's grid were stretched against the image Slicer shows.
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    img = nib.load(nibabel_data / "standard.nii.gz")
+    sizes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    assert int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) > 0
+    assert np.allclose(read_volume(nibabel_data / "standard.nii.gz").spacing, sizes)
+    img.header["pixdim"][1:4] = sizes[::-1]
+    nib.save(img, tmp_path / "stale_pixdim.nii.gz")
+    assert not np.allclose(sitk.ReadImage(str(tmp_path / "stale_pixdim.nii.gz")).GetSpacing(), sizes)
+    with pytest.raises(ImagingError, match=r"voxel sizes \(pixdim \[2.0, 3.0, 1.0\] mm\) and its sform's "
+                                           r"\(\[1.0, 3.0, 2.0\] mm\) disagree"):
+        read_volume(tmp_path / "stale_pixdim.nii.gz")
+
+
 def test_sheared_nifti_is_refused(nibabel_data, tmp_path):
     # An sform with a shear (affine registration output) has no rotation for its axes: it was read with a
     # non-orthonormal direction, and an --out NIfTI then held that sform beside a different (rotation-only) qform.

@@ -70,6 +70,21 @@ def _check_qform_sform(img: nib.Nifti1Image, shape: tuple[int, ...], path: str) 
         )
 
 
+def _check_pixdim(img: nib.Nifti1Image, path: str) -> None:
+    """Refuse a header whose sform (the transform nibabel, and so this reader, takes) has other voxel sizes than
+    pixdim: ITK (and so 3D Slicer) takes the sizes from pixdim, so the voxels, and masks, would land elsewhere."""
+    if not hasattr(img.header, "get_qform") or not int(img.header["sform_code"]):
+        return  # the qform is built from pixdim: they agree
+    pixdim = np.abs(np.asarray(img.header["pixdim"][1:4], dtype=float))
+    sizes = np.linalg.norm(img.header.get_sform()[:3, :3], axis=0)
+    if not np.allclose(pixdim, sizes, rtol=1e-3, atol=1e-6):
+        raise ImagingError(
+            f"the header's voxel sizes (pixdim {np.round(pixdim, 6).tolist()} mm) and its sform's "
+            f"({np.round(sizes, 6).tolist()} mm) disagree; viewers disagree on which to use: make them agree first",
+            path,
+        )
+
+
 def read_nifti(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -106,6 +121,7 @@ def read_nifti(
         vol = volume_from_affine(array, np.diag([*zooms, 1.0]), has_patient_geometry=False, **kw)
     else:
         vol = volume_from_affine(array, LPS_TO_RAS @ affine, **kw)
+        _check_pixdim(img, path)  # after the shear check of volume_from_affine, which says more of a sheared sform
     if is_nifti:  # keep the header's spaces for masks written on it
         vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
     return vol
