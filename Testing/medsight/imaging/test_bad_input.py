@@ -33,6 +33,10 @@ def test_missing_and_unreadable_files(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     _raises(other, "unsupported file type")
+    for suffix in (".nrrd", ".nii.gz", ".dcm", ".png"):  # empty files: an empty .nrrd raised StopIteration
+        empty = tmp_path / f"empty{suffix}"
+        empty.write_bytes(b"")
+        _raises(empty, "unreadable")
     pic = tmp_path / "broken.png"
     pic.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     _raises(pic, "unreadable or corrupt image")

@@ -28,6 +28,8 @@ _READ_ERRORS = (
 def _exists(path: str) -> None:
     if not os.path.isfile(path):
         raise ImagingError("no such file", path)
+    if os.path.getsize(path) == 0:  # each library words it its own way, pynrrd not at all (StopIteration)
+        raise ImagingError("unreadable: empty file (0 bytes)", path)
 
 
 def _squeeze_to_3d(shape: tuple[int, ...], path: str) -> tuple[int, ...]:
