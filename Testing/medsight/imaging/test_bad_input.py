@@ -141,6 +141,16 @@ def test_cifti_file_is_refused_as_no_volume(nibabel_data):
     _raises(nibabel_data / "row_major.dconn.nii", r"a Cifti2 file \(shape \(10, 10\)\) holds no voxel grid")
 
 
+def test_complex_nifti_is_refused(mni_t1, tmp_path):
+    # A complex64 NIfTI (MR raw data) was read, then windowing it raised numpy's TypeError ("a must be an array of
+    # real numbers"): a traceback in `ask`.
+    img = nib.load(mni_t1)
+    data = np.asanyarray(img.dataobj)[::8, ::8, ::8].astype(np.complex64)
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    _raises(path, r"complex-valued NIfTI \(complex64\); save its magnitude")
+
+
 def test_nan_and_inf(mni_t1, tmp_path):
     img = nib.load(mni_t1)
     data = np.asanyarray(img.dataobj).astype(np.float32)

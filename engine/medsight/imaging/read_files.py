@@ -109,6 +109,8 @@ def read_nifti(
         raise ImagingError(f"unreadable or corrupt NIfTI ({exc})", path) from exc
     if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays
         raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
+    if np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
+        raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
     data = data.reshape(shape)
     check_voxels(data, path)
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
