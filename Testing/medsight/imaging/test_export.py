@@ -250,6 +250,21 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional)
         assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1
 
 
+def test_dicom_seg_of_an_enhanced_multiframe_ct_reads_back_against_it(dicom_store, tmp_path):
+    # write_dicom_seg references the frames of an enhanced multi-frame image, but reading the SEG back against that
+    # image was refused ("reference must be a single-frame DICOM series").
+    vol = read_volume(dicom_store / "eCT_Supplemental.dcm")
+    assert len(vol.sop_instance_uids) == 1 and len(vol.frame_numbers) == vol.shape[0] > 1
+    assert vol.frame_numbers != tuple(sorted(vol.frame_numbers))  # position order is not file order here
+    k, j, i = vol.shape
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[0, : j // 4, : i // 8] = 1
+    labelmap[k - 1, j // 2 :, i // 2 :] = 2
+    path = write_dicom_seg(Segmentation(vol, labelmap, [GM, WM]), tmp_path / "ect_seg.dcm")
+    back = read_dicom_seg(path, reference=vol)
+    assert np.array_equal(back.labelmap, labelmap) and back.reference.same_geometry(vol)
+
+
 def test_dicom_seg_read_against_images_it_does_not_reference(ct_series, pydicom_files, tmp_path):
     # Read against another series, the error spoke of "frames that do not map onto a regular 3D grid" and of
     # highdicom's "assert_missing_frames_are_empty" parameter, not of the SEG being made on other images.
