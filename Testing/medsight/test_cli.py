@@ -310,3 +310,23 @@ def test_a_2d_image_in_another_plane_is_asked_about_in_that_plane(tmp_path, caps
     assert [s["plane"] for s in result["slices"]] == ["coronal"]
     assert main(["ask", str(path), "Where is the heart?", "--model", "tiny", "--plane", "axial"]) == 2
     assert "only the coronal plane has slices" in capsys.readouterr().err
+
+
+def test_overlay_of_a_monochrome1_image_is_shown_as_the_model_saw_it(tmp_path):
+    # MONOCHROME1 (low values white): the engine inverts the display for the model, the overlay PNG did not, so it
+    # showed the negative of what the model saw and of what a viewer shows.
+    from medsight.imaging import extract_slice, to_rgb
+
+    ds = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / "MR_small.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    path = tmp_path / "mono1.dcm"
+    ds.save_as(path)
+    overlay = tmp_path / "ov.png"
+    assert main(["ask", str(path), "What is shown?", "--overlay", str(overlay), "--model", "tiny",
+                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    volume = read_volume(path)
+    shown = to_rgb(extract_slice(volume, "axial", 0).pixels, volume.modality, window_from=volume.array, invert=True)
+    png = np.asarray(Image.open(overlay).convert("RGB"))
+    grey = (png[..., 0] == png[..., 1]) & (png[..., 1] == png[..., 2])  # pixels no region colours
+    assert volume.invert_display and grey.sum() > grey.size // 4
+    assert np.array_equal(png[grey], shown[grey])

@@ -33,6 +33,10 @@ def test_missing_and_unreadable_files(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     _raises(other, "unsupported file type")
+    for suffix in (".nrrd", ".nii.gz", ".dcm", ".png"):  # empty files: an empty .nrrd raised StopIteration
+        empty = tmp_path / f"empty{suffix}"
+        empty.write_bytes(b"")
+        _raises(empty, "unreadable")
     pic = tmp_path / "broken.png"
     pic.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     _raises(pic, "unreadable or corrupt image")
@@ -95,10 +99,56 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     _raises(dup, "duplicate slice position")
 
 
+@pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])
+def test_truncated_end_slice_of_a_series_is_named_not_dropped(ct_series, pydicom_files, tmp_path, kept):
+    # GDCM leaves out files it cannot parse: with the first or last slice truncated (pixel data cut at 98 %, header
+    # cut at 50 % or at 10 %, before it names its series), the series read one slice short and nothing said so.
+    files = sorted(ct_series.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    for end in (files[0], files[-1]):
+        folder = tmp_path / f"{end.name}_{kept}"
+        shutil.copytree(ct_series, folder)
+        data = end.read_bytes()
+        (folder / end.name).write_bytes(data[: int(len(data) * kept)])
+        _raises(folder, f"{end.name} .*cannot be read as an image \\(truncated or damaged file\\?\\)")
+    # Other objects GDCM does not list (an RT Structure Set, a DICOMDIR, a text file) still do not count.
+    extras = tmp_path / "extras"
+    shutil.copytree(ct_series, extras)
+    shutil.copy(pydicom_files / "rtstruct.dcm", extras / "rtstruct.dcm")
+    shutil.copy(pydicom_files / "dicomdirtests" / "DICOMDIR", extras / "DICOMDIR")
+    (extras / "README.txt").write_text("notes")
+    assert read_volume(extras).shape[0] == len(files)
+
+
+def test_folder_that_gdcm_cannot_scan(ct_series, pydicom_files, tmp_path):
+    # GDCM's series scan stops with a RuntimeError (no folder, no advice) at pydicom's rtdose_1frame.dcm: the whole
+    # pydicom test folder, or a series folder holding it, gave `medsight ask` a traceback.
+    folder = tmp_path / "with_dose"
+    shutil.copytree(ct_series, folder)
+    shutil.copy(pydicom_files / "rtdose_1frame.dcm", folder / "dose.dcm")
+    _raises(folder, "GDCM cannot scan this folder for series: a file in it is malformed")
+    assert read_volume(folder / "dose.dcm").shape[0] == 1  # the advice holds: the file itself reads
+
+
 def test_four_d_data(nibabel_data, tmp_path):
     _raises(nibabel_data / "example4d.nii.gz", r"4D data \(shape \(128, 96, 24, 2\)\)")
     nrrd.write(str(tmp_path / "t.nrrd"), np.zeros((4, 5, 6, 2), np.int16))
     _raises(tmp_path / "t.nrrd", "4D data")
+
+
+def test_cifti_file_is_refused_as_no_volume(nibabel_data):
+    # nibabel loads a .nii holding CIFTI-2 (surface vertices x vertices) as a Cifti2Image, which has no affine:
+    # the reader raised AttributeError ("'Cifti2Image' object has no attribute 'affine'"), a traceback in `ask`.
+    _raises(nibabel_data / "row_major.dconn.nii", r"a Cifti2 file \(shape \(10, 10\)\) holds no voxel grid")
+
+
+def test_complex_nifti_is_refused(mni_t1, tmp_path):
+    # A complex64 NIfTI (MR raw data) was read, then windowing it raised numpy's TypeError ("a must be an array of
+    # real numbers"): a traceback in `ask`.
+    img = nib.load(mni_t1)
+    data = np.asanyarray(img.dataobj)[::8, ::8, ::8].astype(np.complex64)
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    _raises(path, r"complex-valued NIfTI \(complex64\); save its magnitude")
 
 
 def test_nan_and_inf(mni_t1, tmp_path):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -156,6 +157,48 @@ def test_nifti_labelmap_keeps_the_input_nifti_space(mni_segmentation, mni_t1, tm
     assert np.allclose(nib.load(nii).affine, t1.affine)
 
 
+def _itk_ijk_to_lps(path) -> np.ndarray:
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    img = sitk.ReadImage(str(path))
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    m[:3, 3] = img.GetOrigin()
+    return m
+
+
+def test_masks_of_a_nifti_without_qform_and_sform_or_analyze_sit_where_itk_shows_it(nibabel_data, tmp_path):
+    # With both codes 0, nibabel makes up an x-flipped grid centred on 0, ITK (so 3D Slicer) lays the voxel sizes
+    # along the LPS axes from 0. The reader took nibabel's: masks written for such an image (nibabel's
+    # anatomical.nii with its codes cleared) sat flipped in i and j and tens of mm away from it in Slicer.
+    img = nib.load(nibabel_data / "anatomical.nii")
+    img.set_sform(img.affine, code=0)
+    img.set_qform(img.affine, code=0)
+    path = tmp_path / "uncoded.nii"
+    nib.save(img, path)
+    vol = read_volume(path)
+    image_in_itk = _itk_ijk_to_lps(path)
+    assert not vol.has_patient_geometry and np.abs(vol.ijk_to_lps - image_in_itk).max() < 1e-4
+    k, j, i = vol.shape
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[: k // 2, : j // 3, : i // 4] = 1
+    seg = Segmentation(vol, labelmap, [GM])
+    for name in ("mask.seg.nrrd", "mask.nii.gz"):
+        write_segmentation(seg, tmp_path / name)
+        assert np.abs(_itk_ijk_to_lps(tmp_path / name) - image_in_itk).max() < 1e-4, name
+    # The NIfTI mask keeps the codes 0, so nibabel too places it as it places the image.
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (0, 0)
+    assert np.allclose(mask.affine, nib.load(path).affine)
+    # Analyze (no transforms at all) alike.
+    analyze = tmp_path / "analyze.hdr"
+    nib.save(nib.AnalyzeImage(np.asanyarray(img.dataobj), img.affine), analyze)
+    vol = read_volume(analyze)
+    assert not vol.has_patient_geometry and np.abs(vol.ijk_to_lps - _itk_ijk_to_lps(analyze)).max() < 1e-4
+    write_segmentation(Segmentation(vol, labelmap, [GM]), tmp_path / "analyze_mask.seg.nrrd")
+    assert np.abs(_itk_ijk_to_lps(tmp_path / "analyze_mask.seg.nrrd") - _itk_ijk_to_lps(analyze)).max() < 1e-4
+
+
 def test_nifti_labelmap_of_dicom_is_in_scanner_space(ct_series, tmp_path):
     ref = read_volume(ct_series)
     labelmap = np.zeros(ref.shape, np.uint8)
@@ -205,6 +248,36 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional)
     assert np.array_equal(back.labelmap, np.where(seg.labelmap == 3, 2, seg.labelmap))
     if fractional:
         assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1
+
+
+def test_dicom_seg_of_an_enhanced_multiframe_ct_reads_back_against_it(dicom_store, tmp_path):
+    # write_dicom_seg references the frames of an enhanced multi-frame image, but reading the SEG back against that
+    # image was refused ("reference must be a single-frame DICOM series").
+    vol = read_volume(dicom_store / "eCT_Supplemental.dcm")
+    assert len(vol.sop_instance_uids) == 1 and len(vol.frame_numbers) == vol.shape[0] > 1
+    assert vol.frame_numbers != tuple(sorted(vol.frame_numbers))  # position order is not file order here
+    k, j, i = vol.shape
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[0, : j // 4, : i // 8] = 1
+    labelmap[k - 1, j // 2 :, i // 2 :] = 2
+    path = write_dicom_seg(Segmentation(vol, labelmap, [GM, WM]), tmp_path / "ect_seg.dcm")
+    back = read_dicom_seg(path, reference=vol)
+    assert np.array_equal(back.labelmap, labelmap) and back.reference.same_geometry(vol)
+
+
+def test_dicom_seg_read_against_images_it_does_not_reference(ct_series, pydicom_files, tmp_path):
+    # Read against another series, the error spoke of "frames that do not map onto a regular 3D grid" and of
+    # highdicom's "assert_missing_frames_are_empty" parameter, not of the SEG being made on other images.
+    vol = read_volume(ct_series)
+    labelmap = np.zeros(vol.shape, np.uint8)
+    labelmap[vol.shape[0] // 2] = 1
+    path = write_dicom_seg(Segmentation(vol, labelmap, [GM]), tmp_path / "seg.dcm")
+    other = read_volume(pydicom_files / "CT_small.dcm")
+    with pytest.raises(ImagingError, match=f"does not reference 1 of the reference's 1 images: it was made on series "
+                                           f"{vol.series_uid}, the reference is series {other.series_uid}") as info:
+        read_dicom_seg(path, reference=other)
+    assert "assert_missing_frames_are_empty" not in str(info.value)
+    assert np.array_equal(read_dicom_seg(path, reference=vol).labelmap, labelmap)
 
 
 def test_write_segmentation_picks_the_writer_by_file_name(mni_segmentation, tmp_path):

@@ -59,6 +59,26 @@ def test_nrrd_in_both_spaces_matches_nifti(mni_t1, tmp_path):
         assert back.same_geometry(vol) and np.array_equal(back.array, vol.array), name
 
 
+def test_nrrd_with_space_dimension_but_no_named_space_is_placed_as_itk_places_it(mni_t1, tmp_path):
+    # NRRD may give "space dimension: 3" with space directions and origin but no named space. ITK (so 3D Slicer)
+    # takes the vectors as LPS; this reader ignored them and returned a 1 mm grid at 0 without patient geometry,
+    # so `ask --out x.seg.nrrd` wrote the mask 1 mm-spaced at the origin, away from the image shown in Slicer.
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    vol = read_nifti(mni_t1)
+    lps = vol.ijk_to_lps
+    path = tmp_path / "no_space.nrrd"
+    nrrd.write(str(path), np.transpose(vol.array, (2, 1, 0)),
+               {"space dimension": 3, "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+    back = read_nrrd(path)
+    itk = sitk.ReadImage(str(path))
+    itk_lps = np.eye(4)
+    itk_lps[:3, :3] = np.asarray(itk.GetDirection()).reshape(3, 3) * np.asarray(itk.GetSpacing())
+    itk_lps[:3, 3] = itk.GetOrigin()
+    assert back.has_patient_geometry and back.same_geometry(vol)
+    assert np.abs(back.ijk_to_lps - itk_lps).max() < 1e-4
+
+
 def test_png_and_tiff_from_a_real_dicom_slice(pydicom_files, tmp_path):
     pixels = pydicom.dcmread(pydicom_files / "MR_small.dcm").pixel_array.astype(np.uint16)
     for name in ("slice.png", "slice.tif"):
@@ -95,6 +115,24 @@ def test_nifti_whose_qform_and_sform_disagree_is_refused(nibabel_data, tmp_path)
     img.set_sform(img.header.get_qform(), code=2)  # agreeing forms (as in nibabel's own files) still read
     nib.save(img, tmp_path / "agree.nii")
     assert np.allclose(read_volume(tmp_path / "agree.nii").ijk_to_ras, img.header.get_qform())
+
+
+def test_nifti_whose_pixdim_and_sform_disagree_is_refused(nibabel_data, tmp_path):
+    # nibabel's standard.nii.gz places its voxels by the sform alone (qform code 0); with pixdim no longer matching
+    # it, nibabel (this reader) kept the sform's voxel sizes while ITK (3D Slicer) takes pixdim's: masks written on
+    # the sform's grid were stretched against the image Slicer shows.
+    import SimpleITK as sitk  # noqa: N813  (the universal alias)
+
+    img = nib.load(nibabel_data / "standard.nii.gz")
+    sizes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    assert int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) > 0
+    assert np.allclose(read_volume(nibabel_data / "standard.nii.gz").spacing, sizes)
+    img.header["pixdim"][1:4] = sizes[::-1]
+    nib.save(img, tmp_path / "stale_pixdim.nii.gz")
+    assert not np.allclose(sitk.ReadImage(str(tmp_path / "stale_pixdim.nii.gz")).GetSpacing(), sizes)
+    with pytest.raises(ImagingError, match=r"voxel sizes \(pixdim \[2.0, 3.0, 1.0\] mm\) and its sform's "
+                                           r"\(\[1.0, 3.0, 2.0\] mm\) disagree"):
+        read_volume(tmp_path / "stale_pixdim.nii.gz")
 
 
 def test_sheared_nifti_is_refused(nibabel_data, tmp_path):

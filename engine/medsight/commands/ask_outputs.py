@@ -109,5 +109,7 @@ def _write_overlay(path: str, volume, answers, window: str | None) -> None:
     from medsight.overlay import save_overlay
 
     shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
-    rgb = to_rgb(shown.slice.pixels, volume.modality, preset=window, window_from=volume.array)
+    # MONOCHROME1 shows low values white, as the model saw the slice (`Engine`) and as viewers show it.
+    rgb = to_rgb(shown.slice.pixels, volume.modality, preset=window, window_from=volume.array,
+                 invert=volume.invert_display)
     save_overlay(path, rgb, shown.regions)

@@ -165,10 +165,24 @@ def _segments_of(dseg: hd.seg.Segmentation) -> list[Segment]:
     return segments
 
 
+def _check_referenced(dseg: hd.seg.Segmentation, reference: Volume, path: str) -> None:
+    """Every image of ``reference`` must be one the SEG references: else highdicom's error speaks of its own
+    API ("assert_missing_frames_are_empty") and ours of a grid, while the SEG was made on other images."""
+    refs = dseg.get_source_image_uids()
+    known = {sop for _, _, sop in refs}
+    missing = [uid for uid in reference.sop_instance_uids if uid not in known]
+    if missing:
+        seg_series = ", ".join(sorted({series for _, series, _ in refs})) or "none"
+        raise ImagingError(
+            f"the SEG does not reference {len(missing)} of the reference's {len(reference.sop_instance_uids)} "
+            f"images: it was made on series {seg_series}, the reference is series {reference.series_uid}", path
+        )
+
+
 def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None) -> Segmentation:
     """Read a DICOM SEG into a labelmap (label = segment number).
 
-    With ``reference`` (the source series as a Volume) frames are placed by the source images they
+    With ``reference`` (the source series or multi-frame image as a Volume) frames are placed by the source images they
     reference, exactly on its grid; without, on the SEG's own plane positions (it must form a regular
     stack, possibly in another slice order than the source). Fractional SEGs are thresholded at 0.5
     and keep their probabilities; overlapping binary segments are refused.
@@ -182,11 +196,20 @@ def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None
     numbers = [s.label for s in segments]
     try:
         if reference is not None:
-            if len(reference.sop_instance_uids) != reference.shape[0]:
-                raise ImagingError("reference must be a single-frame DICOM series", reference.source)
-            per_seg = dseg.get_pixels_by_source_instance(
-                list(reference.sop_instance_uids), segment_numbers=numbers, dtype=np.float32
-            )
+            frames = len(reference.frame_numbers)
+            multiframe = len(reference.sop_instance_uids) == 1 and frames == reference.shape[0] > 1
+            if len(reference.sop_instance_uids) != reference.shape[0] and not multiframe:
+                raise ImagingError("reference must be a DICOM series or one multi-frame image", reference.source)
+            _check_referenced(dseg, reference, path)
+            if multiframe:  # the frames in our (position) order, as write_dicom_seg references them
+                per_seg = dseg.get_pixels_by_source_frame(
+                    reference.sop_instance_uids[0], list(reference.frame_numbers), segment_numbers=numbers,
+                    dtype=np.float32,
+                )
+            else:
+                per_seg = dseg.get_pixels_by_source_instance(
+                    list(reference.sop_instance_uids), segment_numbers=numbers, dtype=np.float32
+                )
             volume = reference.with_array(np.zeros(reference.shape, np.uint8), modality="SEG")
         else:
             hvol = dseg.get_volume(segment_numbers=numbers, dtype=np.float32)

@@ -40,6 +40,8 @@ def _header_xforms(ref: Volume) -> tuple[tuple[np.ndarray, int], tuple[np.ndarra
     if ref.nifti_xforms is None:
         return scanner
     (qform, q_code), (sform, s_code) = ref.nifti_xforms
+    if not q_code and not s_code and np.allclose(ref.origin, 0) and np.allclose(ref.direction, np.eye(3)):
+        return (qform, 0), (sform, 0)  # no space at all (the grid ITK gives it): viewers place mask and image alike
     used = sform if s_code else qform  # the one nibabel, and so this Volume, took
     if not np.allclose(used, ref.ijk_to_ras, atol=1e-4):
         return scanner

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,8 @@ class SeriesInfo:
     n_files: int
     modality: str
     description: str
+    #: The series' files in GDCM's order (each GDCM call rescans the whole folder: kept, not asked again).
+    files: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.series_uid}  {self.modality:<6} {self.n_files:>4} files  {self.description}"
@@ -126,20 +128,71 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return record.exc_info is None  # warnings and plain messages still show
 
 
+def _gdcm_scan(scan: Callable[..., tuple[str, ...]], folder: str, *args: str) -> tuple[str, ...]:
+    """A GDCM folder scan; GDCM stops at the first file it cannot parse (pydicom's rtdose_1frame.dcm does it) with a
+    RuntimeError that names neither the folder nor the way out."""
+    try:
+        return scan(folder, *args)
+    except RuntimeError as exc:
+        why = str(exc).strip().splitlines()[-1]
+        raise ImagingError(
+            f"GDCM cannot scan this folder for series: a file in it is malformed ({why}); "
+            "put the series' files in a folder of their own, or read the image file directly",
+            folder,
+        ) from exc
+
+
 def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
     """The image series in ``folder`` (not recursive), as GDCM groups them."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImagingError("not a folder", folder)
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    uids = _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesIDs, folder)
     out = []
     for uid in uids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+        files = _gdcm_scan(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, folder, uid)
         ds = _header(files[0])
         out.append(
-            SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")))
+            SeriesInfo(uid, len(files), str(ds.get("Modality", "?")), str(ds.get("SeriesDescription", "")),
+                       tuple(files))
         )
     return out
+
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[SeriesInfo]) -> None:
+    """GDCM leaves out, without a word, the files it cannot parse (a truncated copy, a damaged disk): a lost first
+    or last slice would give a shorter volume that nothing flags. Refuse a left-out DICOM file that may be one of
+    the slices of ``first``'s series."""
+    listed = {os.path.realpath(f) for s in series for f in s.files}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file() or os.path.realpath(entry.path) in listed:
+            continue
+        try:
+            with open(entry.path, "rb") as f:
+                if f.read(132)[128:] != b"DICM":
+                    continue  # not DICOM (a README, a picture)
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+        except _HEADER_ERRORS:
+            ds = None
+        if ds is None or _may_be_a_slice_of(ds, first):
+            named = ds is not None and "SeriesInstanceUID" in ds
+            raise ImagingError(
+                f"{entry.name} {'belongs to this series but ' if named else ''}cannot be read as an image "
+                "(truncated or damaged file?): the series would miss a slice; replace or remove the file",
+                folder,
+            )
+
+
+def _may_be_a_slice_of(ds: pydicom.Dataset, first: pydicom.Dataset) -> bool:
+    """A header of the same kind of image in the same series, or one that breaks off before it says which."""
+    if "SOPClassUID" in ds and ds.SOPClassUID != first.get("SOPClassUID"):
+        return False  # another kind of object (RT Structure Set, SR, ...)
+    if "SeriesInstanceUID" in ds:
+        return ds.SeriesInstanceUID == first.get("SeriesInstanceUID")
+    return "SOPClassUID" not in ds and ds.file_meta.get("MediaStorageSOPClassUID") != DICOMDIR_SOP_CLASS
 
 
 def _vec(values: Sequence[float], n: int, what: str, path: str) -> np.ndarray:
@@ -272,8 +325,9 @@ def read_dicom_series(
         raise ImagingError(
             f"series {series_uid} not found; present: " + ", ".join(s.series_uid for s in series), folder
         )
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+    files = list(next(s.files for s in series if s.series_uid == series_uid))
     headers = [_header(f) for f in files]
+    _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
         _require_image(ds, f)
     if len(files) == 1:

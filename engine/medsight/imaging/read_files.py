@@ -28,6 +28,8 @@ _READ_ERRORS = (
 def _exists(path: str) -> None:
     if not os.path.isfile(path):
         raise ImagingError("no such file", path)
+    if os.path.getsize(path) == 0:  # each library words it its own way, pynrrd not at all (StopIteration)
+        raise ImagingError("unreadable: empty file (0 bytes)", path)
 
 
 def _squeeze_to_3d(shape: tuple[int, ...], path: str) -> tuple[int, ...]:
@@ -70,6 +72,21 @@ def _check_qform_sform(img: nib.Nifti1Image, shape: tuple[int, ...], path: str) 
         )
 
 
+def _check_pixdim(img: nib.Nifti1Image, path: str) -> None:
+    """Refuse a header whose sform (the transform nibabel, and so this reader, takes) has other voxel sizes than
+    pixdim: ITK (and so 3D Slicer) takes the sizes from pixdim, so the voxels, and masks, would land elsewhere."""
+    if not hasattr(img.header, "get_qform") or not int(img.header["sform_code"]):
+        return  # the qform is built from pixdim: they agree
+    pixdim = np.abs(np.asarray(img.header["pixdim"][1:4], dtype=float))
+    sizes = np.linalg.norm(img.header.get_sform()[:3, :3], axis=0)
+    if not np.allclose(pixdim, sizes, rtol=1e-3, atol=1e-6):
+        raise ImagingError(
+            f"the header's voxel sizes (pixdim {np.round(pixdim, 6).tolist()} mm) and its sform's "
+            f"({np.round(sizes, 6).tolist()} mm) disagree; viewers disagree on which to use: make them agree first",
+            path,
+        )
+
+
 def read_nifti(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -78,6 +95,9 @@ def read_nifti(
     _exists(path)
     try:
         img = nib.load(path)
+        if not isinstance(img, nib.spatialimages.SpatialImage):  # CIFTI-2: rows of brain surface vertices
+            raise ImagingError(f"a {type(img).__name__.replace('Image', '')} file (shape {img.shape}) holds no "
+                               "voxel grid in patient space; a NIfTI volume is expected", path)
         shape = _squeeze_to_3d(img.shape, path)
         check_size(shape, path, max_voxels)
         data = np.asanyarray(img.dataobj)
@@ -89,11 +109,24 @@ def read_nifti(
         raise ImagingError(f"unreadable or corrupt NIfTI ({exc})", path) from exc
     if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays
         raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
+    if np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
+        raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
     data = data.reshape(shape)
     check_voxels(data, path)
-    vol = volume_from_ras(data, affine, modality=(modality or "OT").upper(), source=path)
-    if hasattr(img.header, "get_qform"):  # NIfTI, not Analyze: keep the header's spaces for masks written on it
-        h = img.header
+    kw = {"modality": (modality or "OT").upper(), "source": path}
+    h = img.header
+    is_nifti = hasattr(h, "get_qform")
+    if not is_nifti or (not int(h["qform_code"]) and not int(h["sform_code"])):
+        # Analyze, or NIfTI with neither transform in use: nibabel makes up an x-flipped grid centred on 0, ITK (and
+        # so 3D Slicer) lays the voxel sizes along the LPS axes from 0. Take ITK's, or masks would sit flipped and
+        # shifted in Slicer.
+        zooms = [float(z) for z in h.get_zooms()[:3]] + [1.0] * (3 - len(h.get_zooms()[:3]))
+        lps_grid = np.diag([*zooms, 1.0])
+        vol = volume_from_ras(data, LPS_TO_RAS @ lps_grid, has_patient_geometry=False, **kw)
+    else:
+        vol = volume_from_ras(data, affine, **kw)
+        _check_pixdim(img, path)  # after the shear check of volume_from_affine, which says more of a sheared sform
+    if is_nifti:  # keep the header's spaces for masks written on it
         vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
     return vol
 
@@ -137,6 +170,9 @@ def read_nrrd(
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     space = str(header.get("space", "")).lower()
     dirs = header.get("space directions")
+    if not space and dirs is not None and int(header.get("space dimension", 0)) == 3:
+        # No named space, but vectors and an origin: ITK (and so 3D Slicer) takes them as they stand, i.e. as LPS.
+        space = "lps"
     is_seg = any(k.startswith("Segment") for k in header)
     kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
     if space in _SPACES and dirs is not None:
