@@ -284,6 +284,18 @@ def test_dicom_seg_writers_describe_segments_alike(tmp_path):
     assert engine[0]["anatomic_region"] == [("SCT", "818981001", "Abdomen")]
 
 
+def test_dicom_seg_writers_label_names_alike():
+    """Both DICOM SEG writers turn a segment name into the same Segment Label (LO: one value, at most 64
+    characters), also for names that break the plain rule: a backslash, over 64 characters, no name at all."""
+    from medsight.imaging.export_dicom_seg import LO_MAX, UTF8
+    from medsight.imaging.export_dicom_seg import segment_label as engine_label
+    from MedSIGHTSlicerLib import seg_writer
+
+    names = ["liver", "Leber Läsion 肝", "L\\R kidney", "lesion " * 12, ""]
+    assert [engine_label(name, 3) for name in names] == [seg_writer.segment_label(name, 3) for name in names]
+    assert (LO_MAX, UTF8) == (seg_writer.LO_MAX, seg_writer.UTF8)
+
+
 def test_export_suffixes_agree():
     """The module's Export dispatch and the engine's suffix -> writer table accept exactly the same file endings,
     and the module's format combo box (the .ui file) has one entry per `EXPORT_FORMATS` row, naming its suffix."""

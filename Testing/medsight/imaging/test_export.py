@@ -8,6 +8,7 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from medsight.imaging import (
@@ -248,6 +249,23 @@ def test_dicom_seg_references_the_source_series(ct_series, tmp_path, fractional)
     assert np.array_equal(back.labelmap, np.where(seg.labelmap == 3, 2, seg.labelmap))
     if fractional:
         assert np.abs(back.probabilities[2].astype(int) - seg.probabilities[3]).max() <= 1
+
+
+def test_any_segment_name_becomes_a_valid_segment_label_that_reads_back(ct_series, tmp_path):
+    # A name is the model's phrase (or the user's text): "肝" was written as "?", "L\\R kidney" became two values,
+    # and a name over 64 characters made a file that breaks DICOM's LO limit.
+    vol = read_volume(ct_series)
+    names = ["Leber Läsion 肝", "L\\R kidney", "lesion " * 12]
+    labelmap = np.zeros(vol.shape, np.uint8)
+    segments = [Segment(n + 1, name, (0.8, 0.2, 0.1), f"[M1_{n}]") for n, name in enumerate(names)]
+    for n in range(len(names)):
+        labelmap[n % vol.shape[0], n : n + 2, 2 * n : 2 * n + 3] = n + 1
+    path = write_dicom_seg(Segmentation(vol, labelmap, segments), tmp_path / "names.dcm")
+    labels = [d.SegmentLabel for d in pydicom.dcmread(path).SegmentSequence]
+    assert labels[0] == names[0]
+    assert labels[1] == "L/R kidney"  # one value, not ["L", "R kidney"]
+    assert len(names[2]) > 64 and labels[2] == names[2][:64]
+    assert [s.name for s in read_dicom_seg(path, reference=vol).segments] == labels
 
 
 def test_dicom_seg_of_an_enhanced_multiframe_ct_reads_back_against_it(dicom_store, tmp_path):

@@ -16,6 +16,11 @@ from .errors import ImagingError
 from .labelmap import Segment, Segmentation
 from .volume import Volume, volume_from_affine
 
+#: DICOM's LO (Long String), the Segment Label's VR: at most 64 characters, and "\\" separates values.
+LO_MAX = 64
+#: SpecificCharacterSet for UTF-8: a label in any script, not only the source images' (often Latin-1) one.
+UTF8 = "ISO_IR 192"
+
 
 def _concept(c: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
@@ -25,11 +30,18 @@ def _lab(color: tuple[float, float, float]) -> hd.color.CIELabColor:
     return hd.color.CIELabColor.from_rgb(*(round(float(c) * 255) for c in color))
 
 
+def segment_label(name: str, number: int) -> str:
+    """A segment name as a valid Segment Label: a "\\" would split it into two values, so it becomes "/", and a
+    name longer than LO allows is cut (a name may be the model's whole phrase). The module's ``seg_writer`` labels
+    alike (contract test)."""
+    return (name or f"Segment {number}").replace("\\", "/")[:LO_MAX]
+
+
 def _description(number: int, s: Segment) -> hd.seg.SegmentDescription:
     t = s.terminology
     description = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=s.name,
+        segment_label=segment_label(s.name, number),
         segmented_property_category=_concept(t.category),
         segmented_property_type=_concept(t.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -130,6 +142,10 @@ def write_dicom_seg(
             content_label="MEDSIGHT",
             max_fractional_value=255,
         )
+        if not all(s.name.isascii() for s in seg.segments):
+            # highdicom copies the source images' character set; one that cannot hold a name (Latin-1 and "肝")
+            # would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
+            out.SpecificCharacterSet = UTF8
         out.save_as(path)
     except (ValueError, TypeError, AttributeError, OSError) as exc:
         raise ImagingError(f"cannot build the DICOM SEG ({exc})", path) from exc
