@@ -175,9 +175,9 @@ def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[Segmen
             series_description=series_description,
             content_label="MEDSIGHT",
         )
-        if not all(info.name.isascii() for info in infos):
-            # highdicom copies the source images' character set; one that cannot hold a name (Latin-1 and "肝")
-            # would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
+        if not all(info.name.isascii() and (info.model or "").isascii() for info in infos):
+            # highdicom copies the source images' character set; one that cannot hold a name or a model's name
+            # (Latin-1 and "肝") would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
             seg.SpecificCharacterSet = UTF8
         seg.save_as(str(path))
     except (ValueError, TypeError, AttributeError, OSError) as exc:

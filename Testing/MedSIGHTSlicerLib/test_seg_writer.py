@@ -100,6 +100,11 @@ def test_any_segment_name_becomes_a_valid_label_that_reads_back(series, tmp_path
     assert labels[1] == "L/R kidney"  # one value, not ["L", "R kidney"]
     assert labels[2] == names[2][:64] and len(names[2]) > 64
     assert all(isinstance(label, str) for label in labels)
+    # ASCII names from a model whose name is not ASCII: the algorithm name (LO too) was written with "?".
+    model = SegmentInfo("liver", (0.8, 0.2, 0.1), model="MedSIGHT-肝臓", region_code="[M0_1]")
+    path = write_seg(ordered, masks[:1], [model], tmp_path / "model.dcm")
+    algorithm = pydicom.dcmread(str(path)).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == model.model
 
 
 def test_grid_mismatches_are_refused_plainly(series, tmp_path):
