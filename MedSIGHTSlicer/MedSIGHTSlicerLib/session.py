@@ -11,7 +11,6 @@ Main thread only (MRML); no Qt. The Slicer module's Logic is this class.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from .dicom_seg import dicom_modality
 from .protocol import SliceAnswer
 
 __all__ = ["MedSIGHTSession", "volume_key"]
-
-log = logging.getLogger("MedSIGHT")
 
 
 def volume_key(node) -> str:
@@ -57,7 +54,6 @@ def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
 class _VolumeState:
     node: Any
     upload_ids: dict[str, str] = field(default_factory=dict)
-    answers: dict[tuple[str, int], SliceAnswer] = field(default_factory=dict)
     manager: Any = None
 
 
@@ -139,9 +135,6 @@ class MedSIGHTSession:
             self._volumes[node.GetID()] = state
         return state
 
-    def tracked_volumes(self) -> list[Any]:
-        return [state.node for state in self._volumes.values()]
-
     # -- connection -----------------------------------------------------------------------------------------------
     def connect(self, url: str, token: str | None = None, timeout: float = 600.0) -> MedSIGHTClient:
         """Talk to the engine at ``url`` from now on (raises ValueError for a malformed URL)."""
@@ -206,10 +199,6 @@ class MedSIGHTSession:
         """The question about to be sent is about ``node``: its answers go there, whatever is selected later."""
         self._bound = node
 
-    @property
-    def bound_volume(self):
-        return self._bound
-
     def answer_volume(self):
         """Where answers of the bound question go: the bound volume, or None if it left the scene meanwhile (its
         answers are then dropped). The module's review list takes streamed answers through this."""
@@ -217,16 +206,6 @@ class MedSIGHTSession:
         if node is None or node.GetScene() is not self.scene:
             return None
         return node
-
-    def apply_bound_answers(self, answers: Sequence[SliceAnswer], question: str = "",
-                            model: str | None = None) -> list[str]:
-        """Answers of the bound question land on the bound volume (none if it left the scene meanwhile)."""
-        node = self.answer_volume()
-        if node is None:
-            if answers:
-                log.info("MedSIGHT: answers dropped, their volume was removed")
-            return []
-        return self.apply_answers(node, answers, question=question, model=model)
 
     # -- answers and suggestions ----------------------------------------------------------------------------------
     def suggestion_manager(self, node):
@@ -240,9 +219,6 @@ class MedSIGHTSession:
     def apply_answers(self, node, answers: Sequence[SliceAnswer], question: str = "",
                       model: str | None = None) -> list[str]:
         """One question's answers: regions of the same finding on several slices become one 3D suggestion."""
-        state = self._state(node)
-        for answer in answers:
-            state.answers[(answer.plane, answer.index)] = answer
         answers = [a for a in answers if a.regions]
         if not answers:
             return []
@@ -253,19 +229,10 @@ class MedSIGHTSession:
         """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
         from .review import take_answer
 
-        self._state(node).answers[(answer.plane, answer.index)] = answer
         self._asked[(ask_serial, answer.plane, answer.index)] = (
             node, answer.slice_to_ras, {r.index: r.bbox for r in answer.regions})
         return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
                            model=model or self.model_name)
-
-    def answer(self, node, slice_index: int, plane: str | None = None) -> SliceAnswer | None:
-        """The latest answer about a slice of ``node`` (any plane when ``plane`` is None)."""
-        answers = self._state(node).answers
-        if plane is not None:
-            return answers.get((plane, slice_index))
-        found = [a for (p, i), a in answers.items() if i == slice_index]
-        return found[-1] if found else None
 
     def ask(self, node, question: str, indices=None, options=None, plane: str = "axial", view=None):
         """Upload if needed, ask (blocking), add the regions as suggestions. ``view``: a view's slice node (or its
@@ -291,14 +258,6 @@ class MedSIGHTSession:
             return views.view_plane(self.current_view(node, view_name), geometry.ijk_to_ras(node))
         except ValueError:
             return None
-
-    def jump_to_region(self, node, slice_index: int, index: int, plane: str | None = None) -> bool:
-        """Centre the slice views on a region of the latest answer about ``slice_index``."""
-        answer = self.answer(node, slice_index, plane)
-        if answer is None:
-            return False
-        region = next((r for r in answer.regions if r.index == index), None)
-        return self._centre_on(node, answer.slice_to_ras, None if region is None else region.bbox)
 
     def jump_to_region_link(self, link: RegionLink) -> bool:
         """Centre the slice views on the region a chip names (a ``chat_panel.RegionLink``): that question's answer

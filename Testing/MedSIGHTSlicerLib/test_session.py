@@ -5,6 +5,8 @@ segments under the volume's transform, centring on a region, no empty nodes, tag
 from __future__ import annotations
 
 import gc
+import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -20,10 +22,13 @@ from medsight_testing.mrml import (  # noqa: E402
     put_under_transform,
     view_origin,
 )
+from MedSIGHTSlicerLib.chat_panel import ChatPanel, RegionLink  # noqa: E402
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
 from MedSIGHTSlicerLib.geometry import nodes_by_class, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
+from MedSIGHTSlicerLib.qt_shim import qt  # noqa: E402
 from MedSIGHTSlicerLib.review import Review  # noqa: E402
+from MedSIGHTSlicerLib.review_host import ReviewHost  # noqa: E402
 from MedSIGHTSlicerLib.session import MedSIGHTSession  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, get_tag  # noqa: E402
 from MedSIGHTSlicerLib.views import parent_to_world  # noqa: E402
@@ -45,41 +50,91 @@ def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver"
     return SliceAnswer("axial", index, f"The {label}.", [region], ijk_to_ras @ p2i)
 
 
+@pytest.fixture(scope="module")
+def app():
+    application = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+    yield application
+    application.processEvents()
+
+
+class ModuleWiring:
+    """The chat panel and review host wired to the session as the module file wires them: the selected volume is
+    ``selected()``, streamed answers go to ``session.answer_volume()`` through ``ReviewHost.take_answer``; a scene
+    reset shows the selected volume's suggestions again."""
+
+    def __init__(self, session: MedSIGHTSession, selected) -> None:
+        self.panel = ChatPanel()
+        self.host = ReviewHost(self.panel, selected, session, None, answer_volume=session.answer_volume)
+        self.panel.on_region_clicked = session.jump_to_region_link
+        reset = session.on_reset
+
+        def on_reset() -> None:
+            if reset is not None:
+                reset()
+            self.host.volume_changed(selected())
+
+        session.on_reset = on_reset
+
+    def stream(self, answers, question: str = "", scope: str = "current") -> int:
+        """One question's answers as the panel hands them over (``on_regions``, then ``on_answers``)."""
+        self.panel.ask_serial += 1
+        self.panel.last_question, self.panel.last_scope = question, scope
+        for answer in answers:
+            self.panel.on_regions(answer)
+        self.panel.on_answers(list(answers))
+        return self.panel.ask_serial
+
+    def close(self) -> None:
+        self.host.close()
+
+
 def preview_nodes(scene) -> list:
     found = nodes_by_class(scene, "vtkMRMLSegmentationNode")
     return [n for n in found if n.GetAttribute("MedSIGHT.Preview") == "1"]
 
 
-def test_scene_close_then_same_node_id_gets_a_fresh_start(url):
+def test_scene_close_then_same_node_id_gets_a_fresh_start(url, app):
     """Ask, close the scene, load another volume that gets the same node ID, ask again: the answer lands on the new
     volume and nothing of the first survives."""
     scene = slicer.vtkMRMLScene()
     resets = []
     session = MedSIGHTSession(scene, on_reset=lambda: resets.append(1))
     session.connect(url)
+    add_slice_views(scene)
+    wiring = ModuleWiring(session, lambda: None)
     first_array = (np.arange(4 * 24 * 20).reshape(4, 24, 20) % 97).astype(np.int16)
     first = make_volume(scene, first_array, np.diag([0.9, 0.9, 3.0, 1.0]), name="first")
     first_id = first.GetID()
     session.bind(first)
     first_result = session.ask(first, "Where is the liver?", [1], options=SHORT)
     first_volume_id = session.upload(first)
-    assert session.answer(first, 1) is not None and session.tracked_volumes() == [first]
+    (first_answer,) = first_result.answers
+    assert first_answer.regions  # no_code_fallback guarantees one
+    serial = wiring.stream(first_result.answers, "Where is the liver?")
+    first_chip = RegionLink(serial, first_answer.plane, first_answer.index, first_answer.regions[0].index)
+    assert wiring.panel.on_region_clicked(first_chip)
+    first_ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert first_ref() is not None  # in the scene and remembered
 
     scene.Clear(0)  # File > Close scene
     assert resets, "closing the scene must reset the module"
-    assert session.tracked_volumes() == [] and session.bound_volume is None
+    gc.collect()
+    assert first_ref() is None  # the session (state, bound question, chips) holds nothing of it: its voxels are freed
     second_array = (np.arange(6 * 16 * 18).reshape(6, 16, 18) % 89).astype(np.int16)
     second = make_volume(scene, second_array, oblique_matrix(), name="second")
     assert second.GetID() == first_id  # Slicer restarts ID numbering: the trap this test is about
 
-    assert session.answer(second, 1) is None  # the first volume's answers are gone
+    add_slice_views(scene)
+    assert not wiring.panel.on_region_clicked(first_chip)  # the first volume's answers are gone
     assert session.upload(second) != first_volume_id  # ... and so is its engine id
     session.bind(second)
     result = session.ask(second, "Where is the liver?", [2], options=SHORT)
-    answer = session.answer(second, 2)
-    assert answer is result.answers[0] and session.answer(second, 1) is None
+    (answer,) = result.answers
+    assert answer.index == 2 and answer.regions
     manager = session.suggestion_manager(second)
-    assert manager.volume_node is second and session.tracked_volumes() == [second]
+    assert manager.volume_node is second and manager.suggestion_ids()
     for node in preview_nodes(scene):  # at most the second volume's suggestions, on its grid
         assert node.GetName().startswith("second")
     for segment_id in manager.suggestion_ids():
@@ -87,22 +142,28 @@ def test_scene_close_then_same_node_id_gets_a_fresh_start(url):
     assert first_result.answers[0].index == 1
     # Free MRML on the main thread (scene -> observer -> session -> scene is a cycle the collector could otherwise
     # break on the live server's worker thread).
+    wiring.close()
     session.stop_observing()
     scene.Clear(1)
     gc.collect()
 
 
-def test_answers_land_on_the_volume_the_question_was_about():
+def test_answers_land_on_the_volume_the_question_was_about(app):
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
     asked = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="asked")
     other = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="other")
+    wiring = ModuleWiring(session, lambda: other)  # ... the user selects another volume while the engine works
     session.bind(asked)
-    # ... the user selects another volume while the engine works; then the answer arrives:
     assert session.answer_volume() is asked  # where the module's review list puts streamed answers
-    ids = session.apply_bound_answers([slab_answer(asked, 2, slice(3, 6), slice(2, 5))], question="q", model="m")
-    assert ids and session.suggestion_manager(asked).suggestion_ids() == ids
+    wiring.panel.last_model = "m"
+    wiring.stream([slab_answer(asked, 2, slice(3, 6), slice(2, 5))], question="q")
+    (suggested,) = session.suggestion_manager(asked).suggestion_ids()
+    assert session.suggestion_manager(asked).suggestion_mask(suggested).sum() == 3 * 3
+    assert wiring.host.list.review.manager is session.suggestion_manager(asked)  # the list shows where they went
     assert session.suggestion_manager(other).suggestion_ids() == []
+    wiring.close()
+    session.stop_observing()
 
 
 def test_forgotten_volume_id_sends_the_bound_volume_again(url):
@@ -129,40 +190,53 @@ def test_forgotten_volume_id_sends_the_bound_volume_again(url):
     session.stop_observing()
 
 
-def test_removed_volume_takes_its_state_and_late_answers_are_dropped():
+def test_removed_volume_takes_its_state_and_late_answers_are_dropped(app):
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
+    wiring = ModuleWiring(session, lambda: None)
     node = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="gone")
+    late = slab_answer(node, 1, slice(2, 4), slice(2, 4))
     session.bind(node)
-    session.apply_bound_answers([slab_answer(node, 1, slice(2, 4), slice(2, 4))])
+    wiring.stream([slab_answer(node, 1, slice(2, 4), slice(2, 4))])
     assert len(preview_nodes(scene)) == 1
+    node_ref = weakref.ref(node)
     scene.RemoveNode(node)
-    assert session.tracked_volumes() == [] and session.bound_volume is None
+    wiring.host.volume_changed(None)  # Slicer's volume selector reports that its node went
+    del node
+    gc.collect()
+    assert node_ref() is None  # the session (state, bound question, chips) holds nothing of it: its voxels are freed
     assert preview_nodes(scene) == []
     assert session.answer_volume() is None
-    assert session.apply_bound_answers([slab_answer(node, 1, slice(2, 4), slice(2, 4))]) == []
+    wiring.stream([late])  # the engine was still answering: dropped, no preview node comes back
+    assert preview_nodes(scene) == []
+    wiring.close()
+    session.stop_observing()
 
 
-def test_segments_sit_under_the_volume_transform_and_views_centre_on_regions():
+def test_segments_sit_under_the_volume_transform_and_views_centre_on_regions(app):
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
     views = add_slice_views(scene)
     node = make_volume(scene, np.zeros((5, 20, 16), np.int16), oblique_matrix(), name="moved")
     transform = put_under_transform(scene, node)
+    wiring = ModuleWiring(session, lambda: node)
 
     session.bind(node)
     answer = slab_answer(node, 3, slice(4, 9), slice(6, 11))
-    session.apply_bound_answers([answer], question="q")
+    serial = wiring.stream([answer], question="q")
     manager = session.suggestion_manager(node)
     assert manager.preview_node.GetTransformNodeID() == transform.GetID()
     manager.accept()
     assert manager.find_user_node().GetTransformNodeID() == transform.GetID()
 
-    assert session.jump_to_region(node, 3, 0)
+    assert wiring.panel.on_region_clicked(RegionLink(serial, "axial", 3, 0))  # the answer's region chip
     region_ijk = np.array([(6 + 10) / 2.0, (4 + 8) / 2.0, 3.0, 1.0])
     expected = (parent_to_world(node) @ oblique_matrix() @ region_ijk)[:3]
     for view in views.values():
         np.testing.assert_allclose(view_origin(view), expected, atol=1e-6)  # centred, not just moved along the normal
+    assert not wiring.panel.on_region_clicked(RegionLink(serial, "axial", 3, 1))  # the answer has no second region
+    wiring.close()
+    session.stop_observing()
 
 
 def test_region_chip_centres_on_its_own_answer_and_volume():
@@ -254,15 +328,17 @@ def test_export_takes_the_segmentation_accepted_into(tmp_path):
     session.stop_observing()
 
 
-def test_tags_with_separators_survive_a_seg_nrrd_reload(tmp_path):
+def test_tags_with_separators_survive_a_seg_nrrd_reload(tmp_path, app):
     """Slicer writes segment tags as key:value| unescaped; a question with | or : must come back unchanged."""
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
     node = make_volume(scene, np.zeros((4, 12, 10), np.int16), np.eye(4), name="tags")
+    wiring = ModuleWiring(session, lambda: node)
     question = "Liver: left|right lobe? 100% sure"
     session.model_name = "demo: v1|b"
     session.bind(node)
-    session.apply_bound_answers([slab_answer(node, 2, slice(3, 6), slice(2, 5), label="liver|x")], question=question)
+    wiring.stream([slab_answer(node, 2, slice(3, 6), slice(2, 5), label="liver|x")], question=question)
+    wiring.close()
     manager = session.suggestion_manager(node)
     manager.accept()
     path = export_seg_nrrd(manager.find_user_node(), tmp_path / "tags.seg.nrrd")
