@@ -100,6 +100,9 @@ class EngineProcess:
         """Start the planned command; RuntimeError when it is already running or cannot be started."""
         if self.running:
             raise RuntimeError("the engine is already running; stop it first")
+        # An exit the timer has not reported yet (Start enabled again in between): report it and remove its log, or
+        # the crash would go unexplained and its log file stay in the temp folder.
+        self.poll()
         handle, self.log_path = tempfile.mkstemp(prefix="medsight-engine-", suffix=".log")
         self._log = os.fdopen(handle, "wb")
         try:

@@ -209,6 +209,25 @@ def test_a_requested_stop_is_reported_as_stopped_whatever_the_exit_code():
     assert process.finished_message(1) == "The engine stopped (exit code 1). boom"
 
 
+def test_a_start_after_an_unreported_exit_reports_it_and_removes_its_log():
+    """Start again before the timer's poll() saw the last engine end: that exit is still reported (with its output)
+    and its log file removed; they used to be lost, the file left in the temp folder."""
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    crash = launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(3)"', os.environ, True)
+    process.start(crash)
+    first_log = Path(process.log_path)
+    assert _wait(lambda: not process.running, 30)
+    assert finished == [] and first_log.is_file()  # ended, not reported yet
+    process.start(_sleeper(stop_on_exit=True))
+    try:
+        assert finished == [3] and not first_log.exists()
+        assert Path(process.log_path).is_file() and Path(process.log_path) != first_log
+    finally:
+        process.stop(wait=True)
+    assert finished[-1] != 3 and len(finished) == 2
+
+
 @pytest.mark.skipif(os.name == "nt", reason="needs a child that ignores SIGTERM")
 def test_stop_returns_at_once_and_poll_kills_an_engine_that_ignores_it():
     """Stop must not freeze Slicer while the engine ignores SIGTERM: it returns at once, the timer's poll() kills
