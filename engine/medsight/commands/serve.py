@@ -100,7 +100,9 @@ def _serve_token(args: argparse.Namespace) -> str | None:
             raise ValueError(f"the token file {args.token_file} is empty")
         _warn_if_others_can_read(args.token_file)
         return token
-    return os.environ.get("MEDSIGHT_TOKEN") or None
+    # Stripped as the token file is, and as the module strips the token typed into it: Windows' `set
+    # MEDSIGHT_TOKEN=abc ` keeps the trailing space, and the right token then got 401 forever.
+    return os.environ.get("MEDSIGHT_TOKEN", "").strip() or None
 
 
 def _warn_if_others_can_read(path: str) -> None:
