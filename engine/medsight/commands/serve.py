@@ -68,7 +68,7 @@ def check_port(host: str, port: int) -> None:
                 sock.bind(address)
             except OSError as err:
                 why = err.strerror or str(err)
-                if err.errno == errno.EADDRINUSE:
+                if err.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):  # Windows: its own code
                     why += " (by another engine or program): stop it, or choose another --port"
                 raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
 
