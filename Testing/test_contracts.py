@@ -367,8 +367,8 @@ def _server_error_codes() -> set[tuple[int, str]]:
 
 def test_the_error_codes_the_client_acts_on_are_the_engines():
     """Every engine error code the Slicer side acts on (hints, the wait on 429 busy) is sent by the engine with the
-    status the Slicer side expects; every code the chat panel has a hint for is one of those, or the client's own."""
-    from MedSIGHTSlicerLib.chat_panel import _HINTS
+    status the Slicer side expects; every code the client has a hint for is one of those, or the client's own."""
+    from MedSIGHTSlicerLib.client import ERROR_HINTS
 
     sent = _server_error_codes()
     assert {(429, "busy"), (413, "too_large"), (408, "body_timeout"), (401, "unauthorized")} <= sent  # the reader
@@ -376,7 +376,7 @@ def test_the_error_codes_the_client_acts_on_are_the_engines():
         for status in statuses:
             assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
     client_codes = {"connection_error", "timeout"}
-    assert set(_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
+    assert set(ERROR_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
 
 
 def test_one_list_of_message_roles():

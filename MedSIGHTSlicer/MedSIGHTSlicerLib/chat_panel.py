@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
-from .client import MedSIGHTClient, MedSIGHTError
+from .client import MedSIGHTClient, MedSIGHTError, describe_error
 from .jobs import Job, JobRunner
 from .protocol import ENGINE_ERRORS, PLANES, Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
@@ -58,19 +58,6 @@ POLL_MS = 40
 BUSY_WAIT_S = 30.0
 BUSY_MIN_PAUSE_S = 0.5
 _REGION_URL = re.compile(rf"^region://([0-9.]+)/({'|'.join(PLANES)})/(\d+)/(\d+)/?$")
-_HINTS = {
-    "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
-    "timeout": "The engine did not answer in time; it may be busy or overloaded.",
-    "unauthorized": "Check the token in the connection settings.",
-    "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
-    "busy": "The engine is busy with other uploads or questions; ask again in a moment.",
-    "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
-    "or resampled) volume.",
-    "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
-}
-#: The volume was sent again and the engine still does not have it: asking again would not help.
-_RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
-                "of memory for volumes; check the engine log.")
 
 
 
@@ -96,18 +83,6 @@ VolumeSource = Union[VolumeData, str]  # evaluated at run time: Slicer 5.8 has P
 def guess_modality(array: np.ndarray) -> str:
     """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window."""
     return "CT" if array.size and float(np.min(array)) < -500.0 else "MR"
-
-
-def describe_error(err: BaseException, resent: bool = False) -> str:
-    """A plain sentence for the error line (no tracebacks: the user cannot act on them). ``resent``: the volume was
-    already sent again for this question (so "ask again" would not help)."""
-    if isinstance(err, MedSIGHTError):
-        hint = _RESENT_HINT if resent and err.code == "unknown_volume" else _HINTS.get(err.code, "")
-        where = f" (HTTP {err.status})" if err.status and err.status != 200 else ""
-        return f"{err.message}{where}. {hint}".strip() if hint else f"{err.message}{where}"
-    if isinstance(err, ValueError):
-        return str(err)
-    return f"Unexpected error: {type(err).__name__}: {err}"
 
 
 class RegionLink(NamedTuple):

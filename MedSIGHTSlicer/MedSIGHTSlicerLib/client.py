@@ -47,7 +47,7 @@ from .protocol import (
     volume_query,
 )
 
-__all__ = ["DEFAULT_URL", "AskStream", "MedSIGHTClient", "MedSIGHTError"]
+__all__ = ["DEFAULT_URL", "ERROR_HINTS", "AskStream", "MedSIGHTClient", "MedSIGHTError", "describe_error"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,20 @@ API_PREFIX = "/v1"
 RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_ERROR_TEXT = 2000
 _READ_CHUNK = 64 * 1024
+#: What the user can do about an error, by its code (the engine's, or the client's own for no response).
+ERROR_HINTS = {
+    "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
+    "timeout": "The engine did not answer in time; it may be busy or overloaded.",
+    "unauthorized": "Check the token in the connection settings.",
+    "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
+    "busy": "The engine is busy with other uploads or questions; ask again in a moment.",
+    "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
+    "or resampled) volume.",
+    "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
+}
+#: The volume was sent again and the engine still does not have it: asking again would not help.
+RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
+               "of memory for volumes; check the engine log.")
 
 
 class MedSIGHTError(Exception):
@@ -98,6 +112,19 @@ class MedSIGHTError(Exception):
 
     def __repr__(self) -> str:
         return f"MedSIGHTError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
+
+
+def describe_error(err: BaseException, resent: bool = False) -> str:
+    """A plain sentence for the user (no tracebacks: the user cannot act on them), with what to do about it: the chat
+    panel's error line and "Test connection" say the same. ``resent``: the volume was already sent again for this
+    question (so "ask again" would not help)."""
+    if isinstance(err, MedSIGHTError):
+        hint = RESENT_HINT if resent and err.code == "unknown_volume" else ERROR_HINTS.get(err.code, "")
+        where = f" (HTTP {err.status})" if err.status and err.status != 200 else ""
+        return f"{err.message}{where}. {hint}".strip() if hint else f"{err.message}{where}"
+    if isinstance(err, ValueError):
+        return str(err)
+    return f"Unexpected error: {type(err).__name__}: {err}"
 
 
 def _retry_after(value: str | None) -> float | None:

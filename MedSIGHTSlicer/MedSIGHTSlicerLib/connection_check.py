@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .client import MedSIGHTClient, MedSIGHTError
+from .client import MedSIGHTClient, MedSIGHTError, describe_error
 from .jobs import JobRunner
 from .protocol import ModelCard
 
@@ -52,7 +52,7 @@ class ConnectionCheck:
             try:
                 card = client.model_card(timeout=timeout)
             except MedSIGHTError as err:
-                return CheckOutcome(err.message)
+                return CheckOutcome(describe_error(err))  # what went wrong and what to do, as the chat says
             return CheckOutcome(describe_card(card), card)
 
         self._job = self._runner.start(check, "MedSIGHT connection check")

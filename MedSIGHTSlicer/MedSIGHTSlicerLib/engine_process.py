@@ -20,6 +20,8 @@ from .engine_launch import LaunchPlan
 __all__ = ["EngineProcess", "exit_message", "output_lines"]
 
 _TAIL_CHARS = 4000
+#: How much of the engine's last output lines an exit message quotes.
+EXIT_TAIL_CHARS = 300
 
 
 def output_lines(text: str) -> list[str]:
@@ -32,8 +34,22 @@ def exit_message(code: int, output: str, stopped: bool = False) -> str | None:
     for it, whatever the code says (Windows' TerminateProcess gives 1, the kill after an ignored SIGTERM -9)."""
     if stopped or code in (0, 15, -15):
         return None
-    tail = " ".join(output_lines(output)[-3:])[-300:]
-    return f"The engine stopped (exit code {code}). {tail}".strip()
+    return f"The engine stopped (exit code {code}). {_last_lines(output, EXIT_TAIL_CHARS)}".strip()
+
+
+def _last_lines(output: str, limit: int) -> str:
+    """Up to three last lines of ``output`` in about ``limit`` characters. The last one names the error (Python's
+    exception line, "medsight: error: ..."), so it is kept from its start, shortened at its end; earlier lines come
+    along while they fit. (Cutting the joined lines from the front lost "torch.OutOfMemoryError: CUDA out of
+    memory" from PyTorch's 500-character message.)"""
+    lines = output_lines(output)[-3:]
+    if not lines:
+        return ""
+    last = lines.pop()
+    tail = last if len(last) <= limit else last[:limit - 3] + "..."
+    while lines and len(lines[-1]) + 1 + len(tail) <= limit:
+        tail = f"{lines.pop()} {tail}"
+    return tail
 
 
 def _popen_options(detached: bool) -> dict[str, Any]:
@@ -100,6 +116,9 @@ class EngineProcess:
         """Start the planned command; RuntimeError when it is already running or cannot be started."""
         if self.running:
             raise RuntimeError("the engine is already running; stop it first")
+        # An exit the timer has not reported yet (Start enabled again in between): report it and remove its log, or
+        # the crash would go unexplained and its log file stay in the temp folder.
+        self.poll()
         handle, self.log_path = tempfile.mkstemp(prefix="medsight-engine-", suffix=".log")
         self._log = os.fdopen(handle, "wb")
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from MedSIGHTSlicerLib.client import MedSIGHTClient
+from MedSIGHTSlicerLib.client import ERROR_HINTS, MedSIGHTClient
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 
 CARD = {"name": "demo (embedded)", "version": "0.3.0", "parameters": 2_550_000, "image_size": 112, "mask_size": 64,
@@ -44,13 +44,17 @@ def test_random_weights_are_flagged(fake):
     assert "RANDOM WEIGHTS: answers are meaningless." in wait_for(check).text
 
 
-def test_errors_come_back_as_plain_text(fake):
-    fake.add("GET", "/v1/model", fake.reply(401, {"code": "unauthorized", "message": "missing bearer token"}))
+def test_errors_come_back_as_plain_text_saying_what_to_do(fake):
+    """"Test connection" says what the chat panel says of the same error: the engine's message, the HTTP status and
+    what to do (it used to show only "missing or wrong bearer token")."""
+    fake.add("GET", "/v1/model", fake.reply(401, {"code": "unauthorized", "message": "missing or wrong bearer token"}))
     check = ConnectionCheck()
     check.start(MedSIGHTClient(fake.url), timeout=5)
     outcome = wait_for(check)
-    assert not outcome.ok and outcome.text == "missing bearer token"
+    assert not outcome.ok
+    assert outcome.text == f"missing or wrong bearer token (HTTP 401). {ERROR_HINTS['unauthorized']}"
     check.start(MedSIGHTClient("http://127.0.0.1:9"), timeout=2)  # nothing listens on the discard port
     outcome = wait_for(check)
-    assert not outcome.ok and outcome.text and "Traceback" not in outcome.text
+    assert not outcome.ok and outcome.text.endswith(ERROR_HINTS["connection_error"])
+    assert "Traceback" not in outcome.text
     check.close()

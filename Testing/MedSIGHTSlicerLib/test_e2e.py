@@ -118,6 +118,28 @@ def test_token_is_required_when_the_server_has_one(secured_url):
     assert MedSIGHTClient(secured_url, token=TOKEN).model_card().parameters > 0
 
 
+def test_connection_check_tells_what_to_do_without_the_right_token(secured_url):
+    """"Test connection" to an engine that demands a token, without one and with a wrong one: the engine's 401 and
+    what to do about it (it used to show only the engine's "missing or wrong bearer token")."""
+    import time
+
+    from MedSIGHTSlicerLib.client import ERROR_HINTS
+    from MedSIGHTSlicerLib.connection_check import ConnectionCheck
+
+    def check(token):
+        checker = ConnectionCheck()
+        assert checker.start(MedSIGHTClient(secured_url, token=token), timeout=30)
+        while (outcome := checker.poll()) is None:
+            time.sleep(0.01)
+        return outcome
+
+    for token in (None, "wrong"):
+        outcome = check(token)
+        assert not outcome.ok and "(HTTP 401)" in outcome.text
+        assert outcome.text.endswith(ERROR_HINTS["unauthorized"])
+    assert check(TOKEN).ok
+
+
 def test_unknown_volume_is_404(client):
     with pytest.raises(MedSIGHTError) as info:
         client.volume_info(UNKNOWN_ID)

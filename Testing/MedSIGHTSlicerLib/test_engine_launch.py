@@ -26,7 +26,7 @@ from MedSIGHTSlicerLib.engine_launch import (
     split_command,
     startup_environment,
 )
-from MedSIGHTSlicerLib.engine_process import EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.engine_process import EXIT_TAIL_CHARS, EngineProcess, exit_message, output_lines
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 # Microsoft's documented examples of the C runtime's argument parsing, plus the paths users paste.
@@ -111,6 +111,32 @@ def test_exit_messages():
     message = exit_message(1, "Traceback ...\nModuleNotFoundError: No module named 'encodings'\n\n")
     assert message.startswith("The engine stopped (exit code 1).") and "encodings" in message
     assert exit_message(1, "", stopped=True) is None and exit_message(-9, "", stopped=True) is None
+
+
+# PyTorch's message when the full model does not fit the GPU (c10/cuda/CUDACachingAllocator.cpp), as the engine's
+# last line: what failed comes first, the advice after it.
+CUDA_OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of "
+            "23.55 GiB of which 5.06 MiB is free. Including non-PyTorch memory, this process has 23.53 GiB memory in "
+            "use. Of the allocated memory 23.10 GiB is allocated by PyTorch, and 113.53 MiB is reserved by PyTorch but "
+            "unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+            "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+
+
+def test_a_crash_message_keeps_the_start_of_a_long_last_line():
+    """The exit message quoted the last EXIT_TAIL_CHARS characters of the joined last lines: of PyTorch's OOM line
+    that is its advice, without "CUDA out of memory". Now the last line is kept from its start."""
+    assert len(CUDA_OOM) > EXIT_TAIL_CHARS
+    output = f"Traceback (most recent call last):\n  File \"engine.py\", line 3, in load\n{CUDA_OOM}\n"
+    message = exit_message(1, output)
+    quoted = message.removeprefix("The engine stopped (exit code 1). ")
+    assert quoted.startswith("torch.OutOfMemoryError: CUDA out of memory.")
+    assert len(quoted) == EXIT_TAIL_CHARS and quoted.endswith("...")
+    assert CUDA_OOM.startswith(quoted[:-3])
+    # Short lines still come together, the last one whole.
+    error = "medsight: error: cannot listen on 127.0.0.1:8765"
+    assert exit_message(2, f"loading\nmodel ready\n{error}\n") == (
+        f"The engine stopped (exit code 2). loading model ready {error}")
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -207,6 +233,25 @@ def test_a_requested_stop_is_reported_as_stopped_whatever_the_exit_code():
     assert _wait(lambda: process.poll() is not None, 30)
     assert finished == [1, 3, 1]
     assert process.finished_message(1) == "The engine stopped (exit code 1). boom"
+
+
+def test_a_start_after_an_unreported_exit_reports_it_and_removes_its_log():
+    """Start again before the timer's poll() saw the last engine end: that exit is still reported (with its output)
+    and its log file removed; they used to be lost, the file left in the temp folder."""
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    crash = launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(3)"', os.environ, True)
+    process.start(crash)
+    first_log = Path(process.log_path)
+    assert _wait(lambda: not process.running, 30)
+    assert finished == [] and first_log.is_file()  # ended, not reported yet
+    process.start(_sleeper(stop_on_exit=True))
+    try:
+        assert finished == [3] and not first_log.exists()
+        assert Path(process.log_path).is_file() and Path(process.log_path) != first_log
+    finally:
+        process.stop(wait=True)
+    assert finished[-1] != 3 and len(finished) == 2
 
 
 @pytest.mark.skipif(os.name == "nt", reason="needs a child that ignores SIGTERM")

@@ -36,3 +36,21 @@ def test_unreadable_or_empty_token_file_is_a_clear_error(tmp_path):
 def test_help_no_longer_offers_a_token_argument():
     serve = _parser()._subparsers._group_actions[0].choices["serve"]  # argparse keeps sub-parsers here
     assert "--token-file" in serve.format_help() and "--token " not in serve.format_help()
+
+
+def test_token_from_the_environment_is_stripped_as_the_module_strips_its_own(monkeypatch):
+    """`set MEDSIGHT_TOKEN=abc ` (Windows keeps the trailing space) made the engine demand "abc " while the module,
+    which strips the token typed into it, sent "abc": 401 with the right token. A blank one is no token (so a
+    non-loopback --host is refused, instead of listening with a token no client can send)."""
+    from medsight.server.security import check_bind
+    from MedSIGHTSlicerLib.settings import ConnectionSettings
+
+    typed = "s3cret \r\n"
+    monkeypatch.setenv("MEDSIGHT_TOKEN", typed)
+    settings = ConnectionSettings()
+    settings.set_connection("http://192.0.2.1:8765", typed)
+    assert _serve_token(serve_args()) == settings.token == "s3cret"
+    monkeypatch.setenv("MEDSIGHT_TOKEN", " \t ")
+    assert _serve_token(serve_args()) is None
+    with pytest.raises(ValueError, match="without a token"):
+        check_bind("0.0.0.0", _serve_token(serve_args()))

@@ -1,11 +1,13 @@
-"""`medsight serve`: the token (file, environment, deprecated argument), the audit file and the bind address are
-checked before the model loads; then the engine's HTTP server runs until stopped."""
+"""`medsight serve`: the token (file, environment, deprecated argument), the audit file, the bind address and the
+port are checked before the model loads; then the engine's HTTP server runs until stopped."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 
 from medsight.commands.options import check_vision_file
@@ -26,6 +28,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("medsight").setLevel(args.log_level.upper())
     token = _serve_token(args)
     check_bind(args.host, token)
+    check_port(args.host, args.port)
     check_vision_file(args)
     if args.audit:
         _check_audit(args.audit)
@@ -43,6 +46,31 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as the server will, so that a port already taken (by another program, or by an engine kept
+    running from an earlier Slicer session) fails now, not after the model has loaded: minutes for the full model.
+    The port is released again at once; should something take it before the server binds, uvicorn still says so."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: cannot listen there ({err.strerror})") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as sock:
+            # The options asyncio's server binds with: a port whose old connections linger is free, and an IPv6
+            # address does not also claim the IPv4 port.
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                why = err.strerror or str(err)
+                if err.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):  # Windows: its own code
+                    why += " (by another engine or program): stop it, or choose another --port"
+                raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def _check_audit(path: str) -> None:
@@ -72,7 +100,9 @@ def _serve_token(args: argparse.Namespace) -> str | None:
             raise ValueError(f"the token file {args.token_file} is empty")
         _warn_if_others_can_read(args.token_file)
         return token
-    return os.environ.get("MEDSIGHT_TOKEN") or None
+    # Stripped as the token file is, and as the module strips the token typed into it: Windows' `set
+    # MEDSIGHT_TOKEN=abc ` keeps the trailing space, and the right token then got 401 forever.
+    return os.environ.get("MEDSIGHT_TOKEN", "").strip() or None
 
 
 def _warn_if_others_can_read(path: str) -> None:
