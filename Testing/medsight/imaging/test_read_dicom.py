@@ -129,3 +129,70 @@ def test_rt_dose_with_absolute_frame_offsets(pydicom_files, tmp_path):
     ds.save_as(tmp_path / "neither.dcm")
     with pytest.raises(ImagingError, match=r"GridFrameOffsetVector starts at -754\.87: neither 0"):
         read_dicom(tmp_path / "neither.dcm")
+
+
+
+def _testdata(name, pydicom_files, dicom_store):
+    """A file of pydicom's test files or of pydicom-data."""
+    return next(p for p in (pydicom_files / name, dicom_store / name) if p.exists())
+
+
+# JPEG Lossless (PACS exports) and 12-bit JPEG Extended have no decoder among pydicom's installed plugins; GDCM
+# (SimpleITK) decodes them. Each compressed file is compared with its uncompressed (or lossless) twin.
+@pytest.mark.parametrize(
+    ("compressed", "twin", "lossless"),
+    [
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm", True),  # JPEG Lossless SV1, RGB, uncompressed twin
+        ("JPGExtended.dcm", "JPEG-LL.dcm", False),  # JPEG Extended, 12-bit grayscale (lossy), lossless twin
+    ],
+)
+def test_jpeg_files_pydicom_cannot_decode_read_like_their_twin(
+    compressed, twin, lossless, pydicom_files, dicom_store
+):
+    vol = read_volume(_testdata(compressed, pydicom_files, dicom_store))
+    ref = read_volume(_testdata(twin, pydicom_files, dicom_store))
+    assert vol.shape == ref.shape and vol.array.dtype == ref.array.dtype
+    assert vol.spacing == ref.spacing and vol.origin == ref.origin and np.array_equal(vol.direction, ref.direction)
+    assert vol.invert_display == ref.invert_display and vol.has_patient_geometry == ref.has_patient_geometry
+    if lossless:
+        assert np.abs(vol.array.astype(float) - ref.array.astype(float)).max() == 0
+    else:  # lossy: the same picture (measured correlation 0.987)
+        assert np.corrcoef(vol.array.ravel(), ref.array.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("name", ["bad_sequence.dcm", "JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_jpeg_lossless_grayscale_reads_in_rescaled_units(name, pydicom_files, dicom_store):
+    """JPEG Lossless grayscale (bad_sequence.dcm: a CT slice with intercept -1024) reads like any other file."""
+    path = str(_testdata(name, pydicom_files, dicom_store))
+    vol = read_volume(path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert vol.shape == (1, ds.Rows, ds.Columns)
+    # GDCM's own reading (its rescale applied) equals ours, which went through our rescale.
+    assert np.array_equal(vol.array, sitk.GetArrayFromImage(sitk.ReadImage(path)))
+    if "RescaleIntercept" in ds:
+        assert vol.array.dtype == np.int16 and vol.array.min() < 0 <= vol.array.min() - float(ds.RescaleIntercept)
+
+
+@pytest.mark.parametrize(
+    "name", ["RG1_UNCR.dcm", "MR2_UNCR.dcm", "CT_small.dcm", "emri_small.dcm", "SC_rgb.dcm"]
+)
+def test_gdcm_fallback_gives_pydicom_stored_values(name, pydicom_files, dicom_store):
+    """The GDCM fallback undoes GDCM's rescale and MONOCHROME1 inversion: on uncompressed files (MONOCHROME1,
+    fractional slope, intercept, multi-frame, RGB) it equals pydicom's stored values exactly."""
+    from medsight.imaging.read_dicom import _stored_values_via_gdcm
+
+    path = str(_testdata(name, pydicom_files, dicom_store))
+    ds = pydicom.dcmread(path)
+    stored = _stored_values_via_gdcm(path, ds, int(ds.get("NumberOfFrames", 1) or 1), "not used")
+    assert stored.shape == ds.pixel_array.shape
+    assert np.array_equal(stored, ds.pixel_array)
+
+
+def test_gdcm_fallback_refuses_palette_color(pydicom_files, dicom_store):
+    """GDCM expands PALETTE COLOR to RGB itself, which read_dicom_file would expand again: refused with the reason."""
+    from medsight.imaging.read_dicom import _stored_values_via_gdcm
+
+    path = str(_testdata("OBXXXX1A.dcm", pydicom_files, dicom_store))
+    with pytest.raises(ImagingError, match="GDCM: PALETTE COLOR") as info:
+        _stored_values_via_gdcm(path, pydicom.dcmread(path), 1, "no decoder")
+    assert "pydicom: no decoder" in str(info.value)

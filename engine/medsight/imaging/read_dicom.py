@@ -1,4 +1,5 @@
-"""DICOM readers: a series folder (SimpleITK/GDCM) and single or multi-frame files (pydicom).
+"""DICOM readers: a series folder (SimpleITK/GDCM) and single or multi-frame files (pydicom; GDCM decodes the
+compressed pixel data pydicom has no decoder for).
 
 Geometry is computed from the headers and validated (one orientation, one grid, evenly spaced
 slices, no duplicates); anything else is refused rather than resampled.
@@ -524,6 +525,63 @@ def _file_geometry(
     return None, (float(sp[1]), float(sp[0]), _slice_thickness(ds)), (0.0, 0.0, 0.0), np.eye(3), False
 
 
+def _is_compressed(ds: pydicom.Dataset) -> bool:
+    ts = ds.get("file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    return ts is not None and ts.is_compressed
+
+
+def _last_line(message: str) -> str:
+    return message.strip().splitlines()[-1].strip() if message.strip() else message
+
+
+def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydicom_error: str) -> np.ndarray:
+    """Compressed pixel data that pydicom cannot decode, decoded by GDCM (SimpleITK), as pydicom's ``pixel_array``
+    gives it: stored values, so that rescale, MONOCHROME1 and frame order take the path every other file takes.
+
+    GDCM returns rescaled values, and MONOCHROME1 turned into MONOCHROME2 by ``2**BitsStored - 1 - stored``
+    (measured on pydicom's RG1/RG3_UNCR.dcm): both are undone here. Frame-wise rescale (functional groups), signed
+    MONOCHROME1 and PALETTE COLOR have no such check, so those are refused rather than guessed.
+    """
+    ts_name = ds.file_meta.TransferSyntaxUID.name
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    spp = _int(ds, "SamplesPerPixel", path, 1)
+    signed = _int(ds, "PixelRepresentation", path, 0) == 1
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    why_not = None
+    if enhanced and spp == 1:
+        why_not = "its frames carry their own rescale, which GDCM's reading is not checked against"
+    elif photometric == "MONOCHROME1" and signed:
+        why_not = "signed MONOCHROME1, which GDCM inverts in a way not checked here"
+    elif photometric == "PALETTE COLOR":
+        why_not = "PALETTE COLOR, which GDCM turns into RGB itself"
+    elif spp not in (1, 3):
+        why_not = f"{spp} samples per pixel"
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    inter = float(ds.get("RescaleIntercept", 0) or 0)
+    exact = spp == 3 or (slope == 1 and inter == int(inter))  # else GDCM must give floats, as it would truncate
+    pixels = None
+    if why_not is None:
+        try:
+            image = sitk.ReadImage(path) if exact else sitk.ReadImage(path, sitk.sitkFloat64)
+            pixels = sitk.GetArrayFromImage(image)
+        except RuntimeError as exc:
+            why_not = _last_line(str(exc))
+    if pixels is None:
+        raise ImagingError(
+            f"cannot decode the {ts_name} pixel data: pydicom: {_last_line(pydicom_error)}; GDCM: {why_not}. "
+            "The file may be damaged; if not, install a decoder pydicom can use (pip install pylibjpeg "
+            "pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm) or convert the file to uncompressed DICOM",
+            path,
+        )
+    if spp == 1:
+        pixels = np.rint((pixels.astype(np.float64) - inter) / slope).astype(np.int64)
+        if photometric == "MONOCHROME1":
+            pixels = (1 << _int(ds, "BitsStored", path)) - 1 - pixels
+    if n_frames == 1 and pixels.ndim == (3 if spp == 1 else 4):
+        pixels = pixels[0]  # GDCM reads one frame as a one-slice volume; pydicom gives the frame alone
+    return pixels
+
+
 def read_dicom_file(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -542,7 +600,10 @@ def read_dicom_file(
             ds = pydicom.dcmread(path, force=ds.preamble is None)  # no preamble: _header read it forced
             pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
-        raise ImagingError(f"corrupt or unreadable pixel data ({exc})", path) from exc
+        if not _is_compressed(ds):
+            raise ImagingError(f"corrupt or unreadable pixel data ({exc})", path) from exc
+        # pydicom has no decoder installed for JPEG Lossless or 12-bit JPEG (PACS exports often are): GDCM has.
+        pixels = _stored_values_via_gdcm(path, ds, n_frames, str(exc))
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
