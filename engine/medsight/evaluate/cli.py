@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
-from medsight.evaluate.report import build_report, write_report
+from medsight.evaluate.report import answer_type_line, build_report, write_report
 from medsight.evaluate.runner import (
     RunOptions,
     append_predictions,
@@ -176,6 +176,8 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
                           settings=settings)
     paths = write_report(report, report_dir)
     if not args.quiet:
+        print(f"items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}. "
+              f"{answer_type_line(report)}", file=sys.stderr)
         print(f"report: {paths['json']}", file=sys.stderr)
     return report
 

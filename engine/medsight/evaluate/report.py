@@ -145,7 +145,8 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         rows += aggregate(scores, "dice", n_boot, seed, PAPER_DIAGSEG["dice"], paper_avg="per_sample_mean")
         rows += aggregate(scores, "recall", n_boot, seed, PAPER_DIAGSEG["recall"])
         rows += aggregate(scores, "strict_dice", n_boot, seed)
-        for m in OPEN_METRICS:
+        # run_eval.py scores a closed item of the file by its yes/no rule, as in the VQA benchmarks.
+        for m in (*OPEN_METRICS, "closed_accuracy", "strict_closed_accuracy"):
             if m != "recall":
                 rows += aggregate(scores, m, n_boot, seed)
     elif task == "vqa":
@@ -181,8 +182,35 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
-            "n_missing": len(items) - len(scores), "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes,
-            "metrics": rows}
+            "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
+            "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
+
+
+#: The metric whose rows count the scored items of each answer type (every item of the type has it).
+TYPE_METRIC = {"open": "recall", "closed": "closed_accuracy", "mc": "accuracy"}
+
+
+def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> dict[str, dict[str, int]]:
+    """Per answer type of the data: its items, how many have text scores, and how many were skipped (no answer,
+    or no text metric for the type), so no type's items leave the report unsaid."""
+    by_id = {s.id: s for s in scores}
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        kind = "closed" if is_closed(item.answer_type) else item.answer_type
+        row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
+        row["items"] += 1
+        score = by_id.get(item.id)
+        row["scored" if score is not None and TYPE_METRIC.get(kind) in score.scores else "skipped"] += 1
+    return out
+
+
+def answer_type_line(report: dict) -> str:
+    """'Answer types: 7 open (recall ...), 2 closed (closed_accuracy ...)' for report.md and the console."""
+    parts = []
+    for kind, c in report.get("answer_types", {}).items():
+        skipped = f", {c['skipped']} skipped" if c["skipped"] else ""
+        parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC.get(kind, 'no metric')})")
+    return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
 def _nonsquare_images(items: Sequence[EvalItem]) -> int:
@@ -222,6 +250,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
              "", *_settings_lines(report.get("settings")),
              f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
+             *([answer_type_line(report), ""] if report.get("answer_types") else []),
              "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
     for r in report["metrics"]:
         ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"
