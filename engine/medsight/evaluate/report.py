@@ -163,7 +163,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         "exact_match is the official score (distinct GT words found / prediction tokens), not an exact match; "
         "strict_exact is the real one",
         "closed_accuracy is the official substring rule ('no' inside 'normal' counts); strict_closed_accuracy "
-        "compares the first yes/no word",
+        "compares the first yes/no word (the whole normalised answer where the GT is no yes/no answer)",
         "predictions are paired with items by id, not by order",
     ]
     if task == "diagseg":
