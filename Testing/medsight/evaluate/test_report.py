@@ -82,7 +82,7 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
     gt[2:6, 3:7] = True
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
-    kinds = {"1": ("cyst", "open", "a cyst"), "2": ("tumor", "open", "tumor"), "3": ("yes", "CLOSED", "Yes."),
+    kinds = {"1": ("cyst", "open", "a cyst"), "2": ("tumor", "other", "tumor"), "3": ("yes", "CLOSED", "Yes."),
              "4": ("no", "closed", None)}  # item 4 is not answered yet
     items = [EvalItem(i, "q", gt_text, kind, tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])
              for i, (gt_text, kind, _) in kinds.items()]
@@ -90,7 +90,7 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
              for i, (_, _, text) in kinds.items() if text is not None]
     report = build_report("diagseg", items, preds, n_boot=5)
     rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
-    n_open = sum(kind == "open" for _, kind, _ in kinds.values())
+    n_open = sum(not kind.lower().startswith("close") for _, kind, _ in kinds.values())  # 'other' scores as open
     assert rows["dice"]["n"] == len(preds) and rows["recall"]["n"] == n_open
     assert rows["closed_accuracy"]["n"] == len(preds) - n_open and rows["closed_accuracy"]["value"] == 100.0
     assert report["answer_types"] == {"open": {"items": n_open, "scored": n_open, "skipped": 0},

@@ -58,11 +58,18 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
     return [(it, by_id[it.id]) for it in items if it.id in by_id]
 
 
+def scored_type(answer_type: str) -> str:
+    """The metric family an answer type is scored by: "mc", "closed" (starts with "close", as run_eval.py), else
+    "open"."""
+    return "mc" if answer_type == "mc" else "closed" if is_closed(answer_type) else "open"
+
+
 def text_scores(item: EvalItem, text: str) -> dict[str, float]:
     """Official and strict text metrics of one answer, chosen by the item's answer type."""
-    if item.answer_type == "mc":
+    kind = scored_type(item.answer_type)
+    if kind == "mc":
         return {"accuracy": mc_hit(text, item.answer, item.options)}
-    if is_closed(item.answer_type):
+    if kind == "closed":
         return {"closed_accuracy": closed_hit(text, item.answer),
                 "strict_closed_accuracy": strict_closed_hit(text, item.answer)}
     s = open_scores(text, item.answer)
@@ -196,11 +203,11 @@ def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -
     by_id = {s.id: s for s in scores}
     out: dict[str, dict[str, int]] = {}
     for item in items:
-        kind = "closed" if is_closed(item.answer_type) else item.answer_type
+        kind = scored_type(item.answer_type)
         row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
         row["items"] += 1
         score = by_id.get(item.id)
-        row["scored" if score is not None and TYPE_METRIC.get(kind) in score.scores else "skipped"] += 1
+        row["scored" if score is not None and TYPE_METRIC[kind] in score.scores else "skipped"] += 1
     return out
 
 
@@ -209,7 +216,7 @@ def answer_type_line(report: dict) -> str:
     parts = []
     for kind, c in report.get("answer_types", {}).items():
         skipped = f", {c['skipped']} skipped" if c["skipped"] else ""
-        parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC.get(kind, 'no metric')})")
+        parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC[kind]})")
     return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
