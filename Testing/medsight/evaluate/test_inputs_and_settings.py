@@ -96,6 +96,21 @@ def test_a_file_as_report_folder_is_refused(vqa):
     assert read_llava_vqa(vqa)  # untouched
 
 
+def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path, capsys):
+    """--limit 1 of a 2-item file: the report counted 1 item, scored 1, missing 0, and named neither the limit nor
+    the item left out; every item of the data is now scored or counted as left out."""
+    n_data = len(read_llava_vqa(vqa))
+    assert main(["vqa", "--data", str(vqa), "--report", str(tmp_path / "r"), *[a for a in ARGS if a != "--quiet"],
+                 "--model", "demo", "--limit", "1"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    note = f"--limit 1: only the first 1 of the data's {n_data} items were asked and scored"
+    assert report["n_items"] == report["n_scored"] == 1 and note in report["notes"]
+    assert note in (tmp_path / "r" / "report.md").read_text()
+    console = capsys.readouterr().err
+    assert f"items: 1 (--limit: {n_data - 1} more in the data), scored: 1, missing: 0. Answer types: closed 1 of 1 " \
+           "scored (closed_accuracy)." in console
+
+
 @pytest.mark.parametrize("limit", [-1, 0])
 def test_a_limit_below_one_is_refused(vqa, tmp_path, limit):
     with pytest.raises(ValueError, match=rf"--limit {limit}: must be at least 1"):

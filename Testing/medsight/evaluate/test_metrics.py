@@ -89,6 +89,15 @@ def test_closed_substring_quirk():
     assert parse_yes_no("Well, yes.") == "yes"
 
 
+def test_strict_closed_accuracy_of_a_closed_question_answered_by_a_name():
+    """SLAKE / VQA-RAD closed items answered 'Left' or 'MRI': the strict rule found no yes/no word in the GT and
+    scored every such item 0, a right answer included; it now needs the whole normalised answer."""
+    cases = [("Left.", "left", 1.0), ("The left", "Left", 1.0), ("left lung", "left", 0.0), ("right", "left", 0.0),
+             ("MRI", "MRI", 1.0), ("No", "left", 0.0), ("", "left", 0.0)]
+    assert [strict_closed_hit(pred, gt) for pred, gt, _ in cases] == [hit for _, _, hit in cases]
+    assert [closed_hit(pred, gt) for pred, gt, _ in cases] == [0.0] * len(cases)  # the official rule: no yes/no
+
+
 def test_multiple_choice_difflib():
     options = ["Liver", "Lung", "Kidney", "Brain"]
     assert most_similar("The image shows the lungs", options) == 1

@@ -76,3 +76,29 @@ def test_omnimed(tmp_path):
                  [{"question_id": "u", "question": "q", "gt_answer": "a", "option_A": "a", "image_path": "p"}])
     with pytest.raises(DataError, match=r"Modality_US.json: item 0 \(id 'u'\): missing field 'option_B'"):
         read_omnimed(bad)
+
+
+def test_several_reference_answers_are_refused_not_scored_as_their_repr(tmp_path):
+    """A list of reference answers was read as the string "['Benign tumor', 'tumor']" and scored 0 against
+    'benign tumor' (recall 0) without a word; the official scripts score one answer string per item."""
+    answers = ["Benign tumor", "tumor"]
+    cases = [
+        (read_diagseg, "short_answer", {"qa_id": "d1", "question": "q", "short_answer": answers, "image_file": "i"}),
+        (read_llava_vqa, "conversations.1.value", {"id": "v1", "image": "i", "answer_type": "OPEN", "conversations": [
+            {"from": "human", "value": "q"}, {"from": "gpt", "value": answers}]}),
+        (read_omnimed, "gt_answer", {"question_id": "m1", "question": "q", "gt_answer": answers, "image_path": "i",
+                                     "option_A": answers[0], "option_B": answers[1]}),
+    ]
+    for reader, field, raw in cases:
+        ident = next(raw[k] for k in ("qa_id", "id", "question_id") if k in raw)
+        with pytest.raises(DataError, match=rf"item 0 \(id '{ident}'\): field '{field}' is a list, not one answer "
+                                            r"string \(the official evaluation scores one reference answer"):
+            reader(_write(tmp_path / f"Modality_{ident}.json", [raw]))
+        number = _write(tmp_path / f"Modality_n{ident}.json", [{**raw, **_with_answer(field, raw, 2)}])
+        assert reader(number)[0].answer == "2"  # a number stays one answer, as before
+
+
+def _with_answer(field, raw, value):
+    if field == "conversations.1.value":
+        return {"conversations": [raw["conversations"][0], {"from": "gpt", "value": value}]}
+    return {field: value}

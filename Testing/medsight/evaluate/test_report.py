@@ -67,3 +67,33 @@ def test_diagseg_report_says_when_dice_stretches_the_square_input_frame(tmp_path
             "square input frame (the centre crop, or the letterbox) over the whole GT mask, so it does not measure the "
             "mask on the image (DiagSeg's images are square); strict_dice does")
     assert stretched == ([] if width == 8 else [note])
+
+
+def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp_path):
+    """A DiagSeg file with closed items beside the open ones: run_eval.py scores them by the yes/no rule; the report
+    left them out of every row (recall n 2 of 3 scored items) without saying so."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.report import to_markdown
+    from medsight.evaluate.runner import encode_masks
+
+    gt = np.zeros((8, 8), bool)
+    gt[2:6, 3:7] = True
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    kinds = {"1": ("cyst", "open", "a cyst"), "2": ("tumor", "other", "tumor"), "3": ("yes", "CLOSED", "Yes."),
+             "4": ("no", "closed", None)}  # item 4 is not answered yet
+    items = [EvalItem(i, "q", gt_text, kind, tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])
+             for i, (gt_text, kind, _) in kinds.items()]
+    preds = [{"question_id": i, "text": text, "masks": encode_masks([gt], gt.shape)}
+             for i, (_, _, text) in kinds.items() if text is not None]
+    report = build_report("diagseg", items, preds, n_boot=5)
+    rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
+    n_open = sum(not kind.lower().startswith("close") for _, kind, _ in kinds.values())  # 'other' scores as open
+    assert rows["dice"]["n"] == len(preds) and rows["recall"]["n"] == n_open
+    assert rows["closed_accuracy"]["n"] == len(preds) - n_open and rows["closed_accuracy"]["value"] == 100.0
+    assert report["answer_types"] == {"open": {"items": n_open, "scored": n_open, "skipped": 0},
+                                      "closed": {"items": 2, "scored": 1, "skipped": 1}}
+    assert ("Answer types: open 2 of 2 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy)."
+            in to_markdown(report))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
-from medsight.evaluate.report import build_report, write_report
+from medsight.evaluate.report import answer_type_line, build_report, write_report
 from medsight.evaluate.runner import (
     RunOptions,
     append_predictions,
@@ -174,8 +174,15 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
     report = build_report(args.task, items, results["predictions"], n_boot=args.bootstrap, seed=args.seed,
                           benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"),
                           settings=settings)
+    left_out = len(runs[0][1]) - len(items)
+    if left_out:  # the items --limit leaves out are counted, not dropped unsaid
+        report["notes"].append(f"--limit {args.limit}: only the first {len(items)} of the data's "
+                               f"{len(runs[0][1])} items were asked and scored")
     paths = write_report(report, report_dir)
     if not args.quiet:
+        limited = f" (--limit: {left_out} more in the data)" if left_out else ""
+        print(f"items: {report['n_items']}{limited}, scored: {report['n_scored']}, missing: {report['n_missing']}. "
+              f"{answer_type_line(report)}", file=sys.stderr)
         print(f"report: {paths['json']}", file=sys.stderr)
     return report
 

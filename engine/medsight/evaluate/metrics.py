@@ -158,9 +158,13 @@ def parse_yes_no(text: str) -> str | None:
 
 
 def strict_closed_hit(pred: str, gt: str) -> float:
-    """1 when the first yes/no word of the prediction equals the GT's (0 when either has none)."""
-    p, g = parse_yes_no(pred), parse_yes_no(gt)
-    return float(p is not None and p == g)
+    """1 when the first yes/no word of the prediction equals the GT's (0 when the prediction has none); a closed GT
+    that is no yes/no answer ("left", "MRI": SLAKE and VQA-RAD have many) needs the whole normalised answer, so
+    such items are not all scored 0."""
+    g = parse_yes_no(gt)
+    if g is None:
+        return float(normalize_word(pred) == normalize_word(gt))
+    return float(parse_yes_no(pred) == g)
 
 
 # -- multiple choice -----------------------------------------------------------------------------------------------

@@ -101,6 +101,15 @@ def _field(path: Path, index: int, item, dotted: str):
     return node
 
 
+def _answer(path: Path, index: int, item, value, dotted: str) -> str:
+    """The item's one reference answer as text; a list or object (several references) is refused, since the
+    official scripts score one string and str() of it would be scored silently as '['yes', 'no']'."""
+    if isinstance(value, list | dict | bool):
+        raise DataError(f"{_where(path, index, item)}: field {dotted!r} is a {type(value).__name__}, not one answer "
+                        "string (the official evaluation scores one reference answer per item)")
+    return str(value)
+
+
 def _resolve(root: Path, value) -> Path:
     p = Path(str(value))
     return p if p.is_absolute() else (root / p).resolve()
@@ -132,11 +141,10 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
         where = _where(path, i, raw)
         qid = str(_field(path, i, raw, "qa_id"))
         if isinstance(raw.get("conversations"), list) and len(raw["conversations"]) > 1:
-            gt = _field(path, i, raw, "conversations.1.value")
-        elif raw.get("short_answer") is not None:
-            gt = raw["short_answer"]
+            gt_field = "conversations.1.value"
         else:
-            gt = _field(path, i, raw, "answer")
+            gt_field = "short_answer" if raw.get("short_answer") is not None else "answer"
+        gt = _answer(path, i, raw, _field(path, i, raw, gt_field), gt_field)
         masks: list[Path] = []
         if "masks" in raw or "mask_ids" in raw:
             mask_ids = _field(path, i, raw, "mask_ids")
@@ -152,7 +160,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             if not masks:
                 raise DataError(f"{where}: no entry of 'masks' has the last mask id {target!r}")
         items.append(EvalItem(
-            id=qid, question=_clean_question(_field(path, i, raw, "question")), answer=str(gt),
+            id=qid, question=_clean_question(_field(path, i, raw, "question")), answer=gt,
             answer_type=str(raw.get("answer_type") or "open").lower(), image=_resolve(root, _field(path, i, raw,
             "image_file")), modality=canonical_modality(raw.get("modality")), masks=masks,
         ))
@@ -169,7 +177,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
         items.append(EvalItem(
             id=str(_field(path, i, raw, "id")),
             question=_clean_question(_field(path, i, raw, "conversations.0.value")),
-            answer=str(_field(path, i, raw, "conversations.1.value")),
+            answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
             answer_type="closed" if answer_type.startswith("close") else "open",
             image=_resolve(root, _field(path, i, raw, "image")),
             modality=canonical_modality(raw.get("modality")),
@@ -204,7 +212,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
         question = _clean_question(_field(path, i, raw, "question"))
         items.append(EvalItem(
             id=str(_field(path, i, raw, "question_id")), question=question + MC_SUFFIX,
-            answer=str(_field(path, i, raw, "gt_answer")), answer_type="mc",
+            answer=_answer(path, i, raw, _field(path, i, raw, "gt_answer"), "gt_answer"), answer_type="mc",
             image=_resolve(root, _field(path, i, raw, "image_path")), modality=modality, options=options,
         ))
     return _check_unique(path, items)

@@ -58,11 +58,18 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
     return [(it, by_id[it.id]) for it in items if it.id in by_id]
 
 
+def scored_type(answer_type: str) -> str:
+    """The metric family an answer type is scored by: "mc", "closed" (starts with "close", as run_eval.py), else
+    "open"."""
+    return "mc" if answer_type == "mc" else "closed" if is_closed(answer_type) else "open"
+
+
 def text_scores(item: EvalItem, text: str) -> dict[str, float]:
     """Official and strict text metrics of one answer, chosen by the item's answer type."""
-    if item.answer_type == "mc":
+    kind = scored_type(item.answer_type)
+    if kind == "mc":
         return {"accuracy": mc_hit(text, item.answer, item.options)}
-    if is_closed(item.answer_type):
+    if kind == "closed":
         return {"closed_accuracy": closed_hit(text, item.answer),
                 "strict_closed_accuracy": strict_closed_hit(text, item.answer)}
     s = open_scores(text, item.answer)
@@ -145,7 +152,8 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         rows += aggregate(scores, "dice", n_boot, seed, PAPER_DIAGSEG["dice"], paper_avg="per_sample_mean")
         rows += aggregate(scores, "recall", n_boot, seed, PAPER_DIAGSEG["recall"])
         rows += aggregate(scores, "strict_dice", n_boot, seed)
-        for m in OPEN_METRICS:
+        # run_eval.py scores a closed item of the file by its yes/no rule, as in the VQA benchmarks.
+        for m in (*OPEN_METRICS, "closed_accuracy", "strict_closed_accuracy"):
             if m != "recall":
                 rows += aggregate(scores, m, n_boot, seed)
     elif task == "vqa":
@@ -162,7 +170,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         "exact_match is the official score (distinct GT words found / prediction tokens), not an exact match; "
         "strict_exact is the real one",
         "closed_accuracy is the official substring rule ('no' inside 'normal' counts); strict_closed_accuracy "
-        "compares the first yes/no word",
+        "compares the first yes/no word (the whole normalised answer where the GT is no yes/no answer)",
         "predictions are paired with items by id, not by order",
     ]
     if task == "diagseg":
@@ -181,8 +189,35 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
-            "n_missing": len(items) - len(scores), "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes,
-            "metrics": rows}
+            "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
+            "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
+
+
+#: The metric whose rows count the scored items of each answer type (every item of the type has it).
+TYPE_METRIC = {"open": "recall", "closed": "closed_accuracy", "mc": "accuracy"}
+
+
+def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> dict[str, dict[str, int]]:
+    """Per answer type of the data: its items, how many have text scores, and how many were skipped (no answer,
+    or no text metric for the type), so no type's items leave the report unsaid."""
+    by_id = {s.id: s for s in scores}
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        kind = scored_type(item.answer_type)
+        row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
+        row["items"] += 1
+        score = by_id.get(item.id)
+        row["scored" if score is not None and TYPE_METRIC[kind] in score.scores else "skipped"] += 1
+    return out
+
+
+def answer_type_line(report: dict) -> str:
+    """'Answer types: 7 open (recall ...), 2 closed (closed_accuracy ...)' for report.md and the console."""
+    parts = []
+    for kind, c in report.get("answer_types", {}).items():
+        skipped = f", {c['skipped']} skipped" if c["skipped"] else ""
+        parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC[kind]})")
+    return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
 def _nonsquare_images(items: Sequence[EvalItem]) -> int:
@@ -222,6 +257,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
              "", *_settings_lines(report.get("settings")),
              f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
+             *([answer_type_line(report), ""] if report.get("answer_types") else []),
              "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
     for r in report["metrics"]:
         ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"
