@@ -599,6 +599,10 @@ class ChatPanel:
             turn.place = (plane, index)
             turn.plane = plane
             self._dirty = True
+        elif kind == "clamped":  # the transcript names the slices answered, not the ones beyond the volume
+            first, last, count = payload
+            turn.scope = f"slices {first}–{last}; the volume has {count} {job.plane} slices"
+            self._dirty = True
         elif kind == "slices":
             self._slice_counts = {str(p): int(n) for p, n in payload[0].items()}
             count = self._slice_counts.get(self.plane, 0)
@@ -842,7 +846,10 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
         if job.view is not None:
             indices = [-1]  # the engine says which slice in its "job" event
         elif info is not None:
-            indices = _resolve_indices(job.scope, int(info.slices.get(job.plane, 0)))
+            count = int(info.slices.get(job.plane, 0))
+            indices = _resolve_indices(job.scope, count)
+            if job.scope[0] == "range" and [indices[0], indices[-1]] != sorted(job.scope[1:]):
+                job.emit("clamped", indices[0], indices[-1], count)  # part of the range lies outside the volume
         else:
             indices = [job.scope[1]]
         total = len(indices)

@@ -213,6 +213,21 @@ def test_slice_range_reports_progress(app, url, volume):
     assert "slices 0–2" in text
 
 
+def test_range_partly_outside_the_volume_names_the_slices_answered(app, url, volume):
+    """Before the panel knows the volume's slice count its boxes take any range: the part inside the volume is
+    answered and the transcript says which slices those are (it said "slices 1–7" of a 3-slice volume)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    panel.set_scope("range", count + 4, 1)  # backwards, and past the last slice
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert sorted(panel._turns[-1].texts) == list(range(1, count))
+    text = panel.conversation_text()
+    assert f"slices 1–{count - 1}; the volume has {count} axial slices" in text, text
+    assert f"slices 1–{count + 4}" not in text
+
+
 def test_whole_volume_scope(app, url, volume):
     panel = make_panel(url, volume)
     panel.set_scope("volume")
