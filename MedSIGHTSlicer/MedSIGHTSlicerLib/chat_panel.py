@@ -747,12 +747,8 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
         for slice_index in slices:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
             prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
-            chips = " ".join(
-                f'<a href="{RegionLink(turn.serial, turn.plane, slice_index, r.index).url()}" '
-                f'style="background-color:{chip_bg};color:{colours.success};'
-                f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
-                for r in turn.regions.get(slice_index, [])
-            )
+            chips = " ".join(_chip(RegionLink(turn.serial, turn.plane, slice_index, r.index), r, colours, chip_bg)
+                             for r in turn.regions.get(slice_index, []))
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
         if not slices and not turn.status:
             body.append(f'<i style="color:{grey}">…</i>')
@@ -760,6 +756,16 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
             body.append(f'<i style="color:{grey}">(cancelled)</i>')
         parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
+
+
+def _chip(link: RegionLink, region: Region, colours: Colours, chip_bg: str) -> str:
+    """A region's chip: a link that centres the views on it, or, for an empty mask (no bounding box: nowhere to go
+    and no suggestion made of it), its name marked "(empty)" without a link, so no chip is a click that does nothing."""
+    name = html.escape(_region_name(region))
+    if region.bbox is None:
+        return f'<span style="color:{colours.secondary}">&nbsp;{name} (empty)&nbsp;</span>'
+    return (f'<a href="{link.url()}" style="background-color:{chip_bg};color:{colours.success};'
+            f'text-decoration:none">&nbsp;{name}&nbsp;</a>')
 
 
 # -- worker side (no Qt here) ------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def make_panel(url: str, volume: VolumeData, token: str | None = None) -> ChatPa
 
 def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path):
     panel = make_panel(url, volume)
+    panel.current_slice_provider = lambda: 0  # the tiny model's regions on slice 0 have an area (chips are links)
     uploaded, answers, clicks = [], [], []
     panel.on_volume_uploaded = lambda key, volume_id: uploaded.append((key, volume_id))
     panel.on_regions = answers.append
@@ -103,12 +104,12 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     assert "MedSIGHT" in text
     assert len(uploaded) == 1 and uploaded[0][0] == "disc" and len(uploaded[0][1]) == 64
     assert len(answers) == 1 and isinstance(answers[0], SliceAnswer)
-    assert answers[0].index == 1
+    assert answers[0].index == 0
     answer_text = answers[0].text.replace("\ufffd", "").strip()
     assert answer_text and answer_text[:5] in text  # the streamed answer is in the conversation
     links = panel.region_links()
     assert links, panel.conversation.toHtml()
-    assert all(parse_region_url(link)[:3] == (1, "axial", 1) for link in links)  # question 1, axial slice 1
+    assert all(parse_region_url(link)[:3] == (1, "axial", 0) for link in links)  # question 1, axial slice 0
     assert panel.accept_all_button.isEnabled()
     first_chip = parse_region_url(links[0])
     assert panel.region(first_chip) is not None and panel.region(first_chip).mask.shape == (64, 64)
@@ -226,6 +227,21 @@ def test_range_partly_outside_the_volume_names_the_slices_answered(app, url, vol
     text = panel.conversation_text()
     assert f"slices 1–{count - 1}; the volume has {count} axial slices" in text, text
     assert f"slices 1–{count + 4}" not in text
+
+
+def test_chips_link_only_regions_with_an_area(app, url, volume):
+    """A region with an empty mask has no bounding box, so the host can centre nothing on it and makes no suggestion
+    of it: its chip is marked "(empty)" instead of being a link that does nothing when clicked."""
+    panel = make_panel(url, volume)
+    panel.set_scope("volume")
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    regions = [(t.serial, t.plane, k, r) for t in panel._turns for k, rs in t.regions.items() for r in rs]
+    empty = [r for *_, r in regions if r.bbox is None]
+    assert empty and len(empty) < len(regions)  # the fixture's answers have both kinds
+    linked = sorted(parse_region_url(link) for link in panel.region_links())
+    assert linked == sorted((s, p, k, r.index) for s, p, k, r in regions if r.bbox is not None)
+    assert panel.conversation_text().count("(empty)") == len(empty)
 
 
 def test_whole_volume_scope(app, url, volume):
