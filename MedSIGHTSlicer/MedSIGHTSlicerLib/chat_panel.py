@@ -218,7 +218,7 @@ class ChatPanel:
         self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
         self.on_regions: Callable[[SliceAnswer], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
-        #: one finding into one 3D segment); also after a cancel, with what had arrived.
+        #: one finding into one 3D segment); also after a cancel or an error, with what had arrived.
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
         self.on_region_clicked: Callable[[RegionLink], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
@@ -649,6 +649,8 @@ class ChatPanel:
             if self._send_again(job, payload[0]):
                 return
             message = describe_error(payload[0], resent=job.resent)
+            if job.answers and self.on_answers is not None:
+                self._call_hook(self.on_answers, list(job.answers))  # slices answered before the error are kept
             turn.status = "error"
             self.show_error(message)
             if self.on_error is not None:

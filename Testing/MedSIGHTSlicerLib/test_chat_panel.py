@@ -599,6 +599,36 @@ def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fa
     assert panel.status.text() == "Failed."
 
 
+def test_answers_before_an_engine_error_reach_the_host(app, fake, volume):
+    """A slice range whose second request is refused (the engine is stopping): the first slice's answer with its
+    region still reaches ``on_answers`` (the host merges one question's slices into 3D findings there, and ends its
+    stream); it was dropped, as only a finished or cancelled question handed its answers over."""
+    import json
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    count = volume.array.shape[0]
+    region = {"code": "[M1_2]", "label": "liver", "index": 0, "probability": 0.9, "bbox": [1, 2, 3, 4]}
+    answer = {"plane": "axial", "index": 0, "text": "liver", "regions": [region], "slice_to_ras": np.eye(4).tolist()}
+    done = {"job_id": "j1", "model": "tiny", "answers": [answer], "timings": {}}
+    info = {"volume_id": "ab" * 32, "shape": list(volume.array.shape), "modality": "CT", "slices": {"axial": count},
+            "bytes": volume.array.nbytes}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1", "plane": "axial", "indices": [0]}),
+                                          sse("done", done)]),
+             fake.reply(503, {"code": "stopping", "message": "the engine is stopping; try again once it runs"}))
+    panel = make_panel(fake.url, volume)
+    per_question = []
+    panel.on_answers = per_question.append
+    panel.set_scope("range", 0, count - 1)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert "the engine is stopping" in panel.error.text()
+    assert [[(a.index, [r.label for r in a.regions]) for a in answers] for answers in per_question] == [
+        [(0, ["liver"])]]
+
+
 def test_consent_dialog_during_a_resend_leaves_the_new_question_polled(app, fake, volume, monkeypatch):
     """Review note: the consent dialog before sending the volume again is modal; a poll inside its event loop drains
     the old job's late "done" event. That must not finish the panel: the new question runs, is polled, is answered.
