@@ -481,6 +481,7 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
     import re
 
     panel = make_panel(url, volume)
+    panel.current_slice_provider = lambda: 0  # its regions have an area: chips are drawn as links
     palette = panel.widget.palette()
     palette.setColor(qt.QPalette.Base, qt.QColor(background))
     palette.setColor(qt.QPalette.Text, qt.QColor(text))  # a theme swaps both (Slicer's dark theme does)
