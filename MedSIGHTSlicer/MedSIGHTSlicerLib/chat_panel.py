@@ -352,12 +352,14 @@ class ChatPanel:
         self.client = client
         self._volume_ids.clear()
 
-    def set_slice_count(self, count: int) -> None:
-        """Limit the range spin boxes to a volume of ``count`` slices along the current plane."""
+    def set_slice_count(self, count: int, keep_range: bool = False) -> None:
+        """Limit the range spin boxes to a volume of ``count`` slices along the current plane; the "to" box goes to
+        the last slice unless ``keep_range`` (then the boxes keep their values, clamped to the volume)."""
         top = max(int(count) - 1, 0)
         for box in (self.range_from, self.range_to):
             box.setMaximum(top)
-        self.range_to.setValue(top)
+        if not keep_range:
+            self.range_to.setValue(top)
 
     def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
         """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
@@ -607,7 +609,10 @@ class ChatPanel:
             self._slice_counts = {str(p): int(n) for p, n in payload[0].items()}
             count = self._slice_counts.get(self.plane, 0)
             if count and int(prop(self.range_from, "maximum")) != count - 1:
-                self.set_slice_count(count)
+                # A range the user chose (just asked, or typed) stays as typed (clamped to the volume): a follow-up
+                # asks the same slices. Only boxes never set (0 to 0) start out as the whole volume.
+                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != 0
+                self.set_slice_count(count, keep_range=chosen)
         elif kind == "model":
             self.last_model = str(payload[0])
         elif kind == "token":

@@ -229,6 +229,28 @@ def test_range_partly_outside_the_volume_names_the_slices_answered(app, url, vol
     assert f"slices 1–{count + 4}" not in text
 
 
+def test_a_range_asked_stays_in_the_boxes_for_the_next_question(app, url, volume):
+    """The volume's slice count arrives while the first range question runs: the boxes take its maximum but keep
+    the range asked, so a follow-up asks the same slices (the "to" box jumped to the last slice, and the next question
+    asked the whole rest of the volume)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    panel.set_scope("range", 0, count - 2)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert int(panel.range_to.maximum()) == count - 1
+    assert (panel.range_from.value(), panel.range_to.value()) == (0, count - 2)
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert sorted(panel._turns[-1].texts) == list(range(count - 1))
+    # Boxes never set start out as the whole volume once it is known.
+    fresh = make_panel(url, volume)
+    fresh.set_client(MedSIGHTClient(url, timeout=60, retries=0))  # no cached id: the upload tells the count
+    assert fresh.send("Where is the liver?")
+    pump(app, lambda: not fresh.busy)
+    assert (fresh.range_from.value(), fresh.range_to.value()) == (0, count - 1)
+
+
 def test_chips_link_only_regions_with_an_area(app, url, volume):
     """A region with an empty mask has no bounding box, so the host can centre nothing on it and makes no suggestion
     of it: its chip is marked "(empty)" instead of being a link that does nothing when clicked."""
