@@ -767,10 +767,13 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
 
 def _chip(link: RegionLink, region: Region, colours: Colours, chip_bg: str) -> str:
     """A region's chip: a link that centres the views on it, or, for an empty mask (no bounding box: nowhere to go
-    and no suggestion made of it), its name marked "(empty)" without a link, so no chip is a click that does nothing."""
+    and no suggestion made of it), its name marked "(empty)" without a link, so no chip is a click that does nothing.
+    A streamed region (no mask yet: the host gets it with its slice's answer) is shown without a link until then."""
     name = html.escape(_region_name(region))
     if region.bbox is None:
         return f'<span style="color:{colours.secondary}">&nbsp;{name} (empty)&nbsp;</span>'
+    if region.mask is None:
+        return f'<span style="color:{colours.success}">&nbsp;{name}&nbsp;</span>'
     return (f'<a href="{link.url()}" style="background-color:{chip_bg};color:{colours.success};'
             f'text-decoration:none">&nbsp;{name}&nbsp;</a>')
 

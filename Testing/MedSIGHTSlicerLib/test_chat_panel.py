@@ -652,6 +652,38 @@ def test_answers_before_an_engine_error_reach_the_host(app, fake, volume):
         [(0, ["liver"])]]
 
 
+def test_streamed_region_becomes_a_link_once_its_answer_arrived(app, fake, volume):
+    """A region streams in long before its slice's answer (a chunk of many slices on a CPU): its chip was a link at
+    once, but the host can centre on a region only once the answer brought its mask, so the click did nothing. The
+    chip links once the answer is there."""
+    import json
+
+    from medsight.server.rle import encode_mask
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    rows, cols = volume.array.shape[1:]
+    mask = np.zeros((rows, cols), bool)
+    mask[2:5, 3:7] = True
+    region = {"code": "[M1_2]", "label": "liver", "index": 0, "probability": 0.9, "bbox": [2, 3, 4, 6]}
+    answer = {"plane": "axial", "index": 1, "text": "liver", "regions": [{**region, "mask": encode_mask(mask)}],
+              "slice_to_ras": np.eye(4).tolist()}
+    done = {"job_id": "j1", "model": "tiny", "answers": [answer], "timings": {}}
+    info = {"volume_id": "ab" * 32, "shape": list(volume.array.shape), "modality": "CT",
+            "slices": {"axial": volume.array.shape[0]}, "bytes": volume.array.nbytes}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1", "plane": "axial", "indices": [1]}),
+                                          sse("region", {"slice": 0, "region": region}), sse("done", done)], pause=1.0))
+    panel = make_panel(fake.url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: panel.conversation_text().count("liver") == 2)  # the streamed region is shown ...
+    assert panel.busy and panel.region_links() == []  # ... but not yet as a link
+    pump(app, lambda: not panel.busy)
+    assert panel.region_links() == ["region://1/axial/1/0"]
+    assert int(panel.region(parse_region_url(panel.region_links()[0])).mask.sum()) == int(mask.sum())
+
+
 def test_consent_dialog_during_a_resend_leaves_the_new_question_polled(app, fake, volume, monkeypatch):
     """Review note: the consent dialog before sending the volume again is modal; a poll inside its event loop drains
     the old job's late "done" event. That must not finish the panel: the new question runs, is polled, is answered.
