@@ -15,7 +15,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
 - ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
-  question (``ask_serial``), plane, slice and region of that chip's answer.
+  question (``ask_serial``), plane, slice and region of that chip's answer. It returns False when the region's volume
+  is gone (the panel then says so).
 - ``on_accept_all()``: the "Accept all" button was pressed.
 """
 
@@ -694,17 +695,20 @@ class ChatPanel:
         self._timer.start()  # whatever the dialog's event loop did to the timer, the new job must be polled
         return True
 
-    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> Any:
         # A failing host callback must not stop the conversation; report it like any other error.
         try:
-            hook(*args)
+            return hook(*args)
         except Exception as err:
             self.show_error(f"Could not apply the answer: {type(err).__name__}: {err}")
+            return None
 
     def _anchor_clicked(self, url: Any) -> None:
         link = parse_region_url(url.toString())
-        if link is not None and self.on_region_clicked is not None:
-            self._call_hook(self.on_region_clicked, link)
+        if link is None or self.on_region_clicked is None:
+            return
+        if self._call_hook(self.on_region_clicked, link) is False:  # a click that does nothing says why
+            self.show_error("That region cannot be shown: the volume it was found on is no longer in the scene.")
 
     def _accept_all(self) -> None:
         if self.on_accept_all is not None:

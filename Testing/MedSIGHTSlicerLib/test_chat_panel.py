@@ -604,6 +604,41 @@ def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app
         scene.Clear(1)
 
 
+def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
+    """Wired as the module wires it: a chip centres the views on its region; once its volume has left the scene
+    the click did nothing at all, now the error line says why."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import add_slice_views, make_volume, view_origin
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+    from MedSIGHTSlicerLib.views import region_centre_ras
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, volume.array, np.eye(4), "CT")
+    panel = make_panel(url, volume)
+    panel.volume_provider = lambda: session.bind(node) or session.volume_source(node)  # the module's _volume_source
+    panel.current_slice_provider = lambda: 0
+    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    panel.on_region_clicked = session.jump_to_region_link  # as the module wires it
+    try:
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        link = qt.QUrl(panel.region_links()[0])
+        panel.conversation.anchorClicked.emit(link)
+        assert panel.error.text() == ""
+        chip = parse_region_url(link.toString())
+        answer = session.answer(node, chip.slice, chip.plane)
+        centre = region_centre_ras(answer.slice_to_ras, panel.region(chip).bbox)  # no parent transform: world
+        np.testing.assert_allclose(view_origin(views["Red"]), centre, atol=1e-6)
+        scene.RemoveNode(node)
+        panel.conversation.anchorClicked.emit(link)
+        assert "no longer" in panel.error.text() and "volume" in panel.error.text()
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fake, volume):
     """An engine that keeps refusing the volume: one re-upload, then an error that does not say "ask again"."""
     info = {"volume_id": "ab" * 32, "shape": [3, 64, 64], "modality": "CT", "slices": {"axial": 3}, "bytes": 24576}
