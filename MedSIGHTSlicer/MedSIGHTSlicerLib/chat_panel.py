@@ -158,6 +158,8 @@ class _Turn:
     texts: dict[int, str] = field(default_factory=dict)
     regions: dict[int, list[Region]] = field(default_factory=dict)
     status: str = ""
+    #: Why the question failed (status "error"), kept in the transcript after the error line shows a later one.
+    error: str = ""
     #: (plane, slice) for a one-slice question, else None; with ``volumes`` (the volume's key and engine id) it
     #: says which later questions are follow-ups of this one.
     place: tuple[str, int] | None = None
@@ -657,7 +659,7 @@ class ChatPanel:
             message = describe_error(payload[0], resent=job.resent)
             if job.answers and self.on_answers is not None:
                 self._call_hook(self.on_answers, list(job.answers))  # slices answered before the error are kept
-            turn.status = "error"
+            turn.status, turn.error = "error", message
             self.show_error(message)
             if self.on_error is not None:
                 self._call_hook(self.on_error, message)
@@ -765,6 +767,8 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
             body.append(f'<i style="color:{grey}">…</i>')
         if turn.status == "cancelled":
             body.append(f'<i style="color:{grey}">(cancelled)</i>')
+        elif turn.status == "error":  # the error line shows only the latest question's error
+            body.append(f'<i style="color:{colours.error}">(failed: {html.escape(turn.error)})</i>')
         parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
 

@@ -886,6 +886,22 @@ def test_engine_busy_beyond_the_wait_is_a_clear_error(app, busy_engine, volume, 
     assert panel.status.text() == "Failed." and panel.send_button.isEnabled()
 
 
+def test_a_failed_question_keeps_its_reason_in_the_transcript(app, url, volume):
+    """The engine refuses a question (422): its reason stays under that question in the transcript; it was only in
+    the error line, which the next question clears, leaving an empty answer with no word of why."""
+    panel = make_panel(url, volume)
+    panel.options = {**SHORT, "max_new_tokens": 0}
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    reason = panel.error.text()
+    assert "max_new_tokens" in reason
+    panel.options = dict(SHORT)
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert f"(failed: {reason})" in panel.conversation_text()
+
+
 def test_question_over_the_largest_ask_is_a_clear_error(url, volume):
     """The engine's own 413 (the body's declared length is over the largest valid ask) read as the panel shows it."""
     from medsight.server.schemas import MAX_ASK_BODY_BYTES
