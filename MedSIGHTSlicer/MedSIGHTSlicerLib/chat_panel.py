@@ -239,6 +239,7 @@ class ChatPanel:
         self.last_model = ""
 
         self._turns: list[_Turn] = []
+        self._auto_range_to = 0  # the "to" box's value as the panel last set it (not the user)
         self._volume_ids: dict[str, str] = {}
         self._runner = JobRunner()
         self._job: _Job | None = None
@@ -363,6 +364,7 @@ class ChatPanel:
             box.setMaximum(top)
         if not keep_range:
             self.range_to.setValue(top)
+            self._auto_range_to = top
 
     def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
         """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
@@ -613,8 +615,8 @@ class ChatPanel:
             count = self._slice_counts.get(self.plane, 0)
             if count and int(prop(self.range_from, "maximum")) != count - 1:
                 # A range the user chose (just asked, or typed) stays as typed (clamped to the volume): a follow-up
-                # asks the same slices. Only boxes never set (0 to 0) start out as the whole volume.
-                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != 0
+                # asks the same slices. Boxes the user left alone follow the volume's last slice.
+                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != self._auto_range_to
                 self.set_slice_count(count, keep_range=chosen)
         elif kind == "model":
             self.last_model = str(payload[0])

@@ -243,12 +243,17 @@ def test_a_range_asked_stays_in_the_boxes_for_the_next_question(app, url, volume
     assert panel.send("And the kidney?")
     pump(app, lambda: not panel.busy)
     assert sorted(panel._turns[-1].texts) == list(range(count - 1))
-    # Boxes never set start out as the whole volume once it is known.
+    # Boxes the user left alone span the whole volume once it is known, and follow the next volume's count.
     fresh = make_panel(url, volume)
-    fresh.set_client(MedSIGHTClient(url, timeout=60, retries=0))  # no cached id: the upload tells the count
     assert fresh.send("Where is the liver?")
     pump(app, lambda: not fresh.busy)
     assert (fresh.range_from.value(), fresh.range_to.value()) == (0, count - 1)
+    taller = VolumeData(np.concatenate([volume.array, volume.array]), volume.spacing, volume.origin, volume.direction,
+                        "CT", key="taller")
+    fresh.volume_provider = lambda: taller
+    assert fresh.send("Where is the liver?")
+    pump(app, lambda: not fresh.busy)
+    assert (fresh.range_from.value(), fresh.range_to.value()) == (0, 2 * count - 1)
 
 
 def test_chips_link_only_regions_with_an_area(app, url, volume):
