@@ -15,7 +15,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
 - ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
-  question (``ask_serial``), plane, slice and region of that chip's answer.
+  question (``ask_serial``), plane, slice and region of that chip's answer. It returns False when the region's volume
+  is gone (the panel then says so).
 - ``on_accept_all()``: the "Accept all" button was pressed.
 """
 
@@ -132,6 +133,8 @@ class _Turn:
     texts: dict[int, str] = field(default_factory=dict)
     regions: dict[int, list[Region]] = field(default_factory=dict)
     status: str = ""
+    #: Why the question failed (status "error"), kept in the transcript after the error line shows a later one.
+    error: str = ""
     #: (plane, slice) for a one-slice question, else None; with ``volumes`` (the volume's key and engine id) it
     #: says which later questions are follow-ups of this one.
     place: tuple[str, int] | None = None
@@ -193,7 +196,7 @@ class ChatPanel:
         self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
         self.on_regions: Callable[[SliceAnswer], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
-        #: one finding into one 3D segment); also after a cancel, with what had arrived.
+        #: one finding into one 3D segment); also after a cancel or an error, with what had arrived.
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
         self.on_region_clicked: Callable[[RegionLink], None] | None = None
         self.on_accept_all: Callable[[], None] | None = None
@@ -211,6 +214,7 @@ class ChatPanel:
         self.last_model = ""
 
         self._turns: list[_Turn] = []
+        self._auto_range_to = 0  # the "to" box's value as the panel last set it (not the user)
         self._volume_ids: dict[str, str] = {}
         self._runner = JobRunner()
         self._job: _Job | None = None
@@ -327,12 +331,15 @@ class ChatPanel:
         self.client = client
         self._volume_ids.clear()
 
-    def set_slice_count(self, count: int) -> None:
-        """Limit the range spin boxes to a volume of ``count`` slices along the current plane."""
+    def set_slice_count(self, count: int, keep_range: bool = False) -> None:
+        """Limit the range spin boxes to a volume of ``count`` slices along the current plane; the "to" box goes to
+        the last slice unless ``keep_range`` (then the boxes keep their values, clamped to the volume)."""
         top = max(int(count) - 1, 0)
         for box in (self.range_from, self.range_to):
             box.setMaximum(top)
-        self.range_to.setValue(top)
+        if not keep_range:
+            self.range_to.setValue(top)
+            self._auto_range_to = top
 
     def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
         """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
@@ -574,11 +581,18 @@ class ChatPanel:
             turn.place = (plane, index)
             turn.plane = plane
             self._dirty = True
+        elif kind == "clamped":  # the transcript names the slices answered, not the ones beyond the volume
+            first, last, count = payload
+            turn.scope = f"slices {first}–{last}; the volume has {count} {job.plane} slices"
+            self._dirty = True
         elif kind == "slices":
             self._slice_counts = {str(p): int(n) for p, n in payload[0].items()}
             count = self._slice_counts.get(self.plane, 0)
             if count and int(prop(self.range_from, "maximum")) != count - 1:
-                self.set_slice_count(count)
+                # A range the user chose (just asked, or typed) stays as typed (clamped to the volume): a follow-up
+                # asks the same slices. Boxes the user left alone follow the volume's last slice.
+                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != self._auto_range_to
+                self.set_slice_count(count, keep_range=chosen)
         elif kind == "model":
             self.last_model = str(payload[0])
         elif kind == "token":
@@ -620,7 +634,9 @@ class ChatPanel:
             if self._send_again(job, payload[0]):
                 return
             message = describe_error(payload[0], resent=job.resent)
-            turn.status = "error"
+            if job.answers and self.on_answers is not None:
+                self._call_hook(self.on_answers, list(job.answers))  # slices answered before the error are kept
+            turn.status, turn.error = "error", message
             self.show_error(message)
             if self.on_error is not None:
                 self._call_hook(self.on_error, message)
@@ -658,17 +674,20 @@ class ChatPanel:
         self._timer.start()  # whatever the dialog's event loop did to the timer, the new job must be polled
         return True
 
-    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> Any:
         # A failing host callback must not stop the conversation; report it like any other error.
         try:
-            hook(*args)
+            return hook(*args)
         except Exception as err:
             self.show_error(f"Could not apply the answer: {type(err).__name__}: {err}")
+            return None
 
     def _anchor_clicked(self, url: Any) -> None:
         link = parse_region_url(url.toString())
-        if link is not None and self.on_region_clicked is not None:
-            self._call_hook(self.on_region_clicked, link)
+        if link is None or self.on_region_clicked is None:
+            return
+        if self._call_hook(self.on_region_clicked, link) is False:  # a click that does nothing says why
+            self.show_error("That region cannot be shown: the volume it was found on is no longer in the scene.")
 
     def _accept_all(self) -> None:
         if self.on_accept_all is not None:
@@ -718,19 +737,30 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
         for slice_index in slices:
             text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
             prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
-            chips = " ".join(
-                f'<a href="{RegionLink(turn.serial, turn.plane, slice_index, r.index).url()}" '
-                f'style="background-color:{chip_bg};color:{colours.success};'
-                f'text-decoration:none">&nbsp;{html.escape(_region_name(r))}&nbsp;</a>'
-                for r in turn.regions.get(slice_index, [])
-            )
+            chips = " ".join(_chip(RegionLink(turn.serial, turn.plane, slice_index, r.index), r, colours, chip_bg)
+                             for r in turn.regions.get(slice_index, []))
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
         if not slices and not turn.status:
             body.append(f'<i style="color:{grey}">…</i>')
         if turn.status == "cancelled":
             body.append(f'<i style="color:{grey}">(cancelled)</i>')
+        elif turn.status == "error":  # the error line shows only the latest question's error
+            body.append(f'<i style="color:{colours.error}">(failed: {html.escape(turn.error)})</i>')
         parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
     return "".join(parts)
+
+
+def _chip(link: RegionLink, region: Region, colours: Colours, chip_bg: str) -> str:
+    """A region's chip: a link that centres the views on it, or, for an empty mask (no bounding box: nowhere to go
+    and no suggestion made of it), its name marked "(empty)" without a link, so no chip is a click that does nothing.
+    A streamed region (no mask yet: the host gets it with its slice's answer) is shown without a link until then."""
+    name = html.escape(_region_name(region))
+    if region.bbox is None:
+        return f'<span style="color:{colours.secondary}">&nbsp;{name} (empty)&nbsp;</span>'
+    if region.mask is None:
+        return f'<span style="color:{colours.success}">&nbsp;{name}&nbsp;</span>'
+    return (f'<a href="{link.url()}" style="background-color:{chip_bg};color:{colours.success};'
+            f'text-decoration:none">&nbsp;{name}&nbsp;</a>')
 
 
 # -- worker side (no Qt here) ------------------------------------------------------------------------------------
@@ -817,7 +847,10 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
         if job.view is not None:
             indices = [-1]  # the engine says which slice in its "job" event
         elif info is not None:
-            indices = _resolve_indices(job.scope, int(info.slices.get(job.plane, 0)))
+            count = int(info.slices.get(job.plane, 0))
+            indices = _resolve_indices(job.scope, count)
+            if job.scope[0] == "range" and [indices[0], indices[-1]] != sorted(job.scope[1:]):
+                job.emit("clamped", indices[0], indices[-1], count)  # part of the range lies outside the volume
         else:
             indices = [job.scope[1]]
         total = len(indices)

@@ -84,6 +84,7 @@ def make_panel(url: str, volume: VolumeData, token: str | None = None) -> ChatPa
 
 def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path):
     panel = make_panel(url, volume)
+    panel.current_slice_provider = lambda: 0  # the tiny model's regions on slice 0 have an area (chips are links)
     uploaded, answers, clicks = [], [], []
     panel.on_volume_uploaded = lambda key, volume_id: uploaded.append((key, volume_id))
     panel.on_regions = answers.append
@@ -103,12 +104,12 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     assert "MedSIGHT" in text
     assert len(uploaded) == 1 and uploaded[0][0] == "disc" and len(uploaded[0][1]) == 64
     assert len(answers) == 1 and isinstance(answers[0], SliceAnswer)
-    assert answers[0].index == 1
+    assert answers[0].index == 0
     answer_text = answers[0].text.replace("\ufffd", "").strip()
     assert answer_text and answer_text[:5] in text  # the streamed answer is in the conversation
     links = panel.region_links()
     assert links, panel.conversation.toHtml()
-    assert all(parse_region_url(link)[:3] == (1, "axial", 1) for link in links)  # question 1, axial slice 1
+    assert all(parse_region_url(link)[:3] == (1, "axial", 0) for link in links)  # question 1, axial slice 0
     assert panel.accept_all_button.isEnabled()
     first_chip = parse_region_url(links[0])
     assert panel.region(first_chip) is not None and panel.region(first_chip).mask.shape == (64, 64)
@@ -211,6 +212,63 @@ def test_slice_range_reports_progress(app, url, volume):
     assert all(f"slice {k}:" in text for k in range(3)), text
     assert max(progress) == 3
     assert "slices 0–2" in text
+
+
+def test_range_partly_outside_the_volume_names_the_slices_answered(app, url, volume):
+    """Before the panel knows the volume's slice count its boxes take any range: the part inside the volume is
+    answered and the transcript says which slices those are (it said "slices 1–7" of a 3-slice volume)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    panel.set_scope("range", count + 4, 1)  # backwards, and past the last slice
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert sorted(panel._turns[-1].texts) == list(range(1, count))
+    text = panel.conversation_text()
+    assert f"slices 1–{count - 1}; the volume has {count} axial slices" in text, text
+    assert f"slices 1–{count + 4}" not in text
+
+
+def test_a_range_asked_stays_in_the_boxes_for_the_next_question(app, url, volume):
+    """The volume's slice count arrives while the first range question runs: the boxes take its maximum but keep
+    the range asked, so a follow-up asks the same slices (the "to" box jumped to the last slice, and the next question
+    asked the whole rest of the volume)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    panel.set_scope("range", 0, count - 2)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert int(panel.range_to.maximum()) == count - 1
+    assert (panel.range_from.value(), panel.range_to.value()) == (0, count - 2)
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert sorted(panel._turns[-1].texts) == list(range(count - 1))
+    # Boxes the user left alone span the whole volume once it is known, and follow the next volume's count.
+    fresh = make_panel(url, volume)
+    assert fresh.send("Where is the liver?")
+    pump(app, lambda: not fresh.busy)
+    assert (fresh.range_from.value(), fresh.range_to.value()) == (0, count - 1)
+    taller = VolumeData(np.concatenate([volume.array, volume.array]), volume.spacing, volume.origin, volume.direction,
+                        "CT", key="taller")
+    fresh.volume_provider = lambda: taller
+    assert fresh.send("Where is the liver?")
+    pump(app, lambda: not fresh.busy)
+    assert (fresh.range_from.value(), fresh.range_to.value()) == (0, 2 * count - 1)
+
+
+def test_chips_link_only_regions_with_an_area(app, url, volume):
+    """A region with an empty mask has no bounding box, so the host can centre nothing on it and makes no suggestion
+    of it: its chip is marked "(empty)" instead of being a link that does nothing when clicked."""
+    panel = make_panel(url, volume)
+    panel.set_scope("volume")
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    regions = [(t.serial, t.plane, k, r) for t in panel._turns for k, rs in t.regions.items() for r in rs]
+    empty = [r for *_, r in regions if r.bbox is None]
+    assert empty and len(empty) < len(regions)  # the fixture's answers have both kinds
+    linked = sorted(parse_region_url(link) for link in panel.region_links())
+    assert linked == sorted((s, p, k, r.index) for s, p, k, r in regions if r.bbox is not None)
+    assert panel.conversation_text().count("(empty)") == len(empty)
 
 
 def test_whole_volume_scope(app, url, volume):
@@ -450,6 +508,7 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
     import re
 
     panel = make_panel(url, volume)
+    panel.current_slice_provider = lambda: 0  # its regions have an area: chips are drawn as links
     palette = panel.widget.palette()
     palette.setColor(qt.QPalette.Base, qt.QColor(background))
     palette.setColor(qt.QPalette.Text, qt.QColor(text))  # a theme swaps both (Slicer's dark theme does)
@@ -549,6 +608,41 @@ def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app
         scene.Clear(1)
 
 
+def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
+    """Wired as the module wires it: a chip centres the views on its region; once its volume has left the scene
+    the click did nothing at all, now the error line says why."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import add_slice_views, make_volume, view_origin
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+    from MedSIGHTSlicerLib.views import region_centre_ras
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, volume.array, np.eye(4), "CT")
+    panel = make_panel(url, volume)
+    panel.volume_provider = lambda: session.bind(node) or session.volume_source(node)  # the module's _volume_source
+    panel.current_slice_provider = lambda: 0
+    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    panel.on_region_clicked = session.jump_to_region_link  # as the module wires it
+    try:
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        link = qt.QUrl(panel.region_links()[0])
+        panel.conversation.anchorClicked.emit(link)
+        assert panel.error.text() == ""
+        chip = parse_region_url(link.toString())
+        answer = session.answer(node, chip.slice, chip.plane)
+        centre = region_centre_ras(answer.slice_to_ras, panel.region(chip).bbox)  # no parent transform: world
+        np.testing.assert_allclose(view_origin(views["Red"]), centre, atol=1e-6)
+        scene.RemoveNode(node)
+        panel.conversation.anchorClicked.emit(link)
+        assert "no longer" in panel.error.text() and "volume" in panel.error.text()
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fake, volume):
     """An engine that keeps refusing the volume: one re-upload, then an error that does not say "ask again"."""
     info = {"volume_id": "ab" * 32, "shape": [3, 64, 64], "modality": "CT", "slices": {"axial": 3}, "bytes": 24576}
@@ -565,6 +659,68 @@ def test_volume_sent_again_and_still_unknown_is_a_clear_error_not_a_loop(app, fa
     assert fake.hits("POST", "/v1/ask") == 2
     assert "sent again" in panel.error.text() and "ask again" not in panel.error.text()
     assert panel.status.text() == "Failed."
+
+
+def test_answers_before_an_engine_error_reach_the_host(app, fake, volume):
+    """A slice range whose second request is refused (the engine is stopping): the first slice's answer with its
+    region still reaches ``on_answers`` (the host merges one question's slices into 3D findings there, and ends its
+    stream); it was dropped, as only a finished or cancelled question handed its answers over."""
+    import json
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    count = volume.array.shape[0]
+    region = {"code": "[M1_2]", "label": "liver", "index": 0, "probability": 0.9, "bbox": [1, 2, 3, 4]}
+    answer = {"plane": "axial", "index": 0, "text": "liver", "regions": [region], "slice_to_ras": np.eye(4).tolist()}
+    done = {"job_id": "j1", "model": "tiny", "answers": [answer], "timings": {}}
+    info = {"volume_id": "ab" * 32, "shape": list(volume.array.shape), "modality": "CT", "slices": {"axial": count},
+            "bytes": volume.array.nbytes}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1", "plane": "axial", "indices": [0]}),
+                                          sse("done", done)]),
+             fake.reply(503, {"code": "stopping", "message": "the engine is stopping; try again once it runs"}))
+    panel = make_panel(fake.url, volume)
+    per_question = []
+    panel.on_answers = per_question.append
+    panel.set_scope("range", 0, count - 1)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert "the engine is stopping" in panel.error.text()
+    assert [[(a.index, [r.label for r in a.regions]) for a in answers] for answers in per_question] == [
+        [(0, ["liver"])]]
+
+
+def test_streamed_region_becomes_a_link_once_its_answer_arrived(app, fake, volume):
+    """A region streams in long before its slice's answer (a chunk of many slices on a CPU): its chip was a link at
+    once, but the host can centre on a region only once the answer brought its mask, so the click did nothing. The
+    chip links once the answer is there."""
+    import json
+
+    from medsight.server.rle import encode_mask
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    rows, cols = volume.array.shape[1:]
+    mask = np.zeros((rows, cols), bool)
+    mask[2:5, 3:7] = True
+    region = {"code": "[M1_2]", "label": "liver", "index": 0, "probability": 0.9, "bbox": [2, 3, 4, 6]}
+    answer = {"plane": "axial", "index": 1, "text": "liver", "regions": [{**region, "mask": encode_mask(mask)}],
+              "slice_to_ras": np.eye(4).tolist()}
+    done = {"job_id": "j1", "model": "tiny", "answers": [answer], "timings": {}}
+    info = {"volume_id": "ab" * 32, "shape": list(volume.array.shape), "modality": "CT",
+            "slices": {"axial": volume.array.shape[0]}, "bytes": volume.array.nbytes}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1", "plane": "axial", "indices": [1]}),
+                                          sse("region", {"slice": 0, "region": region}), sse("done", done)], pause=1.0))
+    panel = make_panel(fake.url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: panel.conversation_text().count("liver") == 2)  # the streamed region is shown ...
+    assert panel.busy and panel.region_links() == []  # ... but not yet as a link
+    pump(app, lambda: not panel.busy)
+    assert panel.region_links() == ["region://1/axial/1/0"]
+    assert int(panel.region(parse_region_url(panel.region_links()[0])).mask.sum()) == int(mask.sum())
 
 
 def test_consent_dialog_during_a_resend_leaves_the_new_question_polled(app, fake, volume, monkeypatch):
@@ -732,6 +888,22 @@ def test_engine_busy_beyond_the_wait_is_a_clear_error(app, busy_engine, volume, 
     assert "busy with other uploads or questions; ask again in a moment" in text
     assert "Traceback" not in text and "lacks" not in text
     assert panel.status.text() == "Failed." and panel.send_button.isEnabled()
+
+
+def test_a_failed_question_keeps_its_reason_in_the_transcript(app, url, volume):
+    """The engine refuses a question (422): its reason stays under that question in the transcript; it was only in
+    the error line, which the next question clears, leaving an empty answer with no word of why."""
+    panel = make_panel(url, volume)
+    panel.options = {**SHORT, "max_new_tokens": 0}
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    reason = panel.error.text()
+    assert "max_new_tokens" in reason
+    panel.options = dict(SHORT)
+    assert panel.send("And the kidney?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == ""
+    assert f"(failed: {reason})" in panel.conversation_text()
 
 
 def test_question_over_the_largest_ask_is_a_clear_error(url, volume):
