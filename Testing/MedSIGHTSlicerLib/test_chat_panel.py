@@ -623,7 +623,13 @@ def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
     panel = make_panel(url, volume)
     panel.volume_provider = lambda: session.bind(node) or session.volume_source(node)  # the module's _volume_source
     panel.current_slice_provider = lambda: 0
-    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    answers = {}  # (plane, slice) -> the answer the host was handed
+
+    def take(answer) -> None:
+        answers[answer.plane, answer.index] = answer
+        session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+
+    panel.on_regions = take
     panel.on_region_clicked = session.jump_to_region_link  # as the module wires it
     try:
         assert panel.send("Where is the liver?")
@@ -632,7 +638,7 @@ def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
         panel.conversation.anchorClicked.emit(link)
         assert panel.error.text() == ""
         chip = parse_region_url(link.toString())
-        answer = session.answer(node, chip.slice, chip.plane)
+        answer = answers[chip.plane, chip.slice]
         centre = region_centre_ras(answer.slice_to_ras, panel.region(chip).bbox)  # no parent transform: world
         np.testing.assert_allclose(view_origin(views["Red"]), centre, atol=1e-6)
         scene.RemoveNode(node)
