@@ -22,6 +22,7 @@ from medsight_testing.mrml import (  # noqa: E402
     put_under_transform,
     view_origin,
 )
+from medsight_testing.review_scene import slab_answer  # noqa: E402
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, RegionLink  # noqa: E402
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
 from MedSIGHTSlicerLib.geometry import nodes_by_class, segment_array  # noqa: E402
@@ -34,20 +35,6 @@ from MedSIGHTSlicerLib.suggestions import TAG_LABEL, TAG_MODEL, TAG_QUESTION, ge
 from MedSIGHTSlicerLib.views import parent_to_world  # noqa: E402
 
 SHORT = {"max_new_tokens": 8, "no_code_fallback": True, "seed": 0}
-
-
-def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver") -> SliceAnswer:
-    """An axial (k) slab answer on ``node``'s grid with one rectangular region."""
-    i, j, _ = node.GetImageData().GetDimensions()
-    p2i = pixel_to_ijk(2, index, 0, 1)
-    mask = np.zeros((j, i), dtype=bool)
-    mask[rows, cols] = True
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    bbox = [rows.start, cols.start, rows.stop - 1, cols.stop - 1]
-    region = Region("[M0_1]", label, 0, mask, 0.8, bbox)
-    return SliceAnswer("axial", index, f"The {label}.", [region], ijk_to_ras @ p2i)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from .mrml import pixel_to_ijk
+
+if TYPE_CHECKING:
+    from MedSIGHTSlicerLib.protocol import SliceAnswer
 
 
 def ct_voxels() -> np.ndarray:
@@ -109,3 +116,21 @@ def register_segmentation_converters() -> None:
                  slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
                  slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
         factory.RegisterConverterRule(rule())
+
+
+def slab_answer(node, index: int, rows: slice, cols: slice, label: str = "liver") -> SliceAnswer:
+    """An axial (k) slab answer on ``node``'s grid with one rectangular region."""
+    import vtk
+
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    i, j, _ = node.GetImageData().GetDimensions()
+    p2i = pixel_to_ijk(2, index, 0, 1)
+    mask = np.zeros((j, i), dtype=bool)
+    mask[rows, cols] = True
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    bbox = [rows.start, cols.start, rows.stop - 1, cols.stop - 1]
+    region = Region("[M0_1]", label, 0, mask, 0.8, bbox)
+    return SliceAnswer("axial", index, f"The {label}.", [region], ijk_to_ras @ p2i)
