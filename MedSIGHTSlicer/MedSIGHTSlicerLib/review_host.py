@@ -81,10 +81,13 @@ class ReviewHost:
         if node is not None:
             self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question,
                                    model=getattr(self.panel, "last_model", "") or None)
-            if self.list.review is None or self.list.review.manager is not self.logic.suggestion_manager(node):
-                self.list.set_review(self.review(node))
-            else:
+            shown = self.list.review
+            if shown is not None and shown.manager is self.logic.suggestion_manager(node):
                 self.list.refresh()
+            elif shown is None or node is self.volume():
+                self.list.set_review(self.review(node))
+            # else the user selected another volume meanwhile: its list stays shown (the answer's suggestions wait
+            # in their own volume's list), or Accept all would act on one volume while the list showed another's.
 
     def answers_done(self, _answers: Any) -> None:
         node = self.answer_volume()

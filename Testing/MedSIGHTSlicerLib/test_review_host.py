@@ -25,7 +25,7 @@ from medsight.demo.sources import make_ct_phantom
 from medsight_testing.live_server import live_server
 from medsight_testing.mrml import make_volume
 from medsight_testing.palettes import dark_palette
-from medsight_testing.review_scene import check_segments, user_segmentation
+from medsight_testing.review_scene import check_segments, slab_answer, user_segmentation
 from MedSIGHTSlicerLib import theme
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
 from MedSIGHTSlicerLib.client import MedSIGHTClient
@@ -177,6 +177,37 @@ def test_removed_volumes_are_let_go(app):
         scene.Clear(0)  # File > Close scene
         host.volume_changed(volumes[1])  # what the module's scene reset does with the selector's last node
         assert host._reviews == {} and host.list.review is None
+    finally:
+        host.close()
+        panel.close()
+
+
+def test_answers_about_a_volume_left_meanwhile_leave_the_selected_volumes_list(app):
+    """A question about volume A streams while the user selects B: each answer flipped the list back to A's
+    suggestions, and Accept all (which acts on the selected B) then accepted nothing of what the list showed."""
+    scene = slicer.vtkMRMLScene()
+    panel = ChatPanel(MedSIGHTClient("http://127.0.0.1:9", timeout=1, retries=0))
+    logic = MedSIGHTSession(scene)
+    asked, other = (make_volume(scene, np.zeros((3, 8, 8), np.int16), np.eye(4), name=f"CT {n}") for n in range(2))
+    selected = [asked]
+    host = ReviewHost(panel, lambda: selected[0], logic, None, answer_volume=lambda: asked)
+    try:
+        host.volume_changed(asked)
+        host.take_answer(slab_answer(asked, 0, slice(1, 4), slice(2, 5)))
+        assert host.list.review.manager.volume_node is asked  # the asked volume's list grows while it is shown
+        selected[0] = other
+        host.volume_changed(other)
+        host.take_answer(slab_answer(asked, 1, slice(1, 4), slice(2, 5)))
+        assert host.list.review.manager.volume_node is other
+        other_suggestion = slab_answer(other, 2, slice(2, 6), slice(1, 3), label="spleen")
+        logic.take_answer(other, other_suggestion, 1, "current", "Spleen?")
+        host.list.refresh()
+        host.accept_all()
+        user = logic.user_segmentation(other)
+        assert user is not None and user.GetSegmentation().GetNumberOfSegments() == 1
+        accepted = segment_array(user, user.GetSegmentation().GetNthSegmentID(0), other)
+        assert int(accepted.sum()) == int(other_suggestion.regions[0].mask.sum())
+        assert len(logic.suggestion_manager(asked).suggestion_ids()) == 2  # A's wait in A's list, none accepted
     finally:
         host.close()
         panel.close()
