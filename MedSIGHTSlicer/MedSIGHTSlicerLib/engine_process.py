@@ -252,9 +252,15 @@ class EngineProcess:
         return exit_message(code, self.output, stopped=self.stop_requested)
 
     def release(self) -> None:
-        """Forget a detached engine without stopping it (Slicer exits and the user wants it kept)."""
+        """Forget a detached engine without stopping it (Slicer exits and the user wants it kept).
+
+        Its log file is removed: no later session reads it (it does not know that engine), and it stayed in the temp
+        folder forever, growing while the engine ran. On POSIX the engine keeps writing into the removed file, whose
+        space comes back when the engine exits; Windows refuses to remove a file another process holds open, so there
+        it stays."""
         self._process = None
         self._close_log()
+        self._remove_log()
 
     def _read_new_output(self) -> None:
         if not self.log_path:

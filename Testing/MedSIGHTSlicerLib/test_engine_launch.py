@@ -444,3 +444,18 @@ def test_output_is_read_as_terminal_lines_across_reads(tmp_path):
     assert finished == [3] and process.finished_message(3).endswith("INFO: up Traceback: cut sh")
     assert not any("\x1b" in text or "\ufffd" in text for text in lines + partials)
 
+
+def test_released_engine_leaves_no_log_file():
+    """An engine kept running after Slicer exits ("stop on exit" off): no later session reads its log file, which
+    stayed in the temp folder forever, growing. Release removes it; the engine keeps running (and writing)."""
+    process = EngineProcess()
+    process.start(_sleeper(stop_on_exit=False))
+    pid, log = process.pid, Path(process.log_path)
+    try:
+        assert _wait(lambda: _says_up(process), 30)
+        process.release()
+        if os.name != "nt":  # Windows refuses to remove a file another process holds open
+            assert not log.exists()
+        assert _alive(pid)
+    finally:
+        os.kill(pid, 9)
