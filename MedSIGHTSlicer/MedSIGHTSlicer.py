@@ -106,7 +106,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic: MedSIGHTSlicerLogic | None = None
         self.panel: ChatPanel | None = None
-        self.engine = EngineProcess(on_output=self._engine_output, on_finished=self._engine_finished)
+        self.engine = EngineProcess(on_output=self._engine_output, on_finished=self._engine_finished,
+                                    on_partial=self._engine_partial)
         self.settings = ConnectionSettings()
         self.connection_check = ConnectionCheck()
 
@@ -266,6 +267,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             logging.info("medsight engine: %s", line)
         if lines:
             self.ui.connectionStatusLabel.text = lines[-1][:200]
+
+    def _engine_partial(self, line: str) -> None:
+        """A progress bar (the model's first download) redrawn in place; Slicer's log gets only finished lines."""
+        self.review_host.engine_log.set_partial(line)
 
     def _engine_finished(self, code: int) -> None:
         self.engine_timer.stop()

@@ -42,6 +42,7 @@ class EngineLog:
         layout.addWidget(self.text)
         connect(self.toggle, "toggled", self.set_expanded)
         self.errors = 0
+        self._partial_shown = False  # the last line is an unfinished one (a progress bar), redrawn in place
 
     @property
     def expanded(self) -> bool:
@@ -59,7 +60,21 @@ class EngineLog:
         """Output of the local engine (any number of lines; blank ones dropped)."""
         for line in str(text).splitlines():
             if line.strip():
-                self.text.appendPlainText(line.rstrip())
+                self._add(line.rstrip())
+        self._header()
+
+    def set_partial(self, line: str) -> None:
+        """The line the engine is still writing (a download's progress bar): shown as the last line, replaced by its
+        next state or by the finished line, so the log keeps one line per progress bar ("" removes it)."""
+        line = str(line).rstrip()
+        if line.strip():
+            self._add(line)
+            self._partial_shown = True
+        elif self._partial_shown:
+            cursor = self._last_block()
+            cursor.removeSelectedText()
+            cursor.deletePreviousChar()  # the line break before it (nothing when it was the only line)
+            self._partial_shown = False
         self._header()
 
     def append_error(self, message: str) -> None:
@@ -67,8 +82,24 @@ class EngineLog:
         self.errors += 1
         stamp = time.strftime("%H:%M:%S")
         colour = theme.colours_of(self.text).error
+        self._partial_shown = False  # a progress line before the error stays as it was
         self.text.appendHtml(f'<span style="color:{colour}">{stamp} error: {_escape(message)}</span>')
         self._header()
+
+    def _add(self, line: str) -> None:
+        """Append ``line``, or put it in place of the unfinished line shown last."""
+        if self._partial_shown:
+            self._last_block().insertText(line)
+            self._partial_shown = False
+        else:
+            self.text.appendPlainText(line)
+
+    def _last_block(self) -> Any:
+        """A cursor selecting the text of the last line."""
+        cursor = self.text.textCursor()
+        cursor.movePosition(qt.QTextCursor.End)
+        cursor.movePosition(qt.QTextCursor.StartOfBlock, qt.QTextCursor.KeepAnchor)
+        return cursor
 
     def lines(self) -> list[str]:
         return str(self.text.toPlainText()).splitlines()
@@ -76,6 +107,7 @@ class EngineLog:
     def clear(self) -> None:
         self.text.clear()
         self.errors = 0
+        self._partial_shown = False
         self._header()
 
     def _header(self) -> None:

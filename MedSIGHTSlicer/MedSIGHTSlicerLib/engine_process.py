@@ -7,8 +7,10 @@ polls ``poll()`` from a QTimer (main thread) for new output and the exit code, s
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -17,7 +19,7 @@ from typing import Any
 
 from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess", "exit_message", "output_lines"]
+__all__ = ["EngineProcess", "OutputLines", "exit_message", "output_lines"]
 
 _TAIL_CHARS = 4000
 #: How much of the engine's last output lines an exit message quotes.
@@ -27,6 +29,56 @@ EXIT_TAIL_CHARS = 300
 def output_lines(text: str) -> list[str]:
     """The non-blank lines of a piece of engine output (whitespace-only output has none)."""
     return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+#: Terminal control sequences (colours, cursor moves): uvicorn colours its levels, tqdm moves the cursor.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+#: The start of one, cut off by the end of a read: shown as nothing until the rest arrives.
+_ANSI_START = re.compile(r"\x1b(\[[0-?]*[ -/]*)?$")
+
+
+def _latest_state(line: str) -> str:
+    """What a terminal shows for ``line``: the text after its last carriage return (a progress bar redraws itself
+    after "\\r"; a Windows "\\r\\n" ending is not a redraw)."""
+    return line.rstrip("\r").rsplit("\r", 1)[-1]
+
+
+class OutputLines:
+    """The engine's raw output -> the lines a terminal would show.
+
+    Progress bars (tqdm, huggingface_hub downloads) redraw one line with "\\r" and no newline: each redraw used to
+    become a line of its own (a 16 GB download flooded the 2000-line log, pushing out the lines that explain an
+    error). Here a line counts when its newline arrives, as its latest state; the unfinished line is ``partial``.
+    Bytes are decoded incrementally (a UTF-8 character split between two reads is not garbled) and ANSI codes
+    dropped.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    @property
+    def partial(self) -> str:
+        """The latest state of the line being written ("" when none)."""
+        return _latest_state(_ANSI_START.sub("", self._pending))
+
+    def feed(self, data: bytes) -> list[str]:
+        """The lines ``data`` finished (blank ones included), each as its latest state."""
+        # The escape codes are removed after joining: one split between two reads is still recognised.
+        text = _ANSI.sub("", self._pending + self._decoder.decode(data))
+        *finished, pending = text.split("\n")
+        # Only the last redraw matters (a download may redraw for hours): keep it from its "\r" on, and what follows
+        # (a "\r" that may start a "\r\n", the start of the next redraw).
+        start = _ANSI_START.sub("", pending).rstrip("\r").rfind("\r")
+        self._pending = pending[start:] if start > 0 else pending
+        return [_latest_state(line) for line in finished]
+
+    def flush(self) -> list[str]:
+        """The unfinished line (the process ended): ``[]`` when there is none."""
+        last = _latest_state(_ANSI.sub("", self._pending + self._decoder.decode(b"", final=True)))
+        self._pending = ""
+        self._decoder.reset()
+        return [last] if last else []
 
 
 def exit_message(code: int, output: str, stopped: bool = False) -> str | None:
@@ -83,7 +135,10 @@ class EngineProcess:
     """Runs one engine command; ``stop()`` ends it and what it started (nothing else).
 
     Args:
-        on_output: called (from ``poll()``) with each new piece of the engine's output (stdout and stderr merged).
+        on_output: called (from ``poll()``) with the lines the engine finished since the last call, joined by
+            newlines (stdout and stderr merged, see ``OutputLines``); the unfinished last line when it exits.
+        on_partial: called (from ``poll()``) with the latest state of the line being written (a progress bar)
+            whenever it changed; "" when there is none any more.
         on_finished: called (from ``poll()``) with the exit code when the process has ended, also after ``stop()``.
     """
 
@@ -91,6 +146,7 @@ class EngineProcess:
         self,
         on_output: Callable[[str], None] | None = None,
         on_finished: Callable[[int], None] | None = None,
+        on_partial: Callable[[str], None] | None = None,
     ) -> None:
         self._process: subprocess.Popen | None = None
         self._log: Any = None
@@ -98,6 +154,9 @@ class EngineProcess:
         self._read_at = 0
         self._on_output = on_output
         self._on_finished = on_finished
+        self._on_partial = on_partial
+        self._lines = OutputLines()
+        self._partial = ""
         self.output = ""
         self.detached = False
         #: ``stop()`` was called for the running (or last) engine: its exit is the user's doing, not a crash.
@@ -138,6 +197,8 @@ class EngineProcess:
         self.detached = plan.detached
         self.output = ""
         self._read_at = 0
+        self._lines = OutputLines()
+        self._partial = ""
         self.stop_requested = False
         self._kill_at = None
 
@@ -156,6 +217,7 @@ class EngineProcess:
         if self.stop_requested:
             _signal_tree(process, kill=True)  # the command ended: what it started (behind a wrapper) ends too
         self._read_new_output()
+        self._report(self._lines.flush())  # a last line without a newline (a traceback cut short, a progress bar)
         self._process = None
         self._close_log()
         self._remove_log()  # its tail is in ``output``; one file per start would pile up in the temp folder
@@ -190,9 +252,15 @@ class EngineProcess:
         return exit_message(code, self.output, stopped=self.stop_requested)
 
     def release(self) -> None:
-        """Forget a detached engine without stopping it (Slicer exits and the user wants it kept)."""
+        """Forget a detached engine without stopping it (Slicer exits and the user wants it kept).
+
+        Its log file is removed: no later session reads it (it does not know that engine), and it stayed in the temp
+        folder forever, growing while the engine ran. On POSIX the engine keeps writing into the removed file, whose
+        space comes back when the engine exits; Windows refuses to remove a file another process holds open, so there
+        it stays."""
         self._process = None
         self._close_log()
+        self._remove_log()
 
     def _read_new_output(self) -> None:
         if not self.log_path:
@@ -206,11 +274,21 @@ class EngineProcess:
         if not data:
             return
         self._read_at += len(data)
-        text = data.decode("utf-8", errors="replace")
-        # Keep only the tail: the engine can run for days, and only its last lines matter for an error.
-        self.output = (self.output + text)[-_TAIL_CHARS:]
-        if self._on_output is not None:
-            self._on_output(text)
+        self._report(self._lines.feed(data))
+
+    def _report(self, lines: list[str]) -> None:
+        """Hand finished ``lines`` to ``on_output`` and a changed unfinished line to ``on_partial``."""
+        if lines:
+            text = "\n".join(lines)
+            # Keep only the tail: the engine can run for days, and only its last lines matter for an error.
+            self.output = (self.output + text + "\n")[-_TAIL_CHARS:]
+            if self._on_output is not None:
+                self._on_output(text)
+        partial = self._lines.partial
+        if partial != self._partial:
+            self._partial = partial
+            if self._on_partial is not None:
+                self._on_partial(partial)
 
     def _remove_log(self) -> None:
         if self.log_path:

@@ -407,3 +407,55 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
     assert codes[-1] in (0, -15), process.output[-2000:]
     assert process.finished_message(codes[-1]) is None  # the user's stop, not a crash
     assert "timeout graceful shutdown exceeded" in process.output  # an ask was open: the grace was used up
+
+
+def _gate_child(tmp_path: Path, writes: list[bytes], exit_code: int = 0):
+    """A child that writes each piece of ``writes`` to stderr, flushed, and waits for a file ``go<n>`` before the
+    next one: the test reads (polls) between two writes, as the module's timer would between two reads."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"writes = {writes!r}\n"
+        "for n, piece in enumerate(writes):\n"
+        "    sys.stderr.buffer.write(piece); sys.stderr.flush()\n"
+        f"    while not os.path.exists(os.path.join({str(tmp_path)!r}, f'go{{n}}')): time.sleep(0.02)\n"
+        f"sys.exit({exit_code})\n"
+    )
+    return launch_plan(f'"{sys.executable}" "{script}"', os.environ, stop_on_exit=True)
+
+
+def test_output_is_read_as_terminal_lines_across_reads(tmp_path):
+    """Pieces of output the engine writes between two reads: a redrawn progress line ("\\r"), a UTF-8 character and
+    an ANSI colour split between two reads, a Windows line end, and a last line without newline. Each redraw used
+    to be a line of its own, the split character two replacement characters, the colour codes shown as text."""
+    block = "█".encode()
+    writes = [b"loading\n\rweights:  10%|" + block[:1], block[1:] + b"|\r\x1b[3", b"2mweights:  50%\x1b[0m|",
+              b"\rweights: 100%|" + block + b"|\r\n", b"INFO: up\r\nTraceback: cut sh"]
+    lines, partials, finished = [], [], []
+    process = EngineProcess(on_output=lines.append, on_partial=partials.append, on_finished=finished.append)
+    process.start(_gate_child(tmp_path, writes, exit_code=3))
+    for n in range(len(writes)):
+        assert _wait(lambda n=n: (process.poll(), process._read_at)[1] >= sum(map(len, writes[:n + 1])), 30)
+        (tmp_path / f"go{n}").touch()
+    assert _wait(lambda: process.poll() is not None or finished, 30)
+    shown = output_lines("\n".join(lines))
+    assert shown == ["loading", "weights: 100%|█|", "INFO: up", "Traceback: cut sh"]
+    assert partials == ["weights:  10%|", "weights:  10%|█|", "weights:  50%|", "", "Traceback: cut sh", ""]
+    assert finished == [3] and process.finished_message(3).endswith("INFO: up Traceback: cut sh")
+    assert not any("\x1b" in text or "\ufffd" in text for text in lines + partials)
+
+
+def test_released_engine_leaves_no_log_file():
+    """An engine kept running after Slicer exits ("stop on exit" off): no later session reads its log file, which
+    stayed in the temp folder forever, growing. Release removes it; the engine keeps running (and writing)."""
+    process = EngineProcess()
+    process.start(_sleeper(stop_on_exit=False))
+    pid, log = process.pid, Path(process.log_path)
+    try:
+        assert _wait(lambda: _says_up(process), 30)
+        process.release()
+        if os.name != "nt":  # Windows refuses to remove a file another process holds open
+            assert not log.exists()
+        assert _alive(pid)
+    finally:
+        os.kill(pid, 9)

@@ -171,6 +171,73 @@ def test_engine_log_collapses_keeps_the_tail_and_colours_errors(app):
     log.widget.deleteLater()
 
 
+def test_a_download_progress_bar_is_one_line_of_the_engine_log(app, tmp_path):
+    """The model's first download: huggingface_hub's tqdm bar on stderr, redrawn with "\\r" and never a newline until
+    it closes, through the real EngineProcess into the log. Each redraw used to become a line (a long download pushed
+    the 2000-line log's earlier lines out, the lines that explain a failure), with uvicorn's colour codes as text."""
+    import time
+
+    pytest.importorskip("tqdm")
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    total, half = 400, 200
+    go = tmp_path / "go"
+    script = tmp_path / "download.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from tqdm.auto import tqdm\n"
+        "print('downloading (once, into the Hugging Face cache)', file=sys.stderr)\n"
+        f"bar = tqdm(total={total}, unit='B', unit_scale=True, desc='model.safetensors', mininterval=0, miniters=1)\n"
+        f"for n in range({total}):\n"
+        "    bar.update(1)\n"
+        f"    while n + 1 == {half} and not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+        "bar.close()\n"
+        "print('\\x1b[32mINFO\\x1b[0m:     Uvicorn running on http://127.0.0.1:8765')\n"
+        "sys.stderr.write('medsight: error: stopped here'); sys.exit(2)\n"
+    )
+    log = EngineLog()
+    finished = []
+    process = EngineProcess(on_output=log.append, on_partial=log.set_partial, on_finished=finished.append)
+    process.start(launch_plan(f'"{sys.executable}" "{script}"', os.environ, stop_on_exit=True))
+    deadline = time.monotonic() + 60
+    while f"{half}/{total}" not in log.toggle.text() and time.monotonic() < deadline:
+        process.poll()
+        time.sleep(0.05)
+    # Halfway: the bar's latest state is the last line (also in the collapsed header), after the line before it.
+    assert len(log.lines()) == 2 and f"{half}/{total}" in log.lines()[-1], log.lines()
+    go.touch()
+    while not finished and time.monotonic() < deadline:
+        process.poll()
+        time.sleep(0.05)
+    lines = log.lines()
+    assert finished == [2] and len(lines) == 4, lines
+    assert lines[1].startswith("model.safetensors: 100%") and f"{total}/{total}" in lines[1]
+    assert lines[2:] == ["INFO:     Uvicorn running on http://127.0.0.1:8765", "medsight: error: stopped here"]
+    assert process.finished_message(2).endswith("medsight: error: stopped here")
+    log.widget.deleteLater()
+
+
+def test_an_unfinished_line_is_redrawn_in_place_and_can_vanish(app):
+    """A bar that clears itself when done (tqdm's leave=False) leaves no line; an error after a bar keeps both."""
+    log = EngineLog()
+    log.set_partial("shards:  10%|")
+    log.set_partial("shards:  20%|")
+    assert log.lines() == ["shards:  20%|"]
+    log.set_partial("")
+    assert log.lines() == [] and log.toggle.text() == "Engine log"
+    log.append("ready\n")
+    log.set_partial("weights:  50%|")
+    log.append_error("out of memory")
+    log.set_partial("weights:  60%|")
+    assert log.lines()[0] == "ready" and log.lines()[1] == "weights:  50%|" and len(log.lines()) == 4
+    assert log.lines()[2].endswith("error: out of memory") and log.lines()[3] == "weights:  60%|"
+    log.append("weights: 100%|")
+    log.set_partial("")
+    assert log.lines()[3:] == ["weights: 100%|"]
+    log.widget.deleteLater()
+
+
 def test_question_errors_reach_the_engine_log_refusals_do_not(app):
     import time
 
