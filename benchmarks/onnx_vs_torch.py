@@ -1,8 +1,10 @@
 """Encode / decode throughput: onnxruntime (CPU provider) vs PyTorch (CPU), same weights, same process (not a test).
 
 Usage: python benchmarks/onnx_vs_torch.py [--models tiny demo] [--batch 16] [--codes 2] [--repeats 5] [--threads N]
+                                         [--perceiver-attention sdpa|eager]
 Exports each model to a temporary folder, checks parity, then times alternating runs and prints the best of each.
 Both sides get the same compute threads (default: torch's count); onnxruntime's own default would be one per core.
+PyTorch's perceiver runs the Engine's default kernel (sdpa) unless told otherwise; the graphs are traced from eager.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from medsight.model.loading import load_model
+from medsight.model.perceiver import ATTENTION_IMPLEMENTATIONS
 from medsight.onnx_backend import OnnxVisionBackend
 from medsight.onnx_export import export_onnx
 
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--codes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="compute threads of both sides (default: torch's count)")
+    parser.add_argument("--perceiver-attention", choices=ATTENTION_IMPLEMENTATIONS, default="sdpa",
+                        help="PyTorch's perceiver kernel (default: the Engine's, sdpa)")
     args = parser.parse_args()
     args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -50,9 +55,11 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     model = load_model(name, device="cpu", dtype=torch.float32)
     with tempfile.TemporaryDirectory() as folder:
         export_onnx(model, folder, exporter="torchscript" if name == "tiny" else "auto")
+        model.region_perceiver.attention_implementation = args.perceiver_attention
         ort = OnnxVisionBackend(folder, providers=["CPUExecutionProvider"], intra_op_threads=args.threads)
         ort_threads = ort.sessions["vision_encoder"].get_session_options().intra_op_num_threads
-        print(f"threads: torch {torch.get_num_threads()}, onnxruntime {ort_threads or 'one per core'}")
+        print(f"threads: torch {torch.get_num_threads()}, onnxruntime {ort_threads or 'one per core'}; "
+              f"torch perceiver attention: {args.perceiver_attention}")
         print(f"{'model':6s} {'stage':7s} {'torch ms':>10s} {'ort ms':>10s} {'ort/torch speed':>16s} "
               f"{'max|diff|':>10s}")
         size, dim = model.config.vision.image_size, model.config.perceiver.dim
