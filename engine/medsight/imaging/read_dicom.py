@@ -129,13 +129,18 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return record.exc_info is None  # warnings and plain messages still show
 
 
+def _last_line(message: str) -> str:
+    """The last line of a library's error (GDCM's and pydicom's say what went wrong there, after their context)."""
+    return message.strip().splitlines()[-1].strip() if message.strip() else message
+
+
 def _gdcm_scan(scan: Callable[..., tuple[str, ...]], folder: str, *args: str) -> tuple[str, ...]:
     """A GDCM folder scan; GDCM stops at the first file it cannot parse (pydicom's rtdose_1frame.dcm does it) with a
     RuntimeError that names neither the folder nor the way out."""
     try:
         return scan(folder, *args)
     except RuntimeError as exc:
-        why = str(exc).strip().splitlines()[-1]
+        why = _last_line(str(exc))
         raise ImagingError(
             f"GDCM cannot scan this folder for series: a file in it is malformed ({why}); "
             "put the series' files in a folder of their own, or read the image file directly",
@@ -391,7 +396,7 @@ def read_dicom_series(
         image = reader.Execute()
     except RuntimeError as exc:
         raise ImagingError(
-            f"corrupt or unreadable pixel data ({str(exc).strip().splitlines()[-1]})", folder
+            f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder
         ) from exc
     if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
@@ -528,10 +533,6 @@ def _file_geometry(
 def _is_compressed(ds: pydicom.Dataset) -> bool:
     ts = ds.get("file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
     return ts is not None and ts.is_compressed
-
-
-def _last_line(message: str) -> str:
-    return message.strip().splitlines()[-1].strip() if message.strip() else message
 
 
 def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydicom_error: str) -> np.ndarray:
