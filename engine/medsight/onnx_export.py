@@ -126,7 +126,7 @@ def weights_fingerprint(model: MedSIGHTModel, dtype: torch.dtype | None = None) 
             if values.is_floating_point():
                 values = values.to(dtype)
             digest.update(f"{part}.{name}:{tuple(values.shape)}:{values.dtype}".encode())
-            digest.update(values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(values.contiguous().reshape(-1).view(torch.uint8).numpy())  # its buffer, no copy
     return digest.hexdigest()
 
 
