@@ -18,6 +18,7 @@ from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
     ct_voxels,
+    organ_masks,
     paint,
     user_segmentation,
 )
@@ -39,10 +40,7 @@ def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
 
     # The user's own work: two segments sharing one labelmap layer, before any suggestion exists.
     user = user_segmentation(scene, volume)
-    liver = np.zeros(shape, dtype=bool)
-    liver[1:5, 4:10, 4:12] = True
-    kidney = np.zeros(shape, dtype=bool)
-    kidney[1:5, 14:20, 16:24] = True
+    liver, kidney = organ_masks(shape)
     liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
     expected = {liver_id: liver.copy(), kidney_id: kidney.copy()}
     check_segments(user, volume, expected)
@@ -157,10 +155,7 @@ def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     shape = voxels.shape
-    liver = np.zeros(shape, dtype=bool)
-    liver[1:5, 4:10, 4:12] = True
-    kidney = np.zeros(shape, dtype=bool)
-    kidney[1:5, 14:20, 16:24] = True
+    liver, kidney = organ_masks(shape)
     own = user_segmentation(scene, volume)
     (own_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
     other = user_segmentation(scene, volume, name="Second opinion")

@@ -25,6 +25,7 @@ from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
     ct_voxels,
+    organ_masks,
     segment_ids,
     user_segmentation,
 )
@@ -56,10 +57,7 @@ def setup(app, url):
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     user = user_segmentation(scene, volume)
-    liver = np.zeros(voxels.shape, dtype=bool)
-    liver[1:5, 4:10, 4:12] = True
-    kidney = np.zeros(voxels.shape, dtype=bool)
-    kidney[1:5, 14:20, 16:24] = True
+    liver, kidney = organ_masks(voxels.shape)
     liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
 
     client = MedSIGHTClient(url, timeout=60, retries=0)
@@ -276,28 +274,30 @@ def test_the_message_line_follows_a_theme_change_while_shown(app, setup):
     assert contrast(colours.secondary, colours.base) >= 4.5
 
 
+def _add_lesion(manager, shape: tuple[int, int, int]) -> tuple[list[str], np.ndarray]:
+    """One lesion suggested on axial slice 2 of the oblique CT: its segment ids and its (j, i) mask."""
+    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
+
+    lesion = np.zeros(shape[1:], dtype=bool)
+    lesion[20:24, 4:8] = True
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
+    answer = SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)], slice_to_ras)
+    return manager.add_answer(answer), lesion
+
+
 def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what_it_shows(app):
     """Accept into "Second opinion", which is then removed (Data module): the boxes show the user's own with its
     segments, and a merge chosen there lands in the segment shown, nowhere else."""
-    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
-
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
-    liver = np.zeros(voxels.shape, dtype=bool)
-    liver[1:5, 4:10, 4:12] = True
-    kidney = np.zeros(voxels.shape, dtype=bool)
-    kidney[1:5, 14:20, 16:24] = True
+    liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
     other = user_segmentation(scene, volume, name="Second opinion")
     add_shared_user_segments(other, volume, {"Kidney": kidney})
     manager = SuggestionManager(scene, volume)
-    lesion = np.zeros(voxels.shape[1:], dtype=bool)
-    lesion[20:24, 4:8] = True
-    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
-    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
-                                         slice_to_ras))
+    ids, lesion = _add_lesion(manager, voxels.shape)
     panel = SuggestionList()
     try:
         panel.set_review(Review(manager))
@@ -360,23 +360,14 @@ def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
 def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app):
     """Merge into 'Liver' is chosen, then the user deletes Liver (Segment Editor): the refused Accept leaves the list
     showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again."""
-    from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
-
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
-    liver = np.zeros(voxels.shape, dtype=bool)
-    liver[1:5, 4:10, 4:12] = True
-    kidney = np.zeros(voxels.shape, dtype=bool)
-    kidney[1:5, 14:20, 16:24] = True
+    liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
     manager = SuggestionManager(scene, volume)
-    lesion = np.zeros(voxels.shape[1:], dtype=bool)
-    lesion[20:24, 4:8] = True
-    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]])
-    ids = manager.add_answer(SliceAnswer("axial", 2, "A lesion.", [Region("[M1_1]", "lesion", 0, lesion, 0.8, None)],
-                                         slice_to_ras))
+    ids, lesion = _add_lesion(manager, voxels.shape)
     panel = SuggestionList()
     try:
         panel.set_review(Review(manager))

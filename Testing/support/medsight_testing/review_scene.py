@@ -22,6 +22,15 @@ def ct_voxels() -> np.ndarray:
     return voxels.astype(np.int16)
 
 
+def organ_masks(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A "liver" and a "kidney" block the user drew on a ``ct_voxels()`` grid, apart from each other."""
+    liver = np.zeros(shape, dtype=bool)
+    liver[1:5, 4:10, 4:12] = True
+    kidney = np.zeros(shape, dtype=bool)
+    kidney[1:5, 14:20, 16:24] = True
+    return liver, kidney
+
+
 def volume_shape(volume) -> tuple[int, int, int]:
     i, j, k = volume.GetImageData().GetDimensions()
     return (k, j, i)
