@@ -613,12 +613,23 @@ class SuggestionManager:
 
     # -- undo / redo -------------------------------------------------------------------------------------------
     def undo(self) -> bool:
-        """Revert the last accept or reject. False when there is nothing to undo."""
+        """Revert the last accept or reject. False when there is nothing to undo.
+
+        An accept whose segment the user deleted or edited since cannot be reverted without rewriting the user's
+        work. Its undo is refused with the reason (naming the segment) and the step leaves the history, the user's
+        segments staying exactly as they are: the next undo goes on with the step before, instead of every later
+        undo being refused by this one step.
+        """
         if not self._undo:
             return False
         operation = self._undo[-1]
         if operation.kind == "accept":
-            self._check_accepted_unchanged(operation)
+            changed = self._accepted_changed(operation)
+            if changed:
+                self._undo.pop()
+                after = "Undo again to undo the step before it." if self._undo else "Nothing before it to undo."
+                raise SuggestionError(f"cannot undo {changed}. That step leaves the undo history; your segments "
+                                      f"stay as they are. {after}")
             if operation.merge_id:
                 before = operation.merge_before
                 replace_segment_mask(operation.target, operation.merge_id, before.mask(), self.volume_node)
@@ -652,24 +663,25 @@ class SuggestionManager:
         self._undo.append(self._redo.pop())
         return True
 
-    def _check_accepted_unchanged(self, operation: _Operation) -> None:
-        """Undoing an accept deletes segments from the user's node (or puts a merged one back as it was): only if
-        they are exactly what the accept wrote."""
+    def _accepted_changed(self, operation: _Operation) -> str:
+        """Why undoing an accept would touch what the user changed since ("" when it would not): it deletes segments
+        from the user's node (or puts a merged one back as it was), only if they are exactly what the accept wrote."""
         user = operation.target if operation.target is not None and operation.target.GetScene() is not None else None
         if operation.merge_id:
-            segment = None if user is None else user.GetSegmentation().GetSegment(operation.merge_id)
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
+            segment = None if user is None else user.GetSegmentation().GetSegment(operation.merge_id)
             if segment is None:
-                raise SuggestionError(f"cannot undo: the merged segment {name!r} was deleted")
+                return f"the merge into {name!r}: that segment was deleted since"
             if mask_digest(segment_array(user, operation.merge_id, self.volume_node)) != operation.merge_digest:
-                raise SuggestionError(f"cannot undo: the merged segment {name!r} was edited since")
-            return
+                return f"the merge into {name!r}: that segment was edited since"
+            return ""
         for item in operation.items:
             segment = None if user is None else user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
-                raise SuggestionError(f"cannot undo: accepted segment {item.user_name!r} was deleted")
+                return f"accepting {item.user_name!r}: that segment was deleted since"
             if mask_digest(segment_array(user, item.user_id, self.volume_node)) != item.digest:
-                raise SuggestionError(f"cannot undo: accepted segment {item.user_name!r} was edited since")
+                return f"accepting {segment.GetName()!r}: that segment was edited since"
+        return ""
 
     def clear(self) -> None:
         """Remove every suggestion without history (e.g. when the volume changes)."""

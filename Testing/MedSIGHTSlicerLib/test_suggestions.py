@@ -31,6 +31,7 @@ from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
     SuggestionError,
     SuggestionManager,
     get_tag,
+    replace_segment_mask,
 )
 
 SHAPE = (8, 10, 12)  # (k, j, i)
@@ -190,6 +191,44 @@ def test_undo_accept_refuses_when_user_edited_it(scene, volume):
     with pytest.raises(SuggestionError, match="edited"):
         manager.undo()
     np.testing.assert_array_equal(segment_array(user, user_id, volume), edited)
+
+
+@pytest.mark.parametrize("change", ["deleted", "edited"])
+def test_an_accept_changed_since_is_refused_once_and_the_steps_before_stay_undoable(scene, volume, change):
+    manager = SuggestionManager(scene, volume)
+    organs = [("liver", ball((4, 5, 6), 2.0)), ("kidney", ball((4, 2, 9), 1.5)), ("spleen", ball((4, 7, 2), 1.2))]
+    ids = manager.add_answer(answer("axial", 4, organs))
+    masks = {segment_id: manager.suggestion_mask(segment_id) for segment_id in ids}
+    assert len(ids) == len(organs) and all(mask.any() for mask in masks.values())
+    manager.reject(ids[2])
+    [liver_id] = manager.accept(ids[0])
+    [kidney_id] = manager.accept(ids[1])
+    user = manager.find_user_node()
+    kept = {liver_id: segment_array(user, liver_id, volume)}
+    if change == "deleted":
+        user.GetSegmentation().RemoveSegment(kidney_id)
+    else:
+        user.GetSegmentation().GetSegment(kidney_id).SetName("Left kidney")
+        kept[kidney_id] = segment_array(user, kidney_id, volume) | ball((1, 2, 2), 1.0)
+        replace_segment_mask(user, kidney_id, kept[kidney_id], volume)
+    name = "Kidney" if change == "deleted" else "Left kidney"
+    with pytest.raises(SuggestionError, match=rf"'{name}'.*{change} since.*Undo again"):
+        manager.undo()
+    # Nothing the user has changed: their segments as they were, the step gone from the history.
+    assert segment_ids(user) == list(kept)
+    for segment_id, mask in kept.items():
+        np.testing.assert_array_equal(segment_array(user, segment_id, volume), mask)
+    assert manager.suggestion_ids() == []
+    assert not manager.can_redo
+    # The earlier steps undo as ever: the liver comes back to the list, then the rejected spleen.
+    assert manager.undo()
+    assert manager.suggestion_ids() == [ids[0]]
+    assert segment_ids(user) == list(kept)[1:]
+    assert manager.undo()
+    assert manager.suggestion_ids() == [ids[0], ids[2]]
+    for segment_id in manager.suggestion_ids():
+        np.testing.assert_array_equal(manager.suggestion_mask(segment_id), masks[segment_id])
+    assert not manager.can_undo and not manager.undo()
 
 
 def test_redo_refuses_when_the_suggestion_was_corrected_after_the_undo(scene, volume):
