@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -636,6 +636,9 @@ class SuggestionManager:
             else:
                 segmentation = operation.target.GetSegmentation()
                 for item in operation.items:
+                    # A name or colour the user gave the accepted segment goes back to the list with it (and a redo
+                    # brings it back), as Slicer's own undo would keep it.
+                    item.suggestion = _with_look_of(item.suggestion, segmentation.GetSegment(item.user_id))
                     segmentation.RemoveSegment(item.user_id)
         self._restore_suggestions(operation.items)
         self._redo.append(self._undo.pop())
@@ -656,6 +659,8 @@ class SuggestionManager:
             if mask_digest(self.suggestion_mask(item.suggestion.segment_id)) != item.suggestion.digest():
                 raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} was edited since the undo; "
                                       "accept or reject it again")
+        for item in operation.items:  # renamed or recoloured in the list since the undo: redone as it looks now
+            item.suggestion = _with_look_of(item.suggestion, self.suggestion(item.suggestion.segment_id))
         if operation.kind == "accept":
             self._do_accept(operation)
         else:
@@ -748,6 +753,11 @@ def _weighted_confidence(weights: list[tuple[float, int]]) -> float:
     if total == 0:
         return float(np.mean([p for p, _ in weights])) if weights else 0.0
     return sum(p * n for p, n in weights) / total
+
+
+def _with_look_of(snapshot: SegmentSnapshot, segment) -> SegmentSnapshot:
+    """``snapshot`` with ``segment``'s current name and colour (the same voxels and tags)."""
+    return replace(snapshot, name=segment.GetName(), color=tuple(float(c) for c in segment.GetColor()))
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

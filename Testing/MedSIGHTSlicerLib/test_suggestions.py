@@ -231,6 +231,26 @@ def test_an_accept_changed_since_is_refused_once_and_the_steps_before_stay_undoa
     assert not manager.can_undo and not manager.undo()
 
 
+def test_a_name_and_colour_given_between_a_redo_and_its_undo_come_back(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    (sid,) = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    [user_id] = manager.accept([sid])
+    assert manager.undo() and manager.redo()
+    user = manager.find_user_node()
+    segment = user.GetSegmentation().GetSegment(user_id)
+    segment.SetName("Liver, checked")
+    segment.SetColor(0.1, 0.2, 0.3)
+    assert manager.undo()
+    looks = lambda s: (s.GetName(), tuple(round(c, 6) for c in s.GetColor()))  # noqa: E731
+    assert looks(manager.suggestion(sid)) == ("Liver, checked", (0.1, 0.2, 0.3))
+    # Renamed once more in the preview (Segment Editor) before the redo: the redo accepts it under that name.
+    manager.suggestion(sid).SetName("Liver, right lobe")
+    assert manager.redo()
+    assert looks(user.GetSegmentation().GetSegment(user_id)) == ("Liver, right lobe", (0.1, 0.2, 0.3))
+    np.testing.assert_array_equal(segment_array(user, user_id, volume), mask)
+
+
 def test_redo_refuses_when_the_suggestion_was_corrected_after_the_undo(scene, volume):
     manager = SuggestionManager(scene, volume)
     (sid,) = manager.add_answer(answer("axial", 4, [("liver", ball())]))
