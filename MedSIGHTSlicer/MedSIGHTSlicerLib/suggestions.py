@@ -284,10 +284,24 @@ class SuggestionManager:
         return None
 
     def forget(self) -> None:
-        """Drop this manager's nodes and history (its volume left the scene, or the scene closes)."""
+        """Drop this manager's suggestions, nodes and history (its volume left the scene, or the scene closes).
+
+        Segments the user drew in the preview (the Segment Editor can be pointed at it) are the user's, not
+        suggestions: the preview then stays in the scene as an ordinary segmentation holding only those, named
+        "<volume> segments drawn among suggestions", so they do not go with the suggestions.
+        """
         preview = self._preview_node if self._preview_node is not None else self._saved_preview_node()
         if preview is not None and preview.GetScene() is not None:
-            preview.GetScene().RemoveNode(preview)  # also a saved one no list has shown yet
+            segmentation = preview.GetSegmentation()
+            ids = _segment_ids(segmentation)
+            if all(_is_suggestion_id(sid) for sid in ids):
+                preview.GetScene().RemoveNode(preview)  # also a saved one no list has shown yet
+            else:
+                for segment_id in filter(_is_suggestion_id, ids):
+                    segmentation.RemoveSegment(segment_id)
+                preview.RemoveAttribute(PREVIEW_ATTRIBUTE)
+                preview.SetName(preview.GetScene().GenerateUniqueName(
+                    f"{self.volume_node.GetName()} segments drawn among suggestions"))
         self._preview_node = self.user_node = None
         self._undo.clear()
         self._redo.clear()

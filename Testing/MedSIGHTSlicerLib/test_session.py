@@ -279,6 +279,38 @@ def test_view_plane_follows_the_chosen_view():
     session.stop_observing()
 
 
+def test_segments_drawn_in_the_preview_stay_when_the_volume_is_removed():
+    """The Segment Editor pointed at the suggestions' preview (Correct... opens it there): a segment the user adds and
+    draws there shares the suggestions' labelmap layer. Removing the volume drops the suggestions, not that segment."""
+    from medsight_testing.review_scene import ct_voxels, organ_masks, segment_ids
+    from MedSIGHTSlicerLib.suggestions import replace_segment_mask
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    voxels = ct_voxels()
+    node = make_volume(scene, voxels, np.diag([0.8, 0.8, 2.5, 1.0]), name="CT")
+    suggested = session.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    manager = session.suggestion_manager(node)
+    preview = manager.preview_node
+    _, drawn = organ_masks(voxels.shape)
+    drawn_id = preview.GetSegmentation().AddEmptySegment("", "my kidney")
+    replace_segment_mask(preview, drawn_id, drawn, node)  # as an effect writes it (SetBinaryLabelmapToSegment)
+    sharing: list[str] = []
+    preview.GetSegmentation().GetSegmentIDsSharingBinaryLabelmapRepresentation(drawn_id, sharing, False)
+    assert sharing == suggested  # one layer: the suggestion's voxels must go, the drawing's stay
+    colour = preview.GetSegmentation().GetSegment(drawn_id).GetColor()
+
+    scene.RemoveNode(node)
+    assert preview_nodes(scene) == []  # the suggestions went with their volume
+    kept = [n for n in nodes_by_class(scene, "vtkMRMLSegmentationNode") if segment_ids(n)]
+    assert [n.GetName() for n in kept] == ["CT segments drawn among suggestions"]
+    assert segment_ids(kept[0]) == [drawn_id]
+    segment = kept[0].GetSegmentation().GetSegment(drawn_id)
+    assert (segment.GetName(), segment.GetColor()) == ("my kidney", colour)
+    np.testing.assert_array_equal(segment_array(kept[0], drawn_id, node), drawn)
+    session.stop_observing()
+
+
 def test_accept_all_and_export_lookup_add_no_empty_nodes():
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
