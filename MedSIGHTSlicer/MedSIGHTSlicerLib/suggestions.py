@@ -686,16 +686,19 @@ class SuggestionManager:
         """Why undoing an accept would touch what the user changed since ("" when it would not): it deletes segments
         from the user's node (or puts a merged one back as it was), only if they are exactly what the accept wrote."""
         user = operation.target if operation.target is not None and operation.target.GetScene() is not None else None
+        if user is None:
+            names = ", ".join(repr(item.user_name) for item in operation.items)
+            where = f" ({operation.target.GetName()!r})" if operation.target is not None else ""
+            return f"accepting {names}: the segmentation it went into{where} was removed since"
         if operation.merge_id:
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
-            segment = None if user is None else user.GetSegmentation().GetSegment(operation.merge_id)
-            if segment is None:
+            if user.GetSegmentation().GetSegment(operation.merge_id) is None:
                 return f"the merge into {name!r}: that segment was deleted since"
             if mask_digest(segment_array(user, operation.merge_id, self.volume_node)) != operation.merge_digest:
                 return f"the merge into {name!r}: that segment was edited since"
             return ""
         for item in operation.items:
-            segment = None if user is None else user.GetSegmentation().GetSegment(item.user_id)
+            segment = user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
                 return f"accepting {item.user_name!r}: that segment was deleted since"
             if mask_digest(segment_array(user, item.user_id, self.volume_node)) != item.digest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -229,6 +230,23 @@ def test_an_accept_changed_since_is_refused_once_and_the_steps_before_stay_undoa
     for segment_id in manager.suggestion_ids():
         np.testing.assert_array_equal(manager.suggestion_mask(segment_id), masks[segment_id])
     assert not manager.can_undo and not manager.undo()
+
+
+def test_an_accept_into_a_segmentation_removed_since_names_it_when_undo_refuses(scene, volume, user_node):
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    manager.reject(ids[1])
+    other = slicer.vtkMRMLSegmentationNode()
+    other.SetName("Second opinion")
+    scene.AddNode(other)
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    manager.accept(ids[0], target=other)
+    scene.RemoveNode(other)
+    with pytest.raises(SuggestionError, match=re.escape("accepting 'Liver': the segmentation it went into "
+                                                        "('Second opinion') was removed")):
+        manager.undo()
+    assert manager.undo() and manager.suggestion_ids() == ids[1:]  # the reject before it
+    assert segment_ids(user_node) == []
 
 
 def test_a_name_and_colour_given_between_a_redo_and_its_undo_come_back(scene, volume):
