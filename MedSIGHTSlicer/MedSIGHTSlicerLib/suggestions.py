@@ -517,10 +517,11 @@ class SuggestionManager:
             merge_into: an existing segment of ``target`` to unite the suggestions with (its name, colour and
                 tags stay); without it every suggestion becomes a new segment and no existing one is touched.
         """
+        wanted = self._resolve(segment_ids)
+        if not wanted:
+            return []  # before the target: nothing to accept makes no (empty) segmentation
         target = self._check_target(target, merge_into)
-        items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
-        if not items:
-            return []
+        items = [self._snapshot_item(sid) for sid in wanted]
         operation = _Operation("accept", items, target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)

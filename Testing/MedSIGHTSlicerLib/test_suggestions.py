@@ -409,6 +409,14 @@ def test_looking_adds_no_node_and_the_segment_editor_opens_on_the_users_segmenta
     assert first is manager.find_user_node() and first is not manager.preview_node
 
 
+def test_an_accept_with_nothing_to_accept_adds_no_segmentation(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    assert manager.accept(ALL) == []
+    with pytest.raises(SuggestionError, match="no suggestion 'MedSIGHT_7'"):
+        manager.accept("MedSIGHT_7")
+    assert segmentation_nodes(scene) == []
+
+
 def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, volume):
     manager = SuggestionManager(scene, volume)
     ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
