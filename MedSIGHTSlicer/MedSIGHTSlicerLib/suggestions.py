@@ -651,8 +651,8 @@ class SuggestionManager:
             else:
                 segmentation = operation.target.GetSegmentation()
                 for item in operation.items:
-                    # A name or colour the user gave the accepted segment goes back to the list with it (and a redo
-                    # brings it back), as Slicer's own undo would keep it.
+                    # A name or colour the user gave the accepted segment is theirs: it goes back to the list with
+                    # the suggestion, and a redo brings it back.
                     item.suggestion = _with_look_of(item.suggestion, segmentation.GetSegment(item.user_id))
                     segmentation.RemoveSegment(item.user_id)
         self._restore_suggestions(operation.items)
