@@ -363,7 +363,10 @@ class ChatPanel:
         return str(self.conversation.toPlainText())
 
     def clear(self) -> None:
-        """Forget the conversation (not the uploaded volumes)."""
+        """Forget the conversation (not the uploaded volumes). A question still running is cancelled first (what
+        had arrived still reaches the host): its answers have no place left in the conversation, and its next event
+        found no question to belong to, which left the panel busy for good."""
+        self.cancel()
         self._turns.clear()
         self.accept_all_button.setEnabled(False)
         self._render()

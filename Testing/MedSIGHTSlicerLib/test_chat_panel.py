@@ -196,6 +196,26 @@ def test_cancel_mid_stream_then_ask_again(app, url, volume):
     assert panel.conversation_text().count("(cancelled)") == 1
 
 
+def test_clear_while_a_question_runs_cancels_it_and_the_panel_asks_again(app, url, volume):
+    """clear() mid-answer emptied the conversation under the running question: its next event found no question to
+    belong to (IndexError on every poll) and the panel stayed busy for good, refusing every later question."""
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2048, "seed": 0}
+    assert panel.send("Describe everything in detail.")
+    pump(app, lambda: bool(panel._turns[-1].texts))  # the first token has arrived
+    panel.clear()
+    assert not panel.busy and panel.send_button.isEnabled() and not panel.cancel_button.isEnabled()
+    assert panel.conversation_text() == ""
+
+    panel.options = dict(SHORT)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy, timeout=30)
+    pump(app, lambda: not panel._runner.busy, timeout=30)  # the cleared question's late events come and go
+    assert panel.error.text() == "" and panel.status.text().startswith("Answered")
+    assert [turn.question for turn in panel._turns] == ["Where is the liver?"]
+    assert "Describe everything" not in panel.conversation_text() and "(cancelled)" not in panel.conversation_text()
+
+
 def test_slice_range_reports_progress(app, url, volume):
     panel = make_panel(url, volume)
     progress, per_slice, per_question = [], [], []
