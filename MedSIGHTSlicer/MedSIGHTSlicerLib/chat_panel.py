@@ -318,9 +318,9 @@ class ChatPanel:
         self._plane = plane
         count = self._slice_counts.get(plane)
         if count:
-            # The range boxes follow the plane at once, so the user can type that plane's slices before sending.
-            for box in (self.range_from, self.range_to):
-                box.setMaximum(max(count - 1, 0))
+            # The range boxes follow the plane at once, so the user can type that plane's slices before sending;
+            # boxes the user left alone span it, a range they typed stays (clamped to it).
+            self.set_slice_count(count, keep_range=self._range_typed())
 
     @property
     def busy(self) -> bool:
@@ -515,6 +515,10 @@ class ChatPanel:
             return f"slices {min(first, last)}–{max(first, last)}"
         return f"slice {first}"
 
+    def _range_typed(self) -> bool:
+        """The user set the "to" box (the panel did not: it holds another value than the panel last put there)."""
+        return int(prop(self.range_to, "value")) != self._auto_range_to
+
     def _scope_changed(self, index: Any = 0) -> None:
         ranged = int(index) == SCOPES.index("range")
         self.range_from.setEnabled(ranged)
@@ -594,7 +598,7 @@ class ChatPanel:
             if count and int(prop(self.range_from, "maximum")) != count - 1:
                 # A range the user chose (just asked, or typed) stays as typed (clamped to the volume): a follow-up
                 # asks the same slices. Boxes the user left alone follow the volume's last slice.
-                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != self._auto_range_to
+                chosen = job.scope[0] == "range" or self._range_typed()
                 self.set_slice_count(count, keep_range=chosen)
         elif kind == "model":
             self.last_model = str(payload[0])

@@ -508,6 +508,35 @@ def test_slice_range_boxes_follow_the_chosen_plane(app, url):
     assert int(panel.range_to.maximum()) == 2 and int(panel.range_to.value()) == 2
 
 
+def test_untouched_range_boxes_follow_each_view_and_typed_ones_stay(app, url):
+    """Choosing another view gave the boxes that plane's maximum but left an untouched "to" box at the old plane's
+    last slice (Red axial 0-2, then Yellow sagittal still 0-2 of 32). Untouched boxes span the chosen plane; a range
+    the user typed stays while it lies inside it."""
+    volume = VolumeData(np.full((3, 24, 32), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                        np.diag([-1.0, -1.0, 1.0]), "CT", key="box")
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2, "seed": 0}
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    counts = dict(panel._slice_counts)
+    assert panel.error.text() == "" and len(set(counts.values())) == 3  # each plane its own count
+
+    def boxes() -> tuple[int, int]:
+        return int(panel.range_from.value()), int(panel.range_to.value())
+
+    assert boxes() == (0, counts["axial"] - 1)
+    for plane in ("sagittal", "coronal", "axial", "sagittal"):
+        panel.plane = plane  # "Current slice of: Yellow" (MedSIGHTSlicerWidget._view_changed)
+        assert boxes() == (0, counts[plane] - 1), plane
+        assert int(panel.range_to.maximum()) == counts[plane] - 1
+    typed = (2, min(counts["coronal"], counts["sagittal"]) - 2)
+    panel.set_scope("range", *typed)
+    panel.plane = "coronal"
+    assert boxes() == typed  # still inside the coronal slices: the user's range
+    panel.plane = "sagittal"
+    assert boxes() == typed
+
+
 def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
     panel = make_panel(url, volume)
     panel.widget.resize(320, 260)
