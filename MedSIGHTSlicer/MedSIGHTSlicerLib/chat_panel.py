@@ -341,6 +341,12 @@ class ChatPanel:
             self.range_to.setValue(top)
             self._auto_range_to = top
 
+    def set_slice_counts(self, counts: dict[str, int]) -> None:
+        """Slices per plane of the volume the user chose (the host's, for another volume): the range boxes fit it at
+        once, not the last volume asked about, whose count limited what could be typed until a question came back."""
+        self._slice_counts = {str(p): int(n) for p, n in counts.items()}
+        self.plane = self._plane
+
     def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
         """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
         self.scope.setCurrentIndex(SCOPES.index(scope))

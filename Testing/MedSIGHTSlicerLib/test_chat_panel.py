@@ -537,6 +537,29 @@ def test_untouched_range_boxes_follow_each_view_and_typed_ones_stay(app, url):
     assert boxes() == typed
 
 
+def test_range_boxes_fit_a_newly_chosen_volume_before_its_first_question(app, url, volume):
+    """After a question about one volume, choosing a taller one left the boxes at the first volume's last slice: no
+    slice beyond it could be typed, and untouched boxes asked only the first volume's count of slices. The host gives
+    the chosen volume's counts (``MedSIGHTSession.slice_counts``)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert int(panel.range_to.maximum()) == count - 1
+    taller = VolumeData(np.concatenate([volume.array] * 3), volume.spacing, volume.origin, volume.direction, "CT",
+                        key="taller")
+    panel.volume_provider = lambda: taller
+    k, j, i = taller.array.shape
+    panel.set_slice_counts({"axial": k, "coronal": j, "sagittal": i})
+    assert int(panel.range_to.maximum()) == k - 1
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (0, k - 1)  # untouched: the whole volume
+    panel.set_scope("range", count, k - 1)  # slices only the taller volume has
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (count, k - 1)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == "" and sorted(panel._turns[-1].texts) == list(range(count, k))
+
+
 def test_rendering_leaves_the_reader_where_they_are(app, url, volume):
     panel = make_panel(url, volume)
     panel.widget.resize(320, 260)
