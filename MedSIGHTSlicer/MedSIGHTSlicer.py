@@ -319,7 +319,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _volume_changed(self, node) -> None:
         if getattr(self, "review_host", None) is not None:
             self.review_host.volume_changed(node)
-        if node is not None and node.GetScene() is not None:
+        if self.panel is not None and node is not None and node.GetScene() is not None:
             self.panel.set_slice_counts(self.logic.slice_counts(node))  # the range boxes fit this volume
             self._view_changed()
 
