@@ -26,7 +26,7 @@ from MedSIGHTSlicerLib import shortcuts as review_shortcuts
 from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
-from MedSIGHTSlicerLib.engine_process import EngineProcess, output_lines
+from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines
 from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
@@ -75,6 +75,7 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         # One settings page per Slicer session, in Application Settings from start-up on (see ApplicationSettings).
         self.application_settings = ApplicationSettings(qt.QSettings)
         self.terminology_context = ""
+        self.reloaded_engine = None  # the running engine a developer Reload hands to the new widget
         slicer.app.connect("startupCompleted()", self.add_settings_page)
         slicer.app.connect("startupCompleted()", self.load_terminology)
 
@@ -110,6 +111,14 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
                                     on_partial=self._engine_partial)
         self.settings = ConnectionSettings()
         self.connection_check = ConnectionCheck()
+        self.reloading = False  # cleanup() for a developer Reload, not for Slicer's exit (see leave_engine)
+
+    def onReload(self) -> None:
+        self.reloading = True
+        try:
+            ScriptedLoadableModuleWidget.onReload(self)
+        finally:
+            self.reloading = False  # a reload that failed before cleanup(): this widget stays, exit must stop
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -122,6 +131,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.logic.dicom_database = lambda: getattr(slicer, "dicomDatabase", None)
 
         module = slicer.modules.MedSIGHTSlicerInstance
+        self._adopt_engine(module)
         module.load_terminology()  # a module loaded after start-up (Extension Wizard) missed startupCompleted()
         module.add_settings_page()
         self.application_settings = module.application_settings
@@ -159,6 +169,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.ui.stopEngineButton.connect("clicked(bool)", lambda _: self.onStopEngine())
         self.ui.exportButton.connect("clicked(bool)", lambda _: self.onExport())
         self._update_engine_buttons()
+        if self.engine.running:
+            self.engine_timer.start()  # an engine the widget before a Reload started
 
     # -- annotator review (issue 20): the widgets live in MedSIGHTSlicerLib.review_host ---------------------
     def _setup_review(self) -> None:
@@ -188,11 +200,17 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if self.logic is not None:
             self.logic.stop_observing()
         self._save_settings()
-        if self.engine.running:
-            if self.settings.stop_engine_on_exit:
-                self.engine.stop(wait=True)  # no timer polls after this: wait here for the engine to go
-            else:
-                self.engine.release()
+        handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, self.reloading)
+        if handed is not None:
+            slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
+
+    def _adopt_engine(self, module) -> None:
+        """Take over the engine that the widget before a developer Reload started (its cleanup handed it on)."""
+        handed = getattr(module, "reloaded_engine", None)
+        if handed is not None:
+            module.reloaded_engine = None
+            handed.rebind(self._engine_output, self._engine_finished, self._engine_partial)
+            self.engine = handed
 
     # -- connection ------------------------------------------------------------------------------------------
     def _save_settings(self) -> None:
@@ -301,6 +319,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
     def _volume_changed(self, node) -> None:
         if getattr(self, "review_host", None) is not None:
             self.review_host.volume_changed(node)
+        if self.panel is not None and node is not None and node.GetScene() is not None:
+            self.panel.set_slice_counts(self.logic.slice_counts(node))  # the range boxes fit this volume
+            self._view_changed()
 
     def _scene_reset(self) -> None:
         if self.panel is not None:

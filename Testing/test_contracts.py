@@ -346,6 +346,30 @@ def test_both_sides_name_a_views_plane_alike():
     assert other_than_nearest > 0  # the sample holds the views a "nearest anatomical plane" rule got wrong
 
 
+def test_both_sides_count_a_volumes_slices_per_plane_alike():
+    """The range boxes fit a newly chosen volume by the Slicer side's count of its slices per plane (before any
+    question): it must be the engine's ``VolumeInfo.slices`` for any orientation, also for 2D images (one voxel thick),
+    whose other planes the engine does not offer."""
+    from medsight.imaging.slicing import slice_count, slice_planes
+    from medsight.imaging.volume import volume_from_affine
+    from MedSIGHTSlicerLib import views
+
+    rng = np.random.default_rng(1)
+    thin = 0
+    for _ in range(300):
+        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        ijk_to_ras = np.eye(4)
+        ijk_to_ras[:3, :3] = rotation @ np.diag(rng.uniform(0.5, 3.0, 3))
+        shape = [int(n) for n in rng.integers(2, 9, 3)]  # (k, j, i)
+        if rng.random() < 0.25:
+            shape[int(rng.integers(3))] = 1
+            thin += 1
+        volume = volume_from_affine(np.zeros(shape, np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras)
+        engine_counts = {plane: slice_count(volume, plane) for plane in slice_planes(volume)}
+        assert views.plane_slice_counts(ijk_to_ras, shape[::-1]) == engine_counts, (shape, ijk_to_ras)
+    assert thin > 0
+
+
 def _server_error_codes() -> set[tuple[int, str]]:
     """(status, code) pairs the engine's server code sends: each 4xx/5xx literal followed by a code literal, in a
     call (``ApiError(429, "busy", ...)``, ``_error(413, "too_large", ...)``) or a tuple (the guard's refusals)."""

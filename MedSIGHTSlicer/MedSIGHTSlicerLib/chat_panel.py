@@ -318,9 +318,9 @@ class ChatPanel:
         self._plane = plane
         count = self._slice_counts.get(plane)
         if count:
-            # The range boxes follow the plane at once, so the user can type that plane's slices before sending.
-            for box in (self.range_from, self.range_to):
-                box.setMaximum(max(count - 1, 0))
+            # The range boxes follow the plane at once, so the user can type that plane's slices before sending;
+            # boxes the user left alone span it, a range they typed stays (clamped to it).
+            self.set_slice_count(count, keep_range=self._range_typed())
 
     @property
     def busy(self) -> bool:
@@ -340,6 +340,12 @@ class ChatPanel:
         if not keep_range:
             self.range_to.setValue(top)
             self._auto_range_to = top
+
+    def set_slice_counts(self, counts: dict[str, int]) -> None:
+        """Slices per plane of the volume the user chose (the host's, for another volume): the range boxes fit it at
+        once, not the last volume asked about, whose count limited what could be typed until a question came back."""
+        self._slice_counts = {str(p): int(n) for p, n in counts.items()}
+        self.plane = self._plane
 
     def set_scope(self, scope: str, first: int | None = None, last: int | None = None) -> None:
         """Select "current", "range" (with ``first``..``last``, inclusive) or "volume"."""
@@ -363,7 +369,10 @@ class ChatPanel:
         return str(self.conversation.toPlainText())
 
     def clear(self) -> None:
-        """Forget the conversation (not the uploaded volumes)."""
+        """Forget the conversation (not the uploaded volumes). A question still running is cancelled first (what
+        had arrived still reaches the host): its answers have no place left in the conversation, and its next event
+        found no question to belong to, which left the panel busy for good."""
+        self.cancel()
         self._turns.clear()
         self.accept_all_button.setEnabled(False)
         self._render()
@@ -512,6 +521,10 @@ class ChatPanel:
             return f"slices {min(first, last)}–{max(first, last)}"
         return f"slice {first}"
 
+    def _range_typed(self) -> bool:
+        """The user set the "to" box (the panel did not: it holds another value than the panel last put there)."""
+        return int(prop(self.range_to, "value")) != self._auto_range_to
+
     def _scope_changed(self, index: Any = 0) -> None:
         ranged = int(index) == SCOPES.index("range")
         self.range_from.setEnabled(ranged)
@@ -591,7 +604,7 @@ class ChatPanel:
             if count and int(prop(self.range_from, "maximum")) != count - 1:
                 # A range the user chose (just asked, or typed) stays as typed (clamped to the volume): a follow-up
                 # asks the same slices. Boxes the user left alone follow the volume's last slice.
-                chosen = job.scope[0] == "range" or int(prop(self.range_to, "value")) != self._auto_range_to
+                chosen = job.scope[0] == "range" or self._range_typed()
                 self.set_slice_count(count, keep_range=chosen)
         elif kind == "model":
             self.last_model = str(payload[0])

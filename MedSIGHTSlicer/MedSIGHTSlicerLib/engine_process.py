@@ -19,7 +19,7 @@ from typing import Any
 
 from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess", "OutputLines", "exit_message", "output_lines"]
+__all__ = ["EngineProcess", "OutputLines", "exit_message", "leave_engine", "output_lines"]
 
 _TAIL_CHARS = 4000
 #: How much of the engine's last output lines an exit message quotes.
@@ -152,9 +152,7 @@ class EngineProcess:
         self._log: Any = None
         self.log_path = ""
         self._read_at = 0
-        self._on_output = on_output
-        self._on_finished = on_finished
-        self._on_partial = on_partial
+        self.rebind(on_output, on_finished, on_partial)
         self._lines = OutputLines()
         self._partial = ""
         self.output = ""
@@ -162,6 +160,17 @@ class EngineProcess:
         #: ``stop()`` was called for the running (or last) engine: its exit is the user's doing, not a crash.
         self.stop_requested = False
         self._kill_at: float | None = None  # monotonic time when poll() kills an engine that ignored stop()
+
+    def rebind(
+        self,
+        on_output: Callable[[str], None] | None = None,
+        on_finished: Callable[[int], None] | None = None,
+        on_partial: Callable[[str], None] | None = None,
+    ) -> None:
+        """Report to these callbacks from now on (a reloaded module widget takes over the running engine)."""
+        self._on_output = on_output
+        self._on_finished = on_finished
+        self._on_partial = on_partial
 
     @property
     def running(self) -> bool:
@@ -301,3 +310,22 @@ class EngineProcess:
             with contextlib.suppress(OSError):
                 self._log.close()
             self._log = None
+
+
+def leave_engine(engine: EngineProcess, stop_on_exit: bool, reloading: bool) -> EngineProcess | None:
+    """What the module widget's cleanup does with the engine it started; returns the engine to hand on, or None.
+
+    Slicer calls cleanup() when it exits and when a developer reloads the module (``ScriptedLoadableModuleWidget.
+    onReload`` -> ``slicer.util.reloadScriptedModule``: cleanup, then a new widget in the same Slicer). A reload
+    replaces the widget, not the session: the running engine (and the model it loaded) is handed on to the new
+    widget, whatever "stop on exit" says. At exit it is stopped (waiting: no timer polls after this) or, when the
+    user wants it kept, released to run on."""
+    if not engine.running:
+        return None
+    if reloading:
+        return engine
+    if stop_on_exit:
+        engine.stop(wait=True)
+    else:
+        engine.release()
+    return None

@@ -259,6 +259,12 @@ class MedSIGHTSession:
         except ValueError:
             return None
 
+    def slice_counts(self, node) -> dict[str, int]:
+        """Slices per plane of ``node`` as the engine will count them ({} without image data): the chat panel's range
+        boxes fit a newly chosen volume before its first question."""
+        image = node.GetImageData()
+        return {} if image is None else views.plane_slice_counts(geometry.ijk_to_ras(node), image.GetDimensions())
+
     def jump_to_region_link(self, link: RegionLink) -> bool:
         """Centre the slice views on the region a chip names (a ``chat_panel.RegionLink``): that question's answer
         about that slice and plane, on the volume it was asked about. False when it is gone (volume removed)."""

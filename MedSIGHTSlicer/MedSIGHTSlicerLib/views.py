@@ -19,8 +19,8 @@ import vtk
 from .geometry import GeometryError, _matrix_to_numpy, nodes_by_class
 from .protocol import PLANES
 
-__all__ = ["PLANE_NORMALS", "VIEW_NAMES", "centre_views_on", "parent_to_world", "region_centre_ras", "slice_node",
-           "view_in_volume_frame", "view_plane"]
+__all__ = ["PLANE_NORMALS", "VIEW_NAMES", "centre_views_on", "parent_to_world", "plane_slice_counts",
+           "region_centre_ras", "slice_node", "view_in_volume_frame", "view_plane"]
 
 #: The slice views a question can be about (their layout names).
 VIEW_NAMES = ("Red", "Yellow", "Green")
@@ -40,14 +40,32 @@ def view_plane(view_to_ras, ijk_to_ras_matrix) -> str:
     total alignment, and the view gets the axis nearest to its normal. On a double-oblique acquisition (a cardiac
     short axis) that is not always the anatomical plane nearest to the view's normal.
     """
+    axes = _unit_axes(ijk_to_ras_matrix)
+    plane_axes = _plane_axes(axes)
+    normal = np.asarray(view_to_ras, dtype=float)[:3, 2]
+    return max(PLANE_NORMALS, key=lambda plane: abs(axes[:, plane_axes[plane]] @ normal))
+
+
+def plane_slice_counts(ijk_to_ras_matrix, dimensions_ijk) -> dict[str, int]:
+    """Slices per plane of a volume with this IJKToRAS and (i, j, k) voxel counts, as the engine counts them (its
+    ``VolumeInfo.slices``): only the planes whose slices are at least 2 x 2 voxels (a 2D image has one)."""
+    dimensions = [int(n) for n in dimensions_ijk]
+    return {plane: dimensions[axis] for plane, axis in _plane_axes(_unit_axes(ijk_to_ras_matrix)).items()
+            if all(dimensions[other] > 1 for other in range(3) if other != axis)}
+
+
+def _unit_axes(ijk_to_ras_matrix) -> np.ndarray:
     axes = np.asarray(ijk_to_ras_matrix, dtype=float)[:3, :3]
-    axes = axes / np.linalg.norm(axes, axis=0)
+    return axes / np.linalg.norm(axes, axis=0)
+
+
+def _plane_axes(unit_axes: np.ndarray) -> dict[str, int]:
+    """The array axis (0: i, 1: j, 2: k) each plane's slices are taken across: the assignment of the three axes to
+    the three planes with the best total alignment (the engine's ``plane_layouts``)."""
     normals = np.array(list(PLANE_NORMALS.values()))
     best = max(itertools.permutations(range(3)),
-               key=lambda perm: sum(abs(axes[:, perm[n]] @ normals[n]) for n in range(3)))
-    normal = np.asarray(view_to_ras, dtype=float)[:3, 2]
-    closeness = {plane: abs(axes[:, best[n]] @ normal) for n, plane in enumerate(PLANE_NORMALS)}
-    return max(PLANE_NORMALS, key=lambda plane: closeness[plane])
+               key=lambda perm: sum(abs(unit_axes[:, perm[n]] @ normals[n]) for n in range(3)))
+    return dict(zip(PLANE_NORMALS, best))
 
 
 def slice_node(scene, view_name: str):

@@ -196,6 +196,26 @@ def test_cancel_mid_stream_then_ask_again(app, url, volume):
     assert panel.conversation_text().count("(cancelled)") == 1
 
 
+def test_clear_while_a_question_runs_cancels_it_and_the_panel_asks_again(app, url, volume):
+    """clear() mid-answer emptied the conversation under the running question: its next event found no question to
+    belong to (IndexError on every poll) and the panel stayed busy for good, refusing every later question."""
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2048, "seed": 0}
+    assert panel.send("Describe everything in detail.")
+    pump(app, lambda: bool(panel._turns[-1].texts))  # the first token has arrived
+    panel.clear()
+    assert not panel.busy and panel.send_button.isEnabled() and not panel.cancel_button.isEnabled()
+    assert panel.conversation_text() == ""
+
+    panel.options = dict(SHORT)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy, timeout=30)
+    pump(app, lambda: not panel._runner.busy, timeout=30)  # the cleared question's late events come and go
+    assert panel.error.text() == "" and panel.status.text().startswith("Answered")
+    assert [turn.question for turn in panel._turns] == ["Where is the liver?"]
+    assert "Describe everything" not in panel.conversation_text() and "(cancelled)" not in panel.conversation_text()
+
+
 def test_slice_range_reports_progress(app, url, volume):
     panel = make_panel(url, volume)
     progress, per_slice, per_question = [], [], []
@@ -486,6 +506,58 @@ def test_slice_range_boxes_follow_the_chosen_plane(app, url):
     assert (int(panel.range_from.value()), int(panel.range_to.value())) == (10, 20)  # the user's range stays
     panel.plane = "axial"
     assert int(panel.range_to.maximum()) == 2 and int(panel.range_to.value()) == 2
+
+
+def test_untouched_range_boxes_follow_each_view_and_typed_ones_stay(app, url):
+    """Choosing another view gave the boxes that plane's maximum but left an untouched "to" box at the old plane's
+    last slice (Red axial 0-2, then Yellow sagittal still 0-2 of 32). Untouched boxes span the chosen plane; a range
+    the user typed stays while it lies inside it."""
+    volume = VolumeData(np.full((3, 24, 32), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                        np.diag([-1.0, -1.0, 1.0]), "CT", key="box")
+    panel = make_panel(url, volume)
+    panel.options = {"max_new_tokens": 2, "seed": 0}
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    counts = dict(panel._slice_counts)
+    assert panel.error.text() == "" and len(set(counts.values())) == 3  # each plane its own count
+
+    def boxes() -> tuple[int, int]:
+        return int(panel.range_from.value()), int(panel.range_to.value())
+
+    assert boxes() == (0, counts["axial"] - 1)
+    for plane in ("sagittal", "coronal", "axial", "sagittal"):
+        panel.plane = plane  # "Current slice of: Yellow" (MedSIGHTSlicerWidget._view_changed)
+        assert boxes() == (0, counts[plane] - 1), plane
+        assert int(panel.range_to.maximum()) == counts[plane] - 1
+    typed = (2, min(counts["coronal"], counts["sagittal"]) - 2)
+    panel.set_scope("range", *typed)
+    panel.plane = "coronal"
+    assert boxes() == typed  # still inside the coronal slices: the user's range
+    panel.plane = "sagittal"
+    assert boxes() == typed
+
+
+def test_range_boxes_fit_a_newly_chosen_volume_before_its_first_question(app, url, volume):
+    """After a question about one volume, choosing a taller one left the boxes at the first volume's last slice: no
+    slice beyond it could be typed, and untouched boxes asked only the first volume's count of slices. The host gives
+    the chosen volume's counts (``MedSIGHTSession.slice_counts``)."""
+    count = volume.array.shape[0]
+    panel = make_panel(url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert int(panel.range_to.maximum()) == count - 1
+    taller = VolumeData(np.concatenate([volume.array] * 3), volume.spacing, volume.origin, volume.direction, "CT",
+                        key="taller")
+    panel.volume_provider = lambda: taller
+    k, j, i = taller.array.shape
+    panel.set_slice_counts({"axial": k, "coronal": j, "sagittal": i})
+    assert int(panel.range_to.maximum()) == k - 1
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (0, k - 1)  # untouched: the whole volume
+    panel.set_scope("range", count, k - 1)  # slices only the taller volume has
+    assert (int(panel.range_from.value()), int(panel.range_to.value())) == (count, k - 1)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert panel.error.text() == "" and sorted(panel._turns[-1].texts) == list(range(count, k))
 
 
 def test_rendering_leaves_the_reader_where_they_are(app, url, volume):

@@ -26,7 +26,13 @@ from MedSIGHTSlicerLib.engine_launch import (
     split_command,
     startup_environment,
 )
-from MedSIGHTSlicerLib.engine_process import EXIT_TAIL_CHARS, EngineProcess, exit_message, output_lines
+from MedSIGHTSlicerLib.engine_process import (
+    EXIT_TAIL_CHARS,
+    EngineProcess,
+    exit_message,
+    leave_engine,
+    output_lines,
+)
 from MedSIGHTSlicerLib.settings import ConnectionSettings
 
 # Microsoft's documented examples of the C runtime's argument parsing, plus the paths users paste.
@@ -459,3 +465,26 @@ def test_released_engine_leaves_no_log_file():
         assert _alive(pid)
     finally:
         os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("stop_on_exit", [True, False])
+def test_a_reload_hands_the_running_engine_on_and_only_exit_ends_it(stop_on_exit):
+    """Slicer calls the widget's cleanup() for a developer Reload too (reloadScriptedModule, before the new widget's
+    setup()): an engine set to stop on exit was stopped by a Reload. A reload hands it on, running, to the new
+    widget's callbacks; at exit it is stopped (stop on exit) or released, still running."""
+    old_lines, old_finished, new_finished = [], [], []
+    process = EngineProcess(on_output=old_lines.append, on_finished=old_finished.append)
+    process.start(_sleeper(stop_on_exit=stop_on_exit))
+    pid = process.pid
+    try:
+        assert _wait(lambda: _says_up(process), 30), process.output
+        handed = leave_engine(process, stop_on_exit, reloading=True)
+        assert handed is process and process.running and _alive(pid)
+        handed.rebind(on_finished=new_finished.append)  # the reloaded widget's
+        assert leave_engine(handed, stop_on_exit, reloading=False) is None  # Slicer exits
+        assert not handed.running and _alive(pid) != stop_on_exit
+        assert old_finished == [] and len(new_finished) == int(stop_on_exit)
+        assert len(old_lines) == 1  # "engine up", before the reload
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)

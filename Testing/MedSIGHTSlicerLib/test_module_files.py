@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import py_compile
 import re
 import shutil
@@ -678,3 +679,60 @@ def test_terminology_is_loaded_at_startup_not_only_when_the_panel_opens():
     assert module.terminology_context == naming.TERMINOLOGY_CONTEXT  # the name its entries carry
     module.load_terminology()  # what the widget's setup() calls, for a module loaded after start-up
     assert len(loads) == 1
+
+
+def test_a_developer_reload_keeps_the_engine_that_exit_stops():
+    """Slicer's Reload button (ScriptedLoadableModuleWidget.onReload -> slicer.util.reloadScriptedModule, v5.8.0 to
+    main) calls cleanup() of the current widget and then sets up a new one, in the same Slicer. cleanup() stopped an
+    engine set to "stop on exit", so each Reload while developing also dropped the loaded model. The widget class of
+    MedSIGHTSlicer.py, run against that reload path: the engine runs on into the new widget, which exit stops."""
+    import __future__
+
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+
+    modules = types.SimpleNamespace(MedSIGHTSlicerInstance=types.SimpleNamespace())
+
+    def reload_scripted_module(name):  # slicer.util.reloadScriptedModule: cleanup, then a new widget
+        getattr(modules, name + "Widget").cleanup()
+        setattr(modules, name + "Widget", namespace["MedSIGHTSlicerWidget"]())
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+        def onReload(self):  # noqa: N802 - Slicer's name
+            reload_scripted_module(self.moduleName)
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
+        or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(modules=modules)}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+
+    def cleanup_ready(widget):  # what setup() would have made, as far as cleanup() uses it
+        timer = types.SimpleNamespace(stop=lambda: None)
+        widget.check_timer = widget.engine_timer = timer
+        widget.connection_form = types.SimpleNamespace(save=lambda: None)
+        widget.ui = types.SimpleNamespace(startEngineButton=types.SimpleNamespace(),
+                                          stopEngineButton=types.SimpleNamespace(),
+                                          connectionStatusLabel=types.SimpleNamespace())
+        widget.settings.stop_engine_on_exit = True
+        return widget
+
+    old = cleanup_ready(namespace["MedSIGHTSlicerWidget"]())
+    modules.MedSIGHTSlicerWidget = old
+    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+    old.engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+    process = old.engine
+    try:
+        old.onReload()
+        new = cleanup_ready(modules.MedSIGHTSlicerWidget)
+        assert new is not old and process.running
+        new._adopt_engine(modules.MedSIGHTSlicerInstance)  # what the new widget's setup() does first
+        assert new.engine is process and modules.MedSIGHTSlicerInstance.reloaded_engine is None
+        new.cleanup()  # Slicer exits
+        assert not process.running and process.stop_requested
+    finally:
+        process.stop(wait=True)

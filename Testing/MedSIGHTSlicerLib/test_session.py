@@ -311,6 +311,18 @@ def test_segments_drawn_in_the_preview_stay_when_the_volume_is_removed():
     session.stop_observing()
 
 
+def test_slice_counts_of_a_volume_before_any_question():
+    """What the range boxes fit when the user chooses a volume: its slices per plane, read from the node."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    shape = (3, 20, 32)  # (k, j, i)
+    node = make_volume(scene, np.zeros(shape, np.int16), np.diag([1.0, 1.0, 2.0, 1.0]), name="slab")
+    assert session.slice_counts(node) == {"axial": shape[0], "coronal": shape[1], "sagittal": shape[2]}
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    assert session.slice_counts(empty) == {}
+    session.stop_observing()
+
+
 def test_accept_all_and_export_lookup_add_no_empty_nodes():
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
