@@ -299,8 +299,14 @@ class MedSIGHTClient:
         backoff: float = 0.25,
     ) -> None:
         parts = urllib.parse.urlsplit(base_url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in parts.netloc):
             raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
+        try:
+            port = parts.port  # urllib refuses a port that is not a number from 0 to 65535 only when asked for it
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"base_url must look like http://host:port with a port from 1 to 65535, got {base_url!r}")
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if timeout is not None and timeout <= 0:
@@ -308,7 +314,7 @@ class MedSIGHTClient:
         self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self._scheme = parts.scheme
         self._host = parts.hostname
-        self._port = parts.port
+        self._port = port
         self._prefix = parts.path.rstrip("/")
         self.token = token
         self.timeout = timeout

@@ -48,6 +48,16 @@ def test_base_url_path_prefix_is_kept(fake):
     assert MedSIGHTClient(fake.url + "/engine/").health().version == "0.1.0"
 
 
+@pytest.mark.parametrize("url", ["http://host name:8765", "http://127.0.0.1:99999", "http://127.0.0.1:0",
+                                 "http://127.0.0.1:port", "ftp://127.0.0.1:8765", "127.0.0.1:8765"])
+def test_a_malformed_engine_url_is_refused_naming_it(url):
+    """Typed into the module's URL box: refused at once with the URL, not later as a connection failure or with
+    urllib's own words."""
+    with pytest.raises(ValueError, match="base_url must look like http://host:port") as caught:
+        MedSIGHTClient(url)
+    assert repr(url) in str(caught.value)
+
+
 def test_upload_sends_npy_and_geometry(fake):
     fake.add("POST", "/v1/volumes", fake.reply(200, VOLUME))
     voxels = np.arange(120, dtype=np.int16).reshape(4, 5, 6) - 1000
