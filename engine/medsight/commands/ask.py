@@ -108,7 +108,7 @@ def _read_input(args: argparse.Namespace):
                          f"{series_listing(err.series)}") from None
     except NotAnImageError as err:
         raise ValueError(f"{err.path}: {err.kind}, not an image: medsight ask needs an image (DICOM image file or "
-                         "series folder, NIfTI, NRRD, PNG/JPG/TIFF)") from None
+                         "series folder, NIfTI, NRRD, MetaImage, PNG/JPG/TIFF)") from None
     if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
         what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
         raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")
