@@ -196,3 +196,36 @@ def test_gdcm_fallback_refuses_palette_color(pydicom_files, dicom_store):
     with pytest.raises(ImagingError, match="GDCM: PALETTE COLOR") as info:
         _stored_values_via_gdcm(path, pydicom.dcmread(path), 1, "no decoder")
     assert "pydicom: no decoder" in str(info.value)
+
+
+# Lossy compression was read without a word: the volume now says which, for `medsight ask` to tell the user.
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("SC_rgb_jpeg_dcmtk.dcm", "JPEG Baseline (Process 1), ratio 17.401:1"),  # pydicom decodes it
+        ("JPEG-lossy.dcm", "JPEG Extended (Process 2 and 4), ratio 76:1"),  # 12-bit: GDCM decodes it
+        ("JPEGLSNearLossless_16.dcm", "JPEG-LS Lossy (Near-Lossless) Image Compression"),  # no (0028,2110): syntax
+        ("MR2_J2KI.dcm", "JPEG 2000 Image Compression, ratio 18:1"),  # a syntax that may be either: (0028,2110) 01
+        ("MR2_UNCI.dcm", "earlier JPEG 2000 compression, ratio 18:1"),  # stored uncompressed after a lossy one
+    ],
+)
+def test_lossy_compression_is_reported(name, said, pydicom_files, dicom_store):
+    assert read_volume(_testdata(name, pydicom_files, dicom_store)).lossy_compression == said
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR2_J2KR.dcm", "JPEG-LL.dcm", "MR_small_RLE.dcm",
+                                  "CT_small.dcm"])
+def test_lossless_and_uncompressed_files_report_no_lossy_compression(name, pydicom_files, dicom_store):
+    assert read_volume(_testdata(name, pydicom_files, dicom_store)).lossy_compression is None
+
+
+def test_series_with_a_lossy_slice_says_how_many(ct_series, tmp_path):
+    files = sorted(ct_series.iterdir())
+    for n, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if n == 0:
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.save_as(tmp_path / f.name)
+    assert read_volume(ct_series).lossy_compression is None
+    assert read_volume(tmp_path).lossy_compression == f"1 of {len(files)} files: earlier JPEG compression"

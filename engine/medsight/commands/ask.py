@@ -18,6 +18,9 @@ def run_ask(args: argparse.Namespace) -> int:
     check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
     check_vision_file(args)
     volume = _read_input(args)
+    if volume.lossy_compression:  # the user judges answers on it: say so, as a radiology viewer does
+        print(f"note: the image was lossy compressed ({volume.lossy_compression}); its grey values and fine detail "
+              "differ from the acquired image", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     answers = _answers(args, volume, indices)

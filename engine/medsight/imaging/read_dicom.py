@@ -299,6 +299,39 @@ def _uids(ds: pydicom.Dataset) -> dict[str, str | None]:
     }
 
 
+#: Transfer syntaxes that are lossy by definition; JPEG 2000 and HTJ2K may be either, and say so in
+#: LossyImageCompression, as must a file decompressed from a lossy one.
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit, pydicom.uid.JPEGLSNearLossless,
+     *pydicom.uid.MPEGTransferSyntaxes}
+)
+_LOSSY_METHODS = {"ISO_10918_1": "JPEG", "ISO_14495_1": "JPEG-LS near-lossless", "ISO_15444_1": "JPEG 2000",
+                  "ISO_15444_15": "HTJ2K", "ISO_13818_2": "MPEG-2", "ISO_14496_10": "H.264", "ISO_23008_2": "HEVC"}
+
+
+def _lossy_compression(ds: pydicom.Dataset) -> str | None:
+    """The lossy compression the pixels went through, in words (transfer syntax or method, and ratio), else None."""
+    ts = ds.get("file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    flagged = str(ds.get("LossyImageCompression", "")).strip() == "01"
+    if ts not in LOSSY_TRANSFER_SYNTAXES and not flagged:
+        return None
+    if ts in LOSSY_TRANSFER_SYNTAXES or (ts is not None and ts.is_compressed):
+        what = ts.name
+    else:  # stored uncompressed now: the method (0028,2114) names the earlier compression
+        methods = [str(m) for m in np.atleast_1d(ds.get("LossyImageCompressionMethod") or [])]
+        what = "earlier " + (" then ".join(_LOSSY_METHODS.get(m, m) for m in methods) or "lossy") + " compression"
+    ratios = [f"{float(r):g}:1" for r in np.atleast_1d(ds.get("LossyImageCompressionRatio") or [])]
+    return what + (f", ratio {' then '.join(ratios)}" if ratios else "")
+
+
+def _series_lossy_compression(headers: Sequence[pydicom.Dataset]) -> str | None:
+    found = [c for c in map(_lossy_compression, headers) if c]
+    if not found:
+        return None
+    kinds = "; ".join(dict.fromkeys(found))
+    return kinds if len(found) == len(headers) else f"{len(found)} of {len(headers)} files: {kinds}"
+
+
 def _compact(array: np.ndarray) -> np.ndarray:
     """Integer HU stay integers (int16 when they fit) so labelmaps and windows stay exact."""
     if np.issubdtype(array.dtype, np.integer) and array.size:
@@ -424,6 +457,7 @@ def read_dicom_series(
         source_files=tuple(files),
         source=folder,
         invert_display=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        lossy_compression=_series_lossy_compression(headers),
     )
 
 
@@ -643,6 +677,7 @@ def read_dicom_file(
         frame_numbers=tuple(int(f) + 1 for f in (order if order is not None else range(n_frames))),
         has_patient_geometry=geo,
         invert_display=photometric == "MONOCHROME1",
+        lossy_compression=_lossy_compression(ds),
     )
 
 
