@@ -229,3 +229,23 @@ def test_series_with_a_lossy_slice_says_how_many(ct_series, tmp_path):
         ds.save_as(tmp_path / f.name)
     assert read_volume(ct_series).lossy_compression is None
     assert read_volume(tmp_path).lossy_compression == f"1 of {len(files)} files: earlier JPEG compression"
+
+
+def test_files_without_a_meta_header_read_like_their_source(pydicom_files, dicom_store, tmp_path):
+    # A file without preamble and meta header (older writers) names no transfer syntax; its header was read, but
+    # pydicom refused its pixels ("file_meta has no (0002,0010) 'Transfer Syntax UID'"), though GDCM reads them.
+    from pydicom.dataset import FileMetaDataset
+
+    source = pydicom_files / "CT_small.dcm"
+    for implicit in (True, False):  # (big endian too, but pydicom's writer would not swap the pixel bytes)
+        ds = pydicom.dcmread(source)
+        ds.preamble, ds.file_meta = None, FileMetaDataset()
+        path = tmp_path / f"no_meta_{'implicit' if implicit else 'explicit'}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+        vol, ref = read_volume(path), read_volume(source)
+        assert np.array_equal(vol.array, ref.array) and vol.same_geometry(ref), path.name
+    face = dicom_store / "OT-PAL-8-face.dcm"  # a real one: PALETTE COLOR with 16-bit palette entries
+    vol = read_volume(face)
+    gdcm = sitk.GetArrayFromImage(sitk.ReadImage(str(face)))  # GDCM gives the palette's top 8 bits
+    assert vol.is_rgb and vol.array.shape == gdcm.shape
+    assert np.array_equal(vol.array >> 8, gdcm)

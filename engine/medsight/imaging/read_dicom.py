@@ -617,6 +617,18 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
     return pixels
 
 
+def _name_the_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """A file without a meta header (no preamble, as older writers leave it) names no transfer syntax, and pydicom
+    then refuses to decode its pixels; it read the data set in one of the uncompressed encodings, which is it."""
+    if "TransferSyntaxUID" in ds.file_meta or ds.original_encoding[0] is None:
+        return
+    implicit, little = ds.original_encoding
+    ds.file_meta.TransferSyntaxUID = (
+        pydicom.uid.ImplicitVRLittleEndian if implicit
+        else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+    )
+
+
 def read_dicom_file(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -633,6 +645,7 @@ def read_dicom_file(
     try:
         with _decoder_tracebacks_unlogged():
             ds = pydicom.dcmread(path, force=ds.preamble is None)  # no preamble: _header read it forced
+            _name_the_transfer_syntax(ds)
             pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
         if not _is_compressed(ds):
