@@ -96,3 +96,29 @@ def test_metaimage_vector_field_and_4d_are_refused_2d_is_one_slice(tmp_path):
     assert np.array_equal(vol.array[0], plane)
     assert np.allclose(vol.ijk_to_lps @ [plane.shape[1] - 1, plane.shape[0] - 1, 0, 1],
                        [3.0 + 0.5 * (plane.shape[1] - 1), 4.0 + 0.7 * (plane.shape[0] - 1), 0.0, 1.0])
+
+
+def test_metaimage_with_malformed_geometry_fields_is_refused(nibabel_data, tmp_path):
+    # MetaIO reads an Offset it cannot parse as (0, 0, 0) without a word (so does 3D Slicer): the volume sat at the
+    # origin instead of where its header meant it.
+    path = tmp_path / "volume.mha"
+    data, _ = _nifti_as_metaimage(nibabel_data / "anatomical.nii", path, compress=False)
+    header, _, pixels = path.read_bytes().partition(b"ElementDataFile = LOCAL\n")
+    lines = header.decode().splitlines()
+    offset = next(line for line in lines if line.startswith("Offset = "))
+    dims = next(line for line in lines if line.startswith("DimSize = "))
+    for old, new, said in (
+        (offset, "Offset = nan " + " ".join(offset.split()[3:]), r"malformed Offset 'nan .*': 3 finite numbers"),
+        (offset, offset.rsplit(" ", 1)[0], r"malformed Offset .*: 3 finite numbers expected"),
+        (dims, dims.rsplit(" ", 1)[0], r"malformed NDims '3' or DimSize .*: DimSize must be NDims positive integers"),
+    ):
+        bad = tmp_path / "bad.mha"
+        bad.write_bytes("\n".join(lines).replace(old, new).encode() + b"\nElementDataFile = LOCAL\n" + pixels)
+        if old == offset and "nan" in new:
+            assert sitk.ReadImage(str(bad)).GetOrigin() == (0.0, 0.0, 0.0)
+        with pytest.raises(ImagingError, match=said):
+            read_volume(bad)
+    # Numbers written as text (BinaryData = False) have no byte count to check: read as ITK reads them.
+    text = "\n".join(line.replace("BinaryData = True", "BinaryData = False") for line in lines)
+    path.write_text(text + "\nElementDataFile = LOCAL\n" + " ".join(map(str, data.T.ravel())) + "\n")
+    assert np.array_equal(read_volume(path).array, data.T)

@@ -38,6 +38,34 @@ def _header(path: str) -> tuple[dict[str, str], int]:
     raise ImagingError("not a MetaImage header (no ElementDataFile line)", path)
 
 
+#: Header fields that place the voxels, with how many numbers each holds (n: NDims). MetaIO reads a malformed one
+#: as zeros or the identity without a word ("Offset = nan 2 3" gave the origin (0, 0, 0)), so they are checked here.
+_GEOMETRY_FIELDS = {"Offset": 1, "Position": 1, "Origin": 1, "ElementSpacing": 1, "TransformMatrix": 2,
+                    "Rotation": 2, "Orientation": 2}
+
+
+def _check_fields(fields: dict[str, str], path: str) -> None:
+    """Refuse a DimSize or geometry field that is not NDims (or NDims squared) finite numbers."""
+    try:
+        ndims = int(fields.get("ndims", ""))
+        dims = [int(v) for v in fields.get("dimsize", "").split()]
+    except ValueError:
+        ndims, dims = 0, []
+    if ndims < 1 or len(dims) != ndims or min(dims) < 1:
+        raise ImagingError(f"malformed NDims {fields.get('ndims')!r} or DimSize {fields.get('dimsize')!r}: "
+                           "DimSize must be NDims positive integers", path)
+    for name, power in _GEOMETRY_FIELDS.items():
+        text = fields.get(name.lower())
+        if text is None:
+            continue
+        try:
+            values = np.asarray([float(v) for v in text.split()])
+        except ValueError:
+            values = np.asarray([np.nan])
+        if len(values) != ndims**power or not np.all(np.isfinite(values)):
+            raise ImagingError(f"malformed {name} {text!r}: {ndims**power} finite numbers expected", path)
+
+
 def _check_data_file(path: str, fields: dict[str, str], data_offset: int, nbytes: int) -> None:
     """Refuse a missing data file, or data of another size than DimSize x ElementType needs (a truncated copy, or a
     header that does not describe its data); compressed data must inflate to that size."""
@@ -56,6 +84,8 @@ def _check_data_file(path: str, fields: dict[str, str], data_offset: int, nbytes
             start = max(0, os.path.getsize(data_path) - nbytes)
         elif header_size > 0:
             start = header_size
+    if fields.get("binarydata", "true").lower() != "true":
+        return  # numbers as text: their byte count says nothing; ITK reports missing ones
     if fields.get("compresseddata", "false").lower() == "true":
         available = _inflated_size(data_path, start, int(fields.get("compresseddatasize", "0") or 0), path)
     else:
@@ -111,6 +141,7 @@ def read_metaimage(
     path = os.fspath(path)
     _exists(path)
     fields, data_offset = _header(path)
+    _check_fields(fields, path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.SetImageIO("MetaImageIO")
@@ -127,8 +158,7 @@ def read_metaimage(
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise ImagingError(f"unreadable or corrupt MetaImage data, damaged or truncated file? ({_itk_error(exc)})",
-                           path) from exc
+        raise ImagingError(f"unreadable MetaImage ({_itk_error(exc)})", path) from exc
     array = sitk.GetArrayFromImage(image)  # (k, j, i[, c]) for 3D, (j, i[, c]) for 2D
     if channels != 1 and not (channels == 3 and array.dtype == np.uint8):
         raise ImagingError(f"{channels} {array.dtype} components per voxel (a vector field?); "
