@@ -219,6 +219,18 @@ def test_lossless_and_uncompressed_files_report_no_lossy_compression(name, pydic
     assert read_volume(_testdata(name, pydicom_files, dicom_store)).lossy_compression is None
 
 
+def test_lossless_file_flagged_lossy_names_the_earlier_compression(pydicom_files, dicom_store, tmp_path):
+    # Stored JPEG Lossless after a lossy JPEG: the note named "JPEG Lossless" as the lossy compression, and a ratio
+    # that is not a number raised ValueError out of the reader.
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(_testdata("JPEG-LL.dcm", pydicom_files, dicom_store))
+    ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    ds[0x00282112] = DataElement(0x00282112, "LO", "high")  # LossyImageCompressionRatio, written with another VR
+    ds.save_as(tmp_path / "flagged.dcm")
+    assert read_volume(tmp_path / "flagged.dcm").lossy_compression == "earlier JPEG compression"
+
+
 def test_series_with_a_lossy_slice_says_how_many(ct_series, tmp_path):
     files = sorted(ct_series.iterdir())
     for n, f in enumerate(files):

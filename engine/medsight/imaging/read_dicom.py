@@ -305,6 +305,7 @@ LOSSY_TRANSFER_SYNTAXES = frozenset(
     {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit, pydicom.uid.JPEGLSNearLossless,
      *pydicom.uid.MPEGTransferSyntaxes}
 )
+_MAYBE_LOSSY_TRANSFER_SYNTAXES = frozenset({pydicom.uid.JPEG2000, pydicom.uid.JPEG2000MC, pydicom.uid.HTJ2K})
 _LOSSY_METHODS = {"ISO_10918_1": "JPEG", "ISO_14495_1": "JPEG-LS near-lossless", "ISO_15444_1": "JPEG 2000",
                   "ISO_15444_15": "HTJ2K", "ISO_13818_2": "MPEG-2", "ISO_14496_10": "H.264", "ISO_23008_2": "HEVC"}
 
@@ -315,12 +316,15 @@ def _lossy_compression(ds: pydicom.Dataset) -> str | None:
     flagged = str(ds.get("LossyImageCompression", "")).strip() == "01"
     if ts not in LOSSY_TRANSFER_SYNTAXES and not flagged:
         return None
-    if ts in LOSSY_TRANSFER_SYNTAXES or (ts is not None and ts.is_compressed):
+    if ts in LOSSY_TRANSFER_SYNTAXES or ts in _MAYBE_LOSSY_TRANSFER_SYNTAXES:
         what = ts.name
-    else:  # stored uncompressed now: the method (0028,2114) names the earlier compression
+    else:  # stored uncompressed or lossless now: the method (0028,2114) names the earlier compression
         methods = [str(m) for m in np.atleast_1d(ds.get("LossyImageCompressionMethod") or [])]
         what = "earlier " + (" then ".join(_LOSSY_METHODS.get(m, m) for m in methods) or "lossy") + " compression"
-    ratios = [f"{float(r):g}:1" for r in np.atleast_1d(ds.get("LossyImageCompressionRatio") or [])]
+    ratios = []
+    for r in np.atleast_1d(ds.get("LossyImageCompressionRatio") or []):
+        with contextlib.suppress(TypeError, ValueError):  # a malformed ratio must not cost the image
+            ratios.append(f"{float(r):g}:1")
     return what + (f", ratio {' then '.join(ratios)}" if ratios else "")
 
 
