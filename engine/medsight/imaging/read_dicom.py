@@ -99,6 +99,21 @@ def _int(ds: pydicom.Dataset, tag: str, path: str, default: int | None = None) -
         raise ImagingError(f"missing or malformed {tag} {value!r} (an integer is expected)", path) from None
 
 
+def _float(ds: pydicom.Dataset, tag: str, path: str, default: float) -> float:
+    """A number attribute (``default`` when absent, empty or 0); a malformed value names the file and the attribute
+    (pydicom hands an unparsable DS over as text, and float() alone names neither)."""
+    value = ds.get(tag)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ImagingError(f"malformed {tag} {str(value)!r} (a number is expected)", path)
+    return number
+
+
 def _require_image(ds: pydicom.Dataset, path: str) -> None:
     if ds.get("SOPClassUID") == SEG_SOP_CLASS:
         raise NotAnImageError("is a DICOM SEG, not an image; read it with read_dicom_seg()", path,
@@ -422,7 +437,8 @@ def read_dicom_series(
     check_size((len(files), rows, columns, spp), folder, max_voxels)
 
     slopes = {
-        (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in headers
+        (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
+        for f, ds in zip(files, headers, strict=True)
     }
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -465,21 +481,21 @@ def read_dicom_series(
     )
 
 
-def _frame_rescale(ds: pydicom.Dataset, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _frame_rescale(ds: pydicom.Dataset, n_frames: int, path: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame (slope, intercept): enhanced functional groups, then the top level, then RT Dose."""
-    slope = np.full(n_frames, float(ds.get("RescaleSlope", 1) or 1))
-    inter = np.full(n_frames, float(ds.get("RescaleIntercept", 0) or 0))
+    slope = np.full(n_frames, _float(ds, "RescaleSlope", path, 1.0))
+    inter = np.full(n_frames, _float(ds, "RescaleIntercept", path, 0.0))
     shared = ds.get("SharedFunctionalGroupsSequence")
     per = ds.get("PerFrameFunctionalGroupsSequence")
     for f in range(n_frames):
         for groups in ((per[f] if per and f < len(per) else None), (shared[0] if shared else None)):
             seq = groups.get("PixelValueTransformationSequence") if groups is not None else None
             if seq:
-                slope[f] = float(seq[0].get("RescaleSlope", 1) or 1)
-                inter[f] = float(seq[0].get("RescaleIntercept", 0) or 0)
+                slope[f] = _float(seq[0], "RescaleSlope", path, 1.0)
+                inter[f] = _float(seq[0], "RescaleIntercept", path, 0.0)
                 break
     if "DoseGridScaling" in ds:
-        slope[:] = float(ds.DoseGridScaling)
+        slope[:] = _float(ds, "DoseGridScaling", path, 1.0)
     return slope, inter
 
 
@@ -548,7 +564,8 @@ def _file_geometry(
             )
             return order, spacing, origin, direction, True
         if "GridFrameOffsetVector" in ds:  # RT Dose: frames offset along the normal
-            offsets = np.asarray([float(v) for v in ds.GridFrameOffsetVector])
+            values = list(np.atleast_1d(ds.GridFrameOffsetVector))
+            offsets = _vec(values, len(values), "GridFrameOffsetVector", path)
             if len(offsets) != n_frames:
                 raise ImagingError(
                     f"GridFrameOffsetVector has {len(offsets)} values for {n_frames} frames", path
@@ -595,8 +612,8 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
         why_not = "PALETTE COLOR, which GDCM turns into RGB itself"
     elif spp not in (1, 3):
         why_not = f"{spp} samples per pixel"
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    inter = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = _float(ds, "RescaleSlope", path, 1.0)
+    inter = _float(ds, "RescaleIntercept", path, 0.0)
     exact = spp == 3 or (slope == 1 and inter == int(inter))  # else GDCM must give floats, as it would truncate
     pixels = None
     if why_not is None:
@@ -670,7 +687,7 @@ def read_dicom_file(
         raise ImagingError(f"pixel data has shape {pixels.shape}, headers say {want}", path)
     order, spacing, origin, direction, geo = _file_geometry(ds, n_frames, path)
     if not rgb:
-        slope, inter = _frame_rescale(ds, n_frames)
+        slope, inter = _frame_rescale(ds, n_frames, path)
         if np.all(slope == 1) and np.all(inter == inter.astype(np.int64)):
             pixels = pixels.astype(np.int64) + inter.astype(np.int64)[:, None, None]
             pixels = _compact(pixels)
