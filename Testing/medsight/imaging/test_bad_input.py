@@ -246,3 +246,22 @@ def test_rt_dose_with_one_frame_offset_for_many_frames(pydicom_files, tmp_path):
     ds.GridFrameOffsetVector = 0.0
     ds.save_as(tmp_path / "one_offset.dcm")
     _raises(tmp_path / "one_offset.dcm", f"GridFrameOffsetVector has 1 values for {ds.NumberOfFrames} frames")
+
+
+def test_nrrd_with_malformed_origin_or_unknown_type(nibabel_data, tmp_path):
+    # A 2-value space origin raised numpy's "matmul: Input operand 1 has a mismatch in its core dimension", a NaN one
+    # was called a "degenerate voxel-to-patient matrix" (the direction matrix shown was fine), and a type pynrrd does
+    # not know raised KeyError: 'quaternion'.
+    data = np.asanyarray(nib.load(nibabel_data / "anatomical.nii").dataobj)
+    path = tmp_path / "volume.nrrd"
+    nrrd.write(str(path), data, {"space": "left-posterior-superior", "space directions": np.diag([2.0, 2.0, 2.0]),
+                                 "space origin": [1.0, 2.0, 3.0]})
+    head, _, body = path.read_bytes().partition(b"\n\n")
+    for line, said in ((b"space origin: (1,2)", r"malformed space origin \[1\. 2\.\] \(3 finite numbers expected\)"),
+                       (b"space origin: (nan,2,3)", r"malformed space origin \[nan +2\. +3\.\]"),
+                       (b"type: quaternion", "unsupported NRRD type 'quaternion'")):
+        key = line.split(b":")[0] + b":"
+        lines = [line if old.startswith(key) else old for old in head.split(b"\n")]
+        bad = tmp_path / "bad.nrrd"
+        bad.write_bytes(b"\n".join(lines) + b"\n\n" + body)
+        _raises(bad, said)
