@@ -330,3 +330,13 @@ def test_overlay_of_a_monochrome1_image_is_shown_as_the_model_saw_it(tmp_path):
     grey = (png[..., 0] == png[..., 1]) & (png[..., 1] == png[..., 2])  # pixels no region colours
     assert volume.invert_display and grey.sum() > grey.size // 4
     assert np.array_equal(png[grey], shown[grey])
+
+
+def test_lossy_compressed_dicom_is_noted(capsys):
+    """A lossy-compressed image (12-bit JPEG here) was answered about without a word on its compression."""
+    said = "note: the image was lossy compressed (JPEG Extended (Process 2 and 4), ratio 76:1)"
+    for path, note in ((PYDICOM_FILES / "JPEG-lossy.dcm", said), (PYDICOM_FILES / "CT_small.dcm", None)):
+        assert main(["ask", str(path), "What is shown?", *TINY, "--json"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["answer"] is not None
+        assert (note in captured.err) if note else "lossy" not in captured.err

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question about an image or slices of a volume")
-    ask.add_argument("path", help="PNG/JPG/TIFF, DICOM file or series folder, NIfTI or NRRD")
+    ask.add_argument("path", help="PNG/JPG/TIFF, DICOM file or series folder, NIfTI, NRRD or MetaImage (.mha, .mhd)")
     ask.add_argument("question")
     ask.add_argument("--model", default="demo",
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")

@@ -194,6 +194,38 @@ def test_malformed_integer_attribute_names_the_file_and_the_attribute(pydicom_fi
     _raises(pydicom_files / "badVR.dcm", r"NumberOfFrames '1A'")
 
 
+def _with_malformed_number(source, keyword, text, path):
+    """``source`` saved with ``keyword`` (a DS attribute) holding ``text``: pydicom will not write such a DS, so the
+    value goes in as LO and the VR bytes (explicit VR little endian) are turned into DS."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(source)
+    tag = tag_for_keyword(keyword)
+    ds[tag] = DataElement(tag, "LO", text)
+    ds.save_as(path)
+    key = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little")
+    raw = path.read_bytes()
+    at = raw.index(key + b"LO")
+    path.write_bytes(raw[:at] + key + b"DS" + raw[at + 6 :])
+    assert str(pydicom.dcmread(path)[tag].value) == text
+
+
+def test_malformed_number_attribute_names_the_file_and_the_attribute(pydicom_files, ct_series, tmp_path):
+    # pydicom hands an unparsable DS over as text: float() raised "could not convert string to float: 'abc'" out of
+    # the file and series readers, naming neither the file nor the attribute.
+    _with_malformed_number(pydicom_files / "CT_small.dcm", "RescaleSlope", "abc", tmp_path / "slope.dcm")
+    _raises(tmp_path / "slope.dcm", r"malformed RescaleSlope 'abc' \(a number is expected\)")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    files = sorted(ct_series.iterdir())
+    for f in files[1:]:
+        shutil.copy(f, folder / f.name)
+    _with_malformed_number(files[0], "RescaleIntercept", "x1", folder / files[0].name)
+    with pytest.raises(ImagingError, match=rf"{files[0].name}: malformed RescaleIntercept 'x1'"):
+        read_volume(folder)
+
+
 def test_dicom_without_preamble_is_identified(pydicom_files):
     """rtstruct.dcm lacks the 'DICM' prefix: say what it is, not pydicom's "Use force=True" advice."""
     err = _raises(pydicom_files / "rtstruct.dcm", r"non-image DICOM \(RT Structure Set Storage, modality RTSTRUCT\)")
@@ -206,3 +238,30 @@ def test_failed_pixel_decode_logs_no_traceback(pydicom_files, caplog):
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     # Neither pydicom nor GDCM decodes it: both reasons, and the ways out (a damaged file, or a missing decoder).
     assert "pydicom: pillow:" in str(err) and "GDCM:" in str(err) and "pip install pylibjpeg" in str(err)
+
+
+def test_rt_dose_with_one_frame_offset_for_many_frames(pydicom_files, tmp_path):
+    # A single GridFrameOffsetVector value is no list: iterating over it raised "'DSfloat' object is not iterable".
+    ds = pydicom.dcmread(pydicom_files / "rtdose.dcm")
+    ds.GridFrameOffsetVector = 0.0
+    ds.save_as(tmp_path / "one_offset.dcm")
+    _raises(tmp_path / "one_offset.dcm", f"GridFrameOffsetVector has 1 values for {ds.NumberOfFrames} frames")
+
+
+def test_nrrd_with_malformed_origin_or_unknown_type(nibabel_data, tmp_path):
+    # A 2-value space origin raised numpy's "matmul: Input operand 1 has a mismatch in its core dimension", a NaN one
+    # was called a "degenerate voxel-to-patient matrix" (the direction matrix shown was fine), and a type pynrrd does
+    # not know raised KeyError: 'quaternion'.
+    data = np.asanyarray(nib.load(nibabel_data / "anatomical.nii").dataobj)
+    path = tmp_path / "volume.nrrd"
+    nrrd.write(str(path), data, {"space": "left-posterior-superior", "space directions": np.diag([2.0, 2.0, 2.0]),
+                                 "space origin": [1.0, 2.0, 3.0]})
+    head, _, body = path.read_bytes().partition(b"\n\n")
+    for line, said in ((b"space origin: (1,2)", r"malformed space origin \[1\. 2\.\] \(3 finite numbers expected\)"),
+                       (b"space origin: (nan,2,3)", r"malformed space origin \[nan +2\. +3\.\]"),
+                       (b"type: quaternion", "unsupported NRRD type 'quaternion'")):
+        key = line.split(b":")[0] + b":"
+        lines = [line if old.startswith(key) else old for old in head.split(b"\n")]
+        bad = tmp_path / "bad.nrrd"
+        bad.write_bytes(b"\n".join(lines) + b"\n\n" + body)
+        _raises(bad, said)

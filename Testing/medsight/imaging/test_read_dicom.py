@@ -196,3 +196,68 @@ def test_gdcm_fallback_refuses_palette_color(pydicom_files, dicom_store):
     with pytest.raises(ImagingError, match="GDCM: PALETTE COLOR") as info:
         _stored_values_via_gdcm(path, pydicom.dcmread(path), 1, "no decoder")
     assert "pydicom: no decoder" in str(info.value)
+
+
+# Lossy compression was read without a word: the volume now says which, for `medsight ask` to tell the user.
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("SC_rgb_jpeg_dcmtk.dcm", "JPEG Baseline (Process 1), ratio 17.401:1"),  # pydicom decodes it
+        ("JPEG-lossy.dcm", "JPEG Extended (Process 2 and 4), ratio 76:1"),  # 12-bit: GDCM decodes it
+        ("JPEGLSNearLossless_16.dcm", "JPEG-LS Lossy (Near-Lossless) Image Compression"),  # no (0028,2110): syntax
+        ("MR2_J2KI.dcm", "JPEG 2000 Image Compression, ratio 18:1"),  # a syntax that may be either: (0028,2110) 01
+        ("MR2_UNCI.dcm", "earlier JPEG 2000 compression, ratio 18:1"),  # stored uncompressed after a lossy one
+    ],
+)
+def test_lossy_compression_is_reported(name, said, pydicom_files, dicom_store):
+    assert read_volume(_testdata(name, pydicom_files, dicom_store)).lossy_compression == said
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR2_J2KR.dcm", "JPEG-LL.dcm", "MR_small_RLE.dcm",
+                                  "CT_small.dcm"])
+def test_lossless_and_uncompressed_files_report_no_lossy_compression(name, pydicom_files, dicom_store):
+    assert read_volume(_testdata(name, pydicom_files, dicom_store)).lossy_compression is None
+
+
+def test_lossless_file_flagged_lossy_names_the_earlier_compression(pydicom_files, dicom_store, tmp_path):
+    # Stored JPEG Lossless after a lossy JPEG: the note named "JPEG Lossless" as the lossy compression, and a ratio
+    # that is not a number raised ValueError out of the reader.
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(_testdata("JPEG-LL.dcm", pydicom_files, dicom_store))
+    ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    ds[0x00282112] = DataElement(0x00282112, "LO", "high")  # LossyImageCompressionRatio, written with another VR
+    ds.save_as(tmp_path / "flagged.dcm")
+    assert read_volume(tmp_path / "flagged.dcm").lossy_compression == "earlier JPEG compression"
+
+
+def test_series_with_a_lossy_slice_says_how_many(ct_series, tmp_path):
+    files = sorted(ct_series.iterdir())
+    for n, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if n == 0:
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.save_as(tmp_path / f.name)
+    assert read_volume(ct_series).lossy_compression is None
+    assert read_volume(tmp_path).lossy_compression == f"1 of {len(files)} files: earlier JPEG compression"
+
+
+def test_files_without_a_meta_header_read_like_their_source(pydicom_files, dicom_store, tmp_path):
+    # A file without preamble and meta header (older writers) names no transfer syntax; its header was read, but
+    # pydicom refused its pixels ("file_meta has no (0002,0010) 'Transfer Syntax UID'"), though GDCM reads them.
+    from pydicom.dataset import FileMetaDataset
+
+    source = pydicom_files / "CT_small.dcm"
+    for implicit in (True, False):  # (big endian too, but pydicom's writer would not swap the pixel bytes)
+        ds = pydicom.dcmread(source)
+        ds.preamble, ds.file_meta = None, FileMetaDataset()
+        path = tmp_path / f"no_meta_{'implicit' if implicit else 'explicit'}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+        vol, ref = read_volume(path), read_volume(source)
+        assert np.array_equal(vol.array, ref.array) and vol.same_geometry(ref), path.name
+    face = dicom_store / "OT-PAL-8-face.dcm"  # a real one: PALETTE COLOR with 16-bit palette entries
+    vol = read_volume(face)
+    gdcm = sitk.GetArrayFromImage(sitk.ReadImage(str(face)))  # GDCM gives the palette's top 8 bits
+    assert vol.is_rgb and vol.array.shape == gdcm.shape
+    assert np.array_equal(vol.array >> 8, gdcm)

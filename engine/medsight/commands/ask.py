@@ -18,6 +18,9 @@ def run_ask(args: argparse.Namespace) -> int:
     check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
     check_vision_file(args)
     volume = _read_input(args)
+    if volume.lossy_compression:  # the user judges answers on it: say so, as a radiology viewer does
+        print(f"note: the image was lossy compressed ({volume.lossy_compression}); its grey values and fine detail "
+              "differ from the acquired image", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     answers = _answers(args, volume, indices)
@@ -108,7 +111,7 @@ def _read_input(args: argparse.Namespace):
                          f"{series_listing(err.series)}") from None
     except NotAnImageError as err:
         raise ValueError(f"{err.path}: {err.kind}, not an image: medsight ask needs an image (DICOM image file or "
-                         "series folder, NIfTI, NRRD, PNG/JPG/TIFF)") from None
+                         "series folder, NIfTI, NRRD, MetaImage, PNG/JPG/TIFF)") from None
     if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
         what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
         raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")

@@ -1,6 +1,6 @@
 """Medical imaging I/O, windowing, slice geometry and segmentation export.
 
-Read: `read_volume` (DICOM folder or file, NIfTI, NRRD, PNG/JPG/TIFF) -> `Volume`.
+Read: `read_volume` (DICOM folder or file, NIfTI, NRRD, MetaImage, PNG/JPG/TIFF) -> `Volume`.
 Show: `to_rgb` (CT presets or robust percentiles) -> uint8 (H, W, 3).
 Slice: `extract_slice` / `iter_slices` -> `Slice` with its exact pixel <-> voxel <-> RAS mapping.
 Assemble: `SegmentationBuilder` -> `Segmentation` on the source grid.
@@ -20,6 +20,7 @@ from .labelmap import Segment, Segmentation, SegmentationBuilder
 from .read import read_volume
 from .read_dicom import SeriesInfo, list_dicom_series, read_dicom, read_dicom_file, read_dicom_series
 from .read_files import read_image2d, read_nifti, read_nrrd
+from .read_metaimage import read_metaimage
 from .slicing import (
     PLANES,
     Slice,
@@ -62,6 +63,7 @@ __all__ = [
     "read_dicom_seg",
     "read_dicom_series",
     "read_image2d",
+    "read_metaimage",
     "read_nifti",
     "read_nifti_labelmap",
     "read_nrrd",

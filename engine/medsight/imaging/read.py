@@ -7,6 +7,7 @@ import os
 from .errors import ImagingError
 from .read_dicom import read_dicom_file, read_dicom_series
 from .read_files import read_image2d, read_nifti, read_nrrd
+from .read_metaimage import read_metaimage
 from .volume import MAX_VOXELS, Volume
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -27,7 +28,7 @@ def read_volume(
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
 ) -> Volume:
-    """Read a DICOM folder or file, NIfTI, NRRD or 2D picture into a `Volume`.
+    """Read a DICOM folder or file, NIfTI, NRRD, MetaImage or 2D picture into a `Volume`.
 
     ``modality`` (CT, MR, US, ...) overrides the file's own; formats without one default to "OT".
     """
@@ -41,8 +42,10 @@ def read_volume(
         return read_nifti(path, modality=modality, max_voxels=max_voxels)
     if low.endswith((".nrrd", ".nhdr")):
         return read_nrrd(path, modality=modality, max_voxels=max_voxels)
+    if low.endswith((".mha", ".mhd")):
+        return read_metaimage(path, modality=modality, max_voxels=max_voxels)
     if low.endswith(_IMAGE_SUFFIXES):
         return read_image2d(path, modality=modality, max_voxels=max_voxels)
     if low.endswith(".dcm") or _is_dicom(path):
         return read_dicom_file(path, modality=modality, max_voxels=max_voxels)
-    raise ImagingError("unsupported file type (expected DICOM, NIfTI, NRRD, PNG, JPG or TIFF)", path)
+    raise ImagingError("unsupported file type (expected DICOM, NIfTI, NRRD, MetaImage, PNG, JPG or TIFF)", path)

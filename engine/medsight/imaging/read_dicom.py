@@ -99,6 +99,21 @@ def _int(ds: pydicom.Dataset, tag: str, path: str, default: int | None = None) -
         raise ImagingError(f"missing or malformed {tag} {value!r} (an integer is expected)", path) from None
 
 
+def _float(ds: pydicom.Dataset, tag: str, path: str, default: float) -> float:
+    """A number attribute (``default`` when absent, empty or 0); a malformed value names the file and the attribute
+    (pydicom hands an unparsable DS over as text, and float() alone names neither)."""
+    value = ds.get(tag)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ImagingError(f"malformed {tag} {str(value)!r} (a number is expected)", path)
+    return number
+
+
 def _require_image(ds: pydicom.Dataset, path: str) -> None:
     if ds.get("SOPClassUID") == SEG_SOP_CLASS:
         raise NotAnImageError("is a DICOM SEG, not an image; read it with read_dicom_seg()", path,
@@ -299,6 +314,43 @@ def _uids(ds: pydicom.Dataset) -> dict[str, str | None]:
     }
 
 
+#: Transfer syntaxes that are lossy by definition; JPEG 2000 and HTJ2K may be either, and say so in
+#: LossyImageCompression, as must a file decompressed from a lossy one.
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit, pydicom.uid.JPEGLSNearLossless,
+     *pydicom.uid.MPEGTransferSyntaxes}
+)
+_MAYBE_LOSSY_TRANSFER_SYNTAXES = frozenset({pydicom.uid.JPEG2000, pydicom.uid.JPEG2000MC, pydicom.uid.HTJ2K})
+_LOSSY_METHODS = {"ISO_10918_1": "JPEG", "ISO_14495_1": "JPEG-LS near-lossless", "ISO_15444_1": "JPEG 2000",
+                  "ISO_15444_15": "HTJ2K", "ISO_13818_2": "MPEG-2", "ISO_14496_10": "H.264", "ISO_23008_2": "HEVC"}
+
+
+def _lossy_compression(ds: pydicom.Dataset) -> str | None:
+    """The lossy compression the pixels went through, in words (transfer syntax or method, and ratio), else None."""
+    ts = ds.get("file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    flagged = str(ds.get("LossyImageCompression", "")).strip() == "01"
+    if ts not in LOSSY_TRANSFER_SYNTAXES and not flagged:
+        return None
+    if ts in LOSSY_TRANSFER_SYNTAXES or ts in _MAYBE_LOSSY_TRANSFER_SYNTAXES:
+        what = ts.name
+    else:  # stored uncompressed or lossless now: the method (0028,2114) names the earlier compression
+        methods = [str(m) for m in np.atleast_1d(ds.get("LossyImageCompressionMethod") or [])]
+        what = "earlier " + (" then ".join(_LOSSY_METHODS.get(m, m) for m in methods) or "lossy") + " compression"
+    ratios = []
+    for r in np.atleast_1d(ds.get("LossyImageCompressionRatio") or []):
+        with contextlib.suppress(TypeError, ValueError):  # a malformed ratio must not cost the image
+            ratios.append(f"{float(r):g}:1")
+    return what + (f", ratio {' then '.join(ratios)}" if ratios else "")
+
+
+def _series_lossy_compression(headers: Sequence[pydicom.Dataset]) -> str | None:
+    found = [c for c in map(_lossy_compression, headers) if c]
+    if not found:
+        return None
+    kinds = "; ".join(dict.fromkeys(found))
+    return kinds if len(found) == len(headers) else f"{len(found)} of {len(headers)} files: {kinds}"
+
+
 def _compact(array: np.ndarray) -> np.ndarray:
     """Integer HU stay integers (int16 when they fit) so labelmaps and windows stay exact."""
     if np.issubdtype(array.dtype, np.integer) and array.size:
@@ -385,7 +437,8 @@ def read_dicom_series(
     check_size((len(files), rows, columns, spp), folder, max_voxels)
 
     slopes = {
-        (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in headers
+        (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
+        for f, ds in zip(files, headers, strict=True)
     }
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -424,24 +477,25 @@ def read_dicom_series(
         source_files=tuple(files),
         source=folder,
         invert_display=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        lossy_compression=_series_lossy_compression(headers),
     )
 
 
-def _frame_rescale(ds: pydicom.Dataset, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _frame_rescale(ds: pydicom.Dataset, n_frames: int, path: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame (slope, intercept): enhanced functional groups, then the top level, then RT Dose."""
-    slope = np.full(n_frames, float(ds.get("RescaleSlope", 1) or 1))
-    inter = np.full(n_frames, float(ds.get("RescaleIntercept", 0) or 0))
+    slope = np.full(n_frames, _float(ds, "RescaleSlope", path, 1.0))
+    inter = np.full(n_frames, _float(ds, "RescaleIntercept", path, 0.0))
     shared = ds.get("SharedFunctionalGroupsSequence")
     per = ds.get("PerFrameFunctionalGroupsSequence")
     for f in range(n_frames):
         for groups in ((per[f] if per and f < len(per) else None), (shared[0] if shared else None)):
             seq = groups.get("PixelValueTransformationSequence") if groups is not None else None
             if seq:
-                slope[f] = float(seq[0].get("RescaleSlope", 1) or 1)
-                inter[f] = float(seq[0].get("RescaleIntercept", 0) or 0)
+                slope[f] = _float(seq[0], "RescaleSlope", path, 1.0)
+                inter[f] = _float(seq[0], "RescaleIntercept", path, 0.0)
                 break
     if "DoseGridScaling" in ds:
-        slope[:] = float(ds.DoseGridScaling)
+        slope[:] = _float(ds, "DoseGridScaling", path, 1.0)
     return slope, inter
 
 
@@ -510,7 +564,8 @@ def _file_geometry(
             )
             return order, spacing, origin, direction, True
         if "GridFrameOffsetVector" in ds:  # RT Dose: frames offset along the normal
-            offsets = np.asarray([float(v) for v in ds.GridFrameOffsetVector])
+            values = list(np.atleast_1d(ds.GridFrameOffsetVector))
+            offsets = _vec(values, len(values), "GridFrameOffsetVector", path)
             if len(offsets) != n_frames:
                 raise ImagingError(
                     f"GridFrameOffsetVector has {len(offsets)} values for {n_frames} frames", path
@@ -557,8 +612,8 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
         why_not = "PALETTE COLOR, which GDCM turns into RGB itself"
     elif spp not in (1, 3):
         why_not = f"{spp} samples per pixel"
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    inter = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = _float(ds, "RescaleSlope", path, 1.0)
+    inter = _float(ds, "RescaleIntercept", path, 0.0)
     exact = spp == 3 or (slope == 1 and inter == int(inter))  # else GDCM must give floats, as it would truncate
     pixels = None
     if why_not is None:
@@ -583,6 +638,18 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
     return pixels
 
 
+def _name_the_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """A file without a meta header (no preamble, as older writers leave it) names no transfer syntax, and pydicom
+    then refuses to decode its pixels; it read the data set in one of the uncompressed encodings, which is it."""
+    if "TransferSyntaxUID" in ds.file_meta or ds.original_encoding[0] is None:
+        return
+    implicit, little = ds.original_encoding
+    ds.file_meta.TransferSyntaxUID = (
+        pydicom.uid.ImplicitVRLittleEndian if implicit
+        else pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+    )
+
+
 def read_dicom_file(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
@@ -599,6 +666,7 @@ def read_dicom_file(
     try:
         with _decoder_tracebacks_unlogged():
             ds = pydicom.dcmread(path, force=ds.preamble is None)  # no preamble: _header read it forced
+            _name_the_transfer_syntax(ds)
             pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
         if not _is_compressed(ds):
@@ -619,7 +687,7 @@ def read_dicom_file(
         raise ImagingError(f"pixel data has shape {pixels.shape}, headers say {want}", path)
     order, spacing, origin, direction, geo = _file_geometry(ds, n_frames, path)
     if not rgb:
-        slope, inter = _frame_rescale(ds, n_frames)
+        slope, inter = _frame_rescale(ds, n_frames, path)
         if np.all(slope == 1) and np.all(inter == inter.astype(np.int64)):
             pixels = pixels.astype(np.int64) + inter.astype(np.int64)[:, None, None]
             pixels = _compact(pixels)
@@ -643,6 +711,7 @@ def read_dicom_file(
         frame_numbers=tuple(int(f) + 1 for f in (order if order is not None else range(n_frames))),
         has_patient_geometry=geo,
         invert_display=photometric == "MONOCHROME1",
+        lossy_compression=_lossy_compression(ds),
     )
 
 

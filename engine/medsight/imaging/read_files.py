@@ -163,6 +163,8 @@ def read_nrrd(
     check_size(shape, path, max_voxels)
     try:
         data, header = nrrd.read(path, index_order="F")
+    except KeyError as exc:  # pynrrd's word for a type it does not know
+        raise ImagingError(f"unsupported NRRD type {header.get('type')!r}", path) from exc
     except _READ_ERRORS as exc:
         raise ImagingError(f"unreadable or corrupt NRRD data ({exc})", path) from exc
     data = data.reshape(shape, order="A")
@@ -179,10 +181,13 @@ def read_nrrd(
         dirs = np.asarray(dirs, dtype=float)[: len(sizes)]
         if dirs.shape[0] < 3 or not np.all(np.isfinite(dirs[:3])):
             raise ImagingError(f"malformed space directions {header.get('space directions')}", path)
+        origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+        if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+            raise ImagingError(f"malformed space origin {header.get('space origin')} (3 finite numbers expected)", path)
         to_lps = _SPACES[space]
         m = np.eye(4)
         m[:3, :3] = to_lps @ dirs[:3].T  # NRRD lists one vector per axis
-        m[:3, 3] = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+        m[:3, 3] = to_lps @ origin
         return volume_from_affine(array, m, **kw)
     if space:
         raise ImagingError(f"unsupported NRRD space {space!r}", path)

@@ -49,6 +49,9 @@ class Volume:
     #: A NIfTI input's header transforms, ((qform, qform_code), (sform, sform_code)), 4x4 voxel-to-RAS: a mask
     #: written for it repeats them, so that it stays in the image's space (MNI152, aligned, ...) in every viewer.
     nifti_xforms: tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]] | None = None
+    #: DICOM whose pixels went through lossy compression (a lossy transfer syntax, or LossyImageCompression "01"):
+    #: which, in words, for the user to be told; None when nothing says so.
+    lossy_compression: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
