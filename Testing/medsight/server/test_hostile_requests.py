@@ -79,11 +79,15 @@ def test_boolean_volume_is_422(hardened):
     assert r.status_code == 422 and "bool" in r.json()["message"]
 
 
-def test_tiny_temperature_with_sampling_is_422(hardened, volume_id):
+@pytest.mark.parametrize("option", ["temperature", "repetition_penalty"])
+def test_tiny_temperature_or_repetition_penalty_with_sampling_is_422(hardened, volume_id, option):
+    """Both divide the logits: a tiny value overflows them, and sampling fails on the infinite probabilities. Before
+    the fix a repetition penalty of 1e-300 (or 1e-38 at temperature 0.01) was admitted, and the job failed after its
+    200 with `internal_error` (RuntimeError: probability tensor contains inf)."""
     with httpx.Client(base_url=hardened, timeout=30) as c:
         r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
-                                    "options": {"do_sample": True, "temperature": 1e-300, "max_new_tokens": 2}})
-        assert r.status_code == 422 and "temperature" in r.json()["message"]
+                                    "options": {"do_sample": True, option: 1e-300, "max_new_tokens": 2}})
+        assert r.status_code == 422 and option in r.json()["message"], r.text
         valid_ask(c, volume_id)
 
 
