@@ -91,6 +91,20 @@ def test_tiny_temperature_or_repetition_penalty_with_sampling_is_422(hardened, v
         valid_ask(c, volume_id)
 
 
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b'{"volume_id": "\xff\xfe"}', "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"volume_id": "a", "options": {"seed": ' + b"9" * 5000 + b"}}", "number in it is too long"),
+    (b'{"volume_id": "a", messages: []}', "Expecting property name"),
+], ids=["latin-1", "deep", "long-number", "unquoted-name"])
+def test_a_body_that_is_not_json_is_422_saying_why(hardened, body, words):
+    """Before the fix the first three were 400 "There was an error parsing the body" (code http_error, a status the
+    API does not list), and the last said only "1: JSON decode error"."""
+    r = httpx.post(f"{hardened}/v1/ask", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+    assert r.json()["message"].startswith("the body is not valid JSON") and words in r.json()["message"], r.text
+
 # -- geometry ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "words"), [
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation
