@@ -105,6 +105,7 @@ def test_a_body_that_is_not_json_is_422_saying_why(hardened, body, words):
     assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
     assert r.json()["message"].startswith("the body is not valid JSON") and words in r.json()["message"], r.text
 
+
 # -- geometry ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "words"), [
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation
