@@ -79,12 +79,31 @@ def test_boolean_volume_is_422(hardened):
     assert r.status_code == 422 and "bool" in r.json()["message"]
 
 
-def test_tiny_temperature_with_sampling_is_422(hardened, volume_id):
+@pytest.mark.parametrize("option", ["temperature", "repetition_penalty"])
+def test_tiny_temperature_or_repetition_penalty_with_sampling_is_422(hardened, volume_id, option):
+    """Both divide the logits: a tiny value overflows them, and sampling fails on the infinite probabilities. Before
+    the fix a repetition penalty of 1e-300 (or 1e-38 at temperature 0.01) was admitted, and the job failed after its
+    200 with `internal_error` (RuntimeError: probability tensor contains inf)."""
     with httpx.Client(base_url=hardened, timeout=30) as c:
         r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
-                                    "options": {"do_sample": True, "temperature": 1e-300, "max_new_tokens": 2}})
-        assert r.status_code == 422 and "temperature" in r.json()["message"]
+                                    "options": {"do_sample": True, option: 1e-300, "max_new_tokens": 2}})
+        assert r.status_code == 422 and option in r.json()["message"], r.text
         valid_ask(c, volume_id)
+
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b'{"volume_id": "\xff\xfe"}', "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"volume_id": "a", "options": {"seed": ' + b"9" * 5000 + b"}}", "number in it is too long"),
+    (b'{"volume_id": "a", messages: []}', "Expecting property name"),
+], ids=["latin-1", "deep", "long-number", "unquoted-name"])
+def test_a_body_that_is_not_json_is_422_saying_why(hardened, body, words):
+    """Before the fix the first three were 400 "There was an error parsing the body" (code http_error, a status the
+    API does not list), and the last said only "1: JSON decode error"."""
+    r = httpx.post(f"{hardened}/v1/ask", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+    assert r.json()["message"].startswith("the body is not valid JSON") and words in r.json()["message"], r.text
 
 
 # -- geometry ---------------------------------------------------------------------------------------------------------

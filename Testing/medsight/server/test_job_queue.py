@@ -191,3 +191,48 @@ def test_a_client_gone_after_its_text_stops_the_mask_decoding(queue_server, engi
     [record] = [j for j in app.state.jobs.history if j.id == job_id]
     assert record.stop_reason == "disconnected"
     assert len(calls) == 1, f"{len(calls) - 1} perceiver batches of {batches} ran after the hang-up"
+
+
+def test_retry_after_estimates_from_completed_asks_not_cancelled_ones(engine):
+    """Before the fix every job's duration entered the mean behind Retry-After: asks cancelled while they waited end
+    in milliseconds, and after a dozen of them the mean fell from 4.9 s to 0.4 s: a full queue (3 asks behind the
+    running one) said "retry in 2 s" and took 8.6 s. Here each round fills the queue, is refused once and cancels
+    every ask: the estimate must stay where the completed asks put it (before the fix it fell: 17, 8, 5, 3 s)."""
+    waiting = 3
+    app = create_app(engine, model_name="tiny", max_waiting=waiting)
+    jobs = app.state.jobs
+    work = {"max_new_tokens": 8}
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        # Slice 1 of this image runs all of LONG's tokens (slice 0 ends after ~150): it holds the queue.
+        image = np.random.default_rng(7).integers(0, 255, (2, 24, 24)).astype(np.uint8)
+        vid = c.post("/v1/volumes", content=npy(image), headers=NPY).json()["volume_id"]
+        for _ in range(2):
+            assert c.post("/v1/ask", json=ask_body(vid, work, index=0)).status_code == 200
+
+        def cancelled_while_waiting(ids: list[str]) -> bool:
+            with httpx.Client(base_url=url, timeout=120) as own, own.stream(
+                    "POST", "/v1/ask", json=ask_body(vid, work, index=0)) as r:
+                ids.append(r.headers["x-job-id"])
+                r.read()
+                return r.json()["cancelled"]
+
+        def full_queue_retry_after() -> int:
+            """Fill the queue (a running ask, `waiting` behind it), read one refusal's Retry-After, cancel all."""
+            with c.stream("POST", "/v1/ask", json=ask_body(vid, LONG, index=1)) as blocker, ThreadPoolExecutor(
+                    waiting) as pool:
+                ids = [blocker.headers["x-job-id"]]
+                outcomes = [pool.submit(cancelled_while_waiting, ids) for _ in range(waiting)]
+                while len(ids) <= waiting:
+                    time.sleep(0.005)
+                refused = c.post("/v1/ask", json=ask_body(vid, work))
+                assert refused.status_code == 429, refused.text
+                for job_id in ids[1:] + ids[:1]:
+                    assert c.post(f"/v1/jobs/{job_id}/cancel").json()["cancelled"] is True
+                assert [f.result() for f in outcomes] == [True] * waiting
+                blocker.read()
+            return int(refused.headers["retry-after"])
+
+        estimates = [full_queue_retry_after() for _ in range(4)]
+    assert len([j for j in jobs.history if j.stop_reason == "cancelled"]) == 4 * (waiting + 1)
+    print(f"Retry-After with a full queue, after 0 to 12 cancelled asks: {estimates} s")
+    assert estimates == [estimates[0]] * 4, estimates

@@ -55,6 +55,14 @@ DEFAULT_MAX_WAITING = 64
 DEFAULT_ASK_MEMORY_BYTES = 8 * 1024**3
 
 
+#: Why the framework could not parse a JSON body, by the exception it met (its own 400 names none of them).
+BODY_PARSE_ERRORS = {
+    UnicodeDecodeError: "it is not UTF-8 text",
+    RecursionError: "it is nested too deeply",
+    ValueError: "a number in it is too long",  # Python refuses integers of over 4300 digits
+}
+
+
 class ApiError(Exception):
     """An error with an HTTP status and a machine code; rendered as ErrorBody."""
 
@@ -176,12 +184,19 @@ def create_app(
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         parts = []
         for e in err.errors()[:5]:
+            if e.get("type") == "json_invalid":  # the framework's loc is ("body", character position)
+                at = e.get("loc", ("body", 0))[-1]
+                return _error(422, "invalid_request", f"the body is not valid JSON: "
+                              f"{e.get('ctx', {}).get('error', 'unreadable')} (at character {at})")
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{where or 'body'}: {e.get('msg')}")
         return _error(422, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        unparsed = BODY_PARSE_ERRORS.get(type(err.__cause__)) if err.status_code == 400 else None
+        if unparsed is not None:  # the framework's 400 "There was an error parsing the body" did not say why
+            return _error(422, "invalid_request", f"the body is not valid JSON: {unparsed}")
         return _error(err.status_code, "too_large" if err.status_code == 413 else "http_error", str(err.detail))
 
     @app.exception_handler(BodyTimeoutError)

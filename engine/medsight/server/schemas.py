@@ -82,7 +82,7 @@ class AskOptions(Strict):
     temperature: float = Field(default=1.0, ge=0.01, le=10)  # below 0.01 sampling overflows to NaN
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
-    repetition_penalty: float = Field(default=1.2, gt=0, le=10)
+    repetition_penalty: float = Field(default=1.2, ge=0.01, le=10)  # divides logits too: tiny values overflow them
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     resize_mode: Literal["letterbox", "crop"] = "letterbox"
     hidden_state_position: Literal["before", "at"] | None = None  # None: the model's own default
