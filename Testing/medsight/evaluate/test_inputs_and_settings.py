@@ -98,7 +98,7 @@ def test_a_file_as_report_folder_is_refused(vqa):
 
 def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path, capsys):
     """--limit 1 of a 2-item file: the report counted 1 item, scored 1, missing 0, and named neither the limit nor
-    the item left out; every item of the data is now scored or counted as left out."""
+    the item left out (nor did its settings); every item of the data is now scored or counted as left out."""
     n_data = len(read_llava_vqa(vqa))
     assert main(["vqa", "--data", str(vqa), "--report", str(tmp_path / "r"), *[a for a in ARGS if a != "--quiet"],
                  "--model", "demo", "--limit", "1"]) == 0
@@ -109,6 +109,14 @@ def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path
     console = capsys.readouterr().err
     assert f"items: 1 (--limit: {n_data - 1} more in the data), scored: 1, missing: 0. Answer types: closed 1 of 1 " \
            "scored (closed_accuracy)." in console
+    # The report's settings name the limit (they did not: a partial report's settings read as a full run's) ...
+    assert report["settings"]["limit"] == 1
+    assert "dtype float32, --limit 1." in (tmp_path / "r" / "report.md").read_text()
+    # ... and the full run resumed into the same folder says it has none.
+    assert _eval(vqa, tmp_path / "r", "--model", "demo") == 0
+    full = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert full["settings"]["limit"] is None and full["n_items"] == full["n_scored"] == n_data
+    assert "--limit" not in (tmp_path / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("limit", [-1, 0])

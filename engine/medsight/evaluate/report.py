@@ -247,6 +247,8 @@ def _settings_lines(settings: dict | None) -> list[str]:
     extras = [f"{k} {settings[k]}" for k in ("adapter", "vision_file") if settings.get(k)]
     options = [f"{k} {settings[k]}" for k in ("sampling", "max_new_tokens", "seed", "batch", "resize_mode", "dtype")
                if settings.get(k) is not None]
+    if settings.get("limit") is not None:  # a partial run: only the data's first items were asked and scored
+        options.append(f"--limit {settings['limit']}")
     data = [f"Data: {', '.join(settings[k] for k in ('data', 'vqa_data') if settings.get(k))} (images under "
             f"{settings['images']}).", ""] if settings.get("data") else []
     return [f"Model: {', '.join([model, *extras])}.", "", *data, f"Options: {', '.join(options)}.", ""]
