@@ -234,3 +234,41 @@ def test_the_dtype_is_recorded_as_loaded_and_an_older_auto_is_adopted_only_on_re
         _eval(vqa, report, "--model", "demo")
     assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
     assert json.loads((report / "settings.json").read_text()) == settings
+
+
+def _diagseg_without_masks(folder: Path, **extra) -> Path:
+    """The vqa fixture's questions as a DiagSeg text-only file (the `_vqa.json` kind: no masks)."""
+    items = [{"qa_id": it["id"], "question": it["conversations"][0]["value"],
+              "short_answer": it["conversations"][1]["value"], "image_file": it["image"], "modality": "MRI", **extra}
+             for it in json.loads((folder / "vqa.json").read_text())]
+    path = folder / "diagseg_vqa.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_bad_diagseg_data_is_refused_naming_the_item_before_the_model_is_asked(vqa, tmp_path, monkeypatch):
+    """An "mc" item without options was asked with every other item and then stopped the report with "no options to
+    choose from"; a text-only DiagSeg file as --data had its first item asked, then stopped with "item has no GT
+    mask"; an empty data file gave an empty report and exit status 0."""
+    from medsight.engine import Engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the data is refused before any item is asked")
+
+    monkeypatch.setattr(Engine, "load", no_model)
+    mc = _diagseg_without_masks(tmp_path, answer_type="mc", mask_ids=[0], masks=[[0, "img.png"]])
+    with pytest.raises(DataError, match=rf"{mc.name}: item 0 \(id 'q0'\): missing field 'option_A' \(a "
+                                        "multiple-choice item needs its options"):
+        main(["diagseg", "--data", str(mc), "--report", str(tmp_path / "mc"), "--model", "demo", *ARGS])
+    assert not (tmp_path / "mc").exists()
+    text_only = _diagseg_without_masks(tmp_path)
+    with pytest.raises(DataError, match=r"item 'q0' has no GT mask \('mask_ids' and 'masks'\) to score its Dice "
+                                        r"against: --data takes the DiagSeg file with masks .* the text-only "
+                                        r"_vqa\.json goes to --vqa-data"):
+        main(["diagseg", "--data", str(text_only), "--report", str(tmp_path / "t"), "--model", "demo", *ARGS])
+    assert not list((tmp_path / "t").glob("predictions*")) and not (tmp_path / "t" / "report.json").exists()
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match=r"empty\.json: holds no items"):
+        main(["diagseg", "--data", str(empty), "--report", str(tmp_path / "e"), "--model", "demo", *ARGS])
+    assert not (tmp_path / "e").exists()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medsight.evaluate.readers import EvalItem
+from medsight.evaluate.readers import DataError, EvalItem
 from medsight.evaluate.report import build_report, write_report
 
 
@@ -41,6 +41,15 @@ def test_mc_report_per_modality_and_missing():
     assert rows[("CT", "mean")]["value"] == 50.0 and rows[("MRI", "mean")]["value"] == 100.0
     assert rows[("all", "macro_mean")]["value"] == 75.0 and rows[("all", "macro_mean")]["paper"] == 68.9
     assert rows[("all", "per_sample_mean")]["value"] == pytest.approx(200 / 3, abs=1e-3)
+
+
+def test_an_mc_item_without_options_is_named():
+    """build_report stopped with "no options to choose from", naming neither the item nor what it lacks."""
+    items = [_item(1, "Liver", "mc", options=["Liver", "Lung"]), _item(2, "Liver", "mc")]
+    preds = [{"question_id": it.id, "text": "liver"} for it in items]
+    with pytest.raises(DataError, match="item '2': answer type 'mc' without options to score the answer against"):
+        build_report("mc", items, preds, n_boot=5)
+    assert build_report("mc", items[:1], preds, n_boot=5)["metrics"][0]["value"] == 100.0
 
 
 @pytest.mark.parametrize("width", [12, 8])

@@ -68,6 +68,8 @@ def text_scores(item: EvalItem, text: str) -> dict[str, float]:
     """Official and strict text metrics of one answer, chosen by the item's answer type."""
     kind = scored_type(item.answer_type)
     if kind == "mc":
+        if not item.options:  # the readers refuse such items; one built in Python is named, not a bare error
+            raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
         return {"accuracy": mc_hit(text, item.answer, item.options)}
     if kind == "closed":
         return {"closed_accuracy": closed_hit(text, item.answer),
