@@ -190,6 +190,11 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
+        reshaped = _masks_of_another_shape(items)
+        if reshaped:
+            notes.append(f"{reshaped} of {len(items)} items have GT masks of another aspect ratio than their image: "
+                         "both Dice stretch the masks onto those GT masks, so neither measures the mask on the image "
+                         "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
@@ -233,6 +238,27 @@ def _nonsquare_images(items: Sequence[EvalItem]) -> int:
                 count += im.width != im.height
         except (OSError, ValueError):
             continue
+    return count
+
+
+def _masks_of_another_shape(items: Sequence[EvalItem]) -> int:
+    """How many items have a GT mask whose aspect ratio is not its image's (more than a mask pixel of rounding off;
+    read from the headers, unreadable files not counted): strict_dice resizes the engine's mask on the image onto
+    the GT grid, which places it right only at the image's aspect ratio."""
+    from PIL import Image
+
+    count = 0
+    for item in items:
+        try:
+            with Image.open(item.image) as im:
+                width, height = im.size
+            sizes = []
+            for mask in item.masks:
+                with Image.open(mask) as m:
+                    sizes.append(m.size)
+        except (OSError, ValueError):
+            continue
+        count += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
     return count
 
 
