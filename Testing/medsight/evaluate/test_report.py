@@ -130,3 +130,32 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
                                       "closed": {"items": 2, "scored": 1, "skipped": 1}}
     assert ("Answer types: open 2 of 2 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy)."
             in to_markdown(report))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ({"rle": 5}, r"masks: stored masks: expected \{\"shape\": \[H, W\], \"rle\": \[counts of each mask\]\}"),
+    ({"rle": [[None]]}, "masks: stored mask: "),
+    ({"rle": [[1, 2]]}, r"masks: stored mask: RLE counts sum to 3, expected \d+"),
+    ("x", r"masks shape None != GT \(\d+, \d+\)"),
+])
+def test_damaged_stored_masks_are_named_with_their_prediction(tmp_path, damage, problem):
+    """A damaged predictions file stopped the report with a TypeError traceback ('int' object is not iterable,
+    string indices must be integers) or 'stored mask: ...' naming no prediction."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.runner import encode_masks
+
+    gt = np.zeros((8, 8), bool)
+    gt[2:6, 3:7] = True
+    Image.fromarray(np.zeros((*gt.shape, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    items = [EvalItem(str(i), "q", "lesion", "open", tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])
+             for i in range(2)]
+    stored = encode_masks([gt], gt.shape)
+    damaged = {**stored, **damage} if isinstance(damage, dict) else damage
+    preds = [{"question_id": "0", "text": "lesion", "masks": stored},
+             {"question_id": "1", "text": "lesion", "masks": damaged}]
+    assert build_report("diagseg", items[:1], preds[:1], n_boot=5)["metrics"][0]["value"] == 100.0
+    with pytest.raises(DataError, match=rf"prediction '1': {problem}"):
+        build_report("diagseg", items, preds, n_boot=5)

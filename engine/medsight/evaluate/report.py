@@ -81,13 +81,17 @@ def text_scores(item: EvalItem, text: str) -> dict[str, float]:
 def mask_dice(item: EvalItem, prediction: Prediction, key: str = "masks", gt: np.ndarray | None = None) -> float:
     """Dice of the stored binarised masks (`key`: "masks", the official frame, or "masks_image") against the union
     of the item's GT masks (`gt`, read from the item's files when not given)."""
-    masks = prediction.get(key)
+    masks, qid = prediction.get(key), prediction["question_id"]
     if masks is None:
-        raise DataError(f"prediction {prediction['question_id']!r} has no masks (not a segmentation run?)")
+        raise DataError(f"prediction {qid!r} has no masks (not a segmentation run?)")
     gt = load_gt_mask(item.masks) if gt is None else gt
-    if tuple(masks["shape"]) != gt.shape:
-        raise DataError(f"prediction {prediction['question_id']!r}: mask shape {masks['shape']} != GT {gt.shape}")
-    pred = decode_masks(masks, gt.shape)
+    shape = masks.get("shape") if isinstance(masks, dict) else None
+    if not isinstance(shape, list) or tuple(shape) != gt.shape:
+        raise DataError(f"prediction {qid!r}: {key} shape {shape} != GT {gt.shape}")
+    try:
+        pred = decode_masks(masks, gt.shape)
+    except DataError as err:  # a hand-edited or damaged predictions file: say which answer
+        raise DataError(f"prediction {qid!r}: {key}: {err}") from None
     return item_dice(pred, gt)
 
 

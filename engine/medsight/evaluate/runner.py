@@ -229,9 +229,11 @@ def encode_masks(masks: Sequence[np.ndarray], shape: Sequence[int]) -> dict:
 
 def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
     """(K, H, W) masks of a stored prediction on a grid of ``shape``; a DataError names a corrupt one."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("rle"), list):
+        raise DataError("stored masks: expected {\"shape\": [H, W], \"rle\": [counts of each mask]}")
     try:
         masks = [decode_mask({"shape": list(shape), "counts": counts}) for counts in stored["rle"]]
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: counts that are no numbers (null, objects)
         raise DataError(f"stored mask: {err}") from None
     return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
