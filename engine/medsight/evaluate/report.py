@@ -194,6 +194,11 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
+        empty = _empty_gt_masks(items)
+        if empty:
+            notes.append(f"{empty} of {len(items)} items have an empty GT mask (no pixel above 127, the notebooks' "
+                         "threshold: masks stored as 0/1 labels read as empty); their Dice is 0 for any predicted "
+                         "mask")
         reshaped = _masks_of_another_shape(items)
         if reshaped:
             notes.append(f"{reshaped} of {len(items)} items have GT masks of another aspect ratio than their image: "
@@ -241,6 +246,17 @@ def _nonsquare_images(items: Sequence[EvalItem]) -> int:
             with Image.open(item.image) as im:
                 count += im.width != im.height
         except (OSError, ValueError):
+            continue
+    return count
+
+
+def _empty_gt_masks(items: Sequence[EvalItem]) -> int:
+    """How many items' GT mask union is empty as binarised (unreadable ones are not counted: scoring names them)."""
+    count = 0
+    for item in items:
+        try:
+            count += not load_gt_mask(item.masks).any()
+        except DataError:
             continue
     return count
 
