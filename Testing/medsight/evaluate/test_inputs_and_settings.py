@@ -98,7 +98,7 @@ def test_a_file_as_report_folder_is_refused(vqa):
 
 def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path, capsys):
     """--limit 1 of a 2-item file: the report counted 1 item, scored 1, missing 0, and named neither the limit nor
-    the item left out; every item of the data is now scored or counted as left out."""
+    the item left out (nor did its settings); every item of the data is now scored or counted as left out."""
     n_data = len(read_llava_vqa(vqa))
     assert main(["vqa", "--data", str(vqa), "--report", str(tmp_path / "r"), *[a for a in ARGS if a != "--quiet"],
                  "--model", "demo", "--limit", "1"]) == 0
@@ -109,6 +109,14 @@ def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path
     console = capsys.readouterr().err
     assert f"items: 1 (--limit: {n_data - 1} more in the data), scored: 1, missing: 0. Answer types: closed 1 of 1 " \
            "scored (closed_accuracy)." in console
+    # The report's settings name the limit (they did not: a partial report's settings read as a full run's) ...
+    assert report["settings"]["limit"] == 1
+    assert "dtype float32, --limit 1." in (tmp_path / "r" / "report.md").read_text()
+    # ... and the full run resumed into the same folder says it has none.
+    assert _eval(vqa, tmp_path / "r", "--model", "demo") == 0
+    full = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert full["settings"]["limit"] is None and full["n_items"] == full["n_scored"] == n_data
+    assert "--limit" not in (tmp_path / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("limit", [-1, 0])
@@ -226,3 +234,41 @@ def test_the_dtype_is_recorded_as_loaded_and_an_older_auto_is_adopted_only_on_re
         _eval(vqa, report, "--model", "demo")
     assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
     assert json.loads((report / "settings.json").read_text()) == settings
+
+
+def _diagseg_without_masks(folder: Path, **extra) -> Path:
+    """The vqa fixture's questions as a DiagSeg text-only file (the `_vqa.json` kind: no masks)."""
+    items = [{"qa_id": it["id"], "question": it["conversations"][0]["value"],
+              "short_answer": it["conversations"][1]["value"], "image_file": it["image"], "modality": "MRI", **extra}
+             for it in json.loads((folder / "vqa.json").read_text())]
+    path = folder / "diagseg_vqa.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_bad_diagseg_data_is_refused_naming_the_item_before_the_model_is_asked(vqa, tmp_path, monkeypatch):
+    """An "mc" item without options was asked with every other item and then stopped the report with "no options to
+    choose from"; a text-only DiagSeg file as --data had its first item asked, then stopped with "item has no GT
+    mask"; an empty data file gave an empty report and exit status 0."""
+    from medsight.engine import Engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the data is refused before any item is asked")
+
+    monkeypatch.setattr(Engine, "load", no_model)
+    mc = _diagseg_without_masks(tmp_path, answer_type="mc", mask_ids=[0], masks=[[0, "img.png"]])
+    with pytest.raises(DataError, match=rf"{mc.name}: item 0 \(id 'q0'\): missing field 'option_A' \(a "
+                                        "multiple-choice item needs its options"):
+        main(["diagseg", "--data", str(mc), "--report", str(tmp_path / "mc"), "--model", "demo", *ARGS])
+    assert not (tmp_path / "mc").exists()
+    text_only = _diagseg_without_masks(tmp_path)
+    with pytest.raises(DataError, match=r"item 'q0' has no GT mask \('mask_ids' and 'masks'\) to score its Dice "
+                                        r"against: --data takes the DiagSeg file with masks .* the text-only "
+                                        r"_vqa\.json goes to --vqa-data"):
+        main(["diagseg", "--data", str(text_only), "--report", str(tmp_path / "t"), "--model", "demo", *ARGS])
+    assert not list((tmp_path / "t").glob("predictions*")) and not (tmp_path / "t" / "report.json").exists()
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match=r"empty\.json: holds no items"):
+        main(["diagseg", "--data", str(empty), "--report", str(tmp_path / "e"), "--model", "demo", *ARGS])
+    assert not (tmp_path / "e").exists()

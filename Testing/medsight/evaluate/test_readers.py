@@ -1,6 +1,7 @@
 """Readers of the official files on small hand-written examples, including their error messages."""
 
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,49 @@ def _with_answer(field, raw, value):
     if field == "conversations.1.value":
         return {"conversations": [raw["conversations"][0], {"from": "gpt", "value": value}]}
     return {field: value}
+
+
+SEG_ITEM = {"qa_id": "s1", "question": "<image>\nWhere is the lesion?", "short_answer": "liver lesion",
+            "image_file": "i.png", "answer_type": "open", "modality": "CT", "mask_ids": [0], "masks": [[0, "m.png"]]}
+
+
+@pytest.mark.parametrize("change, problem", [
+    # An "mc" item without options read, was asked, and then stopped the report with "no options to choose from".
+    ({"answer_type": "mc"}, r"missing field 'option_A' \(a multiple-choice item needs its options, option_A and "
+                            r"option_B at least\)"),
+    ({"answer_type": "mc", "option_A": "liver"}, "missing field 'option_B'"),
+    # Lists and numbers became their repr: a question "['a']", an image path ".../5", a mask ".../None".
+    ({"question": ["Where?"]}, "field 'question' is a list, not a string"),
+    ({"question": "<image>\n"}, "field 'question' holds no question besides its <image> tag"),
+    ({"question": ""}, "field 'question' is empty"),
+    ({"image_file": 5}, "field 'image_file' is a number, not a string"),
+    ({"image_file": ""}, "field 'image_file' is empty"),
+    ({"answer_type": ["open"]}, "field 'answer_type' is a list, not a string"),
+    ({"modality": {"name": "CT"}}, "field 'modality' is an object, not a string"),
+    ({"qa_id": ["s1"]}, "field 'qa_id' is a list, not a string or number"),
+    ({"masks": [[0, None]]}, r"the files of 'masks' entry \[0, None\] must be PNG paths"),
+    ({"masks": [[0, ["m.png", 3]]]}, r"the files of 'masks' entry \[0, \['m.png', 3\]\] must be PNG paths"),
+])
+def test_malformed_items_are_named_before_any_answer(tmp_path, change, problem):
+    good = {**SEG_ITEM, "qa_id": "s0"}
+    path = _write(tmp_path / "seg.json", [good, {**SEG_ITEM, **change}])
+    ident = re.escape(repr(change.get("qa_id", SEG_ITEM["qa_id"])))
+    with pytest.raises(DataError, match=rf"seg\.json: item 1 \(id {ident}\): {problem}"):
+        read_diagseg(path)
+
+
+def test_a_diagseg_mc_item_with_options_and_blank_optional_fields_are_read(tmp_path):
+    raw = {**SEG_ITEM, "answer_type": "MC", "option_A": "liver lesion", "option_B": "kidney cyst", "option_C": None,
+           "modality": ""}
+    (item,) = read_diagseg(_write(tmp_path / "seg.json", [raw]))
+    assert item.answer_type == "mc" and item.options == ["liver lesion", "kidney cyst"]
+    assert item.modality == "unknown" and item.question == "Where is the lesion?"
+
+
+@pytest.mark.parametrize("reader", [read_diagseg, read_llava_vqa, read_omnimed])
+def test_a_file_without_items_is_refused(tmp_path, reader):
+    """An empty file gave a report of 0 items, 0 scored, 0 missing and exit status 0, as if it were a result."""
+    for name, text in [("Modality_A.json", "[]"), ("b.jsonl", "\n\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"{name}: holds no items"):
+            reader(tmp_path / name)

@@ -273,3 +273,28 @@ def test_download_and_cache_check_take_the_files_the_loader_loads(cache, golden,
     for part in ("image_encoder", "region_perceiver", "codebook"):
         a, b = getattr(from_folder, part).state_dict(), getattr(downloaded, part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.parametrize("checkpoints", [
+    # The download kept the last name in plain sorted order, the loader the last by name without suffix ...
+    ["region_perceiver/0079280.pt", "region_perceiver/0079280.b.pt"],
+    ["region_perceiver/0079280.pt", "region_perceiver/0079280-1.safetensors"],
+    ["codebook/0035673.pt", "codebook/0035673.1.pt", "codebook/0035673.safetensors"],
+    # ... and matched across folders, where the loader searches one: it kept old/ and dropped what loads.
+    ["region_perceiver/0079280.pt", "region_perceiver/old/0099999.pt"],
+    # Where they agreed: the converted copy of the last step.
+    ["region_perceiver/0040000.pt", "region_perceiver/0079280.pt", "region_perceiver/0079280.safetensors"],
+])
+def test_the_download_selects_the_checkpoint_the_loader_takes(tmp_path, checkpoints):
+    from medsight.model.hub import LVLM_FOLDER, release_files
+    from medsight.model.loading import _find_official_files
+
+    lvlm = [f"{LVLM_FOLDER}/{name}" for name in ("config.json", "model.safetensors", "tokenizer_config.json",
+                                                  "tokenizer.json")]
+    for name in checkpoints + lvlm:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    downloaded = [f for f in release_files(checkpoints + lvlm, codebook=True) if f in checkpoints]
+    found = _find_official_files(tmp_path)
+    loaded = [found[part].relative_to(tmp_path).as_posix() for part in ("perceiver", "codebook") if found[part]]
+    assert len(loaded) == 1 and downloaded == loaded

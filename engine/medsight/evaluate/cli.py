@@ -171,9 +171,12 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
         results[name] = run_predictions(engine, items, path, options, limit=args.limit,
                                         progress=None if args.quiet else name)
     items = runs[0][1][: args.limit] if args.limit is not None else runs[0][1]
+    # The report's settings name --limit (None: every item). settings.json does not: it is compared on resume, and
+    # a folder's answers may come from runs with several limits (a --limit smoke run resumed by the full run), none
+    # of which changes an answer.
     report = build_report(args.task, items, results["predictions"], n_boot=args.bootstrap, seed=args.seed,
                           benchmark=args.benchmark, text_predictions=results.get("predictions_vqa"),
-                          settings=settings)
+                          settings={**settings, "limit": args.limit})
     left_out = len(runs[0][1]) - len(items)
     if left_out:  # the items --limit leaves out are counted, not dropped unsaid
         report["notes"].append(f"--limit {args.limit}: only the first {len(items)} of the data's "

@@ -101,6 +101,28 @@ def _field(path: Path, index: int, item, dotted: str):
     return node
 
 
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _text(path: Path, index: int, item, dotted: str, numbers: bool = False) -> str:
+    """A text field (a number too where `numbers`: ids); a list or object would otherwise become its repr and be
+    asked, opened or grouped by as such, and an empty string would ask nothing or name the data's folder."""
+    value = _field(path, index, item, dotted)
+    if not isinstance(value, str) and not (numbers and isinstance(value, int | float) and not isinstance(value, bool)):
+        kind = _JSON_KINDS.get(type(value), f"a {type(value).__name__}")
+        raise DataError(f"{_where(path, index, item)}: field {dotted!r} is {kind}, not "
+                        f"{'a string or number' if numbers else 'a string'}")
+    if not str(value).strip():
+        raise DataError(f"{_where(path, index, item)}: field {dotted!r} is empty")
+    return str(value)
+
+
+def _optional_text(path: Path, index: int, item, key: str) -> str | None:
+    """A field that may be absent, null or blank (modality, answer type: the default applies), else text."""
+    value = item.get(key)
+    return None if value is None or (isinstance(value, str) and not value.strip()) else _text(path, index, item, key)
+
+
 def _answer(path: Path, index: int, item, value, dotted: str) -> str:
     """The item's one reference answer as text; a list or object (several references) is refused, since the
     official scripts score one string and str() of it would be scored silently as '['yes', 'no']'."""
@@ -110,12 +132,15 @@ def _answer(path: Path, index: int, item, value, dotted: str) -> str:
     return str(value)
 
 
-def _resolve(root: Path, value) -> Path:
-    p = Path(str(value))
+def _resolve(root: Path, value: str) -> Path:
+    p = Path(value)
     return p if p.is_absolute() else (root / p).resolve()
 
 
 def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
+    """The items, if there are any and their ids are unique (an empty file would be reported as an empty run)."""
+    if not items:
+        raise DataError(f"{path}: holds no items")
     seen: set[str] = set()
     for i, it in enumerate(items):
         if it.id in seen:
@@ -124,8 +149,25 @@ def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
     return items
 
 
-def _clean_question(text: str) -> str:
-    return _IMAGE_TAG.sub("", str(text)).strip()
+def _question(path: Path, index: int, item, dotted: str) -> str:
+    """The prompt without its ``<image>`` tag; one with nothing else would be refused by the engine mid-run."""
+    question = _IMAGE_TAG.sub("", _text(path, index, item, dotted)).strip()
+    if not question:
+        raise DataError(f"{_where(path, index, item)}: field {dotted!r} holds no question besides its <image> tag")
+    return question
+
+
+def _mc_options(path: Path, index: int, item) -> list[str]:
+    """option_A and option_B at least (C, D when present), each a string or number, as OmniMedVQA's."""
+    for key in OPTION_KEYS[:2]:
+        if key not in item:
+            raise DataError(f"{_where(path, index, item)}: missing field {key!r} (a multiple-choice item needs its "
+                            f"options, {' and '.join(OPTION_KEYS[:2])} at least)")
+        _field(path, index, item, key)  # not null
+    for key in OPTION_KEYS:
+        if item.get(key) is not None:
+            _text(path, index, item, key, numbers=True)
+    return options_of(item)
 
 
 def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
@@ -139,7 +181,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
     items = []
     for i, raw in enumerate(_load_list(path)):
         where = _where(path, i, raw)
-        qid = str(_field(path, i, raw, "qa_id"))
+        qid = _text(path, i, raw, "qa_id", numbers=True)
         if isinstance(raw.get("conversations"), list) and len(raw["conversations"]) > 1:
             gt_field = "conversations.1.value"
         else:
@@ -156,13 +198,18 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
                     raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
                 if str(entry[0]) == target:
                     files = entry[1] if isinstance(entry[1], list) else [entry[1]]
+                    if not all(isinstance(f, str) and f.strip() for f in files):
+                        raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
                     masks += [_resolve(root, f) for f in files]
             if not masks:
                 raise DataError(f"{where}: no entry of 'masks' has the last mask id {target!r}")
+        answer_type = (_optional_text(path, i, raw, "answer_type") or "open").lower()
         items.append(EvalItem(
-            id=qid, question=_clean_question(_field(path, i, raw, "question")), answer=gt,
-            answer_type=str(raw.get("answer_type") or "open").lower(), image=_resolve(root, _field(path, i, raw,
-            "image_file")), modality=canonical_modality(raw.get("modality")), masks=masks,
+            id=qid, question=_question(path, i, raw, "question"), answer=gt, answer_type=answer_type,
+            image=_resolve(root, _text(path, i, raw, "image_file")),
+            modality=canonical_modality(_optional_text(path, i, raw, "modality")), masks=masks,
+            # An "mc" item is scored against its options as OmniMedVQA's; without them it has nothing to score.
+            options=_mc_options(path, i, raw) if answer_type == "mc" else [],
         ))
     return _check_unique(path, items)
 
@@ -173,14 +220,14 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
     root = Path(image_root) if image_root is not None else path.parent
     items = []
     for i, raw in enumerate(_load_list(path)):
-        answer_type = str(_field(path, i, raw, "answer_type")).lower()
+        answer_type = _text(path, i, raw, "answer_type").lower()
         items.append(EvalItem(
-            id=str(_field(path, i, raw, "id")),
-            question=_clean_question(_field(path, i, raw, "conversations.0.value")),
+            id=_text(path, i, raw, "id", numbers=True),
+            question=_question(path, i, raw, "conversations.0.value"),
             answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
             answer_type="closed" if answer_type.startswith("close") else "open",
-            image=_resolve(root, _field(path, i, raw, "image")),
-            modality=canonical_modality(raw.get("modality")),
+            image=_resolve(root, _text(path, i, raw, "image")),
+            modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))
     return _check_unique(path, items)
 
@@ -206,14 +253,12 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
     modality = _omni_modality(path)
     items = []
     for i, raw in enumerate(_load_list(path)):
-        for key in OPTION_KEYS[:2]:
-            _field(path, i, raw, key)
-        options = options_of(raw)
-        question = _clean_question(_field(path, i, raw, "question"))
+        options = _mc_options(path, i, raw)
+        question = _question(path, i, raw, "question")
         items.append(EvalItem(
-            id=str(_field(path, i, raw, "question_id")), question=question + MC_SUFFIX,
+            id=_text(path, i, raw, "question_id", numbers=True), question=question + MC_SUFFIX,
             answer=_answer(path, i, raw, _field(path, i, raw, "gt_answer"), "gt_answer"), answer_type="mc",
-            image=_resolve(root, _field(path, i, raw, "image_path")), modality=modality, options=options,
+            image=_resolve(root, _text(path, i, raw, "image_path")), modality=modality, options=options,
         ))
     return _check_unique(path, items)
 

@@ -68,6 +68,8 @@ def text_scores(item: EvalItem, text: str) -> dict[str, float]:
     """Official and strict text metrics of one answer, chosen by the item's answer type."""
     kind = scored_type(item.answer_type)
     if kind == "mc":
+        if not item.options:  # the readers refuse such items; one built in Python is named, not a bare error
+            raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
         return {"accuracy": mc_hit(text, item.answer, item.options)}
     if kind == "closed":
         return {"closed_accuracy": closed_hit(text, item.answer),
@@ -79,13 +81,17 @@ def text_scores(item: EvalItem, text: str) -> dict[str, float]:
 def mask_dice(item: EvalItem, prediction: Prediction, key: str = "masks", gt: np.ndarray | None = None) -> float:
     """Dice of the stored binarised masks (`key`: "masks", the official frame, or "masks_image") against the union
     of the item's GT masks (`gt`, read from the item's files when not given)."""
-    masks = prediction.get(key)
+    masks, qid = prediction.get(key), prediction["question_id"]
     if masks is None:
-        raise DataError(f"prediction {prediction['question_id']!r} has no masks (not a segmentation run?)")
+        raise DataError(f"prediction {qid!r} has no masks (not a segmentation run?)")
     gt = load_gt_mask(item.masks) if gt is None else gt
-    if tuple(masks["shape"]) != gt.shape:
-        raise DataError(f"prediction {prediction['question_id']!r}: mask shape {masks['shape']} != GT {gt.shape}")
-    pred = decode_masks(masks, gt.shape)
+    shape = masks.get("shape") if isinstance(masks, dict) else None
+    if not isinstance(shape, list) or tuple(shape) != gt.shape:
+        raise DataError(f"prediction {qid!r}: {key} shape {shape} != GT {gt.shape}")
+    try:
+        pred = decode_masks(masks, gt.shape)
+    except DataError as err:  # a hand-edited or damaged predictions file: say which answer
+        raise DataError(f"prediction {qid!r}: {key}: {err}") from None
     return item_dice(pred, gt)
 
 
@@ -188,6 +194,16 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
+        empty = _empty_gt_masks(items)
+        if empty:
+            notes.append(f"{empty} of {len(items)} items have an empty GT mask (no pixel above 127, the notebooks' "
+                         "threshold: masks stored as 0/1 labels read as empty); their Dice is 0 for any predicted "
+                         "mask")
+        reshaped = _masks_of_another_shape(items)
+        if reshaped:
+            notes.append(f"{reshaped} of {len(items)} items have GT masks of another aspect ratio than their image: "
+                         "both Dice stretch the masks onto those GT masks, so neither measures the mask on the image "
+                         "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
@@ -234,6 +250,38 @@ def _nonsquare_images(items: Sequence[EvalItem]) -> int:
     return count
 
 
+def _empty_gt_masks(items: Sequence[EvalItem]) -> int:
+    """How many items' GT mask union is empty as binarised (unreadable ones are not counted: scoring names them)."""
+    count = 0
+    for item in items:
+        try:
+            count += not load_gt_mask(item.masks).any()
+        except DataError:
+            continue
+    return count
+
+
+def _masks_of_another_shape(items: Sequence[EvalItem]) -> int:
+    """How many items have a GT mask whose aspect ratio is not its image's (more than a mask pixel of rounding off;
+    read from the headers, unreadable files not counted): strict_dice resizes the engine's mask on the image onto
+    the GT grid, which places it right only at the image's aspect ratio."""
+    from PIL import Image
+
+    count = 0
+    for item in items:
+        try:
+            with Image.open(item.image) as im:
+                width, height = im.size
+            sizes = []
+            for mask in item.masks:
+                with Image.open(mask) as m:
+                    sizes.append(m.size)
+        except (OSError, ValueError):
+            continue
+        count += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
+    return count
+
+
 # -- writing -------------------------------------------------------------------------------------------------------
 def _fmt(v: float | None) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
@@ -247,6 +295,8 @@ def _settings_lines(settings: dict | None) -> list[str]:
     extras = [f"{k} {settings[k]}" for k in ("adapter", "vision_file") if settings.get(k)]
     options = [f"{k} {settings[k]}" for k in ("sampling", "max_new_tokens", "seed", "batch", "resize_mode", "dtype")
                if settings.get(k) is not None]
+    if settings.get("limit") is not None:  # a partial run: only the data's first items were asked and scored
+        options.append(f"--limit {settings['limit']}")
     data = [f"Data: {', '.join(settings[k] for k in ('data', 'vqa_data') if settings.get(k))} (images under "
             f"{settings['images']}).", ""] if settings.get("data") else []
     return [f"Model: {', '.join([model, *extras])}.", "", *data, f"Options: {', '.join(options)}.", ""]

@@ -229,9 +229,11 @@ def encode_masks(masks: Sequence[np.ndarray], shape: Sequence[int]) -> dict:
 
 def decode_masks(stored: dict, shape: Sequence[int]) -> np.ndarray:
     """(K, H, W) masks of a stored prediction on a grid of ``shape``; a DataError names a corrupt one."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("rle"), list):
+        raise DataError("stored masks: expected {\"shape\": [H, W], \"rle\": [counts of each mask]}")
     try:
         masks = [decode_mask({"shape": list(shape), "counts": counts}) for counts in stored["rle"]]
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: counts that are no numbers (null, objects)
         raise DataError(f"stored mask: {err}") from None
     return np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool)
 
@@ -266,8 +268,13 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
 
 def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
     """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
-    stop a long run part-way). Their contents are checked when read (`item_image`)."""
+    stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
+    none: its first answer was asked, then lost to the error). Their contents are checked when read (`item_image`)."""
     for _, item in pending:
+        if options.segment and not item.masks:
+            raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
+                            "--data takes the DiagSeg file with masks (SegVQA_Diagnostic_test_v2.json), the text-only "
+                            "_vqa.json goes to --vqa-data")
         for kind, path in [("image", item.image), *(("mask", m) for m in (item.masks if options.segment else []))]:
             try:
                 check_user_file(path, kind, DataError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,27 @@ CODEBOOK_FILES = ("codebook*/*", "*codebook*")
 
 def checkpoint_patterns(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name + suffix for name in names for suffix in CHECKPOINT_SUFFIXES)
+
+
+def _step(name: str) -> str:
+    """A checkpoint's name without its suffix: a step's .pt and its converted .safetensors share it."""
+    return name.removesuffix(next((s for s in CHECKPOINT_SUFFIXES if name.endswith(s)), ""))
+
+
+def _in_folder_match(name: str, pattern: str) -> bool:
+    """`Path.glob`'s match, which the loader searches with: `*` stays within one folder (fnmatch's crosses `/`)."""
+    parts, pattern_parts = name.split("/"), pattern.split("/")
+    return len(parts) == len(pattern_parts) and all(map(fnmatch.fnmatchcase, parts, pattern_parts))
+
+
+def loaded_checkpoint(names: Iterable[str], stage: tuple[str, ...]) -> str | None:
+    """The checkpoint of a stage (`PERCEIVER_FILES`, `CODEBOOK_FILES`) that the loader takes among relative names
+    (a folder's files, a repository's listing), so a download fetches the one that loads: the last step in order of
+    the name without its suffix, and of that step the converted .safetensors copy."""
+    patterns = checkpoint_patterns(stage)
+    found = sorted((n for n in names if any(_in_folder_match(n, p) for p in patterns)),
+                   key=lambda n: (_step(n), not n.endswith(".safetensors")))
+    return next((n for n in found if _step(n) == _step(found[-1])), None) if found else None
 
 
 @dataclass(frozen=True)
@@ -168,11 +190,10 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     chosen = sorted(filter_repo_objects(listing, allow_patterns=[p for part in layout for p in part.patterns]))
     if layout is OURS_LAYOUT:
         return chosen
-    # One checkpoint per stage, the one the loader takes (the last in sorted order: the latest step, of one step the
-    # .safetensors copy).
+    # One checkpoint per stage: the one the loader takes.
     for stage in (PERCEIVER_FILES, CODEBOOK_FILES):
-        older = sorted(f for f in chosen if _any_match([f], checkpoint_patterns(stage)))[:-1]
-        chosen = [f for f in chosen if f not in older]
+        loaded = loaded_checkpoint(chosen, stage)
+        chosen = [f for f in chosen if f == loaded or not _any_match([f], checkpoint_patterns(stage))]
     return chosen
 
 

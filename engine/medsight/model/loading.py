@@ -38,6 +38,7 @@ from medsight.model.hub import (
     cached_release,
     checkpoint_patterns,
     fetch_release,
+    loaded_checkpoint,
     parse_repo,
     plan_release,
     resolve_file,
@@ -223,25 +224,21 @@ def _checkpoints(folder: Path, *patterns: str) -> list[Path]:
     return sorted(found, key=lambda p: (p.with_suffix("").as_posix(), p.suffix != ".safetensors"))
 
 
+def _loaded(folder: Path, stage: tuple[str, ...]) -> Path | None:
+    """The stage's checkpoint by the rule a download selects it with (`hub.loaded_checkpoint`)."""
+    name = loaded_checkpoint((p.relative_to(folder).as_posix() for p in _checkpoints(folder, *stage)), stage)
+    return None if name is None else folder / name
+
+
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    perceivers = _checkpoints(folder, *PERCEIVER_FILES)
     clip = _checkpoints(folder, *VISION_FILES)
-    codebooks = _checkpoints(folder, *CODEBOOK_FILES)
     return {
         "lvlm": lvlm,
-        "perceiver": _latest(perceivers),
+        "perceiver": _loaded(folder, PERCEIVER_FILES),
         "vision": clip[0] if clip else None,
-        "codebook": _latest(codebooks),
+        "codebook": _loaded(folder, CODEBOOK_FILES),
     }
-
-
-def _latest(found: list[Path]) -> Path | None:
-    """The last step's checkpoint (its converted copy if there is one)."""
-    if not found:
-        return None
-    stem = found[-1].with_suffix("")
-    return next(p for p in found if p.with_suffix("") == stem)
 
 
 def resolve_source(source: str | Path) -> Path:
