@@ -98,6 +98,10 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
     array = array_from_image(volume_node.GetImageData())
     if array.ndim != 3:
         raise GeometryError(f"volume {volume_node.GetName()!r} has {array.shape[-1]} components; expected a scalar")
+    if array.dtype == np.uint8 and array.shape[-1] == 3:
+        # The engine reads a uint8 upload whose last axis is 3 as one (H, W, 3) colour photo: a grey volume three
+        # voxels wide would become a 2D image. uint16 holds the same values and is always read as a volume.
+        array = array.astype(np.uint16)
     matrix = ijk_to_ras(volume_node)
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
