@@ -95,13 +95,23 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
         (array_kji, spacing, origin_lps, direction_lps): the voxels as a (k, j, i) array; spacing (i, j, k) mm;
         origin in LPS mm; the 3x3 LPS direction matrix (columns: i, j, k axes) as 9 row-major numbers.
     """
-    array = array_from_image(volume_node.GetImageData())
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        # Listed by the volume selector all the same: e.g. Crop Volume's new output before Apply, a failed load.
+        raise GeometryError(f"The volume {volume_node.GetName()!r} has no image data: choose a volume that holds an "
+                            "image.")
+    array = array_from_image(image)
     if array.ndim != 3:
         raise GeometryError(f"volume {volume_node.GetName()!r} has {array.shape[-1]} components; expected a scalar")
     if array.dtype == np.uint8 and array.shape[-1] == 3:
         # The engine reads a uint8 upload whose last axis is 3 as one (H, W, 3) colour photo: a grey volume three
         # voxels wide would become a 2D image. uint16 holds the same values and is always read as a volume.
         array = array.astype(np.uint16)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # The engine refuses them too, but only after the whole volume was sent; here the message names the volume.
+        nan, infinite = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        raise GeometryError(f"volume {volume_node.GetName()!r} has {nan} NaN and {infinite} infinite voxels: replace "
+                            "them with finite values first")
     matrix = ijk_to_ras(volume_node)
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)

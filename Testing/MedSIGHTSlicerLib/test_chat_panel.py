@@ -549,6 +549,39 @@ def test_volume_without_image_data_is_refused_with_a_plain_error(app, fake):
         scene.Clear(1)
 
 
+
+@pytest.mark.parametrize("kind", ["no scalars", "NaN voxels"])
+def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind):
+    """A volume whose image holds no voxels, or NaN voxels, gets one plain error naming it and nothing is sent (it
+    was sent whole, to be refused by the engine, or raised a message without the volume's name)."""
+    slicer = pytest.importorskip("slicer")
+    vtk = pytest.importorskip("vtk")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    if kind == "no scalars":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        node.SetAndObserveImageData(vtk.vtkImageData())  # an image object without voxels
+    else:
+        voxels = np.zeros((3, 8, 8), np.float64)
+        voxels[1, 2, 3] = np.nan
+        node = make_volume(scene, voxels, np.eye(4), dtype=np.float64)
+    node.SetName("Broken")
+    panel = ChatPanel(MedSIGHTClient(fake.url, timeout=5, retries=0))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(node)
+    try:
+        assert panel.send("Where is the liver?") is False
+        assert "'Broken'" in panel.error.text()
+        assert ("no image data" if kind == "no scalars" else "1 NaN") in panel.error.text()
+        assert not panel.busy and panel._turns == [] and fake.requests == []
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app, engine):
     """Wired as the module wires it (the session caches the engine id, the panel asks with it): after the engine
     restarts on the same URL, the next question uploads the volume once more and gets its answer, no error shown."""

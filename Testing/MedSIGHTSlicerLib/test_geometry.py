@@ -74,6 +74,21 @@ def test_upload_array_is_a_copy(volume):
     assert again.any()
 
 
+
+def test_non_finite_voxels_are_refused_naming_the_volume(scene):
+    """NaN and infinite voxels (a float volume from a division, a failed registration) cannot be windowed: refused
+    before the upload with the volume's name and the counts, not after sending the whole volume to the engine."""
+    voxels = np.zeros(SHAPE_KJI, np.float32)
+    voxels.reshape(-1)[[0, 5, 9]] = np.nan
+    voxels.reshape(-1)[[2, 7]] = [np.inf, -np.inf]
+    node = make_volume(scene, voxels, oblique_matrix(), name="Ratio map", dtype=np.float32)
+    with pytest.raises(GeometryError, match=r"'Ratio map' has 3 NaN and 2 infinite voxels"):
+        volume_upload_arrays(node)
+    voxels.reshape(-1)[[0, 2, 5, 7, 9]] = 1.5  # finite again: sent
+    finite = make_volume(scene, voxels, oblique_matrix(), name="Fixed", dtype=np.float32)
+    np.testing.assert_array_equal(volume_upload_arrays(finite)[0], voxels)
+
+
 @pytest.mark.parametrize("plane", list(PLANES))
 def test_masks_land_on_the_sphere_voxels(volume, plane):
     ball = sphere()
