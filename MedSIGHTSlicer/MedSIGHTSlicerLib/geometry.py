@@ -61,10 +61,19 @@ def nodes_by_class(scene, class_name: str) -> list:
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
-    """The node's 4x4 IJKToRAS matrix as a numpy array."""
+    """The 4x4 map from an (i, j, k) index of the node's voxel array (``array_from_image``: first voxel 0) to RAS.
+
+    That is the node's IJKToRAS, shifted to where its image's extent starts: Slicer places the voxel at extent index
+    e at IJKToRAS @ e (``vtkMRMLVolumeNode::ShiftImageDataExtentToZeroStart`` keeps it there), and an image from a
+    script or a filter may start elsewhere than 0.
+    """
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return _matrix_to_numpy(matrix)
+    array_to_ras = _matrix_to_numpy(matrix)
+    image = volume_node.GetImageData()
+    if image is not None:
+        array_to_ras[:3, 3] += array_to_ras[:3, :3] @ np.array(image.GetExtent()[::2], dtype=np.float64)
+    return array_to_ras
 
 
 def _volume_shape(volume_node) -> tuple[int, int, int]:
