@@ -641,6 +641,57 @@ def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app
         scene.Clear(1)
 
 
+
+def test_whole_volume_under_a_warping_transform_is_asked_without_a_view(app, url):
+    """Wired as the module wires it (the "Current slice" provider is the chosen view in the volume's frame): a
+    volume under a non-linear transform has no single view plane, so "Current slice" says to harden it; a slice
+    range or the whole volume needs no view and was refused all the same. Its suggestions sit under the same
+    transform, on its own grid."""
+    slicer = pytest.importorskip("slicer")
+    vtk = pytest.importorskip("vtk")
+    from medsight_testing.mrml import add_slice_views, make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    shape = (3, 16, 18)
+    node = make_volume(scene, (np.arange(np.prod(shape)).reshape(shape) % 83).astype(np.int16), np.eye(4), "CT")
+    warp = vtk.vtkThinPlateSplineTransform()  # a non-linear transform, as the Landmark Registration module makes
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in [(0, 0, 0), (40, 0, 0), (0, 40, 0), (0, 0, 40), (40, 40, 40)]:
+        source.InsertNextPoint(point)
+        target.InsertNextPoint(point[0] + 2.0, point[1] + 0.1 * point[0], point[2])
+    warp.SetSourceLandmarks(source)
+    warp.SetTargetLandmarks(target)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    transform.SetAndObserveTransformToParent(warp)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    panel = ChatPanel(session.connect(url))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(node)
+    panel.current_slice_provider = lambda: session.current_view(node, "Red")  # MedSIGHTSlicerWidget._current_view
+    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    panel.options = dict(SHORT)
+    try:
+        panel.set_scope("current")
+        assert panel.send("Where is the liver?") is False
+        assert "non-linear transform: harden it first" in panel.error.text()
+        panel.set_scope("volume")
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == ""
+        assert panel.answered_slices == shape[0]
+        manager = session.suggestion_manager(node)
+        assert manager.suggestion_ids()
+        assert manager.preview_node.GetTransformNodeID() == transform.GetID()
+        for segment_id in manager.suggestion_ids():
+            assert manager.suggestion_mask(segment_id).shape == shape
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
     """Wired as the module wires it: a chip centres the views on its region; once its volume has left the scene
     the click did nothing at all, now the error line says why."""
