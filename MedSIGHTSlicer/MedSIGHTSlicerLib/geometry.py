@@ -16,6 +16,7 @@ import vtk
 from vtk.util import numpy_support
 
 __all__ = [
+    "DIRECTION_TOLERANCE",
     "GRID_TOLERANCE",
     "GeometryError",
     "array_from_image",
@@ -29,6 +30,9 @@ __all__ = [
 
 # A mapped pixel must land this close (in voxels) to an integer voxel index, else the slice is not on the grid.
 GRID_TOLERANCE = 1e-3
+#: How far the voxel axes' unit directions may be from orthonormal (D^T D vs I): the engine's ``check_geometry``
+#: tolerance (Testing/test_contracts.py checks they agree), so what is refused here is what the engine would refuse.
+DIRECTION_TOLERANCE = 1e-3
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -126,7 +130,12 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
     spacing = np.linalg.norm(axes, axis=0)
     if np.any(spacing <= 0):
         raise GeometryError(f"volume {volume_node.GetName()!r} has a degenerate IJKToRAS matrix")
-    direction_lps = _RAS_TO_LPS @ (axes / spacing)
+    directions = axes / spacing
+    if not np.allclose(directions.T @ directions, np.eye(3), atol=DIRECTION_TOLERANCE):
+        raise GeometryError(f"volume {volume_node.GetName()!r} has sheared voxel axes (not at right angles, e.g. after "
+                            "hardening a transform with shear, or a gantry tilt): resample it onto a regular grid "
+                            "first (e.g. Crop Volume with interpolated cropping)")
+    direction_lps = _RAS_TO_LPS @ directions
     origin_lps = _RAS_TO_LPS @ matrix[:3, 3]
     return (
         array,

@@ -89,6 +89,18 @@ def test_non_finite_voxels_are_refused_naming_the_volume(scene):
     np.testing.assert_array_equal(volume_upload_arrays(finite)[0], voxels)
 
 
+
+def test_sheared_voxel_axes_are_refused_naming_the_volume(scene):
+    """Hardening an affine transform with shear (or a gantry tilt) leaves a volume whose IJKToRAS axes are not at
+    right angles. The engine refuses such a grid after the whole upload, with a bare matrix: it is refused before,
+    naming the volume and what to do."""
+    matrix = oblique_matrix()
+    matrix[:3, 1] += 0.2 * matrix[:3, 0]  # the j axis leans towards the i axis
+    node = make_volume(scene, np.zeros(SHAPE_KJI, np.int16), matrix, name="Registered")
+    with pytest.raises(GeometryError, match=r"'Registered' has sheared voxel axes.*resample"):
+        volume_upload_arrays(node)
+
+
 @pytest.mark.parametrize("plane", list(PLANES))
 def test_masks_land_on_the_sphere_voxels(volume, plane):
     ball = sphere()
