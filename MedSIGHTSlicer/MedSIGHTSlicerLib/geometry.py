@@ -109,7 +109,7 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
         origin in LPS mm; the 3x3 LPS direction matrix (columns: i, j, k axes) as 9 row-major numbers.
     """
     image = volume_node.GetImageData()
-    if image is None or image.GetPointData().GetScalars() is None:
+    if image is None or image.GetPointData().GetScalars() is None or 0 in image.GetDimensions():
         # Listed by the volume selector all the same: e.g. Crop Volume's new output before Apply, a failed load.
         raise GeometryError(f"The volume {volume_node.GetName()!r} has no image data: choose a volume that holds an "
                             "image.")
@@ -128,7 +128,7 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
     matrix = ijk_to_ras(volume_node)
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
-    if np.any(spacing <= 0):
+    if not np.all(np.isfinite(matrix)) or np.any(spacing <= 0):
         raise GeometryError(f"volume {volume_node.GetName()!r} has a degenerate IJKToRAS matrix")
     directions = axes / spacing
     if not np.allclose(directions.T @ directions, np.eye(3), atol=DIRECTION_TOLERANCE):

@@ -550,7 +550,7 @@ def test_volume_without_image_data_is_refused_with_a_plain_error(app, fake):
 
 
 
-@pytest.mark.parametrize("kind", ["no scalars", "NaN voxels"])
+@pytest.mark.parametrize("kind", ["no scalars", "no voxels", "NaN voxels"])
 def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind):
     """A volume whose image holds no voxels, or NaN voxels, gets one plain error naming it and nothing is sent (it
     was sent whole, to be refused by the engine, or raised a message without the volume's name)."""
@@ -564,6 +564,11 @@ def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind
     if kind == "no scalars":
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
         node.SetAndObserveImageData(vtk.vtkImageData())  # an image object without voxels
+    elif kind == "no voxels":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        image = vtk.vtkImageData()
+        image.AllocateScalars(vtk.VTK_SHORT, 1)  # scalars of an empty extent: 0 x 0 x 0 voxels
+        node.SetAndObserveImageData(image)
     else:
         voxels = np.zeros((3, 8, 8), np.float64)
         voxels[1, 2, 3] = np.nan
@@ -575,7 +580,7 @@ def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind
     try:
         assert panel.send("Where is the liver?") is False
         assert "'Broken'" in panel.error.text()
-        assert ("no image data" if kind == "no scalars" else "1 NaN") in panel.error.text()
+        assert ("1 NaN" if kind == "NaN voxels" else "no image data") in panel.error.text()
         assert not panel.busy and panel._turns == [] and fake.requests == []
     finally:
         session.stop_observing()

@@ -99,6 +99,10 @@ def test_sheared_voxel_axes_are_refused_naming_the_volume(scene):
     node = make_volume(scene, np.zeros(SHAPE_KJI, np.int16), matrix, name="Registered")
     with pytest.raises(GeometryError, match=r"'Registered' has sheared voxel axes.*resample"):
         volume_upload_arrays(node)
+    matrix[0, 0] = np.nan  # a broken file's matrix: not called sheared
+    broken = make_volume(scene, np.zeros(SHAPE_KJI, np.int16), matrix, name="Broken")
+    with pytest.raises(GeometryError, match=r"'Broken' has a degenerate IJKToRAS matrix"):
+        volume_upload_arrays(broken)
 
 
 @pytest.mark.parametrize("plane", list(PLANES))
