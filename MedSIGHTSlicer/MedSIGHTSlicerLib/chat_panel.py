@@ -851,6 +851,9 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             indices = [-1]  # the engine says which slice in its "job" event
         elif info is not None:
             count = int(info.slices.get(job.plane, 0))
+            if count <= 0:  # a 2D image (one slice) has slices along one plane only: say which
+                planes = " or ".join(p for p, n in info.slices.items() if n > 0)
+                raise ValueError(f"the volume has no {job.plane} slices: ask along the {planes} plane")
             indices = _resolve_indices(job.scope, count)
             if job.scope[0] == "range" and [indices[0], indices[-1]] != sorted(job.scope[1:]):
                 job.emit("clamped", indices[0], indices[-1], count)  # part of the range lies outside the volume

@@ -697,6 +697,36 @@ def test_whole_volume_under_a_warping_transform_is_asked_without_a_view(app, url
         scene.Clear(1)
 
 
+
+def test_a_2d_image_asked_along_a_plane_it_has_no_slices_of_says_which_plane_it_has(app, url):
+    """A 2D image loaded as a volume (one slice) has slices along one plane only; a range or whole-volume question
+    along another plane (the Yellow view chosen) said only "no slices along this plane"."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    image = make_volume(scene, (np.arange(16 * 18).reshape(1, 16, 18) % 83).astype(np.int16), np.eye(4), "X-ray")
+    panel = ChatPanel(session.connect(url))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(image)
+    panel.options = dict(SHORT)
+    try:
+        panel.plane = "sagittal"
+        panel.set_scope("volume")
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "the volume has no sagittal slices: ask along the axial plane"
+        panel.plane = "axial"
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "" and panel.answered_slices == image.GetImageData().GetDimensions()[2]
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
     """Wired as the module wires it: a chip centres the views on its region; once its volume has left the scene
     the click did nothing at all, now the error line says why."""
