@@ -462,3 +462,33 @@ def test_every_array_the_client_uploads_the_engine_reads():
             pytest.fail(f"the client sends {array.dtype} {array.shape}, the engine refuses it: {err}")
         assert np.array_equal(np.load(io.BytesIO(bytes(body))), array)
     assert sent == len(arrays) - 4  # bool, complex, 1D and the 4D colour volume (the module sends scalars) stay here
+
+
+def test_both_sides_refuse_the_same_sheared_grids():
+    """`geometry.volume_upload_arrays` refuses sheared voxel axes before the upload with the engine's tolerance: a
+    grid it sends, the engine takes; one it refuses, the engine would refuse too."""
+    slicer = pytest.importorskip("slicer")
+    from medsight.imaging.errors import ImagingError
+    from medsight.imaging.volume import check_geometry
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib import geometry
+
+    scene = slicer.vtkMRMLScene()
+    for lean in (0.25, 4.0):  # times the tolerance
+        matrix = np.eye(4)
+        matrix[:3, 1] = [lean * geometry.DIRECTION_TOLERANCE, 1.0, 0.0]
+        node = make_volume(scene, np.zeros((2, 3, 4), np.int16), matrix)
+        try:
+            _, spacing, origin, direction = geometry.volume_upload_arrays(node)
+        except geometry.GeometryError:
+            client_sends = False
+            spacing, origin, direction = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), matrix[:3, :3]
+            direction = direction / np.linalg.norm(direction, axis=0)
+        else:
+            client_sends = True
+        try:
+            check_geometry(spacing, origin, np.reshape(direction, (3, 3)), "upload")
+            engine_takes = True
+        except ImagingError:
+            engine_takes = False
+        assert client_sends == engine_takes == (lean < 1.0), lean

@@ -8,7 +8,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 - ``volume_provider()`` -> ``VolumeData`` to upload, an existing ``volume_id`` string, or None (nothing chosen); a
   ValueError (e.g. the volume has no image data) is shown in the error line and nothing is sent.
 - ``current_slice_provider()`` -> what the "Current slice" scope means: a slice index (None: 0) along the panel's
-  plane, or the 4x4 slice-to-RAS of the view the user looks at (the engine then picks plane and index).
+  plane, or the 4x4 slice-to-RAS of the view the user looks at (the engine then picks plane and index). Its
+  ValueError is shown only for that scope: a range or the whole volume is asked without it.
 - ``before_upload(url)`` -> False to refuse sending images to that engine (the first-use consent prompt).
 - ``on_volume_uploaded(key, volume_id)``: an upload finished (the host may cache the id).
 - ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
@@ -418,9 +419,11 @@ class ChatPanel:
         first, last = int(prop(self.range_from, "value")), int(prop(self.range_to, "value"))
         try:
             current = self.current_slice_provider() if self.current_slice_provider is not None else None
-        except ValueError as err:
-            self.show_error(str(err))
-            return False
+        except ValueError as err:  # e.g. a volume under a warping transform: no single view plane
+            if scope == "current":
+                self.show_error(str(err))
+                return False
+            current = None  # a slice range or the whole volume is asked without the view
         view = None
         if current is not None and not isinstance(current, (int, np.integer)):
             view = np.asarray(current, dtype=float)  # a view's slice-to-RAS: the engine resolves the slice
@@ -861,6 +864,9 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
             indices = [-1]  # the engine says which slice in its "job" event
         elif info is not None:
             count = int(info.slices.get(job.plane, 0))
+            if count <= 0:  # a 2D image (one slice) has slices along one plane only: say which
+                planes = " or ".join(p for p, n in info.slices.items() if n > 0)
+                raise ValueError(f"the volume has no {job.plane} slices: ask along the {planes} plane")
             indices = _resolve_indices(job.scope, count)
             if job.scope[0] == "range" and [indices[0], indices[-1]] != sorted(job.scope[1:]):
                 job.emit("clamped", indices[0], indices[-1], count)  # part of the range lies outside the volume

@@ -16,6 +16,7 @@ import vtk
 from vtk.util import numpy_support
 
 __all__ = [
+    "DIRECTION_TOLERANCE",
     "GRID_TOLERANCE",
     "GeometryError",
     "array_from_image",
@@ -29,6 +30,9 @@ __all__ = [
 
 # A mapped pixel must land this close (in voxels) to an integer voxel index, else the slice is not on the grid.
 GRID_TOLERANCE = 1e-3
+#: How far the voxel axes' unit directions may be from orthonormal (D^T D vs I): the engine's ``check_geometry``
+#: tolerance (Testing/test_contracts.py checks they agree), so what is refused here is what the engine would refuse.
+DIRECTION_TOLERANCE = 1e-3
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -61,10 +65,19 @@ def nodes_by_class(scene, class_name: str) -> list:
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
-    """The node's 4x4 IJKToRAS matrix as a numpy array."""
+    """The 4x4 map from an (i, j, k) index of the node's voxel array (``array_from_image``: first voxel 0) to RAS.
+
+    That is the node's IJKToRAS, shifted to where its image's extent starts: Slicer places the voxel at extent index
+    e at IJKToRAS @ e (``vtkMRMLVolumeNode::ShiftImageDataExtentToZeroStart`` keeps it there), and an image from a
+    script or a filter may start elsewhere than 0.
+    """
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return _matrix_to_numpy(matrix)
+    array_to_ras = _matrix_to_numpy(matrix)
+    image = volume_node.GetImageData()
+    if image is not None:
+        array_to_ras[:3, 3] += array_to_ras[:3, :3] @ np.array(image.GetExtent()[::2], dtype=np.float64)
+    return array_to_ras
 
 
 def _volume_shape(volume_node) -> tuple[int, int, int]:
@@ -95,15 +108,34 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
         (array_kji, spacing, origin_lps, direction_lps): the voxels as a (k, j, i) array; spacing (i, j, k) mm;
         origin in LPS mm; the 3x3 LPS direction matrix (columns: i, j, k axes) as 9 row-major numbers.
     """
-    array = array_from_image(volume_node.GetImageData())
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None or 0 in image.GetDimensions():
+        # Listed by the volume selector all the same: e.g. Crop Volume's new output before Apply, a failed load.
+        raise GeometryError(f"The volume {volume_node.GetName()!r} has no image data: choose a volume that holds an "
+                            "image.")
+    array = array_from_image(image)
     if array.ndim != 3:
         raise GeometryError(f"volume {volume_node.GetName()!r} has {array.shape[-1]} components; expected a scalar")
+    if array.dtype == np.uint8 and array.shape[-1] == 3:
+        # The engine reads a uint8 upload whose last axis is 3 as one (H, W, 3) colour photo: a grey volume three
+        # voxels wide would become a 2D image. uint16 holds the same values and is always read as a volume.
+        array = array.astype(np.uint16)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # The engine refuses them too, but only after the whole volume was sent; here the message names the volume.
+        nan, infinite = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        raise GeometryError(f"volume {volume_node.GetName()!r} has {nan} NaN and {infinite} infinite voxels: replace "
+                            "them with finite values first")
     matrix = ijk_to_ras(volume_node)
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
-    if np.any(spacing <= 0):
+    if not np.all(np.isfinite(matrix)) or np.any(spacing <= 0):
         raise GeometryError(f"volume {volume_node.GetName()!r} has a degenerate IJKToRAS matrix")
-    direction_lps = _RAS_TO_LPS @ (axes / spacing)
+    directions = axes / spacing
+    if not np.allclose(directions.T @ directions, np.eye(3), atol=DIRECTION_TOLERANCE):
+        raise GeometryError(f"volume {volume_node.GetName()!r} has sheared voxel axes (not at right angles, e.g. after "
+                            "hardening a transform with shear, or a gantry tilt): resample it onto a regular grid "
+                            "first (e.g. Crop Volume with interpolated cropping)")
+    direction_lps = _RAS_TO_LPS @ directions
     origin_lps = _RAS_TO_LPS @ matrix[:3, 3]
     return (
         array,

@@ -152,11 +152,9 @@ class MedSIGHTSession:
                 state.upload_ids[key] = volume_id
 
     def volume_source(self, node):
-        """The engine's id for ``node`` if it has it, else what to upload. Raises ValueError for a volume without
-        voxels (the panel shows it in its error line)."""
-        if node.GetImageData() is None:
-            # Listed by the volume selector all the same: e.g. Crop Volume's new output before Apply, a failed load.
-            raise ValueError(f"The volume {node.GetName()!r} has no image data: choose a volume that holds an image.")
+        """The engine's id for ``node`` if it has it, else what to upload. Raises ValueError for a volume the engine
+        cannot take, e.g. one without voxels (``geometry.volume_upload_arrays``; the panel shows it in its error
+        line)."""
         state = self._state(node)
         key = volume_key(node)
         if key in state.upload_ids:

@@ -621,6 +621,44 @@ def test_volume_without_image_data_is_refused_with_a_plain_error(app, fake):
         scene.Clear(1)
 
 
+
+@pytest.mark.parametrize("kind", ["no scalars", "no voxels", "NaN voxels"])
+def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind):
+    """A volume whose image holds no voxels, or NaN voxels, gets one plain error naming it and nothing is sent (it
+    was sent whole, to be refused by the engine, or raised a message without the volume's name)."""
+    slicer = pytest.importorskip("slicer")
+    vtk = pytest.importorskip("vtk")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    if kind == "no scalars":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        node.SetAndObserveImageData(vtk.vtkImageData())  # an image object without voxels
+    elif kind == "no voxels":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        image = vtk.vtkImageData()
+        image.AllocateScalars(vtk.VTK_SHORT, 1)  # scalars of an empty extent: 0 x 0 x 0 voxels
+        node.SetAndObserveImageData(image)
+    else:
+        voxels = np.zeros((3, 8, 8), np.float64)
+        voxels[1, 2, 3] = np.nan
+        node = make_volume(scene, voxels, np.eye(4), dtype=np.float64)
+    node.SetName("Broken")
+    panel = ChatPanel(MedSIGHTClient(fake.url, timeout=5, retries=0))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(node)
+    try:
+        assert panel.send("Where is the liver?") is False
+        assert "'Broken'" in panel.error.text()
+        assert ("1 NaN" if kind == "NaN voxels" else "no image data") in panel.error.text()
+        assert not panel.busy and panel._turns == [] and fake.requests == []
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
 def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app, engine):
     """Wired as the module wires it (the session caches the engine id, the panel asks with it): after the engine
     restarts on the same URL, the next question uploads the volume once more and gets its answer, no error shown."""
@@ -675,6 +713,87 @@ def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app
             assert session.volume_source(node) == uploads[1]
             ask()  # the next question reuses the fresh id: no more uploads
             assert panel.error.text() == "" and len(uploads) == 2 and len(unknown) == 1
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
+
+def test_whole_volume_under_a_warping_transform_is_asked_without_a_view(app, url):
+    """Wired as the module wires it (the "Current slice" provider is the chosen view in the volume's frame): a
+    volume under a non-linear transform has no single view plane, so "Current slice" says to harden it; a slice
+    range or the whole volume needs no view and was refused all the same. Its suggestions sit under the same
+    transform, on its own grid."""
+    slicer = pytest.importorskip("slicer")
+    vtk = pytest.importorskip("vtk")
+    from medsight_testing.mrml import add_slice_views, make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    shape = (3, 16, 18)
+    node = make_volume(scene, (np.arange(np.prod(shape)).reshape(shape) % 83).astype(np.int16), np.eye(4), "CT")
+    warp = vtk.vtkThinPlateSplineTransform()  # a non-linear transform, as the Landmark Registration module makes
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in [(0, 0, 0), (40, 0, 0), (0, 40, 0), (0, 0, 40), (40, 40, 40)]:
+        source.InsertNextPoint(point)
+        target.InsertNextPoint(point[0] + 2.0, point[1] + 0.1 * point[0], point[2])
+    warp.SetSourceLandmarks(source)
+    warp.SetTargetLandmarks(target)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    transform.SetAndObserveTransformToParent(warp)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    panel = ChatPanel(session.connect(url))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(node)
+    panel.current_slice_provider = lambda: session.current_view(node, "Red")  # MedSIGHTSlicerWidget._current_view
+    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    panel.options = dict(SHORT)
+    try:
+        panel.set_scope("current")
+        assert panel.send("Where is the liver?") is False
+        assert "non-linear transform: harden it first" in panel.error.text()
+        panel.set_scope("volume")
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == ""
+        assert panel.answered_slices == shape[0]
+        manager = session.suggestion_manager(node)
+        assert manager.suggestion_ids()
+        assert manager.preview_node.GetTransformNodeID() == transform.GetID()
+        for segment_id in manager.suggestion_ids():
+            assert manager.suggestion_mask(segment_id).shape == shape
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
+
+
+
+def test_a_2d_image_asked_along_a_plane_it_has_no_slices_of_says_which_plane_it_has(app, url):
+    """A 2D image loaded as a volume (one slice) has slices along one plane only; a range or whole-volume question
+    along another plane (the Yellow view chosen) said only "no slices along this plane"."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    image = make_volume(scene, (np.arange(16 * 18).reshape(1, 16, 18) % 83).astype(np.int16), np.eye(4), "X-ray")
+    panel = ChatPanel(session.connect(url))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(image)
+    panel.options = dict(SHORT)
+    try:
+        panel.plane = "sagittal"
+        panel.set_scope("volume")
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "the volume has no sagittal slices: ask along the axial plane"
+        panel.plane = "axial"
+        assert panel.send("Where is the liver?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "" and panel.answered_slices == image.GetImageData().GetDimensions()[2]
     finally:
         session.stop_observing()
         scene.Clear(1)

@@ -74,6 +74,37 @@ def test_upload_array_is_a_copy(volume):
     assert again.any()
 
 
+
+def test_non_finite_voxels_are_refused_naming_the_volume(scene):
+    """NaN and infinite voxels (a float volume from a division, a failed registration) cannot be windowed: refused
+    before the upload with the volume's name and the counts, not after sending the whole volume to the engine."""
+    voxels = np.zeros(SHAPE_KJI, np.float32)
+    voxels.reshape(-1)[[0, 5, 9]] = np.nan
+    voxels.reshape(-1)[[2, 7]] = [np.inf, -np.inf]
+    node = make_volume(scene, voxels, oblique_matrix(), name="Ratio map", dtype=np.float32)
+    with pytest.raises(GeometryError, match=r"'Ratio map' has 3 NaN and 2 infinite voxels"):
+        volume_upload_arrays(node)
+    voxels.reshape(-1)[[0, 2, 5, 7, 9]] = 1.5  # finite again: sent
+    finite = make_volume(scene, voxels, oblique_matrix(), name="Fixed", dtype=np.float32)
+    np.testing.assert_array_equal(volume_upload_arrays(finite)[0], voxels)
+
+
+
+def test_sheared_voxel_axes_are_refused_naming_the_volume(scene):
+    """Hardening an affine transform with shear (or a gantry tilt) leaves a volume whose IJKToRAS axes are not at
+    right angles. The engine refuses such a grid after the whole upload, with a bare matrix: it is refused before,
+    naming the volume and what to do."""
+    matrix = oblique_matrix()
+    matrix[:3, 1] += 0.2 * matrix[:3, 0]  # the j axis leans towards the i axis
+    node = make_volume(scene, np.zeros(SHAPE_KJI, np.int16), matrix, name="Registered")
+    with pytest.raises(GeometryError, match=r"'Registered' has sheared voxel axes.*resample"):
+        volume_upload_arrays(node)
+    matrix[0, 0] = np.nan  # a broken file's matrix: not called sheared
+    broken = make_volume(scene, np.zeros(SHAPE_KJI, np.int16), matrix, name="Broken")
+    with pytest.raises(GeometryError, match=r"'Broken' has a degenerate IJKToRAS matrix"):
+        volume_upload_arrays(broken)
+
+
 @pytest.mark.parametrize("plane", list(PLANES))
 def test_masks_land_on_the_sphere_voxels(volume, plane):
     ball = sphere()

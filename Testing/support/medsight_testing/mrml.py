@@ -20,8 +20,9 @@ def oblique_matrix() -> np.ndarray:
     return matrix
 
 
-def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "CT"):
-    """A vtkMRMLScalarVolumeNode holding int16 ``array_kji`` with IJKToRAS ``matrix``, added to ``scene``."""
+def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "CT", dtype=np.int16):
+    """A vtkMRMLScalarVolumeNode holding ``array_kji`` as ``dtype`` voxels with IJKToRAS ``matrix``, added to
+    ``scene``."""
     import slicer
     import vtk
     from vtk.util import numpy_support
@@ -29,7 +30,7 @@ def make_volume(scene, array_kji: np.ndarray, matrix: np.ndarray, name: str = "C
     image = vtk.vtkImageData()
     k, j, i = array_kji.shape
     image.SetDimensions(i, j, k)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    image.AllocateScalars(numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array_kji.reshape(-1)
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetName(name)
