@@ -38,6 +38,7 @@ def _write(path: Path, obj) -> Path:
     ([1, 2], r"expected a JSON object of Stage3Config fields, got a list"),
     ({"betas": [0.9]}, r"field 'betas' is \[0.9\] \(list\): Field required \(item 1\)"),
     ({"max_step": 3}, r"unknown Stage3Config field\(s\): max_step \(did you mean max_steps\?\)"),
+    ({"lr": 1e-7, "min_lr": 1e-6}, r"field 'min_lr' is 1e-06 \(number\); expected a number <= lr \(1e-07\)"),
 ])
 def test_bad_config_values_are_named(tmp_path, content, message):
     path = _write(tmp_path / "cfg.json", content)

@@ -89,7 +89,7 @@ class TrainConfig:
         optimizer: "adam" or "adamw" (torch implementations).
         betas, weight_decay, eps: optimizer hyper-parameters.
         warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay.
-        min_lr: floor of the cosine decay.
+        min_lr: floor of the cosine decay (at most `lr`).
         seed: seeds python, numpy and torch, and the data order.
         bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
         fsdp_param_dtype: under torchrun, the dtype FSDP units compute in over float32 master weights: "auto"
@@ -152,6 +152,11 @@ class TrainConfig:
         for klass in reversed(type(self).__mro__):
             limits.update(vars(klass).get("_limits", {}))
         checks.check_limits(self.to_dict(), limits)
+        if self.min_lr > self.lr:
+            # The cosine decays from lr to min_lr: above lr it would climb past the peak the config asks for (a
+            # stage-1 config with lr 1e-7 kept the default min_lr 1e-6 and ended at 8.7x its lr).
+            raise ValueError(f"field 'min_lr' is {self.min_lr:g} (number); expected a number <= lr ({self.lr:g}): "
+                             "the floor the schedule decays to from lr")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
