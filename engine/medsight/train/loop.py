@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medsight.atomic_files import replace_file
 from medsight.model import loading
 from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
@@ -336,10 +337,19 @@ def _same_setting(name: str, saved: Any, current: Any) -> bool:
 
 
 def read_log(out_dir: str | Path) -> list[dict[str, float]]:
+    """The run's loss records; a line that is not one (e.g. cut short by a full disk) is a ValueError naming it."""
     path = Path(out_dir) / LOG_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not a loss record ({err}); remove it to resume") from None
+    return records
 
 
 def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: str = "") -> None:
@@ -463,10 +473,13 @@ def train(
             log.info("%s: the run is already at its last step (%d); nothing to train", name, step)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        # Both replaced whole (`replace_file`): a kill while they are rewritten on a resume must leave the run's
+        # config and loss history as they were, not a torn file that loses the records and blocks the next resume.
+        config_text = json.dumps(config.to_dict(), indent=2)
+        replace_file(out / CONFIG_FILE, lambda target: target.write_text(config_text))
         # Drop records past the resumed step so the log reads as one uninterrupted run.
-        kept = [r for r in read_log(out) if r["step"] <= step]
-        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = "".join(json.dumps(r) + "\n" for r in read_log(out) if r["step"] <= step)
+        replace_file(out / LOG_FILE, lambda target: target.write_text(kept))
 
     order = SampleOrder(len(dataset), config.seed)
     autocast = (
