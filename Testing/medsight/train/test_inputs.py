@@ -38,6 +38,7 @@ def _write(path: Path, obj) -> Path:
     ([1, 2], r"expected a JSON object of Stage3Config fields, got a list"),
     ({"betas": [0.9]}, r"field 'betas' is \[0.9\] \(list\): Field required \(item 1\)"),
     ({"max_step": 3}, r"unknown Stage3Config field\(s\): max_step \(did you mean max_steps\?\)"),
+    ({"lr": 1e-7, "min_lr": 1e-6}, r"field 'min_lr' is 1e-06 \(number\); expected a number <= lr \(1e-07\)"),
 ])
 def test_bad_config_values_are_named(tmp_path, content, message):
     path = _write(tmp_path / "cfg.json", content)
@@ -122,6 +123,24 @@ def test_a_category_id_that_is_no_integer_is_named(data, tmp_path, bad):
     with pytest.raises(ValueError, match=rf"ct\.json: annotation 1: category_id {re.escape(json.dumps(bad))} is not "
                                          r"an integer"):
         _segmentation(data, tmp_path, [0, bad])
+
+
+@pytest.mark.parametrize(("field", "what"), [("file_name", "image"), ("mask_file", "mask")])
+def test_stage1_names_a_missing_image_or_mask_before_training(data, tmp_path, field, what):
+    """Stages 1-2 check every annotation's files when the data is read, as stages 3-5 do: a missing one is named
+    before any step (it stopped the run at the step that first read it, with checkpoints already written)."""
+    doc = json.loads((data["root"] / "ct.json").read_text())
+    last = len(doc["annotations"]) - 1
+    doc["annotations"][last][field] = "gone.png"
+    meta = {"roots": [str(data["root"] / "ct" / "images")], "mask_roots": [str(data["root"] / "ct" / "masks")],
+            "json_paths": [str(_write(tmp_path / "ct.json", doc))], "modality_labels": [0]}
+    config = _write(tmp_path / "cfg.json", {"init_from": "tiny", "max_steps": 1, "batch_size": 1})
+    out = tmp_path / "run"
+    folder = meta["roots" if what == "image" else "mask_roots"][0]
+    with pytest.raises(ValueError, match=rf"ct\.json: annotation {last}: {what} not found: {folder}/gone\.png"):
+        train_main(["stage1", "--config", str(config), "--data", str(_write(tmp_path / "meta.json", meta)),
+                    "--out", str(out)])
+    assert not out.exists()
 
 
 def test_unreadable_training_images_and_masks_are_named(data, tmp_path):

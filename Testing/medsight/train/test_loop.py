@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -15,11 +18,13 @@ from medsight.model.loading import build_model
 from medsight.train import state as trainer_state
 from medsight.train.loop import (
     CHECKPOINT_DIR,
+    LOG_FILE,
     SHARDED_STATE_FILE,
     STATE_FILE,
     TrainConfig,
     cosine_lambda,
     latest_checkpoint,
+    read_log,
     train,
 )
 from medsight.train.stages import Stage5Config
@@ -96,3 +101,58 @@ def test_fewer_epochs_on_another_number_of_processes_are_refused(tmp_path):
     longer = replace(config, epochs=3.0)
     result = train(model, params, data, lambda samples: samples, loss_fn, longer, tmp_path, resume=True)
     assert len(result.records) == math.ceil((longer.epochs * len(data) - read) / config.batch_size)
+
+
+KILLED_WHILE_REWRITING_THE_LOG = """
+import os, sys
+from pathlib import Path
+from medsight.config import tiny_config
+from medsight.model.loading import build_model
+from medsight.train.loop import LOG_FILE, TrainConfig, train
+
+real_write_text = Path.write_text
+
+
+def torn_write_text(self, data, *args, **kwargs):
+    # The loss log (or the temporary file it is written through): half of it, then die (like a SIGKILL).
+    if LOG_FILE in self.name:
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        os._exit(9)
+    return real_write_text(self, data, *args, **kwargs)
+
+
+Path.write_text = torn_write_text
+model = build_model(tiny_config(), seed=0)
+params = list(model.language_model.model.mm_projector.parameters())
+train(model, params, [0, 1, 2], lambda samples: samples, lambda batch: {"loss": sum(p.square().sum() for p in params)},
+      TrainConfig(lr=1e-3, max_steps=int(sys.argv[2]), save_every=1, device="cpu"), sys.argv[1], resume=True)
+"""
+
+
+def test_a_resume_killed_while_rewriting_the_log_keeps_the_runs_history(tmp_path):
+    """A resume rewrites the loss log (dropping records past its checkpoint); killed meanwhile, it must leave the
+    log whole, so that the next resume continues it (a torn log lost the records and stopped every later resume)."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    config = TrainConfig(lr=1e-3, max_steps=4, save_every=1, device="cpu")
+    train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, config, tmp_path)
+    before = read_log(tmp_path)
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_REWRITING_THE_LOG, str(tmp_path),
+                           str(config.max_steps + 2)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 9, done.stderr[-3000:]  # killed inside the rewrite
+    assert read_log(tmp_path) == before
+    longer = replace(config, max_steps=config.max_steps + 2)
+    result = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, longer, tmp_path, resume=True)
+    assert [r["step"] for r in result.records] == list(range(config.max_steps + 1, longer.max_steps + 1))
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, longer.max_steps + 1))
+
+
+def test_a_damaged_loss_log_line_is_named(tmp_path):
+    (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):
+        read_log(tmp_path)

@@ -82,6 +82,25 @@ def test_reloaded_adapter_gives_identical_logits(run, merge):
         assert diff <= (2e-6 if merge else 0.0) * max(1.0, want.abs().max().item()), (key, diff)
 
 
+def test_merge_command_writes_the_adapter_model_and_never_over_a_model(run, tmp_path, capsys):
+    """`medsight train merge` gives the trained adapter model's outputs; an --out that holds files (here the base
+    model itself) is refused before anything is loaded, and keeps its bytes."""
+    merged = tmp_path / "merged"
+    assert train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]),
+                       "--out", str(merged)]) == 0
+    with torch.no_grad():
+        got = probe(load_pretrained(merged), run["data"]["lvlm"])
+    for key, want in run["logits"].items():
+        diff = (got[key] - want).abs().max().item()
+        assert diff <= 2e-6 * max(1.0, want.abs().max().item()), (key, diff)  # merging rounds B @ A into W
+    before = {p.name: p.read_bytes() for p in run["base"].iterdir()}
+    for out in (run["base"], merged):
+        with pytest.raises(ValueError, match=rf"--out {out} is not empty \(.*model\.safetensors.*\); merge into a new "
+                                             r"or empty folder"):
+            train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in run["base"].iterdir()} == before
+
+
 def test_adapter_naming_a_base_of_another_vocabulary_loads(run, tmp_path):
     """The official adapters name their base (`Qwen/Qwen3-8B`, whose vocabulary lacks the region codes). Where PEFT
     can read that base's config, its default counts the embeddings as adapter tensors; the completeness check must

@@ -138,12 +138,25 @@ def plan_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def check_merge_out(out: Path) -> None:
+    """The merged model goes into a new or empty folder: `save_pretrained` would otherwise replace the weights and
+    config of whatever model the folder holds (the base model itself, when --out repeats --model)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the merged model")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}); merge into a new or empty folder (nothing in it is "
+                         "replaced)")
+
+
 def merge_main(argv: Sequence[str]) -> int:
     import torch
 
     from medsight.model.loading import load_model, save_pretrained
 
     args = merge_parser().parse_args(argv)
+    check_merge_out(args.out)
     model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter)
     print(save_pretrained(model, args.out))
     return 0

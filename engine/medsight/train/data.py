@@ -82,11 +82,11 @@ class SegmentationDataset:
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
             grouped: dict[object, _ImageRecord] = {}
-            for ann in _annotations(doc_path, read_user_json(doc_path, "annotation file")):
-                record = grouped.setdefault(
-                    ann["image_id"], _ImageRecord(base / root / ann["file_name"], [], [], int(label))
-                )
-                record.masks.append(base / mask_root / ann["mask_file"])
+            for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
+                image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
+                _check_files(f"{doc_path}: annotation {index}", image, mask)
+                record = grouped.setdefault(ann["image_id"], _ImageRecord(image, [], [], int(label)))
+                record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
         if num_classes is not None:
@@ -133,6 +133,16 @@ def _annotations(path: Path, doc: object) -> list[dict]:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
         checked.append({**ann, "category_id": _category_id(f"{path}: annotation {i}", ann["category_id"])})
     return checked
+
+
+def _check_files(where: str, image: Path, mask: Path) -> None:
+    """The annotation's image and mask are files: a missing one would otherwise stop the run at the step that first
+    reads it, hours in on a large set (stages 3-5 check theirs the same way, `ConversationDataset._check_files`)."""
+    try:
+        check_user_file(image, "image")
+        check_user_file(mask, "mask")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _category_id(where: str, value: object) -> int:

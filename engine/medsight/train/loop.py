@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medsight.atomic_files import replace_file
 from medsight.model import loading
 from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
@@ -89,7 +90,7 @@ class TrainConfig:
         optimizer: "adam" or "adamw" (torch implementations).
         betas, weight_decay, eps: optimizer hyper-parameters.
         warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay.
-        min_lr: floor of the cosine decay.
+        min_lr: floor of the cosine decay (at most `lr`).
         seed: seeds python, numpy and torch, and the data order.
         bf16: run the forward under bfloat16 autocast (weights and optimizer stay float32).
         fsdp_param_dtype: under torchrun, the dtype FSDP units compute in over float32 master weights: "auto"
@@ -152,6 +153,11 @@ class TrainConfig:
         for klass in reversed(type(self).__mro__):
             limits.update(vars(klass).get("_limits", {}))
         checks.check_limits(self.to_dict(), limits)
+        if self.min_lr > self.lr:
+            # The cosine decays from lr to min_lr: above lr it would climb past the peak the config asks for (a
+            # stage-1 config with lr 1e-7 kept the default min_lr 1e-6 and ended at 8.7x its lr).
+            raise ValueError(f"field 'min_lr' is {self.min_lr:g} (number); expected a number <= lr ({self.lr:g}): "
+                             "the floor the schedule decays to from lr")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,10 +337,19 @@ def _same_setting(name: str, saved: Any, current: Any) -> bool:
 
 
 def read_log(out_dir: str | Path) -> list[dict[str, float]]:
+    """The run's loss records; a line that is not one (e.g. cut short by a full disk) is a ValueError naming it."""
     path = Path(out_dir) / LOG_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not a loss record ({err}); remove it to resume") from None
+    return records
 
 
 def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: str = "") -> None:
@@ -458,10 +473,13 @@ def train(
             log.info("%s: the run is already at its last step (%d); nothing to train", name, step)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        # Both replaced whole (`replace_file`): a kill while they are rewritten on a resume must leave the run's
+        # config and loss history as they were, not a torn file that loses the records and blocks the next resume.
+        config_text = json.dumps(config.to_dict(), indent=2)
+        replace_file(out / CONFIG_FILE, lambda target: target.write_text(config_text))
         # Drop records past the resumed step so the log reads as one uninterrupted run.
-        kept = [r for r in read_log(out) if r["step"] <= step]
-        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = "".join(json.dumps(r) + "\n" for r in read_log(out) if r["step"] <= step)
+        replace_file(out / LOG_FILE, lambda target: target.write_text(kept))
 
     order = SampleOrder(len(dataset), config.seed)
     autocast = (
