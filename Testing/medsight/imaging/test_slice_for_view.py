@@ -67,3 +67,7 @@ def test_views_outside_or_malformed_are_refused():
     nan[0, 3] = np.nan
     with pytest.raises(ImagingError, match="finite"):
         slice_for_view(volume, nan)
+    projective = np.eye(4)
+    projective[3] = (0.0, 0.0, 0.5, 1.0)  # not an affine slice-to-RAS: its point would be read as if it were
+    with pytest.raises(ImagingError, match="last row"):
+        slice_for_view(volume, projective)

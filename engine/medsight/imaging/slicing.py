@@ -254,6 +254,10 @@ def slice_for_view(volume: Volume, view_to_ras: np.ndarray) -> Slice:
     matrix = np.asarray(view_to_ras, dtype=float)
     if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
         raise ImagingError("the view's slice-to-RAS must be a finite 4x4 matrix")
+    if not np.allclose(matrix[3], (0.0, 0.0, 0.0, 1.0)):
+        # Not an affine transform (a client's row/column mix-up, say): reading its point would answer another slice.
+        raise ImagingError(f"the view's slice-to-RAS must be affine: its last row is {matrix[3].tolist()}, "
+                           "not [0, 0, 0, 1]")
     normal = matrix[:3, 2]
     length = float(np.linalg.norm(normal))
     if length < 1e-9:
