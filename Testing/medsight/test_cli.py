@@ -19,6 +19,7 @@ from PIL import Image
 from medsight.cli import main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
+from medsight_testing.disk import file_size_limit
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +186,20 @@ def test_existing_outputs_are_kept_unless_overwrite(brain, tmp_path, capsys):
     assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), "--overwrite", *TINY]) == 0
     assert read_seg_nrrd(out).labelmap.any() and Image.open(overlay).format == "PNG"
 
+
+def test_an_overwrite_that_cannot_be_written_keeps_the_earlier_outputs(brain, tmp_path, capsys):
+    """--overwrite replaced the earlier segmentation and overlay only once the new ones are whole: a write cut
+    short (the file-size limit stands for a full disk or Ctrl+C) used to leave torn files under their names."""
+    out, overlay = tmp_path / "wm.seg.nrrd", tmp_path / "wm.png"
+    args = ["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), "--overwrite", *TINY]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with file_size_limit(min(out.stat().st_size, overlay.stat().st_size) // 2):
+        assert main(args) == 2
+    err = _err(capsys)
+    assert f"--out {out} not written" in err and f"--overlay {overlay} not written" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 def test_missing_output_folders_are_created(brain, tmp_path):
     out, overlay = tmp_path / "a" / "b" / "wm.seg.nrrd", tmp_path / "c" / "ov.png"
