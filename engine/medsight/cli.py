@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         # show the message, not a traceback. Other exceptions are our bugs and keep theirs.
         print(f"medsight: error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl+C: one line, not the traceback of wherever it landed (torch's imports, a model step). Outputs are
+        # written whole or not at all, so nothing half-written is left; 130 is the shell's code for SIGINT.
+        print("medsight: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
