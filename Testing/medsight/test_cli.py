@@ -16,7 +16,7 @@ import torch
 from nilearn.datasets import load_mni152_template
 from PIL import Image
 
-from medsight.cli import main
+from medsight.cli import _parser, main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
 from medsight_testing.disk import file_size_limit
@@ -281,6 +281,26 @@ def test_clear_errors_instead_of_tracebacks(brain, tmp_path, capsys):
     assert main(["export-onnx", "--out", str(brain)]) == 2
     assert f"--out {brain} is a file" in _err(capsys)
 
+
+
+@pytest.mark.parametrize(("command", "option", "value", "problem"), [
+    ("serve", "--threads", "-2", "-2 is not >= 1"),  # the compute thread died; every ask waited forever
+    ("serve", "--timeout", "0", "0 is not > 0"),  # every ask cancelled at once, with an empty answer
+    ("serve", "--timeout", "nan", "nan is not > 0"),
+    ("serve", "--max-upload-mb", "-5", "-5 is not >= 1"),  # every upload refused: "exceeds the limit of -5242880"
+    ("serve", "--ask-memory-mb", "0", "0 is not >= 1"),  # every ask refused
+    ("serve", "--max-waiting", "-1", "-1 is not >= 0"),  # refused only once the model had loaded
+    ("serve", "--max-upload-mb", "1.5", "'1.5' is not an integer"),
+    ("ask", "--batch", "-3", "-3 is not >= 1"),  # silently taken as 1
+    ("ask", "--max-new-tokens", "0", "0 is not >= 1"),  # refused only once the model had loaded
+])
+def test_numbers_out_of_range_are_refused_before_anything_starts(command, option, value, problem, capsys):
+    """The server started with any of these and then failed every request; each is now a usage error naming it."""
+    args = [command, *(["in.nii.gz", Q] if command == "ask" else []), option, value]
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(args)
+    assert exit_info.value.code == 2
+    assert _err(capsys).splitlines()[-1] == f"medsight {command}: error: argument {option}: {problem}"
 
 def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")

@@ -85,7 +85,7 @@ def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
     options = medsight.GenerationOptions(**limit)
     image_options = ImageOptions(resize_mode=args.resize_mode)
     answers = []
-    chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]
+    chunks = [indices[i : i + args.batch] for i in range(0, len(indices), args.batch)]
     with tqdm(total=len(indices), unit="slice", disable=len(indices) < 2, file=sys.stderr) as bar:
         for chunk in chunks:
             result = engine.ask(VolumeSlices(volume, args.plane, chunk, args.window), args.question,
