@@ -229,7 +229,7 @@ def _unwritable(folder: str) -> bool:
     return False
 
 
-def test_bad_output_paths_fail_before_the_model_naming_the_option(brain, tmp_path, capsys):
+def test_bad_outputs_and_options_fail_before_the_model_naming_the_option(brain, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "folder.seg.nrrd").mkdir()
     picture = tmp_path / "slice.png"
@@ -240,6 +240,9 @@ def test_bad_output_paths_fail_before_the_model_naming_the_option(brain, tmp_pat
         (["--overlay", str(tmp_path / "folder.png")], "--overlay", "is a folder"),
         (["--out", str(tmp_path / "folder.seg.nrrd")], "--out", "is a folder"),
         (["--overlay", str(picture / "ov.png")], "--overlay", "is a file, not a folder"),
+        # Checked against the input read, as the Engine checks it (it was, once the model had loaded).
+        (["--window", "lung"], "--window", "preset 'lung' is in Hounsfield units and needs CT, not OT"),
+        (["--window", "lungs"], "--window", "unknown window preset 'lungs'; known: abdomen, lung"),
     ]
     if _unwritable("/sys"):  # sysfs refuses new files, even to root
         cases.append((["--overlay", "/sys/ov.png"], "--overlay", "cannot create files in /sys"))

@@ -96,8 +96,8 @@ def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
 
 
 def _read_input(args: argparse.Namespace):
-    """The input volume, with the reader's Python-API advice put in command-line terms; --series and a .dcm --out
-    are checked against what was read."""
+    """The input volume, with the reader's Python-API advice put in command-line terms; --series, --window and a
+    .dcm --out are checked against what was read (before the model loads: minutes for the full model)."""
     from medsight.imaging import read_volume
     from medsight.imaging.read_dicom import NotAnImageError, SeriesChoiceError, series_listing
 
@@ -112,9 +112,22 @@ def _read_input(args: argparse.Namespace):
     if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
         what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
         raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")
+    if args.window:
+        _check_window(args.window, volume.modality)
     if args.out:
         check_out_against_input(args.out, volume)
     return volume
+
+
+def _check_window(preset: str, modality: str) -> None:
+    """The Engine's own check of a window preset (known, and a CT one only on CT), naming the option."""
+    from medsight.imaging import ImagingError
+    from medsight.imaging.window import preset_window
+
+    try:
+        preset_window(preset, modality)
+    except ImagingError as err:
+        raise ValueError(f"--window {preset}: {err.problem}") from None
 
 
 def _print_answers(args: argparse.Namespace, answers) -> None:
