@@ -196,3 +196,13 @@ def test_gdcm_fallback_refuses_palette_color(pydicom_files, dicom_store):
     with pytest.raises(ImagingError, match="GDCM: PALETTE COLOR") as info:
         _stored_values_via_gdcm(path, pydicom.dcmread(path), 1, "no decoder")
     assert "pydicom: no decoder" in str(info.value)
+
+
+def test_a_folder_without_series_is_one_line_without_itk_warnings(tmp_path, capfd):
+    """GDCM's scan printed "WARNING: In .../itkGDCMSeriesFileNames.cxx, line 101 ... No Series were found" to
+    stderr before the command's own one-line error."""
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(ImagingError, match="no DICOM image series found in this folder"):
+        read_volume(tmp_path)
+    assert capfd.readouterr().err == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's other warnings still shown
