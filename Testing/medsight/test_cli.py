@@ -16,9 +16,10 @@ import torch
 from nilearn.datasets import load_mni152_template
 from PIL import Image
 
-from medsight.cli import main
+from medsight.cli import _parser, main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
+from medsight_testing.disk import file_size_limit
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,20 @@ def test_existing_outputs_are_kept_unless_overwrite(brain, tmp_path, capsys):
     assert read_seg_nrrd(out).labelmap.any() and Image.open(overlay).format == "PNG"
 
 
+def test_an_overwrite_that_cannot_be_written_keeps_the_earlier_outputs(brain, tmp_path, capsys):
+    """--overwrite replaced the earlier segmentation and overlay only once the new ones are whole: a write cut
+    short (the file-size limit stands for a full disk or Ctrl+C) used to leave torn files under their names."""
+    out, overlay = tmp_path / "wm.seg.nrrd", tmp_path / "wm.png"
+    args = ["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), "--overwrite", *TINY]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with file_size_limit(min(out.stat().st_size, overlay.stat().st_size) // 2):
+        assert main(args) == 2
+    err = _err(capsys)
+    assert f"--out {out} not written" in err and f"--overlay {overlay} not written" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
 def test_missing_output_folders_are_created(brain, tmp_path):
     out, overlay = tmp_path / "a" / "b" / "wm.seg.nrrd", tmp_path / "c" / "ov.png"
     assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), *TINY]) == 0
@@ -214,7 +229,7 @@ def _unwritable(folder: str) -> bool:
     return False
 
 
-def test_bad_output_paths_fail_before_the_model_naming_the_option(brain, tmp_path, capsys):
+def test_bad_outputs_and_options_fail_before_the_model_naming_the_option(brain, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "folder.seg.nrrd").mkdir()
     picture = tmp_path / "slice.png"
@@ -225,6 +240,9 @@ def test_bad_output_paths_fail_before_the_model_naming_the_option(brain, tmp_pat
         (["--overlay", str(tmp_path / "folder.png")], "--overlay", "is a folder"),
         (["--out", str(tmp_path / "folder.seg.nrrd")], "--out", "is a folder"),
         (["--overlay", str(picture / "ov.png")], "--overlay", "is a file, not a folder"),
+        # Checked against the input read, as the Engine checks it (it was, once the model had loaded).
+        (["--window", "lung"], "--window", "preset 'lung' is in Hounsfield units and needs CT, not OT"),
+        (["--window", "lungs"], "--window", "unknown window preset 'lungs'; known: abdomen, lung"),
     ]
     if _unwritable("/sys"):  # sysfs refuses new files, even to root
         cases.append((["--overlay", "/sys/ov.png"], "--overlay", "cannot create files in /sys"))
@@ -266,6 +284,26 @@ def test_clear_errors_instead_of_tracebacks(brain, tmp_path, capsys):
     assert main(["export-onnx", "--out", str(brain)]) == 2
     assert f"--out {brain} is a file" in _err(capsys)
 
+
+
+@pytest.mark.parametrize(("command", "option", "value", "problem"), [
+    ("serve", "--threads", "-2", "-2 is not >= 1"),  # the compute thread died; every ask waited forever
+    ("serve", "--timeout", "0", "0 is not > 0"),  # every ask cancelled at once, with an empty answer
+    ("serve", "--timeout", "nan", "nan is not > 0"),
+    ("serve", "--max-upload-mb", "-5", "-5 is not >= 1"),  # every upload refused: "exceeds the limit of -5242880"
+    ("serve", "--ask-memory-mb", "0", "0 is not >= 1"),  # every ask refused
+    ("serve", "--max-waiting", "-1", "-1 is not >= 0"),  # refused only once the model had loaded
+    ("serve", "--max-upload-mb", "1.5", "'1.5' is not an integer"),
+    ("ask", "--batch", "-3", "-3 is not >= 1"),  # silently taken as 1
+    ("ask", "--max-new-tokens", "0", "0 is not >= 1"),  # refused only once the model had loaded
+])
+def test_numbers_out_of_range_are_refused_before_anything_starts(command, option, value, problem, capsys):
+    """The server started with any of these and then failed every request; each is now a usage error naming it."""
+    args = [command, *(["in.nii.gz", Q] if command == "ask" else []), option, value]
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(args)
+    assert exit_info.value.code == 2
+    assert _err(capsys).splitlines()[-1] == f"medsight {command}: error: argument {option}: {problem}"
 
 def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")

@@ -1,6 +1,7 @@
 """`python -m medsight` runs the same command line as the `medsight` console script."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,3 +20,26 @@ def test_python_m_medsight_is_the_medsight_command():
     # Its errors are the command's: a usage error exits 2 naming the program.
     wrong = run("medsight", "no-such-command")
     assert wrong.returncode == 2 and "usage: medsight" in wrong.stderr
+
+
+def test_ctrl_c_mid_ask_is_one_line_and_leaves_no_output(tmp_path):
+    """SIGINT while the model answers used to end in a KeyboardInterrupt traceback from wherever it landed."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    volume, out = tmp_path / "mni.nii.gz", tmp_path / "answer.seg.nrrd"
+    nib.save(load_mni152_template(resolution=2), volume)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "medsight", "ask", str(volume), "Segment the brain.", "--slices",
+                                "all", "--batch", "1", "--model", "tiny", "--device", "cpu", "--out", str(out)],
+                               stderr=subprocess.PIPE, env=env)
+    seen = b""
+    while b"slice" not in seen:  # tqdm's progress bar: the model is loaded and answering
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    err = (seen + process.stderr.read()).decode(errors="replace")
+    assert process.wait(timeout=120) == 130, err
+    assert "Traceback" not in err and err.rstrip().endswith("medsight: interrupted"), err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [volume.name]

@@ -1,5 +1,7 @@
 """Region-code ids and the prompt, with the real Qwen3 tokenizer (test-only dependency)."""
 
+import logging
+
 import pytest
 
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
@@ -71,3 +73,30 @@ def test_answer_prefix_and_labels():
     )
     assert [label for _, label in labels] == ["Liver", "spleen", "stomach", "aorta", "postcava"]
     assert parse_code_labels("[M2_14][M2_12]") == [("[M2_14]", ""), ("[M2_12]", "")]
+
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_too_long_question_gives_no_tokenizer_warning():
+    """`medsight ask` with a very long question printed transformers' "Token indices sequence length is longer than
+    the specified maximum sequence length for this model (6005 > 2048)" before the Engine's own one-line error
+    (which names the model's real limit)."""
+    tokenizer = qwen3_tokenizer()  # fresh: transformers warns once per tokenizer
+    question = "segment the liver " * tokenizer.model_max_length
+    records = _Records()
+    transformers_log = logging.getLogger("transformers")  # it does not propagate to the root logger
+    transformers_log.addHandler(records)
+    try:
+        ids = tokenize_prompt(tokenizer, [Message("user", question)])
+    finally:
+        transformers_log.removeHandler(records)
+    assert len(ids) > tokenizer.model_max_length
+    assert not [m for m in records.messages if "Token indices sequence length" in m], records.messages

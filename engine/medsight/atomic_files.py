@@ -1,22 +1,24 @@
 """Files written whole or not at all: a unique temporary file beside the target, flushed to disk, then renamed over
 it (`replace_file`) or linked into place by the caller. A process killed while writing, or a machine that loses
 power afterwards, leaves either the old file or the new one, never a torn one; files that mark something complete
-(a checkpoint's trainer state, a report's settings) rely on this."""
+(a checkpoint's trainer state, a report's settings) rely on this, and a user's outputs (segmentations, overlays)
+are never left torn where a complete one was expected."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 
-def write_temporary(path: Path, write: Callable[[Path], None]) -> Path:
+def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
     """A complete temporary file in `path`'s folder, written by `write(temporary)` and flushed to disk. Its name is
-    unique (not the pid: processes on two hosts sharing the folder can have the same one); removed if writing fails."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    unique (random, not the pid: processes on two hosts sharing the folder can have the same one) and ends in
+    `suffix`, for writers that pick the format by the name (".nii.gz"); removed if writing fails. It is created
+    with the permissions a plain open() gives (not mkstemp's 0600): a user's outputs are shared like any file."""
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(temporary)
         with open(temporary, "rb") as written:
@@ -27,15 +29,26 @@ def write_temporary(path: Path, write: Callable[[Path], None]) -> Path:
     return temporary
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+def replace_file(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
     """Write `path` through `write_temporary`, then rename it into place and flush the folder's entry."""
-    temporary = write_temporary(path, write)
+    replace_files([(path, write, suffix)])
+
+
+def replace_files(files: list[tuple[Path, Callable[[Path], None], str]]) -> None:
+    """Replace files that belong together (an image and its labels sidecar), each given as (path, write, suffix):
+    every temporary is written before any is renamed, so a failed or interrupted write leaves the old files."""
+    temporaries: list[Path] = []
     try:
-        os.replace(temporary, path)
+        for path, write, suffix in files:
+            temporaries.append(write_temporary(path, write, suffix))
+        for (path, _, _), temporary in zip(files, temporaries, strict=True):
+            os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
         raise
-    sync_folder(path.parent)
+    for folder in dict.fromkeys(path.parent for path, _, _ in files):
+        sync_folder(folder)
 
 
 def sync_folder(folder: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
 from medsight.commands.errors import error_message
@@ -37,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
-    ask.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
-    ask.add_argument("--batch", type=int, default=16, help="slices per batch")
+    ask.add_argument("--max-new-tokens", type=_at_least(int, 1),
+                     help="default: GenerationOptions' (the official limit)")
+    ask.add_argument("--batch", type=_at_least(int, 1), default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json labels "
                      "sidecar), .dcm (DICOM input only); never the input; missing folders are created")
@@ -61,14 +63,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="another host name clients may use (e.g. behind a proxy); loopback names and --host "
                        "are always allowed, any other Host header is refused (DNS rebinding)")
     serve.add_argument("--device")
-    serve.add_argument("--max-upload-mb", type=int, default=1024)
-    serve.add_argument("--timeout", type=float, default=600.0,
+    serve.add_argument("--max-upload-mb", type=_at_least(int, 1), default=1024,
+                       help="largest upload in MiB (default 1024)")
+    serve.add_argument("--timeout", type=_at_least(float, 0, exclusive=True), default=600.0,
                        help="seconds an ask may run before it is cancelled (time waiting in the queue not counted; "
                        "generation stops at its next step, the masks of the text so far are still decoded)")
-    serve.add_argument("--max-waiting", type=int, default=64, help="asks that may wait; more get 429 (busy)")
-    serve.add_argument("--ask-memory-mb", type=int, default=8192,
+    serve.add_argument("--max-waiting", type=_at_least(int, 0), default=64,
+                       help="asks that may wait; more get 429 (busy)")
+    serve.add_argument("--ask-memory-mb", type=_at_least(int, 1), default=8192,
                        help="memory budget of one ask (estimated before it starts; larger asks are refused)")
-    serve.add_argument("--threads", type=int, default=None,
+    serve.add_argument("--threads", type=_at_least(int, 1), default=None,
                        help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
                        "parameters, else the CPU cores this process may use)")
     serve.add_argument("--audit", metavar="FILE", help="append one JSON line per job to FILE: model, weights hash, "
@@ -137,6 +141,22 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
     return port
+
+
+def _at_least(kind: type[int] | type[float], low: float, exclusive: bool = False) -> Callable[[str], float]:
+    """argparse type: a number >= `low` (> `low` when `exclusive`). Out of range, the server started and then refused
+    every upload (--max-upload-mb -5), cancelled every ask at once (--timeout 0), or its compute thread died and
+    asks waited forever (--threads -2)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value > low if exclusive else value >= low):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if exclusive else '>='} {low}")
+        return value
+
+    return parse
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -247,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         # show the message, not a traceback. Other exceptions are our bugs and keep theirs.
         print(f"medsight: error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl+C: one line, not the traceback of wherever it landed (torch's imports, a model step). Outputs are
+        # written whole or not at all, so nothing half-written is left; 130 is the shell's code for SIGINT.
+        print("medsight: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

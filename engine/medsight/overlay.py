@@ -9,6 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medsight.answer import Region
+from medsight.atomic_files import replace_file
 from medsight.imaging.export import make_parent_folder
 from medsight.naming import colour_for
 
@@ -33,5 +34,6 @@ def draw_overlay(image: np.ndarray, regions: list[Region], alpha: float = 0.4) -
 def save_overlay(path: str | Path, image: np.ndarray, regions: list[Region]) -> Path:
     path = Path(path)
     make_parent_folder(path)
-    Image.fromarray(draw_overlay(image, regions)).save(path)
+    picture = Image.fromarray(draw_overlay(image, regions))
+    replace_file(path, lambda target: picture.save(target, format="PNG"))  # a failed write keeps the old file
     return path

@@ -58,7 +58,9 @@ def tokenize_turns(tokenizer, messages: Sequence[Message], num_images: int = 1) 
             if i:
                 ids.append(IMAGE_TOKEN_INDEX)
             if piece:
-                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                # verbose=False: no "Token indices sequence length is longer than ... (N > 2048)" warning; the
+                # Engine and the trainer check the whole prompt against the model's own limit, in one clear line.
+                ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
         turns.append((text, ids))
     return turns
 

@@ -30,6 +30,7 @@ from medsight.imaging import (
     write_seg_nrrd,
     write_segmentation,
 )
+from medsight_testing.disk import file_size_limit
 
 GM = Segment(
     1, "grey matter", (0.8, 0.4, 0.3), "[M1_0]", Term(UNCODED.category, Code("SCT", "14271001", "Grey matter"))
@@ -326,3 +327,26 @@ def test_dicom_seg_of_an_rt_dose_is_refused_before_any_work(pydicom_files, tmp_p
     seg = Segmentation(dose, np.zeros(dose.shape, np.uint8), [Segment(1, "PTV")])
     with pytest.raises(ImagingError, match="only with functional groups"):
         write_dicom_seg(seg, tmp_path / "dose.dcm")
+
+
+@pytest.mark.parametrize("suffix", [".seg.nrrd", ".nii.gz", ".dcm"])
+def test_a_failed_write_keeps_the_files_it_would_replace(mni_segmentation, ct_series, tmp_path, suffix):
+    """A write that fails partway (here: past the file-size limit, as on a full disk or when the user presses
+    Ctrl+C) used to leave a torn file in place of the user's earlier one, and it read back as a segmentation
+    file of the right name. Now the old file (and a NIfTI's sidecar) stay byte for byte, with no temporary left."""
+    if suffix == ".dcm":
+        vol = read_volume(ct_series)
+        seg = Segmentation(vol, (vol.array > -100).astype(np.uint8), [GM])
+        other = Segmentation(vol, np.where(vol.array > 100, WM.label, 0).astype(np.uint8), [WM])
+    else:
+        seg = mni_segmentation
+        other = Segmentation(seg.reference, np.where(seg.labelmap > 0, WM.label, 0).astype(np.uint8), [WM])
+    (tmp_path / "new").mkdir()
+    path, new_path = tmp_path / f"answer{suffix}", tmp_path / "new" / f"answer{suffix}"
+    write_segmentation(seg, path)
+    write_segmentation(other, new_path)  # its size: the limit must cut the new file short
+    limit = min(path.stat().st_size, new_path.stat().st_size) // 2
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with file_size_limit(limit), pytest.raises(ImagingError, match="File too large"):
+        write_segmentation(other, path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

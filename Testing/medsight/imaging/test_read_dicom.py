@@ -261,3 +261,13 @@ def test_files_without_a_meta_header_read_like_their_source(pydicom_files, dicom
     gdcm = sitk.GetArrayFromImage(sitk.ReadImage(str(face)))  # GDCM gives the palette's top 8 bits
     assert vol.is_rgb and vol.array.shape == gdcm.shape
     assert np.array_equal(vol.array >> 8, gdcm)
+
+
+def test_a_folder_without_series_is_one_line_without_itk_warnings(tmp_path, capfd):
+    """GDCM's scan printed "WARNING: In .../itkGDCMSeriesFileNames.cxx, line 101 ... No Series were found" to
+    stderr before the command's own one-line error."""
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(ImagingError, match="no DICOM image series found in this folder"):
+        read_volume(tmp_path)
+    assert capfd.readouterr().err == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's other warnings still shown

@@ -88,7 +88,7 @@ def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
     options = medsight.GenerationOptions(**limit)
     image_options = ImageOptions(resize_mode=args.resize_mode)
     answers = []
-    chunks = [indices[i : i + max(1, args.batch)] for i in range(0, len(indices), max(1, args.batch))]
+    chunks = [indices[i : i + args.batch] for i in range(0, len(indices), args.batch)]
     with tqdm(total=len(indices), unit="slice", disable=len(indices) < 2, file=sys.stderr) as bar:
         for chunk in chunks:
             result = engine.ask(VolumeSlices(volume, args.plane, chunk, args.window), args.question,
@@ -99,8 +99,8 @@ def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
 
 
 def _read_input(args: argparse.Namespace):
-    """The input volume, with the reader's Python-API advice put in command-line terms; --series and a .dcm --out
-    are checked against what was read."""
+    """The input volume, with the reader's Python-API advice put in command-line terms; --series, --window and a
+    .dcm --out are checked against what was read (before the model loads: minutes for the full model)."""
     from medsight.imaging import read_volume
     from medsight.imaging.read_dicom import NotAnImageError, SeriesChoiceError, series_listing
 
@@ -115,9 +115,22 @@ def _read_input(args: argparse.Namespace):
     if args.series and not os.path.isdir(args.path) and volume.series_uid != args.series:
         what = f"a DICOM file of series {volume.series_uid}" if volume.source_files else "not DICOM"
         raise ValueError(f"--series {args.series}: only a DICOM folder holds several series; {args.path} is {what}")
+    if args.window:
+        _check_window(args.window, volume.modality)
     if args.out:
         check_out_against_input(args.out, volume)
     return volume
+
+
+def _check_window(preset: str, modality: str) -> None:
+    """The Engine's own check of a window preset (known, and a CT one only on CT), naming the option."""
+    from medsight.imaging import ImagingError
+    from medsight.imaging.window import preset_window
+
+    try:
+        preset_window(preset, modality)
+    except ImagingError as err:
+        raise ValueError(f"--window {preset}: {err.problem}") from None
 
 
 def _print_answers(args: argparse.Namespace, answers) -> None:

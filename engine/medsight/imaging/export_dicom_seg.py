@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -10,6 +11,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from medsight._version import __version__
+from medsight.atomic_files import replace_file
 from medsight.naming import Code, Term
 
 from .errors import ImagingError
@@ -146,7 +148,7 @@ def write_dicom_seg(
             # highdicom copies the source images' character set; one that cannot hold a name (Latin-1 and "肝")
             # would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
             out.SpecificCharacterSet = UTF8
-        out.save_as(path)
+        replace_file(Path(path), out.save_as)  # whole or not at all: a failed write keeps the old file
     except (ValueError, TypeError, AttributeError, OSError) as exc:
         raise ImagingError(f"cannot build the DICOM SEG ({exc})", path) from exc
     return path

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from medsight.atomic_files import replace_files
 from medsight.naming import TISSUE, Code, Term
 
 from .errors import ImagingError
@@ -87,10 +89,12 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
         "ijk_to_ras": ref.ijk_to_ras.tolist(),
     }
     json_path = sidecar_path(path)
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"  # nibabel picks the format by the name
     try:
-        nib.save(img, path)
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(sidecar, f, indent=2)
+        # Both whole or neither: an interrupted or failed write keeps the labelmap and sidecar it would replace.
+        replace_files([(Path(path), lambda target: nib.save(img, target), suffix),
+                       (Path(json_path), lambda target: target.write_text(json.dumps(sidecar, indent=2),
+                                                                          encoding="utf-8"), "")])
     except OSError as exc:
         raise ImagingError(f"cannot write labelmap ({exc})", path) from exc
     return path, json_path

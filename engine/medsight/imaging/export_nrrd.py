@@ -8,10 +8,12 @@ and our ``MedSIGHT.RegionCode``), and the ``Segmentation_*`` fields. One layer: 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nrrd
 import numpy as np
 
+from medsight.atomic_files import replace_file
 from medsight.naming import UNCODED, Term
 
 from .errors import ImagingError
@@ -84,7 +86,9 @@ def write_seg_nrrd(seg: Segmentation, path: str | os.PathLike[str], compress: bo
     )
     data = np.transpose(seg.labelmap, (2, 1, 0)).astype(header["type"], copy=False)  # -> (i, j, k)
     try:
-        nrrd.write(path, np.asfortranarray(data), header, index_order="F")
+        # Whole or not at all: an interrupted or failed write keeps the file it would replace.
+        replace_file(Path(path), lambda target: nrrd.write(os.fspath(target), np.asfortranarray(data), header,
+                                                           index_order="F"))
     except (OSError, nrrd.NRRDError) as exc:
         raise ImagingError(f"cannot write segmentation ({exc})", path) from exc
     return path

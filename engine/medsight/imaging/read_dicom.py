@@ -151,7 +151,10 @@ def _last_line(message: str) -> str:
 
 def _gdcm_scan(scan: Callable[..., tuple[str, ...]], folder: str, *args: str) -> tuple[str, ...]:
     """A GDCM folder scan; GDCM stops at the first file it cannot parse (pydicom's rtdose_1frame.dcm does it) with a
-    RuntimeError that names neither the folder nor the way out."""
+    RuntimeError that names neither the folder nor the way out. ITK's warning for a folder without series (three
+    lines of C++ source location on stderr) is kept quiet: the caller's error says it in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         return scan(folder, *args)
     except RuntimeError as exc:
@@ -161,6 +164,8 @@ def _gdcm_scan(scan: Callable[..., tuple[str, ...]], folder: str, *args: str) ->
             "put the series' files in a folder of their own, or read the image file directly",
             folder,
         ) from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
