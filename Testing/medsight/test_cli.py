@@ -109,6 +109,20 @@ def test_info_prints_the_computed_sizes(capsys):
     assert "8,642,412,562 parameters" in text and "bf16 16.10 GiB" in text
 
 
+def test_info_on_the_demo_preset_also_counts_the_embedded_demo_model(capsys):
+    """The demo preset's count was all it printed, though `--model demo` loads a model with its own vocabulary and
+    classes (another count)."""
+    from medsight.model.loading import load_model
+
+    assert main(["info", "--preset", "demo"]) == 0
+    text = capsys.readouterr().out
+    model = load_model("demo", device="cpu")
+    # The parts info counts (the codebook that came with it serves training only).
+    loaded = sum(p.numel() for part in (model.image_encoder, model.region_perceiver, model.language_model)
+                 for p in part.parameters())
+    assert f"--model demo) is sized to its training data: {loaded:,} parameters" in text
+
+
 def test_findings_group_name_and_code_as_the_slicer_module_does():
     """"The liver", "Liver." and "liver" are one finding named "Liver" with the SNOMED liver code; an unlabelled
     region is its own finding named by its code."""

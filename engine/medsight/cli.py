@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("eval_args", nargs=argparse.REMAINDER)
 
     onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
-    onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id")
+    onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id (default: tiny, random "
+                      "weights: name the model the engine serves)")
     onnx.add_argument("--vision-file", help=VISION_FILE_HELP)
     onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json (created if "
                       "missing)")
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
 
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
-    info.add_argument("--preset", default="full")
+    info.add_argument("--preset", default="full", help="full (the paper's), demo or tiny (default: full)")
 
     download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
                               "into the local cache")
@@ -190,7 +191,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from medsight.config import get_preset
+    from medsight.config import MedSIGHTConfig, get_preset
+    from medsight.model.checkpoints import CONFIG_FILE
+    from medsight.model.loading import EMBEDDED
     from medsight.model.sizes import kv_cache_bytes_per_token, model_size
 
     config = get_preset(args.preset)
@@ -200,6 +203,12 @@ def _info(args: argparse.Namespace) -> int:
           f"{size.language_model:,} = {size.total:,} parameters")
     print(f"weights: bf16 {size.weight_bytes() / gib:.2f} GiB, fp32 {size.total * 4 / gib:.2f} GiB; "
           f"KV cache {kv_cache_bytes_per_token(config) / 1024:.0f} KiB per token (bf16)")
+    embedded = EMBEDDED.get(args.preset)
+    if embedded is not None and (embedded / CONFIG_FILE).is_file():
+        # Its trainer sized the vocabulary and classes to its data, so `--model demo` is not the bare preset.
+        trained = model_size(MedSIGHTConfig.from_json(embedded / CONFIG_FILE))
+        print(f"the embedded {args.preset} model (--model {args.preset}) is sized to its training data: "
+              f"{trained.total:,} parameters")
     return 0
 
 
