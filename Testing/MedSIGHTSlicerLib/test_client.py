@@ -121,6 +121,21 @@ def test_upload_limits_are_fetched_once_and_again_only_before_refusing(fake):
     assert f"upload limit of {high:,} bytes" in refused.value.message
 
 
+def test_after_the_engines_own_413_the_limits_are_fetched_again(fake):
+    """Limits that were too high (the engine restarted with lower ones) let one upload through to its 413; the next
+    upload is checked against the engine's new limits and refused without sending."""
+    array = np.zeros((2, 3, 4), np.int16)
+    size = len(npy_bytes(array))
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": size, "max_voxels": array.size}),
+             fake.reply(200, HEALTH | {"max_upload_bytes": size - 1, "max_voxels": array.size}))
+    fake.add("POST", "/v1/volumes", fake.reply(413, {"code": "too_large", "message": "over the limit"}))
+    client = client_for(fake)
+    for _ in range(2):
+        with pytest.raises(MedSIGHTError, match="too_large"):
+            client.upload_volume(array)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (2, 1)
+
+
 def test_an_upload_over_the_voxel_limit_is_refused_before_sending(fake):
     image = np.zeros((6, 7, 3), np.uint8)  # an RGB image: the engine counts its 3 values per pixel
     fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": 2**30, "max_voxels": image.size - 1}))
