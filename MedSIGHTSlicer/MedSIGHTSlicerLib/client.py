@@ -320,14 +320,17 @@ class MedSIGHTClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        #: The engine's last health reply, for its upload limits: fetched once per client, not per upload.
+        self._health: Health | None = None
 
     def __repr__(self) -> str:
         return f"MedSIGHTClient({self.base_url!r}, token={'***' if self.token else None})"
 
     # -- endpoints ---------------------------------------------------------------------------------------------
     def health(self, timeout: float | None = None) -> Health:
-        """GET /v1/health: whether the engine is up, and its version, model, device and dtype."""
-        return self._json("GET", "/health", timeout=timeout, parse=Health.from_json)
+        """GET /v1/health: whether the engine is up, its version, model, device and dtype, and its upload limits."""
+        self._health = self._json("GET", "/health", timeout=timeout, parse=Health.from_json)
+        return self._health
 
     def model_card(self, timeout: float | None = None) -> ModelCard:
         """GET /v1/model: the loaded model's card (name, size, whether its weights are random, intended use)."""
@@ -352,22 +355,44 @@ class MedSIGHTClient:
             direction: LPS direction matrix, 3x3 or 9 numbers row-major; its columns are the i, j, k axes.
                 (Slicer's IJKToRAS directions become LPS by negating their first two rows.)
             modality: "CT", "MR", ... (chooses the default display window).
-        The same voxels and geometry always give the same ``volume_id``, so uploading twice is harmless.
+        The same voxels and geometry always give the same ``volume_id``, so uploading twice is harmless. A volume over
+        the engine's published limits (``health``) raises ``MedSIGHTError`` "too_large" before anything is sent.
         """
         query = volume_query(spacing, origin, direction, modality)
         body = npy_bytes(array)
+        self._check_upload_limits(len(body), np.shape(array), timeout)
         log.debug(
             "uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), len(body)
         )
-        return self._json(
-            "POST",
-            "/volumes",
-            query=query,
-            body=body,
-            content_type="application/x-npy",
-            timeout=timeout,
-            parse=VolumeInfo.from_json,
-        )
+        try:
+            return self._json(
+                "POST",
+                "/volumes",
+                query=query,
+                body=body,
+                content_type="application/x-npy",
+                timeout=timeout,
+                parse=VolumeInfo.from_json,
+            )
+        except MedSIGHTError as err:
+            if err.code == "too_large":
+                self._health = None  # the limits known here were out of date: fetch them again next time
+            raise
+
+    def _check_upload_limits(self, body_bytes: int, shape: tuple[int, ...], timeout: float | None) -> None:
+        """Raise the engine's 413 "too_large" here, without sending, for an upload over its published limits. The
+        limits are fetched (GET /v1/health) on this client's first upload, and again before refusing: the engine
+        may have restarted with higher ones. An engine that publishes none, or whose health fails, gets the upload,
+        which then tells what is wrong itself."""
+        if self._health is not None and self._health.upload_refusal(body_bytes, shape) is None:
+            return
+        try:
+            refusal = self.health(timeout=timeout).upload_refusal(body_bytes, shape)
+        except MedSIGHTError as err:
+            log.info("the engine's upload limits are unknown (%s); sending the volume", err.code)
+            return
+        if refusal is not None:
+            raise MedSIGHTError(refusal, code="too_large", url=self._url("/volumes"))
 
     def volume_info(self, volume_id: str, timeout: float | None = None) -> VolumeInfo:
         """GET /v1/volumes/{volume_id}. Raises ``MedSIGHTError`` with status 404 when the engine no longer has it

@@ -87,24 +87,44 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class Health:
-    """GET /v1/health."""
+    """GET /v1/health. ``max_upload_bytes`` and ``max_voxels``: the engine's upload limits (None from engines that
+    do not publish them)."""
 
     status: str
     version: str
     model: str
     device: str
     dtype: str
+    max_upload_bytes: int | None = None
+    max_voxels: int | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Health:
         data = _require(data, "Health", "version", "model", "device", "dtype")
+        limits = {k: None if data.get(k) is None else int(data[k]) for k in ("max_upload_bytes", "max_voxels")}
         return cls(
             status=str(data.get("status", "ok")),
             version=str(data["version"]),
             model=str(data["model"]),
             device=str(data["device"]),
             dtype=str(data["dtype"]),
+            **limits,
         )
+
+    def upload_refusal(self, body_bytes: int, shape: Sequence[int]) -> str | None:
+        """Why the engine would refuse an upload body of ``body_bytes`` (``npy_bytes``) holding an array of
+        ``shape`` with 413 too_large, as its own checks count (the body's length; the product of the shape), or
+        None when it would take it or publishes no limits."""
+        size = " x ".join(str(int(n)) for n in shape)
+        if self.max_upload_bytes is not None and body_bytes > self.max_upload_bytes:
+            return (f"the volume ({size}) is {body_bytes:,} bytes ({body_bytes / 2**20:.1f} MiB) to send, over the "
+                    f"engine's upload limit of {self.max_upload_bytes:,} bytes ({self.max_upload_bytes / 2**20:.1f} "
+                    "MiB, medsight serve --max-upload-mb); nothing was sent")
+        voxels = math.prod(int(n) for n in shape)
+        if self.max_voxels is not None and voxels > self.max_voxels:
+            return (f"the volume ({size}) has {voxels:,} voxels, over the engine's limit of {self.max_voxels:,}; "
+                    "nothing was sent")
+        return None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.protocol import npy_bytes
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
 VOLUME = {"volume_id": "ab" * 32, "shape": [4, 5, 6], "modality": "CT", "slices": {"axial": 4}, "bytes": 480}
@@ -59,6 +60,7 @@ def test_a_malformed_engine_url_is_refused_naming_it(url):
 
 
 def test_upload_sends_npy_and_geometry(fake):
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH))  # an older engine: no upload limits published
     fake.add("POST", "/v1/volumes", fake.reply(200, VOLUME))
     voxels = np.arange(120, dtype=np.int16).reshape(4, 5, 6) - 1000
     direction = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)
@@ -66,7 +68,8 @@ def test_upload_sends_npy_and_geometry(fake):
     assert info.volume_id == "ab" * 32
     assert info.shape == (4, 5, 6)
     assert info.bytes == 480
-    request = fake.requests[0]
+    assert [(r.method, r.path) for r in fake.requests] == [("GET", "/v1/health"), ("POST", "/v1/volumes")]
+    request = fake.requests[1]
     assert request.headers["Content-Type"] == "application/x-npy"
     np.testing.assert_array_equal(np.load(io.BytesIO(request.body), allow_pickle=False), voxels)
     assert request.query == {
@@ -94,6 +97,51 @@ def test_upload_rejects_bad_input_before_sending(fake, kwargs, words):
     with pytest.raises(ValueError, match=words):
         client_for(fake).upload_volume(**args)
     assert fake.requests == []
+
+
+def test_upload_limits_are_fetched_once_and_again_only_before_refusing(fake):
+    """The limits come from the first upload's health look-up and serve every later upload; a volume over them is
+    checked against a fresh look-up (the engine may have restarted with higher limits) before it is refused."""
+    small = np.zeros((2, 3, 4), np.int16)
+    larger = np.zeros((3, 3, 4), np.int16)
+    largest = np.zeros((4, 3, 4), np.int16)
+    low, high = (len(npy_bytes(a)) for a in (small, larger))
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": low, "max_voxels": larger.size}),
+             fake.reply(200, HEALTH | {"max_upload_bytes": high, "max_voxels": larger.size}))
+    fake.add("POST", "/v1/volumes", fake.reply(200, VOLUME))
+    client = client_for(fake)
+    for array in (small, small, larger):
+        client.upload_volume(array)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (2, 3)
+    with pytest.raises(MedSIGHTError) as refused:
+        client.upload_volume(largest)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (3, 3)
+    assert (refused.value.status, refused.value.code) == (None, "too_large")
+    assert f"{len(npy_bytes(largest)):,} bytes" in refused.value.message
+    assert f"upload limit of {high:,} bytes" in refused.value.message
+
+
+def test_after_the_engines_own_413_the_limits_are_fetched_again(fake):
+    """Limits that were too high (the engine restarted with lower ones) let one upload through to its 413; the next
+    upload is checked against the engine's new limits and refused without sending."""
+    array = np.zeros((2, 3, 4), np.int16)
+    size = len(npy_bytes(array))
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": size, "max_voxels": array.size}),
+             fake.reply(200, HEALTH | {"max_upload_bytes": size - 1, "max_voxels": array.size}))
+    fake.add("POST", "/v1/volumes", fake.reply(413, {"code": "too_large", "message": "over the limit"}))
+    client = client_for(fake)
+    for _ in range(2):
+        with pytest.raises(MedSIGHTError, match="too_large"):
+            client.upload_volume(array)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (2, 1)
+
+
+def test_an_upload_over_the_voxel_limit_is_refused_before_sending(fake):
+    image = np.zeros((6, 7, 3), np.uint8)  # an RGB image: the engine counts its 3 values per pixel
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": 2**30, "max_voxels": image.size - 1}))
+    with pytest.raises(MedSIGHTError, match=f"has {image.size} voxels, over the engine's limit of {image.size - 1}"):
+        client_for(fake).upload_volume(image)
+    assert fake.hits("POST", "/v1/volumes") == 0
 
 
 def test_ask_sends_the_request_and_parses_the_answer(fake):
@@ -310,7 +358,7 @@ def test_posts_are_never_retried(fake, call):
         else:
             getattr(client, call)("v", "q")
     assert info.value.status == 503
-    assert len(fake.requests) == 1
+    assert sum(r.method == "POST" for r in fake.requests) == 1
 
 
 # -- streaming --------------------------------------------------------------------------------------------------

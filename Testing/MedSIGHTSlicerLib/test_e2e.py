@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ import pytest
 import medsight
 import medsight.server.app
 from medsight_testing.live_server import live_server
-from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.client import ERROR_HINTS, MedSIGHTClient, MedSIGHTError, describe_error
+from MedSIGHTSlicerLib.protocol import npy_bytes
 
 TOKEN = "e2e-secret"
 INDICES = [40, 47, 54]
@@ -178,3 +181,58 @@ def test_cancel_unknown_job_is_404(client):
     with pytest.raises(MedSIGHTError) as info:
         client.cancel("no-such-job")
     assert info.value.status == 404
+
+
+class RequestCounter:
+    """ASGI wrapper counting the requests and body bytes the engine receives, by method and path."""
+
+    def __init__(self, app) -> None:
+        self.app, self.requests, self.body_bytes = app, Counter(), Counter()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = (scope["method"], scope["path"])
+        self.requests[key] += 1
+
+        async def counting_receive():
+            message = await receive()
+            self.body_bytes[key] += len(message.get("body", b""))
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+def test_a_volume_over_the_engines_upload_limit_is_refused_before_one_byte_is_sent(engine, mni):
+    """The engine publishes its limits in /v1/health; the client refuses a larger volume itself, with the 413's
+    hint, instead of sending all of it (up to a GiB) to be refused. The limit is the MNI volume's exact size, so the
+    two sides must count alike: the MNI volume still uploads, one more slice does not."""
+    fits = mni["voxels"]
+    over = np.concatenate([fits, fits[:1]])
+    limit = len(npy_bytes(fits))
+    counted = RequestCounter(medsight.server.app.create_app(engine, max_upload_bytes=limit))
+    upload = ("POST", "/v1/volumes")
+    with live_server(counted) as base_url:
+        client = MedSIGHTClient(base_url, timeout=120)
+        with pytest.raises(MedSIGHTError) as refused:
+            client.upload_volume(over, mni["spacing"], mni["origin"], mni["direction"], modality="MR")
+        assert (counted.requests[upload], counted.body_bytes[upload]) == (0, 0)
+        assert refused.value.code == "too_large"
+        text = describe_error(refused.value)
+        assert f"{len(npy_bytes(over)):,} bytes" in text and f"upload limit of {limit:,} bytes" in text
+        assert text.endswith(ERROR_HINTS["too_large"])
+
+        info = client.upload_volume(fits, mni["spacing"], mni["origin"], mni["direction"], modality="MR")
+        assert info.shape == fits.shape
+        assert (counted.requests[upload], counted.body_bytes[upload]) == (1, limit)
+        assert counted.requests[("GET", "/v1/health")] == 1  # one look-up for both uploads, none per upload
+
+
+def test_a_volume_over_the_engines_voxel_limit_is_refused_before_it_is_sent(engine, mni):
+    fits = mni["voxels"]
+    counted = RequestCounter(medsight.server.app.create_app(engine, max_voxels=fits.size - 1))
+    with live_server(counted) as base_url:
+        with pytest.raises(MedSIGHTError, match=f"has {fits.size:,} voxels, over the engine's limit of "
+                           f"{fits.size - 1:,}"):
+            MedSIGHTClient(base_url).upload_volume(fits, mni["spacing"], mni["origin"], mni["direction"])
+        assert counted.requests[("POST", "/v1/volumes")] == 0

@@ -218,7 +218,8 @@ def create_app(
     @app.get("/v1/health", response_model=schemas.Health)
     async def health() -> schemas.Health:
         return schemas.Health(version=__version__, model=model_name, device=str(model.device),
-                              dtype=str(model.dtype).removeprefix("torch."))
+                              dtype=str(model.dtype).removeprefix("torch."), max_upload_bytes=max_upload_bytes,
+                              max_voxels=max_voxels)
 
     @app.get("/v1/model", response_model=schemas.ModelCard)
     async def model_card() -> schemas.ModelCard:

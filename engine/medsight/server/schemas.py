@@ -31,6 +31,11 @@ class Health(Strict):
     model: str
     device: str
     dtype: str
+    # Published so that a client refuses an upload over them before sending it (up to a GiB), not after the 413.
+    max_upload_bytes: int = Field(description="largest POST /v1/volumes body (.npy bytes) the engine takes "
+                                  "(medsight serve --max-upload-mb); a larger one gets 413 too_large")
+    max_voxels: int = Field(description="most values an upload's array may hold (the product of its .npy shape); "
+                            "more get 413 too_large")
 
 
 class ModelCard(Strict):
