@@ -52,7 +52,9 @@ def sharded_run(tmp_path_factory) -> dict:
                "--master-port", str(port), str(WORKER), str(start), str(data["lvlm"]), str(root / "out"),
                str(root / "config.json")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    # Each rank's own error line first: the tail of stderr is rank 0's traceback about a peer that had crashed.
+    errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line)
+    assert done.returncode == 0, errors[-3000:] + "\n" + done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads((root / "out" / "result.json").read_text())
     return {**result, "root": root, "data": data, "start": start,
             "probe": torch.load(root / "out" / "probe.pt", weights_only=True)}
