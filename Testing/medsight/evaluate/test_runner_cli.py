@@ -24,6 +24,7 @@ from medsight.evaluate.runner import (
     select_items,
     shard_from_env,
 )
+from medsight_testing.torchrun import torchrun
 
 ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
 
@@ -148,11 +149,8 @@ def test_two_process_sharded_run_equals_single(diagseg, single_run, tmp_path):
 
 def test_torchrun_two_ranks_meet_at_a_gloo_barrier_and_rank0_reports(diagseg, single_run, tmp_path):
     """`torchrun --nproc-per-node 2`: each rank answers its shard, rank 0 merges after the barrier and reports."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "medsight.evaluate.cli", "diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), *ARGS]
-    done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(2, ["-m", "medsight.evaluate.cli", "diagseg", "--data", str(diagseg[0]), "--report", str(tmp_path), *ARGS],
+             timeout=300)
     assert len(sorted(tmp_path.glob("predictions.shard*-of-2.jsonl"))) == 2
     assert read_predictions(tmp_path / "predictions.jsonl") == read_predictions(single_run / "predictions.jsonl")
     report = json.loads((tmp_path / "report.json").read_text())

@@ -10,10 +10,6 @@ identical to the sharded model's. Stage 4's row mask also holds on the embedding
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +21,7 @@ from medsight.model.loading import build_model, load_official, load_pretrained, 
 from medsight.train.export import LVLM_DIR
 from medsight.train.loop import OFFICIAL_DIR
 from medsight.train.stages import Stage5Config, run_stage5
+from medsight_testing.torchrun import torchrun
 from medsight_testing.train_data import probe, write_synthetic
 
 WORLD = 2
@@ -43,18 +40,7 @@ def sharded_run(tmp_path_factory) -> dict:
     data = write_synthetic(root / "data")
     start = save_pretrained(build_model(tiny_config(), seed=0), root / "start")
     (root / "config.json").write_text(json.dumps(SHARDED.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-               "--master-port", str(port), str(WORKER), str(start), str(data["lvlm"]), str(root / "out"),
-               str(root / "config.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    # Each rank's own error line first: the tail of stderr is rank 0's traceback about a peer that had crashed.
-    errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line)
-    assert done.returncode == 0, errors[-3000:] + "\n" + done.stdout[-2000:] + done.stderr[-4000:]
+    torchrun(WORLD, [str(WORKER), str(start), str(data["lvlm"]), str(root / "out"), str(root / "config.json")])
     result = json.loads((root / "out" / "result.json").read_text())
     return {**result, "root": root, "data": data, "start": start,
             "probe": torch.load(root / "out" / "probe.pt", weights_only=True)}

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from medsight.train.loop import SampleOrder, TrainConfig
+from medsight_testing.torchrun import torchrun
 
 WORKER = Path(__file__).with_name("fsdp_resume_worker.py")
 NUM_SAMPLES = 12
@@ -24,15 +21,7 @@ FIRST_STEPS = 2
 
 
 def _launch(world: int, out: Path, max_steps: int, resume: bool) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-               str(port), str(WORKER), str(out), str(NUM_SAMPLES), str(max_steps), "1" if resume else "0"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    torchrun(world, [str(WORKER), str(out), str(NUM_SAMPLES), str(max_steps), "1" if resume else "0"], timeout=300)
 
 
 def _seen(out: Path, world: int) -> list[int]:

@@ -13,10 +13,6 @@ so nothing has seeded the RNG before those draws.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -26,6 +22,7 @@ from medsight.model.loading import build_model, load_pretrained, save_pretrained
 from medsight.train.data import SegmentationDataset
 from medsight.train.loop import SampleOrder, read_log
 from medsight.train.stages import LoraConfig, Stage2Config, find_segmentation_meta, run_stage2, run_stage5
+from medsight_testing.torchrun import torchrun
 from medsight_testing.train_data import write_synthetic
 
 WORLD = 2
@@ -47,17 +44,9 @@ def _torchrun_train(setup: dict, command: str, config) -> tuple[list[float], lis
     """`torchrun -m medsight.train.cli COMMAND` from the start model; (logged losses, lines printed)."""
     root = setup["root"]
     (root / f"{command}.json").write_text(json.dumps({**config.to_dict(), "init_from": str(setup["start"])}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     out = root / command
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", str(port),
-         "-m", "medsight.train.cli", command, "--config", str(root / f"{command}.json"), "--data",
-         str(setup["data"]["root"]), "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    done = torchrun(WORLD, ["-m", "medsight.train.cli", command, "--config", str(root / f"{command}.json"), "--data",
+                            str(setup["data"]["root"]), "--out", str(out)])
     return [r["loss"] for r in read_log(out)], done.stdout.strip().splitlines()
 
 

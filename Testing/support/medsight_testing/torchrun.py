@@ -1,0 +1,26 @@
+"""Run a command under `torchrun` on this machine's CPU (gloo), as the training and evaluation tests need."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def torchrun(world: int, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node WORLD ARGS` in a child that imports what this test imports (one thread per rank);
+    the test fails, showing each rank's error line first, unless every rank succeeds. ARGS: a script and its
+    arguments, or ``-m`` and a module's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+               str(port), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    # The tail of stderr is often rank 0's traceback about a peer that had crashed: each rank's own error comes first.
+    errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line)
+    assert done.returncode == 0, errors[-3000:] + "\n" + done.stdout[-2000:] + done.stderr[-4000:]
+    return done
