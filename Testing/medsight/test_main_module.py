@@ -43,3 +43,34 @@ def test_ctrl_c_mid_ask_is_one_line_and_leaves_no_output(tmp_path):
     assert process.wait(timeout=120) == 130, err
     assert "Traceback" not in err and err.rstrip().endswith("medsight: interrupted"), err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [volume.name]
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`medsight info | head -1` whose reader is gone: it printed 'medsight: error: Broken pipe' and exited 2, as if
+    something had failed. Now no message and 141 (128 + SIGPIPE, what the shell reports for git or seq there)."""
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-W", "default", "-m", "medsight", "info", "--preset", "tiny"],
+                               stdout=write_end, stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    os.close(read_end)  # before the child writes anything (it is still importing): every write hits a closed pipe
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err.decode(errors="replace")
+    assert err == b""  # neither the error line nor Python's "Exception ignored ... BrokenPipeError"
+
+
+def test_a_broken_pipe_that_is_not_stdouts_stays_an_error(monkeypatch, capsys):
+    """Only stdout's reader leaving is quiet: a BrokenPipeError from another pipe is still a one-line error."""
+    from medsight import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stdout:  # a pipe whose reader is still there
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(cli, "_info", broken)
+        code = cli.main(["info"])
+        monkeypatch.undo()
+    os.close(read_end)
+    assert code == 2 and capsys.readouterr().err == "medsight: error: Broken pipe\n"
