@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -74,3 +76,32 @@ def test_a_broken_pipe_that_is_not_stdouts_stays_an_error(monkeypatch, capsys):
         monkeypatch.undo()
     os.close(read_end)
     assert code == 2 and capsys.readouterr().err == "medsight: error: Broken pipe\n"
+
+
+def test_ask_whose_reader_left_still_writes_its_segmentation(tmp_path):
+    """`medsight ask ... --out F | head -1`, the reader gone before the answers are printed: printing them failed and
+    the command stopped before writing F, the file asked for. F is now written, the same as with a reader there."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    from medsight.imaging import read_seg_nrrd
+
+    volume = tmp_path / "mni.nii.gz"
+    nib.save(load_mni152_template(resolution=2), volume)
+    ask = ["medsight", "ask", str(volume), "Please segment the white matter.", "--slices", "40:42", "--model", "tiny",
+           "--max-new-tokens", "6", "--device", "cpu", "--out"]
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", *ask, str(tmp_path / "left.seg.nrrd")], stdout=write_end,
+                               stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    os.close(read_end)
+    _, err = process.communicate(timeout=300)
+    err = err.decode(errors="replace")
+    assert process.returncode == 141, err
+    assert "error" not in err and "Traceback" not in err, err
+    stayed = run(*ask, str(tmp_path / "stayed.seg.nrrd"))
+    assert stayed.returncode == 0, stayed.stderr
+    left, whole = read_seg_nrrd(tmp_path / "left.seg.nrrd"), read_seg_nrrd(tmp_path / "stayed.seg.nrrd")
+    assert whole.labelmap.any() and np.array_equal(left.labelmap, whole.labelmap)
+    assert [s.name for s in left.segments] == [s.name for s in whole.segments]

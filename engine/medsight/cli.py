@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import select
 import sys
 from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
-from medsight.commands.errors import error_message
+from medsight.commands.errors import READER_LEFT, error_message, silence_stdout, stdout_reader_gone
 from medsight.commands.options import check_vision_file
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
@@ -254,19 +252,6 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end). Where poll is
-    missing (Windows) a BrokenPipeError is taken to be stdout's, as Python's docs recipe does."""
-    if not hasattr(select, "poll"):
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-    except (OSError, ValueError):  # no file descriptor (stdout replaced in-process): not a pipe we write to
-        return False
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
@@ -280,16 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
         return code
     except BrokenPipeError as err:
-        if not _stdout_reader_gone():  # another pipe (a worker's, a socket): a real error, shown as one
+        if not stdout_reader_gone():  # another pipe (a worker's, a socket): a real error, shown as one
             print(f"medsight: error: {error_message(err)}", file=sys.stderr)
             return 2
-        # The reader of our output left early (`medsight ask ... | head -1`): nothing is wrong, so no message. Point
-        # stdout at devnull so the flush at interpreter exit does not print "Exception ignored ... BrokenPipeError"
-        # (the recipe of Python's signal docs, "Note on SIGPIPE"). 141 = 128 + SIGPIPE is the status git, seq and
-        # cat get in the same pipe (killed by the signal), so `set -o pipefail` scripts see what they are used to.
-        # Not SIGPIPE's default action instead: it would also kill `serve` when a client closes its socket.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        silence_stdout()  # the reader of our output left early: nothing is wrong, so no message
+        return READER_LEFT
     except (ValueError, OSError) as err:
         # ImagingError and CheckpointError are ValueErrors, and a file that cannot be read or written an OSError:
         # show the message, not a traceback. Other exceptions are our bugs and keep theirs.
