@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -43,3 +45,63 @@ def test_ctrl_c_mid_ask_is_one_line_and_leaves_no_output(tmp_path):
     assert process.wait(timeout=120) == 130, err
     assert "Traceback" not in err and err.rstrip().endswith("medsight: interrupted"), err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [volume.name]
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`medsight info | head -1` whose reader is gone: it printed 'medsight: error: Broken pipe' and exited 2, as if
+    something had failed. Now no message and 141 (128 + SIGPIPE, what the shell reports for git or seq there)."""
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-W", "default", "-m", "medsight", "info", "--preset", "tiny"],
+                               stdout=write_end, stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    os.close(read_end)  # before the child writes anything (it is still importing): every write hits a closed pipe
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err.decode(errors="replace")
+    assert err == b""  # neither the error line nor Python's "Exception ignored ... BrokenPipeError"
+
+
+def test_a_broken_pipe_that_is_not_stdouts_stays_an_error(monkeypatch, capsys):
+    """Only stdout's reader leaving is quiet: a BrokenPipeError from another pipe is still a one-line error."""
+    from medsight import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stdout:  # a pipe whose reader is still there
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(cli, "_info", broken)
+        code = cli.main(["info"])
+        monkeypatch.undo()
+    os.close(read_end)
+    assert code == 2 and capsys.readouterr().err == "medsight: error: Broken pipe\n"
+
+
+def test_ask_whose_reader_left_still_writes_its_segmentation(tmp_path):
+    """`medsight ask ... --out F | head -1`, the reader gone before the answers are printed: printing them failed and
+    the command stopped before writing F, the file asked for. F is now written, the same as with a reader there."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    from medsight.imaging import read_seg_nrrd
+
+    volume = tmp_path / "mni.nii.gz"
+    nib.save(load_mni152_template(resolution=2), volume)
+    ask = ["medsight", "ask", str(volume), "Please segment the white matter.", "--slices", "40:42", "--model", "tiny",
+           "--max-new-tokens", "6", "--device", "cpu", "--out"]
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", *ask, str(tmp_path / "left.seg.nrrd")], stdout=write_end,
+                               stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    os.close(read_end)
+    _, err = process.communicate(timeout=300)
+    err = err.decode(errors="replace")
+    assert process.returncode == 141, err
+    assert "error" not in err and "Traceback" not in err, err
+    stayed = run(*ask, str(tmp_path / "stayed.seg.nrrd"))
+    assert stayed.returncode == 0, stayed.stderr
+    left, whole = read_seg_nrrd(tmp_path / "left.seg.nrrd"), read_seg_nrrd(tmp_path / "stayed.seg.nrrd")
+    assert whole.labelmap.any() and np.array_equal(left.labelmap, whole.labelmap)
+    assert [s.name for s in left.segments] == [s.name for s in whole.segments]

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
-from medsight.commands.errors import error_message
+from medsight.commands.errors import READER_LEFT, error_message, silence_stdout, stdout_reader_gone
 from medsight.commands.options import check_vision_file
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
@@ -270,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"ask": run_ask, "serve": run_serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
                     "info": _info, "download": _download}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
+        return code
+    except BrokenPipeError as err:
+        if not stdout_reader_gone():  # another pipe (a worker's, a socket): a real error, shown as one
+            print(f"medsight: error: {error_message(err)}", file=sys.stderr)
+            return 2
+        silence_stdout()  # the reader of our output left early: nothing is wrong, so no message
+        return READER_LEFT
     except (ValueError, OSError) as err:
         # ImagingError and CheckpointError are ValueErrors, and a file that cannot be read or written an OSError:
         # show the message, not a traceback. Other exceptions are our bugs and keep theirs.

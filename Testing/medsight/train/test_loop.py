@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +20,7 @@ from medsight.model.loading import build_model
 from medsight.train import state as trainer_state
 from medsight.train.loop import (
     CHECKPOINT_DIR,
+    FINAL_DIR,
     LOG_FILE,
     SHARDED_STATE_FILE,
     STATE_FILE,
@@ -154,5 +157,38 @@ def test_a_resume_killed_while_rewriting_the_log_keeps_the_runs_history(tmp_path
 
 def test_a_damaged_loss_log_line_is_named(tmp_path):
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):
+        read_log(tmp_path)
+
+
+def test_a_last_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, caplog):
+    """Killed while appending a step's record, a run leaves that record cut short with no newline; the resume stopped
+    with 'line N is not a loss record ... remove it to resume'. That record's checkpoint is saved after the append,
+    so the resume starts before it: the torn line is dropped with a warning and the log continues step by step."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    config = TrainConfig(lr=1e-3, max_steps=4, save_every=2, device="cpu")
+    whole = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, config, tmp_path).records
+    # The state a kill in the last step's append leaves: its checkpoint and final/ not written, its line cut.
+    shutil.rmtree(latest_checkpoint(tmp_path))
+    shutil.rmtree(tmp_path / FINAL_DIR)
+    lines = (tmp_path / LOG_FILE).read_text().splitlines(keepends=True)
+    (tmp_path / LOG_FILE).write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    resumed_from = int(latest_checkpoint(tmp_path).name.removeprefix("step-"))
+    with caplog.at_level(logging.WARNING, logger="medsight.train.loop"):
+        result = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, config, tmp_path, resume=True)
+    assert f"{tmp_path / LOG_FILE}: dropped line {len(lines)}" in caplog.text
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, config.max_steps + 1))
+    assert [r["loss"] for r in read_log(tmp_path)] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
+    assert [r["step"] for r in result.records] == list(range(resumed_from + 1, config.max_steps + 1))
+
+
+def test_a_torn_line_that_is_not_the_last_stays_an_error(tmp_path):
+    """Only the end of the log is where a kill tears a record: a damaged line before a whole one is named."""
+    (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}')
     with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):
         read_log(tmp_path)

@@ -337,17 +337,26 @@ def _same_setting(name: str, saved: Any, current: Any) -> bool:
 
 
 def read_log(out_dir: str | Path) -> list[dict[str, float]]:
-    """The run's loss records; a line that is not one (e.g. cut short by a full disk) is a ValueError naming it."""
+    """The run's loss records; a line that is not one (e.g. cut short by a full disk) is a ValueError naming it.
+
+    Except a last line without its newline that is not JSON: the append of a process killed mid-write, expected
+    after a kill. It is dropped with a warning; nothing is lost, as its step's checkpoint is saved only after the
+    append, so a resume continues from an earlier step and drops the records past that one anyway."""
     path = Path(out_dir) / LOG_FILE
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s: dropped line %d, cut short when the run was stopped while writing it", path, number)
+                break
             raise ValueError(f"{path}: line {number} is not a loss record ({err}); remove it to resume") from None
     return records
 
