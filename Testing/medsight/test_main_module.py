@@ -105,3 +105,20 @@ def test_ask_whose_reader_left_still_writes_its_segmentation(tmp_path):
     left, whole = read_seg_nrrd(tmp_path / "left.seg.nrrd"), read_seg_nrrd(tmp_path / "stayed.seg.nrrd")
     assert whole.labelmap.any() and np.array_equal(left.labelmap, whole.labelmap)
     assert [s.name for s in left.segments] == [s.name for s in whole.segments]
+
+
+def test_medsight_train_shows_the_runs_progress(tmp_path):
+    """Under `medsight train` the trainer's progress lines were never printed: the top-level command had set up
+    logging at WARNING first, so the trainer's INFO set-up did nothing (torchrun's entry point showed them)."""
+    import json
+
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    steps = 2
+    config = tmp_path / "stage3.json"
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "batch_size": 1}))
+    out = run("medsight", "train", "stage3", "--config", str(config), "--data", str(data["lvlm"]), "--out",
+              str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert [f"step {n}/{steps} loss" in out.stderr for n in range(1, steps + 1)] == [True] * steps, out.stderr

@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: under `medsight train` the top-level command has configured logging (WARNING) already, and without it
+    # this call did nothing: the run's progress ("step n/N loss ...") was never shown.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     if args.stage in RECIPES:
         stage, kind = RECIPES[args.stage]
     else:
