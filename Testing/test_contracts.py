@@ -320,6 +320,15 @@ def test_export_suffixes_agree():
         assert suffixes[0] in text and all(f"*{s}" in pattern for s in suffixes), (text, pattern)
 
 
+def _random_ijk_to_ras(rng: np.random.Generator) -> np.ndarray:
+    """A voxel grid in any orientation (possibly left-handed), with spacings from 0.5 to 3 mm, anywhere near 0."""
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag(rng.uniform(0.5, 3.0, 3))
+    ijk_to_ras[:3, 3] = rng.uniform(-50, 50, 3)
+    return ijk_to_ras
+
+
 def test_both_sides_name_a_views_plane_alike():
     """A slice range goes along the plane the Slicer side names for the chosen view; the engine answers the view
     itself about the plane its ``slice_for_view`` picks. They must agree for any acquisition, also double-oblique ones
@@ -334,10 +343,7 @@ def test_both_sides_name_a_views_plane_alike():
     rng = np.random.default_rng(0)
     other_than_nearest = 0
     for _ in range(400):
-        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        ijk_to_ras = np.eye(4)
-        ijk_to_ras[:3, :3] = rotation @ np.diag(rng.uniform(0.5, 3.0, 3))
-        ijk_to_ras[:3, 3] = rng.uniform(-50, 50, 3)
+        ijk_to_ras = _random_ijk_to_ras(rng)
         shape = tuple(int(n) for n in rng.integers(4, 9, 3))  # (k, j, i)
         volume = volume_from_affine(np.zeros(shape, np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras)
         frame, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -363,9 +369,7 @@ def test_both_sides_count_a_volumes_slices_per_plane_alike():
     rng = np.random.default_rng(1)
     thin = 0
     for _ in range(300):
-        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        ijk_to_ras = np.eye(4)
-        ijk_to_ras[:3, :3] = rotation @ np.diag(rng.uniform(0.5, 3.0, 3))
+        ijk_to_ras = _random_ijk_to_ras(rng)
         shape = [int(n) for n in rng.integers(2, 9, 3)]  # (k, j, i)
         if rng.random() < 0.25:
             shape[int(rng.integers(3))] = 1
