@@ -600,32 +600,11 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
     assert contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base.name()) >= 4.5
 
 
-def test_volume_without_image_data_is_refused_with_a_plain_error(app, fake):
-    """Audit F3: the selector lists empty scalar volumes (Crop Volume's output before Apply): Send says so, no raise."""
-    slicer = pytest.importorskip("slicer")
-    from MedSIGHTSlicerLib.session import MedSIGHTSession
-
-    scene = slicer.vtkMRMLScene()
-    session = MedSIGHTSession(scene)
-    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    empty.SetName("Cropped")
-    panel = ChatPanel(MedSIGHTClient(fake.url, timeout=5, retries=0))
-    PANELS.append(panel)
-    panel.volume_provider = lambda: session.volume_source(empty)
-    try:
-        assert panel.send("Where is the liver?") is False
-        assert panel.error.text() == "The volume 'Cropped' has no image data: choose a volume that holds an image."
-        assert not panel.busy and panel._turns == [] and fake.requests == []
-    finally:
-        session.stop_observing()
-        scene.Clear(1)
-
-
-
-@pytest.mark.parametrize("kind", ["no scalars", "no voxels", "NaN voxels"])
+@pytest.mark.parametrize("kind", ["no image", "no scalars", "no voxels", "NaN voxels"])
 def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind):
-    """A volume whose image holds no voxels, or NaN voxels, gets one plain error naming it and nothing is sent (it
-    was sent whole, to be refused by the engine, or raised a message without the volume's name)."""
+    """A volume without an image (the selector lists Crop Volume's output before Apply), whose image holds no voxels,
+    or NaN voxels, gets one plain error naming it and nothing is sent (it was sent whole, to be refused by the
+    engine, or raised a message without the volume's name)."""
     slicer = pytest.importorskip("slicer")
     vtk = pytest.importorskip("vtk")
     from medsight_testing.mrml import make_volume
@@ -633,7 +612,9 @@ def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind
 
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
-    if kind == "no scalars":
+    if kind == "no image":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    elif kind == "no scalars":
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
         node.SetAndObserveImageData(vtk.vtkImageData())  # an image object without voxels
     elif kind == "no voxels":
