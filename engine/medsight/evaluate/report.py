@@ -50,6 +50,8 @@ class ItemScore:
     id: str
     modality: str
     scores: dict[str, float]
+    #: The item's GT mask union is empty (nothing above the notebooks' 127), seen when its Dice read it.
+    gt_empty: bool = False
 
 
 def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[tuple[EvalItem, Prediction]]:
@@ -104,12 +106,14 @@ def score_items(items: Sequence[EvalItem], predictions: Sequence[Prediction], wi
     for item, pred in _join(items, predictions):
         text = pred["text"] if text_by_id is None else text_by_id.get(item.id)
         scores = {} if text is None else text_scores(item, text)
+        gt_empty = False
         if with_dice:
             gt = load_gt_mask(item.masks)
+            gt_empty = not gt.any()
             scores["dice"] = mask_dice(item, pred, gt=gt)
             if "masks_image" in pred:  # older predictions have only the official frame's masks
                 scores["strict_dice"] = mask_dice(item, pred, "masks_image", gt)
-        out.append(ItemScore(item.id, item.modality, scores))
+        out.append(ItemScore(item.id, item.modality, scores, gt_empty))
     return out
 
 
@@ -194,7 +198,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
                          "over the whole GT mask, so it does not measure the mask on the image (DiagSeg's images are "
                          "square); strict_dice does")
-        empty = _empty_gt_masks(items)
+        empty = _empty_gt_masks(items, scores)
         if empty:
             notes.append(f"{empty} of {len(items)} items have an empty GT mask (no pixel above 127, the notebooks' "
                          "threshold: masks stored as 0/1 labels read as empty); their Dice is 0 for any predicted "
@@ -250,10 +254,15 @@ def _nonsquare_images(items: Sequence[EvalItem]) -> int:
     return count
 
 
-def _empty_gt_masks(items: Sequence[EvalItem]) -> int:
-    """How many items' GT mask union is empty as binarised (unreadable ones are not counted: scoring names them)."""
+def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> int:
+    """How many items' GT mask union is empty as binarised. Scored items say so from the mask their Dice read; only
+    the others (no prediction yet) are read here, unreadable ones not counted."""
+    seen = {s.id: s.gt_empty for s in scores}
     count = 0
     for item in items:
+        if item.id in seen:
+            count += seen[item.id]
+            continue
         try:
             count += not load_gt_mask(item.masks).any()
         except DataError:
