@@ -15,6 +15,7 @@ folder and its parent (the demo builder writes them relative to its output root,
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class SegmentationDataset:
             grouped: dict[object, _ImageRecord] = {}
             for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
                 image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
-                _check_files(f"{doc_path}: annotation {index}", image, mask)
+                _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
                 record = grouped.setdefault(ann["image_id"], _ImageRecord(image, [], [], int(label)))
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
@@ -135,13 +136,14 @@ def _annotations(path: Path, doc: object) -> list[dict]:
     return checked
 
 
-def _check_files(where: str, image: Path, mask: Path) -> None:
-    """The annotation's image and mask are files: a missing one would otherwise stop the run at the step that first
-    reads it, hours in on a large set (stages 3-5 check theirs the same way, `ConversationDataset._check_files`)."""
+def _check_files(where: str, files: Iterable[tuple[str, Path]]) -> None:
+    """Each (kind, path) is a file, checked when the data is read: a missing one would otherwise stop the run at the
+    step that first reads it, hours in on a large set. ``files`` may be lazy: a path looked up under the data's
+    roots raises FileNotFoundError, named with ``where`` too."""
     try:
-        check_user_file(image, "image")
-        check_user_file(mask, "mask")
-    except ValueError as err:
+        for kind, path in files:
+            check_user_file(path, kind)
+    except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
 
 
@@ -211,7 +213,7 @@ class ConversationDataset:
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
             check_conversation_item(where, item)
-            self._check_files(where, item)
+            self._check_item_files(where, item)
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
@@ -219,16 +221,13 @@ class ConversationDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _check_files(self, where: str, item: dict) -> None:
-        """Every image and mask the item names is a file (a missing one would otherwise stop the run mid-way)."""
+    def _check_item_files(self, where: str, item: dict) -> None:
+        """Every image and mask the item names is a file (`_check_files`)."""
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         files = item.get("mask_files") or {}
         masks = [("mask", files[str(m)]) for m in item.get("mask_orders") or []]
-        try:
-            for what, path in [("image", image), *masks]:
-                check_user_file(self.resolve(path), what)  # an absolute path is not looked up by `resolve`
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"{where}: {err}") from None
+        # An absolute path is not looked up by `resolve`.
+        _check_files(where, ((what, self.resolve(path)) for what, path in [("image", image), *masks]))
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path)
