@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
-from medsight.commands.errors import READER_LEFT, error_message, silence_stdout, stdout_reader_gone
+from medsight.commands.errors import READER_LEFT, error_message, reader_left
 from medsight.commands.options import check_vision_file
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
@@ -274,11 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
         return code
     except BrokenPipeError as err:
-        if not stdout_reader_gone():  # another pipe (a worker's, a socket): a real error, shown as one
-            print(f"medsight: error: {error_message(err)}", file=sys.stderr)
-            return 2
-        silence_stdout()  # the reader of our output left early: nothing is wrong, so no message
-        return READER_LEFT
+        if reader_left():  # the reader of our output left early: nothing is wrong, so no message
+            return READER_LEFT
+        print(f"medsight: error: {error_message(err)}", file=sys.stderr)  # another pipe (a worker's, a socket)
+        return 2
     except (ValueError, OSError) as err:
         # ImagingError and CheckpointError are ValueErrors, and a file that cannot be read or written an OSError:
         # show the message, not a traceback. Other exceptions are our bugs and keep theirs.

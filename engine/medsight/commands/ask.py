@@ -9,7 +9,7 @@ import os
 import sys
 
 from medsight.commands.ask_outputs import check_ask_outputs, check_out_against_input, write_outputs
-from medsight.commands.errors import READER_LEFT, silence_stdout, stdout_reader_gone
+from medsight.commands.errors import READER_LEFT, reader_left
 from medsight.commands.options import check_vision_file
 
 
@@ -25,16 +25,15 @@ def run_ask(args: argparse.Namespace) -> int:
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     answers = _answers(args, volume, indices)
-    reader_left = False
+    left = False
     if not args.json:
         try:
             _print_answers(args, answers)  # before writing: a failed write must not lose them
         except BrokenPipeError:
-            if not stdout_reader_gone():
-                raise
             # `medsight ask ... --out F | head -1` whose reader left: the files asked for are still written.
-            silence_stdout()
-            reader_left = True
+            left = reader_left()
+            if not left:
+                raise
     written, errors = write_outputs(args, volume, answers)
     if args.json:
         _print_json(args, answers, written, errors)
@@ -44,7 +43,7 @@ def run_ask(args: argparse.Namespace) -> int:
                 print(f"{'segmentation' if name == 'out' else name} written to {path}")
     for error in errors:
         print(f"medsight: error: {error}", file=sys.stderr)
-    return 2 if errors else READER_LEFT if reader_left else 0
+    return 2 if errors else READER_LEFT if left else 0
 
 
 def parse_slices(spec: str | None, count: int) -> list[int]:

@@ -21,7 +21,16 @@ def error_message(err: Exception) -> str:
     return str(err)
 
 
-def stdout_reader_gone() -> bool:
+def reader_left() -> bool:
+    """After a BrokenPipeError: whether it was stdout's reader that left (`medsight ... | head -1`), which is no error.
+    Then stdout is pointed at devnull (`_silence_stdout`), so nothing more raises; False for another pipe's."""
+    if not _stdout_reader_gone():
+        return False
+    _silence_stdout()
+    return True
+
+
+def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end): a BrokenPipeError
     that is not stdout's (a worker's pipe, a socket) is a real error. Where poll is missing (Windows) a
     BrokenPipeError is taken to be stdout's, as Python's docs recipe does."""
@@ -35,7 +44,7 @@ def stdout_reader_gone() -> bool:
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
-def silence_stdout() -> None:
+def _silence_stdout() -> None:
     """Point stdout at devnull once its reader is gone, so later prints and the flush at interpreter exit do not
     raise or print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal docs, "Note on SIGPIPE")."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
