@@ -27,7 +27,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines
-from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file
+from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_file_name, export_labelmap_file
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
@@ -358,7 +358,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
         pattern, suffixes = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]  # the file name picks the writer
-        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", node.GetName() + suffixes[0], pattern)
+        proposed = export_file_name(node.GetName(), suffixes[0])  # a DICOM series' name holds ":" (and maybe "/")
+        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", proposed, pattern)
         if not path:
             return
         try:

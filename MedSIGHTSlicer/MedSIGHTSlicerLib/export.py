@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_labelmap_file", "export_nifti",
-           "export_seg_nrrd", "read_seg_nrrd"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
+           "export_nifti", "export_seg_nrrd", "read_seg_nrrd"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -28,6 +29,24 @@ EXPORT_FORMATS = (
     ("DICOM SEG (*.dcm)", (".dcm",)),
 )
 EXPORT_SUFFIXES = tuple(suffix for _, suffixes in EXPORT_FORMATS for suffix in suffixes)
+
+#: Characters no file name may hold on Windows (the strictest of the systems Slicer runs on), path separators and
+#: control characters included.
+_UNSAFE_IN_FILE_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]+')
+
+
+def export_file_name(node_name: str, suffix: str) -> str:
+    """The file name the save dialog proposes for ``node_name``'s export.
+
+    Slicer names a volume loaded from DICOM "<series number>: <series description>" (DICOMLib's
+    ``DICOMPlugin.defaultSeriesNodeName``), and a description may hold a "/": taken as it is, the proposed name was
+    one Windows refuses (":"), and a "/" made it a path: "3: AX T1/POST" was written as POST.seg.nrrd in a new folder
+    "3: AX T1". As Slicer's own Save dialog does
+    (``qSlicerCoreIOManager::forceFileNameValidCharacters``), those characters are left out of the name (here each
+    run of them becomes "_", and letters of any script stay).
+    """
+    stem = " ".join(_UNSAFE_IN_FILE_NAME.sub("_", str(node_name)).split()).strip(" .")
+    return (stem or "Segmentation") + suffix
 
 
 class ExportError(RuntimeError):

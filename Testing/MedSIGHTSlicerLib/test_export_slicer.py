@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -151,6 +153,30 @@ def test_export_button_entry_point_picks_the_format(scene, volume, tmp_path):
     for suffix in EXPORT_SUFFIXES:
         if suffix != ".dcm":
             assert export_labelmap_file(user, volume, tmp_path / f"all{suffix}").stat().st_size > 0
+
+
+#: What no file name may hold on Windows (the save dialog's proposal must be a name every system takes).
+WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
+
+
+@pytest.mark.parametrize("description", ["AX T1/POST", "Tête: foie"])
+def test_the_proposed_file_name_of_a_dicom_series_is_a_file_in_the_chosen_folder(scene, volume, tmp_path,
+                                                                                  description):
+    """Slicer names a volume loaded from DICOM "<series number>: <series description>" (DICOMLib DICOMPlugin.
+    defaultSeriesNodeName); the save dialog proposed that name plus the suffix, which Windows refuses (":"), and a
+    "/" made it a path (the file was written into a new folder named after the text before the "/")."""
+    from MedSIGHTSlicerLib.export import EXPORT_SUFFIXES, export_file_name, export_labelmap_file
+
+    volume.SetName(f"3: {description}")
+    _, user = accepted(scene, volume, tmp_path)
+    for suffix in EXPORT_SUFFIXES:
+        name = export_file_name(volume.GetName(), suffix)
+        assert name.endswith(suffix) and not WINDOWS_FORBIDDEN & set(name[:-len(suffix)])
+        assert all(word in name for word in re.findall(r"[^\W\d_]+", description))  # letters of any script stay
+        if suffix != ".dcm":  # DICOM SEG needs a DICOM-loaded volume: test_dicom_seg.py
+            written = export_labelmap_file(user, volume, tmp_path / name)
+            assert written.parent == tmp_path and written.stat().st_size > 0
+    assert export_file_name(" .. ", ".nii") == "Segmentation.nii"  # nothing left of the name: still a name
 
 
 def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
