@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_SERVE_COMMAND",
+    "OUTPUT_ENCODING_VARIABLE",
     "PYTHON_VARIABLES",
     "LaunchPlan",
     "engine_environment",
@@ -33,6 +34,8 @@ __all__ = [
 DEFAULT_SERVE_COMMAND = "medsight serve --model demo --host 127.0.0.1 --port 8765"
 #: Variables that tie a Python interpreter to one installation: never handed to the engine's interpreter.
 PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")
+#: The encoding of the engine's stdout and stderr (set to UTF-8, see ``engine_environment``).
+OUTPUT_ENCODING_VARIABLE = "PYTHONIOENCODING"
 
 
 def split_windows_command(command: str) -> list[str]:
@@ -115,9 +118,13 @@ def startup_environment(slicer_util: Any = None) -> dict[str, str]:
 
 
 def engine_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` without the Python-binding variables, and with unbuffered output so the panel sees it at once."""
-    environment = {k: v for k, v in base.items() if k.upper() not in PYTHON_VARIABLES}
+    """``base`` without the Python-binding variables, with unbuffered output so the panel sees it at once, and
+    with UTF-8 output: the engine's log is read as UTF-8 (``engine_process.OutputLines``), but a Python on Windows
+    writes a file in the ANSI code page (cp1252 on a Western system), so a path with "é" arrived as "\ufffd" and
+    one with a character outside that page ended the engine with a UnicodeEncodeError while it printed it."""
+    environment = {k: v for k, v in base.items() if k.upper() not in (*PYTHON_VARIABLES, OUTPUT_ENCODING_VARIABLE)}
     environment["PYTHONUNBUFFERED"] = "1"
+    environment[OUTPUT_ENCODING_VARIABLE] = "utf-8"
     return environment
 
 

@@ -73,7 +73,25 @@ def test_engine_environment_drops_python_variables():
     env = engine_environment(host)
     assert not {k.upper() for k in env} & set(PYTHON_VARIABLES)
     assert env["PATH"] == "/usr/bin" and env["HOME"] == "/home/me" and env["PYTHONUNBUFFERED"] == "1"
+    assert engine_environment({"PYTHONIOENCODING": "cp1252"})["PYTHONIOENCODING"] == "utf-8"  # what the log reads
     assert "PYTHONHOME" in host  # the host's own environment is left alone
+
+
+#: A line an engine prints about a user's files: a Western accent, Japanese (outside every Western code page), a sign.
+NON_ASCII_LINE = "model folder /home/Jos\u00e9/\u809d\u81d3 (5 \u00b5m)"
+
+
+def test_the_engine_writes_its_output_in_the_encoding_the_log_is_read_in():
+    """The log is decoded as UTF-8; a Python on Windows writes a file in the ANSI code page (cp1252 on a Western
+    system), so "é" arrived as U+FFFD and a character outside that page ended the engine with a UnicodeEncodeError.
+    The host's environment carries that code page here (a stand-in for Windows' default); the engine writes UTF-8."""
+    code = f"print({NON_ASCII_LINE.encode('ascii', 'backslashreplace').decode()!r})"
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    process.start(launch_plan(f'"{sys.executable}" -c "{code}"', dict(os.environ, PYTHONIOENCODING="cp1252"), True))
+    assert _wait(lambda: process.poll() is not None or finished, 30)
+    assert finished == [0], process.output
+    assert output_lines(process.output) == [NON_ASCII_LINE]
 
 
 def test_startup_environment_comes_from_slicer_when_there():
