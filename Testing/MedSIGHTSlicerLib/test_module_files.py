@@ -139,8 +139,11 @@ def test_module_cmakelists_lists_every_file():
     on_disk = {"MedSIGHTSlicer.py"} | {p.relative_to(MODULE).as_posix() for p in LIB.rglob("*.py")}
     missing, stale = sorted(on_disk - set(scripts)), sorted(set(scripts) - on_disk)
     assert not missing and not stale, f"CMakeLists.txt lacks {missing}; lists {stale} that do not exist"
-    resource_files = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
-    assert set(resources) == resource_files
+    # A data file in the Lib (not .py) is installed only as a resource; Resources/ holds only installed files.
+    data_files = {p.relative_to(MODULE).as_posix() for folder in (LIB, MODULE / "Resources") for p in folder.rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert set(resources) == data_files, f"CMakeLists.txt lacks {sorted(data_files - set(resources))}; lists " \
+                                         f"{sorted(set(resources) - data_files)} that do not exist"
     assert "add_subdirectory(Testing/Python)" in text
     testing = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}SelfTest.py)" in testing
