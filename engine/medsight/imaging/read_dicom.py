@@ -422,6 +422,19 @@ def read_dicom_series(
     same("SamplesPerPixel", "samples per pixel")
     same("ImageOrientationPatient", "orientations", ORIENTATION_ATOL)
     same("PixelSpacing", "pixel spacings", 1e-4)
+    # One display polarity for the whole volume: GDCM inverts only the MONOCHROME1 slices' values (and the first
+    # file alone decides invert_display), so a mixed series would come back with some slices negated. (RGB beside
+    # YBR is fine: both decode to RGB.)
+    photometric = str(first.get("PhotometricInterpretation", ""))
+    for f, ds in zip(files[1:], headers[1:], strict=True):
+        other = str(ds.get("PhotometricInterpretation", ""))
+        if (other == "MONOCHROME1") != (photometric == "MONOCHROME1"):
+            raise ImagingError(
+                f"mixed series: photometric interpretation {photometric or 'missing'} in "
+                f"{os.path.basename(files[0])} but {other or 'missing'} in {os.path.basename(f)} "
+                "(low values shown white in some slices, black in others)",
+                folder,
+            )
     for f, ds in zip(files, headers, strict=True):
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
