@@ -129,7 +129,7 @@ def test_modality_lut_file_reads_in_the_tables_values(dicom_store):
 
 def test_modality_lut_series_reads_in_the_tables_values(ct_series, tmp_path):
     # GDCM's series reader ignores the Modality LUT as well: pydicom's CT series given a table (stored value x ->
-    # 3x) read as the stored values, 2136 off on the brightest voxel.
+    # 3x) read 2218 off the table's values.
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
 
