@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import ExportError
+from .export import ExportError, _require_segments
 from .geometry import ijk_to_ras, segment_array
 from .seg_writer import SegmentInfo, SegWriteError, order_sources, write_seg
 from .suggestions import TAG_MODEL, TAG_REGION_CODE, get_tag
@@ -92,15 +92,20 @@ def export_dicom_seg(
     path = Path(path)
     if path.suffix.lower() != ".dcm":
         raise ExportError(f"{path.name}: a DICOM SEG file name must end in .dcm")
+    _require_segments(segmentation_node)  # the other formats' words (none of its segments is "empty" then)
     try:
         datasets = [pydicom.dcmread(str(f)) for f in sources]
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ExportError(f"cannot read the source DICOM images ({exc})") from exc
     try:
         ordered = order_sources(datasets, ijk_to_ras(volume_node), volume_node.GetImageData().GetDimensions())
-        segments = [(s, a) for s, a in _segment_arrays(segmentation_node, volume_node) if a.any()]
+        arrays = _segment_arrays(segmentation_node, volume_node)
+        segments = [(s, a) for s, a in arrays if a.any()]
         if not segments:
-            raise ExportError("nothing to export: every segment is empty")
+            raise ExportError(
+                f"nothing to export: the {len(arrays)} segment(s) of {segmentation_node.GetName()!r} are all empty, "
+                "and a DICOM SEG holds only segments with voxels (paint or accept suggestions first; .seg.nrrd "
+                "keeps empty segments)")
         infos = [SegmentInfo(s.GetName(), tuple(s.GetColor()), get_tag(s, "TerminologyEntry") or "",
                              get_tag(s, TAG_MODEL), get_tag(s, TAG_REGION_CODE)) for s, _ in segments]
         return write_seg(ordered, [a for _, a in segments], infos, path, series_description, series_number, version)

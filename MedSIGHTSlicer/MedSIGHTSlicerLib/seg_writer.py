@@ -112,6 +112,12 @@ def _concept(code: Code) -> Any:
 
 def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int]) -> list:
     """The datasets in the volume's slice order (k = 0, 1, ...); refuses any grid that is not the series' grid."""
+    frames = int(datasets[0].get("NumberOfFrames", 1) or 1) if len(datasets) == 1 else 1
+    if frames > 1:  # else the count below would read as files missing from the series
+        raise SegWriteError(
+            f"the volume comes from one multi-frame DICOM image ({frames} frames), and this export references the "
+            "images of a single-frame series only: export .seg.nrrd or NIfTI instead"
+        )
     if len(datasets) != dims_ijk[2]:
         raise SegWriteError(f"the volume has {dims_ijk[2]} slices but its DICOM series has {len(datasets)} images")
     m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)  # IJK -> LPS

@@ -121,6 +121,43 @@ def test_volumes_not_from_dicom_or_moved_since_are_refused_plainly(scene, ct, tm
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def test_a_segmentation_without_voxels_is_refused_in_the_other_formats_words(scene, ct, tmp_path):
+    # With no segments at all the DICOM SEG export said "every segment is empty" (there were none), where the other
+    # formats say the segmentation has no segments and what to do; neither message named the segmentation.
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _manager, user = accepted_user_segmentation(scene, volume)
+    files = source_files(volume, database)
+    segments = user.GetSegmentation()
+    count = segments.GetNumberOfSegments()
+    for n in range(count):  # every accepted segment kept, its voxels erased
+        segment_id = segments.GetNthSegmentID(n)
+        empty = np.zeros_like(segment_array(user, segment_id, volume))
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            _labelmap_image(empty, volume), user, segment_id)
+    assert count > 0 and not any(segment_array(user, segments.GetNthSegmentID(n), volume).any() for n in range(count))
+    with pytest.raises(ExportError, match=f"the {count} segment\\(s\\) of '{user.GetName()}' are all empty"):
+        export_dicom_seg(user, volume, files, tmp_path / "seg.dcm")
+    segments.RemoveAllSegments()
+    with pytest.raises(ExportError, match=f"nothing to export: '{user.GetName()}' has no segments"):
+        export_dicom_seg(user, volume, files, tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def _labelmap_image(array_kji: np.ndarray, volume):
+    """An oriented image of ``array_kji`` on ``volume``'s grid, as SetBinaryLabelmapToSegment takes it."""
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    k, j, i = array_kji.shape
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array_kji.reshape(-1).astype(np.uint8)
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
 def _shift(mm: float) -> np.ndarray:
     out = np.zeros((4, 4))
     out[0, 3] = mm

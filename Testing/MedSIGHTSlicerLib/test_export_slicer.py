@@ -125,7 +125,7 @@ def test_a_segmentation_without_segments_is_refused_plainly(scene, volume, tmp_p
         pass
     assert user.GetSegmentation().GetNumberOfSegments() == 0 and len(manager.suggestion_ids()) == 2
     for suffix in EXPORT_SUFFIXES:
-        if suffix != ".dcm":  # DICOM SEG: "every segment is empty" (test_dicom_seg.py)
+        if suffix != ".dcm":  # this volume is not from DICOM; test_dicom_seg.py checks the same words for a SEG
             with pytest.raises(ExportError, match="nothing to export: 'MR segmentation' has no segments"):
                 export_labelmap_file(user, volume, tmp_path / f"empty{suffix}")
             assert not (tmp_path / f"empty{suffix}").exists()

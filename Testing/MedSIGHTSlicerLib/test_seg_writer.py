@@ -119,6 +119,17 @@ def test_grid_mismatches_are_refused_plainly(series, tmp_path):
         order_sources(datasets, ijk_to_ras, (dims[0] - 1, dims[1], dims[2]))
 
 
+def test_a_volume_from_one_multi_frame_image_is_refused_by_name(series):
+    # A volume loaded from an enhanced multi-frame CT (one file, one SOP instance) was refused as "the volume has 5
+    # slices but its DICOM series has 1 images", as if files had gone missing.
+    datasets, ijk_to_ras, dims = series
+    multi_frame = pydicom.Dataset()
+    multi_frame.update(datasets[0])
+    multi_frame.NumberOfFrames = dims[2]
+    with pytest.raises(SegWriteError, match=f"one multi-frame DICOM image \\({dims[2]} frames\\).*export .seg.nrrd"):
+        order_sources([multi_frame], ijk_to_ras, dims)
+
+
 def test_terminology_and_colour_helpers():
     liver = Term.parse(LIVER_ENTRY)
     category, kind = astuple(liver.category), astuple(liver.type)

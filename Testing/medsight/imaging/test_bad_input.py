@@ -79,6 +79,22 @@ def test_mixed_sizes(ct_series, pydicom_files, tmp_path):
     _raises(tmp_path, "mixed series: rows")
 
 
+@pytest.mark.parametrize("inverted", ["first", "middle"])
+def test_series_mixing_monochrome1_and_monochrome2_is_refused(ct_series, tmp_path, inverted):
+    # GDCM inverted the stored values of the MONOCHROME1 slices only: pydicom's CT series with its middle slice
+    # relabelled MONOCHROME1 read with that slice 2149 HU off its rescaled values, and without a word; with the
+    # first relabelled, every slice was marked to be shown inverted.
+    files = sorted(ct_series.iterdir())
+    relabelled = files[0 if inverted == "first" else len(files) // 2]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if f == relabelled:
+            ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / f.name)
+    error = _raises(tmp_path, "mixed series: photometric interpretation MONOCHROME[12] in .* but MONOCHROME[12] in")
+    assert relabelled.name in str(error)
+
+
 def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     err = _raises(dicomdir / "77654033" / "CT2", "uneven slice spacing: 202.500 mm between 17106 and 17136")
     assert "missing slices" in str(err)

@@ -114,6 +114,44 @@ def test_monochrome1_series_keeps_its_rescaled_values(ct_series, tmp_path):
         assert np.array_equal(vol.array[k], read_dicom(f).array[0])
 
 
+def test_modality_lut_file_reads_in_the_tables_values(dicom_store):
+    # pydicom-data's mlut_18.dcm maps its stored values through a Modality LUT (no rescale): the reader ignored the
+    # table and returned the stored values, up to 63,488 off pydicom's apply_modality_lut.
+    from pydicom.pixels import apply_modality_lut
+
+    path = dicom_store / "mlut_18.dcm"
+    ds = pydicom.dcmread(path)
+    assert "ModalityLUTSequence" in ds and "RescaleSlope" not in ds
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.int64)
+    assert not np.array_equal(expected, ds.pixel_array)  # the table changes the values
+    assert np.array_equal(read_volume(path).array[0], expected)
+
+
+def test_modality_lut_series_reads_in_the_tables_values(ct_series, tmp_path):
+    # GDCM's series reader ignores the Modality LUT as well: pydicom's CT series given a table (stored value x ->
+    # 3x) read 2218 off the table's values.
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    for f in sorted(ct_series.iterdir()):
+        ds = pydicom.dcmread(f)
+        for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            ds.pop(tag, None)
+        lut = Dataset()
+        lut.LUTDescriptor = [4096, 0, 16]
+        lut.ModalityLUTType = "HU"
+        lut.add_new(0x00283006, "OW", (3 * np.arange(4096, dtype="<u2")).tobytes())  # LUTData
+        ds.ModalityLUTSequence = [lut]
+        ds.save_as(tmp_path / f.name)
+    vol = read_volume(tmp_path)
+    assert vol.shape[0] == len(list(ct_series.iterdir()))
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        expected = apply_modality_lut(ds.pixel_array, ds)
+        assert np.array_equal(expected, 3 * ds.pixel_array)
+        assert np.array_equal(vol.array[k], expected), f
+
+
 def test_rt_dose_with_absolute_frame_offsets(pydicom_files, tmp_path):
     # DICOM's other GridFrameOffsetVector kind: the frames' z coordinates (first value = ImagePositionPatient z).
     # Taken as offsets, it put pydicom's dose grid 761.87 mm below the patient.

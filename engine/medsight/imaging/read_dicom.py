@@ -422,6 +422,19 @@ def read_dicom_series(
     same("SamplesPerPixel", "samples per pixel")
     same("ImageOrientationPatient", "orientations", ORIENTATION_ATOL)
     same("PixelSpacing", "pixel spacings", 1e-4)
+    # One display polarity for the whole volume: GDCM inverts only the MONOCHROME1 slices' values (and the first
+    # file alone decides invert_display), so a mixed series would come back with some slices negated. (RGB beside
+    # YBR is fine: both decode to RGB.)
+    photometric = str(first.get("PhotometricInterpretation", ""))
+    for f, ds in zip(files[1:], headers[1:], strict=True):
+        other = str(ds.get("PhotometricInterpretation", ""))
+        if (other == "MONOCHROME1") != (photometric == "MONOCHROME1"):
+            raise ImagingError(
+                f"mixed series: photometric interpretation {photometric or 'missing'} in "
+                f"{os.path.basename(files[0])} but {other or 'missing'} in {os.path.basename(f)} "
+                "(low values shown white in some slices, black in others)",
+                folder,
+            )
     for f, ds in zip(files, headers, strict=True):
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
@@ -456,10 +469,12 @@ def read_dicom_series(
         raise ImagingError(
             f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder
         ) from exc
-    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1" or any(
+        "ModalityLUTSequence" in ds for ds in headers
+    ):
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
-        # (HU) and, with invert_display, inverts the display twice: take pydicom's values, as read_dicom_file does
-        # (GDCM's image still serves the geometry cross-check below).
+        # (HU) and, with invert_display, inverts the display twice; and it ignores a Modality LUT: take pydicom's
+        # values, as read_dicom_file does (GDCM's image still serves the geometry cross-check below).
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
     else:
         array = _compact(sitk.GetArrayFromImage(image))
@@ -502,6 +517,19 @@ def _frame_rescale(ds: pydicom.Dataset, n_frames: int, path: str) -> tuple[np.nd
     if "DoseGridScaling" in ds:
         slope[:] = _float(ds, "DoseGridScaling", path, 1.0)
     return slope, inter
+
+
+def _apply_modality_lut(pixels: np.ndarray, ds: pydicom.Dataset, path: str) -> np.ndarray:
+    """Stored values through the file's Modality LUT (in place of a rescale: DICOM allows one or the other), as
+    pydicom's ``apply_modality_lut`` maps them; neither GDCM nor our rescale path reads the table."""
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        return np.asarray(apply_modality_lut(pixels, ds)).astype(np.int64)
+    except (AttributeError, KeyError) as exc:  # pydicom names only the tag
+        raise ImagingError(f"ModalityLUTSequence lacks its LUTDescriptor or LUTData ({exc})", path) from exc
+    except (IndexError, TypeError, ValueError) as exc:  # e.g. a table shorter than its descriptor says
+        raise ImagingError(f"malformed ModalityLUTSequence ({exc})", path) from exc
 
 
 def _functional(ds: pydicom.Dataset, frame: int, seq_name: str) -> pydicom.Dataset | None:
@@ -691,7 +719,9 @@ def read_dicom_file(
     if pixels.shape != want:
         raise ImagingError(f"pixel data has shape {pixels.shape}, headers say {want}", path)
     order, spacing, origin, direction, geo = _file_geometry(ds, n_frames, path)
-    if not rgb:
+    if not rgb and "ModalityLUTSequence" in ds:
+        pixels = _compact(_apply_modality_lut(pixels, ds, path))
+    elif not rgb:
         slope, inter = _frame_rescale(ds, n_frames, path)
         if np.all(slope == 1) and np.all(inter == inter.astype(np.int64)):
             pixels = pixels.astype(np.int64) + inter.astype(np.int64)[:, None, None]
