@@ -78,7 +78,9 @@ def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
     assert source_identity(str(moved)) != first
 
 
-def test_unreadable_images_are_named(vqa, tmp_path):
+def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
+    """A truncated image was found when its item came to be asked: the run stopped there, late on a large data set
+    (item q0 was answered first)."""
     (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
     (tmp_path / "adir").mkdir()
     for image, problem in [("trunc.png", r"cannot read the image .*trunc\.png: "),
@@ -88,6 +90,7 @@ def test_unreadable_images_are_named(vqa, tmp_path):
                                    _item("q1", image, "What organ?", "brain", "OPEN")]))
         with pytest.raises(DataError, match=rf"item 'q1': {problem}"):
             main(["vqa", "--data", str(bad), "--report", str(tmp_path / f"rep_{image}"), "--model", "demo", *ARGS])
+        assert read_predictions(tmp_path / f"rep_{image}" / "predictions.jsonl") == []
 
 
 def test_a_file_as_report_folder_is_refused(vqa):

@@ -23,7 +23,7 @@ import numpy as np
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.server.rle import decode_mask, encode_mask
-from medsight.user_files import check_user_file, check_user_image, read_user_image
+from medsight.user_files import check_user_image, read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -269,15 +269,16 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
 def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
     """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
     stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
-    none: its first answer was asked, then lost to the error). GT masks are read only after their item is answered,
-    so they are checked here too (`check_gt_masks`); images are decoded before their item is asked (`item_image`)."""
+    none: its first answer was asked, then lost to the error). Images and GT masks are checked whole too, from their
+    headers and structure without decoding (`check_user_image`), so an unreadable one stops the run before its first
+    answer, not when its item comes (a GT mask is read only after its item was answered)."""
     for _, item in pending:
         if options.segment and not item.masks:
             raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
                             "--data takes the DiagSeg file with masks (SegVQA_Diagnostic_test_v2.json), the text-only "
                             "_vqa.json goes to --vqa-data")
         try:
-            check_user_file(item.image, "image", DataError)
+            check_user_image(item.image, "image", DataError)
             if options.segment:
                 check_gt_masks(item.masks)
         except DataError as err:
