@@ -47,6 +47,20 @@ def read_user_image(path: str | Path, what: str, mode: str = "RGB",
         raise _unreadable(path, what, err, error) from None
 
 
+def check_user_image(path: str | Path, what: str, error: type[ValueError] = ValueError) -> tuple[int, int]:
+    """The (height, width) of an image file the user named, from its header, after checking the whole file's structure
+    (`Image.verify`: a PNG's chunks and checksums) without decoding its pixels: a cheap check before long work that
+    decodes it later. A missing, folder, truncated or undecodable one raises `error` as `read_user_image` does."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            im.verify()
+    except IMAGE_READ_ERRORS as err:
+        raise _unreadable(path, what, err, error) from None
+    return height, width
+
+
 def check_user_file(path: str | Path, what: str, error: type[ValueError] = ValueError) -> None:
     """A file the user named is there and is a file, checked before long work that reads it later; a missing one or
     a folder raises `error` in the words the readers above use."""

@@ -78,7 +78,9 @@ def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
     assert source_identity(str(moved)) != first
 
 
-def test_unreadable_images_are_named(vqa, tmp_path):
+def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
+    """A truncated image was found when its item came to be asked: the run stopped there, late on a large data set
+    (item q0 was answered first)."""
     (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
     (tmp_path / "adir").mkdir()
     for image, problem in [("trunc.png", r"cannot read the image .*trunc\.png: "),
@@ -88,6 +90,7 @@ def test_unreadable_images_are_named(vqa, tmp_path):
                                    _item("q1", image, "What organ?", "brain", "OPEN")]))
         with pytest.raises(DataError, match=rf"item 'q1': {problem}"):
             main(["vqa", "--data", str(bad), "--report", str(tmp_path / f"rep_{image}"), "--model", "demo", *ARGS])
+        assert read_predictions(tmp_path / f"rep_{image}" / "predictions.jsonl") == []
 
 
 def test_a_file_as_report_folder_is_refused(vqa):
@@ -272,3 +275,55 @@ def test_bad_diagseg_data_is_refused_naming_the_item_before_the_model_is_asked(v
     with pytest.raises(DataError, match=r"empty\.json: holds no items"):
         main(["diagseg", "--data", str(empty), "--report", str(tmp_path / "e"), "--model", "demo", *ARGS])
     assert not (tmp_path / "e").exists()
+
+
+def _diagseg_with_masks(folder: Path, bad_mask) -> tuple[Path, str]:
+    """Three DiagSeg items on the vqa fixture's image, each with a GT mask of its size; the last one's masks are
+    replaced by `bad_mask(folder, good_mask)` (a list of mask files). Returns the data file and that item's id."""
+    height, width = np.asarray(Image.open(folder / "img.png")).shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : height // 2, width // 4 : width // 2] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    items = [{"qa_id": f"s{i}", "question": "Where is the lesion?", "short_answer": "liver", "image_file": "img.png",
+              "modality": "CT", "mask_ids": [0], "masks": [[0, "mask.png"]]} for i in range(3)]
+    items[-1]["masks"] = [[0, bad_mask(folder, folder / "mask.png")]]
+    path = folder / "diagseg.json"
+    path.write_text(json.dumps(items))
+    return path, items[-1]["qa_id"]
+
+
+def _garbage(folder: Path, good: Path) -> list[str]:
+    (folder / "garbage.png").write_bytes(b"no image here " * 8)
+    return ["garbage.png"]
+
+
+def _truncated(folder: Path, good: Path) -> list[str]:
+    data = good.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    return ["truncated.png"]
+
+
+def _other_size(folder: Path, good: Path) -> list[str]:
+    height, width = np.asarray(Image.open(good)).shape
+    Image.fromarray(np.zeros((height + 1, width), np.uint8)).save(folder / "taller.png")
+    return ["mask.png", "taller.png"]
+
+
+@pytest.mark.parametrize("bad_mask, problem", [
+    (_garbage, r"cannot read the mask \S+garbage\.png: cannot identify image file"),
+    (_truncated, r"cannot read the mask \S+truncated\.png: Truncated File Read"),
+    (_other_size, r"mask \S+taller\.png is \((\d+), (\d+)\), the other masks of its item are \((\d+), \2\)"),
+])
+def test_a_bad_gt_mask_is_named_before_any_item_is_answered(vqa, tmp_path, monkeypatch, bad_mask, problem):
+    """GT masks were read only after their item was answered: a garbage, truncated or mismatched mask on the last
+    item stopped the run after the model had answered every item before it, and that item too (its answer lost)."""
+    from medsight.engine import Engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the bad mask is named before any item is asked")
+
+    data, bad_item = _diagseg_with_masks(vqa.parent, bad_mask)
+    monkeypatch.setattr(Engine, "load", no_model)
+    with pytest.raises(DataError, match=rf"^item {bad_item!r}: {problem}"):
+        main(["diagseg", "--data", str(data), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
+    assert read_predictions(tmp_path / "rep" / "predictions.jsonl") == []

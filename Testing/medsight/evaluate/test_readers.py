@@ -79,6 +79,18 @@ def test_omnimed(tmp_path):
         read_omnimed(bad)
 
 
+def test_an_id_repeated_in_two_omnimed_files_names_both(tmp_path):
+    """The folder's items were checked as one list: the error named the folder and an index into the merged list
+    ("item 2"), which is in no file."""
+    item = {"question": "Which organ", "gt_answer": "Liver", "option_A": "Liver", "option_B": "Lung",
+            "image_path": "1.png"}
+    _write(tmp_path / "Modality_CT.json", [{**item, "question_id": 1}, {**item, "question_id": 2}])
+    _write(tmp_path / "Modality_MR.json", [{**item, "question_id": 3}, {**item, "question_id": 1}])
+    with pytest.raises(DataError, match=r"Modality_MR\.json: item 1: duplicate id '1', also in Modality_CT\.json "
+                                        r"\(ids must be unique across the folder's files"):
+        read_omnimed(tmp_path)
+
+
 def test_several_reference_answers_are_refused_not_scored_as_their_repr(tmp_path):
     """A list of reference answers was read as the string "['Benign tumor', 'tumor']" and scored 0 against
     'benign tumor' (recall 0) without a word; the official scripts score one answer string per item."""

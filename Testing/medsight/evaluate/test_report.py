@@ -185,3 +185,43 @@ def test_damaged_stored_masks_are_named_with_their_prediction(tmp_path, damage, 
     assert build_report("diagseg", items[:1], preds[:1], n_boot=5)["metrics"][0]["value"] == 100.0
     with pytest.raises(DataError, match=rf"prediction '1': {problem}"):
         build_report("diagseg", items, preds, n_boot=5)
+
+
+def test_a_failed_report_write_leaves_the_previous_report_whole_and_no_chart_of_another_run(tmp_path, monkeypatch):
+    """write_report wrote report.json, report.md and each chart one by one: a chart that failed (a full disk) left
+    the new report.json beside the previous run's charts, and a chart the new report has no rows for (no closed
+    item in a --limit run) stayed from the run before."""
+    import matplotlib.figure
+
+    from medsight.evaluate.report import CHART_METRICS
+
+    items = [_item(1, "brain", "open"), _item(2, "yes", "closed"), _item(3, "liver", "open")]
+    first = build_report("vqa", items[:2], [{"question_id": "1", "text": "brain"},
+                                            {"question_id": "2", "text": "yes"}], n_boot=5)
+    written = write_report(first, tmp_path)
+    charts = CHART_METRICS["vqa"]
+    assert set(written) == {"json", "md", *charts}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = build_report("vqa", items, [{"question_id": "1", "text": "lung"}, {"question_id": "2", "text": "no"},
+                                         {"question_id": "3", "text": "liver"}], n_boot=5)
+    save = matplotlib.figure.Figure.savefig
+    saved = []
+
+    def disk_full_at_the_last_chart(fig, *args, **kwargs):
+        saved.append(args[0])
+        if len(saved) == len(charts):
+            raise OSError(28, "No space left on device")
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full_at_the_last_chart)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_report(second, tmp_path)
+    assert len(saved) == len(charts)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # whole, no temporary left
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    open_only = build_report("vqa", items[:1], [{"question_id": "1", "text": "brain"}], n_boot=5)
+    written = write_report(open_only, tmp_path)
+    kept = [m for m in charts if any(r["metric"] == m for r in open_only["metrics"])]
+    assert 0 < len(kept) < len(charts) and set(written) == {"json", "md", *kept}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json", "report.md",
+                                                                 *(f"{m}.png" for m in kept)])

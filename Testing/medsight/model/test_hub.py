@@ -298,3 +298,32 @@ def test_the_download_selects_the_checkpoint_the_loader_takes(tmp_path, checkpoi
     found = _find_official_files(tmp_path)
     loaded = [found[part].relative_to(tmp_path).as_posix() for part in ("perceiver", "codebook") if found[part]]
     assert len(loaded) == 1 and downloaded == loaded
+
+
+#: The release's checkpoint of each part, where the loader looks for it.
+RELEASE_CHECKPOINTS = {"perceiver": "region_perceiver/0079280.pt", "vision": "unimed_clip_vit_l14.pt",
+                       "codebook": "codebook/0035673.pt"}
+
+
+@pytest.mark.parametrize("part, nested", [("perceiver", "region_perceiver/old/0099999.pt"),
+                                          ("vision", "old/unimed_clip_vit_l14.pt"),
+                                          ("codebook", "codebook/old/0035673.pt")])
+def test_the_cache_check_and_the_download_ignore_checkpoints_where_the_loader_does_not_look(cache, tmp_path, part,
+                                                                                            nested):
+    """The offline cache check (and the download's selection) matched `*` across folders, where the loader searches
+    one: a snapshot whose perceiver, vision file or codebook lay only in a subfolder was called complete and then
+    failed to load, and a download fetched a 5 GB UniMed-CLIP copy from old/ that the loader never reads."""
+    from medsight.model.hub import LVLM_FOLDER, missing_from_cache, release_files
+    from medsight.model.loading import _find_official_files
+
+    lvlm = [f"{LVLM_FOLDER}/{name}" for name in ("config.json", "model.safetensors", "tokenizer_config.json",
+                                                  "tokenizer.json")]
+    present = [name for p, name in RELEASE_CHECKPOINTS.items() if p != part] + [nested]
+    for name in lvlm + present:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = _find_official_files(tmp_path)
+    assert [p for p in RELEASE_CHECKPOINTS if found[p] is None] == [part]  # the loader does not see the nested file
+    missing = missing_from_cache(tmp_path, codebook=True, vision=True)
+    assert len(missing) == 1 and (str(UNIMED_CLIP) if part == "vision" else Path(nested).parts[0]) in missing[0]
+    assert nested not in release_files(lvlm + present, codebook=True)

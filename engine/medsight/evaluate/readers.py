@@ -247,8 +247,16 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
         files = sorted(path.glob("Modality_*.json")) or sorted(path.glob("*.json"))
         if not files:
             raise DataError(f"{path}: no Modality_*.json files in this folder")
-        items = [it for f in files for it in read_omnimed(f, image_root)]
-        return _check_unique(path, items)
+        items: list[EvalItem] = []
+        read_from: dict[str, Path] = {}
+        for f in files:
+            for i, item in enumerate(read_omnimed(f, image_root)):
+                if item.id in read_from:  # the folder's items are one run: name both files, not a merged index
+                    raise DataError(f"{f}: item {i}: duplicate id {item.id!r}, also in {read_from[item.id].name} "
+                                    "(ids must be unique across the folder's files to resume and merge)")
+                read_from[item.id] = f
+                items.append(item)
+        return items
     root = Path(image_root) if image_root is not None else path.parent
     modality = _omni_modality(path)
     items = []

@@ -11,10 +11,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from medsight.atomic_files import replace_files
 from medsight.evaluate.metrics import (
     bootstrap_ci,
     closed_hit,
@@ -326,16 +328,19 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _chart(report: dict, metric: str, path: Path) -> Path | None:
+def _chart_rows(report: dict, metric: str) -> list[dict]:
+    """The rows a metric's chart shows: per modality and per sample (none: the report has no such metric)."""
+    return [r for r in report["metrics"] if r["metric"] == metric and r["aggregate"] != "macro_mean"]
+
+
+def _chart(report: dict, metric: str, path: Path) -> None:
     """Per-modality bars with CI whiskers, the paper's values beside them where the modality matches."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in tests
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["metrics"] if r["metric"] == metric and r["aggregate"] != "macro_mean"]
-    if not rows:
-        return None
+    rows = _chart_rows(report, metric)
     labels = [r["group"] if r["aggregate"] == "mean" else "all (per sample)" for r in rows]
     values = [r["value"] for r in rows]
     err = np.array([[max(0.0, r["value"] - r["ci95"][0]), max(0.0, r["ci95"][1] - r["value"])] for r in rows]).T
@@ -351,23 +356,32 @@ def _chart(report: dict, metric: str, path: Path) -> Path | None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    return path
 
 
 CHART_METRICS = {"diagseg": ("dice", "recall"), "vqa": ("recall", "closed_accuracy"), "mc": ("accuracy",)}
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """report.json, report.md and one PNG per headline metric; returns the written paths."""
+    """report.json, report.md and one PNG per headline metric the report has; returns the written paths.
+
+    Written together (`replace_files`): a failed or interrupted write leaves the folder's previous report whole, and
+    a chart of the previous report that this one has no rows for is removed, so no file describes another run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    paths["md"].write_text(to_markdown(report), encoding="utf-8")
+    files = [(paths["json"], lambda p: p.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8"), ""),
+             (paths["md"], lambda p: p.write_text(to_markdown(report), encoding="utf-8"), "")]
+    stale = []
     for metric in CHART_METRICS.get(report["task"], ()):
-        png = _chart(report, metric, out / f"{metric}.png")
-        if png is not None:
+        png = out / f"{metric}.png"
+        if _chart_rows(report, metric):
             paths[metric] = png
+            files.append((png, partial(_chart, report, metric), ".png"))
+        else:
+            stale.append(png)
+    replace_files(files)
+    for png in stale:
+        png.unlink(missing_ok=True)
     return paths

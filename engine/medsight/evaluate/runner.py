@@ -23,7 +23,7 @@ import numpy as np
 from medsight.evaluate.metrics import binarize_logits
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.server.rle import decode_mask, encode_mask
-from medsight.user_files import check_user_file, read_user_image
+from medsight.user_files import check_user_image, read_user_image
 
 #: Prediction record fields (the official inference.py writes question_id, prompt, text, gt_ans, metadata).
 Prediction = dict
@@ -269,17 +269,31 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
 def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
     """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
     stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
-    none: its first answer was asked, then lost to the error). Their contents are checked when read (`item_image`)."""
+    none: its first answer was asked, then lost to the error). Images and GT masks are checked whole too, from their
+    headers and structure without decoding (`check_user_image`), so an unreadable one stops the run before its first
+    answer, not when its item comes (a GT mask is read only after its item was answered)."""
     for _, item in pending:
         if options.segment and not item.masks:
             raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
                             "--data takes the DiagSeg file with masks (SegVQA_Diagnostic_test_v2.json), the text-only "
                             "_vqa.json goes to --vqa-data")
-        for kind, path in [("image", item.image), *(("mask", m) for m in (item.masks if options.segment else []))]:
-            try:
-                check_user_file(path, kind, DataError)
-            except DataError as err:
-                raise DataError(f"item {item.id!r}: {err}") from None
+        try:
+            check_user_image(item.image, "image", DataError)
+            if options.segment:
+                check_gt_masks(item.masks)
+        except DataError as err:
+            raise DataError(f"item {item.id!r}: {err}") from None
+
+
+def check_gt_masks(paths: Sequence[Path]) -> None:
+    """The GT mask files `load_gt_mask` will read are whole images of one size, from their headers and structure
+    without decoding their pixels (an unreadable or mismatched mask was found only after its item was answered)."""
+    shape = None
+    for p in paths:
+        size = check_user_image(p, "mask", DataError)
+        if shape is not None and size != shape:
+            raise DataError(f"mask {p} is {size}, the other masks of its item are {shape}")
+        shape = size
 
 
 def item_image(item: EvalItem) -> np.ndarray:

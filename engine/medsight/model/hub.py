@@ -75,8 +75,8 @@ def loaded_checkpoint(names: Iterable[str], stage: tuple[str, ...]) -> str | Non
 
 @dataclass(frozen=True)
 class LayoutPart:
-    """Files of a layout that serve as one (fnmatch patterns, as `huggingface_hub` filters a listing): a download
-    selects every part; the model cannot load without one file of each `needed` part (`missing_from_cache`)."""
+    """Files of a layout that serve as one (patterns matched as the loader's `Path.glob` does, `_in_folder_match`): a
+    download selects every part; the model cannot load without one file of each `needed` part (`missing_from_cache`)."""
 
     patterns: tuple[str, ...]
     needed: bool = True
@@ -113,7 +113,9 @@ def _layout(files: list[str], codebook: bool) -> tuple[LayoutPart, ...]:
 
 
 def _any_match(files: list[str], patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(f, pattern) for f in files for pattern in patterns)
+    """Whether a file matches, as the loader searches a folder (`_in_folder_match`): a file in a subfolder no pattern
+    names is not one the model loads, so it neither completes a cached snapshot nor belongs in a download."""
+    return any(_in_folder_match(f, pattern) for f in files for pattern in patterns)
 
 
 _SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^@:]+?)(?:@(?P<rev>[^@\s]+))?$")
@@ -184,10 +186,8 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     """The files of a repository that its layout needs: ours (`medsight_config.json` + safetensors + tokenizer) or
     the official release (the latest perceiver checkpoint, the instruct folder's config, shards and tokenizer;
     the stage-2 codebook only when asked, since answering never uses it)."""
-    from huggingface_hub.utils import filter_repo_objects
-
     layout = _layout(listing, codebook)
-    chosen = sorted(filter_repo_objects(listing, allow_patterns=[p for part in layout for p in part.patterns]))
+    chosen = sorted(f for f in listing if _any_match([f], tuple(p for part in layout for p in part.patterns)))
     if layout is OURS_LAYOUT:
         return chosen
     # One checkpoint per stage: the one the loader takes.
