@@ -447,8 +447,8 @@ def test_the_default_serve_command_serves_where_the_module_connects_by_default()
 
 
 def test_every_array_the_client_uploads_the_engine_reads():
-    """`protocol.npy_bytes` refuses what it cannot send before the upload; what it sends, the engine must take (a
-    boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""
+    """`protocol.npy_parts` (joined: `npy_bytes`) refuses what it cannot send before the upload; what it sends, the
+    engine must take (a boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""
     import io
 
     from medsight.imaging.errors import ImagingError

@@ -29,7 +29,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from .protocol import (
     StreamEvent,
     VolumeInfo,
     build_ask_request,
-    npy_bytes,
+    npy_parts,
     volume_query,
 )
 
@@ -51,12 +51,18 @@ __all__ = ["DEFAULT_URL", "ERROR_HINTS", "AskStream", "MedSIGHTClient", "MedSIGH
 
 log = logging.getLogger(__name__)
 
+#: A request body: one bytes object, or parts sent one after the other (``npy_parts``: header, then the voxels).
+Body = Union[bytes, "tuple[bytes | memoryview, ...]"]
+
 DEFAULT_URL = "http://127.0.0.1:8765"
 API_PREFIX = "/v1"
 #: HTTP statuses worth retrying for an idempotent request (the engine or a proxy is briefly unavailable).
 RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_ERROR_TEXT = 2000
 _READ_CHUNK = 64 * 1024
+#: Bytes of a request body per socket send: ``sendall``'s timeout bounds its whole duration, so a volume sent in one
+#: call would have to arrive within one timeout whatever its size.
+_SEND_CHUNK = 1024 * 1024
 #: What the user can do about an error, by its code (the engine's, or the client's own for no response).
 ERROR_HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
@@ -359,11 +365,10 @@ class MedSIGHTClient:
         the engine's published limits (``health``) raises ``MedSIGHTError`` "too_large" before anything is sent.
         """
         query = volume_query(spacing, origin, direction, modality)
-        body = npy_bytes(array)
-        self._check_upload_limits(len(body), np.shape(array), timeout)
-        log.debug(
-            "uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), len(body)
-        )
+        body = npy_parts(array)
+        size = _body_size(body)
+        self._check_upload_limits(size, np.shape(array), timeout)
+        log.debug("uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), size)
         try:
             return self._json(
                 "POST",
@@ -493,12 +498,13 @@ class MedSIGHTClient:
         method: str,
         path: str,
         query: Mapping[str, str] | None,
-        body: bytes | None,
+        body: Body | None,
         content_type: str | None,
         timeout: float | None,
         accept: str = "application/json",
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """One attempt: open a connection, send, return it with the response headers read (body unread)."""
+        """One attempt: open a connection, send, return it with the response headers read (body unread). A body
+        given in parts (``npy_parts``) is sent from those buffers as they are, never joined into one."""
         url = self._url(path, query)
         seconds = self.timeout if timeout is None else timeout
         connection_class = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
@@ -506,9 +512,14 @@ class MedSIGHTClient:
         target = f"{self._prefix}{API_PREFIX}{path}"
         if query:
             target += "?" + urllib.parse.urlencode(query)
+        headers = self._headers(content_type, accept)
+        payload: Any = body
+        if isinstance(body, tuple):
+            headers["Content-Length"] = str(_body_size(body))  # else http.client would send it chunked
+            payload = _send_pieces(body)
         try:
             try:
-                connection.request(method, target, body=body, headers=self._headers(content_type, accept))
+                connection.request(method, target, body=payload, headers=headers)
             except (BrokenPipeError, ConnectionResetError):
                 # The engine may refuse a body on its declared length (413 too_large) and hang up before it is all
                 # sent: its answer is then waiting to be read, and names the problem; without one, this raises.
@@ -531,7 +542,7 @@ class MedSIGHTClient:
         method: str,
         path: str,
         query: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
         content_type: str | None = "application/json",
         timeout: float | None = None,
         parse: Callable[[Any], Any] | None = None,
@@ -579,7 +590,7 @@ class MedSIGHTClient:
         method: str,
         path: str,
         query: Mapping[str, str] | None,
-        body: bytes | None,
+        body: Body | None,
         content_type: str | None,
         timeout: float | None,
     ) -> tuple[int, str, bytes, str | None]:
@@ -608,6 +619,18 @@ def _parse_json(raw: bytes, status: int, url: str) -> Any:
         raise MedSIGHTError(
             f"the reply from {url} is not JSON", status=status, code="bad_response", body=text, url=url
         ) from None
+
+
+def _body_size(parts: tuple[bytes | memoryview, ...]) -> int:
+    return sum(memoryview(part).nbytes for part in parts)
+
+
+def _send_pieces(parts: tuple[bytes | memoryview, ...]) -> Iterator[memoryview]:
+    """The parts as views of at most ``_SEND_CHUNK`` bytes each (no copies)."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), _SEND_CHUNK):
+            yield view[start:start + _SEND_CHUNK]
 
 
 def _json_bytes(body: Any) -> bytes:

@@ -37,6 +37,7 @@ __all__ = [
     "build_messages",
     "build_window",
     "npy_bytes",
+    "npy_parts",
     "volume_query",
 ]
 
@@ -112,7 +113,7 @@ class Health:
         )
 
     def upload_refusal(self, body_bytes: int, shape: Sequence[int]) -> str | None:
-        """Why the engine would refuse an upload body of ``body_bytes`` (``npy_bytes``) holding an array of
+        """Why the engine would refuse an upload body of ``body_bytes`` (``npy_parts``) holding an array of
         ``shape`` with 413 too_large, as its own checks count (the body's length; the product of the shape), or
         None when it would take it or publishes no limits."""
         size = " x ".join(str(int(n)) for n in shape)
@@ -567,14 +568,25 @@ def volume_query(
     }
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The upload body: the array in NPY format (no pickles). Accepts integer and float arrays (the engine refuses
-    booleans: a mask is not an image)."""
+def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
+    """The upload body in two parts, the NPY header and the voxels, so that nothing copies the volume to send it:
+    the voxels part is a view of ``array``'s own buffer when it is C-contiguous (a volume's may be gigabytes, and
+    Slicer already holds it). Joined, they are exactly what ``np.save`` writes (no pickles). Accepts integer and
+    float arrays (the engine refuses booleans: a mask is not an image)."""
     array = np.asarray(array)
     if array.dtype.kind not in "iuf":
         raise ValueError(f"cannot upload an array of dtype {array.dtype}; use an integer or float array")
     if array.ndim not in (2, 3):
         raise ValueError(f"expected a (k, j, i) volume or an (H, W[, 3]) image, got {array.ndim} dimensions")
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
+    array = np.ascontiguousarray(array)  # a copy only for a strided view, as np.save would make one
+    header = io.BytesIO()
+    # np.save writes format 1.0 whenever the header fits it, as it always does for a 2D/3D numeric array.
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    # Bytes of any dtype, byte order included (memoryview.cast refuses non-native formats such as '>i2').
+    return header.getvalue(), memoryview(array.reshape(-1).view(np.uint8))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The upload body as one bytes object (a copy of the voxels: ``npy_parts`` sends them without one)."""
+    header, voxels = npy_parts(array)
+    return header + voxels.tobytes()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError
-from MedSIGHTSlicerLib.protocol import npy_bytes
+from MedSIGHTSlicerLib.protocol import npy_bytes, npy_parts
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
 VOLUME = {"volume_id": "ab" * 32, "shape": [4, 5, 6], "modality": "CT", "slices": {"axial": 4}, "bytes": 480}
@@ -78,6 +78,66 @@ def test_upload_sends_npy_and_geometry(fake):
         "origin": "-10.0,20.5,3.0",
         "direction": "1.0,0.0,0.0,0.0,0.0,1.0,0.0,-1.0,0.0",
     }
+
+
+def test_an_upload_sends_the_voxels_from_their_own_buffer():
+    """A volume in Slicer may be gigabytes: the body is sent from the array's buffer, never copied into one (np.save
+    into a BytesIO held up to two more at the peak: 2.0 volumes here). The engine still gets np.save's exact bytes, in
+    one declared length (not chunked: the engine refuses an oversized upload on its Content-Length)."""
+    import hashlib
+    import tracemalloc
+
+    from medsight_testing.body_sink import body_sink
+
+    voxels = (np.arange(32 * 256 * 512, dtype=np.int64) % 3001 - 1000).astype(np.int16).reshape(32, 256, 512)
+    expected = npy_bytes(voxels)
+    with body_sink(VOLUME) as sink:
+        client = MedSIGHTClient(sink.url)
+        tracemalloc.start()
+        try:
+            client.upload_volume(voxels, modality="CT")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    received = sink.received[-1]
+    assert (received.length, received.sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert received.headers["Content-Length"] == str(len(expected)) and "Transfer-Encoding" not in received.headers
+    assert peak / voxels.nbytes < 0.1
+
+
+def test_the_timeout_bounds_each_piece_of_an_upload_not_the_whole_volume():
+    """A large volume over a slow link takes longer than the client's timeout to send, and is still arriving: the
+    timeout is for a stalled engine. The body went in one sendall, whose timeout bounds the whole send, so it failed
+    with "timed out" once the volume took longer than that."""
+    from medsight_testing.body_sink import body_sink
+
+    timeout, pause = 1.5, 0.005  # the sink reads 64 KiB per pause: a 40 MiB volume in over 3 s
+    voxels = np.zeros((80, 512, 512), np.int16)
+    with body_sink(VOLUME, pause=pause) as sink:
+        info = MedSIGHTClient(sink.url, timeout=timeout).upload_volume(voxels)
+    assert info.volume_id == VOLUME["volume_id"]
+    assert sink.received[-1].length == voxels.nbytes + len(npy_parts(voxels)[0])
+    assert voxels.nbytes / 65536 * pause > 2 * timeout  # the sink's pauses alone outlast the timeout
+
+
+@pytest.mark.parametrize("make", [lambda a: a.astype(">i2"), lambda a: a[:, ::2].astype(np.float32),
+                                  lambda a: np.asfortranarray(a).astype(np.uint16), lambda a: a[1]],
+                         ids=["big-endian", "strided float", "fortran order", "2D"])
+def test_an_upload_body_is_what_np_save_writes(make):
+    """Header and voxels, sent as parts, are byte for byte np.save's file of the array in C order (as uploads always
+    were), whatever its byte order, strides or dtype: the engine reads the body as that file, and its volume id
+    hashes the voxels it reads."""
+    import hashlib
+
+    from medsight_testing.body_sink import body_sink
+
+    array = make(np.arange(4 * 6 * 10, dtype=np.int16).reshape(4, 6, 10) * 7 - 300)
+    saved = io.BytesIO()
+    np.save(saved, np.ascontiguousarray(array), allow_pickle=False)
+    with body_sink(VOLUME) as sink:
+        MedSIGHTClient(sink.url).upload_volume(array)
+    assert sink.received[-1].sha256 == hashlib.sha256(saved.getvalue()).hexdigest()
+    assert npy_bytes(array) == saved.getvalue()
 
 
 @pytest.mark.parametrize(

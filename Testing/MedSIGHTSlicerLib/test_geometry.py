@@ -74,6 +74,39 @@ def test_upload_array_is_a_copy(volume):
     assert again.any()
 
 
+def test_sending_a_node_holds_one_copy_of_its_voxels_and_sends_them_exactly(scene):
+    """A CT is hundreds of megabytes and the node already holds it: the Slicer side of an upload (these arrays, then
+    the client) holds one copy beside it, the snapshot above, and sends exactly the node's voxels (np.save into a
+    BytesIO made the peak 3.0 extra volumes here)."""
+    import hashlib
+    import io
+    import tracemalloc
+
+    from vtk.util import numpy_support
+
+    from medsight_testing.body_sink import body_sink
+    from MedSIGHTSlicerLib.client import MedSIGHTClient
+
+    shape = (16, 256, 512)
+    node = make_volume(scene, np.indices(shape).sum(axis=0).astype(np.int16) - 500, oblique_matrix())
+    voxels = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(shape)
+    saved = io.BytesIO()
+    np.save(saved, voxels, allow_pickle=False)
+    expected = hashlib.sha256(saved.getbuffer()).hexdigest()
+    del saved
+    reply = {"volume_id": "ab" * 32, "shape": list(shape), "modality": "CT", "slices": {"axial": 16}, "bytes": 1}
+    with body_sink(reply) as sink:
+        client = MedSIGHTClient(sink.url)
+        tracemalloc.start()
+        try:
+            client.upload_volume(*volume_upload_arrays(node), modality="CT")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert sink.received[-1].sha256 == expected
+    assert peak / voxels.nbytes < 1.1
+
+
 
 def test_non_finite_voxels_are_refused_naming_the_volume(scene):
     """NaN and infinite voxels (a float volume from a division, a failed registration) cannot be windowed: refused

@@ -56,3 +56,9 @@ def test_onnx_vs_torch_gives_both_sides_the_same_threads():
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     assert [row[1] for row in rows] == ["encode", "decode"]
     assert all(row[4].endswith("x") for row in rows)
+
+
+def test_upload_memory_runs_on_a_small_volume():
+    out = run("upload_memory.py", "--shape", "4x64x64")
+    assert "volume 4 x 64 x 64 int16" in out
+    assert "Slicer side peak:" in out and "engine side peak:" in out and "upload time:" in out

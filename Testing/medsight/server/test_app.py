@@ -51,6 +51,26 @@ def test_rle_round_trip():
     assert encode_mask(full)["counts"] == [0, 12]
 
 
+def test_a_stored_volume_holds_no_more_memory_than_its_upload(engine):
+    """The store bounds its volumes by their arrays' bytes, and each array is read in place from its upload's body:
+    that body, grown chunk by chunk as it arrived, kept up to an eighth more than the volume (1.125 times a 16-slice
+    one), memory outside the bound. Each stored array is the volume sent, in a buffer of the body's size."""
+    import sys
+
+    app = create_app(engine, model_name="tiny")
+    volumes = [np.random.default_rng(k).integers(-1000, 1000, (k, 256, 256), dtype=np.int16) for k in (8, 16, 33, 64)]
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        ids = [upload(c, npy(volume), {}) for volume in volumes]
+    for volume_id, volume in zip(ids, volumes, strict=True):
+        stored = app.state.store.get(volume_id).array
+        np.testing.assert_array_equal(stored, volume)
+        buffer = stored
+        while not isinstance(buffer, (bytearray, memoryview)):
+            buffer = buffer.base
+        buffer = buffer.obj if isinstance(buffer, memoryview) else buffer
+        assert sys.getsizeof(buffer) - sys.getsizeof(bytearray()) <= len(npy(volume)) + 1  # bytearray's NUL
+
+
 def test_health_model_card_and_openapi(server):
     with httpx.Client(base_url=server) as c:
         assert c.get("/v1/health").json()["status"] == "ok"

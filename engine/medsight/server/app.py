@@ -96,6 +96,15 @@ def _floats(text: str | None, n: int, name: str, default: tuple[float, ...]) -> 
     return values
 
 
+def _exact_buffer(received: bytearray, size: int) -> bytearray:
+    """A buffer of the upload's declared ``size`` holding what was ``received`` so far, for the rest to be written
+    into: the stored volume keeps it, and one grown by ``extend`` kept up to an eighth more than the volume (bytearray
+    over-allocates), memory that the store's byte bound does not count."""
+    buffer = bytearray(size)
+    buffer[:min(len(received), size)] = received[:size]
+    return buffer
+
+
 def _known_query(request: Request) -> None:
     """Refuse query parameters the route does not declare, or declares once and gets twice: a typo such as
     `spaceing` would otherwise be ignored and the default used in its place, silently."""
@@ -259,11 +268,12 @@ def create_app(
             _floats(origin, 3, "origin", (0.0, 0.0, 0.0)),
             np.array(_floats(direction, 9, "direction", tuple(np.eye(3).ravel()))).reshape(3, 3),
         )
-        body, header, reserved = bytearray(), None, 0
+        body, header, reserved, received = bytearray(), None, 0, 0
         try:
             async for chunk in request.stream():
-                body.extend(chunk)
                 if header is None:  # the header decides the size before any voxel is kept
+                    body.extend(chunk)
+                    received = len(body)
                     header = read_npy_header(body, max_voxels)
                     if header is not None:
                         if header.total_bytes > max_upload_bytes:
@@ -274,7 +284,12 @@ def create_app(
                                            f" bytes, its volume memory is {store_bytes}); retry when they are done",
                                            {"Retry-After": "1"})
                         reserved = header.total_bytes
-                if len(body) > (header.total_bytes if header is not None else max_upload_bytes):
+                        body = _exact_buffer(body, header.total_bytes)
+                else:
+                    if received + len(chunk) <= len(body):
+                        body[received:received + len(chunk)] = chunk
+                    received += len(chunk)
+                if received > (header.total_bytes if header is not None else max_upload_bytes):
                     raise ApiError(422 if header is not None else 413, "invalid_image" if header else "too_large",
                                    "the body is longer than its .npy header declares" if header
                                    else f"upload exceeds the limit of {max_upload_bytes} bytes")
@@ -282,7 +297,8 @@ def create_app(
                 raise ApiError(422, "invalid_image", "the body is not a complete .npy array (header missing or cut)")
 
             def build() -> tuple[str, Volume]:
-                volume = volume_from_upload(array_from_npy(header, body), *geometry, modality)
+                volume = volume_from_upload(array_from_npy(header, memoryview(body)[:received]), *geometry,
+                                            modality)
                 return store.put(volume), volume
 
             volume_id, volume = await run_in_threadpool(build)
@@ -290,7 +306,7 @@ def create_app(
             raise ApiError(429, "busy", str(err), {"Retry-After": str(jobs.retry_after())}) from None
         finally:
             uploads.release(reserved)
-        log.info("volume stored: %d bytes", len(body))
+        log.info("volume stored: %d bytes", received)
         return volume_info(volume_id, volume)  # not a new look-up: a concurrent upload may have evicted it already
 
     @app.get("/v1/volumes/{volume_id}", response_model=schemas.VolumeInfo)

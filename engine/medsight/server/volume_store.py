@@ -84,7 +84,7 @@ def _check_dimensions(shape: tuple[int, ...]) -> None:
         raise ImagingError(f"the .npy header declares shape {shape}: an empty image", "upload")
 
 
-def array_from_npy(header: NpyHeader, body: bytearray) -> np.ndarray:
+def array_from_npy(header: NpyHeader, body: bytearray | memoryview) -> np.ndarray:
     """The voxels of a complete upload whose header was checked (no copy; never unpickles)."""
     if len(body) != header.total_bytes:
         raise ImagingError(f"the .npy body has {len(body) - header.offset} bytes of voxels, its header declares "
