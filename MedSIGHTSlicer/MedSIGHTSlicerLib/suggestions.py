@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import naming
-from .geometry import GeometryError, ijk_to_ras, labelmap_from_array, mask_to_ijk, nodes_by_class, segment_array
+from .geometry import (
+    GeometryError,
+    _numpy_to_matrix,
+    ijk_to_ras,
+    labelmap_from_array,
+    mask_to_ijk,
+    nodes_by_class,
+    segment_array,
+)
 from .protocol import AskResult, SliceAnswer
 
 __all__ = [
@@ -259,12 +267,17 @@ class SuggestionManager:
 
     def _follow_volume_moves(self, preview) -> None:
         """Keep the suggestions on the volume's voxels when the volume is moved under a transform (the preview moves
-        with it) or its transform is hardened into its grid (the preview's is hardened too, so it stays put)."""
+        with it), its transform is hardened into its grid (the preview's is hardened too, so it stays put), or its
+        grid is edited (origin, spacing or directions in the Volumes module: the preview's voxels move alike)."""
         grid = ijk_to_ras(self.volume_node)
+        moved = self._volume_grid is not None and not np.allclose(grid, self._volume_grid, atol=1e-9)
         if preview.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
-            if self._volume_grid is not None and not np.allclose(grid, self._volume_grid, atol=1e-9):
+            if moved:
                 preview.HardenTransform()
             preview.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
+        elif moved:
+            # Old voxel position -> new one, in the volume's own frame (the preview's too).
+            preview.ApplyTransformMatrix(_numpy_to_matrix(grid @ np.linalg.inv(self._volume_grid)))
         self._volume_grid = grid
 
     def _saved_preview_node(self):

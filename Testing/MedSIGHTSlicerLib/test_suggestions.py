@@ -558,7 +558,7 @@ def test_suggestions_under_review_and_their_corrections_come_back_with_a_saved_s
     np.testing.assert_array_equal(segment_array(again.find_user_node(), accepted, volume_again), corrected)
 
 
-@pytest.mark.parametrize("move", ["put under a transform", "transform hardened"])
+@pytest.mark.parametrize("move", ["put under a transform", "transform hardened", "origin edited", "grid edited"])
 def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, volume, move):
     from MedSIGHTSlicerLib.views import parent_to_world
 
@@ -569,8 +569,20 @@ def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, vol
     mask = manager.suggestion_mask(sid)
     if move == "put under a transform":
         put_under_transform(scene, volume)  # the volume's voxels move in the world: the suggestion goes with them
-    else:
+    elif move == "transform hardened":
         volume.HardenTransform()  # the voxels stay where they are in the world: so does the suggestion
+    else:  # the Volumes module's origin (one voxel along i) or spacing and directions fields: the voxels move
+        grid = ijk_to_ras(volume)
+        if move == "origin edited":
+            grid[:3, 3] += grid[:3, 0]
+        else:  # other spacing, directions turned 30 degrees about S
+            c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+            grid[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ grid[:3, :3] @ np.diag([1.3, 0.8, 1.1])
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(grid[r, c]))
+        volume.SetIJKToRASMatrix(matrix)
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
     k, j, i = np.nonzero(mask)
     expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
