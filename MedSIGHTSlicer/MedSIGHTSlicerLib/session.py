@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,16 @@ def volume_key(node) -> str:
     elements = ",".join(repr(matrix.GetElement(r, c)) for r in range(3) for c in range(4))
     image = node.GetImageData()
     return f"{node.GetID()}|{image.GetMTime() if image is not None else 'empty'}|{elements}"
+
+
+def _grid_of(node) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(IJK-to-RAS of the voxel array, (k, j, i) voxel counts) of a volume node; () counts without image data."""
+    image = node.GetImageData()
+    return geometry.ijk_to_ras(node), (() if image is None else tuple(image.GetDimensions()[::-1]))
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape[::-1]) or "no"
 
 
 def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
@@ -72,11 +82,15 @@ class MedSIGHTSession:
         self.on_reset = on_reset
         self._volumes: dict[str, _VolumeState] = {}
         self._bound: Any = None  # the volume of the question being answered
+        #: (IJK-to-RAS, (k, j, i) shape) of the bound volume as it was sent: the grid the engine computes its answers'
+        #: slice-to-RAS on, whatever the user does to the volume's grid while they arrive
+        self._bound_grid: tuple[np.ndarray, tuple[int, ...]] | None = None
         #: () -> Slicer's DICOM database (``slicer.dicomDatabase``) or None: a volume loaded from DICOM is sent with
         #: its own Modality, so a CT that shows no air (cropped inside the body) still gets CT windowing.
         self.dicom_database: Callable[[], Any] = lambda: None
-        #: (ask serial, plane, slice) -> (volume, slice-to-RAS, region index -> bbox) of the panel's streamed answers:
-        #: where a region chip centres the views. No masks: a long session asks about thousands of slices.
+        #: (ask serial, plane, slice) -> (volume, slice-to-IJK, region index -> bbox) of the panel's streamed answers:
+        #: where a region chip centres the views (on the region's voxels, wherever the volume's grid is moved later).
+        #: No masks: a long session asks about thousands of slices.
         self._asked: dict[tuple[int, str, int], tuple[Any, Any, dict[int, Any]]] = {}
         self._observers: list[int] = []
         self.observe_scene()
@@ -108,7 +122,7 @@ class MedSIGHTSession:
             if state.node.GetScene() is not self.scene:
                 self._drop(node_id)
         if self._bound is not None and self._bound.GetScene() is not self.scene:
-            self._bound = None
+            self._bound = self._bound_grid = None
         self._asked = {key: kept for key, kept in self._asked.items() if kept[0].GetScene() is self.scene}
 
     def _drop(self, node_id: str) -> None:
@@ -120,7 +134,7 @@ class MedSIGHTSession:
         """Forget every volume, answer, upload id and the bound question (scene closed)."""
         for node_id in list(self._volumes):
             self._drop(node_id)
-        self._bound = None
+        self._bound = self._bound_grid = None
         self._asked.clear()
         if self.on_reset is not None:
             self.on_reset()
@@ -180,7 +194,10 @@ class MedSIGHTSession:
         # The question was asked about the bound volume: its key must get the new id (others may share the voxels).
         node = self._bound if any(n is self._bound for n in holders) else holders[0]
         source = self.volume_source(node)
-        return source if isinstance(source, VolumeData) else None
+        if not isinstance(source, VolumeData):
+            return None
+        self._bound_grid = _grid_of(node)  # the question is asked again, about these voxels on this grid
+        return source
 
     def upload(self, node) -> str:
         """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
@@ -194,8 +211,10 @@ class MedSIGHTSession:
 
     # -- binding a question to its volume -------------------------------------------------------------------------
     def bind(self, node) -> None:
-        """The question about to be sent is about ``node``: its answers go there, whatever is selected later."""
+        """The question about to be sent is about ``node``: its answers go there, whatever is selected later, and
+        onto the voxels they were computed for, whatever is done to the volume's grid meanwhile."""
         self._bound = node
+        self._bound_grid = None if node is None else _grid_of(node)
 
     def answer_volume(self):
         """Where answers of the bound question go: the bound volume, or None if it left the scene meanwhile (its
@@ -227,10 +246,32 @@ class MedSIGHTSession:
         """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
         from .review import take_answer
 
+        answer = self._on_current_grid(node, answer)
+        slice_to_ijk = np.linalg.inv(geometry.ijk_to_ras(node)) @ answer.slice_to_ras
         self._asked[(ask_serial, answer.plane, answer.index)] = (
-            node, answer.slice_to_ras, {r.index: r.bbox for r in answer.regions})
+            node, slice_to_ijk, {r.index: r.bbox for r in answer.regions})
         return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
                            model=model or self.model_name)
+
+    def _on_current_grid(self, node, answer: SliceAnswer) -> SliceAnswer:
+        """``answer`` with its slice placed on ``node``'s grid as it is now, on the same voxels.
+
+        The engine computed ``slice_to_ras`` on the grid that was sent; the user may have moved that grid since (a
+        transform hardened into the volume, origin or spacing edited in the Volumes module). Voxel indices do not
+        move with the grid, so the slice goes through the sent grid to voxels and the current grid back to RAS.
+        """
+        if node is not self._bound or self._bound_grid is None:
+            return answer
+        sent, shape = self._bound_grid
+        if _grid_of(node)[1] != shape:
+            raise geometry.GeometryError(
+                f"the voxels of {node.GetName()!r} were replaced while the question ran ({_size(shape)} voxels when "
+                f"asked, {_size(_grid_of(node)[1])} now): answers about the old voxels are not placed on the new "
+                "ones; ask again")
+        now = geometry.ijk_to_ras(node)
+        if np.array_equal(now, sent):
+            return answer
+        return replace(answer, slice_to_ras=now @ np.linalg.inv(sent) @ np.asarray(answer.slice_to_ras, dtype=float))
 
     def ask(self, node, question: str, indices=None, options=None, plane: str = "axial", view=None):
         """Upload if needed, ask (blocking), add the regions as suggestions. ``view``: a view's slice node (or its
@@ -266,10 +307,10 @@ class MedSIGHTSession:
     def jump_to_region_link(self, link: RegionLink) -> bool:
         """Centre the slice views on the region a chip names (a ``chat_panel.RegionLink``): that question's answer
         about that slice and plane, on the volume it was asked about. False when it is gone (volume removed)."""
-        node, slice_to_ras, boxes = self._asked.get((link.serial, link.plane, link.slice), (None, None, {}))
+        node, slice_to_ijk, boxes = self._asked.get((link.serial, link.plane, link.slice), (None, None, {}))
         if node is None or node.GetScene() is not self.scene:
             return False
-        return self._centre_on(node, slice_to_ras, boxes.get(link.index))
+        return self._centre_on(node, geometry.ijk_to_ras(node) @ slice_to_ijk, boxes.get(link.index))
 
     def _centre_on(self, node, slice_to_ras, bbox) -> bool:
         if bbox is None or slice_to_ras is None:

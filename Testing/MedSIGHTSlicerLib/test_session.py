@@ -408,3 +408,105 @@ def test_a_volume_from_dicom_is_sent_with_its_own_modality():
     node.SetAttribute("MedSIGHT.Modality", "PT")  # set by a script: it wins
     session.dicom_database = lambda: DicomDatabase({("1.2.3.1", MODALITY_TAG): "CT"})
     assert session.volume_source(node).modality == "PT"
+
+
+def set_grid(volume, matrix: np.ndarray) -> None:
+    """Edit the volume's IJK-to-RAS, as the Volumes module's origin, spacing and direction fields do."""
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, float(matrix[r, c]))
+    volume.SetIJKToRASMatrix(vtk_matrix)
+
+
+def move_grid(scene, volume, move: str) -> None:
+    """What the user does to the volume's grid while a question about it runs."""
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+
+    matrix = ijk_to_ras(volume)
+    if move == "origin moved one voxel":  # a whole voxel: the old placement would fit the grid, on wrong voxels
+        matrix[:3, 3] += matrix[:3, 0]
+        set_grid(volume, matrix)
+    elif move == "spacing edited":  # a non-integer change: the old placement was refused as "another volume"
+        matrix[:3, :3] *= 1.3
+        set_grid(volume, matrix)
+    else:  # a transform hardened into the voxels (turned and shifted)
+        put_under_transform(scene, volume)
+        volume.HardenTransform()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def run_question(app, panel, scope: str, first: int = 0, last: int = 0) -> None:
+    import time
+
+    panel.set_scope(scope, first, last)
+    assert panel.send("Where is the liver?")
+    deadline = time.monotonic() + 300
+    while panel.busy:
+        assert time.monotonic() < deadline, "the question did not finish"
+        app.processEvents()
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("move", ["origin moved one voxel", "spacing edited", "transform hardened"])
+def test_answers_arriving_after_the_grid_moved_land_on_the_voxels_asked_about(url, app, move):
+    """A range question streams in; after its first answer the user moves the volume's grid. Every answer, earlier
+    and later ones, must end on the voxels the engine computed it for (the engine's slice-to-RAS is on the grid that
+    was sent): Dice 1 against the same answers placed on a volume that never moved, and chips centre on them."""
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+    from MedSIGHTSlicerLib.suggestions import SuggestionManager
+    from MedSIGHTSlicerLib.views import region_centre_ras
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    sent_grid = ijk_to_ras(volume)
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)  # the module's
+    answers = []
+    take = panel.on_regions
+
+    def on_regions(answer) -> None:
+        take(answer)
+        answers.append(answer)
+        if len(answers) == 1:
+            move_grid(scene, volume, move)
+
+    panel.on_regions = on_regions
+    try:
+        run_question(app, panel, "range", 0, voxels.shape[0] - 1)
+        assert panel.error.text() == ""
+        assert len(answers) == voxels.shape[0]  # answers arrived after the move (every slice has a region here)
+        still = make_volume(scene, voxels, oblique_matrix(), name="never moved")
+        expected = SuggestionManager(scene, still)
+        expected.add_answers(answers)
+        manager = session.suggestion_manager(volume)
+        # Paired by name (one finding each; a finding's slices may list in another order than the live ones).
+        got = {manager.suggestion(sid).GetName(): manager.suggestion_mask(sid) for sid in manager.suggestion_ids()}
+        wanted = {expected.suggestion(sid).GetName(): expected.suggestion_mask(sid)
+                  for sid in expected.suggestion_ids()}
+        assert sorted(got) == sorted(wanted) and len(wanted) == len(expected.suggestion_ids()) > 0
+        assert {name: round(dice(got[name], mask), 6) for name, mask in wanted.items()} == dict.fromkeys(wanted, 1.0)
+
+        first = answers[0]  # asked and placed before the move: its chip centres on its voxels where they are now
+        region = next(r for r in first.regions if r.bbox is not None)
+        assert session.jump_to_region_link(RegionLink(panel.ask_serial, first.plane, first.index, region.index))
+        centre = region_centre_ras(first.slice_to_ras, region.bbox)
+        now = parent_to_world(volume) @ ijk_to_ras(volume) @ np.linalg.inv(sent_grid) @ np.append(centre, 1.0)
+        np.testing.assert_allclose(view_origin(views["Red"]), now[:3], atol=1e-6)
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
