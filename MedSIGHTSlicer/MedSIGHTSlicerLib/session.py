@@ -259,6 +259,9 @@ class MedSIGHTSession:
         The engine computed ``slice_to_ras`` on the grid that was sent; the user may have moved that grid since (a
         transform hardened into the volume, origin or spacing edited in the Volumes module). Voxel indices do not
         move with the grid, so the slice goes through the sent grid to voxels and the current grid back to RAS.
+        Voxels edited in place (same array shape) keep their indices, so the answers still go on them (the next
+        question sends the edited voxels); an array of another shape (cropped, resampled) is refused: its indices
+        name other voxels than the ones the engine saw.
         """
         if node is not self._bound or self._bound_grid is None:
             return answer

@@ -510,3 +510,103 @@ def test_answers_arriving_after_the_grid_moved_land_on_the_voxels_asked_about(ur
         wiring.close()
         session.stop_observing()
         scene.Clear(1)
+
+
+def test_a_current_slice_answer_after_the_grid_moved_lands_on_the_voxels_asked_about(url, app):
+    """"Current slice" asks about the slice in the Red view; the user moves the volume's origin by one voxel before
+    the answer arrives: its suggestions go on the voxels of the slice that was asked about."""
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+    from MedSIGHTSlicerLib.suggestions import SuggestionManager
+    from MedSIGHTSlicerLib.views import centre_views_on
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    views["Red"].RotateToVolumePlane(volume)  # the view shows a native slice, through the volume's middle
+    centre_views_on(scene, (ijk_to_ras(volume) @ [*(np.array(voxels.shape[::-1]) // 2), 1.0])[:3], volume)
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
+    panel.current_slice_provider = lambda: session.current_view(volume, "Red")
+    answers = []
+    take = panel.on_regions
+    panel.on_regions = lambda answer: (take(answer), answers.append(answer))
+    send = panel.send
+
+    def send_then_move(question=None) -> bool:
+        sent = send(question)
+        move_grid(scene, volume, "origin moved one voxel")  # the upload and the view went with the send
+        return sent
+
+    panel.send = send_then_move
+    try:
+        run_question(app, panel, "current")
+        assert panel.error.text() == ""
+        (answer,) = answers
+        still = make_volume(scene, voxels, oblique_matrix(), name="never moved")
+        expected = SuggestionManager(scene, still)
+        manager = session.suggestion_manager(volume)
+        wanted = [expected.suggestion_mask(sid) for sid in expected.add_answer(answer)]
+        got = [manager.suggestion_mask(sid) for sid in manager.suggestion_ids()]
+        assert len(got) == len(wanted) > 0
+        assert [round(dice(a, b), 6) for a, b in zip(got, wanted)] == [1.0] * len(wanted)  # one slice: same order
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
+
+
+def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url, app):
+    """The volume's voxels are replaced by another array (e.g. cropped in place) while a range question runs: the
+    later answers belong to the old voxels, and are refused with a message saying so, never put on the new ones."""
+    from vtk.util import numpy_support
+
+    from medsight_testing.review_scene import ct_voxels
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
+    answers = []
+    take = panel.on_regions
+
+    def on_regions(answer) -> None:
+        answers.append(answer)
+        take(answer)  # raises for the answers after the crop (the panel shows it)
+        if len(answers) == 1:  # cropped to the first half of the slices
+            cropped = voxels[: voxels.shape[0] // 2]
+            image = vtk.vtkImageData()
+            image.SetDimensions(*cropped.shape[::-1])
+            image.AllocateScalars(vtk.VTK_SHORT, 1)
+            numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = cropped.reshape(-1)
+            volume.SetAndObserveImageData(image)
+
+    panel.on_regions = on_regions
+    try:
+        manager = session.suggestion_manager(volume)
+        run_question(app, panel, "range", 0, voxels.shape[0] - 1)
+        assert len(answers) == voxels.shape[0]
+        assert "were replaced while the question ran" in panel.error.text()
+        assert "40x32x7 voxels when asked, 40x32x3 now" in panel.error.text()
+        slices = {get_tag(manager.suggestion(sid), "MedSIGHT.Slice") for sid in manager.suggestion_ids()}
+        assert slices == {"axial:0"}  # only the answer placed before the voxels changed
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
