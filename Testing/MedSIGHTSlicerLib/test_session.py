@@ -177,6 +177,29 @@ def test_forgotten_volume_id_sends_the_bound_volume_again(url):
     session.stop_observing()
 
 
+
+def test_a_volume_sent_again_mid_question_places_answers_through_the_grid_sent_again(url):
+    """The question was sent, the user moved the volume's origin by one voxel, then the engine said it no longer has
+    the volume: the voxels go again on the moved grid, so the answers come on that grid and land unshifted."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = (np.arange(3 * 12 * 10).reshape(3, 12, 10) % 61).astype(np.int16)
+    node = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    session.bind(node)
+    sent = session.upload(node)
+    move_grid(scene, node, "origin moved one voxel")
+    again = session.forget_volume_id(sent)
+    np.testing.assert_allclose(np.diag([-1.0, -1.0, 1.0]) @ again.origin,
+                               (oblique_matrix() @ [1.0, 0.0, 0.0, 1.0])[:3], atol=1e-9)  # LPS: one voxel along i
+    rows, cols = slice(2, 6), slice(3, 7)
+    (suggestion,) = session.take_answer(node, slab_answer(node, 1, rows, cols), 1, "current")  # on the moved grid
+    expected = np.zeros(voxels.shape, bool)
+    expected[1, rows, cols] = True
+    np.testing.assert_array_equal(session.suggestion_manager(node).suggestion_mask(suggestion), expected)
+    session.stop_observing()
+
+
 def test_removed_volume_takes_its_state_and_late_answers_are_dropped(app):
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
