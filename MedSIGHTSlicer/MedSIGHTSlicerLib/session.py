@@ -65,6 +65,7 @@ class _VolumeState:
     node: Any
     upload_ids: dict[str, str] = field(default_factory=dict)
     manager: Any = None
+    observers: list[int] = field(default_factory=list)  # on the volume node while it has a manager
 
 
 class MedSIGHTSession:
@@ -127,6 +128,9 @@ class MedSIGHTSession:
 
     def _drop(self, node_id: str) -> None:
         state = self._volumes.pop(node_id, None)
+        if state is not None:
+            for tag in state.observers:
+                state.node.RemoveObserver(tag)
         if state is not None and state.manager is not None:
             state.manager.forget()
 
@@ -230,8 +234,19 @@ class MedSIGHTSession:
 
         state = self._state(node)
         if state.manager is None:
+            import slicer
+
             state.manager = SuggestionManager(self.scene, node, model=self.model_name)
+            # The suggestions move with the volume's voxels when its grid or transform changes, not only when the
+            # list next looks at them (``SuggestionManager.existing_preview_node`` follows the volume).
+            events = (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLTransformableNode.TransformModifiedEvent)
+            state.observers = [node.AddObserver(event, _weak_callback(self._volume_modified)) for event in events]
         return state.manager
+
+    def _volume_modified(self, node, *_: Any) -> None:
+        state = self._volumes.get(node.GetID())
+        if state is not None and state.node is node and state.manager is not None and node.GetScene() is self.scene:
+            state.manager.existing_preview_node()
 
     def apply_answers(self, node, answers: Sequence[SliceAnswer], question: str = "",
                       model: str | None = None) -> list[str]:

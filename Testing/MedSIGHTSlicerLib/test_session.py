@@ -633,3 +633,28 @@ def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url
         wiring.close()
         session.stop_observing()
         scene.Clear(1)
+
+
+@pytest.mark.parametrize("move", ["origin moved one voxel", "spacing edited", "transform hardened", "put under"])
+def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
+    """The user moves the volume (Volumes module, a hardened transform, a new parent transform) and looks: the
+    suggestions sit on the same voxels at once, before the list or an answer reads them again."""
+    from medsight_testing.mrml import world_points
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
+    (suggestion,) = session.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    manager = session.suggestion_manager(node)
+    mask, preview = manager.suggestion_mask(suggestion), manager.preview_node
+    if move == "put under":
+        put_under_transform(scene, node)
+    else:
+        move_grid(scene, node, move)
+    k, j, i = np.nonzero(mask)
+    expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    scene.RemoveNode(node)  # its observers go with its state
+    session.stop_observing()

@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk, put_under_transform  # noqa: E402
+from medsight_testing.mrml import pixel_to_ijk, put_under_transform, world_points  # noqa: E402
 from medsight_testing.review_scene import segment_ids  # noqa: E402
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
@@ -430,23 +430,6 @@ def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, vol
     assert segment_ids(manager.preview_node) == [drawn_id]
     with pytest.raises(SuggestionError, match="no suggestion"):
         manager.accept(drawn_id)
-
-
-def world_points(node, segment_id: str) -> np.ndarray:
-    """The world RAS of every voxel of a segment, from its own labelmap and its node's transform (sorted rows)."""
-    from MedSIGHTSlicerLib.geometry import array_from_image
-    from MedSIGHTSlicerLib.views import parent_to_world
-
-    segment = node.GetSegmentation().GetSegment(segment_id)
-    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    matrix = vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(matrix)
-    image_to_node = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    extent = image.GetExtent()
-    k, j, i = np.nonzero(array_from_image(image) == segment.GetLabelValue())
-    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
-    points = (parent_to_world(node) @ image_to_node @ ijk)[:3].T
-    return points[np.lexsort(points.T[::-1])]
 
 
 def test_accepts_and_merges_land_where_shown_when_the_target_sits_under_another_transform(scene, volume, user_node):
