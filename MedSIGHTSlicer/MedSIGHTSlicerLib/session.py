@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,16 @@ def volume_key(node) -> str:
     return f"{node.GetID()}|{image.GetMTime() if image is not None else 'empty'}|{elements}"
 
 
+def _grid_of(node) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(IJK-to-RAS of the voxel array, (k, j, i) voxel counts) of a volume node; () counts without image data."""
+    image = node.GetImageData()
+    return geometry.ijk_to_ras(node), (() if image is None else tuple(image.GetDimensions()[::-1]))
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape[::-1]) or "no"
+
+
 def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
     """An observer callback that does not keep its session alive: scene -> observer -> session -> scene would be a
     cycle, and the garbage collector may break it at any moment, on any thread, while VTK objects are mid-use."""
@@ -55,6 +65,7 @@ class _VolumeState:
     node: Any
     upload_ids: dict[str, str] = field(default_factory=dict)
     manager: Any = None
+    observers: list[int] = field(default_factory=list)  # on the volume node while it has a manager
 
 
 class MedSIGHTSession:
@@ -72,11 +83,15 @@ class MedSIGHTSession:
         self.on_reset = on_reset
         self._volumes: dict[str, _VolumeState] = {}
         self._bound: Any = None  # the volume of the question being answered
+        #: (IJK-to-RAS, (k, j, i) shape) of the bound volume as it was sent: the grid the engine computes its answers'
+        #: slice-to-RAS on, whatever the user does to the volume's grid while they arrive
+        self._bound_grid: tuple[np.ndarray, tuple[int, ...]] | None = None
         #: () -> Slicer's DICOM database (``slicer.dicomDatabase``) or None: a volume loaded from DICOM is sent with
         #: its own Modality, so a CT that shows no air (cropped inside the body) still gets CT windowing.
         self.dicom_database: Callable[[], Any] = lambda: None
-        #: (ask serial, plane, slice) -> (volume, slice-to-RAS, region index -> bbox) of the panel's streamed answers:
-        #: where a region chip centres the views. No masks: a long session asks about thousands of slices.
+        #: (ask serial, plane, slice) -> (volume, slice-to-IJK, region index -> bbox) of the panel's streamed answers:
+        #: where a region chip centres the views (on the region's voxels, wherever the volume's grid is moved later).
+        #: No masks: a long session asks about thousands of slices.
         self._asked: dict[tuple[int, str, int], tuple[Any, Any, dict[int, Any]]] = {}
         self._observers: list[int] = []
         self.observe_scene()
@@ -108,11 +123,14 @@ class MedSIGHTSession:
             if state.node.GetScene() is not self.scene:
                 self._drop(node_id)
         if self._bound is not None and self._bound.GetScene() is not self.scene:
-            self._bound = None
+            self._bound = self._bound_grid = None
         self._asked = {key: kept for key, kept in self._asked.items() if kept[0].GetScene() is self.scene}
 
     def _drop(self, node_id: str) -> None:
         state = self._volumes.pop(node_id, None)
+        if state is not None:
+            for tag in state.observers:
+                state.node.RemoveObserver(tag)
         if state is not None and state.manager is not None:
             state.manager.forget()
 
@@ -120,7 +138,7 @@ class MedSIGHTSession:
         """Forget every volume, answer, upload id and the bound question (scene closed)."""
         for node_id in list(self._volumes):
             self._drop(node_id)
-        self._bound = None
+        self._bound = self._bound_grid = None
         self._asked.clear()
         if self.on_reset is not None:
             self.on_reset()
@@ -180,7 +198,10 @@ class MedSIGHTSession:
         # The question was asked about the bound volume: its key must get the new id (others may share the voxels).
         node = self._bound if any(n is self._bound for n in holders) else holders[0]
         source = self.volume_source(node)
-        return source if isinstance(source, VolumeData) else None
+        if not isinstance(source, VolumeData):
+            return None
+        self._bound_grid = _grid_of(node)  # the question is asked again, about these voxels on this grid
+        return source
 
     def upload(self, node) -> str:
         """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
@@ -194,8 +215,10 @@ class MedSIGHTSession:
 
     # -- binding a question to its volume -------------------------------------------------------------------------
     def bind(self, node) -> None:
-        """The question about to be sent is about ``node``: its answers go there, whatever is selected later."""
+        """The question about to be sent is about ``node``: its answers go there, whatever is selected later, and
+        onto the voxels they were computed for, whatever is done to the volume's grid meanwhile."""
         self._bound = node
+        self._bound_grid = None if node is None else _grid_of(node)
 
     def answer_volume(self):
         """Where answers of the bound question go: the bound volume, or None if it left the scene meanwhile (its
@@ -211,8 +234,19 @@ class MedSIGHTSession:
 
         state = self._state(node)
         if state.manager is None:
+            import slicer
+
             state.manager = SuggestionManager(self.scene, node, model=self.model_name)
+            # The suggestions move with the volume's voxels when its grid or transform changes, not only when the
+            # list next looks at them (``SuggestionManager.existing_preview_node`` follows the volume).
+            events = (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLTransformableNode.TransformModifiedEvent)
+            state.observers = [node.AddObserver(event, _weak_callback(self._volume_modified)) for event in events]
         return state.manager
+
+    def _volume_modified(self, node, *_: Any) -> None:
+        state = self._volumes.get(node.GetID())
+        if state is not None and state.node is node and state.manager is not None and node.GetScene() is self.scene:
+            state.manager.existing_preview_node()
 
     def apply_answers(self, node, answers: Sequence[SliceAnswer], question: str = "",
                       model: str | None = None) -> list[str]:
@@ -227,10 +261,35 @@ class MedSIGHTSession:
         """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
         from .review import take_answer
 
+        answer = self._on_current_grid(node, answer)
+        slice_to_ijk = np.linalg.inv(geometry.ijk_to_ras(node)) @ answer.slice_to_ras
         self._asked[(ask_serial, answer.plane, answer.index)] = (
-            node, answer.slice_to_ras, {r.index: r.bbox for r in answer.regions})
+            node, slice_to_ijk, {r.index: r.bbox for r in answer.regions})
         return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
                            model=model or self.model_name)
+
+    def _on_current_grid(self, node, answer: SliceAnswer) -> SliceAnswer:
+        """``answer`` with its slice placed on ``node``'s grid as it is now, on the same voxels.
+
+        The engine computed ``slice_to_ras`` on the grid that was sent; the user may have moved that grid since (a
+        transform hardened into the volume, origin or spacing edited in the Volumes module). Voxel indices do not
+        move with the grid, so the slice goes through the sent grid to voxels and the current grid back to RAS.
+        Voxels edited in place (same array shape) keep their indices, so the answers still go on them (the next
+        question sends the edited voxels); an array of another shape (cropped, resampled) is refused: its indices
+        name other voxels than the ones the engine saw.
+        """
+        if node is not self._bound or self._bound_grid is None:
+            return answer
+        sent, shape = self._bound_grid
+        if _grid_of(node)[1] != shape:
+            raise geometry.GeometryError(
+                f"the voxels of {node.GetName()!r} were replaced while the question ran ({_size(shape)} voxels when "
+                f"asked, {_size(_grid_of(node)[1])} now): answers about the old voxels are not placed on the new "
+                "ones; ask again")
+        now = geometry.ijk_to_ras(node)
+        if np.array_equal(now, sent):
+            return answer
+        return replace(answer, slice_to_ras=now @ np.linalg.inv(sent) @ np.asarray(answer.slice_to_ras, dtype=float))
 
     def ask(self, node, question: str, indices=None, options=None, plane: str = "axial", view=None):
         """Upload if needed, ask (blocking), add the regions as suggestions. ``view``: a view's slice node (or its
@@ -266,10 +325,10 @@ class MedSIGHTSession:
     def jump_to_region_link(self, link: RegionLink) -> bool:
         """Centre the slice views on the region a chip names (a ``chat_panel.RegionLink``): that question's answer
         about that slice and plane, on the volume it was asked about. False when it is gone (volume removed)."""
-        node, slice_to_ras, boxes = self._asked.get((link.serial, link.plane, link.slice), (None, None, {}))
+        node, slice_to_ijk, boxes = self._asked.get((link.serial, link.plane, link.slice), (None, None, {}))
         if node is None or node.GetScene() is not self.scene:
             return False
-        return self._centre_on(node, slice_to_ras, boxes.get(link.index))
+        return self._centre_on(node, geometry.ijk_to_ras(node) @ slice_to_ijk, boxes.get(link.index))
 
     def _centre_on(self, node, slice_to_ras, bbox) -> bool:
         if bbox is None or slice_to_ras is None:

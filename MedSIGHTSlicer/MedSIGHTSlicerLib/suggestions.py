@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import naming
-from .geometry import GeometryError, ijk_to_ras, labelmap_from_array, mask_to_ijk, nodes_by_class, segment_array
+from .geometry import (
+    GeometryError,
+    _numpy_to_matrix,
+    ijk_to_ras,
+    labelmap_from_array,
+    mask_to_ijk,
+    nodes_by_class,
+    segment_array,
+)
 from .protocol import AskResult, SliceAnswer
 
 __all__ = [
@@ -209,6 +217,9 @@ class SuggestionManager:
         self._redo: list[_Operation] = []
         #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answer
         self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
+        #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
+        #: voxels changed since the undo then says they grew, not that the user edited them
+        self._grown: dict[str, str] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
@@ -259,12 +270,17 @@ class SuggestionManager:
 
     def _follow_volume_moves(self, preview) -> None:
         """Keep the suggestions on the volume's voxels when the volume is moved under a transform (the preview moves
-        with it) or its transform is hardened into its grid (the preview's is hardened too, so it stays put)."""
+        with it), its transform is hardened into its grid (the preview's is hardened too, so it stays put), or its
+        grid is edited (origin, spacing or directions in the Volumes module: the preview's voxels move alike)."""
         grid = ijk_to_ras(self.volume_node)
+        moved = self._volume_grid is not None and not np.allclose(grid, self._volume_grid, atol=1e-9)
         if preview.GetTransformNodeID() != self.volume_node.GetTransformNodeID():
-            if self._volume_grid is not None and not np.allclose(grid, self._volume_grid, atol=1e-9):
+            if moved:
                 preview.HardenTransform()
             preview.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
+        elif moved:
+            # Old voxel position -> new one, in the volume's own frame (the preview's too).
+            preview.ApplyTransformMatrix(_numpy_to_matrix(grid @ np.linalg.inv(self._volume_grid)))
         self._volume_grid = grid
 
     def _saved_preview_node(self):
@@ -305,6 +321,7 @@ class SuggestionManager:
         self._preview_node = self.user_node = None
         self._undo.clear()
         self._redo.clear()
+        self._grown.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -405,6 +422,7 @@ class SuggestionManager:
         mask = self.suggestion_mask(segment_id)
         mask[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
         replace_segment_mask(self.preview_node, segment_id, mask, self.volume_node)
+        self._grown[segment_id] = mask_digest(mask)
         segment = self.suggestion(segment_id)
         segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
         segment.SetTag(TAG_SLICE, ";".join(group.slices))
@@ -671,8 +689,11 @@ class SuggestionManager:
         # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
         # correction would be lost with the preview segment.
         for item in operation.items:
-            if mask_digest(self.suggestion_mask(item.suggestion.segment_id)) != item.suggestion.digest():
-                raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} was edited since the undo; "
+            digest = mask_digest(self.suggestion_mask(item.suggestion.segment_id))
+            if digest != item.suggestion.digest():
+                grew = self._grown.get(item.suggestion.segment_id) == digest
+                why = "grew with later slices of the running question" if grew else "was edited"
+                raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} {why} since the undo; "
                                       "accept or reject it again")
         for item in operation.items:  # renamed or recoloured in the list since the undo: redone as it looks now
             item.suggestion = _with_look_of(item.suggestion, self.suggestion(item.suggestion.segment_id))
@@ -714,6 +735,7 @@ class SuggestionManager:
         self._undo.clear()
         self._redo.clear()
         self._streams.clear()
+        self._grown.clear()
 
 
 def _merge_group(group: _Group, part: _Group) -> None:

@@ -26,7 +26,7 @@ from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
 from MedSIGHTSlicerLib.review import Review, describe_slices, take_answer
-from MedSIGHTSlicerLib.suggestions import TAG_SLICE, SuggestionError, SuggestionManager, get_tag
+from MedSIGHTSlicerLib.suggestions import TAG_SLICE, SuggestionError, SuggestionManager, get_tag, replace_segment_mask
 
 OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
 SLICES = (2, 3, 4)
@@ -247,3 +247,33 @@ def test_a_finding_reviewed_mid_stream_is_not_grown_again():
     two = SliceAnswer("axial", 4, "Two.", [Region("[M0_2]", "liver", 0, disc, 0.9, None),
                                             Region("[M0_3]", "liver", 1, disc, 0.8, None)], slab_answer(4).slice_to_ras)
     assert len(take_answer(manager, two, ask_serial=8, scope="current")) == 2
+
+
+@pytest.mark.parametrize("action", ["reject", "accept"])
+def test_redo_after_later_slices_grew_the_suggestion_says_so(action):
+    """Reject (or accept) a streamed finding, undo it, and the running question's next slice grows it: redoing would
+    act on the voxels it had before, so it is refused, saying it grew with later slices (not that it was edited)."""
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    manager = SuggestionManager(scene, volume)
+    disc = np.zeros(voxels.shape[1:], dtype=bool)
+    disc[10:20, 12:26] = True
+
+    def slab_answer(k: int) -> SliceAnswer:
+        slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
+        return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+
+    (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
+    getattr(manager, action)([first])
+    manager.undo()
+    assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the restored one
+    with pytest.raises(SuggestionError, match="grew with later slices of the running question since the undo"):
+        manager.redo()
+    assert manager.suggestion_mask(first).sum() == 2 * disc.sum()  # nothing lost: both slices still suggested
+    # A correction by the user after that growth is an edit, and is named so.
+    corrected = manager.suggestion_mask(first)
+    corrected[1, 0:2, 0:2] = True
+    replace_segment_mask(manager.preview_node, first, corrected, volume)
+    with pytest.raises(SuggestionError, match="was edited since the undo"):
+        manager.redo()

@@ -177,6 +177,29 @@ def test_forgotten_volume_id_sends_the_bound_volume_again(url):
     session.stop_observing()
 
 
+
+def test_a_volume_sent_again_mid_question_places_answers_through_the_grid_sent_again(url):
+    """The question was sent, the user moved the volume's origin by one voxel, then the engine said it no longer has
+    the volume: the voxels go again on the moved grid, so the answers come on that grid and land unshifted."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = (np.arange(3 * 12 * 10).reshape(3, 12, 10) % 61).astype(np.int16)
+    node = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    session.bind(node)
+    sent = session.upload(node)
+    move_grid(scene, node, "origin moved one voxel")
+    again = session.forget_volume_id(sent)
+    np.testing.assert_allclose(np.diag([-1.0, -1.0, 1.0]) @ again.origin,
+                               (oblique_matrix() @ [1.0, 0.0, 0.0, 1.0])[:3], atol=1e-9)  # LPS: one voxel along i
+    rows, cols = slice(2, 6), slice(3, 7)
+    (suggestion,) = session.take_answer(node, slab_answer(node, 1, rows, cols), 1, "current")  # on the moved grid
+    expected = np.zeros(voxels.shape, bool)
+    expected[1, rows, cols] = True
+    np.testing.assert_array_equal(session.suggestion_manager(node).suggestion_mask(suggestion), expected)
+    session.stop_observing()
+
+
 def test_removed_volume_takes_its_state_and_late_answers_are_dropped(app):
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
@@ -408,3 +431,230 @@ def test_a_volume_from_dicom_is_sent_with_its_own_modality():
     node.SetAttribute("MedSIGHT.Modality", "PT")  # set by a script: it wins
     session.dicom_database = lambda: DicomDatabase({("1.2.3.1", MODALITY_TAG): "CT"})
     assert session.volume_source(node).modality == "PT"
+
+
+def set_grid(volume, matrix: np.ndarray) -> None:
+    """Edit the volume's IJK-to-RAS, as the Volumes module's origin, spacing and direction fields do."""
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, float(matrix[r, c]))
+    volume.SetIJKToRASMatrix(vtk_matrix)
+
+
+def move_grid(scene, volume, move: str) -> None:
+    """What the user does to the volume's grid while a question about it runs."""
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+
+    matrix = ijk_to_ras(volume)
+    if move == "origin moved one voxel":  # a whole voxel: the old placement would fit the grid, on wrong voxels
+        matrix[:3, 3] += matrix[:3, 0]
+        set_grid(volume, matrix)
+    elif move == "spacing edited":  # a non-integer change: the old placement was refused as "another volume"
+        matrix[:3, :3] *= 1.3
+        set_grid(volume, matrix)
+    else:  # a transform hardened into the voxels (turned and shifted)
+        put_under_transform(scene, volume)
+        volume.HardenTransform()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def run_question(app, panel, scope: str, first: int = 0, last: int = 0) -> None:
+    import time
+
+    panel.set_scope(scope, first, last)
+    assert panel.send("Where is the liver?")
+    deadline = time.monotonic() + 300
+    while panel.busy:
+        assert time.monotonic() < deadline, "the question did not finish"
+        app.processEvents()
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("move", ["origin moved one voxel", "spacing edited", "transform hardened"])
+def test_answers_arriving_after_the_grid_moved_land_on_the_voxels_asked_about(url, app, move):
+    """A range question streams in; after its first answer the user moves the volume's grid. Every answer, earlier
+    and later ones, must end on the voxels the engine computed it for (the engine's slice-to-RAS is on the grid that
+    was sent): Dice 1 against the same answers placed on a volume that never moved, and chips centre on them."""
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+    from MedSIGHTSlicerLib.suggestions import SuggestionManager
+    from MedSIGHTSlicerLib.views import region_centre_ras
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    sent_grid = ijk_to_ras(volume)
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)  # the module's
+    answers = []
+    take = panel.on_regions
+
+    def on_regions(answer) -> None:
+        take(answer)
+        answers.append(answer)
+        if len(answers) == 1:
+            move_grid(scene, volume, move)
+
+    panel.on_regions = on_regions
+    try:
+        run_question(app, panel, "range", 0, voxels.shape[0] - 1)
+        assert panel.error.text() == ""
+        assert len(answers) == voxels.shape[0]  # answers arrived after the move (every slice has a region here)
+        still = make_volume(scene, voxels, oblique_matrix(), name="never moved")
+        expected = SuggestionManager(scene, still)
+        expected.add_answers(answers)
+        manager = session.suggestion_manager(volume)
+        # Paired by name (one finding each; a finding's slices may list in another order than the live ones).
+        got = {manager.suggestion(sid).GetName(): manager.suggestion_mask(sid) for sid in manager.suggestion_ids()}
+        wanted = {expected.suggestion(sid).GetName(): expected.suggestion_mask(sid)
+                  for sid in expected.suggestion_ids()}
+        assert sorted(got) == sorted(wanted) and len(wanted) == len(expected.suggestion_ids()) > 0
+        assert {name: round(dice(got[name], mask), 6) for name, mask in wanted.items()} == dict.fromkeys(wanted, 1.0)
+
+        first = answers[0]  # asked and placed before the move: its chip centres on its voxels where they are now
+        region = next(r for r in first.regions if r.bbox is not None)
+        assert session.jump_to_region_link(RegionLink(panel.ask_serial, first.plane, first.index, region.index))
+        centre = region_centre_ras(first.slice_to_ras, region.bbox)
+        now = parent_to_world(volume) @ ijk_to_ras(volume) @ np.linalg.inv(sent_grid) @ np.append(centre, 1.0)
+        np.testing.assert_allclose(view_origin(views["Red"]), now[:3], atol=1e-6)
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
+
+
+def test_a_current_slice_answer_after_the_grid_moved_lands_on_the_voxels_asked_about(url, app):
+    """"Current slice" asks about the slice in the Red view; the user moves the volume's origin by one voxel before
+    the answer arrives: its suggestions go on the voxels of the slice that was asked about."""
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+    from MedSIGHTSlicerLib.suggestions import SuggestionManager
+    from MedSIGHTSlicerLib.views import centre_views_on
+
+    scene = slicer.vtkMRMLScene()
+    views = add_slice_views(scene)
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    views["Red"].RotateToVolumePlane(volume)  # the view shows a native slice, through the volume's middle
+    centre_views_on(scene, (ijk_to_ras(volume) @ [*(np.array(voxels.shape[::-1]) // 2), 1.0])[:3], volume)
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
+    panel.current_slice_provider = lambda: session.current_view(volume, "Red")
+    answers = []
+    take = panel.on_regions
+    panel.on_regions = lambda answer: (take(answer), answers.append(answer))
+    send = panel.send
+
+    def send_then_move(question=None) -> bool:
+        sent = send(question)
+        move_grid(scene, volume, "origin moved one voxel")  # the upload and the view went with the send
+        return sent
+
+    panel.send = send_then_move
+    try:
+        run_question(app, panel, "current")
+        assert panel.error.text() == ""
+        (answer,) = answers
+        still = make_volume(scene, voxels, oblique_matrix(), name="never moved")
+        expected = SuggestionManager(scene, still)
+        manager = session.suggestion_manager(volume)
+        wanted = [expected.suggestion_mask(sid) for sid in expected.add_answer(answer)]
+        got = [manager.suggestion_mask(sid) for sid in manager.suggestion_ids()]
+        assert len(got) == len(wanted) > 0
+        assert [round(dice(a, b), 6) for a, b in zip(got, wanted)] == [1.0] * len(wanted)  # one slice: same order
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
+
+
+def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url, app):
+    """The volume's voxels are replaced by another array (e.g. cropped in place) while a range question runs: the
+    later answers belong to the old voxels, and are refused with a message saying so, never put on the new ones."""
+    from vtk.util import numpy_support
+
+    from medsight_testing.review_scene import ct_voxels
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    session.connect(url)
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    wiring = ModuleWiring(session, lambda: volume)
+    panel = wiring.panel
+    panel.set_client(session.client)
+    panel.options = dict(SHORT)
+    panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
+    answers = []
+    take = panel.on_regions
+
+    def on_regions(answer) -> None:
+        answers.append(answer)
+        take(answer)  # raises for the answers after the crop (the panel shows it)
+        if len(answers) == 1:  # cropped to the first half of the slices
+            cropped = voxels[: voxels.shape[0] // 2]
+            image = vtk.vtkImageData()
+            image.SetDimensions(*cropped.shape[::-1])
+            image.AllocateScalars(vtk.VTK_SHORT, 1)
+            numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = cropped.reshape(-1)
+            volume.SetAndObserveImageData(image)
+
+    panel.on_regions = on_regions
+    try:
+        manager = session.suggestion_manager(volume)
+        run_question(app, panel, "range", 0, voxels.shape[0] - 1)
+        assert len(answers) == voxels.shape[0]
+        assert "were replaced while the question ran" in panel.error.text()
+        assert "40x32x7 voxels when asked, 40x32x3 now" in panel.error.text()
+        slices = {get_tag(manager.suggestion(sid), "MedSIGHT.Slice") for sid in manager.suggestion_ids()}
+        assert slices == {"axial:0"}  # only the answer placed before the voxels changed
+    finally:
+        panel.close()
+        app.processEvents()
+        wiring.close()
+        session.stop_observing()
+        scene.Clear(1)
+
+
+@pytest.mark.parametrize("move", ["origin moved one voxel", "spacing edited", "transform hardened", "put under"])
+def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
+    """The user moves the volume (Volumes module, a hardened transform, a new parent transform) and looks: the
+    suggestions sit on the same voxels at once, before the list or an answer reads them again."""
+    from medsight_testing.mrml import world_points
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
+    (suggestion,) = session.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    manager = session.suggestion_manager(node)
+    mask, preview = manager.suggestion_mask(suggestion), manager.preview_node
+    if move == "put under":
+        put_under_transform(scene, node)
+    else:
+        move_grid(scene, node, move)
+    k, j, i = np.nonzero(mask)
+    expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    scene.RemoveNode(node)  # its observers go with its state
+    session.stop_observing()

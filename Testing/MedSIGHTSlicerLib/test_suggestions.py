@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk, put_under_transform  # noqa: E402
+from medsight_testing.mrml import pixel_to_ijk, put_under_transform, world_points  # noqa: E402
 from medsight_testing.review_scene import segment_ids  # noqa: E402
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
@@ -432,23 +432,6 @@ def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, vol
         manager.accept(drawn_id)
 
 
-def world_points(node, segment_id: str) -> np.ndarray:
-    """The world RAS of every voxel of a segment, from its own labelmap and its node's transform (sorted rows)."""
-    from MedSIGHTSlicerLib.geometry import array_from_image
-    from MedSIGHTSlicerLib.views import parent_to_world
-
-    segment = node.GetSegmentation().GetSegment(segment_id)
-    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    matrix = vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(matrix)
-    image_to_node = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    extent = image.GetExtent()
-    k, j, i = np.nonzero(array_from_image(image) == segment.GetLabelValue())
-    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
-    points = (parent_to_world(node) @ image_to_node @ ijk)[:3].T
-    return points[np.lexsort(points.T[::-1])]
-
-
 def test_accepts_and_merges_land_where_shown_when_the_target_sits_under_another_transform(scene, volume, user_node):
     from MedSIGHTSlicerLib.views import parent_to_world
 
@@ -558,7 +541,7 @@ def test_suggestions_under_review_and_their_corrections_come_back_with_a_saved_s
     np.testing.assert_array_equal(segment_array(again.find_user_node(), accepted, volume_again), corrected)
 
 
-@pytest.mark.parametrize("move", ["put under a transform", "transform hardened"])
+@pytest.mark.parametrize("move", ["put under a transform", "transform hardened", "origin edited", "grid edited"])
 def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, volume, move):
     from MedSIGHTSlicerLib.views import parent_to_world
 
@@ -569,8 +552,20 @@ def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, vol
     mask = manager.suggestion_mask(sid)
     if move == "put under a transform":
         put_under_transform(scene, volume)  # the volume's voxels move in the world: the suggestion goes with them
-    else:
+    elif move == "transform hardened":
         volume.HardenTransform()  # the voxels stay where they are in the world: so does the suggestion
+    else:  # the Volumes module's origin (one voxel along i) or spacing and directions fields: the voxels move
+        grid = ijk_to_ras(volume)
+        if move == "origin edited":
+            grid[:3, 3] += grid[:3, 0]
+        else:  # other spacing, directions turned 30 degrees about S
+            c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+            grid[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ grid[:3, :3] @ np.diag([1.3, 0.8, 1.1])
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(grid[r, c]))
+        volume.SetIJKToRASMatrix(matrix)
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
     k, j, i = np.nonzero(mask)
     expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T

@@ -108,3 +108,23 @@ def put_under_transform(scene, node, translate=(30.0, -12.0, 8.0), rotate_z: flo
     transform.SetMatrixTransformToParent(motion.GetMatrix())
     node.SetAndObserveTransformNodeID(transform.GetID())
     return transform
+
+
+def world_points(node, segment_id: str) -> np.ndarray:
+    """The world RAS of every voxel of a segment, from its own labelmap and its node's transform (sorted rows)."""
+    import slicer
+    import vtk
+
+    from MedSIGHTSlicerLib.geometry import array_from_image
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    image_to_node = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = image.GetExtent()
+    k, j, i = np.nonzero(array_from_image(image) == segment.GetLabelValue())
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
+    points = (parent_to_world(node) @ image_to_node @ ijk)[:3].T
+    return points[np.lexsort(points.T[::-1])]
