@@ -26,6 +26,7 @@ __all__ = [
     "nodes_by_class",
     "segment_array",
     "volume_upload_arrays",
+    "vtk_matrix",
 ]
 
 # A mapped pixel must land this close (in voxels) to an integer voxel index, else the slice is not on the grid.
@@ -44,7 +45,8 @@ def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
 
 
-def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A 4x4 numpy array as a vtkMatrix4x4 (what MRML nodes take)."""
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -207,7 +209,7 @@ def _reference_labelmap(volume_node, node=None):
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(_numpy_to_matrix(_volume_to_node(volume_node, node) @ ijk_to_ras(volume_node)))
+    image.SetImageToWorldMatrix(vtk_matrix(_volume_to_node(volume_node, node) @ ijk_to_ras(volume_node)))
     return image
 
 

@@ -29,12 +29,12 @@ import numpy as np
 from . import naming
 from .geometry import (
     GeometryError,
-    _numpy_to_matrix,
     ijk_to_ras,
     labelmap_from_array,
     mask_to_ijk,
     nodes_by_class,
     segment_array,
+    vtk_matrix,
 )
 from .protocol import AskResult, SliceAnswer
 
@@ -280,7 +280,7 @@ class SuggestionManager:
             preview.SetAndObserveTransformNodeID(self.volume_node.GetTransformNodeID())
         elif moved:
             # Old voxel position -> new one, in the volume's own frame (the preview's too).
-            preview.ApplyTransformMatrix(_numpy_to_matrix(grid @ np.linalg.inv(self._volume_grid)))
+            preview.ApplyTransformMatrix(vtk_matrix(grid @ np.linalg.inv(self._volume_grid)))
         self._volume_grid = grid
 
     def _saved_preview_node(self):
