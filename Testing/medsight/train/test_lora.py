@@ -201,6 +201,31 @@ def test_adapter_whose_layers_the_file_lacks_is_refused_not_a_silent_no_op(run, 
         load_model(str(run["base"]), device="cpu", adapter=folder)
 
 
+def test_a_lora_target_the_model_lacks_is_named_before_the_model_is_loaded(run, tmp_path):
+    """PEFT dropped a misspelt entry beside good ones without a word ("qproj" beside "q_proj": that run adapted only
+    q_proj), and refused a list of only bad ones after the model was built. The CLI checks the entries against the
+    start model's layers before it loads it (here its weights file is damaged: a load would fail on that first);
+    run_stage5 checks the model it is given."""
+    import shutil
+
+    start = shutil.copytree(run["base"], tmp_path / "start")
+    weights = start / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for targets, named in ((["q_proj", "qproj"], r"qproj \(did you mean q_proj\?\)"), (["bogus"], "bogus")):
+        config = tmp_path / "cfg.json"
+        config.write_text(json.dumps({"init_from": str(start), "max_steps": 1, "lora_targets": targets}))
+        with pytest.raises(ValueError, match=rf"field 'lora_targets': {named} names no layer of the language model "
+                                             r"that LoRA can adapt; its layers: down_proj, .*q_proj"):
+            train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]),
+                        "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    model = load_pretrained(run["base"])
+    with pytest.raises(ValueError, match=r"field 'lora_targets': qproj \(did you mean q_proj\?\)"):
+        run_stage5(model, run["data"]["lvlm"], LoraConfig(max_steps=1, lora_targets=("q_proj", "qproj")),
+                   tmp_path / "out")
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
 def test_export_official_is_refused_for_lora_not_ignored(tmp_path, capsys):
     with pytest.raises(ValueError, match="export_official does not apply to a LoRA run"):
         LoraConfig(export_official=True)

@@ -25,7 +25,7 @@ from medsight.model.checkpoints import CONFIG_FILE
 from medsight.model.loading import build_model, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
 from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
-from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS
+from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS, check_lora_targets
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -87,6 +87,17 @@ def model_config(init_from: str) -> MedSIGHTConfig | None:
         return get_preset(init_from)
     path = Path(init_from) / CONFIG_FILE
     return MedSIGHTConfig.from_json(path) if path.is_file() else None
+
+
+def check_lora_config(config: TrainConfig) -> None:
+    """A LoRA run's `lora_targets` against the layers of the model it starts from, built on the meta device (no
+    weights): a bad entry is named before minutes go into building or loading the full model."""
+    arch = model_config(config.init_from)
+    if not getattr(config, "lora", False) or arch is None:
+        return
+    from medsight.model.sizes import meta_model
+
+    check_lora_targets(meta_model(arch).language_model, config.lora_targets)
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -179,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(stage, args.config, kind)
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
+    check_lora_config(config)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
