@@ -238,8 +238,7 @@ def summary(stage: str, result: TrainResult, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError too: the message, not a traceback
-        print(f"medsight train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    # The entry point under torchrun (`-m medsight.train.cli`): errors, Ctrl+C and a reader that left as in `medsight`.
+    from medsight.commands.errors import run_command
+
+    sys.exit(run_command(main, "medsight train"))
