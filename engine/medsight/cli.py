@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
-from medsight.commands.errors import READER_LEFT, error_message, reader_left
+from medsight.commands.errors import run_command
 from medsight.commands.options import check_vision_file
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
@@ -267,28 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["train"], ["eval"]):  # the trainers and evaluators own their arguments (and --help)
         argv = [argv[0], "--", *argv[1:]]
     args = _parser().parse_args(argv)
-    try:
-        commands = {"ask": run_ask, "serve": run_serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
-                    "info": _info, "download": _download}
-        code = commands[args.command](args)
-        sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
-        return code
-    except BrokenPipeError as err:
-        if reader_left():  # the reader of our output left early: nothing is wrong, so no message
-            return READER_LEFT
-        print(f"medsight: error: {error_message(err)}", file=sys.stderr)  # another pipe (a worker's, a socket)
-        return 2
-    except (ValueError, OSError) as err:
-        # ImagingError and CheckpointError are ValueErrors, and a file that cannot be read or written an OSError:
-        # show the message, not a traceback. Other exceptions are our bugs and keep theirs.
-        print(f"medsight: error: {error_message(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Ctrl+C: one line, not the traceback of wherever it landed (torch's imports, a model step). Outputs are
-        # written whole or not at all, so nothing half-written is left; 130 is the shell's code for SIGINT.
-        print("medsight: interrupted", file=sys.stderr)
-        return 130
-
+    commands = {"ask": run_ask, "serve": run_serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
+                "info": _info, "download": _download}
+    return run_command(lambda: commands[args.command](args), "medsight")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -106,6 +106,32 @@ def test_fewer_epochs_on_another_number_of_processes_are_refused(tmp_path):
     assert len(result.records) == math.ceil((longer.epochs * len(data) - read) / config.batch_size)
 
 
+def test_a_step_of_more_samples_than_the_data_set_holds_is_refused(tmp_path):
+    """batch_size x grad_accum above the data set's size put the same samples into one step several times (batch 20
+    on 8 images: one step on 2.5 copies). Refused before anything is written; the whole data set in one step is
+    each sample once."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+    data = list(range(3))
+    seen: list[int] = []
+
+    def loss_fn(batch):
+        seen.extend(batch)
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    out = tmp_path / "run"
+    for batch_size, grad_accum in ((len(data) + 1, 1), (len(data) - 1, 2)):
+        config = TrainConfig(lr=1e-3, max_steps=1, batch_size=batch_size, grad_accum=grad_accum, device="cpu")
+        with pytest.raises(ValueError, match=rf"batch_size {batch_size} x grad_accum {grad_accum} = "
+                                             rf"{batch_size * grad_accum} samples per optimizer step, but the "
+                                             rf"training data holds {len(data)}: one step would count samples more"):
+            train(model, params, data, lambda samples: samples, loss_fn, config, out)
+    assert seen == [] and not out.exists()
+    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=len(data), device="cpu")
+    train(model, params, data, lambda samples: samples, loss_fn, config, out)
+    assert sorted(seen) == data
+
+
 KILLED_WHILE_REWRITING_THE_LOG = """
 import os, sys
 from pathlib import Path

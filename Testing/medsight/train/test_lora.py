@@ -14,6 +14,7 @@ from medsight.model.adapter import ADAPTER_CONFIG, NON_LORA_FILE, NON_LORA_PREFI
 from medsight.model.checkpoints import CheckpointError
 from medsight.model.loading import build_model, load_model, load_pretrained, save_pretrained
 from medsight.train.cli import main as train_main
+from medsight.train.loop import TrainConfig
 from medsight.train.stages import LoraConfig, run_stage5
 from medsight_testing.train_data import probe, write_synthetic
 
@@ -99,6 +100,36 @@ def test_merge_command_writes_the_adapter_model_and_never_over_a_model(run, tmp_
                                              r"or empty folder"):
             train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]), "--out", str(out)])
     assert {p.name: p.read_bytes() for p in run["base"].iterdir()} == before
+
+
+def test_merge_onto_a_preset_rebuilds_the_weights_the_run_trained_on(run, tmp_path):
+    """A LoRA run from a preset trains on random weights drawn from its seed; merge rebuilt the preset from seed 0
+    whatever the run's seed was, and wrote a model whose logits differed from the adapter's by more than their own
+    size. It takes the run's seed (train_config.json beside final/) and refuses to guess where there is none."""
+    import shutil
+
+    from medsight.train.cli import initial_model
+
+    seed = TrainConfig().seed + 3
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"init_from": "tiny", "seed": seed, "max_steps": 2, "grad_accum": 1, "lr": 1e-2}))
+    out = tmp_path / "out"
+    assert train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(out)]) == 0
+    trained = initial_model(LoraConfig.from_json(config))
+    load_adapter(trained, out / "final", merge=False)
+    merged = tmp_path / "merged"
+    assert train_main(["merge", "--model", "tiny", "--adapter", str(out / "final"), "--out", str(merged)]) == 0
+    with torch.no_grad():
+        want, got = probe(trained.eval(), run["data"]["lvlm"]), probe(load_pretrained(merged), run["data"]["lvlm"])
+    for key in want:
+        diff = (got[key] - want[key]).abs().max().item()
+        assert diff <= 2e-6 * max(1.0, want[key].abs().max().item()), (key, diff)  # merging rounds B @ A into W
+    lone = shutil.copytree(out / "final", tmp_path / "lone")  # no run config beside it: the seed is unknown
+    with pytest.raises(ValueError, match=r"--model tiny is a preset with random weights: pass --seed"):
+        train_main(["merge", "--model", "tiny", "--adapter", str(lone), "--out", str(tmp_path / "m2")])
+    with pytest.raises(ValueError, match=rf"--seed {seed + 1} differs from the seed of the run .* \({seed} in"):
+        train_main(["merge", "--model", "tiny", "--adapter", str(out / "final"), "--out", str(tmp_path / "m3"),
+                    "--seed", str(seed + 1)])
 
 
 def test_adapter_naming_a_base_of_another_vocabulary_loads(run, tmp_path):
@@ -199,6 +230,31 @@ def test_adapter_whose_layers_the_file_lacks_is_refused_not_a_silent_no_op(run, 
     weights.write_bytes(weights.read_bytes()[:100])  # a partial download
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
         load_model(str(run["base"]), device="cpu", adapter=folder)
+
+
+def test_a_lora_target_the_model_lacks_is_named_before_the_model_is_loaded(run, tmp_path):
+    """PEFT dropped a misspelt entry beside good ones without a word ("qproj" beside "q_proj": that run adapted only
+    q_proj), and refused a list of only bad ones after the model was built. The CLI checks the entries against the
+    start model's layers before it loads it (here its weights file is damaged: a load would fail on that first);
+    run_stage5 checks the model it is given."""
+    import shutil
+
+    start = shutil.copytree(run["base"], tmp_path / "start")
+    weights = start / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for targets, named in ((["q_proj", "qproj"], r"qproj \(did you mean q_proj\?\)"), (["bogus"], "bogus")):
+        config = tmp_path / "cfg.json"
+        config.write_text(json.dumps({"init_from": str(start), "max_steps": 1, "lora_targets": targets}))
+        with pytest.raises(ValueError, match=rf"field 'lora_targets': {named} names no layer of the language model "
+                                             r"that LoRA can adapt; its layers: down_proj, .*q_proj"):
+            train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]),
+                        "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    model = load_pretrained(run["base"])
+    with pytest.raises(ValueError, match=r"field 'lora_targets': qproj \(did you mean q_proj\?\)"):
+        run_stage5(model, run["data"]["lvlm"], LoraConfig(max_steps=1, lora_targets=("q_proj", "qproj")),
+                   tmp_path / "out")
+    assert not any("lora_" in name for name, _ in model.named_parameters())
 
 
 def test_export_official_is_refused_for_lora_not_ignored(tmp_path, capsys):

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 
-def torchrun(world: int, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node WORLD ARGS` in a child that imports what this test imports (one thread per rank);
-    the test fails, showing each rank's error line first, unless every rank succeeds. ARGS: a script and its
-    arguments, or ``-m`` and a module's."""
+def torchrun_command(world: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `torchrun --nproc-per-node WORLD ARGS` in a child that imports what this
+    test imports (one thread per rank). ARGS: a script and its arguments, or ``-m`` and a module's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
     with socket.socket() as free:  # torchrun's static rendezvous needs a concrete port
@@ -19,6 +18,12 @@ def torchrun(world: int, args: list[str], timeout: float = 400) -> subprocess.Co
         port = free.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
                str(port), *args]
+    return command, env
+
+
+def torchrun(world: int, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run `torchrun_command`; the test fails, showing each rank's error line first, unless every rank succeeds."""
+    command, env = torchrun_command(world, args)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     # The tail of stderr is often rank 0's traceback about a peer that had crashed: each rank's own error comes first.
     errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line)

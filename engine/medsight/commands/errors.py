@@ -1,16 +1,53 @@
-"""How a command shows an error: one line naming the file and the reason, never a traceback; and a reader of its
-output that left early, which is no error."""
+"""How a command shows an error: one line naming the file and the reason, never a traceback; a reader of its
+output that left early, which is no error; and Ctrl+C, one line. `run_command` applies them to a command's body, for
+the `medsight` command and for the torchrun entry points (`python -m medsight.train.cli`)."""
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
+from collections.abc import Callable
 
 #: The exit code when the reader of stdout left early (`medsight ask ... | head -1`): 128 + SIGPIPE, the status
 #: git, seq and cat get in the same pipe (killed by the signal), so `set -o pipefail` scripts see what they are used
 #: to. (Not SIGPIPE's default action instead: it would also kill `serve` when a client closes its socket.)
 READER_LEFT = 141
+#: The exit code after Ctrl+C: the shell's code for SIGINT (128 + 2).
+INTERRUPTED = 130
+
+
+def run_command(body: Callable[[], int], prog: str) -> int:
+    """Run a command's `body` and return its exit code; bad input (a ValueError: ImagingError, CheckpointError...)
+    and a file that cannot be read or written (an OSError) are one line naming `prog`, and other exceptions are our
+    bugs and keep their traceback.
+
+    Under torchrun (RANK set) every rank runs this: Ctrl+C reaches every rank (the terminal's SIGINT, then the
+    agent's own), and a traceback per rank plus torchrun's failure report buried the run's output. Rank 0 alone says
+    "interrupted"; a reader that left ends the command with 0 there, since torchrun reports any other code as a
+    failed rank with a traceback of its own (its final/ is written by then)."""
+    rank = os.environ.get("RANK")
+    try:
+        code = body()
+        sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
+        return code
+    except BrokenPipeError as err:
+        if reader_left():  # the reader of our output left early: nothing is wrong, so no message
+            return 0 if rank is not None else READER_LEFT
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)  # another pipe (a worker's, a socket)
+        return 2
+    except (ValueError, OSError) as err:
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # One line, not the traceback of wherever it landed (torch's imports, a model step); a second SIGINT (the
+        # torchrun agent forwards one) must not interrupt it. Outputs are written whole or not at all, so nothing
+        # half-written is left.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if rank in (None, "0"):
+            print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def error_message(err: Exception) -> str:

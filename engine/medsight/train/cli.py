@@ -24,8 +24,10 @@ from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE
 from medsight.model.loading import build_model, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
+from medsight.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
-from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS
+from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS, check_lora_targets
+from medsight.user_files import read_user_json
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -60,6 +62,8 @@ def merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model (preset, folder or Hub id)")
     p.add_argument("--adapter", required=True, type=Path, help="adapter folder (adapter_config.json ...)")
     p.add_argument("--out", required=True, type=Path, help="folder for the merged model in our format")
+    p.add_argument("--seed", type=int, help="a preset --model (random weights) is rebuilt from the LoRA run's seed: "
+                   "default the seed in the run's train_config.json beside the adapter")
     return p
 
 
@@ -87,6 +91,17 @@ def model_config(init_from: str) -> MedSIGHTConfig | None:
         return get_preset(init_from)
     path = Path(init_from) / CONFIG_FILE
     return MedSIGHTConfig.from_json(path) if path.is_file() else None
+
+
+def check_lora_config(config: TrainConfig) -> None:
+    """A LoRA run's `lora_targets` against the layers of the model it starts from, built on the meta device (no
+    weights): a bad entry is named before minutes go into building or loading the full model."""
+    arch = model_config(config.init_from)
+    if not getattr(config, "lora", False) or arch is None:
+        return
+    from medsight.model.sizes import meta_model
+
+    check_lora_targets(meta_model(arch).language_model, config.lora_targets)
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -150,14 +165,37 @@ def check_merge_out(out: Path) -> None:
                          "replaced)")
 
 
+def preset_seed(model: str, adapter: Path, seed: int | None) -> int:
+    """The seed that rebuilds the random weights of a preset --model as the LoRA run built them (`initial_model`):
+    an adapter merged into weights drawn from another seed gives a silently different model (logits off by more than
+    their own size). Taken from the run's config beside the adapter (`<out>/final/` and `<out>/train_config.json`)
+    unless --seed names it; a seed that contradicts the run's, or none at all, is refused."""
+    path = adapter.parent / RUN_CONFIG_FILE
+    run = read_user_json(path, "LoRA run config") if path.is_file() else {}
+    run_seed = run.get("seed", TrainConfig.seed) if isinstance(run, dict) and run.get("init_from") == model else None
+    if seed is None and run_seed is None:
+        raise ValueError(f"--model {model} is a preset with random weights: pass --seed with the seed of the LoRA run "
+                         f"that trained {adapter} (its train_config.json), so the merge rebuilds the weights the "
+                         "adapter was trained on")
+    if seed is not None and run_seed is not None and seed != run_seed:
+        raise ValueError(f"--seed {seed} differs from the seed of the run that trained {adapter} ({run_seed} in "
+                         f"{path}): the merge would rebuild other weights than the adapter was trained on")
+    return run_seed if seed is None else seed
+
+
 def merge_main(argv: Sequence[str]) -> int:
     import torch
 
-    from medsight.model.loading import load_model, save_pretrained
+    from medsight.model.loading import EMBEDDED, load_model, save_pretrained
 
     args = merge_parser().parse_args(argv)
     check_merge_out(args.out)
-    model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter)
+    random_base = args.model in PRESETS and args.model not in EMBEDDED
+    if args.seed is not None and not random_base:
+        raise ValueError(f"--seed applies to a preset --model ({', '.join(sorted(set(PRESETS) - set(EMBEDDED)))}), "
+                         f"whose weights are random; {args.model} has its own")
+    seed = preset_seed(args.model, args.adapter, args.seed) if random_base else 0
+    model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter, seed=seed)
     print(save_pretrained(model, args.out))
     return 0
 
@@ -179,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(stage, args.config, kind)
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
+    check_lora_config(config)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
@@ -199,8 +238,7 @@ def summary(stage: str, result: TrainResult, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError too: the message, not a traceback
-        print(f"medsight train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    # The entry point under torchrun (`-m medsight.train.cli`): errors, Ctrl+C and a reader that left as in `medsight`.
+    from medsight.commands.errors import run_command
+
+    sys.exit(run_command(main, "medsight train"))

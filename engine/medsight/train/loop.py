@@ -84,7 +84,8 @@ class TrainConfig:
         lr: peak learning rate.
         max_steps: optimizer steps; 0 derives them from `epochs`.
         epochs: passes over the data when `max_steps` is 0 (may be fractional).
-        batch_size: samples per micro-batch on each process.
+        batch_size: samples per micro-batch on each process; a step's samples (batch_size x grad_accum x
+            processes) may not exceed the data set's (`check_batch_fits`).
         grad_accum: micro-batches per optimizer step.
         grad_clip: max global gradient norm (<= 0 disables clipping).
         optimizer: "adam" or "adamw" (torch implementations).
@@ -245,6 +246,19 @@ def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]],
     return kinds[config.optimizer](
         list(params), lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
     )
+
+
+def check_batch_fits(config: TrainConfig, num_samples: int, world_size: int = 1) -> None:
+    """Refuse an optimizer step that reads more samples than the data set holds: the stream of epoch permutations
+    would put the same samples into one step's gradient twice or more (batch_size 20 on 8 images trained one step
+    on 2.5 copies of them), where a PyTorch DataLoader gives a smaller batch or, with drop_last, no step at all."""
+    per_step = config.batch_size * config.grad_accum * world_size
+    if 0 < num_samples < per_step:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise ValueError(f"batch_size {config.batch_size} x grad_accum {config.grad_accum}{processes} = {per_step} "
+                         f"samples per optimizer step, but the training data holds {num_samples}: one step would "
+                         "count samples more than once. Lower batch_size or grad_accum"
+                         + (" or run on fewer processes" if world_size > 1 else ""))
 
 
 def total_steps(config: TrainConfig, num_samples: int, world_size: int = 1) -> int:
@@ -435,6 +449,7 @@ def train(
     groups = _param_groups(params)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter requires a gradient")
+    check_batch_fits(config, len(dataset), world)
     seed_everything(config.seed)
     steps = total_steps(config, len(dataset), world)
     device = next(model.parameters()).device

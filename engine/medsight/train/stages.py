@@ -16,6 +16,7 @@ lvlm-and-inference.md section 7.1); tests and the demo override steps, batch siz
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -470,6 +471,26 @@ def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype
     return dtypes[config.frozen_dtype]
 
 
+#: The layer kinds PEFT's LoRA can adapt (a target naming another kind, e.g. a norm, fails inside PEFT).
+LORA_LAYER_KINDS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def check_lora_targets(language_model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Every `lora_targets` entry must name a layer LoRA can adapt, by PEFT's rule for a list of names (the module's
+    full name or a dotted suffix of it). PEFT itself only refuses a list none of whose entries matches, and only once
+    the model is built; a misspelt entry beside good ones ("qproj") was silently dropped. `language_model` may live on
+    the meta device (the CLI checks before building the model)."""
+    names = [n for n, m in language_model.named_modules() if isinstance(m, LORA_LAYER_KINDS)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unmatched:
+        return
+    # Each layer by its last name, or its last two where the last is a position (mm_projector.0).
+    short = {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names}
+    raise ValueError(f"field 'lora_targets': {', '.join(checks.unknown_fields(unmatched, short))} names no layer of "
+                     f"the language model that LoRA can adapt; its layers: {', '.join(sorted(short))} "
+                     f"(official: {', '.join(LORA_TARGETS)})")
+
+
 def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
     """Inject LoRA, unfreeze the non-LoRA trainables, store the frozen base in `frozen_dtype`.
 
@@ -477,6 +498,7 @@ def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
     """
     frozen_dtype = lora_frozen_dtype(config, model.device)
     lm = model.language_model
+    check_lora_targets(lm, config.lora_targets)
     seed_everything(config.seed)  # PEFT draws lora_A at random: same on every rank, reproducible from the seed
     peft_model = add_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
                                               tuple(config.lora_targets)))

@@ -1,0 +1,63 @@
+"""The torchrun entry point of `medsight train` (`torchrun ... -m medsight.train.cli`): a reader that leaves and
+Ctrl+C end it as they end `medsight`, not with a traceback from every rank and torchrun's failure report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from medsight.train.loop import FINAL_DIR
+from medsight_testing.torchrun import torchrun_command
+from medsight_testing.train_data import write_synthetic
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic(tmp_path_factory.mktemp("data"))
+
+
+def stage1(data: dict[str, Path], out: Path, steps: int) -> list[str]:
+    config = out.parent / f"{out.name}.json"
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "batch_size": 1, "device": "cpu"}))
+    return ["-m", "medsight.train.cli", "stage1", "--config", str(config), "--data", str(data["root"]), "--out",
+            str(out)]
+
+
+def test_a_reader_that_left_ends_a_torchrun_run_quietly(data, tmp_path):
+    """`torchrun ... | head -0`: rank 0's summary line met a closed pipe; its BrokenPipeError traceback and torchrun's
+    ChildFailedError report followed a run that had written everything (exit 1). Now nothing, and 0."""
+    command, env = torchrun_command(WORLD, stage1(data, tmp_path / "run", 2))
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(command, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    os.close(read_end)  # before anything is written: the summary line is the only stdout
+    _, err = process.communicate(timeout=400)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert (tmp_path / "run" / FINAL_DIR / "model.safetensors").is_file()
+
+
+def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(data, tmp_path):
+    """Ctrl+C reaches every process of the terminal's foreground group: each rank printed its KeyboardInterrupt
+    traceback (or gloo's 'Connection closed by peer' and then that), 136 lines for 2 ranks. Now rank 0 says
+    "interrupted" once. (torchrun's own agent still prints the SignalException it ends with: not ours to change.)"""
+    command, env = torchrun_command(WORLD, stage1(data, tmp_path / "run", 10_000))
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while b"step 1/" not in seen:  # the ranks are training
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    os.killpg(process.pid, signal.SIGINT)  # as the terminal sends it: to torchrun and every rank
+    err = (seen + process.stderr.read()).decode(errors="replace")
+    process.wait(timeout=120)
+    from_ranks = [line for line in err.splitlines() if line.startswith("[rank")]
+    assert err.count("medsight train: interrupted") == 1 and not from_ranks, err
+    assert "KeyboardInterrupt" not in err, err
