@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ from medsight.evaluate.runner import (
     select_items,
     shard_from_env,
 )
-from medsight_testing.torchrun import torchrun
+from medsight_testing.torchrun import torchrun, torchrun_command
 
 ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
 
@@ -273,3 +274,26 @@ def test_strict_dice_scores_the_masks_on_non_square_images(diagseg, single_run, 
     assert rows["strict_dice"]["value"] == pytest.approx(100 * np.mean(square), abs=1e-3)
     assert rows["dice"]["value"] < rows["strict_dice"]["value"] - 10
     assert any(n.startswith("2 of 2 images are not square") for n in report["notes"])
+
+
+def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(diagseg, tmp_path):
+    """Ctrl+C reaches torchrun and every rank: each rank printed its KeyboardInterrupt traceback (the entry point
+    caught only bad input). Now rank 0 says "interrupted" once, as `medsight train` under torchrun does."""
+    items = json.loads(diagseg[0].read_text(encoding="utf-8"))
+    many = [{**item, "qa_id": f"{item['qa_id']}_{n}"} for n in range(200) for item in items]  # outlasts the wait
+    data = tmp_path / "many.json"
+    data.write_text(json.dumps(many), encoding="utf-8")
+    args = ["-m", "medsight.evaluate.cli", "diagseg", "--data", str(data), "--report", str(tmp_path / "report"),
+            *[a for a in ARGS if a != "--quiet"]]
+    command, env = torchrun_command(2, args)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while not (b"shard 0/2" in seen and b"shard 1/2" in seen):  # both ranks have their model and items
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    os.killpg(process.pid, signal.SIGINT)  # as the terminal sends it: to torchrun and every rank
+    err = (seen + process.stderr.read()).decode(errors="replace")
+    process.wait(timeout=120)
+    assert err.count("medsight eval: interrupted") == 1, err
+    assert "KeyboardInterrupt" not in err, err

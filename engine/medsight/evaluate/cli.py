@@ -229,9 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The entry point under torchrun (`-m medsight.evaluate.cli`): bad input is a message, not a traceback per rank.
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as err:  # DataError and CheckpointError too
-        print(f"medsight eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    # The entry point under torchrun (`-m medsight.evaluate.cli`): bad input, Ctrl+C and a reader that left end it as
+    # they end `medsight`, not with a traceback per rank.
+    from medsight.commands.errors import run_command
+
+    sys.exit(run_command(main, "medsight eval"))
