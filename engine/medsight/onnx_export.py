@@ -44,6 +44,7 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "medsight-onnx/1"
 GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 
 GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
@@ -246,7 +247,7 @@ def export_onnx(
         model.region_perceiver.attention_implementation = kernel
     v = model.config.vision
     manifest = {
-        "format": "medsight-onnx/1",
+        "format": MANIFEST_FORMAT,
         "config": model.config.to_dict(),
         "opset": opset,
         "dtype": "float32",
