@@ -300,3 +300,27 @@ def test_a_damaged_export_folder_is_refused_naming_the_file(exported, tmp_path, 
     with pytest.raises(ValueError, match=message) as caught:
         OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
     assert "export-onnx" in str(caught.value)
+
+
+def test_a_manifest_write_stopped_midway_leaves_no_manifest(model, exported, tmp_path, monkeypatch):
+    """The manifest marks an export complete: a write that fails after half of it (a full disk) must leave no
+    manifest at all, and no temporary file, not a torn one beside the new graphs."""
+    import errno
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    real_write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args, **kwargs) -> int:
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, folder, exporter="torchscript")
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir()
+                                                              if p.name != "manifest.json")
+    with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
+        OnnxVisionBackend(folder)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medsight.atomic_files import replace_file
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.vision import encode_image
 
@@ -267,7 +268,10 @@ def export_onnx(
     }
     paths = {name: out / file for name, file in GRAPH_FILES.items()}
     paths["manifest"] = out / MANIFEST_FILE
-    paths["manifest"].write_text(json.dumps(manifest, indent=2))
+    # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must not
+    # leave a torn one beside complete graphs.
+    text = json.dumps(manifest, indent=2)
+    replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return paths
 
 
