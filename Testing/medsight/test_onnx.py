@@ -283,6 +283,11 @@ FOLDER_DAMAGE = {
     "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
     "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
                                       r"lacks graphs"),
+    "the manifest's config is not an object": (_damage_manifest(lambda m: {**m, "config": "tiny"}),
+                                               r"manifest\.json holds a config this medsight cannot read"),
+    "the manifest's config has a field unknown here": (
+        _damage_manifest(lambda m: {**m, "config": {**m["config"], "vision": {**m["config"]["vision"], "new": 1}}}),
+        r"manifest\.json holds a config this medsight cannot read \(unknown field"),
 }
 
 

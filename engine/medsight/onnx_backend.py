@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsight.config import MedSIGHTConfig
 from medsight.model.medsight import ImageEncoding
 from medsight.onnx_export import (
     GRAPH_FILES,
@@ -50,10 +51,19 @@ def read_manifest(folder: Path) -> dict:
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != MANIFEST_FORMAT:
         raise ValueError(f"{path} is of format {found!r}, this medsight reads {MANIFEST_FORMAT!r}: {REEXPORT}")
-    missing = [key for key in ("config", "image_size", "grid_size", "graphs") if key not in manifest]
+    missing = [key for key in ("config", "graphs") if key not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: {REEXPORT}")
     return manifest
+
+
+def exported_config(manifest: dict, path: Path) -> MedSIGHTConfig:
+    """The config the graphs were exported from; one this medsight cannot read (a newer version's fields, a hand
+    edit) is refused naming the manifest, not with an AttributeError or a message that names no file."""
+    try:
+        return MedSIGHTConfig.from_dict(manifest["config"])
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{path} holds a config this medsight cannot read ({err}): {REEXPORT}") from None
 
 
 def open_graph(folder: Path, name: str, options, providers: list[str]):
@@ -96,15 +106,15 @@ class OnnxVisionBackend:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         self.sessions = {name: open_graph(self.folder, name, options, self.providers) for name in GRAPH_FILES}
-        self.image_size = int(self.manifest["image_size"])
-        self.grid_size = int(self.manifest["grid_size"])
+        # Sizes from the exported config (what check_model compares), not the manifest's informational copies.
+        self.config = exported_config(self.manifest, self.folder / MANIFEST_FILE)
+        self.image_size = self.config.vision.image_size
+        self.grid_size = self.config.vision.grid_size
 
     def check_model(self, model) -> None:
         """Refuse a model these graphs were not exported from (another config, other weights, an older export):
         a stale folder would otherwise answer with another model's image features, without any error."""
-        from medsight.config import MedSIGHTConfig
-
-        exported = MedSIGHTConfig.from_dict(self.manifest["config"])
+        exported = self.config
         for part in ("vision", "perceiver"):
             ours, theirs = getattr(model.config, part), getattr(exported, part)
             if ours != theirs:
