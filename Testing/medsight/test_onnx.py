@@ -252,3 +252,80 @@ def test_an_interrupted_overwrite_leaves_no_manifest(model, exported, tmp_path, 
     assert not (folder / "manifest.json").exists()
     with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
         OnnxVisionBackend(folder)
+
+
+def _damage_manifest(edit):
+    def damage(folder: Path) -> None:
+        path = folder / "manifest.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return damage
+
+
+def _tear(name: str):
+    """Keep the first half of a file, as a copy or a write stopped midway does."""
+    def damage(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    return damage
+
+
+def _replace_vision_graph_by_encode(folder: Path) -> None:
+    (folder / "vision_encoder.onnx").write_bytes((folder / "perceiver_encode.onnx").read_bytes())
+
+
+FOLDER_DAMAGE = {
+    "a graph is missing": (lambda f: (f / "perceiver_decode.onnx").unlink(), r"lacks perceiver_decode\.onnx"),
+    "a graph is torn": (_tear("perceiver_encode.onnx"), r"perceiver_encode\.onnx cannot be loaded"),
+    "a graph is another graph": (_replace_vision_graph_by_encode, r"vision_encoder\.onnx is not the vision_encoder"),
+    "the manifest is torn": (_tear("manifest.json"), r"manifest\.json is not a readable manifest"),
+    "the manifest is of another format": (_damage_manifest(lambda m: {**m, "format": "medsight-onnx/2"}),
+                                          r"format 'medsight-onnx/2', this medsight reads 'medsight-onnx/1'"),
+    "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
+    "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
+                                      r"lacks graphs"),
+    "the manifest's config is not an object": (_damage_manifest(lambda m: {**m, "config": "tiny"}),
+                                               r"manifest\.json holds a config this medsight cannot read"),
+    "the manifest's config has a field unknown here": (
+        _damage_manifest(lambda m: {**m, "config": {**m["config"], "vision": {**m["config"]["vision"], "new": 1}}}),
+        r"manifest\.json holds a config this medsight cannot read \(unknown field"),
+}
+
+
+@pytest.mark.parametrize("damage", FOLDER_DAMAGE)
+def test_a_damaged_export_folder_is_refused_naming_the_file(exported, tmp_path, damage):
+    """A missing, torn or misplaced graph file and a torn, foreign-version or incomplete manifest: a ValueError naming
+    the file and the re-export, at load (onnxruntime's own errors are not ValueErrors, and a manifest of another
+    format version was read as if it were this one)."""
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    edit, message = FOLDER_DAMAGE[damage]
+    edit(folder)
+    with pytest.raises(ValueError, match=message) as caught:
+        OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
+    assert "export-onnx" in str(caught.value)
+
+
+def test_a_manifest_write_stopped_midway_leaves_no_manifest(model, exported, tmp_path, monkeypatch):
+    """The manifest marks an export complete: a write that fails after half of it (a full disk) must leave no
+    manifest at all, and no temporary file, not a torn one beside the new graphs."""
+    import errno
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    real_write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args, **kwargs) -> int:
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, folder, exporter="torchscript")
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir()
+                                                              if p.name != "manifest.json")
+    with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
+        OnnxVisionBackend(folder)

@@ -14,8 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsight.config import MedSIGHTConfig
 from medsight.model.medsight import ImageEncoding
-from medsight.onnx_export import MANIFEST_FILE, require_packages, weights_fingerprint
+from medsight.onnx_export import (
+    GRAPH_FILES,
+    GRAPH_IO,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    require_packages,
+    weights_fingerprint,
+)
 
 REEXPORT = "run `medsight export-onnx` for this model"
 
@@ -27,6 +35,54 @@ def default_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def read_manifest(folder: Path) -> dict:
+    """The folder's manifest, refused with what to do when it is missing, torn, of another format version or lacks
+    the keys this version reads (a JSON or KeyError from deep inside would name neither the file nor the fix)."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no ONNX export ({MANIFEST_FILE} is missing, or an export was "
+                         f"interrupted): {REEXPORT}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable manifest ({err}): {REEXPORT}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is of format {found!r}, this medsight reads {MANIFEST_FORMAT!r}: {REEXPORT}")
+    missing = [key for key in ("config", "graphs") if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: {REEXPORT}")
+    return manifest
+
+
+def exported_config(manifest: dict, path: Path) -> MedSIGHTConfig:
+    """The config the graphs were exported from; one this medsight cannot read (a newer version's fields, a hand
+    edit) is refused naming the manifest, not with an AttributeError or a message that names no file."""
+    try:
+        return MedSIGHTConfig.from_dict(manifest["config"])
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{path} holds a config this medsight cannot read ({err}): {REEXPORT}") from None
+
+
+def open_graph(folder: Path, name: str, options, providers: list[str]):
+    """An onnxruntime session of one graph, whose inputs and outputs must be the ones the backend feeds and reads:
+    a missing, torn or misplaced graph file is a clear error at load, not an onnxruntime one at the first image."""
+    import onnxruntime as ort
+
+    path = folder / GRAPH_FILES[name]
+    if not path.is_file():
+        raise ValueError(f"the ONNX export in {folder} lacks {path.name}: {REEXPORT}")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) derive from Exception only
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} cannot be loaded ({first}): {REEXPORT}") from None
+    io = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if io != GRAPH_IO[name]:
+        raise ValueError(f"{path} is not the {name} graph (inputs {io[0]}, outputs {io[1]}): {REEXPORT}")
+    return session
 
 
 class OnnxVisionBackend:
@@ -43,28 +99,22 @@ class OnnxVisionBackend:
         import onnxruntime as ort
 
         self.folder = Path(out_dir)
-        if not (self.folder / MANIFEST_FILE).is_file():
-            raise ValueError(f"{self.folder} holds no ONNX export ({MANIFEST_FILE} is missing, or an export was "
-                             f"interrupted): {REEXPORT}")
-        self.manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
+        self.manifest = read_manifest(self.folder)
         self.providers = list(providers) if providers is not None else default_providers()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        self.sessions = {
-            name: ort.InferenceSession(str(self.folder / graph["file"]), options, providers=self.providers)
-            for name, graph in self.manifest["graphs"].items()
-        }
-        self.image_size = int(self.manifest["image_size"])
-        self.grid_size = int(self.manifest["grid_size"])
+        self.sessions = {name: open_graph(self.folder, name, options, self.providers) for name in GRAPH_FILES}
+        # Sizes from the exported config (what check_model compares), not the manifest's informational copies.
+        self.config = exported_config(self.manifest, self.folder / MANIFEST_FILE)
+        self.image_size = self.config.vision.image_size
+        self.grid_size = self.config.vision.grid_size
 
     def check_model(self, model) -> None:
         """Refuse a model these graphs were not exported from (another config, other weights, an older export):
         a stale folder would otherwise answer with another model's image features, without any error."""
-        from medsight.config import MedSIGHTConfig
-
-        exported = MedSIGHTConfig.from_dict(self.manifest["config"])
+        exported = self.config
         for part in ("vision", "perceiver"):
             ours, theirs = getattr(model.config, part), getattr(exported, part)
             if ours != theirs:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medsight.atomic_files import replace_file
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.vision import encode_image
 
@@ -44,6 +45,7 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "medsight-onnx/1"
 GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 
 GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
@@ -246,7 +248,7 @@ def export_onnx(
         model.region_perceiver.attention_implementation = kernel
     v = model.config.vision
     manifest = {
-        "format": "medsight-onnx/1",
+        "format": MANIFEST_FORMAT,
         "config": model.config.to_dict(),
         "opset": opset,
         "dtype": "float32",
@@ -266,7 +268,10 @@ def export_onnx(
     }
     paths = {name: out / file for name, file in GRAPH_FILES.items()}
     paths["manifest"] = out / MANIFEST_FILE
-    paths["manifest"].write_text(json.dumps(manifest, indent=2))
+    # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must not
+    # leave a torn one beside complete graphs.
+    text = json.dumps(manifest, indent=2)
+    replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return paths
 
 
