@@ -106,6 +106,30 @@ def test_a_body_that_is_not_json_is_422_saying_why(hardened, body, words):
     assert r.json()["message"].startswith("the body is not valid JSON") and words in r.json()["message"], r.text
 
 
+@pytest.mark.parametrize(("change", "field"), [
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"options": {"max_new_tokens": "2"}}, "options.max_new_tokens"),
+    ({"options": {"max_new_tokens": 2.0}}, "options.max_new_tokens"),
+    ({"options": {"do_sample": "false"}}, "options.do_sample"),
+    ({"options": {"temperature": "0.5"}}, "options.temperature"),
+    ({"slices": {"indices": [True]}}, "slices.indices.0"),
+    ({"slices": {"indices": ["1"]}}, "slices.indices.0"),
+    ({"window": {"center": "40", "width": 400}}, "window.center"),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_a_value_of_another_json_type_is_422_naming_its_field(hardened, volume_id, change, field):
+    """Before the fix each was converted and the ask answered as a different request: "stream": "yes" streamed, an
+    index true asked about slice 1, "2" and 2.0 tokens were 2. An integer where a number is expected still counts."""
+    body = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2}, **change}
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json=body)
+        assert r.status_code == 422 and r.json()["message"].startswith(f"{field}: Input should be"), r.text
+        typed = {"options": {"max_new_tokens": 2, "temperature": 1, "do_sample": True}, "stream": False,
+                 "slices": {"indices": [1]}, "window": {"center": 40, "width": 400}}
+        r = c.post("/v1/ask", json={**body, **typed})
+        assert r.status_code == 200 and [a["index"] for a in r.json()["answers"]] == [1], r.text
+
+
 # -- geometry ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "words"), [
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation

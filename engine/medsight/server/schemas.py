@@ -18,6 +18,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrictRequest(Strict):
+    """A request body: no field is converted from another JSON type (a client's `"stream": "yes"`, `"top_k": 5.5`,
+    `"max_new_tokens": "12"` or an index `true` would otherwise be read as a different request), except an integer
+    where a number is expected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class ErrorBody(Strict):
     """Every error response: a machine-readable code and a message for people."""
 
@@ -68,12 +76,12 @@ MAX_MESSAGES, MAX_MESSAGE_CHARACTERS = 64, 16_000
 MAX_ASK_BODY_BYTES = MAX_MESSAGES * MAX_MESSAGE_CHARACTERS * 12 + 1024**2
 
 
-class MessageIn(Strict):
+class MessageIn(StrictRequest):
     role: Literal["user", "assistant", "system"]
     content: str = Field(max_length=MAX_MESSAGE_CHARACTERS)
 
 
-class WindowIn(Strict):
+class WindowIn(StrictRequest):
     """Display window for 8-bit conversion: a CT preset name, or an explicit centre and width."""
 
     preset: str | None = None
@@ -81,7 +89,7 @@ class WindowIn(Strict):
     width: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
-class AskOptions(Strict):
+class AskOptions(StrictRequest):
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=2048)
     do_sample: bool = False
     temperature: float = Field(default=1.0, ge=0.01, le=10)  # below 0.01 sampling overflows to NaN
@@ -94,7 +102,7 @@ class AskOptions(Strict):
     no_code_fallback: bool = False
 
 
-class SliceSelection(Strict):
+class SliceSelection(StrictRequest):
     """Slices by plane and indices, or the one slice a viewer shows (``view``): then the engine picks plane and
     index for the volume's acquisition, and the answer says which it took (plane, index, slice_to_ras)."""
 
@@ -113,7 +121,7 @@ class SliceSelection(Strict):
         return self
 
 
-class AskRequest(Strict):
+class AskRequest(StrictRequest):
     """A question about one or more slices of an uploaded volume (a 2D image has one axial slice)."""
 
     volume_id: str
