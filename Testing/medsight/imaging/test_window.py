@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
-from medsight.imaging.window import preset_window
+from medsight.imaging.window import explicit_window, preset_window
 
 
 def test_ct_presets_on_real_ct(pydicom_files):
@@ -56,6 +56,17 @@ def test_explicit_window_must_be_finite(center, width, words):
     """NaN or infinite bounds used to make every pixel the same grey, silently."""
     with pytest.raises(ImagingError, match=words):
         to_rgb(np.zeros((4, 4)), "CT", center=center, width=width)
+
+
+@pytest.mark.parametrize(("center", "width"), [(40, 1e-308), (0, 1e-40), (1e29, 1e-3), (40, 1e-6)])
+def test_a_window_too_narrow_for_float32_display_is_refused(center, width):
+    """Before the fix these were accepted: the float32 scale 255 / width overflowed or the ends rounded to one value,
+    so a voxel at the window's low end became inf * 0 = NaN (numpy warnings, then NaN cast to a grey)."""
+    with pytest.raises(ImagingError, match=f"window width {width:g} is too narrow"):
+        explicit_window(center, width)
+    step = float(np.spacing(np.float32(40)))  # the narrowest windows at 40 whose ends differ in float32 still work
+    pixels = np.array([[40 - 2 * step, 40, 40 + 2 * step]])
+    assert to_rgb(pixels, "CT", center=40, width=2 * step)[0, :, 0].tolist() == [0, 128, 255]
 
 
 def test_preset_window_is_the_one_rule_for_names_and_modalities():

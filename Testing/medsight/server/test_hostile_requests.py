@@ -130,6 +130,17 @@ def test_a_value_of_another_json_type_is_422_naming_its_field(hardened, volume_i
         assert r.status_code == 200 and [a["index"] for a in r.json()["answers"]] == [1], r.text
 
 
+@pytest.mark.parametrize("window", [{"center": 40, "width": 1e-308}, {"center": 1e29, "width": 1e-3}])
+def test_a_window_too_narrow_to_display_is_422(hardened, volume_id, window):
+    """Before the fix both were admitted (200): the job's windowing printed numpy's overflow/NaN warnings to the
+    engine's terminal and cast NaN voxels to grey."""
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "window": window,
+                                    "options": {"max_new_tokens": 2}})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_window", r.text
+        assert f"window width {window['width']:g} is too narrow" in r.json()["message"]
+
+
 # -- geometry ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "words"), [
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation

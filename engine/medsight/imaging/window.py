@@ -53,6 +53,7 @@ def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT
 AUTO_PRESETS = ("auto", "percentile", "robust")
 #: Beyond this magnitude a window bound overflows the float32 arithmetic of `apply_window` (to inf, then NaN).
 MAX_WINDOW_VALUE = 1e30
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def explicit_window(center: float, width: float) -> Window:
@@ -63,6 +64,11 @@ def explicit_window(center: float, width: float) -> Window:
                            f"width {width}")
     if max(abs(window.low), abs(window.high)) > MAX_WINDOW_VALUE:
         raise ImagingError(f"window {window.low:g}..{window.high:g} is beyond +-{MAX_WINDOW_VALUE:g}")
+    # `apply_window` scales by 255 / width in float32: a width whose scale overflows, or whose ends round to one
+    # float32 value, gave inf * 0 = NaN (numpy warnings, and the voxels at the centre cast from NaN to any grey).
+    if 255.0 / window.width > FLOAT32_MAX or not np.float32(window.low) < np.float32(window.high):
+        raise ImagingError(f"window width {width:g} is too narrow for center {center:g}: in the 32-bit arithmetic "
+                           f"of 8-bit display its ends must differ and 255 / width must be finite")
     return window
 
 
