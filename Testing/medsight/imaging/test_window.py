@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,15 @@ def test_a_window_too_narrow_for_float32_display_is_refused(center, width):
     step = float(np.spacing(np.float32(40)))  # the narrowest windows at 40 whose ends differ in float32 still work
     pixels = np.array([[40 - 2 * step, 40, 40 + 2 * step]])
     assert to_rgb(pixels, "CT", center=40, width=2 * step)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_an_image_whose_range_is_too_narrow_to_display_is_one_grey_like_a_constant_one():
+    """Its percentile window (width 1e-40) overflowed the float32 scale: numpy warnings and NaN grey values before
+    the explicit-window check, an ImagingError for an ask with the automatic window after it."""
+    values = np.linspace(0, 1e-40, 16).reshape(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
 
 
 def test_preset_window_is_the_one_rule_for_names_and_modalities():
