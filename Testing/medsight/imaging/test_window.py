@@ -80,6 +80,17 @@ def test_an_image_whose_range_is_too_narrow_to_display_is_one_grey_like_a_consta
         assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_voxels_far_outside_the_window_are_black_or_white_without_warnings(dtype):
+    """Before the fix they were, but numpy printed "overflow encountered in cast/multiply" on the engine's terminal
+    (a float64 voxel beyond float32, a float32 one of 3e38 at width 1)."""
+    top = float(np.finfo(dtype).max) / 2
+    values = np.array([[-top, 0, top]], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_rgb(values, "MR", center=0, width=1)[0, :, 0].tolist() == [0, 128, 255]
+
+
 def test_preset_window_is_the_one_rule_for_names_and_modalities():
     assert preset_window("Lung", "ct") == CT_PRESETS["lung"]
     assert preset_window("auto", "MR") is None

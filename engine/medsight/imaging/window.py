@@ -119,7 +119,10 @@ def apply_window(values: np.ndarray, window: Window, invert: bool = False) -> np
     v = np.asarray(values)
     if v.ndim >= 3 and v.shape[-1] == 3 and v.dtype == np.uint8:
         return v.copy()  # already display RGB
-    scaled = (v.astype(np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
+    # A voxel far outside the window (float64 beyond float32, or 3e38 at width 1) overflows to +-inf here, which the
+    # clip below maps to 255 or 0 as it should: numpy's warning about it is noise in the engine's terminal.
+    with np.errstate(over="ignore"):
+        scaled = (v.astype(np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     if invert:
         out = 255 - out
