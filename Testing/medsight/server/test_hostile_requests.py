@@ -141,6 +141,21 @@ def test_a_window_too_narrow_to_display_is_422(hardened, volume_id, window):
         assert f"window width {window['width']:g} is too narrow" in r.json()["message"]
 
 
+@pytest.mark.parametrize("chosen", [{"indices": [3]}, {"plane": "sagittal"}, {"plane": "axial", "indices": [0]}])
+def test_a_view_with_plane_or_indices_is_422(hardened, volume_id, chosen):
+    """Before the fix the view silently won: an ask naming slice 3 (or the sagittal plane) was answered about the
+    axial slice 0 that the view shows."""
+    view = np.eye(4).tolist()
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
+                                    "slices": {"view": view, **chosen}})
+        assert r.status_code == 422 and "give a view or plane and indices, not both" in r.json()["message"], r.text
+        assert all(name in r.json()["message"] for name in chosen)
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
+                                    "slices": {"view": view}})
+        assert r.status_code == 200 and [(a["plane"], a["index"]) for a in r.json()["answers"]] == [("axial", 0)]
+
+
 # -- geometry ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "words"), [
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation

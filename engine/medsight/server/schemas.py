@@ -110,12 +110,15 @@ class SliceSelection(StrictRequest):
     indices: list[int] = Field(default_factory=list, max_length=1024)
     view: list[list[float]] | None = Field(
         default=None, description="4x4 slice-to-RAS of the view (normal in column 3, a point in column 4), in the "
-        "frame of the uploaded geometry; replaces plane and indices")
+        "frame of the uploaded geometry; instead of plane and indices (not with them)")
 
     @model_validator(mode="after")
     def _one_way(self) -> SliceSelection:
         if self.view is None and not self.indices:
             raise ValueError("give indices (at least one) or a view")
+        given = sorted({"plane", "indices"} & self.model_fields_set)
+        if self.view is not None and given:  # the view would silently win over them
+            raise ValueError(f"give a view or plane and indices, not both (got a view and {' and '.join(given)})")
         if self.view is not None and (len(self.view) != 4 or any(len(row) != 4 for row in self.view)):
             raise ValueError("view must be a 4x4 matrix")
         return self
