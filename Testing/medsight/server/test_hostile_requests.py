@@ -92,6 +92,17 @@ def test_tiny_temperature_or_repetition_penalty_with_sampling_is_422(hardened, v
 
 
 
+@pytest.mark.parametrize("option", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_float_option_that_is_not_finite_is_422_saying_so(hardened, volume_id, option, value):
+    """Before the fix NaN was refused as "Input should be less than or equal to 10" (1 for top_p), which hides the
+    problem."""
+    body = json.dumps({"volume_id": volume_id, "messages": QUESTION, "options": {option: float(value)}})
+    assert value in body  # what Python clients send: json writes NaN and Infinity (a JSON extension) by default
+    r = httpx.post(f"{hardened}/v1/ask", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["message"] == f"options.{option}: Input should be a finite number", r.text
+
+
 @pytest.mark.parametrize(("body", "words"), [
     (b'{"volume_id": "\xff\xfe"}', "not UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),

@@ -92,10 +92,12 @@ class WindowIn(StrictRequest):
 class AskOptions(StrictRequest):
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=2048)
     do_sample: bool = False
-    temperature: float = Field(default=1.0, ge=0.01, le=10)  # below 0.01 sampling overflows to NaN
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    # NaN and infinities are refused as such (their message said "should be less than or equal to 10").
+    temperature: float = Field(default=1.0, ge=0.01, le=10, allow_inf_nan=False)  # below 0.01 sampling overflows
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)
-    repetition_penalty: float = Field(default=1.2, ge=0.01, le=10)  # divides logits too: tiny values overflow them
+    # It divides the logits too: tiny values overflow them.
+    repetition_penalty: float = Field(default=1.2, ge=0.01, le=10, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     resize_mode: Literal["letterbox", "crop"] = "letterbox"
     hidden_state_position: Literal["before", "at"] | None = None  # None: the model's own default
