@@ -418,6 +418,28 @@ def test_one_list_of_message_roles():
     assert typing.get_args(schemas.MessageIn.model_fields["role"].annotation) == protocol.ROLES
 
 
+@pytest.mark.parametrize(("kwargs", "read"), [
+    ({"indices": np.arange(2, 4), "stream": 1}, {"slices": {"plane": "axial", "indices": [2, 3]}, "stream": True}),
+    ({"plane": "coronal", "indices": np.int64(5), "window": (40, 400)},
+     {"slices": {"plane": "coronal", "indices": [5]}, "window": {"center": 40.0, "width": 400.0}}),
+    ({"window": "lung", "options": {"max_new_tokens": 8, "temperature": 1, "seed": 0, "do_sample": True}},
+     {"window": {"preset": "lung"}, "options": {"max_new_tokens": 8, "temperature": 1.0, "seed": 0,
+                                                 "do_sample": True}}),
+    ({"view": np.eye(4, dtype=np.float32)}, {"slices": {"view": np.eye(4).tolist()}}),
+], ids=["numpy-indices", "pair-window", "preset-and-options", "view"])
+def test_every_ask_the_client_builds_the_engine_reads_as_meant(kwargs, read):
+    """The engine reads an ask's JSON types strictly (no "yes" for true, no 2.0 for 2): whatever the client accepts
+    (numpy indices, a (center, width) pair, a float32 view) it must send with the types the engine takes."""
+    import json
+
+    body = json.dumps(protocol.build_ask_request("v" * 64, "Segment the liver.", **kwargs))
+    req = schemas.AskRequest.model_validate_json(body)
+    assert req.messages[0].content == "Segment the liver." and req.volume_id == "v" * 64
+    for name, expected in read.items():
+        got = getattr(req, name).model_dump(exclude_unset=True) if name != "stream" else req.stream
+        assert got == expected, name
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost", "0.0.0.0", "10.0.0.2", "::",
                                   "example.org", "localhost.example.org", "128.0.0.1"])
 def test_both_sides_count_the_same_hosts_as_this_computer(host):

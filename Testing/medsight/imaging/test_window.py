@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
-from medsight.imaging.window import preset_window
+from medsight.imaging.window import explicit_window, preset_window
 
 
 def test_ct_presets_on_real_ct(pydicom_files):
@@ -56,6 +58,37 @@ def test_explicit_window_must_be_finite(center, width, words):
     """NaN or infinite bounds used to make every pixel the same grey, silently."""
     with pytest.raises(ImagingError, match=words):
         to_rgb(np.zeros((4, 4)), "CT", center=center, width=width)
+
+
+@pytest.mark.parametrize(("center", "width"), [(40, 1e-308), (0, 1e-40), (1e29, 1e-3), (40, 1e-6)])
+def test_a_window_too_narrow_for_float32_display_is_refused(center, width):
+    """Before the fix these were accepted: the float32 scale 255 / width overflowed or the ends rounded to one value,
+    so a voxel at the window's low end became inf * 0 = NaN (numpy warnings, then NaN cast to a grey)."""
+    with pytest.raises(ImagingError, match=f"window width {width:g} is too narrow"):
+        explicit_window(center, width)
+    step = float(np.spacing(np.float32(40)))  # the narrowest windows at 40 whose ends differ in float32 still work
+    pixels = np.array([[40 - 2 * step, 40, 40 + 2 * step]])
+    assert to_rgb(pixels, "CT", center=40, width=2 * step)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_an_image_whose_range_is_too_narrow_to_display_is_one_grey_like_a_constant_one():
+    """Its percentile window (width 1e-40) overflowed the float32 scale: numpy warnings and NaN grey values before
+    the explicit-window check, an ImagingError for an ask with the automatic window after it."""
+    values = np.linspace(0, 1e-40, 16).reshape(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_voxels_far_outside_the_window_are_black_or_white_without_warnings(dtype):
+    """Before the fix they were, but numpy printed "overflow encountered in cast/multiply" on the engine's terminal
+    (a float64 voxel beyond float32, a float32 one of 3e38 at width 1)."""
+    top = float(np.finfo(dtype).max) / 2
+    values = np.array([[-top, 0, top]], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_rgb(values, "MR", center=0, width=1)[0, :, 0].tolist() == [0, 128, 255]
 
 
 def test_preset_window_is_the_one_rule_for_names_and_modalities():

@@ -216,6 +216,16 @@ def test_errors_are_json_and_the_server_recovers(engine, mni_upload):
             assert r.status_code == 200 and len(r.json()["answers"]) == 1
 
 
+def test_a_token_guards_the_api_description_too(engine):
+    """Before the fix /docs, /redoc and /openapi.json answered 200 without the token of an engine that has one."""
+    with live_server(create_app(engine, token="s3cret", model_name="tiny")) as url, httpx.Client(base_url=url) as c:
+        for path in ("/docs", "/redoc", "/openapi.json", "/v1/health"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized", path
+            assert c.get(path, headers={"authorization": "Bearer s3cret"}).status_code == 200, path
+        assert "/v1/ask" in c.get("/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["paths"]
+
+
 def test_non_loopback_bind_needs_a_token():
     with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without a token"):
         check_bind("0.0.0.0", None)

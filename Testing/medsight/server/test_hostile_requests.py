@@ -92,6 +92,17 @@ def test_tiny_temperature_or_repetition_penalty_with_sampling_is_422(hardened, v
 
 
 
+@pytest.mark.parametrize("option", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_float_option_that_is_not_finite_is_422_saying_so(hardened, volume_id, option, value):
+    """Before the fix NaN was refused as "Input should be less than or equal to 10" (1 for top_p), which hides the
+    problem."""
+    body = json.dumps({"volume_id": volume_id, "messages": QUESTION, "options": {option: float(value)}})
+    assert value in body  # what Python clients send: json writes NaN and Infinity (a JSON extension) by default
+    r = httpx.post(f"{hardened}/v1/ask", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["message"] == f"options.{option}: Input should be a finite number", r.text
+
+
 @pytest.mark.parametrize(("body", "words"), [
     (b'{"volume_id": "\xff\xfe"}', "not UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
@@ -104,6 +115,56 @@ def test_a_body_that_is_not_json_is_422_saying_why(hardened, body, words):
     r = httpx.post(f"{hardened}/v1/ask", content=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
     assert r.json()["message"].startswith("the body is not valid JSON") and words in r.json()["message"], r.text
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"options": {"max_new_tokens": "2"}}, "options.max_new_tokens"),
+    ({"options": {"max_new_tokens": 2.0}}, "options.max_new_tokens"),
+    ({"options": {"do_sample": "false"}}, "options.do_sample"),
+    ({"options": {"temperature": "0.5"}}, "options.temperature"),
+    ({"slices": {"indices": [True]}}, "slices.indices.0"),
+    ({"slices": {"indices": ["1"]}}, "slices.indices.0"),
+    ({"window": {"center": "40", "width": 400}}, "window.center"),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_a_value_of_another_json_type_is_422_naming_its_field(hardened, volume_id, change, field):
+    """Before the fix each was converted and the ask answered as a different request: "stream": "yes" streamed, an
+    index true asked about slice 1, "2" and 2.0 tokens were 2. An integer where a number is expected still counts."""
+    body = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2}, **change}
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json=body)
+        assert r.status_code == 422 and r.json()["message"].startswith(f"{field}: Input should be"), r.text
+        typed = {"options": {"max_new_tokens": 2, "temperature": 1, "do_sample": True}, "stream": False,
+                 "slices": {"indices": [1]}, "window": {"center": 40, "width": 400}}
+        r = c.post("/v1/ask", json={**body, **typed})
+        assert r.status_code == 200 and [a["index"] for a in r.json()["answers"]] == [1], r.text
+
+
+@pytest.mark.parametrize("window", [{"center": 40, "width": 1e-308}, {"center": 1e29, "width": 1e-3}])
+def test_a_window_too_narrow_to_display_is_422(hardened, volume_id, window):
+    """Before the fix both were admitted (200): the job's windowing printed numpy's overflow/NaN warnings to the
+    engine's terminal and cast NaN voxels to grey."""
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "window": window,
+                                    "options": {"max_new_tokens": 2}})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_window", r.text
+        assert f"window width {window['width']:g} is too narrow" in r.json()["message"]
+
+
+@pytest.mark.parametrize("chosen", [{"indices": [3]}, {"plane": "sagittal"}, {"plane": "axial", "indices": [0]}])
+def test_a_view_with_plane_or_indices_is_422(hardened, volume_id, chosen):
+    """Before the fix the view silently won: an ask naming slice 3 (or the sagittal plane) was answered about the
+    axial slice 0 that the view shows."""
+    view = np.eye(4).tolist()
+    with httpx.Client(base_url=hardened, timeout=30) as c:
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
+                                    "slices": {"view": view, **chosen}})
+        assert r.status_code == 422 and "give a view or plane and indices, not both" in r.json()["message"], r.text
+        assert all(name in r.json()["message"] for name in chosen)
+        r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
+                                    "slices": {"view": view}})
+        assert r.status_code == 200 and [(a["plane"], a["index"]) for a in r.json()["answers"]] == [("axial", 0)]
 
 
 # -- geometry ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx
 import numpy as np
@@ -134,6 +135,9 @@ def test_45_queued_asks_leave_health_and_cancel_fast_and_more_get_429(queue_serv
             while len(ids) < 45 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert len(ids) == 45 and jobs.waiting == 45
+            refused = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))  # one more than the bound
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert "45 asks are already waiting" in refused.json()["message"]
             latencies = {}
             for name, call in (("health", lambda: c.get("/v1/health")),
                                ("volume", lambda: c.get(f"/v1/volumes/{vid}")),
@@ -144,15 +148,41 @@ def test_45_queued_asks_leave_health_and_cancel_fast_and_more_get_429(queue_serv
                 assert r.status_code == 200, r.text
             print("with 45 queued:", {k: f"{v * 1000:.1f} ms" for k, v in latencies.items()})
             assert max(latencies.values()) < 0.2, latencies
-            refused = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))  # one more than the bound
-            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
-            assert "45 asks are already waiting" in refused.json()["message"]
             assert app.state.store._pins == {vid: 46}  # the running ask and the waiting ones; not the refused one
             assert c.post(f"/v1/jobs/{blocker_id}/cancel").json()["cancelled"] is True
             release.set()
             assert [f.result() for f in futures] == [200] * 45
         blocker.read()
     assert app.state.store._pins == {}
+
+
+def test_asks_stopped_while_they_wait_leave_room_for_live_ones(engine):
+    """Before the fix a waiting ask still filled its place in the queue once cancelled or hung up: with 2 places, two
+    clients that cancelled made a live client's ask 429 "2 asks are already waiting; retry in about 15 s" until the
+    running ask ended. Stopped asks are bounded too (they hold their requests until their turn): as many again."""
+    waiting = 2
+    app = create_app(engine, model_name="tiny", max_waiting=waiting)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        image = np.random.default_rng(5).integers(0, 255, (3, 32, 32)).astype(np.uint8)
+        vid = c.post("/v1/volumes", content=npy(image), headers=NPY).json()["volume_id"]
+        with c.stream("POST", "/v1/ask", json=ask_body(vid, LONG)) as blocker, ExitStack() as stack:
+            def wait_then_cancel() -> httpx.Response:
+                r = stack.enter_context(c.stream("POST", "/v1/ask", json=ask_body(vid, {"max_new_tokens": 1})))
+                assert r.status_code == 200 and c.post(f"/v1/jobs/{r.headers['x-job-id']}/cancel").json()["cancelled"]
+                return r
+
+            stopped = [wait_then_cancel() for _ in range(2 * waiting)]  # each leaves its place to the next
+            assert app.state.jobs.waiting == 0
+            refused = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))  # 2 x 2 stopped: the bound
+            assert refused.status_code == 429 and f"{2 * waiting} asks are already waiting" in refused.text
+            assert app.state.jobs.running.id == blocker.headers["x-job-id"]  # all of it happened behind the blocker
+            c.post(f"/v1/jobs/{blocker.headers['x-job-id']}/cancel")
+            for r in stopped:
+                r.read()
+                assert r.json()["cancelled"] is True
+            blocker.read()
+        r = c.post("/v1/ask", json=ask_body(vid, {"max_new_tokens": 1}))
+        assert r.status_code == 200 and not r.json()["cancelled"]
 
 
 def test_queue_wait_does_not_count_against_the_timeout(engine, long_job_s):

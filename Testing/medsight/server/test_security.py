@@ -1,10 +1,11 @@
-"""The bearer token check: the scheme's name in any case (RFC 9110), the token itself exactly."""
+"""The bearer token check: the scheme's name in any case (RFC 9110), the token itself exactly; a token every client
+can send."""
 
 from __future__ import annotations
 
 import pytest
 
-from medsight.server.security import token_matches
+from medsight.server.security import check_bind, token_matches
 
 
 @pytest.mark.parametrize("header", ["Bearer s3cret", "bearer s3cret", "BEARER s3cret"])
@@ -17,3 +18,17 @@ def test_the_scheme_name_is_case_insensitive(header):
                                     "Bearer  s3cret", "Basic s3cret", "Bearers3cret", "Bearer s3cre"])
 def test_anything_else_is_refused(header):
     assert not token_matches(header, "s3cret")
+
+
+@pytest.mark.parametrize("token", ["pässwörd", "€uro", "tab\tinside", "s3cret\u200b"])
+def test_a_token_not_every_client_can_send_is_refused_at_start(token):
+    """Before the fix the engine started with it: with "pässwörd" a UTF-8 client (curl, httpx given bytes) got 401
+    while the module's Latin-1 http.client got 200; "€uro" was 401 or a UnicodeEncodeError in every client."""
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with pytest.raises(ValueError, match="printable ASCII") as refused:
+            check_bind(host, token)
+        assert token not in str(refused.value)  # the message never shows the secret
+
+
+def test_printable_ascii_tokens_are_taken():
+    check_bind("0.0.0.0", "".join(chr(c) for c in range(32, 127)))

@@ -44,15 +44,25 @@ def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT
     if v.size == 0:
         raise ImagingError("cannot window an empty array")
     lo, hi = (float(x) for x in np.percentile(v, percentiles))
-    if hi <= lo:  # constant image: any positive width shows it as mid-grey-or-black consistently
+    window = Window((lo + hi) / 2, hi - lo)
+    if hi <= lo or too_narrow(window):  # constant image (to display): any positive width shows it as one grey
         return Window(lo, 1.0)
-    return Window((lo + hi) / 2, hi - lo)
+    return window
 
 
 #: Preset names that ask for the percentile window of any modality.
 AUTO_PRESETS = ("auto", "percentile", "robust")
 #: Beyond this magnitude a window bound overflows the float32 arithmetic of `apply_window` (to inf, then NaN).
 MAX_WINDOW_VALUE = 1e30
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def too_narrow(window: Window) -> bool:
+    """Whether `apply_window`'s float32 arithmetic cannot map `window` onto 0..255: its scale 255 / width overflows,
+    or its ends round to one float32 value (then inf * 0 = NaN: numpy warnings, and NaN cast to any grey)."""
+    with np.errstate(over="ignore"):  # an end beyond float32 is infinite there: the "beyond" check's to refuse
+        low, high = np.float32(window.low), np.float32(window.high)
+    return 255.0 / window.width > FLOAT32_MAX or not low < high
 
 
 def explicit_window(center: float, width: float) -> Window:
@@ -63,6 +73,9 @@ def explicit_window(center: float, width: float) -> Window:
                            f"width {width}")
     if max(abs(window.low), abs(window.high)) > MAX_WINDOW_VALUE:
         raise ImagingError(f"window {window.low:g}..{window.high:g} is beyond +-{MAX_WINDOW_VALUE:g}")
+    if too_narrow(window):
+        raise ImagingError(f"window width {width:g} is too narrow for center {center:g}: in the 32-bit arithmetic "
+                           f"of 8-bit display its ends must differ and 255 / width must be finite")
     return window
 
 
@@ -106,7 +119,10 @@ def apply_window(values: np.ndarray, window: Window, invert: bool = False) -> np
     v = np.asarray(values)
     if v.ndim >= 3 and v.shape[-1] == 3 and v.dtype == np.uint8:
         return v.copy()  # already display RGB
-    scaled = (v.astype(np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
+    # A voxel far outside the window (float64 beyond float32, or 3e38 at width 1) overflows to +-inf here, which the
+    # clip below maps to 255 or 0 as it should: numpy's warning about it is noise in the engine's terminal.
+    with np.errstate(over="ignore"):
+        scaled = (v.astype(np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     if invert:
         out = 255 - out

@@ -6,7 +6,7 @@
   cannot be rebound).
 - Origin: a browser names the page's origin on every cross-origin POST; one whose host is not allowed gets 403.
 - Content-Type: POST bodies only of the declared type (415 otherwise).
-- Bearer token, when the engine has one (constant-time comparison).
+- Bearer token, when the engine has one, on every path (constant-time comparison).
 - Body read deadline: a body must keep arriving at a minimum average rate after a grace period, so slow or half-open
   uploads are cut (408) instead of holding connections and memory.
 - A request the server's stop cuts before its response started (e.g. an upload still arriving) gets 503 `stopping`.
@@ -134,8 +134,9 @@ class Guard:
             if media not in accepted:
                 return 415, "unsupported_media_type", f"{scope['path']} takes {' or '.join(accepted)}, " \
                     f"got {media or 'no Content-Type'}"
-        guarded = self.token and scope["path"].startswith("/v1")
-        if guarded and not token_matches(headers.get("authorization"), self.token):
+        # Every path, the API's description (/docs, /openapi.json) included: it names the engine's version, and a
+        # rule by path prefix would leave any route added outside /v1 open.
+        if self.token and not token_matches(headers.get("authorization"), self.token):
             return 401, "unauthorized", "missing or wrong bearer token"
         limit, declared = BODY_LIMITS.get(scope["path"]), headers.get("content-length", "")
         if limit is not None and declared.isdigit() and int(declared) > limit:

@@ -137,7 +137,6 @@ class JobQueue:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
         self._lock = threading.Lock()
-        self._waiting = 0
         self._running: Job | None = None
         self.history: deque[JobRecord] = deque(maxlen=64)  # the latest finished jobs, for operators and tests
         self._mean_s = 5.0  # running mean of the durations of jobs that ran to their end, for Retry-After
@@ -149,9 +148,12 @@ class JobQueue:
         loop = asyncio.get_running_loop()
         job = Job(uuid.uuid4().hex, work, loop.create_future(), loop)
         with self._lock:
-            if self._waiting >= self.max_waiting + (self._running is None):
-                raise QueueFullError(self._waiting, self._retry_after())
-            self._waiting += 1
+            idle = self._running is None  # then one job may sit in the queue before the worker takes it
+            waiting, queued = self._live_waiting(), len(self._jobs) - (not idle)
+            if waiting >= self.max_waiting + idle:
+                raise QueueFullError(waiting, self._retry_after())
+            if queued >= 2 * self.max_waiting + idle:  # stopped ones hold their requests until their turn: a bound
+                raise QueueFullError(queued, self._retry_after())
             self._jobs[job.id] = job
             self._ensure_worker()
         self._queue.put(job)
@@ -168,11 +170,14 @@ class JobQueue:
 
     def retry_after(self) -> int:
         """Seconds until the jobs waiting now have probably run (for a Retry-After header)."""
-        return self._retry_after()
+        with self._lock:
+            return self._retry_after()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Jobs waiting that are still wanted (see `_live_waiting`)."""
+        with self._lock:
+            return self._live_waiting()
 
     @property
     def running(self) -> Job | None:
@@ -188,8 +193,14 @@ class JobQueue:
         self._queue.put(None)
 
     # -- worker ------------------------------------------------------------------------------------------------------
+    def _live_waiting(self) -> int:
+        """Waiting jobs not told to stop. One stopped while it waits (cancelled, or its client gone) ends in
+        milliseconds when its turn comes: counted, a few hung-up clients held the queue full (429) for live ones
+        until the running job ended. Called with the lock held."""
+        return sum(1 for job in self._jobs.values() if job is not self._running and not job.cancel.is_set())
+
     def _retry_after(self) -> int:
-        return max(1, math.ceil(self._mean_s * (self._waiting + 1)))
+        return max(1, math.ceil(self._mean_s * (self._live_waiting() + 1)))
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -210,7 +221,6 @@ class JobQueue:
             if job is None:
                 return
             with self._lock:
-                self._waiting -= 1
                 self._running = job
             job.started = time.monotonic()
             try:

@@ -18,6 +18,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrictRequest(Strict):
+    """A request body: no field is converted from another JSON type (a client's `"stream": "yes"`, `"top_k": 5.5`,
+    `"max_new_tokens": "12"` or an index `true` would otherwise be read as a different request), except an integer
+    where a number is expected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class ErrorBody(Strict):
     """Every error response: a machine-readable code and a message for people."""
 
@@ -68,12 +76,12 @@ MAX_MESSAGES, MAX_MESSAGE_CHARACTERS = 64, 16_000
 MAX_ASK_BODY_BYTES = MAX_MESSAGES * MAX_MESSAGE_CHARACTERS * 12 + 1024**2
 
 
-class MessageIn(Strict):
+class MessageIn(StrictRequest):
     role: Literal["user", "assistant", "system"]
     content: str = Field(max_length=MAX_MESSAGE_CHARACTERS)
 
 
-class WindowIn(Strict):
+class WindowIn(StrictRequest):
     """Display window for 8-bit conversion: a CT preset name, or an explicit centre and width."""
 
     preset: str | None = None
@@ -81,20 +89,22 @@ class WindowIn(Strict):
     width: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
-class AskOptions(Strict):
+class AskOptions(StrictRequest):
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=2048)
     do_sample: bool = False
-    temperature: float = Field(default=1.0, ge=0.01, le=10)  # below 0.01 sampling overflows to NaN
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    # NaN and infinities are refused as such (their message said "should be less than or equal to 10").
+    temperature: float = Field(default=1.0, ge=0.01, le=10, allow_inf_nan=False)  # below 0.01 sampling overflows
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)
-    repetition_penalty: float = Field(default=1.2, ge=0.01, le=10)  # divides logits too: tiny values overflow them
+    # It divides the logits too: tiny values overflow them.
+    repetition_penalty: float = Field(default=1.2, ge=0.01, le=10, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     resize_mode: Literal["letterbox", "crop"] = "letterbox"
     hidden_state_position: Literal["before", "at"] | None = None  # None: the model's own default
     no_code_fallback: bool = False
 
 
-class SliceSelection(Strict):
+class SliceSelection(StrictRequest):
     """Slices by plane and indices, or the one slice a viewer shows (``view``): then the engine picks plane and
     index for the volume's acquisition, and the answer says which it took (plane, index, slice_to_ras)."""
 
@@ -102,18 +112,21 @@ class SliceSelection(Strict):
     indices: list[int] = Field(default_factory=list, max_length=1024)
     view: list[list[float]] | None = Field(
         default=None, description="4x4 slice-to-RAS of the view (normal in column 3, a point in column 4), in the "
-        "frame of the uploaded geometry; replaces plane and indices")
+        "frame of the uploaded geometry; instead of plane and indices (not with them)")
 
     @model_validator(mode="after")
     def _one_way(self) -> SliceSelection:
         if self.view is None and not self.indices:
             raise ValueError("give indices (at least one) or a view")
+        given = sorted({"plane", "indices"} & self.model_fields_set)
+        if self.view is not None and given:  # the view would silently win over them
+            raise ValueError(f"give a view or plane and indices, not both (got a view and {' and '.join(given)})")
         if self.view is not None and (len(self.view) != 4 or any(len(row) != 4 for row in self.view)):
             raise ValueError("view must be a 4x4 matrix")
         return self
 
 
-class AskRequest(Strict):
+class AskRequest(StrictRequest):
     """A question about one or more slices of an uploaded volume (a 2D image has one axial slice)."""
 
     volume_id: str

@@ -16,12 +16,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token (patient images would be exposed)."""
+    """Refuse to listen beyond this machine without a token (patient images would be exposed), or with a token no
+    client can send."""
     if not is_loopback(host) and not token:
         raise ValueError(
             f"refusing to listen on {host} without a token: set MEDSIGHT_TOKEN or pass --token-file, "
             "or bind 127.0.0.1"
         )
+    # A header carries bytes: a UTF-8 client (curl) sent "ä" as two bytes where a Latin-1 one (the module's
+    # http.client) sent one, and "€" cannot be sent at all, so such a token got 401 from some clients or all.
+    unsendable = [i for i, c in enumerate(token or "") if not " " <= c <= "~"]
+    if unsendable:
+        raise ValueError(f"the token must be printable ASCII (letters, digits, punctuation, spaces), so that every "
+                         f"HTTP client sends it alike: character {unsendable[0] + 1} is not")
 
 
 def token_matches(header: str | None, token: str) -> bool:
