@@ -452,6 +452,22 @@ def test_both_sides_count_the_same_hosts_as_this_computer(host):
     assert is_loopback_url(url) == is_loopback(host)
 
 
+@pytest.mark.parametrize("token", ["s3cret-token_~!", "with space", "pässwörd", "€uro", "tab\tinside", ""])
+def test_both_sides_take_the_same_tokens(token):
+    """The engine refuses to start with a token some client cannot send; the module refuses to send one: one rule."""
+    from medsight.server.security import check_bind
+    from MedSIGHTSlicerLib.client import MedSIGHTClient
+
+    def taken(check) -> bool:
+        try:
+            check()
+        except ValueError:
+            return False
+        return True
+
+    assert taken(lambda: check_bind("127.0.0.1", token)) == taken(lambda: MedSIGHTClient(token=token))
+
+
 def test_the_default_serve_command_serves_where_the_module_connects_by_default():
     """'Start local engine' runs DEFAULT_SERVE_COMMAND and then talks to DEFAULT_URL: the engine's own parser reads
     the command's host and port, and its defaults are the same address."""

@@ -313,6 +313,12 @@ class MedSIGHTClient:
             port = 0
         if port == 0:
             raise ValueError(f"base_url must look like http://host:port with a port from 1 to 65535, got {base_url!r}")
+        unsendable = [i for i, c in enumerate(token or "") if not " " <= c <= "~"]  # the engine's rule (check_bind)
+        if unsendable:
+            # http.client would raise a bare UnicodeEncodeError at the first request ("ä" is sent as Latin-1, which
+            # no engine accepts), so a mistyped token is named here, without echoing it.
+            raise ValueError(f"the token must be printable ASCII (letters, digits, punctuation, spaces): character "
+                             f"{unsendable[0] + 1} is not")
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if timeout is not None and timeout <= 0:

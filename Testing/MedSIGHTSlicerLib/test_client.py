@@ -59,6 +59,16 @@ def test_a_malformed_engine_url_is_refused_naming_it(url):
     assert repr(url) in str(caught.value)
 
 
+@pytest.mark.parametrize("token", ["pässwörd", "€uro", "tab\tinside", "line\nbreak"])
+def test_a_token_no_engine_accepts_is_refused_naming_the_character(token):
+    """Typed into the module's token box: http.client raised a bare UnicodeEncodeError at the first request for
+    "€", and sent "ä" as one Latin-1 byte no engine accepts. Now refused at once, without echoing the token."""
+    with pytest.raises(ValueError, match="the token must be printable ASCII") as caught:
+        MedSIGHTClient("http://127.0.0.1:8765", token=token)
+    first = next(i for i, c in enumerate(token) if not " " <= c <= "~")
+    assert f"character {first + 1} is not" in str(caught.value) and token not in str(caught.value)
+
+
 def test_upload_sends_npy_and_geometry(fake):
     fake.add("GET", "/v1/health", fake.reply(200, HEALTH))  # an older engine: no upload limits published
     fake.add("POST", "/v1/volumes", fake.reply(200, VOLUME))
