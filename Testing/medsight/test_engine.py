@@ -227,6 +227,9 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
             engine.ask(images(1), blank)
     with pytest.raises(ValueError, match="question is empty"):
         engine.ask(images(1), [Message("user", "Q?"), Message("assistant", "A."), Message("user", "  ")])
+    # No user turn at all was called "the question is empty", as if one had been sent blank.
+    with pytest.raises(ValueError, match=r"no user message \(only system, assistant\)"):
+        engine.ask(images(1), [Message("system", "Be brief."), Message("assistant", "A.")])
     with pytest.raises(ValueError, match="cache_bytes"):
         Engine(model, cache_bytes=-1)
 

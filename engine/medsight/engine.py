@@ -283,7 +283,10 @@ class Engine:
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
         questions = [m.content for m in turns if m.role == "user"]
-        if not questions or not questions[-1].strip():
+        if not questions:
+            roles = ", ".join(dict.fromkeys(m.role for m in turns))
+            raise ValueError(f"the conversation has no user message (only {roles}); ask something about the image")
+        if not questions[-1].strip():
             # A blank question still makes a prompt, and the model answers it with whatever it likes.
             raise ValueError("the question is empty; ask something about the image")
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
