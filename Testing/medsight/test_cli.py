@@ -215,6 +215,24 @@ def test_an_overwrite_that_cannot_be_written_keeps_the_earlier_outputs(brain, tm
     assert f"--out {out} not written" in err and f"--overlay {overlay} not written" in err, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
+def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(brain, tmp_path):
+    """--out and --overlay named by a symbolic link: --overwrite replaced the link by a new file (the rename went onto
+    the link) and left the target, the file the user meant, with its old content."""
+    results = tmp_path / "results"
+    results.mkdir()
+    links = {"--out": tmp_path / "latest.seg.nrrd", "--overlay": tmp_path / "latest.png"}
+    targets = {option: results / f"case1{''.join(link.suffixes)}" for option, link in links.items()}
+    for option, link in links.items():
+        targets[option].write_text("earlier result")
+        link.symlink_to(targets[option])
+    options = [str(x) for option, link in links.items() for x in (option, link)]
+    assert main(["ask", str(brain), Q, *options, "--overwrite", *TINY]) == 0
+    assert all(link.is_symlink() and link.resolve() == targets[option] for option, link in links.items())
+    assert read_seg_nrrd(targets["--out"]).labelmap.shape == read_volume(brain).shape
+    assert Image.open(targets["--overlay"]).format == "PNG"
+    assert sorted(p.name for p in results.iterdir()) == sorted(t.name for t in targets.values())  # no temporaries
+
+
 def test_missing_output_folders_are_created(brain, tmp_path):
     out, overlay = tmp_path / "a" / "b" / "wm.seg.nrrd", tmp_path / "c" / "ov.png"
     assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), *TINY]) == 0

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                      "sidecar), .dcm (DICOM input only); never the input; missing folders are created")
     ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this .png")
     ask.add_argument("--overwrite", action="store_true",
-                     help="replace existing --out (and its sidecar) and --overlay files (else they are refused)")
+                     help="replace existing --out (and its sidecar) and --overlay files (else they are refused); a "
+                     "symbolic link is written through: its target gets the new file")
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
                      "when a write failed) and errors (one message per output not written)")
