@@ -402,6 +402,26 @@ def test_overlay_of_a_monochrome1_image_is_shown_as_the_model_saw_it(tmp_path):
     assert np.array_equal(png[grey], shown[grey])
 
 
+def test_modality_is_taken_as_the_engine_keeps_it_or_refused(tmp_path, capsys):
+    """--modality "CT " (a pasted space) was another modality than CT: the CT slice got a percentile window instead
+    of CT's (overlay pixels differed by up to 229 grey levels); a value the server's upload refuses ran too."""
+    ct = PYDICOM_FILES / "CT_small.dcm"
+    overlays = {}
+    for modality in ("CT", " ct "):
+        overlays[modality] = tmp_path / f"{len(overlays)}.png"
+        assert main(["ask", str(ct), "What is shown?", "--modality", modality, "--overlay", str(overlays[modality]),
+                     "--model", "tiny", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=int) for path in overlays.values()]
+    assert pixels[0].shape == pixels[1].shape and np.abs(pixels[0] - pixels[1]).max() == 0
+    capsys.readouterr()
+    for bad in ("C-T", "", "X" * 17):
+        with pytest.raises(SystemExit) as exit_info:
+            _parser().parse_args(["ask", str(ct), Q, "--modality", bad])
+        assert exit_info.value.code == 2
+        assert _err(capsys).splitlines()[-1] == (f"medsight ask: error: argument --modality: {bad!r} is not a "
+                                                 "modality: use letters and digits, at most 16 (CT, MR, US, ...)")
+
+
 def test_lossy_compressed_dicom_is_noted(capsys):
     """A lossy-compressed image (12-bit JPEG here) was answered about without a word on its compression."""
     said = "note: the image was lossy compressed (JPEG Extended (Process 2 and 4), ratio 76:1)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9', all within the plane "
                      "(default: the middle slice)")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
-    ask.add_argument("--modality", help="override the modality (CT, MR, US, ...)")
+    ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
+                     "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
@@ -143,6 +145,18 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
     return port
+
+
+def _modality(text: str) -> str:
+    """argparse type: a modality as the engine keeps it (upper case, the server's rule for an upload's modality).
+    "CT " (a pasted space) was taken as another modality than CT: the slices got a percentile window, not CT's."""
+    from medsight.imaging.volume import MODALITY_PATTERN
+
+    value = text.strip().upper()
+    if not re.fullmatch(MODALITY_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a modality: use letters and digits, at most 16 (CT, MR, "
+                                         "US, ...)")
+    return value
 
 
 def _at_least(kind: type[int] | type[float], low: float, exclusive: bool = False) -> Callable[[str], float]:
