@@ -32,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--vision-file", help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES,
                      help="default: axial, or the plane a 2D image lies in (its only plane with slices)")
-    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9', all within the plane "
-                     "(default: the middle slice)")
+    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice): voxel "
+                     "indices along the plane's axis in the volume's own order, as Slicer's Data Probe (IJK) and the "
+                     "MedSIGHT panel's slice range count them; slice 0 is the volume's first, which may be the top "
+                     "or the bottom")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
     ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
                      "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
