@@ -337,6 +337,17 @@ def test_numbers_out_of_range_are_refused_before_anything_starts(command, option
     assert exit_info.value.code == 2
     assert _err(capsys).splitlines()[-1] == f"medsight {command}: error: argument {option}: {problem}"
 
+def test_blank_question_and_old_opset_are_refused_before_the_model_loads(brain, tmp_path, capsys):
+    """Both were refused only once the model had loaded (minutes for the full model): NO_MODEL cannot load, so
+    its error would show instead had the model been loaded first."""
+    for question in ("", "  \n "):
+        assert main(["ask", str(brain), question, *NO_MODEL]) == 2
+        assert _err(capsys).splitlines() == ["medsight: error: the question is empty; ask something about the image"]
+    assert main(["export-onnx", "--out", str(tmp_path / "onnx"), "--opset", "16", *NO_MODEL[:2]]) == 2
+    assert _err(capsys).splitlines() == ["medsight: error: opset must be >= 17 (LayerNormalization), not 16"]
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")
     assert main(["export-onnx", "--model", "tiny", "--out", str(tmp_path)]) == 2

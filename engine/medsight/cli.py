@@ -194,9 +194,10 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import medsight
-    from medsight.onnx_export import export_onnx, export_packages, require_packages
+    from medsight.onnx_export import check_opset, export_onnx, export_packages, require_packages
 
     require_packages(*export_packages(args.exporter))
+    check_opset(args.opset)  # before the model loads (minutes for the full model), not after
     check_vision_file(args)
     check_export_folder(args.out, args.overwrite)
     model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file,

@@ -283,9 +283,7 @@ class Engine:
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
         questions = [m.content for m in turns if m.role == "user"]
-        if not questions or not questions[-1].strip():
-            # A blank question still makes a prompt, and the model answers it with whatever it likes.
-            raise ValueError("the question is empty; ask something about the image")
+        check_question(questions[-1] if questions else "")
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
         # Checked here, before any image is encoded (the language model would refuse it only after).
         length, limit = self.prompt_length(prompt), self.model.config.llm.max_sequence_length
@@ -504,6 +502,12 @@ class _StopFlags:
 
     def cancelled(self) -> bool:
         return self.abandoned() or (self.cancel is not None and self.cancel.is_set())
+
+
+def check_question(question: str) -> None:
+    """Refuse a blank question: it still makes a prompt, and the model answers it with whatever it likes."""
+    if not question.strip():
+        raise ValueError("the question is empty; ask something about the image")
 
 
 def _sync(device: torch.device) -> None:
