@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -231,6 +232,20 @@ def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(brain, 
     assert read_seg_nrrd(targets["--out"]).labelmap.shape == read_volume(brain).shape
     assert Image.open(targets["--overlay"]).format == "PNG"
     assert sorted(p.name for p in results.iterdir()) == sorted(t.name for t in targets.values())  # no temporaries
+
+
+def test_an_output_that_is_a_pipe_or_a_link_to_one_is_refused(brain, tmp_path, capsys):
+    """--overwrite renamed a regular file over a named pipe (and over a device: `--out /dev/null` as root replaced
+    the system's /dev/null); refused now, before the model loads."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.seg.nrrd"
+    link.symlink_to(pipe)
+    for option, path in (("--overlay", pipe), ("--out", link)):
+        assert main(["ask", str(brain), Q, option, str(path), "--overwrite", *NO_MODEL]) == 2
+        assert _err(capsys).splitlines() == [f"medsight: error: {option} {path} is not a regular file (a device or "
+                                             "pipe): give a file name"]
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and link.is_symlink()
 
 
 def test_missing_output_folders_are_created(brain, tmp_path):
