@@ -363,6 +363,24 @@ def test_blank_question_and_old_opset_are_refused_before_the_model_loads(brain, 
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.parametrize(("command", "option"), [
+    ("ask", "--out"), ("ask", "--overlay"),  # nothing written, exit code 0
+    ("serve", "--audit"),  # no audit log kept
+    ("serve", "--token-file"),  # fell back to MEDSIGHT_TOKEN or no token at all
+    ("ask", "--adapter"), ("serve", "--adapter"), ("ask", "--vision-file"),  # answered without them
+    ("export-onnx", "--out"),  # wrote the graphs into the current folder
+    ("download", "--dir"),  # cached only
+])
+def test_an_empty_file_name_is_refused_not_taken_as_not_given(command, option, capsys):
+    """`--out "$UNSET"`: an empty name was taken as no option at all, and the command went on without it."""
+    args = [command, *(["in.nii.gz", Q] if command == "ask" else []), option, ""]
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(args)
+    assert exit_info.value.code == 2
+    assert _err(capsys).splitlines()[-1] == (f"medsight {command}: error: argument {option}: an empty name: give a "
+                                             "file or folder")
+
+
 def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")
     assert main(["export-onnx", "--model", "tiny", "--out", str(tmp_path)]) == 2
