@@ -234,6 +234,23 @@ def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(brain, 
     assert sorted(p.name for p in results.iterdir()) == sorted(t.name for t in targets.values())  # no temporaries
 
 
+def test_a_nifti_written_through_a_link_gets_its_labels_beside_the_target(brain, tmp_path):
+    """The labelmap went to the link's target, its sidecar beside the link: the target kept its old labels."""
+    from medsight.imaging import read_nifti_labelmap
+
+    target = tmp_path / "results" / "case1.nii.gz"
+    target.parent.mkdir()
+    target.write_text("earlier labelmap")
+    target.with_name("case1.json").write_text('{"labels": {"1": "earlier label"}}')
+    link = tmp_path / "latest.nii.gz"
+    link.symlink_to(target)
+    assert main(["ask", str(brain), Q, "--out", str(link), "--overwrite", *TINY]) == 0
+    seg = read_nifti_labelmap(target)
+    assert seg.labelmap.shape == read_volume(brain).shape and seg.segments
+    assert "earlier label" not in [s.name for s in seg.segments]
+    assert link.is_symlink() and not (tmp_path / "latest.json").exists()
+
+
 def test_an_output_that_is_a_pipe_or_a_link_to_one_is_refused(brain, tmp_path, capsys):
     """--overwrite renamed a regular file over a named pipe (and over a device: `--out /dev/null` as root replaced
     the system's /dev/null); refused now, before the model loads."""
