@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -215,6 +216,55 @@ def test_an_overwrite_that_cannot_be_written_keeps_the_earlier_outputs(brain, tm
     assert f"--out {out} not written" in err and f"--overlay {overlay} not written" in err, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
+def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(brain, tmp_path):
+    """--out and --overlay named by a symbolic link: --overwrite replaced the link by a new file (the rename went onto
+    the link) and left the target, the file the user meant, with its old content."""
+    results = tmp_path / "results"
+    results.mkdir()
+    links = {"--out": tmp_path / "latest.seg.nrrd", "--overlay": tmp_path / "latest.png"}
+    targets = {option: results / f"case1{''.join(link.suffixes)}" for option, link in links.items()}
+    for option, link in links.items():
+        targets[option].write_text("earlier result")
+        link.symlink_to(targets[option])
+    options = [str(x) for option, link in links.items() for x in (option, link)]
+    assert main(["ask", str(brain), Q, *options, "--overwrite", *TINY]) == 0
+    assert all(link.is_symlink() and link.resolve() == targets[option] for option, link in links.items())
+    assert read_seg_nrrd(targets["--out"]).labelmap.shape == read_volume(brain).shape
+    assert Image.open(targets["--overlay"]).format == "PNG"
+    assert sorted(p.name for p in results.iterdir()) == sorted(t.name for t in targets.values())  # no temporaries
+
+
+def test_a_nifti_written_through_a_link_gets_its_labels_beside_the_target(brain, tmp_path):
+    """The labelmap went to the link's target, its sidecar beside the link: the target kept its old labels."""
+    from medsight.imaging import read_nifti_labelmap
+
+    target = tmp_path / "results" / "case1.nii.gz"
+    target.parent.mkdir()
+    target.write_text("earlier labelmap")
+    target.with_name("case1.json").write_text('{"labels": {"1": "earlier label"}}')
+    link = tmp_path / "latest.nii.gz"
+    link.symlink_to(target)
+    assert main(["ask", str(brain), Q, "--out", str(link), "--overwrite", *TINY]) == 0
+    seg = read_nifti_labelmap(target)
+    assert seg.labelmap.shape == read_volume(brain).shape and seg.segments
+    assert "earlier label" not in [s.name for s in seg.segments]
+    assert link.is_symlink() and not (tmp_path / "latest.json").exists()
+
+
+def test_an_output_that_is_a_pipe_or_a_link_to_one_is_refused(brain, tmp_path, capsys):
+    """--overwrite renamed a regular file over a named pipe (and over a device: `--out /dev/null` as root replaced
+    the system's /dev/null); refused now, before the model loads."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.seg.nrrd"
+    link.symlink_to(pipe)
+    for option, path in (("--overlay", pipe), ("--out", link)):
+        assert main(["ask", str(brain), Q, option, str(path), "--overwrite", *NO_MODEL]) == 2
+        assert _err(capsys).splitlines() == [f"medsight: error: {option} {path} is not a regular file (a device or "
+                                             "pipe): give a file name"]
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and link.is_symlink()
+
+
 def test_missing_output_folders_are_created(brain, tmp_path):
     out, overlay = tmp_path / "a" / "b" / "wm.seg.nrrd", tmp_path / "c" / "ov.png"
     assert main(["ask", str(brain), Q, "--out", str(out), "--overlay", str(overlay), *TINY]) == 0
@@ -319,6 +369,35 @@ def test_numbers_out_of_range_are_refused_before_anything_starts(command, option
     assert exit_info.value.code == 2
     assert _err(capsys).splitlines()[-1] == f"medsight {command}: error: argument {option}: {problem}"
 
+def test_blank_question_and_old_opset_are_refused_before_the_model_loads(brain, tmp_path, capsys):
+    """Both were refused only once the model had loaded (minutes for the full model): NO_MODEL cannot load, so
+    its error would show instead had the model been loaded first."""
+    for question in ("", "  \n "):
+        assert main(["ask", str(brain), question, *NO_MODEL]) == 2
+        assert _err(capsys).splitlines() == ["medsight: error: the question is empty; ask something about the image"]
+    assert main(["export-onnx", "--out", str(tmp_path / "onnx"), "--opset", "16", *NO_MODEL[:2]]) == 2
+    assert _err(capsys).splitlines() == ["medsight: error: opset must be >= 17 (LayerNormalization), not 16"]
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    ("ask", "--out"), ("ask", "--overlay"),  # nothing written, exit code 0
+    ("serve", "--audit"),  # no audit log kept
+    ("serve", "--token-file"),  # fell back to MEDSIGHT_TOKEN or no token at all
+    ("ask", "--adapter"), ("serve", "--adapter"), ("ask", "--vision-file"),  # answered without them
+    ("export-onnx", "--out"),  # wrote the graphs into the current folder
+    ("download", "--dir"),  # cached only
+])
+def test_an_empty_file_name_is_refused_not_taken_as_not_given(command, option, capsys):
+    """`--out "$UNSET"`: an empty name was taken as no option at all, and the command went on without it."""
+    args = [command, *(["in.nii.gz", Q] if command == "ask" else []), option, ""]
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(args)
+    assert exit_info.value.code == 2
+    assert _err(capsys).splitlines()[-1] == (f"medsight {command}: error: argument {option}: an empty name: give a "
+                                             "file or folder")
+
+
 def test_export_onnx_keeps_an_earlier_export_unless_overwrite(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")
     assert main(["export-onnx", "--model", "tiny", "--out", str(tmp_path)]) == 2
@@ -382,6 +461,26 @@ def test_overlay_of_a_monochrome1_image_is_shown_as_the_model_saw_it(tmp_path):
     grey = (png[..., 0] == png[..., 1]) & (png[..., 1] == png[..., 2])  # pixels no region colours
     assert volume.invert_display and grey.sum() > grey.size // 4
     assert np.array_equal(png[grey], shown[grey])
+
+
+def test_modality_is_taken_as_the_engine_keeps_it_or_refused(tmp_path, capsys):
+    """--modality "CT " (a pasted space) was another modality than CT: the CT slice got a percentile window instead
+    of CT's (overlay pixels differed by up to 229 grey levels); a value the server's upload refuses ran too."""
+    ct = PYDICOM_FILES / "CT_small.dcm"
+    overlays = {}
+    for modality in ("CT", " ct "):
+        overlays[modality] = tmp_path / f"{len(overlays)}.png"
+        assert main(["ask", str(ct), "What is shown?", "--modality", modality, "--overlay", str(overlays[modality]),
+                     "--model", "tiny", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=int) for path in overlays.values()]
+    assert pixels[0].shape == pixels[1].shape and np.abs(pixels[0] - pixels[1]).max() == 0
+    capsys.readouterr()
+    for bad in ("C-T", "", "X" * 17):
+        with pytest.raises(SystemExit) as exit_info:
+            _parser().parse_args(["ask", str(ct), Q, "--modality", bad])
+        assert exit_info.value.code == 2
+        assert _err(capsys).splitlines()[-1] == (f"medsight ask: error: argument --modality: {bad!r} is not a "
+                                                 "modality: use letters and digits, at most 16 (CT, MR, US, ...)")
 
 
 def test_lossy_compressed_dicom_is_noted(capsys):

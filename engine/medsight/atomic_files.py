@@ -36,7 +36,10 @@ def replace_file(path: Path, write: Callable[[Path], None], suffix: str = "") ->
 
 def replace_files(files: list[tuple[Path, Callable[[Path], None], str]]) -> None:
     """Replace files that belong together (an image and its labels sidecar), each given as (path, write, suffix):
-    every temporary is written before any is renamed, so a failed or interrupted write leaves the old files."""
+    every temporary is written before any is renamed, so a failed or interrupted write leaves the old files.
+    A path that is a symbolic link is written through, as open(), cp and the shell's > do: its target is replaced
+    and the link stays (renaming onto the link itself replaced the link and left the target's old content)."""
+    files = [(written_file(path), write, suffix) for path, write, suffix in files]
     temporaries: list[Path] = []
     try:
         for path, write, suffix in files:
@@ -49,6 +52,11 @@ def replace_files(files: list[tuple[Path, Callable[[Path], None], str]]) -> None
         raise
     for folder in dict.fromkeys(path.parent for path, _, _ in files):
         sync_folder(folder)
+
+
+def written_file(path: str | os.PathLike[str]) -> Path:
+    """The file a write to `path` replaces: a symbolic link's target (links written through), else `path` itself."""
+    return Path(os.path.realpath(path) if os.path.islink(path) else path)
 
 
 def sync_folder(folder: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -28,13 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--model", default="demo",
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
-    ask.add_argument("--vision-file", help=VISION_FILE_HELP)
+    ask.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES,
                      help="default: axial, or the plane a 2D image lies in (its only plane with slices)")
-    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9', all within the plane "
-                     "(default: the middle slice)")
+    ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice): voxel "
+                     "indices along the plane's axis in the volume's own order, as Slicer's Data Probe (IJK) and the "
+                     "MedSIGHT panel's slice range count them; slice 0 is the volume's first, which may be the top "
+                     "or the bottom")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
-    ask.add_argument("--modality", help="override the modality (CT, MR, US, ...)")
+    ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
+                     "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
                      help="letterbox keeps the whole slice; crop is the official centre crop")
@@ -42,22 +46,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: GenerationOptions' (the official limit)")
     ask.add_argument("--batch", type=_at_least(int, 1), default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ask.add_argument("--out", help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json labels "
-                     "sidecar), .dcm (DICOM input only); never the input; missing folders are created")
-    ask.add_argument("--overlay", help="write a slice with its masks drawn on it to this .png")
+    ask.add_argument("--out", type=_path, help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json "
+                     "labels sidecar), .dcm (DICOM input only); never the input; missing folders are created")
+    ask.add_argument("--overlay", type=_path, help="write a slice with its masks drawn on it to this .png")
     ask.add_argument("--overwrite", action="store_true",
-                     help="replace existing --out (and its sidecar) and --overlay files (else they are refused)")
+                     help="replace existing --out (and its sidecar) and --overlay files (else they are refused); a "
+                     "symbolic link is written through: its target gets the new file")
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
                      "when a write failed) and errors (one message per output not written)")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
-    serve.add_argument("--vision-file", help=VISION_FILE_HELP)
+    serve.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8765, help="1..65535 (default 8765)")
-    serve.add_argument("--token-file", help="file holding the bearer token clients must send (needed for any "
-                       "non-loopback host); or set MEDSIGHT_TOKEN. Never on the command line: others can read it")
+    serve.add_argument("--token-file", type=_path, help="file holding the bearer token clients must send (needed for "
+                       "any non-loopback host); or set MEDSIGHT_TOKEN. Never on the command line: others can read it")
     serve.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: visible in the process list
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name clients may use (e.g. behind a proxy); loopback names and --host "
@@ -75,16 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=_at_least(int, 1), default=None,
                        help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
                        "parameters, else the CPU cores this process may use)")
-    serve.add_argument("--audit", metavar="FILE", help="append one JSON line per job to FILE: model, weights hash, "
-                       "volume hash, slices, options, region codes and labels, outcome; never question or answer "
-                       "text, pixels or identifiers")
+    serve.add_argument("--audit", metavar="FILE", type=_path, help="append one JSON line per job to FILE: model, "
+                       "weights hash, volume hash, slices, options, region codes and labels, outcome; never question "
+                       "or answer text, pixels or identifiers")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                        help="what the engine prints: info (default) adds a line per job and upload (ids, sizes, "
                        "timings; never questions, answers or pixels)")
 
     for command in (ask, serve):
-        command.add_argument("--adapter", help="LoRA adapter folder (official layout: adapter_config.json, adapter "
-                             "weights, non_lora_trainables.bin) applied to --model")
+        command.add_argument("--adapter", type=_path, help="LoRA adapter folder (official layout: adapter_config.json, "
+                             "adapter weights, non_lora_trainables.bin) applied to --model")
         # Mirrors medsight.model.perceiver.ATTENTION_IMPLEMENTATIONS (not imported: `--help` stays free of torch).
         command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="sdpa",
                              help="sdpa (default) is PyTorch's fused attention kernel (same values within float "
@@ -102,9 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
     onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id (default: tiny, random "
                       "weights: name the model the engine serves)")
-    onnx.add_argument("--vision-file", help=VISION_FILE_HELP)
-    onnx.add_argument("--out", required=True, help="folder for the .onnx graphs and manifest.json (created if "
-                      "missing)")
+    onnx.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
+    onnx.add_argument("--out", required=True, type=_path, help="folder for the .onnx graphs and manifest.json "
+                      "(created if missing)")
     onnx.add_argument("--overwrite", action="store_true", help="replace the graphs and manifest the folder holds")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
@@ -117,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("repo", nargs="?", help="repository id, REPO_ID[@REVISION] (default: the released "
                           "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
-    download.add_argument("--dir", help="copy the files into this folder instead of only caching them")
+    download.add_argument("--dir", type=_path, help="copy the files into this folder instead of only caching them")
     download.add_argument("--codebook", action="store_true",
                           help="also the stage-2 codebook file (not needed to answer questions)")
     download.add_argument("--yes", action="store_true", help="do not ask before a large download")
@@ -142,6 +147,27 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
     return port
+
+
+def _path(text: str) -> str:
+    """argparse type: a file or folder name, never empty. An empty one (`--out "$UNSET"`) was taken as not given:
+    no segmentation, overlay or audit log was written and the command still succeeded; export-onnx wrote into the
+    current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name: give a file or folder")
+    return text
+
+
+def _modality(text: str) -> str:
+    """argparse type: a modality as the engine keeps it (upper case, the server's rule for an upload's modality).
+    "CT " (a pasted space) was taken as another modality than CT: the slices got a percentile window, not CT's."""
+    from medsight.imaging.volume import MODALITY_PATTERN
+
+    value = text.strip().upper()
+    if not re.fullmatch(MODALITY_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a modality: use letters and digits, at most 16 (CT, MR, "
+                                         "US, ...)")
+    return value
 
 
 def _at_least(kind: type[int] | type[float], low: float, exclusive: bool = False) -> Callable[[str], float]:
@@ -177,9 +203,10 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import medsight
-    from medsight.onnx_export import export_onnx, export_packages, require_packages
+    from medsight.onnx_export import check_opset, export_onnx, export_packages, require_packages
 
     require_packages(*export_packages(args.exporter))
+    check_opset(args.opset)  # before the model loads (minutes for the full model), not after
     check_vision_file(args)
     check_export_folder(args.out, args.overwrite)
     model = medsight.load_model(args.model, device="cpu", dtype=torch.float32, vision_file=args.vision_file,

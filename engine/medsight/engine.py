@@ -286,9 +286,7 @@ class Engine:
         if not questions:
             roles = ", ".join(dict.fromkeys(m.role for m in turns))
             raise ValueError(f"the conversation has no user message (only {roles}); ask something about the image")
-        if not questions[-1].strip():
-            # A blank question still makes a prompt, and the model answers it with whatever it likes.
-            raise ValueError("the question is empty; ask something about the image")
+        check_question(questions[-1])
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
         # Checked here, before any image is encoded (the language model would refuse it only after).
         length, limit = self.prompt_length(prompt), self.model.config.llm.max_sequence_length
@@ -507,6 +505,12 @@ class _StopFlags:
 
     def cancelled(self) -> bool:
         return self.abandoned() or (self.cancel is not None and self.cancel.is_set())
+
+
+def check_question(question: str) -> None:
+    """Refuse a blank question: it still makes a prompt, and the model answers it with whatever it likes."""
+    if not question.strip():
+        raise ValueError("the question is empty; ask something about the image")
 
 
 def _sync(device: torch.device) -> None:

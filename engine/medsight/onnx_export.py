@@ -105,6 +105,16 @@ def require_packages(*names: str) -> None:
         raise ValueError(f"the ONNX path needs {', '.join(missing)}: {ONNX_EXTRA}")
 
 
+#: The oldest ONNX opset the graphs can be written in: LayerNormalization came with 17.
+MIN_OPSET = 17
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the graphs cannot be written in (`medsight export-onnx` asks before loading the model)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), not {opset}")
+
+
 def export_packages(exporter: str) -> tuple[str, ...]:
     """Packages an export needs: onnx always (both exporters write through it), onnxscript for dynamo only ("auto"
     falls back to TorchScript without it)."""
@@ -223,8 +233,7 @@ def export_onnx(
         exporter: "auto" (dynamo, then TorchScript on failure), "dynamo" or "torchscript".
         optimize: run the dynamo exporter's graph optimiser (onnxruntime optimises again at load time).
     """
-    if opset < 17:
-        raise ValueError("opset must be >= 17 (LayerNormalization)")
+    check_opset(opset)
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError("exporter must be 'auto', 'dynamo' or 'torchscript'")
     require_packages(*export_packages(exporter))

@@ -16,6 +16,10 @@ def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
                          "choose another file name (the input is never replaced)")
     if os.path.isdir(path):
         raise ValueError(f"{what} {path} is a folder: give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A device or pipe (/dev/null, a FIFO), or a link to one: the atomic write would have replaced it by a
+        # regular file (as root, /dev/null itself).
+        raise ValueError(f"{what} {path} is not a regular file (a device or pipe): give a file name")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{what} {path} already exists: pass --overwrite to replace it")
     check_folder_writable(path, f"{what} {path}")

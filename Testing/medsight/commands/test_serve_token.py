@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from medsight.cli import _parser
+from medsight.cli import _parser, main
 from medsight.commands.serve import _serve_token
 
 
@@ -31,6 +31,16 @@ def test_unreadable_or_empty_token_file_is_a_clear_error(tmp_path):
     (tmp_path / "empty").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
         _serve_token(serve_args("--token-file", str(tmp_path / "empty")))
+
+
+def test_a_token_file_that_is_not_text_is_named_in_one_line(tmp_path, capsys):
+    """A binary token file gave only the codec's words ("'utf-8' codec can't decode byte 0xff ..."), naming no file."""
+    path = tmp_path / "token.bin"
+    path.write_bytes(b"\xff\xfe\x00token")
+    path.chmod(0o600)
+    assert main(["serve", "--token-file", str(path), "--model", "/no/such/model/folder"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"medsight: error: the token file {path} is not UTF-8 text: write "
+                                                    "the token as plain text"]
 
 
 def test_help_no_longer_offers_a_token_argument():

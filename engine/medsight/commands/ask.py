@@ -14,8 +14,10 @@ from medsight.commands.options import check_vision_file
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from medsight.engine import check_question
     from medsight.imaging import slice_count
 
+    check_question(args.question)  # the Engine's own check, before the model loads (minutes for the full model)
     check_ask_outputs(args)  # before any work: a refused output must not cost a model load and inference
     check_vision_file(args)
     volume = _read_input(args)

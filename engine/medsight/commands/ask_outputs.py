@@ -4,6 +4,7 @@ and written after the answers are printed."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from medsight.commands.errors import error_message
@@ -12,6 +13,7 @@ from medsight.output_paths import check_output
 
 def check_ask_outputs(args: argparse.Namespace) -> None:
     """--out (and a NIfTI's sidecar) and --overlay: known format, not an input, not kept files, writable."""
+    from medsight.atomic_files import written_file
     from medsight.imaging import writer_for
     from medsight.imaging.export_nifti import sidecar_path
 
@@ -19,7 +21,8 @@ def check_ask_outputs(args: argparse.Namespace) -> None:
         _named("--out", writer_for, args.out)  # an unknown format fails before the model runs
         check_output(args.out, "--out", args.path, args.overwrite)
         if args.out.lower().endswith((".nii", ".nii.gz")):
-            check_output(sidecar_path(args.out), f"--out {args.out}: its labels sidecar", args.path, args.overwrite)
+            sidecar = sidecar_path(os.fspath(written_file(args.out)))  # beside a link's target, where it is written
+            check_output(sidecar, f"--out {args.out}: its labels sidecar", args.path, args.overwrite)
     if args.overlay:
         if not args.overlay.lower().endswith(".png"):
             raise ValueError(f"--overlay {args.overlay}: the overlay is a PNG; give a file name ending in .png")

@@ -96,6 +96,9 @@ def _serve_token(args: argparse.Namespace) -> str | None:
                 token = f.read().strip()
         except OSError as err:
             raise ValueError(f"cannot read the token file {args.token_file}: {err.strerror}") from None
+        except UnicodeDecodeError:  # the bare codec message named neither the file nor the option
+            raise ValueError(f"the token file {args.token_file} is not UTF-8 text: write the token as plain "
+                             "text") from None
         if not token:
             raise ValueError(f"the token file {args.token_file} is empty")
         _warn_if_others_can_read(args.token_file)

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medsight.atomic_files import replace_files
+from medsight.atomic_files import replace_files, written_file
 from medsight.naming import TISSUE, Code, Term
 
 from .errors import ImagingError
@@ -88,7 +88,9 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
         },
         "ijk_to_ras": ref.ijk_to_ras.tolist(),
     }
-    json_path = sidecar_path(path)
+    # Written through a symbolic link, the labelmap lands at the link's target: its labels go beside it (beside
+    # the link, the target kept its old sidecar under the new labelmap).
+    json_path = sidecar_path(os.fspath(written_file(path)))
     suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"  # nibabel picks the format by the name
     try:
         # Both whole or neither: an interrupted or failed write keeps the labelmap and sidecar it would replace.

@@ -11,6 +11,10 @@ from .errors import ImagingError
 # LPS (DICOM, ITK) and RAS (Slicer, NIfTI) differ by the sign of the first two axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+#: A modality as DICOM's Modality attribute writes it (CT, MR, US, PT, ...): letters and digits, at most 16. Only CT
+#: changes what the model sees (Hounsfield windows and the CT window presets); the prompt does not name the modality.
+MODALITY_PATTERN = r"^[A-Za-z0-9]{1,16}$"
+
 #: Default upper bound on voxels (x components) a reader accepts: 1024^3, i.e. 2 GiB of int16.
 MAX_VOXELS = 1024**3
 

@@ -28,6 +28,7 @@ from medsight._version import __version__
 from medsight.engine import Engine, EngineAnswer, VolumeSlices
 from medsight.imaging import ImagingError, Volume, slice_count, slice_for_view
 from medsight.imaging.slicing import slice_planes
+from medsight.imaging.volume import MODALITY_PATTERN
 from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
@@ -254,7 +255,7 @@ def create_app(
     @app.post("/v1/volumes", response_model=schemas.VolumeInfo, status_code=201)
     async def upload_volume(
         request: Request,
-        modality: str = Query("OT", max_length=16, pattern=r"^[A-Za-z0-9]+$"),
+        modality: str = Query("OT", max_length=16, pattern=MODALITY_PATTERN),
         spacing: str | None = Query(None, description="sx,sy,sz in mm (i, j, k)"),
         origin: str | None = Query(None, description="LPS position of voxel (0,0,0) in mm"),
         direction: str | None = Query(None, description="9 numbers, row-major 3x3, columns = i, j, k in LPS"),
