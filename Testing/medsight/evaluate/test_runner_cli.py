@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from medsight.evaluate.runner import (
     select_items,
     shard_from_env,
 )
-from medsight_testing.torchrun import torchrun, torchrun_command
+from medsight_testing.torchrun import interrupt_torchrun, torchrun
 
 ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
 
@@ -285,15 +284,6 @@ def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(diagseg, tmp
     data.write_text(json.dumps(many), encoding="utf-8")
     args = ["-m", "medsight.evaluate.cli", "diagseg", "--data", str(data), "--report", str(tmp_path / "report"),
             *[a for a in ARGS if a != "--quiet"]]
-    command, env = torchrun_command(2, args)
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
-    seen = b""
-    while not (b"shard 0/2" in seen and b"shard 1/2" in seen):  # both ranks have their model and items
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
-    os.killpg(process.pid, signal.SIGINT)  # as the terminal sends it: to torchrun and every rank
-    err = (seen + process.stderr.read()).decode(errors="replace")
-    process.wait(timeout=120)
+    err = interrupt_torchrun(2, args, started=(b"shard 0/2", b"shard 1/2"))  # both ranks have their model and items
     assert err.count("medsight eval: interrupted") == 1, err
     assert "KeyboardInterrupt" not in err, err

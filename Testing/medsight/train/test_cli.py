@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from medsight.train.loop import FINAL_DIR
-from medsight_testing.torchrun import torchrun_command
+from medsight_testing.torchrun import interrupt_torchrun, torchrun_command
 from medsight_testing.train_data import write_synthetic
 
 WORLD = 2
@@ -48,16 +47,7 @@ def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(data, tmp_pa
     """Ctrl+C reaches every process of the terminal's foreground group: each rank printed its KeyboardInterrupt
     traceback (or gloo's 'Connection closed by peer' and then that), 136 lines for 2 ranks. Now rank 0 says
     "interrupted" once. (torchrun's own agent still prints the SignalException it ends with: not ours to change.)"""
-    command, env = torchrun_command(WORLD, stage1(data, tmp_path / "run", 10_000))
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
-    seen = b""
-    while b"step 1/" not in seen:  # the ranks are training
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, seen.decode(errors="replace")
-        seen += chunk
-    os.killpg(process.pid, signal.SIGINT)  # as the terminal sends it: to torchrun and every rank
-    err = (seen + process.stderr.read()).decode(errors="replace")
-    process.wait(timeout=120)
+    err = interrupt_torchrun(WORLD, stage1(data, tmp_path / "run", 10_000), started=b"step 1/")  # training
     from_ranks = [line for line in err.splitlines() if line.startswith("[rank")]
     assert err.count("medsight train: interrupted") == 1 and not from_ranks, err
     assert "KeyboardInterrupt" not in err, err

@@ -29,3 +29,22 @@ def torchrun(world: int, args: list[str], timeout: float = 400) -> subprocess.Co
     errors = "\n".join(line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line)
     assert done.returncode == 0, errors[-3000:] + "\n" + done.stdout[-2000:] + done.stderr[-4000:]
     return done
+
+
+def interrupt_torchrun(world: int, args: list[str], started: bytes | tuple[bytes, ...]) -> str:
+    """Start `torchrun_command`, wait until its stderr holds every ``started`` marker (the ranks are at work), then
+    press Ctrl+C as a terminal does (SIGINT to torchrun and every rank); return all it wrote to stderr."""
+    import signal
+
+    markers = (started,) if isinstance(started, bytes) else started
+    command, env = torchrun_command(world, args)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while not all(marker in seen for marker in markers):
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")  # it ended before it was at work
+        seen += chunk
+    os.killpg(process.pid, signal.SIGINT)
+    err = (seen + process.stderr.read()).decode(errors="replace")
+    process.wait(timeout=120)
+    return err
