@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
@@ -61,6 +62,27 @@ BODY_PARSE_ERRORS = {
     RecursionError: "it is nested too deeply",
     ValueError: "a number in it is too long",  # Python refuses integers of over 4300 digits
 }
+
+
+class WithheldExceptionText(logging.Filter):
+    """Uvicorn logs an exception that escapes the app ("Exception in ASGI application") with its traceback, message
+    included: the message of an unexpected error may quote the question or values of the request. The record keeps
+    the frames and the exception's type; the message is withheld."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            frames = "".join(traceback.format_tb(err.__traceback__))
+            record.msg = f"{record.getMessage()}\nTraceback (message withheld: it may hold patient data):\n{frames}" \
+                         f"{type(err).__name__}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _withhold_uvicorn_exception_text() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, WithheldExceptionText) for f in logger.filters):
+        logger.addFilter(WithheldExceptionText())
 
 
 class ApiError(Exception):
@@ -152,6 +174,7 @@ def create_app(
         if audit is not None:
             audit.close()
 
+    _withhold_uvicorn_exception_text()
     app = FastAPI(
         lifespan=lifespan,
         dependencies=[Depends(_known_query)],
