@@ -93,14 +93,23 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+#: The longest error message sent: messages quote the field names and values they refuse, and a request naming an
+#: unknown field, volume or window preset of a megabyte got that megabyte back.
+MAX_ERROR_MESSAGE = 2000
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE - 1] + "\u2026"
+
+
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"code": code, "message": message}, headers=headers)
+    return JSONResponse(status_code=status, content={"code": code, "message": _short(message)}, headers=headers)
 
 
 def _error_json(err: BaseException) -> str:
     """The ErrorBody of an exception raised by a job after its response started."""
     if isinstance(err, ApiError):
-        body = {"code": err.code, "message": err.message}
+        body = {"code": err.code, "message": _short(err.message)}
     else:
         body = {"code": "internal_error", "message": f"the engine failed: {type(err).__name__}"}
     return json.dumps(body, separators=(",", ":"))
