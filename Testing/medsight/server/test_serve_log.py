@@ -174,6 +174,9 @@ def test_an_unexpected_error_is_logged_without_its_message(engine, monkeypatch):
         try:
             reply = httpx.post(f"{url}/v1/ask", json={"volume_id": upload.json()["volume_id"], "slices": {
                 "indices": [1]}, "messages": [{"role": "user", "content": QUESTION}]}, timeout=60)
+            deadline = time.monotonic() + 60
+            while not lines and time.monotonic() < deadline:  # uvicorn logs it after the 500 went out
+                time.sleep(0.01)
         finally:
             uvicorn_log.removeHandler(handler)
     assert reply.status_code == 500 and reply.json()["code"] == "internal_error", reply.text
