@@ -396,3 +396,21 @@ def test_seeded_fuzz_over_every_endpoint_gives_no_5xx(hardened, volume_id):
         valid_ask(c, volume_id)
     assert sum(statuses.values()) >= 2000, statuses
     assert time.monotonic() - t0 < 300
+
+
+def test_refusals_do_not_echo_a_huge_field_name_or_value_back(hardened, volume_id):
+    """Error messages quote what they refuse: a megabyte-long unknown field, volume id, window preset or option name
+    came back whole in the 422 (1,000,071 bytes for the field). Now the message is cut at MAX_ERROR_MESSAGE."""
+    from medsight.server.app import MAX_ERROR_MESSAGE
+
+    huge = "X" * (MAX_ASK_BODY_BYTES // 4)
+    base = {"volume_id": volume_id, "slices": {"indices": [1]}, "messages": [{"role": "user", "content": "Where?"}]}
+    bodies = {"field": {**base, huge: 1}, "volume": {**base, "volume_id": huge},
+              "preset": {**base, "window": {"preset": huge}}, "option": {**base, "options": {huge: 1}}}
+    with httpx.Client(base_url=hardened, timeout=60) as c:
+        for name, body in bodies.items():
+            r = c.post("/v1/ask", json=body)
+            assert r.status_code == 422, (name, r.status_code)
+            assert r.json()["code"] in ("invalid_request", "unknown_volume", "invalid_window"), (name, r.json()["code"])
+            assert len(r.json()["message"]) <= MAX_ERROR_MESSAGE, name
+            assert len(r.content) < 2 * MAX_ERROR_MESSAGE, (name, len(r.content))

@@ -3,6 +3,8 @@ bound gives 429, and `--timeout` counts running time only."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,3 +291,33 @@ def test_retry_after_estimates_from_completed_asks_not_cancelled_ones(engine):
     assert len([j for j in jobs.history if j.stop_reason == "cancelled"]) == 4 * (waiting + 1)
     print(f"Retry-After with a full queue, after 0 to 12 cancelled asks: {estimates} s")
     assert estimates == [estimates[0]] * 4, estimates
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_job_failing_after_its_client_left_logs_no_message(queue_server, engine, monkeypatch, caplog, stream):
+    """Nobody read the exception of a job that failed after its client hung up, so asyncio logged it when the
+    future was collected ("Future exception was never retrieved"), message and all: here the question, quoted by
+    the failing step. The failure is logged by its type only (`run_job`), and asyncio logs nothing."""
+    url, app, vid = queue_server
+    question = "Is the DOE^JOHN liver lesion malignant?"
+
+    def fails_after_the_hang_up(slices, messages, *args, cancel, **kwargs):
+        cancel.wait(60)  # until the handler sees the hang-up
+        raise RuntimeError(f"could not encode {messages[-1].content!r}")
+
+    monkeypatch.setattr(engine, "ask", fails_after_the_hang_up)
+    body = {**ask_body(vid, {"max_new_tokens": 1}, stream=stream),
+            "messages": [{"role": "user", "content": question}]}
+    caplog.set_level(logging.DEBUG)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/v1/ask", json=body) as r:
+            job_id = r.headers["x-job-id"]  # hang up at once
+        deadline = time.monotonic() + 60
+        while not [j for j in app.state.jobs.history if j.id == job_id]:
+            assert time.monotonic() < deadline, "the abandoned job never finished"
+            time.sleep(0.01)
+        assert c.get("/v1/health").status_code == 200  # the event loop has settled the job's future since
+    gc.collect()  # asyncio logs an unretrieved exception when its future is collected
+    logged = "\n".join(caplog.text.splitlines())
+    assert f"job {job_id} failed: RuntimeError" in logged, logged
+    assert "never retrieved" not in logged and "DOE^JOHN" not in logged, logged[-2000:]

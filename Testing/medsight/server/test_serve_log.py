@@ -4,6 +4,7 @@ fewer with --log-level warning; and a warning when other users can read the toke
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -147,3 +148,39 @@ def test_ctrl_c_during_an_upload_tells_its_client_instead_of_a_traceback():
     text = reply.decode("latin-1")
     assert text.startswith("HTTP/1.1 503") and '"code": "stopping"' in text, text[:300]
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err[-3000:]
+
+
+def test_an_unexpected_error_is_logged_without_its_message(engine, monkeypatch):
+    """An exception escaping the app is logged by uvicorn ("Exception in ASGI application") with its traceback; its
+    message may quote the request (here a failing tokenizer quotes the question). Before the fix the line ended
+    `KeyError: 'Where is the secret-looking liver?'`; now it keeps the frames and the type, not the message."""
+    from medsight.server import app as app_module
+    from medsight.server.app import create_app
+    from medsight_testing.arrays import npy
+    from medsight_testing.live_server import live_server
+
+    def failing_tokenizer(_engine, messages):
+        raise KeyError(messages[-1].content)
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with live_server(create_app(engine, model_name="tiny")) as url:
+        volume = np.random.default_rng(0).integers(-200, 200, (3, 16, 16)).astype(np.int16)
+        upload = httpx.post(f"{url}/v1/volumes", content=npy(volume), headers={"content-type": "application/x-npy"})
+        monkeypatch.setattr(app_module, "prompt_tokens", failing_tokenizer)
+        uvicorn_log.addHandler(handler)
+        try:
+            reply = httpx.post(f"{url}/v1/ask", json={"volume_id": upload.json()["volume_id"], "slices": {
+                "indices": [1]}, "messages": [{"role": "user", "content": QUESTION}]}, timeout=60)
+            deadline = time.monotonic() + 60
+            while not lines and time.monotonic() < deadline:  # uvicorn logs it after the 500 went out
+                time.sleep(0.01)
+        finally:
+            uvicorn_log.removeHandler(handler)
+    assert reply.status_code == 500 and reply.json()["code"] == "internal_error", reply.text
+    logged = "\n".join(lines)
+    assert "Exception in ASGI application" in logged and "failing_tokenizer" in logged, logged  # frames kept
+    assert logged.rstrip().endswith("KeyError"), logged[-300:]
+    assert QUESTION not in logged and "liver" not in logged, logged[-300:]

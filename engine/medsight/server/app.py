@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
@@ -64,6 +65,27 @@ BODY_PARSE_ERRORS = {
 }
 
 
+class WithheldExceptionText(logging.Filter):
+    """Uvicorn logs an exception that escapes the app ("Exception in ASGI application") with its traceback, message
+    included: the message of an unexpected error may quote the question or values of the request. The record keeps
+    the frames and the exception's type; the message is withheld."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            frames = "".join(traceback.format_tb(err.__traceback__))
+            record.msg = f"{record.getMessage()}\nTraceback (message withheld: it may hold patient data):\n{frames}" \
+                         f"{type(err).__name__}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _withhold_uvicorn_exception_text() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, WithheldExceptionText) for f in logger.filters):
+        logger.addFilter(WithheldExceptionText())
+
+
 class ApiError(Exception):
     """An error with an HTTP status and a machine code; rendered as ErrorBody."""
 
@@ -72,14 +94,23 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+#: The longest error message sent: messages quote the field names and values they refuse, and a request naming an
+#: unknown field, volume or window preset of a megabyte got that megabyte back.
+MAX_ERROR_MESSAGE = 2000
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE - 1] + "\u2026"
+
+
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"code": code, "message": message}, headers=headers)
+    return JSONResponse(status_code=status, content={"code": code, "message": _short(message)}, headers=headers)
 
 
 def _error_json(err: BaseException) -> str:
     """The ErrorBody of an exception raised by a job after its response started."""
     if isinstance(err, ApiError):
-        body = {"code": err.code, "message": err.message}
+        body = {"code": err.code, "message": _short(err.message)}
     else:
         body = {"code": "internal_error", "message": f"the engine failed: {type(err).__name__}"}
     return json.dumps(body, separators=(",", ":"))
@@ -162,6 +193,7 @@ def create_app(
         if audit is not None:
             audit.close()
 
+    _withhold_uvicorn_exception_text()
     app = FastAPI(
         lifespan=lifespan,
         dependencies=[Depends(_known_query)],

@@ -255,5 +255,8 @@ def _settle(future: asyncio.Future, outcome: str, value: Any) -> None:
         return
     if outcome == "error":
         future.set_exception(value)
+        # Marked as read: when the client has left nobody reads it, and asyncio would log it, message and all (it may
+        # quote the question); `run_job` has logged the failure by its type.
+        future.exception()
     else:
         future.set_result(value)
