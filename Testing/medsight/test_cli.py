@@ -249,6 +249,8 @@ def test_a_nifti_written_through_a_link_gets_its_labels_beside_the_target(brain,
     assert seg.labelmap.shape == read_volume(brain).shape and seg.segments
     assert "earlier label" not in [s.name for s in seg.segments]
     assert link.is_symlink() and not (tmp_path / "latest.json").exists()
+    # Read back through the link, as written: the reader found no sidecar beside the link.
+    assert [s.name for s in read_nifti_labelmap(link).segments] == [s.name for s in seg.segments]
 
 
 def test_an_output_that_is_a_pipe_or_a_link_to_one_is_refused(brain, tmp_path, capsys):

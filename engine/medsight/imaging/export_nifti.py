@@ -104,11 +104,14 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
 
 def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
     """Read a labelmap written by `write_nifti_labelmap` or by the Slicer module's NIfTI export (the same sidecar,
-    `MedSIGHTSlicerLib.nifti_sidecar`); the sidecar must sit next to it. Files exported by earlier module versions,
-    whose sidecar held only ``{"labels": {"<value>": "<name>"}}``, still read (names only)."""
+    `MedSIGHTSlicerLib.nifti_sidecar`). The sidecar sits next to it, or, for a symbolic link, next to its target
+    (where the writer puts it). Files exported by earlier module versions, whose sidecar held only
+    ``{"labels": {"<value>": "<name>"}}``, still read (names only)."""
     path = os.fspath(path)
     vol = read_nifti(path, modality="SEG")
     json_path = sidecar_path(path)
+    if not os.path.exists(json_path):
+        json_path = sidecar_path(os.fspath(written_file(path)))  # a link: the writer put the sidecar beside its target
     try:
         with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
