@@ -25,6 +25,7 @@ import contextlib
 import http.client
 import json
 import logging
+import re
 import socket
 import time
 import urllib.parse
@@ -159,6 +160,13 @@ def _error_from_response(
         elif "detail" in body:  # a framework's default error shape
             detail = body["detail"]
             message = detail if isinstance(detail, str) else json.dumps(detail)[:_MAX_ERROR_TEXT]
+    elif isinstance(body, str) and body.lstrip().startswith("<"):
+        # The engine only answers JSON: a web page (a proxy's "502 Bad Gateway", another server on this address)
+        # is named by its title, not pasted whole into the error line.
+        title = re.search(r"<title[^>]*>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
+        page = " ".join((title.group(1) if title else "").split())[:200] or reason or f"HTTP {status}"
+        message = (f"{url.split('?')[0]} answered with a web page ({page!r}) instead of the engine's reply: a proxy "
+                   "in between may have lost the engine, or another program answers at this address")
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:_MAX_ERROR_TEXT]
     if not message:

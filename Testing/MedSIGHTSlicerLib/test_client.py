@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError
+from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError, describe_error
 from MedSIGHTSlicerLib.protocol import npy_bytes, npy_parts
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
@@ -317,6 +317,20 @@ def test_non_json_error_body(fake):
     with pytest.raises(MedSIGHTError) as info:
         client_for(fake).ask("v", "q")
     assert (info.value.status, info.value.code, info.value.message) == (500, "http_500", "Internal Server Error")
+
+
+@pytest.mark.parametrize(("status", "title"), [(502, "502 Bad Gateway"), (504, "504 Gateway Time-out")])
+def test_a_proxys_error_page_is_named_by_its_title_not_pasted_whole(fake, status, title):
+    """A proxy in front of the engine answers an HTML page: the error line showed the whole page's markup."""
+    page = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
+            "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n").encode()
+    fake.add("POST", "/v1/ask", fake.reply(status, page, content_type="text/html"))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake).ask_stream("v", "q")
+    err = info.value
+    assert (err.status, err.code, err.body) == (status, f"http_{status}", page.decode())
+    assert repr(title) in err.message and "proxy" in err.message
+    assert "<" not in describe_error(err) and describe_error(err).count(title) == 1
 
 
 def test_framework_detail_error_body(fake):
