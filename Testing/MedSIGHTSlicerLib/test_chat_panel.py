@@ -869,6 +869,31 @@ def test_answers_before_an_engine_error_reach_the_host(app, fake, volume):
         [(0, ["liver"])]]
 
 
+@pytest.mark.parametrize("kind", ["token", "region"])
+def test_an_event_about_a_slice_not_asked_is_a_clear_error(app, fake, volume, kind):
+    """A "token" or "region" event whose ``slice`` lies outside the slices asked (a faulty engine or proxy) showed
+    "Unexpected error: IndexError: list index out of range"; it is named as a malformed event, and the panel can ask
+    again."""
+    import json
+
+    def sse(kind: str, data) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    count = volume.array.shape[0]
+    region = {"code": "[M1_2]", "label": "liver", "index": 0, "probability": 0.9, "bbox": [1, 2, 3, 4]}
+    payload = {"slice": count, "text": "liver"} if kind == "token" else {"slice": count, "region": region}
+    info = {"volume_id": "ab" * 32, "shape": list(volume.array.shape), "modality": "CT", "slices": {"axial": count},
+            "bytes": volume.array.nbytes}
+    fake.add("POST", "/v1/volumes", fake.reply(201, info))
+    fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1", "plane": "axial", "indices": [1]}),
+                                          sse(kind, payload)]))
+    panel = make_panel(fake.url, volume)
+    assert panel.send("Where is the liver?")
+    pump(app, lambda: not panel.busy)
+    assert f"malformed '{kind}' event" in panel.error.text() and "IndexError" not in panel.error.text()
+    assert panel.status.text() == "Failed." and panel.send_button.isEnabled()
+
+
 def test_streamed_region_becomes_a_link_once_its_answer_arrived(app, fake, volume):
     """A region streams in long before its slice's answer (a chunk of many slices on a CPU): its chip was a link at
     once, but the host can centre on a region only once the answer brought its mask, so the click did nothing. The
