@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -74,6 +75,8 @@ ERROR_HINTS = {
     "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
     "or resampled) volume.",
     "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
+    "tls_error": "Check that the engine URL starts with https:// only when the engine is served over HTTPS, and that "
+    "this computer trusts the engine's certificate (one the engine signed itself is not trusted).",
 }
 #: The volume was sent again and the engine still does not have it: asking again would not help.
 RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
@@ -88,7 +91,7 @@ class MedSIGHTError(Exception):
             sends its status before its job runs, so a job that fails while running (a plain ask's error body, or a
             stream's "error" event) raises with status 200 and the engine's own code and message.
         code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
-            client's: "connection_error", "timeout", "bad_response", "stream_truncated", "http_<status>".
+            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated", "http_<status>".
         message: what went wrong, for people.
         body: the response body (decoded JSON when it was JSON, else text; None without a response).
         url: the request URL.
@@ -543,6 +546,12 @@ class MedSIGHTClient:
         except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             connection.close()
             raise MedSIGHTError(f"{method} {url} timed out after {seconds} s", code="timeout", url=url) from None
+        except ssl.SSLError as err:  # before OSError, its base: "is the engine running?" would mislead
+            connection.close()
+            what = getattr(err, "verify_message", None) or err.reason or str(err)
+            raise MedSIGHTError(
+                f"the secure (HTTPS) connection to {url} failed: {what}", code="tls_error", url=url
+            ) from None
         except (OSError, http.client.HTTPException) as err:
             connection.close()
             raise MedSIGHTError(

@@ -387,6 +387,21 @@ def test_connection_refused_names_the_url():
     assert info.value.status is None
 
 
+def test_https_to_an_engine_without_tls_names_the_secure_connection(fake):
+    """An https:// URL whose engine speaks plain HTTP (or whose certificate this computer does not trust: both fail in
+    the TLS handshake) was reported as "cannot reach the engine ... Is the engine running?", which sends the user to
+    start an engine that runs; the error names the secure connection and what to check."""
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH))
+    client = MedSIGHTClient(fake.url.replace("http://", "https://"), retries=0, timeout=5)
+    with pytest.raises(MedSIGHTError) as info:
+        client.health()
+    err = info.value
+    assert (err.status, err.code) == (None, "tls_error")
+    text = describe_error(err)
+    assert "HTTPS" in text and "certificate" in text and "Is the engine running" not in text
+    assert fake.hits("GET", "/v1/health") == 0  # the handshake failed: no request reached the server
+
+
 def test_timeouts_are_configurable_per_call(fake):
     fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5))
     client = client_for(fake, timeout=0.1, retries=0)
