@@ -147,7 +147,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _error_from_response(
-    status: int, raw: bytes, url: str, reason: str = "", retry_after: str | None = None
+    status: int, raw: bytes, url: str, reason: str = "", retry_after: str | None = None, location: str | None = None
 ) -> MedSIGHTError:
     text = raw.decode("utf-8", errors="replace")
     try:
@@ -172,6 +172,10 @@ def _error_from_response(
                    "in between may have lost the engine, or another program answers at this address")
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:_MAX_ERROR_TEXT]
+    if 300 <= status < 400 and location:
+        # Never followed: the bearer token would go wherever the redirect points.
+        message = (f"{url.split('?')[0]} redirects to {location.strip()[:200]}; redirects are not followed (the "
+                   "token is sent only to the engine URL set here): set the engine URL to the new address")
     if not message:
         message = f"{reason or 'HTTP error'} from {url}"
     return MedSIGHTError(message, status=status, code=code, body=body, url=url, retry_after=_retry_after(retry_after))
@@ -470,9 +474,8 @@ class MedSIGHTClient:
         )
         if response.status >= 300:
             try:
-                raise _error_from_response(
-                    response.status, response.read(), url, response.reason, response.getheader("Retry-After")
-                )
+                raise _error_from_response(response.status, response.read(), url, response.reason,
+                                           response.getheader("Retry-After"), response.getheader("Location"))
             finally:
                 connection.close()
         content_type = response.getheader("Content-Type", "")
@@ -579,7 +582,7 @@ class MedSIGHTClient:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                status, reason, raw, retry_after = self._exchange(method, path, query, body, content_type, timeout)
+                status, reason, raw, headers = self._exchange(method, path, query, body, content_type, timeout)
             except MedSIGHTError as err:
                 if last:
                     raise
@@ -603,7 +606,8 @@ class MedSIGHTClient:
                             url=url,
                         ) from None
                 if last or status not in RETRY_STATUSES:
-                    raise _error_from_response(status, raw, url, reason, retry_after)
+                    raise _error_from_response(status, raw, url, reason, headers.get("Retry-After"),
+                                               headers.get("Location"))
                 log.info("%s %s returned HTTP %d; retrying", method, url, status)
             time.sleep(self.backoff * (2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -616,12 +620,12 @@ class MedSIGHTClient:
         body: Body | None,
         content_type: str | None,
         timeout: float | None,
-    ) -> tuple[int, str, bytes, str | None]:
-        """Status, reason, body and the Retry-After header of one attempt."""
+    ) -> tuple[int, str, bytes, http.client.HTTPMessage]:
+        """Status, reason, body and headers of one attempt."""
         connection, response = self._send(method, path, query, body, content_type, timeout)
         url = self._url(path, query)
         try:
-            return response.status, response.reason, response.read(), response.getheader("Retry-After")
+            return response.status, response.reason, response.read(), response.msg
         except (socket.timeout, TimeoutError):  # distinct classes before Python 3.10 (Slicer 5.8)
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:

@@ -402,6 +402,29 @@ def test_https_to_an_engine_without_tls_names_the_secure_connection(fake):
     assert fake.hits("GET", "/v1/health") == 0  # the handshake failed: no request reached the server
 
 
+@pytest.mark.parametrize("call", ["health", "ask_stream"])
+def test_a_redirect_is_named_and_not_followed(fake, call):
+    """A 301 to another host is not followed (the bearer token would go there); the error said only "Moved
+    Permanently from <url>", not where the engine moved to."""
+    elsewhere = "http://other-host.example:9000/v1/health"
+
+    def moved(h) -> None:
+        h.send_response(301)
+        h.send_header("Location", elsewhere)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    fake.add("GET", "/v1/health", moved)
+    fake.add("POST", "/v1/ask", moved)
+    client = client_for(fake, token="secret", retries=0)
+    with pytest.raises(MedSIGHTError) as info:
+        client.health() if call == "health" else client.ask_stream("v", "q")
+    err = info.value
+    assert (err.status, err.code) == (301, "http_301")
+    assert elsewhere in describe_error(err) and "engine URL" in describe_error(err)
+    assert len(fake.requests) == 1 and fake.requests[0].headers["Authorization"] == "Bearer secret"
+
+
 def test_timeouts_are_configurable_per_call(fake):
     fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5))
     client = client_for(fake, timeout=0.1, retries=0)
