@@ -319,7 +319,10 @@ class MedSIGHTClient:
         retries: int = 2,
         backoff: float = 0.25,
     ) -> None:
-        parts = urllib.parse.urlsplit(base_url.strip())
+        try:
+            parts = urllib.parse.urlsplit(base_url.strip())
+        except ValueError:  # an unclosed IPv6 bracket: urllib's "Invalid IPv6 URL" would not name the URL
+            raise ValueError(f"base_url must look like http://host:port, got {base_url!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in parts.netloc):
             raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
         try:

@@ -50,7 +50,8 @@ def test_base_url_path_prefix_is_kept(fake):
 
 
 @pytest.mark.parametrize("url", ["http://host name:8765", "http://127.0.0.1:99999", "http://127.0.0.1:0",
-                                 "http://127.0.0.1:port", "ftp://127.0.0.1:8765", "127.0.0.1:8765"])
+                                 "http://127.0.0.1:port", "ftp://127.0.0.1:8765", "127.0.0.1:8765",
+                                 "http://[::1:8765", "http://::1]:8765"])
 def test_a_malformed_engine_url_is_refused_naming_it(url):
     """Typed into the module's URL box: refused at once with the URL, not later as a connection failure or with
     urllib's own words."""
