@@ -21,7 +21,7 @@ import vtk
 
 from . import geometry, views
 from .chat_panel import RegionLink, VolumeData, guess_modality
-from .client import MedSIGHTClient
+from .client import MedSIGHTClient, MedSIGHTError
 from .dicom_seg import dicom_modality
 from .protocol import SliceAnswer
 
@@ -186,13 +186,7 @@ class MedSIGHTSession:
         """The engine no longer has ``volume_id`` (it restarted, or evicted it): forget it, so no later question
         reuses it, and return the voxels to upload again (None when its volume left the scene). The chat panel's
         ``on_volume_unknown``."""
-        holders = []
-        for state in list(self._volumes.values()):
-            stale = [key for key, known in state.upload_ids.items() if known == volume_id]
-            for key in stale:
-                del state.upload_ids[key]  # identical voxels share one id: drop it everywhere
-            if stale and state.node.GetScene() is self.scene:
-                holders.append(state.node)
+        holders = self._drop_volume_id(volume_id)
         if not holders:
             return None
         # The question was asked about the bound volume: its key must get the new id (others may share the voxels).
@@ -202,6 +196,17 @@ class MedSIGHTSession:
             return None
         self._bound_grid = _grid_of(node)  # the question is asked again, about these voxels on this grid
         return source
+
+    def _drop_volume_id(self, volume_id: str) -> list[Any]:
+        """Forget ``volume_id`` for every volume (identical voxels share one id); returns those still in the scene."""
+        holders = []
+        for state in list(self._volumes.values()):
+            stale = [key for key, known in state.upload_ids.items() if known == volume_id]
+            for key in stale:
+                del state.upload_ids[key]
+            if stale and state.node.GetScene() is self.scene:
+                holders.append(state.node)
+        return holders
 
     def upload(self, node) -> str:
         """Upload ``node`` now (blocking; for scripts and tests) and return its volume id."""
@@ -296,8 +301,18 @@ class MedSIGHTSession:
         4x4 SliceToRAS in the volume's frame) instead of plane and indices. Returns the ``AskResult``."""
         if view is not None and not isinstance(view, np.ndarray):
             view = views.view_in_volume_frame(view, node)
-        result = self.client.ask(self.upload(node), question, plane=plane,
-                                 indices=list(indices) if indices is not None else (0,), options=options, view=view)
+        indices = list(indices) if indices is not None else (0,)
+        volume_id = self.upload(node)
+        try:
+            result = self.client.ask(volume_id, question, plane=plane, indices=indices, options=options, view=view)
+        except MedSIGHTError as err:
+            if err.code != "unknown_volume":
+                raise
+            # The engine restarted or evicted the volume: send it once more (a second refusal is raised), else the
+            # cached id would be refused on every later ask too.
+            self._drop_volume_id(volume_id)
+            result = self.client.ask(self.upload(node), question, plane=plane, indices=indices, options=options,
+                                     view=view)
         self.apply_answers(node, result.answers, question=question, model=result.model)
         return result
 

@@ -658,3 +658,26 @@ def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
     np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
     scene.RemoveNode(node)  # its observers go with its state
     session.stop_observing()
+
+
+def test_ask_after_an_engine_restart_sends_the_volume_again(engine):
+    """``session.ask`` (scripts) after the engine restarted: the cached volume id was sent again on every ask and
+    refused ("unknown_volume", whose hint says to ask again, which failed the same way); the volume is sent once more
+    and the question answered."""
+    import medsight.server.app
+    from medsight_testing.live_server import free_port, live_server
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    port = free_port()
+    voxels = (np.arange(3 * 12 * 10).reshape(3, 12, 10) % 61).astype(np.int16)
+    node = make_volume(scene, voxels, np.diag([0.8, 0.8, 2.0, 1.0]), name="CT")
+    with live_server(medsight.server.app.create_app(engine), port=port) as url:
+        session.connect(url)
+        volume_id = session.upload(node)
+    with live_server(medsight.server.app.create_app(engine), port=port):  # the same URL, a fresh engine
+        result = session.ask(node, "Where is the liver?", [1], options=SHORT)
+        assert [a.index for a in result.answers] == [1]
+        assert session.volume_source(node) == volume_id  # sent again: the same voxels get the same id, cached
+        assert session.client.volume_info(volume_id).shape == voxels.shape
+    session.stop_observing()
