@@ -231,7 +231,7 @@ class AskStream:
         kind, payload = self._pending.pop(0)
         try:
             event = StreamEvent.from_sse(kind, payload)
-        except ValueError as err:
+        except (ValueError, TypeError, KeyError) as err:  # as ``_json`` parses: e.g. int(None) is a TypeError
             self.close()
             raise MedSIGHTError(
                 f"malformed {kind!r} event from {self._url}: {err}", status=200, code="bad_response", url=self._url

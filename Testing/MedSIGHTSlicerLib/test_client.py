@@ -375,6 +375,21 @@ def test_stream_with_a_malformed_event_is_a_bad_response(fake):
     assert stream.closed
 
 
+@pytest.mark.parametrize(("kind", "data"), [("token", {"slice": None, "text": "x"}),
+                                           ("job", {"job_id": "j1", "indices": 5})])
+def test_stream_event_with_a_value_of_the_wrong_type_is_a_bad_response(fake, kind, data):
+    """A null slice or a number for the list of indices raised a bare TypeError out of the stream (the panel showed
+    "Unexpected error: TypeError ..."), not the "bad_response" of other malformed events."""
+    events = [sse("job", {"job_id": "j1"})] if kind != "job" else []
+    fake.add("POST", "/v1/ask", fake.sse([*events, sse(kind, data)]))
+    stream = client_for(fake).ask_stream("v", "q")
+    with pytest.raises(MedSIGHTError) as info:
+        list(stream)
+    assert (info.value.code, info.value.status) == ("bad_response", 200)
+    assert f"malformed {kind!r} event" in info.value.message
+    assert stream.closed
+
+
 def test_connection_refused_names_the_url():
     url = f"http://127.0.0.1:{closed_port()}"
     client = MedSIGHTClient(url, retries=1, backoff=0.0)
