@@ -172,6 +172,11 @@ def _error_from_response(
                    "in between may have lost the engine, or another program answers at this address")
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:_MAX_ERROR_TEXT]
+    if status == 404 and code in ("http_404", "http_error"):
+        # The engine names each 404 of its routes (e.g. "unknown_volume"): one without such a code is from no route
+        # (the engine says "http_error"), and a bare "Not Found" would not say that the address is what is wrong.
+        message = (f"nothing answers at {url.split('?')[0]} ({message or reason or 'not found'}): this address does "
+                   "not serve the MedSIGHT engine's API; check the engine URL and its path")
     if 300 <= status < 400 and location:
         # Never followed: the bearer token would go wherever the redirect points.
         message = (f"{url.split('?')[0]} redirects to {location.strip()[:200]}; redirects are not followed (the "

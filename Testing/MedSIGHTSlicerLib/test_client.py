@@ -343,6 +343,20 @@ def test_framework_detail_error_body(fake):
     assert "Field required" in info.value.message
 
 
+@pytest.mark.parametrize("body", [{"detail": "Not Found"}, {"code": "http_error", "message": "Not Found"}])
+def test_a_404_from_no_engine_route_names_the_address(fake, body):
+    """An engine URL with a wrong path answers 404 from no route: another web server's framework ("detail"), or the
+    engine's own "http_error" (the engine without the typed prefix). The error line said only "Not Found (HTTP
+    404)"."""
+    fake.add("POST", "/v1/ask", fake.reply(404, body))
+    client = client_for(fake)
+    with pytest.raises(MedSIGHTError) as info:
+        client.ask_stream("v", "q")
+    err = info.value
+    assert (err.status, err.code) == (404, body.get("code", "http_404"))
+    assert f"{fake.url}/v1/ask" in describe_error(err) and "engine URL" in describe_error(err)
+
+
 def test_unauthorized(fake):
     fake.add("GET", "/v1/model", fake.reply(401, {"code": "unauthorized", "message": "missing bearer token"}))
     with pytest.raises(MedSIGHTError) as info:
