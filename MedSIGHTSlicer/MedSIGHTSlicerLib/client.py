@@ -168,8 +168,9 @@ def _error_from_response(
         # is named by its title, not pasted whole into the error line.
         title = re.search(r"<title[^>]*>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
         page = " ".join((title.group(1) if title else "").split())[:200] or reason or f"HTTP {status}"
+        gateway = ": the proxy may have lost the engine" if status in (502, 504) else ""
         message = (f"{url.split('?')[0]} answered with a web page ({page!r}) instead of the engine's reply: a proxy "
-                   "in between may have lost the engine, or another program answers at this address")
+                   f"in between or another program at this address answered{gateway}")
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:_MAX_ERROR_TEXT]
     if status == 404 and code in ("http_404", "http_error"):

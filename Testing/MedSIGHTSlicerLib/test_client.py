@@ -320,7 +320,8 @@ def test_non_json_error_body(fake):
     assert (info.value.status, info.value.code, info.value.message) == (500, "http_500", "Internal Server Error")
 
 
-@pytest.mark.parametrize(("status", "title"), [(502, "502 Bad Gateway"), (504, "504 Gateway Time-out")])
+@pytest.mark.parametrize(("status", "title"), [(502, "502 Bad Gateway"), (504, "504 Gateway Time-out"),
+                                             (413, "413 Request Entity Too Large")])
 def test_a_proxys_error_page_is_named_by_its_title_not_pasted_whole(fake, status, title):
     """A proxy in front of the engine answers an HTML page: the error line showed the whole page's markup."""
     page = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
@@ -331,6 +332,7 @@ def test_a_proxys_error_page_is_named_by_its_title_not_pasted_whole(fake, status
     err = info.value
     assert (err.status, err.code, err.body) == (status, f"http_{status}", page.decode())
     assert repr(title) in err.message and "proxy" in err.message
+    assert ("lost the engine" in err.message) == (status in (502, 504))  # a proxy's 413 has not lost it
     assert "<" not in describe_error(err) and describe_error(err).count(title) == 1
 
 
