@@ -11,6 +11,7 @@ import codecs
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -131,6 +132,43 @@ def _signal_tree(process: subprocess.Popen, kill: bool) -> None:
         os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)  # the engine's session is its group
 
 
+def _missing_interpreter(plan: LaunchPlan) -> str | None:
+    """The interpreter named on the ``#!`` line of the program ``plan`` runs, when that program exists but its
+    interpreter does not (the virtual environment it was installed from was moved or deleted): the OS then says
+    "No such file or directory" about a file that is there."""
+    program = plan.program
+    if os.path.basename(program) == program:
+        program = shutil.which(program, path=plan.environment.get("PATH", os.defpath)) or ""
+    try:
+        with open(program, "rb") as script:
+            first = script.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    if not words or os.path.exists(words[0]):
+        return None
+    return words[0]
+
+
+def _start_error(plan: LaunchPlan, err: OSError) -> str:
+    """What to tell the user when the engine's program could not be started at all."""
+    problem = f"cannot start {plan.program!r}: {err.strerror or err}"
+    if not isinstance(err, FileNotFoundError):
+        return problem
+    interpreter = _missing_interpreter(plan)
+    if interpreter is not None:
+        return (f"cannot start {plan.program!r}: the Python it was installed with, {interpreter!r}, does not exist "
+                "any more (its environment was moved or deleted). Reinstall MedSIGHT there, or give the full path of "
+                "another installation's engine in Application Settings > MedSIGHT > Local engine command")
+    if os.path.basename(plan.program) == plan.program:
+        # Slicer started from the Finder, the Dock or a desktop menu does not see the shell's PATH.
+        return (f"{problem}. Give its full path in Application Settings > MedSIGHT > Local engine command (the "
+                f"output of 'which {plan.program}' or 'where {plan.program}' in the environment it is installed in)")
+    return problem
+
+
 class EngineProcess:
     """Runs one engine command; ``stop()`` ends it and what it started (nothing else).
 
@@ -197,12 +235,7 @@ class EngineProcess:
         except OSError as err:
             self._close_log()
             self._remove_log()
-            hint = ""
-            if isinstance(err, FileNotFoundError) and os.path.basename(plan.program) == plan.program:
-                # Slicer started from the Finder, the Dock or a desktop menu does not see the shell's PATH.
-                hint = (". Give its full path in Application Settings > MedSIGHT > Local engine command (the output "
-                        f"of 'which {plan.program}' or 'where {plan.program}' in the environment it is installed in)")
-            raise RuntimeError(f"cannot start {plan.program!r}: {err.strerror or err}{hint}") from None
+            raise RuntimeError(_start_error(plan, err)) from None
         self.detached = plan.detached
         self.output = ""
         self._read_at = 0

@@ -225,6 +225,27 @@ def test_engine_process_start_output_and_stop():
     assert "which medsight-not-on-this-path" in str(refused.value) and not process.log_path
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows runs no #! scripts; pip's .exe launchers report it themselves")
+@pytest.mark.parametrize("by_name", [False, True])
+def test_an_engine_whose_python_is_gone_is_named_as_such(tmp_path, by_name):
+    """A medsight script whose environment was moved or deleted: the OS says "No such file or directory" about a
+    script that is there. The message names the missing Python (it named only the script, and for a bare name
+    told the user to give the full path of a program that was found)."""
+    gone = tmp_path / "old-venv" / "bin" / "python"
+    script = tmp_path / "bin" / "medsight-moved"
+    script.parent.mkdir()
+    script.write_text(f"#!{gone}\nprint('engine up')\n")
+    script.chmod(0o755)
+    environment = dict(os.environ, PATH=f"{script.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = f"{script.name if by_name else shlex.quote(str(script))} serve"
+    process = EngineProcess()
+    with pytest.raises(RuntimeError) as refused:
+        process.start(launch_plan(command, environment, True, windows=False))
+    message = str(refused.value)
+    assert repr(str(gone)) in message and "does not exist" in message and "full path of" in message
+    assert "which" not in message and not process.log_path
+
+
 def _engine_like(on_sigterm: str):
     """A child that prints "engine up" once its SIGTERM handler is set: ``exit1`` exits with 1 (what Windows'
     TerminateProcess gives after Stop), ``ignore`` ignores it (uvicorn waiting for an open answer stream)."""
