@@ -265,3 +265,21 @@ def test_question_errors_reach_the_engine_log_refusals_do_not(app):
         panel.close()
         log.widget.deleteLater()
         app.processEvents()
+
+
+@pytest.mark.parametrize("stored", ["abc", "", None, "  ", "maybe"])
+def test_an_unreadable_stored_yes_no_is_the_default(stored):
+    """An INI file edited by hand, or an invalid QVariant (PythonQt gives None): "stop on exit" was read as False,
+    leaving the engine running after Slicer closed; "Remember token" must stay off."""
+    default = ConnectionSettings()
+    store = Store({PREFIX + "stopEngineOnExit": stored, PREFIX + "rememberToken": stored, PREFIX + "token": "t"})
+    loaded = ConnectionSettings.load(store)
+    assert (loaded.stop_engine_on_exit, loaded.remember_token, loaded.token) == (
+        default.stop_engine_on_exit, default.remember_token, "")
+
+
+@pytest.mark.parametrize(("stored", "expected"), [("true", True), ("False", False), (" 1 ", True), ("off", False),
+                                                  (True, True), (False, False), (0, False)])
+def test_stored_yes_no_values_as_qsettings_returns_them(stored, expected):
+    loaded = ConnectionSettings.load(Store({PREFIX + "stopEngineOnExit": stored}))
+    assert loaded.stop_engine_on_exit is expected
