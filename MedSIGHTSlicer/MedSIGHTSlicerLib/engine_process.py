@@ -38,6 +38,19 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _ANSI_START = re.compile(r"\x1b(\[[0-?]*[ -/]*)?$")
 
 
+#: The longest line the log keeps: its start (an exception's name) and its latest end, the middle cut out.
+LINE_CHARS = 4000
+_CUT = " [...] "
+
+
+def _shorten(line: str) -> str:
+    """``line`` cut to about ``LINE_CHARS`` characters, keeping its start and its end."""
+    if len(line) <= LINE_CHARS:
+        return line
+    half = (LINE_CHARS - len(_CUT)) // 2
+    return line[:half] + _CUT + line[-half:]
+
+
 def _latest_state(line: str) -> str:
     """What a terminal shows for ``line``: the text after its last carriage return (a progress bar redraws itself
     after "\\r"; a Windows "\\r\\n" ending is not a redraw)."""
@@ -71,12 +84,15 @@ class OutputLines:
         # Only the last redraw matters (a download may redraw for hours): keep it from its "\r" on, and what follows
         # (a "\r" that may start a "\r\n", the start of the next redraw).
         start = _ANSI_START.sub("", pending).rstrip("\r").rfind("\r")
-        self._pending = pending[start:] if start > 0 else pending
-        return [_latest_state(line) for line in finished]
+        pending = pending[start:] if start > 0 else pending
+        # A line that never ends (dots printed for hours, a huge repr) is kept as its start and latest end: it grew
+        # without bound, and each read re-scanned and redrew all of it (a 2 MB line took seconds a poll).
+        self._pending = _shorten(pending)
+        return [_shorten(_latest_state(line)) for line in finished]
 
     def flush(self) -> list[str]:
         """The unfinished line (the process ended): ``[]`` when there is none."""
-        last = _latest_state(_ANSI.sub("", self._pending + self._decoder.decode(b"", final=True)))
+        last = _shorten(_latest_state(_ANSI.sub("", self._pending + self._decoder.decode(b"", final=True))))
         self._pending = ""
         self._decoder.reset()
         return [last] if last else []

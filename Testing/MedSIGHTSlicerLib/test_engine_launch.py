@@ -28,7 +28,9 @@ from MedSIGHTSlicerLib.engine_launch import (
 )
 from MedSIGHTSlicerLib.engine_process import (
     EXIT_TAIL_CHARS,
+    LINE_CHARS,
     EngineProcess,
+    OutputLines,
     exit_message,
     leave_engine,
     output_lines,
@@ -488,6 +490,26 @@ def test_output_is_read_as_terminal_lines_across_reads(tmp_path):
     assert partials == ["weights:  10%|", "weights:  10%|█|", "weights:  50%|", "", "Traceback: cut sh", ""]
     assert finished == [3] and process.finished_message(3).endswith("INFO: up Traceback: cut sh")
     assert not any("\x1b" in text or "\ufffd" in text for text in lines + partials)
+
+
+def test_a_line_that_never_ends_is_kept_as_its_start_and_latest_end():
+    """An engine printing dots (or a huge repr) with no newline: the unfinished line grew without bound, and every
+    read re-scanned it and the log redrew all of it. It is kept as its start (where an error names itself) and its
+    latest end, also once its newline comes, and a redraw ("\\r") still replaces it."""
+    reads = 50
+    lines = OutputLines()
+    assert lines.feed(b"RuntimeError: loading") == []
+    for _ in range(reads):
+        assert lines.feed(b"." * LINE_CHARS) == []
+        assert len(lines.partial) <= LINE_CHARS and lines.partial.startswith("RuntimeError: loading")
+    assert lines.feed(b"done") == [] and lines.partial.endswith("." * 10 + "done")
+    [line] = lines.feed(b"\nnext")
+    assert len(line) <= LINE_CHARS and line.startswith("RuntimeError: loading") and line.endswith("...done")
+    assert lines.partial == "next"
+    lines.feed(b"." * LINE_CHARS * reads + b"\rredrawn 50%")
+    assert lines.partial == "redrawn 50%"
+    redrawn, long = lines.feed(b"\n" + b"x" * LINE_CHARS * reads + b"y\n")  # a whole long line in one read
+    assert redrawn == "redrawn 50%" and len(long) <= LINE_CHARS and long.startswith("xxx") and long.endswith("xy")
 
 
 def test_released_engine_leaves_no_log_file():
