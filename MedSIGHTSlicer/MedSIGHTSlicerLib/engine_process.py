@@ -370,6 +370,9 @@ def leave_engine(engine: EngineProcess, stop_on_exit: bool, reloading: bool) -> 
     widget, whatever "stop on exit" says. At exit it is stopped (waiting: no timer polls after this) or, when the
     user wants it kept, released to run on."""
     if not engine.running:
+        # An exit the timer had not reported yet (it polls twice a second): report it, which removes its log file,
+        # left in the temp folder for good otherwise.
+        engine.poll()
         return None
     if reloading:
         return engine

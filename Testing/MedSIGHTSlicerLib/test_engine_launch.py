@@ -528,6 +528,19 @@ def test_released_engine_leaves_no_log_file():
         os.kill(pid, 9)
 
 
+@pytest.mark.parametrize("reloading", [False, True])
+def test_leaving_an_engine_that_ended_unreported_removes_its_log(reloading):
+    """The engine crashed just before Slicer exits (or a Reload), before the timer's next poll: its exit is reported
+    and its log file removed (it stayed in the temp folder)."""
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    process.start(launch_plan(f'"{sys.executable}" -c "import sys; sys.exit(3)"', os.environ, stop_on_exit=True))
+    log = Path(process.log_path)
+    assert _wait(lambda: not process.running, 30)
+    assert leave_engine(process, stop_on_exit=True, reloading=reloading) is None
+    assert finished == [3] and not log.exists()
+
+
 @pytest.mark.parametrize("stop_on_exit", [True, False])
 def test_a_reload_hands_the_running_engine_on_and_only_exit_ends_it(stop_on_exit):
     """Slicer calls the widget's cleanup() for a developer Reload too (reloadScriptedModule, before the new widget's
