@@ -57,10 +57,15 @@ class EngineLog:
         self.text.setVisible(expanded)
 
     def append(self, text: str) -> None:
-        """Output of the local engine (any number of lines; blank ones dropped)."""
-        for line in str(text).splitlines():
-            if line.strip():
-                self._add(line.rstrip())
+        """Output of the local engine (any number of lines; blank ones dropped).
+
+        Only the last ``MAX_LINES`` can stay, so only they go to Qt, in one call: a flood (an engine looping on a
+        warning, 100 000 lines between two polls) was laid out line by line and froze Slicer for seconds per poll."""
+        lines = [line.rstrip() for line in str(text).splitlines() if line.strip()][-MAX_LINES:]
+        if lines:
+            self._add(lines[0])  # in place of an unfinished line shown last
+            if len(lines) > 1:
+                self.text.appendPlainText("\n".join(lines[1:]))
         self._header()
 
     def set_partial(self, line: str) -> None:

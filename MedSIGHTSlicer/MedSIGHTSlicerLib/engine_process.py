@@ -11,6 +11,7 @@ import codecs
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -35,6 +36,19 @@ def output_lines(text: str) -> list[str]:
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 #: The start of one, cut off by the end of a read: shown as nothing until the rest arrives.
 _ANSI_START = re.compile(r"\x1b(\[[0-?]*[ -/]*)?$")
+
+
+#: The longest line the log keeps: its start (an exception's name) and its latest end, the middle cut out.
+LINE_CHARS = 4000
+_CUT = " [...] "
+
+
+def _shorten(line: str) -> str:
+    """``line`` cut to about ``LINE_CHARS`` characters, keeping its start and its end."""
+    if len(line) <= LINE_CHARS:
+        return line
+    half = (LINE_CHARS - len(_CUT)) // 2
+    return line[:half] + _CUT + line[-half:]
 
 
 def _latest_state(line: str) -> str:
@@ -70,12 +84,15 @@ class OutputLines:
         # Only the last redraw matters (a download may redraw for hours): keep it from its "\r" on, and what follows
         # (a "\r" that may start a "\r\n", the start of the next redraw).
         start = _ANSI_START.sub("", pending).rstrip("\r").rfind("\r")
-        self._pending = pending[start:] if start > 0 else pending
-        return [_latest_state(line) for line in finished]
+        pending = pending[start:] if start > 0 else pending
+        # A line that never ends (dots printed for hours, a huge repr) is kept as its start and latest end: it grew
+        # without bound, and each read re-scanned and redrew all of it (a 2 MB line took seconds a poll).
+        self._pending = _shorten(pending)
+        return [_shorten(_latest_state(line)) for line in finished]
 
     def flush(self) -> list[str]:
         """The unfinished line (the process ended): ``[]`` when there is none."""
-        last = _latest_state(_ANSI.sub("", self._pending + self._decoder.decode(b"", final=True)))
+        last = _shorten(_latest_state(_ANSI.sub("", self._pending + self._decoder.decode(b"", final=True))))
         self._pending = ""
         self._decoder.reset()
         return [last] if last else []
@@ -129,6 +146,43 @@ def _signal_tree(process: subprocess.Popen, kill: bool) -> None:
 
     with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
         os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)  # the engine's session is its group
+
+
+def _missing_interpreter(plan: LaunchPlan) -> str | None:
+    """The interpreter named on the ``#!`` line of the program ``plan`` runs, when that program exists but its
+    interpreter does not (the virtual environment it was installed from was moved or deleted): the OS then says
+    "No such file or directory" about a file that is there."""
+    program = plan.program
+    if os.path.basename(program) == program:
+        program = shutil.which(program, path=plan.environment.get("PATH", os.defpath)) or ""
+    try:
+        with open(program, "rb") as script:
+            first = script.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    if not words or os.path.exists(words[0]):
+        return None
+    return words[0]
+
+
+def _start_error(plan: LaunchPlan, err: OSError) -> str:
+    """What to tell the user when the engine's program could not be started at all."""
+    problem = f"cannot start {plan.program!r}: {err.strerror or err}"
+    if not isinstance(err, FileNotFoundError):
+        return problem
+    interpreter = _missing_interpreter(plan)
+    if interpreter is not None:
+        return (f"cannot start {plan.program!r}: the Python it was installed with, {interpreter!r}, does not exist "
+                "any more (its environment was moved or deleted). Reinstall MedSIGHT there, or give the full path of "
+                "another installation's engine in Application Settings > MedSIGHT > Local engine command")
+    if os.path.basename(plan.program) == plan.program:
+        # Slicer started from the Finder, the Dock or a desktop menu does not see the shell's PATH.
+        return (f"{problem}. Give its full path in Application Settings > MedSIGHT > Local engine command (the "
+                f"output of 'which {plan.program}' or 'where {plan.program}' in the environment it is installed in)")
+    return problem
 
 
 class EngineProcess:
@@ -197,12 +251,7 @@ class EngineProcess:
         except OSError as err:
             self._close_log()
             self._remove_log()
-            hint = ""
-            if isinstance(err, FileNotFoundError) and os.path.basename(plan.program) == plan.program:
-                # Slicer started from the Finder, the Dock or a desktop menu does not see the shell's PATH.
-                hint = (". Give its full path in Application Settings > MedSIGHT > Local engine command (the output "
-                        f"of 'which {plan.program}' or 'where {plan.program}' in the environment it is installed in)")
-            raise RuntimeError(f"cannot start {plan.program!r}: {err.strerror or err}{hint}") from None
+            raise RuntimeError(_start_error(plan, err)) from None
         self.detached = plan.detached
         self.output = ""
         self._read_at = 0
@@ -321,6 +370,9 @@ def leave_engine(engine: EngineProcess, stop_on_exit: bool, reloading: bool) -> 
     widget, whatever "stop on exit" says. At exit it is stopped (waiting: no timer polls after this) or, when the
     user wants it kept, released to run on."""
     if not engine.running:
+        # An exit the timer had not reported yet (it polls twice a second): report it, which removes its log file,
+        # left in the temp folder for good otherwise.
+        engine.poll()
         return None
     if reloading:
         return engine

@@ -34,11 +34,22 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _as_bool(value: Any) -> bool:
-    # QSettings gives back strings ("true"/"false") for values written by another binding or an INI file.
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _as_bool(value: Any, default: bool) -> bool:
+    """A stored yes/no. QSettings gives back strings ("true"/"false") for values written by another binding or an
+    INI file, and None for an invalid one: anything unreadable ("", "abc", an edited file) is ``default``, not False
+    (a "stop on exit" read as False left the engine holding its port and memory after Slicer closed)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value != 0
+    word = str(value).strip().lower() if isinstance(value, str) else ""
+    if word in _TRUE_WORDS:
+        return True
+    return False if word in _FALSE_WORDS else default
 
 
 def _as_list(value: Any) -> list[str]:
@@ -73,14 +84,14 @@ class ConnectionSettings:
     @classmethod
     def load(cls, store: Any) -> ConnectionSettings:
         default = cls()
-        remember = _as_bool(store.value(PREFIX + "rememberToken", False))
+        remember = _as_bool(store.value(PREFIX + "rememberToken", False), default.remember_token)
         command = str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command)
         return cls(
             url=str(store.value(PREFIX + "url", default.url) or default.url),
             token=str(store.value(PREFIX + "token", "") or "") if remember else "",
             remember_token=remember,
             serve_command=default.serve_command if command in _OLD_DEFAULT_COMMANDS else command,
-            stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True)),
+            stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True), default.stop_engine_on_exit),
             consented_hosts=_as_list(store.value(PREFIX + "consentedHosts", "")),
         )
 

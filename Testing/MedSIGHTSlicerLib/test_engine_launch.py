@@ -28,7 +28,9 @@ from MedSIGHTSlicerLib.engine_launch import (
 )
 from MedSIGHTSlicerLib.engine_process import (
     EXIT_TAIL_CHARS,
+    LINE_CHARS,
     EngineProcess,
+    OutputLines,
     exit_message,
     leave_engine,
     output_lines,
@@ -223,6 +225,27 @@ def test_engine_process_start_output_and_stop():
     with pytest.raises(RuntimeError, match="Give its full path in Application Settings") as refused:
         process.start(launch_plan("medsight-not-on-this-path serve", os.environ, True))
     assert "which medsight-not-on-this-path" in str(refused.value) and not process.log_path
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows runs no #! scripts; pip's .exe launchers report it themselves")
+@pytest.mark.parametrize("by_name", [False, True])
+def test_an_engine_whose_python_is_gone_is_named_as_such(tmp_path, by_name):
+    """A medsight script whose environment was moved or deleted: the OS says "No such file or directory" about a
+    script that is there. The message names the missing Python (it named only the script, and for a bare name
+    told the user to give the full path of a program that was found)."""
+    gone = tmp_path / "old-venv" / "bin" / "python"
+    script = tmp_path / "bin" / "medsight-moved"
+    script.parent.mkdir()
+    script.write_text(f"#!{gone}\nprint('engine up')\n")
+    script.chmod(0o755)
+    environment = dict(os.environ, PATH=f"{script.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = f"{script.name if by_name else shlex.quote(str(script))} serve"
+    process = EngineProcess()
+    with pytest.raises(RuntimeError) as refused:
+        process.start(launch_plan(command, environment, True, windows=False))
+    message = str(refused.value)
+    assert repr(str(gone)) in message and "does not exist" in message and "full path of" in message
+    assert "which" not in message and not process.log_path
 
 
 def _engine_like(on_sigterm: str):
@@ -469,6 +492,26 @@ def test_output_is_read_as_terminal_lines_across_reads(tmp_path):
     assert not any("\x1b" in text or "\ufffd" in text for text in lines + partials)
 
 
+def test_a_line_that_never_ends_is_kept_as_its_start_and_latest_end():
+    """An engine printing dots (or a huge repr) with no newline: the unfinished line grew without bound, and every
+    read re-scanned it and the log redrew all of it. It is kept as its start (where an error names itself) and its
+    latest end, also once its newline comes, and a redraw ("\\r") still replaces it."""
+    reads = 50
+    lines = OutputLines()
+    assert lines.feed(b"RuntimeError: loading") == []
+    for _ in range(reads):
+        assert lines.feed(b"." * LINE_CHARS) == []
+        assert len(lines.partial) <= LINE_CHARS and lines.partial.startswith("RuntimeError: loading")
+    assert lines.feed(b"done") == [] and lines.partial.endswith("." * 10 + "done")
+    [line] = lines.feed(b"\nnext")
+    assert len(line) <= LINE_CHARS and line.startswith("RuntimeError: loading") and line.endswith("...done")
+    assert lines.partial == "next"
+    lines.feed(b"." * LINE_CHARS * reads + b"\rredrawn 50%")
+    assert lines.partial == "redrawn 50%"
+    redrawn, long = lines.feed(b"\n" + b"x" * LINE_CHARS * reads + b"y\n")  # a whole long line in one read
+    assert redrawn == "redrawn 50%" and len(long) <= LINE_CHARS and long.startswith("xxx") and long.endswith("xy")
+
+
 def test_released_engine_leaves_no_log_file():
     """An engine kept running after Slicer exits ("stop on exit" off): no later session reads its log file, which
     stayed in the temp folder forever, growing. Release removes it; the engine keeps running (and writing)."""
@@ -483,6 +526,19 @@ def test_released_engine_leaves_no_log_file():
         assert _alive(pid)
     finally:
         os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("reloading", [False, True])
+def test_leaving_an_engine_that_ended_unreported_removes_its_log(reloading):
+    """The engine crashed just before Slicer exits (or a Reload), before the timer's next poll: its exit is reported
+    and its log file removed (it stayed in the temp folder)."""
+    finished = []
+    process = EngineProcess(on_finished=finished.append)
+    process.start(launch_plan(f'"{sys.executable}" -c "import sys; sys.exit(3)"', os.environ, stop_on_exit=True))
+    log = Path(process.log_path)
+    assert _wait(lambda: not process.running, 30)
+    assert leave_engine(process, stop_on_exit=True, reloading=reloading) is None
+    assert finished == [3] and not log.exists()
 
 
 @pytest.mark.parametrize("stop_on_exit", [True, False])

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
-from MedSIGHTSlicerLib.qt_shim import qt
+from MedSIGHTSlicerLib.qt_shim import connect, qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings
 from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage
 from MedSIGHTSlicerLib.theme import colours_of
@@ -265,3 +265,36 @@ def test_question_errors_reach_the_engine_log_refusals_do_not(app):
         panel.close()
         log.widget.deleteLater()
         app.processEvents()
+
+
+@pytest.mark.parametrize("stored", ["abc", "", None, "  ", "maybe"])
+def test_an_unreadable_stored_yes_no_is_the_default(stored):
+    """An INI file edited by hand, or an invalid QVariant (PythonQt gives None): "stop on exit" was read as False,
+    leaving the engine running after Slicer closed; "Remember token" must stay off."""
+    default = ConnectionSettings()
+    store = Store({PREFIX + "stopEngineOnExit": stored, PREFIX + "rememberToken": stored, PREFIX + "token": "t"})
+    loaded = ConnectionSettings.load(store)
+    assert (loaded.stop_engine_on_exit, loaded.remember_token, loaded.token) == (
+        default.stop_engine_on_exit, default.remember_token, "")
+
+
+@pytest.mark.parametrize(("stored", "expected"), [("true", True), ("False", False), (" 1 ", True), ("off", False),
+                                                  (True, True), (False, False), (0, False)])
+def test_stored_yes_no_values_as_qsettings_returns_them(stored, expected):
+    loaded = ConnectionSettings.load(Store({PREFIX + "stopEngineOnExit": stored}))
+    assert loaded.stop_engine_on_exit is expected
+
+
+def test_an_engine_log_flood_lays_out_only_the_lines_it_keeps(app):
+    """An engine printing many lines between two polls: only the last MAX_LINES can stay, and only they are laid out
+    (the document received every line, one at a time, and dropped all but the last MAX_LINES)."""
+    log = EngineLog()
+    log.set_partial("weights:  50%|")
+    flood = [f"WARNING: retrying {n}" for n in range(MAX_LINES * 3)]
+    inserted = []
+    connect(log.text.document(), "contentsChange", lambda _at, _removed, added: inserted.append(added))
+    log.append("\n".join(flood) + "\n")
+    assert log.lines() == flood[-MAX_LINES:]
+    kept_chars = len("\n".join(flood[-MAX_LINES:]))
+    assert sum(inserted) <= kept_chars + 2 * len(flood[-MAX_LINES]), (sum(inserted), kept_chars)
+    log.widget.deleteLater()
