@@ -29,8 +29,30 @@ from medsight.evaluate.metrics import (
 def test_normalize_word():
     assert normalize_word('The "Left" kidney, an organ.') == "left kidney organ"
     assert normalize_word("Size 2.5 cm. Done.") == "size 2.5 cm done"
-    assert normalize_word("CT/MRI") == "ctmri"
     assert normalize_word("It isnt A tumor") == "it isn't tumor"
+
+
+def test_normalize_word_is_the_official_glossary():
+    """The official glossary.py: 21 punctuation marks, deleted beside a space (or anywhere once the text has a
+    digit,digit) and else made a space; number words to digits ("none" -> "0"); every period not before a digit
+    dropped; its contraction map only (no "shed" -> "she'd"). Only '/', '"' and ',' were handled, and no numbers."""
+    cases = {
+        "CT/MRI": "ct mri", "(B)": "b", "The answer is (benign).": "answer is benign", "x-ray": "x ray",
+        "Is it normal?": "is it normal", "yes!": "yes", "left; right": "left right", "1,000 x-ray": "1000 xray",
+        "[M0_16] liver": "m0 16 liver", "Two lesions": "2 lesions", "none": "0", "a .5 cm": ".5 cm",
+        "shed cells": "shed cells", "lets see": "lets see", "couldnt've": "couldn't've",
+    }
+    assert {text: normalize_word(text) for text in cases} == cases
+
+
+def test_open_recall_follows_the_official_normalisation():
+    """run_eval.py's recall of answers that differ from the GT only by punctuation or a number word: each GT word is
+    found, so recall 1 (it was 0 for all four)."""
+    cases = [("The diagnosis is a benign tumor (fibroadenoma).", "Fibroadenoma"), ("Two lesions are seen.", "2"),
+             ("Findings: glioma?", "glioma"), ("CT/MRI", "MRI")]
+    assert [open_scores(pred, gt).recall for pred, gt in cases] == [1.0] * len(cases)
+    # tp 1 (fibroadenoma), fp 4 (diagnosis is benign tumor) -> precision 1/5.
+    assert open_scores(*cases[0]).precision == pytest.approx(1 / 5)
 
 
 def test_exact_match_is_not_exact():
