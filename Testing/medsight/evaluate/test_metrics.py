@@ -1,5 +1,6 @@
 """Hand-computed cases for the official-compatible metrics and their quirks."""
 
+import difflib
 import math
 import sys
 
@@ -129,6 +130,21 @@ def test_multiple_choice_difflib():
     assert most_similar("", ["ab", "cd"]) is None and most_similar("xyz", ["ab", "cd"]) is None
     assert mc_hit("", "Liver", options) == 0.0
     assert mc_hit("", "", options) == 1.0  # the official quirk: no option for either, None == None
+
+
+def test_multiple_choice_compares_option_to_answer_as_run_eval_mc():
+    """run_eval_mc.py scores SequenceMatcher(None, option, answer): with the answer second, difflib's autojunk (a
+    second string of 200+ characters) ignores its frequent letters, and this answer scores 0 against the MRI
+    option; with the arguments swapped it chose MRI, another option than the official script's."""
+    options = ["Computed tomography", "Magnetic resonance imaging", "Ultrasound", "X-ray"]
+    answer = ("The image appears to be a magnetic resonance imaging scan of the brain, showing axial slices with "
+              "contrast enhancement; it is not computed tomography or an ultrasound examination, and the intensity "
+              "pattern is typical of a T1-weighted sequence.")
+    assert len(answer) >= 200  # difflib's autojunk threshold
+    official = [difflib.SequenceMatcher(None, o, answer).ratio() for o in options]
+    assert official[1] == 0.0 and int(np.argmax(official)) == 0
+    assert most_similar(answer, options) == 0
+    assert mc_hit(answer, "Computed tomography", options) == 1.0
 
 
 def test_dice_and_empty_masks():

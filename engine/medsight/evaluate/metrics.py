@@ -217,7 +217,9 @@ def most_similar(text: str, options: Sequence[str]) -> int | None:
     above 0 finds none."""
     if not options:
         raise ValueError("no options to choose from")
-    ratios = [difflib.SequenceMatcher(None, text, o).ratio() for o in options]
+    # Option first, answer second, as run_eval_mc.py: the ratio is not symmetric (difflib's autojunk drops the
+    # frequent characters of its second string once it has 200), so a long answer may choose another option.
+    ratios = [difflib.SequenceMatcher(None, o, text).ratio() for o in options]
     return int(np.argmax(ratios)) if max(ratios) > 0 else None
 
 
