@@ -45,6 +45,7 @@ def test_mc_report_per_modality_and_missing():
     assert rows[("CT", "mean")]["value"] == 50.0 and rows[("MRI", "mean")]["value"] == 100.0
     assert rows[("all", "macro_mean")]["value"] == 75.0 and rows[("all", "macro_mean")]["paper"] == 68.9
     assert rows[("all", "per_sample_mean")]["value"] == pytest.approx(200 / 3, abs=1e-3)
+    assert any("68.9 is set beside the macro mean" in n for n in report["notes"])  # the inferred choice, said
 
 
 def test_an_mc_item_without_options_is_named():

@@ -191,6 +191,10 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append("recall is over the open items (run_eval.py's recall row); recall_all, which the paper's 'all' "
                      "column is compared with, is the mean over every item of the open recall and the closed yes/no "
                      "hit [inferred: the official code prints no 'all'; open recall alone is far below it]")
+    if task == "mc":
+        notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
+                     "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
+                     "paper combined them]; per_sample_mean is the accuracy pooled over all items")
     if task == "diagseg":
         notes.append("paper Dice avg 69.9 matches a per-sample mean better than the macro mean (67.2) [inferred]; "
                      "paper Recall avg 58.9 is the macro mean")
