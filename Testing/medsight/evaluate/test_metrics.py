@@ -1,5 +1,6 @@
 """Hand-computed cases for the official-compatible metrics and their quirks."""
 
+import difflib
 import math
 import sys
 
@@ -29,8 +30,30 @@ from medsight.evaluate.metrics import (
 def test_normalize_word():
     assert normalize_word('The "Left" kidney, an organ.') == "left kidney organ"
     assert normalize_word("Size 2.5 cm. Done.") == "size 2.5 cm done"
-    assert normalize_word("CT/MRI") == "ctmri"
     assert normalize_word("It isnt A tumor") == "it isn't tumor"
+
+
+def test_normalize_word_is_the_official_glossary():
+    """The official glossary.py: 21 punctuation marks, deleted beside a space (or anywhere once the text has a
+    digit,digit) and else made a space; number words to digits ("none" -> "0"); every period not before a digit
+    dropped; its contraction map only (no "shed" -> "she'd"). Only '/', '"' and ',' were handled, and no numbers."""
+    cases = {
+        "CT/MRI": "ct mri", "(B)": "b", "The answer is (benign).": "answer is benign", "x-ray": "x ray",
+        "Is it normal?": "is it normal", "yes!": "yes", "left; right": "left right", "1,000 x-ray": "1000 xray",
+        "[M0_16] liver": "m0 16 liver", "Two lesions": "2 lesions", "none": "0", "a .5 cm": ".5 cm",
+        "shed cells": "shed cells", "lets see": "lets see", "couldnt've": "couldn't've",
+    }
+    assert {text: normalize_word(text) for text in cases} == cases
+
+
+def test_open_recall_follows_the_official_normalisation():
+    """run_eval.py's recall of answers that differ from the GT only by punctuation or a number word: each GT word is
+    found, so recall 1 (it was 0 for all four)."""
+    cases = [("The diagnosis is a benign tumor (fibroadenoma).", "Fibroadenoma"), ("Two lesions are seen.", "2"),
+             ("Findings: glioma?", "glioma"), ("CT/MRI", "MRI")]
+    assert [open_scores(pred, gt).recall for pred, gt in cases] == [1.0] * len(cases)
+    # tp 1 (fibroadenoma), fp 4 (diagnosis is benign tumor) -> precision 1/5.
+    assert open_scores(*cases[0]).precision == pytest.approx(1 / 5)
 
 
 def test_exact_match_is_not_exact():
@@ -107,6 +130,21 @@ def test_multiple_choice_difflib():
     assert most_similar("", ["ab", "cd"]) is None and most_similar("xyz", ["ab", "cd"]) is None
     assert mc_hit("", "Liver", options) == 0.0
     assert mc_hit("", "", options) == 1.0  # the official quirk: no option for either, None == None
+
+
+def test_multiple_choice_compares_option_to_answer_as_run_eval_mc():
+    """run_eval_mc.py scores SequenceMatcher(None, option, answer): with the answer second, difflib's autojunk (a
+    second string of 200+ characters) ignores its frequent letters, and this answer scores 0 against the MRI
+    option; with the arguments swapped it chose MRI, another option than the official script's."""
+    options = ["Computed tomography", "Magnetic resonance imaging", "Ultrasound", "X-ray"]
+    answer = ("The image appears to be a magnetic resonance imaging scan of the brain, showing axial slices with "
+              "contrast enhancement; it is not computed tomography or an ultrasound examination, and the intensity "
+              "pattern is typical of a T1-weighted sequence.")
+    assert len(answer) >= 200  # difflib's autojunk threshold
+    official = [difflib.SequenceMatcher(None, o, answer).ratio() for o in options]
+    assert official[1] == 0.0 and int(np.argmax(official)) == 0
+    assert most_similar(answer, options) == 0
+    assert mc_hit(answer, "Computed tomography", options) == 1.0
 
 
 def test_dice_and_empty_masks():

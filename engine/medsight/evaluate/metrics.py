@@ -21,34 +21,68 @@ import torch
 import torch.nn.functional as F
 
 ARTICLES = frozenset({"a", "an", "the"})
-#: Apostrophe-less spellings -> standard contractions (the official map points the same way, so "dont" and
-#: "don't" become one word).
+#: The official `glossary.py` contraction map (its four capitalised keys, "Im", "Ive", "Id've", "I'dve", are left out:
+#: they are looked up after lower-casing, so they never match).
 CONTRACTIONS: dict[str, str] = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
-    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
-    "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've",
-    "thats": "that's", "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
-    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "weve": "we've",
-    "whats": "what's", "whens": "when's", "wheres": "where's", "whos": "who's", "whove": "who've",
-    "whys": "why's", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've", 'couldnt': "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", 'didnt': "didn't", 'doesnt': "doesn't",
+    'dont': "don't", 'hadnt': "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", 'hasnt': "hasn't",
+    'havent': "haven't", 'hed': "he'd", "hed've": "he'd've", "he'dve": "he'd've", 'hes': "he's", 'howd': "how'd",
+    'howll': "how'll", 'hows': "how's", 'isnt': "isn't", 'itd': "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    'itll': "it'll", "let's": "let's", 'maam': "ma'am", 'mightnt': "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", 'mightve': "might've", 'mustnt': "mustn't", 'mustve': "must've",
+    'neednt': "needn't", 'notve': "not've", 'oclock': "o'clock", 'oughtnt': "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", 'shant': "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", 'shouldve': "should've", 'shouldnt': "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": 'somebodyd', "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", 'somebodyll': "somebody'll", 'somebodys': "somebody's", 'someoned': "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", 'someonell': "someone'll", 'someones': "someone's",
+    'somethingd': "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
+    'somethingll': "something'll", 'thats': "that's", 'thered': "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", 'therere': "there're", 'theres': "there's", 'theyd': "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", 'theyll': "they'll", 'theyre': "they're", 'theyve': "they've",
+    'twas': "'twas", 'wasnt': "wasn't", "wed've": "we'd've", "we'dve": "we'd've", 'weve': "we've",
+    'werent': "weren't", 'whatll': "what'll", 'whatre': "what're", 'whats': "what's", 'whatve': "what've",
+    'whens': "when's", 'whered': "where'd", 'wheres': "where's", 'whereve': "where've", 'whod': "who'd",
+    "whod've": "who'd've", "who'dve": "who'd've", 'wholl': "who'll", 'whos': "who's", 'whove': "who've",
+    'whyll': "why'll", 'whyre': "why're", 'whys': "why's", 'wont': "won't", 'wouldve': "would've",
+    'wouldnt': "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", 'yall': "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", 'youd': "you'd", "youd've": "you'd've", "you'dve": "you'd've", 'youll': "you'll",
+    'youre': "you're", 'youve': "you've",
 }
-# A period is kept only with a digit on both sides ("2.5 cm"); sentence periods and abbreviations go.
-_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
+#: The official `manual_map`: number words become digits ("two" and "2" are one answer), "none" becomes "0".
+NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+#: The official punctuation: each is deleted where the text has it beside a space (or has a digit,digit anywhere),
+#: else it becomes a space, so "(benign)" is "benign" and "x-ray" is "x ray".
+PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_NUMBER = re.compile(r"(\d)(\,)(\d)")
+# The official pattern verbatim: "(?!<=" is a typo for a lookbehind, so it removes every period not followed by a
+# digit ("2.5" and ".5" stay, "5." goes).
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+#: The official call passes re.UNICODE (32) as `count`: only the first 32 such periods go (kept for equal scores).
+_PERIOD_COUNT = int(re.UNICODE)
 DICE_EPS = 1e-8
 
 
 def normalize_word(text: str) -> str:
-    """Lower-case, strip `/`, `"`, commas and periods not between digits, drop articles, expand contractions."""
+    """The official `normalize_word` of lower-cased text: punctuation deleted or made a space, periods not before
+    a digit dropped, number words to digits, articles dropped, contractions expanded."""
     text = str(text).lower()
-    for ch in ('/', '"', ","):
-        text = text.replace(ch, "")
-    text = _PERIOD.sub("", text)
-    words = [CONTRACTIONS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
+    out = text
+    for p in PUNCT:
+        # The official test reads the text as given, while its replacements accumulate.
+        if p + " " in text or " " + p in text or _COMMA_NUMBER.search(text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD.sub("", out, count=_PERIOD_COUNT)
+    words = [NUMBER_WORDS.get(w, w) for w in out.split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words).replace(",", "")
 
 
 # -- open questions ------------------------------------------------------------------------------------------------
@@ -129,9 +163,10 @@ BLEU_WEIGHTS: dict[str, tuple[float, ...]] = {
 def open_scores(pred: str, gt: str) -> OpenScores:
     """All open-question metrics of one prediction (BLEU on normalised whitespace tokens)."""
     p, g = normalize_word(pred), normalize_word(gt)
-    precision, recall, f1 = precision_recall_f1(pred, gt)
+    # run_eval.py hands the normalised strings to its word metrics, which normalise them again (as these do).
+    precision, recall, f1 = precision_recall_f1(p, g)
     bleu = {k: sentence_bleu(g.split(), p.split(), w) for k, w in BLEU_WEIGHTS.items()}
-    return OpenScores(official_exact_match(pred, gt), precision, recall, f1, bleu["bleu"], bleu["bleu1"],
+    return OpenScores(official_exact_match(p, g), precision, recall, f1, bleu["bleu"], bleu["bleu1"],
                       bleu["bleu2"], bleu["bleu3"], float(p == g))
 
 
@@ -182,7 +217,9 @@ def most_similar(text: str, options: Sequence[str]) -> int | None:
     above 0 finds none."""
     if not options:
         raise ValueError("no options to choose from")
-    ratios = [difflib.SequenceMatcher(None, text, o).ratio() for o in options]
+    # Option first, answer second, as run_eval_mc.py: the ratio is not symmetric (difflib's autojunk drops the
+    # frequent characters of its second string once it has 200), so a long answer may choose another option.
+    ratios = [difflib.SequenceMatcher(None, o, text).ratio() for o in options]
     return int(np.argmax(ratios)) if max(ratios) > 0 else None
 
 
