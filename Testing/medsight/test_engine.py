@@ -291,3 +291,17 @@ def test_abandon_stops_the_mask_decoding_before_the_next_perceiver_batch(model, 
     assert len(calls) == 1, f"{len(calls) - 1} of {len(texts)} perceiver batches ran after the abandon"
     assert cut.cancelled and all(a.cancelled and a.regions == [] for a in cut)
     assert [a.text for a in cut] == [a.text for a in plain]
+
+
+def test_seeded_sampling_gives_each_image_the_answer_it_gets_alone(model):
+    """A seeded sampled answer depends on its image only, not on the batch it was asked in (one shared generator
+    gave row i the draws left over by the rows before it)."""
+    engine = Engine(model)
+    pictures = images(3, seed=12)
+    options = GenerationOptions(do_sample=True, temperature=3.0, seed=5, max_new_tokens=12, min_new_tokens=12)
+    batched = engine.ask(pictures, "Describe.", options)
+    for i, picture in enumerate(pictures):
+        alone = engine.ask([picture], "Describe.", options)[0]
+        assert batched[i].token_ids == alone.token_ids
+    reversed_batch = engine.ask(pictures[::-1], "Describe.", options)
+    assert [a.token_ids for a in reversed_batch] == [a.token_ids for a in batched][::-1]

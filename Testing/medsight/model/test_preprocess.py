@@ -77,5 +77,9 @@ def test_bad_images_are_refused():
         prepare_image(np.zeros((4, 4), dtype=np.float32), 56, CLIP_MEAN, CLIP_STD)
     with pytest.raises(ValueError, match="expected an image of shape"):
         prepare_image(np.zeros((4, 4, 2), dtype=np.uint8), 56, CLIP_MEAN, CLIP_STD)
+    # An empty grey image is named by the shape it was given, not the (H, W, 3) it would have become.
+    empty = np.zeros((0, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match=rf"got \({empty.shape[0]}, {empty.shape[1]}\)$"):
+        prepare_image(empty, 56, CLIP_MEAN, CLIP_STD)
     with pytest.raises(ValueError, match="unknown resize mode 'stretch'"):
         prepare_image(np.zeros((4, 4), dtype=np.uint8), 56, CLIP_MEAN, CLIP_STD, "stretch")

@@ -38,6 +38,8 @@ class GenerationOptions:
         hidden_state_position: which last-layer state decodes a region code. "before" (official inference):
             the state that predicted the code. "at" (as in training): the state of the code token itself.
             None: the model's own `MedSIGHTConfig.code_state_position`.
+        seed: seeds sampling (`do_sample`); an image's sampled answer is the same whether it is asked alone or
+            in a batch with others.
         no_code_fallback: official behaviour when no code is generated: decode one mask from the state at the
             end of the prompt. Off by default: no code, no mask.
         logits_processors: extra `transformers` logits processors, applied after the built-in ones.
@@ -131,9 +133,12 @@ def generate(
     batch = inputs_embeds.shape[0]
     device = inputs_embeds.device
     processors = list(options.processors(eos_token_id))
-    generator = None
+    generators = None
     if options.do_sample and options.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(options.seed)
+        # One generator per row, all seeded alike: a row's draws then depend only on its own probabilities, so a
+        # seeded slice samples the same answer alone or in any batch (one shared generator made row i's draws
+        # depend on the rows before it and the batch size).
+        generators = [torch.Generator(device=device).manual_seed(options.seed) for _ in range(batch)]
     cache = DynamicCache()
     mask = attention_mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -154,11 +159,7 @@ def generate(
         logits = lm.lm_head(state).float()
         # Processors may write into their input: keep the raw logits intact only when they are returned.
         scores = _process(processors, generated, logits.clone() if keep_logits else logits)
-        if options.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(dim=-1)
+        token = _sample(torch.softmax(scores, dim=-1), generators) if options.do_sample else scores.argmax(dim=-1)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
         for i in range(batch):
             if not done[i]:
@@ -199,6 +200,13 @@ def generate(
         scores=torch.stack(processed, dim=1) if keep_logits else None,
         cancelled=cancelled,
     )
+
+
+def _sample(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row of (B, V) probabilities; row i draws from generators[i] when seeded."""
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)]).squeeze(1)
 
 
 def _process(processors: list[LogitsProcessor], generated: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

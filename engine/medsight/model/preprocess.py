@@ -107,10 +107,11 @@ def prepare_image(
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"expected an 8-bit image, got dtype {array.dtype}; window it first")
+    # Checked before a grey image gets its colour axis, so the message names the shape the caller gave.
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
+        raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {array.shape}")
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4) or min(array.shape[:2]) < 1:
-        raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {array.shape}")
     height, width = array.shape[:2]
     pil = Image.fromarray(np.ascontiguousarray(array[..., :3]), mode="RGB")
     new_h, new_w = _resized_shape(height, width, size, mode)
