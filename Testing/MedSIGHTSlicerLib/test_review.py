@@ -6,6 +6,8 @@ before must be unchanged unless a merge named it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -222,6 +224,12 @@ def test_describe_slices():
     assert describe_slices("") == ""
 
 
+def liver_answer(disc: np.ndarray, k: int) -> SliceAnswer:
+    """An axial answer about slice ``k`` of the oblique test volume with one "liver" region, the mask ``disc``."""
+    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
+    return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+
+
 def test_a_finding_reviewed_mid_stream_is_not_grown_again():
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()
@@ -229,10 +237,7 @@ def test_a_finding_reviewed_mid_stream_is_not_grown_again():
     manager = SuggestionManager(scene, volume)
     disc = np.zeros(voxels.shape[1:], dtype=bool)
     disc[10:20, 12:26] = True
-
-    def slab_answer(k: int) -> SliceAnswer:
-        slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
-        return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+    slab_answer = functools.partial(liver_answer, disc)
 
     (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
     assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the same finding
@@ -259,10 +264,7 @@ def test_redo_after_later_slices_grew_the_suggestion_says_so(action):
     manager = SuggestionManager(scene, volume)
     disc = np.zeros(voxels.shape[1:], dtype=bool)
     disc[10:20, 12:26] = True
-
-    def slab_answer(k: int) -> SliceAnswer:
-        slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
-        return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
+    slab_answer = functools.partial(liver_answer, disc)
 
     (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
     getattr(manager, action)([first])
