@@ -540,3 +540,23 @@ def test_both_sides_refuse_the_same_sheared_grids():
         except ImagingError:
             engine_takes = False
         assert client_sends == engine_takes == (lean < 1.0), lean
+
+
+def test_the_engines_404_for_no_route_reads_as_a_wrong_address_and_its_own_404s_do_not():
+    """The client names a 404 from no route (the engine URL's path is wrong) by the code the engine sends for it, and
+    keeps the engine's own 404s (unknown_volume) as they are: a renamed code on either side would break one of them."""
+    from fastapi.testclient import TestClient
+
+    import medsight
+    from medsight.server.app import create_app
+    from MedSIGHTSlicerLib.client import _error_from_response, describe_error
+
+    app = create_app(medsight.Engine.load("tiny", device="cpu"))
+    with TestClient(app, base_url="http://127.0.0.1:8765") as engine:  # the guard takes only this computer's host
+        no_route = engine.get("/medsight/v1/health")
+        no_volume = engine.get(f"/v1/volumes/{'0' * 64}")
+    assert (no_route.status_code, no_volume.status_code) == (404, 404)
+    wrong_address = _error_from_response(404, no_route.content, "http://127.0.0.1:8765/medsight/v1/health")
+    assert "check the engine URL" in describe_error(wrong_address)
+    unknown = _error_from_response(404, no_volume.content, f"http://127.0.0.1:8765/v1/volumes/{'0' * 64}")
+    assert unknown.code == "unknown_volume" and "engine URL" not in describe_error(unknown)
