@@ -10,7 +10,6 @@ from medsight.config import tiny_config
 from medsight.demo.mni_checks import (
     BRAIN_SLICE_FRACTION,
     brain_dice,
-    dice,
     mni_markdown,
     readme_volumes,
     unknown_word_sweep,
@@ -69,12 +68,6 @@ def test_brain_dice_on_the_axial_slices_through_the_mask(engine, small):
     text = mni_markdown({"white_matter": unknown_word_sweep(engine, volume, set(), planes=("axial",)),
                          "brain": out})
     assert "| axial | 6 |" in text and "mean Dice" in text
-
-
-def test_dice():
-    a = np.zeros((4, 4), bool)
-    a[:2] = True
-    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(a, np.zeros_like(a)) == 0.0
 
 
 def test_readme_volumes_are_the_mni152_template_and_its_brain_mask(tmp_path):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from medsight.engine import Engine
+from medsight.evaluate.metrics import dice
 from medsight.model.generation import GenerationOptions
 from medsight.model.loading import load_pretrained
 from medsight.model.medsight import MedSIGHTModel
@@ -75,11 +76,6 @@ def modality_correct(text: str, label: int) -> bool:
     low = text.lower()
     named = {s.modality_label for s in SOURCES if s.modality_name.lower() in low}
     return named == {label}
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
 
 
 def _union(regions, shape) -> np.ndarray:

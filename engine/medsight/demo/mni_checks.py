@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medsight.engine import Engine, VolumeSlices
+from medsight.evaluate.metrics import dice
 from medsight.imaging import Volume, extract_slice, read_volume, slice_count
 from medsight.model.generation import GenerationOptions
 from medsight.model.medsight import MedSIGHTModel
@@ -64,11 +65,6 @@ def unknown_word_sweep(engine: Engine, volume: Volume, vocabulary: set[str], que
     bad_n = sum(p["with_unknown"] for p in out["planes"].values())
     out.update(n=n, with_unknown=bad_n, share=bad_n / n if n else None)
     return out
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
 
 
 def brain_dice(engine: Engine, volume: Volume, brain_mask: Volume, question: str = BRAIN_Q,
