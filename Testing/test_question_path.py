@@ -11,7 +11,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import slicer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MedSIGHTSlicer"))
 
+from medsight_testing.chat import wait_until_answered  # noqa: E402
 from medsight_testing.live_server import live_server  # noqa: E402
 from medsight_testing.mrml import make_volume, oblique_matrix  # noqa: E402
 from medsight_testing.review_scene import ct_voxels  # noqa: E402
@@ -86,11 +86,7 @@ def traced_question() -> tuple[set[str], int]:
             tracing.set()
             try:
                 assert panel.send("Where is the liver?")
-                deadline = time.monotonic() + 300
-                while panel.busy:
-                    assert time.monotonic() < deadline, "the question did not finish"
-                    app.processEvents()
-                    time.sleep(0.005)
+                wait_until_answered(app, panel, 300)
             finally:
                 tracing.clear()
                 panel.close()

@@ -22,6 +22,7 @@ from medsight_testing.review_scene import (
     ct_voxels,
     organ_masks,
     paint,
+    slab_answer,
     user_segmentation,
 )
 from MedSIGHTSlicerLib.client import MedSIGHTClient
@@ -224,33 +225,26 @@ def test_describe_slices():
     assert describe_slices("") == ""
 
 
-def liver_answer(disc: np.ndarray, k: int) -> SliceAnswer:
-    """An axial answer about slice ``k`` of the oblique test volume with one "liver" region, the mask ``disc``."""
-    slice_to_ras = oblique_matrix() @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]])
-    return SliceAnswer("axial", k, "Liver.", [Region("[M0_2]", "liver", 0, disc, 0.9, None)], slice_to_ras)
-
-
 def test_a_finding_reviewed_mid_stream_is_not_grown_again():
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     manager = SuggestionManager(scene, volume)
-    disc = np.zeros(voxels.shape[1:], dtype=bool)
-    disc[10:20, 12:26] = True
-    slab_answer = functools.partial(liver_answer, disc)
+    liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
+    disc = liver(1).regions[0].mask
 
-    (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
-    assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the same finding
+    (first,) = take_answer(manager, liver(1), ask_serial=7, scope="range", question="Liver?")
+    assert take_answer(manager, liver(2), ask_serial=7, scope="range") == [first]  # grows the same finding
     assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum()
     assert get_tag(manager.suggestion(first), TAG_SLICE) == "axial:1;axial:2"
     manager.reject([first])
-    (second,) = take_answer(manager, slab_answer(3), ask_serial=7, scope="range")
+    (second,) = take_answer(manager, liver(3), ask_serial=7, scope="range")
     assert second != first and manager.suggestion_mask(second).sum() == disc.sum()  # a new one, slice 3 only
     manager.undo()  # the rejected finding comes back as it was when rejected
     assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum() and not manager.suggestion_mask(first)[3].any()
     # A one-slice ask keeps each region its own suggestion (two "liver" regions stay two).
     two = SliceAnswer("axial", 4, "Two.", [Region("[M0_2]", "liver", 0, disc, 0.9, None),
-                                            Region("[M0_3]", "liver", 1, disc, 0.8, None)], slab_answer(4).slice_to_ras)
+                                            Region("[M0_3]", "liver", 1, disc, 0.8, None)], liver(4).slice_to_ras)
     assert len(take_answer(manager, two, ask_serial=8, scope="current")) == 2
 
 
@@ -262,14 +256,13 @@ def test_redo_after_later_slices_grew_the_suggestion_says_so(action):
     voxels = ct_voxels()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     manager = SuggestionManager(scene, volume)
-    disc = np.zeros(voxels.shape[1:], dtype=bool)
-    disc[10:20, 12:26] = True
-    slab_answer = functools.partial(liver_answer, disc)
+    liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
+    disc = liver(1).regions[0].mask
 
-    (first,) = take_answer(manager, slab_answer(1), ask_serial=7, scope="range", question="Liver?")
+    (first,) = take_answer(manager, liver(1), ask_serial=7, scope="range", question="Liver?")
     getattr(manager, action)([first])
     manager.undo()
-    assert take_answer(manager, slab_answer(2), ask_serial=7, scope="range") == [first]  # grows the restored one
+    assert take_answer(manager, liver(2), ask_serial=7, scope="range") == [first]  # grows the restored one
     with pytest.raises(SuggestionError, match="grew with later slices of the running question since the undo"):
         manager.redo()
     assert manager.suggestion_mask(first).sum() == 2 * disc.sum()  # nothing lost: both slices still suggested

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import slicer
 import medsight
 import medsight.server.app
 from medsight.demo.sources import make_ct_phantom
+from medsight_testing.chat import wait_until_answered
 from medsight_testing.live_server import live_server
 from medsight_testing.mrml import make_volume
 from medsight_testing.palettes import dark_palette
@@ -88,12 +88,7 @@ def test_range_ask_streams_into_the_list_and_accept_all(app, demo_url):
         panel.set_scope("range", first, first + 4)
         assert panel.send(QUESTION)
         rows_seen = []
-        deadline = time.monotonic() + 120
-        while panel.busy:
-            assert time.monotonic() < deadline
-            app.processEvents()
-            rows_seen.append(host.list.table.topLevelItemCount())
-            time.sleep(0.01)
+        wait_until_answered(app, panel, 120, lambda: rows_seen.append(host.list.table.topLevelItemCount()), 0.01)
         app.processEvents()
         assert panel.error.text() == ""
         names = sorted(host.list.table.topLevelItem(n).text(0) for n in range(host.list.table.topLevelItemCount()))

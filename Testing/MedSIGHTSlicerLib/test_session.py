@@ -463,15 +463,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_question(app, panel, scope: str, first: int = 0, last: int = 0) -> None:
-    import time
+    from medsight_testing.chat import wait_until_answered
 
     panel.set_scope(scope, first, last)
     assert panel.send("Where is the liver?")
-    deadline = time.monotonic() + 300
-    while panel.busy:
-        assert time.monotonic() < deadline, "the question did not finish"
-        app.processEvents()
-        time.sleep(0.005)
+    wait_until_answered(app, panel, 300)
 
 
 @pytest.mark.parametrize("move", ["origin moved one voxel", "spacing edited", "transform hardened"])

@@ -239,10 +239,9 @@ def test_an_unfinished_line_is_redrawn_in_place_and_can_vanish(app):
 
 
 def test_question_errors_reach_the_engine_log_refusals_do_not(app):
-    import time
-
     import numpy as np
 
+    from medsight_testing.chat import wait_until_answered
     from medsight_testing.live_server import free_port
     from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData
     from MedSIGHTSlicerLib.client import MedSIGHTClient
@@ -255,11 +254,7 @@ def test_question_errors_reach_the_engine_log_refusals_do_not(app):
         assert not panel.send("   ")
         assert panel.error.text() == "Type a question first." and log.errors == 0
         assert panel.send("Anyone there?")
-        deadline = time.monotonic() + 30
-        while panel.busy:
-            assert time.monotonic() < deadline
-            app.processEvents()
-            time.sleep(0.01)
+        wait_until_answered(app, panel, 30, pause_s=0.01)
         assert log.errors == 1 and "cannot reach the MedSIGHT engine" in log.lines()[-1]
     finally:
         panel.close()

@@ -17,6 +17,7 @@ pytest.importorskip("slicer")
 
 import slicer
 
+from medsight_testing.chat import wait_until_answered
 from medsight_testing.mrml import make_volume, oblique_matrix
 from medsight_testing.review_scene import ct_voxels
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, chunk_bounds, progress_text
@@ -66,12 +67,7 @@ def test_volume_ask_adds_suggestions_before_the_last_slice_is_answered(app, url)
     panel.set_scope("volume")
     try:
         assert panel.send("Where is the liver?")
-        deadline = time.monotonic() + 120
-        while panel.busy:
-            assert time.monotonic() < deadline, "the ask did not finish"
-            app.processEvents()
-            statuses.append(panel.status.text())
-            time.sleep(0.005)
+        wait_until_answered(app, panel, 120, lambda: statuses.append(panel.status.text()))
         finished = time.monotonic()
         assert panel.error.text() == ""
         assert panel.answered_slices == SLICES
