@@ -230,6 +230,9 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
     # No user turn at all was called "the question is empty", as if one had been sent blank.
     with pytest.raises(ValueError, match=r"no user message \(only system, assistant\)"):
         engine.ask(images(1), [Message("system", "Be brief."), Message("assistant", "A.")])
+    # The official data's "human" turn is a user turn (as the prompt renders it): its blank question is named.
+    with pytest.raises(ValueError, match="question is empty"):
+        engine.ask(images(1), [Message("human", "  ")])
     with pytest.raises(ValueError, match="cache_bytes"):
         Engine(model, cache_bytes=-1)
 

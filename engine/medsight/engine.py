@@ -28,7 +28,7 @@ from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
 from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
-from medsight.prompt import ASSISTANT_PREFIX, Message, strip_assistant_prefix, tokenize_prompt
+from medsight.prompt import ASSISTANT_PREFIX, Message, questions_of, strip_assistant_prefix, tokenize_prompt
 
 #: Default feature-cache bound. Encodings live on the model's device; 1 GiB (~400 slices of the full model in
 #: bf16) keeps the full model within its 18.5 GB GPU budget.
@@ -282,11 +282,9 @@ class Engine:
             bad = [m for m in turns if not isinstance(m, Message)]
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
-        questions = [m.content for m in turns if m.role == "user"]
-        if not questions:
-            roles = ", ".join(dict.fromkeys(m.role for m in turns))
-            raise ValueError(f"the conversation has no user message (only {roles}); ask something about the image")
-        check_question(questions[-1])
+        questions = questions_of(turns)
+        if questions:  # none: render_messages refuses the conversation, naming the roles it has
+            check_question(questions[-1])
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
         # Checked here, before any image is encoded (the language model would refuse it only after).
         length, limit = self.prompt_length(prompt), self.model.config.llm.max_sequence_length

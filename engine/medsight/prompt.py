@@ -26,6 +26,11 @@ class Message:
     content: str
 
 
+def questions_of(messages: Sequence[Message]) -> list[str]:
+    """The user turns' texts (a "human" turn of the official data is one), in order."""
+    return [m.content for m in messages if _ROLES.get(m.role) == "user"]
+
+
 def render_messages(messages: Sequence[Message], num_images: int = 1) -> list[str]:
     """The ChatML text of each turn, system prompt first, images at the start of the first user turn."""
     if num_images < 0:
@@ -35,7 +40,8 @@ def render_messages(messages: Sequence[Message], num_images: int = 1) -> list[st
     if bad:
         raise ValueError(f"unknown message role {bad[0]!r}; use user, assistant or system")
     if not any(t.role == "user" for t in turns):
-        raise ValueError("the conversation has no user message")
+        roles = ", ".join(dict.fromkeys(m.role for m in messages))
+        raise ValueError(f"the conversation has no user message (only {roles}); ask something about the image")
     if turns[0].role != "system":
         turns.insert(0, Message("system", SYSTEM_PROMPT))
     rendered, placed = [], False
