@@ -4,7 +4,6 @@ and written after the answers are printed."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
 from medsight.commands.errors import error_message
@@ -13,15 +12,14 @@ from medsight.output_paths import check_output
 
 def check_ask_outputs(args: argparse.Namespace) -> None:
     """--out (and a NIfTI's sidecar) and --overlay: known format, not an input, not kept files, writable."""
-    from medsight.atomic_files import written_file
     from medsight.imaging import writer_for
-    from medsight.imaging.export_nifti import sidecar_path
+    from medsight.imaging.export_nifti import written_sidecar_path
 
     if args.out:
         _named("--out", writer_for, args.out)  # an unknown format fails before the model runs
         check_output(args.out, "--out", args.path, args.overwrite)
         if args.out.lower().endswith((".nii", ".nii.gz")):
-            sidecar = sidecar_path(os.fspath(written_file(args.out)))  # beside a link's target, where it is written
+            sidecar = written_sidecar_path(args.out)
             check_output(sidecar, f"--out {args.out}: its labels sidecar", args.path, args.overwrite)
     if args.overlay:
         if not args.overlay.lower().endswith(".png"):

@@ -26,6 +26,12 @@ def sidecar_path(nifti_path: str) -> str:
     return base + ".json"
 
 
+def written_sidecar_path(nifti_path: str | os.PathLike[str]) -> str:
+    """Where a labelmap written to ``nifti_path`` gets its sidecar: beside a symbolic link's target (the labelmap
+    lands there; beside the link, the target kept its old sidecar under the new labelmap), else beside it."""
+    return sidecar_path(os.fspath(written_file(nifti_path)))
+
+
 def _code_dict(c: Code | None) -> dict[str, str] | None:
     return None if c is None else {"value": c.value, "scheme": c.scheme, "meaning": c.meaning}
 
@@ -88,9 +94,7 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
         },
         "ijk_to_ras": ref.ijk_to_ras.tolist(),
     }
-    # Written through a symbolic link, the labelmap lands at the link's target: its labels go beside it (beside
-    # the link, the target kept its old sidecar under the new labelmap).
-    json_path = sidecar_path(os.fspath(written_file(path)))
+    json_path = written_sidecar_path(path)
     suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"  # nibabel picks the format by the name
     try:
         # Both whole or neither: an interrupted or failed write keeps the labelmap and sidecar it would replace.
@@ -111,7 +115,7 @@ def read_nifti_labelmap(path: str | os.PathLike[str]) -> Segmentation:
     vol = read_nifti(path, modality="SEG")
     json_path = sidecar_path(path)
     if not os.path.exists(json_path):
-        json_path = sidecar_path(os.fspath(written_file(path)))  # a link: the writer put the sidecar beside its target
+        json_path = written_sidecar_path(path)  # a link: the writer put the sidecar beside its target
     try:
         with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
