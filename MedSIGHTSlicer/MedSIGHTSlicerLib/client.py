@@ -147,8 +147,12 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _error_from_response(
-    status: int, raw: bytes, url: str, reason: str = "", retry_after: str | None = None, location: str | None = None
+    status: int, raw: bytes, url: str, reason: str = "", headers: Mapping[str, str] | None = None
 ) -> MedSIGHTError:
+    """The error for a reply of HTTP ``status`` (``headers``: its Retry-After and Location are read)."""
+    headers = headers or {}
+    address = url.split("?")[0]
+    location = headers.get("Location")
     text = raw.decode("utf-8", errors="replace")
     try:
         body: Any = json.loads(text) if text else None
@@ -169,22 +173,23 @@ def _error_from_response(
         title = re.search(r"<title[^>]*>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
         page = " ".join((title.group(1) if title else "").split())[:200] or reason or f"HTTP {status}"
         gateway = ": the proxy may have lost the engine" if status in (502, 504) else ""
-        message = (f"{url.split('?')[0]} answered with a web page ({page!r}) instead of the engine's reply: a proxy "
+        message = (f"{address} answered with a web page ({page!r}) instead of the engine's reply: a proxy "
                    f"in between or another program at this address answered{gateway}")
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:_MAX_ERROR_TEXT]
     if status == 404 and code in ("http_404", "http_error"):
         # The engine names each 404 of its routes (e.g. "unknown_volume"): one without such a code is from no route
         # (the engine says "http_error"), and a bare "Not Found" would not say that the address is what is wrong.
-        message = (f"nothing answers at {url.split('?')[0]} ({message or reason or 'not found'}): this address does "
+        message = (f"nothing answers at {address} ({message or reason or 'not found'}): this address does "
                    "not serve the MedSIGHT engine's API; check the engine URL and its path")
     if 300 <= status < 400 and location:
         # Never followed: the bearer token would go wherever the redirect points.
-        message = (f"{url.split('?')[0]} redirects to {location.strip()[:200]}; redirects are not followed (the "
+        message = (f"{address} redirects to {location.strip()[:200]}; redirects are not followed (the "
                    "token is sent only to the engine URL set here): set the engine URL to the new address")
     if not message:
         message = f"{reason or 'HTTP error'} from {url}"
-    return MedSIGHTError(message, status=status, code=code, body=body, url=url, retry_after=_retry_after(retry_after))
+    return MedSIGHTError(message, status=status, code=code, body=body, url=url,
+                         retry_after=_retry_after(headers.get("Retry-After")))
 
 
 class AskStream:
@@ -483,8 +488,7 @@ class MedSIGHTClient:
         )
         if response.status >= 300:
             try:
-                raise _error_from_response(response.status, response.read(), url, response.reason,
-                                           response.getheader("Retry-After"), response.getheader("Location"))
+                raise _error_from_response(response.status, response.read(), url, response.reason, response.msg)
             finally:
                 connection.close()
         content_type = response.getheader("Content-Type", "")
@@ -615,8 +619,7 @@ class MedSIGHTClient:
                             url=url,
                         ) from None
                 if last or status not in RETRY_STATUSES:
-                    raise _error_from_response(status, raw, url, reason, headers.get("Retry-After"),
-                                               headers.get("Location"))
+                    raise _error_from_response(status, raw, url, reason, headers)
                 log.info("%s %s returned HTTP %d; retrying", method, url, status)
             time.sleep(self.backoff * (2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
