@@ -900,10 +900,10 @@ def _run_job(client: MedSIGHTClient, job: _Job, runner: Job) -> bool:
         return False
 
 
-def _slice_of(stream: Any, part: list[int], event: Any) -> int:
-    """The slice index a "token" or "region" event is about (its ``slice`` counts the asked slices)."""
+def _slice_of(part: list[int], event: Any) -> int:
+    """The slice index a "token" or "region" event is about (its ``slice`` counts the asked slices); the stream's
+    ``with`` closes it when this raises."""
     if not 0 <= event.slice < len(part):
-        stream.close()
         raise MedSIGHTError(f"malformed {event.kind!r} event from the engine: it names answer {event.slice} of a "
                             f"question about {len(part)} slice(s)", status=200, code="bad_response")
     return part[event.slice]
@@ -921,9 +921,9 @@ def _read_stream(client: MedSIGHTClient, stream: Any, job: _Job, part: list[int]
                     part[:] = event.indices
                     job.emit("resolved", event.plane, event.indices[0])
             elif event.kind == "token":
-                job.emit("token", _slice_of(stream, part, event), event.text)
+                job.emit("token", _slice_of(part, event), event.text)
             elif event.kind == "region":
-                job.emit("region", _slice_of(stream, part, event), event.region)
+                job.emit("region", _slice_of(part, event), event.region)
             elif event.kind == "done":
                 job.emit("model", event.result.model)
                 for answer in event.result.answers:

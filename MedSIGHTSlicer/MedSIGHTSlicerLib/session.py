@@ -128,10 +128,11 @@ class MedSIGHTSession:
 
     def _drop(self, node_id: str) -> None:
         state = self._volumes.pop(node_id, None)
-        if state is not None:
-            for tag in state.observers:
-                state.node.RemoveObserver(tag)
-        if state is not None and state.manager is not None:
+        if state is None:
+            return
+        for tag in state.observers:
+            state.node.RemoveObserver(tag)
+        if state.manager is not None:
             state.manager.forget()
 
     def reset(self) -> None:
@@ -286,12 +287,12 @@ class MedSIGHTSession:
         if node is not self._bound or self._bound_grid is None:
             return answer
         sent, shape = self._bound_grid
-        if _grid_of(node)[1] != shape:
+        now, now_shape = _grid_of(node)
+        if now_shape != shape:
             raise geometry.GeometryError(
                 f"the voxels of {node.GetName()!r} were replaced while the question ran ({_size(shape)} voxels when "
-                f"asked, {_size(_grid_of(node)[1])} now): answers about the old voxels are not placed on the new "
+                f"asked, {_size(now_shape)} now): answers about the old voxels are not placed on the new "
                 "ones; ask again")
-        now = geometry.ijk_to_ras(node)
         if np.array_equal(now, sent):
             return answer
         return replace(answer, slice_to_ras=now @ np.linalg.inv(sent) @ np.asarray(answer.slice_to_ras, dtype=float))
