@@ -204,7 +204,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         if text_predictions is None:
             notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
                          "VQA-path run (pass --vqa-data to reproduce that)")
-        nonsquare = _nonsquare_images(items)
+        nonsquare, reshaped = _image_shape_counts(items)
         if nonsquare:
             notes.append(f"{nonsquare} of {len(items)} images are not square: their Dice follows the official "
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
@@ -215,7 +215,6 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
             notes.append(f"{empty} of {len(items)} items have an empty GT mask (no pixel above 127, the notebooks' "
                          "threshold: masks stored as 0/1 labels read as empty); their Dice is 0 for any predicted "
                          "mask")
-        reshaped = _masks_of_another_shape(items)
         if reshaped:
             notes.append(f"{reshaped} of {len(items)} items have GT masks of another aspect ratio than their image: "
                          "both Dice stretch the masks onto those GT masks, so neither measures the mask on the image "
@@ -252,18 +251,30 @@ def answer_type_line(report: dict) -> str:
     return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
-def _nonsquare_images(items: Sequence[EvalItem]) -> int:
-    """How many items' images are not square (read from their headers; unreadable ones are not counted)."""
+def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
+    """How many items' images are not square, and how many items have a GT mask whose aspect ratio is not its
+    image's (more than a mask pixel of rounding off): strict_dice resizes the engine's mask on the image onto the
+    GT grid, which places it right only at the image's aspect ratio. Read from the headers, each image once;
+    unreadable files are not counted (an unreadable mask leaves its image's own count)."""
     from PIL import Image
 
-    count = 0
+    nonsquare = reshaped = 0
     for item in items:
         try:
             with Image.open(item.image) as im:
-                count += im.width != im.height
+                width, height = im.size
         except (OSError, ValueError):
             continue
-    return count
+        nonsquare += width != height
+        try:
+            sizes = []
+            for mask in item.masks:
+                with Image.open(mask) as m:
+                    sizes.append(m.size)
+        except (OSError, ValueError):
+            continue
+        reshaped += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
+    return nonsquare, reshaped
 
 
 def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> int:
@@ -279,27 +290,6 @@ def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> i
             count += not load_gt_mask(item.masks).any()
         except DataError:
             continue
-    return count
-
-
-def _masks_of_another_shape(items: Sequence[EvalItem]) -> int:
-    """How many items have a GT mask whose aspect ratio is not its image's (more than a mask pixel of rounding off;
-    read from the headers, unreadable files not counted): strict_dice resizes the engine's mask on the image onto
-    the GT grid, which places it right only at the image's aspect ratio."""
-    from PIL import Image
-
-    count = 0
-    for item in items:
-        try:
-            with Image.open(item.image) as im:
-                width, height = im.size
-            sizes = []
-            for mask in item.masks:
-                with Image.open(mask) as m:
-                    sizes.append(m.size)
-        except (OSError, ValueError):
-            continue
-        count += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
     return count
 
 
@@ -343,14 +333,13 @@ def _chart_rows(report: dict, metric: str) -> list[dict]:
     return [r for r in report["metrics"] if r["metric"] == metric and r["aggregate"] != "macro_mean"]
 
 
-def _chart(report: dict, metric: str, path: Path) -> None:
+def _chart(rows: list[dict], metric: str, path: Path) -> None:
     """Per-modality bars with CI whiskers, the paper's values beside them where the modality matches."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in tests
     import matplotlib.pyplot as plt
 
-    rows = _chart_rows(report, metric)
     labels = [r["group"] if r["aggregate"] == "mean" else "all (per sample)" for r in rows]
     values = [r["value"] for r in rows]
     err = np.array([[max(0.0, r["value"] - r["ci95"][0]), max(0.0, r["ci95"][1] - r["value"])] for r in rows]).T
@@ -387,9 +376,10 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     stale = []
     for metric in CHART_METRICS.get(report["task"], ()):
         png = out / f"{metric}.png"
-        if _chart_rows(report, metric):
+        rows = _chart_rows(report, metric)
+        if rows:
             paths[metric] = png
-            files.append((png, partial(_chart, report, metric), ".png"))
+            files.append((png, partial(_chart, rows, metric), ".png"))
         else:
             stale.append(png)
     replace_files(files)
