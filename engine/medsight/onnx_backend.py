@@ -100,14 +100,15 @@ class OnnxVisionBackend:
 
         self.folder = Path(out_dir)
         self.manifest = read_manifest(self.folder)
+        # Sizes from the exported config (what check_model compares), not the manifest's informational copies; read
+        # before the graphs, whose sessions are the slow part.
+        self.config = exported_config(self.manifest, self.folder / MANIFEST_FILE)
         self.providers = list(providers) if providers is not None else default_providers()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         self.sessions = {name: open_graph(self.folder, name, options, self.providers) for name in GRAPH_FILES}
-        # Sizes from the exported config (what check_model compares), not the manifest's informational copies.
-        self.config = exported_config(self.manifest, self.folder / MANIFEST_FILE)
         self.image_size = self.config.vision.image_size
         self.grid_size = self.config.vision.grid_size
 

@@ -426,9 +426,10 @@ def read_dicom_series(
     # file alone decides invert_display), so a mixed series would come back with some slices negated. (RGB beside
     # YBR is fine: both decode to RGB.)
     photometric = str(first.get("PhotometricInterpretation", ""))
+    monochrome1 = photometric == "MONOCHROME1"
     for f, ds in zip(files[1:], headers[1:], strict=True):
         other = str(ds.get("PhotometricInterpretation", ""))
-        if (other == "MONOCHROME1") != (photometric == "MONOCHROME1"):
+        if (other == "MONOCHROME1") != monochrome1:
             raise ImagingError(
                 f"mixed series: photometric interpretation {photometric or 'missing'} in "
                 f"{os.path.basename(files[0])} but {other or 'missing'} in {os.path.basename(f)} "
@@ -469,7 +470,7 @@ def read_dicom_series(
         raise ImagingError(
             f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder
         ) from exc
-    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1" or any(
+    if monochrome1 or any(
         "ModalityLUTSequence" in ds for ds in headers
     ):
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
@@ -496,7 +497,7 @@ def read_dicom_series(
         sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in headers),
         source_files=tuple(files),
         source=folder,
-        invert_display=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        invert_display=monochrome1,
         lossy_compression=_series_lossy_compression(headers),
     )
 

@@ -187,7 +187,8 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     the official release (the latest perceiver checkpoint, the instruct folder's config, shards and tokenizer;
     the stage-2 codebook only when asked, since answering never uses it)."""
     layout = _layout(listing, codebook)
-    chosen = sorted(f for f in listing if _any_match([f], tuple(p for part in layout for p in part.patterns)))
+    patterns = tuple(p for part in layout for p in part.patterns)
+    chosen = sorted(f for f in listing if _any_match([f], patterns))
     if layout is OURS_LAYOUT:
         return chosen
     # One checkpoint per stage: the one the loader takes.

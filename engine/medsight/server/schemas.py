@@ -23,7 +23,7 @@ class StrictRequest(Strict):
     `"max_new_tokens": "12"` or an index `true` would otherwise be read as a different request), except an integer
     where a number is expected."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(strict=True)  # extra="forbid" comes from Strict
 
 
 class ErrorBody(Strict):

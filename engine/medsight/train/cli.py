@@ -96,8 +96,10 @@ def model_config(init_from: str) -> MedSIGHTConfig | None:
 def check_lora_config(config: TrainConfig) -> None:
     """A LoRA run's `lora_targets` against the layers of the model it starts from, built on the meta device (no
     weights): a bad entry is named before minutes go into building or loading the full model."""
-    arch = model_config(config.init_from)
-    if not getattr(config, "lora", False) or arch is None:
+    if not getattr(config, "lora", False):
+        return
+    arch = model_config(config.init_from)  # reads a folder's config.json: only for a LoRA run
+    if arch is None:
         return
     from medsight.model.sizes import meta_model
 
