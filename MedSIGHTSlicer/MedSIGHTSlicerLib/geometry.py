@@ -26,6 +26,7 @@ __all__ = [
     "nodes_by_class",
     "segment_array",
     "volume_upload_arrays",
+    "voxel_grid",
     "vtk_matrix",
 ]
 
@@ -201,34 +202,49 @@ def _volume_to_node(volume_node, node) -> np.ndarray:
     return _matrix_to_numpy(matrix)
 
 
-def _reference_labelmap(volume_node, node=None):
-    """An empty uint8 vtkOrientedImageData on the volume's grid, in ``node``'s frame (default: the volume's)."""
+#: Where voxels written into a segmentation node go: (the 4x4 map from a (i, j, k) index of the volume's voxel array
+#: to the node's own frame, the volume's (k, j, i) voxel counts).
+Grid = tuple[np.ndarray, tuple[int, int, int]]
+
+
+def voxel_grid(volume_node, node=None) -> Grid:
+    """The volume's voxel grid as it lies in ``node``'s own frame now (default: a node under the volume's transform).
+
+    Kept with what was written into a segmentation, it reads those voxels back exactly where they were written,
+    whatever is done later to the volume's grid or transform or to the node's transform (none of them moves a
+    segment's own voxels).
+    """
+    return _volume_to_node(volume_node, node) @ ijk_to_ras(volume_node), _volume_shape(volume_node)
+
+
+def _reference_labelmap(volume_node, node=None, grid: Grid | None = None):
+    """An empty uint8 vtkOrientedImageData on ``grid`` (default: the volume's grid in ``node``'s frame)."""
     import slicer  # deferred: importing MRML is slow and this module's pure-numpy parts don't need it
 
-    k, j, i = _volume_shape(volume_node)
+    matrix, (k, j, i) = grid if grid is not None else voxel_grid(volume_node, node)
     image = slicer.vtkOrientedImageData()
     image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(vtk_matrix(_volume_to_node(volume_node, node) @ ijk_to_ras(volume_node)))
+    image.SetImageToWorldMatrix(vtk_matrix(matrix))
     return image
 
 
-def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None):
+def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Grid | None = None):
     """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array, placed for the
-    segmentation ``node`` it goes into (default: a node under the volume's own transform)."""
+    segmentation ``node`` it goes into (default: a node under the volume's own transform), or on ``grid``."""
     array = np.asarray(array_kji)
-    shape = _volume_shape(volume_node)
+    shape = grid[1] if grid is not None else _volume_shape(volume_node)
     if array.shape != shape:
         raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
-    image = _reference_labelmap(volume_node, node)
+    image = _reference_labelmap(volume_node, node, grid)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = (array.reshape(-1) != 0).astype(np.uint8)
     image.Modified()
     return image
 
 
-def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """A segment's voxels as a boolean (k, j, i) array on the volume's grid (a copy).
+def segment_array(segmentation_node, segment_id: str, volume_node, grid: Grid | None = None) -> np.ndarray:
+    """A segment's voxels as a boolean (k, j, i) array on the volume's grid (a copy), or on ``grid``.
 
     Segments may share one labelmap layer (told apart by label value) and may have a cropped extent, so the layer
     is resampled (nearest neighbour) onto the volume's grid and compared with the segment's label value. The grid is
@@ -241,16 +257,17 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
         raise KeyError(f"no segment {segment_id!r} in {segmentation_node.GetName()!r}")
     layer = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    shape = grid[1] if grid is not None else _volume_shape(volume_node)
     if not logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, layer, False):
-        return np.zeros(_volume_shape(volume_node), dtype=bool)
-    reference = _reference_labelmap(volume_node, segmentation_node)
+        return np.zeros(shape, dtype=bool)
+    reference = _reference_labelmap(volume_node, segmentation_node, grid)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         layer, reference, resampled, False, False
     ):
         raise GeometryError(f"could not resample segment {segment_id!r} onto the volume's grid")
     values = array_from_image(resampled)
-    if values.shape != _volume_shape(volume_node):
+    if values.shape != shape:
         # Resampling pads to the reference extent; a mismatch means the reference geometry itself differs.
         raise GeometryError(f"segment {segment_id!r} resampled to {values.shape}, not the volume's grid")
     return values == segment.GetLabelValue()

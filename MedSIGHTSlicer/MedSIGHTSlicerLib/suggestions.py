@@ -29,11 +29,13 @@ import numpy as np
 from . import naming
 from .geometry import (
     GeometryError,
+    Grid,
     ijk_to_ras,
     labelmap_from_array,
     mask_to_ijk,
     nodes_by_class,
     segment_array,
+    voxel_grid,
     vtk_matrix,
 )
 from .protocol import AskResult, SliceAnswer
@@ -120,6 +122,9 @@ class _Item:
     user_id: str = ""
     user_name: str = ""
     digest: str = ""
+    #: the grid the accept wrote on, in the target's frame: undo checks the voxels there, so moving the volume or a
+    #: transform since (which moves no segment's own voxels) is not taken for an edit
+    grid: Grid | None = None
 
 
 @dataclass
@@ -130,6 +135,7 @@ class _Operation:
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
     merge_digest: str = ""  # the merge target right after the merge (undo refuses if it was edited since)
+    merge_grid: Grid | None = None  # the grid the merge wrote on (its undo puts ``merge_before`` back there)
 
 
 @dataclass
@@ -606,6 +612,7 @@ class SuggestionManager:
             return
         segmentation = user.GetSegmentation()
         taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
+        grid = voxel_grid(self.volume_node, user)
         for item in operation.items:
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
@@ -613,8 +620,8 @@ class SuggestionManager:
             reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             mask = item.suggestion.mask()
-            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask)
-            item.user_id, item.user_name, item.digest = user_id, name, mask_digest(mask)
+            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask, grid=grid)
+            item.user_id, item.user_name, item.digest, item.grid = user_id, name, mask_digest(mask), grid
         self._remove_suggestions(operation.items)
 
     def _do_merge(self, operation: _Operation) -> None:
@@ -622,15 +629,16 @@ class SuggestionManager:
         segment = node.GetSegmentation().GetSegment(merge_id)
         if segment is None:
             raise SuggestionError(f"the segment to merge into ({merge_id!r}) is gone from {node.GetName()!r}")
-        before = segment_array(node, merge_id, self.volume_node)
+        grid = voxel_grid(self.volume_node, node)
+        before = segment_array(node, merge_id, self.volume_node, grid)
         merged = before.copy()
         for item in operation.items:
             merged |= item.suggestion.mask()
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
         )
-        replace_segment_mask(node, merge_id, merged, self.volume_node)
-        operation.merge_digest = mask_digest(merged)
+        replace_segment_mask(node, merge_id, merged, self.volume_node, grid)
+        operation.merge_digest, operation.merge_grid = mask_digest(merged), grid
         for item in operation.items:
             item.user_id, item.user_name, item.digest = merge_id, segment.GetName(), operation.merge_digest
 
@@ -665,7 +673,8 @@ class SuggestionManager:
                                       f"stay as they are. {after}")
             if operation.merge_id:
                 before = operation.merge_before
-                replace_segment_mask(operation.target, operation.merge_id, before.mask(), self.volume_node)
+                replace_segment_mask(operation.target, operation.merge_id, before.mask(), self.volume_node,
+                                     operation.merge_grid)
             else:
                 segmentation = operation.target.GetSegmentation()
                 for item in operation.items:
@@ -716,14 +725,15 @@ class SuggestionManager:
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
             if user.GetSegmentation().GetSegment(operation.merge_id) is None:
                 return f"the merge into {name!r}: that segment was deleted since"
-            if mask_digest(segment_array(user, operation.merge_id, self.volume_node)) != operation.merge_digest:
+            written = segment_array(user, operation.merge_id, self.volume_node, operation.merge_grid)
+            if mask_digest(written) != operation.merge_digest:
                 return f"the merge into {name!r}: that segment was edited since"
             return ""
         for item in operation.items:
             segment = user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
                 return f"accepting {item.user_name!r}: that segment was deleted since"
-            if mask_digest(segment_array(user, item.user_id, self.volume_node)) != item.digest:
+            if mask_digest(segment_array(user, item.user_id, self.volume_node, item.grid)) != item.digest:
                 return f"accepting {segment.GetName()!r}: that segment was edited since"
         return ""
 
@@ -750,8 +760,9 @@ def _merge_group(group: _Group, part: _Group) -> None:
     group.weights.extend(part.weights)
 
 
-def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -> None:
-    """Set one segment's voxels to ``mask`` (k, j, i) without touching any other segment.
+def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, grid: Grid | None = None) -> None:
+    """Set one segment's voxels to ``mask`` (k, j, i) without touching any other segment (on ``grid``, default the
+    volume's grid where it is now).
 
     A segment may share its labelmap layer with others (the Segment Editor's default); Slicer's
     SetBinaryLabelmapToSegment then moves it out of that layer where the new voxels overlap a neighbour, so the
@@ -761,7 +772,7 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node) -
 
     if node.GetSegmentation().GetSegment(segment_id) is None:
         raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
-    labelmap = labelmap_from_array(mask, volume_node, node)
+    labelmap = labelmap_from_array(mask, volume_node, node, grid)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
@@ -818,6 +829,7 @@ def _add_segment(
     name: str | None = None,
     mask: np.ndarray | None = None,
     before_id: str = "",
+    grid: Grid | None = None,
 ) -> None:
     """Add a segment with its own labelmap layer (so no other segment's voxels are rewritten)."""
     import slicer
@@ -827,7 +839,7 @@ def _add_segment(
     segment.SetColor(*snapshot.color)
     for key, value in snapshot.tags.items():
         segment.SetTag(key, encode_tag_value(value) if key in _TEXT_TAGS else value)
-    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node, node)
+    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node, node, grid)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     segmentation = node.GetSegmentation()
     if before_id and segmentation.GetSegment(before_id) is None:

@@ -583,3 +583,66 @@ def test_forgetting_a_volume_removes_its_saved_preview_never_shown(scene, volume
     session.suggestion_manager(volume_again)  # the list never showed its suggestions
     reloaded.RemoveNode(volume_again)  # the session forgets the volume's manager
     assert [n.GetName() for n in segmentation_nodes(reloaded)] == ["CT segmentation"]
+
+
+def move_after_accept(scene, volume, user, move: str) -> None:
+    """What a user may do between an accept and its undo that moves voxels in the world but edits no segment."""
+    if move == "volume origin edited":  # the Volumes module's origin field: one voxel along i
+        grid = ijk_to_ras(volume)
+        grid[:3, 3] += grid[:3, 0]
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(grid[r, c]))
+        volume.SetIJKToRASMatrix(matrix)
+    elif move == "volume put under a transform":
+        put_under_transform(scene, volume)
+    elif move == "volume transform hardened":
+        put_under_transform(scene, volume)
+        volume.HardenTransform()
+    else:  # the segmentation put under a transform
+        put_under_transform(scene, user)
+
+
+MOVES = ["volume origin edited", "volume put under a transform", "volume transform hardened",
+         "segmentation put under a transform"]
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_an_accept_undoes_after_the_volume_or_segmentation_moved(scene, volume, user_node, move):
+    # Moving the volume or a transform moves no segment's own voxels: the accepted segment is still exactly what the
+    # accept wrote, so its undo takes it out (it was refused as "edited since" and left the history).
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    mask = manager.suggestion_mask(ids[0])
+    manager.reject(ids[1])
+    [accepted] = manager.accept(ids[0], target=user_node)
+    move_after_accept(scene, volume, user_node, move)
+    assert manager.undo()
+    assert segment_ids(user_node) == []
+    np.testing.assert_array_equal(manager.suggestion_mask(ids[0]), mask)  # on the volume's voxels, wherever they are
+    assert manager.undo() and manager.suggestion_ids() == ids
+    assert manager.redo() and manager.redo()
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), mask)  # on the voxels as they are now
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_a_merge_undoes_to_the_segment_as_it_was_after_the_volume_or_segmentation_moved(scene, volume, user_node,
+                                                                                       move):
+    own = ball((4, 7, 3), 1.6)
+    organ = add_user_segment(user_node, volume, "Organ", own)
+    before = world_points(user_node, organ)
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    suggested = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into=organ)
+    assert len(world_points(user_node, organ)) == int((own | suggested).sum())
+    move_after_accept(scene, volume, user_node, move)
+    assert manager.undo()
+    # The user's segment is back on its own voxels (not written again on the moved grid), and nothing else changed.
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    moved_by = parent_to_world(user_node) if move == "segmentation put under a transform" else np.eye(4)
+    expected = (moved_by @ np.c_[before, np.ones(len(before))].T)[:3].T
+    np.testing.assert_allclose(world_points(user_node, organ), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    assert segment_ids(user_node) == [organ] and manager.suggestion_ids() == [sid]
