@@ -217,26 +217,39 @@ def voxel_grid(volume_node, node=None) -> Grid:
     return _volume_to_node(volume_node, node) @ ijk_to_ras(volume_node), _volume_shape(volume_node)
 
 
-def _reference_labelmap(volume_node, node=None, grid: Grid | None = None):
-    """An empty uint8 vtkOrientedImageData on ``grid`` (default: the volume's grid in ``node``'s frame)."""
+def _reference_labelmap(volume_node, node=None, grid: Grid | None = None, box=None):
+    """An empty uint8 vtkOrientedImageData on ``grid`` (default: the volume's grid in ``node``'s frame), all of it or
+    only the voxels of ``box`` ((k, j, i) start and stop indices)."""
     import slicer  # deferred: importing MRML is slow and this module's pure-numpy parts don't need it
 
-    matrix, (k, j, i) = grid if grid is not None else voxel_grid(volume_node, node)
+    matrix, shape = grid if grid is not None else voxel_grid(volume_node, node)
+    (k0, j0, i0), (k1, j1, i1) = box if box is not None else ((0, 0, 0), shape)
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, i - 1, 0, j - 1, 0, k - 1)
+    image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     image.SetImageToWorldMatrix(vtk_matrix(matrix))
     return image
 
 
-def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Grid | None = None):
+def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Grid | None = None,
+                        crop: bool = False):
     """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array, placed for the
-    segmentation ``node`` it goes into (default: a node under the volume's own transform), or on ``grid``."""
+    segmentation ``node`` it goes into (default: a node under the volume's own transform), or on ``grid``.
+
+    ``crop``: only the box around the set voxels (an empty array: the whole grid), as Slicer's own labelmap import
+    keeps a segment (``ImportLabelmapToSegmentationNode`` clips to the effective extent): a segment added with the
+    whole grid holds a byte per voxel of the volume, 78 MB for a 512 x 512 x 300 CT, however small it is.
+    """
     array = np.asarray(array_kji)
     shape = grid[1] if grid is not None else _volume_shape(volume_node)
     if array.shape != shape:
         raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
-    image = _reference_labelmap(volume_node, node, grid)
+    box = None
+    if crop and array.any():
+        nonzero = np.nonzero(array)
+        box = tuple(int(a.min()) for a in nonzero), tuple(int(a.max()) + 1 for a in nonzero)
+        array = array[tuple(slice(lo, hi) for lo, hi in zip(*box))]
+    image = _reference_labelmap(volume_node, node, grid, box)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = (array.reshape(-1) != 0).astype(np.uint8)
     image.Modified()

@@ -831,7 +831,8 @@ def _add_segment(
     before_id: str = "",
     grid: Grid | None = None,
 ) -> None:
-    """Add a segment with its own labelmap layer (so no other segment's voxels are rewritten)."""
+    """Add a segment with its own labelmap layer (so no other segment's voxels are rewritten), holding only the box
+    around its voxels (a few hundred suggestions of a large CT must not each hold the whole volume)."""
     import slicer
 
     segment = slicer.vtkSegment()
@@ -839,7 +840,7 @@ def _add_segment(
     segment.SetColor(*snapshot.color)
     for key, value in snapshot.tags.items():
         segment.SetTag(key, encode_tag_value(value) if key in _TEXT_TAGS else value)
-    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node, node, grid)
+    labelmap = labelmap_from_array(snapshot.mask() if mask is None else mask, volume_node, node, grid, crop=True)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     segmentation = node.GetSegmentation()
     if before_id and segmentation.GetSegment(before_id) is None:
