@@ -32,9 +32,12 @@ from .geometry import (
     Grid,
     ijk_to_ras,
     labelmap_from_array,
+    mask_on_grid,
     mask_to_ijk,
+    merge_grid,
     nodes_by_class,
     segment_array,
+    segment_voxel_count,
     voxel_grid,
     vtk_matrix,
 )
@@ -629,11 +632,12 @@ class SuggestionManager:
         segment = node.GetSegmentation().GetSegment(merge_id)
         if segment is None:
             raise SuggestionError(f"the segment to merge into ({merge_id!r}) is gone from {node.GetName()!r}")
-        grid = voxel_grid(self.volume_node, node)
-        before = segment_array(node, merge_id, self.volume_node, grid)
-        merged = before.copy()
+        added = np.zeros(self._shape(), dtype=bool)
         for item in operation.items:
-            merged |= item.suggestion.mask()
+            added |= item.suggestion.mask()
+        grid = merge_grid(node, merge_id, self.volume_node, added)
+        before = segment_array(node, merge_id, self.volume_node, grid)
+        merged = before | mask_on_grid(added, self.volume_node, node, grid)
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
         )
@@ -725,15 +729,15 @@ class SuggestionManager:
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
             if user.GetSegmentation().GetSegment(operation.merge_id) is None:
                 return f"the merge into {name!r}: that segment was deleted since"
-            written = segment_array(user, operation.merge_id, self.volume_node, operation.merge_grid)
-            if mask_digest(written) != operation.merge_digest:
+            if not _still_written(user, operation.merge_id, self.volume_node, operation.merge_grid,
+                                  operation.merge_digest):
                 return f"the merge into {name!r}: that segment was edited since"
             return ""
         for item in operation.items:
             segment = user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
                 return f"accepting {item.user_name!r}: that segment was deleted since"
-            if mask_digest(segment_array(user, item.user_id, self.volume_node, item.grid)) != item.digest:
+            if not _still_written(user, item.user_id, self.volume_node, item.grid, item.digest):
                 return f"accepting {segment.GetName()!r}: that segment was edited since"
         return ""
 
@@ -776,6 +780,14 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
+
+
+def _still_written(node, segment_id: str, volume_node, grid: Grid | None, digest: str) -> bool:
+    """Whether a segment is exactly what was written on ``grid``: the same voxels there, and none anywhere else
+    (a merge's grid covers only the box of the segment and the suggestions, and a segment edited on a finer lattice
+    may look unchanged on the volume's grid)."""
+    written = segment_array(node, segment_id, volume_node, grid)
+    return mask_digest(written) == digest and int(written.sum()) == segment_voxel_count(node, segment_id)
 
 
 def _is_suggestion_id(segment_id: str) -> bool:

@@ -673,3 +673,60 @@ def test_suggestions_and_accepted_segments_hold_only_the_box_around_their_voxels
     assert [held_voxels(manager.preview_node, sid) for sid in ids] == boxes
     for sid, mask in zip(ids, masks):
         np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+
+
+def test_a_merge_into_a_finer_segment_keeps_its_voxels_and_its_undo_gives_them_back(scene, volume, user_node):
+    # The user's segment lies on a lattice twice as fine as the volume's (Segment Editor > Specify geometry,
+    # oversampling 2). The merge rewrote it on the volume's voxels (its fine outline gone) and so did the undo.
+    fine = ijk_to_ras(volume)
+    fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)  # fine voxel 0 is the first quarter of coarse voxel 0
+    fine[:3, :3] /= 2
+    fine_shape = tuple(2 * n for n in SHAPE)
+    k, j, i = np.indices(fine_shape)
+    own = (k - 8.3) ** 2 + (j - 9.7) ** 2 + (i - 5.2) ** 2 <= 3.1**2
+    segment = slicer.vtkSegment()
+    segment.SetName("Organ")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, grid=(fine, fine_shape), crop=True))
+    assert user_node.GetSegmentation().AddSegment(segment, "organ")
+    before = world_points(user_node, "organ")
+    assert len(before) == int(own.sum())
+
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 8), 1.5))]))
+    suggested = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into="organ")
+    after = world_points(user_node, "organ")
+    kept = {tuple(p) for p in np.round(before, 6)} <= {tuple(p) for p in np.round(after, 6)}
+    assert kept, "voxels of the user's segment were lost in the merge"
+    # Each coarse voxel of the suggestion is its 8 fine voxels now.
+    merged_on_volume = segment_array(user_node, "organ", volume)
+    assert (merged_on_volume & suggested).sum() == suggested.sum()
+    assert len(after) == int(own.sum()) + 8 * int(suggested.sum()) - int(
+        (own & np.repeat(np.repeat(np.repeat(suggested, 2, 0), 2, 1), 2, 2)).sum())
+    assert manager.undo()
+    np.testing.assert_allclose(world_points(user_node, "organ"), before, atol=1e-6)
+    assert manager.redo()
+    np.testing.assert_allclose(world_points(user_node, "organ"), after, atol=1e-6)
+
+
+def test_an_accepted_segment_edited_finer_than_the_volume_is_not_undone(scene, volume, user_node):
+    # The Segment Editor (oversampled geometry) redrew the accepted segment on a lattice twice as fine and painted one
+    # fine voxel that no volume voxel centre falls in: on the volume's grid it looked unchanged, so undo deleted it.
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [accepted] = manager.accept(sid, target=user_node)
+    mask = segment_array(user_node, accepted, volume)
+    fine = ijk_to_ras(volume)
+    fine[:3, :3] /= 2  # fine voxel 2n is centred on volume voxel n; the odd ones lie between volume voxel centres
+    fine_shape = tuple(2 * n for n in SHAPE)
+    redrawn = np.zeros(fine_shape, dtype=bool)
+    redrawn[::2, ::2, ::2] = mask
+    k, j, i = (int(a[0]) for a in np.nonzero(mask))
+    redrawn[2 * k, 2 * j, 2 * i - 1] = True  # the stroke: between two volume voxel centres
+    replace_segment_mask(user_node, accepted, redrawn, volume, grid=(fine, fine_shape))
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), mask)  # the volume's grid sees no edit
+    with pytest.raises(SuggestionError, match="'Liver': that segment was edited since"):
+        manager.undo()
+    assert segment_ids(user_node) == [accepted]
+    assert len(world_points(user_node, accepted)) == int(redrawn.sum())
