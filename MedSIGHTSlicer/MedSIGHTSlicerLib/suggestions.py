@@ -819,8 +819,16 @@ def _weighted_confidence(weights: list[tuple[float, int]]) -> float:
 
 
 def _with_look_of(snapshot: SegmentSnapshot, segment) -> SegmentSnapshot:
-    """``snapshot`` with ``segment``'s current name and colour (the same voxels and tags)."""
-    return replace(snapshot, name=segment.GetName(), color=tuple(float(c) for c in segment.GetColor()))
+    """``snapshot`` with ``segment``'s current name, colour and terminology (the same voxels and other tags).
+
+    The terminology goes with the name: Slicer's terminology picker sets both (and the colour), and an export codes
+    the segment by it, so a "Right kidney" must not come back from an undo and redo coded as the suggestion was.
+    """
+    tags = {key: value for key, value in snapshot.tags.items() if key != _terminology_tag()}
+    terminology = get_tag(segment, _terminology_tag())
+    if terminology is not None:
+        tags[_terminology_tag()] = terminology
+    return replace(snapshot, name=segment.GetName(), color=tuple(float(c) for c in segment.GetColor()), tags=tags)
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

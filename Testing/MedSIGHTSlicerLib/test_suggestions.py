@@ -269,6 +269,28 @@ def test_a_name_and_colour_given_between_a_redo_and_its_undo_come_back(scene, vo
     np.testing.assert_array_equal(segment_array(user, user_id, volume), mask)
 
 
+def test_a_terminology_chosen_for_an_accepted_segment_survives_its_undo_and_redo(scene, volume):
+    # Slicer's terminology picker sets name, colour and terminology together: the undo and redo kept the name and
+    # colour but put the suggestion's terminology back, so "Right kidney" was exported coded as a kidney of no side.
+    from MedSIGHTSlicerLib import naming
+
+    terminology = slicer.vtkSegment.GetTerminologyEntryTagName()
+    manager = SuggestionManager(scene, volume)
+    (sid,) = manager.add_answer(answer("axial", 4, [("kidney", ball())]))
+    assert get_tag(manager.suggestion(sid), terminology) == naming.terminology_entry("kidney")
+    [user_id] = manager.accept([sid])
+    user = manager.find_user_node()
+    segment = user.GetSegmentation().GetSegment(user_id)
+    segment.SetName("Right kidney")
+    segment.SetTag(terminology, naming.terminology_entry("right kidney"))
+    assert manager.undo()
+    assert get_tag(manager.suggestion(sid), terminology) == naming.terminology_entry("right kidney")
+    assert manager.redo()
+    segment = user.GetSegmentation().GetSegment(user_id)
+    assert segment.GetName() == "Right kidney"
+    assert naming.Term.parse(get_tag(segment, terminology)).modifier.meaning == "Right"
+
+
 def test_redo_refuses_when_the_suggestion_was_corrected_after_the_undo(scene, volume):
     manager = SuggestionManager(scene, volume)
     (sid,) = manager.add_answer(answer("axial", 4, [("liver", ball())]))
