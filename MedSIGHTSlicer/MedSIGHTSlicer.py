@@ -27,7 +27,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines
-from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_file_name, export_labelmap_file
+from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_file_name, export_labelmap_file, export_report
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
@@ -363,11 +363,11 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if not path:
             return
         try:
-            written = self.logic.export(node, path, self.review_host.review(node).target)
+            report = self.logic.export(node, path, self.review_host.review(node).target)
         except Exception as err:  # shown plainly, never a traceback in the user's face
             self.panel.show_error(f"Export failed: {err}")
             return
-        self.ui.connectionStatusLabel.text = f"Exported to {written}"
+        self.ui.connectionStatusLabel.text = report
 
 
 class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
@@ -383,14 +383,15 @@ class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
     def export(self, node, path: str, chosen=None) -> str:
         """Write the user's (accepted) segmentation of ``node`` (``chosen``: the one picked under "Accept into"):
         .seg.nrrd, .nii/.nii.gz plus a JSON of labels, or a DICOM SEG (.dcm) referencing the series ``node`` was
-        loaded from."""
+        loaded from. Returns what to tell the user (``export_report``)."""
         user = self.user_segmentation(node, chosen)
         if user is None:
             raise ValueError("nothing accepted yet: accept suggestions (or draw segments) first")
         if path.lower().endswith(".dcm") and not ensure_packages(packages.dicom_seg_requirements(),
                                                                  "DICOM SEG export"):
             raise ValueError("DICOM SEG export needs the highdicom package")
-        return str(export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None)))
+        written = export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None))
+        return export_report(user, node, written)
 
 
 class MedSIGHTSlicerTest(ScriptedLoadableModuleTest):

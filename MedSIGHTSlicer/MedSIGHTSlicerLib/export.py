@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
-           "export_nifti", "export_seg_nrrd", "read_seg_nrrd"]
+           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -172,6 +174,40 @@ def export_nifti(segmentation_node, volume_node, path: str | Path) -> dict[int, 
             raise ExportError(f"could not write {path}")
     _write_sidecar(segments, volume_node, path)
     return names
+
+
+def nifti_overlaps(segmentation_node, volume_node) -> dict[str, int]:
+    """{segment name: how many of its voxels carry a later segment's label} in the NIfTI labelmap ``export_nifti``
+    writes of these segments ({} when none overlap). A lesion drawn inside its organ is the usual case."""
+    from .geometry import segment_array
+
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    covered, hidden = None, {}
+    for segment_id in reversed(ids):  # the later segment's value wins
+        mask = segment_array(segmentation_node, segment_id, volume_node)
+        if covered is None:
+            covered = np.zeros_like(mask)
+        count = int((mask & covered).sum())
+        if count:
+            name = segmentation.GetSegment(segment_id).GetName()
+            hidden[name] = hidden.get(name, 0) + count
+        covered |= mask
+    return dict(reversed(hidden.items()))
+
+
+def export_report(segmentation_node, volume_node, written: str | Path) -> str:
+    """What the module says after an export: where it went, and for a NIfTI labelmap which segments lost voxels to a
+    later one there (the file holds one label per voxel; the segmentation in the scene keeps them all)."""
+    text = f"Exported to {written}"
+    if not str(written).lower().endswith((".nii", ".nii.gz")):
+        return text
+    hidden = nifti_overlaps(segmentation_node, volume_node)
+    if not hidden:
+        return text
+    which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())
+    return (f"{text}. Segments overlap: a NIfTI labelmap holds one label per voxel, so {which} carry the label of a "
+            "segment after it (.seg.nrrd and DICOM SEG keep overlapping segments whole)")
 
 
 def _write_sidecar(segments, volume_node, path: Path) -> Path:

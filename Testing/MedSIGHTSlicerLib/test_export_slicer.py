@@ -257,3 +257,42 @@ def test_a_surface_segmentation_exports_as_a_real_seg_nrrd(scene, volume, tmp_pa
     back = read_seg_nrrd(path, scene)
     assert back.GetSegmentation().GetNthSegment(0).GetName() == "ball"
     np.testing.assert_array_equal(segment_array(back, back.GetSegmentation().GetNthSegmentID(0), volume), voxels)
+
+
+def test_a_nifti_export_names_the_voxels_a_later_overlapping_segment_took(scene, volume, tmp_path):
+    # A lesion inside its liver: the single-label NIfTI gives the shared voxels the lesion's value, and the module
+    # said only "Exported to ..." while the file held fewer liver voxels than the user had accepted.
+    from MedSIGHTSlicerLib.export import export_labelmap_file, export_report, nifti_overlaps
+
+    manager = SuggestionManager(scene, volume)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    liver = np.zeros((SHAPE[1], SHAPE[2]), bool)
+    liver[1:5, 1:6] = True
+    lesion = np.zeros_like(liver)
+    lesion[2:4, 2:4] = True
+    regions = [Region("[M0_1]", "liver", 0, liver, 0.8, None), Region("[M0_2]", "lesion", 1, lesion, 0.6, None)]
+    manager.add_answer(SliceAnswer("axial", 3, "Liver and lesion.", regions, ijk_to_ras @ pixel_to_ijk(2, 3, 0, 1)))
+    liver_id, lesion_id = manager.accept()
+    user = manager.find_user_node()
+    accepted = {name: segment_array(user, sid, volume) for name, sid in (("Liver", liver_id), ("Lesion", lesion_id))}
+    shared = int((accepted["Liver"] & accepted["Lesion"]).sum())
+    assert shared == int(lesion.sum())
+
+    path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    back = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(back)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(back)
+    values = array_from_image(back.GetImageData())
+    assert int((values == 1).sum()) == int(accepted["Liver"].sum()) - shared
+    assert nifti_overlaps(user, volume) == {"Liver": shared}
+    report = export_report(user, volume, path)
+    assert report.startswith(f"Exported to {path}")
+    assert f"{shared} voxels of 'Liver'" in report and ".seg.nrrd and DICOM SEG keep" in report
+    # Without overlaps, or in a format that keeps them, only where the file went.
+    assert export_report(user, volume, tmp_path / "MR-seg.seg.nrrd") == f"Exported to {tmp_path / 'MR-seg.seg.nrrd'}"
+    user.GetSegmentation().RemoveSegment(lesion_id)
+    assert nifti_overlaps(user, volume) == {} and export_report(user, volume, path) == f"Exported to {path}"
