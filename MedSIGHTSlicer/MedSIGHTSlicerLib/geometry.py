@@ -22,12 +22,11 @@ __all__ = [
     "array_from_image",
     "ijk_to_ras",
     "labelmap_from_array",
+    "lattice_grid",
     "mask_on_grid",
     "mask_to_ijk",
-    "merge_grid",
     "nodes_by_class",
     "segment_array",
-    "segment_voxel_count",
     "volume_upload_arrays",
     "voxel_grid",
     "vtk_matrix",
@@ -259,21 +258,22 @@ def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Gri
     return image
 
 
-def merge_grid(node, segment_id: str, volume_node, mask_kji: np.ndarray) -> Grid:
-    """The grid a merge of ``mask_kji`` (voxels of the volume) into one of ``node``'s segments works on: the lattice
-    of the segment's own labelmap (a segmentation may be finer than its volume, oversampled in the Segment Editor, or
-    made on another image), over a box holding the segment and the mask; the volume's grid while it has no voxels.
+def lattice_grid(node, segment_id: str, mask_kji: np.ndarray, mask_grid: Grid) -> Grid:
+    """The lattice of a segment's own labelmap over a box holding the segment and ``mask_kji`` (a mask on
+    ``mask_grid``, in ``node``'s frame); ``mask_grid`` while the segment has no voxels.
 
-    On the volume's grid a merge (and its undo) would rewrite a finer segment at the volume's coarser voxels.
+    A segment need not lie on its volume's voxels: a segmentation may be finer (oversampled in the Segment Editor) or
+    made on another image, and saving one moves its segments onto a shared layer's lattice. Reading and writing it
+    on its own lattice keeps every voxel of it; on the volume's grid a finer segment would be rewritten coarser.
     """
     import slicer
 
-    volume_grid = voxel_grid(volume_node, node)
-    layer = node.GetSegmentation().GetSegment(segment_id).GetRepresentation(
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    layer = None if segment is None else segment.GetRepresentation(
         slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
     extent = layer.GetExtent() if layer is not None else (0, -1, 0, -1, 0, -1)
     if any(extent[2 * n] > extent[2 * n + 1] for n in range(3)):
-        return volume_grid
+        return mask_grid
     matrix = vtk.vtkMatrix4x4()
     layer.GetImageToWorldMatrix(matrix)
     lattice = _matrix_to_numpy(matrix)
@@ -284,7 +284,7 @@ def merge_grid(node, segment_id: str, volume_node, mask_kji: np.ndarray) -> Grid
         first = np.array([a.min() for a in nonzero][::-1], dtype=float) - 0.5
         last = np.array([a.max() for a in nonzero][::-1], dtype=float) + 0.5
         corners = np.array([[(first, last)[c >> n & 1][n] for n in range(3)] + [1.0] for c in range(8)]).T
-        indices = (np.linalg.inv(lattice) @ volume_grid[0] @ corners)[:3]
+        indices = (np.linalg.inv(lattice) @ mask_grid[0] @ corners)[:3]
         lo, hi = np.minimum(lo, np.floor(indices.min(axis=1))), np.maximum(hi, np.ceil(indices.max(axis=1)))
     grid = lattice.copy()
     grid[:3, 3] += lattice[:3, :3] @ lo
@@ -292,15 +292,15 @@ def merge_grid(node, segment_id: str, volume_node, mask_kji: np.ndarray) -> Grid
     return grid, (int(k), int(j), int(i))
 
 
-def mask_on_grid(mask_kji: np.ndarray, volume_node, node, grid: Grid) -> np.ndarray:
-    """Voxels of the volume (a (k, j, i) mask) as a mask on ``grid`` of ``node``'s frame (nearest neighbour)."""
+def mask_on_grid(mask_kji: np.ndarray, mask_grid: Grid, grid: Grid) -> np.ndarray:
+    """A mask on ``mask_grid`` as a mask on ``grid`` (both in one node's frame; nearest neighbour)."""
     import slicer
 
     if not np.any(mask_kji):
         return np.zeros(grid[1], dtype=bool)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap_from_array(mask_kji, volume_node, node, crop=True), _reference_labelmap(volume_node, node, grid),
+        labelmap_from_array(mask_kji, None, grid=mask_grid, crop=True), _reference_labelmap(None, grid=grid),
         resampled, False, False,
     ):
         raise GeometryError("could not resample the voxels onto the segment's grid")
@@ -336,14 +336,3 @@ def segment_array(segmentation_node, segment_id: str, volume_node, grid: Grid | 
         raise GeometryError(f"segment {segment_id!r} resampled to {values.shape}, not the volume's grid")
     return values == segment.GetLabelValue()
 
-
-def segment_voxel_count(segmentation_node, segment_id: str) -> int:
-    """How many voxels a segment has in its own labelmap, on whatever lattice and extent that lies."""
-    import slicer
-
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    layer = None if segment is None else segment.GetRepresentation(
-        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    if layer is None or layer.GetPointData().GetScalars() is None:
-        return 0
-    return int((array_from_image(layer) == segment.GetLabelValue()).sum())

@@ -32,12 +32,11 @@ from .geometry import (
     Grid,
     ijk_to_ras,
     labelmap_from_array,
+    lattice_grid,
     mask_on_grid,
     mask_to_ijk,
-    merge_grid,
     nodes_by_class,
     segment_array,
-    segment_voxel_count,
     voxel_grid,
     vtk_matrix,
 )
@@ -124,9 +123,8 @@ class _Item:
     before_id: str = ""  # the preview segment it stood before, to restore the list order on undo
     user_id: str = ""
     user_name: str = ""
-    digest: str = ""
-    #: the grid the accept wrote on, in the target's frame: undo checks the voxels there, so moving the volume or a
-    #: transform since (which moves no segment's own voxels) is not taken for an edit
+    #: the grid the accept wrote the suggestion's voxels on, in the target's frame: undo compares the segment with
+    #: them there, so moving the volume or a transform since (which moves no segment's own voxels) is no edit
     grid: Grid | None = None
 
 
@@ -137,8 +135,8 @@ class _Operation:
     target: object = None  # the segmentation node an accept wrote into
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
-    merge_digest: str = ""  # the merge target right after the merge (undo refuses if it was edited since)
-    merge_grid: Grid | None = None  # the grid the merge wrote on (its undo puts ``merge_before`` back there)
+    merge_after: SegmentSnapshot | None = None  # the merge target right after it (undo refuses if edited since)
+    merge_grid: Grid | None = None  # the grid the merge wrote on (the snapshots' grid)
 
 
 @dataclass
@@ -624,7 +622,7 @@ class SuggestionManager:
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             mask = item.suggestion.mask()
             _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask, grid=grid)
-            item.user_id, item.user_name, item.digest, item.grid = user_id, name, mask_digest(mask), grid
+            item.user_id, item.user_name, item.grid = user_id, name, grid
         self._remove_suggestions(operation.items)
 
     def _do_merge(self, operation: _Operation) -> None:
@@ -635,16 +633,18 @@ class SuggestionManager:
         added = np.zeros(self._shape(), dtype=bool)
         for item in operation.items:
             added |= item.suggestion.mask()
-        grid = merge_grid(node, merge_id, self.volume_node, added)
+        volume_grid = voxel_grid(self.volume_node, node)
+        grid = lattice_grid(node, merge_id, added, volume_grid)
         before = segment_array(node, merge_id, self.volume_node, grid)
-        merged = before | mask_on_grid(added, self.volume_node, node, grid)
+        merged = before | mask_on_grid(added, volume_grid, grid)
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
         )
         replace_segment_mask(node, merge_id, merged, self.volume_node, grid)
-        operation.merge_digest, operation.merge_grid = mask_digest(merged), grid
+        operation.merge_after = SegmentSnapshot.from_mask(merge_id, segment.GetName(), segment.GetColor(), {}, merged)
+        operation.merge_grid = grid
         for item in operation.items:
-            item.user_id, item.user_name, item.digest = merge_id, segment.GetName(), operation.merge_digest
+            item.user_id, item.user_name = merge_id, segment.GetName()
 
     def _remove_suggestions(self, items: list[_Item]) -> None:
         segmentation = self.preview_node.GetSegmentation()
@@ -729,15 +729,14 @@ class SuggestionManager:
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
             if user.GetSegmentation().GetSegment(operation.merge_id) is None:
                 return f"the merge into {name!r}: that segment was deleted since"
-            if not _still_written(user, operation.merge_id, self.volume_node, operation.merge_grid,
-                                  operation.merge_digest):
+            if not _still_written(user, operation.merge_id, operation.merge_after.mask(), operation.merge_grid):
                 return f"the merge into {name!r}: that segment was edited since"
             return ""
         for item in operation.items:
             segment = user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
                 return f"accepting {item.user_name!r}: that segment was deleted since"
-            if not _still_written(user, item.user_id, self.volume_node, item.grid, item.digest):
+            if not _still_written(user, item.user_id, item.suggestion.mask(), item.grid):
                 return f"accepting {segment.GetName()!r}: that segment was edited since"
         return ""
 
@@ -782,12 +781,12 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
 
 
-def _still_written(node, segment_id: str, volume_node, grid: Grid | None, digest: str) -> bool:
-    """Whether a segment is exactly what was written on ``grid``: the same voxels there, and none anywhere else
-    (a merge's grid covers only the box of the segment and the suggestions, and a segment edited on a finer lattice
-    may look unchanged on the volume's grid)."""
-    written = segment_array(node, segment_id, volume_node, grid)
-    return mask_digest(written) == digest and int(written.sum()) == segment_voxel_count(node, segment_id)
+def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bool:
+    """Whether a segment holds exactly the voxels ``written`` on ``grid``, compared on the segment's own lattice: an
+    edit anywhere counts, also one finer than ``grid``, and Slicer moving the segment onto another lattice unchanged
+    (saving collapses a segmentation's layers onto the first one's) does not."""
+    lattice = lattice_grid(node, segment_id, written, grid)
+    return np.array_equal(segment_array(node, segment_id, None, lattice), mask_on_grid(written, grid, lattice))
 
 
 def _is_suggestion_id(segment_id: str) -> bool:

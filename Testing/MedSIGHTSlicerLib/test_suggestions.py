@@ -752,3 +752,32 @@ def test_an_accepted_segment_edited_finer_than_the_volume_is_not_undone(scene, v
         manager.undo()
     assert segment_ids(user_node) == [accepted]
     assert len(world_points(user_node, accepted)) == int(redrawn.sum())
+
+
+def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(scene, volume, user_node, tmp_path):
+    # Slicer's segmentation writer collapses the layers in place: the accepted segment (volume voxels) is resampled
+    # onto the lattice of the user's finer segment, 8 fine voxels for each. It is unchanged, so its undo takes it out.
+    from MedSIGHTSlicerLib.export import export_seg_nrrd
+
+    fine = ijk_to_ras(volume)
+    fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)
+    fine[:3, :3] /= 2
+    fine_shape = tuple(2 * n for n in SHAPE)
+    k, j, i = np.indices(fine_shape)
+    own = (k - 8.3) ** 2 + (j - 3.7) ** 2 + (i - 3.2) ** 2 <= 2.1**2
+    segment = slicer.vtkSegment()
+    segment.SetName("Organ")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, grid=(fine, fine_shape), crop=True))
+    assert user_node.GetSegmentation().AddSegment(segment, "organ")
+    organ = world_points(user_node, "organ")
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 6, 8), 1.5))]))
+    mask = manager.suggestion_mask(sid)
+    [accepted] = manager.accept(sid, target=user_node)
+    export_seg_nrrd(user_node, tmp_path / "saved.seg.nrrd")
+    assert len(world_points(user_node, accepted)) == 8 * int(mask.sum())  # now on the fine lattice
+    assert manager.undo()
+    assert segment_ids(user_node) == ["organ"]
+    np.testing.assert_allclose(world_points(user_node, "organ"), organ, atol=1e-6)
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
