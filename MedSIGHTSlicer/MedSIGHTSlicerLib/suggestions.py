@@ -661,40 +661,59 @@ class SuggestionManager:
         """Revert the last accept or reject. False when there is nothing to undo.
 
         An accept whose segment the user deleted or edited since cannot be reverted without rewriting the user's
-        work. Its undo is refused with the reason (naming the segment) and the step leaves the history, the user's
-        segments staying exactly as they are: the next undo goes on with the step before, instead of every later
-        undo being refused by this one step.
+        work, and no step can be once the volume's voxels were replaced by another grid size (its suggestions are
+        voxels of the old grid). Its undo is refused with the reason (naming the segment) and the step leaves the
+        history, the user's segments staying exactly as they are: the next undo goes on with the step before,
+        instead of every later undo being refused by this one step.
         """
         if not self._undo:
             return False
         operation = self._undo[-1]
-        if operation.kind == "accept":
+        changed = self._voxels_replaced(operation)
+        if not changed and operation.kind == "accept":
             changed = self._accepted_changed(operation)
-            if changed:
-                self._undo.pop()
-                after = "Undo again to undo the step before it." if self._undo else "Nothing before it to undo."
-                raise SuggestionError(f"cannot undo {changed}. That step leaves the undo history; your segments "
-                                      f"stay as they are. {after}")
-            if operation.merge_id:
-                before = operation.merge_before
-                replace_segment_mask(operation.target, operation.merge_id, before.mask(), self.volume_node,
-                                     operation.merge_grid)
-            else:
-                segmentation = operation.target.GetSegmentation()
-                for item in operation.items:
-                    # A name or colour the user gave the accepted segment is theirs: it goes back to the list with
-                    # the suggestion, and a redo brings it back.
-                    item.suggestion = _with_look_of(item.suggestion, segmentation.GetSegment(item.user_id))
-                    segmentation.RemoveSegment(item.user_id)
+        if changed:
+            self._undo.pop()
+            after = "Undo again to undo the step before it." if self._undo else "Nothing before it to undo."
+            raise SuggestionError(f"cannot undo {changed}. That step leaves the undo history; your segments "
+                                  f"stay as they are. {after}")
+        if operation.kind == "accept" and not operation.merge_id:
+            segmentation = operation.target.GetSegmentation()
+            for item in operation.items:
+                # A name or colour the user gave the accepted segment is theirs: it goes back to the list with the
+                # suggestion, and a redo brings it back.
+                item.suggestion = _with_look_of(item.suggestion, segmentation.GetSegment(item.user_id))
+        # The suggestions first: if they cannot come back, the accepted segments stay where they are.
         self._restore_suggestions(operation.items)
+        if operation.kind == "accept" and operation.merge_id:
+            replace_segment_mask(operation.target, operation.merge_id, operation.merge_before.mask(),
+                                 self.volume_node, operation.merge_grid)
+        elif operation.kind == "accept":
+            for item in operation.items:
+                operation.target.GetSegmentation().RemoveSegment(item.user_id)
         self._redo.append(self._undo.pop())
         return True
+
+    def _voxels_replaced(self, operation: _Operation) -> str:
+        """Why ``operation``'s suggestions cannot come back ("" when they can): the volume's voxel array has another
+        size than when they were made (cropped or resampled in place), so they name voxels it no longer has."""
+        then, now = operation.items[0].suggestion.shape, self._shape()
+        if then == now:
+            return ""
+        names = ", ".join(repr(item.user_name or item.suggestion.name) for item in operation.items)
+        verb = "rejecting" if operation.kind == "reject" else "accepting"
+        size = lambda shape: "x".join(str(n) for n in shape[::-1])  # noqa: E731
+        return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
+                f"since ({size(then)} voxels then, {size(now)} now)")
 
     def redo(self) -> bool:
         """Re-apply the last undone accept or reject. False when there is nothing to redo."""
         if not self._redo:
             return False
         operation = self._redo[-1]
+        replaced = self._voxels_replaced(operation)
+        if replaced:
+            raise SuggestionError(f"cannot redo {replaced}; accept or reject them again")
         present = set(self.suggestion_ids())
         missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
         if missing:

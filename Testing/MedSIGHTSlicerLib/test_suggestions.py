@@ -781,3 +781,45 @@ def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(sc
     assert segment_ids(user_node) == ["organ"]
     np.testing.assert_allclose(world_points(user_node, "organ"), organ, atol=1e-6)
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+
+
+def replace_voxels_by_another_size(volume) -> tuple[int, int, int]:
+    """What Crop Volume or Resample in place does to the volume's voxel array: one of another size. Returns it."""
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2] - 2, SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = 0
+    volume.SetAndObserveImageData(image)
+    return (SHAPE[0], SHAPE[1], SHAPE[2] - 2)
+
+
+def test_an_undo_after_the_volumes_voxels_were_replaced_keeps_the_accepted_segment(scene, volume, user_node):
+    # The accepted segment was taken out of the user's segmentation, then its suggestion could not be put back on
+    # the new grid (a GeometryError): the segment was gone from both, and the next undo said the user deleted it.
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    manager.reject(ids[1])
+    [accepted] = manager.accept(ids[0], target=user_node)
+    kept = world_points(user_node, accepted)
+    now = replace_voxels_by_another_size(volume)
+    size = "x".join(str(n) for n in now[::-1])
+    with pytest.raises(SuggestionError, match=rf"accepting 'Liver': the voxels of 'CT' were replaced .*, {size} now\)"
+                                              r".*your segments stay as they are\. Undo again"):
+        manager.undo()
+    assert segment_ids(user_node) == [accepted]
+    np.testing.assert_allclose(world_points(user_node, accepted), kept, atol=1e-6)
+    with pytest.raises(SuggestionError, match="rejecting 'Spleen': the voxels of 'CT' were replaced"):
+        manager.undo()
+    assert not manager.can_undo and manager.suggestion_ids() == [] and segment_ids(user_node) == [accepted]
+
+
+def test_a_redo_after_the_volumes_voxels_were_replaced_says_so(scene, volume):
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    manager.accept(sid)
+    assert manager.undo()
+    replace_voxels_by_another_size(volume)
+    with pytest.raises(SuggestionError, match="cannot redo accepting 'Liver': the voxels of 'CT' were replaced"):
+        manager.redo()
