@@ -700,7 +700,10 @@ class SuggestionManager:
         then, now = operation.items[0].suggestion.shape, self._shape()
         if then == now:
             return ""
-        names = ", ".join(repr(item.user_name or item.suggestion.name) for item in operation.items)
+        # The accepted segment's name (the user may have renamed it); a merge's or a reject's suggestions' own.
+        plain_accept = operation.kind == "accept" and not operation.merge_id
+        names = ", ".join(repr(item.user_name if plain_accept and item.user_name else item.suggestion.name)
+                          for item in operation.items)
         verb = "rejecting" if operation.kind == "reject" else "accepting"
         size = lambda shape: "x".join(str(n) for n in shape[::-1])  # noqa: E731
         return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
