@@ -316,9 +316,11 @@ class MedSIGHTClient:
         base_url: the engine's address, e.g. "http://127.0.0.1:8765" (a path prefix such as
             "https://host/medsight" is kept; "/v1/..." is appended).
         token: bearer token when the engine was started with one (always when it listens beyond this machine).
-        timeout: seconds to wait for a connection or for data, for every call unless the call passes its own.
-        retries: extra attempts for idempotent GET requests after a connection failure, a timeout or HTTP
-            502/503/504, with exponential backoff. POST requests (uploads, asks, cancels) are never retried.
+        timeout: seconds to wait for a connection or for data, for every call unless the call passes its own; a
+            GET's timeout bounds all its attempts together.
+        retries: extra attempts for idempotent GET requests after a connection failure or HTTP 502/503/504, with
+            exponential backoff, within the GET's one timeout. POST requests (uploads, asks, cancels) are never
+            retried.
         backoff: seconds before the first retry; doubled for each further one.
     """
 
@@ -587,18 +589,29 @@ class MedSIGHTClient:
         parse: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Send, read the whole JSON reply (through `parse`, if given); retry idempotent GETs on connection failures
-        and 502/503/504. A reply that `parse` rejects becomes a "bad_response" error."""
+        and 502/503/504. A reply that `parse` rejects becomes a "bad_response" error.
+
+        A GET's timeout bounds all its attempts together: each attempt gets the time left, a timed-out one is not
+        repeated and no retry starts after the time is up ("Test connection" against an engine that never answered
+        took three timeouts and two backoffs: 9.8 s with 3 s set)."""
         url = self._url(path, query)
         attempts = 1 + (self.retries if method == "GET" else 0)
         if body is None:
             content_type = None
+        seconds = self.timeout if timeout is None else timeout
+        deadline = None if seconds is None or attempts == 1 else time.monotonic() + seconds
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            limit = seconds if deadline is None or attempt == 0 else max(deadline - time.monotonic(), 0.001)
             try:
-                status, reason, raw, headers = self._exchange(method, path, query, body, content_type, timeout)
+                status, reason, raw, headers = self._exchange(method, path, query, body, content_type, limit)
             except MedSIGHTError as err:
-                if last:
+                if err.code == "timeout" and attempt > 0:  # the time that ran out is the call's, not the attempt's
+                    raise MedSIGHTError(f"{method} {url} got no reply within {seconds:g} s ({attempt + 1} attempts)",
+                                        code="timeout", url=url) from None
+                if last or err.code == "timeout":
                     raise
+                failure: MedSIGHTError = err
                 log.info("%s %s failed (%s); retrying", method, url, err.code)
             else:
                 if status < 300:
@@ -618,10 +631,14 @@ class MedSIGHTClient:
                             body=data,
                             url=url,
                         ) from None
+                failure = _error_from_response(status, raw, url, reason, headers)
                 if last or status not in RETRY_STATUSES:
-                    raise _error_from_response(status, raw, url, reason, headers)
+                    raise failure
                 log.info("%s %s returned HTTP %d; retrying", method, url, status)
-            time.sleep(self.backoff * (2**attempt))
+            pause = self.backoff * (2**attempt)
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise failure  # no time left for another attempt
+            time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange(

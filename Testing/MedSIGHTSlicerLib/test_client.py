@@ -484,10 +484,20 @@ def test_get_gives_up_after_its_retries(fake):
     assert fake.hits("GET", "/v1/health") == 3
 
 
-def test_get_is_retried_after_a_timeout(fake):
-    fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5), fake.reply(200, HEALTH))
-    assert client_for(fake, timeout=0.1, retries=1).health().model == "tiny"
-    assert fake.hits("GET", "/v1/health") == 2
+def test_a_gets_timeout_bounds_all_its_attempts(fake):
+    """The user waits what the timeout says: a GET that timed out is not sent again (each retry waited another
+    whole timeout: "Test connection" took three timeouts and two backoffs), and a retry after a quick failure gets
+    the time left, its error naming the call's timeout."""
+    silent = fake.reply(200, HEALTH, delay=2.0)
+    fake.add("GET", "/v1/health", silent)
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, timeout=0.2, retries=2).health()
+    assert (info.value.code, fake.hits("GET", "/v1/health")) == ("timeout", 1)
+    fake.add("GET", "/v1/model", fake.reply(503, {"code": "unavailable", "message": "loading"}), silent)
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, timeout=0.5, retries=2).model_card()
+    assert (info.value.code, fake.hits("GET", "/v1/model")) == ("timeout", 2)
+    assert "no reply within 0.5 s (2 attempts)" in info.value.message
 
 
 def test_backoff_grows(fake):

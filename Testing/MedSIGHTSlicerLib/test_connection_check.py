@@ -58,3 +58,16 @@ def test_errors_come_back_as_plain_text_saying_what_to_do(fake):
     assert not outcome.ok and outcome.text.endswith(ERROR_HINTS["connection_error"])
     assert "Traceback" not in outcome.text
     check.close()
+
+
+def test_the_timeout_bounds_the_whole_check(fake):
+    """An engine that takes the connection and never answers: the check gives up after one timeout, not one per
+    attempt of the client's retries (with 3 s set it took 9.8 s: three requests and two backoffs)."""
+    fake.add("GET", "/v1/model", fake.reply(200, CARD, delay=3.0))
+    client = MedSIGHTClient(fake.url, retries=2)
+    check = ConnectionCheck()
+    check.start(client, timeout=0.3)
+    outcome = wait_for(check)
+    assert not outcome.ok and outcome.text.endswith(ERROR_HINTS["timeout"])
+    assert fake.hits("GET", "/v1/model") == 1
+    check.close()
