@@ -65,6 +65,8 @@ _READ_CHUNK = 64 * 1024
 #: Bytes of a request body per socket send: ``sendall``'s timeout bounds its whole duration, so a volume sent in one
 #: call would have to arrive within one timeout whatever its size.
 _SEND_CHUNK = 1024 * 1024
+#: What to do when the engine's reply stopped half-way (the engine ended or restarted, or the network dropped).
+_CUT_OFF_HINT = "The engine may have stopped or restarted (its log says why); ask again once it runs."
 #: What the user can do about an error, by its code (the engine's, or the client's own for no response).
 ERROR_HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
@@ -75,6 +77,8 @@ ERROR_HINTS = {
     "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
     "or resampled) volume.",
     "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
+    "stream_truncated": _CUT_OFF_HINT,
+    "reply_truncated": _CUT_OFF_HINT,
     "tls_error": "Check that the engine URL starts with https:// only when the engine is served over HTTPS, and that "
     "this computer trusts the engine's certificate (one the engine signed itself is not trusted).",
 }
@@ -91,7 +95,8 @@ class MedSIGHTError(Exception):
             sends its status before its job runs, so a job that fails while running (a plain ask's error body, or a
             stream's "error" event) raises with status 200 and the engine's own code and message.
         code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
-            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated", "http_<status>".
+            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated" (an answer stream
+            that stopped before its end), "reply_truncated" (a reply that did), "http_<status>".
         message: what went wrong, for people.
         body: the response body (decoded JSON when it was JSON, else text; None without a response).
         url: the request URL.
@@ -234,7 +239,7 @@ class AskStream:
             if not self._pending:
                 self.close()
                 raise MedSIGHTError(
-                    f"the event stream from {self._url} ended before its 'done' event",
+                    f"the engine's answer stream from {self._url} ended before the answer was complete",
                     status=200,
                     code="stream_truncated",
                     url=self._url,
@@ -271,7 +276,8 @@ class AskStream:
         except (OSError, http.client.HTTPException) as err:
             self.close()
             raise MedSIGHTError(
-                f"the event stream from {self._url} broke: {err}", code="connection_error", url=self._url
+                f"the engine's answer stream from {self._url} broke off before the answer was complete "
+                f"({_why_cut_off(err)})", status=200, code="stream_truncated", url=self._url,
             ) from None
 
     def raise_for_error(self) -> None:
@@ -659,12 +665,22 @@ class MedSIGHTClient:
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
             raise MedSIGHTError(
-                f"{method} {url}: the connection broke while reading the reply: {err}",
-                code="connection_error",
+                f"{method} {url}: the engine's reply broke off before it was complete ({_why_cut_off(err)})",
+                status=response.status,
+                code="reply_truncated",
                 url=url,
             ) from None
         finally:
             connection.close()
+
+
+def _why_cut_off(err: BaseException) -> str:
+    """Why a reply stopped half-way, in words: http.client's "IncompleteRead(0 bytes read)" says nothing to a user."""
+    if isinstance(err, http.client.IncompleteRead):
+        return "the engine closed the connection"
+    if isinstance(err, ConnectionResetError):
+        return "the connection was reset"
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
 def _parse_json(raw: bytes, status: int, url: str) -> Any:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError, describe_error
+from MedSIGHTSlicerLib.client import ERROR_HINTS, AskStream, MedSIGHTClient, MedSIGHTError, describe_error
 from MedSIGHTSlicerLib.protocol import npy_bytes, npy_parts
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
@@ -596,6 +596,42 @@ def test_truncated_stream_raises(fake):
         next(stream)
     assert info.value.code == "stream_truncated"
     assert stream.closed
+
+
+def cut_off(head: bytes, body: bytes):
+    """A handler that sends ``head`` (status line and headers) and part of a body, then hangs up: the engine ended
+    mid-answer."""
+
+    def handler(h) -> None:
+        h.wfile.write(head + body)
+        h.wfile.flush()
+        h.close_connection = True
+
+    return handler
+
+
+def test_an_answer_cut_off_says_so_plainly(fake):
+    """The engine ending mid-answer is named as that, with what to do: it read "the event stream ... broke:
+    IncompleteRead(0 bytes read)" (a stream) and "IncompleteRead(10 bytes read, 490 more expected)" (a reply)."""
+    job = sse("job", {"job_id": "j1"})
+    stream_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    fake.add("POST", "/v1/ask", cut_off(stream_head, f"{len(job):x}\r\n".encode() + job + b"\r\n"))
+    stream = client_for(fake).ask_stream("v", "q")
+    assert next(stream).kind == "job"
+    with pytest.raises(MedSIGHTError) as info:
+        next(stream)
+    assert (info.value.code, stream.closed) == ("stream_truncated", True)
+    part = json.dumps(DONE).encode()
+    fake.add("POST", "/v1/ask", cut_off(
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {2 * len(part)}\r\n\r\n".encode(),
+        part))
+    with pytest.raises(MedSIGHTError) as reply:
+        client_for(fake).ask("v", "q")
+    assert reply.value.code == "reply_truncated"
+    for err in (info.value, reply.value):
+        text = describe_error(err)
+        assert "broke off before" in text and text.endswith(ERROR_HINTS[err.code])
+        assert "IncompleteRead" not in text and "bytes read" not in text
 
 
 def test_closing_the_stream_hangs_up(fake):
