@@ -165,6 +165,36 @@ def test_a_crash_message_keeps_the_start_of_a_long_last_line():
         f"The engine stopped (exit code 2). loading model ready {error}")
 
 
+def _argparse_output(argv: list[str]) -> tuple[int, str]:
+    """What a real argparse parser like the engine's (a usage text that wraps) prints when it refuses ``argv``."""
+    import argparse
+    import contextlib
+    import io
+
+    parser = argparse.ArgumentParser(prog="medsight serve")
+    for name in ("model", "vision-file", "host", "port", "token-file", "allow-host", "device", "max-upload-mb",
+                 "timeout", "max-waiting", "ask-memory-mb", "threads", "audit", "adapter"):
+        parser.add_argument(f"--{name}", type=int if name == "port" else str)
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), pytest.raises(SystemExit) as exited:
+        parser.parse_args(argv)
+    return int(exited.value.code), out.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["--port", "abc"], ["--bogus", "1"]])
+def test_a_refused_command_line_is_named_without_the_usage_text(argv):
+    """A wrong argument in the engine command: the message quoted argparse's last three lines, the end of its usage
+    ("[--ask-memory-mb ASK_MEMORY_MB] ...") before the error; now the error alone, and where to fix it."""
+    code, output = _argparse_output(argv)
+    usage = output_lines(output)[:-1]
+    assert len(usage) > 1 and usage[0].startswith("usage: ")  # the usage wraps over several lines
+    message = exit_message(code, output)
+    error = output_lines(output)[-1].split(": error: ", 1)[1]
+    assert message == (f"The engine refused its command line ({error}). Check Application Settings > MedSIGHT > "
+                       "Local engine command.")
+    assert not any(line.strip() in message for line in usage)
+
+
 def _wait(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
