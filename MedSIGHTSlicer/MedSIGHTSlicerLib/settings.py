@@ -52,12 +52,21 @@ def _as_bool(value: Any, default: bool) -> bool:
     return False if word in _FALSE_WORDS else default
 
 
+def _as_text(value: Any, default: str) -> str:
+    """A stored string; ``default`` for none or an empty one. Qt's INI reader (Slicer keeps its settings in an INI
+    file) splits an unquoted value at its commas into a list: a hand-edited "--allow-host a.example,b.example" in the
+    engine command came back as "['medsight serve ... a.example', 'b.example']", was run so and saved so. The parts
+    are joined again (Qt drops spaces around those commas; quoting the value in the file keeps them)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(part) for part in value)
+    return str(value) if value else default
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None or value == "":
         return []
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    return [str(v) for v in value]
+    parts = value.split(",") if isinstance(value, str) else value
+    return [str(v).strip() for v in parts if str(v).strip()]  # "a, b" typed into the file: host " b" never matched
 
 
 @dataclass
@@ -85,10 +94,10 @@ class ConnectionSettings:
     def load(cls, store: Any) -> ConnectionSettings:
         default = cls()
         remember = _as_bool(store.value(PREFIX + "rememberToken", False), default.remember_token)
-        command = str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command)
+        command = _as_text(store.value(PREFIX + "serveCommand", default.serve_command), default.serve_command)
         return cls(
-            url=str(store.value(PREFIX + "url", default.url) or default.url),
-            token=str(store.value(PREFIX + "token", "") or "") if remember else "",
+            url=_as_text(store.value(PREFIX + "url", default.url), default.url),
+            token=_as_text(store.value(PREFIX + "token", ""), "") if remember else "",
             remember_token=remember,
             serve_command=default.serve_command if command in _OLD_DEFAULT_COMMANDS else command,
             stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True), default.stop_engine_on_exit),
