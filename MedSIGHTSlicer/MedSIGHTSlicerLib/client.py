@@ -578,11 +578,7 @@ class MedSIGHTClient:
             ) from None
         except (OSError, http.client.HTTPException) as err:
             connection.close()
-            raise MedSIGHTError(
-                f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}",
-                code="connection_error",
-                url=url,
-            ) from None
+            raise MedSIGHTError(_unreachable(url, err), code="connection_error", url=url) from None
 
     def _json(
         self,
@@ -672,6 +668,18 @@ class MedSIGHTClient:
             ) from None
         finally:
             connection.close()
+
+
+def _unreachable(url: str, err: BaseException) -> str:
+    """Why no HTTP reply came. A program on that port that does not speak HTTP (an SSH server, a database) is named as
+    that: http.client's error is its first line as it came ("SSH-2.0-OpenSSH_9.6\\r\\n"), which read as the reason the
+    engine "cannot be reached"."""
+    if isinstance(err, http.client.BadStatusLine) and not isinstance(err, http.client.RemoteDisconnected):
+        words = "".join(c for c in str(err.args[0] if err.args else "") if c.isprintable()).strip()[:60]
+        said = f" (it sent {words!r})" if words else ""
+        return (f"another program answers at {url.split('?')[0]}, not over HTTP{said}: the engine URL names a port "
+                "of some other service")
+    return f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}"
 
 
 def _why_cut_off(err: BaseException) -> str:

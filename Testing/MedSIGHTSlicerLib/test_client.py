@@ -634,6 +634,19 @@ def test_an_answer_cut_off_says_so_plainly(fake):
         assert "IncompleteRead" not in text and "bytes read" not in text
 
 
+@pytest.mark.parametrize(("sent", "words"), [(b"SSH-2.0-OpenSSH_9.6\r\n", "SSH-2.0-OpenSSH_9.6"),
+                                             (b"\x00\x01binary\r\n", "binary"), (b"hello\n", "hello")])
+def test_a_port_of_another_service_is_named_as_that(fake, sent, words):
+    """An engine URL with the port of a program that does not speak HTTP: the error quoted that program's first line
+    as the reason the engine "cannot be reached" (newline and control bytes included)."""
+    fake.add("GET", "/v1/model", cut_off(sent, b""))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, retries=0).model_card()
+    assert info.value.code == "connection_error"
+    assert info.value.message == (f"another program answers at {fake.url}/v1/model, not over HTTP (it sent "
+                                  f"{words!r}): the engine URL names a port of some other service")
+
+
 def test_closing_the_stream_hangs_up(fake):
     fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"})], hold=10))
     with client_for(fake).ask_stream("v", "q") as stream:
