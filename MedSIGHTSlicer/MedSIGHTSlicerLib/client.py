@@ -80,7 +80,8 @@ ERROR_HINTS = {
     "stream_truncated": _CUT_OFF_HINT,
     "reply_truncated": _CUT_OFF_HINT,
     "tls_error": "Check that the engine URL starts with https:// only when the engine is served over HTTPS, and that "
-    "this computer trusts the engine's certificate (one the engine signed itself is not trusted).",
+    "the engine's certificate, or the authority that signed it, is among the trusted ones (one the engine signed "
+    "itself is not).",
 }
 #: The volume was sent again and the engine still does not have it: asking again would not help.
 RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
@@ -573,6 +574,8 @@ class MedSIGHTClient:
         except ssl.SSLError as err:  # before OSError, its base: "is the engine running?" would mislead
             connection.close()
             what = getattr(err, "verify_message", None) or err.reason or str(err)
+            if isinstance(err, ssl.SSLCertVerificationError):
+                what += _trusted_certificates()
             raise MedSIGHTError(
                 f"the secure (HTTPS) connection to {url} failed: {what}", code="tls_error", url=url
             ) from None
@@ -668,6 +671,15 @@ class MedSIGHTClient:
             ) from None
         finally:
             connection.close()
+
+
+def _trusted_certificates() -> str:
+    """Where this Python reads the certificates it trusts, for a certificate it did not. Slicer's launcher points
+    SSL_CERT_FILE at its own list (Slicer.crt), so a hospital's certificate authority that the operating system
+    trusts is not trusted here (on Windows the system's list is read as well)."""
+    paths = ssl.get_default_verify_paths()
+    where = paths.cafile or paths.capath
+    return f"; the certificates trusted here are those in {where}" if where else ""
 
 
 def _unreachable(url: str, err: BaseException) -> str:

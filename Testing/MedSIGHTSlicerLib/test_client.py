@@ -684,3 +684,62 @@ def test_imports_only_the_standard_library_and_numpy():
         [sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == []
+
+
+def _openssl(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def test_an_untrusted_certificate_names_where_trusted_ones_are_read(tmp_path, monkeypatch):
+    """An engine behind an HTTPS proxy whose certificate a hospital's own authority signed: Slicer's launcher points
+    SSL_CERT_FILE at Slicer.crt, so that authority is not trusted even when the operating system trusts it, and the
+    error did not say where the trusted certificates come from. It names the file; that file decides."""
+    import shutil
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    ca, other = tmp_path / "ca.pem", tmp_path / "other.pem"
+    for cert, name in ((ca, "Hospital CA"), (other, "Someone else")):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(cert.with_suffix(".key")),
+                 "-out", str(cert), "-days", "2", "-subj", f"/CN={name}")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "engine.key"),
+             "-out", str(tmp_path / "engine.csr"), "-subj", "/CN=127.0.0.1")
+    _openssl("x509", "-req", "-in", str(tmp_path / "engine.csr"), "-CA", str(ca), "-CAkey",
+             str(ca.with_suffix(".key")), "-CAcreateserial", "-out", str(tmp_path / "engine.pem"), "-days", "2",
+             "-extfile", str(tmp_path / "san.cnf"))
+
+    class Engine(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(HEALTH).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(tmp_path / "engine.pem"), str(tmp_path / "engine.key"))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    client = MedSIGHTClient(f"https://127.0.0.1:{server.server_address[1]}", retries=0, timeout=5)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(other))
+        with pytest.raises(MedSIGHTError) as info:
+            client.health()
+        assert info.value.code == "tls_error"
+        assert f"the certificates trusted here are those in {other}" in info.value.message
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        assert client.health().model == HEALTH["model"]
+    finally:
+        server.shutdown()
+        server.server_close()
