@@ -266,6 +266,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.engine.start(plan)
         except (ValueError, RuntimeError) as err:
             slicer.util.errorDisplay(f"Could not start the engine: {err}")
+        else:
+            mismatch = self.settings.port_mismatch()  # it runs, but questions would go to another port
+            if mismatch:
+                slicer.util.warningDisplay(mismatch)
         self.engine_timer.start()
         self._update_engine_buttons()
 

@@ -484,6 +484,20 @@ def test_the_default_serve_command_serves_where_the_module_connects_by_default()
     assert given.model == defaults.model
 
 
+@pytest.mark.parametrize("command", [
+    "medsight serve", "medsight serve --port 9000", "medsight serve --port=9001 --model demo",
+    "medsight serve --port 8000 --host 127.0.0.1 --port 9002",
+])
+def test_the_port_the_module_reads_in_a_serve_command_is_the_engines(command):
+    """`engine_launch.served_port` (which tells the user when the local engine's port is not the URL's) reads the
+    port the engine's own parser does, its default included."""
+    from medsight.cli import _parser
+    from MedSIGHTSlicerLib.engine_launch import served_port, split_command
+
+    _, *arguments = split_command(command)
+    assert served_port(arguments) == _parser().parse_args(arguments).port
+
+
 def test_every_array_the_client_uploads_the_engine_reads():
     """`protocol.npy_parts` (joined: `npy_bytes`) refuses what it cannot send before the upload; what it sends, the
     engine must take (a boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""

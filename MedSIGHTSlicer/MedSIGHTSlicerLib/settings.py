@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .client import DEFAULT_URL
-from .engine_launch import DEFAULT_SERVE_COMMAND, split_command
+from .engine_launch import DEFAULT_SERVE_COMMAND, served_port, split_command
 
 __all__ = ["DEFAULT_SERVE_COMMAND", "ConnectionSettings", "host_of", "is_loopback_url", "split_command"]
 
@@ -126,6 +126,23 @@ class ConnectionSettings:
         """Uploading to ``url`` (default: ``self.url``) sends images off this computer and was not agreed to."""
         url = self.url if url is None else url
         return not is_loopback_url(url) and host_of(url) not in self.consented_hosts
+
+    def port_mismatch(self, windows: bool | None = None) -> str | None:
+        """Why questions would not reach the engine "Start local engine" runs: its command serves one port of this
+        computer and the engine URL names another (the engine started, its log said where it listened, and every
+        question said "cannot reach the MedSIGHT engine ... Is the engine running?"). None when they agree, the URL
+        is another computer's, or either cannot be read (each is named where it is used)."""
+        try:
+            parts = urllib.parse.urlsplit(self.url.strip())
+            url_port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+            served = served_port(split_command(self.serve_command, windows))
+        except ValueError:
+            return None
+        if not is_loopback_url(self.url) or served is None or served == url_port:
+            return None
+        return (f"The local engine command serves port {served}, but the engine URL {self.url.strip()} names port "
+                f"{url_port}: questions would not reach it. Set the engine URL to port {served}, or the command's "
+                f"--port to {url_port}.")
 
     def record_consent(self, url: str | None = None) -> None:
         host = host_of(self.url if url is None else url)
