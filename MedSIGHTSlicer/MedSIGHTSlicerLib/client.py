@@ -321,7 +321,7 @@ class MedSIGHTClient:
 
     Args:
         base_url: the engine's address, e.g. "http://127.0.0.1:8765" (a path prefix such as
-            "https://host/medsight" is kept; "/v1/..." is appended).
+            "https://host/medsight" is kept; "/v1/..." is appended, so a trailing "/v1" is dropped).
         token: bearer token when the engine was started with one (always when it listens beyond this machine).
         timeout: seconds to wait for a connection or for data, for every call unless the call passes its own; a
             GET's timeout bounds all its attempts together.
@@ -361,11 +361,16 @@ class MedSIGHTClient:
             raise ValueError("retries must be >= 0")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
-        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        prefix = parts.path.rstrip("/")
+        if prefix.endswith(API_PREFIX):
+            # The address the engine prints ("MedSIGHT engine on http://127.0.0.1:8765/v1"), pasted as the URL: every
+            # request went to /v1/v1/... and was "not found".
+            prefix = prefix[:-len(API_PREFIX)]
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, prefix, "", ""))
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = port
-        self._prefix = parts.path.rstrip("/")
+        self._prefix = prefix
         self.token = token
         self.timeout = timeout
         self.retries = retries

@@ -49,6 +49,17 @@ def test_base_url_path_prefix_is_kept(fake):
     assert MedSIGHTClient(fake.url + "/engine/").health().version == "0.1.0"
 
 
+@pytest.mark.parametrize("prefix", ["", "/engine"])
+def test_the_address_the_engine_prints_works_as_the_url(fake, prefix):
+    """The engine prints "MedSIGHT engine (demo) on http://127.0.0.1:8765/v1"; pasted as the engine URL, every request
+    went to /v1/v1/... and the engine answered 404."""
+    fake.add("GET", f"{prefix}/v1/health", fake.reply(200, HEALTH))
+    for typed in (f"{fake.url}{prefix}/v1", f"{fake.url}{prefix}/v1/"):
+        client = MedSIGHTClient(typed)
+        assert (client.health().model, client.base_url) == (HEALTH["model"], fake.url + prefix)
+    assert [r.path for r in fake.requests] == [f"{prefix}/v1/health"] * 2
+
+
 @pytest.mark.parametrize("url", ["http://host name:8765", "http://127.0.0.1:99999", "http://127.0.0.1:0",
                                  "http://127.0.0.1:port", "ftp://127.0.0.1:8765", "127.0.0.1:8765",
                                  "http://[::1:8765", "http://::1]:8765"])
