@@ -243,7 +243,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if self.logic.client is None:
             return
         # The request runs on a worker thread; the timer brings the outcome back, so Slicer never freezes.
-        if self.connection_check.start(self.logic.client, MODEL_CARD_TIMEOUT_S):
+        if self.connection_check.start(self.logic.client, MODEL_CARD_TIMEOUT_S, self.engine.running):
             self.ui.connectionStatusLabel.text = "Checking the engine..."
             self.ui.testConnectionButton.enabled = False
             self.check_timer.start()
