@@ -243,7 +243,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if self.logic.client is None:
             return
         # The request runs on a worker thread; the timer brings the outcome back, so Slicer never freezes.
-        if self.connection_check.start(self.logic.client, MODEL_CARD_TIMEOUT_S):
+        if self.connection_check.start(self.logic.client, MODEL_CARD_TIMEOUT_S, self.engine.running):
             self.ui.connectionStatusLabel.text = "Checking the engine..."
             self.ui.testConnectionButton.enabled = False
             self.check_timer.start()
@@ -266,6 +266,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.engine.start(plan)
         except (ValueError, RuntimeError) as err:
             slicer.util.errorDisplay(f"Could not start the engine: {err}")
+        else:
+            mismatch = self.settings.port_mismatch()  # it runs, but questions would go to another port
+            if mismatch:
+                slicer.util.warningDisplay(mismatch)
         self.engine_timer.start()
         self._update_engine_buttons()
 

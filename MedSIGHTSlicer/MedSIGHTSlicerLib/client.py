@@ -65,6 +65,8 @@ _READ_CHUNK = 64 * 1024
 #: Bytes of a request body per socket send: ``sendall``'s timeout bounds its whole duration, so a volume sent in one
 #: call would have to arrive within one timeout whatever its size.
 _SEND_CHUNK = 1024 * 1024
+#: What to do when the engine's reply stopped half-way (the engine ended or restarted, or the network dropped).
+_CUT_OFF_HINT = "The engine may have stopped or restarted (its log says why); ask again once it runs."
 #: What the user can do about an error, by its code (the engine's, or the client's own for no response).
 ERROR_HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
@@ -75,8 +77,11 @@ ERROR_HINTS = {
     "too_large": "The engine does not take a request this large: shorten the question, or send a smaller (cropped "
     "or resampled) volume.",
     "body_timeout": "The request reached the engine too slowly; check the network connection to the engine.",
+    "stream_truncated": _CUT_OFF_HINT,
+    "reply_truncated": _CUT_OFF_HINT,
     "tls_error": "Check that the engine URL starts with https:// only when the engine is served over HTTPS, and that "
-    "this computer trusts the engine's certificate (one the engine signed itself is not trusted).",
+    "the engine's certificate, or the authority that signed it, is among the trusted ones (one the engine signed "
+    "itself is not).",
 }
 #: The volume was sent again and the engine still does not have it: asking again would not help.
 RESENT_HINT = ("The volume was sent again, but the engine still does not keep it: it may be restarting or short "
@@ -91,7 +96,8 @@ class MedSIGHTError(Exception):
             sends its status before its job runs, so a job that fails while running (a plain ask's error body, or a
             stream's "error" event) raises with status 200 and the engine's own code and message.
         code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
-            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated", "http_<status>".
+            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated" (an answer stream
+            that stopped before its end), "reply_truncated" (a reply that did), "http_<status>".
         message: what went wrong, for people.
         body: the response body (decoded JSON when it was JSON, else text; None without a response).
         url: the request URL.
@@ -234,7 +240,7 @@ class AskStream:
             if not self._pending:
                 self.close()
                 raise MedSIGHTError(
-                    f"the event stream from {self._url} ended before its 'done' event",
+                    f"the engine's answer stream from {self._url} ended before the answer was complete",
                     status=200,
                     code="stream_truncated",
                     url=self._url,
@@ -271,7 +277,8 @@ class AskStream:
         except (OSError, http.client.HTTPException) as err:
             self.close()
             raise MedSIGHTError(
-                f"the event stream from {self._url} broke: {err}", code="connection_error", url=self._url
+                f"the engine's answer stream from {self._url} broke off before the answer was complete "
+                f"({_why_cut_off(err)})", status=200, code="stream_truncated", url=self._url,
             ) from None
 
     def raise_for_error(self) -> None:
@@ -314,11 +321,13 @@ class MedSIGHTClient:
 
     Args:
         base_url: the engine's address, e.g. "http://127.0.0.1:8765" (a path prefix such as
-            "https://host/medsight" is kept; "/v1/..." is appended).
+            "https://host/medsight" is kept; "/v1/..." is appended, so a trailing "/v1" is dropped).
         token: bearer token when the engine was started with one (always when it listens beyond this machine).
-        timeout: seconds to wait for a connection or for data, for every call unless the call passes its own.
-        retries: extra attempts for idempotent GET requests after a connection failure, a timeout or HTTP
-            502/503/504, with exponential backoff. POST requests (uploads, asks, cancels) are never retried.
+        timeout: seconds to wait for a connection or for data, for every call unless the call passes its own; a
+            GET's timeout bounds all its attempts together.
+        retries: extra attempts for idempotent GET requests after a connection failure or HTTP 502/503/504, with
+            exponential backoff, within the GET's one timeout. POST requests (uploads, asks, cancels) are never
+            retried.
         backoff: seconds before the first retry; doubled for each further one.
     """
 
@@ -352,11 +361,16 @@ class MedSIGHTClient:
             raise ValueError("retries must be >= 0")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
-        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        prefix = parts.path.rstrip("/")
+        if prefix.endswith(API_PREFIX):
+            # The address the engine prints ("MedSIGHT engine on http://127.0.0.1:8765/v1"), pasted as the URL: every
+            # request went to /v1/v1/... and was "not found".
+            prefix = prefix[:-len(API_PREFIX)]
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, prefix, "", ""))
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = port
-        self._prefix = parts.path.rstrip("/")
+        self._prefix = prefix
         self.token = token
         self.timeout = timeout
         self.retries = retries
@@ -565,16 +579,14 @@ class MedSIGHTClient:
         except ssl.SSLError as err:  # before OSError, its base: "is the engine running?" would mislead
             connection.close()
             what = getattr(err, "verify_message", None) or err.reason or str(err)
+            if isinstance(err, ssl.SSLCertVerificationError):
+                what += _trusted_certificates()
             raise MedSIGHTError(
                 f"the secure (HTTPS) connection to {url} failed: {what}", code="tls_error", url=url
             ) from None
         except (OSError, http.client.HTTPException) as err:
             connection.close()
-            raise MedSIGHTError(
-                f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}",
-                code="connection_error",
-                url=url,
-            ) from None
+            raise MedSIGHTError(_unreachable(url, err), code="connection_error", url=url) from None
 
     def _json(
         self,
@@ -587,18 +599,29 @@ class MedSIGHTClient:
         parse: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Send, read the whole JSON reply (through `parse`, if given); retry idempotent GETs on connection failures
-        and 502/503/504. A reply that `parse` rejects becomes a "bad_response" error."""
+        and 502/503/504. A reply that `parse` rejects becomes a "bad_response" error.
+
+        A GET's timeout bounds all its attempts together: each attempt gets the time left, a timed-out one is not
+        repeated and no retry starts after the time is up ("Test connection" against an engine that never answered
+        took three timeouts and two backoffs: 9.8 s with 3 s set)."""
         url = self._url(path, query)
         attempts = 1 + (self.retries if method == "GET" else 0)
         if body is None:
             content_type = None
+        seconds = self.timeout if timeout is None else timeout
+        deadline = None if seconds is None or attempts == 1 else time.monotonic() + seconds
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            limit = seconds if deadline is None or attempt == 0 else max(deadline - time.monotonic(), 0.001)
             try:
-                status, reason, raw, headers = self._exchange(method, path, query, body, content_type, timeout)
+                status, reason, raw, headers = self._exchange(method, path, query, body, content_type, limit)
             except MedSIGHTError as err:
-                if last:
+                if err.code == "timeout" and attempt > 0:  # the time that ran out is the call's, not the attempt's
+                    raise MedSIGHTError(f"{method} {url} got no reply within {seconds:g} s ({attempt + 1} attempts)",
+                                        code="timeout", url=url) from None
+                if last or err.code == "timeout":
                     raise
+                failure: MedSIGHTError = err
                 log.info("%s %s failed (%s); retrying", method, url, err.code)
             else:
                 if status < 300:
@@ -618,10 +641,14 @@ class MedSIGHTClient:
                             body=data,
                             url=url,
                         ) from None
+                failure = _error_from_response(status, raw, url, reason, headers)
                 if last or status not in RETRY_STATUSES:
-                    raise _error_from_response(status, raw, url, reason, headers)
+                    raise failure
                 log.info("%s %s returned HTTP %d; retrying", method, url, status)
-            time.sleep(self.backoff * (2**attempt))
+            pause = self.backoff * (2**attempt)
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise failure  # no time left for another attempt
+            time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exchange(
@@ -642,12 +669,43 @@ class MedSIGHTClient:
             raise MedSIGHTError(f"{method} {url}: the reply timed out", code="timeout", url=url) from None
         except (OSError, http.client.HTTPException) as err:
             raise MedSIGHTError(
-                f"{method} {url}: the connection broke while reading the reply: {err}",
-                code="connection_error",
+                f"{method} {url}: the engine's reply broke off before it was complete ({_why_cut_off(err)})",
+                status=response.status,
+                code="reply_truncated",
                 url=url,
             ) from None
         finally:
             connection.close()
+
+
+def _trusted_certificates() -> str:
+    """Where this Python reads the certificates it trusts, for a certificate it did not. Slicer's launcher points
+    SSL_CERT_FILE at its own list (Slicer.crt), so a hospital's certificate authority that the operating system
+    trusts is not trusted here (on Windows the system's list is read as well)."""
+    paths = ssl.get_default_verify_paths()
+    where = paths.cafile or paths.capath
+    return f"; the certificates trusted here are those in {where}" if where else ""
+
+
+def _unreachable(url: str, err: BaseException) -> str:
+    """Why no HTTP reply came. A program on that port that does not speak HTTP (an SSH server, a database) is named as
+    that: http.client's error is its first line as it came ("SSH-2.0-OpenSSH_9.6\\r\\n"), which read as the reason the
+    engine "cannot be reached"."""
+    if isinstance(err, http.client.BadStatusLine) and not isinstance(err, http.client.RemoteDisconnected):
+        words = "".join(c for c in str(err.args[0] if err.args else "") if c.isprintable()).strip()[:60]
+        said = f" (it sent {words!r})" if words else ""
+        return (f"another program answers at {url.split('?')[0]}, not over HTTP{said}: the engine URL names a port "
+                "of some other service")
+    return f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}"
+
+
+def _why_cut_off(err: BaseException) -> str:
+    """Why a reply stopped half-way, in words: http.client's "IncompleteRead(0 bytes read)" says nothing to a user."""
+    if isinstance(err, http.client.IncompleteRead):
+        return "the engine closed the connection"
+    if isinstance(err, ConnectionResetError):
+        return "the connection was reset"
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
 def _parse_json(raw: bytes, status: int, url: str) -> Any:

@@ -11,7 +11,12 @@ from .client import MedSIGHTClient, MedSIGHTError, describe_error
 from .jobs import JobRunner
 from .protocol import ModelCard
 
-__all__ = ["CheckOutcome", "ConnectionCheck", "describe_card"]
+__all__ = ["STARTING_HINT", "CheckOutcome", "ConnectionCheck", "describe_card"]
+
+#: Nothing answers while the local engine this module started still runs: it is loading its model.
+STARTING_HINT = ("The local engine started here is still running: it listens once its model is loaded (the engine "
+                 "log shows how far it got); test again then. If its log names another address, set the engine URL "
+                 "to it.")
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,12 @@ class ConnectionCheck:
     def busy(self) -> bool:
         return self._job is not None
 
-    def start(self, client: MedSIGHTClient, timeout: float) -> bool:
-        """Begin a check; False (and nothing started) while the previous one is still running."""
+    def start(self, client: MedSIGHTClient, timeout: float, local_engine_running: bool = False) -> bool:
+        """Begin a check; False (and nothing started) while the previous one is still running.
+
+        ``local_engine_running``: the module's "Start local engine" process runs. It listens only once its model is
+        loaded, so until then nothing answers; "Is the engine running? Start it with 'medsight serve'" would send
+        the user to start a second one."""
         if self._job is not None:
             return False
 
@@ -52,6 +61,8 @@ class ConnectionCheck:
             try:
                 card = client.model_card(timeout=timeout)
             except MedSIGHTError as err:
+                if local_engine_running and err.code == "connection_error":
+                    return CheckOutcome(f"{err.message}. {STARTING_HINT}")
                 return CheckOutcome(describe_error(err))  # what went wrong and what to do, as the chat says
             return CheckOutcome(describe_card(card), card)
 

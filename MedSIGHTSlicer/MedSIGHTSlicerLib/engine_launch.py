@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "LaunchPlan",
     "engine_environment",
     "launch_plan",
+    "served_port",
     "split_command",
     "split_windows_command",
     "startup_environment",
@@ -154,3 +155,20 @@ def launch_plan(command: str, base_environment: Mapping[str, str], stop_on_exit:
     """Everything "Start local engine" decides, from the settings and the startup environment."""
     program, *arguments = split_command(command, windows)
     return LaunchPlan(program, arguments, engine_environment(base_environment), detached=not stop_on_exit)
+
+
+def served_port(arguments: Sequence[str]) -> int | None:
+    """The port a ``serve`` command line listens on: its last ``--port N`` / ``--port=N`` (argparse keeps the last),
+    else the engine's default, the default command's; None when it is no ``serve`` command or names no number."""
+    if "serve" not in arguments:
+        return None
+    port: str | None = None
+    for i, argument in enumerate(arguments):
+        if argument == "--port" and i + 1 < len(arguments):
+            port = arguments[i + 1]
+        elif argument.startswith("--port="):
+            port = argument.split("=", 1)[1]
+    if port is None:
+        return served_port(split_command(DEFAULT_SERVE_COMMAND, windows=False))
+    return int(port) if port.isdigit() else None
+

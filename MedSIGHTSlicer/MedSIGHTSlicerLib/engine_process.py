@@ -103,7 +103,30 @@ def exit_message(code: int, output: str, stopped: bool = False) -> str | None:
     for it, whatever the code says (Windows' TerminateProcess gives 1, the kill after an ignored SIGTERM -9)."""
     if stopped or code in (0, 15, -15):
         return None
+    refused = _usage_error(output_lines(output))
+    if refused is not None:
+        what = _cut(refused.split(": error: ", 1)[1].rstrip("."), EXIT_TAIL_CHARS)
+        return (f"The engine refused its command line ({what}). Check Application Settings > MedSIGHT > Local "
+                "engine command.")
     return f"The engine stopped (exit code {code}). {_last_lines(output, EXIT_TAIL_CHARS)}".strip()
+
+
+def _usage_error(lines: list[str]) -> str | None:
+    """argparse's "<prog>: error: <what>" when it refused the command line: the last line, right after its usage
+    text (a "usage: " line and its indented continuations). Quoting the last three lines showed the end of the usage
+    ("[--adapter ADAPTER] ... [--fetch-vision]") before the error, and pushed the error's end out of the message."""
+    if not lines or ": error: " not in lines[-1]:
+        return None
+    for line in reversed(lines[:-1]):
+        if line.startswith("usage: "):
+            return lines[-1]
+        if not line.startswith(" "):
+            return None
+    return None
+
+
+def _cut(line: str, limit: int) -> str:
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _last_lines(output: str, limit: int) -> str:
@@ -114,8 +137,7 @@ def _last_lines(output: str, limit: int) -> str:
     lines = output_lines(output)[-3:]
     if not lines:
         return ""
-    last = lines.pop()
-    tail = last if len(last) <= limit else last[:limit - 3] + "..."
+    tail = _cut(lines.pop(), limit)
     while lines and len(lines[-1]) + 1 + len(tail) <= limit:
         tail = f"{lines.pop()} {tail}"
     return tail

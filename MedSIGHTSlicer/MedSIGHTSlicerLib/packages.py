@@ -1,9 +1,10 @@
 """Python packages the module installs into Slicer, without touching the ones Slicer ships.
 
 DICOM SEG export needs highdicom. highdicom 0.23 and later need pydicom 3 and Python 3.10; Slicer 5.8 (Python 3.9)
-and 5.10 (Python 3.12) both bundle pydicom 2.4. An unpinned install would either fail to find a release that has
-what ``dicom_seg`` calls (Slicer 5.8) or upgrade Slicer's own pydicom and pillow (Slicer 5.10). So the highdicom
-requirement follows the installed pydicom, and a pip constraints file pins everything Slicer already has.
+and 5.10 (Python 3.12) both bundle pydicom 2.4, Slicer 5.12 pydicom 3.0. An unpinned install would either fail to
+find a release that has what ``dicom_seg`` calls (Slicer 5.8) or upgrade Slicer's own pydicom and pillow (Slicer
+5.10). So the highdicom requirement follows the installed pydicom, and a pip constraints file pins everything Slicer
+already has.
 
 Standard library only.
 """

@@ -3,13 +3,15 @@
 Slicer 5.8 and 5.10 bundle pydicom 2.4, which only highdicom 0.22 supports; Slicer builds with pydicom 3 get 0.23 or
 later (see ``packages.dicom_seg_requirements``). 0.22 has no ``CIELabColor.from_rgb`` and no ``display_color``
 argument, so there the colour is converted with Pillow's colour management (lcms, D50 white: within a few CIELab
-units of highdicom's D65 conversion) and set on the segment description directly.
+units of highdicom's D65 conversion) and set on the segment description directly. 0.22 also predates NumPy 2, which
+Slicer 5.10 bundles with pydicom 2.4 (see ``_numpy1_alias``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,23 @@ def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int
     return ordered
 
 
+@contextlib.contextmanager
+def _numpy1_alias(highdicom_version: str) -> Iterator[None]:
+    """``np.float_`` (float64) while highdicom 0.22 builds a SEG under NumPy 2. It names that alias, which NumPy 2
+    removed, on every segment: each DICOM SEG export in Slicer 5.10 (NumPy 2.0.2, pydicom 2.4.4) failed with
+    "`np.float_` was removed in the NumPy 2.0 release". No highdicom release supports both pydicom 2 and NumPy 2, so
+    the alias is lent for the call only, and only to highdicom before 0.23."""
+    old = tuple(int(p) for p in highdicom_version.split(".")[:2] if p.isdigit()) < (0, 23)
+    lend = old and "float_" not in vars(np)
+    if lend:
+        np.float_ = np.float64  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if lend:
+            del np.float_
+
+
 def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[SegmentInfo], path: str | Path,
               series_description: str = "MedSIGHT segmentation", series_number: int = 9901,
               version: str = "1") -> Path:
@@ -165,22 +184,23 @@ def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[Segmen
     stack = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=-1).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        seg = hd.seg.Segmentation(
-            source_images=ordered,
-            pixel_array=stack,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[_description(n + 1, info, version) for n, info in enumerate(infos)],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="MedSIGHT",
-            manufacturer_model_name="MedSIGHT for 3D Slicer",
-            software_versions=version,
-            device_serial_number="0",
-            series_description=series_description,
-            content_label="MEDSIGHT",
-        )
+        with _numpy1_alias(hd.__version__):
+            seg = hd.seg.Segmentation(
+                source_images=ordered,
+                pixel_array=stack,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[_description(n + 1, info, version) for n, info in enumerate(infos)],
+                series_instance_uid=hd.UID(),
+                series_number=series_number,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="MedSIGHT",
+                manufacturer_model_name="MedSIGHT for 3D Slicer",
+                software_versions=version,
+                device_serial_number="0",
+                series_description=series_description,
+                content_label="MEDSIGHT",
+            )
         if not all(info.name.isascii() and (info.model or "").isascii() for info in infos):
             # highdicom copies the source images' character set; one that cannot hold a name or a model's name
             # (Latin-1 and "肝") would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .client import DEFAULT_URL
-from .engine_launch import DEFAULT_SERVE_COMMAND, split_command
+from .engine_launch import DEFAULT_SERVE_COMMAND, served_port, split_command
 
 __all__ = ["DEFAULT_SERVE_COMMAND", "ConnectionSettings", "host_of", "is_loopback_url", "split_command"]
 
@@ -52,12 +52,21 @@ def _as_bool(value: Any, default: bool) -> bool:
     return False if word in _FALSE_WORDS else default
 
 
+def _as_text(value: Any, default: str) -> str:
+    """A stored string; ``default`` for none or an empty one. Qt's INI reader (Slicer keeps its settings in an INI
+    file) splits an unquoted value at its commas into a list: a hand-edited "--allow-host a.example,b.example" in the
+    engine command came back as "['medsight serve ... a.example', 'b.example']", was run so and saved so. The parts
+    are joined again (Qt drops spaces around those commas; quoting the value in the file keeps them)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(part) for part in value)
+    return str(value) if value else default
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None or value == "":
         return []
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    return [str(v) for v in value]
+    parts = value.split(",") if isinstance(value, str) else value
+    return [str(v).strip() for v in parts if str(v).strip()]  # "a, b" typed into the file: host " b" never matched
 
 
 @dataclass
@@ -85,10 +94,10 @@ class ConnectionSettings:
     def load(cls, store: Any) -> ConnectionSettings:
         default = cls()
         remember = _as_bool(store.value(PREFIX + "rememberToken", False), default.remember_token)
-        command = str(store.value(PREFIX + "serveCommand", default.serve_command) or default.serve_command)
+        command = _as_text(store.value(PREFIX + "serveCommand", default.serve_command), default.serve_command)
         return cls(
-            url=str(store.value(PREFIX + "url", default.url) or default.url),
-            token=str(store.value(PREFIX + "token", "") or "") if remember else "",
+            url=_as_text(store.value(PREFIX + "url", default.url), default.url),
+            token=_as_text(store.value(PREFIX + "token", ""), "") if remember else "",
             remember_token=remember,
             serve_command=default.serve_command if command in _OLD_DEFAULT_COMMANDS else command,
             stop_engine_on_exit=_as_bool(store.value(PREFIX + "stopEngineOnExit", True), default.stop_engine_on_exit),
@@ -117,6 +126,23 @@ class ConnectionSettings:
         """Uploading to ``url`` (default: ``self.url``) sends images off this computer and was not agreed to."""
         url = self.url if url is None else url
         return not is_loopback_url(url) and host_of(url) not in self.consented_hosts
+
+    def port_mismatch(self, windows: bool | None = None) -> str | None:
+        """Why questions would not reach the engine "Start local engine" runs: its command serves one port of this
+        computer and the engine URL names another (the engine started, its log said where it listened, and every
+        question said "cannot reach the MedSIGHT engine ... Is the engine running?"). None when they agree, the URL
+        is another computer's, or either cannot be read (each is named where it is used)."""
+        try:
+            parts = urllib.parse.urlsplit(self.url.strip())
+            url_port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+            served = served_port(split_command(self.serve_command, windows))
+        except ValueError:
+            return None
+        if not is_loopback_url(self.url) or served is None or served == url_port:
+            return None
+        return (f"The local engine command serves port {served}, but the engine URL {self.url.strip()} names port "
+                f"{url_port}: questions would not reach it. Set the engine URL to port {served}, or the command's "
+                f"--port to {url_port}.")
 
     def record_consent(self, url: str | None = None) -> None:
         host = host_of(self.url if url is None else url)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from MedSIGHTSlicerLib.client import AskStream, MedSIGHTClient, MedSIGHTError, describe_error
+from MedSIGHTSlicerLib.client import ERROR_HINTS, AskStream, MedSIGHTClient, MedSIGHTError, describe_error
 from MedSIGHTSlicerLib.protocol import npy_bytes, npy_parts
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
@@ -47,6 +47,17 @@ def test_health_and_bearer_token(fake):
 def test_base_url_path_prefix_is_kept(fake):
     fake.add("GET", "/engine/v1/health", fake.reply(200, HEALTH))
     assert MedSIGHTClient(fake.url + "/engine/").health().version == "0.1.0"
+
+
+@pytest.mark.parametrize("prefix", ["", "/engine"])
+def test_the_address_the_engine_prints_works_as_the_url(fake, prefix):
+    """The engine prints "MedSIGHT engine (demo) on http://127.0.0.1:8765/v1"; pasted as the engine URL, every request
+    went to /v1/v1/... and the engine answered 404."""
+    fake.add("GET", f"{prefix}/v1/health", fake.reply(200, HEALTH))
+    for typed in (f"{fake.url}{prefix}/v1", f"{fake.url}{prefix}/v1/"):
+        client = MedSIGHTClient(typed)
+        assert (client.health().model, client.base_url) == (HEALTH["model"], fake.url + prefix)
+    assert [r.path for r in fake.requests] == [f"{prefix}/v1/health"] * 2
 
 
 @pytest.mark.parametrize("url", ["http://host name:8765", "http://127.0.0.1:99999", "http://127.0.0.1:0",
@@ -484,10 +495,20 @@ def test_get_gives_up_after_its_retries(fake):
     assert fake.hits("GET", "/v1/health") == 3
 
 
-def test_get_is_retried_after_a_timeout(fake):
-    fake.add("GET", "/v1/health", fake.reply(200, HEALTH, delay=0.5), fake.reply(200, HEALTH))
-    assert client_for(fake, timeout=0.1, retries=1).health().model == "tiny"
-    assert fake.hits("GET", "/v1/health") == 2
+def test_a_gets_timeout_bounds_all_its_attempts(fake):
+    """The user waits what the timeout says: a GET that timed out is not sent again (each retry waited another
+    whole timeout: "Test connection" took three timeouts and two backoffs), and a retry after a quick failure gets
+    the time left, its error naming the call's timeout."""
+    silent = fake.reply(200, HEALTH, delay=2.0)
+    fake.add("GET", "/v1/health", silent)
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, timeout=0.2, retries=2).health()
+    assert (info.value.code, fake.hits("GET", "/v1/health")) == ("timeout", 1)
+    fake.add("GET", "/v1/model", fake.reply(503, {"code": "unavailable", "message": "loading"}), silent)
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, timeout=0.5, retries=2).model_card()
+    assert (info.value.code, fake.hits("GET", "/v1/model")) == ("timeout", 2)
+    assert "no reply within 0.5 s (2 attempts)" in info.value.message
 
 
 def test_backoff_grows(fake):
@@ -588,6 +609,55 @@ def test_truncated_stream_raises(fake):
     assert stream.closed
 
 
+def cut_off(head: bytes, body: bytes):
+    """A handler that sends ``head`` (status line and headers) and part of a body, then hangs up: the engine ended
+    mid-answer."""
+
+    def handler(h) -> None:
+        h.wfile.write(head + body)
+        h.wfile.flush()
+        h.close_connection = True
+
+    return handler
+
+
+def test_an_answer_cut_off_says_so_plainly(fake):
+    """The engine ending mid-answer is named as that, with what to do: it read "the event stream ... broke:
+    IncompleteRead(0 bytes read)" (a stream) and "IncompleteRead(10 bytes read, 490 more expected)" (a reply)."""
+    job = sse("job", {"job_id": "j1"})
+    stream_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    fake.add("POST", "/v1/ask", cut_off(stream_head, f"{len(job):x}\r\n".encode() + job + b"\r\n"))
+    stream = client_for(fake).ask_stream("v", "q")
+    assert next(stream).kind == "job"
+    with pytest.raises(MedSIGHTError) as info:
+        next(stream)
+    assert (info.value.code, stream.closed) == ("stream_truncated", True)
+    part = json.dumps(DONE).encode()
+    fake.add("POST", "/v1/ask", cut_off(
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {2 * len(part)}\r\n\r\n".encode(),
+        part))
+    with pytest.raises(MedSIGHTError) as reply:
+        client_for(fake).ask("v", "q")
+    assert reply.value.code == "reply_truncated"
+    for err in (info.value, reply.value):
+        text = describe_error(err)
+        assert "broke off before" in text and text.endswith(ERROR_HINTS[err.code])
+        assert "IncompleteRead" not in text and "bytes read" not in text
+
+
+@pytest.mark.parametrize(("sent", "words"), [(b"SSH-2.0-OpenSSH_9.6\r\n", "SSH-2.0-OpenSSH_9.6"),
+                                             (b"\x00\x01binary\r\n", "binary"), (b"hello\n", "hello")])
+def test_a_port_of_another_service_is_named_as_that(fake, sent, words):
+    """An engine URL with the port of a program that does not speak HTTP: the error quoted that program's first line
+    as the reason the engine "cannot be reached" (newline and control bytes included)."""
+    fake.add("GET", "/v1/model", cut_off(sent, b""))
+    with pytest.raises(MedSIGHTError) as info:
+        client_for(fake, retries=0).model_card()
+    assert info.value.code == "connection_error"
+    assert info.value.message == (f"another program answers at {fake.url}/v1/model, not over HTTP (it sent "
+                                  f"{words!r}): the engine URL names a port of some other service")
+
+
 def test_closing_the_stream_hangs_up(fake):
     fake.add("POST", "/v1/ask", fake.sse([sse("job", {"job_id": "j1"})], hold=10))
     with client_for(fake).ask_stream("v", "q") as stream:
@@ -625,3 +695,62 @@ def test_imports_only_the_standard_library_and_numpy():
         [sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == []
+
+
+def _openssl(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def test_an_untrusted_certificate_names_where_trusted_ones_are_read(tmp_path, monkeypatch):
+    """An engine behind an HTTPS proxy whose certificate a hospital's own authority signed: Slicer's launcher points
+    SSL_CERT_FILE at Slicer.crt, so that authority is not trusted even when the operating system trusts it, and the
+    error did not say where the trusted certificates come from. It names the file; that file decides."""
+    import shutil
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    ca, other = tmp_path / "ca.pem", tmp_path / "other.pem"
+    for cert, name in ((ca, "Hospital CA"), (other, "Someone else")):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(cert.with_suffix(".key")),
+                 "-out", str(cert), "-days", "2", "-subj", f"/CN={name}")
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "engine.key"),
+             "-out", str(tmp_path / "engine.csr"), "-subj", "/CN=127.0.0.1")
+    _openssl("x509", "-req", "-in", str(tmp_path / "engine.csr"), "-CA", str(ca), "-CAkey",
+             str(ca.with_suffix(".key")), "-CAcreateserial", "-out", str(tmp_path / "engine.pem"), "-days", "2",
+             "-extfile", str(tmp_path / "san.cnf"))
+
+    class Engine(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(HEALTH).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(tmp_path / "engine.pem"), str(tmp_path / "engine.key"))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    client = MedSIGHTClient(f"https://127.0.0.1:{server.server_address[1]}", retries=0, timeout=5)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(other))
+        with pytest.raises(MedSIGHTError) as info:
+            client.health()
+        assert info.value.code == "tls_error"
+        assert f"the certificates trusted here are those in {other}" in info.value.message
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        assert client.health().model == HEALTH["model"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from MedSIGHTSlicerLib.client import ERROR_HINTS, MedSIGHTClient
-from MedSIGHTSlicerLib.connection_check import ConnectionCheck
+from MedSIGHTSlicerLib.connection_check import STARTING_HINT, ConnectionCheck
 
 CARD = {"name": "demo (embedded)", "version": "0.3.0", "parameters": 2_550_000, "image_size": 112, "mask_size": 64,
         "num_region_codes": 576, "first_code_id": 259, "random_weights": False,
@@ -57,4 +57,36 @@ def test_errors_come_back_as_plain_text_saying_what_to_do(fake):
     outcome = wait_for(check)
     assert not outcome.ok and outcome.text.endswith(ERROR_HINTS["connection_error"])
     assert "Traceback" not in outcome.text
+    check.close()
+
+
+def test_the_timeout_bounds_the_whole_check(fake):
+    """An engine that takes the connection and never answers: the check gives up after one timeout, not one per
+    attempt of the client's retries (with 3 s set it took 9.8 s: three requests and two backoffs)."""
+    fake.add("GET", "/v1/model", fake.reply(200, CARD, delay=3.0))
+    client = MedSIGHTClient(fake.url, retries=2)
+    check = ConnectionCheck()
+    check.start(client, timeout=0.3)
+    outcome = wait_for(check)
+    assert not outcome.ok and outcome.text.endswith(ERROR_HINTS["timeout"])
+    assert fake.hits("GET", "/v1/model") == 1
+    check.close()
+
+
+def test_nothing_answering_while_the_local_engine_loads_says_so():
+    """The local engine listens only once its model is loaded: a check before then said "Is the engine running?
+    Start it with 'medsight serve'", sending the user to start a second engine. While the module's engine process
+    runs, the check says it is still starting; without one, the usual hint stays."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on (yet)
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    check = ConnectionCheck()
+    check.start(MedSIGHTClient(url, retries=0), timeout=2, local_engine_running=True)
+    outcome = wait_for(check)
+    assert not outcome.ok and outcome.text.endswith(STARTING_HINT)
+    assert "medsight serve" not in outcome.text and f"{url}/v1/model" in outcome.text
+    check.start(MedSIGHTClient(url, retries=0), timeout=2)
+    assert wait_for(check).text.endswith(ERROR_HINTS["connection_error"])
     check.close()

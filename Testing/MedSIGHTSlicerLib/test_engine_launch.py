@@ -125,6 +125,26 @@ def test_settings_detect_real_connection_changes():
     assert not settings.set_connection("http://127.0.0.1:9000", "secret")
 
 
+@pytest.mark.parametrize(("command", "url", "served"), [
+    ("medsight serve --model demo --port 9000", "http://127.0.0.1:8765", 9000),
+    ('"C:\\Program Files\\medsight.exe" serve --port=9001', "http://localhost:8765/", 9001),
+    ("conda run -n ms medsight serve --port 8000 --port 9002", "http://[::1]:8765", 9002),  # argparse keeps the last
+    ("medsight serve --model demo", "http://127.0.0.1:9000", 8765),  # the engine's default port
+])
+def test_a_local_engine_on_another_port_than_the_url_is_named(command, url, served):
+    """"Start local engine" with a command serving one port and an engine URL naming another: the engine ran, its log
+    said where it listened, and every question said "cannot reach the MedSIGHT engine ... Is the engine running?"."""
+    url_port = int(url.rstrip("/").rsplit(":", 1)[1])
+    message = ConnectionSettings(url=url, serve_command=command).port_mismatch(windows=False)
+    assert message is not None and f"serves port {served}" in message and f"names port {url_port}" in message
+    fixed = url.replace(f":{url_port}", f":{served}")
+    assert ConnectionSettings(url=fixed, serve_command=command).port_mismatch(windows=False) is None
+    # Another computer's engine, an unreadable command, or no serve command: nothing to compare.
+    for other_url, other_command in (("http://gpu.example.org:8765", command), (url, 'medsight serve "'),
+                                     (url, "python -m http.server 8765")):
+        assert ConnectionSettings(url=other_url, serve_command=other_command).port_mismatch(windows=False) is None
+
+
 def test_whitespace_only_engine_output_has_no_lines():
     """The old status-line code took ``splitlines()[-1]`` of the output and raised on "\\n  \\n"."""
     assert output_lines("\n  \r\n\t") == []
@@ -163,6 +183,36 @@ def test_a_crash_message_keeps_the_start_of_a_long_last_line():
     error = "medsight: error: cannot listen on 127.0.0.1:8765"
     assert exit_message(2, f"loading\nmodel ready\n{error}\n") == (
         f"The engine stopped (exit code 2). loading model ready {error}")
+
+
+def _argparse_output(argv: list[str]) -> tuple[int, str]:
+    """What a real argparse parser like the engine's (a usage text that wraps) prints when it refuses ``argv``."""
+    import argparse
+    import contextlib
+    import io
+
+    parser = argparse.ArgumentParser(prog="medsight serve")
+    for name in ("model", "vision-file", "host", "port", "token-file", "allow-host", "device", "max-upload-mb",
+                 "timeout", "max-waiting", "ask-memory-mb", "threads", "audit", "adapter"):
+        parser.add_argument(f"--{name}", type=int if name == "port" else str)
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), pytest.raises(SystemExit) as exited:
+        parser.parse_args(argv)
+    return int(exited.value.code), out.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["--port", "abc"], ["--bogus", "1"]])
+def test_a_refused_command_line_is_named_without_the_usage_text(argv):
+    """A wrong argument in the engine command: the message quoted argparse's last three lines, the end of its usage
+    ("[--ask-memory-mb ASK_MEMORY_MB] ...") before the error; now the error alone, and where to fix it."""
+    code, output = _argparse_output(argv)
+    usage = output_lines(output)[:-1]
+    assert len(usage) > 1 and usage[0].startswith("usage: ")  # the usage wraps over several lines
+    message = exit_message(code, output)
+    error = output_lines(output)[-1].split(": error: ", 1)[1]
+    assert message == (f"The engine refused its command line ({error}). Check Application Settings > MedSIGHT > "
+                       "Local engine command.")
+    assert not any(line.strip() in message for line in usage)
 
 
 def _wait(predicate, timeout: float) -> bool:

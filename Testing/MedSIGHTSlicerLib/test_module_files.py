@@ -92,6 +92,7 @@ SLICER_UTIL = {
     "confirmOkCancelDisplay": (("text", "windowTitle", "parent"), True),
     "confirmYesNoDisplay": (("text", "windowTitle", "parent"), True),
     "errorDisplay": (("text", "windowTitle", "parent", "standardButtons"), True),
+    "warningDisplay": (("text", "windowTitle", "parent", "standardButtons"), True),
     "loadUI": (("path",), False),
     "loadVolume": (("filename", "properties", "returnNode"), False),
     "mainWindow": ((), False),

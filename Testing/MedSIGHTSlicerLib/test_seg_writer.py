@@ -168,3 +168,17 @@ def test_a_volume_with_edited_pixel_spacing_is_refused(series):
     with pytest.raises(SegWriteError, match=rf"pixel spacing \({dx * 1.05:.4g} x .* is not its DICOM image's "
                                             rf"\({dx:.4g} x "):
         order_sources(datasets, stretched, dims)
+
+
+def test_numpys_old_float_alias_is_lent_to_highdicom_022_for_the_call_only():
+    """highdicom 0.22 (the one for pydicom 2) names ``np.float_``, which NumPy 2 removed: every SEG failed under
+    Slicer 5.10's NumPy 2.0.2 and pydicom 2.4.4 (scripts/test_slicer_pythons.sh runs the SEG tests there). The alias
+    is lent only to that generation and only while it builds the SEG; NumPy's namespace is as it was afterwards."""
+    from MedSIGHTSlicerLib.seg_writer import _numpy1_alias
+
+    had = "float_" in vars(np)
+    with _numpy1_alias("0.22.0"):
+        assert np.dtype(np.float_) == np.float64
+    with _numpy1_alias("0.28.2"):
+        assert ("float_" in vars(np)) == had  # a newer highdicom needs nothing lent
+    assert ("float_" in vars(np)) == had

@@ -12,7 +12,7 @@ import pytest
 
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
 from MedSIGHTSlicerLib.qt_shim import connect, qt
-from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings
+from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings, split_command
 from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage
 from MedSIGHTSlicerLib.theme import colours_of
 
@@ -293,3 +293,24 @@ def test_an_engine_log_flood_lays_out_only_the_lines_it_keeps(app):
     kept_chars = len("\n".join(flood[-MAX_LINES:]))
     assert sum(inserted) <= kept_chars + 2 * len(flood[-MAX_LINES]), (sum(inserted), kept_chars)
     log.widget.deleteLater()
+
+
+def test_hand_edited_ini_values_with_commas_read_as_typed(tmp_path):
+    """Slicer keeps its settings in an INI file, whose reader (a real QSettings here) splits an unquoted value at its
+    commas into a list: the engine command came back as the list's repr ("['medsight serve ... a.example',
+    'b.example']"), was run so and saved so; a token with a comma likewise. Now the parts are joined again."""
+    command = f"{DEFAULT_SERVE_COMMAND} --allow-host a.example,b.example"
+    path = tmp_path / "Slicer.ini"
+    path.write_text(f"[MedSIGHT]\nserveCommand={command}\ntoken=abc,def\nrememberToken=true\n"
+                    "consentedHosts=\"a.example, b.example\"\n")
+    store = qt.QSettings(str(path), qt.QSettings.IniFormat)
+    assert isinstance(store.value(PREFIX + "serveCommand"), (list, tuple))  # what Qt hands over
+    loaded = ConnectionSettings.load(store)
+    assert (loaded.serve_command, loaded.token) == (command, "abc,def")
+    assert split_command(loaded.serve_command)[-2:] == ["--allow-host", "a.example,b.example"]
+    assert loaded.consented_hosts == ["a.example", "b.example"]
+    assert not loaded.needs_consent("http://b.example:8765")
+    loaded.save(store)
+    store.sync()
+    again = ConnectionSettings.load(qt.QSettings(str(path), qt.QSettings.IniFormat))
+    assert (again.serve_command, again.token, again.consented_hosts) == (command, "abc,def", loaded.consented_hosts)
