@@ -115,6 +115,16 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     _raises(dup, "duplicate slice position")
 
 
+def test_slice_spacing_that_drifts_is_refused(restacked_series):
+    # Each step passed the 1 % step check (2.5 mm, then 2.52 mm), so the series was read as evenly spaced: the middle
+    # slice sat 0.2 mm from where it was taken, and its masks with it (3D Slicer adds a regularization transform for
+    # a slice 0.001 mm off its grid).
+    steps = [2.5] * 20 + [2.52] * 20
+    folder = restacked_series(np.concatenate([[0.0], np.cumsum(steps)]))
+    error = _raises(folder, "uneven slice spacing: steps drift from 2.500 to 2.520 mm, so slice0020.dcm lies 0.2")
+    assert "evenly spaced grid of 2.5100 mm" in str(error)
+
+
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])
 def test_truncated_end_slice_of_a_series_is_named_not_dropped(ct_series, pydicom_files, tmp_path, kept):
     # GDCM leaves out files it cannot parse: with the first or last slice truncated (pixel data cut at 98 %, header
