@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medsight.imaging import ImagingError, read_dicom_series, read_volume
+from medsight.imaging import ImagingError, read_dicom, read_dicom_series, read_nifti, read_volume
 
 
 def _raises(path, match, **kw):
@@ -42,6 +43,17 @@ def test_missing_and_unreadable_files(tmp_path):
     _raises(pic, "unreadable or corrupt image")
     (tmp_path / "empty").mkdir()
     _raises(tmp_path / "empty", "no DICOM image series found")
+
+
+def test_a_fifo_or_device_is_named_for_what_it_is(tmp_path):
+    # Both were "no such file or folder": the path is there, it is no file.
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    _raises(fifo, r"is a named pipe \(FIFO\), not a file")
+    _raises("/dev/null", "is a character device, not a file")
+    for reader in (read_dicom, read_nifti):  # the readers called directly say it too
+        with pytest.raises(ImagingError, match=r"is a named pipe \(FIFO\), not a file"):
+            reader(fifo)
 
 
 def test_corrupt_files(pydicom_files, mni_t1, tmp_path):

@@ -22,7 +22,7 @@ import pydicom
 import SimpleITK as sitk  # noqa: N813  (the universal alias)
 from pydicom.errors import InvalidDicomError
 
-from .errors import ImagingError
+from .errors import ImagingError, not_a_file
 from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 
 # Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4): of each step
@@ -718,7 +718,7 @@ def read_dicom_file(
     """Read a single-frame or multi-frame DICOM image file with pydicom (rescale applied)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ImagingError("no such file", path)
+        raise not_a_file(path)
     ds = _header(path)
     _require_image(ds, path)
     n_frames = _int(ds, "NumberOfFrames", path, 1)
