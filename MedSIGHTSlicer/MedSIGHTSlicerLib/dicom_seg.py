@@ -81,7 +81,8 @@ def export_dicom_seg(
     """Write every segment of ``segmentation_node`` as a binary DICOM SEG referencing ``sources``. Returns ``path``.
 
     ``sources`` are the DICOM files ``volume_node`` was loaded from (see `source_files`); empty segments are
-    skipped (a SEG segment needs at least one pixel) and an all-empty segmentation is refused.
+    skipped (one would be a described segment with no frames: a finding a viewer lists with nothing to show) and an
+    all-empty segmentation is refused, as the engine's ``write_dicom_seg`` does (test_dicom_seg checks both).
     """
     try:
         import highdicom  # noqa: F401 - missing: a plain message now, not a traceback later

@@ -143,6 +143,54 @@ def test_a_segmentation_without_voxels_is_refused_in_the_other_formats_words(sce
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def test_engine_and_module_leave_the_same_empty_segments_out_of_a_dicom_seg(scene, ct, tmp_path):
+    """The contract between the two DICOM SEG writers on empty segments: the module left a segment without voxels
+    out and refused a segmentation with none, the engine (`medsight ask --out x.dcm`) wrote the empty segment as a
+    described segment with no frames, and an all-empty one as a SEG of empty frames. Both now keep the segments
+    with voxels and refuse one with none."""
+    from medsight.imaging import ImagingError, Segment, Segmentation, write_dicom_seg
+
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _, user = accepted_user_segmentation(scene, volume)
+    files = source_files(volume, database)
+    segments = user.GetSegmentation()
+    ids = [segments.GetNthSegmentID(n) for n in range(segments.GetNumberOfSegments())]
+
+    def erase(segment_id: str) -> None:
+        empty = np.zeros_like(segment_array(user, segment_id, volume))
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            _labelmap_image(empty, volume), user, segment_id)
+
+    def engine_write(path):
+        """The engine's writer on the same voxels and names as the user's segmentation."""
+        labelmap = np.zeros(ct.shape, np.uint8)
+        kept = []
+        for n, segment_id in enumerate(ids, start=1):
+            labelmap[segment_array(user, segment_id, volume)] = n
+            kept.append(Segment(n, segments.GetSegment(segment_id).GetName()))
+        return write_dicom_seg(Segmentation(ct, labelmap, kept), path)
+
+    erase(ids[-1])
+    module = hd.seg.segread(str(export_dicom_seg(user, volume, files, tmp_path / "module.dcm")))
+    engine = hd.seg.segread(str(engine_write(tmp_path / "engine.dcm")))
+    kept_names = [segments.GetSegment(i).GetName() for i in ids if segment_array(user, i, volume).any()]
+    assert len(kept_names) == len(ids) - 1
+    for seg in (module, engine):
+        assert [str(d.SegmentLabel) for d in seg.SegmentSequence] == kept_names
+    numbers = list(range(1, len(kept_names) + 1))
+    assert np.array_equal(
+        module.get_pixels_by_source_instance(list(ct.sop_instance_uids), segment_numbers=numbers),
+        engine.get_pixels_by_source_instance(list(ct.sop_instance_uids), segment_numbers=numbers))
+    assert module.NumberOfFrames == engine.NumberOfFrames
+    for segment_id in ids:
+        erase(segment_id)
+    with pytest.raises(ExportError, match="are all empty"):
+        export_dicom_seg(user, volume, files, tmp_path / "module_empty.dcm")
+    with pytest.raises(ImagingError, match=f"the {len(ids)} segment\\(s\\) are all empty"):
+        engine_write(tmp_path / "engine_empty.dcm")
+    assert not (tmp_path / "module_empty.dcm").exists() and not (tmp_path / "engine_empty.dcm").exists()
+
+
 def _labelmap_image(array_kji: np.ndarray, volume):
     """An oriented image of ``array_kji`` on ``volume``'s grid, as SetBinaryLabelmapToSegment takes it."""
     from vtk.util import numpy_support

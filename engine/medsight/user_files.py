@@ -4,6 +4,8 @@ should be."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,28 @@ def check_user_image(path: str | Path, what: str, error: type[ValueError] = Valu
     return height, width
 
 
+def special_file_kind(path: str | os.PathLike[str]) -> str | None:
+    """What a path is that exists but is neither a file nor a folder ("a named pipe (FIFO)", "a character device"
+    such as /dev/null, ...), else None: reading one blocks for a writer or never ends, and "not found" would be
+    false."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
 def check_user_file(path: str | Path, what: str, error: type[ValueError] = ValueError) -> None:
-    """A file the user named is there and is a file, checked before long work that reads it later; a missing one or
-    a folder raises `error` in the words the readers above use."""
+    """A file the user named is there and is a file, checked before long work that reads it later; a missing one, a
+    folder or a special file (a FIFO, /dev/null) raises `error` in the words the readers above use."""
     path = Path(path)
     if path.is_dir():
         raise _unreadable(path, what, IsADirectoryError(), error)
+    kind = special_file_kind(path)
+    if kind:
+        raise error(f"{path} is {kind}, not a file; expected the {what}")
     if not path.is_file():
         raise _unreadable(path, what, FileNotFoundError(), error)
 

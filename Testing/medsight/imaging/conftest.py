@@ -69,3 +69,29 @@ def mni_gm(nilearn_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def mni_wm(nilearn_data: Path) -> Path:
     return nilearn_data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture
+def restacked_series(ct_series: Path, tmp_path: Path):
+    """A function writing a one-series folder of copies of `ct_series`' first slice, placed at the given distances
+    (mm) along its normal: real slice files with slice positions chosen by the test."""
+    import numpy as np
+    import pydicom
+
+    def write(distances, name: str = "restacked") -> Path:
+        template = pydicom.dcmread(sorted(ct_series.iterdir())[0])
+        iop = np.asarray(template.ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        start = np.asarray(template.ImagePositionPatient, dtype=float)
+        folder = tmp_path / name
+        folder.mkdir()
+        series_uid = pydicom.uid.generate_uid()
+        for k, d in enumerate(distances):
+            template.SeriesInstanceUID = series_uid
+            template.SOPInstanceUID = pydicom.uid.generate_uid()
+            template.InstanceNumber = k + 1
+            template.ImagePositionPatient = [f"{x:.6f}" for x in start + d * normal]
+            template.save_as(folder / f"slice{k:04d}.dcm")
+        return folder
+
+    return write

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medsight.imaging import ImagingError, read_dicom_series, read_volume
+from medsight.imaging import ImagingError, read_dicom, read_dicom_series, read_nifti, read_volume
 
 
 def _raises(path, match, **kw):
@@ -42,6 +43,17 @@ def test_missing_and_unreadable_files(tmp_path):
     _raises(pic, "unreadable or corrupt image")
     (tmp_path / "empty").mkdir()
     _raises(tmp_path / "empty", "no DICOM image series found")
+
+
+def test_a_fifo_or_device_is_named_for_what_it_is(tmp_path):
+    # Both were "no such file or folder": the path is there, it is no file.
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    _raises(fifo, r"is a named pipe \(FIFO\), not a file")
+    _raises("/dev/null", "is a character device, not a file")
+    for reader in (read_dicom, read_nifti):  # the readers called directly say it too
+        with pytest.raises(ImagingError, match=r"is a named pipe \(FIFO\), not a file"):
+            reader(fifo)
 
 
 def test_corrupt_files(pydicom_files, mni_t1, tmp_path):
@@ -113,6 +125,16 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(dup / "copy")
     _raises(dup, "duplicate slice position")
+
+
+def test_slice_spacing_that_drifts_is_refused(restacked_series):
+    # Each step passed the 1 % step check (2.5 mm, then 2.52 mm), so the series was read as evenly spaced: the middle
+    # slice sat 0.2 mm from where it was taken, and its masks with it (3D Slicer adds a regularization transform for
+    # a slice 0.001 mm off its grid).
+    steps = [2.5] * 20 + [2.52] * 20
+    folder = restacked_series(np.concatenate([[0.0], np.cumsum(steps)]))
+    error = _raises(folder, "uneven slice spacing: steps drift from 2.500 to 2.520 mm, so slice0020.dcm lies 0.2")
+    assert "evenly spaced grid of 2.5100 mm" in str(error)
 
 
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])

@@ -337,7 +337,8 @@ def test_a_failed_write_keeps_the_files_it_would_replace(mni_segmentation, ct_se
     if suffix == ".dcm":
         vol = read_volume(ct_series)
         seg = Segmentation(vol, (vol.array > -100).astype(np.uint8), [GM])
-        other = Segmentation(vol, np.where(vol.array > 100, WM.label, 0).astype(np.uint8), [WM])
+        # (voxels above the median: a DICOM SEG refuses a segmentation without any)
+        other = Segmentation(vol, np.where(vol.array > np.median(vol.array), WM.label, 0).astype(np.uint8), [WM])
     else:
         seg = mni_segmentation
         other = Segmentation(seg.reference, np.where(seg.labelmap > 0, WM.label, 0).astype(np.uint8), [WM])

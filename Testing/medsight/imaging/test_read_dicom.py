@@ -33,6 +33,18 @@ def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
     assert np.allclose(vol.ijk_to_ras, np.diag([-1, -1, 1, 1]) @ vol.ijk_to_lps)
 
 
+def test_slice_spacing_within_tolerance_is_itks_and_quiet(restacked_series, capfd):
+    """Slice positions with scanner round-off: the spacing is ITK's (first to last slice over n - 1, the grid 3D
+    Slicer shows), not the median step, and ITK's "Non uniform sampling" warning does not reach the user."""
+    distances = np.array([0.0, 2.5, 5.01, 7.5, 10.005])
+    vol = read_volume(restacked_series(distances))
+    assert "Non uniform sampling" not in capfd.readouterr().err
+    image = sitk.ReadImage(list(vol.source_files))  # prints the warning: the step deviations are real
+    assert vol.spacing[2] == pytest.approx(image.GetSpacing()[2], rel=1e-9)
+    assert vol.spacing[2] == pytest.approx((distances[-1] - distances[0]) / (len(distances) - 1), rel=1e-9)
+    assert np.array_equal(vol.array, sitk.GetArrayFromImage(image))
+
+
 def test_volume_keeps_no_patient_identifiers(ct_series):
     vol = read_volume(ct_series)
     names = {f.name for f in dataclasses.fields(vol)}

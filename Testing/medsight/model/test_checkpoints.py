@@ -98,6 +98,18 @@ def test_missing_files_give_clear_errors(golden, tmp_path):
 
 
 
+def test_weights_that_are_a_folder_are_named_as_a_folder(golden, tmp_path):
+    # A model.safetensors that is a folder (an unpacked archive, a copy gone wrong) was reported as "shard
+    # model.safetensors named in the index is missing", in a folder with no index.
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    weights = root / "medsight_full_instruct" / "model.safetensors"
+    assert weights.is_file() and not (weights.parent / "model.safetensors.index.json").exists()
+    weights.unlink()
+    weights.mkdir()
+    with pytest.raises(CheckpointError, match=rf"{weights} is a folder; expected the safetensors weights file"):
+        load_tiny_release(golden, root)
+
+
 @pytest.mark.parametrize("weight_map", [[], "model.safetensors", {"lm_head.weight": 3}])
 def test_a_malformed_safetensors_index_is_named(golden, tmp_path, weight_map):
     """An index whose weight_map is no map of names to shard files raised AttributeError / TypeError."""

@@ -84,6 +84,23 @@ def multiframe_problem(ref: Volume) -> str | None:
             f"image); this {getattr(sop, 'name', sop) or 'image'} has none")
 
 
+def _segments_with_voxels(seg: Segmentation, fractional: bool, path: str) -> list[Segment]:
+    """The segments a DICOM SEG holds: those with a voxel (binary) or a probability above 0 (fractional), as the
+    Slicer module's export keeps them (contract test). An empty one would be a described segment with no frames, a
+    finding a PACS viewer lists with nothing to show; a SEG with none at all says nothing and is refused."""
+    if fractional and seg.probabilities:
+        kept = [s for s in seg.segments if seg.probabilities[s.label].any()]
+    else:
+        kept = [s for s in seg.segments if (seg.labelmap == s.label).any()]
+    if not kept:
+        raise ImagingError(
+            f"nothing to export: the {len(seg.segments)} segment(s) are all empty, and a DICOM SEG holds only "
+            "segments with voxels (.seg.nrrd and NIfTI keep empty segments)",
+            path,
+        )
+    return kept
+
+
 def write_dicom_seg(
     seg: Segmentation,
     path: str | os.PathLike[str],
@@ -93,7 +110,8 @@ def write_dicom_seg(
 ) -> str:
     """Write a DICOM SEG for ``seg`` referencing its source DICOM images; returns the path.
 
-    The reference volume must come from DICOM (a series folder or one multi-frame file).
+    The reference volume must come from DICOM (a series folder or one multi-frame file). Segments without voxels
+    are left out (numbers count the kept ones from 1), and a segmentation without any is refused.
     ``fractional`` needs probabilities (``SegmentationBuilder.build(keep_probabilities=True)``).
     """
     path = os.fspath(path)
@@ -107,17 +125,18 @@ def write_dicom_seg(
     problem = multiframe_problem(ref)
     if problem:
         raise ImagingError(problem, ref.source)
+    if fractional and not seg.probabilities:
+        raise ImagingError("fractional SEG needs probabilities: build(keep_probabilities=True)", path)
+    segments = _segments_with_voxels(seg, fractional, path)
     try:
         sources = [pydicom.dcmread(f) for f in ref.source_files]
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ImagingError(f"cannot re-read the source images ({exc})", ref.source) from exc
     if fractional:
-        if not seg.probabilities:
-            raise ImagingError("fractional SEG needs probabilities: build(keep_probabilities=True)", path)
-        stack = np.stack([seg.probabilities[s.label].astype(np.float32) / 255.0 for s in seg.segments], -1)
+        stack = np.stack([seg.probabilities[s.label].astype(np.float32) / 255.0 for s in segments], -1)
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
-        stack = np.stack([seg.labelmap == s.label for s in seg.segments], -1).astype(np.uint8)
+        stack = np.stack([seg.labelmap == s.label for s in segments], -1).astype(np.uint8)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     if len(sources) == 1 and ref.frame_numbers:
         # A multi-frame source: put our position-sorted slices back in the file's frame order.
@@ -131,7 +150,7 @@ def write_dicom_seg(
             source_images=sources,
             pixel_array=stack,
             segmentation_type=seg_type,
-            segment_descriptions=[_description(n + 1, s) for n, s in enumerate(seg.segments)],
+            segment_descriptions=[_description(n + 1, s) for n, s in enumerate(segments)],
             series_instance_uid=hd.UID(),
             series_number=series_number,
             sop_instance_uid=hd.UID(),
@@ -144,7 +163,7 @@ def write_dicom_seg(
             content_label="MEDSIGHT",
             max_fractional_value=255,
         )
-        if not all(s.name.isascii() for s in seg.segments):
+        if not all(s.name.isascii() for s in segments):
             # highdicom copies the source images' character set; one that cannot hold a name (Latin-1 and "肝")
             # would write "?" in its place. Every other text is a Python str, so UTF-8 holds it too.
             out.SpecificCharacterSet = UTF8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ImagingError
+from .errors import ImagingError, not_a_file
 from .read_dicom import read_dicom_file, read_dicom_series
 from .read_files import read_image2d, read_nifti, read_nrrd
 from .read_metaimage import read_metaimage
@@ -36,7 +36,7 @@ def read_volume(
     if os.path.isdir(path):
         return read_dicom_series(path, series_uid=series_uid, modality=modality, max_voxels=max_voxels)
     if not os.path.isfile(path):
-        raise ImagingError("no such file or folder", path)
+        raise not_a_file(path, missing="no such file or folder")
     low = path.lower()
     if low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
         return read_nifti(path, modality=modality, max_voxels=max_voxels)

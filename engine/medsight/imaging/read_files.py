@@ -10,7 +10,7 @@ import nrrd
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImagingError
+from .errors import ImagingError, not_a_file
 from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine, volume_from_ras
 
 _READ_ERRORS = (
@@ -27,7 +27,7 @@ _READ_ERRORS = (
 
 def _exists(path: str) -> None:
     if not os.path.isfile(path):
-        raise ImagingError("no such file", path)
+        raise not_a_file(path)
     if os.path.getsize(path) == 0:  # each library words it its own way, pynrrd not at all (StopIteration)
         raise ImagingError("unreadable: empty file (0 bytes)", path)
 

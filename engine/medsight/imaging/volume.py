@@ -68,6 +68,15 @@ class Volume:
             raise ImagingError(
                 f"a Volume needs a (k, j, i) or (k, j, i, 3) array, got {self.array.shape}", self.source
             )
+        if self.array.ndim == 4 and self.array.dtype.kind != "u":
+            # Every colour reader gives unsigned samples (pydicom's 8/16/32-bit RGB, ITK's RGB pixels, PIL): signed
+            # or float values in three channels are something else (a vector field, three echoes), and windowing
+            # them as a colour picture would show the model a made-up image.
+            raise ImagingError(
+                f"a (k, j, i, 3) array is a colour volume, whose samples are unsigned integers; got "
+                f"{self.array.dtype} (three channels or a vector field?): give one channel as a (k, j, i) volume",
+                self.source,
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ each reader keeps (copies) only the tensors it needs.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -97,7 +98,9 @@ def _safetensors_names(path: Path) -> set[str]:
 
 
 def _read_safetensors(path: Path, read):
-    """`read(str(path))`, with a Git LFS pointer or a damaged or partial file as a CheckpointError naming it."""
+    """`read(str(path))`, with a missing file, a folder, a Git LFS pointer or a damaged or partial file as a
+    CheckpointError naming it."""
+    check_user_file(path, "safetensors weights file", CheckpointError)
     refuse_lfs_pointer(path)
     try:
         return read(str(path))
@@ -244,10 +247,10 @@ def shard_names(folder: Path) -> list[str]:
             raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map must map tensor names "
                                   "to shard file names)")
         shards = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
+    elif os.path.lexists(folder / "model.safetensors"):  # a folder by that name is refused by its reader, by name
         shards = ["model.safetensors"]
     else:
-        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        shards = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     if not shards:
         raise CheckpointError(f"{folder}: no .safetensors weights found")
     return shards
@@ -272,7 +275,7 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     shards = shard_names(folder)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        if not (folder / shard).is_file():
+        if not os.path.lexists(folder / shard):
             raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
         state.update(read_safetensors_file(folder / shard))
     return state
