@@ -154,13 +154,45 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
              for i, (_, _, text) in kinds.items() if text is not None]
     report = build_report("diagseg", items, preds, n_boot=5)
     rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
-    n_open = sum(not kind.lower().startswith("close") for _, kind, _ in kinds.values())  # 'other' scores as open
+    n_open = sum(kind == "open" for _, kind, _ in kinds.values())  # 'other' is scored by no text metric
     assert rows["dice"]["n"] == len(preds) and rows["recall"]["n"] == n_open
-    assert rows["closed_accuracy"]["n"] == len(preds) - n_open and rows["closed_accuracy"]["value"] == 100.0
+    assert rows["closed_accuracy"]["n"] == 1 and rows["closed_accuracy"]["value"] == 100.0
     assert report["answer_types"] == {"open": {"items": n_open, "scored": n_open, "skipped": 0},
                                       "closed": {"items": 2, "scored": 1, "skipped": 1}}
-    assert ("Answer types: open 2 of 2 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy)."
-            in to_markdown(report))
+    assert report["unscored_answer_types"] == {"other": 1}
+    assert ("Answer types: open 1 of 1 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy); 1 item(s) "
+            "of another answer type (1 'other') have no text score: run_eval.py scores only the types 'open' and "
+            "'close...' and skips the others, so they are skipped here too." in to_markdown(report))
+
+
+def test_answer_types_run_eval_skips_are_skipped_and_named(tmp_path):
+    """An answer type that is neither "open" nor "close..." was scored as open ('other', 'yesno', 'open ' with a
+    space: recall n 5 where run_eval.py scores 1); the official script skips such items, and now so does the report,
+    naming each type and its count."""
+    import json
+
+    from medsight.evaluate.readers import read_llava_vqa
+    from medsight.evaluate.report import to_markdown
+
+    kinds = ["OPEN", "Closed", "close-ended", "other", "open ", "yesno", "other"]
+    raw = [{"id": i, "image": "i.png", "answer_type": kind, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "liver"}]}
+        for i, kind in enumerate(kinds)]
+    (tmp_path / "test.json").write_text(json.dumps(raw))
+    items = read_llava_vqa(tmp_path / "test.json")
+    preds = [{"question_id": it.id, "text": "the liver"} for it in items]
+    report = build_report("vqa", items, preds, n_boot=5)
+
+    # The official branches, re-implemented: == "open" is open, startswith("close") closed, the rest skipped.
+    official_open = [k for k in kinds if k.lower() == "open"]
+    official_closed = [k for k in kinds if k.lower().startswith("close")]
+    skipped = {k.lower(): kinds.count(k) for k in kinds if k not in official_open + official_closed}
+    rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
+    assert rows["recall"]["n"] == len(official_open) and rows["closed_accuracy"]["n"] == len(official_closed)
+    assert rows["recall_all"]["n"] == len(official_open) + len(official_closed)
+    assert report["unscored_answer_types"] == skipped == {"other": 2, "open ": 1, "yesno": 1}
+    assert "4 item(s) of another answer type (2 'other', 1 'open ', 1 'yesno') have no text score" in to_markdown(
+        report)
 
 
 @pytest.mark.parametrize("damage, problem", [

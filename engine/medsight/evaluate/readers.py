@@ -33,7 +33,8 @@ class EvalItem:
         id: question id (unique in its file).
         question: the prompt text (without any ``<image>`` tag; the engine places the image).
         answer: the GT string scored by the text metrics.
-        answer_type: "open", "closed" or "mc".
+        answer_type: the data's answer type, lower-cased: "open", one starting with "close", or "mc" (any other is
+            scored by no text metric, as in `run_eval.py`; the report counts such items as skipped).
         image: absolute image path.
         modality: canonical modality name ("unknown" if the file has none).
         options: multiple-choice options (A..D order), else empty.
@@ -225,7 +226,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
             id=_text(path, i, raw, "id", numbers=True),
             question=_question(path, i, raw, "conversations.0.value"),
             answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
-            answer_type="closed" if answer_type.startswith("close") else "open",
+            answer_type=answer_type,  # kept as given: the report names types the official scoring skips
             image=_resolve(root, _text(path, i, raw, "image")),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))

@@ -20,13 +20,13 @@ from medsight.atomic_files import replace_files
 from medsight.evaluate.metrics import (
     bootstrap_ci,
     closed_hit,
-    is_closed,
     item_dice,
     macro_bootstrap_ci,
     macro_mean,
     mc_hit,
     open_scores,
     strict_closed_hit,
+    text_kind,
 )
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.evaluate.runner import Prediction, decode_masks, load_gt_mask
@@ -63,15 +63,18 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
     return [(it, by_id[it.id]) for it in items if it.id in by_id]
 
 
-def scored_type(answer_type: str) -> str:
-    """The metric family an answer type is scored by: "mc", "closed" (starts with "close", as run_eval.py), else
-    "open"."""
-    return "mc" if answer_type == "mc" else "closed" if is_closed(answer_type) else "open"
+def scored_type(answer_type: str) -> str | None:
+    """The metric family an answer type is scored by: "mc", or run_eval.py's "open" or "closed" (`text_kind`); None
+    for a type the official scoring skips."""
+    return "mc" if answer_type == "mc" else text_kind(answer_type)
 
 
 def text_scores(item: EvalItem, text: str) -> dict[str, float]:
-    """Official and strict text metrics of one answer, chosen by the item's answer type."""
+    """Official and strict text metrics of one answer, chosen by the item's answer type (none for a type
+    run_eval.py skips: its recall, accuracy and BLEU leave such an item out)."""
     kind = scored_type(item.answer_type)
+    if kind is None:
+        return {}
     if kind == "mc":
         if not item.options:  # the readers refuse such items; one built in Python is named, not a bare error
             raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
@@ -221,6 +224,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
+            "unscored_answer_types": unscored_types(items),
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
 
 
@@ -235,11 +239,30 @@ def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -
     out: dict[str, dict[str, int]] = {}
     for item in items:
         kind = scored_type(item.answer_type)
+        if kind is None:  # counted by unscored_types
+            continue
         row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
         row["items"] += 1
         score = by_id.get(item.id)
         row["scored" if score is not None and TYPE_METRIC[kind] in score.scores else "skipped"] += 1
     return out
+
+
+def unscored_types(items: Sequence[EvalItem]) -> dict[str, int]:
+    """How many items have each answer type that no text metric scores (neither "open" nor "close...", as
+    run_eval.py branches), so the items it skips are named, not silently left out."""
+    out: dict[str, int] = {}
+    for item in items:
+        if scored_type(item.answer_type) is None:
+            out[item.answer_type] = out.get(item.answer_type, 0) + 1
+    return out
+
+
+def unscored_text(counts: dict[str, int]) -> str:
+    """'2 items of another answer type (1 'other', 1 'yesno') have no text score: run_eval.py scores only ...'."""
+    kinds = ", ".join(f"{n} {kind!r}" for kind, n in counts.items())
+    return (f"{sum(counts.values())} item(s) of another answer type ({kinds}) have no text score: run_eval.py scores "
+            "only the types 'open' and 'close...' and skips the others, so they are skipped here too")
 
 
 def answer_type_line(report: dict) -> str:
@@ -248,6 +271,8 @@ def answer_type_line(report: dict) -> str:
     for kind, c in report.get("answer_types", {}).items():
         skipped = f", {c['skipped']} skipped" if c["skipped"] else ""
         parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC[kind]})")
+    if report.get("unscored_answer_types"):
+        parts.append(unscored_text(report["unscored_answer_types"]))
     return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
