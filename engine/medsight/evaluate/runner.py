@@ -304,7 +304,22 @@ def item_image(item: EvalItem) -> np.ndarray:
         raise DataError(f"item {item.id!r}: {err}") from None
 
 
-def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None) -> Prediction:
+def stopped_note(kept: int, total: int, path: str | Path) -> str:
+    """What a run stopped part-way keeps, and how to go on (the report is written only after the last answer)."""
+    return (f"{kept} of {total} items are answered and kept in {path}; the same command resumes after them (the "
+            "report is written once every item is answered)")
+
+
+def item_gt_mask(item: EvalItem) -> np.ndarray:
+    """The union of the item's GT masks; an unreadable one is a DataError naming the item and the file."""
+    try:
+        return load_gt_mask(item.masks)
+    except DataError as err:
+        raise DataError(f"item {item.id!r}: {err}") from None
+
+
+def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None,
+            gt: np.ndarray | None = None) -> Prediction:
     rec: Prediction = {
         "question_id": item.id, "prompt": item.question, "text": answer.text, "gt_ans": item.answer,
         "answer_type": item.answer_type, "modality": item.modality,
@@ -312,10 +327,7 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
                      "task": options.task, "sampling": options.sampling, "input": input_fingerprint(item, options)},
     }
     if options.segment:
-        try:
-            gt = load_gt_mask(item.masks)
-        except DataError as err:
-            raise DataError(f"item {item.id!r}: {err}") from None
+        gt = item_gt_mask(item) if gt is None else gt
         logits = [r.mask_logits for r in answer.regions]
         import torch
 
@@ -371,14 +383,26 @@ def run_predictions(
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
                disable=progress is None, file=sys.stderr)
-    for group in _groups(pending, options):
-        seed = item_seed(options, group[0][0])
-        answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
-                             options.generation(seed), image_options)
-        append_predictions(out_path, [_record(i, it, a, options, seed)
-                                      for (i, it), a in zip(group, answers, strict=True)])
-        bar.update(len(group))
-    bar.close()
+    kept = len(selected) - len(pending)
+    try:
+        for group in _groups(pending, options):
+            seed = item_seed(options, group[0][0])
+            # The GT masks are read before the answer is asked, so an unreadable one costs no answer.
+            gts = [item_gt_mask(it) if options.segment else None for _, it in group]
+            answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
+                                 options.generation(seed), image_options)
+            append_predictions(out_path, [_record(i, it, a, options, seed, gt)
+                                          for (i, it), a, gt in zip(group, answers, gts, strict=True)])
+            kept += len(group)
+            bar.update(len(group))
+    except DataError as err:
+        # A file the check before the run passed (a truncated JPEG, a damaged pixel stream) stopped it part-way.
+        raise DataError(f"{err}. Mend or replace that file: {stopped_note(kept, len(selected), out_path)}") from None
+    except KeyboardInterrupt:
+        print(f"\n{stopped_note(kept, len(selected), out_path)}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
     wanted = {it.id for _, it in selected}
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
     return _ordered(records, [it.id for _, it in selected])
