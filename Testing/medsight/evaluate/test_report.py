@@ -262,3 +262,70 @@ def test_a_failed_report_write_leaves_the_previous_report_whole_and_no_chart_of_
     assert 0 < len(kept) < len(charts) and set(written) == {"json", "md", *kept}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json", "report.md",
                                                                  *(f"{m}.png" for m in kept)])
+
+
+def _official_notebook_dice(logits, mask_files):
+    """The DiagSeg notebooks' Dice, re-implemented: each GT file Image.open().convert('L') > 127 (no resize), union
+    (> 0.5), the (K, m, m) logits resized bilinearly onto the GT grid, > 0, (2I + 1e-8) / (|P| + |G| + 1e-8) per
+    channel, mean."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    gts = [torch.from_numpy((np.array(Image.open(f).convert("L")) > 127).astype(np.float32)) for f in mask_files]
+    union = torch.zeros_like(gts[0], dtype=torch.bool)
+    for g in gts:
+        union = union | (g > 0.5)
+    gt = union.float()[None]
+    pred = torch.nn.functional.interpolate(logits[:, None].float(), size=gt.shape[-2:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+    pred = (pred > 0).float()
+    inter = (pred * gt).sum(dim=(-2, -1))
+    return ((2.0 * inter + 1e-8) / (pred.sum(dim=(-2, -1)) + gt.sum(dim=(-2, -1)) + 1e-8)).mean().item()
+
+
+def test_dice_on_gt_masks_of_every_kind_equals_the_official_notebooks(tmp_path):
+    """GT masks as data sets store them (RGB, palette, 16-bit, anti-aliased grey, 0/1 labels, with alpha, another
+    resolution than the model's mask grid, several files per item): the report's Dice equals the notebooks' rule."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from medsight.evaluate.metrics import binarize_logits
+    from medsight.evaluate.report import score_items
+    from medsight.evaluate.runner import encode_masks
+
+    h, w = 40, 56  # not the logits' square grid: both resize the logits onto the GT mask
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - 18) ** 2 + (xx - 30) ** 2 < 150
+    grey = np.clip(255 - 4 * np.hypot(yy - 20, xx - 25), 0, 255).astype(np.uint8)  # soft edge around 127
+    palette = Image.fromarray(disk.astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    masks = {
+        "rgb_white": Image.fromarray(np.stack([disk * 255] * 3, -1).astype(np.uint8)),
+        "rgb_red": Image.fromarray(np.stack([disk * 255, 0 * disk, 0 * disk], -1).astype(np.uint8)),  # L 76: empty
+        "palette": palette,
+        "uint16_full": Image.fromarray((disk * 65535).astype(np.uint16)),
+        "uint16_low": Image.fromarray((disk * 200).astype(np.uint16)),
+        "grey": Image.fromarray(grey),
+        "labels01": Image.fromarray(disk.astype(np.uint8)),  # empty at > 127
+        "la": Image.fromarray(np.stack([disk * 255, np.full_like(disk, 255)], -1).astype(np.uint8), "LA"),
+        "half_res": Image.fromarray((disk[::2, ::2] * 255).astype(np.uint8)),
+    }
+    files = {}
+    for name, im in masks.items():
+        files[name] = tmp_path / f"{name}.png"
+        im.save(files[name])
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "img.png")
+    cases = {name: [f] for name, f in files.items()} | {"union": [files["grey"], files["rgb_white"]]}
+    logits = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(0)) + 0.3
+    items, preds, expected = [], [], {}
+    for name, paths in cases.items():
+        items.append(EvalItem(name, "q", "a", "open", tmp_path / "img.png", "CT", masks=paths))
+        shape = np.asarray(Image.open(paths[0])).shape[:2]
+        preds.append({"question_id": name, "text": "a", "masks": encode_masks(binarize_logits(logits, shape), shape)})
+        expected[name] = _official_notebook_dice(logits, paths)
+    report_scores = {s.id: s.scores["dice"] for s in score_items(items, preds, with_dice=True)}
+    assert report_scores == pytest.approx(expected, abs=1e-6)
+    assert expected["rgb_red"] == expected["labels01"] < 1e-6  # empty GT: the notebooks score ~0 too
+    assert len({round(v, 9) for v in expected.values()}) > 3  # the masks differ, so the comparison has teeth
