@@ -93,6 +93,25 @@ def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
         assert read_predictions(tmp_path / f"rep_{image}" / "predictions.jsonl") == []
 
 
+def test_a_missing_image_says_where_relative_paths_are_looked_for(vqa, tmp_path):
+    """OmniMedVQA's image paths are relative to the data set's root, two folders above its Modality_*.json files:
+    the error named the path it tried but not that --images sets the folder relative paths are joined to."""
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "img.png").rename(tmp_path / "Images" / "img.png")
+    (qa / "Modality_CT.json").write_text(json.dumps([{"question_id": "ct0", "question": "Which organ?",
+                                                      "gt_answer": "Liver", "option_A": "Liver", "option_B": "Lung",
+                                                      "image_path": "Images/img.png"}]))
+    with pytest.raises(DataError, match=rf"item 'ct0': image not found: {qa / 'Images' / 'img.png'} \(relative image "
+                                        r"and mask paths of the data file are joined to --images, by default the data "
+                                        r"file's folder: pass --images with the folder they are relative to\)"):
+        main(["mc", "--data", str(qa), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
+    assert main(["mc", "--data", str(qa), "--images", str(tmp_path), "--report", str(tmp_path / "rep"), "--model",
+                 "demo", *ARGS]) == 0
+    assert len(read_predictions(tmp_path / "rep" / "predictions.jsonl")) == 1
+
+
 def test_a_file_as_report_folder_is_refused(vqa):
     with pytest.raises(ValueError, match=rf"--report {vqa} is a file; the report goes into a folder"):
         _eval(vqa, vqa, "--model", "demo")

@@ -31,6 +31,9 @@ Prediction = dict
 RECORD_KEYS = ("question_id", "text")
 #: Image and mask files are known by their size and first bytes (a PNG's header and first rows of pixels).
 INPUT_SAMPLE = 1 << 16
+#: Where a missing image or mask was looked for (`medsight.evaluate.readers` joins relative paths so).
+PATHS_HINT = ("relative image and mask paths of the data file are joined to --images, by default the data file's "
+              "folder: pass --images with the folder they are relative to")
 #: Items named in the error for answers to other inputs.
 SHOWN_ITEMS = 5
 
@@ -271,7 +274,8 @@ def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) ->
     stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
     none: its first answer was asked, then lost to the error). Images and GT masks are checked whole too, from their
     headers and structure without decoding (`check_user_image`), so an unreadable one stops the run before its first
-    answer, not when its item comes (a GT mask is read only after its item was answered)."""
+    answer, not when its item comes. A missing file's error says where relative paths are looked for (OmniMedVQA's
+    and VQA-RAD's images lie outside the data file's folder)."""
     for _, item in pending:
         if options.segment and not item.masks:
             raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
@@ -282,7 +286,8 @@ def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) ->
             if options.segment:
                 check_gt_masks(item.masks)
         except DataError as err:
-            raise DataError(f"item {item.id!r}: {err}") from None
+            missing = not all(f.exists() for f in [item.image, *item.masks])
+            raise DataError(f"item {item.id!r}: {err}" + (f" ({PATHS_HINT})" if missing else "")) from None
 
 
 def check_gt_masks(paths: Sequence[Path]) -> None:
