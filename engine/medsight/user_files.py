@@ -17,11 +17,12 @@ IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.Decom
 
 
 def read_user_text(path: str | Path, what: str, error: type[ValueError] = ValueError) -> str:
-    """The UTF-8 text of `path`; a missing, folder or unreadable one raises `error` naming it and `what` (e.g.
-    "data file"), so commands print one line instead of a traceback."""
+    """The UTF-8 text of `path`, without a leading byte-order mark (Windows editors and PowerShell write one, which
+    JSON refuses); a missing, folder or unreadable one raises `error` naming it and `what` (e.g. "data file"), so
+    commands print one line instead of a traceback."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise _unreadable(path, what, err, error) from None
 

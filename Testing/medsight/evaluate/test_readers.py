@@ -161,3 +161,16 @@ def test_a_file_without_items_is_refused(tmp_path, reader):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=rf"{name}: holds no items"):
             reader(tmp_path / name)
+
+
+def test_data_files_written_on_windows_are_read_as_written_elsewhere(tmp_path):
+    """A byte-order mark (Notepad, PowerShell's Out-File -Encoding utf8) made a data file 'not valid JSON (Unexpected
+    UTF-8 BOM)'; with CRLF line ends too, a .jsonl file's first line. Now both read as the plain file does."""
+    raw = [{"id": i, "image": "i.png", "answer_type": kind, "conversations": [
+        {"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": "yes"}]}
+        for i, kind in enumerate(["CLOSED", "OPEN"])]
+    plain = read_llava_vqa(_write(tmp_path / "plain.json", raw))
+    for name, text in [("bom.json", json.dumps(raw)),
+                       ("bom.jsonl", "\r\n".join(json.dumps(r) for r in raw) + "\r\n")]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert read_llava_vqa(tmp_path / name) == plain
