@@ -329,3 +329,26 @@ def test_dice_on_gt_masks_of_every_kind_equals_the_official_notebooks(tmp_path):
     assert report_scores == pytest.approx(expected, abs=1e-6)
     assert expected["rgb_red"] == expected["labels01"] < 1e-6  # empty GT: the notebooks score ~0 too
     assert len({round(v, 9) for v in expected.values()}) > 3  # the masks differ, so the comparison has teeth
+
+
+def test_images_of_more_than_8_bits_are_counted_in_the_notes(tmp_path):
+    """A 16-bit PNG is read as the official convert('RGB') reads it, every value above 255 clipped to white: a CT
+    slice of 0..4000 reached the model almost white (99.6 % of its pixels 255) and the report said nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.runner import item_image
+
+    ramp = np.arange(0, 64 * 64 * 16, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ct16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "ct8.png")
+    items = [EvalItem("1", "q", "liver", "open", tmp_path / "ct16.png"),
+             EvalItem("2", "q", "liver", "open", tmp_path / "ct8.png"),
+             EvalItem("3", "q2", "liver", "open", tmp_path / "ct16.png")]  # one file, counted once
+    official = np.asarray(Image.open(tmp_path / "ct16.png").convert("RGB"))
+    assert np.array_equal(item_image(items[0]), official) and (official == 255).mean() > 0.99
+    report = build_report("vqa", items, [{"question_id": it.id, "text": "liver"} for it in items], n_boot=5)
+    assert [n for n in report["notes"] if "bits per pixel" in n] == [
+        "1 of 2 images have more than 8 bits per pixel (16-bit or float): they are read as the official code reads "
+        "them (PIL convert('RGB')), which clips every value above 255 to white, so a 16-bit CT or MR slice reaches "
+        "the model almost white; convert them to 8-bit with the intended window first"]

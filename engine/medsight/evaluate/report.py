@@ -194,6 +194,12 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append("recall is over the open items (run_eval.py's recall row); recall_all, which the paper's 'all' "
                      "column is compared with, is the mean over every item of the open recall and the closed yes/no "
                      "hit [inferred: the official code prints no 'all'; open recall alone is far below it]")
+    wide = _wide_images(items)
+    if wide:
+        notes.append(f"{wide} of {len({it.image for it in items})} images have more than 8 bits per pixel (16-bit or "
+                     "float): they are read as the official code reads them (PIL convert('RGB')), which clips every "
+                     "value above 255 to white, so a 16-bit CT or MR slice reaches the model almost white; convert "
+                     "them to 8-bit with the intended window first")
     if task == "mc":
         notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
                      "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
@@ -300,6 +306,21 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
             continue
         reshaped += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
     return nonsquare, reshaped
+
+
+def _wide_images(items: Sequence[EvalItem]) -> int:
+    """How many of the items' image files store more than 8 bits per pixel (PIL modes I;16..., I, F), from their
+    headers; unreadable ones are not counted."""
+    from PIL import Image
+
+    count = 0
+    for path in dict.fromkeys(it.image for it in items):
+        try:
+            with Image.open(path) as im:
+                count += im.mode.startswith("I") or im.mode == "F"
+        except (OSError, ValueError):
+            continue
+    return count
 
 
 def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> int:
