@@ -368,3 +368,14 @@ def test_ctrl_c_says_how_many_answers_are_kept_and_how_to_resume(diagseg, tmp_pa
     assert len(read_predictions(path)) == stop_at
     assert (f"{stop_at} of {len(items)} items are answered and kept in {path}; the same command resumes after them"
             in capsys.readouterr().err)
+
+
+def test_a_predictions_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """A byte that is not UTF-8 (a hand edit in another encoding) stopped `medsight eval` with "'utf-8' codec can't
+    decode byte 0xe9 in position 6439", naming neither the file nor the line."""
+    path = tmp_path / "predictions.jsonl"
+    good = [{"question_id": str(i), "text": "liver"} for i in range(3)]
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in good).encode() + b'{"question_id": "x\xe9", "text": "a"}\n')
+    with pytest.raises(DataError, match=rf"{path}: line {len(good) + 1} is not UTF-8 text \(invalid continuation "
+                                        r"byte\); a predictions file holds one JSON object per line"):
+        read_predictions(path)

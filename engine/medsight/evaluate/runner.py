@@ -134,8 +134,14 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[Prediction]
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as err:  # a hand-edited or damaged file: name it, as a bad JSON line is named
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text ({err.reason}); a predictions file holds one JSON "
+                        "object per line") from None
     out = []
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
