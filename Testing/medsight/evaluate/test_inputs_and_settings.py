@@ -82,8 +82,12 @@ def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
     """A truncated image was found when its item came to be asked: the run stopped there, late on a large data set
     (item q0 was answered first)."""
     (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
+    # Image.verify checks nothing of a JPEG: a truncated one stopped the run when its item came.
+    Image.open(tmp_path / "img.png").save(tmp_path / "whole.jpg", quality=95)
+    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:-200])
     (tmp_path / "adir").mkdir()
     for image, problem in [("trunc.png", r"cannot read the image .*trunc\.png: "),
+                           ("trunc.jpg", r"cannot read the image .*trunc\.jpg: image file is truncated"),
                            ("adir", r".*adir is a folder; expected the image")]:
         bad = tmp_path / f"bad_{image}.json"
         bad.write_text(json.dumps([_item("q0", "img.png", "Is this an MRI?", "yes", "CLOSED"),

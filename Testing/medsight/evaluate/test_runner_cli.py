@@ -322,29 +322,28 @@ def _damaged_pixels(src, dst):
 
 def test_a_file_that_passes_the_check_but_not_decoding_stops_the_run_saying_what_is_kept(diagseg, single_run,
                                                                                         tmp_path):
-    """A truncated JPEG image (Image.verify checks nothing of a JPEG) and a PNG mask with a damaged pixel stream pass
-    the check before the run, then stopped it part-way naming the item and file, but not that the answers before it
-    were kept nor how to go on; and the damaged mask was read after its item was answered, losing that answer."""
+    """An image and a mask PNG with a damaged pixel stream (whole chunks and checksums) pass the check before the run,
+    then stopped it part-way naming the item and file, but not that the answers before it were kept nor how to go
+    on; and the damaged mask was read after its item was answered, losing that answer."""
     from medsight import Engine
     from medsight.user_files import check_user_image
 
     raw = json.loads(diagseg[0].read_text())
     k = len(raw) // 2
-    jpeg = tmp_path / "truncated.jpg"
-    Image.open(raw[k]["image_file"]).convert("RGB").save(jpeg, quality=95)
-    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    image = tmp_path / "damaged_image.png"
+    _damaged_pixels(raw[k]["image_file"], image)
     mask = tmp_path / "damaged_mask.png"
     _damaged_pixels(raw[k + 1]["masks"][0][1], mask)
-    for f in (jpeg, mask):
+    for f in (image, mask):
         check_user_image(f, "file", DataError)  # the check before the run passes both
     data = tmp_path / "data.json"
-    data.write_text(json.dumps([*raw[:k], {**raw[k], "image_file": str(jpeg)},
+    data.write_text(json.dumps([*raw[:k], {**raw[k], "image_file": str(image)},
                                 {**raw[k + 1], "masks": [[raw[k + 1]["mask_ids"][-1], str(mask)]]}, *raw[k + 2:]]))
     items, path = read_diagseg(data), tmp_path / "p.jsonl"
     engine = CountingEngine(Engine.load("demo", device="cpu"))
     options = RunOptions("diagseg", max_new_tokens=40)
-    originals = {jpeg: raw[k]["image_file"], mask: raw[k + 1]["masks"][0][1]}
-    for damaged, item in ((jpeg, items[k]), (mask, items[k + 1])):
+    originals = {image: raw[k]["image_file"], mask: raw[k + 1]["masks"][0][1]}
+    for damaged, item in ((image, items[k]), (mask, items[k + 1])):
         with pytest.raises(DataError, match=rf"item '{item.id}': cannot read the \w+ {damaged}: .*\. Mend or replace "
                                             rf"that file: {k + (damaged == mask)} of {len(items)} items are answered "
                                             rf"and kept in {path}; the same command resumes after them"):

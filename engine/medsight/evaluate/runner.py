@@ -407,7 +407,7 @@ def run_predictions(
             kept += len(group)
             bar.update(len(group))
     except DataError as err:
-        # A file the check before the run passed (a truncated JPEG, a damaged pixel stream) stopped it part-way.
+        # A file the check before the run passed (a PNG's damaged pixel stream) stopped it part-way.
         raise DataError(f"{err}. Mend or replace that file: {stopped_note(kept, len(selected), out_path)}") from None
     except KeyboardInterrupt:
         print(f"\n{stopped_note(kept, len(selected), out_path)}", file=sys.stderr)
