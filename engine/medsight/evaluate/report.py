@@ -194,7 +194,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append("recall is over the open items (run_eval.py's recall row); recall_all, which the paper's 'all' "
                      "column is compared with, is the mean over every item of the open recall and the closed yes/no "
                      "hit [inferred: the official code prints no 'all'; open recall alone is far below it]")
-    wide = _wide_images(items)
+    nonsquare, reshaped, wide = _image_shape_counts(items)
     if wide:
         notes.append(f"{wide} of {len({it.image for it in items})} images have more than 8 bits per pixel (16-bit or "
                      "float): they are read as the official code reads them (PIL convert('RGB')), which clips every "
@@ -213,7 +213,6 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         if text_predictions is None:
             notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
                          "VQA-path run (pass --vqa-data to reproduce that)")
-        nonsquare, reshaped = _image_shape_counts(items)
         if nonsquare:
             notes.append(f"{nonsquare} of {len(items)} images are not square: their Dice follows the official "
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
@@ -282,21 +281,24 @@ def answer_type_line(report: dict) -> str:
     return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
-def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
-    """How many items' images are not square, and how many items have a GT mask whose aspect ratio is not its
-    image's (more than a mask pixel of rounding off): strict_dice resizes the engine's mask on the image onto the
-    GT grid, which places it right only at the image's aspect ratio. Read from the headers, each image once;
-    unreadable files are not counted (an unreadable mask leaves its image's own count)."""
+def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
+    """How many items' images are not square, how many items have a GT mask whose aspect ratio is not its image's
+    (more than a mask pixel of rounding off: strict_dice resizes the engine's mask on the image onto the GT grid,
+    which places it right only at the image's aspect ratio), and how many image files store more than 8 bits per
+    pixel (PIL modes I;16..., I, F). Read from the headers, each image once; unreadable files are not counted (an
+    unreadable mask leaves its image's own counts)."""
     from PIL import Image
 
     nonsquare = reshaped = 0
+    wide: dict[Path, bool] = {}
     for item in items:
         try:
             with Image.open(item.image) as im:
-                width, height = im.size
+                (width, height), mode = im.size, im.mode
         except (OSError, ValueError):
             continue
         nonsquare += width != height
+        wide[item.image] = mode.startswith("I") or mode == "F"
         try:
             sizes = []
             for mask in item.masks:
@@ -305,22 +307,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
         except (OSError, ValueError):
             continue
         reshaped += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
-    return nonsquare, reshaped
-
-
-def _wide_images(items: Sequence[EvalItem]) -> int:
-    """How many of the items' image files store more than 8 bits per pixel (PIL modes I;16..., I, F), from their
-    headers; unreadable ones are not counted."""
-    from PIL import Image
-
-    count = 0
-    for path in dict.fromkeys(it.image for it in items):
-        try:
-            with Image.open(path) as im:
-                count += im.mode.startswith("I") or im.mode == "F"
-        except (OSError, ValueError):
-            continue
-    return count
+    return nonsquare, reshaped, sum(wide.values())
 
 
 def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> int:
