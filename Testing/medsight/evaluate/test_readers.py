@@ -174,3 +174,11 @@ def test_data_files_written_on_windows_are_read_as_written_elsewhere(tmp_path):
                        ("bom.jsonl", "\r\n".join(json.dumps(r) for r in raw) + "\r\n")]:
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
         assert read_llava_vqa(tmp_path / name) == plain
+
+
+def test_an_empty_json_data_file_is_called_empty(tmp_path):
+    """An empty .json file (a failed download, a copy cut short) was 'not valid JSON (Expecting value: line 1
+    column 1 (char 0))'."""
+    (tmp_path / "empty.json").write_text(" \r\n\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'empty.json'))}: the data file is empty$"):
+        read_llava_vqa(tmp_path / "empty.json")

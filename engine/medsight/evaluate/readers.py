@@ -57,6 +57,8 @@ def _load_list(path: Path) -> list:
     text = read_user_text(path, "data file", DataError)
     if path.suffix.lower() == ".jsonl":
         return _json_lines(path, text)
+    if not text.strip():  # JSON's own words for it are "Expecting value: line 1 column 1 (char 0)"
+        raise DataError(f"{path}: the data file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
