@@ -350,3 +350,16 @@ def test_a_bad_gt_mask_is_named_before_any_item_is_answered(vqa, tmp_path, monke
     with pytest.raises(DataError, match=rf"^item {bad_item!r}: {problem}"):
         main(["diagseg", "--data", str(data), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
     assert read_predictions(tmp_path / "rep" / "predictions.jsonl") == []
+
+
+def test_the_check_before_the_run_shows_its_progress(vqa, capsys):
+    """The check decodes every JPEG at 1/8 scale (minutes for OmniMedVQA's 88k items) before the first answer: it
+    showed nothing meanwhile, like a hang."""
+    from medsight.evaluate.runner import RunOptions, check_files
+
+    items = read_llava_vqa(vqa)
+    check_files(list(enumerate(items)), RunOptions("vqa"), progress="predictions")
+    err = capsys.readouterr().err
+    assert f"predictions: checking files:   0%|          | 0/{len(items)}" in err
+    check_files(list(enumerate(items)), RunOptions("vqa"))
+    assert capsys.readouterr().err == ""  # --quiet: no bar

@@ -275,14 +275,18 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
         yield group
 
 
-def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
+def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions, progress: str | None = None) -> None:
     """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
     stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
     none: its first answer was asked, then lost to the error). Images and GT masks are checked whole too, from their
     headers and structure without decoding (`check_user_image`), so an unreadable one stops the run before its first
     answer, not when its item comes. A missing file's error says where relative paths are looked for (OmniMedVQA's
-    and VQA-RAD's images lie outside the data file's folder)."""
-    for _, item in pending:
+    and VQA-RAD's images lie outside the data file's folder). ``progress`` labels a progress bar on stderr (a JPEG is
+    decoded at 1/8 scale: some minutes for OmniMedVQA's 88k items, which must not look like a hang)."""
+    from tqdm import tqdm
+
+    for _, item in tqdm(pending, desc=progress and f"{progress}: checking files", unit="item", leave=False,
+                        disable=progress is None, file=sys.stderr):
         if options.segment and not item.masks:
             raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
                             "--data takes the DiagSeg file with masks (SegVQA_Diagnostic_test_v2.json), the text-only "
@@ -390,7 +394,7 @@ def run_predictions(
         check_inputs(Path(other), records, selected, options)
         done |= {str(r["question_id"]) for r in records}
     pending = [(i, it) for i, it in selected if it.id not in done]
-    check_files(pending, options)
+    check_files(pending, options, progress)
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
                disable=progress is None, file=sys.stderr)
