@@ -193,6 +193,11 @@ def test_answer_types_run_eval_skips_are_skipped_and_named(tmp_path):
     assert report["unscored_answer_types"] == skipped == {"other": 2, "open ": 1, "yesno": 1}
     assert "4 item(s) of another answer type (2 'other', 1 'open ', 1 'yesno') have no text score" in to_markdown(
         report)
+    # A file of such types alone: no row at all, and report.md still says why.
+    only = [it for it in items if it.answer_type in skipped]
+    report = build_report("vqa", only, preds, n_boot=5)
+    assert report["metrics"] == [] and report["answer_types"] == {}
+    assert "Answer types: 4 item(s) of another answer type" in to_markdown(report)
 
 
 @pytest.mark.parametrize("damage, problem", [

@@ -351,7 +351,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
              "", *_settings_lines(report.get("settings")),
              f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
-             *([answer_type_line(report), ""] if report.get("answer_types") else []),
+             *([answer_type_line(report), ""] if answer_type_line(report) else []),
              "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
     for r in report["metrics"]:
         ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"
