@@ -173,11 +173,38 @@ def _mc_options(path: Path, index: int, item) -> list[str]:
     return options_of(item)
 
 
+def _gt_mask_files(root: Path, where: str, last_id, entries) -> list[Path]:
+    """The GT mask files of the last ``mask_ids`` entry, as the DiagSeg notebooks pick them: ``masks`` becomes a dict
+    of mask id to file(s), so the last entry of an id wins, and a last entry that is a list of ids takes the union of
+    their masks. Ids are compared as text (a file mixing 3 and "3" means one mask)."""
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: 'masks' must be a list of [mask_id, png] entries")
+    by_id: dict[str, list] = {}
+    for entry in entries:
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
+        by_id[str(entry[0])] = entry
+    ids = last_id if isinstance(last_id, list) else [last_id]
+    if not ids:
+        raise DataError(f"{where}: the last 'mask_ids' entry is an empty list")
+    files: list[Path] = []
+    for mask_id in ids:
+        entry = by_id.get(str(mask_id))
+        if entry is None:
+            of = f" (of the last 'mask_ids' entry {last_id!r})" if isinstance(last_id, list) else ""
+            raise DataError(f"{where}: no entry of 'masks' has the last mask id {str(mask_id)!r}{of}")
+        named = entry[1] if isinstance(entry[1], list) else [entry[1]]
+        if not named or not all(isinstance(f, str) and f.strip() for f in named):
+            raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
+        files += [_resolve(root, f) for f in named]
+    return files
+
+
 def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
     """DiagSeg ``SegVQA_Diagnostic_test_v2.json`` (with masks) or ``..._vqa.json`` (text only).
 
     GT text: ``conversations[1].value``, else ``short_answer``, else ``answer`` (the official order). The Dice
-    target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry.
+    target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry (`_gt_mask_files`).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -195,17 +222,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             mask_ids = _field(path, i, raw, "mask_ids")
             if not isinstance(mask_ids, list) or not mask_ids:
                 raise DataError(f"{where}: 'mask_ids' must be a non-empty list")
-            target = str(mask_ids[-1])
-            for entry in _field(path, i, raw, "masks"):
-                if not isinstance(entry, list | tuple) or len(entry) != 2:
-                    raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
-                if str(entry[0]) == target:
-                    files = entry[1] if isinstance(entry[1], list) else [entry[1]]
-                    if not all(isinstance(f, str) and f.strip() for f in files):
-                        raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
-                    masks += [_resolve(root, f) for f in files]
-            if not masks:
-                raise DataError(f"{where}: no entry of 'masks' has the last mask id {target!r}")
+            masks = _gt_mask_files(root, where, mask_ids[-1], _field(path, i, raw, "masks"))
         answer_type = (_optional_text(path, i, raw, "answer_type") or "open").lower()
         items.append(EvalItem(
             id=qid, question=_question(path, i, raw, "question"), answer=gt, answer_type=answer_type,
