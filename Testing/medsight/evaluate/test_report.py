@@ -166,15 +166,15 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
 
 
 def test_answer_types_run_eval_skips_are_skipped_and_named(tmp_path):
-    """An answer type that is neither "open" nor "close..." was scored as open ('other', 'yesno', 'open ' with a
-    space: recall n 5 where run_eval.py scores 1); the official script skips such items, and now so does the report,
-    naming each type and its count."""
+    """An answer type that is neither "open" nor "close..." was scored as open ('other', 'yesno', 'MC', 'open ' with
+    a space: recall n 6 where run_eval.py scores 1); the official script skips such items, and now so does the
+    report, naming each type and its count ('mc' of a VQA file has no options: skipped, not multiple choice)."""
     import json
 
     from medsight.evaluate.readers import read_llava_vqa
     from medsight.evaluate.report import to_markdown
 
-    kinds = ["OPEN", "Closed", "close-ended", "other", "open ", "yesno", "other"]
+    kinds = ["OPEN", "Closed", "close-ended", "other", "open ", "yesno", "other", "MC"]
     raw = [{"id": i, "image": "i.png", "answer_type": kind, "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "liver"}]}
         for i, kind in enumerate(kinds)]
@@ -190,14 +190,15 @@ def test_answer_types_run_eval_skips_are_skipped_and_named(tmp_path):
     rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
     assert rows["recall"]["n"] == len(official_open) and rows["closed_accuracy"]["n"] == len(official_closed)
     assert rows["recall_all"]["n"] == len(official_open) + len(official_closed)
-    assert report["unscored_answer_types"] == skipped == {"other": 2, "open ": 1, "yesno": 1}
-    assert "4 item(s) of another answer type (2 'other', 1 'open ', 1 'yesno') have no text score" in to_markdown(
-        report)
+    # 'mc' too: the report scored it as multiple choice and stopped after the whole run ("without options").
+    assert report["unscored_answer_types"] == skipped == {"other": 2, "open ": 1, "yesno": 1, "mc": 1}
+    assert ("5 item(s) of another answer type (2 'other', 1 'open ', 1 'yesno', 1 'mc') have no text score"
+            in to_markdown(report))
     # A file of such types alone: no row at all, and report.md still says why.
     only = [it for it in items if it.answer_type in skipped]
     report = build_report("vqa", only, preds, n_boot=5)
     assert report["metrics"] == [] and report["answer_types"] == {}
-    assert "Answer types: 4 item(s) of another answer type" in to_markdown(report)
+    assert "Answer types: 5 item(s) of another answer type" in to_markdown(report)
 
 
 @pytest.mark.parametrize("damage, problem", [

@@ -63,21 +63,19 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
     return [(it, by_id[it.id]) for it in items if it.id in by_id]
 
 
-def scored_type(answer_type: str) -> str | None:
-    """The metric family an answer type is scored by: "mc", or run_eval.py's "open" or "closed" (`text_kind`); None
-    for a type the official scoring skips."""
-    return "mc" if answer_type == "mc" else text_kind(answer_type)
+def scored_type(item: EvalItem) -> str | None:
+    """The metric family an item is scored by: "mc" (with its options), or run_eval.py's "open" or "closed"
+    (`text_kind`); None for a type the official scoring skips (a VQA file's "mc" too: run_eval.py has no options)."""
+    return "mc" if item.answer_type == "mc" and item.options else text_kind(item.answer_type)
 
 
 def text_scores(item: EvalItem, text: str) -> dict[str, float]:
     """Official and strict text metrics of one answer, chosen by the item's answer type (none for a type
     run_eval.py skips: its recall, accuracy and BLEU leave such an item out)."""
-    kind = scored_type(item.answer_type)
+    kind = scored_type(item)
     if kind is None:
         return {}
     if kind == "mc":
-        if not item.options:  # the readers refuse such items; one built in Python is named, not a bare error
-            raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
         return {"accuracy": mc_hit(text, item.answer, item.options)}
     if kind == "closed":
         hit = closed_hit(text, item.answer)
@@ -162,6 +160,10 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                  text_predictions: Sequence[Prediction] | None = None, settings: dict | None = None) -> dict:
     """The report dict: task, what produced the predictions (`settings`, from `medsight.evaluate.provenance`),
     counts, notes and every metric row."""
+    if task == "mc":  # the readers refuse such items; one built in Python is named, not scored as skipped
+        for item in items:
+            if not item.options:
+                raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
     scores = score_items(items, predictions, with_dice=task == "diagseg", text_predictions=text_predictions)
     rows: list[dict] = []
     if task == "diagseg":
@@ -243,7 +245,7 @@ def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -
     by_id = {s.id: s for s in scores}
     out: dict[str, dict[str, int]] = {}
     for item in items:
-        kind = scored_type(item.answer_type)
+        kind = scored_type(item)
         if kind is None:  # counted by unscored_types
             continue
         row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
@@ -258,7 +260,7 @@ def unscored_types(items: Sequence[EvalItem]) -> dict[str, int]:
     run_eval.py branches), so the items it skips are named, not silently left out."""
     out: dict[str, int] = {}
     for item in items:
-        if scored_type(item.answer_type) is None:
+        if scored_type(item) is None:
             out[item.answer_type] = out.get(item.answer_type, 0) + 1
     return out
 
