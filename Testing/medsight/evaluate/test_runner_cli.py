@@ -354,19 +354,26 @@ def test_a_file_that_passes_the_check_but_not_decoding_stops_the_run_saying_what
     assert engine.asks == len(items)
 
 
-def test_ctrl_c_says_how_many_answers_are_kept_and_how_to_resume(diagseg, tmp_path, capsys):
+def test_ctrl_c_says_how_many_answers_are_kept_and_how_to_resume(diagseg, single_run, tmp_path, capsys):
     """Ctrl+C ended the run with 'interrupted' alone: nothing said the answers so far were kept or that the same
-    command goes on from them."""
+    command goes on from them (nor, for a shard, that some are in the report's other files)."""
     from medsight import Engine
 
     items, path = read_diagseg(diagseg[0]), tmp_path / "p.jsonl"
+    engine, options = Engine.load("demo", device="cpu"), RunOptions("diagseg", max_new_tokens=8)
     stop_at = 2
     with pytest.raises(KeyboardInterrupt):
-        run_predictions(CountingEngine(Engine.load("demo", device="cpu"), stop_at), items, path,
-                        RunOptions("diagseg", max_new_tokens=8))
+        run_predictions(CountingEngine(engine, stop_at), items, path, options)
     assert len(read_predictions(path)) == stop_at
     assert (f"{stop_at} of {len(items)} items are answered and kept in {path}; the same command resumes after them"
             in capsys.readouterr().err)
+    # A resumed shard: the next item was answered by another process, in another file.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(read_predictions(single_run / "predictions.jsonl")[stop_at]) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_predictions(CountingEngine(engine, 1), items, path, options, answered=[other])
+    assert (f"{stop_at + 2} of {len(items)} items are answered and kept in {path} and the report's other "
+            "predictions files; the same command resumes" in capsys.readouterr().err)
 
 
 def test_a_predictions_file_that_is_not_utf8_is_named_with_its_line(tmp_path):

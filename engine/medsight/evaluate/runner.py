@@ -319,9 +319,11 @@ def item_image(item: EvalItem) -> np.ndarray:
         raise DataError(f"item {item.id!r}: {err}") from None
 
 
-def stopped_note(kept: int, total: int, path: str | Path) -> str:
-    """What a run stopped part-way keeps, and how to go on (the report is written only after the last answer)."""
-    return (f"{kept} of {total} items are answered and kept in {path}; the same command resumes after them (the "
+def stopped_note(kept: int, total: int, path: str | Path, elsewhere: bool = False) -> str:
+    """What a run stopped part-way keeps, and how to go on (the report is written only after the last answer).
+    `elsewhere`: some of them were answered in the report's other predictions files (shards)."""
+    where = f"{path} and the report's other predictions files" if elsewhere else path
+    return (f"{kept} of {total} items are answered and kept in {where}; the same command resumes after them (the "
             "report is written once every item is answered)")
 
 
@@ -394,6 +396,9 @@ def run_predictions(
         check_inputs(Path(other), records, selected, options)
         done |= {str(r["question_id"]) for r in records}
     pending = [(i, it) for i, it in selected if it.id not in done]
+    wanted = {it.id for _, it in selected}
+    # Whether some of the answers a stopped run keeps are in the other files (its message names them too).
+    elsewhere = len(selected) - len(pending) > len({str(r["question_id"]) for r in existing} & wanted)
     check_files(pending, options, progress)
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
@@ -412,13 +417,13 @@ def run_predictions(
             bar.update(len(group))
     except DataError as err:
         # A file the check before the run passed (a PNG's damaged pixel stream) stopped it part-way.
-        raise DataError(f"{err}. Mend or replace that file: {stopped_note(kept, len(selected), out_path)}") from None
+        note = stopped_note(kept, len(selected), out_path, elsewhere)
+        raise DataError(f"{err}. Mend or replace that file: {note}") from None
     except KeyboardInterrupt:
-        print(f"\n{stopped_note(kept, len(selected), out_path)}", file=sys.stderr)
+        print(f"\n{stopped_note(kept, len(selected), out_path, elsewhere)}", file=sys.stderr)
         raise
     finally:
         bar.close()
-    wanted = {it.id for _, it in selected}
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
     return _ordered(records, [it.id for _, it in selected])
 
