@@ -82,8 +82,12 @@ def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
     """A truncated image was found when its item came to be asked: the run stopped there, late on a large data set
     (item q0 was answered first)."""
     (tmp_path / "trunc.png").write_bytes((tmp_path / "img.png").read_bytes()[:60])
+    # Image.verify checks nothing of a JPEG: a truncated one stopped the run when its item came.
+    Image.open(tmp_path / "img.png").save(tmp_path / "whole.jpg", quality=95)
+    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:-200])
     (tmp_path / "adir").mkdir()
     for image, problem in [("trunc.png", r"cannot read the image .*trunc\.png: "),
+                           ("trunc.jpg", r"cannot read the image .*trunc\.jpg: image file is truncated"),
                            ("adir", r".*adir is a folder; expected the image")]:
         bad = tmp_path / f"bad_{image}.json"
         bad.write_text(json.dumps([_item("q0", "img.png", "Is this an MRI?", "yes", "CLOSED"),
@@ -91,6 +95,25 @@ def test_unreadable_images_are_named_before_any_item_is_answered(vqa, tmp_path):
         with pytest.raises(DataError, match=rf"item 'q1': {problem}"):
             main(["vqa", "--data", str(bad), "--report", str(tmp_path / f"rep_{image}"), "--model", "demo", *ARGS])
         assert read_predictions(tmp_path / f"rep_{image}" / "predictions.jsonl") == []
+
+
+def test_a_missing_image_says_where_relative_paths_are_looked_for(vqa, tmp_path):
+    """OmniMedVQA's image paths are relative to the data set's root, two folders above its Modality_*.json files:
+    the error named the path it tried but not that --images sets the folder relative paths are joined to."""
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "img.png").rename(tmp_path / "Images" / "img.png")
+    (qa / "Modality_CT.json").write_text(json.dumps([{"question_id": "ct0", "question": "Which organ?",
+                                                      "gt_answer": "Liver", "option_A": "Liver", "option_B": "Lung",
+                                                      "image_path": "Images/img.png"}]))
+    with pytest.raises(DataError, match=rf"item 'ct0': image not found: {qa / 'Images' / 'img.png'} \(relative image "
+                                        r"and mask paths of the data file are joined to --images, by default the data "
+                                        r"file's folder: pass --images with the folder they are relative to\)"):
+        main(["mc", "--data", str(qa), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
+    assert main(["mc", "--data", str(qa), "--images", str(tmp_path), "--report", str(tmp_path / "rep"), "--model",
+                 "demo", *ARGS]) == 0
+    assert len(read_predictions(tmp_path / "rep" / "predictions.jsonl")) == 1
 
 
 def test_a_file_as_report_folder_is_refused(vqa):
@@ -327,3 +350,16 @@ def test_a_bad_gt_mask_is_named_before_any_item_is_answered(vqa, tmp_path, monke
     with pytest.raises(DataError, match=rf"^item {bad_item!r}: {problem}"):
         main(["diagseg", "--data", str(data), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
     assert read_predictions(tmp_path / "rep" / "predictions.jsonl") == []
+
+
+def test_the_check_before_the_run_shows_its_progress(vqa, capsys):
+    """The check decodes every JPEG at 1/8 scale (minutes for OmniMedVQA's 88k items) before the first answer: it
+    showed nothing meanwhile, like a hang."""
+    from medsight.evaluate.runner import RunOptions, check_files
+
+    items = read_llava_vqa(vqa)
+    check_files(list(enumerate(items)), RunOptions("vqa"), progress="predictions")
+    err = capsys.readouterr().err
+    assert f"predictions: checking files:   0%|          | 0/{len(items)}" in err
+    check_files(list(enumerate(items)), RunOptions("vqa"))
+    assert capsys.readouterr().err == ""  # --quiet: no bar

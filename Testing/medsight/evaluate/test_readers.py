@@ -22,7 +22,8 @@ def test_diagseg_seg_and_vqa(tmp_path):
     (item,) = read_diagseg(seg)
     assert item.id == "7" and item.answer == "Benign tumor" and item.modality == "Dermoscopy"
     assert str(item.image) == "/abs/img.png"
-    assert [p.name for p in item.masks] == ["b.png", "c.png"]  # only the last mask id's files
+    # Only the last mask id's files, and of two entries of that id the last, as the notebooks' dict of id to file.
+    assert [p.name for p in item.masks] == ["c.png"]
     assert item.masks[0].parent == tmp_path
     vqa = _write(tmp_path / "vqa.json", [{"qa_id": "q1", "question": "<image>\nWhat?", "answer": "long",
                                            "image_file": "i.png", "modality": "CT"}])
@@ -161,3 +162,39 @@ def test_a_file_without_items_is_refused(tmp_path, reader):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=rf"{name}: holds no items"):
             reader(tmp_path / name)
+
+
+def test_data_files_written_on_windows_are_read_as_written_elsewhere(tmp_path):
+    """A byte-order mark (Notepad, PowerShell's Out-File -Encoding utf8) made a data file 'not valid JSON (Unexpected
+    UTF-8 BOM)'; with CRLF line ends too, a .jsonl file's first line. Now both read as the plain file does."""
+    raw = [{"id": i, "image": "i.png", "answer_type": kind, "conversations": [
+        {"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": "yes"}]}
+        for i, kind in enumerate(["CLOSED", "OPEN"])]
+    plain = read_llava_vqa(_write(tmp_path / "plain.json", raw))
+    for name, text in [("bom.json", json.dumps(raw)),
+                       ("bom.jsonl", "\r\n".join(json.dumps(r) for r in raw) + "\r\n")]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert read_llava_vqa(tmp_path / name) == plain
+
+
+def test_an_empty_json_data_file_is_called_empty(tmp_path):
+    """An empty .json file (a failed download, a copy cut short) was 'not valid JSON (Expecting value: line 1
+    column 1 (char 0))'."""
+    (tmp_path / "empty.json").write_text(" \r\n\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'empty.json'))}: the data file is empty$"):
+        read_llava_vqa(tmp_path / "empty.json")
+
+
+def test_a_last_mask_id_that_is_a_list_takes_the_union_of_its_masks(tmp_path):
+    """The notebooks take a last 'mask_ids' entry that is a list of ids as the union of those masks
+    ([[mask_files_dict[m] for m in mask]]); the reader refused it: "no entry of 'masks' has the last mask id
+    '[0, 1]'"."""
+    item = {"qa_id": "q", "question": "Segment the lesions.", "short_answer": "two lesions", "image_file": "i.png",
+            "mask_ids": [5, [0, 1]], "masks": [[0, "a.png"], [1, "b.png"], [5, "c.png"]]}
+    (read,) = read_diagseg(_write(tmp_path / "seg.json", [item]))
+    assert read.masks == [tmp_path / "a.png", tmp_path / "b.png"]
+    for last, problem in [([0, 7], r"no entry of 'masks' has the last mask id '7' \(of the last 'mask_ids' entry "
+                                   r"\[0, 7\]\)"),
+                          ([], r"the last 'mask_ids' entry is an empty list")]:
+        with pytest.raises(DataError, match=problem):
+            read_diagseg(_write(tmp_path / "bad.json", [{**item, "mask_ids": [5, last]}]))

@@ -154,13 +154,51 @@ def test_diagseg_report_scores_every_answer_type_of_the_file_and_counts_them(tmp
              for i, (_, _, text) in kinds.items() if text is not None]
     report = build_report("diagseg", items, preds, n_boot=5)
     rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
-    n_open = sum(not kind.lower().startswith("close") for _, kind, _ in kinds.values())  # 'other' scores as open
+    n_open = sum(kind == "open" for _, kind, _ in kinds.values())  # 'other' is scored by no text metric
     assert rows["dice"]["n"] == len(preds) and rows["recall"]["n"] == n_open
-    assert rows["closed_accuracy"]["n"] == len(preds) - n_open and rows["closed_accuracy"]["value"] == 100.0
+    assert rows["closed_accuracy"]["n"] == 1 and rows["closed_accuracy"]["value"] == 100.0
     assert report["answer_types"] == {"open": {"items": n_open, "scored": n_open, "skipped": 0},
                                       "closed": {"items": 2, "scored": 1, "skipped": 1}}
-    assert ("Answer types: open 2 of 2 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy)."
+    assert report["unscored_answer_types"] == {"other": 1}
+    assert ("Answer types: open 1 of 1 scored (recall); closed 1 of 2 scored, 1 skipped (closed_accuracy); 1 item(s) "
+            "of another answer type (1 'other') have no text score: run_eval.py scores only the types 'open' and "
+            "'close...' and skips the others, so they are skipped here too." in to_markdown(report))
+
+
+def test_answer_types_run_eval_skips_are_skipped_and_named(tmp_path):
+    """An answer type that is neither "open" nor "close..." was scored as open ('other', 'yesno', 'MC', 'open ' with
+    a space: recall n 6 where run_eval.py scores 1); the official script skips such items, and now so does the
+    report, naming each type and its count ('mc' of a VQA file has no options: skipped, not multiple choice)."""
+    import json
+
+    from medsight.evaluate.readers import read_llava_vqa
+    from medsight.evaluate.report import to_markdown
+
+    kinds = ["OPEN", "Closed", "close-ended", "other", "open ", "yesno", "other", "MC"]
+    raw = [{"id": i, "image": "i.png", "answer_type": kind, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "liver"}]}
+        for i, kind in enumerate(kinds)]
+    (tmp_path / "test.json").write_text(json.dumps(raw))
+    items = read_llava_vqa(tmp_path / "test.json")
+    preds = [{"question_id": it.id, "text": "the liver"} for it in items]
+    report = build_report("vqa", items, preds, n_boot=5)
+
+    # The official branches, re-implemented: == "open" is open, startswith("close") closed, the rest skipped.
+    official_open = [k for k in kinds if k.lower() == "open"]
+    official_closed = [k for k in kinds if k.lower().startswith("close")]
+    skipped = {k.lower(): kinds.count(k) for k in kinds if k not in official_open + official_closed}
+    rows = {r["metric"]: r for r in report["metrics"] if r["aggregate"] == "per_sample_mean"}
+    assert rows["recall"]["n"] == len(official_open) and rows["closed_accuracy"]["n"] == len(official_closed)
+    assert rows["recall_all"]["n"] == len(official_open) + len(official_closed)
+    # 'mc' too: the report scored it as multiple choice and stopped after the whole run ("without options").
+    assert report["unscored_answer_types"] == skipped == {"other": 2, "open ": 1, "yesno": 1, "mc": 1}
+    assert ("5 item(s) of another answer type (2 'other', 1 'open ', 1 'yesno', 1 'mc') have no text score"
             in to_markdown(report))
+    # A file of such types alone: no row at all, and report.md still says why.
+    only = [it for it in items if it.answer_type in skipped]
+    report = build_report("vqa", only, preds, n_boot=5)
+    assert report["metrics"] == [] and report["answer_types"] == {}
+    assert "Answer types: 5 item(s) of another answer type" in to_markdown(report)
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -230,3 +268,93 @@ def test_a_failed_report_write_leaves_the_previous_report_whole_and_no_chart_of_
     assert 0 < len(kept) < len(charts) and set(written) == {"json", "md", *kept}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json", "report.md",
                                                                  *(f"{m}.png" for m in kept)])
+
+
+def _official_notebook_dice(logits, mask_files):
+    """The DiagSeg notebooks' Dice, re-implemented: each GT file Image.open().convert('L') > 127 (no resize), union
+    (> 0.5), the (K, m, m) logits resized bilinearly onto the GT grid, > 0, (2I + 1e-8) / (|P| + |G| + 1e-8) per
+    channel, mean."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    gts = [torch.from_numpy((np.array(Image.open(f).convert("L")) > 127).astype(np.float32)) for f in mask_files]
+    union = torch.zeros_like(gts[0], dtype=torch.bool)
+    for g in gts:
+        union = union | (g > 0.5)
+    gt = union.float()[None]
+    pred = torch.nn.functional.interpolate(logits[:, None].float(), size=gt.shape[-2:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+    pred = (pred > 0).float()
+    inter = (pred * gt).sum(dim=(-2, -1))
+    return ((2.0 * inter + 1e-8) / (pred.sum(dim=(-2, -1)) + gt.sum(dim=(-2, -1)) + 1e-8)).mean().item()
+
+
+def test_dice_on_gt_masks_of_every_kind_equals_the_official_notebooks(tmp_path):
+    """GT masks as data sets store them (RGB, palette, 16-bit, anti-aliased grey, 0/1 labels, with alpha, another
+    resolution than the model's mask grid, several files per item): the report's Dice equals the notebooks' rule."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from medsight.evaluate.metrics import binarize_logits
+    from medsight.evaluate.report import score_items
+    from medsight.evaluate.runner import encode_masks
+
+    h, w = 40, 56  # not the logits' square grid: both resize the logits onto the GT mask
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - 18) ** 2 + (xx - 30) ** 2 < 150
+    grey = np.clip(255 - 4 * np.hypot(yy - 20, xx - 25), 0, 255).astype(np.uint8)  # soft edge around 127
+    palette = Image.fromarray(disk.astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    masks = {
+        "rgb_white": Image.fromarray(np.stack([disk * 255] * 3, -1).astype(np.uint8)),
+        "rgb_red": Image.fromarray(np.stack([disk * 255, 0 * disk, 0 * disk], -1).astype(np.uint8)),  # L 76: empty
+        "palette": palette,
+        "uint16_full": Image.fromarray((disk * 65535).astype(np.uint16)),
+        "uint16_low": Image.fromarray((disk * 200).astype(np.uint16)),
+        "grey": Image.fromarray(grey),
+        "labels01": Image.fromarray(disk.astype(np.uint8)),  # empty at > 127
+        "la": Image.fromarray(np.stack([disk * 255, np.full_like(disk, 255)], -1).astype(np.uint8), "LA"),
+        "half_res": Image.fromarray((disk[::2, ::2] * 255).astype(np.uint8)),
+    }
+    files = {}
+    for name, im in masks.items():
+        files[name] = tmp_path / f"{name}.png"
+        im.save(files[name])
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "img.png")
+    cases = {name: [f] for name, f in files.items()} | {"union": [files["grey"], files["rgb_white"]]}
+    logits = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(0)) + 0.3
+    items, preds, expected = [], [], {}
+    for name, paths in cases.items():
+        items.append(EvalItem(name, "q", "a", "open", tmp_path / "img.png", "CT", masks=paths))
+        shape = np.asarray(Image.open(paths[0])).shape[:2]
+        preds.append({"question_id": name, "text": "a", "masks": encode_masks(binarize_logits(logits, shape), shape)})
+        expected[name] = _official_notebook_dice(logits, paths)
+    report_scores = {s.id: s.scores["dice"] for s in score_items(items, preds, with_dice=True)}
+    assert report_scores == pytest.approx(expected, abs=1e-6)
+    assert expected["rgb_red"] == expected["labels01"] < 1e-6  # empty GT: the notebooks score ~0 too
+    assert len({round(v, 9) for v in expected.values()}) > 3  # the masks differ, so the comparison has teeth
+
+
+def test_images_of_more_than_8_bits_are_counted_in_the_notes(tmp_path):
+    """A 16-bit PNG is read as the official convert('RGB') reads it, every value above 255 clipped to white: a CT
+    slice of 0..4000 reached the model almost white (99.6 % of its pixels 255) and the report said nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.runner import item_image
+
+    ramp = np.arange(0, 64 * 64 * 16, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ct16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "ct8.png")
+    items = [EvalItem("1", "q", "liver", "open", tmp_path / "ct16.png"),
+             EvalItem("2", "q", "liver", "open", tmp_path / "ct8.png"),
+             EvalItem("3", "q2", "liver", "open", tmp_path / "ct16.png")]  # one file, counted once
+    official = np.asarray(Image.open(tmp_path / "ct16.png").convert("RGB"))
+    assert np.array_equal(item_image(items[0]), official) and (official == 255).mean() > 0.99
+    report = build_report("vqa", items, [{"question_id": it.id, "text": "liver"} for it in items], n_boot=5)
+    assert [n for n in report["notes"] if "bits per pixel" in n] == [
+        "1 of 2 images have more than 8 bits per pixel (16-bit or float): they are read as the official code reads "
+        "them (PIL convert('RGB')), which clips every value above 255 to white, so a 16-bit CT or MR slice reaches "
+        "the model almost white; convert them to 8-bit with the intended window first"]

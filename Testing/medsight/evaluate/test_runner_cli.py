@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,100 @@ def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(diagseg, tmp
     err = interrupt_torchrun(2, args, started=(b"shard 0/2", b"shard 1/2"))  # both ranks have their model and items
     assert err.count("medsight eval: interrupted") == 1, err
     assert "KeyboardInterrupt" not in err, err
+
+
+class CountingEngine:
+    """Delegates to an engine, counting the asks; raises `stop` (an exception class) at ask number `stop_at`."""
+
+    def __init__(self, engine, stop_at=None, stop=KeyboardInterrupt):
+        self.engine, self.asks, self.stop_at, self.stop = engine, 0, stop_at, stop
+
+    def ask(self, *a, **k):
+        if self.asks == self.stop_at:
+            raise self.stop
+        self.asks += 1
+        return self.engine.ask(*a, **k)
+
+
+def _damaged_pixels(src, dst):
+    """A PNG whose chunks and checksums are whole (Image.verify passes) but whose pixel stream does not inflate."""
+    import struct
+    import zlib
+
+    data, pos, out = Path(src).read_bytes(), 8, bytearray()
+    out += data[:8]
+    while pos < len(data):
+        (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = bytearray(data[pos + 8:pos + 8 + n])
+        if kind == b"IDAT":  # after the zlib header, a deflate block of the reserved type 11
+            body[2:] = b"\xff" * (n - 2)
+        out += struct.pack(">I", n) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + n
+    dst.write_bytes(bytes(out))
+
+
+def test_a_file_that_passes_the_check_but_not_decoding_stops_the_run_saying_what_is_kept(diagseg, single_run,
+                                                                                        tmp_path):
+    """An image and a mask PNG with a damaged pixel stream (whole chunks and checksums) pass the check before the run,
+    then stopped it part-way naming the item and file, but not that the answers before it were kept nor how to go
+    on; and the damaged mask was read after its item was answered, losing that answer."""
+    from medsight import Engine
+    from medsight.user_files import check_user_image
+
+    raw = json.loads(diagseg[0].read_text())
+    k = len(raw) // 2
+    image = tmp_path / "damaged_image.png"
+    _damaged_pixels(raw[k]["image_file"], image)
+    mask = tmp_path / "damaged_mask.png"
+    _damaged_pixels(raw[k + 1]["masks"][0][1], mask)
+    for f in (image, mask):
+        check_user_image(f, "file", DataError)  # the check before the run passes both
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([*raw[:k], {**raw[k], "image_file": str(image)},
+                                {**raw[k + 1], "masks": [[raw[k + 1]["mask_ids"][-1], str(mask)]]}, *raw[k + 2:]]))
+    items, path = read_diagseg(data), tmp_path / "p.jsonl"
+    engine = CountingEngine(Engine.load("demo", device="cpu"))
+    options = RunOptions("diagseg", max_new_tokens=40)
+    originals = {image: raw[k]["image_file"], mask: raw[k + 1]["masks"][0][1]}
+    for damaged, item in ((image, items[k]), (mask, items[k + 1])):
+        with pytest.raises(DataError, match=rf"item '{item.id}': cannot read the \w+ {damaged}: .*\. Mend or replace "
+                                            rf"that file: {k + (damaged == mask)} of {len(items)} items are answered "
+                                            rf"and kept in {path}; the same command resumes after them"):
+            run_predictions(engine, items, path, options)
+        assert engine.asks == len(read_predictions(path)) == k + (damaged == mask)  # no answer asked and lost
+        damaged.write_bytes(Path(originals[damaged]).read_bytes())  # mended: the run goes on from the kept answers
+    assert run_predictions(engine, items, path, options) == read_predictions(single_run / "predictions.jsonl")
+    assert engine.asks == len(items)
+
+
+def test_ctrl_c_says_how_many_answers_are_kept_and_how_to_resume(diagseg, single_run, tmp_path, capsys):
+    """Ctrl+C ended the run with 'interrupted' alone: nothing said the answers so far were kept or that the same
+    command goes on from them (nor, for a shard, that some are in the report's other files)."""
+    from medsight import Engine
+
+    items, path = read_diagseg(diagseg[0]), tmp_path / "p.jsonl"
+    engine, options = Engine.load("demo", device="cpu"), RunOptions("diagseg", max_new_tokens=8)
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_predictions(CountingEngine(engine, stop_at), items, path, options)
+    assert len(read_predictions(path)) == stop_at
+    assert (f"{stop_at} of {len(items)} items are answered and kept in {path}; the same command resumes after them"
+            in capsys.readouterr().err)
+    # A resumed shard: the next item was answered by another process, in another file.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(read_predictions(single_run / "predictions.jsonl")[stop_at]) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_predictions(CountingEngine(engine, 1), items, path, options, answered=[other])
+    assert (f"{stop_at + 2} of {len(items)} items are answered and kept in {path} and the report's other "
+            "predictions files; the same command resumes" in capsys.readouterr().err)
+
+
+def test_a_predictions_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """A byte that is not UTF-8 (a hand edit in another encoding) stopped `medsight eval` with "'utf-8' codec can't
+    decode byte 0xe9 in position 6439", naming neither the file nor the line."""
+    path = tmp_path / "predictions.jsonl"
+    good = [{"question_id": str(i), "text": "liver"} for i in range(3)]
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in good).encode() + b'{"question_id": "x\xe9", "text": "a"}\n')
+    with pytest.raises(DataError, match=rf"{path}: line {len(good) + 1} is not UTF-8 text \(invalid continuation "
+                                        r"byte\); a predictions file holds one JSON object per line"):
+        read_predictions(path)

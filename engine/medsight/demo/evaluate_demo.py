@@ -339,4 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A missing model or data folder is one line naming the file, as for `medsight eval`, not a traceback.
+    from medsight.commands.errors import run_command
+
+    sys.exit(run_command(main, "python -m medsight.demo.evaluate_demo"))

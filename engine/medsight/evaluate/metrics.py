@@ -171,9 +171,12 @@ def open_scores(pred: str, gt: str) -> OpenScores:
 
 
 # -- closed questions ----------------------------------------------------------------------------------------------
-def is_closed(answer_type: str | None) -> bool:
-    """The official branch test: the answer type starts with "close" (CLOSED, closed, close-ended...)."""
-    return str(answer_type or "").strip().lower().startswith("close")
+def text_kind(answer_type: str | None) -> str | None:
+    """The branch of `run_eval.py` an answer type takes: "open" when it is "open" lower-cased, "closed" when it
+    starts with "close" (CLOSED, closed, close-ended...), else None: the official script scores such an item by no
+    metric at all (not as open)."""
+    kind = str(answer_type or "").lower()
+    return "open" if kind == "open" else "closed" if kind.startswith("close") else None
 
 
 def closed_hit(pred: str, gt: str) -> float:

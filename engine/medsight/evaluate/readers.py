@@ -33,7 +33,8 @@ class EvalItem:
         id: question id (unique in its file).
         question: the prompt text (without any ``<image>`` tag; the engine places the image).
         answer: the GT string scored by the text metrics.
-        answer_type: "open", "closed" or "mc".
+        answer_type: the data's answer type, lower-cased: "open", one starting with "close", or "mc" (any other is
+            scored by no text metric, as in `run_eval.py`; the report counts such items as skipped).
         image: absolute image path.
         modality: canonical modality name ("unknown" if the file has none).
         options: multiple-choice options (A..D order), else empty.
@@ -56,6 +57,8 @@ def _load_list(path: Path) -> list:
     text = read_user_text(path, "data file", DataError)
     if path.suffix.lower() == ".jsonl":
         return _json_lines(path, text)
+    if not text.strip():  # JSON's own words for it are "Expecting value: line 1 column 1 (char 0)"
+        raise DataError(f"{path}: the data file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -170,11 +173,38 @@ def _mc_options(path: Path, index: int, item) -> list[str]:
     return options_of(item)
 
 
+def _gt_mask_files(root: Path, where: str, last_id, entries) -> list[Path]:
+    """The GT mask files of the last ``mask_ids`` entry, as the DiagSeg notebooks pick them: ``masks`` becomes a dict
+    of mask id to file(s), so the last entry of an id wins, and a last entry that is a list of ids takes the union of
+    their masks. Ids are compared as text (a file mixing 3 and "3" means one mask)."""
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: 'masks' must be a list of [mask_id, png] entries")
+    by_id: dict[str, list] = {}
+    for entry in entries:
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
+        by_id[str(entry[0])] = entry
+    ids = last_id if isinstance(last_id, list) else [last_id]
+    if not ids:
+        raise DataError(f"{where}: the last 'mask_ids' entry is an empty list")
+    files: list[Path] = []
+    for mask_id in ids:
+        entry = by_id.get(str(mask_id))
+        if entry is None:
+            of = f" (of the last 'mask_ids' entry {last_id!r})" if isinstance(last_id, list) else ""
+            raise DataError(f"{where}: no entry of 'masks' has the last mask id {str(mask_id)!r}{of}")
+        named = entry[1] if isinstance(entry[1], list) else [entry[1]]
+        if not named or not all(isinstance(f, str) and f.strip() for f in named):
+            raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
+        files += [_resolve(root, f) for f in named]
+    return files
+
+
 def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
     """DiagSeg ``SegVQA_Diagnostic_test_v2.json`` (with masks) or ``..._vqa.json`` (text only).
 
     GT text: ``conversations[1].value``, else ``short_answer``, else ``answer`` (the official order). The Dice
-    target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry.
+    target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry (`_gt_mask_files`).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -192,17 +222,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             mask_ids = _field(path, i, raw, "mask_ids")
             if not isinstance(mask_ids, list) or not mask_ids:
                 raise DataError(f"{where}: 'mask_ids' must be a non-empty list")
-            target = str(mask_ids[-1])
-            for entry in _field(path, i, raw, "masks"):
-                if not isinstance(entry, list | tuple) or len(entry) != 2:
-                    raise DataError(f"{where}: each 'masks' entry must be [mask_id, png], got {entry!r}")
-                if str(entry[0]) == target:
-                    files = entry[1] if isinstance(entry[1], list) else [entry[1]]
-                    if not all(isinstance(f, str) and f.strip() for f in files):
-                        raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
-                    masks += [_resolve(root, f) for f in files]
-            if not masks:
-                raise DataError(f"{where}: no entry of 'masks' has the last mask id {target!r}")
+            masks = _gt_mask_files(root, where, mask_ids[-1], _field(path, i, raw, "masks"))
         answer_type = (_optional_text(path, i, raw, "answer_type") or "open").lower()
         items.append(EvalItem(
             id=qid, question=_question(path, i, raw, "question"), answer=gt, answer_type=answer_type,
@@ -225,7 +245,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
             id=_text(path, i, raw, "id", numbers=True),
             question=_question(path, i, raw, "conversations.0.value"),
             answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
-            answer_type="closed" if answer_type.startswith("close") else "open",
+            answer_type=answer_type,  # kept as given: the report names types the official scoring skips
             image=_resolve(root, _text(path, i, raw, "image")),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))

@@ -20,13 +20,13 @@ from medsight.atomic_files import replace_files
 from medsight.evaluate.metrics import (
     bootstrap_ci,
     closed_hit,
-    is_closed,
     item_dice,
     macro_bootstrap_ci,
     macro_mean,
     mc_hit,
     open_scores,
     strict_closed_hit,
+    text_kind,
 )
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.evaluate.runner import Prediction, decode_masks, load_gt_mask
@@ -63,18 +63,19 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
     return [(it, by_id[it.id]) for it in items if it.id in by_id]
 
 
-def scored_type(answer_type: str) -> str:
-    """The metric family an answer type is scored by: "mc", "closed" (starts with "close", as run_eval.py), else
-    "open"."""
-    return "mc" if answer_type == "mc" else "closed" if is_closed(answer_type) else "open"
+def scored_type(item: EvalItem) -> str | None:
+    """The metric family an item is scored by: "mc" (with its options), or run_eval.py's "open" or "closed"
+    (`text_kind`); None for a type the official scoring skips (a VQA file's "mc" too: run_eval.py has no options)."""
+    return "mc" if item.answer_type == "mc" and item.options else text_kind(item.answer_type)
 
 
 def text_scores(item: EvalItem, text: str) -> dict[str, float]:
-    """Official and strict text metrics of one answer, chosen by the item's answer type."""
-    kind = scored_type(item.answer_type)
+    """Official and strict text metrics of one answer, chosen by the item's answer type (none for a type
+    run_eval.py skips: its recall, accuracy and BLEU leave such an item out)."""
+    kind = scored_type(item)
+    if kind is None:
+        return {}
     if kind == "mc":
-        if not item.options:  # the readers refuse such items; one built in Python is named, not a bare error
-            raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
         return {"accuracy": mc_hit(text, item.answer, item.options)}
     if kind == "closed":
         hit = closed_hit(text, item.answer)
@@ -159,6 +160,10 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                  text_predictions: Sequence[Prediction] | None = None, settings: dict | None = None) -> dict:
     """The report dict: task, what produced the predictions (`settings`, from `medsight.evaluate.provenance`),
     counts, notes and every metric row."""
+    if task == "mc":  # the readers refuse such items; one built in Python is named, not scored as skipped
+        for item in items:
+            if not item.options:
+                raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
     scores = score_items(items, predictions, with_dice=task == "diagseg", text_predictions=text_predictions)
     rows: list[dict] = []
     if task == "diagseg":
@@ -191,6 +196,12 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append("recall is over the open items (run_eval.py's recall row); recall_all, which the paper's 'all' "
                      "column is compared with, is the mean over every item of the open recall and the closed yes/no "
                      "hit [inferred: the official code prints no 'all'; open recall alone is far below it]")
+    nonsquare, reshaped, wide = _image_shape_counts(items)
+    if wide:
+        notes.append(f"{wide} of {len({it.image for it in items})} images have more than 8 bits per pixel (16-bit or "
+                     "float): they are read as the official code reads them (PIL convert('RGB')), which clips every "
+                     "value above 255 to white, so a 16-bit CT or MR slice reaches the model almost white; convert "
+                     "them to 8-bit with the intended window first")
     if task == "mc":
         notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
                      "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
@@ -204,7 +215,6 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         if text_predictions is None:
             notes.append("recall uses the greedy segmentation run's text; the paper used a separate sampled "
                          "VQA-path run (pass --vqa-data to reproduce that)")
-        nonsquare, reshaped = _image_shape_counts(items)
         if nonsquare:
             notes.append(f"{nonsquare} of {len(items)} images are not square: their Dice follows the official "
                          "notebooks, which stretch the model's square input frame (the centre crop, or the letterbox) "
@@ -221,6 +231,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
+            "unscored_answer_types": unscored_types(items),
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
 
 
@@ -234,12 +245,31 @@ def answer_type_counts(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -
     by_id = {s.id: s for s in scores}
     out: dict[str, dict[str, int]] = {}
     for item in items:
-        kind = scored_type(item.answer_type)
+        kind = scored_type(item)
+        if kind is None:  # counted by unscored_types
+            continue
         row = out.setdefault(kind, {"items": 0, "scored": 0, "skipped": 0})
         row["items"] += 1
         score = by_id.get(item.id)
         row["scored" if score is not None and TYPE_METRIC[kind] in score.scores else "skipped"] += 1
     return out
+
+
+def unscored_types(items: Sequence[EvalItem]) -> dict[str, int]:
+    """How many items have each answer type that no text metric scores (neither "open" nor "close...", as
+    run_eval.py branches), so the items it skips are named, not silently left out."""
+    out: dict[str, int] = {}
+    for item in items:
+        if scored_type(item) is None:
+            out[item.answer_type] = out.get(item.answer_type, 0) + 1
+    return out
+
+
+def unscored_text(counts: dict[str, int]) -> str:
+    """'2 items of another answer type (1 'other', 1 'yesno') have no text score: run_eval.py scores only ...'."""
+    kinds = ", ".join(f"{n} {kind!r}" for kind, n in counts.items())
+    return (f"{sum(counts.values())} item(s) of another answer type ({kinds}) have no text score: run_eval.py scores "
+            "only the types 'open' and 'close...' and skips the others, so they are skipped here too")
 
 
 def answer_type_line(report: dict) -> str:
@@ -248,24 +278,29 @@ def answer_type_line(report: dict) -> str:
     for kind, c in report.get("answer_types", {}).items():
         skipped = f", {c['skipped']} skipped" if c["skipped"] else ""
         parts.append(f"{kind} {c['scored']} of {c['items']} scored{skipped} ({TYPE_METRIC[kind]})")
+    if report.get("unscored_answer_types"):
+        parts.append(unscored_text(report["unscored_answer_types"]))
     return "Answer types: " + "; ".join(parts) + "." if parts else ""
 
 
-def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
-    """How many items' images are not square, and how many items have a GT mask whose aspect ratio is not its
-    image's (more than a mask pixel of rounding off): strict_dice resizes the engine's mask on the image onto the
-    GT grid, which places it right only at the image's aspect ratio. Read from the headers, each image once;
-    unreadable files are not counted (an unreadable mask leaves its image's own count)."""
+def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
+    """How many items' images are not square, how many items have a GT mask whose aspect ratio is not its image's
+    (more than a mask pixel of rounding off: strict_dice resizes the engine's mask on the image onto the GT grid,
+    which places it right only at the image's aspect ratio), and how many image files store more than 8 bits per
+    pixel (PIL modes I;16..., I, F). Read from the headers, each image once; unreadable files are not counted (an
+    unreadable mask leaves its image's own counts)."""
     from PIL import Image
 
     nonsquare = reshaped = 0
+    wide: dict[Path, bool] = {}
     for item in items:
         try:
             with Image.open(item.image) as im:
-                width, height = im.size
+                (width, height), mode = im.size, im.mode
         except (OSError, ValueError):
             continue
         nonsquare += width != height
+        wide[item.image] = mode.startswith("I") or mode == "F"
         try:
             sizes = []
             for mask in item.masks:
@@ -274,7 +309,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int]:
         except (OSError, ValueError):
             continue
         reshaped += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
-    return nonsquare, reshaped
+    return nonsquare, reshaped, sum(wide.values())
 
 
 def _empty_gt_masks(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> int:
@@ -318,7 +353,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# MedSIGHT evaluation: {report['task']}" + (f" ({report['benchmark']})" if report["benchmark"] else ""),
              "", *_settings_lines(report.get("settings")),
              f"Items: {report['n_items']}, scored: {report['n_scored']}, missing: {report['n_missing']}.", "",
-             *([answer_type_line(report), ""] if report.get("answer_types") else []),
+             *([answer_type_line(report), ""] if answer_type_line(report) else []),
              "| metric | group | aggregate | value (%) | 95% CI | n | paper |", "|---|---|---|---|---|---|---|"]
     for r in report["metrics"]:
         ci = f"{_fmt(r['ci95'][0])}-{_fmt(r['ci95'][1])}"

@@ -31,6 +31,9 @@ Prediction = dict
 RECORD_KEYS = ("question_id", "text")
 #: Image and mask files are known by their size and first bytes (a PNG's header and first rows of pixels).
 INPUT_SAMPLE = 1 << 16
+#: Where a missing image or mask was looked for (`medsight.evaluate.readers` joins relative paths so).
+PATHS_HINT = ("relative image and mask paths of the data file are joined to --images, by default the data file's "
+              "folder: pass --images with the folder they are relative to")
 #: Items named in the error for answers to other inputs.
 SHOWN_ITEMS = 5
 
@@ -131,8 +134,14 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[Prediction]
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as err:  # a hand-edited or damaged file: name it, as a bad JSON line is named
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text ({err.reason}); a predictions file holds one JSON "
+                        "object per line") from None
     out = []
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -266,13 +275,18 @@ def _groups(pending: list[tuple[int, EvalItem]], options: RunOptions) -> Iterabl
         yield group
 
 
-def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) -> None:
+def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions, progress: str | None = None) -> None:
     """Every file the pending items need is a file, checked before the first answer (a missing one would otherwise
     stop a long run part-way), and every segmentation item has GT masks (a DiagSeg _vqa.json passed as --data has
     none: its first answer was asked, then lost to the error). Images and GT masks are checked whole too, from their
     headers and structure without decoding (`check_user_image`), so an unreadable one stops the run before its first
-    answer, not when its item comes (a GT mask is read only after its item was answered)."""
-    for _, item in pending:
+    answer, not when its item comes. A missing file's error says where relative paths are looked for (OmniMedVQA's
+    and VQA-RAD's images lie outside the data file's folder). ``progress`` labels a progress bar on stderr (a JPEG is
+    decoded at 1/8 scale: some minutes for OmniMedVQA's 88k items, which must not look like a hang)."""
+    from tqdm import tqdm
+
+    for _, item in tqdm(pending, desc=progress and f"{progress}: checking files", unit="item", leave=False,
+                        disable=progress is None, file=sys.stderr):
         if options.segment and not item.masks:
             raise DataError(f"item {item.id!r} has no GT mask ('mask_ids' and 'masks') to score its Dice against: "
                             "--data takes the DiagSeg file with masks (SegVQA_Diagnostic_test_v2.json), the text-only "
@@ -282,7 +296,8 @@ def check_files(pending: Sequence[tuple[int, EvalItem]], options: RunOptions) ->
             if options.segment:
                 check_gt_masks(item.masks)
         except DataError as err:
-            raise DataError(f"item {item.id!r}: {err}") from None
+            missing = not all(f.exists() for f in [item.image, *item.masks])
+            raise DataError(f"item {item.id!r}: {err}" + (f" ({PATHS_HINT})" if missing else "")) from None
 
 
 def check_gt_masks(paths: Sequence[Path]) -> None:
@@ -304,7 +319,24 @@ def item_image(item: EvalItem) -> np.ndarray:
         raise DataError(f"item {item.id!r}: {err}") from None
 
 
-def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None) -> Prediction:
+def stopped_note(kept: int, total: int, path: str | Path, elsewhere: bool = False) -> str:
+    """What a run stopped part-way keeps, and how to go on (the report is written only after the last answer).
+    `elsewhere`: some of them were answered in the report's other predictions files (shards)."""
+    where = f"{path} and the report's other predictions files" if elsewhere else path
+    return (f"{kept} of {total} items are answered and kept in {where}; the same command resumes after them (the "
+            "report is written once every item is answered)")
+
+
+def item_gt_mask(item: EvalItem) -> np.ndarray:
+    """The union of the item's GT masks; an unreadable one is a DataError naming the item and the file."""
+    try:
+        return load_gt_mask(item.masks)
+    except DataError as err:
+        raise DataError(f"item {item.id!r}: {err}") from None
+
+
+def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int | None,
+            gt: np.ndarray | None = None) -> Prediction:
     rec: Prediction = {
         "question_id": item.id, "prompt": item.question, "text": answer.text, "gt_ans": item.answer,
         "answer_type": item.answer_type, "modality": item.modality,
@@ -312,10 +344,7 @@ def _record(index: int, item: EvalItem, answer, options: RunOptions, seed: int |
                      "task": options.task, "sampling": options.sampling, "input": input_fingerprint(item, options)},
     }
     if options.segment:
-        try:
-            gt = load_gt_mask(item.masks)
-        except DataError as err:
-            raise DataError(f"item {item.id!r}: {err}") from None
+        gt = item_gt_mask(item) if gt is None else gt
         logits = [r.mask_logits for r in answer.regions]
         import torch
 
@@ -367,19 +396,34 @@ def run_predictions(
         check_inputs(Path(other), records, selected, options)
         done |= {str(r["question_id"]) for r in records}
     pending = [(i, it) for i, it in selected if it.id not in done]
-    check_files(pending, options)
+    wanted = {it.id for _, it in selected}
+    # Whether some of the answers a stopped run keeps are in the other files (its message names them too).
+    elsewhere = len(selected) - len(pending) > len({str(r["question_id"]) for r in existing} & wanted)
+    check_files(pending, options, progress)
     image_options = ImageOptions(resize_mode=options.resize_mode)
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=progress, unit="item",
                disable=progress is None, file=sys.stderr)
-    for group in _groups(pending, options):
-        seed = item_seed(options, group[0][0])
-        answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
-                             options.generation(seed), image_options)
-        append_predictions(out_path, [_record(i, it, a, options, seed)
-                                      for (i, it), a in zip(group, answers, strict=True)])
-        bar.update(len(group))
-    bar.close()
-    wanted = {it.id for _, it in selected}
+    kept = len(selected) - len(pending)
+    try:
+        for group in _groups(pending, options):
+            seed = item_seed(options, group[0][0])
+            # The GT masks are read before the answer is asked, so an unreadable one costs no answer.
+            gts = [item_gt_mask(it) if options.segment else None for _, it in group]
+            answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
+                                 options.generation(seed), image_options)
+            append_predictions(out_path, [_record(i, it, a, options, seed, gt)
+                                          for (i, it), a, gt in zip(group, answers, gts, strict=True)])
+            kept += len(group)
+            bar.update(len(group))
+    except DataError as err:
+        # A file the check before the run passed (a PNG's damaged pixel stream) stopped it part-way.
+        note = stopped_note(kept, len(selected), out_path, elsewhere)
+        raise DataError(f"{err}. Mend or replace that file: {note}") from None
+    except KeyboardInterrupt:
+        print(f"\n{stopped_note(kept, len(selected), out_path, elsewhere)}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
     return _ordered(records, [it.id for _, it in selected])
 
