@@ -10,7 +10,7 @@ from transformers import LogitsProcessor
 import medsight
 from medsight.engine import Engine, VolumeSlices
 from medsight.feature_cache import encoding_bytes
-from medsight.imaging import read_volume
+from medsight.imaging import Volume, read_volume
 from medsight.model.generation import GenerationOptions
 from medsight.prompt import Message
 
@@ -235,6 +235,11 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
         engine.ask(images(1), [Message("human", "  ")])
     with pytest.raises(ValueError, match="cache_bytes"):
         Engine(model, cache_bytes=-1)
+    # A volume no percentile window can show: the message says the window came from its values (the caller gave
+    # none) and what to do.
+    huge = Volume(np.full((2, 8, 8), 1e31, np.float32), modality="MR")
+    with pytest.raises(ValueError, match=r"the volume's values give the window .*give a window center and width"):
+        engine.ask(VolumeSlices(huge, "axial", [0]), "Q?")
 
 
 def test_load_builds_an_engine():

@@ -21,7 +21,8 @@ from tokenizers.decoders import DecodeStream
 
 from medsight.answer import Answer, Region, Timings, regions_from_logits
 from medsight.feature_cache import CacheStats, FeatureCache, content_key
-from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
+from medsight.imaging import ImagingError, Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
+from medsight.imaging.window import explicit_window
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
@@ -337,10 +338,7 @@ class Engine:
         outside = [i for i in indices if not 0 <= i < count]
         if outside:
             raise ValueError(f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
-        window = request.window
-        if not isinstance(window, Window) and not volume.is_rgb:
-            # One window for the whole volume (see VolumeSlices.window).
-            window = choose_window(volume.array, volume.modality, window)
+        window = volume_window(volume, request.window)
         out = []
         for index in indices:
             geometry = extract_slice(volume, plane, index)
@@ -503,6 +501,24 @@ class _StopFlags:
 
     def cancelled(self) -> bool:
         return self.abandoned() or (self.cancel is not None and self.cancel.is_set())
+
+
+def volume_window(volume: Volume, window: str | Window | None) -> Window | None:
+    """The one window of an ask about `volume` (see `VolumeSlices.window`), None for a colour volume (not windowed).
+
+    Raises ImagingError when the window cannot map the volume to 8 bits, e.g. the percentile window of a volume
+    whose values lie beyond +-1e30: the server calls this before it admits an ask, so that such an ask gets its 422
+    instead of failing after its 200."""
+    if volume.is_rgb:
+        return None
+    if isinstance(window, Window):
+        return window  # checked where it is applied, like every explicit window
+    chosen = choose_window(volume.array, volume.modality, window)
+    try:
+        return explicit_window(chosen.center, chosen.width)  # the check every slice's windowing makes
+    except ImagingError as err:
+        raise ImagingError(f"the volume's values give the window {chosen.low:g}..{chosen.high:g}, which 8-bit display "
+                           f"cannot use ({err.problem}); give a window center and width") from None
 
 
 def check_question(question: str) -> None:

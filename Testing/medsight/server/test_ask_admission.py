@@ -81,6 +81,20 @@ def test_valid_windows_and_seeds_still_answer(server, ct_id):
         assert reply.status_code == 200 and reply.json()["answers"], (extra, reply.text)
 
 
+@pytest.mark.parametrize(("value", "modality", "window"), [(1e31, "MR", None), (-1e31, "CT", {"preset": "auto"})],
+                         ids=["mr-default", "ct-auto"])
+def test_a_volume_whose_own_window_cannot_show_it_is_a_422_before_the_job(server, value, modality, window):
+    """A constant volume beyond +-1e30 has a percentile window no 8-bit display can use: the ask was admitted and
+    failed after its 200. An explicit window still shows it."""
+    volume_id = _upload(server, np.full((2, 12, 10), value, np.float32), modality=modality)["volume_id"]
+    ask = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2}}
+    reply = httpx.post(f"{server}/v1/ask", json={**ask, **({"window": window} if window else {})}, timeout=60)
+    assert reply.status_code == 422 and reply.json()["code"] == "invalid_window", reply.text
+    assert "the volume's values give the window" in reply.json()["message"] and "x-job-id" not in reply.headers
+    reply = httpx.post(f"{server}/v1/ask", json={**ask, "window": {"center": 0, "width": 100}}, timeout=60)
+    assert reply.status_code == 200 and len(reply.json()["answers"]) == 1, reply.text
+
+
 # -- a job that fails after its 200 ----------------------------------------------------------------------------------
 def test_a_job_failing_after_its_200_reaches_the_client_as_the_engines_error(engine, monkeypatch):
     def fail(*args, **kwargs):

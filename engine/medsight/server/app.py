@@ -46,6 +46,7 @@ from medsight.server.volume_store import (
     read_npy_header,
     volume_from_upload,
 )
+from medsight.server.windows import VolumeWindows
 
 log = logging.getLogger("medsight.server")
 
@@ -204,6 +205,7 @@ def create_app(
     store = VolumeStore(store_bytes)
     uploads = UploadBudget(store_bytes)  # bytes of uploads being received at once
     jobs = JobQueue(max_waiting=max_waiting, threads=compute_threads)
+    windows = VolumeWindows()
     model = engine.model
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
@@ -362,7 +364,7 @@ def create_app(
     def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
         """Everything that can be refused is refused here, before the job is queued (quick work only)."""
         try:
-            win = convert.window(req.window, volume.modality)
+            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
         except ValueError as err:
             raise ApiError(422, "invalid_window", str(err)) from None
         plane, indices = req.slices.plane, list(req.slices.indices)
