@@ -260,6 +260,7 @@ class Engine:
         options = options or GenerationOptions()
         image_options = image_options or ImageOptions()
         prompt = self._prompt(messages)
+        self.check_generation_length(self.prompt_length(prompt), options.max_new_tokens)
         inputs = self._prepare(images, image_options)
         stop = _StopFlags(cancel, abandon)
         if stop.cancelled():
@@ -299,6 +300,17 @@ class Engine:
         """Embeddings one image adds to a prompt: its patch tokens and the perceiver's region tokens."""
         config = self.model.config
         return config.vision.num_patches + config.perceiver.num_queries
+
+    def check_generation_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse an ask whose prompt and new tokens may run past the positions the language model knows
+        (`max_position_embeddings`). Past them generation goes on without any error, on positions the model never
+        saw: its text turns to noise. The official code goes on too (transformers warns only once the new tokens
+        alone pass them); here it is refused before any image is encoded."""
+        limit = self.model.config.llm.max_position_embeddings
+        if prompt_length + max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} after a prompt of {prompt_length} embeddings may run "
+                             f"past the language model's {limit} positions; ask for at most "
+                             f"{max(limit - prompt_length, 0)} new tokens")
 
     def prompt_length(self, prompt: Sequence[int]) -> int:
         """Embeddings the language model sees for a tokenized prompt (each image placeholder becomes the image's)."""

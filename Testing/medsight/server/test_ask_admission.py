@@ -10,6 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
+from medsight.config import get_preset
+from medsight.engine import Engine
+from medsight.model.loading import build_model
 from medsight.server.app import create_app
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
@@ -93,6 +96,22 @@ def test_a_volume_whose_own_window_cannot_show_it_is_a_422_before_the_job(server
     assert "the volume's values give the window" in reply.json()["message"] and "x-job-id" not in reply.headers
     reply = httpx.post(f"{server}/v1/ask", json={**ask, "window": {"center": 0, "width": 100}}, timeout=60)
     assert reply.status_code == 200 and len(reply.json()["answers"]) == 1, reply.text
+
+
+def test_new_tokens_past_the_language_models_positions_are_a_422_before_the_job():
+    """The schema's cap (2048) is far below the presets' positions; a model with fewer got its ask admitted, and
+    the answer ran on positions the model never saw."""
+    config = get_preset("tiny")
+    engine = Engine(build_model(config))
+    prompt = engine.prompt_length(engine._prompt(QUESTION[0]["content"]))
+    config.llm.max_position_embeddings = prompt + 40
+    with live_server(create_app(Engine(build_model(config)), model_name="few-positions")) as url:
+        volume_id = _upload(url, np.zeros((2, 16, 16), np.int16), modality="MR")["volume_id"]
+        replies = [httpx.post(f"{url}/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
+                                                     "options": {"max_new_tokens": n}}, timeout=60) for n in (41, 40)]
+    assert replies[0].status_code == 422 and "x-job-id" not in replies[0].headers, replies[0].text[:300]
+    assert "past the language model's" in replies[0].json()["message"]
+    assert replies[1].status_code == 200 and len(replies[1].json()["answers"]) == 1, replies[1].text[:300]
 
 
 # -- a job that fails after its 200 ----------------------------------------------------------------------------------

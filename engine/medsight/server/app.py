@@ -378,6 +378,7 @@ def create_app(
         try:
             convert.generation_options(req.options)
             prompt = prompt_tokens(engine, messages)
+            engine.check_generation_length(prompt, req.options.max_new_tokens)
         except ValueError as err:
             raise ApiError(422, "invalid_request", str(err)) from None
         estimate = estimate_ask_memory(
