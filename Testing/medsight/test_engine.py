@@ -232,6 +232,11 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
     # No user turn at all was called "the question is empty", as if one had been sent blank.
     with pytest.raises(ValueError, match=r"no user message \(only system, assistant\)"):
         engine.ask(images(1), [Message("system", "Be brief."), Message("assistant", "A.")])
+    # A conversation ending with the model's own turn has no question to answer: the demo model answered
+    # [segment the white matter, "Sure."] with "The pancreas is not visible in this image."
+    for last in ("assistant", "system", "gpt"):
+        with pytest.raises(ValueError, match=f"ends with a message of role '{last}'; end it with the user's question"):
+            engine.ask(images(1), [Message("user", "Q?"), Message(last, "A.")])
     # The official data's "human" turn is a user turn (as the prompt renders it): its blank question is named.
     with pytest.raises(ValueError, match="question is empty"):
         engine.ask(images(1), [Message("human", "  ")])

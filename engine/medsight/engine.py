@@ -286,6 +286,11 @@ class Engine:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
         questions = questions_of(turns)
         if questions:  # none: render_messages refuses the conversation, naming the roles it has
+            if not questions_of(turns[-1:]):
+                # The prompt has no generation header: after a closed assistant (or system) turn the model writes
+                # another assistant turn, to no question (the demo model answered "Sure." with a pancreas finding).
+                raise ValueError(f"the conversation ends with a message of role {turns[-1].role!r}; end it with "
+                                 "the user's question")
             check_question(questions[-1])
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
         # Checked here, before any image is encoded (the language model would refuse it only after).

@@ -50,7 +50,10 @@ def ct_id(server) -> str:
     ("ct", {"window": {"center": -1e35, "width": 10}}, "invalid_window", "beyond"),
     ("mr", {"options": {"seed": 99999999999999999999999, "do_sample": True}}, "invalid_request", "options.seed"),
     ("mr", {"messages": [{"role": "user", "content": "why " * 3750}]}, "invalid_request", "embeddings long"),
-], ids=["unknown-preset", "ct-preset-on-mr", "preset-and-center", "huge-center", "seed-overflow", "long-question"])
+    ("mr", {"messages": [*QUESTION, {"role": "assistant", "content": "Sure."}]}, "invalid_request",
+     "ends with a message of role 'assistant'"),
+], ids=["unknown-preset", "ct-preset-on-mr", "preset-and-center", "huge-center", "seed-overflow", "long-question",
+        "answer-last"])
 def test_what_the_engine_refuses_is_a_422_before_the_job(server, mr_id, ct_id, volume, extra, code, words):
     ask = {"volume_id": ct_id if volume == "ct" else mr_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
            **extra}
