@@ -7,10 +7,14 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from medsight.commands.ask_outputs import check_ask_outputs, check_out_against_input, write_outputs
 from medsight.commands.errors import READER_LEFT, reader_left
 from medsight.commands.options import check_vision_file
+
+if TYPE_CHECKING:
+    from medsight.imaging import Window
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -84,7 +88,7 @@ def _default_plane(volume) -> str:
     return planes[0] if len(planes) == 1 else "axial"
 
 
-def _answers(args: argparse.Namespace, volume, indices: list[int], window) -> list:
+def _answers(args: argparse.Namespace, volume, indices: list[int], window: Window | None) -> list:
     from tqdm import tqdm
 
     import medsight

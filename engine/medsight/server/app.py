@@ -362,7 +362,8 @@ def create_app(
             raise
 
     def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
-        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
+        """Everything that can be refused is refused here, before the job is queued (quick work only, but for the
+        first ask about a volume: its percentile window reads the whole volume, `windows.VolumeWindows`)."""
         try:
             win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
         except ValueError as err:
