@@ -429,12 +429,18 @@ def create_app(
             elapsed = time.monotonic() - (job.started or time.monotonic())
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
-                audit.record(
-                    job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
-                    options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
-                    regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
-                             for a in (result.answers if result is not None else []) for r in a.regions],
-                    duration_s=elapsed, outcome=outcome)
+                try:
+                    audit.record(
+                        job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
+                        options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
+                        regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
+                                 for a in (result.answers if result is not None else []) for r in a.regions],
+                        duration_s=elapsed, outcome=outcome)
+                except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
+                    why = err.strerror or type(err).__name__
+                    log.error("job %s: the audit trail could not be written (%s)", job.id, why)
+                    raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail could "
+                                   f"not be written ({why}); free space for it or restart the engine") from None
 
     def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
