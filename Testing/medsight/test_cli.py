@@ -104,6 +104,30 @@ def test_errors_are_one_line_with_exit_code_2(mni_path, tmp_path, capsys):
     assert "without a token" in capsys.readouterr().err
 
 
+def test_a_volume_no_window_shows_is_refused_before_the_model_loads(tmp_path, capsys):
+    """A constant volume at 1e31 has no usable percentile window: the model was loaded first (minutes for the full
+    model), then the first batch failed."""
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((12, 10, 3), 1e31, np.float32), np.eye(4)), path)
+    assert main(["ask", str(path), "Where?", "--model", "tiny", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the volume's values give the window 1e+31..1e+31" in err and "random weights" not in err, err
+
+
+def test_the_percentile_window_is_worked_out_once_for_every_batch(mni_path, monkeypatch, capsys):
+    """Each batch read and sorted the whole volume again for the same window (0.7 s a batch at 256 x 256 x 300)."""
+    from medsight.imaging import window as window_module
+
+    reads = []
+    real = window_module.robust_window
+    monkeypatch.setattr(window_module, "robust_window", lambda *a, **k: reads.append(1) or real(*a, **k))
+    slices = 4
+    assert main(["ask", str(mni_path), "Where?", "--slices", f"40:{40 + slices}", "--batch", "1", "--model", "tiny",
+                 "--max-new-tokens", "1", "--device", "cpu", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["slices"]) == slices
+    assert len(reads) == 1
+
+
 def test_info_prints_the_computed_sizes(capsys):
     assert main(["info", "--preset", "full"]) == 0
     text = capsys.readouterr().out

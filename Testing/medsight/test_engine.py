@@ -8,10 +8,12 @@ import torch
 from transformers import LogitsProcessor
 
 import medsight
+from medsight.config import get_preset
 from medsight.engine import Engine, VolumeSlices
 from medsight.feature_cache import encoding_bytes
-from medsight.imaging import read_volume
+from medsight.imaging import Volume, read_volume
 from medsight.model.generation import GenerationOptions
+from medsight.model.loading import build_model
 from medsight.prompt import Message
 
 SLICES = [70, 95, 120]
@@ -230,11 +232,48 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
     # No user turn at all was called "the question is empty", as if one had been sent blank.
     with pytest.raises(ValueError, match=r"no user message \(only system, assistant\)"):
         engine.ask(images(1), [Message("system", "Be brief."), Message("assistant", "A.")])
+    # A conversation ending with the model's own turn has no question to answer: the demo model answered
+    # [segment the white matter, "Sure."] with "The pancreas is not visible in this image."
+    for last in ("assistant", "system", "gpt"):
+        with pytest.raises(ValueError, match=f"ends with a message of role '{last}'; end it with the user's question"):
+            engine.ask(images(1), [Message("user", "Q?"), Message(last, "A.")])
     # The official data's "human" turn is a user turn (as the prompt renders it): its blank question is named.
     with pytest.raises(ValueError, match="question is empty"):
         engine.ask(images(1), [Message("human", "  ")])
     with pytest.raises(ValueError, match="cache_bytes"):
         Engine(model, cache_bytes=-1)
+    # A volume no percentile window can show: the message says the window came from its values (the caller gave
+    # none) and what to do.
+    huge = Volume(np.full((2, 8, 8), 1e31, np.float32), modality="MR")
+    with pytest.raises(ValueError, match=r"the volume's values give the window .*give a window center and width"):
+        engine.ask(VolumeSlices(huge, "axial", [0]), "Q?")
+
+
+class NoEndOfTurn(LogitsProcessor):
+    """The answer never ends by itself: it runs to max_new_tokens."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos = eos
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.eos] = float("-inf")
+        return scores
+
+
+def test_an_ask_that_may_run_past_the_language_models_positions_is_refused_up_front():
+    """Generation past `max_position_embeddings` raised nothing: the answer went on, on positions the model never saw.
+    A language model with few positions shows it quickly."""
+    config = get_preset("tiny")
+    engine = Engine(build_model(config))
+    prompt = engine.prompt_length(engine._prompt("Where?"))
+    config.llm.max_position_embeddings = prompt + 40
+    engine = Engine(build_model(config))
+    options = GenerationOptions(max_new_tokens=41, repetition_penalty=1.0,
+                                logits_processors=[NoEndOfTurn(config.llm.eos_token_id)])
+    with pytest.raises(ValueError, match=rf"max_new_tokens 41 after a prompt of {prompt} embeddings .* at most 40 "):
+        engine.ask(images(1), "Where?", options)
+    options.max_new_tokens = 40
+    assert len(engine.ask(images(1), "Where?", options)[0].token_ids) == 40
 
 
 def test_load_builds_an_engine():

@@ -21,7 +21,8 @@ from tokenizers.decoders import DecodeStream
 
 from medsight.answer import Answer, Region, Timings, regions_from_logits
 from medsight.feature_cache import CacheStats, FeatureCache, content_key
-from medsight.imaging import Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
+from medsight.imaging import ImagingError, Slice, Volume, Window, choose_window, extract_slice, slice_count, to_rgb
+from medsight.imaging.window import explicit_window
 from medsight.model.generation import GenerationOptions, GenerationOutput
 from medsight.model.loading import load_model
 from medsight.model.lvlm import IMAGE_TOKEN_INDEX
@@ -259,6 +260,7 @@ class Engine:
         options = options or GenerationOptions()
         image_options = image_options or ImageOptions()
         prompt = self._prompt(messages)
+        self.check_generation_length(self.prompt_length(prompt), options.max_new_tokens)
         inputs = self._prepare(images, image_options)
         stop = _StopFlags(cancel, abandon)
         if stop.cancelled():
@@ -284,6 +286,11 @@ class Engine:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
         questions = questions_of(turns)
         if questions:  # none: render_messages refuses the conversation, naming the roles it has
+            if not questions_of(turns[-1:]):
+                # The prompt has no generation header: after a closed assistant (or system) turn the model writes
+                # another assistant turn, to no question (the demo model answered "Sure." with a pancreas finding).
+                raise ValueError(f"the conversation ends with a message of role {turns[-1].role!r}; end it with "
+                                 "the user's question")
             check_question(questions[-1])
         prompt = tokenize_prompt(self.model.tokenizer, turns, num_images=1)
         # Checked here, before any image is encoded (the language model would refuse it only after).
@@ -298,6 +305,17 @@ class Engine:
         """Embeddings one image adds to a prompt: its patch tokens and the perceiver's region tokens."""
         config = self.model.config
         return config.vision.num_patches + config.perceiver.num_queries
+
+    def check_generation_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse an ask whose prompt and new tokens may run past the positions the language model knows
+        (`max_position_embeddings`). Past them generation goes on without any error, on positions the model never
+        saw: its text turns to noise. The official code goes on too (transformers warns only once the new tokens
+        alone pass them); here it is refused before any image is encoded."""
+        limit = self.model.config.llm.max_position_embeddings
+        if prompt_length + max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} after a prompt of {prompt_length} embeddings may run "
+                             f"past the language model's {limit} positions; ask for at most "
+                             f"{max(limit - prompt_length, 0)} new tokens")
 
     def prompt_length(self, prompt: Sequence[int]) -> int:
         """Embeddings the language model sees for a tokenized prompt (each image placeholder becomes the image's)."""
@@ -337,10 +355,7 @@ class Engine:
         outside = [i for i in indices if not 0 <= i < count]
         if outside:
             raise ValueError(f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
-        window = request.window
-        if not isinstance(window, Window) and not volume.is_rgb:
-            # One window for the whole volume (see VolumeSlices.window).
-            window = choose_window(volume.array, volume.modality, window)
+        window = volume_window(volume, request.window)
         out = []
         for index in indices:
             geometry = extract_slice(volume, plane, index)
@@ -503,6 +518,24 @@ class _StopFlags:
 
     def cancelled(self) -> bool:
         return self.abandoned() or (self.cancel is not None and self.cancel.is_set())
+
+
+def volume_window(volume: Volume, window: str | Window | None) -> Window | None:
+    """The one window of an ask about `volume` (see `VolumeSlices.window`), None for a colour volume (not windowed).
+
+    Raises ImagingError when the window cannot map the volume to 8 bits, e.g. the percentile window of a volume
+    whose values lie beyond +-1e30: the server calls this before it admits an ask, so that such an ask gets its 422
+    instead of failing after its 200."""
+    if volume.is_rgb:
+        return None
+    if isinstance(window, Window):
+        return window  # checked where it is applied, like every explicit window
+    chosen = choose_window(volume.array, volume.modality, window)
+    try:
+        return explicit_window(chosen.center, chosen.width)  # the check every slice's windowing makes
+    except ImagingError as err:
+        raise ImagingError(f"the volume's values give the window {chosen.low:g}..{chosen.high:g}, which 8-bit display "
+                           f"cannot use ({err.problem}); give a window center and width") from None
 
 
 def check_question(question: str) -> None:

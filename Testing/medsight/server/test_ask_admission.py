@@ -10,6 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
+from medsight.config import get_preset
+from medsight.engine import Engine
+from medsight.model.loading import build_model
 from medsight.server.app import create_app
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
@@ -47,7 +50,10 @@ def ct_id(server) -> str:
     ("ct", {"window": {"center": -1e35, "width": 10}}, "invalid_window", "beyond"),
     ("mr", {"options": {"seed": 99999999999999999999999, "do_sample": True}}, "invalid_request", "options.seed"),
     ("mr", {"messages": [{"role": "user", "content": "why " * 3750}]}, "invalid_request", "embeddings long"),
-], ids=["unknown-preset", "ct-preset-on-mr", "preset-and-center", "huge-center", "seed-overflow", "long-question"])
+    ("mr", {"messages": [*QUESTION, {"role": "assistant", "content": "Sure."}]}, "invalid_request",
+     "ends with a message of role 'assistant'"),
+], ids=["unknown-preset", "ct-preset-on-mr", "preset-and-center", "huge-center", "seed-overflow", "long-question",
+        "answer-last"])
 def test_what_the_engine_refuses_is_a_422_before_the_job(server, mr_id, ct_id, volume, extra, code, words):
     ask = {"volume_id": ct_id if volume == "ct" else mr_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
            **extra}
@@ -79,6 +85,36 @@ def test_valid_windows_and_seeds_still_answer(server, ct_id):
         ask["options"] = {"max_new_tokens": 2, **ask.get("options", {})}
         reply = httpx.post(f"{server}/v1/ask", json=ask, timeout=60)
         assert reply.status_code == 200 and reply.json()["answers"], (extra, reply.text)
+
+
+@pytest.mark.parametrize(("value", "modality", "window"), [(1e31, "MR", None), (-1e31, "CT", {"preset": "auto"})],
+                         ids=["mr-default", "ct-auto"])
+def test_a_volume_whose_own_window_cannot_show_it_is_a_422_before_the_job(server, value, modality, window):
+    """A constant volume beyond +-1e30 has a percentile window no 8-bit display can use: the ask was admitted and
+    failed after its 200. An explicit window still shows it."""
+    volume_id = _upload(server, np.full((2, 12, 10), value, np.float32), modality=modality)["volume_id"]
+    ask = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2}}
+    reply = httpx.post(f"{server}/v1/ask", json={**ask, **({"window": window} if window else {})}, timeout=60)
+    assert reply.status_code == 422 and reply.json()["code"] == "invalid_window", reply.text
+    assert "the volume's values give the window" in reply.json()["message"] and "x-job-id" not in reply.headers
+    reply = httpx.post(f"{server}/v1/ask", json={**ask, "window": {"center": 0, "width": 100}}, timeout=60)
+    assert reply.status_code == 200 and len(reply.json()["answers"]) == 1, reply.text
+
+
+def test_new_tokens_past_the_language_models_positions_are_a_422_before_the_job():
+    """The schema's cap (2048) is far below the presets' positions; a model with fewer got its ask admitted, and
+    the answer ran on positions the model never saw."""
+    config = get_preset("tiny")
+    engine = Engine(build_model(config))
+    prompt = engine.prompt_length(engine._prompt(QUESTION[0]["content"]))
+    config.llm.max_position_embeddings = prompt + 40
+    with live_server(create_app(Engine(build_model(config)), model_name="few-positions")) as url:
+        volume_id = _upload(url, np.zeros((2, 16, 16), np.int16), modality="MR")["volume_id"]
+        replies = [httpx.post(f"{url}/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
+                                                     "options": {"max_new_tokens": n}}, timeout=60) for n in (41, 40)]
+    assert replies[0].status_code == 422 and "x-job-id" not in replies[0].headers, replies[0].text[:300]
+    assert "past the language model's" in replies[0].json()["message"]
+    assert replies[1].status_code == 200 and len(replies[1].json()["answers"]) == 1, replies[1].text[:300]
 
 
 # -- a job that fails after its 200 ----------------------------------------------------------------------------------

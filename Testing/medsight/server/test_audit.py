@@ -17,6 +17,7 @@ from medsight.imaging import read_volume
 from medsight.server.app import create_app
 from medsight.server.audit import weights_sha256
 from medsight_testing.arrays import npy
+from medsight_testing.disk import file_size_limit
 from medsight_testing.live_server import live_server
 
 PATIENT_NAME, PATIENT_ID = "Quillfeather^Araminta", "AUDIT-PID-7741"
@@ -80,3 +81,21 @@ def test_audit_has_one_line_per_job_and_no_identifiers_or_question(engine, named
     assert lines[1]["plane"] == "coronal" and lines[1]["slices"] == [0]
     assert lines[2]["job_id"] == cancelled_id and lines[2]["outcome"] == "cancelled"
     assert np.all([line["time"].endswith("+00:00") for line in lines])
+
+
+def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(engine, tmp_path):
+    """On a full disk the ask failed as "the engine failed: OSError": nothing said the audit trail was the cause."""
+    audit = tmp_path / "audit.jsonl"
+    ask = {"messages": [{"role": "user", "content": "Where?"}], "options": {"max_new_tokens": 3}}
+    with live_server(create_app(engine, model_name="tiny", audit_path=str(audit))) as url, \
+            httpx.Client(base_url=url, timeout=120) as c:
+        image = npy(np.zeros((2, 16, 16), np.int16))
+        ask["volume_id"] = c.post("/v1/volumes", content=image, headers={"content-type": "application/octet-stream"}
+                                  ).json()["volume_id"]
+        assert c.post("/v1/ask", json=ask).status_code == 200
+        with file_size_limit(audit.stat().st_size + 10):  # room for a tenth of a line
+            full = c.post("/v1/ask", json=ask)
+        after = c.post("/v1/ask", json=ask)
+    assert full.json()["code"] == "audit_failed", full.text
+    assert "audit trail could not be written (File too large)" in full.json()["message"]
+    assert after.status_code == 200 and len(after.json()["answers"]) == 1, after.text

@@ -223,6 +223,27 @@ def test_cross_site_origin_is_refused(hardened):
         assert c.get("/v1/health", headers={"origin": hardened}).status_code == 200  # /docs on the engine itself
 
 
+def test_a_header_the_guard_decides_on_given_twice_is_400(engine):
+    """The guard judged the last of two such headers, the framework used the first: a foreign Origin before this
+    engine's passed, and so did a wrong token before the right one."""
+    with live_server(create_app(engine, model_name="tiny", token="s3cret")) as url, \
+            httpx.Client(base_url=url, timeout=60) as c:
+        auth, json_type = ("authorization", "Bearer s3cret"), ("content-type", "application/json")
+        ask = json.dumps({"volume_id": "never-uploaded", "messages": QUESTION}).encode()  # refused before it is read
+        twice = {
+            "origin": [auth, ("origin", "https://evil.example"), ("origin", url)],
+            "authorization": [("authorization", "Bearer wrong"), auth],
+            "content-type": [auth, ("content-type", "text/plain"), json_type],
+        }
+        for name, headers in twice.items():
+            for request in (("GET", "/v1/health", None), ("POST", "/v1/ask", ask)):
+                reply = c.request(request[0], request[1], content=request[2], headers=headers)
+                assert reply.status_code == 400, (name, request[:2], reply.text)
+                assert reply.json() == {"code": "duplicate_header",
+                                        "message": f"the request gives the {name} header more than once"}
+        assert c.get("/v1/health", headers=[auth, ("origin", url)]).status_code == 200
+
+
 # -- slow and broken connections ------------------------------------------------------------------------------------
 def _raw_upload(url: str, declared: int, payload: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")

@@ -7,14 +7,18 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from medsight.commands.ask_outputs import check_ask_outputs, check_out_against_input, write_outputs
 from medsight.commands.errors import READER_LEFT, reader_left
 from medsight.commands.options import check_vision_file
 
+if TYPE_CHECKING:
+    from medsight.imaging import Window
+
 
 def run_ask(args: argparse.Namespace) -> int:
-    from medsight.engine import check_question
+    from medsight.engine import check_question, volume_window
     from medsight.imaging import slice_count
 
     check_question(args.question)  # the Engine's own check, before the model loads (minutes for the full model)
@@ -26,7 +30,10 @@ def run_ask(args: argparse.Namespace) -> int:
               "differ from the acquired image", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
-    answers = _answers(args, volume, indices)
+    # Once for the whole run, before the model loads: a volume no window shows is refused at once, and a percentile
+    # window (the whole volume read and sorted, 0.7 s for 256 x 256 x 300) is not worked out again for every batch.
+    window = volume_window(volume, args.window)
+    answers = _answers(args, volume, indices, window)
     left = False
     if not args.json:
         try:
@@ -81,7 +88,7 @@ def _default_plane(volume) -> str:
     return planes[0] if len(planes) == 1 else "axial"
 
 
-def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
+def _answers(args: argparse.Namespace, volume, indices: list[int], window: Window | None) -> list:
     from tqdm import tqdm
 
     import medsight
@@ -101,7 +108,7 @@ def _answers(args: argparse.Namespace, volume, indices: list[int]) -> list:
     chunks = [indices[i : i + args.batch] for i in range(0, len(indices), args.batch)]
     with tqdm(total=len(indices), unit="slice", disable=len(indices) < 2, file=sys.stderr) as bar:
         for chunk in chunks:
-            result = engine.ask(VolumeSlices(volume, args.plane, chunk, args.window), args.question,
+            result = engine.ask(VolumeSlices(volume, args.plane, chunk, window), args.question,
                                 options, image_options)
             answers.extend(result.answers)
             bar.update(len(chunk))

@@ -46,6 +46,7 @@ from medsight.server.volume_store import (
     read_npy_header,
     volume_from_upload,
 )
+from medsight.server.windows import VolumeWindows
 
 log = logging.getLogger("medsight.server")
 
@@ -204,6 +205,7 @@ def create_app(
     store = VolumeStore(store_bytes)
     uploads = UploadBudget(store_bytes)  # bytes of uploads being received at once
     jobs = JobQueue(max_waiting=max_waiting, threads=compute_threads)
+    windows = VolumeWindows()
     model = engine.model
     model_name = model_name or model.weights_source
     random_weights = model.weights_source.startswith("random")
@@ -360,9 +362,10 @@ def create_app(
             raise
 
     def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
-        """Everything that can be refused is refused here, before the job is queued (quick work only)."""
+        """Everything that can be refused is refused here, before the job is queued (quick work only, but for the
+        first ask about a volume: its percentile window reads the whole volume, `windows.VolumeWindows`)."""
         try:
-            win = convert.window(req.window, volume.modality)
+            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
         except ValueError as err:
             raise ApiError(422, "invalid_window", str(err)) from None
         plane, indices = req.slices.plane, list(req.slices.indices)
@@ -376,6 +379,7 @@ def create_app(
         try:
             convert.generation_options(req.options)
             prompt = prompt_tokens(engine, messages)
+            engine.check_generation_length(prompt, req.options.max_new_tokens)
         except ValueError as err:
             raise ApiError(422, "invalid_request", str(err)) from None
         estimate = estimate_ask_memory(
@@ -425,12 +429,18 @@ def create_app(
             elapsed = time.monotonic() - (job.started or time.monotonic())
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
-                audit.record(
-                    job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
-                    options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
-                    regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
-                             for a in (result.answers if result is not None else []) for r in a.regions],
-                    duration_s=elapsed, outcome=outcome)
+                try:
+                    audit.record(
+                        job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
+                        options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
+                        regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
+                                 for a in (result.answers if result is not None else []) for r in a.regions],
+                        duration_s=elapsed, outcome=outcome)
+                except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
+                    why = err.strerror or type(err).__name__
+                    log.error("job %s: the audit trail could not be written (%s)", job.id, why)
+                    raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail could "
+                                   f"not be written ({why}); free space for it or restart the engine") from None
 
     def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""

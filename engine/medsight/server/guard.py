@@ -9,6 +9,7 @@
 - Bearer token, when the engine has one, on every path (constant-time comparison).
 - Body read deadline: a body must keep arriving at a minimum average rate after a grace period, so slow or half-open
   uploads are cut (408) instead of holding connections and memory.
+- A header that these rules read (Host, Origin, Content-Type, Authorization, Content-Length) given twice gets 400.
 - A request the server's stop cuts before its response started (e.g. an upload still arriving) gets 503 `stopping`.
 """
 
@@ -96,8 +97,9 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        refusal = self._refusal(scope, headers)
+        pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        headers = dict(pairs)
+        refusal = _repeated(pairs) or self._refusal(scope, headers)
         if refusal is not None:
             await _send_error(send, *refusal)
             return
@@ -168,6 +170,20 @@ class Guard:
             return message
 
         return timed_receive
+
+
+#: Headers the guard decides on. Given twice, the guard would judge one (a dict keeps the last) and the framework
+#: use another (it reads the first): `Origin: <other site>` then `Origin: <this engine>` passed the origin check, a
+#: wrong token before the right one passed the token check. Browsers never send them twice.
+DECIDING_HEADERS = ("host", "origin", "content-type", "authorization", "content-length")
+
+
+def _repeated(pairs: list[tuple[str, str]]) -> tuple[int, str, str] | None:
+    names = [name for name, _ in pairs]
+    twice = [name for name in DECIDING_HEADERS if names.count(name) > 1]
+    if twice:
+        return 400, "duplicate_header", f"the request gives the {', '.join(twice)} header more than once"
+    return None
 
 
 async def _send_error(send, status: int, code: str, message: str, extra: list | None = None) -> None:
