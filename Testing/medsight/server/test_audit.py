@@ -92,10 +92,14 @@ def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(e
         image = npy(np.zeros((2, 16, 16), np.int16))
         ask["volume_id"] = c.post("/v1/volumes", content=image, headers={"content-type": "application/octet-stream"}
                                   ).json()["volume_id"]
-        assert c.post("/v1/ask", json=ask).status_code == 200
+        first = c.post("/v1/ask", json=ask)
+        assert first.status_code == 200
         with file_size_limit(audit.stat().st_size + 10):  # room for a tenth of a line
             full = c.post("/v1/ask", json=ask)
         after = c.post("/v1/ask", json=ask)
     assert full.json()["code"] == "audit_failed", full.text
     assert "audit trail could not be written (File too large)" in full.json()["message"]
     assert after.status_code == 200 and len(after.json()["answers"]) == 1, after.text
+    # The failed line left nothing behind: the trail holds exactly the two answers given, each line whole.
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [line["job_id"] for line in lines] == [first.headers["x-job-id"], after.headers["x-job-id"]]

@@ -9,6 +9,7 @@ no identifiers, and the line is built from an explicit list of fields, not from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ class AuditLog:
     def __init__(self, path: str, model: ModelIdentity) -> None:
         self.path, self.model = path, model
         self._lock = threading.Lock()
-        self._file = os.fdopen(open_audit_file(path), "a", encoding="utf-8")  # open once, for every job
+        self._fd = open_audit_file(path)  # open once, for every job; unbuffered, so a failed line leaves nothing
 
     @classmethod
     def for_model(cls, path: str, model: torch.nn.Module, name: str) -> AuditLog:
@@ -75,12 +76,21 @@ class AuditLog:
             "duration_s": round(duration_s, 3),
             "outcome": outcome,
         }
-        text = json.dumps(line, separators=(",", ":"), sort_keys=True) + "\n"
+        data = (json.dumps(line, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(text)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            start = os.fstat(self._fd).st_size
+            try:
+                written = 0
+                while written < len(data):  # os.write may write part of the line (a full disk): go on or fail
+                    written += os.write(self._fd, data[written:])
+                os.fsync(self._fd)
+            except OSError:
+                # A torn line must not stay: the next job's line would be appended to it (a buffered file even
+                # completed it, recording a "completed" job whose answer was withheld).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            os.close(self._fd)
