@@ -78,6 +78,24 @@ def test_missing_extra_and_misshaped_keys_are_named(golden, tmp_path):
     assert str(path) in message
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_weight_stored_as_integers_or_booleans_is_named(golden, tmp_path, dtype):
+    """A damaged or hand-made UniMed-CLIP file whose weight is not floating point (same shape): load_state_dict's
+    RuntimeError ("Only Tensors of floating point ... can require gradients") reached the user as a traceback naming
+    neither the file nor the fix. A CheckpointError names both the file and the key."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    path = root / "unimed_clip_vit_l14.pt"
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("ln_post.bias"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key].to(dtype)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, root)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"ln_post.bias: checkpoint {str(dtype).removeprefix('torch.')} vs model floating point" in message
+
+
 def test_lvlm_key_errors_are_named(golden, tmp_path):
     root = write_release(golden, tmp_path / "r", sharded=False)
     weights = root / "medsight_full_instruct" / "model.safetensors"
