@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,27 @@ def test_a_weight_stored_as_integers_or_booleans_is_named(golden, tmp_path, dtyp
     message = str(err.value)
     assert str(path) in message
     assert f"ln_post.bias: checkpoint {str(dtype).removeprefix('torch.')} vs model floating point" in message
+
+
+def test_a_perceiver_of_another_size_names_its_file(release_dir):
+    """The golden (tiny) release loaded with the default base config (the full model's head size): the perceiver's
+    attention width is no multiple of that head size. The error said so without naming the file or the base config,
+    so the user could not tell which of the release's files was of another size."""
+    perceiver = release_dir / "region_perceiver" / "0079280.pt"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(perceiver))}: perceiver attention width \d+ is not a "
+                                              rf"multiple of dim_head \d+ \(base config 'full'\)"):
+        load_model(release_dir, device="cpu")
+
+
+def test_a_vision_file_without_a_vit_tensor_names_the_file(golden, tmp_path):
+    """A UniMed-CLIP file lacking a tensor the ViT's sizes are read from: the error named the tensor, not the file."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    path = root / "unimed_clip_vit_l14.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["module.visual.proj"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: vision checkpoint lacks 'proj'"):
+        load_tiny_release(golden, root)
 
 
 def test_lvlm_key_errors_are_named(golden, tmp_path):
