@@ -128,6 +128,20 @@ def test_lvlm_key_errors_are_named(golden, tmp_path):
         load_tiny_release(golden, root)
 
 
+def test_a_tensor_in_two_shards_is_named(golden, tmp_path):
+    """Two shards that both hold a tensor (a shard of an older save copied in): the later shard's values were taken
+    without a word, whichever the index assigns it to. Refused, naming the tensor and both shards."""
+    root = write_release(golden, tmp_path / "r")
+    lvlm = root / "medsight_full_instruct"
+    first, second = sorted(lvlm.glob("model-*.safetensors"))
+    state, other = load_file(str(first)), load_file(str(second))
+    name = sorted(state)[0]
+    other[name] = state[name] + 1
+    save_file(other, str(second))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is in both {first.name} and {second.name}"):
+        load_tiny_release(golden, root)
+
+
 def test_missing_files_give_clear_errors(golden, tmp_path):
     root = write_release(golden, tmp_path / "r")
     with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*nope\.pt"):

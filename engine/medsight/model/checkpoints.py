@@ -285,10 +285,18 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     shards = shard_names(folder)
     state: dict[str, torch.Tensor] = {}
+    found_in: dict[str, str] = {}
     for shard in shards:
         if not (folder / shard).is_file():
             raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
-        state.update(read_safetensors_file(folder / shard))
+        tensors = read_safetensors_file(folder / shard)
+        # A tensor in two shards (a shard of another save copied in): which one is meant cannot be told.
+        twice = sorted(set(tensors) & set(found_in))
+        if twice:
+            raise CheckpointError(f"{folder}: {twice[0]} is in both {found_in[twice[0]]} and {shard}"
+                                  + (f" ({len(twice) - 1} more such tensors)" if len(twice) > 1 else ""))
+        found_in.update(dict.fromkeys(tensors, shard))
+        state.update(tensors)
     return state
 
 
