@@ -315,6 +315,22 @@ def test_an_earlier_exports_weights_file_is_removed(model, exported, tmp_path):
     OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
 
 
+def test_the_files_of_an_export_killed_midway_are_removed_by_the_next(model, exported, tmp_path):
+    """A killed export (SIGKILL, power loss) cannot clean up its hidden folder of half-written graphs, 2.4 GB for the
+    full model; the next export into that folder removes it."""
+    import shutil
+
+    from medsight.onnx_export import STAGING_PREFIX
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    leftover = folder / f"{STAGING_PREFIX}killed"
+    leftover.mkdir()
+    shutil.copy(exported["vision_encoder"], leftover)
+    export_onnx(model, folder, exporter="torchscript")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
+
+
 def _damage_manifest(edit):
     def damage(folder: Path) -> None:
         path = folder / "manifest.json"

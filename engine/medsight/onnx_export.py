@@ -53,6 +53,8 @@ GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "
 #: A graph past `_needs_external_data` keeps its weights in "<graph file>.data" beside it (the name the dynamo
 #: exporter writes and the graph refers to).
 DATA_FILES = tuple(f"{file}.data" for file in GRAPH_FILES.values())
+#: The hidden folder inside the export folder where an export writes its graphs before renaming them into place.
+STAGING_PREFIX = ".medsight-onnx-export-"
 #: Every name an export may write into its folder.
 EXPORT_FILES = (*GRAPH_FILES.values(), *DATA_FILES, MANIFEST_FILE)
 
@@ -256,7 +258,9 @@ def export_onnx(
     # The graphs are written into a hidden folder beside the export and renamed into place once all are complete:
     # an export stopped midway leaves the old one whole, and no file an engine has open is written into (onnxruntime
     # maps a graph's .data file: written in place, a running engine would compute with the new weights, or crash).
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    for leftover in out.glob(f"{STAGING_PREFIX}*"):  # an export killed before its cleanup (up to 2.4 GB)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         # The sdpa kernel fixes up fully blocked rows behind a Python branch on the data, which tracing would
         # freeze at the example input's value: the graphs are traced with the eager (official, branch-free)
