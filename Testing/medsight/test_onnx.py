@@ -228,15 +228,24 @@ def test_missing_onnx_packages_are_named(exported, tmp_path, monkeypatch, capsys
         OnnxVisionBackend(exported["manifest"].parent)
 
 
-def test_an_interrupted_overwrite_leaves_no_manifest(model, exported, tmp_path, monkeypatch):
-    """Overwriting an export and stopping after its first graph (Ctrl-C during a long export) must not leave the old
-    manifest vouching for a mix of new and old graphs: the folder is then refused as having no manifest."""
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_interrupted_overwrite_leaves_the_old_export_whole(model, exported, tmp_path, monkeypatch):
+    """Overwriting an export with another model's and stopping after its first graph (Ctrl-C during a long export)
+    leaves the old export as it was, usable by the model it came from, and no half-written files: the new graphs are
+    written aside and renamed into place only once all are complete (the old manifest was deleted at the start, so
+    the folder was refused and the user had to export again)."""
     import shutil
 
+    import medsight
     from medsight import onnx_export
+    from medsight.model.loading import build_model
 
     folder = tmp_path / "onnx"
     shutil.copytree(exported["manifest"].parent, folder)
+    before = _snapshot(folder)
     real_export_one, calls = onnx_export._export_one, []
 
     def interrupted(*args, **kwargs):
@@ -247,11 +256,79 @@ def test_an_interrupted_overwrite_leaves_no_manifest(model, exported, tmp_path, 
 
     monkeypatch.setattr(onnx_export, "_export_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_onnx(model, folder, exporter="torchscript")
+        export_onnx(build_model(model.config, model.tokenizer, seed=1), folder, exporter="torchscript")
     assert calls == ["vision_encoder"]
-    assert not (folder / "manifest.json").exists()
-    with pytest.raises(ValueError, match=r"no ONNX export \(manifest.json is missing"):
-        OnnxVisionBackend(folder)
+    assert _snapshot(folder) == before
+    medsight.Engine(model, vision_backend=OnnxVisionBackend(folder, providers=["CPUExecutionProvider"]))
+
+
+def test_an_overwrite_never_writes_into_the_old_files(model, exported, tmp_path):
+    """onnxruntime maps a graph's .data file into a running engine's memory: an export writing into the old files
+    would change (or, shorter, crash) the weights that engine computes with. Every file is replaced by a new one, so
+    what a holder of the old files (here hard links, which share the file as a mapping does) reads is unchanged,
+    while the folder holds the new export."""
+    import os
+    import shutil
+
+    from medsight.model.loading import build_model
+
+    folder, held = tmp_path / "onnx", tmp_path / "held"
+    shutil.copytree(exported["manifest"].parent, folder)
+    held.mkdir()
+    for path in folder.iterdir():
+        os.link(path, held / path.name)
+    before = _snapshot(held)
+    export_onnx(build_model(model.config, model.tokenizer, seed=1), folder, exporter="torchscript")
+    assert _snapshot(held) == before
+    changed = [name for name, data in _snapshot(folder).items() if data != before[name]]
+    assert sorted(changed) == sorted(before)
+
+
+def test_a_graph_from_another_export_is_refused_naming_it(model, exported, tmp_path):
+    """Another export of the same config (other weights) has graph files of the same names, inputs and outputs: one
+    of them copied in passed every check (config and weights fingerprint are the manifest's) and the engine drew
+    masks with the other model's perceiver. Refused at load, naming the file."""
+    import shutil
+
+    from medsight.model.loading import build_model
+
+    other = export_onnx(build_model(model.config, model.tokenizer, seed=1), tmp_path / "other",
+                        exporter="torchscript")
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    shutil.copy(other["perceiver_decode"], folder / "perceiver_decode.onnx")
+    with pytest.raises(ValueError, match=r"perceiver_decode\.onnx is not the file this export wrote.*export-onnx"):
+        OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
+
+
+def test_an_earlier_exports_weights_file_is_removed(model, exported, tmp_path):
+    """A graph past 1 GiB (the full model's ViT) keeps its weights in vision_encoder.onnx.data; re-exported as a
+    graph with its weights inside (another model, another exporter), the old .data file (1.2 GB for the full model)
+    stayed in the folder, read by nothing."""
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    (folder / "vision_encoder.onnx.data").write_bytes(bytes(1 << 10))  # what such an earlier export left
+    export_onnx(model, folder, exporter="torchscript")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
+    OnnxVisionBackend(folder, providers=["CPUExecutionProvider"])
+
+
+def test_the_files_of_an_export_killed_midway_are_removed_by_the_next(model, exported, tmp_path):
+    """A killed export (SIGKILL, power loss) cannot clean up its hidden folder of half-written graphs, 2.4 GB for the
+    full model; the next export into that folder removes it."""
+    import shutil
+
+    from medsight.onnx_export import STAGING_PREFIX
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    leftover = folder / f"{STAGING_PREFIX}killed"
+    leftover.mkdir()
+    shutil.copy(exported["vision_encoder"], leftover)
+    export_onnx(model, folder, exporter="torchscript")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
 
 
 def _damage_manifest(edit):
@@ -283,6 +360,10 @@ FOLDER_DAMAGE = {
     "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
     "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
                                       r"lacks graphs"),
+    "the manifest lacks its files' digests": (
+        _damage_manifest(lambda m: {k: v for k, v in m.items() if k != "files"}), r"lacks files"),
+    "the manifest lists no graph files": (_damage_manifest(lambda m: {**m, "files": {}}),
+                                          r"does not list the graph files"),
     "the manifest's config is not an object": (_damage_manifest(lambda m: {**m, "config": "tiny"}),
                                                r"manifest\.json holds a config this medsight cannot read"),
     "the manifest's config has a field unknown here": (

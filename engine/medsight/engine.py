@@ -170,7 +170,8 @@ class Engine:
     ) -> None:
         """Args:
         vision_backend: optional `medsight.onnx_backend.OnnxVisionBackend` that runs the ViT and the perceiver
-            (encode and decode) in ONNX Runtime; the language model stays in PyTorch.
+            (encode and decode) in ONNX Runtime, in float32 whatever the model's dtype (held to the PyTorch results in
+            float32 only); the language model stays in PyTorch.
         mask_decode_dtype: decode masks with a copy of the perceiver in this dtype (e.g. torch.bfloat16):
             approximate, off by default; text and region tokens stay exact (`perceiver.CastDecode`). Not with a
             `vision_backend`, whose perceiver graph decodes in float32.

@@ -21,6 +21,7 @@ from medsight.onnx_export import (
     GRAPH_IO,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
+    file_sha256,
     require_packages,
     weights_fingerprint,
 )
@@ -51,7 +52,7 @@ def read_manifest(folder: Path) -> dict:
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != MANIFEST_FORMAT:
         raise ValueError(f"{path} is of format {found!r}, this medsight reads {MANIFEST_FORMAT!r}: {REEXPORT}")
-    missing = [key for key in ("config", "graphs") if key not in manifest]
+    missing = [key for key in ("config", "graphs", "files") if key not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: {REEXPORT}")
     return manifest
@@ -85,6 +86,20 @@ def open_graph(folder: Path, name: str, options, providers: list[str]):
     return session
 
 
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists must be the one the export wrote: a graph or .data file copied in from another
+    export (of the same config, so that nothing else tells) is refused naming it, not run with the wrong weights."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not set(GRAPH_FILES.values()) <= set(files):
+        raise ValueError(f"{folder / MANIFEST_FILE} does not list the graph files: {REEXPORT}")
+    for name, digest in files.items():
+        path = folder / name
+        if path.name != name or not path.is_file():
+            raise ValueError(f"the ONNX export in {folder} lacks {name}: {REEXPORT}")
+        if file_sha256(path) != digest:
+            raise ValueError(f"{path} is not the file this export wrote (from another export?): {REEXPORT}")
+
+
 class OnnxVisionBackend:
     """The exported vision encoder and perceiver behind `encode` / `decode`, on onnxruntime.
 
@@ -109,6 +124,8 @@ class OnnxVisionBackend:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         self.sessions = {name: open_graph(self.folder, name, options, self.providers) for name in GRAPH_FILES}
+        # After the sessions, which name a torn or misplaced graph more precisely than a digest can.
+        check_files(self.folder, self.manifest)
         self.image_size = self.config.vision.image_size
         self.grid_size = self.config.vision.grid_size
 

@@ -28,13 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from medsight.atomic_files import replace_file
+from medsight.atomic_files import replace_file, sync_folder
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.vision import encode_image
 
@@ -47,6 +50,13 @@ DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "medsight-onnx/1"
 GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
+#: A graph past `_needs_external_data` keeps its weights in "<graph file>.data" beside it (the name the dynamo
+#: exporter writes and the graph refers to).
+DATA_FILES = tuple(f"{file}.data" for file in GRAPH_FILES.values())
+#: The hidden folder inside the export folder where an export writes its graphs before renaming them into place.
+STAGING_PREFIX = ".medsight-onnx-export-"
+#: Every name an export may write into its folder.
+EXPORT_FILES = (*GRAPH_FILES.values(), *DATA_FILES, MANIFEST_FILE)
 
 GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
     "vision_encoder": (["pixel_values"], ["cls", "patches"]),
@@ -228,7 +238,8 @@ def export_onnx(
 
     Args:
         model: a MedSIGHT model; it is exported in float32 on the CPU (a copy is made if it is not already).
-        out_dir: created if missing; existing files are overwritten.
+        out_dir: created if missing; an export there is replaced once all new graphs are written (a .data file
+            no new graph reads is removed).
         opset: ONNX opset, at least 17.
         exporter: "auto" (dynamo, then TorchScript on failure), "dynamo" or "torchscript".
         optimize: run the dynamo exporter's graph optimiser (onnxruntime optimises again at load time).
@@ -239,24 +250,61 @@ def export_onnx(
     require_packages(*export_packages(exporter))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The manifest vouches for the graphs beside it: gone while they are rewritten, so that an interrupted
-    # overwrite leaves a folder the backend refuses, not old promises over a mix of new and old graphs.
-    (out / MANIFEST_FILE).unlink(missing_ok=True)
     if model.device.type != "cpu" or model.dtype != torch.float32:
         import copy
 
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     model = model.eval()
-    # The sdpa kernel fixes up fully blocked rows behind a Python branch on the data, which tracing would freeze
-    # at the example input's value: the graphs are traced with the eager (official, branch-free) arithmetic.
-    kernel = model.region_perceiver.attention_implementation
-    model.region_perceiver.attention_implementation = "eager"
+    # The graphs are written into a hidden folder beside the export and renamed into place once all are complete:
+    # an export stopped midway leaves the old one whole, and no file an engine has open is written into (onnxruntime
+    # maps a graph's .data file: written in place, a running engine would compute with the new weights, or crash).
+    for leftover in out.glob(f"{STAGING_PREFIX}*"):  # an export killed before its cleanup (up to 2.4 GB)
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        used = _export_graphs(model, out, opset, exporter, optimize)
+        # The sdpa kernel fixes up fully blocked rows behind a Python branch on the data, which tracing would
+        # freeze at the example input's value: the graphs are traced with the eager (official, branch-free)
+        # arithmetic.
+        kernel = model.region_perceiver.attention_implementation
+        model.region_perceiver.attention_implementation = "eager"
+        try:
+            used = _export_graphs(model, staging, opset, exporter, optimize)
+        finally:
+            model.region_perceiver.attention_implementation = kernel
+        files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+        manifest = _manifest(model, opset, used, files)
+        # The manifest vouches for the files beside it: gone while they are swapped, so that a stop midway leaves a
+        # folder the backend refuses, not old promises over a mix of new and old graphs.
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in files:
+            os.replace(staging / name, out / name)
+        for stale in set(DATA_FILES) - set(files):  # an earlier export's weights that no graph reads now
+            (out / stale).unlink(missing_ok=True)
+        sync_folder(out)
     finally:
-        model.region_perceiver.attention_implementation = kernel
+        shutil.rmtree(staging, ignore_errors=True)
+    paths = {name: out / file for name, file in GRAPH_FILES.items()}
+    paths["manifest"] = out / MANIFEST_FILE
+    # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must not
+    # leave a torn one beside complete graphs.
+    text = json.dumps(manifest, indent=2)
+    replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return paths
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (a full model's vision weights are 1.2 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(model: MedSIGHTModel, opset: int, used: dict[str, str], files: dict[str, str]) -> dict:
+    """What `manifest.json` records: the config and weights the graphs came from, and the sha256 of every file."""
     v = model.config.vision
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT,
         "config": model.config.to_dict(),
         "opset": opset,
@@ -274,14 +322,10 @@ def export_onnx(
                    "outputs": GRAPH_IO[name][1]}
             for name in GRAPH_FILES
         },
+        # Every file the export wrote (graphs and their .data): a graph or weights file copied in from another
+        # export of the same config passes the config and weights checks, and is caught by its digest.
+        "files": files,
     }
-    paths = {name: out / file for name, file in GRAPH_FILES.items()}
-    paths["manifest"] = out / MANIFEST_FILE
-    # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must not
-    # leave a torn one beside complete graphs.
-    text = json.dumps(manifest, indent=2)
-    replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    return paths
 
 
 def _export_graphs(model: MedSIGHTModel, out: Path, opset: int, exporter: str, optimize: bool) -> dict[str, str]:

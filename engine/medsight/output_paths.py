@@ -58,13 +58,11 @@ def check_folder_writable(path: str, label: str) -> None:
 def check_export_folder(out: str, overwrite: bool) -> None:
     """--out must be a folder (or not exist yet) where new files can be made, holding none of the files the export
     writes unless --overwrite."""
-    from medsight.onnx_export import DECODE_FILE, ENCODE_FILE, MANIFEST_FILE, VISION_FILE
+    from medsight.onnx_export import EXPORT_FILES, MANIFEST_FILE
 
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file: give a folder (created if missing)")
-    graphs = (VISION_FILE, ENCODE_FILE, DECODE_FILE)
-    names = [*graphs, MANIFEST_FILE, *(g + ".data" for g in graphs)]  # .data: a large graph's external weights
-    present = [name for name in names if os.path.lexists(os.path.join(out, name))]
+    present = [name for name in EXPORT_FILES if os.path.lexists(os.path.join(out, name))]
     if present and not overwrite:
         raise ValueError(f"--out {out} already holds {', '.join(present)}: pass --overwrite to replace them")
     check_folder_writable(os.path.join(out, MANIFEST_FILE), f"--out {out}")

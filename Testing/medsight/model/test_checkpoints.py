@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,45 @@ def test_missing_extra_and_misshaped_keys_are_named(golden, tmp_path):
     assert str(path) in message
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_weight_stored_as_integers_or_booleans_is_named(golden, tmp_path, dtype):
+    """A damaged or hand-made UniMed-CLIP file whose weight is not floating point (same shape): load_state_dict's
+    RuntimeError ("Only Tensors of floating point ... can require gradients") reached the user as a traceback naming
+    neither the file nor the fix. A CheckpointError names both the file and the key."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    path = root / "unimed_clip_vit_l14.pt"
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("ln_post.bias"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key].to(dtype)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny_release(golden, root)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"ln_post.bias: checkpoint {str(dtype).removeprefix('torch.')} vs model floating point" in message
+
+
+def test_a_perceiver_of_another_size_names_its_file(release_dir):
+    """The golden (tiny) release loaded with the default base config (the full model's head size): the perceiver's
+    attention width is no multiple of that head size. The error said so without naming the file or the base config,
+    so the user could not tell which of the release's files was of another size."""
+    perceiver = release_dir / "region_perceiver" / "0079280.pt"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(perceiver))}: perceiver attention width \d+ is not a "
+                                              rf"multiple of dim_head \d+ \(base config 'full'\)"):
+        load_model(release_dir, device="cpu")
+
+
+def test_a_vision_file_without_a_vit_tensor_names_the_file(golden, tmp_path):
+    """A UniMed-CLIP file lacking a tensor the ViT's sizes are read from: the error named the tensor, not the file."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    path = root / "unimed_clip_vit_l14.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["module.visual.proj"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: vision checkpoint lacks 'proj'"):
+        load_tiny_release(golden, root)
+
+
 def test_lvlm_key_errors_are_named(golden, tmp_path):
     root = write_release(golden, tmp_path / "r", sharded=False)
     weights = root / "medsight_full_instruct" / "model.safetensors"
@@ -85,6 +125,20 @@ def test_lvlm_key_errors_are_named(golden, tmp_path):
     del state["model.token_projection.2.bias"]
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=r"missing key\(s\): model.token_projection.2.bias"):
+        load_tiny_release(golden, root)
+
+
+def test_a_tensor_in_two_shards_is_named(golden, tmp_path):
+    """Two shards that both hold a tensor (a shard of an older save copied in): the later shard's values were taken
+    without a word, whichever the index assigns it to. Refused, naming the tensor and both shards."""
+    root = write_release(golden, tmp_path / "r")
+    lvlm = root / "medsight_full_instruct"
+    first, second = sorted(lvlm.glob("model-*.safetensors"))
+    state, other = load_file(str(first)), load_file(str(second))
+    name = sorted(state)[0]
+    other[name] = state[name] + 1
+    save_file(other, str(second))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is in both {first.name} and {second.name}"):
         load_tiny_release(golden, root)
 
 

@@ -158,6 +158,13 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, as
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
+    # Same shape, but integers or booleans where the model holds floats (or the reverse): load_state_dict would fail
+    # with a RuntimeError naming neither the file nor the fix. Other float dtypes are fine: the model is cast later.
+    mistyped = [
+        f"{k}: checkpoint {_kind(state[k].dtype)} vs model {_kind(expected[k].dtype)}"
+        for k in expected
+        if k in state and state[k].dtype.is_floating_point != expected[k].dtype.is_floating_point
+    ]
     problems = []
     if missing:
         problems.append(f"missing key(s): {_listing(missing)}")
@@ -165,9 +172,16 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, as
         problems.append(f"unexpected key(s): {_listing(unexpected)}")
     if wrong:
         problems.append(f"mis-shaped key(s): {_listing(wrong)}")
+    if mistyped:
+        problems.append(f"key(s) of another kind of number: {_listing(mistyped)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     module.load_state_dict(state, strict=True, assign=assign)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """A dtype as a load error names it: "floating point" for any float (a float16 file loads into float32)."""
+    return "floating point" if dtype.is_floating_point else str(dtype).removeprefix("torch.")
 
 
 def _listing(items: list[str], limit: int = 8) -> str:
@@ -274,10 +288,18 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     shards = shard_names(folder)
     state: dict[str, torch.Tensor] = {}
+    found_in: dict[str, str] = {}
     for shard in shards:
         if not os.path.lexists(folder / shard):
             raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
-        state.update(read_safetensors_file(folder / shard))
+        tensors = read_safetensors_file(folder / shard)
+        # A tensor in two shards (a shard of another save copied in): which one is meant cannot be told.
+        twice = sorted(set(tensors) & set(found_in))
+        if twice:
+            raise CheckpointError(f"{folder}: {twice[0]} is in both {found_in[twice[0]]} and {shard}"
+                                  + (f" ({len(twice) - 1} more such tensors)" if len(twice) > 1 else ""))
+        found_in.update(dict.fromkeys(tensors, shard))
+        state.update(tensors)
     return state
 
 

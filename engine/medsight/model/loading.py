@@ -163,8 +163,15 @@ def load_official(
         raise CheckpointError(
             f"no vision encoder weights: pass the UniMed-CLIP file (vision_file); {lvlm_folder} does not carry one"
         )
-    vision = infer_vision_config(vision_state, base.vision)
-    perceiver = infer_perceiver_config(perceiver_state, base.perceiver)
+    # Which file is of another size (or lacks a tensor its sizes are read from) is what the user needs to know.
+    try:
+        vision = infer_vision_config(vision_state, base.vision)
+    except CheckpointError as err:
+        raise CheckpointError(f"{vision_file or lvlm_folder}: {err}") from None
+    try:
+        perceiver = infer_perceiver_config(perceiver_state, base.perceiver)
+    except CheckpointError as err:
+        raise CheckpointError(f"{perceiver_file}: {err} (base config {base.name!r})") from None
     if vision.width != perceiver.dim:  # another ViT (e.g. a ViT-B file): the perceiver reads its grid directly
         raise CheckpointError(
             f"{vision_file or lvlm_folder}: a ViT of width {vision.width}, but {perceiver_file} reads features of "
