@@ -80,6 +80,16 @@ def test_an_image_whose_range_is_too_narrow_to_display_is_one_grey_like_a_consta
         assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
 
 
+@pytest.mark.parametrize("value", [0.0, -3e7, 1e8, 1e29])
+def test_a_constant_image_of_any_displayable_value_is_one_grey(value):
+    """A constant image beyond 2**24 (1.6e7) was refused as "too narrow": its window of width 1 has ends that round
+    to one float32 value there."""
+    values = np.full((4, 4), value, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_voxels_far_outside_the_window_are_black_or_white_without_warnings(dtype):
     """Before the fix they were, but numpy printed "overflow encountered in cast/multiply" on the engine's terminal

@@ -46,7 +46,9 @@ def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT
     lo, hi = (float(x) for x in np.percentile(v, percentiles))
     window = Window((lo + hi) / 2, hi - lo)
     if hi <= lo or too_narrow(window):  # constant image (to display): any positive width shows it as one grey
-        return Window(lo, 1.0)
+        # ... whose ends still differ in float32: 1.0 does up to 2**24, a few float32 steps beyond (1e8 is constant
+        # to float32 itself, and a width of 1.0 there was refused as too narrow).
+        return Window(lo, max(1.0, 4 * float(np.spacing(np.float32(abs(lo))))))
     return window
 
 
