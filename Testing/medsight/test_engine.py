@@ -245,7 +245,7 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
     # A volume no percentile window can show: the message says the window came from its values (the caller gave
     # none) and what to do.
     huge = Volume(np.full((2, 8, 8), 1e31, np.float32), modality="MR")
-    with pytest.raises(ValueError, match=r"the volume's values give the window .*give a window center and width"):
+    with pytest.raises(ValueError, match=r"values give the window .*rescale its values \(or, from Python"):
         engine.ask(VolumeSlices(huge, "axial", [0]), "Q?")
 
 

@@ -536,7 +536,8 @@ def volume_window(volume: Volume, window: str | Window | None) -> Window | None:
         return explicit_window(chosen.center, chosen.width)  # the check every slice's windowing makes
     except ImagingError as err:
         raise ImagingError(f"the volume's values give the window {chosen.low:g}..{chosen.high:g}, which 8-bit display "
-                           f"cannot use ({err.problem}); give a window center and width") from None
+                           f"cannot use ({err.problem}); rescale its values (or, from Python or the HTTP API, give a "
+                           "window center and width)") from None
 
 
 def check_question(question: str) -> None:
