@@ -100,7 +100,8 @@ def prepare_image(
     std: tuple[float, float, float],
     mode: ResizeMode = "crop",
 ) -> tuple[torch.Tensor, InputTransform]:
-    """Turn an 8-bit image (H, W) or (H, W, 3) into normalised (3, S, S) float32 pixels.
+    """Turn an 8-bit image (H, W), (H, W, 3) or (H, W, 4) into normalised (3, S, S) float32 pixels (an alpha channel
+    is dropped, as PIL's ``convert("RGB")`` in the official loader drops it).
 
     Returns the pixels and the transform that maps masks back onto the image.
     """
@@ -109,7 +110,7 @@ def prepare_image(
         raise ValueError(f"expected an 8-bit image, got dtype {array.dtype}; window it first")
     # Checked before a grey image gets its colour axis, so the message names the shape the caller gave.
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
-        raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {array.shape}")
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     height, width = array.shape[:2]
