@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from medsight.config import tiny_config
+from medsight.model.loading import build_model
+from medsight.tokens import code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
 from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log
@@ -93,6 +96,30 @@ def test_conversation_item_whose_image_is_a_folder_is_named_before_training(data
     with pytest.raises(ValueError, match=rf"train\.json: item 1 \(id {items[1]['id']!r}\): {tmp_path}/folder\.png is "
                                          r"a folder; expected the image"):
         _conversations(data, tmp_path / "train.json", items)
+
+@pytest.mark.parametrize("stage", ["stage3", "stage4", "stage5"])
+def test_a_region_code_the_model_lacks_is_named_before_training(data, tmp_path, stage):
+    """`[M99_3]` (or `[M01_3]`) is no token of the model: it trained as plain text while its mask trained the state
+    at position 0. Refused before --out is written, naming file, item, turn and code."""
+    vocabulary = build_model(tiny_config(), seed=0).codes
+    beyond = code_name(vocabulary.num_modalities, 0)  # one modality past the last
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    for code in (beyond, "[M01_3]"):
+        items[coded]["conversations"][-1]["value"] = f"It is {code}."
+        conversations = _write(tmp_path / "train.json", items)
+        settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1}
+        # The tiny preset has no stage-2 codebook to initialise stage 4's code rows from.
+        config = _write(tmp_path / "cfg.json", {**settings, **({"init_code_embeddings": False} if stage == "stage4"
+                                                                else {})})
+        last = code_name(vocabulary.num_modalities - 1, vocabulary.codebook_size - 1)
+        turn = len(items[coded]["conversations"]) - 1
+        with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): "
+                                             rf"conversations\[{turn}\] has region code {re.escape(code)}, which is "
+                                             rf"not in the model's vocabulary \(\[M0_0\] to {re.escape(last)}\)"):
+            train_main([stage, "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+        assert not (tmp_path / "o").exists()
+
 
 def test_stage1_given_conversation_data_says_what_it_expects(data):
     with pytest.raises(ValueError, match=r"stages 1-2 expect a segmentation meta JSON object with roots, json_paths, "

@@ -24,6 +24,7 @@ import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
+from medsight.tokens import CodeVocabulary
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
@@ -202,7 +203,7 @@ class ConversationDataset:
 
     def __init__(self, json_path: str | Path, tokenizer, image_size: int, mean, std,
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
-                 label_prompt_markup: bool = True) -> None:
+                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None) -> None:
         json_path = Path(json_path)
         self.items = read_user_json(json_path, "conversation file")
         if not isinstance(self.items, list):
@@ -212,7 +213,7 @@ class ConversationDataset:
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            check_conversation_item(where, item)
+            check_conversation_item(where, item, codes)
             self._check_item_files(where, item)
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
@@ -254,9 +255,11 @@ class ConversationDataset:
         return ConversationSample(ids, labels, pixels, masks)
 
 
-def check_conversation_item(where: str, item: object) -> None:
-    """An item must have one image, a conversation the prompt renders, and a file for every mask it orders;
-    checked up front so a bad item stops the run before training, named, rather than as a KeyError mid-run."""
+def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> None:
+    """An item must have one image, a conversation the prompt renders, a file for every mask it orders and (with
+    `codes`, the model's) only region codes the model has; checked up front so a bad item stops the run before
+    training, named, rather than as a KeyError mid-run or, for an unknown code, silently trained as plain text
+    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code)."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with image and conversations, got a {json_kind(item)}")
     missing = [k for k in ("image", "conversations") if k not in item]
@@ -278,10 +281,20 @@ def check_conversation_item(where: str, item: object) -> None:
         render_messages([Message(t["from"], t["value"]) for t in turns])
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
+    _check_codes(where, turns, codes)
     files = item.get("mask_files") or {}
     absent = [m for m in item.get("mask_orders") or [] if not isinstance(files, dict) or str(m) not in files]
     if absent:
         raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
+
+
+def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) -> None:
+    for i, turn in enumerate(turns):
+        unknown = codes.unknown_codes(turn["value"]) if codes is not None else []
+        if unknown:
+            last = f"[M{codes.num_modalities - 1}_{codes.codebook_size - 1}]"
+            raise ValueError(f"{where}: conversations[{i}] has region code {unknown[0]}, which is not in the model's "
+                             f"vocabulary ([M0_0] to {last}); it would be trained as plain text")
 
 
 def collate_conversations(samples: list[ConversationSample]) -> list[ConversationSample]:

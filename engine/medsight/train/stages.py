@@ -228,7 +228,7 @@ def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> C
         v = model.config.vision
         return ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
                                    v.image_std, config.resize_mode, config.data_root or None,
-                                   label_prompt_markup=config.label_prompt_markup)
+                                   label_prompt_markup=config.label_prompt_markup, codes=model.codes)
     return data
 
 
