@@ -79,8 +79,9 @@ class TrainConfig:
     """Settings common to every stage (the stage configs override the defaults with the official values).
 
     Attributes:
-        init_from: model to start from when run from the CLI: a preset name ("tiny", "full") or a folder written
-            by `save_pretrained` (e.g. the previous stage's `final/`).
+        init_from: model to start from when run from the CLI: a preset name ("tiny", "full": random weights from
+            `seed`; "demo": the embedded trained model, as `load_model` reads the name) or a folder written by
+            `save_pretrained` (e.g. the previous stage's `final/`).
         lr: peak learning rate.
         max_steps: optimizer steps; 0 derives them from `epochs`.
         epochs: passes over the data when `max_steps` is 0 (may be fractional).
