@@ -68,6 +68,33 @@ def test_unknown_init_from_lists_the_presets(data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_stage4_without_a_codebook_is_refused_before_the_model_is_loaded(data, tmp_path):
+    """Stage 4 writes its code rows from the stage-2 codebook; a start model without one was refused only once built
+    or loaded (minutes for the full model). The CLI reads the names in its weights file first: here a tensor of the
+    wrong shape would make a load fail before any codebook check."""
+    from safetensors.torch import load_file, save_file
+
+    from medsight.model.loading import save_pretrained
+    from medsight.train.stages import Stage4Config
+
+    start = save_pretrained(build_model(tiny_config(), seed=0), tmp_path / "start")
+    weights = start / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("mm_projector.0.weight"))
+    save_file({**state, name: state[name][:1].contiguous()}, str(weights))
+    out = tmp_path / "o"
+    for init_from in (str(start), "tiny"):
+        config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": init_from, "data_root": str(data["root"])})
+        with pytest.raises(ValueError, match=rf"init_from {re.escape(repr(init_from))}: stage-4 embedding "
+                                             r"initialisation needs the stage-2 codebook"):
+            train_main(["stage4", "--config", str(config), "--data", str(data["lvlm"]), "--out", str(out)])
+        assert not out.exists()
+    from medsight.train.cli import check_codebook
+
+    check_codebook(4, Stage4Config(init_from="demo"), out, resume=False)  # the embedded model has one
+    check_codebook(4, Stage4Config(init_from="tiny", init_code_embeddings=False), out, resume=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data files
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,11 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
-from medsight.model.checkpoints import CONFIG_FILE
+from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
 from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
-from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS, check_lora_targets
+from medsight.train.stages import (
+    CODEBOOK_NEEDED,
+    RECIPES,
+    RUNNERS,
+    STAGE_CONFIGS,
+    check_lora_targets,
+    initialises_code_rows,
+)
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -102,6 +109,16 @@ def check_lora_config(config: TrainConfig) -> None:
     from medsight.model.sizes import meta_model
 
     check_lora_targets(meta_model(arch).language_model, config.lora_targets)
+
+
+def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
+    """Stage 4 initialises the code rows from the stage-2 codebook: a start model without one is refused from the
+    names in its weights file, before it is built or loaded (minutes for the full model)."""
+    if stage != 4 or not initialises_code_rows(config, out, resume):
+        return
+    folder = None if is_random_preset(config.init_from) else embedded_folder(config.init_from) or config.init_from
+    if folder is None or not any(n.startswith("codebook.") for n in safetensors_names(folder)):
+        raise ValueError(f"init_from {config.init_from!r}: {CODEBOOK_NEEDED}")
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -202,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
     check_lora_config(config)
+    check_codebook(stage, config, args.out, args.resume)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
