@@ -210,6 +210,19 @@ def test_unreadable_training_images_and_masks_are_named(data, tmp_path):
     assert read_rgb(image).shape == (56, 56, 3) and read_mask(image).shape == (56, 56)
 
 
+def test_a_segmentation_image_or_mask_damaged_mid_run_names_its_annotation(tmp_path):
+    """Read mid-run, a damaged mask named only its file; the error now names the annotation file and image_id too."""
+    synthetic = write_synthetic(tmp_path / "data")
+    dataset = SegmentationDataset(synthetic["meta"], 56, (0.5,) * 3, (0.5,) * 3)
+    record = dataset.records[-1]
+    mask = record.masks[0]
+    mask.write_bytes(mask.read_bytes()[:60])
+    doc = json.loads((synthetic["root"] / "us.json").read_text())
+    image_id = next(a["image_id"] for a in doc["annotations"] if a["mask_file"] == mask.name)
+    with pytest.raises(ValueError, match=rf"us\.json: image_id {image_id}: cannot read the mask {mask}: "):
+        dataset[len(dataset) - 1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The --out folder
 # ---------------------------------------------------------------------------------------------------------------

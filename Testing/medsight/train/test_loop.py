@@ -218,3 +218,46 @@ def test_a_torn_line_that_is_not_the_last_stays_an_error(tmp_path):
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}')
     with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):
         read_log(tmp_path)
+
+
+def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
+    """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
+    the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
+    are read before it computes: the error names step, item and file, the state after the last step is saved, and a
+    resume once the file is whole ends exactly as an uninterrupted run."""
+    import json
+
+    from medsight.model.loading import load_pretrained
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import SampleOrder
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    failing_step = 3
+    index = SampleOrder(len(items), TrainConfig.seed)[failing_step - 1]  # batch 1 x grad_accum 1: one per step
+    image = data["root"] / items[index]["image"]
+    whole = image.read_bytes()
+
+    def run(out: str, *extra: str) -> int:
+        return train_main(["stage3", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
+                           "--out", str(tmp_path / out), *extra])
+
+    assert run("whole") == 0
+    image.write_bytes(whole[: len(whole) // 2])
+    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
+    with pytest.raises(ValueError, match=rf"step {failing_step}: .*train\.json: item {index} "
+                                         rf"\(id {items[index]['id']!r}\): cannot read the image {image}: .*; the "
+                                         rf"run's state after step {failing_step - 1} is saved in {kept}: replace the "
+                                         r"file"):
+        run("broken")
+    assert latest_checkpoint(tmp_path / "broken") == kept
+    image.write_bytes(whole)
+    assert run("broken", "--resume") == 0
+    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
+    got = load_pretrained(tmp_path / "broken" / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
+    assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]

@@ -65,6 +65,7 @@ class _ImageRecord:
     masks: list[Path]
     classes: list[int]
     modality: int
+    where: str = ""  # the annotation file and image_id, for an error reading it mid-run
 
 
 class SegmentationDataset:
@@ -87,7 +88,8 @@ class SegmentationDataset:
             for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
                 image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
-                record = grouped.setdefault(ann["image_id"], _ImageRecord(image, [], [], int(label)))
+                record = grouped.setdefault(ann["image_id"], _ImageRecord(
+                    image, [], [], int(label), f"{doc_path}: image_id {json.dumps(ann['image_id'])}"))
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
@@ -101,8 +103,11 @@ class SegmentationDataset:
 
     def __getitem__(self, index: int) -> SegmentationSample:
         record = self.records[index]
-        pixels, _ = prepare_image(read_rgb(record.image), self.image_size, self.mean, self.std, self.resize_mode)
-        masks = torch.stack([read_mask(p) for p in record.masks])
+        try:
+            image, masks = read_rgb(record.image), torch.stack([read_mask(p) for p in record.masks])
+        except ValueError as err:  # a file damaged or replaced since the run started
+            raise ValueError(f"{record.where}: {err}") from None
+        pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
         return SegmentationSample(pixels, masks, torch.tensor(record.classes, dtype=torch.long), record.modality)
 
 
@@ -210,6 +215,7 @@ class ConversationDataset:
             hint = " (a segmentation meta file is for stages 1-2)" if isinstance(self.items, dict) else ""
             raise ValueError(f"{json_path}: stages 3-5 expect a JSON list of conversation items, got a "
                              f"{json_kind(self.items)}{hint}")
+        self.json_path = json_path
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
@@ -241,6 +247,12 @@ class ConversationDataset:
 
     def __getitem__(self, index: int) -> ConversationSample:
         item = self.items[index]
+        try:
+            return self._sample(item)
+        except (ValueError, FileNotFoundError) as err:  # a file damaged, moved or replaced since the run started
+            raise ValueError(f"{_item_name(self.json_path, index, item)}: {err}") from None
+
+    def _sample(self, item: dict) -> ConversationSample:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         pixels, _ = prepare_image(read_rgb(self.resolve(image)), self.image_size, self.mean, self.std,
                                   self.resize_mode)

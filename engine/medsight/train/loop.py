@@ -514,10 +514,10 @@ def train(
     started = time.perf_counter()
     while step < steps:
         sums: dict[str, float] = {}
-        base = position
-        for micro in range(config.grad_accum):
-            first = base + (micro * world + rank) * config.batch_size
-            batch = collate([dataset[order[first + i]] for i in range(config.batch_size)])
+        batches = _read_step(dataset, order, collate, config, position, world, rank)
+        if _unread_anywhere(batches, sharded, device):
+            _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None)
+        for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
             with autocast:
@@ -564,6 +564,43 @@ def train(
         dist.barrier()
     result.last_step = step
     return result
+
+
+def _read_step(dataset: Sequence[Any], order: SampleOrder, collate: Callable[[list[Any]], Any], config: TrainConfig,
+               position: int, world: int, rank: int) -> list[Any] | str:
+    """This rank's micro-batches of the next step, all read before the step computes anything; or, where a sample
+    cannot be read (an image damaged or replaced since the run started, named by the dataset), the error text. Read
+    first, a failure leaves the model, optimizer and RNG exactly as the last step left them (`_stop_unreadable`)."""
+    try:
+        return [collate([dataset[order[position + (micro * world + rank) * config.batch_size + i]]
+                         for i in range(config.batch_size)]) for micro in range(config.grad_accum)]
+    except (ValueError, OSError) as err:
+        return str(err)
+
+
+def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.device) -> bool:
+    """Whether this rank or (under torchrun) any rank could not read its samples: every rank then stops together,
+    where a lone failing rank left the others waiting in the step's collectives."""
+    failed = isinstance(batches, str)
+    if not sharded:
+        return failed
+    flag = torch.tensor([float(failed)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
+                     out: Path, root: nn.Module | None) -> None:
+    """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
+    under torchrun), so a resume once the file is replaced loses nothing."""
+    saved = ""
+    if step > 0:
+        folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
+        if not any((folder / name).is_file() for name in (STATE_FILE, SHARDED_STATE_FILE)):  # not saved yet
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position)
+        saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
+    reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
+    raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 
 def _finalize_full(model: nn.Module, config: TrainConfig, step: int) -> Finalize:
