@@ -14,7 +14,7 @@ from medsight.model.loading import build_model
 from medsight.tokens import code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
-from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log
+from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log, train
 from medsight.train.stages import Stage3Config
 from medsight_testing.train_data import write_synthetic
 
@@ -208,6 +208,27 @@ def test_unreadable_training_images_and_masks_are_named(data, tmp_path):
         with pytest.raises(ValueError, match=message):
             read(path)
     assert read_rgb(image).shape == (56, 56, 3) and read_mask(image).shape == (56, 56)
+
+
+def test_an_empty_data_set_is_named_and_leaves_no_run_in_out(data, tmp_path):
+    """An empty conversation list (or annotation file) was refused only after --out held the run's config and log,
+    so the command rerun on the corrected data was refused: "already holds a training run; pass --resume"."""
+    meta = json.loads(data["meta"].read_text())
+    empty_doc = _write(tmp_path / "none.json", {"annotations": []})
+    empty_meta = {**meta, "json_paths": [str(empty_doc)] * len(meta["json_paths"]),
+                  "roots": [str(data["root"] / r) for r in meta["roots"]],
+                  "mask_roots": [str(data["root"] / r) for r in meta["mask_roots"]]}
+    out = tmp_path / "o"
+    for stage, path, named in (("stage3", _write(tmp_path / "train.json", []), "no conversation items"),
+                               ("stage1", _write(tmp_path / "meta.json", empty_meta), "no annotations")):
+        config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny"})
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {named}.*the training data set is empty"):
+            train_main([stage, "--config", str(config), "--data", str(path), "--out", str(out)])
+        assert not out.exists()
+    model = build_model(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match=r"the training data set is empty"):
+        train(model, list(model.parameters()), [], list, lambda batch: {}, Stage3Config(max_steps=1), out)
+    assert not out.exists()
 
 
 def test_a_segmentation_image_or_mask_damaged_mid_run_names_its_annotation(tmp_path):

@@ -93,6 +93,8 @@ class SegmentationDataset:
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
+        if not self.records:
+            raise ValueError(f"{meta_path}: no annotations in its json_paths; the training data set is empty")
         if num_classes is not None:
             bad = sorted({c for r in self.records for c in r.classes if not 0 <= c < num_classes})
             if bad:
@@ -215,6 +217,8 @@ class ConversationDataset:
             hint = " (a segmentation meta file is for stages 1-2)" if isinstance(self.items, dict) else ""
             raise ValueError(f"{json_path}: stages 3-5 expect a JSON list of conversation items, got a "
                              f"{json_kind(self.items)}{hint}")
+        if not self.items:
+            raise ValueError(f"{json_path}: no conversation items; the training data set is empty")
         self.json_path = json_path
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         for index, item in enumerate(self.items):

@@ -451,6 +451,7 @@ def train(
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter requires a gradient")
     check_batch_fits(config, len(dataset), world)
+    order = SampleOrder(len(dataset), config.seed)  # refuses an empty data set before --out holds a "run"
     seed_everything(config.seed)
     steps = total_steps(config, len(dataset), world)
     device = next(model.parameters()).device
@@ -506,7 +507,6 @@ def train(
         kept = "".join(json.dumps(r) + "\n" for r in read_log(out) if r["step"] <= step)
         replace_file(out / LOG_FILE, lambda target: target.write_text(kept))
 
-    order = SampleOrder(len(dataset), config.seed)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     )
