@@ -210,6 +210,32 @@ def test_unreadable_training_images_and_masks_are_named(data, tmp_path):
     assert read_rgb(image).shape == (56, 56, 3) and read_mask(image).shape == (56, 56)
 
 
+def test_batches_of_items_with_different_code_counts_are_refused_before_training(data, tmp_path):
+    """batch_size > 1 without pad_code_slots failed at the first step that drew items with different numbers of
+    region codes, after --out held the run (whose resume then refused the changed pad_code_slots). Refused up front,
+    naming two items that differ; with padded slots the same data trains."""
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    mask = items[coded]["mask_orders"][0]
+    items[coded]["conversations"][-1]["value"] = "It is [M0_3], and also [M0_4]."
+    items[coded]["mask_orders"] = [mask, mask]
+    conversations = _write(tmp_path / "train.json", items)
+    other = next(i for i in range(len(items)) if i != coded)
+    first, second = sorted((coded, other))
+    counts = {coded: 2, other: 1}
+    out = tmp_path / "o"
+    settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1, "batch_size": 2}
+    config = _write(tmp_path / "cfg.json", settings)
+    with pytest.raises(ValueError, match=rf"batch_size 2: every sample of a batch must decode the same number of "
+                                         rf"region codes .* item {first} \(id {items[first]['id']!r}\) has "
+                                         rf"{counts[first]} and .*item {second} \(id {items[second]['id']!r}\) has "
+                                         rf"{counts[second]}; set pad_code_slots to true"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)])
+    assert not out.exists()
+    config = _write(tmp_path / "cfg.json", {**settings, "pad_code_slots": True})
+    assert train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)]) == 0
+
+
 def test_an_empty_data_set_is_named_and_leaves_no_run_in_out(data, tmp_path):
     """An empty conversation list (or annotation file) was refused only after --out held the run's config and log,
     so the command rerun on the corrected data was refused: "already holds a training run; pass --resume"."""

@@ -24,7 +24,7 @@ import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
-from medsight.tokens import CodeVocabulary
+from medsight.tokens import CODE_PATTERN, CodeVocabulary
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
@@ -225,12 +225,29 @@ class ConversationDataset:
             where = _item_name(json_path, index, item)
             check_conversation_item(where, item, codes)
             self._check_item_files(where, item)
+        # Region codes per item, as `lvlm_losses` counts them (code tokens anywhere in the conversation; none decodes
+        # one slot): a batch of more than one sample needs one count unless its slots are padded.
+        self.code_slots = [max(1, sum(len(CODE_PATTERN.findall(t["value"])) for t in item["conversations"]))
+                           for item in self.items]
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def check_batches(self, batch_size: int, pad_code_slots: bool) -> None:
+        """Samples batched together must have the same number of region codes unless `pad_code_slots` (the official
+        collator stacks them): refused up front, naming two items that differ, not at whichever step first draws
+        them together (after --out already holds the run)."""
+        if batch_size == 1 or pad_code_slots or len(set(self.code_slots)) == 1:
+            return
+        first = self.code_slots[0]
+        other = next(i for i, n in enumerate(self.code_slots) if n != first)
+        names = [f"{_item_name(self.json_path, i, self.items[i])} has {self.code_slots[i]}" for i in (0, other)]
+        raise ValueError(f"batch_size {batch_size}: every sample of a batch must decode the same number of region "
+                         f"codes (official collator; an item without codes decodes one), but {names[0]} and "
+                         f"{names[1]}; set pad_code_slots to true (padded slots, a deviation) or batch_size to 1")
 
     def _check_item_files(self, where: str, item: dict) -> None:
         """Every image and mask the item names is a file (`_check_files`)."""

@@ -226,9 +226,11 @@ def _segmentation_data(data: Any, model: MedSIGHTModel, resize_mode: ResizeMode)
 def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> ConversationDataset:
     if isinstance(data, (str, Path)):
         v = model.config.vision
-        return ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
+        data = ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
                                    v.image_std, config.resize_mode, config.data_root or None,
                                    label_prompt_markup=config.label_prompt_markup, codes=model.codes)
+    if isinstance(data, ConversationDataset):
+        data.check_batches(config.batch_size, config.pad_code_slots)
     return data
 
 
