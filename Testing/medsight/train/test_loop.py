@@ -261,3 +261,33 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
     assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
     losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
     assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
+
+
+def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
+    """The sample order is a permutation of the data set's size: a resume given another --data file (or one with
+    items added or removed) trained on another stream of samples without a word. Refused, the run untouched."""
+    import json
+
+    from medsight.train.cli import main as train_main
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(items[:-1]))
+    out = tmp_path / "run"
+
+    def run(steps: int, conversations, *extra: str) -> int:
+        config = tmp_path / f"cfg{steps}.json"
+        config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1, "save_every": 1,
+                                      "data_root": str(data["root"])}))
+        return train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out),
+                           *extra])
+
+    assert run(2, data["lvlm"]) == 0
+    log = (out / LOG_FILE).read_text()
+    with pytest.raises(ValueError, match=rf"cannot resume .*step-0000002: the run's training data held {len(items)} "
+                                         rf"samples, --data now holds {len(items) - 1}"):
+        run(3, fewer, "--resume")
+    assert (out / LOG_FILE).read_text() == log and latest_checkpoint(out).name == "step-0000002"
+    assert run(3, data["lvlm"], "--resume") == 0

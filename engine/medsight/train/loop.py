@@ -478,7 +478,7 @@ def train(
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         step, position = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded,
-                                         config.batch_size * config.grad_accum)
+                                         config.batch_size * config.grad_accum, len(dataset))
         log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
         if config.max_steps <= 0 and position != step * per_step:
             # Resumed on another number of processes: the steps left are those the samples left need. The run had
@@ -516,7 +516,8 @@ def train(
         sums: dict[str, float] = {}
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
-            _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None)
+            _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
+                             len(dataset))
         for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
@@ -553,7 +554,8 @@ def train(
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position)
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position,
+                            len(dataset))
             if main_process:
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
@@ -590,14 +592,14 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None) -> None:
+                     out: Path, root: nn.Module | None, data_size: int) -> None:
     """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
     under torchrun), so a resume once the file is replaced loses nothing."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
         if not any((folder / name).is_file() for name in (STATE_FILE, SHARDED_STATE_FILE)):  # not saved yet
-            save_checkpoint(model, optimizer, scheduler, step, folder, root, position)
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data_size)
         saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
     reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
     raise ValueError(f"step {step + 1}: {reason}{saved}")
@@ -638,18 +640,21 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
-                    root: nn.Module | None = None, samples: int | None = None) -> Path:
+                    root: nn.Module | None = None, samples: int | None = None, data_size: int | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
-    the run has consumed (its data position).
+    the run has consumed (its data position); `data_size`: how many samples its data set holds (the sample order
+    depends on it: `check_data_size`).
     """
+    counts = {**({} if samples is None else {"samples": samples}),
+              **({} if data_size is None else {"data_size": data_size})}
     if root is None:
         save_pretrained(model, folder)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": trainer_state.rng_state(), **({} if samples is None else {"samples": samples})}
+                 "rng": trainer_state.rng_state(), **counts}
         trainer_state.save_tensors(folder / STATE_FILE, state)
         return folder
     rank = dist.get_rank()
@@ -658,17 +663,26 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     dist.barrier()
     if rank == 0:
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
-                 "world_size": dist.get_world_size(), **({} if samples is None else {"samples": samples})}
+                 "world_size": dist.get_world_size(), **counts}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
         trainer_state.write_json(folder / SHARDED_STATE_FILE, plain)
     dist.barrier()
     return folder
 
 
+def check_data_size(folder: Path, saved: int | None, current: int | None) -> None:
+    """A resume reads the run's data set: the sample order is a permutation of its size, so data of another size
+    (another --data file, items added or removed) would silently train on another stream of samples."""
+    if saved is not None and current is not None and int(saved) != current:
+        raise ValueError(f"cannot resume {folder}: the run's training data held {int(saved)} samples, --data now holds "
+                         f"{current}; resume with the run's data, or start a new run in another --out folder")
+
+
 def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
-                    samples_per_rank_step: int) -> tuple[int, int]:
+                    samples_per_rank_step: int, data_size: int | None = None) -> tuple[int, int]:
     """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A checkpoint of the other kind is an
-    error. `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
+    error, and so is one of a data set of another size than `data_size` (`check_data_size`).
+    `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
     if is_sharded != sharded:
         kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
@@ -678,11 +692,13 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         # Weights first (strict: the model must be the same architecture), then the trainer state.
         load_into(model, read_safetensors_folder(folder), str(folder))
         state = trainer_state.load_tensors(folder / STATE_FILE)
+        check_data_size(folder, state.get("data_size"), data_size)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer_state.set_rng_state(state["rng"])
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
+    check_data_size(folder, plain.get("data_size"), data_size)
     fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
     scheduler.load_state_dict(plain["scheduler"])
     rank = dist.get_rank()
