@@ -236,6 +236,23 @@ def test_batches_of_items_with_different_code_counts_are_refused_before_training
     assert train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)]) == 0
 
 
+def test_stage2_modality_labels_are_checked_before_training(data, tmp_path):
+    """A modality label beyond the codebook's stopped stage 2 at the first step that met it (unnamed, after --out
+    held the run); a word as a label was a bare int() error. Both are named with the meta file first."""
+    meta = json.loads(data["meta"].read_text())
+    rooted = {k: [str(data["root"] / p) for p in meta[k]] for k in ("roots", "mask_roots", "json_paths")}
+    beyond = tiny_config().codebook.num_modalities  # the run starts from the tiny preset
+    out = tmp_path / "o"
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "batch_size": 1})
+    for labels, message in (([0, beyond], rf"modality_labels \[{beyond}\] outside the codebook's {beyond} "
+                                          rf"modalities \(0 to {beyond - 1}\)"),
+                            ([0, "ct"], r"modality_labels\[1\]: modality label \"ct\" is not an integer")):
+        path = _write(tmp_path / "meta.json", {**meta, **rooted, "modality_labels": labels})
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+            train_main(["stage2", "--config", str(config), "--data", str(path), "--out", str(out)])
+        assert not out.exists()
+
+
 def test_an_empty_data_set_is_named_and_leaves_no_run_in_out(data, tmp_path):
     """An empty conversation list (or annotation file) was refused only after --out held the run's config and log,
     so the command rerun on the corrected data was refused: "already holds a training run; pass --resume"."""

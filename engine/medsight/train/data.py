@@ -72,7 +72,7 @@ class SegmentationDataset:
     """Reads the BiomedParse-like meta JSON; images go through `prepare_image` (the inference transform)."""
 
     def __init__(self, meta_path: str | Path, image_size: int, mean, std, resize_mode: ResizeMode = "crop",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, num_modalities: int | None = None) -> None:
         meta_path = Path(meta_path)
         meta = _check_meta(meta_path, read_user_json(meta_path, "segmentation meta file"))
         base = meta_path.parent
@@ -81,6 +81,12 @@ class SegmentationDataset:
         if not len(roots) == len(jsons) == len(labels) == len(mask_roots):
             raise ValueError(f"{meta_path}: roots, mask_roots, json_paths and modality_labels differ in length")
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
+        labels = [_integer(f"{meta_path}: modality_labels[{i}]", v, "modality label") for i, v in enumerate(labels)]
+        outside = sorted({m for m in labels if num_modalities is not None and not 0 <= m < num_modalities})
+        if outside:
+            # Stage 2 routes each image to its modality's codebook: checked here, not at the step that meets one.
+            raise ValueError(f"{meta_path}: modality_labels {outside} outside the codebook's {num_modalities} "
+                             f"modalities (0 to {num_modalities - 1})")
         self.records: list[_ImageRecord] = []
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
@@ -140,7 +146,7 @@ def _annotations(path: Path, doc: object) -> list[dict]:
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
-        checked.append({**ann, "category_id": _category_id(f"{path}: annotation {i}", ann["category_id"])})
+        checked.append({**ann, "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
     return checked
 
 
@@ -155,12 +161,12 @@ def _check_files(where: str, files: Iterable[tuple[str, Path]]) -> None:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _category_id(where: str, value: object) -> int:
+def _integer(where: str, value: object, name: str = "category_id") -> int:
     """`value` as an int: an integral number or numeric string is taken (pandas exports write 3.0 or "3"), a
     fraction, a word, a boolean or NaN is refused naming `where`."""
     number = _number(value.strip()) if isinstance(value, str) else value
     if isinstance(number, bool) or not isinstance(number, int | float) or not float(number).is_integer():
-        raise ValueError(f"{where}: category_id {json.dumps(value)} is not an integer")
+        raise ValueError(f"{where}: {name} {json.dumps(value)} is not an integer")
     return int(number)
 
 

@@ -216,10 +216,12 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _segmentation_data(data: Any, model: MedSIGHTModel, resize_mode: ResizeMode) -> SegmentationDataset:
+    """The data of stages 1-2; with the codebook attached (stage 2) its modality labels are checked against it."""
     if isinstance(data, (str, Path)):
         v = model.config.vision
+        modalities = None if model.codebook is None else model.codebook.cfg.num_modalities
         return SegmentationDataset(find_segmentation_meta(data), v.image_size, v.image_mean, v.image_std,
-                                   resize_mode, model.config.perceiver.num_classes)
+                                   resize_mode, model.config.perceiver.num_classes, modalities)
     return data
 
 
