@@ -291,3 +291,33 @@ def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
         run(3, fewer, "--resume")
     assert (out / LOG_FILE).read_text() == log and latest_checkpoint(out).name == "step-0000002"
     assert run(3, data["lvlm"], "--resume") == 0
+
+
+def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
+    """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
+    ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:
+    the moved run ends with the weights of an uninterrupted one."""
+    import json
+
+    from medsight.model.loading import load_pretrained
+    from medsight.train.cli import main as train_main
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    conversations = tmp_path / "train.json"  # outside the data folder: found through data_root only
+    shutil.copy(data["lvlm"], conversations)
+
+    def run(out: str, steps: int, root, *extra: str) -> int:
+        config = tmp_path / f"{out}{steps}.json"
+        config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1, "save_every": 1,
+                                      "data_root": str(root)}))
+        return train_main(["stage3", "--config", str(config), "--data", str(conversations),
+                           "--out", str(tmp_path / out), *extra])
+
+    assert run("whole", 3, data["root"]) == 0
+    assert run("moved", 2, data["root"]) == 0
+    moved = shutil.move(data["root"], tmp_path / "other-disk")
+    assert run("moved", 3, moved, "--resume") == 0
+    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
+    got = load_pretrained(tmp_path / "moved" / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0

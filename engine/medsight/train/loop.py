@@ -304,9 +304,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 #: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.
 RUN_MARKERS = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FINAL_DIR)
 #: Config fields a resume may change: they lengthen the run (max_steps, epochs; the cosine then spans the new
-#: length), or change what is written or where it runs, never what a step computes. Any other difference is refused.
+#: length), or change what is written, where it runs or where its files are read from (data_root: data moved to
+#: another disk; checkpoints record the data's size), never what a step computes. Any other difference is refused.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "export_official", "device",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "data_root")
 
 
 def check_out_dir(out_dir: str | Path, resume: bool) -> None:
