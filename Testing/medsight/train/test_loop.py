@@ -321,3 +321,24 @@ def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
     got = load_pretrained(tmp_path / "moved" / FINAL_DIR).state_dict()
     assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+
+
+def test_a_cuda_device_under_torchrun_is_each_process_gpu(monkeypatch):
+    """`"device": "cuda"` under torchrun put every process on the current GPU and then failed in
+    `torch.cuda.set_device(torch.device("cuda"))` ("Expected a torch.device with a specified index"); "cuda:0" put
+    every process on GPU 0. "cuda" is now each process's GPU; another process's index is refused before CUDA is
+    touched (so on this CPU-only machine too)."""
+    from medsight.train.loop import resolve_device
+
+    world, local_rank = 4, 1
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(ValueError, match=rf"device 'cuda:0' under torchrun: process {local_rank} of this computer "
+                                         r"would train on GPU 0, as would every other"):
+        resolve_device(TrainConfig(device="cuda:0"))
+    from medsight.train.loop import process_device_name
+
+    assert process_device_name("cuda", world, local_rank) == f"cuda:{local_rank}"
+    assert process_device_name(f"cuda:{local_rank}", world, local_rank) == f"cuda:{local_rank}"
+    assert process_device_name("cpu", world, local_rank) == "cpu"
+    assert process_device_name("cuda", 1, 0) == "cuda"  # one process: as named

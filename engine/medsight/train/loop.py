@@ -102,7 +102,8 @@ class TrainConfig:
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
-        device: "" picks CUDA when available, else CPU.
+        device: "" picks CUDA when available, else CPU; under torchrun "" and "cuda" are each process's GPU
+            (`process_device_name`).
     """
 
     init_from: str = "tiny"
@@ -215,11 +216,29 @@ def distributed_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def process_device_name(name: str, world: int, local_rank: int) -> str:
+    """The device a process trains on, by name. Under torchrun (`world` > 1) "cuda" is this process's GPU
+    (cuda:LOCAL_RANK), as when no device is named: as it stood, every process went to the current GPU and
+    `torch.cuda.set_device` refused a CUDA device without an index. Another process's GPU index is refused: every
+    process would train on that one GPU."""
+    parsed = parse_device(name) if name and world > 1 else None
+    if parsed is None or parsed.type != "cuda":
+        return name
+    if parsed.index is None:
+        return f"cuda:{local_rank}"
+    if parsed.index != local_rank:
+        raise ValueError(f"device {name!r} under torchrun: process {local_rank} of this computer would train on "
+                         f"GPU {parsed.index}, as would every other; use \"cuda\" or \"\" (each process takes the "
+                         "GPU of its local rank)")
+    return name
+
+
 def resolve_device(config: TrainConfig) -> torch.device:
-    """The config's device (which must exist on this computer), else this process's GPU (its torchrun local rank),
-    else the CPU."""
+    """The config's device (which must exist on this computer; under torchrun "cuda" is this process's GPU), else
+    this process's GPU (its torchrun local rank), else the CPU."""
     if config.device:
-        return loading.resolve_device(config.device)
+        _, world, local_rank = distributed_info()
+        return loading.resolve_device(process_device_name(config.device, world, local_rank))
     if torch.cuda.is_available():
         return torch.device("cuda", distributed_info()[2])
     return torch.device("cpu")
