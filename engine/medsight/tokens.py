@@ -60,6 +60,17 @@ class CodeVocabulary:
     def is_code(self, token_ids: torch.Tensor) -> torch.Tensor:
         return (token_ids >= self.first_id) & (token_ids < self.first_id + self.num_codes)
 
+    def unknown_codes(self, text: str) -> list[str]:
+        """Each region-code-like token in `text` that is none of these codes (a modality or index out of range, or
+        another spelling such as `[M01_3]`): the tokenizer splits it into plain text, so it never reaches the mask
+        head."""
+        return [match.group(0) for match in CODE_PATTERN.finditer(text)
+                if not self._is_name(match.group(0), int(match.group(1)), int(match.group(2)))]
+
+    def _is_name(self, text: str, modality: int, index: int) -> bool:
+        in_range = modality < self.num_modalities and index < self.codebook_size
+        return in_range and text == code_name(modality, index)
+
     def name_of(self, token_id: int) -> str:
         offset = int(token_id) - self.first_id
         if not 0 <= offset < self.num_codes:

@@ -51,3 +51,27 @@ def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(data, tmp_pa
     from_ranks = [line for line in err.splitlines() if line.startswith("[rank")]
     assert err.count("medsight train: interrupted") == 1 and not from_ranks, err
     assert "KeyboardInterrupt" not in err, err
+
+
+def test_a_sample_one_rank_cannot_read_stops_every_rank_and_keeps_the_steps_trained(tmp_path):
+    """Under torchrun the rank that could not read its sample raised alone (the other failed in the step's
+    collectives) and the steps since the last checkpoint were lost. Every rank now stops before the step computes;
+    the state after the last step is saved (DCP, collectively), and the error names the step, item and file."""
+    from medsight.train.loop import CHECKPOINT_DIR, SHARDED_STATE_FILE, SampleOrder, TrainConfig
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    failing_step, rank = 2, 1
+    index = SampleOrder(len(items), TrainConfig.seed)[(failing_step - 1) * WORLD + rank]  # batch 1, grad_accum 1
+    image = data["root"] / items[index]["image"]
+    image.write_bytes(image.read_bytes()[:200])
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": 3, "grad_accum": 1, "device": "cpu"}))
+    out = tmp_path / "run"
+    command, env = torchrun_command(WORLD, ["-m", "medsight.train.cli", "stage3", "--config", str(config), "--data",
+                                            str(data["lvlm"]), "--out", str(out)])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode != 0
+    assert (f"step {failing_step}: {data['lvlm']}: item {index} (id {items[index]['id']!r}): cannot read the image "
+            f"{image}") in done.stderr, done.stderr[-3000:]
+    assert (out / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}" / SHARDED_STATE_FILE).is_file()

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from medsight.config import tiny_config
+from medsight.model.loading import build_model
+from medsight.tokens import code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
-from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log
+from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log, train
 from medsight.train.stages import Stage3Config
 from medsight_testing.train_data import write_synthetic
 
@@ -65,6 +68,33 @@ def test_unknown_init_from_lists_the_presets(data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_stage4_without_a_codebook_is_refused_before_the_model_is_loaded(data, tmp_path):
+    """Stage 4 writes its code rows from the stage-2 codebook; a start model without one was refused only once built
+    or loaded (minutes for the full model). The CLI reads the names in its weights file first: here a tensor of the
+    wrong shape would make a load fail before any codebook check."""
+    from safetensors.torch import load_file, save_file
+
+    from medsight.model.loading import save_pretrained
+    from medsight.train.stages import Stage4Config
+
+    start = save_pretrained(build_model(tiny_config(), seed=0), tmp_path / "start")
+    weights = start / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("mm_projector.0.weight"))
+    save_file({**state, name: state[name][:1].contiguous()}, str(weights))
+    out = tmp_path / "o"
+    for init_from in (str(start), "tiny"):
+        config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": init_from, "data_root": str(data["root"])})
+        with pytest.raises(ValueError, match=rf"init_from {re.escape(repr(init_from))}: stage-4 embedding "
+                                             r"initialisation needs the stage-2 codebook"):
+            train_main(["stage4", "--config", str(config), "--data", str(data["lvlm"]), "--out", str(out)])
+        assert not out.exists()
+    from medsight.train.cli import check_codebook
+
+    check_codebook(4, Stage4Config(init_from="demo"), out, resume=False)  # the embedded model has one
+    check_codebook(4, Stage4Config(init_from="tiny", init_code_embeddings=False), out, resume=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data files
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +123,30 @@ def test_conversation_item_whose_image_is_a_folder_is_named_before_training(data
     with pytest.raises(ValueError, match=rf"train\.json: item 1 \(id {items[1]['id']!r}\): {tmp_path}/folder\.png is "
                                          r"a folder; expected the image"):
         _conversations(data, tmp_path / "train.json", items)
+
+@pytest.mark.parametrize("stage", ["stage3", "stage4", "stage5"])
+def test_a_region_code_the_model_lacks_is_named_before_training(data, tmp_path, stage):
+    """`[M99_3]` (or `[M01_3]`) is no token of the model: it trained as plain text while its mask trained the state
+    at position 0. Refused before --out is written, naming file, item, turn and code."""
+    vocabulary = build_model(tiny_config(), seed=0).codes
+    beyond = code_name(vocabulary.num_modalities, 0)  # one modality past the last
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    for code in (beyond, "[M01_3]"):
+        items[coded]["conversations"][-1]["value"] = f"It is {code}."
+        conversations = _write(tmp_path / "train.json", items)
+        settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1}
+        # The tiny preset has no stage-2 codebook to initialise stage 4's code rows from.
+        config = _write(tmp_path / "cfg.json", {**settings, **({"init_code_embeddings": False} if stage == "stage4"
+                                                                else {})})
+        last = code_name(vocabulary.num_modalities - 1, vocabulary.codebook_size - 1)
+        turn = len(items[coded]["conversations"]) - 1
+        with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): "
+                                             rf"conversations\[{turn}\] has region code {re.escape(code)}, which is "
+                                             rf"not in the model's vocabulary \(\[M0_0\] to {re.escape(last)}\)"):
+            train_main([stage, "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+        assert not (tmp_path / "o").exists()
+
 
 def test_stage1_given_conversation_data_says_what_it_expects(data):
     with pytest.raises(ValueError, match=r"stages 1-2 expect a segmentation meta JSON object with roots, json_paths, "
@@ -154,6 +208,83 @@ def test_unreadable_training_images_and_masks_are_named(data, tmp_path):
         with pytest.raises(ValueError, match=message):
             read(path)
     assert read_rgb(image).shape == (56, 56, 3) and read_mask(image).shape == (56, 56)
+
+
+def test_batches_of_items_with_different_code_counts_are_refused_before_training(data, tmp_path):
+    """batch_size > 1 without pad_code_slots failed at the first step that drew items with different numbers of
+    region codes, after --out held the run (whose resume then refused the changed pad_code_slots). Refused up front,
+    naming two items that differ; with padded slots the same data trains."""
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    mask = items[coded]["mask_orders"][0]
+    items[coded]["conversations"][-1]["value"] = "It is [M0_3], and also [M0_4]."
+    items[coded]["mask_orders"] = [mask, mask]
+    conversations = _write(tmp_path / "train.json", items)
+    other = next(i for i in range(len(items)) if i != coded)
+    first, second = sorted((coded, other))
+    counts = {coded: 2, other: 1}
+    out = tmp_path / "o"
+    settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1, "batch_size": 2}
+    config = _write(tmp_path / "cfg.json", settings)
+    with pytest.raises(ValueError, match=rf"batch_size 2: every sample of a batch must decode the same number of "
+                                         rf"region codes .* item {first} \(id {items[first]['id']!r}\) has "
+                                         rf"{counts[first]} and .*item {second} \(id {items[second]['id']!r}\) has "
+                                         rf"{counts[second]}; set pad_code_slots to true"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)])
+    assert not out.exists()
+    config = _write(tmp_path / "cfg.json", {**settings, "pad_code_slots": True})
+    assert train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)]) == 0
+
+
+def test_stage2_modality_labels_are_checked_before_training(data, tmp_path):
+    """A modality label beyond the codebook's stopped stage 2 at the first step that met it (unnamed, after --out
+    held the run); a word as a label was a bare int() error. Both are named with the meta file first."""
+    meta = json.loads(data["meta"].read_text())
+    rooted = {k: [str(data["root"] / p) for p in meta[k]] for k in ("roots", "mask_roots", "json_paths")}
+    beyond = tiny_config().codebook.num_modalities  # the run starts from the tiny preset
+    out = tmp_path / "o"
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "batch_size": 1})
+    for labels, message in (([0, beyond], rf"modality_labels \[{beyond}\] outside the codebook's {beyond} "
+                                          rf"modalities \(0 to {beyond - 1}\)"),
+                            ([0, "ct"], r"modality_labels\[1\]: modality label \"ct\" is not an integer")):
+        path = _write(tmp_path / "meta.json", {**meta, **rooted, "modality_labels": labels})
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+            train_main(["stage2", "--config", str(config), "--data", str(path), "--out", str(out)])
+        assert not out.exists()
+
+
+def test_an_empty_data_set_is_named_and_leaves_no_run_in_out(data, tmp_path):
+    """An empty conversation list (or annotation file) was refused only after --out held the run's config and log,
+    so the command rerun on the corrected data was refused: "already holds a training run; pass --resume"."""
+    meta = json.loads(data["meta"].read_text())
+    empty_doc = _write(tmp_path / "none.json", {"annotations": []})
+    empty_meta = {**meta, "json_paths": [str(empty_doc)] * len(meta["json_paths"]),
+                  "roots": [str(data["root"] / r) for r in meta["roots"]],
+                  "mask_roots": [str(data["root"] / r) for r in meta["mask_roots"]]}
+    out = tmp_path / "o"
+    for stage, path, named in (("stage3", _write(tmp_path / "train.json", []), "no conversation items"),
+                               ("stage1", _write(tmp_path / "meta.json", empty_meta), "no annotations")):
+        config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny"})
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {named}.*the training data set is empty"):
+            train_main([stage, "--config", str(config), "--data", str(path), "--out", str(out)])
+        assert not out.exists()
+    model = build_model(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match=r"the training data set is empty"):
+        train(model, list(model.parameters()), [], list, lambda batch: {}, Stage3Config(max_steps=1), out)
+    assert not out.exists()
+
+
+def test_a_segmentation_image_or_mask_damaged_mid_run_names_its_annotation(tmp_path):
+    """Read mid-run, a damaged mask named only its file; the error now names the annotation file and image_id too."""
+    synthetic = write_synthetic(tmp_path / "data")
+    dataset = SegmentationDataset(synthetic["meta"], 56, (0.5,) * 3, (0.5,) * 3)
+    record = dataset.records[-1]
+    mask = record.masks[0]
+    mask.write_bytes(mask.read_bytes()[:60])
+    doc = json.loads((synthetic["root"] / "us.json").read_text())
+    image_id = next(a["image_id"] for a in doc["annotations"] if a["mask_file"] == mask.name)
+    with pytest.raises(ValueError, match=rf"us\.json: image_id {image_id}: cannot read the mask {mask}: "):
+        dataset[len(dataset) - 1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -218,3 +218,127 @@ def test_a_torn_line_that_is_not_the_last_stays_an_error(tmp_path):
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}')
     with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):
         read_log(tmp_path)
+
+
+def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
+    """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
+    the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
+    are read before it computes: the error names step, item and file, the state after the last step is saved, and a
+    resume once the file is whole ends exactly as an uninterrupted run."""
+    import json
+
+    from medsight.model.loading import load_pretrained
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import SampleOrder
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    failing_step = 3
+    index = SampleOrder(len(items), TrainConfig.seed)[failing_step - 1]  # batch 1 x grad_accum 1: one per step
+    image = data["root"] / items[index]["image"]
+    whole = image.read_bytes()
+
+    def run(out: str, *extra: str) -> int:
+        return train_main(["stage3", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
+                           "--out", str(tmp_path / out), *extra])
+
+    assert run("whole") == 0
+    image.write_bytes(whole[: len(whole) // 2])
+    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
+    with pytest.raises(ValueError, match=rf"step {failing_step}: .*train\.json: item {index} "
+                                         rf"\(id {items[index]['id']!r}\): cannot read the image {image}: .*; the "
+                                         rf"run's state after step {failing_step - 1} is saved in {kept}: replace the "
+                                         r"file"):
+        run("broken")
+    assert latest_checkpoint(tmp_path / "broken") == kept
+    image.write_bytes(whole)
+    assert run("broken", "--resume") == 0
+    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
+    got = load_pretrained(tmp_path / "broken" / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
+    assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
+
+
+def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
+    """The sample order is a permutation of the data set's size: a resume given another --data file (or one with
+    items added or removed) trained on another stream of samples without a word. Refused, the run untouched."""
+    import json
+
+    from medsight.train.cli import main as train_main
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(items[:-1]))
+    out = tmp_path / "run"
+
+    def run(steps: int, conversations, *extra: str) -> int:
+        config = tmp_path / f"cfg{steps}.json"
+        config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1, "save_every": 1,
+                                      "data_root": str(data["root"])}))
+        return train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out),
+                           *extra])
+
+    assert run(2, data["lvlm"]) == 0
+    log = (out / LOG_FILE).read_text()
+    with pytest.raises(ValueError, match=rf"cannot resume .*step-0000002: the run's training data held {len(items)} "
+                                         rf"samples, --data now holds {len(items) - 1}"):
+        run(3, fewer, "--resume")
+    assert (out / LOG_FILE).read_text() == log and latest_checkpoint(out).name == "step-0000002"
+    assert run(3, data["lvlm"], "--resume") == 0
+
+
+def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
+    """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
+    ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:
+    the moved run ends with the weights of an uninterrupted one."""
+    import json
+
+    from medsight.model.loading import load_pretrained
+    from medsight.train.cli import main as train_main
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    conversations = tmp_path / "train.json"  # outside the data folder: found through data_root only
+    shutil.copy(data["lvlm"], conversations)
+
+    def run(out: str, steps: int, root, *extra: str) -> int:
+        config = tmp_path / f"{out}{steps}.json"
+        config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1, "save_every": 1,
+                                      "data_root": str(root)}))
+        return train_main(["stage3", "--config", str(config), "--data", str(conversations),
+                           "--out", str(tmp_path / out), *extra])
+
+    assert run("whole", 3, data["root"]) == 0
+    assert run("moved", 2, data["root"]) == 0
+    moved = shutil.move(data["root"], tmp_path / "other-disk")
+    assert run("moved", 3, moved, "--resume") == 0
+    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
+    got = load_pretrained(tmp_path / "moved" / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+
+
+def test_a_cuda_device_under_torchrun_is_each_process_gpu(monkeypatch):
+    """`"device": "cuda"` under torchrun put every process on the current GPU and then failed in
+    `torch.cuda.set_device(torch.device("cuda"))` ("Expected a torch.device with a specified index"); "cuda:0" put
+    every process on GPU 0. "cuda" is now each process's GPU; another process's index is refused before CUDA is
+    touched (so on this CPU-only machine too)."""
+    from medsight.train.loop import resolve_device
+
+    world, local_rank = 4, 1
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(ValueError, match=rf"device 'cuda:0' under torchrun: process {local_rank} of this computer "
+                                         r"would train on GPU 0, as would every other"):
+        resolve_device(TrainConfig(device="cuda:0"))
+    from medsight.train.loop import process_device_name
+
+    assert process_device_name("cuda", world, local_rank) == f"cuda:{local_rank}"
+    assert process_device_name(f"cuda:{local_rank}", world, local_rank) == f"cuda:{local_rank}"
+    assert process_device_name("cpu", world, local_rank) == "cpu"
+    assert process_device_name("cuda", 1, 0) == "cuda"  # one process: as named

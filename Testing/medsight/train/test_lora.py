@@ -125,11 +125,56 @@ def test_merge_onto_a_preset_rebuilds_the_weights_the_run_trained_on(run, tmp_pa
         diff = (got[key] - want[key]).abs().max().item()
         assert diff <= 2e-6 * max(1.0, want[key].abs().max().item()), (key, diff)  # merging rounds B @ A into W
     lone = shutil.copytree(out / "final", tmp_path / "lone")  # no run config beside it: the seed is unknown
-    with pytest.raises(ValueError, match=r"--model tiny is a preset with random weights: pass --seed"):
+    with pytest.raises(ValueError, match=r"--model tiny is a preset with random weights: the weights .* was trained "
+                                         r"on are rebuilt from its LoRA run's seed, but no train_config\.json"):
         train_main(["merge", "--model", "tiny", "--adapter", str(lone), "--out", str(tmp_path / "m2")])
     with pytest.raises(ValueError, match=rf"--seed {seed + 1} differs from the seed of the run .* \({seed} in"):
         train_main(["merge", "--model", "tiny", "--adapter", str(out / "final"), "--out", str(tmp_path / "m3"),
                     "--seed", str(seed + 1)])
+
+
+def test_ask_serve_and_eval_apply_an_adapter_to_a_preset_rebuilt_from_the_runs_seed(run, tmp_path, capsys):
+    """`medsight ask/serve/eval --model tiny --adapter DIR` load through `Engine.load`, which rebuilt the preset from
+    seed 0 whatever the LoRA run's seed was (merge already took the run's): the adapter then met other weights. They
+    take the run's seed by the same rule as merge; a contradicting seed, or none to be found, is refused."""
+    import shutil
+
+    from medsight.engine import Engine
+    from medsight.train.cli import initial_model
+
+    seed = TrainConfig().seed + 5
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"init_from": "tiny", "seed": seed, "max_steps": 2, "grad_accum": 1, "lr": 1e-2}))
+    out = tmp_path / "out"
+    assert train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(out)]) == 0
+    trained = initial_model(LoraConfig.from_json(config))
+    load_adapter(trained, out / "final", merge=False)
+    loaded = Engine.load("tiny", device="cpu", dtype=torch.float32, adapter=out / "final").model
+    with torch.no_grad():
+        want, got = probe(trained.eval(), run["data"]["lvlm"]), probe(loaded, run["data"]["lvlm"])
+    for key in want:
+        diff = (got[key] - want[key]).abs().max().item()
+        assert diff <= 2e-6 * max(1.0, want[key].abs().max().item()), (key, diff)  # merging rounds B @ A into W
+    with pytest.raises(ValueError, match=rf"--seed {seed + 1} differs from the seed of the run .* \({seed} in"):
+        load_model("tiny", device="cpu", adapter=out / "final", seed=seed + 1)
+    lone = shutil.copytree(out / "final", tmp_path / "lone")  # no run config beside it: the seed is unknown
+    image = next((run["data"]["root"] / "ct" / "images").glob("*.png"))
+    assert cli_main(["ask", str(image), "Where?", "--model", "tiny", "--adapter", str(lone), "--device", "cpu"]) == 2
+    assert f"no train_config.json of a run from tiny is beside it ({tmp_path / 'train_config.json'})" in \
+        capsys.readouterr().err
+
+
+def test_init_from_demo_fine_tunes_the_embedded_trained_model(run):
+    """`load_model("demo")` (ask, serve, eval, merge) is the embedded trained model; a run's `init_from: "demo"`
+    built the demo preset with random weights (another vocabulary, even), so a LoRA adapter trained from it was
+    applied to weights it never saw. A run from "demo" now starts from the embedded model."""
+    from medsight.model.loading import EMBEDDED
+    from medsight.train.cli import initial_model
+
+    started = initial_model(LoraConfig(init_from="demo")).state_dict()
+    embedded = load_pretrained(EMBEDDED["demo"]).state_dict()
+    assert started.keys() == embedded.keys()
+    assert max((started[k].float() - embedded[k].float()).abs().max().item() for k in embedded) == 0
 
 
 def test_adapter_naming_a_base_of_another_vocabulary_loads(run, tmp_path):

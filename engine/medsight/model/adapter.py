@@ -100,6 +100,29 @@ def _saved_adapter_names(folder: Path) -> set[str]:
     return set(data)
 
 
+def adapter_base_seed(model: str, adapter: Path, seed: int | None) -> int:
+    """The seed that rebuilds the random weights of a preset `model` as the LoRA run that trained `adapter` built
+    them: an adapter applied to weights drawn from another seed gives a silently different model (logits off by
+    more than their own size). Taken from the run's config beside the adapter (`<out>/final/` and
+    `<out>/train_config.json`) unless `seed` names it; a seed that contradicts the run's, or none at all, is refused.
+    Every command that applies an adapter to a preset (ask, serve, eval, train merge) loads through this rule."""
+    from medsight.train.loop import CONFIG_FILE, TrainConfig
+    from medsight.user_files import read_user_json
+
+    path = adapter.parent / CONFIG_FILE
+    run = read_user_json(path, "LoRA run config") if path.is_file() else {}
+    run_seed = run.get("seed", TrainConfig.seed) if isinstance(run, dict) and run.get("init_from") == model else None
+    if seed is None and run_seed is None:
+        raise ValueError(f"--model {model} is a preset with random weights: the weights {adapter} was trained on are "
+                         f"rebuilt from its LoRA run's seed, but no {CONFIG_FILE} of a run from {model} is beside it "
+                         f"({path}); keep the adapter in its run's folder, or pass --seed with the run's seed "
+                         "(medsight train merge)")
+    if seed is not None and run_seed is not None and seed != run_seed:
+        raise ValueError(f"--seed {seed} differs from the seed of the run that trained {adapter} ({run_seed} in "
+                         f"{path}): it would rebuild other weights than the adapter was trained on")
+    return run_seed if seed is None else seed
+
+
 def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
     """Apply an adapter in the official layout to `model` (a MedSIGHTModel) in place; returns its language model.
 

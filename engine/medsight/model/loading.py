@@ -54,6 +54,18 @@ log = logging.getLogger(__name__)
 EMBEDDED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo_model"}
 
 
+def embedded_folder(name: str | Path) -> Path | None:
+    """The folder of the trained model that ships under `name`, or None."""
+    folder = EMBEDDED.get(str(name))
+    return folder if folder is not None and (folder / CONFIG_FILE).is_file() else None
+
+
+def is_random_preset(source: str | Path) -> bool:
+    """Whether `load_model` (and a training run's `init_from`) builds `source` with random weights: a preset that
+    is not also an embedded trained model."""
+    return str(source) in PRESETS and embedded_folder(source) is None
+
+
 def build_model(config: MedSIGHTConfig, tokenizer=None, seed: int = 0) -> MedSIGHTModel:
     """A model with freshly initialised weights (deterministic for a given seed, global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -348,7 +360,7 @@ def load_model(
     vision_file: str | Path | None = None,
     codebook_file: str | Path | None = None,
     base_config: str | MedSIGHTConfig = "full",
-    seed: int = 0,
+    seed: int | None = None,
     fetch_vision: bool = False,
     adapter: str | Path | None = None,
 ) -> MedSIGHTModel:
@@ -362,6 +374,8 @@ def load_model(
         vision_file: the UniMed-CLIP checkpoint for official layouts, a path or `REPO_ID:FILENAME[@REVISION]` (else
             looked for as `*clip*.pt` beside the release, then in the Hugging Face cache).
         codebook_file: optional stage-2 codebook file for official layouts (path or Hub address).
+        seed: the seed a random preset is built from: default 0, and with an `adapter` the seed of the LoRA run
+            that trained it (`medsight.model.adapter.adapter_base_seed`; a different seed is refused).
         base_config: preset (or config) giving what official files cannot tell, such as attention head splits.
         fetch_vision: download the UniMed-CLIP file from its authors' repository when the release needs it and
             the cache does not hold it (else the error says what to fetch, from where, under which licence).
@@ -374,11 +388,16 @@ def load_model(
         raise ValueError(f"dtype {dtype!r} is not a floating-point torch.dtype: use torch.bfloat16, "
                          "torch.float32 or torch.float16")
     dtype = dtype or default_dtype(device)
-    if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
-        model = load_pretrained(EMBEDDED[str(source)])
-    elif str(source) in PRESETS:
+    embedded = embedded_folder(source)
+    if embedded is not None:
+        model = load_pretrained(embedded)
+    elif is_random_preset(source):
         log.warning("preset %r: random weights, for testing the pipeline only", str(source))
-        model = build_model(get_preset(str(source)), seed=seed).eval()
+        if adapter is not None:
+            from medsight.model.adapter import adapter_base_seed
+
+            seed = adapter_base_seed(str(source), Path(adapter), seed)
+        model = build_model(get_preset(str(source)), seed=0 if seed is None else seed).eval()
     else:
         folder = resolve_source(source)
         if (folder / CONFIG_FILE).is_file():
@@ -395,9 +414,9 @@ def load_model(
                 vision = vision_file_for_release(fetch=fetch_vision)
             model = load_official(found["lvlm"], found["perceiver"], vision, codebook_file or found["codebook"],
                                   base=base)
-    if str(source) in EMBEDDED and (EMBEDDED[str(source)] / CONFIG_FILE).is_file():
+    if embedded is not None:
         model.weights_source = f"{source} (embedded, trained; not for clinical use)"
-    elif str(source) in PRESETS:
+    elif is_random_preset(source):
         model.weights_source = f"random ({source} preset)"
     else:
         model.weights_source = str(source)

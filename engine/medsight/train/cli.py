@@ -21,13 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
-from medsight.model.checkpoints import CONFIG_FILE
-from medsight.model.loading import build_model, load_pretrained
+from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
+from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
 from medsight.model.medsight import MedSIGHTModel
-from medsight.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
-from medsight.train.stages import RECIPES, RUNNERS, STAGE_CONFIGS, check_lora_targets
-from medsight.user_files import read_user_json
+from medsight.train.stages import (
+    CODEBOOK_NEEDED,
+    RECIPES,
+    RUNNERS,
+    STAGE_CONFIGS,
+    check_lora_targets,
+    initialises_code_rows,
+)
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -87,9 +92,9 @@ def check_init_from(init_from: str) -> None:
 
 def model_config(init_from: str) -> MedSIGHTConfig | None:
     """The architecture a run starts from, without building it (None when it cannot be told cheaply)."""
-    if init_from in PRESETS:
+    if is_random_preset(init_from):
         return get_preset(init_from)
-    path = Path(init_from) / CONFIG_FILE
+    path = Path(embedded_folder(init_from) or init_from) / CONFIG_FILE
     return MedSIGHTConfig.from_json(path) if path.is_file() else None
 
 
@@ -106,11 +111,23 @@ def check_lora_config(config: TrainConfig) -> None:
     check_lora_targets(meta_model(arch).language_model, config.lora_targets)
 
 
+def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
+    """Stage 4 initialises the code rows from the stage-2 codebook: a start model without one is refused from the
+    names in its weights file, before it is built or loaded (minutes for the full model)."""
+    if stage != 4 or not initialises_code_rows(config, out, resume):
+        return
+    folder = None if is_random_preset(config.init_from) else embedded_folder(config.init_from) or config.init_from
+    if folder is None or not any(n.startswith("codebook.") for n in safetensors_names(folder)):
+        raise ValueError(f"init_from {config.init_from!r}: {CODEBOOK_NEEDED}")
+
+
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
-    """The model a run starts from (a resumed run overwrites its weights from the checkpoint)."""
-    if config.init_from in PRESETS:
+    """The model a run starts from (a resumed run overwrites its weights from the checkpoint): a name means what it
+    means to `load_model`, so an embedded trained model ("demo") is fine-tuned, not rebuilt with random weights
+    (an adapter trained on those would be applied to the trained ones by ask, serve, eval and merge)."""
+    if is_random_preset(config.init_from):
         return build_model(get_preset(config.init_from), seed=config.seed)
-    return load_pretrained(config.init_from)
+    return load_pretrained(embedded_folder(config.init_from) or config.init_from)
 
 
 def gpu_memory_gib(requested: float | None) -> float | None:
@@ -167,37 +184,19 @@ def check_merge_out(out: Path) -> None:
                          "replaced)")
 
 
-def preset_seed(model: str, adapter: Path, seed: int | None) -> int:
-    """The seed that rebuilds the random weights of a preset --model as the LoRA run built them (`initial_model`):
-    an adapter merged into weights drawn from another seed gives a silently different model (logits off by more than
-    their own size). Taken from the run's config beside the adapter (`<out>/final/` and `<out>/train_config.json`)
-    unless --seed names it; a seed that contradicts the run's, or none at all, is refused."""
-    path = adapter.parent / RUN_CONFIG_FILE
-    run = read_user_json(path, "LoRA run config") if path.is_file() else {}
-    run_seed = run.get("seed", TrainConfig.seed) if isinstance(run, dict) and run.get("init_from") == model else None
-    if seed is None and run_seed is None:
-        raise ValueError(f"--model {model} is a preset with random weights: pass --seed with the seed of the LoRA run "
-                         f"that trained {adapter} (its train_config.json), so the merge rebuilds the weights the "
-                         "adapter was trained on")
-    if seed is not None and run_seed is not None and seed != run_seed:
-        raise ValueError(f"--seed {seed} differs from the seed of the run that trained {adapter} ({run_seed} in "
-                         f"{path}): the merge would rebuild other weights than the adapter was trained on")
-    return run_seed if seed is None else seed
-
-
 def merge_main(argv: Sequence[str]) -> int:
     import torch
 
-    from medsight.model.loading import EMBEDDED, load_model, save_pretrained
+    from medsight.model.loading import load_model, save_pretrained
 
     args = merge_parser().parse_args(argv)
     check_merge_out(args.out)
-    random_base = args.model in PRESETS and args.model not in EMBEDDED
-    if args.seed is not None and not random_base:
-        raise ValueError(f"--seed applies to a preset --model ({', '.join(sorted(set(PRESETS) - set(EMBEDDED)))}), "
-                         f"whose weights are random; {args.model} has its own")
-    seed = preset_seed(args.model, args.adapter, args.seed) if random_base else 0
-    model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter, seed=seed)
+    if args.seed is not None and not is_random_preset(args.model):
+        random = ", ".join(sorted(p for p in PRESETS if is_random_preset(p)))
+        raise ValueError(f"--seed applies to a preset --model ({random}), whose weights are random; {args.model} "
+                         "has its own")
+    # A preset's seed: the LoRA run's, checked against --seed (`adapter_base_seed`, as for ask, serve and eval).
+    model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter, seed=args.seed)
     print(save_pretrained(model, args.out))
     return 0
 
@@ -220,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
     check_lora_config(config)
+    check_codebook(stage, config, args.out, args.resume)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
     result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)

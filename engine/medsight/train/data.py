@@ -24,6 +24,7 @@ import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
+from medsight.tokens import CODE_PATTERN, CodeVocabulary
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
@@ -64,13 +65,14 @@ class _ImageRecord:
     masks: list[Path]
     classes: list[int]
     modality: int
+    where: str = ""  # the annotation file and image_id, for an error reading it mid-run
 
 
 class SegmentationDataset:
     """Reads the BiomedParse-like meta JSON; images go through `prepare_image` (the inference transform)."""
 
     def __init__(self, meta_path: str | Path, image_size: int, mean, std, resize_mode: ResizeMode = "crop",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, num_modalities: int | None = None) -> None:
         meta_path = Path(meta_path)
         meta = _check_meta(meta_path, read_user_json(meta_path, "segmentation meta file"))
         base = meta_path.parent
@@ -79,6 +81,12 @@ class SegmentationDataset:
         if not len(roots) == len(jsons) == len(labels) == len(mask_roots):
             raise ValueError(f"{meta_path}: roots, mask_roots, json_paths and modality_labels differ in length")
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
+        labels = [_integer(f"{meta_path}: modality_labels[{i}]", v, "modality label") for i, v in enumerate(labels)]
+        outside = sorted({m for m in labels if num_modalities is not None and not 0 <= m < num_modalities})
+        if outside:
+            # Stage 2 routes each image to its modality's codebook: checked here, not at the step that meets one.
+            raise ValueError(f"{meta_path}: modality_labels {outside} outside the codebook's {num_modalities} "
+                             f"modalities (0 to {num_modalities - 1})")
         self.records: list[_ImageRecord] = []
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
@@ -86,10 +94,13 @@ class SegmentationDataset:
             for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
                 image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
-                record = grouped.setdefault(ann["image_id"], _ImageRecord(image, [], [], int(label)))
+                record = grouped.setdefault(ann["image_id"], _ImageRecord(
+                    image, [], [], int(label), f"{doc_path}: image_id {json.dumps(ann['image_id'])}"))
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
+        if not self.records:
+            raise ValueError(f"{meta_path}: no annotations in its json_paths; the training data set is empty")
         if num_classes is not None:
             bad = sorted({c for r in self.records for c in r.classes if not 0 <= c < num_classes})
             if bad:
@@ -100,8 +111,11 @@ class SegmentationDataset:
 
     def __getitem__(self, index: int) -> SegmentationSample:
         record = self.records[index]
-        pixels, _ = prepare_image(read_rgb(record.image), self.image_size, self.mean, self.std, self.resize_mode)
-        masks = torch.stack([read_mask(p) for p in record.masks])
+        try:
+            image, masks = read_rgb(record.image), torch.stack([read_mask(p) for p in record.masks])
+        except ValueError as err:  # a file damaged or replaced since the run started
+            raise ValueError(f"{record.where}: {err}") from None
+        pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
         return SegmentationSample(pixels, masks, torch.tensor(record.classes, dtype=torch.long), record.modality)
 
 
@@ -132,7 +146,7 @@ def _annotations(path: Path, doc: object) -> list[dict]:
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
-        checked.append({**ann, "category_id": _category_id(f"{path}: annotation {i}", ann["category_id"])})
+        checked.append({**ann, "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
     return checked
 
 
@@ -147,12 +161,12 @@ def _check_files(where: str, files: Iterable[tuple[str, Path]]) -> None:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _category_id(where: str, value: object) -> int:
+def _integer(where: str, value: object, name: str = "category_id") -> int:
     """`value` as an int: an integral number or numeric string is taken (pandas exports write 3.0 or "3"), a
     fraction, a word, a boolean or NaN is refused naming `where`."""
     number = _number(value.strip()) if isinstance(value, str) else value
     if isinstance(number, bool) or not isinstance(number, int | float) or not float(number).is_integer():
-        raise ValueError(f"{where}: category_id {json.dumps(value)} is not an integer")
+        raise ValueError(f"{where}: {name} {json.dumps(value)} is not an integer")
     return int(number)
 
 
@@ -202,24 +216,44 @@ class ConversationDataset:
 
     def __init__(self, json_path: str | Path, tokenizer, image_size: int, mean, std,
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
-                 label_prompt_markup: bool = True) -> None:
+                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None) -> None:
         json_path = Path(json_path)
         self.items = read_user_json(json_path, "conversation file")
         if not isinstance(self.items, list):
             hint = " (a segmentation meta file is for stages 1-2)" if isinstance(self.items, dict) else ""
             raise ValueError(f"{json_path}: stages 3-5 expect a JSON list of conversation items, got a "
                              f"{json_kind(self.items)}{hint}")
+        if not self.items:
+            raise ValueError(f"{json_path}: no conversation items; the training data set is empty")
+        self.json_path = json_path
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            check_conversation_item(where, item)
+            check_conversation_item(where, item, codes)
             self._check_item_files(where, item)
+        # Region codes per item, as `lvlm_losses` counts them (code tokens anywhere in the conversation; none decodes
+        # one slot): a batch of more than one sample needs one count unless its slots are padded.
+        self.code_slots = [max(1, sum(len(CODE_PATTERN.findall(t["value"])) for t in item["conversations"]))
+                           for item in self.items]
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def check_batches(self, batch_size: int, pad_code_slots: bool) -> None:
+        """Samples batched together must have the same number of region codes unless `pad_code_slots` (the official
+        collator stacks them): refused up front, naming two items that differ, not at whichever step first draws
+        them together (after --out already holds the run)."""
+        if batch_size == 1 or pad_code_slots or len(set(self.code_slots)) == 1:
+            return
+        first = self.code_slots[0]
+        other = next(i for i, n in enumerate(self.code_slots) if n != first)
+        names = [f"{_item_name(self.json_path, i, self.items[i])} has {self.code_slots[i]}" for i in (0, other)]
+        raise ValueError(f"batch_size {batch_size}: every sample of a batch must decode the same number of region "
+                         f"codes (official collator; an item without codes decodes one), but {names[0]} and "
+                         f"{names[1]}; set pad_code_slots to true (padded slots, a deviation) or batch_size to 1")
 
     def _check_item_files(self, where: str, item: dict) -> None:
         """Every image and mask the item names is a file (`_check_files`)."""
@@ -240,6 +274,12 @@ class ConversationDataset:
 
     def __getitem__(self, index: int) -> ConversationSample:
         item = self.items[index]
+        try:
+            return self._sample(item)
+        except (ValueError, FileNotFoundError) as err:  # a file damaged, moved or replaced since the run started
+            raise ValueError(f"{_item_name(self.json_path, index, item)}: {err}") from None
+
+    def _sample(self, item: dict) -> ConversationSample:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         pixels, _ = prepare_image(read_rgb(self.resolve(image)), self.image_size, self.mean, self.std,
                                   self.resize_mode)
@@ -254,9 +294,11 @@ class ConversationDataset:
         return ConversationSample(ids, labels, pixels, masks)
 
 
-def check_conversation_item(where: str, item: object) -> None:
-    """An item must have one image, a conversation the prompt renders, and a file for every mask it orders;
-    checked up front so a bad item stops the run before training, named, rather than as a KeyError mid-run."""
+def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> None:
+    """An item must have one image, a conversation the prompt renders, a file for every mask it orders and (with
+    `codes`, the model's) only region codes the model has; checked up front so a bad item stops the run before
+    training, named, rather than as a KeyError mid-run or, for an unknown code, silently trained as plain text
+    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code)."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with image and conversations, got a {json_kind(item)}")
     missing = [k for k in ("image", "conversations") if k not in item]
@@ -278,10 +320,20 @@ def check_conversation_item(where: str, item: object) -> None:
         render_messages([Message(t["from"], t["value"]) for t in turns])
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
+    _check_codes(where, turns, codes)
     files = item.get("mask_files") or {}
     absent = [m for m in item.get("mask_orders") or [] if not isinstance(files, dict) or str(m) not in files]
     if absent:
         raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
+
+
+def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) -> None:
+    for i, turn in enumerate(turns):
+        unknown = codes.unknown_codes(turn["value"]) if codes is not None else []
+        if unknown:
+            last = f"[M{codes.num_modalities - 1}_{codes.codebook_size - 1}]"
+            raise ValueError(f"{where}: conversations[{i}] has region code {unknown[0]}, which is not in the model's "
+                             f"vocabulary ([M0_0] to {last}); it would be trained as plain text")
 
 
 def collate_conversations(samples: list[ConversationSample]) -> list[ConversationSample]:

@@ -79,8 +79,9 @@ class TrainConfig:
     """Settings common to every stage (the stage configs override the defaults with the official values).
 
     Attributes:
-        init_from: model to start from when run from the CLI: a preset name ("tiny", "full") or a folder written
-            by `save_pretrained` (e.g. the previous stage's `final/`).
+        init_from: model to start from when run from the CLI: a preset name ("tiny", "full": random weights from
+            `seed`; "demo": the embedded trained model, as `load_model` reads the name) or a folder written by
+            `save_pretrained` (e.g. the previous stage's `final/`).
         lr: peak learning rate.
         max_steps: optimizer steps; 0 derives them from `epochs`.
         epochs: passes over the data when `max_steps` is 0 (may be fractional).
@@ -101,7 +102,8 @@ class TrainConfig:
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
-        device: "" picks CUDA when available, else CPU.
+        device: "" picks CUDA when available, else CPU; under torchrun "" and "cuda" are each process's GPU
+            (`process_device_name`).
     """
 
     init_from: str = "tiny"
@@ -214,11 +216,29 @@ def distributed_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def process_device_name(name: str, world: int, local_rank: int) -> str:
+    """The device a process trains on, by name. Under torchrun (`world` > 1) "cuda" is this process's GPU
+    (cuda:LOCAL_RANK), as when no device is named: as it stood, every process went to the current GPU and
+    `torch.cuda.set_device` refused a CUDA device without an index. Another process's GPU index is refused: every
+    process would train on that one GPU."""
+    parsed = parse_device(name) if name and world > 1 else None
+    if parsed is None or parsed.type != "cuda":
+        return name
+    if parsed.index is None:
+        return f"cuda:{local_rank}"
+    if parsed.index != local_rank:
+        raise ValueError(f"device {name!r} under torchrun: process {local_rank} of this computer would train on "
+                         f"GPU {parsed.index}, as would every other; use \"cuda\" or \"\" (each process takes the "
+                         "GPU of its local rank)")
+    return name
+
+
 def resolve_device(config: TrainConfig) -> torch.device:
-    """The config's device (which must exist on this computer), else this process's GPU (its torchrun local rank),
-    else the CPU."""
+    """The config's device (which must exist on this computer; under torchrun "cuda" is this process's GPU), else
+    this process's GPU (its torchrun local rank), else the CPU."""
     if config.device:
-        return loading.resolve_device(config.device)
+        _, world, local_rank = distributed_info()
+        return loading.resolve_device(process_device_name(config.device, world, local_rank))
     if torch.cuda.is_available():
         return torch.device("cuda", distributed_info()[2])
     return torch.device("cpu")
@@ -303,9 +323,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 #: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.
 RUN_MARKERS = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FINAL_DIR)
 #: Config fields a resume may change: they lengthen the run (max_steps, epochs; the cosine then spans the new
-#: length), or change what is written or where it runs, never what a step computes. Any other difference is refused.
+#: length), or change what is written, where it runs or where its files are read from (data_root: data moved to
+#: another disk; checkpoints record the data's size), never what a step computes. Any other difference is refused.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "export_official", "device",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "data_root")
 
 
 def check_out_dir(out_dir: str | Path, resume: bool) -> None:
@@ -450,6 +471,7 @@ def train(
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter requires a gradient")
     check_batch_fits(config, len(dataset), world)
+    order = SampleOrder(len(dataset), config.seed)  # refuses an empty data set before --out holds a "run"
     seed_everything(config.seed)
     steps = total_steps(config, len(dataset), world)
     device = next(model.parameters()).device
@@ -476,7 +498,7 @@ def train(
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         step, position = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded,
-                                         config.batch_size * config.grad_accum)
+                                         config.batch_size * config.grad_accum, len(dataset))
         log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
         if config.max_steps <= 0 and position != step * per_step:
             # Resumed on another number of processes: the steps left are those the samples left need. The run had
@@ -505,7 +527,6 @@ def train(
         kept = "".join(json.dumps(r) + "\n" for r in read_log(out) if r["step"] <= step)
         replace_file(out / LOG_FILE, lambda target: target.write_text(kept))
 
-    order = SampleOrder(len(dataset), config.seed)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     )
@@ -513,10 +534,11 @@ def train(
     started = time.perf_counter()
     while step < steps:
         sums: dict[str, float] = {}
-        base = position
-        for micro in range(config.grad_accum):
-            first = base + (micro * world + rank) * config.batch_size
-            batch = collate([dataset[order[first + i]] for i in range(config.batch_size)])
+        batches = _read_step(dataset, order, collate, config, position, world, rank)
+        if _unread_anywhere(batches, sharded, device):
+            _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
+                             len(dataset))
+        for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
             with autocast:
@@ -552,7 +574,8 @@ def train(
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position)
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position,
+                            len(dataset))
             if main_process:
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
@@ -563,6 +586,43 @@ def train(
         dist.barrier()
     result.last_step = step
     return result
+
+
+def _read_step(dataset: Sequence[Any], order: SampleOrder, collate: Callable[[list[Any]], Any], config: TrainConfig,
+               position: int, world: int, rank: int) -> list[Any] | str:
+    """This rank's micro-batches of the next step, all read before the step computes anything; or, where a sample
+    cannot be read (an image damaged or replaced since the run started, named by the dataset), the error text. Read
+    first, a failure leaves the model, optimizer and RNG exactly as the last step left them (`_stop_unreadable`)."""
+    try:
+        return [collate([dataset[order[position + (micro * world + rank) * config.batch_size + i]]
+                         for i in range(config.batch_size)]) for micro in range(config.grad_accum)]
+    except (ValueError, OSError) as err:
+        return str(err)
+
+
+def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.device) -> bool:
+    """Whether this rank or (under torchrun) any rank could not read its samples: every rank then stops together,
+    where a lone failing rank left the others waiting in the step's collectives."""
+    failed = isinstance(batches, str)
+    if not sharded:
+        return failed
+    flag = torch.tensor([float(failed)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
+                     out: Path, root: nn.Module | None, data_size: int) -> None:
+    """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
+    under torchrun), so a resume once the file is replaced loses nothing."""
+    saved = ""
+    if step > 0:
+        folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
+        if not any((folder / name).is_file() for name in (STATE_FILE, SHARDED_STATE_FILE)):  # not saved yet
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data_size)
+        saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
+    reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
+    raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 
 def _finalize_full(model: nn.Module, config: TrainConfig, step: int) -> Finalize:
@@ -600,18 +660,21 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
-                    root: nn.Module | None = None, samples: int | None = None) -> Path:
+                    root: nn.Module | None = None, samples: int | None = None, data_size: int | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
-    the run has consumed (its data position).
+    the run has consumed (its data position); `data_size`: how many samples its data set holds (the sample order
+    depends on it: `check_data_size`).
     """
+    counts = {**({} if samples is None else {"samples": samples}),
+              **({} if data_size is None else {"data_size": data_size})}
     if root is None:
         save_pretrained(model, folder)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": trainer_state.rng_state(), **({} if samples is None else {"samples": samples})}
+                 "rng": trainer_state.rng_state(), **counts}
         trainer_state.save_tensors(folder / STATE_FILE, state)
         return folder
     rank = dist.get_rank()
@@ -620,17 +683,26 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     dist.barrier()
     if rank == 0:
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
-                 "world_size": dist.get_world_size(), **({} if samples is None else {"samples": samples})}
+                 "world_size": dist.get_world_size(), **counts}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
         trainer_state.write_json(folder / SHARDED_STATE_FILE, plain)
     dist.barrier()
     return folder
 
 
+def check_data_size(folder: Path, saved: int | None, current: int | None) -> None:
+    """A resume reads the run's data set: the sample order is a permutation of its size, so data of another size
+    (another --data file, items added or removed) would silently train on another stream of samples."""
+    if saved is not None and current is not None and int(saved) != current:
+        raise ValueError(f"cannot resume {folder}: the run's training data held {int(saved)} samples, --data now holds "
+                         f"{current}; resume with the run's data, or start a new run in another --out folder")
+
+
 def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
-                    samples_per_rank_step: int) -> tuple[int, int]:
+                    samples_per_rank_step: int, data_size: int | None = None) -> tuple[int, int]:
     """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A checkpoint of the other kind is an
-    error. `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
+    error, and so is one of a data set of another size than `data_size` (`check_data_size`).
+    `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
     if is_sharded != sharded:
         kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
@@ -640,11 +712,13 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         # Weights first (strict: the model must be the same architecture), then the trainer state.
         load_into(model, read_safetensors_folder(folder), str(folder))
         state = trainer_state.load_tensors(folder / STATE_FILE)
+        check_data_size(folder, state.get("data_size"), data_size)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer_state.set_rng_state(state["rng"])
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
+    check_data_size(folder, plain.get("data_size"), data_size)
     fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
     scheduler.load_state_dict(plain["scheduler"])
     rank = dist.get_rank()

@@ -216,19 +216,23 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _segmentation_data(data: Any, model: MedSIGHTModel, resize_mode: ResizeMode) -> SegmentationDataset:
+    """The data of stages 1-2; with the codebook attached (stage 2) its modality labels are checked against it."""
     if isinstance(data, (str, Path)):
         v = model.config.vision
+        modalities = None if model.codebook is None else model.codebook.cfg.num_modalities
         return SegmentationDataset(find_segmentation_meta(data), v.image_size, v.image_mean, v.image_std,
-                                   resize_mode, model.config.perceiver.num_classes)
+                                   resize_mode, model.config.perceiver.num_classes, modalities)
     return data
 
 
 def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> ConversationDataset:
     if isinstance(data, (str, Path)):
         v = model.config.vision
-        return ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
+        data = ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
                                    v.image_std, config.resize_mode, config.data_root or None,
-                                   label_prompt_markup=config.label_prompt_markup)
+                                   label_prompt_markup=config.label_prompt_markup, codes=model.codes)
+    if isinstance(data, ConversationDataset):
+        data.check_batches(config.batch_size, config.pad_code_slots)
     return data
 
 
@@ -382,6 +386,15 @@ def run_stage3(model: MedSIGHTModel, data: Any, config: Stage3Config, out_dir: s
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage3", with_masks=False, cache=cache)
 
 
+CODEBOOK_NEEDED = ("stage-4 embedding initialisation needs the stage-2 codebook on the model (start from a "
+                   "stage-2/3 output, or set init_code_embeddings=false)")
+
+
+def initialises_code_rows(config: TrainConfig, out_dir: str | Path, resume: bool) -> bool:
+    """Whether a stage-4 run writes the code rows from the codebook: a resumed run takes them from its checkpoint."""
+    return getattr(config, "init_code_embeddings", False) and not (resume and latest_checkpoint(out_dir))
+
+
 @torch.no_grad()
 def init_code_embeddings(model: MedSIGHTModel) -> torch.Tensor:
     """Write mm_projector(from_code(unit code)) into the input-embedding row of every region code.
@@ -391,8 +404,7 @@ def init_code_embeddings(model: MedSIGHTModel) -> torch.Tensor:
     """
     codebook = model.codebook
     if codebook is None:
-        raise ValueError("stage-4 embedding initialisation needs the stage-2 codebook on the model "
-                         "(start from a stage-2/3 output, or set init_code_embeddings=false)")
+        raise ValueError(CODEBOOK_NEEDED)
     units = [F.normalize(codebook.codebooks[str(m)].embedding.weight, p=2, dim=-1)
              for m in range(codebook.cfg.num_modalities)]
     lm = model.language_model
@@ -429,8 +441,7 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
         raise ValueError("stage 4 needs weight_decay=0: decoupled decay would also move the frozen embedding rows")
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
-    if config.init_code_embeddings and not (resume and latest_checkpoint(out_dir)):
-        # A resumed run takes the rows from its checkpoint instead.
+    if initialises_code_rows(config, out_dir, resume):
         init_code_embeddings(model)
     lm = model.language_model
     lm.train()
