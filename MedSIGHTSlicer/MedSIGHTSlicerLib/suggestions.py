@@ -136,7 +136,8 @@ class _Operation:
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
     merge_after: SegmentSnapshot | None = None  # the merge target right after it (undo refuses if edited since)
-    merge_grid: Grid | None = None  # the grid the merge wrote on (the snapshots' grid)
+    merge_grid: Grid | None = None  # the grid the merge wrote on (``merge_after``'s grid)
+    merge_before_grid: Grid | None = None  # ``merge_before``'s grid: the segment's own lattice, holding all of it
 
 
 @dataclass
@@ -635,11 +636,20 @@ class SuggestionManager:
             added |= item.suggestion.mask()
         volume_grid = voxel_grid(self.volume_node, node)
         grid = lattice_grid(node, merge_id, added, volume_grid)
-        before = segment_array(node, merge_id, self.volume_node, grid)
-        merged = before | mask_on_grid(added, volume_grid, grid)
+        placed = mask_on_grid(added, volume_grid, grid)
+        # On a coarser (or rotated) lattice a suggested voxel may hold no lattice voxel centre and would be dropped
+        # unseen: merge on the volume's grid then, which keeps every suggested voxel and each coarse segment voxel.
+        before_grid = grid
+        if np.any(added & ~mask_on_grid(placed, grid, volume_grid)):
+            before_grid = lattice_grid(node, merge_id, np.zeros_like(added), volume_grid)  # the segment's own box
+            grid, placed = volume_grid, added
+        before = segment_array(node, merge_id, self.volume_node, before_grid)
+        merged = placed | (before if before_grid is grid else segment_array(node, merge_id, None, grid))
+        # The segment as it was on its own lattice: undo gives back exactly its voxels, also after a coarse fallback.
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
         )
+        operation.merge_before_grid = before_grid
         replace_segment_mask(node, merge_id, merged, self.volume_node, grid)
         operation.merge_after = SegmentSnapshot.from_mask(merge_id, segment.GetName(), segment.GetColor(), {}, merged)
         operation.merge_grid = grid
@@ -687,7 +697,7 @@ class SuggestionManager:
         self._restore_suggestions(operation.items)
         if operation.kind == "accept" and operation.merge_id:
             replace_segment_mask(operation.target, operation.merge_id, operation.merge_before.mask(),
-                                 self.volume_node, operation.merge_grid)
+                                 self.volume_node, operation.merge_before_grid)
         elif operation.kind == "accept":
             for item in operation.items:
                 operation.target.GetSegmentation().RemoveSegment(item.user_id)

@@ -823,3 +823,47 @@ def test_a_redo_after_the_volumes_voxels_were_replaced_says_so(scene, volume):
     replace_voxels_by_another_size(volume)
     with pytest.raises(SuggestionError, match="cannot redo accepting 'Liver': the voxels of 'CT' were replaced"):
         manager.redo()
+
+
+def lattice_of(volume, kind: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A segment lattice over the volume that is not its voxels: 3x coarser, or as fine but turned 40 degrees."""
+    matrix = ijk_to_ras(volume)
+    if kind == "coarser":
+        matrix[:3, 3] += matrix[:3, :3] @ np.ones(3)  # coarse voxel n is centred on volume voxel 3n + 1
+        matrix[:3, :3] *= 3
+        return matrix, tuple(n // 3 for n in SHAPE)
+    c, s = np.cos(np.radians(40)), np.sin(np.radians(40))
+    turn = np.eye(4)
+    turn[:2, :2] = [[c, -s], [s, c]]  # about the volume's k axis, through its voxel 0
+    return matrix @ turn, SHAPE
+
+
+@pytest.mark.parametrize("kind", ["coarser", "rotated"])
+def test_a_merge_into_a_coarser_or_rotated_segment_keeps_every_suggested_voxel(scene, volume, user_node, kind):
+    # The suggestion was put on the segment's lattice by nearest neighbour: a suggested voxel holding no lattice voxel
+    # centre was dropped, and the accept succeeded with none of a small suggestion merged.
+    lattice, lattice_shape = lattice_of(volume, kind)
+    own = np.zeros(lattice_shape, dtype=bool)
+    own[0, 1, 1] = True
+    segment = slicer.vtkSegment()
+    segment.SetName("Organ")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, grid=(lattice, lattice_shape), crop=True))
+    assert user_node.GetSegmentation().AddSegment(segment, "organ")
+    before = world_points(user_node, "organ")
+    organ_on_volume = segment_array(user_node, "organ", volume)
+    assert organ_on_volume.any()
+
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 6), 1.0))]))
+    suggested = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into="organ")
+    merged = segment_array(user_node, "organ", volume)
+    assert int((merged & suggested).sum()) == int(suggested.sum())
+    assert int((merged & organ_on_volume).sum()) == int(organ_on_volume.sum())
+    after = world_points(user_node, "organ")
+    assert manager.undo()
+    np.testing.assert_allclose(world_points(user_node, "organ"), before, atol=1e-6)  # its own voxels, exactly
+    assert manager.suggestion_ids() == [sid]
+    assert manager.redo()
+    np.testing.assert_allclose(world_points(user_node, "organ"), after, atol=1e-6)
