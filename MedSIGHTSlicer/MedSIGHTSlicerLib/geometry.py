@@ -27,6 +27,7 @@ __all__ = [
     "mask_to_ijk",
     "nodes_by_class",
     "segment_array",
+    "volume_shape",
     "volume_upload_arrays",
     "voxel_grid",
     "vtk_matrix",
@@ -85,8 +86,8 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return array_to_ras
 
 
-def _volume_shape(volume_node) -> tuple[int, int, int]:
-    """(k, j, i) voxel counts of the node's image."""
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """(k, j, i) voxel counts of the node's image; a GeometryError naming the volume when it has none."""
     image = volume_node.GetImageData()
     if image is None:
         raise GeometryError(f"volume {volume_node.GetName()!r} has no image data")
@@ -176,7 +177,7 @@ def mask_to_ijk(slice_to_ras: np.ndarray, mask: np.ndarray, volume_node) -> np.n
             f"(pixels land {error:.3g} voxels off); was it asked about another volume?"
         )
     ijk_int = nearest.astype(np.int64)
-    k, j, i = _volume_shape(volume_node)
+    k, j, i = volume_shape(volume_node)
     inside = np.all((ijk_int >= 0) & (ijk_int < np.array([[i], [j], [k]])), axis=0)
     if not np.all(inside):
         raise GeometryError(
@@ -216,7 +217,7 @@ def voxel_grid(volume_node, node=None) -> Grid:
     whatever is done later to the volume's grid or transform or to the node's transform (none of them moves a
     segment's own voxels).
     """
-    return _volume_to_node(volume_node, node) @ ijk_to_ras(volume_node), _volume_shape(volume_node)
+    return _volume_to_node(volume_node, node) @ ijk_to_ras(volume_node), volume_shape(volume_node)
 
 
 def _reference_labelmap(volume_node, node=None, grid: Grid | None = None, box=None):
@@ -243,7 +244,7 @@ def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Gri
     whole grid holds a byte per voxel of the volume, 78 MB for a 512 x 512 x 300 CT, however small it is.
     """
     array = np.asarray(array_kji)
-    shape = grid[1] if grid is not None else _volume_shape(volume_node)
+    shape = grid[1] if grid is not None else volume_shape(volume_node)
     if array.shape != shape:
         raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
     box = None
@@ -321,7 +322,7 @@ def segment_array(segmentation_node, segment_id: str, volume_node, grid: Grid | 
         raise KeyError(f"no segment {segment_id!r} in {segmentation_node.GetName()!r}")
     layer = slicer.vtkOrientedImageData()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    shape = grid[1] if grid is not None else _volume_shape(volume_node)
+    shape = grid[1] if grid is not None else volume_shape(volume_node)
     if not logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, layer, False):
         return np.zeros(shape, dtype=bool)
     reference = _reference_labelmap(volume_node, segmentation_node, grid)

@@ -37,6 +37,7 @@ from .geometry import (
     mask_to_ijk,
     nodes_by_class,
     segment_array,
+    volume_shape,
     voxel_grid,
     vtk_matrix,
 )
@@ -463,8 +464,7 @@ class SuggestionManager:
         return ids
 
     def _shape(self) -> tuple[int, int, int]:
-        i, j, k = self.volume_node.GetImageData().GetDimensions()
-        return (k, j, i)
+        return volume_shape(self.volume_node)  # a volume without image data: an error naming it, not a traceback
 
     def _add_suggestion(self, group: _Group, mask: np.ndarray, question: str, model: str) -> str:
         fallback = ", ".join(group.codes) or "Region"

@@ -867,3 +867,23 @@ def test_a_merge_into_a_coarser_or_rotated_segment_keeps_every_suggested_voxel(s
     assert manager.suggestion_ids() == [sid]
     assert manager.redo()
     np.testing.assert_allclose(world_points(user_node, "organ"), after, atol=1e-6)
+
+
+def test_an_undo_or_redo_after_the_volume_lost_its_image_data_names_it(scene, volume, user_node):
+    # An AttributeError ('NoneType' object has no attribute 'GetDimensions') before: a raw traceback in Slicer.
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [accepted] = manager.accept(sid, target=user_node)
+    kept = world_points(user_node, accepted)
+    image = volume.GetImageData()  # kept alive to put back
+    volume.SetAndObserveImageData(None)
+    with pytest.raises(GeometryError, match="volume 'CT' has no image data"):
+        manager.undo()
+    assert segment_ids(user_node) == [accepted] and manager.suggestion_ids() == []
+    np.testing.assert_allclose(world_points(user_node, accepted), kept, atol=1e-6)
+    volume.SetAndObserveImageData(image)
+    assert manager.undo() and manager.suggestion_ids() == [sid]
+    volume.SetAndObserveImageData(None)
+    with pytest.raises(GeometryError, match="volume 'CT' has no image data"):
+        manager.redo()
+    assert manager.suggestion_ids() == [sid] and segment_ids(user_node) == []
