@@ -27,6 +27,7 @@ __all__ = [
     "mask_to_ijk",
     "nodes_by_class",
     "segment_array",
+    "shape_text",
     "volume_shape",
     "volume_upload_arrays",
     "voxel_grid",
@@ -210,6 +211,16 @@ def _volume_to_node(volume_node, node) -> np.ndarray:
 Grid = tuple[np.ndarray, tuple[int, int, int]]
 
 
+def _grid_name(grid: Grid | None) -> str:
+    """How an error names where voxels were to go: a ``grid`` argument, or by default the volume's grid."""
+    return "the grid" if grid is not None else "the volume's grid"
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """A (k, j, i) voxel count as users read it, i x j x k ("512x512x300"); "no" for () (no image data)."""
+    return "x".join(str(n) for n in shape[::-1]) or "no"
+
+
 def voxel_grid(volume_node, node=None) -> Grid:
     """The volume's voxel grid as it lies in ``node``'s own frame now (default: a node under the volume's transform).
 
@@ -246,7 +257,7 @@ def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Gri
     array = np.asarray(array_kji)
     shape = grid[1] if grid is not None else volume_shape(volume_node)
     if array.shape != shape:
-        raise GeometryError(f"array shape {array.shape} is not the volume's (k, j, i) shape {shape}")
+        raise GeometryError(f"array shape {array.shape} is not the (k, j, i) shape {shape} of {_grid_name(grid)}")
     box = None
     if crop and array.any():
         nonzero = np.nonzero(array)
@@ -330,10 +341,11 @@ def segment_array(segmentation_node, segment_id: str, volume_node, grid: Grid | 
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         layer, reference, resampled, False, False
     ):
-        raise GeometryError(f"could not resample segment {segment_id!r} onto the volume's grid")
+        raise GeometryError(f"could not resample segment {segment_id!r} onto {_grid_name(grid)}")
     values = array_from_image(resampled)
     if values.shape != shape:
         # Resampling pads to the reference extent; a mismatch means the reference geometry itself differs.
-        raise GeometryError(f"segment {segment_id!r} resampled to {values.shape}, not the volume's grid")
+        raise GeometryError(f"segment {segment_id!r} resampled to {values.shape}, not the shape {shape} of "
+                            f"{_grid_name(grid)}")
     return values == segment.GetLabelValue()
 

@@ -37,14 +37,12 @@ def volume_key(node) -> str:
     return f"{node.GetID()}|{image.GetMTime() if image is not None else 'empty'}|{elements}"
 
 
-def _grid_of(node) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(IJK-to-RAS of the voxel array, (k, j, i) voxel counts) of a volume node; () counts without image data."""
-    image = node.GetImageData()
-    return geometry.ijk_to_ras(node), (() if image is None else tuple(image.GetDimensions()[::-1]))
-
-
-def _size(shape: tuple[int, ...]) -> str:
-    return "x".join(str(n) for n in shape[::-1]) or "no"
+def _grid_of(node) -> geometry.Grid | tuple[np.ndarray, tuple[()]]:
+    """The volume's voxel grid (``geometry.voxel_grid``); () counts without image data, so a question bound to a
+    volume without voxels yet is told apart from one about voxels (a size change) instead of raising here."""
+    if node.GetImageData() is None:
+        return geometry.ijk_to_ras(node), ()
+    return geometry.voxel_grid(node)
 
 
 def _weak_callback(method: Callable[..., Any]) -> Callable[..., None]:
@@ -289,9 +287,10 @@ class MedSIGHTSession:
         sent, shape = self._bound_grid
         now, now_shape = _grid_of(node)
         if now_shape != shape:
+            then, now_size = geometry.shape_text(shape), geometry.shape_text(now_shape)
             raise geometry.GeometryError(
-                f"the voxels of {node.GetName()!r} were replaced while the question ran ({_size(shape)} voxels when "
-                f"asked, {_size(now_shape)} now): answers about the old voxels are not placed on the new "
+                f"the voxels of {node.GetName()!r} were replaced while the question ran ({then} voxels when "
+                f"asked, {now_size} now): answers about the old voxels are not placed on the new "
                 "ones; ask again")
         if np.array_equal(now, sent):
             return answer

@@ -37,6 +37,7 @@ from .geometry import (
     mask_to_ijk,
     nodes_by_class,
     segment_array,
+    shape_text,
     volume_shape,
     voxel_grid,
     vtk_matrix,
@@ -715,9 +716,8 @@ class SuggestionManager:
         names = ", ".join(repr(item.user_name if plain_accept and item.user_name else item.suggestion.name)
                           for item in operation.items)
         verb = "rejecting" if operation.kind == "reject" else "accepting"
-        size = lambda shape: "x".join(str(n) for n in shape[::-1])  # noqa: E731
         return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
-                f"since ({size(then)} voxels then, {size(now)} now)")
+                f"since ({shape_text(then)} voxels then, {shape_text(now)} now)")
 
     def redo(self) -> bool:
         """Re-apply the last undone accept or reject. False when there is nothing to redo."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     mask_to_ijk,
     nodes_by_class,
     segment_array,
+    shape_text,
     volume_upload_arrays,
 )
 
@@ -185,8 +188,18 @@ def test_segment_array_round_trip(scene, volume):
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     assert node.GetSegmentation().AddSegment(segment, "ball")
     np.testing.assert_array_equal(segment_array(node, "ball", volume), sphere())
-    with pytest.raises(GeometryError):
+    with pytest.raises(GeometryError, match=r"\(2, 2, 2\) is not the \(k, j, i\) shape .* of the volume's grid"):
         labelmap_from_array(np.zeros((2, 2, 2)), volume)
+    # On a grid given by the caller (e.g. a segment's own lattice) the error names that grid, not the volume's.
+    grid = (ijk_to_ras(volume), tuple(2 * n for n in SHAPE_KJI))
+    with pytest.raises(GeometryError, match=re.escape(f"{SHAPE_KJI} is not the (k, j, i) shape {grid[1]} of the grid")):
+        labelmap_from_array(sphere(), volume, grid=grid)
+
+
+def test_shape_text_reads_i_by_j_by_k():
+    k, j, i = SHAPE_KJI
+    assert shape_text(SHAPE_KJI) == f"{i}x{j}x{k}"
+    assert shape_text(()) == "no"  # a volume without image data
 
 
 def test_nodes_by_class_keeps_no_node_alive(scene, volume):
