@@ -409,7 +409,7 @@ def test_the_error_codes_the_client_acts_on_are_the_engines():
     for code, statuses in protocol.ENGINE_ERRORS.items():
         for status in statuses:
             assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
-    client_codes = {"connection_error", "timeout", "tls_error", "stream_truncated", "reply_truncated"}
+    client_codes = {"connection_error", "not_http", "timeout", "tls_error", "stream_truncated", "reply_truncated"}
     assert set(ERROR_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
 
 
