@@ -138,8 +138,11 @@ def test_a_local_engine_on_another_port_than_the_url_is_named(command, url, serv
     url_port = int(url.rstrip("/").rsplit(":", 1)[1])
     message = ConnectionSettings(url=url, serve_command=command).port_mismatch(windows=False)
     assert message is not None and f"serves port {served}" in message and f"names port {url_port}" in message
+    question = ConnectionSettings(url=url, serve_command=command).start_question(windows=False)
+    assert question == f"{message}\n\nStart the engine anyway?"  # asked before "Start local engine" starts it
     fixed = url.replace(f":{url_port}", f":{served}")
     assert ConnectionSettings(url=fixed, serve_command=command).port_mismatch(windows=False) is None
+    assert ConnectionSettings(url=fixed, serve_command=command).start_question(windows=False) is None
     # Another computer's engine, an unreadable command, or no serve command: nothing to compare.
     for other_url, other_command in (("http://gpu.example.org:8765", command), (url, 'medsight serve "'),
                                      (url, "python -m http.server 8765")):
