@@ -260,16 +260,16 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def onStartEngine(self) -> None:
         self._save_settings()
+        # Asked before the engine starts: a dialog open while it runs held back its log (the timer was not started).
+        question = self.settings.start_question()
+        if question and not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSIGHT"):
+            return
         try:
             plan = launch_plan(self.settings.serve_command, startup_environment(slicer.util),
                                self.settings.stop_engine_on_exit)
             self.engine.start(plan)
         except (ValueError, RuntimeError) as err:
             slicer.util.errorDisplay(f"Could not start the engine: {err}")
-        else:
-            mismatch = self.settings.port_mismatch()  # it runs, but questions would go to another port
-            if mismatch:
-                slicer.util.warningDisplay(mismatch)
         self.engine_timer.start()
         self._update_engine_buttons()
 

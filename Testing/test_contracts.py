@@ -409,7 +409,7 @@ def test_the_error_codes_the_client_acts_on_are_the_engines():
     for code, statuses in protocol.ENGINE_ERRORS.items():
         for status in statuses:
             assert (status, code) in sent, f"the engine no longer sends {code!r} with HTTP {status}"
-    client_codes = {"connection_error", "timeout", "tls_error", "stream_truncated", "reply_truncated"}
+    client_codes = {"connection_error", "not_http", "timeout", "tls_error", "stream_truncated", "reply_truncated"}
     assert set(ERROR_HINTS) - client_codes <= set(protocol.ENGINE_ERRORS)
 
 
@@ -487,6 +487,7 @@ def test_the_default_serve_command_serves_where_the_module_connects_by_default()
 @pytest.mark.parametrize("command", [
     "medsight serve", "medsight serve --port 9000", "medsight serve --port=9001 --model demo",
     "medsight serve --port 8000 --host 127.0.0.1 --port 9002",
+    "medsight serve --po 9000", "medsight serve --por=9003 --model demo",  # argparse takes abbreviations
 ])
 def test_the_port_the_module_reads_in_a_serve_command_is_the_engines(command):
     """`engine_launch.served_port` (which tells the user when the local engine's port is not the URL's) reads the
@@ -496,6 +497,18 @@ def test_the_port_the_module_reads_in_a_serve_command_is_the_engines(command):
 
     _, *arguments = split_command(command)
     assert served_port(arguments) == _parser().parse_args(arguments).port
+
+
+def test_a_serve_command_the_engine_refuses_serves_no_port(capsys):
+    """"--p" abbreviates both --port and --perceiver-attention: the engine refuses it, so no port is read from it."""
+    from medsight.cli import _parser
+    from MedSIGHTSlicerLib.engine_launch import served_port
+
+    arguments = ["serve", "--p", "9000"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(arguments)
+    assert "ambiguous option: --p" in capsys.readouterr().err
+    assert served_port(arguments) is None
 
 
 def test_every_array_the_client_uploads_the_engine_reads():

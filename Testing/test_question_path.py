@@ -110,3 +110,10 @@ def test_the_architecture_page_names_every_file_one_question_runs():
     missing = sorted(f for f in files if f not in named and f.split("/", 1)[1] not in named)
     print(f"\none question ran code in {len(files)} of our files: {sorted(files)}")
     assert not missing, f"docs/ARCHITECTURE.md's walk-through does not name {missing}"
+    # The page also says how many files that is: checked here, so the number cannot go stale.
+    stated = re.search(r"Today that is (\d+) files, (\d+) in the module and (\d+) in the engine", " ".join(
+        walkthrough.split()))
+    assert stated, "docs/ARCHITECTURE.md's walk-through no longer says how many files one question runs"
+    module = sum(1 for f in files if f.startswith("MedSIGHTSlicerLib/"))
+    assert tuple(map(int, stated.groups())) == (len(files), module, len(files) - module), (
+        f"docs/ARCHITECTURE.md says {stated.group(0)!r}; one question ran {len(files)} files, {module} in the module")

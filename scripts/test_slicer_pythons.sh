@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Slicer-side tests that need no MRML, under the Pythons 3D Slicer ships: CPython 3.9 (Slicer 5.8) and 3.12
 # (Slicer 5.10 and later). Each runs in a throwaway venv holding only what those tests need, with the numpy, pydicom,
-# pillow, packaging and typing-extensions that Slicer release bundles; highdicom is then installed the way the module installs it into Slicer
-# (MedSIGHTSlicerLib.packages: the generation that fits the pydicom, with a constraints file pinning the rest).
+# pillow, packaging and typing-extensions that each Slicer release bundles; highdicom is then installed the way the
+# module installs it into Slicer (MedSIGHTSlicerLib.packages: the generation that fits the pydicom, with a constraints
+# file pinning the rest).
 # Needs pyenv's 3.9.18 and 3.12.1 (PYENV_ROOT, default ~/.pyenv) and PyPI. Usage: bash scripts/test_slicer_pythons.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,8 @@ TESTS=(
 # Python and the packages each Slicer bundles (what the module must live with), from Slicer's SuperBuild
 # (External_python-numpy.cmake, External_python-dicom-requirements.cmake, External_python-pythonqt-requirements.cmake,
 # CMakeLists.txt's Slicer_REQUIRED_PYTHON_VERSION): Slicer 5.8 (Python 3.9), 5.10 (Python 3.12, numpy 2, pydicom 2)
-# and 5.12 / main (Python 3.12, pydicom 3). The patch releases of Python are pyenv's nearest.
+# and 5.12 / main (Python 3.12, pydicom 3). Slicer builds CPython 3.9.10 and 3.12.10; the patch releases here are
+# the ones pyenv has installed here (the same minor versions).
 for spec in "3.9.18 numpy==1.26.4 pydicom==2.4.4 pillow==10.3.0 packaging==24.0 typing-extensions==4.12.1" \
             "3.12.1 numpy==2.0.2 pydicom==2.4.4 pillow==11.2.1 packaging==25.0 typing-extensions==4.14.0" \
             "3.12.1 numpy==2.4.6 pydicom==3.0.2 pillow==12.2.0 packaging==26.2 typing-extensions==4.15.0"; do

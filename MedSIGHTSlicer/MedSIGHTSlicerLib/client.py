@@ -70,6 +70,7 @@ _CUT_OFF_HINT = "The engine may have stopped or restarted (its log says why); as
 #: What the user can do about an error, by its code (the engine's, or the client's own for no response).
 ERROR_HINTS = {
     "connection_error": "Is the engine running? Start it with 'medsight serve', or check the engine URL.",
+    "not_http": "Set the engine URL to the address the engine prints when it starts ('medsight serve').",
     "timeout": "The engine did not answer in time; it may be busy or overloaded.",
     "unauthorized": "Check the token in the connection settings.",
     "unknown_volume": "The engine no longer has this volume; ask again to send it once more.",
@@ -96,8 +97,9 @@ class MedSIGHTError(Exception):
             sends its status before its job runs, so a job that fails while running (a plain ask's error body, or a
             stream's "error" event) raises with status 200 and the engine's own code and message.
         code: the engine's machine-readable error code (e.g. "not_found", "unauthorized"), or one of this
-            client's: "connection_error", "timeout", "tls_error", "bad_response", "stream_truncated" (an answer stream
-            that stopped before its end), "reply_truncated" (a reply that did), "http_<status>".
+            client's: "connection_error", "not_http" (a program that does not speak HTTP answered), "timeout",
+            "tls_error", "bad_response", "stream_truncated" (an answer stream that stopped before its end),
+            "reply_truncated" (a reply that did), "http_<status>".
         message: what went wrong, for people.
         body: the response body (decoded JSON when it was JSON, else text; None without a response).
         url: the request URL.
@@ -586,7 +588,7 @@ class MedSIGHTClient:
             ) from None
         except (OSError, http.client.HTTPException) as err:
             connection.close()
-            raise MedSIGHTError(_unreachable(url, err), code="connection_error", url=url) from None
+            raise _unreachable(url, err) from None
 
     def _json(
         self,
@@ -687,16 +689,18 @@ def _trusted_certificates() -> str:
     return f"; the certificates trusted here are those in {where}" if where else ""
 
 
-def _unreachable(url: str, err: BaseException) -> str:
+def _unreachable(url: str, err: BaseException) -> MedSIGHTError:
     """Why no HTTP reply came. A program on that port that does not speak HTTP (an SSH server, a database) is named as
-    that: http.client's error is its first line as it came ("SSH-2.0-OpenSSH_9.6\\r\\n"), which read as the reason the
-    engine "cannot be reached"."""
+    that, with its own code "not_http": http.client's error is its first line as it came ("SSH-2.0-OpenSSH_9.6\\r\\n"),
+    which read as the reason the engine "cannot be reached", and "Is the engine running?" (or, while the local engine
+    runs, "it is still loading") does not help when the URL names another service."""
     if isinstance(err, http.client.BadStatusLine) and not isinstance(err, http.client.RemoteDisconnected):
         words = "".join(c for c in str(err.args[0] if err.args else "") if c.isprintable()).strip()[:60]
         said = f" (it sent {words!r})" if words else ""
-        return (f"another program answers at {url.split('?')[0]}, not over HTTP{said}: the engine URL names a port "
-                "of some other service")
-    return f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}"
+        return MedSIGHTError(f"another program answers at {url.split('?')[0]}, not over HTTP{said}: the engine URL "
+                             "names a port of some other service", code="not_http", url=url)
+    return MedSIGHTError(f"cannot reach the MedSIGHT engine at {url}: {err or type(err).__name__}",
+                         code="connection_error", url=url)
 
 
 def _why_cut_off(err: BaseException) -> str:

@@ -157,17 +157,32 @@ def launch_plan(command: str, base_environment: Mapping[str, str], stop_on_exit:
     return LaunchPlan(program, arguments, engine_environment(base_environment), detached=not stop_on_exit)
 
 
+#: The shortest abbreviation of ``serve --port`` argparse takes: "--p" is also ``--perceiver-attention``'s.
+_PORT_PREFIX = "--po"
+
+
+def _is_port_option(option: str) -> bool:
+    """``option`` (before any "=") names ``--port`` as the engine's argparse reads it: whole or abbreviated."""
+    return option.startswith(_PORT_PREFIX) and "--port".startswith(option)
+
+
 def served_port(arguments: Sequence[str]) -> int | None:
-    """The port a ``serve`` command line listens on: its last ``--port N`` / ``--port=N`` (argparse keeps the last),
-    else the engine's default, the default command's; None when it is no ``serve`` command or names no number."""
+    """The port a ``serve`` command line listens on: its last ``--port N`` / ``--port=N`` (argparse keeps the last,
+    and takes the abbreviations ``--po``, ``--por``), else the engine's default, the default command's; None when it
+    is no ``serve`` command, names no number or is one the engine refuses (the ambiguous ``--p``)."""
     if "serve" not in arguments:
         return None
     port: str | None = None
     for i, argument in enumerate(arguments):
-        if argument == "--port" and i + 1 < len(arguments):
+        option, equals, value = argument.partition("=")
+        if option == "--p":  # argparse refuses it as ambiguous: the engine will not start
+            return None
+        if not _is_port_option(option):
+            continue
+        if equals:
+            port = value
+        elif i + 1 < len(arguments):
             port = arguments[i + 1]
-        elif argument.startswith("--port="):
-            port = argument.split("=", 1)[1]
     if port is None:
         return served_port(split_command(DEFAULT_SERVE_COMMAND, windows=False))
     return int(port) if port.isdigit() else None

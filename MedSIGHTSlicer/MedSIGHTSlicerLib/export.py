@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
            "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd"]
@@ -198,11 +201,19 @@ def nifti_overlaps(segmentation_node, volume_node) -> dict[str, int]:
 
 def export_report(segmentation_node, volume_node, written: str | Path) -> str:
     """What the module says after an export: where it went, and for a NIfTI labelmap which segments lost voxels to a
-    later one there (the file holds one label per voxel; the segmentation in the scene keeps them all)."""
+    later one there (the file holds one label per voxel; the segmentation in the scene keeps them all).
+
+    It is called once the file is written, so it never raises: when the overlaps cannot be counted (a segmentation
+    under a warping transform its volume is not under), the module said "Export failed" of a file on disk; it then
+    says only where the file went."""
     text = f"Exported to {written}"
     if not str(written).lower().endswith((".nii", ".nii.gz")):
         return text
-    hidden = nifti_overlaps(segmentation_node, volume_node)
+    try:
+        hidden = nifti_overlaps(segmentation_node, volume_node)
+    except Exception as err:  # any failure to count leaves the written file written
+        log.info("overlapping segments of a NIfTI export not counted (%s)", type(err).__name__)  # names stay out
+        return text
     if not hidden:
         return text
     which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())

@@ -144,6 +144,13 @@ class ConnectionSettings:
                 f"{url_port}: questions would not reach it. Set the engine URL to port {served}, or the command's "
                 f"--port to {url_port}.")
 
+    def start_question(self, windows: bool | None = None) -> str | None:
+        """What "Start local engine" asks before it starts the engine (OK starts it, Cancel does not), or None to
+        start at once: the `port_mismatch`. Asked after the start, the warning came once the engine ran and its
+        modal dialog held back the engine's log."""
+        mismatch = self.port_mismatch(windows)
+        return f"{mismatch}\n\nStart the engine anyway?" if mismatch else None
+
     def record_consent(self, url: str | None = None) -> None:
         host = host_of(self.url if url is None else url)
         if host and host not in self.consented_hosts:

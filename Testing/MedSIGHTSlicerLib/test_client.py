@@ -653,7 +653,7 @@ def test_a_port_of_another_service_is_named_as_that(fake, sent, words):
     fake.add("GET", "/v1/model", cut_off(sent, b""))
     with pytest.raises(MedSIGHTError) as info:
         client_for(fake, retries=0).model_card()
-    assert info.value.code == "connection_error"
+    assert info.value.code == "not_http" and describe_error(info.value).endswith(ERROR_HINTS["not_http"])
     assert info.value.message == (f"another program answers at {fake.url}/v1/model, not over HTTP (it sent "
                                   f"{words!r}): the engine URL names a port of some other service")
 

@@ -90,3 +90,37 @@ def test_nothing_answering_while_the_local_engine_loads_says_so():
     check.start(MedSIGHTClient(url, retries=0), timeout=2)
     assert wait_for(check).text.endswith(ERROR_HINTS["connection_error"])
     check.close()
+
+
+def test_another_service_on_the_port_is_named_not_called_still_loading():
+    """A program that answers, but not over HTTP (an SSH server on the URL's port), while the local engine runs: the
+    check added "it listens once its model is loaded ... test again then", but waiting does not help when the URL
+    names another service. Only a refused (or otherwise failed) connection gets that hint."""
+    import socket
+    import threading
+
+    greeting = b"SSH-2.0-OpenSSH_9.6\r\n"
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    def serve() -> None:  # greets each connection as an SSH server does, whatever it is sent
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                connection.sendall(greeting)
+
+    threading.Thread(target=serve, daemon=True).start()
+    check = ConnectionCheck()
+    try:
+        check.start(MedSIGHTClient(url, retries=0), timeout=2, local_engine_running=True)
+        outcome = wait_for(check)
+        assert not outcome.ok and "not over HTTP (it sent 'SSH-2.0-OpenSSH_9.6')" in outcome.text
+        assert STARTING_HINT not in outcome.text and outcome.text.endswith(ERROR_HINTS["not_http"])
+    finally:
+        check.close()
+        server.close()

@@ -130,6 +130,7 @@ def test_settings_detect_real_connection_changes():
     ('"C:\\Program Files\\medsight.exe" serve --port=9001', "http://localhost:8765/", 9001),
     ("conda run -n ms medsight serve --port 8000 --port 9002", "http://[::1]:8765", 9002),  # argparse keeps the last
     ("medsight serve --model demo", "http://127.0.0.1:9000", 8765),  # the engine's default port
+    ("medsight serve --po 9000", "http://127.0.0.1:8765", 9000),  # argparse takes an unambiguous abbreviation
 ])
 def test_a_local_engine_on_another_port_than_the_url_is_named(command, url, served):
     """"Start local engine" with a command serving one port and an engine URL naming another: the engine ran, its log
@@ -137,8 +138,11 @@ def test_a_local_engine_on_another_port_than_the_url_is_named(command, url, serv
     url_port = int(url.rstrip("/").rsplit(":", 1)[1])
     message = ConnectionSettings(url=url, serve_command=command).port_mismatch(windows=False)
     assert message is not None and f"serves port {served}" in message and f"names port {url_port}" in message
+    question = ConnectionSettings(url=url, serve_command=command).start_question(windows=False)
+    assert question == f"{message}\n\nStart the engine anyway?"  # asked before "Start local engine" starts it
     fixed = url.replace(f":{url_port}", f":{served}")
     assert ConnectionSettings(url=fixed, serve_command=command).port_mismatch(windows=False) is None
+    assert ConnectionSettings(url=fixed, serve_command=command).start_question(windows=False) is None
     # Another computer's engine, an unreadable command, or no serve command: nothing to compare.
     for other_url, other_command in (("http://gpu.example.org:8765", command), (url, 'medsight serve "'),
                                      (url, "python -m http.server 8765")):

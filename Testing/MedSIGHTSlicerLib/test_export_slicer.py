@@ -296,3 +296,26 @@ def test_a_nifti_export_names_the_voxels_a_later_overlapping_segment_took(scene,
     assert export_report(user, volume, tmp_path / "MR-seg.seg.nrrd") == f"Exported to {tmp_path / 'MR-seg.seg.nrrd'}"
     user.GetSegmentation().RemoveSegment(lesion_id)
     assert nifti_overlaps(user, volume) == {} and export_report(user, volume, path) == f"Exported to {path}"
+
+
+def test_a_nifti_written_under_a_warping_transform_is_reported_as_written(scene, volume, tmp_path):
+    # The segmentation under a non-linear transform its volume is not under: Slicer writes the labelmap, but the
+    # overlap count (segment_array) cannot map one grid to the other, and the module said "Export failed" of a file
+    # and sidecar already on disk.
+    from MedSIGHTSlicerLib.export import export_labelmap_file, export_report
+
+    _, user = accepted(scene, volume, tmp_path)
+    warp = vtk.vtkThinPlateSplineTransform()  # non-linear, as the Landmark Registration module makes
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in [(0, 0, 0), (40, 0, 0), (0, 40, 0), (0, 0, 40), (40, 40, 40)]:
+        source.InsertNextPoint(point)
+        target.InsertNextPoint(point[0] + 2.0, point[1] + 0.1 * point[0], point[2])
+    warp.SetSourceLandmarks(source)
+    warp.SetTargetLandmarks(target)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    transform.SetAndObserveTransformToParent(warp)
+    user.SetAndObserveTransformNodeID(transform.GetID())
+
+    path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
+    assert path.is_file() and path.with_name("MR-seg.json").is_file()
+    assert export_report(user, volume, path) == f"Exported to {path}"

@@ -740,3 +740,53 @@ def test_a_developer_reload_keeps_the_engine_that_exit_stops():
         assert not process.running and process.stop_requested
     finally:
         process.stop(wait=True)
+
+
+@pytest.mark.parametrize("answer", [False, True])
+def test_start_local_engine_asks_about_another_port_before_it_starts(answer):
+    """"Start local engine" with a command serving another port than the engine URL's: the warning came after the
+    engine had started, in a modal dialog shown before the timer that reads the engine's log was started, so the log
+    stood still while it was open. The widget's onStartEngine (MedSIGHTSlicer.py) with a real engine process now asks
+    before anything runs: Cancel starts nothing, OK starts the engine and the timer."""
+    import __future__
+
+    from MedSIGHTSlicerLib.engine_launch import served_port, split_command
+
+    asked, timer = [], []
+    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)" serve --po 9000'
+
+    def dialog(text, windowTitle=None):  # slicer.util's; notes what ran when the dialog opened
+        asked.append((text, namespace["widget"].engine.running, len(timer)))
+        return answer
+
+    util = types.SimpleNamespace(errorDisplay=lambda text: pytest.fail(text), startupEnvironment=lambda: os.environ,
+                                 confirmOkCancelDisplay=dialog, warningDisplay=dialog)
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check",
+        "MedSIGHTSlicerLib.engine_launch")) or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(util=util)}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    widget = namespace["widget"] = namespace["MedSIGHTSlicerWidget"]()
+    widget.connection_form = types.SimpleNamespace(save=lambda: None)
+    widget.engine_timer = types.SimpleNamespace(start=lambda: timer.append("start"), stop=lambda: None)
+    button = types.SimpleNamespace
+    widget.ui = types.SimpleNamespace(startEngineButton=button(), stopEngineButton=button(),
+                                      connectionStatusLabel=button())
+    widget.settings.serve_command, widget.settings.url = sleeper, "http://127.0.0.1:8765"
+    assert served_port(split_command(sleeper)) == 9000
+    try:
+        widget.onStartEngine()
+        assert len(asked) == 1 and asked[0] == (widget.settings.start_question(), False, 0)  # before it ran
+        assert "serves port 9000" in asked[0][0] and "names port 8765" in asked[0][0]
+        assert widget.engine.running is answer and timer == (["start"] if answer else [])
+        assert getattr(widget.ui.startEngineButton, "enabled", True) is not answer  # Cancel: the buttons stay
+        widget.settings.url = "http://127.0.0.1:9000"
+        assert widget.settings.start_question() is None  # the ports agree: it starts without a question
+    finally:
+        widget.engine.stop(wait=True)
