@@ -181,6 +181,30 @@ def test_a_resume_killed_while_rewriting_the_log_keeps_the_runs_history(tmp_path
     assert [r["step"] for r in read_log(tmp_path)] == list(range(1, longer.max_steps + 1))
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints_and_the_run_resumes_from_them(tmp_path):
+    """Every checkpoint was kept: a full-model run saving every few steps filled its disk (weights and the Adam
+    moments in each). With the HF Trainer's save_total_limit only the newest stay, and folders a kill left torn go."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    config = TrainConfig(lr=1e-3, max_steps=3, save_every=1, device="cpu")
+    train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, config, tmp_path)
+    folders = sorted((tmp_path / CHECKPOINT_DIR).iterdir())
+    assert len(folders) == config.max_steps  # 0 (the default): every checkpoint stays
+    (folders[0] / STATE_FILE).unlink()  # as a kill while writing it would leave it
+    longer = replace(config, max_steps=config.max_steps + 3, save_total_limit=2)  # a resume may change the limit
+    result = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn, longer, tmp_path, resume=True)
+    assert [r["step"] for r in result.records] == list(range(config.max_steps + 1, longer.max_steps + 1))
+    kept = range(longer.max_steps - longer.save_total_limit + 1, longer.max_steps + 1)
+    assert sorted(f.name for f in (tmp_path / CHECKPOINT_DIR).iterdir()) == [f"step-{n:07d}" for n in kept]
+    again = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn,
+                  replace(longer, max_steps=longer.max_steps + 1), tmp_path, resume=True)
+    assert [r["step"] for r in again.records] == [longer.max_steps + 1]  # resumed from the newest one kept
+
+
 def test_a_damaged_loss_log_line_is_named(tmp_path):
     (tmp_path / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(ValueError, match=rf"{tmp_path}/{LOG_FILE}: line 2 is not a loss record"):

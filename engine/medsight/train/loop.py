@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -102,6 +103,9 @@ class TrainConfig:
         gradient_checkpointing: recompute the language model's layers in backward (HF gradient checkpointing).
         log_every: write a loss record every this many steps (the last step is always written).
         save_every: write a resumable checkpoint every this many steps (0: only at the end).
+        save_total_limit: keep only this many of the newest checkpoints (0: keep all), as the HF Trainer's option of
+            that name; an older one is removed only once a newer one is complete. A full-model checkpoint holds
+            the weights and the optimizer's moments, so a long run fills a disk without it.
         device: "" picks CUDA when available, else CPU; under torchrun "" and "cuda" are each process's GPU
             (`process_device_name`).
     """
@@ -126,6 +130,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 0
+    save_total_limit: int = 0
     device: str = ""
 
     # Range of each field (types come from the annotations); subclasses add theirs in their own `_limits`
@@ -147,6 +152,7 @@ class TrainConfig:
         "fsdp_param_dtype": checks.one_of("auto", *fsdp.PARAM_DTYPES),
         "log_every": checks.at_least(1),
         "save_every": checks.at_least(0, note="0: only at the end"),
+        "save_total_limit": checks.at_least(0, note="0: keep every checkpoint"),
         "device": (_is_device, f'"" (auto), {DEVICE_FORMS}'),
     }
 
@@ -308,16 +314,37 @@ class SampleOrder:
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
 
+def _checkpoint_folders(out_dir: str | Path) -> tuple[dict[int, Path], dict[int, Path]]:
+    """The run's checkpoint folders by step: (complete ones, holding their trainer state; ones a kill left torn)."""
+    complete, torn = {}, {}
+    for folder in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit():
+            whole = (folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()
+            (complete if whole else torn)[int(number)] = folder
+    return complete, torn
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint folder with the highest step that has a trainer state, or None.
 
     Ordered by the step number, not the name: `step-{step:07d}` grows an eighth digit past 9,999,999 steps."""
-    steps = {}
-    for folder in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
-        number = folder.name.removeprefix("step-")
-        if number.isdigit() and ((folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()):
-            steps[int(number)] = folder
-    return steps[max(steps)] if steps else None
+    complete, _ = _checkpoint_folders(out_dir)
+    return complete[max(complete)] if complete else None
+
+
+def remove_old_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest complete checkpoints (0: keep all), and the folders older than the newest
+    complete one that a kill left torn; returns the folders removed. The newest is never removed, so a resume
+    always has it."""
+    complete, torn = _checkpoint_folders(out_dir)
+    if keep <= 0 or not complete:
+        return []
+    newest = max(complete)
+    old = [complete[n] for n in sorted(complete)[:-keep]] + [f for n, f in torn.items() if n < newest]
+    for folder in old:
+        shutil.rmtree(folder)
+    return old
 
 
 #: What marks a folder as holding a run: starting a new run there would overwrite or mix with it.
@@ -325,8 +352,8 @@ RUN_MARKERS = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FINAL_DIR)
 #: Config fields a resume may change: they lengthen the run (max_steps, epochs; the cosine then spans the new
 #: length), or change what is written, where it runs or where its files are read from (data_root: data moved to
 #: another disk; checkpoints record the data's size), never what a step computes. Any other difference is refused.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "export_official", "device",
-                     "gradient_checkpointing", "data_root")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "save_total_limit", "export_official",
+                     "device", "gradient_checkpointing", "data_root")
 
 
 def check_out_dir(out_dir: str | Path, resume: bool) -> None:
@@ -577,6 +604,8 @@ def train(
             save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position,
                             len(dataset))
             if main_process:
+                # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
+                remove_old_checkpoints(out, config.save_total_limit)
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
