@@ -29,7 +29,14 @@ from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
 from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
-from medsight.prompt import ASSISTANT_PREFIX, Message, questions_of, strip_assistant_prefix, tokenize_prompt
+from medsight.prompt import (
+    ASSISTANT_PREFIX,
+    Message,
+    check_roles,
+    questions_of,
+    strip_assistant_prefix,
+    tokenize_prompt,
+)
 
 #: Default feature-cache bound. Encodings live on the model's device; 1 GiB (~400 slices of the full model in
 #: bf16) keeps the full model within its 18.5 GB GPU budget.
@@ -285,6 +292,7 @@ class Engine:
             bad = [m for m in turns if not isinstance(m, Message)]
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
+        check_roles(turns)  # first: an unknown last role is named as unknown, not as "ends with a message of role"
         questions = questions_of(turns)
         if questions:  # none: render_messages refuses the conversation, naming the roles it has
             if not questions_of(turns[-1:]):
