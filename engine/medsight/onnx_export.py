@@ -48,7 +48,7 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "medsight-onnx/1"
+MANIFEST_FORMAT = "medsight-onnx/2"  # 2: "files" (each file's SHA-256) is required; /1 exports lack it
 GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 #: A graph past `_needs_external_data` keeps its weights in "<graph file>.data" beside it (the name the dynamo
 #: exporter writes and the graph refers to).
