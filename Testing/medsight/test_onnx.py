@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -327,6 +329,48 @@ def test_the_files_of_an_export_killed_midway_are_removed_by_the_next(model, exp
     leftover = folder / f"{STAGING_PREFIX}killed"
     leftover.mkdir()
     shutil.copy(exported["vision_encoder"], leftover)
+    export_onnx(model, folder, exporter="torchscript")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
+
+
+def test_an_export_into_a_folder_another_export_is_writing_is_refused(model, exported, tmp_path):
+    """Two exports into one folder: the second deleted every hidden working folder there as a killed export's
+    leftover, the first's included while it was still writing it. Now the lock of a running export (this process's
+    own pid stands for it) refuses the second, naming the lock, and the first's folder stays."""
+    import shutil
+    import socket
+
+    from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    writing = folder / f"{STAGING_PREFIX}running"
+    writing.mkdir()
+    shutil.copy(exported["vision_encoder"], writing)
+    (folder / LOCK_FILE).write_text(f"{os.getpid()}@{socket.gethostname()}")
+    with pytest.raises(ValueError, match=rf"another export is writing to .*onnx .*delete .*{re.escape(LOCK_FILE)}"):
+        export_onnx(model, folder, exporter="torchscript")
+    assert [p.name for p in writing.iterdir()] == [exported["vision_encoder"].name]
+    assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}@{socket.gethostname()}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="an ended process is told from a running one on POSIX only")
+def test_the_lock_of_an_ended_export_is_taken_over(model, exported, tmp_path):
+    """A killed export leaves its lock: its process is gone, so the next export takes the lock over, removes the
+    killed one's working folder, writes the export and leaves no lock."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    (folder / f"{STAGING_PREFIX}killed").mkdir()
+    (folder / LOCK_FILE).write_text(f"{int(ended.stdout)}@{socket.gethostname()}")
     export_onnx(model, folder, exporter="torchscript")
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
 
