@@ -410,13 +410,15 @@ def create_app(
         deadline.daemon = True
         deadline.start()
         result: EngineAnswer | None = None
+        response: str | None = None  # set: an answer (masks included) is about to leave the engine
         outcome = "error"
         try:
             result = engine.ask(slices, messages, convert.generation_options(req.options),
                                 convert.image_options(req.options), on_token=on_token, on_region=on_region,
                                 cancel=job.cancel, abandon=job.abandoned)
             outcome = (job.stop_reason or "cancelled") if result.cancelled else "completed"
-            return convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
+            response = convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
+            return response
         except ValueError as err:
             outcome = "invalid_request"
             raise ApiError(422, "invalid_request", str(err)) from None
@@ -439,8 +441,10 @@ def create_app(
                 except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
                     why = err.strerror or type(err).__name__
                     log.error("job %s: the audit trail could not be written (%s)", job.id, why)
-                    raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail could "
-                                   f"not be written ({why}); free space for it or restart the engine") from None
+                    if response is not None:  # else the ask's own error (a 422, an engine failure) goes out
+                        raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail "
+                                       f"could not be written ({why}); free space for it or restart the "
+                                       f"engine") from None
 
     def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
