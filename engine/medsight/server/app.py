@@ -364,10 +364,6 @@ def create_app(
     def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
         """Everything that can be refused is refused here, before the job is queued (quick work only, but for the
         first ask about a volume: its percentile window reads the whole volume, `windows.VolumeWindows`)."""
-        try:
-            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
-        except ValueError as err:
-            raise ApiError(422, "invalid_window", str(err)) from None
         plane, indices = req.slices.plane, list(req.slices.indices)
         if len(set(indices)) != len(indices):
             raise ApiError(422, "invalid_request", f"slice indices must be unique, got {indices[:16]}")
@@ -375,6 +371,10 @@ def create_app(
         outside = [i for i in indices if not 0 <= i < count]
         if outside:
             raise ApiError(422, "invalid_request", f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
+        try:  # after the quick checks: a first percentile window reads the whole volume
+            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
+        except ValueError as err:
+            raise ApiError(422, "invalid_window", str(err)) from None
         messages = [Message(m.role, m.content) for m in req.messages]
         try:
             convert.generation_options(req.options)
