@@ -64,8 +64,9 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
 
 
 def scored_type(item: EvalItem) -> str | None:
-    """The metric family an item is scored by: "mc" (with its options), or run_eval.py's "open" or "closed"
-    (`text_kind`); None for a type the official scoring skips (a VQA file's "mc" too: run_eval.py has no options)."""
+    """The metric family an item is scored by: "mc" (OmniMedVQA's, with its options), or run_eval.py's "open" or
+    "closed" (`text_kind`); None for a type the official scoring skips (a VQA or DiagSeg file's "mc" too, and a
+    blank one: run_eval.py has no options and skips them)."""
     return "mc" if item.answer_type == "mc" and item.options else text_kind(item.answer_type)
 
 
