@@ -284,10 +284,14 @@ def test_an_output_that_is_a_pipe_or_a_link_to_one_is_refused(brain, tmp_path, c
     os.mkfifo(pipe)
     link = tmp_path / "link.seg.nrrd"
     link.symlink_to(pipe)
-    for option, path in (("--overlay", pipe), ("--out", link)):
+    null = tmp_path / "null.png"
+    null.symlink_to(os.devnull)
+    # Named as user_files.special_file_kind names it (the one wording of what a special file is).
+    for option, path, kind in (("--overlay", pipe, "a named pipe (FIFO)"), ("--out", link, "a named pipe (FIFO)"),
+                               ("--overlay", null, "a character device")):
         assert main(["ask", str(brain), Q, option, str(path), "--overwrite", *NO_MODEL]) == 2
-        assert _err(capsys).splitlines() == [f"medsight: error: {option} {path} is not a regular file (a device or "
-                                             "pipe): give a file name"]
+        assert _err(capsys).splitlines() == [f"medsight: error: {option} {path} is {kind}, not a file: give a file "
+                                             "name"]
     assert stat.S_ISFIFO(pipe.stat().st_mode) and link.is_symlink()
 
 

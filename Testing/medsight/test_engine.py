@@ -237,6 +237,9 @@ def test_bad_input_is_refused_with_clear_messages(model, volume):
     for last in ("assistant", "system", "gpt"):
         with pytest.raises(ValueError, match=f"ends with a message of role '{last}'; end it with the user's question"):
             engine.ask(images(1), [Message("user", "Q?"), Message(last, "A.")])
+    # An unknown last role was named as the role the conversation ends with, not as unknown.
+    with pytest.raises(ValueError, match="unknown message role 'foo'; use user, assistant or system"):
+        engine.ask(images(1), [Message("user", "Q?"), Message("foo", "A.")])
     # The official data's "human" turn is a user turn (as the prompt renders it): its blank question is named.
     with pytest.raises(ValueError, match="question is empty"):
         engine.ask(images(1), [Message("human", "  ")])

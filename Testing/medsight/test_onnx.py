@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -331,6 +333,48 @@ def test_the_files_of_an_export_killed_midway_are_removed_by_the_next(model, exp
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
 
 
+def test_an_export_into_a_folder_another_export_is_writing_is_refused(model, exported, tmp_path):
+    """Two exports into one folder: the second deleted every hidden working folder there as a killed export's
+    leftover, the first's included while it was still writing it. Now the lock of a running export (this process's
+    own pid stands for it) refuses the second, naming the lock, and the first's folder stays."""
+    import shutil
+    import socket
+
+    from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    writing = folder / f"{STAGING_PREFIX}running"
+    writing.mkdir()
+    shutil.copy(exported["vision_encoder"], writing)
+    (folder / LOCK_FILE).write_text(f"{os.getpid()}@{socket.gethostname()}")
+    with pytest.raises(ValueError, match=rf"another export is writing to .*onnx .*delete .*{re.escape(LOCK_FILE)}"):
+        export_onnx(model, folder, exporter="torchscript")
+    assert [p.name for p in writing.iterdir()] == [exported["vision_encoder"].name]
+    assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}@{socket.gethostname()}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="an ended process is told from a running one on POSIX only")
+def test_the_lock_of_an_ended_export_is_taken_over(model, exported, tmp_path):
+    """A killed export leaves its lock: its process is gone, so the next export takes the lock over, removes the
+    killed one's working folder, writes the export and leaves no lock."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported["manifest"].parent, folder)
+    (folder / f"{STAGING_PREFIX}killed").mkdir()
+    (folder / LOCK_FILE).write_text(f"{int(ended.stdout)}@{socket.gethostname()}")
+    export_onnx(model, folder, exporter="torchscript")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
+
+
 def _damage_manifest(edit):
     def damage(folder: Path) -> None:
         path = folder / "manifest.json"
@@ -355,8 +399,12 @@ FOLDER_DAMAGE = {
     "a graph is torn": (_tear("perceiver_encode.onnx"), r"perceiver_encode\.onnx cannot be loaded"),
     "a graph is another graph": (_replace_vision_graph_by_encode, r"vision_encoder\.onnx is not the vision_encoder"),
     "the manifest is torn": (_tear("manifest.json"), r"manifest\.json is not a readable manifest"),
-    "the manifest is of another format": (_damage_manifest(lambda m: {**m, "format": "medsight-onnx/2"}),
-                                          r"format 'medsight-onnx/2', this medsight reads 'medsight-onnx/1'"),
+    "the manifest is of another format": (_damage_manifest(lambda m: {**m, "format": "medsight-onnx/3"}),
+                                          r"format 'medsight-onnx/3', this medsight reads 'medsight-onnx/2'"),
+    # An export of the version before "files" was required: the format check names it (it was "lacks files").
+    "the manifest is of the older format": (
+        _damage_manifest(lambda m: {**{k: v for k, v in m.items() if k != "files"}, "format": "medsight-onnx/1"}),
+        r"format 'medsight-onnx/1', this medsight reads 'medsight-onnx/2'"),
     "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
     "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
                                       r"lacks graphs"),

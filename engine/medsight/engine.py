@@ -29,7 +29,14 @@ from medsight.model.lvlm import IMAGE_TOKEN_INDEX
 from medsight.model.medsight import ImageEncoding, ImageOptions, MedSIGHTModel
 from medsight.model.perceiver import CastDecode, GridFeatures
 from medsight.model.preprocess import InputTransform
-from medsight.prompt import ASSISTANT_PREFIX, Message, questions_of, strip_assistant_prefix, tokenize_prompt
+from medsight.prompt import (
+    ASSISTANT_PREFIX,
+    Message,
+    check_roles,
+    questions_of,
+    strip_assistant_prefix,
+    tokenize_prompt,
+)
 
 #: Default feature-cache bound. Encodings live on the model's device; 1 GiB (~400 slices of the full model in
 #: bf16) keeps the full model within its 18.5 GB GPU budget.
@@ -285,6 +292,7 @@ class Engine:
             bad = [m for m in turns if not isinstance(m, Message)]
             if bad:
                 raise ValueError(f"messages must be medsight.prompt.Message objects, got {type(bad[0]).__name__}")
+        check_roles(turns)  # first: an unknown last role is named as unknown, not as "ends with a message of role"
         questions = questions_of(turns)
         if questions:  # none: render_messages refuses the conversation, naming the roles it has
             if not questions_of(turns[-1:]):
@@ -360,12 +368,7 @@ class Engine:
         out = []
         for index in indices:
             geometry = extract_slice(volume, plane, index)
-            if volume.is_rgb:
-                rgb = to_rgb(geometry.pixels)
-            else:
-                rgb = to_rgb(geometry.pixels, volume.modality, center=window.center, width=window.width,
-                             invert=volume.invert_display)
-            out.append((index, rgb, geometry))
+            out.append((index, slice_image(volume, geometry, window), geometry))
         return out
 
     def _encode_batch(self, pixels: torch.Tensor, image_options: ImageOptions, keep: bool = False) -> ImageEncoding:
@@ -538,6 +541,16 @@ def volume_window(volume: Volume, window: str | Window | None) -> Window | None:
         raise ImagingError(f"the volume's values give the window {chosen.low:g}..{chosen.high:g}, which 8-bit display "
                            f"cannot use ({err.problem}); rescale its values (or, from Python or the HTTP API, give a "
                            "window center and width)") from None
+
+
+def slice_image(volume: Volume, geometry: Slice, window: Window | None) -> np.ndarray:
+    """The 8-bit RGB image of one of `volume`'s slices that the model is shown, in `window` (`volume_window`'s;
+    None for a colour volume, whose non-8-bit values are windowed per slice): the one rule, for the Engine and for
+    pictures of what it saw (`medsight ask --overlay`)."""
+    if volume.is_rgb:
+        return to_rgb(geometry.pixels)
+    return to_rgb(geometry.pixels, volume.modality, center=window.center, width=window.width,
+                  invert=volume.invert_display)
 
 
 def check_question(question: str) -> None:

@@ -30,8 +30,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,13 +51,15 @@ VISION_FILE = "vision_encoder.onnx"
 ENCODE_FILE = "perceiver_encode.onnx"
 DECODE_FILE = "perceiver_decode.onnx"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "medsight-onnx/1"
+MANIFEST_FORMAT = "medsight-onnx/2"  # 2: "files" (each file's SHA-256) is required; /1 exports lack it
 GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "perceiver_decode": DECODE_FILE}
 #: A graph past `_needs_external_data` keeps its weights in "<graph file>.data" beside it (the name the dynamo
 #: exporter writes and the graph refers to).
 DATA_FILES = tuple(f"{file}.data" for file in GRAPH_FILES.values())
 #: The hidden folder inside the export folder where an export writes its graphs before renaming them into place.
 STAGING_PREFIX = ".medsight-onnx-export-"
+#: Held (created with O_EXCL) by the one export writing into a folder; it holds "<pid>@<host>".
+LOCK_FILE = ".medsight-onnx-export.lock"
 #: Every name an export may write into its folder.
 EXPORT_FILES = (*GRAPH_FILES.values(), *DATA_FILES, MANIFEST_FILE)
 
@@ -258,6 +263,58 @@ def export_onnx(
     # The graphs are written into a hidden folder beside the export and renamed into place once all are complete:
     # an export stopped midway leaves the old one whole, and no file an engine has open is written into (onnxruntime
     # maps a graph's .data file: written in place, a running engine would compute with the new weights, or crash).
+    paths = {name: out / file for name, file in GRAPH_FILES.items()}
+    paths["manifest"] = out / MANIFEST_FILE
+    with _export_lock(out):
+        text = json.dumps(_write_graphs(model, out, opset, exporter, optimize), indent=2)
+        # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must
+        # not leave a torn one beside complete graphs.
+        replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return paths
+
+
+@contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """Be the one export writing into `out`: a second one (another terminal) would delete the first's hidden folder
+    as a leftover and swap its graphs in among the first's. A lock left by a killed export on this computer is taken
+    over (POSIX: its process is gone); any other is refused, saying what to do."""
+    lock, me = out / LOCK_FILE, f"{os.getpid()}@{socket.gethostname()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.is_file() else ""
+            if attempt or not _holder_is_gone(holder):
+                raise ValueError(f"another export is writing to {out} (process {holder or '?'}): wait for it to end, "
+                                 f"or, if none is running, delete {lock}") from None
+            log.info("taking over the lock of an ended export (process %s)", holder)
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(me)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _holder_is_gone(holder: str) -> bool:
+    """Whether a lock's "<pid>@<host>" names a process of this computer that has ended (known on POSIX only; a lock
+    being written, of another computer or on Windows counts as held)."""
+    pid, _, host = holder.partition("@")
+    if os.name != "posix" or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, as another user's
+        return False
+    return False
+
+
+def _write_graphs(model: MedSIGHTModel, out: Path, opset: int, exporter: str, optimize: bool) -> dict:
+    """Under the export lock: write the graphs aside, rename them into place and return the manifest to write."""
     for leftover in out.glob(f"{STAGING_PREFIX}*"):  # an export killed before its cleanup (up to 2.4 GB)
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
@@ -283,13 +340,7 @@ def export_onnx(
         sync_folder(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    paths = {name: out / file for name, file in GRAPH_FILES.items()}
-    paths["manifest"] = out / MANIFEST_FILE
-    # Whole or not at all: it marks the export complete, so a write stopped midway (a full disk, a kill) must not
-    # leave a torn one beside complete graphs.
-    text = json.dumps(manifest, indent=2)
-    replace_file(paths["manifest"], lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    return paths
+    return manifest
 
 
 def file_sha256(path: Path) -> str:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from medsight.user_files import special_file_kind
+
 
 def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
     """Refuse an output that is a file the command reads, an existing file (unless --overwrite), a folder, or in a
@@ -19,7 +21,8 @@ def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
     if os.path.exists(path) and not os.path.isfile(path):
         # A device or pipe (/dev/null, a FIFO), or a link to one: the atomic write would have replaced it by a
         # regular file (as root, /dev/null itself).
-        raise ValueError(f"{what} {path} is not a regular file (a device or pipe): give a file name")
+        kind = special_file_kind(path) or "not a regular file"
+        raise ValueError(f"{what} {path} is {kind}, not a file: give a file name")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{what} {path} already exists: pass --overwrite to replace it")
     check_folder_writable(path, f"{what} {path}")

@@ -31,14 +31,19 @@ def questions_of(messages: Sequence[Message]) -> list[str]:
     return [m.content for m in messages if _ROLES.get(m.role) == "user"]
 
 
+def check_roles(messages: Sequence[Message]) -> None:
+    """Refuse a message whose role is none of user, assistant or system (or the official data's human/gpt)."""
+    bad = [m.role for m in messages if m.role not in _ROLES]
+    if bad:
+        raise ValueError(f"unknown message role {bad[0]!r}; use user, assistant or system")
+
+
 def render_messages(messages: Sequence[Message], num_images: int = 1) -> list[str]:
     """The ChatML text of each turn, system prompt first, images at the start of the first user turn."""
     if num_images < 0:
         raise ValueError("num_images must be >= 0")
-    turns = [Message(_ROLES.get(m.role, ""), m.content) for m in messages]
-    bad = [m.role for m, t in zip(messages, turns, strict=True) if not t.role]
-    if bad:
-        raise ValueError(f"unknown message role {bad[0]!r}; use user, assistant or system")
+    check_roles(messages)
+    turns = [Message(_ROLES[m.role], m.content) for m in messages]
     if not any(t.role == "user" for t in turns):
         roles = ", ".join(dict.fromkeys(m.role for m in messages))
         raise ValueError(f"the conversation has no user message (only {roles}); ask something about the image")

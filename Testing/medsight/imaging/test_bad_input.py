@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -132,9 +133,15 @@ def test_slice_spacing_that_drifts_is_refused(restacked_series):
     # slice sat 0.2 mm from where it was taken, and its masks with it (3D Slicer adds a regularization transform for
     # a slice 0.001 mm off its grid).
     steps = [2.5] * 20 + [2.52] * 20
-    folder = restacked_series(np.concatenate([[0.0], np.cumsum(steps)]))
-    error = _raises(folder, "uneven slice spacing: steps drift from 2.500 to 2.520 mm, so slice0020.dcm lies 0.2")
-    assert "evenly spaced grid of 2.5100 mm" in str(error)
+    distances = np.concatenate([[0.0], np.cumsum(steps)])
+    folder = restacked_series(distances)
+    # ITK's grid (first to last slice over n - 1) and the slice farthest off it: the fixture names slices in order.
+    grid = (distances[-1] - distances[0]) / (len(distances) - 1)
+    off = np.abs(distances - distances[0] - grid * np.arange(len(distances)))
+    worst = int(np.argmax(off))
+    error = _raises(folder, re.escape(f"uneven slice spacing: steps drift from {min(steps):.3f} to {max(steps):.3f} "
+                                      f"mm, so slice{worst:04d}.dcm lies {off[worst]:.3f} mm"))
+    assert f"evenly spaced grid of {grid:.4f} mm" in str(error)
 
 
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])

@@ -92,9 +92,17 @@ def test_valid_windows_and_seeds_still_answer(server, ct_id):
 def test_a_volume_whose_own_window_cannot_show_it_is_a_422_before_the_job(server, value, modality, window):
     """A constant volume beyond +-1e30 has a percentile window no 8-bit display can use: the ask was admitted and
     failed after its 200. An explicit window still shows it."""
-    volume_id = _upload(server, np.full((2, 12, 10), value, np.float32), modality=modality)["volume_id"]
-    ask = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2}}
-    reply = httpx.post(f"{server}/v1/ask", json={**ask, **({"window": window} if window else {})}, timeout=60)
+    array = np.full((2, 12, 10), value, np.float32)
+    volume_id = _upload(server, array, modality=modality)["volume_id"]
+    ask = {"volume_id": volume_id, "messages": QUESTION, "options": {"max_new_tokens": 2},
+           **({"window": window} if window else {})}
+    # The quick checks come before the window (whose first read is of the whole volume): a slice out of range is
+    # named as such, where it was refused for the window.
+    outside = {"plane": "axial", "indices": [len(array)]}
+    reply = httpx.post(f"{server}/v1/ask", json={**ask, "slices": outside}, timeout=60)
+    assert (reply.status_code, reply.json()["code"]) == (422, "invalid_request"), reply.text
+    assert f"axial slice index {len(array)} is out of range 0..{len(array) - 1}" in reply.json()["message"]
+    reply = httpx.post(f"{server}/v1/ask", json=ask, timeout=60)
     assert reply.status_code == 422 and reply.json()["code"] == "invalid_window", reply.text
     assert "the volume's values give the window" in reply.json()["message"] and "x-job-id" not in reply.headers
     reply = httpx.post(f"{server}/v1/ask", json={**ask, "window": {"center": 0, "width": 100}}, timeout=60)

@@ -103,3 +103,32 @@ def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(e
     # The failed line left nothing behind: the trail holds exactly the two answers given, each line whole.
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [line["job_id"] for line in lines] == [first.headers["x-job-id"], after.headers["x-job-id"]]
+
+
+@pytest.mark.parametrize(("error", "code", "message"), [
+    (RuntimeError("out of memory"), "internal_error", "the engine failed: RuntimeError"),
+    (ValueError("slice 3 is blank"), "invalid_request", "slice 3 is blank"),
+])
+def test_an_ask_that_failed_keeps_its_own_error_when_the_audit_trail_cannot_be_written(engine, tmp_path, monkeypatch,
+                                                                                      caplog, error, code, message):
+    """An ask that failed sends no answer, so the audit failure must not replace its error: it reached the client as
+    audit_failed, "the answer is withheld", hiding the real failure."""
+    audit = tmp_path / "audit.jsonl"
+    ask = {"messages": [{"role": "user", "content": "Where?"}], "options": {"max_new_tokens": 3}}
+    with live_server(create_app(engine, model_name="tiny", audit_path=str(audit))) as url, \
+            httpx.Client(base_url=url, timeout=120) as c:
+        image = npy(np.zeros((2, 16, 16), np.int16))
+        ask["volume_id"] = c.post("/v1/volumes", content=image, headers={"content-type": "application/octet-stream"}
+                                  ).json()["volume_id"]
+        assert c.post("/v1/ask", json=ask).status_code == 200
+        size = audit.stat().st_size
+
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(engine, "ask", fail)  # a failure while the job runs, after admission
+        with file_size_limit(size + 10):  # room for a tenth of a line
+            failed = c.post("/v1/ask", json=ask)
+    assert (failed.status_code, failed.json()["code"], failed.json()["message"]) == (200, code, message), failed.text
+    assert audit.stat().st_size == size  # the write was tried, failed, and its torn part was removed
+    assert "the audit trail could not be written (File too large)" in caplog.text

@@ -33,3 +33,37 @@ def test_a_volume_no_window_can_show_is_refused_and_not_remembered():
         with pytest.raises(ImagingError, match=r"the volume's values give the window 1e\+31\.\.1e\+31"):
             windows.get("huge", huge, None)
     assert windows.get("huge", huge, Window(0, 100)) == Window(0, 100)
+
+
+def test_a_remembered_window_is_not_kept_waiting_by_another_volumes_first_read(monkeypatch):
+    """The one lock was held while a volume's percentile window was read (seconds for a large volume): an ask about
+    an already windowed volume waited behind it. The read of "big" is held open here until the look-up of "a" is
+    done; the look-up must return the remembered window meanwhile."""
+    import threading
+
+    from medsight.server import windows as windows_module
+
+    windows, small, big = VolumeWindows(), _mr(1), _mr(2)
+    remembered = windows.get("a", small, None)
+    reading, release = threading.Event(), threading.Event()
+
+    def held_read(volume, window):
+        if volume is big:
+            reading.set()
+            release.wait()
+        return volume_window(volume, window)
+
+    monkeypatch.setattr(windows_module, "volume_window", held_read)
+    first_read = threading.Thread(target=windows.get, args=("big", big, None))
+    first_read.start()
+    try:
+        assert reading.wait(60)
+        looked_up = []
+        lookup = threading.Thread(target=lambda: looked_up.append(windows.get("a", small, None)))
+        lookup.start()
+        lookup.join(60)  # a guard against a hang, not a timing: it returns at once or never, while "big" is held
+        assert looked_up == [remembered] and first_read.is_alive()
+    finally:
+        release.set()
+        first_read.join()
+    assert windows.get("big", small, None) == volume_window(big, None)  # "big" was remembered once read

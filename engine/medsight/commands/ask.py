@@ -43,7 +43,7 @@ def run_ask(args: argparse.Namespace) -> int:
             left = reader_left()
             if not left:
                 raise
-    written, errors = write_outputs(args, volume, answers)
+    written, errors = write_outputs(args, volume, answers, window)
     if args.json:
         _print_json(args, answers, written, errors)
     else:

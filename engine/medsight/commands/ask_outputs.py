@@ -44,13 +44,14 @@ def _named(option: str, check, path: str, *more) -> None:
         raise ValueError(f"{option} {path}: {err.problem}") from None
 
 
-def write_outputs(args: argparse.Namespace, volume, answers) -> tuple[dict[str, str | None], list[str]]:
+def write_outputs(args: argparse.Namespace, volume, answers, window) -> tuple[dict[str, str | None], list[str]]:
     """Write --out and --overlay; returns each one's path (None when not written) and the errors of those that
-    failed, so that one failed write neither loses the answers nor stops the other output."""
+    failed, so that one failed write neither loses the answers nor stops the other output. `window` is the one the
+    answers were asked in (`engine.volume_window`), so the overlay shows the pixels the model saw."""
     written: dict[str, str | None] = {}
     errors: list[str] = []
     writers = {"out": lambda path: _write_segmentation(path, volume, answers),
-               "overlay": lambda path: _write_overlay(path, volume, answers, args.window)}
+               "overlay": lambda path: _write_overlay(path, volume, answers, window)}
     for name, write in writers.items():
         path = getattr(args, name)
         if not path:
@@ -105,12 +106,9 @@ def _segment(value: int, pairs: list, used: list):
     return Segment(value, name or "Region", colour, codes[0] if codes else None, term_for(label) or UNCODED)
 
 
-def _write_overlay(path: str, volume, answers, window: str | None) -> None:
-    from medsight.imaging import to_rgb
+def _write_overlay(path: str, volume, answers, window) -> None:
+    from medsight.engine import slice_image
     from medsight.overlay import save_overlay
 
     shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
-    # MONOCHROME1 shows low values white, as the model saw the slice (`Engine`) and as viewers show it.
-    rgb = to_rgb(shown.slice.pixels, volume.modality, preset=window, window_from=volume.array,
-                 invert=volume.invert_display)
-    save_overlay(path, rgb, shown.regions)
+    save_overlay(path, slice_image(volume, shown.slice, window), shown.regions)

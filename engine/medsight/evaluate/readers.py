@@ -33,8 +33,9 @@ class EvalItem:
         id: question id (unique in its file).
         question: the prompt text (without any ``<image>`` tag; the engine places the image).
         answer: the GT string scored by the text metrics.
-        answer_type: the data's answer type, lower-cased: "open", one starting with "close", or "mc" (any other is
-            scored by no text metric, as in `run_eval.py`; the report counts such items as skipped).
+        answer_type: the data's answer type, lower-cased: "open", one starting with "close", or "mc" with options
+            (OmniMedVQA's); any other ("" for a DiagSeg item without one, a VQA or DiagSeg "mc") is scored by no
+            text metric, as in `run_eval.py`; the report skips such items and names their types.
         image: absolute image path.
         modality: canonical modality name ("unknown" if the file has none).
         options: multiple-choice options (A..D order), else empty.
@@ -223,13 +224,13 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             if not isinstance(mask_ids, list) or not mask_ids:
                 raise DataError(f"{where}: 'mask_ids' must be a non-empty list")
             masks = _gt_mask_files(root, where, mask_ids[-1], _field(path, i, raw, "masks"))
-        answer_type = (_optional_text(path, i, raw, "answer_type") or "open").lower()
         items.append(EvalItem(
-            id=qid, question=_question(path, i, raw, "question"), answer=gt, answer_type=answer_type,
+            id=qid, question=_question(path, i, raw, "question"), answer=gt,
+            # Kept as given, a blank or missing one as "": run_eval.py scores only "open" and "close..." (it skips
+            # "" and "mc", and fails on a missing one), and the report skips and names the others alike.
+            answer_type=(_optional_text(path, i, raw, "answer_type") or "").lower(),
             image=_resolve(root, _text(path, i, raw, "image_file")),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")), masks=masks,
-            # An "mc" item is scored against its options as OmniMedVQA's; without them it has nothing to score.
-            options=_mc_options(path, i, raw) if answer_type == "mc" else [],
         ))
     return _check_unique(path, items)
 

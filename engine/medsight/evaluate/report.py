@@ -64,8 +64,9 @@ def _join(items: Sequence[EvalItem], predictions: Sequence[Prediction]) -> list[
 
 
 def scored_type(item: EvalItem) -> str | None:
-    """The metric family an item is scored by: "mc" (with its options), or run_eval.py's "open" or "closed"
-    (`text_kind`); None for a type the official scoring skips (a VQA file's "mc" too: run_eval.py has no options)."""
+    """The metric family an item is scored by: "mc" (OmniMedVQA's, with its options), or run_eval.py's "open" or
+    "closed" (`text_kind`); None for a type the official scoring skips (a VQA or DiagSeg file's "mc" too, and a
+    blank one: run_eval.py has no options and skips them)."""
     return "mc" if item.answer_type == "mc" and item.options else text_kind(item.answer_type)
 
 
@@ -291,24 +292,33 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
     unreadable mask leaves its image's own counts)."""
     from PIL import Image
 
+    from medsight.user_files import IMAGE_READ_ERRORS
+
+    headers: dict[Path, tuple[tuple[int, int], str] | None] = {}
+
+    def header(path: Path) -> tuple[tuple[int, int], str] | None:
+        """Size and mode of a file, read once per path (items share images and masks)."""
+        if path not in headers:
+            try:
+                with Image.open(path) as im:
+                    headers[path] = (im.size, im.mode)
+            except IMAGE_READ_ERRORS:  # a DecompressionBombError too: it stopped the report being built
+                headers[path] = None
+        return headers[path]
+
     nonsquare = reshaped = 0
     wide: dict[Path, bool] = {}
     for item in items:
-        try:
-            with Image.open(item.image) as im:
-                (width, height), mode = im.size, im.mode
-        except (OSError, ValueError):
+        found = header(item.image)
+        if found is None:
             continue
+        (width, height), mode = found
         nonsquare += width != height
         wide[item.image] = mode.startswith("I") or mode == "F"
-        try:
-            sizes = []
-            for mask in item.masks:
-                with Image.open(mask) as m:
-                    sizes.append(m.size)
-        except (OSError, ValueError):
+        masks = [header(mask) for mask in item.masks]
+        if any(m is None for m in masks):
             continue
-        reshaped += any(abs(mh - height * mw / width) > 1 for mw, mh in sizes)
+        reshaped += any(abs(mh - height * mw / width) > 1 for (mw, mh), _ in masks)
     return nonsquare, reshaped, sum(wide.values())
 
 

@@ -364,10 +364,6 @@ def create_app(
     def check_ask(req: schemas.AskRequest, volume: Volume) -> tuple[VolumeSlices, list[Message], list[int]]:
         """Everything that can be refused is refused here, before the job is queued (quick work only, but for the
         first ask about a volume: its percentile window reads the whole volume, `windows.VolumeWindows`)."""
-        try:
-            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
-        except ValueError as err:
-            raise ApiError(422, "invalid_window", str(err)) from None
         plane, indices = req.slices.plane, list(req.slices.indices)
         if len(set(indices)) != len(indices):
             raise ApiError(422, "invalid_request", f"slice indices must be unique, got {indices[:16]}")
@@ -375,6 +371,10 @@ def create_app(
         outside = [i for i in indices if not 0 <= i < count]
         if outside:
             raise ApiError(422, "invalid_request", f"{plane} slice index {outside[0]} is out of range 0..{count - 1}")
+        try:  # after the quick checks: a first percentile window reads the whole volume
+            win = windows.get(req.volume_id, volume, convert.window(req.window, volume.modality))
+        except ValueError as err:
+            raise ApiError(422, "invalid_window", str(err)) from None
         messages = [Message(m.role, m.content) for m in req.messages]
         try:
             convert.generation_options(req.options)
@@ -410,13 +410,15 @@ def create_app(
         deadline.daemon = True
         deadline.start()
         result: EngineAnswer | None = None
+        response: str | None = None  # set: an answer (masks included) is about to leave the engine
         outcome = "error"
         try:
             result = engine.ask(slices, messages, convert.generation_options(req.options),
                                 convert.image_options(req.options), on_token=on_token, on_region=on_region,
                                 cancel=job.cancel, abandon=job.abandoned)
             outcome = (job.stop_reason or "cancelled") if result.cancelled else "completed"
-            return convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
+            response = convert.ask_response(job.id, model_name, slices.plane, result).model_dump_json()
+            return response
         except ValueError as err:
             outcome = "invalid_request"
             raise ApiError(422, "invalid_request", str(err)) from None
@@ -439,8 +441,10 @@ def create_app(
                 except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
                     why = err.strerror or type(err).__name__
                     log.error("job %s: the audit trail could not be written (%s)", job.id, why)
-                    raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail could "
-                                   f"not be written ({why}); free space for it or restart the engine") from None
+                    if response is not None:  # else the ask's own error (a 422, an engine failure) goes out
+                        raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail "
+                                       f"could not be written ({why}); free space for it or restart the "
+                                       f"engine") from None
 
     def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
