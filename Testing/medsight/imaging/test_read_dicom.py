@@ -321,3 +321,79 @@ def test_a_folder_without_series_is_one_line_without_itk_warnings(tmp_path, capf
         read_volume(tmp_path)
     assert capfd.readouterr().err == ""
     assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's other warnings still shown
+
+
+def _colour_series(source, folder, photometric=None, rescale=None):
+    """A two-slice series of copies of a real colour file (the second flipped upside down, so the slices differ),
+    optionally re-encoded from RGB into ``photometric`` (pydicom's convert_color_space) or given a rescale."""
+    from pydicom.pixels import convert_color_space
+
+    folder.mkdir()
+    series_uid = pydicom.uid.generate_uid()
+    for k in range(2):
+        ds = pydicom.dcmread(source)
+        if photometric:  # YBR_FULL: 8-bit samples converted from RGB
+            pixels = convert_color_space(ds.pixel_array, "RGB", photometric)
+            ds.PhotometricInterpretation = photometric
+            ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        if k:  # rows reversed in the stored bytes: valid for every uncompressed layout, YBR_FULL_422's too
+            ds.PixelData = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, -1)[::-1].tobytes()
+        if rescale:
+            ds.RescaleSlope, ds.RescaleIntercept = rescale
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        ds.ImageOrientationPatient, ds.PixelSpacing = [1, 0, 0, 0, 1, 0], [0.5, 0.5]
+        ds.ImagePositionPatient = [0, 0, 2.5 * k]
+        ds.save_as(folder / f"slice{k}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _colour_pixels(path):
+    """A colour file's RGB samples as pydicom gives them (YBR converted, a palette applied)."""
+    ds = pydicom.dcmread(path)
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        return pydicom.pixels.apply_color_lut(ds.pixel_array, ds)
+    return ds.pixel_array
+
+
+@pytest.mark.parametrize(
+    ("name", "photometric", "rescale"),
+    [
+        ("SC_rgb_16bit.dcm", None, None),  # 16-bit RGB: came back int32, refused as "a vector field?"
+        ("SC_rgb.dcm", None, None),  # 8-bit RGB: came back int16, refused the same way
+        ("SC_rgb.dcm", "YBR_FULL", None),
+        ("SC_ybr_full_422_uncompressed.dcm", None, None),
+        ("examples_palette.dcm", None, None),  # refused: "pixel data has shape (2, 350, 800, 3), headers say ..."
+        ("SC_rgb_16bit.dcm", None, ("0.5", "-7")),  # colour has no rescale: GDCM's wrapped samples, or grey floats
+        ("SC_rgb.dcm", None, ("1", "3")),
+    ],
+)
+def test_colour_series_reads_as_pydicoms_unsigned_samples(
+    name, photometric, rescale, pydicom_files, dicom_store, tmp_path
+):
+    source = _testdata(name, pydicom_files, dicom_store)
+    folder = _colour_series(source, tmp_path / "series", photometric, rescale)
+    vol = read_volume(folder)
+    files = sorted(folder.iterdir())
+    ref = np.stack([_colour_pixels(f) for f in files])
+    assert vol.is_rgb and vol.array.shape == ref.shape and vol.array.dtype == ref.dtype
+    assert vol.array.dtype == read_volume(source).array.dtype  # as the single file reads
+    assert np.abs(vol.array.astype(np.int64) - ref.astype(np.int64)).max() == 0
+    image = sitk.ReadImage([str(f) for f in files])
+    assert vol.spacing == image.GetSpacing() and vol.origin == image.GetOrigin()
+    assert np.array_equal(vol.direction.ravel(), image.GetDirection())
+
+
+@pytest.mark.parametrize("first", ["PALETTE COLOR", "MONOCHROME2"])
+def test_series_mixing_palette_and_grey_slices_is_refused(first, pydicom_files, dicom_store, tmp_path):
+    # Palette first: numpy's "all input arrays must have the same shape"; grey first: the palette slice's indices
+    # were read as grey values.
+    folder = _colour_series(_testdata("examples_palette.dcm", pydicom_files, dicom_store), tmp_path / "series")
+    files = sorted(folder.iterdir())
+    other = "MONOCHROME2" if first == "PALETTE COLOR" else "PALETTE COLOR"
+    for f, photometric in zip(files, (first, other), strict=True):
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = photometric
+        ds.save_as(f)
+    with pytest.raises(ImagingError, match=f"mixed series: photometric interpretation {first} in {files[0].name} "
+                       f"but {other} in {files[1].name} \\(colour from a palette in some slices, grey in others\\)"):
+        read_volume(folder)

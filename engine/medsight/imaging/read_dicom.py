@@ -382,8 +382,9 @@ def _series_lossy_compression(headers: Sequence[pydicom.Dataset]) -> str | None:
 
 
 def _compact(array: np.ndarray) -> np.ndarray:
-    """Integer HU stay integers (int16 when they fit) so labelmaps and windows stay exact."""
-    if np.issubdtype(array.dtype, np.integer) and array.size:
+    """Integer HU stay integers (int16 when they fit) so labelmaps and windows stay exact. Colour samples (a trailing
+    axis of 3) are left unsigned: a colour Volume refuses signed samples as a vector field."""
+    if np.issubdtype(array.dtype, np.integer) and array.size and array.ndim != 4:
         lo, hi = int(array.min()), int(array.max())
         for dt in (np.int16, np.int32):
             if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
@@ -448,17 +449,20 @@ def read_dicom_series(
     same("ImageOrientationPatient", "orientations", ORIENTATION_ATOL)
     same("PixelSpacing", "pixel spacings", 1e-4)
     # One display polarity for the whole volume: GDCM inverts only the MONOCHROME1 slices' values (and the first
-    # file alone decides invert_display), so a mixed series would come back with some slices negated. (RGB beside
-    # YBR is fine: both decode to RGB.)
+    # file alone decides invert_display), so a mixed series would come back with some slices negated. Palette
+    # indices beside grey values would be read as one or the other throughout. (RGB beside YBR is fine: both decode
+    # to RGB.)
     photometric = str(first.get("PhotometricInterpretation", ""))
     monochrome1 = photometric == "MONOCHROME1"
+    palette = photometric == "PALETTE COLOR"
     for f, ds in zip(files[1:], headers[1:], strict=True):
         other = str(ds.get("PhotometricInterpretation", ""))
-        if (other == "MONOCHROME1") != monochrome1:
+        if (other == "MONOCHROME1") != monochrome1 or (other == "PALETTE COLOR") != palette:
+            why = ("colour from a palette in some slices, grey in others" if palette or other == "PALETTE COLOR"
+                   else "low values shown white in some slices, black in others")
             raise ImagingError(
                 f"mixed series: photometric interpretation {photometric or 'missing'} in "
-                f"{os.path.basename(files[0])} but {other or 'missing'} in {os.path.basename(f)} "
-                "(low values shown white in some slices, black in others)",
+                f"{os.path.basename(files[0])} but {other or 'missing'} in {os.path.basename(f)} ({why})",
                 folder,
             )
     for f, ds in zip(files, headers, strict=True):
@@ -480,6 +484,9 @@ def read_dicom_series(
     rows, columns = _int(first, "Rows", files[0]), _int(first, "Columns", files[0])
     check_size((len(files), rows, columns, spp), folder, max_voxels)
 
+    # Colour pixels have no Modality LUT or rescale (PS3.3 C.11.1: only monochrome), but GDCM applies a
+    # RescaleSlope/Intercept found in a colour file to its samples (wrapping them): colour is taken from pydicom.
+    colour = spp == 3 or palette
     slopes = {
         (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
         for f, ds in zip(files, headers, strict=True)
@@ -490,7 +497,7 @@ def read_dicom_series(
     # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that).
     reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL)
     # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
-    if len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes):
+    if not colour and (len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes)):
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
@@ -498,7 +505,7 @@ def read_dicom_series(
         raise ImagingError(
             f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder
         ) from exc
-    if monochrome1 or any(
+    if colour or monochrome1 or any(
         "ModalityLUTSequence" in ds for ds in headers
     ):
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
@@ -507,7 +514,7 @@ def read_dicom_series(
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
     else:
         array = _compact(sitk.GetArrayFromImage(image))
-    want = (len(files), rows, columns) + ((3,) if spp == 3 else ())
+    want = (len(files), rows, columns) + ((3,) if colour else ())
     if array.shape != want:
         raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
     # Cross-check: GDCM's geometry must agree with ours, or something is off with the headers.
