@@ -397,3 +397,20 @@ def test_series_mixing_palette_and_grey_slices_is_refused(first, pydicom_files, 
     with pytest.raises(ImagingError, match=f"mixed series: photometric interpretation {first} in {files[0].name} "
                        f"but {other} in {files[1].name} \\(colour from a palette in some slices, grey in others\\)"):
         read_volume(folder)
+
+
+@pytest.mark.parametrize("rescale", [("0.5", "-7"), ("1", "3")])
+@pytest.mark.parametrize(("name", "twin"), [("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"), ("SC_rgb_16bit.dcm", None)])
+def test_gdcm_fallback_leaves_colour_unrescaled(name, twin, rescale, pydicom_files, dicom_store, tmp_path):
+    """GDCM applied a colour file's RescaleSlope/Intercept to its samples (SC_rgb.dcm's up to 249 off): the JPEG
+    Lossless file pydicom cannot decode read wrong, and the fallback itself differs from pydicom's samples."""
+    from medsight.imaging.read_dicom import _stored_values_via_gdcm
+
+    ds = pydicom.dcmread(_testdata(name, pydicom_files, dicom_store))
+    ds.RescaleSlope, ds.RescaleIntercept = rescale
+    path = tmp_path / name
+    ds.save_as(path)
+    ref = _colour_pixels(_testdata(twin or name, pydicom_files, dicom_store))
+    stored = _stored_values_via_gdcm(str(path), ds, 1, "not used")
+    assert stored.dtype == ref.dtype and np.abs(stored.astype(np.int64) - ref.astype(np.int64)).max() == 0
+    assert np.abs(read_volume(path).array[0].astype(np.int64) - ref.astype(np.int64)).max() == 0

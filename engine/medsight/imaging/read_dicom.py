@@ -11,8 +11,10 @@ SPACING_RTOL of a spacing off it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -687,8 +689,11 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
     pixels = None
     if why_not is None:
         try:
-            image = sitk.ReadImage(path) if exact else sitk.ReadImage(path, sitk.sitkFloat64)
-            pixels = sitk.GetArrayFromImage(image)
+            if spp == 3 and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+                pixels = _colour_via_gdcm_without_rescale(ds)
+            else:
+                image = sitk.ReadImage(path) if exact else sitk.ReadImage(path, sitk.sitkFloat64)
+                pixels = sitk.GetArrayFromImage(image)
         except RuntimeError as exc:
             why_not = _last_line(str(exc))
     if pixels is None:
@@ -705,6 +710,20 @@ def _stored_values_via_gdcm(path: str, ds: pydicom.Dataset, n_frames: int, pydic
     if n_frames == 1 and pixels.ndim == (3 if spp == 1 else 4):
         pixels = pixels[0]  # GDCM reads one frame as a one-slice volume; pydicom gives the frame alone
     return pixels
+
+
+def _colour_via_gdcm_without_rescale(ds: pydicom.Dataset) -> np.ndarray:
+    """GDCM's decoding of a colour file that carries a RescaleSlope/Intercept: GDCM applies them to the colour
+    samples (wrapping them: SC_rgb.dcm given slope 0.5 came back up to 249 off), though colour has no Modality LUT
+    (PS3.3 C.7.6.3.1.2, C.11.1), so it reads a copy without them."""
+    bare = copy.deepcopy(ds)
+    for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if tag in bare:
+            delattr(bare, tag)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_path = os.path.join(tmp, "colour.dcm")
+        bare.save_as(copy_path)
+        return sitk.GetArrayFromImage(sitk.ReadImage(copy_path))
 
 
 def _name_the_transfer_syntax(ds: pydicom.Dataset) -> None:
