@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medsight.imaging import CT_PRESETS, ImagingError, Window, extract_slice, read_volume, to_rgb
-from medsight.imaging.window import explicit_window, preset_window
+from medsight.imaging.window import explicit_window, preset_window, robust_window
 
 
 def test_ct_presets_on_real_ct(pydicom_files):
@@ -88,6 +88,15 @@ def test_a_constant_image_of_any_displayable_value_is_one_grey(value):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(to_rgb(values, "MR"), to_rgb(np.zeros_like(values), "MR"))
+
+
+def test_the_window_of_a_constant_image_beyond_float32_is_refused_without_numpy_warnings():
+    """The engine's check (`engine.volume_window`): the percentile window, then the explicit-window rule."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        window = robust_window(np.full((4, 4), 1e300))
+        with pytest.raises(ImagingError, match="beyond"):
+            explicit_window(window.center, window.width)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

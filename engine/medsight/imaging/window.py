@@ -48,7 +48,8 @@ def robust_window(values: np.ndarray, percentiles: tuple[float, float] = DEFAULT
     if hi <= lo or too_narrow(window):  # constant image (to display): any positive width shows it as one grey
         # ... whose ends still differ in float32: 1.0 does up to 2**24, a few float32 steps beyond (1e8 is constant
         # to float32 itself, and a width of 1.0 there was refused as too narrow).
-        return Window(lo, max(1.0, 4 * float(np.spacing(np.float32(abs(lo))))))
+        # (Capped: beyond MAX_WINDOW_VALUE the window check refuses it; a float32 cast would warn of overflow first.)
+        return Window(lo, max(1.0, 4 * float(np.spacing(np.float32(min(abs(lo), MAX_WINDOW_VALUE))))))
     return window
 
 
