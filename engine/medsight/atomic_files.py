@@ -71,3 +71,14 @@ def sync_folder(folder: Path) -> None:
         pass  # some file systems refuse fsync on folders; the rename itself is still atomic
     finally:
         os.close(handle)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders' entries, to disk: files written in place (a checkpoint's
+    weights) before the file that marks them complete is written, so a power loss cannot leave the mark with
+    missing or torn files behind it."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as written:
+                os.fsync(written.fileno())
+        sync_folder(Path(root))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,59 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_the_run_resumes_from_
     again = train(model, params, [0, 1, 2], lambda samples: samples, loss_fn,
                   replace(longer, max_steps=longer.max_steps + 1), tmp_path, resume=True)
     assert [r["step"] for r in again.records] == [longer.max_steps + 1]  # resumed from the newest one kept
+
+
+def test_the_save_of_a_run_stopped_by_an_unreadable_sample_keeps_to_save_total_limit(tmp_path):
+    """The checkpoint saved when a sample cannot be read left the older ones in place: a run limited to one
+    full-model checkpoint held two, and a disk sized for the limit filled at the resume's next save."""
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+    config = TrainConfig(lr=1e-3, max_steps=5, save_every=2, save_total_limit=1, device="cpu")
+    failing_step = config.save_every + 2  # a step after one periodic save, whose state is not saved yet
+    calls = []
+
+    def collate(samples):  # batch 1 x grad_accum 1: one call per step
+        calls.append(samples)
+        if len(calls) == failing_step:
+            raise ValueError("cannot read this sample")
+        return samples
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    with pytest.raises(ValueError, match=rf"step {failing_step}: cannot read this sample"):
+        train(model, params, [0, 1, 2], collate, loss_fn, config, tmp_path)
+    left = sorted(f.name for f in (tmp_path / CHECKPOINT_DIR).iterdir())
+    assert left == [f"step-{failing_step - 1:07d}"]
+
+
+def test_a_checkpoints_files_reach_the_disk_before_the_state_that_marks_it_complete(tmp_path, monkeypatch):
+    """Only the trainer state was flushed to disk: after a power loss the newest checkpoint could hold its state
+    (so it counts as complete) with torn weights, and save_total_limit has removed the older ones by then."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name a descriptor's file")
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+
+    def loss_fn(batch):
+        return {"loss": sum(p.square().sum() for p in params)}
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    train(model, params, [0, 1, 2], lambda samples: samples, loss_fn,
+          TrainConfig(lr=1e-3, max_steps=1, device="cpu"), tmp_path)
+    folder = latest_checkpoint(tmp_path)
+    # The state is written to a temporary beside it, flushed, then renamed into place (atomic_files).
+    state_at = next(i for i, path in enumerate(synced)
+                    if Path(path).parent == folder and Path(path).name.startswith(f".{STATE_FILE}."))
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name != STATE_FILE]
+    assert files and all(str(f) in synced[:state_at] for f in files), (files, synced[:state_at])
 
 
 def test_a_damaged_loss_log_line_is_named(tmp_path):

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medsight.atomic_files import replace_file
+from medsight.atomic_files import replace_file, sync_tree
 from medsight.model import loading
 from medsight.model.checkpoints import CheckpointError, load_into, read_safetensors_folder
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
@@ -314,14 +314,18 @@ class SampleOrder:
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
 
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a whole checkpoint: its trainer state is written last (`save_checkpoint`)."""
+    return (folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()
+
+
 def _checkpoint_folders(out_dir: str | Path) -> tuple[dict[int, Path], dict[int, Path]]:
     """The run's checkpoint folders by step: (complete ones, holding their trainer state; ones a kill left torn)."""
     complete, torn = {}, {}
     for folder in (Path(out_dir) / CHECKPOINT_DIR).glob("step-*"):
         number = folder.name.removeprefix("step-")
         if number.isdigit():
-            whole = (folder / STATE_FILE).is_file() or (folder / SHARDED_STATE_FILE).is_file()
-            (complete if whole else torn)[int(number)] = folder
+            (complete if is_complete_checkpoint(folder) else torn)[int(number)] = folder
     return complete, torn
 
 
@@ -564,7 +568,7 @@ def train(
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             len(dataset))
+                             len(dataset), config.save_total_limit)
         for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
@@ -641,14 +645,16 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None, data_size: int) -> None:
+                     out: Path, root: nn.Module | None, data_size: int, keep: int) -> None:
     """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
-    under torchrun), so a resume once the file is replaced loses nothing."""
+    under torchrun), so a resume once the file is replaced loses nothing; `keep`: the run's save_total_limit."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-        if not any((folder / name).is_file() for name in (STATE_FILE, SHARDED_STATE_FILE)):  # not saved yet
+        if not is_complete_checkpoint(folder):  # not saved yet
             save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data_size)
+            if root is None or dist.get_rank() == 0:
+                remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
     reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
     raise ValueError(f"step {step + 1}: {reason}{saved}")
@@ -702,6 +708,7 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
               **({} if data_size is None else {"data_size": data_size})}
     if root is None:
         save_pretrained(model, folder)
+        sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": trainer_state.rng_state(), **counts}
         trainer_state.save_tensors(folder / STATE_FILE, state)
