@@ -6,9 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from medsight.evaluate.metrics import (
+    BOOTSTRAP_BLOCK,
     bootstrap_ci,
     closed_hit,
     dice,
@@ -180,3 +182,51 @@ def test_macro_and_bootstrap():
     mlo, mhi = macro_bootstrap_ci(values, groups, n_boot=500, seed=1)
     assert mlo <= macro_mean(values, groups) <= mhi and mhi <= 1.0
     assert bootstrap_ci([0.3]) == (0.3, 0.3)
+
+
+def _one_piece_bootstrap_ci(values, n_boot, seed, level=0.95):
+    """The intervals as computed before the resamples were drawn in blocks: one (n_boot, n) index matrix."""
+    x = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    stats = np.array([np.mean(x[row]) for row in idx])
+    return float(np.quantile(stats, (1 - level) / 2)), float(np.quantile(stats, 1 - (1 - level) / 2))
+
+
+def _one_piece_macro_ci(values, groups, n_boot, seed, level=0.95):
+    rng = np.random.default_rng(seed)
+    by = [np.asarray([v for v, g in zip(values, groups, strict=True) if g == k]) for k in dict.fromkeys(groups)]
+    means = np.zeros((n_boot, len(by)))
+    for j, v in enumerate(by):
+        means[:, j] = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    stats = means.mean(axis=1)
+    return float(np.quantile(stats, (1 - level) / 2)), float(np.quantile(stats, 1 - (1 - level) / 2))
+
+
+# (n items, n resamples): one block; several blocks of many rows with a partial last one; one row per block.
+BLOCK_CASES = [(BOOTSTRAP_BLOCK // 1000 // 2, 1000), (BOOTSTRAP_BLOCK // 300 + 1, 1000), (BOOTSTRAP_BLOCK + 1, 3)]
+
+
+@pytest.mark.parametrize(("n", "n_boot"), BLOCK_CASES)
+def test_bootstrap_in_blocks_is_bit_identical_to_one_piece(n, n_boot):
+    values = np.random.default_rng(n).random(n)  # continuous values: any change of a draw moves a bound
+    assert bootstrap_ci(values, n_boot=n_boot, seed=7) == _one_piece_bootstrap_ci(values, n_boot, 7)
+    hits = (values < 0.6).astype(float)  # a 0/1 accuracy, as a report's
+    assert bootstrap_ci(hits, n_boot=n_boot, seed=3) == _one_piece_bootstrap_ci(hits, n_boot, 3)
+
+
+@pytest.mark.parametrize(("n", "n_boot"), BLOCK_CASES[:2])
+def test_macro_bootstrap_in_blocks_is_bit_identical_to_one_piece(n, n_boot):
+    rng = np.random.default_rng(n)
+    values = rng.random(n)
+    # A large group drawn in several blocks, a small one in one, and a group of one item.
+    groups = ["CT" if i % 5 else "MRI" for i in range(n - 1)] + ["OCT"]
+    got = macro_bootstrap_ci(list(values), groups, n_boot=n_boot, seed=5)
+    assert got == _one_piece_macro_ci(list(values), groups, n_boot, 5)
+
+
+@pytest.mark.parametrize("n", [BOOTSTRAP_BLOCK // 1000 // 2, BOOTSTRAP_BLOCK // 300 + 1])
+def test_bootstrap_matches_scipy_percentile_bootstrap(n):
+    values = np.random.default_rng(n).random(n)
+    ref = scipy.stats.bootstrap((values,), np.mean, n_resamples=1000, method="percentile", confidence_level=0.95,
+                                rng=np.random.default_rng(11))
+    assert bootstrap_ci(values, n_boot=1000, seed=11) == tuple(ref.confidence_interval)

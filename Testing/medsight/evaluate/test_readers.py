@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,37 @@ def test_a_last_mask_id_that_is_a_list_takes_the_union_of_its_masks(tmp_path):
                           ([], r"the last 'mask_ids' entry is an empty list")]:
         with pytest.raises(DataError, match=problem):
             read_diagseg(_write(tmp_path / "bad.json", [{**item, "mask_ids": [5, last]}]))
+
+
+def _link_tree(root):
+    """Folders and files reached through links, "..", "." and missing parts: each must resolve as Path.resolve."""
+    (root / "data" / "imgs" / "sub").mkdir(parents=True)
+    (root / "elsewhere").mkdir()
+    for f in ("data/imgs/a.png", "data/imgs/sub/b.png", "elsewhere/t.png", "data/top.png"):
+        (root / f).touch()
+    (root / "data" / "linked").symlink_to(root / "elsewhere")  # a folder that is a link
+    (root / "data" / "imgs" / "c.png").symlink_to(root / "elsewhere" / "t.png")  # a file that is a link
+    (root / "data" / "imgs" / "rel.png").symlink_to("../top.png")  # a relative link
+    (root / "data" / "imgs" / "dangling.png").symlink_to(root / "gone.png")
+    return ["imgs/a.png", "imgs/sub/b.png", "imgs/./a.png", "imgs//sub/b.png", "imgs/sub/../a.png", "imgs/sub/..",
+            "linked/t.png", "imgs/c.png", "imgs/rel.png", "imgs/dangling.png", "imgs/missing.png",
+            "nofolder/x/../y.png", "../elsewhere/t.png", ".", "..", "imgs", "linked/../imgs/a.png",
+            str(root / "data" / "imgs" / "c.png")]
+
+
+@pytest.mark.parametrize("relative_root", [False, True])
+def test_image_paths_resolve_as_path_resolve(tmp_path, monkeypatch, relative_root):
+    # Each folder is resolved once per file read: the paths found are those a full Path.resolve of each item finds.
+    values = _link_tree(tmp_path)
+    root = tmp_path / "data"
+    if relative_root:  # --image-root given relative to the working folder
+        monkeypatch.chdir(tmp_path)
+        root = root.relative_to(tmp_path)
+    vqa = _write(tmp_path / "vqa.json", [
+        {"id": str(i), "image": v, "answer_type": "open", "conversations": [{"value": "q"}, {"value": "a"}]}
+        for i, v in enumerate(values)])
+    expected = [Path(v) if Path(v).is_absolute() else (root / v).resolve() for v in values]
+    assert [it.image for it in read_llava_vqa(vqa, image_root=root)] == expected
+    masks = _write(tmp_path / "seg.json", [{"qa_id": "s", "question": "q", "short_answer": "a", "image_file": "x",
+                                           "mask_ids": [1], "masks": [[1, values]]}])
+    assert read_diagseg(masks, image_root=root)[0].masks == expected

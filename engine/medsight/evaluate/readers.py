@@ -8,6 +8,7 @@ file's folder); absolute ones are kept, as the official ``os.path.join(image_fol
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -136,9 +137,29 @@ def _answer(path: Path, index: int, item, value, dotted: str) -> str:
     return str(value)
 
 
-def _resolve(root: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else (root / p).resolve()
+class _Resolver:
+    """Resolves a data file's relative paths against ``root`` to the path ``(root / value).resolve()`` gives (an
+    absolute one is kept), resolving each distinct folder once: a full resolve walks every folder of the path again,
+    item by item, and was most of the time to read 100,000 OmniMedVQA items, whose images share a few folders."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._folders: dict[Path, Path] = {}
+
+    def __call__(self, value: str) -> Path:
+        p = Path(value)
+        if p.is_absolute():
+            return p
+        joined = self.root / p
+        # A name that is a link (or "..", or none) is resolved whole, as before: only a plain name is appended. So is
+        # every path on Windows, whose resolve also gives the file name its spelling on disk.
+        if joined.name in ("", "..") or os.name != "posix":
+            return joined.resolve()
+        folder = self._folders.get(joined.parent)
+        if folder is None:
+            folder = self._folders[joined.parent] = joined.parent.resolve()
+        found = folder / joined.name
+        return joined.resolve() if found.is_symlink() else found
 
 
 def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
@@ -174,7 +195,7 @@ def _mc_options(path: Path, index: int, item) -> list[str]:
     return options_of(item)
 
 
-def _gt_mask_files(root: Path, where: str, last_id, entries) -> list[Path]:
+def _gt_mask_files(resolve: _Resolver, where: str, last_id, entries) -> list[Path]:
     """The GT mask files of the last ``mask_ids`` entry, as the DiagSeg notebooks pick them: ``masks`` becomes a dict
     of mask id to file(s), so the last entry of an id wins, and a last entry that is a list of ids takes the union of
     their masks. Ids are compared as text (a file mixing 3 and "3" means one mask)."""
@@ -197,7 +218,7 @@ def _gt_mask_files(root: Path, where: str, last_id, entries) -> list[Path]:
         named = entry[1] if isinstance(entry[1], list) else [entry[1]]
         if not named or not all(isinstance(f, str) and f.strip() for f in named):
             raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
-        files += [_resolve(root, f) for f in named]
+        files += [resolve(f) for f in named]
     return files
 
 
@@ -208,7 +229,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
     target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry (`_gt_mask_files`).
     """
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
     items = []
     for i, raw in enumerate(_load_list(path)):
         where = _where(path, i, raw)
@@ -223,13 +244,13 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             mask_ids = _field(path, i, raw, "mask_ids")
             if not isinstance(mask_ids, list) or not mask_ids:
                 raise DataError(f"{where}: 'mask_ids' must be a non-empty list")
-            masks = _gt_mask_files(root, where, mask_ids[-1], _field(path, i, raw, "masks"))
+            masks = _gt_mask_files(resolve, where, mask_ids[-1], _field(path, i, raw, "masks"))
         items.append(EvalItem(
             id=qid, question=_question(path, i, raw, "question"), answer=gt,
             # Kept as given, a blank or missing one as "": run_eval.py scores only "open" and "close..." (it skips
             # "" and "mc", and fails on a missing one), and the report skips and names the others alike.
             answer_type=(_optional_text(path, i, raw, "answer_type") or "").lower(),
-            image=_resolve(root, _text(path, i, raw, "image_file")),
+            image=resolve(_text(path, i, raw, "image_file")),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")), masks=masks,
         ))
     return _check_unique(path, items)
@@ -238,7 +259,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
 def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
     """VQA-RAD / SLAKE / PathVQA in LLaVA(-Med) format: id, image, conversations, answer_type."""
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
     items = []
     for i, raw in enumerate(_load_list(path)):
         answer_type = _text(path, i, raw, "answer_type").lower()
@@ -247,7 +268,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
             question=_question(path, i, raw, "conversations.0.value"),
             answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
             answer_type=answer_type,  # kept as given: the report names types the official scoring skips
-            image=_resolve(root, _text(path, i, raw, "image")),
+            image=resolve(_text(path, i, raw, "image")),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))
     return _check_unique(path, items)
@@ -278,7 +299,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
                 read_from[item.id] = f
                 items.append(item)
         return items
-    root = Path(image_root) if image_root is not None else path.parent
+    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
     modality = _omni_modality(path)
     items = []
     for i, raw in enumerate(_load_list(path)):
@@ -287,7 +308,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
         items.append(EvalItem(
             id=_text(path, i, raw, "question_id", numbers=True), question=question + MC_SUFFIX,
             answer=_answer(path, i, raw, _field(path, i, raw, "gt_answer"), "gt_answer"), answer_type="mc",
-            image=_resolve(root, _text(path, i, raw, "image_path")), modality=modality, options=options,
+            image=resolve(_text(path, i, raw, "image_path")), modality=modality, options=options,
         ))
     return _check_unique(path, items)
 
