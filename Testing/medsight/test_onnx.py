@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 from medsight.config import MedSIGHTConfig
 from medsight.model.loading import load_model
 from medsight.onnx_backend import OnnxVisionBackend
-from medsight.onnx_export import export_onnx
+from medsight.onnx_export import MANIFEST_FORMAT, export_onnx
 
 
 def torch_decode(model, grid: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor):
@@ -478,11 +478,11 @@ FOLDER_DAMAGE = {
     "a graph is another graph": (_replace_vision_graph_by_encode, r"vision_encoder\.onnx is not the vision_encoder"),
     "the manifest is torn": (_tear("manifest.json"), r"manifest\.json is not a readable manifest"),
     "the manifest is of another format": (_damage_manifest(lambda m: {**m, "format": "medsight-onnx/3"}),
-                                          r"format 'medsight-onnx/3', this medsight reads 'medsight-onnx/2'"),
+                                          rf"format 'medsight-onnx/3', this medsight reads '{MANIFEST_FORMAT}'"),
     # An export of the version before "files" was required: the format check names it (it was "lacks files").
     "the manifest is of the older format": (
         _damage_manifest(lambda m: {**{k: v for k, v in m.items() if k != "files"}, "format": "medsight-onnx/1"}),
-        r"format 'medsight-onnx/1', this medsight reads 'medsight-onnx/2'"),
+        rf"format 'medsight-onnx/1', this medsight reads '{MANIFEST_FORMAT}'"),
     "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
     "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
                                       r"lacks graphs"),
