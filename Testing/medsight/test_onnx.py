@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 from medsight.config import MedSIGHTConfig
 from medsight.model.loading import load_model
 from medsight.onnx_backend import OnnxVisionBackend
-from medsight.onnx_export import export_onnx
+from medsight.onnx_export import MANIFEST_FORMAT, export_onnx
 
 
 def torch_decode(model, grid: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor):
@@ -273,6 +273,7 @@ def test_an_overwrite_never_writes_into_the_old_files(model, exported, tmp_path)
     import shutil
 
     from medsight.model.loading import build_model
+    from medsight.onnx_export import LOCK_FILE
 
     folder, held = tmp_path / "onnx", tmp_path / "held"
     shutil.copytree(exported["manifest"].parent, folder)
@@ -283,7 +284,7 @@ def test_an_overwrite_never_writes_into_the_old_files(model, exported, tmp_path)
     export_onnx(build_model(model.config, model.tokenizer, seed=1), folder, exporter="torchscript")
     assert _snapshot(held) == before
     changed = [name for name, data in _snapshot(folder).items() if data != before[name]]
-    assert sorted(changed) == sorted(before)
+    assert sorted(changed) == sorted(name for name in before if name != LOCK_FILE)  # the lock: no export file
 
 
 def test_a_graph_from_another_export_is_refused_naming_it(model, exported, tmp_path):
@@ -333,12 +334,55 @@ def test_the_files_of_an_export_killed_midway_are_removed_by_the_next(model, exp
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
 
 
+#: A child process holding the export lock the way an export does: "ready" once loaded, then on a line from the
+#: parent it tries the lock, prints "won" (and holds it until its stdin closes) or "refused".
+LOCK_HOLDER = """
+import importlib.util, pathlib, sys
+spec = importlib.util.spec_from_file_location("folder_lock", sys.argv[1])
+folder_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(folder_lock)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    with folder_lock.hold_lock(pathlib.Path(sys.argv[2])):
+        print("won", flush=True)
+        sys.stdin.read()
+except folder_lock.LockHeldError:
+    print("refused", flush=True)
+"""
+
+
+def _lock_holder(lock: Path):
+    """A started `LOCK_HOLDER` over `lock`, loaded and waiting for the line that makes it try the lock."""
+    import subprocess
+    import sys
+
+    from medsight import folder_lock
+
+    child = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, folder_lock.__file__, str(lock)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+def _try_lock(children) -> list[str]:
+    """Let every child try the lock at once; what each says."""
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    return [child.stdout.readline().strip() for child in children]
+
+
+def _end(child) -> None:
+    child.stdin.close()
+    child.wait()
+
+
 def test_an_export_into_a_folder_another_export_is_writing_is_refused(model, exported, tmp_path):
     """Two exports into one folder: the second deleted every hidden working folder there as a killed export's
-    leftover, the first's included while it was still writing it. Now the lock of a running export (this process's
-    own pid stands for it) refuses the second, naming the lock, and the first's folder stays."""
+    leftover, the first's included while it was still writing it. Now the lock a running export holds (another
+    process, holding it as an export does) refuses the second, naming the holder, and the first's folder stays."""
     import shutil
-    import socket
 
     from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
 
@@ -347,32 +391,66 @@ def test_an_export_into_a_folder_another_export_is_writing_is_refused(model, exp
     writing = folder / f"{STAGING_PREFIX}running"
     writing.mkdir()
     shutil.copy(exported["vision_encoder"], writing)
-    (folder / LOCK_FILE).write_text(f"{os.getpid()}@{socket.gethostname()}")
-    with pytest.raises(ValueError, match=rf"another export is writing to .*onnx .*delete .*{re.escape(LOCK_FILE)}"):
-        export_onnx(model, folder, exporter="torchscript")
-    assert [p.name for p in writing.iterdir()] == [exported["vision_encoder"].name]
-    assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    holder = _lock_holder(folder / LOCK_FILE)
+    try:
+        assert _try_lock([holder]) == ["won"]
+        with pytest.raises(ValueError, match=rf"another export is writing to .*onnx \(process {holder.pid}@.*"
+                                             rf"{re.escape(LOCK_FILE)} stays"):
+            export_onnx(model, folder, exporter="torchscript")
+        assert [p.name for p in writing.iterdir()] == [exported["vision_encoder"].name]
+    finally:
+        _end(holder)
 
 
-@pytest.mark.skipif(os.name != "posix", reason="an ended process is told from a running one on POSIX only")
-def test_the_lock_of_an_ended_export_is_taken_over(model, exported, tmp_path):
-    """A killed export leaves its lock: its process is gone, so the next export takes the lock over, removes the
-    killed one's working folder, writes the export and leaves no lock."""
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid (POSIX) tells a killed child's end without reaping it")
+def test_the_lock_of_a_killed_export_is_taken_without_deleting_it(model, exported, tmp_path):
+    """A killed export leaves its lock file: the next export takes it, with no one deleting it, removes the killed
+    one's working folder and writes the export. The killed process is not yet reaped, so its pid still names a
+    process: the lock of before, which guessed from the pid whether its holder had ended, refused here (as after a
+    reboot or a pid reused by another program) and asked for the file to be deleted by hand."""
     import shutil
-    import socket
-    import subprocess
-    import sys
+    import signal
 
     from medsight.onnx_export import LOCK_FILE, STAGING_PREFIX
 
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                           check=True)
     folder = tmp_path / "onnx"
     shutil.copytree(exported["manifest"].parent, folder)
     (folder / f"{STAGING_PREFIX}killed").mkdir()
-    (folder / LOCK_FILE).write_text(f"{int(ended.stdout)}@{socket.gethostname()}")
-    export_onnx(model, folder, exporter="torchscript")
+    holder = _lock_holder(folder / LOCK_FILE)
+    assert _try_lock([holder]) == ["won"]
+    holder.send_signal(signal.SIGKILL)
+    os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped
+    try:
+        assert (folder / LOCK_FILE).read_text().startswith(f"{holder.pid}@")
+        export_onnx(model, folder, exporter="torchscript")
+    finally:
+        holder.wait()
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in exported["manifest"].parent.iterdir())
+    assert (folder / LOCK_FILE).read_text().startswith(f"{os.getpid()}@")
+
+
+@pytest.mark.parametrize("racers", [2, 3])
+def test_processes_racing_for_a_killed_holders_lock_one_wins(tmp_path, racers):
+    """Processes that find the same ended holder's lock at once: exactly one gets it (the lock of before let each
+    that saw the holder gone replace the file, so two could both hold it). Each round starts over the lock file the
+    previous holder left when it was killed."""
+    from medsight.onnx_export import LOCK_FILE
+
+    lock = tmp_path / LOCK_FILE
+    first = _lock_holder(lock)
+    assert _try_lock([first]) == ["won"]
+    first.kill()
+    _end(first)
+    rounds = 3
+    for _ in range(rounds):
+        children = [_lock_holder(lock) for _ in range(racers)]
+        said = _try_lock(children)
+        winners = [child for child, word in zip(children, said, strict=True) if word == "won"]
+        assert (len(winners), said.count("refused")) == (1, racers - 1), said
+        assert lock.read_text().startswith(f"{winners[0].pid}@")
+        winners[0].kill()
+        for child in children:
+            _end(child)
 
 
 def _damage_manifest(edit):
@@ -400,11 +478,11 @@ FOLDER_DAMAGE = {
     "a graph is another graph": (_replace_vision_graph_by_encode, r"vision_encoder\.onnx is not the vision_encoder"),
     "the manifest is torn": (_tear("manifest.json"), r"manifest\.json is not a readable manifest"),
     "the manifest is of another format": (_damage_manifest(lambda m: {**m, "format": "medsight-onnx/3"}),
-                                          r"format 'medsight-onnx/3', this medsight reads 'medsight-onnx/2'"),
+                                          rf"format 'medsight-onnx/3', this medsight reads '{MANIFEST_FORMAT}'"),
     # An export of the version before "files" was required: the format check names it (it was "lacks files").
     "the manifest is of the older format": (
         _damage_manifest(lambda m: {**{k: v for k, v in m.items() if k != "files"}, "format": "medsight-onnx/1"}),
-        r"format 'medsight-onnx/1', this medsight reads 'medsight-onnx/2'"),
+        rf"format 'medsight-onnx/1', this medsight reads '{MANIFEST_FORMAT}'"),
     "the manifest is not an object": (_damage_manifest(lambda m: [m]), r"format None"),
     "the manifest lacks its graphs": (_damage_manifest(lambda m: {k: v for k, v in m.items() if k != "graphs"}),
                                       r"lacks graphs"),

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from medsight.atomic_files import replace_file, sync_folder
+from medsight.folder_lock import LockHeldError, hold_lock
 from medsight.model.medsight import MedSIGHTModel
 from medsight.model.vision import encode_image
 
@@ -58,7 +58,7 @@ GRAPH_FILES = {"vision_encoder": VISION_FILE, "perceiver_encode": ENCODE_FILE, "
 DATA_FILES = tuple(f"{file}.data" for file in GRAPH_FILES.values())
 #: The hidden folder inside the export folder where an export writes its graphs before renaming them into place.
 STAGING_PREFIX = ".medsight-onnx-export-"
-#: Held (created with O_EXCL) by the one export writing into a folder; it holds "<pid>@<host>".
+#: Its OS lock is held by the one export writing into a folder (`folder_lock`); the file stays after the export.
 LOCK_FILE = ".medsight-onnx-export.lock"
 #: Every name an export may write into its folder.
 EXPORT_FILES = (*GRAPH_FILES.values(), *DATA_FILES, MANIFEST_FILE)
@@ -276,41 +276,15 @@ def export_onnx(
 @contextmanager
 def _export_lock(out: Path) -> Iterator[None]:
     """Be the one export writing into `out`: a second one (another terminal) would delete the first's hidden folder
-    as a leftover and swap its graphs in among the first's. A lock left by a killed export on this computer is taken
-    over (POSIX: its process is gone); any other is refused, saying what to do."""
-    lock, me = out / LOCK_FILE, f"{os.getpid()}@{socket.gethostname()}"
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.is_file() else ""
-            if attempt or not _holder_is_gone(holder):
-                raise ValueError(f"another export is writing to {out} (process {holder or '?'}): wait for it to end, "
-                                 f"or, if none is running, delete {lock}") from None
-            log.info("taking over the lock of an ended export (process %s)", holder)
-            lock.unlink(missing_ok=True)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(me)
+    as a leftover and swap its graphs in among the first's. The OS lock on the lock file ends with its export, killed
+    or not; the file stays."""
+    lock = out / LOCK_FILE
     try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _holder_is_gone(holder: str) -> bool:
-    """Whether a lock's "<pid>@<host>" names a process of this computer that has ended (known on POSIX only; a lock
-    being written, of another computer or on Windows counts as held)."""
-    pid, _, host = holder.partition("@")
-    if os.name != "posix" or host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: it exists, as another user's
-        return False
-    return False
+        with hold_lock(lock):
+            yield
+    except LockHeldError as held:
+        raise ValueError(f"another export is writing to {out} (process {held.holder}): wait for it to end ({lock} "
+                         "stays after an export and needs no deleting: only a running export holds it)") from None
 
 
 def _write_graphs(model: MedSIGHTModel, out: Path, opset: int, exporter: str, optimize: bool) -> dict:
