@@ -41,6 +41,19 @@ def read_mask(path: str | Path) -> torch.Tensor:
     return torch.from_numpy((grey > 0.5).astype(np.float32))
 
 
+def read_masks(paths: list[Path]) -> torch.Tensor:
+    """(n, H, W) masks of one image. Masks of different sizes cannot be stacked (each is compared at its own
+    resolution, but one image's masks share one tensor): a ValueError naming the files, where `torch.stack`'s
+    RuntimeError named neither and escaped the readers' error handling (a mask replaced mid-run)."""
+    masks = [read_mask(p) for p in paths]
+    sizes = [tuple(m.shape) for m in masks]
+    other = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+    if other is not None:
+        raise ValueError(f"masks of one image differ in size: {paths[0]} is {sizes[0][1]}x{sizes[0][0]} pixels, "
+                         f"{paths[other]} is {sizes[other][1]}x{sizes[other][0]}; they must be the same size")
+    return torch.stack(masks)
+
+
 def _item_name(path: Path, index: int, item: object) -> str:
     ident = item.get("id") if isinstance(item, dict) else None
     return f"{path}: item {index}" + (f" (id {ident!r})" if ident is not None else "")
@@ -112,7 +125,7 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> SegmentationSample:
         record = self.records[index]
         try:
-            image, masks = read_rgb(record.image), torch.stack([read_mask(p) for p in record.masks])
+            image, masks = read_rgb(record.image), read_masks(record.masks)
         except ValueError as err:  # a file damaged or replaced since the run started
             raise ValueError(f"{record.where}: {err}") from None
         pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
@@ -290,7 +303,7 @@ class ConversationDataset:
         masks = None
         if order:
             files = item.get("mask_files") or {}
-            masks = torch.stack([read_mask(self.resolve(files[str(m)])) for m in order])[:, None]
+            masks = read_masks([self.resolve(files[str(m)]) for m in order])[:, None]
         return ConversationSample(ids, labels, pixels, masks)
 
 
