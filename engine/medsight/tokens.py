@@ -54,7 +54,7 @@ class CodeVocabulary:
 
     def id_of(self, modality: int, index: int) -> int:
         if not (0 <= modality < self.num_modalities and 0 <= index < self.codebook_size):
-            raise ValueError(f"no region code [M{modality}_{index}]")
+            raise ValueError(f"no region code {code_name(modality, index)}")
         return self.first_id + self.codebook_size * modality + index
 
     def is_code(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,11 @@ class CodeVocabulary:
         head."""
         return [match.group(0) for match in CODE_PATTERN.finditer(text)
                 if not self._is_name(match.group(0), int(match.group(1)), int(match.group(2)))]
+
+    def count_codes(self, text: str) -> int:
+        """How many of these codes `text` names: the code-token ids the tokenizer makes of it (an unknown one is
+        split into plain text), as `lvlm_losses` counts a sample's codes."""
+        return sum(self._is_name(m.group(0), int(m.group(1)), int(m.group(2))) for m in CODE_PATTERN.finditer(text))
 
     def _is_name(self, text: str, modality: int, index: int) -> bool:
         in_range = modality < self.num_modalities and index < self.codebook_size

@@ -64,6 +64,31 @@ def test_smoke_runs_all_stages(smoke):
 
 
 @pytest.mark.slow
+def test_each_phase_records_the_weights_it_started_from(smoke):
+    """Every phase's train_config.json said init_from "demo", which names the shipped trained model (what train
+    would load for it), while the demo starts stage 1 from random weights and each later phase from the previous
+    one's. Each now names the folder it started from: stage 1 the saved random weights (equal to the preset's at the
+    run's seed), every later phase the previous phase's final folder."""
+    from medsight.demo.train_demo import INIT_DIR, demo_model_config
+    from medsight.model.loading import build_model, load_pretrained
+    from medsight.train.cli import check_init_from
+
+    out = smoke
+    seed = json.loads((out / "summary.json").read_text())["seed"]
+    configs = {phase: json.loads((out / phase / "train_config.json").read_text()) for phase in PHASES}
+    names = list(PHASES)
+    starts = [out / INIT_DIR, *(out / phase / "final" for phase in names[:-1])]
+    assert [Path(configs[phase]["init_from"]) for phase in names] == starts
+    for start in starts:
+        check_init_from(str(start))  # train reads each as a model folder
+    init = load_pretrained(out / INIT_DIR)
+    rebuilt = build_model(demo_model_config(init.tokenizer), init.tokenizer, seed=seed).state_dict()
+    got = init.state_dict()
+    assert got.keys() == rebuilt.keys()
+    assert max((got[k].float() - rebuilt[k].float()).abs().max().item() for k in got) == 0
+
+
+@pytest.mark.slow
 def test_resume_restarts_an_interrupted_phase(smoke, tmp_path):
     """--resume reuses finished phases and restarts one that was cut short (its folder holds a run but no final/),
     which the trainer alone would refuse to overwrite."""

@@ -363,11 +363,12 @@ def test_images_of_more_than_8_bits_are_counted_in_the_notes(tmp_path):
 def test_image_headers_are_read_once_per_file_and_a_decompression_bomb_is_not_counted(tmp_path, monkeypatch):
     """The note counts opened every item's image (3 opens of an image 3 items share, whose docstring said once per
     image), and PIL's DecompressionBombError, which is neither an OSError nor a ValueError, stopped the report being
-    built. PIL's own limit is lowered so that a small image is such a "bomb"."""
+    built. PIL's own limit is lowered so that a small image is such a "bomb". The image is 16-bit so that its header,
+    read, gives a note, absent when the header cannot be read."""
     import numpy as np
     from PIL import Image
 
-    Image.fromarray(np.zeros((8, 12), np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.zeros((8, 12), np.uint16)).save(tmp_path / "wide.png")
     items = [EvalItem(str(i), "q", "liver", "open", tmp_path / "wide.png") for i in range(3)]
     preds = [{"question_id": it.id, "text": "liver"} for it in items]
     opened: list[str] = []
@@ -375,6 +376,7 @@ def test_image_headers_are_read_once_per_file_and_a_decompression_bomb_is_not_co
     monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k))
     report = build_report("vqa", items, preds, n_boot=5)
     assert opened.count("wide.png") == 1 and report["n_scored"] == len(items)
+    assert [n for n in report["notes"] if n.startswith("1 of 1 images have more than 8 bits per pixel")]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8 * 12 // 2 - 1)  # 8 x 12 is past twice the limit: a "bomb"
     with pytest.raises(Image.DecompressionBombError):
         real_open(tmp_path / "wide.png")

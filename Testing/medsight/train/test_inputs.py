@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
-from medsight.tokens import code_name
+from medsight.tokens import CODE_PATTERN, code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
 from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log, train
@@ -217,12 +218,15 @@ def test_batches_of_items_with_different_code_counts_are_refused_before_training
     items = json.loads(data["lvlm"].read_text())
     coded = next(i for i, item in enumerate(items) if item["mask_orders"])
     mask = items[coded]["mask_orders"][0]
-    items[coded]["conversations"][-1]["value"] = "It is [M0_3], and also [M0_4]."
-    items[coded]["mask_orders"] = [mask, mask]
+    modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
+    names = [code_name(modality, index), code_name(modality, index + 1)]  # its own code and the next
+    items[coded]["conversations"][-1]["value"] = f"It is {names[0]}, and also {names[1]}."
+    items[coded]["mask_orders"] = [mask] * len(names)
     conversations = _write(tmp_path / "train.json", items)
     other = next(i for i in range(len(items)) if i != coded)
     first, second = sorted((coded, other))
-    counts = {coded: 2, other: 1}
+    counts = {coded: len(names), other: max(1, len(items[other]["mask_orders"]))}  # no code decodes one slot
+    assert counts[coded] != counts[other]
     out = tmp_path / "o"
     settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1, "batch_size": 2}
     config = _write(tmp_path / "cfg.json", settings)
@@ -236,6 +240,45 @@ def test_batches_of_items_with_different_code_counts_are_refused_before_training
     assert train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out)]) == 0
 
 
+def test_code_slots_count_the_code_tokens_the_losses_count(data, tmp_path):
+    """`check_batches` counted codes with a regex over the text while `lvlm_losses` counts the model's code-token ids:
+    they agreed only when the dataset was read with `codes` (which refuses unknown codes). The counts now come from
+    the model's vocabulary, equal to the ids counted in every sample; read without it, a batch check is refused
+    rather than made on a count the losses do not use."""
+    model = build_model(tiny_config())
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
+    items[coded]["conversations"][-1]["value"] += f" Also {code_name(modality, index + 1)}."
+    path = _write(tmp_path / "train.json", items)
+    v = model.config.vision
+    dataset = ConversationDataset(path, model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                  data_root=data["root"], codes=model.codes)
+    in_ids = [max(1, int(model.codes.is_code(torch.tensor(dataset[i].input_ids)).sum())) for i in range(len(items))]
+    assert dataset.code_slots == in_ids and len(set(in_ids)) > 1
+    unread = ConversationDataset(path, model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                 data_root=data["root"])
+    unread.check_batches(1, pad_code_slots=False)
+    unread.check_batches(2, pad_code_slots=True)
+    with pytest.raises(ValueError, match=rf"batch_size 2 without pad_code_slots: {re.escape(str(path))} was read "
+                                         r"without the model's region codes"):
+        unread.check_batches(2, pad_code_slots=False)
+
+
+def test_the_codebook_rule_matches_the_model(tmp_path):
+    """Train's stage-4 check reads only a weights file's names; the loader decides from the same names whether to
+    attach the codebook: one rule (`holds_codebook`), true exactly for a model with the codebook attached."""
+    from medsight.model.checkpoints import safetensors_names
+    from medsight.model.loading import save_pretrained
+    from medsight.model.medsight import holds_codebook
+
+    model = build_model(tiny_config())
+    plain = save_pretrained(model, tmp_path / "plain")
+    model.attach_codebook()
+    with_codebook = save_pretrained(model, tmp_path / "codebook")
+    assert not holds_codebook(safetensors_names(plain)) and holds_codebook(safetensors_names(with_codebook))
+
+
 def test_stage2_modality_labels_are_checked_before_training(data, tmp_path):
     """A modality label beyond the codebook's stopped stage 2 at the first step that met it (unnamed, after --out
     held the run); a word as a label was a bare int() error. Both are named with the meta file first."""
@@ -244,9 +287,11 @@ def test_stage2_modality_labels_are_checked_before_training(data, tmp_path):
     beyond = tiny_config().codebook.num_modalities  # the run starts from the tiny preset
     out = tmp_path / "o"
     config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "batch_size": 1})
-    for labels, message in (([0, beyond], rf"modality_labels \[{beyond}\] outside the codebook's {beyond} "
-                                          rf"modalities \(0 to {beyond - 1}\)"),
-                            ([0, "ct"], r"modality_labels\[1\]: modality label \"ct\" is not an integer")):
+    *kept, _ = meta["modality_labels"]  # the fixture's labels, the last one replaced
+    for labels, message in (([*kept, beyond], rf"modality_labels \[{beyond}\] outside the codebook's {beyond} "
+                                              rf"modalities \(0 to {beyond - 1}\)"),
+                            ([*kept, "ct"], rf"modality_labels\[{len(kept)}\]: modality label \"ct\" is not an "
+                                            r"integer")):
         path = _write(tmp_path / "meta.json", {**meta, **rooted, "modality_labels": labels})
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
             train_main(["stage2", "--config", str(config), "--data", str(path), "--out", str(out)])

@@ -341,6 +341,88 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
     assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_a_mask_of_another_size_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path, stage):
+    """One image's masks are stacked into one tensor: a mask replaced mid-run by one of another size made
+    `torch.stack` raise a RuntimeError, which neither the dataset nor the step's reader caught, so the run died
+    without naming the item or files and lost the steps since the last checkpoint. Now a ValueError names the step,
+    the item and both files with their sizes, the state after the last step is saved, and a resume once the file is
+    whole ends exactly as an uninterrupted run."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from medsight.model.loading import load_pretrained
+    from medsight.tokens import CODE_PATTERN
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import SampleOrder
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    root = data["root"]
+    segmentation = stage == "stage1"
+    if segmentation:  # a second annotation of each image of the first source, with a copy of its mask
+        meta = json.loads(data["meta"].read_text())
+        doc_path = root / meta["json_paths"][0]
+        doc = json.loads(doc_path.read_text())
+        mask_root = root / meta["mask_roots"][0]
+        for ann in list(doc["annotations"]):
+            copy = ann["mask_file"].replace(".png", "_copy.png")
+            shutil.copy(mask_root / ann["mask_file"], mask_root / copy)
+            doc["annotations"].append({**ann, "id": len(doc["annotations"]), "mask_file": copy})
+        doc_path.write_text(json.dumps(doc))
+        items = doc["images"]  # the dataset's records: this source's images first, in image_id order
+        data_path, count = data["meta"], len(items) * len(meta["json_paths"])
+    else:  # every item with a mask gets a second region code and a copy of its mask
+        items = json.loads(data["lvlm"].read_text())
+        for item in items:
+            for mid in list(item["mask_orders"]):
+                copy = f"{mid}_copy"
+                item["mask_files"][copy] = item["mask_files"][mid].replace(mid, copy)
+                shutil.copy(root / item["mask_files"][mid], root / item["mask_files"][copy])
+                item["mask_orders"].append(copy)
+                code = CODE_PATTERN.search(item["conversations"][-1]["value"]).group(0)
+                item["conversations"][-1]["value"] += f" Again {code}."
+        data["lvlm"].write_text(json.dumps(items))
+        data_path, count = data["lvlm"], len(items)
+    config = {"init_from": "tiny", "max_steps": 4, "batch_size": 1, "grad_accum": 1, "save_every": 100}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    order = SampleOrder(count, TrainConfig.seed)
+    # The first step (after the first) whose sample has two masks: batch 1 x grad_accum 1, one sample per step.
+    failing_step = next(s for s in range(2, config["max_steps"] + 1)
+                        if order[s - 1] < len(items) and (segmentation or len(items[order[s - 1]]["mask_orders"]) == 2))
+    index = order[failing_step - 1]
+    if segmentation:
+        where = rf"{doc_path.name}: image_id {index}"
+        first, second = (mask_root / a["mask_file"] for a in doc["annotations"] if a["image_id"] == index)
+    else:
+        where = rf"train\.json: item {index} \(id {items[index]['id']!r}\)"
+        first, second = (root / items[index]["mask_files"][m] for m in items[index]["mask_orders"])
+    whole = second.read_bytes()
+    height, width = np.asarray(Image.open(first)).shape[:2]
+
+    def run(out: str, *extra: str) -> int:
+        return train_main([stage, "--config", str(tmp_path / "cfg.json"), "--data", str(data_path),
+                           "--out", str(tmp_path / out), *extra])
+
+    assert run("whole") == 0
+    Image.fromarray(np.zeros((height + 1, width + 2), np.uint8)).save(second)
+    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
+    with pytest.raises(ValueError, match=rf"step {failing_step}: .*{where}: masks of one image differ in size: "
+                                         rf"{first} is {width}x{height} pixels, {second} is {width + 2}x{height + 1}; "
+                                         rf".*the run's state after step {failing_step - 1} is saved in {kept}"):
+        run("broken")
+    assert latest_checkpoint(tmp_path / "broken") == kept
+    second.write_bytes(whole)
+    assert run("broken", "--resume") == 0
+    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
+    got = load_pretrained(tmp_path / "broken" / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
+    assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
+
+
 def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
     """The sample order is a permutation of the data set's size: a resume given another --data file (or one with
     items added or removed) trained on another stream of samples without a word. Refused, the run untouched."""

@@ -4,7 +4,8 @@ Steps (all under OUT_DIR):
 
 1. ``data/``: the demo data set (`build_demo_data`, size "default"; "tiny" with ``--smoke``).
 2. ``stage1`` ... ``stage5``, ``finish``: the five training stages (`medsight.train.stages`) on the "demo"
-   preset, each starting from the previous stage's weights, then a last stretch of stage 5 (`PHASES`). The ViT
+   preset, each starting from the previous stage's weights (its ``final/`` folder, recorded as the phase's
+   ``init_from``; stage 1's random weights are saved in ``init/``), then a last stretch of stage 5 (`PHASES`). The ViT
    is trained in stage 1 (``train_vision``) because no pretrained UniMed-CLIP is available offline. Each phase
    gets a share of the wall-clock budget; its step count is derived from a short speed probe on a copy of the
    model, so the cosine schedule still ends on time.
@@ -87,11 +88,13 @@ ENCODING_CACHE_BYTES = 8 << 30  # every training image's encoding, kept through 
 YES_NO_WEIGHT = 5.0
 SMOKE_STEPS = 2
 CARD_FILE = "MODEL_CARD.md"
+INIT_DIR = "init"  # stage 1's starting weights (`train_demo`)
 
 
 def stage_configs(smoke: bool) -> dict[int, object]:
     """The demo's stage settings; ``max_steps`` is filled in from the time budget (or SMOKE_STEPS)."""
-    common = dict(init_from=PRESET, device="cpu", seed=0, log_every=1)
+    # init_from is set per phase (`train_demo`): the folder each phase really starts from.
+    common = dict(device="cpu", seed=0, log_every=1)
     # Batches of 8 conversations with padded code slots (a named deviation, see `lvlm_losses`): more samples per
     # second than the official batch of 1, and the gradient of 8 answers per step.
     # Only the answers are labelled (a named deviation, `training_labels`): with the official rule the model also
@@ -293,13 +296,14 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
     configs = stage_configs(smoke)
     reserve = 0.0 if smoke else RESERVE_S
     model: MedSIGHTModel | None = None
+    source: Path | None = None  # the folder `model` was saved in, recorded as the next phase's init_from
     cache = FeatureCache(ENCODING_CACHE_BYTES)
     names = list(PHASES)
     for n, phase in enumerate(names):
         stage = PHASES[phase]
         final = out / phase / "final"
         if resume and final.is_dir():
-            model = load_pretrained(final)
+            model, source = load_pretrained(final), final
             summary["stages"][phase] = {"skipped": True}
             log.info("%s: reusing %s", phase, final)
         else:
@@ -308,14 +312,19 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
                 log.info("%s: restarting (its earlier run did not finish)", phase)
                 shutil.rmtree(out / phase)
             if model is None:
+                # The preset's random weights resized to the demo data and tokenizer, which no preset name builds:
+                # saved, so that stage 1's recorded init_from is a folder train loads to these very weights ("demo"
+                # names the shipped trained model).
                 tokenizer = build_demo_tokenizer(json.loads((data_root / "lvlm" / "train.json").read_text()))
-                model = build_model(demo_model_config(tokenizer), tokenizer, seed=seed)
+                source = save_pretrained(build_model(demo_model_config(tokenizer), tokenizer, seed=seed),
+                                         out / INIT_DIR)
+                model = load_pretrained(source)
             if stage == 2 and model.codebook is None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     model.attach_codebook()
             config = copy.deepcopy(configs[stage])
-            config.seed = seed
+            config.seed, config.init_from = seed, str(source)
             if phase == "finish":
                 config.lr = FINISH_LR
             remaining = deadline - time.perf_counter() - reserve
@@ -324,7 +333,7 @@ def train_all(out: Path, minutes: float, smoke: bool = False, seed: int = 0, res
                                    max(30.0, remaining * share), smoke, cache)
             summary["stages"][phase] = report.__dict__
             log.info("%s done: %d steps in %.0f s, loss %s", phase, report.steps, report.seconds, report.last_loss)
-            model = load_pretrained(final)  # exactly what was saved (and frees the optimizer state)
+            model, source = load_pretrained(final), final  # exactly what was saved (and frees the optimizer state)
         if phase == "stage2" and not (resume and (data_root / "lvlm" / "train_coded.json").is_file()):
             t0 = time.perf_counter()
             summary["codes"] = fill_split_codes(model, data_root)

@@ -45,7 +45,7 @@ from medsight.model.hub import (
     vision_file_for_release,
 )
 from medsight.model.lvlm import llm_config_from_released
-from medsight.model.medsight import MedSIGHTModel
+from medsight.model.medsight import MedSIGHTModel, holds_codebook
 from medsight.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def load_pretrained(folder: str | Path) -> MedSIGHTModel:
         raise CheckpointError(f"{folder / CONFIG_FILE}: not a valid MedSIGHT config ({err})") from None
     model = _empty_model(config, load_tokenizer(folder))
     state = read_safetensors_folder(folder)
-    if any(k.startswith("codebook.") for k in state):
+    if holds_codebook(state):
         model.attach_codebook()
     load_into(model, state, str(folder / WEIGHTS_FILE), assign=True)
     return _finish(model)

@@ -26,6 +26,12 @@ from medsight.prompt import Message
 from medsight.tokens import CodeVocabulary, parse_code_labels
 
 
+def holds_codebook(weight_names) -> bool:
+    """Whether weight names include the stage-2 codebook (`MedSIGHTModel.attach_codebook`'s module): the one rule a
+    loader and a check that reads only a file's names (train's stage-4 check) share."""
+    return any(name.startswith("codebook.") for name in weight_names)
+
+
 def groups_by_count(states: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of the samples with K > 0 codes, grouped by K (first appearance order).
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
-from medsight.model.medsight import MedSIGHTModel
+from medsight.model.medsight import MedSIGHTModel, holds_codebook
 from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
 from medsight.train.stages import (
     CODEBOOK_NEEDED,
@@ -117,7 +117,7 @@ def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> 
     if stage != 4 or not initialises_code_rows(config, out, resume):
         return
     folder = None if is_random_preset(config.init_from) else embedded_folder(config.init_from) or config.init_from
-    if folder is None or not any(n.startswith("codebook.") for n in safetensors_names(folder)):
+    if folder is None or not holds_codebook(safetensors_names(folder)):
         raise ValueError(f"init_from {config.init_from!r}: {CODEBOOK_NEEDED}")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
 from medsight.prompt import Message, render_messages
-from medsight.tokens import CODE_PATTERN, CodeVocabulary
+from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
@@ -39,6 +39,19 @@ def read_mask(path: str | Path) -> torch.Tensor:
     """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`."""
     grey = read_user_image(path, "mask", "L").astype(np.float32) / 255.0
     return torch.from_numpy((grey > 0.5).astype(np.float32))
+
+
+def read_masks(paths: list[Path]) -> torch.Tensor:
+    """(n, H, W) masks of one image. Masks of different sizes cannot be stacked (each is compared at its own
+    resolution, but one image's masks share one tensor): a ValueError naming the files, where `torch.stack`'s
+    RuntimeError named neither and escaped the readers' error handling (a mask replaced mid-run)."""
+    masks = [read_mask(p) for p in paths]
+    sizes = [tuple(m.shape) for m in masks]
+    other = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+    if other is not None:
+        raise ValueError(f"masks of one image differ in size: {paths[0]} is {sizes[0][1]}x{sizes[0][0]} pixels, "
+                         f"{paths[other]} is {sizes[other][1]}x{sizes[other][0]}; they must be the same size")
+    return torch.stack(masks)
 
 
 def _item_name(path: Path, index: int, item: object) -> str:
@@ -112,7 +125,7 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> SegmentationSample:
         record = self.records[index]
         try:
-            image, masks = read_rgb(record.image), torch.stack([read_mask(p) for p in record.masks])
+            image, masks = read_rgb(record.image), read_masks(record.masks)
         except ValueError as err:  # a file damaged or replaced since the run started
             raise ValueError(f"{record.where}: {err}") from None
         pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
@@ -231,10 +244,11 @@ class ConversationDataset:
             where = _item_name(json_path, index, item)
             check_conversation_item(where, item, codes)
             self._check_item_files(where, item)
-        # Region codes per item, as `lvlm_losses` counts them (code tokens anywhere in the conversation; none decodes
-        # one slot): a batch of more than one sample needs one count unless its slots are padded.
-        self.code_slots = [max(1, sum(len(CODE_PATTERN.findall(t["value"])) for t in item["conversations"]))
-                           for item in self.items]
+        # Region codes per item, as `lvlm_losses` counts them (the model's code tokens anywhere in the conversation;
+        # none decodes one slot): a batch of more than one sample needs one count unless its slots are padded. Only
+        # the model's vocabulary says which code-like text is a code token, so without `codes` there is no count.
+        self.code_slots = None if codes is None else [
+            max(1, sum(codes.count_codes(t["value"]) for t in item["conversations"])) for item in self.items]
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
@@ -246,7 +260,12 @@ class ConversationDataset:
         """Samples batched together must have the same number of region codes unless `pad_code_slots` (the official
         collator stacks them): refused up front, naming two items that differ, not at whichever step first draws
         them together (after --out already holds the run)."""
-        if batch_size == 1 or pad_code_slots or len(set(self.code_slots)) == 1:
+        if batch_size == 1 or pad_code_slots:
+            return
+        if self.code_slots is None:
+            raise ValueError(f"batch_size {batch_size} without pad_code_slots: {self.json_path} was read without the "
+                             "model's region codes (codes=model.codes), so its items' code counts are unknown")
+        if len(set(self.code_slots)) == 1:
             return
         first = self.code_slots[0]
         other = next(i for i, n in enumerate(self.code_slots) if n != first)
@@ -290,7 +309,7 @@ class ConversationDataset:
         masks = None
         if order:
             files = item.get("mask_files") or {}
-            masks = torch.stack([read_mask(self.resolve(files[str(m)])) for m in order])[:, None]
+            masks = read_masks([self.resolve(files[str(m)]) for m in order])[:, None]
         return ConversationSample(ids, labels, pixels, masks)
 
 
@@ -331,9 +350,9 @@ def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) ->
     for i, turn in enumerate(turns):
         unknown = codes.unknown_codes(turn["value"]) if codes is not None else []
         if unknown:
-            last = f"[M{codes.num_modalities - 1}_{codes.codebook_size - 1}]"
+            first, last = code_name(0, 0), code_name(codes.num_modalities - 1, codes.codebook_size - 1)
             raise ValueError(f"{where}: conversations[{i}] has region code {unknown[0]}, which is not in the model's "
-                             f"vocabulary ([M0_0] to {last}); it would be trained as plain text")
+                             f"vocabulary ({first} to {last}); it would be trained as plain text")
 
 
 def collate_conversations(samples: list[ConversationSample]) -> list[ConversationSample]:
