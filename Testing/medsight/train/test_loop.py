@@ -298,6 +298,17 @@ def test_a_torn_line_that_is_not_the_last_stays_an_error(tmp_path):
         read_log(tmp_path)
 
 
+def _assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
+    """The resumed run's final weights and loss log equal the uninterrupted run's, exactly."""
+    from medsight.model.loading import load_pretrained
+
+    want = load_pretrained(whole / FINAL_DIR).state_dict()
+    got = load_pretrained(resumed / FINAL_DIR).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    losses = [[r["loss"] for r in read_log(out)] for out in (whole, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == steps
+
+
 def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
     """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
     the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
@@ -305,7 +316,6 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
     resume once the file is whole ends exactly as an uninterrupted run."""
     import json
 
-    from medsight.model.loading import load_pretrained
     from medsight.train.cli import main as train_main
     from medsight.train.loop import SampleOrder
     from medsight_testing.train_data import write_synthetic
@@ -334,11 +344,7 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
     assert latest_checkpoint(tmp_path / "broken") == kept
     image.write_bytes(whole)
     assert run("broken", "--resume") == 0
-    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
-    got = load_pretrained(tmp_path / "broken" / FINAL_DIR).state_dict()
-    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
-    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
-    assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
+    _assert_same_run(tmp_path / "whole", tmp_path / "broken", config["max_steps"])
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
@@ -353,7 +359,6 @@ def test_a_mask_of_another_size_mid_run_is_named_and_the_steps_before_it_are_kep
     import numpy as np
     from PIL import Image
 
-    from medsight.model.loading import load_pretrained
     from medsight.tokens import CODE_PATTERN
     from medsight.train.cli import main as train_main
     from medsight.train.loop import SampleOrder
@@ -416,11 +421,7 @@ def test_a_mask_of_another_size_mid_run_is_named_and_the_steps_before_it_are_kep
     assert latest_checkpoint(tmp_path / "broken") == kept
     second.write_bytes(whole)
     assert run("broken", "--resume") == 0
-    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
-    got = load_pretrained(tmp_path / "broken" / FINAL_DIR).state_dict()
-    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
-    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
-    assert losses[0] == losses[1] and len(losses[0]) == config["max_steps"]
+    _assert_same_run(tmp_path / "whole", tmp_path / "broken", config["max_steps"])
 
 
 def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
@@ -459,7 +460,6 @@ def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     the moved run ends with the weights of an uninterrupted one."""
     import json
 
-    from medsight.model.loading import load_pretrained
     from medsight.train.cli import main as train_main
     from medsight_testing.train_data import write_synthetic
 
@@ -478,9 +478,7 @@ def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     assert run("moved", 2, data["root"]) == 0
     moved = shutil.move(data["root"], tmp_path / "other-disk")
     assert run("moved", 3, moved, "--resume") == 0
-    want = load_pretrained(tmp_path / "whole" / FINAL_DIR).state_dict()
-    got = load_pretrained(tmp_path / "moved" / FINAL_DIR).state_dict()
-    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "moved", 3)
 
 
 def test_a_cuda_device_under_torchrun_is_each_process_gpu(monkeypatch):
