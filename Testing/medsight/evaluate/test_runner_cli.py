@@ -285,7 +285,7 @@ def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(diagseg, tmp
     data.write_text(json.dumps(many), encoding="utf-8")
     args = ["-m", "medsight.evaluate.cli", "diagseg", "--data", str(data), "--report", str(tmp_path / "report"),
             *[a for a in ARGS if a != "--quiet"]]
-    err = interrupt_torchrun(2, args, started=(b"shard 0/2", b"shard 1/2"))  # both ranks have their model and items
+    err = interrupt_torchrun(2, args, started=(b"shard 0/2", b"shard 1/2"))  # both ranks at work
     assert err.count("medsight eval: interrupted") == 1, err
     assert "KeyboardInterrupt" not in err, err
 

@@ -152,6 +152,39 @@ def test_missing_files_give_clear_errors(golden, tmp_path):
 
 
 
+def test_ctrl_c_while_weights_are_read_is_an_interrupt_not_a_damaged_file(tmp_path, monkeypatch):
+    """Ctrl+C while safetensors read a file (minutes for an 8B model) reached Python inside torch's native code,
+    which turned it into its own error: the user was told the weights were "damaged or partly downloaded" (seen
+    under torchrun, Ctrl+C during `medsight eval`'s model load)."""
+    import os
+    import signal
+    import time
+
+    from medsight.model import checkpoints
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, path)
+
+    def load_interrupted(name):
+        swallowed = False
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the interrupt arrives here
+        except KeyboardInterrupt:
+            swallowed = True  # what torch's native code does with a pending interrupt: its own error instead
+        if swallowed:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+        return load_file(name)
+
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(checkpoints, "load_file", load_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.read_safetensors_file(path)
+    assert signal.getsignal(signal.SIGINT) is handler
+    monkeypatch.setattr(checkpoints, "load_file", load_file)
+    assert checkpoints.read_safetensors_file(path)["w"].shape == (3,)  # no interrupt: read as before
+
+
 def test_weights_that_are_a_folder_are_named_as_a_folder(golden, tmp_path):
     # A model.safetensors that is a folder (an unpacked archive, a copy gone wrong) was reported as "shard
     # model.safetensors named in the index is missing", in a folder with no index.

@@ -14,11 +14,15 @@ each reader keeps (copies) only the tensors it needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import signal
+import threading
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +106,37 @@ def _read_safetensors(path: Path, read):
     CheckpointError naming it."""
     check_user_file(path, "safetensors weights file", CheckpointError)
     refuse_lfs_pointer(path)
+    with _interrupts_noticed() as interrupted:
+        try:
+            return read(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
+            if interrupted():
+                # Ctrl+C inside the reader's native code came back as another error ("could not determine the
+                # shape of object type ..."): it is the interrupt, not a damaged file to download again.
+                raise KeyboardInterrupt from None
+            raise CheckpointError(f"{path}: not a readable safetensors file, damaged or partly downloaded "
+                                  f"({err})") from None
+
+
+@contextlib.contextmanager
+def _interrupts_noticed() -> Iterator[Callable[[], bool]]:
+    """While inside, record whether SIGINT arrived (its handler still runs); outside the main thread, or where
+    SIGINT is ignored or kills the process, nothing is recorded."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield lambda: False
+        return
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
     try:
-        return read(str(path))
-    except Exception as err:  # safetensors raises its own SafetensorError for any malformed header
-        raise CheckpointError(f"{path}: not a readable safetensors file, damaged or partly downloaded "
-                              f"({err})") from None
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _unsafe_globals(path: Path) -> list[str]:
