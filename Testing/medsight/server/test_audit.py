@@ -3,8 +3,10 @@ that identifies the patient or repeats the question."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -83,15 +85,22 @@ def test_audit_has_one_line_per_job_and_no_identifiers_or_question(engine, named
     assert np.all([line["time"].endswith("+00:00") for line in lines])
 
 
-def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(engine, tmp_path):
-    """On a full disk the ask failed as "the engine failed: OSError": nothing said the audit trail was the cause."""
-    audit = tmp_path / "audit.jsonl"
+@contextlib.contextmanager
+def audited_engine(engine, audit: Path) -> Iterator[tuple[httpx.Client, dict]]:
+    """A live engine keeping its audit trail in `audit`: a client, and an ask about a volume uploaded to it."""
     ask = {"messages": [{"role": "user", "content": "Where?"}], "options": {"max_new_tokens": 3}}
     with live_server(create_app(engine, model_name="tiny", audit_path=str(audit))) as url, \
             httpx.Client(base_url=url, timeout=120) as c:
         image = npy(np.zeros((2, 16, 16), np.int16))
         ask["volume_id"] = c.post("/v1/volumes", content=image, headers={"content-type": "application/octet-stream"}
                                   ).json()["volume_id"]
+        yield c, ask
+
+
+def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(engine, tmp_path):
+    """On a full disk the ask failed as "the engine failed: OSError": nothing said the audit trail was the cause."""
+    audit = tmp_path / "audit.jsonl"
+    with audited_engine(engine, audit) as (c, ask):
         first = c.post("/v1/ask", json=ask)
         assert first.status_code == 200
         with file_size_limit(audit.stat().st_size + 10):  # room for a tenth of a line
@@ -114,12 +123,7 @@ def test_an_ask_that_failed_keeps_its_own_error_when_the_audit_trail_cannot_be_w
     """An ask that failed sends no answer, so the audit failure must not replace its error: it reached the client as
     audit_failed, "the answer is withheld", hiding the real failure."""
     audit = tmp_path / "audit.jsonl"
-    ask = {"messages": [{"role": "user", "content": "Where?"}], "options": {"max_new_tokens": 3}}
-    with live_server(create_app(engine, model_name="tiny", audit_path=str(audit))) as url, \
-            httpx.Client(base_url=url, timeout=120) as c:
-        image = npy(np.zeros((2, 16, 16), np.int16))
-        ask["volume_id"] = c.post("/v1/volumes", content=image, headers={"content-type": "application/octet-stream"}
-                                  ).json()["volume_id"]
+    with audited_engine(engine, audit) as (c, ask):
         assert c.post("/v1/ask", json=ask).status_code == 200
         size = audit.stat().st_size
 
