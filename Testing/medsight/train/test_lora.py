@@ -102,21 +102,29 @@ def test_merge_command_writes_the_adapter_model_and_never_over_a_model(run, tmp_
     assert {p.name: p.read_bytes() for p in run["base"].iterdir()} == before
 
 
-def test_merge_onto_a_preset_rebuilds_the_weights_the_run_trained_on(run, tmp_path):
-    """A LoRA run from a preset trains on random weights drawn from its seed; merge rebuilt the preset from seed 0
-    whatever the run's seed was, and wrote a model whose logits differed from the adapter's by more than their own
-    size. It takes the run's seed (train_config.json beside final/) and refuses to guess where there is none."""
-    import shutil
-
+def lora_run_from_preset(run, tmp_path, seed: int):
+    """A short LoRA run from the tiny preset with `seed`: its --out folder, and the model it trained (the preset's
+    weights drawn from that seed, with the adapter applied unmerged)."""
     from medsight.train.cli import initial_model
 
-    seed = TrainConfig().seed + 3
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"init_from": "tiny", "seed": seed, "max_steps": 2, "grad_accum": 1, "lr": 1e-2}))
     out = tmp_path / "out"
     assert train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(out)]) == 0
     trained = initial_model(LoraConfig.from_json(config))
     load_adapter(trained, out / "final", merge=False)
+    return out, trained
+
+
+def test_merge_onto_a_preset_rebuilds_the_weights_the_run_trained_on(run, tmp_path):
+    """A LoRA run from a preset trains on random weights drawn from its seed; merge rebuilt the preset from seed 0
+    whatever the run's seed was, and wrote a model whose logits differed from the adapter's by more than their own
+    size. It takes the run's seed (train_config.json beside final/) and refuses to guess where there is none."""
+    import shutil
+
+
+    seed = TrainConfig().seed + 3
+    out, trained = lora_run_from_preset(run, tmp_path, seed)
     merged = tmp_path / "merged"
     assert train_main(["merge", "--model", "tiny", "--adapter", str(out / "final"), "--out", str(merged)]) == 0
     with torch.no_grad():
@@ -140,15 +148,9 @@ def test_ask_serve_and_eval_apply_an_adapter_to_a_preset_rebuilt_from_the_runs_s
     import shutil
 
     from medsight.engine import Engine
-    from medsight.train.cli import initial_model
 
     seed = TrainConfig().seed + 5
-    config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"init_from": "tiny", "seed": seed, "max_steps": 2, "grad_accum": 1, "lr": 1e-2}))
-    out = tmp_path / "out"
-    assert train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(out)]) == 0
-    trained = initial_model(LoraConfig.from_json(config))
-    load_adapter(trained, out / "final", merge=False)
+    out, trained = lora_run_from_preset(run, tmp_path, seed)
     loaded = Engine.load("tiny", device="cpu", dtype=torch.float32, adapter=out / "final").model
     with torch.no_grad():
         want, got = probe(trained.eval(), run["data"]["lvlm"]), probe(loaded, run["data"]["lvlm"])
