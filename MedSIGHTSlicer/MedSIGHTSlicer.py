@@ -47,7 +47,7 @@ def ensure_packages(requirements: list[str], purpose: str) -> bool:
     def install(args: list[str]) -> None:
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            slicer.util.pip_install(args)
+            packages.pip_install_without_dialogs(slicer.util.pip_install, args)  # Slicer 5.12's own dialogs: none
         finally:
             slicer.app.restoreOverrideCursor()
 

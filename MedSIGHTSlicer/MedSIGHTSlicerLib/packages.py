@@ -12,6 +12,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from importlib import metadata
 from importlib.util import find_spec
 
 __all__ = ["PINNED", "constraints_file", "constraints_text", "dicom_seg_requirements", "ensure", "installed_versions",
-           "missing", "requirement_name"]
+           "missing", "pip_install_without_dialogs", "requirement_name"]
 
 #: Packages Slicer ships that an install must never up- or downgrade.
 PINNED = ("numpy", "pydicom", "pillow", "packaging", "typing-extensions")
@@ -86,6 +87,22 @@ def missing(requirements: Sequence[str]) -> list[str]:
     return out
 
 
+def pip_install_without_dialogs(pip_install: Callable[..., object], arguments: list[str]) -> None:
+    """Run Slicer's ``slicer.util.pip_install`` so that a failure reaches the user once: as the caller's error.
+
+    Slicer 5.8 and 5.10 have ``pip_install(requirements)``: pip runs, its output goes to the Python console, and a
+    failure raises CalledProcessError. From 5.12 on, ``pip_install(requirements, **kwargs)`` hands on to
+    ``slicer.packaging.pip_install``, which by default shows a modal progress dialog and, when pip fails, an error
+    dialog of its own before it raises (Base/Python/slicer/packaging.py, ``_pip_install_with_dialog``): the user got
+    that dialog, then the module's own "Export failed" for the same failure. ``show_progress=False`` keeps 5.12 to
+    what the older versions do (a busy cursor, then the raise), and is passed only where pip_install takes it."""
+    parameters = inspect.signature(pip_install).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD or p.name == "show_progress" for p in parameters):
+        pip_install(arguments, show_progress=False)
+    else:
+        pip_install(arguments)
+
+
 def ensure(requirements: Sequence[str], purpose: str, confirm: Callable[[str], bool],
            install: Callable[[list[str]], object]) -> bool:
     """Install the missing ``requirements`` once the user agrees, keeping every package Slicer ships as it is.
@@ -93,8 +110,9 @@ def ensure(requirements: Sequence[str], purpose: str, confirm: Callable[[str], b
     Args:
         purpose: what needs them, for the question (e.g. "DICOM SEG export").
         confirm: (question) -> whether the user agreed.
-        install: (pip arguments) -> None; Slicer's ``slicer.util.pip_install``, which prints pip's output to the
-            Python console and raises CalledProcessError (its text a pip command line) when pip fails.
+        install: (pip arguments) -> None; Slicer's ``slicer.util.pip_install`` (through
+            `pip_install_without_dialogs`), which prints pip's output to the Python console and raises
+            CalledProcessError (its text a pip command line) when pip fails.
 
     Returns False when the user declined. Raises ValueError naming the packages when the install failed.
     """

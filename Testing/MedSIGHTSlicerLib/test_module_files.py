@@ -548,18 +548,23 @@ def test_extension_wizard_finds_the_module():
     assert "ScriptedLoadableModule" in [getattr(base, "id", None) for base in module_class.bases]
 
 
-def test_module_package_install_failure_reaches_the_user_once_and_clearly():
+@pytest.mark.parametrize("slicer_version", ["5.8", "5.12"])
+def test_module_package_install_failure_reaches_the_user_once_and_clearly(slicer_version):
     """The module file's ensure_packages, run with a real pip that fails and the slicer.util behaviour it relies on:
     Slicer's tryWithErrorDisplay shows a dialog and then re-raises (Base/Python/slicer/util.py, v5.8.0 l.3279-3320,
     same in v5.12.0), and pip_install raises CalledProcessError. Before, the install ran inside tryWithErrorDisplay
     with a ``return False`` after it that never ran: the user got the dialog, then Export's own message with a pip
-    command line in it. Now the one error is a ValueError naming the package, the wait cursor is restored."""
+    command line in it. Now the one error is a ValueError naming the package, the wait cursor is restored. Slicer
+    5.12's pip_install shows an error dialog of its own unless told ``show_progress=False`` (see
+    ``packages.pip_install_without_dialogs``): it showed one, then Export's message came too."""
     import __future__
 
     import contextlib
 
-    from medsight_testing.pip import UNINSTALLABLE, pip_install
+    from medsight_testing.pip import UNINSTALLABLE, SlicerPackagingPipInstall, pip_install
     from MedSIGHTSlicerLib import packages
+
+    slicer_512 = SlicerPackagingPipInstall()
 
     dialogs, cursor = [], []
 
@@ -572,7 +577,8 @@ def test_module_package_install_failure_reaches_the_user_once_and_clearly():
             raise
 
     util = types.SimpleNamespace(confirmOkCancelDisplay=lambda text, windowTitle=None: True,
-                                 pip_install=pip_install, tryWithErrorDisplay=try_with_error_display)
+                                 pip_install=slicer_512 if slicer_version == "5.12" else pip_install,
+                                 tryWithErrorDisplay=try_with_error_display)
     app = types.SimpleNamespace(setOverrideCursor=lambda shape: cursor.append(shape),
                                 restoreOverrideCursor=lambda: cursor.pop())
     namespace = {"packages": packages, "slicer": types.SimpleNamespace(util=util, app=app),
@@ -584,7 +590,7 @@ def test_module_package_install_failure_reaches_the_user_once_and_clearly():
     with pytest.raises(ValueError, match=r"^installing medsight-no-such-package into Slicer's Python failed \(pip "
                                          r"exit status 1\)"):
         namespace["ensure_packages"]([UNINSTALLABLE], "DICOM SEG export")
-    assert dialogs == [] and cursor == []
+    assert dialogs == [] and slicer_512.dialogs == [] and cursor == []
 
 
 def _required_positional(function: ast.FunctionDef | ast.Lambda, bound: bool) -> int:

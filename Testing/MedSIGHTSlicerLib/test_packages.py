@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medsight_testing.pip import UNINSTALLABLE, pip_install
+from medsight_testing.pip import UNINSTALLABLE, SlicerPackagingPipInstall, pip_install
 from MedSIGHTSlicerLib.packages import (
     PINNED,
     constraints_file,
@@ -18,6 +18,7 @@ from MedSIGHTSlicerLib.packages import (
     ensure,
     installed_versions,
     missing,
+    pip_install_without_dialogs,
     requirement_name,
 )
 
@@ -82,3 +83,19 @@ def test_ensure_installs_with_the_constraints_and_a_failed_pip_is_one_clear_erro
     (args, constraints_seen), = calls
     assert args[0] == UNINSTALLABLE and constraints_seen == constraints_text()
     assert not Path(args[args.index("--constraint") + 1]).exists()
+
+
+@pytest.mark.parametrize("slicer_version", ["5.8", "5.12"])
+def test_slicer_pip_install_shows_no_dialog_of_its_own(slicer_version):
+    """Slicer 5.12's pip_install(requirements, **kwargs) shows a progress dialog and, when pip fails, an error dialog
+    before it raises; the module then said "Export failed" about the same failure. It is now asked for no dialogs
+    (show_progress=False), and 5.8's pip_install(requirements), which takes no keywords, is called as before: either
+    way the one error is the ValueError that names the package."""
+    slicer_512 = SlicerPackagingPipInstall()
+    slicer_pip_install = slicer_512 if slicer_version == "5.12" else pip_install
+
+    with pytest.raises(ValueError, match=r"^installing medsight-no-such-package into Slicer's Python failed \(pip "
+                                         r"exit status 1\)"):
+        ensure([UNINSTALLABLE], "DICOM SEG export", lambda q: True,
+               lambda args: pip_install_without_dialogs(slicer_pip_install, args))
+    assert slicer_512.dialogs == []
