@@ -12,6 +12,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import re
@@ -114,7 +115,8 @@ def ensure(requirements: Sequence[str], purpose: str, confirm: Callable[[str], b
             `pip_install_without_dialogs`), which prints pip's output to the Python console and raises
             CalledProcessError (its text a pip command line) when pip fails.
 
-    Returns False when the user declined. Raises ValueError naming the packages when the install failed.
+    Returns False when the user declined. Raises ValueError naming the packages when the install failed or what it
+    installed cannot be imported.
     """
     todo = missing(requirements)
     if not todo:
@@ -130,4 +132,12 @@ def ensure(requirements: Sequence[str], purpose: str, confirm: Callable[[str], b
             why = f"pip exit status {code}" if code is not None else str(err)
             raise ValueError(f"installing {names} into Slicer's Python failed ({why}); pip's output is in the "
                              "Python console") from err
+    # Packages that appeared while Python runs are found only once the import system's folder caches are dropped.
+    # pip can also succeed into a folder Slicer's Python does not search (a user site it leaves out).
+    importlib.invalidate_caches()
+    unimportable = missing(todo)
+    if unimportable:
+        raise ValueError(f"pip installed {', '.join(requirement_name(r) for r in unimportable)}, but Slicer's "
+                         "Python cannot import it; restart 3D Slicer and try again, and see pip's output in the "
+                         "Python console for where it was installed")
     return True

@@ -85,6 +85,17 @@ def test_ensure_installs_with_the_constraints_and_a_failed_pip_is_one_clear_erro
     assert not Path(args[args.index("--constraint") + 1]).exists()
 
 
+def test_an_install_that_leaves_the_package_unimportable_is_one_clear_error():
+    """pip can succeed into a folder Slicer's Python does not search (a user site it leaves out); ensure said the
+    packages were there, and the export then failed on an ImportError. Now that is refused, naming the package."""
+    installs = []
+    with pytest.raises(ValueError) as failed:
+        ensure([UNINSTALLABLE, "numpy"], "DICOM SEG export", lambda q: True, installs.append)
+    assert str(failed.value).startswith(f"pip installed {requirement_name(UNINSTALLABLE)}, but Slicer's Python "
+                                        "cannot import it; restart 3D Slicer")
+    assert [args[0] for args in installs] == [UNINSTALLABLE]
+
+
 @pytest.mark.parametrize("slicer_version", ["5.8", "5.12"])
 def test_slicer_pip_install_shows_no_dialog_of_its_own(slicer_version):
     """Slicer 5.12's pip_install(requirements, **kwargs) shows a progress dialog and, when pip fails, an error dialog
