@@ -23,6 +23,7 @@ __all__ = [
     "ijk_to_ras",
     "labelmap_from_array",
     "lattice_grid",
+    "lattice_over",
     "mask_on_grid",
     "mask_to_ijk",
     "nodes_by_class",
@@ -302,6 +303,21 @@ def lattice_grid(node, segment_id: str, mask_kji: np.ndarray, mask_grid: Grid) -
     grid[:3, 3] += lattice[:3, :3] @ lo
     i, j, k = (hi - lo + 1).astype(int)
     return grid, (int(k), int(j), int(i))
+
+
+def lattice_over(grid: Grid, other: Grid) -> Grid:
+    """``grid``'s lattice over a box holding both its own voxels and every voxel of ``other`` (both grids in one
+    node's frame): the volume's voxels grown to reach a segment that sticks out of the volume's box."""
+    matrix, shape = grid
+    last = np.array(other[1][::-1], dtype=float) - 0.5
+    corners = np.array([[(-0.5, last[n])[c >> n & 1] for n in range(3)] + [1.0] for c in range(8)]).T
+    indices = (np.linalg.inv(matrix) @ other[0] @ corners)[:3]
+    lo = np.minimum(0.0, np.floor(indices.min(axis=1)))
+    hi = np.maximum(np.array(shape[::-1], dtype=float) - 1, np.ceil(indices.max(axis=1)))
+    grown = matrix.copy()
+    grown[:3, 3] += matrix[:3, :3] @ lo
+    i, j, k = (hi - lo + 1).astype(int)
+    return grown, (int(k), int(j), int(i))
 
 
 def mask_on_grid(mask_kji: np.ndarray, mask_grid: Grid, grid: Grid) -> np.ndarray:

@@ -33,6 +33,7 @@ from .geometry import (
     ijk_to_ras,
     labelmap_from_array,
     lattice_grid,
+    lattice_over,
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
@@ -639,13 +640,17 @@ class SuggestionManager:
         grid = lattice_grid(node, merge_id, added, volume_grid)
         placed = mask_on_grid(added, volume_grid, grid)
         # On a coarser (or rotated) lattice a suggested voxel may hold no lattice voxel centre and would be dropped
-        # unseen: merge on the volume's grid then, which keeps every suggested voxel and each coarse segment voxel.
+        # unseen: merge on the volume's voxels then, which keeps every suggested voxel and each coarse segment voxel,
+        # grown to hold the segment where it sticks out of the volume's box (those voxels are the user's too).
         before_grid = grid
         if np.any(added & ~mask_on_grid(placed, grid, volume_grid)):
             before_grid = lattice_grid(node, merge_id, np.zeros_like(added), volume_grid)  # the segment's own box
-            grid, placed = volume_grid, added
+            grid = lattice_over(volume_grid, before_grid)
+            placed = mask_on_grid(added, volume_grid, grid)
         before = segment_array(node, merge_id, self.volume_node, before_grid)
         merged = placed | (before if before_grid is grid else segment_array(node, merge_id, None, grid))
+        if before_grid is not grid:
+            self._check_merge_keeps(segment.GetName(), before, before_grid, merged, grid)
         # The segment as it was on its own lattice: undo gives back exactly its voxels, also after a coarse fallback.
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
@@ -656,6 +661,18 @@ class SuggestionManager:
         operation.merge_grid = grid
         for item in operation.items:
             item.user_id, item.user_name = merge_id, segment.GetName()
+
+    @staticmethod
+    def _check_merge_keeps(name: str, before: np.ndarray, before_grid: Grid, merged: np.ndarray, grid: Grid) -> None:
+        """Refuse a merge on the volume's voxels that would drop voxels of the user's segment (nothing is changed yet):
+        a voxel of a lattice turned against the volume's may hold no volume voxel centre."""
+        lost = int(np.count_nonzero(before & ~mask_on_grid(merged, grid, before_grid)))
+        if lost:
+            raise SuggestionError(
+                f"cannot merge into {name!r}: its voxels lie on a lattice that does not line up with the volume's, "
+                f"and merging on the volume's voxels would lose {lost} of its {int(np.count_nonzero(before))} voxels. "
+                "Accept the suggestion as a new segment instead (the Segment Editor's Logical operators can combine "
+                "the two)")
 
     def _remove_suggestions(self, items: list[_Item]) -> None:
         segmentation = self.preview_node.GetSegmentation()

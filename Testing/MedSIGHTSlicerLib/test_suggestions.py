@@ -869,6 +869,58 @@ def test_a_merge_into_a_coarser_or_rotated_segment_keeps_every_suggested_voxel(s
     np.testing.assert_allclose(world_points(user_node, "organ"), after, atol=1e-6)
 
 
+def add_segment_on(node, volume, name: str, own: np.ndarray, lattice: np.ndarray) -> str:
+    """A user segment ``own`` on its own ``lattice`` (own.shape voxels), as the Segment Editor keeps one."""
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, grid=(lattice, own.shape), crop=True))
+    segment_id = name.lower()
+    assert node.GetSegmentation().AddSegment(segment, segment_id)
+    return segment_id
+
+
+def test_a_merge_into_a_coarser_segment_keeps_its_voxels_outside_the_volumes_box(scene, volume, user_node):
+    # The fallback merge (a suggested voxel holds no coarse voxel centre) wrote the segment back on the volume's
+    # voxels only: its coarse voxel beside the volume was gone after the merge (its undo gave it back).
+    lattice, lattice_shape = lattice_of(volume, "coarser")
+    lattice[:3, 3] -= lattice[:3, :3] @ np.array([2.0, 0.0, 0.0])  # coarse voxels 0 and 1 lie before volume voxel 0
+    own = np.zeros(lattice_shape, dtype=bool)
+    own[1, 1, [0, 2]] = True  # one coarse voxel beside the volume, one in it
+    organ = add_segment_on(user_node, volume, "Organ", own, lattice)
+    before = world_points(user_node, organ)
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 6), 1.0))]))
+    suggested = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into=organ)
+    on_lattice = segment_array(user_node, organ, None, (lattice, lattice_shape))
+    assert int((on_lattice & own).sum()) == int(own.sum())  # every coarse voxel centre is still in the segment
+    assert int((segment_array(user_node, organ, volume) & suggested).sum()) == int(suggested.sum())
+    after = world_points(user_node, organ)
+    assert manager.undo()
+    np.testing.assert_allclose(world_points(user_node, organ), before, atol=1e-6)
+    assert manager.redo()
+    np.testing.assert_allclose(world_points(user_node, organ), after, atol=1e-6)
+
+
+def test_a_merge_that_would_drop_voxels_of_a_rotated_segment_is_refused(scene, volume, user_node):
+    # Voxels of a turned lattice that hold no volume voxel centre were dropped by the fallback merge, unseen.
+    lattice, lattice_shape = lattice_of(volume, "rotated")
+    own = np.zeros(lattice_shape, dtype=bool)
+    own[1, 2:5, 2:6] = True
+    organ = add_segment_on(user_node, volume, "Organ", own, lattice)
+    before = world_points(user_node, organ)
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 6), 1.0))]))
+    suggested = manager.suggestion_mask(sid)
+    with pytest.raises(SuggestionError, match=rf"cannot merge into 'Organ': .* would lose \d+ of its {own.sum()} "
+                                              "voxels. Accept the suggestion as a new segment instead"):
+        manager.accept(sid, target=user_node, merge_into=organ)
+    np.testing.assert_allclose(world_points(user_node, organ), before, atol=1e-6)
+    assert manager.suggestion_ids() == [sid] and not manager.can_undo
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), suggested)
+
+
 def test_an_undo_or_redo_after_the_volume_lost_its_image_data_names_it(scene, volume, user_node):
     # An AttributeError ('NoneType' object has no attribute 'GetDimensions') before: a raw traceback in Slicer.
     manager = SuggestionManager(scene, volume)
