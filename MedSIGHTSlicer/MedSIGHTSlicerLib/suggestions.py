@@ -30,10 +30,10 @@ from . import naming
 from .geometry import (
     GeometryError,
     Grid,
+    grid_holding,
     ijk_to_ras,
     labelmap_from_array,
     lattice_grid,
-    lattice_over,
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
@@ -78,7 +78,12 @@ class SuggestionError(RuntimeError):
 
 @dataclass(frozen=True)
 class SegmentSnapshot:
-    """Everything needed to re-create a segment: identity, look, tags and its voxels (cropped to their box)."""
+    """Everything needed to re-create a segment: identity, look, tags and its voxels (cropped to their box).
+
+    The voxels are the volume's unless ``lattice`` is set: a suggestion the user corrected on a finer (or turned)
+    lattice in the Segment Editor keeps its voxels there, ``lattice`` mapping an (i, j, k) index of ``mask()`` to the
+    volume's voxel index (``grid_of`` places them in a node).
+    """
 
     segment_id: str
     name: str
@@ -87,9 +92,11 @@ class SegmentSnapshot:
     offset: tuple[int, int, int]
     crop: np.ndarray = field(repr=False)
     shape: tuple[int, int, int]
+    lattice: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def from_mask(cls, segment_id: str, name: str, color, tags: dict[str, str], mask: np.ndarray) -> SegmentSnapshot:
+    def from_mask(cls, segment_id: str, name: str, color, tags: dict[str, str], mask: np.ndarray,
+                  lattice: np.ndarray | None = None) -> SegmentSnapshot:
         # Cropping to the bounding box keeps undo history small: a region is a sliver of a 512x512x300 volume.
         mask = np.asarray(mask, dtype=bool)
         nonzero = np.nonzero(mask)
@@ -100,7 +107,8 @@ class SegmentSnapshot:
             hi = [int(a.max()) + 1 for a in nonzero]
             offset = tuple(lo)
             crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy()
-        return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape))
+        return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape),
+                   lattice)
 
     def mask(self) -> np.ndarray:
         """The full (k, j, i) boolean mask."""
@@ -112,6 +120,11 @@ class SegmentSnapshot:
 
     def digest(self) -> str:
         return mask_digest(self.mask())
+
+    def grid_of(self, volume_node, node) -> Grid:
+        """Where ``mask()``'s voxels lie in ``node``'s own frame (the volume's grid, or its own finer lattice)."""
+        grid = voxel_grid(volume_node, node)
+        return grid if self.lattice is None else (grid[0] @ self.lattice, self.shape)
 
 
 def mask_digest(mask: np.ndarray) -> str:
@@ -135,6 +148,7 @@ class _Item:
 class _Operation:
     kind: str  # "accept" or "reject"
     items: list[_Item]
+    shape: tuple[int, int, int]  # the volume's (k, j, i) voxel counts when it was done
     target: object = None  # the segmentation node an accept wrote into
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
@@ -550,7 +564,7 @@ class SuggestionManager:
             return []  # before the target: nothing to accept makes no (empty) segmentation
         target = self._check_target(target, merge_into)
         items = [self._snapshot_item(sid) for sid in wanted]
-        operation = _Operation("accept", items, target=target, merge_id=merge_into or "")
+        operation = _Operation("accept", items, self._shape(), target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
         return [item.user_id for item in items]
@@ -582,7 +596,7 @@ class SuggestionManager:
         items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
         if not items:
             return []
-        operation = _Operation("reject", items)
+        operation = _Operation("reject", items, self._shape())
         self._remove_suggestions(operation.items)
         self._push(operation)
         return [item.suggestion.segment_id for item in items]
@@ -592,14 +606,24 @@ class SuggestionManager:
         self._redo.clear()  # a new action forks history: the undone branch is gone, as in any editor
 
     def _snapshot_item(self, segment_id: str) -> _Item:
-        segment = self.suggestion(segment_id)
+        self.suggestion(segment_id)  # a SuggestionError naming an unknown id
         ids = self.suggestion_ids()
         position = ids.index(segment_id)
         before = ids[position + 1] if position + 1 < len(ids) else ""
-        snapshot = SegmentSnapshot.from_mask(
-            segment_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), self.suggestion_mask(segment_id)
-        )
-        return _Item(suggestion=snapshot, before_id=before)
+        return _Item(suggestion=self._suggestion_snapshot(segment_id), before_id=before)
+
+    def _suggestion_snapshot(self, segment_id: str) -> SegmentSnapshot:
+        """A suggestion as it is now: on the volume's voxels, or on its own lattice when the user corrected it finer
+        than them (the Segment Editor's oversampled geometry), so an accept keeps every detail of the correction."""
+        segment, preview = self.suggestion(segment_id), self.preview_node
+        look = (segment_id, segment.GetName(), segment.GetColor(), _segment_tags(segment))
+        mask = self.suggestion_mask(segment_id)
+        volume_grid = voxel_grid(self.volume_node, preview)
+        own = lattice_grid(preview, segment_id, mask, volume_grid)
+        voxels = segment_array(preview, segment_id, None, own)
+        if own is volume_grid or np.array_equal(voxels, mask_on_grid(mask, volume_grid, own)):
+            return SegmentSnapshot.from_mask(*look, mask)
+        return SegmentSnapshot.from_mask(*look, voxels, lattice=np.linalg.inv(volume_grid[0]) @ own[0])
 
     def _do_accept(self, operation: _Operation) -> None:
         if operation.target is None or operation.target.GetScene() is None:
@@ -616,15 +640,14 @@ class SuggestionManager:
             return
         segmentation = user.GetSegmentation()
         taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
-        grid = voxel_grid(self.volume_node, user)
         for item in operation.items:
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
             # A redo gives the segment back its first id, so references to it (scripts, the list) stay valid.
             reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
-            mask = item.suggestion.mask()
-            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask, grid=grid)
+            grid = item.suggestion.grid_of(self.volume_node, user)
+            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, grid=grid)
             item.user_id, item.user_name, item.grid = user_id, name, grid
         self._remove_suggestions(operation.items)
 
@@ -633,24 +656,37 @@ class SuggestionManager:
         segment = node.GetSegmentation().GetSegment(merge_id)
         if segment is None:
             raise SuggestionError(f"the segment to merge into ({merge_id!r}) is gone from {node.GetName()!r}")
-        added = np.zeros(self._shape(), dtype=bool)
-        for item in operation.items:
-            added |= item.suggestion.mask()
         volume_grid = voxel_grid(self.volume_node, node)
-        grid = lattice_grid(node, merge_id, added, volume_grid)
-        placed = mask_on_grid(added, volume_grid, grid)
-        # On a coarser (or rotated) lattice a suggested voxel may hold no lattice voxel centre and would be dropped
-        # unseen: merge on the volume's voxels then, which keeps every suggested voxel and each coarse segment voxel,
-        # grown to hold the segment where it sticks out of the volume's box (those voxels are the user's too).
-        before_grid = grid
-        if np.any(added & ~mask_on_grid(placed, grid, volume_grid)):
-            before_grid = lattice_grid(node, merge_id, np.zeros_like(added), volume_grid)  # the segment's own box
-            grid = lattice_over(volume_grid, before_grid)
-            placed = mask_on_grid(added, volume_grid, grid)
-        before = segment_array(node, merge_id, self.volume_node, before_grid)
-        merged = placed | (before if before_grid is grid else segment_array(node, merge_id, None, grid))
-        if before_grid is not grid:
-            self._check_merge_keeps(segment.GetName(), before, before_grid, merged, grid)
+        before_grid = lattice_grid(node, merge_id, np.zeros(self._shape(), dtype=bool), volume_grid)  # its own box
+        before = segment_array(node, merge_id, None, before_grid)
+        # The suggestions on the volume's voxels as one mask, and any corrected finer than them on their own lattice.
+        added = np.zeros(self._shape(), dtype=bool)
+        parts = []
+        for item in operation.items:
+            if item.suggestion.lattice is None:
+                added |= item.suggestion.mask()
+            else:
+                parts.append((item.suggestion.mask(), item.suggestion.grid_of(self.volume_node, node)))
+        parts = [(before, before_grid), (added, volume_grid), *parts]
+        # Merged on the segment's own lattice (which may be finer than the volume's); where that would drop a voxel
+        # of a suggestion (a coarser or turned lattice holds no voxel centre in it), on the volume's voxels, which
+        # hold each coarse voxel; where a suggestion was corrected finer than those, on its own lattice. Each is grown
+        # to hold everything, so the segment's part outside the volume's box stays too.
+        dropped = []
+        for lattice in [before_grid, volume_grid, *(grid for _, grid in parts[2:])]:
+            grid = lattice
+            for mask, mask_grid in parts:
+                grid = grid_holding(grid, mask, mask_grid)
+            merged = segment_array(node, merge_id, None, grid)
+            for mask, mask_grid in parts[1:]:
+                merged |= mask_on_grid(mask, mask_grid, grid)
+            lost = [int(np.count_nonzero(mask & ~mask_on_grid(merged, grid, mask_grid))) for mask, mask_grid in parts]
+            if not any(lost):
+                break
+            if lattice is volume_grid:
+                dropped = lost  # the refusal says what the volume's voxels would drop
+        else:
+            raise SuggestionError(self._merge_refusal(segment.GetName(), int(np.count_nonzero(before)), dropped))
         # The segment as it was on its own lattice: undo gives back exactly its voxels, also after a coarse fallback.
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
@@ -663,16 +699,12 @@ class SuggestionManager:
             item.user_id, item.user_name = merge_id, segment.GetName()
 
     @staticmethod
-    def _check_merge_keeps(name: str, before: np.ndarray, before_grid: Grid, merged: np.ndarray, grid: Grid) -> None:
-        """Refuse a merge on the volume's voxels that would drop voxels of the user's segment (nothing is changed yet):
-        a voxel of a lattice turned against the volume's may hold no volume voxel centre."""
-        lost = int(np.count_nonzero(before & ~mask_on_grid(merged, grid, before_grid)))
-        if lost:
-            raise SuggestionError(
-                f"cannot merge into {name!r}: its voxels lie on a lattice that does not line up with the volume's, "
-                f"and merging on the volume's voxels would lose {lost} of its {int(np.count_nonzero(before))} voxels. "
-                "Accept the suggestion as a new segment instead (the Segment Editor's Logical operators can combine "
-                "the two)")
+    def _merge_refusal(name: str, held: int, lost: list[int]) -> str:
+        """Why no lattice can hold a merge (``lost``: voxels it drops of the segment, then of each suggestion part)."""
+        what = f"{lost[0]} of its {held} voxels" if lost[0] else f"{sum(lost[1:])} of the suggested voxels"
+        return (f"cannot merge into {name!r}: its voxels lie on a lattice that does not line up with the volume's, "
+                f"and merging on the volume's voxels would lose {what}. Accept the suggestion as a new segment "
+                "instead (the Segment Editor's Logical operators can combine the two)")
 
     def _remove_suggestions(self, items: list[_Item]) -> None:
         segmentation = self.preview_node.GetSegmentation()
@@ -681,8 +713,10 @@ class SuggestionManager:
 
     def _restore_suggestions(self, items: list[_Item]) -> None:
         # Reverse order so that each item's "before" neighbour is back before it is needed.
+        preview = self.preview_node
         for item in reversed(items):
-            _add_segment(self.preview_node, item.suggestion, self.volume_node, before_id=item.before_id)
+            _add_segment(preview, item.suggestion, self.volume_node, before_id=item.before_id,
+                         grid=item.suggestion.grid_of(self.volume_node, preview))
 
     # -- undo / redo -------------------------------------------------------------------------------------------
     def undo(self) -> bool:
@@ -725,7 +759,7 @@ class SuggestionManager:
     def _voxels_replaced(self, operation: _Operation) -> str:
         """Why ``operation``'s suggestions cannot come back ("" when they can): the volume's voxel array has another
         size than when they were made (cropped or resampled in place), so they name voxels it no longer has."""
-        then, now = operation.items[0].suggestion.shape, self._shape()
+        then, now = operation.shape, self._shape()
         if then == now:
             return ""
         # The accepted segment's name (the user may have renamed it); a merge's or a reject's suggestions' own.
@@ -749,10 +783,14 @@ class SuggestionManager:
         if missing:
             raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
         # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
-        # correction would be lost with the preview segment.
+        # correction would be lost with the preview segment. Compared on the suggestion's own lattice: a correction
+        # finer than the volume's voxels counts too.
+        preview = self.preview_node
         for item in operation.items:
-            digest = mask_digest(self.suggestion_mask(item.suggestion.segment_id))
-            if digest != item.suggestion.digest():
+            snapshot = item.suggestion
+            if not _still_written(preview, snapshot.segment_id, snapshot.mask(), snapshot.grid_of(self.volume_node,
+                                                                                                  preview)):
+                digest = mask_digest(self.suggestion_mask(snapshot.segment_id))
                 grew = self._grown.get(item.suggestion.segment_id) == digest
                 why = "grew with later slices of the running question" if grew else "was edited"
                 raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} {why} since the undo; "

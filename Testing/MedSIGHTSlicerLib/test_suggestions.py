@@ -697,13 +697,23 @@ def test_suggestions_and_accepted_segments_hold_only_the_box_around_their_voxels
         np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
 
 
-def test_a_merge_into_a_finer_segment_keeps_its_voxels_and_its_undo_gives_them_back(scene, volume, user_node):
-    # The user's segment lies on a lattice twice as fine as the volume's (Segment Editor > Specify geometry,
-    # oversampling 2). The merge rewrote it on the volume's voxels (its fine outline gone) and so did the undo.
+def oversampled(volume) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The lattice of the Segment Editor's geometry with oversampling 2: fine voxels 2n and 2n + 1 halve voxel n."""
     fine = ijk_to_ras(volume)
     fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)  # fine voxel 0 is the first quarter of coarse voxel 0
     fine[:3, :3] /= 2
-    fine_shape = tuple(2 * n for n in SHAPE)
+    return fine, tuple(2 * n for n in SHAPE)
+
+
+def upsampled(mask: np.ndarray) -> np.ndarray:
+    """A mask on the volume's voxels as the same voxels on ``oversampled``'s lattice."""
+    return np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2)
+
+
+def test_a_merge_into_a_finer_segment_keeps_its_voxels_and_its_undo_gives_them_back(scene, volume, user_node):
+    # The user's segment lies on a lattice twice as fine as the volume's (Segment Editor > Specify geometry,
+    # oversampling 2). The merge rewrote it on the volume's voxels (its fine outline gone) and so did the undo.
+    fine, fine_shape = oversampled(volume)
     k, j, i = np.indices(fine_shape)
     own = (k - 8.3) ** 2 + (j - 9.7) ** 2 + (i - 5.2) ** 2 <= 3.1**2
     segment = slicer.vtkSegment()
@@ -724,8 +734,7 @@ def test_a_merge_into_a_finer_segment_keeps_its_voxels_and_its_undo_gives_them_b
     # Each coarse voxel of the suggestion is its 8 fine voxels now.
     merged_on_volume = segment_array(user_node, "organ", volume)
     assert (merged_on_volume & suggested).sum() == suggested.sum()
-    assert len(after) == int(own.sum()) + 8 * int(suggested.sum()) - int(
-        (own & np.repeat(np.repeat(np.repeat(suggested, 2, 0), 2, 1), 2, 2)).sum())
+    assert len(after) == int(own.sum()) + 8 * int(suggested.sum()) - int((own & upsampled(suggested)).sum())
     assert manager.undo()
     np.testing.assert_allclose(world_points(user_node, "organ"), before, atol=1e-6)
     assert manager.redo()
@@ -759,10 +768,7 @@ def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(sc
     # onto the lattice of the user's finer segment, 8 fine voxels for each. It is unchanged, so its undo takes it out.
     from MedSIGHTSlicerLib.export import export_seg_nrrd
 
-    fine = ijk_to_ras(volume)
-    fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)
-    fine[:3, :3] /= 2
-    fine_shape = tuple(2 * n for n in SHAPE)
+    fine, fine_shape = oversampled(volume)
     k, j, i = np.indices(fine_shape)
     own = (k - 8.3) ** 2 + (j - 3.7) ** 2 + (i - 3.2) ** 2 <= 2.1**2
     segment = slicer.vtkSegment()
@@ -781,6 +787,66 @@ def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(sc
     assert segment_ids(user_node) == ["organ"]
     np.testing.assert_allclose(world_points(user_node, "organ"), organ, atol=1e-6)
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+
+
+def correct_finer(manager, segment_id: str, volume) -> np.ndarray:
+    """What correcting a suggestion in the Segment Editor after switching the preview to ``oversampled`` geometry
+    does: its voxels on the fine lattice, one fine voxel painted beside it and one erased in it. Returns them."""
+    fine, fine_shape = oversampled(volume)
+    mask = manager.suggestion_mask(segment_id)
+    corrected = upsampled(mask)
+    k, j, i = (int(a[0]) for a in np.nonzero(mask))  # its first voxel: the one before it along i is not in it
+    # Fine voxels 2n hold no volume voxel centre (those lie between 2n and 2n + 1): the volume's voxels see neither.
+    corrected[2 * k, 2 * j, 2 * i - 2] = True
+    corrected[2 * k, 2 * j, 2 * i] = False
+    replace_segment_mask(manager.preview_node, segment_id, corrected, volume, grid=(fine, fine_shape))
+    return corrected
+
+
+def test_a_suggestion_corrected_finer_than_the_volume_is_accepted_with_every_fine_voxel(scene, volume, user_node):
+    # The accept copied the suggestion as the volume's voxels showed it: the painted fine voxel was not accepted and
+    # the erased one was back.
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    corrected = correct_finer(manager, sid, volume)
+    fine = oversampled(volume)
+    [accepted] = manager.accept(sid, target=user_node)
+    np.testing.assert_array_equal(segment_array(user_node, accepted, None, fine), corrected)
+    assert manager.undo()
+    assert segment_ids(user_node) == [] and manager.suggestion_ids() == [sid]
+    np.testing.assert_array_equal(segment_array(manager.preview_node, sid, None, fine), corrected)
+    assert manager.redo()
+    np.testing.assert_array_equal(segment_array(user_node, accepted, None, fine), corrected)
+
+
+def test_a_suggestion_corrected_finer_than_the_volume_is_merged_with_every_fine_voxel(scene, volume, user_node):
+    organ = ball((4, 5, 9), 1.5)
+    [organ_id] = [add_user_segment(user_node, volume, "Organ", organ)]
+    before = world_points(user_node, organ_id)
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    corrected = correct_finer(manager, sid, volume)
+    fine = oversampled(volume)
+    manager.accept(sid, target=user_node, merge_into=organ_id)
+    np.testing.assert_array_equal(segment_array(user_node, organ_id, None, fine), upsampled(organ) | corrected)
+    assert manager.undo()
+    np.testing.assert_allclose(world_points(user_node, organ_id), before, atol=1e-6)
+
+
+def test_redo_refuses_when_the_suggestion_was_corrected_finer_than_the_volume_after_the_undo(scene, volume):
+    # The redo compared the suggestion on the volume's voxels, which did not show the fine correction: the redo
+    # accepted the voxels from before it and the correction was lost with the preview segment.
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    manager.accept(sid)
+    assert manager.undo()
+    corrected = correct_finer(manager, sid, volume)
+    with pytest.raises(SuggestionError, match="cannot redo: suggestion 'Liver' was edited since the undo"):
+        manager.redo()
+    assert manager.suggestion_ids() == [sid]
+    np.testing.assert_array_equal(segment_array(manager.preview_node, sid, None, oversampled(volume)), corrected)
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)  # what the volume's voxels see of it
 
 
 def replace_voxels_by_another_size(volume) -> tuple[int, int, int]:
