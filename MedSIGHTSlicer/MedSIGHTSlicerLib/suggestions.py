@@ -626,13 +626,6 @@ class SuggestionManager:
         return SegmentSnapshot.from_mask(*look, voxels, lattice=np.linalg.inv(volume_grid[0]) @ own[0])
 
     def _do_accept(self, operation: _Operation) -> None:
-        if operation.target is None or operation.target.GetScene() is None:
-            if operation.merge_id:
-                # Never the user's own node instead: a segment there may have the same id ("Segment_1") and would
-                # be changed without the user ever naming it.
-                name = operation.target.GetName() if operation.target is not None else ""
-                raise SuggestionError(f"the segmentation {name!r} the suggestions were merged into was removed")
-            operation.target = self.user_segmentation_node()
         user = operation.target
         if operation.merge_id:
             self._do_merge(operation)
@@ -778,6 +771,9 @@ class SuggestionManager:
         replaced = self._voxels_replaced(operation)
         if replaced:
             raise SuggestionError(f"cannot redo {replaced}; accept or reject them again")
+        removed = self._target_removed(operation)
+        if removed:
+            raise SuggestionError(f"cannot redo {removed}; accept them again from the list")
         present = set(self.suggestion_ids())
         missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
@@ -803,6 +799,17 @@ class SuggestionManager:
             self._remove_suggestions(operation.items)
         self._undo.append(self._redo.pop())
         return True
+
+    @staticmethod
+    def _target_removed(operation: _Operation) -> str:
+        """Why an accept cannot be redone into the segmentation it went into ("" when it can): that node was removed
+        from the scene. Never the user's own node instead: the user chose where it went, and a merge's segment id
+        ("Segment_1") may name another segment there."""
+        if operation.kind != "accept" or operation.target.GetScene() is not None:
+            return ""
+        names = ", ".join(repr(item.suggestion.name) for item in operation.items)
+        verb = "merging" if operation.merge_id else "accepting"
+        return f"{verb} {names}: the segmentation {operation.target.GetName()!r} it went into was removed since"
 
     def _accepted_changed(self, operation: _Operation) -> str:
         """Why undoing an accept would touch what the user changed since ("" when it would not): it deletes segments

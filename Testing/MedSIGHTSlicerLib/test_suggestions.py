@@ -333,6 +333,28 @@ def test_redo_of_a_merge_into_a_removed_segmentation_touches_no_other(scene, vol
     assert manager.suggestion_ids() == ids
 
 
+def test_redo_of_an_accept_into_a_removed_segmentation_is_refused_not_redirected(scene, volume, user_node):
+    # The redo put the accepted segment into the user's own segmentation instead, without a word.
+    own_id = add_user_segment(user_node, volume, "Liver", ball((4, 5, 6), 2.0))
+    before = user_hashes(user_node, volume, [own_id])
+    other = slicer.vtkMRMLSegmentationNode()
+    other.SetName("Second opinion")
+    scene.AddNode(other)
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("lesion", ball((4, 7, 8), 1.5))]))
+    manager.accept(ids, target=other)
+    assert manager.undo()
+    scene.RemoveNode(other)
+    with pytest.raises(SuggestionError, match=re.escape("cannot redo accepting 'Lesion': the segmentation 'Second "
+                                                        "opinion' it went into was removed since")):
+        manager.redo()
+    assert segment_ids(user_node) == [own_id] and user_hashes(user_node, volume, [own_id]) == before
+    assert manager.suggestion_ids() == ids
+    [again] = manager.accept(ids)  # accepting it again goes where the user chooses now
+    assert segment_ids(user_node) == [own_id, again]
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
