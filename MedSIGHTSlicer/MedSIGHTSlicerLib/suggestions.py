@@ -583,10 +583,7 @@ class SuggestionManager:
         elif target.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
             raise SuggestionError("suggestions cannot be accepted into the suggestions' own preview")
         elif not _holds_labelmaps(target):
-            raise SuggestionError(
-                f"{target.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: "
-                "accept into another segmentation, or make Binary labelmap its source representation first "
-                "(Segmentations module > Representations)")
+            raise SuggestionError(_surfaces_refusal(target))
         if merge_into and target.GetSegmentation().GetSegment(merge_into) is None:
             raise SuggestionError(f"no segment {merge_into!r} in {target.GetName()!r} to merge into")
         return target
@@ -774,6 +771,8 @@ class SuggestionManager:
         removed = self._target_removed(operation)
         if removed:
             raise SuggestionError(f"cannot redo {removed}; accept them again from the list")
+        if operation.kind == "accept" and not _holds_labelmaps(operation.target):
+            raise SuggestionError(f"cannot redo: {_surfaces_refusal(operation.target)}")  # made so since the undo
         present = set(self.suggestion_ids())
         missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
@@ -881,6 +880,13 @@ def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bo
     (saving collapses a segmentation's layers onto the first one's) does not."""
     lattice = lattice_grid(node, segment_id, written, grid)
     return np.array_equal(segment_array(node, segment_id, None, lattice), mask_on_grid(written, grid, lattice))
+
+
+def _surfaces_refusal(node) -> str:
+    """Why nothing is accepted into ``node``, a segmentation kept as closed surfaces."""
+    return (f"{node.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: accept "
+            "into another segmentation, or make Binary labelmap its source representation first (Segmentations "
+            "module > Representations)")
 
 
 def _is_suggestion_id(segment_id: str) -> bool:

@@ -355,6 +355,26 @@ def test_redo_of_an_accept_into_a_removed_segmentation_is_refused_not_redirected
     assert segment_ids(user_node) == [own_id, again]
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_redo_into_a_segmentation_made_surface_based_since_is_refused(scene, volume, user_node, merge):
+    # Made closed-surface based after the undo (Segmentations module > Representations), the redo still went into it:
+    # the accepted voxels became a surface (7 of the suggestion's 21 voxels read back), and a merge's redo failed with
+    # "could not write segment".
+    own_id = add_user_segment(user_node, volume, "Organ", ball((4, 5, 9), 1.5))
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    mask = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into=own_id if merge else None)
+    assert manager.undo()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert user_node.GetSegmentation().CreateRepresentation(surface)
+    user_node.GetSegmentation().SetSourceRepresentationName(surface)
+    with pytest.raises(SuggestionError, match="cannot redo: 'CT segmentation' keeps its segments as closed surfaces"):
+        manager.redo()
+    assert segment_ids(user_node) == [own_id] and manager.suggestion_ids() == [sid]
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
