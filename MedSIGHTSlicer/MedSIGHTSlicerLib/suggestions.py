@@ -444,10 +444,19 @@ class SuggestionManager:
         self._streams.pop(stream, None)
 
     def _grow_suggestion(self, segment_id: str, group: _Group, voxels: np.ndarray) -> None:
-        mask = self.suggestion_mask(segment_id)
-        mask[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
-        replace_segment_mask(self.preview_node, segment_id, mask, self.volume_node)
-        self._grown[segment_id] = mask_digest(mask)
+        preview = self.preview_node
+        added = np.zeros(self._shape(), dtype=bool)
+        added[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+        # Grown on its own lattice, which a correction in the Segment Editor's oversampled geometry made finer than
+        # the volume's voxels: rewritten on those, the correction's fine voxels were lost. On the volume's voxels
+        # where that lattice cannot hold every new voxel (coarser or turned).
+        volume_grid = voxel_grid(self.volume_node, preview)
+        grid = lattice_grid(preview, segment_id, added, volume_grid)
+        mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(added, volume_grid, grid)
+        if np.any(added & ~mask_on_grid(mask, grid, volume_grid)):
+            grid, mask = volume_grid, self.suggestion_mask(segment_id) | added
+        replace_segment_mask(preview, segment_id, mask, self.volume_node, grid)
+        self._grown[segment_id] = mask_digest(self.suggestion_mask(segment_id))
         segment = self.suggestion(segment_id)
         segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
         segment.SetTag(TAG_SLICE, ";".join(group.slices))

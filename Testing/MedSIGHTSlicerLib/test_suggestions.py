@@ -891,6 +891,18 @@ def test_redo_refuses_when_the_suggestion_was_corrected_finer_than_the_volume_af
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)  # what the volume's voxels see of it
 
 
+def test_a_suggestion_corrected_finer_than_the_volume_keeps_its_correction_when_later_slices_grow_it(scene, volume):
+    # Growing it rewrote the suggestion on the volume's voxels: the painted fine voxel was gone, the erased one back.
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_streamed_answer(answer("axial", 4, [("liver", ball())]), "ask-1")
+    corrected = correct_finer(manager, sid, volume)
+    assert manager.add_streamed_answer(answer("axial", 5, [("liver", ball())]), "ask-1") == [sid]
+    slice_5 = np.zeros(SHAPE, dtype=bool)
+    slice_5[5] = ball()[5]
+    fine = oversampled(volume)
+    np.testing.assert_array_equal(segment_array(manager.preview_node, sid, None, fine), corrected | upsampled(slice_5))
+
+
 def replace_voxels_by_another_size(volume) -> tuple[int, int, int]:
     """What Crop Volume or Resample in place does to the volume's voxel array: one of another size. Returns it."""
     from vtk.util import numpy_support
