@@ -23,7 +23,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
-           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd"]
+           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd",
+           "volume_grid_losses"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -199,26 +200,58 @@ def nifti_overlaps(segmentation_node, volume_node) -> dict[str, int]:
     return dict(reversed(hidden.items()))
 
 
-def export_report(segmentation_node, volume_node, written: str | Path) -> str:
-    """What the module says after an export: where it went, and for a NIfTI labelmap which segments lost voxels to a
-    later one there (the file holds one label per voxel; the segmentation in the scene keeps them all).
+def volume_grid_losses(segmentation_node, volume_node) -> dict[str, int]:
+    """{segment name: how many of its own voxels a file on the volume's grid (NIfTI labelmap, DICOM SEG) leaves out}
+    ({} when none): voxels of a segment finer than the volume's that hold no volume voxel centre, and those outside
+    the volume (a segment drawn on a finer geometry, on another image, or reaching beyond the volume)."""
+    from .geometry import lattice_grid, mask_on_grid, segment_array, voxel_grid
 
-    It is called once the file is written, so it never raises: when the overlaps cannot be counted (a segmentation
+    grid = voxel_grid(volume_node, segmentation_node)
+    nothing = np.zeros(grid[1], dtype=bool)
+    segmentation = segmentation_node.GetSegmentation()
+    lost: dict[str, int] = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(n)
+        own = lattice_grid(segmentation_node, segment_id, nothing, grid)  # the segment's own lattice and box
+        voxels = segment_array(segmentation_node, segment_id, None, own)
+        written = mask_on_grid(segment_array(segmentation_node, segment_id, volume_node), grid, own)
+        count = int(np.count_nonzero(voxels & ~written))
+        if count:
+            name = segmentation.GetNthSegment(n).GetName()
+            lost[name] = lost.get(name, 0) + count
+    return lost
+
+
+def export_report(segmentation_node, volume_node, written: str | Path) -> str:
+    """What the module says after an export: where it went, and for a file on the volume's grid (NIfTI labelmap,
+    DICOM SEG) which segments have voxels it cannot hold (finer than the volume's, or outside it), and for a NIfTI
+    labelmap which segments lost voxels to a later one there (the file holds one label per voxel). The segmentation
+    in the scene keeps them all.
+
+    It is called once the file is written, so it never raises: when the voxels cannot be counted (a segmentation
     under a warping transform its volume is not under), the module said "Export failed" of a file on disk; it then
     says only where the file went."""
     text = f"Exported to {written}"
-    if not str(written).lower().endswith((".nii", ".nii.gz")):
+    name = str(written).lower()
+    nifti = name.endswith((".nii", ".nii.gz"))
+    if not nifti and not name.endswith(".dcm"):
         return text
     try:
-        hidden = nifti_overlaps(segmentation_node, volume_node)
+        hidden = nifti_overlaps(segmentation_node, volume_node) if nifti else {}
+        left_out = volume_grid_losses(segmentation_node, volume_node)
     except Exception as err:  # any failure to count leaves the written file written
-        log.info("overlapping segments of a NIfTI export not counted (%s)", type(err).__name__)  # names stay out
+        log.info("voxels of an export on the volume's grid not counted (%s)", type(err).__name__)  # names stay out
         return text
-    if not hidden:
-        return text
-    which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())
-    return (f"{text}. Segments overlap: a NIfTI labelmap holds one label per voxel, so {which} carry the label of a "
-            "segment after it (.seg.nrrd and DICOM SEG keep overlapping segments whole)")
+    notes = [text]
+    if left_out:
+        which = ", ".join(f"{count} voxels of {name!r}" for name, count in left_out.items())
+        notes.append(f"The file is on the volume's voxel grid, which cannot hold {which} (finer than the volume's "
+                     "voxels, or outside it): .seg.nrrd keeps them")
+    if hidden:
+        which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())
+        notes.append(f"Segments overlap: a NIfTI labelmap holds one label per voxel, so {which} carry the label of a "
+                     "segment after it (.seg.nrrd and DICOM SEG keep overlapping segments whole)")
+    return ". ".join(notes)
 
 
 def _write_sidecar(segments, volume_node, path: Path) -> Path:

@@ -10,9 +10,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
+from medsight_testing.mrml import oversampled, pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.export import ExportError, export_nifti, export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import array_from_image, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import array_from_image, labelmap_from_array, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, SuggestionManager, get_tag  # noqa: E402
 
@@ -319,3 +319,42 @@ def test_a_nifti_written_under_a_warping_transform_is_reported_as_written(scene,
     path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
     assert path.is_file() and path.with_name("MR-seg.json").is_file()
     assert export_report(user, volume, path) == f"Exported to {path}"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".dcm"])
+def test_an_export_on_the_volumes_grid_names_the_voxels_it_cannot_hold(scene, volume, tmp_path, suffix):
+    # A segment drawn on the Segment Editor's oversampled geometry, reaching past the volume: the NIfTI labelmap (and
+    # DICOM SEG, both on the volume's voxels) left out its fine voxels between volume voxel centres and its voxels
+    # outside the volume, and the module said only "Exported to ...".
+    from MedSIGHTSlicerLib.export import export_labelmap_file, export_report, volume_grid_losses
+
+    _, user = accepted(scene, volume, tmp_path)
+    fine, fine_shape = oversampled(volume)
+    past = (fine_shape[0], fine_shape[1], fine_shape[2] + 2)  # two fine voxels (one volume voxel) past the volume
+    drawn = np.zeros(past, dtype=bool)
+    drawn[2:4, 2:4, 2:4] = True  # all of volume voxel (1, 1, 1)
+    drawn[8, 8, 8] = True  # a fine voxel 2n: the volume's voxel (4, 4, 4) holds no part of it
+    drawn[8, 8, -1] = True  # outside the volume
+    segment = slicer.vtkSegment()
+    segment.SetName("Vessel")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(drawn, volume, grid=(fine, past), crop=True))
+    assert user.GetSegmentation().AddSegment(segment, "vessel")
+    assert volume_grid_losses(user, volume) == {"Vessel": 2}
+    assert int(segment_array(user, "vessel", volume).sum()) == 1  # what a file on the volume's grid holds of it
+    path = tmp_path / f"MR-seg{suffix}"
+    if suffix == ".nii.gz":
+        export_labelmap_file(user, volume, path)
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        back = slicer.vtkMRMLLabelMapVolumeNode()
+        scene.AddNode(back)
+        storage.SetFileName(str(path))
+        assert storage.ReadData(back)
+        assert int((array_from_image(back.GetImageData()) == 3).sum()) == 1  # label 3: the third segment
+    report = export_report(user, volume, path)  # what the module says once the file is written
+    assert report.startswith(f"Exported to {path}. The file is on the volume's voxel grid, which cannot hold 2 "
+                             "voxels of 'Vessel'") and ".seg.nrrd keeps them" in report
+    written = export_labelmap_file(user, volume, tmp_path / "MR-seg.seg.nrrd")
+    assert export_report(user, volume, written) == f"Exported to {written}"
+    user.GetSegmentation().RemoveSegment("vessel")
+    assert volume_grid_losses(user, volume) == {} and export_report(user, volume, path) == f"Exported to {path}"

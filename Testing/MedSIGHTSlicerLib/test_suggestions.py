@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk, put_under_transform, world_points  # noqa: E402
+from medsight_testing.mrml import oversampled, pixel_to_ijk, put_under_transform, world_points  # noqa: E402
 from medsight_testing.review_scene import segment_ids  # noqa: E402
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
@@ -739,14 +739,6 @@ def test_suggestions_and_accepted_segments_hold_only_the_box_around_their_voxels
         np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
 
 
-def oversampled(volume) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The lattice of the Segment Editor's geometry with oversampling 2: fine voxels 2n and 2n + 1 halve voxel n."""
-    fine = ijk_to_ras(volume)
-    fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)  # fine voxel 0 is the first quarter of coarse voxel 0
-    fine[:3, :3] /= 2
-    return fine, tuple(2 * n for n in SHAPE)
-
-
 def upsampled(mask: np.ndarray) -> np.ndarray:
     """A mask on the volume's voxels as the same voxels on ``oversampled``'s lattice."""
     return np.repeat(np.repeat(np.repeat(mask, 2, 0), 2, 1), 2, 2)
@@ -838,7 +830,7 @@ def correct_finer(manager, segment_id: str, volume) -> np.ndarray:
     mask = manager.suggestion_mask(segment_id)
     corrected = upsampled(mask)
     k, j, i = (int(a[0]) for a in np.nonzero(mask))  # its first voxel: the one before it along i is not in it
-    # Fine voxels 2n hold no volume voxel centre (those lie between 2n and 2n + 1): the volume's voxels see neither.
+    # Fine voxels 2n are never read onto the volume's voxels (``oversampled``): the volume's voxels see neither.
     corrected[2 * k, 2 * j, 2 * i - 2] = True
     corrected[2 * k, 2 * j, 2 * i] = False
     replace_segment_mask(manager.preview_node, segment_id, corrected, volume, grid=(fine, fine_shape))
