@@ -777,15 +777,14 @@ class SuggestionManager:
         replaced = self._voxels_replaced(operation)
         if replaced:
             raise SuggestionError(f"cannot redo {replaced}; accept or reject them again")
-        removed = self._target_removed(operation)
-        if removed:
-            raise SuggestionError(f"cannot redo {removed}; accept them again from the list")
-        if operation.kind == "accept" and not _holds_labelmaps(operation.target):
-            raise SuggestionError(f"cannot redo: {_surfaces_refusal(operation.target)}")  # made so since the undo
+        refused = self._target_refusal(operation)
+        if refused:
+            raise SuggestionError(refused)
         present = set(self.suggestion_ids())
-        missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
+        missing = [repr(i.suggestion.name) for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
-            raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
+            raise SuggestionError(f"cannot redo: suggestion {', '.join(missing)} is no longer in the list (deleted "
+                                  "from the suggestions' segmentation since)")
         # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
         # correction would be lost with the preview segment. Compared on the suggestion's own lattice: a correction
         # finer than the volume's voxels counts too.
@@ -809,15 +808,24 @@ class SuggestionManager:
         return True
 
     @staticmethod
-    def _target_removed(operation: _Operation) -> str:
-        """Why an accept cannot be redone into the segmentation it went into ("" when it can): that node was removed
-        from the scene. Never the user's own node instead: the user chose where it went, and a merge's segment id
-        ("Segment_1") may name another segment there."""
-        if operation.kind != "accept" or operation.target.GetScene() is not None:
+    def _target_refusal(operation: _Operation) -> str:
+        """Why an accept cannot be redone where it went ("" when it can): that segmentation was removed from the
+        scene, keeps closed surfaces now, or lost the segment merged into. Never the user's own node instead: the user
+        chose where it went, and a merge's segment id ("Segment_1") may name another segment there."""
+        target = operation.target
+        if operation.kind != "accept":
             return ""
         names = ", ".join(repr(item.suggestion.name) for item in operation.items)
         verb = "merging" if operation.merge_id else "accepting"
-        return f"{verb} {names}: the segmentation {operation.target.GetName()!r} it went into was removed since"
+        if target.GetScene() is None:
+            return (f"cannot redo {verb} {names}: the segmentation {target.GetName()!r} it went into was removed "
+                    "since; accept them again from the list")
+        if not _holds_labelmaps(target):
+            return f"cannot redo: {_surfaces_refusal(target)}"
+        if operation.merge_id and target.GetSegmentation().GetSegment(operation.merge_id) is None:
+            return (f"cannot redo merging {names} into {operation.merge_before.name!r}: that segment was deleted from "
+                    f"{target.GetName()!r} since; accept them again from the list")
+        return ""
 
     def _accepted_changed(self, operation: _Operation) -> str:
         """Why undoing an accept would touch what the user changed since ("" when it would not): it deletes segments

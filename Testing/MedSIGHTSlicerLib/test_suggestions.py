@@ -375,6 +375,27 @@ def test_redo_into_a_segmentation_made_surface_based_since_is_refused(scene, vol
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
 
 
+def test_redo_refusals_name_the_segments_not_their_ids(scene, volume, user_node):
+    # They said "the segment to merge into ('user') is gone" and "suggestions MedSIGHT_2 are gone": ids the list never
+    # shows.
+    own_id = add_user_segment(user_node, volume, "Organ", ball((4, 5, 9), 1.5))
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    manager.accept(ids[0], target=user_node, merge_into=own_id)
+    assert manager.undo()
+    user_node.GetSegmentation().RemoveSegment(own_id)
+    with pytest.raises(SuggestionError, match=re.escape("cannot redo merging 'Liver' into 'Organ': that segment was "
+                                                        "deleted from 'CT segmentation' since")):
+        manager.redo()
+    assert manager.suggestion_ids() == ids and segment_ids(user_node) == []
+    manager.accept(ids[1], target=user_node)
+    assert manager.undo()
+    manager.preview_node.GetSegmentation().RemoveSegment(ids[1])  # deleted in the Segment Editor
+    with pytest.raises(SuggestionError, match="cannot redo: suggestion 'Spleen' is no longer in the list"):
+        manager.redo()
+    assert manager.suggestion_ids() == ids[:1] and segment_ids(user_node) == []
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
