@@ -162,13 +162,12 @@ class Review:
             return []
         target = self.target
         if target is not None and target.GetScene() is None:
-            # The chosen segmentation was removed: new segments go to the user's own, but a merge is refused (the
-            # segment it names is gone, and one with the same id elsewhere is not the one the user chose).
-            merging, target_name = bool(self.merge_into), target.GetName()
-            self.target, self.merge_into, target = None, "", None
-            if merging:
-                raise SuggestionError(f"the segmentation to merge into ({target_name!r}) was removed: choose "
-                                      "where to accept again")
+            # The chosen segmentation was removed: refused, not redirected to the user's own without a word (and a
+            # merge's segment id may name another segment there). The choice falls back to the own for the next try.
+            what = "merge into" if self.merge_into else "accept into"
+            self.target, self.merge_into = None, ""
+            raise SuggestionError(f"the segmentation to {what} ({target.GetName()!r}) was removed: choose where to "
+                                  "accept again")
         ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)
         self._refresh_3d()
         return ids
