@@ -819,10 +819,9 @@ def test_an_accepted_segment_edited_finer_than_the_volume_is_not_undone(scene, v
 
 
 def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(scene, volume, user_node, tmp_path):
-    # Slicer's segmentation writer collapses the layers in place: the accepted segment (volume voxels) is resampled
-    # onto the lattice of the user's finer segment, 8 fine voxels for each. It is unchanged, so its undo takes it out.
-    from MedSIGHTSlicerLib.export import export_seg_nrrd
-
+    # Slicer's segmentation writer (File > Save; MedSIGHT's export writes a copy) collapses the layers in place: the
+    # accepted segment (volume voxels) is resampled onto the lattice of the user's finer segment, 8 fine voxels for
+    # each. It is unchanged, so its undo takes it out.
     fine, fine_shape = oversampled(volume)
     k, j, i = np.indices(fine_shape)
     own = (k - 8.3) ** 2 + (j - 3.7) ** 2 + (i - 3.2) ** 2 <= 2.1**2
@@ -836,7 +835,10 @@ def test_an_accept_undoes_after_saving_moved_it_onto_a_finer_segments_lattice(sc
     [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 6, 8), 1.5))]))
     mask = manager.suggestion_mask(sid)
     [accepted] = manager.accept(sid, target=user_node)
-    export_seg_nrrd(user_node, tmp_path / "saved.seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "saved.seg.nrrd"))
+    assert storage.WriteData(user_node)
     assert len(world_points(user_node, accepted)) == 8 * int(mask.sum())  # now on the fine lattice
     assert manager.undo()
     assert segment_ids(user_node) == ["organ"]
