@@ -97,6 +97,7 @@ class Review:
         self.manager = manager
         self.target = None
         self.merge_into = ""
+        self._merge_name = ""  # the name of the segment merged into when it was chosen (it may be deleted since)
         self.show_3d = False
         #: node ID -> (had a closed surface, shown in 3D) of each accept target before "Show 3D" changed it, so turning
         #: it off gives the user's segmentation back its own 3D display
@@ -140,6 +141,7 @@ class Review:
             # The merge names a segment of this very node: kept, so that if it goes, the merge is refused instead of
             # landing in whichever segmentation is the user's own by then (segment ids repeat across nodes).
             node = owner
+            self._merge_name = owner.GetSegmentation().GetSegment(merge_into).GetName()
         self.target, self.merge_into = node, merge_into
         if self.show_3d:
             self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back
@@ -168,6 +170,11 @@ class Review:
             self.target, self.merge_into = None, ""
             raise SuggestionError(f"the segmentation to {what} ({target.GetName()!r}) was removed: choose where to "
                                   "accept again")
+        owner = target if target is not None else self.manager.find_user_node()
+        if self.merge_into and (owner is None or owner.GetSegmentation().GetSegment(self.merge_into) is None):
+            # Deleted since it was chosen (Segment Editor): named as the user knew it, not by its id ("Segment_1").
+            name, self.merge_into = self._merge_name, ""
+            raise SuggestionError(f"the segment to merge into ({name!r}) was deleted: choose where to accept again")
         ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)
         self._refresh_3d()
         return ids
