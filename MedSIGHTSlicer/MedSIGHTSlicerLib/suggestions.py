@@ -245,6 +245,9 @@ class SuggestionManager:
         #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
         #: voxels changed since the undo then says they grew, not that the user edited them
         self._grown: dict[str, str] = {}
+        #: suggestion id -> the volume's (k, j, i) voxel counts when it was made: once the voxels are replaced by
+        #: another size (cropped, resampled in place) its voxel indices name other voxels, see ``_made_on_other_voxels``
+        self._made_on: dict[str, tuple[int, int, int]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
@@ -347,6 +350,7 @@ class SuggestionManager:
         self._undo.clear()
         self._redo.clear()
         self._grown.clear()
+        self._made_on.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -512,6 +516,7 @@ class SuggestionManager:
         segment_id = segmentation.GenerateUniqueSegmentID(f"{_ID_PREFIX}_{self._issued}")
         snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
         _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
+        self._made_on[segment_id] = mask.shape
         return segment_id
 
     def _colours_in_use(self) -> list[tuple[float, float, float]]:
@@ -571,12 +576,28 @@ class SuggestionManager:
         wanted = self._resolve(segment_ids)
         if not wanted:
             return []  # before the target: nothing to accept makes no (empty) segmentation
+        stale = self._made_on_other_voxels(wanted)
+        if stale:
+            raise SuggestionError(stale)
         target = self._check_target(target, merge_into)
         items = [self._snapshot_item(sid) for sid in wanted]
         operation = _Operation("accept", items, self._shape(), target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
         return [item.user_id for item in items]
+
+    def _made_on_other_voxels(self, segment_ids: list[str]) -> str:
+        """Why these suggestions cannot be accepted ("" when they can): the volume's voxels were replaced by another
+        size since they were made. The preview followed the volume's grid by voxel index, which a crop that moves the
+        grid's origin turns into another place: accepted, they would land beside what was found."""
+        now = self._shape()
+        stale = [sid for sid in segment_ids if self._made_on.get(sid, now) != now]
+        if not stale:
+            return ""
+        names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
+        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid "
+                f"size since ({shape_text(self._made_on[stale[0]])} voxels then, {shape_text(now)} now), so the "
+                "suggestion may no longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
@@ -859,6 +880,7 @@ class SuggestionManager:
         self._redo.clear()
         self._streams.clear()
         self._grown.clear()
+        self._made_on.clear()
 
 
 def _merge_group(group: _Group, part: _Group) -> None:

@@ -930,6 +930,42 @@ def replace_voxels_by_another_size(volume) -> tuple[int, int, int]:
     return (SHAPE[0], SHAPE[1], SHAPE[2] - 2)
 
 
+def crop_in_place(volume, first: int) -> None:
+    """What Crop Volume writing into its input does with an ROI starting at voxel ``first`` along i: fewer voxels, the
+    ones kept where they were in the world (the grid's origin moves to voxel ``first``)."""
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2] - first, SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = 0
+    grid = ijk_to_ras(volume)
+    grid[:3, 3] += grid[:3, 0] * first
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(grid[r, c]))
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(matrix)
+
+
+def test_a_suggestion_made_before_the_volumes_voxels_were_replaced_is_not_accepted(scene, volume, user_node):
+    # The preview follows the volume's grid by voxel index, so the crop's new origin moved the suggestion two voxels
+    # (1.34 mm) from what was found, and the accept put it there into the user's segmentation.
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    crop_in_place(volume, 2)
+    then, now = (f"{SHAPE[2] - cut}x{SHAPE[1]}x{SHAPE[0]}" for cut in (0, 2))
+    with pytest.raises(SuggestionError, match=re.escape(f"cannot accept 'Liver', 'Spleen': the voxels of 'CT' were "
+                                                        f"replaced by another grid size since ({then} voxels then, "
+                                                        f"{now} now)")):
+        manager.accept(ALL, target=user_node)
+    assert segment_ids(user_node) == [] and manager.suggestion_ids() == ids
+    assert manager.reject(ALL) == ids  # dropping them is still fine
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 4)))]))  # asked again about the new voxels
+    assert manager.accept(sid, target=user_node)
+
+
 def test_an_undo_after_the_volumes_voxels_were_replaced_keeps_the_accepted_segment(scene, volume, user_node):
     # The accepted segment was taken out of the user's segmentation, then its suggestion could not be put back on
     # the new grid (a GeometryError): the segment was gone from both, and the next undo said the user deleted it.
