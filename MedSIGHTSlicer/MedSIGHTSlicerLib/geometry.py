@@ -27,6 +27,7 @@ __all__ = [
     "mask_on_grid",
     "mask_to_ijk",
     "nodes_by_class",
+    "same_lattice",
     "segment_array",
     "shape_text",
     "volume_shape",
@@ -318,6 +319,18 @@ def grid_holding(grid: Grid, mask_kji: np.ndarray | None, mask_grid: Grid) -> Gr
     grown[:3, 3] += matrix[:3, :3] @ lo
     i, j, k = (hi - lo + 1).astype(int)
     return grown, (int(k), int(j), int(i))
+
+
+def same_lattice(image, other) -> bool:
+    """Whether two vtkOrientedImageData's voxels lie on one lattice (same axes, shifted by whole voxels)."""
+    matrices = []
+    for each in (image, other):
+        matrix = vtk.vtkMatrix4x4()
+        each.GetImageToWorldMatrix(matrix)
+        matrices.append(_matrix_to_numpy(matrix))
+    between = np.linalg.inv(matrices[0]) @ matrices[1]
+    shift = between[:3, 3]
+    return bool(np.allclose(between[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.rint(shift), atol=1e-6))
 
 
 def mask_on_grid(mask_kji: np.ndarray, mask_grid: Grid, grid: Grid) -> np.ndarray:

@@ -37,6 +37,7 @@ from .geometry import (
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
+    same_lattice,
     segment_array,
     shape_text,
     volume_shape,
@@ -901,13 +902,22 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
 
     A segment may share its labelmap layer with others (the Segment Editor's default); Slicer's
     SetBinaryLabelmapToSegment then moves it out of that layer where the new voxels overlap a neighbour, so the
-    neighbours keep theirs (checked by test_review with user segments in one shared layer).
+    neighbours keep theirs (checked by test_review with user segments in one shared layer). Written on another
+    lattice than the layer's, it would resample the whole layer onto that one, and a neighbour on a turned lattice
+    would lose voxels: the segment gets a layer of its own first.
     """
     import slicer
 
-    if node.GetSegmentation().GetSegment(segment_id) is None:
+    segmentation = node.GetSegmentation()
+    if segmentation.GetSegment(segment_id) is None:
         raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
     labelmap = labelmap_from_array(mask, volume_node, node, grid)
+    sharing: list[str] = []
+    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, False)
+    layer = segmentation.GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if sharing and layer is not None and not same_lattice(layer, labelmap):
+        segmentation.SeparateSegmentLabelmap(segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")

@@ -1092,6 +1092,37 @@ def test_a_merge_that_would_drop_voxels_of_a_rotated_segment_is_refused(scene, v
     np.testing.assert_array_equal(manager.suggestion_mask(sid), suggested)
 
 
+def test_a_merge_on_the_volumes_voxels_leaves_a_turned_neighbour_in_its_layer_as_it_was(scene, volume, user_node):
+    # "Organ" and "Other" share one labelmap layer on a turned lattice. The merge into Organ fell back to the volume's
+    # voxels, and Slicer moved the whole shared layer onto them: Other, never named, lost 1 of its 8 voxels.
+    from vtk.util import numpy_support
+
+    lattice, lattice_shape = lattice_of(volume, "rotated")
+    labels = np.zeros(lattice_shape, dtype=np.uint8)
+    labels[4, 2:5, 6:9] = 1
+    labels[4, 6:8, 2:6] = 2
+    layer = labelmap_from_array(labels > 0, volume, grid=(lattice, lattice_shape))
+    numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())[:] = labels.reshape(-1)
+    layer.Modified()
+    for value, name in ((1, "Organ"), (2, "Other")):
+        segment = slicer.vtkSegment()
+        segment.SetName(name)
+        segment.SetLabelValue(value)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
+        assert user_node.GetSegmentation().AddSegment(segment, name.lower())
+    other = world_points(user_node, "other")
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 6), 1.0))]))
+    suggested = manager.suggestion_mask(sid)
+    manager.accept(sid, target=user_node, merge_into="organ")
+    np.testing.assert_allclose(world_points(user_node, "other"), other, atol=1e-6)
+    assert int((segment_array(user_node, "organ", volume) & suggested).sum()) == int(suggested.sum())
+    assert int((segment_array(user_node, "organ", None, (lattice, lattice_shape)) & (labels == 1)).sum()) == int(
+        (labels == 1).sum())
+    assert manager.undo()
+    np.testing.assert_allclose(world_points(user_node, "other"), other, atol=1e-6)
+
+
 def test_an_undo_or_redo_after_the_volume_lost_its_image_data_names_it(scene, volume, user_node):
     # An AttributeError ('NoneType' object has no attribute 'GetDimensions') before: a raw traceback in Slicer.
     manager = SuggestionManager(scene, volume)
