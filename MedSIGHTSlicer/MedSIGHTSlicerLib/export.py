@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
-           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd"]
+           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd",
+           "seg_nrrd_losses", "volume_grid_losses"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -76,9 +78,11 @@ def _require_segments(segmentation_node) -> None:
 def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     """Write a segmentation node to ``path`` (must end in .seg.nrrd). Returns the path.
 
-    Slicer's writer stores a segmentation in its source representation, so one kept as closed surfaces (imported
-    models) would come out as a VTK multi-block file under the .seg.nrrd name: such a node is written through a
-    copy converted to labelmaps, and the user's node stays as it is.
+    Always written through a copy, so the user's node stays as it is: Slicer's writer first collapses the node's
+    labelmap layers in place, moving segments onto another layer's voxel lattice, where voxels of a segment finer
+    than it or turned against it are lost (in the scene, not only in the file). And it stores a segmentation in its
+    source representation, so one kept as closed surfaces (imported models) would come out as a VTK multi-block file
+    under the .seg.nrrd name: the copy of such a node is converted to labelmaps.
     """
     import slicer
 
@@ -89,11 +93,10 @@ def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     scene = _scene_of(segmentation_node)
     with _temporary_nodes(scene):
-        node = segmentation_node
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        node.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
         labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         if node.GetSegmentation().GetSourceRepresentationName() != labelmap:
-            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            node.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
             if not node.GetSegmentation().CreateRepresentation(labelmap):
                 raise ExportError(f"could not convert {segmentation_node.GetName()!r} to labelmaps for {path.name}")
             node.GetSegmentation().SetSourceRepresentationName(labelmap)
@@ -199,26 +202,86 @@ def nifti_overlaps(segmentation_node, volume_node) -> dict[str, int]:
     return dict(reversed(hidden.items()))
 
 
-def export_report(segmentation_node, volume_node, written: str | Path) -> str:
-    """What the module says after an export: where it went, and for a NIfTI labelmap which segments lost voxels to a
-    later one there (the file holds one label per voxel; the segmentation in the scene keeps them all).
+def _segment_losses(segmentation_node, volume_node, held: Callable[[str, Any], np.ndarray]) -> dict[str, int]:
+    """{segment name: how many of its own voxels a file leaves out} ({} when none). ``held(segment_id, grid)``: the
+    segment as the file holds it, on ``grid`` (the segment's own lattice and box, in the node's frame)."""
+    from .geometry import lattice_grid, segment_array, voxel_grid
 
-    It is called once the file is written, so it never raises: when the overlaps cannot be counted (a segmentation
+    grid = voxel_grid(volume_node, segmentation_node)
+    nothing = np.zeros(grid[1], dtype=bool)
+    segmentation = segmentation_node.GetSegmentation()
+    lost: dict[str, int] = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(n)
+        own = lattice_grid(segmentation_node, segment_id, nothing, grid)
+        count = int(np.count_nonzero(segment_array(segmentation_node, segment_id, None, own)
+                                     & ~held(segment_id, own)))
+        if count:
+            name = segmentation.GetNthSegment(n).GetName()
+            lost[name] = lost.get(name, 0) + count
+    return lost
+
+
+def volume_grid_losses(segmentation_node, volume_node) -> dict[str, int]:
+    """{segment name: how many of its own voxels a file on the volume's grid (NIfTI labelmap, DICOM SEG) leaves out}
+    ({} when none): voxels of a segment finer than the volume's that hold no volume voxel centre, and those outside
+    the volume (a segment drawn on a finer geometry, on another image, or reaching beyond the volume)."""
+    from .geometry import mask_on_grid, segment_array, voxel_grid
+
+    grid = voxel_grid(volume_node, segmentation_node)
+    return _segment_losses(segmentation_node, volume_node, lambda segment_id, own: mask_on_grid(
+        segment_array(segmentation_node, segment_id, volume_node), grid, own))
+
+
+def seg_nrrd_losses(segmentation_node, volume_node, path: str | Path) -> dict[str, int]:
+    """{segment name: how many of its own voxels the written .seg.nrrd ``path`` leaves out} ({} when none), read back
+    from the file: it holds every segment on one voxel grid (the segmentation's reference geometry), which drops
+    voxels of a segment finer than it or turned against it."""
+    from .geometry import segment_array
+
+    scene = _scene_of(segmentation_node)
+    with _temporary_nodes(scene):
+        written = read_seg_nrrd(path, scene)
+        segmentation = written.GetSegmentation()
+        return _segment_losses(segmentation_node, volume_node, lambda segment_id, own: (
+            segment_array(written, segment_id, None, own) if segmentation.GetSegment(segment_id) is not None
+            else np.zeros(own[1], dtype=bool)))
+
+
+def export_report(segmentation_node, volume_node, written: str | Path) -> str:
+    """What the module says after an export: where it went, which segments have voxels the file cannot hold (a file
+    holds every segment on one voxel grid: the volume's for a NIfTI labelmap and a DICOM SEG, the segmentation's for
+    a .seg.nrrd; a segment finer than it, turned against it or outside it loses voxels there), and for a NIfTI
+    labelmap which segments lost voxels to a later one (the file holds one label per voxel). The segmentation in the
+    scene keeps them all.
+
+    It is called once the file is written, so it never raises: when the voxels cannot be counted (a segmentation
     under a warping transform its volume is not under), the module said "Export failed" of a file on disk; it then
     says only where the file went."""
     text = f"Exported to {written}"
-    if not str(written).lower().endswith((".nii", ".nii.gz")):
-        return text
+    name = str(written).lower()
+    nifti = name.endswith((".nii", ".nii.gz"))
     try:
-        hidden = nifti_overlaps(segmentation_node, volume_node)
+        hidden = nifti_overlaps(segmentation_node, volume_node) if nifti else {}
+        if name.endswith(".seg.nrrd"):
+            left_out, where = seg_nrrd_losses(segmentation_node, volume_node, written), "all segments on one voxel grid"
+        elif nifti or name.endswith(".dcm"):
+            left_out, where = volume_grid_losses(segmentation_node, volume_node), "the segments on the volume's grid"
+        else:
+            left_out, where = {}, ""
     except Exception as err:  # any failure to count leaves the written file written
-        log.info("overlapping segments of a NIfTI export not counted (%s)", type(err).__name__)  # names stay out
+        log.info("voxels of an export not counted (%s)", type(err).__name__)  # names stay out
         return text
-    if not hidden:
-        return text
-    which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())
-    return (f"{text}. Segments overlap: a NIfTI labelmap holds one label per voxel, so {which} carry the label of a "
-            "segment after it (.seg.nrrd and DICOM SEG keep overlapping segments whole)")
+    notes = [text]
+    if left_out:
+        which = ", ".join(f"{count} voxels of {name!r}" for name, count in left_out.items())
+        notes.append(f"The file holds {where}, which cannot hold {which} (finer than it, turned against it or outside "
+                     "it): the segmentation in the scene keeps them")
+    if hidden:
+        which = ", ".join(f"{count} voxels of {name!r}" for name, count in hidden.items())
+        notes.append(f"Segments overlap: a NIfTI labelmap holds one label per voxel, so {which} carry the label of a "
+                     "segment after it (.seg.nrrd and DICOM SEG keep overlapping segments whole)")
+    return ". ".join(notes)
 
 
 def _write_sidecar(segments, volume_node, path: Path) -> Path:

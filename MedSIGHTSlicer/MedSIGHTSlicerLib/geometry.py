@@ -20,12 +20,14 @@ __all__ = [
     "GRID_TOLERANCE",
     "GeometryError",
     "array_from_image",
+    "grid_holding",
     "ijk_to_ras",
     "labelmap_from_array",
     "lattice_grid",
     "mask_on_grid",
     "mask_to_ijk",
     "nodes_by_class",
+    "same_lattice",
     "segment_array",
     "shape_text",
     "volume_shape",
@@ -289,19 +291,46 @@ def lattice_grid(node, segment_id: str, mask_kji: np.ndarray, mask_grid: Grid) -
     matrix = vtk.vtkMatrix4x4()
     layer.GetImageToWorldMatrix(matrix)
     lattice = _matrix_to_numpy(matrix)
-    lo, hi = np.array(extent[::2], dtype=float), np.array(extent[1::2], dtype=float)
-    nonzero = np.nonzero(mask_kji)
-    if nonzero[0].size:
-        # The corners of the mask's box (voxel edges, half a voxel out from the centres) as lattice indices.
+    lo, hi = np.array(extent[::2]), np.array(extent[1::2])
+    lattice[:3, 3] += lattice[:3, :3] @ lo
+    i, j, k = (hi - lo + 1).astype(int)
+    return grid_holding((lattice, (int(k), int(j), int(i))), mask_kji, mask_grid)
+
+
+def grid_holding(grid: Grid, mask_kji: np.ndarray | None, mask_grid: Grid) -> Grid:
+    """``grid``'s lattice over a box holding its own voxels and the box around ``mask_kji``'s voxels (a mask on
+    ``mask_grid``; None: all of ``mask_grid``), both grids in one node's frame: e.g. the volume's voxels grown to
+    reach a segment that sticks out of the volume's box."""
+    matrix, shape = grid
+    if mask_kji is None:
+        first, last = np.full(3, -0.5), np.array(mask_grid[1][::-1], dtype=float) - 0.5
+    else:
+        nonzero = np.nonzero(mask_kji)
+        if not nonzero[0].size:
+            return grid
+        # The corners of the mask's box (voxel edges, half a voxel out from the centres).
         first = np.array([a.min() for a in nonzero][::-1], dtype=float) - 0.5
         last = np.array([a.max() for a in nonzero][::-1], dtype=float) + 0.5
-        corners = np.array([[(first, last)[c >> n & 1][n] for n in range(3)] + [1.0] for c in range(8)]).T
-        indices = (np.linalg.inv(lattice) @ mask_grid[0] @ corners)[:3]
-        lo, hi = np.minimum(lo, np.floor(indices.min(axis=1))), np.maximum(hi, np.ceil(indices.max(axis=1)))
-    grid = lattice.copy()
-    grid[:3, 3] += lattice[:3, :3] @ lo
+    corners = np.array([[(first, last)[c >> n & 1][n] for n in range(3)] + [1.0] for c in range(8)]).T
+    indices = (np.linalg.inv(matrix) @ mask_grid[0] @ corners)[:3]
+    lo = np.minimum(0.0, np.floor(indices.min(axis=1)))
+    hi = np.maximum(np.array(shape[::-1], dtype=float) - 1, np.ceil(indices.max(axis=1)))
+    grown = matrix.copy()
+    grown[:3, 3] += matrix[:3, :3] @ lo
     i, j, k = (hi - lo + 1).astype(int)
-    return grid, (int(k), int(j), int(i))
+    return grown, (int(k), int(j), int(i))
+
+
+def same_lattice(image, other) -> bool:
+    """Whether two vtkOrientedImageData's voxels lie on one lattice (same axes, shifted by whole voxels)."""
+    matrices = []
+    for each in (image, other):
+        matrix = vtk.vtkMatrix4x4()
+        each.GetImageToWorldMatrix(matrix)
+        matrices.append(_matrix_to_numpy(matrix))
+    between = np.linalg.inv(matrices[0]) @ matrices[1]
+    shift = between[:3, 3]
+    return bool(np.allclose(between[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.rint(shift), atol=1e-6))
 
 
 def mask_on_grid(mask_kji: np.ndarray, mask_grid: Grid, grid: Grid) -> np.ndarray:

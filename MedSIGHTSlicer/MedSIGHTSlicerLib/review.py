@@ -97,6 +97,7 @@ class Review:
         self.manager = manager
         self.target = None
         self.merge_into = ""
+        self._merge_name = ""  # the name of the segment merged into when it was chosen (it may be deleted since)
         self.show_3d = False
         #: node ID -> (had a closed surface, shown in 3D) of each accept target before "Show 3D" changed it, so turning
         #: it off gives the user's segmentation back its own 3D display
@@ -140,6 +141,7 @@ class Review:
             # The merge names a segment of this very node: kept, so that if it goes, the merge is refused instead of
             # landing in whichever segmentation is the user's own by then (segment ids repeat across nodes).
             node = owner
+            self._merge_name = owner.GetSegmentation().GetSegment(merge_into).GetName()
         self.target, self.merge_into = node, merge_into
         if self.show_3d:
             self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back
@@ -162,13 +164,17 @@ class Review:
             return []
         target = self.target
         if target is not None and target.GetScene() is None:
-            # The chosen segmentation was removed: new segments go to the user's own, but a merge is refused (the
-            # segment it names is gone, and one with the same id elsewhere is not the one the user chose).
-            merging, target_name = bool(self.merge_into), target.GetName()
-            self.target, self.merge_into, target = None, "", None
-            if merging:
-                raise SuggestionError(f"the segmentation to merge into ({target_name!r}) was removed: choose "
-                                      "where to accept again")
+            # The chosen segmentation was removed: refused, not redirected to the user's own without a word (and a
+            # merge's segment id may name another segment there). The choice falls back to the own for the next try.
+            what = "merge into" if self.merge_into else "accept into"
+            self.target, self.merge_into = None, ""
+            raise SuggestionError(f"the segmentation to {what} ({target.GetName()!r}) was removed: choose where to "
+                                  "accept again")
+        owner = target if target is not None else self.manager.find_user_node()
+        if self.merge_into and (owner is None or owner.GetSegmentation().GetSegment(self.merge_into) is None):
+            # Deleted since it was chosen (Segment Editor): named as the user knew it, not by its id ("Segment_1").
+            name, self.merge_into = self._merge_name, ""
+            raise SuggestionError(f"the segment to merge into ({name!r}) was deleted: choose where to accept again")
         ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)
         self._refresh_3d()
         return ids

@@ -177,7 +177,10 @@ class SuggestionList:
             self.target_combo.addItem(f"{review.manager.volume_node.GetName()} segmentation (new)", "")
         for node in nodes:
             self.target_combo.addItem(node.GetName(), node.GetID())
-        # A chosen segmentation that left the scene is not offered: the first one is shown, with its segments.
+        # A chosen segmentation that left the scene is not offered: the first one is shown, with its segments, and is
+        # the choice (new segments), so Accept does what the boxes show (a merge's segment id may repeat there).
+        if review.target is not None and review.target not in nodes:
+            review.target, review.merge_into = None, ""
         current = review.target if review.target in nodes else (nodes[0] if nodes else None)
         self.target_combo.setCurrentIndex(nodes.index(current) if current in nodes else 0)
         self._fill_modes(current)

@@ -30,12 +30,14 @@ from . import naming
 from .geometry import (
     GeometryError,
     Grid,
+    grid_holding,
     ijk_to_ras,
     labelmap_from_array,
     lattice_grid,
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
+    same_lattice,
     segment_array,
     shape_text,
     volume_shape,
@@ -77,7 +79,12 @@ class SuggestionError(RuntimeError):
 
 @dataclass(frozen=True)
 class SegmentSnapshot:
-    """Everything needed to re-create a segment: identity, look, tags and its voxels (cropped to their box)."""
+    """Everything needed to re-create a segment: identity, look, tags and its voxels (cropped to their box).
+
+    The voxels are the volume's unless ``lattice`` is set: a suggestion the user corrected on a finer (or turned)
+    lattice in the Segment Editor keeps its voxels there, ``lattice`` mapping an (i, j, k) index of ``mask()`` to the
+    volume's voxel index (``grid_of`` places them in a node).
+    """
 
     segment_id: str
     name: str
@@ -86,9 +93,11 @@ class SegmentSnapshot:
     offset: tuple[int, int, int]
     crop: np.ndarray = field(repr=False)
     shape: tuple[int, int, int]
+    lattice: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def from_mask(cls, segment_id: str, name: str, color, tags: dict[str, str], mask: np.ndarray) -> SegmentSnapshot:
+    def from_mask(cls, segment_id: str, name: str, color, tags: dict[str, str], mask: np.ndarray,
+                  lattice: np.ndarray | None = None) -> SegmentSnapshot:
         # Cropping to the bounding box keeps undo history small: a region is a sliver of a 512x512x300 volume.
         mask = np.asarray(mask, dtype=bool)
         nonzero = np.nonzero(mask)
@@ -99,7 +108,8 @@ class SegmentSnapshot:
             hi = [int(a.max()) + 1 for a in nonzero]
             offset = tuple(lo)
             crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy()
-        return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape))
+        return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape),
+                   lattice)
 
     def mask(self) -> np.ndarray:
         """The full (k, j, i) boolean mask."""
@@ -111,6 +121,11 @@ class SegmentSnapshot:
 
     def digest(self) -> str:
         return mask_digest(self.mask())
+
+    def grid_of(self, volume_node, node) -> Grid:
+        """Where ``mask()``'s voxels lie in ``node``'s own frame (the volume's grid, or its own finer lattice)."""
+        grid = voxel_grid(volume_node, node)
+        return grid if self.lattice is None else (grid[0] @ self.lattice, self.shape)
 
 
 def mask_digest(mask: np.ndarray) -> str:
@@ -134,6 +149,7 @@ class _Item:
 class _Operation:
     kind: str  # "accept" or "reject"
     items: list[_Item]
+    shape: tuple[int, int, int]  # the volume's (k, j, i) voxel counts when it was done
     target: object = None  # the segmentation node an accept wrote into
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
@@ -230,6 +246,9 @@ class SuggestionManager:
         #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
         #: voxels changed since the undo then says they grew, not that the user edited them
         self._grown: dict[str, str] = {}
+        #: suggestion id -> the volume's (k, j, i) voxel counts when it was made: once the voxels are replaced by
+        #: another size (cropped, resampled in place) its voxel indices name other voxels, see ``_made_on_other_voxels``
+        self._made_on: dict[str, tuple[int, int, int]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
@@ -332,6 +351,7 @@ class SuggestionManager:
         self._undo.clear()
         self._redo.clear()
         self._grown.clear()
+        self._made_on.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -429,10 +449,19 @@ class SuggestionManager:
         self._streams.pop(stream, None)
 
     def _grow_suggestion(self, segment_id: str, group: _Group, voxels: np.ndarray) -> None:
-        mask = self.suggestion_mask(segment_id)
-        mask[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
-        replace_segment_mask(self.preview_node, segment_id, mask, self.volume_node)
-        self._grown[segment_id] = mask_digest(mask)
+        preview = self.preview_node
+        added = np.zeros(self._shape(), dtype=bool)
+        added[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+        # Grown on its own lattice, which a correction in the Segment Editor's oversampled geometry made finer than
+        # the volume's voxels: rewritten on those, the correction's fine voxels were lost. On the volume's voxels
+        # where that lattice cannot hold every new voxel (coarser or turned).
+        volume_grid = voxel_grid(self.volume_node, preview)
+        grid = lattice_grid(preview, segment_id, added, volume_grid)
+        mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(added, volume_grid, grid)
+        if np.any(added & ~mask_on_grid(mask, grid, volume_grid)):
+            grid, mask = volume_grid, self.suggestion_mask(segment_id) | added
+        replace_segment_mask(preview, segment_id, mask, self.volume_node, grid)
+        self._grown[segment_id] = mask_digest(self.suggestion_mask(segment_id))
         segment = self.suggestion(segment_id)
         segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
         segment.SetTag(TAG_SLICE, ";".join(group.slices))
@@ -488,6 +517,7 @@ class SuggestionManager:
         segment_id = segmentation.GenerateUniqueSegmentID(f"{_ID_PREFIX}_{self._issued}")
         snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
         _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
+        self._made_on[segment_id] = mask.shape
         return segment_id
 
     def _colours_in_use(self) -> list[tuple[float, float, float]]:
@@ -547,12 +577,28 @@ class SuggestionManager:
         wanted = self._resolve(segment_ids)
         if not wanted:
             return []  # before the target: nothing to accept makes no (empty) segmentation
+        stale = self._made_on_other_voxels(wanted)
+        if stale:
+            raise SuggestionError(stale)
         target = self._check_target(target, merge_into)
         items = [self._snapshot_item(sid) for sid in wanted]
-        operation = _Operation("accept", items, target=target, merge_id=merge_into or "")
+        operation = _Operation("accept", items, self._shape(), target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
         return [item.user_id for item in items]
+
+    def _made_on_other_voxels(self, segment_ids: list[str]) -> str:
+        """Why these suggestions cannot be accepted ("" when they can): the volume's voxels were replaced by another
+        size since they were made. The preview followed the volume's grid by voxel index, which a crop that moves the
+        grid's origin turns into another place: accepted, they would land beside what was found."""
+        now = self._shape()
+        stale = [sid for sid in segment_ids if self._made_on.get(sid, now) != now]
+        if not stale:
+            return ""
+        names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
+        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid "
+                f"size since ({shape_text(self._made_on[stale[0]])} voxels then, {shape_text(now)} now), so the "
+                "suggestion may no longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
@@ -568,10 +614,7 @@ class SuggestionManager:
         elif target.GetAttribute(PREVIEW_ATTRIBUTE) == "1":
             raise SuggestionError("suggestions cannot be accepted into the suggestions' own preview")
         elif not _holds_labelmaps(target):
-            raise SuggestionError(
-                f"{target.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: "
-                "accept into another segmentation, or make Binary labelmap its source representation first "
-                "(Segmentations module > Representations)")
+            raise SuggestionError(_surfaces_refusal(target))
         if merge_into and target.GetSegmentation().GetSegment(merge_into) is None:
             raise SuggestionError(f"no segment {merge_into!r} in {target.GetName()!r} to merge into")
         return target
@@ -581,7 +624,7 @@ class SuggestionManager:
         items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
         if not items:
             return []
-        operation = _Operation("reject", items)
+        operation = _Operation("reject", items, self._shape())
         self._remove_suggestions(operation.items)
         self._push(operation)
         return [item.suggestion.segment_id for item in items]
@@ -591,23 +634,26 @@ class SuggestionManager:
         self._redo.clear()  # a new action forks history: the undone branch is gone, as in any editor
 
     def _snapshot_item(self, segment_id: str) -> _Item:
-        segment = self.suggestion(segment_id)
+        self.suggestion(segment_id)  # a SuggestionError naming an unknown id
         ids = self.suggestion_ids()
         position = ids.index(segment_id)
         before = ids[position + 1] if position + 1 < len(ids) else ""
-        snapshot = SegmentSnapshot.from_mask(
-            segment_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), self.suggestion_mask(segment_id)
-        )
-        return _Item(suggestion=snapshot, before_id=before)
+        return _Item(suggestion=self._suggestion_snapshot(segment_id), before_id=before)
+
+    def _suggestion_snapshot(self, segment_id: str) -> SegmentSnapshot:
+        """A suggestion as it is now: on the volume's voxels, or on its own lattice when the user corrected it finer
+        than them (the Segment Editor's oversampled geometry), so an accept keeps every detail of the correction."""
+        segment, preview = self.suggestion(segment_id), self.preview_node
+        look = (segment_id, segment.GetName(), segment.GetColor(), _segment_tags(segment))
+        mask = self.suggestion_mask(segment_id)
+        volume_grid = voxel_grid(self.volume_node, preview)
+        own = lattice_grid(preview, segment_id, mask, volume_grid)
+        voxels = segment_array(preview, segment_id, None, own)
+        if own is volume_grid or np.array_equal(voxels, mask_on_grid(mask, volume_grid, own)):
+            return SegmentSnapshot.from_mask(*look, mask)
+        return SegmentSnapshot.from_mask(*look, voxels, lattice=np.linalg.inv(volume_grid[0]) @ own[0])
 
     def _do_accept(self, operation: _Operation) -> None:
-        if operation.target is None or operation.target.GetScene() is None:
-            if operation.merge_id:
-                # Never the user's own node instead: a segment there may have the same id ("Segment_1") and would
-                # be changed without the user ever naming it.
-                name = operation.target.GetName() if operation.target is not None else ""
-                raise SuggestionError(f"the segmentation {name!r} the suggestions were merged into was removed")
-            operation.target = self.user_segmentation_node()
         user = operation.target
         if operation.merge_id:
             self._do_merge(operation)
@@ -615,15 +661,14 @@ class SuggestionManager:
             return
         segmentation = user.GetSegmentation()
         taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
-        grid = voxel_grid(self.volume_node, user)
         for item in operation.items:
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
             # A redo gives the segment back its first id, so references to it (scripts, the list) stay valid.
             reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
-            mask = item.suggestion.mask()
-            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, mask=mask, grid=grid)
+            grid = item.suggestion.grid_of(self.volume_node, user)
+            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, grid=grid)
             item.user_id, item.user_name, item.grid = user_id, name, grid
         self._remove_suggestions(operation.items)
 
@@ -632,20 +677,37 @@ class SuggestionManager:
         segment = node.GetSegmentation().GetSegment(merge_id)
         if segment is None:
             raise SuggestionError(f"the segment to merge into ({merge_id!r}) is gone from {node.GetName()!r}")
-        added = np.zeros(self._shape(), dtype=bool)
-        for item in operation.items:
-            added |= item.suggestion.mask()
         volume_grid = voxel_grid(self.volume_node, node)
-        grid = lattice_grid(node, merge_id, added, volume_grid)
-        placed = mask_on_grid(added, volume_grid, grid)
-        # On a coarser (or rotated) lattice a suggested voxel may hold no lattice voxel centre and would be dropped
-        # unseen: merge on the volume's grid then, which keeps every suggested voxel and each coarse segment voxel.
-        before_grid = grid
-        if np.any(added & ~mask_on_grid(placed, grid, volume_grid)):
-            before_grid = lattice_grid(node, merge_id, np.zeros_like(added), volume_grid)  # the segment's own box
-            grid, placed = volume_grid, added
-        before = segment_array(node, merge_id, self.volume_node, before_grid)
-        merged = placed | (before if before_grid is grid else segment_array(node, merge_id, None, grid))
+        before_grid = lattice_grid(node, merge_id, np.zeros(self._shape(), dtype=bool), volume_grid)  # its own box
+        before = segment_array(node, merge_id, None, before_grid)
+        # The suggestions on the volume's voxels as one mask, and any corrected finer than them on their own lattice.
+        added = np.zeros(self._shape(), dtype=bool)
+        parts = []
+        for item in operation.items:
+            if item.suggestion.lattice is None:
+                added |= item.suggestion.mask()
+            else:
+                parts.append((item.suggestion.mask(), item.suggestion.grid_of(self.volume_node, node)))
+        parts = [(before, before_grid), (added, volume_grid), *parts]
+        # Merged on the segment's own lattice (which may be finer than the volume's); where that would drop a voxel
+        # of a suggestion (a coarser or turned lattice holds no voxel centre in it), on the volume's voxels, which
+        # hold each coarse voxel; where a suggestion was corrected finer than those, on its own lattice. Each is grown
+        # to hold everything, so the segment's part outside the volume's box stays too.
+        dropped = []
+        for lattice in [before_grid, volume_grid, *(grid for _, grid in parts[2:])]:
+            grid = lattice
+            for mask, mask_grid in parts:
+                grid = grid_holding(grid, mask, mask_grid)
+            merged = segment_array(node, merge_id, None, grid)
+            for mask, mask_grid in parts[1:]:
+                merged |= mask_on_grid(mask, mask_grid, grid)
+            lost = [int(np.count_nonzero(mask & ~mask_on_grid(merged, grid, mask_grid))) for mask, mask_grid in parts]
+            if not any(lost):
+                break
+            if lattice is volume_grid:
+                dropped = lost  # the refusal says what the volume's voxels would drop
+        else:
+            raise SuggestionError(self._merge_refusal(segment.GetName(), int(np.count_nonzero(before)), dropped))
         # The segment as it was on its own lattice: undo gives back exactly its voxels, also after a coarse fallback.
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
@@ -657,6 +719,14 @@ class SuggestionManager:
         for item in operation.items:
             item.user_id, item.user_name = merge_id, segment.GetName()
 
+    @staticmethod
+    def _merge_refusal(name: str, held: int, lost: list[int]) -> str:
+        """Why no lattice can hold a merge (``lost``: voxels it drops of the segment, then of each suggestion part)."""
+        what = f"{lost[0]} of its {held} voxels" if lost[0] else f"{sum(lost[1:])} of the suggested voxels"
+        return (f"cannot merge into {name!r}: its voxels lie on a lattice that does not line up with the volume's, "
+                f"and merging on the volume's voxels would lose {what}. Accept the suggestion as a new segment "
+                "instead (the Segment Editor's Logical operators can combine the two)")
+
     def _remove_suggestions(self, items: list[_Item]) -> None:
         segmentation = self.preview_node.GetSegmentation()
         for item in items:
@@ -664,8 +734,10 @@ class SuggestionManager:
 
     def _restore_suggestions(self, items: list[_Item]) -> None:
         # Reverse order so that each item's "before" neighbour is back before it is needed.
+        preview = self.preview_node
         for item in reversed(items):
-            _add_segment(self.preview_node, item.suggestion, self.volume_node, before_id=item.before_id)
+            _add_segment(preview, item.suggestion, self.volume_node, before_id=item.before_id,
+                         grid=item.suggestion.grid_of(self.volume_node, preview))
 
     # -- undo / redo -------------------------------------------------------------------------------------------
     def undo(self) -> bool:
@@ -708,7 +780,7 @@ class SuggestionManager:
     def _voxels_replaced(self, operation: _Operation) -> str:
         """Why ``operation``'s suggestions cannot come back ("" when they can): the volume's voxel array has another
         size than when they were made (cropped or resampled in place), so they name voxels it no longer has."""
-        then, now = operation.items[0].suggestion.shape, self._shape()
+        then, now = operation.shape, self._shape()
         if then == now:
             return ""
         # The accepted segment's name (the user may have renamed it); a merge's or a reject's suggestions' own.
@@ -727,15 +799,23 @@ class SuggestionManager:
         replaced = self._voxels_replaced(operation)
         if replaced:
             raise SuggestionError(f"cannot redo {replaced}; accept or reject them again")
+        refused = self._target_refusal(operation)
+        if refused:
+            raise SuggestionError(refused)
         present = set(self.suggestion_ids())
-        missing = [i.suggestion.segment_id for i in operation.items if i.suggestion.segment_id not in present]
+        missing = [repr(i.suggestion.name) for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
-            raise SuggestionError(f"cannot redo: suggestions {', '.join(missing)} are gone")
+            raise SuggestionError(f"cannot redo: suggestion {', '.join(missing)} is no longer in the list (deleted "
+                                  "from the suggestions' segmentation since)")
         # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
-        # correction would be lost with the preview segment.
+        # correction would be lost with the preview segment. Compared on the suggestion's own lattice: a correction
+        # finer than the volume's voxels counts too.
+        preview = self.preview_node
         for item in operation.items:
-            digest = mask_digest(self.suggestion_mask(item.suggestion.segment_id))
-            if digest != item.suggestion.digest():
+            snapshot = item.suggestion
+            if not _still_written(preview, snapshot.segment_id, snapshot.mask(), snapshot.grid_of(self.volume_node,
+                                                                                                  preview)):
+                digest = mask_digest(self.suggestion_mask(snapshot.segment_id))
                 grew = self._grown.get(item.suggestion.segment_id) == digest
                 why = "grew with later slices of the running question" if grew else "was edited"
                 raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} {why} since the undo; "
@@ -748,6 +828,26 @@ class SuggestionManager:
             self._remove_suggestions(operation.items)
         self._undo.append(self._redo.pop())
         return True
+
+    @staticmethod
+    def _target_refusal(operation: _Operation) -> str:
+        """Why an accept cannot be redone where it went ("" when it can): that segmentation was removed from the
+        scene, keeps closed surfaces now, or lost the segment merged into. Never the user's own node instead: the user
+        chose where it went, and a merge's segment id ("Segment_1") may name another segment there."""
+        target = operation.target
+        if operation.kind != "accept":
+            return ""
+        names = ", ".join(repr(item.suggestion.name) for item in operation.items)
+        verb = "merging" if operation.merge_id else "accepting"
+        if target.GetScene() is None:
+            return (f"cannot redo {verb} {names}: the segmentation {target.GetName()!r} it went into was removed "
+                    "since; accept them again from the list")
+        if not _holds_labelmaps(target):
+            return f"cannot redo: {_surfaces_refusal(target)}"
+        if operation.merge_id and target.GetSegmentation().GetSegment(operation.merge_id) is None:
+            return (f"cannot redo merging {names} into {operation.merge_before.name!r}: that segment was deleted from "
+                    f"{target.GetName()!r} since; accept them again from the list")
+        return ""
 
     def _accepted_changed(self, operation: _Operation) -> str:
         """Why undoing an accept would touch what the user changed since ("" when it would not): it deletes segments
@@ -781,6 +881,7 @@ class SuggestionManager:
         self._redo.clear()
         self._streams.clear()
         self._grown.clear()
+        self._made_on.clear()
 
 
 def _merge_group(group: _Group, part: _Group) -> None:
@@ -801,13 +902,22 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
 
     A segment may share its labelmap layer with others (the Segment Editor's default); Slicer's
     SetBinaryLabelmapToSegment then moves it out of that layer where the new voxels overlap a neighbour, so the
-    neighbours keep theirs (checked by test_review with user segments in one shared layer).
+    neighbours keep theirs (checked by test_review with user segments in one shared layer). Written on another
+    lattice than the layer's, it would resample the whole layer onto that one, and a neighbour on a turned lattice
+    would lose voxels: the segment gets a layer of its own first.
     """
     import slicer
 
-    if node.GetSegmentation().GetSegment(segment_id) is None:
+    segmentation = node.GetSegmentation()
+    if segmentation.GetSegment(segment_id) is None:
         raise SuggestionError(f"no segment {segment_id!r} in {node.GetName()!r}")
     labelmap = labelmap_from_array(mask, volume_node, node, grid)
+    sharing: list[str] = []
+    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, False)
+    layer = segmentation.GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if sharing and layer is not None and not same_lattice(layer, labelmap):
+        segmentation.SeparateSegmentLabelmap(segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
@@ -819,6 +929,13 @@ def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bo
     (saving collapses a segmentation's layers onto the first one's) does not."""
     lattice = lattice_grid(node, segment_id, written, grid)
     return np.array_equal(segment_array(node, segment_id, None, lattice), mask_on_grid(written, grid, lattice))
+
+
+def _surfaces_refusal(node) -> str:
+    """Why nothing is accepted into ``node``, a segmentation kept as closed surfaces."""
+    return (f"{node.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: accept "
+            "into another segmentation, or make Binary labelmap its source representation first (Segmentations "
+            "module > Representations)")
 
 
 def _is_suggestion_id(segment_id: str) -> bool:

@@ -10,9 +10,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import pixel_to_ijk  # noqa: E402
+from medsight_testing.mrml import oversampled, pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib.export import ExportError, export_nifti, export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import array_from_image, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import array_from_image, ijk_to_ras, labelmap_from_array, segment_array  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import TAG_MODEL, TAG_QUESTION, TAG_REGION_CODE, SuggestionManager, get_tag  # noqa: E402
 
@@ -319,3 +319,86 @@ def test_a_nifti_written_under_a_warping_transform_is_reported_as_written(scene,
     path = export_labelmap_file(user, volume, tmp_path / "MR-seg.nii.gz")
     assert path.is_file() and path.with_name("MR-seg.json").is_file()
     assert export_report(user, volume, path) == f"Exported to {path}"
+
+
+def add_segment_on(node, volume, name: str, own: np.ndarray, grid) -> str:
+    """A segment ``own`` on its own lattice ``grid`` (as the Segment Editor keeps one); its id is ``name`` lowered."""
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, grid=grid, crop=True))
+    assert node.GetSegmentation().AddSegment(segment, name.lower())
+    return name.lower()
+
+
+def add_vessel(node, volume) -> tuple[np.ndarray, tuple]:
+    """A "Vessel" drawn on the Segment Editor's oversampled geometry, reaching one volume voxel past the volume: 10
+    fine voxels, of which one lies between volume voxel centres and one outside. Returns its voxels and lattice."""
+    fine, fine_shape = oversampled(volume)
+    past = (fine_shape[0], fine_shape[1], fine_shape[2] + 2)  # two fine voxels (one volume voxel) past the volume
+    drawn = np.zeros(past, dtype=bool)
+    drawn[2:4, 2:4, 2:4] = True  # all of volume voxel (1, 1, 1)
+    drawn[8, 8, 8] = True  # a fine voxel 2n: the volume's voxel (4, 4, 4) holds no part of it
+    drawn[8, 8, -1] = True  # outside the volume
+    add_segment_on(node, volume, "Vessel", drawn, (fine, past))
+    return drawn, (fine, past)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".dcm"])
+def test_an_export_on_the_volumes_grid_names_the_voxels_it_cannot_hold(scene, volume, tmp_path, suffix):
+    # A segment drawn on the Segment Editor's oversampled geometry, reaching past the volume: the NIfTI labelmap (and
+    # DICOM SEG, both on the volume's voxels) left out its fine voxels between volume voxel centres and its voxels
+    # outside the volume, and the module said only "Exported to ...".
+    from MedSIGHTSlicerLib.export import export_labelmap_file, export_report, volume_grid_losses
+
+    _, user = accepted(scene, volume, tmp_path)
+    add_vessel(user, volume)
+    assert volume_grid_losses(user, volume) == {"Vessel": 2}
+    assert int(segment_array(user, "vessel", volume).sum()) == 1  # what a file on the volume's grid holds of it
+    path = tmp_path / f"MR-seg{suffix}"
+    if suffix == ".nii.gz":
+        export_labelmap_file(user, volume, path)
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        back = slicer.vtkMRMLLabelMapVolumeNode()
+        scene.AddNode(back)
+        storage.SetFileName(str(path))
+        assert storage.ReadData(back)
+        assert int((array_from_image(back.GetImageData()) == 3).sum()) == 1  # label 3: the third segment
+    report = export_report(user, volume, path)  # what the module says once the file is written
+    assert report == (f"Exported to {path}. The file holds the segments on the volume's grid, which cannot hold 2 "
+                      "voxels of 'Vessel' (finer than it, turned against it or outside it): the segmentation in the "
+                      "scene keeps them")
+    user.GetSegmentation().RemoveSegment("vessel")
+    assert volume_grid_losses(user, volume) == {} and export_report(user, volume, path) == f"Exported to {path}"
+
+
+def test_a_seg_nrrd_export_leaves_the_segmentation_as_it_was_and_names_what_the_file_cannot_hold(scene, volume,
+                                                                                                   tmp_path):
+    # Slicer's writer collapses a segmentation's labelmap layers in place before writing: the export moved the user's
+    # segments drawn on a finer or a turned lattice onto the first one's (the volume's), so the segmentation in the
+    # scene lost 1 of the turned segment's 12 voxels and 1 of the fine one's 10, and the module said "Exported to".
+    from MedSIGHTSlicerLib.export import export_report, read_seg_nrrd, seg_nrrd_losses
+
+    _, user = accepted(scene, volume, tmp_path)
+    vessel, vessel_grid = add_vessel(user, volume)
+    c, s = np.cos(np.radians(40)), np.sin(np.radians(40))
+    turn = np.eye(4)
+    turn[:2, :2] = [[c, -s], [s, c]]
+    organ = np.zeros(SHAPE, dtype=bool)
+    organ[1, 2:5, 3:7] = True
+    organ_grid = (ijk_to_ras(volume) @ turn, SHAPE)
+    add_segment_on(user, volume, "Organ", organ, organ_grid)
+    drawn = {"vessel": (vessel, vessel_grid), "organ": (organ, organ_grid)}
+
+    path = export_seg_nrrd(user, tmp_path / "MR.seg.nrrd")
+    for segment_id, (voxels, grid) in drawn.items():  # the segmentation in the scene is as it was
+        np.testing.assert_array_equal(segment_array(user, segment_id, None, grid), voxels)
+    back = read_seg_nrrd(path, scene)
+    lost = {name.capitalize(): int((voxels & ~segment_array(back, name, None, grid)).sum())
+            for name, (voxels, grid) in drawn.items()}
+    assert lost["Vessel"] > 0 and lost["Organ"] > 0  # the file holds them on the volume's lattice
+    assert seg_nrrd_losses(user, volume, path) == lost
+    assert export_report(user, volume, path) == (
+        f"Exported to {path}. The file holds all segments on one voxel grid, which cannot hold {lost['Vessel']} voxels "
+        f"of 'Vessel', {lost['Organ']} voxels of 'Organ' (finer than it, turned against it or outside it): the "
+        "segmentation in the scene keeps them")

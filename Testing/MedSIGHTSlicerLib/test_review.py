@@ -196,6 +196,55 @@ def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
     check_segments(other, volume, {other_id: kidney})
 
 
+def test_an_accept_into_a_removed_segmentation_is_refused_not_redirected():
+    # The chosen segmentation was removed (Data module) before Accept: the suggestion went into the user's own
+    # segmentation without a word, and the list said "Accepted 1 suggestion as new segments."
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver, _ = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    (own_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    other = user_segmentation(scene, volume, name="Second opinion")
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
+    suggested = manager.suggestion_mask(sid)
+    review.set_target(other)
+    scene.RemoveNode(other)
+    with pytest.raises(SuggestionError, match=r"the segmentation to accept into \('Second opinion'\) was removed: "
+                                              "choose where to accept again"):
+        review.accept([sid])
+    check_segments(own, volume, {own_id: liver})
+    assert manager.suggestion_ids() == [sid] and review.target is None  # the next accept goes to the own
+    (new_id,) = review.accept([sid])
+    check_segments(own, volume, {own_id: liver, new_id: suggested})
+
+
+def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
+    # It said "no segment 'user' in 'CT segmentation' to merge into" (an id the list never shows), and kept the merge
+    # choice, so Accept kept failing the same way.
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver, kidney = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
+    suggested = manager.suggestion_mask(sid)
+    review.set_target(own, merge_into=liver_id)
+    own.GetSegmentation().RemoveSegment(liver_id)  # deleted in the Segment Editor
+    with pytest.raises(SuggestionError, match=r"the segment to merge into \('Liver'\) was deleted: choose where to "
+                                              "accept again"):
+        review.accept([sid])
+    check_segments(own, volume, {kidney_id: kidney})
+    assert manager.suggestion_ids() == [sid] and review.merge_into == ""
+    (new_id,) = review.accept([sid])  # new segments, as the list now shows
+    check_segments(own, volume, {kidney_id: kidney, new_id: suggested})
+
+
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
     scene = slicer.vtkMRMLScene()
     voxels = ct_voxels()

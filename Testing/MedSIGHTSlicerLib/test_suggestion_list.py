@@ -319,6 +319,49 @@ def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what
         panel.close()
 
 
+def test_accept_does_what_the_boxes_show_after_the_chosen_segmentation_goes(app):
+    """"Second opinion" chosen with a merge into its "Kidney", then removed (Data module). Refreshed, the boxes showed
+    the user's own with "Merge into 'Liver'" (the id Kidney had there), a merge nobody chose; now they show new
+    segments of the own, and Accept does that. While the boxes still show the removed one, Accept is refused."""
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    liver, kidney = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    manager = SuggestionManager(scene, volume)
+    ids, lesion = _add_lesion(manager, voxels.shape)
+    expected = np.zeros(voxels.shape, dtype=bool)
+    expected[2] = lesion
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        for refreshed in (True, False):
+            other = user_segmentation(scene, volume, name="Second opinion")
+            (kidney_id,) = add_shared_user_segments(other, volume, {"Kidney": kidney})
+            assert kidney_id == liver_id  # segment ids repeat across segmentations
+            panel.refresh()
+            panel.target_combo.setCurrentIndex(1)
+            panel.mode_combo.setCurrentIndex(1)
+            scene.RemoveNode(other)
+            if refreshed:  # e.g. a streamed answer came in
+                panel.refresh()
+                shown = (panel.target_combo.currentText(), panel.mode_combo.currentText())
+                assert shown == ("CT segmentation", "New segments")
+                panel.select(ids)
+                [new_id] = panel.accept()
+                check_segments(own, volume, {liver_id: liver, new_id: expected})
+                panel.undo()
+            else:
+                panel.select(ids)
+                assert panel.accept() == []
+                assert "the segmentation to merge into ('Second opinion') was removed" in panel.message.text()
+                check_segments(own, volume, {liver_id: liver})
+                assert manager.suggestion_ids() == ids
+    finally:
+        panel.close()
+
+
 def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
     """Select a row of volume A, then the list shows volume B (the selector changed, or B's streamed answer came in):
     no row of B is selected, so an Accept takes nothing of B's that the user did not pick."""

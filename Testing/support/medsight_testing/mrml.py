@@ -128,3 +128,15 @@ def world_points(node, segment_id: str) -> np.ndarray:
     ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)]).astype(float)
     points = (parent_to_world(node) @ image_to_node @ ijk)[:3].T
     return points[np.lexsort(points.T[::-1])]
+
+
+def oversampled(volume_node) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The lattice of the Segment Editor's geometry with oversampling 2 over ``volume_node`` and its (k, j, i) voxel
+    counts (a ``geometry.Grid``): fine voxels 2n and 2n + 1 halve its voxel n, whose centre is their shared corner
+    (nearest-neighbour resampling onto the volume's voxels reads fine voxel 2n + 1 there, never 2n)."""
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras, volume_shape
+
+    fine = ijk_to_ras(volume_node)
+    fine[:3, 3] -= fine[:3, :3] @ np.full(3, 0.25)  # fine voxel 0 is the first quarter of voxel 0
+    fine[:3, :3] /= 2
+    return fine, tuple(2 * n for n in volume_shape(volume_node))
