@@ -71,3 +71,14 @@ def test_views_outside_or_malformed_are_refused():
     projective[3] = (0.0, 0.0, 0.5, 1.0)  # not an affine slice-to-RAS: its point would be read as if it were
     with pytest.raises(ImagingError, match="last row"):
         slice_for_view(volume, projective)
+
+
+def test_a_view_infinitely_many_voxels_away_is_outside():
+    """Before the fix a finite point whose voxel position overflowed (1e300 mm at a spacing of 1e-300 mm) raised
+    OverflowError, which the engine's server answered with 500 internal_error."""
+    volume = Volume(np.zeros((4, 6, 5), np.float32), spacing=(1e-300, 1e-300, 1e-300), origin=(0.0, 0.0, 0.0),
+                    direction=np.eye(3))
+    view = np.eye(4)
+    view[2, 3] = 1e300
+    with pytest.raises(ImagingError, match=rf"axial position inf is outside 0\.\.{volume.shape[0] - 1}"):
+        slice_for_view(volume, view)

@@ -268,8 +268,9 @@ def slice_for_view(volume: Volume, view_to_ras: np.ndarray) -> Slice:
     plane = max(PLANES, key=lambda p: abs(float(axes[:, layouts[p].normal_axis] @ normal)))
     axis = layouts[plane].normal_axis
     ijk = np.linalg.solve(volume.ijk_to_ras, np.append(matrix[:3, 3], 1.0))[:3]
-    index = int(np.rint(ijk[axis]))
     count = volume.size_ijk[axis]
+    # A finite point can still be infinitely many voxels away (1e300 mm at a spacing of 1e-10 mm): outside too.
+    index = int(np.rint(ijk[axis])) if np.isfinite(ijk[axis]) else -1
     if not 0 <= index < count:
         raise ImagingError(f"the view shows no slice of the volume ({plane} position {ijk[axis]:.1f} is outside "
                            f"0..{count - 1})", volume.source)

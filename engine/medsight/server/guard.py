@@ -69,11 +69,19 @@ def _is_ip_literal(name: str) -> bool:
     return True
 
 
+def _configured_name(value: str) -> str:
+    """A name given to the engine (--host, --allow-host) as `host_name` reads a Host header; a bare IPv6 address too,
+    as people write it ("::1"): read as a Host header it was '' (malformed), so `--host ::1` allowed any IP literal
+    and `--allow-host 2001:db8::5` allowed nothing."""
+    bare = value.strip().lower()
+    return bare if ":" in bare and _is_ip_literal(bare) else host_name(value)
+
+
 class HostPolicy:
     def __init__(self, bound_host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()) -> None:
-        bound = host_name(bound_host) if bound_host not in WILDCARD_HOSTS else bound_host
+        bound = _configured_name(bound_host) if bound_host not in WILDCARD_HOSTS else bound_host
         self.any_ip = bound in WILDCARD_HOSTS
-        self.names = set(LOOPBACK_NAMES) | {host_name(h) for h in allowed_hosts}
+        self.names = set(LOOPBACK_NAMES) | {_configured_name(h) for h in allowed_hosts}
         if not self.any_ip:
             self.names.add(bound)
 
