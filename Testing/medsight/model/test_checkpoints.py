@@ -421,3 +421,20 @@ def test_converted_safetensors_in_a_release_folder_are_found_and_preferred(golde
     torch.save(older, root / "region_perceiver" / "0040000.pt")
     only = load_model(root, device="cpu", base_config=golden_base_config(golden))
     assert same_weights(only.region_perceiver, model.region_perceiver) and only.codebook is not None
+
+
+@pytest.mark.parametrize("broken", ["dangling link", "folder"])
+def test_a_release_perceiver_that_is_not_a_file_is_named(golden, tmp_path, broken):
+    """The folder search lists a dangling link (its target deleted) or a folder by the checkpoint's name too: the
+    loader opened it to look for a Git LFS pointer and raised a bare FileNotFoundError / IsADirectoryError."""
+    root = write_release(golden, tmp_path / "r")
+    perceiver = root / "region_perceiver" / "0079280.pt"
+    perceiver.unlink()
+    if broken == "folder":
+        perceiver.mkdir()
+        expected = rf"{re.escape(str(perceiver))} is a folder; expected the checkpoint file"
+    else:
+        perceiver.symlink_to(tmp_path / "deleted.pt")
+        expected = rf"checkpoint file not found: {re.escape(str(perceiver))}"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(root, device="cpu", base_config=golden_base_config(golden))
