@@ -327,3 +327,27 @@ def test_the_cache_check_and_the_download_ignore_checkpoints_where_the_loader_do
     missing = missing_from_cache(tmp_path, codebook=True, vision=True)
     assert len(missing) == 1 and (str(UNIMED_CLIP) if part == "vision" else Path(nested).parts[0]) in missing[0]
     assert nested not in release_files(lvlm + present, codebook=True)
+
+
+@pytest.mark.parametrize("cut_short", ["region_perceiver/0079280.pt",
+                                       "medsight_full_instruct/model-00002-of-00002.safetensors"])
+@pytest.mark.parametrize("how", ["still downloading", "blob deleted"])
+def test_a_release_download_cut_short_says_what_the_cache_lacks(cache, release_dir, golden, cut_short, how):
+    """A cached snapshot that lacks one of the release's files (huggingface_hub links it only once its blob is
+    whole: until then there is a `.incomplete` blob; or the blob was deleted, leaving a dangling link) was called
+    "neither our format nor the official layout" for the perceiver, and a missing shard was reported as a damaged
+    release; `medsight download` said what the cache lacked and how to get it, and now the loader does too."""
+    from medsight.model.hub import RELEASE_REPO
+
+    snapshot = cache_repo(cache, RELEASE_REPO, folder_files(release_dir))
+    link = snapshot / cut_short
+    blob = link.resolve()
+    if how == "still downloading":
+        link.unlink()
+        blob.rename(blob.with_name(blob.name + ".incomplete"))
+    else:
+        blob.unlink()
+    expected = (rf"{RELEASE_REPO} at revision main: the local Hugging Face cache \(.*\) lacks "
+                rf"{Path(cut_short).parent}/.*, and offline mode is on \(HF_HUB_OFFLINE=1\): run once without it")
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))

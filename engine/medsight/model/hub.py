@@ -307,10 +307,15 @@ def cached_revisions(repo_id: str) -> list[str]:
     return named + sorted(snapshots - {refs[ref] for ref in named})
 
 
+def _snapshot_files(folder: Path) -> list[str]:
+    """A snapshot's files by relative path; a dangling link (its blob deleted from the cache) is not one."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
 def missing_from_cache(folder: Path, codebook: bool = False, vision: bool = False) -> list[str]:
     """The files a cached snapshot's layout needs that it lacks (a download cut short, or made without
     `--codebook` / `--fetch-vision`): what can be said of a release without asking the Hub for its listing."""
-    have = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # a dangling link: missing
+    have = _snapshot_files(folder)
     needed: list[tuple[str, ...]] = []  # each entry: one of these must be there
     for part in _layout(have, codebook):
         if part.index is not None:
@@ -340,11 +345,24 @@ def cached_download(hub: HubFile | None, repo_id: str, revision: str | None = No
     if hub is not None:
         return fetch_file(hub)  # offline, huggingface_hub answers from its cache or says it has no copy
     folder = cached_release(repo_id, revision)
-    missing = missing_from_cache(folder, codebook, vision)
+    _refuse_incomplete(folder, repo_id, revision, missing_from_cache(folder, codebook, vision))
+    return folder
+
+
+def cached_model(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot the loader reads without the Hub. One holding some of its layout's files but not all (a
+    download cut short, a blob deleted from the cache) is an error saying what it lacks: the loader would call it
+    neither layout, or name one missing file as if the release had been damaged."""
+    folder = cached_release(repo_id, revision)
+    if release_files(_snapshot_files(folder)):  # none at all: another kind of repository, which the loader names
+        _refuse_incomplete(folder, repo_id, revision, missing_from_cache(folder))
+    return folder
+
+
+def _refuse_incomplete(folder: Path, repo_id: str, revision: str | None, missing: list[str]) -> None:
     if missing:
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: the local Hugging "
                               f"Face cache ({folder}) lacks {', '.join(missing)}, and {_why_not_downloaded()}")
-    return folder
 
 
 class HubUnreachableError(CheckpointError):

@@ -35,7 +35,7 @@ from medsight.model.hub import (
     UNIMED_CLIP,
     VISION_FILES,
     HubUnreachableError,
-    cached_release,
+    cached_model,
     checkpoint_patterns,
     fetch_release,
     loaded_checkpoint,
@@ -283,13 +283,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return cached_release(repo_id, revision)
+        return cached_model(repo_id, revision)
     try:
         plan = plan_release(repo_id, revision)
     except HubUnreachableError:
         # As huggingface_hub does for single files: without a connection, a cached snapshot serves (or the error
         # says the cache has none, and which revisions it has).
-        folder = cached_release(repo_id, revision)
+        folder = cached_model(repo_id, revision)
         log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
         return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
