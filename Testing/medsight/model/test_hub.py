@@ -1,5 +1,6 @@
 """Hub-addressable files, read through the Hugging Face cache offline (laid out in the hub's own cache format)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -351,3 +352,30 @@ def test_a_release_download_cut_short_says_what_the_cache_lacks(cache, release_d
                 rf"{Path(cut_short).parent}/.*, and offline mode is on \(HF_HUB_OFFLINE=1\): run once without it")
     with pytest.raises(CheckpointError, match=expected):
         load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_release_of_pytorch_pickle_weights_downloads_them_and_one_of_both_formats_only_the_safetensors(
+        cache, release_dir, tmp_path):
+    """The download selected `model*.safetensors` only, so a repository saved with pytorch_model*.bin (which the
+    loader reads) downloaded without weights; where a folder has both formats, the loader reads the safetensors and
+    the download must not fetch the same weights twice."""
+    from medsight.model.hub import RELEASE_REPO, missing_from_cache, release_files
+
+    files = folder_files(release_dir)
+    lvlm = "medsight_full_instruct/"
+    safetensors = {name for name in files if name.startswith(lvlm + "model")}
+    pickles = {lvlm + "pytorch_model-00001-of-00002.bin", lvlm + "pytorch_model-00002-of-00002.bin",
+               lvlm + "pytorch_model.bin.index.json"}
+    assert safetensors and safetensors <= set(release_files(list(files)))
+    both = release_files([*files, *pickles])
+    assert safetensors <= set(both) and not pickles & set(both)
+    only_pickles = [name for name in files if name not in safetensors] + sorted(pickles)
+    assert pickles <= set(release_files(only_pickles))
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00002.bin",
+                                                "model.norm.weight": "pytorch_model-00002-of-00002.bin"}}))
+    contents = {**files, lvlm + index.name: index}
+    snapshot = cache_repo(cache, RELEASE_REPO, {name: contents.get(name, 1) for name in only_pickles})
+    assert missing_from_cache(snapshot) == []
+    (snapshot / lvlm / "pytorch_model-00002-of-00002.bin").unlink()
+    assert missing_from_cache(snapshot) == [lvlm + "pytorch_model-00002-of-00002.bin"]

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsight.model.checkpoints import CONFIG_FILE, INDEX_FILE, CheckpointError, shard_names
+from medsight.model.checkpoints import CONFIG_FILE, INDEX_FILE, PICKLE_INDEX_FILE, CheckpointError, shard_names
 
 RELEASE_REPO = "Caf0914/MedSIGHT"
 LVLM_FOLDER = "medsight_full_instruct"
@@ -86,7 +86,8 @@ class LayoutPart:
 def _model_folder(root: str) -> tuple[LayoutPart, ...]:
     """A Hugging Face model folder's weights and tokenizer (ours at the top, the release's in `LVLM_FOLDER/`)."""
     extras = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-    return (LayoutPart((f"{root}model*.safetensors", root + INDEX_FILE), index=root + INDEX_FILE),
+    weights = (f"{root}model*.safetensors", root + INDEX_FILE, f"{root}pytorch_model*.bin", root + PICKLE_INDEX_FILE)
+    return (LayoutPart(weights, index=root + INDEX_FILE),
             LayoutPart((f"{root}tokenizer_config.json",)),
             LayoutPart((f"{root}tokenizer.json", f"{root}vocab.json")),
             LayoutPart(tuple(root + name for name in extras), needed=False))
@@ -189,6 +190,7 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     layout = _layout(listing, codebook)
     patterns = tuple(p for part in layout for p in part.patterns)
     chosen = sorted(f for f in listing if _any_match([f], patterns))
+    chosen = [f for f in chosen if not _pickle_beside_safetensors(f, chosen)]
     if layout is OURS_LAYOUT:
         return chosen
     # One checkpoint per stage: the one the loader takes.
@@ -214,6 +216,15 @@ def _why_not_downloaded() -> str:
     from huggingface_hub import constants
 
     return why_offline() + (": run once without it to download" if constants.HF_HUB_OFFLINE else "")
+
+
+def _pickle_beside_safetensors(name: str, files: list[str]) -> bool:
+    """A `pytorch_model*.bin` weights file (or its index) in a folder that also has safetensors weights: the loader
+    reads those (`shard_names`), as transformers does, so a download leaves the pickles out."""
+    folder, _, base = name.rpartition("/")
+    return fnmatch.fnmatchcase(base, "pytorch_model*.bin*") and any(
+        f.rpartition("/")[0] == folder and fnmatch.fnmatchcase(f.rpartition("/")[2], "model*.safetensors*")
+        for f in files)
 
 
 @dataclass
