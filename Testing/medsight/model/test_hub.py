@@ -354,6 +354,14 @@ def test_a_release_download_cut_short_says_what_the_cache_lacks(cache, release_d
         load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))
 
 
+def test_a_cached_repository_of_another_kind_is_not_called_a_release_cut_short(cache, unimed_file):
+    """The UniMed-CLIP repository given as the model: its `*clip*` file is one a release may hold beside it, but
+    no download of that repository would make it a model, so it is not called incomplete."""
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file})
+    with pytest.raises(CheckpointError, match=r"neither our format \(medsight_config\.json\) nor the official layout"):
+        load_model(VISION_REPO, device="cpu")
+
+
 def test_a_release_of_pytorch_pickle_weights_downloads_them_and_one_of_both_formats_only_the_safetensors(
         cache, release_dir, tmp_path):
     """The download selected `model*.safetensors` only, so a repository saved with pytorch_model*.bin (which the

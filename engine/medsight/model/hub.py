@@ -365,7 +365,10 @@ def cached_model(repo_id: str, revision: str | None = None) -> Path:
     download cut short, a blob deleted from the cache) is an error saying what it lacks: the loader would call it
     neither layout, or name one missing file as if the release had been damaged."""
     folder = cached_release(repo_id, revision)
-    if release_files(_snapshot_files(folder)):  # none at all: another kind of repository, which the loader names
+    have = _snapshot_files(folder)
+    # None of them (another kind of repository, e.g. UniMed-CLIP's, whose file alone a download would not complete):
+    # the loader says what it is not.
+    if any(part.needed and _any_match(have, part.patterns) for part in _layout(have, codebook=False)):
         _refuse_incomplete(folder, repo_id, revision, missing_from_cache(folder))
     return folder
 
