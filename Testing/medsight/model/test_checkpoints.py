@@ -421,3 +421,47 @@ def test_converted_safetensors_in_a_release_folder_are_found_and_preferred(golde
     torch.save(older, root / "region_perceiver" / "0040000.pt")
     only = load_model(root, device="cpu", base_config=golden_base_config(golden))
     assert same_weights(only.region_perceiver, model.region_perceiver) and only.codebook is not None
+
+
+@pytest.mark.parametrize("broken", ["dangling link", "folder"])
+def test_a_release_perceiver_that_is_not_a_file_is_named(golden, tmp_path, broken):
+    """The folder search lists a dangling link (its target deleted) or a folder by the checkpoint's name too: the
+    loader opened it to look for a Git LFS pointer and raised a bare FileNotFoundError / IsADirectoryError."""
+    root = write_release(golden, tmp_path / "r")
+    perceiver = root / "region_perceiver" / "0079280.pt"
+    perceiver.unlink()
+    if broken == "folder":
+        perceiver.mkdir()
+        expected = rf"{re.escape(str(perceiver))} is a folder; expected the checkpoint file"
+    else:
+        perceiver.symlink_to(tmp_path / "deleted.pt")
+        expected = rf"checkpoint file not found: {re.escape(str(perceiver))}"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(root, device="cpu", base_config=golden_base_config(golden))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_folder_saved_as_pytorch_pickles_loads_the_same_weights(golden, tmp_path, golden_model, shards):
+    """`save_pretrained(safe_serialization=False)` writes pytorch_model.bin (or shards and their index), which
+    transformers reads: the loader refused the folder ("no .safetensors weights found"). The pickles are read through
+    the allow-list like every other checkpoint: one naming anything else is still refused."""
+    root = write_release(golden, tmp_path / "r")
+    lvlm = root / "medsight_full_instruct"
+    for weights in lvlm.glob("model*"):
+        weights.unlink()
+    state = torch.load(golden / "lvlm_tiny_state_dict.pt", weights_only=True)
+    names = list(state)
+    parts = {f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin": names[i::shards] for i in range(shards)}
+    if shards == 1:
+        parts = {"pytorch_model.bin": names}
+    for name, keys in parts.items():  # the pre-1.6 format for the shards, as older transformers wrote them
+        torch.save({k: state[k] for k in keys}, lvlm / name, _use_new_zipfile_serialization=shards == 1)
+    if shards > 1:
+        index = {"metadata": {}, "weight_map": {k: name for name, keys in parts.items() for k in keys}}
+        (lvlm / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    assert_golden_parts(model, golden_model, ("image_encoder", "region_perceiver", "language_model"))
+    first = lvlm / next(iter(parts))
+    torch.save({"lm_head.weight": subprocess.Popen}, first)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(first))}: refused to unpickle"):
+        load_model(root, device="cpu", base_config=golden_base_config(golden))

@@ -1,5 +1,6 @@
 """Hub-addressable files, read through the Hugging Face cache offline (laid out in the hub's own cache format)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -327,3 +328,62 @@ def test_the_cache_check_and_the_download_ignore_checkpoints_where_the_loader_do
     missing = missing_from_cache(tmp_path, codebook=True, vision=True)
     assert len(missing) == 1 and (str(UNIMED_CLIP) if part == "vision" else Path(nested).parts[0]) in missing[0]
     assert nested not in release_files(lvlm + present, codebook=True)
+
+
+@pytest.mark.parametrize("cut_short", ["region_perceiver/0079280.pt",
+                                       "medsight_full_instruct/model-00002-of-00002.safetensors"])
+@pytest.mark.parametrize("how", ["still downloading", "blob deleted"])
+def test_a_release_download_cut_short_says_what_the_cache_lacks(cache, release_dir, golden, cut_short, how):
+    """A cached snapshot that lacks one of the release's files (huggingface_hub links it only once its blob is
+    whole: until then there is a `.incomplete` blob; or the blob was deleted, leaving a dangling link) was called
+    "neither our format nor the official layout" for the perceiver, and a missing shard was reported as a damaged
+    release; `medsight download` said what the cache lacked and how to get it, and now the loader does too."""
+    from medsight.model.hub import RELEASE_REPO
+
+    snapshot = cache_repo(cache, RELEASE_REPO, folder_files(release_dir))
+    link = snapshot / cut_short
+    blob = link.resolve()
+    if how == "still downloading":
+        link.unlink()
+        blob.rename(blob.with_name(blob.name + ".incomplete"))
+    else:
+        blob.unlink()
+    expected = (rf"{RELEASE_REPO} at revision main: the local Hugging Face cache \(.*\) lacks "
+                rf"{Path(cut_short).parent}/.*, and offline mode is on \(HF_HUB_OFFLINE=1\): run once without it")
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_cached_repository_of_another_kind_is_not_called_a_release_cut_short(cache, unimed_file):
+    """The UniMed-CLIP repository given as the model: its `*clip*` file is one a release may hold beside it, but
+    no download of that repository would make it a model, so it is not called incomplete."""
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file})
+    with pytest.raises(CheckpointError, match=r"neither our format \(medsight_config\.json\) nor the official layout"):
+        load_model(VISION_REPO, device="cpu")
+
+
+def test_a_release_of_pytorch_pickle_weights_downloads_them_and_one_of_both_formats_only_the_safetensors(
+        cache, release_dir, tmp_path):
+    """The download selected `model*.safetensors` only, so a repository saved with pytorch_model*.bin (which the
+    loader reads) downloaded without weights; where a folder has both formats, the loader reads the safetensors and
+    the download must not fetch the same weights twice."""
+    from medsight.model.hub import RELEASE_REPO, missing_from_cache, release_files
+
+    files = folder_files(release_dir)
+    lvlm = "medsight_full_instruct/"
+    safetensors = {name for name in files if name.startswith(lvlm + "model")}
+    pickles = {lvlm + "pytorch_model-00001-of-00002.bin", lvlm + "pytorch_model-00002-of-00002.bin",
+               lvlm + "pytorch_model.bin.index.json"}
+    assert safetensors and safetensors <= set(release_files(list(files)))
+    both = release_files([*files, *pickles])
+    assert safetensors <= set(both) and not pickles & set(both)
+    only_pickles = [name for name in files if name not in safetensors] + sorted(pickles)
+    assert pickles <= set(release_files(only_pickles))
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00002.bin",
+                                                "model.norm.weight": "pytorch_model-00002-of-00002.bin"}}))
+    contents = {**files, lvlm + index.name: index}
+    snapshot = cache_repo(cache, RELEASE_REPO, {name: contents.get(name, 1) for name in only_pickles})
+    assert missing_from_cache(snapshot) == []
+    (snapshot / lvlm / "pytorch_model-00002-of-00002.bin").unlink()
+    assert missing_from_cache(snapshot) == [lvlm + "pytorch_model-00002-of-00002.bin"]

@@ -9,7 +9,7 @@ each reader keeps (copies) only the tensors it needs.
 - Stage 2 codebook: `{model, ...}` with `quantizer.*`, `region_perceiver.to_code.*`,
   `region_perceiver.code_decoder.*` and `modality_predictor.*` keys.
 - `medsight_full_instruct/`: Hugging Face folder (config.json with model_type llava_qwen, safetensors shards,
-  tokenizer files with `added_tokens.json`).
+  tokenizer files with `added_tokens.json`); a folder saved as `pytorch_model.bin` (shards) is read as well.
 """
 
 from __future__ import annotations
@@ -276,45 +276,77 @@ def read_codebook_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 INDEX_FILE = "model.safetensors.index.json"  # a sharded Hugging Face folder's map of tensor name -> shard
+# What `save_pretrained(safe_serialization=False)` writes instead: PyTorch pickles, which transformers reads too (with
+# `weights_only=True`; here with `safe_torch_load`). A folder's safetensors, when it has both, are what is read.
+PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+# Per format: its index, its one-file name, and the names of its files when neither is there.
+_WEIGHT_FORMATS = ((INDEX_FILE, "model.safetensors", "*.safetensors"),
+                   (PICKLE_INDEX_FILE, PICKLE_WEIGHTS_FILE, "pytorch_model*.bin"))
 
 
 def shard_names(folder: Path) -> list[str]:
     """The weight files of a Hugging Face folder: the shards its index names, else `model.safetensors` (else its
-    .safetensors files); a malformed index or no weights at all is a CheckpointError."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:  # not JSON, or no object with a weight_map
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: not a valid safetensors index (its weight_map must map tensor names "
-                                  "to shard file names)")
-        shards = sorted(set(weight_map.values()))
-    elif os.path.lexists(folder / "model.safetensors"):  # a folder by that name is refused by its reader, by name
-        shards = ["model.safetensors"]
-    else:
-        shards = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
+    .safetensors files); without any safetensors, the same for `pytorch_model.bin`. A malformed index or no weights
+    at all is a CheckpointError."""
+    return _weight_files(folder)[0]
+
+
+def _weight_files(folder: Path) -> tuple[list[str], Path | None]:
+    """`shard_names`, and the index it followed (None when there is none)."""
+    for index_name, single, pattern in _WEIGHT_FORMATS:
+        index = folder / index_name
+        if index.is_file():
+            shards = _index_shards(index)
+        elif os.path.lexists(folder / single):  # a folder by that name is refused by its reader, by name
+            index, shards = None, [single]
+        else:
+            index, shards = None, sorted(p.name for p in folder.glob(pattern) if p.is_file())
+        if shards or index is not None:  # an index that names no shard is not passed over for another format
+            break
     if not shards:
-        raise CheckpointError(f"{folder}: no .safetensors weights found")
-    return shards
+        raise CheckpointError(f"{folder}: no weights found (.safetensors files, or pytorch_model.bin)")
+    return shards, index
+
+
+def _index_shards(index: Path) -> list[str]:
+    kind = "safetensors" if index.name == INDEX_FILE else "PyTorch weights"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or no object with a weight_map
+        raise CheckpointError(f"{index}: not a valid {kind} index ({err!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid {kind} index (its weight_map must map tensor names "
+                              "to shard file names)")
+    return sorted(set(weight_map.values()))
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One weight file of a Hugging Face folder: safetensors, or a PyTorch pickle of a state dict."""
+    if path.suffix == ".safetensors":
+        return read_safetensors_file(path)
+    return owned(pick_state_dict(safe_torch_load(path, mmap=True), path))
 
 
 def safetensors_names(folder: str | Path) -> set[str]:
-    """The tensor names of a Hugging Face folder, from its index or the shards' headers (no tensor is read)."""
+    """The tensor names of a Hugging Face folder, from its index or the shards' headers (no tensor is read; a
+    pickled shard's tensors are memory-mapped, not read)."""
     folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        shard_names(folder)  # validates the index
+    shards, index = _weight_files(folder)
+    if index is not None:
         return set(json.loads(index.read_text())["weight_map"])
     names: set[str] = set()
-    for shard in shard_names(folder):
-        names |= _safetensors_names(folder / shard)
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            names |= _safetensors_names(folder / shard)
+        else:
+            names |= set(pick_state_dict(safe_torch_load(folder / shard, mmap=True), folder / shard))
     return names
 
 
 def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index."""
+    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index (or the
+    `pytorch_model.bin` forms of these, `shard_names`)."""
     folder = Path(folder)
     shards = shard_names(folder)
     state: dict[str, torch.Tensor] = {}
@@ -322,7 +354,7 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         if not os.path.lexists(folder / shard):
             raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
-        tensors = read_safetensors_file(folder / shard)
+        tensors = _read_weights(folder / shard)
         # A tensor in two shards (a shard of another save copied in): which one is meant cannot be told.
         twice = sorted(set(tensors) & set(found_in))
         if twice:

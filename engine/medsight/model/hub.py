@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsight.model.checkpoints import CONFIG_FILE, INDEX_FILE, CheckpointError, shard_names
+from medsight.model.checkpoints import CONFIG_FILE, INDEX_FILE, PICKLE_INDEX_FILE, CheckpointError, shard_names
 
 RELEASE_REPO = "Caf0914/MedSIGHT"
 LVLM_FOLDER = "medsight_full_instruct"
@@ -86,7 +86,8 @@ class LayoutPart:
 def _model_folder(root: str) -> tuple[LayoutPart, ...]:
     """A Hugging Face model folder's weights and tokenizer (ours at the top, the release's in `LVLM_FOLDER/`)."""
     extras = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-    return (LayoutPart((f"{root}model*.safetensors", root + INDEX_FILE), index=root + INDEX_FILE),
+    weights = (f"{root}model*.safetensors", root + INDEX_FILE, f"{root}pytorch_model*.bin", root + PICKLE_INDEX_FILE)
+    return (LayoutPart(weights, index=root + INDEX_FILE),
             LayoutPart((f"{root}tokenizer_config.json",)),
             LayoutPart((f"{root}tokenizer.json", f"{root}vocab.json")),
             LayoutPart(tuple(root + name for name in extras), needed=False))
@@ -189,6 +190,7 @@ def release_files(listing: list[str], codebook: bool = False) -> list[str]:
     layout = _layout(listing, codebook)
     patterns = tuple(p for part in layout for p in part.patterns)
     chosen = sorted(f for f in listing if _any_match([f], patterns))
+    chosen = [f for f in chosen if not _pickle_beside_safetensors(f, chosen)]
     if layout is OURS_LAYOUT:
         return chosen
     # One checkpoint per stage: the one the loader takes.
@@ -214,6 +216,15 @@ def _why_not_downloaded() -> str:
     from huggingface_hub import constants
 
     return why_offline() + (": run once without it to download" if constants.HF_HUB_OFFLINE else "")
+
+
+def _pickle_beside_safetensors(name: str, files: list[str]) -> bool:
+    """A `pytorch_model*.bin` weights file (or its index) in a folder that also has safetensors weights: the loader
+    reads those (`shard_names`), as transformers does, so a download leaves the pickles out."""
+    folder, _, base = name.rpartition("/")
+    return fnmatch.fnmatchcase(base, "pytorch_model*.bin*") and any(
+        f.rpartition("/")[0] == folder and fnmatch.fnmatchcase(f.rpartition("/")[2], "model*.safetensors*")
+        for f in files)
 
 
 @dataclass
@@ -307,10 +318,15 @@ def cached_revisions(repo_id: str) -> list[str]:
     return named + sorted(snapshots - {refs[ref] for ref in named})
 
 
+def _snapshot_files(folder: Path) -> list[str]:
+    """A snapshot's files by relative path; a dangling link (its blob deleted from the cache) is not one."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
 def missing_from_cache(folder: Path, codebook: bool = False, vision: bool = False) -> list[str]:
     """The files a cached snapshot's layout needs that it lacks (a download cut short, or made without
     `--codebook` / `--fetch-vision`): what can be said of a release without asking the Hub for its listing."""
-    have = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]  # a dangling link: missing
+    have = _snapshot_files(folder)
     needed: list[tuple[str, ...]] = []  # each entry: one of these must be there
     for part in _layout(have, codebook):
         if part.index is not None:
@@ -340,11 +356,27 @@ def cached_download(hub: HubFile | None, repo_id: str, revision: str | None = No
     if hub is not None:
         return fetch_file(hub)  # offline, huggingface_hub answers from its cache or says it has no copy
     folder = cached_release(repo_id, revision)
-    missing = missing_from_cache(folder, codebook, vision)
+    _refuse_incomplete(folder, repo_id, revision, missing_from_cache(folder, codebook, vision))
+    return folder
+
+
+def cached_model(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot the loader reads without the Hub. One holding some of its layout's files but not all (a
+    download cut short, a blob deleted from the cache) is an error saying what it lacks: the loader would call it
+    neither layout, or name one missing file as if the release had been damaged."""
+    folder = cached_release(repo_id, revision)
+    have = _snapshot_files(folder)
+    # None of them (another kind of repository, e.g. UniMed-CLIP's, whose file alone a download would not complete):
+    # the loader says what it is not.
+    if any(part.needed and _any_match(have, part.patterns) for part in _layout(have, codebook=False)):
+        _refuse_incomplete(folder, repo_id, revision, missing_from_cache(folder))
+    return folder
+
+
+def _refuse_incomplete(folder: Path, repo_id: str, revision: str | None, missing: list[str]) -> None:
     if missing:
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: the local Hugging "
                               f"Face cache ({folder}) lacks {', '.join(missing)}, and {_why_not_downloaded()}")
-    return folder
 
 
 class HubUnreachableError(CheckpointError):

@@ -35,7 +35,7 @@ from medsight.model.hub import (
     UNIMED_CLIP,
     VISION_FILES,
     HubUnreachableError,
-    cached_release,
+    cached_model,
     checkpoint_patterns,
     fetch_release,
     loaded_checkpoint,
@@ -47,6 +47,7 @@ from medsight.model.hub import (
 from medsight.model.lvlm import llm_config_from_released
 from medsight.model.medsight import MedSIGHTModel, holds_codebook
 from medsight.model.tokenizer import load_tokenizer
+from medsight.user_files import check_user_file
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +283,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return cached_release(repo_id, revision)
+        return cached_model(repo_id, revision)
     try:
         plan = plan_release(repo_id, revision)
     except HubUnreachableError:
         # As huggingface_hub does for single files: without a connection, a cached snapshot serves (or the error
         # says the cache has none, and which revisions it has).
-        folder = cached_release(repo_id, revision)
+        folder = cached_model(repo_id, revision)
         log.warning("the Hugging Face Hub could not be reached; using the cached snapshot %s", folder)
         return folder
     log.warning("downloading (once, into the Hugging Face cache) %s", "\n  ".join(plan.lines()))
@@ -408,6 +409,8 @@ def load_model(
                 raise CheckpointError(f"{folder}: {NO_LAYOUT}{_what_it_is(folder)}")
             base = get_preset(base_config) if isinstance(base_config, str) else base_config
             # A clone without Git LFS: say so before asking for a 5 GB vision file the clone could not use anyway.
+            # (The search lists a dangling link or a folder by that name too: refused as such, not read.)
+            check_user_file(found["perceiver"], "checkpoint file", CheckpointError)
             refuse_lfs_pointer(found["perceiver"])
             vision = vision_file or found["vision"]
             if vision is None and _vision_needed(found):
