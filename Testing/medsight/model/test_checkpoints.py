@@ -394,6 +394,24 @@ def test_a_release_cloned_without_git_lfs_says_so_before_asking_for_the_vision_f
         load_model(root, device="cpu", base_config=golden_base_config(golden))
 
 
+def test_two_vision_files_beside_a_release_are_not_guessed(golden, tmp_path, golden_model):
+    """Of two UniMed-CLIP-like files beside a release the first by name was loaded without a word (here one of another
+    ViT width, named so it sorts first); now the loader asks which, and the one passed as vision_file loads."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    ours = root / "unimed_clip_vit_l14.pt"
+    clip = safe_torch_load(ours)["state_dict"]
+    width = clip["module.visual.conv1.weight"].shape[0]
+    other = root / "biomed_clip_vit_b.pt"
+    torch.save({"state_dict": {k: torch.zeros([width + 4 if n == width else n for n in v.shape])
+                               for k, v in clip.items()}}, other)
+    with pytest.raises(CheckpointError) as err:
+        load_model(root, device="cpu", base_config=golden_base_config(golden))
+    assert str(err.value) == (f"{root} holds 2 vision files ({other.name}, {ours.name}): pass the one to use with "
+                              "--vision-file (vision_file= from Python)")
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden), vision_file=ours)
+    assert_golden_parts(model, golden_model, ("image_encoder",))
+
+
 def test_converted_safetensors_in_a_release_folder_are_found_and_preferred(golden, tmp_path, golden_model):
     """A trusted perceiver / UniMed-CLIP / codebook file the allow-list refuses is converted beside itself
     (`python -m medsight.model.unpickling X.pt X.safetensors`); the release-folder search looked for .pt only, so the

@@ -250,15 +250,32 @@ def _loaded(folder: Path, stage: tuple[str, ...]) -> Path | None:
     return None if name is None else folder / name
 
 
+def _vision_files_beside(folder: Path) -> list[Path]:
+    """The UniMed-CLIP-like files beside a release, one per file (a converted .safetensors copy before its .pt)."""
+    first = {}
+    for path in _checkpoints(folder, *VISION_FILES):
+        first.setdefault(path.with_suffix("").name, path)
+    return list(first.values())
+
+
 def _find_official_files(folder: Path) -> dict[str, Path | None]:
     lvlm = folder / LVLM_FOLDER if (folder / LVLM_FOLDER).is_dir() else folder
-    clip = _checkpoints(folder, *VISION_FILES)
+    clip = _vision_files_beside(folder)
     return {
         "lvlm": lvlm,
         "perceiver": _loaded(folder, PERCEIVER_FILES),
         "vision": clip[0] if clip else None,
         "codebook": _loaded(folder, CODEBOOK_FILES),
     }
+
+
+def _refuse_guessing_the_vision_file(folder: Path) -> None:
+    """Of two different vision files beside a release, the first by name was loaded without a word (it could be
+    another ViT's): the user says which."""
+    files = [p.name for p in _vision_files_beside(folder)]
+    if len(files) > 1:
+        raise CheckpointError(f"{folder} holds {len(files)} vision files ({', '.join(files)}): pass the one to use "
+                              "with --vision-file (vision_file= from Python)")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -412,6 +429,8 @@ def load_model(
             # (The search lists a dangling link or a folder by that name too: refused as such, not read.)
             check_user_file(found["perceiver"], "checkpoint file", CheckpointError)
             refuse_lfs_pointer(found["perceiver"])
+            if vision_file is None:
+                _refuse_guessing_the_vision_file(folder)
             vision = vision_file or found["vision"]
             if vision is None and _vision_needed(found):
                 vision = vision_file_for_release(fetch=fetch_vision)
