@@ -144,6 +144,22 @@ def test_slice_spacing_that_drifts_is_refused(restacked_series):
     assert f"evenly spaced grid of {grid:.4f} mm" in str(error)
 
 
+def test_positions_written_with_few_decimals_still_refuse_missing_and_duplicate_slices(restacked_series):
+    # Positions written to 0.1 mm are allowed their rounding (0.625 mm slices step 0.6 and 0.7 mm), not more: a
+    # missing, duplicated or half-spacing-off slice is still refused, and positions too coarse to tell a missing slice
+    # (whole mm at 1.25 mm slices) are refused saying so.
+    spacing, count = 0.625, 40
+    distances = np.arange(count) * spacing
+    middle = count // 2
+    _raises(restacked_series(np.delete(distances, middle), "missing", decimals=1), "uneven slice spacing: 1.[23]00 mm")
+    _raises(restacked_series(np.insert(distances, middle, distances[middle]), "duplicate", decimals=1),
+            "duplicate slice position")
+    shifted = distances + np.where(np.arange(count) == middle, spacing / 2, 0)
+    _raises(restacked_series(shifted, "shifted", decimals=1), "uneven slice spacing")
+    error = _raises(restacked_series(np.arange(count) * 2 * spacing, "whole_mm", decimals=0), "uneven slice spacing")
+    assert "ImagePositionPatient is rounded by up to 0.5 mm, too coarse for" in str(error)
+
+
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])
 def test_truncated_end_slice_of_a_series_is_named_not_dropped(ct_series, pydicom_files, tmp_path, kept):
     # GDCM leaves out files it cannot parse: with the first or last slice truncated (pixel data cut at 98 %, header

@@ -45,6 +45,31 @@ def test_slice_spacing_within_tolerance_is_itks_and_quiet(restacked_series, capf
     assert np.array_equal(vol.array, sitk.GetArrayFromImage(image))
 
 
+@pytest.mark.parametrize("decimals", [1, 2])
+@pytest.mark.parametrize(("spacing", "tilt_degrees"), [(0.625, 0), (0.625, 10), (3.0, 10)])
+def test_positions_written_with_few_decimals_read_on_itks_grid(
+    restacked_series, capfd, decimals, spacing, tilt_degrees
+):
+    """A CT of 0.625 mm slices whose positions are written to 0.1 mm steps 0.6 and 0.7 mm: it was refused as uneven
+    (and an oblique stack of 3 mm slices with 0.01 mm positions as sheared by a gantry tilt), where 3D Slicer loads
+    it. Each slice lies on ITK's grid within the rounding of its written position."""
+    count = 40
+    tilt = np.deg2rad(tilt_degrees)
+    orientation = [1, 0, 0, 0, np.cos(tilt), np.sin(tilt)]
+    vol = read_volume(restacked_series(np.arange(count) * spacing, decimals=decimals, orientation=orientation))
+    assert "Non uniform sampling" not in capfd.readouterr().err
+    image = sitk.ReadImage(list(vol.source_files))
+    # ITK spans first to last slice with a straight line, this reader along the normal: the rounding of an oblique
+    # stack's in-plane coordinates comes between them.
+    assert vol.shape[0] == count and vol.spacing[2] == pytest.approx(image.GetSpacing()[2], rel=1e-5)
+    assert np.array_equal(vol.array, sitk.GetArrayFromImage(image))
+    assert np.allclose(vol.origin, image.GetOrigin()) and np.allclose(vol.direction.ravel(), image.GetDirection())
+    rounding = 0.5 * 10.0 ** -decimals
+    for k, f in enumerate(vol.source_files):
+        written = np.asarray(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, dtype=float)
+        assert np.abs(vol.ijk_to_lps @ [0, 0, k, 1] - [*written, 1]).max() <= 4 * rounding
+
+
 def test_volume_keeps_no_patient_identifiers(ct_series):
     vol = read_volume(ct_series)
     names = {f.name for f in dataclasses.fields(vol)}

@@ -5,13 +5,14 @@ Geometry is computed from the headers and validated (one orientation, one grid, 
 slices, no duplicates); anything else is refused rather than resampled. The slice spacing is ITK's (first to last
 slice over n - 1), so a volume lies on the grid 3D Slicer shows for the same series; where Slicer adds an
 "acquisition geometry regularization" transform for slices off that grid, this reader refuses a slice more than
-SPACING_RTOL of a spacing off it.
+SPACING_RTOL of a spacing off it, plus the rounding of positions written with few decimals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import decimal
 import logging
 import os
 import tempfile
@@ -28,8 +29,10 @@ from .errors import ImagingError, not_a_file
 from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 
 # Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4): of each step
-# from the median step, and of each slice's position from the evenly spaced grid.
+# from the median step, and of each slice's position from the evenly spaced grid. Positions written with few decimals
+# widen both by their rounding (_position_rounding), at most by a spacing over POSITION_ROUNDING_MAX_FRACTION.
 SPACING_RTOL = 0.01
+POSITION_ROUNDING_MAX_FRACTION = 1 / 8
 ORIENTATION_ATOL = 1e-4
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -237,6 +240,35 @@ def _vec(values: Sequence[float], n: int, what: str, path: str) -> np.ndarray:
     return v
 
 
+def _written_rounding(values: Sequence[object]) -> np.ndarray:
+    """Half a unit in the last written digit of each decimal string (DS): how far each value may lie from the number
+    the scanner computed. Exports often write positions with one or two decimals ("-125.5\\-125.5\\37.3")."""
+    out = []
+    for value in values:
+        text = str(getattr(value, "original_string", None) or value).strip()
+        try:
+            exponent = decimal.Decimal(text).as_tuple().exponent
+        except decimal.InvalidOperation:
+            exponent = 0  # _vec has refused what is no number; this is never reached for a position it took
+        out.append(0.5 * 10.0 ** exponent if isinstance(exponent, int) else 0.0)
+    return np.asarray(out, dtype=float)
+
+
+def _position_rounding(rounding: list[np.ndarray] | None, normal: np.ndarray) -> tuple[float, float]:
+    """(along the normal, in the plane): how far written positions with these `_written_rounding`s may lie from the
+    true ones, in mm."""
+    if not rounding:
+        return 0.0, 0.0
+    r = np.asarray(rounding)
+    return float((r @ np.abs(normal)).max()), float(np.linalg.norm(r, axis=1).max())
+
+
+def _rounding_allowance(along: float, step: float) -> float:
+    """The rounding along the normal the spacing checks allow for: at most a spacing over
+    1 / POSITION_ROUNDING_MAX_FRACTION, so a missing slice (a step twice the spacing) is still refused."""
+    return min(along, POSITION_ROUNDING_MAX_FRACTION * step)
+
+
 def _stack_geometry(
     positions: list[np.ndarray],
     iop: np.ndarray,
@@ -244,9 +276,12 @@ def _stack_geometry(
     labels: list[str],
     path: str,
     default_dz: float,
+    rounding: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
 
+    ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
+    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it).
     Returns (order, spacing (i, j, k), origin, direction) in LPS.
     """
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
@@ -272,17 +307,23 @@ def _stack_geometry(
                 path,
             )
         typical = float(np.median(steps))
+        along, in_plane = _position_rounding(rounding, normal)
+        mean_step = float(dist[-1] - dist[0]) / (len(dist) - 1)  # less rounded than any one step
+        allowed = _rounding_allowance(along, min(typical, mean_step))
+        coarse = (f"; ImagePositionPatient is rounded by up to {along:g} mm, too coarse for {mean_step:.3f} mm slices"
+                  if along > allowed else "")
         worst = int(np.argmax(np.abs(steps - typical)))
-        if abs(steps[worst] - typical) > SPACING_RTOL * typical:
+        # A step and the median step each differ from the true ones by up to twice a position's rounding.
+        if abs(steps[worst] - typical) > SPACING_RTOL * typical + 4 * allowed:
             raise ImagingError(
                 f"uneven slice spacing: {steps[worst]:.3f} mm between {labels[order[worst]]} and "
-                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?)",
+                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?){coarse}",
                 path,
             )
-        dz = _grid_spacing(dist, labels, order, path)
+        dz = _grid_spacing(dist, labels, order, path, allowed, coarse)
         # In-plane drift means a tilted (sheared) stack that a direction matrix cannot express.
         drift = pos[order] - pos[order[0]] - np.outer(dist - dist[0], normal)
-        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())):
+        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane:
             raise ImagingError(
                 f"slices are not stacked along their normal (gantry tilt or shear of "
                 f"{np.abs(drift).max():.3f} mm)",
@@ -295,21 +336,25 @@ def _stack_geometry(
     return order, spacing, tuple(pos[order[0]]), direction
 
 
-def _grid_spacing(dist: np.ndarray, labels: list[str], order: np.ndarray, path: str) -> float:
+def _grid_spacing(
+    dist: np.ndarray, labels: list[str], order: np.ndarray, path: str, rounding: float = 0.0, coarse: str = ""
+) -> float:
     """The slice spacing of sorted slice distances ``dist``, as ITK's series reader (and so 3D Slicer) sets it: first
     to last slice over n - 1. Steps that each pass the step check may still drift (400 slices stepping 0.625 then
     0.631 mm): Slicer then finds slices more than 0.001 mm off its grid and adds an "acquisition geometry
     regularization" transform; this reader does not resample, so it refuses a slice lying more than SPACING_RTOL of
-    a spacing off the grid, which would carry its masks that far from where the slice was taken."""
+    a spacing off the grid, which would carry its masks that far from where the slice was taken. Positions written
+    to ``rounding`` mm may lie twice that off the grid through their rounding alone (a slice's and the grid's)."""
     dz = float(dist[-1] - dist[0]) / (len(dist) - 1)
     off = dist - dist[0] - dz * np.arange(len(dist))
     worst = int(np.argmax(np.abs(off)))
-    if abs(off[worst]) > SPACING_RTOL * dz:
+    if abs(off[worst]) > SPACING_RTOL * dz + 2 * rounding:
         steps = np.diff(dist)
         raise ImagingError(
             f"uneven slice spacing: steps drift from {steps.min():.3f} to {steps.max():.3f} mm, so "
             f"{labels[order[worst]]} lies {abs(off[worst]):.3f} mm from its place on an evenly spaced grid of "
-            f"{dz:.4f} mm (first to last slice); 3D Slicer would warp the volume to fit, this reader does not resample",
+            f"{dz:.4f} mm (first to last slice); 3D Slicer would warp the volume to fit, this reader does not resample"
+            f"{coarse}",
             path,
         )
     return dz
@@ -477,8 +522,9 @@ def read_dicom_series(
         _vec(ds.ImagePositionPatient, 3, "ImagePositionPatient", f)
         for f, ds in zip(files, headers, strict=True)
     ]
+    rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
-        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first)
+        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
@@ -496,8 +542,10 @@ def read_dicom_series(
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     # ITK warns on stderr of any step more than 1e-4 of a spacing off; this series passed our own checks (each step
-    # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that).
-    reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL)
+    # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that, and
+    # four times the positions' rounding).
+    along = _rounding_allowance(_position_rounding(rounding, direction[:, 2])[0], spacing[2])
+    reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL + 4 * along / spacing[2])
     # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
     if not colour and (len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes)):
         reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -599,7 +647,7 @@ def _file_geometry(
 ) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
     """(frame order, spacing, origin, direction, has_patient_geometry) of one DICOM file."""
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        orients, positions, spacings = [], [], []
+        orients, positions, spacings, rounding = [], [], [], []
         for f in range(n_frames):
             o, p, m = (
                 _functional(ds, f, s)
@@ -609,6 +657,7 @@ def _file_geometry(
                 break
             orients.append(_vec(o.ImageOrientationPatient, 6, "ImageOrientationPatient", path))
             positions.append(_vec(p.ImagePositionPatient, 3, "ImagePositionPatient", path))
+            rounding.append(_written_rounding(p.ImagePositionPatient))
             spacings.append(_vec(m.PixelSpacing, 2, "PixelSpacing", path))
         if len(positions) == n_frames:
             if not all(np.allclose(o, orients[0], atol=ORIENTATION_ATOL) for o in orients):
@@ -623,6 +672,7 @@ def _file_geometry(
                 [f"frame {f + 1}" for f in range(n_frames)],
                 path,
                 _slice_thickness(m0) if m0 is not None else 1.0,
+                rounding,
             )
             return order, spacing, origin, direction, True
     if all(t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
