@@ -14,6 +14,8 @@ import pydicom
 import pytest
 
 from medsight.imaging import ImagingError, read_dicom, read_dicom_series, read_nifti, read_volume
+from medsight.imaging.read_dicom import MAX_UNFLAGGED_LOCALIZERS
+from medsight_testing.dicom_series import add_localizers
 
 
 def _raises(path, match, **kw):
@@ -78,6 +80,13 @@ def test_mixed_series(dicomdir):
     )
     _raises(folder, "series 1.2.3 not found", series_uid="1.2.3")
     _raises(dicomdir / "98892003" / "MR700", "mixed series: orientations")  # radial slices
+
+
+def test_more_images_in_other_orientations_than_a_scout_is_a_mixed_series(ct_series, tmp_path):
+    # Up to three unflagged images of other orientations are left out as a localizer; one more is no scout.
+    shutil.copytree(ct_series, tmp_path, dirs_exist_ok=True)
+    add_localizers(tmp_path, MAX_UNFLAGGED_LOCALIZERS + 1, flagged=False)
+    _raises(tmp_path, "mixed series: rows")
 
 
 def test_mixed_sizes(ct_series, pydicom_files, tmp_path):

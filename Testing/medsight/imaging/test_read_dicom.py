@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pydicom
@@ -10,6 +11,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
+from medsight_testing.dicom_series import add_localizers
 
 
 def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
@@ -68,6 +70,23 @@ def test_positions_written_with_few_decimals_read_on_itks_grid(
     for k, f in enumerate(vol.source_files):
         written = np.asarray(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, dtype=float)
         assert np.abs(vol.ijk_to_lps @ [0, 0, k, 1] - [*written, 1]).max() <= 4 * rounding
+
+
+@pytest.mark.parametrize(("count", "flagged", "said"), [
+    (1, True, "1 image flagged LOCALIZER (ImageType)"),
+    (2, True, "2 images flagged LOCALIZER (ImageType)"),
+    (3, False, "3 images in another orientation than the other {n} (a localizer?)"),
+])
+def test_localizer_in_the_series_is_left_out_and_said(ct_series, tmp_path, count, flagged, said):
+    """A CT series folder holding its scout (another orientation and size, in the same series) was refused as a mixed
+    series, where 3D Slicer offers the stack without it: the stack is read, and the volume says what was left out."""
+    folder = shutil.copytree(ct_series, tmp_path / "ct")
+    scouts = add_localizers(folder, count, flagged)
+    vol, alone = read_volume(folder), read_volume(ct_series)
+    assert vol.shape == alone.shape and np.array_equal(vol.array, alone.array)
+    assert np.allclose(vol.ijk_to_lps, alone.ijk_to_lps) and vol.sop_instance_uids == alone.sop_instance_uids
+    assert not {str(s) for s in scouts} & set(vol.source_files)
+    assert vol.left_out == said.format(n=alone.shape[0]) and alone.left_out is None
 
 
 def test_volume_keeps_no_patient_identifiers(ct_series):

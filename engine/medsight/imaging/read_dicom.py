@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import decimal
 import logging
 import os
@@ -34,6 +35,9 @@ from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 SPACING_RTOL = 0.01
 POSITION_ROUNDING_MAX_FRACTION = 1 / 8
 ORIENTATION_ATOL = 1e-4
+#: Images of another orientation beside a series' stack, not flagged LOCALIZER, left out as its scout: a scout is one
+#: to three images (one per plane); more is a mixed series, refused.
+MAX_UNFLAGGED_LOCALIZERS = 3
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -269,6 +273,48 @@ def _rounding_allowance(along: float, step: float) -> float:
     return min(along, POSITION_ROUNDING_MAX_FRACTION * step)
 
 
+def _images(count: int) -> str:
+    return f"{count} image{'s' if count != 1 else ''}"
+
+
+def _is_localizer(ds: pydicom.Dataset) -> bool:
+    return any(str(v).strip().upper() == "LOCALIZER" for v in np.atleast_1d(ds.get("ImageType") or []))
+
+
+def _without_localizers(
+    files: list[str], headers: list[pydicom.Dataset]
+) -> tuple[list[str], list[pydicom.Dataset], str | None]:
+    """The series' stack without its localizer (scout) images, and what was left out, in words (None: nothing).
+
+    Scanners put the scout in the CT series (GE, Siemens CBCT: ImageType LOCALIZER), some without the flag; 3D
+    Slicer then offers the series without it (its subseries by ImageType and by orientation). Left out: images
+    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations beside a
+    larger stack of one; anything else is left to the mixed-series checks."""
+    said = []
+    flagged = [_is_localizer(ds) for ds in headers]
+    if any(flagged) and not all(flagged):
+        said.append(f"{_images(sum(flagged))} flagged LOCALIZER (ImageType)")
+        files = [f for f, x in zip(files, flagged, strict=True) if not x]
+        headers = [ds for ds, x in zip(headers, flagged, strict=True) if not x]
+    if all("ImageOrientationPatient" in ds for ds in headers):
+        orients = [_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
+                   for f, ds in zip(files, headers, strict=True)]
+        groups: list[list[int]] = []
+        for k, o in enumerate(orients):
+            group = next((g for g in groups if np.allclose(orients[g[0]], o, atol=ORIENTATION_ATOL)), None)
+            if group is None:
+                groups.append([k])
+            else:
+                group.append(k)
+        groups.sort(key=len, reverse=True)
+        others = len(files) - len(groups[0])
+        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and len(groups[0]) > max(others, len(groups[1])):
+            said.append(f"{_images(others)} in another orientation than the other {len(groups[0])} (a localizer?)")
+            files = [files[k] for k in sorted(groups[0])]
+            headers = [headers[k] for k in sorted(groups[0])]
+    return files, headers, (" and ".join(said) if said else None)
+
+
 def _stack_geometry(
     positions: list[np.ndarray],
     iop: np.ndarray,
@@ -466,8 +512,10 @@ def read_dicom_series(
     _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
         _require_image(ds, f)
+    files, headers, left_out = _without_localizers(files, headers)
     if len(files) == 1:
-        return read_dicom_file(files[0], modality=modality, max_voxels=max_voxels)
+        return dataclasses.replace(read_dicom_file(files[0], modality=modality, max_voxels=max_voxels),
+                                   left_out=left_out)
     first = headers[0]
     if _int(first, "NumberOfFrames", files[0], 1) > 1:
         raise ImagingError(
@@ -584,6 +632,7 @@ def read_dicom_series(
         source=folder,
         invert_display=monochrome1,
         lossy_compression=_series_lossy_compression(headers),
+        left_out=left_out,
     )
 
 

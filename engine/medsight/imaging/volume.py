@@ -56,6 +56,9 @@ class Volume:
     #: DICOM whose pixels went through lossy compression (a lossy transfer syntax, or LossyImageCompression "01"):
     #: which, in words, for the user to be told; None when nothing says so.
     lossy_compression: str | None = None
+    #: DICOM images of the series left out of the volume (its localizer), in words, for the user to be told; None
+    #: when every image of the series is in it.
+    left_out: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
