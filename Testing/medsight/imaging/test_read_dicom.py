@@ -115,6 +115,22 @@ def test_single_ct_and_mr_files(pydicom_files):
         assert np.array_equal(read_dicom(pydicom_files / name).array, mr.array)
 
 
+def test_images_without_a_sop_instance_uid_in_the_data_set_take_the_meta_headers(nibabel_data, ct_series, tmp_path):
+    """nibabel's decimal_rescale.dcm (a Siemens MR whose data set lacks its SOP Class and Instance UIDs; its meta header
+    has them) and a series of such copies were an AttributeError traceback: read, with the meta header's UIDs."""
+    path = nibabel_data.parent.parent / "nicom" / "tests" / "data" / "decimal_rescale.dcm"
+    vol, ds = read_dicom(path), pydicom.dcmread(path)
+    assert "SOPInstanceUID" not in ds and vol.sop_instance_uids == (ds.file_meta.MediaStorageSOPInstanceUID,)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.abs(vol.array[0] - hu).max() == 0
+    for f in sorted(ct_series.iterdir()):
+        copy = pydicom.dcmread(f)
+        del copy.SOPInstanceUID
+        copy.save_as(tmp_path / f.name)
+    series, alone = read_volume(tmp_path), read_volume(ct_series)
+    assert series.sop_instance_uids == alone.sop_instance_uids and np.array_equal(series.array, alone.array)
+
+
 def test_enhanced_multiframe_ct_geometry(dicom_store):
     path = dicom_store / "eCT_Supplemental.dcm"
     vol = read_dicom(path)

@@ -425,6 +425,13 @@ def _modality(ds: pydicom.Dataset, modality: str | None) -> str:
     return (modality or str(ds.get("Modality", "") or "OT")).upper()
 
 
+def _sop_instance_uid(ds: pydicom.Dataset) -> str:
+    """The image's SOP Instance UID: a file whose data set leaves it out (an exported or stripped copy) still has it
+    in its meta header, the same UID by definition; "" when neither has it."""
+    uid = ds.get("SOPInstanceUID") or ds.get("file_meta", pydicom.Dataset()).get("MediaStorageSOPInstanceUID")
+    return str(uid or "")
+
+
 def _uids(ds: pydicom.Dataset) -> dict[str, str | None]:
     def get(tag: str) -> str | None:
         v = ds.get(tag)
@@ -609,7 +616,7 @@ def read_dicom_series(
         direction=direction,
         modality=_modality(first, modality),
         **_uids(first),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in headers),
+        sop_instance_uids=tuple(map(_sop_instance_uid, headers)),
         source_files=tuple(files),
         source=folder,
         invert_display=monochrome1,
@@ -916,7 +923,7 @@ def read_dicom_file(
         direction=direction,
         modality=_modality(ds, modality),
         **_uids(ds),
-        sop_instance_uids=(str(ds.SOPInstanceUID),),
+        sop_instance_uids=(_sop_instance_uid(ds),),
         source_files=(path,),
         source=path,
         frame_numbers=tuple(int(f) + 1 for f in (order if order is not None else range(n_frames))),
