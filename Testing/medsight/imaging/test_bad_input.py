@@ -89,6 +89,25 @@ def test_more_images_in_other_orientations_than_a_scout_is_a_mixed_series(ct_ser
     _raises(tmp_path, "mixed series: rows")
 
 
+@pytest.mark.parametrize(("frame", "group"), [(1, "PlanePositionSequence"), (0, "PlaneOrientationSequence")])
+def test_multiframe_file_with_a_frame_not_placed_is_refused(dicom_store, tmp_path, frame, group):
+    # pydicom-data's enhanced CT with one frame's position (or orientation) taken out was read as an unplaced 1 mm grid
+    # (the frames' pixels are 0.39 mm) without a word, its frames in file order: the reverse of their order along the
+    # normal here.
+    ds = pydicom.dcmread(dicom_store / "eCT_Supplemental.dcm")
+    groups = ds.PerFrameFunctionalGroupsSequence[frame]
+    if group in groups:
+        delattr(groups, group)
+    else:  # shared by all frames: give the others their own copy
+        shared = ds.SharedFunctionalGroupsSequence[0].pop(group).value
+        for k, other in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            if k != frame:
+                setattr(other, group, shared)
+    ds.save_as(tmp_path / "ect.dcm")
+    _raises(tmp_path / "ect.dcm", f"frame {frame + 1} of {len(ds.PerFrameFunctionalGroupsSequence)} has no {group}, "
+                                  "though the file gives frame positions")
+
+
 def test_mixed_sizes(ct_series, pydicom_files, tmp_path):
     for f in sorted(ct_series.iterdir())[:2]:
         shutil.copy(f, tmp_path / f.name)

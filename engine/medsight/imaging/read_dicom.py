@@ -720,18 +720,33 @@ def _relative_offsets(offsets: np.ndarray, ipp: np.ndarray, iop: np.ndarray, pat
     )
 
 
+def _refuse_partly_placed_frames(ds: pydicom.Dataset, n_frames: int, groups: Sequence[str], path: str) -> None:
+    """A multi-frame file places its frames in patient space all or none: one frame without its position (or
+    orientation, or pixel spacing) beside placed frames would have them all read as an unplaced grid, in file order
+    rather than sorted by position; refused, naming the frame and what it lacks."""
+    if not any(_functional(ds, f, "PlanePositionSequence") is not None for f in range(n_frames)):
+        return  # none placed: a plain grid, flagged as such
+    for f in range(n_frames):
+        lacking = [s for s in groups if _functional(ds, f, s) is None]
+        if lacking:
+            raise ImagingError(
+                f"frame {f + 1} of {n_frames} has no {' or '.join(lacking)}, though the file gives frame positions "
+                "(PlanePositionSequence): its frames cannot be placed in patient space",
+                path,
+            )
+
+
 def _file_geometry(
     ds: pydicom.Dataset, n_frames: int, path: str
 ) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
     """(frame order, spacing, origin, direction, has_patient_geometry) of one DICOM file."""
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         orients, positions, spacings, rounding = [], [], [], []
+        groups = ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
         for f in range(n_frames):
-            o, p, m = (
-                _functional(ds, f, s)
-                for s in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
-            )
+            o, p, m = (_functional(ds, f, s) for s in groups)
             if o is None or p is None or m is None:
+                _refuse_partly_placed_frames(ds, n_frames, groups, path)
                 break
             orients.append(_vec(o.ImageOrientationPatient, 6, "ImageOrientationPatient", path))
             positions.append(_vec(p.ImagePositionPatient, 3, "ImagePositionPatient", path))
