@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
+from medsight.imaging.read_dicom import SUBFOLDERS_NAMED
 from medsight_testing.dicom_series import add_localizers
 
 
@@ -381,6 +382,22 @@ def test_a_folder_without_series_is_one_line_without_itk_warnings(tmp_path, capf
         read_volume(tmp_path)
     assert capfd.readouterr().err == ""
     assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's other warnings still shown
+
+
+def test_an_export_root_names_the_subfolders_holding_dicom(dicomdir):
+    """A study or CD export's root (a DICOMDIR beside patient/study/series folders) was 'no DICOM image series found in
+    this folder' and no more: it now names the subfolders holding DICOM files, to give one of them."""
+    with pytest.raises(ImagingError) as info:
+        read_volume(dicomdir / "98892001")
+    assert info.value.problem.endswith("its subfolders hold DICOM files (CT2N, CT5N): give the folder of one series")
+    with pytest.raises(ImagingError) as info:
+        read_volume(dicomdir)
+    named = info.value.problem.split("(")[1].split(")")[0].split(", ")
+    assert named[-1] == "..." and len(named) == SUBFOLDERS_NAMED + 1
+    for sub in named[:-1]:
+        assert list_dicom_series(dicomdir / sub)  # each one named holds a series
+    with pytest.raises(ImagingError, match="PT000000/ST000000/SE000000"):  # three levels down
+        read_volume(dicomdir / "TINY_ALPHA")
 
 
 def _colour_series(source, folder, photometric=None, rescale=None):

@@ -199,6 +199,40 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
 
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Subfolders named when a folder without series has DICOM files further down (a study or CD export's root), and how
+#: far down and through how many folders they are looked for (an export nests patient/study/series: 3 levels).
+SUBFOLDERS_NAMED = 5
+SUBFOLDERS_DEPTH = 4
+SUBFOLDERS_VISITED = 200
+
+
+def _subfolders_hint(folder: str) -> str:
+    """Where a folder without series of its own (an export's root, beside its DICOMDIR) holds DICOM files further
+    down: the first SUBFOLDERS_NAMED such folders, to give one of them instead; "" when there are none."""
+    found, more = [], False
+    for visited, (root, dirs, files) in enumerate(os.walk(folder)):
+        depth = os.path.relpath(root, folder).count(os.sep) + 1
+        dirs[:] = sorted(dirs) if depth < SUBFOLDERS_DEPTH else []
+        if visited == SUBFOLDERS_VISITED:
+            break
+        if root == folder or not any(_has_dicom_prefix(os.path.join(root, f)) for f in sorted(files)):
+            continue
+        if len(found) == SUBFOLDERS_NAMED:
+            more = True
+            break
+        found.append(os.path.relpath(root, folder))
+    if not found:
+        return ""
+    return (f"; its subfolders hold DICOM files ({', '.join(found)}{', ...' if more else ''}): give the folder of "
+            "one series")
+
+
+def _has_dicom_prefix(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[SeriesInfo]) -> None:
@@ -505,7 +539,7 @@ def read_dicom_series(
     folder = os.fspath(folder)
     series = list_dicom_series(folder)
     if not series:
-        raise ImagingError("no DICOM image series found in this folder", folder)
+        raise ImagingError("no DICOM image series found in this folder" + _subfolders_hint(folder), folder)
     if series_uid is None:
         if len(series) > 1:
             raise SeriesChoiceError(series, folder)
