@@ -84,6 +84,28 @@ def test_colour_nrrd_as_slicer_writes_it_reads_as_itk_reads_it(dicom_store, tmp_
     assert np.allclose(vol.direction[:dims, :dims].ravel(), image.GetDirection())
 
 
+def test_rgb24_nifti_reads_as_itk_reads_it(dicom_store, tmp_path):
+    """A colour NIfTI (RGB24, as colour-coded maps and histology are saved) was refused as 'not supported', where ITK
+    and so 3D Slicer read it: now RGB, equal to ITK's reading in samples, spacing, origin and direction."""
+    rgb = pydicom.dcmread(dicom_store / "US1_UNCR.dcm").pixel_array  # (rows, columns, 3), real colour samples
+    slices = np.stack([rgb, rgb[::-1]])  # (k, j, i, 3)
+    ijk = np.transpose(slices, (2, 1, 0, 3))
+    structured = np.zeros(ijk.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for c, name in enumerate("RGB"):
+        structured[name] = ijk[..., c]
+    affine = np.array([[0, -0.6, 0, 10], [0.7, 0, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1.0]])  # a rotated grid
+    path = tmp_path / "colour.nii.gz"
+    nib.save(nib.Nifti1Image(structured, affine), path)
+    vol, image = read_volume(path), sitk.ReadImage(str(path))
+    assert vol.is_rgb and np.array_equal(vol.array, slices) and np.array_equal(vol.array, sitk.GetArrayFromImage(image))
+    assert np.allclose(vol.spacing, image.GetSpacing()) and np.allclose(vol.origin, image.GetOrigin())
+    assert np.allclose(vol.direction.ravel(), image.GetDirection()) and np.allclose(vol.ijk_to_ras, affine)
+    rgba = np.zeros((4, 5, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    nib.save(nib.Nifti1Image(rgba, np.eye(4)), tmp_path / "rgba.nii.gz")
+    with pytest.raises(ImagingError, match=r"colour NIfTI with samples \('R', 'G', 'B', 'A'\) .*RGB24 is expected"):
+        read_volume(tmp_path / "rgba.nii.gz")
+
+
 def test_colour_nrrd_other_than_8_bit_is_refused_saying_so(tmp_path):
     path = tmp_path / "colour16.nrrd"
     nrrd.write(str(path), np.zeros((3, 4, 5, 2), np.uint16), {"kinds": ["RGB-color", "domain", "domain", "domain"]})

@@ -107,11 +107,14 @@ def read_nifti(
         raise
     except _READ_ERRORS as exc:
         raise ImagingError(f"unreadable or corrupt NIfTI ({exc})", path) from exc
-    if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays
-        raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
-    if np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
+    if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays: RGB24 is read as RGB, as ITK (3D Slicer) reads it
+        if data.dtype.names != ("R", "G", "B"):
+            raise ImagingError(f"colour NIfTI with samples {data.dtype.names} ({data.dtype}): RGB24 is expected", path)
+        data = np.stack([data[name] for name in data.dtype.names], axis=-1).reshape((*shape, 3))
+    elif np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
         raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
-    data = data.reshape(shape)
+    else:
+        data = data.reshape(shape)
     check_voxels(data, path)
     kw = {"modality": (modality or "OT").upper(), "source": path}
     h = img.header
