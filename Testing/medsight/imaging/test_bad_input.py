@@ -156,6 +156,19 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     _raises(dup, "duplicate slice position")
 
 
+def test_series_of_two_echoes_is_refused_naming_what_tells_them_apart(ct_series, tmp_path):
+    # A multi-echo series (each position once per echo) was refused as duplicate positions without saying what the
+    # stacks were; the error now names the attribute and its values, so that the files can be split.
+    files = sorted(ct_series.iterdir())
+    for echo in (1, 2):
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.EchoNumbers, ds.SOPInstanceUID = echo, pydicom.uid.generate_uid()
+            ds.save_as(tmp_path / f"echo{echo}_{f.name}")
+    _raises(tmp_path, f"{len(files)} duplicate slice position\\(s\\) .* \\(the files differ in EchoNumbers: 1, 2\\); "
+                      "put each stack's files in a folder of their own")
+
+
 def test_slice_spacing_that_drifts_is_refused(restacked_series):
     # Each step passed the 1 % step check (2.5 mm, then 2.52 mm), so the series was read as evenly spaced: the middle
     # slice sat 0.2 mm from where it was taken, and its masks with it (3D Slicer adds a regularization transform for

@@ -349,6 +349,22 @@ def _without_localizers(
     return files, headers, (" and ".join(said) if said else None)
 
 
+#: Attributes that tell the stacks of one series apart when its slices share positions (echoes, time points, ...).
+STACK_ATTRIBUTES = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
+                    "AcquisitionNumber")
+
+
+def _stacks_hint(headers: Sequence[pydicom.Dataset]) -> str:
+    """The first of STACK_ATTRIBUTES whose value varies across the series, with its values, in words ("" if none):
+    what a user needs to split the files into one folder per stack."""
+    for tag in STACK_ATTRIBUTES:
+        values = sorted({str(ds.get(tag, "")).strip() for ds in headers})
+        if len(values) > 1:
+            shown = ", ".join(v or "none" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+            return f" (the files differ in {tag}: {shown}); put each stack's files in a folder of their own"
+    return ""
+
+
 def _stack_geometry(
     positions: list[np.ndarray],
     iop: np.ndarray,
@@ -357,11 +373,13 @@ def _stack_geometry(
     path: str,
     default_dz: float,
     rounding: list[np.ndarray] | None = None,
+    stacks_hint: str = "",
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
 
     ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
-    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it).
+    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` ends
+    the error for slices sharing a position (`_stacks_hint`).
     Returns (order, spacing (i, j, k), origin, direction) in LPS.
     """
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
@@ -383,7 +401,7 @@ def _stack_geometry(
             a, b = labels[order[dup[0]]], labels[order[dup[0] + 1]]
             raise ImagingError(
                 f"{dup.size} duplicate slice position(s) (e.g. {a} and {b} at "
-                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data",
+                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data{stacks_hint}",
                 path,
             )
         typical = float(np.median(steps))
@@ -613,7 +631,8 @@ def read_dicom_series(
     ]
     rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
-        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding
+        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding,
+        _stacks_hint(headers),
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
