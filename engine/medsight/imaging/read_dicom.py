@@ -331,21 +331,19 @@ def _without_localizers(
         files = [f for f, x in zip(files, flagged, strict=True) if not x]
         headers = [ds for ds, x in zip(headers, flagged, strict=True) if not x]
     if all("ImageOrientationPatient" in ds for ds in headers):
-        orients = [_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
-                   for f, ds in zip(files, headers, strict=True)]
-        groups: list[list[int]] = []
-        for k, o in enumerate(orients):
-            group = next((g for g in groups if np.allclose(orients[g[0]], o, atol=ORIENTATION_ATOL)), None)
-            if group is None:
-                groups.append([k])
-            else:
-                group.append(k)
-        groups.sort(key=len, reverse=True)
-        others = len(files) - len(groups[0])
-        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and len(groups[0]) > max(others, len(groups[1])):
-            said.append(f"{_images(others)} in another orientation than the other {len(groups[0])} (a localizer?)")
-            files = [files[k] for k in sorted(groups[0])]
-            headers = [headers[k] for k in sorted(groups[0])]
+        orients = np.array([_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
+                            for f, ds in zip(files, headers, strict=True)])
+        group_of = np.full(len(files), -1)
+        for k in range(len(files)):
+            if group_of[k] < 0:
+                group_of[(group_of < 0) & np.all(np.abs(orients - orients[k]) <= ORIENTATION_ATOL, axis=1)] = k
+        sizes = sorted(np.bincount(group_of)[np.unique(group_of)], reverse=True)
+        main = int(np.argmax(np.bincount(group_of)))
+        others = len(files) - sizes[0]
+        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]):
+            said.append(f"{_images(others)} in another orientation than the other {sizes[0]} (a localizer?)")
+            files = [f for f, g in zip(files, group_of, strict=True) if g == main]
+            headers = [ds for ds, g in zip(headers, group_of, strict=True) if g == main]
     return files, headers, (" and ".join(said) if said else None)
 
 
@@ -373,13 +371,13 @@ def _stack_geometry(
     path: str,
     default_dz: float,
     rounding: list[np.ndarray] | None = None,
-    stacks_hint: str = "",
+    stacks_hint: Callable[[], str] | None = None,
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
 
     ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
-    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` ends
-    the error for slices sharing a position (`_stacks_hint`).
+    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` gives
+    the end of the error for slices sharing a position (`_stacks_hint`; only then worked out).
     Returns (order, spacing (i, j, k), origin, direction) in LPS.
     """
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
@@ -401,7 +399,7 @@ def _stack_geometry(
             a, b = labels[order[dup[0]]], labels[order[dup[0] + 1]]
             raise ImagingError(
                 f"{dup.size} duplicate slice position(s) (e.g. {a} and {b} at "
-                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data{stacks_hint}",
+                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data{stacks_hint() if stacks_hint else ''}",
                 path,
             )
         typical = float(np.median(steps))
@@ -632,7 +630,7 @@ def read_dicom_series(
     rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
         positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding,
-        _stacks_hint(headers),
+        lambda: _stacks_hint(headers),
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
