@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 
@@ -140,6 +141,34 @@ def test_enhanced_multiframe_ct_geometry(dicom_store):
     for k, frame in enumerate(vol.frame_numbers):
         ipp = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
         assert np.allclose(vol.ijk_to_lps @ [0, 0, k, 1], [*map(float, ipp), 1], atol=1e-4)
+
+
+def test_enhanced_multiframe_with_positions_written_to_one_decimal(dicom_store, tmp_path):
+    """pydicom-data's enhanced CT made a 40-frame stack of 0.625 mm frames whose positions are written to 0.1 mm: it
+    was refused as uneven ('0.700 mm between frame 3 and frame 4'); each frame now lies within its rounding."""
+    ds = pydicom.dcmread(dicom_store / "eCT_Supplemental.dcm")
+    crop = ds.pixel_array[:, :64, :64]  # real CT samples, a corner of each frame
+    count, spacing = 40, 0.625
+    groups = ds.PerFrameFunctionalGroupsSequence
+    start = np.asarray(groups[0].PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+    iop = np.asarray(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    frames = []
+    for k in range(count):
+        frames.append(copy.deepcopy(groups[k % len(groups)]))
+        frames[-1].PlanePositionSequence[0].ImagePositionPatient = [f"{x:.1f}" for x in start + k * spacing * normal]
+    ds.PerFrameFunctionalGroupsSequence, ds.NumberOfFrames = frames, count
+    ds.Rows, ds.Columns = crop.shape[1:]
+    ds.PixelData = np.ascontiguousarray(crop[np.arange(count) % len(crop)]).tobytes()
+    ds.save_as(tmp_path / "ect.dcm")
+    vol = read_dicom(tmp_path / "ect.dcm")
+    rescale = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    slope, intercept = float(rescale.RescaleSlope), float(rescale.RescaleIntercept)
+    assert vol.shape == (count, *crop.shape[1:]) and sorted(vol.frame_numbers) == list(range(1, count + 1))
+    for k, frame in enumerate(vol.frame_numbers):
+        written = np.asarray(frames[frame - 1].PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        assert np.abs(vol.ijk_to_lps @ [0, 0, k, 1] - [*written, 1]).max() <= 4 * 0.05
+        assert np.array_equal(vol.array[k], crop[(frame - 1) % len(crop)] * slope + intercept)
 
 
 def test_multiframe_without_positions_is_flagged(dicom_store):
