@@ -646,7 +646,7 @@ def read_dicom_series(
         # (HU) and, with invert_display, inverts the display twice; and it ignores a Modality LUT: take pydicom's
         # values, as read_dicom_file does. GDCM reads only the first slice's header, for the geometry cross-check
         # below (its series reader takes origin and direction from there too): decoding the series there as well
-        # cost 14 % of a 60-slice colour series' read and held a second copy of its pixels.
+        # would cost a second decode and a second copy of the pixels.
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
         gdcm: sitk.Image | sitk.ImageFileReader = _gdcm_header(files[0])
     else:
