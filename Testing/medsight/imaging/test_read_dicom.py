@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813
+from pydicom.pixels import apply_modality_lut
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
 from medsight.imaging.read_dicom import SUBFOLDERS_NAMED
@@ -89,6 +90,25 @@ def test_localizer_in_the_series_is_left_out_and_said(ct_series, tmp_path, count
     assert np.allclose(vol.ijk_to_lps, alone.ijk_to_lps) and vol.sop_instance_uids == alone.sop_instance_uids
     assert not {str(s) for s in scouts} & set(vol.source_files)
     assert vol.left_out == said.format(n=alone.shape[0]) and alone.left_out is None
+
+
+@pytest.mark.parametrize("varies", ["rescale", "signedness"])
+def test_series_whose_slices_rescale_or_store_differently_reads_each_slice_in_its_own_units(ct_series, tmp_path,
+                                                                                            varies):
+    """Real exports vary the rescale per slice (PET, some CT) or store some slices signed, others unsigned: every
+    slice is read through its own header into the same units, as pydicom's modality LUT gives them."""
+    files = sorted(ct_series.iterdir())
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if varies == "rescale":
+            ds.RescaleSlope, ds.RescaleIntercept = f"{1 + 0.25 * k:g}", str(-1024 + 7 * k)
+        elif k % 2:  # the same values stored unsigned
+            ds.PixelRepresentation, ds.PixelData = 0, ds.pixel_array.astype(np.uint16).tobytes()
+        ds.save_as(tmp_path / f.name)
+    vol = read_volume(tmp_path)
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        assert np.abs(vol.array[k] - apply_modality_lut(ds.pixel_array, ds)).max() == 0
 
 
 def test_volume_keeps_no_patient_identifiers(ct_series):
