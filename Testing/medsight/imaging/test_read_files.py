@@ -113,6 +113,18 @@ def test_colour_nrrd_other_than_8_bit_is_refused_saying_so(tmp_path):
         read_volume(path)
 
 
+def test_2d_nrrd_in_3d_space_is_refused_for_what_it_is(tmp_path):
+    # A plane placed in LPS space (2 axes, 3D vectors) was refused as "malformed space directions [[0.8 0. 0.] ...]";
+    # it is well-formed, only not readable as a volume (ITK refuses it as well).
+    path = tmp_path / "plane.nrrd"
+    nrrd.write(str(path), np.zeros((4, 5), np.int16), {"space": "left-posterior-superior", "space origin": [1, 2, 3],
+                                                        "space directions": np.array([[0.8, 0, 0], [0, 0.9, 0]])})
+    with pytest.raises(ImagingError, match=r"a 2D image placed in 3D space \(2 space directions\): not supported"):
+        read_volume(path)
+    with pytest.raises(RuntimeError, match="doesn't match dimension of space"):
+        sitk.ReadImage(str(path))
+
+
 def test_nrrd_with_space_dimension_but_no_named_space_is_placed_as_itk_places_it(mni_t1, tmp_path):
     # NRRD may give "space dimension: 3" with space directions and origin but no named space. ITK (so 3D Slicer)
     # takes the vectors as LPS; this reader ignored them and returned a 1 mm grid at 0 without patient geometry,

@@ -192,6 +192,9 @@ def read_nrrd(
     kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
     if space in _SPACES and dirs is not None:
         dirs = np.asarray(dirs, dtype=float)[1 if colour else 0: len(sizes)]  # the colour axis has "none"
+        if dirs.shape[0] == 2:  # ITK (and so 3D Slicer) refuses it too: a plane in 3D space has no slice axis
+            raise ImagingError("a 2D image placed in 3D space (2 space directions): not supported, as in ITK and 3D "
+                               "Slicer; save it as a one-slice 3D NRRD", path)
         if dirs.shape[0] < 3 or not np.all(np.isfinite(dirs[:3])):
             raise ImagingError(f"malformed space directions {header.get('space directions')}", path)
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
