@@ -20,6 +20,7 @@ from PIL import Image
 from medsight.cli import _parser, main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
+from medsight_testing.dicom_series import add_localizers
 from medsight_testing.disk import file_size_limit
 
 
@@ -511,6 +512,17 @@ def test_modality_is_taken_as_the_engine_keeps_it_or_refused(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert _err(capsys).splitlines()[-1] == (f"medsight ask: error: argument --modality: {bad!r} is not a "
                                                  "modality: use letters and digits, at most 16 (CT, MR, US, ...)")
+
+
+def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
+    """A CT series folder holding its scout was refused as a mixed series; the stack is answered about, and the user
+    is told what of the series is not in it."""
+    series = shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N", tmp_path / "ct")
+    add_localizers(series, 1)
+    assert main(["ask", str(series), "What is shown?", *TINY, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["answer"] is not None
+    assert "note: left out of the volume: 1 image flagged LOCALIZER (ImageType)" in captured.err.splitlines()
 
 
 def test_lossy_compressed_dicom_is_noted(capsys):

@@ -74,12 +74,15 @@ def mni_wm(nilearn_data: Path) -> Path:
 @pytest.fixture
 def restacked_series(ct_series: Path, tmp_path: Path):
     """A function writing a one-series folder of copies of `ct_series`' first slice, placed at the given distances
-    (mm) along its normal: real slice files with slice positions chosen by the test."""
+    (mm) along its normal: real slice files with slice positions chosen by the test, written with ``decimals``
+    decimals (clinical exports often write one or two), optionally with another ImageOrientationPatient."""
     import numpy as np
     import pydicom
 
-    def write(distances, name: str = "restacked") -> Path:
+    def write(distances, name: str = "restacked", decimals: int = 6, orientation=None) -> Path:
         template = pydicom.dcmread(sorted(ct_series.iterdir())[0])
+        if orientation is not None:
+            template.ImageOrientationPatient = [f"{x:.6f}" for x in orientation]
         iop = np.asarray(template.ImageOrientationPatient, dtype=float)
         normal = np.cross(iop[:3], iop[3:])
         start = np.asarray(template.ImagePositionPatient, dtype=float)
@@ -90,7 +93,7 @@ def restacked_series(ct_series: Path, tmp_path: Path):
             template.SeriesInstanceUID = series_uid
             template.SOPInstanceUID = pydicom.uid.generate_uid()
             template.InstanceNumber = k + 1
-            template.ImagePositionPatient = [f"{x:.6f}" for x in start + d * normal]
+            template.ImagePositionPatient = [f"{x:.{decimals}f}" for x in start + d * normal]
             template.save_as(folder / f"slice{k:04d}.dcm")
         return folder
 

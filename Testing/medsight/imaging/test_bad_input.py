@@ -14,6 +14,8 @@ import pydicom
 import pytest
 
 from medsight.imaging import ImagingError, read_dicom, read_dicom_series, read_nifti, read_volume
+from medsight.imaging.read_dicom import MAX_UNFLAGGED_LOCALIZERS
+from medsight_testing.dicom_series import add_localizers
 
 
 def _raises(path, match, **kw):
@@ -80,6 +82,32 @@ def test_mixed_series(dicomdir):
     _raises(dicomdir / "98892003" / "MR700", "mixed series: orientations")  # radial slices
 
 
+def test_more_images_in_other_orientations_than_a_scout_is_a_mixed_series(ct_series, tmp_path):
+    # Up to three unflagged images of other orientations are left out as a localizer; one more is no scout.
+    shutil.copytree(ct_series, tmp_path, dirs_exist_ok=True)
+    add_localizers(tmp_path, MAX_UNFLAGGED_LOCALIZERS + 1, flagged=False)
+    _raises(tmp_path, "mixed series: rows")
+
+
+@pytest.mark.parametrize(("frame", "group"), [(1, "PlanePositionSequence"), (0, "PlaneOrientationSequence")])
+def test_multiframe_file_with_a_frame_not_placed_is_refused(dicom_store, tmp_path, frame, group):
+    # pydicom-data's enhanced CT with one frame's position (or orientation) taken out was read as an unplaced 1 mm grid
+    # (the frames' pixels are 0.39 mm) without a word, its frames in file order: the reverse of their order along the
+    # normal here.
+    ds = pydicom.dcmread(dicom_store / "eCT_Supplemental.dcm")
+    groups = ds.PerFrameFunctionalGroupsSequence[frame]
+    if group in groups:
+        delattr(groups, group)
+    else:  # shared by all frames: give the others their own copy
+        shared = ds.SharedFunctionalGroupsSequence[0].pop(group).value
+        for k, other in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            if k != frame:
+                setattr(other, group, shared)
+    ds.save_as(tmp_path / "ect.dcm")
+    _raises(tmp_path / "ect.dcm", f"frame {frame + 1} of {len(ds.PerFrameFunctionalGroupsSequence)} has no {group}, "
+                                  "though the file gives frame positions")
+
+
 def test_mixed_sizes(ct_series, pydicom_files, tmp_path):
     for f in sorted(ct_series.iterdir())[:2]:
         shutil.copy(f, tmp_path / f.name)
@@ -128,6 +156,19 @@ def test_missing_slices_and_duplicates(dicomdir, ct_series, tmp_path):
     _raises(dup, "duplicate slice position")
 
 
+def test_series_of_two_echoes_is_refused_naming_what_tells_them_apart(ct_series, tmp_path):
+    # A multi-echo series (each position once per echo) was refused as duplicate positions without saying what the
+    # stacks were; the error now names the attribute and its values, so that the files can be split.
+    files = sorted(ct_series.iterdir())
+    for echo in (1, 2):
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.EchoNumbers, ds.SOPInstanceUID = echo, pydicom.uid.generate_uid()
+            ds.save_as(tmp_path / f"echo{echo}_{f.name}")
+    _raises(tmp_path, f"{len(files)} duplicate slice position\\(s\\) .* \\(the files differ in EchoNumbers: 1, 2\\); "
+                      "put each stack's files in a folder of their own")
+
+
 def test_slice_spacing_that_drifts_is_refused(restacked_series):
     # Each step passed the 1 % step check (2.5 mm, then 2.52 mm), so the series was read as evenly spaced: the middle
     # slice sat 0.2 mm from where it was taken, and its masks with it (3D Slicer adds a regularization transform for
@@ -142,6 +183,22 @@ def test_slice_spacing_that_drifts_is_refused(restacked_series):
     error = _raises(folder, re.escape(f"uneven slice spacing: steps drift from {min(steps):.3f} to {max(steps):.3f} "
                                       f"mm, so slice{worst:04d}.dcm lies {off[worst]:.3f} mm"))
     assert f"evenly spaced grid of {grid:.4f} mm" in str(error)
+
+
+def test_positions_written_with_few_decimals_still_refuse_missing_and_duplicate_slices(restacked_series):
+    # Positions written to 0.1 mm are allowed their rounding (0.625 mm slices step 0.6 and 0.7 mm), not more: a
+    # missing, duplicated or half-spacing-off slice is still refused, and positions too coarse to tell a missing slice
+    # (whole mm at 1.25 mm slices) are refused saying so.
+    spacing, count = 0.625, 40
+    distances = np.arange(count) * spacing
+    middle = count // 2
+    _raises(restacked_series(np.delete(distances, middle), "missing", decimals=1), "uneven slice spacing: 1.[23]00 mm")
+    _raises(restacked_series(np.insert(distances, middle, distances[middle]), "duplicate", decimals=1),
+            "duplicate slice position")
+    shifted = distances + np.where(np.arange(count) == middle, spacing / 2, 0)
+    _raises(restacked_series(shifted, "shifted", decimals=1), "uneven slice spacing")
+    error = _raises(restacked_series(np.arange(count) * 2 * spacing, "whole_mm", decimals=0), "uneven slice spacing")
+    assert "ImagePositionPatient is rounded by up to 0.5 mm, too coarse for" in str(error)
 
 
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])

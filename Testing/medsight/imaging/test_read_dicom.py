@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import shutil
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813
+from pydicom.pixels import apply_modality_lut
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
+from medsight.imaging.read_dicom import SUBFOLDERS_NAMED
+from medsight_testing.dicom_series import add_localizers
 
 
 def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
@@ -45,6 +50,67 @@ def test_slice_spacing_within_tolerance_is_itks_and_quiet(restacked_series, capf
     assert np.array_equal(vol.array, sitk.GetArrayFromImage(image))
 
 
+@pytest.mark.parametrize("decimals", [1, 2])
+@pytest.mark.parametrize(("spacing", "tilt_degrees"), [(0.625, 0), (0.625, 10), (3.0, 10)])
+def test_positions_written_with_few_decimals_read_on_itks_grid(
+    restacked_series, capfd, decimals, spacing, tilt_degrees
+):
+    """A CT of 0.625 mm slices whose positions are written to 0.1 mm steps 0.6 and 0.7 mm: it was refused as uneven
+    (and an oblique stack of 3 mm slices with 0.01 mm positions as sheared by a gantry tilt), where 3D Slicer loads
+    it. Each slice lies on ITK's grid within the rounding of its written position."""
+    count = 40
+    tilt = np.deg2rad(tilt_degrees)
+    orientation = [1, 0, 0, 0, np.cos(tilt), np.sin(tilt)]
+    vol = read_volume(restacked_series(np.arange(count) * spacing, decimals=decimals, orientation=orientation))
+    assert "Non uniform sampling" not in capfd.readouterr().err
+    image = sitk.ReadImage(list(vol.source_files))
+    # ITK spans first to last slice with a straight line, this reader along the normal: the rounding of an oblique
+    # stack's in-plane coordinates comes between them.
+    assert vol.shape[0] == count and vol.spacing[2] == pytest.approx(image.GetSpacing()[2], rel=1e-5)
+    assert np.array_equal(vol.array, sitk.GetArrayFromImage(image))
+    assert np.allclose(vol.origin, image.GetOrigin()) and np.allclose(vol.direction.ravel(), image.GetDirection())
+    rounding = 0.5 * 10.0 ** -decimals
+    for k, f in enumerate(vol.source_files):
+        written = np.asarray(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, dtype=float)
+        assert np.abs(vol.ijk_to_lps @ [0, 0, k, 1] - [*written, 1]).max() <= 4 * rounding
+
+
+@pytest.mark.parametrize(("count", "flagged", "said"), [
+    (1, True, "1 image flagged LOCALIZER (ImageType)"),
+    (2, True, "2 images flagged LOCALIZER (ImageType)"),
+    (3, False, "3 images in another orientation than the other {n} (a localizer?)"),
+])
+def test_localizer_in_the_series_is_left_out_and_said(ct_series, tmp_path, count, flagged, said):
+    """A CT series folder holding its scout (another orientation and size, in the same series) was refused as a mixed
+    series, where 3D Slicer offers the stack without it: the stack is read, and the volume says what was left out."""
+    folder = shutil.copytree(ct_series, tmp_path / "ct")
+    scouts = add_localizers(folder, count, flagged)
+    vol, alone = read_volume(folder), read_volume(ct_series)
+    assert vol.shape == alone.shape and np.array_equal(vol.array, alone.array)
+    assert np.allclose(vol.ijk_to_lps, alone.ijk_to_lps) and vol.sop_instance_uids == alone.sop_instance_uids
+    assert not {str(s) for s in scouts} & set(vol.source_files)
+    assert vol.left_out == said.format(n=alone.shape[0]) and alone.left_out is None
+
+
+@pytest.mark.parametrize("varies", ["rescale", "signedness"])
+def test_series_whose_slices_rescale_or_store_differently_reads_each_slice_in_its_own_units(ct_series, tmp_path,
+                                                                                            varies):
+    """Real exports vary the rescale per slice (PET, some CT) or store some slices signed, others unsigned: every
+    slice is read through its own header into the same units, as pydicom's modality LUT gives them."""
+    files = sorted(ct_series.iterdir())
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if varies == "rescale":
+            ds.RescaleSlope, ds.RescaleIntercept = f"{1 + 0.25 * k:g}", str(-1024 + 7 * k)
+        elif k % 2:  # the same values stored unsigned
+            ds.PixelRepresentation, ds.PixelData = 0, ds.pixel_array.astype(np.uint16).tobytes()
+        ds.save_as(tmp_path / f.name)
+    vol = read_volume(tmp_path)
+    for k, f in enumerate(vol.source_files):
+        ds = pydicom.dcmread(f)
+        assert np.abs(vol.array[k] - apply_modality_lut(ds.pixel_array, ds)).max() == 0
+
+
 def test_volume_keeps_no_patient_identifiers(ct_series):
     vol = read_volume(ct_series)
     names = {f.name for f in dataclasses.fields(vol)}
@@ -71,6 +137,22 @@ def test_single_ct_and_mr_files(pydicom_files):
         assert np.array_equal(read_dicom(pydicom_files / name).array, mr.array)
 
 
+def test_images_without_a_sop_instance_uid_in_the_data_set_take_the_meta_headers(nibabel_data, ct_series, tmp_path):
+    """nibabel's decimal_rescale.dcm (a Siemens MR whose data set lacks its SOP Class and Instance UIDs; its meta header
+    has them) and a series of such copies were an AttributeError traceback: read, with the meta header's UIDs."""
+    path = nibabel_data.parent.parent / "nicom" / "tests" / "data" / "decimal_rescale.dcm"
+    vol, ds = read_dicom(path), pydicom.dcmread(path)
+    assert "SOPInstanceUID" not in ds and vol.sop_instance_uids == (ds.file_meta.MediaStorageSOPInstanceUID,)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.abs(vol.array[0] - hu).max() == 0
+    for f in sorted(ct_series.iterdir()):
+        copy = pydicom.dcmread(f)
+        del copy.SOPInstanceUID
+        copy.save_as(tmp_path / f.name)
+    series, alone = read_volume(tmp_path), read_volume(ct_series)
+    assert series.sop_instance_uids == alone.sop_instance_uids and np.array_equal(series.array, alone.array)
+
+
 def test_enhanced_multiframe_ct_geometry(dicom_store):
     path = dicom_store / "eCT_Supplemental.dcm"
     vol = read_dicom(path)
@@ -79,6 +161,34 @@ def test_enhanced_multiframe_ct_geometry(dicom_store):
     for k, frame in enumerate(vol.frame_numbers):
         ipp = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
         assert np.allclose(vol.ijk_to_lps @ [0, 0, k, 1], [*map(float, ipp), 1], atol=1e-4)
+
+
+def test_enhanced_multiframe_with_positions_written_to_one_decimal(dicom_store, tmp_path):
+    """pydicom-data's enhanced CT made a 40-frame stack of 0.625 mm frames whose positions are written to 0.1 mm: it
+    was refused as uneven ('0.700 mm between frame 3 and frame 4'); each frame now lies within its rounding."""
+    ds = pydicom.dcmread(dicom_store / "eCT_Supplemental.dcm")
+    crop = ds.pixel_array[:, :64, :64]  # real CT samples, a corner of each frame
+    count, spacing = 40, 0.625
+    groups = ds.PerFrameFunctionalGroupsSequence
+    start = np.asarray(groups[0].PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+    iop = np.asarray(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    frames = []
+    for k in range(count):
+        frames.append(copy.deepcopy(groups[k % len(groups)]))
+        frames[-1].PlanePositionSequence[0].ImagePositionPatient = [f"{x:.1f}" for x in start + k * spacing * normal]
+    ds.PerFrameFunctionalGroupsSequence, ds.NumberOfFrames = frames, count
+    ds.Rows, ds.Columns = crop.shape[1:]
+    ds.PixelData = np.ascontiguousarray(crop[np.arange(count) % len(crop)]).tobytes()
+    ds.save_as(tmp_path / "ect.dcm")
+    vol = read_dicom(tmp_path / "ect.dcm")
+    rescale = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    slope, intercept = float(rescale.RescaleSlope), float(rescale.RescaleIntercept)
+    assert vol.shape == (count, *crop.shape[1:]) and sorted(vol.frame_numbers) == list(range(1, count + 1))
+    for k, frame in enumerate(vol.frame_numbers):
+        written = np.asarray(frames[frame - 1].PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        assert np.abs(vol.ijk_to_lps @ [0, 0, k, 1] - [*written, 1]).max() <= 4 * 0.05
+        assert np.array_equal(vol.array[k], crop[(frame - 1) % len(crop)] * slope + intercept)
 
 
 def test_multiframe_without_positions_is_flagged(dicom_store):
@@ -321,6 +431,22 @@ def test_a_folder_without_series_is_one_line_without_itk_warnings(tmp_path, capf
         read_volume(tmp_path)
     assert capfd.readouterr().err == ""
     assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's other warnings still shown
+
+
+def test_an_export_root_names_the_subfolders_holding_dicom(dicomdir):
+    """A study or CD export's root (a DICOMDIR beside patient/study/series folders) was 'no DICOM image series found in
+    this folder' and no more: it now names the subfolders holding DICOM files, to give one of them."""
+    with pytest.raises(ImagingError) as info:
+        read_volume(dicomdir / "98892001")
+    assert info.value.problem.endswith("its subfolders hold DICOM files (CT2N, CT5N): give the folder of one series")
+    with pytest.raises(ImagingError) as info:
+        read_volume(dicomdir)
+    named = info.value.problem.split("(")[1].split(")")[0].split(", ")
+    assert named[-1] == "..." and len(named) == SUBFOLDERS_NAMED + 1
+    for sub in named[:-1]:
+        assert list_dicom_series(dicomdir / sub)  # each one named holds a series
+    with pytest.raises(ImagingError, match="PT000000/ST000000/SE000000"):  # three levels down
+        read_volume(dicomdir / "TINY_ALPHA")
 
 
 def _colour_series(source, folder, photometric=None, rescale=None):

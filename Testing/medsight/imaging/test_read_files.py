@@ -7,6 +7,7 @@ import nrrd
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk  # noqa: N813
 from PIL import Image
 
 from medsight.imaging import ImagingError, read_image2d, read_nifti, read_nrrd, read_volume
@@ -57,6 +58,71 @@ def test_nrrd_in_both_spaces_matches_nifti(mni_t1, tmp_path):
     for name in ("lps.nrrd", "ras.nhdr"):
         back = read_nrrd(tmp_path / name)
         assert back.same_geometry(vol) and np.array_equal(back.array, vol.array), name
+
+
+@pytest.mark.parametrize("space", ["left-posterior-superior", "right-anterior-superior", None])
+def test_colour_nrrd_as_slicer_writes_it_reads_as_itk_reads_it(dicom_store, tmp_path, space):
+    """3D Slicer writes a colour volume with its samples on a first NRRD axis of kind RGB-color (vtkTeemNRRDWriter):
+    it was refused as '4D data ... split time points or channels first', and a one-slice one (a 2D picture) was read
+    as a grey volume 3 voxels wide. Now RGB, as ITK (and so Slicer) reads it: samples, spacing, origin, direction."""
+    rgb = pydicom.dcmread(dicom_store / "US1_UNCR.dcm").pixel_array  # (rows, columns, 3), real colour samples
+    slices = np.stack([rgb, rgb[::-1]]) if space else rgb[None]  # (k, j, i, 3); no space: one slice, 2D
+    data = np.transpose(slices, (3, 2, 1, 0))  # NRRD's order: sample, i, j, k
+    if space:
+        directions = np.array([[np.nan] * 3, [0, 0.6, 0], [-0.7, 0, 0], [0, 0, 2.5]])  # a rotated grid
+        header = {"kinds": ["RGB-color", "domain", "domain", "domain"], "space": space,
+                  "space directions": directions, "space origin": [4.0, -5.0, 6.0]}
+    else:
+        data, header = data[..., 0], {"kinds": ["RGB-color", "domain", "domain"], "spacings": [np.nan, 0.6, 0.7]}
+    path = tmp_path / "colour.nrrd"
+    nrrd.write(str(path), np.ascontiguousarray(data), header)
+    vol, image = read_volume(path), sitk.ReadImage(str(path))
+    itk = sitk.GetArrayFromImage(image)
+    assert vol.is_rgb and vol.array.dtype == np.uint8 and np.array_equal(vol.array, itk.reshape(slices.shape))
+    dims = image.GetDimension()
+    assert np.allclose(vol.spacing[:dims], image.GetSpacing()) and np.allclose(vol.origin[:dims], image.GetOrigin())
+    assert np.allclose(vol.direction[:dims, :dims].ravel(), image.GetDirection())
+
+
+def test_rgb24_nifti_reads_as_itk_reads_it(dicom_store, tmp_path):
+    """A colour NIfTI (RGB24, as colour-coded maps and histology are saved) was refused as 'not supported', where ITK
+    and so 3D Slicer read it: now RGB, equal to ITK's reading in samples, spacing, origin and direction."""
+    rgb = pydicom.dcmread(dicom_store / "US1_UNCR.dcm").pixel_array  # (rows, columns, 3), real colour samples
+    slices = np.stack([rgb, rgb[::-1]])  # (k, j, i, 3)
+    ijk = np.transpose(slices, (2, 1, 0, 3))
+    structured = np.zeros(ijk.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for c, name in enumerate("RGB"):
+        structured[name] = ijk[..., c]
+    affine = np.array([[0, -0.6, 0, 10], [0.7, 0, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1.0]])  # a rotated grid
+    path = tmp_path / "colour.nii.gz"
+    nib.save(nib.Nifti1Image(structured, affine), path)
+    vol, image = read_volume(path), sitk.ReadImage(str(path))
+    assert vol.is_rgb and np.array_equal(vol.array, slices) and np.array_equal(vol.array, sitk.GetArrayFromImage(image))
+    assert np.allclose(vol.spacing, image.GetSpacing()) and np.allclose(vol.origin, image.GetOrigin())
+    assert np.allclose(vol.direction.ravel(), image.GetDirection()) and np.allclose(vol.ijk_to_ras, affine)
+    rgba = np.zeros((4, 5, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    nib.save(nib.Nifti1Image(rgba, np.eye(4)), tmp_path / "rgba.nii.gz")
+    with pytest.raises(ImagingError, match=r"colour NIfTI with samples \('R', 'G', 'B', 'A'\) .*RGB24 is expected"):
+        read_volume(tmp_path / "rgba.nii.gz")
+
+
+def test_colour_nrrd_other_than_8_bit_is_refused_saying_so(tmp_path):
+    path = tmp_path / "colour16.nrrd"
+    nrrd.write(str(path), np.zeros((3, 4, 5, 2), np.uint16), {"kinds": ["RGB-color", "domain", "domain", "domain"]})
+    with pytest.raises(ImagingError, match="RGB-color samples of type uint16: 8-bit RGB is expected"):
+        read_volume(path)
+
+
+def test_2d_nrrd_in_3d_space_is_refused_for_what_it_is(tmp_path):
+    # A plane placed in LPS space (2 axes, 3D vectors) was refused as "malformed space directions [[0.8 0. 0.] ...]";
+    # it is well-formed, only not readable as a volume (ITK refuses it as well).
+    path = tmp_path / "plane.nrrd"
+    nrrd.write(str(path), np.zeros((4, 5), np.int16), {"space": "left-posterior-superior", "space origin": [1, 2, 3],
+                                                        "space directions": np.array([[0.8, 0, 0], [0, 0.9, 0]])})
+    with pytest.raises(ImagingError, match=r"a 2D image placed in 3D space \(2 space directions\): not supported"):
+        read_volume(path)
+    with pytest.raises(RuntimeError, match="doesn't match dimension of space"):
+        sitk.ReadImage(str(path))
 
 
 def test_nrrd_with_space_dimension_but_no_named_space_is_placed_as_itk_places_it(mni_t1, tmp_path):

@@ -28,6 +28,8 @@ def run_ask(args: argparse.Namespace) -> int:
     if volume.lossy_compression:  # the user judges answers on it: say so, as a radiology viewer does
         print(f"note: the image was lossy compressed ({volume.lossy_compression}); its grey values and fine detail "
               "differ from the acquired image", file=sys.stderr)
+    if volume.left_out:  # the user asked about the series: say what of it is not in the volume
+        print(f"note: left out of the volume: {volume.left_out}", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     # Once for the whole run, before the model loads: a volume no window shows is refused at once, and a percentile

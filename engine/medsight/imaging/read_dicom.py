@@ -5,13 +5,15 @@ Geometry is computed from the headers and validated (one orientation, one grid, 
 slices, no duplicates); anything else is refused rather than resampled. The slice spacing is ITK's (first to last
 slice over n - 1), so a volume lies on the grid 3D Slicer shows for the same series; where Slicer adds an
 "acquisition geometry regularization" transform for slices off that grid, this reader refuses a slice more than
-SPACING_RTOL of a spacing off it.
+SPACING_RTOL of a spacing off it, plus the rounding of positions written with few decimals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import decimal
 import logging
 import os
 import tempfile
@@ -28,9 +30,14 @@ from .errors import ImagingError, not_a_file
 from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 
 # Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4): of each step
-# from the median step, and of each slice's position from the evenly spaced grid.
+# from the median step, and of each slice's position from the evenly spaced grid. Positions written with few decimals
+# widen both by their rounding (_position_rounding), at most by a spacing over POSITION_ROUNDING_MAX_FRACTION.
 SPACING_RTOL = 0.01
+POSITION_ROUNDING_MAX_FRACTION = 1 / 8
 ORIENTATION_ATOL = 1e-4
+#: Images of another orientation beside a series' stack, not flagged LOCALIZER, left out as its scout: a scout is one
+#: to three images (one per plane); more is a mixed series, refused.
+MAX_UNFLAGGED_LOCALIZERS = 3
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -192,6 +199,40 @@ def list_dicom_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
 
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Subfolders named when a folder without series has DICOM files further down (a study or CD export's root), and how
+#: far down and through how many folders they are looked for (an export nests patient/study/series: 3 levels).
+SUBFOLDERS_NAMED = 5
+SUBFOLDERS_DEPTH = 4
+SUBFOLDERS_VISITED = 200
+
+
+def _subfolders_hint(folder: str) -> str:
+    """Where a folder without series of its own (an export's root, beside its DICOMDIR) holds DICOM files further
+    down: the first SUBFOLDERS_NAMED such folders, to give one of them instead; "" when there are none."""
+    found, more = [], False
+    for visited, (root, dirs, files) in enumerate(os.walk(folder)):
+        depth = os.path.relpath(root, folder).count(os.sep) + 1
+        dirs[:] = sorted(dirs) if depth < SUBFOLDERS_DEPTH else []
+        if visited == SUBFOLDERS_VISITED:
+            break
+        if root == folder or not any(_has_dicom_prefix(os.path.join(root, f)) for f in sorted(files)):
+            continue
+        if len(found) == SUBFOLDERS_NAMED:
+            more = True
+            break
+        found.append(os.path.relpath(root, folder))
+    if not found:
+        return ""
+    return (f"; its subfolders hold DICOM files ({', '.join(found)}{', ...' if more else ''}): give the folder of "
+            "one series")
+
+
+def _has_dicom_prefix(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _refuse_skipped_members(folder: str, first: pydicom.Dataset, series: list[SeriesInfo]) -> None:
@@ -237,6 +278,91 @@ def _vec(values: Sequence[float], n: int, what: str, path: str) -> np.ndarray:
     return v
 
 
+def _written_rounding(values: Sequence[object]) -> np.ndarray:
+    """Half a unit in the last written digit of each decimal string (DS): how far each value may lie from the number
+    the scanner computed. Exports often write positions with one or two decimals ("-125.5\\-125.5\\37.3")."""
+    out = []
+    for value in values:
+        text = str(getattr(value, "original_string", None) or value).strip()
+        try:
+            exponent = decimal.Decimal(text).as_tuple().exponent
+        except decimal.InvalidOperation:
+            exponent = 0  # _vec has refused what is no number; this is never reached for a position it took
+        out.append(0.5 * 10.0 ** exponent if isinstance(exponent, int) else 0.0)
+    return np.asarray(out, dtype=float)
+
+
+def _position_rounding(rounding: list[np.ndarray] | None, normal: np.ndarray) -> tuple[float, float]:
+    """(along the normal, in the plane): how far written positions with these `_written_rounding`s may lie from the
+    true ones, in mm."""
+    if not rounding:
+        return 0.0, 0.0
+    r = np.asarray(rounding)
+    return float((r @ np.abs(normal)).max()), float(np.linalg.norm(r, axis=1).max())
+
+
+def _rounding_allowance(along: float, step: float) -> float:
+    """The rounding along the normal the spacing checks allow for: at most a spacing over
+    1 / POSITION_ROUNDING_MAX_FRACTION, so a missing slice (a step twice the spacing) is still refused."""
+    return min(along, POSITION_ROUNDING_MAX_FRACTION * step)
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'s' if count != 1 else ''}"
+
+
+def _is_localizer(ds: pydicom.Dataset) -> bool:
+    return any(str(v).strip().upper() == "LOCALIZER" for v in np.atleast_1d(ds.get("ImageType") or []))
+
+
+def _without_localizers(
+    files: list[str], headers: list[pydicom.Dataset]
+) -> tuple[list[str], list[pydicom.Dataset], str | None]:
+    """The series' stack without its localizer (scout) images, and what was left out, in words (None: nothing).
+
+    Scanners put the scout in the CT series (GE, Siemens CBCT: ImageType LOCALIZER), some without the flag; 3D
+    Slicer then offers the series without it (its subseries by ImageType and by orientation). Left out: images
+    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations beside a
+    larger stack of one; anything else is left to the mixed-series checks."""
+    said = []
+    flagged = [_is_localizer(ds) for ds in headers]
+    if any(flagged) and not all(flagged):
+        said.append(f"{_images(sum(flagged))} flagged LOCALIZER (ImageType)")
+        files = [f for f, x in zip(files, flagged, strict=True) if not x]
+        headers = [ds for ds, x in zip(headers, flagged, strict=True) if not x]
+    if all("ImageOrientationPatient" in ds for ds in headers):
+        orients = np.array([_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", f)
+                            for f, ds in zip(files, headers, strict=True)])
+        group_of = np.full(len(files), -1)
+        for k in range(len(files)):
+            if group_of[k] < 0:
+                group_of[(group_of < 0) & np.all(np.abs(orients - orients[k]) <= ORIENTATION_ATOL, axis=1)] = k
+        sizes = sorted(np.bincount(group_of)[np.unique(group_of)], reverse=True)
+        main = int(np.argmax(np.bincount(group_of)))
+        others = len(files) - sizes[0]
+        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]):
+            said.append(f"{_images(others)} in another orientation than the other {sizes[0]} (a localizer?)")
+            files = [f for f, g in zip(files, group_of, strict=True) if g == main]
+            headers = [ds for ds, g in zip(headers, group_of, strict=True) if g == main]
+    return files, headers, (" and ".join(said) if said else None)
+
+
+#: Attributes that tell the stacks of one series apart when its slices share positions (echoes, time points, ...).
+STACK_ATTRIBUTES = ("EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
+                    "AcquisitionNumber")
+
+
+def _stacks_hint(headers: Sequence[pydicom.Dataset]) -> str:
+    """The first of STACK_ATTRIBUTES whose value varies across the series, with its values, in words ("" if none):
+    what a user needs to split the files into one folder per stack."""
+    for tag in STACK_ATTRIBUTES:
+        values = sorted({str(ds.get(tag, "")).strip() for ds in headers})
+        if len(values) > 1:
+            shown = ", ".join(v or "none" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+            return f" (the files differ in {tag}: {shown}); put each stack's files in a folder of their own"
+    return ""
+
+
 def _stack_geometry(
     positions: list[np.ndarray],
     iop: np.ndarray,
@@ -244,9 +370,14 @@ def _stack_geometry(
     labels: list[str],
     path: str,
     default_dz: float,
+    rounding: list[np.ndarray] | None = None,
+    stacks_hint: Callable[[], str] | None = None,
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
 
+    ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
+    written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` gives
+    the end of the error for slices sharing a position (`_stacks_hint`; only then worked out).
     Returns (order, spacing (i, j, k), origin, direction) in LPS.
     """
     row_dir, col_dir = iop[:3], iop[3:]  # row_dir: along a row (increasing column index)
@@ -268,21 +399,27 @@ def _stack_geometry(
             a, b = labels[order[dup[0]]], labels[order[dup[0] + 1]]
             raise ImagingError(
                 f"{dup.size} duplicate slice position(s) (e.g. {a} and {b} at "
-                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data",
+                f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data{stacks_hint() if stacks_hint else ''}",
                 path,
             )
         typical = float(np.median(steps))
+        along, in_plane = _position_rounding(rounding, normal)
+        mean_step = float(dist[-1] - dist[0]) / (len(dist) - 1)  # less rounded than any one step
+        allowed = _rounding_allowance(along, min(typical, mean_step))
+        coarse = (f"; ImagePositionPatient is rounded by up to {along:g} mm, too coarse for {mean_step:.3f} mm slices"
+                  if along > allowed else "")
         worst = int(np.argmax(np.abs(steps - typical)))
-        if abs(steps[worst] - typical) > SPACING_RTOL * typical:
+        # A step and the median step each differ from the true ones by up to twice a position's rounding.
+        if abs(steps[worst] - typical) > SPACING_RTOL * typical + 4 * allowed:
             raise ImagingError(
                 f"uneven slice spacing: {steps[worst]:.3f} mm between {labels[order[worst]]} and "
-                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?)",
+                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?){coarse}",
                 path,
             )
-        dz = _grid_spacing(dist, labels, order, path)
+        dz = _grid_spacing(dist, labels, order, path, allowed, coarse)
         # In-plane drift means a tilted (sheared) stack that a direction matrix cannot express.
         drift = pos[order] - pos[order[0]] - np.outer(dist - dist[0], normal)
-        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())):
+        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane:
             raise ImagingError(
                 f"slices are not stacked along their normal (gantry tilt or shear of "
                 f"{np.abs(drift).max():.3f} mm)",
@@ -295,21 +432,25 @@ def _stack_geometry(
     return order, spacing, tuple(pos[order[0]]), direction
 
 
-def _grid_spacing(dist: np.ndarray, labels: list[str], order: np.ndarray, path: str) -> float:
+def _grid_spacing(
+    dist: np.ndarray, labels: list[str], order: np.ndarray, path: str, rounding: float = 0.0, coarse: str = ""
+) -> float:
     """The slice spacing of sorted slice distances ``dist``, as ITK's series reader (and so 3D Slicer) sets it: first
     to last slice over n - 1. Steps that each pass the step check may still drift (400 slices stepping 0.625 then
     0.631 mm): Slicer then finds slices more than 0.001 mm off its grid and adds an "acquisition geometry
     regularization" transform; this reader does not resample, so it refuses a slice lying more than SPACING_RTOL of
-    a spacing off the grid, which would carry its masks that far from where the slice was taken."""
+    a spacing off the grid, which would carry its masks that far from where the slice was taken. Positions written
+    to ``rounding`` mm may lie twice that off the grid through their rounding alone (a slice's and the grid's)."""
     dz = float(dist[-1] - dist[0]) / (len(dist) - 1)
     off = dist - dist[0] - dz * np.arange(len(dist))
     worst = int(np.argmax(np.abs(off)))
-    if abs(off[worst]) > SPACING_RTOL * dz:
+    if abs(off[worst]) > SPACING_RTOL * dz + 2 * rounding:
         steps = np.diff(dist)
         raise ImagingError(
             f"uneven slice spacing: steps drift from {steps.min():.3f} to {steps.max():.3f} mm, so "
             f"{labels[order[worst]]} lies {abs(off[worst]):.3f} mm from its place on an evenly spaced grid of "
-            f"{dz:.4f} mm (first to last slice); 3D Slicer would warp the volume to fit, this reader does not resample",
+            f"{dz:.4f} mm (first to last slice); 3D Slicer would warp the volume to fit, this reader does not resample"
+            f"{coarse}",
             path,
         )
     return dz
@@ -332,6 +473,13 @@ def _slice_thickness(ds: pydicom.Dataset) -> float:
 
 def _modality(ds: pydicom.Dataset, modality: str | None) -> str:
     return (modality or str(ds.get("Modality", "") or "OT")).upper()
+
+
+def _sop_instance_uid(ds: pydicom.Dataset) -> str:
+    """The image's SOP Instance UID: a file whose data set leaves it out (an exported or stripped copy) still has it
+    in its meta header, the same UID by definition; "" when neither has it."""
+    uid = ds.get("SOPInstanceUID") or ds.get("file_meta", pydicom.Dataset()).get("MediaStorageSOPInstanceUID")
+    return str(uid or "")
 
 
 def _uids(ds: pydicom.Dataset) -> dict[str, str | None]:
@@ -407,7 +555,7 @@ def read_dicom_series(
     folder = os.fspath(folder)
     series = list_dicom_series(folder)
     if not series:
-        raise ImagingError("no DICOM image series found in this folder", folder)
+        raise ImagingError("no DICOM image series found in this folder" + _subfolders_hint(folder), folder)
     if series_uid is None:
         if len(series) > 1:
             raise SeriesChoiceError(series, folder)
@@ -421,8 +569,10 @@ def read_dicom_series(
     _refuse_skipped_members(folder, headers[0], series)
     for f, ds in zip(files, headers, strict=True):
         _require_image(ds, f)
+    files, headers, left_out = _without_localizers(files, headers)
     if len(files) == 1:
-        return read_dicom_file(files[0], modality=modality, max_voxels=max_voxels)
+        return dataclasses.replace(read_dicom_file(files[0], modality=modality, max_voxels=max_voxels),
+                                   left_out=left_out)
     first = headers[0]
     if _int(first, "NumberOfFrames", files[0], 1) > 1:
         raise ImagingError(
@@ -477,8 +627,10 @@ def read_dicom_series(
         _vec(ds.ImagePositionPatient, 3, "ImagePositionPatient", f)
         for f, ds in zip(files, headers, strict=True)
     ]
+    rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
-        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first)
+        positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding,
+        lambda: _stacks_hint(headers),
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
@@ -489,39 +641,23 @@ def read_dicom_series(
     # Colour pixels have no Modality LUT or rescale (PS3.3 C.11.1: only monochrome), but GDCM applies a
     # RescaleSlope/Intercept found in a colour file to its samples (wrapping them): colour is taken from pydicom.
     colour = spp == 3 or palette
-    slopes = {
-        (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
-        for f, ds in zip(files, headers, strict=True)
-    }
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    # ITK warns on stderr of any step more than 1e-4 of a spacing off; this series passed our own checks (each step
-    # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that).
-    reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL)
-    # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
-    if not colour and (len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes)):
-        reader.SetOutputPixelType(sitk.sitkFloat32)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise ImagingError(
-            f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder
-        ) from exc
-    if colour or monochrome1 or any(
-        "ModalityLUTSequence" in ds for ds in headers
-    ):
+    if colour or monochrome1 or any("ModalityLUTSequence" in ds for ds in headers):
         # GDCM turns MONOCHROME1 into MONOCHROME2 by inverting the stored values, which falsifies the rescaled values
         # (HU) and, with invert_display, inverts the display twice; and it ignores a Modality LUT: take pydicom's
-        # values, as read_dicom_file does (GDCM's image still serves the geometry cross-check below).
+        # values, as read_dicom_file does. GDCM reads only the first slice's header, for the geometry cross-check
+        # below (its series reader takes origin and direction from there too): decoding the series there as well
+        # would cost a second decode and a second copy of the pixels.
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
+        gdcm: sitk.Image | sitk.ImageFileReader = _gdcm_header(files[0])
     else:
-        array = _compact(sitk.GetArrayFromImage(image))
+        gdcm = _gdcm_series(files, headers, spacing, direction, rounding, folder)
+        array = _compact(sitk.GetArrayFromImage(gdcm))
     want = (len(files), rows, columns) + ((3,) if colour else ())
     if array.shape != want:
         raise ImagingError(f"pixel data has shape {array.shape}, headers say {want}", folder)
     # Cross-check: GDCM's geometry must agree with ours, or something is off with the headers.
-    itk_m = np.asarray(image.GetDirection()).reshape(3, 3)
-    if not (np.allclose(itk_m, direction, atol=1e-4) and np.allclose(image.GetOrigin(), origin, atol=1e-3)):
+    itk_m = np.asarray(gdcm.GetDirection()).reshape(3, 3)
+    if not (np.allclose(itk_m, direction, atol=1e-4) and np.allclose(gdcm.GetOrigin(), origin, atol=1e-3)):
         raise ImagingError("GDCM and header geometry disagree (inconsistent slice headers)", folder)
     check_voxels(array, folder)
     return Volume(
@@ -531,12 +667,53 @@ def read_dicom_series(
         direction=direction,
         modality=_modality(first, modality),
         **_uids(first),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in headers),
+        sop_instance_uids=tuple(map(_sop_instance_uid, headers)),
         source_files=tuple(files),
         source=folder,
         invert_display=monochrome1,
         lossy_compression=_series_lossy_compression(headers),
+        left_out=left_out,
     )
+
+
+def _gdcm_series(
+    files: list[str],
+    headers: list[pydicom.Dataset],
+    spacing: tuple,
+    direction: np.ndarray,
+    rounding: list[np.ndarray],
+    folder: str,
+) -> sitk.Image:
+    """The sorted slices ``files`` read by GDCM's series reader, rescaled (float where the rescale needs it)."""
+    slopes = {
+        (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
+        for f, ds in zip(files, headers, strict=True)
+    }
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    # ITK warns on stderr of any step more than 1e-4 of a spacing off; this series passed our own checks (each step
+    # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that, and
+    # four times the positions' rounding).
+    along = _rounding_allowance(_position_rounding(rounding, direction[:, 2])[0], spacing[2])
+    reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL + 4 * along / spacing[2])
+    # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
+    if len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes):
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ImagingError(f"corrupt or unreadable pixel data ({_last_line(str(exc))})", folder) from exc
+
+
+def _gdcm_header(path: str) -> sitk.ImageFileReader:
+    """GDCM's reading of a file's header (origin, direction), its pixels left undecoded."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImagingError(f"GDCM cannot read the header ({_last_line(str(exc))})", path) from exc
+    return reader
 
 
 def _frame_rescale(ds: pydicom.Dataset, n_frames: int, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -594,21 +771,37 @@ def _relative_offsets(offsets: np.ndarray, ipp: np.ndarray, iop: np.ndarray, pat
     )
 
 
+def _refuse_partly_placed_frames(ds: pydicom.Dataset, n_frames: int, groups: Sequence[str], path: str) -> None:
+    """A multi-frame file places its frames in patient space all or none: one frame without its position (or
+    orientation, or pixel spacing) beside placed frames would have them all read as an unplaced grid, in file order
+    rather than sorted by position; refused, naming the frame and what it lacks."""
+    if not any(_functional(ds, f, "PlanePositionSequence") is not None for f in range(n_frames)):
+        return  # none placed: a plain grid, flagged as such
+    for f in range(n_frames):
+        lacking = [s for s in groups if _functional(ds, f, s) is None]
+        if lacking:
+            raise ImagingError(
+                f"frame {f + 1} of {n_frames} has no {' or '.join(lacking)}, though the file gives frame positions "
+                "(PlanePositionSequence): its frames cannot be placed in patient space",
+                path,
+            )
+
+
 def _file_geometry(
     ds: pydicom.Dataset, n_frames: int, path: str
 ) -> tuple[np.ndarray | None, tuple, tuple, np.ndarray, bool]:
     """(frame order, spacing, origin, direction, has_patient_geometry) of one DICOM file."""
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        orients, positions, spacings = [], [], []
+        orients, positions, spacings, rounding = [], [], [], []
+        groups = ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
         for f in range(n_frames):
-            o, p, m = (
-                _functional(ds, f, s)
-                for s in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
-            )
+            o, p, m = (_functional(ds, f, s) for s in groups)
             if o is None or p is None or m is None:
+                _refuse_partly_placed_frames(ds, n_frames, groups, path)
                 break
             orients.append(_vec(o.ImageOrientationPatient, 6, "ImageOrientationPatient", path))
             positions.append(_vec(p.ImagePositionPatient, 3, "ImagePositionPatient", path))
+            rounding.append(_written_rounding(p.ImagePositionPatient))
             spacings.append(_vec(m.PixelSpacing, 2, "PixelSpacing", path))
         if len(positions) == n_frames:
             if not all(np.allclose(o, orients[0], atol=ORIENTATION_ATOL) for o in orients):
@@ -623,6 +816,7 @@ def _file_geometry(
                 [f"frame {f + 1}" for f in range(n_frames)],
                 path,
                 _slice_thickness(m0) if m0 is not None else 1.0,
+                rounding,
             )
             return order, spacing, origin, direction, True
     if all(t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
@@ -795,7 +989,7 @@ def read_dicom_file(
         direction=direction,
         modality=_modality(ds, modality),
         **_uids(ds),
-        sop_instance_uids=(str(ds.SOPInstanceUID),),
+        sop_instance_uids=(_sop_instance_uid(ds),),
         source_files=(path,),
         source=path,
         frame_numbers=tuple(int(f) + 1 for f in (order if order is not None else range(n_frames))),

@@ -107,11 +107,14 @@ def read_nifti(
         raise
     except _READ_ERRORS as exc:
         raise ImagingError(f"unreadable or corrupt NIfTI ({exc})", path) from exc
-    if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays
-        raise ImagingError(f"colour NIfTI ({data.dtype}) is not supported", path)
-    if np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
+    if data.dtype.names:  # NIfTI RGB24/RGBA32 are structured arrays: RGB24 is read as RGB, as ITK (3D Slicer) reads it
+        if data.dtype.names != ("R", "G", "B"):
+            raise ImagingError(f"colour NIfTI with samples {data.dtype.names} ({data.dtype}): RGB24 is expected", path)
+        data = np.stack([data[name] for name in data.dtype.names], axis=-1).reshape((*shape, 3))
+    elif np.iscomplexobj(data):  # MR raw data: nothing downstream (windows, the model) has a meaning for it
         raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
-    data = data.reshape(shape)
+    else:
+        data = data.reshape(shape)
     check_voxels(data, path)
     kw = {"modality": (modality or "OT").upper(), "source": path}
     h = img.header
@@ -130,6 +133,9 @@ def read_nifti(
         vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
     return vol
 
+
+#: NRRD kinds of a first axis holding a voxel's red, green and blue samples.
+_COLOUR_KINDS = ("rgb-color", "3-color")
 
 _SPACES = {
     "left-posterior-superior": np.eye(3),
@@ -159,17 +165,24 @@ def read_nrrd(
             "read each layer in Slicer or merge the segments first",
             path,
         )
-    shape = _squeeze_to_3d(sizes, path)
-    check_size(shape, path, max_voxels)
+    # A colour volume as 3D Slicer writes it (vtkTeemNRRDWriter): the samples on a first axis of kind RGB-color.
+    colour = len(sizes) in (3, 4) and kinds[0] in _COLOUR_KINDS and sizes[0] == 3
+    shape = _squeeze_to_3d(sizes[1:] if colour else sizes, path)
+    check_size((*shape, 3) if colour else shape, path, max_voxels)
     try:
         data, header = nrrd.read(path, index_order="F")
     except KeyError as exc:  # pynrrd's word for a type it does not know
         raise ImagingError(f"unsupported NRRD type {header.get('type')!r}", path) from exc
     except _READ_ERRORS as exc:
         raise ImagingError(f"unreadable or corrupt NRRD data ({exc})", path) from exc
-    data = data.reshape(shape, order="A")
-    check_voxels(data, path)
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    if colour:
+        if data.dtype != np.uint8:
+            raise ImagingError(f"{header['kinds'][0]} samples of type {data.dtype}: 8-bit RGB is expected", path)
+        array = np.ascontiguousarray(np.transpose(data.reshape((3, *shape), order="A"), (3, 2, 1, 0)))
+    else:
+        data = data.reshape(shape, order="A")
+        array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    check_voxels(array, path)
     space = str(header.get("space", "")).lower()
     dirs = header.get("space directions")
     if not space and dirs is not None and int(header.get("space dimension", 0)) == 3:
@@ -178,7 +191,10 @@ def read_nrrd(
     is_seg = any(k.startswith("Segment") for k in header)
     kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
     if space in _SPACES and dirs is not None:
-        dirs = np.asarray(dirs, dtype=float)[: len(sizes)]
+        dirs = np.asarray(dirs, dtype=float)[1 if colour else 0: len(sizes)]  # the colour axis has "none"
+        if dirs.shape[0] == 2:  # ITK (and so 3D Slicer) refuses it too: a plane in 3D space has no slice axis
+            raise ImagingError("a 2D image placed in 3D space (2 space directions): not supported, as in ITK and 3D "
+                               "Slicer; save it as a one-slice 3D NRRD", path)
         if dirs.shape[0] < 3 or not np.all(np.isfinite(dirs[:3])):
             raise ImagingError(f"malformed space directions {header.get('space directions')}", path)
         origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
@@ -192,7 +208,7 @@ def read_nrrd(
     if space:
         raise ImagingError(f"unsupported NRRD space {space!r}", path)
     spacings = header.get("spacings")
-    sp = tuple(float(s) for s in spacings[:3]) if spacings is not None else (1.0, 1.0, 1.0)
+    sp = tuple(float(s) for s in spacings[1 if colour else 0:][:3]) if spacings is not None else (1.0, 1.0, 1.0)
     return Volume(array=array, spacing=sp, has_patient_geometry=False, **kw)
 
 

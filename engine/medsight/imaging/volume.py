@@ -56,6 +56,9 @@ class Volume:
     #: DICOM whose pixels went through lossy compression (a lossy transfer syntax, or LossyImageCompression "01"):
     #: which, in words, for the user to be told; None when nothing says so.
     lossy_compression: str | None = None
+    #: DICOM images of the series left out of the volume (its localizer), in words, for the user to be told; None
+    #: when every image of the series is in it.
+    left_out: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -157,8 +160,10 @@ def volume_from_affine(array_kji: np.ndarray, ijk_to_lps: np.ndarray, **kwargs: 
 
 
 def volume_from_ras(array_ijk: np.ndarray, ijk_to_ras: np.ndarray, **kwargs: object) -> Volume:
-    """Build a Volume from NIfTI's order and space: an ``[i, j, k]`` (x, y, z) array and its 4x4 IJK-to-RAS affine."""
-    array = np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0)))  # (i, j, k) -> (k, j, i)
+    """Build a Volume from NIfTI's order and space: an ``[i, j, k]`` (x, y, z) array (``[i, j, k, rgb]`` for colour)
+    and its 4x4 IJK-to-RAS affine."""
+    axes = (2, 1, 0, *range(3, np.ndim(array_ijk)))  # (i, j, k) -> (k, j, i), a colour axis kept last
+    array = np.ascontiguousarray(np.transpose(array_ijk, axes))
     return volume_from_affine(array, LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float), **kwargs)
 
 
