@@ -24,7 +24,7 @@ from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
 from medsight.model.medsight import MedSIGHTModel, holds_codebook
-from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
+from medsight.train.loop import DATA_CHANGED, TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
 from medsight.train.stages import (
     CODEBOOK_NEEDED,
     RECIPES,
@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
                         "stages 3-5: conversation JSON or folder with lvlm/train.json")
     p.add_argument("--out", type=Path, required=True, help="output folder (logs, plot, checkpoints, final/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--data-changed", action="store_true",
+                   help="with --resume: continue although --data's content differs from the run's (a checkpoint "
+                        "records a fingerprint of the data JSON), for an edit made on purpose: corrected answers or "
+                        "labels, or paths moved, with the same items in the same order")
     p.add_argument("--gpu-memory", type=float,
                    help="GiB per GPU to plan for (default: the CUDA device's memory; no check on CPU)")
     return p
@@ -208,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     args = parser().parse_args(argv)
+    if args.data_changed and not args.resume:
+        raise ValueError("--data-changed applies to a resumed run: pass it with --resume")
     # force: under `medsight train` the top-level command has configured logging (WARNING) already, and without it
     # this call did nothing: the run's progress ("step n/N loss ...") was never shown.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -222,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_codebook(stage, config, args.out, args.resume)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
-    result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
+    resume = DATA_CHANGED if args.data_changed else args.resume
+    result = RUNNERS[stage](model, args.data, config, args.out, resume=resume)
     if distributed_info()[0] == 0:  # under torchrun one line, from the rank that wrote final/
         print(json.dumps(summary(args.stage, result, args.out)))
     return 0

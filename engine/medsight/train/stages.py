@@ -266,7 +266,7 @@ def _grid_and_cls(model: MedSIGHTModel, pixels: torch.Tensor) -> tuple[torch.Ten
 # Stage 1
 # ----------------------------------------------------------------------------------------------------------------
 def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool | str = False) -> TrainResult:
     """Train the Region Perceiver (and optionally the ViT) with the Hungarian Dice + BCE + CE criterion.
 
     Args:
@@ -298,7 +298,7 @@ def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: s
 # Stage 2
 # ----------------------------------------------------------------------------------------------------------------
 def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool | str = False) -> TrainResult:
     """Train the modality codebook with the perceiver frozen; samples route to their GT modality's codebook."""
     if model.codebook is None:
         # Seeded: a run is reproducible from its seed, and under torchrun every rank starts from the same codebook
@@ -359,7 +359,7 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
     return loss_fn
 
 
-def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool, name: str,
+def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool | str, name: str,
               with_masks: bool, params=None, grad_masks=None, finalize=None,
               cache: FeatureCache | None = None) -> TrainResult:
     device = next(model.parameters()).device
@@ -377,7 +377,7 @@ def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume
 
 
 def run_stage3(model: MedSIGHTModel, data: Any, config: Stage3Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Vision -> text alignment: only `mm_projector` trains, on the LM cross-entropy."""
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
@@ -429,7 +429,7 @@ def code_row_mask(model: MedSIGHTModel) -> torch.Tensor:
 
 
 def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Text -> vision alignment: `token_projection` and the 576 code embedding rows train (CE + mask loss).
 
     The code rows are trained in place: the whole `embed_tokens` weight requires grad and every non-code row of its
@@ -453,7 +453,7 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
 
 
 def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen),
     or with `config.lora` LoRA adapters and the listed non-LoRA parameters."""
     _prepare(model, config)
