@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from medsight.feature_cache import FeatureCache, encode_through_cache, weights_fingerprint
-from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
+from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, base_fingerprint, save_adapter
 from medsight.model.checkpoints import select_prefix
 from medsight.model.loading import default_dtype
 from medsight.model.medsight import MedSIGHTModel
@@ -461,13 +461,16 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
     if not config.lora:
         model.language_model.requires_grad_(True).train()
         return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True, cache=cache)
+    # The base the adapter is for, taken before LoRA goes in and the frozen weights change dtype: recorded beside it
+    # so that ask, serve, eval and merge refuse another base (`medsight.model.adapter.check_base`).
+    base = {"base_model": config.init_from, "weights_fingerprint": base_fingerprint(model)}
     peft_model, groups, non_lora = add_lora_for_training(model, config)
     if lora_frozen_dtype(config, model.device) != torch.float32:
         config = replace(config, bf16=True)  # float32 trainables meet a bf16 base: autocast makes them agree
 
     def finalize(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         lm_state = None if state is None else select_prefix(state, "language_model.")
-        return save_adapter(peft_model, folder, non_lora, lm_state)
+        return save_adapter(peft_model, folder, non_lora, lm_state, base)
 
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
                      finalize=finalize, cache=cache)
