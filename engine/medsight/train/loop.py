@@ -15,7 +15,8 @@ seeded generator, consumed continuously across epoch ends. A checkpoint therefor
 run has consumed (its position), and the step after a resume sees exactly the samples (and, with the restored
 RNG/optimizer/scheduler, the loss) of an uninterrupted run. A torchrun run resumed on another number of processes
 continues from that position (its global batch changes with the number of processes; with `epochs`, the steps left
-are counted from the samples left).
+are counted from the samples left), one process without torchrun included; a single-process checkpoint is not
+resumed under torchrun.
 
 Distributed: under `torchrun` (WORLD_SIZE > 1) the model is sharded with PyTorch's FSDP2 (`medsight.train.fsdp`:
 per decoder layer, mixed precision over float32 master weights) and every rank takes its own slice of each step's
@@ -778,15 +779,15 @@ def check_data(folder: Path, saved: dict[str, Any], current: DataIdentity | None
 def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
                     samples_per_rank_step: int, data: DataIdentity | None = None,
                     data_changed_ok: bool = False) -> tuple[int, int]:
-    """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A checkpoint of the other kind is an
-    error, and so is one of a data set other than `data` (`check_data`; `data_changed_ok` waives the content).
+    """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A sharded checkpoint continues in one
+    process too; a single-process one under torchrun is an error, and so is one of a data set other than `data`
+    (`check_data`; `data_changed_ok` waives the content).
     `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
-    if is_sharded != sharded:
-        kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
-        raise CheckpointError(f"{folder} was written by {kind}; resume it the same way "
-                              f"({'under torchrun' if is_sharded else 'without torchrun'})")
-    if not sharded:
+    if sharded and not is_sharded:
+        raise CheckpointError(f"{folder} was written by a single-process run; resume it without torchrun (or with "
+                              "torchrun --nproc-per-node 1)")
+    if not is_sharded:
         # Weights first (strict: the model must be the same architecture), then the trainer state.
         load_into(model, read_safetensors_folder(folder), str(folder))
         state = trainer_state.load_tensors(folder / STATE_FILE)
@@ -797,11 +798,14 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
     check_data(folder, plain, data, data_changed_ok)
-    fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+    if sharded:
+        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+    else:  # a torchrun run continued in one process (one GPU left): its position says which samples come next
+        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"])
     scheduler.load_state_dict(plain["scheduler"])
-    rank = dist.get_rank()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     rng_file = folder / f"rng-rank{rank}.json"
     if rng_file.is_file():  # a different world size has no RNG for the new ranks: they keep the seeded one
         trainer_state.set_rng_state(trainer_state.read_json(rng_file))
-    done = int(plain["step"]) * samples_per_rank_step * int(plain.get("world_size", dist.get_world_size()))
+    done = int(plain["step"]) * samples_per_rank_step * int(plain.get("world_size", world))
     return int(plain["step"]), int(plain.get("samples", done))
