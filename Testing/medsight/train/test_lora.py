@@ -170,8 +170,8 @@ def test_ask_serve_and_eval_apply_an_adapter_to_a_preset_rebuilt_from_the_runs_s
 def test_an_adapter_is_refused_on_a_base_other_than_the_one_it_was_trained_on(run, tmp_path, capsys):
     """PEFT applies an adapter to any model of the same layer shapes: `--model OTHER --adapter DIR` (another stage's
     output, another fine-tune) loaded and answered with a model nobody trained. The run now records its base's
-    weights fingerprint beside the adapter; ask, serve, eval and merge refuse another base, naming both. The base
-    itself loads in any dtype, and from a copy in bfloat16 (its values rounded as the fingerprint rounds them)."""
+    weights fingerprint beside the adapter; ask, serve, eval and merge refuse another base, naming both, and the base
+    with the adapter merged in. The base itself loads in any dtype, and from a copy of it in bfloat16."""
     other = save_pretrained(build_model(tiny_config(), seed=TrainConfig().seed + 1), tmp_path / "other")
     message = (rf"the adapter {run['final']} was trained on a base model with weights fingerprint [0-9a-f]{{12}} "
                rf"\(its run's init_from: '{run['base']}'\), but --model {other} has other weights \(fingerprint "
@@ -184,6 +184,10 @@ def test_an_adapter_is_refused_on_a_base_other_than_the_one_it_was_trained_on(ru
     assert "has other weights" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=message):
         train_main(["merge", "--model", str(other), "--adapter", str(run["final"]), "--out", str(tmp_path / "m")])
+    merged = tmp_path / "merged"  # the base with the adapter in it: the adapter again would count twice
+    assert train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]), "--out", str(merged)]) == 0
+    with pytest.raises(CheckpointError, match=rf"but --model {merged} has other weights"):
+        load_model(str(merged), device="cpu", adapter=run["final"])
     as_bf16 = load_pretrained(run["base"]).to(torch.bfloat16)
     copy = save_pretrained(as_bf16, tmp_path / "base-bf16")
     for base, dtype in ((run["base"], torch.bfloat16), (copy, torch.float32)):
