@@ -8,7 +8,7 @@ Layout of an output folder::
       loss.png                   loss curves (rewritten at every save)
       checkpoints/step-0000010/  single process: `save_pretrained` folder + trainer_state.pt (optimizer, scheduler,
                                  step, RNG); torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
-      final/                     `save_pretrained` folder of the last step
+      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps)
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
 seeded generator, consumed continuously across epoch ends. A checkpoint therefore only records how many samples the
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 OFFICIAL_DIR = "final_official"
+#: In `final/`: which run wrote it (`{"stage": name, "steps": n}`), so that a later stage can tell what its
+#: init_from has been trained by (`medsight.train.cli.check_code_rows`).
+TRAINED_BY_FILE = "trained_by.json"
 STATE_FILE = "trainer_state.pt"
 SHARDED_STATE_FILE = "trainer_state.json"
 LOG_FILE = "loss_log.jsonl"
@@ -615,7 +618,7 @@ def train(
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
-        result.final_dir = (finalize or _finalize_full(model, config, step))(out / FINAL_DIR, state)
+        result.final_dir = (finalize or _finalize_full(model, config, step, name))(out / FINAL_DIR, state)
     result.runner = runner
     if sharded:
         dist.barrier()
@@ -662,12 +665,14 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
     raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 
-def _finalize_full(model: nn.Module, config: TrainConfig, step: int) -> Finalize:
-    """The default `final/`: our format, and with `export_official` also the release layout in `final_official/`."""
+def _finalize_full(model: nn.Module, config: TrainConfig, step: int, name: str) -> Finalize:
+    """The default `final/`: our format with `TRAINED_BY_FILE`, and with `export_official` also the release layout
+    in `final_official/`."""
 
     def write(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         full = model.state_dict() if state is None else state
         save_pretrained(model, folder, state=full)
+        trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": name, "steps": step})
         if config.export_official:
             from medsight.train.export import export_official
 
