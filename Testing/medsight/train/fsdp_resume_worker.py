@@ -38,12 +38,14 @@ def main(out: str, num_samples: str, max_steps: str, resume: str) -> None:
                          fsdp_param_dtype="float32")
     result = train(model, list(projector.parameters()), list(range(int(num_samples))), lambda samples: samples,
                    loss_fn, config, out_dir / "run", resume=resume == "1")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    sharded = dist.is_initialized()  # one process (torchrun --nproc-per-node 1) trains unsharded
+    world, rank = (dist.get_world_size(), dist.get_rank()) if sharded else (1, 0)
     (out_dir / f"seen-{world}-rank{rank}.json").write_text(json.dumps(seen))
     if rank == 0:
         (out_dir / f"steps-{world}.json").write_text(json.dumps([r["step"] for r in result.records]))
-    dist.barrier()
-    dist.destroy_process_group()
+    if sharded:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

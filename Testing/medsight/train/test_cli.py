@@ -75,3 +75,30 @@ def test_a_sample_one_rank_cannot_read_stops_every_rank_and_keeps_the_steps_trai
     assert (f"step {failing_step}: {data['lvlm']}: item {index} (id {items[index]['id']!r}): cannot read the image "
             f"{image}") in done.stderr, done.stderr[-3000:]
     assert (out / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}" / SHARDED_STATE_FILE).is_file()
+
+
+def test_stage4_from_a_stage4_output_does_not_reset_its_trained_code_rows(data, tmp_path):
+    """init_code_embeddings (stage 4's default) writes the code rows from the codebook first. Started from a stage-4
+    output (to train on), it threw away what that run had trained into them: 2 steps at lr 1e-2 had moved the rows
+    0.0074 from their initial values, and the second run's rows were its own 2 steps from those values again. `final/`
+    now says which stage wrote it, and such a start is refused before the model is loaded unless the option is off."""
+    from medsight.train.cli import main as train_main
+
+    def run(stage: str, init_from: str, out: str, **settings) -> int:
+        config = tmp_path / f"{out}.json"
+        config.write_text(json.dumps({"init_from": init_from, "max_steps": 1, "batch_size": 1, "grad_accum": 1,
+                                      "device": "cpu", **settings}))
+        source = data["root"] if stage == "stage2" else data["lvlm"]
+        return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out)])
+
+    assert run("stage2", "tiny", "s2") == 0
+    assert run("stage4", str(tmp_path / "s2" / FINAL_DIR), "s4") == 0
+    trained = tmp_path / "s4" / FINAL_DIR
+    with pytest.raises(ValueError, match=rf"init_from '{trained}' is the output of a stage4 run .*: its region-code "
+                                         r"rows are trained, and init_code_embeddings would overwrite them"):
+        run("stage4", str(trained), "again")
+    assert not (tmp_path / "again").exists()
+    from medsight.train.loop import TRAINED_BY_FILE
+
+    assert json.loads((trained / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
+    assert run("stage4", str(trained), "again", init_code_embeddings=False) == 0

@@ -42,3 +42,25 @@ def test_resume_on_more_processes_reads_each_remaining_sample_once(tmp_path):
     assert sorted(_seen(tmp_path, THEN)) == sorted(order[p] for p in range(consumed, read))
     # Together: the whole epoch once, plus what the last step took from the next one.
     assert set(_seen(tmp_path, FIRST) + _seen(tmp_path, THEN)) == set(range(NUM_SAMPLES))
+
+
+def test_a_torchrun_run_continues_in_one_process(tmp_path):
+    """A sharded (DCP) checkpoint could only be resumed under torchrun with two or more processes: one process, with
+    or without torchrun, was refused ("resume it the same way"), so a run whose GPUs dropped to one could not go on.
+    It now continues in one process from the sharded weights and optimizer moments (Adam's step count goes on) and
+    from the sample where the two processes stopped."""
+    from medsight.train import state as trainer_state
+    from medsight.train.loop import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
+
+    batch = TrainConfig().batch_size
+    _launch(FIRST, tmp_path, FIRST_STEPS, resume=False)
+    _launch(1, tmp_path, 0, resume=True)  # to the end of the epoch
+    consumed = FIRST_STEPS * batch * FIRST
+    steps_left = math.ceil((NUM_SAMPLES - consumed) / batch)
+    last = FIRST_STEPS + steps_left
+    assert json.loads((tmp_path / "steps-1.json").read_text()) == list(range(FIRST_STEPS + 1, last + 1))
+    order = SampleOrder(NUM_SAMPLES, TrainConfig().seed)
+    assert _seen(tmp_path, 1) == [order[p] for p in range(consumed, consumed + steps_left * batch)]
+    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / CHECKPOINT_DIR / f"step-{last:07d}"
+    moments = trainer_state.load_tensors(latest_checkpoint(tmp_path / "run") / STATE_FILE)["optimizer"]["state"]
+    assert moments and {float(m["step"]) for m in moments.values()} == {float(last)}

@@ -454,6 +454,69 @@ def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
     assert run(3, data["lvlm"], "--resume") == 0
 
 
+def test_a_resume_on_data_of_the_same_size_but_other_content_is_refused(tmp_path):
+    """Checkpoints recorded only the data set's size: a resume given another file of as many items (here every
+    answer edited) continued the run on samples it never started with, without a word. The checkpoint now records a
+    fingerprint of the data JSON's content: such a resume is refused naming both files, the run untouched; the same
+    items written with other formatting resume; `--data-changed` continues on an edit made on purpose."""
+    import json
+
+    from medsight.train.cli import main as train_main
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    reformatted, edited = data["lvlm"].with_name("indented.json"), data["lvlm"].with_name("edited.json")
+    reformatted.write_text(json.dumps(items, indent=2))
+    edited.write_text(json.dumps([{**item, "conversations": [item["conversations"][0], {"from": "gpt", "value": "No."}]}
+                                  for item in items]))
+    out = tmp_path / "run"
+
+    def run(steps: int, conversations: Path, *extra: str) -> int:
+        config = tmp_path / f"cfg{steps}.json"
+        config.write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1, "save_every": 1}))
+        return train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(out),
+                           *extra])
+
+    assert run(1, data["lvlm"]) == 0
+    assert run(2, reformatted, "--resume") == 0
+    log = (out / LOG_FILE).read_text()
+    with pytest.raises(ValueError, match=rf"cannot resume .*step-0000002: the run trained on {reformatted} \(content "
+                                         rf"sha256 [0-9a-f]{{12}}\), --data now is {edited} \(content sha256 "
+                                         r"[0-9a-f]{12}\): the same number of samples, other content"):
+        run(3, edited, "--resume")
+    assert (out / LOG_FILE).read_text() == log and latest_checkpoint(out).name == "step-0000002"
+    with pytest.raises(ValueError, match="--data-changed applies to a resumed run"):
+        run(3, edited, "--data-changed")
+    assert run(3, edited, "--resume", "--data-changed") == 0
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    with pytest.raises(ValueError, match=rf"the run trained on {edited} .* --data now is {data['lvlm']}"):
+        run(4, data["lvlm"], "--resume")  # the run's data is now the edited file
+
+
+def test_the_fingerprint_of_segmentation_data_covers_its_annotation_files(tmp_path):
+    """Stages 1-2 read a meta JSON and the annotation files it names: an edited category in one of those is other
+    data, as an edit of the meta itself is."""
+    import json
+
+    from medsight.train.data import SegmentationDataset
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+
+    def fingerprint() -> str:
+        return SegmentationDataset(data["meta"], 32, (0.5,) * 3, (0.5,) * 3).fingerprint
+
+    before = fingerprint()
+    annotations = json.loads((data["root"] / "ct.json").read_text())
+    annotations["annotations"][0]["category_id"] = 1 - annotations["annotations"][0]["category_id"]
+    (data["root"] / "ct.json").write_text(json.dumps(annotations))
+    edited = fingerprint()
+    meta = json.loads(data["meta"].read_text())
+    data["meta"].write_text(json.dumps({**meta, "modality_labels": meta["modality_labels"][::-1]}))
+    assert len({before, edited, fingerprint()}) == 3
+
+
 def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
     ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def run(tmp_path_factory) -> dict:
     data = write_synthetic(root / "data")
     base = save_pretrained(build_model(tiny_config(), seed=0), root / "base")
     model = load_pretrained(base)
-    result = run_stage5(model, data["lvlm"], CONFIG, root / "out")
+    result = run_stage5(model, data["lvlm"], replace(CONFIG, init_from=str(base)), root / "out")
     model.eval()
     with torch.no_grad():
         logits = probe(model, data["lvlm"])
@@ -164,6 +165,34 @@ def test_ask_serve_and_eval_apply_an_adapter_to_a_preset_rebuilt_from_the_runs_s
     assert cli_main(["ask", str(image), "Where?", "--model", "tiny", "--adapter", str(lone), "--device", "cpu"]) == 2
     assert f"no train_config.json of a run from tiny is beside it ({tmp_path / 'train_config.json'})" in \
         capsys.readouterr().err
+
+
+def test_an_adapter_is_refused_on_a_base_other_than_the_one_it_was_trained_on(run, tmp_path, capsys):
+    """PEFT applies an adapter to any model of the same layer shapes: `--model OTHER --adapter DIR` (another stage's
+    output, another fine-tune) loaded and answered with a model nobody trained. The run now records its base's
+    weights fingerprint beside the adapter; ask, serve, eval and merge refuse another base, naming both, and the base
+    with the adapter merged in. The base itself loads in any dtype, and from a copy of it in bfloat16."""
+    other = save_pretrained(build_model(tiny_config(), seed=TrainConfig().seed + 1), tmp_path / "other")
+    message = (rf"the adapter {run['final']} was trained on a base model with weights fingerprint [0-9a-f]{{12}} "
+               rf"\(its run's init_from: '{run['base']}'\), but --model {other} has other weights \(fingerprint "
+               r"[0-9a-f]{12}\)")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(str(other), device="cpu", adapter=run["final"])
+    image = next((run["data"]["root"] / "ct" / "images").glob("*.png"))
+    assert cli_main(["ask", str(image), "Where?", "--model", str(other), "--adapter", str(run["final"]),
+                     "--device", "cpu"]) == 2
+    assert "has other weights" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=message):
+        train_main(["merge", "--model", str(other), "--adapter", str(run["final"]), "--out", str(tmp_path / "m")])
+    merged = tmp_path / "merged"  # the base with the adapter in it: the adapter again would count twice
+    assert train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]), "--out", str(merged)]) == 0
+    with pytest.raises(CheckpointError, match=rf"but --model {merged} has other weights"):
+        load_model(str(merged), device="cpu", adapter=run["final"])
+    as_bf16 = load_pretrained(run["base"]).to(torch.bfloat16)
+    copy = save_pretrained(as_bf16, tmp_path / "base-bf16")
+    for base, dtype in ((run["base"], torch.bfloat16), (copy, torch.float32)):
+        model = load_model(str(base), device="cpu", dtype=dtype, adapter=run["final"])
+        assert model.weights_source.endswith(f"LoRA adapter {run['final']}")
 
 
 def test_init_from_demo_fine_tunes_the_embedded_trained_model(run):

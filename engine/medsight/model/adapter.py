@@ -6,6 +6,8 @@ The official LoRA recipe (`finetune_lora_slake.sh`) writes a PEFT folder:
     adapter_model.safetensors      the LoRA A/B matrices (or adapter_model.bin from older PEFT)
     non_lora_trainables.bin        the other trained tensors (e.g. mm_projector), keys prefixed `base_model.model.`
     config.json                    the language model's config
+    medsight_base.json             (ours, not official) the base model the adapter was trained on: its name and
+                                   `base_fingerprint`, checked when the adapter is applied (`check_base`)
 
 LoRA is injected into the language model in place (`model.language_model` stays the same object, its targeted
 Linear layers become PEFT LoRA layers), so every caller of the MedSIGHT model keeps working unmerged; `merge`
@@ -14,6 +16,7 @@ folds the adapter into the base weights and removes the LoRA layers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_FILE = "non_lora_trainables.bin"
 NON_LORA_PREFIX = "base_model.model."  # the PEFT wrapper's prefix of the language model's own names
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_FILE = "medsight_base.json"
+#: Values `base_fingerprint` reads per tensor, evenly spaced over it.
+FINGERPRINT_SAMPLES = 1024
 
 
 @dataclass
@@ -55,14 +61,57 @@ def is_lora_name(name: str) -> bool:
     return "lora_" in name
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """Identity of a model's weights, for the adapters trained on it: sha256 of every state-dict tensor's name, shape
+    and `FINGERPRINT_SAMPLES` evenly spaced values rounded to bfloat16. Cheap (about a thousand values per tensor,
+    not a hash of 16 GB), the same for the model read from any layout in float32 or bfloat16 (the values round
+    alike), and another for another model or a training of it that changes whole tensors, as every stage does.
+    Take it before the model is cast to a narrower dtype (float16 rounds some values otherwise)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        count = min(flat.numel(), FINGERPRINT_SAMPLES)
+        # Integer positions: the same on every device (a float linspace rounds differently on CUDA and the CPU).
+        index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
+        values = flat[index.to(flat.device)].cpu()
+        values = values.to(torch.bfloat16).view(torch.int16) if values.is_floating_point() else values.long()
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base(folder: Path, fingerprint: str, model_name: str) -> None:
+    """Refuse to apply the adapter in `folder` to a base other than the one it was trained on, as recorded in its
+    `BASE_FILE` (adapters without one, such as the official ones, are not checked): PEFT applies an adapter to any
+    model of the same layer shapes, so another base (another stage's output, another fine-tune, another release)
+    gave a silently different model. `fingerprint`: `base_fingerprint` of the model `model_name` names."""
+    path = folder / BASE_FILE
+    if not path.is_file():
+        return
+    from medsight.user_files import read_user_json
+
+    recorded = read_user_json(path, "adapter base record", CheckpointError)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("weights_fingerprint"), str):
+        raise CheckpointError(f"{path}: expected an object with the base model's weights_fingerprint")
+    if recorded["weights_fingerprint"] == fingerprint:
+        return
+    raise CheckpointError(f"the adapter {folder} was trained on a base model with weights fingerprint "
+                          f"{recorded['weights_fingerprint'][:12]} (its run's init_from: "
+                          f"{recorded.get('base_model', '?')!r}), but --model {model_name} has other weights "
+                          f"(fingerprint {fingerprint[:12]}): the adapter would change a model it was not trained "
+                          "with. Pass the model its LoRA run started from")
+
+
 def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
-                 state: dict[str, torch.Tensor] | None = None) -> Path:
+                 state: dict[str, torch.Tensor] | None = None, base: dict[str, str] | None = None) -> Path:
     """Write the official layout: PEFT files, `non_lora_trainables.bin` with the named tensors, config.json.
 
     Args:
         peft_model: what `add_lora` returned.
         non_lora: names (in the language model) of the other trained parameters.
         state: the language model's state dict (with LoRA layers) gathered by a sharded trainer; default: its own.
+        base: the base model's record for `BASE_FILE` (`base_model`: its name, `weights_fingerprint`:
+            `base_fingerprint` before training); none: no record, and no check when the adapter is applied.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +124,8 @@ def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
     peft_model.save_pretrained(str(folder), state_dict=lora, safe_serialization=True)
     torch.save({NON_LORA_PREFIX + n: state[n].detach().cpu().contiguous() for n in non_lora}, folder / NON_LORA_FILE)
     lm.config.to_json_file(str(folder / "config.json"))
+    if base is not None:
+        (folder / BASE_FILE).write_text(json.dumps(base, indent=2))
     return folder
 
 
@@ -123,12 +174,15 @@ def adapter_base_seed(model: str, adapter: Path, seed: int | None) -> int:
     return run_seed if seed is None else seed
 
 
-def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
+def load_adapter(model, folder: str | Path, merge: bool = True, fingerprint: str | None = None,
+                 model_name: str = "") -> nn.Module:
     """Apply an adapter in the official layout to `model` (a MedSIGHTModel) in place; returns its language model.
 
     The LoRA layers go in through PEFT (`PeftModel.from_pretrained`), the non-LoRA tensors replace the base ones of
     the same names (every key must exist with the same shape). With `merge`, LoRA is folded into the base weights
-    (`merge_and_unload`), as the official chatbot does.
+    (`merge_and_unload`), as the official chatbot does. An adapter that records its base (`BASE_FILE`) must meet
+    that base (`check_base`): `fingerprint` is `model`'s `base_fingerprint` taken before a cast (default: taken
+    now), `model_name` what the user called it.
     """
     from peft import PeftModel
 
@@ -144,6 +198,7 @@ def load_adapter(model, folder: str | Path, merge: bool = True) -> nn.Module:
         raise CheckpointError(f"{config_path}: peft_type {peft_type!r}; only LORA adapters are supported")
     if not any((folder / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    check_base(folder, fingerprint or base_fingerprint(model), model_name or "model")
     saved = _saved_adapter_names(folder)
     non_lora = read_non_lora(folder)
     lm = model.language_model

@@ -442,10 +442,15 @@ def load_model(
         model.weights_source = f"random ({source} preset)"
     else:
         model.weights_source = str(source)
+    fingerprint = None
+    if adapter is not None:
+        from medsight.model.adapter import base_fingerprint
+
+        fingerprint = base_fingerprint(model)  # before the cast: float16 would round some values otherwise
     model = model.to(device=device, dtype=dtype)
     if adapter is not None:
         from medsight.model.adapter import load_adapter
 
-        load_adapter(model, adapter, merge=True)
+        load_adapter(model, adapter, merge=True, fingerprint=fingerprint, model_name=str(source))
         model.weights_source += f" + LoRA adapter {adapter}"
     return model

@@ -24,7 +24,15 @@ from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
 from medsight.model.medsight import MedSIGHTModel, holds_codebook
-from medsight.train.loop import TrainConfig, TrainResult, check_out_dir, distributed_info, read_log
+from medsight.train.loop import (
+    DATA_CHANGED,
+    TRAINED_BY_FILE,
+    TrainConfig,
+    TrainResult,
+    check_out_dir,
+    distributed_info,
+    read_log,
+)
 from medsight.train.stages import (
     CODEBOOK_NEEDED,
     RECIPES,
@@ -33,6 +41,7 @@ from medsight.train.stages import (
     check_lora_targets,
     initialises_code_rows,
 )
+from medsight.user_files import read_user_json
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -48,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
                         "stages 3-5: conversation JSON or folder with lvlm/train.json")
     p.add_argument("--out", type=Path, required=True, help="output folder (logs, plot, checkpoints, final/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--data-changed", action="store_true",
+                   help="with --resume: continue although --data's content differs from the run's (a checkpoint "
+                        "records a fingerprint of the data JSON), for an edit made on purpose: corrected answers or "
+                        "labels, or paths moved, with the same items in the same order")
     p.add_argument("--gpu-memory", type=float,
                    help="GiB per GPU to plan for (default: the CUDA device's memory; no check on CPU)")
     return p
@@ -119,6 +132,23 @@ def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> 
     folder = None if is_random_preset(config.init_from) else embedded_folder(config.init_from) or config.init_from
     if folder is None or not holds_codebook(safetensors_names(folder)):
         raise ValueError(f"init_from {config.init_from!r}: {CODEBOOK_NEEDED}")
+    check_code_rows(Path(folder), config.init_from)
+
+
+#: Runs whose `final/` holds trained region-code rows (stage 5 trains the whole input embedding).
+TRAINS_CODE_ROWS = ("stage4", "stage5")
+
+
+def check_code_rows(folder: Path, init_from: str) -> None:
+    """Stage 4's `init_code_embeddings` overwrites the code rows with their initial values: started from the output of
+    a stage 4 or 5 run (to train on), it silently discarded what that run had trained into them."""
+    path = folder / TRAINED_BY_FILE
+    record = read_user_json(path, "trained-by record") if path.is_file() else {}
+    stage = record.get("stage") if isinstance(record, dict) else None
+    if stage in TRAINS_CODE_ROWS:
+        raise ValueError(f"init_from {init_from!r} is the output of a {stage} run ({path}): its region-code rows are "
+                         "trained, and init_code_embeddings would overwrite them with their initial values. Set "
+                         "init_code_embeddings to false to train on from them, or start from a stage-2/3 output")
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -208,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     args = parser().parse_args(argv)
+    if args.data_changed and not args.resume:
+        raise ValueError("--data-changed applies to a resumed run: pass it with --resume")
     # force: under `medsight train` the top-level command has configured logging (WARNING) already, and without it
     # this call did nothing: the run's progress ("step n/N loss ...") was never shown.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -222,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_codebook(stage, config, args.out, args.resume)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)
-    result = RUNNERS[stage](model, args.data, config, args.out, resume=args.resume)
+    resume = DATA_CHANGED if args.data_changed else args.resume
+    result = RUNNERS[stage](model, args.data, config, args.out, resume=resume)
     if distributed_info()[0] == 0:  # under torchrun one line, from the rank that wrote final/
         print(json.dumps(summary(args.stage, result, args.out)))
     return 0

@@ -14,6 +14,7 @@ folder and its parent (the demo builder writes them relative to its output root,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,17 @@ from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
+
+
+def content_fingerprint(docs: Iterable[object]) -> str:
+    """sha256 of JSON documents as data (keys sorted, no whitespace): what a checkpoint records of its run's data
+    (`medsight.train.loop.DataIdentity`). Cheap (the JSON, not the images it names) and blind to formatting: the
+    same items re-indented are the same data; an edited answer, a swapped image path or a reordered list are not."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -101,10 +113,12 @@ class SegmentationDataset:
             raise ValueError(f"{meta_path}: modality_labels {outside} outside the codebook's {num_modalities} "
                              f"modalities (0 to {num_modalities - 1})")
         self.records: list[_ImageRecord] = []
+        docs: list[object] = [meta]
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
             grouped: dict[object, _ImageRecord] = {}
-            for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
+            docs.append(read_user_json(doc_path, "annotation file"))
+            for index, ann in enumerate(_annotations(doc_path, docs[-1])):
                 image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
                 record = grouped.setdefault(ann["image_id"], _ImageRecord(
@@ -114,6 +128,7 @@ class SegmentationDataset:
             self.records += list(grouped.values())
         if not self.records:
             raise ValueError(f"{meta_path}: no annotations in its json_paths; the training data set is empty")
+        self.source, self.fingerprint = str(meta_path), content_fingerprint(docs)  # the meta and its json_paths
         if num_classes is not None:
             bad = sorted({c for r in self.records for c in r.classes if not 0 <= c < num_classes})
             if bad:
@@ -239,6 +254,7 @@ class ConversationDataset:
         if not self.items:
             raise ValueError(f"{json_path}: no conversation items; the training data set is empty")
         self.json_path = json_path
+        self.source, self.fingerprint = str(json_path), content_fingerprint(self.items)
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)

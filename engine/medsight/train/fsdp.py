@@ -16,7 +16,8 @@ weights); each unit computes in `param_dtype` (bf16 on GPU by default; float32 o
 slow and parity tests want exact float32) and gradients are reduce-scattered in float32.
 
 Checkpoints: `torch.distributed.checkpoint` (DCP) writes the sharded model and optimizer tensors, each rank its own
-part, and reads them back into any world size. Only tensors go into DCP (its loader unpickles non-tensor values);
+part, and reads them back into any world size, one process without torchrun included
+(`load_sharded_into_one`). Only tensors go into DCP (its loader unpickles non-tensor values);
 the optimizer's hyper-parameters, the step and each rank's RNG are JSON next to it (`medsight.train.state`).
 """
 
@@ -43,6 +44,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from medsight.model.loading import default_dtype
 
 SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint
+ROOT_PREFIX = "model."  # the LossModule root's prefix of the model's names in a sharded state
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -187,6 +189,24 @@ def load_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer
                    optim_state_dict={"state": target["optimizer"], "param_groups": groups})
 
 
+def load_sharded_into_one(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          param_groups: list[dict[str, Any]]) -> None:
+    """Read what `save_sharded` wrote into an unsharded model and optimizer in one process (no process group: DCP
+    reads any world size, one included). The sharded run's names carry the LossModule root's `model.` prefix."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    target = {"model": {ROOT_PREFIX + k: v for k, v in model_state.items()},
+              "optimizer": {ROOT_PREFIX + k: v for k, v in optim_state["state"].items()}}
+    dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))
+
+    def unprefixed(state: dict[str, Any]) -> dict[str, Any]:
+        return {k.removeprefix(ROOT_PREFIX): v for k, v in state.items()}
+
+    groups = [{**g, "betas": tuple(g["betas"]), "params": [n.removeprefix(ROOT_PREFIX) for n in g["params"]]}
+              for g in param_groups]
+    set_state_dict(model, optimizer, model_state_dict=unprefixed(target["model"]),
+                   optim_state_dict={"state": unprefixed(target["optimizer"]), "param_groups": groups})
+
+
 def gathered_state(root: LossModule) -> dict[str, torch.Tensor]:
     """The full model state dict on rank 0, in CPU memory (collective; other ranks get an empty dict).
 
@@ -194,5 +214,5 @@ def gathered_state(root: LossModule) -> dict[str, torch.Tensor]:
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(root, options=options)
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    return {k.removeprefix(ROOT_PREFIX): v for k, v in state.items()}
 

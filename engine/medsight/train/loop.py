@@ -8,14 +8,15 @@ Layout of an output folder::
       loss.png                   loss curves (rewritten at every save)
       checkpoints/step-0000010/  single process: `save_pretrained` folder + trainer_state.pt (optimizer, scheduler,
                                  step, RNG); torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
-      final/                     `save_pretrained` folder of the last step
+      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps)
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
 seeded generator, consumed continuously across epoch ends. A checkpoint therefore only records how many samples the
 run has consumed (its position), and the step after a resume sees exactly the samples (and, with the restored
 RNG/optimizer/scheduler, the loss) of an uninterrupted run. A torchrun run resumed on another number of processes
 continues from that position (its global batch changes with the number of processes; with `epochs`, the steps left
-are counted from the samples left).
+are counted from the samples left), one process without torchrun included; a single-process checkpoint is not
+resumed under torchrun.
 
 Distributed: under `torchrun` (WORLD_SIZE > 1) the model is sharded with PyTorch's FSDP2 (`medsight.train.fsdp`:
 per decoder layer, mixed precision over float32 master weights) and every rank takes its own slice of each step's
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 OFFICIAL_DIR = "final_official"
+#: In `final/`: which run wrote it (`{"stage": name, "steps": n}`), so that a later stage can tell what its
+#: init_from has been trained by (`medsight.train.cli.check_code_rows`).
+TRAINED_BY_FILE = "trained_by.json"
 STATE_FILE = "trainer_state.pt"
 SHARDED_STATE_FILE = "trainer_state.json"
 LOG_FILE = "loss_log.jsonl"
@@ -468,7 +472,7 @@ def train(
     loss_fn: Callable[[Any], dict[str, torch.Tensor]],
     config: TrainConfig,
     out_dir: str | Path,
-    resume: bool = False,
+    resume: bool | str = False,
     name: str = "train",
     grad_masks: dict[str, torch.Tensor] | None = None,
     finalize: Finalize | None = None,
@@ -484,7 +488,8 @@ def train(
         loss_fn: batch -> dict with "loss" (backpropagated) and other scalar terms (logged).
         resume: continue from the latest checkpoint in `out_dir/checkpoints` (fresh start if there is none). Without
             it, an `out_dir` that holds a run is refused; with it, a config that differs from the run's saved one
-            outside `RESUMABLE_CHANGES` is refused (`check_out_dir`, `check_resume_config`).
+            outside `RESUMABLE_CHANGES` is refused (`check_out_dir`, `check_resume_config`), and so is data other
+            than the run's (`check_data`) unless `resume` is `DATA_CHANGED`.
         name: run name for logs and the plot title.
         grad_masks: parameter name (in `model`) -> mask multiplied into its gradient before clipping (stage 4
             trains only some rows of the input embedding this way).
@@ -502,6 +507,7 @@ def train(
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter requires a gradient")
     check_batch_fits(config, len(dataset), world)
+    data = DataIdentity.of(dataset)
     order = SampleOrder(len(dataset), config.seed)  # refuses an empty data set before --out holds a "run"
     seed_everything(config.seed)
     steps = total_steps(config, len(dataset), world)
@@ -529,7 +535,7 @@ def train(
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         step, position = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded,
-                                         config.batch_size * config.grad_accum, len(dataset))
+                                         config.batch_size * config.grad_accum, data, resume == DATA_CHANGED)
         log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
         if config.max_steps <= 0 and position != step * per_step:
             # Resumed on another number of processes: the steps left are those the samples left need. The run had
@@ -568,7 +574,7 @@ def train(
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             len(dataset), config.save_total_limit)
+                             data, config.save_total_limit)
         for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
@@ -605,15 +611,14 @@ def train(
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position,
-                            len(dataset))
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data)
             if main_process:
                 # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
                 remove_old_checkpoints(out, config.save_total_limit)
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
-        result.final_dir = (finalize or _finalize_full(model, config, step))(out / FINAL_DIR, state)
+        result.final_dir = (finalize or _finalize_full(model, config, step, name))(out / FINAL_DIR, state)
     result.runner = runner
     if sharded:
         dist.barrier()
@@ -645,14 +650,14 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None, data_size: int, keep: int) -> None:
+                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int) -> None:
     """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
     under torchrun), so a resume once the file is replaced loses nothing; `keep`: the run's save_total_limit."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
         if not is_complete_checkpoint(folder):  # not saved yet
-            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data_size)
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data)
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
@@ -660,12 +665,14 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
     raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 
-def _finalize_full(model: nn.Module, config: TrainConfig, step: int) -> Finalize:
-    """The default `final/`: our format, and with `export_official` also the release layout in `final_official/`."""
+def _finalize_full(model: nn.Module, config: TrainConfig, step: int, name: str) -> Finalize:
+    """The default `final/`: our format with `TRAINED_BY_FILE`, and with `export_official` also the release layout
+    in `final_official/`."""
 
     def write(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         full = model.state_dict() if state is None else state
         save_pretrained(model, folder, state=full)
+        trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": name, "steps": step})
         if config.export_official:
             from medsight.train.export import export_official
 
@@ -695,17 +702,16 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
-                    root: nn.Module | None = None, samples: int | None = None, data_size: int | None = None) -> Path:
+                    root: nn.Module | None = None, samples: int | None = None,
+                    data: DataIdentity | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
-    the run has consumed (its data position); `data_size`: how many samples its data set holds (the sample order
-    depends on it: `check_data_size`).
+    the run has consumed (its data position); `data`: its data set's size and content (`check_data`).
     """
-    counts = {**({} if samples is None else {"samples": samples}),
-              **({} if data_size is None else {"data_size": data_size})}
+    counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
         save_pretrained(model, folder)
         sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
@@ -726,40 +732,85 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     return folder
 
 
-def check_data_size(folder: Path, saved: int | None, current: int | None) -> None:
-    """A resume reads the run's data set: the sample order is a permutation of its size, so data of another size
-    (another --data file, items added or removed) would silently train on another stream of samples."""
-    if saved is not None and current is not None and int(saved) != current:
-        raise ValueError(f"cannot resume {folder}: the run's training data held {int(saved)} samples, --data now holds "
-                         f"{current}; resume with the run's data, or start a new run in another --out folder")
+#: `resume=DATA_CHANGED` (`medsight train --resume --data-changed`): continue although the data's content differs
+#: from the run's, for a deliberate edit (corrected answers or labels, a data set moved with absolute paths in it).
+DATA_CHANGED = "data-changed"
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a checkpoint records of its run's training data: the number of samples (the sample order is a
+    permutation of it) and, for the JSON data sets (`medsight.train.data`), the fingerprint of their content and the
+    file it came from. Data sets of another kind (a list handed in code) have only their size."""
+
+    size: int
+    fingerprint: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def of(cls, dataset: Sequence[Any]) -> DataIdentity:
+        return cls(len(dataset), getattr(dataset, "fingerprint", None), getattr(dataset, "source", None))
+
+    def fields(self) -> dict[str, Any]:
+        recorded = {"data_size": self.size, "data_fingerprint": self.fingerprint, "data_source": self.source}
+        return {k: v for k, v in recorded.items() if v is not None}
+
+
+def check_data(folder: Path, saved: dict[str, Any], current: DataIdentity | None, changed_ok: bool = False) -> None:
+    """A resume reads the run's data set. Data of another size (another --data file, items added or removed) would
+    silently train on another stream of samples; data of the same size but other content (another file, edited
+    items) would continue the run on samples it never started with. Both are refused; the content check is waived
+    by `changed_ok` (DATA_CHANGED), for an edit made on purpose. Checkpoints that predate a record are not checked."""
+    size = saved.get("data_size")
+    if current is None:
+        return
+    if size is not None and int(size) != current.size:
+        raise ValueError(f"cannot resume {folder}: the run's training data held {int(size)} samples, --data now holds "
+                         f"{current.size}; resume with the run's data, or start a new run in another --out folder")
+    fingerprint = saved.get("data_fingerprint")
+    if fingerprint is None or current.fingerprint is None or fingerprint == current.fingerprint:
+        return
+    run = f"{saved.get('data_source', 'its data')} (content sha256 {fingerprint[:12]})"
+    now = f"{current.source or '--data'} (content sha256 {current.fingerprint[:12]})"
+    if changed_ok:
+        log.warning("resuming %s on changed data (--data-changed): the run trained on %s, --data now is %s",
+                    folder, run, now)
+        return
+    raise ValueError(f"cannot resume {folder}: the run trained on {run}, --data now is {now}: the same number of "
+                     "samples, other content. Resume with the run's data, start a new run in another --out folder, or "
+                     "pass --data-changed to continue on the edited data (same items in the same order)")
 
 
 def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
-                    samples_per_rank_step: int, data_size: int | None = None) -> tuple[int, int]:
-    """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A checkpoint of the other kind is an
-    error, and so is one of a data set of another size than `data_size` (`check_data_size`).
+                    samples_per_rank_step: int, data: DataIdentity | None = None,
+                    data_changed_ok: bool = False) -> tuple[int, int]:
+    """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A sharded checkpoint continues in one
+    process too; a single-process one under torchrun is an error, and so is one of a data set other than `data`
+    (`check_data`; `data_changed_ok` waives the content).
     `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
-    if is_sharded != sharded:
-        kind = "a sharded (torchrun) run" if is_sharded else "a single-process run"
-        raise CheckpointError(f"{folder} was written by {kind}; resume it the same way "
-                              f"({'under torchrun' if is_sharded else 'without torchrun'})")
-    if not sharded:
+    if sharded and not is_sharded:
+        raise CheckpointError(f"{folder} was written by a single-process run; resume it without torchrun (or with "
+                              "torchrun --nproc-per-node 1)")
+    if not is_sharded:
         # Weights first (strict: the model must be the same architecture), then the trainer state.
         load_into(model, read_safetensors_folder(folder), str(folder))
         state = trainer_state.load_tensors(folder / STATE_FILE)
-        check_data_size(folder, state.get("data_size"), data_size)
+        check_data(folder, state, data, data_changed_ok)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         trainer_state.set_rng_state(state["rng"])
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
-    check_data_size(folder, plain.get("data_size"), data_size)
-    fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+    check_data(folder, plain, data, data_changed_ok)
+    if sharded:
+        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+    else:  # a torchrun run continued in one process (one GPU left): its position says which samples come next
+        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"])
     scheduler.load_state_dict(plain["scheduler"])
-    rank = dist.get_rank()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     rng_file = folder / f"rng-rank{rank}.json"
     if rng_file.is_file():  # a different world size has no RNG for the new ranks: they keep the seeded one
         trainer_state.set_rng_state(trainer_state.read_json(rng_file))
-    done = int(plain["step"]) * samples_per_rank_step * int(plain.get("world_size", dist.get_world_size()))
+    done = int(plain["step"]) * samples_per_rank_step * int(plain.get("world_size", world))
     return int(plain["step"]), int(plain.get("samples", done))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from medsight.feature_cache import FeatureCache, encode_through_cache, weights_fingerprint
-from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, save_adapter
+from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, base_fingerprint, save_adapter
 from medsight.model.checkpoints import select_prefix
 from medsight.model.loading import default_dtype
 from medsight.model.medsight import MedSIGHTModel
@@ -266,7 +266,7 @@ def _grid_and_cls(model: MedSIGHTModel, pixels: torch.Tensor) -> tuple[torch.Ten
 # Stage 1
 # ----------------------------------------------------------------------------------------------------------------
 def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool | str = False) -> TrainResult:
     """Train the Region Perceiver (and optionally the ViT) with the Hungarian Dice + BCE + CE criterion.
 
     Args:
@@ -298,7 +298,7 @@ def run_stage1(model: MedSIGHTModel, data: Any, config: Stage1Config, out_dir: s
 # Stage 2
 # ----------------------------------------------------------------------------------------------------------------
 def run_stage2(model: MedSIGHTModel, data: Any, config: Stage2Config, out_dir: str | Path,
-               resume: bool = False) -> TrainResult:
+               resume: bool | str = False) -> TrainResult:
     """Train the modality codebook with the perceiver frozen; samples route to their GT modality's codebook."""
     if model.codebook is None:
         # Seeded: a run is reproducible from its seed, and under torchrun every rank starts from the same codebook
@@ -359,7 +359,7 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
     return loss_fn
 
 
-def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool, name: str,
+def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool | str, name: str,
               with_masks: bool, params=None, grad_masks=None, finalize=None,
               cache: FeatureCache | None = None) -> TrainResult:
     device = next(model.parameters()).device
@@ -377,7 +377,7 @@ def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume
 
 
 def run_stage3(model: MedSIGHTModel, data: Any, config: Stage3Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Vision -> text alignment: only `mm_projector` trains, on the LM cross-entropy."""
     _prepare(model, config)
     dataset = _conversation_data(data, model, config)
@@ -429,7 +429,7 @@ def code_row_mask(model: MedSIGHTModel) -> torch.Tensor:
 
 
 def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Text -> vision alignment: `token_projection` and the 576 code embedding rows train (CE + mask loss).
 
     The code rows are trained in place: the whole `embed_tokens` weight requires grad and every non-code row of its
@@ -453,7 +453,7 @@ def run_stage4(model: MedSIGHTModel, data: Any, config: Stage4Config, out_dir: s
 
 
 def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: str | Path,
-               resume: bool = False, cache: FeatureCache | None = None) -> TrainResult:
+               resume: bool | str = False, cache: FeatureCache | None = None) -> TrainResult:
     """Grounded instruction tuning: every language-model parameter trains (vision side and codebook frozen),
     or with `config.lora` LoRA adapters and the listed non-LoRA parameters."""
     _prepare(model, config)
@@ -461,13 +461,16 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
     if not config.lora:
         model.language_model.requires_grad_(True).train()
         return _run_lvlm(model, dataset, config, out_dir, resume, "stage5", with_masks=True, cache=cache)
+    # The base the adapter is for, taken before LoRA goes in and the frozen weights change dtype: recorded beside it
+    # so that ask, serve, eval and merge refuse another base (`medsight.model.adapter.check_base`).
+    base = {"base_model": config.init_from, "weights_fingerprint": base_fingerprint(model)}
     peft_model, groups, non_lora = add_lora_for_training(model, config)
     if lora_frozen_dtype(config, model.device) != torch.float32:
         config = replace(config, bf16=True)  # float32 trainables meet a bf16 base: autocast makes them agree
 
     def finalize(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         lm_state = None if state is None else select_prefix(state, "language_model.")
-        return save_adapter(peft_model, folder, non_lora, lm_state)
+        return save_adapter(peft_model, folder, non_lora, lm_state, base)
 
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
                      finalize=finalize, cache=cache)
