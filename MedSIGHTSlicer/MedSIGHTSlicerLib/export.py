@@ -202,10 +202,14 @@ def nifti_overlaps(segmentation_node, volume_node) -> dict[str, int]:
     return dict(reversed(hidden.items()))
 
 
-def _segment_losses(segmentation_node, volume_node, held: Callable[[str, Any], np.ndarray]) -> dict[str, int]:
+def _segment_losses(segmentation_node, volume_node, held: Callable[[str, Any], np.ndarray],
+                    file_lattice: Callable[[str, np.ndarray, Any], Any]) -> dict[str, int]:
     """{segment name: how many of its own voxels a file leaves out} ({} when none). ``held(segment_id, grid)``: the
-    segment as the file holds it, on ``grid`` (the segment's own lattice and box, in the node's frame)."""
-    from .geometry import lattice_grid, segment_array, voxel_grid
+    segment as the file holds it, on ``grid`` (the segment's own lattice and box, in the node's frame).
+    ``file_lattice(segment_id, nothing, volume_grid)``: the lattice and box the file holds it on (None: unknown); a
+    segment whose own voxels are all voxels of it loses none, and is not resampled to count (a second a segment on a
+    512 x 512 x 300 CT, after every export)."""
+    from .geometry import grid_within, lattice_grid, segment_array, voxel_grid
 
     grid = voxel_grid(volume_node, segmentation_node)
     nothing = np.zeros(grid[1], dtype=bool)
@@ -214,6 +218,9 @@ def _segment_losses(segmentation_node, volume_node, held: Callable[[str, Any], n
     for n in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(n)
         own = lattice_grid(segmentation_node, segment_id, nothing, grid)
+        kept = file_lattice(segment_id, nothing, grid)
+        if kept is not None and grid_within(own, kept):
+            continue
         count = int(np.count_nonzero(segment_array(segmentation_node, segment_id, None, own)
                                      & ~held(segment_id, own)))
         if count:
@@ -230,22 +237,34 @@ def volume_grid_losses(segmentation_node, volume_node) -> dict[str, int]:
 
     grid = voxel_grid(volume_node, segmentation_node)
     return _segment_losses(segmentation_node, volume_node, lambda segment_id, own: mask_on_grid(
-        segment_array(segmentation_node, segment_id, volume_node), grid, own))
+        segment_array(segmentation_node, segment_id, volume_node), grid, own), lambda *_: grid)
 
 
 def seg_nrrd_losses(segmentation_node, volume_node, path: str | Path) -> dict[str, int]:
     """{segment name: how many of its own voxels the written .seg.nrrd ``path`` leaves out} ({} when none), read back
     from the file: it holds every segment on one voxel grid (the segmentation's reference geometry), which drops
     voxels of a segment finer than it or turned against it."""
-    from .geometry import segment_array
+    import slicer
+
+    from .geometry import lattice_grid, segment_array
 
     scene = _scene_of(segmentation_node)
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+    def file_lattice(segment_id: str, nothing: np.ndarray, grid):
+        # The written segment's layer: only one holding voxels is a lattice the file keeps the segment on.
+        segment = segmentation.GetSegment(segment_id)
+        layer = None if segment is None else segment.GetRepresentation(labelmap)
+        if layer is None or any(layer.GetExtent()[2 * n] > layer.GetExtent()[2 * n + 1] for n in range(3)):
+            return None
+        return lattice_grid(written, segment_id, nothing, grid)
+
     with _temporary_nodes(scene):
         written = read_seg_nrrd(path, scene)
         segmentation = written.GetSegmentation()
         return _segment_losses(segmentation_node, volume_node, lambda segment_id, own: (
             segment_array(written, segment_id, None, own) if segmentation.GetSegment(segment_id) is not None
-            else np.zeros(own[1], dtype=bool)))
+            else np.zeros(own[1], dtype=bool)), file_lattice)
 
 
 def export_report(segmentation_node, volume_node, written: str | Path) -> str:

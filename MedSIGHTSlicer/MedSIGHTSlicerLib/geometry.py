@@ -21,6 +21,7 @@ __all__ = [
     "GeometryError",
     "array_from_image",
     "grid_holding",
+    "grid_within",
     "ijk_to_ras",
     "labelmap_from_array",
     "lattice_grid",
@@ -321,6 +322,16 @@ def grid_holding(grid: Grid, mask_kji: np.ndarray | None, mask_grid: Grid) -> Gr
     return grown, (int(k), int(j), int(i))
 
 
+def _whole_voxel_shift(matrix: np.ndarray, other: np.ndarray) -> np.ndarray | None:
+    """The (i, j, k) whole-voxel shift from ``matrix``'s lattice to ``other``'s, or None when they are not one lattice
+    (other axes, or shifted by part of a voxel)."""
+    between = np.linalg.inv(matrix) @ other
+    shift = between[:3, 3]
+    if np.allclose(between[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.rint(shift), atol=1e-6):
+        return np.rint(shift)
+    return None
+
+
 def same_lattice(image, other) -> bool:
     """Whether two vtkOrientedImageData's voxels lie on one lattice (same axes, shifted by whole voxels)."""
     matrices = []
@@ -328,9 +339,13 @@ def same_lattice(image, other) -> bool:
         matrix = vtk.vtkMatrix4x4()
         each.GetImageToWorldMatrix(matrix)
         matrices.append(_matrix_to_numpy(matrix))
-    between = np.linalg.inv(matrices[0]) @ matrices[1]
-    shift = between[:3, 3]
-    return bool(np.allclose(between[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.rint(shift), atol=1e-6))
+    return _whole_voxel_shift(*matrices) is not None
+
+
+def grid_within(grid: Grid, outer: Grid) -> bool:
+    """Whether every voxel of ``grid`` is a voxel of ``outer`` (one lattice, ``grid``'s box inside ``outer``'s)."""
+    shift = _whole_voxel_shift(outer[0], grid[0])
+    return shift is not None and bool(np.all(shift >= 0) and np.all(shift + grid[1][::-1] <= outer[1][::-1]))
 
 
 def mask_on_grid(mask_kji: np.ndarray, mask_grid: Grid, grid: Grid) -> np.ndarray:

@@ -31,6 +31,7 @@ from .geometry import (
     GeometryError,
     Grid,
     grid_holding,
+    grid_within,
     ijk_to_ras,
     labelmap_from_array,
     lattice_grid,
@@ -454,14 +455,20 @@ class SuggestionManager:
         added[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
         # Grown on its own lattice, which a correction in the Segment Editor's oversampled geometry made finer than
         # the volume's voxels: rewritten on those, the correction's fine voxels were lost. On the volume's voxels
-        # where that lattice cannot hold every new voxel (coarser or turned).
+        # where that lattice cannot hold every new voxel (coarser or turned), and where its voxels are the volume's
+        # (the usual case: checking it through the volume's whole grid cost every streamed slice seconds).
         volume_grid = voxel_grid(self.volume_node, preview)
         grid = lattice_grid(preview, segment_id, added, volume_grid)
-        mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(added, volume_grid, grid)
-        if np.any(added & ~mask_on_grid(mask, grid, volume_grid)):
-            grid, mask = volume_grid, self.suggestion_mask(segment_id) | added
+        if grid_within(grid, volume_grid):
+            grid = volume_grid
+        else:
+            mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(added, volume_grid, grid)
+            if np.any(added & ~mask_on_grid(mask, grid, volume_grid)):
+                grid = volume_grid
+        if grid is volume_grid:
+            mask = self.suggestion_mask(segment_id) | added
         replace_segment_mask(preview, segment_id, mask, self.volume_node, grid)
-        self._grown[segment_id] = mask_digest(self.suggestion_mask(segment_id))
+        self._grown[segment_id] = mask_digest(mask if grid is volume_grid else self.suggestion_mask(segment_id))
         segment = self.suggestion(segment_id)
         segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
         segment.SetTag(TAG_SLICE, ";".join(group.slices))

@@ -402,3 +402,27 @@ def test_a_seg_nrrd_export_leaves_the_segmentation_as_it_was_and_names_what_the_
         f"Exported to {path}. The file holds all segments on one voxel grid, which cannot hold {lost['Vessel']} voxels "
         f"of 'Vessel', {lost['Organ']} voxels of 'Organ' (finer than it, turned against it or outside it): the "
         "segmentation in the scene keeps them")
+
+
+def test_counting_what_an_export_leaves_out_resamples_no_segment_on_the_volumes_voxels(scene, volume, tmp_path,
+                                                                                      monkeypatch):
+    # Counting resampled every segment twice through its whole layer: on a 512 x 512 x 300 CT with 12 segments in one
+    # layer, the report after a NIfTI export took 18.7 s (2.7 s before the count), after a .seg.nrrd 12.1 s (none
+    # before). Segments on the volume's own voxels (accepted ones, the Segment Editor's) lose nothing in either file.
+    from MedSIGHTSlicerLib import geometry
+    from MedSIGHTSlicerLib.export import export_labelmap_file, seg_nrrd_losses, volume_grid_losses
+
+    _, user = accepted(scene, volume, tmp_path)
+    path = export_labelmap_file(user, volume, tmp_path / "MR.seg.nrrd")
+    resampled = []
+    real = geometry.segment_array
+
+    def counted(node, segment_id, *args, **kwargs):
+        resampled.append(segment_id)
+        return real(node, segment_id, *args, **kwargs)
+
+    monkeypatch.setattr(geometry, "segment_array", counted)
+    assert volume_grid_losses(user, volume) == {} and seg_nrrd_losses(user, volume, path) == {}
+    assert resampled == []
+    add_vessel(user, volume)  # finer than the volume's voxels and past them: counted, through its own lattice
+    assert volume_grid_losses(user, volume) == {"Vessel": 2} and set(resampled) == {"vessel"}

@@ -918,6 +918,33 @@ def test_a_suggestion_corrected_finer_than_the_volume_keeps_its_correction_when_
     np.testing.assert_array_equal(segment_array(manager.preview_node, sid, None, fine), corrected | upsampled(slice_5))
 
 
+def test_growing_a_suggestion_on_the_volumes_voxels_reads_the_volumes_whole_grid_once(scene, volume, monkeypatch):
+    # Keeping fine corrections made growing check the new voxels through the volume's whole grid as well, besides
+    # reading the suggestion there: on a 512 x 512 x 300 CT each streamed slice took about 3.5 s instead of 0.8 s.
+    # A suggestion on the volume's own voxels is grown on them, read once, as before.
+    import MedSIGHTSlicerLib.suggestions as suggestions
+
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_streamed_answer(answer("axial", 4, [("liver", ball())]), "ask-1")
+    whole_grid_reads = []
+
+    def counted(name: str, real):
+        def spy(*args, **kwargs):
+            voxels = real(*args, **kwargs)
+            if voxels.shape == SHAPE:
+                whole_grid_reads.append(name)
+            return voxels
+        return spy
+
+    for name in ("segment_array", "mask_on_grid"):
+        monkeypatch.setattr(suggestions, name, counted(name, getattr(suggestions, name)))
+    assert manager.add_streamed_answer(answer("axial", 5, [("liver", ball())]), "ask-1") == [sid]
+    assert whole_grid_reads == ["segment_array"]  # the suggestion as it was, on the volume's voxels
+    grown = np.zeros(SHAPE, dtype=bool)
+    grown[4:6] = ball()[4:6]
+    np.testing.assert_array_equal(manager.suggestion_mask(sid), grown)
+
+
 def replace_voxels_by_another_size(volume) -> tuple[int, int, int]:
     """What Crop Volume or Resample in place does to the volume's voxel array: one of another size. Returns it."""
     from vtk.util import numpy_support
