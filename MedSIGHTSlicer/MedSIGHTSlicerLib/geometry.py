@@ -342,6 +342,12 @@ def same_lattice(image, other) -> bool:
     return _whole_voxel_shift(*matrices) is not None
 
 
+def grids_share_lattice(grid: Grid, other: Grid) -> bool:
+    """Whether two grids' voxels lie on one lattice (same axes, shifted by whole voxels): a mask goes from one to the
+    other and back exactly wherever both boxes hold it."""
+    return _whole_voxel_shift(grid[0], other[0]) is not None
+
+
 def grid_within(grid: Grid, outer: Grid) -> bool:
     """Whether every voxel of ``grid`` is a voxel of ``outer`` (one lattice, ``grid``'s box inside ``outer``'s)."""
     shift = _whole_voxel_shift(outer[0], grid[0])

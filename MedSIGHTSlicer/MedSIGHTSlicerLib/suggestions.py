@@ -32,6 +32,7 @@ from .geometry import (
     Grid,
     grid_holding,
     grid_within,
+    grids_share_lattice,
     ijk_to_ras,
     labelmap_from_array,
     lattice_grid,
@@ -655,8 +656,10 @@ class SuggestionManager:
         mask = self.suggestion_mask(segment_id)
         volume_grid = voxel_grid(self.volume_node, preview)
         own = lattice_grid(preview, segment_id, mask, volume_grid)
+        if own is volume_grid or grid_within(own, volume_grid):  # on the volume's voxels: the mask holds it all
+            return SegmentSnapshot.from_mask(*look, mask)
         voxels = segment_array(preview, segment_id, None, own)
-        if own is volume_grid or np.array_equal(voxels, mask_on_grid(mask, volume_grid, own)):
+        if np.array_equal(voxels, mask_on_grid(mask, volume_grid, own)):
             return SegmentSnapshot.from_mask(*look, mask)
         return SegmentSnapshot.from_mask(*look, voxels, lattice=np.linalg.inv(volume_grid[0]) @ own[0])
 
@@ -708,7 +711,10 @@ class SuggestionManager:
             merged = segment_array(node, merge_id, None, grid)
             for mask, mask_grid in parts[1:]:
                 merged |= mask_on_grid(mask, mask_grid, grid)
-            lost = [int(np.count_nonzero(mask & ~mask_on_grid(merged, grid, mask_grid))) for mask, mask_grid in parts]
+            # The grid holds every part's box, so a part on its lattice goes there and back exactly: only the others
+            # are sent back to check (each a resample through the whole grid).
+            lost = [0 if grids_share_lattice(mask_grid, grid) else
+                    int(np.count_nonzero(mask & ~mask_on_grid(merged, grid, mask_grid))) for mask, mask_grid in parts]
             if not any(lost):
                 break
             if lattice is volume_grid:
@@ -812,8 +818,9 @@ class SuggestionManager:
         present = set(self.suggestion_ids())
         missing = [repr(i.suggestion.name) for i in operation.items if i.suggestion.segment_id not in present]
         if missing:
-            raise SuggestionError(f"cannot redo: suggestion {', '.join(missing)} is no longer in the list (deleted "
-                                  "from the suggestions' segmentation since)")
+            which = f"suggestion {missing[0]} is" if len(missing) == 1 else f"suggestions {', '.join(missing)} are"
+            raise SuggestionError(f"cannot redo: {which} no longer in the list (deleted from the suggestions' "
+                                  "segmentation since)")
         # A suggestion corrected after the undo: redoing would accept (or drop) the voxels it had before, and the
         # correction would be lost with the preview segment. Compared on the suggestion's own lattice: a correction
         # finer than the volume's voxels counts too.

@@ -1067,6 +1067,32 @@ def test_a_merge_into_a_coarser_or_rotated_segment_keeps_every_suggested_voxel(s
     np.testing.assert_allclose(world_points(user_node, "organ"), after, atol=1e-6)
 
 
+def test_a_merge_on_the_volumes_voxels_resamples_only_the_suggestion_in(scene, volume, user_node, monkeypatch):
+    # The check that no voxel is lost sent every part back through the merged grid, and the suggestion was compared
+    # with itself on its own box: a merge into a large liver in a shared layer of a 512 x 512 x 300 CT took 7.9 s
+    # instead of 4.7 s, an accept 1.8 s instead of 1.0 s. Parts on the volume's or the merged grid's own lattice go
+    # there and back exactly, so only what lies off it is resampled to check.
+    import MedSIGHTSlicerLib.suggestions as suggestions
+
+    own = ball((4, 5, 6), 2.0)
+    segment = slicer.vtkSegment()
+    segment.SetName("Organ")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              labelmap_from_array(own, volume, crop=True))
+    assert user_node.GetSegmentation().AddSegment(segment, "organ")
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 7, 6), 1.0))]))
+    suggested = manager.suggestion_mask(sid)
+    resampled = []
+    real = suggestions.mask_on_grid
+    monkeypatch.setattr(suggestions, "mask_on_grid", lambda *args: resampled.append(1) or real(*args))
+    manager.accept(sid, target=user_node, merge_into="organ")
+    assert len(resampled) == 1  # the suggestion, onto the merged grid
+    np.testing.assert_array_equal(segment_array(user_node, "organ", volume), own | suggested)
+    assert manager.undo()
+    np.testing.assert_array_equal(segment_array(user_node, "organ", volume), own)
+
+
 def add_segment_on(node, volume, name: str, own: np.ndarray, lattice: np.ndarray) -> str:
     """A user segment ``own`` on its own ``lattice`` (own.shape voxels), as the Segment Editor keeps one."""
     segment = slicer.vtkSegment()
