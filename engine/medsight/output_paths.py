@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from medsight.atomic_files import written_file
 from medsight.user_files import special_file_kind
 
 
@@ -25,7 +26,7 @@ def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
         raise ValueError(f"{what} {path} is {kind}, not a file: give a file name")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{what} {path} already exists: pass --overwrite to replace it")
-    check_folder_writable(path, f"{what} {path}")
+    check_folder_writable(os.fspath(written_file(path)), f"{what} {path}")  # a link's target is what gets written
 
 
 def _is_input(target: Path, source: Path) -> bool:
