@@ -10,6 +10,7 @@ import torch
 
 from medsight import atomic_files
 from medsight.train import state as trainer_state
+from medsight_testing.disk import file_size_limit
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -24,6 +25,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_files.replace_file(path, torn)
     assert json.loads(path.read_text()) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_write_failing_on_a_full_disk_names_the_file(tmp_path):
+    """A write's OSError on a full disk names no file: `medsight eval` said only "error: File too large" when its
+    report could not be written, naming neither the file nor the folder."""
+    from medsight.commands.errors import error_message
+
+    path = tmp_path / "report.json"
+    text = '{"scores": [1, 2, 3]}'
+    with file_size_limit(len(text) // 2), pytest.raises(OSError) as failed:
+        atomic_files.replace_file(path, lambda target: target.write_text(text))
+    assert error_message(failed.value) == f"{path}: File too large"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("save", ["write_json", "save_tensors"])

@@ -259,6 +259,25 @@ def test_overwrite_through_a_link_replaces_its_target_and_keeps_the_link(brain, 
     assert sorted(p.name for p in results.iterdir()) == sorted(t.name for t in targets.values())  # no temporaries
 
 
+def test_a_link_to_a_file_not_made_yet_gets_its_missing_folders(brain, tmp_path, capsys):
+    """A link whose target (and its folder) does not exist yet: the link's folder was created, not the target's, so
+    the write failed after the whole inference, naming a temporary file; a target no folder can be made for was found
+    only then too."""
+    blocked = tmp_path / "blocked.png"
+    blocked.symlink_to(brain / "sub" / "ov.png")  # below a file
+    assert main(["ask", str(brain), Q, "--overlay", str(blocked), "--overwrite", *NO_MODEL]) == 2
+    assert _err(capsys).splitlines() == [f"medsight: error: --overlay {blocked}: {brain} is a file, not a folder"]
+    results = tmp_path / "results" / "case1"
+    links = {"--out": tmp_path / "latest.nii.gz", "--overlay": tmp_path / "latest.png"}
+    for link in links.values():
+        link.symlink_to(results / link.name)
+    options = [str(x) for option, link in links.items() for x in (option, link)]
+    assert main(["ask", str(brain), Q, *options, "--overwrite", *TINY]) == 0
+    assert all(link.is_symlink() for link in links.values())
+    assert sorted(p.name for p in results.iterdir()) == ["latest.json", "latest.nii.gz", "latest.png"]
+    assert nib.load(results / "latest.nii.gz").shape == nib.load(brain).shape
+
+
 def test_a_nifti_written_through_a_link_gets_its_labels_beside_the_target(brain, tmp_path):
     """The labelmap went to the link's target, its sidecar beside the link: the target kept its old labels."""
     from medsight.imaging import read_nifti_labelmap

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -105,6 +106,29 @@ def test_ask_whose_reader_left_still_writes_its_segmentation(tmp_path):
     left, whole = read_seg_nrrd(tmp_path / "left.seg.nrrd"), read_seg_nrrd(tmp_path / "stayed.seg.nrrd")
     assert whole.labelmap.any() and np.array_equal(left.labelmap, whole.labelmap)
     assert [s.name for s in left.segments] == [s.name for s in whole.segments]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a file system that is always full)")
+def test_ask_whose_output_cannot_be_printed_still_writes_its_segmentation(tmp_path):
+    """`medsight ask ... --out F > log` with the log's disk full: printing the answers failed and the command stopped
+    before writing F, so the whole inference was lost. F is now written, and the failed printing is the one error."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    from medsight.imaging import read_seg_nrrd
+
+    volume, out = tmp_path / "mni.nii.gz", tmp_path / "answer.seg.nrrd"
+    nib.save(load_mni152_template(resolution=2), volume)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open("/dev/full", "w") as full:
+        process = subprocess.run([sys.executable, "-m", "medsight", "ask", str(volume), "Please segment the white "
+                                  "matter.", "--model", "tiny", "--max-new-tokens", "6", "--device", "cpu", "--out",
+                                  str(out)], stdout=full, stderr=subprocess.PIPE, env=env, timeout=300)
+    err = process.stderr.decode(errors="replace").splitlines()
+    assert process.returncode == 2, err
+    assert [line for line in err if "error" in line] == ["medsight: error: the answers were not printed: No space "
+                                                          "left on device"], err
+    assert read_seg_nrrd(out).labelmap.any()
 
 
 def test_medsight_train_shows_the_runs_progress(tmp_path):

@@ -23,8 +23,11 @@ def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "")
         write(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.strerror:
+            # A write's own error names no file (a full disk: "No space left on device"): name the one being written.
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         raise
     return temporary
 

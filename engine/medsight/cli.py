@@ -14,7 +14,7 @@ from medsight.commands.errors import run_command
 from medsight.commands.options import check_vision_file
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
-from medsight.output_paths import check_export_folder
+from medsight.output_paths import check_download_folder, check_export_folder
 
 VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
                     "Hugging Face Hub (downloaded once into its cache)")
@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                           "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
     download.add_argument("--dir", type=_path, help="copy the files into this folder instead of only caching them")
+    download.add_argument("--overwrite", action="store_true",
+                          help="replace files in --dir that no download put there or that changed since (else they "
+                          "are refused; files a download left there are kept or updated)")
     download.add_argument("--codebook", action="store_true",
                           help="also the stage-2 codebook file (not needed to answer questions)")
     download.add_argument("--yes", action="store_true", help="do not ask before a large download")
@@ -278,6 +281,8 @@ def _download(args: argparse.Namespace) -> int:
               "needed", file=sys.stderr)
         print(found)
         return 0
+    if args.dir:
+        check_download_folder(args.dir, plan.names(), args.overwrite)  # before anything is fetched
     print("\n".join(plan.lines()), file=sys.stderr, flush=True)
     ask_first = plan.total > args.confirm_above * 1e9 and not args.yes and sys.stdin.isatty()
     if ask_first and input(f"Download {plan.total / 1e9:.2f} GB? [y/N] ").strip().lower() not in ("y", "yes"):

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from medsight.atomic_files import written_file
 from medsight.user_files import special_file_kind
 
 
@@ -25,7 +26,7 @@ def check_output(path: str, what: str, source: str, overwrite: bool) -> None:
         raise ValueError(f"{what} {path} is {kind}, not a file: give a file name")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{what} {path} already exists: pass --overwrite to replace it")
-    check_folder_writable(path, f"{what} {path}")
+    check_folder_writable(os.fspath(written_file(path)), f"{what} {path}")  # a link's target is what gets written
 
 
 def _is_input(target: Path, source: Path) -> bool:
@@ -69,3 +70,21 @@ def check_export_folder(out: str, overwrite: bool) -> None:
     if present and not overwrite:
         raise ValueError(f"--out {out} already holds {', '.join(present)}: pass --overwrite to replace them")
     check_folder_writable(os.path.join(out, MANIFEST_FILE), f"--out {out}")
+
+
+def check_download_folder(folder: str, names: list[str], overwrite: bool) -> None:
+    """--dir of `medsight download` must not hold a file of the download that no download left there as it is (the
+    user's fine-tuned weights, an edited config), unless --overwrite: the Hub client deletes such a file and puts the
+    Hub's copy in its place. Files a download left unchanged (its record beside them) are checked and kept by the
+    client, so a rerun or a resumed download is no reason to refuse."""
+    from huggingface_hub._local_folder import read_download_metadata
+
+    if overwrite:
+        return
+    # Only for files present: the record's reader creates the folders of a file it is asked about.
+    kept = [name for name in names if os.path.lexists(os.path.join(folder, name))
+            and read_download_metadata(Path(folder), name) is None]
+    if kept:
+        raise ValueError(f"--dir {folder} already holds {', '.join(kept)}, not as a download left "
+                         f"{'it' if len(kept) == 1 else 'them'}: pass --overwrite to replace "
+                         f"{'it' if len(kept) == 1 else 'them'}, or choose another folder")

@@ -25,6 +25,7 @@ from medsight.evaluate.runner import (
     select_items,
     shard_from_env,
 )
+from medsight_testing.disk import file_size_limit
 from medsight_testing.torchrun import interrupt_torchrun, torchrun
 
 ARGS = ["--model", "demo", "--max-new-tokens", "40", "--bootstrap", "50", "--quiet", "--dtype", "float32"]
@@ -374,6 +375,24 @@ def test_ctrl_c_says_how_many_answers_are_kept_and_how_to_resume(diagseg, single
         run_predictions(CountingEngine(engine, 1), items, path, options, answered=[other])
     assert (f"{stop_at + 2} of {len(items)} items are answered and kept in {path} and the report's other "
             "predictions files; the same command resumes" in capsys.readouterr().err)
+
+
+def test_a_full_disk_while_answering_names_the_predictions_file_and_what_is_kept(diagseg, tmp_path):
+    """A disk that filled up part-way ended `medsight eval` with 'error: File too large' alone: no file named, nothing
+    said of the answers kept or that the same command goes on from them. The torn last line is mended on resume."""
+    from medsight import Engine
+    from medsight.commands.errors import error_message
+
+    items, path = read_diagseg(diagseg[0]), tmp_path / "p.jsonl"
+    engine, options = Engine.load("demo", device="cpu"), RunOptions("diagseg", max_new_tokens=8)
+    kept = 1
+    run_predictions(engine, items, path, options, limit=kept)
+    with file_size_limit(path.stat().st_size + 1), pytest.raises(OSError) as full:
+        run_predictions(engine, items, path, options)
+    assert error_message(full.value) == (f"{path}: File too large; {kept} of {len(items)} items are answered and kept "
+                                         f"in {path}; the same command resumes after them (the report is written "
+                                         "once every item is answered)")
+    assert len(run_predictions(engine, items, path, options)) == len(items)
 
 
 def test_a_predictions_file_that_is_not_utf8_is_named_with_its_line(tmp_path):

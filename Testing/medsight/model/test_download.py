@@ -155,3 +155,31 @@ def test_a_revision_downloaded_with_revision_loads_offline(repos, tmp_path, gold
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "holds everything needed" in again.stderr, again.stderr
     assert Path(again.stdout.strip()) == Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_download_into_a_folder_keeps_the_users_own_files_unless_overwrite(repos, tmp_path):
+    """--dir holding a file of the release that no download put there (the user's fine-tuned weights, an edited
+    config) is refused before anything is fetched: the Hub client deleted it and put the Hub's copy in its place.
+    Files an earlier download put there (a rerun, a resumed download) are no reason to refuse."""
+    target = tmp_path / "medsight"
+    config = next(f for f in sorted(needed(repos)) if f.endswith("config.json"))
+    own = b'{"edited": "by the user"}'
+    (target / config).parent.mkdir(parents=True)
+    (target / config).write_bytes(own)
+    with serve_hub(repos) as hub:
+        refused = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--dir", str(target)])
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"medsight: error: --dir {target} already holds {config}, not as a download left it: pass --overwrite "
+            "to replace it, or choose another folder")
+        assert hub.downloads == [] and (target / config).read_bytes() == own
+        (target / config).unlink()
+        first = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--dir", str(target)])
+        again = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--dir", str(target)])
+        (target / config).write_bytes(own)
+        (target / ".cache/huggingface/download" / f"{config}.metadata").unlink()
+        replaced = run(hub, tmp_path / "hub", ["-m", "medsight.cli", "download", "--dir", str(target),
+                                               "--overwrite"])
+    assert (first.returncode, again.returncode, replaced.returncode) == (0, 0, 0), (again.stderr, replaced.stderr)
+    assert (target / config).read_bytes() == repos["Caf0914/MedSIGHT"].body(config)

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from medsight.commands.ask_outputs import check_ask_outputs, check_out_against_input, write_outputs
-from medsight.commands.errors import READER_LEFT, reader_left
+from medsight.commands.errors import READER_LEFT, error_message, reader_left, silence_stdout
 from medsight.commands.options import check_vision_file
 
 if TYPE_CHECKING:
@@ -36,16 +36,19 @@ def run_ask(args: argparse.Namespace) -> int:
     # window (the whole volume read and sorted, 0.7 s for 256 x 256 x 300) is not worked out again for every batch.
     window = volume_window(volume, args.window)
     answers = _answers(args, volume, indices, window)
-    left = False
+    left, not_printed = False, None
     if not args.json:
         try:
             _print_answers(args, answers)  # before writing: a failed write must not lose them
-        except BrokenPipeError:
-            # `medsight ask ... --out F | head -1` whose reader left: the files asked for are still written.
-            left = reader_left()
+        except OSError as err:
+            # The reader left (`medsight ask ... --out F | head -1`), or stdout cannot take the answers (`> log` on a
+            # full disk): the files asked for are still written, not lost with the answers.
+            left = isinstance(err, BrokenPipeError) and reader_left()
             if not left:
-                raise
+                not_printed = f"the answers were not printed: {error_message(err)}"
+                silence_stdout()  # the lines below would fail the same way
     written, errors = write_outputs(args, volume, answers, window)
+    errors = [not_printed, *errors] if not_printed else errors
     if args.json:
         _print_json(args, answers, written, errors)
     else:

@@ -60,10 +60,10 @@ def error_message(err: Exception) -> str:
 
 def reader_left() -> bool:
     """After a BrokenPipeError: whether it was stdout's reader that left (`medsight ... | head -1`), which is no error.
-    Then stdout is pointed at devnull (`_silence_stdout`), so nothing more raises; False for another pipe's."""
+    Then stdout is pointed at devnull (`silence_stdout`), so nothing more raises; False for another pipe's."""
     if not _stdout_reader_gone():
         return False
-    _silence_stdout()
+    silence_stdout()
     return True
 
 
@@ -81,7 +81,8 @@ def _stdout_reader_gone() -> bool:
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
-def _silence_stdout() -> None:
-    """Point stdout at devnull once its reader is gone, so later prints and the flush at interpreter exit do not
-    raise or print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal docs, "Note on SIGPIPE")."""
+def silence_stdout() -> None:
+    """Point stdout at devnull once its reader is gone (or it cannot be written: a full disk), so later prints and the
+    flush at interpreter exit do not raise or print "Exception ignored ... BrokenPipeError" (the recipe of Python's
+    signal docs, "Note on SIGPIPE")."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

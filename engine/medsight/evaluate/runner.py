@@ -411,8 +411,12 @@ def run_predictions(
             gts = [item_gt_mask(it) if options.segment else None for _, it in group]
             answers = engine.ask([item_image(it) for _, it in group], group[0][1].question,
                                  options.generation(seed), image_options)
-            append_predictions(out_path, [_record(i, it, a, options, seed, gt)
-                                          for (i, it), a, gt in zip(group, answers, gts, strict=True)])
+            records = [_record(i, it, a, options, seed, gt) for (i, it), a, gt in zip(group, answers, gts, strict=True)]
+            try:
+                append_predictions(out_path, records)
+            except OSError as err:  # a full disk: the error names no file; say which, and what is kept
+                note = stopped_note(kept, len(selected), out_path, elsewhere)  # a torn last line is mended on resume
+                raise OSError(err.errno, f"{err.strerror or err}; {note}", os.fspath(out_path)) from None
             kept += len(group)
             bar.update(len(group))
     except DataError as err:
@@ -422,6 +426,7 @@ def run_predictions(
     except KeyboardInterrupt:
         print(f"\n{stopped_note(kept, len(selected), out_path, elsewhere)}", file=sys.stderr)
         raise
+
     finally:
         bar.close()
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]

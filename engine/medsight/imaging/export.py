@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
+
+from medsight.atomic_files import written_file
 
 from .errors import ImagingError
 from .export_dicom_seg import multiframe_problem, write_dicom_seg
@@ -43,8 +44,9 @@ def check_reference(path: str | os.PathLike[str], reference: Volume) -> None:
 
 
 def make_parent_folder(path: str | os.PathLike[str]) -> None:
-    """Create the missing folders above ``path`` (segmentations and overlay PNGs alike)."""
-    parent = Path(path).parent
+    """Create the missing folders above ``path`` (segmentations and overlay PNGs alike); for a symbolic link, above
+    its target, where the file is written."""
+    parent = written_file(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. a file where a folder should be

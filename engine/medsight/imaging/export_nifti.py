@@ -102,7 +102,7 @@ def write_nifti_labelmap(seg: Segmentation, path: str | os.PathLike[str]) -> tup
                        (Path(json_path), lambda target: target.write_text(json.dumps(sidecar, indent=2),
                                                                           encoding="utf-8"), "")])
     except OSError as exc:
-        raise ImagingError(f"cannot write labelmap ({exc})", path) from exc
+        raise ImagingError(f"cannot write labelmap ({getattr(exc, 'strerror', None) or exc})", path) from exc
     return path, json_path
 
 

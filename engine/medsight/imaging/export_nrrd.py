@@ -90,7 +90,7 @@ def write_seg_nrrd(seg: Segmentation, path: str | os.PathLike[str], compress: bo
         replace_file(Path(path), lambda target: nrrd.write(os.fspath(target), np.asfortranarray(data), header,
                                                            index_order="F"))
     except (OSError, nrrd.NRRDError) as exc:
-        raise ImagingError(f"cannot write segmentation ({exc})", path) from exc
+        raise ImagingError(f"cannot write segmentation ({getattr(exc, 'strerror', None) or exc})", path) from exc
     return path
 
 

@@ -241,6 +241,10 @@ class DownloadPlan:
     def total(self) -> int:
         return sum(size for _, size in self.files) + sum(size for _, size in self.extra)
 
+    def names(self) -> list[str]:
+        """Where the files land in a folder (`--dir`): repository files by their path, extra files by their name."""
+        return [name for name, _ in self.files] + [hub.filename for hub, _ in self.extra]
+
     def lines(self) -> list[str]:
         rows = [f"{_size(size):>10}  {name}" for name, size in self.files]
         rows += [f"{_size(size):>10}  {hub} (licence {hub.licence})" for hub, size in self.extra]
