@@ -293,12 +293,18 @@ def _written_rounding(values: Sequence[object]) -> np.ndarray:
 
 
 def _position_rounding(rounding: list[np.ndarray] | None, normal: np.ndarray) -> tuple[float, float]:
-    """(along the normal, in the plane): how far written positions with these `_written_rounding`s may lie from the
-    true ones, in mm."""
+    """(along the normal, in the plane: per coordinate): how far written positions with these `_written_rounding`s may
+    lie from the true ones, in mm. Per coordinate, the finest any position is written to: writers that strip trailing
+    zeros write an exact whole value as "40" or "-143" beside "41.25", which is no rounding to 1 mm (taking each
+    position's own widened the checks by up to a spacing over 1 / POSITION_ROUNDING_MAX_FRACTION: a 45 % gap or a
+    1 degree tilt read without a word)."""
     if not rounding:
         return 0.0, 0.0
-    r = np.asarray(rounding)
-    return float((r @ np.abs(normal)).max()), float(np.linalg.norm(r, axis=1).max())
+    r, a = np.asarray(rounding).min(axis=0), np.abs(normal)
+    # In the plane: per coordinate (the shear check takes the largest), the rounding of a position less its part along
+    # the normal, |e_i - n_i (e . n)|; an axial stack's whole-mm z ("40") is no in-plane rounding.
+    in_plane = r * (1 - a**2) + a * (a @ r - a * r)
+    return float(r @ a), float(in_plane.max())
 
 
 def _rounding_allowance(along: float, step: float) -> float:
