@@ -89,6 +89,21 @@ def test_more_images_in_other_orientations_than_a_scout_is_a_mixed_series(ct_ser
     _raises(tmp_path, "mixed series: rows")
 
 
+@pytest.mark.parametrize("degrees", [0.01, 10.0])
+def test_end_slice_tilted_from_the_stack_is_a_mixed_series_not_a_localizer(ct_series, tmp_path, degrees):
+    # An end slice whose orientation differs from the others' by a little (0.01 or 10 degrees about the row axis) is no
+    # scout, taken across the stack: it was left out as 'a localizer?' and the rest read, where before (and now) the
+    # series is refused as mixed.
+    shutil.copytree(ct_series, tmp_path, dirs_exist_ok=True)
+    last = max(tmp_path.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(last)
+    row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    normal, angle = np.cross(row, col), np.deg2rad(degrees)
+    ds.ImageOrientationPatient = [f"{x:.6f}" for x in (*row, *(np.cos(angle) * col + np.sin(angle) * normal))]
+    ds.save_as(last)
+    _raises(tmp_path, "mixed series: orientations")
+
+
 @pytest.mark.parametrize(("frame", "group"), [(1, "PlanePositionSequence"), (0, "PlaneOrientationSequence")])
 def test_multiframe_file_with_a_frame_not_placed_is_refused(dicom_store, tmp_path, frame, group):
     # pydicom-data's enhanced CT with one frame's position (or orientation) taken out was read as an unplaced 1 mm grid

@@ -38,6 +38,9 @@ ORIENTATION_ATOL = 1e-4
 #: Images of another orientation beside a series' stack, not flagged LOCALIZER, left out as its scout: a scout is one
 #: to three images (one per plane); more is a mixed series, refused.
 MAX_UNFLAGGED_LOCALIZERS = 3
+#: ... and only when taken across the stack: a scout is coronal or sagittal beside axial slices. An image whose plane
+#: lies within this angle of the stack's is one of its slices with another orientation (a mixed series), not a scout.
+LOCALIZER_MIN_ANGLE_DEGREES = 45.0
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -328,8 +331,8 @@ def _without_localizers(
 
     Scanners put the scout in the CT series (GE, Siemens CBCT: ImageType LOCALIZER), some without the flag; 3D
     Slicer then offers the series without it (its subseries by ImageType and by orientation). Left out: images
-    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations beside a
-    larger stack of one; anything else is left to the mixed-series checks."""
+    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations across
+    (LOCALIZER_MIN_ANGLE_DEGREES) a larger stack of one; anything else is left to the mixed-series checks."""
     said = []
     flagged = [_is_localizer(ds) for ds in headers]
     if any(flagged) and not all(flagged):
@@ -346,7 +349,9 @@ def _without_localizers(
         sizes = sorted(np.bincount(group_of)[np.unique(group_of)], reverse=True)
         main = int(np.argmax(np.bincount(group_of)))
         others = len(files) - sizes[0]
-        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]):
+        normals = np.cross(orients[:, :3], orients[:, 3:])
+        across = np.abs(normals[group_of != main] @ normals[main]) <= np.cos(np.deg2rad(LOCALIZER_MIN_ANGLE_DEGREES))
+        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]) and across.all():
             said.append(f"{_images(others)} in another orientation than the other {sizes[0]} (a localizer?)")
             files = [f for f, g in zip(files, group_of, strict=True) if g == main]
             headers = [ds for ds, g in zip(headers, group_of, strict=True) if g == main]
