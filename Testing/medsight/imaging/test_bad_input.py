@@ -89,6 +89,21 @@ def test_more_images_in_other_orientations_than_a_scout_is_a_mixed_series(ct_ser
     _raises(tmp_path, "mixed series: rows")
 
 
+@pytest.mark.parametrize("degrees", [0.01, 10.0])
+def test_end_slice_tilted_from_the_stack_is_a_mixed_series_not_a_localizer(ct_series, tmp_path, degrees):
+    # An end slice whose orientation differs from the others' by a little (0.01 or 10 degrees about the row axis) is no
+    # scout, taken across the stack: it was left out as 'a localizer?' and the rest read, where before (and now) the
+    # series is refused as mixed.
+    shutil.copytree(ct_series, tmp_path, dirs_exist_ok=True)
+    last = max(tmp_path.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(last)
+    row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    normal, angle = np.cross(row, col), np.deg2rad(degrees)
+    ds.ImageOrientationPatient = [f"{x:.6f}" for x in (*row, *(np.cos(angle) * col + np.sin(angle) * normal))]
+    ds.save_as(last)
+    _raises(tmp_path, "mixed series: orientations")
+
+
 @pytest.mark.parametrize(("frame", "group"), [(1, "PlanePositionSequence"), (0, "PlaneOrientationSequence")])
 def test_multiframe_file_with_a_frame_not_placed_is_refused(dicom_store, tmp_path, frame, group):
     # pydicom-data's enhanced CT with one frame's position (or orientation) taken out was read as an unplaced 1 mm grid
@@ -199,6 +214,42 @@ def test_positions_written_with_few_decimals_still_refuse_missing_and_duplicate_
     _raises(restacked_series(shifted, "shifted", decimals=1), "uneven slice spacing")
     error = _raises(restacked_series(np.arange(count) * 2 * spacing, "whole_mm", decimals=0), "uneven slice spacing")
     assert "ImagePositionPatient is rounded by up to 0.5 mm, too coarse for" in str(error)
+
+
+def _write_stack_stripping_zeros(template_file, folder, positions) -> None:
+    """Copies of ``template_file`` at LPS ``positions``, written exactly but with trailing zeros stripped, as many
+    scanners write them: a whole value reads "40" or "-143", beside "41.3"."""
+    template = pydicom.dcmread(template_file)
+    template.SeriesInstanceUID = pydicom.uid.generate_uid()
+    folder.mkdir()
+    for k, position in enumerate(positions):
+        template.SOPInstanceUID, template.InstanceNumber = pydicom.uid.generate_uid(), k + 1
+        template.ImagePositionPatient = [f"{x:.6f}".rstrip("0").rstrip(".") for x in position]
+        template.save_as(folder / f"slice{k:04d}.dcm")
+
+
+@pytest.mark.parametrize("irregularity", ["gap", "tilt"])
+def test_whole_mm_positions_written_without_decimals_do_not_widen_the_spacing_checks(ct_series, tmp_path,
+                                                                                      irregularity):
+    # A position that happens to be whole ("40", "-143", as in pydicom's CT5N) was taken as rounded to 1 mm, so the
+    # step and grid checks allowed a spacing over POSITION_ROUNDING_MAX_FRACTION of rounding per position, and the
+    # shear check 1.4 mm: a 1 mm series with one step of 1.3 mm, or a 1 degree gantry tilt, read without a word.
+    # The series' other positions show they are written to finer steps.
+    template = sorted(ct_series.iterdir())[0]
+    count, spacing = 20, 1.0
+    positions = np.zeros((count, 3))
+    positions[:, 0] = float(pydicom.dcmread(template).ImagePositionPatient[0])
+    positions[:, 1] = -143.0
+    positions[:, 2] = 40.0 + spacing * np.arange(count)
+    if irregularity == "gap":
+        positions[count // 2:, 2] += 0.3 * spacing
+        match = f"uneven slice spacing: {1.3 * spacing:.3f} mm"
+    else:
+        positions[:, 1] += spacing * np.arange(count) * np.tan(np.deg2rad(1.0))
+        match = "slices are not stacked along their normal"
+    folder = tmp_path / irregularity
+    _write_stack_stripping_zeros(template, folder, positions)
+    _raises(folder, match)
 
 
 @pytest.mark.parametrize("kept", [0.98, 0.5, 0.1])

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def test_argparse_namespace_is_allowed_but_nothing_else(tmp_path, release_dir):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "args": subprocess.Popen}, evil)
     with pytest.raises(CheckpointError, match="refused to unpickle"):
+        safe_torch_load(evil)
+
+
+class _RunsACommand:
+    """An object whose unpickling would run a shell command (os.system: a module torch blocks outright)."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_blocked_global_is_named_in_either_pickle_format(tmp_path, zip_format):
+    # A pre-1.6 (non-zip) pickle naming os.system was called 'damaged or not a checkpoint: unreadable pickle' (safely
+    # refused, but the user was told the file is broken, not that it would run code); torch's message for a blocked
+    # module differs from the one for a global that is merely not allowed.
+    evil = tmp_path / "pytorch_model.bin"
+    state = {"lm_head.weight": torch.zeros(1), "x": _RunsACommand()}
+    torch.save(state, evil, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match=rf"refused to unpickle: it names {os.system.__module__}\.system"):
         safe_torch_load(evil)
 
 

@@ -38,6 +38,9 @@ ORIENTATION_ATOL = 1e-4
 #: Images of another orientation beside a series' stack, not flagged LOCALIZER, left out as its scout: a scout is one
 #: to three images (one per plane); more is a mixed series, refused.
 MAX_UNFLAGGED_LOCALIZERS = 3
+#: ... and only when taken across the stack: a scout is coronal or sagittal beside axial slices. An image whose plane
+#: lies within this angle of the stack's is one of its slices with another orientation (a mixed series), not a scout.
+LOCALIZER_MIN_ANGLE_DEGREES = 45.0
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -293,12 +296,18 @@ def _written_rounding(values: Sequence[object]) -> np.ndarray:
 
 
 def _position_rounding(rounding: list[np.ndarray] | None, normal: np.ndarray) -> tuple[float, float]:
-    """(along the normal, in the plane): how far written positions with these `_written_rounding`s may lie from the
-    true ones, in mm."""
+    """(along the normal, in the plane: per coordinate): how far written positions with these `_written_rounding`s may
+    lie from the true ones, in mm. Per coordinate, the finest any position is written to: writers that strip trailing
+    zeros write an exact whole value as "40" or "-143" beside "41.25", which is no rounding to 1 mm (taking each
+    position's own widened the checks by up to a spacing over 1 / POSITION_ROUNDING_MAX_FRACTION: a 45 % gap or a
+    1 degree tilt read without a word)."""
     if not rounding:
         return 0.0, 0.0
-    r = np.asarray(rounding)
-    return float((r @ np.abs(normal)).max()), float(np.linalg.norm(r, axis=1).max())
+    r, a = np.asarray(rounding).min(axis=0), np.abs(normal)
+    # In the plane: per coordinate (the shear check takes the largest), the rounding of a position less its part along
+    # the normal, |e_i - n_i (e . n)|; an axial stack's whole-mm z ("40") is no in-plane rounding.
+    in_plane = r * (1 - a**2) + a * (a @ r - a * r)
+    return float(r @ a), float(in_plane.max())
 
 
 def _rounding_allowance(along: float, step: float) -> float:
@@ -322,8 +331,8 @@ def _without_localizers(
 
     Scanners put the scout in the CT series (GE, Siemens CBCT: ImageType LOCALIZER), some without the flag; 3D
     Slicer then offers the series without it (its subseries by ImageType and by orientation). Left out: images
-    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations beside a
-    larger stack of one; anything else is left to the mixed-series checks."""
+    flagged LOCALIZER beside unflagged ones, and up to MAX_UNFLAGGED_LOCALIZERS images of other orientations across
+    (LOCALIZER_MIN_ANGLE_DEGREES) a larger stack of one; anything else is left to the mixed-series checks."""
     said = []
     flagged = [_is_localizer(ds) for ds in headers]
     if any(flagged) and not all(flagged):
@@ -340,7 +349,9 @@ def _without_localizers(
         sizes = sorted(np.bincount(group_of)[np.unique(group_of)], reverse=True)
         main = int(np.argmax(np.bincount(group_of)))
         others = len(files) - sizes[0]
-        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]):
+        normals = np.cross(orients[:, :3], orients[:, 3:])
+        across = np.abs(normals[group_of != main] @ normals[main]) <= np.cos(np.deg2rad(LOCALIZER_MIN_ANGLE_DEGREES))
+        if 0 < others <= MAX_UNFLAGGED_LOCALIZERS and sizes[0] > max(others, sizes[1]) and across.all():
             said.append(f"{_images(others)} in another orientation than the other {sizes[0]} (a localizer?)")
             files = [f for f, g in zip(files, group_of, strict=True) if g == main]
             headers = [ds for ds, g in zip(headers, group_of, strict=True) if g == main]

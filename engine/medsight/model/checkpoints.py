@@ -71,9 +71,10 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err or 'empty or cut short'})") from None
 
 
-# torch's weights-only unpickler names a refused global as "Unsupported global: GLOBAL module.name"; its other
-# complaints (an unknown opcode: the bytes are not a pickle) follow "WeightsUnpickler error:".
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's weights-only unpickler names a refused global as "Unsupported global: GLOBAL module.name", or, for a module
+# it blocks outright (posix, os, ...), "Trying to load unsupported GLOBAL posix.system whose module posix is blocked";
+# its other complaints (an unknown opcode: the bytes are not a pickle) follow "WeightsUnpickler error:".
+_UNSUPPORTED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
