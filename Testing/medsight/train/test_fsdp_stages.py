@@ -99,3 +99,50 @@ def test_torchrun_prints_one_summary(setup, stage2, lora):
         summary = json.loads(lines[0])
         assert summary["final"] == str(setup["root"] / command / "final")
         assert summary["new_steps"] == len(losses) and summary["last_loss"] == losses[-1]
+
+
+def test_a_stage2_run_with_an_untrained_codebook_resumes_under_torchrun_and_in_one_process(setup, stage2, tmp_path):
+    """Adam has no moments for a parameter no step has given a gradient (a codebook no sample was routed to yet; the
+    perceiver's region_position_embed, which the forward never uses, in stage 1), but the resume's fresh optimizer
+    asks for every parameter's: DCP refused the checkpoint ('Missing key in checkpoint state_dict'), under torchrun
+    and in one process alike, so a stage-1 or stage-2 torchrun run could not be resumed at all. The moments saved
+    load, the others stay absent: the resumed run logs the uninterrupted run's losses."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from medsight.train.cli import main as train_main
+    from medsight.train.fsdp import SHARDED_DIR
+    from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, LOG_FILE, latest_checkpoint
+
+    first = STAGE2.max_steps // 2
+    config = tmp_path / "stage2.json"
+    config.write_text(json.dumps({**STAGE2.to_dict(), "save_every": first, "init_from": str(setup["start"])}))
+
+    def launch(out, world: int, *resume: str) -> list[float]:
+        args = ["stage2", "--config", str(config), "--data", str(setup["data"]["root"]), "--out", str(out), *resume]
+        if world == 1:
+            assert train_main(args) == 0
+        else:
+            torchrun(world, ["-m", "medsight.train.cli", *args])
+        return [r["loss"] for r in read_log(out)]
+
+    def interrupted(name: str):
+        """A copy of the run as a kill after step `first`'s checkpoint leaves it."""
+        copy = shutil.copytree(tmp_path / "run", tmp_path / name)
+        shutil.rmtree(copy / FINAL_DIR)
+        shutil.rmtree(copy / CHECKPOINT_DIR / f"step-{STAGE2.max_steps:07d}")
+        log = copy / LOG_FILE
+        log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:first]))
+        return copy
+
+    assert launch(tmp_path / "run", WORLD) == stage2[0]
+    checkpoint = tmp_path / "run" / CHECKPOINT_DIR / f"step-{first:07d}" / SHARDED_DIR
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    codebook = build_model(tiny_config()).attach_codebook()
+    without = [n for n, _ in codebook.named_parameters() if f"optimizer.model.codebook.{n}.exp_avg" not in saved]
+    assert without, "every codebook had a gradient in the first steps: the case under test does not happen"
+    assert launch(interrupted("two"), WORLD, "--resume") == stage2[0]
+    one = interrupted("one")
+    assert len(launch(one, 1, "--resume")) == STAGE2.max_steps  # on: its global batch is one rank's
+    assert latest_checkpoint(one).name == f"step-{STAGE2.max_steps:07d}"

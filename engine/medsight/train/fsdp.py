@@ -177,16 +177,31 @@ def save_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer
             for group in optim_state["param_groups"]]
 
 
+#: set_state_dict's options for `saved_moments`: the model's state is whole (DCP checks it), the moments may not be.
+PARTIAL_MOMENTS = StateDictOptions(strict=False)
+
+
+def saved_moments(folder: Path, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer target (name -> moments) restricted to the parameters whose moments the checkpoint holds.
+    get_state_dict creates moments for every parameter of a fresh optimizer, but a parameter no step gave a gradient
+    (one the forward never uses, such as the perceiver's region_position_embed, or a codebook no sample was routed
+    to: `drop_unused_gradients`) had none when saved, and DCP refused the whole checkpoint for it ("Missing key in
+    checkpoint state_dict"). Left out, such a parameter has no moments after the load, as in the run that saved."""
+    saved = dcp.FileSystemReader(str(folder / SHARDED_DIR)).read_metadata().state_dict_metadata
+    return {name: moments for name, moments in optimizer_state.items()
+            if all(f"optimizer.{name}.{key}" in saved for key in moments)}
+
+
 def load_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer,
                  param_groups: list[dict[str, Any]]) -> None:
     """Read what `save_sharded` wrote into the sharded model and optimizer (collective)."""
     # get_state_dict gives the target layout (it creates the optimizer moments of a fresh optimizer first).
     model_state, optim_state = get_state_dict(root, optimizer)
-    target = {"model": model_state, "optimizer": optim_state["state"]}
+    target = {"model": model_state, "optimizer": saved_moments(folder, optim_state["state"])}
     dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in param_groups]
     set_state_dict(root, optimizer, model_state_dict=target["model"],
-                   optim_state_dict={"state": target["optimizer"], "param_groups": groups})
+                   optim_state_dict={"state": target["optimizer"], "param_groups": groups}, options=PARTIAL_MOMENTS)
 
 
 def load_sharded_into_one(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -195,7 +210,7 @@ def load_sharded_into_one(folder: Path, model: nn.Module, optimizer: torch.optim
     reads any world size, one included). The sharded run's names carry the LossModule root's `model.` prefix."""
     model_state, optim_state = get_state_dict(model, optimizer)
     target = {"model": {ROOT_PREFIX + k: v for k, v in model_state.items()},
-              "optimizer": {ROOT_PREFIX + k: v for k, v in optim_state["state"].items()}}
+              "optimizer": saved_moments(folder, {ROOT_PREFIX + k: v for k, v in optim_state["state"].items()})}
     dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))
 
     def unprefixed(state: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +219,8 @@ def load_sharded_into_one(folder: Path, model: nn.Module, optimizer: torch.optim
     groups = [{**g, "betas": tuple(g["betas"]), "params": [n.removeprefix(ROOT_PREFIX) for n in g["params"]]}
               for g in param_groups]
     set_state_dict(model, optimizer, model_state_dict=unprefixed(target["model"]),
-                   optim_state_dict={"state": unprefixed(target["optimizer"]), "param_groups": groups})
+                   optim_state_dict={"state": unprefixed(target["optimizer"]), "param_groups": groups},
+                   options=PARTIAL_MOMENTS)
 
 
 def gathered_state(root: LossModule) -> dict[str, torch.Tensor]:
