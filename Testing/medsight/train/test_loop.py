@@ -517,6 +517,78 @@ def test_the_fingerprint_of_segmentation_data_covers_its_annotation_files(tmp_pa
     assert len({before, edited, fingerprint()}) == 3
 
 
+def _grown_annotations(root: Path, copies: int, polygon_values: int) -> list[Path]:
+    """The synthetic set's annotation files made large by a field the dataset never reads (COCO polygons): each
+    annotation repeated `copies` times (other image ids) with a `polygon_values`-value segmentation."""
+    import json
+
+    meta = json.loads((root / "biomedparse_meta_train.json").read_text())
+    files = [root / name for name in meta["json_paths"]]
+    for path in files:
+        doc = json.loads(path.read_text())
+        doc["annotations"] = [{**ann, "image_id": f"{ann['image_id']}-{k}",
+                               "segmentation": [[float(v) for v in range(polygon_values)]]}
+                              for k in range(copies) for ann in doc["annotations"]]
+        path.write_text(json.dumps(doc))
+    return files
+
+
+def test_the_segmentation_fingerprint_keeps_no_copy_of_the_annotation_files(tmp_path):
+    """The fingerprint kept every annotation file in memory (and serialised each whole) until the data set was
+    built: with large annotation files (polygons) the start of every run and rank held them all at once. Now each
+    file is digested as it is read: the build's peak memory is about one parsed file, not all of them."""
+    import tracemalloc
+
+    from medsight.train.data import SegmentationDataset
+    from medsight.user_files import read_user_json
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    files = _grown_annotations(data["root"], copies=40, polygon_values=400)
+    assert len(files) >= 2
+    tracemalloc.start()
+    try:
+        read_user_json(files[0], "annotation file")
+        one_file = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        dataset = SegmentationDataset(data["meta"], 32, (0.5,) * 3, (0.5,) * 3)
+        build = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(dataset) > 0
+    assert build < 1.5 * one_file, (build, one_file, len(files))
+
+
+def test_the_segmentation_fingerprint_covers_the_fields_read_not_the_others(tmp_path):
+    """What identifies the data of stages 1-2 is what the data set reads: an edited mask file name is other data,
+    an edited polygon or `info` (never read) is the same data and does not refuse a resume."""
+    import json
+
+    from medsight.train.data import SegmentationDataset
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    path = _grown_annotations(data["root"], copies=1, polygon_values=8)[0]
+
+    def fingerprint() -> str:
+        return SegmentationDataset(data["meta"], 32, (0.5,) * 3, (0.5,) * 3).fingerprint
+
+    def edit(change) -> None:
+        doc = json.loads(path.read_text())
+        change(doc)
+        path.write_text(json.dumps(doc))
+
+    before = fingerprint()
+    edit(lambda doc: doc["annotations"][0]["segmentation"][0].reverse())
+    edit(lambda doc: doc.update(info={"description": "re-exported"}))
+    assert fingerprint() == before
+    masks = sorted({ann["mask_file"] for ann in json.loads(path.read_text())["annotations"]})
+    assert len(masks) >= 2
+    edit(lambda doc: doc["annotations"][0].update(mask_file=next(m for m in masks
+                                                                 if m != doc["annotations"][0]["mask_file"])))
+    assert fingerprint() != before
+
+
 def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
     ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:

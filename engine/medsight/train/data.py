@@ -37,9 +37,15 @@ def content_fingerprint(docs: Iterable[object]) -> str:
     same items re-indented are the same data; an edited answer, a swapped image path or a reordered list are not."""
     digest = hashlib.sha256()
     for doc in docs:
-        digest.update(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
-        digest.update(b"\n")
+        _digest_line(digest, doc)
     return digest.hexdigest()
+
+
+def _digest_line(digest: hashlib._Hash, value: object) -> hashlib._Hash:
+    """Add one JSON value to `digest` as `content_fingerprint` does (keys sorted, no whitespace, a newline)."""
+    digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(b"\n")
+    return digest
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -113,12 +119,17 @@ class SegmentationDataset:
             raise ValueError(f"{meta_path}: modality_labels {outside} outside the codebook's {num_modalities} "
                              f"modalities (0 to {num_modalities - 1})")
         self.records: list[_ImageRecord] = []
-        docs: list[object] = [meta]
+        # The fingerprint (`content_fingerprint`'s role) covers only what is read here: the meta's lists and each
+        # annotation's four fields, digested file by file as read. Keeping every annotation file to serialise it
+        # whole cost as much memory as the files and doubled the start of a run on large sets; an edit to fields
+        # never read (polygons, info) is the same training data.
+        digest = _digest_line(hashlib.sha256(), [roots, mask_roots, jsons, labels])
         for root, mask_root, json_path, label in zip(roots, mask_roots, jsons, labels, strict=True):
             doc_path = base / json_path
             grouped: dict[object, _ImageRecord] = {}
-            docs.append(read_user_json(doc_path, "annotation file"))
-            for index, ann in enumerate(_annotations(doc_path, docs[-1])):
+            digest.update(b"file\n")
+            for index, ann in enumerate(_annotations(doc_path, read_user_json(doc_path, "annotation file"))):
+                _digest_line(digest, [ann[k] for k in ANNOTATION_FIELDS])
                 image, mask = base / root / ann["file_name"], base / mask_root / ann["mask_file"]
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
                 record = grouped.setdefault(ann["image_id"], _ImageRecord(
@@ -128,7 +139,7 @@ class SegmentationDataset:
             self.records += list(grouped.values())
         if not self.records:
             raise ValueError(f"{meta_path}: no annotations in its json_paths; the training data set is empty")
-        self.source, self.fingerprint = str(meta_path), content_fingerprint(docs)  # the meta and its json_paths
+        self.source, self.fingerprint = str(meta_path), digest.hexdigest()  # the meta and its json_paths
         if num_classes is not None:
             bad = sorted({c for r in self.records for c in r.classes if not 0 <= c < num_classes})
             if bad:
@@ -174,7 +185,9 @@ def _annotations(path: Path, doc: object) -> list[dict]:
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
-        checked.append({**ann, "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
+        # Only the fields read: a copy of each whole annotation (polygons) would be kept until the file is done.
+        checked.append({**{k: ann[k] for k in ANNOTATION_FIELDS},
+                        "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
     return checked
 
 
