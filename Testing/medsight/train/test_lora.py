@@ -195,6 +195,31 @@ def test_an_adapter_is_refused_on_a_base_other_than_the_one_it_was_trained_on(ru
         assert model.weights_source.endswith(f"LoRA adapter {run['final']}")
 
 
+def test_a_save_killed_while_writing_the_base_record_leaves_no_torn_record(tmp_path, monkeypatch):
+    """`medsight_base.json` was written in place after the adapter files: a save killed mid-write left a torn record,
+    and the adapter was then refused as damaged. It now goes through the atomic writer: the record is whole or
+    absent, and no temporary is left beside the adapter."""
+    from medsight.model.adapter import BASE_FILE, LoraSettings, add_lora, base_fingerprint, save_adapter
+
+    model = build_model(tiny_config())
+    base = {"base_model": "tiny", "weights_fingerprint": base_fingerprint(model)}
+    peft_model = add_lora(model, LoraSettings())
+    plain_write = Path.write_text
+
+    def killed_write(self: Path, data: str, *args, **kwargs) -> int:
+        if BASE_FILE not in self.name:
+            return plain_write(self, data, *args, **kwargs)
+        plain_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", killed_write)
+    folder = tmp_path / "adapter"
+    with pytest.raises(OSError):
+        save_adapter(peft_model, folder, [], base=base)
+    assert not (folder / BASE_FILE).exists()
+    assert [p.name for p in folder.iterdir() if BASE_FILE in p.name] == []
+
+
 def test_init_from_demo_fine_tunes_the_embedded_trained_model(run):
     """`load_model("demo")` (ask, serve, eval, merge) is the embedded trained model; a run's `init_from: "demo"`
     built the demo preset with random weights (another vocabulary, even), so a LoRA adapter trained from it was

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medsight.atomic_files import replace_file
 from medsight.model.checkpoints import CheckpointError, read_safetensors_file, safe_torch_load
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -125,7 +126,8 @@ def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
     torch.save({NON_LORA_PREFIX + n: state[n].detach().cpu().contiguous() for n in non_lora}, folder / NON_LORA_FILE)
     lm.config.to_json_file(str(folder / "config.json"))
     if base is not None:
-        (folder / BASE_FILE).write_text(json.dumps(base, indent=2))
+        # Atomic, last: a save killed mid-write leaves no torn record, which would refuse the adapter as damaged.
+        replace_file(folder / BASE_FILE, lambda target: target.write_text(json.dumps(base, indent=2)))
     return folder
 
 
