@@ -102,3 +102,29 @@ def test_stage4_from_a_stage4_output_does_not_reset_its_trained_code_rows(data, 
 
     assert json.loads((trained / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
     assert run("stage4", str(trained), "again", init_code_embeddings=False) == 0
+
+
+def test_stage4_from_a_stage4_step_checkpoint_or_official_export_is_refused_too(data, tmp_path):
+    """The refusal above read `final/trained_by.json` only: a stage-4 run's step checkpoints and `final_official/`
+    had no record, and a stage-4 run started from one of them silently reset its trained code rows. Every model
+    folder a run writes now records its stage."""
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import CHECKPOINT_DIR, OFFICIAL_DIR, TRAINED_BY_FILE
+
+    def run(stage: str, init_from: str, out: str, **settings) -> int:
+        config = tmp_path / f"{out}.json"
+        config.write_text(json.dumps({"init_from": init_from, "max_steps": 2, "batch_size": 1, "grad_accum": 1,
+                                      "save_every": 1, "device": "cpu", **settings}))
+        source = data["root"] if stage == "stage2" else data["lvlm"]
+        return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out)])
+
+    assert run("stage2", "tiny", "s2") == 0
+    assert run("stage4", str(tmp_path / "s2" / FINAL_DIR), "s4", export_official=True) == 0
+    step = tmp_path / "s4" / CHECKPOINT_DIR / "step-0000001"
+    assert json.loads((step / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
+    assert json.loads((tmp_path / "s4" / OFFICIAL_DIR / TRAINED_BY_FILE).read_text()) == {"stage": "stage4",
+                                                                                          "steps": 2}
+    with pytest.raises(ValueError, match=rf"init_from '{step}' is the output of a stage4 run .*: its region-code "
+                                         r"rows are trained, and init_code_embeddings would overwrite them"):
+        run("stage4", str(step), "again")
+    assert not (tmp_path / "again").exists()

@@ -103,6 +103,22 @@ def test_merge_command_writes_the_adapter_model_and_never_over_a_model(run, tmp_
     assert {p.name: p.read_bytes() for p in run["base"].iterdir()} == before
 
 
+def test_a_merged_model_is_refused_as_a_stage4_start_that_resets_the_code_rows(run, tmp_path):
+    """A merged model had no trained-by record: a stage-4 run with init_code_embeddings started from it reset the
+    code rows of its base (a stage-4/5 output, as a rule). The merge now records a stage-5 output."""
+    from medsight.train.cli import check_code_rows
+    from medsight.train.loop import TRAINED_BY_FILE
+
+    merged = tmp_path / "merged"
+    assert train_main(["merge", "--model", str(run["base"]), "--adapter", str(run["final"]),
+                       "--out", str(merged)]) == 0
+    record = json.loads((merged / TRAINED_BY_FILE).read_text())
+    assert (record["stage"], record["base_model"], record["adapter"]) == ("stage5-lora", str(run["base"]),
+                                                                          str(run["final"]))
+    with pytest.raises(ValueError, match=rf"init_from '{merged}' is the output of a stage5-lora run"):
+        check_code_rows(merged, str(merged))
+
+
 def lora_run_from_preset(run, tmp_path, seed: int):
     """A short LoRA run from the tiny preset with `seed`: its --out folder, and the model it trained (the preset's
     weights drawn from that seed, with the adapter applied unmerged)."""

@@ -32,6 +32,7 @@ from medsight.train.loop import (
     check_out_dir,
     distributed_info,
     read_log,
+    write_trained_by,
 )
 from medsight.train.stages import (
     CODEBOOK_NEEDED,
@@ -135,8 +136,9 @@ def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> 
     check_code_rows(Path(folder), config.init_from)
 
 
-#: Runs whose `final/` holds trained region-code rows (stage 5 trains the whole input embedding).
-TRAINS_CODE_ROWS = ("stage4", "stage5")
+#: Runs whose outputs hold trained region-code rows (stage 5 trains the whole input embedding; a merged LoRA
+#: adapter, "stage5-lora", sits on a stage-4/5 base as a rule).
+TRAINS_CODE_ROWS = ("stage4", "stage5", "stage5-lora")
 
 
 def check_code_rows(folder: Path, init_from: str) -> None:
@@ -227,7 +229,11 @@ def merge_main(argv: Sequence[str]) -> int:
                          "has its own")
     # A preset's seed: the LoRA run's, checked against --seed (`adapter_base_seed`, as for ask, serve and eval).
     model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter, seed=args.seed)
-    print(save_pretrained(model, args.out))
+    folder = save_pretrained(model, args.out)
+    # A merged model can be an init_from: recorded as a stage-5 output, for the stage-4 code-row check. Its code
+    # rows are the base's (a stage-4/5 output, as a rule) or the adapter's non-LoRA trainables.
+    write_trained_by(folder, "stage5-lora", 0, base_model=args.model, adapter=str(args.adapter))
+    print(folder)
     return 0
 
 

@@ -8,7 +8,8 @@ Layout of an output folder::
       loss.png                   loss curves (rewritten at every save)
       checkpoints/step-0000010/  single process: `save_pretrained` folder + trainer_state.pt (optimizer, scheduler,
                                  step, RNG); torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
-      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps)
+      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps),
+                                 as every step checkpoint and final_official/ (`write_trained_by`)
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
 seeded generator, consumed continuously across epoch ends. A checkpoint therefore only records how many samples the
@@ -574,7 +575,7 @@ def train(
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit)
+                             data, config.save_total_limit, name)
         for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
@@ -611,7 +612,8 @@ def train(
             log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data)
+            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data,
+                            name)
             if main_process:
                 # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
                 remove_old_checkpoints(out, config.save_total_limit)
@@ -650,14 +652,14 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int) -> None:
+                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int, name: str) -> None:
     """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
     under torchrun), so a resume once the file is replaced loses nothing; `keep`: the run's save_total_limit."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
         if not is_complete_checkpoint(folder):  # not saved yet
-            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data)
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, name)
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
@@ -672,14 +674,22 @@ def _finalize_full(model: nn.Module, config: TrainConfig, step: int, name: str) 
     def write(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         full = model.state_dict() if state is None else state
         save_pretrained(model, folder, state=full)
-        trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": name, "steps": step})
+        write_trained_by(folder, name, step)
         if config.export_official:
             from medsight.train.export import export_official
 
-            export_official(model.config, model.tokenizer, full, folder.parent / OFFICIAL_DIR, step)
+            write_trained_by(export_official(model.config, model.tokenizer, full, folder.parent / OFFICIAL_DIR, step),
+                             name, step)
         return folder
 
     return write
+
+
+def write_trained_by(folder: Path, stage: str, steps: int, **extra: Any) -> None:
+    """`TRAINED_BY_FILE` in a model folder a run writes (final/, final_official/, each step checkpoint, a merged
+    model): which stage trained it, read by the stage-4 check that an `init_from` has no trained code rows
+    (`medsight.train.cli.check_code_rows`). Atomic, as the trainer state files."""
+    trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": stage, "steps": steps, **extra})
 
 
 def _param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
@@ -703,17 +713,20 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
                     root: nn.Module | None = None, samples: int | None = None,
-                    data: DataIdentity | None = None) -> Path:
+                    data: DataIdentity | None = None, stage: str | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
-    the run has consumed (its data position); `data`: its data set's size and content (`check_data`).
+    the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stage`: the
+    run's name, recorded as `write_trained_by` (a single-process checkpoint is a model folder an init_from can name).
     """
     counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
         save_pretrained(model, folder)
+        if stage is not None:
+            write_trained_by(folder, stage, step)
         sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": trainer_state.rng_state(), **counts}
@@ -724,6 +737,8 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     trainer_state.write_json(folder / f"rng-rank{rank}.json", trainer_state.rng_state())
     dist.barrier()
     if rank == 0:
+        if stage is not None:
+            write_trained_by(folder, stage, step)
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
                  "world_size": dist.get_world_size(), **counts}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
