@@ -65,8 +65,10 @@ def is_lora_name(name: str) -> bool:
 def base_fingerprint(model: nn.Module) -> str:
     """Identity of a model's weights, for the adapters trained on it: sha256 of every state-dict tensor's name, shape
     and `FINGERPRINT_SAMPLES` evenly spaced values rounded to bfloat16. Cheap (about a thousand values per tensor,
-    not a hash of 16 GB), the same for the model read from any layout in float32 or bfloat16 (the values round
-    alike), and another for another model or a training of it that changes whole tensors, as every stage does.
+    not a hash of 16 GB) once the weights are in memory; memory-mapped weights on a cold disk cache are read about
+    whole for it (readahead), a read the move to the device then does not repeat. The same for the model read
+    from any layout in float32 or bfloat16 (the values round alike), and another for another model or a training
+    of it that changes whole tensors, as every stage does.
     Take it before the model is cast to a narrower dtype (float16 rounds some values otherwise)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
