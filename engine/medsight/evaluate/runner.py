@@ -426,7 +426,6 @@ def run_predictions(
     except KeyboardInterrupt:
         print(f"\n{stopped_note(kept, len(selected), out_path, elsewhere)}", file=sys.stderr)
         raise
-
     finally:
         bar.close()
     records = [r for r in read_predictions(out_path) if str(r["question_id"]) in wanted]
