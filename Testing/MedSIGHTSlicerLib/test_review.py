@@ -15,11 +15,11 @@ pytest.importorskip("slicer")
 
 import slicer
 
-from medsight_testing.mrml import make_volume, oblique_matrix
+from medsight_testing.mrml import oblique_matrix
 from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
-    ct_voxels,
+    ct_scene,
     organ_masks,
     paint,
     slab_answer,
@@ -36,9 +36,7 @@ SLICES = (2, 3, 4)
 
 
 def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     shape = voxels.shape
 
     # The user's own work: two segments sharing one labelmap layer, before any suggestion exists.
@@ -122,9 +120,7 @@ def test_reject_correct_accept_undo_redo_merge_with_live_engine(url):
 
 
 def test_merge_and_target_are_checked(url):
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     manager = SuggestionManager(scene, volume)
     review = Review(manager)
     other = slicer.vtkMRMLSegmentationNode()
@@ -154,9 +150,7 @@ def test_merge_and_target_are_checked(url):
 
 
 def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     shape = voxels.shape
     liver, kidney = organ_masks(shape)
     own = user_segmentation(scene, volume)
@@ -199,9 +193,7 @@ def test_a_merge_into_a_removed_segmentation_is_refused_not_redirected():
 def test_an_accept_into_a_removed_segmentation_is_refused_not_redirected():
     # The chosen segmentation was removed (Data module) before Accept: the suggestion went into the user's own
     # segmentation without a word, and the list said "Accepted 1 suggestion as new segments."
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     liver, _ = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     (own_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
@@ -224,9 +216,7 @@ def test_an_accept_into_a_removed_segmentation_is_refused_not_redirected():
 def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
     # It said "no segment 'user' in 'CT segmentation' to merge into" (an id the list never shows), and kept the merge
     # choice, so Accept kept failing the same way.
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
@@ -246,9 +236,7 @@ def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
 
 
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     client = MedSIGHTClient(url, timeout=60, retries=0)
     array, spacing, origin, direction = volume_upload_arrays(volume)
     info = client.upload_volume(array, spacing, origin, direction, modality="CT")
@@ -275,9 +263,7 @@ def test_describe_slices():
 
 
 def test_a_finding_reviewed_mid_stream_is_not_grown_again():
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, _ = ct_scene()
     manager = SuggestionManager(scene, volume)
     liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
     disc = liver(1).regions[0].mask
@@ -301,9 +287,7 @@ def test_a_finding_reviewed_mid_stream_is_not_grown_again():
 def test_redo_after_later_slices_grew_the_suggestion_says_so(action):
     """Reject (or accept) a streamed finding, undo it, and the running question's next slice grows it: redoing would
     act on the voxels it had before, so it is refused, saying it grew with later slices (not that it was edited)."""
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, _ = ct_scene()
     manager = SuggestionManager(scene, volume)
     liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
     disc = liver(1).regions[0].mask

@@ -24,6 +24,7 @@ from medsight_testing.palettes import contrast, dark_palette
 from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
+    ct_scene,
     ct_voxels,
     organ_masks,
     segment_ids,
@@ -53,9 +54,7 @@ def app():
 @pytest.fixture
 def setup(app, url):
     """A volume with two user segments in one shared layer, suggestions from 3 live asks, and the list on screen."""
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     user = user_segmentation(scene, volume)
     liver, kidney = organ_masks(voxels.shape)
     liver_id, kidney_id = add_shared_user_segments(user, volume, {"Liver": liver, "Kidney": kidney})
@@ -288,9 +287,7 @@ def _add_lesion(manager, shape: tuple[int, int, int]) -> tuple[list[str], np.nda
 def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what_it_shows(app):
     """Accept into "Second opinion", which is then removed (Data module): the boxes show the user's own with its
     segments, and a merge chosen there lands in the segment shown, nowhere else."""
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
@@ -323,9 +320,7 @@ def test_accept_does_what_the_boxes_show_after_the_chosen_segmentation_goes(app)
     """"Second opinion" chosen with a merge into its "Kidney", then removed (Data module). Refreshed, the boxes showed
     the user's own with "Merge into 'Liver'" (the id Kidney had there), a merge nobody chose; now they show new
     segments of the own, and Accept does that. While the boxes still show the removed one, Accept is refused."""
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
@@ -403,9 +398,7 @@ def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
 def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app):
     """Merge into 'Liver' is chosen, then the user deletes Liver (Segment Editor): the refused Accept leaves the list
     showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again."""
-    scene = slicer.vtkMRMLScene()
-    voxels = ct_voxels()
-    volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
+    scene, volume, voxels = ct_scene()
     liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
     liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})

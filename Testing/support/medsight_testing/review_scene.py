@@ -22,6 +22,17 @@ def ct_voxels() -> np.ndarray:
     return voxels.astype(np.int16)
 
 
+def ct_scene():
+    """A scene holding the ``ct_voxels()`` volume "CT" on an oblique grid: (scene, volume, voxels)."""
+    import slicer
+
+    from .mrml import make_volume, oblique_matrix
+
+    scene = slicer.vtkMRMLScene()
+    voxels = ct_voxels()
+    return scene, make_volume(scene, voxels, oblique_matrix(), name="CT"), voxels
+
+
 def organ_masks(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """A "liver" and a "kidney" block the user drew on a ``ct_voxels()`` grid, apart from each other."""
     liver = np.zeros(shape, dtype=bool)
