@@ -309,6 +309,22 @@ def _assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
     assert losses[0] == losses[1] and len(losses[0]) == steps
 
 
+def _assert_stops_keeping_its_steps_then_resumes(tmp_path: Path, run, failing_step: int, damage, mend, refusal,
+                                                 steps: int) -> None:
+    """The run "whole" ends; "broken", with `damage()` done first, stops at `failing_step` with the ValueError
+    `refusal(kept)` (a pattern) and keeps the state after the step before in `kept`; after `mend()` its resume ends
+    exactly as "whole" did. `run(out, *extra)` runs the stage into tmp_path / out."""
+    assert run("whole") == 0
+    damage()
+    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
+    with pytest.raises(ValueError, match=refusal(kept)):
+        run("broken")
+    assert latest_checkpoint(tmp_path / "broken") == kept
+    mend()
+    assert run("broken", "--resume") == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "broken", steps)
+
+
 def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
     """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
     the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
@@ -333,18 +349,13 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
         return train_main(["stage3", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
                            "--out", str(tmp_path / out), *extra])
 
-    assert run("whole") == 0
-    image.write_bytes(whole[: len(whole) // 2])
-    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
-    with pytest.raises(ValueError, match=rf"step {failing_step}: .*train\.json: item {index} "
-                                         rf"\(id {items[index]['id']!r}\): cannot read the image {image}: .*; the "
-                                         rf"run's state after step {failing_step - 1} is saved in {kept}: replace the "
-                                         r"file"):
-        run("broken")
-    assert latest_checkpoint(tmp_path / "broken") == kept
-    image.write_bytes(whole)
-    assert run("broken", "--resume") == 0
-    _assert_same_run(tmp_path / "whole", tmp_path / "broken", config["max_steps"])
+    _assert_stops_keeping_its_steps_then_resumes(
+        tmp_path, run, failing_step, lambda: image.write_bytes(whole[: len(whole) // 2]),
+        lambda: image.write_bytes(whole),
+        lambda kept: (rf"step {failing_step}: .*train\.json: item {index} \(id {items[index]['id']!r}\): cannot read "
+                      rf"the image {image}: .*; the run's state after step {failing_step - 1} is saved in {kept}: "
+                      r"replace the file"),
+        config["max_steps"])
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
@@ -411,17 +422,13 @@ def test_a_mask_of_another_size_mid_run_is_named_and_the_steps_before_it_are_kep
         return train_main([stage, "--config", str(tmp_path / "cfg.json"), "--data", str(data_path),
                            "--out", str(tmp_path / out), *extra])
 
-    assert run("whole") == 0
-    Image.fromarray(np.zeros((height + 1, width + 2), np.uint8)).save(second)
-    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
-    with pytest.raises(ValueError, match=rf"step {failing_step}: .*{where}: masks of one image differ in size: "
-                                         rf"{first} is {width}x{height} pixels, {second} is {width + 2}x{height + 1}; "
-                                         rf".*the run's state after step {failing_step - 1} is saved in {kept}"):
-        run("broken")
-    assert latest_checkpoint(tmp_path / "broken") == kept
-    second.write_bytes(whole)
-    assert run("broken", "--resume") == 0
-    _assert_same_run(tmp_path / "whole", tmp_path / "broken", config["max_steps"])
+    _assert_stops_keeping_its_steps_then_resumes(
+        tmp_path, run, failing_step, lambda: Image.fromarray(np.zeros((height + 1, width + 2), np.uint8)).save(second),
+        lambda: second.write_bytes(whole),
+        lambda kept: (rf"step {failing_step}: .*{where}: masks of one image differ in size: {first} is "
+                      rf"{width}x{height} pixels, {second} is {width + 2}x{height + 1}; .*the run's state after step "
+                      rf"{failing_step - 1} is saved in {kept}"),
+        config["max_steps"])
 
 
 def test_a_resume_on_data_of_another_size_is_refused(tmp_path):
