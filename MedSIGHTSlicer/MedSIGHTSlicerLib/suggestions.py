@@ -588,8 +588,15 @@ class SuggestionManager:
         stale = self._made_on_other_voxels(wanted)
         if stale:
             raise SuggestionError(stale)
-        target = self._check_target(target, merge_into)
         items = [self._snapshot_item(sid) for sid in wanted]
+        erased = [repr(item.suggestion.name) for item in items if not item.suggestion.crop.any()]
+        if erased:
+            # Accepted, it would be an empty segment in the user's work (or a merge that adds nothing): refused before
+            # the target, so nothing is made, and the whole selection stays in the list.
+            its, it = ("its", "it") if len(erased) == 1 else ("their", "them")
+            raise SuggestionError(f"nothing left to accept in {', '.join(erased)}: all {its} voxels were erased. "
+                                  f"Reject {it}, or undo the erase in the Segment Editor")
+        target = self._check_target(target, merge_into)
         operation = _Operation("accept", items, self._shape(), target=target, merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)

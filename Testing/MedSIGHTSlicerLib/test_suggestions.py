@@ -502,6 +502,26 @@ def test_an_accept_with_nothing_to_accept_adds_no_segmentation(scene, volume):
     assert segmentation_nodes(scene) == []
 
 
+def test_a_suggestion_erased_to_nothing_is_refused_not_accepted_as_an_empty_segment(scene, volume, user_node):
+    # Its accept added an empty segment to the user's segmentation without a word (its merge added nothing).
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    spleen = manager.suggestion_mask(ids[1])
+    replace_segment_mask(manager.preview_node, ids[0], np.zeros(SHAPE, dtype=bool), volume)  # the Erase effect
+    organ = add_user_segment(user_node, volume, "Organ", ball((2, 5, 6), 1.5))
+    before = user_hashes(user_node, volume, [organ])
+    for merge_into in (None, organ):
+        with pytest.raises(SuggestionError, match=re.escape("nothing left to accept in 'Liver': all its voxels were "
+                                                            "erased. Reject it")):
+            manager.accept(ALL, target=user_node, merge_into=merge_into)
+        assert segment_ids(user_node) == [organ] and user_hashes(user_node, volume, [organ]) == before
+        assert manager.suggestion_ids() == ids and not manager.can_undo
+    [accepted] = manager.accept(ids[1], target=user_node)  # the one with voxels still goes in, with all of them
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), spleen)
+    assert manager.reject(ids[0]) == [ids[0]] and manager.suggestion_ids() == []
+    assert manager.undo() and manager.suggestion_ids() == [ids[0]]
+
+
 def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, volume):
     manager = SuggestionManager(scene, volume)
     ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
