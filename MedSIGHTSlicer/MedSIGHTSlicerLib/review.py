@@ -24,6 +24,8 @@ from .suggestions import (
     SuggestionError,
     SuggestionManager,
     get_tag,
+    is_same_segment,
+    segment_ref,
 )
 from .views import centre_views_on
 
@@ -98,6 +100,7 @@ class Review:
         self.target = None
         self.merge_into = ""
         self._merge_name = ""  # the name of the segment merged into when it was chosen (it may be deleted since)
+        self._merge_segment = None  # ``segment_ref`` of that segment: a new one given its id is not it
         self.show_3d = False
         #: node ID -> (had a closed surface, shown in 3D) of each accept target before "Show 3D" changed it, so turning
         #: it off gives the user's segmentation back its own 3D display
@@ -142,9 +145,17 @@ class Review:
             # landing in whichever segmentation is the user's own by then (segment ids repeat across nodes).
             node = owner
             self._merge_name = owner.GetSegmentation().GetSegment(merge_into).GetName()
+            self._merge_segment = segment_ref(owner, merge_into)
         self.target, self.merge_into = node, merge_into
         if self.show_3d:
             self._refresh_3d()  # the surfaces move to the new target; the old one gets its own display back
+
+    def merge_segment_gone(self) -> bool:
+        """Whether a merge was chosen and the segment chosen is no longer there (deleted, its id maybe reused)."""
+        if not self.merge_into:
+            return False
+        owner = self.target if self.target is not None else self.manager.find_user_node()
+        return owner is None or not is_same_segment(self._merge_segment, owner, self.merge_into)
 
     @staticmethod
     def segments_of(node) -> list[tuple[str, str]]:
@@ -170,9 +181,9 @@ class Review:
             self.target, self.merge_into = None, ""
             raise SuggestionError(f"the segmentation to {what} ({target.GetName()!r}) was removed: choose where to "
                                   "accept again")
-        owner = target if target is not None else self.manager.find_user_node()
-        if self.merge_into and (owner is None or owner.GetSegmentation().GetSegment(self.merge_into) is None):
-            # Deleted since it was chosen (Segment Editor): named as the user knew it, not by its id ("Segment_1").
+        if self.merge_segment_gone():
+            # Deleted since it was chosen (Segment Editor), also when another segment got its id since: named as the
+            # user knew it, not by its id ("Segment_1").
             name, self.merge_into = self._merge_name, ""
             raise SuggestionError(f"the segment to merge into ({name!r}) was deleted: choose where to accept again")
         ids = self.manager.accept(list(segment_ids), target=target, merge_into=self.merge_into or None)

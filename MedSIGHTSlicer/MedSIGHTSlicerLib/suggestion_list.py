@@ -193,9 +193,10 @@ class SuggestionList:
             self.mode_combo.addItem(f"Merge into '{name}'", segment_id)
         wanted = review.merge_into if review is not None else ""
         ids = [self.mode_combo.itemData(n) or "" for n in range(int(prop(self.mode_combo, "count")))]
-        if wanted not in ids:
+        if wanted not in ids or (review is not None and review.merge_segment_gone()):
             # The segment to merge into was deleted (Segment Editor): the box shows "New segments", and so it is;
-            # else every Accept would fail on the gone segment while the box offered nothing to pick it away with.
+            # else every Accept would fail on the gone segment while the box offered nothing to pick it away with. A
+            # new segment given its id is another segment, not the one chosen.
             wanted = review.merge_into = ""
         self.mode_combo.setCurrentIndex(ids.index(wanted))
 

@@ -60,8 +60,10 @@ __all__ = [
     "SuggestionError",
     "SuggestionManager",
     "get_tag",
+    "is_same_segment",
     "mask_digest",
     "replace_segment_mask",
+    "segment_ref",
 ]
 
 ALL = "all"
@@ -154,6 +156,7 @@ class _Operation:
     shape: tuple[int, int, int]  # the volume's (k, j, i) voxel counts when it was done
     target: object = None  # the segmentation node an accept wrote into
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
+    merge_segment: object = None  # ``segment_ref`` of that very segment: its id may name another one later
     merge_before: SegmentSnapshot | None = None  # the merge target before the merge, restored on undo
     merge_after: SegmentSnapshot | None = None  # the merge target right after it (undo refuses if edited since)
     merge_grid: Grid | None = None  # the grid the merge wrote on (``merge_after``'s grid)
@@ -733,6 +736,7 @@ class SuggestionManager:
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
         )
         operation.merge_before_grid = before_grid
+        operation.merge_segment = segment_ref(node, merge_id)
         replace_segment_mask(node, merge_id, merged, self.volume_node, grid)
         operation.merge_after = SegmentSnapshot.from_mask(merge_id, segment.GetName(), segment.GetColor(), {}, merged)
         operation.merge_grid = grid
@@ -865,7 +869,7 @@ class SuggestionManager:
                     "since; accept them again from the list")
         if not _holds_labelmaps(target):
             return f"cannot redo: {_surfaces_refusal(target)}"
-        if operation.merge_id and target.GetSegmentation().GetSegment(operation.merge_id) is None:
+        if operation.merge_id and not is_same_segment(operation.merge_segment, target, operation.merge_id):
             return (f"cannot redo merging {names} into {operation.merge_before.name!r}: that segment was deleted from "
                     f"{target.GetName()!r} since; accept them again from the list")
         return ""
@@ -880,7 +884,7 @@ class SuggestionManager:
             return f"accepting {names}: the segmentation it went into{where} was removed since"
         if operation.merge_id:
             name = operation.merge_before.name if operation.merge_before is not None else operation.merge_id
-            if user.GetSegmentation().GetSegment(operation.merge_id) is None:
+            if not is_same_segment(operation.merge_segment, user, operation.merge_id):
                 return f"the merge into {name!r}: that segment was deleted since"
             if not _still_written(user, operation.merge_id, operation.merge_after.mask(), operation.merge_grid):
                 return f"the merge into {name!r}: that segment was edited since"
@@ -942,6 +946,23 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, node, segment_id, logic.MODE_REPLACE):
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
+
+
+def segment_ref(node, segment_id: str):
+    """A reference to the segment ``segment_id`` of ``node`` as it is now, the object and not its id: a segment
+    deleted since and another one given its id (ids repeat: "MedSIGHT", "Segment_1" of older scenes) is not it. Weak, so
+    a deleted segment's voxels are not held."""
+    import vtk
+
+    ref = vtk.vtkWeakReference()
+    ref.Set(node.GetSegmentation().GetSegment(segment_id))
+    return ref
+
+
+def is_same_segment(ref, node, segment_id: str) -> bool:
+    """Whether ``node``'s segment ``segment_id`` is still the one ``ref`` (``segment_ref``) was taken of."""
+    segment = node.GetSegmentation().GetSegment(segment_id)
+    return segment is not None and ref is not None and ref.Get() is segment
 
 
 def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bool:

@@ -235,6 +235,41 @@ def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
     check_segments(own, volume, {kidney_id: kidney, new_id: suggested})
 
 
+def test_a_merge_choice_follows_its_segment_not_its_id():
+    # The choice was kept by segment id: a new segment given the deleted one's id ("user" here; "MedSIGHT" of an
+    # accept, "Segment_1" of older scenes) took the merge, without a word.
+    scene, volume, voxels = ct_scene()
+    liver, kidney = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
+    suggested = manager.suggestion_mask(sid)
+    review.set_target(own, merge_into=liver_id)
+    own.GetSegmentation().RemoveSegment(liver_id)
+    (tumour_id,) = add_shared_user_segments(own, volume, {"Tumour": kidney})
+    assert tumour_id == liver_id
+    with pytest.raises(SuggestionError, match=r"the segment to merge into \('Liver'\) was deleted: choose where to "
+                                              "accept again"):
+        review.accept([sid])
+    check_segments(own, volume, {tumour_id: kidney})
+    assert manager.suggestion_ids() == [sid] and review.merge_into == ""
+    (new_id,) = review.accept([sid])
+    check_segments(own, volume, {tumour_id: kidney, new_id: suggested})
+
+    # A merge chosen into the segment that holds the id now goes there; and a paint stroke (the Segment Editor's
+    # edits keep the segment) leaves the choice as it was.
+    review.undo()
+    review.set_target(own, merge_into=tumour_id)
+    stroke = np.zeros(voxels.shape, dtype=bool)
+    stroke[5, 2:4, 2:4] = True
+    paint(own, tumour_id, stroke, volume)
+    assert not review.merge_segment_gone()
+    assert review.accept([sid]) == [tumour_id]
+    check_segments(own, volume, {tumour_id: kidney | stroke | suggested})
+
+
 def test_streamed_answers_grow_one_suggestion_per_finding(url):
     scene, volume, voxels = ct_scene()
     client = MedSIGHTClient(url, timeout=60, retries=0)

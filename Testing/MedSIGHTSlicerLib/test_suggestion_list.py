@@ -284,6 +284,27 @@ def _add_lesion(manager, shape: tuple[int, int, int]) -> tuple[list[str], np.nda
     return manager.add_answer(answer), lesion
 
 
+def test_a_merge_choice_whose_segment_got_replaced_under_its_id_shows_new_segments(app):
+    """The box showed "Merge into 'Tumour'" for a new segment given deleted Liver's id, which is not the one chosen."""
+    scene, volume, voxels = ct_scene()
+    liver, kidney = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
+    manager = SuggestionManager(scene, volume)
+    _add_lesion(manager, voxels.shape)
+    panel = SuggestionList()
+    try:
+        panel.set_review(Review(manager))
+        panel.mode_combo.setCurrentIndex(1)
+        assert panel.review.merge_into == liver_id
+        own.GetSegmentation().RemoveSegment(liver_id)
+        assert add_shared_user_segments(own, volume, {"Tumour": kidney}) == [liver_id]
+        panel.refresh()  # e.g. the next answer arrives
+        assert panel.mode_combo.currentText() == "New segments" and panel.review.merge_into == ""
+    finally:
+        panel.close()
+
+
 def test_after_the_chosen_segmentation_goes_the_list_offers_and_merges_into_what_it_shows(app):
     """Accept into "Second opinion", which is then removed (Data module): the boxes show the user's own with its
     segments, and a merge chosen there lands in the segment shown, nowhere else."""
@@ -395,9 +416,11 @@ def test_a_selection_does_not_carry_over_to_another_volumes_suggestions(app):
         panel.close()
 
 
-def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app):
+@pytest.mark.parametrize("id_reused", [False, True])
+def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(app, id_reused):
     """Merge into 'Liver' is chosen, then the user deletes Liver (Segment Editor): the refused Accept leaves the list
-    showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again."""
+    showing "New segments", and the next Accept does what it shows instead of failing on the gone segment again. So
+    too when a new segment got Liver's id (it took the merge)."""
     scene, volume, voxels = ct_scene()
     liver, kidney = organ_masks(voxels.shape)
     own = user_segmentation(scene, volume)
@@ -410,14 +433,20 @@ def test_after_the_merge_segment_is_deleted_accept_adds_new_segments_as_shown(ap
         panel.mode_combo.setCurrentIndex(1)
         assert panel.review.merge_into == liver_id
         own.GetSegmentation().RemoveSegment(liver_id)
+        expected = {kidney_id: kidney}
+        if id_reused:
+            tumour = np.zeros(voxels.shape, dtype=bool)
+            tumour[5, 2:6, 2:6] = True
+            assert add_shared_user_segments(own, volume, {"Tumour": tumour}) == [liver_id]
+            expected[liver_id] = tumour
         panel.select(ids)
         assert panel.accept() == []  # refused: the segment it names is gone
-        assert "to merge into" in panel.message.text()
+        assert "to merge into ('Liver')" in panel.message.text()
         assert panel.mode_combo.currentText() == "New segments"
         panel.select(ids)
         (new_id,) = panel.accept()
         added = np.zeros(voxels.shape, dtype=bool)
         added[2] = lesion
-        check_segments(own, volume, {kidney_id: kidney, new_id: added})
+        check_segments(own, volume, {**expected, new_id: added})
     finally:
         panel.close()

@@ -396,6 +396,23 @@ def test_redo_refusals_name_the_segments_not_their_ids(scene, volume, user_node)
     assert manager.suggestion_ids() == ids[:1] and segment_ids(user_node) == []
 
 
+def test_redo_of_a_merge_whose_segment_was_replaced_under_its_id_is_refused(scene, volume, user_node):
+    # The redo merged into the new segment that got the deleted one's id (ids repeat: "user" here, "MedSIGHT" of an
+    # accept, "Segment_1" of older scenes): 'Tumour' took the suggestion's voxels.
+    own_id = add_user_segment(user_node, volume, "Organ", ball((4, 5, 9), 1.5))
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    manager.accept(ids, target=user_node, merge_into=own_id)
+    assert manager.undo()
+    user_node.GetSegmentation().RemoveSegment(own_id)
+    assert add_user_segment(user_node, volume, "Tumour", ball((2, 2, 2), 1.5)) == own_id
+    before = user_hashes(user_node, volume, [own_id])
+    with pytest.raises(SuggestionError, match=re.escape("cannot redo merging 'Liver' into 'Organ': that segment was "
+                                                        "deleted from 'CT segmentation' since")):
+        manager.redo()
+    assert user_hashes(user_node, volume, [own_id]) == before and manager.suggestion_ids() == ids
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
