@@ -56,6 +56,7 @@ __all__ = [
     "TAG_QUESTION",
     "TAG_REGION_CODE",
     "TAG_SLICE",
+    "TAG_VOLUME_VOXELS",
     "SegmentSnapshot",
     "SuggestionError",
     "SuggestionManager",
@@ -73,6 +74,9 @@ TAG_QUESTION = "MedSIGHT.Question"
 TAG_CONFIDENCE = "MedSIGHT.Confidence"
 TAG_SLICE = "MedSIGHT.Slice"
 TAG_LABEL = "MedSIGHT.Label"
+#: a suggestion's volume voxel counts when it was made ("512x512x300", i x j x k): saved with the scene, so a suggestion
+#: reloaded from it is checked too once the volume's voxels are replaced by another size (``_made_on_other_voxels``)
+TAG_VOLUME_VOXELS = "MedSIGHT.VolumeVoxels"
 PREVIEW_ATTRIBUTE = "MedSIGHT.Preview"
 _ID_PREFIX = "MedSIGHT"
 
@@ -212,7 +216,8 @@ def get_tag(segment, name: str) -> str | None:
 
 def _segment_tags(segment) -> dict[str, str]:
     # vtkSegment's tag map is not listable from Python, so carry over the tags this module writes.
-    known = [TAG_REGION_CODE, TAG_MODEL, TAG_QUESTION, TAG_CONFIDENCE, TAG_SLICE, TAG_LABEL, _terminology_tag()]
+    known = [TAG_REGION_CODE, TAG_MODEL, TAG_QUESTION, TAG_CONFIDENCE, TAG_SLICE, TAG_LABEL, TAG_VOLUME_VOXELS,
+             _terminology_tag()]
     tags = {key: get_tag(segment, key) for key in known}
     return {key: value for key, value in tags.items() if value is not None}
 
@@ -251,9 +256,6 @@ class SuggestionManager:
         #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
         #: voxels changed since the undo then says they grew, not that the user edited them
         self._grown: dict[str, str] = {}
-        #: suggestion id -> the volume's (k, j, i) voxel counts when it was made: once the voxels are replaced by
-        #: another size (cropped, resampled in place) its voxel indices name other voxels, see ``_made_on_other_voxels``
-        self._made_on: dict[str, tuple[int, int, int]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
@@ -356,7 +358,6 @@ class SuggestionManager:
         self._undo.clear()
         self._redo.clear()
         self._grown.clear()
-        self._made_on.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -517,6 +518,7 @@ class SuggestionManager:
             TAG_CONFIDENCE: f"{_weighted_confidence(group.weights):.4f}",
             TAG_SLICE: ";".join(group.slices),
             TAG_LABEL: group.label,
+            TAG_VOLUME_VOXELS: shape_text(mask.shape),
         }
         entry = naming.terminology_entry(group.label)
         if entry:
@@ -528,7 +530,6 @@ class SuggestionManager:
         segment_id = segmentation.GenerateUniqueSegmentID(f"{_ID_PREFIX}_{self._issued}")
         snapshot = SegmentSnapshot.from_mask(segment_id, name, colour, tags, mask)
         _add_segment(self.preview_node, snapshot, self.volume_node, mask=mask)
-        self._made_on[segment_id] = mask.shape
         return segment_id
 
     def _colours_in_use(self) -> list[tuple[float, float, float]]:
@@ -610,12 +611,14 @@ class SuggestionManager:
         size since they were made. The preview followed the volume's grid by voxel index, which a crop that moves the
         grid's origin turns into another place: accepted, they would land beside what was found."""
         now = self._shape()
-        stale = [sid for sid in segment_ids if self._made_on.get(sid, now) != now]
+        made_on = {sid: get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS) for sid in segment_ids}
+        # Without the tag (a scene saved before it was written) there is nothing to compare with.
+        stale = [sid for sid, then in made_on.items() if then not in (None, shape_text(now))]
         if not stale:
             return ""
         names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
         return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid "
-                f"size since ({shape_text(self._made_on[stale[0]])} voxels then, {shape_text(now)} now), so the "
+                f"size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
                 "suggestion may no longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
@@ -688,7 +691,10 @@ class SuggestionManager:
             reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             grid = item.suggestion.grid_of(self.volume_node, user)
-            _add_segment(user, item.suggestion, self.volume_node, segment_id=user_id, name=name, grid=grid)
+            # The suggestion's grid size is the review's bookkeeping, not part of the user's segment.
+            tags = {key: value for key, value in item.suggestion.tags.items() if key != TAG_VOLUME_VOXELS}
+            _add_segment(user, replace(item.suggestion, tags=tags), self.volume_node, segment_id=user_id, name=name,
+                         grid=grid)
             item.user_id, item.user_name, item.grid = user_id, name, grid
         self._remove_suggestions(operation.items)
 
@@ -906,7 +912,6 @@ class SuggestionManager:
         self._redo.clear()
         self._streams.clear()
         self._grown.clear()
-        self._made_on.clear()
 
 
 def _merge_group(group: _Group, part: _Group) -> None:

@@ -1030,6 +1030,28 @@ def test_a_suggestion_made_before_the_volumes_voxels_were_replaced_is_not_accept
     assert manager.accept(sid, target=user_node)
 
 
+def test_a_suggestion_reloaded_from_a_saved_scene_is_not_accepted_after_the_volumes_voxels_were_replaced(
+        scene, volume, tmp_path):
+    # The grid size a suggestion was made on was kept in memory only: reloaded from the scene, it had none, so after
+    # the crop it was accepted two voxels beside what was found.
+    from MedSIGHTSlicerLib.suggestions import TAG_VOLUME_VOXELS
+
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    reloaded, volume_again = saved_and_reloaded(scene, volume, manager.preview_node, tmp_path)
+    again = SuggestionManager(reloaded, volume_again)
+    assert again.suggestion_ids() == ids
+    [spleen] = again.accept(ids[1])  # on the voxels it was made on: accepted, without the review's bookkeeping
+    user = again.find_user_node()
+    assert get_tag(user.GetSegmentation().GetSegment(spleen), TAG_VOLUME_VOXELS) is None
+    crop_in_place(volume_again, 2)
+    then, now = (f"{SHAPE[2] - cut}x{SHAPE[1]}x{SHAPE[0]}" for cut in (0, 2))
+    with pytest.raises(SuggestionError, match=re.escape(f"cannot accept 'Liver': the voxels of 'CT' were replaced by "
+                                                        f"another grid size since ({then} voxels then, {now} now)")):
+        again.accept(ids[0])
+    assert segment_ids(user) == [spleen] and again.suggestion_ids() == ids[:1]
+
+
 def test_an_undo_after_the_volumes_voxels_were_replaced_keeps_the_accepted_segment(scene, volume, user_node):
     # The accepted segment was taken out of the user's segmentation, then its suggestion could not be put back on
     # the new grid (a GeometryError): the segment was gone from both, and the next undo said the user deleted it.
