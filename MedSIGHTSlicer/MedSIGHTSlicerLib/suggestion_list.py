@@ -292,9 +292,24 @@ class SuggestionList:
         if rows:
             self.select([rows[min(len(rows) - 1, position)]])
 
+    def _selection_gone(self, ids: list[str]) -> bool:
+        """Whether selected rows name suggestions deleted since the list was built (the Segment Editor can delete a
+        preview segment): then nothing is done, the message names them as the rows did (not by id), and the rows
+        are rebuilt."""
+        present = set(self.review.manager.suggestion_ids()) if self.review is not None else set()
+        gone = [sid for sid in ids if sid not in present]
+        if not gone:
+            return False
+        names = [self.table.topLevelItem(self.row_ids().index(sid)).text(0) for sid in gone]
+        which = f"'{names[0]}' is" if len(names) == 1 else f"{', '.join(repr(n) for n in names)} are"
+        self._show_message(f"{which} no longer among the suggestions (deleted from the suggestions' segmentation "
+                           "since): nothing was done. The list is updated; select again.", error=True)
+        self.refresh()
+        return True
+
     def accept(self) -> list[str]:
         ids = self.selected_ids()
-        if not ids:
+        if not ids or self._selection_gone(ids):
             return []
         position = self.row_ids().index(ids[0])
         accepted = self._run(lambda: self.review.accept(ids)) or []
@@ -308,7 +323,7 @@ class SuggestionList:
 
     def reject(self) -> list[str]:
         ids = self.selected_ids()
-        if not ids:
+        if not ids or self._selection_gone(ids):
             return []
         position = self.row_ids().index(ids[0])
         rejected = self._run(lambda: self.review.reject(ids)) or []
@@ -345,13 +360,13 @@ class SuggestionList:
 
     def jump(self) -> None:
         ids = self.selected_ids()
-        if not ids or self.review is None:
+        if not ids or self.review is None or self._selection_gone(ids[:1]):
             return
         self._run(lambda: self.review.jump_to(ids[0]), changed=False)
 
     def edit(self) -> None:
         ids = self.selected_ids()
-        if len(ids) != 1 or self.review is None:
+        if len(ids) != 1 or self.review is None or self._selection_gone(ids):
             return
         selection = self._run(lambda: self.review.editor_selection(ids[0]), changed=False)
         if selection is not None and self.on_edit is not None:

@@ -28,6 +28,7 @@ from medsight_testing.review_scene import (
     ct_voxels,
     organ_masks,
     segment_ids,
+    slab_answer,
     user_segmentation,
 )
 from MedSIGHTSlicerLib import shortcuts, theme
@@ -301,6 +302,30 @@ def test_a_merge_choice_whose_segment_got_replaced_under_its_id_shows_new_segmen
         assert add_shared_user_segments(own, volume, {"Tumour": kidney}) == [liver_id]
         panel.refresh()  # e.g. the next answer arrives
         assert panel.mode_combo.currentText() == "New segments" and panel.review.merge_into == ""
+    finally:
+        panel.close()
+
+
+@pytest.mark.parametrize("action", ["accept", "reject", "jump", "edit"])
+def test_a_selected_suggestion_deleted_since_is_named_and_nothing_is_done(app, action):
+    """A selected row's suggestion was deleted in the Segment Editor before the key press: the message named it by
+    its id ("no suggestion 'MedSIGHT_2'"), which the list never shows."""
+    scene, volume, _ = ct_scene()
+    manager = SuggestionManager(scene, volume)
+    [liver] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
+    [kidney] = manager.add_answer(slab_answer(volume, 3, rows=slice(8, 12), cols=slice(20, 26), label="kidney"))
+    panel = SuggestionList()
+    edited = []
+    panel.on_edit = edited.append
+    try:
+        panel.set_review(Review(manager))
+        panel.select([liver, kidney] if action in ("accept", "reject") else [kidney])
+        manager.preview_node.GetSegmentation().RemoveSegment(kidney)
+        assert not getattr(panel, action)()
+        assert panel.message.text() == ("'Kidney' is no longer among the suggestions (deleted from the suggestions' "
+                                        "segmentation since): nothing was done. The list is updated; select again.")
+        assert manager.suggestion_ids() == panel.row_ids() == [liver] and not manager.can_undo and edited == []
+        assert segment_ids(manager.find_user_node()) == []
     finally:
         panel.close()
 
