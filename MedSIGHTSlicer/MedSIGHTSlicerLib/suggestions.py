@@ -794,8 +794,11 @@ class SuggestionManager:
             segmentation = operation.target.GetSegmentation()
             for item in operation.items:
                 # A name or colour the user gave the accepted segment is theirs: it goes back to the list with the
-                # suggestion, and a redo brings it back.
-                item.suggestion = _with_look_of(item.suggestion, segmentation.GetSegment(item.user_id))
+                # suggestion, and a redo brings it back. The name the accept gave ("Liver (2)" beside the user's
+                # "Liver") is not: the row gets its own name back.
+                segment = segmentation.GetSegment(item.user_id)
+                name = item.suggestion.name if segment.GetName() == item.user_name else segment.GetName()
+                item.suggestion = replace(_with_look_of(item.suggestion, segment), name=name)
         # The suggestions first: if they cannot come back, the accepted segments stay where they are.
         self._restore_suggestions(operation.items)
         if operation.kind == "accept" and operation.merge_id:

@@ -269,6 +269,19 @@ def test_a_name_and_colour_given_between_a_redo_and_its_undo_come_back(scene, vo
     np.testing.assert_array_equal(segment_array(user, user_id, volume), mask)
 
 
+def test_an_undone_accept_gives_the_row_its_own_name_not_the_one_the_accept_gave(scene, volume, user_node):
+    # Accepted beside the user's "Liver" as "Liver (2)", the undo put the suggestion back in the list as "Liver (2)".
+    add_user_segment(user_node, volume, "Liver", ball((2, 2, 2), 1.5))
+    manager = SuggestionManager(scene, volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    [user_id] = manager.accept(sid, target=user_node)
+    assert user_node.GetSegmentation().GetSegment(user_id).GetName() == "Liver (2)"
+    assert manager.undo() and manager.suggestion(sid).GetName() == "Liver"
+    assert manager.redo() and user_node.GetSegmentation().GetSegment(user_id).GetName() == "Liver (2)"
+    user_node.GetSegmentation().GetSegment(user_id).SetName("Liver, left lobe")  # the user's own name goes back
+    assert manager.undo() and manager.suggestion(sid).GetName() == "Liver, left lobe"
+
+
 def test_a_terminology_chosen_for_an_accepted_segment_survives_its_undo_and_redo(scene, volume):
     # Slicer's terminology picker sets name, colour and terminology together: the undo and redo kept the name and
     # colour but put the suggestion's terminology back, so "Right kidney" was exported coded as a kidney of no side.
