@@ -151,6 +151,7 @@ class _Item:
     #: the grid the accept wrote the suggestion's voxels on, in the target's frame: undo compares the segment with
     #: them there, so moving the volume or a transform since (which moves no segment's own voxels) is no edit
     grid: Grid | None = None
+    hidden: bool = False  # hidden in the views (Show/Hide) when it left the list: it comes back so on undo
 
 
 @dataclass
@@ -659,7 +660,9 @@ class SuggestionManager:
         ids = self.suggestion_ids()
         position = ids.index(segment_id)
         before = ids[position + 1] if position + 1 < len(ids) else ""
-        return _Item(suggestion=self._suggestion_snapshot(segment_id), before_id=before)
+        display = self.preview_node.GetDisplayNode()
+        hidden = display is not None and not display.GetSegmentVisibility(segment_id)
+        return _Item(suggestion=self._suggestion_snapshot(segment_id), before_id=before, hidden=hidden)
 
     def _suggestion_snapshot(self, segment_id: str) -> SegmentSnapshot:
         """A suggestion as it is now: on the volume's voxels, or on its own lattice when the user corrected it finer
@@ -765,9 +768,12 @@ class SuggestionManager:
     def _restore_suggestions(self, items: list[_Item]) -> None:
         # Reverse order so that each item's "before" neighbour is back before it is needed.
         preview = self.preview_node
+        display = preview.GetDisplayNode()
         for item in reversed(items):
             _add_segment(preview, item.suggestion, self.volume_node, before_id=item.before_id,
                          grid=item.suggestion.grid_of(self.volume_node, preview))
+            if display is not None and item.hidden:
+                display.SetSegmentVisibility(item.suggestion.segment_id, False)
 
     # -- undo / redo -------------------------------------------------------------------------------------------
     def undo(self) -> bool:
@@ -854,8 +860,10 @@ class SuggestionManager:
                 why = "grew with later slices of the running question" if grew else "was edited"
                 raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} {why} since the undo; "
                                       "accept or reject it again")
-        for item in operation.items:  # renamed or recoloured in the list since the undo: redone as it looks now
+        display = preview.GetDisplayNode()
+        for item in operation.items:  # renamed, recoloured or shown/hidden since the undo: redone as it is now
             item.suggestion = _with_look_of(item.suggestion, self.suggestion(item.suggestion.segment_id))
+            item.hidden = display is not None and not display.GetSegmentVisibility(item.suggestion.segment_id)
         if operation.kind == "accept":
             self._do_accept(operation)
         else:

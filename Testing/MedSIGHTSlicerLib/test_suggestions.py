@@ -180,6 +180,21 @@ def test_reject_undo_redo(scene, volume):
         manager.reject("nope")
 
 
+@pytest.mark.parametrize("action", ["reject", "accept"])
+def test_a_hidden_suggestion_comes_back_hidden_on_undo(scene, volume, action):
+    # Hidden (Show/Hide), then rejected or accepted: the undo brought it back shown.
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    review.set_visible([ids[0]], False)
+    getattr(manager, action)(ids)
+    assert manager.undo()
+    assert [(row.segment_id, row.visible) for row in review.rows()] == [(ids[0], False), (ids[1], True)]
+    review.set_visible([ids[0]], True)  # shown again before the redo: its undo brings it back shown
+    assert manager.redo() and manager.undo()
+    assert [row.visible for row in review.rows()] == [True, True]
+
+
 def test_undo_accept_refuses_when_user_edited_it(scene, volume):
     manager = SuggestionManager(scene, volume)
     ids = manager.add_answer(answer("axial", 4, [("liver", ball())]))
