@@ -394,7 +394,7 @@ class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
         if path.lower().endswith(".dcm") and not ensure_packages(packages.dicom_seg_requirements(),
                                                                  "DICOM SEG export"):
             raise ValueError("DICOM SEG export needs the highdicom package")
-        written = export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None))
+        written = export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None), slicer.util.longPath)
         return export_report(user, node, written)
 
 
