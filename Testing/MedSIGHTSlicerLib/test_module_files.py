@@ -145,6 +145,24 @@ def test_dicom_seg_export_opens_source_files_through_long_path():
     assert [ast.unparse(a) for a in passed] == ["slicer.util.longPath"]
 
 
+def test_export_dialog_proposes_a_file_in_slicers_default_folder():
+    """The save dialog's proposed name, bare, resolved in Slicer's working directory (Qt's QFileDialog does so: a
+    bare name given to it is selected in the current directory): on Windows the install folder Slicer's shortcut
+    starts in (Slicer v5.8.0 CMake/NSIS.template.in:666 SetOutPath "$INSTDIR" before the shortcuts, NSIS's working
+    directory for them), which goes with that version. It is joined to ``slicer.app.defaultScenePath`` (Documents
+    unless the user chose another, Base/QTCore/qSlicerCoreApplication.cxx:1406; ScreenCapture.py:208 saves there)."""
+    export = next(node for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                  if isinstance(node, ast.FunctionDef) and node.name == "onExport")
+    dialog = next(node for node in ast.walk(export) if isinstance(node, ast.Call)
+                  and ast.unparse(node.func) == "qt.QFileDialog.getSaveFileName")
+    proposed = ast.unparse(dialog.args[2])
+    value = next(node.value for node in ast.walk(export) if isinstance(node, ast.Assign)
+                 and [ast.unparse(t) for t in node.targets] == [proposed])
+    assert isinstance(value, ast.Call) and ast.unparse(value.func) == "os.path.join"
+    assert ast.unparse(value.args[0]) == "slicer.app.defaultScenePath"
+    assert ast.unparse(value.args[1]).startswith("export_file_name(")
+
+
 def test_ruff_passes():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():
