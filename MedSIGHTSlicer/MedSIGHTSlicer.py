@@ -362,7 +362,10 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
         pattern, suffixes = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]  # the file name picks the writer
-        proposed = export_file_name(node.GetName(), suffixes[0])  # a DICOM series' name holds ":" (and maybe "/")
+        # A bare name is proposed in Slicer's working directory: its install folder when started from its Windows
+        # shortcut (removed with that version), "/" from the macOS Finder. Slicer's own default for saved data instead.
+        proposed = os.path.join(slicer.app.defaultScenePath,
+                                export_file_name(node.GetName(), suffixes[0]))  # a DICOM series' name holds ":" / "/"
         path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", proposed, pattern)
         if not path:
             return
@@ -394,7 +397,7 @@ class MedSIGHTSlicerLogic(MedSIGHTSession, ScriptedLoadableModuleLogic):
         if path.lower().endswith(".dcm") and not ensure_packages(packages.dicom_seg_requirements(),
                                                                  "DICOM SEG export"):
             raise ValueError("DICOM SEG export needs the highdicom package")
-        written = export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None))
+        written = export_labelmap_file(user, node, path, getattr(slicer, "dicomDatabase", None), slicer.util.longPath)
         return export_report(user, node, written)
 
 

@@ -13,7 +13,7 @@ Needs ``highdicom`` (installed into Slicer on first use, after asking) and ``pyd
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,15 @@ def dicom_modality(volume_node, database) -> str | None:
     return value if re.fullmatch(r"[A-Z0-9]{1,16}", value) else None
 
 
-def source_files(volume_node, database) -> list[Path]:
-    """The DICOM files of ``volume_node``'s series, via Slicer's DICOM database (``slicer.dicomDatabase``)."""
+def source_files(volume_node, database, long_path: Callable[[str], str] = str) -> list[Path]:
+    """The DICOM files of ``volume_node``'s series, via Slicer's DICOM database (``slicer.dicomDatabase``).
+
+    ``long_path`` is ``slicer.util.longPath``: the database stores plain paths, and on Windows a file deeper than
+    260 characters (a database under a long folder: each instance sits below its study and series UIDs) is found
+    and opened only with the ``\\\\?\\`` prefix it adds, as Slicer's own DICOMUtils does before reading one. It is
+    used only for a file not found as stored: it prefixes every absolute path, and a network path
+    (``\\\\server\\share\\...``, a database's files imported in place) with it names no file.
+    """
     uids = (volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split()
     if not uids:
         raise ExportError(
@@ -51,11 +58,19 @@ def source_files(volume_node, database) -> list[Path]:
         )
     if database is None:
         raise ExportError("Slicer's DICOM database is not open: open the DICOM module once, then export again")
-    files = [database.fileForInstance(uid) for uid in uids]
+    files = [_found(database.fileForInstance(uid), long_path) for uid in uids]
     missing = sum(1 for f in files if not f or not Path(f).is_file())
     if missing:
         raise ExportError(f"{missing} of the {len(uids)} source DICOM files are no longer in the DICOM database")
     return [Path(f) for f in files]
+
+
+def _found(path: str, long_path: Callable[[str], str]) -> str:
+    """``path`` when it names a file, else ``long_path(path)`` when that does, else ``path`` ("" stays "")."""
+    if not path or Path(path).is_file():
+        return path
+    longer = long_path(path)
+    return longer if Path(longer).is_file() else path
 
 
 def _segment_arrays(segmentation_node, volume_node) -> list[tuple[object, np.ndarray]]:

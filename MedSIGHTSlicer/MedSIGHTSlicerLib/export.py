@@ -322,12 +322,14 @@ def _write_sidecar(segments, volume_node, path: Path) -> Path:
     return json_path
 
 
-def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom_database=None) -> Path:
+def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom_database=None,
+                         long_path: Callable[[str], str] = str) -> Path:
     """One entry point for the module's Export button: the format follows the file name.
 
     ``.seg.nrrd`` keeps names, colours and tags; ``.nii``/``.nii.gz`` writes a labelmap on the volume's grid and
     the engine's ``<name>.json`` label sidecar beside it; ``.dcm`` writes a DICOM SEG referencing
-    the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``).
+    the volume's source series, looked up in ``dicom_database`` (Slicer's ``slicer.dicomDatabase``) and opened
+    through ``long_path`` (``slicer.util.longPath``, see `dicom_seg.source_files`).
     """
     path = Path(path)
     name = path.name.lower()
@@ -335,7 +337,8 @@ def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom
     if suffix == ".dcm":
         from .dicom_seg import export_dicom_seg, source_files
 
-        return export_dicom_seg(segmentation_node, volume_node, source_files(volume_node, dicom_database), path)
+        return export_dicom_seg(segmentation_node, volume_node, source_files(volume_node, dicom_database, long_path),
+                                path)
     if suffix == ".seg.nrrd":
         return export_seg_nrrd(segmentation_node, path)
     if suffix in (".nii", ".nii.gz"):

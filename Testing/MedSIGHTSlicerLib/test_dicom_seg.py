@@ -121,6 +121,35 @@ def test_volumes_not_from_dicom_or_moved_since_are_refused_plainly(scene, ct, tm
     assert not (tmp_path / "seg.dcm").exists()
 
 
+def test_source_files_are_opened_through_slicers_long_path(scene, ct, tmp_path):
+    """On Windows a DICOM database file deeper than 260 characters is reached only with the prefix
+    ``slicer.util.longPath`` adds (Slicer v5.8.0 Base/Python/slicer/util.py:3982; DICOMUtils.py:141 reads the
+    database's files through it). Here the database's stored paths of the odd slices reach nothing as written, as
+    such a path on Windows; ``long_path`` stands in for the prefixing. The old code checked and read the stored paths:
+    "2 of the 5 source DICOM files are no longer in the DICOM database", and no SEG. A file found as stored is read
+    so: longPath prefixes every absolute path, and a network path (\\\\server\\share) prefixed so names no file;
+    here ``long_path`` knows only the long paths (a KeyError for any other)."""
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _, user = accepted_user_segmentation(scene, volume)
+    stored = "C:/Users/a.radiologist/Documents/SlicerDICOMDatabase/dicom/" + "1.2.840.113619" * 20
+    prefixed = {f"{stored}/{Path(f).name}": str(f) for f in ct.source_files[1::2]}
+    assert min(len(p) for p in prefixed) > 260
+    unreachable = {str(f): p for p, f in prefixed.items()}
+    database.files = {uid: unreachable.get(str(f), str(f))
+                      for uid, f in zip(ct.sop_instance_uids, ct.source_files, strict=True)}
+    files = source_files(volume, database, prefixed.__getitem__)
+    assert [str(f) for f in files] == [str(f) for f in ct.source_files]
+    path = export_labelmap_file(user, volume, tmp_path / "long.dcm", database, prefixed.__getitem__)
+    seg = hd.seg.segread(str(path))
+    referenced = {r.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                  for r in series.ReferencedInstanceSequence}
+    assert referenced == set(ct.sop_instance_uids) and len(referenced) == len(ct.source_files)
+    # A file neither as stored nor through long_path: still counted as gone from the database.
+    database.files[ct.sop_instance_uids[1]] += ".moved"
+    with pytest.raises(ExportError, match="1 of the 5 source DICOM files are no longer in the DICOM database"):
+        source_files(volume, database, lambda p: prefixed.get(p, p))
+
+
 def test_a_segmentation_without_voxels_is_refused_in_the_other_formats_words(scene, ct, tmp_path):
     # With no segments at all the DICOM SEG export said "every segment is empty" (there were none), where the other
     # formats say the segmentation has no segments and what to do; neither message named the segmentation.

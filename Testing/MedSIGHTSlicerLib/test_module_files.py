@@ -95,6 +95,7 @@ SLICER_UTIL = {
     "warningDisplay": (("text", "windowTitle", "parent", "standardButtons"), True),
     "loadUI": (("path",), False),
     "loadVolume": (("filename", "properties", "returnNode"), False),
+    "longPath": (("path",), False),
     "mainWindow": ((), False),
     "pip_install": (("requirements",), False),
     "selectModule": (("module",), False),
@@ -118,6 +119,48 @@ def test_slicer_util_calls_fit_slicer_5_8(path):
         assert len(node.args) <= len(params), f"{where}: {len(node.args)} positional arguments"
         keywords = {k.arg for k in node.keywords}
         assert takes_kwargs or keywords <= set(params[len(node.args):]), f"{where}: {sorted(keywords)}"
+
+
+def _slicer_util_names(path: Path) -> set[str]:
+    """Every ``slicer.util.X`` the file names, called or passed on."""
+    return {node.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "util"
+            and isinstance(node.value.value, ast.Name) and node.value.value.id == "slicer"}
+
+
+@pytest.mark.parametrize("path", MODULE_PY, ids=lambda p: str(p.relative_to(MODULE)))
+def test_slicer_util_functions_passed_on_exist_in_slicer_5_8(path):
+    """A ``slicer.util`` function handed to the Lib (not called here) must exist in Slicer 5.8 too."""
+    unknown = _slicer_util_names(path) - set(SLICER_UTIL)
+    assert not unknown, f"{path.name}: slicer.util.{sorted(unknown)} not in the table (check Slicer 5.8's util.py)"
+
+
+def test_dicom_seg_export_opens_source_files_through_long_path():
+    """The Export button hands ``slicer.util.longPath`` to the DICOM SEG export (see test_dicom_seg): without it a
+    database file deeper than 260 characters on Windows is "no longer in the DICOM database"."""
+    calls = [node for node in ast.walk(ast.parse(SCRIPT.read_text())) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "export_labelmap_file"]
+    assert len(calls) == 1
+    passed = calls[0].args[4:] + [k.value for k in calls[0].keywords if k.arg == "long_path"]
+    assert [ast.unparse(a) for a in passed] == ["slicer.util.longPath"]
+
+
+def test_export_dialog_proposes_a_file_in_slicers_default_folder():
+    """The save dialog's proposed name, bare, resolved in Slicer's working directory (Qt's QFileDialog does so: a
+    bare name given to it is selected in the current directory): on Windows the install folder Slicer's shortcut
+    starts in (Slicer v5.8.0 CMake/NSIS.template.in:666 SetOutPath "$INSTDIR" before the shortcuts, NSIS's working
+    directory for them), which goes with that version. It is joined to ``slicer.app.defaultScenePath`` (Documents
+    unless the user chose another, Base/QTCore/qSlicerCoreApplication.cxx:1406; ScreenCapture.py:208 saves there)."""
+    export = next(node for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                  if isinstance(node, ast.FunctionDef) and node.name == "onExport")
+    dialog = next(node for node in ast.walk(export) if isinstance(node, ast.Call)
+                  and ast.unparse(node.func) == "qt.QFileDialog.getSaveFileName")
+    proposed = ast.unparse(dialog.args[2])
+    value = next(node.value for node in ast.walk(export) if isinstance(node, ast.Assign)
+                 and [ast.unparse(t) for t in node.targets] == [proposed])
+    assert isinstance(value, ast.Call) and ast.unparse(value.func) == "os.path.join"
+    assert ast.unparse(value.args[0]) == "slicer.app.defaultScenePath"
+    assert ast.unparse(value.args[1]).startswith("export_file_name(")
 
 
 def test_ruff_passes():
