@@ -698,8 +698,19 @@ class SuggestionManager:
             tags = {key: value for key, value in item.suggestion.tags.items() if key != TAG_VOLUME_VOXELS}
             _add_segment(user, replace(item.suggestion, tags=tags), self.volume_node, segment_id=user_id, name=name,
                          grid=grid)
+            if reuse:
+                self._follow_remade_segment(user, user_id)
             item.user_id, item.user_name, item.grid = user_id, name, grid
         self._remove_suggestions(operation.items)
+
+    def _follow_remade_segment(self, node, segment_id: str) -> None:
+        """A redo made an undone accept's segment again under its first id, as a new segment object: the undone
+        merges into it (redone after it) follow the new one, else their redo would be refused as if the user had
+        deleted it. Only the accept's own undo removed the old one: an accept whose segment the user deleted or
+        edited is not undone."""
+        for later in self._redo:
+            if later.merge_id == segment_id and later.target is node:
+                later.merge_segment = segment_ref(node, segment_id)
 
     def _do_merge(self, operation: _Operation) -> None:
         node, merge_id = operation.target, operation.merge_id

@@ -441,6 +441,23 @@ def test_redo_of_a_merge_whose_segment_was_replaced_under_its_id_is_refused(scen
     assert user_hashes(user_node, volume, [own_id]) == before and manager.suggestion_ids() == ids
 
 
+def test_undo_and_redo_through_an_accept_and_a_merge_into_it_redo_both(scene, volume, user_node):
+    # Accept 'Liver', merge 'Spleen' into it, undo both, redo both: the accept's redo makes the segment again (a new
+    # segment object under its first id), and the merge's redo was refused as if the user had deleted 'Liver'.
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    liver, spleen = (manager.suggestion_mask(sid) for sid in ids)
+    [accepted] = manager.accept(ids[0], target=user_node)
+    assert manager.accept(ids[1], target=user_node, merge_into=accepted) == [accepted]
+    assert manager.undo() and manager.undo() and segment_ids(user_node) == []
+    assert manager.redo() and manager.redo()
+    assert segment_ids(user_node) == [accepted] and manager.suggestion_ids() == []
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), liver | spleen)
+    assert manager.undo()  # the redone merge is undone on the segment it went into
+    np.testing.assert_array_equal(segment_array(user_node, accepted, volume), liver)
+    assert manager.suggestion_ids() == ids[1:]
+
+
 def test_off_grid_answer_is_refused(scene, volume):
     manager = SuggestionManager(scene, volume)
     bad = answer("axial", 4, [("liver", ball())])
