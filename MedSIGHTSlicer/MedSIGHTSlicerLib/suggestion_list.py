@@ -339,7 +339,7 @@ class SuggestionList:
 
     def toggle(self) -> None:
         ids = self.selected_ids()
-        if ids:
+        if ids and not self._selection_gone(ids):
             self._run(lambda: self.review.toggle_visible(ids), changed=False)
             self.refresh()
 
