@@ -544,6 +544,20 @@ def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
     assert "note: left out of the volume: 1 image flagged LOCALIZER (ImageType)" in captured.err.splitlines()
 
 
+def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
+    """A NIfTI with NaN outside the brain (as MR pipelines write it) was refused; it is answered about, and the user is
+    told how many voxels were read as the minimum."""
+    img = nib.load(mni_path)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[data == data.min()] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
+    assert main(["ask", str(tmp_path / "nan.nii.gz"), "What is shown?", *TINY, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["answer"] is not None
+    said = f"note: {int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
+    assert any(line.startswith(said) for line in captured.err.splitlines())
+
+
 def test_lossy_compressed_dicom_is_noted(capsys):
     """A lossy-compressed image (12-bit JPEG here) was answered about without a word on its compression."""
     said = "note: the image was lossy compressed (JPEG Extended (Process 2 and 4), ratio 76:1)"

@@ -212,3 +212,44 @@ def test_sheared_nifti_is_refused(nibabel_data, tmp_path):
     nib.save(img, tmp_path / "sheared.nii")
     with pytest.raises(ImagingError, match="direction must be a 3x3 rotation or reflection"):
         read_volume(tmp_path / "sheared.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_nan_outside_the_brain_reads_as_the_minimum_and_is_said(mni_t1, mni_gm, tmp_path, suffix):
+    """MR pipelines write NaN outside the brain: such a volume was refused ("N NaN and 0 infinite voxel values",
+    nothing on what to do). The NaN voxels now read as the volume's smallest value, every other voxel as written, the
+    geometry as before, and the volume says how many were filled."""
+    t1 = nib.load(mni_t1)
+    data = np.asanyarray(t1.dataobj).astype(np.float32)
+    outside = np.asanyarray(nib.load(mni_gm).dataobj) < 0.5
+    data[outside] = np.nan
+    path = tmp_path / f"masked{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(data, t1.affine), path)
+    elif suffix == ".nrrd":
+        nrrd.write(str(path), data, {"space": "right-anterior-superior", "space directions": t1.affine[:3, :3].T,
+                                      "space origin": t1.affine[:3, 3]})
+    else:
+        image = sitk.GetImageFromArray(np.transpose(data, (2, 1, 0)).copy())
+        lps = np.diag([-1.0, -1.0, 1.0]) @ t1.affine[:3, :3]
+        spacing = np.linalg.norm(lps, axis=0)
+        image.SetSpacing(spacing.tolist())
+        image.SetDirection((lps / spacing).ravel().tolist())
+        image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ t1.affine[:3, 3]).tolist())
+        sitk.WriteImage(image, str(path))
+    vol = read_volume(path)
+    reference = read_volume(mni_t1)
+    assert vol.same_geometry(reference)
+    got = np.transpose(vol.array, (2, 1, 0))
+    low = float(np.nanmin(data))
+    assert np.array_equal(got[~outside], data[~outside]) and np.all(got[outside] == low)
+    assert vol.nan_filled == f"{int(outside.sum())} NaN voxels (of {data.size}) read as the volume's minimum {low:g}"
+    assert reference.nan_filled is None
+
+
+def test_nifti_of_nan_only_is_refused(mni_t1, tmp_path):
+    t1 = nib.load(mni_t1)
+    data = np.full(t1.shape, np.nan, np.float32)
+    nib.save(nib.Nifti1Image(data, t1.affine), tmp_path / "nan.nii.gz")
+    with pytest.raises(ImagingError, match=f"{data.size} NaN and 0 infinite voxel values"):
+        read_volume(tmp_path / "nan.nii.gz")

@@ -30,6 +30,8 @@ def run_ask(args: argparse.Namespace) -> int:
               "differ from the acquired image", file=sys.stderr)
     if volume.left_out:  # the user asked about the series: say what of it is not in the volume
         print(f"note: left out of the volume: {volume.left_out}", file=sys.stderr)
+    if volume.nan_filled:  # the model sees them as the darkest grey: say so
+        print(f"note: {volume.nan_filled}", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     # Once for the whole run, before the model loads: a volume no window shows is refused at once, and a percentile

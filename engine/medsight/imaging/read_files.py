@@ -11,7 +11,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImagingError, not_a_file
-from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine, volume_from_ras
+from .volume import (
+    LPS_TO_RAS,
+    MAX_VOXELS,
+    Volume,
+    check_size,
+    check_voxels,
+    fill_nan,
+    volume_from_affine,
+    volume_from_ras,
+)
 
 _READ_ERRORS = (
     OSError,
@@ -115,6 +124,7 @@ def read_nifti(
         raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
     else:
         data = data.reshape(shape)
+    data, nan_filled = fill_nan(data)
     check_voxels(data, path)
     kw = {"modality": (modality or "OT").upper(), "source": path}
     h = img.header
@@ -129,6 +139,7 @@ def read_nifti(
     else:
         vol = volume_from_ras(data, affine, **kw)
         _check_pixdim(img, path)  # after the shear check of volume_from_affine, which says more of a sheared sform
+    vol.nan_filled = nan_filled
     if is_nifti:  # keep the header's spaces for masks written on it
         vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
     return vol
@@ -182,6 +193,7 @@ def read_nrrd(
     else:
         data = data.reshape(shape, order="A")
         array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    array, nan_filled = fill_nan(array)
     check_voxels(array, path)
     space = str(header.get("space", "")).lower()
     dirs = header.get("space directions")
@@ -189,7 +201,7 @@ def read_nrrd(
         # No named space, but vectors and an origin: ITK (and so 3D Slicer) takes them as they stand, i.e. as LPS.
         space = "lps"
     is_seg = any(k.startswith("Segment") for k in header)
-    kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
+    kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path, "nan_filled": nan_filled}
     if space in _SPACES and dirs is not None:
         dirs = np.asarray(dirs, dtype=float)[1 if colour else 0: len(sizes)]  # the colour axis has "none"
         if dirs.shape[0] == 2:  # ITK (and so 3D Slicer) refuses it too: a plane in 3D space has no slice axis
