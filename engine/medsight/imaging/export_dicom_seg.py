@@ -70,7 +70,11 @@ def _code(item) -> Code:
 
 def multiframe_problem(ref: Volume) -> str | None:
     """Why a DICOM SEG cannot reference the frames of ``ref``'s one multi-frame source (None when it can): frames
-    are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose."""
+    are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose. A
+    volume resampled from its images (a regularized gantry tilt) lies on another grid than its frames: refused too."""
+    if ref.resampled:
+        return (f"the volume was resampled from its DICOM images ({ref.resampled}), and a DICOM SEG must lie on "
+                "their grid")
     if len(ref.source_files) != 1 or len(ref.frame_numbers) < 2:
         return None
     try:

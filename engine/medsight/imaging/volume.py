@@ -62,6 +62,9 @@ class Volume:
     #: NaN voxels of a NIfTI, NRRD or MetaImage file read as the volume's minimum (`fill_nan`), in words, for the
     #: user to be told; None when there were none.
     nan_filled: str | None = None
+    #: A DICOM series resampled onto this grid from its acquired slices (a gantry tilt regularized), in words; None
+    #: when the voxels are the acquired ones. A DICOM SEG, which lies on its source images' grid, cannot reference it.
+    resampled: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -138,6 +141,7 @@ class Volume:
             source=self.source,
             has_patient_geometry=self.has_patient_geometry,
             nifti_xforms=self.nifti_xforms,
+            resampled=self.resampled,
         )
 
     def same_geometry(self, other: Volume, tol: float = 1e-4) -> bool:
