@@ -51,14 +51,14 @@ def resample_tilted(
     check_size((n_slices, size[1], size[0]), path, max_voxels)
     start = (float(u.min()), float(v.min()))
     fill = float(array.min())
-    out = np.empty((n_slices, size[1], size[0]), dtype=np.float64)
+    out = np.empty((n_slices, size[1], size[0]), dtype=np.float32)  # holds 16-bit values exactly, in half the memory
     for k in range(n_slices):
-        image = sitk.GetImageFromArray(array[k].astype(np.float64))
+        image = sitk.GetImageFromArray(array[k].astype(np.float32))
         image.SetSpacing(spacing[:2])
         image.SetOrigin((float(u[k]), float(v[k])))
         out[k] = sitk.GetArrayFromImage(sitk.Resample(
             image, size, sitk.Transform(2, sitk.sitkIdentity), sitk.sitkLinear, start, spacing[:2], (1, 0, 0, 1),
-            fill, sitk.sitkFloat64,
+            fill, sitk.sitkFloat32,
         ))
     if np.issubdtype(array.dtype, np.integer):  # integer HU stay integers: interpolated values rounded
         out = np.rint(out)
