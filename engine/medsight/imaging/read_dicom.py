@@ -433,9 +433,8 @@ def _stack_geometry(
                 path,
             )
         dz = _grid_spacing(dist, labels, order, path, allowed, coarse)
-        # In-plane drift means a tilted (sheared) stack that a direction matrix cannot express.
-        drift = pos[order] - pos[order[0]] - np.outer(dist - dist[0], normal)
-        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane and not regularize_tilt:
+        drift = _in_plane_drift(pos[order], normal)
+        if np.abs(drift).max() > _drift_tolerance(pixel_spacing, in_plane) and not regularize_tilt:
             option = ("; read it with regularize_tilt=True (medsight ask --regularize-tilt) to resample the slices "
                       "onto a regular grid, as 3D Slicer's acquisition geometry regularization does"
                       if regularize_tilt is False else "")
@@ -450,6 +449,19 @@ def _stack_geometry(
     direction = np.stack([row_dir, col_dir, normal], axis=1)
     spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), float(dz))
     return order, spacing, tuple(pos[order[0]]), direction
+
+
+def _in_plane_drift(sorted_positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Each slice position's offset from the first, less its part along the normal: non-zero for a tilted (sheared)
+    stack, which a direction matrix cannot express."""
+    relative = sorted_positions - sorted_positions[0]
+    return relative - np.outer(relative @ normal, normal)
+
+
+def _drift_tolerance(pixel_spacing: np.ndarray, in_plane_rounding: float) -> float:
+    """The in-plane drift (mm, per coordinate) a stack may show and still be read unsheared: round-off, and twice the
+    rounding of positions written with few decimals."""
+    return max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane_rounding
 
 
 def _grid_spacing(
@@ -684,12 +696,11 @@ def read_dicom_series(
         raise ImagingError("GDCM and header geometry disagree (inconsistent slice headers)", folder)
     check_voxels(array, folder)
     resampled = None
-    if regularize_tilt:
-        sorted_positions = np.asarray(positions)[order]
-        drift = sorted_positions - sorted_positions[0]
-        drift -= np.outer(drift @ direction[:, 2], direction[:, 2])
-        if np.abs(drift).max() > 1e-3:
-            array, origin, resampled = resample_tilted(array, sorted_positions, direction, spacing, folder, max_voxels)
+    sorted_positions = np.asarray(positions)[order]
+    in_plane = _position_rounding(rounding, direction[:, 2])[1]
+    if regularize_tilt and np.abs(_in_plane_drift(sorted_positions, direction[:, 2])).max() > _drift_tolerance(
+            ps, in_plane):  # the same test that refuses the stack without the option
+        array, origin, resampled = resample_tilted(array, sorted_positions, direction, spacing, folder, max_voxels)
     return Volume(
         array=array,
         spacing=spacing,
