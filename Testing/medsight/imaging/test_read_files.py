@@ -253,3 +253,16 @@ def test_nifti_of_nan_only_is_refused(mni_t1, tmp_path):
     nib.save(nib.Nifti1Image(data, t1.affine), tmp_path / "nan.nii.gz")
     with pytest.raises(ImagingError, match=f"{data.size} NaN and 0 infinite voxel values"):
         read_volume(tmp_path / "nan.nii.gz")
+
+
+def test_nibabels_resampled_volume_with_nan_outside_its_field_of_view_reads(nibabel_data):
+    """nibabel's resampled_anat_moved.nii, resampled with NaN where the moved image had no data, was refused."""
+    path = nibabel_data / "resampled_anat_moved.nii"
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    vol = read_volume(path)
+    nan = np.isnan(data)
+    got = np.transpose(vol.array, (2, 1, 0))
+    assert np.allclose(vol.ijk_to_ras, img.affine) and np.array_equal(got[~nan], data[~nan])
+    assert nan.any() and np.all(got[nan] == np.nanmin(data))
+    assert vol.nan_filled.startswith(f"{int(nan.sum())} NaN voxels (of {data.size})")
