@@ -10,7 +10,16 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from PIL import Image
 
-from medsight.imaging import ImagingError, read_image2d, read_nifti, read_nrrd, read_volume
+from medsight.imaging import (
+    ImagingError,
+    Segment,
+    Segmentation,
+    read_image2d,
+    read_nifti,
+    read_nrrd,
+    read_volume,
+    write_nifti_labelmap,
+)
 
 
 def test_mni_template_matches_nibabel(mni_t1):
@@ -266,3 +275,29 @@ def test_nibabels_resampled_volume_with_nan_outside_its_field_of_view_reads(niba
     assert np.allclose(vol.ijk_to_ras, img.affine) and np.array_equal(got[~nan], data[~nan])
     assert nan.any() and np.all(got[nan] == np.nanmin(data))
     assert vol.nan_filled.startswith(f"{int(nan.sum())} NaN voxels (of {data.size})")
+
+
+@pytest.mark.parametrize(("unit", "in_mm"), [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0), ("unknown", 1.0)])
+@pytest.mark.parametrize("codes", [1, 0])
+def test_nifti_in_metres_or_microns_lies_where_itk_puts_it_and_so_do_its_masks(mni_t1, tmp_path, unit, in_mm, codes):
+    """ITK (and so 3D Slicer) scales a NIfTI header in metres or microns to millimetres; this reader took nibabel's
+    affine as mm: a NIfTI in metres read 1000 times too small, and its mask (written in mm) sat 1000 times away from
+    the image in Slicer. Image and mask now both lie where SimpleITK reads the image."""
+    t1 = nib.load(mni_t1)
+    data = np.asanyarray(t1.dataobj)[::16, ::16, ::16]
+    affine = np.diag([1 / in_mm] * 3 + [1.0]) @ t1.affine @ np.diag([16, 16, 16, 1])
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=codes)
+    img.set_sform(affine, code=codes)
+    img.header.set_xyzt_units(xyz=unit)
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, path)
+    vol = read_volume(path)
+    itk = sitk.ReadImage(str(path))
+    assert np.allclose(vol.spacing, itk.GetSpacing(), rtol=1e-6) and np.allclose(vol.origin, itk.GetOrigin(), atol=1e-3)
+    assert np.allclose(vol.direction.ravel(), itk.GetDirection(), atol=1e-6)
+    write_nifti_labelmap(Segmentation(vol, (vol.array > 0).astype(np.uint8), [Segment(1, "head")]), tmp_path / "m.nii")
+    mask = sitk.ReadImage(str(tmp_path / "m.nii"))
+    assert np.allclose(mask.GetSpacing(), itk.GetSpacing(), rtol=1e-6)
+    assert np.allclose(mask.GetOrigin(), itk.GetOrigin(), atol=1e-3)
+    assert np.allclose(mask.GetDirection(), itk.GetDirection(), atol=1e-6)
