@@ -182,7 +182,9 @@ def check_voxels(array: np.ndarray, path: str | None, allow_rgb: bool = True) ->
         bad = ~np.isfinite(array)
         if bad.any():
             n_nan = int(np.isnan(array).sum())
-            raise ImagingError(f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values", path)
+            fix = ("no voxel holds a number" if bad.all() else
+                   "replace them with finite values (e.g. the smallest finite one) first")
+            raise ImagingError(f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values: {fix}", path)
 
 
 def fill_nan(array: np.ndarray) -> tuple[np.ndarray, str | None]:
