@@ -20,7 +20,7 @@ from PIL import Image
 from medsight.cli import _parser, main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
-from medsight_testing.dicom_series import add_localizers
+from medsight_testing.dicom_series import add_localizers, write_tilted_series
 from medsight_testing.disk import file_size_limit
 
 
@@ -542,6 +542,37 @@ def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["answer"] is not None
     assert "note: left out of the volume: 1 image flagged LOCALIZER (ImageType)" in captured.err.splitlines()
+
+
+def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
+    """A NIfTI with NaN outside the brain (as MR pipelines write it) was refused; it is answered about, and the user is
+    told how many voxels were read as the minimum."""
+    img = nib.load(mni_path)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[data == data.min()] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
+    assert main(["ask", str(tmp_path / "nan.nii.gz"), "What is shown?", *TINY, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["answer"] is not None
+    said = f"note: {int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
+    assert any(line.startswith(said) for line in captured.err.splitlines())
+
+
+def test_gantry_tilted_series_needs_regularize_tilt_and_is_noted(tmp_path, capsys):
+    """A gantry-tilted CT series was refused with no way to read it: without --regularize-tilt the error names the
+    option (before the model loads); with it the resampled series is answered about and the user told, and a DICOM
+    SEG --out, which could not reference the resampled grid, is refused before the model loads."""
+    template = sorted((PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N").iterdir())[0]
+    series = write_tilted_series(template, tmp_path / "tilted", 6, 2.5, 15.0)
+    assert main(["ask", str(series), "What is shown?", *NO_MODEL]) == 2
+    assert "medsight ask --regularize-tilt" in _err(capsys)
+    assert main(["ask", str(series), "What is shown?", *NO_MODEL, "--regularize-tilt", "--out",
+                 str(tmp_path / "seg.dcm")]) == 2
+    assert "was resampled from its DICOM images" in _err(capsys)
+    assert main(["ask", str(series), "What is shown?", *TINY, "--json", "--regularize-tilt"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["answer"] is not None
+    assert any(line.startswith("note: resampled: gantry tilt of 15.0 degrees") for line in captured.err.splitlines())
 
 
 def test_lossy_compressed_dicom_is_noted(capsys):

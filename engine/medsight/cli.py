@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                      "MedSIGHT panel's slice range count them; slice 0 is the volume's first, which may be the top "
                      "or the bottom")
     ask.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series (DICOM only)")
+    ask.add_argument("--regularize-tilt", action="store_true",
+                     help="read a gantry-tilted DICOM series (slices drifting within their plane), refused without "
+                     "it, resampled onto a regular grid as 3D Slicer's acquisition geometry regularization places it "
+                     "(a DICOM SEG --out cannot reference it)")
     ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
                      "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")

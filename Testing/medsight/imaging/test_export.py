@@ -30,6 +30,7 @@ from medsight.imaging import (
     write_seg_nrrd,
     write_segmentation,
 )
+from medsight_testing.dicom_series import write_tilted_series
 from medsight_testing.disk import file_size_limit
 
 GM = Segment(
@@ -351,3 +352,71 @@ def test_a_failed_write_keeps_the_files_it_would_replace(mni_segmentation, ct_se
     with file_size_limit(limit), pytest.raises(ImagingError, match="File too large"):
         write_segmentation(other, path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_masks_of_a_regularized_tilted_series_keep_its_grid_and_no_dicom_seg_is_written(ct_series, tmp_path):
+    """A gantry-tilted series read with regularize_tilt lies on a resampled grid: .seg.nrrd and NIfTI masks read back
+    on it exactly, and a DICOM SEG, which must lie on its source images' grid (highdicom failed on the shapes: "cannot
+    build the DICOM SEG"), is refused before any work, naming why."""
+    from medsight.imaging.export import check_reference
+
+    folder = write_tilted_series(sorted(ct_series.iterdir())[0], tmp_path / "tilted", 8, 2.5, 15.0)
+    vol = read_volume(folder, regularize_tilt=True)
+    labelmap = (vol.array > np.median(vol.array)).astype(np.uint8)
+    seg = Segmentation(vol, labelmap, [GM])
+    for name, read in (("mask.seg.nrrd", read_seg_nrrd), ("mask.nii.gz", read_nifti_labelmap)):
+        write_segmentation(seg, tmp_path / name)
+        back = read(tmp_path / name)
+        assert back.reference.same_geometry(vol) and np.array_equal(back.labelmap, labelmap), name
+    with pytest.raises(ImagingError, match=r"resampled from its DICOM images \(gantry tilt of 15\.0 degrees"):
+        check_reference(tmp_path / "mask.dcm", vol)
+    with pytest.raises(ImagingError, match="resampled from its DICOM images"):
+        write_dicom_seg(seg, tmp_path / "mask.dcm")
+    assert not (tmp_path / "mask.dcm").exists()
+
+
+#: Patient and study attributes that de-identification tools often delete rather than empty.
+DELETED_BY_ANONYMIZERS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                          "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _series_without(ct_series, folder, names):
+    folder.mkdir()
+    for f in sorted(ct_series.iterdir()):
+        ds = pydicom.dcmread(f)
+        for name in names:
+            if name in ds:
+                delattr(ds, name)
+        ds.save_as(folder / f.name)
+    return folder
+
+
+def test_dicom_seg_of_an_anonymized_series_without_type2_patient_and_study_attributes(ct_series, tmp_path):
+    """Anonymizers often delete the patient and study attributes (DICOM Type 2: present, possibly empty) rather than
+    empty them: highdicom then failed after the model had run ("cannot build the DICOM SEG ('FileDataset' object has
+    no attribute 'PatientID')"). The SEG now repeats them empty, reads back on the series exactly, and the source
+    files are left as they were."""
+    folder = _series_without(ct_series, tmp_path / "anonymized", DELETED_BY_ANONYMIZERS)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    vol = read_volume(folder)
+    labelmap = (vol.array > np.median(vol.array)).astype(np.uint8)
+    path = write_dicom_seg(Segmentation(vol, labelmap, [GM]), tmp_path / "seg.dcm")
+    assert np.array_equal(read_dicom_seg(path, vol).labelmap, labelmap)
+    written = hd.seg.segread(path)
+    assert all(written.get(name) == "" for name in DELETED_BY_ANONYMIZERS)
+    assert written.StudyInstanceUID == vol.study_uid and written.FrameOfReferenceUID == vol.frame_of_reference_uid
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["FrameOfReferenceUID", "StudyInstanceUID"])
+def test_dicom_seg_of_images_without_the_uids_it_must_repeat_is_refused_before_any_work(ct_series, tmp_path, name):
+    """Images without a frame of reference or study UID (Type 1 in a SEG: nothing to fill in) let `ask --out x.dcm`
+    run the model, then highdicom failed ("Source images have no Frame Of Reference UID" or "no attribute
+    'StudyInstanceUID'")."""
+    from medsight.imaging.export import check_reference
+
+    vol = read_volume(_series_without(ct_series, tmp_path / "series", [name]))
+    with pytest.raises(ImagingError, match=rf"source images have no {name}, which a DICOM SEG must repeat; use "):
+        check_reference(tmp_path / "seg.dcm", vol)
+    with pytest.raises(ImagingError, match=f"source images have no {name}"):
+        write_dicom_seg(Segmentation(vol, np.ones(vol.shape, np.uint8), [GM]), tmp_path / "seg.dcm")

@@ -10,7 +10,16 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from PIL import Image
 
-from medsight.imaging import ImagingError, read_image2d, read_nifti, read_nrrd, read_volume
+from medsight.imaging import (
+    ImagingError,
+    Segment,
+    Segmentation,
+    read_image2d,
+    read_nifti,
+    read_nrrd,
+    read_volume,
+    write_nifti_labelmap,
+)
 
 
 def test_mni_template_matches_nibabel(mni_t1):
@@ -212,3 +221,83 @@ def test_sheared_nifti_is_refused(nibabel_data, tmp_path):
     nib.save(img, tmp_path / "sheared.nii")
     with pytest.raises(ImagingError, match="direction must be a 3x3 rotation or reflection"):
         read_volume(tmp_path / "sheared.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_nan_outside_the_brain_reads_as_the_minimum_and_is_said(mni_t1, mni_gm, tmp_path, suffix):
+    """MR pipelines write NaN outside the brain: such a volume was refused ("N NaN and 0 infinite voxel values",
+    nothing on what to do). The NaN voxels now read as the volume's smallest value, every other voxel as written, the
+    geometry as before, and the volume says how many were filled."""
+    t1 = nib.load(mni_t1)
+    data = np.asanyarray(t1.dataobj).astype(np.float32)
+    outside = np.asanyarray(nib.load(mni_gm).dataobj) < 0.5
+    data[outside] = np.nan
+    path = tmp_path / f"masked{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(data, t1.affine), path)
+    elif suffix == ".nrrd":
+        nrrd.write(str(path), data, {"space": "right-anterior-superior", "space directions": t1.affine[:3, :3].T,
+                                      "space origin": t1.affine[:3, 3]})
+    else:
+        image = sitk.GetImageFromArray(np.transpose(data, (2, 1, 0)).copy())
+        lps = np.diag([-1.0, -1.0, 1.0]) @ t1.affine[:3, :3]
+        spacing = np.linalg.norm(lps, axis=0)
+        image.SetSpacing(spacing.tolist())
+        image.SetDirection((lps / spacing).ravel().tolist())
+        image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ t1.affine[:3, 3]).tolist())
+        sitk.WriteImage(image, str(path))
+    vol = read_volume(path)
+    reference = read_volume(mni_t1)
+    assert vol.same_geometry(reference)
+    got = np.transpose(vol.array, (2, 1, 0))
+    low = float(np.nanmin(data))
+    assert np.array_equal(got[~outside], data[~outside]) and np.all(got[outside] == low)
+    assert vol.nan_filled == f"{int(outside.sum())} NaN voxels (of {data.size}) read as the volume's minimum {low:g}"
+    assert reference.nan_filled is None
+
+
+def test_nifti_of_nan_only_is_refused(mni_t1, tmp_path):
+    t1 = nib.load(mni_t1)
+    data = np.full(t1.shape, np.nan, np.float32)
+    nib.save(nib.Nifti1Image(data, t1.affine), tmp_path / "nan.nii.gz")
+    with pytest.raises(ImagingError, match=f"{data.size} NaN and 0 infinite voxel values: no voxel holds a number"):
+        read_volume(tmp_path / "nan.nii.gz")
+
+
+def test_nibabels_resampled_volume_with_nan_outside_its_field_of_view_reads(nibabel_data):
+    """nibabel's resampled_anat_moved.nii, resampled with NaN where the moved image had no data, was refused."""
+    path = nibabel_data / "resampled_anat_moved.nii"
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    vol = read_volume(path)
+    nan = np.isnan(data)
+    got = np.transpose(vol.array, (2, 1, 0))
+    assert np.allclose(vol.ijk_to_ras, img.affine) and np.array_equal(got[~nan], data[~nan])
+    assert nan.any() and np.all(got[nan] == np.nanmin(data))
+    assert vol.nan_filled.startswith(f"{int(nan.sum())} NaN voxels (of {data.size})")
+
+
+@pytest.mark.parametrize(("unit", "in_mm"), [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0), ("unknown", 1.0)])
+@pytest.mark.parametrize("codes", [1, 0])
+def test_nifti_in_metres_or_microns_lies_where_itk_puts_it_and_so_do_its_masks(mni_t1, tmp_path, unit, in_mm, codes):
+    """ITK (and so 3D Slicer) scales a NIfTI header in metres or microns to millimetres; this reader took nibabel's
+    affine as mm: a NIfTI in metres read 1000 times too small, and its mask (written in mm) sat 1000 times away from
+    the image in Slicer. Image and mask now both lie where SimpleITK reads the image."""
+    t1 = nib.load(mni_t1)
+    data = np.asanyarray(t1.dataobj)[::16, ::16, ::16]
+    affine = np.diag([1 / in_mm] * 3 + [1.0]) @ t1.affine @ np.diag([16, 16, 16, 1])
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=codes)
+    img.set_sform(affine, code=codes)
+    img.header.set_xyzt_units(xyz=unit)
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, path)
+    vol = read_volume(path)
+    itk = sitk.ReadImage(str(path))
+    assert np.allclose(vol.spacing, itk.GetSpacing(), rtol=1e-6) and np.allclose(vol.origin, itk.GetOrigin(), atol=1e-3)
+    assert np.allclose(vol.direction.ravel(), itk.GetDirection(), atol=1e-6)
+    write_nifti_labelmap(Segmentation(vol, (vol.array > 0).astype(np.uint8), [Segment(1, "head")]), tmp_path / "m.nii")
+    mask = sitk.ReadImage(str(tmp_path / "m.nii"))
+    assert np.allclose(mask.GetSpacing(), itk.GetSpacing(), rtol=1e-6)
+    assert np.allclose(mask.GetOrigin(), itk.GetOrigin(), atol=1e-3)
+    assert np.allclose(mask.GetDirection(), itk.GetDirection(), atol=1e-6)

@@ -29,3 +29,27 @@ def add_localizers(folder: Path, count: int, flagged: bool = True) -> list[Path]
         written.append(folder / f"scout{k}.dcm")
         scout.save_as(written[-1])
     return written
+
+
+def write_tilted_series(template: Path, folder: Path, count: int, step: float, tilt_degrees: float) -> Path:
+    """A CT series acquired with a tilted gantry, as scanners write it: ``template``'s slice (pydicom's CT5N) tilted
+    by ``tilt_degrees`` about the patient's left-right axis, the table moving ``step`` mm along the body axis between
+    slices, so the positions drift within the slices' planes. Each slice's stored values are a ramp, 100 k + 10 j + i
+    (rescaled by -1024), which linear interpolation reproduces exactly."""
+    import numpy as np
+
+    ds = pydicom.dcmread(template)
+    tilt = np.deg2rad(tilt_degrees)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, f"{np.cos(tilt):.6f}", f"{-np.sin(tilt):.6f}"]
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    start = np.asarray(ds.ImagePositionPatient, dtype=float)
+    j, i = np.mgrid[: ds.Rows, : ds.Columns]
+    folder.mkdir()
+    series_uid = pydicom.uid.generate_uid()
+    for k in range(count):
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = series_uid, pydicom.uid.generate_uid(), k + 1
+        ds.ImagePositionPatient = [f"{x:.4f}" for x in start + np.array([0.0, 0.0, step * k])]
+        ds.PixelData = (100 * k + 10 * j + i).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice{k:04d}.dcm")
+    return folder

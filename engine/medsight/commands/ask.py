@@ -30,6 +30,10 @@ def run_ask(args: argparse.Namespace) -> int:
               "differ from the acquired image", file=sys.stderr)
     if volume.left_out:  # the user asked about the series: say what of it is not in the volume
         print(f"note: left out of the volume: {volume.left_out}", file=sys.stderr)
+    if volume.nan_filled:  # the model sees them as the darkest grey: say so
+        print(f"note: {volume.nan_filled}", file=sys.stderr)
+    if volume.resampled:  # the voxels are interpolated, not the acquired ones
+        print(f"note: resampled: {volume.resampled}", file=sys.stderr)
     args.plane = args.plane or _default_plane(volume)
     indices = parse_slices(args.slices, slice_count(volume, args.plane))
     # Once for the whole run, before the model loads: a volume no window shows is refused at once, and a percentile
@@ -127,7 +131,8 @@ def _read_input(args: argparse.Namespace):
     from medsight.imaging.read_dicom import NotAnImageError, SeriesChoiceError, series_listing
 
     try:
-        volume = read_volume(args.path, series_uid=args.series, modality=args.modality)
+        volume = read_volume(args.path, series_uid=args.series, modality=args.modality,
+                             regularize_tilt=args.regularize_tilt)
     except SeriesChoiceError as err:
         raise ValueError(f"{err.path}: {len(err.series)} series found; choose one with --series:\n  "
                          f"{series_listing(err.series)}") from None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from medsight.atomic_files import written_file
 
 from .errors import ImagingError
-from .export_dicom_seg import multiframe_problem, write_dicom_seg
+from .export_dicom_seg import reference_problem, write_dicom_seg
 from .export_nifti import write_nifti_labelmap
 from .export_nrrd import write_seg_nrrd
 from .labelmap import Segmentation
@@ -38,7 +38,7 @@ def check_reference(path: str | os.PathLike[str], reference: Volume) -> None:
     if not (reference.source_files and reference.has_patient_geometry):
         raise ImagingError("a DICOM SEG (.dcm) needs an input read from DICOM images with patient geometry; "
                            f"use {others} for {reference.source}", os.fspath(path))
-    problem = multiframe_problem(reference)
+    problem = reference_problem(reference)
     if problem:
         raise ImagingError(f"{problem}; use {others}", os.fspath(path))
 

@@ -68,9 +68,25 @@ def _code(item) -> Code:
     return Code(str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning))
 
 
-def multiframe_problem(ref: Volume) -> str | None:
-    """Why a DICOM SEG cannot reference the frames of ``ref``'s one multi-frame source (None when it can): frames
-    are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose."""
+#: Patient and study attributes highdicom copies from the source images into a SEG. DICOM makes them Type 2 (present,
+#: possibly empty) in an image, but anonymizers often delete them outright; highdicom then fails ("'FileDataset'
+#: object has no attribute 'PatientID'"). A source without one gets it empty, as DICOM allows and as the SEG then says.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime")
+
+
+def reference_problem(ref: Volume) -> str | None:
+    """Why a DICOM SEG cannot reference ``ref``'s source images (None when it can): they lack the study or frame of
+    reference a SEG repeats; or ``ref`` is one multi-frame source whose frames
+    are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose. A
+    volume resampled from its images (a regularized gantry tilt) lies on another grid than its frames: refused too."""
+    missing = [name for name, uid in (("StudyInstanceUID", ref.study_uid),
+                                      ("FrameOfReferenceUID", ref.frame_of_reference_uid)) if not uid]
+    if missing:  # a SEG must name its study and lie in its images' frame of reference (Type 1): nothing to fill in
+        return f"the source images have no {' or '.join(missing)}, which a DICOM SEG must repeat"
+    if ref.resampled:
+        return (f"the volume was resampled from its DICOM images ({ref.resampled}), and a DICOM SEG must lie on "
+                "their grid")
     if len(ref.source_files) != 1 or len(ref.frame_numbers) < 2:
         return None
     try:
@@ -122,7 +138,7 @@ def write_dicom_seg(
         )
     if not seg.segments:
         raise ImagingError("nothing to export: the segmentation has no segments", path)
-    problem = multiframe_problem(ref)
+    problem = reference_problem(ref)
     if problem:
         raise ImagingError(problem, ref.source)
     if fractional and not seg.probabilities:
@@ -132,6 +148,10 @@ def write_dicom_seg(
         sources = [pydicom.dcmread(f) for f in ref.source_files]
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ImagingError(f"cannot re-read the source images ({exc})", ref.source) from exc
+    for source in sources:
+        for name in TYPE2_COPIED:
+            if name not in source:
+                setattr(source, name, "")
     if fractional:
         stack = np.stack([seg.probabilities[s.label].astype(np.float32) / 255.0 for s in segments], -1)
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL

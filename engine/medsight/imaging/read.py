@@ -27,14 +27,17 @@ def read_volume(
     series_uid: str | None = None,
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
+    regularize_tilt: bool = False,
 ) -> Volume:
     """Read a DICOM folder or file, NIfTI, NRRD, MetaImage or 2D picture into a `Volume`.
 
     ``modality`` (CT, MR, US, ...) overrides the file's own; formats without one default to "OT".
+    ``regularize_tilt``: resample a gantry-tilted DICOM series onto a regular grid instead of refusing it.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return read_dicom_series(path, series_uid=series_uid, modality=modality, max_voxels=max_voxels)
+        return read_dicom_series(path, series_uid=series_uid, modality=modality, max_voxels=max_voxels,
+                                 regularize_tilt=regularize_tilt)
     if not os.path.isfile(path):
         raise not_a_file(path, missing="no such file or folder")
     low = path.lower()

@@ -27,6 +27,7 @@ import SimpleITK as sitk  # noqa: N813  (the universal alias)
 from pydicom.errors import InvalidDicomError
 
 from .errors import ImagingError, not_a_file
+from .regularize import resample_tilted, tilt_degrees
 from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 
 # Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4): of each step
@@ -383,8 +384,12 @@ def _stack_geometry(
     default_dz: float,
     rounding: list[np.ndarray] | None = None,
     stacks_hint: Callable[[], str] | None = None,
+    regularize_tilt: bool | None = None,
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
+
+    ``regularize_tilt``: True lets slices drift within their plane (a gantry tilt; the caller resamples them); False
+    refuses it naming the option; None (a multi-frame file, which has no such option) refuses it.
 
     ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
     written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` gives
@@ -428,12 +433,15 @@ def _stack_geometry(
                 path,
             )
         dz = _grid_spacing(dist, labels, order, path, allowed, coarse)
-        # In-plane drift means a tilted (sheared) stack that a direction matrix cannot express.
-        drift = pos[order] - pos[order[0]] - np.outer(dist - dist[0], normal)
-        if np.abs(drift).max() > max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane:
+        drift = _in_plane_drift(pos[order], normal)
+        if np.abs(drift).max() > _drift_tolerance(pixel_spacing, in_plane) and not regularize_tilt:
+            option = ("; read it with regularize_tilt=True (medsight ask --regularize-tilt) to resample the slices "
+                      "onto a regular grid, as 3D Slicer's acquisition geometry regularization does"
+                      if regularize_tilt is False else "")
             raise ImagingError(
-                f"slices are not stacked along their normal (gantry tilt or shear of "
-                f"{np.abs(drift).max():.3f} mm)",
+                f"slices are not stacked along their normal but drift {np.linalg.norm(drift, axis=1).max():.3f} mm "
+                f"within their plane (a gantry tilt of {tilt_degrees(pos[order], normal):.1f} degrees, or a shear)"
+                f"{option}",
                 path,
             )
     else:
@@ -441,6 +449,19 @@ def _stack_geometry(
     direction = np.stack([row_dir, col_dir, normal], axis=1)
     spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), float(dz))
     return order, spacing, tuple(pos[order[0]]), direction
+
+
+def _in_plane_drift(sorted_positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Each slice position's offset from the first, less its part along the normal: non-zero for a tilted (sheared)
+    stack, which a direction matrix cannot express."""
+    relative = sorted_positions - sorted_positions[0]
+    return relative - np.outer(relative @ normal, normal)
+
+
+def _drift_tolerance(pixel_spacing: np.ndarray, in_plane_rounding: float) -> float:
+    """The in-plane drift (mm, per coordinate) a stack may show and still be read unsheared: round-off, and twice the
+    rounding of positions written with few decimals."""
+    return max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane_rounding
 
 
 def _grid_spacing(
@@ -558,10 +579,13 @@ def read_dicom_series(
     series_uid: str | None = None,
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
+    regularize_tilt: bool = False,
 ) -> Volume:
     """Read one series from a folder with SimpleITK's GDCM series reader.
 
-    With several series in the folder, ``series_uid`` must name one; the error lists them.
+    With several series in the folder, ``series_uid`` must name one; the error lists them. A series whose slices
+    drift within their plane (gantry tilt) is refused unless ``regularize_tilt``, which resamples it onto a regular
+    grid (`medsight.imaging.regularize`); the volume's ``resampled`` then says so.
     """
     folder = os.fspath(folder)
     series = list_dicom_series(folder)
@@ -641,7 +665,7 @@ def read_dicom_series(
     rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
         positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding,
-        lambda: _stacks_hint(headers),
+        lambda: _stacks_hint(headers), regularize_tilt,
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
@@ -671,6 +695,12 @@ def read_dicom_series(
     if not (np.allclose(itk_m, direction, atol=1e-4) and np.allclose(gdcm.GetOrigin(), origin, atol=1e-3)):
         raise ImagingError("GDCM and header geometry disagree (inconsistent slice headers)", folder)
     check_voxels(array, folder)
+    resampled = None
+    sorted_positions = np.asarray(positions)[order]
+    in_plane = _position_rounding(rounding, direction[:, 2])[1]
+    if regularize_tilt and np.abs(_in_plane_drift(sorted_positions, direction[:, 2])).max() > _drift_tolerance(
+            ps, in_plane):  # the same test that refuses the stack without the option
+        array, origin, resampled = resample_tilted(array, sorted_positions, direction, spacing, folder, max_voxels)
     return Volume(
         array=array,
         spacing=spacing,
@@ -684,6 +714,7 @@ def read_dicom_series(
         invert_display=monochrome1,
         lossy_compression=_series_lossy_compression(headers),
         left_out=left_out,
+        resampled=resampled,
     )
 
 
@@ -1015,9 +1046,11 @@ def read_dicom(
     series_uid: str | None = None,
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
+    regularize_tilt: bool = False,
 ) -> Volume:
     """A folder is read as a series, a file as a single or multi-frame image."""
     p = Path(path)
     if p.is_dir():
-        return read_dicom_series(p, series_uid=series_uid, modality=modality, max_voxels=max_voxels)
+        return read_dicom_series(p, series_uid=series_uid, modality=modality, max_voxels=max_voxels,
+                                 regularize_tilt=regularize_tilt)
     return read_dicom_file(p, modality=modality, max_voxels=max_voxels)

@@ -11,7 +11,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImagingError, not_a_file
-from .volume import LPS_TO_RAS, MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine, volume_from_ras
+from .volume import (
+    LPS_TO_RAS,
+    MAX_VOXELS,
+    Volume,
+    check_size,
+    check_voxels,
+    fill_nan,
+    volume_from_affine,
+    volume_from_ras,
+)
 
 _READ_ERRORS = (
     OSError,
@@ -87,10 +96,21 @@ def _check_pixdim(img: nib.Nifti1Image, path: str) -> None:
         )
 
 
+#: NIfTI spatial units (xyzt_units) that ITK, and so 3D Slicer, converts to millimetres, by these factors; nibabel's
+#: affine ignores them.
+_UNITS_IN_MM = {"meter": 1000.0, "micron": 0.001}
+
+
+def _to_mm(header: nib.Nifti1Header) -> np.ndarray:
+    """The 4x4 scaling of a NIfTI header's positions and voxel sizes to millimetres, as ITK applies it."""
+    unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
+    return np.diag([_UNITS_IN_MM.get(unit, 1.0)] * 3 + [1.0])
+
+
 def read_nifti(
     path: str | os.PathLike[str], modality: str | None = None, max_voxels: int = MAX_VOXELS
 ) -> Volume:
-    """Read a NIfTI-1/2 file; scl_slope/inter applied; the sform/qform affine converted to LPS."""
+    """Read a NIfTI-1/2 file; scl_slope/inter applied; the sform/qform affine converted to LPS, in millimetres."""
     path = os.fspath(path)
     _exists(path)
     try:
@@ -115,22 +135,27 @@ def read_nifti(
         raise ImagingError(f"complex-valued NIfTI ({data.dtype}); save its magnitude as a real image first", path)
     else:
         data = data.reshape(shape)
+    data, nan_filled = fill_nan(data)
     check_voxels(data, path)
     kw = {"modality": (modality or "OT").upper(), "source": path}
     h = img.header
     is_nifti = hasattr(h, "get_qform")
+    # A header in metres or microns: ITK (3D Slicer) scales it to mm, so the image lies there, and masks must too.
+    to_mm = _to_mm(h)
     if not is_nifti or (not int(h["qform_code"]) and not int(h["sform_code"])):
         # Analyze, or NIfTI with neither transform in use: nibabel makes up an x-flipped grid centred on 0, ITK (and
         # so 3D Slicer) lays the voxel sizes along the LPS axes from 0. Take ITK's, or masks would sit flipped and
         # shifted in Slicer.
         zooms = [float(z) for z in h.get_zooms()[:3]] + [1.0] * (3 - len(h.get_zooms()[:3]))
-        lps_grid = np.diag([*zooms, 1.0])
+        lps_grid = to_mm @ np.diag([*zooms, 1.0])
         vol = volume_from_ras(data, LPS_TO_RAS @ lps_grid, has_patient_geometry=False, **kw)
     else:
-        vol = volume_from_ras(data, affine, **kw)
+        vol = volume_from_ras(data, to_mm @ affine, **kw)
         _check_pixdim(img, path)  # after the shear check of volume_from_affine, which says more of a sheared sform
+    vol.nan_filled = nan_filled
     if is_nifti:  # keep the header's spaces for masks written on it
-        vol.nifti_xforms = ((h.get_qform(), int(h["qform_code"])), (h.get_sform(), int(h["sform_code"])))
+        vol.nifti_xforms = ((to_mm @ h.get_qform(), int(h["qform_code"])),
+                            (to_mm @ h.get_sform(), int(h["sform_code"])))
     return vol
 
 
@@ -182,6 +207,7 @@ def read_nrrd(
     else:
         data = data.reshape(shape, order="A")
         array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    array, nan_filled = fill_nan(array)
     check_voxels(array, path)
     space = str(header.get("space", "")).lower()
     dirs = header.get("space directions")
@@ -189,7 +215,7 @@ def read_nrrd(
         # No named space, but vectors and an origin: ITK (and so 3D Slicer) takes them as they stand, i.e. as LPS.
         space = "lps"
     is_seg = any(k.startswith("Segment") for k in header)
-    kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path}
+    kw = {"modality": (modality or ("SEG" if is_seg else "OT")).upper(), "source": path, "nan_filled": nan_filled}
     if space in _SPACES and dirs is not None:
         dirs = np.asarray(dirs, dtype=float)[1 if colour else 0: len(sizes)]  # the colour axis has "none"
         if dirs.shape[0] == 2:  # ITK (and so 3D Slicer) refuses it too: a plane in 3D space has no slice axis

@@ -15,7 +15,7 @@ import SimpleITK as sitk  # noqa: N813  (the universal alias)
 
 from .errors import ImagingError
 from .read_files import _exists, _squeeze_to_3d
-from .volume import MAX_VOXELS, Volume, check_size, check_voxels, volume_from_affine
+from .volume import MAX_VOXELS, Volume, check_size, check_voxels, fill_nan, volume_from_affine
 
 #: The header is short text; more than this without an ElementDataFile line is not a MetaImage header.
 _MAX_HEADER_BYTES = 1 << 20
@@ -164,6 +164,7 @@ def read_metaimage(
         raise ImagingError(f"{channels} {array.dtype} components per voxel (a vector field?); "
                            "one grey value or 8-bit RGB is expected", path)
     array = array.reshape(shape[::-1] + ((3,) if channels == 3 else ()))
+    array, nan_filled = fill_nan(array)
     check_voxels(array, path)
     dim = image.GetDimension()
     m = np.eye(4)
@@ -171,4 +172,4 @@ def read_metaimage(
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)[:n, :n]
     m[:n, :n] = direction * np.asarray(image.GetSpacing(), dtype=float)[None, :n]
     m[:n, 3] = image.GetOrigin()[:n]
-    return volume_from_affine(array, m, modality=(modality or "OT").upper(), source=path)
+    return volume_from_affine(array, m, modality=(modality or "OT").upper(), source=path, nan_filled=nan_filled)

@@ -59,6 +59,12 @@ class Volume:
     #: DICOM images of the series left out of the volume (its localizer), in words, for the user to be told; None
     #: when every image of the series is in it.
     left_out: str | None = None
+    #: NaN voxels of a NIfTI, NRRD or MetaImage file read as the volume's minimum (`fill_nan`), in words, for the
+    #: user to be told; None when there were none.
+    nan_filled: str | None = None
+    #: A DICOM series resampled onto this grid from its acquired slices (a gantry tilt regularized), in words; None
+    #: when the voxels are the acquired ones. A DICOM SEG, which lies on its source images' grid, cannot reference it.
+    resampled: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -135,6 +141,7 @@ class Volume:
             source=self.source,
             has_patient_geometry=self.has_patient_geometry,
             nifti_xforms=self.nifti_xforms,
+            resampled=self.resampled,
         )
 
     def same_geometry(self, other: Volume, tol: float = 1e-4) -> bool:
@@ -175,7 +182,28 @@ def check_voxels(array: np.ndarray, path: str | None, allow_rgb: bool = True) ->
         bad = ~np.isfinite(array)
         if bad.any():
             n_nan = int(np.isnan(array).sum())
-            raise ImagingError(f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values", path)
+            fix = ("no voxel holds a number" if bad.all() else
+                   "replace them with finite values (e.g. the smallest finite one) first")
+            raise ImagingError(f"{n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values: {fix}", path)
+
+
+def fill_nan(array: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A file's NaN voxels read as its smallest finite value, and what was done, in words (None: no NaN).
+
+    MR pipelines (SPM, FSL, fMRIPrep and the like) write NaN for "no data" outside the brain or field of view; the
+    smallest value shows them as the background darkest grey that every window starts from, so they neither pull a
+    percentile window nor look like tissue, and every other voxel keeps its value. The user is told how many. A
+    volume with no finite voxel, or with infinite ones (no masking convention writes them), is left to
+    `check_voxels` to refuse."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array, None
+    nan = np.isnan(array)
+    count = int(nan.sum())
+    if not count or count == array.size or np.isinf(array).any():
+        return array, None
+    low = float(np.min(array[~nan]))
+    array = np.where(nan, array.dtype.type(low), array)
+    return array, f"{count} NaN voxels (of {array.size}) read as the volume's minimum {low:g}"
 
 
 def check_size(shape: tuple[int, ...], path: str | None, max_voxels: int) -> None:
