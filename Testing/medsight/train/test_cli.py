@@ -128,3 +128,17 @@ def test_stage4_from_a_stage4_step_checkpoint_or_official_export_is_refused_too(
                                          r"rows are trained, and init_code_embeddings would overwrite them"):
         run("stage4", str(step), "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_refusal_under_torchrun_is_printed_once_and_every_rank_fails(data, tmp_path):
+    """Every rank runs the checks before training: a refused config was printed once per rank (2 identical lines
+    for 2 ranks). Now one line; the run still fails."""
+    config = tmp_path / "cfg.json"
+    too_big = len(json.loads(data["lvlm"].read_text())) + 1  # one step would read more samples than the data holds
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": 1, "batch_size": too_big, "device": "cpu"}))
+    command, env = torchrun_command(WORLD, ["-m", "medsight.train.cli", "stage3", "--config", str(config), "--data",
+                                            str(data["lvlm"]), "--out", str(tmp_path / "run")])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("medsight train: error:")]
+    assert len(refusals) == 1 and f"batch_size {too_big} x grad_accum" in refusals[0], done.stderr[-3000:]
