@@ -596,6 +596,44 @@ def test_the_segmentation_fingerprint_covers_the_fields_read_not_the_others(tmp_
     assert fingerprint() != before
 
 
+def test_the_conversation_fingerprint_covers_the_fields_read_not_the_others(tmp_path):
+    """Stages 3-5 hashed each conversation item whole, where stages 1-2 hash only what is read: an edited id, or a
+    field never read (a source, a note, a mask file no code orders), refused a resume as other data. Now what makes a
+    sample (image, each turn's role and text, the ordered masks and their files) is the data, as for stages 1-2."""
+    import json
+
+    from medsight.train.data import ConversationDataset
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+
+    def fingerprint(changed: list[dict]) -> str:
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps(changed))
+        return ConversationDataset(path, None, 32, (0.5,) * 3, (0.5,) * 3, data_root=data["root"]).fingerprint
+
+    def edit(change) -> list[dict]:
+        copy = json.loads(json.dumps(items))
+        change(copy[0], copy[1])
+        return copy
+
+    masked = next(i for i, item in enumerate(items) if item["mask_orders"])
+    other_file = items[masked - 1]["image"]  # a file that exists, as the mask of another item's code
+    unread = [edit(lambda a, b: a.update(id="renamed")),
+              edit(lambda a, b: a.update(source="BiomedParse", note={"checked": True})),
+              edit(lambda a, b: a["conversations"][0].update(weight=2)),
+              [{**item, "mask_files": {**(item["mask_files"] or {}), "unused": "elsewhere.png"}} for item in items]]
+    read = [edit(lambda a, b: a["conversations"][-1].update(value="No.")),
+            edit(lambda a, b: a.update(image=b["image"])),
+            [{**item, "mask_files": {item["mask_orders"][0]: other_file}} if i == masked else item
+             for i, item in enumerate(items)]]
+    before = fingerprint(items)
+    assert [fingerprint(changed) for changed in unread] == [before] * len(unread)
+    after = [fingerprint(changed) for changed in read]
+    assert before not in after and len(set(after)) == len(read)
+
+
 def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
     ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:
