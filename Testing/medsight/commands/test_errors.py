@@ -55,3 +55,29 @@ def test_under_torchrun_each_error_line_is_printed_by_one_rank(monkeypatch, caps
         assert run_command(refused(line), "prog") == 2
         said.append(capsys.readouterr().err)
     assert said == [f"prog: error: {lines[0]}\n", "", f"prog: error: {lines[2]}\n"]
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys):
+    """argparse printed its usage and error on every rank (`torchrun ... -m medsight.train.cli stage3` without
+    --data: the same 4 lines twice). `CommandParser` prints them once; every rank exits 2, as argparse does."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from medsight.commands.errors import CommandParser
+
+    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    parser = CommandParser(prog="prog")
+    parser.add_argument("--data", required=True)
+    said = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args([])
+        assert stopped.value.code == 2
+        said.append(capsys.readouterr().err)
+    assert said[0].startswith("usage: prog") and said[0].endswith("prog: error: the following arguments are "
+                                                                   "required: --data\n")
+    assert said[1] == ""

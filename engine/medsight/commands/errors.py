@@ -4,12 +4,14 @@ the `medsight` command and for the torchrun entry points (`python -m medsight.tr
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import select
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 #: The exit code when the reader of stdout left early (`medsight ask ... | head -1`): 128 + SIGPIPE, the status
 #: git, seq and cat get in the same pipe (killed by the signal), so `set -o pipefail` scripts see what they are used
@@ -56,6 +58,18 @@ def report_error(line: str) -> None:
     """Print an error line on stderr; under torchrun only if no other rank of the run has printed the same one."""
     if first_to_report(line):
         print(line, file=sys.stderr)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage error is printed by one rank of a torchrun run (`first_to_report`), not by every
+    rank alike; each still exits 2, as argparse does."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"{self.prog}: error: {message}\n"
+        if first_to_report(line):
+            self.print_usage(sys.stderr)
+            sys.stderr.write(line)
+        raise SystemExit(2)
 
 
 def first_to_report(line: str) -> bool:

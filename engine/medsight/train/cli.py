@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.commands.errors import CommandParser
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
@@ -49,7 +50,7 @@ COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
+    p = CommandParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
                                 "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
     p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
                    help="which stage to train; lora: stage 5 with the official LoRA recipe")
@@ -72,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train plan",
+    p = CommandParser(prog="medsight train plan",
                                 description="Memory per GPU of each stage: plain, FSDP and LoRA on 1-8 GPUs.")
     p.add_argument("--model", default="full", help="preset name or a save_pretrained folder (default: full)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
@@ -80,7 +81,7 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train merge",
+    p = CommandParser(prog="medsight train merge",
                                 description="Merge a LoRA adapter (official layout) into its base model.")
     p.add_argument("--model", required=True, help="the base model (preset, folder or Hub id)")
     p.add_argument("--adapter", required=True, type=Path, help="adapter folder (adapter_config.json ...)")
