@@ -680,3 +680,35 @@ def test_a_cuda_device_under_torchrun_is_each_process_gpu(monkeypatch):
     assert process_device_name(f"cuda:{local_rank}", world, local_rank) == f"cuda:{local_rank}"
     assert process_device_name("cpu", world, local_rank) == "cpu"
     assert process_device_name("cuda", 1, 0) == "cuda"  # one process: as named
+
+
+def test_a_diverged_step_stops_the_run_keeping_the_last_finite_state(tmp_path):
+    """A step whose loss is not finite (lr too high, float16 overflow) trained on: stage 5 of the tiny model at lr 1e30
+    logged nan from step 2 to the end, wrote nan weights into every checkpoint and final/, and save_total_limit
+    removed the last finite checkpoint. Now the run stops before such a step updates anything, saving the state after
+    the step before, and the error names the step and the loss."""
+    from medsight.model.checkpoints import read_safetensors_folder
+    from medsight.train.loop import SampleOrder
+
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+    data = list(range(4))
+    diverges = 3
+    config = TrainConfig(lr=1e-3, max_steps=len(data), save_every=1, save_total_limit=1, device="cpu")
+    poison = SampleOrder(len(data), config.seed)[diverges - 1]  # batch 1: step n reads position n - 1
+
+    def loss_fn(batch):
+        loss = sum(p.square().sum() for p in params)
+        return {"loss": loss * float("nan") if batch == [poison] else loss}
+
+    with pytest.raises(ValueError, match=rf"step {diverges}: the loss is nan and the gradient norm nan: the run "
+                                         rf"diverged .*state after step {diverges - 1} is saved in .*step-"
+                                         rf"{diverges - 1:07d}"):
+        train(model, params, data, lambda samples: samples, loss_fn, config, tmp_path / "run")
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(1, diverges))
+    kept = latest_checkpoint(tmp_path / "run")
+    assert kept.name == f"step-{diverges - 1:07d}"
+    saved = read_safetensors_folder(kept)
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    for name, value in model.state_dict().items():  # the model as the last finite step left it
+        assert torch.equal(value, saved[name]), name
