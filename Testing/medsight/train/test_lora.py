@@ -410,3 +410,21 @@ def test_export_official_is_refused_for_lora_not_ignored(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(config) in err and "export_official" in err and "final/ already is the official adapter" in err
     assert not out.exists()
+
+
+def test_a_non_lora_trainable_the_model_lacks_is_named_before_the_model_is_loaded(run, tmp_path):
+    """A misspelt `non_lora_trainables` entry was refused only inside run_stage5: after the start model was loaded
+    (minutes for the 8B model) and the data read and checked. The CLI now checks the entries on the meta device first
+    (here the start's weights file is damaged: a load would fail on that first)."""
+    import shutil
+
+    start = shutil.copytree(run["base"], tmp_path / "start")
+    weights = start / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"init_from": str(start), "max_steps": 1,
+                                  "non_lora_trainables": ["model.mm_projector", "model.token_projecton"]}))
+    with pytest.raises(ValueError, match=r"non_lora_trainables not found in the language model: "
+                                         r"model\.token_projecton$"):
+        train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

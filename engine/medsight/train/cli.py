@@ -42,6 +42,7 @@ from medsight.train.stages import (
     RUNNERS,
     STAGE_CONFIGS,
     check_lora_targets,
+    check_non_lora_trainables,
     initialises_code_rows,
 )
 from medsight.user_files import read_user_json
@@ -118,8 +119,9 @@ def model_config(init_from: str) -> MedSIGHTConfig | None:
 
 
 def check_lora_config(config: TrainConfig) -> None:
-    """A LoRA run's `lora_targets` against the layers of the model it starts from, built on the meta device (no
-    weights): a bad entry is named before minutes go into building or loading the full model."""
+    """A LoRA run's `lora_targets` and `non_lora_trainables` against the model it starts from, built on the meta
+    device (no weights): a bad entry is named before minutes go into building or loading the full model and reading
+    the data."""
     if not getattr(config, "lora", False):
         return
     arch = model_config(config.init_from)  # reads a folder's config.json: only for a LoRA run
@@ -127,7 +129,10 @@ def check_lora_config(config: TrainConfig) -> None:
         return
     from medsight.model.sizes import meta_model
 
-    check_lora_targets(meta_model(arch).language_model, config.lora_targets)
+    language_model = meta_model(arch).language_model
+    check_lora_targets(language_model, config.lora_targets)
+    names = [n for n, _ in language_model.named_parameters()]
+    check_non_lora_trainables(names, config.non_lora_trainables, with_lora=False)
 
 
 #: The stage each run name stands for in the recipe's order (a LoRA run and a merged adapter are stage 5).
