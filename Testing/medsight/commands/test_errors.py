@@ -1,6 +1,9 @@
-"""`run_command`: Ctrl+C is one line, from one process of a torchrun run (its other ranks stay silent)."""
+"""`run_command`: Ctrl+C is one line, from one process of a torchrun run (its other ranks stay silent); an error every
+rank raises alike is printed once."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
@@ -25,3 +28,56 @@ def test_ctrl_c_is_one_line_from_rank_0_only(rank, said, monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGINT, handler)  # run_command ignores a second Ctrl+C from then on
     assert capsys.readouterr().err == said
+
+
+def refused(line: str) -> Callable[[], int]:
+    def body() -> int:
+        raise ValueError(line)
+
+    return body
+
+
+def test_under_torchrun_each_error_line_is_printed_by_one_rank(monkeypatch, capsys):
+    """Every rank of a torchrun run checks the same config and data: each printed the same refusal (N lines for N
+    ranks). The ranks count the lines in torchrun's store: a line already printed by one rank is not printed again,
+    and a line of one rank's own (its sample, its disk) still is; every rank exits 2."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))  # as torchrun's agent serves it
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    lines = ["field 'lr' is 0 (number); expected a number > 0"] * 2 + ["item 3: cannot read the image a.png"]
+    said = []
+    for rank, line in enumerate(lines):
+        monkeypatch.setenv("RANK", str(rank))
+        assert run_command(refused(line), "prog") == 2
+        said.append(capsys.readouterr().err)
+    assert said == [f"prog: error: {lines[0]}\n", "", f"prog: error: {lines[2]}\n"]
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys):
+    """argparse printed its usage and error on every rank (`torchrun ... -m medsight.train.cli stage3` without
+    --data: the same 4 lines twice). `CommandParser` prints them once; every rank exits 2, as argparse does."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from medsight.commands.errors import CommandParser
+
+    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    parser = CommandParser(prog="prog")
+    parser.add_argument("--data", required=True)
+    said = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args([])
+        assert stopped.value.code == 2
+        said.append(capsys.readouterr().err)
+    assert said[0].startswith("usage: prog") and said[0].endswith("prog: error: the following arguments are "
+                                                                   "required: --data\n")
+    assert said[1] == ""

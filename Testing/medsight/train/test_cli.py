@@ -92,7 +92,8 @@ def test_stage4_from_a_stage4_output_does_not_reset_its_trained_code_rows(data, 
         return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out)])
 
     assert run("stage2", "tiny", "s2") == 0
-    assert run("stage4", str(tmp_path / "s2" / FINAL_DIR), "s4") == 0
+    assert run("stage3", str(tmp_path / "s2" / FINAL_DIR), "s3") == 0
+    assert run("stage4", str(tmp_path / "s3" / FINAL_DIR), "s4") == 0
     trained = tmp_path / "s4" / FINAL_DIR
     with pytest.raises(ValueError, match=rf"init_from '{trained}' is the output of a stage4 run .*: its region-code "
                                          r"rows are trained, and init_code_embeddings would overwrite them"):
@@ -119,7 +120,8 @@ def test_stage4_from_a_stage4_step_checkpoint_or_official_export_is_refused_too(
         return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out)])
 
     assert run("stage2", "tiny", "s2") == 0
-    assert run("stage4", str(tmp_path / "s2" / FINAL_DIR), "s4", export_official=True) == 0
+    assert run("stage3", str(tmp_path / "s2" / FINAL_DIR), "s3") == 0
+    assert run("stage4", str(tmp_path / "s3" / FINAL_DIR), "s4", export_official=True) == 0
     step = tmp_path / "s4" / CHECKPOINT_DIR / "step-0000001"
     assert json.loads((step / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
     assert json.loads((tmp_path / "s4" / OFFICIAL_DIR / TRAINED_BY_FILE).read_text()) == {"stage": "stage4",
@@ -128,3 +130,54 @@ def test_stage4_from_a_stage4_step_checkpoint_or_official_export_is_refused_too(
                                          r"rows are trained, and init_code_embeddings would overwrite them"):
         run("stage4", str(step), "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_refusal_under_torchrun_is_printed_once_and_every_rank_fails(data, tmp_path):
+    """Every rank runs the checks before training: a refused config was printed once per rank (2 identical lines
+    for 2 ranks). Now one line; the run still fails."""
+    config = tmp_path / "cfg.json"
+    too_big = len(json.loads(data["lvlm"].read_text())) + 1  # one step would read more samples than the data holds
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": 1, "batch_size": too_big, "device": "cpu"}))
+    command, env = torchrun_command(WORLD, ["-m", "medsight.train.cli", "stage3", "--config", str(config), "--data",
+                                            str(data["lvlm"]), "--out", str(tmp_path / "run")])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("medsight train: error:")]
+    assert len(refusals) == 1 and f"batch_size {too_big} x grad_accum" in refusals[0], done.stderr[-3000:]
+
+
+def test_a_start_from_a_later_stage_or_past_a_skipped_one_is_refused_naming_the_way_out(data, tmp_path):
+    """Only stage 4's reset of trained code rows was judged: stage 2 from a stage-4 output (retraining the codebook
+    its code rows were derived from), stage 4 from a stage-2 output (mm_projector never trained: stage 4 keeps it
+    frozen) and stage 5 or LoRA from a stage-3 output (the code rows never initialised; LoRA keeps them) all trained
+    and wrote a model without a word. They are refused before anything is built, naming the start to use;
+    `--any-start` trains from it anyway."""
+    from medsight.train.cli import main as train_main
+
+    def run(stage: str, start: str, out: str, *extra: str) -> int:
+        config = tmp_path / f"{out}.json"
+        config.write_text(json.dumps({"init_from": start, "max_steps": 1, "batch_size": 1, "grad_accum": 1,
+                                      "device": "cpu"}))
+        source = data["root"] if stage in ("stage1", "stage2") else data["lvlm"]
+        return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out),
+                           *extra])
+
+    final = {}
+    for stage, start in (("stage2", "tiny"), ("stage3", "stage2"), ("stage4", "stage3")):  # the recipe's order
+        assert run(stage, final.get(start, start), stage) == 0
+        final[stage] = str(tmp_path / stage / FINAL_DIR)
+    refused = {("stage2", "stage4"): r"stage 2 would retrain the codebook under the parts stages 3-4 trained on top "
+                                     r"of it\. Start from the final/ of a stage-1 run, or from a stage-2 output",
+               ("stage4", "stage2"): r"stage 4 would skip stage 3, which trains mm_projector\. Start from the final/ "
+                                     r"of a stage-3 run",
+               ("stage5", "stage3"): r"stage 5 would skip stage 4, which trains token_projection and the region-code "
+                                     r"rows .*Start from the final/ of a stage-4 run",
+               ("lora", "stage3"): r"stage 5 would skip stage 4",
+               ("stage1", "stage3"): r"stage 1 would retrain the Region Perceiver under the parts stages 2-3 trained"}
+    for (stage, start), reason in refused.items():
+        out = f"{stage}-from-{start}"
+        with pytest.raises(ValueError, match=rf"init_from '{final[start]}' is the output of a {start} run .*: "
+                                             rf"{reason}.*pass --any-start"):
+            run(stage, final[start], out)
+        assert not (tmp_path / out).exists()
+    assert run("lora", final["stage3"], "lora-any", "--any-start") == 0

@@ -596,6 +596,44 @@ def test_the_segmentation_fingerprint_covers_the_fields_read_not_the_others(tmp_
     assert fingerprint() != before
 
 
+def test_the_conversation_fingerprint_covers_the_fields_read_not_the_others(tmp_path):
+    """Stages 3-5 hashed each conversation item whole, where stages 1-2 hash only what is read: an edited id, or a
+    field never read (a source, a note, a mask file no code orders), refused a resume as other data. Now what makes a
+    sample (image, each turn's role and text, the ordered masks and their files) is the data, as for stages 1-2."""
+    import json
+
+    from medsight.train.data import ConversationDataset
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+
+    def fingerprint(changed: list[dict]) -> str:
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps(changed))
+        return ConversationDataset(path, None, 32, (0.5,) * 3, (0.5,) * 3, data_root=data["root"]).fingerprint
+
+    def edit(change) -> list[dict]:
+        copy = json.loads(json.dumps(items))
+        change(copy[0], copy[1])
+        return copy
+
+    masked = next(i for i, item in enumerate(items) if item["mask_orders"])
+    other_file = items[masked - 1]["image"]  # a file that exists, as the mask of another item's code
+    unread = [edit(lambda a, b: a.update(id="renamed")),
+              edit(lambda a, b: a.update(source="BiomedParse", note={"checked": True})),
+              edit(lambda a, b: a["conversations"][0].update(weight=2)),
+              [{**item, "mask_files": {**(item["mask_files"] or {}), "unused": "elsewhere.png"}} for item in items]]
+    read = [edit(lambda a, b: a["conversations"][-1].update(value="No.")),
+            edit(lambda a, b: a.update(image=b["image"])),
+            [{**item, "mask_files": {item["mask_orders"][0]: other_file}} if i == masked else item
+             for i, item in enumerate(items)]]
+    before = fingerprint(items)
+    assert [fingerprint(changed) for changed in unread] == [before] * len(unread)
+    after = [fingerprint(changed) for changed in read]
+    assert before not in after and len(set(after)) == len(read)
+
+
 def test_a_run_resumes_from_its_data_moved_to_another_disk(tmp_path):
     """`data_root` says where the files are, not what a step computes: a resume after moving the data was refused
     ("data_root: ... in the run, ... now"), leaving a new --out folder as the only way on. It now continues exactly:
@@ -642,3 +680,35 @@ def test_a_cuda_device_under_torchrun_is_each_process_gpu(monkeypatch):
     assert process_device_name(f"cuda:{local_rank}", world, local_rank) == f"cuda:{local_rank}"
     assert process_device_name("cpu", world, local_rank) == "cpu"
     assert process_device_name("cuda", 1, 0) == "cuda"  # one process: as named
+
+
+def test_a_diverged_step_stops_the_run_keeping_the_last_finite_state(tmp_path):
+    """A step whose loss is not finite (lr too high, float16 overflow) trained on: stage 5 of the tiny model at lr 1e30
+    logged nan from step 2 to the end, wrote nan weights into every checkpoint and final/, and save_total_limit
+    removed the last finite checkpoint. Now the run stops before such a step updates anything, saving the state after
+    the step before, and the error names the step and the loss."""
+    from medsight.model.checkpoints import read_safetensors_folder
+    from medsight.train.loop import SampleOrder
+
+    model = build_model(tiny_config(), seed=0)
+    params = list(model.language_model.model.mm_projector.parameters())
+    data = list(range(4))
+    diverges = 3
+    config = TrainConfig(lr=1e-3, max_steps=len(data), save_every=1, save_total_limit=1, device="cpu")
+    poison = SampleOrder(len(data), config.seed)[diverges - 1]  # batch 1: step n reads position n - 1
+
+    def loss_fn(batch):
+        loss = sum(p.square().sum() for p in params)
+        return {"loss": loss * float("nan") if batch == [poison] else loss}
+
+    with pytest.raises(ValueError, match=rf"step {diverges}: the loss is nan and the gradient norm nan: the run "
+                                         rf"diverged .*state after step {diverges - 1} is saved in .*step-"
+                                         rf"{diverges - 1:07d}"):
+        train(model, params, data, lambda samples: samples, loss_fn, config, tmp_path / "run")
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(1, diverges))
+    kept = latest_checkpoint(tmp_path / "run")
+    assert kept.name == f"step-{diverges - 1:07d}"
+    saved = read_safetensors_folder(kept)
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    for name, value in model.state_dict().items():  # the model as the last finite step left it
+        assert torch.equal(value, saved[name]), name

@@ -119,6 +119,31 @@ def test_a_merged_model_is_refused_as_a_stage4_start_that_resets_the_code_rows(r
         check_code_rows(merged, str(merged))
 
 
+def test_a_merged_model_records_whether_its_code_rows_are_trained(run, tmp_path):
+    """A merge output counted as trained code rows whatever its base: a model merged onto a stage-3 output (rows as
+    built; the adapter trains mm_projector and token_projection) was refused as a stage-4 start. The merge now records
+    whether the rows are trained: the base's record says (untrained for stages 1-3, trained for 4-5 and for a base
+    without a record, such as a release), unless the adapter trains the input embedding itself."""
+    import shutil
+
+    from medsight.train.cli import check_code_rows
+    from medsight.train.loop import TRAINED_BY_FILE, write_trained_by
+
+    def merged(base_stage: str) -> Path:
+        base = Path(shutil.copytree(run["base"], tmp_path / f"base-{base_stage}"))  # the adapter's base weights
+        write_trained_by(base, base_stage, 1)
+        out = tmp_path / f"merged-{base_stage}"
+        assert train_main(["merge", "--model", str(base), "--adapter", str(run["final"]), "--out", str(out)]) == 0
+        return out
+
+    from_stage3, from_stage4 = merged("stage3"), merged("stage4")
+    assert json.loads((from_stage3 / TRAINED_BY_FILE).read_text())["code_rows_trained"] is False
+    check_code_rows(from_stage3, str(from_stage3))  # not refused: its rows are the stage-3 base's, untrained
+    assert json.loads((from_stage4 / TRAINED_BY_FILE).read_text())["code_rows_trained"] is True
+    with pytest.raises(ValueError, match=rf"init_from '{from_stage4}' is the output of a stage5-lora run"):
+        check_code_rows(from_stage4, str(from_stage4))
+
+
 def lora_run_from_preset(run, tmp_path, seed: int):
     """A short LoRA run from the tiny preset with `seed`: its --out folder, and the model it trained (the preset's
     weights drawn from that seed, with the adapter applied unmerged)."""
@@ -385,3 +410,21 @@ def test_export_official_is_refused_for_lora_not_ignored(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(config) in err and "export_official" in err and "final/ already is the official adapter" in err
     assert not out.exists()
+
+
+def test_a_non_lora_trainable_the_model_lacks_is_named_before_the_model_is_loaded(run, tmp_path):
+    """A misspelt `non_lora_trainables` entry was refused only inside run_stage5: after the start model was loaded
+    (minutes for the 8B model) and the data read and checked. The CLI now checks the entries on the meta device first
+    (here the start's weights file is damaged: a load would fail on that first)."""
+    import shutil
+
+    start = shutil.copytree(run["base"], tmp_path / "start")
+    weights = start / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"init_from": str(start), "max_steps": 1,
+                                  "non_lora_trainables": ["model.mm_projector", "model.token_projecton"]}))
+    with pytest.raises(ValueError, match=r"non_lora_trainables not found in the language model: "
+                                         r"model\.token_projecton$"):
+        train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -4,11 +4,14 @@ the `medsight` command and for the torchrun entry points (`python -m medsight.tr
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
 import select
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 #: The exit code when the reader of stdout left early (`medsight ask ... | head -1`): 128 + SIGPIPE, the status
 #: git, seq and cat get in the same pipe (killed by the signal), so `set -o pipefail` scripts see what they are used
@@ -26,7 +29,8 @@ def run_command(body: Callable[[], int], prog: str) -> int:
     Under torchrun (RANK set) every rank runs this: Ctrl+C reaches every rank (the terminal's SIGINT, then the
     agent's own), and a traceback per rank plus torchrun's failure report buried the run's output. Rank 0 alone says
     "interrupted"; a reader that left ends the command with 0 there, since torchrun reports any other code as a
-    failed rank with a traceback of its own (its final/ is written by then)."""
+    failed rank with a traceback of its own (its final/ is written by then). An error every rank raises alike (a
+    config check) is printed by one rank only (`first_to_report`); one rank's own error still by that rank."""
     rank = os.environ.get("RANK")
     try:
         code = body()
@@ -35,10 +39,10 @@ def run_command(body: Callable[[], int], prog: str) -> int:
     except BrokenPipeError as err:
         if reader_left():  # the reader of our output left early: nothing is wrong, so no message
             return 0 if rank is not None else READER_LEFT
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)  # another pipe (a worker's, a socket)
+        report_error(f"{prog}: error: {error_message(err)}")  # another pipe (a worker's, a socket)
         return 2
     except (ValueError, OSError) as err:
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        report_error(f"{prog}: error: {error_message(err)}")
         return 2
     except KeyboardInterrupt:
         # One line, not the traceback of wherever it landed (torch's imports, a model step); a second SIGINT (the
@@ -48,6 +52,48 @@ def run_command(body: Callable[[], int], prog: str) -> int:
         if rank in (None, "0"):
             print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def report_error(line: str) -> None:
+    """Print an error line on stderr; under torchrun only if no other rank of the run has printed the same one."""
+    if first_to_report(line):
+        print(line, file=sys.stderr)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage error is printed by one rank of a torchrun run (`first_to_report`), not by every
+    rank alike; each still exits 2, as argparse does."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"{self.prog}: error: {message}\n"
+        if first_to_report(line):
+            self.print_usage(sys.stderr)
+            sys.stderr.write(line)
+        raise SystemExit(2)
+
+
+def first_to_report(line: str) -> bool:
+    """Whether this process is the first of its torchrun run to report `line` (True outside torchrun).
+
+    Every rank runs the same checks on the same files, so a bad config or data set was refused once per rank: the
+    same line N times. The ranks agree through the store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (where
+    `init_process_group` meets), which counts each line: the rank that counts it first prints it. A line one rank
+    alone raises (its sample, its disk) is still printed; a store that cannot be reached in a few seconds prints."""
+    if os.environ.get("RANK") is None or "MASTER_ADDR" not in os.environ:
+        return True
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=5))
+        # Per restart attempt: a restarted worker group (torchrun --max-restarts) reports its errors again.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"medsight/error/{attempt}/{hashlib.sha256(line.encode()).hexdigest()}"
+        return store.add(key, 1) == 1
+    except Exception:  # no store (a hand-set RANK, a stopped agent): say it rather than lose it
+        return True
 
 
 def error_message(err: Exception) -> str:

@@ -144,7 +144,7 @@ def read_non_lora(folder: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(NON_LORA_PREFIX): v for k, v in data.items()}
 
 
-def _saved_adapter_names(folder: Path) -> set[str]:
+def saved_adapter_names(folder: Path) -> set[str]:
     """The tensor names in the adapter's weight file (a damaged file is a CheckpointError naming it)."""
     path = folder / "adapter_model.safetensors"
     if path.is_file():
@@ -203,7 +203,7 @@ def load_adapter(model, folder: str | Path, merge: bool = True, fingerprint: str
     if not any((folder / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
     check_base(folder, fingerprint or base_fingerprint(model), model_name or "model")
-    saved = _saved_adapter_names(folder)
+    saved = saved_adapter_names(folder)
     non_lora = read_non_lora(folder)
     lm = model.language_model
     expected = lm.state_dict()

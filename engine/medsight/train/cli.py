@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.commands.errors import CommandParser
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
@@ -31,6 +32,7 @@ from medsight.train.loop import (
     TrainResult,
     check_out_dir,
     distributed_info,
+    latest_checkpoint,
     read_log,
     write_trained_by,
 )
@@ -40,6 +42,7 @@ from medsight.train.stages import (
     RUNNERS,
     STAGE_CONFIGS,
     check_lora_targets,
+    check_non_lora_trainables,
     initialises_code_rows,
 )
 from medsight.user_files import read_user_json
@@ -48,7 +51,7 @@ COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
+    p = CommandParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
                                 "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
     p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
                    help="which stage to train; lora: stage 5 with the official LoRA recipe")
@@ -62,13 +65,16 @@ def parser() -> argparse.ArgumentParser:
                    help="with --resume: continue although --data's content differs from the run's (a checkpoint "
                         "records a fingerprint of the data JSON), for an edit made on purpose: corrected answers or "
                         "labels, or paths moved, with the same items in the same order")
+    p.add_argument("--any-start", action="store_true",
+                   help="train although init_from is the output of a later stage, or of one that skips a stage "
+                        "(refused by default: trained_by.json in the folder says which stage wrote it)")
     p.add_argument("--gpu-memory", type=float,
                    help="GiB per GPU to plan for (default: the CUDA device's memory; no check on CPU)")
     return p
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train plan",
+    p = CommandParser(prog="medsight train plan",
                                 description="Memory per GPU of each stage: plain, FSDP and LoRA on 1-8 GPUs.")
     p.add_argument("--model", default="full", help="preset name or a save_pretrained folder (default: full)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
@@ -76,7 +82,7 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight train merge",
+    p = CommandParser(prog="medsight train merge",
                                 description="Merge a LoRA adapter (official layout) into its base model.")
     p.add_argument("--model", required=True, help="the base model (preset, folder or Hub id)")
     p.add_argument("--adapter", required=True, type=Path, help="adapter folder (adapter_config.json ...)")
@@ -113,8 +119,9 @@ def model_config(init_from: str) -> MedSIGHTConfig | None:
 
 
 def check_lora_config(config: TrainConfig) -> None:
-    """A LoRA run's `lora_targets` against the layers of the model it starts from, built on the meta device (no
-    weights): a bad entry is named before minutes go into building or loading the full model."""
+    """A LoRA run's `lora_targets` and `non_lora_trainables` against the model it starts from, built on the meta
+    device (no weights): a bad entry is named before minutes go into building or loading the full model and reading
+    the data."""
     if not getattr(config, "lora", False):
         return
     arch = model_config(config.init_from)  # reads a folder's config.json: only for a LoRA run
@@ -122,7 +129,59 @@ def check_lora_config(config: TrainConfig) -> None:
         return
     from medsight.model.sizes import meta_model
 
-    check_lora_targets(meta_model(arch).language_model, config.lora_targets)
+    language_model = meta_model(arch).language_model
+    check_lora_targets(language_model, config.lora_targets)
+    names = [n for n, _ in language_model.named_parameters()]
+    check_non_lora_trainables(names, config.non_lora_trainables, with_lora=False)
+
+
+#: The stage each run name stands for in the recipe's order (a LoRA run and a merged adapter are stage 5).
+STAGE_OF_RUN = {"stage1": 1, "stage2": 2, "stage3": 3, "stage4": 4, "stage5": 5, "stage5-lora": 5}
+#: What each stage trains, for the messages of `check_stage_order`.
+STAGE_TRAINS = {1: "the Region Perceiver", 2: "the codebook", 3: "mm_projector",
+                4: "token_projection and the region-code rows (initialised from the codebook)",
+                5: "the language model"}
+#: Starts that skip a stage and leave nothing wrong: stage 3 does not use the codebook, and stage 4 refuses a model
+#: without one (`check_codebook`).
+HARMLESS_SKIPS = {(3, 1)}
+
+
+def trained_by(folder: Path) -> tuple[str | None, dict, Path]:
+    """The run name a model folder records (`write_trained_by`; None for a preset, a release, an older folder), the
+    whole record and its path."""
+    path = folder / TRAINED_BY_FILE
+    record = read_user_json(path, "trained-by record") if path.is_file() else {}
+    record = record if isinstance(record, dict) else {}
+    stage = record.get("stage")
+    return (stage if isinstance(stage, str) else None), record, path
+
+
+def check_stage_order(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
+    """A run starts from the output of the stage before it, or of its own (to train on). Started from a later stage's
+    output it retrains a part that the later stages' parts were trained against (stage 2 on a stage-4 output: the
+    code rows were derived from the codebook it changes); started past a skipped stage, the part that stage trains is
+    never trained (a LoRA run on a stage-3 output keeps untrained code rows). Both gave a model without a word; they
+    are refused from the folder's `trained_by.json` before anything is built, and `--any-start` allows them (an
+    ablation). A resumed run takes its weights from its checkpoint, and a folder without a record is not judged."""
+    if (resume and latest_checkpoint(out)) or is_random_preset(config.init_from):
+        return
+    folder = Path(embedded_folder(config.init_from) or config.init_from)
+    run, _, path = trained_by(folder)
+    done = STAGE_OF_RUN.get(run or "")
+    if done is None or done in (stage, stage - 1) or (stage, done) in HARMLESS_SKIPS:
+        return
+    if done > stage:
+        later = f"stage {stage + 1}" if done == stage + 1 else f"stages {stage + 1}-{done}"
+        why = f"stage {stage} would retrain {STAGE_TRAINS[stage]} under the parts {later} trained on top of it"
+    else:
+        skipped = range(done + 1, stage)
+        names = f"stage {done + 1}" if len(skipped) == 1 else f"stages {done + 1}-{stage - 1}"
+        why = f"stage {stage} would skip {names}, which train{'s' if len(skipped) == 1 else ''} " + ", then ".join(
+            STAGE_TRAINS[k] for k in skipped)
+    start = "a preset" if stage == 1 else f"the final/ of a stage-{stage - 1} run"
+    raise ValueError(f"init_from {config.init_from!r} is the output of a {run} run ({path}): {why}. Start from "
+                     f"{start}, or from a stage-{stage} output to train on; or pass --any-start to train from it "
+                     "anyway")
 
 
 def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
@@ -137,20 +196,33 @@ def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> 
 
 
 #: Runs whose outputs hold trained region-code rows (stage 5 trains the whole input embedding; a merged LoRA
-#: adapter, "stage5-lora", sits on a stage-4/5 base as a rule).
+#: adapter, "stage5-lora", records whether its rows are trained: `merged_code_rows_trained`).
 TRAINS_CODE_ROWS = ("stage4", "stage5", "stage5-lora")
+#: Runs whose outputs hold the code rows as built, untrained.
+KEEPS_CODE_ROWS = ("stage1", "stage2", "stage3")
 
 
 def check_code_rows(folder: Path, init_from: str) -> None:
     """Stage 4's `init_code_embeddings` overwrites the code rows with their initial values: started from the output of
     a stage 4 or 5 run (to train on), it silently discarded what that run had trained into them."""
-    path = folder / TRAINED_BY_FILE
-    record = read_user_json(path, "trained-by record") if path.is_file() else {}
-    stage = record.get("stage") if isinstance(record, dict) else None
-    if stage in TRAINS_CODE_ROWS:
+    stage, record, path = trained_by(folder)
+    if record.get("code_rows_trained", stage in TRAINS_CODE_ROWS):
         raise ValueError(f"init_from {init_from!r} is the output of a {stage} run ({path}): its region-code rows are "
                          "trained, and init_code_embeddings would overwrite them with their initial values. Set "
-                         "init_code_embeddings to false to train on from them, or start from a stage-2/3 output")
+                         "init_code_embeddings to false to train on from them, or start from a stage-3 output")
+
+
+def merged_code_rows_trained(model: str, adapter: Path) -> bool:
+    """Whether a model merged from base `model` and `adapter` holds trained code rows: the base's are (a stage-4/5
+    output, or a model without a record such as a release), or the adapter trains the input embedding (LoRA on
+    embed_tokens, or embed_tokens among its non-LoRA trainables). A random preset's rows are untrained."""
+    from medsight.model.adapter import read_non_lora, saved_adapter_names
+
+    if any("embed_tokens" in name for name in (*saved_adapter_names(adapter), *read_non_lora(adapter))):
+        return True
+    if is_random_preset(model):
+        return False
+    return trained_by(Path(embedded_folder(model) or model))[0] not in KEEPS_CODE_ROWS
 
 
 def initial_model(config: TrainConfig) -> MedSIGHTModel:
@@ -230,9 +302,10 @@ def merge_main(argv: Sequence[str]) -> int:
     # A preset's seed: the LoRA run's, checked against --seed (`adapter_base_seed`, as for ask, serve and eval).
     model = load_model(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter, seed=args.seed)
     folder = save_pretrained(model, args.out)
-    # A merged model can be an init_from: recorded as a stage-5 output, for the stage-4 code-row check. Its code
-    # rows are the base's (a stage-4/5 output, as a rule) or the adapter's non-LoRA trainables.
-    write_trained_by(folder, "stage5-lora", 0, base_model=args.model, adapter=str(args.adapter))
+    # A merged model can be an init_from: recorded as a stage-5 output (`check_stage_order`), with whether its code
+    # rows are trained (the stage-4 code-row check): they are the base's, or the adapter's where it trains them.
+    write_trained_by(folder, "stage5-lora", 0, base_model=args.model, adapter=str(args.adapter),
+                     code_rows_trained=merged_code_rows_trained(args.model, args.adapter))
     print(folder)
     return 0
 
@@ -257,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
     check_lora_config(config)
+    if not args.any_start:
+        check_stage_order(stage, config, args.out, args.resume)
     check_codebook(stage, config, args.out, args.resume)
     check_memory(stage, config, args.gpu_memory)
     model = initial_model(config)

@@ -31,18 +31,11 @@ from medsight.train.losses import training_labels
 from medsight.user_files import check_user_file, read_user_image, read_user_json
 
 
-def content_fingerprint(docs: Iterable[object]) -> str:
-    """sha256 of JSON documents as data (keys sorted, no whitespace): what a checkpoint records of its run's data
-    (`medsight.train.loop.DataIdentity`). Cheap (the JSON, not the images it names) and blind to formatting: the
-    same items re-indented are the same data; an edited answer, a swapped image path or a reordered list are not."""
-    digest = hashlib.sha256()
-    for doc in docs:
-        _digest_line(digest, doc)
-    return digest.hexdigest()
-
-
 def _digest_line(digest: hashlib._Hash, value: object) -> hashlib._Hash:
-    """Add one JSON value to `digest` as `content_fingerprint` does (keys sorted, no whitespace, a newline)."""
+    """Add one JSON value to `digest` (keys sorted, no whitespace, a newline): the data fingerprint a checkpoint
+    records of its run's data (`medsight.train.loop.DataIdentity`) is built of these, over what the data set reads.
+    Cheap (the JSON, not the images it names) and blind to formatting: the same items re-indented are the same data;
+    an edited answer, a swapped image path or a reordered list are not."""
     digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
     digest.update(b"\n")
     return digest
@@ -119,7 +112,7 @@ class SegmentationDataset:
             raise ValueError(f"{meta_path}: modality_labels {outside} outside the codebook's {num_modalities} "
                              f"modalities (0 to {num_modalities - 1})")
         self.records: list[_ImageRecord] = []
-        # The fingerprint (`content_fingerprint`'s role) covers only what is read here: the meta's lists and each
+        # The fingerprint (`_digest_line`) covers only what is read here: the meta's lists and each
         # annotation's four fields, digested file by file as read. Keeping every annotation file to serialise it
         # whole cost as much memory as the files and doubled the start of a run on large sets; an edit to fields
         # never read (polygons, info) is the same training data.
@@ -267,12 +260,16 @@ class ConversationDataset:
         if not self.items:
             raise ValueError(f"{json_path}: no conversation items; the training data set is empty")
         self.json_path = json_path
-        self.source, self.fingerprint = str(json_path), content_fingerprint(self.items)
         self.roots = [Path(r) for r in (data_root, json_path.parent, json_path.parent.parent) if r is not None]
+        # The fingerprint (`_digest_line`) covers what a sample is made of (`read_fields`), as the
+        # segmentation data's does: an edited id or a field never read (a source, notes) is the same training data.
+        digest = hashlib.sha256()
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
             check_conversation_item(where, item, codes)
             self._check_item_files(where, item)
+            _digest_line(digest, read_fields(item))
+        self.source, self.fingerprint = str(json_path), digest.hexdigest()
         # Region codes per item, as `lvlm_losses` counts them (the model's code tokens anywhere in the conversation;
         # none decodes one slot): a batch of more than one sample needs one count unless its slots are padded. Only
         # the model's vocabulary says which code-like text is a code token, so without `codes` there is no count.
@@ -340,6 +337,15 @@ class ConversationDataset:
             files = item.get("mask_files") or {}
             masks = read_masks([self.resolve(files[str(m)]) for m in order])[:, None]
         return ConversationSample(ids, labels, pixels, masks)
+
+
+def read_fields(item: dict) -> list:
+    """What `ConversationDataset` makes a sample of (a checked item): the image, each turn's role and text, and the
+    masks in code order with their files."""
+    image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+    files = item.get("mask_files") or {}
+    return [image, [[t["from"], t["value"]] for t in item["conversations"]],
+            [[str(m), files[str(m)]] for m in item.get("mask_orders") or []]]
 
 
 def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> None:

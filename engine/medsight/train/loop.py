@@ -576,6 +576,7 @@ def train(
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
                              data, config.save_total_limit, name)
+        rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
         for micro, batch in enumerate(batches):
             if sharded:
                 fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
@@ -597,6 +598,15 @@ def train(
         else:
             grad_norm = fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
         lr = optimizer.param_groups[0]["lr"]
+        if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(grad_norm)):
+            # The same numbers on every rank (means over ranks, the global norm): every rank stops here together.
+            optimizer.zero_grad(set_to_none=True)
+            trainer_state.set_rng_state(rng_before)
+            reason = (f"the loss is {sums.get('loss')} and the gradient norm {grad_norm}: the run diverged (a "
+                      "learning rate too high, float16 overflow) and this step would write non-finite weights")
+            _stop_unreadable(reason, step, position, model, optimizer, scheduler, out, runner if sharded else None,
+                             data, config.save_total_limit, name, "lower lr in a new run (another --out), or fix "
+                             "the data and continue with --resume")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -652,9 +662,11 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int, name: str) -> None:
-    """Stop on a sample that cannot be read, after saving the steps trained since the last checkpoint (collective
-    under torchrun), so a resume once the file is replaced loses nothing; `keep`: the run's save_total_limit."""
+                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int, name: str,
+                     way_out: str = "replace the file and continue with --resume") -> None:
+    """Stop on a sample that cannot be read (or, with its reason as `batches`, a step that diverged), after saving the
+    steps trained since the last checkpoint (collective under torchrun), so nothing trained is lost; `keep`: the
+    run's save_total_limit, `way_out`: what the error tells the user to do with the saved state."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
@@ -662,7 +674,7 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
             save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, name)
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
-        saved = f"; the run's state after step {step} is saved in {folder}: replace the file and continue with --resume"
+        saved = f"; the run's state after step {step} is saved in {folder}: {way_out}"
     reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
     raise ValueError(f"step {step + 1}: {reason}{saved}")
 

@@ -505,6 +505,18 @@ def check_lora_targets(language_model: torch.nn.Module, targets: Sequence[str]) 
                      f"(official: {', '.join(LORA_TARGETS)})")
 
 
+def check_non_lora_trainables(names: Sequence[str], wanted: Sequence[str], with_lora: bool = True) -> list[str]:
+    """The parameter names (of the language model) that `wanted` selects, each entry a name or a module prefix; an
+    entry that selects none is a ValueError. `with_lora` False: `names` are of the model before LoRA goes in (the CLI
+    checks on the meta device before building it), where entries naming LoRA's own parameters cannot match yet."""
+    selected = [n for n in names if any(n == p or n.startswith(p + ".") for p in wanted)]
+    unmatched = [p for p in wanted if not any(n == p or n.startswith(p + ".") for n in selected)
+                 and (with_lora or "lora_" not in p)]
+    if unmatched:
+        raise ValueError(f"non_lora_trainables not found in the language model: {', '.join(unmatched)}")
+    return selected
+
+
 def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
     """Inject LoRA, unfreeze the non-LoRA trainables, store the frozen base in `frozen_dtype`.
 
@@ -518,11 +530,7 @@ def add_lora_for_training(model: MedSIGHTModel, config: Stage5Config):
                                               tuple(config.lora_targets)))
     lm.train()
     named = dict(lm.named_parameters())
-    non_lora = [n for n in named
-                if any(n == p or n.startswith(p + ".") for p in config.non_lora_trainables)]
-    unmatched = [p for p in config.non_lora_trainables if not any(n == p or n.startswith(p + ".") for n in non_lora)]
-    if unmatched:
-        raise ValueError(f"non_lora_trainables not found in the language model: {', '.join(unmatched)}")
+    non_lora = check_non_lora_trainables(named, config.non_lora_trainables)
     for name in non_lora:
         named[name].requires_grad_(True)
     for param in lm.parameters():
