@@ -226,6 +226,13 @@ def test_a_token_guards_the_api_description_too(engine):
         assert "/v1/ask" in c.get("/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["paths"]
 
 
+def test_the_token_after_several_spaces_is_taken_over_http(engine):
+    """RFC 9110 allows one or more spaces after the scheme (before the fix: 401); a tab is not a separator there."""
+    with live_server(create_app(engine, token="s3cret", model_name="tiny")) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/v1/health", headers={"authorization": "Bearer   s3cret"}).status_code == 200
+        assert c.get("/v1/health", headers={"authorization": "Bearer\ts3cret"}).status_code == 401
+
+
 def test_non_loopback_bind_needs_a_token():
     with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without a token"):
         check_bind("0.0.0.0", None)
