@@ -226,6 +226,13 @@ def test_a_token_guards_the_api_description_too(engine):
         assert "/v1/ask" in c.get("/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["paths"]
 
 
+def test_the_token_after_several_spaces_is_taken_over_http(engine):
+    """RFC 9110 allows one or more spaces after the scheme (before the fix: 401); a tab is not a separator there."""
+    with live_server(create_app(engine, token="s3cret", model_name="tiny")) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/v1/health", headers={"authorization": "Bearer   s3cret"}).status_code == 200
+        assert c.get("/v1/health", headers={"authorization": "Bearer\ts3cret"}).status_code == 401
+
+
 def test_non_loopback_bind_needs_a_token():
     with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without a token"):
         check_bind("0.0.0.0", None)
@@ -250,6 +257,37 @@ def test_client_disconnect_cancels_the_job(server, mni_upload):
         assert r.status_code == 200
         assert time.monotonic() - t0 < 30
     assert threading.active_count() < 200
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_job_stopped(engine, caplog):
+    """Before the fix a client that stopped reading a stream without hanging up held its connection, and the rest of
+    its answer in the server's memory, for ever: uvicorn has no write timeout. Small socket buffers make the server's
+    writes block after kilobytes (by default it takes megabytes of answer)."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="medsight.server")
+    app = create_app(engine, model_name="tiny", send_timeout_s=1.0)
+    volume = np.random.default_rng(0).random((16, 64, 64), dtype=np.float32)
+    with live_server(app, send_buffer=4096) as url, httpx.Client(base_url=url, timeout=60) as c:
+        vid = upload(c, npy(volume), {"modality": "MR"})
+        ask = json.dumps({"volume_id": vid, "slices": {"indices": list(range(len(volume)))}, "messages": QUESTION,
+                          "options": {"max_new_tokens": 32}, "stream": True}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect((host, int(port)))
+            client.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(ask), ask))
+            give_up = time.monotonic() + 300  # a hang guard, not a speed requirement
+            while "connection dropped" not in caplog.text and time.monotonic() < give_up:
+                time.sleep(0.1)
+            client.settimeout(30)
+            received = b""
+            while chunk := client.recv(65536):  # before the fix: no end, socket.timeout
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and b"event: job" in received
+        assert not received.endswith(b"0\r\n\r\n")  # the stream was cut, not finished
+        assert c.get("/v1/health").status_code == 200
 
 
 def test_logs_carry_no_question_text_or_pixels(server, caplog):

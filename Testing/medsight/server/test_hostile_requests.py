@@ -187,6 +187,8 @@ def test_a_body_of_many_unknown_fields_or_view_rows_is_one_error(hardened, volum
     ({"direction": "1,0.5,0,0,1,0,0,0,1"}, "orthonormal"),  # a shear: determinant 1, not a rotation
     ({"spacing": "1e308,1,1"}, "spacing"),
     ({"spacing": "0,1,1"}, "spacing"),
+    ({"spacing": "1,5e-324,1"}, "spacing must be 3 numbers in [0.0001, 100000] mm, got [1.0, 5e-324, 1.0]"),
+    ({"spacing": "1,1,1e-9"}, "got [1.0, 1.0, 1e-09]"),  # before the fix both were stored (201)
     ({"origin": "1e300,0,0"}, "origin"),
 ])
 def test_bad_geometry_is_422(hardened, params, words):

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from medsight.server.protocol import HeaderDeadlineProtocol
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -18,11 +20,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
-    """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT). `port`: a given free port."""
+def live_server(app, host: str = "127.0.0.1", port: int | None = None,
+                send_buffer: int | None = None, protocol: type = HeaderDeadlineProtocol) -> Iterator[str]:
+    """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT). `port`: a given free port.
+    `send_buffer`: the connections' kernel send buffer in bytes (SO_SNDBUF), so that a client that stops reading
+    blocks the server's writes after kilobytes instead of the default megabytes. `protocol`: the HTTP protocol class,
+    by default the one `medsight serve` runs."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                           http=protocol))
+    sockets = None
+    if send_buffer is not None:  # accepted connections inherit the listening socket's buffer size
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        listener.bind((host, port))
+        sockets = [listener]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:

@@ -215,8 +215,11 @@ def check_size(shape: tuple[int, ...], path: str | None, max_voxels: int) -> Non
         )
 
 
-#: Largest voxel spacing and origin coordinate accepted from outside (mm): beyond them matrices overflow or lose
-#: all precision, and no scanner produces them.
+#: Voxel spacings and origin coordinates accepted from outside (mm): beyond them matrices overflow or lose all
+#: precision, and no scanner produces them. The smallest spacing, 0.1 um, is ten times finer than micro-CT's finest
+#: voxels; below it a spacing is a unit mix-up or garbage, and a subnormal one (5e-324) silently dropped the rotation
+#: from the voxel-to-patient matrix (5e-324 * sin(0.3) rounds to 0).
+MIN_SPACING_MM = 1e-4
 MAX_SPACING_MM = 1e5
 MAX_ORIGIN_MM = 1e9
 
@@ -227,9 +230,9 @@ def check_geometry(spacing, origin, direction, path: str | None, atol: float = 1
     spacing = np.asarray(spacing, dtype=float)
     origin = np.asarray(origin, dtype=float)
     direction = np.asarray(direction, dtype=float)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) \
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing < MIN_SPACING_MM) \
             or np.any(spacing > MAX_SPACING_MM):
-        raise ImagingError(f"spacing must be 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm, got "
+        raise ImagingError(f"spacing must be 3 numbers in [{MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}] mm, got "
                            f"{spacing.tolist()}", path)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)) or np.any(np.abs(origin) > MAX_ORIGIN_MM):
         raise ImagingError(f"origin must be 3 finite numbers within +-{MAX_ORIGIN_MM:g} mm, got {origin.tolist()}",

@@ -37,7 +37,7 @@ from medsight.server.admission import estimate_ask_memory, prompt_tokens
 from medsight.server.audit import AuditLog
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
-from medsight.server.responses import JOB_ID_HEADER, EventFeed, JobResponse
+from medsight.server.responses import JOB_ID_HEADER, SEND_TIMEOUT_S, EventFeed, JobResponse
 from medsight.server.volume_store import (
     StoreBusyError,
     UploadBudget,
@@ -170,6 +170,7 @@ def create_app(
     audit_path: str | None = None,
     read_grace_s: float = 10.0,
     min_read_rate: float = 64 * 1024,
+    send_timeout_s: float = SEND_TIMEOUT_S,
 ) -> FastAPI:
     """Build the app around a loaded engine.
 
@@ -185,6 +186,8 @@ def create_app(
         audit_path: append one JSON line per job to this file (`audit`).
         read_grace_s / min_read_rate: a request body must arrive at `min_read_rate` bytes/s on average after
             `read_grace_s` seconds, or the request is cut with 408.
+        send_timeout_s: an ask's client that takes none of its response for this long (its socket buffers full) is
+            dropped and its job stopped, as if it had hung up.
     """
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -467,7 +470,8 @@ def create_app(
         except QueueFullError as err:
             store.unpin(req.volume_id)
             raise ApiError(429, "busy", str(err), {"Retry-After": str(err.retry_after)}) from None
-        return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)})
+        return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)},
+                           send_timeout_s)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.CancelResponse)
     async def cancel_job(job_id: str) -> schemas.CancelResponse:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 
 from starlette.responses import Response
 
 from medsight.server.jobs import Job
+
+log = logging.getLogger("medsight.server")
 
 JOB_ID_HEADER = "X-Job-Id"
 #: The error a request still open when the server stops (after its grace) receives, in place of a cut connection:
@@ -73,17 +76,46 @@ class EventFeed:
             self.flush()
 
 
+#: Longest one write of a response waits for its client to take the bytes sent before it (the kernel's socket buffers,
+#: megabytes, being full). A client that stops reading without hanging up otherwise held its connection and the rest
+#: of its answer in memory for ever (uvicorn has no write timeout); it is then dropped like one that hung up.
+SEND_TIMEOUT_S = 300.0
+
+
+class ClientStalledError(Exception):
+    """The client took none of the response for `send_timeout_s`."""
+
+
 class JobResponse(Response):
     """ASGI response for an admitted job. `job.future` resolves to the JSON text of the answer, or raises
     an `ApiError`-like exception with `status`, `code` and `message`."""
 
-    def __init__(self, job: Job, feed: EventFeed | None, error_body, job_event: dict | None = None) -> None:
+    def __init__(self, job: Job, feed: EventFeed | None, error_body, job_event: dict | None = None,
+                 send_timeout_s: float = SEND_TIMEOUT_S) -> None:
         self.job, self.feed, self.error_body = job, feed, error_body
         self.job_event = {"job_id": job.id, **(job_event or {})}  # a stream's first event
+        self.send_timeout_s = send_timeout_s
         self.background = None
 
     async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._respond(receive, send)
+        except ClientStalledError:
+            # Returning with the response unfinished makes uvicorn close the connection (it logs that it did).
+            log.info("job %s: the client read nothing for %g s: connection dropped", self.job.id, self.send_timeout_s)
+
+    def _timed(self, send):
+        async def timed_send(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except asyncio.TimeoutError:
+                raise ClientStalledError() from None
+
+        return timed_send
+
+    async def _respond(self, receive, plain_send) -> None:
         streaming = self.feed is not None
+        send = self._timed(plain_send)
         content_type = b"text/event-stream" if streaming else b"application/json"
         headers = [(b"content-type", content_type), (b"cache-control", b"no-cache"),
                    (JOB_ID_HEADER.lower().encode(), self.job.id.encode())]
@@ -105,9 +137,10 @@ class JobResponse(Response):
             # The server is stopping and its grace has run out (uvicorn cancels open requests): the client is told
             # so, and the finished response spares the terminal uvicorn's error for every ask still open. The job
             # stops below.
+            # Untimed: a timed write runs as a task of its own, which the stopping loop no longer runs.
             with contextlib.suppress(Exception):  # the connection may be gone already
-                await send(_body(sse("error", STOPPING) if streaming else STOPPING.encode()))
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await plain_send(_body(sse("error", STOPPING) if streaming else STOPPING.encode()))
+                await plain_send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         finally:
             gone.cancel()

@@ -29,11 +29,16 @@ def check_bind(host: str, token: str | None) -> None:
     if unsendable:
         raise ValueError(f"the token must be printable ASCII (letters, digits, punctuation, spaces), so that every "
                          f"HTTP client sends it alike: character {unsendable[0] + 1} is not")
+    # HTTP drops the spaces that end a header, and the spaces after "Bearer" are all the separator (RFC 9110): a
+    # token starting or ending with a space could never be sent.
+    if token and token != token.strip(" "):
+        raise ValueError("the token must not start or end with a space: no HTTP client can send those spaces")
 
 
 def token_matches(header: str | None, token: str) -> bool:
-    """Constant-time check of an `Authorization: Bearer <token>` header (the scheme's name in any case: RFC 9110)."""
-    scheme, _, given = (header or "").partition(" ")
-    if scheme.lower() != "bearer":
+    """Constant-time check of an `Authorization: Bearer <token>` header as RFC 9110 (11.4) writes credentials:
+    `auth-scheme 1*SP token68`, the scheme's name in any case and one or more spaces (not tabs) before the token."""
+    scheme, space, given = (header or "").partition(" ")
+    if not space or scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.encode(), token.encode())
+    return hmac.compare_digest(given.lstrip(" ").encode(), token.encode())
