@@ -387,3 +387,29 @@ def test_a_release_of_pytorch_pickle_weights_downloads_them_and_one_of_both_form
     assert missing_from_cache(snapshot) == []
     (snapshot / lvlm / "pytorch_model-00002-of-00002.bin").unlink()
     assert missing_from_cache(snapshot) == [lvlm + "pytorch_model-00002-of-00002.bin"]
+
+
+def test_a_short_commit_hash_offline_names_the_full_hash_the_cache_holds(cache, release_dir, unimed_file, capsys):
+    """huggingface_hub resolves a revision offline only by a ref or the full hash, so a short hash (as git shows it)
+    of a cached snapshot was called 'not in the local Hugging Face cache' (the cache holding it 'at main'): the user
+    is told it is a short hash and which full hash to pass."""
+    from medsight.cli import main
+    from medsight.model.hub import RELEASE_REPO
+
+    commit = "3f2a9c1b" + "7" * 32
+    cache_repo(cache, RELEASE_REPO, release_needed(release_dir), commit=commit)
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file}, commit=commit)
+    short = commit[:7]
+    with pytest.raises(CheckpointError, match=rf"at revision {short}: a short commit hash, which only the Hub "
+                                              rf"resolves, .* holds commit {commit}: pass the full 40-character hash "
+                                              rf"\({RELEASE_REPO}@{commit}\)"):
+        load_model(f"{RELEASE_REPO}@{short}", device="cpu")
+    assert main(["download", "--revision", short.upper()]) == 2
+    assert f"holds commit {commit}: pass the full" in capsys.readouterr().err
+    assert main(["download", f"{VISION_REPO}:{VISION_FILE}@{short}"]) == 2
+    assert f"the cache holds commit {commit}, pass the full 40-character hash" in capsys.readouterr().err
+    # The full hash loads; a short-hash-like revision the cache does not abbreviate gets the hint alone.
+    assert main(["download", "--revision", commit]) == 0
+    assert main(["download", "--revision", "abcdef1"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in err and "if abcdef1 is a short commit hash" in err

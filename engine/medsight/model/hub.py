@@ -155,8 +155,14 @@ def fetch_file(hub: HubFile, local_dir: str | Path | None = None) -> Path:
     with `local_dir`, a copy there too."""
     from huggingface_hub import hf_hub_download
 
-    return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
-                                                  local_dir=local_dir), hub.describe()))
+    try:
+        return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
+                                                      local_dir=local_dir), hub.describe()))
+    except HubUnreachableError as err:
+        full = _abbreviated(hub.repo_id, hub.revision)
+        hint = (f"; {hub.revision} is a short commit hash, which only the Hub resolves: the cache holds commit "
+                f"{' and '.join(full)}, pass the full 40-character hash" if full else _short_hash_hint(hub.revision))
+        raise HubUnreachableError(f"{err}{hint}") from None
 
 
 def cached_file(hub: HubFile) -> Path | None:
@@ -303,11 +309,40 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
+        what = f"Hugging Face repository {repo_id} at revision {revision}"
+        full = _abbreviated(repo_id, revision)
+        if full:  # cached, but huggingface_hub cannot tell offline that a short hash names it
+            raise CheckpointError(f"{what}: a short commit hash, which only the Hub resolves, and "
+                                  f"{why_offline()}; the local Hugging Face cache holds commit {' and '.join(full)}: "
+                                  f"pass the full 40-character hash ({repo_id}@{full[0]})") from None
         held = cached_revisions(repo_id)
         other = (f"; the cache holds it at revision(s) {', '.join(held)}: pass {repo_id}@REVISION to use one"
                  if held else "")
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: not in the local "
-                              f"Hugging Face cache ({_cache_dir()}) and {_why_not_downloaded()}{other}") from None
+                              f"Hugging Face cache ({_cache_dir()}) and {_why_not_downloaded()}{other}"
+                              f"{_short_hash_hint(revision)}") from None
+
+
+# A commit hash shortened as git shows it. huggingface_hub resolves a revision offline only through the cache's
+# refs/<name> or a snapshot folder named by the full hash, so a short one is "not in the cache" even when it is.
+_SHORT_HASH = re.compile(r"^[0-9a-fA-F]{4,39}$")
+
+
+def _abbreviated(repo_id: str, revision: str | None) -> list[str]:
+    """The cached snapshots (full commit hashes) that a short-hash-like revision abbreviates."""
+    if revision is None or not _SHORT_HASH.match(revision):
+        return []
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    return sorted(p.name for p in snapshots.glob("*") if p.is_dir() and p.name.startswith(revision.lower()))
+
+
+def _short_hash_hint(revision: str | None) -> str:
+    if revision is None or not _SHORT_HASH.match(revision):
+        return ""
+    return (f"; if {revision} is a short commit hash: only the Hub resolves one, so pass the full 40-character "
+            "hash, or run once online")
 
 
 def cached_revisions(repo_id: str) -> list[str]:
