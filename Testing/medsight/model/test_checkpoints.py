@@ -169,6 +169,12 @@ def test_missing_files_give_clear_errors(golden, tmp_path):
     (root / "medsight_full_instruct" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors named in the index is missing"):
         load_tiny_release(golden, root)
+    # Without the index too (copied or downloaded before it): named by the count in the other shards' names, where
+    # the shards found were read and the model said to lack their tensors.
+    (root / "medsight_full_instruct" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors counted by the other shards' "
+                                              r"names is missing"):
+        load_tiny_release(golden, root)
 
 
 

@@ -413,3 +413,24 @@ def test_a_short_commit_hash_offline_names_the_full_hash_the_cache_holds(cache, 
     assert main(["download", "--revision", "abcdef1"]) == 2
     err = capsys.readouterr().err
     assert "not in the local Hugging Face cache" in err and "if abcdef1 is a short commit hash" in err
+
+
+@pytest.mark.parametrize("weights", ["model-{:05d}-of-{:05d}.safetensors", "pytorch_model-{:05d}-of-{:05d}.bin"])
+def test_a_sharded_download_cut_short_before_its_index_says_which_shard_the_cache_lacks(cache, release_dir, golden,
+                                                                                        weights):
+    """A snapshot holding the first shard but neither the index nor the last shard (the download cut short before
+    both had arrived) was called complete by the cache check; the loader then read the shards it found and said
+    the weights did not fit the model (missing key(s) lm_head.weight, ...). The shards' names count them: the
+    missing one is named, by the cache check and by the loader reading a folder."""
+    from medsight.model.hub import LVLM_FOLDER, RELEASE_REPO, missing_from_cache
+
+    lvlm = f"{LVLM_FOLDER}/"
+    others = {k: v for k, v in release_needed(release_dir).items()
+              if not Path(k).name.startswith(("model", "pytorch_model"))}
+    count = len(list((release_dir / LVLM_FOLDER).glob("model-*.safetensors")))
+    assert count > 1  # the fixture's LVLM is sharded
+    shards = [lvlm + weights.format(i, count) for i in range(1, count + 1)]
+    snapshot = cache_repo(cache, RELEASE_REPO, {**others, shards[0]: 1})
+    assert missing_from_cache(snapshot) == shards[1:]
+    with pytest.raises(CheckpointError, match=rf"cache \(.*\) lacks {', '.join(shards[1:])}, and offline mode"):
+        load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))

@@ -302,12 +302,29 @@ def _weight_files(folder: Path) -> tuple[list[str], Path | None]:
         elif os.path.lexists(folder / single):  # a folder by that name is refused by its reader, by name
             index, shards = None, [single]
         else:
-            index, shards = None, sorted(p.name for p in folder.glob(pattern) if p.is_file())
+            index, shards = None, _shard_series(sorted(p.name for p in folder.glob(pattern) if p.is_file()))
         if shards or index is not None:  # an index that names no shard is not passed over for another format
             break
     if not shards:
         raise CheckpointError(f"{folder}: no weights found (.safetensors files, or pytorch_model.bin)")
     return shards, index
+
+
+# `save_pretrained`'s shard names count the shards: model-00001-of-00004.safetensors, pytorch_model-00002-of-00003.bin.
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<count>\d+)(?P<suffix>\.[a-z]+)$")
+
+
+def _shard_series(names: list[str]) -> list[str]:
+    """Weight files found without their index, with every shard their names count: a folder whose index and a
+    shard have not arrived (a download cut short) lacks that shard by name, not its tensors."""
+    series = set(names)
+    for name in names:
+        found = _SHARD_NAME.match(name)
+        if found:
+            width, count = len(found["number"]), int(found["count"])
+            series |= {f"{found['stem']}-{i:0{width}d}-of-{found['count']}{found['suffix']}"
+                       for i in range(1, count + 1)}
+    return sorted(series)
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -349,12 +366,13 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index (or the
     `pytorch_model.bin` forms of these, `shard_names`)."""
     folder = Path(folder)
-    shards = shard_names(folder)
+    shards, index = _weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     found_in: dict[str, str] = {}
     for shard in shards:
         if not os.path.lexists(folder / shard):
-            raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
+            named_by = "named in the index" if index is not None else "counted by the other shards' names"
+            raise CheckpointError(f"{folder}: shard {shard} {named_by} is missing")
         tensors = _read_weights(folder / shard)
         # A tensor in two shards (a shard of another save copied in): which one is meant cannot be told.
         twice = sorted(set(tensors) & set(found_in))
