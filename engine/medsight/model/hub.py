@@ -7,9 +7,10 @@ Everything goes through `huggingface_hub` and its cache (downloaded once, shared
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,8 +157,9 @@ def fetch_file(hub: HubFile, local_dir: str | Path | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
-                                                      local_dir=local_dir), hub.describe()))
+        with _writing(hub.describe(), local_dir):
+            return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
+                                                          local_dir=local_dir), hub.describe()))
     except HubUnreachableError as err:
         full = _abbreviated(hub.repo_id, hub.revision)
         hint = (f"; {hub.revision} is a short commit hash, which only the Hub resolves: the cache holds commit "
@@ -292,9 +294,10 @@ def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Pa
     """`snapshot_download` of exactly the planned files (the Hub's own progress bars), then the extra files."""
     from huggingface_hub import snapshot_download
 
-    folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
-                                                 allow_patterns=[name for name, _ in plan.files]),
-                       f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}")
+    what = f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}"
+    with _writing(what, local_dir, plan.total):
+        folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
+                                                     allow_patterns=[name for name, _ in plan.files]), what)
     for hub, _ in plan.extra:  # into the folder too, where the loader looks for `*clip*.pt`
         fetch_file(hub, local_dir=local_dir)
     return Path(folder)
@@ -416,6 +419,25 @@ def _refuse_incomplete(folder: Path, repo_id: str, revision: str | None, missing
     if missing:
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: the local Hugging "
                               f"Face cache ({folder}) lacks {', '.join(missing)}, and {_why_not_downloaded()}")
+
+
+@contextlib.contextmanager
+def _writing(what: str, local_dir: str | Path | None, total: int | None = None) -> Iterator[None]:
+    """A download's write failure (a full disk, a quota, a file-size limit) names what was downloaded and where: the
+    error the Hub client passes on names neither ("No space left on device")."""
+    import errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = Path(local_dir) if local_dir is not None else Path(_cache_dir())
+        needs = f"; the download is {_size(total)} in all" if total else ""
+        elsewhere = "" if local_dir is not None else " (or point HF_HUB_CACHE at a disk with room)"
+        raise CheckpointError(f"{what}: the download stopped writing into {where} ({err.strerror}{needs}): make "
+                              f"room there{elsewhere} and run it again; the files already downloaded are "
+                              "kept") from None
 
 
 class HubUnreachableError(CheckpointError):
