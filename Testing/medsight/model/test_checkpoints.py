@@ -509,3 +509,32 @@ def test_a_folder_saved_as_pytorch_pickles_loads_the_same_weights(golden, tmp_pa
     torch.save({"lm_head.weight": subprocess.Popen}, first)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(first))}: refused to unpickle"):
         load_model(root, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_release_with_tied_embeddings_loads_as_transformers_ties_it(golden, tmp_path):
+    """A config.json with tie_word_embeddings: true (Qwen3's smaller models) and no lm_head.weight, as transformers'
+    save_pretrained writes it, was refused ("does not fit the model: missing key(s): lm_head.weight"); transformers
+    loads it with the output layer tied to the embeddings. Now the embeddings stand for it, and the logits are
+    transformers' own."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    state = load_file(str(lvlm / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(lvlm / "model.safetensors"))
+    config = json.loads((lvlm / "config.json").read_text())
+    (lvlm / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    lm = model.language_model
+    assert torch.equal(lm.lm_head.weight, state["model.embed_tokens.weight"])
+    assert lm.lm_head.weight.data_ptr() != lm.model.embed_tokens.weight.data_ptr()  # two parameters, two tensors
+
+    tied = Qwen3ForCausalLM(Qwen3Config(**{**config, "model_type": "qwen3", "tie_word_embeddings": True}))
+    projectors = ("model.mm_projector.", "model.token_projection.")
+    tied.load_state_dict({k: v for k, v in state.items() if not k.startswith(projectors)}, strict=False)
+    tied.tie_weights()
+    ids = torch.arange(config["vocab_size"]).reshape(-1, 5)[:4]
+    with torch.no_grad():
+        ours, theirs = lm(input_ids=ids).logits, tied.eval()(input_ids=ids).logits
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() == 0
