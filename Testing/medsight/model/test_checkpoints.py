@@ -538,3 +538,17 @@ def test_a_release_with_tied_embeddings_loads_as_transformers_ties_it(golden, tm
     with torch.no_grad():
         ours, theirs = lm(input_ids=ids).logits, tied.eval()(input_ids=ids).logits
     assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() == 0
+
+
+def test_another_safetensors_file_beside_pickled_weights_is_not_taken_for_them(golden, tmp_path, golden_model):
+    """A folder of pytorch_model.bin with another .safetensors file beside it (a projector's, an adapter's) loaded
+    that file as the model's weights ('does not fit the model: missing key(s): lm_head.weight, ...'), where
+    transformers and the download (`model*.safetensors`) take pytorch_model.bin."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    weights = lvlm / "model.safetensors"
+    torch.save(load_file(str(weights)), lvlm / "pytorch_model.bin")
+    weights.unlink()
+    save_file({"weight": torch.zeros(2, 2)}, str(lvlm / "non_lora_trainables.safetensors"))
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    assert_golden_parts(model, golden_model, ("language_model",))

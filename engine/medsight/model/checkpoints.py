@@ -281,8 +281,10 @@ INDEX_FILE = "model.safetensors.index.json"  # a sharded Hugging Face folder's m
 # `weights_only=True`; here with `safe_torch_load`). A folder's safetensors, when it has both, are what is read.
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
-# Per format: its index, its one-file name, and the names of its files when neither is there.
-_WEIGHT_FORMATS = ((INDEX_FILE, "model.safetensors", "*.safetensors"),
+# Per format: its index, its one-file name, and the names of its files when neither is there (`model*`, as transformers
+# and `hub.release_files` name them: another .safetensors file in the folder, an adapter's or a projector's, is not
+# the model's weights).
+_WEIGHT_FORMATS = ((INDEX_FILE, "model.safetensors", "model*.safetensors"),
                    (PICKLE_INDEX_FILE, PICKLE_WEIGHTS_FILE, "pytorch_model*.bin"))
 
 
@@ -306,7 +308,7 @@ def _weight_files(folder: Path) -> tuple[list[str], Path | None]:
         if shards or index is not None:  # an index that names no shard is not passed over for another format
             break
     if not shards:
-        raise CheckpointError(f"{folder}: no weights found (.safetensors files, or pytorch_model.bin)")
+        raise CheckpointError(f"{folder}: no weights found (model.safetensors or its shards, or pytorch_model.bin)")
     return shards, index
 
 
