@@ -552,3 +552,20 @@ def test_another_safetensors_file_beside_pickled_weights_is_not_taken_for_them(g
     save_file({"weight": torch.zeros(2, 2)}, str(lvlm / "non_lora_trainables.safetensors"))
     model = load_model(root, device="cpu", base_config=golden_base_config(golden))
     assert_golden_parts(model, golden_model, ("language_model",))
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_checkpoints_saved_from_a_compiled_model_load_the_same_weights(golden, tmp_path, golden_model, prefix):
+    """A stage-1, stage-2 or UniMed-CLIP file saved from a torch.compile'd model (names under `_orig_mod.`, with or
+    without DDP's `module.`) was refused: 'unexpected key(s) in a perceiver checkpoint: _orig_mod.region_perceiver...'
+    and 'no vision-encoder keys (expected visual.*)'. The prefix is removed as `module.` is."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    files = (root / "region_perceiver" / "0079280.pt", root / "unimed_clip_vit_l14.pt",
+             root / "codebook" / "0035673.pt")
+    for path in files:
+        saved = torch.load(path, weights_only=False)
+        key = "state_dict" if "state_dict" in saved else "model"
+        saved[key] = {prefix + name.removeprefix("module."): v for name, v in saved[key].items()}
+        torch.save(saved, path)
+    model = load_tiny_release(golden, root, codebook=files[2])
+    assert_golden_parts(model, golden_model, ("image_encoder", "region_perceiver", "codebook"))

@@ -1,7 +1,8 @@
 """Reading checkpoints: the released official files unchanged, and our own safetensors + JSON format.
 
 Official files:
-- UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed).
+- UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed; a
+  torch.compile save's `_orig_mod.` prefix is removed too, as it is from the stage-1 and stage-2 files).
 - Stage 1, `region_perceiver/0079280.pt`: `{model, optimizer, steps, args}` with `region_perceiver.*` keys;
   `args` is an argparse Namespace.
 Pickles are read with `weights_only=True` and the allow-list of `medsight.model.unpickling`, memory-mapped, and
@@ -168,10 +169,18 @@ def pick_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# What wrapping a model adds to its state dict's names: DDP `module.`, torch.compile `_orig_mod.` (either or both).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the DDP `module.` prefix, decided by the first key as open_clip does."""
-    if state and next(iter(state)).startswith("module."):
-        return {k[len("module.") :]: v for k, v in state.items()}
+    """Remove the DDP `module.` prefix, decided by the first key as open_clip does; and torch.compile's `_orig_mod.`
+    (which open_clip does not remove: a checkpoint saved from a compiled model holds the same weights under it)."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if next(iter(state)).startswith(p)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
