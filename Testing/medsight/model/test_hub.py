@@ -434,3 +434,21 @@ def test_a_sharded_download_cut_short_before_its_index_says_which_shard_the_cach
     assert missing_from_cache(snapshot) == shards[1:]
     with pytest.raises(CheckpointError, match=rf"cache \(.*\) lacks {', '.join(shards[1:])}, and offline mode"):
         load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_revision_that_is_the_folder_of_cached_branches_is_called_not_cached(cache, release_dir, capsys):
+    """The cache keeps branch feature/x as refs/feature/x: offline, revision `feature` ended in 'medsight: error:
+    .../refs/feature: Is a directory' (huggingface_hub read the folder as a ref), naming neither the revision nor
+    what the cache holds."""
+    from medsight.cli import main
+    from medsight.model.hub import RELEASE_REPO
+
+    cache_repo(cache, RELEASE_REPO, release_needed(release_dir), commit=COMMIT, ref=None)
+    ref = repo_folder(cache, RELEASE_REPO) / "refs" / "feature" / "x"
+    ref.parent.mkdir(parents=True)
+    ref.write_text(COMMIT)
+    assert main(["download", "--revision", "feature/x"]) == 0
+    assert main(["download", "--revision", "feature"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{RELEASE_REPO} at revision feature: not in the local Hugging Face cache" in err
+            and "the cache holds it at revision(s) feature/x" in err)

@@ -311,7 +311,9 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:
+    # A revision that is the folder of cached branches below it (refs/feature for feature/x): huggingface_hub reads
+    # it as a ref file and fails with "Is a directory"; it names no cached snapshot either.
+    except (LocalEntryNotFoundError, IsADirectoryError):
         what = f"Hugging Face repository {repo_id} at revision {revision}"
         full = _abbreviated(repo_id, revision)
         if full:  # cached, but huggingface_hub cannot tell offline that a short hash names it
