@@ -169,6 +169,12 @@ def test_missing_files_give_clear_errors(golden, tmp_path):
     (root / "medsight_full_instruct" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors named in the index is missing"):
         load_tiny_release(golden, root)
+    # Without the index too (copied or downloaded before it): named by the count in the other shards' names, where
+    # the shards found were read and the model said to lack their tensors.
+    (root / "medsight_full_instruct" / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors counted by the other shards' "
+                                              r"names is missing"):
+        load_tiny_release(golden, root)
 
 
 
@@ -503,3 +509,63 @@ def test_a_folder_saved_as_pytorch_pickles_loads_the_same_weights(golden, tmp_pa
     torch.save({"lm_head.weight": subprocess.Popen}, first)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(first))}: refused to unpickle"):
         load_model(root, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_release_with_tied_embeddings_loads_as_transformers_ties_it(golden, tmp_path):
+    """A config.json with tie_word_embeddings: true (Qwen3's smaller models) and no lm_head.weight, as transformers'
+    save_pretrained writes it, was refused ("does not fit the model: missing key(s): lm_head.weight"); transformers
+    loads it with the output layer tied to the embeddings. Now the embeddings stand for it, and the logits are
+    transformers' own."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    state = load_file(str(lvlm / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(lvlm / "model.safetensors"))
+    config = json.loads((lvlm / "config.json").read_text())
+    (lvlm / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    lm = model.language_model
+    assert torch.equal(lm.lm_head.weight, state["model.embed_tokens.weight"])
+    assert lm.lm_head.weight.data_ptr() != lm.model.embed_tokens.weight.data_ptr()  # two parameters, two tensors
+
+    tied = Qwen3ForCausalLM(Qwen3Config(**{**config, "model_type": "qwen3", "tie_word_embeddings": True}))
+    projectors = ("model.mm_projector.", "model.token_projection.")
+    tied.load_state_dict({k: v for k, v in state.items() if not k.startswith(projectors)}, strict=False)
+    tied.tie_weights()
+    ids = torch.arange(config["vocab_size"]).reshape(-1, 5)[:4]
+    with torch.no_grad():
+        ours, theirs = lm(input_ids=ids).logits, tied.eval()(input_ids=ids).logits
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() == 0
+
+
+def test_another_safetensors_file_beside_pickled_weights_is_not_taken_for_them(golden, tmp_path, golden_model):
+    """A folder of pytorch_model.bin with another .safetensors file beside it (a projector's, an adapter's) loaded
+    that file as the model's weights ('does not fit the model: missing key(s): lm_head.weight, ...'), where
+    transformers and the download (`model*.safetensors`) take pytorch_model.bin."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    lvlm = root / "medsight_full_instruct"
+    weights = lvlm / "model.safetensors"
+    torch.save(load_file(str(weights)), lvlm / "pytorch_model.bin")
+    weights.unlink()
+    save_file({"weight": torch.zeros(2, 2)}, str(lvlm / "non_lora_trainables.safetensors"))
+    model = load_model(root, device="cpu", base_config=golden_base_config(golden))
+    assert_golden_parts(model, golden_model, ("language_model",))
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_checkpoints_saved_from_a_compiled_model_load_the_same_weights(golden, tmp_path, golden_model, prefix):
+    """A stage-1, stage-2 or UniMed-CLIP file saved from a torch.compile'd model (names under `_orig_mod.`, with or
+    without DDP's `module.`) was refused: 'unexpected key(s) in a perceiver checkpoint: _orig_mod.region_perceiver...'
+    and 'no vision-encoder keys (expected visual.*)'. The prefix is removed as `module.` is."""
+    root = write_release(golden, tmp_path / "r", sharded=False)
+    files = (root / "region_perceiver" / "0079280.pt", root / "unimed_clip_vit_l14.pt",
+             root / "codebook" / "0035673.pt")
+    for path in files:
+        saved = torch.load(path, weights_only=False)
+        key = "state_dict" if "state_dict" in saved else "model"
+        saved[key] = {prefix + name.removeprefix("module."): v for name, v in saved[key].items()}
+        torch.save(saved, path)
+    model = load_tiny_release(golden, root, codebook=files[2])
+    assert_golden_parts(model, golden_model, ("image_encoder", "region_perceiver", "codebook"))

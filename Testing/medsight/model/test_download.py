@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from medsight.model.hub import UNIMED_CLIP, release_files
+from medsight_testing.disk import file_size_limit
 from medsight_testing.fake_hub import FakeRepo, serve_hub
 from medsight_testing.hub_cache import folder_files
 from medsight_testing.unimed_clip import save_like_numpy1, unimed_clip_checkpoint
@@ -183,3 +184,27 @@ def test_download_into_a_folder_keeps_the_users_own_files_unless_overwrite(repos
                                                "--overwrite"])
     assert (first.returncode, again.returncode, replaced.returncode) == (0, 0, 0), (again.stderr, replaced.stderr)
     assert (target / config).read_bytes() == repos["Caf0914/MedSIGHT"].body(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("into", ["cache", "dir"])
+def test_a_full_disk_during_download_names_what_and_where_and_a_second_run_completes(repos, tmp_path, into):
+    """A write failing midway (a full disk) ended `medsight download` with 'medsight: error: File too large' (or 'No
+    space left on device'): no file, no folder, no word of what to do. Now it names the repository, the folder
+    written into and the download's size; the run after it completes the download."""
+    cache = tmp_path / "hub"
+    folder = tmp_path / "copy"
+    args = ["-m", "medsight.cli", "download", *(["--dir", str(folder)] if into == "dir" else [])]
+    layout = needed(repos)
+    sizes = [repos["Caf0914/MedSIGHT"].size(f) for f in layout]
+    with serve_hub(repos) as hub:
+        with file_size_limit(max(sizes) // 2):  # the largest file cannot be written whole
+            out = run(hub, cache, args)
+        assert out.returncode == 2 and out.stdout == ""
+        where = folder if into == "dir" else cache
+        assert (f"medsight: error: Hugging Face repository Caf0914/MedSIGHT at revision main: the download stopped "
+                f"writing into {where} (File too large; the download is {sum(sizes) / 1e6:.2f} MB in all): make room "
+                "there") in out.stderr and "Traceback" not in out.stderr
+        again = run(hub, cache, args)
+    assert again.returncode == 0, again.stderr
+    assert layout <= set(folder_files(Path(again.stdout.strip())))

@@ -387,3 +387,68 @@ def test_a_release_of_pytorch_pickle_weights_downloads_them_and_one_of_both_form
     assert missing_from_cache(snapshot) == []
     (snapshot / lvlm / "pytorch_model-00002-of-00002.bin").unlink()
     assert missing_from_cache(snapshot) == [lvlm + "pytorch_model-00002-of-00002.bin"]
+
+
+def test_a_short_commit_hash_offline_names_the_full_hash_the_cache_holds(cache, release_dir, unimed_file, capsys):
+    """huggingface_hub resolves a revision offline only by a ref or the full hash, so a short hash (as git shows it)
+    of a cached snapshot was called 'not in the local Hugging Face cache' (the cache holding it 'at main'): the user
+    is told it is a short hash and which full hash to pass."""
+    from medsight.cli import main
+    from medsight.model.hub import RELEASE_REPO
+
+    commit = "3f2a9c1b" + "7" * 32
+    cache_repo(cache, RELEASE_REPO, release_needed(release_dir), commit=commit)
+    cache_repo(cache, VISION_REPO, {VISION_FILE: unimed_file}, commit=commit)
+    short = commit[:7]
+    with pytest.raises(CheckpointError, match=rf"at revision {short}: a short commit hash, which only the Hub "
+                                              rf"resolves, .* holds commit {commit}: pass the full 40-character hash "
+                                              rf"\({RELEASE_REPO}@{commit}\)"):
+        load_model(f"{RELEASE_REPO}@{short}", device="cpu")
+    assert main(["download", "--revision", short.upper()]) == 2
+    assert f"holds commit {commit}: pass the full" in capsys.readouterr().err
+    assert main(["download", f"{VISION_REPO}:{VISION_FILE}@{short}"]) == 2
+    assert f"the cache holds commit {commit}, pass the full 40-character hash" in capsys.readouterr().err
+    # The full hash loads; a short-hash-like revision the cache does not abbreviate gets the hint alone.
+    assert main(["download", "--revision", commit]) == 0
+    assert main(["download", "--revision", "abcdef1"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in err and "if abcdef1 is a short commit hash" in err
+
+
+@pytest.mark.parametrize("weights", ["model-{:05d}-of-{:05d}.safetensors", "pytorch_model-{:05d}-of-{:05d}.bin"])
+def test_a_sharded_download_cut_short_before_its_index_says_which_shard_the_cache_lacks(cache, release_dir, golden,
+                                                                                        weights):
+    """A snapshot holding the first shard but neither the index nor the last shard (the download cut short before
+    both had arrived) was called complete by the cache check; the loader then read the shards it found and said
+    the weights did not fit the model (missing key(s) lm_head.weight, ...). The shards' names count them: the
+    missing one is named, by the cache check and by the loader reading a folder."""
+    from medsight.model.hub import LVLM_FOLDER, RELEASE_REPO, missing_from_cache
+
+    lvlm = f"{LVLM_FOLDER}/"
+    others = {k: v for k, v in release_needed(release_dir).items()
+              if not Path(k).name.startswith(("model", "pytorch_model"))}
+    count = len(list((release_dir / LVLM_FOLDER).glob("model-*.safetensors")))
+    assert count > 1  # the fixture's LVLM is sharded
+    shards = [lvlm + weights.format(i, count) for i in range(1, count + 1)]
+    snapshot = cache_repo(cache, RELEASE_REPO, {**others, shards[0]: 1})
+    assert missing_from_cache(snapshot) == shards[1:]
+    with pytest.raises(CheckpointError, match=rf"cache \(.*\) lacks {', '.join(shards[1:])}, and offline mode"):
+        load_model(RELEASE_REPO, device="cpu", base_config=golden_base_config(golden))
+
+
+def test_a_revision_that_is_the_folder_of_cached_branches_is_called_not_cached(cache, release_dir, capsys):
+    """The cache keeps branch feature/x as refs/feature/x: offline, revision `feature` ended in 'medsight: error:
+    .../refs/feature: Is a directory' (huggingface_hub read the folder as a ref), naming neither the revision nor
+    what the cache holds."""
+    from medsight.cli import main
+    from medsight.model.hub import RELEASE_REPO
+
+    cache_repo(cache, RELEASE_REPO, release_needed(release_dir), commit=COMMIT, ref=None)
+    ref = repo_folder(cache, RELEASE_REPO) / "refs" / "feature" / "x"
+    ref.parent.mkdir(parents=True)
+    ref.write_text(COMMIT)
+    assert main(["download", "--revision", "feature/x"]) == 0
+    assert main(["download", "--revision", "feature"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{RELEASE_REPO} at revision feature: not in the local Hugging Face cache" in err
+            and "the cache holds it at revision(s) feature/x" in err)

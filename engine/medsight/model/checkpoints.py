@@ -1,7 +1,8 @@
 """Reading checkpoints: the released official files unchanged, and our own safetensors + JSON format.
 
 Official files:
-- UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed).
+- UniMed-CLIP open_clip checkpoint: `visual.*` keys (maybe wrapped in `state_dict`, maybe `module.`-prefixed; a
+  torch.compile save's `_orig_mod.` prefix is removed too, as it is from the stage-1 and stage-2 files).
 - Stage 1, `region_perceiver/0079280.pt`: `{model, optimizer, steps, args}` with `region_perceiver.*` keys;
   `args` is an argparse Namespace.
 Pickles are read with `weights_only=True` and the allow-list of `medsight.model.unpickling`, memory-mapped, and
@@ -168,10 +169,18 @@ def pick_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# What wrapping a model adds to its state dict's names: DDP `module.`, torch.compile `_orig_mod.` (either or both).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the DDP `module.` prefix, decided by the first key as open_clip does."""
-    if state and next(iter(state)).startswith("module."):
-        return {k[len("module.") :]: v for k, v in state.items()}
+    """Remove the DDP `module.` prefix, decided by the first key as open_clip does; and torch.compile's `_orig_mod.`
+    (which open_clip does not remove: a checkpoint saved from a compiled model holds the same weights under it)."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if next(iter(state)).startswith(p)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
@@ -281,8 +290,10 @@ INDEX_FILE = "model.safetensors.index.json"  # a sharded Hugging Face folder's m
 # `weights_only=True`; here with `safe_torch_load`). A folder's safetensors, when it has both, are what is read.
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
-# Per format: its index, its one-file name, and the names of its files when neither is there.
-_WEIGHT_FORMATS = ((INDEX_FILE, "model.safetensors", "*.safetensors"),
+# Per format: its index, its one-file name, and the names of its files when neither is there (`model*`, as transformers
+# and `hub.release_files` name them: another .safetensors file in the folder, an adapter's or a projector's, is not
+# the model's weights).
+_WEIGHT_FORMATS = ((INDEX_FILE, "model.safetensors", "model*.safetensors"),
                    (PICKLE_INDEX_FILE, PICKLE_WEIGHTS_FILE, "pytorch_model*.bin"))
 
 
@@ -302,12 +313,29 @@ def _weight_files(folder: Path) -> tuple[list[str], Path | None]:
         elif os.path.lexists(folder / single):  # a folder by that name is refused by its reader, by name
             index, shards = None, [single]
         else:
-            index, shards = None, sorted(p.name for p in folder.glob(pattern) if p.is_file())
+            index, shards = None, _shard_series(sorted(p.name for p in folder.glob(pattern) if p.is_file()))
         if shards or index is not None:  # an index that names no shard is not passed over for another format
             break
     if not shards:
-        raise CheckpointError(f"{folder}: no weights found (.safetensors files, or pytorch_model.bin)")
+        raise CheckpointError(f"{folder}: no weights found (model.safetensors or its shards, or pytorch_model.bin)")
     return shards, index
+
+
+# `save_pretrained`'s shard names count the shards: model-00001-of-00004.safetensors, pytorch_model-00002-of-00003.bin.
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<count>\d+)(?P<suffix>\.[a-z]+)$")
+
+
+def _shard_series(names: list[str]) -> list[str]:
+    """Weight files found without their index, with every shard their names count: a folder whose index and a
+    shard have not arrived (a download cut short) lacks that shard by name, not its tensors."""
+    series = set(names)
+    for name in names:
+        found = _SHARD_NAME.match(name)
+        if found:
+            width, count = len(found["number"]), int(found["count"])
+            series |= {f"{found['stem']}-{i:0{width}d}-of-{found['count']}{found['suffix']}"
+                       for i in range(1, count + 1)}
+    return sorted(series)
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -349,12 +377,13 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by its index (or the
     `pytorch_model.bin` forms of these, `shard_names`)."""
     folder = Path(folder)
-    shards = shard_names(folder)
+    shards, index = _weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     found_in: dict[str, str] = {}
     for shard in shards:
         if not os.path.lexists(folder / shard):
-            raise CheckpointError(f"{folder}: shard {shard} named in the index is missing")
+            named_by = "named in the index" if index is not None else "counted by the other shards' names"
+            raise CheckpointError(f"{folder}: shard {shard} {named_by} is missing")
         tensors = _read_weights(folder / shard)
         # A tensor in two shards (a shard of another save copied in): which one is meant cannot be told.
         twice = sorted(set(tensors) & set(found_in))

@@ -7,9 +7,10 @@ Everything goes through `huggingface_hub` and its cache (downloaded once, shared
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +156,15 @@ def fetch_file(hub: HubFile, local_dir: str | Path | None = None) -> Path:
     with `local_dir`, a copy there too."""
     from huggingface_hub import hf_hub_download
 
-    return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
-                                                  local_dir=local_dir), hub.describe()))
+    try:
+        with _writing(hub.describe(), local_dir):
+            return Path(_hub_call(lambda: hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision,
+                                                          local_dir=local_dir), hub.describe()))
+    except HubUnreachableError as err:
+        full = _abbreviated(hub.repo_id, hub.revision)
+        hint = (f"; {hub.revision} is a short commit hash, which only the Hub resolves: the cache holds commit "
+                f"{' and '.join(full)}, pass the full 40-character hash" if full else _short_hash_hint(hub.revision))
+        raise HubUnreachableError(f"{err}{hint}") from None
 
 
 def cached_file(hub: HubFile) -> Path | None:
@@ -286,9 +294,10 @@ def fetch_release(plan: DownloadPlan, local_dir: str | Path | None = None) -> Pa
     """`snapshot_download` of exactly the planned files (the Hub's own progress bars), then the extra files."""
     from huggingface_hub import snapshot_download
 
-    folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
-                                                 allow_patterns=[name for name, _ in plan.files]),
-                       f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}")
+    what = f"Hugging Face repository {plan.repo_id} at revision {plan.revision or 'main'}"
+    with _writing(what, local_dir, plan.total):
+        folder = _hub_call(lambda: snapshot_download(plan.repo_id, revision=plan.revision, local_dir=local_dir,
+                                                     allow_patterns=[name for name, _ in plan.files]), what)
     for hub, _ in plan.extra:  # into the folder too, where the loader looks for `*clip*.pt`
         fetch_file(hub, local_dir=local_dir)
     return Path(folder)
@@ -302,12 +311,43 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:
+    # A revision that is the folder of cached branches below it (refs/feature for feature/x): huggingface_hub reads
+    # it as a ref file and fails with "Is a directory"; it names no cached snapshot either.
+    except (LocalEntryNotFoundError, IsADirectoryError):
+        what = f"Hugging Face repository {repo_id} at revision {revision}"
+        full = _abbreviated(repo_id, revision)
+        if full:  # cached, but huggingface_hub cannot tell offline that a short hash names it
+            raise CheckpointError(f"{what}: a short commit hash, which only the Hub resolves, and "
+                                  f"{why_offline()}; the local Hugging Face cache holds commit {' and '.join(full)}: "
+                                  f"pass the full 40-character hash ({repo_id}@{full[0]})") from None
         held = cached_revisions(repo_id)
         other = (f"; the cache holds it at revision(s) {', '.join(held)}: pass {repo_id}@REVISION to use one"
                  if held else "")
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: not in the local "
-                              f"Hugging Face cache ({_cache_dir()}) and {_why_not_downloaded()}{other}") from None
+                              f"Hugging Face cache ({_cache_dir()}) and {_why_not_downloaded()}{other}"
+                              f"{_short_hash_hint(revision)}") from None
+
+
+# A commit hash shortened as git shows it. huggingface_hub resolves a revision offline only through the cache's
+# refs/<name> or a snapshot folder named by the full hash, so a short one is "not in the cache" even when it is.
+_SHORT_HASH = re.compile(r"^[0-9a-fA-F]{4,39}$")
+
+
+def _abbreviated(repo_id: str, revision: str | None) -> list[str]:
+    """The cached snapshots (full commit hashes) that a short-hash-like revision abbreviates."""
+    if revision is None or not _SHORT_HASH.match(revision):
+        return []
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    return sorted(p.name for p in snapshots.glob("*") if p.is_dir() and p.name.startswith(revision.lower()))
+
+
+def _short_hash_hint(revision: str | None) -> str:
+    if revision is None or not _SHORT_HASH.match(revision):
+        return ""
+    return (f"; if {revision} is a short commit hash: only the Hub resolves one, so pass the full 40-character "
+            "hash, or run once online")
 
 
 def cached_revisions(repo_id: str) -> list[str]:
@@ -381,6 +421,25 @@ def _refuse_incomplete(folder: Path, repo_id: str, revision: str | None, missing
     if missing:
         raise CheckpointError(f"Hugging Face repository {repo_id} at revision {revision or 'main'}: the local Hugging "
                               f"Face cache ({folder}) lacks {', '.join(missing)}, and {_why_not_downloaded()}")
+
+
+@contextlib.contextmanager
+def _writing(what: str, local_dir: str | Path | None, total: int | None = None) -> Iterator[None]:
+    """A download's write failure (a full disk, a quota, a file-size limit) names what was downloaded and where: the
+    error the Hub client passes on names neither ("No space left on device")."""
+    import errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = Path(local_dir) if local_dir is not None else Path(_cache_dir())
+        needs = f"; the download is {_size(total)} in all" if total else ""
+        elsewhere = "" if local_dir is not None else " (or point HF_HUB_CACHE at a disk with room)"
+        raise CheckpointError(f"{what}: the download stopped writing into {where} ({err.strerror}{needs}): make "
+                              f"room there{elsewhere} and run it again; the files already downloaded are "
+                              "kept") from None
 
 
 class HubUnreachableError(CheckpointError):

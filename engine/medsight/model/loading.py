@@ -167,6 +167,8 @@ def load_official(
         raise CheckpointError(f"{config_path}: {err}") from None
     tokenizer = load_tokenizer(lvlm_folder)
     lm_state, tower = split_lvlm_state(read_safetensors_folder(lvlm_folder), llm.first_code_id)
+    if released.get("tie_word_embeddings") is True:
+        tie_output_to_input(lm_state)
     perceiver_state = read_perceiver_state(perceiver_file)
     if vision_file is not None:
         vision_state = read_vision_state(vision_file)
@@ -216,6 +218,16 @@ def load_official(
         model.config.codebook = replace(config.codebook, code_dim=code_dim)
         load_into(model.attach_codebook(), codebook_state, str(codebook_file), assign=True)
     return _finish(model)
+
+
+def tie_output_to_input(lm_state: dict[str, torch.Tensor]) -> None:
+    """A config.json with `tie_word_embeddings: true` (the smaller Qwen3 models): transformers shares the output
+    layer with the input embeddings, so `save_pretrained` leaves `lm_head.weight` out and loading ties it back; the
+    embeddings stand for it here too (as they do in transformers when a file holds both). Our model keeps the two
+    as separate tensors, equal when loaded: answers are the same; a training run from it trains them apart."""
+    embeddings = lm_state.get("model.embed_tokens.weight")
+    if embeddings is not None:  # else load_into names the missing embeddings
+        lm_state["lm_head.weight"] = embeddings.clone()  # a copy: one storage under two parameters would train twice
 
 
 def _empty_model(config: MedSIGHTConfig, tokenizer) -> MedSIGHTModel:
