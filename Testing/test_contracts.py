@@ -302,6 +302,31 @@ def test_dicom_seg_writers_label_names_alike():
     assert (LO_MAX, UTF8) == (seg_writer.LO_MAX, seg_writer.UTF8)
 
 
+def test_dicom_seg_writers_fill_and_refuse_the_same_source_attributes(tmp_path):
+    """Both DICOM SEG writers give images of a de-identified series the same missing Type 2 attributes empty, and
+    refuse images without the same UIDs a SEG must repeat (the engine reads them into a `Volume`, the module checks
+    the datasets)."""
+    import pydicom
+    import pydicom.data
+
+    from medsight.imaging import read_volume
+    from medsight.imaging.export_dicom_seg import TYPE2_COPIED, reference_problem
+    from MedSIGHTSlicerLib import seg_writer
+
+    assert seg_writer.TYPE2_COPIED == TYPE2_COPIED
+    ct = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    for name in seg_writer.UIDS_REPEATED:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in sorted(ct.iterdir()):
+            ds = pydicom.dcmread(f)
+            delattr(ds, name)
+            ds.save_as(folder / f.name)
+        assert name in (reference_problem(read_volume(folder)) or "")
+        with pytest.raises(seg_writer.SegWriteError, match=name):
+            seg_writer.order_sources([pydicom.dcmread(f) for f in sorted(folder.iterdir())], np.eye(4), (1, 1, 1))
+
+
 def test_export_suffixes_agree():
     """The module's Export dispatch and the engine's suffix -> writer table accept exactly the same file endings,
     and the module's format combo box (the .ui file) has one entry per `EXPORT_FORMATS` row, naming its suffix."""
