@@ -83,8 +83,9 @@ VolumeSource = Union[VolumeData, str]  # evaluated at run time: Slicer 5.8 has P
 
 
 def guess_modality(array: np.ndarray) -> str:
-    """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window."""
-    return "CT" if array.size and float(np.min(array)) < -500.0 else "MR"
+    """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window.
+    NaN voxels (which the engine reads as the smallest value) are passed over: with np.min one NaN made a CT "MR"."""
+    return "CT" if array.size and float(np.fmin.reduce(array, axis=None)) < -500.0 else "MR"
 
 
 class RegionLink(NamedTuple):
