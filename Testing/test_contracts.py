@@ -32,7 +32,8 @@ WIRE_TYPES = [
 ]
 
 # Fields that older engines do not send: the client reads them as optional (None), so it still works with those.
-ADDED_LATER = {(protocol.Health, "max_upload_bytes"), (protocol.Health, "max_voxels")}
+ADDED_LATER = {(protocol.Health, "max_upload_bytes"), (protocol.Health, "max_voxels"),
+               (protocol.VolumeInfo, "nan_filled")}
 
 # A client annotation -> the JSON Schema type the server must send for it.
 JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object",
@@ -302,6 +303,31 @@ def test_dicom_seg_writers_label_names_alike():
     assert (LO_MAX, UTF8) == (seg_writer.LO_MAX, seg_writer.UTF8)
 
 
+def test_dicom_seg_writers_fill_and_refuse_the_same_source_attributes(tmp_path):
+    """Both DICOM SEG writers give images of a de-identified series the same missing Type 2 attributes empty, and
+    refuse images without the same UIDs a SEG must repeat (the engine reads them into a `Volume`, the module checks
+    the datasets)."""
+    import pydicom
+    import pydicom.data
+
+    from medsight.imaging import read_volume
+    from medsight.imaging.export_dicom_seg import TYPE2_COPIED, reference_problem
+    from MedSIGHTSlicerLib import seg_writer
+
+    assert seg_writer.TYPE2_COPIED == TYPE2_COPIED
+    ct = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    for name in seg_writer.UIDS_REPEATED:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in sorted(ct.iterdir()):
+            ds = pydicom.dcmread(f)
+            delattr(ds, name)
+            ds.save_as(folder / f.name)
+        assert name in (reference_problem(read_volume(folder)) or "")
+        with pytest.raises(seg_writer.SegWriteError, match=name):
+            seg_writer.order_sources([pydicom.dcmread(f) for f in sorted(folder.iterdir())], np.eye(4), (1, 1, 1))
+
+
 def test_export_suffixes_agree():
     """The module's Export dispatch and the engine's suffix -> writer table accept exactly the same file endings,
     and the module's format combo box (the .ui file) has one entry per `EXPORT_FORMATS` row, naming its suffix."""
@@ -567,6 +593,41 @@ def test_both_sides_refuse_the_same_sheared_grids():
         except ImagingError:
             engine_takes = False
         assert client_sends == engine_takes == (lean < 1.0), lean
+
+
+def test_both_sides_refuse_the_same_non_finite_voxels():
+    """`geometry.volume_upload_arrays` sends NaN voxels for the engine to fill (`fill_nan`, one rule for files and
+    uploads) and refuses what the engine would refuse, before the upload: infinite voxels, or NaN only."""
+    slicer = pytest.importorskip("slicer")
+    from medsight.imaging.errors import ImagingError
+    from medsight.server.volume_store import volume_from_upload
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib import geometry
+
+    scene = slicer.vtkMRMLScene()
+    cases = {"finite": [], "some NaN": [np.nan], "NaN and inf": [np.nan, np.inf], "-inf": [-np.inf],
+             "NaN only": None}
+    decisions = {}
+    for name, values in cases.items():
+        voxels = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+        if values is None:
+            voxels[:] = np.nan
+        for n, value in enumerate(values or []):
+            voxels.reshape(-1)[n * 5] = value
+        node = make_volume(scene, voxels, np.eye(4), dtype=np.float32)
+        try:
+            geometry.volume_upload_arrays(node)
+            client_sends = True
+        except geometry.GeometryError:
+            client_sends = False
+        try:
+            volume_from_upload(voxels, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "MR")
+            engine_takes = True
+        except ImagingError:
+            engine_takes = False
+        decisions[name] = (client_sends, engine_takes)
+    assert decisions == {"finite": (True, True), "some NaN": (True, True), "NaN and inf": (False, False),
+                         "-inf": (False, False), "NaN only": (False, False)}
 
 
 def test_the_engines_404_for_no_route_reads_as_a_wrong_address_and_its_own_404s_do_not():

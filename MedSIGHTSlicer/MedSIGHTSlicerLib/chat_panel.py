@@ -83,8 +83,9 @@ VolumeSource = Union[VolumeData, str]  # evaluated at run time: Slicer 5.8 has P
 
 
 def guess_modality(array: np.ndarray) -> str:
-    """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window."""
-    return "CT" if array.size and float(np.min(array)) < -500.0 else "MR"
+    """"CT" when the voxels look like Hounsfield units (air near -1000), else "MR": it picks the default window.
+    NaN voxels (which the engine reads as the smallest value) are passed over: with np.min one NaN made a CT "MR"."""
+    return "CT" if array.size and float(np.fmin.reduce(array, axis=None)) < -500.0 else "MR"
 
 
 class RegionLink(NamedTuple):
@@ -142,6 +143,8 @@ class _Turn:
     volumes: set[str] = field(default_factory=set)
     #: The answered slice's slice-to-RAS (for ``place``): tells which slice a later view shows (``_view_place``).
     frame: np.ndarray | None = None
+    #: What the engine did to the voxels it was sent (``VolumeInfo.nan_filled``), shown with the answer.
+    note: str = ""
 
 
 @dataclass
@@ -609,6 +612,9 @@ class ChatPanel:
                 # asks the same slices. Boxes the user left alone follow the volume's last slice.
                 chosen = job.scope[0] == "range" or self._range_typed()
                 self.set_slice_count(count, keep_range=chosen)
+        elif kind == "note":
+            turn.note = str(payload[0])
+            self._dirty = True
         elif kind == "model":
             self.last_model = str(payload[0])
         elif kind == "token":
@@ -756,6 +762,8 @@ def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
             chips = " ".join(_chip(RegionLink(turn.serial, turn.plane, slice_index, r.index), r, colours, chip_bg)
                              for r in turn.regions.get(slice_index, []))
             body.append(prefix + text + (f"<br>{chips}" if chips else ""))
+        if turn.note:
+            body.append(f'<i style="color:{grey}">(note: {html.escape(turn.note)})</i>')
         if not slices and not turn.status:
             body.append(f'<i style="color:{grey}">…</i>')
         if turn.status == "cancelled":
@@ -815,6 +823,8 @@ def _upload(client: MedSIGHTClient, data: VolumeData, job: _Job) -> Any:
         data.array, data.spacing, data.origin, data.direction, modality=data.modality))
     job.emit("uploaded", data.key, info.volume_id)
     job.emit("slices", dict(info.slices))
+    if info.nan_filled:  # the engine's words: how many, and the value they read as
+        job.emit("note", f"{info.nan_filled}; the volume in Slicer keeps its NaN")
     return info
 
 

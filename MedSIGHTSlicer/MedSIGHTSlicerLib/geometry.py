@@ -131,10 +131,15 @@ def volume_upload_arrays(volume_node) -> tuple[np.ndarray, tuple, tuple, tuple]:
         # voxels wide would become a 2D image. uint16 holds the same values and is always read as a volume.
         array = array.astype(np.uint16)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # The engine refuses them too, but only after the whole volume was sent; here the message names the volume.
-        nan, infinite = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-        raise GeometryError(f"volume {volume_node.GetName()!r} has {nan} NaN and {infinite} infinite voxels: replace "
-                            "them with finite values first")
+        # NaN voxels are sent as they are: the engine reads them as the volume's smallest value and says how many
+        # (VolumeInfo.nan_filled). What it refuses, infinite voxels or no number at all, is refused here, before the
+        # whole volume is sent, naming the volume.
+        infinite = int(np.isinf(array).sum())
+        if infinite:
+            raise GeometryError(f"volume {volume_node.GetName()!r} has {infinite} infinite voxels, which no window "
+                                "can show: replace them with finite values first")
+        if np.isnan(array).all():
+            raise GeometryError(f"volume {volume_node.GetName()!r} holds no number: all {array.size} voxels are NaN")
     matrix = ijk_to_ras(volume_node)
     axes = matrix[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)

@@ -171,6 +171,9 @@ class VolumeInfo:
         slices: number of slices per plane, e.g. {"axial": 95, "coronal": 117, "sagittal": 99}; only the planes
             that can be asked about (a 2D image has just the plane it lies in, e.g. {"axial": 1}).
         bytes: memory the engine uses for it.
+        nan_filled: the NaN voxels the engine read as the volume's smallest value, in words ("864 NaN voxels (of
+            6912) read as the volume's minimum -5"), for the user to be told; None when there were none (or the
+            engine predates it). The volume in Slicer keeps its NaN.
     """
 
     volume_id: str
@@ -178,6 +181,7 @@ class VolumeInfo:
     modality: str
     slices: dict[str, int]
     bytes: int
+    nan_filled: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> VolumeInfo:
@@ -188,6 +192,7 @@ class VolumeInfo:
             modality=str(data["modality"]),
             slices={str(k): int(v) for k, v in dict(data["slices"]).items()},
             bytes=int(data["bytes"]),
+            nan_filled=None if data.get("nan_filled") is None else str(data["nan_filled"]),
         )
 
 

@@ -30,6 +30,14 @@ POSITION_TOLERANCE_MM = 0.01
 LO_MAX = 64
 #: SpecificCharacterSet for UTF-8: a label in any script, not only the source images' (often Latin-1) one.
 UTF8 = "ISO_IR 192"
+#: Patient and study attributes highdicom copies from the source images into a SEG (0.22 and 0.23+ alike). DICOM
+#: makes them Type 2 (present, possibly empty) in an image, but anonymizers often delete them outright; highdicom then
+#: fails ("'FileDataset' object has no attribute 'PatientID'"). The in-memory datasets get them empty, as DICOM allows;
+#: the files stay as they are. The engine's export_dicom_seg.TYPE2_COPIED (contract test: the same).
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime")
+#: What a SEG must repeat from its images (Type 1): an image without one leaves nothing to fill in.
+UIDS_REPEATED = ("StudyInstanceUID", "FrameOfReferenceUID")
 
 
 class SegWriteError(ValueError):
@@ -113,7 +121,12 @@ def _concept(code: Code) -> Any:
 
 
 def order_sources(datasets: list, ijk_to_ras: np.ndarray, dims_ijk: Sequence[int]) -> list:
-    """The datasets in the volume's slice order (k = 0, 1, ...); refuses any grid that is not the series' grid."""
+    """The datasets in the volume's slice order (k = 0, 1, ...); refuses any grid that is not the series' grid, and
+    images without the study or frame of reference a SEG must repeat (before any segment is read)."""
+    missing = [name for name in UIDS_REPEATED if any(not str(ds.get(name, "") or "").strip() for ds in datasets)]
+    if missing:
+        raise SegWriteError(f"the source DICOM images have no {' or '.join(missing)}, which a DICOM SEG must repeat: "
+                            "export .seg.nrrd or NIfTI instead")
     frames = int(datasets[0].get("NumberOfFrames", 1) or 1) if len(datasets) == 1 else 1
     if frames > 1:  # else the count below would read as files missing from the series
         raise SegWriteError(
@@ -176,13 +189,19 @@ def _numpy1_alias(highdicom_version: str) -> Iterator[None]:
 def write_seg(ordered: list, masks: Sequence[np.ndarray], infos: Sequence[SegmentInfo], path: str | Path,
               series_description: str = "MedSIGHT segmentation", series_number: int = 9901,
               version: str = "1") -> Path:
-    """A binary SEG of (K, J, I) boolean ``masks`` on the grid of ``ordered`` (one dataset per k). Returns ``path``."""
+    """A binary SEG of (K, J, I) boolean ``masks`` on the grid of ``ordered`` (one dataset per k). Returns ``path``.
+
+    Datasets of ``ordered`` without one of `TYPE2_COPIED` get it empty (in memory only)."""
     import highdicom as hd
 
     path = Path(path)
     # (K, J, I) per segment -> (frames, rows, columns, segments); the volume's j axis is the image row.
     stack = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=-1).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for ds in ordered:
+        for name in TYPE2_COPIED:
+            if name not in ds:
+                setattr(ds, name, "")
     try:
         with _numpy1_alias(hd.__version__):
             seg = hd.seg.Segmentation(

@@ -602,10 +602,10 @@ def test_conversation_is_readable_in_both_themes(app, url, volume, background, t
     assert contrast(panel.error.styleSheet().split("color:")[1].strip(" ;"), base.name()) >= 4.5
 
 
-@pytest.mark.parametrize("kind", ["no image", "no scalars", "no voxels", "NaN voxels"])
+@pytest.mark.parametrize("kind", ["no image", "no scalars", "no voxels", "infinite voxels"])
 def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind):
     """A volume without an image (the selector lists Crop Volume's output before Apply), whose image holds no voxels,
-    or NaN voxels, gets one plain error naming it and nothing is sent (it was sent whole, to be refused by the
+    or infinite voxels, gets one plain error naming it and nothing is sent (it was sent whole, to be refused by the
     engine, or raised a message without the volume's name)."""
     slicer = pytest.importorskip("slicer")
     vtk = pytest.importorskip("vtk")
@@ -626,7 +626,7 @@ def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind
         node.SetAndObserveImageData(image)
     else:
         voxels = np.zeros((3, 8, 8), np.float64)
-        voxels[1, 2, 3] = np.nan
+        voxels[1, 2, 3] = np.inf
         node = make_volume(scene, voxels, np.eye(4), dtype=np.float64)
     node.SetName("Broken")
     panel = ChatPanel(MedSIGHTClient(fake.url, timeout=5, retries=0))
@@ -635,7 +635,7 @@ def test_volume_the_engine_cannot_read_is_refused_before_sending(app, fake, kind
     try:
         assert panel.send("Where is the liver?") is False
         assert "'Broken'" in panel.error.text()
-        assert ("1 NaN" if kind == "NaN voxels" else "no image data") in panel.error.text()
+        assert ("1 infinite" if kind == "infinite voxels" else "no image data") in panel.error.text()
         assert not panel.busy and panel._turns == [] and fake.requests == []
     finally:
         session.stop_observing()
@@ -700,6 +700,44 @@ def test_engine_restart_drops_the_stale_volume_id_and_sends_the_volume_again(app
         session.stop_observing()
         scene.Clear(1)
 
+
+
+def test_a_volume_with_nan_voxels_is_answered_with_a_note_and_left_as_it_is(app, url):
+    """A volume Slicer loaded with NaN voxels (a NIfTI from an MR pipeline: NaN outside the brain) was refused before
+    sending ("has 864 NaN and 0 infinite voxels: replace them with finite values first"), which a Slicer user cannot
+    easily do, while `medsight ask` read the same file. Wired as the module wires it, with a live engine: the engine
+    reads them as the volume's smallest value, the question is answered, the transcript says how many, and the
+    volume node keeps its voxels, NaN and all."""
+    slicer = pytest.importorskip("slicer")
+    from medsight_testing.mrml import make_volume
+    from MedSIGHTSlicerLib.geometry import array_from_image
+    from MedSIGHTSlicerLib.session import MedSIGHTSession
+
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    voxels = np.linspace(-5, 100, 3 * 16 * 18, dtype=np.float32).reshape(3, 16, 18)
+    voxels[:, :4, :] = np.nan  # the rows outside the "brain"
+    node = make_volume(scene, voxels, np.eye(4), "MR", dtype=np.float32)
+    panel = ChatPanel(MedSIGHTClient(url, timeout=120))
+    PANELS.append(panel)
+    panel.volume_provider = lambda: session.volume_source(node)
+    panel.current_slice_provider = lambda: 1
+    panel.options = dict(SHORT)
+    try:
+        assert panel.send("Where is the brain?")
+        pump(app, lambda: not panel.busy)
+        assert panel.error.text() == "" and panel.status.text().startswith("Answered in")
+        turn = panel._turns[-1]
+        assert set(turn.texts) == {1}
+        low = float(np.nanmin(voxels))
+        nan = int(np.isnan(voxels).sum())
+        assert turn.note == (f"{nan} NaN voxels (of {voxels.size}) read as the volume's minimum {low:g}; "
+                             "the volume in Slicer keeps its NaN")
+        assert f"(note: {nan} NaN voxels" in panel.conversation.toPlainText()
+        np.testing.assert_array_equal(array_from_image(node.GetImageData()), voxels)  # NaN where they were
+    finally:
+        session.stop_observing()
+        scene.Clear(1)
 
 
 def test_whole_volume_under_a_warping_transform_is_asked_without_a_view(app, url):

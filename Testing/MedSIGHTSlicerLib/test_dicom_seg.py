@@ -240,3 +240,34 @@ def _shift(mm: float) -> np.ndarray:
     out = np.zeros((4, 4))
     out[0, 3] = mm
     return out
+
+
+def test_a_de_identified_series_exports_with_empty_patient_and_study_attributes(scene, ct_series_dir, tmp_path):
+    """A series whose de-identification deleted the patient and study attributes (DICOM Type 2) failed to export
+    ("cannot build the DICOM SEG ('FileDataset' object has no attribute 'PatientID')"): the SEG now repeats them
+    empty and holds the accepted voxels; the source files are left byte for byte."""
+    import pydicom
+
+    from MedSIGHTSlicerLib.seg_writer import TYPE2_COPIED
+
+    folder = tmp_path / "de-identified"
+    folder.mkdir()
+    for f in sorted(ct_series_dir.iterdir()):
+        ds = pydicom.dcmread(f)
+        for name in TYPE2_COPIED:
+            if name in ds:
+                delattr(ds, name)
+        ds.save_as(folder / f.name)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    ct = read_volume(folder)
+    volume, database = loaded_as_slicer_does(scene, ct)
+    _, user = accepted_user_segmentation(scene, volume)
+    path = export_dicom_seg(user, volume, source_files(volume, database), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(str(path))
+    assert all(seg.get(name) == "" for name in TYPE2_COPIED)
+    got = seg.get_pixels_by_source_instance(list(ct.sop_instance_uids), segment_numbers=[1, 2])
+    for n, segment_id in enumerate(("liver", "lesion")):
+        ids = user.GetSegmentation().GetSegmentIdBySegmentName(segment_id)
+        assert np.array_equal(got[..., n].astype(bool), segment_array(user, ids, volume))
+    assert int(got.sum()) > 0
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before

@@ -111,19 +111,26 @@ def test_sending_a_node_holds_one_copy_of_its_voxels_and_sends_them_exactly(scen
 
 
 
-def test_non_finite_voxels_are_refused_naming_the_volume(scene):
-    """NaN and infinite voxels (a float volume from a division, a failed registration) cannot be windowed: refused
-    before the upload with the volume's name and the counts, not after sending the whole volume to the engine."""
+def test_infinite_voxels_are_refused_naming_the_volume_and_nan_voxels_are_sent_as_they_are(scene):
+    """Infinite voxels (a float volume from a division, a failed registration) cannot be windowed: refused before the
+    upload with the volume's name and count, not after sending the whole volume to the engine. NaN voxels (MR
+    pipelines write them outside the brain, and Slicer loads them as they are) were refused the same way, which a
+    Slicer user cannot easily fix: they are sent as they are, for the engine to read as its smallest value."""
     voxels = np.zeros(SHAPE_KJI, np.float32)
     voxels.reshape(-1)[[0, 5, 9]] = np.nan
     voxels.reshape(-1)[[2, 7]] = [np.inf, -np.inf]
     node = make_volume(scene, voxels, oblique_matrix(), name="Ratio map", dtype=np.float32)
-    with pytest.raises(GeometryError, match=r"'Ratio map' has 3 NaN and 2 infinite voxels"):
+    with pytest.raises(GeometryError, match=r"'Ratio map' has 2 infinite voxels, which no window can show: replace "):
         volume_upload_arrays(node)
-    voxels.reshape(-1)[[0, 2, 5, 7, 9]] = 1.5  # finite again: sent
-    finite = make_volume(scene, voxels, oblique_matrix(), name="Fixed", dtype=np.float32)
-    np.testing.assert_array_equal(volume_upload_arrays(finite)[0], voxels)
-
+    voxels.reshape(-1)[[2, 7]] = 1.5  # finite but for the NaN: sent, NaN and all
+    with_nan = make_volume(scene, voxels, oblique_matrix(), name="MR with NaN", dtype=np.float32)
+    sent = volume_upload_arrays(with_nan)[0]
+    np.testing.assert_array_equal(sent, voxels)  # equal_nan: the NaN stay where they were
+    assert int(np.isnan(sent).sum()) == 3
+    nan_only = make_volume(scene, np.full(SHAPE_KJI, np.nan, np.float32), oblique_matrix(), name="Empty map",
+                           dtype=np.float32)
+    with pytest.raises(GeometryError, match=rf"'Empty map' holds no number: all {int(np.prod(SHAPE_KJI))} voxels "):
+        volume_upload_arrays(nan_only)
 
 
 def test_sheared_voxel_axes_are_refused_naming_the_volume(scene):

@@ -14,6 +14,7 @@ pydicom = pytest.importorskip("pydicom")
 
 from MedSIGHTSlicerLib.naming import UNCODED, Term  # noqa: E402
 from MedSIGHTSlicerLib.seg_writer import (  # noqa: E402
+    TYPE2_COPIED,
     SegmentInfo,
     SegWriteError,
     display_colour,
@@ -25,11 +26,19 @@ LIVER_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~
                "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
-@pytest.fixture
-def series():
+def _ct_folder() -> Path:
     import pydicom.data
 
-    folder = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    return Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+
+
+@pytest.fixture
+def series():
+    return _series_in(_ct_folder())
+
+
+def _series_in(folder: Path):
+    """(datasets in slice order, IJK-to-RAS, dims) of the series in ``folder``, as Slicer would load it."""
     datasets = [pydicom.dcmread(str(f)) for f in sorted(folder.iterdir())]
     # The volume Slicer would load: k along the slice normal, from the lowest position up.
     normal = np.cross(*np.reshape([float(v) for v in datasets[0].ImageOrientationPatient], (2, 3)))
@@ -182,3 +191,55 @@ def test_numpys_old_float_alias_is_lent_to_highdicom_022_for_the_call_only():
     with _numpy1_alias("0.28.2"):
         assert ("float_" in vars(np)) == had  # a newer highdicom needs nothing lent
     assert ("float_" in vars(np)) == had
+
+
+#: Patient and study attributes that de-identification tools often delete rather than empty.
+DELETED_BY_ANONYMIZERS = (*TYPE2_COPIED, "ReferringPhysicianName")
+
+
+def _copy_without(folder: Path, names: tuple[str, ...]) -> Path:
+    """The CT series saved to ``folder`` without the attributes ``names``, as a de-identification tool leaves it."""
+    folder.mkdir()
+    for f in sorted(_ct_folder().iterdir()):
+        ds = pydicom.dcmread(str(f))
+        for name in names:
+            if name in ds:
+                delattr(ds, name)
+        ds.save_as(str(folder / f.name))
+    return folder
+
+
+def test_a_seg_of_an_anonymized_series_without_type2_patient_and_study_attributes(tmp_path):
+    """Anonymizers often delete the patient and study attributes (DICOM Type 2: present, possibly empty) rather than
+    empty them: the export failed "cannot build the DICOM SEG ('FileDataset' object has no attribute 'PatientID')".
+    The SEG now repeats them empty and holds the voxels on the series; the files are left as they were."""
+    folder = _copy_without(tmp_path / "anonymized", DELETED_BY_ANONYMIZERS)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    datasets, ijk_to_ras, dims = _series_in(folder)
+    assert not any(name in ds for ds in datasets for name in DELETED_BY_ANONYMIZERS)
+    mask = np.zeros((dims[2], dims[1], dims[0]), bool)
+    mask[1, 3:9, 2:12] = True
+    path = write_seg(order_sources(datasets, ijk_to_ras, dims), [mask], [SegmentInfo("Liver", (0.8, 0.2, 0.1))],
+                     tmp_path / "seg.dcm")
+    seg = hd.seg.segread(str(path))
+    assert all(seg.get(name) == "" for name in DELETED_BY_ANONYMIZERS)
+    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (datasets[0].StudyInstanceUID,
+                                                               datasets[0].FrameOfReferenceUID)
+    uids = [ds.SOPInstanceUID for ds in datasets]
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    assert np.array_equal(got[..., 0].astype(bool), mask)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["StudyInstanceUID", "FrameOfReferenceUID"])
+def test_images_without_a_uid_the_seg_must_repeat_are_refused_by_name(tmp_path, name):
+    """A SEG repeats its images' study and frame of reference (Type 1: nothing to fill in); without one highdicom
+    failed ("no attribute 'StudyInstanceUID'", "Source images have no Frame Of Reference UID")."""
+    datasets, ijk_to_ras, dims = _series_in(_copy_without(tmp_path / "series", (name,)))
+    with pytest.raises(SegWriteError, match=f"the source DICOM images have no {name}, which a DICOM SEG must repeat: "
+                                            "export .seg.nrrd or NIfTI instead"):
+        order_sources(datasets, ijk_to_ras, dims)
+    datasets, ijk_to_ras, dims = _series_in(_ct_folder())
+    setattr(datasets[len(datasets) // 2], name, "")  # present, but empty in one image of the series
+    with pytest.raises(SegWriteError, match=f"the source DICOM images have no {name}"):
+        order_sources(datasets, ijk_to_ras, dims)

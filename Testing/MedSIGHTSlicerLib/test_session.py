@@ -433,6 +433,23 @@ def test_a_volume_from_dicom_is_sent_with_its_own_modality():
     assert session.volume_source(node).modality == "PT"
 
 
+def test_a_ct_with_nan_voxels_is_sent_as_ct():
+    """A float CT with NaN outside its field of view (a resampled or registered CT: the engine reads them as its
+    smallest value) was guessed "MR" from one NaN voxel (np.min is NaN, never below -500), so the engine picked an MR
+    window for Hounsfield units."""
+    scene = slicer.vtkMRMLScene()
+    session = MedSIGHTSession(scene)
+    voxels = np.full((3, 8, 8), 40.0, np.float32)
+    voxels[:, :2, :] = -1000.0  # air
+    node = make_volume(scene, voxels, np.eye(4), name="CT", dtype=np.float32)
+    assert session.volume_source(node).modality == "CT"
+    voxels[:, :, :1] = np.nan
+    with_nan = make_volume(scene, voxels, np.eye(4), name="resampled CT", dtype=np.float32)
+    source = session.volume_source(with_nan)
+    assert int(np.isnan(source.array).sum()) == voxels.shape[0] * voxels.shape[1]  # sent as they are
+    assert source.modality == "CT"
+
+
 def set_grid(volume, matrix: np.ndarray) -> None:
     """Edit the volume's IJK-to-RAS, as the Volumes module's origin, spacing and direction fields do."""
     vtk_matrix = vtk.vtkMatrix4x4()

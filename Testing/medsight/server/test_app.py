@@ -195,10 +195,10 @@ def test_errors_are_json_and_the_server_recovers(engine, mni_upload):
             r = c.post("/v1/volumes", content=mni_upload[0], headers={**auth, **NPY})
             assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
             vid = ok()
-            nan = np.zeros((2, 30, 30), np.float32)
-            nan[0, 1, 2] = np.nan
-            r = c.post("/v1/volumes", content=npy(nan), headers={**auth, **NPY})
-            assert r.status_code == 422 and "NaN" in r.json()["message"]
+            infinite = np.zeros((2, 30, 30), np.float32)
+            infinite[0, 1, 2] = np.inf
+            r = c.post("/v1/volumes", content=npy(infinite), headers={**auth, **NPY})
+            assert r.status_code == 422 and "1 infinite" in r.json()["message"]
             assert ok() == vid
             r = c.post("/v1/ask", json={"volume_id": "0" * 64, "messages": QUESTION}, headers=auth)
             assert r.status_code == 422 and r.json()["code"] == "unknown_volume"

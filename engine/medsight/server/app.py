@@ -287,6 +287,7 @@ def create_app(
         return schemas.VolumeInfo(
             volume_id=volume_id, shape=list(volume.array.shape[:3]), modality=volume.modality,
             slices={p: slice_count(volume, p) for p in slice_planes(volume)}, bytes=int(volume.array.nbytes),
+            nan_filled=volume.nan_filled,
         )
 
     @app.post("/v1/volumes", response_model=schemas.VolumeInfo, status_code=201)

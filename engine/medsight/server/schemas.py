@@ -83,6 +83,8 @@ class VolumeInfo(Strict):
     slices: dict[str, int] = Field(description="number of slices per plane, for the planes that can be asked about "
                                    "(a 2D image: only the plane it lies in)")
     bytes: int
+    nan_filled: str | None = Field(default=None, description="NaN voxels of the upload read as the volume's smallest "
+                                   "value, in words (how many, of how many, the value); null when there were none")
 
 
 MAX_MESSAGES, MAX_MESSAGE_CHARACTERS = 64, 16_000

@@ -12,7 +12,7 @@ import numpy as np
 
 from medsight.imaging import ImagingError, Volume
 from medsight.imaging.slicing import check_sliceable
-from medsight.imaging.volume import check_geometry, check_size, check_voxels
+from medsight.imaging.volume import check_geometry, check_size, check_voxels, fill_nan
 
 _ALLOWED_KINDS = "iuf"  # signed, unsigned, float: no booleans (a mask is not an image), objects, strings, complex
 _NPY_MAGIC = b"\x93NUMPY"
@@ -100,12 +100,17 @@ def volume_from_upload(
     direction: np.ndarray,
     modality: str,
 ) -> Volume:
-    """A Volume from an uploaded (k, j, i) array, or a 2D (H, W[, 3]) image as one axial slice."""
+    """A Volume from an uploaded (k, j, i) array, or a 2D (H, W[, 3]) image as one axial slice.
+
+    NaN voxels read as the volume's smallest value, as from a file (`fill_nan`: 3D Slicer loads a NIfTI's NaN as
+    they are, and its user cannot easily replace them); `Volume.nan_filled` says how many, for the response."""
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
         array = array[None]
     check_geometry(spacing, origin, direction, "upload")
+    array, nan_filled = fill_nan(array)
     check_voxels(array, "upload")
-    volume = Volume(array, spacing=spacing, origin=origin, direction=direction, modality=modality.upper())
+    volume = Volume(array, spacing=spacing, origin=origin, direction=direction, modality=modality.upper(),
+                    nan_filled=nan_filled)
     check_sliceable(volume)  # e.g. (1, 1, W): a line of voxels, nothing to ask about
     return volume
 
@@ -117,6 +122,8 @@ def volume_id(volume: Volume) -> str:
     digest.update(np.ascontiguousarray(volume.array))  # the buffer itself: tobytes() would copy the volume
     geometry = (volume.spacing, volume.origin, volume.direction.round(9).tolist(), volume.modality)
     digest.update(repr(geometry).encode())
+    if volume.nan_filled:  # not the upload of the filled voxels: its id would report no NaN filled
+        digest.update(volume.nan_filled.encode())
     return digest.hexdigest()
 
 
