@@ -109,11 +109,36 @@ def test_a_missing_image_says_where_relative_paths_are_looked_for(vqa, tmp_path)
                                                       "image_path": "Images/img.png"}]))
     with pytest.raises(DataError, match=rf"item 'ct0': image not found: {qa / 'Images' / 'img.png'} \(relative image "
                                         r"and mask paths of the data file are joined to --images, by default the data "
-                                        r"file's folder: pass --images with the folder they are relative to\)"):
+                                        r"file's folder: pass --images with the folder they are relative to; "
+                                        r"absolute ones are used as written\)"):
         main(["mc", "--data", str(qa), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
     assert main(["mc", "--data", str(qa), "--images", str(tmp_path), "--report", str(tmp_path / "rep"), "--model",
                  "demo", *ARGS]) == 0
     assert len(read_predictions(tmp_path / "rep" / "predictions.jsonl")) == 1
+
+
+def test_images_is_never_ignored_for_absolute_paths_and_must_be_a_folder(vqa, tmp_path):
+    """A data file naming its images by absolute paths (written on another machine) kept them and ignored --images
+    silently: the run then failed on its first image, advising to pass the --images already given. Absolute paths
+    inside --images are read; outside it, and an --images that is no folder, are refused before anything is asked."""
+    items = json.loads(vqa.read_text())
+    elsewhere = _write_items(tmp_path / "abs.json", items, "/home/author/VQA-RAD/img.png")
+    inside = _write_items(tmp_path / "inside.json", items, str(tmp_path / "img.png"))
+    with pytest.raises(DataError, match=rf"abs\.json: item 0 \(id 'q0'\): /home/author/VQA-RAD/img\.png is an "
+                                        rf"absolute path outside --images {tmp_path}; absolute paths are used as "
+                                        r"written, so --images would be ignored"):
+        _eval(elsewhere, tmp_path / "refused", "--images", str(tmp_path))
+    for images, problem in ((tmp_path / "none", "no such folder"), (vqa, "not a folder")):
+        with pytest.raises(ValueError, match=rf"--images {images}: {problem}; give the folder"):
+            _eval(vqa, tmp_path / "refused", "--images", str(images))
+    assert not (tmp_path / "refused").exists()
+    assert _eval(inside, tmp_path / "report", "--images", str(tmp_path)) == 0
+    assert len(read_predictions(tmp_path / "report" / "predictions.jsonl")) == len(items)
+
+
+def _write_items(path: Path, items: list[dict], image: str) -> Path:
+    path.write_text(json.dumps([{**item, "image": image} for item in items]))
+    return path
 
 
 def test_a_file_as_report_folder_is_refused(vqa):

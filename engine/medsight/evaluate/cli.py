@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
     p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
-    p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder)")
+    p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder); absolute "
+                                     "paths in the data are used as written and must then lie inside it")
     p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
     p.add_argument("--adapter", help="LoRA adapter folder (official layout) applied to --model")
@@ -137,6 +138,10 @@ def _check_args(args: argparse.Namespace) -> Path:
                           ("--bootstrap", args.bootstrap), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
+    if args.images is not None and not os.path.isdir(args.images):
+        what = "not a folder" if os.path.exists(args.images) else "no such folder"
+        raise ValueError(f"--images {args.images}: {what}; give the folder the data file's image and mask paths are "
+                         "relative to")
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         raise ValueError(f"--report {report_dir} is a file; the report goes into a folder (new or from an earlier "
