@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                      "symbolic link is written through: its target gets the new file")
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
-                     "when a write failed) and errors (one message per output not written)")
+                     "when a write failed), errors (one message per output not written), left_out (DICOM images of "
+                     "the series left out of the volume, e.g. a localizer, in words) and lossy_compression (how the "
+                     "image was lossy compressed); the last two are null when there is nothing to say")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
