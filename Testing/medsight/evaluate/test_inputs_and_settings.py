@@ -170,6 +170,14 @@ def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path
     assert "--limit" not in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
+    """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
+    no report, and a rerun with another seed is refused by the folder's recorded settings."""
+    with pytest.raises(ValueError, match=r"--seed -1: must be at least 0"):
+        _eval(vqa, tmp_path / "report", "--model", "demo", "--seed", "-1")
+    assert not (tmp_path / "report").exists()
+
+
 @pytest.mark.parametrize("limit", [-1, 0])
 def test_a_limit_below_one_is_refused(vqa, tmp_path, limit):
     with pytest.raises(ValueError, match=rf"--limit {limit}: must be at least 1"):

@@ -138,6 +138,8 @@ def _check_args(args: argparse.Namespace) -> Path:
                           ("--bootstrap", args.bootstrap), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
+    if args.seed < 0:  # the bootstrap's generator refused it only after every item was answered, and no report came
+        raise ValueError(f"--seed {args.seed}: must be at least 0")
     if args.images is not None and not os.path.isdir(args.images):
         what = "not a folder" if os.path.exists(args.images) else "no such folder"
         raise ValueError(f"--images {args.images}: {what}; give the folder the data file's image and mask paths are "
