@@ -170,6 +170,22 @@ def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path
     assert "--limit" not in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_a_folder_holding_files_no_evaluation_wrote_keeps_them(vqa, tmp_path):
+    """--report pointed at a folder of the user's (their own report.md, a chart) replaced those files with this run's
+    report, unsaid. Refused before anything is asked; the folder of an earlier run is still resumed and rewritten."""
+    mine = {"report.md": "my notes", "accuracy.png": "my chart"}
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"--report {folder} holds report\.md, accuracy\.png, which no evaluation "
+                                         r"recorded there \(no settings\.json\); the report would replace them"):
+        _eval(vqa, folder, "--model", "demo")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == mine
+    assert _eval(vqa, tmp_path / "ours", "--model", "demo") == 0
+    assert _eval(vqa, tmp_path / "ours", "--model", "demo") == 0  # its own report is rewritten on a rerun
+
+
 def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
     """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
     no report, and a rerun with another seed is refused by the folder's recorded settings."""

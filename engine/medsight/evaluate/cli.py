@@ -17,9 +17,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
+from medsight.evaluate.provenance import (
+    ADOPT_FLAG,
+    SETTINGS_FILE,
+    answer_settings,
+    check_settings,
+    data_settings,
+)
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
-from medsight.evaluate.report import answer_type_line, build_report, write_report
+from medsight.evaluate.report import answer_type_line, build_report, report_file_names, write_report
 from medsight.evaluate.runner import (
     RunOptions,
     append_predictions,
@@ -151,6 +157,18 @@ def _check_args(args: argparse.Namespace) -> Path:
     return report_dir
 
 
+def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
+    """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
+    replaced by this run's report without a word. (An older medsight's report folder is taken over with --adopt.)"""
+    if adopt or (report_dir / SETTINGS_FILE).exists():
+        return
+    kept = [name for name in report_file_names() if (report_dir / name).exists()]
+    if kept:
+        raise ValueError(f"--report {report_dir} holds {', '.join(kept)}, which no evaluation recorded there (no "
+                         f"{SETTINGS_FILE}); the report would replace them: choose a new or empty folder, or the "
+                         "folder of an earlier run of this evaluation")
+
+
 def _settings(args: argparse.Namespace, runs, report_dir: Path) -> dict:
     """What produced the folder's predictions (`medsight.evaluate.provenance`)."""
     return {**answer_settings(args.task, args.model, args.adapter, args.vision_file, [o for _, _, o in runs],
@@ -204,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_dir = _check_args(args)
     runs = _runs(args)
     settings = _settings(args, runs, report_dir)
+    _check_no_foreign_report(report_dir, args.adopt_settings)
     report_dir.mkdir(parents=True, exist_ok=True)
     # Before any answer is asked or reused: a folder answered with other settings is refused.
     check_settings(report_dir, settings, adopt=args.adopt_settings)
