@@ -186,6 +186,21 @@ def test_a_folder_holding_files_no_evaluation_wrote_keeps_them(vqa, tmp_path):
     assert _eval(vqa, tmp_path / "ours", "--model", "demo") == 0  # its own report is rewritten on a rerun
 
 
+@pytest.mark.parametrize("option", ["--report", "--adapter", "--vision-file", "--images", "--data", "--vqa-data"])
+def test_an_empty_file_name_is_refused_not_taken_as_not_given(vqa, tmp_path, monkeypatch, capsys, option):
+    """`--report "$UNSET"` wrote the report into the current folder; `--adapter ""` answered without the adapter
+    while settings.json and the report named one (the current folder's files hashed as it)."""
+    monkeypatch.chdir(tmp_path)
+    named = {"--data": str(vqa), "--report": str(tmp_path / "report"), option: ""}
+    args = ["vqa", *(x for pair in named.items() for x in pair), *ARGS]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"medsight eval: error: argument {option}: an empty name: "
+                                                        "give a file or folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img.png", vqa.name])  # nothing written
+
+
 def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
     """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
     no report, and a rerun with another seed is refused by the folder's recorded settings."""

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.commands.options import file_name
 from medsight.evaluate.provenance import (
     ADOPT_FLAG,
     SETTINGS_FILE,
@@ -43,15 +44,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
-    p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
-    p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder); absolute "
-                                     "paths in the data are used as written and must then lie inside it")
+    p.add_argument("--data", type=file_name, required=True,
+                   help="question file (mc: a Modality_*.json file or their folder)")
+    p.add_argument("--images", type=file_name, help="root for relative image/mask paths (default: the data file's "
+                   "folder); absolute paths in the data are used as written and must then lie inside it")
     p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
-    p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
-    p.add_argument("--adapter", help="LoRA adapter folder (official layout) applied to --model")
-    p.add_argument("--report", required=True, help="output folder: predictions*.jsonl, report.json/.md, PNGs")
-    p.add_argument("--vqa-data", help="diagseg: the _vqa.json file; recall then comes from a separate sampled "
-                                      "VQA-path run, as in the paper")
+    p.add_argument("--vision-file", type=file_name, help="UniMed-CLIP checkpoint for the official layout")
+    p.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout) applied to --model")
+    p.add_argument("--report", type=file_name, required=True,
+                   help="output folder: predictions*.jsonl, report.json/.md, PNGs")
+    p.add_argument("--vqa-data", type=file_name, help="diagseg: the _vqa.json file; recall then comes from a separate "
+                   "sampled VQA-path run, as in the paper")
     p.add_argument("--benchmark", choices=("vqa-rad", "slake", "pathvqa"), help="vqa: paper reference numbers")
     p.add_argument("--shard", type=int)
     p.add_argument("--num-shards", type=int)
