@@ -201,6 +201,16 @@ def test_an_empty_file_name_is_refused_not_taken_as_not_given(vqa, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img.png", vqa.name])  # nothing written
 
 
+def test_a_vision_file_the_model_ignores_is_refused_not_named_in_the_report(vqa, tmp_path):
+    """--vision-file with the embedded demo model was ignored by the loader, yet settings.json and the report named it
+    as the vision file the answers came from."""
+    vision = tmp_path / "unimed_clip.pt"
+    vision.write_bytes(b"not used")
+    with pytest.raises(ValueError, match=rf"--vision-file {vision}: --model demo does not use a vision file"):
+        _eval(vqa, tmp_path / "report", "--model", "demo", "--vision-file", str(vision))
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
     """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
     no report, and a rerun with another seed is refused by the folder's recorded settings."""

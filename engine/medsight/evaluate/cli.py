@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.commands.options import file_name
+from medsight.commands.options import check_vision_file, file_name
 from medsight.evaluate.provenance import (
     ADOPT_FLAG,
     SETTINGS_FILE,
@@ -147,6 +147,7 @@ def _check_args(args: argparse.Namespace) -> Path:
                           ("--bootstrap", args.bootstrap), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
+    check_vision_file(args)  # one the model ignores would be named in the report as if it had been used
     if args.seed < 0:  # the bootstrap's generator refused it only after every item was answered, and no report came
         raise ValueError(f"--seed {args.seed}: must be at least 0")
     if args.images is not None and not os.path.isdir(args.images):
