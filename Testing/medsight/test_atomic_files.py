@@ -4,6 +4,9 @@ settings use them."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,3 +68,43 @@ def test_trainer_state_reaches_the_disk_before_it_marks_a_checkpoint_complete(tm
     loaded = trainer_state.read_json(path) if save == "write_json" else trainer_state.load_tensors(path)
     assert int(loaded["step"]) == 3
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+#: A child that replaces an image and its labels sidecar (as `medsight ask --out F.nii` does), says "writing" once half
+#: of the image is in its temporary file, then waits for a signal.
+_WRITER = """
+import importlib.util, sys
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("atomic_files", sys.argv[2])  # standard library only: no torch to load
+atomic_files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic_files)
+replace_files = atomic_files.replace_files
+
+def half_then_wait(target):
+    target.write_text("new image, half")
+    print("writing", flush=True)
+    sys.stdin.read()
+
+folder = Path(sys.argv[1])
+replace_files([(folder / "seg.nii", half_then_wait, ".nii"),
+               (folder / "seg.json", lambda target: target.write_text("new labels"), "")])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_write_ended_by_sigterm_or_ctrl_c_keeps_the_old_files_and_leaves_no_temporary(tmp_path, signum):
+    """SIGTERM (kill, a batch scheduler's time limit) killed the process at once, leaving a hidden half-written
+    `.seg.nii.*.tmp.nii` beside the output; it now removes its temporary and still ends by SIGTERM. Ctrl+C did
+    already (KeyboardInterrupt unwinds the stack)."""
+    old = {"seg.nii": "old image", "seg.json": "old labels"}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), atomic_files.__file__],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert child.stdout.readline() == "writing\n"
+    assert len(list(tmp_path.glob(".seg.nii.*.tmp.nii"))) == 1  # the half-written temporary is there
+    child.send_signal(signum)
+    child.communicate()
+    assert child.returncode == -signum  # still ended by the signal, as a parent (torchrun, Slicer) expects
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old

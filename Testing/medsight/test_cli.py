@@ -540,8 +540,14 @@ def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
     add_localizers(series, 1)
     assert main(["ask", str(series), "What is shown?", *TINY, "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["answer"] is not None
-    assert "note: left out of the volume: 1 image flagged LOCALIZER (ImageType)" in captured.err.splitlines()
+    said = "1 image flagged LOCALIZER (ImageType)"
+    assert f"note: left out of the volume: {said}" in captured.err.splitlines()
+    # A script reading --json learns it too (it was on stderr alone); a whole series says nothing was left out.
+    result = json.loads(captured.out)
+    assert result["answer"] is not None and result["left_out"] == said
+    (series / "scout0.dcm").unlink()
+    assert main(["ask", str(series), "What is shown?", *TINY, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_out"] is None
 
 
 def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
@@ -581,5 +587,8 @@ def test_lossy_compressed_dicom_is_noted(capsys):
     for path, note in ((PYDICOM_FILES / "JPEG-lossy.dcm", said), (PYDICOM_FILES / "CT_small.dcm", None)):
         assert main(["ask", str(path), "What is shown?", *TINY, "--json"]) == 0
         captured = capsys.readouterr()
-        assert json.loads(captured.out)["answer"] is not None
+        result = json.loads(captured.out)
+        assert result["answer"] is not None
         assert (note in captured.err) if note else "lossy" not in captured.err
+        # The same words in the JSON a script reads (they were on stderr alone), null when nothing was lossy.
+        assert result["lossy_compression"] == (note.split("(", 1)[1].rsplit(")", 1)[0] if note else None)

@@ -2,14 +2,47 @@
 it (`replace_file`) or linked into place by the caller. A process killed while writing, or a machine that loses
 power afterwards, leaves either the old file or the new one, never a torn one; files that mark something complete
 (a checkpoint's trainer state, a report's settings) rely on this, and a user's outputs (segmentations, overlays)
-are never left torn where a complete one was expected."""
+are never left torn where a complete one was expected. A write ended by Ctrl+C or SIGTERM removes its temporary."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while a temporary file existed (raised by `temporaries_removed_on_sigterm`'s handler)."""
+
+
+@contextlib.contextmanager
+def temporaries_removed_on_sigterm() -> Iterator[None]:
+    """While inside, SIGTERM unwinds the stack (as Ctrl+C does) so the `except`/`finally` that remove a temporary
+    file run, then ends the process by SIGTERM as before: its default action killed the process at once and left a
+    hidden `.NAME.*.tmp` beside the target (`kill`, a batch scheduler's time limit, Slicer stopping the engine).
+    Only where SIGTERM still has its default action and on the main thread (the only one signals reach); a server
+    or trainer with its own handler keeps it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    terminated = False
+    try:
+        yield
+    except _Terminated:
+        terminated = True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)  # end as the signal would have: the parent sees "killed by SIGTERM"
 
 
 def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
@@ -18,17 +51,18 @@ def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "")
     `suffix`, for writers that pick the format by the name (".nii.gz"); removed if writing fails. It is created
     with the permissions a plain open() gives (not mkstemp's 0600): a user's outputs are shared like any file."""
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}"
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-    except BaseException as err:
-        temporary.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None and err.strerror:
-            # A write's own error names no file (a full disk: "No space left on device"): name the one being written.
-            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
-        raise
+    with temporaries_removed_on_sigterm():
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            write(temporary)
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
+        except BaseException as err:
+            temporary.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.filename is None and err.strerror:
+                # A write's own error names no file (a full disk: "No space left on device"): name the one written.
+                raise OSError(err.errno, err.strerror, os.fspath(path)) from err
+            raise
     return temporary
 
 
@@ -44,15 +78,16 @@ def replace_files(files: list[tuple[Path, Callable[[Path], None], str]]) -> None
     and the link stays (renaming onto the link itself replaced the link and left the target's old content)."""
     files = [(written_file(path), write, suffix) for path, write, suffix in files]
     temporaries: list[Path] = []
-    try:
-        for path, write, suffix in files:
-            temporaries.append(write_temporary(path, write, suffix))
-        for (path, _, _), temporary in zip(files, temporaries, strict=True):
-            os.replace(temporary, path)
-    except BaseException:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
-        raise
+    with temporaries_removed_on_sigterm():
+        try:
+            for path, write, suffix in files:
+                temporaries.append(write_temporary(path, write, suffix))
+            for (path, _, _), temporary in zip(files, temporaries, strict=True):
+                os.replace(temporary, path)
+        except BaseException:
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
+            raise
     for folder in dict.fromkeys(path.parent for path, _, _ in files):
         sync_folder(folder)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from medsight.commands.ask import run_ask
 from medsight.commands.errors import run_command
-from medsight.commands.options import check_vision_file
+from medsight.commands.options import check_vision_file, file_name
 from medsight.commands.serve import run_serve
 from medsight.imaging import PLANES
 from medsight.output_paths import check_download_folder, check_export_folder
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--model", default="demo",
                      help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
-    ask.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
+    ask.add_argument("--vision-file", type=file_name, help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES,
                      help="default: axial, or the plane a 2D image lies in (its only plane with slices)")
     ask.add_argument("--slices", help="'all', 'a:b' (b excluded), or '3,7,9' (default: the middle slice): voxel "
@@ -50,23 +50,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: GenerationOptions' (the official limit)")
     ask.add_argument("--batch", type=_at_least(int, 1), default=16, help="slices per batch")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ask.add_argument("--out", type=_path, help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json "
+    ask.add_argument("--out", type=file_name, help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json "
                      "labels sidecar), .dcm (DICOM input only); never the input; missing folders are created")
-    ask.add_argument("--overlay", type=_path, help="write a slice with its masks drawn on it to this .png")
+    ask.add_argument("--overlay", type=file_name, help="write a slice with its masks drawn on it to this .png")
     ask.add_argument("--overwrite", action="store_true",
                      help="replace existing --out (and its sidecar) and --overlay files (else they are refused); a "
                      "symbolic link is written through: its target gets the new file")
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
-                     "when a write failed) and errors (one message per output not written)")
+                     "when a write failed), errors (one message per output not written), left_out (DICOM images of "
+                     "the series left out of the volume, e.g. a localizer, in words) and lossy_compression (how the "
+                     "image was lossy compressed); the last two are null when there is nothing to say")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
-    serve.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
+    serve.add_argument("--vision-file", type=file_name, help=VISION_FILE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8765, help="1..65535 (default 8765)")
-    serve.add_argument("--token-file", type=_path, help="file holding the bearer token clients must send (needed for "
-                       "any non-loopback host); or set MEDSIGHT_TOKEN. Never on the command line: others can read it")
+    serve.add_argument("--token-file", type=file_name,
+                       help="file holding the bearer token clients must send (needed for any non-loopback host); or "
+                       "set MEDSIGHT_TOKEN. Never on the command line: others can read it")
     serve.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: visible in the process list
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name clients may use (e.g. behind a proxy); loopback names and --host "
@@ -84,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=_at_least(int, 1), default=None,
                        help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
                        "parameters, else the CPU cores this process may use)")
-    serve.add_argument("--audit", metavar="FILE", type=_path, help="append one JSON line per job to FILE: model, "
+    serve.add_argument("--audit", metavar="FILE", type=file_name, help="append one JSON line per job to FILE: model, "
                        "weights hash, volume hash, slices, options, region codes and labels, outcome; never question "
                        "or answer text, pixels or identifiers")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -92,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                        "timings; never questions, answers or pixels)")
 
     for command in (ask, serve):
-        command.add_argument("--adapter", type=_path, help="LoRA adapter folder (official layout: adapter_config.json, "
-                             "adapter weights, non_lora_trainables.bin) applied to --model")
+        command.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout: "
+                             "adapter_config.json, adapter weights, non_lora_trainables.bin) applied to --model")
         # Mirrors medsight.model.perceiver.ATTENTION_IMPLEMENTATIONS (not imported: `--help` stays free of torch).
         command.add_argument("--perceiver-attention", choices=("eager", "sdpa"), default="sdpa",
                              help="sdpa (default) is PyTorch's fused attention kernel (same values within float "
@@ -111,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("export-onnx", help="export the vision encoder and the perceiver to ONNX")
     onnx.add_argument("--model", default="tiny", help="preset, folder or Hugging Face id (default: tiny, random "
                       "weights: name the model the engine serves)")
-    onnx.add_argument("--vision-file", type=_path, help=VISION_FILE_HELP)
-    onnx.add_argument("--out", required=True, type=_path, help="folder for the .onnx graphs and manifest.json "
+    onnx.add_argument("--vision-file", type=file_name, help=VISION_FILE_HELP)
+    onnx.add_argument("--out", required=True, type=file_name, help="folder for the .onnx graphs and manifest.json "
                       "(created if missing)")
     onnx.add_argument("--overwrite", action="store_true", help="replace the graphs and manifest the folder holds")
     onnx.add_argument("--opset", type=int, default=18)
@@ -126,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("repo", nargs="?", help="repository id, REPO_ID[@REVISION] (default: the released "
                           "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
     download.add_argument("--revision")
-    download.add_argument("--dir", type=_path, help="copy the files into this folder instead of only caching them")
+    download.add_argument("--dir", type=file_name, help="copy the files into this folder instead of only caching them")
     download.add_argument("--overwrite", action="store_true",
                           help="replace files in --dir that no download put there or that changed since (else they "
                           "are refused; files a download left there are kept or updated)")
@@ -154,15 +157,6 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is outside 1..65535")
     return port
-
-
-def _path(text: str) -> str:
-    """argparse type: a file or folder name, never empty. An empty one (`--out "$UNSET"`) was taken as not given:
-    no segmentation, overlay or audit log was written and the command still succeeded; export-onnx wrote into the
-    current folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty name: give a file or folder")
-    return text
 
 
 def _modality(text: str) -> str:

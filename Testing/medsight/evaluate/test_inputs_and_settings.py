@@ -109,11 +109,36 @@ def test_a_missing_image_says_where_relative_paths_are_looked_for(vqa, tmp_path)
                                                       "image_path": "Images/img.png"}]))
     with pytest.raises(DataError, match=rf"item 'ct0': image not found: {qa / 'Images' / 'img.png'} \(relative image "
                                         r"and mask paths of the data file are joined to --images, by default the data "
-                                        r"file's folder: pass --images with the folder they are relative to\)"):
+                                        r"file's folder: pass --images with the folder they are relative to; "
+                                        r"absolute ones are used as written\)"):
         main(["mc", "--data", str(qa), "--report", str(tmp_path / "rep"), "--model", "demo", *ARGS])
     assert main(["mc", "--data", str(qa), "--images", str(tmp_path), "--report", str(tmp_path / "rep"), "--model",
                  "demo", *ARGS]) == 0
     assert len(read_predictions(tmp_path / "rep" / "predictions.jsonl")) == 1
+
+
+def test_images_is_never_ignored_for_absolute_paths_and_must_be_a_folder(vqa, tmp_path):
+    """A data file naming its images by absolute paths (written on another machine) kept them and ignored --images
+    silently: the run then failed on its first image, advising to pass the --images already given. Absolute paths
+    inside --images are read; outside it, and an --images that is no folder, are refused before anything is asked."""
+    items = json.loads(vqa.read_text())
+    elsewhere = _write_items(tmp_path / "abs.json", items, "/home/author/VQA-RAD/img.png")
+    inside = _write_items(tmp_path / "inside.json", items, str(tmp_path / "img.png"))
+    with pytest.raises(DataError, match=rf"abs\.json: item 0 \(id 'q0'\): /home/author/VQA-RAD/img\.png is an "
+                                        rf"absolute path outside --images {tmp_path}; absolute paths are used as "
+                                        r"written, so --images would be ignored"):
+        _eval(elsewhere, tmp_path / "refused", "--images", str(tmp_path))
+    for images, problem in ((tmp_path / "none", "no such folder"), (vqa, "not a folder")):
+        with pytest.raises(ValueError, match=rf"--images {images}: {problem}; give the folder"):
+            _eval(vqa, tmp_path / "refused", "--images", str(images))
+    assert not (tmp_path / "refused").exists()
+    assert _eval(inside, tmp_path / "report", "--images", str(tmp_path)) == 0
+    assert len(read_predictions(tmp_path / "report" / "predictions.jsonl")) == len(items)
+
+
+def _write_items(path: Path, items: list[dict], image: str) -> Path:
+    path.write_text(json.dumps([{**item, "image": image} for item in items]))
+    return path
 
 
 def test_a_file_as_report_folder_is_refused(vqa):
@@ -143,6 +168,55 @@ def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path
     full = json.loads((tmp_path / "r" / "report.json").read_text())
     assert full["settings"]["limit"] is None and full["n_items"] == full["n_scored"] == n_data
     assert "--limit" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_folder_holding_files_no_evaluation_wrote_keeps_them(vqa, tmp_path):
+    """--report pointed at a folder of the user's (their own report.md, a chart) replaced those files with this run's
+    report, unsaid. Refused before anything is asked; the folder of an earlier run is still resumed and rewritten."""
+    mine = {"report.md": "my notes", "accuracy.png": "my chart"}
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"--report {folder} holds report\.md, accuracy\.png, which no evaluation "
+                                         r"recorded there \(no settings\.json\); the report would replace them"):
+        _eval(vqa, folder, "--model", "demo")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == mine
+    assert _eval(vqa, tmp_path / "ours", "--model", "demo") == 0
+    assert _eval(vqa, tmp_path / "ours", "--model", "demo") == 0  # its own report is rewritten on a rerun
+
+
+@pytest.mark.parametrize("option", ["--report", "--adapter", "--vision-file", "--images", "--data", "--vqa-data"])
+def test_an_empty_file_name_is_refused_not_taken_as_not_given(vqa, tmp_path, monkeypatch, capsys, option):
+    """`--report "$UNSET"` wrote the report into the current folder; `--adapter ""` answered without the adapter
+    while settings.json and the report named one (the current folder's files hashed as it)."""
+    monkeypatch.chdir(tmp_path)
+    named = {"--data": str(vqa), "--report": str(tmp_path / "report"), option: ""}
+    args = ["vqa", *(x for pair in named.items() for x in pair), *ARGS]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"medsight eval: error: argument {option}: an empty name: "
+                                                        "give a file or folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img.png", vqa.name])  # nothing written
+
+
+def test_a_vision_file_the_model_ignores_is_refused_not_named_in_the_report(vqa, tmp_path):
+    """--vision-file with the embedded demo model was ignored by the loader, yet settings.json and the report named it
+    as the vision file the answers came from."""
+    vision = tmp_path / "unimed_clip.pt"
+    vision.write_bytes(b"not used")
+    with pytest.raises(ValueError, match=rf"--vision-file {vision}: --model demo does not use a vision file"):
+        _eval(vqa, tmp_path / "report", "--model", "demo", "--vision-file", str(vision))
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
+    """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
+    no report, and a rerun with another seed is refused by the folder's recorded settings."""
+    with pytest.raises(ValueError, match=r"--seed -1: must be at least 0"):
+        _eval(vqa, tmp_path / "report", "--model", "demo", "--seed", "-1")
+    assert not (tmp_path / "report").exists()
 
 
 @pytest.mark.parametrize("limit", [-1, 0])

@@ -234,3 +234,29 @@ def test_image_paths_resolve_as_path_resolve(tmp_path, monkeypatch, relative_roo
     masks = _write(tmp_path / "seg.json", [{"qa_id": "s", "question": "q", "short_answer": "a", "image_file": "x",
                                            "mask_ids": [1], "masks": [[1, values]]}])
     assert read_diagseg(masks, image_root=root)[0].masks == expected
+
+
+def test_an_absolute_path_outside_the_named_image_root_is_refused_not_kept(tmp_path):
+    """With --images given, an absolute image or mask path outside it was kept and the option silently ignored."""
+    root, outside = tmp_path / "data", "/elsewhere/x.png"
+    inside = str(root / "imgs" / "x.png")
+    files = {
+        read_diagseg: lambda image, mask: {"qa_id": "d", "question": "q", "short_answer": "a", "image_file": image,
+                                           "mask_ids": [1], "masks": [[1, mask]]},
+        read_llava_vqa: lambda image, _: {"id": "v", "image": image, "answer_type": "open",
+                                          "conversations": [{"value": "q"}, {"value": "a"}]},
+        read_omnimed: lambda image, _: {"question_id": "m", "question": "q", "gt_answer": "A", "option_A": "A",
+                                        "option_B": "B", "image_path": image},
+    }
+    for reader, item in files.items():
+        cases = [(outside, inside), *([(inside, outside)] if reader is read_diagseg else [])]
+        for image, mask in cases:
+            data = _write(tmp_path / "Modality_CT.json", [item(image, mask)])
+            with pytest.raises(DataError, match=rf"Modality_CT\.json: item 0 \(id '.'\): {outside} is an absolute "
+                                                rf"path outside --images {root}"):
+                reader(data, image_root=root)
+            (found,) = reader(data)  # no --images: absolute paths are used as written
+            assert str(found.image) == image
+        data = _write(tmp_path / "Modality_CT.json", [item(inside, inside)])
+        (found,) = reader(data, image_root=root)
+        assert str(found.image) == inside and [str(m) for m in found.masks] == ([inside] if found.masks else [])

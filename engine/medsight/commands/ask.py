@@ -54,7 +54,7 @@ def run_ask(args: argparse.Namespace) -> int:
     written, errors = write_outputs(args, volume, answers, window)
     errors = [not_printed, *errors] if not_printed else errors
     if args.json:
-        _print_json(args, answers, written, errors)
+        _print_json(args, volume, answers, written, errors)
     else:
         for name, path in written.items():
             if path:
@@ -168,7 +168,9 @@ def _print_answers(args: argparse.Namespace, answers) -> None:
     sys.stdout.flush()
 
 
-def _print_json(args: argparse.Namespace, answers, written: dict[str, str | None], errors: list[str]) -> None:
+def _print_json(args: argparse.Namespace, volume, answers, written: dict[str, str | None], errors: list[str]) -> None:
+    """The answers as one JSON object; the notes printed on stderr about the input (images left out of the series,
+    lossy compression) are in it too, so a script reading only stdout learns them (they were on stderr alone)."""
     def region_json(r) -> dict:
         return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
                 "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
@@ -180,4 +182,6 @@ def _print_json(args: argparse.Namespace, answers, written: dict[str, str | None
         "slices": [{"plane": args.plane, "index": a.slice_index, "answer": a.text} for a in answers],
         **written,
         "errors": errors,
+        "left_out": volume.left_out,
+        "lossy_compression": volume.lossy_compression,
     }))

@@ -6,6 +6,16 @@ import argparse
 from pathlib import Path
 
 
+def file_name(text: str) -> str:
+    """argparse type: a file or folder name, never empty. An empty one (`--out "$UNSET"`) was taken as not given:
+    no segmentation, overlay or audit log was written and the command still succeeded; export-onnx wrote into the
+    current folder, `eval --report ""` its report, and `eval --adapter ""` answered without the adapter while its
+    report named one."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name: give a file or folder")
+    return text
+
+
 def check_vision_file(args: argparse.Namespace) -> None:
     """load_model reads a vision file only for a model in the official release layout: refuse one it would ignore."""
     if not args.vision_file:

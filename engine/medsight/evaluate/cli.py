@@ -17,9 +17,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
+from medsight.commands.options import check_vision_file, file_name
+from medsight.evaluate.provenance import (
+    ADOPT_FLAG,
+    SETTINGS_FILE,
+    answer_settings,
+    check_settings,
+    data_settings,
+)
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
-from medsight.evaluate.report import answer_type_line, build_report, write_report
+from medsight.evaluate.report import answer_type_line, build_report, report_file_names, write_report
 from medsight.evaluate.runner import (
     RunOptions,
     append_predictions,
@@ -37,14 +44,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
-    p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
-    p.add_argument("--images", help="root for relative image/mask paths (default: the data file's folder)")
+    p.add_argument("--data", type=file_name, required=True,
+                   help="question file (mc: a Modality_*.json file or their folder)")
+    p.add_argument("--images", type=file_name, help="root for relative image/mask paths (default: the data file's "
+                   "folder); absolute paths in the data are used as written and must then lie inside it")
     p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
-    p.add_argument("--vision-file", help="UniMed-CLIP checkpoint for the official layout")
-    p.add_argument("--adapter", help="LoRA adapter folder (official layout) applied to --model")
-    p.add_argument("--report", required=True, help="output folder: predictions*.jsonl, report.json/.md, PNGs")
-    p.add_argument("--vqa-data", help="diagseg: the _vqa.json file; recall then comes from a separate sampled "
-                                      "VQA-path run, as in the paper")
+    p.add_argument("--vision-file", type=file_name, help="UniMed-CLIP checkpoint for the official layout")
+    p.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout) applied to --model")
+    p.add_argument("--report", type=file_name, required=True,
+                   help="output folder: predictions*.jsonl, report.json/.md, PNGs")
+    p.add_argument("--vqa-data", type=file_name, help="diagseg: the _vqa.json file; recall then comes from a separate "
+                   "sampled VQA-path run, as in the paper")
     p.add_argument("--benchmark", choices=("vqa-rad", "slake", "pathvqa"), help="vqa: paper reference numbers")
     p.add_argument("--shard", type=int)
     p.add_argument("--num-shards", type=int)
@@ -137,11 +147,30 @@ def _check_args(args: argparse.Namespace) -> Path:
                           ("--bootstrap", args.bootstrap), ("--batch", args.batch)):
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
+    check_vision_file(args)  # one the model ignores would be named in the report as if it had been used
+    if args.seed < 0:  # the bootstrap's generator refused it only after every item was answered, and no report came
+        raise ValueError(f"--seed {args.seed}: must be at least 0")
+    if args.images is not None and not os.path.isdir(args.images):
+        what = "not a folder" if os.path.exists(args.images) else "no such folder"
+        raise ValueError(f"--images {args.images}: {what}; give the folder the data file's image and mask paths are "
+                         "relative to")
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         raise ValueError(f"--report {report_dir} is a file; the report goes into a folder (new or from an earlier "
                          "run of the same evaluation)")
     return report_dir
+
+
+def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
+    """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
+    replaced by this run's report without a word. (An older medsight's report folder is taken over with --adopt.)"""
+    if adopt or (report_dir / SETTINGS_FILE).exists():
+        return
+    kept = [name for name in report_file_names() if (report_dir / name).exists()]
+    if kept:
+        raise ValueError(f"--report {report_dir} holds {', '.join(kept)}, which no evaluation recorded there (no "
+                         f"{SETTINGS_FILE}); the report would replace them: choose a new or empty folder, or the "
+                         "folder of an earlier run of this evaluation")
 
 
 def _settings(args: argparse.Namespace, runs, report_dir: Path) -> dict:
@@ -197,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_dir = _check_args(args)
     runs = _runs(args)
     settings = _settings(args, runs, report_dir)
+    _check_no_foreign_report(report_dir, args.adopt_settings)
     report_dir.mkdir(parents=True, exist_ok=True)
     # Before any answer is asked or reused: a folder answered with other settings is refused.
     check_settings(report_dir, settings, adopt=args.adopt_settings)

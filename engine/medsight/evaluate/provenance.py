@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from medsight.atomic_files import replace_file, sync_folder, write_temporary
+from medsight.atomic_files import replace_file, sync_folder, temporaries_removed_on_sigterm, write_temporary
 from medsight.evaluate.readers import DataError
 from medsight.user_files import read_user_json
 
@@ -209,11 +209,12 @@ def _write_once(path: Path, settings: dict[str, Any]) -> None:
     """
     text = (json.dumps(settings, indent=1) + "\n").encode()
     try:
-        tmp = write_temporary(path, lambda target: target.write_bytes(text))
-        try:
-            _link_or_create(tmp, path, text)
-        finally:
-            os.unlink(tmp)
+        with temporaries_removed_on_sigterm():
+            tmp = write_temporary(path, lambda target: target.write_bytes(text))
+            try:
+                _link_or_create(tmp, path, text)
+            finally:
+                os.unlink(tmp)
         sync_folder(path.parent)
     except OSError as err:
         raise DataError(f"cannot record the report's settings in {path}: {err}") from None

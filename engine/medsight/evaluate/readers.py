@@ -2,7 +2,8 @@
 
 A data file is one JSON list of items, or JSON Lines (one item per line) when its name ends in ``.jsonl``.
 Every reader returns `EvalItem`s. Relative image and mask paths are joined to ``image_root`` (default: the data
-file's folder); absolute ones are kept, as the official ``os.path.join(image_folder, abs)`` does.
+file's folder); absolute ones are kept, as the official ``os.path.join(image_folder, abs)`` does, but with an
+``image_root`` given (--images) only inside it: one outside would ignore the option silently.
 """
 
 from __future__ import annotations
@@ -140,15 +141,24 @@ def _answer(path: Path, index: int, item, value, dotted: str) -> str:
 class _Resolver:
     """Resolves a data file's relative paths against ``root`` to the path ``(root / value).resolve()`` gives (an
     absolute one is kept), resolving each distinct folder once: a full resolve walks every folder of the path again,
-    item by item, and was most of the time to read 100,000 OmniMedVQA items, whose images share a few folders."""
+    item by item, and was most of the time to read 100,000 OmniMedVQA items, whose images share a few folders.
 
-    def __init__(self, root: Path) -> None:
+    With a ``root`` the user named (--images), an absolute path outside it is refused: it would be kept and --images
+    silently ignored (a data file written on another machine, /home/author/..., then failed on its first image with
+    advice to pass the --images already given)."""
+
+    def __init__(self, root: Path, named: bool = False) -> None:
         self.root = root
+        self.named = named
         self._folders: dict[Path, Path] = {}
 
-    def __call__(self, value: str) -> Path:
+    def __call__(self, value: str, where: str = "") -> Path:
         p = Path(value)
         if p.is_absolute():
+            if self.named and not _inside(p, self.root):
+                raise DataError(f"{where}: {value} is an absolute path outside --images {self.root}; absolute paths "
+                                "are used as written, so --images would be ignored: leave out --images, or make the "
+                                "data file's paths relative to it")
             return p
         joined = self.root / p
         # A name that is a link (or "..", or none) is resolved whole, as before: only a plain name is appended. So is
@@ -160,6 +170,20 @@ class _Resolver:
             folder = self._folders[joined.parent] = joined.parent.resolve()
         found = folder / joined.name
         return joined.resolve() if found.is_symlink() else found
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies under `folder`, as written or once links are resolved (the root a link to the data)."""
+    def under(p: str, f: str) -> bool:
+        return os.path.commonpath([p, f]) == f
+
+    return under(os.path.abspath(path), os.path.abspath(folder)) or under(os.path.realpath(path),
+                                                                            os.path.realpath(folder))
+
+
+def _resolver(path: Path, image_root: str | Path | None) -> _Resolver:
+    """Relative paths of the data file `path` join `image_root` (--images) if given, else the file's folder."""
+    return _Resolver(path.parent) if image_root is None else _Resolver(Path(image_root), named=True)
 
 
 def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
@@ -218,7 +242,7 @@ def _gt_mask_files(resolve: _Resolver, where: str, last_id, entries) -> list[Pat
         named = entry[1] if isinstance(entry[1], list) else [entry[1]]
         if not named or not all(isinstance(f, str) and f.strip() for f in named):
             raise DataError(f"{where}: the files of 'masks' entry {entry!r} must be PNG paths")
-        files += [resolve(f) for f in named]
+        files += [resolve(f, where) for f in named]
     return files
 
 
@@ -229,7 +253,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
     target is the union of the PNGs listed in ``masks`` for the *last* ``mask_ids`` entry (`_gt_mask_files`).
     """
     path = Path(path)
-    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
+    resolve = _resolver(path, image_root)
     items = []
     for i, raw in enumerate(_load_list(path)):
         where = _where(path, i, raw)
@@ -250,7 +274,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             # Kept as given, a blank or missing one as "": run_eval.py scores only "open" and "close..." (it skips
             # "" and "mc", and fails on a missing one), and the report skips and names the others alike.
             answer_type=(_optional_text(path, i, raw, "answer_type") or "").lower(),
-            image=resolve(_text(path, i, raw, "image_file")),
+            image=resolve(_text(path, i, raw, "image_file"), where),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")), masks=masks,
         ))
     return _check_unique(path, items)
@@ -259,7 +283,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
 def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
     """VQA-RAD / SLAKE / PathVQA in LLaVA(-Med) format: id, image, conversations, answer_type."""
     path = Path(path)
-    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
+    resolve = _resolver(path, image_root)
     items = []
     for i, raw in enumerate(_load_list(path)):
         answer_type = _text(path, i, raw, "answer_type").lower()
@@ -268,7 +292,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
             question=_question(path, i, raw, "conversations.0.value"),
             answer=_answer(path, i, raw, _field(path, i, raw, "conversations.1.value"), "conversations.1.value"),
             answer_type=answer_type,  # kept as given: the report names types the official scoring skips
-            image=resolve(_text(path, i, raw, "image")),
+            image=resolve(_text(path, i, raw, "image"), _where(path, i, raw)),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))
     return _check_unique(path, items)
@@ -299,7 +323,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
                 read_from[item.id] = f
                 items.append(item)
         return items
-    resolve = _Resolver(Path(image_root) if image_root is not None else path.parent)
+    resolve = _resolver(path, image_root)
     modality = _omni_modality(path)
     items = []
     for i, raw in enumerate(_load_list(path)):
@@ -308,7 +332,8 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
         items.append(EvalItem(
             id=_text(path, i, raw, "question_id", numbers=True), question=question + MC_SUFFIX,
             answer=_answer(path, i, raw, _field(path, i, raw, "gt_answer"), "gt_answer"), answer_type="mc",
-            image=resolve(_text(path, i, raw, "image_path")), modality=modality, options=options,
+            image=resolve(_text(path, i, raw, "image_path"), _where(path, i, raw)), modality=modality,
+            options=options,
         ))
     return _check_unique(path, items)
 

@@ -408,6 +408,12 @@ CHART_METRICS = {"diagseg": ("dice", "recall"), "vqa": ("recall_all", "recall", 
                  "mc": ("accuracy",)}
 
 
+def report_file_names() -> list[str]:
+    """Every file name `write_report` may write, for any task."""
+    charts = dict.fromkeys(f"{metric}.png" for metrics in CHART_METRICS.values() for metric in metrics)
+    return ["report.json", "report.md", *charts]
+
+
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """report.json, report.md and one PNG per headline metric the report has; returns the written paths.
 

@@ -33,7 +33,7 @@ RECORD_KEYS = ("question_id", "text")
 INPUT_SAMPLE = 1 << 16
 #: Where a missing image or mask was looked for (`medsight.evaluate.readers` joins relative paths so).
 PATHS_HINT = ("relative image and mask paths of the data file are joined to --images, by default the data file's "
-              "folder: pass --images with the folder they are relative to")
+              "folder: pass --images with the folder they are relative to; absolute ones are used as written")
 #: Items named in the error for answers to other inputs.
 SHOWN_ITEMS = 5
 
