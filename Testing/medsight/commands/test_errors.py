@@ -48,6 +48,7 @@ def test_under_torchrun_each_error_line_is_printed_by_one_rank(monkeypatch, caps
     agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))  # as torchrun's agent serves it
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     lines = ["field 'lr' is 0 (number); expected a number > 0"] * 2 + ["item 3: cannot read the image a.png"]
     said = []
     for rank, line in enumerate(lines):
@@ -69,6 +70,7 @@ def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys
     agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     parser = CommandParser(prog="prog")
     parser.add_argument("--data", required=True)
     said = []
@@ -81,3 +83,18 @@ def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys
     assert said[0].startswith("usage: prog") and said[0].endswith("prog: error: the following arguments are "
                                                                    "required: --data\n")
     assert said[1] == ""
+
+
+def test_ranks_not_started_by_torchrun_print_at_once(monkeypatch, capfd):
+    """Ranks started without torchrun (srun with env:// rendezvous, a hand-set RANK) have no store at MASTER_ADDR:
+    MASTER_PORT before `init_process_group`: each tried to connect, and printed a page of c10d connection tracebacks
+    (after 5-10 s) above its error line."""
+    from medsight_testing.live_server import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    line = "field 'lr' is 0 (number); expected a number > 0"
+    assert run_command(refused(line), "prog") == 2
+    assert capfd.readouterr().err == f"prog: error: {line}\n"

@@ -72,3 +72,16 @@ def test_requests_whose_headers_arrive_in_time_are_answered(quick):
     with httpx.Client(base_url=quick) as c:
         for _ in range(3):  # one connection, kept between requests
             assert c.get("/v1/health").status_code == 200
+
+
+def test_the_next_request_after_an_unread_body_has_its_deadline_too(quick):
+    """A response sent before its request's body was read (a health check given a body) ended while the client was
+    still sending: the next request's deadline was armed only at a response's end, so headers trickled after that
+    body held the connection for ever."""
+    host, port = quick.removeprefix("http://").split(":")
+    body = b"x" * 100
+    with socket.create_connection((host, int(port))) as kept:
+        kept.sendall(f"GET /v1/health HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")  # answered before the body arrived
+        kept.sendall(body)
+        assert _closed_by_server(kept, b"GET /v1/health HTTP/1.1\r\nX-Padding: " + b"a" * 10_000)

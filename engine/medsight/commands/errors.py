@@ -78,8 +78,11 @@ def first_to_report(line: str) -> bool:
     Every rank runs the same checks on the same files, so a bad config or data set was refused once per rank: the
     same line N times. The ranks agree through the store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (where
     `init_process_group` meets), which counts each line: the rank that counts it first prints it. A line one rank
-    alone raises (its sample, its disk) is still printed; a store that cannot be reached in a few seconds prints."""
-    if os.environ.get("RANK") is None or "MASTER_ADDR" not in os.environ:
+    alone raises (its sample, its disk) is still printed; a store that cannot be reached in a few seconds prints.
+    Only where torchrun says its agent serves that store (TORCHELASTIC_USE_AGENT_STORE, torch's own test): ranks
+    started otherwise (srun, a hand-set RANK) have none there before `init_process_group`, and trying cost each
+    rank 5-10 s and a page of c10d connection tracebacks above its one error line."""
+    if os.environ.get("RANK") is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
         return True
     try:
         from datetime import timedelta

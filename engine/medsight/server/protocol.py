@@ -32,6 +32,10 @@ class HeaderDeadlineProtocol(H11Protocol):
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:  # a request's headers arrived (or the connection ended)
             self._disarm()
+        elif self.conn.our_state is h11.IDLE and self._headers_due is None and not self.transport.is_closing():
+            # A new cycle began here, not at a response's end: the response went out before its request's body
+            # was read, and the body's end started the next cycle. Its headers are due in turn.
+            self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
