@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.commands.errors import CommandParser
 from medsight.evaluate.provenance import ADOPT_FLAG, answer_settings, check_settings, data_settings
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import answer_type_line, build_report, write_report
@@ -34,7 +35,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
+    p = CommandParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
     p.add_argument("--data", required=True, help="question file (mc: a Modality_*.json file or their folder)")
