@@ -8,7 +8,8 @@ Layout of an output folder::
       loss.png                   loss curves (rewritten at every save)
       checkpoints/step-0000010/  single process: `save_pretrained` folder (a LoRA run: its adapter folder,
                                  `CheckpointWeights`) + trainer_state.pt (optimizer, scheduler, step, RNG);
-                                 torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
+                                 torchrun: sharded/ (DCP; a LoRA run: its trained tensors, and its adapter folder)
+                                 + trainer_state.json + rng-rank{r}.json
       final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps),
                                  as every step checkpoint and final_official/ (`write_trained_by`)
 
@@ -203,15 +204,22 @@ class TrainConfig:
 C = TypeVar("C", bound=TrainConfig)
 
 
+#: Writes a model's weights into a folder from (folder, gathered state or None for the model's own); returns it.
+Finalize = Callable[[Path, "dict[str, torch.Tensor] | None"], Path]
+
+
 @dataclass(frozen=True)
 class CheckpointWeights:
-    """How a single-process step checkpoint holds the model's weights, where not the whole model in our format (a
-    LoRA run: only the adapter and the other trained tensors, as its `final/`; the frozen base is the run's
-    init_from). `save(folder)` writes them; `load(folder)` puts them back into the model, refusing what does not fit.
+    """How a step checkpoint holds the model's weights, where not the whole model (a LoRA run: only the adapter and
+    the other trained tensors, in its `final/`'s layout; the frozen base is the run's init_from). `save(folder,
+    state)` writes them from the model, or from `state` (the trained tensors gathered under torchrun, by the model's
+    names); `load(folder)` puts them back into the model (single process), refusing what does not fit; `check(folder)`
+    refuses a checkpoint of another base (torchrun, whose DCP shards then hold only the trained tensors);
     `is_saved(folder)`: whether a checkpoint holds them in this form (else it is read as a whole model)."""
 
-    save: Callable[[Path], None]
+    save: Finalize
     load: Callable[[Path], None]
+    check: Callable[[Path], None]
     is_saved: Callable[[Path], bool]
 
 
@@ -475,7 +483,6 @@ def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: st
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
-Finalize = Callable[[Path, "dict[str, torch.Tensor] | None"], Path]
 
 
 def train(
@@ -510,7 +517,7 @@ def train(
             trains only some rows of the input embedding this way).
         finalize: writes `final/` from (folder, gathered state or None for `model.state_dict()`); default
             `save_pretrained`. Runs on rank 0 only.
-        weights: what a single-process step checkpoint holds of the model (default: all of it).
+        weights: what a step checkpoint holds of the model (default: all of it).
     """
     out = Path(out_dir)
     # Before anything is written (and, under torchrun, before the ranks meet, so no rank sees rank 0's files).
@@ -751,14 +758,15 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
     the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stage`: the
     run's name, recorded as `write_trained_by` (a single-process checkpoint is a model folder an init_from can name);
-    `weights`: what a single-process checkpoint holds of the model instead (a LoRA run: its adapter).
+    `weights`: what a checkpoint holds of the model instead (a LoRA run: its adapter; sharded, beside the DCP shards
+    of its trained tensors alone).
     """
     counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
         if weights is None:
             save_pretrained(model, folder)
         else:
-            weights.save(folder)
+            weights.save(folder, None)
         if stage is not None:
             write_trained_by(folder, stage, step)
         sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
@@ -767,10 +775,13 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
         trainer_state.save_tensors(folder / STATE_FILE, state)
         return folder
     rank = dist.get_rank()
-    groups = fsdp.save_sharded(folder, root, optimizer)
+    groups = fsdp.save_sharded(folder, root, optimizer, trained_only=weights is not None)
     trainer_state.write_json(folder / f"rng-rank{rank}.json", trainer_state.rng_state())
+    trained = None if weights is None else fsdp.gathered_trained(root)  # collective
     dist.barrier()
     if rank == 0:
+        if trained is not None:
+            weights.save(folder, trained)
         if stage is not None:
             write_trained_by(folder, stage, step)
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
@@ -856,10 +867,13 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
     check_data(folder, plain, data, data_changed_ok)
+    trained_only = weights is not None and weights.is_saved(folder)
+    if trained_only:
+        weights.check(folder)
     if sharded:
-        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"], trained_only)
     else:  # a torchrun run continued in one process (one GPU left): its position says which samples come next
-        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"])
+        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"], trained_only)
     scheduler.load_state_dict(plain["scheduler"])
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     rng_file = folder / f"rng-rank{rank}.json"

@@ -31,6 +31,7 @@ from medsight.model.adapter import (
     LoraSettings,
     add_lora,
     base_fingerprint,
+    check_base,
     restore_adapter,
     save_adapter,
 )
@@ -491,9 +492,10 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
     # Step checkpoints hold what the run trains, in final/'s layout (an adapter `--adapter` takes), not the frozen
     # base as well (about 18 GB per step for the 8B model); a resume rebuilds the base from init_from.
     weights = CheckpointWeights(
-        save=lambda folder: save_adapter(peft_model, folder, non_lora, None, base),
+        save=finalize,
         load=lambda folder: restore_adapter(peft_model, folder, non_lora, base["weights_fingerprint"],
                                             config.init_from),
+        check=lambda folder: check_base(folder, base["weights_fingerprint"], config.init_from),
         is_saved=lambda folder: (folder / ADAPTER_CONFIG).is_file())
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
                      finalize=finalize, cache=cache, weights=weights)
