@@ -98,3 +98,30 @@ def test_ranks_not_started_by_torchrun_print_at_once(monkeypatch, capfd):
     line = "field 'lr' is 0 (number); expected a number > 0"
     assert run_command(refused(line), "prog") == 2
     assert capfd.readouterr().err == f"prog: error: {line}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_under_torchrun_the_usage_error_of_train_and_eval_is_printed_by_one_rank(command, monkeypatch, capsys):
+    """`medsight eval` runs under torchrun as train does, but its parser was a plain ArgumentParser: a usage error
+    (no --data) was printed by every rank. Both commands' parsers print it once; every rank exits 2."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from medsight.evaluate.cli import parser as eval_parser
+    from medsight.train.cli import parser as train_parser
+
+    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    parser = {"train": train_parser, "eval": eval_parser}[command]()
+    said = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args([])
+        assert stopped.value.code == 2
+        said.append(capsys.readouterr().err)
+    assert said[0].startswith(f"usage: {parser.prog}") and f"{parser.prog}: error: " in said[0]
+    assert said[1] == ""

@@ -146,3 +146,71 @@ def test_a_stage2_run_with_an_untrained_codebook_resumes_under_torchrun_and_in_o
     one = interrupted("one")
     assert len(launch(one, 1, "--resume")) == STAGE2.max_steps  # on: its global batch is one rank's
     assert latest_checkpoint(one).name == f"step-{STAGE2.max_steps:07d}"
+
+
+def test_a_lora_torchrun_checkpoint_holds_only_what_it_trains_and_resumes_exactly(setup, lora, tmp_path):
+    """A LoRA run's torchrun checkpoints held the whole model's shards, frozen base included, and no adapter. They
+    now hold the trained tensors' shards (and their Adam moments) and, gathered on rank 0, the adapter in final/'s
+    layout (`--adapter` takes it); the resume under torchrun logs the uninterrupted run's losses and one in one
+    process goes on to the end."""
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from medsight.model.adapter import ADAPTER_CONFIG, BASE_FILE
+    from medsight.model.checkpoints import CheckpointError
+    from medsight.model.loading import load_model
+    from medsight.train.cli import main as train_main
+    from medsight.train.fsdp import SHARDED_DIR
+    from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, LOG_FILE, latest_checkpoint
+    from medsight.train.stages import add_lora_for_training
+    from medsight_testing.train_data import probe
+
+    first = LORA.max_steps // 2
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps({**LORA.to_dict(), "save_every": first, "init_from": str(setup["start"])}))
+
+    def launch(out, world: int, *resume: str) -> list[float]:
+        args = ["lora", "--config", str(config), "--data", str(setup["data"]["root"]), "--out", str(out), *resume]
+        if world == 1:
+            assert train_main(args) == 0
+        else:
+            torchrun(world, ["-m", "medsight.train.cli", *args])
+        return [r["loss"] for r in read_log(out)]
+
+    def interrupted(name: str):
+        """A copy of the run as a kill after step `first`'s checkpoint leaves it."""
+        copy = shutil.copytree(tmp_path / "run", tmp_path / name)
+        shutil.rmtree(copy / FINAL_DIR)
+        for later in range(first + 1, LORA.max_steps + 1):
+            shutil.rmtree(copy / CHECKPOINT_DIR / f"step-{later:07d}")
+        log = copy / LOG_FILE
+        log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:first]))
+        return copy
+
+    assert launch(tmp_path / "run", WORLD) == lora[0]
+    step = tmp_path / "run" / CHECKPOINT_DIR / f"step-{first:07d}"
+    saved = dcp.FileSystemReader(str(step / SHARDED_DIR)).read_metadata().state_dict_metadata
+    model = load_pretrained(setup["start"]).requires_grad_(False)  # as the run freezes it before LoRA goes in
+    add_lora_for_training(model, LORA)
+    trained = {"model.model." + n for n, p in model.named_parameters() if p.requires_grad}
+    assert {k for k in saved if k.startswith("model.")} == trained
+    assert (step / ADAPTER_CONFIG).is_file() and (step / BASE_FILE).is_file()
+    last = tmp_path / "run" / CHECKPOINT_DIR / f"step-{LORA.max_steps:07d}"
+    with torch.no_grad():
+        want = probe(load_model(str(setup["start"]), device="cpu", adapter=tmp_path / "run" / FINAL_DIR),
+                     setup["data"]["lvlm"])
+        got = probe(load_model(str(setup["start"]), device="cpu", adapter=last), setup["data"]["lvlm"])
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert launch(interrupted("two"), WORLD, "--resume") == lora[0]
+    one = interrupted("one")
+    assert len(launch(one, 1, "--resume")) == LORA.max_steps  # on: its global batch is one rank's
+    assert latest_checkpoint(one).name == f"step-{LORA.max_steps:07d}"
+    other = interrupted("other-base")  # a checkpoint that records another base than the run's init_from
+    record_file = other / CHECKPOINT_DIR / f"step-{first:07d}" / BASE_FILE
+    record = json.loads(record_file.read_text())
+    record["weights_fingerprint"] = "0" * 64
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"was trained on a base model with weights fingerprint 000000000000"):
+        launch(other, 1, "--resume")

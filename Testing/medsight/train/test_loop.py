@@ -299,11 +299,19 @@ def test_a_torn_line_that_is_not_the_last_stays_an_error(tmp_path):
 
 
 def _assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
-    """The resumed run's final weights and loss log equal the uninterrupted run's, exactly."""
+    """The resumed run's final weights (a model, or a LoRA run's adapter and other trained tensors) and loss log
+    equal the uninterrupted run's, exactly."""
+    from medsight.model.adapter import ADAPTER_CONFIG, read_non_lora
+    from medsight.model.checkpoints import read_safetensors_file
     from medsight.model.loading import load_pretrained
 
-    want = load_pretrained(whole / FINAL_DIR).state_dict()
-    got = load_pretrained(resumed / FINAL_DIR).state_dict()
+    def trained(final: Path) -> dict[str, torch.Tensor]:
+        if not (final / ADAPTER_CONFIG).is_file():
+            return load_pretrained(final).state_dict()
+        return {**read_safetensors_file(final / "adapter_model.safetensors"), **read_non_lora(final)}
+
+    want, got = trained(whole / FINAL_DIR), trained(resumed / FINAL_DIR)
+    assert want.keys() == got.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) == 0
     losses = [[r["loss"] for r in read_log(out)] for out in (whole, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == steps
@@ -356,6 +364,71 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
                       rf"the image {image}: .*; the run's state after step {failing_step - 1} is saved in {kept}: "
                       r"replace the file"),
         config["max_steps"])
+
+
+def test_a_lora_run_resumes_from_its_adapter_checkpoint_as_if_uninterrupted(tmp_path):
+    """A LoRA run's step checkpoint holds only what the run trains (its adapter, non_lora_trainables.bin) and the
+    trainer state; the resume rebuilds the frozen base from init_from, checks it is the run's (the fingerprint in
+    the checkpoint) and ends exactly as an uninterrupted run. So does the resume of a checkpoint in the earlier
+    whole-model form, and one on another base is refused."""
+    import json
+
+    from medsight.model.adapter import ADAPTER_CONFIG, BASE_FILE, NON_LORA_FILE
+    from medsight.model.checkpoints import CheckpointError
+    from medsight.model.loading import save_pretrained
+    from medsight.train.cli import initial_model
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import SampleOrder
+    from medsight.train.stages import LoraConfig, add_lora_for_training
+    from medsight_testing.train_data import write_synthetic
+
+    data = write_synthetic(tmp_path / "data")
+    items = json.loads(data["lvlm"].read_text())
+    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100, "lr": 1e-2}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    failing_step = 3
+    index = SampleOrder(len(items), TrainConfig.seed)[failing_step - 1]  # batch 1 x grad_accum 1: one per step
+    image = data["root"] / items[index]["image"]
+    whole = image.read_bytes()
+
+    def run(out: str, *extra: str) -> int:
+        return train_main(["lora", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
+                           "--out", str(tmp_path / out), *extra])
+
+    def keep_copies() -> None:
+        image.write_bytes(whole)
+        for name in ("old-format", "other-base"):
+            shutil.copytree(tmp_path / "broken", tmp_path / name)
+
+    _assert_stops_keeping_its_steps_then_resumes(
+        tmp_path, run, failing_step, lambda: image.write_bytes(whole[: len(whole) // 2]), keep_copies,
+        lambda kept: rf"step {failing_step}: .*cannot read the image .*; the run's state after step "
+                     rf"{failing_step - 1} is saved in {kept}", config["max_steps"])
+    kept = tmp_path / "broken" / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}"
+    assert (kept / ADAPTER_CONFIG).is_file() and not list(kept.glob("model*.safetensors"))
+
+    # The same state in the whole-model form a step checkpoint had before: the model with its LoRA layers.
+    old = tmp_path / "old-format" / CHECKPOINT_DIR / kept.name
+    lora_config = LoraConfig.from_json(tmp_path / "cfg.json")
+    model = initial_model(lora_config)
+    peft_model, _, non_lora = add_lora_for_training(model, lora_config)
+    from medsight.model.adapter import base_fingerprint, restore_adapter
+
+    fingerprint = json.loads((old / BASE_FILE).read_text())["weights_fingerprint"]
+    restore_adapter(peft_model, old, non_lora, fingerprint, "tiny")
+    for name in (ADAPTER_CONFIG, "adapter_model.safetensors", NON_LORA_FILE, BASE_FILE):
+        (old / name).unlink()
+    save_pretrained(model, old)
+    assert run("old-format", "--resume") == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "old-format", config["max_steps"])
+
+    # A base other than the run's: its record in the checkpoint refuses it, naming both.
+    other = tmp_path / "other-base" / CHECKPOINT_DIR / kept.name
+    record = json.loads((other / BASE_FILE).read_text())
+    record["weights_fingerprint"] = base_fingerprint(build_model(tiny_config(), seed=TrainConfig.seed + 1))
+    (other / BASE_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=rf"the adapter {other} was trained on a base model .* has other"):
+        run("other-base", "--resume")
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])

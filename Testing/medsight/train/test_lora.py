@@ -428,3 +428,66 @@ def test_a_non_lora_trainable_the_model_lacks_is_named_before_the_model_is_loade
                                          r"model\.token_projecton$"):
         train_main(["lora", "--config", str(config), "--data", str(run["data"]["root"]), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def _folder_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in skip)
+
+
+def test_a_step_checkpoint_holds_only_what_the_run_trains_and_is_an_adapter(run, tmp_path, capsys):
+    """A LoRA run's step checkpoints held the whole model, frozen base included (about 18 GB per step for the 8B
+    model), and could be neither loaded as a model nor passed as --adapter. They now hold the adapter in final/'s
+    layout (PEFT files, non_lora_trainables.bin, the base record) with the trainer state: ask, eval and merge take
+    one as --adapter, on the base it was trained on only."""
+    from safetensors.torch import load_file
+
+    from medsight.train.loop import CHECKPOINT_DIR, STATE_FILE, TRAINED_BY_FILE
+
+    step = run["root"] / "out" / CHECKPOINT_DIR / f"step-{CONFIG.max_steps:07d}"  # the last step: final/'s weights
+    trained = [p for p in run["model"].parameters() if p.requires_grad]
+    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+    model_bytes = sum(t.numel() * t.element_size() for t in run["model"].state_dict().values())
+    held = _folder_bytes(step, (STATE_FILE, TRAINED_BY_FILE))
+    before = _folder_bytes(save_pretrained(run["model"], tmp_path / "whole"))  # what a step checkpoint held
+    # The trained tensors and small headers and configs: a fraction of the model, as trained / model bytes is.
+    assert trained_bytes <= held < 2 * trained_bytes < model_bytes, (trained_bytes, held, model_bytes)
+    assert before / held > model_bytes / (2 * trained_bytes), (before, held)
+    for name in ("adapter_model.safetensors",):
+        want, got = load_file(run["final"] / name), load_file(step / name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    want, got = (torch.load(f / NON_LORA_FILE, weights_only=True) for f in (run["final"], step))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    final = load_model(str(run["base"]), device="cpu", adapter=run["final"])
+    from_step = load_model(str(run["base"]), device="cpu", adapter=step)
+    with torch.no_grad():
+        want_logits, got_logits = probe(final, run["data"]["lvlm"]), probe(from_step, run["data"]["lvlm"])
+    assert all(torch.equal(want_logits[k], got_logits[k]) for k in want_logits)
+    other = save_pretrained(build_model(tiny_config(), seed=TrainConfig().seed + 1), tmp_path / "other")
+    with pytest.raises(CheckpointError, match=rf"the adapter {step} was trained on a base model .* has other weights"):
+        load_model(str(other), device="cpu", adapter=step)
+    image = next((run["data"]["root"] / "ct" / "images").glob("*.png"))
+    code = cli_main(["ask", str(image), "Where?", "--model", str(run["base"]), "--adapter", str(step),
+                     "--device", "cpu", "--max-new-tokens", "4", "--json"])
+    assert code == 0, capsys.readouterr().err
+    merged = tmp_path / "merged"
+    assert train_main(["merge", "--model", str(run["base"]), "--adapter", str(step), "--out", str(merged)]) == 0
+    with torch.no_grad():
+        got_logits = probe(load_pretrained(merged), run["data"]["lvlm"])
+    assert all(torch.equal(want_logits[k], got_logits[k]) for k in want_logits)
+
+
+def test_a_step_checkpoint_of_a_run_from_a_preset_finds_the_runs_seed(run, tmp_path):
+    """A preset's weights are rebuilt from the LoRA run's seed, read from the run's train_config.json: beside
+    final/, and two levels above a step checkpoint (out/checkpoints/step-N/)."""
+    from medsight.train.loop import CHECKPOINT_DIR
+
+    seed = TrainConfig().seed + 3
+    out, trained = lora_run_from_preset(run, tmp_path, seed)
+    step = next((out / CHECKPOINT_DIR).glob("step-*"))
+    loaded = load_model("tiny", device="cpu", dtype=torch.float32, adapter=step)
+    with torch.no_grad():
+        want, got = probe(trained.eval(), run["data"]["lvlm"]), probe(loaded, run["data"]["lvlm"])
+    for key in want:
+        diff = (got[key] - want[key]).abs().max().item()
+        assert diff <= 2e-6 * max(1.0, want[key].abs().max().item()), (key, diff)  # merging rounds B @ A into W

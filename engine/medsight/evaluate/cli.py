@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from medsight.commands.errors import CommandParser
 from medsight.commands.options import check_vision_file, file_name
 from medsight.evaluate.provenance import (
     ADOPT_FLAG,
@@ -41,7 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
+    p = CommandParser(prog="medsight eval", description="Evaluate MedSIGHT on DiagSeg, VQA or OmniMedVQA.")
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
     p.add_argument("--data", type=file_name, required=True,

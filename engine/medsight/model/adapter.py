@@ -133,6 +133,34 @@ def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
     return folder
 
 
+def restore_adapter(peft_model, folder: Path, non_lora: list[str], fingerprint: str, model_name: str) -> None:
+    """Put the trained tensors a LoRA run's step checkpoint holds (`save_adapter`'s files) back into the model it
+    trains, in place (LoRA layers already in): resume of a checkpoint that holds only what the run trains, on the
+    base the run started from (`check_base`). Every LoRA tensor and every non-LoRA trainable must be in the files
+    with its shape: a resume that kept a fresh tensor would silently continue another run."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    check_base(folder, fingerprint, model_name)
+    saved = read_safetensors_file(folder / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(peft_model)
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & saved.keys() if saved[k].shape != expected[k].shape)
+    trained = read_non_lora(folder)
+    absent = sorted(set(non_lora) - trained.keys())
+    if missing or unexpected or wrong or absent or trained.keys() - set(non_lora):
+        raise CheckpointError(f"{folder} does not fit the run: LoRA tensors missing {missing[:3]}, unknown "
+                              f"{unexpected[:3]}, mis-shaped {wrong[:3]}; non-LoRA trainables missing {absent[:3]}, "
+                              f"unknown {sorted(trained.keys() - set(non_lora))[:3]}")
+    set_peft_model_state_dict(peft_model, saved)
+    params = dict(peft_model.get_base_model().named_parameters())
+    with torch.no_grad():
+        for name, value in trained.items():
+            if value.shape != params[name].shape:
+                raise CheckpointError(f"{folder / NON_LORA_FILE}: {name} has shape {tuple(value.shape)}, the model's "
+                                      f"{tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
 def read_non_lora(folder: Path) -> dict[str, torch.Tensor]:
     """`non_lora_trainables.bin` with the official loader's prefix stripping (`base_model.model.`)."""
     path = folder / NON_LORA_FILE
@@ -159,12 +187,15 @@ def adapter_base_seed(model: str, adapter: Path, seed: int | None) -> int:
     """The seed that rebuilds the random weights of a preset `model` as the LoRA run that trained `adapter` built
     them: an adapter applied to weights drawn from another seed gives a silently different model (logits off by
     more than their own size). Taken from the run's config beside the adapter (`<out>/final/` and
-    `<out>/train_config.json`) unless `seed` names it; a seed that contradicts the run's, or none at all, is refused.
+    `<out>/train_config.json`; a step checkpoint's, `<out>/checkpoints/step-N/`, two levels up) unless `seed` names
+    it; a seed that contradicts the run's, or none at all, is refused.
     Every command that applies an adapter to a preset (ask, serve, eval, train merge) loads through this rule."""
-    from medsight.train.loop import CONFIG_FILE, TrainConfig
+    from medsight.train.loop import CHECKPOINT_DIR, CONFIG_FILE, TrainConfig
     from medsight.user_files import read_user_json
 
-    path = adapter.parent / CONFIG_FILE
+    in_checkpoints = adapter.absolute().parent
+    run_dir = in_checkpoints.parent if in_checkpoints.name == CHECKPOINT_DIR else adapter.parent
+    path = run_dir / CONFIG_FILE
     run = read_user_json(path, "LoRA run config") if path.is_file() else {}
     run_seed = run.get("seed", TrainConfig.seed) if isinstance(run, dict) and run.get("init_from") == model else None
     if seed is None and run_seed is None:

@@ -169,9 +169,27 @@ def as_float(value: torch.Tensor) -> float:
     return float(value.full_tensor() if isinstance(value, DTensor) else value)
 
 
-def save_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Write model and optimizer tensors with DCP (collective); returns the optimizer's param groups (plain)."""
+def only_trained(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """The entries of `module`'s state dict that it trains (a LoRA run's adapter and other trainables, not the frozen
+    base its init_from holds)."""
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
+
+
+def gathered_trained(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters whole, in CPU memory, by the MedSIGHT model's names (collective: each is gathered from
+    its shards on every rank; a LoRA run's are small)."""
+    return {name.removeprefix(ROOT_PREFIX): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in root.named_parameters() if p.requires_grad}
+
+
+def save_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer,
+                 trained_only: bool = False) -> list[dict[str, Any]]:
+    """Write model and optimizer tensors with DCP (collective); returns the optimizer's param groups (plain).
+    `trained_only`: of the model only what it trains (`only_trained`)."""
     model_state, optim_state = get_state_dict(root, optimizer)
+    if trained_only:
+        model_state = only_trained(model_state, root)
     dcp.save({"model": model_state, "optimizer": optim_state["state"]}, checkpoint_id=str(folder / SHARDED_DIR))
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
             for group in optim_state["param_groups"]]
@@ -193,10 +211,12 @@ def saved_moments(folder: Path, optimizer_state: dict[str, Any]) -> dict[str, An
 
 
 def load_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer,
-                 param_groups: list[dict[str, Any]]) -> None:
-    """Read what `save_sharded` wrote into the sharded model and optimizer (collective)."""
+                 param_groups: list[dict[str, Any]], trained_only: bool = False) -> None:
+    """Read what `save_sharded` wrote into the sharded model and optimizer (collective); `trained_only`: as saved."""
     # get_state_dict gives the target layout (it creates the optimizer moments of a fresh optimizer first).
     model_state, optim_state = get_state_dict(root, optimizer)
+    if trained_only:
+        model_state = only_trained(model_state, root)
     target = {"model": model_state, "optimizer": saved_moments(folder, optim_state["state"])}
     dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in param_groups]
@@ -205,10 +225,12 @@ def load_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_sharded_into_one(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                          param_groups: list[dict[str, Any]]) -> None:
+                          param_groups: list[dict[str, Any]], trained_only: bool = False) -> None:
     """Read what `save_sharded` wrote into an unsharded model and optimizer in one process (no process group: DCP
     reads any world size, one included). The sharded run's names carry the LossModule root's `model.` prefix."""
     model_state, optim_state = get_state_dict(model, optimizer)
+    if trained_only:
+        model_state = only_trained(model_state, model)
     target = {"model": {ROOT_PREFIX + k: v for k, v in model_state.items()},
               "optimizer": saved_moments(folder, {ROOT_PREFIX + k: v for k, v in optim_state["state"].items()})}
     dcp.load(target, checkpoint_id=str(folder / SHARDED_DIR))

@@ -6,8 +6,10 @@ Layout of an output folder::
       train_config.json          the stage config the run was started with
       loss_log.jsonl             one record per logged optimizer step (step, lr, loss, loss terms, grad_norm)
       loss.png                   loss curves (rewritten at every save)
-      checkpoints/step-0000010/  single process: `save_pretrained` folder + trainer_state.pt (optimizer, scheduler,
-                                 step, RNG); torchrun: sharded/ (DCP) + trainer_state.json + rng-rank{r}.json
+      checkpoints/step-0000010/  single process: `save_pretrained` folder (a LoRA run: its adapter folder,
+                                 `CheckpointWeights`) + trainer_state.pt (optimizer, scheduler, step, RNG);
+                                 torchrun: sharded/ (DCP; a LoRA run: its trained tensors, and its adapter folder)
+                                 + trainer_state.json + rng-rank{r}.json
       final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps),
                                  as every step checkpoint and final_official/ (`write_trained_by`)
 
@@ -200,6 +202,25 @@ class TrainConfig:
 
 
 C = TypeVar("C", bound=TrainConfig)
+
+
+#: Writes a model's weights into a folder from (folder, gathered state or None for the model's own); returns it.
+Finalize = Callable[[Path, "dict[str, torch.Tensor] | None"], Path]
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """How a step checkpoint holds the model's weights, where not the whole model (a LoRA run: only the adapter and
+    the other trained tensors, in its `final/`'s layout; the frozen base is the run's init_from). `save(folder,
+    state)` writes them from the model, or from `state` (the trained tensors gathered under torchrun, by the model's
+    names); `load(folder)` puts them back into the model (single process), refusing what does not fit; `check(folder)`
+    refuses a checkpoint of another base (torchrun, whose DCP shards then hold only the trained tensors);
+    `is_saved(folder)`: whether a checkpoint holds them in this form (else it is read as a whole model)."""
+
+    save: Finalize
+    load: Callable[[Path], None]
+    check: Callable[[Path], None]
+    is_saved: Callable[[Path], bool]
 
 
 @dataclass
@@ -462,7 +483,6 @@ def plot_losses(records: Sequence[dict[str, float]], path: str | Path, title: st
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
-Finalize = Callable[[Path, "dict[str, torch.Tensor] | None"], Path]
 
 
 def train(
@@ -477,6 +497,7 @@ def train(
     name: str = "train",
     grad_masks: dict[str, torch.Tensor] | None = None,
     finalize: Finalize | None = None,
+    weights: CheckpointWeights | None = None,
 ) -> TrainResult:
     """Optimise `params` of `model` on `dataset` with `loss_fn(collate(samples))["loss"]`.
 
@@ -496,6 +517,7 @@ def train(
             trains only some rows of the input embedding this way).
         finalize: writes `final/` from (folder, gathered state or None for `model.state_dict()`); default
             `save_pretrained`. Runs on rank 0 only.
+        weights: what a step checkpoint holds of the model (default: all of it).
     """
     out = Path(out_dir)
     # Before anything is written (and, under torchrun, before the ranks meet, so no rank sees rank 0's files).
@@ -536,7 +558,8 @@ def train(
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
         step, position = load_checkpoint(checkpoint, model, runner, optimizer, scheduler, sharded,
-                                         config.batch_size * config.grad_accum, data, resume == DATA_CHANGED)
+                                         config.batch_size * config.grad_accum, data, resume == DATA_CHANGED,
+                                         weights)
         log.info("%s: resumed from %s at step %d (sample %d)", name, checkpoint, step, position)
         if config.max_steps <= 0 and position != step * per_step:
             # Resumed on another number of processes: the steps left are those the samples left need. The run had
@@ -575,7 +598,7 @@ def train(
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit, name)
+                             data, config.save_total_limit, name, weights=weights)
         rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
         for micro, batch in enumerate(batches):
             if sharded:
@@ -606,7 +629,7 @@ def train(
                       "learning rate too high, float16 overflow) and this step would write non-finite weights")
             _stop_unreadable(reason, step, position, model, optimizer, scheduler, out, runner if sharded else None,
                              data, config.save_total_limit, name, "lower lr in a new run (another --out), or fix "
-                             "the data and continue with --resume")
+                             "the data and continue with --resume", weights)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -623,7 +646,7 @@ def train(
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
             save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data,
-                            name)
+                            name, weights)
             if main_process:
                 # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
                 remove_old_checkpoints(out, config.save_total_limit)
@@ -663,7 +686,8 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
                      out: Path, root: nn.Module | None, data: DataIdentity, keep: int, name: str,
-                     way_out: str = "replace the file and continue with --resume") -> None:
+                     way_out: str = "replace the file and continue with --resume",
+                     weights: CheckpointWeights | None = None) -> None:
     """Stop on a sample that cannot be read (or, with its reason as `batches`, a step that diverged), after saving the
     steps trained since the last checkpoint (collective under torchrun), so nothing trained is lost; `keep`: the
     run's save_total_limit, `way_out`: what the error tells the user to do with the saved state."""
@@ -671,7 +695,7 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
         if not is_complete_checkpoint(folder):  # not saved yet
-            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, name)
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, name, weights)
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: {way_out}"
@@ -725,18 +749,24 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
                     root: nn.Module | None = None, samples: int | None = None,
-                    data: DataIdentity | None = None, stage: str | None = None) -> Path:
+                    data: DataIdentity | None = None, stage: str | None = None,
+                    weights: CheckpointWeights | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
     the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stage`: the
-    run's name, recorded as `write_trained_by` (a single-process checkpoint is a model folder an init_from can name).
+    run's name, recorded as `write_trained_by` (a single-process checkpoint is a model folder an init_from can name);
+    `weights`: what a checkpoint holds of the model instead (a LoRA run: its adapter; sharded, beside the DCP shards
+    of its trained tensors alone).
     """
     counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
-        save_pretrained(model, folder)
+        if weights is None:
+            save_pretrained(model, folder)
+        else:
+            weights.save(folder, None)
         if stage is not None:
             write_trained_by(folder, stage, step)
         sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
@@ -745,10 +775,13 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
         trainer_state.save_tensors(folder / STATE_FILE, state)
         return folder
     rank = dist.get_rank()
-    groups = fsdp.save_sharded(folder, root, optimizer)
+    groups = fsdp.save_sharded(folder, root, optimizer, trained_only=weights is not None)
     trainer_state.write_json(folder / f"rng-rank{rank}.json", trainer_state.rng_state())
+    trained = None if weights is None else fsdp.gathered_trained(root)  # collective
     dist.barrier()
     if rank == 0:
+        if trained is not None:
+            weights.save(folder, trained)
         if stage is not None:
             write_trained_by(folder, stage, step)
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
@@ -810,18 +843,22 @@ def check_data(folder: Path, saved: dict[str, Any], current: DataIdentity | None
 
 def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, scheduler, sharded: bool,
                     samples_per_rank_step: int, data: DataIdentity | None = None,
-                    data_changed_ok: bool = False) -> tuple[int, int]:
+                    data_changed_ok: bool = False, weights: CheckpointWeights | None = None) -> tuple[int, int]:
     """Restore what `save_checkpoint` wrote; returns (step, samples consumed). A sharded checkpoint continues in one
     process too; a single-process one under torchrun is an error, and so is one of a data set other than `data`
     (`check_data`; `data_changed_ok` waives the content).
-    `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples."""
+    `samples_per_rank_step` (batch x grad-accum) dates a checkpoint that did not record its samples; `weights`: what
+    `save_checkpoint` was given (a checkpoint written before a run saved only its trained tensors is read whole)."""
     is_sharded = (folder / SHARDED_STATE_FILE).is_file()
     if sharded and not is_sharded:
         raise CheckpointError(f"{folder} was written by a single-process run; resume it without torchrun (or with "
                               "torchrun --nproc-per-node 1)")
     if not is_sharded:
         # Weights first (strict: the model must be the same architecture), then the trainer state.
-        load_into(model, read_safetensors_folder(folder), str(folder))
+        if weights is not None and weights.is_saved(folder):
+            weights.load(folder)
+        else:
+            load_into(model, read_safetensors_folder(folder), str(folder))
         state = trainer_state.load_tensors(folder / STATE_FILE)
         check_data(folder, state, data, data_changed_ok)
         optimizer.load_state_dict(state["optimizer"])
@@ -830,10 +867,13 @@ def load_checkpoint(folder: Path, model: nn.Module, root: nn.Module, optimizer, 
         return int(state["step"]), int(state.get("samples", int(state["step"]) * samples_per_rank_step))
     plain = trainer_state.read_json(folder / SHARDED_STATE_FILE)
     check_data(folder, plain, data, data_changed_ok)
+    trained_only = weights is not None and weights.is_saved(folder)
+    if trained_only:
+        weights.check(folder)
     if sharded:
-        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"])
+        fsdp.load_sharded(folder, root, optimizer, plain["param_groups"], trained_only)
     else:  # a torchrun run continued in one process (one GPU left): its position says which samples come next
-        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"])
+        fsdp.load_sharded_into_one(folder, model, optimizer, plain["param_groups"], trained_only)
     scheduler.load_state_dict(plain["scheduler"])
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     rng_file = folder / f"rng-rank{rank}.json"

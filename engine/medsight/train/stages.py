@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from medsight.feature_cache import FeatureCache, encode_through_cache, weights_fingerprint
-from medsight.model.adapter import LORA_TARGETS, LoraSettings, add_lora, base_fingerprint, save_adapter
+from medsight.model.adapter import (
+    ADAPTER_CONFIG,
+    LORA_TARGETS,
+    LoraSettings,
+    add_lora,
+    base_fingerprint,
+    check_base,
+    restore_adapter,
+    save_adapter,
+)
 from medsight.model.checkpoints import select_prefix
 from medsight.model.loading import default_dtype
 from medsight.model.medsight import MedSIGHTModel
@@ -40,7 +49,15 @@ from medsight.train.data import (
     collate_conversations,
     collate_segmentation,
 )
-from medsight.train.loop import TrainConfig, TrainResult, latest_checkpoint, resolve_device, seed_everything, train
+from medsight.train.loop import (
+    CheckpointWeights,
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    resolve_device,
+    seed_everything,
+    train,
+)
 from medsight.train.losses import EOS_COEF, lvlm_losses, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
@@ -361,7 +378,7 @@ def _lvlm_loss_fn(model: MedSIGHTModel, config: LVLMConfig, device: torch.device
 
 def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume: bool | str, name: str,
               with_masks: bool, params=None, grad_masks=None, finalize=None,
-              cache: FeatureCache | None = None) -> TrainResult:
+              cache: FeatureCache | None = None, weights: CheckpointWeights | None = None) -> TrainResult:
     device = next(model.parameters()).device
     lm = model.language_model
     if config.gradient_checkpointing:
@@ -370,7 +387,7 @@ def _run_lvlm(model: MedSIGHTModel, dataset, config: LVLMConfig, out_dir, resume
     try:
         return train(model, params or trainable_parameters(model), dataset, collate_conversations,
                      _lvlm_loss_fn(model, config, device, with_masks, cache), config, out_dir, resume, name=name,
-                     grad_masks=grad_masks, finalize=finalize)
+                     grad_masks=grad_masks, finalize=finalize, weights=weights)
     finally:
         if config.gradient_checkpointing:
             lm.gradient_checkpointing_disable()
@@ -472,8 +489,16 @@ def run_stage5(model: MedSIGHTModel, data: Any, config: Stage5Config, out_dir: s
         lm_state = None if state is None else select_prefix(state, "language_model.")
         return save_adapter(peft_model, folder, non_lora, lm_state, base)
 
+    # Step checkpoints hold what the run trains, in final/'s layout (an adapter `--adapter` takes), not the frozen
+    # base as well (about 18 GB per step for the 8B model); a resume rebuilds the base from init_from.
+    weights = CheckpointWeights(
+        save=finalize,
+        load=lambda folder: restore_adapter(peft_model, folder, non_lora, base["weights_fingerprint"],
+                                            config.init_from),
+        check=lambda folder: check_base(folder, base["weights_fingerprint"], config.init_from),
+        is_saved=lambda folder: (folder / ADAPTER_CONFIG).is_file())
     return _run_lvlm(model, dataset, config, out_dir, resume, "stage5-lora", with_masks=True, params=groups,
-                     finalize=finalize, cache=cache)
+                     finalize=finalize, cache=cache, weights=weights)
 
 
 def lora_frozen_dtype(config: Stage5Config, device: torch.device) -> torch.dtype:
