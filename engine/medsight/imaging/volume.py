@@ -59,8 +59,8 @@ class Volume:
     #: DICOM images of the series left out of the volume (its localizer), in words, for the user to be told; None
     #: when every image of the series is in it.
     left_out: str | None = None
-    #: NaN voxels of a NIfTI, NRRD or MetaImage file read as the volume's minimum (`fill_nan`), in words, for the
-    #: user to be told; None when there were none.
+    #: NaN voxels of a NIfTI, NRRD or MetaImage file, or of an upload to the server, read as the volume's minimum
+    #: (`fill_nan`), in words, for the user to be told; None when there were none.
     nan_filled: str | None = None
     #: A DICOM series resampled onto this grid from its acquired slices (a gantry tilt regularized), in words; None
     #: when the voxels are the acquired ones. A DICOM SEG, which lies on its source images' grid, cannot reference it.
