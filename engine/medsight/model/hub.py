@@ -310,10 +310,12 @@ def cached_release(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        # A revision that is the folder of cached branches below it (refs/feature for feature/x) names no cached
+        # snapshot: huggingface_hub reads it as a ref file, failing "Is a directory" (Windows: "Permission denied").
+        if revision and (_repo_cache_folder(repo_id) / "refs" / revision).is_dir():
+            raise LocalEntryNotFoundError(f"refs/{revision} is a folder of branches, not a revision")
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    # A revision that is the folder of cached branches below it (refs/feature for feature/x): huggingface_hub reads
-    # it as a ref file and fails with "Is a directory"; it names no cached snapshot either.
-    except (LocalEntryNotFoundError, IsADirectoryError):
+    except LocalEntryNotFoundError:
         what = f"Hugging Face repository {repo_id} at revision {revision}"
         full = _abbreviated(repo_id, revision)
         if full:  # cached, but huggingface_hub cannot tell offline that a short hash names it
@@ -337,10 +339,19 @@ def _abbreviated(repo_id: str, revision: str | None) -> list[str]:
     """The cached snapshots (full commit hashes) that a short-hash-like revision abbreviates."""
     if revision is None or not _SHORT_HASH.match(revision):
         return []
+    return sorted(name for name in _cached_snapshots(repo_id) if name.startswith(revision.lower()))
+
+
+def _repo_cache_folder(repo_id: str) -> Path:
+    """The Hugging Face cache's folder of a model repository (its blobs, refs and snapshots)."""
     from huggingface_hub.file_download import repo_folder_name
 
-    snapshots = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
-    return sorted(p.name for p in snapshots.glob("*") if p.is_dir() and p.name.startswith(revision.lower()))
+    return Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _cached_snapshots(repo_id: str) -> set[str]:
+    """The full commit hashes the cache holds a snapshot of."""
+    return {p.name for p in (_repo_cache_folder(repo_id) / "snapshots").glob("*") if p.is_dir()}
 
 
 def _short_hash_hint(revision: str | None) -> str:
@@ -352,10 +363,8 @@ def _short_hash_hint(revision: str | None) -> str:
 
 def cached_revisions(repo_id: str) -> list[str]:
     """The revisions the cache holds a snapshot of: its refs (branches, tags) and commits no ref names."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder = Path(_cache_dir()) / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snapshots = {p.name for p in (folder / "snapshots").glob("*") if p.is_dir()}
+    folder = _repo_cache_folder(repo_id)
+    snapshots = _cached_snapshots(repo_id)
     refs = {p.relative_to(folder / "refs").as_posix(): p.read_text().strip()
             for p in (folder / "refs").rglob("*") if p.is_file()}
     named = sorted(ref for ref, commit in refs.items() if commit in snapshots)
