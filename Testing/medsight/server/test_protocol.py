@@ -132,3 +132,22 @@ def test_a_uvicorn_without_what_the_deadline_needs_is_served_by_its_own_protocol
             statuses = [client.get(f"{url}/v1/health").status_code for _ in range(requests)]
     assert statuses == [200] * requests
     assert _warnings(caplog) == warned  # no server error, no second warning
+
+
+class RenamedLoop(H11Protocol):
+    """uvicorn's protocol as a release that renamed the instance's `loop` (to `event_loop`) would have it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.event_loop = self.__dict__.pop("loop")
+
+
+def test_an_instance_attribute_the_deadline_uses_is_checked_too(caplog):
+    """`conn`, `transport` and `loop` are set on each instance, not on the class: the check builds one."""
+    from medsight.server.protocol import missing_parts
+
+    assert missing_parts() == []
+    assert missing_parts(RenamedLoop) == ["loop"]
+    with caplog.at_level(logging.WARNING):
+        assert http_protocol(RenamedLoop) is RenamedLoop
+    assert len(_warnings(caplog)) == 1 and "has no loop" in _warnings(caplog)[0]
