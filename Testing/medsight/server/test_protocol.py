@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
 import httpx
 import pytest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medsight.server.app import create_app
-from medsight.server.protocol import HeaderDeadlineProtocol
+from medsight.server.protocol import HeaderDeadlineProtocol, http_protocol
 from medsight_testing.live_server import live_server
 
 
@@ -85,3 +87,67 @@ def test_the_next_request_after_an_unread_body_has_its_deadline_too(quick):
         assert kept.recv(65536).startswith(b"HTTP/1.1 200")  # answered before the body arrived
         kept.sendall(body)
         assert _closed_by_server(kept, b"GET /v1/health HTTP/1.1\r\nX-Padding: " + b"a" * 10_000)
+
+
+class RenamedEvents(H11Protocol):
+    """uvicorn's protocol as a release that renamed `handle_events` (to `_handle_events`) would have it: the class has
+    no `handle_events`, and uvicorn's own calls reach the renamed method."""
+
+    _handle_events = H11Protocol.handle_events
+    handle_events = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if type(self).handle_events is None:  # uvicorn's call in on_response_complete
+            self.handle_events = self._handle_events
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self.conn.receive_data(data)
+        self._handle_events()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_installed_uvicorn_is_served_with_the_header_deadline(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert http_protocol() is HeaderDeadlineProtocol
+    assert _warnings(caplog) == []
+
+
+def test_a_uvicorn_without_what_the_deadline_needs_is_served_by_its_own_protocol_with_one_warning(engine, caplog):
+    """The deadline subclass relies on parts of uvicorn's protocol that are not its public API (uvicorn is not
+    pinned). On a uvicorn without `handle_events`, it raised on every response (5 of 5 requests: "Exception in ASGI
+    application", TypeError). The protocol served is now checked first: uvicorn's own, with one warning that the
+    header deadline is off, and every request answered without a server error."""
+    with caplog.at_level(logging.WARNING):
+        chosen = http_protocol(RenamedEvents)
+        assert chosen is RenamedEvents
+        warned = _warnings(caplog)
+        assert len(warned) == 1 and "header deadline is off" in warned[0] and "handle_events" in warned[0], warned
+        requests = 5
+        with live_server(create_app(engine, model_name="tiny"), protocol=chosen) as url, httpx.Client() as client:
+            statuses = [client.get(f"{url}/v1/health").status_code for _ in range(requests)]
+    assert statuses == [200] * requests
+    assert _warnings(caplog) == warned  # no server error, no second warning
+
+
+class RenamedLoop(H11Protocol):
+    """uvicorn's protocol as a release that renamed the instance's `loop` (to `event_loop`) would have it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.event_loop = self.__dict__.pop("loop")
+
+
+def test_an_instance_attribute_the_deadline_uses_is_checked_too(caplog):
+    """`conn`, `transport` and `loop` are set on each instance, not on the class: the check builds one."""
+    from medsight.server.protocol import missing_parts
+
+    assert missing_parts() == []
+    assert missing_parts(RenamedLoop) == ["loop"]
+    with caplog.at_level(logging.WARNING):
+        assert http_protocol(RenamedLoop) is RenamedLoop
+    assert len(_warnings(caplog)) == 1 and "has no loop" in _warnings(caplog)[0]

@@ -101,7 +101,8 @@ def test_stage4_from_a_stage4_output_does_not_reset_its_trained_code_rows(data, 
     assert not (tmp_path / "again").exists()
     from medsight.train.loop import TRAINED_BY_FILE
 
-    assert json.loads((trained / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
+    assert json.loads((trained / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1,
+                                                                    "stages": ["stage2", "stage3", "stage4"]}
     assert run("stage4", str(trained), "again", init_code_embeddings=False) == 0
 
 
@@ -123,9 +124,11 @@ def test_stage4_from_a_stage4_step_checkpoint_or_official_export_is_refused_too(
     assert run("stage3", str(tmp_path / "s2" / FINAL_DIR), "s3") == 0
     assert run("stage4", str(tmp_path / "s3" / FINAL_DIR), "s4", export_official=True) == 0
     step = tmp_path / "s4" / CHECKPOINT_DIR / "step-0000001"
-    assert json.loads((step / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1}
+    stages = ["stage2", "stage3", "stage4"]
+    assert json.loads((step / TRAINED_BY_FILE).read_text()) == {"stage": "stage4", "steps": 1, "stages": stages}
     assert json.loads((tmp_path / "s4" / OFFICIAL_DIR / TRAINED_BY_FILE).read_text()) == {"stage": "stage4",
-                                                                                          "steps": 2}
+                                                                                          "steps": 2,
+                                                                                          "stages": stages}
     with pytest.raises(ValueError, match=rf"init_from '{step}' is the output of a stage4 run .*: its region-code "
                                          r"rows are trained, and init_code_embeddings would overwrite them"):
         run("stage4", str(step), "again")
@@ -166,7 +169,7 @@ def test_a_start_from_a_later_stage_or_past_a_skipped_one_is_refused_naming_the_
     for stage, start in (("stage2", "tiny"), ("stage3", "stage2"), ("stage4", "stage3")):  # the recipe's order
         assert run(stage, final.get(start, start), stage) == 0
         final[stage] = str(tmp_path / stage / FINAL_DIR)
-    refused = {("stage2", "stage4"): r"stage 2 would retrain the codebook under the parts stages 3-4 trained on top "
+    refused = {("stage2", "stage4"): r"stage 2 would retrain the codebook under the parts stage 4 trained on top "
                                      r"of it\. Start from the final/ of a stage-1 run, or from a stage-2 output",
                ("stage4", "stage2"): r"stage 4 would skip stage 3, which trains mm_projector\. Start from the final/ "
                                      r"of a stage-3 run",
@@ -181,3 +184,38 @@ def test_a_start_from_a_later_stage_or_past_a_skipped_one_is_refused_naming_the_
             run(stage, final[start], out)
         assert not (tmp_path / out).exists()
     assert run("lora", final["stage3"], "lora-any", "--any-start") == 0
+
+
+def test_the_allowed_stage3_from_stage1_shortcut_reaches_stage4_without_any_start(data, tmp_path):
+    """Stage 3 may start from a stage-1 output (it does not use the codebook), but trained_by.json kept only the last
+    stage: stage 2 on that stage-3 output was refused as retraining the codebook "under the parts stage 3 trained on
+    top of it" (stage 3 trains nothing on the codebook), and with --any-start stage 4 on the stage-2 output was
+    refused as skipping stage 3, which had run. Each model folder now lists the stages it went through and a start is
+    judged against them; a record from before the list (its last stage only) is still read."""
+    from medsight.train.cli import main as train_main
+    from medsight.train.loop import TRAINED_BY_FILE
+
+    def run(stage: str, start: str, out: str) -> int:
+        config = tmp_path / f"{out}.json"
+        config.write_text(json.dumps({"init_from": start, "max_steps": 1, "batch_size": 1, "grad_accum": 1,
+                                      "device": "cpu"}))
+        source = data["root"] if stage in ("stage1", "stage2") else data["lvlm"]
+        return train_main([stage, "--config", str(config), "--data", str(source), "--out", str(tmp_path / out)])
+
+    chain = ("stage1", "stage3", "stage2", "stage4")
+    start = "tiny"
+    for stage in chain:
+        assert run(stage, start, stage) == 0
+        start = str(tmp_path / stage / FINAL_DIR)
+    record = json.loads((tmp_path / "stage4" / FINAL_DIR / TRAINED_BY_FILE).read_text())
+    assert record["stage"] == chain[-1] and record["stages"] == list(chain)
+    # Stage 3 now sits under stage 4's code rows: retraining it from the chain's end is refused, naming stage 4 only.
+    with pytest.raises(ValueError, match=r"went through stage1, stage3, stage2, stage4\): stage 3 would retrain "
+                                         r"mm_projector under the parts stage 4 trained on top of it"):
+        run("stage3", start, "stage3-again")
+    # A record from before the list: only its last stage is known, and stage 2 on a stage-3 output is fine.
+    old = tmp_path / "stage3" / FINAL_DIR
+    (old / TRAINED_BY_FILE).write_text(json.dumps({"stage": "stage3", "steps": 1}))
+    assert run("stage2", str(old), "stage2-from-old") == 0
+    assert json.loads((tmp_path / "stage2-from-old" / FINAL_DIR / TRAINED_BY_FILE).read_text())["stages"] == [
+        "stage3", "stage2"]

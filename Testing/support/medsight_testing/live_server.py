@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from medsight.server.protocol import HeaderDeadlineProtocol
+from medsight.server.protocol import http_protocol
 
 
 def free_port() -> int:
@@ -21,14 +21,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(app, host: str = "127.0.0.1", port: int | None = None,
-                send_buffer: int | None = None, protocol: type = HeaderDeadlineProtocol) -> Iterator[str]:
+                send_buffer: int | None = None, protocol: type | None = None) -> Iterator[str]:
     """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT). `port`: a given free port.
     `send_buffer`: the connections' kernel send buffer in bytes (SO_SNDBUF), so that a client that stops reading
     blocks the server's writes after kilobytes instead of the default megabytes. `protocol`: the HTTP protocol class,
-    by default the one `medsight serve` runs."""
+    by default the one `medsight serve` runs (`http_protocol`)."""
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                           http=protocol))
+                                           http=protocol or http_protocol()))
     sockets = None
     if send_buffer is not None:  # accepted connections inherit the listening socket's buffer size
         listener = socket.socket()

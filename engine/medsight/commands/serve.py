@@ -23,7 +23,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from medsight.model.sizes import model_size
     from medsight.server.app import create_app
     from medsight.server.jobs import default_compute_threads
-    from medsight.server.protocol import HeaderDeadlineProtocol
+    from medsight.server.protocol import http_protocol
     from medsight.server.security import check_bind
 
     logging.getLogger("medsight").setLevel(args.log_level.upper())
@@ -45,7 +45,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # Stopping (Ctrl+C, SIGTERM) waits this long for open asks, then cancels them: it used to wait for every queued
     # ask to run, minutes with a real model.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, http=HeaderDeadlineProtocol)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, http=http_protocol())
     return 0
 
 

@@ -9,12 +9,19 @@ descriptor the engine may open, without the token: the `guard` only sees a reque
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+log = logging.getLogger(__name__)
+
 #: Seconds a request's headers may take to arrive whole, from the connection's start or the previous response's end.
 HEADER_TIMEOUT_S = 10.0
+#: What `HeaderDeadlineProtocol` uses of uvicorn's protocol (not a public API: uvicorn is not pinned): the methods it
+#: extends, and the attributes an instance has once made.
+EXTENDED_METHODS = ("connection_made", "connection_lost", "handle_events", "on_response_complete")
+USED_ATTRIBUTES = ("conn", "transport", "loop")
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -59,3 +66,48 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._headers_due = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+def missing_parts(base: type[H11Protocol] = H11Protocol) -> list[str]:
+    """The names in `EXTENDED_METHODS` and `USED_ATTRIBUTES` that `base` lacks: a method that is not its own (only
+    asyncio.Protocol's no-op), an attribute a new instance does not have or, for `conn`, that is not an h11
+    connection. The instance is built, not connected, on a loop of its own."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    async def app(scope, receive, send) -> None:  # never called: the instance only has to be built
+        raise RuntimeError("not served")
+
+    missing = [m for m in EXTENDED_METHODS if getattr(base, m, None) in (None, getattr(asyncio.Protocol, m, None))]
+    loop = asyncio.new_event_loop()
+    try:
+        made = base(Config(app, log_config=None), ServerState(), {}, _loop=loop)
+    except Exception as err:  # any failure means the class is not what this module was written for
+        return [*missing, f"__init__ ({type(err).__name__}: {err})"]
+    finally:
+        loop.close()
+    missing += [a for a in USED_ATTRIBUTES if not hasattr(made, a)]
+    if hasattr(made, "conn") and not isinstance(made.conn, h11.Connection):
+        missing.append("conn (not an h11.Connection)")
+    return missing
+
+
+def http_protocol(base: type[H11Protocol] = H11Protocol) -> type[H11Protocol]:
+    """The HTTP protocol class to serve with: `base` with the header deadline where the installed uvicorn's `base`
+    has what `HeaderDeadlineProtocol` uses, else `base` as it is, with one warning: a uvicorn that renamed one of
+    them would otherwise fail every connection."""
+    missing = missing_parts(base)
+    if missing:
+        log.warning("header deadline is off: uvicorn %s's %s has no %s, which it needs; serving with uvicorn's own "
+                    "protocol (a client may hold a connection open without sending its headers)",
+                    _uvicorn_version(), base.__name__, ", ".join(missing))
+        return base
+    if base is H11Protocol:
+        return HeaderDeadlineProtocol
+    return type(f"HeaderDeadline{base.__name__}", (HeaderDeadlineProtocol, base), {})
+
+
+def _uvicorn_version() -> str:
+    import uvicorn
+
+    return getattr(uvicorn, "__version__", "?")

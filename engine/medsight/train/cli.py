@@ -34,6 +34,9 @@ from medsight.train.loop import (
     distributed_info,
     latest_checkpoint,
     read_log,
+    read_trained_by,
+    recorded_stages,
+    run_stages,
     write_trained_by,
 )
 from medsight.train.stages import (
@@ -45,7 +48,6 @@ from medsight.train.stages import (
     check_non_lora_trainables,
     initialises_code_rows,
 )
-from medsight.user_files import read_user_json
 
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
@@ -141,47 +143,67 @@ STAGE_OF_RUN = {"stage1": 1, "stage2": 2, "stage3": 3, "stage4": 4, "stage5": 5,
 STAGE_TRAINS = {1: "the Region Perceiver", 2: "the codebook", 3: "mm_projector",
                 4: "token_projection and the region-code rows (initialised from the codebook)",
                 5: "the language model"}
-#: Starts that skip a stage and leave nothing wrong: stage 3 does not use the codebook, and stage 4 refuses a model
-#: without one (`check_codebook`).
-HARMLESS_SKIPS = {(3, 1)}
+#: The stages whose parts each stage trains on top of: every earlier one, except that stage 3 does not use the
+#: codebook (stage 2), so the recipe may run stage 2 after stage 3 (stage 4 refuses a model without a codebook:
+#: `check_codebook`).
+BUILDS_ON = {1: frozenset(), 2: frozenset({1}), 3: frozenset({1}), 4: frozenset({1, 2, 3}),
+             5: frozenset({1, 2, 3, 4})}
 
 
 def trained_by(folder: Path) -> tuple[str | None, dict, Path]:
-    """The run name a model folder records (`write_trained_by`; None for a preset, a release, an older folder), the
-    whole record and its path."""
+    """The run name a model folder records last (`write_trained_by`; None for a preset, a release, an older folder),
+    the whole record and its path."""
     path = folder / TRAINED_BY_FILE
-    record = read_user_json(path, "trained-by record") if path.is_file() else {}
-    record = record if isinstance(record, dict) else {}
+    record = read_trained_by(folder)
     stage = record.get("stage")
     return (stage if isinstance(stage, str) else None), record, path
 
 
+def stages_done(runs: Sequence[str]) -> set[int]:
+    """The stages a model went through, from the runs its record lists: those, and every stage before the first
+    listed one (that run started from a preset, a release or a folder without a record, which are not judged)."""
+    known = [STAGE_OF_RUN[r] for r in runs if r in STAGE_OF_RUN]
+    return set(known) | set(range(1, known[0])) if known else set()
+
+
+def stages_text(stages: Sequence[int]) -> str:
+    """"stage 3", "stages 3-4" (consecutive) or "stages 2, 4"."""
+    if len(stages) == 1:
+        return f"stage {stages[0]}"
+    consecutive = list(stages) == list(range(stages[0], stages[-1] + 1))
+    return f"stages {stages[0]}-{stages[-1]}" if consecutive else "stages " + ", ".join(map(str, stages))
+
+
 def check_stage_order(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
-    """A run starts from the output of the stage before it, or of its own (to train on). Started from a later stage's
-    output it retrains a part that the later stages' parts were trained against (stage 2 on a stage-4 output: the
-    code rows were derived from the codebook it changes); started past a skipped stage, the part that stage trains is
-    never trained (a LoRA run on a stage-3 output keeps untrained code rows). Both gave a model without a word; they
-    are refused from the folder's `trained_by.json` before anything is built, and `--any-start` allows them (an
-    ablation). A resumed run takes its weights from its checkpoint, and a folder without a record is not judged."""
+    """A run starts from a model that went through the stages it trains on top of (`BUILDS_ON`), and through no stage
+    that trained on top of its own part. Started after such a stage it retrains a part that stage's part was trained
+    against (stage 2 on a stage-4 output: the code rows were derived from the codebook it changes); started past a
+    skipped stage, the part that stage trains is never trained (a LoRA run on a stage-3 output keeps untrained code
+    rows). Both gave a model without a word; they are refused from the stages the folder's `trained_by.json` lists
+    (all of them: 1, 3, then 2 is the recipe's order too) before anything is built, and `--any-start` allows them
+    (an ablation). A resumed run takes its weights from its checkpoint, and a folder without a record is not
+    judged."""
     if (resume and latest_checkpoint(out)) or is_random_preset(config.init_from):
         return
     folder = Path(embedded_folder(config.init_from) or config.init_from)
-    run, _, path = trained_by(folder)
-    done = STAGE_OF_RUN.get(run or "")
-    if done is None or done in (stage, stage - 1) or (stage, done) in HARMLESS_SKIPS:
+    run, record, path = trained_by(folder)
+    runs = recorded_stages(record)
+    done = stages_done(runs)
+    later = sorted(k for k in done if k > stage and stage in BUILDS_ON[k])
+    skipped = sorted(BUILDS_ON[stage] - done)
+    if not done or not (later or skipped):
         return
-    if done > stage:
-        later = f"stage {stage + 1}" if done == stage + 1 else f"stages {stage + 1}-{done}"
-        why = f"stage {stage} would retrain {STAGE_TRAINS[stage]} under the parts {later} trained on top of it"
+    if later:
+        why = (f"stage {stage} would retrain {STAGE_TRAINS[stage]} under the parts {stages_text(later)} trained on "
+               "top of it")
     else:
-        skipped = range(done + 1, stage)
-        names = f"stage {done + 1}" if len(skipped) == 1 else f"stages {done + 1}-{stage - 1}"
-        why = f"stage {stage} would skip {names}, which train{'s' if len(skipped) == 1 else ''} " + ", then ".join(
-            STAGE_TRAINS[k] for k in skipped)
+        why = (f"stage {stage} would skip {stages_text(skipped)}, which train{'s' if len(skipped) == 1 else ''} "
+               + ", then ".join(STAGE_TRAINS[k] for k in skipped))
     start = "a preset" if stage == 1 else f"the final/ of a stage-{stage - 1} run"
-    raise ValueError(f"init_from {config.init_from!r} is the output of a {run} run ({path}): {why}. Start from "
-                     f"{start}, or from a stage-{stage} output to train on; or pass --any-start to train from it "
-                     "anyway")
+    through = f"; it went through {', '.join(runs)}" if len(runs) > 1 else ""
+    raise ValueError(f"init_from {config.init_from!r} is the output of a {run} run ({path}{through}): {why}. Start "
+                     f"from {start}, or from a stage-{stage} output to train on; or pass --any-start to train from "
+                     "it anyway")
 
 
 def check_codebook(stage: int, config: TrainConfig, out: Path, resume: bool) -> None:
@@ -304,8 +326,8 @@ def merge_main(argv: Sequence[str]) -> int:
     folder = save_pretrained(model, args.out)
     # A merged model can be an init_from: recorded as a stage-5 output (`check_stage_order`), with whether its code
     # rows are trained (the stage-4 code-row check): they are the base's, or the adapter's where it trains them.
-    write_trained_by(folder, "stage5-lora", 0, base_model=args.model, adapter=str(args.adapter),
-                     code_rows_trained=merged_code_rows_trained(args.model, args.adapter))
+    write_trained_by(folder, "stage5-lora", 0, run_stages(args.model, "stage5-lora"), base_model=args.model,
+                     adapter=str(args.adapter), code_rows_trained=merged_code_rows_trained(args.model, args.adapter))
     print(folder)
     return 0
 

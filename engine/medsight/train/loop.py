@@ -10,7 +10,7 @@ Layout of an output folder::
                                  `CheckpointWeights`) + trainer_state.pt (optimizer, scheduler, step, RNG);
                                  torchrun: sharded/ (DCP; a LoRA run: its trained tensors, and its adapter folder)
                                  + trainer_state.json + rng-rank{r}.json
-      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps),
+      final/                     `save_pretrained` folder of the last step, with trained_by.json (stage, steps, stages),
                                  as every step checkpoint and final_official/ (`write_trained_by`)
 
 Data order is a pure function of (seed, epoch, position): a fresh permutation of the dataset per epoch from a
@@ -520,6 +520,7 @@ def train(
         weights: what a step checkpoint holds of the model (default: all of it).
     """
     out = Path(out_dir)
+    stages = run_stages(config.init_from, name)  # recorded in each model folder the run writes
     # Before anything is written (and, under torchrun, before the ranks meet, so no rank sees rank 0's files).
     check_out_dir(out, resume)
     if resume:
@@ -598,7 +599,7 @@ def train(
         batches = _read_step(dataset, order, collate, config, position, world, rank)
         if _unread_anywhere(batches, sharded, device):
             _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit, name, weights=weights)
+                             data, config.save_total_limit, stages, weights=weights)
         rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
         for micro, batch in enumerate(batches):
             if sharded:
@@ -628,7 +629,7 @@ def train(
             reason = (f"the loss is {sums.get('loss')} and the gradient norm {grad_norm}: the run diverged (a "
                       "learning rate too high, float16 overflow) and this step would write non-finite weights")
             _stop_unreadable(reason, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit, name, "lower lr in a new run (another --out), or fix "
+                             data, config.save_total_limit, stages, "lower lr in a new run (another --out), or fix "
                              "the data and continue with --resume", weights)
         optimizer.step()
         scheduler.step()
@@ -646,14 +647,14 @@ def train(
         if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
             folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
             save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data,
-                            name, weights)
+                            stages, weights)
             if main_process:
                 # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
                 remove_old_checkpoints(out, config.save_total_limit)
                 plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
-        result.final_dir = (finalize or _finalize_full(model, config, step, name))(out / FINAL_DIR, state)
+        result.final_dir = (finalize or _finalize_full(model, config, step, stages))(out / FINAL_DIR, state)
     result.runner = runner
     if sharded:
         dist.barrier()
@@ -685,7 +686,7 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
 
 
 def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
-                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int, name: str,
+                     out: Path, root: nn.Module | None, data: DataIdentity, keep: int, stages: Sequence[str],
                      way_out: str = "replace the file and continue with --resume",
                      weights: CheckpointWeights | None = None) -> None:
     """Stop on a sample that cannot be read (or, with its reason as `batches`, a step that diverged), after saving the
@@ -695,7 +696,7 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
         if not is_complete_checkpoint(folder):  # not saved yet
-            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, name, weights)
+            save_checkpoint(model, optimizer, scheduler, step, folder, root, position, data, stages, weights)
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: {way_out}"
@@ -703,29 +704,58 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
     raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 
-def _finalize_full(model: nn.Module, config: TrainConfig, step: int, name: str) -> Finalize:
+def _finalize_full(model: nn.Module, config: TrainConfig, step: int, stages: Sequence[str]) -> Finalize:
     """The default `final/`: our format with `TRAINED_BY_FILE`, and with `export_official` also the release layout
     in `final_official/`."""
 
     def write(folder: Path, state: dict[str, torch.Tensor] | None) -> Path:
         full = model.state_dict() if state is None else state
         save_pretrained(model, folder, state=full)
-        write_trained_by(folder, name, step)
+        write_trained_by(folder, stages[-1], step, stages)
         if config.export_official:
             from medsight.train.export import export_official
 
             write_trained_by(export_official(model.config, model.tokenizer, full, folder.parent / OFFICIAL_DIR, step),
-                             name, step)
+                             stages[-1], step, stages)
         return folder
 
     return write
 
 
-def write_trained_by(folder: Path, stage: str, steps: int, **extra: Any) -> None:
+def write_trained_by(folder: Path, stage: str, steps: int, stages: Sequence[str] | None = None, **extra: Any) -> None:
     """`TRAINED_BY_FILE` in a model folder a run writes (final/, final_official/, each step checkpoint, a merged
-    model): which stage trained it, read by the stage-4 check that an `init_from` has no trained code rows
-    (`medsight.train.cli.check_code_rows`). Atomic, as the trainer state files."""
-    trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": stage, "steps": steps, **extra})
+    model): which stage trained it last and `stages`, the runs it went through oldest first (`run_stages`; [stage]
+    if not given), read by the start checks (`medsight.train.cli.check_stage_order`, `check_code_rows`). Atomic, as
+    the trainer state files."""
+    history = list(stages) if stages else [stage]
+    trainer_state.write_json(folder / TRAINED_BY_FILE, {"stage": stage, "steps": steps, "stages": history, **extra})
+
+
+def read_trained_by(folder: Path) -> dict[str, Any]:
+    """A model folder's `TRAINED_BY_FILE` ({} without one: a preset, a release, a folder from before the record)."""
+    path = folder / TRAINED_BY_FILE
+    record = read_user_json(path, "trained-by record") if path.is_file() else {}
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_stages(record: dict[str, Any]) -> list[str]:
+    """The runs a `TRAINED_BY_FILE` record says its model went through, oldest first: its "stages", or for a record
+    written before they were kept, its last "stage" alone; [] for none."""
+    stages = record.get("stages")
+    if isinstance(stages, list) and stages and all(isinstance(s, str) for s in stages):
+        return stages
+    stage = record.get("stage")
+    return [stage] if isinstance(stage, str) else []
+
+
+def run_stages(init_from: str, name: str) -> list[str]:
+    """The runs the model a run named `name` writes has gone through: those its start records (none for a random
+    preset or a folder without a record), then this run (once, where it trains on its own stage's output)."""
+    if loading.is_random_preset(init_from):
+        before: list[str] = []
+    else:
+        before = recorded_stages(read_trained_by(Path(loading.embedded_folder(init_from) or init_from)))
+    return before if before[-1:] == [name] else [*before, name]
 
 
 def _param_groups(params: Sequence[Any]) -> list[dict[str, Any]]:
@@ -749,17 +779,17 @@ def _mean_over_ranks(sums: dict[str, float], world: int, device: torch.device) -
 
 def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: Path,
                     root: nn.Module | None = None, samples: int | None = None,
-                    data: DataIdentity | None = None, stage: str | None = None,
+                    data: DataIdentity | None = None, stages: Sequence[str] | None = None,
                     weights: CheckpointWeights | None = None) -> Path:
     """Everything the loop needs to continue exactly.
 
     Single process: the model in our format, and `trainer_state.pt` (optimizer tensors, scheduler, step, RNG; read
     back with weights_only=True). Sharded (`root` given; collective): DCP shards of model and optimizer,
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
-    the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stage`: the
-    run's name, recorded as `write_trained_by` (a single-process checkpoint is a model folder an init_from can name);
-    `weights`: what a checkpoint holds of the model instead (a LoRA run: its adapter; sharded, beside the DCP shards
-    of its trained tensors alone).
+    the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stages`: the
+    runs the model went through, this one last (`run_stages`), recorded as `write_trained_by` (a single-process
+    checkpoint is a model folder an init_from can name); `weights`: what a checkpoint holds of the model instead (a
+    LoRA run: its adapter; sharded, beside the DCP shards of its trained tensors alone).
     """
     counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
@@ -767,8 +797,8 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
             save_pretrained(model, folder)
         else:
             weights.save(folder, None)
-        if stage is not None:
-            write_trained_by(folder, stage, step)
+        if stages:
+            write_trained_by(folder, stages[-1], step, stages)
         sync_tree(folder)  # the weights reach the disk before the state file marks the checkpoint complete
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": trainer_state.rng_state(), **counts}
@@ -782,8 +812,8 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     if rank == 0:
         if trained is not None:
             weights.save(folder, trained)
-        if stage is not None:
-            write_trained_by(folder, stage, step)
+        if stages:
+            write_trained_by(folder, stages[-1], step, stages)
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
                  "world_size": dist.get_world_size(), **counts}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
