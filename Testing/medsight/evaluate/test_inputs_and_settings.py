@@ -211,6 +211,21 @@ def test_a_vision_file_the_model_ignores_is_refused_not_named_in_the_report(vqa,
     assert not (tmp_path / "report").exists()
 
 
+def test_a_finished_report_folder_of_an_older_medsight_is_pointed_to_adopt_settings(vqa, tmp_path):
+    """An older medsight's finished folder (predictions and its report, no settings.json) was refused as a folder
+    of the user's files ("choose a new or empty folder, or the folder of an earlier run"): it is the folder of an
+    earlier run, and the way to resume it, --adopt-settings, went unsaid. Its predictions now get the adopt advice."""
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo") == 0
+    (report / "settings.json").unlink()  # what an older medsight left: predictions, report.md, report.json, charts
+    left = {p.name: p.read_bytes() for p in report.iterdir()}
+    with pytest.raises(DataError, match=rf"{report} holds predictions but no settings\.json .*rerun it with "
+                                        r"--adopt-settings to record these settings and resume"):
+        _eval(vqa, report, "--model", "demo")
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == left
+    assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
+
+
 def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
     """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
     no report, and a rerun with another seed is refused by the folder's recorded settings."""

@@ -163,8 +163,9 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
     """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
-    replaced by this run's report without a word. (An older medsight's report folder is taken over with --adopt.)"""
-    if adopt or (report_dir / SETTINGS_FILE).exists():
+    replaced by this run's report without a word. A folder holding predictions is an evaluation's, an older
+    medsight's if it has no settings: `check_settings` says to adopt it (--adopt-settings), not to leave it."""
+    if adopt or (report_dir / SETTINGS_FILE).exists() or any(report_dir.glob("predictions*.jsonl")):
         return
     kept = [name for name in report_file_names() if (report_dir / name).exists()]
     if kept:
