@@ -108,3 +108,42 @@ def test_a_write_ended_by_sigterm_or_ctrl_c_keeps_the_old_files_and_leaves_no_te
     child.communicate()
     assert child.returncode == -signum  # still ended by the signal, as a parent (torchrun, Slicer) expects
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old
+
+
+#: A child whose write gets SIGTERM, and a second one as the cleanup that starts removes a temporary (the audit event
+#: os.remove comes before the file is removed): torchrun forwards SIGTERM to ranks a batch scheduler signalled too.
+_TWICE = """
+import importlib.util, os, signal, sys
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("atomic_files", sys.argv[2])
+atomic_files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic_files)
+sent = []
+
+def again_as_cleanup_starts(event, args):
+    if event == "os.remove" and not sent:
+        sent.append(event)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def half_then_terminated(target):
+    target.write_text("new image, half")
+    sys.addaudithook(again_as_cleanup_starts)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+folder = Path(sys.argv[1])
+atomic_files.replace_files([(folder / "seg.json", lambda target: target.write_text("new labels"), ""),
+                            (folder / "seg.nii", half_then_terminated, ".nii")])
+"""
+
+
+def test_a_second_sigterm_during_the_cleanup_does_not_leave_a_temporary(tmp_path):
+    """The handler raised again for a second SIGTERM, inside the `except` removing the temporary: it stayed
+    (`.seg.nii.*.tmp.nii`). The first SIGTERM is now the only one raised; the process still ends by SIGTERM."""
+    old = {"seg.nii": "old image", "seg.json": "old labels"}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+    done = subprocess.run([sys.executable, "-c", _TWICE, str(tmp_path), atomic_files.__file__], capture_output=True,
+                          text=True)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old

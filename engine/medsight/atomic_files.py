@@ -30,19 +30,27 @@ def temporaries_removed_on_sigterm() -> Iterator[None]:
         yield
         return
 
+    received: list[int] = []
+
     def handler(signum, frame):
+        # Raised once: a second SIGTERM (torchrun forwards one to ranks a batch scheduler signalled too) raised in
+        # the cleanup the first one started cut it short and left the temporary.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.append(signum)
         raise _Terminated
 
-    signal.signal(signal.SIGTERM, handler)
-    terminated = False
     try:
+        signal.signal(signal.SIGTERM, handler)  # inside the try: a SIGTERM that comes at once is handled too
         yield
     except _Terminated:
-        terminated = True
+        pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if terminated:
-        signal.raise_signal(signal.SIGTERM)  # end as the signal would have: the parent sees "killed by SIGTERM"
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except _Terminated:  # pending as the block ended: signal.signal runs the handler before replacing it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if received:  # also when a library turned the raise into its own error
+            signal.raise_signal(signal.SIGTERM)  # end as the signal would have: the parent sees "killed by SIGTERM"
 
 
 def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:

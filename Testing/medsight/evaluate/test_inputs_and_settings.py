@@ -15,7 +15,7 @@ from PIL import Image
 from medsight.evaluate.cli import main
 from medsight.evaluate.provenance import source_identity
 from medsight.evaluate.readers import DataError, read_llava_vqa
-from medsight.evaluate.runner import read_predictions, select_items
+from medsight.evaluate.runner import ITEM_SEED_STRIDE, LARGEST_RUN_SEED, read_predictions, select_items
 
 ARGS = ["--bootstrap", "5", "--quiet", "--dtype", "float32", "--max-new-tokens", "5"]
 
@@ -211,12 +211,44 @@ def test_a_vision_file_the_model_ignores_is_refused_not_named_in_the_report(vqa,
     assert not (tmp_path / "report").exists()
 
 
+def test_a_finished_report_folder_of_an_older_medsight_is_pointed_to_adopt_settings(vqa, tmp_path):
+    """An older medsight's finished folder (predictions and its report, no settings.json) was refused as a folder
+    of the user's files ("choose a new or empty folder, or the folder of an earlier run"): it is the folder of an
+    earlier run, and the way to resume it, --adopt-settings, went unsaid. Its predictions now get the adopt advice."""
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo") == 0
+    (report / "settings.json").unlink()  # what an older medsight left: predictions, report.md, report.json, charts
+    left = {p.name: p.read_bytes() for p in report.iterdir()}
+    with pytest.raises(DataError, match=rf"{report} holds predictions but no settings\.json .*rerun it with "
+                                        r"--adopt-settings to record these settings and resume"):
+        _eval(vqa, report, "--model", "demo")
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == left
+    assert _eval(vqa, report, "--model", "demo", "--adopt-settings") == 0
+
+
 def test_a_negative_seed_is_refused_before_anything_is_answered(vqa, tmp_path):
     """--seed -1 answered every item, then the report's bootstrap refused the seed ("expected non-negative integer"):
     no report, and a rerun with another seed is refused by the folder's recorded settings."""
     with pytest.raises(ValueError, match=r"--seed -1: must be at least 0"):
         _eval(vqa, tmp_path / "report", "--model", "demo", "--seed", "-1")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_seed_too_large_for_the_items_sampling_seeds_is_refused_before_anything_is_answered(vqa, tmp_path):
+    """--seed 2**63 was recorded in settings.json, then torch refused the first item's sampling seed (the seed times
+    ITEM_SEED_STRIDE plus its position) as "Overflow when unpacking long long", naming no option; the folder then
+    refused any other seed as holding "predictions made with other settings". Now refused before anything."""
+    from medsight.server.schemas import SEED_MAX
+
+    assert LARGEST_RUN_SEED * ITEM_SEED_STRIDE + ITEM_SEED_STRIDE - 1 <= SEED_MAX  # every item's seed fits torch's
+    for seed in (LARGEST_RUN_SEED + 1, SEED_MAX // ITEM_SEED_STRIDE + 1):
+        with pytest.raises(ValueError, match=rf"--seed {seed}: must be at most {LARGEST_RUN_SEED} "):
+            _eval(vqa, tmp_path / "report", "--model", "demo", "--seed", str(seed))
+        assert not (tmp_path / "report").exists()
+    assert _eval(vqa, tmp_path / "report", "--model", "demo", "--seed", str(LARGEST_RUN_SEED)) == 0
+    seeds = [p["metadata"]["seed"] for p in read_predictions(tmp_path / "report" / "predictions.jsonl")]
+    assert len(seeds) == len(read_llava_vqa(vqa))
+    assert all(LARGEST_RUN_SEED * ITEM_SEED_STRIDE <= seed <= SEED_MAX for seed in seeds)  # sampled, with its seed
 
 
 @pytest.mark.parametrize("limit", [-1, 0])

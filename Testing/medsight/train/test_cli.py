@@ -219,3 +219,31 @@ def test_the_allowed_stage3_from_stage1_shortcut_reaches_stage4_without_any_star
     assert run("stage2", str(old), "stage2-from-old") == 0
     assert json.loads((tmp_path / "stage2-from-old" / FINAL_DIR / TRAINED_BY_FILE).read_text())["stages"] == [
         "stage3", "stage2"]
+
+
+def test_an_empty_file_name_is_refused_not_taken_as_the_current_folder(data, tmp_path, monkeypatch, capsys):
+    """`--out "$UNSET"`: argparse's Path turned "" into the current folder, and the run's checkpoints, final/ and
+    log were written wherever the command was started (a stage-1 run did so and exited 0). Every file option of
+    `medsight train` and `medsight train merge` now refuses an empty name, naming the option, before anything."""
+    from medsight.train.cli import main as train_main
+    from medsight.train.cli import merge_parser, parser
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"init_from": "tiny", "max_steps": 1, "batch_size": 1, "device": "cpu"}))
+    started_in = tmp_path / "started-in"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    given = {"--config": str(config), "--data": str(data["root"]), "--out": str(tmp_path / "run"),
+             "--adapter": str(tmp_path / "adapter"), "--model": "tiny"}
+    for command, make_parser in ((["stage1"], parser), (["merge"], merge_parser)):
+        options = {o for a in make_parser()._actions for o in a.option_strings}
+        files = [o for o in ("--out", "--data", "--config", "--adapter") if o in options]
+        required = [a.option_strings[0] for a in make_parser()._actions if a.required and a.option_strings]
+        for emptied in files:
+            argv = [*command, *[x for o in dict.fromkeys([*required, *files]) for x in (o, "" if o == emptied
+                                                                                         else given[o])]]
+            with pytest.raises(SystemExit) as stopped:
+                train_main(argv)
+            assert stopped.value.code == 2
+            assert f"argument {emptied}: an empty name" in capsys.readouterr().err
+    assert list(started_in.iterdir()) == []

@@ -29,6 +29,8 @@ from medsight.evaluate.provenance import (
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import answer_type_line, build_report, report_file_names, write_report
 from medsight.evaluate.runner import (
+    ITEM_SEED_STRIDE,
+    LARGEST_RUN_SEED,
     RunOptions,
     append_predictions,
     merge_shards,
@@ -151,6 +153,9 @@ def _check_args(args: argparse.Namespace) -> Path:
     check_vision_file(args)  # one the model ignores would be named in the report as if it had been used
     if args.seed < 0:  # the bootstrap's generator refused it only after every item was answered, and no report came
         raise ValueError(f"--seed {args.seed}: must be at least 0")
+    if args.seed > LARGEST_RUN_SEED:  # torch's generator refused the first item's seed ("Overflow when unpacking")
+        raise ValueError(f"--seed {args.seed}: must be at most {LARGEST_RUN_SEED} (each item is sampled with the seed "
+                         f"times {ITEM_SEED_STRIDE} plus its position, a 64-bit number)")
     if args.images is not None and not os.path.isdir(args.images):
         what = "not a folder" if os.path.exists(args.images) else "no such folder"
         raise ValueError(f"--images {args.images}: {what}; give the folder the data file's image and mask paths are "
@@ -164,8 +169,9 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
     """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
-    replaced by this run's report without a word. (An older medsight's report folder is taken over with --adopt.)"""
-    if adopt or (report_dir / SETTINGS_FILE).exists():
+    replaced by this run's report without a word. A folder holding predictions is an evaluation's, an older
+    medsight's if it has no settings: `check_settings` says to adopt it (--adopt-settings), not to leave it."""
+    if adopt or (report_dir / SETTINGS_FILE).exists() or any(report_dir.glob("predictions*.jsonl")):
         return
     kept = [name for name in report_file_names() if (report_dir / name).exists()]
     if kept:

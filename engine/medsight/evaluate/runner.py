@@ -180,9 +180,16 @@ def merge_shards(paths: Sequence[str | Path], order: Sequence[str] | None = None
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
+#: An item's sampling seed is the run's times this plus the item's position in the input file (`item_seed`).
+ITEM_SEED_STRIDE = 1_000_003
+#: The largest run seed whose items' seeds (positions below ITEM_SEED_STRIDE) torch's generator still takes: 2**64 - 1
+#: is `medsight.server.schemas.SEED_MAX`, not imported (it loads torch; a test checks they agree).
+LARGEST_RUN_SEED = (2**64 - 1 - (ITEM_SEED_STRIDE - 1)) // ITEM_SEED_STRIDE
+
+
 def item_seed(options: RunOptions, index: int) -> int | None:
     """The sampling seed of the item at `index` in the input file (None for greedy runs)."""
-    return options.seed * 1_000_003 + index if options.sampled else None
+    return options.seed * ITEM_SEED_STRIDE + index if options.sampled else None
 
 
 def input_fingerprint(item: EvalItem, options: RunOptions) -> dict[str, str | None]:
