@@ -124,9 +124,9 @@ def test_images_is_never_ignored_for_absolute_paths_and_must_be_a_folder(vqa, tm
     items = json.loads(vqa.read_text())
     elsewhere = _write_items(tmp_path / "abs.json", items, "/home/author/VQA-RAD/img.png")
     inside = _write_items(tmp_path / "inside.json", items, str(tmp_path / "img.png"))
-    with pytest.raises(DataError, match=rf"abs\.json: item 0 \(id 'q0'\): /home/author/VQA-RAD/img\.png is an "
-                                        rf"absolute path outside --images {tmp_path}; absolute paths are used as "
-                                        r"written, so --images would be ignored"):
+    with pytest.raises(DataError, match=rf"abs\.json: item 0 \(id 'q0'\): /home/author/VQA-RAD/img\.png does "
+                                        rf"not exist: an absolute path is used as written, and --images {tmp_path} "
+                                        r"applies to relative paths only"):
         _eval(elsewhere, tmp_path / "refused", "--images", str(tmp_path))
     for images, problem in ((tmp_path / "none", "no such folder"), (vqa, "not a folder")):
         with pytest.raises(ValueError, match=rf"--images {images}: {problem}; give the folder"):

@@ -236,10 +236,15 @@ def test_image_paths_resolve_as_path_resolve(tmp_path, monkeypatch, relative_roo
     assert read_diagseg(masks, image_root=root)[0].masks == expected
 
 
-def test_an_absolute_path_outside_the_named_image_root_is_refused_not_kept(tmp_path):
-    """With --images given, an absolute image or mask path outside it was kept and the option silently ignored."""
+def test_a_missing_absolute_path_outside_the_named_image_root_is_refused_an_existing_one_read(tmp_path):
+    """With --images given, an absolute image or mask path outside it that names no file (a data file written on
+    another machine) was kept and failed later, advising the --images already given; one that exists is read as
+    written (a file mixing relative images with absolute masks elsewhere, as the official code reads it)."""
     root, outside = tmp_path / "data", "/elsewhere/x.png"
     inside = str(root / "imgs" / "x.png")
+    present = tmp_path / "masks" / "x.png"  # outside --images, and there
+    present.parent.mkdir()
+    present.write_bytes(b"")
     files = {
         read_diagseg: lambda image, mask: {"qa_id": "d", "question": "q", "short_answer": "a", "image_file": image,
                                            "mask_ids": [1], "masks": [[1, mask]]},
@@ -252,11 +257,14 @@ def test_an_absolute_path_outside_the_named_image_root_is_refused_not_kept(tmp_p
         cases = [(outside, inside), *([(inside, outside)] if reader is read_diagseg else [])]
         for image, mask in cases:
             data = _write(tmp_path / "Modality_CT.json", [item(image, mask)])
-            with pytest.raises(DataError, match=rf"Modality_CT\.json: item 0 \(id '.'\): {outside} is an absolute "
-                                                rf"path outside --images {root}"):
+            with pytest.raises(DataError, match=rf"Modality_CT\.json: item 0 \(id '.'\): {outside} does not exist: "
+                                                rf"an absolute path is used as written, and --images {root} applies"):
                 reader(data, image_root=root)
             (found,) = reader(data)  # no --images: absolute paths are used as written
             assert str(found.image) == image
+            there = [str(present) if path == outside else path for path in (image, mask)]
+            (found,) = reader(_write(tmp_path / "Modality_CT.json", [item(*there)]), image_root=root)
+            assert str(found.image) == there[0] and [str(m) for m in found.masks] == there[1:] * bool(found.masks)
         data = _write(tmp_path / "Modality_CT.json", [item(inside, inside)])
         (found,) = reader(data, image_root=root)
         assert str(found.image) == inside and [str(m) for m in found.masks] == ([inside] if found.masks else [])

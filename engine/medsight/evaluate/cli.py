@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=file_name, required=True,
                    help="question file (mc: a Modality_*.json file or their folder)")
     p.add_argument("--images", type=file_name, help="root for relative image/mask paths (default: the data file's "
-                   "folder); absolute paths in the data are used as written and must then lie inside it")
+                   "folder); absolute paths in the data are used as written (a missing one is refused)")
     p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
     p.add_argument("--vision-file", type=file_name, help="UniMed-CLIP checkpoint for the official layout")
     p.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout) applied to --model")

@@ -143,9 +143,10 @@ class _Resolver:
     absolute one is kept), resolving each distinct folder once: a full resolve walks every folder of the path again,
     item by item, and was most of the time to read 100,000 OmniMedVQA items, whose images share a few folders.
 
-    With a ``root`` the user named (--images), an absolute path outside it is refused: it would be kept and --images
-    silently ignored (a data file written on another machine, /home/author/..., then failed on its first image with
-    advice to pass the --images already given)."""
+    With a ``root`` the user named (--images), an absolute path outside it that names no file is refused here, naming
+    the item: a data file written on another machine (/home/author/...) otherwise failed on its first image with advice
+    to pass the --images already given. One that exists is read as written, as the official code does, so a file
+    mixing relative images with absolute masks elsewhere still reads."""
 
     def __init__(self, root: Path, named: bool = False) -> None:
         self.root = root
@@ -155,10 +156,10 @@ class _Resolver:
     def __call__(self, value: str, where: str = "") -> Path:
         p = Path(value)
         if p.is_absolute():
-            if self.named and not _inside(p, self.root):
-                raise DataError(f"{where}: {value} is an absolute path outside --images {self.root}; absolute paths "
-                                "are used as written, so --images would be ignored: leave out --images, or make the "
-                                "data file's paths relative to it")
+            if self.named and not _inside(p, self.root) and not p.exists():
+                raise DataError(f"{where}: {value} does not exist: an absolute path is used as written, and --images "
+                                f"{self.root} applies to relative paths only; make the data file's paths relative to "
+                                "--images")
             return p
         joined = self.root / p
         # A name that is a link (or "..", or none) is resolved whole, as before: only a plain name is appended. So is
