@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from medsight.evaluate.cli import main
-from medsight.evaluate.provenance import source_identity
+from medsight.evaluate.provenance import SETTINGS_FILE, source_identity
 from medsight.evaluate.readers import DataError, read_llava_vqa
 from medsight.evaluate.runner import ITEM_SEED_STRIDE, LARGEST_RUN_SEED, read_predictions, select_items
 
@@ -64,6 +64,26 @@ def test_rerun_with_another_model_or_options_is_refused_and_the_report_names_the
     assert written["settings"]["sampling"] == "official" and written["settings"]["max_new_tokens"] == 5
     text = (report / "report.md").read_text()
     assert "Model: demo (embedded demo model)." in text and "max_new_tokens 5" in text
+
+
+def test_settings_of_a_run_that_stopped_before_its_first_answer_are_not_called_predictions(vqa, tmp_path):
+    """A run that failed after recording its settings and before its first answer left a folder that refused every
+    other setting as holding "predictions made with other settings", which it did not hold: the refusal now says no
+    prediction is there and how to free the folder; freed so, it answers."""
+    import shutil
+
+    done, stopped = tmp_path / "done", tmp_path / "stopped"
+    assert _eval(vqa, done, "--model", "demo") == 0
+    stopped.mkdir()
+    shutil.copy(done / SETTINGS_FILE, stopped / SETTINGS_FILE)  # what a run stopped before its first answer leaves
+    recorded = json.loads((stopped / SETTINGS_FILE).read_text())["max_new_tokens"]
+    with pytest.raises(DataError, match=rf"settings\.json records other settings \(max_new_tokens: {recorded} there, "
+                                        rf"{recorded + 1} now\), though {stopped} holds no predictions yet: .* delete "
+                                        r".*settings\.json and rerun"):
+        _eval(vqa, stopped, "--model", "demo", "--max-new-tokens", str(recorded + 1))
+    (stopped / SETTINGS_FILE).unlink()
+    assert _eval(vqa, stopped, "--model", "demo", "--max-new-tokens", str(recorded + 1)) == 0
+    assert len(read_predictions(stopped / "predictions.jsonl")) == len(json.loads(vqa.read_text()))
 
 
 def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):

@@ -179,6 +179,12 @@ def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = Fal
         shown = [k for k in differ if not (k in ("seed", "batch") and None in (recorded.get(k), settings.get(k)))]
         changes = "; ".join(_difference(k, recorded, settings) for k in shown or differ)
         note = f" ({ADOPT_FLAG} only records settings where none are)" if adopt else ""
+        if not any(p.stat().st_size for p in report_dir.glob("predictions*.jsonl")):
+            # A run that stopped after recording its settings and before its first answer (a model that did not
+            # load, an unreadable first image), or a shard with those settings just starting: no answer is at stake.
+            raise DataError(f"{path} records other settings ({changes}), though {report_dir} holds no predictions "
+                            "yet: an earlier run stopped before its first answer, or one is starting with them. Rerun "
+                            f"with those settings, or, if no run is using the folder, delete {path} and rerun{note}")
         raise DataError(f"{report_dir} holds predictions made with other settings ({changes}). Rerun with the "
                         f"settings in {path} to resume, or choose another --report folder for these ones{note}")
     if unrecorded and not adopt:
