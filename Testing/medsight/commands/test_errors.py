@@ -37,18 +37,24 @@ def refused(line: str) -> Callable[[], int]:
     return body
 
 
-def test_under_torchrun_each_error_line_is_printed_by_one_rank(monkeypatch, capsys):
-    """Every rank of a torchrun run checks the same config and data: each printed the same refusal (N lines for N
-    ranks). The ranks count the lines in torchrun's store: a line already printed by one rank is not printed again,
-    and a line of one rank's own (its sample, its disk) still is; every rank exits 2."""
+@pytest.fixture
+def agent_store(monkeypatch):
+    """A store where torchrun's agent serves one (MASTER_ADDR:MASTER_PORT), with torchrun saying it does."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
 
-    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))  # as torchrun's agent serves it
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    return store
+
+
+def test_under_torchrun_each_error_line_is_printed_by_one_rank(agent_store, monkeypatch, capsys):
+    """Every rank of a torchrun run checks the same config and data: each printed the same refusal (N lines for N
+    ranks). The ranks count the lines in torchrun's store: a line already printed by one rank is not printed again,
+    and a line of one rank's own (its sample, its disk) still is; every rank exits 2."""
     lines = ["field 'lr' is 0 (number); expected a number > 0"] * 2 + ["item 3: cannot read the image a.png"]
     said = []
     for rank, line in enumerate(lines):
@@ -58,21 +64,8 @@ def test_under_torchrun_each_error_line_is_printed_by_one_rank(monkeypatch, caps
     assert said == [f"prog: error: {lines[0]}\n", "", f"prog: error: {lines[2]}\n"]
 
 
-def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys):
-    """argparse printed its usage and error on every rank (`torchrun ... -m medsight.train.cli stage3` without
-    --data: the same 4 lines twice). `CommandParser` prints them once; every rank exits 2, as argparse does."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    from medsight.commands.errors import CommandParser
-
-    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(agent.port))
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    parser = CommandParser(prog="prog")
-    parser.add_argument("--data", required=True)
+def _usage_errors_of_two_ranks(parser, monkeypatch, capsys) -> list[str]:
+    """What each of two ranks prints when `parser` is given no arguments; each must exit 2, as argparse does."""
     said = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
@@ -80,6 +73,17 @@ def test_under_torchrun_a_usage_error_is_printed_by_one_rank(monkeypatch, capsys
             parser.parse_args([])
         assert stopped.value.code == 2
         said.append(capsys.readouterr().err)
+    return said
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_one_rank(agent_store, monkeypatch, capsys):
+    """argparse printed its usage and error on every rank (`torchrun ... -m medsight.train.cli stage3` without
+    --data: the same 4 lines twice). `CommandParser` prints them once; every rank exits 2, as argparse does."""
+    from medsight.commands.errors import CommandParser
+
+    parser = CommandParser(prog="prog")
+    parser.add_argument("--data", required=True)
+    said = _usage_errors_of_two_ranks(parser, monkeypatch, capsys)
     assert said[0].startswith("usage: prog") and said[0].endswith("prog: error: the following arguments are "
                                                                    "required: --data\n")
     assert said[1] == ""
@@ -101,27 +105,14 @@ def test_ranks_not_started_by_torchrun_print_at_once(monkeypatch, capfd):
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
-def test_under_torchrun_the_usage_error_of_train_and_eval_is_printed_by_one_rank(command, monkeypatch, capsys):
+def test_under_torchrun_the_usage_error_of_train_and_eval_is_printed_by_one_rank(command, agent_store, monkeypatch,
+                                                                                 capsys):
     """`medsight eval` runs under torchrun as train does, but its parser was a plain ArgumentParser: a usage error
     (no --data) was printed by every rank. Both commands' parsers print it once; every rank exits 2."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
     from medsight.evaluate.cli import parser as eval_parser
     from medsight.train.cli import parser as train_parser
 
-    agent = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(agent.port))
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     parser = {"train": train_parser, "eval": eval_parser}[command]()
-    said = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        with pytest.raises(SystemExit) as stopped:
-            parser.parse_args([])
-        assert stopped.value.code == 2
-        said.append(capsys.readouterr().err)
+    said = _usage_errors_of_two_ranks(parser, monkeypatch, capsys)
     assert said[0].startswith(f"usage: {parser.prog}") and f"{parser.prog}: error: " in said[0]
     assert said[1] == ""
