@@ -214,3 +214,31 @@ def test_a_lora_torchrun_checkpoint_holds_only_what_it_trains_and_resumes_exactl
     record_file.write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"was trained on a base model with weights fingerprint 000000000000"):
         launch(other, 1, "--resume")
+
+
+def test_a_lora_torchrun_checkpoints_files_reach_the_disk_before_the_state_that_marks_it_complete(setup, tmp_path):
+    """Rank 0 wrote the adapter files of a LoRA run's torchrun checkpoint (adapter_config.json, its weights,
+    non_lora_trainables.bin, config.json) in place and then the trainer state that marks it complete, without
+    flushing them (the DCP shards are flushed by DCP; one process flushes its checkpoint with sync_tree): after a
+    power loss the newest checkpoint could count as complete without its adapter_config.json, so its resume read
+    the shards as a whole model's and failed, and save_total_limit had removed the older ones."""
+    import os
+    from pathlib import Path
+
+    from medsight.train.loop import CHECKPOINT_DIR, SHARDED_STATE_FILE
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name a descriptor's file")
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps({**LORA.to_dict(), "max_steps": 1, "init_from": str(setup["start"])}))
+    log, out = tmp_path / "fsync", tmp_path / "run"
+    torchrun(WORLD, [str(Path(__file__).with_name("fsync_worker.py")), str(log), "lora", "--config", str(config),
+                     "--data", str(setup["data"]["root"]), "--out", str(out)])
+    synced = (tmp_path / "fsync.rank0").read_text().splitlines()  # rank 0 writes the state file
+    folder = out / CHECKPOINT_DIR / f"step-{1:07d}"
+    # The state is written to a temporary beside it, flushed, then renamed into place (atomic_files).
+    state_at = next(i for i, path in enumerate(synced)
+                    if Path(path).parent == folder and Path(path).name.startswith(f".{SHARDED_STATE_FILE}."))
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name != SHARDED_STATE_FILE]
+    unsynced = [f.name for f in files if str(f) not in synced[:state_at]]
+    assert files and not unsynced, unsynced

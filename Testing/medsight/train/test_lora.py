@@ -261,6 +261,33 @@ def test_a_save_killed_while_writing_the_base_record_leaves_no_torn_record(tmp_p
     assert [p.name for p in folder.iterdir() if BASE_FILE in p.name] == []
 
 
+
+def test_a_save_killed_after_the_peft_files_leaves_an_adapter_that_another_base_refuses(tmp_path, monkeypatch):
+    """`medsight_base.json` was written after the adapter's tensors: a save killed in between (a step checkpoint's,
+    written every save_every steps) left adapter_config.json and the LoRA weights without the record, and
+    `--adapter` then applied them to any base, as an official adapter. The record is now written first."""
+    from medsight.model.adapter import BASE_FILE, LoraSettings, add_lora, base_fingerprint, save_adapter
+
+    seed = TrainConfig().seed
+    model = build_model(tiny_config(), seed=seed)
+    base = {"base_model": "tiny", "weights_fingerprint": base_fingerprint(model)}
+    peft_model = add_lora(model, LoraSettings())
+    plain_save = torch.save
+
+    def killed_save(data, path, *args, **kwargs):
+        if Path(path).name == NON_LORA_FILE:
+            raise OSError(28, "No space left on device")
+        return plain_save(data, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_save)
+    folder = tmp_path / "adapter"
+    with pytest.raises(OSError):
+        save_adapter(peft_model, folder, ["model.mm_projector.0.weight"], base=base)
+    other = save_pretrained(build_model(tiny_config(), seed=seed + 1), tmp_path / "other")
+    with pytest.raises(CheckpointError, match=rf"the adapter {folder} was trained on a base model .* has other"):
+        load_model(str(other), device="cpu", adapter=folder)
+    assert (folder / ADAPTER_CONFIG).is_file() and (folder / BASE_FILE).is_file()
+
 def test_init_from_demo_fine_tunes_the_embedded_trained_model(run):
     """`load_model("demo")` (ask, serve, eval, merge) is the embedded trained model; a run's `init_from: "demo"`
     built the demo preset with random weights (another vocabulary, even), so a LoRA adapter trained from it was

@@ -123,13 +123,14 @@ def save_adapter(peft_model, folder: str | Path, non_lora: list[str],
     missing = [n for n in non_lora if n not in state]
     if missing:
         raise ValueError(f"non-LoRA trainables not in the language model: {', '.join(missing)}")
+    if base is not None:
+        # First, so that a save killed mid-write (a step checkpoint's, final/'s) leaves no adapter files without
+        # it, which `check_base` would apply to any base; atomic: no torn record refusing the adapter as damaged.
+        replace_file(folder / BASE_FILE, lambda target: target.write_text(json.dumps(base, indent=2)))
     lora = {NON_LORA_PREFIX + k: v for k, v in state.items() if is_lora_name(k)}
     peft_model.save_pretrained(str(folder), state_dict=lora, safe_serialization=True)
     torch.save({NON_LORA_PREFIX + n: state[n].detach().cpu().contiguous() for n in non_lora}, folder / NON_LORA_FILE)
     lm.config.to_json_file(str(folder / "config.json"))
-    if base is not None:
-        # Atomic, last: a save killed mid-write leaves no torn record, which would refuse the adapter as damaged.
-        replace_file(folder / BASE_FILE, lambda target: target.write_text(json.dumps(base, indent=2)))
     return folder
 
 

@@ -814,6 +814,8 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
             weights.save(folder, trained)
         if stages:
             write_trained_by(folder, stages[-1], step, stages)
+        if trained is not None:  # the adapter is written in place (DCP flushes its own shards)
+            sync_tree(folder)  # on disk before the state file marks the checkpoint complete, as in one process
         plain = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": groups,
                  "world_size": dist.get_world_size(), **counts}
         # Written last: its presence marks the checkpoint complete (`latest_checkpoint`).
