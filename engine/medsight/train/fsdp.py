@@ -177,10 +177,17 @@ def only_trained(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
 
 
 def gathered_trained(root: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained parameters whole, in CPU memory, by the MedSIGHT model's names (collective: each is gathered from
-    its shards on every rank; a LoRA run's are small)."""
-    return {name.removeprefix(ROOT_PREFIX): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-            for name, p in root.named_parameters() if p.requires_grad}
+    """On rank 0, the trained parameters whole, in CPU memory, by the MedSIGHT model's names; on the other ranks {}
+    (collective: each is gathered from its shards on every rank, one at a time, and kept by rank 0 only, which writes
+    them: a non_lora_trainables entry such as embed_tokens is GiBs whole)."""
+    keep = dist.get_rank() == 0
+    whole = {}
+    for name, p in root.named_parameters():
+        if p.requires_grad:
+            gathered = p.full_tensor() if isinstance(p, DTensor) else p
+            if keep:
+                whole[name.removeprefix(ROOT_PREFIX)] = gathered.detach().cpu()
+    return whole
 
 
 def save_sharded(folder: Path, root: nn.Module, optimizer: torch.optim.Optimizer,
