@@ -788,8 +788,9 @@ def save_checkpoint(model: nn.Module, optimizer, scheduler, step: int, folder: P
     `trainer_state.json` (step, scheduler, optimizer groups) and `rng-rank{r}.json` per rank. `samples`: how many
     the run has consumed (its data position); `data`: its data set's size and content (`check_data`); `stages`: the
     runs the model went through, this one last (`run_stages`), recorded as `write_trained_by` (a single-process
-    checkpoint is a model folder an init_from can name); `weights`: what a checkpoint holds of the model instead (a
-    LoRA run: its adapter; sharded, beside the DCP shards of its trained tensors alone).
+    checkpoint of a whole model is a folder an init_from can name, a LoRA run's an adapter --adapter takes);
+    `weights`: what a checkpoint holds of the model instead (a LoRA run: its adapter; sharded, beside the DCP shards
+    of its trained tensors alone).
     """
     counts = {**({} if samples is None else {"samples": samples}), **({} if data is None else data.fields())}
     if root is None:
