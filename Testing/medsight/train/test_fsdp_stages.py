@@ -101,26 +101,17 @@ def test_torchrun_prints_one_summary(setup, stage2, lora):
         assert summary["new_steps"] == len(losses) and summary["last_loss"] == losses[-1]
 
 
-def test_a_stage2_run_with_an_untrained_codebook_resumes_under_torchrun_and_in_one_process(setup, stage2, tmp_path):
-    """Adam has no moments for a parameter no step has given a gradient (a codebook no sample was routed to yet; the
-    perceiver's region_position_embed, which the forward never uses, in stage 1), but the resume's fresh optimizer
-    asks for every parameter's: DCP refused the checkpoint ('Missing key in checkpoint state_dict'), under torchrun
-    and in one process alike, so a stage-1 or stage-2 torchrun run could not be resumed at all. The moments saved
-    load, the others stay absent: the resumed run logs the uninterrupted run's losses."""
+def _resumable_run(setup: dict, tmp_path, command: str, config, first: int):
+    """`launch(out, world, *resume)`: a `command` run on `world` ranks (1: in this process) into `out`, its logged
+    losses; `interrupted(name)`: a copy of the run in tmp_path/"run" as a kill after step `first`'s checkpoint leaves
+    it (no final/, no later checkpoint, the log cut at that step)."""
     import shutil
 
-    import torch.distributed.checkpoint as dcp
-
     from medsight.train.cli import main as train_main
-    from medsight.train.fsdp import SHARDED_DIR
-    from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, LOG_FILE, latest_checkpoint
-
-    first = STAGE2.max_steps // 2
-    config = tmp_path / "stage2.json"
-    config.write_text(json.dumps({**STAGE2.to_dict(), "save_every": first, "init_from": str(setup["start"])}))
+    from medsight.train.loop import FINAL_DIR, LOG_FILE, _checkpoint_folders
 
     def launch(out, world: int, *resume: str) -> list[float]:
-        args = ["stage2", "--config", str(config), "--data", str(setup["data"]["root"]), "--out", str(out), *resume]
+        args = [command, "--config", str(config), "--data", str(setup["data"]["root"]), "--out", str(out), *resume]
         if world == 1:
             assert train_main(args) == 0
         else:
@@ -128,13 +119,36 @@ def test_a_stage2_run_with_an_untrained_codebook_resumes_under_torchrun_and_in_o
         return [r["loss"] for r in read_log(out)]
 
     def interrupted(name: str):
-        """A copy of the run as a kill after step `first`'s checkpoint leaves it."""
         copy = shutil.copytree(tmp_path / "run", tmp_path / name)
         shutil.rmtree(copy / FINAL_DIR)
-        shutil.rmtree(copy / CHECKPOINT_DIR / f"step-{STAGE2.max_steps:07d}")
+        complete, torn = _checkpoint_folders(copy)
+        for step, folder in {**complete, **torn}.items():
+            if step > first:
+                shutil.rmtree(folder)
         log = copy / LOG_FILE
         log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:first]))
         return copy
+
+    return launch, interrupted
+
+
+def test_a_stage2_run_with_an_untrained_codebook_resumes_under_torchrun_and_in_one_process(setup, stage2, tmp_path):
+    """Adam has no moments for a parameter no step has given a gradient (a codebook no sample was routed to yet; the
+    perceiver's region_position_embed, which the forward never uses, in stage 1), but the resume's fresh optimizer
+    asks for every parameter's: DCP refused the checkpoint ('Missing key in checkpoint state_dict'), under torchrun
+    and in one process alike, so a stage-1 or stage-2 torchrun run could not be resumed at all. The moments saved
+    load, the others stay absent: the resumed run logs the uninterrupted run's losses."""
+
+    import torch.distributed.checkpoint as dcp
+
+    from medsight.train.fsdp import SHARDED_DIR
+    from medsight.train.loop import CHECKPOINT_DIR, latest_checkpoint
+
+    first = STAGE2.max_steps // 2
+    config = tmp_path / "stage2.json"
+    config.write_text(json.dumps({**STAGE2.to_dict(), "save_every": first, "init_from": str(setup["start"])}))
+
+    launch, interrupted = _resumable_run(setup, tmp_path, "stage2", config, first)
 
     assert launch(tmp_path / "run", WORLD) == stage2[0]
     checkpoint = tmp_path / "run" / CHECKPOINT_DIR / f"step-{first:07d}" / SHARDED_DIR
@@ -153,7 +167,6 @@ def test_a_lora_torchrun_checkpoint_holds_only_what_it_trains_and_resumes_exactl
     now hold the trained tensors' shards (and their Adam moments) and, gathered on rank 0, the adapter in final/'s
     layout (`--adapter` takes it); the resume under torchrun logs the uninterrupted run's losses and one in one
     process goes on to the end."""
-    import shutil
 
     import torch
     import torch.distributed.checkpoint as dcp
@@ -161,9 +174,8 @@ def test_a_lora_torchrun_checkpoint_holds_only_what_it_trains_and_resumes_exactl
     from medsight.model.adapter import ADAPTER_CONFIG, BASE_FILE
     from medsight.model.checkpoints import CheckpointError
     from medsight.model.loading import load_model
-    from medsight.train.cli import main as train_main
     from medsight.train.fsdp import SHARDED_DIR
-    from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, LOG_FILE, latest_checkpoint
+    from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, latest_checkpoint
     from medsight.train.stages import add_lora_for_training
     from medsight_testing.train_data import probe
 
@@ -171,23 +183,7 @@ def test_a_lora_torchrun_checkpoint_holds_only_what_it_trains_and_resumes_exactl
     config = tmp_path / "lora.json"
     config.write_text(json.dumps({**LORA.to_dict(), "save_every": first, "init_from": str(setup["start"])}))
 
-    def launch(out, world: int, *resume: str) -> list[float]:
-        args = ["lora", "--config", str(config), "--data", str(setup["data"]["root"]), "--out", str(out), *resume]
-        if world == 1:
-            assert train_main(args) == 0
-        else:
-            torchrun(world, ["-m", "medsight.train.cli", *args])
-        return [r["loss"] for r in read_log(out)]
-
-    def interrupted(name: str):
-        """A copy of the run as a kill after step `first`'s checkpoint leaves it."""
-        copy = shutil.copytree(tmp_path / "run", tmp_path / name)
-        shutil.rmtree(copy / FINAL_DIR)
-        for later in range(first + 1, LORA.max_steps + 1):
-            shutil.rmtree(copy / CHECKPOINT_DIR / f"step-{later:07d}")
-        log = copy / LOG_FILE
-        log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:first]))
-        return copy
+    launch, interrupted = _resumable_run(setup, tmp_path, "lora", config, first)
 
     assert launch(tmp_path / "run", WORLD) == lora[0]
     step = tmp_path / "run" / CHECKPOINT_DIR / f"step-{first:07d}"
