@@ -333,11 +333,9 @@ def _assert_stops_keeping_its_steps_then_resumes(tmp_path: Path, run, failing_st
     _assert_same_run(tmp_path / "whole", tmp_path / "broken", steps)
 
 
-def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
-    """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
-    the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
-    are read before it computes: the error names step, item and file, the state after the last step is saved, and a
-    resume once the file is whole ends exactly as an uninterrupted run."""
+def _run_with_a_sample_at_step(tmp_path, command: str, step: int, settings: dict | None = None):
+    """A 4-step `command` run on synthetic data, one sample per step: its config, the data's items, the index and
+    image file of the sample `step` reads, and `run(out, *extra)` launching it into tmp_path/out."""
     import json
 
     from medsight.train.cli import main as train_main
@@ -346,16 +344,25 @@ def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_
 
     data = write_synthetic(tmp_path / "data")
     items = json.loads(data["lvlm"].read_text())
-    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100}
+    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100, **(settings or {})}
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    failing_step = 3
-    index = SampleOrder(len(items), TrainConfig.seed)[failing_step - 1]  # batch 1 x grad_accum 1: one per step
-    image = data["root"] / items[index]["image"]
-    whole = image.read_bytes()
+    index = SampleOrder(len(items), TrainConfig.seed)[step - 1]  # batch 1 x grad_accum 1: one per step
 
     def run(out: str, *extra: str) -> int:
-        return train_main(["stage3", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
+        return train_main([command, "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
                            "--out", str(tmp_path / out), *extra])
+
+    return config, items, index, data["root"] / items[index]["image"], run
+
+
+def test_a_sample_damaged_mid_run_is_named_and_the_steps_before_it_are_kept(tmp_path):
+    """An image damaged after the up-front checks (which see that the file is there) failed when its step read it:
+    the error named the file but not the item, and the steps since the last checkpoint were lost. The step's samples
+    are read before it computes: the error names step, item and file, the state after the last step is saved, and a
+    resume once the file is whole ends exactly as an uninterrupted run."""
+    failing_step = 3
+    config, items, index, image, run = _run_with_a_sample_at_step(tmp_path, "stage3", failing_step)
+    whole = image.read_bytes()
 
     _assert_stops_keeping_its_steps_then_resumes(
         tmp_path, run, failing_step, lambda: image.write_bytes(whole[: len(whole) // 2]),
@@ -377,23 +384,11 @@ def test_a_lora_run_resumes_from_its_adapter_checkpoint_as_if_uninterrupted(tmp_
     from medsight.model.checkpoints import CheckpointError
     from medsight.model.loading import save_pretrained
     from medsight.train.cli import initial_model
-    from medsight.train.cli import main as train_main
-    from medsight.train.loop import SampleOrder
     from medsight.train.stages import LoraConfig, add_lora_for_training
-    from medsight_testing.train_data import write_synthetic
 
-    data = write_synthetic(tmp_path / "data")
-    items = json.loads(data["lvlm"].read_text())
-    config = {"init_from": "tiny", "max_steps": 4, "grad_accum": 1, "save_every": 100, "lr": 1e-2}
-    (tmp_path / "cfg.json").write_text(json.dumps(config))
     failing_step = 3
-    index = SampleOrder(len(items), TrainConfig.seed)[failing_step - 1]  # batch 1 x grad_accum 1: one per step
-    image = data["root"] / items[index]["image"]
+    config, _, _, image, run = _run_with_a_sample_at_step(tmp_path, "lora", failing_step, {"lr": 1e-2})
     whole = image.read_bytes()
-
-    def run(out: str, *extra: str) -> int:
-        return train_main(["lora", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]),
-                           "--out", str(tmp_path / out), *extra])
 
     def keep_copies() -> None:
         image.write_bytes(whole)
