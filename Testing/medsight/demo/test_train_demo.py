@@ -266,3 +266,15 @@ def test_step_time_estimate_ignores_a_few_slow_steps():
     times = np.cumsum([4.0] + [slow if n in (3, 4) else steady for n in range(1, 10)])  # first step: one-off costs
     records = [{"step": n + 1, "time": float(t)} for n, t in enumerate(times)]
     assert _seconds_per_step(records) == pytest.approx(steady)
+
+
+def test_an_empty_output_folder_name_is_refused_not_taken_as_the_current_folder(capsys):
+    """`out_dir` given as "$UNSET" became the current folder: the demo data, runs and checkpoint went wherever the
+    command was started. An empty out_dir or --previous-run is refused, naming it."""
+    from medsight.demo.train_demo import parser
+
+    for argv, named in (([""], "out_dir"), (["out", "--previous-run", ""], "--previous-run")):
+        with pytest.raises(SystemExit) as stopped:
+            parser().parse_args(argv)
+        assert stopped.value.code == 2
+        assert f"argument {named}: an empty name" in capsys.readouterr().err

@@ -16,6 +16,13 @@ def file_name(text: str) -> str:
     return text
 
 
+def path_name(text: str) -> Path:
+    """argparse type: `file_name`'s check (never empty) as a Path; `Path("")` is the current folder, so an output
+    folder given as `"$UNSET"` (`train --out`, the demo scripts' out_dir and --report) wrote wherever the command was
+    started."""
+    return Path(file_name(text))
+
+
 def check_vision_file(args: argparse.Namespace) -> None:
     """load_model reads a vision file only for a model in the official release layout: refuse one it would ignore."""
     if not args.vision_file:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsight.commands.options import path_name
 from medsight.engine import Engine
 from medsight.evaluate.metrics import dice
 from medsight.model.generation import GenerationOptions
@@ -321,9 +322,9 @@ def write_report(scores: dict, report_dir: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m medsight.demo.evaluate_demo",
                                 description="Evaluate a demo model on the demo test split.")
-    p.add_argument("model", type=Path, help="model folder (save_pretrained format)")
-    p.add_argument("data", type=Path, help="demo data folder (python -m medsight.demo)")
-    p.add_argument("--report", type=Path, help="write report.md, scores.json and scores.png here")
+    p.add_argument("model", type=path_name, help="model folder (save_pretrained format)")
+    p.add_argument("data", type=path_name, help="demo data folder (python -m medsight.demo)")
+    p.add_argument("--report", type=path_name, help="write report.md, scores.json and scores.png here")
     p.add_argument("--split", default="test")
     p.add_argument("--max-questions", type=int)
     p.add_argument("--mni", action="store_true",

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsight.commands.options import path_name
 from medsight.config import MedSIGHTConfig, get_preset
 from medsight.feature_cache import FeatureCache
 from medsight.model.loading import build_model, load_pretrained, save_pretrained
@@ -581,7 +582,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medsight.demo.train_demo",
                                 description="Build the demo data, train the demo model through all five stages, "
                                             "evaluate it and write a checkpoint with a model card.")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=path_name)
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the whole command")
     p.add_argument("--smoke", action="store_true", help="tiny data and a few steps per stage (tests)")
     p.add_argument("--seed", type=int, default=0, help="training seed: initial weights, codebook, batch order")
@@ -590,7 +591,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--data-size", default="large", choices=("default", "large"),
                    help="demo data size (medsight.demo.build.SIZES); --smoke always uses tiny")
-    p.add_argument("--previous-run", type=Path, action="append", default=[], metavar="DIR",
+    p.add_argument("--previous-run", type=path_name, action="append", default=[], metavar="DIR",
                    help="an earlier output folder whose runs the model card lists with this one (repeatable)")
     return p
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsight.commands.errors import CommandParser
-from medsight.commands.options import file_name
+from medsight.commands.options import path_name
 from medsight.config import PRESETS, MedSIGHTConfig, get_preset
 from medsight.model.checkpoints import CONFIG_FILE, safetensors_names
 from medsight.model.loading import build_model, embedded_folder, is_random_preset, load_pretrained
@@ -53,22 +53,16 @@ from medsight.train.stages import (
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
 
-def _path(text: str) -> Path:
-    """argparse type: `file_name`'s check (never empty) as a Path; `Path("")` is the current folder, so
-    `--out "$UNSET"` trained (or merged) into wherever the command was started."""
-    return Path(file_name(text))
-
-
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
                                 "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
     p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
                    help="which stage to train; lora: stage 5 with the official LoRA recipe")
-    p.add_argument("--config", type=_path, help="JSON with stage config fields (default: official settings)")
-    p.add_argument("--data", type=_path, required=True,
+    p.add_argument("--config", type=path_name, help="JSON with stage config fields (default: official settings)")
+    p.add_argument("--data", type=path_name, required=True,
                    help="stages 1-2: meta JSON or folder with biomedparse_meta_train.json; "
                         "stages 3-5: conversation JSON or folder with lvlm/train.json")
-    p.add_argument("--out", type=_path, required=True, help="output folder (logs, plot, checkpoints, final/)")
+    p.add_argument("--out", type=path_name, required=True, help="output folder (logs, plot, checkpoints, final/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--data-changed", action="store_true",
                    help="with --resume: continue although --data's content differs from the run's (a checkpoint "
@@ -94,8 +88,8 @@ def merge_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="medsight train merge",
                                 description="Merge a LoRA adapter (official layout) into its base model.")
     p.add_argument("--model", required=True, help="the base model (preset, folder or Hub id)")
-    p.add_argument("--adapter", required=True, type=_path, help="adapter folder (adapter_config.json ...)")
-    p.add_argument("--out", required=True, type=_path, help="folder for the merged model in our format")
+    p.add_argument("--adapter", required=True, type=path_name, help="adapter folder (adapter_config.json ...)")
+    p.add_argument("--out", required=True, type=path_name, help="folder for the merged model in our format")
     p.add_argument("--seed", type=int, help="a preset --model (random weights) is rebuilt from the LoRA run's seed: "
                    "default the seed in the run's train_config.json beside the adapter")
     return p
