@@ -56,6 +56,7 @@ __all__ = [
     "TAG_QUESTION",
     "TAG_REGION_CODE",
     "TAG_SLICE",
+    "TAG_VOLUME_DIGEST",
     "TAG_VOLUME_VOXELS",
     "SegmentSnapshot",
     "SuggestionError",
@@ -65,6 +66,7 @@ __all__ = [
     "mask_digest",
     "replace_segment_mask",
     "segment_ref",
+    "volume_digest",
 ]
 
 ALL = "all"
@@ -77,6 +79,10 @@ TAG_LABEL = "MedSIGHT.Label"
 #: a suggestion's volume voxel counts when it was made ("512x512x300", i x j x k): saved with the scene, so a suggestion
 #: reloaded from it is checked too once the volume's voxels are replaced by another size (``_made_on_other_voxels``)
 TAG_VOLUME_VOXELS = "MedSIGHT.VolumeVoxels"
+#: a hash of the volume's voxel values when the suggestion was made (``volume_digest``): a volume resampled in place to
+#: the same voxel counts (other spacing, origin or directions) keeps its size, and the preview, which follows the
+#: volume's grid by voxel index, would put the suggestion on other anatomy
+TAG_VOLUME_DIGEST = "MedSIGHT.VolumeDigest"
 PREVIEW_ATTRIBUTE = "MedSIGHT.Preview"
 _ID_PREFIX = "MedSIGHT"
 
@@ -159,6 +165,7 @@ class _Operation:
     kind: str  # "accept" or "reject"
     items: list[_Item]
     shape: tuple[int, int, int]  # the volume's (k, j, i) voxel counts when it was done
+    digest: str = ""  # ``volume_digest`` of its voxels then
     target: object = None  # the segmentation node an accept wrote into
     merge_id: str = ""  # an accept that merged into this existing segment of ``target`` (else new segments)
     merge_segment: object = None  # ``segment_ref`` of that very segment: its id may name another one later
@@ -218,9 +225,26 @@ def get_tag(segment, name: str) -> str | None:
 def _segment_tags(segment) -> dict[str, str]:
     # vtkSegment's tag map is not listable from Python, so carry over the tags this module writes.
     known = [TAG_REGION_CODE, TAG_MODEL, TAG_QUESTION, TAG_CONFIDENCE, TAG_SLICE, TAG_LABEL, TAG_VOLUME_VOXELS,
-             _terminology_tag()]
+             TAG_VOLUME_DIGEST, _terminology_tag()]
     tags = {key: get_tag(segment, key) for key in known}
     return {key: value for key, value in tags.items() if value is not None}
+
+
+def volume_digest(volume_node) -> str:
+    """A short hash of a volume's voxel values, type and counts (not its geometry: moving or re-spacing a volume in the
+    Volumes module keeps its voxels, and suggestions follow them; resampling or cropping it in place replaces them)."""
+    image = volume_node.GetImageData()
+    scalars = None if image is None else image.GetPointData().GetScalars()
+    if scalars is None:
+        volume_shape(volume_node)  # a GeometryError naming the volume without image data
+        raise GeometryError(f"volume {volume_node.GetName()!r} has no voxel values")
+    from vtk.util import numpy_support
+
+    values = np.ascontiguousarray(numpy_support.vtk_to_numpy(scalars))
+    header = f"{values.dtype.str}|{image.GetDimensions()}|{scalars.GetNumberOfComponents()}".encode()
+    digest = hashlib.blake2b(header, digest_size=8)
+    digest.update(memoryview(values).cast("B"))  # no copy of a volume of hundreds of MB
+    return digest.hexdigest()
 
 
 def _terminology_tag() -> str:
@@ -260,6 +284,7 @@ class SuggestionManager:
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
+        self._digest_of: tuple[str, int, str] = ("", -1, "")  # (image address, its MTime, its volume_digest)
 
     # -- nodes -------------------------------------------------------------------------------------------------
     def _create_preview_node(self):
@@ -509,6 +534,15 @@ class SuggestionManager:
     def _shape(self) -> tuple[int, int, int]:
         return volume_shape(self.volume_node)  # a volume without image data: an error naming it, not a traceback
 
+    def _digest(self) -> str:
+        """``volume_digest`` of the volume's voxels, hashed again only once its image was replaced or modified (VTK's
+        modification times count up across all objects, so a new image never has an old one's)."""
+        image = self.volume_node.GetImageData()
+        key = ("", -1) if image is None else (image.GetAddressAsString("vtkImageData"), int(image.GetMTime()))
+        if key != self._digest_of[:2]:
+            self._digest_of = (*key, volume_digest(self.volume_node))
+        return self._digest_of[2]
+
     def _add_suggestion(self, group: _Group, mask: np.ndarray, question: str, model: str) -> str:
         fallback = ", ".join(group.codes) or "Region"
         name = naming.display_name(group.label, fallback=fallback)
@@ -520,6 +554,7 @@ class SuggestionManager:
             TAG_SLICE: ";".join(group.slices),
             TAG_LABEL: group.label,
             TAG_VOLUME_VOXELS: shape_text(mask.shape),
+            TAG_VOLUME_DIGEST: self._digest(),
         }
         entry = naming.terminology_entry(group.label)
         if entry:
@@ -602,7 +637,8 @@ class SuggestionManager:
             raise SuggestionError(f"nothing left to accept in {', '.join(erased)}: all {its} voxels were erased. "
                                   f"Reject {it}, or undo the erase in the Segment Editor")
         target = self._check_target(target, merge_into)
-        operation = _Operation("accept", items, self._shape(), target=target, merge_id=merge_into or "")
+        operation = _Operation("accept", items, self._shape(), self._digest(), target=target,
+                               merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
         return [item.user_id for item in items]
@@ -615,12 +651,19 @@ class SuggestionManager:
         made_on = {sid: get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS) for sid in segment_ids}
         # Without the tag (a scene saved before it was written) there is nothing to compare with.
         stale = [sid for sid, then in made_on.items() if then not in (None, shape_text(now))]
+        if stale:
+            names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
+            return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another "
+                    f"grid size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
+                    "suggestion may no longer lie on what was found; reject it and ask again")
+        digest = self._digest()
+        stale = [sid for sid in segment_ids if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
         if not stale:
             return ""
         names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
-        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid "
-                f"size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
-                "suggestion may no longer lie on what was found; reject it and ask again")
+        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled "
+                f"or changed in place: {shape_text(now)} voxels as then, other values), so the suggestion may no "
+                "longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
@@ -646,7 +689,7 @@ class SuggestionManager:
         items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
         if not items:
             return []
-        operation = _Operation("reject", items, self._shape())
+        operation = _Operation("reject", items, self._shape(), self._digest())
         self._remove_suggestions(operation.items)
         self._push(operation)
         return [item.suggestion.segment_id for item in items]
@@ -695,7 +738,8 @@ class SuggestionManager:
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
             grid = item.suggestion.grid_of(self.volume_node, user)
             # The suggestion's grid size is the review's bookkeeping, not part of the user's segment.
-            tags = {key: value for key, value in item.suggestion.tags.items() if key != TAG_VOLUME_VOXELS}
+            tags = {key: value for key, value in item.suggestion.tags.items()
+                    if key not in (TAG_VOLUME_VOXELS, TAG_VOLUME_DIGEST)}
             _add_segment(user, replace(item.suggestion, tags=tags), self.volume_node, segment_id=user_id, name=name,
                          grid=grid)
             if reuse:
@@ -791,10 +835,10 @@ class SuggestionManager:
         """Revert the last accept or reject. False when there is nothing to undo.
 
         An accept whose segment the user deleted or edited since cannot be reverted without rewriting the user's
-        work, and no step can be once the volume's voxels were replaced by another grid size (its suggestions are
-        voxels of the old grid). Its undo is refused with the reason (naming the segment) and the step leaves the
-        history, the user's segments staying exactly as they are: the next undo goes on with the step before,
-        instead of every later undo being refused by this one step.
+        work, and no step can be once the volume's voxels were replaced (another grid size, or resampled in place:
+        its suggestions are voxels of the old grid). Its undo is refused with the reason (naming the segment) and the
+        step leaves the history, the user's segments staying exactly as they are: the next undo goes on with the step
+        before, instead of every later undo being refused by this one step.
         """
         if not self._undo:
             return False
@@ -829,15 +873,19 @@ class SuggestionManager:
 
     def _voxels_replaced(self, operation: _Operation) -> str:
         """Why ``operation``'s suggestions cannot come back ("" when they can): the volume's voxel array has another
-        size than when they were made (cropped or resampled in place), so they name voxels it no longer has."""
+        size or other values than when they were made (cropped or resampled in place), so they name voxels it no
+        longer has, or voxels now elsewhere in the body."""
         then, now = operation.shape, self._shape()
-        if then == now:
+        if then == now and operation.digest in ("", self._digest()):
             return ""
         # The accepted segment's name (the user may have renamed it); a merge's or a reject's suggestions' own.
         plain_accept = operation.kind == "accept" and not operation.merge_id
         names = ", ".join(repr(item.user_name if plain_accept and item.user_name else item.suggestion.name)
                           for item in operation.items)
         verb = "rejecting" if operation.kind == "reject" else "accepting"
+        if then == now:
+            return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled or "
+                    f"changed in place: {shape_text(now)} voxels as then, other values)")
         return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
                 f"since ({shape_text(then)} voxels then, {shape_text(now)} now)")
 

@@ -19,6 +19,7 @@ from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     labelmap_from_array,
     nodes_by_class,
     segment_array,
+    vtk_matrix,
 )
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.review import Review  # noqa: E402
@@ -1073,6 +1074,69 @@ def test_a_suggestion_made_before_the_volumes_voxels_were_replaced_is_not_accept
     assert manager.reject(ALL) == ids  # dropping them is still fine
     [sid] = manager.add_answer(answer("axial", 4, [("liver", ball((4, 5, 4)))]))  # asked again about the new voxels
     assert manager.accept(sid, target=user_node)
+
+
+def organ_voxels(volume) -> np.ndarray:
+    """Give the volume a bright ball (an organ) in darker tissue; returns its (k, j, i) values."""
+    from vtk.util import numpy_support
+
+    values = np.where(ball(), 200, 40).astype(np.int16)
+    numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars())[:] = values.reshape(-1)
+    volume.GetImageData().Modified()
+    return values
+
+
+def resample_in_place(volume, zoom: float) -> None:
+    """What Resample Scalar Volume writing into its input does with ``zoom`` times the spacing and the same voxel
+    counts: new voxel n holds the old voxel nearest to where it now lies (``zoom`` n, about voxel 0)."""
+    from vtk.util import numpy_support
+
+    old = numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars()).reshape(SHAPE)
+    k, j, i = (np.minimum(np.rint(n * zoom).astype(int), size - 1) for n, size in zip(np.indices(SHAPE), SHAPE))
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = old[k, j, i].reshape(-1)
+    grid = ijk_to_ras(volume)
+    grid[:3, :3] *= zoom
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(vtk_matrix(grid))
+
+
+def test_a_suggestion_is_not_accepted_after_the_volume_was_resampled_in_place_to_the_same_voxel_counts(
+        scene, volume, user_node):
+    # Only the voxel counts were compared: the volume resampled to half its spacing kept them, the preview followed the
+    # grid by index, and the accept put the liver 5.0 mm beside what was found.
+    values = organ_voxels(volume)
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball()), ("spleen", ball((4, 2, 2), 1.2))]))
+    [accepted] = manager.accept(ids[1], target=user_node)
+    kept = world_points(user_node, accepted)
+    resample_in_place(volume, 0.5)
+    size = "x".join(str(n) for n in SHAPE[::-1])
+    with pytest.raises(SuggestionError, match=re.escape(f"cannot accept 'Liver': the voxels of 'CT' were replaced "
+                                                        f"since (resampled or changed in place: {size} voxels as "
+                                                        "then, other values)")):
+        manager.accept(ids[0], target=user_node)
+    assert segment_ids(user_node) == [accepted] and manager.suggestion_ids() == ids[:1]
+    with pytest.raises(SuggestionError, match=r"cannot undo accepting 'Spleen': the voxels of 'CT' were replaced since "
+                                              r"\(resampled .*your segments stay as they are"):
+        manager.undo()
+    assert segment_ids(user_node) == [accepted] and manager.suggestion_ids() == ids[:1]
+    np.testing.assert_allclose(world_points(user_node, accepted), kept, atol=1e-6)
+    assert manager.reject(ALL) == ids[:1]
+
+    # Moved or re-spaced in the Volumes module, the voxels stay the same: suggestions follow them and are accepted.
+    resample_in_place(volume, 2.0)  # back to the first spacing, the organ where it was
+    organ_voxels(volume)
+    [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    found = manager.suggestion_mask(sid)
+    assert np.all(values[found] == 200)
+    grid = ijk_to_ras(volume)
+    grid[:3, :3] *= 1.5
+    volume.SetIJKToRASMatrix(vtk_matrix(grid))
+    [liver] = manager.accept(sid, target=user_node)
+    np.testing.assert_array_equal(segment_array(user_node, liver, volume), found)
 
 
 def test_a_suggestion_reloaded_from_a_saved_scene_is_not_accepted_after_the_volumes_voxels_were_replaced(
