@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -58,6 +59,7 @@ __all__ = [
     "TAG_SLICE",
     "TAG_VOLUME_DIGEST",
     "TAG_VOLUME_VOXELS",
+    "SegmentRef",
     "SegmentSnapshot",
     "SuggestionError",
     "SuggestionManager",
@@ -1023,21 +1025,58 @@ def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, g
         raise GeometryError(f"could not write segment {segment_id!r} of {node.GetName()!r}")
 
 
-def segment_ref(node, segment_id: str):
+class SegmentRef:
+    """One segment of a node, the object and not its id (``segment_ref``), with how it looks (name, colour, tags)."""
+
+    def __init__(self, segment) -> None:
+        import vtk
+
+        self._weak = vtk.vtkWeakReference()  # weak, so a deleted segment's voxels are not held
+        self._look: tuple = ()
+        self._follow(segment)
+
+    def _follow(self, segment) -> None:
+        """Hold ``segment`` and keep its look as it is renamed or recoloured (a copy brought back later has those)."""
+        import vtk
+
+        self._weak.Set(segment)
+        self._look = _look_of(segment)
+        me = weakref.ref(self)  # the observer holds neither this reference nor the segment (it would never be freed)
+
+        def changed(caller, _event) -> None:
+            ref = me()
+            if ref is not None and ref._weak.Get() is caller:
+                ref._look = _look_of(caller)
+
+        segment.AddObserver(vtk.vtkCommand.ModifiedEvent, changed)
+
+    def is_segment(self, segment) -> bool:
+        """Whether ``segment`` is this one: the very object, or the copy the Segment Editor's Undo puts back under its
+        id once it was deleted (vtkSegmentationHistory::RestoreState adds a new vtkSegment with the deleted one's
+        name, colour and tags), which is followed from then on."""
+        if segment is None:
+            return False
+        held = self._weak.Get()
+        if held is None and _look_of(segment) == self._look:
+            self._follow(segment)
+            return True
+        return held is segment
+
+
+def _look_of(segment) -> tuple:
+    return segment.GetName(), tuple(float(c) for c in segment.GetColor()), sorted(_segment_tags(segment).items())
+
+
+def segment_ref(node, segment_id: str) -> SegmentRef:
     """A reference to the segment ``segment_id`` of ``node`` as it is now, the object and not its id: a segment
-    deleted since and another one given its id (ids repeat: "MedSIGHT", "Segment_1" of older scenes) is not it. Weak, so
-    a deleted segment's voxels are not held."""
-    import vtk
-
-    ref = vtk.vtkWeakReference()
-    ref.Set(node.GetSegmentation().GetSegment(segment_id))
-    return ref
+    deleted since and another one given its id (ids repeat: "MedSIGHT", "Segment_1" of older scenes) is not it, but
+    the deleted one brought back by the Segment Editor's Undo is."""
+    return SegmentRef(node.GetSegmentation().GetSegment(segment_id))
 
 
-def is_same_segment(ref, node, segment_id: str) -> bool:
+def is_same_segment(ref: SegmentRef | None, node, segment_id: str) -> bool:
     """Whether ``node``'s segment ``segment_id`` is still the one ``ref`` (``segment_ref``) was taken of."""
-    segment = node.GetSegmentation().GetSegment(segment_id)
-    return segment is not None and ref is not None and ref.Get() is segment
+    return ref is not None and ref.is_segment(node.GetSegmentation().GetSegment(segment_id))
 
 
 def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bool:

@@ -20,6 +20,7 @@ from medsight_testing.review_scene import (
     add_shared_user_segments,
     check_segments,
     ct_scene,
+    delete_and_undo_in_segment_editor,
     organ_masks,
     paint,
     slab_answer,
@@ -268,6 +269,26 @@ def test_a_merge_choice_follows_its_segment_not_its_id():
     assert not review.merge_segment_gone()
     assert review.accept([sid]) == [tumour_id]
     check_segments(own, volume, {tumour_id: kidney | stroke | suggested})
+
+
+def test_a_merge_choice_follows_its_segment_back_after_the_segment_editors_undo():
+    # Deleted by mistake and brought back with the Segment Editor's Undo (a new segment object under its id, with its
+    # name, colour, tags and voxels), the chosen segment counted as gone: Accept refused the merge and the list fell
+    # back to New segments.
+    scene, volume, voxels = ct_scene()
+    liver, kidney = organ_masks(voxels.shape)
+    own = user_segmentation(scene, volume)
+    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
+    manager = SuggestionManager(scene, volume)
+    review = Review(manager)
+    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
+    suggested = manager.suggestion_mask(sid)
+    review.set_target(own, merge_into=liver_id)
+    own.GetSegmentation().GetSegment(liver_id).SetName("Liver (checked)")  # renamed after the choice: still it
+    delete_and_undo_in_segment_editor(own, liver_id)
+    assert not review.merge_segment_gone()
+    assert review.accept([sid]) == [liver_id]
+    check_segments(own, volume, {liver_id: liver | suggested, kidney_id: kidney})
 
 
 def test_streamed_answers_grow_one_suggestion_per_finding(url):

@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from medsight_testing.mrml import oversampled, pixel_to_ijk, put_under_transform, world_points  # noqa: E402
-from medsight_testing.review_scene import segment_ids  # noqa: E402
+from medsight_testing.review_scene import delete_and_undo_in_segment_editor, segment_ids  # noqa: E402
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
     ijk_to_ras,
@@ -440,6 +440,26 @@ def test_redo_of_a_merge_whose_segment_was_replaced_under_its_id_is_refused(scen
                                                         "deleted from 'CT segmentation' since")):
         manager.redo()
     assert user_hashes(user_node, volume, [own_id]) == before and manager.suggestion_ids() == ids
+
+
+def test_a_merge_undoes_and_redoes_after_the_segment_editor_brought_its_segment_back(scene, volume, user_node):
+    # The Segment Editor's Undo of a delete puts a new segment object under the deleted one's id, with its name,
+    # colour, tags and voxels: the merge's undo said "that segment was deleted since" and dropped the step from the
+    # history, so the merge could no longer be undone.
+    own = ball((4, 5, 9), 1.5)
+    own_id = add_user_segment(user_node, volume, "Organ", own)
+    manager = SuggestionManager(scene, volume)
+    ids = manager.add_answer(answer("axial", 4, [("liver", ball())]))
+    liver = manager.suggestion_mask(ids[0])
+    manager.accept(ids, target=user_node, merge_into=own_id)
+    delete_and_undo_in_segment_editor(user_node, own_id)
+    assert manager.undo()
+    np.testing.assert_array_equal(segment_array(user_node, own_id, volume), own)
+    assert manager.suggestion_ids() == ids
+    delete_and_undo_in_segment_editor(user_node, own_id)
+    assert manager.redo()
+    np.testing.assert_array_equal(segment_array(user_node, own_id, volume), own | liver)
+    assert segment_ids(user_node) == [own_id] and manager.suggestion_ids() == []
 
 
 def test_undo_and_redo_through_an_accept_and_a_merge_into_it_redo_both(scene, volume, user_node):

@@ -122,6 +122,21 @@ def paint(node, segment_id: str, stroke: np.ndarray, volume) -> None:
     assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), node, segment_id, logic.MODE_MERGE_MAX)
 
 
+def delete_and_undo_in_segment_editor(node, segment_id: str) -> None:
+    """Delete a segment and bring it back with the Segment Editor's Undo: its logic saves the segmentation's state
+    (vtkSegmentationHistory) before removing the selected segment, and Undo restores that state, which adds a new
+    segment object with the deleted one's id, name, colour, tags and voxels (vtkSlicerSegmentEditorLogic)."""
+    import slicer
+
+    history = slicer.vtkSegmentationHistory()
+    history.SetSegmentation(node.GetSegmentation())
+    assert history.SaveState()
+    before = node.GetSegmentation().GetSegment(segment_id)
+    node.GetSegmentation().RemoveSegment(segment_id)
+    assert history.RestorePreviousState()
+    assert node.GetSegmentation().GetSegment(segment_id) not in (None, before)
+
+
 def register_segmentation_converters() -> None:
     """Register the four conversion rules Slicer's Segmentations module registers at start-up (slicer-core leaves
     the factory empty). Segmentations copy the rules when they are created, so the Slicer-side conftest calls this
