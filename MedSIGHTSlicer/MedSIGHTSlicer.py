@@ -27,7 +27,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines
-from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_file_name, export_labelmap_file, export_report
+from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file, export_report, proposed_path, remember_folder
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
@@ -362,10 +362,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
         pattern, suffixes = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]  # the file name picks the writer
-        # A bare name is proposed in Slicer's working directory: its install folder when started from its Windows
-        # shortcut (removed with that version), "/" from the macOS Finder. Slicer's own default for saved data instead.
-        proposed = os.path.join(slicer.app.defaultScenePath,
-                                export_file_name(node.GetName(), suffixes[0]))  # a DICOM series' name holds ":" / "/"
+        # The last export's folder, else Slicer's own default for saved data; never a bare name (working directory).
+        proposed = proposed_path(qt.QSettings(), slicer.app.defaultScenePath, node.GetName(), suffixes[0])
         path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", proposed, pattern)
         if not path:
             return
@@ -374,6 +372,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         except Exception as err:  # shown plainly, never a traceback in the user's face
             self.panel.show_error(f"Export failed: {err}")
             return
+        remember_folder(qt.QSettings(), path)
         self.ui.connectionStatusLabel.text = report
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from .settings import PREFIX, _as_text
+
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name", "export_labelmap_file",
-           "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps", "read_seg_nrrd",
-           "seg_nrrd_losses", "volume_grid_losses"]
+__all__ = ["EXPORT_FOLDER_KEY", "EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name",
+           "export_labelmap_file", "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps",
+           "proposed_path", "read_seg_nrrd", "remember_folder", "seg_nrrd_losses", "volume_grid_losses"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -54,6 +57,26 @@ def export_file_name(node_name: str, suffix: str) -> str:
     """
     stem = " ".join(_UNSAFE_IN_FILE_NAME.sub("_", str(node_name)).split()).strip(" .")
     return (stem or "Segmentation") + suffix
+
+
+#: Where the last export went (Slicer's settings file, kept across sessions), so the next one is proposed there.
+EXPORT_FOLDER_KEY = PREFIX + "exportFolder"
+
+
+def proposed_path(store: Any, default_folder: str, node_name: str, suffix: str) -> str:
+    """The file the Export dialog proposes: ``node_name``'s file name in the folder the last export went to (kept in
+    ``store``, Slicer's QSettings), else in ``default_folder`` (Slicer's default scene folder), also when that folder
+    was removed or renamed since. A bare name would be proposed in Slicer's working directory (its install folder
+    when started from its Windows shortcut, "/" from the macOS Finder)."""
+    folder = _as_text(store.value(EXPORT_FOLDER_KEY, ""), "")
+    if not folder or not os.path.isdir(folder):
+        folder = default_folder
+    return os.path.join(folder, export_file_name(node_name, suffix))
+
+
+def remember_folder(store: Any, path: str | Path) -> None:
+    """Keep the folder of an export just written, for the next one's proposal."""
+    store.setValue(EXPORT_FOLDER_KEY, os.path.dirname(os.path.abspath(path)))
 
 
 class ExportError(RuntimeError):

@@ -179,6 +179,31 @@ def test_the_proposed_file_name_of_a_dicom_series_is_a_file_in_the_chosen_folder
     assert export_file_name(" .. ", ".nii") == "Segmentation.nii"  # nothing left of the name: still a name
 
 
+def test_the_export_dialog_proposes_the_folder_of_the_last_export(tmp_path):
+    """It proposed Slicer's default scene folder (Documents) every time, so each export of a case series meant walking
+    back to the study's folder; the last export's folder is kept in Slicer's settings file, as Slicer's own dialogs
+    keep theirs. A folder removed since falls back to the default."""
+    from MedSIGHTSlicerLib.export import EXPORT_FOLDER_KEY, proposed_path, remember_folder
+
+    class Store(dict):  # QSettings' value/setValue over a dict (what the settings file would hold)
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+        def setValue(self, key, value):  # noqa: N802 - QSettings' name
+            self[key] = value
+
+    store, documents, study = Store(), tmp_path / "Documents", tmp_path / "study 7" / "exports"
+    documents.mkdir()
+    study.mkdir(parents=True)
+    assert proposed_path(store, str(documents), "3: AX T1/POST", ".nii.gz") == str(
+        documents / "3_ AX T1_POST.nii.gz")
+    remember_folder(store, study / "first case.seg.nrrd")
+    assert store[EXPORT_FOLDER_KEY] == str(study)
+    assert proposed_path(store, str(documents), "CT", ".seg.nrrd") == str(study / "CT.seg.nrrd")
+    study.rmdir()
+    assert proposed_path(store, str(documents), "CT", ".seg.nrrd") == str(documents / "CT.seg.nrrd")
+
+
 def test_nifti_export_reads_back_in_the_engine(scene, volume, tmp_path):
     """The module's NIfTI export (labelmap + label sidecar) is read by the engine's reader with the segments'
     names, values, colours, region codes and terminology codes, on the volume's grid."""

@@ -145,12 +145,14 @@ def test_dicom_seg_export_opens_source_files_through_long_path():
     assert [ast.unparse(a) for a in passed] == ["slicer.util.longPath"]
 
 
-def test_export_dialog_proposes_a_file_in_slicers_default_folder():
+def test_export_dialog_proposes_a_file_in_the_last_export_folder_or_slicers_default_folder():
     """The save dialog's proposed name, bare, resolved in Slicer's working directory (Qt's QFileDialog does so: a
     bare name given to it is selected in the current directory): on Windows the install folder Slicer's shortcut
     starts in (Slicer v5.8.0 CMake/NSIS.template.in:666 SetOutPath "$INSTDIR" before the shortcuts, NSIS's working
-    directory for them), which goes with that version. It is joined to ``slicer.app.defaultScenePath`` (Documents
-    unless the user chose another, Base/QTCore/qSlicerCoreApplication.cxx:1406; ScreenCapture.py:208 saves there)."""
+    directory for them), which goes with that version. ``proposed_path`` (tested in test_export_slicer.py) puts
+    it in the last export's folder kept in Slicer's settings, else ``slicer.app.defaultScenePath`` (Documents unless
+    the user chose another, Base/QTCore/qSlicerCoreApplication.cxx:1406; ScreenCapture.py:208 saves there); a written
+    export's folder is remembered, a failed one's is not."""
     export = next(node for node in ast.walk(ast.parse(SCRIPT.read_text()))
                   if isinstance(node, ast.FunctionDef) and node.name == "onExport")
     dialog = next(node for node in ast.walk(export) if isinstance(node, ast.Call)
@@ -158,9 +160,12 @@ def test_export_dialog_proposes_a_file_in_slicers_default_folder():
     proposed = ast.unparse(dialog.args[2])
     value = next(node.value for node in ast.walk(export) if isinstance(node, ast.Assign)
                  and [ast.unparse(t) for t in node.targets] == [proposed])
-    assert isinstance(value, ast.Call) and ast.unparse(value.func) == "os.path.join"
-    assert ast.unparse(value.args[0]) == "slicer.app.defaultScenePath"
-    assert ast.unparse(value.args[1]).startswith("export_file_name(")
+    assert isinstance(value, ast.Call) and ast.unparse(value.func) == "proposed_path"
+    assert [ast.unparse(a) for a in value.args[:2]] == ["qt.QSettings()", "slicer.app.defaultScenePath"]
+    statements = [ast.unparse(node) for node in export.body]
+    remembered = statements.index("remember_folder(qt.QSettings(), path)")
+    tried = next(n for n, node in enumerate(export.body) if isinstance(node, ast.Try))
+    assert remembered > tried and "return" in ast.unparse(export.body[tried].handlers[0])
 
 
 def test_ruff_passes():
