@@ -1033,12 +1033,24 @@ class SegmentRef:
 
         self._weak = vtk.vtkWeakReference()  # weak, so a deleted segment's voxels are not held
         self._look: tuple = ()
+        self._observer = 0
         self._follow(segment)
+
+    def __del__(self) -> None:
+        self._stop_observing()
+
+    def _stop_observing(self) -> None:
+        """One observer per reference and segment: a reference dropped (a merge chosen again) leaves none behind."""
+        held = self._weak.Get()
+        if held is not None and self._observer:
+            held.RemoveObserver(self._observer)
+        self._observer = 0
 
     def _follow(self, segment) -> None:
         """Hold ``segment`` and keep its look as it is renamed or recoloured (a copy brought back later has those)."""
         import vtk
 
+        self._stop_observing()
         self._weak.Set(segment)
         self._look = _look_of(segment)
         me = weakref.ref(self)  # the observer holds neither this reference nor the segment (it would never be freed)
@@ -1048,7 +1060,7 @@ class SegmentRef:
             if ref is not None and ref._weak.Get() is caller:
                 ref._look = _look_of(caller)
 
-        segment.AddObserver(vtk.vtkCommand.ModifiedEvent, changed)
+        self._observer = segment.AddObserver(vtk.vtkCommand.ModifiedEvent, changed)
 
     def is_segment(self, segment) -> bool:
         """Whether ``segment`` is this one: the very object, or the copy the Segment Editor's Undo puts back under its
