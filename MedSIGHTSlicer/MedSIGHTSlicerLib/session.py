@@ -84,6 +84,7 @@ class MedSIGHTSession:
         #: (IJK-to-RAS, (k, j, i) shape) of the bound volume as it was sent: the grid the engine computes its answers'
         #: slice-to-RAS on, whatever the user does to the volume's grid while they arrive
         self._bound_grid: tuple[np.ndarray, tuple[int, ...]] | None = None
+        self._bound_digest = ""  # ``SuggestionManager.voxels_digest`` of the bound volume as it was sent
         #: () -> Slicer's DICOM database (``slicer.dicomDatabase``) or None: a volume loaded from DICOM is sent with
         #: its own Modality, so a CT that shows no air (cropped inside the body) still gets CT windowing.
         self.dicom_database: Callable[[], Any] = lambda: None
@@ -194,6 +195,7 @@ class MedSIGHTSession:
         if not isinstance(source, VolumeData):
             return None
         self._bound_grid = _grid_of(node)  # the question is asked again, about these voxels on this grid
+        self._bound_digest = self._digest_of(node)
         return source
 
     def _drop_volume_id(self, volume_id: str) -> list[Any]:
@@ -223,6 +225,14 @@ class MedSIGHTSession:
         onto the voxels they were computed for, whatever is done to the volume's grid meanwhile."""
         self._bound = node
         self._bound_grid = None if node is None else _grid_of(node)
+        self._bound_digest = "" if node is None else self._digest_of(node)
+
+    def _digest_of(self, node) -> str:
+        """The hash of ``node``'s voxel values (hashed again only once they change), "" without voxels."""
+        image = node.GetImageData()
+        if image is None or image.GetPointData().GetScalars() is None:
+            return ""
+        return self.suggestion_manager(node).voxels_digest()
 
     def answer_volume(self):
         """Where answers of the bound question go: the bound volume, or None if it left the scene meanwhile (its
@@ -278,9 +288,9 @@ class MedSIGHTSession:
         The engine computed ``slice_to_ras`` on the grid that was sent; the user may have moved that grid since (a
         transform hardened into the volume, origin or spacing edited in the Volumes module). Voxel indices do not
         move with the grid, so the slice goes through the sent grid to voxels and the current grid back to RAS.
-        Voxels edited in place (same array shape) keep their indices, so the answers still go on them (the next
-        question sends the edited voxels); an array of another shape (cropped, resampled) is refused: its indices
-        name other voxels than the ones the engine saw.
+        Voxels replaced since (cropped, resampled in place, also to the same voxel counts, or their values changed in
+        place) are refused: the indices name other voxels than the ones the engine saw (a suggestion made now would be
+        taken as made on the new ones, and accepted there).
         """
         if node is not self._bound or self._bound_grid is None:
             return answer
@@ -292,6 +302,11 @@ class MedSIGHTSession:
                 f"the voxels of {node.GetName()!r} were replaced while the question ran ({then} voxels when "
                 f"asked, {now_size} now): answers about the old voxels are not placed on the new "
                 "ones; ask again")
+        if self._bound_digest and self._digest_of(node) != self._bound_digest:
+            raise geometry.GeometryError(
+                f"the voxels of {node.GetName()!r} were replaced while the question ran (resampled or changed in "
+                f"place: {geometry.shape_text(now_shape)} voxels as when asked, other values): answers about the old "
+                "voxels are not placed on the new ones; ask again")
         if np.array_equal(now, sent):
             return answer
         return replace(answer, slice_to_ras=now @ np.linalg.inv(sent) @ np.asarray(answer.slice_to_ras, dtype=float))

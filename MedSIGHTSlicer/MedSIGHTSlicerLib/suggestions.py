@@ -536,7 +536,7 @@ class SuggestionManager:
     def _shape(self) -> tuple[int, int, int]:
         return volume_shape(self.volume_node)  # a volume without image data: an error naming it, not a traceback
 
-    def _digest(self) -> str:
+    def voxels_digest(self) -> str:
         """``volume_digest`` of the volume's voxels, hashed again only once its image was replaced or modified (VTK's
         modification times count up across all objects, so a new image never has an old one's)."""
         image = self.volume_node.GetImageData()
@@ -556,7 +556,7 @@ class SuggestionManager:
             TAG_SLICE: ";".join(group.slices),
             TAG_LABEL: group.label,
             TAG_VOLUME_VOXELS: shape_text(mask.shape),
-            TAG_VOLUME_DIGEST: self._digest(),
+            TAG_VOLUME_DIGEST: self.voxels_digest(),
         }
         entry = naming.terminology_entry(group.label)
         if entry:
@@ -639,7 +639,7 @@ class SuggestionManager:
             raise SuggestionError(f"nothing left to accept in {', '.join(erased)}: all {its} voxels were erased. "
                                   f"Reject {it}, or undo the erase in the Segment Editor")
         target = self._check_target(target, merge_into)
-        operation = _Operation("accept", items, self._shape(), self._digest(), target=target,
+        operation = _Operation("accept", items, self._shape(), self.voxels_digest(), target=target,
                                merge_id=merge_into or "")
         self._do_accept(operation)
         self._push(operation)
@@ -658,7 +658,7 @@ class SuggestionManager:
             return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another "
                     f"grid size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
                     "suggestion may no longer lie on what was found; reject it and ask again")
-        digest = self._digest()
+        digest = self.voxels_digest()
         stale = [sid for sid in segment_ids if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
         if not stale:
             return ""
@@ -691,7 +691,7 @@ class SuggestionManager:
         items = [self._snapshot_item(sid) for sid in self._resolve(segment_ids)]
         if not items:
             return []
-        operation = _Operation("reject", items, self._shape(), self._digest())
+        operation = _Operation("reject", items, self._shape(), self.voxels_digest())
         self._remove_suggestions(operation.items)
         self._push(operation)
         return [item.suggestion.segment_id for item in items]
@@ -878,7 +878,7 @@ class SuggestionManager:
         size or other values than when they were made (cropped or resampled in place), so they name voxels it no
         longer has, or voxels now elsewhere in the body."""
         then, now = operation.shape, self._shape()
-        if then == now and operation.digest in ("", self._digest()):
+        if then == now and operation.digest in ("", self.voxels_digest()):
             return ""
         # The accepted segment's name (the user may have renamed it); a merge's or a reject's suggestions' own.
         plain_accept = operation.kind == "accept" and not operation.merge_id

@@ -5,6 +5,7 @@ segments under the volume's transform, centring on a region, no empty nodes, tag
 from __future__ import annotations
 
 import gc
+import re
 import sys
 import weakref
 
@@ -22,10 +23,10 @@ from medsight_testing.mrml import (  # noqa: E402
     put_under_transform,
     view_origin,
 )
-from medsight_testing.review_scene import slab_answer  # noqa: E402
+from medsight_testing.review_scene import ct_scene, resample_in_place, slab_answer  # noqa: E402
 from MedSIGHTSlicerLib.chat_panel import ChatPanel, RegionLink  # noqa: E402
 from MedSIGHTSlicerLib.export import export_seg_nrrd, read_seg_nrrd  # noqa: E402
-from MedSIGHTSlicerLib.geometry import nodes_by_class, segment_array  # noqa: E402
+from MedSIGHTSlicerLib.geometry import GeometryError, ijk_to_ras, nodes_by_class, segment_array, vtk_matrix  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 from MedSIGHTSlicerLib.qt_shim import qt  # noqa: E402
 from MedSIGHTSlicerLib.review import Review  # noqa: E402
@@ -694,3 +695,32 @@ def test_ask_after_an_engine_restart_sends_the_volume_again(engine):
         assert session.volume_source(node) == volume_id  # sent again: the same voxels get the same id, cached
         assert session.client.volume_info(volume_id).shape == voxels.shape
     session.stop_observing()
+
+
+def test_an_answer_about_voxels_resampled_in_place_to_the_same_counts_is_not_placed():
+    # Only the voxel counts were compared: an answer arriving after the volume was resampled in place to half its
+    # spacing (same counts) was placed on the new voxels by index, as a suggestion taken as made on them, and accepted
+    # onto 21 voxels none of which were the organ it found.
+    scene, volume, voxels = ct_scene()
+    session = MedSIGHTSession(scene)
+    try:
+        manager = session.suggestion_manager(volume)
+        session.bind(volume)
+        found = slab_answer(volume, 2, rows=slice(12, 20), cols=slice(16, 24))
+        resample_in_place(volume, 0.5)
+        size = "x".join(str(n) for n in voxels.shape[::-1])
+        with pytest.raises(GeometryError, match=re.escape(f"the voxels of 'CT' were replaced while the question ran "
+                                                          f"(resampled or changed in place: {size} voxels as when "
+                                                          "asked, other values)")):
+            session.take_answer(volume, found, 1, "current", "Where is the organ?")
+        assert manager.suggestion_ids() == []
+        # Asked again about the new voxels: placed; and a grid moved meanwhile (same values) keeps them on them.
+        session.bind(volume)
+        again = slab_answer(volume, 2, rows=slice(12, 20), cols=slice(16, 24))
+        grid = ijk_to_ras(volume)
+        grid[:3, 3] += grid[:3, 0]
+        volume.SetIJKToRASMatrix(vtk_matrix(grid))
+        [sid] = session.take_answer(volume, again, 2, "current", "Where is the organ?")
+        assert np.count_nonzero(manager.suggestion_mask(sid)) == 8 * 8
+    finally:
+        session.stop_observing()

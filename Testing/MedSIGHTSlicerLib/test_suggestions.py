@@ -12,7 +12,11 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from medsight_testing.mrml import oversampled, pixel_to_ijk, put_under_transform, world_points  # noqa: E402
-from medsight_testing.review_scene import delete_and_undo_in_segment_editor, segment_ids  # noqa: E402
+from medsight_testing.review_scene import (  # noqa: E402
+    delete_and_undo_in_segment_editor,
+    resample_in_place,
+    segment_ids,
+)
 from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
     ijk_to_ras,
@@ -1104,23 +1108,6 @@ def organ_voxels(volume) -> np.ndarray:
     numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars())[:] = values.reshape(-1)
     volume.GetImageData().Modified()
     return values
-
-
-def resample_in_place(volume, zoom: float) -> None:
-    """What Resample Scalar Volume writing into its input does with ``zoom`` times the spacing and the same voxel
-    counts: new voxel n holds the old voxel nearest to where it now lies (``zoom`` n, about voxel 0)."""
-    from vtk.util import numpy_support
-
-    old = numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars()).reshape(SHAPE)
-    k, j, i = (np.minimum(np.rint(n * zoom).astype(int), size - 1) for n, size in zip(np.indices(SHAPE), SHAPE))
-    image = vtk.vtkImageData()
-    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = old[k, j, i].reshape(-1)
-    grid = ijk_to_ras(volume)
-    grid[:3, :3] *= zoom
-    volume.SetAndObserveImageData(image)
-    volume.SetIJKToRASMatrix(vtk_matrix(grid))
 
 
 def test_a_suggestion_is_not_accepted_after_the_volume_was_resampled_in_place_to_the_same_voxel_counts(

@@ -137,6 +137,28 @@ def delete_and_undo_in_segment_editor(node, segment_id: str) -> None:
     assert node.GetSegmentation().GetSegment(segment_id) not in (None, before)
 
 
+def resample_in_place(volume, zoom: float) -> None:
+    """What Resample Scalar Volume writing into its input does with ``zoom`` times the spacing and the same voxel
+    counts: new voxel n holds the old voxel nearest to where it now lies (``zoom`` n, about voxel 0)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras, vtk_matrix
+
+    shape = volume_shape(volume)
+    old = numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars()).reshape(shape)
+    k, j, i = (np.minimum(np.rint(n * zoom).astype(int), size - 1)
+               for n, size in zip(np.indices(shape), shape, strict=True))
+    image = vtk.vtkImageData()
+    image.SetDimensions(*shape[::-1])
+    image.AllocateScalars(volume.GetImageData().GetScalarType(), 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = old[k, j, i].reshape(-1)
+    grid = ijk_to_ras(volume)
+    grid[:3, :3] *= zoom
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(vtk_matrix(grid))
+
+
 def register_segmentation_converters() -> None:
     """Register the four conversion rules Slicer's Segmentations module registers at start-up (slicer-core leaves
     the factory empty). Segmentations copy the rules when they are created, so the Slicer-side conftest calls this
