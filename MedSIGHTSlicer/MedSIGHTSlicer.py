@@ -190,6 +190,11 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.review_host.set_shown(False)
 
     def cleanup(self) -> None:
+        # The engine first: a setup() cut short by an error (after it adopted a reloaded engine) left attributes
+        # that the steps below need, and the engine then ran on after Slicer's exit, whatever "stop on exit" said.
+        handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, self.reloading)
+        if handed is not None:
+            slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
         if getattr(self, "review_host", None) is not None:
             # A developer Reload only hides this widget's Qt widgets (reloadScriptedModule): the volume selector still
             # follows the scene and would call into the closed list and panel, the old session's, on each scene close.
@@ -203,9 +208,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if self.logic is not None:
             self.logic.stop_observing()
         self._save_settings()
-        handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, self.reloading)
-        if handed is not None:
-            slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
 
     def _adopt_engine(self, module) -> None:
         """Take over the engine that the widget before a developer Reload started (its cleanup handed it on)."""

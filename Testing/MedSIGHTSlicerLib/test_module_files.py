@@ -791,6 +791,45 @@ def test_a_developer_reload_keeps_the_engine_that_exit_stops():
         process.stop(wait=True)
 
 
+def test_exit_stops_an_adopted_engine_when_the_reloaded_setup_failed():
+    """A developer Reload whose new setup() raises after it adopted the running engine (an error further down while
+    developing): the widget stays Slicer's (qSlicerScriptedLoadableModuleWidget::setPythonSource made it before
+    setup()), and at exit Slicer calls its cleanup() (ScriptedLoadableModuleWidget._onModuleAboutToBeUnloaded, v5.8.0
+    Base/Python/slicer/ScriptedLoadableModule.py:126-131, from qSlicerCoreApplication::onAboutToQuit). cleanup() first
+    stopped timers setup() had not made yet: an AttributeError before the engine's turn, so an engine set to "stop on
+    exit" ran on after Slicer had quit, holding its port and memory. The widget class of MedSIGHTSlicer.py: the engine
+    is now stopped first."""
+    import __future__
+
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
+        or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    engine = EngineProcess()
+    module = types.SimpleNamespace(reloaded_engine=engine)
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(modules=types.SimpleNamespace(MedSIGHTSlicerInstance=module))}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+    engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+    try:
+        widget = namespace["MedSIGHTSlicerWidget"]()
+        widget._adopt_engine(module)  # setup() got this far, then raised: no timers, no connection form
+        assert widget.engine is engine and widget.settings.stop_engine_on_exit
+        with pytest.raises(AttributeError):
+            widget.cleanup()  # Slicer exits; what setup() never made cannot be closed
+        assert not engine.running and engine.stop_requested
+    finally:
+        engine.stop(wait=True)
+
+
 def test_the_old_widget_stops_following_the_volume_selector_after_cleanup():
     """Slicer's Reload (slicer.util.reloadScriptedModule, v5.8.0 Base/Python/slicer/util.py:1432-1460, the same in
     v5.10.0) calls the old widget's cleanup(), hides its Qt widgets and sets up a new widget; it deletes none of them
