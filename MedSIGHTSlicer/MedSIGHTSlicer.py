@@ -121,6 +121,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.reloading = False  # a reload that failed before cleanup(): this widget stays, exit must stop
 
     def setup(self) -> None:
+        module = slicer.modules.MedSIGHTSlicerInstance
+        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one.
+        self._adopt_engine(module)
         ScriptedLoadableModuleWidget.setup(self)
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MedSIGHTSlicer.ui"))
         self.layout.addWidget(ui_widget)
@@ -130,8 +133,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.logic.on_reset = self._scene_reset
         self.logic.dicom_database = lambda: getattr(slicer, "dicomDatabase", None)
 
-        module = slicer.modules.MedSIGHTSlicerInstance
-        self._adopt_engine(module)
         module.load_terminology()  # a module loaded after start-up (Extension Wizard) missed startupCompleted()
         module.add_settings_page()
         self.application_settings = module.application_settings

@@ -830,6 +830,53 @@ def test_exit_stops_an_adopted_engine_when_the_reloaded_setup_failed():
         engine.stop(wait=True)
 
 
+def test_a_reloaded_setup_that_fails_at_once_still_takes_the_engine_exit_stops():
+    """A Reload's old widget hands its running engine to the module object; the new setup() took it over only after
+    loading the .ui and making the logic. A setup() that failed there (slicer.util.loadUI raises RuntimeError for a
+    .ui it cannot load, v5.8.0 Base/Python/slicer/util.py:343-361) left the engine with the module object, where no
+    widget stops it: it ran on after Slicer's exit, "stop on exit" or not. setup() of MedSIGHTSlicer.py now takes the
+    engine first; the exit's cleanup() stops it."""
+    import __future__
+
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, filename):  # noqa: N802 - Slicer's name
+            return str(MODULE / "Resources" / filename)
+
+    def load_ui(path):
+        raise RuntimeError(f"Could not load UI file: {path}\n\n")
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
+        or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    engine = EngineProcess()
+    module = types.SimpleNamespace(reloaded_engine=engine)
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(modules=types.SimpleNamespace(MedSIGHTSlicerInstance=module),
+                                                 util=types.SimpleNamespace(loadUI=load_ui))}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+    engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+    try:
+        widget = namespace["MedSIGHTSlicerWidget"]()
+        with pytest.raises(RuntimeError, match="Could not load UI file"):
+            widget.setup()
+        with pytest.raises(AttributeError):
+            widget.cleanup()  # Slicer exits; what setup() never made cannot be closed
+        assert module.reloaded_engine is None and not engine.running and engine.stop_requested
+    finally:
+        engine.stop(wait=True)
+
+
 def test_the_old_widget_stops_following_the_volume_selector_after_cleanup():
     """Slicer's Reload (slicer.util.reloadScriptedModule, v5.8.0 Base/Python/slicer/util.py:1432-1460, the same in
     v5.10.0) calls the old widget's cleanup(), hides its Qt widgets and sets up a new widget; it deletes none of them
