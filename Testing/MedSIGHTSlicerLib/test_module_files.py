@@ -428,7 +428,7 @@ UI_CLASSES: dict[str, dict] = {
                                       "nodeAboutToBeEdited(vtkMRMLNode*)"},
                           "methods": {"setMRMLScene", "mrmlScene", "currentNode", "setCurrentNode", "setCurrentNodeID",
                                       "nodeCount", "nodeFromIndex"}},
-    "qSlicerApplication": {"base": "QObject", "properties": set(), "signals": {"startupCompleted()"},
+    "qSlicerApplication": {"base": "QObject", "properties": set(), "signals": {"startupCompleted()", "aboutToQuit()"},
                            "methods": set()},
 }
 
@@ -734,61 +734,126 @@ def test_terminology_is_loaded_at_startup_not_only_when_the_panel_opens():
     assert len(loads) == 1
 
 
-def test_a_developer_reload_keeps_the_engine_that_exit_stops():
-    """Slicer's Reload button (ScriptedLoadableModuleWidget.onReload -> slicer.util.reloadScriptedModule, v5.8.0 to
-    main) calls cleanup() of the current widget and then sets up a new one, in the same Slicer. cleanup() stopped an
-    engine set to "stop on exit", so each Reload while developing also dropped the loaded model. The widget class of
-    MedSIGHTSlicer.py, run against that reload path: the engine runs on into the new widget, which exit stops."""
+def _module_file_as_module(name: str, slicer, base) -> types.ModuleType:
+    """The module file's Lib imports and classes, run as the module ``name`` in sys.modules (as Slicer loads it),
+    against ``slicer`` and the ScriptedLoadableModule base ``base``; run again, it is what
+    slicer.util.reloadScriptedModule does (v5.8.0 util.py:1428-1430: the file run again into the same module)."""
     import __future__
 
-    from MedSIGHTSlicerLib.engine_launch import launch_plan
-
-    modules = types.SimpleNamespace(MedSIGHTSlicerInstance=types.SimpleNamespace())
-
-    def reload_scripted_module(name):  # slicer.util.reloadScriptedModule: cleanup, then a new widget
-        getattr(modules, name + "Widget").cleanup()
-        setattr(modules, name + "Widget", namespace["MedSIGHTSlicerWidget"]())
-
-    class SlicerWidgetBase:
-        def __init__(self, parent=None):
-            self.moduleName = "MedSIGHTSlicer"
-
-        def onReload(self):  # noqa: N802 - Slicer's name
-            reload_scripted_module(self.moduleName)
+    class Store(dict):  # QSettings as far as the settings are read
+        def value(self, key, default=None):
+            return self.get(key, default)
 
     tree = ast.parse(SCRIPT.read_text())
-    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
-        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
-        or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
-    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
-                 "slicer": types.SimpleNamespace(modules=modules)}
-    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom)
+                                            and (node.module or "").startswith("MedSIGHTSlicerLib"))
+             or (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets))
+             or (isinstance(node, ast.ClassDef) and node.name in ("MedSIGHTSlicer", "MedSIGHTSlicerWidget"))]
+    module = sys.modules.get(name) or types.ModuleType(name)
+    module.__dict__.update({"ScriptedLoadableModule": base, "ScriptedLoadableModuleWidget": base, "slicer": slicer,
+                            "qt": types.SimpleNamespace(QSettings=Store)})
+    sys.modules[name] = module
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag),
+         module.__dict__)
+    return module
 
-    def cleanup_ready(widget):  # what setup() would have made, as far as cleanup() uses it
-        timer = types.SimpleNamespace(stop=lambda: None)
-        widget.check_timer = widget.engine_timer = timer
-        widget.connection_form = types.SimpleNamespace(save=lambda: None)
-        widget.ui = types.SimpleNamespace(startEngineButton=types.SimpleNamespace(),
-                                          stopEngineButton=types.SimpleNamespace(),
-                                          connectionStatusLabel=types.SimpleNamespace())
-        widget.settings.stop_engine_on_exit = True
-        return widget
 
-    old = cleanup_ready(namespace["MedSIGHTSlicerWidget"]())
-    modules.MedSIGHTSlicerWidget = old
-    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
-    old.engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
-    process = old.engine
+def _cleanup_ready(widget):
+    """What setup() would have made, as far as cleanup() uses it."""
+    timer = types.SimpleNamespace(stop=lambda: None)
+    widget.check_timer = widget.engine_timer = timer
+    widget.connection_form = types.SimpleNamespace(save=lambda: None)
+    widget.ui = types.SimpleNamespace(startEngineButton=types.SimpleNamespace(),
+                                      stopEngineButton=types.SimpleNamespace(),
+                                      connectionStatusLabel=types.SimpleNamespace())
+    widget.settings.stop_engine_on_exit = True
+    return widget
+
+
+class _SlicerBase:
+    """ScriptedLoadableModule(Widget) as far as the module and widget classes use them at construction."""
+
+    def __init__(self, parent=None):
+        self.parent = parent
+        self.moduleName = "MedSIGHTSlicer"
+
+
+@pytest.mark.parametrize("how", ["Reload button", "reloadScriptedModule from the Python console"])
+def test_a_developer_reload_keeps_the_engine_that_exit_stops(how):
+    """Slicer's Reload (ScriptedLoadableModuleWidget.onReload -> slicer.util.reloadScriptedModule, v5.8.0 to main;
+    developers and Slicer's own scripts also call it directly, e.g. v5.8.0 RSNAVisTutorial.py:129) runs the
+    module file again, then calls cleanup() of the current widget and sets up a new one, in the same Slicer. The
+    widget knew a reload only through its own onReload, so a reload from the console stopped an engine set to "stop
+    on exit" (the loaded model lost) and released one set to keep running (it ran on, out of the new widget's reach:
+    Start then failed on the taken port). The module file run as Slicer runs it: the engine runs on into the new
+    widget, which exit stops."""
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+
+    name = "MedSIGHTSlicer"
+    app = types.SimpleNamespace(connect=lambda signal, slot: None)
+    modules = types.SimpleNamespace()
+    slicer = types.SimpleNamespace(app=app, modules=modules)
+
+    def reload_scripted_module():  # slicer.util.reloadScriptedModule: the file runs again, then the old cleanup()
+        _module_file_as_module(name, slicer, Base)
+        modules.MedSIGHTSlicerWidget.cleanup()
+
+    class Base(_SlicerBase):
+        def onReload(self):  # noqa: N802 - Slicer's name; ScriptedLoadableModuleWidget.onReload
+            reload_scripted_module()
+
+    sys.modules.pop(name, None)
     try:
-        old.onReload()
-        new = cleanup_ready(modules.MedSIGHTSlicerWidget)
-        assert new is not old and process.running
-        new._adopt_engine(modules.MedSIGHTSlicerInstance)  # what the new widget's setup() does first
-        assert new.engine is process and modules.MedSIGHTSlicerInstance.reloaded_engine is None
-        new.cleanup()  # Slicer exits
-        assert not process.running and process.stop_requested
+        module = _module_file_as_module(name, slicer, Base)
+        modules.MedSIGHTSlicerInstance = module.MedSIGHTSlicer(types.SimpleNamespace())
+        old = modules.MedSIGHTSlicerWidget = _cleanup_ready(module.MedSIGHTSlicerWidget())
+        sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+        old.engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+        process = old.engine
+        try:
+            if how == "Reload button":
+                old.onReload()
+            else:
+                reload_scripted_module()
+            new = _cleanup_ready(module.MedSIGHTSlicerWidget())  # the new widget
+            assert type(new) is not type(old) and process.running
+            new._adopt_engine(modules.MedSIGHTSlicerInstance)  # what the new widget's setup() does first
+            assert new.engine is process and modules.MedSIGHTSlicerInstance.reloaded_engine is None
+            new.cleanup()  # Slicer exits
+            assert not process.running and process.stop_requested
+        finally:
+            process.stop(wait=True)
     finally:
-        process.stop(wait=True)
+        sys.modules.pop(name, None)
+
+
+def test_exit_stops_an_engine_a_reload_handed_on_that_no_widget_took():
+    """A reload that fails after running the file again (an error in a later class, or in the new setup() before it
+    takes the engine) leaves the handed engine with the module object: at exit no widget's cleanup() reaches it. The
+    module object stops it from Slicer's aboutToQuit, after qSlicerCoreApplication's own slot (connected first, in
+    qSlicerCoreApplicationPrivate::init, v5.8.0 Base/QTCore/qSlicerCoreApplication.cxx:598) has called every widget's
+    cleanup() (onAboutToQuit -> unloadModules, l.2070-2074)."""
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    name = "MedSIGHTSlicer"
+    connections = {}
+    app = types.SimpleNamespace(connect=lambda signal, slot: connections.setdefault(signal, []).append(slot))
+    slicer = types.SimpleNamespace(app=app, modules=types.SimpleNamespace())
+    sys.modules.pop(name, None)
+    engine = EngineProcess()
+    try:
+        module = _module_file_as_module(name, slicer, _SlicerBase)
+        instance = module.MedSIGHTSlicer(types.SimpleNamespace())
+        instance.application_settings.settings.stop_engine_on_exit = True
+        engine.start(launch_plan(f'"{sys.executable}" -c "import time; time.sleep(120)"', os.environ, True))
+        instance.reloaded_engine = engine  # an old widget's cleanup() handed it on; no new widget took it
+        for slot in connections["aboutToQuit()"]:
+            slot()
+        assert not engine.running and engine.stop_requested and instance.reloaded_engine is None
+    finally:
+        engine.stop(wait=True)
+        sys.modules.pop(name, None)
 
 
 def test_exit_stops_an_adopted_engine_when_the_reloaded_setup_failed():
