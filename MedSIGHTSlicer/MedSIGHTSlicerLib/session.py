@@ -118,6 +118,11 @@ class MedSIGHTSession:
             for tag in state.observers:
                 state.node.RemoveObserver(tag)
             state.observers = []
+        # Nor does it hold the volumes any more (no scene close reaches it now): their voxels stayed in memory for the
+        # rest of the Slicer session. Not forget(): the previews stay in the scene, for the reloaded widget to adopt.
+        self._volumes.clear()
+        self._bound = self._bound_grid = None
+        self._asked.clear()
 
     def _scene_closing(self, *_: Any) -> None:
         self.reset()

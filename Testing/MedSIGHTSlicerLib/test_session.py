@@ -687,17 +687,37 @@ def test_a_stopped_session_leaves_the_preview_to_the_reloaded_one():
     old = MedSIGHTSession(scene)
     node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
     (suggestion,) = old.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
-    mask = old.suggestion_manager(node).suggestion_mask(suggestion)
+    old_manager = old.suggestion_manager(node)
+    mask, old_preview = old_manager.suggestion_mask(suggestion), old_manager.preview_node
     old.stop_observing()  # the old widget's cleanup
     new = MedSIGHTSession(scene)
     preview = new.suggestion_manager(node).existing_preview_node()  # the new widget's list shows the suggestions
-    assert preview is old.suggestion_manager(node).preview_node
+    assert preview is old_preview
     move_grid(scene, node, "origin moved one voxel")
     k, j, i = np.nonzero(mask)
     expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
     np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
     scene.RemoveNode(node)
     new.stop_observing()
+
+
+def test_a_stopped_session_lets_its_volumes_go():
+    """The old widget's session outlives a developer Reload (see above), but no scene close reaches it once it stopped
+    observing: it held every volume it had seen, with their voxels, for the rest of the Slicer session (the image's
+    reference count after the scene closed: 3; 1, the test's own, when nothing else holds it)."""
+    from medsight_testing.review_scene import ct_voxels
+
+    scene = slicer.vtkMRMLScene()
+    old = MedSIGHTSession(scene)
+    node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
+    assert old.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    assert old.suggestion_manager(node).accept()  # an accepted segment and the undo history too
+    image = node.GetImageData()
+    old.stop_observing()  # the old widget's cleanup
+    del node
+    scene.Clear(0)
+    gc.collect()
+    assert image.GetReferenceCount() == 1
 
 
 def test_ask_after_an_engine_restart_sends_the_volume_again(engine):
