@@ -26,7 +26,7 @@ from MedSIGHTSlicerLib import shortcuts as review_shortcuts
 from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
-from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines
+from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines, replaced_by_reload
 from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file, export_report, proposed_path, remember_folder
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
@@ -78,11 +78,19 @@ class MedSIGHTSlicer(ScriptedLoadableModule):
         self.reloaded_engine = None  # the running engine a developer Reload hands to the new widget
         slicer.app.connect("startupCompleted()", self.add_settings_page)
         slicer.app.connect("startupCompleted()", self.load_terminology)
+        # After qSlicerCoreApplication's own aboutToQuit slot (connected first), which calls every widget's cleanup().
+        slicer.app.connect("aboutToQuit()", self.leave_reloaded_engine)
 
     def add_settings_page(self) -> None:
         """Application Settings > MedSIGHT; once (the widget calls it too, for a module loaded after start-up)."""
         if not slicer.app.commandOptions().noMainWindow:
             self.application_settings.add_page(_add_settings_panel)
+
+    def leave_reloaded_engine(self) -> None:
+        """At exit: an engine a Reload handed on and no widget took over is stopped, or left running, as at exit."""
+        if self.reloaded_engine is not None:
+            leave_engine(self.reloaded_engine, self.application_settings.settings.stop_engine_on_exit, False)
+            self.reloaded_engine = None
 
     def load_terminology(self) -> None:
         """Our terminology context, from start-up on and once (the widget calls it too): Slicer 5.8's terminology
@@ -111,16 +119,11 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
                                     on_partial=self._engine_partial)
         self.settings = ConnectionSettings()
         self.connection_check = ConnectionCheck()
-        self.reloading = False  # cleanup() for a developer Reload, not for Slicer's exit (see leave_engine)
-
-    def onReload(self) -> None:
-        self.reloading = True
-        try:
-            ScriptedLoadableModuleWidget.onReload(self)
-        finally:
-            self.reloading = False  # a reload that failed before cleanup(): this widget stays, exit must stop
 
     def setup(self) -> None:
+        module = slicer.modules.MedSIGHTSlicerInstance
+        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one.
+        self._adopt_engine(module)
         ScriptedLoadableModuleWidget.setup(self)
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MedSIGHTSlicer.ui"))
         self.layout.addWidget(ui_widget)
@@ -130,8 +133,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         self.logic.on_reset = self._scene_reset
         self.logic.dicom_database = lambda: getattr(slicer, "dicomDatabase", None)
 
-        module = slicer.modules.MedSIGHTSlicerInstance
-        self._adopt_engine(module)
         module.load_terminology()  # a module loaded after start-up (Extension Wizard) missed startupCompleted()
         module.add_settings_page()
         self.application_settings = module.application_settings
@@ -190,7 +191,16 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             self.review_host.set_shown(False)
 
     def cleanup(self) -> None:
+        # The engine first: a setup() cut short by an error (after it adopted a reloaded engine) left attributes
+        # that the steps below need, and the engine then ran on after Slicer's exit, whatever "stop on exit" said.
+        # A Reload (the button or slicer.util.reloadScriptedModule) hands the engine on; Slicer's exit stops it.
+        handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, replaced_by_reload(type(self)))
+        if handed is not None:
+            slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
         if getattr(self, "review_host", None) is not None:
+            # A developer Reload only hides this widget's Qt widgets (reloadScriptedModule): the volume selector still
+            # follows the scene and would call into the closed list and panel, the old session's, on each scene close.
+            self.ui.inputVolumeSelector.disconnect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
             self.review_host.close()
         self.check_timer.stop()
         self.engine_timer.stop()
@@ -200,9 +210,6 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if self.logic is not None:
             self.logic.stop_observing()
         self._save_settings()
-        handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, self.reloading)
-        if handed is not None:
-            slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
 
     def _adopt_engine(self, module) -> None:
         """Take over the engine that the widget before a developer Reload started (its cleanup handed it on)."""

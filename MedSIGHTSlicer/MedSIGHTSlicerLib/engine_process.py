@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 from .engine_launch import LaunchPlan
 
-__all__ = ["EngineProcess", "OutputLines", "exit_message", "leave_engine", "output_lines"]
+__all__ = ["EngineProcess", "OutputLines", "exit_message", "leave_engine", "output_lines", "replaced_by_reload"]
 
 _TAIL_CHARS = 4000
 #: How much of the engine's last output lines an exit message quotes.
@@ -381,6 +382,16 @@ class EngineProcess:
             with contextlib.suppress(OSError):
                 self._log.close()
             self._log = None
+
+
+def replaced_by_reload(cls: type) -> bool:
+    """Whether the module widget class ``cls`` was replaced by a developer Reload, so its cleanup() is not Slicer's
+    exit. slicer.util.reloadScriptedModule (the Reload button, or called from the Python console) runs the module
+    file again, which makes a new class in the module (v5.8.0 Base/Python/slicer/util.py:1428-1430 into the same
+    module, v5.10.0 util.py:1428-1431 into a new one in sys.modules), before it calls the old widget's cleanup(); at
+    exit the module still holds ``cls``."""
+    current = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
+    return current is not None and current is not cls
 
 
 def leave_engine(engine: EngineProcess, stop_on_exit: bool, reloading: bool) -> EngineProcess | None:

@@ -109,9 +109,21 @@ class MedSIGHTSession:
         ]
 
     def stop_observing(self) -> None:
+        """Stop reacting to the scene and to its volumes (the module widget's cleanup). A developer Reload leaves
+        this session alive (the old widget's hidden Qt widgets keep their connections to it): the volume observers
+        it kept made its suggestion managers follow a moved volume too, so the preview moved twice."""
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
         self._observers = []
+        for state in self._volumes.values():
+            for tag in state.observers:
+                state.node.RemoveObserver(tag)
+            state.observers = []
+        # Nor does it hold the volumes any more (no scene close reaches it now): their voxels stayed in memory for the
+        # rest of the Slicer session. Not forget(): the previews stay in the scene, for the reloaded widget to adopt.
+        self._volumes.clear()
+        self._bound = self._bound_grid = None
+        self._asked.clear()
 
     def _scene_closing(self, *_: Any) -> None:
         self.reset()

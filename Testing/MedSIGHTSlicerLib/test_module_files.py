@@ -324,7 +324,7 @@ def test_module_logic_constructs_under_slicers_logic_base():
 def test_module_script_is_thin():
     """The module file only wires the Lib to Slicer: behaviour belongs in MedSIGHTSlicerLib (tested here)."""
     lines = [line for line in SCRIPT.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert len(lines) < 350
+    assert len(lines) < 355
 
 
 @pytest.mark.parametrize(
@@ -433,7 +433,7 @@ UI_CLASSES: dict[str, dict] = {
                                       "nodeAboutToBeEdited(vtkMRMLNode*)"},
                           "methods": {"setMRMLScene", "mrmlScene", "currentNode", "setCurrentNode", "setCurrentNodeID",
                                       "nodeCount", "nodeFromIndex"}},
-    "qSlicerApplication": {"base": "QObject", "properties": set(), "signals": {"startupCompleted()"},
+    "qSlicerApplication": {"base": "QObject", "properties": set(), "signals": {"startupCompleted()", "aboutToQuit()"},
                            "methods": set()},
 }
 
@@ -739,61 +739,277 @@ def test_terminology_is_loaded_at_startup_not_only_when_the_panel_opens():
     assert len(loads) == 1
 
 
-def test_a_developer_reload_keeps_the_engine_that_exit_stops():
-    """Slicer's Reload button (ScriptedLoadableModuleWidget.onReload -> slicer.util.reloadScriptedModule, v5.8.0 to
-    main) calls cleanup() of the current widget and then sets up a new one, in the same Slicer. cleanup() stopped an
-    engine set to "stop on exit", so each Reload while developing also dropped the loaded model. The widget class of
-    MedSIGHTSlicer.py, run against that reload path: the engine runs on into the new widget, which exit stops."""
+def _module_file_as_module(name: str, slicer, base) -> types.ModuleType:
+    """The module file's Lib imports and classes, run as the module ``name`` in sys.modules (as Slicer loads it),
+    against ``slicer`` and the ScriptedLoadableModule base ``base``; run again, it is what
+    slicer.util.reloadScriptedModule does (v5.8.0 util.py:1428-1430: the file run again into the same module)."""
+    import __future__
+
+    class Store(dict):  # QSettings as far as the settings are read
+        def value(self, key, default=None):
+            return self.get(key, default)
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom)
+                                            and (node.module or "").startswith("MedSIGHTSlicerLib"))
+             or (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets))
+             or (isinstance(node, ast.ClassDef) and node.name in ("MedSIGHTSlicer", "MedSIGHTSlicerWidget"))]
+    module = sys.modules.get(name) or types.ModuleType(name)
+    module.__dict__.update({"ScriptedLoadableModule": base, "ScriptedLoadableModuleWidget": base, "slicer": slicer,
+                            "qt": types.SimpleNamespace(QSettings=Store)})
+    sys.modules[name] = module
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag),
+         module.__dict__)
+    return module
+
+
+def _cleanup_ready(widget):
+    """What setup() would have made, as far as cleanup() uses it."""
+    timer = types.SimpleNamespace(stop=lambda: None)
+    widget.check_timer = widget.engine_timer = timer
+    widget.connection_form = types.SimpleNamespace(save=lambda: None)
+    widget.ui = types.SimpleNamespace(startEngineButton=types.SimpleNamespace(),
+                                      stopEngineButton=types.SimpleNamespace(),
+                                      connectionStatusLabel=types.SimpleNamespace())
+    widget.settings.stop_engine_on_exit = True
+    return widget
+
+
+class _SlicerBase:
+    """ScriptedLoadableModule(Widget) as far as the module and widget classes use them at construction."""
+
+    def __init__(self, parent=None):
+        self.parent = parent
+        self.moduleName = "MedSIGHTSlicer"
+
+
+@pytest.mark.parametrize("how", ["Reload button", "reloadScriptedModule from the Python console"])
+def test_a_developer_reload_keeps_the_engine_that_exit_stops(how):
+    """Slicer's Reload (ScriptedLoadableModuleWidget.onReload -> slicer.util.reloadScriptedModule, v5.8.0 to main;
+    developers and Slicer's own scripts also call it directly, e.g. v5.8.0 RSNAVisTutorial.py:129) runs the
+    module file again, then calls cleanup() of the current widget and sets up a new one, in the same Slicer. The
+    widget knew a reload only through its own onReload, so a reload from the console stopped an engine set to "stop
+    on exit" (the loaded model lost) and released one set to keep running (it ran on, out of the new widget's reach:
+    Start then failed on the taken port). The module file run as Slicer runs it: the engine runs on into the new
+    widget, which exit stops."""
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+
+    name = "MedSIGHTSlicer"
+    app = types.SimpleNamespace(connect=lambda signal, slot: None)
+    modules = types.SimpleNamespace()
+    slicer = types.SimpleNamespace(app=app, modules=modules)
+
+    def reload_scripted_module():  # slicer.util.reloadScriptedModule: the file runs again, then the old cleanup()
+        _module_file_as_module(name, slicer, Base)
+        modules.MedSIGHTSlicerWidget.cleanup()
+
+    class Base(_SlicerBase):
+        def onReload(self):  # noqa: N802 - Slicer's name; ScriptedLoadableModuleWidget.onReload
+            reload_scripted_module()
+
+    sys.modules.pop(name, None)
+    try:
+        module = _module_file_as_module(name, slicer, Base)
+        modules.MedSIGHTSlicerInstance = module.MedSIGHTSlicer(types.SimpleNamespace())
+        old = modules.MedSIGHTSlicerWidget = _cleanup_ready(module.MedSIGHTSlicerWidget())
+        sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+        old.engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+        process = old.engine
+        try:
+            if how == "Reload button":
+                old.onReload()
+            else:
+                reload_scripted_module()
+            new = _cleanup_ready(module.MedSIGHTSlicerWidget())  # the new widget
+            assert type(new) is not type(old) and process.running
+            new._adopt_engine(modules.MedSIGHTSlicerInstance)  # what the new widget's setup() does first
+            assert new.engine is process and modules.MedSIGHTSlicerInstance.reloaded_engine is None
+            new.cleanup()  # Slicer exits
+            assert not process.running and process.stop_requested
+        finally:
+            process.stop(wait=True)
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_exit_stops_an_engine_a_reload_handed_on_that_no_widget_took():
+    """A reload that fails after running the file again (an error in a later class, or in the new setup() before it
+    takes the engine) leaves the handed engine with the module object: at exit no widget's cleanup() reaches it. The
+    module object stops it from Slicer's aboutToQuit, after qSlicerCoreApplication's own slot (connected first, in
+    qSlicerCoreApplicationPrivate::init, v5.8.0 Base/QTCore/qSlicerCoreApplication.cxx:598) has called every widget's
+    cleanup() (onAboutToQuit -> unloadModules, l.2070-2074)."""
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    name = "MedSIGHTSlicer"
+    connections = {}
+    app = types.SimpleNamespace(connect=lambda signal, slot: connections.setdefault(signal, []).append(slot))
+    slicer = types.SimpleNamespace(app=app, modules=types.SimpleNamespace())
+    sys.modules.pop(name, None)
+    engine = EngineProcess()
+    try:
+        module = _module_file_as_module(name, slicer, _SlicerBase)
+        instance = module.MedSIGHTSlicer(types.SimpleNamespace())
+        instance.application_settings.settings.stop_engine_on_exit = True
+        engine.start(launch_plan(f'"{sys.executable}" -c "import time; time.sleep(120)"', os.environ, True))
+        instance.reloaded_engine = engine  # an old widget's cleanup() handed it on; no new widget took it
+        for slot in connections["aboutToQuit()"]:
+            slot()
+        assert not engine.running and engine.stop_requested and instance.reloaded_engine is None
+    finally:
+        engine.stop(wait=True)
+        sys.modules.pop(name, None)
+
+
+def test_exit_stops_an_adopted_engine_when_the_reloaded_setup_failed():
+    """A developer Reload whose new setup() raises after it adopted the running engine (an error further down while
+    developing): the widget stays Slicer's (qSlicerScriptedLoadableModuleWidget::setPythonSource made it before
+    setup()), and at exit Slicer calls its cleanup() (ScriptedLoadableModuleWidget._onModuleAboutToBeUnloaded, v5.8.0
+    Base/Python/slicer/ScriptedLoadableModule.py:126-131, from qSlicerCoreApplication::onAboutToQuit). cleanup() first
+    stopped timers setup() had not made yet: an AttributeError before the engine's turn, so an engine set to "stop on
+    exit" ran on after Slicer had quit, holding its port and memory. The widget class of MedSIGHTSlicer.py: the engine
+    is now stopped first."""
     import __future__
 
     from MedSIGHTSlicerLib.engine_launch import launch_plan
-
-    modules = types.SimpleNamespace(MedSIGHTSlicerInstance=types.SimpleNamespace())
-
-    def reload_scripted_module(name):  # slicer.util.reloadScriptedModule: cleanup, then a new widget
-        getattr(modules, name + "Widget").cleanup()
-        setattr(modules, name + "Widget", namespace["MedSIGHTSlicerWidget"]())
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
 
     class SlicerWidgetBase:
         def __init__(self, parent=None):
             self.moduleName = "MedSIGHTSlicer"
 
-        def onReload(self):  # noqa: N802 - Slicer's name
-            reload_scripted_module(self.moduleName)
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
+        or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    engine = EngineProcess()
+    module = types.SimpleNamespace(reloaded_engine=engine)
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(modules=types.SimpleNamespace(MedSIGHTSlicerInstance=module))}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
+    engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
+    try:
+        widget = namespace["MedSIGHTSlicerWidget"]()
+        widget._adopt_engine(module)  # setup() got this far, then raised: no timers, no connection form
+        assert widget.engine is engine and widget.settings.stop_engine_on_exit
+        with pytest.raises(AttributeError):
+            widget.cleanup()  # Slicer exits; what setup() never made cannot be closed
+        assert not engine.running and engine.stop_requested
+    finally:
+        engine.stop(wait=True)
+
+
+def test_a_reloaded_setup_that_fails_at_once_still_takes_the_engine_exit_stops():
+    """A Reload's old widget hands its running engine to the module object; the new setup() took it over only after
+    loading the .ui and making the logic. A setup() that failed there (slicer.util.loadUI raises RuntimeError for a
+    .ui it cannot load, v5.8.0 Base/Python/slicer/util.py:343-361) left the engine with the module object, where no
+    widget stops it: it ran on after Slicer's exit, "stop on exit" or not. setup() of MedSIGHTSlicer.py now takes the
+    engine first; the exit's cleanup() stops it."""
+    import __future__
+
+    from MedSIGHTSlicerLib.engine_launch import launch_plan
+    from MedSIGHTSlicerLib.engine_process import EngineProcess
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, filename):  # noqa: N802 - Slicer's name
+            return str(MODULE / "Resources" / filename)
+
+    def load_ui(path):
+        raise RuntimeError(f"Could not load UI file: {path}\n\n")
 
     tree = ast.parse(SCRIPT.read_text())
     nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
         "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check"))
         or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    engine = EngineProcess()
+    module = types.SimpleNamespace(reloaded_engine=engine)
     namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
-                 "slicer": types.SimpleNamespace(modules=modules)}
+                 "slicer": types.SimpleNamespace(modules=types.SimpleNamespace(MedSIGHTSlicerInstance=module),
+                                                 util=types.SimpleNamespace(loadUI=load_ui))}
     exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
-
-    def cleanup_ready(widget):  # what setup() would have made, as far as cleanup() uses it
-        timer = types.SimpleNamespace(stop=lambda: None)
-        widget.check_timer = widget.engine_timer = timer
-        widget.connection_form = types.SimpleNamespace(save=lambda: None)
-        widget.ui = types.SimpleNamespace(startEngineButton=types.SimpleNamespace(),
-                                          stopEngineButton=types.SimpleNamespace(),
-                                          connectionStatusLabel=types.SimpleNamespace())
-        widget.settings.stop_engine_on_exit = True
-        return widget
-
-    old = cleanup_ready(namespace["MedSIGHTSlicerWidget"]())
-    modules.MedSIGHTSlicerWidget = old
     sleeper = f'"{sys.executable}" -c "import time; time.sleep(120)"'
-    old.engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
-    process = old.engine
+    engine.start(launch_plan(sleeper, os.environ, stop_on_exit=True))
     try:
-        old.onReload()
-        new = cleanup_ready(modules.MedSIGHTSlicerWidget)
-        assert new is not old and process.running
-        new._adopt_engine(modules.MedSIGHTSlicerInstance)  # what the new widget's setup() does first
-        assert new.engine is process and modules.MedSIGHTSlicerInstance.reloaded_engine is None
-        new.cleanup()  # Slicer exits
-        assert not process.running and process.stop_requested
+        widget = namespace["MedSIGHTSlicerWidget"]()
+        with pytest.raises(RuntimeError, match="Could not load UI file"):
+            widget.setup()
+        with pytest.raises(AttributeError):
+            widget.cleanup()  # Slicer exits; what setup() never made cannot be closed
+        assert module.reloaded_engine is None and not engine.running and engine.stop_requested
     finally:
-        process.stop(wait=True)
+        engine.stop(wait=True)
+
+
+def test_the_old_widget_stops_following_the_volume_selector_after_cleanup():
+    """Slicer's Reload (slicer.util.reloadScriptedModule, v5.8.0 Base/Python/slicer/util.py:1432-1460, the same in
+    v5.10.0) calls the old widget's cleanup(), hides its Qt widgets and sets up a new widget; it deletes none of them
+    (qSlicerScriptedLoadableModuleWidget::reload, Base/QTGUI/qSlicerScriptedLoadableModuleWidget.cxx:180-189, only
+    sets up the new one). The old volume selector keeps its scene and its connections: closing the scene changes its
+    node, and the old widget's _volume_changed called into its closed suggestion list (the Qt object deleted: a
+    RuntimeError in Slicer's console on every scene close after a Reload). The widget of MedSIGHTSlicer.py with the
+    real chat panel and review widgets (PySide6): after cleanup() the selector no longer reaches it."""
+    import __future__
+
+    from MedSIGHTSlicerLib.chat_panel import ChatPanel
+    from MedSIGHTSlicerLib.qt_shim import qt
+
+    app = qt.QApplication.instance() or qt.QApplication(sys.argv[:1])
+
+    class Selector:  # qMRMLNodeComboBox as far as the widget uses it; PythonQt disconnects a slot that compares equal
+        def __init__(self):
+            self.slots = []
+
+        def connect(self, signal, slot):
+            self.slots.append((signal, slot))
+
+        def disconnect(self, signal, slot):
+            self.slots.remove((signal, slot))
+
+        def currentNode(self):  # noqa: N802 - Qt's name
+            return None
+
+        def node_changed(self, node):  # what the scene's close does to the selector's current node
+            for signal, slot in list(self.slots):
+                if signal == "currentNodeChanged(vtkMRMLNode*)":
+                    slot(node)
+
+    class SlicerWidgetBase:
+        def __init__(self, parent=None):
+            self.moduleName = "MedSIGHTSlicer"
+
+    tree = ast.parse(SCRIPT.read_text())
+    nodes = [node for node in tree.body if (isinstance(node, ast.ImportFrom) and (node.module or "") in (
+        "MedSIGHTSlicerLib.engine_process", "MedSIGHTSlicerLib.settings", "MedSIGHTSlicerLib.connection_check",
+        "MedSIGHTSlicerLib.review_host")) or (isinstance(node, ast.ClassDef) and node.name == "MedSIGHTSlicerWidget")]
+    namespace = {"__name__": "MedSIGHTSlicer", "ScriptedLoadableModuleWidget": SlicerWidgetBase,
+                 "slicer": types.SimpleNamespace(util=types.SimpleNamespace(mainWindow=lambda: None))}
+    exec(compile(ast.Module(nodes, []), str(SCRIPT), "exec", flags=__future__.annotations.compiler_flag), namespace)
+    widget = namespace["MedSIGHTSlicerWidget"]()
+    placeholder, engine_section = qt.QWidget(), qt.QWidget()
+    qt.QVBoxLayout(placeholder)
+    qt.QFormLayout(engine_section)
+    selector = Selector()
+    widget.ui = types.SimpleNamespace(inputVolumeSelector=selector, chatPanelPlaceholder=placeholder,
+                                      connectionCollapsibleButton=engine_section)
+    widget.logic = types.SimpleNamespace(answer_volume=lambda: None, stop_observing=lambda: None)
+    widget.panel = ChatPanel(None)
+    widget._setup_review()  # as setup() wires the review widgets and the selector
+    widget.check_timer = widget.engine_timer = types.SimpleNamespace(stop=lambda: None)
+    widget.connection_form = types.SimpleNamespace(save=lambda: None)
+    widget.cleanup()
+    app.sendPostedEvents(None, qt.QEvent.DeferredDelete)  # the closed widgets' deleteLater
+    selector.node_changed(None)  # the scene closes after the Reload
+    assert selector.slots == []
+    placeholder.deleteLater()
+    engine_section.deleteLater()
+    app.sendPostedEvents(None, qt.QEvent.DeferredDelete)
 
 
 @pytest.mark.parametrize("answer", [False, True])

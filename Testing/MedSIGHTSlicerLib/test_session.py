@@ -674,6 +674,53 @@ def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
     session.stop_observing()
 
 
+def test_a_stopped_session_leaves_the_preview_to_the_reloaded_one():
+    """A developer Reload (Slicer v5.8.0 Base/Python/slicer/util.py:1432-1460, reloadScriptedModule) calls the old
+    widget's cleanup and sets up a new widget, but only hides the old one's Qt widgets: their connections keep the old
+    widget, and its session, alive. cleanup's stop_observing removed the scene observers only, so the old session's
+    volume observers still moved the preview when the volume moved, and the new session's moved it again: after a
+    one-voxel origin move the suggestion sat a voxel off (0.74 mm on this grid). Now the stopped session lets go."""
+    from medsight_testing.mrml import world_points
+    from medsight_testing.review_scene import ct_voxels
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+
+    scene = slicer.vtkMRMLScene()
+    old = MedSIGHTSession(scene)
+    node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
+    (suggestion,) = old.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    old_manager = old.suggestion_manager(node)
+    mask, old_preview = old_manager.suggestion_mask(suggestion), old_manager.preview_node
+    old.stop_observing()  # the old widget's cleanup
+    new = MedSIGHTSession(scene)
+    preview = new.suggestion_manager(node).existing_preview_node()  # the new widget's list shows the suggestions
+    assert preview is old_preview
+    move_grid(scene, node, "origin moved one voxel")
+    k, j, i = np.nonzero(mask)
+    expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    scene.RemoveNode(node)
+    new.stop_observing()
+
+
+def test_a_stopped_session_lets_its_volumes_go():
+    """The old widget's session outlives a developer Reload (see above), but no scene close reaches it once it stopped
+    observing: it held every volume it had seen, with their voxels, for the rest of the Slicer session (the image's
+    reference count after the scene closed: 3; 1, the test's own, when nothing else holds it)."""
+    from medsight_testing.review_scene import ct_voxels
+
+    scene = slicer.vtkMRMLScene()
+    old = MedSIGHTSession(scene)
+    node = make_volume(scene, ct_voxels(), oblique_matrix(), name="CT")
+    assert old.apply_answers(node, [slab_answer(node, 2, slice(4, 10), slice(4, 12))])
+    assert old.suggestion_manager(node).accept()  # an accepted segment and the undo history too
+    image = node.GetImageData()
+    old.stop_observing()  # the old widget's cleanup
+    del node
+    scene.Clear(0)
+    gc.collect()
+    assert image.GetReferenceCount() == 1
+
+
 def test_ask_after_an_engine_restart_sends_the_volume_again(engine):
     """``session.ask`` (scripts) after the engine restarted: the cached volume id was sent again on every ask and
     refused ("unknown_volume", whose hint says to ask again, which failed the same way); the volume is sent once more
