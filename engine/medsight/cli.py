@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="read a gantry-tilted DICOM series (slices drifting within their plane), refused without "
                      "it, resampled onto a regular grid as 3D Slicer's acquisition geometry regularization places it "
                      "(a DICOM SEG --out cannot reference it)")
+    ask.add_argument("--regularize-spacing", action="store_true",
+                     help="read a DICOM series with unevenly spaced slices (a missing slice, a drifting table step), "
+                     "refused without it, interpolated linearly onto an evenly spaced grid from its first slice to its "
+                     "last, the grid 3D Slicer's acquisition geometry regularization gives it (a DICOM SEG --out "
+                     "cannot reference it)")
     ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
                      "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")

@@ -132,7 +132,7 @@ def _read_input(args: argparse.Namespace):
 
     try:
         volume = read_volume(args.path, series_uid=args.series, modality=args.modality,
-                             regularize_tilt=args.regularize_tilt)
+                             regularize_tilt=args.regularize_tilt, regularize_spacing=args.regularize_spacing)
     except SeriesChoiceError as err:
         raise ValueError(f"{err.path}: {len(err.series)} series found; choose one with --series:\n  "
                          f"{series_listing(err.series)}") from None
