@@ -547,7 +547,8 @@ def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
     assert result["answer"] is not None and result["left_out"] == said
     (series / "scout0.dcm").unlink()
     assert main(["ask", str(series), "What is shown?", *TINY, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["left_out"] is None
+    result = json.loads(capsys.readouterr().out)
+    assert (result["left_out"], result["nan_filled"], result["resampled"]) == (None, None, None)
 
 
 def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
@@ -559,9 +560,10 @@ def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
     assert main(["ask", str(tmp_path / "nan.nii.gz"), "What is shown?", *TINY, "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["answer"] is not None
-    said = f"note: {int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
-    assert any(line.startswith(said) for line in captured.err.splitlines())
+    result = json.loads(captured.out)
+    said = f"{int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
+    assert result["answer"] is not None and result["nan_filled"].startswith(said)  # stdout alone says it too
+    assert any(line.startswith(f"note: {said}") for line in captured.err.splitlines())
 
 
 @pytest.mark.parametrize(("write", "option", "said"), [
@@ -582,7 +584,8 @@ def test_irregular_series_needs_its_regularize_option_and_is_noted(tmp_path, cap
     assert "was resampled from its DICOM images" in _err(capsys)
     assert main(["ask", str(series), "What is shown?", *TINY, "--json", option]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["answer"] is not None
+    result = json.loads(captured.out)
+    assert result["answer"] is not None and result["resampled"].startswith(said)  # a script reading stdout learns it
     assert any(line.startswith(f"note: resampled: {said}") for line in captured.err.splitlines())
 
 
