@@ -392,8 +392,8 @@ def _stack_geometry(
 
     ``regularize_tilt``: True lets slices drift within their plane (a gantry tilt; the caller resamples them); False
     refuses it naming the option; None (a multi-frame file, which has no such option) refuses it.
-    ``regularize_spacing``: the same for slices unevenly spaced along the normal (`_uneven_spacing`); the spacing is
-    then ITK's grid's all the same, the grid the caller resamples them onto.
+    ``regularize_spacing``: the same for slices unevenly spaced along the normal (`_uneven_spacing`); the spacing
+    returned is ITK's (first to last slice over n - 1) either way: the grid the caller resamples them onto.
 
     ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
     written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` gives
