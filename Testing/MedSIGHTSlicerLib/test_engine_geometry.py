@@ -3,6 +3,8 @@ back as answers, land on exactly the right voxels of the Slicer volume node (Dic
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,68 @@ def test_an_image_extent_not_starting_at_zero_keeps_its_voxels_in_place():
 
 def _numpy(matrix) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _load_as_slicers_dicom_plugin(scene, files):
+    """A DICOM series loaded as 3D Slicer's DICOMScalarVolumePlugin loads it with its default acquisition geometry
+    regularization: ITK's series grid (first to last slice over n - 1), under a grid transform whose 2 x 2 corner
+    vectors per slice carry each grid slice to its acquired slice's ImagePositionPatient."""
+    import pydicom
+    import SimpleITK as sitk  # noqa: N813
+
+    image = sitk.ReadImage([str(f) for f in files])
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * image.GetSpacing()
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    node = make_volume(scene, sitk.GetArrayFromImage(image), lps_to_ras @ ijk_to_lps)
+    slices, rows, columns = sitk.GetArrayFromImage(image).shape
+    grid = vtk.vtkImageData()
+    grid.SetOrigin(*node.GetOrigin())
+    grid.SetDimensions(2, 2, slices)
+    spacing = node.GetSpacing()
+    grid.SetSpacing(spacing[0] * columns, spacing[1] * rows, spacing[2])
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    vectors = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars()).reshape(slices, 2, 2, 3)
+    for k, f in enumerate(files):  # parallel slices: all four corners of a slice move alike
+        acquired = lps_to_ras @ [*map(float, pydicom.dcmread(f).ImagePositionPatient), 1.0]
+        vectors[k] = (acquired - lps_to_ras @ ijk_to_lps @ [0, 0, k, 1.0])[:3]
+    transform = slicer.vtkOrientedGridTransform()
+    directions = vtk.vtkMatrix4x4()
+    node.GetIJKToRASDirectionMatrix(directions)
+    transform.SetGridDirectionMatrix(directions)
+    transform.SetDisplacementGridData(grid)
+    transform_node = slicer.vtkMRMLGridTransformNode()
+    scene.AddNode(transform_node)
+    transform_node.SetAndObserveTransformToParent(transform)
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+    return node
+
+
+@pytest.mark.parametrize("table_mm", [np.delete(np.arange(12) * 2.5, 5),
+                                      np.round(np.concatenate([[0], np.cumsum(np.linspace(0.6, 0.7, 59))]), 2)],
+                         ids=["missing slice", "drifting step"])
+def test_slicers_regularized_uneven_series_is_the_engines_regularize_spacing(tmp_path, table_mm):
+    """An unevenly spaced DICOM series in Slicer sits under its acquisition regularization transform: the panel
+    refuses to ask about a view of it, naming the fix (harden the transform), and once hardened it uploads as the
+    volume the engine reads from the same files with regularize_spacing: the same grid, and voxels within 1 HU
+    (Slicer rounds its linear interpolation into int16 by its own rule; 0 for the missing slice)."""
+    import pydicom.data
+
+    from medsight.imaging import read_volume
+    from medsight_testing.dicom_series import write_uneven_series
+    from MedSIGHTSlicerLib.geometry import GeometryError
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    template = sorted((Path(pydicom.data.__file__).parent / "test_files/dicomdirtests/98892001/CT5N").iterdir())[0]
+    engine = read_volume(write_uneven_series(template, tmp_path / "uneven", table_mm), regularize_spacing=True)
+    scene = slicer.vtkMRMLScene()
+    node = _load_as_slicers_dicom_plugin(scene, engine.source_files)
+    with pytest.raises(GeometryError, match="non-linear transform: harden it first"):
+        parent_to_world(node)
+    node.HardenTransform()
+    assert node.GetParentTransformNode() is None
+    array, spacing, origin, direction = volume_upload_arrays(node)
+    uploaded = volume_from_upload(array, spacing, origin, np.asarray(direction).reshape(3, 3), "CT")
+    assert uploaded.same_geometry(engine)
+    assert np.abs(uploaded.array.astype(float) - engine.array).max() <= 1

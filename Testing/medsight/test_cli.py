@@ -20,7 +20,7 @@ from PIL import Image
 from medsight.cli import _parser, main
 from medsight.commands.ask import parse_slices
 from medsight.imaging import read_seg_nrrd, read_volume
-from medsight_testing.dicom_series import add_localizers, write_tilted_series
+from medsight_testing.dicom_series import add_localizers, write_tilted_series, write_uneven_series
 from medsight_testing.disk import file_size_limit
 
 
@@ -547,7 +547,8 @@ def test_localizer_left_out_of_a_series_is_noted(tmp_path, capsys):
     assert result["answer"] is not None and result["left_out"] == said
     (series / "scout0.dcm").unlink()
     assert main(["ask", str(series), "What is shown?", *TINY, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["left_out"] is None
+    result = json.loads(capsys.readouterr().out)
+    assert (result["left_out"], result["nan_filled"], result["resampled"]) == (None, None, None)
 
 
 def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
@@ -559,26 +560,33 @@ def test_nan_voxels_filled_are_noted(mni_path, tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
     assert main(["ask", str(tmp_path / "nan.nii.gz"), "What is shown?", *TINY, "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["answer"] is not None
-    said = f"note: {int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
-    assert any(line.startswith(said) for line in captured.err.splitlines())
+    result = json.loads(captured.out)
+    said = f"{int(np.isnan(data).sum())} NaN voxels (of {data.size}) read as the volume's minimum"
+    assert result["answer"] is not None and result["nan_filled"].startswith(said)  # stdout alone says it too
+    assert any(line.startswith(f"note: {said}") for line in captured.err.splitlines())
 
 
-def test_gantry_tilted_series_needs_regularize_tilt_and_is_noted(tmp_path, capsys):
-    """A gantry-tilted CT series was refused with no way to read it: without --regularize-tilt the error names the
-    option (before the model loads); with it the resampled series is answered about and the user told, and a DICOM
-    SEG --out, which could not reference the resampled grid, is refused before the model loads."""
+@pytest.mark.parametrize(("write", "option", "said"), [
+    (lambda template, folder: write_tilted_series(template, folder, 6, 2.5, 15.0), "--regularize-tilt",
+     "gantry tilt of 15.0 degrees"),
+    (lambda template, folder: write_uneven_series(template, folder, [0.0, 2.5, 5.0, 10.0, 12.5, 15.0]),
+     "--regularize-spacing", "uneven slice spacing (steps of 2.500 to 5.000 mm)"),
+], ids=["tilt", "spacing"])
+def test_irregular_series_needs_its_regularize_option_and_is_noted(tmp_path, capsys, write, option, said):
+    """A gantry-tilted CT series, or one with a missing slice, was refused with no way to read it: without its option
+    the error names it (before the model loads); with it the resampled series is answered about and the user told,
+    and a DICOM SEG --out, which could not reference the resampled grid, is refused before the model loads."""
     template = sorted((PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N").iterdir())[0]
-    series = write_tilted_series(template, tmp_path / "tilted", 6, 2.5, 15.0)
+    series = write(template, tmp_path / "irregular")
     assert main(["ask", str(series), "What is shown?", *NO_MODEL]) == 2
-    assert "medsight ask --regularize-tilt" in _err(capsys)
-    assert main(["ask", str(series), "What is shown?", *NO_MODEL, "--regularize-tilt", "--out",
-                 str(tmp_path / "seg.dcm")]) == 2
+    assert f"medsight ask {option}" in _err(capsys)
+    assert main(["ask", str(series), "What is shown?", *NO_MODEL, option, "--out", str(tmp_path / "seg.dcm")]) == 2
     assert "was resampled from its DICOM images" in _err(capsys)
-    assert main(["ask", str(series), "What is shown?", *TINY, "--json", "--regularize-tilt"]) == 0
+    assert main(["ask", str(series), "What is shown?", *TINY, "--json", option]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["answer"] is not None
-    assert any(line.startswith("note: resampled: gantry tilt of 15.0 degrees") for line in captured.err.splitlines())
+    result = json.loads(captured.out)
+    assert result["answer"] is not None and result["resampled"].startswith(said)  # a script reading stdout learns it
+    assert any(line.startswith(f"note: resampled: {said}") for line in captured.err.splitlines())
 
 
 def test_lossy_compressed_dicom_is_noted(capsys):

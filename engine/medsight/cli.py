@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="read a gantry-tilted DICOM series (slices drifting within their plane), refused without "
                      "it, resampled onto a regular grid as 3D Slicer's acquisition geometry regularization places it "
                      "(a DICOM SEG --out cannot reference it)")
+    ask.add_argument("--regularize-spacing", action="store_true",
+                     help="read a DICOM series with unevenly spaced slices (a missing slice, a drifting table step), "
+                     "refused without it, interpolated linearly onto an evenly spaced grid from its first slice to its "
+                     "last, the grid 3D Slicer's acquisition geometry regularization gives it (a DICOM SEG --out "
+                     "cannot reference it)")
     ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
                      "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
     ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
@@ -59,8 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
                      "when a write failed), errors (one message per output not written), left_out (DICOM images of "
-                     "the series left out of the volume, e.g. a localizer, in words) and lossy_compression (how the "
-                     "image was lossy compressed); the last two are null when there is nothing to say")
+                     "the series left out of the volume, e.g. a localizer, in words), lossy_compression (how the "
+                     "image was lossy compressed), nan_filled (NaN voxels read as the volume's minimum) and resampled "
+                     "(how a --regularize-tilt or --regularize-spacing series was resampled); the last four are null "
+                     "when there is nothing to say")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")

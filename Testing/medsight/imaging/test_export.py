@@ -30,7 +30,7 @@ from medsight.imaging import (
     write_seg_nrrd,
     write_segmentation,
 )
-from medsight_testing.dicom_series import write_tilted_series
+from medsight_testing.dicom_series import write_tilted_series, write_uneven_series
 from medsight_testing.disk import file_size_limit
 
 GM = Segment(
@@ -354,21 +354,29 @@ def test_a_failed_write_keeps_the_files_it_would_replace(mni_segmentation, ct_se
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_masks_of_a_regularized_tilted_series_keep_its_grid_and_no_dicom_seg_is_written(ct_series, tmp_path):
-    """A gantry-tilted series read with regularize_tilt lies on a resampled grid: .seg.nrrd and NIfTI masks read back
-    on it exactly, and a DICOM SEG, which must lie on its source images' grid (highdicom failed on the shapes: "cannot
-    build the DICOM SEG"), is refused before any work, naming why."""
+@pytest.mark.parametrize(("write", "option", "said"), [
+    (lambda template, folder: write_tilted_series(template, folder, 8, 2.5, 15.0), "regularize_tilt",
+     r"gantry tilt of 15\.0 degrees"),
+    (lambda template, folder: write_uneven_series(template, folder, np.delete(np.arange(9) * 2.5, 4)),
+     "regularize_spacing", r"uneven slice spacing \(steps of 2\.500 to 5\.000 mm\)"),
+], ids=["tilt", "spacing"])
+def test_masks_of_a_regularized_series_keep_its_grid_and_no_dicom_seg_is_written(ct_series, tmp_path, write, option,
+                                                                                 said):
+    """A gantry-tilted series read with regularize_tilt, or one with a missing slice read with regularize_spacing,
+    lies on a resampled grid: .seg.nrrd and NIfTI masks read back on it exactly, and a DICOM SEG, which must lie on
+    its source images' grid (highdicom failed on the shapes: "cannot build the DICOM SEG"; with the slices' count
+    it would have written masks at interpolated positions), is refused before any work, naming why."""
     from medsight.imaging.export import check_reference
 
-    folder = write_tilted_series(sorted(ct_series.iterdir())[0], tmp_path / "tilted", 8, 2.5, 15.0)
-    vol = read_volume(folder, regularize_tilt=True)
+    folder = write(sorted(ct_series.iterdir())[0], tmp_path / "irregular")
+    vol = read_volume(folder, **{option: True})
     labelmap = (vol.array > np.median(vol.array)).astype(np.uint8)
     seg = Segmentation(vol, labelmap, [GM])
     for name, read in (("mask.seg.nrrd", read_seg_nrrd), ("mask.nii.gz", read_nifti_labelmap)):
         write_segmentation(seg, tmp_path / name)
         back = read(tmp_path / name)
         assert back.reference.same_geometry(vol) and np.array_equal(back.labelmap, labelmap), name
-    with pytest.raises(ImagingError, match=r"resampled from its DICOM images \(gantry tilt of 15\.0 degrees"):
+    with pytest.raises(ImagingError, match=rf"resampled from its DICOM images \({said}"):
         check_reference(tmp_path / "mask.dcm", vol)
     with pytest.raises(ImagingError, match="resampled from its DICOM images"):
         write_dicom_seg(seg, tmp_path / "mask.dcm")

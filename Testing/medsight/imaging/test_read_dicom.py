@@ -14,7 +14,7 @@ from pydicom.pixels import apply_modality_lut
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
 from medsight.imaging.read_dicom import SUBFOLDERS_NAMED
-from medsight_testing.dicom_series import add_localizers, write_tilted_series
+from medsight_testing.dicom_series import VALUE_PER_MM, add_localizers, write_tilted_series, write_uneven_series
 
 
 def test_ct_series_matches_simpleitk_and_pydicom(ct_series):
@@ -586,5 +586,86 @@ def test_regularize_tilt_leaves_an_untilted_series_as_it_is(restacked_series, de
     folder = restacked_series(np.arange(40) * 3.0, decimals=decimals, orientation=[1, 0, 0, 0, np.cos(tilt),
                                                                                    np.sin(tilt)])
     plain, regularized = read_volume(folder), read_volume(folder, regularize_tilt=True)
+    assert regularized.resampled is None and regularized.same_geometry(plain)
+    assert np.array_equal(regularized.array, plain.array)
+
+
+def _ramp_at(vol):
+    """(expected value, inside) of each voxel of ``vol``: `write_uneven_series`' ramp at the voxel's patient position
+    (where the table would have put a slice through it), and whether it lies within the rows of the acquired slices
+    on both sides of it (a tilt shifts their rows apart: between them, fill beside values is interpolated)."""
+    ds = pydicom.dcmread(vol.source_files[0])
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir, normal = iop[:3], iop[3:], np.cross(iop[:3], iop[3:])
+    spacing = np.asarray(ds.PixelSpacing, dtype=float)
+    start = np.asarray(ds.ImagePositionPatient, dtype=float)
+    k, j, i = np.mgrid[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    lps = (vol.ijk_to_lps @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(k.size)]))[:3].T
+    d = (lps - start) @ normal
+    table = start + np.outer(d / normal[2], [0, 0, 1])  # the slice position a slice through the voxel would have
+    row, col = ((lps - table) @ col_dir) / spacing[0], ((lps - table) @ row_dir) / spacing[1]
+    acquired = np.array([np.asarray(pydicom.dcmread(f).ImagePositionPatient, dtype=float) for f in vol.source_files])
+    around = np.clip(np.searchsorted((acquired - start) @ normal, d - 1e-6), 1, len(acquired) - 1)
+    inside = np.ones(k.size, dtype=bool)
+    for side in (acquired[around - 1], acquired[around]):
+        side_row = ((lps - side) @ col_dir) / spacing[0]
+        inside &= (side_row >= -1e-6) & (side_row <= ds.Rows - 1 + 1e-6)
+    return VALUE_PER_MM * d + 10 * row + col - 1024, inside
+
+
+@pytest.mark.parametrize(("case", "table_mm", "tilt"), [
+    ("a missing slice", np.delete(np.arange(12) * 2.5, 5), 0.0),
+    ("a drifting table step", np.round(np.concatenate([[0], np.cumsum(np.linspace(0.6, 0.7, 59))]), 2), 0.0),
+    ("a missing slice of a tilted gantry", np.delete(np.arange(12) * 2.5, 7), 15.0),
+])
+def test_unevenly_spaced_series_is_refused_naming_the_option_and_regularized_with_it(ct_series, tmp_path, case,
+                                                                                   table_mm, tilt):
+    """A series with a missing slice or a drifting step was refused as "uneven slice spacing" naming no way to read
+    it, where 3D Slicer loads it under its acquisition geometry regularization. The refusal names regularize_spacing;
+    with it the volume lies on Slicer's grid (as many slices as acquired, evenly from the first to the last: ITK's
+    spacing and origin) and each voxel holds the value the acquired slices have at its patient position: a ramp of
+    VALUE_PER_MM per mm along the normal, so the allowed 0.5 (output rounding to integers; stored values are exact
+    but for the tilted case's, rounded by 0.5 more) is a position within 0.01 mm."""
+    template = sorted(ct_series.iterdir())[0]
+    folder = write_uneven_series(template, tmp_path / "uneven", table_mm, tilt)
+    with pytest.raises(ImagingError, match=r"uneven slice spacing.*regularize_spacing=True"):
+        read_volume(folder, regularize_tilt=True)
+    vol = read_volume(folder, regularize_spacing=True, regularize_tilt=bool(tilt))
+    first, last = (np.asarray(pydicom.dcmread(vol.source_files[n]).ImagePositionPatient, dtype=float) for n in (0, -1))
+    normal = vol.direction[:, 2]
+    assert vol.shape[0] == len(table_mm) and vol.array.dtype == np.int16
+    assert vol.spacing[2] == pytest.approx((last - first) @ normal / (len(table_mm) - 1), abs=1e-9)
+    if not tilt:  # a tilted grid starts where the widened first slice does, in its plane (the tilt test checks it)
+        assert np.allclose(vol.origin, first, atol=1e-6)
+    assert vol.resampled.endswith("linear interpolation") and "uneven slice spacing (steps of" in vol.resampled
+    assert ("gantry tilt of 15.0 degrees" in vol.resampled) == bool(tilt)
+    expected, inside = _ramp_at(vol)
+    values = vol.array.ravel().astype(float)
+    # Most voxels are checked: a tilt shifts neighbouring slices' rows apart by up to ~2 rows here.
+    assert inside.sum() >= 0.75 * vol.shape[0] * pydicom.dcmread(template).Rows * vol.shape[2]
+    assert np.abs(values[inside] - expected[inside]).max() <= (1.0 if tilt else 0.5)
+    if tilt:
+        return  # the ramp above placed every voxel; a tilt moves the point within its plane by a fraction of a pixel
+    # A known point: row 3, column 7 of the acquired slice lying farthest from its place on the grid, at its patient
+    # position in the resampled volume (between two grid slices: linear between them, as the ramp is), holds that
+    # voxel's value.
+    farthest = int(np.argmax(np.abs(table_mm - table_mm[-1] * np.arange(len(table_mm)) / (len(table_mm) - 1))))
+    ds = pydicom.dcmread(vol.source_files[farthest])
+    spacing = np.asarray(ds.PixelSpacing, dtype=float)
+    point = np.asarray(ds.ImagePositionPatient, dtype=float) + 7 * spacing[1] * vol.direction[:, 0] + \
+        3 * spacing[0] * vol.direction[:, 1]
+    i, j, k = (np.linalg.inv(vol.ijk_to_lps) @ [*point, 1])[:3]
+    assert (i, j) == (pytest.approx(7, abs=1e-6), pytest.approx(3, abs=1e-6)) and 0 < k < vol.shape[0] - 1
+    below, t = int(k), k - int(k)
+    at_point = (1 - t) * vol.array[below, 3, 7] + t * vol.array[below + 1, 3, 7]
+    assert abs(at_point - (int(ds.pixel_array[3, 7]) - 1024)) <= 0.5
+
+
+@pytest.mark.parametrize("decimals", [1, 6])
+def test_regularize_spacing_leaves_an_evenly_spaced_series_as_it_is(restacked_series, decimals):
+    """regularize_spacing resamples only what would be refused without it: slices within the spacing tolerance (ITK's
+    grid) and positions written to one decimal read as without the option."""
+    folder = restacked_series(np.array([0.0, 2.5, 5.01, 7.5, 10.005]), decimals=decimals)
+    plain, regularized = read_volume(folder), read_volume(folder, regularize_spacing=True)
     assert regularized.resampled is None and regularized.same_geometry(plain)
     assert np.array_equal(regularized.array, plain.array)

@@ -132,7 +132,7 @@ def _read_input(args: argparse.Namespace):
 
     try:
         volume = read_volume(args.path, series_uid=args.series, modality=args.modality,
-                             regularize_tilt=args.regularize_tilt)
+                             regularize_tilt=args.regularize_tilt, regularize_spacing=args.regularize_spacing)
     except SeriesChoiceError as err:
         raise ValueError(f"{err.path}: {len(err.series)} series found; choose one with --series:\n  "
                          f"{series_listing(err.series)}") from None
@@ -170,7 +170,8 @@ def _print_answers(args: argparse.Namespace, answers) -> None:
 
 def _print_json(args: argparse.Namespace, volume, answers, written: dict[str, str | None], errors: list[str]) -> None:
     """The answers as one JSON object; the notes printed on stderr about the input (images left out of the series,
-    lossy compression) are in it too, so a script reading only stdout learns them (they were on stderr alone)."""
+    lossy compression, NaN voxels filled, resampling) are in it too, so a script reading only stdout learns them
+    (they were on stderr alone)."""
     def region_json(r) -> dict:
         return {"code": r.code, "label": r.label, "slice": r.slice_index, "index": r.index,
                 "pixels": int(r.mask.sum()), "probability": round(r.probability, 4), "bbox": r.bbox}
@@ -184,4 +185,6 @@ def _print_json(args: argparse.Namespace, volume, answers, written: dict[str, st
         "errors": errors,
         "left_out": volume.left_out,
         "lossy_compression": volume.lossy_compression,
+        "nan_filled": volume.nan_filled,
+        "resampled": volume.resampled,
     }))

@@ -79,7 +79,8 @@ def reference_problem(ref: Volume) -> str | None:
     """Why a DICOM SEG cannot reference ``ref``'s source images (None when it can): they lack the study or frame of
     reference a SEG repeats; or ``ref`` is one multi-frame source whose frames
     are referenced through functional groups, which only enhanced images (CT, MR, PET, ...) have, not RT Dose. A
-    volume resampled from its images (a regularized gantry tilt) lies on another grid than its frames: refused too."""
+    volume resampled from its images (a regularized gantry tilt or uneven spacing) lies on another grid than its
+    frames: refused too."""
     missing = [name for name, uid in (("StudyInstanceUID", ref.study_uid),
                                       ("FrameOfReferenceUID", ref.frame_of_reference_uid)) if not uid]
     if missing:  # a SEG must name its study and lie in its images' frame of reference (Type 1): nothing to fill in

@@ -28,16 +28,18 @@ def read_volume(
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
     regularize_tilt: bool = False,
+    regularize_spacing: bool = False,
 ) -> Volume:
     """Read a DICOM folder or file, NIfTI, NRRD, MetaImage or 2D picture into a `Volume`.
 
     ``modality`` (CT, MR, US, ...) overrides the file's own; formats without one default to "OT".
-    ``regularize_tilt``: resample a gantry-tilted DICOM series onto a regular grid instead of refusing it.
+    ``regularize_tilt``: resample a gantry-tilted DICOM series onto a regular grid instead of refusing it;
+    ``regularize_spacing``: the same for a DICOM series with unevenly spaced slices (a missing slice, a drifting step).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         return read_dicom_series(path, series_uid=series_uid, modality=modality, max_voxels=max_voxels,
-                                 regularize_tilt=regularize_tilt)
+                                 regularize_tilt=regularize_tilt, regularize_spacing=regularize_spacing)
     if not os.path.isfile(path):
         raise not_a_file(path, missing="no such file or folder")
     low = path.lower()

@@ -5,7 +5,8 @@ Geometry is computed from the headers and validated (one orientation, one grid, 
 slices, no duplicates); anything else is refused rather than resampled. The slice spacing is ITK's (first to last
 slice over n - 1), so a volume lies on the grid 3D Slicer shows for the same series; where Slicer adds an
 "acquisition geometry regularization" transform for slices off that grid, this reader refuses a slice more than
-SPACING_RTOL of a spacing off it, plus the rounding of positions written with few decimals.
+SPACING_RTOL of a spacing off it, plus the rounding of positions written with few decimals, unless asked to resample
+such a series (regularize_spacing; regularize_tilt for slices drifting within their plane: `regularize`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import SimpleITK as sitk  # noqa: N813  (the universal alias)
 from pydicom.errors import InvalidDicomError
 
 from .errors import ImagingError, not_a_file
-from .regularize import resample_tilted, tilt_degrees
+from .regularize import resample_spacing, resample_tilted, tilt_degrees
 from .volume import MAX_VOXELS, Volume, check_size, check_voxels
 
 # Relative slice-spacing deviation tolerated before calling a stack uneven (scanner round-off is ~1e-4): of each step
@@ -385,11 +386,14 @@ def _stack_geometry(
     rounding: list[np.ndarray] | None = None,
     stacks_hint: Callable[[], str] | None = None,
     regularize_tilt: bool | None = None,
+    regularize_spacing: bool | None = None,
 ) -> tuple[np.ndarray, tuple, tuple, np.ndarray]:
     """Sort slices along the normal and check they form one evenly spaced stack.
 
     ``regularize_tilt``: True lets slices drift within their plane (a gantry tilt; the caller resamples them); False
     refuses it naming the option; None (a multi-frame file, which has no such option) refuses it.
+    ``regularize_spacing``: the same for slices unevenly spaced along the normal (`_uneven_spacing`); the spacing
+    returned is ITK's (first to last slice over n - 1) either way: the grid the caller resamples them onto.
 
     ``rounding``: each position's `_written_rounding`; the checks allow for it, as a real CT whose positions are
     written to 0.1 mm steps 0.6 and 0.7 mm for 0.625 mm slices (3D Slicer warns and loads it). ``stacks_hint`` gives
@@ -418,21 +422,14 @@ def _stack_geometry(
                 f"{dist[dup[0]]:.3f} mm): several stacks, time points or 4D data{stacks_hint() if stacks_hint else ''}",
                 path,
             )
-        typical = float(np.median(steps))
         along, in_plane = _position_rounding(rounding, normal)
-        mean_step = float(dist[-1] - dist[0]) / (len(dist) - 1)  # less rounded than any one step
-        allowed = _rounding_allowance(along, min(typical, mean_step))
-        coarse = (f"; ImagePositionPatient is rounded by up to {along:g} mm, too coarse for {mean_step:.3f} mm slices"
-                  if along > allowed else "")
-        worst = int(np.argmax(np.abs(steps - typical)))
-        # A step and the median step each differ from the true ones by up to twice a position's rounding.
-        if abs(steps[worst] - typical) > SPACING_RTOL * typical + 4 * allowed:
-            raise ImagingError(
-                f"uneven slice spacing: {steps[worst]:.3f} mm between {labels[order[worst]]} and "
-                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?){coarse}",
-                path,
-            )
-        dz = _grid_spacing(dist, labels, order, path, allowed, coarse)
+        uneven = _uneven_spacing(dist, labels, order, along)
+        if uneven and not regularize_spacing:
+            option = ("; read it with regularize_spacing=True (medsight ask --regularize-spacing) to resample it onto "
+                      "an evenly spaced grid, as 3D Slicer's acquisition geometry regularization does"
+                      if regularize_spacing is False else "")
+            raise ImagingError(uneven + option, path)
+        dz = float(dist[-1] - dist[0]) / (len(dist) - 1)
         drift = _in_plane_drift(pos[order], normal)
         if np.abs(drift).max() > _drift_tolerance(pixel_spacing, in_plane) and not regularize_tilt:
             option = ("; read it with regularize_tilt=True (medsight ask --regularize-tilt) to resample the slices "
@@ -464,28 +461,34 @@ def _drift_tolerance(pixel_spacing: np.ndarray, in_plane_rounding: float) -> flo
     return max(1e-3, 0.01 * float(pixel_spacing.min())) + 2 * in_plane_rounding
 
 
-def _grid_spacing(
-    dist: np.ndarray, labels: list[str], order: np.ndarray, path: str, rounding: float = 0.0, coarse: str = ""
-) -> float:
-    """The slice spacing of sorted slice distances ``dist``, as ITK's series reader (and so 3D Slicer) sets it: first
-    to last slice over n - 1. Steps that each pass the step check may still drift (400 slices stepping 0.625 then
-    0.631 mm): Slicer then finds slices more than 0.001 mm off its grid and adds an "acquisition geometry
-    regularization" transform; this reader does not resample, so it refuses a slice lying more than SPACING_RTOL of
-    a spacing off the grid, which would carry its masks that far from where the slice was taken. Positions written
-    to ``rounding`` mm may lie twice that off the grid through their rounding alone (a slice's and the grid's)."""
-    dz = float(dist[-1] - dist[0]) / (len(dist) - 1)
+def _uneven_spacing(dist: np.ndarray, labels: list[str], order: np.ndarray, along: float) -> str | None:
+    """Why the sorted slice distances ``dist`` (positions written to ``along`` mm along the normal) are not one evenly
+    spaced stack, in words; None when they are.
+
+    Each step is checked against the median step (a missing slice), and each slice against ITK's grid (first to last
+    slice over n - 1, the spacing ITK's series reader, and so 3D Slicer, sets): steps that each pass may still drift
+    (400 slices stepping 0.625 then 0.631 mm). Slicer adds an "acquisition geometry regularization" transform for a
+    slice more than 0.001 mm off its grid; a slice more than SPACING_RTOL of a spacing off it is uneven here, as its
+    masks would be carried that far from where the slice was taken. Positions written with few decimals widen both
+    checks by their rounding: a step and the median step each differ from the true ones by up to twice a position's
+    rounding, and a slice and the grid each by up to once."""
+    steps = np.diff(dist)
+    typical = float(np.median(steps))
+    dz = float(dist[-1] - dist[0]) / (len(dist) - 1)  # less rounded than any one step
+    allowed = _rounding_allowance(along, min(typical, dz))
+    coarse = (f"; ImagePositionPatient is rounded by up to {along:g} mm, too coarse for {dz:.3f} mm slices"
+              if along > allowed else "")
+    worst = int(np.argmax(np.abs(steps - typical)))
+    if abs(steps[worst] - typical) > SPACING_RTOL * typical + 4 * allowed:
+        return (f"uneven slice spacing: {steps[worst]:.3f} mm between {labels[order[worst]]} and "
+                f"{labels[order[worst + 1]]}, {typical:.3f} mm elsewhere (missing slices?){coarse}")
     off = dist - dist[0] - dz * np.arange(len(dist))
     worst = int(np.argmax(np.abs(off)))
-    if abs(off[worst]) > SPACING_RTOL * dz + 2 * rounding:
-        steps = np.diff(dist)
-        raise ImagingError(
-            f"uneven slice spacing: steps drift from {steps.min():.3f} to {steps.max():.3f} mm, so "
-            f"{labels[order[worst]]} lies {abs(off[worst]):.3f} mm from its place on an evenly spaced grid of "
-            f"{dz:.4f} mm (first to last slice); 3D Slicer would warp the volume to fit, this reader does not resample"
-            f"{coarse}",
-            path,
-        )
-    return dz
+    if abs(off[worst]) > SPACING_RTOL * dz + 2 * allowed:
+        return (f"uneven slice spacing: steps drift from {steps.min():.3f} to {steps.max():.3f} mm, so "
+                f"{labels[order[worst]]} lies {abs(off[worst]):.3f} mm from its place on an evenly spaced grid of "
+                f"{dz:.4f} mm (first to last slice){coarse}")
+    return None
 
 
 def _fmt(values: np.ndarray) -> str:
@@ -580,12 +583,14 @@ def read_dicom_series(
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
     regularize_tilt: bool = False,
+    regularize_spacing: bool = False,
 ) -> Volume:
     """Read one series from a folder with SimpleITK's GDCM series reader.
 
     With several series in the folder, ``series_uid`` must name one; the error lists them. A series whose slices
-    drift within their plane (gantry tilt) is refused unless ``regularize_tilt``, which resamples it onto a regular
-    grid (`medsight.imaging.regularize`); the volume's ``resampled`` then says so.
+    drift within their plane (gantry tilt) is refused unless ``regularize_tilt``, and one whose slices are unevenly
+    spaced (a missing slice, a drifting step) unless ``regularize_spacing``: each resamples it onto a regular grid
+    (`medsight.imaging.regularize`); the volume's ``resampled`` then says so.
     """
     folder = os.fspath(folder)
     series = list_dicom_series(folder)
@@ -665,7 +670,7 @@ def read_dicom_series(
     rounding = [_written_rounding(ds.ImagePositionPatient) for ds in headers]
     order, spacing, origin, direction = _stack_geometry(
         positions, iop, ps, [os.path.basename(f) for f in files], folder, _slice_thickness(first), rounding,
-        lambda: _stacks_hint(headers), regularize_tilt,
+        lambda: _stacks_hint(headers), regularize_tilt, regularize_spacing,
     )
     files = [files[i] for i in order]
     headers = [headers[i] for i in order]
@@ -685,7 +690,7 @@ def read_dicom_series(
         array = _compact(np.stack([read_dicom_file(f, max_voxels=max_voxels).array[0] for f in files]))
         gdcm: sitk.Image | sitk.ImageFileReader = _gdcm_header(files[0])
     else:
-        gdcm = _gdcm_series(files, headers, spacing, direction, rounding, folder)
+        gdcm = _gdcm_series(files, headers, spacing, direction, rounding, folder, quiet=regularize_spacing)
         array = _compact(sitk.GetArrayFromImage(gdcm))
     want = (len(files), rows, columns) + ((3,) if colour else ())
     if array.shape != want:
@@ -695,12 +700,18 @@ def read_dicom_series(
     if not (np.allclose(itk_m, direction, atol=1e-4) and np.allclose(gdcm.GetOrigin(), origin, atol=1e-3)):
         raise ImagingError("GDCM and header geometry disagree (inconsistent slice headers)", folder)
     check_voxels(array, folder)
-    resampled = None
+    done = []
     sorted_positions = np.asarray(positions)[order]
-    in_plane = _position_rounding(rounding, direction[:, 2])[1]
+    along, in_plane = _position_rounding(rounding, direction[:, 2])
     if regularize_tilt and np.abs(_in_plane_drift(sorted_positions, direction[:, 2])).max() > _drift_tolerance(
             ps, in_plane):  # the same test that refuses the stack without the option
-        array, origin, resampled = resample_tilted(array, sorted_positions, direction, spacing, folder, max_voxels)
+        array, origin, tilt = resample_tilted(array, sorted_positions, direction, spacing, folder, max_voxels)
+        done.append(tilt)
+    distances = sorted_positions @ direction[:, 2]
+    if regularize_spacing and _uneven_spacing(distances, files, np.arange(len(files)), along):  # the same test
+        array, uneven = resample_spacing(array, distances, spacing, folder)  # after the tilt: slices now aligned
+        done.append(uneven)
+    resampled = "; ".join(done) or None
     return Volume(
         array=array,
         spacing=spacing,
@@ -725,8 +736,10 @@ def _gdcm_series(
     direction: np.ndarray,
     rounding: list[np.ndarray],
     folder: str,
+    quiet: bool = False,
 ) -> sitk.Image:
-    """The sorted slices ``files`` read by GDCM's series reader, rescaled (float where the rescale needs it)."""
+    """The sorted slices ``files`` read by GDCM's series reader, rescaled (float where the rescale needs it).
+    ``quiet``: no spacing warning at all (uneven slices the caller resamples: it says so itself)."""
     slopes = {
         (_float(ds, "RescaleSlope", f, 1.0), _float(ds, "RescaleIntercept", f, 0.0))
         for f, ds in zip(files, headers, strict=True)
@@ -737,7 +750,7 @@ def _gdcm_series(
     # within SPACING_RTOL of the median, each slice within SPACING_RTOL of the grid: a step within twice that, and
     # four times the positions' rounding).
     along = _rounding_allowance(_position_rounding(rounding, direction[:, 2])[0], spacing[2])
-    reader.SetSpacingWarningRelThreshold(2 * SPACING_RTOL + 4 * along / spacing[2])
+    reader.SetSpacingWarningRelThreshold(np.inf if quiet else 2 * SPACING_RTOL + 4 * along / spacing[2])
     # Slice-varying or fractional rescale needs float output, or GDCM would truncate.
     if len(slopes) > 1 or any(s != int(s) or b != int(b) for s, b in slopes):
         reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -1047,10 +1060,11 @@ def read_dicom(
     modality: str | None = None,
     max_voxels: int = MAX_VOXELS,
     regularize_tilt: bool = False,
+    regularize_spacing: bool = False,
 ) -> Volume:
     """A folder is read as a series, a file as a single or multi-frame image."""
     p = Path(path)
     if p.is_dir():
         return read_dicom_series(p, series_uid=series_uid, modality=modality, max_voxels=max_voxels,
-                                 regularize_tilt=regularize_tilt)
+                                 regularize_tilt=regularize_tilt, regularize_spacing=regularize_spacing)
     return read_dicom_file(p, modality=modality, max_voxels=max_voxels)

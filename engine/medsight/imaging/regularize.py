@@ -1,10 +1,16 @@
-"""Gantry-tilt regularization: a stack of parallel, evenly spaced slices whose positions drift within their plane
-(a CT acquired with a tilted gantry: the table moves along the body axis, the slices are tilted from it) resampled
-onto a regular grid, as 3D Slicer's "acquisition geometry regularization" places such a series.
+"""Acquisition geometry regularization: a DICOM series whose slices do not lie on a regular grid resampled onto
+one, as 3D Slicer's "acquisition geometry regularization" places it. Two cases, each its own option:
 
-The grid keeps the slices' own planes, axes and pixel spacing, with the slice axis along their normal: each output
-slice is its acquired slice shifted within its plane by a fraction of a pixel, so nothing is interpolated between
-slices. The grid is widened to hold every shifted slice whole; voxels no slice covers get the volume's minimum.
+Gantry tilt (`resample_tilted`): a stack of parallel, evenly spaced slices whose positions drift within their plane
+(a CT acquired with a tilted gantry: the table moves along the body axis, the slices are tilted from it). The grid
+keeps the slices' own planes, axes and pixel spacing, with the slice axis along their normal: each output slice is its
+acquired slice shifted within its plane by a fraction of a pixel, so nothing is interpolated between slices. The grid
+is widened to hold every shifted slice whole; voxels no slice covers get the volume's minimum.
+
+Uneven spacing (`resample_spacing`): parallel slices unevenly spaced along their normal (a missing slice, a drifting
+table step). The grid is ITK's, the one 3D Slicer's volume has under its regularization transform and keeps when it is
+hardened: as many slices as were acquired, evenly from the first to the last. Each output slice is interpolated
+linearly between the two acquired slices around its position.
 """
 
 from __future__ import annotations
@@ -68,3 +74,39 @@ def resample_tilted(
             f"{shift:.2f} mm within their planes onto a regular grid of {size[0]} x {size[1]} pixels "
             f"(was {columns} x {rows}), linear interpolation")
     return out.astype(array.dtype), tuple(float(x) for x in origin), what  # type: ignore[return-value]
+
+
+def resample_spacing(
+    array: np.ndarray, distances: np.ndarray, spacing: tuple[float, float, float], path: str
+) -> tuple[np.ndarray, str]:
+    """(array, what was done in words) of the (k, j, i) ``array`` whose slice k lies ``distances[k]`` mm along the
+    normal (sorted), resampled onto ``spacing[2]`` mm steps from its first slice (``spacing[2]``: ITK's, first to last
+    slice over n - 1). SimpleITK interpolates, through a displacement field that carries each output slice to where its
+    position lies in the acquired stack, as Slicer's grid transform carries each volume slice to its acquired one."""
+    if array.ndim != 3:
+        raise ImagingError("an unevenly spaced colour series cannot be regularized: only grey images are resampled",
+                           path)
+    n_slices, rows, columns = array.shape
+    dz = spacing[2]
+    relative = distances - distances[0]
+    grid = dz * np.arange(n_slices)
+    # Each output slice's position as a fractional index into the acquired stack (linear between acquired slices):
+    # only where to sample, in the slice-index frame below where input slice k lies at k * dz; SimpleITK samples.
+    acquired_index = np.interp(grid, relative, np.arange(n_slices))
+    field = np.zeros((n_slices, 2, 2, 3))  # one vector per slice corner, as Slicer's grid transform has
+    field[..., 2] = ((acquired_index - np.arange(n_slices)) * dz)[:, None, None]
+    displacement = sitk.GetImageFromArray(field, isVector=True)
+    displacement.SetSpacing((columns * spacing[0], rows * spacing[1], dz))  # its 2 x 2 corners hold every voxel
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing(spacing)
+    out = sitk.GetArrayFromImage(sitk.Resample(
+        image, image, sitk.DisplacementFieldTransform(displacement), sitk.sitkLinear, float(array.min()),
+        sitk.sitkFloat32,
+    ))
+    if np.issubdtype(array.dtype, np.integer):  # integer HU stay integers: interpolated values rounded
+        out = np.rint(out)
+    steps = np.diff(relative)
+    what = (f"uneven slice spacing (steps of {steps.min():.3f} to {steps.max():.3f} mm): {n_slices} slices "
+            f"interpolated onto an evenly spaced grid of {dz:.4f} mm from the first slice to the last, acquired "
+            f"slices up to {float(np.abs(relative - grid).max()):.3f} mm off it, linear interpolation")
+    return out.astype(array.dtype), what

@@ -62,8 +62,9 @@ class Volume:
     #: NaN voxels of a NIfTI, NRRD or MetaImage file, or of an upload to the server, read as the volume's minimum
     #: (`fill_nan`), in words, for the user to be told; None when there were none.
     nan_filled: str | None = None
-    #: A DICOM series resampled onto this grid from its acquired slices (a gantry tilt regularized), in words; None
-    #: when the voxels are the acquired ones. A DICOM SEG, which lies on its source images' grid, cannot reference it.
+    #: A DICOM series resampled onto this grid from its acquired slices (a gantry tilt or uneven slice spacing
+    #: regularized), in words; None when the voxels are the acquired ones. A DICOM SEG, which lies on its source
+    #: images' grid, cannot reference it.
     resampled: str | None = None
 
     def __post_init__(self) -> None:
