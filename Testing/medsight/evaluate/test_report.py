@@ -382,3 +382,17 @@ def test_image_headers_are_read_once_per_file_and_a_decompression_bomb_is_not_co
         real_open(tmp_path / "wide.png")
     report = build_report("vqa", items, preds, n_boot=5)
     assert report["n_scored"] == len(items) and not [n for n in report["notes"] if "bits per pixel" in n]
+
+
+def test_vqa_paper_numbers_stand_beside_the_pooled_mean_when_the_data_names_modalities():
+    """run_eval.py's yes/no accuracy and recall pool every item; a file with a modality field set the paper's
+    VQA-RAD close 79.9 beside the macro mean over modalities (here 75.0), not the pooled accuracy (66.7)."""
+    items = [_item(1, "yes", "closed", "CT"), _item(2, "no", "closed", "CT"), _item(3, "yes", "closed", "MRI")]
+    preds = [{"question_id": i, "text": t} for i, t in [("1", "yes"), ("2", "yes"), ("3", "yes")]]
+    report = build_report("vqa", items, preds, n_boot=20, benchmark="vqa-rad")
+    rows = {(r["metric"], r["aggregate"]): r for r in report["metrics"]}
+    pooled, macro = rows[("closed_accuracy", "per_sample_mean")], rows[("closed_accuracy", "macro_mean")]
+    assert pooled["value"] == pytest.approx(100 * 2 / len(items), abs=1e-3) and macro["value"] == 75.0
+    assert pooled["paper"] == 79.9 and macro["paper"] is None
+    overall = rows[("recall_all", "per_sample_mean")]
+    assert overall["paper"] == 61.4 and rows[("recall_all", "macro_mean")]["paper"] is None
