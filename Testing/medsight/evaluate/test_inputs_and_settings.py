@@ -484,3 +484,15 @@ def test_the_check_before_the_run_shows_its_progress(vqa, capsys):
     assert f"predictions: checking files:   0%|          | 0/{len(items)}" in err
     check_files(list(enumerate(items)), RunOptions("vqa"))
     assert capsys.readouterr().err == ""  # --quiet: no bar
+
+
+@pytest.mark.parametrize("option, value, task", [("--benchmark", "slake", "vqa"), ("--vqa-data", None, "diagseg")])
+def test_an_option_of_another_task_is_refused_not_ignored(vqa, tmp_path, option, value, task):
+    """A DiagSeg or OmniMedVQA report took --benchmark's name into its title ("diagseg (slake)") and a vqa run ignored
+    --vqa-data, so the report seemed to have used it."""
+    value = value or str(vqa)
+    others = [t for t in ("diagseg", "vqa", "mc") if t != task]
+    for other in others:
+        with pytest.raises(ValueError, match=rf"{option} {value}: only `medsight eval {task}` takes it, not {other}"):
+            main([other, "--data", str(vqa), "--report", str(tmp_path / other), *ARGS, option, value])
+        assert not (tmp_path / other).exists()

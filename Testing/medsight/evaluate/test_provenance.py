@@ -113,3 +113,32 @@ def test_another_hosts_temporary_file_with_our_pid_is_left_alone(tmp_path):
     assert theirs.read_text() == '{"model": "theirs"}\n'
     assert json.loads((tmp_path / "settings.json").read_text()) == SETTINGS
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, "settings.json"])
+
+
+def test_a_diagseg_folder_takes_the_sampled_vqa_run_added_later_and_records_its_seed(tmp_path):
+    """A DiagSeg folder answered without --vqa-data records seed null (nothing sampled); rerun with --vqa-data, for the
+    paper's recall, it was refused as "predictions made with other settings (seed: null there, 0 now)", though no
+    answer of it depends on the seed. The seed is now recorded; another seed or sampling after that is refused."""
+    from medsight.evaluate.provenance import answer_settings
+
+    def settings(*options: RunOptions) -> dict:
+        return answer_settings("diagseg", "demo", None, None, list(options), "float32")
+
+    segmentation, recall = RunOptions("diagseg"), RunOptions("vqa")
+    check_settings(tmp_path, settings(segmentation))
+    (tmp_path / "predictions.jsonl").write_text('{"question_id": "1", "text": "yes"}\n')
+    assert json.loads((tmp_path / "settings.json").read_text())["seed"] is None
+    check_settings(tmp_path, settings(segmentation, recall))
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    assert recorded == settings(segmentation, recall) and recorded["seed"] == recall.seed
+    check_settings(tmp_path, settings(segmentation, recall))  # the same again: resumed
+    reseeded = [RunOptions(t, seed=recall.seed + 1) for t in ("diagseg", "vqa")]  # one --seed for both runs
+    with pytest.raises(DataError, match=rf"other settings \(seed: {recall.seed} there, {recall.seed + 1} now\)"):
+        check_settings(tmp_path, settings(*reseeded))
+    fresh = tmp_path / "greedy"
+    fresh.mkdir()
+    check_settings(fresh, settings(segmentation))
+    (fresh / "predictions.jsonl").write_text('{"question_id": "1", "text": "yes"}\n')
+    greedy = [RunOptions(t, sampling="greedy") for t in ("diagseg", "vqa")]
+    with pytest.raises(DataError, match=r"other settings \(sampling: \"official\" there, \"greedy\" now\)"):
+        check_settings(fresh, settings(*greedy))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from medsight.evaluate.readers import DataError, EvalItem
-from medsight.evaluate.report import build_report, write_report
+from medsight.evaluate.report import PAPER_DIAGSEG, ItemScore, aggregate, build_report, write_report
 
 
 def _item(i, answer, kind, modality="CT", options=()):
@@ -382,3 +382,40 @@ def test_image_headers_are_read_once_per_file_and_a_decompression_bomb_is_not_co
         real_open(tmp_path / "wide.png")
     report = build_report("vqa", items, preds, n_boot=5)
     assert report["n_scored"] == len(items) and not [n for n in report["notes"] if "bits per pixel" in n]
+
+
+def test_vqa_paper_numbers_stand_beside_the_pooled_mean_when_the_data_names_modalities():
+    """run_eval.py's yes/no accuracy and recall pool every item; a file with a modality field set the paper's
+    VQA-RAD close 79.9 beside the macro mean over modalities (here 75.0), not the pooled accuracy (66.7)."""
+    items = [_item(1, "yes", "closed", "CT"), _item(2, "no", "closed", "CT"), _item(3, "yes", "closed", "MRI")]
+    preds = [{"question_id": i, "text": t} for i, t in [("1", "yes"), ("2", "yes"), ("3", "yes")]]
+    report = build_report("vqa", items, preds, n_boot=20, benchmark="vqa-rad")
+    rows = {(r["metric"], r["aggregate"]): r for r in report["metrics"]}
+    pooled, macro = rows[("closed_accuracy", "per_sample_mean")], rows[("closed_accuracy", "macro_mean")]
+    assert pooled["value"] == pytest.approx(100 * 2 / len(items), abs=1e-3) and macro["value"] == 75.0
+    assert pooled["paper"] == 79.9 and macro["paper"] is None
+    overall = rows[("recall_all", "per_sample_mean")]
+    assert overall["paper"] == 61.4 and rows[("recall_all", "macro_mean")]["paper"] is None
+
+
+def test_a_single_modality_is_compared_with_the_papers_number_for_it_not_the_average_over_all():
+    """A CT-only DiagSeg run set its Dice beside the paper's average over eight modalities (69.9), not CT's 65.8 (and
+    its recall beside 58.9, not 54.6); one OmniMedVQA Modality_*.json file beside 68.9, the mean over 7 files."""
+    ct = [ItemScore(str(i), "CT", {"dice": d, "recall": 1.0}) for i, d in enumerate([0.5, 0.9])]
+    for metric, paper_avg in (("dice", "per_sample_mean"), ("recall", "macro_mean")):
+        (row,) = aggregate(ct, metric, n_boot=5, paper=PAPER_DIAGSEG[metric], paper_avg=paper_avg)
+        assert row["paper"] == PAPER_DIAGSEG[metric]["CT"] and row["n"] == len(ct)
+        (other,) = aggregate([ItemScore("1", "PET", {metric: 0.5})], metric, n_boot=5, paper=PAPER_DIAGSEG[metric],
+                             paper_avg=paper_avg)
+        assert other["paper"] is None  # the paper has no PET column
+        (unsplit,) = aggregate([ItemScore("1", "unknown", {metric: 0.5})], metric, n_boot=5,
+                               paper=PAPER_DIAGSEG[metric], paper_avg=paper_avg)
+        assert unsplit["paper"] == PAPER_DIAGSEG[metric]["avg"]  # no modality named: the whole benchmark
+    opts = ["Liver", "Lung"]
+    items = [_item(1, "Liver", "mc", "CT", opts), _item(2, "Lung", "mc", "CT", opts)]
+    report = build_report("mc", items, [{"question_id": it.id, "text": it.answer} for it in items], n_boot=5)
+    assert [(r["group"], r["value"], r["paper"]) for r in report["metrics"]] == [("all", 100.0, None)]
+    # A pooled VQA benchmark keeps its number whatever one modality its file names.
+    vqa = build_report("vqa", [_item(1, "yes", "closed", "CT")], [{"question_id": "1", "text": "yes"}], n_boot=5,
+                       benchmark="slake")
+    assert {r["metric"]: r["paper"] for r in vqa["metrics"]}["closed_accuracy"] == 70.9

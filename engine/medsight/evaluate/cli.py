@@ -151,6 +151,10 @@ def _check_args(args: argparse.Namespace) -> Path:
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
     check_vision_file(args)  # one the model ignores would be named in the report as if it had been used
+    # Options of another task were ignored: a DiagSeg report was titled "(slake)", a vqa run dropped --vqa-data.
+    for option, value, task in (("--benchmark", args.benchmark, "vqa"), ("--vqa-data", args.vqa_data, "diagseg")):
+        if value is not None and args.task != task:
+            raise ValueError(f"{option} {value}: only `medsight eval {task}` takes it, not {args.task}")
     if args.seed < 0:  # the bootstrap's generator refused it only after every item was answered, and no report came
         raise ValueError(f"--seed {args.seed}: must be at least 0")
     if args.seed > LARGEST_RUN_SEED:  # torch's generator refused the first item's seed ("Overflow when unpacking")

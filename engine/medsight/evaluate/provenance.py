@@ -4,7 +4,8 @@ Predictions resume by question id, so without this a rerun with another model or
 skip every answered item and report the first run's answers under the new command. The first run in a folder
 writes the settings that change answers (model, adapter, vision file, sampling, seed of sampled runs, token
 limit, batch, resize mode, dtype); a later run, shard or merge with different ones is refused, naming each
-difference. Where a model, adapter or vision file is a local path it is identified by its files, not by where it
+difference (a DiagSeg folder answered without --vqa-data, nothing sampled, records its seed when that run is
+added). Where a model, adapter or vision file is a local path it is identified by its files, not by where it
 lies or when it was copied (a moved folder, or each node's own copy under torchrun, still matches): their relative
 names and sizes, the whole content of small files (configs, tokenizer), and of large ones the safetensors header
 (tensor names, shapes, dtypes) plus evenly spaced samples, so an 8B model costs a few MiB of reading. Hidden files
@@ -172,8 +173,12 @@ def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = Fal
         _write_once(path, settings)
     recorded = _read(path)
     unrecorded = [k for k in settings if k not in DISPLAY_ONLY and _unrecorded(recorded, k)]
+    # A seed recorded as null: no generation of the folder was sampled (a DiagSeg run without --vqa-data). A sampled
+    # one added at the same sampling setting (--vqa-data) changes no recorded answer: its seed is recorded, not refused.
+    first_seed = ["seed"] if ("seed" in recorded and recorded["seed"] is None and settings.get("seed") is not None
+                              and recorded.get("sampling") == settings.get("sampling")) else []
     differ = [k for k in sorted(recorded.keys() | settings.keys())
-              if k not in DISPLAY_ONLY and k not in unrecorded and recorded.get(k) != settings.get(k)]
+              if k not in DISPLAY_ONLY and k not in unrecorded + first_seed and recorded.get(k) != settings.get(k)]
     if differ:
         # seed/batch are null where they do not apply: that follows from a sampling or task change, named anyway.
         shown = [k for k in differ if not (k in ("seed", "batch") and None in (recorded.get(k), settings.get(k)))]
@@ -192,8 +197,8 @@ def check_settings(report_dir: Path, settings: dict[str, Any], adopt: bool = Fal
         raise DataError(f"{path} does not say which {', '.join(unrecorded)} made its predictions (an older medsight "
                         f"wrote it). If this command's ({now}) did, rerun it with {ADOPT_FLAG} to record that and "
                         "resume; otherwise choose another --report folder")
-    if unrecorded:
-        _replace(path, {**recorded, **{k: settings[k] for k in unrecorded}})
+    if unrecorded or first_seed:
+        _replace(path, {**recorded, **{k: settings[k] for k in unrecorded + first_seed}})
 
 
 def _unrecorded(recorded: dict[str, Any], key: str) -> bool:

@@ -152,8 +152,22 @@ def aggregate(scores: Sequence[ItemScore], metric: str, n_boot: int = 1000, seed
                            value=macro_mean(values, groups),
                            paper=paper.get("avg") if paper_avg == "macro_mean" else None))
     rows.append(_entry(metric, "all", "per_sample_mean", values, bootstrap_ci(values, n_boot=n_boot, seed=seed),
-                       paper=paper.get("avg") if paper_avg == "per_sample_mean" or len(modalities) == 1 else None))
+                       paper=_paper_beside_per_sample_mean(paper, paper_avg, modalities)))
     return rows
+
+
+def _paper_beside_per_sample_mean(paper: dict[str, float], paper_avg: str, modalities: Sequence[str]) -> float | None:
+    """The paper's number for the per-sample mean row. With several modalities: its "avg" where that is a per-sample
+    mean (else the macro mean's row has it). With one modality: the paper's number for that modality (DiagSeg's CT
+    alone is compared with CT's 65.8, not with the average over eight), none where the paper's "avg" spans other
+    modalities (a macro mean, or a table with per-modality numbers: one OmniMedVQA Modality_*.json file), else the
+    "avg" (a pooled VQA benchmark, or data that names no modality: the whole benchmark, presumably)."""
+    if len(modalities) == 1 and modalities[0] != "unknown":
+        if modalities[0] in paper:
+            return paper[modalities[0]]
+        if paper_avg == "macro_mean" or any(k != "avg" for k in paper):
+            return None
+    return paper.get("avg") if paper_avg == "per_sample_mean" or len(modalities) == 1 else None
 
 
 def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Prediction], n_boot: int = 1000,
@@ -179,7 +193,10 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
     elif task == "vqa":
         ref = PAPER_VQA.get((benchmark or "").lower(), {})
         for m in (*OPEN_METRICS, "closed_accuracy", "strict_closed_accuracy", "recall_all"):
-            rows += aggregate(scores, m, n_boot, seed, {"avg": ref[m]} if m in ref else None)
+            # run_eval.py pools every item of the benchmark (its --modality_split tables come before the overall
+            # one), so the paper's number goes beside the per-sample mean even where the data names modalities.
+            rows += aggregate(scores, m, n_boot, seed, {"avg": ref[m]} if m in ref else None,
+                              paper_avg="per_sample_mean")
     elif task == "mc":
         rows += aggregate(scores, "accuracy", n_boot, seed, PAPER_MC)
     else:
