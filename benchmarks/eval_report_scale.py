@@ -69,15 +69,13 @@ def _measure(fn: Callable[[], object]) -> tuple[object, int, float]:
     return out, peak, dt
 
 
-class _FullResolve:
-    """The readers' path resolution before: a full Path.resolve of every relative path."""
+class _FullResolve(readers._Resolver):
+    """The readers' path resolution before: a full Path.resolve of every relative path. A subclass, so that it takes
+    whatever the readers hand the resolver (a standalone class broke when `named` and `where` were added)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __call__(self, value: str) -> Path:
+    def __call__(self, value: str, where: str = "") -> Path:
         p = Path(value)
-        return p if p.is_absolute() else (self.root / p).resolve()
+        return super().__call__(value, where) if p.is_absolute() else (self.root / p).resolve()
 
 
 def _timed_read(qa: Path, resolver: type) -> tuple[list, float]:

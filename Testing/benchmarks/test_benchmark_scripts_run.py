@@ -62,3 +62,18 @@ def test_upload_memory_runs_on_a_small_volume():
     out = run("upload_memory.py", "--shape", "4x64x64")
     assert "volume 4 x 64 x 64 int16" in out
     assert "Slicer side peak:" in out and "engine side peak:" in out and "upload time:" in out
+
+
+def test_eval_report_scale_compares_equal_rows_and_paths():
+    """Its "before" path resolver stands in for the readers' own; it must take what the readers hand it (a
+    standalone class broke when `--images` handling added arguments: a TypeError before any row was printed)."""
+    items = 400
+    out = run("eval_report_scale.py", "--items", str(items), "--read-items", str(items), "--n-boot", "20")
+    assert f"same CI rows: True; same image paths: True ({items} items)" in out
+    assert "before/now" in out
+
+
+def test_engine_throughput_prints_both_rates_and_their_ratio():
+    out = run("engine_throughput.py", "--model", "tiny", "--slices", "2", "--tokens", "2")
+    assert "one by one:" in out and "batched:" in out
+    assert "ratio (batched / one by one):" in out
