@@ -122,7 +122,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def setup(self) -> None:
         module = slicer.modules.MedSIGHTSlicerInstance
-        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one.
+        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one, and
+        # cleanup() at exit leaves it as the user's "stop on exit" says, not as this widget's defaults.
+        self.settings = module.application_settings.settings
         self._adopt_engine(module)
         ScriptedLoadableModuleWidget.setup(self)
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MedSIGHTSlicer.ui"))
