@@ -122,7 +122,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
 
     def setup(self) -> None:
         module = slicer.modules.MedSIGHTSlicerInstance
-        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one.
+        # Before anything that can fail: an engine left with the module object (a Reload's) is stopped by no one, and
+        # cleanup() at exit leaves it as the user's "stop on exit" says, not as this widget's defaults.
+        self.settings = module.application_settings.settings
         self._adopt_engine(module)
         ScriptedLoadableModuleWidget.setup(self)
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/MedSIGHTSlicer.ui"))
@@ -194,6 +196,8 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         # The engine first: a setup() cut short by an error (after it adopted a reloaded engine) left attributes
         # that the steps below need, and the engine then ran on after Slicer's exit, whatever "stop on exit" said.
         # A Reload (the button or slicer.util.reloadScriptedModule) hands the engine on; Slicer's exit stops it.
+        if getattr(self, "engine_timer", None) is None:  # setup() cut short: its callbacks need what it never made
+            self.engine.rebind()
         handed = leave_engine(self.engine, self.settings.stop_engine_on_exit, replaced_by_reload(type(self)))
         if handed is not None:
             slicer.modules.MedSIGHTSlicerInstance.reloaded_engine = handed  # for the reloaded widget's setup()
@@ -202,14 +206,17 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
             # follows the scene and would call into the closed list and panel, the old session's, on each scene close.
             self.ui.inputVolumeSelector.disconnect("currentNodeChanged(vtkMRMLNode*)", self._volume_changed)
             self.review_host.close()
-        self.check_timer.stop()
-        self.engine_timer.stop()
+        # Nor may the rest raise there: the next Reload calls this cleanup() first, and would go no further.
+        for timer in (getattr(self, "check_timer", None), getattr(self, "engine_timer", None)):
+            if timer is not None:
+                timer.stop()
         self.connection_check.close()
         if self.panel is not None:
             self.panel.close()  # stop generating and polling for a panel that is going away
         if self.logic is not None:
             self.logic.stop_observing()
-        self._save_settings()
+        if getattr(self, "connection_form", None) is not None:
+            self._save_settings()
 
     def _adopt_engine(self, module) -> None:
         """Take over the engine that the widget before a developer Reload started (its cleanup handed it on)."""
