@@ -214,8 +214,11 @@ def create_app(
     random_weights = model.weights_source.startswith("random")
     audit = AuditLog.for_model(audit_path, model, model_name) if audit_path else None
     app.state.jobs, app.state.store, app.state.uploads = jobs, store, uploads  # for tests and operators
+    prompt_tokens_max = model.config.llm.max_sequence_length
+    ask_limit = (schemas.max_ask_body_bytes(prompt_tokens_max),
+                 f" (the longest conversation that the model's prompt of {prompt_tokens_max} tokens can hold)")
     app.add_middleware(Guard, policy=HostPolicy(host, allowed_hosts), token=token, read_grace_s=read_grace_s,
-                       min_read_rate=min_read_rate)
+                       min_read_rate=min_read_rate, body_limits={"/v1/ask": ask_limit})
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
