@@ -56,6 +56,9 @@ DEFAULT_STORE_BYTES = 4 * 1024**3
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_MAX_WAITING = 64
 DEFAULT_ASK_MEMORY_BYTES = 8 * 1024**3
+#: Seconds a stopping engine waits for its stopped asks to end and write their lines: a generation step of the full
+#: model on a CPU; within the 5 s that the Slicer module gives a stopping engine (its 3 s grace included).
+STOP_WAIT_S = 1.5
 
 
 #: Why the framework could not parse a JSON body, by the exception it met (its own 400 names none of them).
@@ -193,8 +196,14 @@ def create_app(
     async def lifespan(_: FastAPI):
         jobs.start()
         yield
-        jobs.close()
-        if audit is not None:
+        # The server has stopped every open ask by now (they end at their next generation step, the waiting ones
+        # at once): the worker writes their log and audit lines before the process exits. Not waiting, a stop
+        # left no line for any of them, the running one included although its tokens and regions had gone out.
+        if not jobs.close(wait_s=STOP_WAIT_S):
+            running = jobs.running
+            log.warning("job %s was still running when the engine stopped: it has no log%s line",
+                        running.id if running is not None else "?", " or audit" if audit is not None else "")
+        elif audit is not None:  # never while the worker may still write to it
             audit.close()
 
     _withhold_uvicorn_exception_text()
