@@ -132,12 +132,14 @@ def _floats(text: str | None, n: int, name: str, default: tuple[float, ...]) -> 
     return values
 
 
-def _exact_buffer(received: bytearray, size: int) -> bytearray:
+def _exact_buffer(received: bytearray, size: int) -> memoryview:
     """A buffer of the upload's declared ``size`` holding what was ``received`` so far, for the rest to be written
     into: the stored volume keeps it, and one grown by ``extend`` kept up to an eighth more than the volume (bytearray
-    over-allocates), memory that the store's byte bound does not count."""
-    buffer = bytearray(size)
-    buffer[:min(len(received), size)] = received[:size]
+    over-allocates), memory that the store's byte bound does not count. Its pages are taken as the chunks arrive:
+    ``bytearray(size)`` zeroed them all at once on the event loop (0.54 s for 256 MiB, every other client waiting)."""
+    buffer = memoryview(np.empty(size, np.uint8))
+    kept = min(len(received), size)
+    buffer[:kept] = received[:kept]
     return buffer
 
 
