@@ -1149,12 +1149,13 @@ def test_a_failed_question_keeps_its_reason_in_the_transcript(app, url, volume):
     assert f"(failed: {reason})" in panel.conversation_text()
 
 
-def test_question_over_the_largest_ask_is_a_clear_error(url, volume):
+def test_question_over_the_largest_ask_is_a_clear_error(engine, url, volume):
     """The engine's own 413 (the body's declared length is over the largest valid ask) read as the panel shows it."""
-    from medsight.server.schemas import MAX_ASK_BODY_BYTES
+    from medsight.server.schemas import max_ask_body_bytes
 
+    largest = max_ask_body_bytes(engine.model.config.llm.max_sequence_length)
     with pytest.raises(MedSIGHTError) as refused:
-        MedSIGHTClient(url, retries=0).ask("0" * 64, "x" * (MAX_ASK_BODY_BYTES + 1), indices=[1])
+        MedSIGHTClient(url, retries=0).ask("0" * 64, "x" * (largest + 1), indices=[1])
     assert (refused.value.status, refused.value.code) == (413, "too_large")
     text = describe_error(refused.value)
     assert "(HTTP 413)" in text and "shorten the question, or send a smaller" in text

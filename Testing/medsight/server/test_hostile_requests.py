@@ -16,8 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
+from medsight.prompt import Message
+from medsight.server.admission import prompt_tokens
 from medsight.server.app import create_app
-from medsight.server.schemas import MAX_ASK_BODY_BYTES
+from medsight.server.schemas import max_ask_body_bytes
 from medsight_testing.arrays import npy
 from medsight_testing.live_server import live_server
 
@@ -32,6 +34,12 @@ def hardened(engine):
                      request_timeout_s=2.0, ask_memory_bytes=64 * 1024**2, read_grace_s=1.0, min_read_rate=10_000)
     with live_server(app) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def ask_limit(engine) -> int:
+    """The largest ask body the engine takes for its model."""
+    return max_ask_body_bytes(engine.model.config.llm.max_sequence_length)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +175,10 @@ def test_a_view_with_plane_or_indices_is_422(hardened, volume_id, chosen):
         assert r.status_code == 200 and [(a["plane"], a["index"]) for a in r.json()["answers"]] == [("axial", 0)]
 
 
-def test_a_body_of_many_unknown_fields_or_view_rows_is_one_error(hardened, volume_id):
+def test_a_body_of_many_unknown_fields_or_view_rows_is_one_error(hardened, volume_id, ask_limit):
     """Before the fix each unknown field (and each row of a view) was an error of its own, every one made into a
     dict on the event loop: 6.7 MB of view rows held the server, health and cancel included, for 12-15 s."""
-    many = 100_000
+    many = ask_limit // 16  # as many as an ask body the engine reads can hold, about 12 bytes each
     with httpx.Client(base_url=hardened, timeout=120) as c:
         r = c.post("/v1/ask", json={"volume_id": volume_id, "messages": QUESTION,
                                     **{f"k{i}": 0 for i in range(many)}})
@@ -320,23 +328,85 @@ def test_client_dropping_mid_upload_is_not_an_internal_error(hardened, volume_id
         valid_ask(c, volume_id)
 
 
-def test_an_oversized_ask_body_is_413_before_it_is_read(hardened):
+def test_an_oversized_ask_body_is_413_before_it_is_read(hardened, ask_limit):
     """Before the fix an ask body was read whole whatever its size (200 MiB took 850 MiB of memory) and only then
     refused as invalid; now a declared length over the limit is refused at once, a body without one when it passes
     the limit."""
     reply = _raw_ask_reply(hardened, declared=200 * 1024**2)
     assert reply.startswith("HTTP/1.1 413") and '"too_large"' in reply, reply[:200]
-    assert str(MAX_ASK_BODY_BYTES) in reply
+    assert str(ask_limit) in reply
 
     def chunks():  # no Content-Length: sent chunked
         yield b'{"volume_id": "x", "messages": [{"role": "user", "content": "'
-        for _ in range(MAX_ASK_BODY_BYTES // 2**20 + 2):
-            yield b"a" * 2**20
+        for _ in range(ask_limit // 2**16 + 2):
+            yield b"a" * 2**16
         yield b'"}]}'
 
     with httpx.Client(base_url=hardened, timeout=30) as c:
         r = c.post("/v1/ask", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "too_large", r.text[:200]
+
+
+def test_an_ask_body_longer_than_any_conversation_the_prompt_holds_is_413(engine, hardened, volume_id, ask_limit):
+    """An ask's JSON is parsed on the server's event loop, holding every other client while it lasts: under the old
+    limit (13 MB, 64 messages of 16,000 characters each escaped at worst) a body of unknown fields held /v1/health
+    for 2.6 s, one of slice indices for 0.7 s. Now an ask may be as long as the longest conversation that the
+    model's prompt can hold: a body twice that is refused before it is read, naming the limit and why."""
+    fields = ask_limit // 10  # about 12 bytes each: the body is 1.2 to 1.3 times the limit
+    body = json.dumps({"volume_id": volume_id, "messages": QUESTION, **{f"k{i}": 0 for i in range(fields)}})
+    assert ask_limit < len(body) <= 2 * ask_limit
+    with httpx.Client(base_url=hardened, timeout=60) as c:
+        r = c.post("/v1/ask", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large", r.text[:200]
+        tokens = engine.model.config.llm.max_sequence_length
+        assert r.json()["message"] == (f"/v1/ask takes at most {ask_limit} bytes (the longest conversation that the "
+                                       f"model's prompt of {tokens} tokens can hold), got {len(body)}")
+        valid_ask(c, volume_id)
+
+
+def _heaviest_text(engine) -> str:
+    """One character that JSON writes as the most bytes per token of the model's tokenizer, among a few kinds."""
+    candidates = ["\x01", "\u00e9", "\u2014", "\U0001F600", " ", "a"]
+
+    def bytes_per_token(c: str) -> float:
+        return len(json.dumps(c * 8)) / len(engine.model.tokenizer(c * 8, add_special_tokens=False)["input_ids"])
+
+    return max(candidates, key=bytes_per_token)
+
+
+def test_the_longest_conversation_the_prompt_holds_is_answered(engine, server, ask_limit):
+    """The ask body limit keeps every conversation the model can take: one filling the prompt to its last token,
+    with the characters its JSON writes longest and indented, is answered."""
+    limit = engine.model.config.llm.max_sequence_length
+    unit = _heaviest_text(engine)
+
+    def conversation(n: int) -> list[dict]:
+        return [{"role": "user", "content": "Where is the lesion?"}, {"role": "assistant", "content": unit * n},
+                {"role": "user", "content": "And the liver?"}]
+
+    def length(n: int) -> int:
+        try:
+            return prompt_tokens(engine, [Message(m["role"], m["content"]) for m in conversation(n)])
+        except ValueError:  # the prompt is too long
+            return limit + 1
+
+    lo, hi = 0, limit
+    while lo < hi:  # the most characters whose prompt still fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if length(mid) <= limit else (lo, mid - 1)
+    assert limit - 4 <= length(lo) <= limit
+    image = np.zeros((2, 16, 16), np.int16)
+    with httpx.Client(base_url=server, timeout=120) as c:
+        vid = c.post("/v1/volumes", content=npy(image), headers=NPY).json()["volume_id"]
+        body = json.dumps({"volume_id": vid, "messages": conversation(lo), "slices": {"indices": [0]},
+                           "options": {"max_new_tokens": 1}}, indent=4)
+        r = c.post("/v1/ask", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+        assert len(r.json()["answers"]) == 1
+        over = json.dumps({"volume_id": vid, "messages": conversation(lo + 1), "options": {"max_new_tokens": 1}})
+        r = c.post("/v1/ask", content=over, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "prompt" in r.json()["message"], r.text[:300]
+    assert len(body) <= ask_limit
 
 
 # -- fuzz -------------------------------------------------------------------------------------------------------------
@@ -436,12 +506,12 @@ def test_seeded_fuzz_over_every_endpoint_gives_no_5xx(hardened, volume_id):
     assert time.monotonic() - t0 < 300
 
 
-def test_refusals_do_not_echo_a_huge_field_name_or_value_back(hardened, volume_id):
+def test_refusals_do_not_echo_a_huge_field_name_or_value_back(hardened, volume_id, ask_limit):
     """Error messages quote what they refuse: a megabyte-long unknown field, volume id, window preset or option name
     came back whole in the 422 (1,000,071 bytes for the field). Now the message is cut at MAX_ERROR_MESSAGE."""
     from medsight.server.app import MAX_ERROR_MESSAGE
 
-    huge = "X" * (MAX_ASK_BODY_BYTES // 4)
+    huge = "X" * (ask_limit // 4)
     base = {"volume_id": volume_id, "slices": {"indices": [1]}, "messages": [{"role": "user", "content": "Where?"}]}
     bodies = {"field": {**base, huge: 1}, "volume": {**base, "volume_id": huge},
               "preset": {**base, "window": {"preset": huge}}, "option": {**base, "options": {huge: 1}}}

@@ -3,10 +3,18 @@ into a dict on the server's event loop, so an error per item held health and can
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from medsight.server.schemas import AskOptions, AskRequest, SliceSelection
+from medsight.server.schemas import (
+    MAX_JSON_BYTES_PER_TOKEN,
+    AskOptions,
+    AskRequest,
+    SliceSelection,
+    max_ask_body_bytes,
+)
 
 #: Items in a hostile body: enough that an error per item would cost the event loop noticeably.
 ITEMS = 100_000
@@ -49,3 +57,50 @@ def test_a_view_still_needs_four_rows_of_four_numbers():
     for view in ([[0.0] * 4] * 3, [[0.0] * 3] * 4):
         assert "view must be a 4x4 matrix" in str(_refusal({**ASK, "slices": {"view": view}}))
     assert _refusal({**ASK, "slices": {"view": [[0.0] * 5] * 4}}).errors()[0]["type"] == "too_long"
+
+
+def _json_bytes(token_bytes: bytes) -> int:
+    """Bytes that JSON writes for a token's bytes; one that cuts a character (byte-level BPE) at its worst, 3 a byte
+    (a 4-byte character is a 12-byte surrogate pair)."""
+    try:
+        return len(json.dumps(token_bytes.decode("utf-8"))) - 2
+    except UnicodeDecodeError:
+        return 3 * len(token_bytes)
+
+
+def test_the_longest_conversation_of_the_published_model_fits_the_ask_body_limit():
+    """The ask body limit is the published model's prompt (Qwen3's tokenizer, 2048 embeddings) at the most JSON bytes
+    per token: the heaviest of Qwen3's tokens is under that bound, and a conversation filling the prompt with it
+    fits the limit, indented."""
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    from medsight.config import full_config
+    from medsight.prompt import IMAGE_TOKEN_INDEX, Message, tokenize_prompt
+    from medsight_testing.qwen import qwen3_tokenizer
+
+    tokenizer, config = qwen3_tokenizer(), full_config()
+    byte_of = {symbol: byte for byte, symbol in bytes_to_unicode().items()}
+    weights = {}
+    for symbol in tokenizer.get_vocab():
+        if all(c in byte_of for c in symbol):
+            weights[symbol] = _json_bytes(bytes(byte_of[c] for c in symbol))
+        else:  # an added token (chat specials, region codes): its text
+            weights[symbol] = _json_bytes(symbol.encode())
+    heaviest = max(weights, key=weights.get)
+    assert MAX_JSON_BYTES_PER_TOKEN >= weights[heaviest] >= MAX_JSON_BYTES_PER_TOKEN * 2 // 3
+    text = tokenizer.convert_tokens_to_string([heaviest])
+    limit, image = config.llm.max_sequence_length, config.vision.num_patches + config.perceiver.num_queries
+
+    def prompt_length(n: int) -> int:
+        ids = tokenize_prompt(tokenizer, [Message("user", "Where?"), Message("assistant", text * n),
+                                          Message("user", "And?")])
+        return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (image - 1)
+
+    n, over = 1, limit  # the most repeats whose prompt fits: between them
+    while over - n > 1:
+        mid = (n + over) // 2
+        n, over = (mid, over) if prompt_length(mid) <= limit else (n, mid)
+    body = json.dumps({"volume_id": "0" * 64, "messages": [
+        {"role": "user", "content": "Where?"}, {"role": "assistant", "content": text * n},
+        {"role": "user", "content": "And?"}], "slices": {"indices": list(range(1024))}}, indent=4)
+    assert limit - prompt_length(n) < 4 and len(body) <= max_ask_body_bytes(limit)

@@ -124,6 +124,46 @@ def test_stopping_with_asks_running_and_waiting_cancels_them_instead_of_running_
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_stopping_writes_the_log_and_audit_line_of_every_ask_it_stops(tmp_path):
+    """Before the fix a stop exited while the stopped asks were still ending on the engine's worker: no log or audit
+    line for any of them (4 admitted asks, 0 lines), the running one included although its tokens had gone out.
+    Now the engine waits for them (they end at their next generation step) and every admitted ask has its lines."""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    process, client = _start_engine("--audit", str(audit))
+    asks = 4
+    try:
+        volume = np.random.default_rng(0).integers(-200, 200, (3, 16, 16)).astype(np.int16)
+        vid = client.upload_volume(volume).volume_id
+        body = {"volume_id": vid, "slices": {"indices": [0, 1, 2]}, "messages": [{"role": "user", "content": QUESTION}],
+                "options": {"max_new_tokens": 2048, "repetition_penalty": 1.0}, "stream": True}
+        job_ids: list[str] = []
+        admitted = threading.Barrier(asks + 1)
+
+        def ask() -> None:
+            with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                    "POST", f"{client.base_url}/v1/ask", json=body, timeout=600) as reply:
+                job_ids.append(reply.headers["x-job-id"])
+                admitted.wait(timeout=60)
+                reply.read()
+
+        threads = [threading.Thread(target=ask, daemon=True) for _ in range(asks)]
+        for thread in threads:
+            thread.start()
+        admitted.wait(timeout=60)  # one runs, the others wait
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=120)
+    for thread in threads:
+        thread.join(timeout=30)
+    logged = {line.split(" job ", 1)[1].split(":", 1)[0] for line in err.splitlines() if " job " in line}
+    audited = {json.loads(line)["job_id"] for line in audit.read_text().splitlines()}
+    assert len(job_ids) == asks and audited == logged == set(job_ids), err[-3000:]
+    assert "Traceback" not in err and "Task was destroyed" not in err, err[-3000:]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_ctrl_c_during_an_upload_tells_its_client_instead_of_a_traceback():
     """Before the fix an upload still arriving when Ctrl+C's grace ran out got uvicorn's plain-text 500 and the
     terminal its traceback ("Exception in ASGI application", a CancelledError); now it gets 503 `stopping`."""

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 from starlette.exceptions import HTTPException
 
 from medsight.server.responses import STOPPING_ERROR
-from medsight.server.schemas import MAX_ASK_BODY_BYTES
 from medsight.server.security import is_loopback, token_matches
 
 #: Bodies the engine reads, by path: none of them is a type a web page may send without a CORS preflight
@@ -32,8 +31,6 @@ BODY_TYPES = {
     "/v1/ask": ("application/json",),
     "/v1/volumes": ("application/octet-stream", "application/x-npy"),
 }
-#: Largest bodies, by path, for those whose handler does not bound its own (the upload's is checked on its header).
-BODY_LIMITS = {"/v1/ask": MAX_ASK_BODY_BYTES}
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
@@ -97,8 +94,11 @@ class Guard:
     """ASGI middleware applying the host, origin and token rules and the body read deadline."""
 
     def __init__(self, app, policy: HostPolicy, token: str | None = None, read_grace_s: float = 10.0,
-                 min_read_rate: float = 64 * 1024) -> None:
+                 min_read_rate: float = 64 * 1024, body_limits: dict[str, tuple[int, str]] | None = None) -> None:
+        """`body_limits`: path -> (largest body in bytes, what bounds it in words), for the paths whose handler does
+        not bound its own body (the upload's is checked on its .npy header)."""
         self.app, self.policy, self.token = app, policy, token
+        self.body_limits = dict(body_limits or {})
         self.read_grace_s, self.min_read_rate = read_grace_s, min_read_rate
 
     async def __call__(self, scope, receive, send) -> None:
@@ -119,7 +119,8 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, self._deadline(receive, BODY_LIMITS.get(scope["path"])), tracked_send)
+            limit = self.body_limits.get(scope["path"], (None, ""))
+            await self.app(scope, self._deadline(receive, *limit), tracked_send)
         except asyncio.CancelledError:
             # The server is stopping and its grace ran out (uvicorn cancels open requests), e.g. mid-upload: the
             # client is told so, instead of uvicorn's traceback in the terminal and a plain-text 500.
@@ -148,12 +149,12 @@ class Guard:
         # rule by path prefix would leave any route added outside /v1 open.
         if self.token and not token_matches(headers.get("authorization"), self.token):
             return 401, "unauthorized", "missing or wrong bearer token"
-        limit, declared = BODY_LIMITS.get(scope["path"]), headers.get("content-length", "")
+        (limit, why), declared = self.body_limits.get(scope["path"], (None, "")), headers.get("content-length", "")
         if limit is not None and declared.isdigit() and int(declared) > limit:
-            return 413, "too_large", f"{scope['path']} takes at most {limit} bytes, got {declared}"
+            return 413, "too_large", f"{scope['path']} takes at most {limit} bytes{why}, got {declared}"
         return None
 
-    def _deadline(self, receive, limit: int | None = None):
+    def _deadline(self, receive, limit: int | None = None, why: str = ""):
         """`receive` that raises BodyTimeoutError when the body falls behind grace + bytes / min_rate, and a 413
         HTTPException past `limit` bytes (a body sent without its length)."""
         start = time.monotonic()
@@ -174,7 +175,7 @@ class Guard:
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if limit is not None and received > limit:
-                    raise HTTPException(413, f"this request takes at most {limit} bytes")
+                    raise HTTPException(413, f"this request takes at most {limit} bytes{why}")
             return message
 
         return timed_receive

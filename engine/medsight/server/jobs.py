@@ -188,9 +188,14 @@ class JobQueue:
         with self._lock:
             self._ensure_worker()
 
-    def close(self) -> None:
-        """Stop the worker after the jobs already queued (used at shutdown)."""
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop the worker after the jobs already queued (used at shutdown), waiting up to `wait_s` for it to end.
+        True when no worker runs any more."""
         self._queue.put(None)
+        worker = self._worker
+        if worker is not None and wait_s > 0:
+            worker.join(wait_s)
+        return worker is None or not worker.is_alive()
 
     # -- worker ------------------------------------------------------------------------------------------------------
     def _live_waiting(self) -> int:

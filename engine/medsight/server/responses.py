@@ -160,7 +160,11 @@ class JobResponse(Response):
         queue = self.feed.queue
         while True:
             getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, self.job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({getter, self.job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # the server stops: a getter left pending is logged as an error
+                getter.cancel()
+                raise
             if getter.done():
                 # Events that queued up meanwhile go out in the same write: one wake-up per burst, not per token.
                 chunks = [sse(*getter.result())]
