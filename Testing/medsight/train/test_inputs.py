@@ -250,6 +250,7 @@ def test_code_slots_count_the_code_tokens_the_losses_count(data, tmp_path):
     coded = next(i for i, item in enumerate(items) if item["mask_orders"])
     modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
     items[coded]["conversations"][-1]["value"] += f" Also {code_name(modality, index + 1)}."
+    items[coded]["mask_orders"] *= 2  # a mask for each code
     path = _write(tmp_path / "train.json", items)
     v = model.config.vision
     dataset = ConversationDataset(path, model.tokenizer, v.image_size, v.image_mean, v.image_std,
@@ -263,6 +264,33 @@ def test_code_slots_count_the_code_tokens_the_losses_count(data, tmp_path):
     with pytest.raises(ValueError, match=rf"batch_size 2 without pad_code_slots: {re.escape(str(path))} was read "
                                          r"without the model's region codes"):
         unread.check_batches(2, pad_code_slots=False)
+
+
+@pytest.mark.parametrize("extra", ["code", "mask"])
+def test_region_codes_and_masks_of_other_counts_are_refused_before_training(data, tmp_path, extra):
+    """The k-th code's state trains against the k-th mask of mask_orders: an answer naming one more code than the
+    item has masks trained that code to no mask, one more mask was dropped, and every mask after a gap trained another
+    code's state, all silently. Refused before --out is written, naming item and both counts."""
+    vocabulary = build_model(tiny_config(), seed=0).codes
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    masks = len(items[coded]["mask_orders"])
+    codes = sum(vocabulary.count_codes(t["value"]) for t in items[coded]["conversations"])
+    assert codes == masks  # the fixture holds the rule
+    if extra == "code":
+        modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
+        items[coded]["conversations"][-1]["value"] += f" Also {code_name(modality, index + 1)}."
+        codes += 1
+    else:
+        items[coded]["mask_orders"] *= 2
+        masks *= 2
+    conversations = _write(tmp_path / "train.json", items)
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"])})
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): its "
+                                         rf"conversation names {codes} region code\(s\) but mask_orders lists "
+                                         rf"{masks} mask\(s\)"):
+        train_main(["stage5", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_codebook_rule_matches_the_model(tmp_path):

@@ -376,9 +376,17 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
         raise ValueError(f"{where}: {err}") from None
     _check_codes(where, turns, codes)
     files = item.get("mask_files") or {}
-    absent = [m for m in item.get("mask_orders") or [] if not isinstance(files, dict) or str(m) not in files]
+    order = item.get("mask_orders") or []
+    absent = [m for m in order if not isinstance(files, dict) or str(m) not in files]
     if absent:
         raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
+    mentioned = None if codes is None else sum(codes.count_codes(t["value"]) for t in turns)
+    if mentioned is not None and mentioned != len(order):
+        # The k-th code's state is decoded against the k-th mask (`mask_targets`): with other counts every mask
+        # after the first gap trains another code's state, or a code trains to no mask, silently. The official
+        # data builder checked this equality; a hand-made or edited set may not hold it.
+        raise ValueError(f"{where}: its conversation names {mentioned} region code(s) but mask_orders lists "
+                         f"{len(order)} mask(s); each code must have its mask, in the order the codes appear")
 
 
 def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) -> None:
