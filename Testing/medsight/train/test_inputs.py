@@ -12,6 +12,7 @@ import torch
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
+from medsight.prompt import Message, tokenize_prompt
 from medsight.tokens import CODE_PATTERN, code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
@@ -407,3 +408,51 @@ def test_out_that_is_a_file_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=rf"--out {target} is a file; the output must be a folder"):
         _train(data, target, {"max_steps": 1}, tmp_path)
     assert json.loads(target.read_text()) == {"keep": "me"}
+
+
+def test_conversations_longer_than_the_model_takes_are_refused_before_training(data, tmp_path):
+    """An item longer than the language model's limit (in embeddings, the image's included) was refused by the model
+    only at the step that drew it, hours in, naming neither item nor step and saving nothing since the last
+    checkpoint (the official code cut it at the limit, answer included). Refused up front, naming count, item and
+    length; an item exactly at the limit trains."""
+    model = build_model(tiny_config())
+    limit, image = model.config.llm.max_sequence_length, model.config.image_embeddings
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    answer = items[coded]["conversations"][-1]
+
+    def length() -> int:
+        turns = [Message(t["from"], t["value"]) for t in items[coded]["conversations"]]
+        return len(tokenize_prompt(model.tokenizer, turns)) - 1 + image
+
+    answer["value"] += " " + "x" * (limit - length() - 1)  # the byte tokenizer: one id per byte
+    assert length() == limit
+    settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1}
+    config = _write(tmp_path / "cfg.json", settings)
+    alone = _write(tmp_path / "alone.json", [items[coded]])  # the model takes it: the length is counted right
+    assert train_main(["stage3", "--config", str(config), "--data", str(alone), "--out", str(tmp_path / "a")]) == 0
+    answer["value"] += "x"
+    conversations = _write(tmp_path / "train.json", items)
+    with pytest.raises(ValueError, match=rf"1 item\(s\) of {re.escape(str(conversations))} are longer than the "
+                                         rf"model's {limit} embeddings \(conversation and image, {image} of them the "
+                                         rf"image's\), first .*train\.json: item {coded} "
+                                         rf"\(id {items[coded]['id']!r}\): {limit + 1}; shorten or remove them"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_sample_longer_than_the_model_takes_is_named_when_read(data):
+    """The up-front check tokenises only items whose bytes could pass the limit (byte-level BPE); each sample made is
+    checked too, so a tokenizer outside that rule stops the run at the read, named, with the state saved."""
+    model = build_model(tiny_config())
+    v = model.config.vision
+    dataset = ConversationDataset(data["lvlm"], model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                  data_root=data["root"], codes=model.codes,
+                                  max_length=model.config.llm.max_sequence_length,
+                                  image_embeddings=model.config.image_embeddings)
+    length = dataset.length(dataset.items[0])
+    assert len(dataset[0].input_ids) - 1 + model.config.image_embeddings == length
+    dataset.max_length = length - 1
+    with pytest.raises(ValueError, match=rf"train\.json: item 0 \(id {dataset.items[0]['id']!r}\): {length} "
+                                         rf"embeddings long, more than the model's {length - 1}"):
+        dataset[0]

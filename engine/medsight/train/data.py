@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import Message, render_messages
+from medsight.prompt import Message, render_messages, tokenize_prompt
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
@@ -250,7 +250,10 @@ class ConversationDataset:
 
     def __init__(self, json_path: str | Path, tokenizer, image_size: int, mean, std,
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
-                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None) -> None:
+                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None,
+                 max_length: int | None = None, image_embeddings: int = 1) -> None:
+        """`max_length`: the language model's limit in embeddings (None: unchecked), of which the image takes
+        `image_embeddings` (`MedSIGHTConfig.image_embeddings`); a longer item is refused (`check_lengths`)."""
         json_path = Path(json_path)
         self.items = read_user_json(json_path, "conversation file")
         if not isinstance(self.items, list):
@@ -264,9 +267,10 @@ class ConversationDataset:
         # The fingerprint (`_digest_line`) covers what a sample is made of (`read_fields`), as the
         # segmentation data's does: an edited id or a field never read (a source, notes) is the same training data.
         digest = hashlib.sha256()
+        self._text_bytes: list[int] = []  # each item's rendered conversation in UTF-8 bytes (`check_lengths`)
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            check_conversation_item(where, item, codes)
+            self._text_bytes.append(sum(len(text.encode()) for text in check_conversation_item(where, item, codes)))
             self._check_item_files(where, item)
             _digest_line(digest, read_fields(item))
         self.source, self.fingerprint = str(json_path), digest.hexdigest()
@@ -278,6 +282,35 @@ class ConversationDataset:
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
+        self.max_length, self.image_embeddings = max_length, image_embeddings
+        if max_length is not None:
+            self.check_lengths()
+
+    def length(self, item: dict) -> int:
+        """The item's sequence in embeddings: its ids, the image placeholder replaced by the image's embeddings."""
+        ids = tokenize_prompt(self.tokenizer, [Message(t["from"], t["value"]) for t in item["conversations"]])
+        return len(ids) - 1 + self.image_embeddings
+
+    def check_lengths(self) -> None:
+        """Refuse items longer than `max_length`, naming how many and the first, before training: the language model
+        refuses one at the step that draws it, hours in, where the official code cut it to the limit and so
+        trained on a conversation without its answer. Only an item whose rendered text has more UTF-8 bytes than
+        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte; a few seconds for 100k
+        items where tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
+        assert self.max_length is not None
+        room = self.max_length - self.image_embeddings + 1  # the placeholder is one id
+        long = []
+        for index, item in enumerate(self.items):
+            if self._text_bytes[index] > room:
+                length = self.length(item)
+                if length > self.max_length:
+                    long.append((index, length))
+        if long:
+            index, length = long[0]
+            raise ValueError(f"{len(long)} item(s) of {self.json_path} are longer than the model's {self.max_length} "
+                             f"embeddings (conversation and image, {self.image_embeddings} of them the image's), "
+                             f"first {_item_name(self.json_path, index, self.items[index])}: {length}; shorten or "
+                             "remove them (the official code cut them at the limit, answer included)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -331,6 +364,9 @@ class ConversationDataset:
         messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
         ids, labels = training_labels(self.tokenizer, messages, num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
+        if self.max_length is not None and len(ids) - 1 + self.image_embeddings > self.max_length:
+            raise ValueError(f"{len(ids) - 1 + self.image_embeddings} embeddings long, more than the model's "
+                             f"{self.max_length}; shorten or remove it")
         order = item.get("mask_orders") or []
         masks = None
         if order:
@@ -348,11 +384,12 @@ def read_fields(item: dict) -> list:
             [[str(m), files[str(m)]] for m in item.get("mask_orders") or []]]
 
 
-def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> None:
+def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> list[str]:
     """An item must have one image, a conversation the prompt renders, a file for every mask it orders and (with
     `codes`, the model's) only region codes the model has; checked up front so a bad item stops the run before
     training, named, rather than as a KeyError mid-run or, for an unknown code, silently trained as plain text
-    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code)."""
+    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code).
+    Returns the conversation's rendered turns (`render_messages`)."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with image and conversations, got a {json_kind(item)}")
     missing = [k for k in ("image", "conversations") if k not in item]
@@ -371,7 +408,7 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
     if bad:
         raise ValueError(f"{where}: conversations[{bad[0]}] must be an object with string 'from' and 'value'")
     try:
-        render_messages([Message(t["from"], t["value"]) for t in turns])
+        rendered = render_messages([Message(t["from"], t["value"]) for t in turns])
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
     _check_codes(where, turns, codes)
@@ -387,6 +424,7 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
         # data builder checked this equality; a hand-made or edited set may not hold it.
         raise ValueError(f"{where}: its conversation names {mentioned} region code(s) but mask_orders lists "
                          f"{len(order)} mask(s); each code must have its mask, in the order the codes appear")
+    return rendered
 
 
 def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) -> None:
