@@ -7,8 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
@@ -456,3 +458,25 @@ def test_a_sample_longer_than_the_model_takes_is_named_when_read(data):
     with pytest.raises(ValueError, match=rf"train\.json: item 0 \(id {dataset.items[0]['id']!r}\): {length} "
                                          rf"embeddings long, more than the model's {length - 1}"):
         dataset[0]
+
+
+@pytest.mark.parametrize(("dtype", "inside", "palette"), [(np.uint8, 1, False), (np.uint16, 1, False),
+                                                          (np.uint8, 1, True)])
+def test_a_mask_with_nothing_above_half_scale_is_refused_rather_than_read_empty(tmp_path, dtype, inside, palette):
+    """The official rule (grey level > half scale) reads a 0/1 label image, 8- or 16-bit, or a palette mask of a dark
+    colour as an empty mask: stage 1 trained a query towards it, the LVLM loss dropped it, silently (old code: 0 of
+    the square's pixels set). Refused naming file and grey level; a 0/255 mask reads whole."""
+    square = np.zeros((32, 32), dtype)
+    square[8:24, 8:24] = inside
+    path = tmp_path / "mask.png"
+    image = Image.fromarray(square)
+    if palette:
+        image = image.convert("P")
+        image.putpalette([0, 0, 0, 255, 0, 0])  # index 1 is red: grey level 76
+    image.save(path)
+    grey = np.asarray(Image.open(path).convert("L")).max()
+    with pytest.raises(ValueError, match=rf"the mask {path} has pixels set but none above half scale \(its largest "
+                                         rf"grey level is {grey} of 255\)"):
+        read_mask(path)
+    Image.fromarray((square > 0).astype(np.uint8) * 255).save(path)
+    assert int(read_mask(path).sum()) == int((square > 0).sum())

@@ -47,9 +47,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
-    """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`."""
-    grey = read_user_image(path, "mask", "L").astype(np.float32) / 255.0
-    return torch.from_numpy((grey > 0.5).astype(np.float32))
+    """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`. A mask with pixels
+    set but none above half scale is a ValueError naming it: a 0/1 label image (8- or 16-bit) or a palette mask of a
+    dark colour, which the official rule reads as empty, so stage 1 trained its query towards an empty mask and the
+    LVLM loss dropped it, silently."""
+    grey = read_user_image(path, "mask", "L")
+    top = int(grey.max(initial=0))
+    if 0 < top <= 127:
+        raise ValueError(f"the mask {path} has pixels set but none above half scale (its largest grey level is "
+                         f"{top} of 255), so it would read as empty; masks are 0 outside and 255 inside (a 0/1 label "
+                         "image must be scaled to 0/255)")
+    return torch.from_numpy((grey.astype(np.float32) / 255.0 > 0.5).astype(np.float32))
 
 
 def read_masks(paths: list[Path]) -> torch.Tensor:
