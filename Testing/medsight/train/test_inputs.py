@@ -480,3 +480,31 @@ def test_a_mask_with_nothing_above_half_scale_is_refused_rather_than_read_empty(
         read_mask(path)
     Image.fromarray((square > 0).astype(np.uint8) * 255).save(path)
     assert int(read_mask(path).sum()) == int((square > 0).sum())
+
+
+def test_a_mask_of_another_aspect_ratio_than_its_image_is_named_when_read(tmp_path):
+    """A mask of another aspect ratio than its image cannot be that image's: stage 1 stretched its prediction onto
+    it and the LVLM loss its resized copy, silently. The read names item (or annotation), mask, image and sizes (a
+    run stops there with its state saved); a mask of another size but the same aspect ratio still reads."""
+    data = write_synthetic(tmp_path / "data")
+    model = build_model(tiny_config())
+    v = model.config.vision
+    conversations = ConversationDataset(data["lvlm"], model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                        codes=model.codes)
+    segmentation = SegmentationDataset(data["meta"], v.image_size, v.image_mean, v.image_std)
+    coded = next(i for i, item in enumerate(conversations.items) if item["mask_orders"])
+    item = conversations.items[coded]
+    mask = conversations.resolve(item["mask_files"][item["mask_orders"][0]])
+    image = conversations.resolve(item["image"])
+    record = next(i for i, r in enumerate(segmentation.records) if r.masks == [mask])
+    height, width = read_rgb(image).shape[:2]
+    full = read_mask(mask).numpy().astype(np.uint8) * 255
+    Image.fromarray(full[::2, ::2]).save(mask)  # half the size, the same aspect ratio
+    assert tuple(conversations[coded].masks.shape[-2:]) == tuple(segmentation[record].masks.shape[-2:]) == (
+        (height + 1) // 2, (width + 1) // 2)
+    Image.fromarray(full[:, : width // 2]).save(mask)
+    sizes = rf"the mask {mask} is {width // 2}x{height} pixels, the image {image} {width}x{height}: another aspect"
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {item['id']!r}\): {sizes}"):
+        conversations[coded]
+    with pytest.raises(ValueError, match=rf"\.json: image_id \d+: {sizes}"):
+        segmentation[record]

@@ -73,6 +73,16 @@ def read_masks(paths: list[Path]) -> torch.Tensor:
     return torch.stack(masks)
 
 
+def check_mask_aspect(image: Path, size: tuple[int, int], masks: list[Path], mask_sizes: tuple[int, int]) -> None:
+    """Masks are compared at their own resolution, scaled onto the image's frame: a mask of another size but the
+    image's aspect ratio fits it (within a pixel of rounding), one of another aspect ratio cannot be the image's
+    and trained stretched over it, silently. `size` and `mask_sizes` are (height, width)."""
+    (height, width), (mask_height, mask_width) = size, mask_sizes
+    if abs(mask_height - mask_width * height / width) > 1:
+        raise ValueError(f"the mask {masks[0]} is {mask_width}x{mask_height} pixels, the image {image} "
+                         f"{width}x{height}: another aspect ratio, so it cannot be this image's mask")
+
+
 def _item_name(path: Path, index: int, item: object) -> str:
     ident = item.get("id") if isinstance(item, dict) else None
     return f"{path}: item {index}" + (f" (id {ident!r})" if ident is not None else "")
@@ -153,6 +163,7 @@ class SegmentationDataset:
         record = self.records[index]
         try:
             image, masks = read_rgb(record.image), read_masks(record.masks)
+            check_mask_aspect(record.image, image.shape[:2], record.masks, tuple(masks.shape[-2:]))
         except ValueError as err:  # a file damaged or replaced since the run started
             raise ValueError(f"{record.where}: {err}") from None
         pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
@@ -367,8 +378,8 @@ class ConversationDataset:
 
     def _sample(self, item: dict) -> ConversationSample:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        pixels, _ = prepare_image(read_rgb(self.resolve(image)), self.image_size, self.mean, self.std,
-                                  self.resize_mode)
+        rgb = read_rgb(self.resolve(image))
+        pixels, _ = prepare_image(rgb, self.image_size, self.mean, self.std, self.resize_mode)
         messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
         ids, labels = training_labels(self.tokenizer, messages, num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
@@ -379,7 +390,9 @@ class ConversationDataset:
         masks = None
         if order:
             files = item.get("mask_files") or {}
-            masks = read_masks([self.resolve(files[str(m)]) for m in order])[:, None]
+            paths = [self.resolve(files[str(m)]) for m in order]
+            masks = read_masks(paths)[:, None]
+            check_mask_aspect(self.resolve(image), rgb.shape[:2], paths, tuple(masks.shape[-2:]))
         return ConversationSample(ids, labels, pixels, masks)
 
 
