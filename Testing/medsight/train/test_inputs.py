@@ -112,6 +112,23 @@ def test_conversation_item_without_image_is_named(data, tmp_path):
         _conversations(data, tmp_path / "train.json", [{"id": "x", "conversations": []}])
 
 
+@pytest.mark.parametrize("markup", [True, False])
+def test_a_conversation_without_an_answer_is_named_before_training(data, tmp_path, markup):
+    """An item of questions only has nothing to supervise: with label_prompt_markup off its loss was NaN and the run
+    stopped at that step as 'diverged (a learning rate too high)'; with the official rule it trained on the prompt's
+    newlines and chat markers alone. Refused before --out is written, naming the item."""
+    items = json.loads(data["lvlm"].read_text())
+    index = next(i for i, item in enumerate(items) if not item["mask_orders"])
+    items[index]["conversations"] = [t for t in items[index]["conversations"] if t["from"] == "human"]
+    conversations = _write(tmp_path / "train.json", items)
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]),
+                                            "label_prompt_markup": markup})
+    with pytest.raises(ValueError, match=rf"train\.json: item {index} \(id {items[index]['id']!r}\): the "
+                                         r"conversation has no answer \(no gpt or assistant turn\) to train on"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 def test_conversation_item_with_a_missing_image_file_is_named_before_training(data, tmp_path):
     items = json.loads(data["lvlm"].read_text())
     items[1]["image"] = "nope.png"

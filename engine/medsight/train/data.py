@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import Message, render_messages, tokenize_prompt
+from medsight.prompt import ASSISTANT_HEADER, Message, render_messages, tokenize_prompt
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
@@ -432,6 +432,10 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
         rendered = render_messages([Message(t["from"], t["value"]) for t in turns])
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
+    if not any(text.startswith(ASSISTANT_HEADER) for text in rendered):
+        # Nothing to supervise: with label_prompt_markup off every label is -100 and the step's loss NaN (stopped as
+        # a diverged run); with the official rule it trained on the prompt's newlines and chat markers alone.
+        raise ValueError(f"{where}: the conversation has no answer (no gpt or assistant turn) to train on")
     _check_codes(where, turns, codes)
     files = item.get("mask_files") or {}
     order = item.get("mask_orders") or []
