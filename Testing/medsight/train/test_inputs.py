@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -525,3 +526,29 @@ def test_a_mask_of_another_aspect_ratio_than_its_image_is_named_when_read(tmp_pa
         conversations[coded]
     with pytest.raises(ValueError, match=rf"\.json: image_id \d+: {sizes}"):
         segmentation[record]
+
+
+@pytest.mark.parametrize("bad", [None, 3, ""])
+def test_a_mask_or_image_file_that_is_no_name_is_named(data, tmp_path, bad):
+    """A mask file given as null or a number stopped the data's read with pathlib's TypeError, naming neither item nor
+    mask (an empty one as 'the data folder is a folder; expected the mask'). Named with the field and value."""
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    mask = items[coded]["mask_orders"][0]
+    items[coded]["mask_files"][mask] = bad
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): "
+                                         rf"mask_files\['{mask}'\] must be a file path, got "
+                                         rf"{re.escape(json.dumps(bad))}"):
+        _conversations(data, tmp_path / "train.json", items)
+    meta = json.loads(data["meta"].read_text())
+    copy = tmp_path / "seg"
+    shutil.copytree(data["root"], copy, ignore=shutil.ignore_patterns("lvlm"))
+    annotations = copy / meta["json_paths"][0]
+    doc = json.loads(annotations.read_text())
+    for field in ("file_name", "mask_file"):
+        edited = json.loads(json.dumps(doc))
+        edited["annotations"][1][field] = bad
+        annotations.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(annotations))}: annotation 1: {field} must be a file "
+                                             rf"name, got {re.escape(json.dumps(bad))}"):
+            SegmentationDataset(copy / data["meta"].name, 56, (0.5,) * 3, (0.5,) * 3)

@@ -197,6 +197,10 @@ def _annotations(path: Path, doc: object) -> list[dict]:
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
+        unnamed = [k for k in ("file_name", "mask_file") if not isinstance(ann[k], str) or not ann[k]]
+        if unnamed:  # null or a number: a TypeError out of pathlib, naming neither file nor annotation
+            raise ValueError(f"{path}: annotation {i}: {unnamed[0]} must be a file name, got "
+                             f"{json.dumps(ann[unnamed[0]])}")
         # Only the fields read: a copy of each whole annotation (polygons) would be kept until the file is done.
         checked.append({**{k: ann[k] for k in ANNOTATION_FIELDS},
                         "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
@@ -442,6 +446,10 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
     absent = [m for m in order if not isinstance(files, dict) or str(m) not in files]
     if absent:
         raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
+    unnamed = [m for m in order if not isinstance(files[str(m)], str) or not files[str(m)]]
+    if unnamed:  # null or a number: a TypeError out of pathlib, naming neither item nor mask
+        raise ValueError(f"{where}: mask_files[{str(unnamed[0])!r}] must be a file path, got "
+                         f"{json.dumps(files[str(unnamed[0])])}")
     mentioned = None if codes is None else sum(codes.count_codes(t["value"]) for t in turns)
     if mentioned is not None and mentioned != len(order):
         # The k-th code's state is decoded against the k-th mask (`mask_targets`): with other counts every mask
