@@ -552,3 +552,22 @@ def test_a_mask_or_image_file_that_is_no_name_is_named(data, tmp_path, bad):
         with pytest.raises(ValueError, match=rf"{re.escape(str(annotations))}: annotation 1: {field} must be a file "
                                              rf"name, got {re.escape(json.dumps(bad))}"):
             SegmentationDataset(copy / data["meta"].name, 56, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_an_image_id_naming_two_images_is_refused(data, tmp_path):
+    """Stages 1-2 group masks by image_id: an annotation whose image_id an earlier one of another image used had its
+    mask trained on that image, and its own image dropped (the fixture's 8 images read as 7, one with 2 masks),
+    silently. Refused naming the annotation file and both images."""
+    meta = json.loads(data["meta"].read_text())
+    copy = tmp_path / "seg"
+    shutil.copytree(data["root"], copy, ignore=shutil.ignore_patterns("lvlm"))
+    annotations = copy / meta["json_paths"][0]
+    doc = json.loads(annotations.read_text())
+    first, second = doc["annotations"][:2]
+    assert first["file_name"] != second["file_name"]
+    second["image_id"] = first["image_id"]
+    annotations.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(annotations))}: annotation 1: image_id "
+                                         rf"{json.dumps(first['image_id'])} is {second['file_name']}, but an earlier "
+                                         rf"annotation of that image_id is {first['file_name']}"):
+        SegmentationDataset(copy / data["meta"].name, 56, (0.5,) * 3, (0.5,) * 3)

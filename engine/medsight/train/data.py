@@ -145,6 +145,10 @@ class SegmentationDataset:
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
                 record = grouped.setdefault(ann["image_id"], _ImageRecord(
                     image, [], [], int(label), f"{doc_path}: image_id {json.dumps(ann['image_id'])}"))
+                if record.image != image:  # its mask would be trained on the other image, and this image dropped
+                    raise ValueError(f"{doc_path}: annotation {index}: image_id {json.dumps(ann['image_id'])} is "
+                                     f"{ann['file_name']}, but an earlier annotation of that image_id is "
+                                     f"{record.image.relative_to(base / root)}; one image_id must name one image")
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
