@@ -42,8 +42,9 @@ def _digest_line(digest: hashlib._Hash, value: object) -> hashlib._Hash:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """8-bit (H, W, 3) image; an unreadable one is a ValueError naming it."""
-    return read_user_image(path, "image")
+    """8-bit (H, W, 3) image; an unreadable one, or one of more than 8 bits per pixel (which PIL would clip to
+    white), is a ValueError naming it."""
+    return read_user_image(path, "image", wide_ok=False)
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
