@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from medsight.user_files import check_user_file
+from medsight.train.data import read_rgb
+from medsight.user_files import check_user_file, read_user_image
 
 
 def test_a_named_file_that_is_no_file_says_what_it_is(tmp_path):
@@ -22,3 +25,20 @@ def test_a_named_file_that_is_no_file_says_what_it_is(tmp_path):
         check_user_file(tmp_path / "nope.json", "data file")
     (tmp_path / "ok.json").write_text("{}")
     check_user_file(tmp_path / "ok.json", "data file")
+
+
+def test_an_image_of_more_than_8_bits_is_refused_for_training_rather_than_read_white(tmp_path):
+    """PIL converts a 16-bit greyscale image to RGB by clipping every value above 255: a CT slice saved as a 16-bit
+    PNG came back almost all white (a ramp over the 16-bit range: 99.6% of its pixels 255), and training learnt from
+    it silently. With wide_ok false (training's `read_rgb`) it is refused naming file and mode; by default it reads as
+    the official code reads it (evaluation counts such images in its report); 8-bit greyscale reads replicated."""
+    ramp = np.linspace(0, 2**16 - 1, 64 * 64).reshape(64, 64)
+    wide, narrow = tmp_path / "ct16.png", tmp_path / "ct8.png"
+    Image.fromarray(ramp.astype(np.uint16)).save(wide)
+    Image.fromarray((ramp / 257).astype(np.uint8)).save(narrow)
+    with pytest.raises(ValueError, match=rf"cannot use the image {wide}: its pixels are I;16 \(more than 8 bits\)"):
+        read_rgb(wide)
+    clipped = read_user_image(wide, "image")
+    assert (clipped == np.clip(ramp, 0, 255).astype(np.uint8)[..., None]).all()  # the official reading
+    rgb = read_rgb(narrow)
+    assert rgb.shape == (*ramp.shape, 3) and (rgb == (ramp / 257).astype(np.uint8)[..., None]).all()

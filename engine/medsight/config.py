@@ -127,6 +127,12 @@ class MedSIGHTConfig:
         """Side of the perceiver's mask logits: the ViT grid doubled by each perceiver stage."""
         return self.vision.grid_size * 2**self.perceiver.num_stages
 
+    @property
+    def image_embeddings(self) -> int:
+        """Embeddings one image adds to a sequence in place of its placeholder: its patch tokens and the perceiver's
+        region tokens (the language model's limit, `llm.max_sequence_length`, counts them)."""
+        return self.vision.num_patches + self.perceiver.num_queries
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -312,8 +312,7 @@ class Engine:
     @property
     def image_embeddings(self) -> int:
         """Embeddings one image adds to a prompt: its patch tokens and the perceiver's region tokens."""
-        config = self.model.config
-        return config.vision.num_patches + config.perceiver.num_queries
+        return self.model.config.image_embeddings
 
     def check_generation_length(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse an ask whose prompt and new tokens may run past the positions the language model knows

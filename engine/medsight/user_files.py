@@ -38,16 +38,28 @@ def read_user_json(path: str | Path, what: str, error: type[ValueError] = ValueE
         raise error(f"{path}: the {what} is not valid JSON ({err})") from None
 
 
+def is_wide_mode(mode: str) -> bool:
+    """Whether a PIL image mode stores more than 8 bits per pixel (I;16..., I, F): PIL's conversion of one to RGB or
+    L clips every value above 255 to white, as the official `convert('RGB')` does."""
+    return mode.startswith("I") or mode == "F"
+
+
 def read_user_image(path: str | Path, what: str, mode: str = "RGB",
-                    error: type[ValueError] = ValueError) -> np.ndarray:
+                    error: type[ValueError] = ValueError, wide_ok: bool = True) -> np.ndarray:
     """The 8-bit pixels of `path` converted to PIL `mode` ("RGB": (H, W, 3), "L": (H, W)); a missing, folder or
-    undecodable file raises `error` naming it and `what` (e.g. "image", "mask")."""
+    undecodable file raises `error` naming it and `what` (e.g. "image", "mask"). With `wide_ok` false so does an image
+    of more than 8 bits per pixel (`is_wide_mode`), which the conversion would clip (evaluation reads it as the
+    official code does and counts it; training refuses to learn from a 16-bit CT slice turned almost all white)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
+            if wide_ok or not is_wide_mode(im.mode):
+                return np.asarray(im.convert(mode))
+            wide = im.mode
     except IMAGE_READ_ERRORS as err:
         raise _unreadable(path, what, err, error) from None
+    raise error(f"cannot use the {what} {path}: its pixels are {wide} (more than 8 bits), and read as 8 bits every "
+                "value above 255 would turn white; save it as an 8-bit image (windowed) first")
 
 
 def check_user_image(path: str | Path, what: str, error: type[ValueError] = ValueError) -> tuple[int, int]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
+from medsight.prompt import Message, tokenize_prompt
 from medsight.tokens import CODE_PATTERN, code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
@@ -107,6 +111,23 @@ def _conversations(data: dict[str, Path], path: Path, items) -> ConversationData
 def test_conversation_item_without_image_is_named(data, tmp_path):
     with pytest.raises(ValueError, match=r"train\.json: item 0 \(id 'x'\): missing field\(s\) image"):
         _conversations(data, tmp_path / "train.json", [{"id": "x", "conversations": []}])
+
+
+@pytest.mark.parametrize("markup", [True, False])
+def test_a_conversation_without_an_answer_is_named_before_training(data, tmp_path, markup):
+    """An item of questions only has nothing to supervise: with label_prompt_markup off its loss was NaN and the run
+    stopped at that step as 'diverged (a learning rate too high)'; with the official rule it trained on the prompt's
+    newlines and chat markers alone. Refused before --out is written, naming the item."""
+    items = json.loads(data["lvlm"].read_text())
+    index = next(i for i, item in enumerate(items) if not item["mask_orders"])
+    items[index]["conversations"] = [t for t in items[index]["conversations"] if t["from"] == "human"]
+    conversations = _write(tmp_path / "train.json", items)
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]),
+                                            "label_prompt_markup": markup})
+    with pytest.raises(ValueError, match=rf"train\.json: item {index} \(id {items[index]['id']!r}\): the "
+                                         r"conversation has no answer \(no gpt or assistant turn\) to train on"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_conversation_item_with_a_missing_image_file_is_named_before_training(data, tmp_path):
@@ -250,6 +271,7 @@ def test_code_slots_count_the_code_tokens_the_losses_count(data, tmp_path):
     coded = next(i for i, item in enumerate(items) if item["mask_orders"])
     modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
     items[coded]["conversations"][-1]["value"] += f" Also {code_name(modality, index + 1)}."
+    items[coded]["mask_orders"] *= 2  # a mask for each code
     path = _write(tmp_path / "train.json", items)
     v = model.config.vision
     dataset = ConversationDataset(path, model.tokenizer, v.image_size, v.image_mean, v.image_std,
@@ -263,6 +285,33 @@ def test_code_slots_count_the_code_tokens_the_losses_count(data, tmp_path):
     with pytest.raises(ValueError, match=rf"batch_size 2 without pad_code_slots: {re.escape(str(path))} was read "
                                          r"without the model's region codes"):
         unread.check_batches(2, pad_code_slots=False)
+
+
+@pytest.mark.parametrize("extra", ["code", "mask"])
+def test_region_codes_and_masks_of_other_counts_are_refused_before_training(data, tmp_path, extra):
+    """The k-th code's state trains against the k-th mask of mask_orders: an answer naming one more code than the
+    item has masks trained that code to no mask, one more mask was dropped, and every mask after a gap trained another
+    code's state, all silently. Refused before --out is written, naming item and both counts."""
+    vocabulary = build_model(tiny_config(), seed=0).codes
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    masks = len(items[coded]["mask_orders"])
+    codes = sum(vocabulary.count_codes(t["value"]) for t in items[coded]["conversations"])
+    assert codes == masks  # the fixture holds the rule
+    if extra == "code":
+        modality, index = map(int, CODE_PATTERN.search(items[coded]["conversations"][-1]["value"]).groups())
+        items[coded]["conversations"][-1]["value"] += f" Also {code_name(modality, index + 1)}."
+        codes += 1
+    else:
+        items[coded]["mask_orders"] *= 2
+        masks *= 2
+    conversations = _write(tmp_path / "train.json", items)
+    config = _write(tmp_path / "cfg.json", {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"])})
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): its "
+                                         rf"conversation names {codes} region code\(s\) but mask_orders lists "
+                                         rf"{masks} mask\(s\)"):
+        train_main(["stage5", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_codebook_rule_matches_the_model(tmp_path):
@@ -379,3 +428,146 @@ def test_out_that_is_a_file_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=rf"--out {target} is a file; the output must be a folder"):
         _train(data, target, {"max_steps": 1}, tmp_path)
     assert json.loads(target.read_text()) == {"keep": "me"}
+
+
+def test_conversations_longer_than_the_model_takes_are_refused_before_training(data, tmp_path):
+    """An item longer than the language model's limit (in embeddings, the image's included) was refused by the model
+    only at the step that drew it, hours in, naming neither item nor step and saving nothing since the last
+    checkpoint (the official code cut it at the limit, answer included). Refused up front, naming count, item and
+    length; an item exactly at the limit trains."""
+    model = build_model(tiny_config())
+    limit, image = model.config.llm.max_sequence_length, model.config.image_embeddings
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    answer = items[coded]["conversations"][-1]
+
+    def length() -> int:
+        turns = [Message(t["from"], t["value"]) for t in items[coded]["conversations"]]
+        return len(tokenize_prompt(model.tokenizer, turns)) - 1 + image
+
+    answer["value"] += " " + "x" * (limit - length() - 1)  # the byte tokenizer: one id per byte
+    assert length() == limit
+    settings = {"max_steps": 1, "init_from": "tiny", "data_root": str(data["root"]), "grad_accum": 1}
+    config = _write(tmp_path / "cfg.json", settings)
+    alone = _write(tmp_path / "alone.json", [items[coded]])  # the model takes it: the length is counted right
+    assert train_main(["stage3", "--config", str(config), "--data", str(alone), "--out", str(tmp_path / "a")]) == 0
+    answer["value"] += "x"
+    conversations = _write(tmp_path / "train.json", items)
+    with pytest.raises(ValueError, match=rf"1 item\(s\) of {re.escape(str(conversations))} are longer than the "
+                                         rf"model's {limit} embeddings \(conversation and image, {image} of them the "
+                                         rf"image's\), first .*train\.json: item {coded} "
+                                         rf"\(id {items[coded]['id']!r}\): {limit + 1}; shorten or remove them"):
+        train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_sample_longer_than_the_model_takes_is_named_when_read(data):
+    """The up-front check tokenises only items whose bytes could pass the limit (byte-level BPE); each sample made is
+    checked too, so a tokenizer outside that rule stops the run at the read, named, with the state saved."""
+    model = build_model(tiny_config())
+    v = model.config.vision
+    dataset = ConversationDataset(data["lvlm"], model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                  data_root=data["root"], codes=model.codes,
+                                  max_length=model.config.llm.max_sequence_length,
+                                  image_embeddings=model.config.image_embeddings)
+    length = dataset.length(dataset.items[0])
+    assert len(dataset[0].input_ids) - 1 + model.config.image_embeddings == length
+    dataset.max_length = length - 1
+    with pytest.raises(ValueError, match=rf"train\.json: item 0 \(id {dataset.items[0]['id']!r}\): {length} "
+                                         rf"embeddings long, more than the model's {length - 1}"):
+        dataset[0]
+
+
+@pytest.mark.parametrize(("dtype", "inside", "palette"), [(np.uint8, 1, False), (np.uint16, 1, False),
+                                                          (np.uint8, 1, True)])
+def test_a_mask_with_nothing_above_half_scale_is_refused_rather_than_read_empty(tmp_path, dtype, inside, palette):
+    """The official rule (grey level > half scale) reads a 0/1 label image, 8- or 16-bit, or a palette mask of a dark
+    colour as an empty mask: stage 1 trained a query towards it, the LVLM loss dropped it, silently (old code: 0 of
+    the square's pixels set). Refused naming file and grey level; a 0/255 mask reads whole."""
+    square = np.zeros((32, 32), dtype)
+    square[8:24, 8:24] = inside
+    path = tmp_path / "mask.png"
+    image = Image.fromarray(square)
+    if palette:
+        image = image.convert("P")
+        image.putpalette([0, 0, 0, 255, 0, 0])  # index 1 is red: grey level 76
+    image.save(path)
+    grey = np.asarray(Image.open(path).convert("L")).max()
+    with pytest.raises(ValueError, match=rf"the mask {path} has pixels set but none above half scale \(its largest "
+                                         rf"grey level is {grey} of 255\)"):
+        read_mask(path)
+    Image.fromarray((square > 0).astype(np.uint8) * 255).save(path)
+    assert int(read_mask(path).sum()) == int((square > 0).sum())
+
+
+def test_a_mask_of_another_aspect_ratio_than_its_image_is_named_when_read(tmp_path):
+    """A mask of another aspect ratio than its image cannot be that image's: stage 1 stretched its prediction onto
+    it and the LVLM loss its resized copy, silently. The read names item (or annotation), mask, image and sizes (a
+    run stops there with its state saved); a mask of another size but the same aspect ratio still reads."""
+    data = write_synthetic(tmp_path / "data")
+    model = build_model(tiny_config())
+    v = model.config.vision
+    conversations = ConversationDataset(data["lvlm"], model.tokenizer, v.image_size, v.image_mean, v.image_std,
+                                        codes=model.codes)
+    segmentation = SegmentationDataset(data["meta"], v.image_size, v.image_mean, v.image_std)
+    coded = next(i for i, item in enumerate(conversations.items) if item["mask_orders"])
+    item = conversations.items[coded]
+    mask = conversations.resolve(item["mask_files"][item["mask_orders"][0]])
+    image = conversations.resolve(item["image"])
+    record = next(i for i, r in enumerate(segmentation.records) if r.masks == [mask])
+    height, width = read_rgb(image).shape[:2]
+    full = read_mask(mask).numpy().astype(np.uint8) * 255
+    Image.fromarray(full[::2, ::2]).save(mask)  # half the size, the same aspect ratio
+    assert tuple(conversations[coded].masks.shape[-2:]) == tuple(segmentation[record].masks.shape[-2:]) == (
+        (height + 1) // 2, (width + 1) // 2)
+    Image.fromarray(full[:, : width // 2]).save(mask)
+    sizes = rf"the mask {mask} is {width // 2}x{height} pixels, the image {image} {width}x{height}: another aspect"
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {item['id']!r}\): {sizes}"):
+        conversations[coded]
+    with pytest.raises(ValueError, match=rf"\.json: image_id \d+: {sizes}"):
+        segmentation[record]
+
+
+@pytest.mark.parametrize("bad", [None, 3, ""])
+def test_a_mask_or_image_file_that_is_no_name_is_named(data, tmp_path, bad):
+    """A mask file given as null or a number stopped the data's read with pathlib's TypeError, naming neither item nor
+    mask (an empty one as 'the data folder is a folder; expected the mask'). Named with the field and value."""
+    items = json.loads(data["lvlm"].read_text())
+    coded = next(i for i, item in enumerate(items) if item["mask_orders"])
+    mask = items[coded]["mask_orders"][0]
+    items[coded]["mask_files"][mask] = bad
+    with pytest.raises(ValueError, match=rf"train\.json: item {coded} \(id {items[coded]['id']!r}\): "
+                                         rf"mask_files\['{mask}'\] must be a file path, got "
+                                         rf"{re.escape(json.dumps(bad))}"):
+        _conversations(data, tmp_path / "train.json", items)
+    meta = json.loads(data["meta"].read_text())
+    copy = tmp_path / "seg"
+    shutil.copytree(data["root"], copy, ignore=shutil.ignore_patterns("lvlm"))
+    annotations = copy / meta["json_paths"][0]
+    doc = json.loads(annotations.read_text())
+    for field in ("file_name", "mask_file"):
+        edited = json.loads(json.dumps(doc))
+        edited["annotations"][1][field] = bad
+        annotations.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(annotations))}: annotation 1: {field} must be a file "
+                                             rf"name, got {re.escape(json.dumps(bad))}"):
+            SegmentationDataset(copy / data["meta"].name, 56, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_an_image_id_naming_two_images_is_refused(data, tmp_path):
+    """Stages 1-2 group masks by image_id: an annotation whose image_id an earlier one of another image used had its
+    mask trained on that image, and its own image dropped (the fixture's 8 images read as 7, one with 2 masks),
+    silently. Refused naming the annotation file and both images."""
+    meta = json.loads(data["meta"].read_text())
+    copy = tmp_path / "seg"
+    shutil.copytree(data["root"], copy, ignore=shutil.ignore_patterns("lvlm"))
+    annotations = copy / meta["json_paths"][0]
+    doc = json.loads(annotations.read_text())
+    first, second = doc["annotations"][:2]
+    assert first["file_name"] != second["file_name"]
+    second["image_id"] = first["image_id"]
+    annotations.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(annotations))}: annotation 1: image_id "
+                                         rf"{json.dumps(first['image_id'])} is {second['file_name']}, but an earlier "
+                                         rf"annotation of that image_id is {first['file_name']}"):
+        SegmentationDataset(copy / data["meta"].name, 56, (0.5,) * 3, (0.5,) * 3)

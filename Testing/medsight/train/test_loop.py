@@ -543,8 +543,9 @@ def test_a_resume_on_data_of_the_same_size_but_other_content_is_refused(tmp_path
     items = json.loads(data["lvlm"].read_text())
     reformatted, edited = data["lvlm"].with_name("indented.json"), data["lvlm"].with_name("edited.json")
     reformatted.write_text(json.dumps(items, indent=2))
-    edited.write_text(json.dumps([{**item, "conversations": [item["conversations"][0], {"from": "gpt", "value": "No."}]}
-                                  for item in items]))
+    # Every answer edited; an answer without its code keeps no mask (each code has its mask)
+    edited.write_text(json.dumps([{**item, "conversations": [item["conversations"][0], {"from": "gpt", "value": "No."}],
+                                   "mask_orders": []} for item in items]))
     out = tmp_path / "run"
 
     def run(steps: int, conversations: Path, *extra: str) -> int:

@@ -309,7 +309,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
     unreadable mask leaves its image's own counts)."""
     from PIL import Image
 
-    from medsight.user_files import IMAGE_READ_ERRORS
+    from medsight.user_files import IMAGE_READ_ERRORS, is_wide_mode
 
     headers: dict[Path, tuple[tuple[int, int], str] | None] = {}
 
@@ -331,7 +331,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
             continue
         (width, height), mode = found
         nonsquare += width != height
-        wide[item.image] = mode.startswith("I") or mode == "F"
+        wide[item.image] = is_wide_mode(mode)
         masks = [header(mask) for mask in item.masks]
         if any(m is None for m in masks):
             continue

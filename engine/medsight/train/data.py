@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import Message, render_messages
+from medsight.prompt import ASSISTANT_HEADER, Message, render_messages, tokenize_prompt
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
@@ -42,14 +42,23 @@ def _digest_line(digest: hashlib._Hash, value: object) -> hashlib._Hash:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """8-bit (H, W, 3) image; an unreadable one is a ValueError naming it."""
-    return read_user_image(path, "image")
+    """8-bit (H, W, 3) image; an unreadable one, or one of more than 8 bits per pixel (which PIL would clip to
+    white), is a ValueError naming it."""
+    return read_user_image(path, "image", wide_ok=False)
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
-    """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`."""
-    grey = read_user_image(path, "mask", "L").astype(np.float32) / 255.0
-    return torch.from_numpy((grey > 0.5).astype(np.float32))
+    """(H, W) float {0, 1}: grey level > 0.5 of full scale, as the official `ToTensor() > 0.5`. A mask with pixels
+    set but none above half scale is a ValueError naming it: a 0/1 label image (8- or 16-bit) or a palette mask of a
+    dark colour, which the official rule reads as empty, so stage 1 trained its query towards an empty mask and the
+    LVLM loss dropped it, silently."""
+    grey = read_user_image(path, "mask", "L")
+    top = int(grey.max(initial=0))
+    if 0 < top <= 127:
+        raise ValueError(f"the mask {path} has pixels set but none above half scale (its largest grey level is "
+                         f"{top} of 255), so it would read as empty; masks are 0 outside and 255 inside (a 0/1 label "
+                         "image must be scaled to 0/255)")
+    return torch.from_numpy((grey.astype(np.float32) / 255.0 > 0.5).astype(np.float32))
 
 
 def read_masks(paths: list[Path]) -> torch.Tensor:
@@ -63,6 +72,16 @@ def read_masks(paths: list[Path]) -> torch.Tensor:
         raise ValueError(f"masks of one image differ in size: {paths[0]} is {sizes[0][1]}x{sizes[0][0]} pixels, "
                          f"{paths[other]} is {sizes[other][1]}x{sizes[other][0]}; they must be the same size")
     return torch.stack(masks)
+
+
+def check_mask_aspect(image: Path, size: tuple[int, int], masks: list[Path], mask_sizes: tuple[int, int]) -> None:
+    """Masks are compared at their own resolution, scaled onto the image's frame: a mask of another size but the
+    image's aspect ratio fits it (within a pixel of rounding), one of another aspect ratio cannot be the image's
+    and trained stretched over it, silently. `size` and `mask_sizes` are (height, width)."""
+    (height, width), (mask_height, mask_width) = size, mask_sizes
+    if abs(mask_height - mask_width * height / width) > 1:
+        raise ValueError(f"the mask {masks[0]} is {mask_width}x{mask_height} pixels, the image {image} "
+                         f"{width}x{height}: another aspect ratio, so it cannot be this image's mask")
 
 
 def _item_name(path: Path, index: int, item: object) -> str:
@@ -127,6 +146,10 @@ class SegmentationDataset:
                 _check_files(f"{doc_path}: annotation {index}", [("image", image), ("mask", mask)])
                 record = grouped.setdefault(ann["image_id"], _ImageRecord(
                     image, [], [], int(label), f"{doc_path}: image_id {json.dumps(ann['image_id'])}"))
+                if record.image != image:  # its mask would be trained on the other image, and this image dropped
+                    raise ValueError(f"{doc_path}: annotation {index}: image_id {json.dumps(ann['image_id'])} is "
+                                     f"{ann['file_name']}, but an earlier annotation of that image_id is "
+                                     f"{record.image.relative_to(base / root)}; one image_id must name one image")
                 record.masks.append(mask)
                 record.classes.append(ann["category_id"])
             self.records += list(grouped.values())
@@ -145,6 +168,7 @@ class SegmentationDataset:
         record = self.records[index]
         try:
             image, masks = read_rgb(record.image), read_masks(record.masks)
+            check_mask_aspect(record.image, image.shape[:2], record.masks, tuple(masks.shape[-2:]))
         except ValueError as err:  # a file damaged or replaced since the run started
             raise ValueError(f"{record.where}: {err}") from None
         pixels, _ = prepare_image(image, self.image_size, self.mean, self.std, self.resize_mode)
@@ -178,6 +202,10 @@ def _annotations(path: Path, doc: object) -> list[dict]:
         missing = [k for k in ANNOTATION_FIELDS if not isinstance(ann, dict) or k not in ann]
         if missing:
             raise ValueError(f"{path}: annotation {i}: missing field(s) {', '.join(missing)}")
+        unnamed = [k for k in ("file_name", "mask_file") if not isinstance(ann[k], str) or not ann[k]]
+        if unnamed:  # null or a number: a TypeError out of pathlib, naming neither file nor annotation
+            raise ValueError(f"{path}: annotation {i}: {unnamed[0]} must be a file name, got "
+                             f"{json.dumps(ann[unnamed[0]])}")
         # Only the fields read: a copy of each whole annotation (polygons) would be kept until the file is done.
         checked.append({**{k: ann[k] for k in ANNOTATION_FIELDS},
                         "category_id": _integer(f"{path}: annotation {i}", ann["category_id"])})
@@ -250,7 +278,10 @@ class ConversationDataset:
 
     def __init__(self, json_path: str | Path, tokenizer, image_size: int, mean, std,
                  resize_mode: ResizeMode = "crop", data_root: str | Path | None = None,
-                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None) -> None:
+                 label_prompt_markup: bool = True, codes: CodeVocabulary | None = None,
+                 max_length: int | None = None, image_embeddings: int = 1) -> None:
+        """`max_length`: the language model's limit in embeddings (None: unchecked), of which the image takes
+        `image_embeddings` (`MedSIGHTConfig.image_embeddings`); a longer item is refused (`check_lengths`)."""
         json_path = Path(json_path)
         self.items = read_user_json(json_path, "conversation file")
         if not isinstance(self.items, list):
@@ -264,9 +295,10 @@ class ConversationDataset:
         # The fingerprint (`_digest_line`) covers what a sample is made of (`read_fields`), as the
         # segmentation data's does: an edited id or a field never read (a source, notes) is the same training data.
         digest = hashlib.sha256()
+        self._text_bytes: list[int] = []  # each item's rendered conversation in UTF-8 bytes (`check_lengths`)
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            check_conversation_item(where, item, codes)
+            self._text_bytes.append(sum(len(text.encode()) for text in check_conversation_item(where, item, codes)))
             self._check_item_files(where, item)
             _digest_line(digest, read_fields(item))
         self.source, self.fingerprint = str(json_path), digest.hexdigest()
@@ -278,6 +310,35 @@ class ConversationDataset:
         self.tokenizer = tokenizer
         self.image_size, self.mean, self.std, self.resize_mode = image_size, mean, std, resize_mode
         self.label_prompt_markup = label_prompt_markup
+        self.max_length, self.image_embeddings = max_length, image_embeddings
+        if max_length is not None:
+            self.check_lengths()
+
+    def length(self, item: dict) -> int:
+        """The item's sequence in embeddings: its ids, the image placeholder replaced by the image's embeddings."""
+        ids = tokenize_prompt(self.tokenizer, [Message(t["from"], t["value"]) for t in item["conversations"]])
+        return len(ids) - 1 + self.image_embeddings
+
+    def check_lengths(self) -> None:
+        """Refuse items longer than `max_length`, naming how many and the first, before training: the language model
+        refuses one at the step that draws it, hours in, where the official code cut it to the limit and so
+        trained on a conversation without its answer. Only an item whose rendered text has more UTF-8 bytes than
+        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte; a few seconds for 100k
+        items where tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
+        assert self.max_length is not None
+        room = self.max_length - self.image_embeddings + 1  # the placeholder is one id
+        long = []
+        for index, item in enumerate(self.items):
+            if self._text_bytes[index] > room:
+                length = self.length(item)
+                if length > self.max_length:
+                    long.append((index, length))
+        if long:
+            index, length = long[0]
+            raise ValueError(f"{len(long)} item(s) of {self.json_path} are longer than the model's {self.max_length} "
+                             f"embeddings (conversation and image, {self.image_embeddings} of them the image's), "
+                             f"first {_item_name(self.json_path, index, self.items[index])}: {length}; shorten or "
+                             "remove them (the official code cut them at the limit, answer included)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -326,16 +387,21 @@ class ConversationDataset:
 
     def _sample(self, item: dict) -> ConversationSample:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        pixels, _ = prepare_image(read_rgb(self.resolve(image)), self.image_size, self.mean, self.std,
-                                  self.resize_mode)
+        rgb = read_rgb(self.resolve(image))
+        pixels, _ = prepare_image(rgb, self.image_size, self.mean, self.std, self.resize_mode)
         messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
         ids, labels = training_labels(self.tokenizer, messages, num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
+        if self.max_length is not None and len(ids) - 1 + self.image_embeddings > self.max_length:
+            raise ValueError(f"{len(ids) - 1 + self.image_embeddings} embeddings long, more than the model's "
+                             f"{self.max_length}; shorten or remove it")
         order = item.get("mask_orders") or []
         masks = None
         if order:
             files = item.get("mask_files") or {}
-            masks = read_masks([self.resolve(files[str(m)]) for m in order])[:, None]
+            paths = [self.resolve(files[str(m)]) for m in order]
+            masks = read_masks(paths)[:, None]
+            check_mask_aspect(self.resolve(image), rgb.shape[:2], paths, tuple(masks.shape[-2:]))
         return ConversationSample(ids, labels, pixels, masks)
 
 
@@ -348,11 +414,12 @@ def read_fields(item: dict) -> list:
             [[str(m), files[str(m)]] for m in item.get("mask_orders") or []]]
 
 
-def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> None:
+def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> list[str]:
     """An item must have one image, a conversation the prompt renders, a file for every mask it orders and (with
     `codes`, the model's) only region codes the model has; checked up front so a bad item stops the run before
     training, named, rather than as a KeyError mid-run or, for an unknown code, silently trained as plain text
-    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code)."""
+    while its mask trains the state at position 0 (`lvlm_losses` decodes that state for a sample with no code).
+    Returns the conversation's rendered turns (`render_messages`)."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with image and conversations, got a {json_kind(item)}")
     missing = [k for k in ("image", "conversations") if k not in item]
@@ -371,14 +438,31 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
     if bad:
         raise ValueError(f"{where}: conversations[{bad[0]}] must be an object with string 'from' and 'value'")
     try:
-        render_messages([Message(t["from"], t["value"]) for t in turns])
+        rendered = render_messages([Message(t["from"], t["value"]) for t in turns])
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
+    if not any(text.startswith(ASSISTANT_HEADER) for text in rendered):
+        # Nothing to supervise: with label_prompt_markup off every label is -100 and the step's loss NaN (stopped as
+        # a diverged run); with the official rule it trained on the prompt's newlines and chat markers alone.
+        raise ValueError(f"{where}: the conversation has no answer (no gpt or assistant turn) to train on")
     _check_codes(where, turns, codes)
     files = item.get("mask_files") or {}
-    absent = [m for m in item.get("mask_orders") or [] if not isinstance(files, dict) or str(m) not in files]
+    order = item.get("mask_orders") or []
+    absent = [m for m in order if not isinstance(files, dict) or str(m) not in files]
     if absent:
         raise ValueError(f"{where}: mask_orders names {absent[0]!r}, which mask_files does not list")
+    unnamed = [m for m in order if not isinstance(files[str(m)], str) or not files[str(m)]]
+    if unnamed:  # null or a number: a TypeError out of pathlib, naming neither item nor mask
+        raise ValueError(f"{where}: mask_files[{str(unnamed[0])!r}] must be a file path, got "
+                         f"{json.dumps(files[str(unnamed[0])])}")
+    mentioned = None if codes is None else sum(codes.count_codes(t["value"]) for t in turns)
+    if mentioned is not None and mentioned != len(order):
+        # The k-th code's state is decoded against the k-th mask (`mask_targets`): with other counts every mask
+        # after the first gap trains another code's state, or a code trains to no mask, silently. The official
+        # data builder checked this equality; a hand-made or edited set may not hold it.
+        raise ValueError(f"{where}: its conversation names {mentioned} region code(s) but mask_orders lists "
+                         f"{len(order)} mask(s); each code must have its mask, in the order the codes appear")
+    return rendered
 
 
 def _check_codes(where: str, turns: list[dict], codes: CodeVocabulary | None) -> None:

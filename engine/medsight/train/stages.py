@@ -247,7 +247,9 @@ def _conversation_data(data: Any, model: MedSIGHTModel, config: LVLMConfig) -> C
         v = model.config.vision
         data = ConversationDataset(find_conversations(data), model.tokenizer, v.image_size, v.image_mean,
                                    v.image_std, config.resize_mode, config.data_root or None,
-                                   label_prompt_markup=config.label_prompt_markup, codes=model.codes)
+                                   label_prompt_markup=config.label_prompt_markup, codes=model.codes,
+                                   max_length=model.config.llm.max_sequence_length,
+                                   image_embeddings=model.config.image_embeddings)
     if isinstance(data, ConversationDataset):
         data.check_batches(config.batch_size, config.pad_code_slots)
     return data
