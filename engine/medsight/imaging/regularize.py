@@ -67,7 +67,7 @@ def resample_tilted(
             fill, sitk.sitkFloat32,
         ))
     if np.issubdtype(array.dtype, np.integer):  # integer HU stay integers: interpolated values rounded
-        out = np.rint(out)
+        np.rint(out, out=out)  # in place: no second float copy of the volume
     origin = positions[0] + start[0] * row_dir + start[1] * col_dir
     shift = float(np.hypot(u, v).max())
     what = (f"gantry tilt of {tilt_degrees(positions, direction[:, 2]):.1f} degrees: slices shifted by up to "
