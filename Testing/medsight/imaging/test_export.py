@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -354,12 +355,16 @@ def test_a_failed_write_keeps_the_files_it_would_replace(mni_segmentation, ct_se
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize(("write", "option", "said"), [
+#: (write the series, the option that reads it, what the volume's `resampled` says) of a series off a regular grid.
+REGULARIZED = [
     (lambda template, folder: write_tilted_series(template, folder, 8, 2.5, 15.0), "regularize_tilt",
      r"gantry tilt of 15\.0 degrees"),
     (lambda template, folder: write_uneven_series(template, folder, np.delete(np.arange(9) * 2.5, 4)),
      "regularize_spacing", r"uneven slice spacing \(steps of 2\.500 to 5\.000 mm\)"),
-], ids=["tilt", "spacing"])
+]
+
+
+@pytest.mark.parametrize(("write", "option", "said"), REGULARIZED, ids=["tilt", "spacing"])
 def test_masks_of_a_regularized_series_keep_its_grid_and_no_dicom_seg_is_written(ct_series, tmp_path, write, option,
                                                                                  said):
     """A gantry-tilted series read with regularize_tilt, or one with a missing slice read with regularize_spacing,
@@ -381,6 +386,29 @@ def test_masks_of_a_regularized_series_keep_its_grid_and_no_dicom_seg_is_written
     with pytest.raises(ImagingError, match="resampled from its DICOM images"):
         write_dicom_seg(seg, tmp_path / "mask.dcm")
     assert not (tmp_path / "mask.dcm").exists()
+
+
+@pytest.mark.parametrize(("write", "option", "said"), REGULARIZED, ids=["tilt", "spacing"])
+def test_a_dicom_seg_of_the_acquired_images_is_not_read_onto_a_regularized_series(ct_series, tmp_path, write, option,
+                                                                                  said):
+    """A DICOM SEG drawn on the acquired images (3D Slicer's export of the series, another tool's) read against the
+    series read with regularize_spacing or regularize_tilt had its frames placed by source image onto the resampled
+    slices of the same index, with no word: a mask drawn on the acquired slice farthest from the grid came back 1.07 mm
+    beside where it was drawn (the missing slice), 3.24 mm (the tilt: on the widened grid's first rows, its labelmap not
+    even the volume's shape). Such a reference is refused, naming why, as writing a SEG for it is."""
+    folder = write(sorted(ct_series.iterdir())[0], tmp_path / "irregular")
+    vol = read_volume(folder, **{option: True})
+    sources = [pydicom.dcmread(f) for f in vol.source_files]
+    distances = np.array([np.asarray(ds.ImagePositionPatient, dtype=float) for ds in sources]) @ vol.direction[:, 2]
+    off_grid = np.abs(distances - distances[0] - vol.spacing[2] * np.arange(len(sources)))
+    farthest = int(np.argmax(off_grid))
+    # The SEG as drawn on the acquired images: their own pixel grid, slice k on the k-th image.
+    acquired = dataclasses.replace(vol, array=np.stack([ds.pixel_array for ds in sources]), resampled=None)
+    labelmap = np.zeros(acquired.shape, np.uint8)
+    labelmap[farthest, 1:4, 1:4] = 1
+    path = write_dicom_seg(Segmentation(acquired, labelmap, [GM]), tmp_path / "drawn.dcm")
+    with pytest.raises(ImagingError, match=rf"reference volume was resampled from its DICOM images \({said}"):
+        read_dicom_seg(path, reference=vol)
 
 
 #: Patient and study attributes that de-identification tools often delete rather than empty.

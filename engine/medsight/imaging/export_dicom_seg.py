@@ -241,8 +241,9 @@ def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None
     """Read a DICOM SEG into a labelmap (label = segment number).
 
     With ``reference`` (the source series or multi-frame image as a Volume) frames are placed by the source images they
-    reference, exactly on its grid; without, on the SEG's own plane positions (it must form a regular
-    stack, possibly in another slice order than the source). Fractional SEGs are thresholded at 0.5
+    reference, exactly on its grid (a reference resampled from its images, `Volume.resampled`, is refused: its slices
+    are not those images); without, on the SEG's own plane positions (it must form a regular stack, possibly in
+    another slice order than the source). Fractional SEGs are thresholded at 0.5
     and keep their probabilities; overlapping binary segments are refused.
     """
     path = os.fspath(path)
@@ -254,6 +255,11 @@ def read_dicom_seg(path: str | os.PathLike[str], reference: Volume | None = None
     numbers = [s.label for s in segments]
     try:
         if reference is not None:
+            if reference.resampled:  # its slice k is not the image the SEG's frames for slice k were drawn on
+                raise ImagingError(
+                    f"the reference volume was resampled from its DICOM images ({reference.resampled}), and a DICOM "
+                    f"SEG lies on its source images' grid: its frames would be placed on interpolated slices; read "
+                    f"the SEG without a reference (on its own plane positions)", path)
             frames = len(reference.frame_numbers)
             multiframe = len(reference.sop_instance_uids) == 1 and frames == reference.shape[0] > 1
             if len(reference.sop_instance_uids) != reference.shape[0] and not multiframe:

@@ -67,7 +67,7 @@ def resample_tilted(
             fill, sitk.sitkFloat32,
         ))
     if np.issubdtype(array.dtype, np.integer):  # integer HU stay integers: interpolated values rounded
-        out = np.rint(out)
+        np.rint(out, out=out)  # in place: no second float copy of the volume
     origin = positions[0] + start[0] * row_dir + start[1] * col_dir
     shift = float(np.hypot(u, v).max())
     what = (f"gantry tilt of {tilt_degrees(positions, direction[:, 2]):.1f} degrees: slices shifted by up to "
@@ -97,16 +97,23 @@ def resample_spacing(
     field[..., 2] = ((acquired_index - np.arange(n_slices)) * dz)[:, None, None]
     displacement = sitk.GetImageFromArray(field, isVector=True)
     displacement.SetSpacing((columns * spacing[0], rows * spacing[1], dz))  # its 2 x 2 corners hold every voxel
-    image = sitk.GetImageFromArray(array.astype(np.float32))
+    # The input in its own type (SimpleITK interpolates in double whatever it is) and the float output converted
+    # through a view, straight into the result: no float copies of the volume beside SimpleITK's output.
+    image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
-    out = sitk.GetArrayFromImage(sitk.Resample(
+    resampled = sitk.Resample(
         image, image, sitk.DisplacementFieldTransform(displacement), sitk.sitkLinear, float(array.min()),
         sitk.sitkFloat32,
-    ))
+    )
+    del image
+    values = sitk.GetArrayViewFromImage(resampled)
+    out = np.empty(array.shape, array.dtype)
     if np.issubdtype(array.dtype, np.integer):  # integer HU stay integers: interpolated values rounded
-        out = np.rint(out)
+        np.rint(values, out=out, casting="unsafe")
+    else:
+        out[...] = values
     steps = np.diff(relative)
     what = (f"uneven slice spacing (steps of {steps.min():.3f} to {steps.max():.3f} mm): {n_slices} slices "
             f"interpolated onto an evenly spaced grid of {dz:.4f} mm from the first slice to the last, acquired "
             f"slices up to {float(np.abs(relative - grid).max()):.3f} mm off it, linear interpolation")
-    return out.astype(array.dtype), what
+    return out, what
