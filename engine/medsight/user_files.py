@@ -44,6 +44,14 @@ def is_wide_mode(mode: str) -> bool:
     return mode.startswith("I") or mode == "F"
 
 
+def is_other_aspect(image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> bool:
+    """Whether a mask of `mask_hw` (height, width) pixels has another aspect ratio than an image of `image_hw`: more
+    than a mask pixel of rounding off. Masks are scaled onto their image's frame, so one of another size but the
+    image's aspect ratio fits it, and one of another aspect ratio would be stretched."""
+    (height, width), (mask_height, mask_width) = image_hw, mask_hw
+    return abs(mask_height - mask_width * height / width) > 1
+
+
 def read_user_image(path: str | Path, what: str, mode: str = "RGB",
                     error: type[ValueError] = ValueError, wide_ok: bool = True) -> np.ndarray:
     """The 8-bit pixels of `path` converted to PIL `mode` ("RGB": (H, W, 3), "L": (H, W)); a missing, folder or

@@ -309,7 +309,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
     unreadable mask leaves its image's own counts)."""
     from PIL import Image
 
-    from medsight.user_files import IMAGE_READ_ERRORS, is_wide_mode
+    from medsight.user_files import IMAGE_READ_ERRORS, is_other_aspect, is_wide_mode
 
     headers: dict[Path, tuple[tuple[int, int], str] | None] = {}
 
@@ -335,7 +335,7 @@ def _image_shape_counts(items: Sequence[EvalItem]) -> tuple[int, int, int]:
         masks = [header(mask) for mask in item.masks]
         if any(m is None for m in masks):
             continue
-        reshaped += any(abs(mh - height * mw / width) > 1 for (mw, mh), _ in masks)
+        reshaped += any(is_other_aspect((height, width), (mh, mw)) for (mw, mh), _ in masks)
     return nonsquare, reshaped, sum(wide.values())
 
 

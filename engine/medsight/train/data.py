@@ -28,7 +28,7 @@ from medsight.prompt import ASSISTANT_HEADER, Message, render_messages, tokenize
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
-from medsight.user_files import check_user_file, read_user_image, read_user_json
+from medsight.user_files import check_user_file, is_other_aspect, read_user_image, read_user_json
 
 
 def _digest_line(digest: hashlib._Hash, value: object) -> hashlib._Hash:
@@ -79,7 +79,7 @@ def check_mask_aspect(image: Path, size: tuple[int, int], masks: list[Path], mas
     image's aspect ratio fits it (within a pixel of rounding), one of another aspect ratio cannot be the image's
     and trained stretched over it, silently. `size` and `mask_sizes` are (height, width)."""
     (height, width), (mask_height, mask_width) = size, mask_sizes
-    if abs(mask_height - mask_width * height / width) > 1:
+    if is_other_aspect(size, mask_sizes):
         raise ValueError(f"the mask {masks[0]} is {mask_width}x{mask_height} pixels, the image {image} "
                          f"{width}x{height}: another aspect ratio, so it cannot be this image's mask")
 
