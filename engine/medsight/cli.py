@@ -64,10 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
                      "when a write failed), errors (one message per output not written), left_out (DICOM images of "
-                     "the series left out of the volume, e.g. a localizer, in words), lossy_compression (how the "
-                     "image was lossy compressed), nan_filled (NaN voxels read as the volume's minimum) and resampled "
-                     "(how a --regularize-tilt or --regularize-spacing series was resampled); the last four are null "
-                     "when there is nothing to say")
+                     "the series left out of the volume, e.g. a localizer, or a SEG in its folder, in words), "
+                     "lossy_compression (how the image was lossy compressed), nan_filled (NaN voxels read as the "
+                     "volume's minimum) and resampled (how a --regularize-tilt or --regularize-spacing series was "
+                     "resampled); the last four are null when there is nothing to say")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
