@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,35 @@ def test_ctrl_c_mid_ask_is_one_line_and_leaves_no_output(tmp_path):
     assert process.wait(timeout=120) == 130, err
     assert "Traceback" not in err and err.rstrip().endswith("medsight: interrupted"), err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [volume.name]
+
+
+def _torch_is_loading(pid: int) -> bool:
+    """The process has started importing torch (its first shared library, libtorch_global_deps, is mapped)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libtorch" in maps.read()
+    except FileNotFoundError:  # it has ended
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see when torch starts loading")
+@pytest.mark.parametrize("entry", ["python -m medsight", "console script"])
+def test_ctrl_c_while_torch_imports_is_one_line(entry):
+    """SIGINT in the seconds `medsight ...` spends importing torch printed a KeyboardInterrupt traceback and died of
+    the signal (exit -2): the package imported torch and the model before `main` could catch it. Now one line, 130."""
+    script = os.path.join(os.path.dirname(sys.executable), "medsight")
+    if entry == "console script" and not os.path.exists(script):
+        pytest.skip("no medsight console script beside this Python")
+    command = [sys.executable, "-m", "medsight"] if entry == "python -m medsight" else [script]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([*command, "info", "--preset", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, text=True)
+    while process.poll() is None and not _torch_is_loading(process.pid):
+        time.sleep(0.005)
+    assert process.returncode is None, "the command ended before it imported torch"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert (process.returncode, out, err) == (130, "", "medsight: interrupted\n")
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly():

@@ -9,18 +9,18 @@ import re
 import sys
 from collections.abc import Callable
 
-from medsight.commands.ask import run_ask
+# Nothing heavier here (see `main`): the commands and what they need are imported inside it.
 from medsight.commands.errors import run_command
-from medsight.commands.options import check_vision_file, file_name
-from medsight.commands.serve import run_serve
-from medsight.imaging import PLANES
-from medsight.output_paths import check_download_folder, check_export_folder
 
 VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
                     "Hugging Face Hub (downloaded once into its cache)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from medsight.commands.options import file_name
+    from medsight.imaging import PLANES
+    from medsight.model.hub import UNIMED_CLIP
+
     parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: ask questions, get answers and masks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -64,10 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, regions, slices, out and overlay (the paths written; null "
                      "when a write failed), errors (one message per output not written), left_out (DICOM images of "
-                     "the series left out of the volume, e.g. a localizer, in words), lossy_compression (how the "
-                     "image was lossy compressed), nan_filled (NaN voxels read as the volume's minimum) and resampled "
-                     "(how a --regularize-tilt or --regularize-spacing series was resampled); the last four are null "
-                     "when there is nothing to say")
+                     "the series left out of the volume, e.g. a localizer, or a SEG in its folder, in words), "
+                     "lossy_compression (how the image was lossy compressed), nan_filled (NaN voxels read as the "
+                     "volume's minimum) and resampled (how a --regularize-tilt or --regularize-spacing series was "
+                     "resampled); the last four are null when there is nothing to say")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
@@ -146,8 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--confirm-above", type=float, default=1.0, metavar="GB",
                           help="ask before downloading more than this (default 1 GB; only on a terminal)")
 
-    from medsight.model.hub import UNIMED_CLIP
-
     for command in (ask, serve, onnx, download):
         command.add_argument("--fetch-vision", action="store_true",
                              help=f"download the vision file the release needs, {UNIMED_CLIP} ({UNIMED_CLIP.size}, "
@@ -211,7 +209,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import medsight
+    from medsight.commands.options import check_vision_file
     from medsight.onnx_export import check_opset, export_onnx, export_packages, require_packages
+    from medsight.output_paths import check_export_folder
 
     require_packages(*export_packages(args.exporter))
     check_opset(args.opset)  # before the model loads (minutes for the full model), not after
@@ -263,6 +263,7 @@ def _download(args: argparse.Namespace) -> int:
         plan_release,
         why_offline,
     )
+    from medsight.output_paths import check_download_folder
 
     repo = args.repo or RELEASE_REPO
     hub = parse_hub_file(repo)
@@ -299,14 +300,22 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The imports too run inside run_command: Ctrl+C in the seconds torch takes to import (the package's and the
+    # commands' imports once ran before it) is then "medsight: interrupted" and 130, not a traceback.
+    return run_command(lambda: _run(sys.argv[1:] if argv is None else argv), "medsight")
+
+
+def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["train"], ["eval"]):  # the trainers and evaluators own their arguments (and --help)
         argv = [argv[0], "--", *argv[1:]]
     args = _parser().parse_args(argv)
+    from medsight.commands.ask import run_ask
+    from medsight.commands.serve import run_serve
+
     commands = {"ask": run_ask, "serve": run_serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
                 "info": _info, "download": _download}
-    return run_command(lambda: commands[args.command](args), "medsight")
+    return commands[args.command](args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import SimpleITK as sitk  # noqa: N813
 from pydicom.pixels import apply_modality_lut
 
 from medsight.imaging import ImagingError, list_dicom_series, read_dicom, read_volume
-from medsight.imaging.read_dicom import SUBFOLDERS_NAMED
+from medsight.imaging.read_dicom import SUBFOLDERS_NAMED, NotAnImageError
 from medsight_testing.dicom_series import VALUE_PER_MM, add_localizers, write_tilted_series, write_uneven_series
 
 
@@ -214,6 +214,26 @@ def test_series_listing_and_choice(dicomdir):
     assert len(series) == 3 and {s.modality for s in series} == {"MR"}
     vol = read_volume(folder, series_uid=series[1].series_uid)
     assert vol.series_uid == series[1].series_uid and vol.shape[0] == 1
+
+
+def test_a_seg_beside_its_series_is_no_series_to_choose(ct_series, dicom_store, tmp_path):
+    """A DICOM SEG saved in the series' folder made it "2 series found; choose one" listing the SEG, which is no
+    image to ask about: the image series is read, the SEG said to be left out; a folder of the SEG alone, or the
+    SEG chosen by its uid, is still refused as not an image."""
+    folder = tmp_path / "series"
+    shutil.copytree(ct_series, folder)
+    shutil.copy(dicom_store / "liver.dcm", folder)
+    seg_uid = pydicom.dcmread(dicom_store / "liver.dcm", stop_before_pixels=True).SeriesInstanceUID
+    assert len(list_dicom_series(folder)) == 2  # GDCM lists the SEG as a series
+    vol, alone = read_volume(folder), read_volume(ct_series)
+    assert vol.series_uid == alone.series_uid and np.array_equal(vol.array, alone.array)
+    assert f"a DICOM SEG (a segmentation), series {seg_uid}" in vol.left_out and alone.left_out is None
+    only_seg = tmp_path / "seg"
+    only_seg.mkdir()
+    shutil.copy(dicom_store / "liver.dcm", only_seg)
+    for path, uid in ((only_seg, None), (folder, seg_uid)):
+        with pytest.raises(NotAnImageError, match="is a DICOM SEG, not an image"):
+            read_volume(path, series_uid=uid)
 
 
 def test_user_modality_overrides(ct_series):

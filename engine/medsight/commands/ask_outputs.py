@@ -69,16 +69,25 @@ def write_outputs(args: argparse.Namespace, volume, answers, window) -> tuple[di
 def _write_segmentation(path: str, volume, answers) -> None:
     from medsight.imaging import SegmentationBuilder, write_segmentation
 
-    findings = _findings(answers)
-    if not findings:
+    segments = _finding_segments(answers)
+    if not segments:
         raise ValueError("the answer has no regions: nothing to write")
-    builder, used = SegmentationBuilder(volume), []
-    for value, pairs in enumerate(findings.values(), start=1):
-        segment = _segment(value, pairs, used)
-        used.append(segment.color)
+    builder = SegmentationBuilder(volume)
+    for segment, pairs in segments:
         for answer, region in pairs:
             builder.add(answer.slice, region.mask, segment)
     write_segmentation(builder.build(), path)
+
+
+def _finding_segments(answers) -> list[tuple]:
+    """Each finding's segment (value, name, colour, code) with its (answer, region) pairs: the one rule for the
+    segmentation file and the overlay, so that a region is drawn in its segment's colour."""
+    segments, used = [], []
+    for value, pairs in enumerate(_findings(answers).values(), start=1):
+        segment = _segment(value, pairs, used)
+        used.append(segment.color)
+        segments.append((segment, pairs))
+    return segments
 
 
 def _findings(answers) -> dict[str, list]:
@@ -111,4 +120,7 @@ def _write_overlay(path: str, volume, answers, window) -> None:
     from medsight.overlay import save_overlay
 
     shown = next((a for a in answers if a.regions), answers[len(answers) // 2])
-    save_overlay(path, slice_image(volume, shown.slice, window), shown.regions)
+    # Colours of the findings over all answers, as --out gives them (one per finding, not one per region).
+    colours = {id(region): segment.color for segment, pairs in _finding_segments(answers) for _, region in pairs}
+    save_overlay(path, slice_image(volume, shown.slice, window), shown.regions,
+                 [colours[id(region)] for region in shown.regions])

@@ -145,6 +145,21 @@ def _require_image(ds: pydicom.Dataset, path: str) -> None:
                               f"a DICOM {name} object (modality {modality}) with no pixel data")
 
 
+def _image_series(series: list[SeriesInfo]) -> tuple[list[SeriesInfo], str | None]:
+    """The series that are images, and the folder's non-image objects (SEG, RT Structure Set, SR, ...: GDCM lists
+    a SEG as a series) in words, None when there are none. A SEG saved beside its CT made the folder "2 series"
+    though only one can be asked about; 3D Slicer, too, loads a SEG as a segmentation, not as a volume."""
+    images, others = [], []
+    for s in series:
+        try:
+            _require_image(_header(s.files[0]), s.files[0])
+            images.append(s)
+        except NotAnImageError as err:
+            named = f" ({s.description})" if s.description else ""
+            others.append(f"{err.kind}, series {s.series_uid}{named}, in the folder (not an image)")
+    return images, ("; ".join(others) or None)
+
+
 @contextlib.contextmanager
 def _decoder_tracebacks_unlogged() -> Iterator[None]:
     """pydicom logs each failed decoder's traceback before it raises; the ImagingError we raise reports it."""
@@ -596,10 +611,12 @@ def read_dicom_series(
     series = list_dicom_series(folder)
     if not series:
         raise ImagingError("no DICOM image series found in this folder" + _subfolders_hint(folder), folder)
+    not_chosen = None
     if series_uid is None:
-        if len(series) > 1:
-            raise SeriesChoiceError(series, folder)
-        series_uid = series[0].series_uid
+        images, not_chosen = _image_series(series)
+        if len(images) > 1:
+            raise SeriesChoiceError(images, folder)
+        series_uid = (images or series)[0].series_uid  # only non-images: its reading below says what it is
     elif series_uid not in {s.series_uid for s in series}:
         raise ImagingError(
             f"series {series_uid} not found; present: " + ", ".join(s.series_uid for s in series), folder
@@ -610,6 +627,7 @@ def read_dicom_series(
     for f, ds in zip(files, headers, strict=True):
         _require_image(ds, f)
     files, headers, left_out = _without_localizers(files, headers)
+    left_out = " and ".join(filter(None, (left_out, not_chosen))) or None
     if len(files) == 1:
         return dataclasses.replace(read_dicom_file(files[0], modality=modality, max_voxels=max_voxels),
                                    left_out=left_out)

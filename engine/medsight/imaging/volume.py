@@ -56,8 +56,8 @@ class Volume:
     #: DICOM whose pixels went through lossy compression (a lossy transfer syntax, or LossyImageCompression "01"):
     #: which, in words, for the user to be told; None when nothing says so.
     lossy_compression: str | None = None
-    #: DICOM images of the series left out of the volume (its localizer), in words, for the user to be told; None
-    #: when every image of the series is in it.
+    #: DICOM images of the series left out of the volume (its localizer), and the folder's non-image objects (a SEG
+    #: beside the series), in words, for the user to be told; None when nothing was left out.
     left_out: str | None = None
     #: NaN voxels of a NIfTI, NRRD or MetaImage file, or of an upload to the server, read as the volume's minimum
     #: (`fill_nan`), in words, for the user to be told; None when there were none.
