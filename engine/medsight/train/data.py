@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import ASSISTANT_HEADER, Message, render_messages, tokenize_prompt
+from medsight.prompt import ASSISTANT_HEADER, IMAGE_PLACEHOLDER, Message, render_messages, tokenize_prompt
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
@@ -316,7 +316,7 @@ class ConversationDataset:
 
     def length(self, item: dict) -> int:
         """The item's sequence in embeddings: its ids, the image placeholder replaced by the image's embeddings."""
-        ids = tokenize_prompt(self.tokenizer, [Message(t["from"], t["value"]) for t in item["conversations"]])
+        ids = tokenize_prompt(self.tokenizer, training_messages(item["conversations"]))
         return len(ids) - 1 + self.image_embeddings
 
     def check_lengths(self) -> None:
@@ -389,8 +389,7 @@ class ConversationDataset:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         rgb = read_rgb(self.resolve(image))
         pixels, _ = prepare_image(rgb, self.image_size, self.mean, self.std, self.resize_mode)
-        messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
-        ids, labels = training_labels(self.tokenizer, messages, num_images=1,
+        ids, labels = training_labels(self.tokenizer, training_messages(item["conversations"]), num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
         if self.max_length is not None and len(ids) - 1 + self.image_embeddings > self.max_length:
             raise ValueError(f"{len(ids) - 1 + self.image_embeddings} embeddings long, more than the model's "
@@ -412,6 +411,14 @@ def read_fields(item: dict) -> list:
     files = item.get("mask_files") or {}
     return [image, [[t["from"], t["value"]] for t in item["conversations"]],
             [[str(m), files[str(m)]] for m in item.get("mask_orders") or []]]
+
+
+def training_messages(turns: list[dict]) -> list[Message]:
+    """The turns of a training item as the official training read makes them (`LazySupervisedDataset.__getitem__`):
+    each turn's `<image>` removed and its text stripped of surrounding whitespace, before `render_messages` puts
+    `<image>\n` first. LLaVA-style data writes "<image>\nQuestion": unstripped it rendered "<image>\n\nQuestion"
+    (Qwen's "\n\n" id where the official sequence has "\n"). Inference keeps the text as typed, as the chatbot."""
+    return [Message(t["from"], t["value"].replace(IMAGE_PLACEHOLDER, "").strip()) for t in turns]
 
 
 def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> list[str]:
@@ -438,7 +445,7 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
     if bad:
         raise ValueError(f"{where}: conversations[{bad[0]}] must be an object with string 'from' and 'value'")
     try:
-        rendered = render_messages([Message(t["from"], t["value"]) for t in turns])
+        rendered = render_messages(training_messages(turns))
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
     if not any(text.startswith(ASSISTANT_HEADER) for text in rendered):
