@@ -15,7 +15,7 @@ from PIL import Image
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
-from medsight.prompt import tokenize_prompt
+from medsight.prompt import render_messages, tokenize_prompt
 from medsight.tokens import CODE_PATTERN, code_name
 from medsight.train.cli import main as train_main
 from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb, training_messages
@@ -482,6 +482,23 @@ def test_conversations_longer_than_the_model_takes_are_refused_before_training(d
                                          rf"\(id {items[coded]['id']!r}\): {limit + 1}; shorten or remove them"):
         train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_byte_count_that_spares_tokenising_holds_for_qwen3_normalised_text(data, tmp_path):
+    """Only items of more UTF-8 bytes than the limit leaves room for were tokenised, as if a token were at least one
+    byte of the text; Qwen3's tokenizer first applies NFC, which turns some characters (U+1D1C0, 4 bytes) into 3 of
+    6 tokens, so a conversation longer than the limit in tokens but not in bytes went unchecked up front."""
+    tokenizer = qwen3_tokenizer()
+    items = json.loads(data["lvlm"].read_text())[:1]
+    items[0]["conversations"][-1]["value"] = "\U0001D1C0" * 300
+    path = _write(tmp_path / "train.json", items)
+    dataset = ConversationDataset(path, tokenizer, 56, (0.5,) * 3, (0.5,) * 3, data_root=data["root"])
+    limit = sum(len(text.encode()) for text in render_messages(training_messages(items[0]["conversations"])))
+    length = dataset.length(dataset.items[0])
+    assert length > limit  # more tokens than bytes
+    with pytest.raises(ValueError, match=rf"1 item\(s\) of .* are longer than the model's {limit} embeddings .*"
+                                         rf"item 0 \(id {items[0]['id']!r}\): {length}; shorten or remove them"):
+        ConversationDataset(path, tokenizer, 56, (0.5,) * 3, (0.5,) * 3, data_root=data["root"], max_length=limit)
 
 
 def test_a_sample_longer_than_the_model_takes_is_named_when_read(data):

@@ -295,10 +295,14 @@ class ConversationDataset:
         # The fingerprint (`_digest_line`) covers what a sample is made of (`read_fields`), as the
         # segmentation data's does: an edited id or a field never read (a source, notes) is the same training data.
         digest = hashlib.sha256()
-        self._text_bytes: list[int] = []  # each item's rendered conversation in UTF-8 bytes (`check_lengths`)
+        # Each item's rendered conversation in UTF-8 bytes after the tokenizer's normalizer (`check_lengths`).
+        normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+        normalized = normalizer.normalize_str if normalizer is not None else str
+        self._text_bytes: list[int] = []
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            self._text_bytes.append(sum(len(text.encode()) for text in check_conversation_item(where, item, codes)))
+            self._text_bytes.append(sum(len(normalized(text).encode())
+                                        for text in check_conversation_item(where, item, codes)))
             self._check_item_files(where, item)
             _digest_line(digest, read_fields(item))
         self.source, self.fingerprint = str(json_path), digest.hexdigest()
@@ -323,8 +327,9 @@ class ConversationDataset:
         """Refuse items longer than `max_length`, naming how many and the first, before training: the language model
         refuses one at the step that draws it, hours in, where the official code cut it to the limit and so
         trained on a conversation without its answer. Only an item whose rendered text has more UTF-8 bytes than
-        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte; a few seconds for 100k
-        items where tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
+        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte of the normalised text:
+        Qwen3's NFC turns some characters into up to 3 times their bytes; a few seconds for 100k items where
+        tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
         assert self.max_length is not None
         room = self.max_length - self.image_embeddings + 1  # the placeholder is one id
         long = []
