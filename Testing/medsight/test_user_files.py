@@ -36,9 +36,22 @@ def test_an_image_of_more_than_8_bits_is_refused_for_training_rather_than_read_w
     wide, narrow = tmp_path / "ct16.png", tmp_path / "ct8.png"
     Image.fromarray(ramp.astype(np.uint16)).save(wide)
     Image.fromarray((ramp / 257).astype(np.uint8)).save(narrow)
-    with pytest.raises(ValueError, match=rf"cannot use the image {wide}: its pixels are I;16 \(more than 8 bits\)"):
+    with pytest.raises(ValueError, match=rf"cannot use the image {wide}: its pixels are I;16 \(more than 8 bits, "
+                                         rf"values 0 to {int(ramp.max())}\)"):
         read_rgb(wide)
     clipped = read_user_image(wide, "image")
     assert (clipped == np.clip(ramp, 0, 255).astype(np.uint8)[..., None]).all()  # the official reading
     rgb = read_rgb(narrow)
     assert rgb.shape == (*ramp.shape, 3) and (rgb == (ramp / 257).astype(np.uint8)[..., None]).all()
+
+
+def test_a_16_bit_image_of_8_bit_values_is_read_for_training_as_the_official_code_reads_it(tmp_path):
+    """Only values the 8-bit read would clip are refused: a 16-bit PNG holding 0..255 (as some converters write 8-bit
+    data) reads exactly under the official convert('RGB'), and training refused it by its mode alone."""
+    values = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint16)
+    path = tmp_path / "ct16_of_8.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb = read_rgb(path)
+    assert np.abs(rgb.astype(int) - values[..., None]).max() == 0
+    assert (rgb == read_user_image(path, "image")).all()

@@ -44,6 +44,15 @@ def is_wide_mode(mode: str) -> bool:
     return mode.startswith("I") or mode == "F"
 
 
+def clips_to_8_bits(im: Image.Image) -> bool:
+    """Whether reading `im` as 8 bits changes its values: an image of more than 8 bits per pixel (`is_wide_mode`)
+    holding a value outside 0..255. A 16-bit PNG of 8-bit values reads exactly, as the official code reads it."""
+    if not is_wide_mode(im.mode):
+        return False
+    low, high = im.getextrema()
+    return low < 0 or high > 255
+
+
 def is_other_aspect(image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> bool:
     """Whether a mask of `mask_hw` (height, width) pixels has another aspect ratio than an image of `image_hw`: more
     than a mask pixel of rounding off. Masks are scaled onto their image's frame, so one of another size but the
@@ -56,18 +65,19 @@ def read_user_image(path: str | Path, what: str, mode: str = "RGB",
                     error: type[ValueError] = ValueError, wide_ok: bool = True) -> np.ndarray:
     """The 8-bit pixels of `path` converted to PIL `mode` ("RGB": (H, W, 3), "L": (H, W)); a missing, folder or
     undecodable file raises `error` naming it and `what` (e.g. "image", "mask"). With `wide_ok` false so does an image
-    of more than 8 bits per pixel (`is_wide_mode`), which the conversion would clip (evaluation reads it as the
-    official code does and counts it; training refuses to learn from a 16-bit CT slice turned almost all white)."""
+    of more than 8 bits per pixel whose values the conversion would clip (`clips_to_8_bits`; evaluation reads it as
+    the official code does and counts it; training refuses to learn from a 16-bit CT slice turned almost all white)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
-            if wide_ok or not is_wide_mode(im.mode):
+            if wide_ok or not clips_to_8_bits(im):
                 return np.asarray(im.convert(mode))
-            wide = im.mode
+            wide, (low, high) = im.mode, im.getextrema()
     except IMAGE_READ_ERRORS as err:
         raise _unreadable(path, what, err, error) from None
-    raise error(f"cannot use the {what} {path}: its pixels are {wide} (more than 8 bits), and read as 8 bits every "
-                "value above 255 would turn white; save it as an 8-bit image (windowed) first")
+    raise error(f"cannot use the {what} {path}: its pixels are {wide} (more than 8 bits, values {low:g} to {high:g}), "
+                "and read as 8 bits every value above 255 would turn white (below 0, black); save it as an 8-bit "
+                "image (windowed) first")
 
 
 def check_user_image(path: str | Path, what: str, error: type[ValueError] = ValueError) -> tuple[int, int]:

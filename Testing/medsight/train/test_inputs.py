@@ -15,12 +15,13 @@ from PIL import Image
 
 from medsight.config import tiny_config
 from medsight.model.loading import build_model
-from medsight.prompt import Message, tokenize_prompt
+from medsight.prompt import render_messages, tokenize_prompt
 from medsight.tokens import CODE_PATTERN, code_name
 from medsight.train.cli import main as train_main
-from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb
+from medsight.train.data import ConversationDataset, SegmentationDataset, read_mask, read_rgb, training_messages
 from medsight.train.loop import CONFIG_FILE, FINAL_DIR, LOG_FILE, read_log, train
 from medsight.train.stages import Stage3Config
+from medsight_testing.qwen import qwen3_tokenizer
 from medsight_testing.train_data import write_synthetic
 
 
@@ -128,6 +129,29 @@ def test_a_conversation_without_an_answer_is_named_before_training(data, tmp_pat
                                          r"conversation has no answer \(no gpt or assistant turn\) to train on"):
         train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_training_reads_each_turn_as_the_official_code(data, tmp_path):
+    """The official training read removes each turn's <image>, strips its text and puts "<image>\\n" first, so the
+    LLaVA-style "<image>\\nQuestion" is "<image>\\nQuestion" (Qwen3: the image, then 198 "\\n"); it rendered
+    "<image>\\n\\nQuestion" (271 "\\n\\n"), and an answer's surrounding whitespace was trained as written."""
+    tokenizer = qwen3_tokenizer()
+    items = json.loads(data["lvlm"].read_text())
+    question, answer = items[0]["conversations"]
+    assert question["value"].startswith("<image>\n")  # the synthetic set is written LLaVA-style
+    question_text = question["value"].removeprefix("<image>\n")
+    answer_text = answer["value"]
+    answer["value"] = f" {answer_text} \n"
+    dataset = ConversationDataset(_write(tmp_path / "train.json", items[:1]), tokenizer, 56, (0.5,) * 3, (0.5,) * 3,
+                                  data_root=data["root"])
+    official = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", "<image>",
+                f"\n{question_text}<|im_end|>\n", f"<|im_start|>assistant\n{answer_text}<|im_end|>\n"]
+    expected = [i for piece in official
+                for i in ([-200] if piece == "<image>" else tokenizer(piece, add_special_tokens=False)["input_ids"])]
+    ids = dataset[0].input_ids
+    assert [int(i) for i in ids] == expected
+    assert int(ids[expected.index(-200) + 1]) == tokenizer("\n", add_special_tokens=False)["input_ids"][0] == 198
+    assert dataset.length(dataset.items[0]) == len(expected) - 1 + dataset.image_embeddings
 
 
 def test_conversation_item_with_a_missing_image_file_is_named_before_training(data, tmp_path):
@@ -442,8 +466,7 @@ def test_conversations_longer_than_the_model_takes_are_refused_before_training(d
     answer = items[coded]["conversations"][-1]
 
     def length() -> int:
-        turns = [Message(t["from"], t["value"]) for t in items[coded]["conversations"]]
-        return len(tokenize_prompt(model.tokenizer, turns)) - 1 + image
+        return len(tokenize_prompt(model.tokenizer, training_messages(items[coded]["conversations"]))) - 1 + image
 
     answer["value"] += " " + "x" * (limit - length() - 1)  # the byte tokenizer: one id per byte
     assert length() == limit
@@ -459,6 +482,23 @@ def test_conversations_longer_than_the_model_takes_are_refused_before_training(d
                                          rf"\(id {items[coded]['id']!r}\): {limit + 1}; shorten or remove them"):
         train_main(["stage3", "--config", str(config), "--data", str(conversations), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_byte_count_that_spares_tokenising_holds_for_qwen3_normalised_text(data, tmp_path):
+    """Only items of more UTF-8 bytes than the limit leaves room for were tokenised, as if a token were at least one
+    byte of the text; Qwen3's tokenizer first applies NFC, which turns some characters (U+1D1C0, 4 bytes) into 3 of
+    6 tokens, so a conversation longer than the limit in tokens but not in bytes went unchecked up front."""
+    tokenizer = qwen3_tokenizer()
+    items = json.loads(data["lvlm"].read_text())[:1]
+    items[0]["conversations"][-1]["value"] = "\U0001D1C0" * 300
+    path = _write(tmp_path / "train.json", items)
+    dataset = ConversationDataset(path, tokenizer, 56, (0.5,) * 3, (0.5,) * 3, data_root=data["root"])
+    limit = sum(len(text.encode()) for text in render_messages(training_messages(items[0]["conversations"])))
+    length = dataset.length(dataset.items[0])
+    assert length > limit  # more tokens than bytes
+    with pytest.raises(ValueError, match=rf"1 item\(s\) of .* are longer than the model's {limit} embeddings .*"
+                                         rf"item 0 \(id {items[0]['id']!r}\): {length}; shorten or remove them"):
+        ConversationDataset(path, tokenizer, 56, (0.5,) * 3, (0.5,) * 3, data_root=data["root"], max_length=limit)
 
 
 def test_a_sample_longer_than_the_model_takes_is_named_when_read(data):

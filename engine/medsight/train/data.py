@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medsight.model.preprocess import ResizeMode, prepare_image
-from medsight.prompt import ASSISTANT_HEADER, Message, render_messages, tokenize_prompt
+from medsight.prompt import ASSISTANT_HEADER, IMAGE_PLACEHOLDER, Message, render_messages, tokenize_prompt
 from medsight.tokens import CodeVocabulary, code_name
 from medsight.train.checks import json_kind
 from medsight.train.losses import training_labels
@@ -295,10 +295,14 @@ class ConversationDataset:
         # The fingerprint (`_digest_line`) covers what a sample is made of (`read_fields`), as the
         # segmentation data's does: an edited id or a field never read (a source, notes) is the same training data.
         digest = hashlib.sha256()
-        self._text_bytes: list[int] = []  # each item's rendered conversation in UTF-8 bytes (`check_lengths`)
+        # Each item's rendered conversation in UTF-8 bytes after the tokenizer's normalizer (`check_lengths`).
+        normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+        normalized = normalizer.normalize_str if normalizer is not None else str
+        self._text_bytes: list[int] = []
         for index, item in enumerate(self.items):
             where = _item_name(json_path, index, item)
-            self._text_bytes.append(sum(len(text.encode()) for text in check_conversation_item(where, item, codes)))
+            self._text_bytes.append(sum(len(normalized(text).encode())
+                                        for text in check_conversation_item(where, item, codes)))
             self._check_item_files(where, item)
             _digest_line(digest, read_fields(item))
         self.source, self.fingerprint = str(json_path), digest.hexdigest()
@@ -316,15 +320,16 @@ class ConversationDataset:
 
     def length(self, item: dict) -> int:
         """The item's sequence in embeddings: its ids, the image placeholder replaced by the image's embeddings."""
-        ids = tokenize_prompt(self.tokenizer, [Message(t["from"], t["value"]) for t in item["conversations"]])
+        ids = tokenize_prompt(self.tokenizer, training_messages(item["conversations"]))
         return len(ids) - 1 + self.image_embeddings
 
     def check_lengths(self) -> None:
         """Refuse items longer than `max_length`, naming how many and the first, before training: the language model
         refuses one at the step that draws it, hours in, where the official code cut it to the limit and so
         trained on a conversation without its answer. Only an item whose rendered text has more UTF-8 bytes than
-        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte; a few seconds for 100k
-        items where tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
+        the limit leaves room for is tokenised (a byte-level BPE token is at least one byte of the normalised text:
+        Qwen3's NFC turns some characters into up to 3 times their bytes; a few seconds for 100k items where
+        tokenising all took minutes); `__getitem__` checks every sample it makes as well."""
         assert self.max_length is not None
         room = self.max_length - self.image_embeddings + 1  # the placeholder is one id
         long = []
@@ -389,8 +394,7 @@ class ConversationDataset:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         rgb = read_rgb(self.resolve(image))
         pixels, _ = prepare_image(rgb, self.image_size, self.mean, self.std, self.resize_mode)
-        messages = [Message(turn["from"], turn["value"]) for turn in item["conversations"]]
-        ids, labels = training_labels(self.tokenizer, messages, num_images=1,
+        ids, labels = training_labels(self.tokenizer, training_messages(item["conversations"]), num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
         if self.max_length is not None and len(ids) - 1 + self.image_embeddings > self.max_length:
             raise ValueError(f"{len(ids) - 1 + self.image_embeddings} embeddings long, more than the model's "
@@ -412,6 +416,14 @@ def read_fields(item: dict) -> list:
     files = item.get("mask_files") or {}
     return [image, [[t["from"], t["value"]] for t in item["conversations"]],
             [[str(m), files[str(m)]] for m in item.get("mask_orders") or []]]
+
+
+def training_messages(turns: list[dict]) -> list[Message]:
+    """The turns of a training item as the official training read makes them (`LazySupervisedDataset.__getitem__`):
+    each turn's `<image>` removed and its text stripped of surrounding whitespace, before `render_messages` puts
+    `<image>\n` first. LLaVA-style data writes "<image>\nQuestion": unstripped it rendered "<image>\n\nQuestion"
+    (Qwen's "\n\n" id where the official sequence has "\n"). Inference keeps the text as typed, as the chatbot."""
+    return [Message(t["from"], t["value"].replace(IMAGE_PLACEHOLDER, "").strip()) for t in turns]
 
 
 def check_conversation_item(where: str, item: object, codes: CodeVocabulary | None = None) -> list[str]:
@@ -438,7 +450,7 @@ def check_conversation_item(where: str, item: object, codes: CodeVocabulary | No
     if bad:
         raise ValueError(f"{where}: conversations[{bad[0]}] must be an object with string 'from' and 'value'")
     try:
-        rendered = render_messages([Message(t["from"], t["value"]) for t in turns])
+        rendered = render_messages(training_messages(turns))
     except ValueError as err:  # unknown role, no user turn
         raise ValueError(f"{where}: {err}") from None
     if not any(text.startswith(ASSISTANT_HEADER) for text in rendered):
