@@ -175,6 +175,24 @@ def test_cancel_from_on_token_returns_partial_answer(model):
     assert early.cancelled and early[0].text == "" and engine.cache_stats.entries == 1
 
 
+def test_a_cancel_during_encoding_stops_before_the_next_encode_batch(model):
+    """Before the fix a cancel (or the engine's stop) was first seen at the first generation step, after every slice
+    was encoded: minutes for an ask of many slices with the full model on a CPU (1024 demo slices: 234 s), the
+    engine's stop waiting on it. Now the ask ends before the next encode batch, with empty cancelled answers."""
+    engine = Engine(model, encode_batch=1)
+    pictures = images(6, seed=11)
+
+    class SetOnceEncoding(threading.Event):
+        """The client's cancel, arriving while the first batch is encoded."""
+
+        def is_set(self) -> bool:
+            return engine.encode_calls >= 1
+
+    answer = engine.ask(pictures, "Describe.", GenerationOptions(max_new_tokens=4), cancel=SetOnceEncoding())
+    assert engine.encode_calls == 1 and answer.cancelled
+    assert [(a.text, a.cancelled, a.slice_index) for a in answer] == [("", True, i) for i in range(len(pictures))]
+
+
 def test_concurrent_asks_get_their_own_results(model):
     pictures = images(12, seed=7)
     options = GenerationOptions(logits_processors=[ForceRows([script(model, "assistant\nMass [M0_5].")])])

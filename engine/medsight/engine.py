@@ -272,8 +272,7 @@ class Engine:
         inputs = self._prepare(images, image_options)
         stop = _StopFlags(cancel, abandon)
         if stop.cancelled():
-            empty = [Answer("", cancelled=True, slice_index=x.slice_index, slice=x.slice) for x in inputs]
-            return EngineAnswer(empty, Timings(), cancelled=True)
+            return _stopped(inputs)
         with self._model_lock:
             return self._run(inputs, prompt, options, image_options, on_token, on_region, stop)
 
@@ -389,7 +388,10 @@ class Engine:
     # -- model work (called with the model lock held) ------------------------------------------------------------
     def _run(self, inputs, prompt, options, image_options, on_token, on_region, stop: _StopFlags) -> EngineAnswer:
         start = time.perf_counter()
-        encodings, fresh = self._encode(inputs, image_options)
+        encoded_all = self._encode(inputs, image_options, stop.cancelled)
+        if encoded_all is None:  # stopped between two encode batches: no text yet
+            return _stopped(inputs)
+        encodings, fresh = encoded_all
         encoded = time.perf_counter()
         output, streams = self._generate(inputs, prompt, encodings, options, on_token, stop.cancelled)
         generated = time.perf_counter()
@@ -405,8 +407,11 @@ class Engine:
             )
         return EngineAnswer(answers, total, cancelled=output.cancelled or any(a.cancelled for a in answers))
 
-    def _encode(self, inputs: list[_Input], image_options: ImageOptions) -> tuple[list[ImageEncoding], list[bool]]:
-        """Each input's encoding, from the cache or from batched encode calls; also which were computed."""
+    def _encode(self, inputs: list[_Input], image_options: ImageOptions, should_stop: Callable[[], bool]
+                ) -> tuple[list[ImageEncoding], list[bool]] | None:
+        """Each input's encoding, from the cache or from batched encode calls; also which were computed. None when
+        `should_stop` says so before a batch: an ask of many slices encoded them all before its cancel (or the
+        engine's stop) was seen, minutes for the full model on a CPU."""
         found: dict[str, ImageEncoding] = {}
         for x in inputs:
             if x.key not in found:
@@ -417,6 +422,8 @@ class Engine:
         missing = list({x.key: x for x in inputs if x.key not in found}.values())
         keep = len(missing) * self._grid_features_bytes() <= KEPT_GRID_FEATURES_BYTES
         for start in range(0, len(missing), self.encode_batch):
+            if should_stop():
+                return None
             chunk = missing[start : start + self.encode_batch]
             batch = self._encode_batch(torch.stack([x.pixels for x in chunk]), image_options, keep)
             self.encode_calls += 1
@@ -506,6 +513,12 @@ class Engine:
         source = x.transform.logits_to_source(mask_logits.float())
         names = self.model.region_names(ids, text, where, mask_logits.shape[0])
         return regions_from_logits(names, mask_logits, source, x.slice_index)
+
+
+def _stopped(inputs: Sequence[_Input]) -> EngineAnswer:
+    """The answer of an ask stopped before any text: an empty, cancelled answer per slice."""
+    empty = [Answer("", cancelled=True, slice_index=x.slice_index, slice=x.slice) for x in inputs]
+    return EngineAnswer(empty, Timings(), cancelled=True)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from medsight.evaluate.readers import DataError, EvalItem
-from medsight.evaluate.report import PAPER_DIAGSEG, ItemScore, aggregate, build_report, write_report
+from medsight.evaluate.report import PAPER_DIAGSEG, PAPER_MC, ItemScore, aggregate, build_report, write_report
 
 
 def _item(i, answer, kind, modality="CT", options=()):
@@ -419,3 +419,35 @@ def test_a_single_modality_is_compared_with_the_papers_number_for_it_not_the_ave
     vqa = build_report("vqa", [_item(1, "yes", "closed", "CT")], [{"question_id": "1", "text": "yes"}], n_boot=5,
                        benchmark="slake")
     assert {r["metric"]: r["paper"] for r in vqa["metrics"]}["closed_accuracy"] == 70.9
+
+
+def test_a_single_modality_reports_notes_name_the_comparison_its_rows_make(tmp_path):
+    """A one-modality report's notes said the paper's averages were set beside it: one OmniMedVQA file's report said
+    '68.9 is set beside the macro mean over modalities' with no macro mean row and no paper number; a CT-only DiagSeg
+    report explained the Dice avg 69.9 while its rows held CT's numbers. The notes now name what the rows hold."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.runner import encode_masks
+
+    opts = ["Liver", "Lung"]
+    items = [_item(1, "Liver", "mc", "CT", opts), _item(2, "Lung", "mc", "CT", opts)]
+    mc = build_report("mc", items, [{"question_id": it.id, "text": it.answer} for it in items], n_boot=5)
+    assert [r["paper"] for r in mc["metrics"]] == [None]
+    assert not [n for n in mc["notes"] if str(PAPER_MC["avg"]) in n]
+    assert "every item is of one modality (CT): the paper has no number for it alone (its average spans other " \
+           "modalities), so none is set beside it" in mc["notes"]
+
+    gt = np.zeros((8, 8), bool)
+    gt[2:6, 3:7] = True
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    seg = [EvalItem("1", "q", "lesion", "open", tmp_path / "img.png", "CT", masks=[tmp_path / "mask.png"])]
+    preds = [{"question_id": "1", "text": "lesion", "masks": encode_masks([gt], gt.shape)}]
+    report = build_report("diagseg", seg, preds, n_boot=5)
+    papers = {r["metric"]: r["paper"] for r in report["metrics"] if r["paper"] is not None}
+    assert papers == {m: PAPER_DIAGSEG[m]["CT"] for m in ("dice", "recall")}
+    numbers = ", ".join(f"{m} {p}" for m, p in papers.items())
+    assert f"every item is of one modality (CT): the paper's numbers for it ({numbers}) are set beside the " \
+           "per-sample mean" in report["notes"]
+    assert not [n for n in report["notes"] if str(PAPER_DIAGSEG["dice"]["avg"]) in n]

@@ -220,13 +220,23 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                      "float): they are read as the official code reads them (PIL convert('RGB')), which clips every "
                      "value above 255 to white, so a 16-bit CT or MR slice reaches the model almost white; convert "
                      "them to 8-bit with the intended window first")
-    if task == "mc":
+    modalities = {s.modality for s in scores}
+    alone = next(iter(modalities)) if len(modalities) == 1 and "unknown" not in modalities else None
+    if alone is not None and task in ("mc", "diagseg"):
+        # The paper's averages span modalities: the notes on them would name a comparison the rows do not make.
+        papers = PAPER_DIAGSEG if task == "diagseg" else {}
+        numbers = ", ".join(f"{m} {p[alone]}" for m, p in papers.items() if alone in p)
+        notes.append(f"every item is of one modality ({alone}): " + (
+            f"the paper's numbers for it ({numbers}) are set beside the per-sample mean" if numbers else
+            "the paper has no number for it alone (its average spans other modalities), so none is set beside it"))
+    elif task == "mc":
         notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
                      "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
                      "paper combined them]; per_sample_mean is the accuracy pooled over all items")
-    if task == "diagseg":
+    if task == "diagseg" and alone is None:
         notes.append("paper Dice avg 69.9 matches a per-sample mean better than the macro mean (67.2) [inferred]; "
                      "paper Recall avg 58.9 is the macro mean")
+    if task == "diagseg":
         notes.append("dice is the official one (the model's square input frame resized onto the GT mask); "
                      "strict_dice scores the engine's masks on the image (the crop or letterbox inverted): the two "
                      "agree on square images")
