@@ -653,9 +653,8 @@ def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url
 def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
     """The user moves the volume (Volumes module, a hardened transform, a new parent transform) and looks: the
     suggestions sit on the same voxels at once, before the list or an answer reads them again."""
-    from medsight_testing.mrml import world_points
+    from medsight_testing.mrml import mask_world_points, world_points
     from medsight_testing.review_scene import ct_voxels
-    from MedSIGHTSlicerLib.geometry import ijk_to_ras
 
     scene = slicer.vtkMRMLScene()
     session = MedSIGHTSession(scene)
@@ -667,9 +666,7 @@ def test_the_preview_follows_the_volume_as_soon_as_it_moves(move):
         put_under_transform(scene, node)
     else:
         move_grid(scene, node, move)
-    k, j, i = np.nonzero(mask)
-    expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
-    np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    np.testing.assert_allclose(world_points(preview, suggestion), mask_world_points(node, mask), atol=1e-6)
     scene.RemoveNode(node)  # its observers go with its state
     session.stop_observing()
 
@@ -680,9 +677,8 @@ def test_a_stopped_session_leaves_the_preview_to_the_reloaded_one():
     widget, and its session, alive. cleanup's stop_observing removed the scene observers only, so the old session's
     volume observers still moved the preview when the volume moved, and the new session's moved it again: after a
     one-voxel origin move the suggestion sat a voxel off (0.74 mm on this grid). Now the stopped session lets go."""
-    from medsight_testing.mrml import world_points
+    from medsight_testing.mrml import mask_world_points, world_points
     from medsight_testing.review_scene import ct_voxels
-    from MedSIGHTSlicerLib.geometry import ijk_to_ras
 
     scene = slicer.vtkMRMLScene()
     old = MedSIGHTSession(scene)
@@ -695,9 +691,7 @@ def test_a_stopped_session_leaves_the_preview_to_the_reloaded_one():
     preview = new.suggestion_manager(node).existing_preview_node()  # the new widget's list shows the suggestions
     assert preview is old_preview
     move_grid(scene, node, "origin moved one voxel")
-    k, j, i = np.nonzero(mask)
-    expected = (parent_to_world(node) @ ijk_to_ras(node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
-    np.testing.assert_allclose(world_points(preview, suggestion), expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    np.testing.assert_allclose(world_points(preview, suggestion), mask_world_points(node, mask), atol=1e-6)
     scene.RemoveNode(node)
     new.stop_observing()
 

@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from medsight_testing.mrml import oversampled, pixel_to_ijk, put_under_transform, world_points  # noqa: E402
+from medsight_testing.mrml import mask_world_points, oversampled, pixel_to_ijk, put_under_transform, world_points  # noqa: E402
 from medsight_testing.review_scene import (  # noqa: E402
     delete_and_undo_in_segment_editor,
     resample_in_place,
@@ -625,16 +625,12 @@ def test_a_segment_the_user_drew_in_the_preview_is_never_taken_by_all(scene, vol
 
 
 def test_accepts_and_merges_land_where_shown_when_the_target_sits_under_another_transform(scene, volume, user_node):
-    from MedSIGHTSlicerLib.views import parent_to_world
-
     put_under_transform(scene, volume)  # the volume moved; the user's segmentation stayed where it was
     manager = SuggestionManager(scene, volume)
     [sid] = manager.add_answer(answer("axial", 4, [("liver", ball())]))
     mask = manager.suggestion_mask(sid)
     shown = world_points(manager.preview_node, sid)
-    k, j, i = np.nonzero(mask)
-    expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
-    np.testing.assert_allclose(shown, expected[np.lexsort(expected.T[::-1])], atol=1e-6)
+    np.testing.assert_allclose(shown, mask_world_points(volume, mask), atol=1e-6)
 
     [accepted] = manager.accept(sid, target=user_node)
     np.testing.assert_allclose(world_points(user_node, accepted), shown, atol=1e-6)
@@ -735,8 +731,6 @@ def test_suggestions_under_review_and_their_corrections_come_back_with_a_saved_s
 
 @pytest.mark.parametrize("move", ["put under a transform", "transform hardened", "origin edited", "grid edited"])
 def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, volume, move):
-    from MedSIGHTSlicerLib.views import parent_to_world
-
     if move == "transform hardened":
         put_under_transform(scene, volume)
     manager = SuggestionManager(scene, volume)
@@ -759,10 +753,7 @@ def test_suggestions_stay_on_the_volumes_voxels_when_the_volume_moves(scene, vol
                 matrix.SetElement(r, c, float(grid[r, c]))
         volume.SetIJKToRASMatrix(matrix)
     np.testing.assert_array_equal(manager.suggestion_mask(sid), mask)
-    k, j, i = np.nonzero(mask)
-    expected = (parent_to_world(volume) @ ijk_to_ras(volume) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
-    np.testing.assert_allclose(world_points(manager.preview_node, sid), expected[np.lexsort(expected.T[::-1])],
-                               atol=1e-6)
+    np.testing.assert_allclose(world_points(manager.preview_node, sid), mask_world_points(volume, mask), atol=1e-6)
 
 
 def test_forgetting_a_volume_removes_its_saved_preview_never_shown(scene, volume, tmp_path):

@@ -130,6 +130,17 @@ def world_points(node, segment_id: str) -> np.ndarray:
     return points[np.lexsort(points.T[::-1])]
 
 
+
+def mask_world_points(volume_node, mask: np.ndarray) -> np.ndarray:
+    """The world RAS of every voxel of a (k, j, i) mask on a volume's grid, through the volume's transforms: where
+    ``world_points`` must find a segment shown on those voxels (sorted rows, as it gives them)."""
+    from MedSIGHTSlicerLib.geometry import ijk_to_ras
+    from MedSIGHTSlicerLib.views import parent_to_world
+
+    k, j, i = np.nonzero(mask)
+    points = (parent_to_world(volume_node) @ ijk_to_ras(volume_node) @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+    return points[np.lexsort(points.T[::-1])]
+
 def oversampled(volume_node) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The lattice of the Segment Editor's geometry with oversampling 2 over ``volume_node`` and its (k, j, i) voxel
     counts (a ``geometry.Grid``): fine voxels 2n and 2n + 1 halve its voxel n, whose centre is their shared corner
