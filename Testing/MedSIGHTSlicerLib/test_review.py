@@ -7,6 +7,7 @@ before must be unchanged unless a merge named it.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,18 +215,27 @@ def test_an_accept_into_a_removed_segmentation_is_refused_not_redirected():
     check_segments(own, volume, {own_id: liver, new_id: suggested})
 
 
-def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
-    # It said "no segment 'user' in 'CT segmentation' to merge into" (an id the list never shows), and kept the merge
-    # choice, so Accept kept failing the same way.
+def _a_merge_chosen_into_liver(*names: str) -> SimpleNamespace:
+    """The CT scene with the user's segments of ``names`` (Liver first; their organ masks in ``masks``) in ``own``
+    (ids in ``ids``), one suggestion ``sid`` on slab 2 (its mask ``suggested``) and a merge into Liver chosen."""
     scene, volume, voxels = ct_scene()
-    liver, kidney = organ_masks(voxels.shape)
+    masks = dict(zip(("Liver", "Kidney"), organ_masks(voxels.shape)))
     own = user_segmentation(scene, volume)
-    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
+    ids = add_shared_user_segments(own, volume, {name: masks[name] for name in names})
     manager = SuggestionManager(scene, volume)
     review = Review(manager)
     [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
-    suggested = manager.suggestion_mask(sid)
-    review.set_target(own, merge_into=liver_id)
+    review.set_target(own, merge_into=ids[0])
+    return SimpleNamespace(own=own, volume=volume, voxels=voxels, manager=manager, review=review, sid=sid,
+                           suggested=manager.suggestion_mask(sid), ids=ids, masks=masks)
+
+
+def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
+    # It said "no segment 'user' in 'CT segmentation' to merge into" (an id the list never shows), and kept the merge
+    # choice, so Accept kept failing the same way.
+    m = _a_merge_chosen_into_liver("Liver", "Kidney")
+    own, volume, manager, review, sid, suggested = m.own, m.volume, m.manager, m.review, m.sid, m.suggested
+    (liver_id, kidney_id), kidney = m.ids, m.masks["Kidney"]
     own.GetSegmentation().RemoveSegment(liver_id)  # deleted in the Segment Editor
     with pytest.raises(SuggestionError, match=r"the segment to merge into \('Liver'\) was deleted: choose where to "
                                               "accept again"):
@@ -239,15 +249,10 @@ def test_a_merge_into_a_segment_deleted_since_it_was_chosen_names_it():
 def test_a_merge_choice_follows_its_segment_not_its_id():
     # The choice was kept by segment id: a new segment given the deleted one's id ("user" here; "MedSIGHT" of an
     # accept, "Segment_1" of older scenes) took the merge, without a word.
-    scene, volume, voxels = ct_scene()
-    liver, kidney = organ_masks(voxels.shape)
-    own = user_segmentation(scene, volume)
-    (liver_id,) = add_shared_user_segments(own, volume, {"Liver": liver})
-    manager = SuggestionManager(scene, volume)
-    review = Review(manager)
-    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
-    suggested = manager.suggestion_mask(sid)
-    review.set_target(own, merge_into=liver_id)
+    m = _a_merge_chosen_into_liver("Liver")
+    own, volume, manager, review, sid, suggested = m.own, m.volume, m.manager, m.review, m.sid, m.suggested
+    voxels = m.voxels
+    (liver_id,), kidney = m.ids, m.masks["Kidney"]
     own.GetSegmentation().RemoveSegment(liver_id)
     (tumour_id,) = add_shared_user_segments(own, volume, {"Tumour": kidney})
     assert tumour_id == liver_id
@@ -275,15 +280,9 @@ def test_a_merge_choice_follows_its_segment_back_after_the_segment_editors_undo(
     # Deleted by mistake and brought back with the Segment Editor's Undo (a new segment object under its id, with its
     # name, colour, tags and voxels), the chosen segment counted as gone: Accept refused the merge and the list fell
     # back to New segments.
-    scene, volume, voxels = ct_scene()
-    liver, kidney = organ_masks(voxels.shape)
-    own = user_segmentation(scene, volume)
-    liver_id, kidney_id = add_shared_user_segments(own, volume, {"Liver": liver, "Kidney": kidney})
-    manager = SuggestionManager(scene, volume)
-    review = Review(manager)
-    [sid] = manager.add_answer(slab_answer(volume, 2, rows=slice(20, 24), cols=slice(4, 8)))
-    suggested = manager.suggestion_mask(sid)
-    review.set_target(own, merge_into=liver_id)
+    m = _a_merge_chosen_into_liver("Liver", "Kidney")
+    own, volume, review, sid, suggested = m.own, m.volume, m.review, m.sid, m.suggested
+    (liver_id, kidney_id), liver, kidney = m.ids, m.masks["Liver"], m.masks["Kidney"]
     own.GetSegmentation().GetSegment(liver_id).SetName("Liver (checked)")  # renamed after the choice: still it
     delete_and_undo_in_segment_editor(own, liver_id)
     assert not review.merge_segment_gone()
