@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,8 +319,11 @@ class ConversationDataset:
             self.check_lengths()
 
     def length(self, item: dict) -> int:
-        """The item's sequence in embeddings: its ids, the image placeholder replaced by the image's embeddings."""
-        ids = tokenize_prompt(self.tokenizer, training_messages(item["conversations"]))
+        """The item's sequence in embeddings (`_embeddings` of its ids)."""
+        return self._embeddings(tokenize_prompt(self.tokenizer, training_messages(item["conversations"])))
+
+    def _embeddings(self, ids: Sequence[int]) -> int:
+        """How many embeddings a sequence of `ids` is: the image placeholder replaced by the image's embeddings."""
         return len(ids) - 1 + self.image_embeddings
 
     def check_lengths(self) -> None:
@@ -392,20 +395,21 @@ class ConversationDataset:
 
     def _sample(self, item: dict) -> ConversationSample:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        rgb = read_rgb(self.resolve(image))
+        image_path = self.resolve(image)
+        rgb = read_rgb(image_path)
         pixels, _ = prepare_image(rgb, self.image_size, self.mean, self.std, self.resize_mode)
         ids, labels = training_labels(self.tokenizer, training_messages(item["conversations"]), num_images=1,
                                       label_prompt_markup=self.label_prompt_markup)
-        if self.max_length is not None and len(ids) - 1 + self.image_embeddings > self.max_length:
-            raise ValueError(f"{len(ids) - 1 + self.image_embeddings} embeddings long, more than the model's "
-                             f"{self.max_length}; shorten or remove it")
+        if self.max_length is not None and self._embeddings(ids) > self.max_length:
+            raise ValueError(f"{self._embeddings(ids)} embeddings long, more than the model's {self.max_length}; "
+                             "shorten or remove it")
         order = item.get("mask_orders") or []
         masks = None
         if order:
             files = item.get("mask_files") or {}
             paths = [self.resolve(files[str(m)]) for m in order]
             masks = read_masks(paths)[:, None]
-            check_mask_aspect(self.resolve(image), rgb.shape[:2], paths, tuple(masks.shape[-2:]))
+            check_mask_aspect(image_path, rgb.shape[:2], paths, tuple(masks.shape[-2:]))
         return ConversationSample(ids, labels, pixels, masks)
 
 
