@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .qt_shim import qt
+from .qt_shim import prop, qt
 
 __all__ = ["Colours", "colours_of", "contrast", "mix", "readable"]
 
@@ -68,7 +68,7 @@ def readable(colour: tuple[float, float, float], base: tuple[int, int, int], tex
 
 def colours_of(widget: Any) -> Colours:
     """The module's colours for ``widget``'s current palette."""
-    palette = widget.palette() if callable(widget.palette) else widget.palette
+    palette = prop(widget, "palette")  # a property in PythonQt, a method in PySide
     text = _rgb(palette.color(qt.QPalette.Text))
     base = _rgb(palette.color(qt.QPalette.Base))
     dark = _luma(base) < 128

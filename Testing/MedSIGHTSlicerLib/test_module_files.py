@@ -548,6 +548,50 @@ def test_module_reads_ui_properties_as_attributes_and_calls_only_methods():
                 assert node.attr in class_members(cls, "properties"), f"{where}: no such property"
 
 
+#: Qt classes the Lib gets back from Qt calls without naming them (``QTextEdit.verticalScrollBar()``).
+LIB_REACHED_QT_CLASSES = ("QScrollBar",)
+#: Qt methods whose result is a value class, not a QObject (``QTextEdit.textCursor()``: a QTextCursor), on which
+#: PythonQt finds methods as PySide does (it shadows methods by properties on QObjects only).
+QT_VALUE_RESULTS = ("textCursor",)
+
+
+def qt_property_calls(source: str, properties: set[str]) -> list[str]:
+    """Zero-argument calls ``x.<name>()`` in ``source`` whose name is in ``properties`` and whose receiver may be a
+    QObject, as 'line: call'."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.args
+                and not node.keywords and node.func.attr in properties):
+            continue
+        receiver = node.func.value
+        if isinstance(receiver, ast.Call) and getattr(receiver.func, "attr", None) in QT_VALUE_RESULTS:
+            continue
+        found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_lib_never_calls_a_qt_property_like_a_method():
+    """PythonQt looks a name up as a Qt property before a method (PythonQtClassInfo::member, commontk/PythonQt
+    db525aff, the PythonQt of Slicer v5.8.0's CTK): on a QObject ``label.text`` is the text and ``label.text()`` a
+    TypeError ('str' object is not callable) each time it runs in Slicer, while PySide6, which runs the Lib's tests,
+    has only the method. So the Lib reads properties through ``qt_shim.prop`` and never calls one: no zero-argument
+    call in it names a property of a QObject class it uses (read from Qt's own meta-objects)."""
+    qt_modules = [pytest.importorskip(f"qtpy.{name}") for name in ("QtWidgets", "QtGui", "QtCore")]
+    sources = {path.name: path.read_text(encoding="utf-8") for path in sorted(LIB.glob("*.py"))}
+    names = {n for text in sources.values() for n in re.findall(r"\bqt\.(Q[A-Za-z]+)", text)}
+    classes = [next(getattr(m, n) for m in qt_modules if hasattr(m, n))
+               for n in sorted(names | set(LIB_REACHED_QT_CLASSES))]
+    properties = {str(cls.staticMetaObject.property(n).name()) for cls in classes
+                  if isinstance(cls, type) and issubclass(cls, qt_modules[2].QObject)
+                  for n in range(cls.staticMetaObject.propertyCount())}
+    assert {"text", "value", "palette", "count", "topLevelItemCount"} <= properties  # the meta-objects were read
+    calls = {name: qt_property_calls(text, properties) for name, text in sources.items()}
+    assert not {name: found for name, found in calls.items() if found}, "read these with qt_shim.prop(obj, name)"
+    # The check sees a property called like a method (theme.colours_of called palette, behind a callable test).
+    assert qt_property_calls("bar.value()\nbar.setValue(1)\nitem.text(0)\nw.textCursor().hasSelection()\n",
+                             properties) == ["1: bar.value()"]
+
+
 def test_ui_layouts_fit_what_the_module_adds():
     """The module adds rows to the Engine section (QFormLayout.addRow) and widgets to the conversation placeholder
     (a box layout's addWidget)."""
