@@ -27,7 +27,8 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel
 from MedSIGHTSlicerLib.connection_check import ConnectionCheck
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine, output_lines, replaced_by_reload
-from MedSIGHTSlicerLib.export import EXPORT_FORMATS, export_labelmap_file, export_report, proposed_path, remember_folder
+from MedSIGHTSlicerLib.export import export_labelmap_file, export_report, remember_folder
+from MedSIGHTSlicerLib.export_dialog import ask_export_path
 from MedSIGHTSlicerLib.naming import TERMINOLOGY_FILE
 from MedSIGHTSlicerLib.review_host import ReviewHost
 from MedSIGHTSlicerLib.session import MedSIGHTSession
@@ -375,10 +376,9 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         if node is None:
             self.panel.show_error("Choose the input volume whose accepted segments should be exported.")
             return
-        pattern, suffixes = EXPORT_FORMATS[self.ui.exportFormatComboBox.currentIndex]  # the file name picks the writer
-        # The last export's folder, else Slicer's own default for saved data; never a bare name (working directory).
-        proposed = proposed_path(qt.QSettings(), slicer.app.defaultScenePath, node.GetName(), suffixes[0])
-        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", proposed, pattern)
+        # Proposed in the last export's folder, else Slicer's default for saved data; the file name picks the writer.
+        path = ask_export_path(qt.QSettings(), slicer.app.defaultScenePath, node.GetName(),
+                               self.ui.exportFormatComboBox.currentIndex, slicer.util.mainWindow())
         if not path:
             return
         try:

@@ -152,16 +152,16 @@ def test_export_dialog_proposes_a_file_in_the_last_export_folder_or_slicers_defa
     directory for them), which goes with that version. ``proposed_path`` (tested in test_export_slicer.py) puts
     it in the last export's folder kept in Slicer's settings, else ``slicer.app.defaultScenePath`` (Documents unless
     the user chose another, Base/QTCore/qSlicerCoreApplication.cxx:1406; ScreenCapture.py:208 saves there); a written
-    export's folder is remembered, a failed one's is not."""
+    export's folder is remembered, a failed one's is not.
+
+    The dialog is ``export_dialog.ask_export_path`` (tested in test_export_dialog.py), given the format box's choice.
+    """
     export = next(node for node in ast.walk(ast.parse(SCRIPT.read_text()))
                   if isinstance(node, ast.FunctionDef) and node.name == "onExport")
     dialog = next(node for node in ast.walk(export) if isinstance(node, ast.Call)
-                  and ast.unparse(node.func) == "qt.QFileDialog.getSaveFileName")
-    proposed = ast.unparse(dialog.args[2])
-    value = next(node.value for node in ast.walk(export) if isinstance(node, ast.Assign)
-                 and [ast.unparse(t) for t in node.targets] == [proposed])
-    assert isinstance(value, ast.Call) and ast.unparse(value.func) == "proposed_path"
-    assert [ast.unparse(a) for a in value.args[:2]] == ["qt.QSettings()", "slicer.app.defaultScenePath"]
+                  and ast.unparse(node.func) == "ask_export_path")
+    assert [ast.unparse(a) for a in dialog.args[:4]] == [
+        "qt.QSettings()", "slicer.app.defaultScenePath", "node.GetName()", "self.ui.exportFormatComboBox.currentIndex"]
     statements = [ast.unparse(node) for node in export.body]
     remembered = statements.index("remember_folder(qt.QSettings(), path)")
     tried = next(n for n, node in enumerate(export.body) if isinstance(node, ast.Try))
