@@ -36,6 +36,7 @@ __all__ = [
     "volume_shape",
     "volume_upload_arrays",
     "voxel_grid",
+    "voxels_replaced",
     "vtk_matrix",
 ]
 
@@ -229,6 +230,17 @@ def _grid_name(grid: Grid | None) -> str:
 def shape_text(shape: tuple[int, ...]) -> str:
     """A (k, j, i) voxel count as users read it, i x j x k ("512x512x300"); "no" for () (no image data)."""
     return "x".join(str(n) for n in shape[::-1]) or "no"
+
+
+def voxels_replaced(name: str, then: tuple[int, ...], now: tuple[int, ...], since: str = "since",
+                    when: str = "then") -> str:
+    """How a refusal says that the voxels of the volume ``name`` were replaced (``then`` and ``now``: its (k, j, i)
+    voxel counts; ``since`` and ``when`` say since when, e.g. "while the question ran" and "when asked")."""
+    if tuple(then) == tuple(now):
+        return (f"the voxels of {name!r} were replaced {since} (resampled or changed in place: {shape_text(now)} "
+                f"voxels as {when}, other values)")
+    return (f"the voxels of {name!r} were replaced by another grid size {since} ({shape_text(then)} voxels {when}, "
+            f"{shape_text(now)} now)")
 
 
 def voxel_grid(volume_node, node=None) -> Grid:

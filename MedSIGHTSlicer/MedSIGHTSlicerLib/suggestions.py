@@ -47,6 +47,7 @@ from .geometry import (
     shape_text,
     volume_shape,
     voxel_grid,
+    voxels_replaced,
     vtk_matrix,
 )
 from .protocol import AskResult, SliceAnswer
@@ -655,22 +656,19 @@ class SuggestionManager:
         size since they were made. The preview followed the volume's grid by voxel index, which a crop that moves the
         grid's origin turns into another place: accepted, they would land beside what was found."""
         now = self._shape()
-        made_on = {sid: get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS) for sid in segment_ids}
         # Without the tag (a scene saved before it was written) there is nothing to compare with.
-        stale = [sid for sid, then in made_on.items() if then not in (None, shape_text(now))]
-        if stale:
-            names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
-            return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another "
-                    f"grid size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
-                    "suggestion may no longer lie on what was found; reject it and ask again")
-        digest = self.voxels_digest()
-        stale = [sid for sid in segment_ids if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
+        made_on = {sid: _shape_of(get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS)) for sid in segment_ids}
+        stale = [sid for sid, then in made_on.items() if then not in (None, now)]
+        then = made_on[stale[0]] if stale else now
         if not stale:
-            return ""
+            digest = self.voxels_digest()
+            stale = [sid for sid in segment_ids
+                     if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
+            if not stale:
+                return ""
         names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
-        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled "
-                f"or changed in place: {shape_text(now)} voxels as then, other values), so the suggestion may no "
-                "longer lie on what was found; reject it and ask again")
+        return (f"cannot accept {names}: {voxels_replaced(self.volume_node.GetName(), then, now)}, so the suggestion "
+                "may no longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
@@ -949,11 +947,7 @@ class SuggestionManager:
         names = ", ".join(repr(item.user_name if plain_accept and item.user_name else item.suggestion.name)
                           for item in operation.items)
         verb = "rejecting" if operation.kind == "reject" else "accepting"
-        if then == now:
-            return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled or "
-                    f"changed in place: {shape_text(now)} voxels as then, other values)")
-        return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
-                f"since ({shape_text(then)} voxels then, {shape_text(now)} now)")
+        return f"{verb} {names}: {voxels_replaced(self.volume_node.GetName(), then, now)}"
 
     def redo(self) -> bool:
         """Re-apply the last undone accept or reject. False when there is nothing to redo."""
@@ -1162,6 +1156,13 @@ def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bo
     (saving collapses a segmentation's layers onto the first one's) does not."""
     lattice = lattice_grid(node, segment_id, written, grid)
     return np.array_equal(segment_array(node, segment_id, None, lattice), mask_on_grid(written, grid, lattice))
+
+
+def _shape_of(text: str | None) -> tuple[int, ...] | None:
+    """The (k, j, i) voxel counts a ``TAG_VOLUME_VOXELS`` tag holds ("40x32x7"), or None (no tag, or not one)."""
+    if text is None or not re.fullmatch(r"\d+(x\d+)*", text):
+        return None
+    return tuple(int(n) for n in reversed(text.split("x")))
 
 
 def _surfaces_refusal(node) -> str:
