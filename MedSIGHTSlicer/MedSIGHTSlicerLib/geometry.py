@@ -24,16 +24,19 @@ __all__ = [
     "grid_within",
     "ijk_to_ras",
     "labelmap_from_array",
+    "lattice_box",
     "lattice_grid",
     "mask_on_grid",
     "mask_to_ijk",
     "nodes_by_class",
+    "reference_lattice",
     "same_lattice",
     "segment_array",
     "shape_text",
     "volume_shape",
     "volume_upload_arrays",
     "voxel_grid",
+    "voxels_replaced",
     "vtk_matrix",
 ]
 
@@ -229,6 +232,17 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(n) for n in shape[::-1]) or "no"
 
 
+def voxels_replaced(name: str, then: tuple[int, ...], now: tuple[int, ...], since: str = "since",
+                    when: str = "then") -> str:
+    """How a refusal says that the voxels of the volume ``name`` were replaced (``then`` and ``now``: its (k, j, i)
+    voxel counts; ``since`` and ``when`` say since when, e.g. "while the question ran" and "when asked")."""
+    if tuple(then) == tuple(now):
+        return (f"the voxels of {name!r} were replaced {since} (resampled or changed in place: {shape_text(now)} "
+                f"voxels as {when}, other values)")
+    return (f"the voxels of {name!r} were replaced by another grid size {since} ({shape_text(then)} voxels {when}, "
+            f"{shape_text(now)} now)")
+
+
 def voxel_grid(volume_node, node=None) -> Grid:
     """The volume's voxel grid as it lies in ``node``'s own frame now (default: a node under the volume's transform).
 
@@ -301,6 +315,33 @@ def lattice_grid(node, segment_id: str, mask_kji: np.ndarray, mask_grid: Grid) -
     lattice[:3, 3] += lattice[:3, :3] @ lo
     i, j, k = (hi - lo + 1).astype(int)
     return grid_holding((lattice, (int(k), int(j), int(i))), mask_kji, mask_grid)
+
+
+def reference_lattice(node) -> np.ndarray | None:
+    """The lattice a segmentation node's segments are saved on, in its own frame (the 4x4 map from an (i, j, k) index
+    to it), or None when it has none: its "ReferenceImageGeometry" conversion parameter, set from its volume when it
+    was made. Slicer's save resamples every segment onto it (``vtkSegmentation::DetermineCommonLabelmapGeometry``),
+    and it does not follow the volume: a volume whose spacing or directions are edited later, or a segmentation put
+    under another transform, leaves it where it was."""
+    import slicer
+
+    converter = slicer.vtkSegmentationConverter
+    geometry = node.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName())
+    matrix = vtk.vtkMatrix4x4()
+    extent = [0, -1, 0, -1, 0, -1]
+    if not geometry or not converter.DeserializeImageGeometry(geometry, matrix, extent):
+        return None
+    return _matrix_to_numpy(matrix)
+
+
+def lattice_box(lattice: np.ndarray, mask_kji: np.ndarray, mask_grid: Grid) -> Grid:
+    """The lattice ``lattice`` (a 4x4 index-to-frame map) over a box holding only ``mask_kji``'s voxels (a non-empty
+    mask on ``mask_grid``, in the same frame), not the whole volume that lattice was set from."""
+    first = np.argwhere(mask_kji)[0][::-1]
+    start = np.rint((np.linalg.inv(lattice) @ mask_grid[0] @ np.append(first, 1.0))[:3])
+    near = lattice.copy()
+    near[:3, 3] += lattice[:3, :3] @ start
+    return grid_holding((near, (1, 1, 1)), mask_kji, mask_grid)
 
 
 def grid_holding(grid: Grid, mask_kji: np.ndarray | None, mask_grid: Grid) -> Grid:

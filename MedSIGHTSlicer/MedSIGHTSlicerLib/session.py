@@ -308,17 +308,11 @@ class MedSIGHTSession:
             return answer
         sent, shape = self._bound_grid
         now, now_shape = _grid_of(node)
-        if now_shape != shape:
-            then, now_size = geometry.shape_text(shape), geometry.shape_text(now_shape)
-            raise geometry.GeometryError(
-                f"the voxels of {node.GetName()!r} were replaced while the question ran ({then} voxels when "
-                f"asked, {now_size} now): answers about the old voxels are not placed on the new "
-                "ones; ask again")
-        if self._bound_digest and self._digest_of(node) != self._bound_digest:
-            raise geometry.GeometryError(
-                f"the voxels of {node.GetName()!r} were replaced while the question ran (resampled or changed in "
-                f"place: {geometry.shape_text(now_shape)} voxels as when asked, other values): answers about the old "
-                "voxels are not placed on the new ones; ask again")
+        if now_shape != shape or (self._bound_digest and self._digest_of(node) != self._bound_digest):
+            replaced = geometry.voxels_replaced(node.GetName(), shape, now_shape, "while the question ran",
+                                                "when asked")
+            raise geometry.GeometryError(f"{replaced}: answers about the old voxels are not placed on the new ones; "
+                                         "ask again")
         if np.array_equal(now, sent):
             return answer
         return replace(answer, slice_to_ras=now @ np.linalg.inv(sent) @ np.asarray(answer.slice_to_ras, dtype=float))

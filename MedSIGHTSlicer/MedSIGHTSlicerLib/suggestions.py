@@ -36,15 +36,18 @@ from .geometry import (
     grids_share_lattice,
     ijk_to_ras,
     labelmap_from_array,
+    lattice_box,
     lattice_grid,
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
+    reference_lattice,
     same_lattice,
     segment_array,
     shape_text,
     volume_shape,
     voxel_grid,
+    voxels_replaced,
     vtk_matrix,
 )
 from .protocol import AskResult, SliceAnswer
@@ -159,6 +162,9 @@ class _Item:
     #: the grid the accept wrote the suggestion's voxels on, in the target's frame: undo compares the segment with
     #: them there, so moving the volume or a transform since (which moves no segment's own voxels) is no edit
     grid: Grid | None = None
+    #: the voxels the accept wrote on ``grid`` when they are not the suggestion's own: moved onto the target's
+    #: reference lattice (``_on_saved_lattice``)
+    written: np.ndarray | None = field(default=None, repr=False)
     hidden: bool = False  # hidden in the views (Show/Hide) when it left the list: it comes back so on undo
 
 
@@ -650,22 +656,19 @@ class SuggestionManager:
         size since they were made. The preview followed the volume's grid by voxel index, which a crop that moves the
         grid's origin turns into another place: accepted, they would land beside what was found."""
         now = self._shape()
-        made_on = {sid: get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS) for sid in segment_ids}
         # Without the tag (a scene saved before it was written) there is nothing to compare with.
-        stale = [sid for sid, then in made_on.items() if then not in (None, shape_text(now))]
-        if stale:
-            names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
-            return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another "
-                    f"grid size since ({made_on[stale[0]]} voxels then, {shape_text(now)} now), so the "
-                    "suggestion may no longer lie on what was found; reject it and ask again")
-        digest = self.voxels_digest()
-        stale = [sid for sid in segment_ids if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
+        made_on = {sid: _shape_of(get_tag(self.suggestion(sid), TAG_VOLUME_VOXELS)) for sid in segment_ids}
+        stale = [sid for sid, then in made_on.items() if then not in (None, now)]
+        then = made_on[stale[0]] if stale else now
         if not stale:
-            return ""
+            digest = self.voxels_digest()
+            stale = [sid for sid in segment_ids
+                     if get_tag(self.suggestion(sid), TAG_VOLUME_DIGEST) not in (None, digest)]
+            if not stale:
+                return ""
         names = ", ".join(repr(self.suggestion(sid).GetName()) for sid in stale)
-        return (f"cannot accept {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled "
-                f"or changed in place: {shape_text(now)} voxels as then, other values), so the suggestion may no "
-                "longer lie on what was found; reject it and ask again")
+        return (f"cannot accept {names}: {voxels_replaced(self.volume_node.GetName(), then, now)}, so the suggestion "
+                "may no longer lie on what was found; reject it and ask again")
 
     def target_nodes(self) -> list:
         """Segmentation nodes a suggestion can be accepted into: every non-preview one referencing this volume,
@@ -731,23 +734,67 @@ class SuggestionManager:
             self._remove_suggestions(operation.items)
             return
         segmentation = user.GetSegmentation()
+        # Where each goes, all before any is written: one that the target cannot hold refuses the whole accept.
+        placed = [self._on_saved_lattice(user, repr(item.suggestion.name), item.suggestion.mask(),
+                                         item.suggestion.grid_of(self.volume_node, user)) for item in operation.items]
         taken = {segmentation.GetSegment(sid).GetName().lower() for sid in _segment_ids(segmentation)}
-        for item in operation.items:
+        for item, (written, grid) in zip(operation.items, placed):
             name = _unique_name(item.suggestion.name, taken)
             taken.add(name.lower())
             # A redo gives the segment back its first id, so references to it (scripts, the list) stay valid.
             reuse = item.user_id and segmentation.GetSegment(item.user_id) is None
             user_id = item.user_id if reuse else segmentation.GenerateUniqueSegmentID(_ID_PREFIX)
-            grid = item.suggestion.grid_of(self.volume_node, user)
             # The suggestion's grid size is the review's bookkeeping, not part of the user's segment.
             tags = {key: value for key, value in item.suggestion.tags.items()
                     if key not in (TAG_VOLUME_VOXELS, TAG_VOLUME_DIGEST)}
             _add_segment(user, replace(item.suggestion, tags=tags), self.volume_node, segment_id=user_id, name=name,
-                         grid=grid)
+                         mask=written, grid=grid)
             if reuse:
                 self._follow_remade_segment(user, user_id)
-            item.user_id, item.user_name, item.grid = user_id, name, grid
+            item.user_id, item.user_name, item.grid, item.written = user_id, name, grid, written
         self._remove_suggestions(operation.items)
+
+    def _on_saved_lattice(self, node, names: str, mask: np.ndarray, grid: Grid) -> tuple[np.ndarray | None, Grid]:
+        """Where suggested voxels (``mask`` on ``grid``; ``names``: how a refusal names them) go into ``node``:
+        ``(None, grid)``, as they are, while the volume's voxels lie on ``node``'s reference lattice (the usual case),
+        else ``(voxels, lattice)`` on that lattice, where Slicer's save would put them anyway
+        (``geometry.reference_lattice``), so what the accept shows is what is saved and reloaded. As the Segment
+        Editor does: it edits a segmentation on its reference geometry whatever its source volume's geometry became,
+        and never resamples the other segments.
+
+        Refused (SuggestionError naming the numbers) unless the lattice holds the voxels exactly, read back on the
+        volume's voxels they were reviewed on: a lattice coarser than them, or turned against them, would save another
+        segment than the one shown."""
+        reference = reference_lattice(node)
+        if reference is None or grids_share_lattice((reference, ()), voxel_grid(self.volume_node, node)):
+            return None, grid
+        lattice = lattice_box(reference, mask, grid)
+        written = mask_on_grid(mask, grid, lattice)
+        back = mask_on_grid(written, lattice, grid)
+        lost, gained = int(np.count_nonzero(mask & ~back)), int(np.count_nonzero(back & ~mask))
+        if lost or gained:
+            raise SuggestionError(self._lattice_refusal(node, names, int(np.count_nonzero(mask)), lost, gained,
+                                                        reference))
+        return written, lattice
+
+    def _lattice_refusal(self, node, names: str, held: int, lost: int, gained: int, reference: np.ndarray) -> str:
+        """Why ``names`` cannot go into ``node``: the lattice Slicer saves ``node`` on no longer lines up with the
+        volume's voxels (``held`` of them suggested; it would lose ``lost`` and gain ``gained``)."""
+        volume = self.volume_node.GetName()
+        between = np.linalg.inv(voxel_grid(self.volume_node, node)[0]) @ reference
+        sizes = np.linalg.norm(between[:3, :3], axis=0)
+        if not np.allclose(np.abs(between[:3, :3]), np.diag(sizes), atol=1e-6):
+            how = f"turned against the voxels of {volume!r} (a transform or their directions changed since)"
+        elif np.any(sizes > 1 + 1e-6):
+            how = f"coarser than the voxels of {volume!r} now (their spacing changed since)"
+        else:
+            how = f"off the voxels of {volume!r} now (their spacing or origin changed since)"
+        change = " and ".join(part for part in (f"lose {lost} of its {held} voxels" if lost else "",
+                                                f"gain {gained} it does not have" if gained else "") if part)
+        return (f"cannot accept {names} into {node.GetName()!r}: Slicer saves that segmentation on the grid it was "
+                f"made on, which is {how}: there {names} would {change}. Accept it into a "
+                f"segmentation made on {volume!r} as it is now, or give this one the geometry of {volume!r} first "
+                "(Segment Editor: Specify geometry)")
 
     def _follow_remade_segment(self, node, segment_id: str) -> None:
         """A redo made an undone accept's segment again under its first id, as a new segment object: the undone
@@ -775,12 +822,22 @@ class SuggestionManager:
             else:
                 parts.append((item.suggestion.mask(), item.suggestion.grid_of(self.volume_node, node)))
         parts = [(before, before_grid), (added, volume_grid), *parts]
+        lattices = [before_grid, volume_grid, *(grid for _, grid in parts[2:])]
+        reference = reference_lattice(node)
+        if reference is not None and not grids_share_lattice((reference, ()), volume_grid):
+            # The volume's voxels left the lattice Slicer saves this segmentation on (``_on_saved_lattice``): merged
+            # there, or refused where it cannot hold the suggested voxels exactly.
+            names = ", ".join(repr(item.suggestion.name) for item in operation.items)
+            for mask, mask_grid in parts[1:]:
+                if mask.any():
+                    self._on_saved_lattice(node, names, mask, mask_grid)
+            lattices = [lattice_box(reference, *next((m, g) for m, g in parts[1:] if m.any()))]
         # Merged on the segment's own lattice (which may be finer than the volume's); where that would drop a voxel
         # of a suggestion (a coarser or turned lattice holds no voxel centre in it), on the volume's voxels, which
         # hold each coarse voxel; where a suggestion was corrected finer than those, on its own lattice. Each is grown
         # to hold everything, so the segment's part outside the volume's box stays too.
         dropped = []
-        for lattice in [before_grid, volume_grid, *(grid for _, grid in parts[2:])]:
+        for lattice in lattices:
             grid = lattice
             for mask, mask_grid in parts:
                 grid = grid_holding(grid, mask, mask_grid)
@@ -793,10 +850,11 @@ class SuggestionManager:
                     int(np.count_nonzero(mask & ~mask_on_grid(merged, grid, mask_grid))) for mask, mask_grid in parts]
             if not any(lost):
                 break
-            if lattice is volume_grid:
-                dropped = lost  # the refusal says what the volume's voxels would drop
+            if lattice is volume_grid or len(lattices) == 1:
+                dropped = lost  # the refusal says what the volume's (or the saved) lattice would drop
         else:
-            raise SuggestionError(self._merge_refusal(segment.GetName(), int(np.count_nonzero(before)), dropped))
+            raise SuggestionError(self._merge_refusal(segment.GetName(), int(np.count_nonzero(before)), dropped,
+                                                      len(lattices) == 1))
         # The segment as it was on its own lattice: undo gives back exactly its voxels, also after a coarse fallback.
         operation.merge_before = SegmentSnapshot.from_mask(
             merge_id, segment.GetName(), segment.GetColor(), _segment_tags(segment), before
@@ -810,9 +868,13 @@ class SuggestionManager:
             item.user_id, item.user_name = merge_id, segment.GetName()
 
     @staticmethod
-    def _merge_refusal(name: str, held: int, lost: list[int]) -> str:
-        """Why no lattice can hold a merge (``lost``: voxels it drops of the segment, then of each suggestion part)."""
+    def _merge_refusal(name: str, held: int, lost: list[int], saved: bool = False) -> str:
+        """Why no lattice can hold a merge (``lost``: voxels it drops of the segment, then of each suggestion part;
+        ``saved``: on the lattice its segmentation is saved on, the only one tried)."""
         what = f"{lost[0]} of its {held} voxels" if lost[0] else f"{sum(lost[1:])} of the suggested voxels"
+        if saved:
+            return (f"cannot merge into {name!r}: its voxels lie off the grid Slicer saves its segmentation on, and "
+                    f"merging on that grid would lose {what}. Accept the suggestion as a new segment instead")
         return (f"cannot merge into {name!r}: its voxels lie on a lattice that does not line up with the volume's, "
                 f"and merging on the volume's voxels would lose {what}. Accept the suggestion as a new segment "
                 "instead (the Segment Editor's Logical operators can combine the two)")
@@ -885,11 +947,7 @@ class SuggestionManager:
         names = ", ".join(repr(item.user_name if plain_accept and item.user_name else item.suggestion.name)
                           for item in operation.items)
         verb = "rejecting" if operation.kind == "reject" else "accepting"
-        if then == now:
-            return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced since (resampled or "
-                    f"changed in place: {shape_text(now)} voxels as then, other values)")
-        return (f"{verb} {names}: the voxels of {self.volume_node.GetName()!r} were replaced by another grid size "
-                f"since ({shape_text(then)} voxels then, {shape_text(now)} now)")
+        return f"{verb} {names}: {voxels_replaced(self.volume_node.GetName(), then, now)}"
 
     def redo(self) -> bool:
         """Re-apply the last undone accept or reject. False when there is nothing to redo."""
@@ -971,7 +1029,8 @@ class SuggestionManager:
             segment = user.GetSegmentation().GetSegment(item.user_id)
             if segment is None:
                 return f"accepting {item.user_name!r}: that segment was deleted since"
-            if not _still_written(user, item.user_id, item.suggestion.mask(), item.grid):
+            written = item.suggestion.mask() if item.written is None else item.written
+            if not _still_written(user, item.user_id, written, item.grid):
                 return f"accepting {segment.GetName()!r}: that segment was edited since"
         return ""
 
@@ -1099,6 +1158,13 @@ def _still_written(node, segment_id: str, written: np.ndarray, grid: Grid) -> bo
     return np.array_equal(segment_array(node, segment_id, None, lattice), mask_on_grid(written, grid, lattice))
 
 
+def _shape_of(text: str | None) -> tuple[int, ...] | None:
+    """The (k, j, i) voxel counts a ``TAG_VOLUME_VOXELS`` tag holds ("40x32x7"), or None (no tag, or not one)."""
+    if text is None or not re.fullmatch(r"\d+(x\d+)*", text):
+        return None
+    return tuple(int(n) for n in reversed(text.split("x")))
+
+
 def _surfaces_refusal(node) -> str:
     """Why nothing is accepted into ``node``, a segmentation kept as closed surfaces."""
     return (f"{node.GetName()!r} keeps its segments as closed surfaces, which would lose the accepted voxels: accept "
@@ -1121,9 +1187,12 @@ def _holds_labelmaps(node) -> bool:
 
 
 def _follow_volume(segmentation_node, volume_node) -> None:
-    """Same grid and same parent transform as the volume, so segments sit on its voxels wherever it is moved."""
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    """Same grid and same parent transform as the volume, so segments sit on its voxels wherever it is moved.
+
+    The transform first: the grid is taken in the node's frame as it is then, and set before the transform it would
+    be the volume's grid turned by that transform, a lattice Slicer's save would move every segment onto."""
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
 
 
 def _weighted_confidence(weights: list[tuple[float, int]]) -> float:

@@ -637,7 +637,7 @@ def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url
         manager = session.suggestion_manager(volume)
         run_question(app, panel, "range", 0, voxels.shape[0] - 1)
         assert len(answers) == voxels.shape[0]
-        assert "were replaced while the question ran" in panel.error.text()
+        assert "were replaced by another grid size while the question ran" in panel.error.text()
         assert "40x32x7 voxels when asked, 40x32x3 now" in panel.error.text()
         slices = {get_tag(manager.suggestion(sid), "MedSIGHT.Slice") for sid in manager.suggestion_ids()}
         assert slices == {"axial:0"}  # only the answer placed before the voxels changed
