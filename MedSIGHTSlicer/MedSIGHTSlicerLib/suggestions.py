@@ -786,15 +786,24 @@ class SuggestionManager:
         if not np.allclose(np.abs(between[:3, :3]), np.diag(sizes), atol=1e-6):
             how = f"turned against the voxels of {volume!r} (a transform or their directions changed since)"
         elif np.any(sizes > 1 + 1e-6):
-            how = f"coarser than the voxels of {volume!r} now (their spacing changed since)"
+            how = f"coarser than the voxels of {volume!r} now (their spacing changed since, or it was set coarser)"
         else:
             how = f"off the voxels of {volume!r} now (their spacing or origin changed since)"
         change = " and ".join(part for part in (f"lose {lost} of its {held} voxels" if lost else "",
                                                 f"gain {gained} it does not have" if gained else "") if part)
+        fix = (f"Accept it into a segmentation made on {volume!r} as it is now, or give this one the geometry of "
+               f"{volume!r} first (Segment Editor: Specify geometry)")
+        if (node.GetTransformNodeID() != self.volume_node.GetTransformNodeID()
+                and grids_share_lattice((reference, ()), (ijk_to_ras(self.volume_node), ()))):
+            # Made on the volume where it lies in its own frame (e.g. before a registration moved the volume alone):
+            # under the volume's transform it lines up again with none of its voxels resampled, which Specify
+            # geometry would do to every segment of the user's.
+            parent = self.volume_node.GetParentTransformNode()
+            under = "no transform" if parent is None else f"the transform {parent.GetName()!r}"
+            fix = (f"Either put {node.GetName()!r} under {under}, as {volume!r} is (Data module; its segments then "
+                   f"move with the volume, none resampled), or {fix[0].lower()}{fix[1:]}")
         return (f"cannot accept {names} into {node.GetName()!r}: Slicer saves that segmentation on the grid it was "
-                f"made on, which is {how}: there {names} would {change}. Accept it into a "
-                f"segmentation made on {volume!r} as it is now, or give this one the geometry of {volume!r} first "
-                "(Segment Editor: Specify geometry)")
+                f"made on, which is {how}: there {names} would {change}. {fix}")
 
     def _follow_remade_segment(self, node, segment_id: str) -> None:
         """A redo made an undone accept's segment again under its first id, as a new segment object: the undone

@@ -130,6 +130,8 @@ def test_an_accept_the_saved_lattice_cannot_hold_is_refused_with_what_saving_wou
     assert said == {key: n for key, n in (("lose", lost), ("gain", gained)) if n}
     assert f"of its {int(mask.sum())} voxels" in message or not lost
     assert "Specify geometry" in message
+    # Made with the volume where it is in its own frame: under the volume's transform (none) again, it lines up.
+    assert ("put 'CT segmentation' under no transform, as 'CT' is" in message) == (edit == "segmentation turned")
     # Nothing moved: the user's segments as they were, the suggestion still in the list.
     assert {sid: world_points(user, sid) for sid in segment_ids(user)}.keys() == users.keys()
     for segment_id, points in users.items():
@@ -219,3 +221,37 @@ def test_the_segmentation_made_for_a_volume_under_a_turned_transform_saves_accep
     back = saved_and_read_back(user, tmp_path / "CT segmentation.seg.nrrd", reloaded)
     assert len(world_points(back, accepted)) == len(shown)
     np.testing.assert_allclose(world_points(back, accepted), shown, atol=1e-6)
+
+
+def test_a_segmentation_left_behind_by_a_registration_is_told_to_follow_the_volume_which_keeps_its_voxels(tmp_path):
+    # The volume was registered (put under a turned transform) after the user's segmentation was made on it, and the
+    # segmentation stayed where it was. The refusal only offered Specify geometry, which resamples the user's own
+    # segments onto the turned lattice (120 of the first accept's voxels came back as 121, moved); putting the
+    # segmentation under the volume's transform lines it up again with none of its voxels touched.
+    scene, volume, _ = ct_scene()
+    manager = SuggestionManager(scene, volume)
+    [first] = manager.add_answer(slab_answer(volume, 3, slice(2, 12), slice(3, 15)))
+    [kept] = manager.accept(first)
+    user = manager.find_user_node()
+    own = world_points(user, kept)
+    transform = put_under_transform(scene, volume, translate=(0.0, 0.0, 0.0), rotate_z=10.0)
+    transform.SetName("Registration")
+    [sid] = manager.add_answer(slab_answer(volume, 3, slice(15, 30), slice(18, 38)))
+    mask = manager.suggestion_mask(sid)
+
+    with pytest.raises(SuggestionError) as refused:
+        manager.accept(sid, target=user)
+    message = str(refused.value)
+    assert "turned against the voxels of 'CT'" in message
+    assert "put 'CT segmentation' under the transform 'Registration', as 'CT' is" in message
+    assert manager.suggestion_ids() == [sid]
+
+    user.SetAndObserveTransformNodeID(transform.GetID())  # what the refusal says to do
+    [accepted] = manager.accept(sid, target=user)
+    np.testing.assert_array_equal(segment_array(user, accepted, volume), mask)
+    moved = (parent_to_world(user) @ np.c_[own, np.ones(len(own))].T)[:3].T  # its voxels moved with the volume
+    np.testing.assert_allclose(world_points(user, kept), moved[np.lexsort(moved.T[::-1])], atol=1e-6)
+    reloaded = slicer.vtkMRMLScene()
+    back = saved_and_read_back(user, tmp_path / "registered.seg.nrrd", reloaded)
+    for segment_id in (kept, accepted):  # saved as shown: nothing resampled
+        np.testing.assert_allclose(world_points(back, segment_id), world_points(user, segment_id), atol=1e-6)
