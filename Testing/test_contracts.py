@@ -537,6 +537,18 @@ def test_a_serve_command_the_engine_refuses_serves_no_port(capsys):
     assert served_port(arguments) is None
 
 
+def test_the_module_asks_the_engine_to_exit_with_slicer_as_the_engine_reads_it():
+    """The module's variable turns on the engine's watch of its standard input, and the module's line, written there
+    when it leaves the engine running after all, turns it off."""
+    from medsight.server.parent_watch import EXIT_WITH_PARENT_VARIABLE, KEEP_RUNNING, exit_with_parent_wanted
+    from MedSIGHTSlicerLib import engine_launch
+
+    plan = engine_launch.launch_plan("medsight serve", {}, stop_on_exit=True)
+    assert engine_launch.EXIT_WITH_PARENT_VARIABLE == EXIT_WITH_PARENT_VARIABLE
+    assert exit_with_parent_wanted(False, plan.environment)
+    assert engine_launch.KEEP_RUNNING_LINE.strip() == KEEP_RUNNING and engine_launch.KEEP_RUNNING_LINE.endswith(b"\n")
+
+
 def test_every_array_the_client_uploads_the_engine_reads():
     """`protocol.npy_parts` (joined: `npy_bytes`) refuses what it cannot send before the upload; what it sends, the
     engine must take (a boolean array went over the wire to be refused there as 'unsupported array dtype bool')."""

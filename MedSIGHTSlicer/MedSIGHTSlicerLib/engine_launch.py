@@ -19,6 +19,8 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_SERVE_COMMAND",
+    "EXIT_WITH_PARENT_VARIABLE",
+    "KEEP_RUNNING_LINE",
     "OUTPUT_ENCODING_VARIABLE",
     "PYTHON_VARIABLES",
     "LaunchPlan",
@@ -37,6 +39,13 @@ DEFAULT_SERVE_COMMAND = "medsight serve --model demo --host 127.0.0.1 --port 876
 PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")
 #: The encoding of the engine's stdout and stderr (set to UTF-8, see ``engine_environment``).
 OUTPUT_ENCODING_VARIABLE = "PYTHONIOENCODING"
+#: Set to 1 for an engine that is to stop when Slicer ends, crash included (``medsight serve --exit-with-parent``,
+#: the engine's ``medsight.server.parent_watch``): it stops when its standard input, a pipe the module holds, closes.
+#: An environment variable, not an argument added to the user's command: it also reaches an engine behind a wrapper
+#: (``sh -c '...'``, ``conda run``), and an older engine ignores it where it would refuse an unknown argument.
+EXIT_WITH_PARENT_VARIABLE = "MEDSIGHT_EXIT_WITH_PARENT"
+#: What the module writes to that pipe to leave the engine running after all (``EngineProcess.release``).
+KEEP_RUNNING_LINE = b"keep-running\n"
 
 
 def split_windows_command(command: str) -> list[str]:
@@ -136,8 +145,9 @@ class LaunchPlan:
     Attributes:
         program, arguments: the split command.
         environment: the full environment of the child.
-        detached: the engine outlives Slicer (its own session / process group): used when the user does not want
-            it stopped at exit.
+        detached: the engine outlives Slicer (its own process group on Windows, no pipe to watch): used when the
+            user does not want it stopped at exit. Otherwise the engine exits with Slicer, also when Slicer crashes
+            or is killed (``EXIT_WITH_PARENT_VARIABLE`` in ``environment``, a pipe on its standard input).
     """
 
     program: str
@@ -154,7 +164,12 @@ def launch_plan(command: str, base_environment: Mapping[str, str], stop_on_exit:
                 windows: bool | None = None) -> LaunchPlan:
     """Everything "Start local engine" decides, from the settings and the startup environment."""
     program, *arguments = split_command(command, windows)
-    return LaunchPlan(program, arguments, engine_environment(base_environment), detached=not stop_on_exit)
+    environment = engine_environment(base_environment)
+    if stop_on_exit:
+        environment[EXIT_WITH_PARENT_VARIABLE] = "1"
+    else:  # one the user's own environment carries would stop an engine meant to outlive Slicer
+        environment = {k: v for k, v in environment.items() if k.upper() != EXIT_WITH_PARENT_VARIABLE}
+    return LaunchPlan(program, arguments, environment, detached=not stop_on_exit)
 
 
 #: The shortest abbreviation of ``serve --port`` argparse takes: "--p" is also ``--perceiver-attention``'s.

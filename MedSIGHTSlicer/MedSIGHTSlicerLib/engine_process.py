@@ -3,6 +3,12 @@
 A plain ``subprocess`` child, not a QProcess: a QProcess owned by Python kills its child when it is destroyed, so an
 engine the user wants kept alive after Slicer exits could not survive. The engine writes to a log file; the module
 polls ``poll()`` from a QTimer (main thread) for new output and the exit code, so no thread touches the GUI.
+
+An engine that is to stop with Slicer gets a pipe as its standard input, which the module holds and writes nothing
+to (``medsight serve --exit-with-parent``): however Slicer ends, a crash and a kill included, the OS closes its end and
+the engine stops itself. It leads a session of its own (so that Stop reaches its whole group), so no signal of
+Slicer's end reaches it: without the pipe, after a crash it kept its port and a GPU's memory until the user found and
+killed it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .engine_launch import LaunchPlan
+from .engine_launch import KEEP_RUNNING_LINE, LaunchPlan
 
 __all__ = ["EngineProcess", "OutputLines", "exit_message", "leave_engine", "output_lines", "replaced_by_reload"]
 
@@ -148,7 +154,8 @@ def _popen_options(detached: bool) -> dict[str, Any]:
     """Keep the engine out of Slicer's process group when it must outlive Slicer; hide its console on Windows.
 
     On POSIX the engine always leads a session of its own, so Stop reaches everything it started: a wrapper command
-    (``sh -c``, ``conda run``) that exits leaves no engine behind holding the port."""
+    (``sh -c``, ``conda run``) that exits leaves no engine behind holding the port. Out of Slicer's group, no signal
+    of Slicer's end reaches it: the pipe on its standard input tells it (see the module's docstring)."""
     if os.name == "nt":
         flags = subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
         if detached:
@@ -226,6 +233,7 @@ class EngineProcess:
         on_partial: Callable[[str], None] | None = None,
     ) -> None:
         self._process: subprocess.Popen | None = None
+        self._parent_pipe: Any = None  # the write end of the engine's standard input, while it should exit with us
         self._log: Any = None
         self.log_path = ""
         self._read_at = 0
@@ -267,15 +275,17 @@ class EngineProcess:
         handle, self.log_path = tempfile.mkstemp(prefix="medsight-engine-", suffix=".log")
         self._log = os.fdopen(handle, "wb")
         try:
+            # The pipe's end stays here, not inheritable: no other child of Slicer holds it open after Slicer ends.
             self._process = subprocess.Popen(
-                plan.argv, env=plan.environment, stdin=subprocess.DEVNULL, stdout=self._log,
-                stderr=subprocess.STDOUT, **_popen_options(plan.detached),
+                plan.argv, env=plan.environment, stdin=subprocess.DEVNULL if plan.detached else subprocess.PIPE,
+                stdout=self._log, stderr=subprocess.STDOUT, **_popen_options(plan.detached),
             )
         except OSError as err:
             self._close_log()
             self._remove_log()
             raise RuntimeError(_start_error(plan, err)) from None
         self.detached = plan.detached
+        self._parent_pipe = self._process.stdin
         self.output = ""
         self._read_at = 0
         self._lines = OutputLines()
@@ -300,6 +310,7 @@ class EngineProcess:
         self._read_new_output()
         self._report(self._lines.flush())  # a last line without a newline (a traceback cut short, a progress bar)
         self._process = None
+        self._close_parent_pipe()  # only now: closed while the engine stops, it would count as a second Ctrl+C
         self._close_log()
         self._remove_log()  # its tail is in ``output``; one file per start would pile up in the temp folder
         if self._on_finished is not None:
@@ -338,7 +349,13 @@ class EngineProcess:
         Its log file is removed: no later session reads it (it does not know that engine), and it stayed in the temp
         folder forever, growing while the engine ran. On POSIX the engine keeps writing into the removed file, whose
         space comes back when the engine exits; Windows refuses to remove a file another process holds open, so there
-        it stays."""
+        it stays. An engine that watches its standard input is told to keep running before the pipe closes (the user
+        unchecked "stop on exit" after starting it)."""
+        if self._parent_pipe is not None:
+            with contextlib.suppress(OSError):  # it has just ended: nothing to keep running
+                self._parent_pipe.write(KEEP_RUNNING_LINE)
+                self._parent_pipe.flush()
+        self._close_parent_pipe()
         self._process = None
         self._close_log()
         self._remove_log()
@@ -376,6 +393,12 @@ class EngineProcess:
             with contextlib.suppress(OSError):
                 os.remove(self.log_path)
             self.log_path = ""
+
+    def _close_parent_pipe(self) -> None:
+        if self._parent_pipe is not None:
+            with contextlib.suppress(OSError):
+                self._parent_pipe.close()
+            self._parent_pipe = None
 
     def _close_log(self) -> None:
         if self._log is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 import shlex
-import socket
 import sys
 import time
 import types
@@ -18,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from medsight_testing.processes import alive, free_port, wait_for
 from MedSIGHTSlicerLib.engine_launch import (
     DEFAULT_SERVE_COMMAND,
+    EXIT_WITH_PARENT_VARIABLE,
     PYTHON_VARIABLES,
     engine_environment,
     launch_plan,
@@ -83,6 +84,16 @@ def test_engine_environment_drops_python_variables():
 NON_ASCII_LINE = "model folder /home/Jos\u00e9/\u809d\u81d3 (5 \u00b5m)"
 
 
+def test_only_an_engine_to_stop_with_slicer_is_told_to_exit_with_it():
+    """"Stop on exit" asks the engine to watch the pipe the module holds (MEDSIGHT_EXIT_WITH_PARENT); an engine kept
+    running must not, even when the user's own environment carries the variable (it would stop with Slicer)."""
+    base = {**os.environ, EXIT_WITH_PARENT_VARIABLE: "1"}
+    assert launch_plan("medsight serve", base, stop_on_exit=True).environment[EXIT_WITH_PARENT_VARIABLE] == "1"
+    assert launch_plan("medsight serve", {}, stop_on_exit=True).environment[EXIT_WITH_PARENT_VARIABLE] == "1"
+    kept = launch_plan("medsight serve", base, stop_on_exit=False).environment
+    assert EXIT_WITH_PARENT_VARIABLE not in kept and kept["PATH"] == base["PATH"]
+
+
 def test_the_engine_writes_its_output_in_the_encoding_the_log_is_read_in():
     """The log is decoded as UTF-8; a Python on Windows writes a file in the ANSI code page (cp1252 on a Western
     system), so "é" arrived as U+FFFD and a character outside that page ended the engine with a UnicodeEncodeError.
@@ -91,7 +102,7 @@ def test_the_engine_writes_its_output_in_the_encoding_the_log_is_read_in():
     finished = []
     process = EngineProcess(on_finished=finished.append)
     process.start(launch_plan(f'"{sys.executable}" -c "{code}"', dict(os.environ, PYTHONIOENCODING="cp1252"), True))
-    assert _wait(lambda: process.poll() is not None or finished, 30)
+    assert wait_for(lambda: process.poll() is not None or finished, 30)
     assert finished == [0], process.output
     assert output_lines(process.output) == [NON_ASCII_LINE]
 
@@ -219,37 +230,6 @@ def test_a_refused_command_line_is_named_without_the_usage_text(argv):
     assert not any(line.strip() in message for line in usage)
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":
-        import subprocess
-
-        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True).stdout
-        return str(pid) in out
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie (an orphan that a container's PID 1 never reaps) has ended: state Z in /proc
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _says_up(process: EngineProcess) -> bool:
     process.poll()
     return "engine up" in process.output
@@ -265,12 +245,12 @@ def test_engine_process_start_output_and_stop():
     process = EngineProcess(on_output=lines.append, on_finished=finished.append)
     process.start(_sleeper(stop_on_exit=True))
     assert process.running
-    assert _wait(lambda: _says_up(process), 30), process.output
+    assert wait_for(lambda: _says_up(process), 30), process.output
     assert "engine up" in "".join(lines)
     log = Path(process.log_path)
     assert log.is_file()
     process.stop()  # returns at once; poll() (the module's timer) reports the exit
-    assert _wait(lambda: process.poll() is not None or finished, 10)
+    assert wait_for(lambda: process.poll() is not None or finished, 10)
     assert not process.running and len(finished) == 1
     assert not log.exists() and "engine up" in process.output  # its tail is kept, the file is not
     with pytest.raises(RuntimeError, match="cannot start") as refused:
@@ -316,22 +296,22 @@ def test_a_requested_stop_is_reported_as_stopped_whatever_the_exit_code():
     finished = []
     process = EngineProcess(on_finished=finished.append)
     process.start(_engine_like("exit1"))
-    assert _wait(lambda: _says_up(process), 30), process.output
+    assert wait_for(lambda: _says_up(process), 30), process.output
     process.stop()
-    assert _wait(lambda: process.poll() is not None or finished, 10)
+    assert wait_for(lambda: process.poll() is not None or finished, 10)
     assert finished == [1]
     assert process.finished_message(1) is None  # the user's Stop, not "The engine stopped (exit code 1)"
 
     # A crash the timer had not reported yet when the user pressed Stop is still explained.
     process.start(launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(3)"', os.environ, True))
-    assert _wait(lambda: not process.running, 30)
+    assert wait_for(lambda: not process.running, 30)
     process.stop()
     assert finished == [1, 3] and process.finished_message(3) == "The engine stopped (exit code 3). boom"
 
     # The same exit without a Stop is still explained.
     process.start(launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(1)"', os.environ, True))
     assert not process.stop_requested
-    assert _wait(lambda: process.poll() is not None, 30)
+    assert wait_for(lambda: process.poll() is not None, 30)
     assert finished == [1, 3, 1]
     assert process.finished_message(1) == "The engine stopped (exit code 1). boom"
 
@@ -344,7 +324,7 @@ def test_a_start_after_an_unreported_exit_reports_it_and_removes_its_log():
     crash = launch_plan(f'"{sys.executable}" -c "import sys; print(\'boom\'); sys.exit(3)"', os.environ, True)
     process.start(crash)
     first_log = Path(process.log_path)
-    assert _wait(lambda: not process.running, 30)
+    assert wait_for(lambda: not process.running, 30)
     assert finished == [] and first_log.is_file()  # ended, not reported yet
     process.start(_sleeper(stop_on_exit=True))
     try:
@@ -363,12 +343,12 @@ def test_stop_returns_at_once_and_poll_kills_an_engine_that_ignores_it():
     process = EngineProcess(on_finished=finished.append)
     process.start(_engine_like("ignore"))
     try:
-        assert _wait(lambda: _says_up(process), 30), process.output
+        assert wait_for(lambda: _says_up(process), 30), process.output
         started = time.monotonic()
         process.stop(wait_s=1.0)
         assert time.monotonic() - started < 0.5
         assert process.running and finished == []  # it ignored SIGTERM; nothing is reported yet
-        assert _wait(lambda: process.poll() is not None or finished, 10)
+        assert wait_for(lambda: process.poll() is not None or finished, 10)
         assert time.monotonic() - started >= 1.0  # killed after the grace time, not before
         assert finished == [-9] and process.finished_message(-9) is None
     finally:
@@ -387,15 +367,15 @@ def test_stop_ends_an_engine_behind_a_wrapper_command(grandchild):
     script = f"'{sys.executable}' -c \"{engine}\"; echo wrapper done"
     process = EngineProcess()
     process.start(launch_plan(f"/bin/sh -c {shlex.quote(script)}", os.environ, stop_on_exit=True))
-    assert _wait(lambda: _says_up(process), 30), process.output
+    assert wait_for(lambda: _says_up(process), 30), process.output
     pid = int(process.output.split("engine up")[1].split()[0])
     assert pid != process.pid  # the engine runs behind the wrapper
     try:
         process.stop(wait_s=1.0)
-        assert _wait(lambda: process.poll() is not None or not process.running, 10)
-        assert _wait(lambda: not _alive(pid), 10), "the engine outlived Stop"
+        assert wait_for(lambda: process.poll() is not None or not process.running, 10)
+        assert wait_for(lambda: not alive(pid), 10), "the engine outlived Stop"
     finally:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, 9)
 
 
@@ -406,22 +386,16 @@ def test_engine_kept_alive_outlives_its_owner():
     process.start(_sleeper(stop_on_exit=False))
     pid = process.pid
     try:
-        assert _wait(lambda: _says_up(process), 30)
+        assert wait_for(lambda: _says_up(process), 30)
         if os.name != "nt":
             assert os.getsid(pid) != os.getsid(0)  # Ctrl+C or a closed terminal of Slicer does not reach it
         process.release()
         process = None
         gc.collect()
         time.sleep(0.3)
-        assert _alive(pid)
+        assert alive(pid)
     finally:
         os.kill(pid, 9)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
@@ -442,7 +416,7 @@ def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
     broken = subprocess.run([sys.executable, "-c", "import typing, encodings"], env=host, capture_output=True)
     assert broken.returncode != 0
 
-    port = _free_port()
+    port = free_port()
     plan = launch_plan(f'"{medsight_exe}" serve --model tiny --host 127.0.0.1 --port {port}', host, True)
     process = EngineProcess()
     process.start(plan)
@@ -455,7 +429,7 @@ def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
             except OSError:
                 return False
 
-        assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
+        assert wait_for(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
     finally:
         process.stop(wait=True)
 
@@ -473,7 +447,7 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
     medsight_exe = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
     if not medsight_exe.is_file():
         pytest.skip("no medsight executable beside this Python")
-    port = _free_port()
+    port = free_port()
     process = EngineProcess()
     process.start(launch_plan(f'"{medsight_exe}" serve --model tiny --host 127.0.0.1 --port {port}',
                               dict(os.environ), True))
@@ -488,7 +462,7 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
             except Exception:
                 return False
 
-        assert _wait(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
+        assert wait_for(lambda: healthy() or not process.running, 240) and process.running, process.output[-2000:]
         voxels = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 97).astype(np.int16)
         volume_id = client.upload_volume(voxels, modality="CT").volume_id
         # Long asks (the tiny model rarely ends early without a repetition penalty): three of them outlast the grace.
@@ -498,7 +472,7 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
         assert next(iter(streams[0])).kind == "job"
         process.stop()  # the module's Stop: kill timer at 5 s
         codes = []
-        assert _wait(lambda: codes.append(process.poll()) or codes[-1] is not None, 30)
+        assert wait_for(lambda: codes.append(process.poll()) or codes[-1] is not None, 30)
     finally:
         for stream in streams:
             stream.close()
@@ -536,9 +510,9 @@ def test_output_is_read_as_terminal_lines_across_reads(tmp_path):
     process = EngineProcess(on_output=lines.append, on_partial=partials.append, on_finished=finished.append)
     process.start(_gate_child(tmp_path, writes, exit_code=3))
     for n in range(len(writes)):
-        assert _wait(lambda n=n: (process.poll(), process._read_at)[1] >= sum(map(len, writes[:n + 1])), 30)
+        assert wait_for(lambda n=n: (process.poll(), process._read_at)[1] >= sum(map(len, writes[:n + 1])), 30)
         (tmp_path / f"go{n}").touch()
-    assert _wait(lambda: process.poll() is not None or finished, 30)
+    assert wait_for(lambda: process.poll() is not None or finished, 30)
     shown = output_lines("\n".join(lines))
     assert shown == ["loading", "weights: 100%|█|", "INFO: up", "Traceback: cut sh"]
     assert partials == ["weights:  10%|", "weights:  10%|█|", "weights:  50%|", "", "Traceback: cut sh", ""]
@@ -573,11 +547,11 @@ def test_released_engine_leaves_no_log_file():
     process.start(_sleeper(stop_on_exit=False))
     pid, log = process.pid, Path(process.log_path)
     try:
-        assert _wait(lambda: _says_up(process), 30)
+        assert wait_for(lambda: _says_up(process), 30)
         process.release()
         if os.name != "nt":  # Windows refuses to remove a file another process holds open
             assert not log.exists()
-        assert _alive(pid)
+        assert alive(pid)
     finally:
         os.kill(pid, 9)
 
@@ -590,7 +564,7 @@ def test_leaving_an_engine_that_ended_unreported_removes_its_log(reloading):
     process = EngineProcess(on_finished=finished.append)
     process.start(launch_plan(f'"{sys.executable}" -c "import sys; sys.exit(3)"', os.environ, stop_on_exit=True))
     log = Path(process.log_path)
-    assert _wait(lambda: not process.running, 30)
+    assert wait_for(lambda: not process.running, 30)
     assert leave_engine(process, stop_on_exit=True, reloading=reloading) is None
     assert finished == [3] and not log.exists()
 
@@ -605,14 +579,14 @@ def test_a_reload_hands_the_running_engine_on_and_only_exit_ends_it(stop_on_exit
     process.start(_sleeper(stop_on_exit=stop_on_exit))
     pid = process.pid
     try:
-        assert _wait(lambda: _says_up(process), 30), process.output
+        assert wait_for(lambda: _says_up(process), 30), process.output
         handed = leave_engine(process, stop_on_exit, reloading=True)
-        assert handed is process and process.running and _alive(pid)
+        assert handed is process and process.running and alive(pid)
         handed.rebind(on_finished=new_finished.append)  # the reloaded widget's
         assert leave_engine(handed, stop_on_exit, reloading=False) is None  # Slicer exits
-        assert not handed.running and _alive(pid) != stop_on_exit
+        assert not handed.running and alive(pid) != stop_on_exit
         assert old_finished == [] and len(new_finished) == int(stop_on_exit)
         assert len(old_lines) == 1  # "engine up", before the reload
     finally:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, 9)

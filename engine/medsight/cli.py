@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     from medsight.commands.options import file_name
     from medsight.imaging import PLANES
     from medsight.model.hub import UNIMED_CLIP
+    from medsight.server.parent_watch import EXIT_WITH_PARENT_VARIABLE
 
     parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: ask questions, get answers and masks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit", metavar="FILE", type=file_name, help="append one JSON line per job to FILE: model, "
                        "weights hash, volume hash, slices, options, region codes and labels, outcome; never question "
                        "or answer text, pixels or identifiers")
+    serve.add_argument("--exit-with-parent", action="store_true",
+                       help="stop, as Ctrl+C stops it, when standard input reaches its end: the program that started "
+                       "the engine holds a pipe to it, and its exit or crash closes the pipe (the 3D Slicer module "
+                       "does this when \"Stop the local engine when Slicer exits\" is on); a line keep-running on "
+                       f"standard input turns it off. Or set {EXIT_WITH_PARENT_VARIABLE}=1")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                        help="what the engine prints: info (default) adds a line per job and upload (ids, sizes, "
                        "timings; never questions, answers or pixels)")

@@ -11,12 +11,11 @@ from collections.abc import Iterator
 import uvicorn
 
 from medsight.server.protocol import http_protocol
+from medsight_testing.processes import free_port
+
+__all__ = ["free_port", "live_server"]  # free_port: where the engine's tests have always imported it from
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

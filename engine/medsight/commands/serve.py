@@ -23,6 +23,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from medsight.model.sizes import model_size
     from medsight.server.app import create_app
     from medsight.server.jobs import default_compute_threads
+    from medsight.server.parent_watch import exit_with_parent_wanted, watch_parent
     from medsight.server.protocol import http_protocol
     from medsight.server.security import check_bind
 
@@ -33,6 +34,8 @@ def run_serve(args: argparse.Namespace) -> int:
     check_vision_file(args)
     if args.audit:
         _check_audit(args.audit)
+    if exit_with_parent_wanted(args.exit_with_parent, os.environ):
+        watch_parent()  # before the model loads: a parent gone meanwhile stops the load (minutes for the full model)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
                                   adapter=args.adapter)

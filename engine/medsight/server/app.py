@@ -207,6 +207,7 @@ def create_app(
                         running.id if running is not None else "?", " or audit" if audit is not None else "")
         elif audit is not None:  # never while the worker may still write to it
             audit.close()
+        log.info("engine stopped")
 
     _withhold_uvicorn_exception_text()
     app = FastAPI(

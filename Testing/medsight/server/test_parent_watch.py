@@ -1,0 +1,109 @@
+"""`medsight serve --exit-with-parent`: the watch on standard input stops the engine when the program holding the
+pipe's other end has ended, whatever the OS; a `keep-running` line turns it off. The whole engine, killed with the
+3D Slicer module that started it, is tested in Testing/MedSIGHTSlicerLib/test_engine_process.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from medsight.cli import _parser
+from medsight.server.parent_watch import (
+    EXIT_WITH_PARENT_VARIABLE,
+    KEEP_RUNNING,
+    exit_with_parent_wanted,
+    watch_parent,
+)
+
+
+def _watched_pipe():
+    """A pipe whose read end is watched: (write end, event set when the watch says the parent is gone, thread)."""
+    read_fd, write_fd = os.pipe()
+    gone = threading.Event()
+    thread = watch_parent(os.fdopen(read_fd, "rb"), on_gone=gone.set)
+    return os.fdopen(write_fd, "wb"), gone, thread
+
+
+def test_end_of_input_stops_at_once_and_says_why(capfd):
+    writer, gone, thread = _watched_pipe()
+    writer.write(b"some other line\n" + b"x" * 1000 + b"\n")  # not the program's line: still watching
+    writer.flush()
+    assert not gone.wait(0.3)
+    closed = time.monotonic()
+    writer.close()  # what the OS does when the program holding it ends, however it ends
+    assert gone.wait(5)
+    took = time.monotonic() - closed
+    thread.join(5)
+    assert took < 3.0 and not thread.is_alive()
+    err = capfd.readouterr().err
+    assert "standard input closed: the program that started the engine has ended; stopping" in err
+
+
+def test_keep_running_turns_the_watch_off(capfd):
+    writer, gone, thread = _watched_pipe()
+    writer.write(KEEP_RUNNING + b"\n")
+    writer.flush()
+    thread.join(5)
+    assert not thread.is_alive()
+    writer.close()
+    assert not gone.wait(0.3)  # the end of input that follows stops nothing
+    assert "left running by the program that started it" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value", "wanted"), [
+    (True, None, True), (False, None, False), (False, "1", True), (False, " yes ", True), (False, "0", False),
+    (False, "false", False), (False, "", False), (True, "0", True),
+])
+def test_the_option_or_the_environment_variable_asks_for_it(option, value, wanted):
+    environment = {} if value is None else {EXIT_WITH_PARENT_VARIABLE: value}
+    assert exit_with_parent_wanted(option, environment) is wanted
+
+
+def test_serve_help_names_the_option_and_its_variable():
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]
+    text = " ".join(serve.format_help().split())
+    assert "--exit-with-parent" in text and f"{EXIT_WITH_PARENT_VARIABLE}=1" in text
+    assert serve.parse_args(["--exit-with-parent"]).exit_with_parent
+    assert not serve.parse_args([]).exit_with_parent
+
+
+_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job inherits it
+from medsight.server.parent_watch import watch_parent
+watch_parent()
+print("watching", flush=True)
+try:
+    time.sleep(60)  # the model's load
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT's disposition is inherited on POSIX")
+def test_the_watch_interrupts_a_load_even_when_sigint_was_ignored():
+    """Before the server runs, the watch stops the engine with Ctrl+C's KeyboardInterrupt: it must reach the main
+    thread also when the engine inherited SIGINT ignored (``interrupt_main`` then did nothing, and an engine whose
+    parent died during the load served on)."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert child.stdout.readline() == b"watching\n"
+        closed = time.monotonic()
+        child.stdin.close()
+        code = child.wait(10)
+        took = time.monotonic() - closed
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+    out, err = child.stdout.read(), child.stderr.read()
+    assert code == 130 and out == b"interrupted\n" and took < 5.0, err
+    assert b"stopping" in err

@@ -1,0 +1,79 @@
+"""`medsight serve --exit-with-parent`: the engine stops when the program that started it has ended, on every OS.
+
+That program (the 3D Slicer module) gives the engine a pipe as its standard input and holds the pipe's other end
+without writing to it. However the program ends (its exit, a crash, SIGKILL, Windows' Task Manager) the OS closes its
+end, and a read here returns end of file: the engine then stops as Ctrl+C stops it (uvicorn's handler: open asks get
+their grace, the job queue writes their log and audit lines), or, while the model still loads, at once. Linux's
+prctl(PR_SET_PDEATHSIG) exists on one OS only and fires when the parent's *thread* ends; the engine's own session
+(the module stops its whole process group) takes it out of Slicer's group, so nothing else ends it.
+
+A line ``keep-running`` from the program turns the watch off: it is leaving the engine running on purpose (the user
+unchecked "Stop the local engine when Slicer exits" after starting it).
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
+
+__all__ = ["EXIT_WITH_PARENT_VARIABLE", "KEEP_RUNNING", "exit_with_parent_wanted", "watch_parent"]
+
+#: Set to 1 in the environment: as ``--exit-with-parent`` (an environment variable also reaches an engine behind a
+#: wrapper command such as ``conda run``, and an older engine ignores it).
+EXIT_WITH_PARENT_VARIABLE = "MEDSIGHT_EXIT_WITH_PARENT"
+#: The line that turns the watch off.
+KEEP_RUNNING = b"keep-running"
+#: The longest line read at once: the program writes nothing else, so anything longer is not its line.
+_LINE_BYTES = 256
+
+
+def exit_with_parent_wanted(option: bool, environment: Mapping[str, str]) -> bool:
+    """``--exit-with-parent`` or ``MEDSIGHT_EXIT_WITH_PARENT=1`` (any value but "", "0", "false", "no", "off")."""
+    value = environment.get(EXIT_WITH_PARENT_VARIABLE, "").strip().lower()
+    return option or value not in ("", "0", "false", "no", "off")
+
+
+def _interrupt() -> None:
+    """Stop the engine as Ctrl+C does: SIGINT's handler runs in the main thread (uvicorn's while it serves, Python's
+    KeyboardInterrupt while the model loads). On POSIX a real SIGINT to the main thread, which also wakes a blocking
+    call there; ``interrupt_main`` alone (Windows has no such signals) waits for the main thread's next bytecode."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
+def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _interrupt) -> threading.Thread:
+    """Read ``stream`` (default: standard input) in a daemon thread; at end of file say why and call ``on_gone``.
+
+    ValueError when there is no standard input to watch (a Windows GUI launcher gives none). SIGINT gets Python's
+    handler when it had none (a shell's background job inherits it ignored): Ctrl+C's stop must reach the model's
+    load too, not only the server, whose handler uvicorn sets itself."""
+    if stream is None:
+        if sys.stdin is None:
+            raise ValueError("--exit-with-parent: the engine has no standard input to watch; start it with a pipe "
+                             "on its standard input, held open by the program it is to exit with")
+        stream = sys.stdin.buffer
+    if on_gone is _interrupt and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def watch() -> None:
+        try:
+            for line in iter(lambda: stream.readline(_LINE_BYTES), b""):
+                if line.strip() == KEEP_RUNNING:
+                    print("medsight serve: left running by the program that started it", file=sys.stderr, flush=True)
+                    return
+            why = "standard input closed: the program that started the engine has ended"
+        except OSError as err:  # the pipe broke in another way than an end of file: its writer is gone all the same
+            why = f"standard input unreadable ({err.strerror or err}): the program that started the engine is gone"
+        print(f"medsight serve: {why}; stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
+        on_gone()
+
+    thread = threading.Thread(target=watch, name="medsight-parent-watch", daemon=True)
+    thread.start()
+    return thread
