@@ -17,6 +17,7 @@ TESTS=(
   Testing/MedSIGHTSlicerLib/test_client.py
   Testing/MedSIGHTSlicerLib/test_connection_check.py
   Testing/MedSIGHTSlicerLib/test_engine_launch.py
+  Testing/MedSIGHTSlicerLib/test_engine_process.py
   Testing/MedSIGHTSlicerLib/test_jobs.py
   Testing/MedSIGHTSlicerLib/test_naming.py
   Testing/MedSIGHTSlicerLib/test_packages.py
