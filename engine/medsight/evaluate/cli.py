@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from medsight.commands.errors import CommandParser
@@ -230,6 +231,42 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
     return report
 
 
+def _start(args: argparse.Namespace, report_dir: Path, settings: dict) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    # Before any answer is asked or reused: a folder answered with other settings is refused.
+    check_settings(report_dir, settings, adopt=args.adopt_settings)
+
+
+@contextmanager
+def _left_as_found_unless_answered(report_dir: Path) -> Iterator[None]:
+    """A single-process run that stops before it adds an answer (a mistyped --model, an unreadable first image,
+    Ctrl+C while the model loads) leaves the --report folder as it found it: the settings.json it had recorded made
+    the corrected rerun refused until the user deleted it. Not for shards: another may have started with them."""
+    created = []  # the folders mkdir will create, deepest first
+    folder = report_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    settings_file = report_dir / SETTINGS_FILE
+    recorded = settings_file.exists()
+    before = _predictions_sizes(report_dir)
+    try:
+        yield
+    except BaseException:
+        if not recorded and _predictions_sizes(report_dir) == before:
+            settings_file.unlink(missing_ok=True)
+            for made in created:
+                try:
+                    made.rmdir()
+                except OSError:  # not empty (something else wrote there) or not ours to remove: kept
+                    break
+        raise
+
+
+def _predictions_sizes(report_dir: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in report_dir.glob("predictions*.jsonl")} if report_dir.is_dir() else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``medsight eval ...`` (argv excludes the word "eval"); returns the exit code."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -238,12 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = _runs(args)
     settings = _settings(args, runs, report_dir)
     _check_no_foreign_report(report_dir, args.adopt_settings)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    # Before any answer is asked or reused: a folder answered with other settings is refused.
-    check_settings(report_dir, settings, adopt=args.adopt_settings)
     if num_shards == 1:
-        _finish(args, runs, report_dir, settings)
+        with _left_as_found_unless_answered(report_dir):
+            _start(args, report_dir, settings)
+            _finish(args, runs, report_dir, settings)
         return 0
+    _start(args, report_dir, settings)
     engine = _LazyEngine(args)
     for name, items, options in runs:
         path = prediction_path(report_dir, name, shard, num_shards)
