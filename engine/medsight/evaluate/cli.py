@@ -12,6 +12,7 @@ another model's name. A folder whose predictions an older medsight made without 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from medsight.evaluate.provenance import (
     answer_settings,
     check_settings,
     data_settings,
+    recorded_settings,
 )
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import answer_type_line, build_report, report_file_names, write_report
@@ -172,6 +174,26 @@ def _check_args(args: argparse.Namespace) -> Path:
     return report_dir
 
 
+def _resume_vqa_data(args: argparse.Namespace, report_dir: Path) -> None:
+    """A DiagSeg folder answered with --vqa-data resumes with it when the rerun leaves it out (it was refused, its
+    sampled run's seed taken for a changed setting); another file than the recorded one is refused, naming both (a
+    byte-identical copy, or a recorded one that is gone, is taken: each answer's inputs are checked on resume)."""
+    recorded = (recorded_settings(report_dir) or {}).get("vqa_data") if args.task == "diagseg" else None
+    if recorded is None:
+        return
+    where = report_dir / SETTINGS_FILE
+    if args.vqa_data is None:
+        if not os.path.isfile(recorded):
+            raise DataError(f"{report_dir}'s recall answers came from --vqa-data {recorded} (recorded in {where}), "
+                            "which is not there now: pass its new place with --vqa-data to resume")
+        print(f"--vqa-data {recorded}: reused, as recorded in {where}", file=sys.stderr)
+        args.vqa_data = recorded
+    elif os.path.isfile(recorded) and not filecmp.cmp(args.vqa_data, recorded, shallow=False):
+        raise DataError(f"--vqa-data {args.vqa_data}: {report_dir}'s recall answers came from --vqa-data {recorded} "
+                        f"(recorded in {where}); pass that file or leave --vqa-data out to resume with it, or choose "
+                        "another --report folder for this one")
+
+
 def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
     """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
     replaced by this run's report without a word. A folder holding predictions is an evaluation's, an older
@@ -272,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     shard, num_shards = shard_from_env(args.shard, args.num_shards)
     report_dir = _check_args(args)
+    _resume_vqa_data(args, report_dir)
     runs = _runs(args)
     settings = _settings(args, runs, report_dir)
     _check_no_foreign_report(report_dir, args.adopt_settings)
