@@ -120,6 +120,19 @@ def test_a_run_refused_before_its_first_answer_leaves_the_report_folder_as_it_fo
     assert len(read_predictions(new / "predictions.jsonl")) == len(json.loads(vqa.read_text()))
 
 
+def test_json_prints_the_reports_counts_or_one_error_object(vqa, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo", "--json") == 0
+    said = json.loads(capsys.readouterr().out)
+    written = json.loads((report / "report.json").read_text())
+    assert said == {"report": str(report / "report.json"), **{k: written[k] for k in ("n_items", "n_scored",
+                    "n_missing")}, "shard": 0, "num_shards": 1}
+    assert said["n_items"] == len(json.loads(vqa.read_text()))
+    assert _eval(vqa, tmp_path / "shard", "--model", "demo", "--json", "--shard", "1", "--num-shards", "2") == 0
+    assert json.loads(capsys.readouterr().out) == {"report": None, "n_items": None, "n_scored": None,
+                                                   "n_missing": None, "shard": 1, "num_shards": 2}
+
+
 def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
     folder = tmp_path / "final"
     folder.mkdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -75,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK under torchrun, else auto)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout: report (report.json's path; "
+                   "null for a shard that leaves the report to the merge), n_items, n_scored, n_missing (null for "
+                   "such a shard), shard, num_shards; a refused run prints {\"error\": {\"code\", \"message\"}}")
     p.add_argument(ADOPT_FLAG, action="store_true",
                    help="the --report folder holds predictions but no settings.json, or one without some settings "
                         "(an older medsight made them): record this command's as theirs where unrecorded, and resume")
@@ -245,6 +249,8 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
         report["notes"].append(f"--limit {args.limit}: only the first {len(items)} of the data's "
                                f"{len(runs[0][1])} items were asked and scored")
     paths = write_report(report, report_dir)
+    if args.json:
+        _print_json(args, paths["json"], report)
     if not args.quiet:
         limited = f" (--limit: {left_out} more in the data)" if left_out else ""
         print(f"items: {report['n_items']}{limited}, scored: {report['n_scored']}, missing: {report['n_missing']}. "
@@ -324,14 +330,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _finish(args, runs, report_dir, settings)
         dist.barrier()
         dist.destroy_process_group()
-    elif not args.quiet:
-        print(f"shard {shard}/{num_shards} done; rerun without --shard to merge and report", file=sys.stderr)
+    else:
+        if not args.quiet:
+            print(f"shard {shard}/{num_shards} done; rerun without --shard to merge and report", file=sys.stderr)
+        if args.json:
+            _print_json(args, None, None, shard, num_shards)
     return 0
+
+
+def _print_json(args: argparse.Namespace, report_path: Path | None, report: dict | None, shard: int = 0,
+                num_shards: int = 1) -> None:
+    counts = {k: None if report is None else report[k] for k in ("n_items", "n_scored", "n_missing")}
+    print(json.dumps({"report": None if report_path is None else str(report_path), **counts, "shard": shard,
+                      "num_shards": num_shards}), flush=True)
 
 
 if __name__ == "__main__":
     # The entry point under torchrun (`-m medsight.evaluate.cli`): bad input, Ctrl+C and a reader that left end it as
     # they end `medsight`, not with a traceback per rank.
-    from medsight.commands.errors import run_command
+    from medsight.commands.errors import run_command, wants_json
 
-    sys.exit(run_command(main, "medsight eval"))
+    sys.exit(run_command(main, "medsight eval", json_errors=wants_json(sys.argv[1:])))
