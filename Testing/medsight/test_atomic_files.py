@@ -43,6 +43,17 @@ def test_a_write_failing_on_a_full_disk_names_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_that_takes_no_file_is_named_with_the_file_not_its_temporary(tmp_path):
+    """`medsight eval` rebuilding the report of a folder on a read-only share said "error: .../.report.json.
+    937e10453a8e81be.tmp: Read-only file system", naming a hidden file the user never asked for."""
+    from medsight.commands.errors import error_message
+
+    path = tmp_path / "gone" / "report.json"  # as a read-only folder does, this one takes no new file
+    with pytest.raises(OSError) as failed:
+        atomic_files.replace_file(path, lambda target: target.write_text("{}"))
+    assert error_message(failed.value) == f"{path}: No such file or directory"
+
+
 @pytest.mark.parametrize("save", ["write_json", "save_tensors"])
 def test_trainer_state_reaches_the_disk_before_it_marks_a_checkpoint_complete(tmp_path, monkeypatch, save):
     """A checkpoint counts as complete once its state file is there; after a power loss a renamed but unflushed file

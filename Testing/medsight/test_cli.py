@@ -105,6 +105,60 @@ def test_errors_are_one_line_with_exit_code_2(mni_path, tmp_path, capsys):
     assert "without a token" in capsys.readouterr().err
 
 
+def _refused(argv: list[str], capsys) -> tuple[int, dict, str]:
+    """Exit code, the one JSON object on stdout, the last stderr line of a command line `main` refuses."""
+    try:
+        code = main(argv)
+    except SystemExit as stopped:  # argparse's usage error
+        code = stopped.code
+    said = capsys.readouterr()
+    return code, json.loads(said.out), said.err.splitlines()[-1]
+
+
+def test_every_refusal_under_json_prints_one_json_error_beside_the_stderr_line(mni_path, tmp_path, capsys):
+    """`--json` printed nothing on stdout for a command refused before its model ran: a script parsing stdout got no
+    object to read. Each refusal, whatever command and whichever stage refused it, prints one error object there."""
+    data = tmp_path / "vqa.json"
+    data.write_text("[]")
+    codes = set()
+    for argv, code in [
+        (["ask", str(tmp_path / "missing.nii"), "q", "--json"], "bad_input"),
+        (["ask", str(mni_path), "q", "--slices", "999", "--device", "cpu", "--json"], "bad_input"),
+        (["ask", str(mni_path), "--json"], "usage"),
+        (["ask", str(mni_path), "q", "--json", "--batch", "0"], "usage"),
+        (["info", "--preset", "nope", "--json"], "bad_input"),
+        (["info", "--json", "--colour"], "usage"),
+        (["eval", "vqa", "--data", str(data), "--report", str(tmp_path / "r"), "--json"], "bad_input"),
+        (["eval", "vqa", "--json"], "usage"),
+        (["serve", "--json"], "usage"),
+    ]:
+        exit_code, said, line = _refused(argv, capsys)
+        assert (exit_code, list(said), list(said["error"]), said["error"]["code"]) == (2, ["error"],
+                                                                                       ["code", "message"], code)
+        assert line.endswith(f" error: {said['error']['message']}")
+        codes.add(code)
+    from medsight.commands.errors import JSON_ERROR_CODES
+
+    assert codes <= set(JSON_ERROR_CODES)
+    # The same refusals without --json print nothing on stdout.
+    assert main(["info", "--preset", "nope"]) == 2 and capsys.readouterr().out == ""
+    # A "--json" after "--" is a value (here the question), not the option.
+    assert main(["ask", str(tmp_path / "missing.nii"), "--", "--json"]) == 2 and capsys.readouterr().out == ""
+
+
+def test_info_json_gives_the_sizes_it_prints(capsys):
+    from medsight.config import get_preset
+    from medsight.model.sizes import kv_cache_bytes_per_token, model_size
+
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    size, config = model_size(get_preset("tiny")), get_preset("tiny")
+    assert said["parameters"] == {"vision": size.vision, "perceiver": size.perceiver,
+                                  "language_model": size.language_model, "total": size.total}
+    assert said["weight_bytes"] == {"bf16": size.weight_bytes(), "fp32": 4 * size.total}
+    assert said["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(config) and said["preset"] == config.name
+
+
 def test_a_volume_no_window_shows_is_refused_before_the_model_loads(tmp_path, capsys):
     """A constant volume at 1e31 has no usable percentile window: the model was loaded first (minutes for the full
     model), then the first batch failed."""

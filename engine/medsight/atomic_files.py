@@ -60,7 +60,10 @@ def write_temporary(path: Path, write: Callable[[Path], None], suffix: str = "")
     with the permissions a plain open() gives (not mkstemp's 0600): a user's outputs are shared like any file."""
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}"
     with temporaries_removed_on_sigterm():
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as err:  # a read-only or missing folder: the error named our hidden temporary, not the file
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         try:
             write(temporary)
             with open(temporary, "rb") as written:

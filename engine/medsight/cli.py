@@ -4,13 +4,14 @@ small commands (train, eval, export-onnx, info, download); `ask` and `serve` liv
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 from collections.abc import Callable
 
 # Nothing heavier here (see `main`): the commands and what they need are imported inside it.
-from medsight.commands.errors import run_command
+from medsight.commands.errors import CommandParser, run_command, wants_json
 
 VISION_FILE_HELP = ("UniMed-CLIP checkpoint for the official layout: a path, or REPO_ID:FILENAME[@REVISION] on the "
                     "Hugging Face Hub (downloaded once into its cache)")
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     from medsight.model.hub import UNIMED_CLIP
     from medsight.server.parent_watch import EXIT_WITH_PARENT_VARIABLE
 
-    parser = argparse.ArgumentParser(prog="medsight", description="MedSIGHT: ask questions, get answers and masks.")
+    parser = CommandParser(prog="medsight", description="MedSIGHT: ask questions, get answers and masks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question about an image or slices of a volume")
@@ -68,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                      "the series left out of the volume, e.g. a localizer, or a SEG in its folder, in words), "
                      "lossy_compression (how the image was lossy compressed), nan_filled (NaN voxels read as the "
                      "volume's minimum) and resampled (how a --regularize-tilt or --regularize-spacing series was "
-                     "resampled); the last four are null when there is nothing to say")
+                     "resampled); the last four are null when there is nothing to say. A refused command prints "
+                     "{\"error\": {\"code\", \"message\"}} instead")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
     serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
@@ -136,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full", help="full (the paper's), demo or tiny (default: full)")
+    info.add_argument("--json", action="store_true", help="print one JSON object: preset, parameters (vision, "
+                      "perceiver, language_model, total), weight_bytes (bf16, fp32), kv_cache_bytes_per_token, "
+                      "embedded_parameters (null unless the preset has an embedded model)")
 
     download = sub.add_parser("download", help="fetch a model (only the files it needs) from the Hugging Face Hub "
                               "into the local cache")
@@ -240,14 +245,22 @@ def _info(args: argparse.Namespace) -> int:
     config = get_preset(args.preset)
     size = model_size(config)
     gib = 1024**3
+    embedded = EMBEDDED.get(args.preset)
+    # Its trainer sized the vocabulary and classes to its data, so `--model demo` is not the bare preset.
+    trained = (model_size(MedSIGHTConfig.from_json(embedded / CONFIG_FILE))
+               if embedded is not None and (embedded / CONFIG_FILE).is_file() else None)
+    if args.json:
+        print(json.dumps({"preset": config.name, "parameters": {"vision": size.vision, "perceiver": size.perceiver,
+                          "language_model": size.language_model, "total": size.total},
+                          "weight_bytes": {"bf16": size.weight_bytes(), "fp32": size.total * 4},
+                          "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config),
+                          "embedded_parameters": None if trained is None else trained.total}))
+        return 0
     print(f"preset {config.name}: vision {size.vision:,} + perceiver {size.perceiver:,} + language model "
           f"{size.language_model:,} = {size.total:,} parameters")
     print(f"weights: bf16 {size.weight_bytes() / gib:.2f} GiB, fp32 {size.total * 4 / gib:.2f} GiB; "
           f"KV cache {kv_cache_bytes_per_token(config) / 1024:.0f} KiB per token (bf16)")
-    embedded = EMBEDDED.get(args.preset)
-    if embedded is not None and (embedded / CONFIG_FILE).is_file():
-        # Its trainer sized the vocabulary and classes to its data, so `--model demo` is not the bare preset.
-        trained = model_size(MedSIGHTConfig.from_json(embedded / CONFIG_FILE))
+    if trained is not None:
         print(f"the embedded {args.preset} model (--model {args.preset}) is sized to its training data: "
               f"{trained.total:,} parameters")
     return 0
@@ -308,7 +321,8 @@ def _download(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     # The imports too run inside run_command: Ctrl+C in the seconds torch takes to import (the package's and the
     # commands' imports once ran before it) is then "medsight: interrupted" and 130, not a traceback.
-    return run_command(lambda: _run(sys.argv[1:] if argv is None else argv), "medsight")
+    argv = sys.argv[1:] if argv is None else argv
+    return run_command(lambda: _run(argv), "medsight", json_errors=wants_json(argv))
 
 
 def _run(argv: list[str]) -> int:

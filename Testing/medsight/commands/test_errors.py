@@ -3,6 +3,7 @@ rank raises alike is printed once."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -28,6 +29,20 @@ def test_ctrl_c_is_one_line_from_rank_0_only(rank, said, monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGINT, handler)  # run_command ignores a second Ctrl+C from then on
     assert capsys.readouterr().err == said
+
+
+def test_ctrl_c_under_json_also_prints_its_json_object(monkeypatch, capsys):
+    import signal
+
+    monkeypatch.delenv("RANK", raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert run_command(interrupted, "prog", json_errors=True) == INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    said = capsys.readouterr()
+    assert json.loads(said.out) == {"error": {"code": "interrupted", "message": "interrupted"}}
+    assert said.err == "prog: interrupted\n"
 
 
 def refused(line: str) -> Callable[[], int]:

@@ -86,6 +86,53 @@ def test_settings_of_a_run_that_stopped_before_its_first_answer_are_not_called_p
     assert len(read_predictions(stopped / "predictions.jsonl")) == len(json.loads(vqa.read_text()))
 
 
+def test_a_run_refused_before_its_first_answer_leaves_the_report_folder_as_it_found_it(vqa, tmp_path, monkeypatch):
+    """A mistyped --model left settings.json (and the folders it made) behind: the corrected rerun was refused until
+    the user deleted it. A refused run now leaves the folder as it was; one that answered keeps everything."""
+    from medsight.evaluate.cli import _LazyEngine
+    from medsight.model.checkpoints import CheckpointError
+
+    new = tmp_path / "new" / "deeper" / "report"
+    with pytest.raises(CheckpointError, match="demoo"):
+        _eval(vqa, new, "--model", "demoo")
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="demoo"):
+        _eval(vqa, empty, "--model", "demoo")
+    assert list(empty.iterdir()) == []
+    # A run stopped after its first answer keeps it and its settings: the same command resumes.
+    asked = []
+    real_ask = _LazyEngine.ask
+
+    def stopped_after_one(self, *a, **k):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(1)
+        return real_ask(self, *a, **k)
+
+    monkeypatch.setattr(_LazyEngine, "ask", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(vqa, new, "--model", "demo")
+    assert (new / SETTINGS_FILE).is_file() and len(read_predictions(new / "predictions.jsonl")) == len(asked)
+    monkeypatch.setattr(_LazyEngine, "ask", real_ask)
+    assert _eval(vqa, new, "--model", "demo") == 0
+    assert len(read_predictions(new / "predictions.jsonl")) == len(json.loads(vqa.read_text()))
+
+
+def test_json_prints_the_reports_counts_or_one_error_object(vqa, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert _eval(vqa, report, "--model", "demo", "--json") == 0
+    said = json.loads(capsys.readouterr().out)
+    written = json.loads((report / "report.json").read_text())
+    assert said == {"report": str(report / "report.json"), **{k: written[k] for k in ("n_items", "n_scored",
+                    "n_missing")}, "shard": 0, "num_shards": 1}
+    assert said["n_items"] == len(json.loads(vqa.read_text()))
+    assert _eval(vqa, tmp_path / "shard", "--model", "demo", "--json", "--shard", "1", "--num-shards", "2") == 0
+    assert json.loads(capsys.readouterr().out) == {"report": None, "n_items": None, "n_scored": None,
+                                                   "n_missing": None, "shard": 1, "num_shards": 2}
+
+
 def test_a_model_folder_is_known_by_its_files_not_its_path(tmp_path):
     folder = tmp_path / "final"
     folder.mkdir()

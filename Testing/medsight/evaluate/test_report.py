@@ -451,3 +451,43 @@ def test_a_single_modality_reports_notes_name_the_comparison_its_rows_make(tmp_p
     assert f"every item is of one modality (CT): the paper's numbers for it ({numbers}) are set beside the " \
            "per-sample mean" in report["notes"]
     assert not [n for n in report["notes"] if str(PAPER_DIAGSEG["dice"]["avg"]) in n]
+
+
+def test_modalities_spelled_otherwise_get_the_papers_numbers_and_one_group(tmp_path):
+    """SLAKE's "X-Ray" (and "xray", "X ray") was no X-ray: its Dice and recall rows got no paper number, and a file
+    with two spellings reported two groups. Case, hyphens and spaces no longer count; other modalities stay apart."""
+    import numpy as np
+    from PIL import Image
+
+    from medsight.evaluate.readers import read_diagseg
+    from medsight.evaluate.runner import encode_masks
+
+    gt = np.zeros((8, 8), bool)
+    gt[2:6, 3:7] = True
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(gt.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    spelled = {"X-Ray": "X-ray", "xray": "X-ray", "X ray": "X-ray", "mri": "MRI", "Microscopy": "Microscopy",
+               "PET-CT": "PET-CT", "OCTA": "OCTA"}
+    data = [{"qa_id": i, "question": "q", "short_answer": "lesion", "image_file": "img.png", "mask_ids": [1],
+             "masks": [[1, "mask.png"]], "answer_type": "open", "modality": name} for i, name in enumerate(spelled)]
+    items = read_diagseg(_write_json(tmp_path / "seg.json", data))
+    assert [it.modality for it in items] == list(spelled.values())
+    preds = [{"question_id": it.id, "text": "lesion", "masks": encode_masks([gt], gt.shape)} for it in items]
+    report = build_report("diagseg", items, preds, n_boot=5)
+    rows = {(r["metric"], r["group"]): r for r in report["metrics"] if r["aggregate"] == "mean"}
+    groups = sorted(set(spelled.values()))
+    assert sorted(g for m, g in rows if m == "dice") == groups
+    for metric in ("dice", "recall"):
+        assert {g: rows[(metric, g)]["paper"] for g in groups} == {g: PAPER_DIAGSEG[metric].get(g) for g in groups}
+    assert rows[("dice", "X-ray")]["n"] == list(spelled.values()).count("X-ray")
+    assert rows[("dice", "X-ray")]["paper"] == PAPER_DIAGSEG["dice"]["X-ray"]
+    from medsight.evaluate.metrics import PAPER_MODALITIES  # the names folded to are the table's
+
+    assert set(PAPER_MODALITIES) | {"avg"} == set(PAPER_DIAGSEG["dice"]) == set(PAPER_DIAGSEG["recall"])
+
+
+def _write_json(path, obj):
+    import json
+
+    path.write_text(json.dumps(obj))
+    return path

@@ -215,6 +215,32 @@ def test_vqa_data_must_ask_every_scored_item_and_gives_each_its_recall(diagseg, 
     assert rows[("recall", "per_sample_mean")]["n"] == rows[("dice", "per_sample_mean")]["n"] == 2
 
 
+def test_a_folder_answered_with_vqa_data_resumes_with_it_and_refuses_another_file(diagseg, tmp_path, capsys):
+    """A DiagSeg folder answered with --vqa-data was refused when resumed without it ("seed: 0 there, null now"): the
+    rerun now reuses the recorded file, saying so; a byte-identical copy is taken, another file refused naming both."""
+    seg, vqa = diagseg
+    items = json.loads(vqa.read_text())
+    report = tmp_path / "report"
+    common = ["diagseg", "--data", str(seg), *ARGS, "--max-new-tokens", "8", "--report", str(report)]
+    assert main([*common, "--vqa-data", str(vqa), "--limit", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--limit", "2"]) == 0
+    assert f"--vqa-data {vqa}: reused, as recorded in {report / 'settings.json'}" in capsys.readouterr().err
+    answered = read_predictions(report / "predictions_vqa.jsonl")
+    assert len(answered) == 2
+    rows = {(r["metric"], r["aggregate"]): r for r in json.loads((report / "report.json").read_text())["metrics"]}
+    assert rows[("recall", "per_sample_mean")]["n"] == 2
+    copy = tmp_path / "copy_vqa.json"
+    copy.write_bytes(vqa.read_bytes())
+    assert main([*common, "--vqa-data", str(copy), "--limit", "2"]) == 0
+    other = tmp_path / "other_vqa.json"
+    other.write_text(json.dumps(items[::-1]))
+    with pytest.raises(DataError, match=rf"--vqa-data {other}: {report}'s recall answers came from --vqa-data "
+                                        rf"{vqa} \(recorded in {report / 'settings.json'}\)"):
+        main([*common, "--vqa-data", str(other)])
+    assert read_predictions(report / "predictions_vqa.jsonl") == answered
+
+
 def test_torchrun_entry_point_names_bad_input_without_a_traceback(tmp_path):
     missing = tmp_path / "missing.json"
     done = subprocess.run([sys.executable, "-m", "medsight.evaluate.cli", "vqa", "--data", str(missing), "--report",

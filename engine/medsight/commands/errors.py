@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import select
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NoReturn
 
 #: The exit code when the reader of stdout left early (`medsight ask ... | head -1`): 128 + SIGPIPE, the status
@@ -21,7 +23,7 @@ READER_LEFT = 141
 INTERRUPTED = 130
 
 
-def run_command(body: Callable[[], int], prog: str) -> int:
+def run_command(body: Callable[[], int], prog: str, json_errors: bool = False) -> int:
     """Run a command's `body` and return its exit code; bad input (a ValueError: ImagingError, CheckpointError...)
     and a file that cannot be read or written (an OSError) are one line naming `prog`, and other exceptions are our
     bugs and keep their traceback.
@@ -30,8 +32,13 @@ def run_command(body: Callable[[], int], prog: str) -> int:
     agent's own), and a traceback per rank plus torchrun's failure report buried the run's output. Rank 0 alone says
     "interrupted"; a reader that left ends the command with 0 there, since torchrun reports any other code as a
     failed rank with a traceback of its own (its final/ is written by then). An error every rank raises alike (a
-    config check) is printed by one rank only (`first_to_report`); one rank's own error still by that rank."""
+    config check) is printed by one rank only (`first_to_report`); one rank's own error still by that rank.
+
+    `json_errors` (the command line asked for --json): a script reads stdout, so each of these ends also prints one
+    JSON object there, `{"error": {"code", "message"}}` (`JSON_ERROR_CODES`), beside the line on stderr; a refused
+    command printed nothing there."""
     rank = os.environ.get("RANK")
+    say = partial(_report, prog, json_errors)
     try:
         code = body()
         sys.stdout.flush()  # here, not at interpreter exit: a reader gone by now lands in the except below
@@ -39,11 +46,15 @@ def run_command(body: Callable[[], int], prog: str) -> int:
     except BrokenPipeError as err:
         if reader_left():  # the reader of our output left early: nothing is wrong, so no message
             return 0 if rank is not None else READER_LEFT
-        report_error(f"{prog}: error: {error_message(err)}")  # another pipe (a worker's, a socket)
-        return 2
-    except (ValueError, OSError) as err:
-        report_error(f"{prog}: error: {error_message(err)}")
-        return 2
+        return say("file", error_message(err))  # another pipe (a worker's, a socket)
+    except UsageError as err:  # printed by the parser (usage and line); here only its JSON object
+        if json_errors and err.shown:
+            _print_json_error("usage", err.message)
+        raise  # exits 2, as argparse does
+    except ValueError as err:
+        return say("bad_input", error_message(err))
+    except OSError as err:
+        return say("file", error_message(err))
     except KeyboardInterrupt:
         # One line, not the traceback of wherever it landed (torch's imports, a model step); a second SIGINT (the
         # torchrun agent forwards one) must not interrupt it. Outputs are written whole or not at all, so nothing
@@ -51,13 +62,54 @@ def run_command(body: Callable[[], int], prog: str) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if rank in (None, "0"):
             print(f"{prog}: interrupted", file=sys.stderr)
+            if json_errors:
+                _print_json_error("interrupted", "interrupted")
         return INTERRUPTED
 
 
-def report_error(line: str) -> None:
-    """Print an error line on stderr; under torchrun only if no other rank of the run has printed the same one."""
-    if first_to_report(line):
+#: The "code" of a --json error object: what kind of refusal it is (its exit code: 2, 130 for "interrupted").
+JSON_ERROR_CODES = ("usage", "bad_input", "file", "interrupted")
+#: argparse's exit code for a usage error, kept for every refusal.
+USAGE = 2
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for --json (before any "--": what follows is a value, not an option), read
+    before parsing so a refused command line, and one that fails before its command runs, answers in JSON too."""
+    argv = list(argv)
+    return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+
+def _report(prog: str, json_errors: bool, code: str, message: str) -> int:
+    """The error line on stderr (once per torchrun run) and, for --json, its JSON object on stdout; returns 2."""
+    if report_error(f"{prog}: error: {message}") and json_errors:
+        _print_json_error(code, message)
+    return USAGE
+
+
+def _print_json_error(code: str, message: str) -> None:
+    try:
+        print(json.dumps({"error": {"code": code, "message": message}}), flush=True)
+    except OSError:  # stdout gone (the reader left, a full disk): the line on stderr has said it
+        silence_stdout()
+
+
+def report_error(line: str) -> bool:
+    """Print an error line on stderr; under torchrun only if no other rank of the run has printed the same one.
+    Returns whether it was printed."""
+    first = first_to_report(line)
+    if first:
         print(line, file=sys.stderr)
+    return first
+
+
+class UsageError(SystemExit):
+    """A command line argparse refuses, after its parser printed it (`shown`: this process printed it); a SystemExit
+    with argparse's code 2, so code that does not know it ends as argparse ends."""
+
+    def __init__(self, message: str, shown: bool) -> None:
+        super().__init__(USAGE)
+        self.message, self.shown = message, shown
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -66,10 +118,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         line = f"{self.prog}: error: {message}\n"
-        if first_to_report(line):
+        shown = first_to_report(line)
+        if shown:
             self.print_usage(sys.stderr)
             sys.stderr.write(line)
-        raise SystemExit(2)
+        raise UsageError(message, shown)
 
 
 def first_to_report(line: str) -> bool:

@@ -12,9 +12,12 @@ another model's name. A folder whose predictions an older medsight made without 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from medsight.commands.errors import CommandParser
@@ -25,6 +28,7 @@ from medsight.evaluate.provenance import (
     answer_settings,
     check_settings,
     data_settings,
+    recorded_settings,
 )
 from medsight.evaluate.readers import DataError, EvalItem, read_diagseg, read_items
 from medsight.evaluate.report import answer_type_line, build_report, report_file_names, write_report
@@ -72,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK under torchrun, else auto)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout: report (report.json's path; "
+                   "null for a shard that leaves the report to the merge), n_items, n_scored, n_missing (null for "
+                   "such a shard), shard, num_shards; a refused run prints {\"error\": {\"code\", \"message\"}}")
     p.add_argument(ADOPT_FLAG, action="store_true",
                    help="the --report folder holds predictions but no settings.json, or one without some settings "
                         "(an older medsight made them): record this command's as theirs where unrecorded, and resume")
@@ -171,6 +178,26 @@ def _check_args(args: argparse.Namespace) -> Path:
     return report_dir
 
 
+def _resume_vqa_data(args: argparse.Namespace, report_dir: Path) -> None:
+    """A DiagSeg folder answered with --vqa-data resumes with it when the rerun leaves it out (it was refused, its
+    sampled run's seed taken for a changed setting); another file than the recorded one is refused, naming both (a
+    byte-identical copy, or a recorded one that is gone, is taken: each answer's inputs are checked on resume)."""
+    recorded = (recorded_settings(report_dir) or {}).get("vqa_data") if args.task == "diagseg" else None
+    if recorded is None:
+        return
+    where = report_dir / SETTINGS_FILE
+    if args.vqa_data is None:
+        if not os.path.isfile(recorded):
+            raise DataError(f"{report_dir}'s recall answers came from --vqa-data {recorded} (recorded in {where}), "
+                            "which is not there now: pass its new place with --vqa-data to resume")
+        print(f"--vqa-data {recorded}: reused, as recorded in {where}", file=sys.stderr)
+        args.vqa_data = recorded
+    elif os.path.isfile(recorded) and not filecmp.cmp(args.vqa_data, recorded, shallow=False):
+        raise DataError(f"--vqa-data {args.vqa_data}: {report_dir}'s recall answers came from --vqa-data {recorded} "
+                        f"(recorded in {where}); pass that file or leave --vqa-data out to resume with it, or choose "
+                        "another --report folder for this one")
+
+
 def _check_no_foreign_report(report_dir: Path, adopt: bool) -> None:
     """A folder no evaluation has recorded its settings in keeps its files: its own report.md or dice.png were
     replaced by this run's report without a word. A folder holding predictions is an evaluation's, an older
@@ -222,6 +249,8 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
         report["notes"].append(f"--limit {args.limit}: only the first {len(items)} of the data's "
                                f"{len(runs[0][1])} items were asked and scored")
     paths = write_report(report, report_dir)
+    if args.json:
+        _print_json(args, paths["json"], report)
     if not args.quiet:
         limited = f" (--limit: {left_out} more in the data)" if left_out else ""
         print(f"items: {report['n_items']}{limited}, scored: {report['n_scored']}, missing: {report['n_missing']}. "
@@ -230,20 +259,57 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
     return report
 
 
+def _start(args: argparse.Namespace, report_dir: Path, settings: dict) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    # Before any answer is asked or reused: a folder answered with other settings is refused.
+    check_settings(report_dir, settings, adopt=args.adopt_settings)
+
+
+@contextmanager
+def _left_as_found_unless_answered(report_dir: Path) -> Iterator[None]:
+    """A single-process run that stops before it adds an answer (a mistyped --model, an unreadable first image,
+    Ctrl+C while the model loads) leaves the --report folder as it found it: the settings.json it had recorded made
+    the corrected rerun refused until the user deleted it. Not for shards: another may have started with them."""
+    created = []  # the folders mkdir will create, deepest first
+    folder = report_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    settings_file = report_dir / SETTINGS_FILE
+    recorded = settings_file.exists()
+    before = _predictions_sizes(report_dir)
+    try:
+        yield
+    except BaseException:
+        if not recorded and _predictions_sizes(report_dir) == before:
+            settings_file.unlink(missing_ok=True)
+            for made in created:
+                try:
+                    made.rmdir()
+                except OSError:  # not empty (something else wrote there) or not ours to remove: kept
+                    break
+        raise
+
+
+def _predictions_sizes(report_dir: Path) -> dict[Path, int]:
+    return {p: p.stat().st_size for p in report_dir.glob("predictions*.jsonl")} if report_dir.is_dir() else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``medsight eval ...`` (argv excludes the word "eval"); returns the exit code."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     shard, num_shards = shard_from_env(args.shard, args.num_shards)
     report_dir = _check_args(args)
+    _resume_vqa_data(args, report_dir)
     runs = _runs(args)
     settings = _settings(args, runs, report_dir)
     _check_no_foreign_report(report_dir, args.adopt_settings)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    # Before any answer is asked or reused: a folder answered with other settings is refused.
-    check_settings(report_dir, settings, adopt=args.adopt_settings)
     if num_shards == 1:
-        _finish(args, runs, report_dir, settings)
+        with _left_as_found_unless_answered(report_dir):
+            _start(args, report_dir, settings)
+            _finish(args, runs, report_dir, settings)
         return 0
+    _start(args, report_dir, settings)
     engine = _LazyEngine(args)
     for name, items, options in runs:
         path = prediction_path(report_dir, name, shard, num_shards)
@@ -264,14 +330,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _finish(args, runs, report_dir, settings)
         dist.barrier()
         dist.destroy_process_group()
-    elif not args.quiet:
-        print(f"shard {shard}/{num_shards} done; rerun without --shard to merge and report", file=sys.stderr)
+    else:
+        if not args.quiet:
+            print(f"shard {shard}/{num_shards} done; rerun without --shard to merge and report", file=sys.stderr)
+        if args.json:
+            _print_json(args, None, None, shard, num_shards)
     return 0
+
+
+def _print_json(args: argparse.Namespace, report_path: Path | None, report: dict | None, shard: int = 0,
+                num_shards: int = 1) -> None:
+    counts = {k: None if report is None else report[k] for k in ("n_items", "n_scored", "n_missing")}
+    print(json.dumps({"report": None if report_path is None else str(report_path), **counts, "shard": shard,
+                      "num_shards": num_shards}), flush=True)
 
 
 if __name__ == "__main__":
     # The entry point under torchrun (`-m medsight.evaluate.cli`): bad input, Ctrl+C and a reader that left end it as
     # they end `medsight`, not with a traceback per rank.
-    from medsight.commands.errors import run_command
+    from medsight.commands.errors import run_command, wants_json
 
-    sys.exit(run_command(main, "medsight eval"))
+    sys.exit(run_command(main, "medsight eval", json_errors=wants_json(sys.argv[1:])))

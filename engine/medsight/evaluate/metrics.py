@@ -269,14 +269,27 @@ def dice_from_logits(logits: torch.Tensor | np.ndarray, gt: np.ndarray) -> float
 
 
 # -- aggregation and confidence intervals --------------------------------------------------------------------------
-MODALITY_ALIASES = {"dermatoscopy": "Dermoscopy"}
+#: The modalities of the paper's DiagSeg table, spelled as it and the official files spell them.
+PAPER_MODALITIES = ("CT", "MRI", "X-ray", "Pathology", "US", "Endoscopy", "Dermoscopy", "OCT")
+#: Other names of those modalities, folded (`_folded`): the official Dermatoscopy (`--modality_split` merges it), and
+#: the spellings of the spec's other data sets (OmniMedVQA's "ultrasound", the grounding notebook's "MR").
+MODALITY_ALIASES = {"dermatoscopy": "Dermoscopy", "ultrasound": "US", "mr": "MRI"}
+
+
+def _folded(name: str) -> str:
+    """A modality name without case, hyphens, spaces or underscores: "X-Ray", "xray" and "X ray" are X-ray."""
+    return "".join(c for c in name.lower() if c not in "-_ ")
+
+
+_CANONICAL = {**{_folded(m): m for m in PAPER_MODALITIES}, **MODALITY_ALIASES}
 
 
 def canonical_modality(name: str | None) -> str:
-    """Merge official spellings (Dermatoscopy -> Dermoscopy, as `--modality_split` does)."""
+    """The paper's spelling of a modality the data spells otherwise ("X-Ray", SLAKE's, was no X-ray: its rows got
+    no paper number, and a file with both spellings had two groups); other names as written (stripped)."""
     if name is None or str(name).strip() == "":
         return "unknown"
-    return MODALITY_ALIASES.get(str(name).strip().lower(), str(name).strip())
+    return _CANONICAL.get(_folded(str(name)), str(name).strip())
 
 
 #: Index values drawn per block of bootstrap resamples (8 MiB of int64): the (n_boot, n) index matrix of a large

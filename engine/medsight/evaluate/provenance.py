@@ -263,6 +263,12 @@ def _create_exclusive(path: Path, text: bytes) -> None:
         raise
 
 
+def recorded_settings(report_dir: Path) -> dict[str, Any] | None:
+    """The settings recorded in `report_dir`, or None where none are."""
+    path = report_dir / SETTINGS_FILE
+    return _read(path) if path.is_file() else None
+
+
 def _read(path: Path) -> dict[str, Any]:
     """The recorded settings; read again a few times if incomplete (another shard may be writing them)."""
     for _ in range(READ_TRIES - 1):

@@ -31,7 +31,8 @@ from medsight.evaluate.metrics import (
 from medsight.evaluate.readers import DataError, EvalItem
 from medsight.evaluate.runner import Prediction, decode_masks, load_gt_mask
 
-#: MedSIGHT's published DiagSeg numbers (Table 2, project page), by modality as the files spell them.
+#: MedSIGHT's published DiagSeg numbers (Table 2, project page), by modality as the files spell them
+#: (`PAPER_MODALITIES`: data spelling them otherwise is read as these, `canonical_modality`).
 PAPER_DIAGSEG = {
     "dice": {"CT": 65.8, "MRI": 82.3, "X-ray": 57.7, "Pathology": 52.9, "US": 65.8, "Endoscopy": 70.0,
              "Dermoscopy": 87.7, "OCT": 55.6, "avg": 69.9},
