@@ -42,7 +42,7 @@ def nonzero_box(mask_kji: np.ndarray):
 def answers(shape: tuple[int, int, int]) -> list[SliceAnswer]:
     """One axial answer per slice, each with the cut of a ball ("liver") filling most of the volume."""
     k, j, i = np.indices(shape)
-    centre, radius = np.array(shape) / 2, min(shape) * 0.45
+    centre, radius = np.array(shape) / 2, shape[1] * 0.45  # k stretched to the in-plane size: on 90% of slices
     ball = ((k - centre[0]) / shape[0] * shape[1]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
     out = []
     for index in range(shape[0]):
