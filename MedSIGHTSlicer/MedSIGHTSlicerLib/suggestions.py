@@ -38,6 +38,7 @@ from .geometry import (
     labelmap_from_array,
     lattice_box,
     lattice_grid,
+    mask_box,
     mask_on_grid,
     mask_to_ijk,
     nodes_by_class,
@@ -119,14 +120,12 @@ class SegmentSnapshot:
                   lattice: np.ndarray | None = None) -> SegmentSnapshot:
         # Cropping to the bounding box keeps undo history small: a region is a sliver of a 512x512x300 volume.
         mask = np.asarray(mask, dtype=bool)
-        nonzero = np.nonzero(mask)
-        if nonzero[0].size == 0:
+        box = mask_box(mask)
+        if box is None:
             offset, crop = (0, 0, 0), np.zeros((0, 0, 0), dtype=bool)
         else:
-            lo = [int(a.min()) for a in nonzero]
-            hi = [int(a.max()) + 1 for a in nonzero]
-            offset = tuple(lo)
-            crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy()
+            offset = box[0]
+            crop = mask[tuple(slice(lo, hi) for lo, hi in zip(*box))].copy()
         return cls(segment_id, name, tuple(float(c) for c in color), dict(tags), offset, crop, tuple(mask.shape),
                    lattice)
 

@@ -15,6 +15,7 @@ from MedSIGHTSlicerLib.geometry import (  # noqa: E402
     GeometryError,
     ijk_to_ras,
     labelmap_from_array,
+    mask_box,
     mask_to_ijk,
     nodes_by_class,
     segment_array,
@@ -220,3 +221,24 @@ def test_nodes_by_class_keeps_no_node_alive(scene, volume):
     assert nodes_by_class(scene, "vtkMRMLScalarVolumeNode") == [volume]
     del found
     assert [node.GetReferenceCount() for node in nodes] == counts
+
+
+def test_mask_box_is_the_box_around_every_set_voxel_as_nonzero_finds_it():
+    """mask_box (found axis by axis on a shrinking slab, for speed) gives the box np.nonzero's extremes give: one
+    voxel at each corner, one streamed slice of a CT-like volume, a uint8 0/1 mask, and None for an empty mask."""
+    from medsight_testing.review_scene import ct_voxels
+
+    voxels = ct_voxels()
+    masks = [voxels > 100, (voxels > 100) & (np.arange(voxels.shape[0]) == voxels.shape[0] // 2)[:, None, None],
+             (voxels == -1000).astype(np.uint8)]
+    for corner in np.ndindex(2, 2, 2):
+        single = np.zeros(voxels.shape, dtype=bool)
+        single[tuple(c * (n - 1) for c, n in zip(corner, voxels.shape))] = True
+        masks.append(single)
+    for mask in masks:
+        nonzero = np.nonzero(mask)
+        expected = tuple(int(a.min()) for a in nonzero), tuple(int(a.max()) + 1 for a in nonzero)
+        assert mask_box(mask) == expected
+        cut = mask[tuple(slice(lo, hi) for lo, hi in zip(*mask_box(mask)))]
+        assert cut.sum() == mask.sum() and all(cut.any(axis=a).any() for a in range(3))
+    assert mask_box(np.zeros(voxels.shape, dtype=bool)) is None
