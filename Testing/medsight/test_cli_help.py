@@ -45,3 +45,26 @@ def test_every_option_has_help_naming_its_default(name):
             default_unnamed.append(f"{action.option_strings[0]} (default {action.default!r}): {text!r}")
     assert undocumented == [] and default_unnamed == [], (name, undocumented, default_unnamed)
     assert len([a for a in p._actions if a.option_strings]) > 1  # the parser's options were read
+
+
+def test_train_help_lists_every_config_field_with_its_default():
+    """`--config` takes fields no option names (grad_accum, warmup_ratio, lora_r, init_from's default "tiny": random
+    weights ...): `medsight train --help` lists each stage's, with the default a field left out keeps."""
+    import dataclasses
+    import json
+
+    from medsight.train.stages import RECIPES, STAGE_CONFIGS
+
+    text = train_parser().format_help()
+    flat = " ".join(text.split())  # the list is wrapped
+    kinds = {**{f"stage{n}": k for n, k in STAGE_CONFIGS.items()}, **{n: k for n, (_, k) in RECIPES.items()}}
+    starts = [flat.rindex(f" {name}: ") for name in kinds]  # each list runs to the next (the last "lora: ")
+    assert starts == sorted(starts)
+    missing = []
+    for (name, kind), start, end in zip(kinds.items(), starts, [*starts[1:], len(flat)], strict=True):
+        for f in dataclasses.fields(kind):
+            entry = f"{f.name}={json.dumps(getattr(kind(), f.name))}"
+            if entry not in flat[start:end]:
+                missing.append(f"{name} {entry}")
+    assert missing == [], missing
+    assert sum(len(dataclasses.fields(k)) for k in kinds.values()) > 6 * 20  # every stage's fields were looked for
