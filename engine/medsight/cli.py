@@ -28,9 +28,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about an image or slices of a volume")
     ask.add_argument("path", help="PNG/JPG/TIFF, DICOM file or series folder, NIfTI, NRRD or MetaImage (.mha, .mhd)")
-    ask.add_argument("question")
+    ask.add_argument("question", help="in quotes, e.g. \"Please segment the liver.\"")
     ask.add_argument("--model", default="demo",
-                     help="demo (embedded, trained on synthetic data), tiny/full (random weights), folder, or Hub id")
+                     help="demo (default: embedded, trained on synthetic data), tiny/full (random weights), folder, or "
+                     "Hub id")
     ask.add_argument("--vision-file", type=file_name, help=VISION_FILE_HELP)
     ask.add_argument("--plane", choices=PLANES,
                      help="default: axial, or the plane a 2D image lies in (its only plane with slices)")
@@ -50,12 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                      "cannot reference it)")
     ask.add_argument("--modality", type=_modality, help="override the file's modality (CT, MR, US, ...): CT gets "
                      "Hounsfield windows (--window presets, abdomen by default), any other a percentile window")
-    ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver)")
+    ask.add_argument("--window", help="CT window preset (abdomen, lung, bone, brain, liver; CT only), or auto: the "
+                     "percentile window any modality gets")
     ask.add_argument("--resize-mode", choices=("letterbox", "crop"), default="letterbox",
-                     help="letterbox keeps the whole slice; crop is the official centre crop")
+                     help="letterbox (default) keeps the whole slice; crop is the official centre crop")
     ask.add_argument("--max-new-tokens", type=_at_least(int, 1),
                      help="default: GenerationOptions' (the official limit)")
-    ask.add_argument("--batch", type=_at_least(int, 1), default=16, help="slices per batch")
+    ask.add_argument("--batch", type=_at_least(int, 1), default=16, help="slices per batch (default %(default)s)")
     ask.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ask.add_argument("--out", type=file_name, help="segmentation file: .seg.nrrd (3D Slicer), .nii/.nii.gz (+ a .json "
                      "labels sidecar), .dcm (DICOM input only); never the input; missing folders are created")
@@ -133,8 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--out", required=True, type=file_name, help="folder for the .onnx graphs and manifest.json "
                       "(created if missing)")
     onnx.add_argument("--overwrite", action="store_true", help="replace the graphs and manifest the folder holds")
-    onnx.add_argument("--opset", type=int, default=18)
-    onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
+    onnx.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                      help="auto (default): dynamo, falling back to TorchScript for a graph dynamo fails on")
 
     info = sub.add_parser("info", help="sizes and memory needs of a model configuration")
     info.add_argument("--preset", default="full", help="full (the paper's), demo or tiny (default: full)")
@@ -146,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                               "into the local cache")
     download.add_argument("repo", nargs="?", help="repository id, REPO_ID[@REVISION] (default: the released "
                           "MedSIGHT), or one file as REPO_ID:FILENAME[@REVISION]")
-    download.add_argument("--revision")
+    download.add_argument("--revision", help="branch, tag or commit (default: main)")
     download.add_argument("--dir", type=file_name, help="copy the files into this folder instead of only caching them")
     download.add_argument("--overwrite", action="store_true",
                           help="replace files in --dir that no download put there or that changed since (else they "

@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="question file (mc: a Modality_*.json file or their folder)")
     p.add_argument("--images", type=file_name, help="root for relative image/mask paths (default: the data file's "
                    "folder); absolute paths in the data are used as written (a missing one is refused)")
-    p.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
+    p.add_argument("--model", default="demo",
+                   help="demo (default: embedded), tiny/full (random), folder or Hub id")
     p.add_argument("--vision-file", type=file_name, help="UniMed-CLIP checkpoint for the official layout")
     p.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout) applied to --model")
     p.add_argument("--report", type=file_name, required=True,
@@ -63,19 +64,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vqa-data", type=file_name, help="diagseg: the _vqa.json file; recall then comes from a separate "
                    "sampled VQA-path run, as in the paper")
     p.add_argument("--benchmark", choices=("vqa-rad", "slake", "pathvqa"), help="vqa: paper reference numbers")
-    p.add_argument("--shard", type=int)
-    p.add_argument("--num-shards", type=int)
+    p.add_argument("--shard", type=int, help="this process's part, 0 <= i < --num-shards (default: torchrun's "
+                   "RANK, else 0); rerun without --shard to merge and report")
+    p.add_argument("--num-shards", type=int,
+                   help="processes sharing the items (default: torchrun's WORLD_SIZE, else 1)")
     p.add_argument("--limit", type=int, help="only the first N items")
     p.add_argument("--max-new-tokens", type=int, help="default: GenerationOptions' (the official limit)")
-    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default %(default)s)")
     p.add_argument("--sampling", choices=("official", "greedy"), default="official",
-                   help="official: VQA path sampled at T=0.2 (segmentation greedy); greedy: deterministic")
-    p.add_argument("--batch", type=int, default=1, help="same-question items per engine call (greedy only)")
-    p.add_argument("--resize-mode", choices=("crop", "letterbox"), default="crop")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+                   help="official (default): VQA path sampled at T=0.2 (segmentation greedy); greedy: deterministic")
+    p.add_argument("--batch", type=int, default=1,
+                   help="same-question items per engine call (greedy only; default %(default)s)")
+    p.add_argument("--resize-mode", choices=("crop", "letterbox"), default="crop",
+                   help="crop (default): the official centre crop, as the paper's numbers were made; letterbox keeps "
+                        "the whole image (`medsight ask`'s default)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% CIs (default %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK under torchrun, else auto)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout: report (report.json's path; "
                    "null for a shard that leaves the report to the merge), n_items, n_scored, n_missing (null for "
                    "such a shard), shard, num_shards; a refused run prints {\"error\": {\"code\", \"message\"}}")

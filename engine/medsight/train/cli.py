@@ -14,9 +14,11 @@ is refused with the configurations that would.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,12 +55,27 @@ from medsight.train.stages import (
 COMMON_GPU_GB = (16, 24, 32, 40, 48, 80, 141)  # sizes GPUs are sold by (decimal GB)
 
 
+def config_fields_help() -> str:
+    """The --config fields of each stage with their defaults, read off the config classes so the help cannot drift."""
+    kinds = {**{f"stage{n}": kind for n, kind in sorted(STAGE_CONFIGS.items())},
+             **{name: kind for name, (_, kind) in RECIPES.items()}}
+    lines = [textwrap.fill("--config fields (a JSON object; a field left out keeps the default shown, the official "
+                           "setting; init_from \"tiny\" and \"full\" are random weights, \"demo\" the embedded "
+                           "trained model):", width=100)]
+    for name, kind in kinds.items():
+        fields = ", ".join(f"{f.name}={json.dumps(getattr(kind(), f.name))}" for f in dataclasses.fields(kind))
+        lines.append(textwrap.fill(f"{name}: {fields}", width=100, subsequent_indent="  "))
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="medsight train", description="Train one MedSIGHT stage. Also: `medsight train "
-                                "plan --help` (memory per GPU), `medsight train merge --help` (merge a LoRA adapter).")
+    p = CommandParser(prog="medsight train", description=textwrap.fill(
+                          "Train one MedSIGHT stage. Also: `medsight train plan --help` (memory per GPU), "
+                          "`medsight train merge --help` (merge a LoRA adapter).", width=100),
+                      epilog=config_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=[*(f"stage{n}" for n in sorted(RUNNERS)), *RECIPES],
                    help="which stage to train; lora: stage 5 with the official LoRA recipe")
-    p.add_argument("--config", type=path_name, help="JSON with stage config fields (default: official settings)")
+    p.add_argument("--config", type=path_name, help="JSON with stage config fields (below; default: official settings)")
     p.add_argument("--data", type=path_name, required=True,
                    help="stages 1-2: meta JSON or folder with biomedparse_meta_train.json; "
                         "stages 3-5: conversation JSON or folder with lvlm/train.json")
