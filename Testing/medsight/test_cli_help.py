@@ -1,6 +1,6 @@
 """`--help` of the `medsight` commands: every option says what it does, and one that has a default names it, so a
 user need not read the code to learn what an option left out means (e.g. `eval --resize-mode`'s crop, where `ask`
-letterboxes). `serve` is left to its own tests."""
+letterboxes)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from medsight.train.cli import merge_parser, plan_parser
 from medsight.train.cli import parser as train_parser
 
 #: Subcommands of `medsight` whose own parser holds their options (train and eval hand theirs on).
-CHECKED = ("ask", "export-onnx", "info", "download")
+CHECKED = ("ask", "serve", "export-onnx", "info", "download")
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:

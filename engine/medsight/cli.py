@@ -75,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                      "{\"error\": {\"code\", \"message\"}} instead")
 
     serve = sub.add_parser("serve", help="run the engine's HTTP server (127.0.0.1 unless told otherwise)")
-    serve.add_argument("--model", default="demo", help="demo (embedded), tiny/full (random), folder or Hub id")
+    serve.add_argument("--model", default="demo",
+                       help="demo (embedded; the default), tiny/full (random), folder or Hub id")
     serve.add_argument("--vision-file", type=file_name, help=VISION_FILE_HELP)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s, this computer "
+                       "only); any other needs --token-file or MEDSIGHT_TOKEN")
     serve.add_argument("--port", type=_port, default=8765, help="1..65535 (default 8765)")
     serve.add_argument("--token-file", type=file_name,
                        help="file holding the bearer token clients must send (needed for any non-loopback host); or "
@@ -86,16 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name clients may use (e.g. behind a proxy); loopback names and --host "
                        "are always allowed, any other Host header is refused (DNS rebinding)")
-    serve.add_argument("--device")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     serve.add_argument("--max-upload-mb", type=_at_least(int, 1), default=1024,
                        help="largest upload in MiB (default 1024)")
     serve.add_argument("--timeout", type=_at_least(float, 0, exclusive=True), default=600.0,
                        help="seconds an ask may run before it is cancelled (time waiting in the queue not counted; "
-                       "generation stops at its next step, the masks of the text so far are still decoded)")
+                       "generation stops at its next step, the masks of the text so far are still decoded; "
+                       "default %(default)g)")
     serve.add_argument("--max-waiting", type=_at_least(int, 0), default=64,
-                       help="asks that may wait; more get 429 (busy)")
+                       help="asks that may wait; more get 429 (busy) (default %(default)s)")
     serve.add_argument("--ask-memory-mb", type=_at_least(int, 1), default=8192,
-                       help="memory budget of one ask (estimated before it starts; larger asks are refused)")
+                       help="memory budget of one ask in MiB (estimated before it starts; larger asks are refused; "
+                       "default %(default)s)")
     serve.add_argument("--threads", type=_at_least(int, 1), default=None,
                        help="compute threads of the model, set once (default: 1 on a GPU or for a model under 100M "
                        "parameters, else the CPU cores this process may use)")
