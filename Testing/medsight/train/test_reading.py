@@ -26,10 +26,12 @@ from medsight.train.data import (
 )
 from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, SampleOrder, TrainConfig, read_log
 from medsight.train.reading import MicroBatchIndices, StepReader
+from medsight_testing.torchrun import torchrun
 from medsight_testing.train_data import write_synthetic
 
 WORKERS = 2
 BATCH, ACCUM = 2, 2
+READING_WORKER = Path(__file__).with_name("reading_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,23 @@ def test_a_run_with_workers_trains_stops_and_resumes_as_one_without(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == steps
     want, got = (load_pretrained(tmp_path / out / FINAL_DIR).state_dict() for out in ("whole", "broken"))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_each_torchrun_rank_reads_with_workers_what_it_reads_without(model, tmp_path):
+    """Under torchrun (2 gloo ranks) each rank's workers read that rank's micro-batches of the main-process read,
+    tensor for tensor, over more than an epoch; rank r's samples are the global order's (micro x 2 + r)-th."""
+    data = write_synthetic(tmp_path / "data")
+    dataset = _conversations(model, data)
+    world, steps = 2, math.ceil(len(dataset) / (2 * 1 * 2)) + 1  # batch 1 x grad_accum 2 x 2 ranks
+    torchrun(world, [str(READING_WORKER), str(data["lvlm"]), str(tmp_path), str(steps)])
+    order = SampleOrder(len(dataset), TrainConfig.seed)
+    for rank in range(world):
+        read = [torch.load(tmp_path / f"rank{rank}-workers{n}.pt", weights_only=True) for n in (0, WORKERS)]
+        assert len(read[0]) == len(read[1]) == steps
+        for step in range(steps):
+            for micro in range(2):
+                (want,), (got,) = read[0][step][micro], read[1][step][micro]
+                sample = dataset[order[step * 4 + micro * world + rank]]
+                assert got[0] == want[0] == sample.input_ids and got[1] == want[1] == sample.labels
+                assert torch.equal(got[2], want[2]) and torch.equal(got[2], sample.pixels)
+                assert (got[3] is None) == (want[3] is None) and (got[3] is None or torch.equal(got[3], want[3]))
