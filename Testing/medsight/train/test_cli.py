@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,14 +44,36 @@ def test_a_reader_that_left_ends_a_torchrun_run_quietly(data, tmp_path):
     assert (tmp_path / "run" / FINAL_DIR / "model.safetensors").is_file()
 
 
-def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(data, tmp_path):
+def _marked_processes(marker: str) -> list[int]:
+    """Processes whose environment holds `marker` (those a command started, however deep)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours
+            pass
+    return found
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_under_torchrun_is_one_line_not_a_traceback_per_rank(data, tmp_path, monkeypatch, workers):
     """Ctrl+C reaches every process of the terminal's foreground group: each rank printed its KeyboardInterrupt
     traceback (or gloo's 'Connection closed by peer' and then that), 136 lines for 2 ranks. Now rank 0 says
-    "interrupted" once. (torchrun's own agent still prints the SignalException it ends with: not ours to change.)"""
-    err = interrupt_torchrun(WORLD, stage1(data, tmp_path / "run", 10_000), started=b"step 1/")  # training
+    "interrupted" once. (torchrun's own agent still prints the SignalException it ends with: not ours to change.)
+    With DataLoader workers (2 per rank) no worker prints either, and none is left running."""
+    marker = f"MEDSIGHT_TEST_RUN={tmp_path.name}"
+    monkeypatch.setenv(*marker.split("="))
+    args = [*stage1(data, tmp_path / "run", 10_000), "--num-workers", str(workers)]
+    err = interrupt_torchrun(WORLD, args, started=b"step 1/")  # training
     from_ranks = [line for line in err.splitlines() if line.startswith("[rank")]
     assert err.count("medsight train: interrupted") == 1 and not from_ranks, err
     assert "KeyboardInterrupt" not in err, err
+    assert not any(worker in err for worker in ("DataLoader", "forkserver", "multiprocessing/process.py")), err
+    deadline = time.monotonic() + 30  # workers notice a parent gone within seconds (the DataLoader's watchdog)
+    while _marked_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _marked_processes(marker)
 
 
 def test_a_sample_one_rank_cannot_read_stops_every_rank_and_keeps_the_steps_trained(tmp_path):

@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--any-start", action="store_true",
                    help="train although init_from is the output of a later stage, or of one that skips a stage "
                         "(refused by default: trained_by.json in the folder says which stage wrote it)")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="worker processes per process that read the samples while a step computes (overrides the "
+                        "config's num_workers; 0: read between steps; default automatic: 0 on the CPU, up to 4 on a "
+                        "GPU); the batches are the same with any number")
     p.add_argument("--gpu-memory", type=float,
                    help="GiB per GPU to plan for (default: the CUDA device's memory; no check on CPU)")
     return p
@@ -97,6 +101,10 @@ def plan_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="medsight train plan",
                                 description="Memory per GPU of each stage: plain, FSDP and LoRA on 1-8 GPUs.")
     p.add_argument("--model", default="full", help="preset name or a save_pretrained folder (default: full)")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="worker processes per process that read the samples while a step computes (overrides the "
+                        "config's num_workers; 0: read between steps; default automatic: 0 on the CPU, up to 4 on a "
+                        "GPU); the batches are the same with any number")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     return p
 
@@ -367,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         stage, kind = int(args.stage.removeprefix("stage")), None
     config = load_config(stage, args.config, kind)
+    if args.num_workers is not None:
+        config = dataclasses.replace(config, num_workers=args.num_workers)  # checked as a config value
     check_out_dir(args.out, args.resume)  # the loop checks again; this fails before the model is built
     check_init_from(config.init_from)
     check_lora_config(config)

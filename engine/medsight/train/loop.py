@@ -57,6 +57,7 @@ from medsight.model.checkpoints import CheckpointError, load_into, read_safetens
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
 from medsight.train import checks, fsdp
 from medsight.train import state as trainer_state
+from medsight.train.reading import MicroBatchIndices, StepReader, auto_workers
 from medsight.user_files import read_user_json
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,10 @@ class TrainConfig:
             the weights and the optimizer's moments, so a long run fills a disk without it.
         device: "" picks CUDA when available, else CPU; under torchrun "" and "cuda" are each process's GPU
             (`process_device_name`).
+        num_workers: DataLoader worker processes per process that read the samples (decode, resize, tokenise)
+            while the step computes; 0 reads them in the main process between steps; -1 (default) is automatic:
+            0 on the CPU (the step uses every core), else up to 4, as the cores allow (`auto_workers`). Batches,
+            their order and a resume are the same with any number (`medsight.train.reading`).
     """
 
     init_from: str = "tiny"
@@ -139,6 +144,7 @@ class TrainConfig:
     save_every: int = 0
     save_total_limit: int = 0
     device: str = ""
+    num_workers: int = -1
 
     # Range of each field (types come from the annotations); subclasses add theirs in their own `_limits`
     # (a ClassVar, so not a dataclass field).
@@ -161,6 +167,7 @@ class TrainConfig:
         "save_every": checks.at_least(0, note="0: only at the end"),
         "save_total_limit": checks.at_least(0, note="0: keep every checkpoint"),
         "device": (_is_device, f'"" (auto), {DEVICE_FORMS}'),
+        "num_workers": checks.at_least(-1, note="-1: automatic, 0: read in the main process"),
     }
 
     def __post_init__(self) -> None:
@@ -381,9 +388,10 @@ def remove_old_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
 RUN_MARKERS = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FINAL_DIR)
 #: Config fields a resume may change: they lengthen the run (max_steps, epochs; the cosine then spans the new
 #: length), or change what is written, where it runs or where its files are read from (data_root: data moved to
-#: another disk; checkpoints record the data's size), never what a step computes. Any other difference is refused.
+#: another disk; checkpoints record the data's size) or by how many processes (num_workers), never what a step
+#: computes. Any other difference is refused.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "save_total_limit", "export_official",
-                     "device", "gradient_checkpointing", "data_root")
+                     "device", "gradient_checkpointing", "data_root", "num_workers")
 
 
 def check_out_dir(out_dir: str | Path, resume: bool) -> None:
@@ -593,65 +601,69 @@ def train(
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     )
     result = TrainResult()
-    started = time.perf_counter()
-    while step < steps:
-        sums: dict[str, float] = {}
-        batches = _read_step(dataset, order, collate, config, position, world, rank)
-        if _unread_anywhere(batches, sharded, device):
-            _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit, stages, weights=weights)
-        rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
-        for micro, batch in enumerate(batches):
+    workers = config.num_workers if config.num_workers >= 0 else auto_workers(device, world)
+    sampler = MicroBatchIndices(order, position, steps - step, config.batch_size, config.grad_accum, world, rank)
+    # Closed on the way out, a stop or Ctrl+C included: the workers end with the loop, not with its traceback.
+    with StepReader(dataset, collate, sampler, workers if step < steps else 0) as reader:
+        started = time.perf_counter()
+        while step < steps:
+            sums: dict[str, float] = {}
+            batches = reader.next_step()
+            if _unread_anywhere(batches, sharded, device):
+                _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
+                                 data, config.save_total_limit, stages, weights=weights)
+            rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
+            for micro, batch in enumerate(batches):
+                if sharded:
+                    fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
+                with autocast:
+                    terms = runner(fsdp.Opaque(batch)) if sharded else loss_fn(batch)
+                (terms["loss"] / config.grad_accum).backward()
+                for key, value in terms.items():
+                    if torch.is_tensor(value) and value.ndim == 0:
+                        sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
             if sharded:
-                fsdp.set_gradient_sync(runner, micro == config.grad_accum - 1)
-            with autocast:
-                terms = runner(fsdp.Opaque(batch)) if sharded else loss_fn(batch)
-            (terms["loss"] / config.grad_accum).backward()
-            for key, value in terms.items():
-                if torch.is_tensor(value) and value.ndim == 0:
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / config.grad_accum
-        if sharded:
-            sums = _mean_over_ranks(sums, world, device)
-            fsdp.drop_unused_gradients(runner)
-        current = dict(model.named_parameters())
-        for key, mask in masked.items():
-            fsdp.mask_gradient(current[key], mask)
-        with_grad = [p for p in params if p.grad is not None]
-        if config.grad_clip > 0:
-            grad_norm = fsdp.as_float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
-        else:
-            grad_norm = fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
-        lr = optimizer.param_groups[0]["lr"]
-        if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(grad_norm)):
-            # The same numbers on every rank (means over ranks, the global norm): every rank stops here together.
+                sums = _mean_over_ranks(sums, world, device)
+                fsdp.drop_unused_gradients(runner)
+            current = dict(model.named_parameters())
+            for key, mask in masked.items():
+                fsdp.mask_gradient(current[key], mask)
+            with_grad = [p for p in params if p.grad is not None]
+            if config.grad_clip > 0:
+                grad_norm = fsdp.as_float(torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip))
+            else:
+                grad_norm = fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
+            lr = optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(grad_norm)):
+                # The same numbers on every rank (means over ranks, the global norm): every rank stops here together.
+                optimizer.zero_grad(set_to_none=True)
+                trainer_state.set_rng_state(rng_before)
+                reason = (f"the loss is {sums.get('loss')} and the gradient norm {grad_norm}: the run diverged (a "
+                          "learning rate too high, float16 overflow) and this step would write non-finite weights")
+                _stop_unreadable(reason, step, position, model, optimizer, scheduler, out, runner if sharded else None,
+                                 data, config.save_total_limit, stages, "lower lr in a new run (another --out), or fix "
+                                 "the data and continue with --resume", weights)
+            optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            trainer_state.set_rng_state(rng_before)
-            reason = (f"the loss is {sums.get('loss')} and the gradient norm {grad_norm}: the run diverged (a "
-                      "learning rate too high, float16 overflow) and this step would write non-finite weights")
-            _stop_unreadable(reason, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                             data, config.save_total_limit, stages, "lower lr in a new run (another --out), or fix "
-                             "the data and continue with --resume", weights)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        position += per_step
+            step += 1
+            position += per_step
 
-        record = {"step": step, "lr": lr, **sums, "grad_norm": grad_norm,
-                  "time": round(time.perf_counter() - started, 3)}
-        result.records.append(record)
-        if main_process and (step % max(1, config.log_every) == 0 or step == steps):
-            with (out / LOG_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
-        if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
-            folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
-            save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data,
-                            stages, weights)
-            if main_process:
-                # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
-                remove_old_checkpoints(out, config.save_total_limit)
-                plot_losses(read_log(out), out / PLOT_FILE, name)
+            record = {"step": step, "lr": lr, **sums, "grad_norm": grad_norm,
+                      "time": round(time.perf_counter() - started, 3)}
+            result.records.append(record)
+            if main_process and (step % max(1, config.log_every) == 0 or step == steps):
+                with (out / LOG_FILE).open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("%s step %d/%d loss %.5f", name, step, steps, sums.get("loss", float("nan")))
+            if (config.save_every > 0 and step % config.save_every == 0) or step == steps:
+                folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
+                save_checkpoint(model, optimizer, scheduler, step, folder, runner if sharded else None, position, data,
+                                stages, weights)
+                if main_process:
+                    # After save_checkpoint's last barrier: every rank's part of the new checkpoint is written.
+                    remove_old_checkpoints(out, config.save_total_limit)
+                    plot_losses(read_log(out), out / PLOT_FILE, name)
     state = fsdp.gathered_state(runner) if sharded else None
     if main_process:
         result.final_dir = (finalize or _finalize_full(model, config, step, stages))(out / FINAL_DIR, state)
@@ -660,18 +672,6 @@ def train(
         dist.barrier()
     result.last_step = step
     return result
-
-
-def _read_step(dataset: Sequence[Any], order: SampleOrder, collate: Callable[[list[Any]], Any], config: TrainConfig,
-               position: int, world: int, rank: int) -> list[Any] | str:
-    """This rank's micro-batches of the next step, all read before the step computes anything; or, where a sample
-    cannot be read (an image damaged or replaced since the run started, named by the dataset), the error text. Read
-    first, a failure leaves the model, optimizer and RNG exactly as the last step left them (`_stop_unreadable`)."""
-    try:
-        return [collate([dataset[order[position + (micro * world + rank) * config.batch_size + i]]
-                         for i in range(config.batch_size)]) for micro in range(config.grad_accum)]
-    except (ValueError, OSError) as err:
-        return str(err)
 
 
 def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.device) -> bool:
