@@ -95,5 +95,7 @@ def test_gathered_export_loads_with_identical_outputs(sharded_run, layout):
     for key, want in sharded_run["probe"].items():
         diff = (got[key] - want).abs().max().item()
         print(layout, key, "max abs diff", diff, "of values up to", want.abs().max().item())
-        # Same weights and inputs; only float32 summation order may differ between the sharded and loaded runs.
-        assert diff <= 1e-6 * max(1.0, want.abs().max().item()), (key, diff)
+        # Same weights and inputs; only float32 summation order may differ between the sharded and loaded runs (it
+        # follows the thread count: 1.07e-6 of the largest mask logit when run with only test_cli_help before it).
+        # A wrong or missing weight moves outputs by orders of magnitude more.
+        assert diff <= 1e-5 * max(1.0, want.abs().max().item()), (key, diff)
