@@ -1,17 +1,20 @@
 """Slicer-side placement of a whole-volume answer, old vs new side by side (not a test).
 
-Usage: python benchmarks/slicer_answer_placement.py [--slices 120] [--size 256] [--repeats 2]
+Usage: python benchmarks/slicer_answer_placement.py [--slices 120] [--size 256] [--repeats 2] [--old bee4ac1]
 
 Each axial slice's answer is streamed into a fresh SuggestionManager (``add_streamed_answer``, what the panel's
-``take_answer`` does while a volume question runs), so one "liver" suggestion grows slice by slice. "old" finds
-mask boxes with ``np.nonzero`` over the whole volume, as before ``geometry.mask_box``; "new" is the code as it is.
-Runs alternate and the best of ``--repeats`` is kept; both must leave the same voxels in the suggestion.
+``take_answer`` does while a volume question runs), so one "liver" suggestion grows slice by slice. "old" is
+suggestions.py as it was at the git revision ``--old`` (loaded into this package, so it runs with today's geometry),
+"new" is the code as it is. Runs alternate and the best of ``--repeats`` is kept; both must leave the same voxels in
+the suggestion. The slowest slice is what Slicer's main thread is blocked for at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,17 +29,23 @@ sys.path.insert(0, str(REPO / "MedSIGHTSlicer"))
 import slicer  # noqa: E402
 
 from medsight_testing.mrml import make_volume, oblique_matrix, pixel_to_ijk  # noqa: E402
-from MedSIGHTSlicerLib import geometry, suggestions  # noqa: E402
+from MedSIGHTSlicerLib import suggestions  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
-from MedSIGHTSlicerLib.suggestions import SuggestionManager  # noqa: E402
+
+SOURCE = "MedSIGHTSlicer/MedSIGHTSlicerLib/suggestions.py"
 
 
-def nonzero_box(mask_kji: np.ndarray):
-    """The box as the code found it before mask_box: np.nonzero over the whole mask."""
-    nonzero = np.nonzero(mask_kji)
-    if not nonzero[0].size:
-        return None
-    return tuple(int(a.min()) for a in nonzero), tuple(int(a.max()) + 1 for a in nonzero)
+def module_at(revision: str):
+    """suggestions.py as committed at ``revision``, imported as a sibling module of today's package."""
+    text = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout
+    name = f"MedSIGHTSlicerLib._suggestions_{revision}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "MedSIGHTSlicerLib"
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(text, f"{revision}:{SOURCE}", "exec"), module.__dict__)  # our own committed source
+    return module
 
 
 def answers(shape: tuple[int, int, int]) -> list[SliceAnswer]:
@@ -52,16 +61,20 @@ def answers(shape: tuple[int, int, int]) -> list[SliceAnswer]:
     return out
 
 
-def place(voxels: np.ndarray, slices: list[SliceAnswer]) -> tuple[float, np.ndarray]:
+def place(module, voxels: np.ndarray, slices: list[SliceAnswer]) -> tuple[float, float, np.ndarray]:
+    """Stream every slice; the total and the slowest slice's seconds, and the suggestion's voxels."""
     scene = slicer.vtkMRMLScene()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
-    manager = SuggestionManager(scene, volume, model="demo")
+    manager = module.SuggestionManager(scene, volume, model="demo")
+    slowest = 0.0
     start = time.perf_counter()
     for answer in slices:
+        before = time.perf_counter()
         manager.add_streamed_answer(answer, "ask-1", question="Please segment the liver.")
+        slowest = max(slowest, time.perf_counter() - before)
     took = time.perf_counter() - start
     [sid] = manager.suggestion_ids()
-    return took, manager.suggestion_mask(sid)
+    return took, slowest, manager.suggestion_mask(sid)
 
 
 def main() -> None:
@@ -69,26 +82,27 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=120)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--old", default="bee4ac1", help="git revision of the old suggestions.py")
     args = parser.parse_args()
     shape = (args.slices, args.size, args.size)
     voxels = np.zeros(shape, dtype=np.int16)
     slices = answers(shape)
-    new_box = geometry.mask_box
-    best = {"old": float("inf"), "new": float("inf")}
+    modules = {"old": module_at(args.old), "new": suggestions}
+    best = {"old": (float("inf"), 0.0), "new": (float("inf"), 0.0)}
     masks = {}
     for _ in range(args.repeats):
-        for name, box in (("old", nonzero_box), ("new", new_box)):
-            geometry.mask_box = suggestions.mask_box = box
-            try:
-                took, masks[name] = place(voxels, slices)
-            finally:
-                geometry.mask_box = suggestions.mask_box = new_box
-            best[name] = min(best[name], took)
+        for name, module in modules.items():
+            took, slowest, masks[name] = place(module, voxels, slices)
+            best[name] = min(best[name], (took, slowest))
     assert np.array_equal(masks["old"], masks["new"]), "old and new placed different voxels"
-    per = {k: 1000 * v / args.slices for k, v in best.items()}
+    per = {k: 1000 * v[0] / args.slices for k, v in best.items()}
+    worst = {k: 1000 * v[1] for k, v in best.items()}
     print(f"{args.slices} streamed slices of {args.size}x{args.size}, {int(masks['new'].sum())} voxels placed "
-          f"(identical): old {best['old']:.2f} s ({per['old']:.0f} ms/slice), new {best['new']:.2f} s "
-          f"({per['new']:.0f} ms/slice), old/new {best['old'] / best['new']:.2f}x")
+          f"(identical)")
+    for name in ("old", "new"):
+        print(f"  {name} ({args.old if name == 'old' else 'working tree'}): {best[name][0]:.2f} s, "
+              f"{per[name]:.1f} ms/slice, slowest slice {worst[name]:.0f} ms")
+    print(f"  old/new {best['old'][0] / best['new'][0]:.1f}x")
 
 
 if __name__ == "__main__":

@@ -286,21 +286,26 @@ def mask_box(mask_kji: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | 
 
 
 def labelmap_from_array(array_kji: np.ndarray, volume_node, node=None, grid: Grid | None = None,
-                        crop: bool = False):
+                        crop: bool = False, box=None):
     """A binary (0/1 uint8) vtkOrientedImageData on the volume's grid from a (k, j, i) array, placed for the
     segmentation ``node`` it goes into (default: a node under the volume's own transform), or on ``grid``.
 
     ``crop``: only the box around the set voxels (an empty array: the whole grid), as Slicer's own labelmap import
     keeps a segment (``ImportLabelmapToSegmentationNode`` clips to the effective extent): a segment added with the
     whole grid holds a byte per voxel of the volume, 78 MB for a 512 x 512 x 300 CT, however small it is.
+
+    ``box``: ``array_kji`` holds only the voxels of that box of the grid ((k, j, i) start and stop indices).
     """
     array = np.asarray(array_kji)
     shape = grid[1] if grid is not None else volume_shape(volume_node)
+    if box is not None:
+        shape = tuple(int(stop - start) for start, stop in zip(*box))
     if array.shape != shape:
         raise GeometryError(f"array shape {array.shape} is not the (k, j, i) shape {shape} of {_grid_name(grid)}")
-    box = mask_box(array) if crop else None
-    if box is not None:
-        array = array[tuple(slice(lo, hi) for lo, hi in zip(*box))]
+    if box is None and crop:
+        box = mask_box(array)
+        if box is not None:
+            array = array[tuple(slice(lo, hi) for lo, hi in zip(*box))]
     image = _reference_labelmap(volume_node, node, grid, box)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = (array.reshape(-1) != 0).astype(np.uint8)

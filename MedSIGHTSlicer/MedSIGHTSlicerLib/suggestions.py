@@ -73,6 +73,7 @@ __all__ = [
     "replace_segment_mask",
     "segment_ref",
     "volume_digest",
+    "voxel_set_digest",
 ]
 
 ALL = "all"
@@ -150,6 +151,35 @@ def mask_digest(mask: np.ndarray) -> str:
     """A hash of a boolean mask's voxels (and shape), to detect edits."""
     mask = np.ascontiguousarray(mask, dtype=bool)
     return hashlib.sha1(repr(mask.shape).encode() + mask.tobytes()).hexdigest()
+
+
+def _voxel_hashes(flat: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each flat voxel index (splitmix64's finaliser; numpy's uint64 arithmetic wraps)."""
+    z = flat.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def voxel_set_digest(mask: np.ndarray | None, shape: tuple[int, ...] = (), added: np.ndarray | None = None,
+                     digest: str = "") -> str:
+    """A hash of a boolean mask's set voxels (and shape), to detect edits, that can be grown voxel by voxel.
+
+    ``voxel_set_digest(mask)`` hashes a whole mask; ``voxel_set_digest(None, shape, added, digest)`` is the digest of
+    the mask ``digest`` was taken of with the voxels ``added`` set ((n, 3) k, j, i indices, none of them set in it
+    before). It is the count and the wrapping sum of the voxels' hashes: unlike ``mask_digest`` a streamed slice
+    adds its voxels to it without the whole volume being read and hashed again.
+    """
+    if mask is not None:
+        shape, flat, count, total = mask.shape, np.flatnonzero(mask), 0, 0
+    else:
+        text_shape, text_count, text_total = digest.split("/")
+        if text_shape != shape_text(shape):
+            raise ValueError(f"digest {digest!r} is not of a {shape_text(shape)} mask")
+        flat = np.ravel_multi_index(tuple(np.asarray(added).T), shape) if len(added) else np.zeros(0, np.int64)
+        count, total = int(text_count), int(text_total, 16)
+    total = (total + int(np.sum(_voxel_hashes(flat), dtype=np.uint64))) % (1 << 64)
+    return f"{shape_text(shape)}/{count + flat.size}/{total:016x}"
 
 
 @dataclass
@@ -288,6 +318,9 @@ class SuggestionManager:
         #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
         #: voxels changed since the undo then says they grew, not that the user edited them
         self._grown: dict[str, str] = {}
+        #: suggestion id -> its labelmap (address, modification time) right after it was last grown: unchanged since,
+        #: its voxels are still those ``_grown`` hashed, so the next growth adds to that digest instead of rehashing
+        self._grown_layer: dict[str, tuple[str, int]] = {}
         self._issued = 0  # suggestions created so far (their ids count up)
         self._preview_node = None  # created with the first suggestion: looking must not add nodes to the scene
         self._volume_grid: np.ndarray | None = None  # the volume's IJKToRAS when the preview last followed it
@@ -391,6 +424,7 @@ class SuggestionManager:
         self._undo.clear()
         self._redo.clear()
         self._grown.clear()
+        self._grown_layer.clear()
 
     def find_user_node(self):
         """The user's segmentation of this volume, or None: a non-preview segmentation node referencing it,
@@ -489,28 +523,60 @@ class SuggestionManager:
 
     def _grow_suggestion(self, segment_id: str, group: _Group, voxels: np.ndarray) -> None:
         preview = self.preview_node
-        added = np.zeros(self._shape(), dtype=bool)
-        added[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = True
+        volume_grid = voxel_grid(self.volume_node, preview)
+        # Only the box around this slice's voxels (a slab of the volume) is built, read and written: growing through
+        # the whole volume per streamed slice blocked Slicer's main thread 137 ms a slice on a 120 x 256 x 256 CT,
+        # more on a larger one (benchmarks/slicer_answer_placement.py).
+        first = voxels.min(axis=0)
+        slab_grid = _box_grid(volume_grid, first, voxels.max(axis=0) + 1)
+        added = np.zeros(slab_grid[1], dtype=bool)
+        added[tuple((voxels - first).T)] = True
         # Grown on its own lattice, which a correction in the Segment Editor's oversampled geometry made finer than
         # the volume's voxels: rewritten on those, the correction's fine voxels were lost. On the volume's voxels
         # where that lattice cannot hold every new voxel (coarser or turned), and where its voxels are the volume's
         # (the usual case: checking it through the volume's whole grid cost every streamed slice seconds).
-        volume_grid = voxel_grid(self.volume_node, preview)
-        grid = lattice_grid(preview, segment_id, added, volume_grid)
-        if grid_within(grid, volume_grid):
-            grid = volume_grid
+        grid = lattice_grid(preview, segment_id, added, slab_grid)
+        if grid_within(grid, volume_grid) and not _shares_layer(preview, segment_id):
+            self._merge_slab(segment_id, added, slab_grid, first)
         else:
-            mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(added, volume_grid, grid)
-            if np.any(added & ~mask_on_grid(mask, grid, volume_grid)):
+            whole = mask_on_grid(added, slab_grid, volume_grid)
+            if grid_within(grid, volume_grid):
                 grid = volume_grid
-        if grid is volume_grid:
-            mask = self.suggestion_mask(segment_id) | added
-        replace_segment_mask(preview, segment_id, mask, self.volume_node, grid)
-        self._grown[segment_id] = mask_digest(mask if grid is volume_grid else self.suggestion_mask(segment_id))
+            else:
+                mask = segment_array(preview, segment_id, None, grid) | mask_on_grid(whole, volume_grid, grid)
+                if np.any(whole & ~mask_on_grid(mask, grid, volume_grid)):
+                    grid = volume_grid
+            if grid is volume_grid:
+                mask = self.suggestion_mask(segment_id) | whole
+            replace_segment_mask(preview, segment_id, mask, self.volume_node, grid)
+            grown = mask if grid is volume_grid else self.suggestion_mask(segment_id)
+            self._grown[segment_id] = voxel_set_digest(grown)
+        self._grown_layer[segment_id] = _layer_state(preview, segment_id)
         segment = self.suggestion(segment_id)
         segment.SetTag(TAG_REGION_CODE, ",".join(group.codes))
         segment.SetTag(TAG_SLICE, ";".join(group.slices))
         segment.SetTag(TAG_CONFIDENCE, f"{_weighted_confidence(group.weights):.4f}")
+
+    def _merge_slab(self, segment_id: str, added: np.ndarray, slab_grid: Grid, first: np.ndarray) -> None:
+        """Unite a suggestion on the volume's lattice with ``added`` (a mask on ``slab_grid``, a box of the volume's
+        grid starting at voxel ``first``), writing that box only, and keep ``_grown``'s digest without reading the
+        whole segment: the digest is a sum over voxels, so the voxels this slab adds are added to it. It is read
+        whole again only when the segment's labelmap changed since the last growth (a user's edit, an undo)."""
+        import slicer
+
+        preview = self.preview_node
+        before = segment_array(preview, segment_id, None, slab_grid)
+        if self._grown_layer.get(segment_id) != _layer_state(preview, segment_id):
+            self._grown[segment_id] = voxel_set_digest(self.suggestion_mask(segment_id))
+        # On the volume's grid itself (only the slab's extent), not on a grid starting at the slab: Slicer would
+        # re-origin the segment's labelmap onto the slab's grid with every write.
+        box = (tuple(int(n) for n in first), tuple(int(n) for n in first + added.shape))
+        labelmap = labelmap_from_array(added, self.volume_node, preview, box=box)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(labelmap, preview, segment_id, logic.MODE_MERGE_MAX):
+            raise GeometryError(f"could not write segment {segment_id!r} of {preview.GetName()!r}")
+        new = np.argwhere(added & ~before) + first
+        self._grown[segment_id] = voxel_set_digest(None, self._shape(), new, self._grown[segment_id])
 
     def _group_of(self, pairs) -> _Group:
         """Map each region's mask onto the volume (raises GeometryError when an answer is off this grid)."""
@@ -982,7 +1048,7 @@ class SuggestionManager:
             snapshot = item.suggestion
             if not _still_written(preview, snapshot.segment_id, snapshot.mask(), snapshot.grid_of(self.volume_node,
                                                                                                   preview)):
-                digest = mask_digest(self.suggestion_mask(snapshot.segment_id))
+                digest = voxel_set_digest(self.suggestion_mask(snapshot.segment_id))
                 grew = self._grown.get(item.suggestion.segment_id) == digest
                 why = "grew with later slices of the running question" if grew else "was edited"
                 raise SuggestionError(f"cannot redo: suggestion {item.suggestion.name!r} {why} since the undo; "
@@ -1051,6 +1117,7 @@ class SuggestionManager:
         self._redo.clear()
         self._streams.clear()
         self._grown.clear()
+        self._grown_layer.clear()
 
 
 def _merge_group(group: _Group, part: _Group) -> None:
@@ -1063,6 +1130,30 @@ def _merge_group(group: _Group, part: _Group) -> None:
             group.slices.append(name)
     group.voxels.extend(part.voxels)
     group.weights.extend(part.weights)
+
+
+def _box_grid(grid: Grid, first, end) -> Grid:
+    """``grid``'s voxels from (k, j, i) index ``first`` up to ``end`` (excluded), as a grid of their own."""
+    matrix = grid[0].copy()
+    matrix[:3, 3] += matrix[:3, :3] @ np.asarray(first[::-1], dtype=float)
+    return matrix, tuple(int(e - f) for f, e in zip(first, end))
+
+
+def _shares_layer(node, segment_id: str) -> bool:
+    """Whether a segment shares its labelmap layer with other segments (told apart by label value)."""
+    sharing: list[str] = []
+    node.GetSegmentation().GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, False)
+    return bool(sharing)
+
+
+def _layer_state(node, segment_id: str) -> tuple[str, int]:
+    """A segment's labelmap object and its modification time: any write into it (a Segment Editor effect, an undo's
+    new segment) changes one of them."""
+    import slicer
+
+    layer = node.GetSegmentation().GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    return ("", -1) if layer is None else (layer.GetAddressAsString("vtkOrientedImageData"), int(layer.GetMTime()))
 
 
 def replace_segment_mask(node, segment_id: str, mask: np.ndarray, volume_node, grid: Grid | None = None) -> None:

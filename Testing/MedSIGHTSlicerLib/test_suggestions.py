@@ -38,6 +38,7 @@ from MedSIGHTSlicerLib.suggestions import (  # noqa: E402
     SuggestionManager,
     get_tag,
     replace_segment_mask,
+    voxel_set_digest,
 )
 
 SHAPE = (8, 10, 12)  # (k, j, i)
@@ -1371,3 +1372,68 @@ def test_an_undo_or_redo_after_the_volume_lost_its_image_data_names_it(scene, vo
     with pytest.raises(GeometryError, match="volume 'CT' has no image data"):
         manager.redo()
     assert manager.suggestion_ids() == [sid] and segment_ids(user_node) == []
+
+
+def test_voxel_set_digest_grows_voxel_by_voxel_to_the_whole_masks_digest():
+    whole = ball()
+    voxels = np.argwhere(whole)
+    half = np.zeros(SHAPE, dtype=bool)
+    half[tuple(voxels[: len(voxels) // 2].T)] = True
+    grown = voxel_set_digest(None, SHAPE, voxels[len(voxels) // 2 :], voxel_set_digest(half))
+    assert grown == voxel_set_digest(whole)
+    assert voxel_set_digest(None, SHAPE, voxels[:0], grown) == grown  # nothing added: the same digest
+    one_less = whole.copy()
+    one_less[tuple(voxels[0])] = False
+    assert voxel_set_digest(one_less) != grown
+    moved = np.roll(whole, 1, axis=2)  # as many voxels, elsewhere
+    assert voxel_set_digest(moved) != grown
+
+
+def test_a_streamed_finding_grows_slice_by_slice_to_the_whole_answers_voxels_keeping_a_users_edit(scene, volume):
+    """Streamed slice by slice (each growth writes only that slice's slab), a finding ends with the voxels the whole
+    answer makes at once, plus what the user painted into it between two slices."""
+    liver = ball(radius=3.4)
+    slices = [k for k in range(SHAPE[0]) if liver[k].any()]
+    at_once = SuggestionManager(scene, volume)
+    (whole,) = at_once.add_answers([answer("axial", k, [("liver", liver)]) for k in slices])
+    streamed = SuggestionManager(scene, volume)
+    (sid,) = streamed.add_streamed_answer(answer("axial", slices[0], [("liver", liver)]), "ask")
+    stroke = np.zeros(SHAPE, dtype=bool)
+    stroke[slices[-1], 0, :3] = True  # painted in the Segment Editor, on a slice still to come, outside the liver
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), streamed.preview_node, sid,
+                                            logic.MODE_MERGE_MAX)
+    for k in slices[1:]:
+        assert streamed.add_streamed_answer(answer("axial", k, [("liver", liver)]), "ask") == [sid]
+    expected = at_once.suggestion_mask(whole) | stroke
+    assert stroke.sum() > 0 and not (at_once.suggestion_mask(whole) & stroke).any()
+    np.testing.assert_array_equal(streamed.suggestion_mask(sid), expected)
+
+
+@pytest.mark.parametrize("edit", ["between_growths", "after_the_last"])
+def test_redo_after_growth_tells_growth_from_an_edit_made_between_growths(scene, volume, edit):
+    """The digest of a grown suggestion is kept slab by slab: a user's edit between two growths is part of what the
+    question grew (redo says it grew), one after the last growth is an edit (redo says so), as when it was rehashed
+    whole each slice."""
+    liver = ball()  # clear of the faces, where the lattice box of a growth sticks out and it is rewritten whole
+    slices = [k for k in range(SHAPE[0]) if liver[k].any()]
+    manager = SuggestionManager(scene, volume)
+    (sid,) = manager.add_streamed_answer(answer("axial", slices[0], [("liver", liver)]), "ask")
+    manager.reject([sid])
+    manager.undo()
+    stroke = np.zeros(SHAPE, dtype=bool)
+    stroke[slices[-1], 1, 1:4] = True  # off the liver and off the volume's faces too
+    assert not (stroke & liver).any()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for n, k in enumerate(slices[1:]):
+        if edit == "between_growths" and n == 1:
+            assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
+                                                    logic.MODE_MERGE_MAX)
+        manager.add_streamed_answer(answer("axial", k, [("liver", liver)]), "ask")
+    if edit == "after_the_last":
+        assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
+                                                logic.MODE_MERGE_MAX)
+    why = "grew with later slices" if edit == "between_growths" else "was edited"
+    with pytest.raises(SuggestionError, match=why):
+        manager.redo()
+    assert manager.suggestion_mask(sid)[stroke].all()
