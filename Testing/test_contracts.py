@@ -33,7 +33,7 @@ WIRE_TYPES = [
 
 # Fields that older engines do not send: the client reads them as optional (None), so it still works with those.
 ADDED_LATER = {(protocol.Health, "max_upload_bytes"), (protocol.Health, "max_voxels"),
-               (protocol.VolumeInfo, "nan_filled")}
+               (protocol.Health, "max_ask_body_bytes"), (protocol.VolumeInfo, "nan_filled")}
 
 # A client annotation -> the JSON Schema type the server must send for it.
 JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object",
@@ -80,6 +80,12 @@ def test_client_types_match_the_openapi_schema_field_by_field(client, server):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             # The server serialises every field, but one the client cannot do without must not be optional.
             assert name in required or "null" in _client_types(hints[name]) or server is schemas.Health, name
+
+
+def test_an_ask_the_client_sends_without_looking_the_limit_up_is_one_every_engine_reads():
+    from MedSIGHTSlicerLib.client import ASK_BYTES_ALWAYS_READ
+
+    assert schemas.max_ask_body_bytes(0) >= ASK_BYTES_ALWAYS_READ
 
 
 def test_client_recognises_the_server_error_body_under_a_200():

@@ -418,7 +418,8 @@ class MedSIGHTClient:
         query = volume_query(spacing, origin, direction, modality)
         body = npy_parts(array)
         size = _body_size(body)
-        self._check_upload_limits(size, np.shape(array), timeout)
+        shape = np.shape(array)
+        self._check_limits(lambda health: health.upload_refusal(size, shape), "/volumes", timeout)
         log.debug("uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), size)
         try:
             return self._json(
@@ -435,20 +436,28 @@ class MedSIGHTClient:
                 self._health = None  # the limits known here were out of date: fetch them again next time
             raise
 
-    def _check_upload_limits(self, body_bytes: int, shape: tuple[int, ...], timeout: float | None) -> None:
-        """Raise the engine's 413 "too_large" here, without sending, for an upload over its published limits. The
-        limits are fetched (GET /v1/health) on this client's first upload, and again before refusing: the engine
-        may have restarted with higher ones. An engine that publishes none, or whose health fails, gets the upload,
-        which then tells what is wrong itself."""
-        if self._health is not None and self._health.upload_refusal(body_bytes, shape) is None:
+    def _check_limits(self, refusal: Callable[[Health], str | None], path: str, timeout: float | None) -> None:
+        """Raise the engine's 413 "too_large" here, without sending, for a request to ``path`` over its published
+        limits (``refusal``: why a `Health` refuses it, or None). The limits are fetched (GET /v1/health) on this
+        client's first upload or ask, and again before refusing: the engine may have restarted with higher ones. An
+        engine that publishes none, or whose health fails, gets the request, which then tells what is wrong itself."""
+        if self._health is not None and refusal(self._health) is None:
             return
         try:
-            refusal = self.health(timeout=timeout).upload_refusal(body_bytes, shape)
+            why = refusal(self.health(timeout=timeout))
         except MedSIGHTError as err:
-            log.info("the engine's upload limits are unknown (%s); sending the volume", err.code)
+            log.info("the engine's limits are unknown (%s); sending the request", err.code)
             return
-        if refusal is not None:
-            raise MedSIGHTError(refusal, code="too_large", url=self._url("/volumes"))
+        if why is not None:
+            raise MedSIGHTError(why, code="too_large", url=self._url(path))
+
+    def _ask_body(self, body: dict, timeout: float | None) -> bytes:
+        """The ask's JSON, refused here with the engine's limit when it is over it (a long conversation). One of
+        ``ASK_BYTES_ALWAYS_READ`` or less is sent without looking the limit up."""
+        data = _json_bytes(body)
+        if len(data) > ASK_BYTES_ALWAYS_READ:
+            self._check_limits(lambda health: health.ask_refusal(len(data)), "/ask", timeout)
+        return data
 
     def volume_info(self, volume_id: str, timeout: float | None = None) -> VolumeInfo:
         """GET /v1/volumes/{volume_id}. Raises ``MedSIGHTError`` with status 404 when the engine no longer has it
@@ -478,7 +487,8 @@ class MedSIGHTClient:
                 picks the slice (each answer's plane, index and slice_to_ras say which).
         """
         body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=False, view=view)
-        return self._json("POST", "/ask", body=_json_bytes(body), timeout=timeout, parse=AskResult.from_json)
+        return self._json("POST", "/ask", body=self._ask_body(body, timeout), timeout=timeout,
+                          parse=AskResult.from_json)
 
     def ask_stream(
         self,
@@ -500,7 +510,7 @@ class MedSIGHTClient:
         body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=True, view=view)
         url = self._url("/ask")
         connection, response = self._send(
-            "POST", "/ask", None, _json_bytes(body), "application/json", timeout, accept="text/event-stream"
+            "POST", "/ask", None, self._ask_body(body, timeout), "application/json", timeout, accept="text/event-stream"
         )
         if response.status >= 300:
             try:
@@ -732,6 +742,11 @@ def _send_pieces(parts: tuple[bytes | memoryview, ...]) -> Iterator[memoryview]:
         view = memoryview(part).cast("B")
         for start in range(0, len(view), _SEND_CHUNK):
             yield view[start:start + _SEND_CHUNK]
+
+
+#: An ask body every engine reads: its limit is this much plus the JSON of the longest prompt its model takes
+#: (contract test), so an ordinary question needs no look-up of the limit.
+ASK_BYTES_ALWAYS_READ = 64 * 1024
 
 
 def _json_bytes(body: Any) -> bytes:

@@ -88,8 +88,8 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class Health:
-    """GET /v1/health. ``max_upload_bytes`` and ``max_voxels``: the engine's upload limits (None from engines that
-    do not publish them)."""
+    """GET /v1/health. ``max_upload_bytes`` and ``max_voxels``: the engine's upload limits; ``max_ask_body_bytes``:
+    the largest ask it reads (None from engines that do not publish them)."""
 
     status: str
     version: str
@@ -98,11 +98,13 @@ class Health:
     dtype: str
     max_upload_bytes: int | None = None
     max_voxels: int | None = None
+    max_ask_body_bytes: int | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Health:
         data = _require(data, "Health", "version", "model", "device", "dtype")
-        limits = {k: None if data.get(k) is None else int(data[k]) for k in ("max_upload_bytes", "max_voxels")}
+        limits = {k: None if data.get(k) is None else int(data[k])
+                  for k in ("max_upload_bytes", "max_voxels", "max_ask_body_bytes")}
         return cls(
             status=str(data.get("status", "ok")),
             version=str(data["version"]),
@@ -126,6 +128,15 @@ class Health:
             return (f"the volume ({size}) has {voxels:,} voxels, over the engine's limit of {self.max_voxels:,}; "
                     "nothing was sent")
         return None
+
+    def ask_refusal(self, body_bytes: int) -> str | None:
+        """Why the engine would refuse an ask of ``body_bytes`` JSON bytes with 413 too_large, or None when it would
+        read it or publishes no limit."""
+        if self.max_ask_body_bytes is None or body_bytes <= self.max_ask_body_bytes:
+            return None
+        return (f"the question and conversation are {body_bytes:,} bytes to send, over the engine's limit of "
+                f"{self.max_ask_body_bytes:,} bytes for an ask (the longest conversation its model's prompt can hold); "
+                "shorten the conversation; nothing was sent")
 
 
 @dataclass(frozen=True)

@@ -236,3 +236,32 @@ def test_a_volume_over_the_engines_voxel_limit_is_refused_before_it_is_sent(engi
                            f"{fits.size - 1:,}"):
             MedSIGHTClient(base_url).upload_volume(fits, mni["spacing"], mni["origin"], mni["direction"])
         assert counted.requests[("POST", "/v1/volumes")] == 0
+
+
+def test_an_ask_over_the_engines_body_limit_is_refused_before_it_is_sent(engine):
+    """The engine reads no ask body over its limit (the longest conversation its model's prompt can hold) and
+    answered one with 413, a limit no client could know before. /v1/health now publishes it, at the engine's real
+    threshold, and the client refuses a longer conversation itself, naming the limit, without sending it."""
+    import httpx
+
+    counted = RequestCounter(medsight.server.app.create_app(engine))
+    ask = ("POST", "/v1/ask")
+    with live_server(counted) as base_url:
+        client = MedSIGHTClient(base_url, timeout=120)
+        limit = client.health().max_ask_body_bytes
+        assert limit is not None
+        for size, status in ((limit + 1, 413), (limit, 422)):  # padded JSON: read (then refused as no ask) or not
+            reply = httpx.post(f"{base_url}/v1/ask", content=b"{}".ljust(size), timeout=120,
+                               headers={"content-type": "application/json"})
+            assert reply.status_code == status, reply.text[:200]
+        sent = counted.requests[ask]
+        volume_id = client.upload_volume(np.zeros((2, 8, 8), np.int16)).volume_id
+        turns = limit // 16_000 + 1  # messages of 16,000 characters: together over the limit
+        conversation = [("user" if i % 2 == 0 else "assistant", "x" * 16_000) for i in range(turns)]
+        with pytest.raises(MedSIGHTError) as refused:
+            client.ask(volume_id, conversation)
+        with pytest.raises(MedSIGHTError, match="too_large"):
+            client.ask_stream(volume_id, conversation)
+        assert counted.requests[ask] == sent  # neither was sent
+        assert refused.value.code == "too_large"
+        assert f"over the engine's limit of {limit:,} bytes for an ask" in describe_error(refused.value)

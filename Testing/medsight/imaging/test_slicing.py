@@ -135,6 +135,22 @@ def test_a_2d_image_has_only_the_plane_it_lies_in(direction, plane):
                 list(call(*args)) if call is iter_slices else call(*args)
 
 
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+def test_iter_slices_of_chosen_indices_are_extract_slices(name):
+    """The engine prepares an ask's slices with `iter_slices(volume, plane, indices)` (the plane's layout worked out
+    once): each is the slice `extract_slice` gives, in the order asked, and an index outside is refused alike."""
+    vol = _oblique_volume(DIRECTIONS[name])
+    for plane in PLANES:
+        count = slice_count(vol, plane)
+        indices = [count - 1, 0, count // 2]
+        for got, index in zip(iter_slices(vol, plane, indices), indices, strict=True):
+            want = extract_slice(vol, plane, index)
+            assert (got.index, got.plane, got.layout) == (want.index, want.plane, want.layout)
+            assert np.array_equal(got.pixels, want.pixels) and np.array_equal(got.slice_to_ras, want.slice_to_ras)
+        with pytest.raises(ImagingError, match=rf"{plane} slice {count} is outside 0\.\.{count - 1}"):
+            list(iter_slices(vol, plane, [0, count]))
+
+
 def test_a_line_of_voxels_has_no_plane():
     line = Volume(np.zeros((1, 1, 10), np.float32))
     assert slice_planes(line) == ()

@@ -11,7 +11,7 @@ nearest array axis, and the slice says so (``oblique``, ``obliquity_deg``).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,9 +201,20 @@ def slice_count(volume: Volume, plane: str) -> int:
 def extract_slice(volume: Volume, plane: str, index: int) -> Slice:
     """Slice ``index`` (array index along the plane's axis) of ``volume`` in an anatomical plane (one of
     `slice_planes`)."""
-    plane = _check_plane(plane)
+    return _slice_at(volume, _sliceable_layout(volume, plane), index)
+
+
+def iter_slices(volume: Volume, plane: str, indices: Iterable[int] | None = None) -> Iterator[Slice]:
+    """Slices ``indices`` (by default all, in array order) of ``volume`` in ``plane``, as `extract_slice` gives
+    them. The plane's layout is worked out once: per slice it took 0.3-0.4 ms of CPU, ten times the rest of a
+    slice's geometry (1024 slices' geometry for the answers of an ask stopped early: 1.1 s under load)."""
     layout = _sliceable_layout(volume, plane)
-    size = volume.size_ijk
+    for index in range(volume.size_ijk[layout.normal_axis]) if indices is None else indices:
+        yield _slice_at(volume, layout, index)
+
+
+def _slice_at(volume: Volume, layout: SliceLayout, index: int) -> Slice:
+    plane, size = layout.plane, volume.size_ijk
     n = size[layout.normal_axis]
     if not 0 <= index < n:
         raise ImagingError(f"{plane} slice {index} is outside 0..{n - 1}", volume.source)
@@ -228,12 +239,6 @@ def extract_slice(volume: Volume, plane: str, index: int) -> Slice:
         pixel_spacing=(sp[layout.col_axis], sp[layout.row_axis]),
         thickness=sp[layout.normal_axis],
     )
-
-
-def iter_slices(volume: Volume, plane: str) -> Iterator[Slice]:
-    """All slices of ``volume`` in ``plane``, in array order."""
-    for index in range(slice_count(volume, plane)):
-        yield extract_slice(volume, plane, index)
 
 
 def slice_at_ras(volume: Volume, plane: str, ras: tuple[float, float, float]) -> Slice:

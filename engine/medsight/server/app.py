@@ -281,7 +281,7 @@ def create_app(
     async def health() -> schemas.Health:
         return schemas.Health(version=__version__, model=model_name, device=str(model.device),
                               dtype=str(model.dtype).removeprefix("torch."), max_upload_bytes=max_upload_bytes,
-                              max_voxels=max_voxels)
+                              max_voxels=max_voxels, max_ask_body_bytes=ask_limit[0])
 
     @app.get("/v1/model", response_model=schemas.ModelCard)
     async def model_card() -> schemas.ModelCard:

@@ -59,6 +59,9 @@ class Health(Strict):
                                   "(medsight serve --max-upload-mb); a larger one gets 413 too_large")
     max_voxels: int = Field(description="most values an upload's array may hold (the product of its .npy shape); "
                             "more get 413 too_large")
+    max_ask_body_bytes: int = Field(description="largest POST /v1/ask body (JSON bytes) the engine reads: the "
+                                    "longest conversation the model's prompt can hold (max_ask_body_bytes); a larger "
+                                    "one gets 413 too_large before it is read")
 
 
 class ModelCard(Strict):
