@@ -4,6 +4,7 @@ pipe's other end has ended, whatever the OS; a `keep-running` line turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -148,3 +149,20 @@ def test_a_socket_is_watched_as_a_pipe_is():
         assert gone.wait(5)
         thread.join(5)
     theirs.close()
+
+
+def test_the_engine_stops_also_when_its_stderr_reader_has_gone_with_the_parent(monkeypatch):
+    """A program that held the engine's stderr through a pipe too (not the Slicer module: it gives a log file) takes
+    its reader with it when it ends: the watch's 'stopping' line raised BrokenPipeError and the engine ran on."""
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    broken = os.fdopen(write_fd, "w")
+    monkeypatch.setattr(sys, "stderr", broken)
+    writer, gone, thread = _watched_pipe()
+    writer.close()
+    stopped = gone.wait(5)
+    thread.join(5)
+    monkeypatch.undo()
+    with contextlib.suppress(BrokenPipeError):  # the line the watch could not write is still in its buffer
+        broken.close()
+    assert stopped and not thread.is_alive()

@@ -14,6 +14,7 @@ unchecked "Stop the local engine when Slicer exits" after starting it).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
 import stat
@@ -95,7 +96,10 @@ def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _
             why = "standard input closed: the program that started the engine has ended"
         except OSError as err:  # the pipe broke in another way than an end of file: its writer is gone all the same
             why = f"standard input unreadable ({err.strerror or err}): the program that started the engine is gone"
-        print(f"medsight serve: {why}; stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
+        # The program that held the pipe may have held our stderr's reader too: a BrokenPipeError here ended this
+        # thread before the stop, and the engine ran on.
+        with contextlib.suppress(OSError, ValueError):
+            print(f"medsight serve: {why}; stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
         on_gone()
 
     thread = threading.Thread(target=watch, name="medsight-parent-watch", daemon=True)
