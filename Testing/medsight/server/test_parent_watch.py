@@ -4,6 +4,7 @@ pipe's other end has ended, whatever the OS; a `keep-running` line turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,9 +78,9 @@ _CHILD = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job inherits it
 from medsight.server.parent_watch import watch_parent
-watch_parent()
-print("watching", flush=True)
-try:
+try:  # the interrupt may land as soon as "watching" is read, before the sleep: inside the try all the same
+    watch_parent()
+    print("watching", flush=True)
     time.sleep(60)  # the model's load
 except KeyboardInterrupt:
     print("interrupted", flush=True)
@@ -107,3 +108,61 @@ def test_the_watch_interrupts_a_load_even_when_sigint_was_ignored():
     out, err = child.stdout.read(), child.stderr.read()
     assert code == 130 and out == b"interrupted\n" and took < 5.0, err
     assert b"stopping" in err
+
+
+_TERMINALS: list[int] = []  # the pseudo-terminals' other ends, kept open: closed, isatty() says False
+
+
+def _terminal():
+    import pty  # POSIX only: the test using it is skipped on Windows
+
+    main, follower = pty.openpty()
+    _TERMINALS.append(main)
+    return os.fdopen(follower, "rb")
+
+
+@pytest.mark.parametrize(("opened", "kind"), [
+    (lambda tmp_path: open(os.devnull, "rb"), "a device such as /dev/null"),  # noqa: SIM115 (used in a with)
+    (lambda tmp_path: (tmp_path / "in.txt").open("w+b"), "a file"),
+    pytest.param(lambda tmp_path: _terminal(), "a terminal",
+                 marks=pytest.mark.skipif(os.name == "nt", reason="a pseudo-terminal is POSIX's")),
+])
+def test_a_standard_input_no_program_holds_is_refused_before_the_watch_starts(tmp_path, opened, kind):
+    """An engine started by hand with the option (or the variable left in the shell) and /dev/null or a file as its
+    input stopped after its load, saying the program that started it had ended; on a terminal it read the terminal."""
+    with opened(tmp_path) as stream:
+        threads = threading.active_count()
+        with pytest.raises(ValueError, match=f"standard input is {kind}, not a pipe") as refused:
+            watch_parent(stream, on_gone=lambda: None)
+        assert threading.active_count() == threads  # no watch left behind
+        assert EXIT_WITH_PARENT_VARIABLE in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_socket_is_watched_as_a_pipe_is():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    gone = threading.Event()
+    with theirs.makefile("rb") as stream:
+        thread = watch_parent(stream, on_gone=gone.set)
+        ours.close()
+        assert gone.wait(5)
+        thread.join(5)
+    theirs.close()
+
+
+def test_the_engine_stops_also_when_its_stderr_reader_has_gone_with_the_parent(monkeypatch):
+    """A program that held the engine's stderr through a pipe too (not the Slicer module: it gives a log file) takes
+    its reader with it when it ends: the watch's 'stopping' line raised BrokenPipeError and the engine ran on."""
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    broken = os.fdopen(write_fd, "w")
+    monkeypatch.setattr(sys, "stderr", broken)
+    writer, gone, thread = _watched_pipe()
+    writer.close()
+    stopped = gone.wait(5)
+    thread.join(5)
+    monkeypatch.undo()
+    with contextlib.suppress(BrokenPipeError):  # the line the watch could not write is still in its buffer
+        broken.close()
+    assert stopped and not thread.is_alive()

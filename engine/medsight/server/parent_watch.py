@@ -14,8 +14,10 @@ unchecked "Stop the local engine when Slicer exits" after starting it).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -48,17 +50,40 @@ def _interrupt() -> None:
         _thread.interrupt_main()
 
 
+def _not_a_pipe(stream: BinaryIO) -> str | None:
+    """What ``stream`` is when it is no pipe (or socket) another program can hold: "a terminal", "a device such as
+    /dev/null", "a file"; None for a pipe, or a stream with no file behind it (a test's)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return None
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return None
+    if stream.isatty():
+        return "a terminal"
+    return "a device such as /dev/null" if stat.S_ISCHR(mode) else "a file"
+
+
 def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _interrupt) -> threading.Thread:
     """Read ``stream`` (default: standard input) in a daemon thread; at end of file say why and call ``on_gone``.
 
     ValueError when there is no standard input to watch (a Windows GUI launcher gives none). SIGINT gets Python's
     handler when it had none (a shell's background job inherits it ignored): Ctrl+C's stop must reach the model's
-    load too, not only the server, whose handler uvicorn sets itself."""
+    load too, not only the server, whose handler uvicorn sets itself.
+
+    ValueError too when standard input is no pipe (an engine started by hand with the option, or with the variable
+    left in the shell): /dev/null (docker without -i, systemd, nohup) or a file ends at once, which stopped the
+    engine after its load saying that "the program that started the engine has ended", and a terminal would be read
+    (Ctrl+D stopped the engine; a background job reading it is stopped by SIGTTIN)."""
     if stream is None:
         if sys.stdin is None:
             raise ValueError("--exit-with-parent: the engine has no standard input to watch; start it with a pipe "
                              "on its standard input, held open by the program it is to exit with")
         stream = sys.stdin.buffer
+    kind = _not_a_pipe(stream)
+    if kind is not None:
+        raise ValueError(f"--exit-with-parent (or {EXIT_WITH_PARENT_VARIABLE}=1): standard input is {kind}, not a "
+                         "pipe held by the program the engine is to exit with; start the engine without it")
     if on_gone is _interrupt and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -71,7 +96,10 @@ def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _
             why = "standard input closed: the program that started the engine has ended"
         except OSError as err:  # the pipe broke in another way than an end of file: its writer is gone all the same
             why = f"standard input unreadable ({err.strerror or err}): the program that started the engine is gone"
-        print(f"medsight serve: {why}; stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
+        # The program that held the pipe may have held our stderr's reader too: a BrokenPipeError here ended this
+        # thread before the stop, and the engine ran on.
+        with contextlib.suppress(OSError, ValueError):
+            print(f"medsight serve: {why}; stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
         on_gone()
 
     thread = threading.Thread(target=watch, name="medsight-parent-watch", daemon=True)
