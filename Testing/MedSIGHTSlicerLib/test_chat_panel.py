@@ -1150,12 +1150,23 @@ def test_a_failed_question_keeps_its_reason_in_the_transcript(app, url, volume):
 
 
 def test_question_over_the_largest_ask_is_a_clear_error(engine, url, volume):
-    """The engine's own 413 (the body's declared length is over the largest valid ask) read as the panel shows it."""
+    """An ask over the engine's limit, as the panel shows it: refused by the client before it is sent, naming the
+    limit the engine publishes; from an engine that publishes none (older), the engine's own 413."""
+    import dataclasses
+
     from medsight.server.schemas import max_ask_body_bytes
 
     largest = max_ask_body_bytes(engine.model.config.llm.max_sequence_length)
+    client = MedSIGHTClient(url, retries=0)
     with pytest.raises(MedSIGHTError) as refused:
-        MedSIGHTClient(url, retries=0).ask("0" * 64, "x" * (largest + 1), indices=[1])
+        client.ask("0" * 64, "x" * (largest + 1), indices=[1])
+    assert (refused.value.status, refused.value.code) == (None, "too_large")  # nothing sent, so no HTTP status
+    text = describe_error(refused.value)
+    assert f"over the engine's limit of {largest:,} bytes" in text and "nothing was sent" in text
+
+    client._health = dataclasses.replace(client.health(), max_ask_body_bytes=None)  # as an older engine's health
+    with pytest.raises(MedSIGHTError) as refused:
+        client.ask("0" * 64, "x" * (largest + 1), indices=[1])
     assert (refused.value.status, refused.value.code) == (413, "too_large")
     text = describe_error(refused.value)
     assert "(HTTP 413)" in text and "shorten the question, or send a smaller" in text
