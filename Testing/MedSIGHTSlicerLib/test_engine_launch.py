@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medsight_testing.processes import alive, free_port, wait_for
+from medsight_testing.processes import alive, free_port, installed_engine, wait_for
 from MedSIGHTSlicerLib.engine_launch import (
     DEFAULT_SERVE_COMMAND,
     EXIT_WITH_PARENT_VARIABLE,
@@ -401,10 +401,7 @@ def test_engine_kept_alive_outlives_its_owner():
 def test_engine_starts_while_host_has_a_foreign_python(monkeypatch):
     """Slicer's launcher sets PYTHONHOME/PYTHONPATH/PYTHONNOUSERSITE for its own Python; the engine (this
     repository's environment) must still start and answer /v1/health."""
-    pytest.importorskip("medsight")
-    medsight_exe = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
-    if not medsight_exe.is_file():
-        pytest.skip("no medsight executable beside this Python")
+    medsight_exe = installed_engine()
     foreign = Path(os.path.expanduser("~/.pyenv/versions/3.9.18"))
     if not foreign.is_dir():
         pytest.skip("no foreign CPython 3.9 to borrow PYTHONHOME from")
@@ -444,9 +441,7 @@ def test_stop_with_open_asks_ends_the_engine_before_the_kill_timer():
 
     from MedSIGHTSlicerLib.client import MedSIGHTClient
 
-    medsight_exe = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
-    if not medsight_exe.is_file():
-        pytest.skip("no medsight executable beside this Python")
+    medsight_exe = installed_engine()
     port = free_port()
     process = EngineProcess()
     process.start(launch_plan(f'"{medsight_exe}" serve --model tiny --host 127.0.0.1 --port {port}',

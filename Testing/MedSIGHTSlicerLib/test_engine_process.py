@@ -18,9 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
-from medsight_testing.processes import alive, free_port, wait_for
+from medsight_testing.processes import alive, free_port, installed_engine, wait_for
 from MedSIGHTSlicerLib.engine_launch import EXIT_WITH_PARENT_VARIABLE, KEEP_RUNNING_LINE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +144,7 @@ def test_a_killed_slicer_stops_a_real_engine_cleanly_and_a_kept_one_serves_on(tm
     """The real ``medsight serve`` on the tiny model: killed with the Slicer that started it, it stops as Ctrl+C
     stops it (its lifespan ends: the job queue is closed, "engine stopped" logged) within seconds; one started to be
     kept still answers. Before, both served on until the user found and killed them."""
-    pytest.importorskip("medsight")
+    installed_engine()  # run from the checkout's engine folder (below), with what that environment installed
     ports = [free_port(), free_port()]
     slicer, engines = _start_slicer(tmp_path, [
         {"command": f'"{sys.executable}" -m medsight.cli serve --model tiny --host 127.0.0.1 --port {port}',

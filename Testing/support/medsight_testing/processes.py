@@ -48,3 +48,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def installed_engine() -> Path:
+    """The ``medsight`` program beside this Python; the test is skipped where there is none. The Slicer-side tests also
+    run under Slicer's Pythons, where the engine's package is importable from the checkout but none of what it needs
+    (torch, scipy ...) is installed: a real engine can run only in an environment that installed it."""
+    import sys
+
+    import pytest
+
+    program = Path(sys.executable).with_name("medsight.exe" if os.name == "nt" else "medsight")
+    if not program.is_file():
+        pytest.skip("no medsight executable beside this Python")
+    return program
