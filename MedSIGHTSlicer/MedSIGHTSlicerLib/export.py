@@ -27,8 +27,9 @@ from .settings import PREFIX, _as_text
 log = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_FOLDER_KEY", "EXPORT_FORMATS", "EXPORT_SUFFIXES", "ExportError", "export_file_name",
-           "export_labelmap_file", "export_nifti", "export_report", "export_seg_nrrd", "nifti_overlaps",
-           "proposed_path", "read_seg_nrrd", "remember_folder", "seg_nrrd_losses", "volume_grid_losses"]
+           "export_labelmap_file", "export_nifti", "export_path", "export_report", "export_seg_nrrd", "export_suffix",
+           "nifti_overlaps", "proposed_path", "read_seg_nrrd", "remember_folder", "seg_nrrd_losses",
+           "volume_grid_losses"]
 
 #: What the module's format combo box offers, in its order: (file dialog filter, suffixes; the first is the
 #: default). `export_labelmap_file` accepts exactly these suffixes, the same as the engine's suffix -> writer table
@@ -39,6 +40,22 @@ EXPORT_FORMATS = (
     ("DICOM SEG (*.dcm)", (".dcm",)),
 )
 EXPORT_SUFFIXES = tuple(suffix for _, suffixes in EXPORT_FORMATS for suffix in suffixes)
+
+
+def export_suffix(path: str | Path) -> str | None:
+    """The export suffix ``path``'s name ends in (lower-case, ".nii.gz" before ".nii"), None when it ends in none:
+    the one rule for which writer a file name picks. Only these count as a suffix: "liver.v2" has none."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in EXPORT_SUFFIXES if name.endswith(suffix)), None)
+
+
+def export_path(path: str | Path, format_index: int) -> str:
+    """The file an export chosen as ``path`` in the format box's ``format_index`` goes to: ``path`` when its name
+    ends in an export suffix (the name picks the writer: "liver.nii" stays NIfTI), else ``path`` with that format's
+    suffix. Qt's save dialog appends its default suffix only to a name with no dot at all, so "liver.v2" came back
+    as typed and the export was refused ("choose a file name ending in ..."); it is now liver.v2.seg.nrrd."""
+    path = str(path)
+    return path if export_suffix(path) else path + EXPORT_FORMATS[int(format_index)][1][0]
 
 #: Characters no file name may hold on Windows (the strictest of the systems Slicer runs on), path separators and
 #: control characters included.
@@ -301,13 +318,13 @@ def export_report(segmentation_node, volume_node, written: str | Path) -> str:
     under a warping transform its volume is not under), the module said "Export failed" of a file on disk; it then
     says only where the file went."""
     text = f"Exported to {written}"
-    name = str(written).lower()
-    nifti = name.endswith((".nii", ".nii.gz"))
+    suffix = export_suffix(written)
+    nifti = suffix in (".nii", ".nii.gz")
     try:
         hidden = nifti_overlaps(segmentation_node, volume_node) if nifti else {}
-        if name.endswith(".seg.nrrd"):
+        if suffix == ".seg.nrrd":
             left_out, where = seg_nrrd_losses(segmentation_node, volume_node, written), "all segments on one voxel grid"
-        elif nifti or name.endswith(".dcm"):
+        elif nifti or suffix == ".dcm":
             left_out, where = volume_grid_losses(segmentation_node, volume_node), "the segments on the volume's grid"
         else:
             left_out, where = {}, ""
@@ -355,8 +372,7 @@ def export_labelmap_file(segmentation_node, volume_node, path: str | Path, dicom
     through ``long_path`` (``slicer.util.longPath``, see `dicom_seg.source_files`).
     """
     path = Path(path)
-    name = path.name.lower()
-    suffix = next((s for s in EXPORT_SUFFIXES if name.endswith(s)), None)
+    suffix = export_suffix(path)
     if suffix == ".dcm":
         from .dicom_seg import export_dicom_seg, source_files
 

@@ -11,7 +11,14 @@ import sys
 
 import pytest
 
-from MedSIGHTSlicerLib.export import EXPORT_FOLDER_KEY, EXPORT_FORMATS, proposed_path
+from MedSIGHTSlicerLib.export import (
+    EXPORT_FOLDER_KEY,
+    EXPORT_FORMATS,
+    EXPORT_SUFFIXES,
+    export_path,
+    export_suffix,
+    proposed_path,
+)
 from MedSIGHTSlicerLib.export_dialog import ask_export_path, export_dialog
 from MedSIGHTSlicerLib.qt_shim import qt
 
@@ -100,3 +107,47 @@ def test_an_earlier_export_of_the_suffixed_name_is_replaced_only_when_the_user_a
 def test_cancel_chooses_nothing(app, store, tmp_path):
     qt.QTimer.singleShot(0, lambda: qt.QApplication.activeModalWidget().reject())
     assert ask_export_path(store, str(tmp_path), "CT", 0) == ""
+
+
+@pytest.mark.parametrize("index", range(len(EXPORT_FORMATS)))
+def test_a_name_with_a_dot_but_no_export_suffix_gets_the_chosen_formats(app, store, tmp_path, index):
+    """Qt appends its default suffix only to a name without any dot: "liver.v2" came back as typed, and the export
+    said "liver.v2: choose a file name ending in ...". Only an export suffix counts as one."""
+    suffix = EXPORT_FORMATS[index][1][0]
+    type_into_dialog("liver.v2")
+    path = ask_export_path(store, str(tmp_path), "CT", index)
+    assert path == str(tmp_path / f"liver.v2{suffix}")
+    assert export_suffix(path) == suffix
+    # Each export suffix, of any format and in any case, is kept as typed: the name picks the writer.
+    for kept in EXPORT_SUFFIXES:
+        typed = str(tmp_path / f"liver.v2{kept.upper()}")
+        assert export_path(typed, index) == typed
+
+
+def test_an_earlier_export_of_a_name_suffixed_after_the_dialog_is_replaced_only_when_the_user_agrees(app, store,
+                                                                                                   tmp_path):
+    """The suffix appended after the dialog (a name with a dot): the module asks, as Qt's dialog does for the names
+    it suffixes itself; "No" opens the dialog again."""
+    earlier = tmp_path / f"liver.v2{EXPORT_FORMATS[0][1][0]}"
+    earlier.write_bytes(b"earlier export")
+    reopened: list[str] = []
+
+    def refuse(box) -> None:
+        box.button(qt.QMessageBox.No).click()
+
+        def cancel_reopened() -> None:
+            dialog = qt.QApplication.activeModalWidget()
+            reopened.append(os.path.basename(str(dialog.selectedFiles()[0])))
+            dialog.reject()
+
+        qt.QTimer.singleShot(0, cancel_reopened)
+
+    questions = type_into_dialog("liver.v2", refuse)
+    assert ask_export_path(store, str(tmp_path), "CT", 0) == ""
+    assert len(questions) == 1 and earlier.name in questions[0]
+    assert reopened == ["liver.v2"]  # the dialog again, the name as typed
+    assert earlier.read_bytes() == b"earlier export"
+
+    questions = type_into_dialog("liver.v2", lambda box: box.button(qt.QMessageBox.Yes).click())
+    assert ask_export_path(store, str(tmp_path), "CT", 0) == str(earlier)
+    assert len(questions) == 1 and earlier.name in questions[0]
