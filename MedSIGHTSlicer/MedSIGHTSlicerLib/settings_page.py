@@ -13,13 +13,15 @@ wraps ``page.widget`` in a ``ctk.ctkSettingsPanel``; the tests use the widget di
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .qt_shim import connect, prop, qt
 from .settings import DEFAULT_SERVE_COMMAND, ConnectionSettings
 
-__all__ = ["ApplicationSettings", "ConnectionForm", "SettingsPage"]
+__all__ = ["ApplicationSettings", "ConnectionForm", "SettingsPage", "settings_kept"]
 
 
 class ConnectionForm:
@@ -58,6 +60,27 @@ class ConnectionForm:
     def _remember_toggled(self, checked: Any) -> None:
         self.settings.remember_token = bool(checked)
         self.save()
+
+
+@contextmanager
+def settings_kept(form: ConnectionForm, reconnect: Callable[[], None] | None = None) -> Iterator[None]:
+    """The user's settings as they were before the block, also when it raises: in the form's fields, in the settings
+    the module and its page share (cleanup() saves those at Slicer's exit) and in the store; then ``reconnect()``
+    (the module's ``_connect``: its client is the user's engine's again).
+
+    For the module's self-test, which drives the panel with its own engine's address: run from Slicer's Python
+    console (not under ``--testing``, whose settings are a throwaway file), it saved that address over the user's,
+    and a token the user had typed for this session was gone from the panel."""
+    kept = dataclasses.replace(form.settings, consented_hosts=list(form.settings.consented_hosts))
+    try:
+        yield
+    finally:
+        for each in dataclasses.fields(kept):  # in place: the module, its page and the form share this object
+            setattr(form.settings, each.name, getattr(kept, each.name))
+        form.load()
+        form.save()
+        if reconnect is not None:
+            reconnect()
 
 
 class SettingsPage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -13,7 +14,7 @@ import pytest
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
 from MedSIGHTSlicerLib.qt_shim import connect, qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings, split_command
-from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage
+from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage, settings_kept
 from MedSIGHTSlicerLib.theme import colours_of
 
 
@@ -314,3 +315,46 @@ def test_hand_edited_ini_values_with_commas_read_as_typed(tmp_path):
     store.sync()
     again = ConnectionSettings.load(qt.QSettings(str(path), qt.QSettings.IniFormat))
     assert (again.serve_command, again.token, again.consented_hosts) == (command, "abc,def", loaded.consented_hosts)
+
+
+def _stored(path) -> dict:
+    """Every key and value in the settings file at ``path``, read afresh."""
+    store = qt.QSettings(str(path), qt.QSettings.IniFormat)
+    return {str(key): store.value(key) for key in store.allKeys()}
+
+
+def test_the_self_test_leaves_the_users_settings_as_it_found_them(app, tmp_path):
+    """The self-test (MedSIGHTSlicerSelfTest.py) types its engine's address into the panel and connects, which saves
+    it: from Slicer's Python console it replaced the user's engine address in Slicer's settings file, and the save at
+    Slicer's exit (the widget's cleanup) wrote it again. Inside ``settings_kept`` it is saved as before, after it
+    the file, the panel and the shared settings hold the user's again, also after a failed test."""
+    path = tmp_path / "Slicer.ini"  # Slicer's settings file: a real QSettings INI file
+    store = qt.QSettings(str(path), qt.QSettings.IniFormat)
+    user = ConnectionSettings(url="http://10.1.2.3:9000", token="their-token", remember_token=True,
+                              serve_command="/opt/medsight/bin/medsight serve --port 9000", stop_engine_on_exit=False,
+                              consented_hosts=["10.1.2.3"])
+    user.save(store)
+    store.sync()
+    before = _stored(path)
+    settings = ConnectionSettings.load(store)
+    form = ConnectionForm(settings, store, qt.QLineEdit(), qt.QLineEdit(), qt.QCheckBox())
+    reconnected = []
+    test_url = "http://engine.test:8765"
+
+    for failing in (False, True):
+        expected = pytest.raises(AssertionError) if failing else contextlib.nullcontext()
+        with expected, settings_kept(form, lambda: reconnected.append(form.url_edit.text())):
+            form.url_edit.setText(test_url)  # what the self-test does, then widget._connect()
+            form.token_edit.setText("")
+            form.save()
+            settings.record_consent()  # the upload's consent question, answered Yes
+            form.save()
+            store.sync()
+            assert _stored(path)[PREFIX + "url"] == test_url  # saved while the test runs (the old behaviour)
+            assert failing is False, "a test that fails"
+        form.save()  # the widget's cleanup() at Slicer's exit
+        store.sync()
+        assert _stored(path) == before
+        assert (form.url_edit.text(), form.token_edit.text()) == (user.url, user.token)
+        assert settings == user
+    assert reconnected == [user.url, user.url]

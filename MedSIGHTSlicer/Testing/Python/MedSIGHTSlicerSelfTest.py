@@ -37,6 +37,7 @@ from MedSIGHTSlicerLib.client import MedSIGHTClient, MedSIGHTError
 from MedSIGHTSlicerLib.engine_launch import launch_plan, startup_environment
 from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.rle import decode_mask
+from MedSIGHTSlicerLib.settings_page import settings_kept
 
 ENGINE_URL = os.environ.get("MEDSIGHT_TEST_URL", "http://127.0.0.1:8765")
 ENGINE_TOKEN = os.environ.get("MEDSIGHT_TEST_TOKEN") or None
@@ -141,37 +142,39 @@ class MedSIGHTSlicerSelfTestTest(ScriptedLoadableModuleTest):
 
         slicer.util.selectModule("MedSIGHTSlicer")
         widget = slicer.modules.medsightslicer.widgetRepresentation().self()
-        widget.ui.urlLineEdit.text = ENGINE_URL
-        widget.ui.tokenLineEdit.text = ENGINE_TOKEN or ""
-        widget._connect()
-        widget.ui.inputVolumeSelector.setCurrentNode(node)
-        panel = widget.panel
-        panel.options = {"max_new_tokens": 24, "no_code_fallback": True, "seed": 0}
-        panel.set_scope("current")
+        # From Slicer's Python console the settings are the user's own: their engine address is theirs again after.
+        with settings_kept(widget.connection_form, widget._connect):
+            widget.ui.urlLineEdit.text = ENGINE_URL
+            widget.ui.tokenLineEdit.text = ENGINE_TOKEN or ""
+            widget._connect()
+            widget.ui.inputVolumeSelector.setCurrentNode(node)
+            panel = widget.panel
+            panel.options = {"max_new_tokens": 24, "no_code_fallback": True, "seed": 0}
+            panel.set_scope("current")
 
-        self.delayDisplay("Asking through the conversation panel")
-        panel.question.setPlainText("Where is the brain?")
-        panel.send_button.click()
-        self.assertTrue(panel.busy, panel.error.text)
-        self._pump_until(lambda: not panel.busy, ANSWER_TIMEOUT_S, "the answer")
-        self.assertEqual(panel.error.text, "", "the panel reported an error")
-        self.assertIn("Where is the brain?", panel.conversation_text())
-        self.assertTrue(panel.region_links(), "no region chips in the answer (no_code_fallback guarantees one)")
+            self.delayDisplay("Asking through the conversation panel")
+            panel.question.setPlainText("Where is the brain?")
+            panel.send_button.click()
+            self.assertTrue(panel.busy, panel.error.text)
+            self._pump_until(lambda: not panel.busy, ANSWER_TIMEOUT_S, "the answer")
+            self.assertEqual(panel.error.text, "", "the panel reported an error")
+            self.assertIn("Where is the brain?", panel.conversation_text())
+            self.assertTrue(panel.region_links(), "no region chips in the answer (no_code_fallback guarantees one)")
 
-        manager = widget.logic.suggestion_manager(node)
-        chips = [parse_region_url(link) for link in panel.region_links()]
-        if any(panel.region(chip).mask.any() for chip in chips):
-            self.assertTrue(manager.suggestion_ids(), "regions with voxels must become suggestions")
+            manager = widget.logic.suggestion_manager(node)
+            chips = [parse_region_url(link) for link in panel.region_links()]
+            if any(panel.region(chip).mask.any() for chip in chips):
+                self.assertTrue(manager.suggestion_ids(), "regions with voxels must become suggestions")
 
-        # A second question must reuse the upload (the node's id is cached per node and voxel version).
-        key = widget.logic.volume_key(node)
-        self.assertIsInstance(widget.logic.volume_source(node), str, f"volume {key} was not cached")
+            # A second question must reuse the upload (the node's id is cached per node and voxel version).
+            key = widget.logic.volume_key(node)
+            self.assertIsInstance(widget.logic.volume_source(node), str, f"volume {key} was not cached")
 
-        if manager.suggestion_ids():
-            accepted = manager.accept()
-            self.assertTrue(accepted)
-            self.assertIsNotNone(manager.find_user_node())
-            self.assertTrue(manager.undo())
+            if manager.suggestion_ids():
+                accepted = manager.accept()
+                self.assertTrue(accepted)
+                self.assertIsNotNone(manager.find_user_node())
+                self.assertTrue(manager.undo())
         self.delayDisplay("Sample-data conversation passed")
 
     def test_golden_mask(self) -> None:
