@@ -139,7 +139,7 @@ class MedSIGHTSlicerWidget(ScriptedLoadableModuleWidget):
         module.load_terminology()  # a module loaded after start-up (Extension Wizard) missed startupCompleted()
         module.add_settings_page()
         self.application_settings = module.application_settings
-        self.settings = self.application_settings.attach(lambda _: self._settings_changed())
+        self.settings = self.application_settings.attach(lambda _: self._settings_changed(), self.engine)
         # The form saves URL and token; "Remember" changes only when the user toggles the box (see ConnectionForm).
         self.connection_form = ConnectionForm(self.settings, qt.QSettings(), self.ui.urlLineEdit,
                                               self.ui.tokenLineEdit, self.ui.rememberTokenCheckBox)

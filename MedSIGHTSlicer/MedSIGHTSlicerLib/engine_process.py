@@ -339,6 +339,20 @@ class EngineProcess:
                     process.wait(wait_s)
         self.poll()
 
+    def exit_setting_note(self, stop_on_exit: bool) -> str:
+        """What "Stop the local engine when Slicer exits" (now ``stop_on_exit``) means for the engine running now: ""
+        when it was started so, or none runs. How an engine ends with Slicer is fixed at its start (a pipe on its
+        standard input, or none): one started to keep running and then switched to stop on exit was stopped at
+        Slicer's exit, but after a crash it kept its port and memory; one switched the other way is told to keep
+        running at exit, but a crash still stops it. The settings page says so beside the box."""
+        if not self.running or self.detached != stop_on_exit:
+            return ""
+        if stop_on_exit:
+            return ("The engine running now was started to keep running: it will stop when Slicer exits, but not if "
+                    "Slicer crashes. Stop and start it to have it stop then too.")
+        return ("The engine running now was started to stop with Slicer: it will be left running when Slicer exits, "
+                "but a crash of Slicer still stops it. Stop and start it to keep it running then too.")
+
     def finished_message(self, code: int) -> str | None:
         """What to tell the user about the exit ``code`` ``on_finished`` got: None after a normal exit or a stop."""
         return exit_message(code, self.output, stopped=self.stop_requested)

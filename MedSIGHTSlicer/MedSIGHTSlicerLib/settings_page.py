@@ -101,6 +101,12 @@ class SettingsPage:
         self.stop_on_exit = qt.QCheckBox("Stop the local engine when Slicer exits")
         self.stop_on_exit.setObjectName("stopOnExitCheckBox")
         form.addRow("", self.stop_on_exit)
+        #: The module's ``EngineProcess`` (``ApplicationSettings.attach``): the note says what the box means for it.
+        self.engine: Any = None
+        self.engine_note = qt.QLabel()
+        self.engine_note.setObjectName("stopOnExitNoteLabel")
+        self.engine_note.setWordWrap(True)
+        form.addRow("", self.engine_note)
 
         self.consents = qt.QListWidget()
         self.consents.setObjectName("consentedHostsList")
@@ -130,6 +136,9 @@ class SettingsPage:
             self.consents.addItem(host)
         self.forget_button.setEnabled(bool(self.settings.consented_hosts))
         self.forget_token_button.setEnabled(self.settings.remember_token and bool(self.settings.token))
+        note = "" if self.engine is None else self.engine.exit_setting_note(self.settings.stop_engine_on_exit)
+        self.engine_note.setText(note)
+        self.engine_note.setVisible(bool(note))
 
     def _edited(self) -> None:
         command = str(prop(self.serve_command, "text")).strip()
@@ -170,6 +179,7 @@ class ApplicationSettings:
         self.settings = ConnectionSettings.load(store())
         self.page: SettingsPage | None = None
         self.panel: Any = None  # what ``add_panel`` made of the page (kept: the dialog does not own the wrapper)
+        self.engine: Any = None  # the attached widget's EngineProcess
         self._on_changed: Callable[[ConnectionSettings], None] | None = None
 
     def add_page(self, add_panel: Callable[[Any], Any]) -> SettingsPage:
@@ -177,16 +187,23 @@ class ApplicationSettings:
         if self.page is None:
             self.page = SettingsPage(self.settings, self.store())
             self.page.on_changed = self._page_changed
+            self.page.engine = self.engine
             self.panel = add_panel(self.page.widget)
         return self.page
 
-    def attach(self, on_changed: Callable[[ConnectionSettings], None]) -> ConnectionSettings:
-        """A new module widget: from now on the page's edits go to ``on_changed`` (not to an earlier widget)."""
+    def attach(self, on_changed: Callable[[ConnectionSettings], None], engine: Any = None) -> ConnectionSettings:
+        """A new module widget: from now on the page's edits go to ``on_changed`` (not to an earlier widget), and its
+        note on "stop on exit" is about ``engine`` (the widget's ``EngineProcess``)."""
         self._on_changed = on_changed
+        self.engine = engine
+        if self.page is not None:
+            self.page.engine = engine
+            self.page.load()
         return self.settings
 
     def show_saved(self) -> None:
-        """The module saved the settings (URL, token, "Remember"): the page shows them."""
+        """The module saved the settings (URL, token, "Remember"; also right before it starts the engine): the page
+        shows them."""
         if self.page is not None:
             self.page.load()
 

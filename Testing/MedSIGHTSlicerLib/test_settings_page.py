@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+from MedSIGHTSlicerLib.engine_launch import launch_plan
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
+from MedSIGHTSlicerLib.engine_process import EngineProcess
 from MedSIGHTSlicerLib.qt_shim import connect, qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings, split_command
 from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage, settings_kept
@@ -358,3 +360,34 @@ def test_the_self_test_leaves_the_users_settings_as_it_found_them(app, tmp_path)
         assert (form.url_edit.text(), form.token_edit.text()) == (user.url, user.token)
         assert settings == user
     assert reconnected == [user.url, user.url]
+
+
+def test_the_page_says_what_stop_on_exit_switched_means_for_the_running_engine(app, tmp_path):
+    """How an engine ends with Slicer is fixed at its start (a pipe on its standard input, or none): one started to
+    keep running and then switched to "stop on exit" stopped at Slicer's exit but ran on after a crash
+    (test_engine_process: a kept engine outlives a killed Slicer), and the page did not say so. A real process plays
+    the engine, started as the module starts it."""
+    command = f'"{sys.executable}" -c "import time; time.sleep(60)"'
+    for started_to_stop in (False, True):
+        shared = ApplicationSettings(lambda: Store())
+        shared.settings.stop_engine_on_exit = started_to_stop
+        page = shared.add_page(lambda widget: None)
+        engine = EngineProcess()
+        assert shared.attach(lambda _: None, engine) is shared.settings  # MedSIGHTSlicerWidget.setup
+        engine.start(launch_plan(command, dict(os.environ), started_to_stop))
+        try:
+            page.stop_on_exit.setChecked(started_to_stop)  # as started: nothing to say
+            assert page.engine_note.text() == "" and page.engine_note.isHidden()
+            page.stop_on_exit.setChecked(not started_to_stop)
+            note = page.engine_note.text()
+            assert not page.engine_note.isHidden()
+            assert ("a crash of Slicer still stops" if started_to_stop else "not if Slicer crashes") in note
+            assert "Stop and start it" in note
+            page.stop_on_exit.setChecked(started_to_stop)  # switched back
+            assert page.engine_note.text() == ""
+            page.stop_on_exit.setChecked(not started_to_stop)
+        finally:
+            engine.stop(wait=True)
+        shared.show_saved()  # the module saves before it starts the next engine: none runs now
+        assert page.engine_note.text() == "" and page.engine_note.isHidden()
+        page.widget.deleteLater()
