@@ -46,7 +46,7 @@ def ask_export_path(store: Any, default_folder: str, node_name: str, format_inde
             if not chosen:
                 return ""
             path = export_path(chosen[0], format_index)
-            if path == chosen[0] or not os.path.exists(path) or _replace_agreed(dialog, path):
+            if path == chosen[0] or not os.path.exists(path) or _replace_agreed(parent, path):
                 return path
             dialog.selectFile(chosen[0])  # "No": the dialog again, with the name as typed
         return ""
