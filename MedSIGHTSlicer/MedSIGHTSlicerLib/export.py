@@ -55,7 +55,11 @@ def export_path(path: str | Path, format_index: int) -> str:
     suffix. Qt's save dialog appends its default suffix only to a name with no dot at all, so "liver.v2" came back
     as typed and the export was refused ("choose a file name ending in ..."); it is now liver.v2.seg.nrrd."""
     path = str(path)
-    return path if export_suffix(path) else path + EXPORT_FORMATS[int(format_index)][1][0]
+    if export_suffix(path):
+        return path
+    folder, name = os.path.split(path)
+    # "liver." is "liver" (Windows drops a name's trailing dots itself), not "liver..seg.nrrd".
+    return os.path.join(folder, name.rstrip(".") or name) + EXPORT_FORMATS[int(format_index)][1][0]
 
 #: Characters no file name may hold on Windows (the strictest of the systems Slicer runs on), path separators and
 #: control characters included.

@@ -122,6 +122,7 @@ def test_a_name_with_a_dot_but_no_export_suffix_gets_the_chosen_formats(app, sto
     for kept in EXPORT_SUFFIXES:
         typed = str(tmp_path / f"liver.v2{kept.upper()}")
         assert export_path(typed, index) == typed
+    assert export_path(str(tmp_path / "liver."), index) == str(tmp_path / f"liver{suffix}")
 
 
 def test_an_earlier_export_of_a_name_suffixed_after_the_dialog_is_replaced_only_when_the_user_agrees(app, store,
