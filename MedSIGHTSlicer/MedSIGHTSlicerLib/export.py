@@ -57,9 +57,16 @@ def export_path(path: str | Path, format_index: int) -> str:
     path = str(path)
     if export_suffix(path):
         return path
+    suffix = EXPORT_FORMATS[int(format_index)][1][0]
     folder, name = os.path.split(path)
     # "liver." is "liver" (Windows drops a name's trailing dots itself), not "liver..seg.nrrd".
-    return os.path.join(folder, name.rstrip(".") or name) + EXPORT_FORMATS[int(format_index)][1][0]
+    name = name.rstrip(".") or name
+    # A name ending in the format suffix's last part is completed: "liver.nrrd" -> liver.seg.nrrd, not
+    # liver.nrrd.seg.nrrd (Qt hands macOS' save panel only that last part, "nrrd" or "gz", to append).
+    last = suffix[suffix.rfind("."):]
+    if name.lower().endswith(last) and len(name) > len(last):
+        name = name[:-len(last)]
+    return os.path.join(folder, name + suffix)
 
 #: Characters no file name may hold on Windows (the strictest of the systems Slicer runs on), path separators and
 #: control characters included.

@@ -123,6 +123,11 @@ def test_a_name_with_a_dot_but_no_export_suffix_gets_the_chosen_formats(app, sto
         typed = str(tmp_path / f"liver.v2{kept.upper()}")
         assert export_path(typed, index) == typed
     assert export_path(str(tmp_path / "liver."), index) == str(tmp_path / f"liver{suffix}")
+    # The suffix's last part alone (".nrrd" of .seg.nrrd, ".gz" of .nii.gz) is completed, not doubled.
+    last = suffix[suffix.rfind("."):]
+    if last != suffix:
+        assert export_path(str(tmp_path / f"liver{last.upper()}"), index) == str(tmp_path / f"liver{suffix}")
+        assert export_path(str(tmp_path / last), index) == str(tmp_path / f"{last}{suffix}")
 
 
 def test_an_earlier_export_of_a_name_suffixed_after_the_dialog_is_replaced_only_when_the_user_agrees(app, store,
