@@ -26,7 +26,7 @@ from medsight.config import get_preset, tiny_config
 from medsight.model.loading import build_model
 from medsight.train.data import ConversationDataset, SegmentationDataset, collate_conversations, collate_segmentation
 from medsight.train.loop import SampleOrder
-from medsight.train.reading import MicroBatchIndices, StepReader
+from medsight.train.reading import MicroBatchIndices, StepReader, Unreadable
 
 BATCH = 2
 
@@ -61,10 +61,10 @@ def samples_per_second(dataset, collate, workers: int, steps: int) -> tuple[floa
     sampler = MicroBatchIndices(SampleOrder(len(dataset), 0), 0, steps, BATCH, 1, 1, 0)
     start = time.perf_counter()
     with StepReader(dataset, collate, sampler, workers) as reader:
-        assert not isinstance(reader.next_step(), str)
+        assert not isinstance(reader.next_step(), Unreadable)
         first = time.perf_counter()
         for _ in range(steps - 1):
-            assert not isinstance(reader.next_step(), str)
+            assert not isinstance(reader.next_step(), Unreadable)
         end = time.perf_counter()
     return first - start, (steps - 1) * BATCH / (end - first)
 

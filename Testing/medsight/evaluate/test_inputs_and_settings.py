@@ -96,6 +96,17 @@ def test_a_run_refused_before_its_first_answer_leaves_the_report_folder_as_it_fo
     with pytest.raises(CheckpointError, match="demoo"):
         _eval(vqa, new, "--model", "demoo")
     assert not (tmp_path / "new").exists()
+    # 'a/b/../c/report' makes a, a/b, a/c and a/c/report: all four go (a and a/b were left); 'a/b/../kept' is
+    # a/kept, an empty folder that was there: it stays (it was taken for one the run made).
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match="demoo"):
+        _eval(vqa, tmp_path / "a" / "b" / ".." / "c" / "report", "--model", "demoo")
+    assert set(tmp_path.rglob("*")) == before
+    (tmp_path / "a" / "kept").mkdir(parents=True)
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match="demoo"):
+        _eval(vqa, tmp_path / "a" / "new" / ".." / "kept" / "report", "--model", "demoo")
+    assert set(tmp_path.rglob("*")) == before and (tmp_path / "a" / "kept").is_dir()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="demoo"):
@@ -212,6 +223,28 @@ def test_a_file_as_report_folder_is_refused(vqa):
     with pytest.raises(ValueError, match=rf"--report {vqa} is a file; the report goes into a folder"):
         _eval(vqa, vqa, "--model", "demo")
     assert read_llava_vqa(vqa)  # untouched
+
+
+def test_a_symbolic_link_to_nothing_or_a_file_on_the_report_path_is_named_not_followed(vqa, tmp_path):
+    """A --report that is (or lies under) a link to nothing stopped with a bare "File exists"; a file on its path with
+    "settings.json: Not a directory". Each is now one line naming the path and the problem; the link's target is not
+    created (it may be an unmounted disk's folder), and nothing is written."""
+    target = tmp_path / "unmounted" / "results"
+    (tmp_path / "link").symlink_to(target)
+    before = sorted(tmp_path.rglob("*"))
+    for report, named in ((tmp_path / "link", "--report"), (tmp_path / "link" / "run1", "its folder")):
+        with pytest.raises(ValueError) as raised:
+            _eval(vqa, report, "--model", "demo")
+        message = str(raised.value)
+        assert message.startswith("--report") and named in message and "\n" not in message
+        assert f"{tmp_path / 'link'} is a symbolic link to {target}, which is not there" in message
+    under_file = vqa / "report"
+    with pytest.raises(ValueError, match=rf"--report {under_file}: its folder {vqa} is a file; the report goes into"):
+        _eval(vqa, under_file, "--model", "demo")
+    assert sorted(tmp_path.rglob("*")) == before and not target.parent.exists()
+    target.mkdir(parents=True)  # a link to a folder is followed
+    assert _eval(vqa, tmp_path / "link", "--model", "demo") == 0
+    assert len(read_predictions(target / "predictions.jsonl")) == len(json.loads(vqa.read_text()))
 
 
 def test_a_limited_run_says_how_many_items_of_the_data_it_left_out(vqa, tmp_path, capsys):

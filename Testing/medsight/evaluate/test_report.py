@@ -1,5 +1,6 @@
 """Scoring VQA and multiple-choice predictions without a model; report files."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -484,6 +485,39 @@ def test_modalities_spelled_otherwise_get_the_papers_numbers_and_one_group(tmp_p
     from medsight.evaluate.metrics import PAPER_MODALITIES  # the names folded to are the table's
 
     assert set(PAPER_MODALITIES) | {"avg"} == set(PAPER_DIAGSEG["dice"]) == set(PAPER_DIAGSEG["recall"])
+
+
+def test_spellings_of_a_modality_outside_the_papers_table_make_one_group(tmp_path):
+    """ "Fundus", "FUNDUS" and "fundus" (or "PET-CT" and "pet ct") in one file were a group each in the report; they
+    are now one, under the spelling most of their items use (the first on a tie), with every item counted. An
+    OmniMedVQA folder's Modality_*.json files differ the same way only on a case-sensitive file system."""
+    from PIL import Image
+
+    from medsight.evaluate.readers import read_llava_vqa, read_omnimed
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    spelled = ["FUNDUS", "Fundus", "fundus", "Fundus", "PET-CT", "pet ct", "Microscopy", "Ultrasound", "ULTRASOUND"]
+    shown = {"FUNDUS": "Fundus", "Fundus": "Fundus", "fundus": "Fundus", "PET-CT": "PET-CT", "pet ct": "PET-CT",
+             "Microscopy": "Microscopy", "Ultrasound": "US", "ULTRASOUND": "US"}
+    data = [{"id": i, "image": "img.png", "answer_type": "CLOSED", "modality": name,
+             "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "yes"}]}
+            for i, name in enumerate(spelled)]
+    items = read_llava_vqa(_write_json(tmp_path / "vqa.json", data))
+    assert [it.modality for it in items] == [shown[name] for name in spelled]
+    report = build_report("vqa", items, [{"question_id": it.id, "text": "yes"} for it in items], n_boot=5)
+    groups = {r["group"]: r["n"] for r in report["metrics"] if r["metric"] == "closed_accuracy"
+              and r["aggregate"] == "mean"}
+    want = {name: sum(shown[s] == name for s in spelled) for name in set(shown.values())}
+    assert groups == want and sum(groups.values()) == len(spelled)
+    folder = tmp_path / "omni"
+    folder.mkdir()
+    for n, name in enumerate(("Fundus", "FUNDUS", "OCT")):
+        _write_json(folder / f"Modality_{name}.json", [
+            {"question_id": f"{name}{i}", "question": "q", "gt_answer": "A", "option_A": "A", "option_B": "B",
+             "image_path": "../img.png"} for i in range(n + 1)])
+    if len(list(folder.iterdir())) == 3:
+        counts = Counter(it.modality for it in read_omnimed(folder))
+        assert counts == {"FUNDUS": 1 + 2, "OCT": 3}  # Fundus's 1 item and FUNDUS's 2: FUNDUS's spelling
 
 
 def _write_json(path, obj):

@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +28,16 @@ from medsight.train.data import (
     collate_conversations,
     collate_segmentation,
 )
-from medsight.train.loop import CHECKPOINT_DIR, FINAL_DIR, SampleOrder, TrainConfig, read_log
-from medsight.train.reading import MicroBatchIndices, StepReader
+from medsight.train.loop import (
+    CHECKPOINT_DIR,
+    FINAL_DIR,
+    LOG_FILE,
+    SampleOrder,
+    TrainConfig,
+    is_complete_checkpoint,
+    read_log,
+)
+from medsight.train.reading import MicroBatchIndices, StepReader, Unreadable
 from medsight_testing.torchrun import torchrun
 from medsight_testing.train_data import write_synthetic
 
@@ -131,13 +143,13 @@ def test_a_bad_sample_read_by_a_worker_gives_the_main_process_error(model, data,
     item and file, at the same step, as the main process's: not a worker's traceback."""
     dataset, _, pattern = _bad_item(model, data, kind)
     steps = _read(dataset, collate_conversations, 0)
-    failing = next(s for s, step in enumerate(steps) if isinstance(step, str))
-    message = steps[failing]
+    failing = next(s for s, step in enumerate(steps) if isinstance(step, Unreadable))
+    message = steps[failing].message
     assert re.search(pattern, message), message
     read_by_workers = _read(dataset, collate_conversations, WORKERS)
-    assert read_by_workers[failing] == message
+    assert read_by_workers[failing] == steps[failing]
     assert "\n" not in message and "Traceback" not in message and "worker" not in message
-    assert all(not isinstance(step, str) for step in read_by_workers[:failing])
+    assert all(not isinstance(step, Unreadable) for step in read_by_workers[:failing])
 
 
 def test_making_the_reader_leaves_the_models_random_stream_alone(model, data):
@@ -205,6 +217,50 @@ def test_a_run_with_workers_trains_stops_and_resumes_as_one_without(tmp_path):
     losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "broken")]
     assert losses[0] == losses[1] and len(losses[0]) == steps
     want, got = (load_pretrained(tmp_path / out / FINAL_DIR).state_dict() for out in ("whole", "broken"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_worker_killed_from_outside_stops_the_run_with_its_steps_saved_and_the_resume_is_exact(tmp_path):
+    """A worker killed by SIGKILL (as the out-of-memory killer kills) mid-run ended it with the DataLoader's
+    RuntimeError traceback ("DataLoader worker (pid(s) ...) exited unexpectedly"; EOFError where a batch it had sent
+    was taken after), losing every step since the last checkpoint (none here: save_every 0). Now one line names the
+    worker and the signal, the steps done are saved as a checkpoint, and resumed with fewer workers the run's losses
+    and final weights equal an uninterrupted run without workers, exactly."""
+    data = write_synthetic(tmp_path / "data")
+    steps = 8  # more than the 2 workers x 2 batches read ahead: the killed worker still has samples to read
+    (tmp_path / "cfg.json").write_text(json.dumps({"init_from": "tiny", "max_steps": steps, "grad_accum": 1}))
+
+    def run(out: str, *extra: str) -> int:
+        return train_main(["stage3", "--config", str(tmp_path / "cfg.json"), "--data", str(data["lvlm"]), "--out",
+                           str(tmp_path / out), *extra])
+
+    assert run("whole", "--num-workers", "0") == 0
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_step() -> None:
+        log = tmp_path / "killed" / LOG_FILE
+        while not (log.is_file() and log.read_text().strip()):
+            time.sleep(0.005)
+        killed.append(multiprocessing.active_children()[0].pid)
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_step, daemon=True)
+    killer.start()
+    with pytest.raises(ValueError) as raised:
+        run("killed", "--num-workers", str(WORKERS))
+    killer.join(timeout=1)
+    done = len(read_log(tmp_path / "killed"))
+    kept = tmp_path / "killed" / CHECKPOINT_DIR / f"step-{done:07d}"
+    assert str(raised.value) == (
+        f"step {done + 1}: a data-reading worker process (pid {killed[0]}, one of {WORKERS}) was killed by SIGKILL, "
+        f"most likely by the out-of-memory killer; the run's state after step {done} is saved in {kept}: continue "
+        "with --resume and fewer --num-workers (each worker holds its own samples in memory; 0 reads them in the "
+        "training process)")
+    assert 1 <= done < steps and is_complete_checkpoint(kept) and not multiprocessing.active_children()
+    assert run("killed", "--resume", "--num-workers", str(WORKERS - 1)) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / out)] for out in ("whole", "killed")]
+    assert losses[0] == losses[1] and len(losses[0]) == steps
+    want, got = (load_pretrained(tmp_path / out / FINAL_DIR).state_dict() for out in ("whole", "killed"))
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 

@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-file", type=file_name, help="UniMed-CLIP checkpoint for the official layout")
     p.add_argument("--adapter", type=file_name, help="LoRA adapter folder (official layout) applied to --model")
     p.add_argument("--report", type=file_name, required=True,
-                   help="output folder: predictions*.jsonl, report.json/.md, PNGs")
+                   help="output folder: predictions*.jsonl, report.json/.md, PNGs (a symbolic link to nothing is "
+                        "refused, not followed)")
     p.add_argument("--vqa-data", type=file_name, help="diagseg: the _vqa.json file; recall then comes from a separate "
                    "sampled VQA-path run, as in the paper")
     p.add_argument("--benchmark", choices=("vqa-rad", "slake", "pathvqa"), help="vqa: paper reference numbers")
@@ -179,10 +180,25 @@ def _check_args(args: argparse.Namespace) -> Path:
         raise ValueError(f"--images {args.images}: {what}; give the folder the data file's image and mask paths are "
                          "relative to")
     report_dir = Path(args.report)
-    if report_dir.exists() and not report_dir.is_dir():
-        raise ValueError(f"--report {report_dir} is a file; the report goes into a folder (new or from an earlier "
-                         "run of the same evaluation)")
+    _check_report_place(report_dir)
     return report_dir
+
+
+def _check_report_place(report_dir: Path) -> None:
+    """The report folder, or the nearest of its parents that is there, must be a folder. A symbolic link to nothing
+    failed with a bare "File exists" (a file below the report path with "Not a directory", naming settings.json). Such
+    a link is refused, not followed: its target may be on a disk that is not mounted now, and creating it would put
+    the report in the empty folder under the mount point."""
+    there = report_dir
+    while not there.exists() and not there.is_symlink() and there != there.parent:
+        there = there.parent
+    what = "--report" if there == report_dir else f"--report {report_dir}: its folder"
+    if there.is_symlink() and not there.exists():
+        raise ValueError(f"{what} {there} is a symbolic link to {os.readlink(there)}, which is not there; create "
+                         "that folder (or mount its disk), or give another --report")
+    if not there.is_dir():
+        raise ValueError(f"{what} {there} is a file; the report goes into a folder (new or from an earlier run of "
+                         "the same evaluation)")
 
 
 def _resume_vqa_data(args: argparse.Namespace, report_dir: Path) -> None:
@@ -266,6 +282,21 @@ def _finish(args: argparse.Namespace, runs, report_dir: Path, settings: dict) ->
     return report
 
 
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Create `folder` and its missing parents one at a time, adding each to `made` by its real path: 'a/b/../c/report'
+    creates a, a/b, a/c and a/c/report, where its lexical parents ('a/b/..' is a) would name other folders."""
+    current = Path(folder.anchor)
+    for part in folder.parts[1:] if folder.anchor else folder.parts:
+        current = current / part
+        if part == ".." or current.exists():
+            continue
+        try:
+            current.mkdir()
+        except FileExistsError:  # made by another process since: not ours to remove
+            continue
+        made.append(Path(os.path.realpath(current)))
+
+
 def _start(args: argparse.Namespace, report_dir: Path, settings: dict) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     # Before any answer is asked or reused: a folder answered with other settings is refused.
@@ -277,24 +308,21 @@ def _left_as_found_unless_answered(report_dir: Path) -> Iterator[None]:
     """A single-process run that stops before it adds an answer (a mistyped --model, an unreadable first image,
     Ctrl+C while the model loads) leaves the --report folder as it found it: the settings.json it had recorded made
     the corrected rerun refused until the user deleted it. Not for shards: another may have started with them."""
-    created = []  # the folders mkdir will create, deepest first
-    folder = report_dir.absolute()
-    while not folder.exists() and folder != folder.parent:
-        created.append(folder)
-        folder = folder.parent
+    made: list[Path] = []  # the folders this run creates, in order
     settings_file = report_dir / SETTINGS_FILE
     recorded = settings_file.exists()
     before = _predictions_sizes(report_dir)
     try:
+        _make_folders(report_dir, made)
         yield
     except BaseException:
         if not recorded and _predictions_sizes(report_dir) == before:
             settings_file.unlink(missing_ok=True)
-            for made in created:
+            for folder in reversed(made):
                 try:
-                    made.rmdir()
-                except OSError:  # not empty (something else wrote there) or not ours to remove: kept
-                    break
+                    folder.rmdir()
+                except OSError:  # not empty: something else wrote there, kept
+                    continue
         raise
 
 

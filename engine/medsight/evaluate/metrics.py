@@ -281,7 +281,7 @@ def _folded(name: str) -> str:
     return "".join(c for c in name.lower() if c not in "-_ ")
 
 
-_CANONICAL = {**{_folded(m): m for m in PAPER_MODALITIES}, **MODALITY_ALIASES}
+_CANONICAL = {**{_folded(m): m for m in PAPER_MODALITIES}, **MODALITY_ALIASES, "unknown": "unknown"}
 
 
 def canonical_modality(name: str | None) -> str:
@@ -290,6 +290,19 @@ def canonical_modality(name: str | None) -> str:
     if name is None or str(name).strip() == "":
         return "unknown"
     return _CANONICAL.get(_folded(str(name)), str(name).strip())
+
+
+def one_spelling_each(names: Sequence[str]) -> list[str]:
+    """`names` with the spellings of a modality outside the paper's table made one ("Fundus", "FUNDUS" and "fundus"
+    were three groups of the report): names equal but for case, hyphens, spaces or underscores (`_folded`) all take
+    the spelling most of them use, the first of those on a tie."""
+    counts = Counter(names)
+    chosen: dict[str, str] = {}
+    for name, count in counts.items():  # in first-seen order, so a tie keeps the first
+        key = _folded(name)
+        if key not in chosen or count > counts[chosen[key]]:
+            chosen[key] = name
+    return [chosen[_folded(name)] for name in names]
 
 
 #: Index values drawn per block of bootstrap resamples (8 MiB of int64): the (n_boot, n) index matrix of a large

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality, options_of
+from medsight.evaluate.metrics import OPTION_KEYS, canonical_modality, one_spelling_each, options_of
 from medsight.user_files import read_user_text
 
 #: OmniMedVQA prompt suffix (the options are NOT shown to the model, as officially).
@@ -199,6 +199,13 @@ def _check_unique(path: Path, items: list[EvalItem]) -> list[EvalItem]:
     return items
 
 
+def _one_group_per_modality(items: list[EvalItem]) -> list[EvalItem]:
+    """The items, each modality under one spelling (`one_spelling_each`): the report groups items by it."""
+    for item, name in zip(items, one_spelling_each([it.modality for it in items]), strict=True):
+        item.modality = name
+    return items
+
+
 def _question(path: Path, index: int, item, dotted: str) -> str:
     """The prompt without its ``<image>`` tag; one with nothing else would be refused by the engine mid-run."""
     question = _IMAGE_TAG.sub("", _text(path, index, item, dotted)).strip()
@@ -278,7 +285,7 @@ def read_diagseg(path: str | Path, image_root: str | Path | None = None) -> list
             image=resolve(_text(path, i, raw, "image_file"), where),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")), masks=masks,
         ))
-    return _check_unique(path, items)
+    return _check_unique(path, _one_group_per_modality(items))
 
 
 def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
@@ -296,7 +303,7 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
             image=resolve(_text(path, i, raw, "image"), _where(path, i, raw)),
             modality=canonical_modality(_optional_text(path, i, raw, "modality")),
         ))
-    return _check_unique(path, items)
+    return _check_unique(path, _one_group_per_modality(items))
 
 
 def _omni_modality(path: Path) -> str:
@@ -323,7 +330,7 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
                                     "(ids must be unique across the folder's files to resume and merge)")
                 read_from[item.id] = f
                 items.append(item)
-        return items
+        return _one_group_per_modality(items)  # Modality_CT.json and Modality_ct.json: one group
     resolve = _resolver(path, image_root)
     modality = _omni_modality(path)
     items = []

@@ -57,7 +57,7 @@ from medsight.model.checkpoints import CheckpointError, load_into, read_safetens
 from medsight.model.loading import DEVICE_FORMS, parse_device, save_pretrained
 from medsight.train import checks, fsdp
 from medsight.train import state as trainer_state
-from medsight.train.reading import MicroBatchIndices, StepReader, auto_workers
+from medsight.train.reading import MicroBatchIndices, StepReader, Unreadable, auto_workers
 from medsight.user_files import read_user_json
 
 log = logging.getLogger(__name__)
@@ -610,8 +610,11 @@ def train(
             sums: dict[str, float] = {}
             batches = reader.next_step()
             if _unread_anywhere(batches, sharded, device):
-                _stop_unreadable(batches, step, position, model, optimizer, scheduler, out, runner if sharded else None,
-                                 data, config.save_total_limit, stages, weights=weights)
+                stop = batches if isinstance(batches, Unreadable) else Unreadable(
+                    "another process could not read its samples of this step")
+                _stop_unreadable(stop.message, step, position, model, optimizer, scheduler, out,
+                                 runner if sharded else None, data, config.save_total_limit, stages, stop.way_out,
+                                 weights)
             rng_before = trainer_state.rng_state()  # a diverged step is undone whole: the RNG it drew included
             for micro, batch in enumerate(batches):
                 if sharded:
@@ -674,10 +677,10 @@ def train(
     return result
 
 
-def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.device) -> bool:
+def _unread_anywhere(batches: list[Any] | Unreadable, sharded: bool, device: torch.device) -> bool:
     """Whether this rank or (under torchrun) any rank could not read its samples: every rank then stops together,
     where a lone failing rank left the others waiting in the step's collectives."""
-    failed = isinstance(batches, str)
+    failed = isinstance(batches, Unreadable)
     if not sharded:
         return failed
     flag = torch.tensor([float(failed)], device=device)
@@ -685,13 +688,12 @@ def _unread_anywhere(batches: list[Any] | str, sharded: bool, device: torch.devi
     return bool(flag.item())
 
 
-def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: nn.Module, optimizer, scheduler,
+def _stop_unreadable(reason: str, step: int, position: int, model: nn.Module, optimizer, scheduler,
                      out: Path, root: nn.Module | None, data: DataIdentity, keep: int, stages: Sequence[str],
-                     way_out: str = "replace the file and continue with --resume",
-                     weights: CheckpointWeights | None = None) -> None:
-    """Stop on a sample that cannot be read (or, with its reason as `batches`, a step that diverged), after saving the
-    steps trained since the last checkpoint (collective under torchrun), so nothing trained is lost; `keep`: the
-    run's save_total_limit, `way_out`: what the error tells the user to do with the saved state."""
+                     way_out: str, weights: CheckpointWeights | None = None) -> None:
+    """Stop on a step that cannot be read (a sample, a worker that ended) or that diverged, after saving the steps
+    trained since the last checkpoint (collective under torchrun), so nothing trained is lost; `keep`: the run's
+    save_total_limit, `way_out`: what the error tells the user to do with the saved state."""
     saved = ""
     if step > 0:
         folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
@@ -700,7 +702,6 @@ def _stop_unreadable(batches: list[Any] | str, step: int, position: int, model: 
             if root is None or dist.get_rank() == 0:
                 remove_old_checkpoints(out, keep)  # after save_checkpoint's last barrier, as in the loop
         saved = f"; the run's state after step {step} is saved in {folder}: {way_out}"
-    reason = batches if isinstance(batches, str) else "another process could not read its samples of this step"
     raise ValueError(f"step {step + 1}: {reason}{saved}")
 
 

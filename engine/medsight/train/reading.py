@@ -12,14 +12,19 @@ DataLoader's Linux default does, a worker keeps the pages of the model and optim
 for as long as it runs (a whole model's copy on a CPU run), and forking after torch and gloo have started threads
 can deadlock; spawned, each worker imports torch and transformers itself (about 1 GB and 20 s each on a 2-core
 machine). A sample that cannot be read is returned as its one-line message (`Unreadable`), never raised in the
-worker, whose exception would arrive as a worker traceback.
+worker, whose exception would arrive as a worker traceback. A worker killed from outside (the out-of-memory killer)
+ends the step's read the same way, with a message naming it (`StepReader.next_step`), where the DataLoader raised
+"DataLoader worker (pid(s) ...) exited unexpectedly" with a traceback and the run lost its steps since the last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,15 +34,20 @@ from torch.utils.data import DataLoader, Sampler
 
 #: Workers at most when `num_workers` is automatic (the official LLaVA scripts' --dataloader_num_workers).
 AUTO_MAX_WORKERS = 4
+#: Seconds a failed read waits for a worker's end to be reported before the error is taken for another one (the
+#: DataLoader's own check of its workers runs every 5 s).
+LOST_WORKER_WAIT_S = 5.0
 #: What the fork server imports before it forks workers: the readers' code (torch, transformers' tokenizers).
 PRELOAD = ["medsight.train.data"]
 
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A micro-batch whose sample could not be read: the data set's error text (which names the file)."""
+    """A step whose micro-batches could not be read: the data set's error text (which names the file), or what
+    ended a worker; `way_out`: what to do once the trainer has saved the steps before it."""
 
     message: str
+    way_out: str = "replace the file and continue with --resume"
 
 
 class BatchReader(torch.utils.data.Dataset):
@@ -118,17 +128,45 @@ class StepReader:
             raise ValueError(f"num_workers {num_workers}: the data set or its collate function cannot be sent to a "
                              f"worker process ({err}); set num_workers to 0") from None
 
-    def next_step(self) -> list[Any] | str:
-        """The step's micro-batches, or the first unreadable sample's message (the batches after it are not waited
-        for)."""
+    def next_step(self) -> list[Any] | Unreadable:
+        """The step's micro-batches, or why they cannot be read: the first unreadable sample (the batches after it
+        are not waited for), or a worker that ended."""
         assert self._iterator is not None, "the reader is closed"
         batches = []
         for _ in range(self.grad_accum):
-            batch = next(self._iterator)
+            try:
+                batch = next(self._iterator)
+            except Exception:  # re-raised unless a worker ended
+                # A worker's end arrives as "DataLoader worker (pid(s) ...) exited unexpectedly", or, where a batch it
+                # sent is taken after it ended, as the EOFError or ConnectionRefusedError of fetching its tensors.
+                lost = self._lost_worker()
+                if lost is None:
+                    raise
+                return lost
             if isinstance(batch, Unreadable):
-                return batch.message
+                return batch
             batches.append(batch)
         return batches
+
+    def _lost_worker(self) -> Unreadable | None:
+        """What ended a worker, if one has ended (the DataLoader's own list of its worker processes)."""
+        workers = list(getattr(self._iterator, "_workers", []))
+        if not workers:
+            return None
+        # The fork server reports a worker's end a moment after its pipes close: wait for it, or for none.
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=LOST_WORKER_WAIT_S)
+        ended = [w for w in workers if w.exitcode is not None]
+        if not ended:
+            return None
+        code = ended[0].exitcode
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            how = f"was killed by {name}" + (", most likely by the out-of-memory killer" if name == "SIGKILL" else "")
+        else:
+            how = f"exited with code {code}"
+        return Unreadable(f"a data-reading worker process (pid {ended[0].pid}, one of {len(workers)}) {how}",
+                          "continue with --resume and fewer --num-workers (each worker holds its own samples "
+                          "in memory; 0 reads them in the training process)")
 
     def close(self) -> None:
         iterator, self._iterator = self._iterator, None
