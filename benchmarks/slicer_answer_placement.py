@@ -35,16 +35,17 @@ from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 SOURCE = "MedSIGHTSlicer/MedSIGHTSlicerLib/suggestions.py"
 
 
-def module_at(revision: str):
-    """suggestions.py as committed at ``revision``, imported as a sibling module of today's package."""
-    text = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], cwd=REPO, check=True, capture_output=True,
+def module_at(revision: str, source: str = SOURCE):
+    """``source`` (default suggestions.py) as committed at ``revision``, imported as a sibling module of today's
+    package."""
+    text = subprocess.run(["git", "show", f"{revision}:{source}"], cwd=REPO, check=True, capture_output=True,
                           text=True).stdout
-    name = f"MedSIGHTSlicerLib._suggestions_{revision}"
+    name = f"MedSIGHTSlicerLib._{Path(source).stem}_{revision}"
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "MedSIGHTSlicerLib"
     sys.modules[name] = module  # dataclasses look their module up there
-    exec(compile(text, f"{revision}:{SOURCE}", "exec"), module.__dict__)  # our own committed source
+    exec(compile(text, f"{revision}:{source}", "exec"), module.__dict__)  # our own committed source
     return module
 
 
