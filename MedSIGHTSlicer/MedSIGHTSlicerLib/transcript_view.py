@@ -20,6 +20,9 @@ __all__ = ["TranscriptView"]
 
 _BREAK = "<br>"
 _LINE_SEPARATOR = "\u2028"  # what Qt's HTML reader makes of each <br>
+#: Characters that Qt's document reads as the bounds of paragraphs or frames (U+2029, U+FDD0, U+FDD1): a line holding
+#: one, inserted in place, makes another document than the whole HTML, so the document is rebuilt instead.
+_BLOCK_MARKS = ("\u2029", "\ufdd0", "\ufdd1")
 
 
 class TranscriptView:
@@ -53,6 +56,9 @@ class TranscriptView:
             same += 1
         if same == len(pieces) == len(self._pieces):
             return
+        if not _editable(pieces[same:]):
+            self._rebuild(head, pieces, end)
+            return
         # Select from the first changed piece to the end of the answer (counted back from the end, as a cursor moves
         # one character at a time), and write the new pieces over it. Only calls that return a value move the
         # cursor: PySide6 6.12 under CPython 3.11 drops a reference to None on each call of a method returning void
@@ -85,7 +91,7 @@ def _piece_starts(text: str, position: int, pieces: list[str]) -> list[int] | No
     break) became from document position ``position`` on. Each piece begins with a break and holds
     ``count("<br>")`` of them (the lines' text is escaped, so "<br>" is only ever a break). None when the breaks do not
     add up (say, a line separator in an answer's text): each change then rebuilds the whole HTML."""
-    if not all(p.startswith(_BREAK) for p in pieces):
+    if not _editable(pieces):
         return None
     breaks = [n for n, char in enumerate(text) if char == _LINE_SEPARATOR]
     if len(breaks) != sum(p.count(_BREAK) for p in pieces):
@@ -95,3 +101,8 @@ def _piece_starts(text: str, position: int, pieces: list[str]) -> list[int] | No
         starts.append(position + breaks[seen])
         seen += piece.count(_BREAK)
     return starts
+
+
+def _editable(pieces: list[str]) -> bool:
+    """Whether ``pieces`` can be written in place: each begins with a break, and none holds a paragraph mark."""
+    return all(p.startswith(_BREAK) and not any(mark in p for mark in _BLOCK_MARKS) for p in pieces)
