@@ -15,6 +15,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 - ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
+- ``on_region_answers(answers)``: instead of ``on_regions``, once per poll with the ``SliceAnswer``s with regions that
+  arrived in it (one request's slices end together), so the host can place them at once.
 - ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
   question (``ask_serial``), plane, slice and region of that chip's answer. It returns False when the region's volume
   is gone (the panel then says so).
@@ -208,6 +210,7 @@ class ChatPanel:
         self.on_volume_uploaded: Callable[[str, str], None] | None = None
         self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
         self.on_regions: Callable[[SliceAnswer], None] | None = None
+        self.on_region_answers: Callable[[list[SliceAnswer]], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
         #: one finding into one 3D segment); also after a cancel or an error, with what had arrived.
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
@@ -232,6 +235,7 @@ class ChatPanel:
         self._runner = JobRunner()
         self._job: _Job | None = None
         self._dirty = False
+        self._arrived: list[SliceAnswer] = []  # for ``on_region_answers``, until the end of the poll
         self._rendered = 0.0  # time.monotonic() of the last redraw
         self._started = 0.0
         self._build(parent)
@@ -526,6 +530,7 @@ class ChatPanel:
             threading.Thread(target=_cancel_quietly, args=(client, job_id), daemon=True).start()
         if self._turns:
             self._turns[-1].status = "cancelled"
+        self._deliver_regions()
         if job.answers and self.on_answers is not None:
             self._call_hook(self.on_answers, list(job.answers))  # what arrived before Cancel is kept
         self._finish("Cancelled.")
@@ -579,10 +584,17 @@ class ChatPanel:
             elif current and event.kind in ("done", "cancelled"):
                 self._handle(job, "finished", [bool(event.data) or event.kind == "cancelled"])
             # Anything else is a cancelled job's late event: ignored.
+        self._deliver_regions()
         if self._dirty and time.monotonic() - self._rendered >= RENDER_INTERVAL_S:
             self._render()  # a finished question was drawn whole by _finish
         if self._job is None and not self._runner.busy:
             self._timer.stop()
+
+    def _deliver_regions(self) -> None:
+        """Hand the answers that arrived to ``on_region_answers``, before anything that ends their question."""
+        answers, self._arrived = self._arrived, []
+        if answers and self.on_region_answers is not None:
+            self._call_hook(self.on_region_answers, answers)
 
     def _remember_volume(self, key: str | None, volume_id: str) -> None:
         if key:
@@ -647,7 +659,9 @@ class ChatPanel:
             if answer.regions:
                 job.answers.append(answer)
                 self.accept_all_button.setEnabled(True)
-                if self.on_regions is not None:
+                if self.on_region_answers is not None:
+                    self._arrived.append(answer)
+                elif self.on_regions is not None:
                     self._call_hook(self.on_regions, answer)
         elif kind == "progress":
             done, total = payload
@@ -658,6 +672,7 @@ class ChatPanel:
                 self.status.setText(progress_text(done, total, time.monotonic() - self._started))
         elif kind == "finished":
             cancelled = payload[0]
+            self._deliver_regions()
             if job.answers and self.on_answers is not None:
                 self._call_hook(self.on_answers, list(job.answers))
             turn.status = "cancelled" if cancelled else ""
@@ -667,6 +682,7 @@ class ChatPanel:
             if self._send_again(job, payload[0]):
                 return
             message = describe_error(payload[0], resent=job.resent)
+            self._deliver_regions()
             if job.answers and self.on_answers is not None:
                 self._call_hook(self.on_answers, list(job.answers))  # slices answered before the error are kept
             turn.status, turn.error = "error", message

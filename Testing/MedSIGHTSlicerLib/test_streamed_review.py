@@ -27,7 +27,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData, chunk_bounds, pr
 from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.geometry import volume_upload_arrays
 from MedSIGHTSlicerLib.qt_shim import qt
-from MedSIGHTSlicerLib.review import take_answer
+from MedSIGHTSlicerLib.review import take_answers
 from MedSIGHTSlicerLib.suggestions import SuggestionManager
 from MedSIGHTSlicerLib.theme import colours_of
 
@@ -61,7 +61,8 @@ class Asked:
     origin: Any
     direction: Any
     manager: SuggestionManager
-    timeline: list  # (time, slices answered, suggestions) at each streamed answer
+    timeline: list  # (time, slices answered, suggestions) at each arrival of streamed answers
+    arrivals: list  # how many answers with regions each arrival brought
     statuses: list
     finished: float
     events: list  # the panel's events, in order: (kind, payload)
@@ -104,11 +105,12 @@ def asked(app, url) -> Asked:
     panel = ChatPanel(MedSIGHTClient(url, timeout=60, retries=0))
     panel.options = dict(OPTIONS)
     panel.volume_provider = lambda: VolumeData(array, spacing, origin, direction, "CT", key="twenty")
-    timeline, statuses, events, renders = [], [], [], [0]
+    timeline, statuses, events, renders, arrivals = [], [], [], [0], []
 
-    def on_regions(answer) -> None:
-        take_answer(manager, answer, panel.ask_serial, panel.last_scope, panel.last_question)
+    def on_region_answers(answers) -> None:
+        take_answers(manager, answers, panel.ask_serial, panel.last_scope, panel.last_question)
         timeline.append((time.monotonic(), panel.answered_slices, len(manager.suggestion_ids())))
+        arrivals.append(len(answers))
 
     handle, render = panel._handle, panel._render
 
@@ -121,7 +123,7 @@ def asked(app, url) -> Asked:
         render()
 
     panel._handle, panel._render = recording, counting_render
-    panel.on_regions = on_regions
+    panel.on_region_answers = on_region_answers
     panel.set_scope("volume")
     set_html = count_set_html(panel)
     try:
@@ -130,7 +132,8 @@ def asked(app, url) -> Asked:
         finished = time.monotonic()
         assert panel.error.text() == ""
         assert panel.answered_slices == SLICES
-        yield Asked(scene, volume, array, spacing, origin, direction, manager, timeline, statuses, finished, events,
+        yield Asked(scene, volume, array, spacing, origin, direction, manager, timeline, arrivals, statuses, finished,
+                    events,
                     set_html[0], renders[0], str(panel.conversation.toHtml()), whole_html(panel))
     finally:
         panel.close()
@@ -145,6 +148,9 @@ def test_volume_ask_adds_suggestions_before_the_last_slice_is_answered(asked, ur
     assert first[0] < timeline[-1][0] <= asked.finished
     # Progress shows slices done, total and time left while it runs.
     assert any("of 20 slices" in s and "left" in s for s in statuses), sorted(set(statuses))
+    # A request's answers end together and were placed together (each finding grown once for them).
+    with_regions = sum(1 for kind, payload in asked.events if kind == "answer" and payload[0].regions)
+    assert sum(asked.arrivals) == with_regions and max(asked.arrivals) > 1
     scene, volume = asked.scene, asked.volume
     array, spacing, origin, direction = asked.array, asked.spacing, asked.origin, asked.direction
 
