@@ -5,8 +5,11 @@ Usage: python benchmarks/slicer_answer_placement.py [--slices 120] [--size 256] 
 Each axial slice's answer is streamed into a fresh SuggestionManager (``add_streamed_answer``, what the panel's
 ``take_answer`` does while a volume question runs), so one "liver" suggestion grows slice by slice. "old" is
 suggestions.py as it was at the git revision ``--old`` (loaded into this package, so it runs with today's geometry),
-"new" is the code as it is. Runs alternate and the best of ``--repeats`` is kept; both must leave the same voxels in
-the suggestion. The slowest slice is what Slicer's main thread is blocked for at once.
+"new" is the code as it is. "together" is the code as it is, taking each request's slices at once
+(``add_streamed_answers`` over ``chat_panel.chunk_bounds``: the answers of one request end together, and the panel
+hands them over together). Runs alternate and the best of ``--repeats`` is kept; all must leave the same voxels in
+the suggestion. The slowest slice (for "together", the slowest request) is what Slicer's main thread is blocked for
+at once.
 """
 
 from __future__ import annotations
@@ -30,21 +33,23 @@ import slicer  # noqa: E402
 
 from medsight_testing.mrml import make_volume, oblique_matrix, pixel_to_ijk  # noqa: E402
 from MedSIGHTSlicerLib import suggestions  # noqa: E402
+from MedSIGHTSlicerLib.chat_panel import chunk_bounds  # noqa: E402
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer  # noqa: E402
 
 SOURCE = "MedSIGHTSlicer/MedSIGHTSlicerLib/suggestions.py"
 
 
-def module_at(revision: str):
-    """suggestions.py as committed at ``revision``, imported as a sibling module of today's package."""
-    text = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], cwd=REPO, check=True, capture_output=True,
+def module_at(revision: str, source: str = SOURCE):
+    """``source`` (default suggestions.py) as committed at ``revision``, imported as a sibling module of today's
+    package."""
+    text = subprocess.run(["git", "show", f"{revision}:{source}"], cwd=REPO, check=True, capture_output=True,
                           text=True).stdout
-    name = f"MedSIGHTSlicerLib._suggestions_{revision}"
+    name = f"MedSIGHTSlicerLib._{Path(source).stem}_{revision}"
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "MedSIGHTSlicerLib"
     sys.modules[name] = module  # dataclasses look their module up there
-    exec(compile(text, f"{revision}:{SOURCE}", "exec"), module.__dict__)  # our own committed source
+    exec(compile(text, f"{revision}:{source}", "exec"), module.__dict__)  # our own committed source
     return module
 
 
@@ -61,16 +66,22 @@ def answers(shape: tuple[int, int, int]) -> list[SliceAnswer]:
     return out
 
 
-def place(module, voxels: np.ndarray, slices: list[SliceAnswer]) -> tuple[float, float, np.ndarray]:
-    """Stream every slice; the total and the slowest slice's seconds, and the suggestion's voxels."""
+def place(module, voxels: np.ndarray, slices: list[SliceAnswer],
+          together: bool = False) -> tuple[float, float, np.ndarray]:
+    """Stream every slice (``together``: each request's slices at once); the total and the slowest step's seconds,
+    and the suggestion's voxels."""
     scene = slicer.vtkMRMLScene()
     volume = make_volume(scene, voxels, oblique_matrix(), name="CT")
     manager = module.SuggestionManager(scene, volume, model="demo")
+    steps = [slices[a:b] for a, b in chunk_bounds(len(slices))] if together else [[answer] for answer in slices]
     slowest = 0.0
     start = time.perf_counter()
-    for answer in slices:
+    for step in steps:
         before = time.perf_counter()
-        manager.add_streamed_answer(answer, "ask-1", question="Please segment the liver.")
+        if together:
+            manager.add_streamed_answers(step, "ask-1", question="Please segment the liver.")
+        else:
+            manager.add_streamed_answer(step[0], "ask-1", question="Please segment the liver.")
         slowest = max(slowest, time.perf_counter() - before)
     took = time.perf_counter() - start
     [sid] = manager.suggestion_ids()
@@ -87,22 +98,24 @@ def main() -> None:
     shape = (args.slices, args.size, args.size)
     voxels = np.zeros(shape, dtype=np.int16)
     slices = answers(shape)
-    modules = {"old": module_at(args.old), "new": suggestions}
-    best = {"old": (float("inf"), 0.0), "new": (float("inf"), 0.0)}
+    modules = {"old": module_at(args.old), "new": suggestions, "together": suggestions}
+    best = dict.fromkeys(modules, (float("inf"), 0.0))
     masks = {}
     for _ in range(args.repeats):
         for name, module in modules.items():
-            took, slowest, masks[name] = place(module, voxels, slices)
+            took, slowest, masks[name] = place(module, voxels, slices, together=name == "together")
             best[name] = min(best[name], (took, slowest))
     assert np.array_equal(masks["old"], masks["new"]), "old and new placed different voxels"
+    assert np.array_equal(masks["together"], masks["new"]), "one by one and together placed different voxels"
     per = {k: 1000 * v[0] / args.slices for k, v in best.items()}
     worst = {k: 1000 * v[1] for k, v in best.items()}
     print(f"{args.slices} streamed slices of {args.size}x{args.size}, {int(masks['new'].sum())} voxels placed "
           f"(identical)")
-    for name in ("old", "new"):
-        print(f"  {name} ({args.old if name == 'old' else 'working tree'}): {best[name][0]:.2f} s, "
-              f"{per[name]:.1f} ms/slice, slowest slice {worst[name]:.0f} ms")
-    print(f"  old/new {best['old'][0] / best['new'][0]:.1f}x")
+    labels = {"old": args.old, "new": "working tree, slice by slice", "together": "working tree, a request at once"}
+    for name, label in labels.items():
+        print(f"  {name} ({label}): {best[name][0]:.2f} s, {per[name]:.1f} ms/slice, slowest "
+              f"{'request' if name == 'together' else 'slice'} {worst[name]:.0f} ms")
+    print(f"  old/new {best['old'][0] / best['new'][0]:.1f}x, new/together {best['new'][0] / best['together'][0]:.1f}x")
 
 
 if __name__ == "__main__":

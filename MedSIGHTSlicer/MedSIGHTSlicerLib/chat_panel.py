@@ -15,6 +15,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 - ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
 - ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
+- ``on_region_answers(answers)``: instead of ``on_regions``, once per poll with the ``SliceAnswer``s with regions that
+  arrived in it (one request's slices end together), so the host can place them at once.
 - ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
   question (``ask_serial``), plane, slice and region of that chip's answer. It returns False when the region's volume
   is gone (the panel then says so).
@@ -40,6 +42,7 @@ from .jobs import Job, JobRunner
 from .protocol import ENGINE_ERRORS, PLANES, Region, SliceAnswer
 from .qt_shim import connect, grab_png, prop, qt
 from .theme import Colours, colours_of
+from .transcript_view import TranscriptView
 
 __all__ = ["SCOPES", "ChatPanel", "RegionLink", "VolumeData", "describe_error", "guess_modality", "parse_region_url"]
 
@@ -54,6 +57,10 @@ FIRST_CHUNK_SLICES = 1
 #: Earlier questions (about the same slice of the same volume) sent along with a follow-up question.
 MAX_CONTEXT_TURNS = 4
 POLL_MS = 40
+#: While an answer streams in, the conversation is redrawn at most this often (its events still arrive every poll):
+#: each redraw lays out the growing answer again, so drawing every poll took a larger share of Slicer's time as the
+#: answer grew.
+RENDER_INTERVAL_S = 0.1
 #: How long in all one question waits for an engine that answers 429 "busy" (another client's upload holds its
 #: upload memory, or waiting asks hold its volumes or fill its queue) before the refusal is shown; each wait is the
 #: engine's Retry-After (at least BUSY_MIN_PAUSE_S), and Stop ends it at once.
@@ -145,6 +152,10 @@ class _Turn:
     frame: np.ndarray | None = None
     #: What the engine did to the voxels it was sent (``VolumeInfo.nan_filled``), shown with the answer.
     note: str = ""
+    #: Each slice's line as last formatted, with what it was formatted from (``_slice_line``), valid for the look
+    #: ``lines_look`` (slice prefixes shown, plane, colours).
+    lines: dict[int, tuple[str, tuple, tuple, str]] = field(default_factory=dict, repr=False, compare=False)
+    lines_look: tuple = field(default=(), repr=False, compare=False)
 
 
 @dataclass
@@ -199,6 +210,7 @@ class ChatPanel:
         self.on_volume_uploaded: Callable[[str, str], None] | None = None
         self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
         self.on_regions: Callable[[SliceAnswer], None] | None = None
+        self.on_region_answers: Callable[[list[SliceAnswer]], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
         #: one finding into one 3D segment); also after a cancel or an error, with what had arrived.
         self.on_answers: Callable[[list[SliceAnswer]], None] | None = None
@@ -223,6 +235,8 @@ class ChatPanel:
         self._runner = JobRunner()
         self._job: _Job | None = None
         self._dirty = False
+        self._arrived: list[SliceAnswer] = []  # for ``on_region_answers``, until the end of the poll
+        self._rendered = 0.0  # time.monotonic() of the last redraw
         self._started = 0.0
         self._build(parent)
 
@@ -239,6 +253,7 @@ class ChatPanel:
         self.conversation.setOpenLinks(False)
         self.conversation.setOpenExternalLinks(False)
         self.conversation.setMinimumHeight(180)
+        self._view = TranscriptView(self.conversation)
         connect(self.conversation, "anchorClicked", self._anchor_clicked)
         layout.addWidget(self.conversation, 1)
 
@@ -515,6 +530,7 @@ class ChatPanel:
             threading.Thread(target=_cancel_quietly, args=(client, job_id), daemon=True).start()
         if self._turns:
             self._turns[-1].status = "cancelled"
+        self._deliver_regions()
         if job.answers and self.on_answers is not None:
             self._call_hook(self.on_answers, list(job.answers))  # what arrived before Cancel is kept
         self._finish("Cancelled.")
@@ -568,10 +584,17 @@ class ChatPanel:
             elif current and event.kind in ("done", "cancelled"):
                 self._handle(job, "finished", [bool(event.data) or event.kind == "cancelled"])
             # Anything else is a cancelled job's late event: ignored.
-        if self._dirty:
-            self._render()
+        self._deliver_regions()
+        if self._dirty and time.monotonic() - self._rendered >= RENDER_INTERVAL_S:
+            self._render()  # a finished question was drawn whole by _finish
         if self._job is None and not self._runner.busy:
             self._timer.stop()
+
+    def _deliver_regions(self) -> None:
+        """Hand the answers that arrived to ``on_region_answers``, before anything that ends their question."""
+        answers, self._arrived = self._arrived, []
+        if answers and self.on_region_answers is not None:
+            self._call_hook(self.on_region_answers, answers)
 
     def _remember_volume(self, key: str | None, volume_id: str) -> None:
         if key:
@@ -636,7 +659,9 @@ class ChatPanel:
             if answer.regions:
                 job.answers.append(answer)
                 self.accept_all_button.setEnabled(True)
-                if self.on_regions is not None:
+                if self.on_region_answers is not None:
+                    self._arrived.append(answer)
+                elif self.on_regions is not None:
                     self._call_hook(self.on_regions, answer)
         elif kind == "progress":
             done, total = payload
@@ -647,6 +672,7 @@ class ChatPanel:
                 self.status.setText(progress_text(done, total, time.monotonic() - self._started))
         elif kind == "finished":
             cancelled = payload[0]
+            self._deliver_regions()
             if job.answers and self.on_answers is not None:
                 self._call_hook(self.on_answers, list(job.answers))
             turn.status = "cancelled" if cancelled else ""
@@ -656,6 +682,7 @@ class ChatPanel:
             if self._send_again(job, payload[0]):
                 return
             message = describe_error(payload[0], resent=job.resent)
+            self._deliver_regions()
             if job.answers and self.on_answers is not None:
                 self._call_hook(self.on_answers, list(job.answers))  # slices answered before the error are kept
             turn.status, turn.error = "error", message
@@ -720,11 +747,12 @@ class ChatPanel:
         if self._job is not None and self.conversation.textCursor().hasSelection():
             return  # the user is selecting text: re-render once the answer is complete
         self._dirty = False
+        self._rendered = time.monotonic()
         at_end = int(prop(bar, "value")) >= int(prop(bar, "maximum")) - 4
         position = int(prop(bar, "value"))
         colours = colours_of(self.conversation)
         self.error.setStyleSheet(f"color: {colours.error};")
-        self.conversation.setHtml(render_html(self._turns, colours))
+        self._view.show(*render_parts(self._turns, colours))
         # Follow the answer only when the reader was at the end; otherwise leave them where they were reading.
         bar.setValue(int(prop(bar, "maximum")) if at_end else position)
 
@@ -746,32 +774,68 @@ LIGHT = Colours(text="#000000", base="#ffffff", secondary="#757575", accent="#15
 def render_html(turns: list[_Turn], colours: Colours = LIGHT) -> str:
     """The conversation as HTML (QTextBrowser's rich-text subset): questions, answers, region chips, in the
     palette's colours (``theme.colours_of(widget)``), so it reads in Slicer's light and dark themes."""
-    grey, chip_bg = colours.secondary, colours.base if colours.dark else "#e8f5e9"
-    parts = []
+    head, pieces, end = render_parts(turns, colours)
+    return head + "".join(pieces) + end
+
+
+def render_parts(turns: list[_Turn], colours: Colours = LIGHT) -> tuple[str, list[str], str]:
+    """``render_html`` in three parts, for ``TranscriptView``: everything before the last answer's lines, those
+    lines (each "<br>" and one line) and what closes them. A line is formatted again only when its slice's text or
+    regions changed (``_Turn.lines``), so a streamed event does not cost the whole answer so far."""
+    grey = colours.secondary
+    parts: list[str] = []
+    pieces: list[str] = []
     for turn in turns:
         parts.append(
             f'<p style="margin-top:8px"><b style="color:{colours.accent}">You</b> '
             f'<span style="color:{grey}">({html.escape(turn.scope)})</span><br>'
             f"{html.escape(turn.question).replace(chr(10), '<br>')}</p>"
         )
-        slices = sorted(set(turn.texts) | set(turn.regions))
-        body = []
-        for slice_index in slices:
-            text = html.escape(turn.texts.get(slice_index, "").replace("\ufffd", "")).replace("\n", "<br>")
-            prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if len(slices) > 1 else ""
-            chips = " ".join(_chip(RegionLink(turn.serial, turn.plane, slice_index, r.index), r, colours, chip_bg)
-                             for r in turn.regions.get(slice_index, []))
-            body.append(prefix + text + (f"<br>{chips}" if chips else ""))
-        if turn.note:
-            body.append(f'<i style="color:{grey}">(note: {html.escape(turn.note)})</i>')
-        if not slices and not turn.status:
-            body.append(f'<i style="color:{grey}">…</i>')
-        if turn.status == "cancelled":
-            body.append(f'<i style="color:{grey}">(cancelled)</i>')
-        elif turn.status == "error":  # the error line shows only the latest question's error
-            body.append(f'<i style="color:{colours.error}">(failed: {html.escape(turn.error)})</i>')
-        parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b><br>' + "<br>".join(body) + "</p>")
-    return "".join(parts)
+        parts.append(f'<p><b style="color:{colours.success}">MedSIGHT</b>')
+        pieces = [f"<br>{line}" for line in _answer_lines(turn, colours)] or ["<br>"]
+        if turn is not turns[-1]:
+            parts.extend(pieces)
+            parts.append("</p>")
+    return "".join(parts), pieces if turns else [], "</p>" if turns else ""
+
+
+def _answer_lines(turn: _Turn, colours: Colours) -> list[str]:
+    """The lines of one turn's answer: a line per slice (its text and chips), then any note and status."""
+    grey = colours.secondary
+    slices = sorted(set(turn.texts) | set(turn.regions))
+    look = (len(slices) > 1, turn.plane, colours)
+    if turn.lines_look != look:  # every line looks different now: none is kept
+        turn.lines, turn.lines_look = {}, look
+    body = [_slice_line(turn, slice_index, look[0], colours) for slice_index in slices]
+    if turn.note:
+        body.append(f'<i style="color:{grey}">(note: {html.escape(turn.note)})</i>')
+    if not slices and not turn.status:
+        body.append(f'<i style="color:{grey}">…</i>')
+    if turn.status == "cancelled":
+        body.append(f'<i style="color:{grey}">(cancelled)</i>')
+    elif turn.status == "error":  # the error line shows only the latest question's error
+        body.append(f'<i style="color:{colours.error}">(failed: {html.escape(turn.error)})</i>')
+    return body
+
+
+def _slice_line(turn: _Turn, slice_index: int, multi: bool, colours: Colours) -> str:
+    """One slice's line of ``turn``'s answer; taken from ``turn.lines`` while its text and regions are unchanged (the
+    same region objects, kept there so that their ids stay theirs: a chip gains its link when the slice's answer
+    replaces the streamed regions)."""
+    text = turn.texts.get(slice_index, "")
+    regions = tuple(turn.regions.get(slice_index, ()))
+    ids = tuple(map(id, regions))
+    known = turn.lines.get(slice_index)
+    if known is not None and known[0] == text and known[1] == ids:
+        return known[3]
+    grey, chip_bg = colours.secondary, colours.base if colours.dark else "#e8f5e9"
+    line = html.escape(text.replace("\ufffd", "")).replace("\n", "<br>")
+    prefix = f'<span style="color:{grey}">slice {slice_index}:</span> ' if multi else ""
+    chips = " ".join(_chip(RegionLink(turn.serial, turn.plane, slice_index, r.index), r, colours, chip_bg)
+                     for r in regions)
+    line = prefix + line + (f"<br>{chips}" if chips else "")
+    turn.lines[slice_index] = (text, ids, regions, line)
+    return line
 
 
 def _chip(link: RegionLink, region: Region, colours: Colours, chip_bg: str) -> str:

@@ -21,7 +21,7 @@ class ReviewHost:
     """Args:
         panel: the ChatPanel whose answers become suggestions.
         volume: () -> the selected volume node (or None).
-        logic: the module logic (``suggestion_manager(node)`` and ``take_answer(node, answer, serial, scope,
+        logic: the module logic (``suggestion_manager(node)`` and ``take_answers(node, answers, serial, scope,
             question)``).
         main_window: where Ctrl+Z / Ctrl+Y live while the module is shown.
         answer_volume: () -> the volume the running question is about (its answers go there even if the selection
@@ -43,7 +43,7 @@ class ReviewHost:
         self.module_keys.set_enabled(False)  # enabled between the module's enter() and exit()
         self.engine_log = EngineLog()
         self._reviews: dict[int, review_lib.Review] = {}  # by id() of the volume's SuggestionManager
-        panel.on_regions = self.take_answer  # suggestions appear slice by slice while an ask runs
+        panel.on_region_answers = self.take_answers  # suggestions appear slice by slice while an ask runs
         panel.on_answers = self.answers_done
         panel.on_error = self.engine_log.append_error
 
@@ -77,10 +77,14 @@ class ReviewHost:
         self._reviews = {key: r for key, r in self._reviews.items() if r.manager.volume_node.GetScene() is not None}
 
     def take_answer(self, answer: Any) -> None:
+        self.take_answers([answer])
+
+    def take_answers(self, answers: list[Any]) -> None:
+        """Answers that arrived together: their findings grow once (the list is refreshed once too)."""
         node = self.answer_volume()
         if node is not None:
-            self.logic.take_answer(node, answer, self.panel.ask_serial, self.panel.last_scope, self.panel.last_question,
-                                   model=getattr(self.panel, "last_model", "") or None)
+            self.logic.take_answers(node, answers, self.panel.ask_serial, self.panel.last_scope,
+                                    self.panel.last_question, model=getattr(self.panel, "last_model", "") or None)
             shown = self.list.review
             if shown is not None and shown.manager is self.logic.suggestion_manager(node):
                 self.list.refresh()

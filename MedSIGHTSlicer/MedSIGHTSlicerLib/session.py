@@ -285,14 +285,22 @@ class MedSIGHTSession:
     def take_answer(self, node, answer: SliceAnswer, ask_serial: int, scope: str, question: str = "",
                     model: str | None = None) -> list[str]:
         """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
-        from .review import take_answer
+        return self.take_answers(node, [answer], ask_serial, scope, question, model)
 
-        answer = self._on_current_grid(node, answer)
-        slice_to_ijk = np.linalg.inv(geometry.ijk_to_ras(node)) @ answer.slice_to_ras
-        self._asked[(ask_serial, answer.plane, answer.index)] = (
-            node, slice_to_ijk, {r.index: r.bbox for r in answer.regions})
-        return take_answer(self.suggestion_manager(node), answer, ask_serial, scope, question,
-                           model=model or self.model_name)
+    def take_answers(self, node, answers: Sequence[SliceAnswer], ask_serial: int, scope: str, question: str = "",
+                     model: str | None = None) -> list[str]:
+        """Slices' answers that streamed in together: each finding grows once for all (``review.take_answers``)."""
+        from .review import take_answers
+
+        placed = []
+        for answer in answers:
+            answer = self._on_current_grid(node, answer)
+            slice_to_ijk = np.linalg.inv(geometry.ijk_to_ras(node)) @ answer.slice_to_ras
+            self._asked[(ask_serial, answer.plane, answer.index)] = (
+                node, slice_to_ijk, {r.index: r.bbox for r in answer.regions})
+            placed.append(answer)
+        return take_answers(self.suggestion_manager(node), placed, ask_serial, scope, question,
+                            model=model or self.model_name)
 
     def _on_current_grid(self, node, answer: SliceAnswer) -> SliceAnswer:
         """``answer`` with its slice placed on ``node``'s grid as it is now, on the same voxels.

