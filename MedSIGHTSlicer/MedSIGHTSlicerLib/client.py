@@ -31,7 +31,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: A request body: one bytes object, or parts sent one after the other (``npy_parts``: header, then the voxels).
 Body = Union[bytes, "tuple[bytes | memoryview, ...]"]
+#: What a request sent within the engine's limits returns.
+_Reply = TypeVar("_Reply")
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 API_PREFIX = "/v1"
@@ -419,45 +421,58 @@ class MedSIGHTClient:
         body = npy_parts(array)
         size = _body_size(body)
         shape = np.shape(array)
-        self._check_limits(lambda health: health.upload_refusal(size, shape), "/volumes", timeout)
         log.debug("uploading %s %s array (%d bytes)", getattr(array, "shape", "?"), getattr(array, "dtype", "?"), size)
-        try:
-            return self._json(
-                "POST",
-                "/volumes",
-                query=query,
-                body=body,
-                content_type="application/x-npy",
-                timeout=timeout,
-                parse=VolumeInfo.from_json,
-            )
-        except MedSIGHTError as err:
-            if err.code == "too_large":
-                self._health = None  # the limits known here were out of date: fetch them again next time
-            raise
+        return self._within_limits(
+            lambda health: health.upload_refusal(size, shape),
+            "/volumes",
+            timeout,
+            lambda: self._json("POST", "/volumes", query=query, body=body, content_type="application/x-npy",
+                               timeout=timeout, parse=VolumeInfo.from_json),
+        )
 
-    def _check_limits(self, refusal: Callable[[Health], str | None], path: str, timeout: float | None) -> None:
-        """Raise the engine's 413 "too_large" here, without sending, for a request to ``path`` over its published
-        limits (``refusal``: why a `Health` refuses it, or None). The limits are fetched (GET /v1/health) on this
-        client's first upload or ask, and again before refusing: the engine may have restarted with higher ones. An
-        engine that publishes none, or whose health fails, gets the request, which then tells what is wrong itself."""
+    def _within_limits(self, refusal: Callable[[Health], str | None], path: str, timeout: float | None,
+                       send: Callable[[], _Reply], check: bool = True) -> _Reply:
+        """``send()`` a request to ``path`` that the engine's published limits bound (``refusal``: why a `Health`
+        refuses it, or None), refused here without sending when it is over them (``check``: look them up at all).
+
+        The limits are fetched (GET /v1/health) on this client's first such request, and again before refusing: the
+        engine may have restarted with higher ones. The engine's own 413 "too_large" means that the limits known here
+        were out of date (an older engine's health without them, a restart with lower ones): they are fetched again
+        at once, and the error names the engine's limit as a refusal here does; the next such request is refused
+        unsent. An engine that publishes none, or whose health fails, gets the request and tells what is wrong."""
+        if check:
+            why = self._refusal(refusal, timeout)
+            if why is not None:
+                raise MedSIGHTError(f"{why}; nothing was sent", code="too_large", url=self._url(path))
+        try:
+            return send()
+        except MedSIGHTError as err:
+            if err.code != "too_large" or err.status is None:
+                raise
+            self._health = None
+            why = self._refusal(refusal, timeout)
+            if why is None:
+                raise
+            raise MedSIGHTError(f"{why}; the engine refused it", status=err.status, code=err.code, body=err.body,
+                                url=err.url, retry_after=err.retry_after) from None
+
+    def _refusal(self, refusal: Callable[[Health], str | None], timeout: float | None) -> str | None:
+        """Why the engine's limits refuse the request, from the limits known here when they take it, else from a fresh
+        look-up; None when they take it or are unknown."""
         if self._health is not None and refusal(self._health) is None:
-            return
+            return None
         try:
-            why = refusal(self.health(timeout=timeout))
+            return refusal(self.health(timeout=timeout))
         except MedSIGHTError as err:
-            log.info("the engine's limits are unknown (%s); sending the request", err.code)
-            return
-        if why is not None:
-            raise MedSIGHTError(why, code="too_large", url=self._url(path))
+            log.info("the engine's limits are unknown (%s)", err.code)
+            return None
 
-    def _ask_body(self, body: dict, timeout: float | None) -> bytes:
-        """The ask's JSON, refused here with the engine's limit when it is over it (a long conversation). One of
-        ``ASK_BYTES_ALWAYS_READ`` or less is sent without looking the limit up."""
+    def _send_ask(self, body: dict, timeout: float | None, send: Callable[[bytes], _Reply]) -> _Reply:
+        """``send`` the ask's JSON, refused with the engine's limit when it is over it (a long conversation). One of
+        ``ASK_BYTES_ALWAYS_READ`` or less is sent without looking the limit up (every engine reads it)."""
         data = _json_bytes(body)
-        if len(data) > ASK_BYTES_ALWAYS_READ:
-            self._check_limits(lambda health: health.ask_refusal(len(data)), "/ask", timeout)
-        return data
+        return self._within_limits(lambda health: health.ask_refusal(len(data)), "/ask", timeout,
+                                   lambda: send(data), check=len(data) > ASK_BYTES_ALWAYS_READ)
 
     def volume_info(self, volume_id: str, timeout: float | None = None) -> VolumeInfo:
         """GET /v1/volumes/{volume_id}. Raises ``MedSIGHTError`` with status 404 when the engine no longer has it
@@ -487,8 +502,8 @@ class MedSIGHTClient:
                 picks the slice (each answer's plane, index and slice_to_ras say which).
         """
         body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=False, view=view)
-        return self._json("POST", "/ask", body=self._ask_body(body, timeout), timeout=timeout,
-                          parse=AskResult.from_json)
+        return self._send_ask(body, timeout, lambda data: self._json("POST", "/ask", body=data, timeout=timeout,
+                                                                     parse=AskResult.from_json))
 
     def ask_stream(
         self,
@@ -508,10 +523,12 @@ class MedSIGHTClient:
         stream (or use it in a ``with`` block) to hang up early; ``cancel(stream.job_id)`` stops the job too.
         """
         body = build_ask_request(volume_id, messages, plane, indices, options, window, stream=True, view=view)
+        return self._send_ask(body, timeout, lambda data: self._open_stream(data, timeout))
+
+    def _open_stream(self, data: bytes, timeout: float | None) -> AskStream:
         url = self._url("/ask")
-        connection, response = self._send(
-            "POST", "/ask", None, self._ask_body(body, timeout), "application/json", timeout, accept="text/event-stream"
-        )
+        connection, response = self._send("POST", "/ask", None, data, "application/json", timeout,
+                                          accept="text/event-stream")
         if response.status >= 300:
             try:
                 raise _error_from_response(response.status, response.read(), url, response.reason, response.msg)

@@ -122,11 +122,10 @@ class Health:
         if self.max_upload_bytes is not None and body_bytes > self.max_upload_bytes:
             return (f"the volume ({size}) is {body_bytes:,} bytes ({body_bytes / 2**20:.1f} MiB) to send, over the "
                     f"engine's upload limit of {self.max_upload_bytes:,} bytes ({self.max_upload_bytes / 2**20:.1f} "
-                    "MiB, medsight serve --max-upload-mb); nothing was sent")
+                    "MiB, medsight serve --max-upload-mb)")
         voxels = math.prod(int(n) for n in shape)
         if self.max_voxels is not None and voxels > self.max_voxels:
-            return (f"the volume ({size}) has {voxels:,} voxels, over the engine's limit of {self.max_voxels:,}; "
-                    "nothing was sent")
+            return f"the volume ({size}) has {voxels:,} voxels, over the engine's limit of {self.max_voxels:,}"
         return None
 
     def ask_refusal(self, body_bytes: int) -> str | None:
@@ -136,7 +135,7 @@ class Health:
             return None
         return (f"the question and conversation are {body_bytes:,} bytes to send, over the engine's limit of "
                 f"{self.max_ask_body_bytes:,} bytes for an ask (the longest conversation its model's prompt can hold); "
-                "shorten the conversation; nothing was sent")
+                "shorten the conversation")
 
 
 @dataclass(frozen=True)

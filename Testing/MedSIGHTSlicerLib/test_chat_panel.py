@@ -1151,7 +1151,8 @@ def test_a_failed_question_keeps_its_reason_in_the_transcript(app, url, volume):
 
 def test_question_over_the_largest_ask_is_a_clear_error(engine, url, volume):
     """An ask over the engine's limit, as the panel shows it: refused by the client before it is sent, naming the
-    limit the engine publishes; from an engine that publishes none (older), the engine's own 413."""
+    limit the engine publishes; with limits known from an older health (none for asks), the engine's own 413, named
+    in the same words from the limits fetched again after it."""
     import dataclasses
 
     from medsight.server.schemas import max_ask_body_bytes
@@ -1169,7 +1170,8 @@ def test_question_over_the_largest_ask_is_a_clear_error(engine, url, volume):
         client.ask("0" * 64, "x" * (largest + 1), indices=[1])
     assert (refused.value.status, refused.value.code) == (413, "too_large")
     text = describe_error(refused.value)
-    assert "(HTTP 413)" in text and "shorten the question, or send a smaller" in text
+    assert f"over the engine's limit of {largest:,} bytes" in text and "the engine refused it (HTTP 413)" in text
+    assert "\n" not in text and "shorten the question, or send a smaller" in text
 
 
 def test_slow_request_body_names_the_network():

@@ -10,8 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from MedSIGHTSlicerLib.client import ERROR_HINTS, AskStream, MedSIGHTClient, MedSIGHTError, describe_error
-from MedSIGHTSlicerLib.protocol import npy_bytes, npy_parts
+from MedSIGHTSlicerLib.client import (
+    ASK_BYTES_ALWAYS_READ,
+    ERROR_HINTS,
+    AskStream,
+    MedSIGHTClient,
+    MedSIGHTError,
+    describe_error,
+)
+from MedSIGHTSlicerLib.protocol import build_ask_request, npy_bytes, npy_parts
 
 HEALTH = {"status": "ok", "version": "0.1.0", "model": "tiny", "device": "cpu", "dtype": "float32"}
 VOLUME = {"volume_id": "ab" * 32, "shape": [4, 5, 6], "modality": "CT", "slices": {"axial": 4}, "bytes": 480}
@@ -204,18 +211,52 @@ def test_upload_limits_are_fetched_once_and_again_only_before_refusing(fake):
 
 
 def test_after_the_engines_own_413_the_limits_are_fetched_again(fake):
-    """Limits that were too high (the engine restarted with lower ones) let one upload through to its 413; the next
-    upload is checked against the engine's new limits and refused without sending."""
+    """Limits that were too high (the engine restarted with lower ones) let one upload through to its 413, which names
+    the engine's new limit, fetched at once; the next upload is refused without sending (its check looks the limits up
+    once more before refusing)."""
     array = np.zeros((2, 3, 4), np.int16)
     size = len(npy_bytes(array))
     fake.add("GET", "/v1/health", fake.reply(200, HEALTH | {"max_upload_bytes": size, "max_voxels": array.size}),
              fake.reply(200, HEALTH | {"max_upload_bytes": size - 1, "max_voxels": array.size}))
     fake.add("POST", "/v1/volumes", fake.reply(413, {"code": "too_large", "message": "over the limit"}))
     client = client_for(fake)
+    errors = []
     for _ in range(2):
-        with pytest.raises(MedSIGHTError, match="too_large"):
+        with pytest.raises(MedSIGHTError, match="too_large") as refused:
             client.upload_volume(array)
-    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (2, 1)
+        errors.append(refused.value)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/volumes")) == (3, 1)
+    assert [e.status for e in errors] == [413, None]
+    for err, outcome in zip(errors, ("the engine refused it", "nothing was sent")):
+        assert err.message.endswith(f"over the engine's upload limit of {size - 1:,} bytes "
+                                    f"({(size - 1) / 2**20:.1f} MiB, medsight serve --max-upload-mb); {outcome}")
+
+
+def test_after_the_engines_own_413_on_an_ask_its_limit_is_fetched_and_named(fake):
+    """An ask over the limit from a client whose limits are out of date (an older engine's health without the ask
+    limit, or one from before a restart) reaches the engine and its 413; the client then fetched the limits no more,
+    so every later ask was sent again and answered by the engine's generic 413. Now the limits are fetched at once,
+    the error names the engine's limit, and the next ask, plain or streamed, is refused unsent."""
+    question = "x" * (2 * ASK_BYTES_ALWAYS_READ)
+    size = len(json.dumps(build_ask_request("ab" * 32, question, "axial", [0], None, None, stream=False),
+                          separators=(",", ":")).encode())
+    limit = size - 100  # under the streamed ask's body too ("stream":true is a byte shorter)
+    fake.add("GET", "/v1/health", fake.reply(200, HEALTH),  # an older engine's: no ask limit
+             fake.reply(200, HEALTH | {"max_ask_body_bytes": limit}))
+    fake.add("POST", "/v1/ask", fake.reply(413, {"code": "too_large", "message": f"takes at most {limit} bytes"}))
+    client = client_for(fake)
+    with pytest.raises(MedSIGHTError) as engines:
+        client.ask("ab" * 32, question)
+    assert (fake.hits("GET", "/v1/health"), fake.hits("POST", "/v1/ask")) == (2, 1)
+    assert (engines.value.status, engines.value.code) == (413, "too_large")
+    named = f"are {size:,} bytes to send, over the engine's limit of {limit:,} bytes for an ask"
+    assert named in engines.value.message and engines.value.message.endswith("; the engine refused it")
+    for ask in (client.ask, client.ask_stream):
+        with pytest.raises(MedSIGHTError) as refused:
+            ask("ab" * 32, question)
+        assert (refused.value.status, refused.value.code) == (None, "too_large")
+        assert refused.value.message.endswith("; nothing was sent")
+    assert fake.hits("POST", "/v1/ask") == 1
 
 
 def test_an_upload_over_the_voxel_limit_is_refused_before_sending(fake):

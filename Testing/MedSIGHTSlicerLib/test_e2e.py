@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -265,3 +266,15 @@ def test_an_ask_over_the_engines_body_limit_is_refused_before_it_is_sent(engine)
         assert counted.requests[ask] == sent  # neither was sent
         assert refused.value.code == "too_large"
         assert f"over the engine's limit of {limit:,} bytes for an ask" in describe_error(refused.value)
+
+        # Limits known from an older health (none for asks): the engine's own 413 once, then the limits are fetched
+        # again and the next ask is refused unsent (every one was sent to its 413 before).
+        client._health = dataclasses.replace(client.health(), max_ask_body_bytes=None)
+        health = counted.requests[("GET", "/v1/health")]
+        for status in (413, None):
+            with pytest.raises(MedSIGHTError) as refused:
+                client.ask(volume_id, conversation)
+            assert (refused.value.status, refused.value.code) == (status, "too_large")
+            assert f"over the engine's limit of {limit:,} bytes for an ask" in refused.value.message
+        assert counted.requests[ask] == sent + 1
+        assert counted.requests[("GET", "/v1/health")] == health + 2  # after the 413; before refusing the next

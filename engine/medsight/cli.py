@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -336,9 +337,12 @@ def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] in (["train"], ["eval"]):  # the trainers and evaluators own their arguments (and --help)
         argv = [argv[0], "--", *argv[1:]]
+    from medsight.commands.serve import run_serve, watch_parent_early
+
+    watched = argv[:1] == ["serve"] and watch_parent_early(argv[1:], os.environ)  # before the parser's imports
     args = _parser().parse_args(argv)
+    args.parent_watched = watched
     from medsight.commands.ask import run_ask
-    from medsight.commands.serve import run_serve
 
     commands = {"ask": run_ask, "serve": run_serve, "train": _train, "eval": _eval, "export-onnx": _export_onnx,
                 "info": _info, "download": _download}

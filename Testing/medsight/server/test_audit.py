@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from medsight.server.audit import weights_sha256
 from medsight_testing.arrays import npy
 from medsight_testing.disk import file_size_limit
 from medsight_testing.live_server import live_server
+from MedSIGHTSlicerLib.protocol import SSEParser
 
 PATIENT_NAME, PATIENT_ID = "Quillfeather^Araminta", "AUDIT-PID-7741"
 PHRASE = "the zebra-striped nodule Araminta mentioned"
@@ -136,3 +138,61 @@ def test_an_ask_that_failed_keeps_its_own_error_when_the_audit_trail_cannot_be_w
     assert (failed.status_code, failed.json()["code"], failed.json()["message"]) == (200, code, message), failed.text
     assert audit.stat().st_size == size  # the write was tried, failed, and its torn part was removed
     assert "the audit trail could not be written (File too large)" in caplog.text
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_ask_stopped_by_the_engine_audits_exactly_the_regions_it_sent(engine, tmp_path, monkeypatch, stream):
+    """The engine stops (its grace over) while an ask maps the masks of its second slice: the response has stopped
+    sending by then ("stopping"), yet the regions of that slice were listed in the audit trail, sent to nobody
+    (7357 audited, 7271 sent, last session); a plain ask, which sends its regions only in its answer, listed all it had
+    mapped. The line now lists the "region" events the client received, in order: none for a plain ask."""
+    audit = tmp_path / "audit.jsonl"
+    abandoned: list[threading.Event] = []
+    mapped: list[int] = []
+    second_slice = threading.Event()
+    ask, regions_of = engine.ask, engine._regions
+
+    def asking(*args, **kwargs):
+        abandoned.append(kwargs["abandon"])
+        return ask(*args, **kwargs)
+
+    def mapping(*args, **kwargs):  # the engine's own mapping; on the second slice, held until the ask is abandoned
+        regions = regions_of(*args, **kwargs)
+        mapped.append(len(regions))
+        if len(mapped) == 2:
+            second_slice.set()
+            abandoned[0].wait(30)
+        return regions
+
+    monkeypatch.setattr(engine, "ask", asking)
+    monkeypatch.setattr(engine, "_regions", mapping)
+    volume = np.random.default_rng(0).integers(0, 1000, (3, 32, 32)).astype(np.int16)
+    received: list[tuple[str, dict]] = []
+    with live_server(create_app(engine, model_name="tiny", audit_path=str(audit)), grace_s=0.2) as url:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            volume_id = c.post("/v1/volumes", content=npy(volume),
+                               headers={"content-type": "application/octet-stream"}).json()["volume_id"]
+        ask_body = {"volume_id": volume_id, "messages": [{"role": "user", "content": "Segment everything."}],
+                    "slices": {"plane": "axial", "indices": list(range(volume.shape[0]))},
+                    "options": {"max_new_tokens": 24, "seed": 1}, "stream": stream}
+
+        def read() -> None:
+            parser = SSEParser()
+            with httpx.stream("POST", f"{url}/v1/ask", json=ask_body, timeout=120) as s:
+                if not stream:
+                    received.append(("error", json.loads(s.read())))
+                    return
+                for chunk in s.iter_bytes():
+                    received.extend((kind, json.loads(data)) for kind, data in parser.feed(chunk))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert second_slice.wait(120)
+    reader.join(30)  # leaving the block stopped the engine: the ask ends with its "stopping" error
+    assert received[-1] == ("error", {"code": "stopping", "message": received[-1][1]["message"]}), received[-1:]
+    indices = list(range(volume.shape[0]))
+    sent = [{"slice": indices[data["slice"]], "code": data["region"]["code"], "label": data["region"]["label"]}
+            for kind, data in received if kind == "region"]
+    line = json.loads(audit.read_text())
+    assert line["outcome"] == "disconnected" and len(mapped) == 2 and mapped[1] > 0  # the 2nd slice had regions
+    assert line["regions"] == sent and len(sent) == (mapped[0] if stream else 0)  # before: the 2nd slice's too

@@ -20,14 +20,16 @@ __all__ = ["free_port", "live_server"]  # free_port: where the engine's tests ha
 
 @contextlib.contextmanager
 def live_server(app, host: str = "127.0.0.1", port: int | None = None,
-                send_buffer: int | None = None, protocol: type | None = None) -> Iterator[str]:
+                send_buffer: int | None = None, protocol: type | None = None,
+                grace_s: float | None = None) -> Iterator[str]:
     """Serve `app` until the block ends; yields the base URL (http://127.0.0.1:PORT). `port`: a given free port.
     `send_buffer`: the connections' kernel send buffer in bytes (SO_SNDBUF), so that a client that stops reading
     blocks the server's writes after kilobytes instead of the default megabytes. `protocol`: the HTTP protocol class,
-    by default the one `medsight serve` runs (`http_protocol`)."""
+    by default the one `medsight serve` runs (`http_protocol`). `grace_s`: at the block's end, open requests get this
+    long before they are cancelled, as `medsight serve` stops (default: as long as they take)."""
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                           http=protocol or http_protocol()))
+                                           http=protocol or http_protocol(), timeout_graceful_shutdown=grace_s))
     sockets = None
     if send_buffer is not None:  # accepted connections inherit the listening socket's buffer size
         listener = socket.socket()

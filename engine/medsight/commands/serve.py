@@ -1,5 +1,6 @@
-"""`medsight serve`: the token (file, environment, deprecated argument), the audit file, the bind address and the
-port are checked before the model loads; then the engine's HTTP server runs until stopped."""
+"""`medsight serve`: the parent watch starts first (`watch_parent_early`); the token (file, environment, deprecated
+argument), the audit file, the bind address and the port are checked before the model loads; then the engine's HTTP
+server runs until stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 
 from medsight.commands.options import check_vision_file
 
@@ -16,14 +18,34 @@ from medsight.commands.options import check_vision_file
 SHUTDOWN_GRACE_S = 3
 
 
+def watch_parent_early(argv: Sequence[str], environment: Mapping[str, str]) -> bool:
+    """Start `serve`'s parent watch (``--exit-with-parent``, or its environment variable) from the command line as
+    given (``argv``: after "serve"), before the command's parser is built: the parser's imports (torch, the image
+    readers) and then the model's load took 20 s and more, in which the death of the program that started the engine
+    went unseen and the engine loaded on for nothing. True when the watch runs; False for a help request, or when
+    the option is not written out in full (the parsed option then starts it, in `run_serve`)."""
+    if "-h" in argv or "--help" in argv:
+        return False
+    from medsight.server.parent_watch import exit_with_parent_wanted, watch_parent  # the standard library only
+
+    if not exit_with_parent_wanted("--exit-with-parent" in argv, environment):
+        return False
+    watch_parent()  # the KeyboardInterrupt it sends ends the command wherever it lands: an import, the load
+    return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from medsight.server.parent_watch import exit_with_parent_wanted, watch_parent
+
+    if exit_with_parent_wanted(args.exit_with_parent, os.environ) and not args.parent_watched:
+        watch_parent()  # before the imports and the load: a parent gone meanwhile stops them
+
     import uvicorn
 
     import medsight
     from medsight.model.sizes import model_size
     from medsight.server.app import create_app
     from medsight.server.jobs import default_compute_threads
-    from medsight.server.parent_watch import exit_with_parent_wanted, watch_parent
     from medsight.server.protocol import http_protocol
     from medsight.server.security import check_bind
 
@@ -34,8 +56,6 @@ def run_serve(args: argparse.Namespace) -> int:
     check_vision_file(args)
     if args.audit:
         _check_audit(args.audit)
-    if exit_with_parent_wanted(args.exit_with_parent, os.environ):
-        watch_parent()  # before the model loads: a parent gone meanwhile stops the load (minutes for the full model)
     engine = medsight.Engine.load(args.model, device=args.device, vision_file=args.vision_file,
                                   fetch_vision=args.fetch_vision, perceiver_attention=args.perceiver_attention,
                                   adapter=args.adapter)

@@ -34,7 +34,7 @@ from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
 from medsight.server.admission import estimate_ask_memory, prompt_tokens
-from medsight.server.audit import AuditLog
+from medsight.server.audit import AuditLog, sent_regions
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
 from medsight.server.responses import JOB_ID_HEADER, SEND_TIMEOUT_S, EventFeed, JobResponse
@@ -454,8 +454,8 @@ def create_app(
                     audit.record(
                         job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
                         options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
-                        regions=[{"slice": a.slice_index, "code": r.code, "label": r.label}
-                                 for a in (result.answers if result is not None else []) for r in a.regions],
+                        regions=sent_regions(result, job.abandoned.is_set(),
+                                             feed.sent["region"] if feed is not None else None),
                         duration_s=elapsed, outcome=outcome)
                 except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
                     why = err.strerror or type(err).__name__

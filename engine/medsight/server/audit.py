@@ -16,10 +16,14 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import torch
 
 from medsight._version import __version__
+
+if TYPE_CHECKING:
+    from medsight.engine import EngineAnswer
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -33,6 +37,23 @@ def weights_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def sent_regions(answer: EngineAnswer | None, abandoned: bool, streamed: int | None) -> list[dict]:
+    """The regions of an ask's answer that went out to its client, as the trail lists them (slice, code, label).
+
+    An answer whose client was still there when its job ended goes out whole (its "region" events, then the answer
+    with the masks, which waits for this line). One abandoned before that (the client left, the engine stopped: the
+    response had stopped sending when it said so) went out as far as the response had sent it: the first `streamed`
+    "region" events of a stream (the engine streams them in the answer's order), nothing of a plain ask (`streamed`
+    None). The regions mapped meanwhile were listed too: 105 audited, 73 sent for a client gone during the second
+    of four slices. A client gone whose leaving the engine sees only once the job has ended (this line is written
+    then) is audited with the whole answer, which the engine had released to it."""
+    regions = [{"slice": a.slice_index, "code": r.code, "label": r.label}
+               for a in (answer.answers if answer is not None else []) for r in a.regions]
+    if not abandoned:
+        return regions
+    return regions[:streamed] if streamed is not None else []
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections import Counter
 
 from starlette.responses import Response
 
@@ -51,6 +52,9 @@ class EventFeed:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, str]] = []  # not yet in `queue`; a hand-over is scheduled while non-empty
         self._moved_at = -interval_s
+        #: Events of each kind the response has sent (written on the loop; read on the worker once the job is
+        #: abandoned, when the response has stopped sending): what of the answer went out, for the audit trail.
+        self.sent: Counter[str] = Counter()
 
     def put(self, kind: str, payload: str) -> None:
         with self._lock:
@@ -165,12 +169,18 @@ class JobResponse(Response):
             except asyncio.CancelledError:  # the server stops: a getter left pending is logged as an error
                 getter.cancel()
                 raise
+            if gone.done() and not self.job.future.done():
+                # Nothing sent now would reach the client (uvicorn drops it): a burst of events still counted as
+                # sent, and the job went on for nobody, as long as events came.
+                getter.cancel()
+                return False
             if getter.done():
                 # Events that queued up meanwhile go out in the same write: one wake-up per burst, not per token.
-                chunks = [sse(*getter.result())]
+                events = [getter.result()]
                 while not queue.empty():
-                    chunks.append(sse(*queue.get_nowait()))
-                await send(_body(b"".join(chunks)))
+                    events.append(queue.get_nowait())
+                await send(_body(b"".join(sse(*event) for event in events)))
+                self.feed.sent.update(kind for kind, _ in events)
                 continue
             getter.cancel()
             if not self.job.future.done():
@@ -179,6 +189,7 @@ class JobResponse(Response):
             while not queue.empty():
                 kind, payload = queue.get_nowait()
                 await send(_body(sse(kind, payload)))
+                self.feed.sent[kind] += 1
             err = self.job.future.exception()
             if err is None:
                 await send(_body(sse("done", self.job.future.result())))
