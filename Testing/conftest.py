@@ -28,3 +28,20 @@ def golden() -> Path:
     if not (path / "perceiver_io.pt").is_file():
         pytest.fail(f"golden fixtures not found in {path}; set MEDSIGHT_GOLDEN_DIR")
     return path
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--golden-only", action="store_true",
+                     help="run only the tests that read the golden fixtures (those using the `golden` fixture)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # test_golden_fixtures reruns the parity tests on a fixture set of other sizes: a test that never reads the golden
+    # fixtures (the `golden` fixture is their one way in) would only repeat its run with the same inputs.
+    if not config.getoption("--golden-only"):
+        return
+    readers = [item for item in items if "golden" in getattr(item, "fixturenames", ())]
+    others = [item for item in items if item not in readers]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = readers

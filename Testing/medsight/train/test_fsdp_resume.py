@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
+
+import pytest
 
 from medsight.train.loop import SampleOrder, TrainConfig
 from medsight_testing.torchrun import torchrun
@@ -24,13 +27,22 @@ def _launch(world: int, out: Path, max_steps: int, resume: bool) -> None:
     torchrun(world, [str(WORKER), str(out), str(NUM_SAMPLES), str(max_steps), "1" if resume else "0"], timeout=300)
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    """The interrupted run both tests resume: FIRST processes, FIRST_STEPS steps (max_steps: the interruption after
+    the checkpoint). Launched once; each test resumes its own copy."""
+    out = tmp_path_factory.mktemp("first_run")
+    _launch(FIRST, out, FIRST_STEPS, resume=False)
+    return out
+
+
 def _seen(out: Path, world: int) -> list[int]:
     return [i for r in range(world) for i in json.loads((out / f"seen-{world}-rank{r}.json").read_text())]
 
 
-def test_resume_on_more_processes_reads_each_remaining_sample_once(tmp_path):
+def test_resume_on_more_processes_reads_each_remaining_sample_once(first_run, tmp_path):
     batch = TrainConfig().batch_size
-    _launch(FIRST, tmp_path, FIRST_STEPS, resume=False)  # max_steps: the interruption after the checkpoint
+    shutil.copytree(first_run, tmp_path, dirs_exist_ok=True)
     _launch(THEN, tmp_path, 0, resume=True)  # to the end of the epoch
     consumed = FIRST_STEPS * batch * FIRST
     steps_left = math.ceil((NUM_SAMPLES - consumed) / (batch * THEN))
@@ -44,7 +56,7 @@ def test_resume_on_more_processes_reads_each_remaining_sample_once(tmp_path):
     assert set(_seen(tmp_path, FIRST) + _seen(tmp_path, THEN)) == set(range(NUM_SAMPLES))
 
 
-def test_a_torchrun_run_continues_in_one_process(tmp_path):
+def test_a_torchrun_run_continues_in_one_process(first_run, tmp_path):
     """A sharded (DCP) checkpoint could only be resumed under torchrun with two or more processes: one process, with
     or without torchrun, was refused ("resume it the same way"), so a run whose GPUs dropped to one could not go on.
     It now continues in one process from the sharded weights and optimizer moments (Adam's step count goes on) and
@@ -53,7 +65,7 @@ def test_a_torchrun_run_continues_in_one_process(tmp_path):
     from medsight.train.loop import CHECKPOINT_DIR, STATE_FILE, latest_checkpoint
 
     batch = TrainConfig().batch_size
-    _launch(FIRST, tmp_path, FIRST_STEPS, resume=False)
+    shutil.copytree(first_run, tmp_path, dirs_exist_ok=True)
     _launch(1, tmp_path, 0, resume=True)  # to the end of the epoch
     consumed = FIRST_STEPS * batch * FIRST
     steps_left = math.ceil((NUM_SAMPLES - consumed) / batch)
