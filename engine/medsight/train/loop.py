@@ -610,8 +610,10 @@ def train(
             sums: dict[str, float] = {}
             batches = reader.next_step()
             if _unread_anywhere(batches, sharded, device):
+                # The other ranks cannot tell why (a sample or a killed data worker): its own error says, and how.
                 stop = batches if isinstance(batches, Unreadable) else Unreadable(
-                    "another process could not read its samples of this step")
+                    "another process could not read its samples of this step (its own error says why)",
+                    "continue with --resume once that is put right")
                 _stop_unreadable(stop.message, step, position, model, optimizer, scheduler, out,
                                  runner if sharded else None, data, config.save_total_limit, stages, stop.way_out,
                                  weights)
