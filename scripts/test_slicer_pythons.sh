@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 PYENV_ROOT=${PYENV_ROOT:-$HOME/.pyenv}
 WORK=$(mktemp -d)
-# Set-ups still running (one failed) end before their folders go.
-trap 'kill $(jobs -p) 2>/dev/null; wait; rm -rf "$WORK"' EXIT
+# Set-ups still running (one failed) end before their folders go; "|| true": under set -e a failing command here
+# (kill with no job left) would become the script's exit status.
+trap 'kill $(jobs -p) 2>/dev/null || true; wait || true; rm -rf "$WORK"' EXIT
 
 # Tests of MedSIGHTSlicerLib that import neither MRML nor the engine.
 TESTS=(
