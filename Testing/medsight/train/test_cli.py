@@ -99,9 +99,10 @@ def test_a_sample_one_rank_cannot_read_stops_every_rank_and_keeps_the_steps_trai
             f"{image}") in done.stderr, done.stderr[-3000:]
     assert (out / CHECKPOINT_DIR / f"step-{failing_step - 1:07d}" / SHARDED_STATE_FILE).is_file()
     # The rank that read its samples cannot know the cause (a bad file, or a data worker killed for memory): its line
-    # points to the other's rather than telling the user to replace a file.
+    # points to the other's rather than telling the user to replace a file. torchrun ends the other ranks once one
+    # exits, so that line is printed only when the rank gets there first (not in every run): checked when it is.
     others = [line for line in done.stderr.splitlines() if "another process could not read" in line]
-    assert others and all("its own error says why" in line and "replace the file" not in line for line in others), (
+    assert all("its own error says why" in line and "replace the file" not in line for line in others), (
         done.stderr[-3000:])
 
 
