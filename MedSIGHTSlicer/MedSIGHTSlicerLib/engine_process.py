@@ -224,6 +224,11 @@ class EngineProcess:
         on_partial: called (from ``poll()``) with the latest state of the line being written (a progress bar)
             whenever it changed; "" when there is none any more.
         on_finished: called (from ``poll()``) with the exit code when the process has ended, also after ``stop()``.
+
+    Besides these (the module widget's, handed on by ``rebind``), listeners (``add_listener``) are told each time an
+    engine started or its end was reported, whoever caused it: the settings page keeps its note about the running
+    engine true with it. All of it comes from ``start()`` and ``poll()``, which the module calls on the main thread
+    (its QTimer, its buttons), so a listener may touch the GUI.
     """
 
     def __init__(
@@ -245,6 +250,7 @@ class EngineProcess:
         #: ``stop()`` was called for the running (or last) engine: its exit is the user's doing, not a crash.
         self.stop_requested = False
         self._kill_at: float | None = None  # monotonic time when poll() kills an engine that ignored stop()
+        self._listeners: list[Callable[[], None]] = []
 
     def rebind(
         self,
@@ -256,6 +262,24 @@ class EngineProcess:
         self._on_output = on_output
         self._on_finished = on_finished
         self._on_partial = on_partial
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each start and each reported end (a Stop, a crash), once however often added."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (nothing when it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def drop_listeners(self) -> None:
+        """Forget every listener (Slicer exits)."""
+        self._listeners = []
+
+    def _tell_listeners(self) -> None:
+        for listener in list(self._listeners):  # a listener may remove itself
+            listener()
 
     @property
     def running(self) -> bool:
@@ -292,6 +316,7 @@ class EngineProcess:
         self._partial = ""
         self.stop_requested = False
         self._kill_at = None
+        self._tell_listeners()
 
     def poll(self) -> int | None:
         """Hand new output to ``on_output``; when the process has ended, its exit code (once, to ``on_finished``)."""
@@ -315,6 +340,7 @@ class EngineProcess:
         self._remove_log()  # its tail is in ``output``; one file per start would pile up in the temp folder
         if self._on_finished is not None:
             self._on_finished(int(code))
+        self._tell_listeners()
         return int(code)
 
     def stop(self, wait_s: float = 5.0, wait: bool = False) -> None:
@@ -364,7 +390,7 @@ class EngineProcess:
         folder forever, growing while the engine ran. On POSIX the engine keeps writing into the removed file, whose
         space comes back when the engine exits; Windows refuses to remove a file another process holds open, so there
         it stays. An engine that watches its standard input is told to keep running before the pipe closes (the user
-        unchecked "stop on exit" after starting it)."""
+        unchecked "stop on exit" after starting it). Listeners are not told: Slicer is exiting."""
         if self._parent_pipe is not None:
             with contextlib.suppress(OSError):  # it has just ended: nothing to keep running
                 self._parent_pipe.write(KEEP_RUNNING_LINE)
@@ -438,7 +464,11 @@ def leave_engine(engine: EngineProcess, stop_on_exit: bool, reloading: bool) -> 
     onReload`` -> ``slicer.util.reloadScriptedModule``: cleanup, then a new widget in the same Slicer). A reload
     replaces the widget, not the session: the running engine (and the model it loaded) is handed on to the new
     widget, whatever "stop on exit" says. At exit it is stopped (waiting: no timer polls after this) or, when the
-    user wants it kept, released to run on."""
+    user wants it kept, released to run on; its listeners (the settings page) are dropped first: at exit there is
+    nothing left to show, and the rest of the cleanup (the settings' save) should not depend on the settings dialog's
+    widgets still being there."""
+    if not reloading:
+        engine.drop_listeners()
     if not engine.running:
         # An exit the timer had not reported yet (it polls twice a second): report it, which removes its log file,
         # left in the temp folder for good otherwise.

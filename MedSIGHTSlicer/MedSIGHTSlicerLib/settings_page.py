@@ -101,7 +101,7 @@ class SettingsPage:
         self.stop_on_exit = qt.QCheckBox("Stop the local engine when Slicer exits")
         self.stop_on_exit.setObjectName("stopOnExitCheckBox")
         form.addRow("", self.stop_on_exit)
-        #: The module's ``EngineProcess`` (``ApplicationSettings.attach``): the note says what the box means for it.
+        #: The module's ``EngineProcess`` (``set_engine``): the note says what the box means for it.
         self.engine: Any = None
         self.engine_note = qt.QLabel()
         self.engine_note.setObjectName("stopOnExitNoteLabel")
@@ -136,6 +136,22 @@ class SettingsPage:
             self.consents.addItem(host)
         self.forget_button.setEnabled(bool(self.settings.consented_hosts))
         self.forget_token_button.setEnabled(self.settings.remember_token and bool(self.settings.token))
+        self.show_engine_note()
+
+    def set_engine(self, engine: Any) -> None:
+        """Say what the box means for ``engine`` (an ``EngineProcess``, or None), and keep saying it as it starts and
+        ends: a note left up after the user's Stop, or after a crash, spoke of an engine no longer running until the
+        next save of the settings."""
+        if self.engine is not None:
+            self.engine.remove_listener(self.show_engine_note)
+        self.engine = engine
+        if engine is not None:
+            engine.add_listener(self.show_engine_note)
+        self.show_engine_note()
+
+    def show_engine_note(self) -> None:
+        """The note on "stop on exit" for the engine as it is now. Only the note: the engine's start or end does not
+        reload the fields, so a command being typed is not replaced."""
         note = "" if self.engine is None else self.engine.exit_setting_note(self.settings.stop_engine_on_exit)
         self.engine_note.setText(note)
         self.engine_note.setVisible(bool(note))
@@ -187,7 +203,7 @@ class ApplicationSettings:
         if self.page is None:
             self.page = SettingsPage(self.settings, self.store())
             self.page.on_changed = self._page_changed
-            self.page.engine = self.engine
+            self.page.set_engine(self.engine)
             self.panel = add_panel(self.page.widget)
         return self.page
 
@@ -197,7 +213,7 @@ class ApplicationSettings:
         self._on_changed = on_changed
         self.engine = engine
         if self.page is not None:
-            self.page.engine = engine
+            self.page.set_engine(engine)
             self.page.load()
         return self.settings
 

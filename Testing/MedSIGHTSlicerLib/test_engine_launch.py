@@ -554,14 +554,20 @@ def test_released_engine_leaves_no_log_file():
 @pytest.mark.parametrize("reloading", [False, True])
 def test_leaving_an_engine_that_ended_unreported_removes_its_log(reloading):
     """The engine crashed just before Slicer exits (or a Reload), before the timer's next poll: its exit is reported
-    and its log file removed (it stayed in the temp folder)."""
-    finished = []
+    and its log file removed (it stayed in the temp folder). Its listeners (the settings page) hear of it on a Reload;
+    at exit they are dropped first, told of nothing more."""
+    finished, told = [], []
     process = EngineProcess(on_finished=finished.append)
+    process.add_listener(lambda: told.append(process.running))
+    process.add_listener(told.append)  # another listener
+    process.remove_listener(told.append)
     process.start(launch_plan(f'"{sys.executable}" -c "import sys; sys.exit(3)"', os.environ, stop_on_exit=True))
+    assert len(told) == 1  # the start (the engine may have ended by then), the removed listener not told
     log = Path(process.log_path)
     assert wait_for(lambda: not process.running, 30)
     assert leave_engine(process, stop_on_exit=True, reloading=reloading) is None
     assert finished == [3] and not log.exists()
+    assert told[1:] == ([False] if reloading else [])
 
 
 @pytest.mark.parametrize("stop_on_exit", [True, False])

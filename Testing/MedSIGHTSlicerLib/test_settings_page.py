@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
+from medsight_testing.processes import wait_for
 from MedSIGHTSlicerLib.engine_launch import launch_plan
 from MedSIGHTSlicerLib.engine_log import MAX_LINES, EngineLog
-from MedSIGHTSlicerLib.engine_process import EngineProcess
+from MedSIGHTSlicerLib.engine_process import EngineProcess, leave_engine
 from MedSIGHTSlicerLib.qt_shim import connect, qt
 from MedSIGHTSlicerLib.settings import DEFAULT_SERVE_COMMAND, PREFIX, ConnectionSettings, split_command
 from MedSIGHTSlicerLib.settings_page import ApplicationSettings, ConnectionForm, SettingsPage, settings_kept
@@ -388,6 +389,77 @@ def test_the_page_says_what_stop_on_exit_switched_means_for_the_running_engine(a
             page.stop_on_exit.setChecked(not started_to_stop)
         finally:
             engine.stop(wait=True)
-        shared.show_saved()  # the module saves before it starts the next engine: none runs now
+        assert page.engine_note.text() == "" and page.engine_note.isHidden()  # its end took the note down
+        page.widget.deleteLater()
+
+
+@pytest.mark.parametrize("ends", ["stop", "crash"])
+def test_the_stop_on_exit_note_goes_when_its_engine_ends(app, tmp_path, ends):
+    """The note on "stop on exit" switched while an engine runs speaks of that engine: after the user's Stop, or the
+    engine's own exit, it stayed up until the next save of the settings (the module refreshed the page only then).
+    Their end, as the module's timer reports it, now takes the note down, and only the note: a command being typed
+    on the page stays, and nothing is saved. A real process plays the engine; the settings are a real INI file."""
+    path = tmp_path / "Slicer.ini"
+    shared = ApplicationSettings(lambda: qt.QSettings(str(path), qt.QSettings.IniFormat))
+    page = shared.add_page(lambda widget: None)
+    changes, finished = [], []
+    engine = EngineProcess(on_finished=finished.append)
+    shared.attach(changes.append, engine)  # MedSIGHTSlicerWidget.setup
+    crash = tmp_path / "crash-now"
+    script = tmp_path / "engine.py"
+    script.write_text(f"import os, sys, time\nwhile not os.path.exists({str(crash)!r}):\n    time.sleep(0.05)\n"
+                      "sys.exit(3)\n")
+    engine.start(launch_plan(f'"{sys.executable}" "{script}"', dict(os.environ), shared.settings.stop_engine_on_exit))
+    timer = qt.QTimer()  # the module's engine timer
+    timer.setInterval(50)
+    connect(timer, "timeout", lambda *_: engine.poll())
+    try:
+        page.stop_on_exit.setChecked(not shared.settings.stop_engine_on_exit)
+        assert "Stop and start it" in page.engine_note.text() and not page.engine_note.isHidden()
+        assert len(changes) == 1
+        typed = "/opt/medsight/bin/medsight serve --port 9"  # no editingFinished yet
+        page.serve_command.setText(typed)
+        if ends == "stop":
+            engine.stop()  # MedSIGHTSlicerWidget.onStopEngine
+        else:
+            crash.touch()
+        timer.start()
+        assert wait_for(lambda: app.processEvents() or finished, 30), engine.output
+        assert finished[0] != 0 and engine.finished_message(finished[0]) == (None if ends == "stop" else
+                                                                               "The engine stopped (exit code 3).")
         assert page.engine_note.text() == "" and page.engine_note.isHidden()
+        assert page.serve_command.text() == typed and len(changes) == 1
+    finally:
+        timer.stop()
+        engine.stop(wait=True)
+        page.widget.deleteLater()
+
+
+def test_a_reload_hands_the_note_on_with_the_engine_and_exit_leaves_the_page_alone(app):
+    """A developer's Reload hands the running engine to a new widget (``leave_engine``, then the new widget's
+    ``attach``): its end still takes the note down. At Slicer's exit the engine is stopped without telling the page
+    (nothing is left to show; the cleanup goes on to save the settings). A real process plays the engine."""
+    command = f'"{sys.executable}" -c "import time; time.sleep(60)"'
+    shared = ApplicationSettings(lambda: Store())
+    page = shared.add_page(lambda widget: None)
+    engine = EngineProcess()
+    shared.attach(lambda _: None, engine)
+    try:
+        for stop_on_exit in (True, False):
+            page.stop_on_exit.setChecked(stop_on_exit)
+            engine.start(launch_plan(command, dict(os.environ), stop_on_exit))  # MedSIGHTSlicerWidget.onStartEngine
+            page.stop_on_exit.setChecked(not stop_on_exit)
+            assert page.engine_note.text() != ""
+            if stop_on_exit:
+                assert leave_engine(engine, not stop_on_exit, reloading=True) is engine  # the old widget's cleanup
+                engine.rebind()
+                shared.attach(lambda _: None, engine)  # the reloaded widget's setup
+                assert page.engine_note.text() != ""
+                engine.stop(wait=True)
+                assert page.engine_note.text() == "" and page.engine_note.isHidden()
+            else:
+                assert leave_engine(engine, not stop_on_exit, reloading=False) is None  # Slicer exits: stopped
+                assert not engine.running and page.engine_note.text() != ""
+    finally:
+        engine.stop(wait=True)
         page.widget.deleteLater()
