@@ -31,7 +31,7 @@ from MedSIGHTSlicerLib.chat_panel import ChatPanel, VolumeData  # noqa: E402
 from MedSIGHTSlicerLib.client import MedSIGHTClient  # noqa: E402
 from MedSIGHTSlicerLib.geometry import volume_upload_arrays  # noqa: E402
 from MedSIGHTSlicerLib.qt_shim import qt  # noqa: E402
-from MedSIGHTSlicerLib.review import take_answer  # noqa: E402
+from MedSIGHTSlicerLib.review import take_answers  # noqa: E402
 from MedSIGHTSlicerLib.suggestions import SuggestionManager  # noqa: E402
 
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
@@ -80,8 +80,8 @@ def traced_question() -> tuple[set[str], int]:
             panel = ChatPanel(MedSIGHTClient(url, timeout=60, retries=0))
             panel.options = dict(OPTIONS)
             panel.volume_provider = lambda: VolumeData(array, spacing, origin, direction, "CT", key="question-path")
-            panel.on_regions = lambda answer: take_answer(manager, answer, panel.ask_serial, panel.last_scope,
-                                                          panel.last_question)
+            panel.on_region_answers = lambda answers: take_answers(manager, answers, panel.ask_serial,
+                                                                   panel.last_scope, panel.last_question)
             panel.set_scope("volume")
             tracing.set()
             try:

@@ -2,10 +2,10 @@
 
 Usage: python benchmarks/slicer_answer_placement.py [--slices 120] [--size 256] [--repeats 2] [--old bee4ac1]
 
-Each axial slice's answer is streamed into a fresh SuggestionManager (``add_streamed_answer``, what the panel's
-``take_answer`` does while a volume question runs), so one "liver" suggestion grows slice by slice. "old" is
-suggestions.py as it was at the git revision ``--old`` (loaded into this package, so it runs with today's geometry),
-"new" is the code as it is. "together" is the code as it is, taking each request's slices at once
+Each axial slice's answer is streamed into a fresh SuggestionManager (``add_streamed_answers`` with that one
+answer, what ``review.take_answers`` does while a volume question runs), so one "liver" suggestion grows slice by
+slice. "old" is suggestions.py as it was at the git revision ``--old`` (loaded into this package, so it runs with
+today's geometry), "new" is the code as it is. "together" is the code as it is, taking each request's slices at once
 (``add_streamed_answers`` over ``chat_panel.chunk_bounds``: the answers of one request end together, and the panel
 hands them over together). Runs alternate and the best of ``--repeats`` is kept; all must leave the same voxels in
 the suggestion. The slowest slice (for "together", the slowest request) is what Slicer's main thread is blocked for
@@ -78,9 +78,9 @@ def place(module, voxels: np.ndarray, slices: list[SliceAnswer],
     start = time.perf_counter()
     for step in steps:
         before = time.perf_counter()
-        if together:
+        if hasattr(manager, "add_streamed_answers"):  # slice by slice: one single-answer request after another
             manager.add_streamed_answers(step, "ask-1", question="Please segment the liver.")
-        else:
+        else:  # an --old revision from before add_streamed_answers (bb3b8e5), as bee4ac1 is: one answer a call
             manager.add_streamed_answer(step[0], "ask-1", question="Please segment the liver.")
         slowest = max(slowest, time.perf_counter() - before)
     took = time.perf_counter() - start

@@ -42,7 +42,7 @@ def main() -> None:
         panel.current_slice_provider = lambda: case["slice"]
         panel.options = dict(case["options"])
         answers = []
-        panel.on_regions = answers.append
+        panel.on_region_answers = answers.extend
         panel.widget.resize(460, 560)
         panel.widget.show()
         panel.question.setPlainText(case["question"])

@@ -14,9 +14,8 @@ widgets (Qt objects must only be touched from the thread that owns them). It kno
 - ``on_volume_uploaded(key, volume_id)``: an upload finished (the host may cache the id).
 - ``on_volume_unknown(volume_id)`` -> ``VolumeData`` or None: the engine no longer has the id the provider gave
   (restarted, or evicted it); the host forgets it and returns the voxels to send again (None: it cannot).
-- ``on_regions(answer)``: a ``SliceAnswer`` with regions is complete (the host turns them into suggestions).
-- ``on_region_answers(answers)``: instead of ``on_regions``, once per poll with the ``SliceAnswer``s with regions that
-  arrived in it (one request's slices end together), so the host can place them at once.
+- ``on_region_answers(answers)``: once per poll with the ``SliceAnswer``s with regions that arrived in it (one
+  request's slices end together), so the host turns them into suggestions at once.
 - ``on_region_clicked(link)``: a region chip in the conversation was clicked; ``link`` (a ``RegionLink``) names the
   question (``ask_serial``), plane, slice and region of that chip's answer. It returns False when the region's volume
   is gone (the panel then says so).
@@ -209,7 +208,6 @@ class ChatPanel:
         self.before_upload: Callable[[str], bool] | None = None
         self.on_volume_uploaded: Callable[[str, str], None] | None = None
         self.on_volume_unknown: Callable[[str], VolumeData | None] | None = None
-        self.on_regions: Callable[[SliceAnswer], None] | None = None
         self.on_region_answers: Callable[[list[SliceAnswer]], None] | None = None
         #: Called once per question with every slice answer that has regions (so hosts can merge the slices of
         #: one finding into one 3D segment); also after a cancel or an error, with what had arrived.
@@ -661,8 +659,6 @@ class ChatPanel:
                 self.accept_all_button.setEnabled(True)
                 if self.on_region_answers is not None:
                     self._arrived.append(answer)
-                elif self.on_regions is not None:
-                    self._call_hook(self.on_regions, answer)
         elif kind == "progress":
             done, total = payload
             if total > 1:

@@ -29,7 +29,7 @@ from .suggestions import (
 )
 from .views import centre_views_on
 
-__all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices", "take_answer", "take_answers"]
+__all__ = ["EditorSelection", "Review", "SuggestionRow", "describe_slices", "take_answers"]
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,11 @@ def describe_slices(tag: str) -> str:
     return "; ".join(texts)
 
 
-def take_answer(manager: SuggestionManager, answer, ask_serial: int, scope: str, question: str = "",
-                model: str | None = None) -> list[str]:
-    """A slice's answer as it arrives (the chat panel's ``on_regions``): a one-slice ask's regions are each a
-    suggestion; a range or volume ask grows one suggestion per finding, slice by slice, while it runs."""
-    return take_answers(manager, [answer], ask_serial, scope, question, model)
-
-
 def take_answers(manager: SuggestionManager, answers, ask_serial: int, scope: str, question: str = "",
                  model: str | None = None) -> list[str]:
-    """``take_answer`` for the answers that arrived together (the chat panel's ``on_region_answers``): a range or
-    volume ask grows each finding once for all of them."""
+    """Slices' answers as they arrive together (the chat panel's ``on_region_answers``): a one-slice ask's regions
+    are each a suggestion; a range or volume ask grows one suggestion per finding while it runs, once for all the
+    answers that arrived together."""
     if scope == "current":
         return [sid for answer in answers for sid in manager.add_answer(answer, question=question, model=model)]
     return manager.add_streamed_answers(answers, f"ask-{ask_serial}", question=question, model=model)

@@ -76,9 +76,6 @@ class ReviewHost:
         """Reviews of volumes that left the scene go: each holds its volume node, and with it the voxels."""
         self._reviews = {key: r for key, r in self._reviews.items() if r.manager.volume_node.GetScene() is not None}
 
-    def take_answer(self, answer: Any) -> None:
-        self.take_answers([answer])
-
     def take_answers(self, answers: list[Any]) -> None:
         """Answers that arrived together: their findings grow once (the list is refreshed once too)."""
         node = self.answer_volume()

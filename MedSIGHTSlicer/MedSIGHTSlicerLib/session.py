@@ -282,11 +282,6 @@ class MedSIGHTSession:
             return []
         return self.suggestion_manager(node).add_answers(answers, question=question, model=model or self.model_name)
 
-    def take_answer(self, node, answer: SliceAnswer, ask_serial: int, scope: str, question: str = "",
-                    model: str | None = None) -> list[str]:
-        """One slice's answer as it streams in: suggestions grow slice by slice (see ``review.take_answer``)."""
-        return self.take_answers(node, [answer], ask_serial, scope, question, model)
-
     def take_answers(self, node, answers: Sequence[SliceAnswer], ask_serial: int, scope: str, question: str = "",
                      model: str | None = None) -> list[str]:
         """Slices' answers that streamed in together: each finding grows once for all (``review.take_answers``)."""

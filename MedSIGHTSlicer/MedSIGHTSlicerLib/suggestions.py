@@ -11,8 +11,8 @@ Accepted segments are added as their own labelmap layer (never merged into a sha
 only the named segment (the segments it shares a layer with keep their voxels), and undoing an accept or a
 merge touches the user's node only if what it wrote is still exactly there.
 
-Multi-slice asks can stream in: ``add_streamed_answer`` grows one 3D suggestion per finding as each slice's
-answer arrives, instead of waiting for the whole ask.
+Multi-slice asks can stream in: ``add_streamed_answers`` grows one 3D suggestion per finding as the slices'
+answers arrive, instead of waiting for the whole ask.
 
 Main-thread only (MRML is not thread-safe); no Qt.
 """
@@ -313,7 +313,7 @@ class SuggestionManager:
         self.user_node = None  # the user's segmentation; found or created on the first accept
         self._undo: list[_Operation] = []
         self._redo: list[_Operation] = []
-        #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answer
+        #: stream key -> finding key -> (suggestion id, the finding's regions so far); see add_streamed_answers
         self._streams: dict[str, dict[str, tuple[str, _Group]]] = {}
         #: suggestion id -> digest of its voxels after a running question last grew it: a redo refused because the
         #: voxels changed since the undo then says they grew, not that the user edited them
@@ -483,24 +483,19 @@ class SuggestionManager:
                 by_label.setdefault(key, []).append((answer, region))
         return self._add_groups([self._group_of(pairs) for pairs in by_label.values()], question, model)
 
-    def add_streamed_answer(
-        self, answer: SliceAnswer, stream: str, question: str = "", model: str | None = None
-    ) -> list[str]:
-        """One slice's answer of a multi-slice ask that is still running (``stream`` names the ask).
-
-        Regions with the same label as an earlier slice of the same stream grow that suggestion (one 3D
-        finding, as ``add_answers`` makes at the end); new labels become new suggestions. Returns the ids of the
-        suggestions this answer added or grew. A suggestion the user already accepted or rejected is not grown:
-        its later slices start a new suggestion.
-        """
-        return self.add_streamed_answers([answer], stream, question, model)
-
     def add_streamed_answers(
         self, answers: Sequence[SliceAnswer], stream: str, question: str = "", model: str | None = None
     ) -> list[str]:
-        """``add_streamed_answer`` for several slices' answers that arrived together (one request's slices): each
-        finding grows once, by the box around all their voxels, not once a slice (each growth writes, and Slicer
-        then shrinks, the segment: 16 slices of 512 x 512 took 5.3 s one by one, 2.9 s together)."""
+        """Slices' answers of a multi-slice ask that is still running, as they arrived together (one request's
+        slices; ``stream`` names the ask).
+
+        Regions with the same label as an earlier slice of the same stream grow that suggestion (one 3D
+        finding, as ``add_answers`` makes at the end); new labels become new suggestions. Returns the ids of the
+        suggestions these answers added or grew. A suggestion the user already accepted or rejected is not grown:
+        its later slices start a new suggestion. Each finding grows once, by the box around all the answers'
+        voxels, not once a slice (each growth writes, and Slicer then shrinks, the segment: 16 slices of
+        512 x 512 took 5.3 s one by one, 2.9 s together).
+        """
         findings = self._streams.setdefault(stream, {})
         touched: list[str] = []
         current = set(self.suggestion_ids())

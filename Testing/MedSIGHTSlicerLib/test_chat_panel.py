@@ -87,7 +87,7 @@ def test_conversation_streams_answer_and_region_chips(app, url, volume, tmp_path
     panel.current_slice_provider = lambda: 0  # the tiny model's regions on slice 0 have an area (chips are links)
     uploaded, answers, clicks = [], [], []
     panel.on_volume_uploaded = lambda key, volume_id: uploaded.append((key, volume_id))
-    panel.on_regions = answers.append
+    panel.on_region_answers = answers.extend
     panel.on_region_clicked = clicks.append
 
     panel.question.setPlainText("Where is the liver?")
@@ -219,7 +219,7 @@ def test_clear_while_a_question_runs_cancels_it_and_the_panel_asks_again(app, ur
 def test_slice_range_reports_progress(app, url, volume):
     panel = make_panel(url, volume)
     progress, per_slice, per_question = [], [], []
-    panel.on_regions = per_slice.append
+    panel.on_region_answers = per_slice.extend
     panel.on_answers = per_question.append
     panel.set_slice_count(3)
     panel.set_scope("range", 0, 2)
@@ -436,7 +436,7 @@ def test_current_slice_named_by_the_view(app, url, volume):
     view[:3, 3] = [3.0, -1.0, 0.4]
     panel.current_slice_provider = lambda: view
     answers = []
-    panel.on_regions = answers.append
+    panel.on_region_answers = answers.extend
     assert panel.send("Where is the liver?")
     pump(app, lambda: not panel.busy)
     assert panel.error.text() == ""
@@ -769,7 +769,7 @@ def test_whole_volume_under_a_warping_transform_is_asked_without_a_view(app, url
     PANELS.append(panel)
     panel.volume_provider = lambda: session.volume_source(node)
     panel.current_slice_provider = lambda: session.current_view(node, "Red")  # MedSIGHTSlicerWidget._current_view
-    panel.on_regions = lambda answer: session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    panel.on_region_answers = lambda answers: session.take_answers(node, answers, panel.ask_serial, panel.last_scope)
     panel.options = dict(SHORT)
     try:
         panel.set_scope("current")
@@ -837,11 +837,12 @@ def test_chip_of_a_removed_volume_says_why_it_cannot_be_shown(app, url, volume):
     panel.current_slice_provider = lambda: 0
     answers = {}  # (plane, slice) -> the answer the host was handed
 
-    def take(answer) -> None:
-        answers[answer.plane, answer.index] = answer
-        session.take_answer(node, answer, panel.ask_serial, panel.last_scope)
+    def take(arrived) -> None:
+        for answer in arrived:
+            answers[answer.plane, answer.index] = answer
+        session.take_answers(node, arrived, panel.ask_serial, panel.last_scope)
 
-    panel.on_regions = take
+    panel.on_region_answers = take
     panel.on_region_clicked = session.jump_to_region_link  # as the module wires it
     try:
         assert panel.send("Where is the liver?")

@@ -30,7 +30,7 @@ from medsight_testing.review_scene import (
 from MedSIGHTSlicerLib.client import MedSIGHTClient
 from MedSIGHTSlicerLib.geometry import segment_array, volume_upload_arrays
 from MedSIGHTSlicerLib.protocol import Region, SliceAnswer
-from MedSIGHTSlicerLib.review import Review, describe_slices, take_answer
+from MedSIGHTSlicerLib.review import Review, describe_slices, take_answers
 from MedSIGHTSlicerLib.suggestions import TAG_SLICE, SuggestionError, SuggestionManager, get_tag, replace_segment_mask
 
 OPTIONS = {"max_new_tokens": 12, "no_code_fallback": True, "seed": 0}
@@ -300,7 +300,7 @@ def test_streamed_answers_grow_one_suggestion_per_finding(url):
     streamed = SuggestionManager(scene, volume)
     seen = []
     for answer in result.answers:
-        streamed.add_streamed_answer(answer, "ask-1", question="Where is the liver?")
+        streamed.add_streamed_answers([answer], "ask-1", question="Where is the liver?")
         seen.append(len(streamed.suggestion_ids()))
     at_end = SuggestionManager(scene, volume)
     at_end.add_answers([a for a in result.answers if a.regions], question="Where is the liver?")
@@ -323,19 +323,19 @@ def test_a_finding_reviewed_mid_stream_is_not_grown_again():
     liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
     disc = liver(1).regions[0].mask
 
-    (first,) = take_answer(manager, liver(1), ask_serial=7, scope="range", question="Liver?")
-    assert take_answer(manager, liver(2), ask_serial=7, scope="range") == [first]  # grows the same finding
+    (first,) = take_answers(manager, [liver(1)], ask_serial=7, scope="range", question="Liver?")
+    assert take_answers(manager, [liver(2)], ask_serial=7, scope="range") == [first]  # grows the same finding
     assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum()
     assert get_tag(manager.suggestion(first), TAG_SLICE) == "axial:1;axial:2"
     manager.reject([first])
-    (second,) = take_answer(manager, liver(3), ask_serial=7, scope="range")
+    (second,) = take_answers(manager, [liver(3)], ask_serial=7, scope="range")
     assert second != first and manager.suggestion_mask(second).sum() == disc.sum()  # a new one, slice 3 only
     manager.undo()  # the rejected finding comes back as it was when rejected
     assert manager.suggestion_mask(first)[1:3].sum() == 2 * disc.sum() and not manager.suggestion_mask(first)[3].any()
     # A one-slice ask keeps each region its own suggestion (two "liver" regions stay two).
     two = SliceAnswer("axial", 4, "Two.", [Region("[M0_2]", "liver", 0, disc, 0.9, None),
                                             Region("[M0_3]", "liver", 1, disc, 0.8, None)], liver(4).slice_to_ras)
-    assert len(take_answer(manager, two, ask_serial=8, scope="current")) == 2
+    assert len(take_answers(manager, [two], ask_serial=8, scope="current")) == 2
 
 
 @pytest.mark.parametrize("action", ["reject", "accept"])
@@ -347,10 +347,10 @@ def test_redo_after_later_slices_grew_the_suggestion_says_so(action):
     liver = functools.partial(slab_answer, volume, rows=slice(10, 20), cols=slice(12, 26))  # one axial slice's answer
     disc = liver(1).regions[0].mask
 
-    (first,) = take_answer(manager, liver(1), ask_serial=7, scope="range", question="Liver?")
+    (first,) = take_answers(manager, [liver(1)], ask_serial=7, scope="range", question="Liver?")
     getattr(manager, action)([first])
     manager.undo()
-    assert take_answer(manager, liver(2), ask_serial=7, scope="range") == [first]  # grows the restored one
+    assert take_answers(manager, [liver(2)], ask_serial=7, scope="range") == [first]  # grows the restored one
     with pytest.raises(SuggestionError, match="grew with later slices of the running question since the undo"):
         manager.redo()
     assert manager.suggestion_mask(first).sum() == 2 * disc.sum()  # nothing lost: both slices still suggested

@@ -188,14 +188,14 @@ def test_answers_about_a_volume_left_meanwhile_leave_the_selected_volumes_list(a
     host = ReviewHost(panel, lambda: selected[0], logic, None, answer_volume=lambda: asked)
     try:
         host.volume_changed(asked)
-        host.take_answer(slab_answer(asked, 0, slice(1, 4), slice(2, 5)))
+        host.take_answers([slab_answer(asked, 0, slice(1, 4), slice(2, 5))])
         assert host.list.review.manager.volume_node is asked  # the asked volume's list grows while it is shown
         selected[0] = other
         host.volume_changed(other)
-        host.take_answer(slab_answer(asked, 1, slice(1, 4), slice(2, 5)))
+        host.take_answers([slab_answer(asked, 1, slice(1, 4), slice(2, 5))])
         assert host.list.review.manager.volume_node is other
         other_suggestion = slab_answer(other, 2, slice(2, 6), slice(1, 3), label="spleen")
-        logic.take_answer(other, other_suggestion, 1, "current", "Spleen?")
+        logic.take_answers(other, [other_suggestion], 1, "current", "Spleen?")
         host.list.refresh()
         host.accept_all()
         user = logic.user_segmentation(other)

@@ -193,7 +193,7 @@ def test_a_volume_sent_again_mid_question_places_answers_through_the_grid_sent_a
     np.testing.assert_allclose(np.diag([-1.0, -1.0, 1.0]) @ again.origin,
                                (oblique_matrix() @ [1.0, 0.0, 0.0, 1.0])[:3], atol=1e-9)  # LPS: one voxel along i
     rows, cols = slice(2, 6), slice(3, 7)
-    (suggestion,) = session.take_answer(node, slab_answer(node, 1, rows, cols), 1, "current")  # on the moved grid
+    (suggestion,) = session.take_answers(node, [slab_answer(node, 1, rows, cols)], 1, "current")  # on the moved grid
     expected = np.zeros(voxels.shape, bool)
     expected[1, rows, cols] = True
     np.testing.assert_array_equal(session.suggestion_manager(node).suggestion_mask(suggestion), expected)
@@ -272,9 +272,9 @@ def test_region_chip_centres_on_its_own_answer_and_volume():
         return SliceAnswer(plane, 5, "x", [region], ijk_to_ras @ pixel_to_ijk(axis, 5, col, row))
 
     # As the module's review list takes streamed answers: question 1 axial, 2 coronal, 3 axial on the other volume.
-    session.take_answer(first, answer(first, "axial", 2, 0, 1, (30, 30, 35, 35)), 1, "current", "q1")
-    session.take_answer(first, answer(first, "coronal", 1, 0, 2, (2, 2, 4, 4)), 2, "current", "q2")
-    session.take_answer(other, answer(other, "axial", 2, 0, 1, (10, 12, 14, 16)), 3, "current", "q3")
+    session.take_answers(first, [answer(first, "axial", 2, 0, 1, (30, 30, 35, 35))], 1, "current", "q1")
+    session.take_answers(first, [answer(first, "coronal", 1, 0, 2, (2, 2, 4, 4))], 2, "current", "q2")
+    session.take_answers(other, [answer(other, "axial", 2, 0, 1, (10, 12, 14, 16))], 3, "current", "q3")
 
     chip = parse_region_url(qt.QUrl(RegionLink(1, "axial", 5, 0).url()).toString())  # as anchorClicked gives it
     assert session.jump_to_region_link(chip)
@@ -755,7 +755,7 @@ def test_an_answer_about_voxels_resampled_in_place_to_the_same_counts_is_not_pla
         with pytest.raises(GeometryError, match=re.escape(f"the voxels of 'CT' were replaced while the question ran "
                                                           f"(resampled or changed in place: {size} voxels as when "
                                                           "asked, other values)")):
-            session.take_answer(volume, found, 1, "current", "Where is the organ?")
+            session.take_answers(volume, [found], 1, "current", "Where is the organ?")
         assert manager.suggestion_ids() == []
         # Asked again about the new voxels: placed; and a grid moved meanwhile (same values) keeps them on them.
         session.bind(volume)
@@ -763,7 +763,7 @@ def test_an_answer_about_voxels_resampled_in_place_to_the_same_counts_is_not_pla
         grid = ijk_to_ras(volume)
         grid[:3, 3] += grid[:3, 0]
         volume.SetIJKToRASMatrix(vtk_matrix(grid))
-        [sid] = session.take_answer(volume, again, 2, "current", "Where is the organ?")
+        [sid] = session.take_answers(volume, [again], 2, "current", "Where is the organ?")
         expected = np.zeros(voxels.shape, dtype=bool)  # the voxels it was found on, not one voxel beside them
         expected[2, rows, cols] = True
         np.testing.assert_array_equal(manager.suggestion_mask(sid), expected)

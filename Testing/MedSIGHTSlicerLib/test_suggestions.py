@@ -1019,9 +1019,9 @@ def test_redo_refuses_when_the_suggestion_was_corrected_finer_than_the_volume_af
 def test_a_suggestion_corrected_finer_than_the_volume_keeps_its_correction_when_later_slices_grow_it(scene, volume):
     # Growing it rewrote the suggestion on the volume's voxels: the painted fine voxel was gone, the erased one back.
     manager = SuggestionManager(scene, volume)
-    [sid] = manager.add_streamed_answer(answer("axial", 4, [("liver", ball())]), "ask-1")
+    [sid] = manager.add_streamed_answers([answer("axial", 4, [("liver", ball())])], "ask-1")
     corrected = correct_finer(manager, sid, volume)
-    assert manager.add_streamed_answer(answer("axial", 5, [("liver", ball())]), "ask-1") == [sid]
+    assert manager.add_streamed_answers([answer("axial", 5, [("liver", ball())])], "ask-1") == [sid]
     slice_5 = np.zeros(SHAPE, dtype=bool)
     slice_5[5] = ball()[5]
     fine = oversampled(volume)
@@ -1035,7 +1035,7 @@ def test_growing_a_suggestion_on_the_volumes_voxels_reads_the_volumes_whole_grid
     import MedSIGHTSlicerLib.suggestions as suggestions
 
     manager = SuggestionManager(scene, volume)
-    [sid] = manager.add_streamed_answer(answer("axial", 4, [("liver", ball())]), "ask-1")
+    [sid] = manager.add_streamed_answers([answer("axial", 4, [("liver", ball())])], "ask-1")
     whole_grid_reads = []
 
     def counted(name: str, real):
@@ -1048,7 +1048,7 @@ def test_growing_a_suggestion_on_the_volumes_voxels_reads_the_volumes_whole_grid
 
     for name in ("segment_array", "mask_on_grid"):
         monkeypatch.setattr(suggestions, name, counted(name, getattr(suggestions, name)))
-    assert manager.add_streamed_answer(answer("axial", 5, [("liver", ball())]), "ask-1") == [sid]
+    assert manager.add_streamed_answers([answer("axial", 5, [("liver", ball())])], "ask-1") == [sid]
     assert whole_grid_reads == ["segment_array"]  # the suggestion as it was, on the volume's voxels
     grown = np.zeros(SHAPE, dtype=bool)
     grown[4:6] = ball()[4:6]
@@ -1397,14 +1397,14 @@ def test_a_streamed_finding_grows_slice_by_slice_to_the_whole_answers_voxels_kee
     at_once = SuggestionManager(scene, volume)
     (whole,) = at_once.add_answers([answer("axial", k, [("liver", liver)]) for k in slices])
     streamed = SuggestionManager(scene, volume)
-    (sid,) = streamed.add_streamed_answer(answer("axial", slices[0], [("liver", liver)]), "ask")
+    (sid,) = streamed.add_streamed_answers([answer("axial", slices[0], [("liver", liver)])], "ask")
     stroke = np.zeros(SHAPE, dtype=bool)
     stroke[slices[-1], 0, :3] = True  # painted in the Segment Editor, on a slice still to come, outside the liver
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), streamed.preview_node, sid,
                                             logic.MODE_MERGE_MAX)
     for k in slices[1:]:
-        assert streamed.add_streamed_answer(answer("axial", k, [("liver", liver)]), "ask") == [sid]
+        assert streamed.add_streamed_answers([answer("axial", k, [("liver", liver)])], "ask") == [sid]
     expected = at_once.suggestion_mask(whole) | stroke
     assert stroke.sum() > 0 and not (at_once.suggestion_mask(whole) & stroke).any()
     np.testing.assert_array_equal(streamed.suggestion_mask(sid), expected)
@@ -1419,7 +1419,7 @@ def test_answers_that_arrive_together_grow_each_finding_once_to_what_one_by_one_
     answers = [answer("axial", k, [("liver", liver), ("kidney", kidney)], prob=0.5 + 0.05 * k) for k in slices]
     one_by_one, together = SuggestionManager(scene, volume), SuggestionManager(scene, volume)
     for a in answers:
-        one_by_one.add_streamed_answer(a, "ask")
+        one_by_one.add_streamed_answers([a], "ask")  # one slice a request
     expected_ids = one_by_one.suggestion_ids()  # the two managers share the volume's preview node
     grown = []
     grow = together._grow_suggestion
@@ -1446,7 +1446,7 @@ def test_redo_after_growth_tells_growth_from_an_edit_made_between_growths(scene,
     liver = ball()  # clear of the faces, where the lattice box of a growth sticks out and it is rewritten whole
     slices = [k for k in range(SHAPE[0]) if liver[k].any()]
     manager = SuggestionManager(scene, volume)
-    (sid,) = manager.add_streamed_answer(answer("axial", slices[0], [("liver", liver)]), "ask")
+    (sid,) = manager.add_streamed_answers([answer("axial", slices[0], [("liver", liver)])], "ask")
     manager.reject([sid])
     manager.undo()
     stroke = np.zeros(SHAPE, dtype=bool)
@@ -1457,7 +1457,7 @@ def test_redo_after_growth_tells_growth_from_an_edit_made_between_growths(scene,
         if edit == "between_growths" and n == 1:
             assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
                                                     logic.MODE_MERGE_MAX)
-        manager.add_streamed_answer(answer("axial", k, [("liver", liver)]), "ask")
+        manager.add_streamed_answers([answer("axial", k, [("liver", liver)])], "ask")
     if edit == "after_the_last":
         assert logic.SetBinaryLabelmapToSegment(labelmap_from_array(stroke, volume), manager.preview_node, sid,
                                                 logic.MODE_MERGE_MAX)
