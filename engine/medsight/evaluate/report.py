@@ -18,6 +18,8 @@ import numpy as np
 
 from medsight.atomic_files import replace_files
 from medsight.evaluate.metrics import (
+    OMNIMED_MODALITIES,
+    PAPER_MODALITIES,
     bootstrap_ci,
     closed_hit,
     item_dice,
@@ -234,6 +236,9 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
                      "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
                      "paper combined them]; per_sample_mean is the accuracy pooled over all items")
+    outside = modalities_not_in_paper(task, scores)
+    if outside:
+        notes.append(_outside_note(task, outside))
     if task == "diagseg" and alone is None:
         notes.append("paper Dice avg 69.9 matches a per-sample mean better than the macro mean (67.2) [inferred]; "
                      "paper Recall avg 58.9 is the macro mean")
@@ -260,8 +265,34 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
-            "unscored_answer_types": unscored_types(items),
+            "unscored_answer_types": unscored_types(items), "modalities_not_in_paper": outside,
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
+
+
+#: The modalities each task's paper numbers are given for (a VQA benchmark's are pooled over its modalities).
+PAPER_GROUPS = {"diagseg": PAPER_MODALITIES, "mc": OMNIMED_MODALITIES}
+
+
+def modalities_not_in_paper(task: str, scores: Sequence[ItemScore]) -> dict[str, int]:
+    """The scored items' modalities the paper has no row for in `task` (kept as the data names them: OmniMedVQA's
+    Dermoscopy, which the paper's code leaves out, or a modality only its restricted-access files have), with their
+    item counts, so a group no paper number stands beside is named rather than silently compared."""
+    known = PAPER_GROUPS.get(task)
+    out: dict[str, int] = {}
+    if known is None:
+        return out
+    for s in scores:
+        if s.modality not in known and s.modality != "unknown":
+            out[s.modality] = out.get(s.modality, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _outside_note(task: str, outside: dict[str, int]) -> str:
+    named = ", ".join(f"{m} ({n} items)" for m, n in outside.items())
+    which = "OmniMedVQA modalities its code scores" if task == "mc" else "DiagSeg table's modalities"
+    return (f"modalities not among the paper's {which} ({', '.join(PAPER_GROUPS[task])}), kept as the data names "
+            f"them, with no paper number: {named}; their items count in the 'all' rows, the paper's average does not "
+            "include them")
 
 
 #: The metric whose rows count the scored items of each answer type (every item of the type has it).
