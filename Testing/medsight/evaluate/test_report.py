@@ -575,6 +575,12 @@ def test_the_released_omnimedvqa_files_are_grouped_by_the_papers_modalities(tmp_
                                                             "Colposcopy": want["Colposcopy"]}
     named = ", ".join(f"{m} ({n} items)" for m, n in sorted(outside.items()))
     assert [n for n in report["notes"] if f"with no paper number: {named};" in n]
+    # The paper's average spans only its own modalities: it stands beside no row that also holds other ones.
+    assert [r["paper"] for r in report["metrics"] if r["group"] == "all"] == [None, None]
+    kept = [it for it in items if it.modality in OMNIMED_MODALITIES]
+    paper_only = build_report("mc", kept, [{"question_id": it.id, "text": it.answer} for it in kept], n_boot=5)
+    assert "modalities_not_in_paper" not in paper_only or not paper_only["modalities_not_in_paper"]
+    assert [r["paper"] for r in paper_only["metrics"] if r["aggregate"] == "macro_mean"] == [PAPER_MC["avg"]]
     # The paper's own per-modality files (Modality_X-Ray.json ...) group as the released files do.
     shards = tmp_path / "shards"
     shards.mkdir()
