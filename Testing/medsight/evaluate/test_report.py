@@ -511,13 +511,13 @@ def test_spellings_of_a_modality_outside_the_papers_table_make_one_group(tmp_pat
     assert groups == want and sum(groups.values()) == len(spelled)
     folder = tmp_path / "omni"
     folder.mkdir()
-    for n, name in enumerate(("Fundus", "FUNDUS", "OCT")):
+    for n, name in enumerate(("Pet", "PET", "OCT")):  # Fundus is an OmniMedVQA modality of the paper's now
         _write_json(folder / f"Modality_{name}.json", [
             {"question_id": f"{name}{i}", "question": "q", "gt_answer": "A", "option_A": "A", "option_B": "B",
              "image_path": "../img.png"} for i in range(n + 1)])
     if len(list(folder.iterdir())) == 3:
         counts = Counter(it.modality for it in read_omnimed(folder))
-        assert counts == {"FUNDUS": 1 + 2, "OCT": 3}  # Fundus's 1 item and FUNDUS's 2: FUNDUS's spelling
+        assert counts == {"PET": 1 + 2, "OCT": 3}  # Pet's 1 item and PET's 2: PET's spelling
 
 
 def _write_json(path, obj):
@@ -525,3 +525,67 @@ def _write_json(path, obj):
 
     path.write_text(json.dumps(obj))
     return path
+
+
+#: The released OmniMedVQA's QA files (QA_information/Open-access/<data set>.json), with their items' real
+#: ``modality_type`` values (typos and the unclosed "(" included), and the paper's spelling a report must group each
+#: under; Colposcopy (an OmniMedVQA modality outside the paper's) stays as written.
+OMNIMED_FILES = {
+    "ACRIMA": ("Fundus Photography", "Fundus"), "BUSI": ("ultrasound", "US"),
+    "Blood Cell": ("Microscopy Images", "Microscopy"), "Chest CT Scan": ("CT(Computed Tomography)", "CT"),
+    "Covid CT": ("CT(Computed Tomography)", "CT"), "ISIC2018": ("Dermoscopy", "Dermoscopy"),
+    "OCT & X-ray 2017": ("OCT (Optical Coherence Tomography", "OCT"),
+    "RadImageNet": ("MR (Mag-netic Resonance Imaging)", "MRI"), "Chest X-ray PA": ("X-Ray", "X-ray"),
+    "Colposcopy Set": ("Colposcopy", "Colposcopy"),
+}
+
+
+def test_the_released_omnimedvqa_files_are_grouped_by_the_papers_modalities(tmp_path):
+    """A report on the released QA_information/Open-access folder (one file per source data set) grouped items by
+    file name: 10 groups named after data sets ("Chest CT Scan", "Covid CT", "RadImageNet"), none a row of the
+    paper, and its macro mean averaged data sets. Items are now grouped by their modality_type in the paper's
+    spellings, and a modality the paper's OmniMedVQA files leave out is kept and named with its count."""
+    import json
+
+    from medsight.evaluate.readers import read_omnimed
+
+    root = tmp_path / "OmniMedVQA"
+    qa = root / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    want: Counter = Counter()
+    for n, (data_set, (modality_type, paper)) in enumerate(OMNIMED_FILES.items(), 1):
+        items = [{"dataset": data_set, "question_id": f"{data_set}_{k:04d}", "question_type": "Modality Recognition",
+                  "question": "What imaging technique was employed to obtain this picture?", "gt_answer": "CT scan",
+                  "image_path": f"Images/{data_set}/{k}.png", "option_A": "PET scan", "option_B": "CT scan",
+                  "option_C": "Blood test", "option_D": "Fundus imaging", "modality_type": modality_type}
+                 for k in range(n)]
+        if data_set == "Chest CT Scan":  # the release's one item naming the field "modality"
+            items[0]["modality"] = items[0].pop("modality_type")
+        (qa / f"{data_set}.json").write_text(json.dumps(items))
+        want[paper] += n
+    items = read_omnimed(qa, root)
+    assert Counter(it.modality for it in items) == want
+    report = build_report("mc", items, [{"question_id": it.id, "text": it.answer} for it in items], n_boot=5)
+    groups = {r["group"]: r["n"] for r in report["metrics"] if r["aggregate"] == "mean"}
+    assert groups == want and len(groups) == len(set(p for _, p in OMNIMED_FILES.values()))
+    from medsight.evaluate.metrics import OMNIMED_MODALITIES  # the paper's OmniMedVQA rows
+
+    outside = {m: n for m, n in want.items() if m not in OMNIMED_MODALITIES}
+    assert report["modalities_not_in_paper"] == outside == {"Dermoscopy": want["Dermoscopy"],
+                                                            "Colposcopy": want["Colposcopy"]}
+    named = ", ".join(f"{m} ({n} items)" for m, n in sorted(outside.items()))
+    assert [n for n in report["notes"] if f"with no paper number: {named};" in n]
+    # The paper's average spans only its own modalities: it stands beside no row that also holds other ones.
+    assert [r["paper"] for r in report["metrics"] if r["group"] == "all"] == [None, None]
+    kept = [it for it in items if it.modality in OMNIMED_MODALITIES]
+    paper_only = build_report("mc", kept, [{"question_id": it.id, "text": it.answer} for it in kept], n_boot=5)
+    assert "modalities_not_in_paper" not in paper_only or not paper_only["modalities_not_in_paper"]
+    assert [r["paper"] for r in paper_only["metrics"] if r["aggregate"] == "macro_mean"] == [PAPER_MC["avg"]]
+    # The paper's own per-modality files (Modality_X-Ray.json ...) group as the released files do.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("CT", "OCT", "X-Ray", "MRI", "ultrasound", "Microscopy", "Fundus"):
+        (shards / f"Modality_{name}.json").write_text(json.dumps([{
+            "question_id": name, "question": "q", "gt_answer": "A", "option_A": "A", "option_B": "B",
+            "image_path": "x.png"}]))
+    assert sorted(it.modality for it in read_omnimed(shards)) == sorted(OMNIMED_MODALITIES)

@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=("diagseg", "vqa", "mc"),
                    help="diagseg: Dice + recall; vqa: VQA-RAD/SLAKE/PathVQA LLaVA JSON; mc: OmniMedVQA")
     p.add_argument("--data", type=file_name, required=True,
-                   help="question file (mc: a Modality_*.json file or their folder)")
+                   help="question file (mc: a file or folder of OmniMedVQA's QA_information/Open-access, or the "
+                        "paper's Modality_*.json files; pass --images with the OmniMedVQA folder)")
     p.add_argument("--images", type=file_name, help="root for relative image/mask paths (default: the data file's "
                    "folder); absolute paths in the data are used as written (a missing one is refused)")
     p.add_argument("--model", default="demo",

@@ -271,9 +271,20 @@ def dice_from_logits(logits: torch.Tensor | np.ndarray, gt: np.ndarray) -> float
 # -- aggregation and confidence intervals --------------------------------------------------------------------------
 #: The modalities of the paper's DiagSeg table, spelled as it and the official files spell them.
 PAPER_MODALITIES = ("CT", "MRI", "X-ray", "Pathology", "US", "Endoscopy", "Dermoscopy", "OCT")
+#: The OmniMedVQA modalities the paper's code scores (its Modality_{CT,OCT,X-Ray,MRI,ultrasound,Microscopy,Fundus}.json
+#: files, one accuracy each), in the spellings above; Microscopy and Fundus have no DiagSeg column.
+OMNIMED_MODALITIES = ("CT", "OCT", "X-ray", "MRI", "US", "Microscopy", "Fundus")
 #: Other names of those modalities, folded (`_folded`): the official Dermatoscopy (`--modality_split` merges it), and
 #: the spellings of the spec's other data sets (OmniMedVQA's "ultrasound", the grounding notebook's "MR").
 MODALITY_ALIASES = {"dermatoscopy": "Dermoscopy", "ultrasound": "US", "mr": "MRI"}
+#: OmniMedVQA's ``modality_type`` values as its QA files spell them (typos and the missing ")" included), and the same
+#: names corrected, as copies of the data spell them: without these a report on the released files grouped items under
+#: names no paper row has. Its other values (restricted-access files) are kept as written and named in the report.
+OMNIMED_MODALITY_TYPES = {
+    "CT(Computed Tomography)": "CT", "MR (Mag-netic Resonance Imaging)": "MRI",
+    "OCT (Optical Coherence Tomography": "OCT", "OCT (Optical Coherence Tomography)": "OCT", "X-Ray": "X-ray",
+    "ultrasound": "US", "Microscopy Images": "Microscopy", "Fundus Photography": "Fundus", "Dermoscopy": "Dermoscopy",
+}
 
 
 def _folded(name: str) -> str:
@@ -281,7 +292,8 @@ def _folded(name: str) -> str:
     return "".join(c for c in name.lower() if c not in "-_ ")
 
 
-_CANONICAL = {**{_folded(m): m for m in PAPER_MODALITIES}, **MODALITY_ALIASES, "unknown": "unknown"}
+_CANONICAL = {**{_folded(m): m for m in (*PAPER_MODALITIES, *OMNIMED_MODALITIES)}, **MODALITY_ALIASES,
+              **{_folded(name): m for name, m in OMNIMED_MODALITY_TYPES.items()}, "unknown": "unknown"}
 
 
 def canonical_modality(name: str | None) -> str:

@@ -306,21 +306,36 @@ def read_llava_vqa(path: str | Path, image_root: str | Path | None = None) -> li
     return _check_unique(path, _one_group_per_modality(items))
 
 
-def _omni_modality(path: Path) -> str:
-    stem = path.stem
-    return stem[len("Modality_"):] if stem.startswith("Modality_") else stem
+def _omni_file_modality(path: Path) -> str | None:
+    """The modality a ``Modality_{m}.json`` file (the paper's per-modality files) names, else None."""
+    return path.stem[len("Modality_"):] if path.stem.startswith("Modality_") else None
+
+
+def _omni_item_modality(path: Path, index: int, raw) -> str | None:
+    """The item's ``modality_type`` (the released files' field; one item of "Chest CT Scan.json" names it
+    ``modality``), else None."""
+    if isinstance(raw, Mapping):
+        for key in ("modality_type", "modality"):
+            value = _optional_text(path, index, raw, key)
+            if value is not None:
+                return value
+    return None
 
 
 def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list[EvalItem]:
-    """OmniMedVQA: one ``Modality_{m}.json`` file, or a folder of them (read in name order).
+    """OmniMedVQA: one QA file, or a folder of them (read in name order): its ``Modality_*.json`` files where it
+    has any (the paper's per-modality files), else every ``*.json`` (the release's ``QA_information/Open-access``,
+    one file per source data set).
 
-    The modality is taken from the file name, as the official per-file accuracy is.
+    The modality of a ``Modality_{m}.json`` file's items is ``m``, as the official per-file accuracy groups them;
+    another file's are each item's ``modality_type`` (a file whose items have none: the file's name). Both are
+    spelled as the paper's table (`canonical_modality`: "CT(Computed Tomography)" and Modality_CT.json are CT).
     """
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("Modality_*.json")) or sorted(path.glob("*.json"))
         if not files:
-            raise DataError(f"{path}: no Modality_*.json files in this folder")
+            raise DataError(f"{path}: no Modality_*.json or other .json files in this folder")
         items: list[EvalItem] = []
         read_from: dict[str, Path] = {}
         for f in files:
@@ -332,18 +347,19 @@ def read_omnimed(path: str | Path, image_root: str | Path | None = None) -> list
                 items.append(item)
         return _one_group_per_modality(items)  # Modality_CT.json and Modality_ct.json: one group
     resolve = _resolver(path, image_root)
-    modality = _omni_modality(path)
+    file_modality = _omni_file_modality(path)
     items = []
     for i, raw in enumerate(_load_list(path)):
         options = _mc_options(path, i, raw)
         question = _question(path, i, raw, "question")
+        modality = file_modality or _omni_item_modality(path, i, raw) or path.stem
         items.append(EvalItem(
             id=_text(path, i, raw, "question_id", numbers=True), question=question + MC_SUFFIX,
             answer=_answer(path, i, raw, _field(path, i, raw, "gt_answer"), "gt_answer"), answer_type="mc",
-            image=resolve(_text(path, i, raw, "image_path"), _where(path, i, raw)), modality=modality,
-            options=options,
+            image=resolve(_text(path, i, raw, "image_path"), _where(path, i, raw)),
+            modality=canonical_modality(modality), options=options,
         ))
-    return _check_unique(path, items)
+    return _check_unique(path, _one_group_per_modality(items))
 
 
 READERS = {"diagseg": read_diagseg, "vqa": read_llava_vqa, "mc": read_omnimed}

@@ -18,6 +18,8 @@ import numpy as np
 
 from medsight.atomic_files import replace_files
 from medsight.evaluate.metrics import (
+    OMNIMED_MODALITIES,
+    PAPER_MODALITIES,
     bootstrap_ci,
     closed_hit,
     item_dice,
@@ -181,11 +183,13 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
             if not item.options:
                 raise DataError(f"item {item.id!r}: answer type 'mc' without options to score the answer against")
     scores = score_items(items, predictions, with_dice=task == "diagseg", text_predictions=text_predictions)
+    outside = modalities_not_in_paper(task, scores)
     rows: list[dict] = []
     if task == "diagseg":
         # The paper's Dice avg (69.9) fits a per-sample mean, its recall avg (58.9) the macro mean (spec 8.4).
-        rows += aggregate(scores, "dice", n_boot, seed, PAPER_DIAGSEG["dice"], paper_avg="per_sample_mean")
-        rows += aggregate(scores, "recall", n_boot, seed, PAPER_DIAGSEG["recall"])
+        rows += aggregate(scores, "dice", n_boot, seed, _paper_for(PAPER_DIAGSEG["dice"], outside),
+                          paper_avg="per_sample_mean")
+        rows += aggregate(scores, "recall", n_boot, seed, _paper_for(PAPER_DIAGSEG["recall"], outside))
         rows += aggregate(scores, "strict_dice", n_boot, seed)
         # run_eval.py scores a closed item of the file by its yes/no rule, as in the VQA benchmarks.
         for m in (*OPEN_METRICS, "closed_accuracy", "strict_closed_accuracy"):
@@ -199,7 +203,7 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
             rows += aggregate(scores, m, n_boot, seed, {"avg": ref[m]} if m in ref else None,
                               paper_avg="per_sample_mean")
     elif task == "mc":
-        rows += aggregate(scores, "accuracy", n_boot, seed, PAPER_MC)
+        rows += aggregate(scores, "accuracy", n_boot, seed, _paper_for(PAPER_MC, outside))
     else:
         raise ValueError(f"unknown task {task!r}")
     notes = [
@@ -230,11 +234,13 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
         notes.append(f"every item is of one modality ({alone}): " + (
             f"the paper's numbers for it ({numbers}) are set beside the per-sample mean" if numbers else
             "the paper has no number for it alone (its average spans other modalities), so none is set beside it"))
-    elif task == "mc":
+    elif task == "mc" and not outside:
         notes.append("the paper's OmniMedVQA 68.9 is set beside the macro mean over modalities [inferred: "
                      "run_eval_mc.py prints one accuracy per Modality_*.json file and the code does not say how the "
                      "paper combined them]; per_sample_mean is the accuracy pooled over all items")
-    if task == "diagseg" and alone is None:
+    if outside:
+        notes.append(_outside_note(task, outside))
+    if task == "diagseg" and alone is None and not outside:
         notes.append("paper Dice avg 69.9 matches a per-sample mean better than the macro mean (67.2) [inferred]; "
                      "paper Recall avg 58.9 is the macro mean")
     if task == "diagseg":
@@ -260,8 +266,40 @@ def build_report(task: str, items: Sequence[EvalItem], predictions: Sequence[Pre
                          "(check that the masks belong to these images)")
     return {"task": task, "benchmark": benchmark, "settings": settings, "n_items": len(items), "n_scored": len(scores),
             "n_missing": len(items) - len(scores), "answer_types": answer_type_counts(items, scores),
-            "unscored_answer_types": unscored_types(items),
+            "unscored_answer_types": unscored_types(items), "modalities_not_in_paper": outside,
             "bootstrap": {"n": n_boot, "seed": seed}, "notes": notes, "metrics": rows}
+
+
+#: The modalities each task's paper numbers are given for (a VQA benchmark's are pooled over its modalities).
+PAPER_GROUPS = {"diagseg": PAPER_MODALITIES, "mc": OMNIMED_MODALITIES}
+
+
+def modalities_not_in_paper(task: str, scores: Sequence[ItemScore]) -> dict[str, int]:
+    """The scored items' modalities the paper has no row for in `task` (kept as the data names them: OmniMedVQA's
+    Dermoscopy, which the paper's code leaves out, or a modality only its restricted-access files have), with their
+    item counts, so a group no paper number stands beside is named rather than silently compared."""
+    known = PAPER_GROUPS.get(task)
+    out: dict[str, int] = {}
+    if known is None:
+        return out
+    for s in scores:
+        if s.modality not in known and s.modality != "unknown":
+            out[s.modality] = out.get(s.modality, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _paper_for(paper: dict[str, float], outside: dict[str, int]) -> dict[str, float]:
+    """The paper's numbers a run's rows may stand beside: its average spans only its own modalities, so with items
+    of another modality in the 'all' rows it would compare two different sets, and is left out."""
+    return {k: v for k, v in paper.items() if k != "avg"} if outside else paper
+
+
+def _outside_note(task: str, outside: dict[str, int]) -> str:
+    named = ", ".join(f"{m} ({n} items)" for m, n in outside.items())
+    which = "OmniMedVQA modalities its code scores" if task == "mc" else "DiagSeg table's modalities"
+    return (f"modalities not among the paper's {which} ({', '.join(PAPER_GROUPS[task])}), kept as the data names "
+            f"them, with no paper number: {named}; their items count in the 'all' rows, so the paper's average, "
+            "which does not include them, is not set beside those rows (leave those items out to compare with it)")
 
 
 #: The metric whose rows count the scored items of each answer type (every item of the type has it).
