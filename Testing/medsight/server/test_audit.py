@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from fastapi import FastAPI
 
 from medsight.imaging import read_volume
 from medsight.server.app import create_app
@@ -196,3 +200,87 @@ def test_an_ask_stopped_by_the_engine_audits_exactly_the_regions_it_sent(engine,
     line = json.loads(audit.read_text())
     assert line["outcome"] == "disconnected" and len(mapped) == 2 and mapped[1] > 0  # the 2nd slice had regions
     assert line["regions"] == sent and len(sent) == (mapped[0] if stream else 0)  # before: the 2nd slice's too
+
+
+def hang_up(url: str, body: dict, ready: Callable[[list[dict]], bool]) -> list[dict]:
+    """Ask over a raw connection, read until `ready(regions received)` says so, then hang up: the regions received
+    (the data of the stream's "region" events; none for a plain ask)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    received = b""
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(data), data))
+        client.settimeout(0.05)
+        give_up = time.monotonic() + 120  # a hang guard, not a speed requirement
+        while time.monotonic() < give_up:
+            with contextlib.suppress(TimeoutError):
+                received += client.recv(65536)
+            # Each event goes out whole in one chunk of the chunked body: its text is never split.
+            regions = [json.loads(m) for m in re.findall(rb"event: region\ndata: (.+)\n\n", received)]
+            if ready(regions):
+                return regions
+    raise AssertionError(f"the client never got to hang up: {received[-300:]!r}")
+
+
+def audit_line(audit: Path) -> dict:
+    """The trail's one line, once written (a job stopped by its client's leaving ends, and is audited, soon)."""
+    give_up = time.monotonic() + 30
+    while not audit.read_text() and time.monotonic() < give_up:
+        time.sleep(0.02)
+    [line] = audit.read_text().splitlines()
+    return json.loads(line)
+
+
+@contextlib.contextmanager
+def segment_all(engine, audit: Path, stream: bool) -> Iterator[tuple[str, dict, FastAPI]]:
+    """A live engine auditing to `audit`, an ask about every slice of a small random volume, and the engine's app."""
+    volume = np.random.default_rng(0).integers(0, 1000, (3, 32, 32)).astype(np.int16)
+    app = create_app(engine, model_name="tiny", audit_path=str(audit))
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            volume_id = c.post("/v1/volumes", content=npy(volume),
+                               headers={"content-type": "application/octet-stream"}).json()["volume_id"]
+        yield url, {"volume_id": volume_id, "messages": [{"role": "user", "content": "Segment everything."}],
+                    "slices": {"plane": "axial", "indices": list(range(volume.shape[0]))},
+                    "options": {"max_new_tokens": 24, "seed": 1}, "stream": stream}, app
+
+def audited(regions: list[dict], indices: list[int]) -> list[dict]:
+    """Streamed "region" events as the trail lists them."""
+    return [{"slice": indices[r["slice"]], "code": r["region"]["code"], "label": r["region"]["label"]}
+            for r in regions]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_ask_whose_client_left_while_its_last_slice_was_mapped_is_audited_as_disconnected(
+        engine, tmp_path, monkeypatch, stream):
+    """A client gone while the masks of the ask's last slice were mapped was audited "completed": no later slice was
+    left to see the abandon, so the answer did not say it was cut short, though nothing more went out."""
+    audit = tmp_path / "audit.jsonl"
+    abandoned: list[threading.Event] = []
+    mapped: list[int] = []
+    last_slice = threading.Event()
+    ask, regions_of = engine.ask, engine._regions
+
+    def asking(*args, **kwargs):
+        abandoned.append(kwargs["abandon"])
+        return ask(*args, **kwargs)
+
+    def mapping(x, *args, **kwargs):  # the engine's own mapping; on the last slice, held until the ask is abandoned
+        regions = regions_of(x, *args, **kwargs)
+        mapped.append(len(regions))
+        if len(mapped) == len(body["slices"]["indices"]):
+            last_slice.set()
+            abandoned[0].wait(30)
+        return regions
+
+    monkeypatch.setattr(engine, "ask", asking)
+    monkeypatch.setattr(engine, "_regions", mapping)
+    with segment_all(engine, audit, stream) as (url, body, _):
+        # A stream hangs up once it has the earlier slices' "region" events: all that were sent.
+        got = hang_up(url, body, lambda regions: last_slice.is_set() and len(regions) == sum(mapped[:-1]) * stream)
+        line = audit_line(audit)
+    assert abandoned[0].is_set() and len(mapped) == len(body["slices"]["indices"])
+    assert line["outcome"] == "disconnected", (line["outcome"], len(line["regions"]), len(got))  # before: "completed"
+    assert line["regions"] == audited(got, body["slices"]["indices"]) and len(got) == sum(mapped[:-1]) * stream
+

@@ -448,13 +448,16 @@ def create_app(
             deadline.cancel()
             store.unpin(req.volume_id)
             elapsed = time.monotonic() - (job.started or time.monotonic())
+            gone = job.abandoned.is_set()  # read once: the outcome and the regions must tell the same story
+            if gone and outcome == "completed":  # its client left as the last slice's masks were mapped, or later
+                outcome = job.stop_reason or "disconnected"
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
                 try:
                     audit.record(
                         job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
                         options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
-                        regions=sent_regions(result, job.abandoned.is_set(),
+                        regions=sent_regions(result, gone,
                                              feed.sent["region"] if feed is not None else None),
                         duration_s=elapsed, outcome=outcome)
                 except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
