@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -30,6 +31,7 @@ from MedSIGHTSlicerLib.protocol import SSEParser
 
 PATIENT_NAME, PATIENT_ID = "Quillfeather^Araminta", "AUDIT-PID-7741"
 PHRASE = "the zebra-striped nodule Araminta mentioned"
+SLICES = 3  # of `segment_all`'s volume
 
 
 @pytest.fixture
@@ -144,6 +146,32 @@ def test_an_ask_that_failed_keeps_its_own_error_when_the_audit_trail_cannot_be_w
     assert "the audit trail could not be written (File too large)" in caplog.text
 
 
+def hold_mapping(engine, monkeypatch, hold_at: int | None) -> tuple[list[int], threading.Event, list[threading.Event]]:
+    """Hooks on the engine's own ask and mask mapping: `mapped` gets each slice's region count; once the `hold_at`-th
+    slice is mapped, `held` is set and the mapping waits (30 s at most) until the ask is abandoned. Returns
+    (mapped, held, the asks' abandon flags)."""
+    abandoned: list[threading.Event] = []
+    mapped: list[int] = []
+    held = threading.Event()
+    ask, regions_of = engine.ask, engine._regions
+
+    def asking(*args, **kwargs):
+        abandoned.append(kwargs["abandon"])
+        return ask(*args, **kwargs)
+
+    def mapping(*args, **kwargs):
+        regions = regions_of(*args, **kwargs)
+        mapped.append(len(regions))
+        if len(mapped) == hold_at:
+            held.set()
+            abandoned[0].wait(30)
+        return regions
+
+    monkeypatch.setattr(engine, "ask", asking)
+    monkeypatch.setattr(engine, "_regions", mapping)
+    return mapped, held, abandoned
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_an_ask_stopped_by_the_engine_audits_exactly_the_regions_it_sent(engine, tmp_path, monkeypatch, stream):
     """The engine stops (its grace over) while an ask maps the masks of its second slice: the response has stopped
@@ -151,25 +179,7 @@ def test_an_ask_stopped_by_the_engine_audits_exactly_the_regions_it_sent(engine,
     (7357 audited, 7271 sent, last session); a plain ask, which sends its regions only in its answer, listed all it had
     mapped. The line now lists the "region" events the client received, in order: none for a plain ask."""
     audit = tmp_path / "audit.jsonl"
-    abandoned: list[threading.Event] = []
-    mapped: list[int] = []
-    second_slice = threading.Event()
-    ask, regions_of = engine.ask, engine._regions
-
-    def asking(*args, **kwargs):
-        abandoned.append(kwargs["abandon"])
-        return ask(*args, **kwargs)
-
-    def mapping(*args, **kwargs):  # the engine's own mapping; on the second slice, held until the ask is abandoned
-        regions = regions_of(*args, **kwargs)
-        mapped.append(len(regions))
-        if len(mapped) == 2:
-            second_slice.set()
-            abandoned[0].wait(30)
-        return regions
-
-    monkeypatch.setattr(engine, "ask", asking)
-    monkeypatch.setattr(engine, "_regions", mapping)
+    mapped, second_slice, _ = hold_mapping(engine, monkeypatch, 2)
     volume = np.random.default_rng(0).integers(0, 1000, (3, 32, 32)).astype(np.int16)
     received: list[tuple[str, dict]] = []
     with live_server(create_app(engine, model_name="tiny", audit_path=str(audit)), grace_s=0.2) as url:
@@ -235,7 +245,7 @@ def audit_line(audit: Path) -> dict:
 @contextlib.contextmanager
 def segment_all(engine, audit: Path, stream: bool) -> Iterator[tuple[str, dict, FastAPI]]:
     """A live engine auditing to `audit`, an ask about every slice of a small random volume, and the engine's app."""
-    volume = np.random.default_rng(0).integers(0, 1000, (3, 32, 32)).astype(np.int16)
+    volume = np.random.default_rng(0).integers(0, 1000, (SLICES, 32, 32)).astype(np.int16)
     app = create_app(engine, model_name="tiny", audit_path=str(audit))
     with live_server(app) as url:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -257,25 +267,7 @@ def test_an_ask_whose_client_left_while_its_last_slice_was_mapped_is_audited_as_
     """A client gone while the masks of the ask's last slice were mapped was audited "completed": no later slice was
     left to see the abandon, so the answer did not say it was cut short, though nothing more went out."""
     audit = tmp_path / "audit.jsonl"
-    abandoned: list[threading.Event] = []
-    mapped: list[int] = []
-    last_slice = threading.Event()
-    ask, regions_of = engine.ask, engine._regions
-
-    def asking(*args, **kwargs):
-        abandoned.append(kwargs["abandon"])
-        return ask(*args, **kwargs)
-
-    def mapping(x, *args, **kwargs):  # the engine's own mapping; on the last slice, held until the ask is abandoned
-        regions = regions_of(x, *args, **kwargs)
-        mapped.append(len(regions))
-        if len(mapped) == len(body["slices"]["indices"]):
-            last_slice.set()
-            abandoned[0].wait(30)
-        return regions
-
-    monkeypatch.setattr(engine, "ask", asking)
-    monkeypatch.setattr(engine, "_regions", mapping)
+    mapped, last_slice, abandoned = hold_mapping(engine, monkeypatch, SLICES)
     with segment_all(engine, audit, stream) as (url, body, _):
         # A stream hangs up once it has the earlier slices' "region" events: all that were sent.
         got = hang_up(url, body, lambda regions: last_slice.is_set() and len(regions) == sum(mapped[:-1]) * stream)
@@ -284,3 +276,36 @@ def test_an_ask_whose_client_left_while_its_last_slice_was_mapped_is_audited_as_
     assert line["outcome"] == "disconnected", (line["outcome"], len(line["regions"]), len(got))  # before: "completed"
     assert line["regions"] == audited(got, body["slices"]["indices"]) and len(got) == sum(mapped[:-1]) * stream
 
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_ask_whose_client_left_after_its_job_ended_audits_what_went_out(engine, tmp_path, monkeypatch, caplog,
+                                                                          stream):
+    """The job has ended when its client leaves, before the answer with the masks went out: its line, written at the
+    job's end, said "completed" (a stream: its 50 "region" events sent, no masks) and a plain ask listed every region
+    (50, none sent). The line is now written as the answer goes out, or as its client is found gone."""
+    caplog.set_level(logging.INFO, logger="medsight.server")
+    audit = tmp_path / "audit.jsonl"
+    ended = threading.Event()
+    mapped, _, _ = hold_mapping(engine, monkeypatch, None)
+    with segment_all(engine, audit, stream) as (url, body, app):
+        submit = app.state.jobs.submit
+
+        def submitting(work):  # the job's own work; once it has ended, held until its client is found gone
+            def working(job):
+                try:
+                    return work(job)
+                finally:
+                    ended.set()
+                    job.abandoned.wait(30)
+
+            return submit(working)
+
+        monkeypatch.setattr(app.state.jobs, "submit", submitting)
+        # A stream hangs up once it has every "region" event, the answer's masks (its "done") not yet.
+        got = hang_up(url, body, lambda regions: ended.is_set() and len(regions) == sum(mapped) * stream)
+        line = audit_line(audit)
+    assert sum(mapped) > 0 and len(mapped) == len(body["slices"]["indices"])
+    assert line["outcome"] == "disconnected", (line["outcome"], len(line["regions"]), len(got))  # before: "completed"
+    assert line["regions"] == audited(got, body["slices"]["indices"])  # before: a plain ask listed every region
+    assert len(got) == sum(mapped) * stream
+    assert f"job {line['job_id']}: the client left before the answer went out" in caplog.text
