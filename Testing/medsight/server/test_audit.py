@@ -113,8 +113,10 @@ def test_an_audit_trail_that_cannot_be_written_withholds_the_answer_saying_why(e
         assert first.status_code == 200
         with file_size_limit(audit.stat().st_size + 10):  # room for a tenth of a line
             full = c.post("/v1/ask", json=ask)
+            streamed = list(SSEParser().feed(c.post("/v1/ask", json={**ask, "stream": True}).content))
         after = c.post("/v1/ask", json=ask)
     assert full.json()["code"] == "audit_failed", full.text
+    assert streamed[-1][0] == "error" and json.loads(streamed[-1][1])["code"] == "audit_failed", streamed[-1]
     assert "audit trail could not be written (File too large)" in full.json()["message"]
     assert after.status_code == 200 and len(after.json()["answers"]) == 1, after.text
     # The failed line left nothing behind: the trail holds exactly the two answers given, each line whole.
