@@ -34,7 +34,7 @@ from medsight.model.sizes import model_size
 from medsight.prompt import Message
 from medsight.server import convert, schemas
 from medsight.server.admission import estimate_ask_memory, prompt_tokens
-from medsight.server.audit import AuditLog, sent_regions
+from medsight.server.audit import AuditLog, PendingLine, answer_regions, sent_regions
 from medsight.server.guard import BodyTimeoutError, Guard, HostPolicy
 from medsight.server.jobs import Job, JobQueue, QueueFullError
 from medsight.server.responses import JOB_ID_HEADER, SEND_TIMEOUT_S, EventFeed, JobResponse
@@ -412,7 +412,7 @@ def create_app(
         return VolumeSlices(volume, plane, indices, win), messages, indices
 
     def run_job(job: Job, req: schemas.AskRequest, slices: VolumeSlices, messages: list[Message],
-                feed: EventFeed | None) -> str:
+                feed: EventFeed | None, line: PendingLine) -> str:
         """On the engine's worker thread: run the ask, return the JSON of its AskResponse."""
         position = {index: i for i, index in enumerate(slices.indices)}
         on_token = on_region = None
@@ -448,22 +448,37 @@ def create_app(
             deadline.cancel()
             store.unpin(req.volume_id)
             elapsed = time.monotonic() - (job.started or time.monotonic())
+            gone = job.abandoned.is_set()  # read once: the outcome and the regions must tell the same story
+            if gone and outcome == "completed":  # its client left as the last slice's masks were mapped, or later
+                outcome = job.stop_reason or "disconnected"
             log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
             if audit is not None:
-                try:
-                    audit.record(
-                        job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
-                        options=req.options.model_dump(), queued_s=(job.started or job.submitted) - job.submitted,
-                        regions=sent_regions(result, job.abandoned.is_set(),
-                                             feed.sent["region"] if feed is not None else None),
-                        duration_s=elapsed, outcome=outcome)
-                except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
-                    why = err.strerror or type(err).__name__
-                    log.error("job %s: the audit trail could not be written (%s)", job.id, why)
-                    if response is not None:  # else the ask's own error (a 422, an engine failure) goes out
-                        raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail "
-                                       f"could not be written ({why}); free space for it or restart the "
-                                       f"engine") from None
+                regions, answered = answer_regions(result), response is not None  # not the answer's masks
+
+                def write(left: bool) -> None:
+                    """The job's line; `left`: its client left before the answer went out."""
+                    if left and not gone:  # the job's log line, written at its end, said otherwise
+                        log.info("job %s: the client left before the answer went out", job.id)
+                    try:
+                        audit.record(
+                            job_id=job.id, volume_id=req.volume_id, plane=slices.plane, slices=slices.indices,
+                            options=req.options.model_dump(),
+                            queued_s=(job.started or job.submitted) - job.submitted,
+                            regions=sent_regions(regions, left, feed.sent["region"] if feed is not None else None),
+                            duration_s=elapsed,
+                            outcome=(job.stop_reason or "disconnected") if left and outcome == "completed" else outcome)
+                    except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
+                        why = err.strerror or type(err).__name__
+                        log.error("job %s: the audit trail could not be written (%s)", job.id, why)
+                        if answered and not left:  # else the ask's own error goes out, or nothing
+                            raise ApiError(500, "audit_failed", f"the answer is withheld: the engine's audit trail "
+                                           f"could not be written ({why}); free space for it or restart the "
+                                           f"engine") from None
+
+                if answered and not gone:
+                    line.hand_over(write)  # written as the answer goes out, or once its client is found gone
+                else:
+                    write(gone)
 
     def resolve_view(req: schemas.AskRequest, volume: Volume) -> schemas.AskRequest:
         """A view-named slice becomes plane + index: the engine is the one authority on slicing."""
@@ -481,13 +496,14 @@ def create_app(
         the connection cancels the job."""
         slices, messages, _ = await run_in_threadpool(admit, req)
         feed = EventFeed() if req.stream else None
+        line = PendingLine()
         try:
-            job = jobs.submit(lambda job: run_job(job, req, slices, messages, feed))
+            job = jobs.submit(lambda job: run_job(job, req, slices, messages, feed, line))
         except QueueFullError as err:
             store.unpin(req.volume_id)
             raise ApiError(429, "busy", str(err), {"Retry-After": str(err.retry_after)}) from None
         return JobResponse(job, feed, _error_json, {"plane": slices.plane, "indices": list(slices.indices)},
-                           send_timeout_s)
+                           send_timeout_s, line.release)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=schemas.CancelResponse)
     async def cancel_job(job_id: str) -> schemas.CancelResponse:

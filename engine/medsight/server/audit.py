@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -39,21 +40,55 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sent_regions(answer: EngineAnswer | None, abandoned: bool, streamed: int | None) -> list[dict]:
-    """The regions of an ask's answer that went out to its client, as the trail lists them (slice, code, label).
+def answer_regions(answer: EngineAnswer | None) -> list[dict]:
+    """An answer's regions as the trail lists them (slice, code, label), in the answer's order."""
+    return [{"slice": a.slice_index, "code": r.code, "label": r.label}
+            for a in (answer.answers if answer is not None else []) for r in a.regions]
 
-    An answer whose client was still there when its job ended goes out whole (its "region" events, then the answer
-    with the masks, which waits for this line). One abandoned before that (the client left, the engine stopped: the
-    response had stopped sending when it said so) went out as far as the response had sent it: the first `streamed`
-    "region" events of a stream (the engine streams them in the answer's order), nothing of a plain ask (`streamed`
-    None). The regions mapped meanwhile were listed too: 105 audited, 73 sent for a client gone during the second
-    of four slices. A client gone whose leaving the engine sees only once the job has ended (this line is written
-    then) is audited with the whole answer, which the engine had released to it."""
-    regions = [{"slice": a.slice_index, "code": r.code, "label": r.label}
-               for a in (answer.answers if answer is not None else []) for r in a.regions]
+
+def sent_regions(regions: list[dict], abandoned: bool, streamed: int | None) -> list[dict]:
+    """Of an answer's `regions` (`answer_regions`), those that went out to its client.
+
+    An answer whose client was there when it went out went out whole (its "region" events, then the answer with the
+    masks, which waits for this line: `PendingLine`). One abandoned before that (the client left, the engine stopped:
+    the response had stopped sending when it said so) went out as far as the response had sent it: the first
+    `streamed` "region" events of a stream (the engine streams them in the answer's order), nothing of a plain ask
+    (`streamed` None). The regions mapped meanwhile were listed too: 105 audited, 73 sent for a client gone during
+    the second of four slices."""
     if not abandoned:
         return regions
     return regions[:streamed] if streamed is not None else []
+
+
+class PendingLine:
+    """A finished job's audit line, waiting to learn whether its answer goes out: the job ends on the worker, its
+    answer leaves later from the event loop, and its client may leave in between (which only the response sees).
+    Written once: by the response as it sends the answer, before the masks leave, or, for a client gone, by whichever
+    of job and response ends last. Written at the job's end, it listed a whole answer that nobody received."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._write: Callable[[bool], None] | None = None
+        self._closed = False  # the response will send no answer
+
+    def hand_over(self, write: Callable[[bool], None]) -> None:
+        """On the worker, as a job with an answer ends: `write(left)` writes its line. Written at once (left) when
+        the response has already stopped."""
+        with self._lock:
+            if not self._closed:
+                self._write = write
+                return
+        write(True)
+
+    def release(self, sent: bool) -> None:
+        """From the response: its answer goes out now (`sent`; an error from the line withholds it), or never.
+        On the event loop, between its look at the connection and its send: a client found there may not leave
+        unrecorded while the line is written elsewhere."""
+        with self._lock:
+            write, self._write = self._write, None
+            self._closed = self._closed or not sent
+        if write is not None:
+            write(not sent)
 
 
 @dataclass(frozen=True)

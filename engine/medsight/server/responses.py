@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from starlette.responses import Response
 
@@ -92,13 +93,16 @@ class ClientStalledError(Exception):
 
 class JobResponse(Response):
     """ASGI response for an admitted job. `job.future` resolves to the JSON text of the answer, or raises
-    an `ApiError`-like exception with `status`, `code` and `message`."""
+    an `ApiError`-like exception with `status`, `code` and `message`. `release(sent)` is told, once the job has
+    ended, whether its answer goes out (just before: an `ApiError`-like exception withholds it) or never does (the
+    audit line, `audit.PendingLine`)."""
 
     def __init__(self, job: Job, feed: EventFeed | None, error_body, job_event: dict | None = None,
-                 send_timeout_s: float = SEND_TIMEOUT_S) -> None:
+                 send_timeout_s: float = SEND_TIMEOUT_S, release: Callable[[bool], None] | None = None) -> None:
         self.job, self.feed, self.error_body = job, feed, error_body
         self.job_event = {"job_id": job.id, **(job_event or {})}  # a stream's first event
         self.send_timeout_s = send_timeout_s
+        self.release = release or (lambda sent: None)
         self.background = None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -125,9 +129,9 @@ class JobResponse(Response):
                    (JOB_ID_HEADER.lower().encode(), self.job.id.encode())]
         if streaming:
             headers.append((b"x-accel-buffering", b"no"))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
         gone = asyncio.ensure_future(_disconnected(receive))
-        try:
+        try:  # from the first write: however it ends, the job hears of it, and so does its audit line
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             if streaming:
                 await send(_body(sse("job", self.job_event)))
                 finished = await self._stream(send, gone)
@@ -150,14 +154,25 @@ class JobResponse(Response):
             gone.cancel()
             if not self.job.future.done():  # cancelled by the server (shutdown) or the client went away
                 self.job.stop("disconnected")
+            self.release(False)  # the answer, if not released yet, goes to nobody
+
+    def _answer(self) -> tuple[str, str]:
+        """The ended job's ("done", answer) or ("error", error body); its answer is released first: no mask leaves
+        without its audit line. Called with the client known to be there, and no wait before the send."""
+        err = self.job.future.exception()
+        if err is None:
+            try:
+                self.release(True)
+                return "done", self.job.future.result()
+            except Exception as failed:  # the audit line could not be written: the answer is withheld
+                err = failed
+        return "error", self.error_body(err)
 
     async def _plain(self, send, gone: asyncio.Future) -> bool:
         await asyncio.wait({self.job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not self.job.future.done():
+        if not self.job.future.done() or gone.done():  # gone as the job ended: its answer goes to nobody
             return False
-        err = self.job.future.exception()
-        body = self.error_body(err) if err is not None else self.job.future.result()
-        await send(_body(body.encode()))
+        await send(_body(self._answer()[1].encode()))
         return True
 
     async def _stream(self, send, gone: asyncio.Future) -> bool:
@@ -169,9 +184,9 @@ class JobResponse(Response):
             except asyncio.CancelledError:  # the server stops: a getter left pending is logged as an error
                 getter.cancel()
                 raise
-            if gone.done() and not self.job.future.done():
+            if gone.done():
                 # Nothing sent now would reach the client (uvicorn drops it): a burst of events still counted as
-                # sent, and the job went on for nobody, as long as events came.
+                # sent, and the job went on for nobody, as long as events came (or its answer was released).
                 getter.cancel()
                 return False
             if getter.done():
@@ -186,15 +201,13 @@ class JobResponse(Response):
             if not self.job.future.done():
                 return False
             self.feed.flush()  # events the worker produced before the job settled come first
-            while not queue.empty():
+            while not queue.empty() and not gone.done():
                 kind, payload = queue.get_nowait()
                 await send(_body(sse(kind, payload)))
                 self.feed.sent[kind] += 1
-            err = self.job.future.exception()
-            if err is None:
-                await send(_body(sse("done", self.job.future.result())))
-            else:
-                await send(_body(sse("error", self.error_body(err))))
+            if gone.done():  # gone as the job ended: its masks go to nobody
+                return False
+            await send(_body(sse(*self._answer())))
             return True
 
 
