@@ -8,7 +8,9 @@ each engine three times, with --exit-with-parent, and stops it in the three ways
 SIGTERM (the 3D Slicer module's Stop) and its standard input closed (Slicer ending, seen by the parent watch),
 each after one ask. Prints the medians, old beside new: seconds from the start until /v1/health answers, the CPU
 seconds the engine had used by then (Linux; where CPUs are shared the wall time is noisy), whether scikit-learn
-was loaded (Linux: its libraries in the process's memory map), and seconds from the stop until the process ended.
+was loaded (Linux: its libraries in the process's memory map), seconds from the stop until the process ended, and
+its exit status (-6: SIGABRT, Python's "could not acquire lock for <stdin>" abort; -15: SIGTERM, re-raised by uvicorn
+once it has stopped).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def run_once(engine: Path, model: str, stop: str) -> dict[str, object]:
         process.send_signal(getattr(signal, stop))
     process.wait(timeout=120)
     result["exit"] = time.monotonic() - stopped
+    result["status"] = process.returncode
     return result
 
 
@@ -111,6 +114,9 @@ def main() -> None:
     for stop in STOPS:
         label = f"{stop} to exit (s)" if stop != "stdin" else "stdin closed to exit (s)"
         print(f"{label:34}{median('old', 'exit', stop):8.2f}{median('new', 'exit', stop):8.2f}")
+        statuses = {name: ",".join(sorted({str(r["status"]) for r in runs[name] if r["stop"] == stop}))
+                    for name in runs}
+        print(f"{'  its exit status':34}{statuses['old']:>8}{statuses['new']:>8}")
 
 
 if __name__ == "__main__":

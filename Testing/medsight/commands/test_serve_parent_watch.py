@@ -82,3 +82,19 @@ def test_a_parent_gone_during_the_imports_stops_serve_before_the_model_loads():
     imported = imported_modules(stderr)
     assert "torch" in imported and not {"medsight.engine", "medsight.server.app"} & imported
     assert took < 10.0, f"it took {took:.1f} s"  # the interpreter's exit after torch's import: 1-3 s measured
+
+
+def test_a_refused_serve_with_the_watch_on_ends_with_its_own_message_and_status():
+    """Before the fix the watch's thread held the lock of `sys.stdin` while it waited, and the refusal's exit waited
+    1 s for it, then aborted: status -6 (SIGABRT) and "Fatal Python error" after the refusal's line, as it is in the
+    Slicer module's engine log."""
+    served = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--port", "99999", "--exit-with-parent"],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env())
+    try:
+        served.wait(timeout=120)  # standard input held open, as the parent holds it (its 2 kB of usage fit the pipe)
+        err = served.stderr.read()
+    finally:
+        served.kill()
+        served.stdin.close()
+    assert served.returncode == 2, err[-2000:]
+    assert err.endswith("medsight serve: error: argument --port: 99999 is outside 1..65535\n"), err[-2000:]
