@@ -11,31 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-import medsight
 from medsight.server.parent_watch import EXIT_WITH_PARENT_VARIABLE
+from medsight_testing.child_engine import checkout_env, imported_modules
 from medsight_testing.processes import free_port
-
-#: The checkout's engine, for the child (the installed `medsight` may be another checkout's).
-ENGINE = Path(medsight.__file__).resolve().parents[1]
-
-
-def _imported(stderr: str) -> set[str]:
-    """The modules whose import finished, from ``python -X importtime``'s lines ("import time: self | total | name")."""
-    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
 @pytest.mark.skipif(os.name == "nt", reason="a pipe's end handed over as a file descriptor: POSIX")
 @pytest.mark.parametrize("asked_by", ["option", "variable"])
-def test_a_parent_gone_at_the_start_stops_serve_before_torch_is_imported(asked_by):
+def test_a_parent_gone_at_the_start_stops_serve_before_torch_isimported_modules(asked_by):
     read_fd, write_fd = os.pipe()
     os.close(write_fd)  # the parent's end: closed, as a crashed parent's is
     command = [sys.executable, "-X", "importtime", "-m", "medsight.cli", "serve", "--model", "tiny", "--port",
                str(free_port())]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     if asked_by == "option":
         command.append("--exit-with-parent")
         env.pop(EXIT_WITH_PARENT_VARIABLE, None)
@@ -50,7 +41,7 @@ def test_a_parent_gone_at_the_start_stops_serve_before_torch_is_imported(asked_b
     assert served.returncode == 130, served.stderr[-2000:]
     assert "standard input closed: the program that started the engine has ended; stopping" in served.stderr
     assert "\nmedsight: interrupted\n" in served.stderr, served.stderr[-2000:]  # importtime may list more after it
-    imported = _imported(served.stderr)
+    imported = imported_modules(served.stderr)
     assert "medsight.commands.serve" in imported  # the engine's imports are listed: the check below sees torch's
     assert "torch" not in imported and "medsight.engine" not in imported  # before: both, and the model loaded
     assert took < 10.0, f"it took {took:.1f} s"  # 0.4 s measured on a loaded 2-core machine; before: 23 s
@@ -60,8 +51,7 @@ def test_a_parent_gone_at_the_start_stops_serve_before_torch_is_imported(asked_b
 def test_a_parent_gone_during_the_imports_stops_serve_before_the_model_loads():
     """The parent's end of the pipe closes once torch is imported (while the parser's other imports run): the
     engine stops there, and imports neither the engine nor its server, let alone loading the model."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE), os.environ.get("PYTHONPATH", "")]),
-           EXIT_WITH_PARENT_VARIABLE: "1"}
+    env = checkout_env(**{EXIT_WITH_PARENT_VARIABLE: "1"})
     child = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "medsight.cli", "serve", "--model", "tiny",
                               "--port", str(free_port())], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env)
@@ -89,6 +79,22 @@ def test_a_parent_gone_during_the_imports_stops_serve_before_the_model_loads():
             child.wait()
     stderr = "".join(lines)
     assert code == 130 and "\nmedsight: interrupted\n" in stderr, stderr[-2000:]
-    imported = _imported(stderr)
+    imported = imported_modules(stderr)
     assert "torch" in imported and not {"medsight.engine", "medsight.server.app"} & imported
     assert took < 10.0, f"it took {took:.1f} s"  # the interpreter's exit after torch's import: 1-3 s measured
+
+
+def test_a_refused_serve_with_the_watch_on_ends_with_its_own_message_and_status():
+    """Before the fix the watch's thread held the lock of `sys.stdin` while it waited, and the refusal's exit waited
+    1 s for it, then aborted: status -6 (SIGABRT) and "Fatal Python error" after the refusal's line, as it is in the
+    Slicer module's engine log."""
+    served = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--port", "99999", "--exit-with-parent"],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env())
+    try:
+        served.wait(timeout=120)  # standard input held open, as the parent holds it (its 2 kB of usage fit the pipe)
+        err = served.stderr.read()
+    finally:
+        served.kill()
+        served.stdin.close()
+    assert served.returncode == 2, err[-2000:]
+    assert err.endswith("medsight serve: error: argument --port: 99999 is outside 1..65535\n"), err[-2000:]

@@ -110,6 +110,30 @@ def test_the_watch_interrupts_a_load_even_when_sigint_was_ignored():
     assert b"stopping" in err
 
 
+_REFUSES = """
+import sys
+from medsight.server.parent_watch import watch_parent
+watch_parent()
+print("watching", flush=True)
+sys.exit(2)  # as a refused command ends, the watch still reading
+"""
+
+
+def test_an_exit_while_watching_keeps_its_exit_status():
+    """The watch read standard input through `sys.stdin`, holding its buffer's lock while it waited: every exit
+    through Python's shutdown waited 1 s for the lock and then aborted (status -6, SIGABRT, "Fatal Python error")."""
+    child = subprocess.Popen([sys.executable, "-c", _REFUSES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        child.wait(timeout=30)  # its standard input held open throughout, as the parent holds it (a few bytes out)
+        out, err = child.stdout.read(), child.stderr.read()
+    finally:
+        child.kill()
+        child.stdin.close()
+    assert (child.returncode, out) == (2, b"watching\n"), err
+    assert b"Fatal Python error" not in err, err
+
+
 _TERMINALS: list[int] = []  # the pseudo-terminals' other ends, kept open: closed, isatty() says False
 
 

@@ -40,6 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if exit_with_parent_wanted(args.exit_with_parent, os.environ) and not args.parent_watched:
         watch_parent()  # before the imports and the load: a parent gone meanwhile stops them
 
+    leave_out_sklearn()
     import uvicorn
 
     import medsight
@@ -70,6 +71,19 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S, http=http_protocol())
     return 0
+
+
+def leave_out_sklearn() -> None:
+    """Keep scikit-learn out of the engine's process. transformers imports it (and with it pandas and much of scipy:
+    about 700 modules, 1.3 s of CPU at each start) whenever it is installed, as soon as any of its models is
+    imported: every model class inherits `GenerationMixin`, whose module imports `candidate_generator`, which imports
+    `sklearn.metrics` for one feature, the confidence threshold of assisted generation (`roc_curve`), that the engine
+    never uses (it runs its own generation loop). transformers has no setting for this; it asks the import system
+    whether sklearn can be found, and a None entry in `sys.modules` is the import system's own way of saying that a
+    module is not there (`find_spec` returns None). scikit-learn stays installed: nilearn needs it for the demo
+    data, in other processes. Nothing the engine runs imports it (LoRA adapters: peft imports it only for its
+    AdaMSS tuner); should something, it would fail with ModuleNotFoundError naming sklearn."""
+    sys.modules.setdefault("sklearn", None)
 
 
 def check_port(host: str, port: int) -> None:

@@ -64,6 +64,19 @@ def _not_a_pipe(stream: BinaryIO) -> str | None:
     return "a device such as /dev/null" if stat.S_ISCHR(mode) else "a file"
 
 
+def _own_reader(stdin: BinaryIO) -> BinaryIO:
+    """Standard input through a descriptor of the watch's own, unbuffered. Read through `sys.stdin`, the waiting
+    thread held its buffer's lock, and every exit through Python's shutdown (a refusal such as a port out of range,
+    Ctrl+C) waited 1 s for that lock, then aborted: "Fatal Python error: ... could not acquire lock for
+    <_io.BufferedReader name='<stdin>'>", exit status SIGABRT instead of 2 or 0. A stream without a descriptor (a
+    test's) is read as it is."""
+    try:
+        descriptor = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdin
+    return open(os.dup(descriptor), "rb", buffering=0)  # the watch's thread reads it until the process ends
+
+
 def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _interrupt) -> threading.Thread:
     """Read ``stream`` (default: standard input) in a daemon thread; at end of file say why and call ``on_gone``.
 
@@ -75,7 +88,8 @@ def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _
     left in the shell): /dev/null (docker without -i, systemd, nohup) or a file ends at once, which stopped the
     engine after its load saying that "the program that started the engine has ended", and a terminal would be read
     (Ctrl+D stopped the engine; a background job reading it is stopped by SIGTTIN)."""
-    if stream is None:
+    standard_input = stream is None
+    if standard_input:
         if sys.stdin is None:
             raise ValueError("--exit-with-parent: the engine has no standard input to watch; start it with a pipe "
                              "on its standard input, held open by the program it is to exit with")
@@ -84,6 +98,8 @@ def watch_parent(stream: BinaryIO | None = None, on_gone: Callable[[], None] = _
     if kind is not None:
         raise ValueError(f"--exit-with-parent (or {EXIT_WITH_PARENT_VARIABLE}=1): standard input is {kind}, not a "
                          "pipe held by the program the engine is to exit with; start the engine without it")
+    if standard_input:
+        stream = _own_reader(stream)
     if on_gone is _interrupt and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
