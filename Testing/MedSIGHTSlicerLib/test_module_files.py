@@ -390,6 +390,23 @@ def test_readme_commands_name_only_existing_options():
     assert shown == set(known), f"the README shows no `medsight {' / '.join(sorted(set(known) - shown))}`"
 
 
+def test_readme_scripts_name_only_existing_options():
+    """The benchmark scripts and `python -m medsight.<module>` tools the README shows take the options it names."""
+    shown = 0
+    for code in _readme_code():
+        for found in re.finditer(r"(?:benchmarks/)?([a-z_]+)\.py\b([^;|]*)|-m (medsight\.[a-z_.]+)([^;|]*)", code):
+            name, rest = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
+            script = (REPO / "benchmarks" / f"{name}.py" if found.group(1)
+                      else REPO / "engine" / (name.replace(".", "/") + ".py"))
+            if not script.is_file() or name == "medsight.train.cli":  # a module file named in prose; the trainer
+                continue  # is checked with the `medsight` commands
+            takes = set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", script.read_text()))
+            for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+                assert option in takes, f"README: `{name} {option}`: {script.name} has no such option ({code!r})"
+                shown += 1
+    assert shown, "the README shows no benchmark or tool options any more: is the parsing still right?"
+
+
 def test_install_section_names_both_ways_to_add_the_module():
     readme = (REPO / "README.md").read_text()
     text = readme[readme.index("## Install in 3D Slicer") :]
