@@ -407,6 +407,20 @@ def test_readme_scripts_name_only_existing_options():
     assert shown, "the README shows no benchmark or tool options any more: is the parsing still right?"
 
 
+def test_readme_environment_variables_are_read():
+    """Each MEDSIGHT_* variable the README tells a user to set is read by the engine, the module, a script or the
+    tests (MEDSIGHT_GOLDEN_DIR): a shell `${VAR...}`, or a Python file using os.environ that quotes the name."""
+    named = set(re.findall(r"\bMEDSIGHT_[A-Z_]+\b", (REPO / "README.md").read_text()))
+    assert named, "the README names no MEDSIGHT_* variable"
+    sources = [*REPO.glob("engine/medsight/**/*.py"), *REPO.glob("MedSIGHTSlicer/**/*.py"), *REPO.glob("scripts/*.sh"),
+               REPO / "Testing" / "conftest.py"]
+    texts = [path.read_text() for path in sources]
+    for variable in sorted(named):
+        assert any(re.search(rf"\$\{{{variable}\b", text) or (
+            re.search(rf"[\"']{variable}[\"']", text) and re.search(r"os\.environ|getenv", text)) for text in texts), \
+            f"README names {variable}, which nothing reads"
+
+
 def test_install_section_names_both_ways_to_add_the_module():
     readme = (REPO / "README.md").read_text()
     text = readme[readme.index("## Install in 3D Slicer") :]
