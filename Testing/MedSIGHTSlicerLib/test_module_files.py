@@ -340,20 +340,103 @@ def test_icons_are_small_valid_pngs(path):
     assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
 
 
-def test_install_doc_commands_exist():
-    """The README's "Install in 3D Slicer" section only names engine options and commands that exist."""
+def _readme_code() -> list[str]:
+    """Every piece of code the README shows: each line of its fenced blocks, then each inline code span (one may
+    break across lines: "`medsight\nserve`")."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+    prose = re.sub(r"^```[a-z]*\n.*?^```", "", text, flags=re.M | re.S)
+    return [line for block in blocks for line in block.splitlines()] + [
+        " ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+
+
+def _command_options() -> dict[str, set[str]]:
+    """The options of every command line a user types: `medsight <command>`, `medsight train plan|merge`."""
+    import argparse
+
+    from medsight.cli import _parser
+    from medsight.evaluate import cli as eval_cli
+    from medsight.train import cli as train_cli
+
+    def options(parser: argparse.ArgumentParser) -> set[str]:
+        return {option for action in parser._actions for option in action.option_strings}
+
+    commands = _parser()._subparsers._group_actions[0].choices  # argparse keeps sub-parsers here
+    known = {name: options(sub) for name, sub in commands.items()}
+    # `train` and `eval` hand their arguments to their own parsers (and `train plan|merge` to theirs).
+    known.update({"train": options(train_cli.parser()), "train plan": options(train_cli.plan_parser()),
+                  "train merge": options(train_cli.merge_parser()), "eval": options(eval_cli.parser())})
+    return known
+
+
+def test_readme_commands_name_only_existing_options():
+    """Every `medsight ...` command the README shows (code blocks and inline code, torchrun's
+    `-m medsight.train.cli` included) names a command that exists and only options that command's parser has; and
+    the README shows every command."""
+    known = _command_options()
+    shown = set()
+    for code in _readme_code():
+        code = code.split(" #")[0]  # a block's comment is prose
+        for found in re.finditer(r"(?:^|[\s/\\])medsight(?:\.exe)? ([a-z][a-z-]*)(?: (plan|merge)\b)?([^;|]*)"
+                                 r"|-m medsight\.train\.cli ()()([^;|]*)", code):
+            command, sub, rest = found.group(1), found.group(2), found.group(3)
+            if found.group(1) is None:
+                command, sub, rest = "train", None, found.group(6)
+            name = f"{command} {sub}" if sub else command
+            assert name in known, f"README: `medsight {name}` is no command ({code!r})"
+            shown.add(name)
+            for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+                assert option in known[name], f"README: `medsight {name} {option}` does not exist ({code!r})"
+    assert shown == set(known), f"the README shows no `medsight {' / '.join(sorted(set(known) - shown))}`"
+
+
+def test_readme_scripts_name_only_existing_options():
+    """The benchmark scripts and `python -m medsight.<module>` tools the README shows take the options it names."""
+    shown = 0
+    for code in _readme_code():
+        for found in re.finditer(r"(?:benchmarks/)?([a-z_]+)\.py\b([^;|]*)|-m (medsight\.[a-z_.]+)([^;|]*)", code):
+            name, rest = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
+            script = (REPO / "benchmarks" / f"{name}.py" if found.group(1)
+                      else REPO / "engine" / (name.replace(".", "/") + ".py"))
+            if not script.is_file() or name == "medsight.train.cli":  # a module file named in prose; the trainer
+                continue  # is checked with the `medsight` commands
+            takes = set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", script.read_text()))
+            for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+                assert option in takes, f"README: `{name} {option}`: {script.name} has no such option ({code!r})"
+                shown += 1
+    assert shown, "the README shows no benchmark or tool options any more: is the parsing still right?"
+
+
+def test_readme_environment_variables_are_read():
+    """Each MEDSIGHT_* variable the README tells a user to set is read by the engine, the module, a script or the
+    tests (MEDSIGHT_GOLDEN_DIR): a shell `${VAR...}`, or a Python file using os.environ that quotes the name."""
+    named = set(re.findall(r"\bMEDSIGHT_[A-Z_]+\b", (REPO / "README.md").read_text()))
+    assert named, "the README names no MEDSIGHT_* variable"
+    sources = [*REPO.glob("engine/medsight/**/*.py"), *REPO.glob("MedSIGHTSlicer/**/*.py"), *REPO.glob("scripts/*.sh"),
+               REPO / "Testing" / "conftest.py"]
+    texts = [path.read_text() for path in sources]
+    for variable in sorted(named):
+        assert any(re.search(rf"\$\{{{variable}\b", text) or (
+            re.search(rf"[\"']{variable}[\"']", text) and re.search(r"os\.environ|getenv", text)) for text in texts), \
+            f"README names {variable}, which nothing reads"
+
+
+def test_install_section_names_both_ways_to_add_the_module():
     readme = (REPO / "README.md").read_text()
     text = readme[readme.index("## Install in 3D Slicer") :]
     text = text[: text.index("\n## ", 1)]
-    from medsight.cli import _parser
-
-    parser = _parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # argparse keeps sub-parsers here
-    known = {option for action in serve._actions for option in action.option_strings}
-    for command in re.findall(r"medsight serve([^\n`]*)", text):
-        for option in re.findall(r"(--[a-z-]+)", command):
-            assert option in known, f"README: `medsight serve {option}` does not exist"
     assert "Additional module paths" in text and "Extension Wizard" in text
+
+
+def test_readme_names_every_config_field_a_resume_may_change():
+    """The README's list of the config fields `--resume` lets differ from the run's is `RESUMABLE_CHANGES`."""
+    from medsight.train.loop import RESUMABLE_CHANGES
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    start = readme.index("`--resume` refuses a config that differs")
+    sentence = readme[start : readme.index("(what is written", start)]
+    named = re.findall(r"`([a-z_]+)`", sentence)
+    assert sorted(named) == sorted(RESUMABLE_CHANGES), f"README names {named}; the trainer allows {RESUMABLE_CHANGES}"
 
 
 def test_readme_vision_files_are_hub_addresses():

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -114,6 +116,20 @@ def test_health_model_card_and_openapi(server):
         card = c.get("/v1/model").json()
         assert card["random_weights"] and card["mask_size"] == 32 and card["num_region_codes"] == 576
         assert "/v1/ask" in c.get("/openapi.json").json()["paths"]
+
+
+def test_the_readme_lists_exactly_the_api_the_engine_serves(server):
+    """The README's "The API (`/v1`)" paragraph names each endpoint as `METHOD path`: the same set the app publishes."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    listed = " ".join(readme[readme.index("The API (`/v1`)") :].split("\n\n")[0].split())
+    def route(method: str, path: str) -> tuple[str, str]:
+        return method.upper(), re.sub(r"\{\w+\}", "{}", path.removeprefix("/v1/"))  # "{id}" names "{volume_id}"
+
+    named = {route(*found) for found in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) ([a-z_{}/]+)`", listed)}
+    with httpx.Client(base_url=server) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    served = {route(method, path) for path, ops in paths.items() for method in ops}
+    assert named == served, f"README only: {sorted(named - served)}; engine only: {sorted(served - named)}"
 
 
 def test_stream_three_slices_of_a_real_volume(server, mni, mni_upload):
