@@ -3,6 +3,7 @@ rank raises alike is printed once."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 
@@ -131,3 +132,37 @@ def test_under_torchrun_the_usage_error_of_train_and_eval_is_printed_by_one_rank
     said = _usage_errors_of_two_ranks(parser, monkeypatch, capsys)
     assert said[0].startswith(f"usage: {parser.prog}") and f"{parser.prog}: error: " in said[0]
     assert said[1] == ""
+
+
+class Writes(io.RawIOBase):
+    """A raw byte stream that keeps each write it is given, as the pipe under a torchrun rank's stderr sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+
+@pytest.mark.parametrize("body", [interrupted, refused("the file is truncated")], ids=["ctrl_c", "error"])
+def test_an_error_line_reaches_a_pipe_in_one_write(body, monkeypatch):
+    """Python's stderr on a pipe writes through (as each rank's is under torchrun): `print` wrote a line and then its
+    newline, and another rank's line landed between them, two errors on one line (a clean-clone CI run)."""
+    import signal
+    import sys
+
+    monkeypatch.delenv("RANK", raising=False)
+    pipe = Writes()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(pipe, encoding="utf-8", write_through=True))  # as Python's
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        run_command(body, "prog")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    (line,) = pipe.chunks
+    assert line.startswith(b"prog: ") and line.endswith(b"\n") and line.count(b"\n") == 1, line

@@ -61,7 +61,7 @@ def run_command(body: Callable[[], int], prog: str, json_errors: bool = False) -
         # half-written is left.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if rank in (None, "0"):
-            print(f"{prog}: interrupted", file=sys.stderr)
+            _write_line(f"{prog}: interrupted")
             if json_errors:
                 _print_json_error("interrupted", "interrupted")
         return INTERRUPTED
@@ -99,8 +99,15 @@ def report_error(line: str) -> bool:
     Returns whether it was printed."""
     first = first_to_report(line)
     if first:
-        print(line, file=sys.stderr)
+        _write_line(line)
     return first
+
+
+def _write_line(line: str) -> None:
+    """`line` and its newline in one write. Python's stderr on a pipe writes through, so `print` made two writes, and
+    under torchrun another rank's line landed between a line and its newline: two errors on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class UsageError(SystemExit):
