@@ -449,9 +449,13 @@ def create_app(
             store.unpin(req.volume_id)
             elapsed = time.monotonic() - (job.started or time.monotonic())
             gone = job.abandoned.is_set()  # read once: the outcome and the regions must tell the same story
-            if gone and outcome == "completed":  # its client left as the last slice's masks were mapped, or later
-                outcome = job.stop_reason or "disconnected"
-            log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), outcome, elapsed)
+
+            def ended(left: bool) -> str:
+                """The outcome, for a client that `left` before the answer went out (during the last slice's mask
+                mapping, or once the job had ended: a "completed" job it did not receive) or not."""
+                return (job.stop_reason or "disconnected") if left and outcome == "completed" else outcome
+
+            log.info("job %s: %d slice(s), %s, %.2fs", job.id, len(slices.indices), ended(gone), elapsed)
             if audit is not None:
                 regions, answered = answer_regions(result), response is not None  # not the answer's masks
 
@@ -466,7 +470,7 @@ def create_app(
                             queued_s=(job.started or job.submitted) - job.submitted,
                             regions=sent_regions(regions, left, feed.sent["region"] if feed is not None else None),
                             duration_s=elapsed,
-                            outcome=(job.stop_reason or "disconnected") if left and outcome == "completed" else outcome)
+                            outcome=ended(left))
                     except OSError as err:  # e.g. a full disk: no mask leaves the engine without its audit line
                         why = err.strerror or type(err).__name__
                         log.error("job %s: the audit trail could not be written (%s)", job.id, why)
